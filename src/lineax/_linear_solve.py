@@ -1,0 +1,234 @@
+"""`linear_solve` and `invert`: argument checks, then a bind of the primitive."""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import Array, ArrayLike, PyTree
+
+from ._misc import describe, strip_weak_dtype
+from ._operator.base import AbstractLinearOperator
+from ._operator.function import FunctionLinearOperator
+from ._primitive import bind
+from ._solution import Solution
+from ._solver.auto import AutoLinearSolver
+from ._solver.base import AbstractLinearSolver
+
+
+_sentinel: Any = eqx.internal.doc_repr(object(), "sentinel")
+
+# Option keys read by lineax's own solvers. Solvers defined outside lineax may read
+# others, so unknown keys are only an error for lineax's solvers.
+_KNOWN_OPTIONS = frozenset({"preconditioner", "y0", "damp"})
+
+
+def _stop_gradient(tree: PyTree) -> PyTree:
+    return jtu.tree_map(
+        lambda x: lax.stop_gradient(x) if eqx.is_array(x) else x, tree
+    )
+
+
+def _check_vector(operator: AbstractLinearOperator, vector: PyTree) -> PyTree[Array]:
+    """Check `vector` against the operator's output structure, converting integer
+    arrays and safely promotable dtypes to the operator's dtypes."""
+    out_struct = operator.out_structure()
+    out_leaves, out_treedef = jtu.tree_flatten(out_struct)
+    vec_leaves, vec_treedef = jtu.tree_flatten(vector)
+    if out_treedef != vec_treedef:
+        raise ValueError(
+            "`vector` must have the PyTree structure of `operator.out_structure()`: "
+            f"expected {out_treedef}, got {vec_treedef}."
+        )
+    new_leaves = []
+    for i, (leaf, struct) in enumerate(zip(vec_leaves, out_leaves)):
+        where = "`vector`" if len(vec_leaves) == 1 else f"leaf {i} of `vector`"
+        if not eqx.is_array_like(leaf) or isinstance(leaf, (str, bytes)):
+            raise TypeError(
+                f"{where} must be an array, got {type(leaf).__name__}."
+            )
+        shape = jnp.shape(leaf)
+        if shape != struct.shape:
+            raise ValueError(
+                f"{where} has shape {shape}, but the operator's output has shape "
+                f"{struct.shape} (the operator maps {describe(operator.in_structure())}"
+                f" to {describe(out_struct)})."
+            )
+        dtype = jnp.result_type(leaf)
+        target = struct.dtype
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            leaf = jnp.asarray(leaf, target)
+        elif dtype != target:
+            if jnp.issubdtype(dtype, jnp.complexfloating) and not jnp.issubdtype(
+                target, jnp.complexfloating
+            ):
+                raise ValueError(
+                    f"{where} is complex ({dtype}) but the operator is real "
+                    f"({target}); the solution would have to be complex. Make the "
+                    "operator complex (e.g. `lx.MatrixLinearOperator(A.astype("
+                    "jnp.complex128))`) or solve for the real and imaginary parts "
+                    "separately."
+                )
+            if not np.can_cast(dtype, target, casting="safe"):
+                raise ValueError(
+                    f"{where} has dtype {dtype} but the operator has dtype {target}; "
+                    "converting would lose precision. Cast one of them explicitly "
+                    f"(e.g. `vector.astype(jnp.{jnp.dtype(target).name})`)."
+                )
+            leaf = jnp.asarray(leaf).astype(target)
+        else:
+            leaf = jnp.asarray(leaf)
+        new_leaves.append(leaf)
+    return jtu.tree_unflatten(vec_treedef, new_leaves)
+
+
+def _check_options(options: Any, solver: AbstractLinearSolver) -> dict[str, Any]:
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(
+            f"`options` must be a dict or None, got {type(options).__name__}."
+        )
+    if type(solver).__module__.startswith("lineax."):
+        unknown = set(options) - _KNOWN_OPTIONS
+        if unknown:
+            raise ValueError(
+                f"Unknown key(s) {sorted(unknown)} in `options`; lineax's solvers "
+                f"read only {sorted(_KNOWN_OPTIONS)} (see each solver's docs for "
+                "which it uses)."
+            )
+    return options
+
+
+def _check_state(state, operator, options, solver):
+    try:
+        expected = eqx.filter_eval_shape(solver.init, operator, options)
+    except Exception:  # the solver cannot init this operator: let compute say so
+        return
+    def shape_struct(tree):
+        return jtu.tree_map(
+            lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+            if eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+            else x,
+            tree,
+        )
+    got = strip_weak_dtype(shape_struct(eqx.filter(state, eqx.is_array)))
+    want = strip_weak_dtype(shape_struct(eqx.filter(expected, eqx.is_array)))
+    if jtu.tree_structure(got) != jtu.tree_structure(want) or jtu.tree_leaves(got) != jtu.tree_leaves(want):
+        raise ValueError(
+            "`state` does not match `solver.init(operator, options)`: pass the state "
+            "returned by `solver.init` (or `Solution.state`) for this same solver and "
+            "an operator of the same structure, shapes and dtypes."
+        )
+
+
+def linear_solve(
+    operator: AbstractLinearOperator,
+    vector: PyTree[ArrayLike],
+    solver: AbstractLinearSolver = AutoLinearSolver(well_posed=True),
+    *,
+    options: dict[str, Any] | None = None,
+    state: PyTree[Any] = _sentinel,
+    throw: bool = True,
+) -> Solution:
+    r"""Solve `operator @ x = vector` for `x`: the pseudoinverse solution.
+
+    This is a linear solve for a square nonsingular operator, the least-squares
+    solution for an overdetermined one, the minimum-norm solution for an
+    underdetermined one, and the minimum-norm least-squares solution in general,
+    provided the solver supports the case (see [`lineax.AutoLinearSolver`][]).
+
+    It is differentiable in forward and reverse mode, to any order, with respect to
+    the operator's arrays and the vector, and may be `jit`ted and `vmap`ped. The
+    derivative is the pseudoinverse JVP (equations (1)-(4) of the lineax paper),
+    picked from the solver's rank assumptions, and never differentiates through the
+    solver's internals.
+
+    **Arguments:**
+
+    - `operator`: a [`lineax.AbstractLinearOperator`][].
+    - `vector`: the right-hand side, a PyTree with the structure of
+        `operator.out_structure()`. Integer arrays and lower-precision floats are
+        converted to the operator's dtype; anything that would lose information is
+        a `ValueError`.
+    - `solver`: a [`lineax.AbstractLinearSolver`][]. Defaults to
+        `lx.AutoLinearSolver(well_posed=True)`.
+    - `options`: a dictionary of solver options, e.g. `"preconditioner"` and `"y0"`
+        for iterative solvers.
+    - `state`: the output of `solver.init(operator, options)`, to reuse e.g. a
+        factorisation across right-hand sides. Computed if not passed.
+    - `throw`: if `True` (default), a failed solve raises a runtime error (also
+        under `jit`), saying which solve failed (the primal, a tangent or a
+        cotangent one). If `False`, never raises: check `Solution.result`. Under
+        differentiation with `throw=False`, a failed tangent or cotangent solve
+        gives NaN tangents/cotangents (its result cannot be reported in `result`).
+
+    **Returns:**
+
+    A [`lineax.Solution`][].
+    """
+    if not isinstance(operator, AbstractLinearOperator):
+        raise TypeError(
+            "`operator` must be a `lineax.AbstractLinearOperator` (e.g. "
+            f"`lx.MatrixLinearOperator(matrix)`), got {type(operator).__name__}."
+        )
+    if not isinstance(solver, AbstractLinearSolver):
+        raise TypeError(
+            f"`solver` must be a `lineax.AbstractLinearSolver`, got "
+            f"{type(solver).__name__}."
+        )
+    if not isinstance(throw, bool):
+        raise TypeError(f"`throw` must be a bool, got {type(throw).__name__}.")
+    vector = _check_vector(operator, vector)
+    options = _check_options(options, solver)
+    if state is _sentinel:
+        # The state is a function of the operator, but derivatives are taken by
+        # the primitive's JVP rule with respect to `operator` directly; stopping
+        # gradients here means the factorisation is never differentiated.
+        state = solver.init(_stop_gradient(operator), options)
+    else:
+        _check_state(state, operator, options, solver)
+        state = _stop_gradient(state)
+    solution, result, stats = bind(
+        operator, state, vector, options, solver, throw, "primal"
+    )
+    return Solution(value=solution, result=result, stats=stats, state=state)
+
+
+def invert(
+    operator: AbstractLinearOperator,
+    solver: AbstractLinearSolver = AutoLinearSolver(well_posed=True),
+    *,
+    options: dict[str, Any] | None = None,
+    throw: bool = True,
+) -> FunctionLinearOperator:
+    """The (pseudo)inverse of an operator, as a linear operator whose `mv` solves
+    with `operator` (reusing one `solver.init`).
+
+    **Arguments:**
+
+    - `operator`: a linear operator.
+    - `solver`, `options`, `throw`: as for [`lineax.linear_solve`][].
+
+    **Returns:**
+
+    A [`lineax.FunctionLinearOperator`][] from `operator.out_structure()` to
+    `operator.in_structure()`.
+    """
+    if not isinstance(operator, AbstractLinearOperator):
+        raise TypeError(
+            f"`operator` must be a `lineax.AbstractLinearOperator`, got "
+            f"{type(operator).__name__}."
+        )
+    options = _check_options(options, solver)
+    state = solver.init(_stop_gradient(operator), options)
+
+    def solve(vector):
+        return linear_solve(
+            operator, vector, solver, options=options, state=state, throw=throw
+        ).value
+
+    return FunctionLinearOperator(solve, operator.out_structure())

@@ -1,0 +1,157 @@
+"""Small PyTree, structure and dtype helpers shared across the package."""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import Array, ArrayLike, PyTree
+
+
+def default_floating_dtype() -> Any:
+    """The floating dtype JAX uses by default: float64 if x64 is enabled, else
+    float32."""
+    if jax.config.jax_enable_x64:  # pyright: ignore[reportAttributeAccessIssue]
+        return jnp.float64
+    else:
+        return jnp.float32
+
+
+def complex_to_real_dtype(dtype: Any) -> Any:
+    """The real dtype of the same precision as `dtype`.
+
+    **Arguments:**
+
+    - `dtype`: a dtype, or an array (whose dtype is used).
+
+    **Returns:**
+
+    `float32` for `complex64`, `float64` for `complex128`, and `dtype` itself for
+    real dtypes.
+    """
+    if hasattr(dtype, "dtype"):
+        dtype = dtype.dtype
+    return jnp.finfo(dtype).dtype
+
+
+def inexact_asarray(x: ArrayLike) -> Array:
+    """Convert to a JAX array, promoting integer and boolean dtypes to the default
+    floating dtype (a linear solve has no meaning over the integers)."""
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        dtype = default_floating_dtype()
+    return jnp.asarray(x, dtype=dtype)
+
+
+def is_inexact_array(x: Any) -> bool:
+    return eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def strip_weak_dtype(tree: PyTree) -> PyTree:
+    """Replace every `jax.ShapeDtypeStruct` in `tree` by one without `weak_type`, so
+    that structures compare equal irrespective of how they were made."""
+    return jtu.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+        if type(x) is jax.ShapeDtypeStruct
+        else x,
+        tree,
+    )
+
+
+def structure_of(tree: PyTree, name: str = "structure") -> PyTree[jax.ShapeDtypeStruct]:
+    """The structure (PyTree of `jax.ShapeDtypeStruct`) of a PyTree of arrays or of
+    `jax.ShapeDtypeStruct`s.
+
+    Raises a `TypeError` naming `name` for any other kind of leaf.
+    """
+
+    def _leaf(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype)
+        elif eqx.is_array_like(x) and not isinstance(x, (bool, int, float, complex)):
+            return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+        else:
+            raise TypeError(
+                f"`{name}` must be a PyTree of arrays or `jax.ShapeDtypeStruct`s, but "
+                f"it has a leaf {x!r} of type {type(x).__name__}."
+            )
+
+    return jtu.tree_map(_leaf, tree)
+
+
+def tree_where(pred: Any, true: PyTree[Array], false: PyTree[Array]) -> PyTree[Array]:
+    return jtu.tree_map(lambda t, f: jnp.where(pred, t, f), true, false)
+
+
+def tree_full_like(tree: PyTree, fill_value: Any) -> PyTree[Array]:
+    return jtu.tree_map(lambda x: jnp.full(x.shape, fill_value, x.dtype), tree)
+
+
+def tree_zeros_like(structure: PyTree[jax.ShapeDtypeStruct]) -> PyTree[Array]:
+    return jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), structure)
+
+
+def tree_all_finite(tree: PyTree) -> Array:
+    """One boolean: whether every inexact array leaf of `tree` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(tree) if is_inexact_array(x)]
+    if len(leaves) == 0:
+        return jnp.array(True)
+    return jnp.stack(leaves).all()
+
+
+def tree_is_complex(structure: PyTree[jax.ShapeDtypeStruct]) -> bool:
+    return any(
+        jnp.issubdtype(x.dtype, jnp.complexfloating) for x in jtu.tree_leaves(structure)
+    )
+
+
+def result_dtype(*trees: PyTree) -> Any:
+    """The common inexact dtype of all leaves (arrays or `ShapeDtypeStruct`s)."""
+    dtypes = [x.dtype for tree in trees for x in jtu.tree_leaves(tree)]
+    if len(dtypes) == 0:
+        return default_floating_dtype()
+    dtype = jnp.result_type(*dtypes)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        dtype = default_floating_dtype()
+    return dtype
+
+
+def tree_size(structure: PyTree[jax.ShapeDtypeStruct]) -> int:
+    return sum(int(np.prod(x.shape)) for x in jtu.tree_leaves(structure))
+
+
+def describe(structure: PyTree[jax.ShapeDtypeStruct]) -> str:
+    """A short human-readable description of a structure, for error messages."""
+    leaves, treedef = jtu.tree_flatten(structure)
+    parts = ", ".join(f"{jnp.dtype(x.dtype).name}{list(x.shape)}" for x in leaves)
+    if treedef.num_leaves == 1 and jtu.treedef_is_leaf(treedef):
+        return parts
+    return f"{treedef} with leaves [{parts}]"
+
+
+class Static(eqx.Module):
+    """Holds a (possibly unhashable) PyTree of non-array data as a single static
+    field, compared by value. Used to store structures (PyTrees of
+    `jax.ShapeDtypeStruct`) inside operators without making them PyTree leaves."""
+
+    _leaves: tuple = eqx.field(static=True)
+    _treedef: Any = eqx.field(static=True)
+
+    def __init__(self, value: PyTree):
+        self._leaves, self._treedef = jtu.tree_flatten(value)
+        self._leaves = tuple(self._leaves)
+
+    @property
+    def value(self) -> PyTree:
+        return jtu.tree_unflatten(self._treedef, self._leaves)
+
+
+def jacobian(fn: Callable, in_size: int, out_size: int, holomorphic: bool, jac: Any):
+    """Pick forward or reverse mode for a Jacobian: forward mode when the input is
+    smaller, unless the caller forces one."""
+    if jac == "fwd" or (jac is None and in_size <= out_size):
+        return jax.jacfwd(fn, holomorphic=holomorphic)
+    return jax.jacrev(fn, holomorphic=holomorphic)

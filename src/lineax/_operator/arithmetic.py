@@ -1,0 +1,423 @@
+"""Sums, scalings, negations and compositions of operators."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import ArrayLike
+
+from .base import (
+    AbstractLinearOperator,
+    check_structures_equal,
+    conj,
+    diagonal,
+    has_unit_diagonal,
+    is_diagonal,
+    is_lower_triangular,
+    is_negative_semidefinite,
+    is_positive_semidefinite,
+    is_symmetric,
+    is_tridiagonal,
+    is_upper_triangular,
+    linearise,
+    materialise,
+    tridiagonal,
+)
+
+
+def _check_operator(operator: Any, name: str) -> None:
+    if not isinstance(operator, AbstractLinearOperator):
+        raise TypeError(
+            f"`{name}` must be a `lineax.AbstractLinearOperator`, got "
+            f"{type(operator).__name__}."
+        )
+
+
+def _check_scalar(scalar: Any) -> None:
+    if isinstance(scalar, AbstractLinearOperator):
+        raise TypeError("`scalar` must be a scalar, not an operator.")
+    if isinstance(scalar, (bool, int, float, complex)):
+        return
+    if jnp.ndim(scalar) != 0:
+        raise ValueError(
+            f"`scalar` must be a scalar (0-d array), but has shape {jnp.shape(scalar)}."
+        )
+
+
+def _scale(tree, scalar, op):
+    """Apply `op(leaf, scalar)` to each leaf, promoting dtypes explicitly (so that
+    strict dtype promotion is respected, and a complex scalar is never cast to a
+    real dtype)."""
+    if isinstance(scalar, (int, float, complex)) and not isinstance(scalar, bool):
+        return jtu.tree_map(lambda x: op(x, scalar), tree)
+
+    def leaf(x):
+        dtype = np.promote_types(x.dtype, jnp.result_type(scalar))
+        return op(x.astype(dtype), jnp.asarray(scalar).astype(dtype))
+
+    return jtu.tree_map(leaf, tree)
+
+
+class AddLinearOperator(AbstractLinearOperator):
+    """The sum of two operators with the same input and output structures; made by
+    `operator1 + operator2`.
+
+    **Arguments:**
+
+    - `operator1`, `operator2`: linear operators.
+    """
+
+    operator1: AbstractLinearOperator
+    operator2: AbstractLinearOperator
+
+    def __check_init__(self):
+        _check_operator(self.operator1, "operator1")
+        _check_operator(self.operator2, "operator2")
+        check_structures_equal(
+            self.operator1.in_structure(),
+            self.operator2.in_structure(),
+            "Cannot add operators with different input structures",
+        )
+        check_structures_equal(
+            self.operator1.out_structure(),
+            self.operator2.out_structure(),
+            "Cannot add operators with different output structures",
+        )
+
+    def mv(self, vector):
+        return jtu.tree_map(
+            lambda a, b: a + b, self.operator1.mv(vector), self.operator2.mv(vector)
+        )
+
+    def as_matrix(self):
+        return self.operator1.as_matrix() + self.operator2.as_matrix()
+
+    def transpose(self):
+        return AddLinearOperator(self.operator1.transpose(), self.operator2.transpose())
+
+    def in_structure(self):
+        return self.operator1.in_structure()
+
+    def out_structure(self):
+        return self.operator1.out_structure()
+
+
+class MulLinearOperator(AbstractLinearOperator):
+    """An operator multiplied by a scalar; made by `operator * scalar` or
+    `scalar * operator`.
+
+    **Arguments:**
+
+    - `operator`: a linear operator.
+    - `scalar`: a scalar array, or a Python number (kept static).
+    """
+
+    operator: AbstractLinearOperator
+    scalar: Any
+
+    def __check_init__(self):
+        _check_operator(self.operator, "operator")
+        _check_scalar(self.scalar)
+
+    def mv(self, vector):
+        return _scale(self.operator.mv(vector), self.scalar, lambda x, s: x * s)
+
+    def as_matrix(self):
+        matrix = self.operator.as_matrix()
+        return _scale(matrix, self.scalar, lambda x, s: x * s)
+
+    def transpose(self):
+        return MulLinearOperator(self.operator.transpose(), self.scalar)
+
+    def in_structure(self):
+        return self.operator.in_structure()
+
+    def out_structure(self):
+        return self.operator.out_structure()
+
+
+class DivLinearOperator(AbstractLinearOperator):
+    """An operator divided by a scalar; made by `operator / scalar`.
+
+    **Arguments:**
+
+    - `operator`: a linear operator.
+    - `scalar`: a scalar array, or a Python number (kept static).
+    """
+
+    operator: AbstractLinearOperator
+    scalar: Any
+
+    def __check_init__(self):
+        _check_operator(self.operator, "operator")
+        _check_scalar(self.scalar)
+
+    def mv(self, vector):
+        return _scale(self.operator.mv(vector), self.scalar, lambda x, s: x / s)
+
+    def as_matrix(self):
+        return _scale(self.operator.as_matrix(), self.scalar, lambda x, s: x / s)
+
+    def transpose(self):
+        return DivLinearOperator(self.operator.transpose(), self.scalar)
+
+    def in_structure(self):
+        return self.operator.in_structure()
+
+    def out_structure(self):
+        return self.operator.out_structure()
+
+
+class NegLinearOperator(AbstractLinearOperator):
+    """The negation of an operator; made by `-operator`.
+
+    **Arguments:**
+
+    - `operator`: a linear operator.
+    """
+
+    operator: AbstractLinearOperator
+
+    def __check_init__(self):
+        _check_operator(self.operator, "operator")
+
+    def mv(self, vector):
+        return jtu.tree_map(jnp.negative, self.operator.mv(vector))
+
+    def as_matrix(self):
+        return -self.operator.as_matrix()
+
+    def transpose(self):
+        return NegLinearOperator(self.operator.transpose())
+
+    def in_structure(self):
+        return self.operator.in_structure()
+
+    def out_structure(self):
+        return self.operator.out_structure()
+
+
+class ComposedLinearOperator(AbstractLinearOperator):
+    """The composition `operator1 @ operator2`: `mv(x) = operator1.mv(operator2.mv(x))`.
+
+    **Arguments:**
+
+    - `operator1`: applied second; its input structure must equal the output
+        structure of `operator2`.
+    - `operator2`: applied first.
+    """
+
+    operator1: AbstractLinearOperator
+    operator2: AbstractLinearOperator
+
+    def __check_init__(self):
+        _check_operator(self.operator1, "operator1")
+        _check_operator(self.operator2, "operator2")
+        check_structures_equal(
+            self.operator1.in_structure(),
+            self.operator2.out_structure(),
+            "Cannot compose `operator1 @ operator2`: the input structure of "
+            "`operator1` must equal the output structure of `operator2`",
+        )
+
+    def mv(self, vector):
+        return self.operator1.mv(self.operator2.mv(vector))
+
+    def as_matrix(self):
+        return jnp.matmul(
+            self.operator1.as_matrix(),
+            self.operator2.as_matrix(),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+
+    def transpose(self):
+        return ComposedLinearOperator(
+            self.operator2.transpose(), self.operator1.transpose()
+        )
+
+    def in_structure(self):
+        return self.operator2.in_structure()
+
+    def out_structure(self):
+        return self.operator1.out_structure()
+
+
+#
+# Structure of the results of arithmetic, decided from the parts.
+#
+
+def _both(pred):
+    return lambda op: pred(op.operator1) and pred(op.operator2)
+
+
+for _pred in (
+    is_symmetric,
+    is_diagonal,
+    is_tridiagonal,
+    is_lower_triangular,
+    is_upper_triangular,
+    is_positive_semidefinite,
+    is_negative_semidefinite,
+):
+    _pred.register(AddLinearOperator)(_both(_pred))
+has_unit_diagonal.register(AddLinearOperator)(lambda op: False)
+
+# Scaling keeps sparsity patterns and symmetry; definiteness depends on the sign
+# of the scalar, unknown at trace time (unless it is a static Python number).
+for _cls in (MulLinearOperator, DivLinearOperator):
+    for _pred in (
+        is_symmetric,
+        is_diagonal,
+        is_tridiagonal,
+        is_lower_triangular,
+        is_upper_triangular,
+    ):
+        _pred.register(_cls)(lambda op, p=_pred: p(op.operator))
+    has_unit_diagonal.register(_cls)(lambda op: False)
+
+
+def _static_sign(scalar: Any) -> int:
+    if isinstance(scalar, (int, float)) and not isinstance(scalar, bool):
+        return (scalar > 0) - (scalar < 0)
+    return 0
+
+
+for _cls in (MulLinearOperator, DivLinearOperator):
+    is_positive_semidefinite.register(_cls)(
+        lambda op: (_static_sign(op.scalar) > 0 and is_positive_semidefinite(op.operator))
+        or (_static_sign(op.scalar) < 0 and is_negative_semidefinite(op.operator))
+    )
+    is_negative_semidefinite.register(_cls)(
+        lambda op: (_static_sign(op.scalar) > 0 and is_negative_semidefinite(op.operator))
+        or (_static_sign(op.scalar) < 0 and is_positive_semidefinite(op.operator))
+    )
+
+for _pred in (is_symmetric, is_diagonal, is_tridiagonal, is_lower_triangular, is_upper_triangular):
+    _pred.register(NegLinearOperator)(lambda op, p=_pred: p(op.operator))
+is_positive_semidefinite.register(NegLinearOperator)(
+    lambda op: is_negative_semidefinite(op.operator)
+)
+is_negative_semidefinite.register(NegLinearOperator)(
+    lambda op: is_positive_semidefinite(op.operator)
+)
+has_unit_diagonal.register(NegLinearOperator)(lambda op: False)
+
+# Products of diagonal/triangular matrices of the same kind keep that kind.
+for _pred in (is_diagonal, is_lower_triangular, is_upper_triangular, has_unit_diagonal):
+    _pred.register(ComposedLinearOperator)(_both(_pred))
+is_tridiagonal.register(ComposedLinearOperator)(
+    lambda op: (is_diagonal(op.operator1) and is_tridiagonal(op.operator2))
+    or (is_tridiagonal(op.operator1) and is_diagonal(op.operator2))
+)
+is_symmetric.register(ComposedLinearOperator)(
+    lambda op: is_diagonal(op.operator1) and is_diagonal(op.operator2)
+)
+for _pred in (is_positive_semidefinite, is_negative_semidefinite):
+    _pred.register(ComposedLinearOperator)(lambda op: False)
+
+
+@materialise.register(AddLinearOperator)
+@materialise.register(ComposedLinearOperator)
+def _(operator):
+    return type(operator)(materialise(operator.operator1), materialise(operator.operator2))
+
+
+@linearise.register(AddLinearOperator)
+@linearise.register(ComposedLinearOperator)
+def _(operator):
+    return type(operator)(linearise(operator.operator1), linearise(operator.operator2))
+
+
+@conj.register(AddLinearOperator)
+@conj.register(ComposedLinearOperator)
+def _(operator):
+    return type(operator)(conj(operator.operator1), conj(operator.operator2))
+
+
+@materialise.register(MulLinearOperator)
+@materialise.register(DivLinearOperator)
+def _(operator):
+    return type(operator)(materialise(operator.operator), operator.scalar)
+
+
+@linearise.register(MulLinearOperator)
+@linearise.register(DivLinearOperator)
+def _(operator):
+    return type(operator)(linearise(operator.operator), operator.scalar)
+
+
+@conj.register(MulLinearOperator)
+@conj.register(DivLinearOperator)
+def _(operator):
+    scalar = operator.scalar
+    if not isinstance(scalar, (int, float)):
+        scalar = jnp.conj(scalar)
+    return type(operator)(conj(operator.operator), scalar)
+
+
+@materialise.register(NegLinearOperator)
+def _(operator):
+    return NegLinearOperator(materialise(operator.operator))
+
+
+@linearise.register(NegLinearOperator)
+def _(operator):
+    return NegLinearOperator(linearise(operator.operator))
+
+
+@conj.register(NegLinearOperator)
+def _(operator):
+    return NegLinearOperator(conj(operator.operator))
+
+
+@diagonal.register(AddLinearOperator)
+def _(operator):
+    return diagonal(operator.operator1) + diagonal(operator.operator2)
+
+
+@diagonal.register(MulLinearOperator)
+def _(operator):
+    return _scale(diagonal(operator.operator), operator.scalar, lambda x, s: x * s)
+
+
+@diagonal.register(DivLinearOperator)
+def _(operator):
+    return _scale(diagonal(operator.operator), operator.scalar, lambda x, s: x / s)
+
+
+@diagonal.register(NegLinearOperator)
+def _(operator):
+    return -diagonal(operator.operator)
+
+
+@tridiagonal.register(AddLinearOperator)
+def _(operator):
+    a = tridiagonal(operator.operator1)
+    b = tridiagonal(operator.operator2)
+    return tuple(x + y for x, y in zip(a, b))
+
+
+@tridiagonal.register(MulLinearOperator)
+def _(operator):
+    return tuple(
+        _scale(x, operator.scalar, lambda x, s: x * s)
+        for x in tridiagonal(operator.operator)
+    )
+
+
+@tridiagonal.register(DivLinearOperator)
+def _(operator):
+    return tuple(
+        _scale(x, operator.scalar, lambda x, s: x / s)
+        for x in tridiagonal(operator.operator)
+    )
+
+
+@tridiagonal.register(NegLinearOperator)
+def _(operator):
+    return tuple(-x for x in tridiagonal(operator.operator))
+
+
+_ = ArrayLike

@@ -1,0 +1,498 @@
+"""`AbstractLinearOperator`, and the functions that dispatch on operator type.
+
+Every operator-type-dispatching function (`materialise`, `linearise`, `diagonal`,
+`tridiagonal`, `conj` and the structure predicates) is declared here, once, with a
+default for operator classes that register nothing. Each operator's own file
+registers its implementations beside the class, so adding an operator touches one
+file.
+"""
+
+import abc
+import functools as ft
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import Array, ArrayLike, PyTree, Shaped
+
+from .._misc import describe, strip_weak_dtype, tree_size
+
+
+class AbstractLinearOperator(eqx.Module):
+    """The base class for all linear operators.
+
+    A linear operator maps a PyTree of arrays (its input structure) to a PyTree of
+    arrays (its output structure). Subclasses implement `mv`, `as_matrix`,
+    `transpose`, `in_structure` and `out_structure`; everything else (solving,
+    differentiation, arithmetic, `vmap`) then works.
+    """
+
+    def __check_init__(self):
+        # `tags` is not a field of the base class, but every concrete operator that
+        # has one should hold a frozenset.
+        tags = getattr(self, "tags", frozenset())
+        if not isinstance(tags, frozenset):
+            raise TypeError("`tags` must be stored as a frozenset.")
+
+    @abc.abstractmethod
+    def mv(self, vector: PyTree[Array]) -> PyTree[Array]:
+        """Compute a matrix-vector product `self @ vector`.
+
+        **Arguments:**
+
+        - `vector`: a PyTree of arrays with the structure of `self.in_structure()`.
+
+        **Returns:**
+
+        A PyTree of arrays with the structure of `self.out_structure()`.
+        """
+
+    @abc.abstractmethod
+    def as_matrix(self) -> Shaped[Array, "out_size in_size"]:
+        """Materialise this operator as a dense 2-D matrix of shape
+        `(out_size, in_size)`, flattening input and output in PyTree-leaf order."""
+
+    @abc.abstractmethod
+    def transpose(self) -> "AbstractLinearOperator":
+        """The transpose (not the conjugate transpose) of this operator."""
+
+    @abc.abstractmethod
+    def in_structure(self) -> PyTree[jax.ShapeDtypeStruct]:
+        """The structure (PyTree of `jax.ShapeDtypeStruct`) of an input vector."""
+
+    @abc.abstractmethod
+    def out_structure(self) -> PyTree[jax.ShapeDtypeStruct]:
+        """The structure (PyTree of `jax.ShapeDtypeStruct`) of an output vector."""
+
+    def in_size(self) -> int:
+        """The total number of elements of an input vector."""
+        return tree_size(self.in_structure())
+
+    def out_size(self) -> int:
+        """The total number of elements of an output vector."""
+        return tree_size(self.out_structure())
+
+    @property
+    def T(self) -> "AbstractLinearOperator":
+        """Equivalent to [`lineax.AbstractLinearOperator.transpose`][]."""
+        return self.transpose()
+
+    def __add__(self, other: "AbstractLinearOperator") -> "AbstractLinearOperator":
+        from .arithmetic import AddLinearOperator
+
+        if not isinstance(other, AbstractLinearOperator):
+            return NotImplemented
+        return AddLinearOperator(self, other)
+
+    def __sub__(self, other: "AbstractLinearOperator") -> "AbstractLinearOperator":
+        from .arithmetic import AddLinearOperator, NegLinearOperator
+
+        if not isinstance(other, AbstractLinearOperator):
+            return NotImplemented
+        return AddLinearOperator(self, NegLinearOperator(other))
+
+    def __mul__(self, other: ArrayLike) -> "AbstractLinearOperator":
+        from .arithmetic import MulLinearOperator
+
+        if isinstance(other, AbstractLinearOperator):
+            raise TypeError(
+                "`*` multiplies an operator by a scalar; use `@` to compose operators."
+            )
+        return MulLinearOperator(self, other)
+
+    def __rmul__(self, other: ArrayLike) -> "AbstractLinearOperator":
+        return self.__mul__(other)
+
+    def __truediv__(self, other: ArrayLike) -> "AbstractLinearOperator":
+        from .arithmetic import DivLinearOperator
+
+        if isinstance(other, AbstractLinearOperator):
+            return NotImplemented
+        return DivLinearOperator(self, other)
+
+    def __matmul__(self, other: "AbstractLinearOperator") -> "AbstractLinearOperator":
+        from .arithmetic import ComposedLinearOperator
+
+        if not isinstance(other, AbstractLinearOperator):
+            return NotImplemented
+        return ComposedLinearOperator(self, other)
+
+    def __neg__(self) -> "AbstractLinearOperator":
+        from .arithmetic import NegLinearOperator
+
+        return NegLinearOperator(self)
+
+
+def check_structures_equal(
+    struct1: PyTree[jax.ShapeDtypeStruct],
+    struct2: PyTree[jax.ShapeDtypeStruct],
+    what: str,
+) -> None:
+    """Raise a ValueError saying `what` if two structures differ."""
+    if strip_weak_dtype(struct1) != strip_weak_dtype(struct2):
+        raise ValueError(f"{what}: got {describe(struct1)} and {describe(struct2)}.")
+
+
+def flatten_vector(vector: PyTree[Array], dtype: Any = None) -> Array:
+    """Ravel and concatenate all leaves (in PyTree order) to one 1-D array."""
+    leaves = jtu.tree_leaves(vector)
+    if dtype is None:
+        dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+    if len(leaves) == 1:
+        return jnp.reshape(leaves[0], -1).astype(dtype)
+    return jnp.concatenate([jnp.reshape(x, -1).astype(dtype) for x in leaves])
+
+
+def unflatten_vector(
+    flat: Array, structure: PyTree[jax.ShapeDtypeStruct], keep_dtype: bool = False
+) -> PyTree[Array]:
+    """Inverse of `flatten_vector`: split a 1-D array into leaves of `structure`.
+
+    The leaves keep the dtype of `flat` unless `keep_dtype`, in which case they are
+    cast to the structure's dtypes.
+    """
+    leaves, treedef = jtu.tree_flatten(structure)
+    sizes = [int(np.prod(x.shape)) for x in leaves]
+    if len(leaves) == 1:
+        pieces = [flat]
+    else:
+        pieces = jnp.split(flat, np.cumsum(sizes)[:-1])
+    out = []
+    for piece, leaf in zip(pieces, leaves):
+        piece = piece.reshape(leaf.shape)
+        if keep_dtype:
+            piece = piece.astype(leaf.dtype)
+        out.append(piece)
+    return jtu.tree_unflatten(treedef, out)
+
+
+def matrix_by_mv(operator: AbstractLinearOperator) -> Array:
+    """Materialise any operator by mapping its `mv` over the columns of the
+    identity (one batched matrix-vector product)."""
+    in_struct = operator.in_structure()
+    out_struct = operator.out_structure()
+    in_dtype = jnp.result_type(*[x.dtype for x in jtu.tree_leaves(in_struct)])
+    out_dtype = jnp.result_type(*[x.dtype for x in jtu.tree_leaves(out_struct)])
+    dtype = jnp.result_type(in_dtype, out_dtype)
+    n = operator.in_size()
+
+    def column(basis_vector):
+        return flatten_vector(
+            operator.mv(unflatten_vector(basis_vector, in_struct, keep_dtype=True)),
+            dtype,
+        )
+
+    # vmap over columns, then transpose: rows of the result are output elements.
+    return jax.vmap(column, out_axes=1)(jnp.eye(n, dtype=in_dtype))
+
+
+#
+# The dispatching functions. Defaults apply to operator classes that register
+# nothing: they are correct but may be slow (materialising), and predicates say
+# "no structure known".
+#
+
+
+def _predicate(doc: str) -> Callable[[AbstractLinearOperator], bool]:
+    @ft.singledispatch
+    def predicate(operator: AbstractLinearOperator) -> bool:
+        _check_operator(operator)
+        return False
+
+    predicate.__doc__ = doc
+    return predicate
+
+
+def _check_operator(operator: Any) -> None:
+    if not isinstance(operator, AbstractLinearOperator):
+        raise TypeError(
+            f"Expected a `lineax.AbstractLinearOperator`, got {type(operator).__name__}."
+        )
+
+
+_predicate_doc = """Whether an operator is {what}, decided at trace time from its tags and
+type (never by inspecting values).
+
+**Arguments:**
+
+- `operator`: a linear operator.
+
+**Returns:**
+
+A Python `bool`. `False` means "not known to be {what}". Register implementations
+for your own operator class with `lineax.{name}.register(MyOperator)`.
+"""
+
+is_symmetric = _predicate(_predicate_doc.format(what="symmetric", name="is_symmetric"))
+is_diagonal = _predicate(_predicate_doc.format(what="diagonal", name="is_diagonal"))
+is_tridiagonal = _predicate(
+    _predicate_doc.format(what="tridiagonal", name="is_tridiagonal")
+)
+is_lower_triangular = _predicate(
+    _predicate_doc.format(what="lower triangular", name="is_lower_triangular")
+)
+is_upper_triangular = _predicate(
+    _predicate_doc.format(what="upper triangular", name="is_upper_triangular")
+)
+is_positive_semidefinite = _predicate(
+    _predicate_doc.format(
+        what="positive semidefinite", name="is_positive_semidefinite"
+    )
+)
+is_negative_semidefinite = _predicate(
+    _predicate_doc.format(
+        what="negative semidefinite", name="is_negative_semidefinite"
+    )
+)
+has_unit_diagonal = _predicate(
+    _predicate_doc.format(what="unit-diagonal", name="has_unit_diagonal")
+)
+
+ALL_PREDICATES = (
+    is_symmetric,
+    is_diagonal,
+    is_tridiagonal,
+    is_lower_triangular,
+    is_upper_triangular,
+    is_positive_semidefinite,
+    is_negative_semidefinite,
+    has_unit_diagonal,
+)
+
+
+@ft.singledispatch
+def materialise(operator: AbstractLinearOperator) -> AbstractLinearOperator:
+    """An equivalent operator that holds its values as arrays, so that `mv` and
+    `as_matrix` are cheap. Function and Jacobian operators become Matrix or PyTree
+    operators; operators already holding arrays are returned unchanged.
+
+    **Arguments:**
+
+    - `operator`: a linear operator.
+
+    **Returns:**
+
+    A linear operator with the same structures, tags and action.
+    """
+    _check_operator(operator)
+    return operator
+
+
+@ft.singledispatch
+def linearise(operator: AbstractLinearOperator) -> AbstractLinearOperator:
+    """Cache the linearisation of an operator, so that repeated `mv`s are cheap.
+
+    For a [`lineax.JacobianLinearOperator`][] this computes the JVP's linearisation
+    once (as `jax.linearize` does); other operators are returned unchanged or with
+    their components linearised.
+
+    **Arguments:**
+
+    - `operator`: a linear operator.
+
+    **Returns:**
+
+    An equivalent linear operator.
+    """
+    _check_operator(operator)
+    return operator
+
+
+@ft.singledispatch
+def diagonal(operator: AbstractLinearOperator) -> Shaped[Array, " size"]:
+    """The diagonal of an operator, as a 1-D array (of its flattened matrix).
+
+    For matrix-free operators tagged diagonal this costs one matrix-vector product.
+
+    **Arguments:**
+
+    - `operator`: a linear operator.
+
+    **Returns:**
+
+    A 1-D array of length `min(out_size, in_size)`.
+    """
+    _check_operator(operator)
+    if is_diagonal(operator):
+        return probe_diagonal(operator)
+    return jnp.diagonal(operator.as_matrix())
+
+
+@ft.singledispatch
+def tridiagonal(
+    operator: AbstractLinearOperator,
+) -> tuple[Shaped[Array, " size"], Shaped[Array, " size-1"], Shaped[Array, " size-1"]]:
+    """The three central bands of a square operator.
+
+    For matrix-free operators tagged tridiagonal this costs three matrix-vector
+    products (or one, if tagged diagonal).
+
+    **Arguments:**
+
+    - `operator`: a square linear operator.
+
+    **Returns:**
+
+    A 3-tuple `(diagonal, lower_diagonal, upper_diagonal)` of 1-D arrays of lengths
+    `n`, `n - 1`, `n - 1`.
+    """
+    _check_operator(operator)
+    if is_diagonal(operator):
+        diag = probe_diagonal(operator)
+        zeros = jnp.zeros(diag.shape[0] - 1, diag.dtype)
+        return diag, zeros, zeros
+    if is_tridiagonal(operator):
+        return probe_tridiagonal(operator)
+    matrix = operator.as_matrix()
+    return bands_of_matrix(matrix)
+
+
+@ft.singledispatch
+def conj(operator: AbstractLinearOperator) -> AbstractLinearOperator:
+    """The elementwise complex conjugate of an operator: `conj(A) x = conj(A conj(x))`.
+
+    **Arguments:**
+
+    - `operator`: a linear operator.
+
+    **Returns:**
+
+    A linear operator with the same structures and tags.
+    """
+    _check_operator(operator)
+    from .function import FunctionLinearOperator
+
+    def fn(x):
+        return jtu.tree_map(jnp.conj, operator.mv(jtu.tree_map(jnp.conj, x)))
+
+    return FunctionLinearOperator(fn, operator.in_structure(), tags_of(operator))
+
+
+def tags_of(operator: AbstractLinearOperator) -> frozenset:
+    """The tags that the predicates establish for `operator`, as a frozenset (used
+    to carry structure over to derived operators)."""
+    from .. import _tags as t
+
+    pairs = (
+        (is_symmetric, t.symmetric_tag),
+        (is_diagonal, t.diagonal_tag),
+        (is_tridiagonal, t.tridiagonal_tag),
+        (is_lower_triangular, t.lower_triangular_tag),
+        (is_upper_triangular, t.upper_triangular_tag),
+        (is_positive_semidefinite, t.positive_semidefinite_tag),
+        (is_negative_semidefinite, t.negative_semidefinite_tag),
+        (has_unit_diagonal, t.unit_diagonal_tag),
+    )
+    return frozenset(tag for pred, tag in pairs if pred(operator))
+
+
+def bands_of_matrix(matrix: Array) -> tuple[Array, Array, Array]:
+    return (
+        jnp.diagonal(matrix, 0),
+        jnp.diagonal(matrix, -1),
+        jnp.diagonal(matrix, 1),
+    )
+
+
+def _ones_like_structure(structure: PyTree[jax.ShapeDtypeStruct]) -> PyTree[Array]:
+    return jtu.tree_map(lambda s: jnp.ones(s.shape, s.dtype), structure)
+
+
+def _check_square(operator: AbstractLinearOperator, what: str) -> None:
+    if operator.in_size() != operator.out_size():
+        raise ValueError(
+            f"`{what}` needs a square operator, but the operator has input size "
+            f"{operator.in_size()} and output size {operator.out_size()}."
+        )
+
+
+def probe_diagonal(operator: AbstractLinearOperator) -> Array:
+    """The diagonal of an operator known to be diagonal, from one `mv` of ones."""
+    _check_square(operator, "diagonal")
+    out = operator.mv(_ones_like_structure(operator.in_structure()))
+    return flatten_vector(out)
+
+
+def probe_tridiagonal(operator: AbstractLinearOperator) -> tuple[Array, Array, Array]:
+    """The bands of an operator known to be tridiagonal, from three `mv`s.
+
+    Probing with `e_0 + e_3 + e_6 + ...` (and its shifts by one and two) hits each
+    column of a tridiagonal matrix with exactly one probe, and the three rows it
+    touches are disjoint from those of the next probed column.
+    """
+    _check_square(operator, "tridiagonal")
+    n = operator.in_size()
+    in_struct = operator.in_structure()
+    in_dtype = jnp.result_type(*[x.dtype for x in jtu.tree_leaves(in_struct)])
+    index = np.arange(n)
+    probes = np.stack([(index % 3) == k for k in range(3)]).astype(np.float64)
+
+    def apply(probe):
+        out = operator.mv(unflatten_vector(jnp.asarray(probe, in_dtype), in_struct, True))
+        return flatten_vector(out)
+
+    # One batched mv rather than three separate ones.
+    outs = jax.vmap(apply)(probes)  # outs[k, i] = sum_j A[i, j] probe_k[j]
+    # Column j was probed by probe j % 3; A[i, j] is nonzero for |i - j| <= 1.
+    column = index % 3
+    diag = outs[column, index]
+    lower = outs[column[:-1], index[1:]]  # A[j + 1, j]
+    upper = outs[column[1:], index[:-1]]  # A[j, j + 1]
+    return diag, lower, upper
+
+
+def has_tags(operator: Any, *tags: Any) -> bool:
+    """Whether `operator.tags` contains any of `tags`."""
+    op_tags = getattr(operator, "tags", frozenset())
+    return any(tag in op_tags for tag in tags)
+
+
+def register_tag_predicates(cls: type) -> None:
+    """Register the predicates of an operator class whose structure is given solely
+    by a `tags` field."""
+    from .. import _tags as t
+
+    def reg(pred, fn):
+        pred.register(cls)(fn)
+
+    reg(
+        is_symmetric,
+        lambda op: has_tags(
+            op,
+            t.symmetric_tag,
+            t.diagonal_tag,
+            t.positive_semidefinite_tag,
+            t.negative_semidefinite_tag,
+        ),
+    )
+    reg(is_diagonal, lambda op: has_tags(op, t.diagonal_tag) or _is_one_by_one(op))
+    reg(is_tridiagonal, lambda op: has_tags(op, t.diagonal_tag, t.tridiagonal_tag))
+    reg(
+        is_lower_triangular,
+        lambda op: has_tags(op, t.lower_triangular_tag, t.diagonal_tag),
+    )
+    reg(
+        is_upper_triangular,
+        lambda op: has_tags(op, t.upper_triangular_tag, t.diagonal_tag),
+    )
+    reg(is_positive_semidefinite, lambda op: has_tags(op, t.positive_semidefinite_tag))
+    reg(is_negative_semidefinite, lambda op: has_tags(op, t.negative_semidefinite_tag))
+    reg(has_unit_diagonal, lambda op: has_tags(op, t.unit_diagonal_tag))
+
+
+def _is_one_by_one(operator: AbstractLinearOperator) -> bool:
+    return operator.in_size() == 1 and operator.out_size() == 1
+
+
+def check_leaf_arrays(tree: PyTree, name: str) -> None:
+    """Raise a TypeError naming `name` if `tree` has a leaf that is not an array."""
+    for leaf in jtu.tree_leaves(tree):
+        if not eqx.is_array(leaf):
+            raise TypeError(
+                f"`{name}` must be a PyTree of JAX/NumPy arrays, but it has a leaf of "
+                f"type {type(leaf).__name__}: {leaf!r}."
+            )

@@ -1,0 +1,86 @@
+"""`DiagonalLinearOperator`: elementwise multiplication by a PyTree of arrays."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, PyTree
+
+from .._misc import inexact_asarray, structure_of
+from .base import (
+    AbstractLinearOperator,
+    check_leaf_arrays,
+    conj,
+    diagonal,
+    flatten_vector,
+    has_unit_diagonal,
+    is_diagonal,
+    is_lower_triangular,
+    is_negative_semidefinite,
+    is_positive_semidefinite,
+    is_symmetric,
+    is_tridiagonal,
+    is_upper_triangular,
+    tridiagonal,
+)
+
+
+class DiagonalLinearOperator(AbstractLinearOperator):
+    """A diagonal linear operator: `mv(x) = diagonal * x`, elementwise.
+
+    **Arguments:**
+
+    - `diagonal`: a PyTree of arrays, with the structure of the input (and output)
+        vectors. A 1-D array gives the usual diagonal matrix.
+    """
+
+    diagonal: PyTree[Array]
+
+    def __init__(self, diagonal: PyTree[Any]):
+        check_leaf_arrays(diagonal, "diagonal")
+        if len(jtu.tree_leaves(diagonal)) == 0:
+            raise ValueError("`diagonal` must have at least one array leaf.")
+        self.diagonal = jtu.tree_map(inexact_asarray, diagonal)
+
+    def mv(self, vector):
+        return jtu.tree_map(lambda d, v: d * v, self.diagonal, vector)
+
+    def as_matrix(self):
+        return jnp.diag(flatten_vector(self.diagonal))
+
+    def transpose(self):
+        return self
+
+    def in_structure(self):
+        return structure_of(self.diagonal)
+
+    def out_structure(self):
+        return structure_of(self.diagonal)
+
+
+for _pred in (is_symmetric, is_diagonal, is_tridiagonal, is_lower_triangular):
+    _pred.register(DiagonalLinearOperator)(lambda op: True)
+is_upper_triangular.register(DiagonalLinearOperator)(lambda op: True)
+for _pred in (is_positive_semidefinite, is_negative_semidefinite, has_unit_diagonal):
+    _pred.register(DiagonalLinearOperator)(lambda op: False)
+
+
+@diagonal.register(DiagonalLinearOperator)
+def _(operator):
+    return flatten_vector(operator.diagonal)
+
+
+@tridiagonal.register(DiagonalLinearOperator)
+def _(operator):
+    diag = flatten_vector(operator.diagonal)
+    zeros = jnp.zeros(diag.shape[0] - 1, diag.dtype)
+    return diag, zeros, zeros
+
+
+@conj.register(DiagonalLinearOperator)
+def _(operator):
+    return DiagonalLinearOperator(jtu.tree_map(jnp.conj, operator.diagonal))
+
+
+_ = jax

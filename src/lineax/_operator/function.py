@@ -1,0 +1,144 @@
+"""`FunctionLinearOperator`: a linear function as an operator."""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import PyTree
+
+from .._misc import Static, strip_weak_dtype, structure_of, tree_is_complex
+from .._tags import as_tags, symmetric_tag, transpose_tags
+from .base import (
+    AbstractLinearOperator,
+    materialise,
+    matrix_by_mv,
+    register_tag_predicates,
+)
+
+
+class FunctionLinearOperator(AbstractLinearOperator):
+    """Wraps a *linear* function `fn` as a linear operator.
+
+    The function is never materialised unless asked (`as_matrix`, `materialise`),
+    so this is the usual way to use matrix-free iterative solvers. The transpose is
+    obtained with `jax.linear_transpose`.
+
+    **Arguments:**
+
+    - `fn`: a linear function of one argument, taking a PyTree with the structure
+        `input_structure`. It is not checked for linearity: a nonlinear `fn` gives
+        meaningless results (and usually an error from `jax.linear_transpose` when
+        transposing).
+    - `input_structure`: a PyTree of `jax.ShapeDtypeStruct`s (or of arrays) giving
+        the structure of the input.
+    - `tags`: a tag or iterable of tags.
+    - `closure_convert`: whether to closure-convert `fn`, turning arrays it closes
+        over into explicit inputs. This is needed to differentiate a solve with
+        respect to values that `fn` closes over (and lets `jax.jit` see them). Set
+        to `False` only if `fn` closes over no JAX arrays that may be traced.
+    """
+
+    fn: Callable
+    input_structure: Static = eqx.field(static=True)
+    output_structure: Static = eqx.field(static=True)
+    tags: frozenset = eqx.field(static=True)
+
+    def __init__(
+        self,
+        fn: Callable,
+        input_structure: PyTree[Any],
+        tags: Any = (),
+        closure_convert: bool = True,
+    ):
+        if not callable(fn):
+            raise TypeError(f"`fn` must be callable, got {type(fn).__name__}.")
+        in_struct = structure_of(input_structure, "input_structure")
+        if closure_convert:
+            fn = eqx.filter_closure_convert(fn, in_struct)
+        try:
+            out_struct = eqx.filter_eval_shape(fn, in_struct)
+        except Exception as e:
+            raise ValueError(
+                "Calling `fn` on an input of structure `input_structure` failed; check "
+                "that `input_structure` describes the input that `fn` expects."
+            ) from e
+        for leaf in jtu.tree_leaves(out_struct):
+            if not isinstance(leaf, jax.ShapeDtypeStruct):
+                raise TypeError("`fn` must return a PyTree of arrays.")
+        self.fn = fn
+        self.input_structure = Static(in_struct)
+        self.output_structure = Static(strip_weak_dtype(out_struct))
+        self.tags = as_tags(tags)
+
+    def mv(self, vector):
+        return self.fn(vector)
+
+    def as_matrix(self):
+        return matrix_by_mv(self)
+
+    def transpose(self):
+        if symmetric_tag in self.tags and not tree_is_complex(self.in_structure()):
+            return self
+        transpose_fn = jax.linear_transpose(self.fn, self.in_structure())
+
+        def _transpose(vector):
+            (out,) = transpose_fn(vector)
+            return out
+
+        return FunctionLinearOperator(
+            _transpose, self.out_structure(), transpose_tags(self.tags)
+        )
+
+    def in_structure(self):
+        return self.input_structure.value
+
+    def out_structure(self):
+        return self.output_structure.value
+
+
+register_tag_predicates(FunctionLinearOperator)
+
+
+def jacobian_operator(
+    fn: Callable,
+    x: PyTree,
+    in_struct: PyTree[jax.ShapeDtypeStruct],
+    out_struct: PyTree[jax.ShapeDtypeStruct],
+    tags: frozenset,
+    jac: Any,
+) -> AbstractLinearOperator:
+    """The materialised Jacobian of `fn` at `x`, as a Matrix operator when input and
+    output are single 1-D arrays, else as a PyTree operator."""
+    from .matrix import MatrixLinearOperator
+    from .pytree import PyTreeLinearOperator
+
+    in_leaves = jtu.tree_leaves(in_struct)
+    out_leaves = jtu.tree_leaves(out_struct)
+    n_in = sum(x.size for x in in_leaves)
+    n_out = sum(x.size for x in out_leaves)
+    holomorphic = tree_is_complex(in_struct)
+    if jac == "fwd" or (jac is None and n_in <= n_out):
+        jac_tree = jax.jacfwd(fn, holomorphic=holomorphic)(x)
+    else:
+        jac_tree = jax.jacrev(fn, holomorphic=holomorphic)(x)
+    single = (
+        len(in_leaves) == 1
+        and len(out_leaves) == 1
+        and jtu.treedef_is_leaf(jtu.tree_structure(in_struct))
+        and jtu.treedef_is_leaf(jtu.tree_structure(out_struct))
+    )
+    if single and in_leaves[0].ndim == 1 and out_leaves[0].ndim == 1:
+        return MatrixLinearOperator(jac_tree, tags)
+    return PyTreeLinearOperator(jac_tree, out_struct, tags)
+
+
+@materialise.register(FunctionLinearOperator)
+def _(operator):
+    in_struct = operator.in_structure()
+    zeros = jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), in_struct)
+    return jacobian_operator(
+        operator.fn, zeros, in_struct, operator.out_structure(), operator.tags, None
+    )

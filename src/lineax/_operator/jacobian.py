@@ -1,0 +1,147 @@
+"""`JacobianLinearOperator`: the Jacobian of a function at a point."""
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.tree_util as jtu
+from jaxtyping import PyTree
+
+from .._misc import Static, inexact_asarray, strip_weak_dtype, structure_of
+from .._tags import as_tags, symmetric_tag, transpose_tags
+from .base import (
+    AbstractLinearOperator,
+    check_leaf_arrays,
+    linearise,
+    materialise,
+    matrix_by_mv,
+    register_tag_predicates,
+)
+from .function import FunctionLinearOperator, jacobian_operator
+
+
+class JacobianLinearOperator(AbstractLinearOperator):
+    """The Jacobian `d fn(x, args) / dx` of a function at a point, as a linear
+    operator; matrix-vector products are computed by autodifferentiation without
+    forming the Jacobian.
+
+    **Arguments:**
+
+    - `fn`: a function `(x, args) -> y` between PyTrees of arrays.
+    - `x`: the point at which to linearise: a PyTree of arrays.
+    - `args`: any extra argument to `fn` (not differentiated by `mv`).
+    - `tags`: a tag or iterable of tags.
+    - `jac`: how to compute products. `None` (default): forward mode (JVPs) for
+        `mv`, reverse mode for the transpose. `"fwd"`: forward mode everywhere.
+        `"bwd"`: reverse mode (VJPs) everywhere, which works for functions that
+        have a `jax.custom_vjp` but no JVP rule.
+    - `closure_convert`: whether to closure-convert `fn` (see
+        [`lineax.FunctionLinearOperator`][]).
+
+    Use [`lineax.linearise`][] to cache the linearisation when many `mv`s are made.
+    """
+
+    fn: Callable
+    x: PyTree[Any]
+    args: PyTree[Any]
+    output_structure: Static = eqx.field(static=True)
+    tags: frozenset = eqx.field(static=True)
+    jac: Literal["fwd", "bwd"] | None = eqx.field(static=True)
+
+    def __init__(
+        self,
+        fn: Callable,
+        x: PyTree[Any],
+        args: PyTree[Any] = None,
+        tags: Any = (),
+        jac: Literal["fwd", "bwd"] | None = None,
+        closure_convert: bool = True,
+    ):
+        if jac not in (None, "fwd", "bwd"):
+            raise ValueError(
+                f'`jac` must be None, "fwd" or "bwd", got {jac!r}.'
+            )
+        if not callable(fn):
+            raise TypeError(f"`fn` must be callable, got {type(fn).__name__}.")
+        check_leaf_arrays(x, "x")
+        x = jtu.tree_map(inexact_asarray, x)
+        if closure_convert:
+            fn = eqx.filter_closure_convert(fn, x, args)
+        out_struct = eqx.filter_eval_shape(fn, x, args)
+        self.fn = fn
+        self.x = x
+        self.args = args
+        self.output_structure = Static(strip_weak_dtype(out_struct))
+        self.tags = as_tags(tags)
+        self.jac = jac
+
+    def _fn_of_x(self, x):
+        return self.fn(x, self.args)
+
+    def mv(self, vector):
+        if self.jac == "bwd":
+            _, vjp_fn = jax.vjp(self._fn_of_x, self.x)
+            (out,) = jax.linear_transpose(vjp_fn, self.out_structure())((vector,))
+            return out
+        _, out = jax.jvp(self._fn_of_x, (self.x,), (vector,))
+        return out
+
+    def as_matrix(self):
+        if self.jac == "bwd" or (self.jac is None and self.in_size() > self.out_size()):
+            # Reverse mode: rows of the Jacobian from VJPs.
+            return matrix_by_mv(self.transpose()).T
+        return matrix_by_mv(self)
+
+    def transpose(self):
+        if symmetric_tag in self.tags and not _is_complex(self):
+            return self
+        tags = transpose_tags(self.tags)
+        if self.jac == "fwd":
+            jvp_fn = lambda v: jax.jvp(self._fn_of_x, (self.x,), (v,))[1]
+            transpose_fn = jax.linear_transpose(jvp_fn, self.in_structure())
+            return FunctionLinearOperator(
+                lambda w: transpose_fn(w)[0], self.out_structure(), tags
+            )
+        _, vjp_fn = jax.vjp(self._fn_of_x, self.x)
+        return FunctionLinearOperator(
+            lambda w: vjp_fn(w)[0], self.out_structure(), tags
+        )
+
+    def in_structure(self):
+        return structure_of(self.x)
+
+    def out_structure(self):
+        return self.output_structure.value
+
+
+def _is_complex(op: AbstractLinearOperator) -> bool:
+    from .._misc import tree_is_complex
+
+    return tree_is_complex(op.in_structure())
+
+
+register_tag_predicates(JacobianLinearOperator)
+
+
+@materialise.register(JacobianLinearOperator)
+def _(operator):
+    return jacobian_operator(
+        operator._fn_of_x,
+        operator.x,
+        operator.in_structure(),
+        operator.out_structure(),
+        operator.tags,
+        operator.jac,
+    )
+
+
+@linearise.register(JacobianLinearOperator)
+def _(operator):
+    if operator.jac == "bwd":
+        _, vjp_fn = jax.vjp(operator._fn_of_x, operator.x)
+        mv = jax.linear_transpose(vjp_fn, operator.out_structure())
+        fn = lambda v: mv((v,))[0]
+    else:
+        _, fn = jax.linearize(operator._fn_of_x, operator.x)
+    return FunctionLinearOperator(fn, operator.in_structure(), operator.tags)

@@ -1,0 +1,82 @@
+"""`MatrixLinearOperator`: a dense 2-D matrix."""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Inexact
+
+from .._misc import inexact_asarray
+from .._tags import as_tags, transpose_tags
+from .base import (
+    AbstractLinearOperator,
+    conj,
+    diagonal,
+    register_tag_predicates,
+    tridiagonal,
+    bands_of_matrix,
+)
+
+
+class MatrixLinearOperator(AbstractLinearOperator):
+    """A linear operator given by a dense 2-D matrix of shape `(out_size, in_size)`,
+    acting on 1-D vectors.
+
+    **Arguments:**
+
+    - `matrix`: a 2-D array. Integer arrays are converted to the default floating
+        dtype.
+    - `tags`: a tag or iterable of tags describing structure (e.g.
+        [`lineax.positive_semidefinite_tag`][]), used by solvers at trace time.
+    """
+
+    matrix: Inexact[Array, "a b"]
+    tags: frozenset = eqx.field(static=True)
+
+    def __init__(self, matrix: Any, tags: Any = ()):
+        if not hasattr(matrix, "shape") and not isinstance(matrix, (list, tuple)):
+            raise TypeError(
+                f"`matrix` must be a 2-D array, got {type(matrix).__name__}."
+            )
+        matrix = inexact_asarray(matrix)
+        if matrix.ndim != 2:
+            raise ValueError(
+                f"`matrix` must be a 2-D array, but has shape {matrix.shape}. Use "
+                "`lx.PyTreeLinearOperator` for higher-dimensional inputs/outputs."
+            )
+        self.matrix = matrix
+        self.tags = as_tags(tags)
+
+    def mv(self, vector):
+        return jnp.matmul(self.matrix, vector, precision=jax.lax.Precision.HIGHEST)
+
+    def as_matrix(self):
+        return self.matrix
+
+    def transpose(self):
+        return MatrixLinearOperator(self.matrix.T, transpose_tags(self.tags))
+
+    def in_structure(self):
+        return jax.ShapeDtypeStruct((self.matrix.shape[1],), self.matrix.dtype)
+
+    def out_structure(self):
+        return jax.ShapeDtypeStruct((self.matrix.shape[0],), self.matrix.dtype)
+
+
+register_tag_predicates(MatrixLinearOperator)
+
+
+@diagonal.register(MatrixLinearOperator)
+def _(operator):
+    return jnp.diagonal(operator.matrix)
+
+
+@tridiagonal.register(MatrixLinearOperator)
+def _(operator):
+    return bands_of_matrix(operator.matrix)
+
+
+@conj.register(MatrixLinearOperator)
+def _(operator):
+    return MatrixLinearOperator(jnp.conj(operator.matrix), operator.tags)

@@ -1,0 +1,176 @@
+"""`PyTreeLinearOperator`: a "PyTree of matrices" acting on PyTrees of arrays."""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import Array, PyTree
+
+from .._misc import Static, inexact_asarray, structure_of
+from .._tags import as_tags, transpose_tags
+from .base import AbstractLinearOperator, conj, register_tag_predicates
+
+
+def _is_struct(x: Any) -> bool:
+    return isinstance(x, jax.ShapeDtypeStruct)
+
+
+class PyTreeLinearOperator(AbstractLinearOperator):
+    """A linear operator between PyTrees, given as a PyTree of matrices.
+
+    If the output structure has leaves `y_i` and the input structure has leaves
+    `x_j`, then `pytree` is a PyTree whose outer structure is that of the output and
+    whose inner structure (below each output leaf) is that of the input, with the
+    block for `(i, j)` an array of shape `y_i.shape + x_j.shape`. That is, it is
+    the shape of the Jacobian `jax.jacfwd(f)(x)` of a function `f` from the input
+    to the output.
+
+    **Arguments:**
+
+    - `pytree`: the PyTree of matrices described above.
+    - `output_structure`: the structure of the output: a PyTree of
+        `jax.ShapeDtypeStruct`s (or of arrays, whose shapes and dtypes are used).
+    - `tags`: a tag or iterable of tags.
+
+    The input structure is inferred from `pytree` and `output_structure`.
+    """
+
+    pytree: PyTree[Array]
+    output_structure: Static = eqx.field(static=True)
+    input_structure: Static = eqx.field(static=True)
+    tags: frozenset = eqx.field(static=True)
+
+    def __init__(self, pytree: PyTree, output_structure: PyTree, tags: Any = ()):
+        out_struct = structure_of(output_structure, "output_structure")
+        out_leaves, out_treedef = jtu.tree_flatten(out_struct)
+        if len(out_leaves) == 0:
+            raise ValueError("`output_structure` must have at least one leaf.")
+        try:
+            subtrees = out_treedef.flatten_up_to(pytree)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                "`pytree` must have the PyTree structure of `output_structure` at its "
+                f"top level ({out_treedef}), with the input structure below each "
+                f"output leaf. Got a `pytree` of structure {jtu.tree_structure(pytree)}."
+            ) from e
+        in_struct = None
+        for out_leaf, subtree in zip(out_leaves, subtrees):
+            for leaf in jtu.tree_leaves(subtree):
+                if not eqx.is_array_like(leaf) or isinstance(leaf, (bool, int, float, complex)):
+                    raise TypeError(
+                        "Every leaf of `pytree` must be an array, but got a leaf of "
+                        f"type {type(leaf).__name__}."
+                    )
+            sub_struct = jtu.tree_map(
+                lambda x, o=out_leaf: _input_leaf(x, o), subtree
+            )
+            if in_struct is None:
+                in_struct = sub_struct
+            elif jtu.tree_structure(in_struct) != jtu.tree_structure(sub_struct) or any(
+                a.shape != b.shape
+                for a, b in zip(jtu.tree_leaves(in_struct), jtu.tree_leaves(sub_struct))
+            ):
+                raise ValueError(
+                    "Every output leaf's block of `pytree` must have the same input "
+                    f"structure; got {in_struct} and {sub_struct}."
+                )
+        assert in_struct is not None
+        if len(jtu.tree_leaves(in_struct)) == 0:
+            raise ValueError("`pytree` must have at least one leaf per output leaf.")
+        self.pytree = jtu.tree_map(inexact_asarray, pytree)
+        # Input leaves take the dtype of the blocks mapping into them.
+        dtype_tree = jtu.tree_map(
+            lambda x: x.dtype, out_treedef.flatten_up_to(self.pytree)[0]
+        )
+        in_struct = jtu.tree_map(
+            lambda s, d: jax.ShapeDtypeStruct(s.shape, d), in_struct, dtype_tree
+        )
+        self.output_structure = Static(out_struct)
+        self.input_structure = Static(in_struct)
+        self.tags = as_tags(tags)
+
+    def mv(self, vector):
+        out_struct = self.output_structure.value
+        out_leaves, out_treedef = jtu.tree_flatten(out_struct)
+        blocks = out_treedef.flatten_up_to(self.pytree)
+        vec_leaves = jtu.tree_leaves(vector)
+        results = []
+        for out_leaf, block in zip(out_leaves, blocks):
+            terms = [
+                jnp.tensordot(
+                    b, v, axes=jnp.ndim(v), precision=jax.lax.Precision.HIGHEST
+                )
+                for b, v in zip(jtu.tree_leaves(block), vec_leaves)
+            ]
+            total = terms[0]
+            for term in terms[1:]:
+                total = total + term
+            results.append(jnp.reshape(total, out_leaf.shape))
+        return jtu.tree_unflatten(out_treedef, results)
+
+    def as_matrix(self):
+        out_leaves, out_treedef = jtu.tree_flatten(self.output_structure.value)
+        in_leaves = jtu.tree_leaves(self.input_structure.value)
+        blocks = out_treedef.flatten_up_to(self.pytree)
+        dtype = jnp.result_type(*jtu.tree_leaves(self.pytree))
+        rows = []
+        for out_leaf, block in zip(out_leaves, blocks):
+            out_size = int(np.prod(out_leaf.shape))
+            row = [
+                jnp.reshape(b, (out_size, int(np.prod(i.shape)))).astype(dtype)
+                for b, i in zip(jtu.tree_leaves(block), in_leaves)
+            ]
+            rows.append(row[0] if len(row) == 1 else jnp.concatenate(row, axis=1))
+        return rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=0)
+
+    def transpose(self):
+        out_leaves, out_treedef = jtu.tree_flatten(self.output_structure.value)
+        in_leaves, in_treedef = jtu.tree_flatten(self.input_structure.value)
+        blocks = [jtu.tree_leaves(b) for b in out_treedef.flatten_up_to(self.pytree)]
+        new_blocks = []
+        for j, in_leaf in enumerate(in_leaves):
+            row = []
+            for i, out_leaf in enumerate(out_leaves):
+                block = blocks[i][j]
+                n_out = len(out_leaf.shape)
+                n_in = len(in_leaf.shape)
+                perm = tuple(range(n_out, n_out + n_in)) + tuple(range(n_out))
+                row.append(jnp.transpose(block, perm))
+            new_blocks.append(jtu.tree_unflatten(out_treedef, row))
+        pytree = jtu.tree_unflatten(in_treedef, new_blocks)
+        return PyTreeLinearOperator(
+            pytree, self.input_structure.value, transpose_tags(self.tags)
+        )
+
+    def in_structure(self):
+        return self.input_structure.value
+
+    def out_structure(self):
+        return self.output_structure.value
+
+
+def _input_leaf(block: Any, out_leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    shape = jnp.shape(block)
+    n = len(out_leaf.shape)
+    if shape[:n] != out_leaf.shape:
+        raise ValueError(
+            f"Each leaf of `pytree` must have shape `output_leaf.shape + "
+            f"input_leaf.shape`; a block for the output leaf of shape {out_leaf.shape} "
+            f"has shape {shape}."
+        )
+    return jax.ShapeDtypeStruct(shape[n:], jnp.result_type(block))
+
+
+register_tag_predicates(PyTreeLinearOperator)
+
+
+@conj.register(PyTreeLinearOperator)
+def _(operator):
+    return PyTreeLinearOperator(
+        jtu.tree_map(jnp.conj, operator.pytree),
+        operator.output_structure.value,
+        operator.tags,
+    )

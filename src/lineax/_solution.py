@@ -1,0 +1,71 @@
+"""The result codes of a solve, and the `Solution` it returns."""
+
+from typing import Any
+
+import equinox as eqx
+import equinox.internal as eqxi
+from jaxtyping import Array, PyTree
+
+
+class RESULTS(eqxi.Enumeration):
+    """The outcome of a linear solve. `successful` is the only non-failure.
+
+    Compare under `jit` with `sol.result == lx.RESULTS.successful`; read the message
+    with `lx.RESULTS[sol.result]`.
+    """
+
+    # Client libraries subclass `RESULTS` and may redefine members only with the
+    # identical message, so the first two messages are part of the API contract.
+    successful = ""
+    max_steps_reached = (
+        "The maximum number of solver steps was reached. Try increasing `max_steps`."
+    )
+    singular = (
+        "The linear solver returned non-finite (NaN or inf) output. This usually "
+        "means that the operator was not well-posed, and that the solver does not "
+        "support this. If the operator is singular or nearly so, try "
+        "`lx.AutoLinearSolver(well_posed=False)` or `lx.SVD()` for the pseudoinverse "
+        "(least-squares / minimum-norm) solution. If you used `lx.Cholesky()` or "
+        "`lx.CG()`, check that the operator really is positive (or negative) "
+        "definite, as its tag claims."
+    )
+    breakdown = (
+        "A breakdown occurred in the iterative solver (a division by a quantity "
+        "that vanished). This typically means the operator is singular, or is not of "
+        "the class the solver supports (e.g. not positive definite for CG, not "
+        "symmetric for MINRES). Try `lx.GMRES` or a direct solver such as `lx.LU()` "
+        "or `lx.SVD()`, or supply a preconditioner."
+    )
+    stagnation = (
+        "The iterative solver stagnated: its residual stopped decreasing before "
+        "reaching the tolerance. Try a preconditioner, a larger `restart` for "
+        "GMRES, looser tolerances, or a direct solver."
+    )
+    conlim = (
+        "The condition number of the operator exceeded `conlim`: the problem is too "
+        "ill-conditioned for LSMR to make progress. Increase `conlim`, regularise "
+        "the problem (the `damp` option), or use `lx.SVD()`."
+    )
+    nonfinite_input = (
+        "The operator or the right-hand side contains NaN or inf, so no solve was "
+        "attempted to be meaningful. Check the inputs of `linear_solve`."
+    )
+
+
+class Solution(eqx.Module):
+    """The output of [`lineax.linear_solve`][].
+
+    **Attributes:**
+
+    - `value`: the solution, a PyTree with the structure of the operator's input.
+    - `result`: a [`lineax.RESULTS`][] saying whether the solve succeeded.
+    - `stats`: a dictionary of statistics. Iterative solvers give `num_steps` and
+        `max_steps`.
+    - `state`: the solver state that was used (from `solver.init`), which may be
+        passed back to `linear_solve(..., state=...)` to reuse a factorisation.
+    """
+
+    value: PyTree[Array]
+    result: RESULTS
+    stats: dict[str, PyTree[Array]]
+    state: PyTree[Any]

@@ -1,0 +1,132 @@
+"""`AutoLinearSolver`: picks a solver at trace time from the operator's tags and
+shape (figure 1 of the lineax paper)."""
+
+from typing import Any
+
+import equinox as eqx
+
+from .._operator.base import (
+    AbstractLinearOperator,
+    is_diagonal,
+    is_lower_triangular,
+    is_negative_semidefinite,
+    is_positive_semidefinite,
+    is_tridiagonal,
+    is_upper_triangular,
+)
+from .base import AbstractLinearSolver
+from .cholesky import Cholesky
+from .diagonal import Diagonal
+from .lu import LU
+from .qr import QR
+from .svd import SVD
+from .triangular import Triangular
+from .tridiagonal import Tridiagonal
+
+
+class AutoState(eqx.Module):
+    """State of [`lineax.AutoLinearSolver`][]: the chosen solver and its state."""
+
+    solver: AbstractLinearSolver
+    state: Any
+
+
+def _square_solver(operator: AbstractLinearOperator) -> AbstractLinearSolver:
+    # Cheapest first: O(n), O(n), O(n^2), then the O(n^3) factorisations.
+    if is_diagonal(operator):
+        return Diagonal(well_posed=True)
+    if is_tridiagonal(operator):
+        return Tridiagonal()
+    if is_lower_triangular(operator) or is_upper_triangular(operator):
+        return Triangular()
+    if is_positive_semidefinite(operator) or is_negative_semidefinite(operator):
+        return Cholesky()
+    return LU()
+
+
+class AutoLinearSolver(AbstractLinearSolver[AutoState]):
+    """Chooses a solver automatically, at trace time, from the operator's tags and
+    shape. No run-time check of values is made, so tag your operators.
+
+    **Arguments:**
+
+    - `well_posed`: what kind of problem to expect.
+        - `True`: the operator must be square and nonsingular. Diagonal →
+          [`lineax.Diagonal`][]; tridiagonal → [`lineax.Tridiagonal`][];
+          triangular → [`lineax.Triangular`][]; positive or negative
+          semidefinite → [`lineax.Cholesky`][]; otherwise [`lineax.LU`][].
+          A non-square operator is a `ValueError`.
+        - `None`: square operators as for `True`; non-square ones by
+          [`lineax.QR`][] (least squares / minimum norm, full rank assumed).
+        - `False`: any operator, including rank-deficient ones (the
+          pseudoinverse solution). Diagonal → `lineax.Diagonal(well_posed=False)`;
+          otherwise [`lineax.SVD`][].
+
+    The chosen solver's `options` are accepted.
+    """
+
+    well_posed: bool | None = eqx.field(static=True)
+
+    def __check_init__(self):
+        if self.well_posed not in (True, False, None):
+            raise ValueError(
+                f"`well_posed` must be True, False or None, got {self.well_posed!r}."
+            )
+
+    def select_solver(self, operator: AbstractLinearOperator) -> AbstractLinearSolver:
+        """The solver that would be used for `operator` (decided from tags and
+        shape only).
+
+        **Arguments:**
+
+        - `operator`: a linear operator.
+
+        **Returns:**
+
+        A linear solver instance.
+        """
+        square = operator.in_size() == operator.out_size()
+        if self.well_posed is True:
+            if not square:
+                raise ValueError(
+                    "`AutoLinearSolver(well_posed=True)` needs a square operator, but "
+                    f"the operator has input size {operator.in_size()} and output "
+                    f"size {operator.out_size()}. For a least-squares "
+                    "(overdetermined) or minimum-norm (underdetermined) solution use "
+                    "`lx.AutoLinearSolver(well_posed=None)` (full rank, via QR) or "
+                    "`lx.AutoLinearSolver(well_posed=False)` (any rank, via SVD)."
+                )
+            return _square_solver(operator)
+        if self.well_posed is None:
+            return _square_solver(operator) if square else QR()
+        if square and is_diagonal(operator):
+            return Diagonal(well_posed=False)
+        return SVD()
+
+    def init(self, operator: AbstractLinearOperator, options: dict[str, Any]) -> AutoState:
+        solver = self.select_solver(operator)
+        return AutoState(solver, solver.init(operator, options))
+
+    def compute(self, state: AutoState, vector, options):
+        return state.solver.compute(state.state, vector, options)
+
+    def transpose(self, state: AutoState, options):
+        inner, options = state.solver.transpose(state.state, options)
+        return AutoState(state.solver, inner), options
+
+    def conj(self, state: AutoState, options):
+        inner, options = state.solver.conj(state.state, options)
+        return AutoState(state.solver, inner), options
+
+    def assume_full_rank(self) -> bool:
+        return self.well_posed is not False
+
+    def allow_dependent_rows(self, operator: AbstractLinearOperator) -> bool:
+        from .base import rank_flags
+
+        return rank_flags(self.select_solver(operator), operator)[0]
+
+    def allow_dependent_columns(self, operator: AbstractLinearOperator) -> bool:
+        from .base import rank_flags
+
+        return rank_flags(self.select_solver(operator), operator)[1]

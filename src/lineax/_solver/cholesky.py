@@ -1,0 +1,89 @@
+"""`Cholesky`: for positive or negative definite operators."""
+
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+from jaxtyping import Array
+
+from .._operator.base import (
+    AbstractLinearOperator,
+    is_negative_semidefinite,
+    is_positive_semidefinite,
+)
+from .._solution import RESULTS
+from ._packing import (
+    PackedStructures,
+    pack_structures,
+    ravel_vector,
+    transpose_packed_structures,
+    unravel_solution,
+)
+from .base import AbstractLinearSolver, check_square, check_tag
+
+
+class CholeskyState(eqx.Module):
+    """State of [`lineax.Cholesky`][]: the lower Cholesky factor of `A` (or of
+    `-A` if `negative`)."""
+
+    factor: Array
+    packed_structures: PackedStructures
+    negative: bool = eqx.field(static=True)
+
+
+class Cholesky(AbstractLinearSolver[CholeskyState]):
+    """Cholesky decomposition, for positive definite operators (or negative
+    definite ones, by factorising `-A`).
+
+    The operator must carry [`lineax.positive_semidefinite_tag`][] or
+    [`lineax.negative_semidefinite_tag`][]; it must actually be definite (a
+    singular or indefinite matrix gives [`lineax.RESULTS.singular`][]). For
+    complex operators "definite" means Hermitian definite.
+
+    About twice as fast as [`lineax.LU`][]. This solver reads no `options`.
+    """
+
+    def init(self, operator: AbstractLinearOperator, options: dict[str, Any]) -> CholeskyState:
+        del options
+        check_square(operator, "Cholesky")
+        positive = is_positive_semidefinite(operator)
+        negative = (not positive) and is_negative_semidefinite(operator)
+        check_tag(
+            positive or negative,
+            "Cholesky",
+            "positive or negative definite",
+            "`lx.positive_semidefinite_tag` or `lx.negative_semidefinite_tag`",
+        )
+        matrix = operator.as_matrix()
+        if negative:
+            matrix = -matrix
+        factor = jnp.linalg.cholesky(matrix)
+        return CholeskyState(factor, pack_structures(operator), negative)
+
+    def compute(self, state: CholeskyState, vector, options):
+        del options
+        b = ravel_vector(vector, state.packed_structures)
+        x = jsl.cho_solve((state.factor, True), b, check_finite=False)
+        if state.negative:
+            x = -x
+        # `cholesky` returns NaN for a matrix that is not (numerically) definite.
+        bad = ~jnp.all(jnp.isfinite(state.factor)) | jnp.any(jnp.diagonal(state.factor) == 0)
+        result = RESULTS.where(bad, RESULTS.singular, RESULTS.successful)
+        return unravel_solution(x, state.packed_structures), result, {}
+
+    def transpose(self, state: CholeskyState, options):
+        # A is Hermitian, so A^T = conj(A), factorised by conj(L).
+        new = CholeskyState(
+            jnp.conj(state.factor),
+            transpose_packed_structures(state.packed_structures),
+            state.negative,
+        )
+        return new, options
+
+    def conj(self, state: CholeskyState, options):
+        new = CholeskyState(jnp.conj(state.factor), state.packed_structures, state.negative)
+        return new, options
+
+    def assume_full_rank(self) -> bool:
+        return True

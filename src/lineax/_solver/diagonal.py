@@ -1,0 +1,86 @@
+"""`Diagonal`: for diagonal operators, including the pseudoinverse of singular
+ones."""
+
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from .._operator.base import AbstractLinearOperator, diagonal, is_diagonal
+from .._solution import RESULTS
+from ._packing import (
+    PackedStructures,
+    pack_structures,
+    ravel_vector,
+    transpose_packed_structures,
+    unravel_solution,
+)
+from .base import AbstractLinearSolver, check_square, check_tag
+
+
+class DiagonalState(eqx.Module):
+    """State of [`lineax.Diagonal`][]: the diagonal as a 1-D array."""
+
+    diagonal: Array
+    packed_structures: PackedStructures
+
+
+class Diagonal(AbstractLinearSolver[DiagonalState]):
+    """Solves with a diagonal operator (tagged [`lineax.diagonal_tag`][], or a
+    [`lineax.DiagonalLinearOperator`][]) by elementwise division.
+
+    **Arguments:**
+
+    - `well_posed`: if `False` (default), diagonal entries with
+        `|d| <= rcond * max|d|` are treated as zero and give zero in the solution:
+        the pseudoinverse solution. If `True`, every entry is divided by, and a zero
+        entry gives [`lineax.RESULTS.singular`][].
+    - `rcond`: the relative cutoff when `well_posed=False`. `None` means
+        `eps * n` for the dtype's machine epsilon (as for [`lineax.SVD`][], whose
+        singular values here are `|d|`).
+
+    This solver reads no `options`.
+    """
+
+    well_posed: bool = eqx.field(static=True, default=False)
+    rcond: float | None = eqx.field(static=True, default=None)
+
+    def __check_init__(self):
+        if self.rcond is not None and not self.rcond >= 0:
+            raise ValueError(f"`rcond` must be nonnegative or None, got {self.rcond}.")
+
+    def init(self, operator: AbstractLinearOperator, options: dict[str, Any]) -> DiagonalState:
+        del options
+        check_square(operator, "Diagonal")
+        check_tag(is_diagonal(operator), "Diagonal", "diagonal", "`lx.diagonal_tag`")
+        return DiagonalState(diagonal(operator), pack_structures(operator))
+
+    def compute(self, state: DiagonalState, vector, options):
+        del options
+        b = ravel_vector(vector, state.packed_structures)
+        d = state.diagonal
+        if self.well_posed:
+            x = b / d
+            result = RESULTS.where(jnp.any(d == 0), RESULTS.singular, RESULTS.successful)
+        else:
+            rcond = self.rcond
+            if rcond is None:
+                rcond = jnp.finfo(d.dtype).eps * d.shape[0]
+            absd = jnp.abs(d)
+            keep = absd > rcond * jnp.max(absd, initial=0)
+            x = jnp.where(keep, b / jnp.where(keep, d, 1), 0)
+            result = RESULTS.successful
+        return unravel_solution(x, state.packed_structures), result, {}
+
+    def transpose(self, state: DiagonalState, options):
+        new = DiagonalState(
+            state.diagonal, transpose_packed_structures(state.packed_structures)
+        )
+        return new, options
+
+    def conj(self, state: DiagonalState, options):
+        return DiagonalState(jnp.conj(state.diagonal), state.packed_structures), options
+
+    def assume_full_rank(self) -> bool:
+        return self.well_posed

@@ -1,0 +1,103 @@
+"""`Normal`: solve the normal equations with a solver for positive definite
+systems."""
+
+from typing import Any
+
+import equinox as eqx
+import jax.tree_util as jtu
+import jax.numpy as jnp
+
+from .._misc import tree_is_complex
+from .._operator.base import AbstractLinearOperator, conj
+from .._operator.tagged import TaggedLinearOperator
+from .._tags import positive_semidefinite_tag
+from .base import AbstractLinearSolver
+
+
+class NormalState(eqx.Module):
+    """State of [`lineax.Normal`][]."""
+
+    operator: AbstractLinearOperator
+    inner_state: Any
+    tall: bool = eqx.field(static=True)
+    complex_: bool = eqx.field(static=True)
+
+
+def _conj_tree(tree, complex_):
+    return jtu.tree_map(jnp.conj, tree) if complex_ else tree
+
+
+def _adjoint_mv(operator: AbstractLinearOperator, vector, complex_: bool):
+    """`A^H vector`, without materialising the conjugate operator."""
+    return _conj_tree(operator.transpose().mv(_conj_tree(vector, complex_)), complex_)
+
+
+def _normal_operator(operator: AbstractLinearOperator, tall: bool, complex_: bool):
+    adjoint = operator.transpose()
+    if complex_:
+        adjoint = conj(adjoint)
+    gram = adjoint @ operator if tall else operator @ adjoint
+    return TaggedLinearOperator(gram, positive_semidefinite_tag)
+
+
+class Normal(AbstractLinearSolver[NormalState]):
+    """Solves the normal equations with an inner solver for positive definite
+    systems.
+
+    For a tall (or square) operator, solves `A^H A x = A^H b` (least squares); for a
+    wide one, solves `A A^H y = b` and returns `x = A^H y` (minimum norm). The
+    Gram operator is passed to `inner_solver` tagged positive semidefinite, so
+    `inner_solver` may be e.g. [`lineax.Cholesky`][] (materialised) or
+    [`lineax.CG`][] (matrix-free). Squaring the condition number is the price:
+    prefer [`lineax.QR`][] or [`lineax.LSMR`][] for ill-conditioned problems.
+
+    **Arguments:**
+
+    - `inner_solver`: a solver for positive (semi)definite operators.
+
+    `options` are passed on to `inner_solver` (e.g. a `preconditioner` for the
+    Gram operator, and `y0`).
+    """
+
+    inner_solver: AbstractLinearSolver
+
+    def __check_init__(self):
+        if not isinstance(self.inner_solver, AbstractLinearSolver):
+            raise TypeError(
+                "`inner_solver` must be a `lineax.AbstractLinearSolver`, got "
+                f"{type(self.inner_solver).__name__}."
+            )
+
+    def init(self, operator: AbstractLinearOperator, options: dict[str, Any]) -> NormalState:
+        tall = operator.out_size() >= operator.in_size()
+        complex_ = tree_is_complex(operator.in_structure()) or tree_is_complex(
+            operator.out_structure()
+        )
+        gram = _normal_operator(operator, tall, complex_)
+        return NormalState(operator, self.inner_solver.init(gram, options), tall, complex_)
+
+    def compute(self, state: NormalState, vector, options):
+        operator = state.operator
+        if state.tall:
+            rhs = _adjoint_mv(operator, vector, state.complex_)
+            return self.inner_solver.compute(state.inner_state, rhs, options)
+        y, result, stats = self.inner_solver.compute(state.inner_state, vector, options)
+        return _adjoint_mv(operator, y, state.complex_), result, stats
+
+    def transpose(self, state: NormalState, options):
+        # If A is tall with Gram matrix N = A^H A, then A^T is wide with Gram
+        # matrix A^T (A^T)^H = conj(N) (and vice versa): conjugate the inner state.
+        inner_state, options = self.inner_solver.conj(state.inner_state, options)
+        new = NormalState(
+            state.operator.transpose(), inner_state, not state.tall, state.complex_
+        )
+        return new, options
+
+    def conj(self, state: NormalState, options):
+        inner_state, options = self.inner_solver.conj(state.inner_state, options)
+        new = NormalState(conj(state.operator), inner_state, state.tall, state.complex_)
+        return new, options
+
+    def assume_full_rank(self) -> bool:
+        # The normal equations are singular exactly when A is rank deficient.
+        return self.inner_solver.assume_full_rank()

@@ -1,0 +1,93 @@
+"""`SVD`: the pseudoinverse solution of any system, by singular value
+decomposition."""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from .._operator.base import AbstractLinearOperator
+from .._solution import RESULTS
+from ._packing import (
+    PackedStructures,
+    pack_structures,
+    ravel_vector,
+    transpose_packed_structures,
+    unravel_solution,
+)
+from .base import AbstractLinearSolver
+
+
+class SVDState(eqx.Module):
+    """State of [`lineax.SVD`][]: the thin SVD `A = U diag(s) Vh`."""
+
+    u: Array
+    s: Array
+    vh: Array
+    packed_structures: PackedStructures
+
+
+class SVD(AbstractLinearSolver[SVDState]):
+    """Singular value decomposition: `x = V diag(1/s) U^H b` over the singular
+    values above a cutoff, i.e. the pseudoinverse solution.
+
+    Handles any operator: square, tall (least squares), wide (minimum norm) and
+    rank-deficient (both). The most robust and the most expensive dense solver.
+
+    **Arguments:**
+
+    - `rcond`: singular values `s <= rcond * max(s)` are treated as zero. The
+        default `None` means `eps * max(m, n)` for the dtype's machine epsilon, as
+        in `jnp.linalg.lstsq` and `numpy.linalg.lstsq`.
+
+    This solver reads no `options`.
+    """
+
+    rcond: float | None = eqx.field(static=True, default=None)
+
+    def __check_init__(self):
+        if self.rcond is not None and not self.rcond >= 0:
+            raise ValueError(f"`rcond` must be nonnegative or None, got {self.rcond}.")
+
+    def init(self, operator: AbstractLinearOperator, options: dict[str, Any]) -> SVDState:
+        del options
+        u, s, vh = jnp.linalg.svd(operator.as_matrix(), full_matrices=False)
+        return SVDState(u, s, vh, pack_structures(operator))
+
+    def compute(self, state: SVDState, vector, options):
+        del options
+        b = ravel_vector(vector, state.packed_structures)
+        u, s, vh = state.u, state.s, state.vh
+        m, n = u.shape[0], vh.shape[1]
+        if self.rcond is None:
+            rcond = jnp.finfo(s.dtype).eps * max(m, n)
+        else:
+            rcond = self.rcond
+        hi = jax.lax.Precision.HIGHEST
+        smax = jnp.max(s, initial=0)
+        keep = s > rcond * smax
+        safe_s = jnp.where(keep, s, 1)
+        coeffs = jnp.where(keep, jnp.matmul(jnp.conj(u.T), b, precision=hi) / safe_s, 0)
+        x = jnp.matmul(jnp.conj(vh.T), coeffs.astype(vh.dtype), precision=hi)
+        return unravel_solution(x, state.packed_structures), RESULTS.successful, {}
+
+    def transpose(self, state: SVDState, options):
+        # A^T = Vh^T diag(s) U^T.
+        new = SVDState(
+            state.vh.T,
+            state.s,
+            state.u.T,
+            transpose_packed_structures(state.packed_structures),
+        )
+        return new, options
+
+    def conj(self, state: SVDState, options):
+        new = SVDState(
+            jnp.conj(state.u), state.s, jnp.conj(state.vh), state.packed_structures
+        )
+        return new, options
+
+    def assume_full_rank(self) -> bool:
+        return False

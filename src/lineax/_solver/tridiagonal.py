@@ -1,0 +1,92 @@
+"""`Tridiagonal`: the Thomas algorithm for tridiagonal operators."""
+
+from typing import Any
+
+import equinox as eqx
+import jax.lax as lax
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from .._operator.base import AbstractLinearOperator, is_tridiagonal, tridiagonal
+from .._solution import RESULTS
+from ._packing import (
+    PackedStructures,
+    pack_structures,
+    ravel_vector,
+    transpose_packed_structures,
+    unravel_solution,
+)
+from .base import AbstractLinearSolver, check_square, check_tag
+
+
+class TridiagonalState(eqx.Module):
+    """State of [`lineax.Tridiagonal`][]: the three bands, padded to length `n` as
+    `jax.lax.linalg.tridiagonal_solve` expects."""
+
+    diagonal: Array
+    lower: Array  # lower[0] = 0, lower[i] = A[i, i - 1]
+    upper: Array  # upper[n - 1] = 0, upper[i] = A[i, i + 1]
+    packed_structures: PackedStructures
+
+
+class Tridiagonal(AbstractLinearSolver[TridiagonalState]):
+    """Solves with a tridiagonal operator in O(n) by the Thomas algorithm
+    (`jax.lax.linalg.tridiagonal_solve`; LAPACK `gtsv` on CPU, cuSPARSE on GPU).
+
+    The operator must be tagged [`lineax.tridiagonal_tag`][] (or be a
+    [`lineax.TridiagonalLinearOperator`][]). No pivoting is done on every
+    platform, so the operator should be e.g. diagonally dominant or definite;
+    non-finite output gives [`lineax.RESULTS.singular`][].
+
+    This solver reads no `options`.
+    """
+
+    def init(self, operator: AbstractLinearOperator, options: dict[str, Any]) -> TridiagonalState:
+        del options
+        check_square(operator, "Tridiagonal")
+        check_tag(
+            is_tridiagonal(operator),
+            "Tridiagonal",
+            "tridiagonal",
+            "`lx.tridiagonal_tag`",
+        )
+        diag, lower, upper = tridiagonal(operator)
+        zero = jnp.zeros((1,), diag.dtype)
+        return TridiagonalState(
+            diag,
+            jnp.concatenate([zero, lower.astype(diag.dtype)]),
+            jnp.concatenate([upper.astype(diag.dtype), zero]),
+            pack_structures(operator),
+        )
+
+    def compute(self, state: TridiagonalState, vector, options):
+        del options
+        b = ravel_vector(vector, state.packed_structures)
+        x = lax.linalg.tridiagonal_solve(
+            state.lower, state.diagonal, state.upper, b[:, None].astype(state.diagonal.dtype)
+        )[:, 0]
+        return unravel_solution(x, state.packed_structures), RESULTS.successful, {}
+
+    def transpose(self, state: TridiagonalState, options):
+        # Transposing swaps the bands: the new lower band is the old upper one,
+        # shifted to the padding convention.
+        zero = jnp.zeros((1,), state.diagonal.dtype)
+        new = TridiagonalState(
+            state.diagonal,
+            jnp.concatenate([zero, state.upper[:-1]]),
+            jnp.concatenate([state.lower[1:], zero]),
+            transpose_packed_structures(state.packed_structures),
+        )
+        return new, options
+
+    def conj(self, state: TridiagonalState, options):
+        new = TridiagonalState(
+            jnp.conj(state.diagonal),
+            jnp.conj(state.lower),
+            jnp.conj(state.upper),
+            state.packed_structures,
+        )
+        return new, options
+
+    def assume_full_rank(self) -> bool:
+        return True
