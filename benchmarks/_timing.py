@@ -23,6 +23,11 @@ def _fresh(fn: Callable) -> Callable:
     return wrapper
 
 
+def jit_fresh(fn: Callable) -> Callable:
+    """`jax.jit` of a fresh wrapper of `fn` (compiled on its first call)."""
+    return jax.jit(_fresh(fn))
+
+
 def compile_once(fn: Callable, args: Sequence[Any]) -> tuple[Any, float, float]:
     """Returns `(compiled, lower_seconds, compile_seconds)`.
 
@@ -88,7 +93,7 @@ def compare_compile(fns: dict[str, Callable], args: dict[str, Sequence[Any]],
 def compare_run(compiled: dict[str, Any], args: dict[str, Sequence[Any]],
                 target_s: float, min_samples: int, max_samples: int,
                 ) -> dict[str, dict[str, float]]:
-    """Median run time of each compiled function, samples interleaved.
+    """Median run time of each jitted/compiled function, samples interleaved.
 
     Each sample times `inner` back-to-back calls (enough for ~1 ms, so the
     timer's resolution does not matter) and blocks on the last result. The

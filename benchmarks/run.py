@@ -8,8 +8,8 @@ For each case this measures, for lineax and for JAX in the same process:
 - compile time: `jax.jit(f).lower(*args).compile()` wall time, with a fresh
   function object every time so nothing is served from JAX's tracing cache
   (median of 3 after one warm-up compile; `--quick`: the single first one);
-- run time: median over many calls of the compiled executable, blocking on the
-  result, repetitions interleaved between the two libraries and adapted so that
+- run time: median over many calls of the `jax.jit`-ed function (after its
+  first, compiling, call), blocking on the result, repetitions interleaved between the two libraries and adapted so that
   each side takes about a second.
 
 It prints a table, and writes `results.json` and `ratios.png` (if matplotlib
@@ -146,7 +146,7 @@ def _short_error(e: BaseException) -> str:
 def run_compiled_case(case, built, settings, rec):
     import jax
 
-    from _timing import compare_compile, compare_run
+    from _timing import compare_compile, compare_run, jit_fresh
 
     fns = {"jax": built.jax_fn}
     args = {"jax": built.jax_args}
@@ -170,7 +170,13 @@ def run_compiled_case(case, built, settings, rec):
         rec["lib_traceback"] = traceback.format_exc(limit=-8)
         del fns["lib"], args["lib"]
         comp = compare_compile(fns, args, settings["compile_reps"])
-    compiled = {k: v.pop("compiled") for k, v in comp.items()}
+    for v in comp.values():
+        del v["compiled"]
+    # Run times are measured through `jax.jit(f)` (what users call), not the
+    # AOT `Compiled` object: the latter has no C++ fast path for computations
+    # with host callbacks (lineax's `throw=True` check), which would add tens
+    # of microseconds per call that users never pay.
+    compiled = {k: jit_fresh(f) for k, f in fns.items()}
 
     outs = {}
     for name in list(compiled):
@@ -295,7 +301,7 @@ def evaluate(rec, case):
     x = rec.get("extra", {})
     if "lib_successful" in x:
         rtol = rec["rtol"]
-        converged = x["lib_successful"] and x["lib_residual"] <= 1.05 * rtol
+        converged = x["lib_successful"] and x["lib_residual"] <= 1.1 * rtol
         if not converged:
             misses.append("unconverged")
     if x.get("rel_diff") is not None and x["rel_diff"] > rec["diff_tol"]:

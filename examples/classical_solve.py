@@ -67,4 +67,8 @@ print(
 # A singular matrix: LU reports failure instead of returning garbage silently.
 singular = lx.MatrixLinearOperator(jnp.array([[1.0, 2.0], [2.0, 4.0]]))
 failed = lx.linear_solve(singular, jnp.array([1.0, 1.0]), lx.LU(), throw=False)
-print("singular system with throw=False -> result:", lx.RESULTS[failed.result])
+print(
+    "singular system with throw=False: result == RESULTS.singular is",
+    bool(failed.result == lx.RESULTS.singular),
+)
+print("  its message begins:", lx.RESULTS[failed.result].split(". ")[0] + ".")

@@ -67,7 +67,7 @@ for well_posed in (None, False):
 picked = lx.AutoLinearSolver(well_posed=False).select_solver(
     operators["DiagonalLinearOperator"]
 )
-print(f"  {'diagonal, well_posed=False':36s} -> {type(picked).__name__}")
+print(f"  {'diagonal, well_posed=False':36s} -> {picked!r}")
 try:
     auto.select_solver(tall_op)
 except ValueError as e:

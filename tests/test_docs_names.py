@@ -1,13 +1,16 @@
 """Every public name of lineax is documented with a `::: lineax.NAME` directive."""
 
 import inspect
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
-import lineax.internal as lxi
 import pytest
 
 import lineax as lx
+import lineax.internal as lxi
 
 
 _DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
@@ -98,3 +101,20 @@ def test_documented_names_exist():
         if not hasattr(lxi, n)
     ]
     assert not stale, f"docs reference names that lineax does not have: {stale}"
+
+
+def test_mkdocs_build_strict(tmp_path):
+    """The documentation site builds with no warnings (needs the `docs` extra)."""
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings_handlers.python")
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    completed = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q"]
+        + ["--site-dir", str(tmp_path / "site")],
+        cwd=_DOCS.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr

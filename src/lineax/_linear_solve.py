@@ -115,8 +115,9 @@ def _check_state(state, operator, options, solver):
             else x,
             tree,
         )
-    got = strip_weak_dtype(shape_struct(eqx.filter(state, eqx.is_array)))
-    want = strip_weak_dtype(shape_struct(eqx.filter(expected, eqx.is_array)))
+    is_leaf = lambda x: eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+    got = strip_weak_dtype(shape_struct(eqx.filter(state, is_leaf)))
+    want = strip_weak_dtype(shape_struct(eqx.filter(expected, is_leaf)))
     if jtu.tree_structure(got) != jtu.tree_structure(want) or jtu.tree_leaves(got) != jtu.tree_leaves(want):
         raise ValueError(
             "`state` does not match `solver.init(operator, options)`: pass the state "

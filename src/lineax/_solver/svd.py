@@ -68,8 +68,9 @@ class SVD(AbstractLinearSolver[SVDState]):
         hi = jax.lax.Precision.HIGHEST
         smax = jnp.max(s, initial=0)
         keep = s > rcond * smax
-        safe_s = jnp.where(keep, s, 1)
-        coeffs = jnp.where(keep, jnp.matmul(jnp.conj(u.T), b, precision=hi) / safe_s, 0)
+        safe_s = jnp.where(keep, s, 1).astype(u.dtype)
+        coeffs = jnp.matmul(jnp.conj(u.T), b.astype(u.dtype), precision=hi) / safe_s
+        coeffs = jnp.where(keep, coeffs, 0)
         x = jnp.matmul(jnp.conj(vh.T), coeffs.astype(vh.dtype), precision=hi)
         return unravel_solution(x, state.packed_structures), RESULTS.successful, {}
 

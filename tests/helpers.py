@@ -1,0 +1,515 @@
+"""Shared test helpers: one table of operator factories, random structures and
+vectors, flattening, and tolerances.
+
+Every factory turns a dense reference matrix into an operator of one kind, and
+returns it together with the dense float64/complex128 NumPy matrix that operator
+actually represents (in the flattened PyTree-leaf order of its input and output
+structures). Tests then compare whatever the operator computes against NumPy.
+
+    matrix = random_matrix(rng, 4, 4, jnp.float64, (lx.symmetric_tag,))
+    op, ref = make_operator("pytree", matrix, jnp.float64, (lx.symmetric_tag,),
+                            in_structure=..., out_structure=...)
+    assert np.allclose(flatten(op.mv(vector)), ref @ flatten(vector))
+
+For most kinds `ref` is `matrix` rounded to `dtype`; `diagonal`, `tridiagonal`
+and `identity` can only represent part of it (see `PARTIAL_KINDS`).
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from beartype import beartype
+from jaxtyping import Array, Inexact, jaxtyped, PyTree, Shaped
+
+import lineax as lx
+
+
+Structure = PyTree[jax.ShapeDtypeStruct]
+NumpyMatrix = Inexact[np.ndarray, "m n"]
+
+DTYPES = (jnp.float32, jnp.float64, jnp.complex128)
+
+#
+# Tolerances.
+#
+
+
+@beartype
+def tolerance(dtype: Any) -> float:
+    """Relative (and absolute, for O(1) data) tolerance for results in `dtype`."""
+    if jnp.finfo(dtype).bits <= 32:
+        return 1e-4
+    return 1e-10
+
+
+def assert_close(actual: Any, desired: Any, dtype: Any, scale: float = 1.0) -> None:
+    """Compare a (PyTree of) array(s) with a NumPy reference, in `dtype`'s tolerance.
+
+    `scale` multiplies the absolute tolerance (for data much larger than 1).
+    """
+    tol = tolerance(dtype)
+    actual_leaves = jtu.tree_leaves(actual)
+    desired_leaves = jtu.tree_leaves(desired)
+    assert len(actual_leaves) == len(desired_leaves)
+    for a, d in zip(actual_leaves, desired_leaves):
+        a = np.asarray(a)
+        d = np.asarray(d)
+        assert a.shape == d.shape, (a.shape, d.shape)
+        np.testing.assert_allclose(a, d, rtol=tol, atol=tol * scale)
+
+
+#
+# Flattening PyTree vectors (in leaf order, like `as_matrix`).
+#
+
+
+def flatten(tree: PyTree[Any]) -> np.ndarray:
+    """Ravel and concatenate the leaves of `tree` into a 1-D NumPy array in
+    float64/complex128."""
+    leaves = [np.asarray(x) for x in jtu.tree_leaves(tree)]
+    dtype = np.complex128 if any(np.iscomplexobj(x) for x in leaves) else np.float64
+    return np.concatenate([np.reshape(x, -1).astype(dtype) for x in leaves])
+
+
+def flatten_jax(tree: PyTree[Array]) -> Array:
+    """Like `flatten`, but traceable (a JAX array of the leaves' dtype)."""
+    leaves = jtu.tree_leaves(tree)
+    return jnp.concatenate([jnp.reshape(x, -1) for x in leaves])
+
+
+def unflatten(flat: Any, structure: Structure) -> PyTree[Array]:
+    """Split a 1-D array into a PyTree of JAX arrays with `structure` (traceable);
+    the leaves are cast to the structure's dtypes."""
+    leaves, treedef = jtu.tree_flatten(structure)
+    out, start = [], 0
+    for leaf in leaves:
+        size = int(np.prod(leaf.shape))
+        piece = jnp.asarray(flat)[start : start + size]
+        out.append(jnp.reshape(piece, leaf.shape).astype(leaf.dtype))
+        start += size
+    return jtu.tree_unflatten(treedef, out)
+
+
+def size_of(structure: Structure) -> int:
+    return sum(int(np.prod(x.shape)) for x in jtu.tree_leaves(structure))
+
+
+def flat_structure(size: int, dtype: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((size,), jnp.dtype(dtype))
+
+
+def with_dtype(structure: Structure, dtype: Any) -> Structure:
+    return jtu.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype)), structure)
+
+
+#
+# Random data. Everything is generated in float64/complex128 and then rounded to
+# the test dtype, so that the NumPy reference describes exactly the stored values.
+#
+
+
+def is_complex(dtype: Any) -> bool:
+    return jnp.issubdtype(dtype, jnp.complexfloating)
+
+
+def round_to(x: Any, dtype: Any) -> np.ndarray:
+    """`x` rounded to `dtype`, returned in float64/complex128."""
+    wide = np.complex128 if is_complex(dtype) else np.float64
+    return np.asarray(np.asarray(x).astype(jnp.dtype(dtype)), wide)
+
+
+def randn(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    x = rng.standard_normal(shape)
+    if is_complex(dtype):
+        x = x + 1j * rng.standard_normal(shape)
+    return round_to(x, dtype)
+
+
+def random_vector(rng: np.random.Generator, structure: Structure) -> PyTree[Array]:
+    """A random PyTree of JAX arrays with the given structure."""
+    return jtu.tree_map(lambda s: jnp.asarray(randn(rng, s.shape, s.dtype), s.dtype), structure)
+
+
+@jaxtyped(typechecker=beartype)
+def random_matrix(
+    rng: np.random.Generator, out_size: int, in_size: int, dtype: Any, tags: Any = ()
+) -> Inexact[np.ndarray, "{out_size} {in_size}"]:
+    """A random dense matrix (float64/complex128 values, rounded to `dtype`) that has
+    the structure that `tags` describe.
+
+    Sparsity tags (diagonal, tridiagonal, lower/upper triangular) zero entries;
+    `symmetric_tag` makes it equal to its transpose; `positive_semidefinite_tag`
+    / `negative_semidefinite_tag` make it Hermitian positive/negative definite
+    (and well conditioned); `unit_diagonal_tag` sets the diagonal to one.
+    """
+    tags = _as_set(tags)
+    a = randn(rng, (out_size, in_size), dtype)
+    if tags and out_size != in_size:
+        raise ValueError("tags describe square matrices")
+    n = in_size
+    definite = tags & {lx.positive_semidefinite_tag, lx.negative_semidefinite_tag}
+    if lx.diagonal_tag in tags:
+        a = np.diag(np.diag(a))
+    elif lx.tridiagonal_tag in tags:
+        a = np.triu(np.tril(a, 1), -1)
+    if definite:
+        if tags & {lx.lower_triangular_tag, lx.upper_triangular_tag}:
+            raise ValueError("a definite triangular matrix would be diagonal")
+        if lx.diagonal_tag in tags:
+            a = np.diag(1 + np.abs(np.diag(a)))
+        elif lx.tridiagonal_tag in tags:
+            lower = np.diag(a, -1)
+            a = np.diag(lower, -1) + np.diag(lower.conj(), 1)
+            a = a + np.diag(1 + 2 * np.abs(a).sum(axis=1))  # diagonally dominant
+        else:
+            a = a @ a.conj().T + n * np.eye(n)
+        if lx.negative_semidefinite_tag in tags:
+            a = -a
+    elif lx.symmetric_tag in tags:
+        a = (a + a.T) / 2
+    if lx.lower_triangular_tag in tags:
+        a = np.tril(a)
+    if lx.upper_triangular_tag in tags:
+        a = np.triu(a)
+    if lx.unit_diagonal_tag in tags:
+        a = a - np.diag(np.diag(a)) + np.eye(n)
+    return round_to(a, dtype)
+
+
+#
+# Random PyTree structures, drawn by hypothesis. Few distinct leaf shapes keep the
+# number of XLA compilations (which dominate the test time) small.
+#
+
+LEAF_SHAPES = ((), (2,), (3,), (2, 2))
+
+
+@st.composite
+def structures(draw: Any, dtype: Any, max_leaves: int = 3) -> Structure:
+    """A hypothesis strategy for a PyTree of `jax.ShapeDtypeStruct`s of `dtype`:
+    a single leaf, a tuple, a dict, or a nested container, with leaves of ranks 0
+    to 2."""
+    dtype = jnp.dtype(dtype)
+    shapes = draw(st.lists(st.sampled_from(LEAF_SHAPES), min_size=1, max_size=max_leaves))
+    leaves = [jax.ShapeDtypeStruct(shape, dtype) for shape in shapes]
+    container = draw(st.sampled_from(("leaf", "tuple", "dict", "nested")))
+    if container == "leaf":
+        return leaves[0]
+    if container == "tuple":
+        return tuple(leaves)
+    if container == "dict":
+        return {f"k{i}": leaf for i, leaf in enumerate(leaves)}
+    return ({"a": leaves[0]}, list(leaves[1:]))
+
+
+def _as_set(tags: Any) -> frozenset:
+    if isinstance(tags, (set, frozenset, list, tuple)):
+        return frozenset(tags)
+    return frozenset([tags])
+
+
+#
+# Operator factories.
+#
+
+
+def _blocks(matrix: np.ndarray, in_structure: Structure, out_structure: Structure, dtype):
+    """Cut a dense matrix into the "PyTree of matrices" of `PyTreeLinearOperator`."""
+    in_leaves, in_def = jtu.tree_flatten(in_structure)
+    out_leaves, out_def = jtu.tree_flatten(out_structure)
+    rows, r = [], 0
+    for out_leaf in out_leaves:
+        n_rows = int(np.prod(out_leaf.shape))
+        row, c = [], 0
+        for in_leaf in in_leaves:
+            n_cols = int(np.prod(in_leaf.shape))
+            block = matrix[r : r + n_rows, c : c + n_cols]
+            row.append(jnp.asarray(block.reshape(out_leaf.shape + in_leaf.shape), dtype))
+            c += n_cols
+        rows.append(jtu.tree_unflatten(in_def, row))
+        r += n_rows
+    return jtu.tree_unflatten(out_def, rows)
+
+
+def _pytree(matrix, dtype, tags, in_structure, out_structure):
+    pytree = _blocks(matrix, in_structure, out_structure, dtype)
+    op = lx.PyTreeLinearOperator(pytree, out_structure, tags)
+    return op, round_to(matrix, dtype)
+
+
+def _matrix(matrix, dtype, tags, in_structure, out_structure):
+    del in_structure, out_structure
+    op = lx.MatrixLinearOperator(jnp.asarray(matrix, dtype), tags)
+    return op, round_to(matrix, dtype)
+
+
+def _function(matrix, dtype, tags, in_structure, out_structure):
+    m = jnp.asarray(matrix, dtype)
+
+    def fn(x):
+        return unflatten(m @ flatten_jax(x), out_structure)
+
+    op = lx.FunctionLinearOperator(fn, in_structure, tags)
+    return op, round_to(matrix, dtype)
+
+
+def _jacobian_fn(x: Any, args: Any, out_structure: Structure) -> PyTree[Array]:
+    """`M x + P (x - c)**2`: nonlinear, with Jacobian `M` at `x = c`."""
+    m, p, c = args
+    xf = flatten_jax(x)
+    return unflatten(m @ xf + p @ (xf - c) ** 2, out_structure)
+
+
+def _jacobian_args(rng, matrix, dtype, in_structure):
+    x0 = random_vector(rng, in_structure)
+    p = jnp.asarray(randn(rng, matrix.shape, dtype), dtype)
+    args = (jnp.asarray(matrix, dtype), p, flatten_jax(x0))
+    return x0, args
+
+
+def _make_jacobian(jac):
+    def factory(matrix, dtype, tags, in_structure, out_structure, rng):
+        x0, args = _jacobian_args(rng, matrix, dtype, in_structure)
+
+        def fn(x, args):
+            return _jacobian_fn(x, args, out_structure)
+
+        op = lx.JacobianLinearOperator(fn, x0, args, tags, jac=jac)
+        return op, round_to(matrix, dtype)
+
+    return factory
+
+
+def _jacobian_custom_vjp(matrix, dtype, tags, in_structure, out_structure, rng):
+    """`jac="bwd"` with a `jax.custom_vjp` function, which has no JVP rule."""
+    x0, args = _jacobian_args(rng, matrix, dtype, in_structure)
+
+    @jax.custom_vjp
+    def fn(x, args):
+        return _jacobian_fn(x, args, out_structure)
+
+    def fn_fwd(x, args):
+        return fn(x, args), (x, args)
+
+    def fn_bwd(residuals, cotangent):
+        x, (m, p, c) = residuals
+        ct = flatten_jax(cotangent)
+        d = flatten_jax(x) - c
+        # JAX's (unconjugated) cotangent convention: ct_x = J^T ct.
+        pt_ct = p.T @ ct
+        ct_x = m.T @ ct + 2 * d * pt_ct
+        ct_args = (jnp.outer(ct, flatten_jax(x)), jnp.outer(ct, d**2), -2 * d * pt_ct)
+        return unflatten(ct_x, in_structure), ct_args
+
+    fn.defvjp(fn_fwd, fn_bwd)
+    op = lx.JacobianLinearOperator(fn, x0, args, tags, jac="bwd")
+    return op, round_to(matrix, dtype)
+
+
+def _diagonal(matrix, dtype, tags, in_structure, out_structure):
+    del tags, out_structure
+    diag = np.diag(matrix)
+    op = lx.DiagonalLinearOperator(unflatten(diag, in_structure))
+    return op, np.diag(round_to(diag, dtype))
+
+
+def _tridiagonal(matrix, dtype, tags, in_structure, out_structure):
+    del tags, in_structure, out_structure
+    bands = [np.diagonal(matrix, k) for k in (0, -1, 1)]
+    op = lx.TridiagonalLinearOperator(*[jnp.asarray(b, dtype) for b in bands])
+    d, lo, up = [round_to(b, dtype) for b in bands]
+    return op, np.diag(d) + np.diag(lo, -1) + np.diag(up, 1)
+
+
+def _identity(matrix, dtype, tags, in_structure, out_structure):
+    del tags
+    m, n = matrix.shape
+    if size_of(out_structure) != size_of(in_structure):
+        out_structure = in_structure
+    op = lx.IdentityLinearOperator(in_structure, out_structure)
+    return op, np.eye(n, dtype=round_to(matrix, dtype).dtype)
+
+
+def _tagged(matrix, dtype, tags, in_structure, out_structure):
+    inner, ref = _function(matrix, dtype, (), in_structure, out_structure)
+    return lx.TaggedLinearOperator(inner, tags), ref
+
+
+_UNIT = frozenset([lx.unit_diagonal_tag])
+_PSD, _NSD = lx.positive_semidefinite_tag, lx.negative_semidefinite_tag
+
+
+def _add(matrix, dtype, tags, in_structure, out_structure):
+    # Two kinds of operand; each keeps the structure of `matrix` (a unit diagonal
+    # excepted), so the sum does too.
+    tags = _as_set(tags) - _UNIT
+    a, ref_a = _pytree(0.75 * matrix, dtype, tags, in_structure, out_structure)
+    b, ref_b = _function(0.25 * matrix, dtype, tags, in_structure, out_structure)
+    return a + b, ref_a + ref_b
+
+
+def _scalar(dtype: Any) -> Array:
+    return jnp.asarray(1.5, dtype)
+
+
+def _mul(matrix, dtype, tags, in_structure, out_structure):
+    s = _scalar(dtype)
+    inner, ref = _pytree(matrix / 1.5, dtype, _as_set(tags) - _UNIT, in_structure, out_structure)
+    return inner * s, ref * round_to(s, dtype)
+
+
+def _div(matrix, dtype, tags, in_structure, out_structure):
+    s = _scalar(dtype)
+    inner, ref = _pytree(matrix * 1.5, dtype, _as_set(tags) - _UNIT, in_structure, out_structure)
+    return inner / s, ref / round_to(s, dtype)
+
+
+def _neg(matrix, dtype, tags, in_structure, out_structure):
+    tags = _as_set(tags) - _UNIT
+    swapped = {_PSD: _NSD, _NSD: _PSD}
+    tags = frozenset(swapped.get(t, t) for t in tags)
+    inner, ref = _pytree(-matrix, dtype, tags, in_structure, out_structure)
+    return -inner, -ref
+
+
+def _composed(matrix, dtype, tags, in_structure, out_structure, rng):
+    # `(M D^-1) @ D`, with `D` diagonal; the sparsity tags that products keep are
+    # declared on the operands.
+    n = matrix.shape[1]
+    d = round_to(1 + rng.uniform(size=n), dtype)
+    kept = _as_set(tags) & {
+        lx.diagonal_tag,
+        lx.tridiagonal_tag,
+        lx.lower_triangular_tag,
+        lx.upper_triangular_tag,
+    }
+    a, ref_a = _pytree(matrix / d, dtype, kept, in_structure, out_structure)
+    b = lx.DiagonalLinearOperator(unflatten(d, in_structure))
+    return a @ b, ref_a * d
+
+
+def _tangent(matrix, dtype, tags, in_structure, out_structure, rng):
+    # The primal is unrelated to `matrix`; `mv` is linear in the tangent.
+    primal_matrix = random_matrix(rng, *matrix.shape, dtype, tags)
+    primal, _ = _pytree(primal_matrix, dtype, tags, in_structure, out_structure)
+    tangent, ref = _pytree(matrix, dtype, tags, in_structure, out_structure)
+    return lx.TangentLinearOperator(primal, tangent), ref
+
+
+Factory = Callable[..., tuple[lx.AbstractLinearOperator, np.ndarray]]
+
+# `factory(matrix, dtype, tags, in_structure, out_structure[, rng])`. Those taking
+# an `rng` draw extra random data (a linearisation point, a primal, ...).
+OPERATOR_FACTORIES: dict[str, Factory] = {
+    "matrix": _matrix,
+    "pytree": _pytree,
+    "function": _function,
+    "jacobian": _make_jacobian(None),
+    "jacobian_fwd": _make_jacobian("fwd"),
+    "jacobian_bwd": _make_jacobian("bwd"),
+    "jacobian_custom_vjp": _jacobian_custom_vjp,
+    "diagonal": _diagonal,
+    "tridiagonal": _tridiagonal,
+    "identity": _identity,
+    "tagged": _tagged,
+    "add": _add,
+    "mul": _mul,
+    "div": _div,
+    "neg": _neg,
+    "composed": _composed,
+    "tangent": _tangent,
+}
+_NEEDS_RNG = {"jacobian", "jacobian_fwd", "jacobian_bwd", "jacobian_custom_vjp"}
+_NEEDS_RNG |= {"composed", "tangent"}
+
+KINDS = tuple(OPERATOR_FACTORIES)
+# Kinds acting on 1-D arrays only (structures are ignored).
+FLAT_KINDS = frozenset({"matrix", "tridiagonal"})
+# Kinds that need a square matrix (and use the input structure for the output).
+SQUARE_KINDS = frozenset({"diagonal", "tridiagonal", "identity"})
+# Kinds that represent only part of `matrix`: its diagonal, its three central
+# bands, or (ignoring it) the identity. Their reference says which.
+PARTIAL_KINDS = SQUARE_KINDS
+# Kinds whose `mv` goes through a `jax.custom_vjp` (no forward-mode autodiff).
+NO_JVP_KINDS = frozenset({"jacobian_custom_vjp"})
+# Kinds that are matrix-free: `materialise` must turn them into array-holding ones.
+MATRIX_FREE_KINDS = frozenset(
+    {"function", "jacobian", "jacobian_fwd", "jacobian_bwd", "jacobian_custom_vjp", "tagged"}
+)
+
+
+def make_operator(
+    kind: str,
+    matrix: NumpyMatrix,
+    dtype: Any,
+    tags: Any = (),
+    in_structure: Structure | None = None,
+    out_structure: Structure | None = None,
+    seed: int = 0,
+) -> tuple[lx.AbstractLinearOperator, Shaped[np.ndarray, "m n"]]:
+    """An operator of the given kind representing `matrix` (in `dtype`).
+
+    **Arguments:**
+
+    - `kind`: a key of `OPERATOR_FACTORIES`.
+    - `matrix`: the dense matrix, shape `(out_size, in_size)`; it should have the
+        structure `tags` describe (see `random_matrix`).
+    - `dtype`: the dtype of the operator's arrays and structures.
+    - `tags`: tags declared on the operator (or on the operands, for arithmetic
+        kinds, where the arithmetic keeps them; `composed` keeps only sparsity
+        tags, `diagonal`/`tridiagonal`/`identity` have no tags).
+    - `in_structure`, `out_structure`: PyTrees of `jax.ShapeDtypeStruct` of sizes
+        `in_size`/`out_size` (their dtypes are replaced by `dtype`); `None` for a
+        1-D array. `FLAT_KINDS` ignore them; `SQUARE_KINDS` use `in_structure` for
+        both (`identity` keeps `out_structure` when the sizes agree).
+    - `seed`: for the kinds that draw extra random data.
+
+    **Returns:**
+
+    `(operator, reference)`, `reference` being the dense float64/complex128 NumPy
+    matrix that `operator.as_matrix()` should equal.
+    """
+    matrix = np.asarray(matrix)
+    m, n = matrix.shape
+    dtype = jnp.dtype(dtype)
+    if in_structure is None or kind in FLAT_KINDS:
+        in_structure = flat_structure(n, dtype)
+    if out_structure is None or kind in FLAT_KINDS:
+        out_structure = flat_structure(m, dtype)
+    in_structure = with_dtype(in_structure, dtype)
+    out_structure = with_dtype(out_structure, dtype)
+    if size_of(in_structure) != n or size_of(out_structure) != m:
+        raise ValueError("structure sizes do not match the matrix")
+    if kind in SQUARE_KINDS and m != n:
+        raise ValueError(f"kind {kind!r} needs a square matrix")
+    factory = OPERATOR_FACTORIES[kind]
+    args = (matrix, dtype, _as_set(tags), in_structure, out_structure)
+    if kind in _NEEDS_RNG:
+        return factory(*args, np.random.default_rng(seed))
+    return factory(*args)
+
+
+def random_operator(
+    kind: str,
+    dtype: Any,
+    in_structure: Structure,
+    out_structure: Structure,
+    tags: Any = (),
+    seed: int = 0,
+) -> tuple[lx.AbstractLinearOperator, np.ndarray]:
+    """`make_operator` of a `random_matrix` (sized from the structures)."""
+    rng = np.random.default_rng(seed)
+    if kind in FLAT_KINDS:
+        in_structure = flat_structure(size_of(in_structure), dtype)
+        out_structure = flat_structure(size_of(out_structure), dtype)
+    if kind in SQUARE_KINDS or tags:
+        if kind != "identity" or size_of(out_structure) != size_of(in_structure):
+            out_structure = in_structure
+    n, m = size_of(in_structure), size_of(out_structure)
+    matrix = random_matrix(rng, m, n, dtype, tags)
+    return make_operator(kind, matrix, dtype, tags, in_structure, out_structure, seed + 1)

@@ -1,0 +1,166 @@
+"""Forward-mode derivatives of `linear_solve`: each of the paper's equations (1)-(4)
+against central finite differences in float64, and higher order."""
+
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import pytest
+from solve_cases import CASES_BY_NAME, make_matrix, make_operator
+
+
+def _random(shape, seed, complex_=False):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape)
+    if complex_:
+        x = x + 1j * rng.standard_normal(shape)
+    return jnp.asarray(x)
+
+
+# Which equation each case exercises (from the solver's rank flags and shape):
+# LU (4); QR tall (2); QR wide (3); SVD (1).
+BRANCH_CASES = ["lu", "qr_tall", "qr_wide", "svd_tall", "svd_rank_deficient", "cholesky_pos"]
+
+
+def _fd_jvp(fn, primals, tangents, eps=1e-6):
+    plus = fn(*[p + eps * t for p, t in zip(primals, tangents)])
+    minus = fn(*[p - eps * t for p, t in zip(primals, tangents)])
+    return (plus - minus) / (2 * eps)
+
+
+@pytest.mark.parametrize("name", BRANCH_CASES)
+@pytest.mark.parametrize("kind", ["matrix", "function"])
+def test_jvp_matches_finite_differences(name, kind):
+    case = CASES_BY_NAME[name]
+    matrix = jnp.asarray(make_matrix(case.matrix_kind, jnp.float64))
+    m, n = matrix.shape
+    vector = _random((m,), 1)
+    if case.matrix_kind == "rank_deficient":
+        # Perturb within the set of rank-2 matrices, where the pseudoinverse is
+        # differentiable: A(t) = (B + t dB)(C + t dC).
+        b_factor, c_factor = _random((m, 2), 2), _random((2, n), 3)
+        db, dc = _random((m, 2), 4), _random((2, n), 5)
+
+        def build(t):
+            return (b_factor + t * db) @ (c_factor + t * dc)
+
+        matrix_tangent = db @ c_factor + b_factor @ dc
+        matrix = build(0.0)
+    else:
+        matrix_tangent = _random((m, n), 4)
+        if case.tags:  # keep the tagged structure (symmetric here)
+            matrix_tangent = matrix_tangent + matrix_tangent.T
+    vector_tangent = _random((m,), 6)
+
+    def solve(a, b):
+        operator = make_operator(kind, a, case.tags)
+        return lx.linear_solve(operator, b, case.solver).value
+
+    _, got = jax.jvp(solve, (matrix, vector), (matrix_tangent, vector_tangent))
+    if case.matrix_kind == "rank_deficient":
+        fd = _fd_jvp(lambda t, b: solve(build(t), b), (0.0, vector), (1.0, vector_tangent))
+    else:
+        fd = _fd_jvp(solve, (matrix, vector), (matrix_tangent, vector_tangent))
+    np.testing.assert_allclose(got, fd, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["lu", "qr_tall", "qr_wide", "svd_rank_deficient"])
+def test_jvp_complex(name):
+    """Complex operators: compared with the JVP of `jnp.linalg.pinv(A) @ b`."""
+    case = CASES_BY_NAME[name]
+    matrix = jnp.asarray(make_matrix(case.matrix_kind, jnp.complex128))
+    m, n = matrix.shape
+    vector = _random((m,), 1, True)
+    if case.matrix_kind == "rank_deficient":
+        return  # covered by the real test; a generic complex perturbation changes rank
+    matrix_tangent = _random((m, n), 2, True)
+    vector_tangent = _random((m,), 3, True)
+
+    def solve(a, b):
+        return lx.linear_solve(lx.MatrixLinearOperator(a), b, case.solver).value
+
+    def reference(a, b):
+        return jnp.linalg.pinv(a) @ b
+
+    got = jax.jvp(solve, (matrix, vector), (matrix_tangent, vector_tangent))[1]
+    want = jax.jvp(reference, (matrix, vector), (matrix_tangent, vector_tangent))[1]
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["lu", "qr_tall", "qr_wide", "svd_rank_deficient_square"])
+def test_reverse_agrees_with_forward(name):
+    case = CASES_BY_NAME[name]
+    matrix = jnp.asarray(make_matrix(case.matrix_kind, jnp.float64))
+    vector = _random((matrix.shape[0],), 1)
+
+    def solve(a, b):
+        return lx.linear_solve(lx.MatrixLinearOperator(a), b, case.solver).value
+
+    fwd = jax.jacfwd(solve, argnums=(0, 1))(matrix, vector)
+    rev = jax.jacrev(solve, argnums=(0, 1))(matrix, vector)
+    for f, r in zip(fwd, rev):
+        np.testing.assert_allclose(f, r, rtol=1e-9, atol=1e-10)
+
+
+def test_higher_order():
+    """jvp of jvp, grad of grad and hessian, against the dense reference."""
+    matrix = jnp.asarray(make_matrix("square", jnp.float64))
+    vector = _random((5,), 1)
+
+    def ours(a):
+        return jnp.sum(lx.linear_solve(lx.MatrixLinearOperator(a), vector).value ** 2)
+
+    def reference(a):
+        return jnp.sum(jnp.linalg.solve(a, vector) ** 2)
+
+    tangent = _random((5, 5), 2)
+
+    def jvp_jvp(f):
+        g = lambda a: jax.jvp(f, (a,), (tangent,))[1]
+        return jax.jvp(g, (matrix,), (tangent,))[1]
+
+    np.testing.assert_allclose(jvp_jvp(ours), jvp_jvp(reference), rtol=1e-9)
+    grad_grad = lambda f: jax.grad(lambda a: jnp.sum(jax.grad(f)(a) ** 2))(matrix)
+    np.testing.assert_allclose(grad_grad(ours), grad_grad(reference), rtol=1e-8)
+    np.testing.assert_allclose(
+        jax.hessian(ours)(matrix), jax.hessian(reference)(matrix), rtol=1e-8, atol=1e-10
+    )
+
+
+def test_least_squares_hessian():
+    """Second derivatives of a least-squares solve (equation (2) differentiated
+    again) against finite differences of the first derivative."""
+    matrix = jnp.asarray(make_matrix("tall", jnp.float64))
+    vector = _random((7,), 1)
+
+    def loss(a):
+        x = lx.linear_solve(lx.MatrixLinearOperator(a), vector, lx.QR()).value
+        return jnp.sum(jnp.sin(x))
+
+    tangent = _random(matrix.shape, 2)
+    hvp = jax.jvp(jax.grad(loss), (matrix,), (tangent,))[1]
+    fd = _fd_jvp(jax.grad(loss), (matrix,), (tangent,), eps=1e-5)
+    np.testing.assert_allclose(hvp, fd, rtol=1e-5, atol=1e-7)
+
+
+def test_pytree_operator_gradient():
+    """Gradients flow to every leaf of a PyTree operator and of a PyTree vector."""
+    matrix = jnp.asarray(make_matrix("square", jnp.float64))
+    operator = make_operator("pytree", matrix)
+    vector = jax.tree_util.tree_map(jnp.ones_like, operator.out_structure())
+
+    def loss(op, vec):
+        sol = lx.linear_solve(op, vec).value
+        return sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(sol))
+
+    grads = jax.grad(loss, argnums=(0, 1))(operator, vector)
+
+    def dense_loss(a, b):
+        return jnp.sum(jnp.linalg.solve(a, b) ** 2)
+
+    flat_b = jnp.concatenate([jnp.reshape(x, -1) for x in jax.tree_util.tree_leaves(vector)])
+    dense_grads = jax.grad(dense_loss, argnums=(0, 1))(matrix, flat_b)
+    got_b = jnp.concatenate([jnp.reshape(x, -1) for x in jax.tree_util.tree_leaves(grads[1])])
+    np.testing.assert_allclose(got_b, dense_grads[1], rtol=1e-9)
+    got_a = lx.PyTreeLinearOperator(grads[0].pytree, operator.out_structure()).as_matrix()
+    np.testing.assert_allclose(got_a, dense_grads[0], rtol=1e-9, atol=1e-12)
