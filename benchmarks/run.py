@@ -350,6 +350,7 @@ def machine_info(args):
         "scale": args.scale,
         "quick": args.quick,
         "cases_pattern": args.cases,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 

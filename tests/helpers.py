@@ -104,7 +104,9 @@ def flat_structure(size: int, dtype: Any) -> jax.ShapeDtypeStruct:
 
 
 def with_dtype(structure: Structure, dtype: Any) -> Structure:
-    return jtu.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype)), structure)
+    return jtu.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype)), structure
+    )
 
 
 #
@@ -132,7 +134,9 @@ def randn(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> np.nd
 
 def random_vector(rng: np.random.Generator, structure: Structure) -> PyTree[Array]:
     """A random PyTree of JAX arrays with the given structure."""
-    return jtu.tree_map(lambda s: jnp.asarray(randn(rng, s.shape, s.dtype), s.dtype), structure)
+    return jtu.tree_map(
+        lambda s: jnp.asarray(randn(rng, s.shape, s.dtype), s.dtype), structure
+    )
 
 
 @jaxtyped(typechecker=beartype)
@@ -195,7 +199,9 @@ def structures(draw: Any, dtype: Any, max_leaves: int = 3) -> Structure:
     a single leaf, a tuple, a dict, or a nested container, with leaves of ranks 0
     to 2."""
     dtype = jnp.dtype(dtype)
-    shapes = draw(st.lists(st.sampled_from(LEAF_SHAPES), min_size=1, max_size=max_leaves))
+    shapes = draw(
+        st.lists(st.sampled_from(LEAF_SHAPES), min_size=1, max_size=max_leaves)
+    )
     leaves = [jax.ShapeDtypeStruct(shape, dtype) for shape in shapes]
     container = draw(st.sampled_from(("leaf", "tuple", "dict", "nested")))
     if container == "leaf":
@@ -218,7 +224,9 @@ def _as_set(tags: Any) -> frozenset:
 #
 
 
-def _blocks(matrix: np.ndarray, in_structure: Structure, out_structure: Structure, dtype):
+def _blocks(
+    matrix: np.ndarray, in_structure: Structure, out_structure: Structure, dtype
+):
     """Cut a dense matrix into the "PyTree of matrices" of `PyTreeLinearOperator`."""
     in_leaves, in_def = jtu.tree_flatten(in_structure)
     out_leaves, out_def = jtu.tree_flatten(out_structure)
@@ -229,7 +237,9 @@ def _blocks(matrix: np.ndarray, in_structure: Structure, out_structure: Structur
         for in_leaf in in_leaves:
             n_cols = int(np.prod(in_leaf.shape))
             block = matrix[r : r + n_rows, c : c + n_cols]
-            row.append(jnp.asarray(block.reshape(out_leaf.shape + in_leaf.shape), dtype))
+            row.append(
+                jnp.asarray(block.reshape(out_leaf.shape + in_leaf.shape), dtype)
+            )
             c += n_cols
         rows.append(jtu.tree_unflatten(in_def, row))
         r += n_rows
@@ -359,13 +369,17 @@ def _scalar(dtype: Any) -> Array:
 
 def _mul(matrix, dtype, tags, in_structure, out_structure):
     s = _scalar(dtype)
-    inner, ref = _pytree(matrix / 1.5, dtype, _as_set(tags) - _UNIT, in_structure, out_structure)
+    inner, ref = _pytree(
+        matrix / 1.5, dtype, _as_set(tags) - _UNIT, in_structure, out_structure
+    )
     return inner * s, ref * round_to(s, dtype)
 
 
 def _div(matrix, dtype, tags, in_structure, out_structure):
     s = _scalar(dtype)
-    inner, ref = _pytree(matrix * 1.5, dtype, _as_set(tags) - _UNIT, in_structure, out_structure)
+    inner, ref = _pytree(
+        matrix * 1.5, dtype, _as_set(tags) - _UNIT, in_structure, out_structure
+    )
     return inner / s, ref / round_to(s, dtype)
 
 
@@ -439,7 +453,14 @@ PARTIAL_KINDS = SQUARE_KINDS
 NO_JVP_KINDS = frozenset({"jacobian_custom_vjp"})
 # Kinds that are matrix-free: `materialise` must turn them into array-holding ones.
 MATRIX_FREE_KINDS = frozenset(
-    {"function", "jacobian", "jacobian_fwd", "jacobian_bwd", "jacobian_custom_vjp", "tagged"}
+    {
+        "function",
+        "jacobian",
+        "jacobian_fwd",
+        "jacobian_bwd",
+        "jacobian_custom_vjp",
+        "tagged",
+    }
 )
 
 
@@ -512,4 +533,6 @@ def random_operator(
             out_structure = in_structure
     n, m = size_of(in_structure), size_of(out_structure)
     matrix = random_matrix(rng, m, n, dtype, tags)
-    return make_operator(kind, matrix, dtype, tags, in_structure, out_structure, seed + 1)
+    return make_operator(
+        kind, matrix, dtype, tags, in_structure, out_structure, seed + 1
+    )

@@ -40,6 +40,10 @@ def complex_to_real_dtype(dtype: Any) -> Any:
 def inexact_asarray(x: ArrayLike) -> Array:
     """Convert to a JAX array, promoting integer and boolean dtypes to the default
     floating dtype (a linear solve has no meaning over the integers)."""
+    # Fast path: operators are constructed on every un-jitted call, so avoid
+    # `jnp.asarray`'s overhead for what is almost always already right.
+    if isinstance(x, jax.Array) and x.dtype.kind in "fc":
+        return x
     dtype = jnp.result_type(x)
     if not jnp.issubdtype(dtype, jnp.inexact):
         dtype = default_floating_dtype()

@@ -47,8 +47,9 @@ class RESULTS(eqxi.Enumeration):
         "the problem (the `damp` option), or use `lx.SVD()`."
     )
     nonfinite_input = (
-        "The operator or the right-hand side contains NaN or inf, so no solve was "
-        "attempted to be meaningful. Check the inputs of `linear_solve`."
+        "The operator or the right-hand side contains NaN or inf, so the solution "
+        "is meaningless. Check the inputs of `linear_solve` (e.g. with "
+        "`jnp.isfinite`) and whatever computed them."
     )
 
 

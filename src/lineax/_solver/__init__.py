@@ -1,8 +1,13 @@
 from .auto import AutoLinearSolver as AutoLinearSolver
 from .base import AbstractLinearSolver as AbstractLinearSolver
+from .bicgstab import BiCGStab as BiCGStab
+from .cg import CG as CG, NormalCG as NormalCG
 from .cholesky import Cholesky as Cholesky
 from .diagonal import Diagonal as Diagonal
+from .gmres import GMRES as GMRES
+from .lsmr import LSMR as LSMR
 from .lu import LU as LU
+from .minres import MINRES as MINRES
 from .normal import Normal as Normal
 from .qr import QR as QR
 from .svd import SVD as SVD

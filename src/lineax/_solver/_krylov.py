@@ -119,10 +119,15 @@ def check_structure(
 
 
 def preconditioner_of(
-    options: dict[str, Any], operator: AbstractLinearOperator
+    options: dict[str, Any], operator: AbstractLinearOperator, right: bool = False
 ) -> AbstractLinearOperator | None:
     """The `preconditioner` option, checked; `None` means the identity (and costs
-    nothing: no identity operator is applied)."""
+    nothing: no identity operator is applied).
+
+    A preconditioner approximates the inverse of `operator`, so maps its output
+    space to its input space; with `right=True` (LSMR) it maps the input space to
+    itself.
+    """
     precond = options.get("preconditioner", None)
     if precond is None:
         return None
@@ -133,9 +138,10 @@ def preconditioner_of(
         )
     check_structure(
         precond.in_structure(),
-        operator.out_structure(),
-        "The `preconditioner`'s input structure must be the operator's output "
-        "structure",
+        operator.in_structure() if right else operator.out_structure(),
+        "The `preconditioner`'s input structure must be the operator's "
+        + ("input" if right else "output")
+        + " structure",
     )
     check_structure(
         precond.out_structure(),

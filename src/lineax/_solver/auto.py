@@ -27,7 +27,9 @@ from .tridiagonal import Tridiagonal
 class AutoState(eqx.Module):
     """State of [`lineax.AutoLinearSolver`][]: the chosen solver and its state."""
 
-    solver: AbstractLinearSolver
+    # Static: the choice is made at trace time, and a static field keeps the state
+    # cheap to pass through `jit` (no PyTree node to rebuild).
+    solver: AbstractLinearSolver = eqx.field(static=True)
     state: Any
 
 

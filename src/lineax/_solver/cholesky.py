@@ -28,7 +28,7 @@ class CholeskyState(eqx.Module):
     `-A` if `negative`)."""
 
     factor: Array
-    packed_structures: PackedStructures
+    packed_structures: PackedStructures = eqx.field(static=True)
     negative: bool = eqx.field(static=True)
 
 

@@ -23,7 +23,7 @@ class DiagonalState(eqx.Module):
     """State of [`lineax.Diagonal`][]: the diagonal as a 1-D array."""
 
     diagonal: Array
-    packed_structures: PackedStructures
+    packed_structures: PackedStructures = eqx.field(static=True)
 
 
 class Diagonal(AbstractLinearSolver[DiagonalState]):

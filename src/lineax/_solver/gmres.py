@@ -172,13 +172,14 @@ class GMRES(AbstractKrylovSolver):
             b = rotated[j + 1]
             # Complex Givens rotation [[cs, sn], [-conj(sn), cs]] with real cs that
             # maps (a, b) to (rho, 0).
-            denom = jnp.sqrt(jnp.abs(a) ** 2 + jnp.abs(b) ** 2)
-            degenerate = ~(denom > eps * norm2(column))
             abs_a = jnp.abs(a)
-            phase = jnp.where(abs_a == 0, jnp.ones_like(a), a / jnp.where(abs_a == 0, 1, abs_a))
-            cs = safe_div(abs_a, denom)
-            sn = jnp.where(abs_a == 0, 1, phase * jnp.conj(b) / jnp.where(denom == 0, 1, denom))
-            rho = phase * denom
+            denom = jnp.sqrt(abs_a**2 + jnp.abs(b) ** 2)
+            degenerate = ~(denom > eps * norm2(column))
+            safe_denom = jnp.where(denom == 0, 1, denom).astype(cdtype)
+            phase = jnp.where(abs_a == 0, 1, a / jnp.where(abs_a == 0, 1, abs_a).astype(cdtype))
+            cs = (abs_a.astype(cdtype) / safe_denom)
+            sn = phase * jnp.conj(b) / safe_denom
+            rho = phase * denom.astype(cdtype)
             row_j = c.rotations[j]
             row_j1 = c.rotations[j + 1]
             rotations = c.rotations.at[j].set(cs * row_j + sn * row_j1)

@@ -19,7 +19,7 @@ class LUState(eqx.Module):
 
     lu: Array
     pivots: Array
-    packed_structures: PackedStructures
+    packed_structures: PackedStructures = eqx.field(static=True)
     transposed: bool = eqx.field(static=True)
 
 

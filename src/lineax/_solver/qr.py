@@ -26,7 +26,7 @@ class QRState(eqx.Module):
 
     q: Array
     r: Array
-    packed_structures: PackedStructures
+    packed_structures: PackedStructures = eqx.field(static=True)
     wide: bool = eqx.field(static=True)
 
 

@@ -26,7 +26,7 @@ class SVDState(eqx.Module):
     u: Array
     s: Array
     vh: Array
-    packed_structures: PackedStructures
+    packed_structures: PackedStructures = eqx.field(static=True)
 
 
 class SVD(AbstractLinearSolver[SVDState]):

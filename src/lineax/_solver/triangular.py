@@ -28,7 +28,7 @@ class TriangularState(eqx.Module):
     """State of [`lineax.Triangular`][]: the matrix and how to read it."""
 
     matrix: Array
-    packed_structures: PackedStructures
+    packed_structures: PackedStructures = eqx.field(static=True)
     lower: bool = eqx.field(static=True)
     unit_diagonal: bool = eqx.field(static=True)
     transposed: bool = eqx.field(static=True)

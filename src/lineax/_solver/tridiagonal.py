@@ -26,7 +26,7 @@ class TridiagonalState(eqx.Module):
     diagonal: Array
     lower: Array  # lower[0] = 0, lower[i] = A[i, i - 1]
     upper: Array  # upper[n - 1] = 0, upper[i] = A[i, i + 1]
-    packed_structures: PackedStructures
+    packed_structures: PackedStructures = eqx.field(static=True)
 
 
 class Tridiagonal(AbstractLinearSolver[TridiagonalState]):

@@ -1,0 +1,185 @@
+"""`BiCGStab`: the biconjugate gradient stabilised method."""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax.lax as lax
+import jax.numpy as jnp
+from jaxtyping import Array, PyTree, Scalar
+
+from .._norm import max_norm, tree_dot
+from .._operator.base import AbstractLinearOperator, conj
+from ._krylov import (
+    AbstractKrylovSolver,
+    apply,
+    conj_options,
+    eps_of,
+    initial_residual,
+    KrylovState,
+    norm2,
+    preconditioner_of,
+    result_of,
+    safe_div,
+    stats_of,
+    transpose_options,
+    tree_axpy,
+    tree_sub,
+    tree_where,
+    y0_of,
+)
+from .base import check_square
+
+
+class _Carry(eqx.Module):
+    x: PyTree[Array]
+    r: PyTree[Array]
+    shadow: PyTree[Array]  # the shadow residual r̂_0
+    p: PyTree[Array]
+    v: PyTree[Array]
+    rho: Scalar
+    alpha: Scalar
+    omega: Scalar
+    rnorm: Scalar
+    restart: Array  # start the next step afresh from the current residual
+    steps: Array
+    breakdown: Array
+
+
+class BiCGStab(AbstractKrylovSolver):
+    """The biconjugate gradient stabilised method, for square operators (van der
+    Vorst, 1992; right-preconditioned form of Algorithm 7.7 of Saad, *Iterative
+    Methods for Sparse Linear Systems*, 2nd ed., 2003).
+
+    Each step costs two matrix-vector products. Where the textbook method would
+    divide by a vanishing quantity (`<r̂, r>`, `<r̂, A p>` or `<A s, s>` small
+    relative to the norms of the vectors involved: a cosine below machine
+    epsilon), it restarts from the current residual instead, with that residual as
+    the new shadow vector; only if a freshly restarted step breaks down again is
+    [`lineax.RESULTS.breakdown`][] returned. When the recursively updated residual
+    passes the tolerance, the true residual `b - A y` is recomputed, and the
+    iteration is restarted from it if it fails.
+
+    **Arguments:**
+
+    - `rtol`, `atol`: success means `norm(b - A y) <= atol + rtol * norm(b)`,
+        checked on a recomputed residual.
+    - `norm`: the norm of that test. Defaults to the max norm.
+    - `max_steps`: the maximum number of steps (two matrix-vector products each).
+        `None` means 10 × the problem size.
+
+    **Options:**
+
+    - `preconditioner`: a positive definite operator approximating the inverse of
+        the operator (used on the right).
+    - `y0`: an initial guess for the solution.
+    """
+
+    rtol: float = eqx.field(static=True)
+    atol: float = eqx.field(static=True)
+    norm: Callable[[PyTree[Array]], Scalar] = eqx.field(static=True, default=max_norm)
+    max_steps: int | None = eqx.field(static=True, default=None)
+
+    def init(self, operator: AbstractLinearOperator, options: dict[str, Any]) -> KrylovState:
+        check_square(operator, "BiCGStab")
+        preconditioner_of(options, operator)
+        y0_of(options, operator)
+        return KrylovState(operator)
+
+    def compute(
+        self, state: KrylovState, vector: PyTree[Array], options: dict[str, Any]
+    ):
+        operator = state.operator
+        precond = preconditioner_of(options, operator)
+        y0 = y0_of(options, operator)
+        max_steps = self.resolve_max_steps(operator)
+        structure = operator.in_structure()
+        eps = eps_of(structure)
+        tol = self.tolerance(vector)
+        mv = operator.mv
+
+        def small(value, x, y):
+            # |<x, y>| <= eps |x| |y|: a scale-invariant "numerically zero".
+            return ~(jnp.abs(value) > eps * norm2(x) * norm2(y))
+
+        def step(c: _Carry) -> _Carry:
+            rho = tree_dot(c.shadow, c.r)
+            restart = c.restart | small(rho, c.shadow, c.r)
+            shadow = tree_where(restart, c.r, c.shadow)
+            rho = jnp.where(restart, tree_dot(c.r, c.r), rho)
+            beta = safe_div(rho, c.rho) * safe_div(c.alpha, c.omega)
+            p = tree_where(restart, c.r, tree_axpy(beta, tree_axpy(-c.omega, c.v, c.p), c.r))
+            phat = apply(precond, p)
+            v = mv(phat)
+            sigma = tree_dot(shadow, v)
+            bad_sigma = small(sigma, shadow, v)
+            # Right after a restart the shadow vector is the residual itself: a
+            # vanishing <r, A P r> cannot be cured by restarting again.
+            breakdown = bad_sigma & restart
+            alpha = jnp.where(bad_sigma, 0, safe_div(rho, sigma))
+            s = tree_axpy(-alpha, v, c.r)
+            half_done = self.norm(s) <= tol
+            shat = apply(precond, s)
+            t = mv(shat)
+            ts = tree_dot(t, s)
+            bad_omega = small(ts, t, s)
+            omega = jnp.where(bad_omega | half_done, 0, safe_div(ts, tree_dot(t, t)))
+            x = tree_axpy(omega, shat, tree_axpy(alpha, phat, c.x))
+            r = tree_axpy(-omega, t, s)
+            rnorm = self.norm(r)
+            return _Carry(
+                x,
+                r,
+                shadow,
+                p,
+                v,
+                rho,
+                alpha,
+                omega,
+                rnorm,
+                bad_sigma | bad_omega,
+                c.steps + 1,
+                breakdown,
+            )
+
+        def running(c: _Carry):
+            return (c.rnorm > tol) & ~c.breakdown & (c.steps < max_steps)
+
+        def verify(c: _Carry) -> _Carry:
+            c = lax.while_loop(running, step, c)
+            # The recursive residual drifts from the true one; only the true one
+            # decides success. If it fails, restart from it.
+            r = tree_sub(vector, mv(c.x))
+            return eqx.tree_at(
+                lambda c: (c.r, c.rnorm, c.restart), c, (r, self.norm(r), jnp.array(True))
+            )
+
+        x, r = initial_residual(mv, vector, y0, structure)
+        zero = jnp.zeros((), tree_dot(r, r).dtype)
+        carry = _Carry(
+            x,
+            r,
+            r,
+            r,
+            r,
+            zero,
+            zero,
+            zero,
+            self.norm(r),
+            jnp.array(True),
+            jnp.array(0, jnp.int32),
+            jnp.array(False),
+        )
+        carry = lax.while_loop(running, verify, carry)
+        converged = carry.rnorm <= tol
+        result = result_of(converged, breakdown=carry.breakdown)
+        return carry.x, result, stats_of(carry.steps, max_steps)
+
+    def transpose(self, state: KrylovState, options: dict[str, Any]):
+        return KrylovState(state.operator.transpose()), transpose_options(options)
+
+    def conj(self, state: KrylovState, options: dict[str, Any]):
+        return KrylovState(conj(state.operator)), conj_options(options)
+
+    def assume_full_rank(self) -> bool:
+        return True

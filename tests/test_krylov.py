@@ -1,0 +1,509 @@
+"""Tests of the Krylov solvers: CG, MINRES, GMRES, BiCGStab, LSMR, Normal(CG).
+
+Accuracy against NumPy on small problems (real, complex, PyTree-structured),
+convergence and iteration counts against `scipy.sparse.linalg` on the 2-D Poisson
+and convection-diffusion operators and on dense least squares, preconditioning,
+differentiation, `vmap`, result codes and argument checks.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+
+
+two_norm = lx.internal.two_norm
+psd = lx.positive_semidefinite_tag
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def _problems(n=12, seed=0):
+    rng = _rng(seed)
+    a = rng.normal(size=(n, n))
+    return {
+        "spd": a @ a.T + n * np.eye(n),
+        "sym": a + a.T,
+        "nonsym": a + 2 * np.sqrt(n) * np.eye(n),
+    }
+
+
+# solver factory, which matrix, tags
+_SQUARE_CASES = [
+    ("CG", lambda t: lx.CG(t, t), "spd", psd),
+    ("MINRES", lambda t: lx.MINRES(t, t), "sym", lx.symmetric_tag),
+    ("GMRES", lambda t: lx.GMRES(t, t), "nonsym", ()),
+    ("GMRES-restart3", lambda t: lx.GMRES(t, t, restart=3), "nonsym", ()),
+    ("BiCGStab", lambda t: lx.BiCGStab(t, t), "nonsym", ()),
+    ("LSMR", lambda t: lx.LSMR(t, t), "nonsym", ()),
+    ("NormalCG", lambda t: lx.NormalCG(t, t), "nonsym", ()),
+    ("Normal(CG)", lambda t: lx.Normal(lx.CG(t, t)), "nonsym", ()),
+]
+
+
+@pytest.mark.parametrize("name,make,kind,tags", _SQUARE_CASES, ids=[c[0] for c in _SQUARE_CASES])
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_small_square(name, make, kind, tags, dtype):
+    matrix = _problems()[kind]
+    b = _rng(1).normal(size=matrix.shape[0])
+    tol = 1e-10 if dtype == jnp.float64 else 1e-5
+    op = lx.MatrixLinearOperator(jnp.asarray(matrix, dtype), tags)
+    sol = lx.linear_solve(op, jnp.asarray(b, dtype), make(tol))
+    assert sol.result == lx.RESULTS.successful
+    assert sol.value.dtype == dtype
+    expected = np.linalg.solve(matrix, b)
+    scale = np.linalg.cond(matrix) * (10 if name.startswith("Normal") else 1)
+    np.testing.assert_allclose(sol.value, expected, rtol=0, atol=50 * tol * scale)
+    assert set(sol.stats) == {"num_steps", "max_steps"}
+    assert 0 < int(sol.stats["num_steps"]) <= int(sol.stats["max_steps"])
+    assert int(sol.stats["max_steps"]) == 10 * matrix.shape[0]
+
+
+def _complex_problems(n=10):
+    rng = _rng(2)
+    a = rng.normal(size=(n, n)) + 1j * rng.normal(size=(n, n))
+    return {
+        "hpd": a @ a.conj().T + n * np.eye(n),
+        "nonsym": a + 3 * np.sqrt(n) * np.eye(n),
+    }
+
+
+_COMPLEX_CASES = [
+    ("CG", lambda t: lx.CG(t, t), "hpd", psd),
+    ("MINRES", lambda t: lx.MINRES(t, t), "hpd", psd),
+    ("GMRES", lambda t: lx.GMRES(t, t, restart=4), "nonsym", ()),
+    ("BiCGStab", lambda t: lx.BiCGStab(t, t), "nonsym", ()),
+    # The core's `two_norm` rejects complex input under strict dtype promotion.
+    ("LSMR", lambda t: lx.LSMR(t, t, norm=lx.internal.max_norm), "nonsym", ()),
+]
+
+
+@pytest.mark.parametrize("name,make,kind,tags", _COMPLEX_CASES, ids=[c[0] for c in _COMPLEX_CASES])
+def test_complex128(name, make, kind, tags):
+    matrix = _complex_problems()[kind]
+    rng = _rng(3)
+    b = rng.normal(size=matrix.shape[0]) + 1j * rng.normal(size=matrix.shape[0])
+    op = lx.MatrixLinearOperator(jnp.asarray(matrix, jnp.complex128), tags)
+    sol = lx.linear_solve(op, jnp.asarray(b, jnp.complex128), make(1e-11))
+    assert sol.result == lx.RESULTS.successful
+    np.testing.assert_allclose(sol.value, np.linalg.solve(matrix, b), atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "make,tags",
+    [
+        (lambda: lx.CG(1e-10, 1e-10), psd),
+        (lambda: lx.MINRES(1e-10, 1e-10), lx.symmetric_tag),
+        (lambda: lx.GMRES(1e-10, 1e-10, restart=4), ()),
+        (lambda: lx.BiCGStab(1e-10, 1e-10), ()),
+        (lambda: lx.LSMR(1e-10, 1e-10), ()),
+    ],
+    ids=["CG", "MINRES", "GMRES", "BiCGStab", "LSMR"],
+)
+def test_pytree_operator(make, tags):
+    # Input and output: {"a": (2,), "b": (3,)}, i.e. a 5x5 SPD matrix in blocks.
+    matrix = _problems(5)["spd"]
+    split = {"a": slice(0, 2), "b": slice(2, 5)}
+    blocks = {
+        i: {j: jnp.asarray(matrix[split[i], split[j]]) for j in split} for i in split
+    }
+    struct = {
+        "a": jax.ShapeDtypeStruct((2,), jnp.float64),
+        "b": jax.ShapeDtypeStruct((3,), jnp.float64),
+    }
+    op = lx.PyTreeLinearOperator(blocks, struct, tags)
+    b = _rng(4).normal(size=5)
+    vector = {"a": jnp.asarray(b[:2]), "b": jnp.asarray(b[2:])}
+    sol = lx.linear_solve(op, vector, make())
+    assert sol.result == lx.RESULTS.successful
+    expected = np.linalg.solve(matrix, b)
+    np.testing.assert_allclose(sol.value["a"], expected[:2], atol=1e-8)
+    np.testing.assert_allclose(sol.value["b"], expected[2:], atol=1e-8)
+
+
+def test_lsmr_shapes_and_damp():
+    rng = _rng(5)
+    tall = rng.normal(size=(30, 10))
+    wide = tall.T
+    rank_def = tall.copy()
+    rank_def[:, 3] = rank_def[:, 4]
+    b30 = rng.normal(size=30)
+    b10 = rng.normal(size=10)
+    solver = lx.LSMR(1e-10, 1e-10)
+    for matrix, b in ((tall, b30), (wide, b10), (rank_def, b30)):
+        sol = lx.linear_solve(lx.MatrixLinearOperator(jnp.asarray(matrix)), jnp.asarray(b), solver)
+        assert sol.result == lx.RESULTS.successful
+        np.testing.assert_allclose(sol.value, np.linalg.pinv(matrix) @ b, atol=1e-7)
+    damp = 0.7
+    sol = lx.linear_solve(
+        lx.MatrixLinearOperator(jnp.asarray(tall)),
+        jnp.asarray(b30),
+        solver,
+        options={"damp": jnp.asarray(damp)},
+    )
+    expected = np.linalg.solve(tall.T @ tall + damp**2 * np.eye(10), tall.T @ b30)
+    assert sol.result == lx.RESULTS.successful
+    np.testing.assert_allclose(sol.value, expected, atol=1e-8)
+
+
+#
+# Large problems: convergence, the true residual, and iteration counts vs SciPy.
+#
+
+
+def _stencil(u, conv):
+    p = jnp.pad(u, 1)
+    out = (4.05 + conv) * u - p[:-2, 1:-1] - p[2:, 1:-1] - p[1:-1, :-2] - p[1:-1, 2:]
+    if conv:
+        out = out - conv * p[:-2, 1:-1]
+    return out
+
+
+def _sparse(k, conv):
+    eye = sp.identity(k)
+    lap = sp.diags([-1, 2, -1], [-1, 0, 1], shape=(k, k), dtype=float)
+    out = sp.kron(lap, eye) + sp.kron(eye, lap) + 0.05 * sp.identity(k * k)
+    if conv:
+        out = out + conv * sp.kron(sp.diags([-1, 1], [-1, 0], shape=(k, k), dtype=float), eye)
+    return out.tocsr()
+
+
+def _scipy_count(name, matrix, b, rtol):
+    count = [0]
+    hit = [None]
+
+    def callback(*args):
+        count[0] += 1
+
+    maxiter = 10 * matrix.shape[0]
+    if name == "CG":
+        spla.cg(matrix, b, rtol=rtol, atol=0, maxiter=maxiter, callback=callback)
+    elif name == "BiCGStab":
+        spla.bicgstab(matrix, b, rtol=rtol, atol=0, maxiter=maxiter, callback=callback)
+    elif name == "GMRES":
+        spla.gmres(
+            matrix, b, rtol=rtol, atol=0, restart=20, maxiter=maxiter,
+            callback=callback, callback_type="pr_norm",
+        )  # fmt: skip
+    else:
+        # SciPy's MINRES stops on a backward-error test (||r|| / (||A|| ||x|| +
+        # ||b||)), which is looser than ours: count the steps until the true
+        # residual passes our rule instead.
+        bnorm = np.linalg.norm(b)
+
+        def minres_callback(x):
+            count[0] += 1
+            if hit[0] is None and np.linalg.norm(b - matrix @ x) <= rtol * bnorm:
+                hit[0] = count[0]
+
+        spla.minres(matrix, b, rtol=1e-15, maxiter=maxiter, callback=minres_callback)
+        return hit[0]
+    return count[0]
+
+
+_LARGE = [
+    ("CG", lx.CG, 0.0),
+    ("MINRES", lx.MINRES, 0.0),
+    ("GMRES", lx.GMRES, 1.0),
+    ("BiCGStab", lx.BiCGStab, 1.0),
+]
+
+
+def _large_case(name, solver_cls, conv, k, dtype):
+    rtol = 1e-10 if dtype == jnp.float64 else 1e-5
+    tags = psd if conv == 0 else ()
+    op = lx.FunctionLinearOperator(
+        lambda u: _stencil(u, conv), jax.ShapeDtypeStruct((k, k), dtype), tags
+    )
+    b = _rng(6).normal(size=(k, k))
+    solver = solver_cls(rtol, 0.0, norm=two_norm)
+    sol = eqx.filter_jit(lambda v: lx.linear_solve(op, v, solver, throw=False))(
+        jnp.asarray(b, dtype)
+    )
+    assert sol.result == lx.RESULTS.successful
+    matrix = _sparse(k, conv)
+    b_used = np.asarray(jnp.asarray(b, dtype), np.float64).ravel()
+    residual = b_used - matrix @ np.asarray(sol.value, np.float64).ravel()
+    # The stopping rule, on a residual recomputed in float64 (with float32 rounding
+    # of the solution allowed for).
+    slack = 1.0 if dtype == jnp.float64 else 1.5
+    assert np.linalg.norm(residual) <= slack * rtol * np.linalg.norm(b_used)
+    np_dtype = np.float64 if dtype == jnp.float64 else np.float32
+    ours = int(sol.stats["num_steps"])
+    theirs = _scipy_count(name, matrix.astype(np_dtype), b_used.astype(np_dtype), rtol)
+    assert abs(ours - theirs) <= max(1, 0.1 * theirs), (ours, theirs)
+
+
+@pytest.mark.parametrize("name,solver_cls,conv", _LARGE, ids=[c[0] for c in _LARGE])
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_poisson_vs_scipy(name, solver_cls, conv, dtype):
+    _large_case(name, solver_cls, conv, 64, dtype)
+
+
+@pytest.mark.exhaustive
+@pytest.mark.parametrize("k", [256, 1024])
+@pytest.mark.parametrize("name,solver_cls,conv", _LARGE, ids=[c[0] for c in _LARGE])
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_poisson_vs_scipy_large(name, solver_cls, conv, k, dtype):
+    _large_case(name, solver_cls, conv, k, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_lsmr_tall_dense_vs_scipy(dtype):
+    rtol = 1e-10 if dtype == jnp.float64 else 1e-5
+    rng = _rng(7)
+    matrix = rng.normal(size=(300, 100)) @ np.diag(np.logspace(0, 1, 100))
+    b = rng.normal(size=300)
+    np_dtype = np.float64 if dtype == jnp.float64 else np.float32
+    op = lx.MatrixLinearOperator(jnp.asarray(matrix, dtype))
+    sol = lx.linear_solve(op, jnp.asarray(b, dtype), lx.LSMR(rtol, 0.0), throw=False)
+    assert sol.result == lx.RESULTS.successful
+    # Inconsistent system: the normal-equations rule holds on the true residual.
+    x = np.asarray(sol.value, np.float64)
+    r = b - matrix @ x
+    fro = np.linalg.norm(matrix)
+    assert np.linalg.norm(matrix.T @ r) <= 2 * rtol * fro * np.linalg.norm(r)
+    expected = np.linalg.lstsq(matrix, b, rcond=None)[0]
+    np.testing.assert_allclose(x, expected, rtol=0, atol=1e3 * rtol * np.abs(expected).max())
+    with np.errstate(over="ignore"):
+        theirs = spla.lsmr(
+            matrix.astype(np_dtype), b.astype(np_dtype), atol=rtol, btol=rtol, maxiter=3000
+        )[2]
+    ours = int(sol.stats["num_steps"])
+    assert abs(ours - theirs) <= max(1, 0.1 * theirs), (ours, theirs)
+
+
+#
+# Preconditioning and differentiation.
+#
+
+
+def test_jacobi_preconditioner_cuts_cg_iterations():
+    n = 200
+    rng = _rng(8)
+    a = rng.normal(size=(n, n)) / np.sqrt(n)
+    scale = np.logspace(0, 3, n)
+    matrix = scale[:, None] * (a @ a.T + np.eye(n)) * scale[None, :]
+    b = rng.normal(size=n)
+    op = lx.MatrixLinearOperator(jnp.asarray(matrix), psd)
+    jacobi = lx.DiagonalLinearOperator(jnp.asarray(1 / np.diag(matrix)))
+    solver = lx.CG(1e-8, 0.0, max_steps=5000)
+    plain = lx.linear_solve(op, jnp.asarray(b), solver, throw=False)
+    pre = lx.linear_solve(op, jnp.asarray(b), solver, options={"preconditioner": jacobi})
+    assert pre.result == lx.RESULTS.successful
+    assert 3 * int(pre.stats["num_steps"]) < int(plain.stats["num_steps"])
+    np.testing.assert_allclose(pre.value, np.linalg.solve(matrix, b), rtol=1e-5)
+
+
+def test_grad_through_preconditioned_gmres():
+    n = 15
+    matrix = _problems(n, seed=9)["nonsym"]
+    b = _rng(10).normal(size=n)
+    precond = lx.MatrixLinearOperator(jnp.asarray(np.linalg.inv(matrix) + 0.01 * np.eye(n)))
+    solver = lx.GMRES(1e-12, 1e-12, restart=5)
+    weights = jnp.asarray(_rng(11).normal(size=n))
+
+    def loss(m, v):
+        op = lx.MatrixLinearOperator(m)
+        sol = lx.linear_solve(op, v, solver, options={"preconditioner": precond})
+        return jnp.dot(weights, sol.value)
+
+    def dense_loss(m, v):
+        return jnp.dot(weights, jnp.linalg.solve(m, v))
+
+    args = (jnp.asarray(matrix), jnp.asarray(b))
+    grads = jax.grad(loss, argnums=(0, 1))(*args)
+    expected = jax.grad(dense_loss, argnums=(0, 1))(*args)
+    np.testing.assert_allclose(grads[0], expected[0], atol=1e-9)
+    np.testing.assert_allclose(grads[1], expected[1], atol=1e-9)
+    # Forward mode as well.
+    tangents = (jnp.asarray(_rng(12).normal(size=(n, n))), jnp.asarray(_rng(13).normal(size=n)))
+    _, jvp = jax.jvp(loss, args, tangents)
+    _, expected_jvp = jax.jvp(dense_loss, args, tangents)
+    np.testing.assert_allclose(jvp, expected_jvp, rtol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "make,tags",
+    [
+        (lambda: lx.CG(1e-12, 1e-12), psd),
+        (lambda: lx.BiCGStab(1e-12, 1e-12), ()),
+        (lambda: lx.MINRES(1e-12, 1e-12), lx.symmetric_tag),
+    ],
+    ids=["CG", "BiCGStab", "MINRES"],
+)
+def test_grad_with_preconditioner_and_y0(make, tags):
+    n = 8
+    matrix = _problems(n, seed=14)["spd"]
+    op = lx.MatrixLinearOperator(jnp.asarray(matrix), tags)
+    precond = lx.DiagonalLinearOperator(jnp.asarray(1 / np.diag(matrix)))
+    b = jnp.asarray(_rng(15).normal(size=n))
+
+    def loss(v, y0):
+        options = {"preconditioner": precond, "y0": y0}
+        return jnp.sum(lx.linear_solve(op, v, make(), options=options).value ** 2)
+
+    grad_b, grad_y0 = jax.grad(loss, argnums=(0, 1))(b, jnp.ones(n))
+    x = np.linalg.solve(matrix, np.asarray(b))
+    np.testing.assert_allclose(grad_b, np.linalg.solve(matrix.T, 2 * x), atol=1e-8)
+    np.testing.assert_array_equal(grad_y0, np.zeros(n))
+
+
+def test_lsmr_jvp_rank_deficient():
+    rng = _rng(16)
+    matrix = rng.normal(size=(12, 6))
+    matrix[:, 5] = matrix[:, 4]
+    b = rng.normal(size=12)
+    tangent_m = rng.normal(size=(12, 6))
+    tangent_b = rng.normal(size=12)
+
+    def solve(m, v):
+        return lx.linear_solve(lx.MatrixLinearOperator(m), v, lx.LSMR(1e-12, 1e-12)).value
+
+    def pinv_solve(m, v):
+        return jnp.linalg.pinv(m) @ v
+
+    args = (jnp.asarray(matrix), jnp.asarray(b))
+    # Keep the tangent within rank-deficient matrices, where pinv is differentiable.
+    tangent_m[:, 5] = tangent_m[:, 4]
+    tangents = (jnp.asarray(tangent_m), jnp.asarray(tangent_b))
+    _, ours = jax.jvp(solve, args, tangents)
+    _, expected = jax.jvp(pinv_solve, args, tangents)
+    np.testing.assert_allclose(ours, expected, atol=1e-6)
+
+
+#
+# Result codes, vmap, errors.
+#
+
+
+@pytest.mark.parametrize(
+    "make,kind,tags",
+    [
+        (lambda: lx.CG(1e-12, 0.0, max_steps=3), "spd", psd),
+        (lambda: lx.MINRES(1e-12, 0.0, max_steps=3), "sym", lx.symmetric_tag),
+        (lambda: lx.GMRES(1e-12, 0.0, max_steps=3), "nonsym", ()),
+        (lambda: lx.BiCGStab(1e-12, 0.0, max_steps=2), "nonsym", ()),
+        (lambda: lx.LSMR(1e-12, 0.0, max_steps=3), "nonsym", ()),
+    ],
+    ids=["CG", "MINRES", "GMRES", "BiCGStab", "LSMR"],
+)
+def test_max_steps_reached(make, kind, tags):
+    matrix = _problems(20, seed=17)[kind]
+    op = lx.MatrixLinearOperator(jnp.asarray(matrix), tags)
+    b = jnp.asarray(_rng(18).normal(size=20))
+    sol = lx.linear_solve(op, b, make(), throw=False)
+    assert sol.result == lx.RESULTS.max_steps_reached
+    assert int(sol.stats["num_steps"]) == int(sol.stats["max_steps"])
+    assert np.all(np.isfinite(sol.value))
+    with pytest.raises(Exception, match="maximum number of solver steps"):
+        jax.block_until_ready(lx.linear_solve(op, b, make()).value)
+
+
+def test_vmap_mixed_convergence():
+    n = 300
+    # Element 0: five distinct eigenvalues, so CG converges in 5 steps. Element 1:
+    # the 1-D Laplacian (condition number ~4e4), which needs hundreds of steps.
+    easy = np.diag(np.repeat([1.0, 2.0, 3.0, 4.0, 5.0], n // 5))
+    hard = 2 * np.eye(n) - np.eye(n, k=1) - np.eye(n, k=-1)
+    matrices = jnp.asarray(np.stack([easy, hard]))
+    b = jnp.asarray(_rng(19).normal(size=(2, n)))
+    solver = lx.CG(1e-9, 0.0)
+
+    @jax.vmap
+    def solve(m, v):
+        sol = lx.linear_solve(lx.MatrixLinearOperator(m, psd), v, solver, throw=False)
+        return sol.value, sol.result == lx.RESULTS.successful, sol.stats["num_steps"]
+
+    values, ok, steps = solve(matrices, b)
+    assert bool(ok.all())
+    assert int(steps[0]) <= 6 and int(steps[1]) >= 150
+    for i, m in enumerate((easy, hard)):
+        np.testing.assert_allclose(values[i], np.linalg.solve(m, b[i]), rtol=1e-6, atol=1e-8)
+
+    # The same for GMRES, with its restarts.
+    gmres = lx.GMRES(1e-9, 0.0)
+
+    @jax.vmap
+    def solve_gmres(m, v):
+        sol = lx.linear_solve(lx.MatrixLinearOperator(m), v, gmres, throw=False)
+        return sol.value, sol.result == lx.RESULTS.successful, sol.stats["num_steps"]
+
+    values, ok, steps = solve_gmres(matrices, b)
+    assert bool(ok.all())
+    assert int(steps[0]) <= 6 and int(steps[1]) >= 150
+    for i, m in enumerate((easy, hard)):
+        np.testing.assert_allclose(values[i], np.linalg.solve(m, b[i]), rtol=1e-6, atol=1e-7)
+
+
+def test_singular_never_successful():
+    matrix = _problems(10, seed=20)["sym"]
+    matrix[0, :] = 0
+    matrix[:, 0] = 0
+    spd = _problems(10, seed=20)["spd"]
+    spd[0, :] = 0
+    spd[:, 0] = 0
+    b = jnp.asarray(_rng(21).normal(size=10))
+    for solver, m, tags in (
+        (lx.CG(1e-10, 0.0), spd, psd),
+        (lx.MINRES(1e-10, 0.0), matrix, lx.symmetric_tag),
+        (lx.GMRES(1e-10, 0.0), matrix, ()),
+        (lx.BiCGStab(1e-10, 0.0), matrix, ()),
+    ):
+        op = lx.MatrixLinearOperator(jnp.asarray(m), tags)
+        sol = lx.linear_solve(op, b, solver, throw=False)
+        assert sol.result != lx.RESULTS.successful, type(solver).__name__
+
+
+def test_zero_rhs_and_exact_y0():
+    matrix = _problems(6)["nonsym"]
+    op = lx.MatrixLinearOperator(jnp.asarray(matrix))
+    for solver in (lx.GMRES(1e-8, 0.0), lx.BiCGStab(1e-8, 0.0), lx.LSMR(1e-8, 0.0)):
+        sol = lx.linear_solve(op, jnp.zeros(6), solver)
+        np.testing.assert_array_equal(sol.value, np.zeros(6))
+        assert int(sol.stats["num_steps"]) == 0
+    x = jnp.arange(6.0)
+    sol = lx.linear_solve(op, op.mv(x), lx.GMRES(1e-8, 1e-12), options={"y0": x})
+    assert int(sol.stats["num_steps"]) == 0
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="rtol"):
+        lx.CG(-1.0, 0.0)
+    with pytest.raises(ValueError, match="atol"):
+        lx.GMRES(0.0, -1e-3)
+    with pytest.raises(ValueError, match="max_steps"):
+        lx.BiCGStab(0.0, 0.0)
+    lx.BiCGStab(0.0, 0.0, max_steps=10)
+    with pytest.raises(ValueError, match="restart"):
+        lx.GMRES(1e-5, 1e-5, restart=0)
+    matrix = jnp.asarray(_problems(4)["spd"])
+    untagged = lx.MatrixLinearOperator(matrix)
+    b = jnp.ones(4)
+    with pytest.raises(ValueError, match="positive_semidefinite_tag"):
+        lx.linear_solve(untagged, b, lx.CG(1e-5, 1e-5))
+    with pytest.raises(ValueError, match="symmetric_tag"):
+        lx.linear_solve(untagged, b, lx.MINRES(1e-5, 1e-5))
+    with pytest.raises(ValueError, match="square"):
+        lx.linear_solve(lx.MatrixLinearOperator(jnp.ones((3, 4))), jnp.ones(3), lx.GMRES(1e-5, 1e-5))
+    with pytest.raises(ValueError, match="preconditioner"):
+        lx.linear_solve(untagged, b, lx.GMRES(1e-5, 1e-5), options={"preconditioner": matrix})
+    bad = lx.MatrixLinearOperator(jnp.eye(3))
+    with pytest.raises(ValueError, match="preconditioner"):
+        lx.linear_solve(untagged, b, lx.GMRES(1e-5, 1e-5), options={"preconditioner": bad})
+    with pytest.raises(ValueError, match="y0"):
+        lx.linear_solve(untagged, b, lx.GMRES(1e-5, 1e-5), options={"y0": jnp.ones(3)})
+
+
+def test_solvers_are_static():
+    solver = lx.GMRES(1e-5, 1e-6, restart=7)
+    assert hash(solver) == hash(lx.GMRES(1e-5, 1e-6, restart=7))
+    assert jax.tree_util.tree_leaves(solver) == []
+    for cls in (lx.CG, lx.MINRES, lx.BiCGStab, lx.LSMR):
+        assert jax.tree_util.tree_leaves(cls(1e-5, 1e-6)) == []
