@@ -191,6 +191,7 @@ def linear_solve(
         and isinstance(throw, bool)
         and _fast_path_operator(operator)
         and _concrete_arrays(vector)
+        and _hashable(solver)
     ):
         # Called outside of any JAX transformation: run one cached compiled
         # function instead of dispatching every operation eagerly (about 100x
@@ -259,6 +260,14 @@ def _fast_path_operator(operator: Any) -> bool:
     if isinstance(operator, (MulLinearOperator, DivLinearOperator)):
         return _concrete_arrays(operator.scalar) and _fast_path_operator(operator.operator)
     return False
+
+
+def _hashable(x: Any) -> bool:
+    try:
+        hash(x)
+    except TypeError:
+        return False
+    return True
 
 
 def _concrete_arrays(tree: Any) -> bool:

@@ -21,13 +21,13 @@ class RESULTS(eqxi.Enumeration):
         "The maximum number of solver steps was reached. Try increasing `max_steps`."
     )
     singular = (
-        "The linear solver returned non-finite (NaN or inf) output. This usually "
-        "means that the operator was not well-posed, and that the solver does not "
-        "support this. If the operator is singular or nearly so, try "
-        "`lx.AutoLinearSolver(well_posed=False)` or `lx.SVD()` for the pseudoinverse "
-        "(least-squares / minimum-norm) solution. If you used `lx.Cholesky()` or "
-        "`lx.CG()`, check that the operator really is positive (or negative) "
-        "definite, as its tag claims."
+        "The operator is singular, or numerically singular (a pivot of the "
+        "factorisation is below machine epsilon relative to the largest, so the "
+        "solution would have no correct digits), or the solver returned non-finite "
+        "output. For the pseudoinverse (least-squares / minimum-norm) solution of a "
+        "singular system use `lx.AutoLinearSolver(well_posed=False)` or `lx.SVD()`. "
+        "If you used `lx.Cholesky()` or `lx.CG()`, check that the operator really "
+        "is positive (or negative) definite, as its tag claims."
     )
     breakdown = (
         "A breakdown occurred in the iterative solver (a division by a quantity "

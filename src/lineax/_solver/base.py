@@ -4,6 +4,7 @@ import abc
 from typing import Any, Generic, TypeVar
 
 import equinox as eqx
+import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
 from .._operator.base import AbstractLinearOperator
@@ -152,3 +153,14 @@ def check_tag(ok: bool, solver_name: str, what: str, tag_hint: str) -> None:
             f"`lx.TaggedLinearOperator(operator, {tag_hint.split(' or ')[0]})`), or "
             "use `lx.AutoLinearSolver`, which picks a solver from the tags."
         )
+
+
+def numerically_singular(diagonal: Array) -> Array:
+    """Whether a triangular factor with this diagonal makes the system numerically
+    singular: some pivot is zero, or smaller than machine epsilon relative to the
+    largest one. Since the condition number of a triangular matrix is at least
+    `max|d| / min|d|`, a solve past that point has no correct digits left; LAPACK
+    flags only exact zeros, and would return garbage silently."""
+    absd = jnp.abs(diagonal)
+    eps = jnp.finfo(absd.dtype).eps
+    return jnp.any(absd <= eps * jnp.max(absd, initial=0))

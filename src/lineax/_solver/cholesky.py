@@ -20,7 +20,7 @@ from ._packing import (
     transpose_packed_structures,
     unravel_solution,
 )
-from .base import AbstractLinearSolver, check_square, check_tag
+from .base import AbstractLinearSolver, numerically_singular, check_square, check_tag
 
 
 class CholeskyState(eqx.Module):
@@ -68,7 +68,9 @@ class Cholesky(AbstractLinearSolver[CholeskyState]):
         if state.negative:
             x = -x
         # `cholesky` returns NaN for a matrix that is not (numerically) definite.
-        bad = ~jnp.all(jnp.isfinite(state.factor)) | jnp.any(jnp.diagonal(state.factor) == 0)
+        # cond(A) >= (max L_ii / min L_ii)^2, so square the diagonal.
+        diag = jnp.abs(jnp.diagonal(state.factor))
+        bad = ~jnp.all(jnp.isfinite(state.factor)) | numerically_singular(diag * diag)
         result = RESULTS.where(bad, RESULTS.singular, RESULTS.successful)
         return unravel_solution(x, state.packed_structures), result, {}
 

@@ -10,7 +10,7 @@ from jaxtyping import Array
 from .._solution import RESULTS
 from .._operator.base import AbstractLinearOperator
 from ._packing import PackedStructures, pack_structures, ravel_vector, transpose_packed_structures, unravel_solution
-from .base import AbstractLinearSolver, check_square
+from .base import AbstractLinearSolver, numerically_singular, check_square
 
 
 class LUState(eqx.Module):
@@ -43,7 +43,7 @@ class LU(AbstractLinearSolver[LUState]):
         del options
         b = ravel_vector(vector, state.packed_structures)
         x = jsl.lu_solve((state.lu, state.pivots), b, trans=1 if state.transposed else 0, check_finite=False)
-        singular = jnp.any(jnp.diagonal(state.lu) == 0)
+        singular = numerically_singular(jnp.diagonal(state.lu))
         result = RESULTS.where(singular, RESULTS.singular, RESULTS.successful)
         return unravel_solution(x, state.packed_structures), result, {}
 

@@ -17,7 +17,7 @@ from ._packing import (
     transpose_packed_structures,
     unravel_solution,
 )
-from .base import AbstractLinearSolver
+from .base import AbstractLinearSolver, numerically_singular
 
 
 class QRState(eqx.Module):
@@ -66,7 +66,7 @@ class QR(AbstractLinearSolver[QRState]):
             x = jnp.matmul(q, y, precision=hi)
         else:
             x = jsl.solve_triangular(r, jnp.matmul(jnp.conj(q.T), b, precision=hi), lower=False)
-        singular = jnp.any(jnp.diagonal(r) == 0)
+        singular = numerically_singular(jnp.diagonal(r))
         result = RESULTS.where(singular, RESULTS.singular, RESULTS.successful)
         return unravel_solution(x, state.packed_structures), result, {}
 

@@ -21,7 +21,7 @@ from ._packing import (
     transpose_packed_structures,
     unravel_solution,
 )
-from .base import AbstractLinearSolver, check_square, check_tag
+from .base import AbstractLinearSolver, numerically_singular, check_square, check_tag
 
 
 class TriangularState(eqx.Module):
@@ -78,7 +78,7 @@ class Triangular(AbstractLinearSolver[TriangularState]):
         if state.unit_diagonal:
             result = RESULTS.successful
         else:
-            singular = jnp.any(jnp.diagonal(state.matrix) == 0)
+            singular = numerically_singular(jnp.diagonal(state.matrix))
             result = RESULTS.where(singular, RESULTS.singular, RESULTS.successful)
         return unravel_solution(x, state.packed_structures), result, {}
 
