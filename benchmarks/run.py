@@ -279,6 +279,9 @@ def evaluate(rec, case):
     for kind in ("compile", "run"):
         lib, jx = rec.get(f"lib_{kind}_s"), rec.get(f"jax_{kind}_s")
         rec[f"{kind}_ratio"] = lib / jx if lib is not None and jx else None
+    # Ratio of the fastest samples: less sensitive to a busy machine.
+    lib, jx = rec.get("lib_run_min_s"), rec.get("jax_run_min_s")
+    rec["run_ratio_of_mins"] = lib / jx if lib is not None and jx else None
     if rec.get("error"):
         rec["status"] = "error"
         return

@@ -109,7 +109,8 @@ def test_mkdocs_build_strict(tmp_path):
     pytest.importorskip("mkdocstrings_handlers.python")
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
     completed = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q"]
+        # Not `-q`: it hides the warnings that `--strict` turns into a failure.
+        [sys.executable, "-m", "mkdocs", "build", "--strict"]
         + ["--site-dir", str(tmp_path / "site")],
         cwd=_DOCS.parent,
         env=env,

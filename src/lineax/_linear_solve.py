@@ -1,6 +1,7 @@
 """`linear_solve` and `invert`: argument checks, then a bind of the primitive."""
 
 import functools as ft
+import logging
 from typing import Any
 
 import equinox as eqx
@@ -197,8 +198,39 @@ def linear_solve(
         # function instead of dispatching every operation eagerly (about 100x
         # faster for small problems). Trace-time checks still run, on the first
         # call for each combination of shapes, dtypes and static data.
-        return _compiled_linear_solve(operator, vector, solver, throw)
+        return _run_compiled(operator, vector, solver, throw)
     return _linear_solve(operator, vector, solver, options, state, throw)
+
+
+class _HideCallbackFailure(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "jax.pure_callback failed"
+
+
+_CALLBACK_LOGGER = logging.getLogger("jax._src.callback")
+_HIDE_CALLBACK_FAILURE = _HideCallbackFailure()
+
+
+def _run_compiled(operator, vector, solver, throw) -> Solution:
+    if not throw:
+        return _compiled_linear_solve(operator, vector, solver, throw)
+    _CALLBACK_LOGGER.addFilter(_HIDE_CALLBACK_FAILURE)
+    try:
+        solution = _compiled_linear_solve(operator, vector, solver, throw)
+        # Wait for the error check, so that a failure is raised here.
+        solution.result._value.block_until_ready()
+    except jax.errors.JaxRuntimeError as e:
+        # Under `jax.jit`, a failed `eqx.error_if` surfaces as a long
+        # JaxRuntimeError; re-raise it as the error eager mode would give.
+        text = str(e)
+        marker = "_EquinoxRuntimeError: "
+        if marker not in text:
+            raise
+        message = text[text.index(marker) + len(marker) :].split("\n\n")[0]
+        raise eqx.EquinoxRuntimeError(message) from None
+    finally:
+        _CALLBACK_LOGGER.removeFilter(_HIDE_CALLBACK_FAILURE)
+    return solution
 
 
 def _linear_solve(operator, vector, solver, options, state, throw) -> Solution:

@@ -115,7 +115,9 @@ def check_structure(
     what: str,
 ) -> None:
     if strip_weak_dtype(struct) != strip_weak_dtype(expected):
-        raise ValueError(f"{what}: expected {describe(expected)}, got {describe(struct)}.")
+        raise ValueError(
+            f"{what}: expected {describe(expected)}, got {describe(struct)}."
+        )
 
 
 def preconditioner_of(
@@ -134,7 +136,8 @@ def preconditioner_of(
     if not isinstance(precond, AbstractLinearOperator):
         raise ValueError(
             "The `preconditioner` option must be a `lineax.AbstractLinearOperator` "
-            f"(approximating the inverse of the operator), got {type(precond).__name__}."
+            "(approximating the inverse of the operator), got "
+            f"{type(precond).__name__}."
         )
     check_structure(
         precond.in_structure(),
@@ -156,7 +159,9 @@ def apply(precond: AbstractLinearOperator | None, x: PyTree[Array]) -> PyTree[Ar
     return x if precond is None else precond.mv(x)
 
 
-def y0_of(options: dict[str, Any], operator: AbstractLinearOperator) -> PyTree[Array] | None:
+def y0_of(
+    options: dict[str, Any], operator: AbstractLinearOperator
+) -> PyTree[Array] | None:
     """The `y0` option (initial guess), checked; `None` if absent."""
     y0 = options.get("y0", None)
     if y0 is None:
@@ -229,7 +234,8 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
             or self.max_steps < 0
         ):
             raise ValueError(
-                f"`max_steps` must be None or a nonnegative int, got {self.max_steps!r}."
+                "`max_steps` must be None or a nonnegative int, got "
+                f"{self.max_steps!r}."
             )
         if self.rtol == 0 and self.atol == 0 and self.max_steps is None:
             raise ValueError(

@@ -157,10 +157,12 @@ def check_tag(ok: bool, solver_name: str, what: str, tag_hint: str) -> None:
 
 def numerically_singular(diagonal: Array) -> Array:
     """Whether a triangular factor with this diagonal makes the system numerically
-    singular: some pivot is zero, or smaller than machine epsilon relative to the
-    largest one. Since the condition number of a triangular matrix is at least
-    `max|d| / min|d|`, a solve past that point has no correct digits left; LAPACK
-    flags only exact zeros, and would return garbage silently."""
+    singular: some pivot is zero, or at most `n * eps` relative to the largest one
+    (the rank tolerance of `numpy.linalg.matrix_rank`). Since the condition number
+    of a triangular matrix is at least `max|d| / min|d|`, a solve past that point
+    has no correct digits left; LAPACK flags only exact zeros, and would return
+    garbage silently."""
     absd = jnp.abs(diagonal)
     eps = jnp.finfo(absd.dtype).eps
-    return jnp.any(absd <= eps * jnp.max(absd, initial=0))
+    n = diagonal.shape[0]
+    return jnp.any(absd <= n * eps * jnp.max(absd, initial=0))

@@ -80,7 +80,9 @@ class BiCGStab(AbstractKrylovSolver):
     norm: Callable[[PyTree[Array]], Scalar] = eqx.field(static=True, default=max_norm)
     max_steps: int | None = eqx.field(static=True, default=None)
 
-    def init(self, operator: AbstractLinearOperator, options: dict[str, Any]) -> KrylovState:
+    def init(
+        self, operator: AbstractLinearOperator, options: dict[str, Any]
+    ) -> KrylovState:
         check_square(operator, "BiCGStab")
         preconditioner_of(options, operator)
         y0_of(options, operator)
@@ -108,7 +110,9 @@ class BiCGStab(AbstractKrylovSolver):
             shadow = tree_where(restart, c.r, c.shadow)
             rho = jnp.where(restart, tree_dot(c.r, c.r), rho)
             beta = safe_div(rho, c.rho) * safe_div(c.alpha, c.omega)
-            p = tree_where(restart, c.r, tree_axpy(beta, tree_axpy(-c.omega, c.v, c.p), c.r))
+            p = tree_where(
+                restart, c.r, tree_axpy(beta, tree_axpy(-c.omega, c.v, c.p), c.r)
+            )
             phat = apply(precond, p)
             v = mv(phat)
             sigma = tree_dot(shadow, v)
@@ -151,7 +155,9 @@ class BiCGStab(AbstractKrylovSolver):
             # decides success. If it fails, restart from it.
             r = tree_sub(vector, mv(c.x))
             return eqx.tree_at(
-                lambda c: (c.r, c.rnorm, c.restart), c, (r, self.norm(r), jnp.array(True))
+                lambda c: (c.r, c.rnorm, c.restart),
+                c,
+                (r, self.norm(r), jnp.array(True)),
             )
 
         x, r = initial_residual(mv, vector, y0, structure)

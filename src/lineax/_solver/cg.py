@@ -91,7 +91,9 @@ class CG(AbstractKrylovSolver):
                 f"{self.stabilise_every!r}."
             )
 
-    def init(self, operator: AbstractLinearOperator, options: dict[str, Any]) -> KrylovState:
+    def init(
+        self, operator: AbstractLinearOperator, options: dict[str, Any]
+    ) -> KrylovState:
         check_square(operator, "CG")
         positive = is_positive_semidefinite(operator)
         negative = (not positive) and is_negative_semidefinite(operator)
@@ -124,17 +126,15 @@ class CG(AbstractKrylovSolver):
             max_steps + 1 if self.stabilise_every is None else self.stabilise_every
         )
 
-        def restart(x, r):
+        def restart(r):
             # (Re)compute everything that depends on the residual.
             z = apply(precond, r)
             rho = jnp.real(tree_dot(r, z))
             return z, rho, self.norm(r)
 
         x, r = initial_residual(mv, vector, y0, operator.in_structure())
-        p, rho, rnorm = restart(x, r)
-        carry = _CGCarry(
-            x, r, p, rho, rnorm, jnp.array(0, jnp.int32), jnp.array(False)
-        )
+        p, rho, rnorm = restart(r)
+        carry = _CGCarry(x, r, p, rho, rnorm, jnp.array(0, jnp.int32), jnp.array(False))
 
         def running(c: _CGCarry):
             return (c.rnorm > tol) & ~c.breakdown & (c.steps < max_steps)
@@ -168,7 +168,7 @@ class CG(AbstractKrylovSolver):
             # Replace the recursive residual by the true one: this stabilises the
             # iteration, and is the check that success is real.
             r = tree_sub(vector, mv(c.x))
-            _, rho, rnorm = restart(c.x, r)
+            _, rho, rnorm = restart(r)
             return _CGCarry(c.x, r, c.p, rho, rnorm, c.steps, c.breakdown)
 
         # When the loop stops, `rnorm` is always the norm of a true residual.
@@ -180,9 +180,9 @@ class CG(AbstractKrylovSolver):
     def transpose(self, state: KrylovState, options: dict[str, Any]):
         # A definite operator is Hermitian, so its transpose is its conjugate: also
         # definite, and negated or not as before.
-        return KrylovState(state.operator.transpose(), state.negative), transpose_options(
-            options
-        )
+        return KrylovState(
+            state.operator.transpose(), state.negative
+        ), transpose_options(options)
 
     def conj(self, state: KrylovState, options: dict[str, Any]):
         return KrylovState(conj(state.operator), state.negative), conj_options(options)

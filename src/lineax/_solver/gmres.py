@@ -27,7 +27,6 @@ from ._krylov import (
     safe_div,
     stats_of,
     transpose_options,
-    tree_axpy,
     tree_scale,
     tree_sub,
     y0_of,
@@ -124,7 +123,9 @@ class GMRES(AbstractKrylovSolver):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
 
-    def init(self, operator: AbstractLinearOperator, options: dict[str, Any]) -> KrylovState:
+    def init(
+        self, operator: AbstractLinearOperator, options: dict[str, Any]
+    ) -> KrylovState:
         check_square(operator, "GMRES")
         preconditioner_of(options, operator)
         y0_of(options, operator)
@@ -147,7 +148,9 @@ class GMRES(AbstractKrylovSolver):
 
         def arnoldi_step(c: _Cycle, beta: Array) -> _Cycle:
             j = c.k
-            vj = jtu.tree_map(lambda v: lax.dynamic_index_in_dim(v, j, 0, False), c.basis)
+            vj = jtu.tree_map(
+                lambda v: lax.dynamic_index_in_dim(v, j, 0, False), c.basis
+            )
             w = mv(apply(precond, vj))
             wnorm = norm2(w)
             # CGS2: orthogonalise twice against the whole (zero-padded) basis.
@@ -176,8 +179,10 @@ class GMRES(AbstractKrylovSolver):
             denom = jnp.sqrt(abs_a**2 + jnp.abs(b) ** 2)
             degenerate = ~(denom > eps * norm2(column))
             safe_denom = jnp.where(denom == 0, 1, denom).astype(cdtype)
-            phase = jnp.where(abs_a == 0, 1, a / jnp.where(abs_a == 0, 1, abs_a).astype(cdtype))
-            cs = (abs_a.astype(cdtype) / safe_denom)
+            phase = jnp.where(
+                abs_a == 0, 1, a / jnp.where(abs_a == 0, 1, abs_a).astype(cdtype)
+            )
+            cs = abs_a.astype(cdtype) / safe_denom
             sn = phase * jnp.conj(b) / safe_denom
             rho = phase * denom.astype(cdtype)
             row_j = c.rotations[j]
@@ -190,7 +195,9 @@ class GMRES(AbstractKrylovSolver):
             # A degenerate column is not used: the cycle ends with the basis so far.
             keep = ~degenerate
             return _Cycle(
-                jtu.tree_map(lambda new, old: jnp.where(keep, new, old), basis, c.basis),
+                jtu.tree_map(
+                    lambda new, old: jnp.where(keep, new, old), basis, c.basis
+                ),
                 jnp.where(keep, rotations, c.rotations),
                 jnp.where(keep, r_factor, c.r_factor),
                 jnp.where(keep, j + 1, j),
@@ -204,8 +211,10 @@ class GMRES(AbstractKrylovSolver):
             beta = norm2(o.r)
             inner_tol = adapted_tolerance(beta, o.rnorm, tol, o.factor)
             basis = jtu.tree_map(
-                lambda r: jnp.zeros((m + 1,) + r.shape, r.dtype).at[0].set(
-                    r * _cast_real(safe_div(1, beta), r)
+                lambda r: (
+                    jnp.zeros((m + 1,) + r.shape, r.dtype)
+                    .at[0]
+                    .set(r * _cast_real(safe_div(1, beta), r))
                 ),
                 o.r,
             )
@@ -301,4 +310,3 @@ class GMRES(AbstractKrylovSolver):
 
 def _cast_real(a: Array, like: Array) -> Array:
     return a.astype(like.dtype)
-

@@ -156,7 +156,9 @@ class LSMR(AbstractKrylovSolver):
         if not self.conlim > 0:
             raise ValueError(f"`conlim` must be positive, got {self.conlim}.")
 
-    def init(self, operator: AbstractLinearOperator, options: dict[str, Any]) -> KrylovState:
+    def init(
+        self, operator: AbstractLinearOperator, options: dict[str, Any]
+    ) -> KrylovState:
         _preconditioner(options, operator)
         y0_of(options, operator)
         return KrylovState(operator)
@@ -223,9 +225,7 @@ class LSMR(AbstractKrylovSolver):
             zeta = cbar * c.zetabar
             zetabar = -sbar * c.zetabar
             # Update h, hbar, x.
-            hbar = tree_axpy(
-                -safe_div(thetabar * rho, rhoold * rhobarold), c.hbar, c.h
-            )
+            hbar = tree_axpy(-safe_div(thetabar * rho, rhoold * rhobarold), c.hbar, c.h)
             x = tree_axpy(safe_div(zeta, rho * rhobar), hbar, c.x)
             h = tree_axpy(-safe_div(thetanew, rho), c.h, v)
             # Estimate of ||r||.
@@ -246,7 +246,9 @@ class LSMR(AbstractKrylovSolver):
             norm_a = jnp.sqrt(c.norm_a2 + beta**2)
             norm_a2 = c.norm_a2 + beta**2 + alpha**2
             maxrbar = jnp.maximum(c.maxrbar, rhobarold)
-            minrbar = jnp.where(c.steps > 0, jnp.minimum(c.minrbar, rhobarold), c.minrbar)
+            minrbar = jnp.where(
+                c.steps > 0, jnp.minimum(c.minrbar, rhobarold), c.minrbar
+            )
             cond_a = safe_div(
                 jnp.maximum(maxrbar, rhotemp), jnp.minimum(minrbar, rhotemp)
             )
@@ -291,9 +293,7 @@ class LSMR(AbstractKrylovSolver):
             return rnorm, (rnorm <= tol) | normal_ok
 
         rnorm = residual_norm(z0, r0)
-        outer = _Outer(
-            carry, rnorm, (rnorm <= tol) | (alpha * beta == 0), one
-        )
+        outer = _Outer(carry, rnorm, (rnorm <= tol) | (alpha * beta == 0), one)
 
         def inner_done(c: _Carry, inner_tol, factor):
             test1 = c.normr <= inner_tol

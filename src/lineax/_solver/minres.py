@@ -107,7 +107,9 @@ class MINRES(AbstractKrylovSolver):
     norm: Callable[[PyTree[Array]], Scalar] = eqx.field(static=True, default=max_norm)
     max_steps: int | None = eqx.field(static=True, default=None)
 
-    def init(self, operator: AbstractLinearOperator, options: dict[str, Any]) -> KrylovState:
+    def init(
+        self, operator: AbstractLinearOperator, options: dict[str, Any]
+    ) -> KrylovState:
         check_square(operator, "MINRES")
         hermitian = is_positive_semidefinite(operator) or is_negative_semidefinite(
             operator
@@ -230,12 +232,7 @@ class MINRES(AbstractKrylovSolver):
 
         def running(o: _Outer):
             c = o.lanczos
-            return (
-                (o.rnorm > tol)
-                & ~c.breakdown
-                & ~c.exhausted
-                & (c.steps < max_steps)
-            )
+            return (o.rnorm > tol) & ~c.breakdown & ~c.exhausted & (c.steps < max_steps)
 
         def verify(o: _Outer) -> _Outer:
             c = o.lanczos
