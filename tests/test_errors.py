@@ -244,7 +244,7 @@ def test_every_failure_message_says_what_to_do():
 def test_real_vector_complex_operator_is_promoted():
     operator = lx.MatrixLinearOperator(A.astype(jnp.complex128) * jnp.complex128(1 + 1j))
     solution = lx.linear_solve(operator, B)
-    np.testing.assert_allclose(solution.value, np.linalg.solve(A * (1 + 1j), B), rtol=1e-12)
+    np.testing.assert_allclose(solution.value, np.linalg.solve(np.asarray(A) * (1 + 1j), np.asarray(B)), rtol=1e-12)
 
 
 def test_integer_vector_and_matrix_are_converted():
