@@ -219,7 +219,7 @@ def _run_compiled(operator, vector, solver, throw) -> Solution:
         solution = _compiled_linear_solve(operator, vector, solver, throw)
         # Wait for the error check, so that a failure is raised here.
         solution.result._value.block_until_ready()
-    except jax.errors.JaxRuntimeError as e:
+    except (jax.errors.JaxRuntimeError, ValueError) as e:
         # Under `jax.jit`, a failed `eqx.error_if` surfaces as a long
         # JaxRuntimeError; re-raise it as the error eager mode would give.
         text = str(e)

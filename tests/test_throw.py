@@ -1,0 +1,131 @@
+"""`throw=False` is honoured under every transformation; `throw=True` says which
+solve failed; repeated calls never retrace."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import pytest
+
+
+SINGULAR = jnp.array([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [1.0, 0.0, 1.0]])
+GOOD = jnp.array([[3.0, 1.0, 0.0], [1.0, 4.0, 1.0], [0.0, 1.0, 5.0]])
+B = jnp.array([1.0, 2.0, 3.0])
+
+
+def _lu(a, b):
+    return lx.linear_solve(lx.MatrixLinearOperator(a), b, lx.LU(), throw=False)
+
+
+def _gmres(a, b):
+    # Two steps cannot solve a generic 3x3 system: max_steps_reached.
+    solver = lx.GMRES(rtol=1e-10, atol=1e-10, max_steps=1, restart=1)
+    return lx.linear_solve(lx.MatrixLinearOperator(a), b, solver, throw=False)
+
+
+FAILING = [
+    pytest.param(_lu, SINGULAR, "singular", id="singular_lu"),
+    pytest.param(_gmres, GOOD, "max_steps_reached", id="nonconverging_gmres"),
+]
+
+
+@pytest.mark.parametrize("solve,matrix,member", FAILING)
+def test_throw_false_never_raises_under_autodiff(solve, matrix, member):
+    if solve is _gmres and not hasattr(lx, "GMRES"):
+        pytest.skip("GMRES not available")
+    expected = getattr(lx.RESULTS, member)
+    value = lambda a, b: solve(a, b).value
+    # Primal: the result reports the failure.
+    solution = solve(matrix, B)
+    assert solution.result == expected
+    # JVP: no error; the primal result still reports the failure, and the failed
+    # tangent solve gives NaN tangents rather than a plausible-looking derivative.
+    (primal_sol, tangent_sol) = jax.jvp(lambda a: solve(a, B), (matrix,), (jnp.ones_like(matrix),))
+    assert primal_sol.result == expected
+    assert np.all(np.isnan(tangent_sol.value))
+    # Reverse mode: no error; the cotangents of a failed cotangent solve are NaN.
+    grad = jax.grad(lambda a, b: jnp.sum(value(a, b)), argnums=(0, 1))(matrix, B)
+    assert np.all(np.isnan(grad[0])) and np.all(np.isnan(grad[1]))
+    # Jacobians, and vmap of them (one failing and one succeeding element).
+    assert np.all(np.isnan(jax.jacfwd(value)(matrix, B)))
+    assert np.all(np.isnan(jax.jacrev(value)(matrix, B)))
+    batch = jnp.stack([matrix, GOOD * 10 if solve is _lu else matrix])
+    grads = jax.vmap(jax.grad(lambda a: jnp.sum(value(a, B))))(batch)
+    assert np.all(np.isnan(grads[0]))
+    if solve is _lu:
+        ref = jax.grad(lambda a: jnp.sum(jnp.linalg.solve(a, B)))(GOOD * 10)
+        np.testing.assert_allclose(grads[1], ref, rtol=1e-10)
+
+
+class _FailsOnLargeVectors(lx.AbstractLinearSolver):
+    """LU, but reporting failure for right-hand sides with entries above 100: lets
+    a test make only the tangent or cotangent solve fail."""
+
+    def init(self, operator, options):
+        return lx.LU().init(operator, options)
+
+    def compute(self, state, vector, options):
+        x, _, stats = lx.LU().compute(state, vector, options)
+        fail = jnp.max(jnp.abs(vector)) > 100
+        return x, lx.RESULTS.where(fail, lx.RESULTS.breakdown, lx.RESULTS.successful), stats
+
+    def transpose(self, state, options):
+        return lx.LU().transpose(state, options)
+
+    def conj(self, state, options):
+        return lx.LU().conj(state, options)
+
+    def assume_full_rank(self):
+        return True
+
+
+def test_throw_true_names_the_failed_solve():
+    solver = _FailsOnLargeVectors()
+
+    def solve(b):
+        return lx.linear_solve(lx.MatrixLinearOperator(GOOD), b, solver).value
+
+    solve(B)  # primal fine
+    with pytest.raises(eqx.EquinoxRuntimeError, match="`linear_solve` failed"):
+        solve(B * 1000)
+    with pytest.raises(eqx.EquinoxRuntimeError, match="tangent linear solve failed"):
+        jax.jvp(solve, (B,), (B * 1000,))
+    with pytest.raises(eqx.EquinoxRuntimeError, match="cotangent linear solve failed"):
+        jax.grad(lambda b: 1000 * jnp.sum(solve(b)))(B)
+
+
+def test_no_retracing():
+    traces = []
+
+    class Counting(lx.AbstractLinearSolver):
+        def init(self, operator, options):
+            traces.append(1)
+            return lx.LU().init(operator, options)
+
+        def compute(self, state, vector, options):
+            return lx.LU().compute(state, vector, options)
+
+        def transpose(self, state, options):
+            return lx.LU().transpose(state, options)
+
+        def conj(self, state, options):
+            return lx.LU().conj(state, options)
+
+        def assume_full_rank(self):
+            return True
+
+    solver = Counting()
+    # Through the un-jitted entry point, with new operator objects each time.
+    for scale in (1.0, 2.0, 3.0):
+        lx.linear_solve(lx.MatrixLinearOperator(GOOD * scale), B * scale, solver)
+    assert len(traces) == 1
+    # Inside jax.jit.
+    traces.clear()
+    fn = jax.jit(lambda a, b: lx.linear_solve(lx.MatrixLinearOperator(a), b, solver).value)
+    for scale in (1.0, 2.0, 3.0):
+        fn(GOOD * scale, B)
+    assert len(traces) == 1
+    # A new dtype does retrace (once).
+    lx.linear_solve(lx.MatrixLinearOperator(GOOD.astype(jnp.float32)), B.astype(jnp.float32), solver)
+    assert len(traces) == 2
