@@ -42,9 +42,7 @@ _KNOWN_OPTIONS = frozenset({"preconditioner", "y0", "damp"})
 
 
 def _stop_gradient(tree: PyTree) -> PyTree:
-    return jtu.tree_map(
-        lambda x: lax.stop_gradient(x) if eqx.is_array(x) else x, tree
-    )
+    return jtu.tree_map(lambda x: lax.stop_gradient(x) if eqx.is_array(x) else x, tree)
 
 
 def _check_vector(operator: AbstractLinearOperator, vector: PyTree) -> PyTree[Array]:
@@ -62,9 +60,7 @@ def _check_vector(operator: AbstractLinearOperator, vector: PyTree) -> PyTree[Ar
     for i, (leaf, struct) in enumerate(zip(vec_leaves, out_leaves)):
         where = "`vector`" if len(vec_leaves) == 1 else f"leaf {i} of `vector`"
         if not eqx.is_array_like(leaf) or isinstance(leaf, (str, bytes)):
-            raise TypeError(
-                f"{where} must be an array, got {type(leaf).__name__}."
-            )
+            raise TypeError(f"{where} must be an array, got {type(leaf).__name__}.")
         shape = jnp.shape(leaf)
         if shape != struct.shape:
             raise ValueError(
@@ -123,17 +119,23 @@ def _check_state(state, operator, options, solver):
         expected = eqx.filter_eval_shape(solver.init, operator, options)
     except Exception:  # the solver cannot init this operator: let compute say so
         return
+
     def shape_struct(tree):
         return jtu.tree_map(
-            lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
-            if eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
-            else x,
+            lambda x: (
+                jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+                if eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+                else x
+            ),
             tree,
         )
+
     is_leaf = lambda x: eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
     got = strip_weak_dtype(shape_struct(eqx.filter(state, is_leaf)))
     want = strip_weak_dtype(shape_struct(eqx.filter(expected, is_leaf)))
-    if jtu.tree_structure(got) != jtu.tree_structure(want) or jtu.tree_leaves(got) != jtu.tree_leaves(want):
+    if jtu.tree_structure(got) != jtu.tree_structure(want) or jtu.tree_leaves(
+        got
+    ) != jtu.tree_leaves(want):
         raise ValueError(
             "`state` does not match `solver.init(operator, options)`: pass the state "
             "returned by `solver.init` (or `Solution.state`) for this same solver and "
@@ -290,7 +292,9 @@ def _fast_path_operator(operator: Any) -> bool:
             operator.operator2
         )
     if isinstance(operator, (MulLinearOperator, DivLinearOperator)):
-        return _concrete_arrays(operator.scalar) and _fast_path_operator(operator.operator)
+        return _concrete_arrays(operator.scalar) and _fast_path_operator(
+            operator.operator
+        )
     return False
 
 

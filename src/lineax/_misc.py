@@ -58,9 +58,11 @@ def strip_weak_dtype(tree: PyTree) -> PyTree:
     """Replace every `jax.ShapeDtypeStruct` in `tree` by one without `weak_type`, so
     that structures compare equal irrespective of how they were made."""
     return jtu.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-        if type(x) is jax.ShapeDtypeStruct
-        else x,
+        lambda x: (
+            jax.ShapeDtypeStruct(x.shape, x.dtype)
+            if type(x) is jax.ShapeDtypeStruct
+            else x
+        ),
         tree,
     )
 
@@ -100,7 +102,9 @@ def tree_zeros_like(structure: PyTree[jax.ShapeDtypeStruct]) -> PyTree[Array]:
 
 def tree_all_finite(tree: PyTree) -> Array:
     """One boolean: whether every inexact array leaf of `tree` is finite."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(tree) if is_inexact_array(x)]
+    leaves = [
+        jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(tree) if is_inexact_array(x)
+    ]
     if len(leaves) == 0:
         return jnp.array(True)
     return jnp.stack(leaves).all()

@@ -74,7 +74,9 @@ def two_norm(x: PyTree[ArrayLike]) -> Scalar:
     # (as LAPACK's `nrm2` does): float32 residuals of 1e20 must not become inf.
     scale = jax.lax.stop_gradient(max_norm(x))
     safe_scale = jnp.where((scale == 0) | ~jnp.isfinite(scale), 1, scale)
-    scaled = jtu.tree_map(lambda leaf: jnp.asarray(leaf) / safe_scale, x)
+    scaled = jtu.tree_map(
+        lambda leaf: jnp.asarray(leaf) / safe_scale.astype(jnp.result_type(leaf)), x
+    )
     return safe_scale * _sqrt_with_zero_derivative(sum_squares(scaled))
 
 

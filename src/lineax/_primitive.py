@@ -155,7 +155,11 @@ def _linear_solve_jvp(primals, tangents):
     has_vector_tangent = len(jtu.tree_leaves(t_vector)) > 0
     has_operator_tangent = len(jtu.tree_leaves(t_operator)) > 0
     if not (has_vector_tangent or has_operator_tangent):
-        return (solution, result, stats), (_nones(solution), _nones(result), _nones(stats))
+        return (solution, result, stats), (
+            _nones(solution),
+            _nones(result),
+            _nones(stats),
+        )
 
     # Derivative of the pseudoinverse solution x = A^+ b along (V, v) (Golub and
     # Pereyra, 1973; section 4.1 of the lineax paper), with x = A^+ b and
@@ -169,6 +173,9 @@ def _linear_solve_jvp(primals, tangents):
         operator.out_structure()
     )
     dependent_rows, dependent_columns = rank_flags(solver, operator)
+    # An initial guess is for the primal solve only: a solver that returns
+    # `y0 + (minimum-norm correction)` would give a wrong tangent from it.
+    options = {key: value for key, value in options.items() if key != "y0"}
     terms = []
     after = []
     if has_vector_tangent:
@@ -195,9 +202,7 @@ def _linear_solve_jvp(primals, tangents):
                 return _tree_conj(tangent_op_t.mv(_tree_conj(y, complex_)), complex_)
 
         if dependent_rows:
-            residual = jtu.tree_map(
-                lambda b, ax: b - ax, vector, operator.mv(solution)
-            )
+            residual = jtu.tree_map(lambda b, ax: b - ax, vector, operator.mv(solution))
             terms.append(
                 _conj_transpose_solve(
                     operator,
@@ -227,7 +232,10 @@ def _linear_solve_transpose(inputs, cts_out):
     operator, state, vector, options, solver, throw, kind = inputs
     del kind
     for name, value in (("operator", operator), ("state", state), ("options", options)):
-        if any(isinstance(x, jax.interpreters.ad.UndefinedPrimal) for x in jtu.tree_leaves(value)):
+        if any(
+            isinstance(x, jax.interpreters.ad.UndefinedPrimal)
+            for x in jtu.tree_leaves(value)
+        ):
             raise NotImplementedError(
                 f"`linear_solve` is not linear in its `{name}`, so cannot be "
                 "transposed with respect to it. (This is a bug: please report it.)"
@@ -237,7 +245,13 @@ def _linear_solve_transpose(inputs, cts_out):
     # (A^T)^+ x_bar, a solve with the transposed operator from the same state.
     state_t, options_t = solver.transpose(state, options)
     ct_vector = bind(
-        operator.transpose(), state_t, ct_solution, options_t, solver, throw, "cotangent"
+        operator.transpose(),
+        state_t,
+        ct_solution,
+        options_t,
+        solver,
+        throw,
+        "cotangent",
     )[0]
     return (
         _nones(operator),

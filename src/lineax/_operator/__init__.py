@@ -5,15 +5,6 @@ from .arithmetic import (
     MulLinearOperator as MulLinearOperator,
     NegLinearOperator as NegLinearOperator,
 )
-from .diagonal import DiagonalLinearOperator as DiagonalLinearOperator
-from .function import FunctionLinearOperator as FunctionLinearOperator
-from .identity import IdentityLinearOperator as IdentityLinearOperator
-from .jacobian import JacobianLinearOperator as JacobianLinearOperator
-from .matrix import MatrixLinearOperator as MatrixLinearOperator
-from .pytree import PyTreeLinearOperator as PyTreeLinearOperator
-from .tagged import TaggedLinearOperator as TaggedLinearOperator
-from .tangent import TangentLinearOperator as TangentLinearOperator
-from .tridiagonal import TridiagonalLinearOperator as TridiagonalLinearOperator
 
 # Imported last: the submodules `diagonal` and `tridiagonal` would otherwise shadow
 # the functions of the same name.
@@ -33,3 +24,12 @@ from .base import (
     materialise as materialise,
     tridiagonal as tridiagonal,
 )
+from .diagonal import DiagonalLinearOperator as DiagonalLinearOperator
+from .function import FunctionLinearOperator as FunctionLinearOperator
+from .identity import IdentityLinearOperator as IdentityLinearOperator
+from .jacobian import JacobianLinearOperator as JacobianLinearOperator
+from .matrix import MatrixLinearOperator as MatrixLinearOperator
+from .pytree import PyTreeLinearOperator as PyTreeLinearOperator
+from .tagged import TaggedLinearOperator as TaggedLinearOperator
+from .tangent import TangentLinearOperator as TangentLinearOperator
+from .tridiagonal import TridiagonalLinearOperator as TridiagonalLinearOperator

@@ -248,6 +248,7 @@ class ComposedLinearOperator(AbstractLinearOperator):
 # Structure of the results of arithmetic, decided from the parts.
 #
 
+
 def _both(pred):
     return lambda op: pred(op.operator1) and pred(op.operator2)
 
@@ -286,15 +287,25 @@ def _static_sign(scalar: Any) -> int:
 
 for _cls in (MulLinearOperator, DivLinearOperator):
     is_positive_semidefinite.register(_cls)(
-        lambda op: (_static_sign(op.scalar) > 0 and is_positive_semidefinite(op.operator))
-        or (_static_sign(op.scalar) < 0 and is_negative_semidefinite(op.operator))
+        lambda op: (
+            (_static_sign(op.scalar) > 0 and is_positive_semidefinite(op.operator))
+            or (_static_sign(op.scalar) < 0 and is_negative_semidefinite(op.operator))
+        )
     )
     is_negative_semidefinite.register(_cls)(
-        lambda op: (_static_sign(op.scalar) > 0 and is_negative_semidefinite(op.operator))
-        or (_static_sign(op.scalar) < 0 and is_positive_semidefinite(op.operator))
+        lambda op: (
+            (_static_sign(op.scalar) > 0 and is_negative_semidefinite(op.operator))
+            or (_static_sign(op.scalar) < 0 and is_positive_semidefinite(op.operator))
+        )
     )
 
-for _pred in (is_symmetric, is_diagonal, is_tridiagonal, is_lower_triangular, is_upper_triangular):
+for _pred in (
+    is_symmetric,
+    is_diagonal,
+    is_tridiagonal,
+    is_lower_triangular,
+    is_upper_triangular,
+):
     _pred.register(NegLinearOperator)(lambda op, p=_pred: p(op.operator))
 is_positive_semidefinite.register(NegLinearOperator)(
     lambda op: is_negative_semidefinite(op.operator)
@@ -308,8 +319,10 @@ has_unit_diagonal.register(NegLinearOperator)(lambda op: False)
 for _pred in (is_diagonal, is_lower_triangular, is_upper_triangular, has_unit_diagonal):
     _pred.register(ComposedLinearOperator)(_both(_pred))
 is_tridiagonal.register(ComposedLinearOperator)(
-    lambda op: (is_diagonal(op.operator1) and is_tridiagonal(op.operator2))
-    or (is_tridiagonal(op.operator1) and is_diagonal(op.operator2))
+    lambda op: (
+        (is_diagonal(op.operator1) and is_tridiagonal(op.operator2))
+        or (is_tridiagonal(op.operator1) and is_diagonal(op.operator2))
+    )
 )
 is_symmetric.register(ComposedLinearOperator)(
     lambda op: is_diagonal(op.operator1) and is_diagonal(op.operator2)
@@ -321,7 +334,9 @@ for _pred in (is_positive_semidefinite, is_negative_semidefinite):
 @materialise.register(AddLinearOperator)
 @materialise.register(ComposedLinearOperator)
 def _(operator):
-    return type(operator)(materialise(operator.operator1), materialise(operator.operator2))
+    return type(operator)(
+        materialise(operator.operator1), materialise(operator.operator2)
+    )
 
 
 @linearise.register(AddLinearOperator)

@@ -210,12 +210,13 @@ def _predicate(doc: str) -> Callable[[AbstractLinearOperator], bool]:
 def _check_operator(operator: Any) -> None:
     if not isinstance(operator, AbstractLinearOperator):
         raise TypeError(
-            f"Expected a `lineax.AbstractLinearOperator`, got {type(operator).__name__}."
+            "Expected a `lineax.AbstractLinearOperator`, got "
+            f"{type(operator).__name__}."
         )
 
 
-_predicate_doc = """Whether an operator is {what}, decided at trace time from its tags and
-type (never by inspecting values).
+_predicate_doc = """Whether an operator is {what}, decided at trace time from its tags
+and type (never by inspecting values).
 
 **Arguments:**
 
@@ -239,14 +240,10 @@ is_upper_triangular = _predicate(
     _predicate_doc.format(what="upper triangular", name="is_upper_triangular")
 )
 is_positive_semidefinite = _predicate(
-    _predicate_doc.format(
-        what="positive semidefinite", name="is_positive_semidefinite"
-    )
+    _predicate_doc.format(what="positive semidefinite", name="is_positive_semidefinite")
 )
 is_negative_semidefinite = _predicate(
-    _predicate_doc.format(
-        what="negative semidefinite", name="is_negative_semidefinite"
-    )
+    _predicate_doc.format(what="negative semidefinite", name="is_negative_semidefinite")
 )
 has_unit_diagonal = _predicate(
     _predicate_doc.format(what="unit-diagonal", name="has_unit_diagonal")
@@ -432,7 +429,9 @@ def probe_tridiagonal(operator: AbstractLinearOperator) -> tuple[Array, Array, A
     probes = np.stack([(index % 3) == k for k in range(3)]).astype(np.float64)
 
     def apply(probe):
-        out = operator.mv(unflatten_vector(jnp.asarray(probe, in_dtype), in_struct, True))
+        out = operator.mv(
+            unflatten_vector(jnp.asarray(probe, in_dtype), in_struct, True)
+        )
         return flatten_vector(out)
 
     # One batched mv rather than three separate ones.

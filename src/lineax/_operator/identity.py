@@ -6,7 +6,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from .._misc import Static, describe, result_dtype, structure_of, tree_size
+from .._misc import describe, result_dtype, Static, structure_of, tree_size
 from .base import (
     AbstractLinearOperator,
     conj,
@@ -25,6 +25,7 @@ from .base import (
     tridiagonal,
     unflatten_vector,
 )
+
 
 _sentinel: Any = object()
 
@@ -104,13 +105,17 @@ is_negative_semidefinite.register(IdentityLinearOperator)(lambda op: False)
 
 @diagonal.register(IdentityLinearOperator)
 def _(operator):
-    dtype = result_dtype(operator.input_structure.value, operator.output_structure.value)
+    dtype = result_dtype(
+        operator.input_structure.value, operator.output_structure.value
+    )
     return jnp.ones(operator.in_size(), dtype)
 
 
 @tridiagonal.register(IdentityLinearOperator)
 def _(operator):
-    dtype = result_dtype(operator.input_structure.value, operator.output_structure.value)
+    dtype = result_dtype(
+        operator.input_structure.value, operator.output_structure.value
+    )
     n = operator.in_size()
     return jnp.ones(n, dtype), jnp.zeros(n - 1, dtype), jnp.zeros(n - 1, dtype)
 

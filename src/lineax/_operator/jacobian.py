@@ -8,7 +8,7 @@ import jax
 import jax.tree_util as jtu
 from jaxtyping import PyTree
 
-from .._misc import Static, inexact_asarray, strip_weak_dtype, structure_of
+from .._misc import inexact_asarray, Static, strip_weak_dtype, structure_of
 from .._tags import as_tags, symmetric_tag, transpose_tags
 from .base import (
     AbstractLinearOperator,
@@ -59,9 +59,7 @@ class JacobianLinearOperator(AbstractLinearOperator):
         closure_convert: bool = True,
     ):
         if jac not in (None, "fwd", "bwd"):
-            raise ValueError(
-                f'`jac` must be None, "fwd" or "bwd", got {jac!r}.'
-            )
+            raise ValueError(f'`jac` must be None, "fwd" or "bwd", got {jac!r}.')
         if not callable(fn):
             raise TypeError(f"`fn` must be callable, got {type(fn).__name__}.")
         check_leaf_arrays(x, "x")

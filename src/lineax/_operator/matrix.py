@@ -11,11 +11,11 @@ from .._misc import inexact_asarray
 from .._tags import as_tags, transpose_tags
 from .base import (
     AbstractLinearOperator,
+    bands_of_matrix,
     conj,
     diagonal,
     register_tag_predicates,
     tridiagonal,
-    bands_of_matrix,
 )
 
 

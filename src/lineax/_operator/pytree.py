@@ -9,7 +9,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, PyTree
 
-from .._misc import Static, inexact_asarray, structure_of
+from .._misc import inexact_asarray, Static, structure_of
 from .._tags import as_tags, transpose_tags
 from .base import AbstractLinearOperator, conj, register_tag_predicates
 
@@ -54,19 +54,20 @@ class PyTreeLinearOperator(AbstractLinearOperator):
             raise ValueError(
                 "`pytree` must have the PyTree structure of `output_structure` at its "
                 f"top level ({out_treedef}), with the input structure below each "
-                f"output leaf. Got a `pytree` of structure {jtu.tree_structure(pytree)}."
+                "output leaf. Got a `pytree` of structure "
+                f"{jtu.tree_structure(pytree)}."
             ) from e
         in_struct = None
         for out_leaf, subtree in zip(out_leaves, subtrees):
             for leaf in jtu.tree_leaves(subtree):
-                if not eqx.is_array_like(leaf) or isinstance(leaf, (bool, int, float, complex)):
+                if not eqx.is_array_like(leaf) or isinstance(
+                    leaf, (bool, int, float, complex)
+                ):
                     raise TypeError(
                         "Every leaf of `pytree` must be an array, but got a leaf of "
                         f"type {type(leaf).__name__}."
                     )
-            sub_struct = jtu.tree_map(
-                lambda x, o=out_leaf: _input_leaf(x, o), subtree
-            )
+            sub_struct = jtu.tree_map(lambda x, o=out_leaf: _input_leaf(x, o), subtree)
             if in_struct is None:
                 in_struct = sub_struct
             elif jtu.tree_structure(in_struct) != jtu.tree_structure(sub_struct) or any(

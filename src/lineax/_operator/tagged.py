@@ -7,8 +7,8 @@ import equinox as eqx
 from .. import _tags as t
 from .._tags import as_tags, transpose_tags
 from .base import (
-    ALL_PREDICATES,
     AbstractLinearOperator,
+    ALL_PREDICATES,
     conj,
     diagonal,
     has_tags,

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
-from .._misc import Static, result_dtype
+from .._misc import result_dtype, Static
 from .._operator.base import AbstractLinearOperator, flatten_vector, unflatten_vector
 
 
@@ -63,7 +63,9 @@ def transpose_packed_structures(
     )
 
 
-def matrix_and_packing(operator: AbstractLinearOperator) -> tuple[Array, PackedStructures]:
+def matrix_and_packing(
+    operator: AbstractLinearOperator,
+) -> tuple[Array, PackedStructures]:
     return operator.as_matrix(), pack_structures(operator)
 
 

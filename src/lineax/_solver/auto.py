@@ -105,7 +105,9 @@ class AutoLinearSolver(AbstractLinearSolver[AutoState]):
             return Diagonal(well_posed=False)
         return SVD()
 
-    def init(self, operator: AbstractLinearOperator, options: dict[str, Any]) -> AutoState:
+    def init(
+        self, operator: AbstractLinearOperator, options: dict[str, Any]
+    ) -> AutoState:
         solver = self.select_solver(operator)
         return AutoState(solver, solver.init(operator, options))
 

@@ -31,7 +31,9 @@ class AbstractLinearSolver(eqx.Module, Generic[_SolverState]):
     """
 
     @abc.abstractmethod
-    def init(self, operator: AbstractLinearOperator, options: dict[str, Any]) -> _SolverState:
+    def init(
+        self, operator: AbstractLinearOperator, options: dict[str, Any]
+    ) -> _SolverState:
         """Do the operator-dependent work of a solve (e.g. factorise).
 
         **Arguments:**

@@ -14,13 +14,13 @@ from .._operator.base import (
 )
 from .._solution import RESULTS
 from ._packing import (
-    PackedStructures,
     pack_structures,
+    PackedStructures,
     ravel_vector,
     transpose_packed_structures,
     unravel_solution,
 )
-from .base import AbstractLinearSolver, numerically_singular, check_square, check_tag
+from .base import AbstractLinearSolver, check_square, check_tag, numerically_singular
 
 
 class CholeskyState(eqx.Module):
@@ -44,7 +44,9 @@ class Cholesky(AbstractLinearSolver[CholeskyState]):
     About twice as fast as [`lineax.LU`][]. This solver reads no `options`.
     """
 
-    def init(self, operator: AbstractLinearOperator, options: dict[str, Any]) -> CholeskyState:
+    def init(
+        self, operator: AbstractLinearOperator, options: dict[str, Any]
+    ) -> CholeskyState:
         del options
         check_square(operator, "Cholesky")
         positive = is_positive_semidefinite(operator)
@@ -84,7 +86,9 @@ class Cholesky(AbstractLinearSolver[CholeskyState]):
         return new, options
 
     def conj(self, state: CholeskyState, options):
-        new = CholeskyState(jnp.conj(state.factor), state.packed_structures, state.negative)
+        new = CholeskyState(
+            jnp.conj(state.factor), state.packed_structures, state.negative
+        )
         return new, options
 
     def assume_full_rank(self) -> bool:

@@ -10,8 +10,8 @@ from jaxtyping import Array
 from .._operator.base import AbstractLinearOperator, diagonal, is_diagonal
 from .._solution import RESULTS
 from ._packing import (
-    PackedStructures,
     pack_structures,
+    PackedStructures,
     ravel_vector,
     transpose_packed_structures,
     unravel_solution,
@@ -50,7 +50,9 @@ class Diagonal(AbstractLinearSolver[DiagonalState]):
         if self.rcond is not None and not self.rcond >= 0:
             raise ValueError(f"`rcond` must be nonnegative or None, got {self.rcond}.")
 
-    def init(self, operator: AbstractLinearOperator, options: dict[str, Any]) -> DiagonalState:
+    def init(
+        self, operator: AbstractLinearOperator, options: dict[str, Any]
+    ) -> DiagonalState:
         del options
         check_square(operator, "Diagonal")
         check_tag(is_diagonal(operator), "Diagonal", "diagonal", "`lx.diagonal_tag`")
@@ -62,7 +64,9 @@ class Diagonal(AbstractLinearSolver[DiagonalState]):
         d = state.diagonal
         if self.well_posed:
             x = b / d
-            result = RESULTS.where(jnp.any(d == 0), RESULTS.singular, RESULTS.successful)
+            result = RESULTS.where(
+                jnp.any(d == 0), RESULTS.singular, RESULTS.successful
+            )
         else:
             rcond = self.rcond
             if rcond is None:

@@ -7,10 +7,16 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 from jaxtyping import Array
 
-from .._solution import RESULTS
 from .._operator.base import AbstractLinearOperator
-from ._packing import PackedStructures, pack_structures, ravel_vector, transpose_packed_structures, unravel_solution
-from .base import AbstractLinearSolver, numerically_singular, check_square
+from .._solution import RESULTS
+from ._packing import (
+    pack_structures,
+    PackedStructures,
+    ravel_vector,
+    transpose_packed_structures,
+    unravel_solution,
+)
+from .base import AbstractLinearSolver, check_square, numerically_singular
 
 
 class LUState(eqx.Module):
@@ -33,7 +39,9 @@ class LU(AbstractLinearSolver[LUState]):
     This solver reads no `options`.
     """
 
-    def init(self, operator: AbstractLinearOperator, options: dict[str, Any]) -> LUState:
+    def init(
+        self, operator: AbstractLinearOperator, options: dict[str, Any]
+    ) -> LUState:
         del options
         check_square(operator, "LU")
         lu, pivots = jsl.lu_factor(operator.as_matrix(), check_finite=False)
@@ -42,7 +50,12 @@ class LU(AbstractLinearSolver[LUState]):
     def compute(self, state: LUState, vector, options):
         del options
         b = ravel_vector(vector, state.packed_structures)
-        x = jsl.lu_solve((state.lu, state.pivots), b, trans=1 if state.transposed else 0, check_finite=False)
+        x = jsl.lu_solve(
+            (state.lu, state.pivots),
+            b,
+            trans=1 if state.transposed else 0,
+            check_finite=False,
+        )
         singular = numerically_singular(jnp.diagonal(state.lu))
         result = RESULTS.where(singular, RESULTS.singular, RESULTS.successful)
         return unravel_solution(x, state.packed_structures), result, {}

@@ -4,8 +4,8 @@ systems."""
 from typing import Any
 
 import equinox as eqx
-import jax.tree_util as jtu
 import jax.numpy as jnp
+import jax.tree_util as jtu
 
 from .._misc import tree_is_complex
 from .._operator.base import AbstractLinearOperator, conj
@@ -68,13 +68,17 @@ class Normal(AbstractLinearSolver[NormalState]):
                 f"{type(self.inner_solver).__name__}."
             )
 
-    def init(self, operator: AbstractLinearOperator, options: dict[str, Any]) -> NormalState:
+    def init(
+        self, operator: AbstractLinearOperator, options: dict[str, Any]
+    ) -> NormalState:
         tall = operator.out_size() >= operator.in_size()
         complex_ = tree_is_complex(operator.in_structure()) or tree_is_complex(
             operator.out_structure()
         )
         gram = _normal_operator(operator, tall, complex_)
-        return NormalState(operator, self.inner_solver.init(gram, options), tall, complex_)
+        return NormalState(
+            operator, self.inner_solver.init(gram, options), tall, complex_
+        )
 
     def compute(self, state: NormalState, vector, options):
         operator = state.operator

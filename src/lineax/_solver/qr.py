@@ -11,8 +11,8 @@ from jaxtyping import Array
 from .._operator.base import AbstractLinearOperator
 from .._solution import RESULTS
 from ._packing import (
-    PackedStructures,
     pack_structures,
+    PackedStructures,
     ravel_vector,
     transpose_packed_structures,
     unravel_solution,
@@ -45,7 +45,9 @@ class QR(AbstractLinearSolver[QRState]):
     This solver reads no `options`.
     """
 
-    def init(self, operator: AbstractLinearOperator, options: dict[str, Any]) -> QRState:
+    def init(
+        self, operator: AbstractLinearOperator, options: dict[str, Any]
+    ) -> QRState:
         del options
         matrix = operator.as_matrix()
         m, n = matrix.shape
@@ -65,7 +67,9 @@ class QR(AbstractLinearSolver[QRState]):
             y = jsl.solve_triangular(r, b, trans="C", lower=False)
             x = jnp.matmul(q, y, precision=hi)
         else:
-            x = jsl.solve_triangular(r, jnp.matmul(jnp.conj(q.T), b, precision=hi), lower=False)
+            x = jsl.solve_triangular(
+                r, jnp.matmul(jnp.conj(q.T), b, precision=hi), lower=False
+            )
         singular = numerically_singular(jnp.diagonal(r))
         result = RESULTS.where(singular, RESULTS.singular, RESULTS.successful)
         return unravel_solution(x, state.packed_structures), result, {}

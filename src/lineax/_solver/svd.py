@@ -11,8 +11,8 @@ from jaxtyping import Array
 from .._operator.base import AbstractLinearOperator
 from .._solution import RESULTS
 from ._packing import (
-    PackedStructures,
     pack_structures,
+    PackedStructures,
     ravel_vector,
     transpose_packed_structures,
     unravel_solution,
@@ -51,7 +51,9 @@ class SVD(AbstractLinearSolver[SVDState]):
         if self.rcond is not None and not self.rcond >= 0:
             raise ValueError(f"`rcond` must be nonnegative or None, got {self.rcond}.")
 
-    def init(self, operator: AbstractLinearOperator, options: dict[str, Any]) -> SVDState:
+    def init(
+        self, operator: AbstractLinearOperator, options: dict[str, Any]
+    ) -> SVDState:
         del options
         u, s, vh = jnp.linalg.svd(operator.as_matrix(), full_matrices=False)
         return SVDState(u, s, vh, pack_structures(operator))

@@ -15,13 +15,13 @@ from .._operator.base import (
 )
 from .._solution import RESULTS
 from ._packing import (
-    PackedStructures,
     pack_structures,
+    PackedStructures,
     ravel_vector,
     transpose_packed_structures,
     unravel_solution,
 )
-from .base import AbstractLinearSolver, numerically_singular, check_square, check_tag
+from .base import AbstractLinearSolver, check_square, check_tag, numerically_singular
 
 
 class TriangularState(eqx.Module):
@@ -45,7 +45,9 @@ class Triangular(AbstractLinearSolver[TriangularState]):
     This solver reads no `options`.
     """
 
-    def init(self, operator: AbstractLinearOperator, options: dict[str, Any]) -> TriangularState:
+    def init(
+        self, operator: AbstractLinearOperator, options: dict[str, Any]
+    ) -> TriangularState:
         del options
         check_square(operator, "Triangular")
         lower = is_lower_triangular(operator)

@@ -10,8 +10,8 @@ from jaxtyping import Array
 from .._operator.base import AbstractLinearOperator, is_tridiagonal, tridiagonal
 from .._solution import RESULTS
 from ._packing import (
-    PackedStructures,
     pack_structures,
+    PackedStructures,
     ravel_vector,
     transpose_packed_structures,
     unravel_solution,
@@ -41,7 +41,9 @@ class Tridiagonal(AbstractLinearSolver[TridiagonalState]):
     This solver reads no `options`.
     """
 
-    def init(self, operator: AbstractLinearOperator, options: dict[str, Any]) -> TridiagonalState:
+    def init(
+        self, operator: AbstractLinearOperator, options: dict[str, Any]
+    ) -> TridiagonalState:
         del options
         check_square(operator, "Tridiagonal")
         check_tag(
@@ -63,7 +65,10 @@ class Tridiagonal(AbstractLinearSolver[TridiagonalState]):
         del options
         b = ravel_vector(vector, state.packed_structures)
         x = lax.linalg.tridiagonal_solve(
-            state.lower, state.diagonal, state.upper, b[:, None].astype(state.diagonal.dtype)
+            state.lower,
+            state.diagonal,
+            state.upper,
+            b[:, None].astype(state.diagonal.dtype),
         )[:, 0]
         return unravel_solution(x, state.packed_structures), RESULTS.successful, {}
 
