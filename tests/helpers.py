@@ -68,7 +68,8 @@ def assert_close(actual: Any, desired: Any, dtype: Any, scale: float = 1.0) -> N
 #
 
 
-def flatten(tree: PyTree[Any]) -> np.ndarray:
+@jaxtyped(typechecker=beartype)
+def flatten(tree: PyTree[Any]) -> Shaped[np.ndarray, " size"]:
     """Ravel and concatenate the leaves of `tree` into a 1-D NumPy array in
     float64/complex128."""
     leaves = [np.asarray(x) for x in jtu.tree_leaves(tree)]
@@ -132,6 +133,7 @@ def randn(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> np.nd
     return round_to(x, dtype)
 
 
+@jaxtyped(typechecker=beartype)
 def random_vector(rng: np.random.Generator, structure: Structure) -> PyTree[Array]:
     """A random PyTree of JAX arrays with the given structure."""
     return jtu.tree_map(
@@ -464,6 +466,7 @@ MATRIX_FREE_KINDS = frozenset(
 )
 
 
+@jaxtyped(typechecker=beartype)
 def make_operator(
     kind: str,
     matrix: NumpyMatrix,
@@ -515,6 +518,7 @@ def make_operator(
     return factory(*args)
 
 
+@jaxtyped(typechecker=beartype)
 def random_operator(
     kind: str,
     dtype: Any,
@@ -522,7 +526,7 @@ def random_operator(
     out_structure: Structure,
     tags: Any = (),
     seed: int = 0,
-) -> tuple[lx.AbstractLinearOperator, np.ndarray]:
+) -> tuple[lx.AbstractLinearOperator, Shaped[np.ndarray, "m n"]]:
     """`make_operator` of a `random_matrix` (sized from the structures)."""
     rng = np.random.default_rng(seed)
     if kind in FLAT_KINDS:

@@ -9,6 +9,8 @@ kind, `LINEAX_EXHAUSTIVE=1` many more.
 
 import functools as ft
 import inspect
+import os
+import types
 from typing import Any
 
 import equinox as eqx
@@ -80,11 +82,11 @@ TAG_SETS = (
 
 
 def _examples(n: int) -> Any:
-    """At most `n` examples in the default profile; the profile's count otherwise."""
-    default = hypothesis.settings().max_examples
-    return hypothesis.settings(
-        max_examples=min(n, default) if default <= 25 else default
-    )
+    """`n` examples in the default profile; the profile's count with
+    `LINEAX_EXHAUSTIVE=1`."""
+    if os.environ.get("LINEAX_EXHAUSTIVE"):
+        return hypothesis.settings()
+    return hypothesis.settings(max_examples=n)
 
 
 def true_predicates(operator: lx.AbstractLinearOperator) -> set[str]:
@@ -132,7 +134,7 @@ def operator_cases(draw: Any, kind: str, dtypes: tuple = DTYPES) -> tuple:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@_examples(5)
+@_examples(4)
 @hypothesis.given(data=st.data())
 def test_operator_matches_matrix(kind, data):
     op, ref, dtype, tags, in_structure, out_structure, seed = data.draw(
@@ -158,15 +160,16 @@ def test_operator_matches_matrix(kind, data):
     for transposed in (op.transpose(), op.T):
         assert same_structure(transposed.in_structure(), op.out_structure())
         assert same_structure(transposed.out_structure(), op.in_structure())
-    close(flatten(op.T.mv(w)), ref.T @ flatten(w))
 
-    materialised = lx.materialise(op)
+    # Structure only (values below): shapes, types and tags of derived operators.
+    materialised = eqx.filter_eval_shape(lx.materialise, op)
     assert matrix_free_parts(materialised) == []
     assert true_predicates(materialised) == true_predicates(op)
-    assert true_predicates(lx.linearise(op)) == true_predicates(op)
+    linearised = eqx.filter_eval_shape(lx.linearise, op)
+    assert true_predicates(linearised) == true_predicates(op)
     # (A superset: the default `conj` re-tags from the predicates, and a 1x1
     # operator is diagonal without its other predicates saying so.)
-    assert true_predicates(lx.conj(op)) >= true_predicates(op)
+    assert true_predicates(eqx.filter_eval_shape(lx.conj, op)) >= true_predicates(op)
 
     # The dense computations, compiled at once (much faster than op-by-op).
     params, fn = _operator_functions(op)
@@ -1141,16 +1144,7 @@ def test_operator_arithmetic_with_non_operators():
 #
 
 
-_COMPLEX_NORM_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `two_norm` (and `rms_norm`) of a complex input divides complex "
-    "leaves by a real scale, a TypePromotionError under strict dtype promotion.",
-)
-
-
-@pytest.mark.parametrize(
-    "dtype", [f32, f64, pytest.param(c128, marks=_COMPLEX_NORM_BUG)]
-)
+@pytest.mark.parametrize("dtype", [f32, f64, c128])
 def test_norms(dtype):
     rng = np.random.default_rng(0)
     tree = {
@@ -1176,7 +1170,7 @@ def test_norms(dtype):
 
 @pytest.mark.parametrize(
     "dtype, big",
-    [(f64, 1e200), (f32, 1e30), pytest.param(c128, 1e200, marks=_COMPLEX_NORM_BUG)],
+    [(f64, 1e200), (f32, 1e30), (c128, 1e200)],
 )
 def test_two_norm_no_overflow(dtype, big):
     x = jnp.full((4,), big, dtype)
@@ -1198,7 +1192,6 @@ def test_norm_gradients():
     assert np.all(np.isfinite(jax.jit(jax.grad(lxi.two_norm))(jnp.zeros(2))))
 
 
-@_COMPLEX_NORM_BUG
 def test_norm_gradient_complex():
     grad = jax.grad(lambda x: lxi.two_norm(x.astype(c128) * 1j))(jnp.zeros(2))
     assert np.all(grad == 0)
@@ -1299,6 +1292,20 @@ def test_public_names(name):
     if name.endswith("LinearOperator"):
         assert issubclass(value, lx.AbstractLinearOperator)
         assert issubclass(value, eqx.Module)
+
+
+_FUNCTION_NAMES = [
+    n for n in OPERATOR_LAYER_NAMES if n[0].islower() and "_tag" not in n
+]
+
+
+@pytest.mark.parametrize("name", _FUNCTION_NAMES)
+def test_public_functions_are_functions(name):
+    # E.g. the submodule `lineax._operator.diagonal` must not shadow the function
+    # `lineax.diagonal` (import order in `_operator/__init__.py`).
+    value = getattr(lx, name)
+    assert not isinstance(value, types.ModuleType)
+    assert callable(value) or name == "transpose_tags_rules"
 
 
 @pytest.mark.parametrize("name", INTERNAL_NAMES)

@@ -8,13 +8,26 @@ from ._operator import (
     AbstractLinearOperator as AbstractLinearOperator,
     AddLinearOperator as AddLinearOperator,
     ComposedLinearOperator as ComposedLinearOperator,
-    conj as conj,
-    diagonal as diagonal,
     DiagonalLinearOperator as DiagonalLinearOperator,
     DivLinearOperator as DivLinearOperator,
     FunctionLinearOperator as FunctionLinearOperator,
-    has_unit_diagonal as has_unit_diagonal,
     IdentityLinearOperator as IdentityLinearOperator,
+    JacobianLinearOperator as JacobianLinearOperator,
+    MatrixLinearOperator as MatrixLinearOperator,
+    MulLinearOperator as MulLinearOperator,
+    NegLinearOperator as NegLinearOperator,
+    PyTreeLinearOperator as PyTreeLinearOperator,
+    TaggedLinearOperator as TaggedLinearOperator,
+    TangentLinearOperator as TangentLinearOperator,
+    TridiagonalLinearOperator as TridiagonalLinearOperator,
+)
+
+# The dispatching functions come from `base` directly: the package `_operator` has
+# submodules named `diagonal` and `tridiagonal` that would shadow them there.
+from ._operator.base import (
+    conj as conj,
+    diagonal as diagonal,
+    has_unit_diagonal as has_unit_diagonal,
     is_diagonal as is_diagonal,
     is_lower_triangular as is_lower_triangular,
     is_negative_semidefinite as is_negative_semidefinite,
@@ -22,17 +35,9 @@ from ._operator import (
     is_symmetric as is_symmetric,
     is_tridiagonal as is_tridiagonal,
     is_upper_triangular as is_upper_triangular,
-    JacobianLinearOperator as JacobianLinearOperator,
     linearise as linearise,
     materialise as materialise,
-    MatrixLinearOperator as MatrixLinearOperator,
-    MulLinearOperator as MulLinearOperator,
-    NegLinearOperator as NegLinearOperator,
-    PyTreeLinearOperator as PyTreeLinearOperator,
-    TaggedLinearOperator as TaggedLinearOperator,
-    TangentLinearOperator as TangentLinearOperator,
     tridiagonal as tridiagonal,
-    TridiagonalLinearOperator as TridiagonalLinearOperator,
 )
 from ._solution import RESULTS as RESULTS, Solution as Solution
 from ._solver import (

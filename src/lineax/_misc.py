@@ -149,8 +149,8 @@ class Static(eqx.Module):
     _treedef: Any = eqx.field(static=True)
 
     def __init__(self, value: PyTree):
-        self._leaves, self._treedef = jtu.tree_flatten(value)
-        self._leaves = tuple(self._leaves)
+        leaves, self._treedef = jtu.tree_flatten(value)
+        self._leaves = tuple(leaves)
 
     @property
     def value(self) -> PyTree:

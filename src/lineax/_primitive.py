@@ -13,6 +13,8 @@ from typing import Any
 import equinox as eqx
 import equinox.internal as eqxi
 import jax
+import jax.core
+import jax.interpreters.ad as ad
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
@@ -195,11 +197,11 @@ def _linear_solve_jvp(primals, tangents):
         )
         tangent_op = TangentLinearOperator(operator, t_operator)
         terms.append(_tree_neg(tangent_op.mv(solution)))
-        if dependent_rows or dependent_columns:
-            tangent_op_t = tangent_op.transpose()
 
-            def tangent_op_h_mv(y):
-                return _tree_conj(tangent_op_t.mv(_tree_conj(y, complex_)), complex_)
+        def tangent_op_h_mv(y):
+            # V^H y = conj(V^T conj(y)).
+            tangent_op_t = tangent_op.transpose()
+            return _tree_conj(tangent_op_t.mv(_tree_conj(y, complex_)), complex_)
 
         if dependent_rows:
             residual = jtu.tree_map(lambda b, ax: b - ax, vector, operator.mv(solution))
@@ -207,7 +209,7 @@ def _linear_solve_jvp(primals, tangents):
                 _conj_transpose_solve(
                     operator,
                     state,
-                    tangent_op_h_mv(residual),  # pyright: ignore[reportPossiblyUnbound]
+                    tangent_op_h_mv(residual),
                     options,
                     solver,
                     throw,
@@ -218,7 +220,7 @@ def _linear_solve_jvp(primals, tangents):
             y = _conj_transpose_solve(
                 operator, state, solution, options, solver, throw, complex_
             )
-            z = tangent_op_h_mv(y)  # pyright: ignore[reportPossiblyUnbound]
+            z = tangent_op_h_mv(y)
             terms.append(_tree_neg(operator.mv(z)))
             after.append(z)
     total = _tree_add(*terms) if len(terms) > 1 else terms[0]
@@ -232,10 +234,7 @@ def _linear_solve_transpose(inputs, cts_out):
     operator, state, vector, options, solver, throw, kind = inputs
     del kind
     for name, value in (("operator", operator), ("state", state), ("options", options)):
-        if any(
-            isinstance(x, jax.interpreters.ad.UndefinedPrimal)
-            for x in jtu.tree_leaves(value)
-        ):
+        if any(isinstance(x, ad.UndefinedPrimal) for x in jtu.tree_leaves(value)):
             raise NotImplementedError(
                 f"`linear_solve` is not linear in its `{name}`, so cannot be "
                 "transposed with respect to it. (This is a bug: please report it.)"
@@ -264,10 +263,18 @@ def _linear_solve_transpose(inputs, cts_out):
     )
 
 
+# Batching comes from `create_vprim`: `vmap` of the primitive binds a batched
+# version whose rules are the `vmap`s of these rules, so JVPs and transposes of
+# batched solves are themselves batched solves. Under `vmap` over the vector only,
+# the solver's own batching makes one matrix solve of many right-hand sides.
+# (`filter_primitive_transpose`'s overloads confuse pyright: it is called with the
+# rule, as documented.)
 linear_solve_p = eqxi.create_vprim(
     "linear_solve",
     eqxi.filter_primitive_def(_linear_solve_impl),
     eqxi.filter_primitive_def(_linear_solve_abstract_eval),
     eqxi.filter_primitive_jvp(_linear_solve_jvp),
-    eqxi.filter_primitive_transpose(materialise_zeros=True)(_linear_solve_transpose),
+    eqxi.filter_primitive_transpose(materialise_zeros=True)(  # pyright: ignore[reportCallIssue]
+        _linear_solve_transpose
+    ),
 )

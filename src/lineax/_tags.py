@@ -18,13 +18,21 @@ class _Tag:
 
 
 symmetric_tag = _Tag("symmetric_tag")
+"""The operator equals its transpose."""
 diagonal_tag = _Tag("diagonal_tag")
+"""The operator is diagonal."""
 tridiagonal_tag = _Tag("tridiagonal_tag")
+"""The operator is tridiagonal."""
 unit_diagonal_tag = _Tag("unit_diagonal_tag")
+"""The operator's diagonal is all ones (used with the triangular tags: the diagonal is then never read)."""
 lower_triangular_tag = _Tag("lower_triangular_tag")
+"""The operator is lower triangular."""
 upper_triangular_tag = _Tag("upper_triangular_tag")
+"""The operator is upper triangular."""
 positive_semidefinite_tag = _Tag("positive_semidefinite_tag")
+"""The operator is positive semidefinite (Hermitian, for complex operators). Solvers that need definiteness (Cholesky, CG) assume positive definite."""
 negative_semidefinite_tag = _Tag("negative_semidefinite_tag")
+"""The operator is negative semidefinite (Hermitian, for complex operators)."""
 
 
 def _swap_triangular(tags: frozenset) -> frozenset:

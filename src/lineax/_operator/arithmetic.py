@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-from jaxtyping import ArrayLike
 
 from .base import (
     AbstractLinearOperator,
@@ -409,30 +408,26 @@ def _(operator):
 
 @tridiagonal.register(AddLinearOperator)
 def _(operator):
-    a = tridiagonal(operator.operator1)
-    b = tridiagonal(operator.operator2)
-    return tuple(x + y for x, y in zip(a, b))
+    (d1, l1, u1) = tridiagonal(operator.operator1)
+    (d2, l2, u2) = tridiagonal(operator.operator2)
+    return d1 + d2, l1 + l2, u1 + u2
 
 
 @tridiagonal.register(MulLinearOperator)
 def _(operator):
-    return tuple(
-        _scale(x, operator.scalar, lambda x, s: x * s)
-        for x in tridiagonal(operator.operator)
-    )
+    d, lower, upper = tridiagonal(operator.operator)
+    mul = lambda x: _scale(x, operator.scalar, lambda a, s: a * s)
+    return mul(d), mul(lower), mul(upper)
 
 
 @tridiagonal.register(DivLinearOperator)
 def _(operator):
-    return tuple(
-        _scale(x, operator.scalar, lambda x, s: x / s)
-        for x in tridiagonal(operator.operator)
-    )
+    d, lower, upper = tridiagonal(operator.operator)
+    div = lambda x: _scale(x, operator.scalar, lambda a, s: a / s)
+    return div(d), div(lower), div(upper)
 
 
 @tridiagonal.register(NegLinearOperator)
 def _(operator):
-    return tuple(-x for x in tridiagonal(operator.operator))
-
-
-_ = ArrayLike
+    d, lower, upper = tridiagonal(operator.operator)
+    return -d, -lower, -upper

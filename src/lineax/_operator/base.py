@@ -9,7 +9,6 @@ file.
 
 import abc
 import functools as ft
-from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -197,7 +196,7 @@ def matrix_by_mv(operator: AbstractLinearOperator) -> Array:
 #
 
 
-def _predicate(doc: str) -> Callable[[AbstractLinearOperator], bool]:
+def _predicate(doc: str):
     @ft.singledispatch
     def predicate(operator: AbstractLinearOperator) -> bool:
         _check_operator(operator)
@@ -233,21 +232,45 @@ is_diagonal = _predicate(_predicate_doc.format(what="diagonal", name="is_diagona
 is_tridiagonal = _predicate(
     _predicate_doc.format(what="tridiagonal", name="is_tridiagonal")
 )
+"""Whether an operator is tridiagonal: a `bool` decided at trace time from tags and
+operator type, never from values. `False` means "not known". Extend it to your own
+operator class with `@lineax.is_tridiagonal.register(MyOperator)`."""
+"""Whether an operator is diagonal: a `bool` decided at trace time from tags and
+operator type, never from values. `False` means "not known". Extend it to your own
+operator class with `@lineax.is_diagonal.register(MyOperator)`."""
+"""Whether an operator is symmetric: a `bool` decided at trace time from tags and
+operator type, never from values. `False` means "not known". Extend it to your own
+operator class with `@lineax.is_symmetric.register(MyOperator)`."""
 is_lower_triangular = _predicate(
     _predicate_doc.format(what="lower triangular", name="is_lower_triangular")
 )
+"""Whether an operator is lower triangular: a `bool` decided at trace time from tags and
+operator type, never from values. `False` means "not known". Extend it to your own
+operator class with `@lineax.is_lower_triangular.register(MyOperator)`."""
 is_upper_triangular = _predicate(
     _predicate_doc.format(what="upper triangular", name="is_upper_triangular")
 )
+"""Whether an operator is upper triangular: a `bool` decided at trace time from tags and
+operator type, never from values. `False` means "not known". Extend it to your own
+operator class with `@lineax.is_upper_triangular.register(MyOperator)`."""
 is_positive_semidefinite = _predicate(
     _predicate_doc.format(what="positive semidefinite", name="is_positive_semidefinite")
 )
+"""Whether an operator is positive semidefinite: a `bool` decided at trace time from tags and
+operator type, never from values. `False` means "not known". Extend it to your own
+operator class with `@lineax.is_positive_semidefinite.register(MyOperator)`."""
 is_negative_semidefinite = _predicate(
     _predicate_doc.format(what="negative semidefinite", name="is_negative_semidefinite")
 )
+"""Whether an operator is negative semidefinite: a `bool` decided at trace time from tags and
+operator type, never from values. `False` means "not known". Extend it to your own
+operator class with `@lineax.is_negative_semidefinite.register(MyOperator)`."""
 has_unit_diagonal = _predicate(
     _predicate_doc.format(what="unit-diagonal", name="has_unit_diagonal")
 )
+"""Whether an operator is unit-diagonal: a `bool` decided at trace time from tags and
+operator type, never from values. `False` means "not known". Extend it to your own
+operator class with `@lineax.has_unit_diagonal.register(MyOperator)`."""
 
 ALL_PREDICATES = (
     is_symmetric,

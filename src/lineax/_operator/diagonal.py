@@ -2,7 +2,6 @@
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
@@ -81,6 +80,3 @@ def _(operator):
 @conj.register(DiagonalLinearOperator)
 def _(operator):
     return DiagonalLinearOperator(jtu.tree_map(jnp.conj, operator.diagonal))
-
-
-_ = jax

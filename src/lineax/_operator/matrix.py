@@ -39,7 +39,7 @@ class MatrixLinearOperator(AbstractLinearOperator):
             raise TypeError(
                 f"`matrix` must be a 2-D array, got {type(matrix).__name__}."
             )
-        matrix = inexact_asarray(matrix)
+        matrix = inexact_asarray(matrix)  # pyright: ignore[reportArgumentType]
         if matrix.ndim != 2:
             raise ValueError(
                 f"`matrix` must be a 2-D array, but has shape {matrix.shape}. Use "

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from equinox import AbstractVar
-from jaxtyping import Array, PyTree, Scalar
+from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
 from .._misc import describe, strip_weak_dtype, structure_of
 from .._norm import tree_dot
@@ -79,7 +79,7 @@ def norm2(x: PyTree[Array]) -> Scalar:
     return jnp.sqrt(jnp.real(tree_dot(x, x)))
 
 
-def safe_div(num: Array, den: Array) -> Array:
+def safe_div(num: ArrayLike, den: Array) -> Array:
     """`num / den`, and 0 where `den == 0` (never NaN from a finished element)."""
     zero = den == 0
     return jnp.where(zero, 0, num / jnp.where(zero, 1, den))

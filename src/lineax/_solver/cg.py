@@ -120,7 +120,7 @@ class CG(AbstractKrylovSolver):
             def mv(v):
                 return jtu.tree_map(jnp.negative, operator.mv(v))
         else:
-            mv = operator.mv
+            mv = operator.mv  # pyright: ignore[reportAssignmentType]
         tol = self.tolerance(vector)
         stabilise_every = (
             max_steps + 1 if self.stabilise_every is None else self.stabilise_every
