@@ -24,13 +24,15 @@ diagonal_tag = _Tag("diagonal_tag")
 tridiagonal_tag = _Tag("tridiagonal_tag")
 """The operator is tridiagonal."""
 unit_diagonal_tag = _Tag("unit_diagonal_tag")
-"""The operator's diagonal is all ones (used with the triangular tags: the diagonal is then never read)."""
+"""The operator's diagonal is all ones (used with the triangular tags: the diagonal is
+then never read)."""
 lower_triangular_tag = _Tag("lower_triangular_tag")
 """The operator is lower triangular."""
 upper_triangular_tag = _Tag("upper_triangular_tag")
 """The operator is upper triangular."""
 positive_semidefinite_tag = _Tag("positive_semidefinite_tag")
-"""The operator is positive semidefinite (Hermitian, for complex operators). Solvers that need definiteness (Cholesky, CG) assume positive definite."""
+"""The operator is positive semidefinite (Hermitian, for complex operators). Solvers
+that need definiteness (Cholesky, CG) assume positive definite."""
 negative_semidefinite_tag = _Tag("negative_semidefinite_tag")
 """The operator is negative semidefinite (Hermitian, for complex operators)."""
 

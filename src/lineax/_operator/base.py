@@ -244,27 +244,29 @@ operator class with `@lineax.is_symmetric.register(MyOperator)`."""
 is_lower_triangular = _predicate(
     _predicate_doc.format(what="lower triangular", name="is_lower_triangular")
 )
-"""Whether an operator is lower triangular: a `bool` decided at trace time from tags and
-operator type, never from values. `False` means "not known". Extend it to your own
-operator class with `@lineax.is_lower_triangular.register(MyOperator)`."""
+"""Whether an operator is lower triangular: a `bool` decided at trace time from tags
+and operator type, never from values. `False` means "not known". Extend it to your
+own operator class with `@lineax.is_lower_triangular.register(MyOperator)`."""
 is_upper_triangular = _predicate(
     _predicate_doc.format(what="upper triangular", name="is_upper_triangular")
 )
-"""Whether an operator is upper triangular: a `bool` decided at trace time from tags and
-operator type, never from values. `False` means "not known". Extend it to your own
-operator class with `@lineax.is_upper_triangular.register(MyOperator)`."""
+"""Whether an operator is upper triangular: a `bool` decided at trace time from tags
+and operator type, never from values. `False` means "not known". Extend it to your
+own operator class with `@lineax.is_upper_triangular.register(MyOperator)`."""
 is_positive_semidefinite = _predicate(
     _predicate_doc.format(what="positive semidefinite", name="is_positive_semidefinite")
 )
-"""Whether an operator is positive semidefinite: a `bool` decided at trace time from tags and
-operator type, never from values. `False` means "not known". Extend it to your own
-operator class with `@lineax.is_positive_semidefinite.register(MyOperator)`."""
+"""Whether an operator is positive semidefinite: a `bool` decided at trace time from
+tags and operator type, never from values. `False` means "not known". Extend it to
+your own operator class with
+`@lineax.is_positive_semidefinite.register(MyOperator)`."""
 is_negative_semidefinite = _predicate(
     _predicate_doc.format(what="negative semidefinite", name="is_negative_semidefinite")
 )
-"""Whether an operator is negative semidefinite: a `bool` decided at trace time from tags and
-operator type, never from values. `False` means "not known". Extend it to your own
-operator class with `@lineax.is_negative_semidefinite.register(MyOperator)`."""
+"""Whether an operator is negative semidefinite: a `bool` decided at trace time from
+tags and operator type, never from values. `False` means "not known". Extend it to
+your own operator class with
+`@lineax.is_negative_semidefinite.register(MyOperator)`."""
 has_unit_diagonal = _predicate(
     _predicate_doc.format(what="unit-diagonal", name="has_unit_diagonal")
 )
