@@ -27,7 +27,7 @@ class SolverCase:
     tags: tuple = ()
     # Whether the case supports matrix-free operators (some solvers need tags that
     # materialise, which all kinds support; this is for e.g. exact-zero patterns).
-    kinds: tuple = ("matrix", "pytree", "function", "jacobian")
+    kinds: tuple = ("matrix", "pytree", "function", "jacobian", "native", "composed")
 
 
 # Sizes are small: these tests check correctness, and compile time is per shape.
@@ -148,6 +148,20 @@ def make_operator(
             r += rows
         return lx.PyTreeLinearOperator(jtu.tree_unflatten(out_def, blocks), out_struct, tags)
     in_struct = jax.ShapeDtypeStruct((n,), dtype)
+    if kind == "native":
+        # The structured operator class for the matrix's structure, if any.
+        if lx.diagonal_tag in tags:
+            return lx.DiagonalLinearOperator(jnp.diagonal(matrix))
+        if lx.tridiagonal_tag in tags:
+            return lx.TridiagonalLinearOperator(
+                jnp.diagonal(matrix), jnp.diagonal(matrix, -1), jnp.diagonal(matrix, 1)
+            )
+        return lx.MatrixLinearOperator(matrix, tags)
+    if kind == "composed":
+        # (M / 2) @ (2 I), tagged: exercises arithmetic and composition.
+        half = lx.MatrixLinearOperator(matrix) / 2.0
+        double = lx.IdentityLinearOperator(in_struct) * jnp.asarray(2.0, dtype)
+        return lx.TaggedLinearOperator(half @ double, tags)
     if kind == "function":
         return lx.FunctionLinearOperator(lambda x: matrix @ x, in_struct, tags)
     if kind == "jacobian":

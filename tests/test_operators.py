@@ -318,11 +318,6 @@ def test_probing_untagged_materialises():
     assert counter.products == 8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `diagonal` of a matrix-free operator tagged only tridiagonal "
-    "materialises it (n products) instead of probing with 3.",
-)
 def test_probing_diagonal_of_tridiagonal():
     op, matrix, counter = _counted_operator((tri,), _PROBE_STRUCTURES["flat"], False)
     assert_close(lx.diagonal(op), np.diagonal(matrix), f64)
@@ -528,23 +523,12 @@ def randn_like(rng, x):
     return out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `tridiagonal` of a `TangentLinearOperator` whose primal is diagonal "
-    "returns `None` for the off-diagonal bands (`eqx.filter_jvp` gives `None` "
-    "tangents for the constant zero bands) instead of zero arrays.",
-)
 def test_tangent_tridiagonal_of_diagonal():
     d = lx.DiagonalLinearOperator(jnp.ones(3))
     bands = lx.tridiagonal(lx.TangentLinearOperator(d, d))
     assert_close(list(bands), [np.ones(3), np.zeros(2), np.zeros(2)], f64)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a `TangentLinearOperator` whose primal has no inexact arrays (e.g. "
-    "an identity) returns `None` from `mv` and `as_matrix` instead of zeros.",
-)
 def test_tangent_of_constant_operator():
     i = lx.IdentityLinearOperator(flat_structure(2, f64))
     tangent = lx.TangentLinearOperator(i, i)
@@ -645,16 +629,7 @@ def test_client_pattern_op_plus_scaled_identity():
     "out_dtype",
     [
         f64,
-        pytest.param(
-            f32,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: `IdentityLinearOperator.as_matrix` (and `diagonal`, "
-                "`tridiagonal`) with input and output dtypes that differ calls "
-                "`jnp.result_type(float64, float32)`, a TypePromotionError under "
-                "strict dtype promotion.",
-            ),
-        ),
+        pytest.param(f32),
     ],
 )
 def test_identity_between_structures(out_dtype):
@@ -800,12 +775,6 @@ def test_predicates(name):
     assert true_predicates(lx.materialise(op)) == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `has_unit_diagonal` of a composition is True whenever both factors "
-    "have a unit diagonal, but that only holds for triangular factors of the same "
-    "kind: [[1, 1], [1, 1]] @ [[1, 1], [1, 1]] = [[2, 2], [2, 2]].",
-)
 def test_compose_unit_diagonal_needs_triangular():
     a = lx.MatrixLinearOperator(jnp.ones((2, 2)), unit)
     composed = a @ a
@@ -894,12 +863,6 @@ def test_transpose_tags_rules_user_appendable():
     assert my_transposed_tag not in lx.transpose_tags([my_tag])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: user rules in `transpose_tags_rules` can only add tags, so a user "
-    "tag pair that swaps on transposition (like lower/upper) cannot be expressed: "
-    "the original tag is always kept.",
-)
 def test_transpose_tags_rules_user_swap():
     my_lower, my_upper = _UserTag("my_lower"), _UserTag("my_upper")
     original = list(lx.transpose_tags_rules)

@@ -19,7 +19,7 @@ from solve_cases import SOLVER_CASES, flatten, make_matrix, make_operator, make_
 
 
 DTYPES = (jnp.float32, jnp.float64, jnp.complex128)
-KINDS = ("matrix", "pytree", "function", "jacobian")
+KINDS = ("matrix", "pytree", "function", "jacobian", "native", "composed")
 TRANSFORMS = ("none", "jit", "vmap", "jvp", "grad")
 
 

@@ -21,7 +21,7 @@ from solve_cases import (
 
 
 DTYPES = (jnp.float32, jnp.float64, jnp.complex128)
-KINDS = ("matrix", "pytree", "function", "jacobian")
+KINDS = ("matrix", "pytree", "function", "jacobian", "native", "composed")
 
 
 def _grid():
@@ -33,6 +33,8 @@ def _grid():
         for j, (kind, dtype) in enumerate(itertools.product(KINDS, DTYPES)):
             if kind not in case.kinds:
                 continue
+            if kind == "native" and not {lx.diagonal_tag, lx.tridiagonal_tag} & set(case.tags):
+                continue  # the same as "matrix"
             if everything or kind == "matrix" or (i + j) % len(DTYPES) == 0:
                 params.append(
                     pytest.param(case, kind, dtype, id=f"{case.name}-{kind}-{jnp.dtype(dtype).name}")

@@ -1,5 +1,6 @@
 """Small PyTree, structure and dtype helpers shared across the package."""
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -121,7 +122,8 @@ def result_dtype(*trees: PyTree) -> Any:
     dtypes = [x.dtype for tree in trees for x in jtu.tree_leaves(tree)]
     if len(dtypes) == 0:
         return default_floating_dtype()
-    dtype = jnp.result_type(*dtypes)
+    # NumPy's promotion: explicit, so it is unaffected by strict dtype promotion.
+    dtype = functools.reduce(np.promote_types, dtypes)
     if not jnp.issubdtype(dtype, jnp.inexact):
         dtype = default_floating_dtype()
     return dtype

@@ -73,8 +73,10 @@ def _linear_solve_impl(
     )
     failed = result != RESULTS.successful
     if throw:
-        solution, result, stats = eqxi.branched_error_if(
-            (solution, result, stats), failed, result._value, _messages(kind)
+        # Thread the check through the solution only: every extra leaf carried
+        # through the error's `cond` costs compile time.
+        solution = eqxi.branched_error_if(
+            solution, failed, result._value, _messages(kind)
         )
     elif kind != "primal":
         # A failed derivative solve must not look like a valid derivative: its

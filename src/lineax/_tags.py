@@ -37,23 +37,21 @@ negative_semidefinite_tag = _Tag("negative_semidefinite_tag")
 """The operator is negative semidefinite (Hermitian, for complex operators)."""
 
 
-def _swap_triangular(tags: frozenset) -> frozenset:
+def _swap_triangular(tags: frozenset) -> frozenset | None:
     out = set()
     if lower_triangular_tag in tags:
         out.add(upper_triangular_tag)
     if upper_triangular_tag in tags:
         out.add(lower_triangular_tag)
-    return frozenset(out)
+    return frozenset(out) if out else None
 
 
 # Each rule is a callable `rule(tags: frozenset) -> tag | Iterable[tag] | None`,
 # giving tags that the transposed operator has. Users may append rules for their
-# own tags. Tags that are not triangularity tags are kept by transposition (they
-# describe properties invariant under it: symmetry, definiteness, bandedness), so
-# a rule only needs to add tags.
+# own tags. A tag that some rule maps (when called with that tag alone) is replaced
+# by what the rules give; every other tag is kept, since most structure
+# (symmetry, definiteness, bandedness) is invariant under transposition.
 transpose_tags_rules: list[Callable[[frozenset], Any]] = [_swap_triangular]
-
-_CHANGED_BY_TRANSPOSE = (lower_triangular_tag, upper_triangular_tag)
 
 
 def as_tags(tags: Any) -> frozenset:
@@ -75,17 +73,32 @@ def transpose_tags(tags: Any) -> frozenset:
     **Returns:**
 
     A frozenset of tags: lower triangular becomes upper triangular and vice versa,
-    every other tag is kept, and the output of each rule of
-    `lineax.transpose_tags_rules` is added.
+    a tag mapped by a rule of `lineax.transpose_tags_rules` is replaced by the
+    rule's output, and every other tag is kept.
     """
     tags = as_tags(tags)
-    out = {tag for tag in tags if tag not in _CHANGED_BY_TRANSPOSE}
+    out: set = set()
+    for tag in tags:
+        replaced = _apply_rules(frozenset([tag]))
+        if replaced is None:
+            out.add(tag)
+        else:
+            out.update(replaced)
+    # Rules may also look at combinations of tags.
+    out.update(_apply_rules(tags) or ())
+    return frozenset(out)
+
+
+def _apply_rules(tags: frozenset) -> set | None:
+    """The union of the rules' outputs, or None if no rule applied."""
+    out = None
     for rule in transpose_tags_rules:
         new = rule(tags)
         if new is None:
             continue
+        out = set() if out is None else out
         if isinstance(new, Iterable) and not isinstance(new, (str, bytes)):
             out.update(new)
         else:
             out.add(new)
-    return frozenset(out)
+    return out

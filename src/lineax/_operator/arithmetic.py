@@ -315,8 +315,16 @@ is_negative_semidefinite.register(NegLinearOperator)(
 has_unit_diagonal.register(NegLinearOperator)(lambda op: False)
 
 # Products of diagonal/triangular matrices of the same kind keep that kind.
-for _pred in (is_diagonal, is_lower_triangular, is_upper_triangular, has_unit_diagonal):
+for _pred in (is_diagonal, is_lower_triangular, is_upper_triangular):
     _pred.register(ComposedLinearOperator)(_both(_pred))
+# A product of unit-diagonal matrices has a unit diagonal only if both are
+# triangular of the same kind (or diagonal).
+has_unit_diagonal.register(ComposedLinearOperator)(
+    lambda op: (
+        _both(has_unit_diagonal)(op)
+        and (_both(is_lower_triangular)(op) or _both(is_upper_triangular)(op))
+    )
+)
 is_tridiagonal.register(ComposedLinearOperator)(
     lambda op: (
         (is_diagonal(op.operator1) and is_tridiagonal(op.operator2))

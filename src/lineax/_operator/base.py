@@ -18,7 +18,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree, Shaped
 
-from .._misc import describe, strip_weak_dtype, tree_size
+from .._misc import describe, result_dtype, strip_weak_dtype, tree_size
 
 
 class AbstractLinearOperator(eqx.Module):
@@ -174,9 +174,8 @@ def matrix_by_mv(operator: AbstractLinearOperator) -> Array:
     identity (one batched matrix-vector product)."""
     in_struct = operator.in_structure()
     out_struct = operator.out_structure()
-    in_dtype = jnp.result_type(*[x.dtype for x in jtu.tree_leaves(in_struct)])
-    out_dtype = jnp.result_type(*[x.dtype for x in jtu.tree_leaves(out_struct)])
-    dtype = jnp.result_type(in_dtype, out_dtype)
+    in_dtype = result_dtype(in_struct)
+    dtype = result_dtype(in_struct, out_struct)
     n = operator.in_size()
 
     def column(basis_vector):
@@ -341,6 +340,8 @@ def diagonal(operator: AbstractLinearOperator) -> Shaped[Array, " size"]:
     _check_operator(operator)
     if is_diagonal(operator):
         return probe_diagonal(operator)
+    if is_tridiagonal(operator):
+        return probe_tridiagonal(operator)[0]
     return jnp.diagonal(operator.as_matrix())
 
 
@@ -449,7 +450,7 @@ def probe_tridiagonal(operator: AbstractLinearOperator) -> tuple[Array, Array, A
     _check_square(operator, "tridiagonal")
     n = operator.in_size()
     in_struct = operator.in_structure()
-    in_dtype = jnp.result_type(*[x.dtype for x in jtu.tree_leaves(in_struct)])
+    in_dtype = result_dtype(in_struct)
     index = np.arange(n)
     probes = np.stack([(index % 3) == k for k in range(3)]).astype(np.float64)
 

@@ -116,6 +116,8 @@ def _(operator):
 def _(operator):
     if is_diagonal(operator) and not is_diagonal(operator.operator):
         return probe_diagonal(operator)
+    if is_tridiagonal(operator) and not is_tridiagonal(operator.operator):
+        return probe_tridiagonal(operator)[0]
     return diagonal(operator.operator)
 
 

@@ -1,6 +1,7 @@
 """`TangentLinearOperator`: the derivative of an operator along a tangent."""
 
 import equinox as eqx
+import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .base import (
@@ -23,6 +24,18 @@ from .base import (
 
 def _is_none(x) -> bool:
     return x is None
+
+
+def _tangent_out(fn, primal, tangent):
+    """The tangent of `fn(primal)` along `tangent`, with zeros (not `None`) for
+    outputs that do not depend on the operator's arrays (e.g. the zero bands of a
+    diagonal operator, or anything of an operator that holds no arrays)."""
+    # `filter_jvp` differentiates with respect to the inexact array leaves of
+    # `primal` only; other leaves (static data, integer arrays) carry no tangent.
+    out, t_out = eqx.filter_jvp(fn, (primal,), (tangent,))
+    return jtu.tree_map(
+        lambda p, t: jnp.zeros_like(p) if t is None else t, out, t_out, is_leaf=_is_none
+    )
 
 
 class TangentLinearOperator(AbstractLinearOperator):
@@ -58,10 +71,7 @@ class TangentLinearOperator(AbstractLinearOperator):
             )
 
     def _jvp(self, fn):
-        # `filter_jvp` differentiates with respect to the inexact array leaves of
-        # `primal` only; other leaves (static data, integer arrays) carry no tangent.
-        _, out = eqx.filter_jvp(fn, (self.primal,), (self.tangent,))
-        return out
+        return _tangent_out(fn, self.primal, self.tangent)
 
     def mv(self, vector):
         return self._jvp(lambda op: op.mv(vector))
@@ -124,11 +134,9 @@ def _(operator):
 
 @diagonal.register(TangentLinearOperator)
 def _(operator):
-    _, out = eqx.filter_jvp(diagonal, (operator.primal,), (operator.tangent,))
-    return out
+    return _tangent_out(diagonal, operator.primal, operator.tangent)
 
 
 @tridiagonal.register(TangentLinearOperator)
 def _(operator):
-    _, out = eqx.filter_jvp(tridiagonal, (operator.primal,), (operator.tangent,))
-    return out
+    return _tangent_out(tridiagonal, operator.primal, operator.tangent)
