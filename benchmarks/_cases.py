@@ -9,13 +9,13 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import _problems as P
 import jax
 import jax.numpy as jnp
 import jax.scipy as jsp
 import jax.scipy.sparse.linalg as jssl
 import numpy as np
 
-import _problems as P
 
 try:
     import lineax as lx
@@ -96,8 +96,7 @@ def _check_diff(lib_out, jax_out) -> dict:
     return {"rel_diff": _tree_rel_diff(lib_out, jax_out)}
 
 
-def _lib_side(built_jax: dict, make_lib: Callable[[], tuple[Callable, tuple]]
-              ) -> Built:
+def _lib_side(built_jax: dict, make_lib: Callable[[], tuple[Callable, tuple]]) -> Built:
     """Fills in the lineax side, recording it as missing if it can't be built."""
     try:
         fn, args = make_lib()
@@ -148,16 +147,24 @@ def _dense_case(solver_name: str, n: int, dtype) -> Case:
 
             return lib_fn, (Ad, bd)
 
-        return _lib_side(dict(jax_fn=jax_fn, jax_args=(Ad, bd),
-                              check=_check_diff), make_lib)
+        return _lib_side(
+            dict(jax_fn=jax_fn, jax_args=(Ad, bd), check=_check_diff), make_lib
+        )
 
     note = ""
     if solver_name == "QR":
         note = "square QR vs LU-based jnp.linalg.solve (QR does ~2x the flops)"
     if solver_name == "SVD":
         note = "jnp.linalg.lstsq is SVD-based"
-    return Case(f"dense_{solver_name.lower()}_n{n}", "dense", baseline, build,
-                run_target=1.02, compile_target=1.2, note=note)
+    return Case(
+        f"dense_{solver_name.lower()}_n{n}",
+        "dense",
+        baseline,
+        build,
+        run_target=1.02,
+        compile_target=1.2,
+        note=note,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -168,53 +175,73 @@ def _grad_lu_case(n: int, dtype) -> Case:
     A, b = P.dense_matrix(n, 2), P.vector(n, 3)
 
     def jax_fn(A, b):
-        return jax.grad(lambda A, b: jnp.sum(jnp.linalg.solve(A, b) ** 2),
-                        argnums=(0, 1))(A, b)
+        return jax.grad(
+            lambda A, b: jnp.sum(jnp.linalg.solve(A, b) ** 2), argnums=(0, 1)
+        )(A, b)
 
     def build():
         Ad, bd = _put(A, dtype), _put(b, dtype)
 
         def make_lib():
-            Op, solve, LU = (_lx("MatrixLinearOperator"), _lx("linear_solve"),
-                             _lx("LU"))
+            Op, solve, LU = (
+                _lx("MatrixLinearOperator"),
+                _lx("linear_solve"),
+                _lx("LU"),
+            )
 
             def loss(A, b):
                 return jnp.sum(solve(Op(A), b, LU()).value ** 2)
 
             return (lambda A, b: jax.grad(loss, argnums=(0, 1))(A, b)), (Ad, bd)
 
-        return _lib_side(dict(jax_fn=jax_fn, jax_args=(Ad, bd),
-                              check=_check_diff), make_lib)
+        return _lib_side(
+            dict(jax_fn=jax_fn, jax_args=(Ad, bd), check=_check_diff), make_lib
+        )
 
-    return Case(f"grad_lu_n{n}", "grad", "grad of jnp.linalg.solve", build,
-                note="d/dA and d/db of sum(x**2)")
+    return Case(
+        f"grad_lu_n{n}",
+        "grad",
+        "grad of jnp.linalg.solve",
+        build,
+        note="d/dA and d/db of sum(x**2)",
+    )
 
 
 def _grad_lstsq_case(m: int, n: int, dtype) -> Case:
     A, b = P.tall_matrix(m, n, 4), P.vector(m, 5)
 
     def jax_fn(A, b):
-        return jax.grad(lambda A, b: jnp.sum(jnp.linalg.lstsq(A, b)[0] ** 2),
-                        argnums=(0, 1))(A, b)
+        return jax.grad(
+            lambda A, b: jnp.sum(jnp.linalg.lstsq(A, b)[0] ** 2), argnums=(0, 1)
+        )(A, b)
 
     def build():
         Ad, bd = _put(A, dtype), _put(b, dtype)
 
         def make_lib():
-            Op, solve, QR = (_lx("MatrixLinearOperator"), _lx("linear_solve"),
-                             _lx("QR"))
+            Op, solve, QR = (
+                _lx("MatrixLinearOperator"),
+                _lx("linear_solve"),
+                _lx("QR"),
+            )
 
             def loss(A, b):
                 return jnp.sum(solve(Op(A), b, QR()).value ** 2)
 
             return (lambda A, b: jax.grad(loss, argnums=(0, 1))(A, b)), (Ad, bd)
 
-        return _lib_side(dict(jax_fn=jax_fn, jax_args=(Ad, bd),
-                              check=_check_diff), make_lib)
+        return _lib_side(
+            dict(jax_fn=jax_fn, jax_args=(Ad, bd), check=_check_diff), make_lib
+        )
 
-    return Case(f"grad_lstsq_qr_{m}x{n}", "grad", "grad of jnp.linalg.lstsq",
-                build, run_target=0.1,
-                note="least squares; lstsq differentiates through an SVD")
+    return Case(
+        f"grad_lstsq_qr_{m}x{n}",
+        "grad",
+        "grad of jnp.linalg.lstsq",
+        build,
+        run_target=0.1,
+        note="least squares; lstsq differentiates through an SVD",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -233,19 +260,28 @@ def _vmap_small_case(batch: int, n: int, dtype) -> Case:
         Ad, bd = _put(A, dtype), _put(b, dtype)
 
         def make_lib():
-            Op, solve, LU = (_lx("MatrixLinearOperator"), _lx("linear_solve"),
-                             _lx("LU"))
+            Op, solve, LU = (
+                _lx("MatrixLinearOperator"),
+                _lx("linear_solve"),
+                _lx("LU"),
+            )
 
             def one(A, b):
                 return solve(Op(A), b, LU()).value
 
             return (lambda A, b: jax.vmap(one)(A, b)), (Ad, bd)
 
-        return _lib_side(dict(jax_fn=jax_fn, jax_args=(Ad, bd),
-                              check=_check_diff), make_lib)
+        return _lib_side(
+            dict(jax_fn=jax_fn, jax_args=(Ad, bd), check=_check_diff), make_lib
+        )
 
-    return Case(f"vmap_lu_{batch}x{n}", "batch", "vmap(jnp.linalg.solve)",
-                build, run_target=1.02)
+    return Case(
+        f"vmap_lu_{batch}x{n}",
+        "batch",
+        "vmap(jnp.linalg.solve)",
+        build,
+        run_target=1.02,
+    )
 
 
 def _many_rhs_case(n: int, k: int, dtype) -> Case:
@@ -259,8 +295,11 @@ def _many_rhs_case(n: int, k: int, dtype) -> Case:
         Ad, Bd, Btd = _put(A, dtype), _put(B, dtype), _put(B.T, dtype)
 
         def make_lib():
-            Op, solve, LU = (_lx("MatrixLinearOperator"), _lx("linear_solve"),
-                             _lx("LU"))
+            Op, solve, LU = (
+                _lx("MatrixLinearOperator"),
+                _lx("linear_solve"),
+                _lx("LU"),
+            )
 
             def lib_fn(A, B):
                 op = Op(A)
@@ -273,12 +312,16 @@ def _many_rhs_case(n: int, k: int, dtype) -> Case:
                 return {}
             return {"rel_diff": _rel_diff(lib_out, np.asarray(jax_out).T)}
 
-        return _lib_side(dict(jax_fn=jax_fn, jax_args=(Ad, Btd), check=check),
-                         make_lib)
+        return _lib_side(dict(jax_fn=jax_fn, jax_args=(Ad, Btd), check=check), make_lib)
 
-    return Case(f"many_rhs_n{n}_k{k}", "batch",
-                "jnp.linalg.solve(A, (n,k) matrix)", build, run_target=1.05,
-                note="vmap over the vector only; operator shared")
+    return Case(
+        f"many_rhs_n{n}_k{k}",
+        "batch",
+        "jnp.linalg.solve(A, (n,k) matrix)",
+        build,
+        run_target=1.05,
+        note="vmap over the vector only; operator shared",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -294,24 +337,37 @@ def _tridiag_case(n: int, dtype) -> Case:
         return jax.lax.linalg.tridiagonal_solve(dl, d, du, b[:, None])[:, 0]
 
     def build():
-        jargs = (_put(np.concatenate([zero, lo]), dtype), _put(d, dtype),
-                 _put(np.concatenate([up, zero]), dtype), _put(b, dtype))
+        jargs = (
+            _put(np.concatenate([zero, lo]), dtype),
+            _put(d, dtype),
+            _put(np.concatenate([up, zero]), dtype),
+            _put(b, dtype),
+        )
 
         def make_lib():
-            Op, solve, Tri = (_lx("TridiagonalLinearOperator"),
-                              _lx("linear_solve"), _lx("Tridiagonal"))
+            Op, solve, Tri = (
+                _lx("TridiagonalLinearOperator"),
+                _lx("linear_solve"),
+                _lx("Tridiagonal"),
+            )
 
             def lib_fn(d, lo, up, b):
                 return solve(Op(d, lo, up), b, Tri()).value
 
             return lib_fn, tuple(_put(x, dtype) for x in (d, lo, up, b))
 
-        return _lib_side(dict(jax_fn=jax_fn, jax_args=jargs,
-                              check=_check_diff), make_lib)
+        return _lib_side(
+            dict(jax_fn=jax_fn, jax_args=jargs, check=_check_diff), make_lib
+        )
 
-    return Case(f"tridiag_n{n}", "tridiag", "lax.linalg.tridiagonal_solve",
-                build, run_target=1.02,
-                note="target: parity (not set by the issue)")
+    return Case(
+        f"tridiag_n{n}",
+        "tridiag",
+        "lax.linalg.tridiagonal_solve",
+        build,
+        run_target=1.02,
+        note="target: parity (not set by the issue)",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -336,8 +392,7 @@ def _krylov_case(method: str, N: int, dtype, rtol: float) -> Case:
     convection = 0.0 if method == "CG" else P.CONVECTION
     problem = "poisson" if method == "CG" else "convdiff"
     b = P.vector(N * N, 11)
-    jax_solver = {"CG": jssl.cg, "GMRES": jssl.gmres,
-                  "BiCGStab": jssl.bicgstab}[method]
+    jax_solver = {"CG": jssl.cg, "GMRES": jssl.gmres, "BiCGStab": jssl.bicgstab}[method]
     mv = P.stencil_mv(jnp, N, convection)
 
     def jax_with(mv):
@@ -361,8 +416,7 @@ def _krylov_case(method: str, N: int, dtype, rtol: float) -> Case:
             def lib_with(mv):
                 def lib_fn(b):
                     sol = solve(Op(mv, struct, tags), b, solver, throw=False)
-                    return (sol.value, sol.stats["num_steps"],
-                            sol.result == successful)
+                    return (sol.value, sol.stats["num_steps"], sol.result == successful)
 
                 return lib_fn
 
@@ -384,27 +438,38 @@ def _krylov_case(method: str, N: int, dtype, rtol: float) -> Case:
             return count[0]
 
         def check(lib_out, jax_out):
-            out = {"jax_residual": P.true_relative_residual(N, convection,
-                                                            jax_out, b),
-                   "jax_matvecs": matvecs(jax_with, (bd,))}
+            out = {
+                "jax_residual": P.true_relative_residual(N, convection, jax_out, b),
+                "jax_matvecs": matvecs(jax_with, (bd,)),
+            }
             if lib_out is not None:
                 value, steps, ok = lib_out
                 out.update(
-                    lib_residual=P.true_relative_residual(N, convection,
-                                                          value, b),
-                    lib_steps=int(steps), lib_successful=bool(ok),
+                    lib_residual=P.true_relative_residual(N, convection, value, b),
+                    lib_steps=int(steps),
+                    lib_successful=bool(ok),
                     lib_matvecs=matvecs(lib_with, lib_args),
-                    rel_diff=_rel_diff(value, jax_out))
+                    rel_diff=_rel_diff(value, jax_out),
+                )
             return out
 
-        return Built(jax_fn=jax_with(mv), jax_args=(bd,),
-                     lib_fn=None if lib_with is None else lib_with(mv),
-                     lib_args=lib_args, lib_missing=missing, check=check)
+        return Built(
+            jax_fn=jax_with(mv),
+            jax_args=(bd,),
+            lib_fn=None if lib_with is None else lib_with(mv),
+            lib_args=lib_args,
+            lib_missing=missing,
+            check=check,
+        )
 
-    return Case(f"{method.lower()}_{problem}_N{N}", "krylov",
-                f"jax.scipy.sparse.linalg.{method.lower()}", build,
-                run_target=1.0,
-                note=f"{N}x{N} grid, rtol={rtol:g}, atol=0, 2-norm")
+    return Case(
+        f"{method.lower()}_{problem}_N{N}",
+        "krylov",
+        f"jax.scipy.sparse.linalg.{method.lower()}",
+        build,
+        run_target=1.0,
+        note=f"{N}x{N} grid, rtol={rtol:g}, atol=0, 2-norm",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -428,28 +493,45 @@ def _unjitted_case(n: int, dtype) -> Case:
 
             return lib_fn, ()
 
-        built = _lib_side(dict(jax_fn=jax_fn, jax_args=(), check=_check_diff),
-                          make_lib)
+        built = _lib_side(dict(jax_fn=jax_fn, jax_args=(), check=_check_diff), make_lib)
         built.unjitted = True
         built.raw_args = (Ad, bd)
         return built
 
-    return Case(f"unjitted_n{n}", "unjitted", "un-jitted jnp.linalg.solve",
-                build, run_target=1.3,
-                note="from Python, MatrixLinearOperator built each call")
+    return Case(
+        f"unjitted_n{n}",
+        "unjitted",
+        "un-jitted jnp.linalg.solve",
+        build,
+        run_target=1.3,
+        note="from Python, MatrixLinearOperator built each call",
+    )
 
 
 # ---------------------------------------------------------------------------
 
 
 SIZES = {
-    "cpu": dict(dense=(100, 500), grad_lu=(100, 500), lstsq=((200, 100),),
-                vmap=((200, 50),), many_rhs=((500, 100),), tridiag=(10_000,),
-                krylov=(64, 256), unjitted=10),
-    "gpu": dict(dense=(1000, 4096), grad_lu=(1000, 4096),
-                lstsq=((200, 100), (2000, 1000)),
-                vmap=((200, 50), (20_000, 50)), many_rhs=((4096, 100),),
-                tridiag=(1_000_000,), krylov=(256, 1024), unjitted=10),
+    "cpu": dict(
+        dense=(100, 500),
+        grad_lu=(100, 500),
+        lstsq=((200, 100),),
+        vmap=((200, 50),),
+        many_rhs=((500, 100),),
+        tridiag=(10_000,),
+        krylov=(64, 256),
+        unjitted=10,
+    ),
+    "gpu": dict(
+        dense=(1000, 4096),
+        grad_lu=(1000, 4096),
+        lstsq=((200, 100), (2000, 1000)),
+        vmap=((200, 50), (20_000, 50)),
+        many_rhs=((4096, 100),),
+        tridiag=(1_000_000,),
+        krylov=(256, 1024),
+        unjitted=10,
+    ),
 }
 
 

@@ -54,8 +54,9 @@ def _one_sample(compiled, args, inner: int) -> float:
     return (time.perf_counter() - t0) / inner
 
 
-def compare_compile(fns: dict[str, Callable], args: dict[str, Sequence[Any]],
-                    reps: int) -> dict[str, dict[str, Any]]:
+def compare_compile(
+    fns: dict[str, Callable], args: dict[str, Sequence[Any]], reps: int
+) -> dict[str, dict[str, Any]]:
     """Compiles each function `1 + reps` times, interleaved between sides.
 
     The first compile of each side is a warm-up (it pays one-off costs such as
@@ -66,8 +67,9 @@ def compare_compile(fns: dict[str, Callable], args: dict[str, Sequence[Any]],
     results: dict[str, dict[str, Any]] = {}
     for name, fn in fns.items():
         compiled, lower_s, comp_s = compile_once(fn, args[name])
-        results[name] = dict(compiled=compiled, first_s=lower_s + comp_s,
-                             lower=[lower_s], comp=[comp_s])
+        results[name] = dict(
+            compiled=compiled, first_s=lower_s + comp_s, lower=[lower_s], comp=[comp_s]
+        )
     # When a single compile is slow (large GPU problems), fewer repetitions.
     slowest = max(r["first_s"] for r in results.values())
     if slowest > 5.0:
@@ -90,9 +92,13 @@ def compare_compile(fns: dict[str, Callable], args: dict[str, Sequence[Any]],
     return results
 
 
-def compare_run(compiled: dict[str, Any], args: dict[str, Sequence[Any]],
-                target_s: float, min_samples: int, max_samples: int,
-                ) -> dict[str, dict[str, float]]:
+def compare_run(
+    compiled: dict[str, Any],
+    args: dict[str, Sequence[Any]],
+    target_s: float,
+    min_samples: int,
+    max_samples: int,
+) -> dict[str, dict[str, float]]:
     """Median run time of each jitted/compiled function, samples interleaved.
 
     Each sample times `inner` back-to-back calls (enough for ~1 ms, so the
@@ -113,14 +119,19 @@ def compare_run(compiled: dict[str, Any], args: dict[str, Sequence[Any]],
         for name, c in compiled.items():
             times[name].append(_one_sample(c, args[name], inner[name]))
     return {
-        name: dict(run_s=statistics.median(ts), samples=len(ts),
-                   inner=inner[name], run_min_s=min(ts))
+        name: dict(
+            run_s=statistics.median(ts),
+            samples=len(ts),
+            inner=inner[name],
+            run_min_s=min(ts),
+        )
         for name, ts in times.items()
     }
 
 
-def compare_python_calls(fns: dict[str, Callable], warmup: int, calls: int
-                         ) -> dict[str, dict[str, float]]:
+def compare_python_calls(
+    fns: dict[str, Callable], warmup: int, calls: int
+) -> dict[str, dict[str, float]]:
     """Median wall time of un-jitted Python calls, interleaved call by call."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -132,7 +143,8 @@ def compare_python_calls(fns: dict[str, Callable], warmup: int, calls: int
             _block(fn())
             times[name].append(time.perf_counter() - t0)
     return {
-        name: dict(run_s=statistics.median(ts), samples=len(ts), inner=1,
-                   run_min_s=min(ts))
+        name: dict(
+            run_s=statistics.median(ts), samples=len(ts), inner=1, run_min_s=min(ts)
+        )
         for name, ts in times.items()
     }

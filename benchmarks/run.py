@@ -9,8 +9,8 @@ For each case this measures, for lineax and for JAX in the same process:
   function object every time so nothing is served from JAX's tracing cache
   (median of 3 after one warm-up compile; `--quick`: the single first one);
 - run time: median over many calls of the `jax.jit`-ed function (after its
-  first, compiling, call), blocking on the result, repetitions interleaved between the two libraries and adapted so that
-  each side takes about a second.
+  first, compiling, call), blocking on the result, repetitions interleaved
+  between the two libraries and adapted so that each side takes about a second.
 
 It prints a table, and writes `results.json` and `ratios.png` (if matplotlib
 is installed) to `--out` (default `benchmarks/results/<scale>[-x64]/`).
@@ -28,23 +28,45 @@ import sys
 import time
 import traceback
 
+
 HERE = pathlib.Path(__file__).resolve().parent
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu",
-                   help="problem sizes (default: cpu)")
-    p.add_argument("--x64", action="store_true",
-                   help="float64 (default float32); Krylov rtol 1e-10 not 1e-5")
-    p.add_argument("--cases", default=None, metavar="PATTERN",
-                   help="only cases whose name matches this regular expression")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="output folder (default benchmarks/results/<scale>[-x64])")
-    p.add_argument("--quick", action="store_true",
-                   help="minimal repetitions (smoke test); timings are rough")
-    p.add_argument("--profile", action="store_true",
-                   help="also print a cProfile of the un-jitted lineax solve")
+    p.add_argument(
+        "--scale",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="problem sizes (default: cpu)",
+    )
+    p.add_argument(
+        "--x64",
+        action="store_true",
+        help="float64 (default float32); Krylov rtol 1e-10 not 1e-5",
+    )
+    p.add_argument(
+        "--cases",
+        default=None,
+        metavar="PATTERN",
+        help="only cases whose name matches this regular expression",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="output folder (default benchmarks/results/<scale>[-x64])",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="minimal repetitions (smoke test); timings are rough",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print a cProfile of the un-jitted lineax solve",
+    )
     p.add_argument("--list", action="store_true", help="list case names and exit")
     return p.parse_args(argv)
 
@@ -72,10 +94,21 @@ def fmt_sci(x):
 
 
 COLUMNS = [
-    ("case", 24), ("lib comp", 9), ("jax comp", 9), ("c.ratio", 7),
-    ("lib run", 9), ("jax run", 9), ("r.ratio", 7), ("target", 11),
-    ("status", 14), ("lib it", 6), ("lib mv", 6), ("jax mv", 6),
-    ("lib res", 8), ("jax res", 8), ("rel diff", 8),
+    ("case", 24),
+    ("lib comp", 9),
+    ("jax comp", 9),
+    ("c.ratio", 7),
+    ("lib run", 9),
+    ("jax run", 9),
+    ("r.ratio", 7),
+    ("target", 11),
+    ("status", 14),
+    ("lib it", 6),
+    ("lib mv", 6),
+    ("jax mv", 6),
+    ("lib res", 8),
+    ("jax res", 8),
+    ("rel diff", 8),
 ]
 
 
@@ -91,34 +124,49 @@ def _target_str(rec):
 def table_row(rec):
     x = rec.get("extra", {})
     cells = [
-        rec["name"], fmt_time(rec.get("lib_compile_s")),
-        fmt_time(rec.get("jax_compile_s")), fmt_ratio(rec.get("compile_ratio")),
-        fmt_time(rec.get("lib_run_s")), fmt_time(rec.get("jax_run_s")),
-        fmt_ratio(rec.get("run_ratio")), _target_str(rec), rec["status"],
-        str(x.get("lib_steps", "-")), str(x.get("lib_matvecs", "-") or "-"),
-        str(x.get("jax_matvecs", "-") or "-"), fmt_sci(x.get("lib_residual")),
-        fmt_sci(x.get("jax_residual")), fmt_sci(x.get("rel_diff")),
+        rec["name"],
+        fmt_time(rec.get("lib_compile_s")),
+        fmt_time(rec.get("jax_compile_s")),
+        fmt_ratio(rec.get("compile_ratio")),
+        fmt_time(rec.get("lib_run_s")),
+        fmt_time(rec.get("jax_run_s")),
+        fmt_ratio(rec.get("run_ratio")),
+        _target_str(rec),
+        rec["status"],
+        str(x.get("lib_steps", "-")),
+        str(x.get("lib_matvecs", "-") or "-"),
+        str(x.get("jax_matvecs", "-") or "-"),
+        fmt_sci(x.get("lib_residual")),
+        fmt_sci(x.get("jax_residual")),
+        fmt_sci(x.get("rel_diff")),
     ]
-    return " ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                    for i, (c, (_, w)) in enumerate(zip(cells, COLUMNS)))
+    return " ".join(
+        c.ljust(w) if i == 0 else c.rjust(w)
+        for i, (c, (_, w)) in enumerate(zip(cells, COLUMNS))
+    )
 
 
 def table_header():
-    head = " ".join(h.ljust(w) if i == 0 else h.rjust(w)
-                    for i, (h, w) in enumerate(COLUMNS))
+    head = " ".join(
+        h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(COLUMNS)
+    )
     return head + "\n" + "-" * len(head)
 
 
 def markdown_table(records):
-    lines = ["| case | lib compile | jax compile | compile ratio | lib run | "
-             "jax run | run ratio | target | status | notes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| case | lib compile | jax compile | compile ratio | lib run | "
+        "jax run | run ratio | target | status | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for rec in records:
         x = rec.get("extra", {})
         notes = []
         if "lib_steps" in x:
-            notes.append(f"{x['lib_steps']} it, res {fmt_sci(x.get('lib_residual'))}"
-                         f" vs {fmt_sci(x.get('jax_residual'))}")
+            notes.append(
+                f"{x['lib_steps']} it, res {fmt_sci(x.get('lib_residual'))}"
+                f" vs {fmt_sci(x.get('jax_residual'))}"
+            )
             if x.get("lib_matvecs") and x.get("jax_matvecs"):
                 notes.append(f"matvecs {x['lib_matvecs']} vs {x['jax_matvecs']}")
         elif rec.get("note"):
@@ -129,7 +177,8 @@ def markdown_table(records):
             f"{fmt_ratio(rec.get('compile_ratio'))} | "
             f"{fmt_time(rec.get('lib_run_s'))} | {fmt_time(rec.get('jax_run_s'))} | "
             f"{fmt_ratio(rec.get('run_ratio'))} | {_target_str(rec)} | "
-            f"{rec['status']} | {'; '.join(notes)} |")
+            f"{rec['status']} | {'; '.join(notes)} |"
+        )
     return "\n".join(lines)
 
 
@@ -145,7 +194,6 @@ def _short_error(e: BaseException) -> str:
 
 def run_compiled_case(case, built, settings, rec):
     import jax
-
     from _timing import compare_compile, compare_run, jit_fresh
 
     fns = {"jax": built.jax_fn}
@@ -188,8 +236,13 @@ def run_compiled_case(case, built, settings, rec):
             rec["lib_error"] = "run: " + _short_error(e)
             rec["lib_traceback"] = traceback.format_exc(limit=-8)
             del compiled[name]
-    runs = compare_run(compiled, args, settings["target_s"],
-                       settings["min_samples"], settings["max_samples"])
+    runs = compare_run(
+        compiled,
+        args,
+        settings["target_s"],
+        settings["min_samples"],
+        settings["max_samples"],
+    )
 
     for side in ("lib", "jax"):
         if side in compiled:
@@ -207,10 +260,9 @@ def run_compiled_case(case, built, settings, rec):
 
 def unjitted_breakdown(built, settings):
     """Where the time of one un-jitted lineax call goes."""
+    import _cases
     import equinox as eqx
     import jax.numpy as jnp
-
-    import _cases
     from _timing import compare_python_calls
 
     lx = _cases.lx
@@ -225,8 +277,9 @@ def unjitted_breakdown(built, settings):
         "eqx.filter_jit(jnp.linalg.solve)(A, b)": lambda: jitted_jnp(A, b),
         "jnp.linalg.solve(A, b)": lambda: jnp.linalg.solve(A, b),
     }
-    res = compare_python_calls(fns, settings["unjit_warmup"],
-                               max(settings["unjit_calls"] // 4, 10))
+    res = compare_python_calls(
+        fns, settings["unjit_warmup"], max(settings["unjit_calls"] // 4, 10)
+    )
     return {k: v["run_s"] for k, v in res.items()}
 
 
@@ -241,8 +294,7 @@ def run_unjitted_case(case, built, settings, rec, profile):
         except Exception as e:  # noqa: BLE001
             rec["lib_error"] = _short_error(e)
             rec["lib_traceback"] = traceback.format_exc(limit=-8)
-    runs = compare_python_calls(fns, settings["unjit_warmup"],
-                                settings["unjit_calls"])
+    runs = compare_python_calls(fns, settings["unjit_warmup"], settings["unjit_calls"])
     for side, r in runs.items():
         rec[f"{side}_run_s"] = r["run_s"]
         rec[f"{side}_run_min_s"] = r["run_min_s"]
@@ -292,8 +344,7 @@ def evaluate(rec, case):
         rec["status"] = "lib error"
         return
     misses, within_noise = [], False
-    for kind, target in (("run", case.run_target),
-                         ("compile", case.compile_target)):
+    for kind, target in (("run", case.run_target), ("compile", case.compile_target)):
         ratio = rec[f"{kind}_ratio"]
         if target is None or ratio is None or ratio <= target:
             continue
@@ -308,8 +359,11 @@ def evaluate(rec, case):
         if not converged:
             misses.append("unconverged")
     # (Krylov answers are judged by their true residuals instead.)
-    if "lib_successful" not in x and x.get("rel_diff") is not None \
-            and x["rel_diff"] > rec["diff_tol"]:
+    if (
+        "lib_successful" not in x
+        and x.get("rel_diff") is not None
+        and x["rel_diff"] > rec["diff_tol"]
+    ):
         misses.append("WRONG")
     if misses:
         rec["status"] = "MISS " + "+".join(misses)
@@ -322,9 +376,8 @@ def evaluate(rec, case):
 
 
 def machine_info(args):
-    import jax
-
     import _cases
+    import jax
 
     dev = jax.devices()[0]
     cpu = platform.processor() or ""
@@ -338,7 +391,7 @@ def machine_info(args):
         pass
     lx = _cases.lx
     return {
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(),
         "platform": dev.platform,
         "device_kind": dev.device_kind,
         "device_count": jax.device_count(),
@@ -366,11 +419,15 @@ def save_chart(records, path, title):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: skipping the chart "
-              "(pip install matplotlib)")
+        print(
+            "matplotlib is not installed: skipping the chart (pip install matplotlib)"
+        )
         return False
-    recs = [r for r in records if r.get("run_ratio") is not None
-            and r.get("lib_run_s") is not None]
+    recs = [
+        r
+        for r in records
+        if r.get("run_ratio") is not None and r.get("lib_run_s") is not None
+    ]
     if not recs:
         print("no ratios to plot: skipping the chart")
         return False
@@ -429,30 +486,55 @@ def main(argv=None):
         return 1
 
     if args.quick:
-        settings = dict(compile_reps=0, target_s=0.05, min_samples=3,
-                        max_samples=20, unjit_warmup=10, unjit_calls=100)
+        settings = dict(
+            compile_reps=0,
+            target_s=0.05,
+            min_samples=3,
+            max_samples=20,
+            unjit_warmup=10,
+            unjit_calls=100,
+        )
     else:
-        settings = dict(compile_reps=3, target_s=1.0, min_samples=7,
-                        max_samples=2000, unjit_warmup=200, unjit_calls=2000)
+        settings = dict(
+            compile_reps=3,
+            target_s=1.0,
+            min_samples=7,
+            max_samples=2000,
+            unjit_warmup=200,
+            unjit_calls=2000,
+        )
 
     info = machine_info(args)
-    print(f"lineax: {info['lineax_file'] or 'NOT IMPORTABLE: ' + str(info['lineax_import_error'])}")
-    print(f"jax {info['jax']} on {info['platform']} ({info['device_kind']}); "
-          f"cpu: {info['cpu']} x{info['cpu_count']}; dtype {info['dtype']}; "
-          f"scale {args.scale}{' (quick)' if args.quick else ''}")
+    print(
+        "lineax: "
+        + (info["lineax_file"] or "NOT IMPORTABLE: " + str(info["lineax_import_error"]))
+    )
+    print(
+        f"jax {info['jax']} on {info['platform']} ({info['device_kind']}); "
+        f"cpu: {info['cpu']} x{info['cpu_count']}; dtype {info['dtype']}; "
+        f"scale {args.scale}{' (quick)' if args.quick else ''}"
+    )
     if info["lineax_file"] and "src" not in pathlib.Path(info["lineax_file"]).parts:
-        print("WARNING: lineax is not imported from a src/ checkout; "
-              "did you set PYTHONPATH=src?")
+        print(
+            "WARNING: lineax is not imported from a src/ checkout; "
+            "did you set PYTHONPATH=src?"
+        )
     print()
     print(table_header(), flush=True)
 
     eps_rel = 1e-9 if args.x64 else 1e-3
     records = []
     for case in cases:
-        rec = dict(name=case.name, group=case.group, baseline=case.baseline,
-                   note=case.note, run_target=case.run_target,
-                   compile_target=case.compile_target,
-                   rtol=1e-10 if args.x64 else 1e-5, diff_tol=eps_rel)
+        rec = dict(
+            name=case.name,
+            group=case.group,
+            baseline=case.baseline,
+            note=case.note,
+            run_target=case.run_target,
+            compile_target=case.compile_target,
+            rtol=1e-10 if args.x64 else 1e-5,
+            diff_tol=eps_rel,
+        )
         t0 = time.perf_counter()
         built = None
         try:
@@ -483,19 +565,30 @@ def main(argv=None):
         for k, v in bd.items():
             print(f"  {k:42s} {fmt_time(v)}")
 
-    out = pathlib.Path(args.out) if args.out else (
-        HERE / "results" / (args.scale + ("-x64" if args.x64 else "")))
+    out = (
+        pathlib.Path(args.out)
+        if args.out
+        else (HERE / "results" / (args.scale + ("-x64" if args.x64 else "")))
+    )
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.json", "w") as f:
-        json.dump({"machine": info, "settings": settings, "cases": records},
-                  f, indent=1, default=str)
+        json.dump(
+            {"machine": info, "settings": settings, "cases": records},
+            f,
+            indent=1,
+            default=str,
+        )
     with open(out / "table.md", "w") as f:
         f.write(markdown_table(records) + "\n")
-    title = (f"lineax / JAX — {info['device_kind']} ({info['platform']}), "
-             f"{info['dtype']}, jax {info['jax']}")
+    title = (
+        f"lineax / JAX — {info['device_kind']} ({info['platform']}), "
+        f"{info['dtype']}, jax {info['jax']}"
+    )
     charted = save_chart(records, out / "ratios.png", title)
-    print(f"wrote {out / 'results.json'}, {out / 'table.md'}"
-          + (f", {out / 'ratios.png'}" if charted else ""))
+    print(
+        f"wrote {out / 'results.json'}, {out / 'table.md'}"
+        + (f", {out / 'ratios.png'}" if charted else "")
+    )
     return 0
 
 

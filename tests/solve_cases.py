@@ -13,10 +13,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import lineax as lx
 import numpy as np
 from beartype import beartype
 from jaxtyping import Array, Inexact, jaxtyped
+
+import lineax as lx
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +147,9 @@ def make_operator(
                 c += cols
             blocks.append(jtu.tree_unflatten(jtu.tree_structure(in_struct), row_blocks))
             r += rows
-        return lx.PyTreeLinearOperator(jtu.tree_unflatten(out_def, blocks), out_struct, tags)
+        return lx.PyTreeLinearOperator(
+            jtu.tree_unflatten(out_def, blocks), out_struct, tags
+        )
     in_struct = jax.ShapeDtypeStruct((n,), dtype)
     if kind == "native":
         # The structured operator class for the matrix's structure, if any.
@@ -211,10 +214,16 @@ SOLVER_CASES = [
     SolverCase("svd_rank_deficient_square", lx.SVD(), "rank_deficient_square"),
     SolverCase("cholesky_pos", lx.Cholesky(), "spd", (psd,)),
     SolverCase("cholesky_neg", lx.Cholesky(), "nsd", (nsd,)),
-    SolverCase("diagonal", lx.Diagonal(well_posed=True), "diagonal", (lx.diagonal_tag,)),
+    SolverCase(
+        "diagonal", lx.Diagonal(well_posed=True), "diagonal", (lx.diagonal_tag,)
+    ),
     SolverCase("diagonal_pinv", lx.Diagonal(), "diagonal_singular", (lx.diagonal_tag,)),
-    SolverCase("triangular_lower", lx.Triangular(), "lower", (lx.lower_triangular_tag,)),
-    SolverCase("triangular_upper", lx.Triangular(), "upper", (lx.upper_triangular_tag,)),
+    SolverCase(
+        "triangular_lower", lx.Triangular(), "lower", (lx.lower_triangular_tag,)
+    ),
+    SolverCase(
+        "triangular_upper", lx.Triangular(), "upper", (lx.upper_triangular_tag,)
+    ),
     SolverCase(
         "triangular_unit",
         lx.Triangular(),
@@ -233,7 +242,9 @@ SOLVER_CASES = [
 CASES_BY_NAME = {case.name: case for case in SOLVER_CASES}
 
 
-def pinv_solution(matrix: np.ndarray, vector: np.ndarray, dtype: Any = jnp.float64) -> np.ndarray:
+def pinv_solution(
+    matrix: np.ndarray, vector: np.ndarray, dtype: Any = jnp.float64
+) -> np.ndarray:
     """The pseudoinverse solution in float64, treating as zero the singular values
     that rounding to `dtype` may have created."""
     rcond = 10 * max(matrix.shape) * float(jnp.finfo(dtype).eps)

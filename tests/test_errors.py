@@ -5,9 +5,10 @@ behaviour. Never a crash, never a silently wrong answer reported as success."""
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import lineax as lx
 import numpy as np
 import pytest
+
+import lineax as lx
 
 
 A = jnp.array([[3.0, 1.0, 0.0], [1.0, 4.0, 1.0], [0.0, 1.0, 5.0]])
@@ -23,11 +24,36 @@ def _raise(fn, error, match):
 
 # (id, thunk, exception type, regex the message must match)
 TRACE_TIME_CASES = [
-    ("vector_wrong_size", lambda: lx.linear_solve(OP, jnp.ones(4)), ValueError, "vector.*shape"),
-    ("vector_wrong_rank", lambda: lx.linear_solve(OP, jnp.ones((3, 1))), ValueError, "vector.*shape"),
-    ("vector_wrong_structure", lambda: lx.linear_solve(OP, (B,)), ValueError, "vector.*structure"),
-    ("vector_dict_for_array", lambda: lx.linear_solve(OP, {"a": B}), ValueError, "vector.*structure"),
-    ("vector_not_array", lambda: lx.linear_solve(OP, "abc"), (TypeError, ValueError), "vector"),
+    (
+        "vector_wrong_size",
+        lambda: lx.linear_solve(OP, jnp.ones(4)),
+        ValueError,
+        "vector.*shape",
+    ),
+    (
+        "vector_wrong_rank",
+        lambda: lx.linear_solve(OP, jnp.ones((3, 1))),
+        ValueError,
+        "vector.*shape",
+    ),
+    (
+        "vector_wrong_structure",
+        lambda: lx.linear_solve(OP, (B,)),
+        ValueError,
+        "vector.*structure",
+    ),
+    (
+        "vector_dict_for_array",
+        lambda: lx.linear_solve(OP, {"a": B}),
+        ValueError,
+        "vector.*structure",
+    ),
+    (
+        "vector_not_array",
+        lambda: lx.linear_solve(OP, "abc"),
+        (TypeError, ValueError),
+        "vector",
+    ),
     (
         "vector_float64_operator_float32",
         lambda: lx.linear_solve(lx.MatrixLinearOperator(A.astype(jnp.float32)), B),
@@ -42,15 +68,32 @@ TRACE_TIME_CASES = [
     ),
     (
         "vector_complex128_operator_complex64",
-        lambda: lx.linear_solve(lx.MatrixLinearOperator(A.astype(jnp.complex64)), B.astype(jnp.complex128)),
+        lambda: lx.linear_solve(
+            lx.MatrixLinearOperator(A.astype(jnp.complex64)), B.astype(jnp.complex128)
+        ),
         ValueError,
         "vector.*dtype",
     ),
-    ("operator_is_array", lambda: lx.linear_solve(A, B), TypeError, "operator.*MatrixLinearOperator"),
+    (
+        "operator_is_array",
+        lambda: lx.linear_solve(A, B),
+        TypeError,
+        "operator.*MatrixLinearOperator",
+    ),
     ("solver_not_solver", lambda: lx.linear_solve(OP, B, "lu"), TypeError, "solver"),
     ("throw_not_bool", lambda: lx.linear_solve(OP, B, throw="yes"), TypeError, "throw"),
-    ("options_not_dict", lambda: lx.linear_solve(OP, B, options=[1]), TypeError, "options"),
-    ("options_unknown_key", lambda: lx.linear_solve(OP, B, options={"precondition": 1}), ValueError, "Unknown key.*precondition"),
+    (
+        "options_not_dict",
+        lambda: lx.linear_solve(OP, B, options=[1]),
+        TypeError,
+        "options",
+    ),
+    (
+        "options_unknown_key",
+        lambda: lx.linear_solve(OP, B, options={"precondition": 1}),
+        ValueError,
+        "Unknown key.*precondition",
+    ),
     (
         "non_square_well_posed",
         lambda: lx.linear_solve(lx.MatrixLinearOperator(jnp.ones((4, 3))), jnp.ones(4)),
@@ -59,22 +102,46 @@ TRACE_TIME_CASES = [
     ),
     (
         "lu_non_square",
-        lambda: lx.linear_solve(lx.MatrixLinearOperator(jnp.ones((4, 3))), jnp.ones(4), lx.LU()),
+        lambda: lx.linear_solve(
+            lx.MatrixLinearOperator(jnp.ones((4, 3))), jnp.ones(4), lx.LU()
+        ),
         ValueError,
         "LU.*square.*lx.QR",
     ),
-    ("cholesky_no_tag", lambda: lx.linear_solve(OP, B, lx.Cholesky()), ValueError, "Cholesky.*positive_semidefinite_tag"),
+    (
+        "cholesky_no_tag",
+        lambda: lx.linear_solve(OP, B, lx.Cholesky()),
+        ValueError,
+        "Cholesky.*positive_semidefinite_tag",
+    ),
     (
         "cholesky_non_square",
         lambda: lx.linear_solve(
-            lx.MatrixLinearOperator(jnp.ones((4, 3)), lx.positive_semidefinite_tag), jnp.ones(4), lx.Cholesky()
+            lx.MatrixLinearOperator(jnp.ones((4, 3)), lx.positive_semidefinite_tag),
+            jnp.ones(4),
+            lx.Cholesky(),
         ),
         ValueError,
         "square",
     ),
-    ("triangular_no_tag", lambda: lx.linear_solve(OP, B, lx.Triangular()), ValueError, "Triangular.*lower_triangular_tag"),
-    ("tridiagonal_no_tag", lambda: lx.linear_solve(OP, B, lx.Tridiagonal()), ValueError, "Tridiagonal.*tridiagonal_tag"),
-    ("diagonal_no_tag", lambda: lx.linear_solve(OP, B, lx.Diagonal()), ValueError, "Diagonal.*diagonal_tag"),
+    (
+        "triangular_no_tag",
+        lambda: lx.linear_solve(OP, B, lx.Triangular()),
+        ValueError,
+        "Triangular.*lower_triangular_tag",
+    ),
+    (
+        "tridiagonal_no_tag",
+        lambda: lx.linear_solve(OP, B, lx.Tridiagonal()),
+        ValueError,
+        "Tridiagonal.*tridiagonal_tag",
+    ),
+    (
+        "diagonal_no_tag",
+        lambda: lx.linear_solve(OP, B, lx.Diagonal()),
+        ValueError,
+        "Diagonal.*diagonal_tag",
+    ),
     (
         "state_from_other_solver",
         lambda: lx.linear_solve(OP, B, lx.QR(), state=lx.LU().init(OP, {})),
@@ -83,15 +150,27 @@ TRACE_TIME_CASES = [
     ),
     (
         "state_from_other_operator",
-        lambda: lx.linear_solve(OP, B, lx.LU(), state=lx.LU().init(lx.MatrixLinearOperator(jnp.eye(4)), {})),
+        lambda: lx.linear_solve(
+            OP, B, lx.LU(), state=lx.LU().init(lx.MatrixLinearOperator(jnp.eye(4)), {})
+        ),
         ValueError,
         "state",
     ),
     ("svd_negative_rcond", lambda: lx.SVD(rcond=-1.0), ValueError, "rcond"),
     ("diagonal_negative_rcond", lambda: lx.Diagonal(rcond=-1.0), ValueError, "rcond"),
-    ("auto_bad_well_posed", lambda: lx.AutoLinearSolver(well_posed="yes"), ValueError, "well_posed"),
+    (
+        "auto_bad_well_posed",
+        lambda: lx.AutoLinearSolver(well_posed="yes"),
+        ValueError,
+        "well_posed",
+    ),
     ("normal_bad_inner", lambda: lx.Normal("cg"), TypeError, "inner_solver"),
-    ("matrix_1d", lambda: lx.MatrixLinearOperator(jnp.ones(3)), ValueError, "matrix.*2-D"),
+    (
+        "matrix_1d",
+        lambda: lx.MatrixLinearOperator(jnp.ones(3)),
+        ValueError,
+        "matrix.*2-D",
+    ),
     ("matrix_not_array", lambda: lx.MatrixLinearOperator("abc"), TypeError, "matrix"),
     (
         "tridiagonal_bad_lengths",
@@ -99,10 +178,17 @@ TRACE_TIME_CASES = [
         ValueError,
         "lower_diagonal",
     ),
-    ("jacobian_bad_jac", lambda: lx.JacobianLinearOperator(lambda x, a: x, B, jac="rev"), ValueError, "jac"),
+    (
+        "jacobian_bad_jac",
+        lambda: lx.JacobianLinearOperator(lambda x, a: x, B, jac="rev"),
+        ValueError,
+        "jac",
+    ),
     (
         "pytree_leaf_bad_shape",
-        lambda: lx.PyTreeLinearOperator(jnp.ones((2, 3)), jax.ShapeDtypeStruct((3,), jnp.float64)),
+        lambda: lx.PyTreeLinearOperator(
+            jnp.ones((2, 3)), jax.ShapeDtypeStruct((3,), jnp.float64)
+        ),
         ValueError,
         "shape",
     ),
@@ -112,24 +198,49 @@ TRACE_TIME_CASES = [
         TypeError,
         "pytree",
     ),
-    ("add_mismatched", lambda: OP + lx.MatrixLinearOperator(jnp.eye(4)), ValueError, "different input structures"),
-    ("compose_mismatched", lambda: OP @ lx.MatrixLinearOperator(jnp.ones((4, 2))), ValueError, "compose"),
+    (
+        "add_mismatched",
+        lambda: OP + lx.MatrixLinearOperator(jnp.eye(4)),
+        ValueError,
+        "different input structures",
+    ),
+    (
+        "compose_mismatched",
+        lambda: OP @ lx.MatrixLinearOperator(jnp.ones((4, 2))),
+        ValueError,
+        "compose",
+    ),
     ("mul_by_vector", lambda: OP * jnp.ones(3), ValueError, "scalar"),
     ("mul_by_operator", lambda: OP * OP, TypeError, "@"),
     (
         "identity_size_mismatch",
-        lambda: lx.IdentityLinearOperator(jax.ShapeDtypeStruct((3,), jnp.float64), jax.ShapeDtypeStruct((4,), jnp.float64)),
+        lambda: lx.IdentityLinearOperator(
+            jax.ShapeDtypeStruct((3,), jnp.float64),
+            jax.ShapeDtypeStruct((4,), jnp.float64),
+        ),
         ValueError,
         "same total size",
     ),
-    ("function_not_callable", lambda: lx.FunctionLinearOperator(3, jax.ShapeDtypeStruct((3,), jnp.float64)), TypeError, "fn"),
+    (
+        "function_not_callable",
+        lambda: lx.FunctionLinearOperator(3, jax.ShapeDtypeStruct((3,), jnp.float64)),
+        TypeError,
+        "fn",
+    ),
     (
         "function_bad_input_structure",
-        lambda: lx.FunctionLinearOperator(lambda x: A @ x, jax.ShapeDtypeStruct((4,), jnp.float64)),
+        lambda: lx.FunctionLinearOperator(
+            lambda x: A @ x, jax.ShapeDtypeStruct((4,), jnp.float64)
+        ),
         ValueError,
         "input_structure",
     ),
-    ("diagonal_non_array", lambda: lx.DiagonalLinearOperator([1.0, "a"]), TypeError, "diagonal"),
+    (
+        "diagonal_non_array",
+        lambda: lx.DiagonalLinearOperator([1.0, "a"]),
+        TypeError,
+        "diagonal",
+    ),
     (
         "tagged_non_operator",
         lambda: lx.TaggedLinearOperator(A, lx.symmetric_tag),
@@ -140,16 +251,30 @@ TRACE_TIME_CASES = [
 
 
 @pytest.mark.parametrize(
-    "thunk,error,match", [c[1:] for c in TRACE_TIME_CASES], ids=[c[0] for c in TRACE_TIME_CASES]
+    "thunk,error,match",
+    [c[1:] for c in TRACE_TIME_CASES],
+    ids=[c[0] for c in TRACE_TIME_CASES],
 )
 def test_trace_time_error(thunk, error, match):
     _raise(thunk, error, match)
 
 
 RUN_TIME_CASES = [
-    ("nan_in_operator", lambda: lx.MatrixLinearOperator(A.at[0, 1].set(jnp.nan)), B, lx.LU(), "nonfinite_input"),
+    (
+        "nan_in_operator",
+        lambda: lx.MatrixLinearOperator(A.at[0, 1].set(jnp.nan)),
+        B,
+        lx.LU(),
+        "nonfinite_input",
+    ),
     ("inf_in_vector", lambda: OP, B.at[1].set(jnp.inf), lx.LU(), "nonfinite_input"),
-    ("nan_in_vector_svd", lambda: OP, B.at[1].set(jnp.nan), lx.SVD(), "nonfinite_input"),
+    (
+        "nan_in_vector_svd",
+        lambda: OP,
+        B.at[1].set(jnp.nan),
+        lx.SVD(),
+        "nonfinite_input",
+    ),
     ("singular_lu", lambda: lx.MatrixLinearOperator(SINGULAR), B, lx.LU(), "singular"),
     ("singular_qr", lambda: lx.MatrixLinearOperator(SINGULAR), B, lx.QR(), "singular"),
     (
@@ -175,14 +300,18 @@ RUN_TIME_CASES = [
     ),
     (
         "indefinite_cholesky",
-        lambda: lx.MatrixLinearOperator(jnp.diag(jnp.array([1.0, -1.0, 2.0])), lx.positive_semidefinite_tag),
+        lambda: lx.MatrixLinearOperator(
+            jnp.diag(jnp.array([1.0, -1.0, 2.0])), lx.positive_semidefinite_tag
+        ),
         B,
         lx.Cholesky(),
         "singular",
     ),
     (
         "singular_triangular",
-        lambda: lx.MatrixLinearOperator(jnp.tril(A).at[1, 1].set(0), lx.lower_triangular_tag),
+        lambda: lx.MatrixLinearOperator(
+            jnp.tril(A).at[1, 1].set(0), lx.lower_triangular_tag
+        ),
         B,
         lx.Triangular(),
         "singular",
@@ -205,7 +334,9 @@ RUN_TIME_CASES = [
 
 
 @pytest.mark.parametrize(
-    "make_operator,vector,solver,member", [c[1:] for c in RUN_TIME_CASES], ids=[c[0] for c in RUN_TIME_CASES]
+    "make_operator,vector,solver,member",
+    [c[1:] for c in RUN_TIME_CASES],
+    ids=[c[0] for c in RUN_TIME_CASES],
 )
 def test_run_time_result(make_operator, vector, solver, member):
     solution = lx.linear_solve(make_operator(), vector, solver, throw=False)
@@ -223,15 +354,26 @@ def test_run_time_result(make_operator, vector, solver, member):
 
 def test_singular_raises_under_jit_with_advice():
     # Under `eqx.filter_jit` (not plain `jax.jit`) the error is an EquinoxRuntimeError.
-    solve = eqx.filter_jit(lambda a: lx.linear_solve(lx.MatrixLinearOperator(a), B).value)
+    solve = eqx.filter_jit(
+        lambda a: lx.linear_solve(lx.MatrixLinearOperator(a), B).value
+    )
     with pytest.raises(eqx.EquinoxRuntimeError, match="well_posed=False"):
         solve(SINGULAR)
 
 
 def test_every_failure_message_says_what_to_do():
-    for name in ("max_steps_reached", "singular", "breakdown", "stagnation", "conlim", "nonfinite_input"):
+    for name in (
+        "max_steps_reached",
+        "singular",
+        "breakdown",
+        "stagnation",
+        "conlim",
+        "nonfinite_input",
+    ):
         message = lx.RESULTS[getattr(lx.RESULTS, name)]
-        assert any(word in message for word in ("Try", "try", "use", "Check", "Increase"))
+        assert any(
+            word in message for word in ("Try", "try", "use", "Check", "Increase")
+        )
     assert lx.RESULTS[lx.RESULTS.successful] == ""
     assert lx.RESULTS[lx.RESULTS.max_steps_reached] == (
         "The maximum number of solver steps was reached. Try increasing `max_steps`."
@@ -242,13 +384,21 @@ def test_every_failure_message_says_what_to_do():
 
 
 def test_real_vector_complex_operator_is_promoted():
-    operator = lx.MatrixLinearOperator(A.astype(jnp.complex128) * jnp.complex128(1 + 1j))
+    operator = lx.MatrixLinearOperator(
+        A.astype(jnp.complex128) * jnp.complex128(1 + 1j)
+    )
     solution = lx.linear_solve(operator, B)
-    np.testing.assert_allclose(solution.value, np.linalg.solve(np.asarray(A) * (1 + 1j), np.asarray(B)), rtol=1e-12)
+    np.testing.assert_allclose(
+        solution.value,
+        np.linalg.solve(np.asarray(A) * (1 + 1j), np.asarray(B)),
+        rtol=1e-12,
+    )
 
 
 def test_integer_vector_and_matrix_are_converted():
-    solution = lx.linear_solve(lx.MatrixLinearOperator(jnp.array([[2, 0], [0, 4]])), jnp.array([2, 2]))
+    solution = lx.linear_solve(
+        lx.MatrixLinearOperator(jnp.array([[2, 0], [0, 4]])), jnp.array([2, 2])
+    )
     np.testing.assert_allclose(solution.value, [1.0, 0.5])
     assert solution.value.dtype == jnp.float64
 
@@ -272,9 +422,11 @@ def test_nonlinear_function_operator():
     """Documented: linearity of `fn` is not checked. Materialising solvers see the
     matrix whose columns are `fn(e_i)`; transposing a nonlinear `fn` is an error
     from `jax.linear_transpose`."""
-    operator = lx.FunctionLinearOperator(lambda x: x**2 + x, jax.ShapeDtypeStruct((3,), jnp.float64))
+    operator = lx.FunctionLinearOperator(
+        lambda x: x**2 + x, jax.ShapeDtypeStruct((3,), jnp.float64)
+    )
     np.testing.assert_allclose(operator.as_matrix(), 2 * np.eye(3))
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (JAX's own error for nonlinearity)
         operator.transpose()
 
 
@@ -302,5 +454,7 @@ def test_no_crash_on_empty_tags_user_operator():
 
     operator = Plain(A)
     assert lx.AutoLinearSolver(well_posed=True).select_solver(operator) == lx.LU()
-    np.testing.assert_allclose(lx.linear_solve(operator, B).value, np.linalg.solve(A, B))
+    np.testing.assert_allclose(
+        lx.linear_solve(operator, B).value, np.linalg.solve(A, B)
+    )
     np.testing.assert_allclose(lx.diagonal(operator), np.diag(A))

@@ -3,10 +3,11 @@ against central finite differences in float64, and higher order."""
 
 import jax
 import jax.numpy as jnp
-import lineax as lx
 import numpy as np
 import pytest
 from solve_cases import CASES_BY_NAME, make_matrix, make_operator
+
+import lineax as lx
 
 
 def _random(shape, seed, complex_=False):
@@ -19,7 +20,14 @@ def _random(shape, seed, complex_=False):
 
 # Which equation each case exercises (from the solver's rank flags and shape):
 # LU (4); QR tall (2); QR wide (3); SVD (1).
-BRANCH_CASES = ["lu", "qr_tall", "qr_wide", "svd_tall", "svd_rank_deficient", "cholesky_pos"]
+BRANCH_CASES = [
+    "lu",
+    "qr_tall",
+    "qr_wide",
+    "svd_tall",
+    "svd_rank_deficient",
+    "cholesky_pos",
+]
 
 
 def _fd_jvp(fn, primals, tangents, eps=1e-6):
@@ -58,7 +66,9 @@ def test_jvp_matches_finite_differences(name, kind):
 
     _, got = jax.jvp(solve, (matrix, vector), (matrix_tangent, vector_tangent))
     if case.matrix_kind == "rank_deficient":
-        fd = _fd_jvp(lambda t, b: solve(build(t), b), (0.0, vector), (1.0, vector_tangent))
+        fd = _fd_jvp(
+            lambda t, b: solve(build(t), b), (0.0, vector), (1.0, vector_tangent)
+        )
     else:
         fd = _fd_jvp(solve, (matrix, vector), (matrix_tangent, vector_tangent))
     np.testing.assert_allclose(got, fd, rtol=1e-6, atol=1e-7)
@@ -87,7 +97,9 @@ def test_jvp_complex(name):
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["lu", "qr_tall", "qr_wide", "svd_rank_deficient_square"])
+@pytest.mark.parametrize(
+    "name", ["lu", "qr_tall", "qr_wide", "svd_rank_deficient_square"]
+)
 def test_reverse_agrees_with_forward(name):
     case = CASES_BY_NAME[name]
     matrix = jnp.asarray(make_matrix(case.matrix_kind, jnp.float64))
@@ -158,9 +170,15 @@ def test_pytree_operator_gradient():
     def dense_loss(a, b):
         return jnp.sum(jnp.linalg.solve(a, b) ** 2)
 
-    flat_b = jnp.concatenate([jnp.reshape(x, -1) for x in jax.tree_util.tree_leaves(vector)])
+    flat_b = jnp.concatenate(
+        [jnp.reshape(x, -1) for x in jax.tree_util.tree_leaves(vector)]
+    )
     dense_grads = jax.grad(dense_loss, argnums=(0, 1))(matrix, flat_b)
-    got_b = jnp.concatenate([jnp.reshape(x, -1) for x in jax.tree_util.tree_leaves(grads[1])])
+    got_b = jnp.concatenate(
+        [jnp.reshape(x, -1) for x in jax.tree_util.tree_leaves(grads[1])]
+    )
     np.testing.assert_allclose(got_b, dense_grads[1], rtol=1e-9)
-    got_a = lx.PyTreeLinearOperator(grads[0].pytree, operator.out_structure()).as_matrix()
+    got_a = lx.PyTreeLinearOperator(
+        grads[0].pytree, operator.out_structure()
+    ).as_matrix()
     np.testing.assert_allclose(got_a, dense_grads[0], rtol=1e-9, atol=1e-12)

@@ -12,10 +12,11 @@ import functools as ft
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
-import lineax as lx
 import numpy as np
 from hypothesis import given
-from solve_cases import SOLVER_CASES, flatten, make_matrix, make_operator, make_vector
+from solve_cases import flatten, make_matrix, make_operator, make_vector, SOLVER_CASES
+
+import lineax as lx
 
 
 DTYPES = (jnp.float32, jnp.float64, jnp.complex128)
@@ -30,7 +31,11 @@ def _tolerance(dtype) -> float:
 def _real(x):
     """A real scalar loss of a (possibly complex) solution."""
     x = flatten(x)
-    return jnp.sum(jnp.real(x) ** 2 + jnp.imag(x) ** 2) if jnp.iscomplexobj(x) else jnp.sum(x**2)
+    return (
+        jnp.sum(jnp.real(x) ** 2 + jnp.imag(x) ** 2)
+        if jnp.iscomplexobj(x)
+        else jnp.sum(x**2)
+    )
 
 
 @ft.cache
@@ -72,7 +77,10 @@ def test_solve_property(case_index, kind, dtype, transform, seed):
         return
     if dtype == jnp.float32 and transform in ("jvp", "grad"):
         dtype = jnp.float64  # derivatives are checked in float64
-    rank_deficient = case.matrix_kind.startswith("rank_deficient") or case.matrix_kind == "diagonal_singular"
+    rank_deficient = (
+        case.matrix_kind.startswith("rank_deficient")
+        or case.matrix_kind == "diagonal_singular"
+    )
     if rank_deficient and transform in ("jvp", "grad"):
         # Differentiable only along rank-preserving directions: tested in
         # test_jvp.py with such a direction.
@@ -98,7 +106,7 @@ def test_solve_property(case_index, kind, dtype, transform, seed):
         batch = jax.tree_util.tree_map(lambda x: jnp.stack([x, 2 * x]), vector)
         out = fn(matrix, batch)
         for i in range(2):
-            got = flatten(jax.tree_util.tree_map(lambda x: x[i], out))
+            got = flatten(jax.tree_util.tree_map(lambda x, i=i: x[i], out))
             close(got, _reference(ref_matrix, (i + 1) * flat_vector, dtype))
     elif transform == "jvp":
         rng = np.random.default_rng(seed + 2)
@@ -110,7 +118,10 @@ def test_solve_property(case_index, kind, dtype, transform, seed):
         _, want = jax.jvp(
             lambda m, v: _reference(m, v, dtype),
             (ref_matrix, flat_vector),
-            (t_matrix.astype(ref_matrix.dtype), flatten(t_vector).astype(ref_matrix.dtype)),
+            (
+                t_matrix.astype(ref_matrix.dtype),
+                flatten(t_vector).astype(ref_matrix.dtype),
+            ),
         )
         close(flatten(got), want)
     else:

@@ -6,18 +6,19 @@ import os
 
 import jax
 import jax.numpy as jnp
-import lineax as lx
 import numpy as np
 import pytest
 from solve_cases import (
-    SOLVER_CASES,
     flatten,
     make_matrix,
     make_operator,
     make_vector,
     pinv_solution,
+    SOLVER_CASES,
     tolerance,
 )
+
+import lineax as lx
 
 
 DTYPES = (jnp.float32, jnp.float64, jnp.complex128)
@@ -33,11 +34,18 @@ def _grid():
         for j, (kind, dtype) in enumerate(itertools.product(KINDS, DTYPES)):
             if kind not in case.kinds:
                 continue
-            if kind == "native" and not {lx.diagonal_tag, lx.tridiagonal_tag} & set(case.tags):
+            if kind == "native" and not {lx.diagonal_tag, lx.tridiagonal_tag} & set(
+                case.tags
+            ):
                 continue  # the same as "matrix"
             if everything or kind == "matrix" or (i + j) % len(DTYPES) == 0:
                 params.append(
-                    pytest.param(case, kind, dtype, id=f"{case.name}-{kind}-{jnp.dtype(dtype).name}")
+                    pytest.param(
+                        case,
+                        kind,
+                        dtype,
+                        id=f"{case.name}-{kind}-{jnp.dtype(dtype).name}",
+                    )
                 )
     return params
 
@@ -53,7 +61,9 @@ def test_solution_matches_pinv(case, kind, dtype):
     got = np.asarray(flatten(solution.value))
     assert got.dtype == jnp.dtype(dtype)
     scale = np.max(np.abs(expected)) + 1
-    np.testing.assert_allclose(got, expected, rtol=0, atol=tolerance(dtype) * 10 * scale)
+    np.testing.assert_allclose(
+        got, expected, rtol=0, atol=tolerance(dtype) * 10 * scale
+    )
 
 
 @pytest.mark.parametrize("case", SOLVER_CASES, ids=lambda c: c.name)
@@ -79,7 +89,9 @@ def test_invert():
     assert inverse.in_size() == 5
     np.testing.assert_allclose(inverse.as_matrix(), np.linalg.inv(matrix), atol=1e-10)
     vector = jnp.arange(5.0)
-    np.testing.assert_allclose(inverse.mv(vector), np.linalg.solve(matrix, vector), atol=1e-10)
+    np.testing.assert_allclose(
+        inverse.mv(vector), np.linalg.solve(matrix, vector), atol=1e-10
+    )
 
 
 @pytest.mark.parametrize(
@@ -137,8 +149,12 @@ def test_svd_accuracy_ill_conditioned_float32(n):
     matrix = (rng.standard_normal((n, n)) + np.sqrt(n) * np.eye(n)).astype(np.float32)
     vector = rng.standard_normal(n).astype(np.float32)
     expected = np.linalg.solve(matrix.astype(np.float64), vector.astype(np.float64))
-    ours = lx.linear_solve(lx.MatrixLinearOperator(jnp.asarray(matrix)), jnp.asarray(vector), lx.SVD()).value
+    ours = lx.linear_solve(
+        lx.MatrixLinearOperator(jnp.asarray(matrix)), jnp.asarray(vector), lx.SVD()
+    ).value
     theirs = jnp.linalg.lstsq(jnp.asarray(matrix), jnp.asarray(vector))[0]
-    err = lambda x: np.linalg.norm(np.asarray(x, np.float64) - expected) / np.linalg.norm(expected)
+    err = lambda x: (
+        np.linalg.norm(np.asarray(x, np.float64) - expected) / np.linalg.norm(expected)
+    )
     assert err(ours) <= 2 * err(theirs) + 1e-6
     assert err(ours) < 1e-3

@@ -4,9 +4,10 @@ solve failed; repeated calls never retrace."""
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import lineax as lx
 import numpy as np
 import pytest
+
+import lineax as lx
 
 
 SINGULAR = jnp.array([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [1.0, 0.0, 1.0]])
@@ -41,7 +42,9 @@ def test_throw_false_never_raises_under_autodiff(solve, matrix, member):
     assert solution.result == expected
     # JVP: no error; the primal result still reports the failure, and the failed
     # tangent solve gives NaN tangents rather than a plausible-looking derivative.
-    (primal_sol, tangent_sol) = jax.jvp(lambda a: solve(a, B), (matrix,), (jnp.ones_like(matrix),))
+    (primal_sol, tangent_sol) = jax.jvp(
+        lambda a: solve(a, B), (matrix,), (jnp.ones_like(matrix),)
+    )
     assert primal_sol.result == expected
     assert np.all(np.isnan(tangent_sol.value))
     # Reverse mode: no error; the cotangents of a failed cotangent solve are NaN.
@@ -68,7 +71,11 @@ class _FailsOnLargeVectors(lx.AbstractLinearSolver):
     def compute(self, state, vector, options):
         x, _, stats = lx.LU().compute(state, vector, options)
         fail = jnp.max(jnp.abs(vector)) > 100
-        return x, lx.RESULTS.where(fail, lx.RESULTS.breakdown, lx.RESULTS.successful), stats
+        return (
+            x,
+            lx.RESULTS.where(fail, lx.RESULTS.breakdown, lx.RESULTS.successful),
+            stats,
+        )
 
     def transpose(self, state, options):
         return lx.LU().transpose(state, options)
@@ -122,10 +129,14 @@ def test_no_retracing():
     assert len(traces) == 1
     # Inside jax.jit.
     traces.clear()
-    fn = jax.jit(lambda a, b: lx.linear_solve(lx.MatrixLinearOperator(a), b, solver).value)
+    fn = jax.jit(
+        lambda a, b: lx.linear_solve(lx.MatrixLinearOperator(a), b, solver).value
+    )
     for scale in (1.0, 2.0, 3.0):
         fn(GOOD * scale, B)
     assert len(traces) == 1
     # A new dtype does retrace (once).
-    lx.linear_solve(lx.MatrixLinearOperator(GOOD.astype(jnp.float32)), B.astype(jnp.float32), solver)
+    lx.linear_solve(
+        lx.MatrixLinearOperator(GOOD.astype(jnp.float32)), B.astype(jnp.float32), solver
+    )
     assert len(traces) == 2

@@ -1,15 +1,15 @@
 """`vmap` of solves and of their derivatives; reverse mode reusing the factorisation;
 user-defined operators and solvers differentiating with no derivative code."""
 
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import lineax as lx
 import numpy as np
 import pytest
 from jaxtyping import Array, Float
 from solve_cases import CASES_BY_NAME, make_matrix
+
+import lineax as lx
 
 
 def _random(shape, seed):
@@ -57,7 +57,12 @@ def test_vmap_matches_loop(name):
 def test_vmap_of_vmap_and_of_derivatives():
     solve = _solve(lx.LU())
     base = jnp.asarray(make_matrix("square", jnp.float64))
-    matrices = jnp.stack([jnp.stack([base + (i + 2 * j) * jnp.eye(5) for i in range(2)]) for j in range(3)])
+    matrices = jnp.stack(
+        [
+            jnp.stack([base + (i + 2 * j) * jnp.eye(5) for i in range(2)])
+            for j in range(3)
+        ]
+    )
     vectors = _random((3, 2, 5), 1)
     got = jax.vmap(jax.vmap(solve))(matrices, vectors)
     want = jnp.linalg.solve(matrices, vectors[..., None])[..., 0]
@@ -80,11 +85,15 @@ def test_vmap_of_vmap_and_of_derivatives():
     )
     grad = jax.vmap(jax.grad(lambda a, b: jnp.sum(solve(a, b) ** 2)))
     grad_ref = jax.vmap(jax.grad(lambda a, b: jnp.sum(jnp.linalg.solve(a, b) ** 2)))
-    np.testing.assert_allclose(grad(flat_m, flat_v), grad_ref(flat_m, flat_v), rtol=1e-9)
+    np.testing.assert_allclose(
+        grad(flat_m, flat_v), grad_ref(flat_m, flat_v), rtol=1e-9
+    )
     # grad of vmap
     loss = lambda a: jnp.sum(jax.vmap(solve, in_axes=(None, 0))(a, flat_v) ** 2)
     loss_ref = lambda a: jnp.sum(jnp.linalg.solve(a, flat_v.T) ** 2)
-    np.testing.assert_allclose(jax.grad(loss)(base), jax.grad(loss_ref)(base), rtol=1e-9)
+    np.testing.assert_allclose(
+        jax.grad(loss)(base), jax.grad(loss_ref)(base), rtol=1e-9
+    )
 
 
 class _CountingLU(lx.AbstractLinearSolver):
@@ -116,7 +125,9 @@ def test_reverse_mode_does_not_factorise_again():
     vector = _random((5,), 1)
 
     def loss(a, b):
-        return jnp.sum(lx.linear_solve(lx.MatrixLinearOperator(a), b, solver).value ** 2)
+        return jnp.sum(
+            lx.linear_solve(lx.MatrixLinearOperator(a), b, solver).value ** 2
+        )
 
     grads = jax.grad(loss, argnums=(0, 1))(matrix, vector)
     assert len(counter) == 1
@@ -180,7 +191,9 @@ class UserSolver(lx.AbstractLinearSolver[UserSolverState]):
         return False
 
 
-@pytest.mark.parametrize("solver", [UserSolver(), lx.AutoLinearSolver(well_posed=True), lx.SVD()])
+@pytest.mark.parametrize(
+    "solver", [UserSolver(), lx.AutoLinearSolver(well_posed=True), lx.SVD()]
+)
 def test_user_operator_and_solver_gradients(solver):
     operator = UserOperator(jnp.array(3.0), jnp.array(0.5), 6)
     assert not lx.is_symmetric(operator) and not lx.is_positive_semidefinite(operator)
@@ -191,7 +204,9 @@ def test_user_operator_and_solver_gradients(solver):
         return jnp.sum(jnp.sin(lx.linear_solve(op, vec, solver).value))
 
     def loss_ref(a, b, vec):
-        return jnp.sum(jnp.sin(jnp.linalg.solve(UserOperator(a, b, 6).as_matrix(), vec)))
+        return jnp.sum(
+            jnp.sin(jnp.linalg.solve(UserOperator(a, b, 6).as_matrix(), vec))
+        )
 
     args = (jnp.array(3.0), jnp.array(0.5), vector)
     got = jax.grad(loss, argnums=(0, 1, 2))(*args)
@@ -243,5 +258,3 @@ def test_state_passes_through_while_loop_and_stop_gradient():
     _, x, _ = jax.lax.while_loop(lambda c: c[0] < 3, body, (0, jnp.ones(5), dynamic))
     inv = np.linalg.inv(matrix)
     np.testing.assert_allclose(x, inv @ inv @ inv @ np.ones(5), rtol=1e-9)
-
-

@@ -11,8 +11,8 @@ from jaxtyping import Array, Int
 from .._operator.base import AbstractLinearOperator
 from .._solution import RESULTS
 from ._packing import (
-    PackedStructures,
     pack_structures,
+    PackedStructures,
     ravel_vector,
     transpose_packed_structures,
     unravel_solution,
@@ -40,7 +40,9 @@ class LU(AbstractLinearSolver[LUState]):
     This solver reads no `options`.
     """
 
-    def init(self, operator: AbstractLinearOperator, options: dict[str, Any]) -> LUState:
+    def init(
+        self, operator: AbstractLinearOperator, options: dict[str, Any]
+    ) -> LUState:
         del options
         check_square(operator, "LU")
         # Keep the permutation (not LAPACK's sequence of row swaps), so that each
