@@ -1,7 +1,6 @@
 """`linear_solve` and `invert`: argument checks, then a bind of the primitive."""
 
 import functools as ft
-import logging
 from typing import Any
 
 import equinox as eqx
@@ -29,7 +28,7 @@ from ._operator.matrix import MatrixLinearOperator
 from ._operator.pytree import PyTreeLinearOperator
 from ._operator.tagged import TaggedLinearOperator
 from ._operator.tridiagonal import TridiagonalLinearOperator
-from ._primitive import bind
+from ._primitive import bind, primal_failure_message
 from ._solution import Solution
 from ._solver.auto import AutoLinearSolver
 from ._solver.base import AbstractLinearSolver
@@ -205,34 +204,14 @@ def linear_solve(
     return _linear_solve(operator, vector, solver, options, state, throw)
 
 
-class _HideCallbackFailure(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != "jax.pure_callback failed"
-
-
-_CALLBACK_LOGGER = logging.getLogger("jax._src.callback")
-_HIDE_CALLBACK_FAILURE = _HideCallbackFailure()
-
-
 def _run_compiled(operator, vector, solver, throw) -> Solution:
-    if not throw:
-        return _compiled_linear_solve(operator, vector, solver, throw)
-    _CALLBACK_LOGGER.addFilter(_HIDE_CALLBACK_FAILURE)
-    try:
-        solution = _compiled_linear_solve(operator, vector, solver, throw)
-        # Wait for the error check, so that a failure is raised here.
-        solution.result._value.block_until_ready()
-    except (jax.errors.JaxRuntimeError, ValueError) as e:
-        # Under `jax.jit`, a failed `eqx.error_if` surfaces as a long
-        # JaxRuntimeError; re-raise it as the error eager mode would give.
-        text = str(e)
-        marker = "_EquinoxRuntimeError: "
-        if marker not in text:
-            raise
-        message = text[text.index(marker) + len(marker) :].split("\n\n")[0]
-        raise eqx.EquinoxRuntimeError(message) from None
-    finally:
-        _CALLBACK_LOGGER.removeFilter(_HIDE_CALLBACK_FAILURE)
+    # Compiled without the in-graph error check (which costs compile time); with
+    # `throw=True` the result code is checked here, on the host, instead.
+    solution = _compiled_linear_solve(operator, vector, solver, False)
+    if throw:
+        code = int(solution.result._value)
+        if code != 0:
+            raise eqx.EquinoxRuntimeError(primal_failure_message(code))
     return solution
 
 

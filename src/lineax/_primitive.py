@@ -54,6 +54,11 @@ def _messages(kind: str) -> list[str]:
     ]
 
 
+def primal_failure_message(code: int) -> str:
+    """The error message of a failed primal solve with result code `code`."""
+    return _messages("primal")[code]
+
+
 def _linear_solve_impl(
     operator: AbstractLinearOperator,
     state: PyTree,
