@@ -540,3 +540,70 @@ def random_operator(
     return make_operator(
         kind, matrix, dtype, tags, in_structure, out_structure, seed + 1
     )
+
+
+f64 = jnp.float64
+
+# Small operators and predicate helpers shared by the operator-layer tests.
+
+PREDICATES = {
+    "symmetric": lx.is_symmetric,
+    "diagonal": lx.is_diagonal,
+    "tridiagonal": lx.is_tridiagonal,
+    "lower": lx.is_lower_triangular,
+    "upper": lx.is_upper_triangular,
+    "psd": lx.is_positive_semidefinite,
+    "nsd": lx.is_negative_semidefinite,
+    "unit": lx.has_unit_diagonal,
+}
+
+
+def true_predicates(operator: lx.AbstractLinearOperator) -> set[str]:
+    return {name for name, pred in PREDICATES.items() if pred(operator)}
+
+
+def same_structure(a: Any, b: Any) -> bool:
+    def key(s):
+        return (s.shape, jnp.dtype(s.dtype))
+
+    return jtu.tree_structure(a) == jtu.tree_structure(b) and [
+        key(x) for x in jtu.tree_leaves(a)
+    ] == [key(x) for x in jtu.tree_leaves(b)]
+
+
+def randn_like(rng, x):
+    out = rng.standard_normal(x.shape)
+    if jnp.iscomplexobj(x):
+        out = out + 1j * rng.standard_normal(x.shape)
+    return out
+
+
+def _mat(tags=(), n=3, dtype=f64):
+    return lx.MatrixLinearOperator(
+        jnp.asarray(random_matrix(np.random.default_rng(0), n, n, dtype, tags), dtype),
+        tags,
+    )
+
+
+def _fun(tags=()):
+    matrix = jnp.asarray(random_matrix(np.random.default_rng(1), 3, 3, f64, tags))
+    return lx.FunctionLinearOperator(lambda x: matrix @ x, flat_structure(3, f64), tags)
+
+
+def _jac(tags=(), jac=None):
+    op, _ = random_operator(
+        {None: "jacobian", "fwd": "jacobian_fwd", "bwd": "jacobian_bwd"}[jac],
+        f64,
+        flat_structure(3, f64),
+        flat_structure(3, f64),
+        tags,
+    )
+    return op
+
+
+def _pyt(tags=()):
+    s = {"a": jax.ShapeDtypeStruct((2,), f64), "b": jax.ShapeDtypeStruct((), f64)}
+    return random_operator("pytree", f64, s, s, tags)[0]
+
+
+_S = flat_structure(3, f64)

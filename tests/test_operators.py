@@ -8,9 +8,7 @@ kind, `LINEAX_EXHAUSTIVE=1` many more.
 """
 
 import functools as ft
-import inspect
 import os
-import types
 from typing import Any
 
 import equinox as eqx
@@ -22,6 +20,10 @@ import jax.tree_util as jtu
 import numpy as np
 import pytest
 from helpers import (
+    _fun,
+    _mat,
+    _pyt,
+    _S,
     assert_close,
     DTYPES,
     flat_structure,
@@ -30,18 +32,19 @@ from helpers import (
     KINDS,
     MATRIX_FREE_KINDS,
     NO_JVP_KINDS,
+    randn_like,
     random_matrix,
     random_operator,
     random_vector,
     round_to,
+    same_structure,
     SQUARE_KINDS,
     structures,
-    tolerance,
+    true_predicates,
     unflatten,
 )
 
 import lineax as lx
-import lineax.internal as lxi
 
 
 f32, f64, c128 = jnp.float32, jnp.float64, jnp.complex128
@@ -54,16 +57,6 @@ unit = lx.unit_diagonal_tag
 psd = lx.positive_semidefinite_tag
 nsd = lx.negative_semidefinite_tag
 
-PREDICATES = {
-    "symmetric": lx.is_symmetric,
-    "diagonal": lx.is_diagonal,
-    "tridiagonal": lx.is_tridiagonal,
-    "lower": lx.is_lower_triangular,
-    "upper": lx.is_upper_triangular,
-    "psd": lx.is_positive_semidefinite,
-    "nsd": lx.is_negative_semidefinite,
-    "unit": lx.has_unit_diagonal,
-}
 
 # Consistent tag sets (each describes a square matrix that `random_matrix` makes).
 TAG_SETS = (
@@ -87,19 +80,6 @@ def _examples(n: int) -> Any:
     if os.environ.get("LINEAX_EXHAUSTIVE"):
         return hypothesis.settings()
     return hypothesis.settings(max_examples=n)
-
-
-def true_predicates(operator: lx.AbstractLinearOperator) -> set[str]:
-    return {name for name, pred in PREDICATES.items() if pred(operator)}
-
-
-def same_structure(a: Any, b: Any) -> bool:
-    def key(s):
-        return (s.shape, jnp.dtype(s.dtype))
-
-    return jtu.tree_structure(a) == jtu.tree_structure(b) and [
-        key(x) for x in jtu.tree_leaves(a)
-    ] == [key(x) for x in jtu.tree_leaves(b)]
 
 
 def matrix_free_parts(operator: lx.AbstractLinearOperator) -> list:
@@ -516,13 +496,6 @@ def test_jvp(kind, dtype):
         assert_close(flatten(tangent_op.mv(x)), np.asarray(dmatrix) @ flatten(x), dtype)
 
 
-def randn_like(rng, x):
-    out = rng.standard_normal(x.shape)
-    if jnp.iscomplexobj(x):
-        out = out + 1j * rng.standard_normal(x.shape)
-    return out
-
-
 def test_tangent_tridiagonal_of_diagonal():
     d = lx.DiagonalLinearOperator(jnp.ones(3))
     bands = lx.tridiagonal(lx.TangentLinearOperator(d, d))
@@ -644,305 +617,6 @@ def test_identity_between_structures(out_dtype):
     assert op.as_matrix().shape == (5, 5)
     assert_close(lx.diagonal(op), np.ones(5), f64)
     assert same_structure(lx.IdentityLinearOperator(in_s).out_structure(), in_s)
-
-
-#
-# Predicates and tags.
-#
-
-
-def _mat(tags=(), n=3, dtype=f64):
-    return lx.MatrixLinearOperator(
-        jnp.asarray(random_matrix(np.random.default_rng(0), n, n, dtype, tags), dtype),
-        tags,
-    )
-
-
-def _fun(tags=()):
-    matrix = jnp.asarray(random_matrix(np.random.default_rng(1), 3, 3, f64, tags))
-    return lx.FunctionLinearOperator(lambda x: matrix @ x, flat_structure(3, f64), tags)
-
-
-def _jac(tags=(), jac=None):
-    op, _ = random_operator(
-        {None: "jacobian", "fwd": "jacobian_fwd", "bwd": "jacobian_bwd"}[jac],
-        f64,
-        flat_structure(3, f64),
-        flat_structure(3, f64),
-        tags,
-    )
-    return op
-
-
-def _pyt(tags=()):
-    s = {"a": jax.ShapeDtypeStruct((2,), f64), "b": jax.ShapeDtypeStruct((), f64)}
-    return random_operator("pytree", f64, s, s, tags)[0]
-
-
-_ALL = set(PREDICATES)
-_S = flat_structure(3, f64)
-
-# (operator thunk, names of the predicates that hold). Thunks: built per test.
-PREDICATE_CASES = {
-    "matrix_untagged": (lambda: _mat(), set()),
-    "matrix_sym": (lambda: _mat(sym), {"symmetric"}),
-    "matrix_psd": (lambda: _mat(psd), {"symmetric", "psd"}),
-    "matrix_nsd": (lambda: _mat(nsd), {"symmetric", "nsd"}),
-    "matrix_diag": (
-        lambda: _mat(diag),
-        {"symmetric", "diagonal", "tridiagonal", "lower", "upper"},
-    ),
-    "matrix_tri": (lambda: _mat(tri), {"tridiagonal"}),
-    "matrix_unit_lower": (lambda: _mat([lower, unit]), {"lower", "unit"}),
-    "matrix_1x1": (lambda: _mat(n=1), {"diagonal"}),
-    "pytree_lower": (lambda: _pyt(lower), {"lower"}),
-    "function_upper": (lambda: _fun(upper), {"upper"}),
-    "jacobian_psd": (lambda: _jac(psd), {"symmetric", "psd"}),
-    "diagonal": (
-        lambda: lx.DiagonalLinearOperator(jnp.ones(3)),
-        {"symmetric", "diagonal", "tridiagonal", "lower", "upper"},
-    ),
-    "tridiagonal": (
-        lambda: lx.TridiagonalLinearOperator(jnp.ones(3), jnp.ones(2), jnp.ones(2)),
-        {"tridiagonal"},
-    ),
-    "identity": (lambda: lx.IdentityLinearOperator(_S), _ALL - {"nsd"}),
-    "tagged_adds": (
-        lambda: lx.TaggedLinearOperator(_mat(sym), psd),
-        {"symmetric", "psd"},
-    ),
-    "tagged_single_and_iterable": (
-        lambda: lx.TaggedLinearOperator(_fun(), [lower, unit]),
-        {"lower", "unit"},
-    ),
-    "add_sym_sym": (lambda: _mat(sym) + _fun(sym), {"symmetric"}),
-    "add_sym_plain": (lambda: _mat(sym) + _fun(), set()),
-    "add_psd_psd": (lambda: _mat(psd) + _fun(psd), {"symmetric", "psd"}),
-    "add_psd_nsd": (lambda: _mat(psd) + _mat(nsd), {"symmetric"}),
-    "add_lower_diag": (lambda: _mat(lower) + _mat(diag), {"lower"}),
-    "add_unit_unit": (lambda: _mat([lower, unit]) + _mat([lower, unit]), {"lower"}),
-    "sub_psd_nsd": (lambda: _mat(psd) - _mat(nsd), {"symmetric", "psd"}),
-    "neg_psd": (lambda: -_mat(psd), {"symmetric", "nsd"}),
-    "neg_nsd": (lambda: -_mat(nsd), {"symmetric", "psd"}),
-    "neg_unit_lower": (lambda: -_mat([lower, unit]), {"lower"}),
-    "mul_psd_array": (lambda: _mat(psd) * jnp.array(2.0), {"symmetric"}),
-    "mul_psd_positive_python": (lambda: _mat(psd) * 2.0, {"symmetric", "psd"}),
-    "mul_psd_negative_python": (lambda: -3 * _mat(psd), {"symmetric", "nsd"}),
-    "mul_unit_lower": (lambda: _mat([lower, unit]) * 2.0, {"lower"}),
-    "div_nsd_array": (lambda: _mat(nsd) / jnp.array(2.0), {"symmetric"}),
-    "div_nsd_negative_python": (lambda: _mat(nsd) / -2.0, {"symmetric", "psd"}),
-    "compose_diag_diag": (
-        lambda: _mat(diag) @ lx.DiagonalLinearOperator(jnp.ones(3)),
-        {"symmetric", "diagonal", "tridiagonal", "lower", "upper"},
-    ),
-    "compose_lower_lower": (lambda: _mat(lower) @ _fun(lower), {"lower"}),
-    "compose_unit_lower": (
-        lambda: _mat([lower, unit]) @ _mat([lower, unit]),
-        {"lower", "unit"},
-    ),
-    "compose_lower_upper": (lambda: _mat(lower) @ _mat(upper), set()),
-    "compose_diag_tri": (lambda: _mat(diag) @ _mat(tri), {"tridiagonal"}),
-    "compose_sym_sym": (lambda: _mat(sym) @ _mat(sym), set()),
-    "compose_psd_psd": (lambda: _mat(psd) @ _mat(psd), set()),
-    "tangent_psd": (
-        lambda: lx.TangentLinearOperator(_mat(psd), _mat(psd)),
-        {"symmetric"},
-    ),
-    "tangent_unit_lower": (
-        lambda: lx.TangentLinearOperator(_mat([lower, unit]), _mat([lower, unit])),
-        {"lower"},
-    ),
-}
-
-
-@pytest.mark.parametrize("name", list(PREDICATE_CASES))
-def test_predicates(name):
-    thunk, expected = PREDICATE_CASES[name]
-    op = thunk()
-    assert true_predicates(op) == expected
-    for pred in PREDICATES.values():
-        assert type(pred(op)) is bool
-    # Decided at trace time from the type: the same under jit, on traced arrays.
-    params, static = eqx.partition(op, eqx.is_array)
-
-    def traced(params):
-        assert true_predicates(eqx.combine(params, static)) == expected
-        return 0
-
-    jax.jit(traced)(params)
-    # ... and through conj and materialise.
-    assert true_predicates(lx.conj(op)) == expected
-    assert true_predicates(lx.materialise(op)) == expected
-
-
-def test_compose_unit_diagonal_needs_triangular():
-    a = lx.MatrixLinearOperator(jnp.ones((2, 2)), unit)
-    composed = a @ a
-    assert np.allclose(np.diagonal(composed.as_matrix()), 2.0)
-    assert not lx.has_unit_diagonal(composed)
-
-
-_TRANSPOSE_SWAPS = {"lower": "upper", "upper": "lower"}
-
-_TAGGED_THUNKS = {
-    "matrix": lambda tags: _mat(tags),
-    "pytree": lambda tags: _pyt(tags),
-    "function": lambda tags: _fun(tags),
-    "jacobian": lambda tags: _jac(tags),
-    "jacobian_fwd": lambda tags: _jac(tags, "fwd"),
-    "jacobian_bwd": lambda tags: _jac(tags, "bwd"),
-    "tagged": lambda tags: lx.TaggedLinearOperator(_mat(), tags),
-    "neg": lambda tags: -_mat(tags),
-    "mul": lambda tags: _mat(tags) * jnp.array(2.0),
-    "add": lambda tags: _mat(tags) + _fun(tags),
-    "tangent": lambda tags: lx.TangentLinearOperator(_mat(tags), _mat(tags)),
-}
-
-
-@pytest.mark.parametrize("kind", list(_TAGGED_THUNKS))
-@pytest.mark.parametrize(
-    "tags", [(lower,), (upper,), (lower, unit), (sym,), (psd,), (nsd,), (tri,), (diag,)]
-)
-def test_predicates_follow_transpose(kind, tags):
-    op = _TAGGED_THUNKS[kind](tags)
-    before = true_predicates(op)
-    after = true_predicates(op.T)
-    assert after == {_TRANSPOSE_SWAPS.get(p, p) for p in before}
-    assert true_predicates(op.T.T) == before
-    assert true_predicates(lx.conj(op).T) == after
-    assert_close(op.T.as_matrix(), np.asarray(op.as_matrix()).T, f64)
-
-
-def test_transpose_tags():
-    assert lx.transpose_tags(frozenset()) == frozenset()
-    assert lx.transpose_tags(lower) == frozenset([upper])
-    assert lx.transpose_tags([upper]) == frozenset([lower])
-    assert lx.transpose_tags((lower, unit)) == frozenset([upper, unit])
-    assert lx.transpose_tags({lower, upper}) == frozenset([lower, upper])
-    every = frozenset([sym, diag, tri, unit, psd, nsd])
-    assert lx.transpose_tags(every) == every
-    assert isinstance(lx.transpose_tags([sym]), frozenset)
-    # Tags are stored as frozensets whichever way they are passed.
-    assert _mat(sym).tags == frozenset([sym])
-    assert _mat([sym, psd]).tags == frozenset([sym, psd])
-    assert lx.TaggedLinearOperator(_mat(), (t for t in [psd])).tags == frozenset([psd])
-    assert lx.FunctionLinearOperator(lambda x: x, _S, {psd}).tags == frozenset([psd])
-    assert {repr(t) for t in [sym, diag, lower]} == {
-        "symmetric_tag",
-        "diagonal_tag",
-        "lower_triangular_tag",
-    }
-
-
-class _UserTag:
-    def __init__(self, name):
-        self.name = name
-
-
-def test_transpose_tags_rules_user_appendable():
-    my_tag, my_transposed_tag = _UserTag("mine"), _UserTag("mine_transposed")
-    rules = lx.transpose_tags_rules
-    original = list(rules)
-
-    def rule(tags):
-        if my_tag in tags:
-            return my_transposed_tag
-        return None
-
-    rules.append(rule)
-    rules.append(lambda tags: [psd] if my_transposed_tag in tags else None)
-    try:
-        assert my_transposed_tag in lx.transpose_tags([my_tag, lower])
-        assert upper in lx.transpose_tags([my_tag, lower])
-        assert psd in lx.transpose_tags([my_transposed_tag])
-        assert my_transposed_tag in _mat([my_tag]).T.tags
-        assert my_transposed_tag in lx.TaggedLinearOperator(_fun(), my_tag).T.tags
-    finally:
-        rules[:] = original
-    assert lx.transpose_tags_rules == original
-    assert my_transposed_tag not in lx.transpose_tags([my_tag])
-
-
-def test_transpose_tags_rules_user_swap():
-    my_lower, my_upper = _UserTag("my_lower"), _UserTag("my_upper")
-    original = list(lx.transpose_tags_rules)
-    lx.transpose_tags_rules.append(lambda tags: my_upper if my_lower in tags else None)
-    lx.transpose_tags_rules.append(lambda tags: my_lower if my_upper in tags else None)
-    try:
-        assert lx.transpose_tags([my_lower]) == frozenset([my_upper])
-    finally:
-        lx.transpose_tags_rules[:] = original
-
-
-#
-# User operator classes.
-#
-
-
-class _UserOperator(lx.AbstractLinearOperator):
-    matrix: jax.Array
-
-    def mv(self, vector):
-        return self.matrix @ vector
-
-    def as_matrix(self):
-        return self.matrix
-
-    def transpose(self):
-        return type(self)(self.matrix.T)
-
-    def in_structure(self):
-        return jax.ShapeDtypeStruct(self.matrix.shape[1:], self.matrix.dtype)
-
-    def out_structure(self):
-        return jax.ShapeDtypeStruct(self.matrix.shape[:1], self.matrix.dtype)
-
-
-class _UnregisteredOperator(_UserOperator):
-    pass
-
-
-class _SymmetricOperator(_UserOperator):
-    pass
-
-
-lx.is_symmetric.register(_SymmetricOperator)(lambda op: True)
-lx.is_positive_semidefinite.register(_SymmetricOperator)(lambda op: True)
-
-
-def test_user_operator_unregistered():
-    matrix = random_matrix(np.random.default_rng(0), 3, 3, f64)
-    op = _UnregisteredOperator(jnp.asarray(matrix))
-    assert true_predicates(op) == set()
-    assert_close(lx.diagonal(op), np.diagonal(matrix), f64)
-    assert_close(
-        list(lx.tridiagonal(op)), [np.diagonal(matrix, k) for k in (0, -1, 1)], f64
-    )
-    assert_close(lx.materialise(op).as_matrix(), matrix, f64)
-    assert_close(lx.linearise(op).as_matrix(), matrix, f64)
-    assert_close(lx.conj(op).as_matrix(), matrix, f64)
-    x = jnp.arange(3.0)
-    assert_close((op + op).mv(x), 2 * matrix @ np.arange(3.0), f64)
-    assert_close((op @ op.T).as_matrix(), matrix @ matrix.T, f64)
-    assert_close(jax.jit(lambda op: (2.0 * op).as_matrix())(op), 2 * matrix, f64)
-    assert true_predicates(lx.TaggedLinearOperator(op, sym)) == {"symmetric"}
-
-
-def test_user_operator_registered():
-    matrix = random_matrix(np.random.default_rng(0), 3, 3, f64, psd)
-    op = _SymmetricOperator(jnp.asarray(matrix))
-    assert true_predicates(op) == {"symmetric", "psd"}
-    assert true_predicates(-op) == {"symmetric", "nsd"}
-    assert true_predicates(op + op) == {"symmetric", "psd"}
-    assert true_predicates(op * jnp.array(2.0)) == {"symmetric"}
-    # The registration is for the subclass only.
-    assert true_predicates(_UserOperator(jnp.asarray(matrix))) == set()
-
-
-def test_predicates_reject_non_operators():
-    for pred in PREDICATES.values():
-        with pytest.raises(TypeError, match="AbstractLinearOperator"):
-            pred(jnp.eye(2))
 
 
 #
@@ -1100,222 +774,3 @@ def test_operator_arithmetic_with_non_operators():
         op + jnp.eye(3)
     with pytest.raises(TypeError):
         op @ jnp.eye(3)
-
-
-#
-# lineax.internal.
-#
-
-
-@pytest.mark.parametrize("dtype", [f32, f64, c128])
-def test_norms(dtype):
-    rng = np.random.default_rng(0)
-    tree = {
-        "a": jnp.asarray(randn_like(rng, np.zeros((2, 3), dtype)), dtype),
-        "b": jnp.ones((), dtype),
-    }
-    flat = flatten(tree)
-    tol = tolerance(dtype)
-    np.testing.assert_allclose(lxi.max_norm(tree), np.abs(flat).max(), rtol=tol)
-    np.testing.assert_allclose(lxi.two_norm(tree), np.linalg.norm(flat), rtol=tol)
-    np.testing.assert_allclose(
-        lxi.rms_norm(tree), np.linalg.norm(flat) / np.sqrt(7), rtol=tol
-    )
-    np.testing.assert_allclose(
-        lxi.sum_squares(tree), np.sum(np.abs(flat) ** 2), rtol=tol
-    )
-    for norm in (lxi.max_norm, lxi.two_norm, lxi.rms_norm, lxi.sum_squares):
-        out = norm(tree)
-        assert out.shape == ()
-        assert not jnp.iscomplexobj(out)
-        assert norm(jtu.tree_map(jnp.zeros_like, tree)) == 0
-
-
-@pytest.mark.parametrize(
-    "dtype, big",
-    [(f64, 1e200), (f32, 1e30), (c128, 1e200)],
-)
-def test_two_norm_no_overflow(dtype, big):
-    x = jnp.full((4,), big, dtype)
-    expected = 2 * big
-    assert np.isclose(float(lxi.two_norm(x)), expected, rtol=1e-5)
-    assert np.isclose(float(lxi.rms_norm(x)), big, rtol=1e-5)
-    assert np.isclose(float(lxi.two_norm((x, x))), expected * np.sqrt(2), rtol=1e-5)
-    tiny = jnp.full((4,), 1e-30 if dtype == f32 else 1e-200, dtype)
-    assert float(lxi.two_norm(tiny)) > 0
-
-
-def test_norm_gradients():
-    for norm in (lxi.two_norm, lxi.rms_norm):
-        grad = jax.grad(norm)(jnp.zeros(3))
-        assert np.all(np.isfinite(grad)) and np.all(grad == 0)
-    x = jnp.array([3.0, 4.0])
-    np.testing.assert_allclose(jax.grad(lxi.two_norm)(x), x / 5, rtol=1e-12)
-    np.testing.assert_allclose(jax.grad(lxi.two_norm)({"a": x})["a"], x / 5, rtol=1e-12)
-    assert np.all(np.isfinite(jax.jit(jax.grad(lxi.two_norm))(jnp.zeros(2))))
-
-
-def test_norm_gradient_complex():
-    grad = jax.grad(lambda x: lxi.two_norm(x.astype(c128) * 1j))(jnp.zeros(2))
-    assert np.all(grad == 0)
-    np.testing.assert_allclose(lxi.two_norm(jnp.array([3j, 4.0 + 0j])), 5.0)
-
-
-def test_tree_dot():
-    a = {"x": jnp.array([1 + 2j, 3j]), "y": jnp.array(2.0 + 0j)}
-    b = {"x": jnp.array([1j, 1.0 + 0j]), "y": jnp.array(1j)}
-    expected = np.vdot(flatten(a), flatten(b))
-    np.testing.assert_allclose(lxi.tree_dot(a, b), expected)
-    np.testing.assert_allclose(lxi.tree_dot(b, a), np.conj(expected))
-    np.testing.assert_allclose(lxi.tree_dot(a, a), np.sum(np.abs(flatten(a)) ** 2))
-    real = jnp.arange(3.0)
-    assert float(lxi.tree_dot(real, real)) == 5.0
-    assert float(lxi.tree_dot((real,), (2 * real,))) == 10.0
-
-
-def test_internal_signatures():
-    for name in ("max_norm", "two_norm", "rms_norm", "sum_squares"):
-        assert list(inspect.signature(getattr(lxi, name)).parameters) == ["x"]
-    assert len(inspect.signature(lxi.tree_dot).parameters) == 2
-
-
-def test_dtype_helpers():
-    assert lxi.default_floating_dtype() == jnp.float64  # conftest enables x64
-    with jax.enable_x64(False):
-        assert lxi.default_floating_dtype() == jnp.float32
-    assert lxi.complex_to_real_dtype(jnp.complex128) == jnp.float64
-    assert lxi.complex_to_real_dtype(jnp.complex64) == jnp.float32
-    assert lxi.complex_to_real_dtype(jnp.float32) == jnp.float32
-    assert lxi.complex_to_real_dtype(jnp.dtype("complex128")) == jnp.float64
-    assert lxi.complex_to_real_dtype(jnp.ones(2, jnp.complex64)) == jnp.float32
-    assert lxi.complex_to_real_dtype(np.ones(2, np.complex128)) == jnp.float64
-
-
-@pytest.mark.parametrize("kind", ["matrix", "pytree", "function", "identity"])
-def test_packing_roundtrip(kind):
-    in_s = {"a": jax.ShapeDtypeStruct((2, 2), f64), "b": jax.ShapeDtypeStruct((), f64)}
-    out_s = (jax.ShapeDtypeStruct((3,), f64), jax.ShapeDtypeStruct((1, 2), f64))
-    op, ref = random_operator(kind, f64, in_s, out_s)
-    packed = lxi.pack_structures(op)
-    assert isinstance(packed, lxi.PackedStructures)
-    rng = np.random.default_rng(0)
-    b = random_vector(rng, op.out_structure())
-    flat_b = lxi.ravel_vector(b, packed)
-    assert flat_b.shape == (op.out_size(),)
-    assert_close(flat_b, flatten(b), f64)
-    x = random_vector(rng, op.in_structure())
-    unravelled = lxi.unravel_solution(flatten_jax(x), packed)
-    assert same_structure(jax.eval_shape(lambda: unravelled), op.in_structure())
-    assert_close(unravelled, x, f64)
-    # The flat order is that of `as_matrix`.
-    assert_close(
-        op.as_matrix() @ lxi.ravel_vector(x, lxi.pack_structures(op.T)),
-        ref @ flatten(x),
-        f64,
-    )
-    transposed = lxi.transpose_packed_structures(packed)
-    assert same_structure(transposed.in_structure, op.out_structure())
-    assert same_structure(transposed.out_structure, op.in_structure())
-    roundtrip = lxi.unravel_solution(lxi.ravel_vector(b, packed), transposed)
-    assert_close(roundtrip, b, f64)
-    # Usable as static data under jit.
-    jitted = jax.jit(lambda v: lxi.unravel_solution(v, packed))(flatten_jax(x))
-    assert_close(jitted, x, f64)
-
-
-#
-# Public names.
-#
-
-# From the public API contract: the operator, tag, function and `lineax.internal`
-# names (solver names come with the solve layer).
-OPERATOR_LAYER_NAMES = """
-AbstractLinearOperator AddLinearOperator ComposedLinearOperator
-DiagonalLinearOperator DivLinearOperator FunctionLinearOperator
-IdentityLinearOperator JacobianLinearOperator MatrixLinearOperator
-MulLinearOperator NegLinearOperator PyTreeLinearOperator TaggedLinearOperator
-TangentLinearOperator TridiagonalLinearOperator conj diagonal diagonal_tag
-has_unit_diagonal is_diagonal is_lower_triangular is_negative_semidefinite
-is_positive_semidefinite is_symmetric is_tridiagonal is_upper_triangular
-linearise lower_triangular_tag materialise negative_semidefinite_tag
-positive_semidefinite_tag symmetric_tag transpose_tags transpose_tags_rules
-tridiagonal tridiagonal_tag unit_diagonal_tag upper_triangular_tag
-""".split()
-INTERNAL_NAMES = """
-PackedStructures complex_to_real_dtype default_floating_dtype linear_solve_p
-max_norm pack_structures ravel_vector rms_norm sum_squares
-transpose_packed_structures tree_dot two_norm
-""".split()
-
-
-@pytest.mark.parametrize("name", OPERATOR_LAYER_NAMES)
-def test_public_names(name):
-    assert hasattr(lx, name)
-    value = getattr(lx, name)
-    if name.endswith("LinearOperator"):
-        assert issubclass(value, lx.AbstractLinearOperator)
-        assert issubclass(value, eqx.Module)
-
-
-_FUNCTION_NAMES = [
-    n for n in OPERATOR_LAYER_NAMES if n[0].islower() and "_tag" not in n
-]
-
-
-@pytest.mark.parametrize("name", _FUNCTION_NAMES)
-def test_public_functions_are_functions(name):
-    # E.g. the submodule `lineax._operator.diagonal` must not shadow the function
-    # `lineax.diagonal` (import order in `_operator/__init__.py`).
-    value = getattr(lx, name)
-    assert not isinstance(value, types.ModuleType)
-    assert callable(value) or name == "transpose_tags_rules"
-
-
-@pytest.mark.parametrize("name", INTERNAL_NAMES)
-def test_internal_names(name):
-    assert hasattr(lxi, name)
-
-
-def test_constructor_signatures():
-    def params(cls):
-        return list(inspect.signature(cls).parameters)
-
-    assert params(lx.MatrixLinearOperator) == ["matrix", "tags"]
-    assert params(lx.PyTreeLinearOperator) == ["pytree", "output_structure", "tags"]
-    assert params(lx.DiagonalLinearOperator) == ["diagonal"]
-    assert params(lx.TridiagonalLinearOperator) == [
-        "diagonal",
-        "lower_diagonal",
-        "upper_diagonal",
-    ]
-    assert params(lx.IdentityLinearOperator) == ["input_structure", "output_structure"]
-    assert params(lx.FunctionLinearOperator) == [
-        "fn",
-        "input_structure",
-        "tags",
-        "closure_convert",
-    ]
-    assert params(lx.JacobianLinearOperator) == [
-        "fn",
-        "x",
-        "args",
-        "tags",
-        "jac",
-        "closure_convert",
-    ]
-    assert params(lx.TaggedLinearOperator) == ["operator", "tags"]
-    assert params(lx.AddLinearOperator) == ["operator1", "operator2"]
-    assert params(lx.ComposedLinearOperator) == ["operator1", "operator2"]
-    assert params(lx.MulLinearOperator) == ["operator", "scalar"]
-    assert params(lx.DivLinearOperator) == ["operator", "scalar"]
-    assert params(lx.NegLinearOperator) == ["operator"]
-    assert params(lx.TangentLinearOperator) == ["primal", "tangent"]
-    sig = inspect.signature(lx.JacobianLinearOperator)
-    assert sig.parameters["jac"].default is None
-    assert sig.parameters["closure_convert"].default is True
-    assert sig.parameters["args"].default is None
-    assert inspect.signature(lx.MatrixLinearOperator).parameters["tags"].default == ()
-    pytree_op = lx.PyTreeLinearOperator(
-        jnp.ones((2, 3)), jax.ShapeDtypeStruct((2,), f64)
-    )
-    assert pytree_op.pytree.shape == (2, 3)

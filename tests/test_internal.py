@@ -1,0 +1,255 @@
+"""`lineax.internal` (norms, dtype helpers, packing) and the public names of the
+operator layer."""
+
+import inspect
+import types
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import pytest
+from helpers import (
+    assert_close,
+    flatten,
+    flatten_jax,
+    randn_like,
+    random_operator,
+    random_vector,
+    same_structure,
+    tolerance,
+)
+
+import lineax as lx
+import lineax.internal as lxi
+
+
+f32, f64, c128 = jnp.float32, jnp.float64, jnp.complex128
+sym = lx.symmetric_tag
+diag = lx.diagonal_tag
+tri = lx.tridiagonal_tag
+lower = lx.lower_triangular_tag
+upper = lx.upper_triangular_tag
+unit = lx.unit_diagonal_tag
+psd = lx.positive_semidefinite_tag
+nsd = lx.negative_semidefinite_tag
+
+
+#
+# lineax.internal.
+#
+
+
+@pytest.mark.parametrize("dtype", [f32, f64, c128])
+def test_norms(dtype):
+    rng = np.random.default_rng(0)
+    tree = {
+        "a": jnp.asarray(randn_like(rng, np.zeros((2, 3), dtype)), dtype),
+        "b": jnp.ones((), dtype),
+    }
+    flat = flatten(tree)
+    tol = tolerance(dtype)
+    np.testing.assert_allclose(lxi.max_norm(tree), np.abs(flat).max(), rtol=tol)
+    np.testing.assert_allclose(lxi.two_norm(tree), np.linalg.norm(flat), rtol=tol)
+    np.testing.assert_allclose(
+        lxi.rms_norm(tree), np.linalg.norm(flat) / np.sqrt(7), rtol=tol
+    )
+    np.testing.assert_allclose(
+        lxi.sum_squares(tree), np.sum(np.abs(flat) ** 2), rtol=tol
+    )
+    for norm in (lxi.max_norm, lxi.two_norm, lxi.rms_norm, lxi.sum_squares):
+        out = norm(tree)
+        assert out.shape == ()
+        assert not jnp.iscomplexobj(out)
+        assert norm(jtu.tree_map(jnp.zeros_like, tree)) == 0
+
+
+@pytest.mark.parametrize(
+    "dtype, big",
+    [(f64, 1e200), (f32, 1e30), (c128, 1e200)],
+)
+def test_two_norm_no_overflow(dtype, big):
+    x = jnp.full((4,), big, dtype)
+    expected = 2 * big
+    assert np.isclose(float(lxi.two_norm(x)), expected, rtol=1e-5)
+    assert np.isclose(float(lxi.rms_norm(x)), big, rtol=1e-5)
+    assert np.isclose(float(lxi.two_norm((x, x))), expected * np.sqrt(2), rtol=1e-5)
+    tiny = jnp.full((4,), 1e-30 if dtype == f32 else 1e-200, dtype)
+    assert float(lxi.two_norm(tiny)) > 0
+
+
+def test_norm_gradients():
+    for norm in (lxi.two_norm, lxi.rms_norm):
+        grad = jax.grad(norm)(jnp.zeros(3))
+        assert np.all(np.isfinite(grad)) and np.all(grad == 0)
+    x = jnp.array([3.0, 4.0])
+    np.testing.assert_allclose(jax.grad(lxi.two_norm)(x), x / 5, rtol=1e-12)
+    np.testing.assert_allclose(jax.grad(lxi.two_norm)({"a": x})["a"], x / 5, rtol=1e-12)
+    assert np.all(np.isfinite(jax.jit(jax.grad(lxi.two_norm))(jnp.zeros(2))))
+
+
+def test_norm_gradient_complex():
+    grad = jax.grad(lambda x: lxi.two_norm(x.astype(c128) * 1j))(jnp.zeros(2))
+    assert np.all(grad == 0)
+    np.testing.assert_allclose(lxi.two_norm(jnp.array([3j, 4.0 + 0j])), 5.0)
+
+
+def test_tree_dot():
+    a = {"x": jnp.array([1 + 2j, 3j]), "y": jnp.array(2.0 + 0j)}
+    b = {"x": jnp.array([1j, 1.0 + 0j]), "y": jnp.array(1j)}
+    expected = np.vdot(flatten(a), flatten(b))
+    np.testing.assert_allclose(lxi.tree_dot(a, b), expected)
+    np.testing.assert_allclose(lxi.tree_dot(b, a), np.conj(expected))
+    np.testing.assert_allclose(lxi.tree_dot(a, a), np.sum(np.abs(flatten(a)) ** 2))
+    real = jnp.arange(3.0)
+    assert float(lxi.tree_dot(real, real)) == 5.0
+    assert float(lxi.tree_dot((real,), (2 * real,))) == 10.0
+
+
+def test_internal_signatures():
+    for name in ("max_norm", "two_norm", "rms_norm", "sum_squares"):
+        assert list(inspect.signature(getattr(lxi, name)).parameters) == ["x"]
+    assert len(inspect.signature(lxi.tree_dot).parameters) == 2
+
+
+def test_dtype_helpers():
+    assert lxi.default_floating_dtype() == jnp.float64  # conftest enables x64
+    with jax.enable_x64(False):
+        assert lxi.default_floating_dtype() == jnp.float32
+    assert lxi.complex_to_real_dtype(jnp.complex128) == jnp.float64
+    assert lxi.complex_to_real_dtype(jnp.complex64) == jnp.float32
+    assert lxi.complex_to_real_dtype(jnp.float32) == jnp.float32
+    assert lxi.complex_to_real_dtype(jnp.dtype("complex128")) == jnp.float64
+    assert lxi.complex_to_real_dtype(jnp.ones(2, jnp.complex64)) == jnp.float32
+    assert lxi.complex_to_real_dtype(np.ones(2, np.complex128)) == jnp.float64
+
+
+@pytest.mark.parametrize("kind", ["matrix", "pytree", "function", "identity"])
+def test_packing_roundtrip(kind):
+    in_s = {"a": jax.ShapeDtypeStruct((2, 2), f64), "b": jax.ShapeDtypeStruct((), f64)}
+    out_s = (jax.ShapeDtypeStruct((3,), f64), jax.ShapeDtypeStruct((1, 2), f64))
+    op, ref = random_operator(kind, f64, in_s, out_s)
+    packed = lxi.pack_structures(op)
+    assert isinstance(packed, lxi.PackedStructures)
+    rng = np.random.default_rng(0)
+    b = random_vector(rng, op.out_structure())
+    flat_b = lxi.ravel_vector(b, packed)
+    assert flat_b.shape == (op.out_size(),)
+    assert_close(flat_b, flatten(b), f64)
+    x = random_vector(rng, op.in_structure())
+    unravelled = lxi.unravel_solution(flatten_jax(x), packed)
+    assert same_structure(jax.eval_shape(lambda: unravelled), op.in_structure())
+    assert_close(unravelled, x, f64)
+    # The flat order is that of `as_matrix`.
+    assert_close(
+        op.as_matrix() @ lxi.ravel_vector(x, lxi.pack_structures(op.T)),
+        ref @ flatten(x),
+        f64,
+    )
+    transposed = lxi.transpose_packed_structures(packed)
+    assert same_structure(transposed.in_structure, op.out_structure())
+    assert same_structure(transposed.out_structure, op.in_structure())
+    roundtrip = lxi.unravel_solution(lxi.ravel_vector(b, packed), transposed)
+    assert_close(roundtrip, b, f64)
+    # Usable as static data under jit.
+    jitted = jax.jit(lambda v: lxi.unravel_solution(v, packed))(flatten_jax(x))
+    assert_close(jitted, x, f64)
+
+
+#
+# Public names.
+#
+
+# From the public API contract: the operator, tag, function and `lineax.internal`
+# names (solver names come with the solve layer).
+OPERATOR_LAYER_NAMES = """
+AbstractLinearOperator AddLinearOperator ComposedLinearOperator
+DiagonalLinearOperator DivLinearOperator FunctionLinearOperator
+IdentityLinearOperator JacobianLinearOperator MatrixLinearOperator
+MulLinearOperator NegLinearOperator PyTreeLinearOperator TaggedLinearOperator
+TangentLinearOperator TridiagonalLinearOperator conj diagonal diagonal_tag
+has_unit_diagonal is_diagonal is_lower_triangular is_negative_semidefinite
+is_positive_semidefinite is_symmetric is_tridiagonal is_upper_triangular
+linearise lower_triangular_tag materialise negative_semidefinite_tag
+positive_semidefinite_tag symmetric_tag transpose_tags transpose_tags_rules
+tridiagonal tridiagonal_tag unit_diagonal_tag upper_triangular_tag
+""".split()
+INTERNAL_NAMES = """
+PackedStructures complex_to_real_dtype default_floating_dtype linear_solve_p
+max_norm pack_structures ravel_vector rms_norm sum_squares
+transpose_packed_structures tree_dot two_norm
+""".split()
+
+
+@pytest.mark.parametrize("name", OPERATOR_LAYER_NAMES)
+def test_public_names(name):
+    assert hasattr(lx, name)
+    value = getattr(lx, name)
+    if name.endswith("LinearOperator"):
+        assert issubclass(value, lx.AbstractLinearOperator)
+        assert issubclass(value, eqx.Module)
+
+
+_FUNCTION_NAMES = [
+    n for n in OPERATOR_LAYER_NAMES if n[0].islower() and "_tag" not in n
+]
+
+
+@pytest.mark.parametrize("name", _FUNCTION_NAMES)
+def test_public_functions_are_functions(name):
+    # E.g. the submodule `lineax._operator.diagonal` must not shadow the function
+    # `lineax.diagonal` (import order in `_operator/__init__.py`).
+    value = getattr(lx, name)
+    assert not isinstance(value, types.ModuleType)
+    assert callable(value) or name == "transpose_tags_rules"
+
+
+@pytest.mark.parametrize("name", INTERNAL_NAMES)
+def test_internal_names(name):
+    assert hasattr(lxi, name)
+
+
+def test_constructor_signatures():
+    def params(cls):
+        return list(inspect.signature(cls).parameters)
+
+    assert params(lx.MatrixLinearOperator) == ["matrix", "tags"]
+    assert params(lx.PyTreeLinearOperator) == ["pytree", "output_structure", "tags"]
+    assert params(lx.DiagonalLinearOperator) == ["diagonal"]
+    assert params(lx.TridiagonalLinearOperator) == [
+        "diagonal",
+        "lower_diagonal",
+        "upper_diagonal",
+    ]
+    assert params(lx.IdentityLinearOperator) == ["input_structure", "output_structure"]
+    assert params(lx.FunctionLinearOperator) == [
+        "fn",
+        "input_structure",
+        "tags",
+        "closure_convert",
+    ]
+    assert params(lx.JacobianLinearOperator) == [
+        "fn",
+        "x",
+        "args",
+        "tags",
+        "jac",
+        "closure_convert",
+    ]
+    assert params(lx.TaggedLinearOperator) == ["operator", "tags"]
+    assert params(lx.AddLinearOperator) == ["operator1", "operator2"]
+    assert params(lx.ComposedLinearOperator) == ["operator1", "operator2"]
+    assert params(lx.MulLinearOperator) == ["operator", "scalar"]
+    assert params(lx.DivLinearOperator) == ["operator", "scalar"]
+    assert params(lx.NegLinearOperator) == ["operator"]
+    assert params(lx.TangentLinearOperator) == ["primal", "tangent"]
+    sig = inspect.signature(lx.JacobianLinearOperator)
+    assert sig.parameters["jac"].default is None
+    assert sig.parameters["closure_convert"].default is True
+    assert sig.parameters["args"].default is None
+    assert inspect.signature(lx.MatrixLinearOperator).parameters["tags"].default == ()
+    pytree_op = lx.PyTreeLinearOperator(
+        jnp.ones((2, 3)), jax.ShapeDtypeStruct((2,), f64)
+    )
+    assert pytree_op.pytree.shape == (2, 3)

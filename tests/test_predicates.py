@@ -1,0 +1,301 @@
+"""Structure predicates, tags and their transposition, and user operator classes."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import (
+    _fun,
+    _jac,
+    _mat,
+    _pyt,
+    _S,
+    assert_close,
+    PREDICATES,
+    random_matrix,
+    true_predicates,
+)
+
+import lineax as lx
+
+
+f32, f64, c128 = jnp.float32, jnp.float64, jnp.complex128
+sym = lx.symmetric_tag
+diag = lx.diagonal_tag
+tri = lx.tridiagonal_tag
+lower = lx.lower_triangular_tag
+upper = lx.upper_triangular_tag
+unit = lx.unit_diagonal_tag
+psd = lx.positive_semidefinite_tag
+nsd = lx.negative_semidefinite_tag
+
+
+#
+# Predicates and tags.
+#
+
+
+_ALL = set(PREDICATES)
+
+# (operator thunk, names of the predicates that hold). Thunks: built per test.
+PREDICATE_CASES = {
+    "matrix_untagged": (lambda: _mat(), set()),
+    "matrix_sym": (lambda: _mat(sym), {"symmetric"}),
+    "matrix_psd": (lambda: _mat(psd), {"symmetric", "psd"}),
+    "matrix_nsd": (lambda: _mat(nsd), {"symmetric", "nsd"}),
+    "matrix_diag": (
+        lambda: _mat(diag),
+        {"symmetric", "diagonal", "tridiagonal", "lower", "upper"},
+    ),
+    "matrix_tri": (lambda: _mat(tri), {"tridiagonal"}),
+    "matrix_unit_lower": (lambda: _mat([lower, unit]), {"lower", "unit"}),
+    "matrix_1x1": (lambda: _mat(n=1), {"diagonal"}),
+    "pytree_lower": (lambda: _pyt(lower), {"lower"}),
+    "function_upper": (lambda: _fun(upper), {"upper"}),
+    "jacobian_psd": (lambda: _jac(psd), {"symmetric", "psd"}),
+    "diagonal": (
+        lambda: lx.DiagonalLinearOperator(jnp.ones(3)),
+        {"symmetric", "diagonal", "tridiagonal", "lower", "upper"},
+    ),
+    "tridiagonal": (
+        lambda: lx.TridiagonalLinearOperator(jnp.ones(3), jnp.ones(2), jnp.ones(2)),
+        {"tridiagonal"},
+    ),
+    "identity": (lambda: lx.IdentityLinearOperator(_S), _ALL - {"nsd"}),
+    "tagged_adds": (
+        lambda: lx.TaggedLinearOperator(_mat(sym), psd),
+        {"symmetric", "psd"},
+    ),
+    "tagged_single_and_iterable": (
+        lambda: lx.TaggedLinearOperator(_fun(), [lower, unit]),
+        {"lower", "unit"},
+    ),
+    "add_sym_sym": (lambda: _mat(sym) + _fun(sym), {"symmetric"}),
+    "add_sym_plain": (lambda: _mat(sym) + _fun(), set()),
+    "add_psd_psd": (lambda: _mat(psd) + _fun(psd), {"symmetric", "psd"}),
+    "add_psd_nsd": (lambda: _mat(psd) + _mat(nsd), {"symmetric"}),
+    "add_lower_diag": (lambda: _mat(lower) + _mat(diag), {"lower"}),
+    "add_unit_unit": (lambda: _mat([lower, unit]) + _mat([lower, unit]), {"lower"}),
+    "sub_psd_nsd": (lambda: _mat(psd) - _mat(nsd), {"symmetric", "psd"}),
+    "neg_psd": (lambda: -_mat(psd), {"symmetric", "nsd"}),
+    "neg_nsd": (lambda: -_mat(nsd), {"symmetric", "psd"}),
+    "neg_unit_lower": (lambda: -_mat([lower, unit]), {"lower"}),
+    "mul_psd_array": (lambda: _mat(psd) * jnp.array(2.0), {"symmetric"}),
+    "mul_psd_positive_python": (lambda: _mat(psd) * 2.0, {"symmetric", "psd"}),
+    "mul_psd_negative_python": (lambda: -3 * _mat(psd), {"symmetric", "nsd"}),
+    "mul_unit_lower": (lambda: _mat([lower, unit]) * 2.0, {"lower"}),
+    "div_nsd_array": (lambda: _mat(nsd) / jnp.array(2.0), {"symmetric"}),
+    "div_nsd_negative_python": (lambda: _mat(nsd) / -2.0, {"symmetric", "psd"}),
+    "compose_diag_diag": (
+        lambda: _mat(diag) @ lx.DiagonalLinearOperator(jnp.ones(3)),
+        {"symmetric", "diagonal", "tridiagonal", "lower", "upper"},
+    ),
+    "compose_lower_lower": (lambda: _mat(lower) @ _fun(lower), {"lower"}),
+    "compose_unit_lower": (
+        lambda: _mat([lower, unit]) @ _mat([lower, unit]),
+        {"lower", "unit"},
+    ),
+    "compose_lower_upper": (lambda: _mat(lower) @ _mat(upper), set()),
+    "compose_diag_tri": (lambda: _mat(diag) @ _mat(tri), {"tridiagonal"}),
+    "compose_sym_sym": (lambda: _mat(sym) @ _mat(sym), set()),
+    "compose_psd_psd": (lambda: _mat(psd) @ _mat(psd), set()),
+    "tangent_psd": (
+        lambda: lx.TangentLinearOperator(_mat(psd), _mat(psd)),
+        {"symmetric"},
+    ),
+    "tangent_unit_lower": (
+        lambda: lx.TangentLinearOperator(_mat([lower, unit]), _mat([lower, unit])),
+        {"lower"},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(PREDICATE_CASES))
+def test_predicates(name):
+    thunk, expected = PREDICATE_CASES[name]
+    op = thunk()
+    assert true_predicates(op) == expected
+    for pred in PREDICATES.values():
+        assert type(pred(op)) is bool
+    # Decided at trace time from the type: the same under jit, on traced arrays.
+    params, static = eqx.partition(op, eqx.is_array)
+
+    def traced(params):
+        assert true_predicates(eqx.combine(params, static)) == expected
+        return 0
+
+    jax.jit(traced)(params)
+    # ... and through conj and materialise.
+    assert true_predicates(lx.conj(op)) == expected
+    assert true_predicates(lx.materialise(op)) == expected
+
+
+def test_compose_unit_diagonal_needs_triangular():
+    a = lx.MatrixLinearOperator(jnp.ones((2, 2)), unit)
+    composed = a @ a
+    assert np.allclose(np.diagonal(composed.as_matrix()), 2.0)
+    assert not lx.has_unit_diagonal(composed)
+
+
+_TRANSPOSE_SWAPS = {"lower": "upper", "upper": "lower"}
+
+_TAGGED_THUNKS = {
+    "matrix": lambda tags: _mat(tags),
+    "pytree": lambda tags: _pyt(tags),
+    "function": lambda tags: _fun(tags),
+    "jacobian": lambda tags: _jac(tags),
+    "jacobian_fwd": lambda tags: _jac(tags, "fwd"),
+    "jacobian_bwd": lambda tags: _jac(tags, "bwd"),
+    "tagged": lambda tags: lx.TaggedLinearOperator(_mat(), tags),
+    "neg": lambda tags: -_mat(tags),
+    "mul": lambda tags: _mat(tags) * jnp.array(2.0),
+    "add": lambda tags: _mat(tags) + _fun(tags),
+    "tangent": lambda tags: lx.TangentLinearOperator(_mat(tags), _mat(tags)),
+}
+
+
+@pytest.mark.parametrize("kind", list(_TAGGED_THUNKS))
+@pytest.mark.parametrize(
+    "tags", [(lower,), (upper,), (lower, unit), (sym,), (psd,), (nsd,), (tri,), (diag,)]
+)
+def test_predicates_follow_transpose(kind, tags):
+    op = _TAGGED_THUNKS[kind](tags)
+    before = true_predicates(op)
+    after = true_predicates(op.T)
+    assert after == {_TRANSPOSE_SWAPS.get(p, p) for p in before}
+    assert true_predicates(op.T.T) == before
+    assert true_predicates(lx.conj(op).T) == after
+    assert_close(op.T.as_matrix(), np.asarray(op.as_matrix()).T, f64)
+
+
+def test_transpose_tags():
+    assert lx.transpose_tags(frozenset()) == frozenset()
+    assert lx.transpose_tags(lower) == frozenset([upper])
+    assert lx.transpose_tags([upper]) == frozenset([lower])
+    assert lx.transpose_tags((lower, unit)) == frozenset([upper, unit])
+    assert lx.transpose_tags({lower, upper}) == frozenset([lower, upper])
+    every = frozenset([sym, diag, tri, unit, psd, nsd])
+    assert lx.transpose_tags(every) == every
+    assert isinstance(lx.transpose_tags([sym]), frozenset)
+    # Tags are stored as frozensets whichever way they are passed.
+    assert _mat(sym).tags == frozenset([sym])
+    assert _mat([sym, psd]).tags == frozenset([sym, psd])
+    assert lx.TaggedLinearOperator(_mat(), (t for t in [psd])).tags == frozenset([psd])
+    assert lx.FunctionLinearOperator(lambda x: x, _S, {psd}).tags == frozenset([psd])
+    assert {repr(t) for t in [sym, diag, lower]} == {
+        "symmetric_tag",
+        "diagonal_tag",
+        "lower_triangular_tag",
+    }
+
+
+class _UserTag:
+    def __init__(self, name):
+        self.name = name
+
+
+def test_transpose_tags_rules_user_appendable():
+    my_tag, my_transposed_tag = _UserTag("mine"), _UserTag("mine_transposed")
+    rules = lx.transpose_tags_rules
+    original = list(rules)
+
+    def rule(tags):
+        if my_tag in tags:
+            return my_transposed_tag
+        return None
+
+    rules.append(rule)
+    rules.append(lambda tags: [psd] if my_transposed_tag in tags else None)
+    try:
+        assert my_transposed_tag in lx.transpose_tags([my_tag, lower])
+        assert upper in lx.transpose_tags([my_tag, lower])
+        assert psd in lx.transpose_tags([my_transposed_tag])
+        assert my_transposed_tag in _mat([my_tag]).T.tags
+        assert my_transposed_tag in lx.TaggedLinearOperator(_fun(), my_tag).T.tags
+    finally:
+        rules[:] = original
+    assert lx.transpose_tags_rules == original
+    assert my_transposed_tag not in lx.transpose_tags([my_tag])
+
+
+def test_transpose_tags_rules_user_swap():
+    my_lower, my_upper = _UserTag("my_lower"), _UserTag("my_upper")
+    original = list(lx.transpose_tags_rules)
+    lx.transpose_tags_rules.append(lambda tags: my_upper if my_lower in tags else None)
+    lx.transpose_tags_rules.append(lambda tags: my_lower if my_upper in tags else None)
+    try:
+        assert lx.transpose_tags([my_lower]) == frozenset([my_upper])
+    finally:
+        lx.transpose_tags_rules[:] = original
+
+
+#
+# User operator classes.
+#
+
+
+class _UserOperator(lx.AbstractLinearOperator):
+    matrix: jax.Array
+
+    def mv(self, vector):
+        return self.matrix @ vector
+
+    def as_matrix(self):
+        return self.matrix
+
+    def transpose(self):
+        return type(self)(self.matrix.T)
+
+    def in_structure(self):
+        return jax.ShapeDtypeStruct(self.matrix.shape[1:], self.matrix.dtype)
+
+    def out_structure(self):
+        return jax.ShapeDtypeStruct(self.matrix.shape[:1], self.matrix.dtype)
+
+
+class _UnregisteredOperator(_UserOperator):
+    pass
+
+
+class _SymmetricOperator(_UserOperator):
+    pass
+
+
+lx.is_symmetric.register(_SymmetricOperator)(lambda op: True)
+lx.is_positive_semidefinite.register(_SymmetricOperator)(lambda op: True)
+
+
+def test_user_operator_unregistered():
+    matrix = random_matrix(np.random.default_rng(0), 3, 3, f64)
+    op = _UnregisteredOperator(jnp.asarray(matrix))
+    assert true_predicates(op) == set()
+    assert_close(lx.diagonal(op), np.diagonal(matrix), f64)
+    assert_close(
+        list(lx.tridiagonal(op)), [np.diagonal(matrix, k) for k in (0, -1, 1)], f64
+    )
+    assert_close(lx.materialise(op).as_matrix(), matrix, f64)
+    assert_close(lx.linearise(op).as_matrix(), matrix, f64)
+    assert_close(lx.conj(op).as_matrix(), matrix, f64)
+    x = jnp.arange(3.0)
+    assert_close((op + op).mv(x), 2 * matrix @ np.arange(3.0), f64)
+    assert_close((op @ op.T).as_matrix(), matrix @ matrix.T, f64)
+    assert_close(jax.jit(lambda op: (2.0 * op).as_matrix())(op), 2 * matrix, f64)
+    assert true_predicates(lx.TaggedLinearOperator(op, sym)) == {"symmetric"}
+
+
+def test_user_operator_registered():
+    matrix = random_matrix(np.random.default_rng(0), 3, 3, f64, psd)
+    op = _SymmetricOperator(jnp.asarray(matrix))
+    assert true_predicates(op) == {"symmetric", "psd"}
+    assert true_predicates(-op) == {"symmetric", "nsd"}
+    assert true_predicates(op + op) == {"symmetric", "psd"}
+    assert true_predicates(op * jnp.array(2.0)) == {"symmetric"}
+    # The registration is for the subclass only.
+    assert true_predicates(_UserOperator(jnp.asarray(matrix))) == set()
+
+
+def test_predicates_reject_non_operators():
+    for pred in PREDICATES.values():
+        with pytest.raises(TypeError, match="AbstractLinearOperator"):
+            pred(jnp.eye(2))
