@@ -458,3 +458,11 @@ def test_no_crash_on_empty_tags_user_operator():
         lx.linear_solve(operator, B).value, np.linalg.solve(A, B)
     )
     np.testing.assert_allclose(lx.diagonal(operator), np.diag(A))
+
+
+def test_nan_hidden_in_a_masked_diagonal_entry_is_reported():
+    """The pseudoinverse of a diagonal masks tiny entries; a NaN must not hide
+    there."""
+    operator = lx.DiagonalLinearOperator(jnp.array([1.0, jnp.nan, 0.0]))
+    solution = lx.linear_solve(operator, B, lx.Diagonal(), throw=False)
+    assert solution.result == lx.RESULTS.nonfinite_input

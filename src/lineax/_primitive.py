@@ -15,6 +15,7 @@ import equinox.internal as eqxi
 import jax
 import jax.core
 import jax.interpreters.ad as ad
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
@@ -69,8 +70,17 @@ def _linear_solve_impl(
     kind: str,
 ) -> tuple[PyTree[Array], RESULTS, dict[str, Any]]:
     solution, result, stats = solver.compute(state, vector, options)
-    finite_input = tree_all_finite((operator, vector))
     finite_output = tree_all_finite(solution)
+    # Non-finite input makes a solver fail or return non-finite output, so the
+    # inputs are only examined when one of those happened: this saves a pass over
+    # the operator in the common case. (The predicate is made unbatched, so that
+    # under `vmap` this stays a real branch rather than a `select`.)
+    suspicious = eqxi.unvmap_any((result != RESULTS.successful) | ~finite_output)
+    finite_input = lax.cond(
+        suspicious,
+        lambda: tree_all_finite((operator, vector)),
+        lambda: jnp.array(True),
+    )
     result = RESULTS.where(finite_input, result, RESULTS.nonfinite_input)
     # A solver reporting success with non-finite output hit a singular system.
     result = RESULTS.where(

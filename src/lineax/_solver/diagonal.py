@@ -74,7 +74,10 @@ class Diagonal(AbstractLinearSolver[DiagonalState]):
             absd = jnp.abs(d)
             keep = absd > rcond * jnp.max(absd, initial=0)
             x = jnp.where(keep, b / jnp.where(keep, d, 1), 0)
-            result = RESULTS.successful
+            # A NaN could hide in an entry treated as zero: report it (and
+            # `linear_solve` then finds it to be non-finite input).
+            nonfinite = ~(jnp.all(jnp.isfinite(d)) & jnp.all(jnp.isfinite(b)))
+            result = RESULTS.where(nonfinite, RESULTS.singular, RESULTS.successful)
         return unravel_solution(x, state.packed_structures), result, {}
 
     def transpose(self, state: DiagonalState, options):
