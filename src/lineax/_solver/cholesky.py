@@ -70,9 +70,11 @@ class Cholesky(AbstractLinearSolver[CholeskyState]):
         if state.negative:
             x = -x
         # `cholesky` returns NaN for a matrix that is not (numerically) definite.
-        # cond(A) >= (max L_ii / min L_ii)^2, so square the diagonal.
+        # cond(A) >= (max L_ii / min L_ii)^2, so square the diagonal. (A matrix
+        # that is not definite gives NaN factors, hence a NaN solution, which
+        # `linear_solve` reports: no separate pass over the factor is needed.)
         diag = jnp.abs(jnp.diagonal(state.factor))
-        bad = ~jnp.all(jnp.isfinite(state.factor)) | numerically_singular(diag * diag)
+        bad = numerically_singular(diag * diag)
         result = RESULTS.where(bad, RESULTS.singular, RESULTS.successful)
         return unravel_solution(x, state.packed_structures), result, {}
 
