@@ -245,6 +245,17 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         if not callable(self.norm):
             raise TypeError(f"`norm` must be callable, got {type(self.norm).__name__}.")
 
+    def checked_options(
+        self,
+        operator: AbstractLinearOperator,
+        options: dict[str, Any],
+        right_preconditioner: bool = False,
+    ) -> tuple[AbstractLinearOperator | None, PyTree[Array] | None]:
+        """`(preconditioner, y0)` from `options`, checked against the operator
+        (called from `init` too, so that bad options fail before any solve)."""
+        precond = preconditioner_of(options, operator, right=right_preconditioner)
+        return precond, y0_of(options, operator)
+
     def resolve_max_steps(self, operator: AbstractLinearOperator) -> int:
         if self.max_steps is None:
             return 10 * max(operator.in_size(), operator.out_size())

@@ -18,7 +18,6 @@ from ._krylov import (
     initial_residual,
     KrylovState,
     norm2,
-    preconditioner_of,
     result_of,
     safe_div,
     stats_of,
@@ -26,7 +25,6 @@ from ._krylov import (
     tree_axpy,
     tree_sub,
     tree_where,
-    y0_of,
 )
 from .base import check_square
 
@@ -86,16 +84,14 @@ class BiCGStab(AbstractKrylovSolver):
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> KrylovState:
         check_square(operator, "BiCGStab")
-        preconditioner_of(options, operator)
-        y0_of(options, operator)
+        self.checked_options(operator, options)
         return KrylovState(operator)
 
     def compute(
         self, state: KrylovState, vector: PyTree[Array], options: dict[str, Any]
     ):
         operator = state.operator
-        precond = preconditioner_of(options, operator)
-        y0 = y0_of(options, operator)
+        precond, y0 = self.checked_options(operator, options)
         max_steps = self.resolve_max_steps(operator)
         structure = operator.in_structure()
         eps = eps_of(structure)

@@ -22,14 +22,12 @@ from ._krylov import (
     conj_options,
     initial_residual,
     KrylovState,
-    preconditioner_of,
     result_of,
     safe_div,
     stats_of,
     transpose_options,
     tree_axpy,
     tree_sub,
-    y0_of,
 )
 from .base import check_square, check_tag
 from .normal import Normal
@@ -103,16 +101,14 @@ class CG(AbstractKrylovSolver):
             "positive or negative (semi)definite",
             "`lx.positive_semidefinite_tag` or `lx.negative_semidefinite_tag`",
         )
-        preconditioner_of(options, operator)
-        y0_of(options, operator)
+        self.checked_options(operator, options)
         return KrylovState(operator, negative)
 
     def compute(
         self, state: KrylovState, vector: PyTree[Array], options: dict[str, Any]
     ):
         operator = state.operator
-        precond = preconditioner_of(options, operator)
-        y0 = y0_of(options, operator)
+        precond, y0 = self.checked_options(operator, options)
         max_steps = self.resolve_max_steps(operator)
         if state.negative:
             vector = jtu.tree_map(jnp.negative, vector)

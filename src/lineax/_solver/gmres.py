@@ -21,7 +21,6 @@ from ._krylov import (
     initial_residual,
     KrylovState,
     norm2,
-    preconditioner_of,
     real_dtype,
     result_of,
     safe_div,
@@ -29,7 +28,6 @@ from ._krylov import (
     transpose_options,
     tree_scale,
     tree_sub,
-    y0_of,
 )
 from .base import check_square
 
@@ -127,16 +125,14 @@ class GMRES(AbstractKrylovSolver):
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> KrylovState:
         check_square(operator, "GMRES")
-        preconditioner_of(options, operator)
-        y0_of(options, operator)
+        self.checked_options(operator, options)
         return KrylovState(operator)
 
     def compute(
         self, state: KrylovState, vector: PyTree[Array], options: dict[str, Any]
     ):
         operator = state.operator
-        precond = preconditioner_of(options, operator)
-        y0 = y0_of(options, operator)
+        precond, y0 = self.checked_options(operator, options)
         max_steps = self.resolve_max_steps(operator)
         structure = operator.in_structure()
         m = min(self.restart, operator.in_size())

@@ -21,7 +21,6 @@ from ._krylov import (
     initial_residual,
     KrylovState,
     norm2,
-    preconditioner_of,
     real_dtype,
     result_of,
     safe_div,
@@ -30,7 +29,6 @@ from ._krylov import (
     tree_axpy,
     tree_scale,
     tree_sub,
-    y0_of,
 )
 
 
@@ -159,16 +157,15 @@ class LSMR(AbstractKrylovSolver):
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> KrylovState:
-        _preconditioner(options, operator)
-        y0_of(options, operator)
+        # A right preconditioner: it maps the operator's input space to itself.
+        self.checked_options(operator, options, right_preconditioner=True)
         return KrylovState(operator)
 
     def compute(
         self, state: KrylovState, vector: PyTree[Array], options: dict[str, Any]
     ):
         operator = state.operator
-        precond = _preconditioner(options, operator)
-        y0 = y0_of(options, operator)
+        precond, y0 = self.checked_options(operator, options, right_preconditioner=True)
         max_steps = self.resolve_max_steps(operator)
         in_structure = operator.in_structure()
         complex_ = tree_is_complex(in_structure) or tree_is_complex(
@@ -340,8 +337,3 @@ class LSMR(AbstractKrylovSolver):
 
     def assume_full_rank(self) -> bool:
         return False
-
-
-def _preconditioner(options: dict[str, Any], operator: AbstractLinearOperator):
-    # A right preconditioner maps the operator's input space to itself.
-    return preconditioner_of(options, operator, right=True)

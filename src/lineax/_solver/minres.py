@@ -25,7 +25,6 @@ from ._krylov import (
     eps_of,
     initial_residual,
     KrylovState,
-    preconditioner_of,
     real_dtype,
     result_of,
     safe_div,
@@ -34,7 +33,6 @@ from ._krylov import (
     tree_axpy,
     tree_scale,
     tree_sub,
-    y0_of,
 )
 from .base import check_square, check_tag
 
@@ -130,16 +128,14 @@ class MINRES(AbstractKrylovSolver):
                 "symmetric",
                 "`lx.symmetric_tag`",
             )
-        preconditioner_of(options, operator)
-        y0_of(options, operator)
+        self.checked_options(operator, options)
         return KrylovState(operator)
 
     def compute(
         self, state: KrylovState, vector: PyTree[Array], options: dict[str, Any]
     ):
         operator = state.operator
-        precond = preconditioner_of(options, operator)
-        y0 = y0_of(options, operator)
+        precond, y0 = self.checked_options(operator, options)
         max_steps = self.resolve_max_steps(operator)
         structure = operator.in_structure()
         eps = eps_of(structure)
