@@ -215,9 +215,14 @@ def _linear_solve_jvp(primals, tangents):
         tangent_op = TangentLinearOperator(operator, t_operator)
         terms.append(_tree_neg(tangent_op.mv(solution)))
 
+        # Transposed once, shared by equation (1)'s two uses.
+        tangent_op_t = (
+            tangent_op.transpose() if dependent_rows or dependent_columns else None
+        )
+
         def tangent_op_h_mv(y):
             # V^H y = conj(V^T conj(y)).
-            tangent_op_t = tangent_op.transpose()
+            assert tangent_op_t is not None
             return _tree_conj(tangent_op_t.mv(_tree_conj(y, complex_)), complex_)
 
         if dependent_rows:
