@@ -1,5 +1,6 @@
 """Every public name of lineax is documented with a `::: lineax.NAME` directive."""
 
+import html
 import inspect
 import os
 import pathlib
@@ -119,3 +120,14 @@ def test_mkdocs_build_strict(tmp_path):
         timeout=300,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
+    # Docstrings generated at import time (from the table of tag meanings) are
+    # shown: they once were stray strings that documented nothing.
+    api = tmp_path / "site" / "api"
+    functions = (api / "functions" / "index.html").read_text(encoding="utf-8")
+    tags = (api / "tags" / "index.html").read_text(encoding="utf-8")
+    for name in ("is_symmetric", "is_diagonal", "has_unit_diagonal"):
+        doc = getattr(lx, name).__doc__
+        assert doc.split(",")[0] in functions, name
+    for name in ("symmetric_tag", "unit_diagonal_tag"):
+        doc = getattr(lx, name).__doc__
+        assert doc.split("(")[0] in html.unescape(tags), name

@@ -299,3 +299,140 @@ def test_predicates_reject_non_operators():
     for pred in PREDICATES.values():
         with pytest.raises(TypeError, match="AbstractLinearOperator"):
             pred(jnp.eye(2))
+
+
+#
+# The table of tag meanings, from which the predicates are generated.
+#
+
+
+def _public_tags():
+    return {getattr(lx, name) for name in dir(lx) if name.endswith("_tag")}
+
+
+def test_tag_table_every_tag_has_a_predicate_and_docs():
+    from lineax._operator.base import PREDICATE_OF_TAG
+    from lineax._tags import TAG_MEANINGS
+
+    assert set(TAG_MEANINGS) == _public_tags()
+    assert list(PREDICATE_OF_TAG) == list(TAG_MEANINGS)
+    predicates = set()
+    for tag, meaning in TAG_MEANINGS.items():
+        predicate = getattr(lx, meaning.predicate)
+        predicates.add(predicate)
+        assert predicate is PREDICATE_OF_TAG[tag]
+        assert predicate.__name__ == meaning.predicate
+        assert getattr(lx, repr(tag)) is tag
+        # The tag's docs, and the predicate's (generated, naming the tag).
+        assert tag.__doc__ == meaning.doc and meaning.doc
+        doc = predicate.__doc__
+        assert doc.startswith(f"Whether an operator {meaning.holds},")
+        assert f"[`lineax.{tag!r}`][]" in doc
+        assert f"`@lineax.{meaning.predicate}.register(MyOperator)`" in doc
+        # The docs site reads the docstring through `__wrapped__`.
+        assert predicate.__wrapped__.__doc__ == doc
+    assert predicates == set(PREDICATES.values())
+
+
+def test_tag_table_implications_and_transposition():
+    from lineax._tags import TAG_MEANINGS
+
+    name_of = {pred: name for name, pred in PREDICATES.items()}
+    for tag, meaning in TAG_MEANINGS.items():
+        implied = {tag, *meaning.implies}
+        expected = {name_of[getattr(lx, TAG_MEANINGS[t].predicate)] for t in implied}
+        for op in (_mat(tag), lx.TaggedLinearOperator(_fun(), tag)):
+            assert true_predicates(op) == expected
+        # Transposing maps each tag by the table, and back again.
+        assert lx.transpose_tags(tag) == frozenset([meaning.transposed])
+        assert TAG_MEANINGS[meaning.transposed].transposed is tag
+        transposed = {
+            name_of[getattr(lx, TAG_MEANINGS[TAG_MEANINGS[t].transposed].predicate)]
+            for t in implied
+        }
+        assert true_predicates(_mat(tag).T) == transposed
+
+
+#
+# Everyday slips with tags and arrays.
+#
+
+
+def test_string_tag_is_refused_naming_the_real_tags():
+    eye = jnp.eye(2)
+    with pytest.raises(TypeError, match=r"Did you mean `lx\.symmetric_tag`\?"):
+        lx.MatrixLinearOperator(eye, "symmetric")
+    with pytest.raises(
+        TypeError, match=r"Did you mean `lx\.positive_semidefinite_tag`\?"
+    ):
+        lx.TaggedLinearOperator(_fun(), [psd, "positive_semidefinite_tag"])
+    with pytest.raises(TypeError, match=r"lx\.lower_triangular_tag") as info:
+        lx.FunctionLinearOperator(lambda x: x, _S, ("lx.lower_triangular",))
+    message = str(info.value)
+    assert "`tags`" in message and "'lx.lower_triangular'" in message
+    for tag in [sym, diag, tri, lower, upper, unit, psd, nsd]:
+        assert f"`lx.{tag!r}`" in message
+    with pytest.raises(TypeError, match="not strings"):
+        lx.transpose_tags("lower_triangular")
+    # A tag of one's own that is not a string is still accepted.
+    mine = _UserTag("mine")
+    assert lx.MatrixLinearOperator(eye, mine).tags == frozenset([mine])
+
+
+def test_python_list_as_array_says_use_asarray():
+    with pytest.raises(TypeError, match=r"jnp\.asarray\(diagonal\)"):
+        lx.DiagonalLinearOperator([1.0, 2.0])
+    with pytest.raises(TypeError, match=r"`lower_diagonal`.*jnp\.asarray"):
+        lx.TridiagonalLinearOperator(jnp.ones(2), [1.0], jnp.ones(1))
+    # A list of arrays is a PyTree diagonal, as before.
+    op = lx.DiagonalLinearOperator([jnp.ones(2), jnp.ones(1)])
+    assert op.in_size() == 3
+
+
+#
+# Which operators `linear_solve` may run through its cached compiled function.
+#
+
+
+def test_is_cacheable():
+    from lineax._operator.base import is_cacheable
+
+    m = _mat()
+    cacheable = [
+        m,
+        _pyt(),
+        lx.DiagonalLinearOperator(jnp.ones(3)),
+        lx.TridiagonalLinearOperator(jnp.ones(3), jnp.ones(2), jnp.ones(2)),
+        lx.IdentityLinearOperator(_S),
+        lx.TaggedLinearOperator(m, psd),
+        -m,
+        m + m,
+        m @ m,
+        m * jnp.array(2.0),
+        m / jnp.array(-2.0),
+    ]
+    for op in cacheable:
+        assert is_cacheable(op) is True, op
+    not_cacheable = [
+        _fun(),
+        _jac(),
+        lx.TaggedLinearOperator(_fun(), psd),
+        m + _fun(),
+        _fun() @ m,
+        -_fun(),
+        # The sign of a Python number is read at trace time.
+        m * 2.0,
+        m / -2.0,
+        lx.TangentLinearOperator(m, m),
+        jnp.eye(3),
+        "not an operator",
+    ]
+    for op in not_cacheable:
+        assert is_cacheable(op) is False, op
+
+    @jax.jit
+    def traced(matrix):
+        assert is_cacheable(lx.MatrixLinearOperator(matrix)) is False
+        return matrix
+
+    traced(jnp.eye(2))

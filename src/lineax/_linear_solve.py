@@ -13,21 +13,8 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree
 
 from ._misc import describe, strip_weak_dtype
-from ._operator.arithmetic import (
-    AddLinearOperator,
-    ComposedLinearOperator,
-    DivLinearOperator,
-    MulLinearOperator,
-    NegLinearOperator,
-)
-from ._operator.base import AbstractLinearOperator
-from ._operator.diagonal import DiagonalLinearOperator
+from ._operator.base import AbstractLinearOperator, is_cacheable
 from ._operator.function import FunctionLinearOperator
-from ._operator.identity import IdentityLinearOperator
-from ._operator.matrix import MatrixLinearOperator
-from ._operator.pytree import PyTreeLinearOperator
-from ._operator.tagged import TaggedLinearOperator
-from ._operator.tridiagonal import TridiagonalLinearOperator
 from ._primitive import bind, primal_failure_message
 from ._solution import Solution
 from ._solver.auto import AutoLinearSolver
@@ -249,33 +236,8 @@ def _compiled_linear_solve(operator, vector, solver, throw):
     return _linear_solve(operator, vector, solver, None, _sentinel, throw)
 
 
-# Operators whose every PyTree leaf is an array and whose static data compares by
-# value, so that a compiled solve is found again for a new but equal operator.
-# (A Function/Jacobian operator holds a closure-converted jaxpr, which compares by
-# identity: each new one would compile anew, which is slower than eager dispatch.)
-_ARRAY_OPERATORS = (
-    MatrixLinearOperator,
-    PyTreeLinearOperator,
-    DiagonalLinearOperator,
-    TridiagonalLinearOperator,
-    IdentityLinearOperator,
-)
-
-
 def _fast_path_operator(operator: Any) -> bool:
-    if isinstance(operator, _ARRAY_OPERATORS):
-        return _concrete_arrays(operator)
-    if isinstance(operator, (TaggedLinearOperator, NegLinearOperator)):
-        return _fast_path_operator(operator.operator)
-    if isinstance(operator, (AddLinearOperator, ComposedLinearOperator)):
-        return _fast_path_operator(operator.operator1) and _fast_path_operator(
-            operator.operator2
-        )
-    if isinstance(operator, (MulLinearOperator, DivLinearOperator)):
-        return _concrete_arrays(operator.scalar) and _fast_path_operator(
-            operator.operator
-        )
-    return False
+    return is_cacheable(operator)
 
 
 def _hashable(x: Any) -> bool:

@@ -1,14 +1,23 @@
 """Operator tags: static markers of structure that solvers dispatch on at trace
-time."""
+time, and `TAG_MEANINGS`, the one table of what each of lineax's tags means.
 
+The structure predicates (`lineax.is_symmetric`, ...), their documentation, their
+registrations for operators whose structure is given by tags, and the rule that
+transposes tags are all generated from `TAG_MEANINGS`; a new tag is one row there
+(plus its predicate's name in `_operator/base.py`).
+"""
+
+import difflib
+import functools as ft
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class _Tag:
-    """A tag singleton. Compared by identity, hashable, and with a readable repr."""
+    """A tag singleton. Compared by identity, hashable, and with a readable repr.
 
-    __slots__ = ("_name",)
+    Its `__doc__` is set from `TAG_MEANINGS` (the docs site reads it from there).
+    """
 
     def __init__(self, name: str):
         self._name = name
@@ -18,32 +27,129 @@ class _Tag:
 
 
 symmetric_tag = _Tag("symmetric_tag")
-"""The operator equals its transpose."""
 diagonal_tag = _Tag("diagonal_tag")
-"""The operator is diagonal."""
 tridiagonal_tag = _Tag("tridiagonal_tag")
-"""The operator is tridiagonal."""
 unit_diagonal_tag = _Tag("unit_diagonal_tag")
-"""The operator's diagonal is all ones (used with the triangular tags: the diagonal is
-then never read)."""
 lower_triangular_tag = _Tag("lower_triangular_tag")
-"""The operator is lower triangular."""
 upper_triangular_tag = _Tag("upper_triangular_tag")
-"""The operator is upper triangular."""
 positive_semidefinite_tag = _Tag("positive_semidefinite_tag")
-"""The operator is positive semidefinite (Hermitian, for complex operators). Solvers
-that need definiteness (Cholesky, CG) assume positive definite."""
 negative_semidefinite_tag = _Tag("negative_semidefinite_tag")
-"""The operator is negative semidefinite (Hermitian, for complex operators)."""
 
 
-def _swap_triangular(tags: frozenset) -> frozenset | None:
-    out = set()
-    if lower_triangular_tag in tags:
-        out.add(upper_triangular_tag)
-    if upper_triangular_tag in tags:
-        out.add(lower_triangular_tag)
-    return frozenset(out) if out else None
+class TagMeaning(NamedTuple):
+    """One row of `TAG_MEANINGS`."""
+
+    predicate: str
+    """The name of the `lineax` predicate that this tag makes true."""
+    holds: str
+    """What the predicate says of an operator, completing "Whether an operator
+    ...", e.g. "is symmetric"."""
+    doc: str
+    """What the tag promises: the tag's documentation."""
+    implies: tuple[_Tag, ...]
+    """The other tags whose predicates this tag also makes true."""
+    transposed: _Tag
+    """The tag of the transposed operator."""
+
+
+# Symmetric means `A = Aᵀ`, also for complex operators; the definite tags mean
+# Hermitian, and imply `symmetric_tag` as they always have (as in the published
+# lineax), which is exact for real operators.
+TAG_MEANINGS: dict[_Tag, TagMeaning] = {
+    symmetric_tag: TagMeaning(
+        predicate="is_symmetric",
+        holds="is symmetric",
+        doc="The operator equals its transpose.",
+        implies=(),
+        transposed=symmetric_tag,
+    ),
+    diagonal_tag: TagMeaning(
+        predicate="is_diagonal",
+        holds="is diagonal",
+        doc="The operator is diagonal.",
+        implies=(
+            symmetric_tag,
+            tridiagonal_tag,
+            lower_triangular_tag,
+            upper_triangular_tag,
+        ),
+        transposed=diagonal_tag,
+    ),
+    tridiagonal_tag: TagMeaning(
+        predicate="is_tridiagonal",
+        holds="is tridiagonal",
+        doc="The operator is tridiagonal.",
+        implies=(),
+        transposed=tridiagonal_tag,
+    ),
+    lower_triangular_tag: TagMeaning(
+        predicate="is_lower_triangular",
+        holds="is lower triangular",
+        doc="The operator is lower triangular.",
+        implies=(),
+        transposed=upper_triangular_tag,
+    ),
+    upper_triangular_tag: TagMeaning(
+        predicate="is_upper_triangular",
+        holds="is upper triangular",
+        doc="The operator is upper triangular.",
+        implies=(),
+        transposed=lower_triangular_tag,
+    ),
+    positive_semidefinite_tag: TagMeaning(
+        predicate="is_positive_semidefinite",
+        holds="is positive semidefinite",
+        doc=(
+            "The operator is positive semidefinite (Hermitian, for complex "
+            "operators). Solvers that need definiteness (Cholesky, CG) assume "
+            "positive definite."
+        ),
+        implies=(symmetric_tag,),
+        transposed=positive_semidefinite_tag,
+    ),
+    negative_semidefinite_tag: TagMeaning(
+        predicate="is_negative_semidefinite",
+        holds="is negative semidefinite",
+        doc=(
+            "The operator is negative semidefinite (Hermitian, for complex operators)."
+        ),
+        implies=(symmetric_tag,),
+        transposed=negative_semidefinite_tag,
+    ),
+    unit_diagonal_tag: TagMeaning(
+        predicate="has_unit_diagonal",
+        holds="has a unit diagonal",
+        doc=(
+            "The operator's diagonal is all ones (used with the triangular tags: "
+            "the diagonal is then never read)."
+        ),
+        implies=(),
+        transposed=unit_diagonal_tag,
+    ),
+}
+
+for _tag, _meaning in TAG_MEANINGS.items():
+    _tag.__doc__ = _meaning.doc
+
+
+@ft.cache
+def tags_implying(tag: _Tag) -> tuple[_Tag, ...]:
+    """`tag` and every tag of `TAG_MEANINGS` that implies it: an operator carrying
+    any of them makes the predicate of `tag` true."""
+    return (tag,) + tuple(
+        other for other, meaning in TAG_MEANINGS.items() if tag in meaning.implies
+    )
+
+
+def _transpose_by_table(tags: frozenset) -> frozenset | None:
+    """The transposition rule of `TAG_MEANINGS`: the tags that transposition
+    changes (lower and upper triangular), replaced; None if there are none."""
+    out = frozenset(
+        TAG_MEANINGS[tag].transposed
+        for tag in tags
+        if tag in TAG_MEANINGS and TAG_MEANINGS[tag].transposed is not tag
+    )
+    return out or None
 
 
 # Each rule is a callable `rule(tags: frozenset) -> tag | Iterable[tag] | None`,
@@ -51,16 +157,41 @@ def _swap_triangular(tags: frozenset) -> frozenset | None:
 # own tags. A tag that some rule maps (when called with that tag alone) is replaced
 # by what the rules give; every other tag is kept, since most structure
 # (symmetry, definiteness, bandedness) is invariant under transposition.
-transpose_tags_rules: list[Callable[[frozenset], Any]] = [_swap_triangular]
+transpose_tags_rules: list[Callable[[frozenset], Any]] = [_transpose_by_table]
 
 
 def as_tags(tags: Any) -> frozenset:
-    """Normalise a single tag or an iterable of tags to a frozenset."""
+    """Normalise a single tag or an iterable of tags to a frozenset.
+
+    A string is refused: it is never one of lineax's tags, which are objects
+    (`lx.symmetric_tag`), and would otherwise be accepted silently and ignored.
+    """
     if isinstance(tags, frozenset):
-        return tags
-    if isinstance(tags, Iterable) and not isinstance(tags, (str, bytes)):
-        return frozenset(tags)
-    return frozenset([tags])
+        out = tags
+    elif isinstance(tags, Iterable) and not isinstance(tags, (str, bytes)):
+        out = frozenset(tags)
+    else:
+        out = frozenset([tags])
+    for tag in out:
+        if isinstance(tag, (str, bytes)):
+            raise TypeError(_string_tag_message(tag))
+    return out
+
+
+def _string_tag_message(tag: str | bytes) -> str:
+    names = [repr(known) for known in TAG_MEANINGS]
+    guess = str(tag).strip().lower().replace("-", "_").replace(" ", "_")
+    guess = guess.removeprefix("lineax.").removeprefix("lx.")
+    if not guess.endswith("_tag"):
+        guess += "_tag"
+    close = difflib.get_close_matches(guess, names, n=1)
+    hint = f" Did you mean `lx.{close[0]}`?" if close else ""
+    listing = ", ".join(f"`lx.{name}`" for name in names)
+    return (
+        f"`tags` must hold tag objects, not strings: got {tag!r}.{hint} lineax's "
+        f"tags are {listing}; a tag of your own may be any hashable object other "
+        "than a string."
+    )
 
 
 def transpose_tags(tags: Any) -> frozenset:

@@ -10,9 +10,11 @@ import numpy as np
 from .base import (
     AbstractLinearOperator,
     check_structures_equal,
+    concrete_arrays,
     conj,
     diagonal,
     has_unit_diagonal,
+    is_cacheable,
     is_diagonal,
     is_lower_triangular,
     is_negative_semidefinite,
@@ -439,3 +441,14 @@ def _(operator):
 def _(operator):
     d, lower, upper = tridiagonal(operator.operator)
     return -d, -lower, -upper
+
+
+# A Python-number scalar is read at trace time (its sign decides definiteness), so
+# it must not become an argument of the compiled function: only array scalars do.
+is_cacheable.register(AddLinearOperator)(_both(is_cacheable))
+is_cacheable.register(ComposedLinearOperator)(_both(is_cacheable))
+is_cacheable.register(NegLinearOperator)(lambda op: is_cacheable(op.operator))
+for _cls in (MulLinearOperator, DivLinearOperator):
+    is_cacheable.register(_cls)(
+        lambda op: concrete_arrays(op.scalar) and is_cacheable(op.operator)
+    )

@@ -13,12 +13,25 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree, Shaped
 
 from .._misc import describe, result_dtype, strip_weak_dtype, tree_size
+from .._tags import (
+    diagonal_tag,
+    lower_triangular_tag,
+    negative_semidefinite_tag,
+    positive_semidefinite_tag,
+    symmetric_tag,
+    TAG_MEANINGS,
+    tags_implying,
+    tridiagonal_tag,
+    unit_diagonal_tag,
+    upper_triangular_tag,
+)
 
 
 class AbstractLinearOperator(eqx.Module):
@@ -195,16 +208,6 @@ def matrix_by_mv(operator: AbstractLinearOperator) -> Array:
 #
 
 
-def _predicate(doc: str):
-    @ft.singledispatch
-    def predicate(operator: AbstractLinearOperator) -> bool:
-        _check_operator(operator)
-        return False
-
-    predicate.__doc__ = doc
-    return predicate
-
-
 def _check_operator(operator: Any) -> None:
     if not isinstance(operator, AbstractLinearOperator):
         raise TypeError(
@@ -213,8 +216,12 @@ def _check_operator(operator: Any) -> None:
         )
 
 
-_predicate_doc = """Whether an operator is {what}, decided at trace time from its tags
-and type (never by inspecting values).
+_PREDICATE_DOC = """Whether an operator {holds}, decided at trace time from its type and
+tags (never from its values).
+
+It holds for an operator tagged {tags}, and for an operator whose type or whose
+parts imply it (a [`lineax.DiagonalLinearOperator`][] is diagonal; the negation of
+a positive semidefinite operator is negative semidefinite).
 
 **Arguments:**
 
@@ -222,67 +229,46 @@ and type (never by inspecting values).
 
 **Returns:**
 
-A Python `bool`. `False` means "not known to be {what}". Register implementations
-for your own operator class with `lineax.{name}.register(MyOperator)`.
+A Python `bool`. `False` means "not known", not "no". Extend it to your own
+operator class with `@lineax.{name}.register(MyOperator)`.
 """
 
-is_symmetric = _predicate(_predicate_doc.format(what="symmetric", name="is_symmetric"))
-is_diagonal = _predicate(_predicate_doc.format(what="diagonal", name="is_diagonal"))
-is_tridiagonal = _predicate(
-    _predicate_doc.format(what="tridiagonal", name="is_tridiagonal")
-)
-"""Whether an operator is tridiagonal: a `bool` decided at trace time from tags and
-operator type, never from values. `False` means "not known". Extend it to your own
-operator class with `@lineax.is_tridiagonal.register(MyOperator)`."""
-"""Whether an operator is diagonal: a `bool` decided at trace time from tags and
-operator type, never from values. `False` means "not known". Extend it to your own
-operator class with `@lineax.is_diagonal.register(MyOperator)`."""
-"""Whether an operator is symmetric: a `bool` decided at trace time from tags and
-operator type, never from values. `False` means "not known". Extend it to your own
-operator class with `@lineax.is_symmetric.register(MyOperator)`."""
-is_lower_triangular = _predicate(
-    _predicate_doc.format(what="lower triangular", name="is_lower_triangular")
-)
-"""Whether an operator is lower triangular: a `bool` decided at trace time from tags
-and operator type, never from values. `False` means "not known". Extend it to your
-own operator class with `@lineax.is_lower_triangular.register(MyOperator)`."""
-is_upper_triangular = _predicate(
-    _predicate_doc.format(what="upper triangular", name="is_upper_triangular")
-)
-"""Whether an operator is upper triangular: a `bool` decided at trace time from tags
-and operator type, never from values. `False` means "not known". Extend it to your
-own operator class with `@lineax.is_upper_triangular.register(MyOperator)`."""
-is_positive_semidefinite = _predicate(
-    _predicate_doc.format(what="positive semidefinite", name="is_positive_semidefinite")
-)
-"""Whether an operator is positive semidefinite: a `bool` decided at trace time from
-tags and operator type, never from values. `False` means "not known". Extend it to
-your own operator class with
-`@lineax.is_positive_semidefinite.register(MyOperator)`."""
-is_negative_semidefinite = _predicate(
-    _predicate_doc.format(what="negative semidefinite", name="is_negative_semidefinite")
-)
-"""Whether an operator is negative semidefinite: a `bool` decided at trace time from
-tags and operator type, never from values. `False` means "not known". Extend it to
-your own operator class with
-`@lineax.is_negative_semidefinite.register(MyOperator)`."""
-has_unit_diagonal = _predicate(
-    _predicate_doc.format(what="unit-diagonal", name="has_unit_diagonal")
-)
-"""Whether an operator is unit-diagonal: a `bool` decided at trace time from tags and
-operator type, never from values. `False` means "not known". Extend it to your own
-operator class with `@lineax.has_unit_diagonal.register(MyOperator)`."""
+# The predicate of each tag of `TAG_MEANINGS`, in the table's order.
+PREDICATE_OF_TAG: dict[Any, Any] = {}
 
-ALL_PREDICATES = (
-    is_symmetric,
-    is_diagonal,
-    is_tridiagonal,
-    is_lower_triangular,
-    is_upper_triangular,
-    is_positive_semidefinite,
-    is_negative_semidefinite,
-    has_unit_diagonal,
-)
+
+def _predicate(tag: Any):
+    """The predicate of `tag`, named and documented from its row of the table."""
+    meaning = TAG_MEANINGS[tag]
+    links = [f"[`lineax.{t!r}`][]" for t in tags_implying(tag)]
+    if len(links) > 1:
+        links = [f"with one of {', '.join(links[:-1])} or {links[-1]}"]
+
+    def predicate(operator: AbstractLinearOperator) -> bool:
+        _check_operator(operator)
+        return False
+
+    # Set on the function itself, before `singledispatch` copies them to its
+    # wrapper: the docs site reads them through `__wrapped__`.
+    predicate.__name__ = predicate.__qualname__ = meaning.predicate
+    predicate.__doc__ = _PREDICATE_DOC.format(
+        holds=meaning.holds, tags=links[0], name=meaning.predicate
+    )
+    PREDICATE_OF_TAG[tag] = dispatching = ft.singledispatch(predicate)
+    return dispatching
+
+
+# Their docstrings are generated, so the docs site reads them from the running
+# module (see `docs/_griffe_runtime_docs.py`).
+is_symmetric = _predicate(symmetric_tag)
+is_diagonal = _predicate(diagonal_tag)
+is_tridiagonal = _predicate(tridiagonal_tag)
+is_lower_triangular = _predicate(lower_triangular_tag)
+is_upper_triangular = _predicate(upper_triangular_tag)
+is_positive_semidefinite = _predicate(positive_semidefinite_tag)
+is_negative_semidefinite = _predicate(negative_semidefinite_tag)
+has_unit_diagonal = _predicate(unit_diagonal_tag)
+assert list(PREDICATE_OF_TAG) == list(TAG_MEANINGS), "a tag has no predicate"
 
 
 @ft.singledispatch
@@ -395,22 +381,32 @@ def conj(operator: AbstractLinearOperator) -> AbstractLinearOperator:
     return FunctionLinearOperator(fn, operator.in_structure(), tags_of(operator))
 
 
+@ft.singledispatch
+def is_cacheable(operator: Any) -> bool:
+    """Whether `linear_solve`, called outside of any JAX transformation, may run
+    `operator` through one cached compiled function: every PyTree leaf is a concrete
+    (not traced) array, and the static data compares by value, so that an equal
+    operator built anew finds the same compiled function.
+
+    `False` for anything that registers nothing, including non-operators: a
+    Function or Jacobian operator holds a closure that compares by identity, and
+    would compile anew on every call, which is slower than dispatching eagerly.
+    """
+    return False
+
+
+def concrete_arrays(tree: PyTree) -> bool:
+    """Whether every leaf of `tree` is a JAX or NumPy array that is not traced."""
+    return all(
+        isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)
+        for x in jtu.tree_leaves(tree)
+    )
+
+
 def tags_of(operator: AbstractLinearOperator) -> frozenset:
     """The tags that the predicates establish for `operator`, as a frozenset (used
     to carry structure over to derived operators)."""
-    from .. import _tags as t
-
-    pairs = (
-        (is_symmetric, t.symmetric_tag),
-        (is_diagonal, t.diagonal_tag),
-        (is_tridiagonal, t.tridiagonal_tag),
-        (is_lower_triangular, t.lower_triangular_tag),
-        (is_upper_triangular, t.upper_triangular_tag),
-        (is_positive_semidefinite, t.positive_semidefinite_tag),
-        (is_negative_semidefinite, t.negative_semidefinite_tag),
-        (has_unit_diagonal, t.unit_diagonal_tag),
-    )
-    return frozenset(tag for pred, tag in pairs if pred(operator))
+    return frozenset(tag for tag, pred in PREDICATE_OF_TAG.items() if pred(operator))
 
 
 def bands_of_matrix(matrix: Array) -> tuple[Array, Array, Array]:
@@ -476,37 +472,24 @@ def has_tags(operator: Any, *tags: Any) -> bool:
     return any(tag in op_tags for tag in tags)
 
 
+def holds_by_tags(operator: Any, tag: Any) -> bool:
+    """Whether `operator.tags` makes the predicate of `tag` true (by holding `tag`
+    or a tag implying it, as `TAG_MEANINGS` says)."""
+    return has_tags(operator, *tags_implying(tag))
+
+
 def register_tag_predicates(cls: type) -> None:
     """Register the predicates of an operator class whose structure is given solely
     by a `tags` field."""
-    from .. import _tags as t
+    for tag, predicate in PREDICATE_OF_TAG.items():
+        predicate.register(cls)(ft.partial(_by_tags_or_size, tag=tag))
 
-    def reg(pred, fn):
-        pred.register(cls)(fn)
 
-    reg(
-        is_symmetric,
-        lambda op: has_tags(
-            op,
-            t.symmetric_tag,
-            t.diagonal_tag,
-            t.positive_semidefinite_tag,
-            t.negative_semidefinite_tag,
-        ),
+def _by_tags_or_size(operator: AbstractLinearOperator, tag: Any) -> bool:
+    # A 1x1 operator is diagonal whatever its tags.
+    return holds_by_tags(operator, tag) or (
+        tag is diagonal_tag and _is_one_by_one(operator)
     )
-    reg(is_diagonal, lambda op: has_tags(op, t.diagonal_tag) or _is_one_by_one(op))
-    reg(is_tridiagonal, lambda op: has_tags(op, t.diagonal_tag, t.tridiagonal_tag))
-    reg(
-        is_lower_triangular,
-        lambda op: has_tags(op, t.lower_triangular_tag, t.diagonal_tag),
-    )
-    reg(
-        is_upper_triangular,
-        lambda op: has_tags(op, t.upper_triangular_tag, t.diagonal_tag),
-    )
-    reg(is_positive_semidefinite, lambda op: has_tags(op, t.positive_semidefinite_tag))
-    reg(is_negative_semidefinite, lambda op: has_tags(op, t.negative_semidefinite_tag))
-    reg(has_unit_diagonal, lambda op: has_tags(op, t.unit_diagonal_tag))
 
 
 def _is_one_by_one(operator: AbstractLinearOperator) -> bool:
@@ -517,7 +500,23 @@ def check_leaf_arrays(tree: PyTree, name: str) -> None:
     """Raise a TypeError naming `name` if `tree` has a leaf that is not an array."""
     for leaf in jtu.tree_leaves(tree):
         if not eqx.is_array(leaf):
+            hint = ""
+            if isinstance(leaf, (bool, int, float, complex)):
+                hint = (
+                    " (A Python list of numbers is a PyTree of scalars, not an array: "
+                    f"convert it first with `jnp.asarray({name})`.)"
+                )
             raise TypeError(
                 f"`{name}` must be a PyTree of JAX/NumPy arrays, but it has a leaf of "
-                f"type {type(leaf).__name__}: {leaf!r}."
+                f"type {type(leaf).__name__}: {leaf!r}.{hint}"
             )
+
+
+def check_not_sequence(x: Any, name: str) -> None:
+    """Raise a TypeError naming `name` if `x` is a Python list or tuple where one
+    array is expected: lineax does not guess the dtype of nested sequences."""
+    if isinstance(x, (list, tuple)):
+        raise TypeError(
+            f"`{name}` must be an array, got a Python {type(x).__name__}; convert it "
+            f"first with `jnp.asarray({name})` (or `np.asarray`), choosing its dtype."
+        )

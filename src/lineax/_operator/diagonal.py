@@ -10,10 +10,12 @@ from .._misc import inexact_asarray, structure_of
 from .base import (
     AbstractLinearOperator,
     check_leaf_arrays,
+    concrete_arrays,
     conj,
     diagonal,
     flatten_vector,
     has_unit_diagonal,
+    is_cacheable,
     is_diagonal,
     is_lower_triangular,
     is_negative_semidefinite,
@@ -80,3 +82,6 @@ def _(operator):
 @conj.register(DiagonalLinearOperator)
 def _(operator):
     return DiagonalLinearOperator(jtu.tree_map(jnp.conj, operator.diagonal))
+
+
+is_cacheable.register(DiagonalLinearOperator)(concrete_arrays)

@@ -125,3 +125,11 @@ def _(operator):
 @linearise.register(IdentityLinearOperator)
 def _(operator):
     return operator
+
+
+# Appended rather than imported at the top, to keep this change apart from others
+# in this file; move it up when convenient.
+from .base import concrete_arrays, is_cacheable
+
+
+is_cacheable.register(IdentityLinearOperator)(concrete_arrays)

@@ -175,3 +175,11 @@ def _(operator):
         operator.output_structure.value,
         operator.tags,
     )
+
+
+# Appended rather than imported at the top, to keep this change apart from others
+# in this file; move it up when convenient.
+from .base import concrete_arrays, is_cacheable
+
+
+is_cacheable.register(PyTreeLinearOperator)(concrete_arrays)

@@ -4,24 +4,18 @@ from typing import Any
 
 import equinox as eqx
 
-from .. import _tags as t
 from .._tags import as_tags, transpose_tags
 from .base import (
     AbstractLinearOperator,
-    ALL_PREDICATES,
     conj,
     diagonal,
-    has_tags,
-    has_unit_diagonal,
+    holds_by_tags,
+    is_cacheable,
     is_diagonal,
-    is_lower_triangular,
-    is_negative_semidefinite,
-    is_positive_semidefinite,
-    is_symmetric,
     is_tridiagonal,
-    is_upper_triangular,
     linearise,
     materialise,
+    PREDICATE_OF_TAG,
     probe_diagonal,
     probe_tridiagonal,
     tridiagonal,
@@ -69,32 +63,15 @@ class TaggedLinearOperator(AbstractLinearOperator):
         return self.operator.out_structure()
 
 
-_TAGS_OF_PREDICATE = {
-    is_symmetric: (
-        t.symmetric_tag,
-        t.diagonal_tag,
-        t.positive_semidefinite_tag,
-        t.negative_semidefinite_tag,
-    ),
-    is_diagonal: (t.diagonal_tag,),
-    is_tridiagonal: (t.diagonal_tag, t.tridiagonal_tag),
-    is_lower_triangular: (t.lower_triangular_tag, t.diagonal_tag),
-    is_upper_triangular: (t.upper_triangular_tag, t.diagonal_tag),
-    is_positive_semidefinite: (t.positive_semidefinite_tag,),
-    is_negative_semidefinite: (t.negative_semidefinite_tag,),
-    has_unit_diagonal: (t.unit_diagonal_tag,),
-}
-assert set(_TAGS_OF_PREDICATE) == set(ALL_PREDICATES)
-
-
-def _register(pred, tags):
-    @pred.register(TaggedLinearOperator)
+def _register(predicate, tag):
+    @predicate.register(TaggedLinearOperator)
     def _(operator):
-        return has_tags(operator, *tags) or pred(operator.operator)
+        return holds_by_tags(operator, tag) or predicate(operator.operator)
 
 
-for _pred, _tags_tuple in _TAGS_OF_PREDICATE.items():
-    _register(_pred, _tags_tuple)
+for _tag, _predicate in PREDICATE_OF_TAG.items():
+    _register(_predicate, _tag)
+is_cacheable.register(TaggedLinearOperator)(lambda op: is_cacheable(op.operator))
 
 
 @materialise.register(TaggedLinearOperator)

@@ -9,9 +9,12 @@ from jaxtyping import Array, Inexact
 from .._misc import inexact_asarray
 from .base import (
     AbstractLinearOperator,
+    check_not_sequence,
+    concrete_arrays,
     conj,
     diagonal,
     has_unit_diagonal,
+    is_cacheable,
     is_diagonal,
     is_lower_triangular,
     is_negative_semidefinite,
@@ -38,6 +41,9 @@ class TridiagonalLinearOperator(AbstractLinearOperator):
     upper_diagonal: Inexact[Array, " size-1"]
 
     def __init__(self, diagonal: Any, lower_diagonal: Any, upper_diagonal: Any):
+        check_not_sequence(diagonal, "diagonal")
+        check_not_sequence(lower_diagonal, "lower_diagonal")
+        check_not_sequence(upper_diagonal, "upper_diagonal")
         diagonal = inexact_asarray(diagonal)
         lower_diagonal = inexact_asarray(lower_diagonal)
         upper_diagonal = inexact_asarray(upper_diagonal)
@@ -122,3 +128,6 @@ def _(operator):
         jnp.conj(operator.lower_diagonal),
         jnp.conj(operator.upper_diagonal),
     )
+
+
+is_cacheable.register(TridiagonalLinearOperator)(concrete_arrays)
