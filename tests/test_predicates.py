@@ -380,6 +380,10 @@ def test_string_tag_is_refused_naming_the_real_tags():
 
 
 def test_python_list_as_array_says_use_asarray():
+    with pytest.raises(
+        TypeError, match=r"`matrix`.*Python list.*jnp\.asarray\(matrix\)"
+    ):
+        lx.MatrixLinearOperator([[1.0, 0.0], [0.0, 1.0]])
     with pytest.raises(TypeError, match=r"jnp\.asarray\(diagonal\)"):
         lx.DiagonalLinearOperator([1.0, 2.0])
     with pytest.raises(TypeError, match=r"`lower_diagonal`.*jnp\.asarray"):

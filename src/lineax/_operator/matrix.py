@@ -12,6 +12,7 @@ from .._tags import as_tags, transpose_tags
 from .base import (
     AbstractLinearOperator,
     bands_of_matrix,
+    check_not_sequence,
     conj,
     diagonal,
     register_tag_predicates,
@@ -35,7 +36,8 @@ class MatrixLinearOperator(AbstractLinearOperator):
     tags: frozenset = eqx.field(static=True)
 
     def __init__(self, matrix: Any, tags: Any = ()):
-        if not hasattr(matrix, "shape") and not isinstance(matrix, (list, tuple)):
+        check_not_sequence(matrix, "matrix")
+        if not hasattr(matrix, "shape"):
             raise TypeError(
                 f"`matrix` must be a 2-D array, got {type(matrix).__name__}."
             )
