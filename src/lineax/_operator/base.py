@@ -485,6 +485,14 @@ def register_tag_predicates(cls: type) -> None:
         predicate.register(cls)(ft.partial(_by_tags_or_size, tag=tag))
 
 
+def register_structure(cls: type, *tags: Any) -> None:
+    """Register the predicates of an operator class that has, by its type, the
+    structure of `tags` (and whatever they imply), and no other."""
+    for tag, predicate in PREDICATE_OF_TAG.items():
+        holds = any(t in tags for t in tags_implying(tag))
+        predicate.register(cls)(lambda operator, holds=holds: holds)
+
+
 def _by_tags_or_size(operator: AbstractLinearOperator, tag: Any) -> bool:
     # A 1x1 operator is diagonal whatever its tags.
     return holds_by_tags(operator, tag) or (

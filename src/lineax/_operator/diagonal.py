@@ -7,6 +7,7 @@ import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
 from .._misc import inexact_asarray, structure_of
+from .._tags import diagonal_tag
 from .base import (
     AbstractLinearOperator,
     check_leaf_arrays,
@@ -14,15 +15,8 @@ from .base import (
     conj,
     diagonal,
     flatten_vector,
-    has_unit_diagonal,
     is_cacheable,
-    is_diagonal,
-    is_lower_triangular,
-    is_negative_semidefinite,
-    is_positive_semidefinite,
-    is_symmetric,
-    is_tridiagonal,
-    is_upper_triangular,
+    register_structure,
     tridiagonal,
 )
 
@@ -60,11 +54,7 @@ class DiagonalLinearOperator(AbstractLinearOperator):
         return structure_of(self.diagonal)
 
 
-for _pred in (is_symmetric, is_diagonal, is_tridiagonal, is_lower_triangular):
-    _pred.register(DiagonalLinearOperator)(lambda op: True)
-is_upper_triangular.register(DiagonalLinearOperator)(lambda op: True)
-for _pred in (is_positive_semidefinite, is_negative_semidefinite, has_unit_diagonal):
-    _pred.register(DiagonalLinearOperator)(lambda op: False)
+register_structure(DiagonalLinearOperator, diagonal_tag)
 
 
 @diagonal.register(DiagonalLinearOperator)

@@ -7,21 +7,15 @@ import jax.numpy as jnp
 from jaxtyping import Array, Inexact
 
 from .._misc import inexact_asarray
+from .._tags import tridiagonal_tag
 from .base import (
     AbstractLinearOperator,
     check_not_sequence,
     concrete_arrays,
     conj,
     diagonal,
-    has_unit_diagonal,
     is_cacheable,
-    is_diagonal,
-    is_lower_triangular,
-    is_negative_semidefinite,
-    is_positive_semidefinite,
-    is_symmetric,
-    is_tridiagonal,
-    is_upper_triangular,
+    register_structure,
     tridiagonal,
 )
 
@@ -98,17 +92,7 @@ class TridiagonalLinearOperator(AbstractLinearOperator):
         return jax.ShapeDtypeStruct(self.diagonal.shape, self.diagonal.dtype)
 
 
-is_tridiagonal.register(TridiagonalLinearOperator)(lambda op: True)
-for _pred in (
-    is_symmetric,
-    is_diagonal,
-    is_lower_triangular,
-    is_upper_triangular,
-    is_positive_semidefinite,
-    is_negative_semidefinite,
-    has_unit_diagonal,
-):
-    _pred.register(TridiagonalLinearOperator)(lambda op: False)
+register_structure(TridiagonalLinearOperator, tridiagonal_tag)
 
 
 @diagonal.register(TridiagonalLinearOperator)
