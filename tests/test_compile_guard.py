@@ -1,0 +1,229 @@
+"""A deterministic guard against compile-time regressions (issue 16).
+
+Wall-clock compile time is noisy on shared machines; the size of what is compiled
+is not. For a fixed set of small (n = 8, float64) solves -- each direct and each
+Krylov solver, primal, JVP and VJP, and `vmap` -- this records
+
+- `jaxpr_eqns`: equations of the jaxpr, recursively (sub-jaxprs of `cond`,
+  `while`, `pjit`, ..., and the implementation of each `linear_solve` primitive,
+  which is otherwise one opaque equation), and
+- `stablehlo_ops`: operations of the lowered, unoptimised module
+  (`jax.jit(f).lower(...).as_text()`), which is what this library hands to XLA;
+- `hlo_instructions`: instructions of the optimised HLO (`compiled.as_text()`),
+  for a few cases only, since it needs an XLA compile (most of the cost);
+
+and fails when one grows by more than 10% over the checked-in table
+`tests/compile_guard.json`, so that every growth is a visible, reviewed decision.
+Shrinking passes (regenerate the table to lock the gain in).
+
+To regenerate the table after an intended change (and commit it with the change):
+
+    LINEAX_UPDATE_COMPILE_GUARD=1 python -m pytest tests/test_compile_guard.py
+
+The counts depend on the JAX version: with a different JAX than the one that
+recorded the table, the test is skipped (regenerate it to re-arm it).
+"""
+
+import json
+import os
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.extend import core as jex_core
+
+import lineax as lx
+
+
+TABLE = pathlib.Path(__file__).with_name("compile_guard.json")
+UPDATE = bool(os.environ.get("LINEAX_UPDATE_COMPILE_GUARD"))
+GROWTH = 1.10
+REGENERATE = (
+    "LINEAX_UPDATE_COMPILE_GUARD=1 python -m pytest tests/test_compile_guard.py"
+)
+N = 8
+
+
+# ---------------------------------------------------------------------------
+# Counting
+
+
+def _subjaxprs(param):
+    if isinstance(param, (jex_core.Jaxpr, jex_core.ClosedJaxpr)):
+        return [param]
+    if isinstance(param, (tuple, list)):
+        return [s for p in param for s in _subjaxprs(p)]
+    return []
+
+
+def _impl_jaxpr(eqn):
+    structs = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
+    return jax.make_jaxpr(lambda *xs: eqn.primitive.impl(*xs, **eqn.params))(*structs)
+
+
+def count_jaxpr_eqns(jaxpr) -> int:
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += 1
+        # `linear_solve` and its batched version (`eqxi.create_vprim`): count the
+        # implementation, which its parameters' jaxprs (a closure-converted
+        # matvec) are part of.
+        if eqn.primitive.name in ("linear_solve", "vprim"):
+            subs = [_impl_jaxpr(eqn)]
+        else:
+            subs = [s for p in eqn.params.values() for s in _subjaxprs(p)]
+        total += sum(count_jaxpr_eqns(s) for s in subs)
+    return total
+
+
+_STABLEHLO_OP = re.compile(r"^\s*(%[^=]*=\s*)?\"?(stablehlo|chlo|func|mhlo|sdy)\.")
+_HLO_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?[\w.\-]+\s*=\s*\S")
+
+
+def count_stablehlo_ops(text: str) -> int:
+    return sum(1 for line in text.splitlines() if _STABLEHLO_OP.match(line))
+
+
+def count_hlo_instructions(text: str) -> int:
+    return sum(
+        1
+        for line in text.splitlines()
+        if _HLO_INSTRUCTION.match(line) and not line.lstrip().startswith("HloModule")
+    )
+
+
+def measure(fn, args, compile_: bool) -> dict[str, int]:
+    traced = jax.jit(fn).trace(*args)
+    lowered = traced.lower()
+    out = {
+        "jaxpr_eqns": count_jaxpr_eqns(traced.jaxpr),
+        "stablehlo_ops": count_stablehlo_ops(lowered.as_text()),
+    }
+    if compile_:
+        out["hlo_instructions"] = count_hlo_instructions(lowered.compile().as_text())
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The solves: name -> (operator from arrays, arrays, solver)
+
+
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+_SQUARE = jnp.asarray(_rng(0).standard_normal((N, N)) / np.sqrt(N) + 2 * np.eye(N))
+_SPD = _SQUARE @ _SQUARE.T + jnp.eye(N)
+_TALL = jnp.asarray(_rng(1).standard_normal((N + 2, N)))
+_VEC = jnp.asarray(_rng(2).standard_normal(N))
+_TALL_VEC = jnp.asarray(_rng(3).standard_normal(N + 2))
+_DIAG = jnp.asarray(2.0 + _rng(4).uniform(size=N))
+_OFF = jnp.asarray(_rng(5).uniform(-0.5, 0.5, size=N - 1))
+
+_PSD = (lx.positive_semidefinite_tag,)
+_SYM = (lx.symmetric_tag,)
+_TOL = dict(rtol=1e-8, atol=1e-8)
+
+
+def _matrix(tags=()):
+    return lambda A: lx.MatrixLinearOperator(A, tags)
+
+
+SOLVES = {
+    "lu": (_matrix(), (_SQUARE, _VEC), lx.LU()),
+    "qr": (_matrix(), (_TALL, _TALL_VEC), lx.QR()),
+    "svd": (_matrix(), (_SQUARE, _VEC), lx.SVD()),
+    "cholesky": (_matrix(_PSD), (_SPD, _VEC), lx.Cholesky()),
+    "diagonal": (lx.DiagonalLinearOperator, (_DIAG, _VEC), lx.Diagonal()),
+    "triangular": (
+        _matrix((lx.lower_triangular_tag,)),
+        (jnp.tril(_SQUARE), _VEC),
+        lx.Triangular(),
+    ),
+    "tridiagonal": (
+        lambda d: lx.TridiagonalLinearOperator(d, _OFF, _OFF),
+        (_DIAG, _VEC),
+        lx.Tridiagonal(),
+    ),
+    "cg": (_matrix(_PSD), (_SPD, _VEC), lx.CG(**_TOL)),
+    "minres": (_matrix(_SYM), (_SPD, _VEC), lx.MINRES(**_TOL)),
+    "gmres": (_matrix(), (_SQUARE, _VEC), lx.GMRES(**_TOL)),
+    "bicgstab": (_matrix(), (_SQUARE, _VEC), lx.BiCGStab(**_TOL)),
+    "lsmr": (_matrix(), (_TALL, _TALL_VEC), lx.LSMR(**_TOL)),
+}
+
+# Cases whose optimised HLO is counted too (each costs an XLA compile).
+COMPILED = {"lu/primal", "lu/vjp", "cg/primal", "svd/vjp"}
+
+
+def _case(name: str):
+    solve_name, transform = name.split("/")
+    make_op, args, solver = SOLVES[solve_name]
+
+    def solve(a, b):
+        return lx.linear_solve(make_op(a), b, solver).value
+
+    if transform == "primal":
+        return solve, args
+    if transform == "jvp":
+        tangents = tuple(jnp.ones_like(x) for x in args)
+        return (lambda a, b: jax.jvp(solve, (a, b), tangents)), args
+    if transform == "vjp":
+        return jax.grad(lambda a, b: jnp.sum(solve(a, b) ** 2), argnums=(0, 1)), args
+    assert transform == "vmap"
+    batched = tuple(jnp.stack([x, 2 * x]) for x in args)
+    return jax.vmap(solve), batched
+
+
+CASES = [f"{s}/{t}" for s in SOLVES for t in ("primal", "jvp", "vjp")]
+CASES += ["lu/vmap", "cg/vmap"]
+
+
+# ---------------------------------------------------------------------------
+
+
+def _load() -> dict:
+    if TABLE.exists():
+        return json.loads(TABLE.read_text())
+    return {"jax_version": jax.__version__, "cases": {}}
+
+
+def _store(name: str, counts: dict[str, int]) -> None:
+    table = _load()
+    table["jax_version"] = jax.__version__
+    table["cases"][name] = counts
+    table["cases"] = dict(sorted(table["cases"].items()))
+    TABLE.write_text(json.dumps(table, indent=1) + "\n")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_compile_size(name):
+    fn, args = _case(name)
+    counts = measure(fn, args, name in COMPILED)
+    if UPDATE:
+        _store(name, counts)
+        return
+    table = _load()
+    if table["jax_version"] != jax.__version__:
+        pytest.skip(
+            f"{TABLE.name} was recorded with jax {table['jax_version']}, this is "
+            f"jax {jax.__version__}: regenerate it with `{REGENERATE}`."
+        )
+    recorded = table["cases"].get(name)
+    assert recorded is not None, (
+        f"No recorded sizes for `{name}` in {TABLE}; record them with `{REGENERATE}`."
+    )
+    grown = {
+        key: (recorded[key], new)
+        for key, new in counts.items()
+        if key in recorded and new > GROWTH * recorded[key]
+    }
+    assert not grown, (
+        f"Compiled size of `{name}` grew by more than {GROWTH - 1:.0%}: "
+        + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in grown.items())
+        + f". If intended, regenerate {TABLE.name} with `{REGENERATE}` and commit it."
+    )
