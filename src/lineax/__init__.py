@@ -13,6 +13,8 @@ from ._operator import (
     FunctionLinearOperator as FunctionLinearOperator,
     IdentityLinearOperator as IdentityLinearOperator,
     JacobianLinearOperator as JacobianLinearOperator,
+    KroneckerLinearOperator as KroneckerLinearOperator,
+    LowRankUpdateLinearOperator as LowRankUpdateLinearOperator,
     MatrixLinearOperator as MatrixLinearOperator,
     MulLinearOperator as MulLinearOperator,
     NegLinearOperator as NegLinearOperator,
@@ -48,6 +50,7 @@ from ._solver import (
     Cholesky as Cholesky,
     Diagonal as Diagonal,
     GMRES as GMRES,
+    Kronecker as Kronecker,
     LSMR as LSMR,
     LU as LU,
     MINRES as MINRES,
@@ -57,6 +60,7 @@ from ._solver import (
     SVD as SVD,
     Triangular as Triangular,
     Tridiagonal as Tridiagonal,
+    Woodbury as Woodbury,
 )
 from ._tags import (
     diagonal_tag as diagonal_tag,

@@ -10,6 +10,8 @@ from .diagonal import DiagonalLinearOperator as DiagonalLinearOperator
 from .function import FunctionLinearOperator as FunctionLinearOperator
 from .identity import IdentityLinearOperator as IdentityLinearOperator
 from .jacobian import JacobianLinearOperator as JacobianLinearOperator
+from .kronecker import KroneckerLinearOperator as KroneckerLinearOperator
+from .low_rank import LowRankUpdateLinearOperator as LowRankUpdateLinearOperator
 from .matrix import MatrixLinearOperator as MatrixLinearOperator
 from .pytree import PyTreeLinearOperator as PyTreeLinearOperator
 from .tagged import TaggedLinearOperator as TaggedLinearOperator
