@@ -6,6 +6,8 @@ from .arithmetic import (
     NegLinearOperator as NegLinearOperator,
 )
 from .base import AbstractLinearOperator as AbstractLinearOperator
+from .block import BlockLinearOperator as BlockLinearOperator
+from .block_diagonal import BlockDiagonalLinearOperator as BlockDiagonalLinearOperator
 from .diagonal import DiagonalLinearOperator as DiagonalLinearOperator
 from .function import FunctionLinearOperator as FunctionLinearOperator
 from .identity import IdentityLinearOperator as IdentityLinearOperator

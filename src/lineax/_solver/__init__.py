@@ -1,6 +1,7 @@
 from .auto import AutoLinearSolver as AutoLinearSolver
 from .base import AbstractLinearSolver as AbstractLinearSolver
 from .bicgstab import BiCGStab as BiCGStab
+from .block_diagonal import BlockDiagonal as BlockDiagonal
 from .cg import CG as CG, NormalCG as NormalCG
 from .cholesky import Cholesky as Cholesky
 from .diagonal import Diagonal as Diagonal
@@ -11,6 +12,7 @@ from .lu import LU as LU
 from .minres import MINRES as MINRES
 from .normal import Normal as Normal
 from .qr import QR as QR
+from .schur import Schur as Schur
 from .svd import SVD as SVD
 from .triangular import Triangular as Triangular
 from .tridiagonal import Tridiagonal as Tridiagonal
