@@ -21,6 +21,7 @@ from ._operator import (
     MulLinearOperator as MulLinearOperator,
     NegLinearOperator as NegLinearOperator,
     PyTreeLinearOperator as PyTreeLinearOperator,
+    SparseLinearOperator as SparseLinearOperator,
     TaggedLinearOperator as TaggedLinearOperator,
     TangentLinearOperator as TangentLinearOperator,
     TridiagonalLinearOperator as TridiagonalLinearOperator,

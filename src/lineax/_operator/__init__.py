@@ -16,6 +16,7 @@ from .kronecker import KroneckerLinearOperator as KroneckerLinearOperator
 from .low_rank import LowRankUpdateLinearOperator as LowRankUpdateLinearOperator
 from .matrix import MatrixLinearOperator as MatrixLinearOperator
 from .pytree import PyTreeLinearOperator as PyTreeLinearOperator
+from .sparse import SparseLinearOperator as SparseLinearOperator
 from .tagged import TaggedLinearOperator as TaggedLinearOperator
 from .tangent import TangentLinearOperator as TangentLinearOperator
 from .tridiagonal import TridiagonalLinearOperator as TridiagonalLinearOperator
