@@ -89,10 +89,11 @@ class BlockLinearOperator(AbstractLinearOperator):
     def _column_structures(self) -> tuple:
         out = []
         for j in range(len(self.blocks[0])):
+            column = [row[j] for row in self.blocks]
             structures = [
-                (f"blocks[{i}][{j}]", row[j].in_structure())
-                for i, row in enumerate(self.blocks)
-                if row[j] is not None
+                (f"blocks[{i}][{j}]", b.in_structure())
+                for i, b in enumerate(column)
+                if b is not None
             ]
             out.append(_common(structures, f"column {j}", "input"))
         return tuple(out)
@@ -124,8 +125,8 @@ class BlockLinearOperator(AbstractLinearOperator):
 
     def transpose(self):
         columns = [
-            [None if row[j] is None else row[j].transpose() for row in self.blocks]
-            for j in range(len(self.blocks[0]))
+            [None if b is None else b.transpose() for b in column]
+            for column in zip(*self.blocks)
         ]
         return BlockLinearOperator(columns, transpose_tags(self.tags))
 

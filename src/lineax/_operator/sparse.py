@@ -119,7 +119,8 @@ class SparseLinearOperator(AbstractLinearOperator):
 
     def transpose(self):
         if isinstance(self.matrix, jsparse.BCSR):
-            coo = self.matrix.to_bcoo().T.sort_indices()
+            # (BCSR has no transpose of its own: go through BCOO, sorted by row.)
+            coo = self.matrix.to_bcoo().transpose().sort_indices()
             transposed = jsparse.BCSR.from_bcoo(coo)
         else:
             transposed = self.matrix.T
