@@ -667,9 +667,8 @@ def iterate(
     result = RESULTS.where(stagnation & ~stop, RESULTS.stagnation, result)
     result = RESULTS.where(converged, RESULTS.successful, result)
     steps = loop.inner.steps
-    num_mv = (
-        p.initial_mv + method.mv_per_step * steps + method.verify_mv * loop.verifications
-    )
+    verify_mv = method.verify_mv * loop.verifications
+    num_mv = p.initial_mv + method.mv_per_step * steps + verify_mv
     stats = {
         "num_steps": steps,
         "max_steps": jnp.asarray(max_steps, jnp.int32),

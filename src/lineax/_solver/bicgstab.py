@@ -12,8 +12,8 @@ from .._operator.base import AbstractLinearOperator
 from ._krylov import (
     AbstractKrylovSolver,
     apply,
-    Iteration,
     iterate,
+    Iteration,
     KrylovState,
     norm2,
     safe_div,

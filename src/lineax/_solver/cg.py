@@ -17,8 +17,8 @@ from .._operator.base import (
 from ._krylov import (
     AbstractKrylovSolver,
     apply,
-    Iteration,
     iterate,
+    Iteration,
     KrylovState,
     norm2,
     safe_div,

@@ -16,8 +16,8 @@ from .._solution import RESULTS
 from ._krylov import (
     AbstractKrylovSolver,
     apply,
-    Iteration,
     iterate,
+    Iteration,
     KrylovState,
     norm2,
     Problem,

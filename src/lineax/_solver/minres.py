@@ -19,8 +19,8 @@ from .._solution import RESULTS
 from ._krylov import (
     AbstractKrylovSolver,
     apply,
-    Iteration,
     iterate,
+    Iteration,
     KrylovState,
     safe_div,
     tree_axpy,
