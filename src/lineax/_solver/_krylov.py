@@ -649,19 +649,22 @@ def iterate(
     stop = halted(loop.inner.carry)
     nonfinite = ~jnp.isfinite(loop.rnorm)
     stagnation = loop.since_best >= method.patience
+    halt_result = method.halt_result
+    if callable(halt_result):
+        halt_result = halt_result(loop.inner.carry)
     if p.fixed:
-        # A fixed-iteration solve succeeds when it made its steps (or solved the
-        # system exactly on the way).
-        converged = loop.converged | ~(stop | nonfinite)
+        # A fixed-iteration solve succeeds when it made its steps, or stopped early
+        # because the method can go no further (an exhausted Krylov space), but not
+        # on a breakdown.
+        converged = loop.converged | ~(
+            nonfinite | (stop & (halt_result == RESULTS.breakdown))
+        )
         stagnation = jnp.array(False)
     else:
         converged = loop.converged
     # Converged: the last iterate (it passed); otherwise the best one seen.
     value = tree_where(loop.converged, method.solution(loop.inner.carry), loop.best_x)
     value_rnorm = jnp.where(loop.converged, loop.rnorm, loop.best_rnorm)
-    halt_result = method.halt_result
-    if callable(halt_result):
-        halt_result = halt_result(loop.inner.carry)
     result = RESULTS.where(stop, halt_result, RESULTS.max_steps_reached)
     result = RESULTS.where(nonfinite, RESULTS.breakdown, result)
     result = RESULTS.where(stagnation & ~stop, RESULTS.stagnation, result)

@@ -98,6 +98,7 @@ class BiCGStab(AbstractKrylovSolver):
         # With the 2-norm as the stopping norm, the residual norms come from inner
         # products computed anyway.
         two = self.norm is two_norm
+        b_norm2 = norm2(problem.vector)
 
         def small(value, x_norm, y_norm):
             # |<x, y>| <= eps |x| |y|: a scale-invariant "numerically zero".
@@ -123,8 +124,10 @@ class BiCGStab(AbstractKrylovSolver):
             sigma = tree_dot(shadow, v)
             bad_sigma = small(sigma, shadow_norm, norm2(v))
             # Right after a restart the shadow vector is the residual itself: a
-            # vanishing <r, A P r> cannot be cured by restarting again.
-            breakdown = bad_sigma & restart
+            # vanishing <r, A P r> cannot be cured by restarting again. (Unless the
+            # recursive residual is below rounding level: then its products may
+            # underflow, and there is simply nothing left to do.)
+            breakdown = bad_sigma & restart & (r_norm2 > eps * b_norm2)
             alpha = jnp.where(bad_sigma, 0, safe_div(rho, sigma))
             s = tree_axpy(-alpha, v, c.r)
             s_norm2 = norm2(s)
