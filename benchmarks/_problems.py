@@ -50,7 +50,8 @@ def stencil_mv(xp, N: int, convection: float, shift: float = SHIFT):
 
     A = 5-point Laplacian (Dirichlet, unscaled: 4 on the diagonal, -1 to each
     neighbour) + shift * I (default SHIFT), plus, when `convection != 0`, a
-    first-order upwind convection term `c (u[i, j] - u[i, j - 1])`, which makes A non-symmetric.
+    first-order upwind convection term `c (u[i, j] - u[i, j - 1])`, which makes A
+    non-symmetric.
     """
 
     def mv(x):
