@@ -595,7 +595,8 @@ def iterate(
         if method.accept is not None:
             converged = converged | method.accept(c, x, r)
         improved = rnorm < o.best_rnorm
-        best_x = tree_where(improved, x, o.best_x)
+        # A converged iterate is returned, so it is kept as the "best" one.
+        best_x = tree_where(improved | converged, x, o.best_x)
         best_rnorm = jnp.where(improved, rnorm, o.best_rnorm)
         since_best = jnp.where(improved, 0, o.since_best + 1)
         passed = method.estimate(c) <= inner_tol
@@ -663,7 +664,7 @@ def iterate(
     else:
         converged = loop.converged
     # Converged: the last iterate (it passed); otherwise the best one seen.
-    value = tree_where(loop.converged, method.solution(loop.inner.carry), loop.best_x)
+    value = loop.best_x
     value_rnorm = jnp.where(loop.converged, loop.rnorm, loop.best_rnorm)
     result = RESULTS.where(stop, halt_result, RESULTS.max_steps_reached)
     result = RESULTS.where(nonfinite, RESULTS.breakdown, result)
