@@ -514,9 +514,7 @@ def _lsmr_case(m: int, n: int, cond: float, dtype, rtol: float) -> Case:
                 )
             return out
 
-        return _lib_side(
-            dict(jax_fn=jax_fn, jax_args=(Ad, bd), check=check), make_lib
-        )
+        return _lib_side(dict(jax_fn=jax_fn, jax_args=(Ad, bd), check=check), make_lib)
 
     return Case(
         f"lsmr_tall_{m}x{n}_cond{cond:g}",

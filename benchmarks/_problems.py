@@ -91,6 +91,4 @@ def normal_equations_residual(A, x, b) -> float:
     least-squares optimality of x (LSMR's second stopping test)."""
     A = np.asarray(A, np.float64)
     r = np.asarray(b, np.float64) - A @ np.asarray(x, np.float64)
-    return float(
-        np.linalg.norm(A.T @ r) / (np.linalg.norm(A) * np.linalg.norm(r))
-    )
+    return float(np.linalg.norm(A.T @ r) / (np.linalg.norm(A) * np.linalg.norm(r)))
