@@ -191,7 +191,10 @@ def linear_solve(
     - `solver`: a [`lineax.AbstractLinearSolver`][]. Defaults to
         `lx.AutoLinearSolver(well_posed=True)`.
     - `options`: a dictionary of solver options, e.g. `"preconditioner"` and `"y0"`
-        for iterative solvers.
+        for iterative solvers. An initial guess `"y0"` changes the answer only
+        where the solution is not unique: [`lineax.LSMR`][] from `y0` returns
+        `y0 + pinv(A) (b - A y0)`, and is differentiated as such, `y0` included
+        (see "How it works").
     - `state`: the output of `solver.init(operator, options)`, to reuse e.g. a
         factorisation across right-hand sides. Computed if not passed.
     - `throw`: if `True` (default), a failed solve raises a runtime error (also
