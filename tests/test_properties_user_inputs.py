@@ -1,7 +1,8 @@
 """Property test with what users pass: operators holding NumPy arrays and Python
 scalars, rows and columns scaled by up to 10^±6, solved eagerly and inside
-`jax.jit`, `lax.scan`, `lax.cond`, `vmap` and `grad` (with respect to the Python
-scalar itself), against float64 NumPy references.
+`jax.jit` (as arguments, and as closed-over constants), `lax.scan`, `lax.cond`,
+`vmap` and `grad` (with respect to the Python scalar itself), against float64
+NumPy references.
 
 Scaling rows or columns loses no accuracy in LU with partial pivoting or in QR
 (a column scaling scales the unknowns; a row scaling of a consistent system keeps
@@ -25,7 +26,7 @@ import lineax as lx
 
 _SOLVERS = {"lu": lx.LU(), "qr": lx.QR(), "svd": lx.SVD()}
 _FORMS = ("mul", "div", "composed")
-_TRANSFORMS = ("eager", "jit", "scan", "cond", "vmap", "grad")
+_TRANSFORMS = ("eager", "jit", "closed", "scan", "cond", "vmap", "grad")
 
 
 def _operator(form, matrix, rows, columns, scalar):
@@ -149,6 +150,13 @@ def test_scaled_user_operators_property(
         got_grad = jax.grad(loss)(scalar)  # a Python float, as users write it
         size = np.sum(np.abs(x_true * weights * columns)) / scalar
         np.testing.assert_allclose(got_grad, want_grad, rtol=1e-6, atol=1e-8 * size)
+        return
+    if transform == "closed":
+        # A constant system closed over inside `jax.jit` (compiled per example).
+        constant = lx.MatrixLinearOperator(jnp.asarray(dense))
+        constant_vector = jnp.asarray(vector)
+        got = jax.jit(lambda: _solve(kind, constant, constant_vector))()
+        close(got, want, transform)
         return
     fn = _compiled(kind, transform)
     close(fn(operator, vector), want, transform)
