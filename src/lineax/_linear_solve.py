@@ -51,10 +51,14 @@ def _stop_gradient_leaf(x: Any) -> Any:
     if not eqx.is_array(x):
         return x
     out = lax.stop_gradient(x)
+    if isinstance(out, (jax.Array, np.ndarray)):
+        return out
     # Under `jax.grad` of a function of a Python float, `stop_gradient` returns the
-    # primal as a `float` subclass (`TypedFloat`) rather than an array; keep it an
-    # array, as an operator's leaves must be.
-    return out if isinstance(out, (jax.Array, np.ndarray)) else jnp.asarray(out)
+    # primal, a constant, as a `float` subclass (`TypedFloat`) rather than an
+    # array; keep it an array, as an operator's leaves must be. (Made eagerly, not
+    # as a new value of the trace being built.)
+    with jax.core.eval_context():
+        return jnp.asarray(out)
 
 
 def _stop_gradient(tree: PyTree) -> PyTree:
