@@ -21,6 +21,12 @@ from ._solver.auto import AutoLinearSolver
 from ._solver.base import AbstractLinearSolver
 
 
+try:
+    from jax._src.core import trace_state_clean as _trace_state_clean
+except ImportError:  # pragma: no cover - a future JAX; see `_no_active_trace`
+    _trace_state_clean = None
+
+
 _sentinel: Any = eqx.internal.doc_repr(object(), "sentinel")
 
 # Option keys read by lineax's own solvers. Solvers defined outside lineax may read
@@ -28,8 +34,22 @@ _sentinel: Any = eqx.internal.doc_repr(object(), "sentinel")
 _KNOWN_OPTIONS = frozenset({"preconditioner", "y0", "damp"})
 
 
+def _stop_gradient_leaf(x: Any) -> Any:
+    if not eqx.is_array(x):
+        return x
+    out = lax.stop_gradient(x)
+    if isinstance(out, (jax.Array, np.ndarray)):
+        return out
+    # Under `jax.grad` of a function of a Python float, `stop_gradient` returns the
+    # primal, a constant, as a `float` subclass (`TypedFloat`) rather than an
+    # array; keep it an array, as an operator's leaves must be. (Made eagerly, not
+    # as a new value of the trace being built.)
+    with jax.core.eval_context():
+        return jnp.asarray(out)
+
+
 def _stop_gradient(tree: PyTree) -> PyTree:
-    return jtu.tree_map(lambda x: lax.stop_gradient(x) if eqx.is_array(x) else x, tree)
+    return jtu.tree_map(_stop_gradient_leaf, tree)
 
 
 def _check_vector(operator: AbstractLinearOperator, vector: PyTree) -> PyTree[Array]:
@@ -162,7 +182,10 @@ def linear_solve(
     - `solver`: a [`lineax.AbstractLinearSolver`][]. Defaults to
         `lx.AutoLinearSolver(well_posed=True)`.
     - `options`: a dictionary of solver options, e.g. `"preconditioner"` and `"y0"`
-        for iterative solvers.
+        for iterative solvers. An initial guess `"y0"` changes the answer only
+        where the solution is not unique: [`lineax.LSMR`][] from `y0` returns
+        `y0 + pinv(A) (b - A y0)`, and is differentiated as such, `y0` included
+        (see "How it works").
     - `state`: the output of `solver.init(operator, options)`, to reuse e.g. a
         factorisation across right-hand sides. Computed if not passed.
     - `throw`: if `True` (default), a failed solve raises a runtime error (also
@@ -177,13 +200,14 @@ def linear_solve(
     """
     if (
         state is _sentinel
+        and _no_active_trace()
         and not options
         and isinstance(throw, bool)
         and _fast_path_operator(operator)
         and _concrete_arrays(vector)
         and _hashable(solver)
     ):
-        # Called outside of any JAX transformation: run one cached compiled
+        # Called outside of every JAX transformation: run one cached compiled
         # function instead of dispatching every operation eagerly (about 100x
         # faster for small problems). Trace-time checks still run, on the first
         # call for each combination of shapes, dtypes and static data.
@@ -252,6 +276,21 @@ def _hashable(x: Any) -> bool:
     except TypeError:
         return False
     return True
+
+
+def _no_active_trace() -> bool:
+    """Whether this is plain eager Python, outside every JAX transformation.
+
+    Tracer-free inputs do not show that: a constant operator and vector closed
+    over inside `jax.jit`, `lax.scan`/`cond`/`while_loop`, `vmap`, `grad`,
+    `jax.checkpoint` or a `custom_jvp` rule are concrete arrays, but the solve is
+    being traced, so its result code cannot be read on the host. JAX (since its
+    "stackless" tracing, 0.4.36) keeps the current trace in a context variable;
+    `trace_state_clean()` is true exactly when that is the eval trace and no named
+    axis is bound -- the test `jax.jit` itself makes before its C++ fast path.
+    There is no public equivalent; without it, the always-correct traced path.
+    """
+    return _trace_state_clean is not None and bool(_trace_state_clean())
 
 
 def _concrete_arrays(tree: Any) -> bool:

@@ -24,6 +24,7 @@ from ._misc import tree_all_finite, tree_is_complex
 from ._operator.base import AbstractLinearOperator, conj
 from ._operator.tangent import TangentLinearOperator
 from ._solution import RESULTS
+from ._solver._krylov import AbstractKrylovSolver
 from ._solver.base import AbstractLinearSolver, rank_flags
 
 
@@ -45,6 +46,32 @@ _KIND_PREFIX = {
 
 def _is_none(x: Any) -> bool:
     return x is None
+
+
+def _is_inexact(x: Any) -> bool:
+    """Whether `x` is a floating or complex array *or scalar*. Under `jax.grad`,
+    JAX hands a JVP rule the primal value of a Python float as a `float` subclass
+    (`TypedFloat`), not an array: a test for arrays only would drop its tangent."""
+    if x is None or isinstance(x, bool) or not eqx.is_array_like(x):
+        return False
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _operator_acts_finitely(operator: AbstractLinearOperator) -> Array:
+    """Whether the operator's action is finite, tested on one positive probe.
+
+    Only what the operator computes counts: a leaf it never reads (an unused
+    `±inf` bound in a `JacobianLinearOperator`'s `args`) must not make the input
+    "non-finite". Every entry of a matrix reaches the product with a vector of
+    positive entries, so a NaN or inf there shows in the output (`inf - inf` is
+    NaN). The probe is `1 / in_size` rather than `1`, so that no sum of finite
+    products can overflow; it is not zero, which BLAS-style kernels may skip.
+    """
+    probe_value = 1.0 / max(operator.in_size(), 1)
+    probe = jtu.tree_map(
+        lambda s: jnp.full(s.shape, probe_value, s.dtype), operator.in_structure()
+    )
+    return tree_all_finite(operator.mv(probe))
 
 
 def _messages(kind: str) -> list[str]:
@@ -78,7 +105,7 @@ def _linear_solve_impl(
     suspicious = eqxi.unvmap_any((result != RESULTS.successful) | ~finite_output)
     finite_input = lax.cond(
         suspicious,
-        lambda: tree_all_finite((operator, vector)),
+        lambda: tree_all_finite(vector) & _operator_acts_finitely(operator),
         lambda: jnp.array(True),
     )
     result = RESULTS.where(finite_input, result, RESULTS.nonfinite_input)
@@ -162,18 +189,86 @@ def _tree_conj(tree, complex_):
     return jtu.tree_map(jnp.conj, tree) if complex_ else tree
 
 
+def _tree_sub(a, b):
+    return jtu.tree_map(lambda x, y: x - y, a, b)
+
+
+def _as_tangent(primal, tangent):
+    """`tangent` with zeros for symbolic-zero (`None`) leaves; `None` stays where
+    the primal has no value (a PyTree vector with `None` leaves)."""
+    return jtu.tree_map(
+        lambda p, t: t if t is not None or p is None else jnp.zeros_like(p),
+        primal,
+        tangent,
+        is_leaf=_is_none,
+    )
+
+
+def _initial_guess(solver, options, t_options, dependent_columns):
+    """`(y0, dy0)` when the answer depends on the initial guess, else `None`s.
+
+    A solver that starts from `y0` and may meet dependent columns returns
+    `x = y0 + A^+ (b - A y0)`: the pseudoinverse solution plus the part of `y0` in
+    the null space of `A`. (This is lineax's Krylov solvers' contract; a Krylov
+    method's correction lies in the Krylov space of `A^H`, i.e. the row space.)
+    With independent columns the null space is trivial and `y0` changes nothing.
+    """
+    y0 = options.get("y0", None)
+    if y0 is None or not dependent_columns:
+        return None, None
+    if not isinstance(solver, AbstractKrylovSolver):
+        return None, None  # solvers that do not read `y0`
+    t_y0 = t_options.get("y0", None) if isinstance(t_options, dict) else None
+    if t_y0 is not None and len(jtu.tree_leaves(t_y0)) == 0:
+        t_y0 = None
+    if t_y0 is not None:
+        t_y0 = _as_tangent(y0, t_y0)
+    return y0, t_y0
+
+
+def _concrete_array(x: Any) -> Array:
+    # Evaluated eagerly: inside a JVP rule `jnp.asarray` would bind to the trace
+    # being built and return a tracer, not the constant that `x` is.
+    with jax.core.eval_context():
+        return jnp.asarray(x)
+
+
+def _arrays_where_differentiated(primal, tangent):
+    """Convert the primal scalars that carry a tangent (Python floats arrive here
+    as `TypedFloat`s under `jax.grad`) to (weakly typed) arrays, as they were when
+    the operator was built: every differentiated leaf stays a dynamic argument of
+    the primitive's inner binds, and a closure-converted function (a Jacobian
+    operator's) is called with the arrays it was converted with."""
+    return jtu.tree_map(
+        lambda p, t: p if t is None or isinstance(p, jax.Array) else _concrete_array(p),
+        primal,
+        tangent,
+        is_leaf=_is_none,
+    )
+
+
 def _linear_solve_jvp(primals, tangents):
     operator, state, vector, options, solver, throw, kind = primals
-    t_operator, _, t_vector, _, _, _, _ = tangents
-    # The tangents of `state` and `options` are ignored: the solution is a function
-    # of the operator and the vector alone (the state is derived from the operator;
-    # the preconditioner and initial guess do not change the answer).
+    t_operator, _, t_vector, t_options, _, _, _ = tangents
+    # The tangents of `state` are ignored: the state is derived from the operator,
+    # whose own tangent is used instead. Of `options`, only `y0` can change the
+    # answer (see `_initial_guess`); the preconditioner never does.
+    # Every inexact leaf carries its tangent, Python and NumPy scalars included.
+    t_operator = jtu.tree_map(
+        lambda p, t: t if t is not None and _is_inexact(p) else None,
+        operator,
+        t_operator,
+        is_leaf=_is_none,
+    )
+    operator = _arrays_where_differentiated(operator, t_operator)
     solution, result, stats = bind(
         operator, state, vector, options, solver, throw, kind
     )
+    dependent_rows, dependent_columns = rank_flags(solver, operator)
+    y0, t_y0 = _initial_guess(solver, options, t_options, dependent_columns)
     has_vector_tangent = len(jtu.tree_leaves(t_vector)) > 0
     has_operator_tangent = len(jtu.tree_leaves(t_operator)) > 0
-    if not (has_vector_tangent or has_operator_tangent):
+    if not (has_vector_tangent or has_operator_tangent or t_y0 is not None):
         return (solution, result, stats), (
             _nones(solution),
             _nones(result),
@@ -188,30 +283,26 @@ def _linear_solve_jvp(primals, tangents):
     # If A has independent rows, b - A x = 0 and that term vanishes: eq (3).
     # If both, A^+ = A^{-1}: eq (4), dx = A^{-1} (v - V x).
     # For complex A every transpose is the conjugate transpose.
+    #
+    # With an initial guess y0 that the answer depends on, x = y0 + A^+ b' with
+    # b' = b - A y0 (see `_initial_guess`). Applying (1) to x' = x - y0 = A^+ b',
+    # whose vector tangent is v' = v - V y0 - A dy0, gives dx = dx' + dy0; as
+    # V y0 + V x' = V x and b' - A x' = b - A x, the only changes to (1) are
+    # z = V^H (A^+)^H (x - y0) and the terms in dy0 (together (I - A^+ A) dy0).
     complex_ = tree_is_complex(operator.in_structure()) or tree_is_complex(
         operator.out_structure()
     )
-    dependent_rows, dependent_columns = rank_flags(solver, operator)
-    # An initial guess is for the primal solve only: a solver that returns
-    # `y0 + (minimum-norm correction)` would give a wrong tangent from it.
+    # The tangent solves start from zero: they solve for derivatives, not for the
+    # answer `y0` approximates.
     options = {key: value for key, value in options.items() if key != "y0"}
     terms = []
     after = []
     if has_vector_tangent:
-        t_vector = jtu.tree_map(
-            lambda p, t: jnp.zeros_like(p) if t is None else t,
-            vector,
-            t_vector,
-            is_leaf=_is_none,
-        )
-        terms.append(t_vector)
+        terms.append(_as_tangent(vector, t_vector))
+    if t_y0 is not None:
+        terms.append(_tree_neg(operator.mv(t_y0)))
+        after.append(t_y0)
     if has_operator_tangent:
-        t_operator = jtu.tree_map(
-            lambda p, t: None if t is None or not eqx.is_inexact_array(p) else t,
-            operator,
-            t_operator,
-            is_leaf=_is_none,
-        )
         tangent_op = TangentLinearOperator(operator, t_operator)
         terms.append(_tree_neg(tangent_op.mv(solution)))
 
@@ -226,7 +317,7 @@ def _linear_solve_jvp(primals, tangents):
             return _tree_conj(tangent_op_t.mv(_tree_conj(y, complex_)), complex_)
 
         if dependent_rows:
-            residual = jtu.tree_map(lambda b, ax: b - ax, vector, operator.mv(solution))
+            residual = _tree_sub(vector, operator.mv(solution))
             terms.append(
                 _conj_transpose_solve(
                     operator,
@@ -239,8 +330,9 @@ def _linear_solve_jvp(primals, tangents):
                 )
             )
         if dependent_columns:
+            row_part = solution if y0 is None else _tree_sub(solution, y0)
             y = _conj_transpose_solve(
-                operator, state, solution, options, solver, throw, complex_
+                operator, state, row_part, options, solver, throw, complex_
             )
             z = tangent_op_h_mv(y)
             terms.append(_tree_neg(operator.mv(z)))
@@ -285,6 +377,25 @@ def _linear_solve_transpose(inputs, cts_out):
     )
 
 
+_filter_transpose = eqxi.filter_primitive_transpose(materialise_zeros=True)(  # pyright: ignore[reportCallIssue]
+    _linear_solve_transpose
+)
+
+
+def _transpose_rule(cts_out, *dynamic, **params):
+    # JAX may hand back a known scalar input as a Python-scalar literal
+    # (`TypedFloat`, e.g. a differentiated Python float that became a constant of
+    # the linear jaxpr); `filter_primitive_transpose` would count it as static
+    # data, not as the array it was bound as. Make it an array again.
+    dynamic = [
+        _concrete_array(x)
+        if isinstance(x, (int, float, complex)) and not isinstance(x, bool)
+        else x
+        for x in dynamic
+    ]
+    return _filter_transpose(cts_out, *dynamic, **params)
+
+
 # Batching comes from `create_vprim`: `vmap` of the primitive binds a batched
 # version whose rules are the `vmap`s of these rules, so JVPs and transposes of
 # batched solves are themselves batched solves. Under `vmap` over the vector only,
@@ -296,7 +407,27 @@ linear_solve_p = eqxi.create_vprim(
     eqxi.filter_primitive_def(_linear_solve_impl),
     eqxi.filter_primitive_def(_linear_solve_abstract_eval),
     eqxi.filter_primitive_jvp(_linear_solve_jvp),
-    eqxi.filter_primitive_transpose(materialise_zeros=True)(  # pyright: ignore[reportCallIssue]
-        _linear_solve_transpose
-    ),
+    _transpose_rule,
 )
+
+
+# JAX defines no transpose rule for `stop_gradient`, and yet reverse mode can meet
+# one in a linear function: batching a `lax.cond` with a batched predicate turns
+# it into a `select` between the branches, each branch's inputs wrapped in
+# `stop_gradient` for the elements that do not take it (JAX's cond batching rule;
+# JAX issue #1052). When the `cond` is in a JVP rule that is itself batched --
+# Optimistix's implicit-function-theorem JVP, which calls `linear_solve` on a
+# tangent, under `jax.grad(jax.vmap(...))`, as Diffrax's events do -- those
+# `stop_gradient`s apply to tangents, and transposing the JVP fails.
+# `stop_gradient` means that no derivative flows through it, which is what its own
+# JVP (a zero tangent) says; the matching transpose is a zero cotangent. (Only the
+# elements whose branch output is discarded anyway go through it, so this is also
+# the transpose of the select as a whole, minus any NaN from the untaken branch.)
+# This is JAX-global, so it is registered only where JAX has no rule of its own.
+def _stop_gradient_transpose(ct, x):
+    del ct, x
+    return [None]
+
+
+if lax.stop_gradient_p not in ad.primitive_transposes:
+    ad.primitive_transposes[lax.stop_gradient_p] = _stop_gradient_transpose

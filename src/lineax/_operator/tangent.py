@@ -32,9 +32,14 @@ def _tangent_out(fn, primal, tangent):
     diagonal operator, or anything of an operator that holds no arrays)."""
     # `filter_jvp` differentiates with respect to the inexact array leaves of
     # `primal` only; other leaves (static data, integer arrays) carry no tangent.
+    # `None` leaves of the output (a PyTree vector such as an Equinox model's
+    # parameters with its non-array fields filtered out) stay `None`.
     out, t_out = eqx.filter_jvp(fn, (primal,), (tangent,))
     return jtu.tree_map(
-        lambda p, t: jnp.zeros_like(p) if t is None else t, out, t_out, is_leaf=_is_none
+        lambda p, t: t if t is not None or p is None else jnp.zeros_like(p),
+        out,
+        t_out,
+        is_leaf=_is_none,
     )
 
 

@@ -1,0 +1,381 @@
+"""What users really pass: Python and NumPy scalars inside operators (under every
+kind of differentiation), constant systems closed over inside transformations,
+PyTree vectors with `None` leaves, infinities the operator never reads, and
+initial guesses for solvers whose answer depends on them.
+
+Each test compares with a NumPy/`jnp` float64 reference or finite differences.
+"""
+
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lineax as lx
+
+
+_RNG = np.random.default_rng(0)
+_A = jnp.asarray(_RNG.standard_normal((3, 3)))
+_SPD = _A.T @ _A + 0.5 * jnp.eye(3)
+_B = jnp.asarray(_RNG.standard_normal(3))
+_W = jnp.asarray(_RNG.standard_normal(3))  # weights of the scalar loss
+_STRUCT = jax.ShapeDtypeStruct((3,), jnp.float64)
+_I = lx.IdentityLinearOperator(_STRUCT)
+
+
+#
+# Python and NumPy scalars held by an operator are differentiated like arrays.
+#
+
+
+class _ShiftedOperator(lx.AbstractLinearOperator):
+    """A user-defined operator holding a scalar field: `A + shift I`."""
+
+    matrix: jax.Array
+    shift: float
+
+    def mv(self, vector):
+        return self.matrix @ vector + self.shift * vector
+
+    def as_matrix(self):
+        return self.matrix + self.shift * jnp.eye(self.matrix.shape[0])
+
+    def transpose(self):
+        return _ShiftedOperator(self.matrix.T, self.shift)
+
+    def in_structure(self):
+        return jax.ShapeDtypeStruct((self.matrix.shape[1],), self.matrix.dtype)
+
+    def out_structure(self):
+        return jax.ShapeDtypeStruct((self.matrix.shape[0],), self.matrix.dtype)
+
+
+# name -> (operator of the scalar `lam`, solver). Every operator kind that can
+# hold a scalar, directly or through a closure.
+_SCALAR_CASES = {
+    "add_identity": (
+        lambda lam: lx.MatrixLinearOperator(_SPD) + lam * _I,
+        lx.AutoLinearSolver(well_posed=True),
+    ),
+    "mul": (lambda lam: lx.MatrixLinearOperator(_A) * lam, lx.LU()),
+    "rmul": (lambda lam: lam * lx.MatrixLinearOperator(_A), lx.LU()),
+    "div": (lambda lam: lx.MatrixLinearOperator(_A) / lam, lx.LU()),
+    "neg_mul": (lambda lam: -(lx.MatrixLinearOperator(_A) * lam), lx.LU()),
+    "composed": (
+        lambda lam: (lx.MatrixLinearOperator(_A) * lam) @ lx.MatrixLinearOperator(_SPD),
+        lx.LU(),
+    ),
+    "tagged_psd": (
+        lambda lam: lx.TaggedLinearOperator(
+            lx.MatrixLinearOperator(_SPD) + lam * _I, lx.positive_semidefinite_tag
+        ),
+        lx.AutoLinearSolver(well_posed=True),
+    ),
+    "function_closure": (
+        lambda lam: lx.FunctionLinearOperator(lambda x: _A @ x + lam * x, _STRUCT),
+        lx.LU(),
+    ),
+    "jacobian_args": (
+        lambda lam: lx.JacobianLinearOperator(
+            lambda y, args: _A @ y + args * jnp.sin(y), jnp.zeros(3), args=lam
+        ),
+        lx.LU(),
+    ),
+    "user_operator": (lambda lam: _ShiftedOperator(_A, lam), lx.LU()),
+    "svd_mul": (lambda lam: lx.MatrixLinearOperator(_A) * lam, lx.SVD()),
+    "qr_mul_tall": (
+        lambda lam: lx.MatrixLinearOperator(jnp.concatenate([_A, _SPD[:1]])) * lam,
+        lx.QR(),
+    ),
+}
+
+
+def _loss(case: str, lam):
+    make, solver = _SCALAR_CASES[case]
+    operator = make(lam)
+    vector = jnp.concatenate([_B, _W[:1]]) if case == "qr_mul_tall" else _B
+    return jnp.dot(lx.linear_solve(operator, vector, solver).value, _W)
+
+
+def _central_difference(fn, x, h=1e-6):
+    return (fn(jnp.asarray(x + h)) - fn(jnp.asarray(x - h))) / (2 * h)
+
+
+@pytest.mark.parametrize("case", sorted(_SCALAR_CASES))
+def test_python_scalar_in_operator_is_differentiated(case):
+    lam = 0.7
+    want = _central_difference(lambda x: _loss(case, x), lam)
+    assert abs(float(want)) > 1e-3  # a zero gradient would be visible
+    grad = jax.grad(lambda x: _loss(case, x))
+    for primal in (lam, np.float64(lam), np.asarray(lam), jnp.asarray(lam)):
+        np.testing.assert_allclose(grad(primal), want, rtol=1e-6)
+    _, tangent = jax.jvp(lambda x: _loss(case, x), (lam,), (1.0,))
+    np.testing.assert_allclose(tangent, want, rtol=1e-6)
+
+
+def test_python_scalar_under_jacfwd_jacrev():
+    def solution(lam):
+        operator = lx.MatrixLinearOperator(_SPD) + lam * _I
+        return lx.linear_solve(operator, _B).value
+
+    # d/dlam (S + lam I)^{-1} b = -(S + lam I)^{-2} b.
+    lam = 0.3
+    inverse = np.linalg.inv(np.asarray(_SPD) + lam * np.eye(3))
+    want = -inverse @ inverse @ np.asarray(_B)
+    np.testing.assert_allclose(jax.jacfwd(solution)(lam), want, rtol=1e-8)
+    np.testing.assert_allclose(jax.jacrev(solution)(lam), want, rtol=1e-8)
+
+
+def test_python_float_diagonal_under_grad():
+    def solution(d):
+        return lx.linear_solve(lx.DiagonalLinearOperator(d), jnp.asarray(2.0)).value
+
+    np.testing.assert_allclose(jax.grad(solution)(4.0), -2.0 / 16.0, rtol=1e-12)
+    np.testing.assert_allclose(jax.grad(solution)(np.float64(4.0)), -0.125)
+
+
+def test_python_scalar_in_operator_and_vector_reverse_mode_under_jit():
+    @jax.jit
+    def loss(lam, scale):
+        operator = lx.MatrixLinearOperator(_SPD) + lam * _I
+        return jnp.dot(lx.linear_solve(operator, scale * _B).value, _W)
+
+    grads = jax.grad(loss, argnums=(0, 1))(0.2, 1.5)
+    want = (
+        _central_difference(lambda x: loss(x, 1.5), 0.2),
+        _central_difference(lambda x: loss(0.2, x), 1.5),
+    )
+    np.testing.assert_allclose(grads, want, rtol=1e-6)
+
+
+#
+# A constant system closed over inside a transformation is traced, not run eagerly.
+#
+
+
+def _constant_solve():
+    # Closed over, not passed in: every leaf is a concrete array.
+    return lx.linear_solve(lx.MatrixLinearOperator(_SPD), _B).value
+
+
+_CONSTANT_WANT = np.linalg.solve(np.asarray(_SPD), np.asarray(_B))
+
+
+def _custom_jvp_solve(x):
+    @jax.custom_jvp
+    def f(x):
+        return x * _constant_solve()
+
+    @f.defjvp
+    def f_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        solution = _constant_solve()
+        return x * solution, t * solution
+
+    return jax.jvp(f, (x,), (jnp.asarray(1.0),))[1]
+
+
+_TRANSFORMS = {
+    "jit": lambda: jax.jit(_constant_solve)(),
+    "scan": lambda: lax.scan(lambda c, _: (c, _constant_solve()), 0.0, None, 2)[1][1],
+    "cond": lambda: lax.cond(jnp.asarray(True), _constant_solve, lambda: jnp.zeros(3)),
+    "fori_loop": lambda: lax.fori_loop(
+        0, 2, lambda i, c: _constant_solve(), jnp.zeros(3)
+    ),
+    "while_loop": lambda: lax.while_loop(
+        lambda c: c[0] < 1, lambda c: (c[0] + 1, _constant_solve()), (0, jnp.zeros(3))
+    )[1],
+    "vmap": lambda: jax.vmap(lambda s: s * _constant_solve())(jnp.arange(1.0, 3.0))[0],
+    "grad": lambda: jax.jacfwd(lambda s: s * _constant_solve())(1.0),
+    "reverse": lambda: jax.jacrev(lambda s: s * _constant_solve())(1.0),
+    "checkpoint": lambda: jax.checkpoint(lambda s: s * _constant_solve())(1.0),
+    "custom_jvp": lambda: _custom_jvp_solve(jnp.asarray(2.0)),
+}
+
+
+@pytest.mark.parametrize("transform", sorted(_TRANSFORMS))
+def test_constant_system_inside_transformation(transform):
+    np.testing.assert_allclose(_TRANSFORMS[transform](), _CONSTANT_WANT, rtol=1e-10)
+
+
+def test_constant_system_inside_jit_still_raises_on_failure():
+    singular = lx.MatrixLinearOperator(jnp.zeros((2, 2)))
+
+    @jax.jit
+    def solve():
+        return lx.linear_solve(singular, jnp.ones(2), lx.LU()).value
+
+    with pytest.raises(Exception, match="singular"):
+        solve().block_until_ready()
+
+
+#
+# PyTree vectors with `None` leaves (an Equinox model's parameters with the
+# non-array fields filtered out).
+#
+
+
+_NONE_STRUCT = {"w": _STRUCT, "static": None}
+
+
+def _none_operator(lam):
+    def fn(tree):
+        return {"w": _A @ tree["w"] + lam * tree["w"], "static": None}
+
+    return lx.FunctionLinearOperator(fn, _NONE_STRUCT)
+
+
+def test_none_leaves_in_vector_and_operator_under_jvp_and_grad():
+    def loss(lam, w):
+        vector = {"w": w, "static": None}
+        sol = lx.linear_solve(_none_operator(lam), vector, lx.LU()).value
+        assert sol["static"] is None
+        return jnp.dot(sol["w"], _W)
+
+    def reference(lam, w):
+        return jnp.dot(jnp.linalg.solve(_A + lam * jnp.eye(3), w), _W)
+
+    args = (jnp.asarray(0.4), _B)
+    tangents = (jnp.asarray(1.0), _W)
+    np.testing.assert_allclose(
+        jax.jvp(loss, args, tangents)[1], jax.jvp(reference, args, tangents)[1]
+    )
+    got = jax.grad(loss, argnums=(0, 1))(*args)
+    want = jax.grad(reference, argnums=(0, 1))(*args)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-10)
+    # Dependent columns (equation (1) of the JVP) and a transposed tangent.
+    got_svd = jax.grad(
+        lambda lam: jnp.dot(
+            lx.linear_solve(
+                _none_operator(lam), {"w": _B, "static": None}, lx.SVD()
+            ).value["w"],
+            _W,
+        )
+    )(0.4)
+    np.testing.assert_allclose(got_svd, want[0], rtol=1e-8)
+
+
+#
+# Only what the operator computes counts as its input.
+#
+
+
+_SINGULAR = jnp.array([[1.0, 2.0], [2.0, 4.0]])
+
+
+def test_unused_infinity_in_jacobian_args_is_not_nonfinite_input():
+    def fn(y, args):
+        # `args["upper"]` is a bound this function does not use for this `y`.
+        return _SINGULAR @ y + jnp.minimum(0.0, args["upper"]) * 0.0
+
+    operator = lx.JacobianLinearOperator(
+        fn, jnp.zeros(2), args={"upper": jnp.asarray(jnp.inf), "lower": -jnp.inf}
+    )
+    sol = lx.linear_solve(operator, jnp.ones(2), lx.LU(), throw=False)
+    assert sol.result == lx.RESULTS.singular
+
+
+def test_unused_infinity_in_function_closure_is_not_nonfinite_input():
+    bounds = jnp.array([-jnp.inf, jnp.inf])
+    operator = lx.FunctionLinearOperator(
+        lambda y: _SINGULAR @ y + 0 * jnp.clip(y, bounds[0], bounds[1]),
+        jax.ShapeDtypeStruct((2,), jnp.float64),
+    )
+    sol = lx.linear_solve(operator, jnp.ones(2), lx.LU(), throw=False)
+    assert sol.result == lx.RESULTS.singular
+
+
+def test_used_infinity_is_nonfinite_input():
+    def fn(y, args):
+        return _SINGULAR @ y + args * y
+
+    operator = lx.JacobianLinearOperator(fn, jnp.zeros(2), args=jnp.inf)
+    sol = lx.linear_solve(operator, jnp.ones(2), lx.LU(), throw=False)
+    assert sol.result == lx.RESULTS.nonfinite_input
+    nan_matrix = lx.MatrixLinearOperator(jnp.array([[1.0, 0.0], [0.0, jnp.nan]]))
+    sol = lx.linear_solve(nan_matrix, jnp.ones(2), lx.LU(), throw=False)
+    assert sol.result == lx.RESULTS.nonfinite_input
+    inf_vector = jnp.array([1.0, jnp.inf])
+    sol = lx.linear_solve(lx.MatrixLinearOperator(_SINGULAR), inf_vector, throw=False)
+    assert sol.result == lx.RESULTS.nonfinite_input
+
+
+def test_huge_finite_operator_is_not_nonfinite_input():
+    # A row sum overflows float64, but every entry is finite: the check of the
+    # operator's action must not overflow on its own.
+    big = jnp.array([[1e308, 1e308], [0.0, 0.0]])
+    sol = lx.linear_solve(
+        lx.MatrixLinearOperator(big), jnp.ones(2), lx.LU(), throw=False
+    )
+    assert sol.result == lx.RESULTS.singular
+
+
+#
+# An initial guess the answer depends on: the derivative is of what is returned.
+#
+
+
+_LSMR = lx.LSMR(rtol=1e-13, atol=1e-13, max_steps=200)
+
+
+def _y0_reference(matrix, vector, y0):
+    # LSMR from y0 returns y0 + A^+ (b - A y0).
+    return y0 + jnp.linalg.pinv(matrix) @ (vector - matrix @ y0)
+
+
+def _lsmr_from(matrix, vector, y0):
+    operator = lx.MatrixLinearOperator(matrix)
+    return lx.linear_solve(operator, vector, _LSMR, options={"y0": y0}).value
+
+
+def _y0_problem(kind):
+    rng = np.random.default_rng(1)
+    if kind == "underdetermined":
+        matrix = jnp.asarray(rng.standard_normal((2, 4)))
+        t_matrix = jnp.asarray(rng.standard_normal((2, 4)))
+        vector = jnp.asarray(rng.standard_normal(2))
+    else:  # square, rank 2, consistent; a rank-preserving direction
+        left = rng.standard_normal((3, 2))
+        matrix = jnp.asarray(left @ rng.standard_normal((2, 3)))
+        t_matrix = matrix @ jnp.asarray(rng.standard_normal((3, 3)))
+        vector = matrix @ jnp.asarray(rng.standard_normal(3))
+    n = matrix.shape[1]
+    y0 = jnp.asarray(rng.standard_normal(n))
+    t_vector = jnp.asarray(rng.standard_normal(matrix.shape[0]))
+    if kind != "underdetermined":
+        t_vector = matrix @ t_vector  # stays consistent
+    t_y0 = jnp.asarray(rng.standard_normal(n))
+    return (matrix, vector, y0), (t_matrix, t_vector, t_y0)
+
+
+@pytest.mark.parametrize("kind", ["underdetermined", "singular_consistent"])
+def test_lsmr_y0_derivative_is_of_the_returned_value(kind):
+    primals, tangents = _y0_problem(kind)
+    value = _lsmr_from(*primals)
+    np.testing.assert_allclose(value, _y0_reference(*primals), rtol=1e-9, atol=1e-10)
+    # With respect to the operator and vector (y0 held fixed) ...
+    fixed_y0 = (tangents[0], tangents[1], jnp.zeros_like(tangents[2]))
+    _, got = jax.jvp(_lsmr_from, primals, fixed_y0)
+    _, want = jax.jvp(_y0_reference, primals, fixed_y0)
+    np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-8)
+    # ... against finite differences of the primal itself ...
+    h = 1e-6
+    plus = _lsmr_from(*[p + h * t for p, t in zip(primals, fixed_y0)])
+    minus = _lsmr_from(*[p - h * t for p, t in zip(primals, fixed_y0)])
+    np.testing.assert_allclose(got, (plus - minus) / (2 * h), rtol=1e-5, atol=1e-6)
+    # ... with respect to y0 too ...
+    _, got = jax.jvp(_lsmr_from, primals, tangents)
+    _, want = jax.jvp(_y0_reference, primals, tangents)
+    np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-8)
+    # ... and in reverse mode.
+    loss = lambda *args: jnp.dot(_lsmr_from(*args), jnp.ones(args[0].shape[1]))
+    ref_loss = lambda *args: jnp.dot(_y0_reference(*args), jnp.ones(args[0].shape[1]))
+    got = jax.grad(loss, argnums=(0, 1, 2))(*primals)
+    want = jax.grad(ref_loss, argnums=(0, 1, 2))(*primals)
+    if kind != "underdetermined":  # only rank-preserving directions are defined
+        got = [jnp.sum(got[0] * tangents[0]), got[1] @ tangents[1], got[2]]
+        want = [jnp.sum(want[0] * tangents[0]), want[1] @ tangents[1], want[2]]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-7, atol=1e-8)
