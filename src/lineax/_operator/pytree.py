@@ -9,7 +9,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, PyTree
 
-from .._misc import inexact_asarray, Static, structure_of
+from .._misc import inexact_asarray, result_dtype, Static, structure_of
 from .._tags import as_tags, transpose_tags
 from .base import AbstractLinearOperator, conj, register_tag_predicates
 
@@ -100,11 +100,18 @@ class PyTreeLinearOperator(AbstractLinearOperator):
         vec_leaves = jtu.tree_leaves(vector)
         results = []
         for out_leaf, block in zip(out_leaves, blocks):
+            block_leaves = jtu.tree_leaves(block)
+            # Promote explicitly: blocks may mix real and complex dtypes, which
+            # strict dtype promotion refuses to combine implicitly.
+            dtype = result_dtype(block_leaves, vec_leaves)
             terms = [
                 jnp.tensordot(
-                    b, v, axes=jnp.ndim(v), precision=jax.lax.Precision.HIGHEST
+                    b.astype(dtype),
+                    jnp.asarray(v).astype(dtype),
+                    axes=jnp.ndim(v),
+                    precision=jax.lax.Precision.HIGHEST,
                 )
-                for b, v in zip(jtu.tree_leaves(block), vec_leaves)
+                for b, v in zip(block_leaves, vec_leaves)
             ]
             total = terms[0]
             for term in terms[1:]:
@@ -116,7 +123,7 @@ class PyTreeLinearOperator(AbstractLinearOperator):
         out_leaves, out_treedef = jtu.tree_flatten(self.output_structure.value)
         in_leaves = jtu.tree_leaves(self.input_structure.value)
         blocks = out_treedef.flatten_up_to(self.pytree)
-        dtype = jnp.result_type(*jtu.tree_leaves(self.pytree))
+        dtype = result_dtype(self.pytree)
         rows = []
         for out_leaf, block in zip(out_leaves, blocks):
             out_size = int(np.prod(out_leaf.shape))
