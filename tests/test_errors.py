@@ -213,15 +213,6 @@ TRACE_TIME_CASES = [
     ("mul_by_vector", lambda: OP * jnp.ones(3), ValueError, "scalar"),
     ("mul_by_operator", lambda: OP * OP, TypeError, "@"),
     (
-        "identity_size_mismatch",
-        lambda: lx.IdentityLinearOperator(
-            jax.ShapeDtypeStruct((3,), jnp.float64),
-            jax.ShapeDtypeStruct((4,), jnp.float64),
-        ),
-        ValueError,
-        "same total size",
-    ),
-    (
         "function_not_callable",
         lambda: lx.FunctionLinearOperator(3, jax.ShapeDtypeStruct((3,), jnp.float64)),
         TypeError,

@@ -25,8 +25,8 @@ class MatrixLinearOperator(AbstractLinearOperator):
 
     **Arguments:**
 
-    - `matrix`: a 2-D array. Integer arrays are converted to the default floating
-        dtype.
+    - `matrix`: a 2-D array (JAX or NumPy, or nested lists), converted as by
+        `jnp.asarray`; integer arrays are converted to the default floating dtype.
     - `tags`: a tag or iterable of tags describing structure (e.g.
         [`lineax.positive_semidefinite_tag`][]), used by solvers at trace time.
     """
@@ -39,6 +39,8 @@ class MatrixLinearOperator(AbstractLinearOperator):
             raise TypeError(
                 f"`matrix` must be a 2-D array, got {type(matrix).__name__}."
             )
+        if isinstance(matrix, (list, tuple)):
+            matrix = jnp.asarray(matrix)
         matrix = inexact_asarray(matrix)  # pyright: ignore[reportArgumentType]
         if matrix.ndim != 2:
             raise ValueError(

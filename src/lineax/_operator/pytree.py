@@ -30,7 +30,9 @@ class PyTreeLinearOperator(AbstractLinearOperator):
 
     **Arguments:**
 
-    - `pytree`: the PyTree of matrices described above.
+    - `pytree`: the PyTree of matrices described above. Leaves may be JAX or NumPy
+        arrays or Python scalars; they are converted as by `jnp.asarray`, with
+        integers and booleans in the default floating dtype.
     - `output_structure`: the structure of the output: a PyTree of
         `jax.ShapeDtypeStruct`s (or of arrays, whose shapes and dtypes are used).
     - `tags`: a tag or iterable of tags.
@@ -57,16 +59,18 @@ class PyTreeLinearOperator(AbstractLinearOperator):
                 "output leaf. Got a `pytree` of structure "
                 f"{jtu.tree_structure(pytree)}."
             ) from e
+        for leaf in jtu.tree_leaves(pytree):
+            if not eqx.is_array_like(leaf):
+                raise TypeError(
+                    "Every leaf of `pytree` must be an array (or a Python or NumPy "
+                    f"scalar), but got a leaf of type {type(leaf).__name__}."
+                )
+        # Python scalars and NumPy arrays become JAX arrays, as `jnp.asarray` makes
+        # them (integers and booleans in the default floating dtype).
+        pytree = jtu.tree_map(inexact_asarray, pytree)
+        subtrees = out_treedef.flatten_up_to(pytree)
         in_struct = None
         for out_leaf, subtree in zip(out_leaves, subtrees):
-            for leaf in jtu.tree_leaves(subtree):
-                if not eqx.is_array_like(leaf) or isinstance(
-                    leaf, (bool, int, float, complex)
-                ):
-                    raise TypeError(
-                        "Every leaf of `pytree` must be an array, but got a leaf of "
-                        f"type {type(leaf).__name__}."
-                    )
             sub_struct = jtu.tree_map(lambda x, o=out_leaf: _input_leaf(x, o), subtree)
             if in_struct is None:
                 in_struct = sub_struct
@@ -81,7 +85,7 @@ class PyTreeLinearOperator(AbstractLinearOperator):
         assert in_struct is not None
         if len(jtu.tree_leaves(in_struct)) == 0:
             raise ValueError("`pytree` must have at least one leaf per output leaf.")
-        self.pytree = jtu.tree_map(inexact_asarray, pytree)
+        self.pytree = pytree
         # Input leaves take the dtype of the blocks mapping into them.
         dtype_tree = jtu.tree_map(
             lambda x: x.dtype, out_treedef.flatten_up_to(self.pytree)[0]

@@ -31,6 +31,9 @@ class TridiagonalLinearOperator(AbstractLinearOperator):
     - `diagonal`: the main diagonal, a 1-D array of length `n`.
     - `lower_diagonal`: the band below the diagonal, `A[i + 1, i]`, length `n - 1`.
     - `upper_diagonal`: the band above the diagonal, `A[i, i + 1]`, length `n - 1`.
+
+    Each band may be a JAX or NumPy array or a list, converted as by
+    `jnp.asarray` (integers in the default floating dtype).
     """
 
     diagonal: Inexact[Array, " size"]
@@ -38,9 +41,10 @@ class TridiagonalLinearOperator(AbstractLinearOperator):
     upper_diagonal: Inexact[Array, " size-1"]
 
     def __init__(self, diagonal: Any, lower_diagonal: Any, upper_diagonal: Any):
-        diagonal = inexact_asarray(diagonal)
-        lower_diagonal = inexact_asarray(lower_diagonal)
-        upper_diagonal = inexact_asarray(upper_diagonal)
+        diagonal, lower_diagonal, upper_diagonal = (
+            inexact_asarray(jnp.asarray(x) if isinstance(x, (list, tuple)) else x)
+            for x in (diagonal, lower_diagonal, upper_diagonal)
+        )
         if diagonal.ndim != 1:
             raise ValueError(
                 f"`diagonal` must be a 1-D array, but has shape {diagonal.shape}."

@@ -8,8 +8,26 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
-from .._operator.base import AbstractLinearOperator
+from .._operator.base import (
+    AbstractLinearOperator,
+    has_unit_diagonal,
+    is_diagonal,
+    is_lower_triangular,
+    is_negative_semidefinite,
+    is_positive_semidefinite,
+    is_symmetric,
+    is_upper_triangular,
+)
 from .._solution import RESULTS
+from .._tags import (
+    diagonal_tag,
+    lower_triangular_tag,
+    negative_semidefinite_tag,
+    positive_semidefinite_tag,
+    symmetric_tag,
+    unit_diagonal_tag,
+    upper_triangular_tag,
+)
 
 
 _SolverState = TypeVar("_SolverState")
@@ -134,6 +152,42 @@ def rank_flags(
     rows = (not full_rank) or operator.out_size() > operator.in_size()
     columns = (not full_rank) or operator.in_size() > operator.out_size()
     return rows, columns
+
+
+def inverse_tags(
+    solver: AbstractLinearSolver, operator: AbstractLinearOperator
+) -> frozenset:
+    """The tags that hold for the (pseudo)inverse of `operator`, as solved by
+    `solver`: what [`lineax.invert`][] keeps.
+
+    Symmetry, semidefiniteness and diagonality hold for the pseudoinverse too. A
+    triangular matrix has a triangular inverse only if it is nonsingular, so the
+    triangular tags are kept when `solver` assumes full rank, or when the operator
+    has a unit diagonal (then it is nonsingular, and so is its unit diagonal
+    inverse). Tridiagonal operators have dense inverses: that tag is dropped.
+    """
+    if operator.in_size() != operator.out_size():
+        return frozenset()
+    tags = set()
+    for predicate, tag in (
+        (is_symmetric, symmetric_tag),
+        (is_positive_semidefinite, positive_semidefinite_tag),
+        (is_negative_semidefinite, negative_semidefinite_tag),
+        (is_diagonal, diagonal_tag),
+    ):
+        if predicate(operator):
+            tags.add(tag)
+    lower = is_lower_triangular(operator)
+    upper = is_upper_triangular(operator)
+    unit = (lower or upper) and has_unit_diagonal(operator)
+    if unit or not any(rank_flags(solver, operator)):
+        if lower:
+            tags.add(lower_triangular_tag)
+        if upper:
+            tags.add(upper_triangular_tag)
+    if unit:
+        tags.add(unit_diagonal_tag)
+    return frozenset(tags)
 
 
 def check_square(operator: AbstractLinearOperator, solver_name: str) -> None:
