@@ -11,7 +11,14 @@ from jaxtyping import Array, PyTree
 
 from .._misc import inexact_asarray, result_dtype, Static, structure_of
 from .._tags import as_tags, transpose_tags
-from .base import AbstractLinearOperator, conj, register_tag_predicates
+from .base import (
+    AbstractLinearOperator,
+    bands_of_matrix,
+    conj,
+    diagonal,
+    register_tag_predicates,
+    tridiagonal,
+)
 
 
 def _is_struct(x: Any) -> bool:
@@ -186,3 +193,15 @@ def _(operator):
         operator.output_structure.value,
         operator.tags,
     )
+
+
+# The blocks are dense: read the bands off them, rather than probing `mv` (which
+# would also cast complex probes to the dtype of real input leaves).
+@diagonal.register(PyTreeLinearOperator)
+def _(operator):
+    return jnp.diagonal(operator.as_matrix())
+
+
+@tridiagonal.register(PyTreeLinearOperator)
+def _(operator):
+    return bands_of_matrix(operator.as_matrix())
