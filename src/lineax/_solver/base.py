@@ -1,10 +1,12 @@
 """`AbstractLinearSolver`, and the rank flags that pick the JVP equation."""
 
 import abc
+import functools as ft
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
@@ -243,8 +245,20 @@ def _sign(y: Array) -> Array:
     return jnp.where(absy == 0, jnp.ones_like(y), y / safe)
 
 
+# Jitted so that its trace is cached (keyed on shapes, dtypes and the static
+# arguments): a solve's `compute` is traced several times (abstract evaluation,
+# lowering, each derivative rule), and the estimate is a long straight line of
+# small operations. Under an outer `jit` whose caller ignores `stats`, XLA removes
+# it altogether.
+@ft.partial(jax.jit, static_argnames=("solve", "static", "n", "dtype"))
 def rcond_estimate(
-    solve: Callable[[Array, bool], Array], norm: Array, n: int, dtype: Any
+    norm: Array,
+    arrays: PyTree[Array],
+    *,
+    solve: Callable[[Any, Any, Array, bool], Array],
+    static: Any,
+    n: int,
+    dtype: Any,
 ) -> Array:
     """Estimate the reciprocal 1-norm condition number `1 / (|A|_1 |A^{-1}|_1)`
     in O(n^2) from a factorisation, as LAPACK's `xGECON`/`xPOCON`/`xTRCON` do.
@@ -258,9 +272,12 @@ def rcond_estimate(
 
     **Arguments:**
 
-    - `solve`: `solve(X, adjoint)` returns `A^{-1} X` (`adjoint=False`) or
-        `A^{-H} X` (`adjoint=True`) for a 2-D `X` of shape `(n, k)`.
     - `norm`: `|A|_1`, computed from `A` itself.
+    - `arrays`: the factors (a PyTree of arrays), passed to `solve`.
+    - `solve`: a module-level function (it is a static, hashed argument):
+        `solve(arrays, static, X, adjoint)` returns `A^{-1} X` (`adjoint=False`)
+        or `A^{-H} X` (`adjoint=True`) for a 2-D `X` of shape `(n, k)`.
+    - `static`: hashable data passed to `solve` (e.g. whether to transpose).
     - `n`: the size of `A`.
     - `dtype`: the dtype of the factors.
 
@@ -276,14 +293,14 @@ def rcond_estimate(
     i = jnp.arange(n, dtype=real)
     alt = jnp.where(i % 2 == 0, 1, -1).astype(real) * (1 + i / max(n - 1, 1))
     start = jnp.stack([jnp.full((n,), 1 / n, real), alt], axis=1).astype(dtype)
-    y = solve(start, False)
+    y = solve(arrays, static, start, False)
     absy = jnp.sum(jnp.abs(y), axis=0)
     estimate = jnp.maximum(absy[0], 2 * absy[1] / (3 * n))
     yk = y[:, :1]
     for _ in range(_HAGER_STEPS):
-        z = solve(_sign(yk), True)
+        z = solve(arrays, static, _sign(yk), True)
         j = jnp.argmax(jnp.abs(z[:, 0]))
-        yk = solve(jnp.zeros((n, 1), dtype).at[j, 0].set(1), False)
+        yk = solve(arrays, static, jnp.zeros((n, 1), dtype).at[j, 0].set(1), False)
         estimate = jnp.maximum(estimate, jnp.sum(jnp.abs(yk)))
     norm = norm.astype(real)
     rcond = (1 / jnp.where(norm == 0, 1, norm)) / estimate

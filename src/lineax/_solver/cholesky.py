@@ -80,13 +80,16 @@ class Cholesky(AbstractLinearSolver[CholeskyState]):
         if state.negative:
             x = -x
 
-        def solve(matrix, adjoint):
-            # The factorised matrix is Hermitian: its inverse is its own adjoint.
-            del adjoint
-            return jsl.cho_solve((state.factor, True), matrix, check_finite=False)
-
-        n = state.factor.shape[0]
-        stats = {"rcond": rcond_estimate(solve, state.norm, n, state.factor.dtype)}
+        stats = {
+            "rcond": rcond_estimate(
+                state.norm,
+                state.factor,
+                solve=_rcond_solve,
+                static=None,
+                n=state.factor.shape[0],
+                dtype=state.factor.dtype,
+            )
+        }
         # A matrix that is not definite gives NaN factors, hence a NaN solution,
         # which `linear_solve` reports as singular: no pass over the factor needed.
         singular = exactly_singular(jnp.diagonal(state.factor))
@@ -111,3 +114,9 @@ class Cholesky(AbstractLinearSolver[CholeskyState]):
 
     def assume_full_rank(self) -> bool:
         return True
+
+
+def _rcond_solve(factor: Array, static: None, matrix: Array, adjoint: bool) -> Array:
+    # The factorised matrix is Hermitian: its inverse is its own adjoint.
+    del static, adjoint
+    return jsl.cho_solve((factor, True), matrix, check_finite=False)

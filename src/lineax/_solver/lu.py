@@ -76,15 +76,16 @@ class LU(AbstractLinearSolver[LUState]):
         b = ravel_vector(vector, state.packed_structures)
         x = _lu_solve(state.lu, state.permutation, b, state.transposed)
 
-        def solve(matrix, adjoint):
-            # A^{-H} X = conj(A^{-T} conj(X)).
-            lu, perm, transposed = state.lu, state.permutation, state.transposed
-            if adjoint:
-                return jnp.conj(_lu_solve(lu, perm, jnp.conj(matrix), not transposed))
-            return _lu_solve(lu, perm, matrix, transposed)
-
-        n = state.lu.shape[0]
-        stats = {"rcond": rcond_estimate(solve, state.norm, n, state.lu.dtype)}
+        stats = {
+            "rcond": rcond_estimate(
+                state.norm,
+                (state.lu, state.permutation),
+                solve=_rcond_solve,
+                static=state.transposed,
+                n=state.lu.shape[0],
+                dtype=state.lu.dtype,
+            )
+        }
         singular = exactly_singular(jnp.diagonal(state.lu))
         result = RESULTS.where(singular, RESULTS.singular, RESULTS.successful)
         return unravel_solution(x, state.packed_structures), result, stats
@@ -124,3 +125,11 @@ def _lu_solve(lu: Array, perm: Array, b: Array, transposed: bool) -> Array:
         return jnp.zeros_like(z).at[perm].set(z)
     y = jsl.solve_triangular(lu, b[perm], lower=True, unit_diagonal=True)
     return jsl.solve_triangular(lu, y, lower=False)
+
+
+def _rcond_solve(arrays, transposed: bool, matrix: Array, adjoint: bool) -> Array:
+    lu, perm = arrays
+    if adjoint:
+        # A^{-H} X = conj(A^{-T} conj(X)).
+        return jnp.conj(_lu_solve(lu, perm, jnp.conj(matrix), not transposed))
+    return _lu_solve(lu, perm, matrix, transposed)

@@ -76,11 +76,16 @@ class QR(AbstractLinearSolver[QRState]):
                 r, jnp.matmul(jnp.conj(q.T), b, precision=hi), lower=False
             )
 
-        def solve(matrix, adjoint):
-            return jsl.solve_triangular(r, matrix, trans="C" if adjoint else 0)
-
-        n = r.shape[0]
-        stats = {"rcond": rcond_estimate(solve, norm1(jnp.triu(r)), n, r.dtype)}
+        stats = {
+            "rcond": rcond_estimate(
+                norm1(jnp.triu(r)),
+                r,
+                solve=_rcond_solve,
+                static=None,
+                n=r.shape[0],
+                dtype=r.dtype,
+            )
+        }
         singular = exactly_singular(jnp.diagonal(r))
         result = RESULTS.where(singular, RESULTS.singular, RESULTS.successful)
         return unravel_solution(x, state.packed_structures), result, stats
@@ -105,3 +110,8 @@ class QR(AbstractLinearSolver[QRState]):
 
     def assume_full_rank(self) -> bool:
         return True
+
+
+def _rcond_solve(r: Array, static: None, matrix: Array, adjoint: bool) -> Array:
+    del static
+    return jsl.solve_triangular(r, matrix, trans="C" if adjoint else 0)

@@ -78,16 +78,7 @@ class Triangular(AbstractLinearSolver[TriangularState]):
     def compute(self, state: TriangularState, vector, options):
         del options
         b = ravel_vector(vector, state.packed_structures)
-        x = _triangular_solve(state, b, state.transposed)
-
-        def solve(matrix, adjoint):
-            # T^{-H} X = conj(T^{-T} conj(X)).
-            if adjoint:
-                return jnp.conj(
-                    _triangular_solve(state, jnp.conj(matrix), not state.transposed)
-                )
-            return _triangular_solve(state, matrix, state.transposed)
-
+        x = _triangular_solve(state.matrix, _flags(state), b, state.transposed)
         triangle = jnp.tril(state.matrix) if state.lower else jnp.triu(state.matrix)
         n = triangle.shape[0]
         if state.unit_diagonal:
@@ -96,8 +87,16 @@ class Triangular(AbstractLinearSolver[TriangularState]):
         else:
             singular = exactly_singular(jnp.diagonal(triangle))
             result = RESULTS.where(singular, RESULTS.singular, RESULTS.successful)
-        norm = norm1(triangle.T if state.transposed else triangle)
-        stats = {"rcond": rcond_estimate(solve, norm, n, triangle.dtype)}
+        stats = {
+            "rcond": rcond_estimate(
+                norm1(triangle.T if state.transposed else triangle),
+                state.matrix,
+                solve=_rcond_solve,
+                static=(_flags(state), state.transposed),
+                n=n,
+                dtype=triangle.dtype,
+            )
+        }
         return unravel_solution(x, state.packed_structures), result, stats
 
     def transpose(self, state: TriangularState, options):
@@ -124,12 +123,27 @@ class Triangular(AbstractLinearSolver[TriangularState]):
         return True
 
 
-def _triangular_solve(state: TriangularState, b: Array, transposed: bool) -> Array:
+def _flags(state: TriangularState) -> tuple[bool, bool]:
+    return state.lower, state.unit_diagonal
+
+
+def _triangular_solve(
+    matrix: Array, flags: tuple[bool, bool], b: Array, transposed: bool
+) -> Array:
+    lower, unit_diagonal = flags
     return jsl.solve_triangular(
-        state.matrix,
+        matrix,
         b,
         trans=1 if transposed else 0,
-        lower=state.lower,
-        unit_diagonal=state.unit_diagonal,
+        lower=lower,
+        unit_diagonal=unit_diagonal,
         check_finite=False,
     )
+
+
+def _rcond_solve(matrix: Array, static, b: Array, adjoint: bool) -> Array:
+    flags, transposed = static
+    if adjoint:
+        # T^{-H} X = conj(T^{-T} conj(X)).
+        return jnp.conj(_triangular_solve(matrix, flags, jnp.conj(b), not transposed))
+    return _triangular_solve(matrix, flags, b, transposed)

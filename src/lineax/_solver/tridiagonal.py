@@ -67,22 +67,20 @@ class Tridiagonal(AbstractLinearSolver[TridiagonalState]):
         del options
         b = ravel_vector(vector, state.packed_structures)
         x = _solve(state.lower, state.diagonal, state.upper, b[:, None])[:, 0]
-        conj_lower, conj_upper = _transpose_bands(
-            jnp.conj(state.lower), jnp.conj(state.upper)
-        )
-        conj_diagonal = jnp.conj(state.diagonal)
-
-        def solve(matrix, adjoint):
-            if adjoint:
-                return _solve(conj_lower, conj_diagonal, conj_upper, matrix)
-            return _solve(state.lower, state.diagonal, state.upper, matrix)
-
         # Column j of A holds upper[j - 1], diagonal[j] and lower[j + 1].
         upper = jnp.abs(jnp.roll(state.upper, 1))
         lower = jnp.abs(jnp.roll(state.lower, -1))
         norm = jnp.max(jnp.abs(state.diagonal) + upper + lower)
-        n = state.diagonal.shape[0]
-        stats = {"rcond": rcond_estimate(solve, norm, n, state.diagonal.dtype)}
+        stats = {
+            "rcond": rcond_estimate(
+                norm,
+                (state.lower, state.diagonal, state.upper),
+                solve=_rcond_solve,
+                static=None,
+                n=state.diagonal.shape[0],
+                dtype=state.diagonal.dtype,
+            )
+        }
         return unravel_solution(x, state.packed_structures), RESULTS.successful, stats
 
     def transpose(self, state: TridiagonalState, options):
@@ -121,3 +119,12 @@ def _transpose_bands(lower: Array, upper: Array) -> tuple[Array, Array]:
 def _solve(lower: Array, diagonal: Array, upper: Array, b: Array) -> Array:
     b = b.astype(diagonal.dtype)
     return lax.linalg.tridiagonal_solve(lower, diagonal, upper, b)
+
+
+def _rcond_solve(bands, static: None, b: Array, adjoint: bool) -> Array:
+    del static
+    lower, diagonal, upper = bands
+    if adjoint:
+        lower, upper = _transpose_bands(jnp.conj(lower), jnp.conj(upper))
+        diagonal = jnp.conj(diagonal)
+    return _solve(lower, diagonal, upper, b)
