@@ -151,3 +151,32 @@ def test_qr_result_invariant_under_row_scaling():
         x = np.asarray(solution.value)
         residual = np.linalg.norm(scaled @ x - b)
         assert residual <= 1e-12 * np.linalg.norm(scaled, 2) * np.linalg.norm(x)
+
+
+def test_newton_and_gauss_newton_on_badly_scaled_float32_problems():
+    # Optimistix's Newton and Gauss-Newton solve with LU / QR at every step: a
+    # scale-dependent "singular" used to stop them after a step or two.
+    import optimistix as optx
+
+    def root(y, args):
+        del args
+        return jnp.stack([1e4 * (y[0] - 1), 1e-4 * (y[1] ** 3 - 8)])
+
+    y0 = jnp.array([3.0, 3.0], jnp.float32)
+    solver = optx.Newton(rtol=1e-5, atol=1e-9)
+    sol = optx.root_find(root, solver, y0, throw=False, max_steps=100)
+    assert sol.result == optx.RESULTS.successful
+    np.testing.assert_allclose(sol.value, [1.0, 2.0], rtol=1e-5)
+
+    t = jnp.linspace(0, 1e4, 50, dtype=jnp.float32)
+    data = 1 + 2e-3 * t + 3e-8 * t**2
+
+    def residuals(p, args):
+        del args
+        return p[0] + p[1] * t + p[2] * t**2 - data
+
+    p0 = jnp.zeros(3, jnp.float32)
+    solver = optx.GaussNewton(rtol=1e-6, atol=1e-9)
+    sol = optx.least_squares(residuals, solver, p0, throw=False)
+    assert sol.result == optx.RESULTS.successful
+    np.testing.assert_allclose(sol.value, [1.0, 2e-3, 3e-8], rtol=1e-3)
