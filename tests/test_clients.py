@@ -133,12 +133,6 @@ def _float32_user():
     return stack
 
 
-_NEEDS_SINGULARITY_FIX = pytest.mark.xfail(
-    strict=False, reason="needs the direct-solver singularity fix"
-)
-
-
-@_NEEDS_SINGULARITY_FIX
 def test_optimistix_newton_badly_scaled_float32():
     # Unknowns of sizes 1e4 and 1e-4 (e.g. metres and megametres): the Jacobian's
     # columns differ by 1e8, which LU handles exactly.
@@ -156,7 +150,6 @@ def test_optimistix_newton_badly_scaled_float32():
         np.testing.assert_allclose(sol.value / scale, [1.0, 2.0], rtol=1e-5)
 
 
-@_NEEDS_SINGULARITY_FIX
 def test_optimistix_gauss_newton_polynomial_fit_float32():
     # A quadratic fitted on t in [0, 1e4]: the Jacobian's columns 1, t, t² span
     # eight orders of magnitude.
@@ -175,7 +168,6 @@ def test_optimistix_gauss_newton_polynomial_fit_float32():
         np.testing.assert_allclose(sol.value, coeffs, rtol=1e-4)
 
 
-@_NEEDS_SINGULARITY_FIX
 def test_optimistix_bfgs_badly_scaled_float32():
     # BFGS with a Hessian approximation (`use_inverse=False`) solves a
     # positive-definite system each step; the unknowns differ in scale by 1e4.

@@ -725,11 +725,6 @@ CONSTRUCTION_ERRORS = {
         ValueError,
         "input_structure",
     ),
-    "identity_sizes": (
-        lambda: lx.IdentityLinearOperator(_S, flat_structure(4, f64)),
-        ValueError,
-        "output_structure",
-    ),
     "identity_bad_structure": (
         lambda: lx.IdentityLinearOperator("abc"),
         TypeError,

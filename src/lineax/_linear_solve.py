@@ -18,7 +18,7 @@ from ._operator.function import FunctionLinearOperator
 from ._primitive import bind, primal_failure_message
 from ._solution import Solution
 from ._solver.auto import AutoLinearSolver
-from ._solver.base import AbstractLinearSolver
+from ._solver.base import AbstractLinearSolver, inverse_tags
 
 
 try:
@@ -319,7 +319,11 @@ def invert(
     **Returns:**
 
     A [`lineax.FunctionLinearOperator`][] from `operator.out_structure()` to
-    `operator.in_structure()`.
+    `operator.in_structure()`, carrying the tags that hold for the inverse: those
+    of a symmetric, positive or negative semidefinite, or diagonal operator;
+    lower (upper) triangular if `operator` is and `solver` assumes full rank; and
+    the unit diagonal of a unit triangular operator. Solvers picked from tags
+    (e.g. by [`lineax.AutoLinearSolver`][]) then stay as cheap for the inverse.
     """
     if not isinstance(operator, AbstractLinearOperator):
         raise TypeError(
@@ -334,4 +338,5 @@ def invert(
             operator, vector, solver, options=options, state=state, throw=throw
         ).value
 
-    return FunctionLinearOperator(solve, operator.out_structure())
+    tags = inverse_tags(solver, operator)
+    return FunctionLinearOperator(solve, operator.out_structure(), tags)

@@ -21,11 +21,10 @@ class RESULTS(eqxi.Enumeration):
         "The maximum number of solver steps was reached. Try increasing `max_steps`."
     )
     singular = (
-        "The operator is singular, or numerically singular (a pivot of the "
-        "factorisation is below machine epsilon relative to the largest, so the "
-        "solution would have no correct digits), or the solver returned non-finite "
-        "output. For the pseudoinverse (least-squares / minimum-norm) solution of a "
-        "singular system use `lx.AutoLinearSolver(well_posed=False)` or `lx.SVD()`. "
+        "The operator is singular (a pivot of the factorisation is exactly zero), "
+        "or the solver returned non-finite output. For the pseudoinverse "
+        "(least-squares / minimum-norm) solution of a singular system use "
+        "`lx.AutoLinearSolver(well_posed=False)` or `lx.SVD()`. "
         "If you used `lx.Cholesky()` or `lx.CG()`, check that the operator really "
         "is positive (or negative) definite, as its tag claims."
     )

@@ -505,18 +505,13 @@ def _is_one_by_one(operator: AbstractLinearOperator) -> bool:
 
 
 def check_leaf_arrays(tree: PyTree, name: str) -> None:
-    """Raise a TypeError naming `name` if `tree` has a leaf that is not an array."""
+    """Raise a TypeError naming `name` if `tree` has a leaf that is neither an
+    array nor a Python or NumPy scalar."""
     for leaf in jtu.tree_leaves(tree):
-        if not eqx.is_array(leaf):
-            hint = ""
-            if isinstance(leaf, (bool, int, float, complex)):
-                hint = (
-                    " (A Python list of numbers is a PyTree of scalars, not an array: "
-                    f"convert it first with `jnp.asarray({name})`.)"
-                )
+        if not eqx.is_array_like(leaf):
             raise TypeError(
-                f"`{name}` must be a PyTree of JAX/NumPy arrays, but it has a leaf of "
-                f"type {type(leaf).__name__}: {leaf!r}.{hint}"
+                f"`{name}` must be a PyTree of JAX/NumPy arrays or scalars, but it "
+                f"has a leaf of type {type(leaf).__name__}: {leaf!r}."
             )
 
 

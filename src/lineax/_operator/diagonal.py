@@ -27,7 +27,9 @@ class DiagonalLinearOperator(AbstractLinearOperator):
     **Arguments:**
 
     - `diagonal`: a PyTree of arrays, with the structure of the input (and output)
-        vectors. A 1-D array gives the usual diagonal matrix.
+        vectors. A 1-D array gives the usual diagonal matrix. Leaves may be JAX or
+        NumPy arrays or Python scalars; they are converted as by `jnp.asarray`,
+        with integers and booleans in the default floating dtype.
     """
 
     diagonal: PyTree[Array]

@@ -6,7 +6,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from .._misc import describe, result_dtype, Static, structure_of, tree_size
+from .._misc import result_dtype, Static, structure_of
 from .base import (
     AbstractLinearOperator,
     conj,
@@ -31,10 +31,13 @@ _sentinel: Any = object()
 
 
 class IdentityLinearOperator(AbstractLinearOperator):
-    """The identity operator.
+    """The identity operator, possibly between two different structures.
 
-    The input and output structures may differ, as long as they have the same total
-    size: then `mv` flattens its input and unflattens it into the output structure.
+    `mv` flattens its input (in PyTree-leaf order) and unflattens it into the
+    output structure, cast to its dtypes. If the two structures have different
+    total sizes this is the rectangular identity, `as_matrix()` being
+    `eye(out_size, in_size)`: the flattened input is truncated, or padded with
+    zeros.
 
     **Arguments:**
 
@@ -51,12 +54,6 @@ class IdentityLinearOperator(AbstractLinearOperator):
             out_struct = in_struct
         else:
             out_struct = structure_of(output_structure, "output_structure")
-        if tree_size(in_struct) != tree_size(out_struct):
-            raise ValueError(
-                "`input_structure` and `output_structure` must have the same total "
-                f"size; got {describe(in_struct)} (size {tree_size(in_struct)}) and "
-                f"{describe(out_struct)} (size {tree_size(out_struct)})."
-            )
         self.input_structure = Static(in_struct)
         self.output_structure = Static(out_struct)
 
@@ -68,7 +65,13 @@ class IdentityLinearOperator(AbstractLinearOperator):
             for a, b in zip(jtu.tree_leaves(in_struct), jtu.tree_leaves(out_struct))
         ):
             return jtu.tree_map(lambda x, s: x.astype(s.dtype), vector, out_struct)
-        return unflatten_vector(flatten_vector(vector), out_struct, keep_dtype=True)
+        flat = flatten_vector(vector, result_dtype(vector))
+        in_size, out_size = self.in_size(), self.out_size()
+        if out_size < in_size:
+            flat = flat[:out_size]
+        elif out_size > in_size:
+            flat = jnp.concatenate([flat, jnp.zeros(out_size - in_size, flat.dtype)])
+        return unflatten_vector(flat, out_struct, keep_dtype=True)
 
     def as_matrix(self):
         dtype = result_dtype(self.input_structure.value, self.output_structure.value)
@@ -86,37 +89,38 @@ class IdentityLinearOperator(AbstractLinearOperator):
         return self.output_structure.value
 
 
-def _is_square_structure(op: IdentityLinearOperator) -> bool:
+def _is_square(op: IdentityLinearOperator) -> bool:
     return op.in_size() == op.out_size()
 
 
+# The rectangular identity `eye(m, n)` is diagonal, triangular and has a unit
+# diagonal, but is symmetric or definite only when square.
 for _pred in (
-    is_symmetric,
     is_diagonal,
     is_tridiagonal,
     is_lower_triangular,
     is_upper_triangular,
-    is_positive_semidefinite,
     has_unit_diagonal,
 ):
     _pred.register(IdentityLinearOperator)(lambda op: True)
+for _pred in (is_symmetric, is_positive_semidefinite):
+    _pred.register(IdentityLinearOperator)(_is_square)
 is_negative_semidefinite.register(IdentityLinearOperator)(lambda op: False)
+
+
+def _dtype(operator: IdentityLinearOperator) -> Any:
+    return result_dtype(operator.input_structure.value, operator.output_structure.value)
 
 
 @diagonal.register(IdentityLinearOperator)
 def _(operator):
-    dtype = result_dtype(
-        operator.input_structure.value, operator.output_structure.value
-    )
-    return jnp.ones(operator.in_size(), dtype)
+    return jnp.ones(min(operator.in_size(), operator.out_size()), _dtype(operator))
 
 
 @tridiagonal.register(IdentityLinearOperator)
 def _(operator):
-    dtype = result_dtype(
-        operator.input_structure.value, operator.output_structure.value
-    )
-    n = operator.in_size()
+    dtype = _dtype(operator)
+    n = min(operator.in_size(), operator.out_size())
     return jnp.ones(n, dtype), jnp.zeros(n - 1, dtype), jnp.zeros(n - 1, dtype)
 
 

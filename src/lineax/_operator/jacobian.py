@@ -29,7 +29,9 @@ class JacobianLinearOperator(AbstractLinearOperator):
     **Arguments:**
 
     - `fn`: a function `(x, args) -> y` between PyTrees of arrays.
-    - `x`: the point at which to linearise: a PyTree of arrays.
+    - `x`: the point at which to linearise: a PyTree of arrays (JAX or NumPy) or
+        Python scalars, converted as by `jnp.asarray` (integers in the default
+        floating dtype).
     - `args`: any extra argument to `fn` (not differentiated by `mv`).
     - `tags`: a tag or iterable of tags.
     - `jac`: how to compute products. `None` (default): forward mode (JVPs) for

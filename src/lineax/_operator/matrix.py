@@ -26,8 +26,9 @@ class MatrixLinearOperator(AbstractLinearOperator):
 
     **Arguments:**
 
-    - `matrix`: a 2-D array. Integer arrays are converted to the default floating
-        dtype.
+    - `matrix`: a 2-D array (JAX or NumPy), converted as by `jnp.asarray`; integer
+        arrays are converted to the default floating dtype. (A nested Python list
+        is refused: its dtype would be a guess; convert it with `jnp.asarray`.)
     - `tags`: a tag or iterable of tags describing structure (e.g.
         [`lineax.positive_semidefinite_tag`][]), used by solvers at trace time.
     """

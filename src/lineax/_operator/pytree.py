@@ -9,9 +9,16 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, PyTree
 
-from .._misc import inexact_asarray, Static, structure_of
+from .._misc import inexact_asarray, result_dtype, Static, structure_of
 from .._tags import as_tags, transpose_tags
-from .base import AbstractLinearOperator, conj, register_tag_predicates
+from .base import (
+    AbstractLinearOperator,
+    bands_of_matrix,
+    conj,
+    diagonal,
+    register_tag_predicates,
+    tridiagonal,
+)
 
 
 def _is_struct(x: Any) -> bool:
@@ -30,7 +37,9 @@ class PyTreeLinearOperator(AbstractLinearOperator):
 
     **Arguments:**
 
-    - `pytree`: the PyTree of matrices described above.
+    - `pytree`: the PyTree of matrices described above. Leaves may be JAX or NumPy
+        arrays or Python scalars; they are converted as by `jnp.asarray`, with
+        integers and booleans in the default floating dtype.
     - `output_structure`: the structure of the output: a PyTree of
         `jax.ShapeDtypeStruct`s (or of arrays, whose shapes and dtypes are used).
     - `tags`: a tag or iterable of tags.
@@ -57,16 +66,18 @@ class PyTreeLinearOperator(AbstractLinearOperator):
                 "output leaf. Got a `pytree` of structure "
                 f"{jtu.tree_structure(pytree)}."
             ) from e
+        for leaf in jtu.tree_leaves(pytree):
+            if not eqx.is_array_like(leaf):
+                raise TypeError(
+                    "Every leaf of `pytree` must be an array (or a Python or NumPy "
+                    f"scalar), but got a leaf of type {type(leaf).__name__}."
+                )
+        # Python scalars and NumPy arrays become JAX arrays, as `jnp.asarray` makes
+        # them (integers and booleans in the default floating dtype).
+        pytree = jtu.tree_map(inexact_asarray, pytree)
+        subtrees = out_treedef.flatten_up_to(pytree)
         in_struct = None
         for out_leaf, subtree in zip(out_leaves, subtrees):
-            for leaf in jtu.tree_leaves(subtree):
-                if not eqx.is_array_like(leaf) or isinstance(
-                    leaf, (bool, int, float, complex)
-                ):
-                    raise TypeError(
-                        "Every leaf of `pytree` must be an array, but got a leaf of "
-                        f"type {type(leaf).__name__}."
-                    )
             sub_struct = jtu.tree_map(lambda x, o=out_leaf: _input_leaf(x, o), subtree)
             if in_struct is None:
                 in_struct = sub_struct
@@ -81,7 +92,7 @@ class PyTreeLinearOperator(AbstractLinearOperator):
         assert in_struct is not None
         if len(jtu.tree_leaves(in_struct)) == 0:
             raise ValueError("`pytree` must have at least one leaf per output leaf.")
-        self.pytree = jtu.tree_map(inexact_asarray, pytree)
+        self.pytree = pytree
         # Input leaves take the dtype of the blocks mapping into them.
         dtype_tree = jtu.tree_map(
             lambda x: x.dtype, out_treedef.flatten_up_to(self.pytree)[0]
@@ -100,11 +111,18 @@ class PyTreeLinearOperator(AbstractLinearOperator):
         vec_leaves = jtu.tree_leaves(vector)
         results = []
         for out_leaf, block in zip(out_leaves, blocks):
+            block_leaves = jtu.tree_leaves(block)
+            # Promote explicitly: blocks may mix real and complex dtypes, which
+            # strict dtype promotion refuses to combine implicitly.
+            dtype = result_dtype(block_leaves, vec_leaves)
             terms = [
                 jnp.tensordot(
-                    b, v, axes=jnp.ndim(v), precision=jax.lax.Precision.HIGHEST
+                    b.astype(dtype),
+                    jnp.asarray(v).astype(dtype),
+                    axes=jnp.ndim(v),
+                    precision=jax.lax.Precision.HIGHEST,
                 )
-                for b, v in zip(jtu.tree_leaves(block), vec_leaves)
+                for b, v in zip(block_leaves, vec_leaves)
             ]
             total = terms[0]
             for term in terms[1:]:
@@ -116,7 +134,7 @@ class PyTreeLinearOperator(AbstractLinearOperator):
         out_leaves, out_treedef = jtu.tree_flatten(self.output_structure.value)
         in_leaves = jtu.tree_leaves(self.input_structure.value)
         blocks = out_treedef.flatten_up_to(self.pytree)
-        dtype = jnp.result_type(*jtu.tree_leaves(self.pytree))
+        dtype = result_dtype(self.pytree)
         rows = []
         for out_leaf, block in zip(out_leaves, blocks):
             out_size = int(np.prod(out_leaf.shape))
@@ -175,6 +193,18 @@ def _(operator):
         operator.output_structure.value,
         operator.tags,
     )
+
+
+# The blocks are dense: read the bands off them, rather than probing `mv` (which
+# would also cast complex probes to the dtype of real input leaves).
+@diagonal.register(PyTreeLinearOperator)
+def _(operator):
+    return jnp.diagonal(operator.as_matrix())
+
+
+@tridiagonal.register(PyTreeLinearOperator)
+def _(operator):
+    return bands_of_matrix(operator.as_matrix())
 
 
 # Appended rather than imported at the top, to keep this change apart from others

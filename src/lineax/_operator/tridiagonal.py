@@ -28,6 +28,9 @@ class TridiagonalLinearOperator(AbstractLinearOperator):
     - `diagonal`: the main diagonal, a 1-D array of length `n`.
     - `lower_diagonal`: the band below the diagonal, `A[i + 1, i]`, length `n - 1`.
     - `upper_diagonal`: the band above the diagonal, `A[i, i + 1]`, length `n - 1`.
+
+    Each band may be a JAX or NumPy array or a list, converted as by
+    `jnp.asarray` (integers in the default floating dtype).
     """
 
     diagonal: Inexact[Array, " size"]

@@ -33,7 +33,9 @@ class AutoState(eqx.Module):
     state: Any
 
 
-def _square_solver(operator: AbstractLinearOperator) -> AbstractLinearSolver:
+def _square_solver(
+    operator: AbstractLinearOperator, well_posed: bool
+) -> AbstractLinearSolver:
     # Operator types with a structure-exploiting solve (see `_structured.py`).
     from ._structured import structured_solver
 
@@ -41,7 +43,10 @@ def _square_solver(operator: AbstractLinearOperator) -> AbstractLinearSolver:
         return structured
     # Cheapest first: O(n), O(n), O(n^2), then the O(n^3) factorisations.
     if is_diagonal(operator):
-        return Diagonal(well_posed=True)
+        # Least squares where it is as cheap as the solve (the paper's rule, and
+        # the published package's): `well_posed=None` gets the pseudoinverse, so a
+        # zero entry (e.g. a padded one) gives zero, not inf.
+        return Diagonal(well_posed=well_posed)
     if is_tridiagonal(operator):
         return Tridiagonal()
     if is_lower_triangular(operator) or is_upper_triangular(operator):
@@ -63,7 +68,10 @@ class AutoLinearSolver(AbstractLinearSolver[AutoState]):
           triangular → [`lineax.Triangular`][]; positive or negative
           semidefinite → [`lineax.Cholesky`][]; otherwise [`lineax.LU`][].
           A non-square operator is a `ValueError`.
-        - `None`: square operators as for `True`; non-square ones by
+        - `None`: square operators as for `True`, except that a diagonal one
+          (including the identity and any 1x1 operator) gets the pseudoinverse
+          `lineax.Diagonal(well_posed=False)`, as cheap as the solve: a zero
+          entry gives zero in the solution. Non-square operators by
           [`lineax.QR`][] (least squares / minimum norm, full rank assumed).
         - `False`: any operator, including rank-deficient ones (the
           pseudoinverse solution). Diagonal → `lineax.Diagonal(well_posed=False)`;
@@ -103,9 +111,9 @@ class AutoLinearSolver(AbstractLinearSolver[AutoState]):
                     "`lx.AutoLinearSolver(well_posed=None)` (full rank, via QR) or "
                     "`lx.AutoLinearSolver(well_posed=False)` (any rank, via SVD)."
                 )
-            return _square_solver(operator)
+            return _square_solver(operator, well_posed=True)
         if self.well_posed is None:
-            return _square_solver(operator) if square else QR()
+            return _square_solver(operator, well_posed=False) if square else QR()
         if square and is_diagonal(operator):
             return Diagonal(well_posed=False)
         return SVD()

@@ -40,7 +40,8 @@ class Diagonal(AbstractLinearSolver[DiagonalState]):
         `eps * n` for the dtype's machine epsilon (as for [`lineax.SVD`][], whose
         singular values here are `|d|`).
 
-    This solver reads no `options`.
+    `stats["rcond"]` holds the reciprocal condition number `min|d| / max|d|`
+    (exact). This solver reads no `options`.
     """
 
     well_posed: bool = eqx.field(static=True, default=False)
@@ -62,6 +63,10 @@ class Diagonal(AbstractLinearSolver[DiagonalState]):
         del options
         b = ravel_vector(vector, state.packed_structures)
         d = state.diagonal
+        absd = jnp.abs(d)
+        dmax = jnp.max(absd, initial=0)
+        rcond = jnp.min(absd, initial=jnp.inf) / jnp.where(dmax == 0, 1, dmax)
+        stats = {"rcond": jnp.where(dmax == 0, jnp.zeros_like(rcond), rcond)}
         if self.well_posed:
             x = b / d
             result = RESULTS.where(
@@ -71,14 +76,13 @@ class Diagonal(AbstractLinearSolver[DiagonalState]):
             rcond = self.rcond
             if rcond is None:
                 rcond = jnp.finfo(d.dtype).eps * d.shape[0]
-            absd = jnp.abs(d)
-            keep = absd > rcond * jnp.max(absd, initial=0)
+            keep = absd > rcond * dmax
             x = jnp.where(keep, b / jnp.where(keep, d, 1), 0)
             # A NaN could hide in an entry treated as zero: report it (and
             # `linear_solve` then finds it to be non-finite input).
             nonfinite = ~(jnp.all(jnp.isfinite(d)) & jnp.all(jnp.isfinite(b)))
             result = RESULTS.where(nonfinite, RESULTS.singular, RESULTS.successful)
-        return unravel_solution(x, state.packed_structures), result, {}
+        return unravel_solution(x, state.packed_structures), result, stats
 
     def transpose(self, state: DiagonalState, options):
         new = DiagonalState(

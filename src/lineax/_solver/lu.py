@@ -17,15 +17,25 @@ from ._packing import (
     transpose_packed_structures,
     unravel_solution,
 )
-from .base import AbstractLinearSolver, check_square, numerically_singular
+from .base import (
+    AbstractLinearSolver,
+    check_square,
+    exactly_singular,
+    norm1,
+    rcond_estimate,
+)
 
 
 class LUState(eqx.Module):
     """State of [`lineax.LU`][]: the packed factors `L` (unit lower) and `U` (upper)
-    of `A[permutation] = L U`, and whether to solve with the transpose."""
+    of `A[permutation] = L U`, whether to solve with the transpose, and the 1-norms
+    of the operator solved with and of its transpose (for the condition
+    estimate)."""
 
     lu: Array
     permutation: Int[Array, " n"]
+    norm: Array
+    norm_transpose: Array
     packed_structures: PackedStructures = eqx.field(static=True)
     transposed: bool = eqx.field(static=True)
 
@@ -33,9 +43,12 @@ class LUState(eqx.Module):
 class LU(AbstractLinearSolver[LUState]):
     """LU decomposition with partial pivoting (LAPACK `getrf`).
 
-    For square, nonsingular operators. A zero pivot, or one below `n * eps` relative
-    to the largest, gives [`lineax.RESULTS.singular`][]; nearly singular matrices
-    are otherwise solved as accurately as their condition number allows.
+    For square, nonsingular operators. An exactly zero pivot, or non-finite
+    output, gives [`lineax.RESULTS.singular`][] (as LAPACK's `getrf` reports);
+    nearly singular matrices are otherwise solved as accurately as their condition
+    number allows. `stats["rcond"]` holds an estimate of the reciprocal 1-norm
+    condition number (as LAPACK's `gecon`): a value near machine epsilon means the
+    solution may have no correct digits.
 
     This solver reads no `options`.
     """
@@ -47,29 +60,42 @@ class LU(AbstractLinearSolver[LUState]):
         check_square(operator, "LU")
         # Keep the permutation (not LAPACK's sequence of row swaps), so that each
         # solve is one gather instead of a loop over the pivots.
-        lu, _, permutation = lax.linalg.lu(operator.as_matrix())
-        return LUState(lu, permutation, pack_structures(operator), False)
+        matrix = operator.as_matrix()
+        lu, _, permutation = lax.linalg.lu(matrix)
+        return LUState(
+            lu,
+            permutation,
+            norm1(matrix),
+            norm1(matrix.T),
+            pack_structures(operator),
+            False,
+        )
 
     def compute(self, state: LUState, vector, options):
         del options
         b = ravel_vector(vector, state.packed_structures)
-        lu, perm = state.lu, state.permutation
-        if state.transposed:
-            # A = P^T L U, so A^T = U^T L^T P: solve U^T y = b, L^T z = y, P x = z.
-            y = jsl.solve_triangular(lu, b, trans=1, lower=False)
-            z = jsl.solve_triangular(lu, y, trans=1, lower=True, unit_diagonal=True)
-            x = jnp.zeros_like(z).at[perm].set(z)
-        else:
-            y = jsl.solve_triangular(lu, b[perm], lower=True, unit_diagonal=True)
-            x = jsl.solve_triangular(lu, y, lower=False)
-        singular = numerically_singular(jnp.diagonal(lu))
+        x = _lu_solve(state.lu, state.permutation, b, state.transposed)
+
+        stats = {
+            "rcond": rcond_estimate(
+                state.norm,
+                (state.lu, state.permutation),
+                solve=_rcond_solve,
+                static=state.transposed,
+                n=state.lu.shape[0],
+                dtype=state.lu.dtype,
+            )
+        }
+        singular = exactly_singular(jnp.diagonal(state.lu))
         result = RESULTS.where(singular, RESULTS.singular, RESULTS.successful)
-        return unravel_solution(x, state.packed_structures), result, {}
+        return unravel_solution(x, state.packed_structures), result, stats
 
     def transpose(self, state: LUState, options):
         new = LUState(
             state.lu,
             state.permutation,
+            state.norm_transpose,
+            state.norm,
             transpose_packed_structures(state.packed_structures),
             not state.transposed,
         )
@@ -79,6 +105,8 @@ class LU(AbstractLinearSolver[LUState]):
         new = LUState(
             jnp.conj(state.lu),
             state.permutation,
+            state.norm,
+            state.norm_transpose,
             state.packed_structures,
             state.transposed,
         )
@@ -86,3 +114,22 @@ class LU(AbstractLinearSolver[LUState]):
 
     def assume_full_rank(self) -> bool:
         return True
+
+
+def _lu_solve(lu: Array, perm: Array, b: Array, transposed: bool) -> Array:
+    """Solve `A x = b` (or `A^T x = b`) from `A[perm] = L U`; `b` is 1-D or 2-D."""
+    if transposed:
+        # A = P^T L U, so A^T = U^T L^T P: solve U^T y = b, L^T z = y, P x = z.
+        y = jsl.solve_triangular(lu, b, trans=1, lower=False)
+        z = jsl.solve_triangular(lu, y, trans=1, lower=True, unit_diagonal=True)
+        return jnp.zeros_like(z).at[perm].set(z)
+    y = jsl.solve_triangular(lu, b[perm], lower=True, unit_diagonal=True)
+    return jsl.solve_triangular(lu, y, lower=False)
+
+
+def _rcond_solve(arrays, transposed: bool, matrix: Array, adjoint: bool) -> Array:
+    lu, perm = arrays
+    if adjoint:
+        # A^{-H} X = conj(A^{-T} conj(X)).
+        return jnp.conj(_lu_solve(lu, perm, jnp.conj(matrix), not transposed))
+    return _lu_solve(lu, perm, matrix, transposed)

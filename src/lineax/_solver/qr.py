@@ -17,7 +17,7 @@ from ._packing import (
     transpose_packed_structures,
     unravel_solution,
 )
-from .base import AbstractLinearSolver, numerically_singular
+from .base import AbstractLinearSolver, exactly_singular, norm1, rcond_estimate
 
 
 class QRState(eqx.Module):
@@ -38,7 +38,12 @@ class QR(AbstractLinearSolver[QRState]):
     - Wide operators of full row rank: the minimum-norm solution, as
         `Q R^{-H} b` from `A^H = QR`.
 
-    Rank-deficient operators are not supported (use [`lineax.SVD`][]). Gradients of
+    Rank-deficient operators are not supported (use [`lineax.SVD`][]): an exactly
+    zero diagonal entry of `R`, or non-finite output, gives
+    [`lineax.RESULTS.singular`][], but a numerically rank-deficient operator
+    gives a (large) answer with no correct digits, as LAPACK's `gels` does.
+    `stats["rcond"]` holds an estimate of the reciprocal 1-norm condition number
+    of `R` (as LAPACK's `trcon`), which is small in that case. Gradients of
     least-squares solutions use the pseudoinverse JVP (equations (2)/(3) of the
     paper), never differentiating through the factorisation.
 
@@ -70,9 +75,20 @@ class QR(AbstractLinearSolver[QRState]):
             x = jsl.solve_triangular(
                 r, jnp.matmul(jnp.conj(q.T), b, precision=hi), lower=False
             )
-        singular = numerically_singular(jnp.diagonal(r))
+
+        stats = {
+            "rcond": rcond_estimate(
+                norm1(jnp.triu(r)),
+                r,
+                solve=_rcond_solve,
+                static=None,
+                n=r.shape[0],
+                dtype=r.dtype,
+            )
+        }
+        singular = exactly_singular(jnp.diagonal(r))
         result = RESULTS.where(singular, RESULTS.singular, RESULTS.successful)
-        return unravel_solution(x, state.packed_structures), result, {}
+        return unravel_solution(x, state.packed_structures), result, stats
 
     def transpose(self, state: QRState, options):
         # If A = QR then A^T = conj(A^H)... more precisely (A^T)^H = conj(A) =
@@ -94,3 +110,8 @@ class QR(AbstractLinearSolver[QRState]):
 
     def assume_full_rank(self) -> bool:
         return True
+
+
+def _rcond_solve(r: Array, static: None, matrix: Array, adjoint: bool) -> Array:
+    del static
+    return jsl.solve_triangular(r, matrix, trans="C" if adjoint else 0)

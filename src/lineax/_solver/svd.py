@@ -35,6 +35,9 @@ class SVD(AbstractLinearSolver[SVDState]):
 
     Handles any operator: square, tall (least squares), wide (minimum norm) and
     rank-deficient (both). The most robust and the most expensive dense solver.
+    `stats["rcond"]` holds the reciprocal 2-norm condition number
+    `min(s) / max(s)` (exact, over all `min(m, n)` singular values, including
+    those treated as zero).
 
     **Arguments:**
 
@@ -74,7 +77,10 @@ class SVD(AbstractLinearSolver[SVDState]):
         coeffs = jnp.matmul(jnp.conj(u.T), b.astype(u.dtype), precision=hi) / safe_s
         coeffs = jnp.where(keep, coeffs, 0)
         x = jnp.matmul(jnp.conj(vh.T), coeffs.astype(vh.dtype), precision=hi)
-        return unravel_solution(x, state.packed_structures), RESULTS.successful, {}
+        smin = jnp.min(s, initial=jnp.inf)
+        rcond = jnp.where(smax == 0, jnp.zeros_like(smin), smin / smax)
+        stats = {"rcond": rcond}
+        return unravel_solution(x, state.packed_structures), RESULTS.successful, stats
 
     def transpose(self, state: SVDState, options):
         # A^T = Vh^T diag(s) U^T.

@@ -21,7 +21,14 @@ from ._packing import (
     transpose_packed_structures,
     unravel_solution,
 )
-from .base import AbstractLinearSolver, check_square, check_tag, numerically_singular
+from .base import (
+    AbstractLinearSolver,
+    check_square,
+    check_tag,
+    exactly_singular,
+    norm1,
+    rcond_estimate,
+)
 
 
 class TriangularState(eqx.Module):
@@ -39,8 +46,10 @@ class Triangular(AbstractLinearSolver[TriangularState]):
 
     The operator must be tagged [`lineax.lower_triangular_tag`][] or
     [`lineax.upper_triangular_tag`][]. With [`lineax.unit_diagonal_tag`][] too,
-    the diagonal is taken to be ones and never read. A zero on the diagonal gives
-    [`lineax.RESULTS.singular`][].
+    the diagonal is taken to be ones and never read. An exactly zero diagonal
+    entry, or non-finite output, gives [`lineax.RESULTS.singular`][] (as
+    LAPACK's `trtrs`). `stats["rcond"]` holds an estimate of the reciprocal 1-norm
+    condition number (as LAPACK's `trcon`).
 
     This solver reads no `options`.
     """
@@ -69,20 +78,26 @@ class Triangular(AbstractLinearSolver[TriangularState]):
     def compute(self, state: TriangularState, vector, options):
         del options
         b = ravel_vector(vector, state.packed_structures)
-        x = jsl.solve_triangular(
-            state.matrix,
-            b,
-            trans=1 if state.transposed else 0,
-            lower=state.lower,
-            unit_diagonal=state.unit_diagonal,
-            check_finite=False,
-        )
+        x = _triangular_solve(state.matrix, _flags(state), b, state.transposed)
+        triangle = jnp.tril(state.matrix) if state.lower else jnp.triu(state.matrix)
+        n = triangle.shape[0]
         if state.unit_diagonal:
+            triangle = triangle.at[jnp.arange(n), jnp.arange(n)].set(1)
             result = RESULTS.successful
         else:
-            singular = numerically_singular(jnp.diagonal(state.matrix))
+            singular = exactly_singular(jnp.diagonal(triangle))
             result = RESULTS.where(singular, RESULTS.singular, RESULTS.successful)
-        return unravel_solution(x, state.packed_structures), result, {}
+        stats = {
+            "rcond": rcond_estimate(
+                norm1(triangle.T if state.transposed else triangle),
+                state.matrix,
+                solve=_rcond_solve,
+                static=(_flags(state), state.transposed),
+                n=n,
+                dtype=triangle.dtype,
+            )
+        }
+        return unravel_solution(x, state.packed_structures), result, stats
 
     def transpose(self, state: TriangularState, options):
         new = TriangularState(
@@ -106,3 +121,29 @@ class Triangular(AbstractLinearSolver[TriangularState]):
 
     def assume_full_rank(self) -> bool:
         return True
+
+
+def _flags(state: TriangularState) -> tuple[bool, bool]:
+    return state.lower, state.unit_diagonal
+
+
+def _triangular_solve(
+    matrix: Array, flags: tuple[bool, bool], b: Array, transposed: bool
+) -> Array:
+    lower, unit_diagonal = flags
+    return jsl.solve_triangular(
+        matrix,
+        b,
+        trans=1 if transposed else 0,
+        lower=lower,
+        unit_diagonal=unit_diagonal,
+        check_finite=False,
+    )
+
+
+def _rcond_solve(matrix: Array, static, b: Array, adjoint: bool) -> Array:
+    flags, transposed = static
+    if adjoint:
+        # T^{-H} X = conj(T^{-T} conj(X)).
+        return jnp.conj(_triangular_solve(matrix, flags, jnp.conj(b), not transposed))
+    return _triangular_solve(matrix, flags, b, transposed)

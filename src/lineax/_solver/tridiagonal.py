@@ -16,7 +16,7 @@ from ._packing import (
     transpose_packed_structures,
     unravel_solution,
 )
-from .base import AbstractLinearSolver, check_square, check_tag
+from .base import AbstractLinearSolver, check_square, check_tag, rcond_estimate
 
 
 class TridiagonalState(eqx.Module):
@@ -36,7 +36,9 @@ class Tridiagonal(AbstractLinearSolver[TridiagonalState]):
     The operator must be tagged [`lineax.tridiagonal_tag`][] (or be a
     [`lineax.TridiagonalLinearOperator`][]). No pivoting is done on every
     platform, so the operator should be e.g. diagonally dominant or definite;
-    non-finite output gives [`lineax.RESULTS.singular`][].
+    non-finite output gives [`lineax.RESULTS.singular`][]. `stats["rcond"]` holds
+    an estimate of the reciprocal 1-norm condition number (as LAPACK's `gtcon`),
+    from O(n) solves.
 
     This solver reads no `options`.
     """
@@ -64,22 +66,29 @@ class Tridiagonal(AbstractLinearSolver[TridiagonalState]):
     def compute(self, state: TridiagonalState, vector, options):
         del options
         b = ravel_vector(vector, state.packed_structures)
-        x = lax.linalg.tridiagonal_solve(
-            state.lower,
-            state.diagonal,
-            state.upper,
-            b[:, None].astype(state.diagonal.dtype),
-        )[:, 0]
-        return unravel_solution(x, state.packed_structures), RESULTS.successful, {}
+        x = _solve(state.lower, state.diagonal, state.upper, b[:, None])[:, 0]
+        # Column j of A holds upper[j - 1], diagonal[j] and lower[j + 1].
+        upper = jnp.abs(jnp.roll(state.upper, 1))
+        lower = jnp.abs(jnp.roll(state.lower, -1))
+        norm = jnp.max(jnp.abs(state.diagonal) + upper + lower)
+        stats = {
+            "rcond": rcond_estimate(
+                norm,
+                (state.lower, state.diagonal, state.upper),
+                solve=_rcond_solve,
+                static=None,
+                n=state.diagonal.shape[0],
+                dtype=state.diagonal.dtype,
+            )
+        }
+        return unravel_solution(x, state.packed_structures), RESULTS.successful, stats
 
     def transpose(self, state: TridiagonalState, options):
-        # Transposing swaps the bands: the new lower band is the old upper one,
-        # shifted to the padding convention.
-        zero = jnp.zeros((1,), state.diagonal.dtype)
+        lower, upper = _transpose_bands(state.lower, state.upper)
         new = TridiagonalState(
             state.diagonal,
-            jnp.concatenate([zero, state.upper[:-1]]),
-            jnp.concatenate([state.lower[1:], zero]),
+            lower,
+            upper,
             transpose_packed_structures(state.packed_structures),
         )
         return new, options
@@ -95,3 +104,27 @@ class Tridiagonal(AbstractLinearSolver[TridiagonalState]):
 
     def assume_full_rank(self) -> bool:
         return True
+
+
+def _transpose_bands(lower: Array, upper: Array) -> tuple[Array, Array]:
+    """The padded (lower, upper) bands of the transpose: the new lower band is the
+    old upper one, shifted to the padding convention, and vice versa."""
+    zero = jnp.zeros((1,), lower.dtype)
+    return (
+        jnp.concatenate([zero, upper[:-1]]),
+        jnp.concatenate([lower[1:], zero]),
+    )
+
+
+def _solve(lower: Array, diagonal: Array, upper: Array, b: Array) -> Array:
+    b = b.astype(diagonal.dtype)
+    return lax.linalg.tridiagonal_solve(lower, diagonal, upper, b)
+
+
+def _rcond_solve(bands, static: None, b: Array, adjoint: bool) -> Array:
+    del static
+    lower, diagonal, upper = bands
+    if adjoint:
+        lower, upper = _transpose_bands(jnp.conj(lower), jnp.conj(upper))
+        diagonal = jnp.conj(diagonal)
+    return _solve(lower, diagonal, upper, b)
