@@ -21,6 +21,7 @@ interleaved repetitions) are measured separately, by `_timing.py`. Writes
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import sys
@@ -36,11 +37,29 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=256, help="Poisson grid side")
     p.add_argument("--kron", type=int, default=64, help="Kronecker factor size")
     p.add_argument("--out", type=pathlib.Path, default=None)
+    p.add_argument(
+        "--cases",
+        default="kronecker,woodbury,block,sparse",
+        help="comma-separated subset of kronecker,woodbury,block,sparse",
+    )
+    p.add_argument(
+        "--blas-threads",
+        default="1",
+        help="OPENBLAS_NUM_THREADS for both sides ('' leaves it unset); see below",
+    )
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    # JAX's CPU LAPACK kernels (LU, triangular solves) call SciPy's OpenBLAS. On a
+    # machine with more busy threads than cores, OpenBLAS's worker threads make a
+    # 64×64 triangular solve with 64 right-hand sides take 8-30 ms instead of
+    # 0.02 ms, at random; one BLAS thread (for both sides) removes that noise.
+    # Must be set before NumPy/SciPy/jaxlib load OpenBLAS.
+    if args.blas_threads:
+        os.environ["OPENBLAS_NUM_THREADS"] = args.blas_threads
+    selected = set(args.cases.split(","))
     import jax
 
     jax.config.update("jax_enable_x64", args.x64)
@@ -79,6 +98,7 @@ def main(argv=None):
 
     cases.append(
         dict(
+            key="kronecker",
             name=f"kronecker {m}x{m} (x) {m}x{m}, n={m * m}",
             ours=kron_lineax,
             ours_args=(a, b, rhs),
@@ -105,6 +125,7 @@ def main(argv=None):
 
     cases.append(
         dict(
+            key="woodbury",
             name=f"woodbury diagonal + rank {k}, n={n}",
             ours=woodbury_lineax,
             ours_args=(d, u, c, v, rhs_w),
@@ -131,6 +152,7 @@ def main(argv=None):
 
     cases.append(
         dict(
+            key="block",
             name=f"block diagonal {count} blocks of {size}x{size}",
             ours=blocks_lineax,
             ours_args=(blocks, rhs_b),
@@ -176,6 +198,7 @@ def main(argv=None):
 
     cases.append(
         dict(
+            key="sparse",
             name=f"sparse Poisson {side}^2 (BCSR), CG 200 steps",
             ours=poisson_sparse,
             ours_args=(bcsr, rhs_p),
@@ -185,8 +208,11 @@ def main(argv=None):
         )
     )
 
+    unknown = selected - {case["key"] for case in cases}
+    if unknown:
+        raise SystemExit(f"unknown --cases {sorted(unknown)}")
     rows = []
-    for case in cases:
+    for case in (c for c in cases if c["key"] in selected):
         fns = {"ours": case["ours"], "theirs": case["theirs"]}
         call_args = {"ours": case["ours_args"], "theirs": case["theirs_args"]}
         compiled = compare_compile(fns, call_args, reps=0 if args.quick else 1)
@@ -227,6 +253,7 @@ def main(argv=None):
         dtype=jnp.dtype(dtype).name,
         device=f"{device.platform} {device.device_kind}",
         machine=platform.machine(),
+        openblas_threads=os.environ.get("OPENBLAS_NUM_THREADS", "unset"),
         jax=jax.__version__,
     )
     header = (
@@ -242,7 +269,8 @@ def main(argv=None):
         for r in rows
     ]
     table = (
-        f"Structured solves ({meta['dtype']}, {meta['device']}, jax {meta['jax']})."
+        f"Structured solves ({meta['dtype']}, {meta['device']}, jax {meta['jax']}, "
+        f"OPENBLAS_NUM_THREADS={meta['openblas_threads']})."
         "\n\n" + header + "\n".join(lines) + "\n"
     )
     out = args.out or HERE / "results" / "structured"

@@ -6,15 +6,22 @@ trace time; the answers agree with the dense ones. Small sizes, so that this
 runs in seconds; `benchmarks/structured.py` has the full-size comparison.
 """
 
+import os
 import time
 
-import jax
-import jax.numpy as jnp
-import jax.random as jr
-import numpy as np
-import scipy.sparse
 
-import lineax as lx
+# JAX's CPU LU calls SciPy's OpenBLAS, whose worker threads stall at random on a
+# machine with more busy threads than cores; one thread keeps the timings honest
+# there. (Set before NumPy/SciPy/jaxlib load OpenBLAS.)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import jax.random as jr  # noqa: E402
+import numpy as np  # noqa: E402
+import scipy.sparse  # noqa: E402
+
+import lineax as lx  # noqa: E402
 
 
 def timed(fn, *args):

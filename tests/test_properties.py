@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import given
+from jax.experimental import sparse as jsparse
 from solve_cases import flatten, make_matrix, make_operator, make_vector, SOLVER_CASES
 
 import lineax as lx
@@ -21,6 +22,26 @@ import lineax as lx
 
 DTYPES = (jnp.float32, jnp.float64, jnp.complex128)
 KINDS = ("matrix", "pytree", "function", "jacobian", "native", "composed")
+# The structured operators (issue 12), each holding the whole matrix so that any
+# matrix case applies: drawn wherever the "matrix" kind is accepted.
+STRUCTURED_KINDS = ("sparse", "kronecker", "block_diagonal")
+
+
+def _make_operator(kind, matrix, tags):
+    if kind == "sparse":
+        nse = matrix.shape[0] * matrix.shape[1]  # static under `jit`
+        return lx.SparseLinearOperator(jsparse.BCOO.fromdense(matrix, nse=nse), tags)
+    if kind == "kronecker":
+        # `M ⊗ [1]` is `M`; tagged on the outside, which the structured solve
+        # must see through.
+        one = lx.MatrixLinearOperator(jnp.ones((1, 1), matrix.dtype))
+        product = lx.KroneckerLinearOperator(lx.MatrixLinearOperator(matrix), one)
+        return lx.TaggedLinearOperator(product, tags) if tags else product
+    if kind == "block_diagonal":
+        return lx.BlockDiagonalLinearOperator([lx.MatrixLinearOperator(matrix, tags)])
+    return make_operator(kind, matrix, tags)
+
+
 TRANSFORMS = ("none", "jit", "vmap", "jvp", "grad")
 
 
@@ -45,7 +66,7 @@ def _compiled(case_index: int, kind: str, transform: str):
     case = SOLVER_CASES[case_index]
 
     def solve(matrix, vector):
-        operator = make_operator(kind, matrix, case.tags)
+        operator = _make_operator(kind, matrix, case.tags)
         return lx.linear_solve(operator, vector, case.solver).value
 
     if transform == "jit":
@@ -66,14 +87,16 @@ def _reference(matrix, vector, dtype):
 
 @given(
     case_index=st.integers(0, len(SOLVER_CASES) - 1),
-    kind=st.sampled_from(KINDS),
+    kind=st.sampled_from(KINDS + STRUCTURED_KINDS),
     dtype=st.sampled_from(DTYPES),
     transform=st.sampled_from(TRANSFORMS),
     seed=st.integers(0, 2**16),
 )
 def test_solve_property(case_index, kind, dtype, transform, seed):
     case = SOLVER_CASES[case_index]
-    if kind not in case.kinds:
+    if kind not in case.kinds and not (
+        kind in STRUCTURED_KINDS and "matrix" in case.kinds
+    ):
         return
     if dtype == jnp.float32 and transform in ("jvp", "grad"):
         dtype = jnp.float64  # derivatives are checked in float64
@@ -87,7 +110,7 @@ def test_solve_property(case_index, kind, dtype, transform, seed):
         transform = "jit"
     matrix64 = make_matrix(case.matrix_kind, dtype, seed)
     matrix = jnp.asarray(matrix64, dtype)
-    operator = make_operator(kind, matrix, case.tags)
+    operator = _make_operator(kind, matrix, case.tags)
     vector = make_vector(operator, seed + 1)
     fn = _compiled(case_index, kind, transform)
     ref_matrix = jnp.asarray(matrix64)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jax.experimental import sparse as jsparse
+from jaxtyping import Array, Int
 
 from .._misc import default_floating_dtype
 from .._tags import as_tags, transpose_tags
@@ -45,7 +46,8 @@ def _to_jax_sparse(matrix: Any) -> jsparse.BCOO | jsparse.BCSR:
 class SparseLinearOperator(AbstractLinearOperator):
     """A sparse matrix, stored in one of JAX's sparse formats, acting on 1-D vectors.
 
-    `mv` is JAX's sparse matrix-vector product (`O(nnz)` time and memory), so the
+    `mv` is a gather and a sorted segment sum over the stored entries (`O(nnz)`
+    time and memory; faster than JAX's BCSR/BCOO product on the CPU), so the
     Krylov solvers ([`lineax.CG`][], [`lineax.GMRES`][], [`lineax.BiCGStab`][],
     ...) use it matrix-free. [`lineax.diagonal`][] and [`lineax.tridiagonal`][]
     read the stored entries without densifying, so [`lineax.Diagonal`][] and
@@ -70,6 +72,11 @@ class SparseLinearOperator(AbstractLinearOperator):
     matrix: jsparse.BCOO | jsparse.BCSR
     tags: frozenset = eqx.field(static=True)
     max_dense_size: int = eqx.field(static=True)
+    # Derived at construction for the product (see `_product_indices`): the row
+    # and column of each stored entry, and whether the rows are sorted.
+    _rows: Int[Array, " nse"]
+    _columns: Int[Array, " nse"]
+    _rows_sorted: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -98,9 +105,22 @@ class SparseLinearOperator(AbstractLinearOperator):
         self.matrix = matrix
         self.tags = as_tags(tags)
         self.max_dense_size = max_dense_size
+        self._rows, self._columns, self._rows_sorted = _product_indices(matrix)
 
     def mv(self, vector):
-        return self.matrix @ vector
+        # y[i] = sum over the entries (i, j, a) of a * x[j]: a gather and a sorted
+        # segment sum, rather than JAX's BCSR/BCOO matmul (see `_product_indices`).
+        # Padding entries have row index `n_rows`, which `segment_sum` drops.
+        # (Padding entries may hold an out-of-range column too: clipped, as their
+        # products are dropped anyway.)
+        columns = jnp.asarray(vector).at[self._columns].get(mode="clip")
+        products = self.matrix.data * columns
+        return jax.ops.segment_sum(
+            products,
+            self._rows,
+            num_segments=self.matrix.shape[0],
+            indices_are_sorted=self._rows_sorted,
+        )
 
     def as_matrix(self):
         rows, columns = self.matrix.shape
@@ -136,6 +156,35 @@ class SparseLinearOperator(AbstractLinearOperator):
 
 
 register_tag_predicates(SparseLinearOperator)
+
+
+def _product_indices(matrix: jsparse.BCOO | jsparse.BCSR) -> tuple[Array, Array, bool]:
+    """The row and column of each stored entry, for the product in `mv`, and
+    whether the rows are sorted (always, for BCSR).
+
+    Why not `matrix @ vector`: on the CPU, JAX lowers the BCSR and BCOO products
+    to generic gather/scatter code that is 10-20x slower than a gather followed
+    by a sorted `segment_sum` (measured on a 2-D Poisson matrix, 256² unknowns:
+    ~5-9 ms against ~0.4 ms per product, float32). The matrix stays stored as
+    given; only integer indices are added (O(nnz) memory, computed once here, as
+    `jnp` operations so that this works on traced matrices under `jit`), and the
+    values are always read from `matrix.data`, so that gradients with respect to
+    the operator land on `matrix.data` and nothing derived can go stale.
+    """
+    if isinstance(matrix, jsparse.BCSR):
+        n_rows = matrix.shape[0]
+        counts = jnp.diff(matrix.indptr)
+        rows = jnp.repeat(
+            jnp.arange(n_rows, dtype=matrix.indptr.dtype),
+            counts,
+            total_repeat_length=matrix.nse,
+        )
+        # Stored slots past `indptr[-1]` (padding) get row `n_rows`: dropped.
+        slot = jnp.arange(matrix.nse, dtype=matrix.indptr.dtype)
+        rows = jnp.where(slot < matrix.indptr[-1], rows, n_rows)
+        return rows, matrix.indices, True
+    rows, columns = matrix.indices[:, 0], matrix.indices[:, 1]
+    return rows, columns, bool(matrix.indices_sorted)
 
 
 def _entries(operator: SparseLinearOperator):

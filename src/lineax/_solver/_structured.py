@@ -24,6 +24,7 @@ from .._operator.base import (
     is_tridiagonal,
     unflatten_vector,
 )
+from .._operator.tagged import TaggedLinearOperator
 from .._solution import RESULTS
 from .base import AbstractLinearSolver
 
@@ -86,3 +87,21 @@ def cheaper_by_tags(operator: AbstractLinearOperator) -> bool:
     """Whether the tag-based rules already give an O(n) solve (diagonal and
     tridiagonal), which no structured solver beats."""
     return is_diagonal(operator) or is_tridiagonal(operator)
+
+
+def unwrap_tagged(operator: AbstractLinearOperator) -> AbstractLinearOperator:
+    """The operator inside any `lx.TaggedLinearOperator` wrappers: a structured
+    solver reads the structure of the wrapped operator (the tags add nothing it
+    uses), so that tagging a structured operator keeps its solve."""
+    while isinstance(operator, TaggedLinearOperator):
+        operator = operator.operator
+    return operator
+
+
+@structured_solver.register(TaggedLinearOperator)
+def _(operator):
+    # The tags may make a cheaper rule apply (e.g. a diagonal tag); otherwise the
+    # wrapped operator's structure decides.
+    if cheaper_by_tags(operator):
+        return None
+    return structured_solver(operator.operator)

@@ -3,16 +3,20 @@
 from typing import Any
 
 import equinox as eqx
-import jax.numpy as jnp
-import jax.tree_util as jtu
 from jaxtyping import PyTree
 
 from .._operator.base import AbstractLinearOperator
-from .._operator.block_diagonal import BlockDiagonalLinearOperator
+from .._operator.block_diagonal import (
+    BlockDiagonalLinearOperator,
+    square_blocks,
+    stack_vectors,
+    unstack_vectors,
+)
 from ._structured import (
     cheaper_by_tags,
     first_failure,
     structured_solver,
+    unwrap_tagged,
     worst_result,
 )
 from .auto import AutoLinearSolver
@@ -20,34 +24,13 @@ from .base import AbstractLinearSolver, rank_flags
 
 
 class BlockDiagonalState(eqx.Module):
-    """State of [`lineax.BlockDiagonal`][]. If `stacked`, the blocks were alike
-    (one type, shapes and static data) and `states` is the inner solver's state
-    for all of them, batched along a leading axis; otherwise it is a tuple with
-    one state per block."""
+    """State of [`lineax.BlockDiagonal`][]. If `stacked`, the operator stored its
+    blocks stacked (they are alike) and `states` is the inner solver's state for
+    all of them, batched along a leading axis; otherwise it is a tuple with one
+    state per block."""
 
     states: PyTree
     stacked: bool = eqx.field(static=True)
-
-
-def _stack(blocks: tuple) -> tuple[PyTree, PyTree] | None:
-    """`(stacked arrays, shared static part)` if the blocks differ only in the
-    values of their arrays, else None."""
-    parts = [eqx.partition(block, eqx.is_array) for block in blocks]
-    dynamic0, static0 = parts[0]
-    shapes0 = [(x.shape, x.dtype) for x in jtu.tree_leaves(dynamic0)]
-    for dynamic, static in parts[1:]:
-        if jtu.tree_structure(dynamic) != jtu.tree_structure(dynamic0):
-            return None
-        if [(x.shape, x.dtype) for x in jtu.tree_leaves(dynamic)] != shapes0:
-            return None
-        if not eqx.tree_equal(static, static0):
-            return None
-    stacked = jtu.tree_map(lambda *xs: jnp.stack(xs), *(d for d, _ in parts))
-    return stacked, static0
-
-
-def _unstack(tree: PyTree, count: int) -> tuple:
-    return tuple(jtu.tree_map(lambda x, i=i: x[i], tree) for i in range(count))
 
 
 class BlockDiagonal(AbstractLinearSolver[BlockDiagonalState]):
@@ -55,9 +38,10 @@ class BlockDiagonal(AbstractLinearSolver[BlockDiagonalState]):
     block separately: the cost is the sum of the blocks' costs.
 
     When the blocks are alike (one operator type, and the same shapes, dtypes and
-    tags), they are stacked and solved by one `vmap`ped solver, so that 100
-    blocks of 50×50 cost what `jax.vmap(jnp.linalg.solve)` costs, and compile as
-    one block. Otherwise each block is traced separately.
+    tags), the operator stores them stacked and they are solved by one `vmap`ped
+    solver, so that 100 blocks of 50×50 cost what `jax.vmap(jnp.linalg.solve)`
+    costs, and the program's size does not grow with the number of blocks.
+    Otherwise each block is traced separately.
 
     The solution is the pseudoinverse solution if every block's solver gives
     one, so blocks may be rectangular or rank-deficient when the inner solver
@@ -68,7 +52,8 @@ class BlockDiagonal(AbstractLinearSolver[BlockDiagonalState]):
 
     - `solver`: the solver for every block (default
         `lx.AutoLinearSolver(well_posed=True)`, which picks per block from its
-        tags), or a tuple with one solver per block.
+        tags), or a tuple with one solver per block (which solves block by block,
+        even for alike blocks).
 
     The `options` are passed to every block's solver, so only options that make
     sense for all blocks may be given.
@@ -92,42 +77,37 @@ class BlockDiagonal(AbstractLinearSolver[BlockDiagonalState]):
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> BlockDiagonalState:
+        operator = unwrap_tagged(operator)
         if not isinstance(operator, BlockDiagonalLinearOperator):
             raise ValueError(
                 "`lx.BlockDiagonal` solves only a `lx.BlockDiagonalLinearOperator`, "
                 f"got {type(operator).__name__}."
             )
+        stacked = operator.stacked
+        if stacked is not None and isinstance(self.solver, AbstractLinearSolver):
+            solver = self.solver
+            init = eqx.filter_vmap(lambda block: solver.init(block, options))
+            return BlockDiagonalState(init(stacked), True)
         blocks = operator.blocks
         solvers = self._solvers(len(blocks))
-        stacked = (
-            _stack(blocks) if isinstance(self.solver, AbstractLinearSolver) else None
-        )
-        if stacked is not None and len(blocks) > 1:
-            dynamic, static = stacked
-            solver = solvers[0]
-
-            def init_one(dynamic):
-                return solver.init(eqx.combine(dynamic, static), options)
-
-            return BlockDiagonalState(eqx.filter_vmap(init_one)(dynamic), True)
         states = tuple(s.init(b, options) for s, b in zip(solvers, blocks))
         return BlockDiagonalState(states, False)
 
     def compute(self, state: BlockDiagonalState, vector, options):
         count = len(vector)
-        solvers = self._solvers(count)
         if state.stacked:
-            solver = solvers[0]
-            stacked = jtu.tree_map(lambda *xs: jnp.stack(xs), *vector)
+            solver = self._solvers(1)[0]
 
             def compute_one(inner_state, b):
                 solution, result, _ = solver.compute(inner_state, b, options)
                 return solution, result
 
-            solution, result = eqx.filter_vmap(compute_one)(state.states, stacked)
-            return _unstack(solution, count), worst_result(result), {}
+            solution, result = eqx.filter_vmap(compute_one)(
+                state.states, stack_vectors(vector)
+            )
+            return unstack_vectors(solution, count), worst_result(result), {}
         solutions, results = [], []
-        for solver, inner_state, b in zip(solvers, state.states, vector):
+        for solver, inner_state, b in zip(self._solvers(count), state.states, vector):
             solution, result, _ = solver.compute(inner_state, b, options)
             solutions.append(solution)
             results.append(result)
@@ -158,19 +138,21 @@ class BlockDiagonal(AbstractLinearSolver[BlockDiagonalState]):
         return self._rank_flag(operator, 1)
 
     def _rank_flag(self, operator: AbstractLinearOperator, which: int) -> bool:
+        operator = unwrap_tagged(operator)
         if not isinstance(operator, BlockDiagonalLinearOperator):
             return True  # be safe: the general JVP is valid for any rank
-        blocks = operator.blocks
-        return any(
-            rank_flags(solver, block)[which]
-            for solver, block in zip(self._solvers(len(blocks)), blocks)
-        )
+        if isinstance(self.solver, AbstractLinearSolver):
+            # One solver for all: alike blocks need asking only once.
+            pairs = [(self.solver, b) for b in operator.representatives()]
+        else:
+            pairs = zip(self._solvers(len(operator.blocks)), operator.blocks)
+        return any(rank_flags(solver, block)[which] for solver, block in pairs)
 
 
 @structured_solver.register(BlockDiagonalLinearOperator)
 def _(operator):
     if cheaper_by_tags(operator):
         return None
-    if any(b.in_size() != b.out_size() for b in operator.blocks):
+    if not square_blocks(operator):
         return None
     return BlockDiagonal()

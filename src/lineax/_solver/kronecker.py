@@ -15,6 +15,7 @@ from ._structured import (
     first_failure,
     solve_flat,
     structured_solver,
+    unwrap_tagged,
     worst_result,
 )
 from .auto import AutoLinearSolver
@@ -58,6 +59,7 @@ class Kronecker(AbstractLinearSolver[KroneckerState]):
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> KroneckerState:
+        operator = unwrap_tagged(operator)
         if not isinstance(operator, KroneckerLinearOperator):
             raise ValueError(
                 "`lx.Kronecker` solves only a `lx.KroneckerLinearOperator`, got "

@@ -17,7 +17,7 @@ from .._operator.base import (
 )
 from .._operator.block import BlockLinearOperator
 from .._operator.matrix import MatrixLinearOperator
-from ._structured import first_failure, solve_columns, solve_flat
+from ._structured import first_failure, solve_columns, solve_flat, unwrap_tagged
 from .auto import AutoLinearSolver
 from .base import AbstractLinearSolver
 from .lu import LU, LUState
@@ -78,6 +78,7 @@ class Schur(AbstractLinearSolver[SchurState]):
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> SchurState:
+        operator = unwrap_tagged(operator)
         if (
             not isinstance(operator, BlockLinearOperator)
             or len(operator.blocks) != 2

@@ -24,6 +24,7 @@ from ._structured import (
     solve_columns,
     solve_flat,
     structured_solver,
+    unwrap_tagged,
 )
 from .auto import AutoLinearSolver
 from .base import AbstractLinearSolver
@@ -82,6 +83,7 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> WoodburyState:
+        operator = unwrap_tagged(operator)
         if not isinstance(operator, LowRankUpdateLinearOperator):
             raise ValueError(
                 "`lx.Woodbury` solves only a `lx.LowRankUpdateLinearOperator`, got "
