@@ -76,3 +76,9 @@ try:
     __version__ = importlib.metadata.version("lineax")
 except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.2.0"
+
+from ._preconditioner import (
+    AbstractPreconditioner as AbstractPreconditioner,
+    BlockJacobiPreconditioner as BlockJacobiPreconditioner,
+    JacobiPreconditioner as JacobiPreconditioner,
+)

@@ -1,0 +1,3 @@
+from .base import AbstractPreconditioner as AbstractPreconditioner
+from .block_jacobi import BlockJacobiPreconditioner as BlockJacobiPreconditioner
+from .jacobi import JacobiPreconditioner as JacobiPreconditioner
