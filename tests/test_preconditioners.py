@@ -269,3 +269,158 @@ def test_gradients_through_block_jacobi_preconditioned_gmres():
         _nonsymmetric(6),
         tags=(),
     )
+
+
+#
+# Polynomial preconditioners.
+#
+
+
+def _chebyshev_polynomial_dense(matrix, degree, lo, hi):
+    """`p(A)` with `1 - λ p(λ) = T_{d+1}((θ - λ)/δ) / T_{d+1}(θ/δ)`, evaluated on the
+    eigendecomposition."""
+    lam, vecs = np.linalg.eigh(matrix)
+    theta, delta = (hi + lo) / 2, (hi - lo) / 2
+    coeffs = [0] * (degree + 1) + [1]
+    t = np.polynomial.chebyshev.chebval
+    p = (1 - t((theta - lam) / delta, coeffs) / t(theta / delta, coeffs)) / lam
+    return vecs @ np.diag(p) @ vecs.T
+
+
+@pytest.mark.parametrize("degree", [0, 1, 5])
+def test_chebyshev_is_the_chebyshev_polynomial(degree):
+    a = _spd(8)
+    lam = np.linalg.eigvalsh(a)
+    interval = (0.9 * lam[0], 1.1 * lam[-1])
+    precond = lx.ChebyshevPreconditioner(_psd(a), degree, interval)
+    reference = _chebyshev_polynomial_dense(a, degree, *interval)
+    np.testing.assert_allclose(precond.as_matrix(), reference, rtol=1e-10, atol=1e-14)
+    assert lx.is_positive_semidefinite(precond) and lx.is_symmetric(precond)
+    # A high degree on an interval holding the spectrum approaches the inverse.
+    if degree == 5:
+        error = np.linalg.norm(reference @ a - np.eye(8), 2)
+        assert error < 0.1
+
+
+def test_chebyshev_lanczos_interval_holds_the_spectrum():
+    a = _poisson_2d(6)
+    lam = np.linalg.eigvalsh(a)
+    precond = lx.ChebyshevPreconditioner(_psd(a), 3)
+    lo, hi = float(precond.lower), float(precond.upper)
+    # Ritz values are inner bounds (up to rounding).
+    assert lam[0] * (1 - 1e-12) <= lo < hi and lam[-1] <= hi <= 1.2 * lam[-1]
+    reference = _chebyshev_polynomial_dense(a, 3, lo, hi)
+    np.testing.assert_allclose(precond.as_matrix(), reference, rtol=1e-10, atol=1e-14)
+    # Positive definite over the whole spectrum, below `lo` included.
+    assert np.linalg.eigvalsh(reference).min() > 0
+
+
+def test_chebyshev_negative_definite():
+    a = -_spd(6)
+    operator = lx.MatrixLinearOperator(a, lx.negative_semidefinite_tag)
+    precond = lx.ChebyshevPreconditioner(operator, 2)
+    assert float(precond.upper) < 0
+    assert lx.is_negative_semidefinite(precond)
+    assert not lx.is_positive_semidefinite(precond)
+    np.testing.assert_array_less(np.linalg.eigvalsh(precond.as_matrix()), 0)
+
+
+def test_chebyshev_interval_containing_zero_is_a_named_error():
+    operator = _psd(_spd(5))
+    for interval in ((-1.0, 2.0), (0.0, 3.0), (2.0, 1.0)):
+        with pytest.raises(ValueError, match="interval"):
+            lx.ChebyshevPreconditioner(operator, 2, interval)
+    with pytest.raises(ValueError, match="interval"):
+        lx.ChebyshevPreconditioner(operator, 2, (1.0,))
+    # Not definite: Lanczos cannot provide an interval.
+    with pytest.raises(ValueError, match="interval"):
+        lx.ChebyshevPreconditioner(lx.MatrixLinearOperator(_nonsymmetric(5)), 2)
+    with pytest.raises(ValueError, match="degree"):
+        lx.ChebyshevPreconditioner(operator, -1)
+
+    @jax.jit
+    def traced(lo):
+        precond = lx.ChebyshevPreconditioner(operator, 2, (lo, 3.0))
+        return precond.mv(jnp.ones(5))
+
+    traced(1.0)
+    with pytest.raises(Exception, match="interval"):
+        traced(-1.0)
+
+
+def test_neumann_is_the_truncated_series():
+    a = _spd(6)
+    lam_max = np.linalg.eigvalsh(a)[-1]
+    for degree, scale in ((0, 0.01), (3, 1 / lam_max), (6, None)):
+        precond = lx.NeumannPreconditioner(_psd(a), degree, scale)
+        omega = float(precond.scale)
+        if scale is not None:
+            assert omega == scale
+        else:
+            assert 0.9 / lam_max < omega <= 1 / lam_max
+        step = np.eye(6) - omega * a
+        reference = omega * sum(
+            np.linalg.matrix_power(step, k) for k in range(degree + 1)
+        )
+        np.testing.assert_allclose(precond.as_matrix(), reference, rtol=1e-12)
+        assert lx.is_positive_semidefinite(precond)
+
+
+def test_neumann_bad_input():
+    operator = _psd(_spd(5))
+    with pytest.raises(ValueError, match="scale"):
+        lx.NeumannPreconditioner(operator, 2, -0.1)
+    with pytest.raises(ValueError, match="scale"):
+        lx.NeumannPreconditioner(lx.MatrixLinearOperator(_nonsymmetric(5)), 2)
+    in_struct = jax.ShapeDtypeStruct((2, 3), jnp.float64)
+    flat = lx.FunctionLinearOperator(lambda x: x.reshape(-1), in_struct)
+    with pytest.raises(ValueError, match="structures"):
+        lx.NeumannPreconditioner(flat, 2, 1.0)
+
+
+def test_polynomial_preconditioners_transpose_and_materialise():
+    a = _nonsymmetric(6)
+    struct = jax.ShapeDtypeStruct((6,), jnp.float64)
+    matrix = jnp.asarray(a)
+    operator = lx.FunctionLinearOperator(lambda x: matrix @ x, struct)
+    lam = np.linalg.eigvals(a).real
+    for precond in (
+        lx.ChebyshevPreconditioner(operator, 3, (0.5 * lam.min(), 1.5 * lam.max())),
+        lx.NeumannPreconditioner(operator, 3, 0.5 / lam.max()),
+    ):
+        dense = np.asarray(precond.as_matrix())
+        np.testing.assert_allclose(precond.T.as_matrix(), dense.T, rtol=1e-12)
+        materialised = lx.materialise(precond)
+        assert isinstance(materialised.operator, lx.MatrixLinearOperator)
+        np.testing.assert_allclose(materialised.as_matrix(), dense, rtol=1e-12)
+        assert not lx.is_symmetric(precond)
+
+
+def test_polynomial_preconditioners_cut_cg_iterations():
+    # Each application costs `degree` products, so iteration counts fall by less
+    # than the degree: ~(37, 12, 19) on this grid.
+    operator = _psd(_poisson_2d(20))
+    plain = _cg_steps(operator, None)
+    chebyshev = _cg_steps(operator, lx.ChebyshevPreconditioner(operator, 8))
+    neumann = _cg_steps(operator, lx.NeumannPreconditioner(operator, 4))
+    assert chebyshev < plain / 2.5, (plain, chebyshev)
+    assert neumann < plain / 1.5, (plain, neumann)
+
+
+def test_gradients_through_chebyshev_preconditioned_cg():
+    _grad_check(
+        lambda op: lx.ChebyshevPreconditioner(op, 3),
+        lx.CG(rtol=1e-12, atol=1e-12),
+        _spd(6),
+    )
+
+
+def test_gradients_through_neumann_preconditioned_gmres():
+    a = _nonsymmetric(6)
+    scale = 0.5 / np.abs(np.linalg.eigvals(a)).max()
+    _grad_check(
+        lambda op: lx.NeumannPreconditioner(op, 2, scale),
+        lx.GMRES(rtol=1e-12, atol=1e-12),
+        a,
+        tags=(),
+    )

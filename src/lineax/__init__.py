@@ -80,5 +80,7 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree
 from ._preconditioner import (
     AbstractPreconditioner as AbstractPreconditioner,
     BlockJacobiPreconditioner as BlockJacobiPreconditioner,
+    ChebyshevPreconditioner as ChebyshevPreconditioner,
     JacobiPreconditioner as JacobiPreconditioner,
+    NeumannPreconditioner as NeumannPreconditioner,
 )

@@ -1,3 +1,5 @@
 from .base import AbstractPreconditioner as AbstractPreconditioner
 from .block_jacobi import BlockJacobiPreconditioner as BlockJacobiPreconditioner
+from .chebyshev import ChebyshevPreconditioner as ChebyshevPreconditioner
 from .jacobi import JacobiPreconditioner as JacobiPreconditioner
+from .neumann import NeumannPreconditioner as NeumannPreconditioner

@@ -35,12 +35,16 @@ from .._misc import result_dtype, Static
 from .._operator.base import (
     AbstractLinearOperator,
     check_structures_equal,
+    concrete_arrays,
     flatten_vector,
+    is_cacheable,
     is_diagonal,
     is_negative_semidefinite,
     is_positive_semidefinite,
     is_symmetric,
     is_tridiagonal,
+    linearise,
+    materialise,
     matrix_by_mv,
     register_tag_predicates,
     unflatten_vector,
@@ -80,6 +84,84 @@ class AbstractPreconditioner(AbstractLinearOperator):
 
 
 register_tag_predicates(AbstractPreconditioner)
+
+
+class AbstractPolynomialPreconditioner(AbstractPreconditioner):
+    """A preconditioner `p(A)`, a polynomial in the operator `A`, applied with
+    `degree` matrix-vector products and nothing else: matrix-free, and as parallel
+    as `A`'s own `mv`.
+
+    `p(A)ᵀ = p(Aᵀ)`, so the transpose is the same polynomial in `A.transpose()`.
+    """
+
+    operator: eqx.AbstractVar[AbstractLinearOperator]
+
+    def transpose(self):
+        return replace_fields(
+            self,
+            operator=self.operator.transpose(),
+            input_structure=self.output_structure,
+            output_structure=self.input_structure,
+        )
+
+
+@materialise.register(AbstractPolynomialPreconditioner)
+def _(preconditioner):
+    return replace_fields(preconditioner, operator=materialise(preconditioner.operator))
+
+
+@linearise.register(AbstractPolynomialPreconditioner)
+def _(preconditioner):
+    return replace_fields(preconditioner, operator=linearise(preconditioner.operator))
+
+
+is_cacheable.register(AbstractPolynomialPreconditioner)(
+    lambda p: is_cacheable(p.operator) and concrete_arrays(p)
+)
+
+
+def check_degree(degree: Any) -> int:
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
+        raise ValueError(f"`degree` must be a non-negative int, got {degree!r}.")
+    return degree
+
+
+def spectrum_interval(
+    operator: AbstractLinearOperator,
+    steps: int,
+    key: PRNGKeyArray | None,
+    margin: float,
+    who: str,
+    argument: str,
+) -> tuple[Array, Array]:
+    """An interval `(lo, hi)` holding the spectrum of a symmetric definite operator,
+    from `steps` steps of Lanczos; the end of largest magnitude is pushed out by
+    `margin` (relative), since Ritz values are inner bounds and a polynomial
+    preconditioner tuned to too short an interval stops being definite beyond it.
+
+    The interval is a heuristic choice of polynomial, not a function to
+    differentiate: its gradient is stopped.
+    """
+    positive = is_positive_semidefinite(operator)
+    if not (
+        is_symmetric(operator) and (positive or is_negative_semidefinite(operator))
+    ):
+        raise ValueError(
+            f"`{who}` estimates the spectrum of the operator by Lanczos, which needs "
+            "a symmetric positive or negative definite operator (tag it "
+            "`lx.positive_semidefinite_tag` or `lx.negative_semidefinite_tag`); for "
+            f"any other operator pass `{argument}` explicitly."
+        )
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"`lanczos_steps` must be a positive int, got {steps!r}.")
+    if key is None:
+        key = jr.key(0)
+    dtype = result_dtype(operator.in_structure())
+    lo, hi = lanczos_extremes(flat_mv(operator), operator.in_size(), dtype, steps, key)
+    lo, hi = jax.lax.stop_gradient((lo, hi))
+    if positive:
+        return lo, hi * (1 + margin)
+    return lo * (1 + margin), hi
 
 
 def replace_fields(module: eqx.Module, **changes: Any) -> Any:
