@@ -424,3 +424,56 @@ def test_gradients_through_neumann_preconditioned_gmres():
         a,
         tags=(),
     )
+
+
+#
+# SSOR.
+#
+
+
+def _ssor_dense(a, omega):
+    d = np.diag(np.diag(a)) / omega
+    lower = np.tril(a, -1) + d
+    upper = np.triu(a, 1) + d
+    return (2 - omega) / omega * np.linalg.solve(upper, d @ np.linalg.inv(lower))
+
+
+@pytest.mark.parametrize("omega", [1.0, 1.5])
+def test_ssor_is_the_ssor_inverse(omega):
+    a = _nonsymmetric(6)
+    precond = lx.SSORPreconditioner(lx.MatrixLinearOperator(a), omega)
+    reference = _ssor_dense(a, omega)
+    np.testing.assert_allclose(precond.as_matrix(), reference, rtol=1e-10)
+    np.testing.assert_allclose(
+        precond.T.as_matrix(), _ssor_dense(a.T, omega), rtol=1e-10
+    )
+    np.testing.assert_allclose(precond.T.as_matrix(), reference.T, rtol=1e-10)
+    assert not lx.is_symmetric(precond)
+
+
+def test_ssor_tags_and_bad_input():
+    a = _spd(6)
+    precond = lx.SSORPreconditioner(_psd(a), 1.2)
+    assert lx.is_positive_semidefinite(precond) and lx.is_symmetric(precond)
+    dense = np.asarray(precond.as_matrix())
+    np.testing.assert_allclose(dense, dense.T, rtol=1e-10)
+    assert np.linalg.eigvalsh(dense).min() > 0
+    for omega in (0.0, 2.0, -1.0):
+        with pytest.raises(ValueError, match="omega"):
+            lx.SSORPreconditioner(_psd(a), omega)
+    struct = jax.ShapeDtypeStruct((6,), jnp.float64)
+    matrix_free = lx.FunctionLinearOperator(lambda x: jnp.asarray(a) @ x, struct)
+    with pytest.raises(ValueError, match="materialise"):
+        lx.SSORPreconditioner(matrix_free)
+
+
+def test_ssor_cuts_cg_iterations_and_gradients():
+    operator = _psd(_poisson_2d(20))
+    plain = _cg_steps(operator, None)
+    ssor = _cg_steps(operator, lx.SSORPreconditioner(operator, 1.5))
+    assert ssor < plain / 1.8, (plain, ssor)  # ~(37, 18)
+    _grad_check(
+        lambda op: lx.SSORPreconditioner(op, 1.3),
+        lx.CG(rtol=1e-12, atol=1e-12),
+        _spd(6),
+    )

@@ -83,4 +83,5 @@ from ._preconditioner import (
     ChebyshevPreconditioner as ChebyshevPreconditioner,
     JacobiPreconditioner as JacobiPreconditioner,
     NeumannPreconditioner as NeumannPreconditioner,
+    SSORPreconditioner as SSORPreconditioner,
 )

@@ -3,3 +3,4 @@ from .block_jacobi import BlockJacobiPreconditioner as BlockJacobiPreconditioner
 from .chebyshev import ChebyshevPreconditioner as ChebyshevPreconditioner
 from .jacobi import JacobiPreconditioner as JacobiPreconditioner
 from .neumann import NeumannPreconditioner as NeumannPreconditioner
+from .ssor import SSORPreconditioner as SSORPreconditioner
