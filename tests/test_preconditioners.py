@@ -477,3 +477,165 @@ def test_ssor_cuts_cg_iterations_and_gradients():
         lx.CG(rtol=1e-12, atol=1e-12),
         _spd(6),
     )
+
+
+#
+# Multigrid.
+#
+
+
+def _laplacian(u, h):
+    padded = jnp.pad(u, 1)
+    neighbours = (
+        padded[:-2, 1:-1] + padded[2:, 1:-1] + padded[1:-1, :-2] + padded[1:-1, 2:]
+    )
+    return (4 * u - neighbours) / h**2
+
+
+def _convection_diffusion(u, h):
+    # Upwinded convection to the right: not symmetric.
+    padded = jnp.pad(u, 1)
+    return _laplacian(u, h) + 20 * (u - padded[:-2, 1:-1]) / h
+
+
+def _stencil_matrix(stencil, n, h):
+    eye = jnp.eye(n * n).reshape(n * n, n, n)
+    return np.asarray(jax.vmap(lambda e: stencil(e, h).reshape(-1))(eye)).T
+
+
+def _interpolation_1d(n):
+    m = n // 2
+    p = np.zeros((n, m))
+    for j in range(m):
+        p[2 * j + 1, j] = 1
+        p[2 * j, j] = 0.5
+        if 2 * j + 2 < n:
+            p[2 * j + 2, j] = 0.5
+    return p
+
+
+@pytest.mark.parametrize("n", [7, 8])
+def test_multigrid_two_grid_is_the_dense_two_grid_cycle(n):
+    h = 0.1
+    precond = lx.MultigridPreconditioner(
+        _laplacian, (n, n), h, dtype=jnp.float64, levels=2, omega=0.8
+    )
+    a = _stencil_matrix(_laplacian, n, h)
+    coarse = _stencil_matrix(_laplacian, n // 2, 2 * h)
+    p = np.kron(_interpolation_1d(n), _interpolation_1d(n))
+    r = p.T / 4  # full weighting
+    smooth = 0.8 * np.diag(1 / np.diag(a))
+    # Two Jacobi sweeps from zero, exact coarse correction, two sweeps.
+    pre = smooth + smooth @ (np.eye(n * n) - a @ smooth)
+    step = np.eye(n * n) - smooth @ a
+    correct = np.eye(n * n) - p @ np.linalg.solve(coarse, r @ a)
+    cycle = step @ step @ correct @ (np.eye(n * n) - pre @ a)
+    reference = (np.eye(n * n) - cycle) @ np.linalg.inv(a)
+    np.testing.assert_allclose(precond.as_matrix(), reference, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("smoother", ["jacobi", "chebyshev"])
+def test_multigrid_symmetric_positive_definite_for_poisson(smoother):
+    n, h = 15, 1 / 16
+    precond = lx.MultigridPreconditioner(
+        _laplacian,
+        (n, n),
+        h,
+        dtype=jnp.float64,
+        tags=lx.positive_semidefinite_tag,
+        coarsest_size=16,
+        smoother=smoother,
+    )
+    assert precond.shapes == ((15, 15), (7, 7), (3, 3))
+    assert lx.is_positive_semidefinite(precond) and lx.is_symmetric(precond)
+    assert precond.T is precond
+    b = np.asarray(precond.as_matrix())
+    np.testing.assert_allclose(b, b.T, atol=1e-12 * np.abs(b).max())
+    # The V-cycle is a good approximate inverse: BA has spectrum close to 1.
+    spectrum = np.linalg.eigvals(b @ _stencil_matrix(_laplacian, n, h)).real
+    assert 0.6 < spectrum.min() and spectrum.max() < 1.0 + 1e-8
+
+
+def test_multigrid_cg_iterations_do_not_grow_with_the_grid():
+    steps = []
+    for n in (15, 31, 63):
+        h = 1 / (n + 1)
+        struct = jax.ShapeDtypeStruct((n, n), jnp.float64)
+        tags = lx.positive_semidefinite_tag
+        operator = lx.FunctionLinearOperator(ft.partial(_laplacian, h=h), struct, tags)
+        precond = lx.MultigridPreconditioner(
+            _laplacian, (n, n), h, dtype=jnp.float64, tags=tags
+        )
+        b = jnp.asarray(np.random.default_rng(n).normal(size=(n, n)))
+        solver = lx.CG(rtol=1e-8, atol=0.0)
+        sol = lx.linear_solve(operator, b, solver, options={"preconditioner": precond})
+        plain = lx.linear_solve(operator, b, solver)
+        np.testing.assert_allclose(sol.value, plain.value, rtol=1e-6, atol=1e-10)
+        steps.append(int(sol.stats["num_steps"]))
+        assert steps[-1] < int(plain.stats["num_steps"]) / 5
+    assert max(steps) <= 10, steps
+
+
+def test_multigrid_gmres_convection_diffusion_and_transpose():
+    n, h = 15, 1 / 16
+    struct = jax.ShapeDtypeStruct((n, n), jnp.float64)
+    operator = lx.FunctionLinearOperator(ft.partial(_convection_diffusion, h=h), struct)
+    precond = lx.MultigridPreconditioner(
+        _convection_diffusion, (n, n), h, dtype=jnp.float64
+    )
+    assert not lx.is_symmetric(precond)
+    dense = np.asarray(precond.as_matrix())
+    np.testing.assert_allclose(precond.T.as_matrix(), dense.T, rtol=1e-9, atol=1e-12)
+    b = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)))
+    solver = lx.GMRES(rtol=1e-8, atol=0.0, restart=20)
+    sol = lx.linear_solve(operator, b, solver, options={"preconditioner": precond})
+    plain = lx.linear_solve(operator, b, solver)
+    np.testing.assert_allclose(sol.value, plain.value, rtol=1e-6, atol=1e-10)
+    assert int(sol.stats["num_steps"]) < int(plain.stats["num_steps"]) / 3
+
+
+def test_multigrid_gradients_through_preconditioned_cg():
+    n, h = 7, 1 / 8
+    precond = lx.MultigridPreconditioner(
+        _laplacian, (n, n), h, dtype=jnp.float64, tags=lx.positive_semidefinite_tag
+    )
+    struct = jax.ShapeDtypeStruct((n, n), jnp.float64)
+    operator = lx.FunctionLinearOperator(
+        ft.partial(_laplacian, h=h), struct, lx.positive_semidefinite_tag
+    )
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(n, n)))
+    a = jnp.asarray(_stencil_matrix(_laplacian, n, h))
+
+    def iterative(b):
+        solver = lx.CG(rtol=1e-12, atol=1e-12)
+        options = {"preconditioner": precond}
+        return jnp.sum(w * lx.linear_solve(operator, b, solver, options=options).value)
+
+    def dense(b):
+        return jnp.sum(w * jnp.linalg.solve(a, b.reshape(-1)).reshape(n, n))
+
+    b = jnp.asarray(np.random.default_rng(2).normal(size=(n, n)))
+    np.testing.assert_allclose(
+        jax.grad(iterative)(b), jax.grad(dense)(b), rtol=1e-7, atol=1e-10
+    )
+
+
+def test_multigrid_bad_input():
+    def make(**kwargs):
+        args = dict(stencil=_laplacian, grid_shape=(8, 8), spacing=0.1)
+        return lx.MultigridPreconditioner(**(args | kwargs))
+
+    with pytest.raises(ValueError, match="smoother"):
+        make(smoother="gauss-seidel")
+    with pytest.raises(ValueError, match="chebyshev"):
+        make(smoother="chebyshev")  # no symmetric definite tag
+    with pytest.raises(ValueError, match="omega"):
+        make(omega=2.5)
+    with pytest.raises(ValueError, match="levels"):
+        make(levels=6)
+    with pytest.raises(ValueError, match="grid_shape"):
+        make(grid_shape=(0, 8))
+    with pytest.raises(ValueError, match="spacing"):
+        make(spacing=(0.1, 0.1, 0.1))
+    with pytest.raises(TypeError, match="stencil"):
+        make(stencil="laplacian")

@@ -82,6 +82,7 @@ from ._preconditioner import (
     BlockJacobiPreconditioner as BlockJacobiPreconditioner,
     ChebyshevPreconditioner as ChebyshevPreconditioner,
     JacobiPreconditioner as JacobiPreconditioner,
+    MultigridPreconditioner as MultigridPreconditioner,
     NeumannPreconditioner as NeumannPreconditioner,
     SSORPreconditioner as SSORPreconditioner,
 )
