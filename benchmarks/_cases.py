@@ -388,12 +388,16 @@ def _count_matvecs(mv):
     return counted, count
 
 
-def _krylov_case(method: str, N: int, dtype, rtol: float) -> Case:
+def _krylov_case(
+    method: str, N: int, dtype, rtol: float, shift: float = P.SHIFT
+) -> Case:
     convection = 0.0 if method == "CG" else P.CONVECTION
     problem = "poisson" if method == "CG" else "convdiff"
+    if shift != P.SHIFT:
+        problem += f"_shift{shift:g}"
     b = P.vector(N * N, 11)
     jax_solver = {"CG": jssl.cg, "GMRES": jssl.gmres, "BiCGStab": jssl.bicgstab}[method]
-    mv = P.stencil_mv(jnp, N, convection)
+    mv = P.stencil_mv(jnp, N, convection, shift)
 
     def jax_with(mv):
         def jax_fn(b):
@@ -439,13 +443,17 @@ def _krylov_case(method: str, N: int, dtype, rtol: float) -> Case:
 
         def check(lib_out, jax_out):
             out = {
-                "jax_residual": P.true_relative_residual(N, convection, jax_out, b),
+                "jax_residual": P.true_relative_residual(
+                    N, convection, jax_out, b, shift
+                ),
                 "jax_matvecs": matvecs(jax_with, (bd,)),
             }
             if lib_out is not None:
                 value, steps, ok = lib_out
                 out.update(
-                    lib_residual=P.true_relative_residual(N, convection, value, b),
+                    lib_residual=P.true_relative_residual(
+                        N, convection, value, b, shift
+                    ),
                     lib_steps=int(steps),
                     lib_successful=bool(ok),
                     lib_matvecs=matvecs(lib_with, lib_args),
@@ -468,7 +476,52 @@ def _krylov_case(method: str, N: int, dtype, rtol: float) -> Case:
         f"jax.scipy.sparse.linalg.{method.lower()}",
         build,
         run_target=1.0,
-        note=f"{N}x{N} grid, rtol={rtol:g}, atol=0, 2-norm",
+        note=f"{N}x{N} grid, shift {shift:g}, rtol={rtol:g}, atol=0, 2-norm",
+    )
+
+
+def _lsmr_case(m: int, n: int, cond: float, dtype, rtol: float) -> Case:
+    """LSMR on a dense least-squares problem against `jnp.linalg.lstsq`; the
+    "residuals" are the normal-equations residuals ||A^T r|| / (||A|| ||r||)."""
+    A, b = P.conditioned_tall_matrix(m, n, cond, 14), P.vector(m, 15)
+
+    def jax_fn(A, b):
+        return jnp.linalg.lstsq(A, b)[0]
+
+    def build():
+        Ad, bd = _put(A, dtype), _put(b, dtype)
+
+        def make_lib():
+            Op, solve = _lx("MatrixLinearOperator"), _lx("linear_solve")
+            successful = _lx("RESULTS").successful
+            solver = _lx("LSMR")(rtol=rtol, atol=0.0)
+
+            def lib_fn(A, b):
+                sol = solve(Op(A), b, solver, throw=False)
+                return (sol.value, sol.stats["num_steps"], sol.result == successful)
+
+            return lib_fn, (Ad, bd)
+
+        def check(lib_out, jax_out):
+            out = {"jax_residual": P.normal_equations_residual(Ad, jax_out, bd)}
+            if lib_out is not None:
+                value, steps, ok = lib_out
+                out.update(
+                    lib_residual=P.normal_equations_residual(Ad, value, bd),
+                    lib_steps=int(steps),
+                    lib_successful=bool(ok),
+                    rel_diff=_rel_diff(value, jax_out),
+                )
+            return out
+
+        return _lib_side(dict(jax_fn=jax_fn, jax_args=(Ad, bd), check=check), make_lib)
+
+    return Case(
+        f"lsmr_tall_{m}x{n}_cond{cond:g}",
+        "krylov",
+        "jnp.linalg.lstsq",
+        build,
+        note=f"cond {cond:g}, rtol={rtol:g}, atol=0; residual: ||A^T r||/(||A|| ||r||)",
     )
 
 
@@ -520,6 +573,8 @@ SIZES = {
         many_rhs=((500, 100),),
         tridiag=(10_000,),
         krylov=(64, 256),
+        krylov_floor=(256, 512),
+        lsmr=(2000, 400),
         unjitted=10,
     ),
     "gpu": dict(
@@ -530,6 +585,8 @@ SIZES = {
         many_rhs=((4096, 100),),
         tridiag=(1_000_000,),
         krylov=(256, 1024),
+        krylov_floor=(256, 512, 1024),
+        lsmr=(2000, 400),
         unjitted=10,
     ),
 }
@@ -551,5 +608,10 @@ def all_cases(scale: str, x64: bool) -> list[Case]:
     for N in s["krylov"]:
         for method in ("CG", "GMRES", "BiCGStab"):
             cases.append(_krylov_case(method, N, dtype, rtol))
+    # Below the float32 floor (issue: CG diverged here): a nearly singular Poisson
+    # operator with rtol 1e-5, and a least-squares problem with rtol 1e-7.
+    for N in s["krylov_floor"]:
+        cases.append(_krylov_case("CG", N, dtype, 1e-5, shift=1e-4))
+    cases.append(_lsmr_case(*s["lsmr"], 1e3, dtype, 1e-7))
     cases.append(_unjitted_case(s["unjitted"], dtype))
     return cases

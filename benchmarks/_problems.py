@@ -44,13 +44,14 @@ SHIFT = 0.05  # the "+ 0.05 I" that keeps the Poisson operator definite
 CONVECTION = 1.0  # upwind convection velocity (x direction), grid units
 
 
-def stencil_mv(xp, N: int, convection: float):
+def stencil_mv(xp, N: int, convection: float, shift: float = SHIFT):
     """The matrix-free operator `x -> A x` on an N x N grid, written for either
     NumPy or jax.numpy (`xp`).
 
     A = 5-point Laplacian (Dirichlet, unscaled: 4 on the diagonal, -1 to each
-    neighbour) + SHIFT * I, plus, when `convection != 0`, a first-order upwind
-    convection term `c (u[i, j] - u[i, j - 1])`, which makes A non-symmetric.
+    neighbour) + shift * I (default SHIFT), plus, when `convection != 0`, a
+    first-order upwind convection term `c (u[i, j] - u[i, j - 1])`, which makes A
+    non-symmetric.
     """
 
     def mv(x):
@@ -58,7 +59,7 @@ def stencil_mv(xp, N: int, convection: float):
         p = xp.pad(u, 1)
         up, down = p[:-2, 1:-1], p[2:, 1:-1]
         left, right = p[1:-1, :-2], p[1:-1, 2:]
-        out = (4.0 + SHIFT) * u - up - down - left - right
+        out = (4.0 + shift) * u - up - down - left - right
         if convection != 0.0:
             out = out + convection * (u - left)
         return out.reshape(N * N)
@@ -66,9 +67,28 @@ def stencil_mv(xp, N: int, convection: float):
     return mv
 
 
-def true_relative_residual(N: int, convection: float, x, b) -> float:
+def true_relative_residual(
+    N: int, convection: float, x, b, shift: float = SHIFT
+) -> float:
     """||b - A x||_2 / ||b||_2, evaluated in float64 with NumPy."""
-    mv = stencil_mv(np, N, convection)
+    mv = stencil_mv(np, N, convection, shift)
     x = np.asarray(x, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(b - mv(x)) / np.linalg.norm(b))
+
+
+def conditioned_tall_matrix(m: int, n: int, cond: float, seed: int) -> np.ndarray:
+    """An m x n matrix with singular values spaced logarithmically from 1 to
+    1 / cond, and random singular vectors."""
+    r = rng(seed)
+    left, _ = np.linalg.qr(r.normal(size=(m, n)))
+    right, _ = np.linalg.qr(r.normal(size=(n, n)))
+    return (left * np.logspace(0, -np.log10(cond), n)) @ right.T
+
+
+def normal_equations_residual(A, x, b) -> float:
+    """||A^T (b - A x)||_2 / (||A||_F ||b - A x||_2), in float64 with NumPy: the
+    least-squares optimality of x (LSMR's second stopping test)."""
+    A = np.asarray(A, np.float64)
+    r = np.asarray(b, np.float64) - A @ np.asarray(x, np.float64)
+    return float(np.linalg.norm(A.T @ r) / (np.linalg.norm(A) * np.linalg.norm(r)))

@@ -61,7 +61,13 @@ def test_small_square(name, make, kind, tags, dtype):
     expected = np.linalg.solve(matrix, b)
     scale = np.linalg.cond(matrix) * (10 if name.startswith("Normal") else 1)
     np.testing.assert_allclose(sol.value, expected, rtol=0, atol=50 * tol * scale)
-    assert set(sol.stats) == {"num_steps", "max_steps"}
+    assert set(sol.stats) == {
+        "num_steps",
+        "max_steps",
+        "num_mv",
+        "residual_norm",
+        "residual_history",
+    }
     assert 0 < int(sol.stats["num_steps"]) <= int(sol.stats["max_steps"])
     assert int(sol.stats["max_steps"]) == 10 * matrix.shape[0]
 

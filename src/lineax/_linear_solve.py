@@ -217,6 +217,12 @@ def _linear_solve(operator, vector, solver, options, state, throw) -> Solution:
         raise TypeError(f"`throw` must be a bool, got {type(throw).__name__}.")
     vector = _check_vector(operator, vector)
     options = _check_options(options, solver)
+    # Hook: a solver may pose its problem as a different linear solve, so that the
+    # primitive's generic derivative rules apply to the problem it really solves
+    # (damped LSMR: the least-squares solve of [A; damp I] x = (b, 0)).
+    reformulate = getattr(solver, "reformulate", None)
+    if reformulate is not None:
+        operator, vector, options = reformulate(operator, vector, options)
     if state is _sentinel:
         # The state is a function of the operator, but derivatives are taken by
         # the primitive's JVP rule with respect to `operator` directly; stopping

@@ -37,9 +37,13 @@ class RESULTS(eqxi.Enumeration):
         "or `lx.SVD()`, or supply a preconditioner."
     )
     stagnation = (
-        "The iterative solver stagnated: its residual stopped decreasing before "
-        "reaching the tolerance. Try a preconditioner, a larger `restart` for "
-        "GMRES, looser tolerances, or a direct solver."
+        "The iterative solver stagnated: its true residual stopped decreasing "
+        "before reaching the tolerance (the best iterate is returned, with its "
+        "residual in `stats['residual_norm']`). Usually the tolerance is below "
+        "what the dtype can reach: the smallest reachable relative residual is "
+        "about eps * cond(A) (eps = 1.2e-7 in float32). Try float64, a "
+        "preconditioner, looser tolerances, a larger `restart` for GMRES, or a "
+        "direct solver."
     )
     conlim = (
         "The condition number of the operator exceeded `conlim`: the problem is too "
@@ -60,8 +64,11 @@ class Solution(eqx.Module):
 
     - `value`: the solution, a PyTree with the structure of the operator's input.
     - `result`: a [`lineax.RESULTS`][] saying whether the solve succeeded.
-    - `stats`: a dictionary of statistics. Iterative solvers give `num_steps` and
-        `max_steps`.
+    - `stats`: a dictionary of statistics. Iterative solvers give `num_steps`,
+        `max_steps`, `num_mv` (operator applications), `residual_norm` (the true
+        residual of `value`, in the solver's norm) and `residual_history` (the
+        residual estimate after each step, NaN after the last; see "Iterative
+        solvers" in the docs).
     - `state`: the solver state that was used (from `solver.init`), which may be
         passed back to `linear_solve(..., state=...)` to reuse a factorisation.
     """

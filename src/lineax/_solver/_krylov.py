@@ -15,17 +15,30 @@ Every Krylov solver in lineax follows the same contract:
 - Breakdown tests compare a quantity with the norms of the vectors it was computed
   from (cosines, relative sizes), never with absolute thresholds, so they do not
   depend on the scale or the size of the problem.
+- The outer loop is one helper, `iterate`, shared by every method: it runs the
+  method's inner iteration for a pass, verifies on a true residual, keeps the best
+  iterate by true residual (returned whenever the solve does not succeed), adapts
+  the inner threshold with one rule, and stops on stagnation (no new best true
+  residual in `patience` verifications) with `RESULTS.stagnation`. Each pass makes
+  at least one step, so every pass makes progress and the loop ends within
+  `max_steps` steps plus one verification per pass.
+- The right-hand side is scaled by a power of two (exact in floating point) before
+  the iteration, so `b` and `2^k b` give bit-identical iterations and `1e±20 b`
+  the same iteration count, and in-loop norms neither overflow nor underflow.
 - Loops are `lax.while_loop`s. Under `vmap`, JAX runs a batched loop until every
   element is done and keeps the carry of finished elements unchanged (it selects
   between the old and new carry with the per-element predicate), so each element
   stops on its own; the bodies avoid producing NaN for finished elements anyway.
 """
 
+import dataclasses
+import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import equinox as eqx
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from equinox import AbstractVar
@@ -102,11 +115,13 @@ def eps_of(structure: PyTree[jax.ShapeDtypeStruct]) -> float:
 
 class KrylovState(eqx.Module):
     """State of the Krylov solvers: the operator itself (a Krylov solver does no
-    up-front work), and whether it is solved as its negation (CG on a negative
-    definite operator)."""
+    up-front work), whether it is solved as its negation (CG on a negative
+    definite operator), and whether the `preconditioner` option applies on the left
+    (LSMR's transposed solve: see `AbstractKrylovSolver.transpose`)."""
 
     operator: AbstractLinearOperator
     negative: bool = eqx.field(static=True, default=False)
+    left: bool = eqx.field(static=True, default=False)
 
 
 def check_structure(
@@ -121,14 +136,18 @@ def check_structure(
 
 
 def preconditioner_of(
-    options: dict[str, Any], operator: AbstractLinearOperator, right: bool = False
+    options: dict[str, Any],
+    operator: AbstractLinearOperator,
+    right: bool = False,
+    left: bool = False,
 ) -> AbstractLinearOperator | None:
     """The `preconditioner` option, checked; `None` means the identity (and costs
     nothing: no identity operator is applied).
 
     A preconditioner approximates the inverse of `operator`, so maps its output
     space to its input space; with `right=True` (LSMR) it maps the input space to
-    itself.
+    itself, and with `right=True, left=True` (LSMR's transposed solve) the output
+    space to itself.
     """
     precond = options.get("preconditioner", None)
     if precond is None:
@@ -139,17 +158,25 @@ def preconditioner_of(
             "(approximating the inverse of the operator), got "
             f"{type(precond).__name__}."
         )
+    if right and left:
+        space, name = operator.out_structure(), "output"
+        in_space, in_name = space, name
+    elif right:
+        space, name = operator.in_structure(), "input"
+        in_space, in_name = space, name
+    else:
+        space, name = operator.in_structure(), "input"
+        in_space, in_name = operator.out_structure(), "output"
     check_structure(
         precond.in_structure(),
-        operator.in_structure() if right else operator.out_structure(),
-        "The `preconditioner`'s input structure must be the operator's "
-        + ("input" if right else "output")
-        + " structure",
+        in_space,
+        f"The `preconditioner`'s input structure must be the operator's {in_name} "
+        "structure",
     )
     check_structure(
         precond.out_structure(),
-        operator.in_structure(),
-        "The `preconditioner`'s output structure must be the operator's input "
+        space,
+        f"The `preconditioner`'s output structure must be the operator's {name} "
         "structure",
     )
     return precond
@@ -183,12 +210,12 @@ def initial_residual(
     return y0, tree_sub(vector, mv(y0))
 
 
-def transpose_options(options: dict[str, Any], keep_preconditioner: bool = True):
+def transpose_options(options: dict[str, Any]):
     """Options for the transposed solve: the preconditioner transposed, `y0` dropped
     (it is an initial guess for a different problem, of a different structure)."""
     new = {k: v for k, v in options.items() if k not in ("y0", "preconditioner")}
     precond = options.get("preconditioner", None)
-    if precond is not None and keep_preconditioner:
+    if precond is not None:
         new["preconditioner"] = precond.transpose()
     return new
 
@@ -210,13 +237,19 @@ def conj_options(options: dict[str, Any]):
 
 class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
     """Shared behaviour of the Krylov solvers: checked tolerances (`rtol`, `atol`),
-    the `norm` of the stopping rule, and `max_steps` (`None`: 10 × the problem
-    size)."""
+    the `norm` of the stopping rule, `max_steps` (`None`: 10 × the problem size),
+    the residual history (`history_length`), the progress print (`verbose`), and
+    `transpose`/`conj` of the state."""
 
     rtol: AbstractVar[float]
     atol: AbstractVar[float]
     norm: AbstractVar[Callable[[PyTree[Array]], Scalar]]
     max_steps: AbstractVar[int | None]
+    history_length: AbstractVar[int | None]
+    verbose: AbstractVar[bool | int]
+
+    # Whether the `preconditioner` option acts on the operator's input space (LSMR).
+    right_preconditioned = False
 
     def __check_init__(self):
         for name in ("rtol", "atol"):
@@ -228,32 +261,39 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
                 )
             if not value >= 0:
                 raise ValueError(f"`{name}` must be nonnegative, got {value}.")
-        if self.max_steps is not None and (
-            isinstance(self.max_steps, bool)
-            or not isinstance(self.max_steps, int)
-            or self.max_steps < 0
-        ):
-            raise ValueError(
-                "`max_steps` must be None or a nonnegative int, got "
-                f"{self.max_steps!r}."
-            )
+        for name in ("max_steps", "history_length"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
+                raise ValueError(
+                    f"`{name}` must be None or a nonnegative int, got {value!r}."
+                )
         if self.rtol == 0 and self.atol == 0 and self.max_steps is None:
             raise ValueError(
                 "`rtol` and `atol` are both zero and `max_steps` is None: the solver "
-                "could never stop. Set a nonzero `rtol` or `atol`, or a `max_steps`."
+                "could never stop. Set a nonzero `rtol` or `atol`, or a `max_steps` "
+                "(with both tolerances zero, exactly `max_steps` steps are made)."
             )
         if not callable(self.norm):
             raise TypeError(f"`norm` must be callable, got {type(self.norm).__name__}.")
+        if not isinstance(self.verbose, (bool, int)) or self.verbose < 0:
+            raise ValueError(
+                "`verbose` must be a bool or a nonnegative int (print every that "
+                f"many steps), got {self.verbose!r}."
+            )
 
     def checked_options(
         self,
         operator: AbstractLinearOperator,
         options: dict[str, Any],
-        right_preconditioner: bool = False,
+        left: bool = False,
     ) -> tuple[AbstractLinearOperator | None, PyTree[Array] | None]:
         """`(preconditioner, y0)` from `options`, checked against the operator
         (called from `init` too, so that bad options fail before any solve)."""
-        precond = preconditioner_of(options, operator, right=right_preconditioner)
+        precond = preconditioner_of(
+            options, operator, right=self.right_preconditioned, left=left
+        )
         return precond, y0_of(options, operator)
 
     def resolve_max_steps(self, operator: AbstractLinearOperator) -> int:
@@ -265,12 +305,85 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         """`atol + rtol * norm(b)`: the bound on `norm(b - A y)` that is success."""
         return self.atol + self.rtol * self.norm(vector)
 
+    def problem(
+        self,
+        operator: AbstractLinearOperator,
+        vector: PyTree[Array],
+        y0: PyTree[Array] | None,
+        mv: Callable | None = None,
+    ) -> "Problem":
+        """The scaled problem a method iterates on (see `Problem`)."""
+        mv = operator.mv if mv is None else mv
+        structure = operator.in_structure()
+        rdtype = real_dtype(structure)
+        scale = _power_of_two_scale(vector, rdtype)
+        vector = tree_scale(1 / scale, vector)
+        if y0 is not None:
+            y0 = tree_scale(1 / scale, y0)
+        x0, r0 = initial_residual(mv, vector, y0, structure)
+        tol = self.atol / scale + self.rtol * self.norm(vector)
+        return Problem(
+            mv=mv,
+            vector=vector,
+            x0=x0,
+            r0=r0,
+            tol=tol.astype(rdtype),
+            scale=scale,
+            max_steps=self.resolve_max_steps(operator),
+            fixed=self.rtol == 0 and self.atol == 0,
+            eps=eps_of(structure),
+            rdtype=rdtype,
+            initial_mv=0 if y0 is None else 1,
+        )
 
-def stats_of(num_steps: Array, max_steps: int) -> dict[str, Array]:
-    return {
-        "num_steps": num_steps,
-        "max_steps": jnp.asarray(max_steps, dtype=num_steps.dtype),
-    }
+    def transpose(self, state: KrylovState, options: dict[str, Any]):
+        # A right preconditioner `N` of `A` (`A N` well conditioned) is a left
+        # preconditioner `N^T` of `A^T` (`N^T A^T` well conditioned): for the
+        # consistent transposed system of a full-column-rank `A`, left
+        # preconditioning keeps the minimum-norm solution.
+        left = (not state.left) if self.right_preconditioned else state.left
+        new = KrylovState(state.operator.transpose(), state.negative, left)
+        return new, transpose_options(options)
+
+    def conj(self, state: KrylovState, options: dict[str, Any]):
+        new = KrylovState(conj(state.operator), state.negative, state.left)
+        return new, conj_options(options)
+
+    def assume_full_rank(self) -> bool:
+        return True
+
+
+def _power_of_two_scale(vector: PyTree[Array], rdtype: Any) -> Array:
+    """`2^e` with `max|b| = m 2^e`, `0.5 <= m < 1`; 1 for a zero or non-finite `b`."""
+    leaves = jtu.tree_leaves(vector)
+    if len(leaves) == 0:
+        return jnp.ones((), rdtype)
+    big = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(rdtype) for x in leaves]))
+    usable = (big > 0) & jnp.isfinite(big)
+    _, exponent = jnp.frexp(jnp.where(usable, big, 1))
+    return jnp.where(usable, jnp.ldexp(jnp.ones((), rdtype), exponent), 1).astype(
+        rdtype
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A Krylov solve as a method iterates on it: the right-hand side divided by
+    `scale` (a power of two), the initial iterate and residual, the tolerance in
+    those units, and the step budget. `fixed` means `rtol = atol = 0`: exactly
+    `max_steps` steps, reported successful (a fixed-iteration inexact solve)."""
+
+    mv: Callable[[PyTree[Array]], PyTree[Array]]
+    vector: PyTree[Array]
+    x0: PyTree[Array]
+    r0: PyTree[Array]
+    tol: Array
+    scale: Array
+    max_steps: int
+    fixed: bool
+    eps: float
+    rdtype: Any
+    initial_mv: int
 
 
 def result_of(
@@ -290,7 +403,7 @@ def result_of(
 def adapted_tolerance(
     estimate: Array, true_norm: Array, tol: Array, factor: Array
 ) -> Array:
-    """The threshold for a solver's cheap 2-norm residual estimate that should mean
+    """The threshold for a solver's cheap residual estimate that should mean
     `norm(r) <= tol`.
 
     At a verification point we know both the estimate and the true `norm(r)`, so
@@ -301,3 +414,270 @@ def adapted_tolerance(
     """
     ratio = jnp.minimum(factor, safe_div(tol, true_norm))
     return estimate * ratio
+
+
+#
+# The shared outer loop.
+#
+
+
+_Carry = TypeVar("_Carry")
+
+# Verifications in a row without a new best true residual after which the solve
+# stops with `stagnation` (GMRES: its `stagnation_iters`).
+PATIENCE = 20
+# Default bound on the length of `stats["residual_history"]`.
+HISTORY_CAP = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Iteration(Generic[_Carry]):
+    """What a Krylov method gives the shared outer loop, `iterate`.
+
+    - `step`: one step (`mv_per_step` operator products).
+    - `estimate`: the method's cheap residual estimate (recorded in
+        `residual_history`, and compared with the adapted tolerance to end a pass).
+    - `solution`: the current iterate.
+    - `restart`: the carry to continue from after a verification that failed,
+        given the iterate, its true residual and whether the pass ended on the
+        estimate (rather than on `pass_length`).
+    - `halted`: no further progress is possible (a breakdown, an invariant Krylov
+        space, an estimated condition number over a limit); `halt_result` says
+        which. A `restart` may clear it.
+    - `settled`: an extra, method-specific reason to end a pass and verify, given
+        the current tightening `factor` (LSMR's normal-equations estimate).
+    - `ends_pass`: the pass cannot go on (GMRES: the Krylov space became
+        invariant); unlike `halted`, the next pass starts afresh after `restart`.
+    - `accept`: an extra success test on a true residual (LSMR's normal-equations
+        test), given the carry, the iterate and its residual.
+    - `pass_length`: the most steps per pass (CG's residual replacement, GMRES's
+        restart length); `None`: a pass ends only on the estimate.
+    - `verify_mv`: operator products per verification.
+    - `patience`: verifications without a new best true residual before
+        `stagnation`.
+    """
+
+    step: Callable[[_Carry], _Carry]
+    estimate: Callable[[_Carry], Array]
+    solution: Callable[[_Carry], PyTree[Array]]
+    restart: Callable[[_Carry, PyTree[Array], PyTree[Array], Array], _Carry]
+    halted: Callable[[_Carry], Array] | None = None
+    halt_result: Any = dataclasses.field(default_factory=lambda: RESULTS.breakdown)
+    # (a `RESULTS` member, or a function of the carry giving one)
+    settled: Callable[[_Carry, Array], Array] | None = None
+    ends_pass: Callable[[_Carry], Array] | None = None
+    accept: Callable[[_Carry, PyTree[Array], PyTree[Array]], Array] | None = None
+    mv_per_step: int = 1
+    verify_mv: int = 1
+    pass_length: int | None = None
+    patience: int = PATIENCE
+
+
+class _Pass(eqx.Module):
+    """The carry of a pass: the method's own carry plus the step bookkeeping."""
+
+    carry: Any
+    k: Array  # steps in this pass
+    steps: Array  # steps in total
+    history: Array
+
+
+class _Loop(eqx.Module):
+    """The outer loop's carry."""
+
+    inner: _Pass
+    rnorm: Scalar  # norm of the last true residual
+    best_x: PyTree[Array]  # the iterate with the smallest true residual so far
+    best_rnorm: Scalar
+    factor: Scalar  # tightening of the adapted tolerance
+    since_best: Array  # verifications since `best_rnorm` last decreased
+    verifications: Array
+    converged: Array
+
+
+def _history_layout(max_steps: int, history_length: int | None) -> tuple[int, int]:
+    """`(length, every)`: step `s` is recorded at index `s // every - 1`."""
+    if history_length is None:
+        history_length = min(max_steps, HISTORY_CAP)
+    if history_length == 0 or max_steps == 0:
+        return 0, 1
+    every = max(1, math.ceil(max_steps / history_length))
+    return math.ceil(max_steps / every), every
+
+
+def _record(history: Array, steps: Array, value: Array, every: int) -> Array:
+    if history.shape[0] == 0:
+        return history
+    index = steps // every - 1
+    value = value.astype(history.dtype)
+    if every > 1:
+        keep = lax.dynamic_index_in_dim(history, index, 0, keepdims=False)
+        value = jnp.where(steps % every == 0, value, keep)
+    return lax.dynamic_update_index_in_dim(history, value, index, 0)
+
+
+def _print_progress(steps, estimate, tol, scale):
+    print(
+        f"lineax Krylov: step {int(steps)}, residual estimate "
+        f"{float(estimate * scale):.3e}, target {float(tol * scale):.3e}"
+    )
+
+
+def iterate(
+    solver: AbstractKrylovSolver,
+    problem: Problem,
+    method: Iteration,
+    carry: Any,
+    rnorm: Array | None = None,
+) -> tuple[PyTree[Array], RESULTS, dict[str, Array]]:
+    """Run `method` from `carry` (whose iterate is `problem.x0`) with the shared
+    verify-then-tighten outer loop, and return `(solution, result, stats)` in the
+    units of the original problem.
+
+    Each pass runs `method.step` until the estimate passes the adapted tolerance
+    (at least one step), then recomputes `b - A y` (`rnorm`, the solver's norm) and
+    decides: success, a new best iterate, tightening, stagnation, or a restart.
+    `rnorm` is the norm of `problem.r0` if the caller already has it.
+    """
+    p = problem
+    norm = solver.norm
+    tol = p.tol
+    max_steps = p.max_steps
+    length, every = _history_layout(max_steps, solver.history_length)
+    verbose = int(solver.verbose)
+    pass_length = method.pass_length
+
+    def halted(c):
+        return jnp.array(False) if method.halted is None else method.halted(c)
+
+    def inner_step(q: _Pass) -> _Pass:
+        c = method.step(q.carry)
+        steps = q.steps + 1
+        estimate = method.estimate(c)
+        history = _record(q.history, steps, estimate, every)
+        if verbose:
+            lax.cond(
+                steps % verbose == 0,
+                lambda: jax.debug.callback(
+                    _print_progress, steps, estimate, tol, p.scale
+                ),
+                lambda: None,
+            )
+        return _Pass(c, q.k + 1, steps, history)
+
+    def outer_body(o: _Loop) -> _Loop:
+        start = o.inner.carry
+        inner_tol = adapted_tolerance(method.estimate(start), o.rnorm, tol, o.factor)
+
+        def inner_running(q: _Pass):
+            c = q.carry
+            # The first step of a pass is always made: every pass makes progress,
+            # whatever the (possibly underflowed) estimate says.
+            go = (q.k == 0) | (method.estimate(c) > inner_tol)
+            if method.settled is not None:
+                go = go & ((q.k == 0) | ~method.settled(c, o.factor))
+            if method.ends_pass is not None:
+                go = go & ((q.k == 0) | ~method.ends_pass(c))
+            if pass_length is not None:
+                go = go & (q.k < pass_length)
+            return go & ~halted(c) & (q.steps < max_steps)
+
+        q = lax.while_loop(
+            inner_running,
+            inner_step,
+            eqx.tree_at(lambda q: q.k, o.inner, jnp.array(0, jnp.int32)),
+        )
+        c = q.carry
+        x = method.solution(c)
+        r = tree_sub(p.vector, p.mv(x))
+        rnorm = norm(r)
+        converged = rnorm <= tol
+        if method.accept is not None:
+            converged = converged | method.accept(c, x, r)
+        improved = rnorm < o.best_rnorm
+        # A converged iterate is returned, so it is kept as the "best" one.
+        best_x = tree_where(improved | converged, x, o.best_x)
+        best_rnorm = jnp.where(improved, rnorm, o.best_rnorm)
+        since_best = jnp.where(improved, 0, o.since_best + 1)
+        passed = method.estimate(c) <= inner_tol
+        if method.settled is not None:
+            passed = passed | method.settled(c, o.factor)
+        factor = jnp.where(
+            passed & ~converged,
+            jnp.maximum(p.eps, 0.5 * o.factor),
+            jnp.minimum(1, 1.5 * o.factor),
+        ).astype(o.factor.dtype)
+        c = method.restart(c, x, r, passed)
+        return _Loop(
+            _Pass(c, q.k, q.steps, q.history),
+            rnorm,
+            best_x,
+            best_rnorm,
+            factor,
+            since_best,
+            o.verifications + 1,
+            converged,
+        )
+
+    if rnorm is None:
+        rnorm = norm(p.r0)
+    rnorm = rnorm.astype(p.rdtype)
+    history = jnp.full((length,), jnp.nan, p.rdtype)
+    zero = jnp.array(0, jnp.int32)
+    loop = _Loop(
+        _Pass(carry, zero, zero, history),
+        rnorm,
+        p.x0,
+        rnorm,
+        jnp.ones((), p.rdtype),
+        zero,
+        zero,
+        rnorm <= tol,
+    )
+
+    def running(o: _Loop):
+        go = (
+            ~o.converged
+            & ~halted(o.inner.carry)
+            & (o.inner.steps < max_steps)
+            & jnp.isfinite(o.rnorm)
+        )
+        if not p.fixed:
+            go = go & (o.since_best < method.patience)
+        return go
+
+    loop = lax.while_loop(running, outer_body, loop)
+    stop = halted(loop.inner.carry)
+    nonfinite = ~jnp.isfinite(loop.rnorm)
+    stagnation = loop.since_best >= method.patience
+    halt_result = method.halt_result
+    if callable(halt_result):
+        halt_result = halt_result(loop.inner.carry)
+    if p.fixed:
+        # A fixed-iteration solve succeeds when it made its steps, or stopped early
+        # because the method can go no further (an exhausted Krylov space), but not
+        # on a breakdown.
+        converged = loop.converged | ~(
+            nonfinite | (stop & (halt_result == RESULTS.breakdown))
+        )
+        stagnation = jnp.array(False)
+    else:
+        converged = loop.converged
+    # Converged: the last iterate (it passed); otherwise the best one seen.
+    value = loop.best_x
+    value_rnorm = jnp.where(loop.converged, loop.rnorm, loop.best_rnorm)
+    result = RESULTS.where(stop, halt_result, RESULTS.max_steps_reached)
+    result = RESULTS.where(nonfinite, RESULTS.breakdown, result)
+    result = RESULTS.where(stagnation & ~stop, RESULTS.stagnation, result)
+    result = RESULTS.where(converged, RESULTS.successful, result)
+    steps = loop.inner.steps
+    verify_mv = method.verify_mv * loop.verifications
+    num_mv = p.initial_mv + method.mv_per_step * steps + verify_mv
+    stats = {
+        "num_steps": steps,
+        "max_steps": jnp.asarray(max_steps, jnp.int32),
+        "num_mv": num_mv,
+        "residual_norm": value_rnorm * p.scale,
+        "residual_history": loop.inner.history * p.scale,
+    }
+    return tree_scale(p.scale, value), result, stats

@@ -34,6 +34,11 @@ class AutoState(eqx.Module):
 
 
 def _square_solver(operator: AbstractLinearOperator) -> AbstractLinearSolver:
+    # Operator types with a structure-exploiting solve (see `_structured.py`).
+    from ._structured import structured_solver
+
+    if (structured := structured_solver(operator)) is not None:
+        return structured
     # Cheapest first: O(n), O(n), O(n^2), then the O(n^3) factorisations.
     if is_diagonal(operator):
         return Diagonal(well_posed=True)

@@ -4,26 +4,20 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
-import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree, Scalar
 
 from .._norm import max_norm, tree_dot, two_norm
-from .._operator.base import AbstractLinearOperator, conj
+from .._operator.base import AbstractLinearOperator
 from ._krylov import (
     AbstractKrylovSolver,
     apply,
-    conj_options,
-    eps_of,
-    initial_residual,
+    iterate,
+    Iteration,
     KrylovState,
     norm2,
-    result_of,
     safe_div,
-    stats_of,
-    transpose_options,
     tree_axpy,
-    tree_sub,
     tree_where,
 )
 from .base import check_square
@@ -42,7 +36,6 @@ class _Carry(eqx.Module):
     omega: Scalar
     rnorm: Scalar
     restart: Array  # start the next step afresh from the current residual
-    steps: Array
     breakdown: Array
 
 
@@ -58,7 +51,10 @@ class BiCGStab(AbstractKrylovSolver):
     the new shadow vector; only if a freshly restarted step breaks down again is
     [`lineax.RESULTS.breakdown`][] returned. When the recursively updated residual
     passes the tolerance, the true residual `b - A y` is recomputed, and the
-    iteration is restarted from it if it fails.
+    iteration is restarted from it if it fails. The true residual is also checked
+    every 50 steps (without a restart); the iterate with the smallest one is
+    returned if the solve does not succeed, and no new best in 20 checks in a row
+    stops the solve with [`lineax.RESULTS.stagnation`][].
 
     **Arguments:**
 
@@ -67,6 +63,7 @@ class BiCGStab(AbstractKrylovSolver):
     - `norm`: the norm of that test. Defaults to the max norm.
     - `max_steps`: the maximum number of steps (two matrix-vector products each).
         `None` means 10 × the problem size.
+    - `history_length`, `verbose`: as for [`lineax.CG`][].
 
     **Options:**
 
@@ -79,6 +76,8 @@ class BiCGStab(AbstractKrylovSolver):
     atol: float = eqx.field(static=True)
     norm: Callable[[PyTree[Array]], Scalar] = eqx.field(static=True, default=max_norm)
     max_steps: int | None = eqx.field(static=True, default=None)
+    history_length: int | None = eqx.field(static=True, default=None)
+    verbose: bool | int = eqx.field(static=True, default=False)
 
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
@@ -92,15 +91,14 @@ class BiCGStab(AbstractKrylovSolver):
     ):
         operator = state.operator
         precond, y0 = self.checked_options(operator, options)
-        max_steps = self.resolve_max_steps(operator)
-        structure = operator.in_structure()
-        eps = eps_of(structure)
-        tol = self.tolerance(vector)
-        mv = operator.mv
-
+        problem = self.problem(operator, vector, y0)
+        eps = problem.eps
+        tol = problem.tol
+        mv = problem.mv
         # With the 2-norm as the stopping norm, the residual norms come from inner
         # products computed anyway.
         two = self.norm is two_norm
+        b_norm2 = norm2(problem.vector)
 
         def small(value, x_norm, y_norm):
             # |<x, y>| <= eps |x| |y|: a scale-invariant "numerically zero".
@@ -126,8 +124,10 @@ class BiCGStab(AbstractKrylovSolver):
             sigma = tree_dot(shadow, v)
             bad_sigma = small(sigma, shadow_norm, norm2(v))
             # Right after a restart the shadow vector is the residual itself: a
-            # vanishing <r, A P r> cannot be cured by restarting again.
-            breakdown = bad_sigma & restart
+            # vanishing <r, A P r> cannot be cured by restarting again. (Unless the
+            # recursive residual is below rounding level: then its products may
+            # underflow, and there is simply nothing left to do.)
+            breakdown = bad_sigma & restart & (r_norm2 > eps * b_norm2)
             alpha = jnp.where(bad_sigma, 0, safe_div(rho, sigma))
             s = tree_axpy(-alpha, v, c.r)
             s_norm2 = norm2(s)
@@ -145,64 +145,41 @@ class BiCGStab(AbstractKrylovSolver):
             rr_new = jnp.real(tree_dot(r, r))
             rnorm = jnp.sqrt(rr_new) if two else self.norm(r)
             return _Carry(
-                x,
-                r,
-                shadow,
-                shadow_norm,
-                rr_new,
-                p,
-                v,
-                rho,
-                alpha,
-                omega,
-                rnorm,
-                bad_sigma | bad_omega,
-                c.steps + 1,
-                breakdown,
-            )
+                x, r, shadow, shadow_norm, rr_new, p, v, rho, alpha, omega, rnorm,
+                bad_sigma | bad_omega, breakdown,
+            )  # fmt: skip
 
-        def running(c: _Carry):
-            return (c.rnorm > tol) & ~c.breakdown & (c.steps < max_steps)
-
-        def verify(c: _Carry) -> _Carry:
-            c = lax.while_loop(running, step, c)
-            # The recursive residual drifts from the true one; only the true one
-            # decides success. If it fails, restart from it.
-            r = tree_sub(vector, mv(c.x))
-            return eqx.tree_at(
+        def restart_from(c: _Carry, x, r, passed) -> _Carry:
+            # The recursive residual drifts from the true one. When it passed the
+            # tolerance but the true one did not, restart from the true residual;
+            # a periodic check (`passed` false) leaves the iteration alone.
+            del x
+            restarted = eqx.tree_at(
                 lambda c: (c.r, c.rr, c.rnorm, c.restart),
                 c,
                 (r, jnp.real(tree_dot(r, r)), self.norm(r), jnp.array(True)),
             )
+            return tree_where(passed, restarted, c)
 
-        x, r = initial_residual(mv, vector, y0, structure)
+        r = problem.r0
+        rr = jnp.real(tree_dot(r, r))
         zero = jnp.zeros((), tree_dot(r, r).dtype)
+        rnorm = self.norm(r)
         carry = _Carry(
-            x,
-            r,
-            r,
-            norm2(r),
-            jnp.real(tree_dot(r, r)),
-            r,
-            r,
-            zero,
-            zero,
-            zero,
-            self.norm(r),
-            jnp.array(True),
-            jnp.array(0, jnp.int32),
-            jnp.array(False),
+            problem.x0, r, r, jnp.sqrt(rr), rr, r, r, zero, zero, zero, rnorm,
+            jnp.array(True), jnp.array(False),
+        )  # fmt: skip
+        method = Iteration(
+            step=step,
+            estimate=lambda c: c.rnorm,
+            solution=lambda c: c.x,
+            restart=restart_from,
+            halted=lambda c: c.breakdown,
+            mv_per_step=2,
+            pass_length=_CHECK_EVERY,
         )
-        carry = lax.while_loop(running, verify, carry)
-        converged = carry.rnorm <= tol
-        result = result_of(converged, breakdown=carry.breakdown)
-        return carry.x, result, stats_of(carry.steps, max_steps)
+        return iterate(self, problem, method, carry, rnorm=rnorm)
 
-    def transpose(self, state: KrylovState, options: dict[str, Any]):
-        return KrylovState(state.operator.transpose()), transpose_options(options)
 
-    def conj(self, state: KrylovState, options: dict[str, Any]):
-        return KrylovState(conj(state.operator)), conj_options(options)
-
-    def assume_full_rank(self) -> bool:
-        return True
+# Steps between true-residual checks (for the best iterate and stagnation).
+_CHECK_EVERY = 50

@@ -4,7 +4,6 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
-import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree, Scalar
@@ -12,34 +11,33 @@ from jaxtyping import Array, PyTree, Scalar
 from .._norm import max_norm, tree_dot, two_norm
 from .._operator.base import (
     AbstractLinearOperator,
-    conj,
     is_negative_semidefinite,
     is_positive_semidefinite,
 )
 from ._krylov import (
     AbstractKrylovSolver,
     apply,
-    conj_options,
-    initial_residual,
+    iterate,
+    Iteration,
     KrylovState,
-    result_of,
+    norm2,
     safe_div,
-    stats_of,
-    transpose_options,
     tree_axpy,
     tree_sub,
+    tree_where,
 )
 from .base import check_square, check_tag
 from .normal import Normal
 
 
 class _CGCarry(eqx.Module):
+    """The CG recurrences (Saad, Algorithm 9.1)."""
+
     x: PyTree[Array]
-    r: PyTree[Array]
-    p: PyTree[Array]
+    r: PyTree[Array]  # recursively updated residual
+    p: PyTree[Array]  # search direction
     rho: Scalar  # <r, P r>
     rnorm: Scalar  # norm(r), with the solver's norm
-    steps: Array
     breakdown: Array
 
 
@@ -51,19 +49,33 @@ class CG(AbstractKrylovSolver):
     The operator must carry [`lineax.positive_semidefinite_tag`][] or
     [`lineax.negative_semidefinite_tag`][] (for complex operators: Hermitian
     definite); a negative definite operator is solved as `(-A) x = -b`. It must
-    in fact be definite: a singular operator gives `breakdown`, `max_steps_reached`
-    or `singular`, never a `successful` wrong answer.
+    in fact be definite: a singular operator gives `breakdown`, `max_steps_reached`,
+    `stagnation` or `singular`, never a `successful` wrong answer.
+
+    Every `stabilise_every` steps the recursively updated residual is replaced by
+    the true residual `b - A y`. Where the two differ by more than 10% (rounding
+    has taken over: the tolerance is near what the dtype can reach), the search
+    direction is restarted too, as keeping a direction built for the old residual
+    makes the iteration diverge. The iterate with the smallest true residual is
+    returned if the solve does not succeed; no new best residual in 20
+    replacements in a row stops the solve with `stagnation`.
 
     **Arguments:**
 
     - `rtol`, `atol`: success means `norm(b - A y) <= atol + rtol * norm(b)`,
-        checked on a recomputed residual.
+        checked on a recomputed residual. With both zero (and `max_steps` given),
+        exactly `max_steps` steps are made and the solve reports success.
     - `norm`: the norm of that test. Defaults to the max norm.
-    - `stabilise_every`: every this many steps, the recursively updated residual is
-        replaced by the true residual `b - A y` (one extra matrix-vector product),
-        which stops rounding errors from accumulating. `None` means only at the end.
+    - `stabilise_every`: the number of steps between residual replacements (one
+        extra matrix-vector product each). `None` means only at the end.
     - `max_steps`: the maximum number of steps (one matrix-vector product each, not
-        counting the stabilisation ones). `None` means 10 × the problem size.
+        counting the replacements). `None` means 10 × the problem size.
+    - `history_length`: the length of `stats["residual_history"]` (default:
+        `max_steps`, at most 10,000); every `k`-th step's residual is recorded
+        when it is shorter than `max_steps`.
+    - `verbose`: print the step, the residual estimate and the target every this
+        many steps (`True`: every step), through `jax.debug.callback`; off by
+        default, and free when off.
 
     **Options:**
 
@@ -77,6 +89,8 @@ class CG(AbstractKrylovSolver):
     norm: Callable[[PyTree[Array]], Scalar] = eqx.field(static=True, default=max_norm)
     stabilise_every: int | None = eqx.field(static=True, default=10)
     max_steps: int | None = eqx.field(static=True, default=None)
+    history_length: int | None = eqx.field(static=True, default=None)
+    verbose: bool | int = eqx.field(static=True, default=False)
 
     def __check_init__(self):
         if self.stabilise_every is not None and (
@@ -109,7 +123,6 @@ class CG(AbstractKrylovSolver):
     ):
         operator = state.operator
         precond, y0 = self.checked_options(operator, options)
-        max_steps = self.resolve_max_steps(operator)
         if state.negative:
             vector = jtu.tree_map(jnp.negative, vector)
 
@@ -117,33 +130,18 @@ class CG(AbstractKrylovSolver):
                 return jtu.tree_map(jnp.negative, operator.mv(v))
         else:
             mv = operator.mv  # pyright: ignore[reportAssignmentType]
-        tol = self.tolerance(vector)
-        stabilise_every = (
-            max_steps + 1 if self.stabilise_every is None else self.stabilise_every
-        )
-
+        problem = self.problem(operator, vector, y0, mv)
         # Without a preconditioner rho = <r, r>, so a 2-norm of the residual is
         # sqrt(rho): one reduction per step instead of two (JAX's CG does the same).
         rho_is_norm = precond is None and self.norm is two_norm
 
-        def residual_norm(r, rho):
-            return jnp.sqrt(rho) if rho_is_norm else self.norm(r)
-
-        def restart(r):
-            # (Re)compute everything that depends on the residual.
+        def residual_terms(r):
+            # Everything that depends on the residual alone: (P r, <r, P r>, norm).
             z = apply(precond, r)
             rho = jnp.real(tree_dot(r, z))
-            return z, rho, residual_norm(r, rho)
+            return z, rho, (jnp.sqrt(rho) if rho_is_norm else self.norm(r))
 
-        x, r = initial_residual(mv, vector, y0, operator.in_structure())
-        p, rho, rnorm = restart(r)
-        carry = _CGCarry(x, r, p, rho, rnorm, jnp.array(0, jnp.int32), jnp.array(False))
-
-        def running(c: _CGCarry):
-            return (c.rnorm > tol) & ~c.breakdown & (c.steps < max_steps)
-
-        def inner_body(inner):
-            k, c = inner
+        def step(c: _CGCarry) -> _CGCarry:
             ap = mv(c.p)
             pap = jnp.real(tree_dot(c.p, ap))
             # For a (semi)definite operator <p, A p> > 0 unless A p = 0: a sign test
@@ -152,46 +150,34 @@ class CG(AbstractKrylovSolver):
             alpha = jnp.where(breakdown, 0, safe_div(c.rho, pap))
             x = tree_axpy(alpha, c.p, c.x)
             r = tree_axpy(-alpha, ap, c.r)
-            z = apply(precond, r)
-            rho = jnp.real(tree_dot(r, z))
-            rnorm = residual_norm(r, rho)
+            z, rho, rnorm = residual_terms(r)
             # A preconditioner that is not positive definite shows as <r, P r> <= 0.
-            breakdown = breakdown | ((rnorm > tol) & ~(rho > 0))
-            beta = safe_div(rho, c.rho)
-            p = tree_axpy(beta, c.p, z)
-            new = _CGCarry(x, r, p, rho, rnorm, c.steps + 1, breakdown)
-            return k + 1, new
+            breakdown = breakdown | ((rnorm > problem.tol) & ~(rho > 0))
+            p = tree_axpy(safe_div(rho, c.rho), c.p, z)
+            return _CGCarry(x, r, p, rho, rnorm, breakdown)
 
-        def outer_body(c: _CGCarry):
-            _, c = lax.while_loop(
-                lambda inner: (inner[0] < stabilise_every) & running(inner[1]),
-                inner_body,
-                (jnp.array(0, jnp.int32), c),
-            )
-            # Replace the recursive residual by the true one: this stabilises the
-            # iteration, and is the check that success is real.
-            r = tree_sub(vector, mv(c.x))
-            _, rho, rnorm = restart(r)
-            return _CGCarry(c.x, r, c.p, rho, rnorm, c.steps, c.breakdown)
+        def replace_residual(c: _CGCarry, x, r, passed) -> _CGCarry:
+            # Residual replacement. The direction is kept (so CG's convergence is
+            # unchanged) unless the true residual differs from the recursive one by
+            # more than 10%: then rounding dominates, and a direction conjugate to
+            # the old residual's history would make `alpha` jump.
+            del x, passed
+            z, rho, rnorm = residual_terms(r)
+            drifted = norm2(tree_sub(r, c.r)) > 0.1 * norm2(r)
+            p = tree_where(drifted, z, c.p)
+            return _CGCarry(c.x, r, p, rho, rnorm, c.breakdown)
 
-        # When the loop stops, `rnorm` is always the norm of a true residual.
-        carry = lax.while_loop(running, outer_body, carry)
-        converged = carry.rnorm <= tol
-        result = result_of(converged, breakdown=carry.breakdown)
-        return carry.x, result, stats_of(carry.steps, max_steps)
-
-    def transpose(self, state: KrylovState, options: dict[str, Any]):
-        # A definite operator is Hermitian, so its transpose is its conjugate: also
-        # definite, and negated or not as before.
-        return KrylovState(
-            state.operator.transpose(), state.negative
-        ), transpose_options(options)
-
-    def conj(self, state: KrylovState, options: dict[str, Any]):
-        return KrylovState(conj(state.operator), state.negative), conj_options(options)
-
-    def assume_full_rank(self) -> bool:
-        return True
+        z, rho, rnorm = residual_terms(problem.r0)
+        carry = _CGCarry(problem.x0, problem.r0, z, rho, rnorm, jnp.array(False))
+        method = Iteration(
+            step=step,
+            estimate=lambda c: c.rnorm,
+            solution=lambda c: c.x,
+            restart=replace_residual,
+            halted=lambda c: c.breakdown,
+            pass_length=self.stabilise_every,
+        )
+        return iterate(self, problem, method, carry, rnorm=self.norm(problem.r0))
 
 
 def NormalCG(
@@ -200,6 +186,8 @@ def NormalCG(
     norm: Callable[[PyTree[Array]], Scalar] = max_norm,
     stabilise_every: int | None = 10,
     max_steps: int | None = None,
+    history_length: int | None = None,
+    verbose: bool | int = False,
 ) -> Normal:
     """CG on the normal equations: the same as
     `lx.Normal(lx.CG(rtol, atol, norm, stabilise_every, max_steps))`.
@@ -213,4 +201,6 @@ def NormalCG(
 
     **Returns:** a [`lineax.Normal`][] solver.
     """
-    return Normal(CG(rtol, atol, norm, stabilise_every, max_steps))
+    return Normal(
+        CG(rtol, atol, norm, stabilise_every, max_steps, history_length, verbose)
+    )

@@ -4,31 +4,28 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
-import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree, Scalar
 
 from .._misc import tree_is_complex
 from .._norm import two_norm
-from .._operator.base import AbstractLinearOperator, conj
+from .._operator.base import AbstractLinearOperator
+from .._operator.function import FunctionLinearOperator
+from .._solution import RESULTS
 from ._krylov import (
     AbstractKrylovSolver,
-    adapted_tolerance,
     apply,
-    conj_options,
-    eps_of,
-    initial_residual,
+    iterate,
+    Iteration,
     KrylovState,
     norm2,
+    Problem,
     real_dtype,
-    result_of,
     safe_div,
-    stats_of,
-    transpose_options,
     tree_axpy,
     tree_scale,
-    tree_sub,
+    tree_zeros,
 )
 
 
@@ -74,14 +71,7 @@ class _Carry(eqx.Module):
     normar: Scalar
     norm_a: Scalar
     cond_a: Scalar
-    steps: Array
-
-
-class _Outer(eqx.Module):
-    carry: _Carry
-    rnorm: Scalar  # the solver's norm of the last true (augmented) residual
-    converged: Array
-    factor: Scalar
+    started: Array  # a step has been made (the cond(A) estimate is meaningful)
 
 
 class LSMR(AbstractKrylovSolver):
@@ -110,16 +100,21 @@ class LSMR(AbstractKrylovSolver):
     number exceeds `conlim` first, [`lineax.RESULTS.conlim`][] is returned.
 
     With the `damp` option, LSMR solves the damped problem
-    `min ||A x - b||^2 + damp^2 ||x||^2`; the residual in both rules is then the
-    residual `(b - A y, -damp y)` of the equivalent stacked system. (With `y0` or a
-    preconditioner `N`, the damping applies to the correction `z`, `y = y0 + N z`.)
+    `min ||A x - b||^2 + damp^2 ||x||^2`, as the least-squares problem of the
+    stacked operator `[A; damp I]` with right-hand side `(b, 0)`: the residual in
+    both rules is the stacked residual `(b - A y, -damp y)`, and derivatives (with
+    respect to the operator, the vector and `damp`) are those of
+    `(A^H A + damp^2 I)^{-1} A^H b`.
 
     Starting from `y0` gives `y0` plus the minimum-norm correction, which is the
-    minimum-norm solution only if `y0` is in the row space of `A`.
+    minimum-norm solution only if `y0` is in the row space of `A` (with `damp > 0`
+    the solution is unique, and `y0` only changes where the iteration starts).
 
     Because the solution is a pseudoinverse solution of a possibly rank-deficient
     operator, `assume_full_rank()` is `False` (its derivative uses the general
-    pseudoinverse JVP).
+    pseudoinverse JVP). The iterate with the smallest true residual is returned if
+    the solve does not succeed, and no new best in 20 verifications in a row stops
+    it with [`lineax.RESULTS.stagnation`][].
 
     **Arguments:**
 
@@ -128,6 +123,7 @@ class LSMR(AbstractKrylovSolver):
     - `max_steps`: the maximum number of steps (one product with `A` and one with
         `A^H` each). `None` means 10 × the larger dimension of the operator.
     - `conlim`: the bound on the estimated condition number.
+    - `history_length`, `verbose`: as for [`lineax.CG`][].
 
     **Options:**
 
@@ -137,8 +133,9 @@ class LSMR(AbstractKrylovSolver):
         A good choice scales the columns of `A` to unit norm. For rank-deficient or
         underdetermined problems this changes which solution is found (the one
         minimising `||N^{-1/2} y||`-like quantities, not `||y||`). The transposed
-        solve made in reverse mode does not use it (it is not a preconditioner of
-        `A^T`'s input space).
+        solve made in reverse mode uses `N^T` as a left preconditioner of `A^T`
+        (`N^T A^T` is as well conditioned as `A N`), which keeps the minimum-norm
+        solution of the consistent transposed system.
     - `y0`: an initial guess for the solution.
     """
 
@@ -147,6 +144,10 @@ class LSMR(AbstractKrylovSolver):
     norm: Callable[[PyTree[Array]], Scalar] = eqx.field(static=True, default=two_norm)
     max_steps: int | None = eqx.field(static=True, default=None)
     conlim: float = eqx.field(static=True, default=1e8)
+    history_length: int | None = eqx.field(static=True, default=None)
+    verbose: bool | int = eqx.field(static=True, default=False)
+
+    right_preconditioned = True
 
     def __check_init__(self):
         if isinstance(self.conlim, bool) or not isinstance(self.conlim, (int, float)):
@@ -157,183 +158,181 @@ class LSMR(AbstractKrylovSolver):
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> KrylovState:
+        operator, options = _undamped(operator, options)
         # A right preconditioner: it maps the operator's input space to itself.
-        self.checked_options(operator, options, right_preconditioner=True)
+        self.checked_options(operator, options)
         return KrylovState(operator)
+
+    def reformulate(
+        self,
+        operator: AbstractLinearOperator,
+        vector: PyTree[Array],
+        options: dict[str, Any],
+    ) -> tuple[AbstractLinearOperator, PyTree[Array], dict[str, Any]]:
+        """The solve `linear_solve` binds: a damped solve becomes the undamped
+        least-squares solve of `[A; damp I] x = (b, 0)` (a full-column-rank problem
+        for `damp > 0`), so that the generic pseudoinverse derivative rules are the
+        derivative of the damped solution."""
+        if options.get("damp", None) is None:
+            return operator, vector, options
+        operator, options = _undamped(operator, options)
+        return operator, _stacked_vector(operator, vector), options
 
     def compute(
         self, state: KrylovState, vector: PyTree[Array], options: dict[str, Any]
     ):
         operator = state.operator
-        precond, y0 = self.checked_options(operator, options, right_preconditioner=True)
-        max_steps = self.resolve_max_steps(operator)
-        in_structure = operator.in_structure()
-        complex_ = tree_is_complex(in_structure) or tree_is_complex(
-            operator.out_structure()
-        )
-        eps = eps_of(in_structure)
-        rdtype = real_dtype(in_structure)
-        damp_given = options.get("damp", None) is not None
-        damp = jnp.asarray(options.get("damp", 0.0), rdtype) if damp_given else None
-        damp_value = jnp.zeros((), rdtype) if damp is None else damp
-        rtol = self.rtol
-        tol = self.tolerance(vector)
-        transposed = operator.transpose()
-
-        def mv(x):
-            return operator.mv(apply(precond, x))
-
-        def rmv(y):
-            # (A N)^H y = N^H A^H y, with N Hermitian; A^H y = conj(A^T conj(y)).
-            if complex_:
-                y = jtu.tree_map(jnp.conj, y)
-            out = transposed.mv(y)
-            if complex_:
-                out = jtu.tree_map(jnp.conj, out)
-            return apply(precond, out)
-
-        def residual_norm(z, r):
-            # The residual of the stacked system [A N; damp I] z = [b - A y0; 0].
-            if damp is None:
-                return self.norm(r)
-            return self.norm((r, tree_scale(-damp, z)))
-
-        def step(c: _Carry) -> _Carry:
-            # Golub-Kahan bidiagonalisation.
-            u = tree_axpy(-c.alpha, c.u, mv(c.v))
-            beta = norm2(u)
-            u = tree_scale(safe_div(1, beta), u)
-            v = tree_axpy(-beta, c.v, rmv(u))
-            alpha = norm2(v)
-            v = tree_scale(safe_div(1, alpha), v)
-            # Rotation Qhat eliminating the damping term.
-            chat, shat, alphahat = _sym_ortho(c.alphabar, damp_value)
-            # Rotation Q turning B into R.
-            rhoold = c.rho
-            cc, s, rho = _sym_ortho(alphahat, beta)
-            thetanew = s * alpha
-            alphabar = cc * alpha
-            # Rotation Qbar turning R^T into Rbar.
-            rhobarold = c.rhobar
-            zetaold = c.zeta
-            thetabar = c.sbar * rho
-            rhotemp = c.cbar * rho
-            cbar, sbar, rhobar = _sym_ortho(c.cbar * rho, thetanew)
-            zeta = cbar * c.zetabar
-            zetabar = -sbar * c.zetabar
-            # Update h, hbar, x.
-            hbar = tree_axpy(-safe_div(thetabar * rho, rhoold * rhobarold), c.hbar, c.h)
-            x = tree_axpy(safe_div(zeta, rho * rhobar), hbar, c.x)
-            h = tree_axpy(-safe_div(thetanew, rho), c.h, v)
-            # Estimate of ||r||.
-            betaacute = chat * c.betadd
-            betacheck = -shat * c.betadd
-            betahat = cc * betaacute
-            betadd = -s * betaacute
-            thetatildeold = c.thetatilde
-            ctildeold, stildeold, rhotildeold = _sym_ortho(c.rhodold, thetabar)
-            thetatilde = stildeold * rhobar
-            rhodold = ctildeold * rhobar
-            betad = -stildeold * c.betad + ctildeold * betahat
-            tautildeold = safe_div(zetaold - thetatildeold * c.tautildeold, rhotildeold)
-            taud = safe_div(zeta - thetatilde * tautildeold, rhodold)
-            d = c.d + betacheck**2
-            normr = jnp.sqrt(d + (betad - taud) ** 2 + betadd**2)
-            # Estimates of ||A|| and cond(A).
-            norm_a = jnp.sqrt(c.norm_a2 + beta**2)
-            norm_a2 = c.norm_a2 + beta**2 + alpha**2
-            maxrbar = jnp.maximum(c.maxrbar, rhobarold)
-            minrbar = jnp.where(
-                c.steps > 0, jnp.minimum(c.minrbar, rhobarold), c.minrbar
-            )
-            cond_a = safe_div(
-                jnp.maximum(maxrbar, rhotemp), jnp.minimum(minrbar, rhotemp)
-            )
-            return _Carry(
-                x, u, v, h, hbar, alpha, beta, alphabar, zeta, zetabar, rho, rhobar,
-                cbar, sbar, betadd, betad, rhodold, tautildeold, thetatilde, d,
-                norm_a2, maxrbar, minrbar, normr, jnp.abs(zetabar), norm_a, cond_a,
-                c.steps + 1,
-            )  # fmt: skip
-
-        x0, r0 = initial_residual(operator.mv, vector, y0, in_structure)
-        # LSMR runs on the correction z (x = x0 + N z), from z = 0.
-        beta = norm2(r0)
-        u = tree_scale(safe_div(1, beta), r0)
-        v = rmv(u)
-        alpha = norm2(v)
-        v = tree_scale(safe_div(1, alpha), v)
-        zero = jnp.zeros((), rdtype)
-        one = jnp.ones((), rdtype)
-        z0 = tree_scale(0, v)
-        carry = _Carry(
-            z0, u, v, v, z0, alpha, beta, alpha, zero, alpha * beta, one, one, one,
-            zero, beta, zero, one, zero, zero, zero, alpha**2, zero,
-            jnp.asarray(jnp.finfo(rdtype).max, rdtype), beta, alpha * beta,
-            alpha, one, jnp.array(0, jnp.int32),
-        )  # fmt: skip
-
-        def solution(c: _Carry):
-            return jtu.tree_map(lambda a, b: a + b, x0, apply(precond, c.x))
-
-        def true_tests(c: _Carry):
-            r = tree_sub(vector, operator.mv(solution(c)))
-            rnorm = residual_norm(c.x, r)
-            # Normal-equations residual (A N)^H r - damp^2 z, and ||(r, damp z)||_2.
-            ar = rmv(r)
-            if damp is not None:
-                ar = tree_axpy(-(damp**2), c.x, ar)
-                r2 = jnp.sqrt(norm2(r) ** 2 + (damp * norm2(c.x)) ** 2)
-            else:
-                r2 = norm2(r)
-            normal_ok = norm2(ar) <= rtol * c.norm_a * r2
-            return rnorm, (rnorm <= tol) | normal_ok
-
-        rnorm = residual_norm(z0, r0)
-        outer = _Outer(carry, rnorm, (rnorm <= tol) | (alpha * beta == 0), one)
-
-        def inner_done(c: _Carry, inner_tol, factor):
-            test1 = c.normr <= inner_tol
-            test2 = c.normar <= factor * rtol * c.norm_a * c.normr
-            return test1 | test2
-
-        def running(o: _Outer):
-            c = o.carry
-            return ~o.converged & (c.cond_a <= self.conlim) & (c.steps < max_steps)
-
-        def verify(o: _Outer) -> _Outer:
-            inner_tol = adapted_tolerance(o.carry.normr, o.rnorm, tol, o.factor)
-
-            def inner_running(c: _Carry):
-                return (
-                    ~inner_done(c, inner_tol, o.factor)
-                    & (c.cond_a <= self.conlim)
-                    & (c.steps < max_steps)
-                )
-
-            c = lax.while_loop(inner_running, step, o.carry)
-            rnorm, converged = true_tests(c)
-            factor = jnp.where(
-                inner_done(c, inner_tol, o.factor) & ~converged,
-                jnp.maximum(eps, 0.5 * o.factor),
-                o.factor,
-            )
-            return _Outer(c, rnorm, converged, factor)
-
-        outer = lax.while_loop(running, verify, outer)
-        c = outer.carry
-        # alpha * beta = 0 at the start: A^H b = 0, so x0 already solves the normal
-        # equations (e.g. b = 0).
-        result = result_of(outer.converged, conlim=c.cond_a > self.conlim)
-        return solution(c), result, stats_of(c.steps, max_steps)
-
-    def transpose(self, state: KrylovState, options: dict[str, Any]):
-        return KrylovState(state.operator.transpose()), transpose_options(
-            options, keep_preconditioner=False
-        )
-
-    def conj(self, state: KrylovState, options: dict[str, Any]):
-        return KrylovState(conj(state.operator)), conj_options(options)
+        if options.get("damp", None) is not None:
+            # Called directly rather than through `linear_solve`: `init` stacked
+            # the operator already.
+            options = {k: v for k, v in options.items() if k != "damp"}
+            vector = _stacked_vector(operator, vector)
+        precond, y0 = self.checked_options(operator, options, left=state.left)
+        problem = self.problem(operator, vector, y0)
+        return _lsmr(self, operator, problem, precond, state.left)
 
     def assume_full_rank(self) -> bool:
         return False
+
+
+def _undamped(operator, options):
+    """`([A; damp I], options without damp)` for a damped solve."""
+    damp = options.get("damp", None)
+    if damp is None:
+        return operator, options
+    options = {k: v for k, v in options.items() if k != "damp"}
+    damp = jnp.asarray(damp, real_dtype(operator.in_structure()))
+
+    def stacked(x):
+        return operator.mv(x), tree_scale(damp, x)
+
+    return FunctionLinearOperator(stacked, operator.in_structure()), options
+
+
+def _stacked_vector(operator, vector):
+    return (vector, tree_zeros(operator.in_structure()))
+
+
+def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
+    """The LSMR iteration on the correction `z` (`y = y0 + N z`; with a left
+    preconditioner `M`, on `M A z = M r0`)."""
+    in_structure = operator.in_structure()
+    complex_ = tree_is_complex(in_structure) or tree_is_complex(
+        operator.out_structure()
+    )
+    rdtype = problem.rdtype
+    rtol = solver.rtol
+    transposed = operator.transpose()
+    right = None if left else precond
+    left_precond = precond if left else None
+
+    def adjoint(y):
+        # A^H y = conj(A^T conj(y)).
+        if complex_:
+            y = jtu.tree_map(jnp.conj, y)
+        out = transposed.mv(y)
+        if complex_:
+            out = jtu.tree_map(jnp.conj, out)
+        return out
+
+    def mv(x):
+        return apply(left_precond, operator.mv(apply(right, x)))
+
+    def rmv(y):
+        # (M A N)^H y = N^H A^H M^H y, with N, M Hermitian.
+        return apply(right, adjoint(apply(left_precond, y)))
+
+    def step(c: _Carry) -> _Carry:
+        # Golub-Kahan bidiagonalisation.
+        u = tree_axpy(-c.alpha, c.u, mv(c.v))
+        beta = norm2(u)
+        u = tree_scale(safe_div(1, beta), u)
+        v = tree_axpy(-beta, c.v, rmv(u))
+        alpha = norm2(v)
+        v = tree_scale(safe_div(1, alpha), v)
+        # Rotation Q turning B into R (the damping is in the stacked operator).
+        rhoold = c.rho
+        cc, s, rho = _sym_ortho(c.alphabar, beta)
+        thetanew = s * alpha
+        alphabar = cc * alpha
+        # Rotation Qbar turning R^T into Rbar.
+        rhobarold = c.rhobar
+        zetaold = c.zeta
+        thetabar = c.sbar * rho
+        rhotemp = c.cbar * rho
+        cbar, sbar, rhobar = _sym_ortho(c.cbar * rho, thetanew)
+        zeta = cbar * c.zetabar
+        zetabar = -sbar * c.zetabar
+        # Update h, hbar, x.
+        hbar = tree_axpy(-safe_div(thetabar * rho, rhoold * rhobarold), c.hbar, c.h)
+        x = tree_axpy(safe_div(zeta, rho * rhobar), hbar, c.x)
+        h = tree_axpy(-safe_div(thetanew, rho), c.h, v)
+        # Estimate of ||r||.
+        betahat = cc * c.betadd
+        betadd = -s * c.betadd
+        thetatildeold = c.thetatilde
+        ctildeold, stildeold, rhotildeold = _sym_ortho(c.rhodold, thetabar)
+        thetatilde = stildeold * rhobar
+        rhodold = ctildeold * rhobar
+        betad = -stildeold * c.betad + ctildeold * betahat
+        tautildeold = safe_div(zetaold - thetatildeold * c.tautildeold, rhotildeold)
+        taud = safe_div(zeta - thetatilde * tautildeold, rhodold)
+        normr = jnp.sqrt(c.d + (betad - taud) ** 2 + betadd**2)
+        # Estimates of ||A|| and cond(A).
+        norm_a = jnp.sqrt(c.norm_a2 + beta**2)
+        norm_a2 = c.norm_a2 + beta**2 + alpha**2
+        maxrbar = jnp.maximum(c.maxrbar, rhobarold)
+        minrbar = jnp.where(c.started, jnp.minimum(c.minrbar, rhobarold), c.minrbar)
+        cond_a = safe_div(jnp.maximum(maxrbar, rhotemp), jnp.minimum(minrbar, rhotemp))
+        return _Carry(
+            x, u, v, h, hbar, alpha, beta, alphabar, zeta, zetabar, rho, rhobar,
+            cbar, sbar, betadd, betad, rhodold, tautildeold, thetatilde, c.d,
+            norm_a2, maxrbar, minrbar, normr, jnp.abs(zetabar), norm_a, cond_a,
+            jnp.array(True),
+        )  # fmt: skip
+
+    def solution(c: _Carry):
+        return jtu.tree_map(lambda a, b: a + b, problem.x0, apply(right, c.x))
+
+    def normal_solved(c: _Carry, x, r):
+        # The normal-equations test on a true residual: ||(M A N)^H M r||_2 <=
+        # rtol ||M A N|| ||M r||_2.
+        del x
+        r = apply(left_precond, r)
+        return norm2(rmv(r)) <= rtol * c.norm_a * norm2(r)
+
+    def settled(c: _Carry, factor):
+        # The same test on LSMR's estimates, tightened with the outer loop.
+        return c.normar <= factor * rtol * c.norm_a * c.normr
+
+    r0 = apply(left_precond, problem.r0)
+    beta = norm2(r0)
+    u = tree_scale(safe_div(1, beta), r0)
+    v = rmv(u)
+    alpha = norm2(v)
+    v = tree_scale(safe_div(1, alpha), v)
+    zero = jnp.zeros((), rdtype)
+    one = jnp.ones((), rdtype)
+    z0 = tree_scale(0, v)
+    carry = _Carry(
+        z0, u, v, v, z0, alpha, beta, alpha, zero, alpha * beta, one, one, one,
+        zero, beta, zero, one, zero, zero, zero, alpha**2, zero,
+        jnp.asarray(jnp.finfo(rdtype).max, rdtype), beta, alpha * beta,
+        alpha, one, jnp.array(False),
+    )  # fmt: skip
+    method = Iteration(
+        step=step,
+        estimate=lambda c: c.normr,
+        solution=solution,
+        restart=lambda c, x, r, passed: c,
+        # alpha * beta = 0: A^H b = 0, so x0 already solves the normal equations.
+        halted=lambda c: (c.cond_a > solver.conlim) | ~(c.normar > 0),
+        halt_result=lambda c: RESULTS.where(
+            c.cond_a > solver.conlim, RESULTS.conlim, RESULTS.breakdown
+        ),
+        settled=settled,
+        accept=normal_solved,
+        mv_per_step=2,
+        verify_mv=2,
+    )
+    return iterate(solver, problem, method, carry)

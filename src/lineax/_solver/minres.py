@@ -4,7 +4,6 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
-import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree, Scalar
 
@@ -12,27 +11,20 @@ from .._misc import tree_is_complex
 from .._norm import max_norm, tree_dot
 from .._operator.base import (
     AbstractLinearOperator,
-    conj,
     is_negative_semidefinite,
     is_positive_semidefinite,
     is_symmetric,
 )
+from .._solution import RESULTS
 from ._krylov import (
     AbstractKrylovSolver,
-    adapted_tolerance,
     apply,
-    conj_options,
-    eps_of,
-    initial_residual,
+    iterate,
+    Iteration,
     KrylovState,
-    real_dtype,
-    result_of,
     safe_div,
-    stats_of,
-    transpose_options,
     tree_axpy,
     tree_scale,
-    tree_sub,
 )
 from .base import check_square, check_tag
 
@@ -54,15 +46,13 @@ class _Lanczos(eqx.Module):
     phibar: Scalar  # residual estimate, in the norm induced by the preconditioner
     cs: Scalar
     sn: Scalar
-    steps: Array
+    # For the Paige-Saunders stopping tests.
+    tnorm2: Scalar  # ||T_k||_F^2: ||A|| (in the preconditioned norm) is about sqrt
+    gmax: Scalar  # the largest and smallest `gamma`: cond(A) is about gmax / gmin
+    gmin: Scalar
+    test2: Scalar  # ||A r|| / (||A|| ||r||)
     exhausted: Array  # the Krylov space is invariant: no further progress
     breakdown: Array
-
-
-class _Outer(eqx.Module):
-    lanczos: _Lanczos
-    rnorm: Scalar  # norm of the last true residual
-    factor: Scalar
 
 
 class MINRES(AbstractKrylovSolver):
@@ -80,9 +70,14 @@ class MINRES(AbstractKrylovSolver):
     MINRES minimises the residual (in the norm induced by the preconditioner) over
     the Krylov space, with short recurrences. Its residual estimate stops the
     iteration; the true residual `b - A y` is then recomputed and decides success
-    (if it fails, the iteration carries on with a tighter estimate threshold). For
-    a singular, inconsistent system MINRES converges to a least-squares solution,
-    which is reported as `max_steps_reached` or `breakdown`, never `successful`.
+    (if it fails, the iteration carries on with a tighter estimate threshold, at
+    least one step per pass). As in Paige and Saunders' reference code, the
+    iteration also stops when the estimate of `||A r|| / (||A|| ||r||)` falls
+    below `rtol` (the normal equations are solved: for a singular, inconsistent
+    system, the iterate is then near a least-squares solution) or the estimate of
+    `cond(A)` exceeds `0.1 / eps`; unless the true residual passes, these are
+    reported as [`lineax.RESULTS.singular`][], never `successful`. The iterate with
+    the smallest true residual is returned if the solve does not succeed.
 
     **Arguments:**
 
@@ -92,6 +87,7 @@ class MINRES(AbstractKrylovSolver):
     - `max_steps`: the maximum number of steps (one matrix-vector product each; the
         residual recomputations are not counted). `None` means 10 × the problem
         size.
+    - `history_length`, `verbose`: as for [`lineax.CG`][].
 
     **Options:**
 
@@ -104,6 +100,8 @@ class MINRES(AbstractKrylovSolver):
     atol: float = eqx.field(static=True)
     norm: Callable[[PyTree[Array]], Scalar] = eqx.field(static=True, default=max_norm)
     max_steps: int | None = eqx.field(static=True, default=None)
+    history_length: int | None = eqx.field(static=True, default=None)
+    verbose: bool | int = eqx.field(static=True, default=False)
 
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
@@ -136,34 +134,37 @@ class MINRES(AbstractKrylovSolver):
     ):
         operator = state.operator
         precond, y0 = self.checked_options(operator, options)
-        max_steps = self.resolve_max_steps(operator)
-        structure = operator.in_structure()
-        eps = eps_of(structure)
-        rdtype = real_dtype(structure)
-        tol = self.tolerance(vector)
-        mv = operator.mv
+        problem = self.problem(operator, vector, y0)
+        eps = problem.eps
+        rdtype = problem.rdtype
+        mv = problem.mv
 
-        def step(c: _Lanczos) -> _Lanczos:
+        def lanczos_step(c: _Lanczos):
             # Lanczos step in the preconditioned inner product.
             v = tree_scale(safe_div(1, c.beta), c.y)
             y = mv(v)
             y = tree_axpy(-safe_div(c.beta, c.oldb), c.r1, y)
             alfa = jnp.real(tree_dot(v, y))
             y = tree_axpy(-safe_div(alfa, c.beta), c.r2, y)
-            r1 = c.r2
             r2 = y
             y = apply(precond, r2)
-            oldb = c.beta
             beta2 = jnp.real(tree_dot(r2, y))
+            return v, r2, y, alfa, beta2
+
+        def step(c: _Lanczos) -> _Lanczos:
+            v, r2, y, alfa, beta2 = lanczos_step(c)
+            oldb = c.beta
             # <r, P r> < 0: the preconditioner is not positive definite.
             bad_precond = beta2 < 0
             beta = jnp.sqrt(jnp.maximum(beta2, 0))
+            tnorm2 = c.tnorm2 + alfa**2 + oldb**2 + beta**2
             # Apply the previous rotation, then make a new one to annihilate beta.
             oldeps = c.epsln
             delta = c.cs * c.dbar + c.sn * alfa
             gbar = c.sn * c.dbar - c.cs * alfa
             epsln = c.sn * beta
             dbar = -c.cs * beta
+            root = jnp.hypot(gbar, dbar)
             gamma = jnp.hypot(gbar, beta)
             # gamma = 0 means the tridiagonal matrix is singular (an inconsistent
             # singular system): no update can be made.
@@ -172,97 +173,45 @@ class MINRES(AbstractKrylovSolver):
             sn = safe_div(beta, gamma)
             phi = cs * c.phibar
             phibar = sn * c.phibar
-            w1 = c.w2
-            w2 = c.w
             w = tree_scale(
-                safe_div(1, gamma), tree_axpy(-oldeps, w1, tree_axpy(-delta, w2, v))
+                safe_div(1, gamma),
+                tree_axpy(-oldeps, c.w2, tree_axpy(-delta, c.w, v)),
             )
             x = tree_axpy(phi, w, c.x)
             # beta ~ 0 relative to the other entries of the tridiagonal column: the
             # Krylov space is invariant, and x is the final iterate.
             exhausted = ~(beta > eps * (jnp.abs(alfa) + oldb))
             return _Lanczos(
-                x,
-                r1,
-                r2,
-                y,
-                w,
-                w2,
-                beta,
-                oldb,
-                dbar,
-                epsln,
-                phibar,
-                cs,
-                sn,
-                c.steps + 1,
-                exhausted,
-                bad_precond | singular,
-            )
+                x, c.r2, r2, y, w, c.w, beta, oldb, dbar, epsln, phibar, cs, sn,
+                tnorm2, jnp.maximum(c.gmax, gamma), jnp.minimum(c.gmin, gamma),
+                safe_div(root, jnp.sqrt(tnorm2)), exhausted, bad_precond | singular,
+            )  # fmt: skip
 
-        x, r = initial_residual(mv, vector, y0, structure)
+        def halted(c: _Lanczos):
+            ill_conditioned = c.gmax > (0.1 / eps) * c.gmin
+            normal_solved = c.test2 <= self.rtol
+            return c.breakdown | c.exhausted | ill_conditioned | normal_solved
+
+        x, r = problem.x0, problem.r0
         y = apply(precond, r)
         beta1_2 = jnp.real(tree_dot(r, y))
         beta1 = jnp.sqrt(jnp.maximum(beta1_2, 0))
         zero_vec = tree_scale(0, x)
         zero = jnp.zeros((), rdtype)
         lanczos = _Lanczos(
-            x,
-            r,
-            r,
-            y,
-            zero_vec,
-            zero_vec,
-            beta1,
-            zero,
-            zero,
-            zero,
-            beta1,
-            -jnp.ones((), rdtype),
-            zero,
-            jnp.array(0, jnp.int32),
-            jnp.array(False),
-            beta1_2 < 0,
+            x, r, r, y, zero_vec, zero_vec, beta1, zero, zero, zero, beta1,
+            -jnp.ones((), rdtype), zero, zero, zero,
+            jnp.asarray(jnp.finfo(rdtype).max, rdtype), jnp.asarray(jnp.inf, rdtype),
+            jnp.array(False), beta1_2 < 0,
+        )  # fmt: skip
+        method = Iteration(
+            step=step,
+            estimate=lambda c: c.phibar,
+            solution=lambda c: c.x,
+            restart=lambda c, x, r, passed: c,
+            halted=halted,
+            halt_result=lambda c: RESULTS.where(
+                c.breakdown & ~c.exhausted, RESULTS.breakdown, RESULTS.singular
+            ),
         )
-        outer = _Outer(lanczos, self.norm(r), jnp.ones((), rdtype))
-
-        def running(o: _Outer):
-            c = o.lanczos
-            return (o.rnorm > tol) & ~c.breakdown & ~c.exhausted & (c.steps < max_steps)
-
-        def verify(o: _Outer) -> _Outer:
-            c = o.lanczos
-            inner_tol = adapted_tolerance(c.phibar, o.rnorm, tol, o.factor)
-
-            def inner_running(c: _Lanczos):
-                return (
-                    (c.phibar > inner_tol)
-                    & ~c.breakdown
-                    & ~c.exhausted
-                    & (c.steps < max_steps)
-                )
-
-            c = lax.while_loop(inner_running, step, c)
-            rnorm = self.norm(tree_sub(vector, mv(c.x)))
-            inner_passed = c.phibar <= inner_tol
-            factor = jnp.where(
-                inner_passed & (rnorm > tol), jnp.maximum(eps, 0.5 * o.factor), o.factor
-            )
-            return _Outer(c, rnorm, factor)
-
-        outer = lax.while_loop(running, verify, outer)
-        c = outer.lanczos
-        converged = outer.rnorm <= tol
-        # An exhausted Krylov space with the tolerance unmet means a singular
-        # (inconsistent) system: report breakdown rather than keep iterating.
-        result = result_of(converged, breakdown=c.breakdown | c.exhausted)
-        return c.x, result, stats_of(c.steps, max_steps)
-
-    def transpose(self, state: KrylovState, options: dict[str, Any]):
-        return KrylovState(state.operator.transpose()), transpose_options(options)
-
-    def conj(self, state: KrylovState, options: dict[str, Any]):
-        return KrylovState(conj(state.operator)), conj_options(options)
-
-    def assume_full_rank(self) -> bool:
-        return True
+        return iterate(self, problem, method, lanczos)

@@ -1,0 +1,185 @@
+"""`Schur`: solves with a 2×2 block operator through the Schur complement of its
+top-left block."""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import PyTree
+
+from .._misc import result_dtype, Static, tree_size
+from .._operator.base import (
+    AbstractLinearOperator,
+    conj,
+    flatten_vector,
+    unflatten_vector,
+)
+from .._operator.block import BlockLinearOperator
+from .._operator.matrix import MatrixLinearOperator
+from ._structured import first_failure, solve_columns, solve_flat
+from .auto import AutoLinearSolver
+from .base import AbstractLinearSolver
+from .lu import LU, LUState
+
+
+class SchurState(eqx.Module):
+    """State of [`lineax.Schur`][], for `[[A, B], [C, D]]`: the inner solver's
+    state for `A`, the LU factorisation of the Schur complement
+    `S = D − C A⁻¹ B`, and the off-diagonal blocks (`None` for a zero block).
+    Transposing swaps `B` and `C` for `Cᵀ` and `Bᵀ`, and transposes the
+    states of `A` and `S`."""
+
+    top_left: PyTree
+    complement: LUState
+    upper: AbstractLinearOperator | None
+    lower: AbstractLinearOperator | None
+    structures: Static = eqx.field(static=True)
+
+
+def _mv_flat(operator, x, in_structure, dtype):
+    out = operator.mv(unflatten_vector(x, in_structure, keep_dtype=True))
+    return flatten_vector(out, dtype)
+
+
+def _transpose(operator):
+    return None if operator is None else operator.transpose()
+
+
+def _conj(operator):
+    return None if operator is None else conj(operator)
+
+
+class Schur(AbstractLinearSolver[SchurState]):
+    """Solves with a 2×2 [`lineax.BlockLinearOperator`][] `[[A, B], [C, D]]` by
+    block elimination (Zhang (ed.), "The Schur Complement and Its Applications",
+    Springer 2005, section 0.1): with `S = D − C A⁻¹ B`,
+
+    `x₂ = S⁻¹ (b₂ − C A⁻¹ b₁)`, then `x₁ = A⁻¹ (b₁ − B x₂)`.
+
+    `init` factorises `A` with the inner solver, solves with it for the columns
+    of `B`, and factorises the dense `S` by LU. Worth it when `A` is large and
+    cheap to solve with (diagonal, banded, itself structured) and `D` is small,
+    as in saddle-point systems `[[A, Bᵀ], [B, 0]]` (`D` may be `None`).
+
+    `A` must be square and nonsingular; a singular Schur complement (the whole
+    operator singular) gives [`lineax.RESULTS.singular`][].
+
+    **Arguments:**
+
+    - `inner`: the solver for `A`. Defaults to
+        `lx.AutoLinearSolver(well_posed=True)`.
+
+    The `options` are passed to the inner solver.
+    """
+
+    inner: AbstractLinearSolver = AutoLinearSolver(well_posed=True)
+
+    def init(
+        self, operator: AbstractLinearOperator, options: dict[str, Any]
+    ) -> SchurState:
+        if (
+            not isinstance(operator, BlockLinearOperator)
+            or len(operator.blocks) != 2
+            or len(operator.blocks[0]) != 2
+        ):
+            raise ValueError(
+                "`lx.Schur` solves only a 2×2 `lx.BlockLinearOperator`, got "
+                f"{type(operator).__name__}"
+                + (
+                    f" with a {len(operator.blocks)}×{len(operator.blocks[0])} grid."
+                    if isinstance(operator, BlockLinearOperator)
+                    else "."
+                )
+            )
+        (a, b), (c, d) = operator.blocks
+        if a is None or a.in_size() != a.out_size():
+            raise ValueError(
+                "`lx.Schur` needs the top-left block `blocks[0][0]` to be a square "
+                "operator (it is solved with), got "
+                + ("None." if a is None else f"{a.out_size()}×{a.in_size()}.")
+            )
+        in_structure = operator.in_structure()
+        out_structure = operator.out_structure()
+        dtype = result_dtype(in_structure, out_structure)
+        top_left = self.inner.init(a, options)
+        n2_in = tree_size(in_structure[1])
+        n2_out = tree_size(out_structure[1])
+        if n2_in != n2_out:
+            raise ValueError(
+                "`lx.Schur` needs a square bottom-right block position (its Schur "
+                f"complement is factorised), got {n2_out}×{n2_in}."
+            )
+        complement = jnp.zeros((n2_out, n2_in), dtype) if d is None else d.as_matrix()
+        if b is not None and c is not None:
+            # A⁻¹ B, one solve per column of B, then C A⁻¹ B column by column.
+            solved_b, _ = solve_columns(
+                self.inner, top_left, b.as_matrix().T, out_structure[0], options
+            )
+            c_solved_b = jax.vmap(
+                lambda x: _mv_flat(c, x, in_structure[0], dtype), out_axes=1
+            )(solved_b)
+            complement = complement.astype(dtype) - c_solved_b
+        complement_state = LU().init(MatrixLinearOperator(complement), {})
+        return SchurState(
+            top_left,
+            complement_state,
+            b,
+            c,
+            Static((in_structure, out_structure)),
+        )
+
+    def compute(self, state: SchurState, vector, options):
+        in_structure, out_structure = state.structures.value
+        dtype = result_dtype(in_structure, out_structure)
+        b1 = flatten_vector(vector[0], dtype)
+        b2 = flatten_vector(vector[1], dtype)
+        results = []
+        if state.lower is not None:
+            y1, result = solve_flat(
+                self.inner, state.top_left, b1, out_structure[0], options
+            )
+            results.append(result)
+            b2 = b2 - _mv_flat(state.lower, y1, in_structure[0], dtype)
+        x2, result, _ = LU().compute(state.complement, b2, {})
+        results.append(result)
+        if state.upper is not None:
+            b1 = b1 - _mv_flat(state.upper, x2, in_structure[1], dtype)
+        x1, result = solve_flat(
+            self.inner, state.top_left, b1, out_structure[0], options
+        )
+        results.append(result)
+        solution = (
+            unflatten_vector(x1, in_structure[0]),
+            unflatten_vector(x2, in_structure[1]),
+        )
+        return solution, first_failure(*results), {}
+
+    def transpose(self, state: SchurState, options):
+        # [[A, B], [C, D]]ᵀ = [[Aᵀ, Cᵀ], [Bᵀ, Dᵀ]], whose Schur complement is Sᵀ.
+        top_left, _ = self.inner.transpose(state.top_left, options)
+        complement, _ = LU().transpose(state.complement, {})
+        in_structure, out_structure = state.structures.value
+        new = SchurState(
+            top_left,
+            complement,
+            _transpose(state.lower),
+            _transpose(state.upper),
+            Static((out_structure, in_structure)),
+        )
+        return new, options
+
+    def conj(self, state: SchurState, options):
+        top_left, _ = self.inner.conj(state.top_left, options)
+        complement, _ = LU().conj(state.complement, {})
+        new = SchurState(
+            top_left,
+            complement,
+            _conj(state.upper),
+            _conj(state.lower),
+            state.structures,
+        )
+        return new, options
+
+    def assume_full_rank(self) -> bool:
+        return True

@@ -1,0 +1,175 @@
+"""`Woodbury`: solves with `A + U C V` through a solve with `A` and a `k×k`
+factorisation (the Sherman-Morrison-Woodbury identity)."""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, PyTree
+
+from .._misc import Static
+from .._operator.arithmetic import ComposedLinearOperator
+from .._operator.base import (
+    AbstractLinearOperator,
+    conj,
+    flatten_vector,
+    unflatten_vector,
+)
+from .._operator.low_rank import LowRankUpdateLinearOperator
+from .._operator.matrix import MatrixLinearOperator
+from ._structured import (
+    cheaper_by_tags,
+    first_failure,
+    solve_columns,
+    solve_flat,
+    structured_solver,
+)
+from .auto import AutoLinearSolver
+from .base import AbstractLinearSolver
+from .lu import LU, LUState
+
+
+def _matmul(a: Array, b: Array) -> Array:
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+class WoodburyState(eqx.Module):
+    """State of [`lineax.Woodbury`][], for `M = A + U C V` with `W = C V`.
+
+    Named as in Hager, "Updating the inverse of a matrix", SIAM Review 31 (1989):
+    `solved_u` is `P = A⁻¹ U` (one column per rank, flattened, shape `(n, k)`),
+    and `capacitance` is the LU factorisation of `K = I + C V A⁻¹ U` (`k×k`).
+    With `transposed`, the states are those of `Aᵀ` and `Kᵀ`, and `M ᵀ` is solved.
+    """
+
+    operator_state: PyTree
+    solved_u: Array
+    capacitance: LUState
+    cv: AbstractLinearOperator
+    structures: Static = eqx.field(static=True)
+    transposed: bool = eqx.field(static=True)
+
+
+class Woodbury(AbstractLinearSolver[WoodburyState]):
+    """Solves with a [`lineax.LowRankUpdateLinearOperator`][] `M = A + U C V` by the
+    Woodbury identity, in the form that does not invert `C` (Hager, "Updating the
+    inverse of a matrix", SIAM Review 31, 1989):
+
+    `M⁻¹ = A⁻¹ − A⁻¹ U K⁻¹ C V A⁻¹`, with the capacitance matrix
+    `K = I + C V A⁻¹ U` (`k×k`).
+
+    `init` solves with `A` for the `k` columns of `U` and factorises `K` by LU;
+    each solve is then one solve with `A` and `O(nk)` work. For `A` diagonal
+    (n = 4000, k = 10) this is about `O(nk²)` against `O(n³)` for dense LU. When
+    `C` is invertible, `K = C (C⁻¹ + V A⁻¹ U)`, the textbook capacitance matrix.
+
+    Since `det M = det A · det K`, `M` is singular exactly when `A` or `K` is: a
+    singular (or numerically singular) `K` gives [`lineax.RESULTS.singular`][],
+    not NaN. `A` itself must be nonsingular, even if `M` is not.
+
+    **Arguments:**
+
+    - `inner`: the solver for `A`. Defaults to
+        `lx.AutoLinearSolver(well_posed=True)` (e.g. [`lineax.Diagonal`][] for a
+        [`lineax.DiagonalLinearOperator`][]).
+
+    The `options` are passed to the inner solver.
+    """
+
+    inner: AbstractLinearSolver = AutoLinearSolver(well_posed=True)
+
+    def init(
+        self, operator: AbstractLinearOperator, options: dict[str, Any]
+    ) -> WoodburyState:
+        if not isinstance(operator, LowRankUpdateLinearOperator):
+            raise ValueError(
+                "`lx.Woodbury` solves only a `lx.LowRankUpdateLinearOperator`, got "
+                f"{type(operator).__name__}."
+            )
+        a = operator.operator
+        operator_state = self.inner.init(a, options)
+        # P = A⁻¹ U, one solve per column of U (batched).
+        u_columns = operator.u.as_matrix().T
+        solved_u, _ = solve_columns(
+            self.inner, operator_state, u_columns, a.out_structure(), options
+        )
+        solved_u = solved_u.T
+        cv = ComposedLinearOperator(operator.c, operator.v)
+        in_structure = a.in_structure()
+
+        def apply_cv(column):
+            x = unflatten_vector(column, in_structure, keep_dtype=True)
+            return flatten_vector(cv.mv(x), column.dtype)
+
+        cv_p = jax.vmap(apply_cv, out_axes=1)(solved_u.T)
+        capacitance = jnp.eye(cv_p.shape[0], dtype=cv_p.dtype) + cv_p
+        lu_state = LU().init(MatrixLinearOperator(capacitance), {})
+        structures = Static((a.in_structure(), a.out_structure()))
+        return WoodburyState(
+            operator_state, solved_u, lu_state, cv, structures, transposed=False
+        )
+
+    def compute(self, state: WoodburyState, vector, options):
+        in_structure, out_structure = state.structures.value
+        b = flatten_vector(vector)
+        if state.transposed:
+            # Mᵀ⁻¹ = A⁻ᵀ (I − Vᵀ Cᵀ K⁻ᵀ Pᵀ): one solve with Aᵀ, after the update.
+            s, k_result, _ = LU().compute(
+                state.capacitance, _matmul(state.solved_u.T, b), {}
+            )
+            k_space = state.cv.out_structure()
+            t = state.cv.transpose().mv(unflatten_vector(s, k_space, keep_dtype=True))
+            rhs = b - flatten_vector(t, b.dtype)
+            # Aᵀ maps A's output space (`in_structure` here) to its input space.
+            x, a_result = solve_flat(
+                self.inner, state.operator_state, rhs, out_structure, options
+            )
+            x = unflatten_vector(x, in_structure)
+        else:
+            y, a_result = solve_flat(
+                self.inner, state.operator_state, b, out_structure, options
+            )
+            w = state.cv.mv(unflatten_vector(y, in_structure, keep_dtype=True))
+            s, k_result, _ = LU().compute(state.capacitance, flatten_vector(w), {})
+            x = unflatten_vector(y - _matmul(state.solved_u, s), in_structure)
+        return x, first_failure(a_result, k_result), {}
+
+    def transpose(self, state: WoodburyState, options):
+        operator_state, _ = self.inner.transpose(state.operator_state, options)
+        capacitance, _ = LU().transpose(state.capacitance, {})
+        in_structure, out_structure = state.structures.value
+        new = WoodburyState(
+            operator_state,
+            state.solved_u,
+            capacitance,
+            state.cv,
+            Static((out_structure, in_structure)),
+            not state.transposed,
+        )
+        return new, options
+
+    def conj(self, state: WoodburyState, options):
+        operator_state, _ = self.inner.conj(state.operator_state, options)
+        capacitance, _ = LU().conj(state.capacitance, {})
+        new = WoodburyState(
+            operator_state,
+            jnp.conj(state.solved_u),
+            capacitance,
+            conj(state.cv),
+            state.structures,
+            state.transposed,
+        )
+        return new, options
+
+    def assume_full_rank(self) -> bool:
+        return True
+
+
+@structured_solver.register(LowRankUpdateLinearOperator)
+def _(operator):
+    if cheaper_by_tags(operator):
+        return None
+    if operator.c.in_size() >= operator.in_size():
+        return None  # not low rank: dense LU is as cheap
+    return Woodbury()

@@ -1,0 +1,159 @@
+"""Krylov solves terminate and never return worse than they started, on every
+input: zero, tiny, huge and NaN right-hand sides, unreachable tolerances, singular
+consistent and inconsistent systems, and the float32 problems where the requested
+tolerance is below what the dtype can reach.
+
+The solves run in a subprocess with a timeout (`krylov_worker.py`): a hang under
+`jit` cannot be interrupted.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import lineax as lx
+
+
+_HERE = os.path.dirname(__file__)
+_SUCCESS = 0
+_MAX_STEPS = int(lx.RESULTS.max_steps_reached._value)
+_SINGULAR = int(lx.RESULTS.singular._value)
+_BREAKDOWN = int(lx.RESULTS.breakdown._value)
+_STAGNATION = int(lx.RESULTS.stagnation._value)
+_NONFINITE = int(lx.RESULTS.nonfinite_input._value)
+# Operator products per step, and the bound on verification products.
+_MV_PER_STEP = {"CG": 1, "MINRES": 1, "GMRES": 1, "BiCGStab": 2, "LSMR": 2}
+
+
+def _run(group: str) -> dict[str, dict]:
+    env = dict(os.environ)
+    src = os.path.join(os.path.dirname(_HERE), "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(_HERE, "krylov_worker.py"), group],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = {}
+    for line in proc.stdout.splitlines():
+        record = json.loads(line)
+        out[record["name"]] = record
+    return out
+
+
+@pytest.fixture(scope="module")
+def edge():
+    return _run("edge")
+
+
+@pytest.fixture(scope="module")
+def table():
+    return _run("table")
+
+
+@pytest.mark.parametrize("name", list(_MV_PER_STEP))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_edge_inputs_terminate_and_never_diverge(edge, name, dtype):
+    cases = {
+        k.split("-", 2)[2]: v
+        for k, v in edge.items()
+        if k.startswith(f"{name}-{dtype}-")
+    }
+    assert len(cases) == 9
+    n = 12
+    eps = np.finfo(dtype).eps
+    for case, c in cases.items():
+        assert c["steps"] <= c["max_steps"], case
+        # Operator products: the steps, plus at most one verification per step.
+        per_step = _MV_PER_STEP[name]
+        assert c["num_mv"] <= (2 * per_step) * c["max_steps"] + 2, case
+        if case == "nan":
+            assert c["code"] == _NONFINITE
+            continue
+        assert c["finite"], case
+        # Never worse than the initial guess (zero).
+        assert c["rnorm"] <= c["bnorm"] * (1 + 1e-3) + 1e-300, case
+        if c["code"] == _SUCCESS and not (name == "LSMR" and "inconsistent" in case):
+            # Success means the true residual meets the tolerance (up to the
+            # rounding of the solution to the working precision).
+            slack = 2 * c["rtol"] * c["bmax"] + 100 * n * eps * c["bmax"]
+            assert c["rmax"] <= slack, (case, c)
+    assert cases["zero"]["code"] == _SUCCESS and cases["zero"]["steps"] == 0
+    assert cases["zero"]["num_mv"] == 0
+    for case in ("plain", "pow2", "tiny", "huge", "singular_consistent"):
+        assert cases[case]["code"] == _SUCCESS, case
+    # Scaling by a power of two changes nothing; by 1e+-30 at most a rounding.
+    assert cases["pow2"]["steps"] == cases["plain"]["steps"]
+    assert cases["pow2"]["num_mv"] == cases["plain"]["num_mv"]
+    for case in ("tiny", "huge"):
+        assert abs(cases[case]["steps"] - cases["plain"]["steps"]) <= 2, case
+    assert cases["unreachable"]["code"] in (_MAX_STEPS, _STAGNATION, _BREAKDOWN)
+    if name != "LSMR":
+        # An inconsistent system has no solution: never `successful`.
+        assert cases["singular_inconsistent"]["code"] != _SUCCESS
+    # The residual history has one finite entry per step.
+    assert cases["plain"]["history_finite"] == cases["plain"]["steps"]
+
+
+def test_cg_float32_poisson_below_floor_stagnates(table):
+    c = table["cg_poisson_f32"]
+    assert c["code"] == _STAGNATION
+    assert c["finite"] and c["rnorm"] <= 1e-5 * c["bnorm"]
+    assert c["steps"] < 3000
+
+
+def test_cg_float32_laplacian_1d_converges(table):
+    c = table["cg_laplace1d_f32"]
+    assert c["code"] == _SUCCESS
+    assert c["finite"] and c["rmax"] <= 2e-4 + 1e-4 * c["bmax"] + 1e-3
+
+
+@pytest.mark.parametrize("dtype,bound", [("float32", 1e-5), ("float64", 1e-13)])
+def test_fixed_iteration_solve_runs_max_steps(table, dtype, bound):
+    # rtol = atol = 0 with max_steps: exactly max_steps steps, successful, and an
+    # accurate iterate (not the divergence of a replaced residual).
+    c = table[f"cg_fixed_{dtype}"]
+    assert c["code"] == _SUCCESS
+    assert c["steps"] == c["max_steps"] == 100
+    assert c["rnorm"] <= bound * c["bnorm"]
+
+
+def test_minres_float32_indefinite_terminates(table):
+    c = table["minres_indefinite_f32"]
+    assert c["code"] in (_SUCCESS, _STAGNATION)
+    assert c["rnorm"] <= 1e-3 * c["bnorm"]
+    assert c["steps"] < c["max_steps"]
+
+
+def test_lsmr_float32_unreachable_tolerance_terminates(table):
+    c = table["lsmr_tall_f32"]
+    assert c["code"] != _SUCCESS
+    assert c["rnorm"] <= (1 + 1e-4) * c["rnorm_lsq"]
+
+
+def test_minres_singular_inconsistent_stops_at_least_squares(table):
+    c = table["minres_neumann_f64"]
+    assert c["code"] == _SINGULAR
+    assert c["rnorm"] <= (1 + 1e-6) * c["rnorm_lsq"]
+    assert c["steps"] < 200
+
+
+@pytest.mark.parametrize("name", ["bicgstab", "gmres"])
+def test_float32_convection_diffusion_below_floor_stagnates(table, name):
+    c = table[f"{name}_convdiff_f32"]
+    assert c["code"] == _STAGNATION
+    assert c["rnorm"] <= 1e-6 * c["bnorm"]
+    assert c["steps"] < c["max_steps"] // 4
+
+
+def test_lsmr_gradient_keeps_preconditioner(table):
+    c = table["lsmr_precond_grad"]
+    assert c["steps"] < 60
+    assert c["grad_error"] < 1e-6

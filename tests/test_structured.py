@@ -1,0 +1,435 @@
+"""Structured and sparse operators (Kronecker, low-rank update, block diagonal,
+block, sparse) and their structure-exploiting solves, against the dense
+materialised reference: operator methods, solves, `jit`, `vmap`, `jvp` and
+`grad` (operator and vector tangents), and the named errors on bad input.
+
+One table of cases; dtypes per case are a seeded sample (float64 always, plus
+one of float32/complex128) to keep compile time low.
+"""
+
+import random
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import pytest
+import scipy.sparse
+from helpers import assert_close, flatten, randn, random_vector
+from jax.experimental import sparse as jsparse
+
+import lineax as lx
+
+
+def _mat(rng, shape, dtype, shift=0.0):
+    m = randn(rng, shape, dtype)
+    if shift:
+        m = m + shift * np.eye(shape[0], dtype=m.dtype)
+    return lx.MatrixLinearOperator(jnp.asarray(m, dtype))
+
+
+def _kronecker(rng, dtype):
+    op = lx.KroneckerLinearOperator(
+        _mat(rng, (3, 3), dtype, 4.0), _mat(rng, (2, 2), dtype, 3.0)
+    )
+    return op, lx.AutoLinearSolver(well_posed=True), lx.Kronecker
+
+
+def _low_rank(rng, dtype):
+    d = jnp.asarray(rng.uniform(2.0, 3.0, 5), dtype)
+    u = jnp.asarray(0.5 * randn(rng, (5, 2), dtype), dtype)
+    c = jnp.asarray(randn(rng, (2, 2), dtype), dtype)
+    v = jnp.asarray(0.5 * randn(rng, (2, 5), dtype), dtype)
+    op = lx.LowRankUpdateLinearOperator(lx.DiagonalLinearOperator(d), u, c, v)
+    return op, lx.AutoLinearSolver(well_posed=True), lx.Woodbury
+
+
+def _block_diagonal_alike(rng, dtype):
+    blocks = [_mat(rng, (2, 2), dtype, 3.0) for _ in range(3)]
+    op = lx.BlockDiagonalLinearOperator(blocks)
+    return op, lx.AutoLinearSolver(well_posed=True), lx.BlockDiagonal
+
+
+def _block_diagonal_mixed(rng, dtype):
+    diag = lx.DiagonalLinearOperator(jnp.asarray(rng.uniform(1.0, 2.0, 2), dtype))
+    op = lx.BlockDiagonalLinearOperator([_mat(rng, (3, 3), dtype, 4.0), diag])
+    return op, lx.AutoLinearSolver(well_posed=True), lx.BlockDiagonal
+
+
+def _block_schur(rng, dtype):
+    op = lx.BlockLinearOperator(
+        [
+            [_mat(rng, (3, 3), dtype, 4.0), _mat(rng, (3, 2), dtype)],
+            [_mat(rng, (2, 3), dtype), _mat(rng, (2, 2), dtype, 3.0)],
+        ]
+    )
+    return op, lx.Schur(), lx.Schur
+
+
+def _sparse(rng, dtype):
+    dense = randn(rng, (6, 6), dtype) * (rng.uniform(size=(6, 6)) < 0.4)
+    dense = dense + 4 * np.eye(6)
+    op = lx.SparseLinearOperator(jsparse.BCSR.fromdense(jnp.asarray(dense, dtype)))
+    return op, lx.AutoLinearSolver(well_posed=True), lx.LU
+
+
+CASES = {
+    "kronecker": _kronecker,
+    "low_rank": _low_rank,
+    "block_diagonal_alike": _block_diagonal_alike,
+    "block_diagonal_mixed": _block_diagonal_mixed,
+    "block_schur": _block_schur,
+    "sparse": _sparse,
+}
+
+
+def _sample_params():
+    sampler = random.Random(12)
+    params = []
+    for name in CASES:
+        params.append((name, jnp.float64))
+        params.append((name, sampler.choice([jnp.float32, jnp.complex128])))
+    return params
+
+
+PARAMS = _sample_params()
+IDS = [f"{name}-{jnp.dtype(dtype).name}" for name, dtype in PARAMS]
+
+
+def _make(name, dtype, seed=0):
+    return CASES[name](np.random.default_rng(seed), dtype)
+
+
+def _dense(op):
+    return np.asarray(op.as_matrix())
+
+
+#
+# Shared jitted functions (one trace per operator type and dtype).
+#
+
+
+@eqx.filter_jit
+def _operator_methods(op, x, y):
+    return (
+        op.mv(x),
+        op.as_matrix(),
+        op.transpose().mv(y),
+        op.transpose().as_matrix(),
+        lx.diagonal(op),
+        lx.conj(op).mv(x),
+        lx.materialise(op).mv(x),
+    )
+
+
+@eqx.filter_jit
+def _solve(op, b, solver):
+    sol = lx.linear_solve(op, b, solver)
+    return sol.value, sol.result
+
+
+def _dense_solve(op, b):
+    return jnp.linalg.solve(op.as_matrix(), _flat(b))
+
+
+def _flat(tree):
+    return jnp.concatenate([jnp.reshape(x, -1) for x in jtu.tree_leaves(tree)])
+
+
+@pytest.mark.parametrize("name, dtype", PARAMS, ids=IDS)
+def test_operator_matches_dense(name, dtype):
+    rng = np.random.default_rng(1)
+    op, _, _ = _make(name, dtype)
+    matrix = _dense(op)
+    x = random_vector(rng, op.in_structure())
+    y = random_vector(rng, op.out_structure())
+    mv, as_matrix, mv_t, as_matrix_t, diag, conj_mv, mat_mv = _operator_methods(
+        op, x, y
+    )
+    assert_close(flatten(mv), matrix @ flatten(x), dtype, scale=10)
+    assert_close(as_matrix, matrix, dtype)
+    assert_close(flatten(mv_t), matrix.T @ flatten(y), dtype, scale=10)
+    assert_close(as_matrix_t, matrix.T, dtype)
+    assert_close(diag, np.diagonal(matrix), dtype)
+    assert_close(flatten(conj_mv), np.conj(matrix) @ flatten(x), dtype, scale=10)
+    assert_close(flatten(mat_mv), matrix @ flatten(x), dtype, scale=10)
+    # The structures are those of the dense matrix's rows and columns.
+    assert op.in_size() == matrix.shape[1] and op.out_size() == matrix.shape[0]
+
+
+@pytest.mark.parametrize("name, dtype", PARAMS, ids=IDS)
+def test_solve_matches_dense(name, dtype):
+    rng = np.random.default_rng(2)
+    op, solver, expected = _make(name, dtype)
+    chosen = solver
+    if isinstance(solver, lx.AutoLinearSolver):
+        chosen = solver.select_solver(op)
+    assert isinstance(chosen, expected), chosen
+    b = random_vector(rng, op.out_structure())
+    value, result = _solve(op, b, solver)
+    assert result == lx.RESULTS.successful
+    want = np.linalg.solve(_dense(op), flatten(b))
+    assert_close(flatten(value), want, dtype, scale=10)
+    # And through the transposed state (what reverse mode uses).
+    if not isinstance(solver, lx.AutoLinearSolver):
+        state = solver.init(op, {})
+        state_t, _ = solver.transpose(state, {})
+        y = random_vector(rng, op.in_structure())
+        x_t, result_t, _ = solver.compute(state_t, y, {})
+        assert result_t == lx.RESULTS.successful
+        want_t = np.linalg.solve(_dense(op).T, flatten(y))
+        assert_close(flatten(x_t), want_t, dtype, scale=10)
+
+
+def _tangent_like(rng, op):
+    """Random tangents for the inexact array leaves of `op`, None elsewhere."""
+    return jtu.tree_map(
+        lambda x: (
+            jnp.asarray(randn(rng, x.shape, x.dtype), x.dtype)
+            if eqx.is_inexact_array(x)
+            else None
+        ),
+        op,
+    )
+
+
+_JVP_PARAMS = [("kronecker", jnp.float64), ("low_rank", jnp.complex128)]
+_JVP_PARAMS += [(n, jnp.float64) for n in CASES if n not in ("kronecker", "low_rank")]
+
+
+@pytest.mark.parametrize(
+    "name, dtype", _JVP_PARAMS, ids=[f"{n}-{jnp.dtype(d).name}" for n, d in _JVP_PARAMS]
+)
+def test_jvp_and_grad_match_dense(name, dtype):
+    """Forward and reverse mode through the structured solve equal those through a
+    dense solve of the materialised matrix (operator and vector tangents)."""
+    rng = np.random.default_rng(3)
+    op, solver, _ = _make(name, dtype)
+    b = random_vector(rng, op.out_structure())
+    t_op = _tangent_like(rng, op)
+    t_b = random_vector(rng, op.out_structure())
+
+    def structured(op, b):
+        return _flat(lx.linear_solve(op, b, solver).value)
+
+    def dense(op, b):
+        return _dense_solve(op, b)
+
+    _, jvp = eqx.filter_jit(lambda *a: eqx.filter_jvp(structured, a, (t_op, t_b)))(
+        op, b
+    )
+    _, jvp_ref = eqx.filter_jvp(dense, (op, b), (t_op, t_b))
+    assert_close(jvp, np.asarray(jvp_ref), dtype, scale=10)
+
+    w = random_vector(rng, jax.ShapeDtypeStruct((op.in_size(),), dtype))
+
+    def loss(fn):
+        return lambda ob: jnp.real(jnp.vdot(w, fn(*ob)))
+
+    grads = eqx.filter_jit(eqx.filter_grad(loss(structured)))((op, b))
+    grads_ref = eqx.filter_grad(loss(dense))((op, b))
+    leaves = jtu.tree_leaves(eqx.filter(grads, eqx.is_inexact_array))
+    leaves_ref = jtu.tree_leaves(eqx.filter(grads_ref, eqx.is_inexact_array))
+    assert len(leaves) == len(leaves_ref)
+    for g, g_ref in zip(leaves, leaves_ref):
+        assert_close(g, np.asarray(g_ref), dtype, scale=10)
+
+
+def test_jvp_matches_finite_differences_kronecker():
+    rng = np.random.default_rng(4)
+    op, solver, _ = _make("kronecker", jnp.float64)
+    b = random_vector(rng, op.out_structure())
+    t_op = _tangent_like(rng, op)
+
+    def f(eps):
+        moved = jtu.tree_map(
+            lambda p, t: p if t is None else p + eps * t,
+            op,
+            t_op,
+            is_leaf=lambda x: x is None,
+        )
+        return lx.linear_solve(moved, b, solver).value
+
+    _, jvp = eqx.filter_jvp(lambda op: lx.linear_solve(op, b).value, (op,), (t_op,))
+    h = 1e-6
+    fd = (f(h) - f(-h)) / (2 * h)
+    np.testing.assert_allclose(jvp, fd, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["kronecker", "low_rank", "block_diagonal_alike"])
+def test_vmap_over_operator_and_vector(name):
+    rng = np.random.default_rng(5)
+    ops = [_make(name, jnp.float64, seed)[0] for seed in (0, 1)]
+    solver = _make(name, jnp.float64)[1]
+    stacked = jtu.tree_map(lambda *xs: jnp.stack(xs), *ops)
+    bs = [random_vector(rng, ops[0].out_structure()) for _ in ops]
+    stacked_b = jtu.tree_map(lambda *xs: jnp.stack(xs), *bs)
+    out = eqx.filter_vmap(lambda op, b: lx.linear_solve(op, b, solver).value)(
+        stacked, stacked_b
+    )
+    for i, (op, b) in enumerate(zip(ops, bs)):
+        want = np.linalg.solve(_dense(op), flatten(b))
+        assert_close(flatten(jtu.tree_map(lambda x, i=i: x[i], out)), want, jnp.float64)
+    # Over the vector only: one state, many right-hand sides.
+    out = jax.vmap(lambda b: lx.linear_solve(ops[0], b, solver).value)(stacked_b)
+    for i, b in enumerate(bs):
+        want = np.linalg.solve(_dense(ops[0]), flatten(b))
+        assert_close(flatten(jtu.tree_map(lambda x, i=i: x[i], out)), want, jnp.float64)
+
+
+#
+# Structure and the choice of solver.
+#
+
+
+def test_kronecker_structure_from_factors():
+    pd = lx.MatrixLinearOperator(2 * jnp.eye(2), lx.positive_semidefinite_tag)
+    tri = lx.TridiagonalLinearOperator(jnp.ones(3), jnp.ones(2), jnp.ones(2))
+    diag = lx.DiagonalLinearOperator(jnp.ones(2))
+    assert lx.is_positive_semidefinite(lx.KroneckerLinearOperator(pd, pd))
+    assert lx.is_symmetric(lx.KroneckerLinearOperator(pd, pd))
+    assert lx.is_tridiagonal(lx.KroneckerLinearOperator(diag, tri))
+    assert not lx.is_tridiagonal(lx.KroneckerLinearOperator(tri, diag))
+    assert lx.is_negative_semidefinite(lx.KroneckerLinearOperator(pd, -pd))
+    # The tridiagonal bands come out right (from the tag-based probing).
+    op = lx.KroneckerLinearOperator(diag, tri)
+    d, lower, upper = lx.tridiagonal(op)
+    matrix = np.asarray(op.as_matrix())
+    np.testing.assert_allclose(lower, np.diagonal(matrix, -1))
+    # A diagonal product is solved elementwise, not by the Kronecker solver.
+    auto = lx.AutoLinearSolver(well_posed=True)
+    assert isinstance(
+        auto.select_solver(lx.KroneckerLinearOperator(diag, diag)), lx.Diagonal
+    )
+    assert isinstance(
+        auto.select_solver(lx.KroneckerLinearOperator(pd, pd)).inner,
+        lx.AutoLinearSolver,
+    )
+
+
+def test_block_diagonal_tridiagonal_bands():
+    tri = lx.TridiagonalLinearOperator(
+        jnp.arange(1.0, 4.0), jnp.ones(2), 2 * jnp.ones(2)
+    )
+    op = lx.BlockDiagonalLinearOperator([tri, tri])
+    matrix = np.asarray(op.as_matrix())
+    d, lower, upper = lx.tridiagonal(op)
+    np.testing.assert_allclose(d, np.diagonal(matrix))
+    np.testing.assert_allclose(lower, np.diagonal(matrix, -1))
+    np.testing.assert_allclose(upper, np.diagonal(matrix, 1))
+    assert lx.is_tridiagonal(op)
+    assert isinstance(
+        lx.AutoLinearSolver(well_posed=True).select_solver(op), lx.Tridiagonal
+    )
+
+
+def test_sparse_from_scipy_diagonal_without_densifying():
+    rng = np.random.default_rng(6)
+    n = 50
+    m = scipy.sparse.random(n, n, density=0.05, random_state=rng, format="csr")
+    m = m + scipy.sparse.diags(np.arange(1.0, n + 1)) + scipy.sparse.eye(n, k=1)
+    op = lx.SparseLinearOperator(m, max_dense_size=0)
+    dense = m.toarray()
+    np.testing.assert_allclose(lx.diagonal(op), np.diagonal(dense))
+    d, lower, upper = lx.tridiagonal(op)
+    np.testing.assert_allclose(lower, np.diagonal(dense, -1))
+    np.testing.assert_allclose(upper, np.diagonal(dense, 1))
+    x = rng.normal(size=n)
+    np.testing.assert_allclose(op.mv(jnp.asarray(x)), dense @ x, rtol=1e-12)
+    np.testing.assert_allclose(op.T.mv(jnp.asarray(x)), dense.T @ x, rtol=1e-12)
+
+
+def test_sparse_krylov_is_matrix_free():
+    """CG on a sparse Poisson matrix never densifies (`max_dense_size=0`)."""
+    n = 30
+    lap = scipy.sparse.diags([-1.0, 2.0, -1.0], [-1, 0, 1], shape=(n, n))
+    op = lx.SparseLinearOperator(lap, lx.positive_semidefinite_tag, max_dense_size=0)
+    b = jnp.ones(n)
+    sol = lx.linear_solve(op, b, lx.CG(rtol=1e-10, atol=1e-10))
+    np.testing.assert_allclose(sol.value, np.linalg.solve(lap.toarray(), b), rtol=1e-8)
+    # Reverse mode through the matrix-free solve.
+    solver = lx.CG(rtol=1e-10, atol=1e-10)
+    grad = eqx.filter_grad(lambda op: lx.linear_solve(op, b, solver).value.sum())(op)
+    assert np.all(np.isfinite(grad.matrix.data))
+
+
+#
+# Named errors.
+#
+
+
+def test_error_mismatched_block_shapes():
+    a = lx.MatrixLinearOperator(jnp.ones((3, 3)))
+    b = lx.MatrixLinearOperator(jnp.ones((3, 2)))
+    c = lx.MatrixLinearOperator(jnp.ones((2, 2)))
+    with pytest.raises(ValueError, match="Mismatched block shapes in column 0"):
+        lx.BlockLinearOperator([[a, b], [c, c]])
+    with pytest.raises(ValueError, match="same number of blocks"):
+        lx.BlockLinearOperator([[a, b], [c]])
+    with pytest.raises(ValueError, match="only None"):
+        lx.BlockLinearOperator([[a, None], [None, None]])
+    with pytest.raises(TypeError, match="blocks"):
+        lx.BlockDiagonalLinearOperator(a)  # pyright: ignore[reportArgumentType]
+
+
+def test_error_kronecker_factor_not_square_for_solve():
+    op = lx.KroneckerLinearOperator(
+        lx.MatrixLinearOperator(jnp.ones((2, 3))),
+        lx.MatrixLinearOperator(jnp.ones((3, 2))),
+    )
+    with pytest.raises(ValueError, match="factor 0 has input size 3"):
+        lx.Kronecker().init(op, {})
+    with pytest.raises(ValueError, match="one dtype"):
+        lx.KroneckerLinearOperator(
+            lx.MatrixLinearOperator(jnp.ones((2, 2), jnp.float32)),
+            lx.MatrixLinearOperator(jnp.ones((2, 2), jnp.float64)),
+        )
+
+
+def test_error_sparse_batch_dimensions():
+    batched = jsparse.BCOO.fromdense(jnp.ones((2, 3, 3)), n_batch=1)
+    with pytest.raises(ValueError, match="no batch or dense dimensions"):
+        lx.SparseLinearOperator(batched)
+    with pytest.raises(TypeError, match="MatrixLinearOperator"):
+        lx.SparseLinearOperator(jnp.ones((3, 3)))
+
+
+def test_error_sparse_densify_limit():
+    op = lx.SparseLinearOperator(scipy.sparse.eye(20).tocsr() * 2.0, max_dense_size=100)
+    with pytest.raises(ValueError, match="max_dense_size=100"):
+        lx.linear_solve(op, jnp.ones(20), lx.LU())
+
+
+def test_singular_capacitance_is_reported_not_nan():
+    # I - e0 e0ᵀ is singular; its capacitance 1 + (-1) is exactly zero.
+    n = 3
+    identity = lx.IdentityLinearOperator(jax.ShapeDtypeStruct((n,), jnp.float64))
+    e0 = np.eye(n)[:, :1]
+    op = lx.LowRankUpdateLinearOperator(identity, -e0, np.eye(1), e0.T)
+    sol = lx.linear_solve(op, jnp.ones(n), lx.Woodbury(), throw=False)
+    assert sol.result == lx.RESULTS.singular
+    with pytest.raises(eqx.EquinoxRuntimeError, match="singular"):
+        lx.linear_solve(op, jnp.ones(n), lx.Woodbury())
+
+
+def test_low_rank_error_names_argument():
+    a = lx.MatrixLinearOperator(jnp.eye(4))
+    with pytest.raises(ValueError, match="output structure of `u`"):
+        lx.LowRankUpdateLinearOperator(
+            a, jnp.ones((3, 2)), jnp.eye(2), jnp.ones((2, 4))
+        )
+    with pytest.raises(ValueError, match="`operator`"):
+        lx.LowRankUpdateLinearOperator(
+            lx.MatrixLinearOperator(jnp.ones((4, 3))),
+            jnp.ones((4, 2)),
+            jnp.eye(2),
+            jnp.ones((2, 3)),
+        )
+
+
+def test_schur_needs_two_by_two():
+    a = lx.MatrixLinearOperator(jnp.eye(2))
+    op = lx.BlockLinearOperator([[a]])
+    with pytest.raises(ValueError, match="2×2"):
+        lx.Schur().init(op, {})
