@@ -293,6 +293,22 @@ def _register_holds_values() -> None:
 _register_holds_values()
 
 
+@ft.singledispatch
+def has_cheap_diagonal(operator: AbstractLinearOperator) -> bool:
+    """Whether `lx.diagonal(operator)` reads stored values (a sparse matrix's
+    diagonal does, though its dense matrix would be costly)."""
+    return holds_values(operator)
+
+
+def _register_cheap_diagonal() -> None:
+    from .._operator.sparse import SparseLinearOperator
+
+    has_cheap_diagonal.register(SparseLinearOperator)(lambda operator: True)
+
+
+_register_cheap_diagonal()
+
+
 #
 # A few steps of Lanczos, for the extreme eigenvalues of a symmetric operator.
 #

@@ -23,7 +23,7 @@ from .base import (
     check_square,
     definite_tags,
     flat_mv,
-    holds_values,
+    has_cheap_diagonal,
     replace_fields,
 )
 
@@ -87,7 +87,7 @@ class JacobiPreconditioner(AbstractPreconditioner):
     ):
         check_square(operator, "JacobiPreconditioner")
         if probes is None:
-            if not holds_values(operator):
+            if not has_cheap_diagonal(operator):
                 raise ValueError(
                     "`JacobiPreconditioner` cannot read the diagonal of a matrix-free "
                     f"operator ({type(operator).__name__}) without materialising it. "
