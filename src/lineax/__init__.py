@@ -85,3 +85,13 @@ try:
     __version__ = importlib.metadata.version("lineax")
 except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.2.0"
+
+from ._preconditioner import (
+    AbstractPreconditioner as AbstractPreconditioner,
+    BlockJacobiPreconditioner as BlockJacobiPreconditioner,
+    ChebyshevPreconditioner as ChebyshevPreconditioner,
+    JacobiPreconditioner as JacobiPreconditioner,
+    MultigridPreconditioner as MultigridPreconditioner,
+    NeumannPreconditioner as NeumannPreconditioner,
+    SSORPreconditioner as SSORPreconditioner,
+)

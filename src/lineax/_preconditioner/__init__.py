@@ -1,0 +1,7 @@
+from .base import AbstractPreconditioner as AbstractPreconditioner
+from .block_jacobi import BlockJacobiPreconditioner as BlockJacobiPreconditioner
+from .chebyshev import ChebyshevPreconditioner as ChebyshevPreconditioner
+from .jacobi import JacobiPreconditioner as JacobiPreconditioner
+from .multigrid import MultigridPreconditioner as MultigridPreconditioner
+from .neumann import NeumannPreconditioner as NeumannPreconditioner
+from .ssor import SSORPreconditioner as SSORPreconditioner

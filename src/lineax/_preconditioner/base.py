@@ -1,0 +1,372 @@
+"""`AbstractPreconditioner`, and what the preconditioners share.
+
+A preconditioner of an operator `A` approximates `A⁻¹`: it is a linear operator from
+`A`'s output space to `A`'s input space, passed to an iterative solver as
+`options={"preconditioner": P}`. Each preconditioner is built once from `A` (its
+setup: a diagonal, factorised blocks, an eigenvalue interval, a grid hierarchy) and
+then applied once per solver step; building it is ordinary JAX code, so it works
+under `jit`, `vmap` and `grad` like any other operator.
+
+The contract every preconditioner here keeps:
+
+- its input structure is `A`'s output structure and its output structure is `A`'s
+  input structure (so `preconditioner_of` in `_solver/_krylov.py` accepts it);
+- it claims a tag only when the tag holds for every operator it accepts (a
+  positive definite `A` gives a positive definite Jacobi, polynomial or SSOR
+  preconditioner, which is what CG, MINRES and the reverse-mode solve rely on);
+- `transpose()` is the preconditioner of `Aᵀ` (the transposed solve of reverse
+  mode uses the transposed preconditioner);
+- it never materialises a matrix-free operator behind the user's back.
+"""
+
+import dataclasses
+import functools as ft
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from jaxtyping import Array, PRNGKeyArray, PyTree
+
+from .._misc import result_dtype, Static
+from .._operator.base import (
+    AbstractLinearOperator,
+    check_structures_equal,
+    concrete_arrays,
+    flatten_vector,
+    is_cacheable,
+    is_diagonal,
+    is_negative_semidefinite,
+    is_positive_semidefinite,
+    is_symmetric,
+    is_tridiagonal,
+    linearise,
+    materialise,
+    matrix_by_mv,
+    register_tag_predicates,
+    unflatten_vector,
+)
+from .._tags import (
+    negative_semidefinite_tag,
+    positive_semidefinite_tag,
+    symmetric_tag,
+)
+
+
+class AbstractPreconditioner(AbstractLinearOperator):
+    """The base class of the preconditioners: linear operators approximating the
+    inverse of an operator `A`, built from `A`.
+
+    A preconditioner maps `A`'s output space to its input space, so its input
+    structure is `A.out_structure()` and its output structure is `A.in_structure()`.
+    Pass it to an iterative solver as `options={"preconditioner": P}`. Its tags say
+    what holds for it (e.g. positive semidefinite when `A` is), which CG and MINRES
+    rely on.
+    """
+
+    input_structure: eqx.AbstractVar[Static]
+    output_structure: eqx.AbstractVar[Static]
+    tags: eqx.AbstractVar[frozenset]
+
+    def in_structure(self):
+        return self.input_structure.value
+
+    def out_structure(self):
+        return self.output_structure.value
+
+    def as_matrix(self):
+        # A preconditioner is defined by its action; its matrix is rarely wanted
+        # (tests, small problems), so one batched `mv` over the identity suffices.
+        return matrix_by_mv(self)
+
+
+register_tag_predicates(AbstractPreconditioner)
+
+
+class AbstractPolynomialPreconditioner(AbstractPreconditioner):
+    """A preconditioner `p(A)`, a polynomial in the operator `A`, applied with
+    `degree` matrix-vector products and nothing else: matrix-free, and as parallel
+    as `A`'s own `mv`.
+
+    `p(A)ᵀ = p(Aᵀ)`, so the transpose is the same polynomial in `A.transpose()`.
+    """
+
+    operator: eqx.AbstractVar[AbstractLinearOperator]
+
+    def transpose(self):
+        return replace_fields(
+            self,
+            operator=self.operator.transpose(),
+            input_structure=self.output_structure,
+            output_structure=self.input_structure,
+        )
+
+
+@materialise.register(AbstractPolynomialPreconditioner)
+def _(preconditioner):
+    return replace_fields(preconditioner, operator=materialise(preconditioner.operator))
+
+
+@linearise.register(AbstractPolynomialPreconditioner)
+def _(preconditioner):
+    return replace_fields(preconditioner, operator=linearise(preconditioner.operator))
+
+
+is_cacheable.register(AbstractPolynomialPreconditioner)(
+    lambda p: is_cacheable(p.operator) and concrete_arrays(p)
+)
+
+
+def check_degree(degree: Any) -> int:
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
+        raise ValueError(f"`degree` must be a non-negative int, got {degree!r}.")
+    return degree
+
+
+def spectrum_interval(
+    operator: AbstractLinearOperator,
+    steps: int,
+    key: PRNGKeyArray | None,
+    margin: float,
+    who: str,
+    argument: str,
+) -> tuple[Array, Array]:
+    """An interval `(lo, hi)` holding the spectrum of a symmetric definite operator,
+    from `steps` steps of Lanczos; the end of largest magnitude is pushed out by
+    `margin` (relative), since Ritz values are inner bounds and a polynomial
+    preconditioner tuned to too short an interval stops being definite beyond it.
+
+    The interval is a heuristic choice of polynomial, not a function to
+    differentiate: its gradient is stopped.
+    """
+    positive = is_positive_semidefinite(operator)
+    if not (
+        is_symmetric(operator) and (positive or is_negative_semidefinite(operator))
+    ):
+        raise ValueError(
+            f"`{who}` estimates the spectrum of the operator by Lanczos, which needs "
+            "a symmetric positive or negative definite operator (tag it "
+            "`lx.positive_semidefinite_tag` or `lx.negative_semidefinite_tag`); for "
+            f"any other operator pass `{argument}` explicitly."
+        )
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"`lanczos_steps` must be a positive int, got {steps!r}.")
+    if key is None:
+        key = jr.key(0)
+    dtype = result_dtype(operator.in_structure())
+    lo, hi = lanczos_extremes(flat_mv(operator), operator.in_size(), dtype, steps, key)
+    lo, hi = jax.lax.stop_gradient((lo, hi))
+    if positive:
+        return lo, hi * (1 + margin)
+    return lo * (1 + margin), hi
+
+
+def replace_fields(module: eqx.Module, **changes: Any) -> Any:
+    """A copy of `module` with some fields replaced, without calling `__init__`.
+
+    The preconditioners' `__init__` does the setup from an operator; their
+    `transpose` rearranges the result of that setup instead (the same factors, the
+    structures swapped), which is what Equinox's own unflattening does too.
+    """
+    new = object.__new__(type(module))
+    for field in dataclasses.fields(module):
+        value = changes.pop(field.name, getattr(module, field.name))
+        object.__setattr__(new, field.name, value)
+    if changes:
+        raise TypeError(f"Unknown fields {sorted(changes)}.")
+    return new
+
+
+def definite_tags(operator: AbstractLinearOperator) -> frozenset:
+    """The definiteness (and symmetry) tags of `operator`, which an approximate
+    inverse built from it keeps."""
+    tags = set()
+    if is_symmetric(operator):
+        tags.add(symmetric_tag)
+    if is_positive_semidefinite(operator):
+        tags.add(positive_semidefinite_tag)
+    if is_negative_semidefinite(operator):
+        tags.add(negative_semidefinite_tag)
+    return frozenset(tags)
+
+
+def check_square(operator: Any, who: str) -> AbstractLinearOperator:
+    """Check that `operator` is a square linear operator; return it."""
+    if not isinstance(operator, AbstractLinearOperator):
+        raise TypeError(
+            f"`{who}` expects `operator` to be a `lineax.AbstractLinearOperator`, got "
+            f"{type(operator).__name__}."
+        )
+    if operator.in_size() != operator.out_size():
+        raise ValueError(
+            f"`{who}` needs a square `operator`, but it has input size "
+            f"{operator.in_size()} and output size {operator.out_size()}."
+        )
+    return operator
+
+
+def check_same_structures(operator: AbstractLinearOperator, who: str) -> None:
+    """Polynomials in `A` need `A` to map its input space to itself."""
+    check_structures_equal(
+        operator.in_structure(),
+        operator.out_structure(),
+        f"`{who}` evaluates a polynomial in `operator`, so the operator's input and "
+        "output structures must be equal",
+    )
+
+
+def flat_mv(operator: AbstractLinearOperator) -> Callable[[Array], Array]:
+    """`operator.mv` on flattened 1-D vectors (in PyTree-leaf order)."""
+    in_struct = operator.in_structure()
+    dtype = result_dtype(in_struct, operator.out_structure())
+
+    def mv(x: Array) -> Array:
+        return flatten_vector(operator.mv(unflatten_vector(x, in_struct, True)), dtype)
+
+    return mv
+
+
+def apply_flat(
+    fn: Callable[[Array], Array],
+    vector: PyTree[Array],
+    out_struct: PyTree[jax.ShapeDtypeStruct],
+) -> PyTree[Array]:
+    """Apply `fn`, a map of flat vectors, to a PyTree vector, giving a PyTree vector
+    with structure `out_struct`."""
+    return unflatten_vector(fn(flatten_vector(vector)), out_struct, keep_dtype=True)
+
+
+#
+# Which operators hold their values, so that `lx.diagonal` and `as_matrix` only
+# read them. The default is "no" (a Function or Jacobian operator, or an operator
+# class lineax does not know), except for operators tagged diagonal or tridiagonal,
+# whose bands cost one or three matrix-vector products.
+#
+# These registrations belong beside each operator class (one file per operator);
+# they live here only to keep the preconditioners a self-contained addition, and
+# should move to the operator files when they next change.
+#
+
+
+@ft.singledispatch
+def holds_values(operator: AbstractLinearOperator) -> bool:
+    """Whether the diagonal (and matrix) of `operator` are read from stored arrays
+    or a few probes, rather than computed by materialising it."""
+    return is_diagonal(operator) or is_tridiagonal(operator)
+
+
+def _register_holds_values() -> None:
+    from .._operator import (
+        AddLinearOperator,
+        DiagonalLinearOperator,
+        DivLinearOperator,
+        IdentityLinearOperator,
+        MatrixLinearOperator,
+        MulLinearOperator,
+        NegLinearOperator,
+        PyTreeLinearOperator,
+        TaggedLinearOperator,
+        TridiagonalLinearOperator,
+    )
+
+    for cls in (
+        DiagonalLinearOperator,
+        IdentityLinearOperator,
+        MatrixLinearOperator,
+        PyTreeLinearOperator,
+        TridiagonalLinearOperator,
+    ):
+        holds_values.register(cls)(lambda operator: True)
+    for cls in (DivLinearOperator, MulLinearOperator, NegLinearOperator):
+        holds_values.register(cls)(lambda op: holds_values(op.operator))
+    holds_values.register(TaggedLinearOperator)(
+        lambda op: holds_values(op.operator) or holds_values.dispatch(object)(op)
+    )
+    holds_values.register(AddLinearOperator)(
+        lambda op: holds_values(op.operator1) and holds_values(op.operator2)
+    )
+
+
+_register_holds_values()
+
+
+@ft.singledispatch
+def has_cheap_diagonal(operator: AbstractLinearOperator) -> bool:
+    """Whether `lx.diagonal(operator)` reads stored values (a sparse matrix's
+    diagonal does, though its dense matrix would be costly)."""
+    return holds_values(operator)
+
+
+def _register_cheap_diagonal() -> None:
+    from .._operator.sparse import SparseLinearOperator
+
+    has_cheap_diagonal.register(SparseLinearOperator)(lambda operator: True)
+
+
+_register_cheap_diagonal()
+
+
+#
+# A few steps of Lanczos, for the extreme eigenvalues of a symmetric operator.
+#
+
+
+def lanczos_extremes(
+    mv: Callable[[Array], Array],
+    size: int,
+    dtype: Any,
+    steps: int,
+    key: PRNGKeyArray,
+) -> tuple[Array, Array]:
+    """Estimates `(λmin, λmax)` of a symmetric (Hermitian) operator from `steps`
+    steps of Lanczos with full reorthogonalisation, started from a random vector.
+
+    The Ritz values lie inside the spectrum, so the estimates are inner bounds:
+    `λmax` is usually accurate to a few percent after 10-20 steps, `λmin` much less
+    so. If the Krylov space becomes invariant (at most `size` steps, or a starting
+    vector in an invariant subspace), the later steps are masked out rather than
+    contributing a spurious zero eigenvalue.
+    """
+    steps = min(steps, size)
+    real_dtype = jnp.finfo(dtype).dtype
+    q0 = jr.normal(key, (size,), real_dtype).astype(dtype)
+    q0 = q0 / jnp.linalg.norm(q0)
+    eps = jnp.finfo(dtype).eps
+
+    def step(carry, j):
+        basis, q, q_prev, beta_prev, alive = carry
+        basis = basis.at[j].set(q)
+        w = mv(q)
+        alpha = jnp.real(jnp.vdot(q, w))
+        w = w - alpha * q - beta_prev * q_prev
+        # Full reorthogonalisation, twice ("twice is enough", Parlett): cheap at
+        # this size, and it keeps ghost copies of converged Ritz values away.
+        w = w - basis.T @ (jnp.conj(basis) @ w)
+        w = w - basis.T @ (jnp.conj(basis) @ w)
+        beta = jnp.linalg.norm(w)
+        alive_next = alive & (beta > 100 * eps * (jnp.abs(alpha) + beta_prev))
+        q_next = jnp.where(alive_next, w / jnp.where(beta > 0, beta, 1), 0)
+        return (basis, q_next, q, jnp.where(alive_next, beta, 0), alive_next), (
+            alpha,
+            beta,
+            alive,
+        )
+
+    init = (
+        jnp.zeros((steps, size), dtype),
+        q0,
+        jnp.zeros_like(q0),
+        jnp.zeros((), real_dtype),
+        jnp.array(True),
+    )
+    _, (alphas, betas, alive) = jax.lax.scan(step, init, np.arange(steps))
+    # Steps after a breakdown repeat a Ritz value already found (alpha_0 lies in
+    # the spectrum), so they move neither extreme.
+    alphas = jnp.where(alive, alphas, alphas[0])
+    off = jnp.where(alive[1:], betas[:-1], 0)
+    tridiag = jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
+    ritz = jnp.linalg.eigvalsh(tridiag)
+    return ritz[0], ritz[-1]

@@ -1,0 +1,115 @@
+"""`NeumannPreconditioner`: a truncated, scaled Neumann series for `A⁻¹`."""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.core
+import jax.numpy as jnp
+from jaxtyping import Array, PRNGKeyArray, Scalar
+
+from .._misc import result_dtype, Static
+from .._operator.base import (
+    AbstractLinearOperator,
+    is_negative_semidefinite,
+    is_positive_semidefinite,
+)
+from .base import (
+    AbstractPolynomialPreconditioner,
+    apply_flat,
+    check_degree,
+    check_same_structures,
+    check_square,
+    definite_tags,
+    flat_mv,
+    spectrum_interval,
+)
+
+
+class NeumannPreconditioner(AbstractPolynomialPreconditioner):
+    """The truncated Neumann series `P = ω Σₖ₌₀ᵈ (I - ωA)ᵏ`, which tends to `A⁻¹`
+    as the degree `d` grows when the spectrum of `ωA` lies in the disc
+    `|1 - z| < 1`.
+
+    Each application costs `degree` matrix-vector products with `A` (Horner's
+    rule), and nothing else: it is matrix-free. For a symmetric positive definite
+    `A` and `0 < ω λmax < 2`, `P` is symmetric positive definite, and so is
+    tagged; the same holds with signs flipped for a negative definite `A`. The
+    [`lineax.ChebyshevPreconditioner`][] of the same degree is never worse for
+    definite operators (the Neumann polynomial is the Chebyshev one for the
+    interval `(0, 2/ω)` collapsed onto its centre); the Neumann series is simpler
+    and needs only one scale.
+
+    **Arguments:**
+
+    - `operator`: a square operator `A` whose input and output structures are
+        equal.
+    - `degree`: the degree `d` of the polynomial (`0` gives `P = ωI`).
+    - `scale`: the scale `ω`. `None` (for a symmetric definite operator) takes
+        `ω = 1/λmax`, with `λmax` estimated by a few steps of Lanczos (its
+        magnitude enlarged by 5%), so that `ωA` has spectrum in `(0, 1)`. For any
+        other operator give `ω`, such that `|1 - ωλ| < 1` over the spectrum.
+    - `lanczos_steps`: the number of Lanczos steps for the estimate of `λmax`.
+    - `key`: the random key of Lanczos' starting vector. Defaults to
+        `jax.random.key(0)`.
+    """
+
+    operator: AbstractLinearOperator
+    scale: Scalar
+    degree: int = eqx.field(static=True)
+    input_structure: Static = eqx.field(static=True)
+    output_structure: Static = eqx.field(static=True)
+    tags: frozenset = eqx.field(static=True)
+
+    def __init__(
+        self,
+        operator: Any,
+        degree: int,
+        scale: Any = None,
+        *,
+        lanczos_steps: int = 20,
+        key: PRNGKeyArray | None = None,
+    ):
+        check_square(operator, "NeumannPreconditioner")
+        check_same_structures(operator, "NeumannPreconditioner")
+        self.degree = check_degree(degree)
+        dtype = result_dtype(operator.in_structure())
+        positive = is_positive_semidefinite(operator)
+        negative = (not positive) and is_negative_semidefinite(operator)
+        if scale is None:
+            lo, hi = spectrum_interval(
+                operator, lanczos_steps, key, 0.05, "NeumannPreconditioner", "scale"
+            )
+            scale = 1 / (hi if positive else lo)
+        elif not isinstance(scale, jax.core.Tracer):
+            value = complex(jnp.asarray(scale))
+            if value == 0 or (positive and value.real <= 0):
+                raise ValueError(
+                    "`scale` must be nonzero, and positive for a positive definite "
+                    f"operator (so that |1 - scale λ| < 1 is possible), got {scale!r}."
+                )
+            if negative and value.real >= 0:
+                raise ValueError(
+                    "`scale` must be negative for a negative definite operator, got "
+                    f"{scale!r}."
+                )
+        self.operator = operator
+        self.scale = jnp.asarray(scale, dtype=dtype)
+        self.input_structure = Static(operator.out_structure())
+        self.output_structure = Static(operator.in_structure())
+        self.tags = definite_tags(operator)
+
+    def mv(self, vector):
+        mv = flat_mv(self.operator)
+        scale = self.scale
+
+        def apply(v: Array) -> Array:
+            sv = scale * v
+
+            # y ← ωv + (I - ωA) y, `degree` times from y = ωv.
+            def horner(_, y):
+                return sv + y - scale * mv(y)
+
+            return jax.lax.fori_loop(0, self.degree, horner, sv)
+
+        return apply_flat(apply, vector, self.out_structure())
