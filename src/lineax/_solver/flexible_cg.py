@@ -147,7 +147,8 @@ class FlexibleCG(AbstractKrylovSolver):
 
         def conjugate(c: _FlexibleCGCarry, z, pap):
             # p = z - sum_i (<A p_i, z> / <p_i, A p_i>) p_i, against the stored ones.
-            coefficients = safe_div(basis_dot(c.images, z), pap)
+            dots = basis_dot(c.images, z)
+            coefficients = safe_div(dots, pap.astype(dots.dtype))
             return tree_sub(z, basis_combine(c.directions, coefficients))
 
         def step(c: _FlexibleCGCarry) -> _FlexibleCGCarry:
@@ -161,7 +162,8 @@ class FlexibleCG(AbstractKrylovSolver):
             # The exact line search along p. Not CG's <r, z> / <p, A p>: with a
             # varying preconditioner, r is no longer orthogonal to the older
             # directions, so <p, r> != <z, r>.
-            alpha = jnp.where(ok, safe_div(tree_dot(c.p, c.r), pap), 0)
+            pr = tree_dot(c.p, c.r)
+            alpha = jnp.where(ok, safe_div(pr, pap.astype(pr.dtype)), 0)
             x = tree_axpy(alpha, c.p, c.x)
             r = tree_axpy(-alpha, ap, c.r)
             slot = c.count % size
