@@ -90,6 +90,49 @@ def test_against_dense(name, dtype):
         assert 0 < int(stats["num_steps"]) <= int(stats["max_steps"])
 
 
+def test_negative_definite_truncation_y0():
+    _, hpd = _small(jnp.float64)
+    n = hpd.shape[0]
+    b = _vector(n, jnp.float64)
+    op = lx.MatrixLinearOperator(jnp.asarray(-hpd), lx.negative_semidefinite_tag)
+    # Preconditions `-A`, as for CG; three stored directions (a ring buffer that
+    # wraps around within the solve).
+    options = {
+        "preconditioner": lx.DiagonalLinearOperator(jnp.asarray(1 / np.diag(hpd))),
+        "y0": jnp.ones(n),
+    }
+    solver = lx.FlexibleCG(rtol=1e-12, atol=1e-12, truncation=3)
+    value, result, stats = _solve(op, jnp.asarray(b), solver, options)
+    assert result == lx.RESULTS.successful
+    assert int(stats["num_steps"]) > 3
+    np.testing.assert_allclose(value, np.linalg.solve(-hpd, b), rtol=0, atol=1e-10)
+
+
+def test_fgmres_pytree():
+    nonsym, _ = _small(jnp.float64, n=6)
+    b = _vector(6, jnp.float64)
+    struct = {
+        "a": jax.ShapeDtypeStruct((2,), jnp.float64),
+        "b": jax.ShapeDtypeStruct((2, 2), jnp.float64),
+    }
+
+    def split(v):
+        return {"a": v[:2], "b": v[2:].reshape(2, 2)}
+
+    def fn(x):
+        return split(jnp.asarray(nonsym) @ jnp.concatenate([x["a"], x["b"].ravel()]))
+
+    op = lx.FunctionLinearOperator(fn, struct)
+    precond = lx.IdentityLinearOperator(struct) * 0.5
+    solver = lx.FGMRES(rtol=1e-12, atol=1e-12, restart=3)
+    value, result, _ = _solve(
+        op, split(jnp.asarray(b)), solver, {"preconditioner": precond}
+    )
+    assert result == lx.RESULTS.successful
+    flat = np.concatenate([value["a"], np.ravel(value["b"])])
+    np.testing.assert_allclose(flat, np.linalg.solve(nonsym, b), rtol=0, atol=1e-10)
+
+
 def _fixed_preconditioner(matrix):
     """The inverse of the block-tridiagonal part (the x-direction couplings) of a
     grid operator: a fixed linear preconditioner, symmetric when `matrix` is."""
