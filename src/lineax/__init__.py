@@ -53,6 +53,8 @@ from ._solver import (
     CG as CG,
     Cholesky as Cholesky,
     Diagonal as Diagonal,
+    FGMRES as FGMRES,
+    FlexibleCG as FlexibleCG,
     GMRES as GMRES,
     Kronecker as Kronecker,
     LSMR as LSMR,

@@ -5,6 +5,8 @@ from .block_diagonal import BlockDiagonal as BlockDiagonal
 from .cg import CG as CG, NormalCG as NormalCG
 from .cholesky import Cholesky as Cholesky
 from .diagonal import Diagonal as Diagonal
+from .fgmres import FGMRES as FGMRES
+from .flexible_cg import FlexibleCG as FlexibleCG
 from .gmres import GMRES as GMRES
 from .kronecker import Kronecker as Kronecker
 from .lsmr import LSMR as LSMR
