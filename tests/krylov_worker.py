@@ -294,5 +294,56 @@ def table():
         )
 
 
+def stagnation():
+    """Problems whose tolerance is below the float32 floor: a prompt, honest stop."""
+    rng = np.random.default_rng(3)
+    f32 = jnp.float32
+
+    # CG, 2-D Poisson 40x40 (n = 1600) as a dense PSD matrix, float32,
+    # rtol = atol = 1e-6: once reported `breakdown` with a diverged iterate.
+    k = 40
+    mat = _laplacian_2d(k, 0.0).toarray()
+    grid = np.linspace(1, k, k) / (k + 1)
+    rhs = {
+        "ones": np.ones(k * k),
+        "sin": np.outer(np.sin(np.pi * grid), np.sin(np.pi * grid)).ravel(),
+        "randn": rng.normal(size=k * k),
+    }
+    op = lx.MatrixLinearOperator(jnp.asarray(mat, f32), psd)
+    for name, b in rhs.items():
+        vec = jnp.asarray(b, f32)
+        sol = _jit_solve(op, vec, lx.CG(1e-6, 1e-6))
+        _report(f"cg_poisson40_f32_{name}", sol, mat, np.asarray(vec, np.float64))
+
+    # MINRES, indefinite Laplacian - 0.05 I, 64x64, float32, rtol 1e-4 in the
+    # max norm (below the floor): once 2200 steps before `stagnation`.
+    k = 64
+    mat = _laplacian_2d(k, -0.05)
+    b = rng.normal(size=(k, k))
+    op = _stencil_op(mat, k, f32, lx.symmetric_tag)
+    vec = jnp.asarray(b, f32)
+    sol = _jit_solve(op, vec, lx.MINRES(1e-4, 0.0))
+    _report("minres_indefinite_maxnorm_f32", sol, mat, np.asarray(vec, np.float64))
+
+    # LSMR, 1000x200, cond 1e3, float32, rtol 1e-7 (normal equations below the
+    # floor): once thousands of steps before `stagnation`.
+    m, n = 1000, 200
+    q1, _ = np.linalg.qr(rng.normal(size=(m, n)))
+    q2, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    tall = (q1 * np.logspace(0, -3, n)) @ q2.T
+    vec = jnp.asarray(rng.normal(size=m), f32)
+    b64 = np.asarray(vec, np.float64)
+    sol = _jit_solve(lx.MatrixLinearOperator(jnp.asarray(tall, f32)), vec,
+                     lx.LSMR(1e-7, 0.0))  # fmt: skip
+    lsq = np.linalg.lstsq(tall, b64, rcond=None)[0]
+    _report(
+        "lsmr_tall_f32_1000x200",
+        sol,
+        tall,
+        b64,
+        {"rnorm_lsq": float(np.linalg.norm(b64 - tall @ lsq))},
+    )
+
+
 if __name__ == "__main__":
-    {"edge": edge, "table": table}[sys.argv[1]]()
+    {"edge": edge, "table": table, "stagnation": stagnation}[sys.argv[1]]()

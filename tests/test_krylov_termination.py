@@ -157,3 +157,39 @@ def test_lsmr_gradient_keeps_preconditioner(table):
     c = table["lsmr_precond_grad"]
     assert c["steps"] < 60
     assert c["grad_error"] < 1e-6
+
+
+@pytest.fixture(scope="module")
+def stagnation():
+    return _run("stagnation")
+
+
+@pytest.mark.parametrize("rhs", ["ones", "sin", "randn"])
+def test_cg_float32_poisson_40_no_breakdown(stagnation, rhs):
+    # 2-D Poisson n = 1600, float32, rtol = atol = 1e-6: converges or stagnates at
+    # the float32 floor (about eps * cond = 1e-4), never `breakdown` with a
+    # diverged iterate (the old code returned a residual of 1e18).
+    c = stagnation[f"cg_poisson40_f32_{rhs}"]
+    assert c["code"] in (_SUCCESS, _STAGNATION)
+    assert c["finite"] and c["rmax"] <= 1e-3 * c["bmax"]
+    assert c["steps"] < 1000
+
+
+def test_minres_float32_stagnation_is_prompt(stagnation):
+    # The floor is reached after about 300 steps; the old rule (20 verifications
+    # without a new best, verifying only when the estimate passed a tightening
+    # threshold) took 2200.
+    c = stagnation["minres_indefinite_maxnorm_f32"]
+    assert c["code"] in (_SUCCESS, _STAGNATION)
+    assert c["rnorm"] <= 1e-3 * c["bnorm"]
+    assert c["steps"] < 600
+
+
+def test_lsmr_float32_stagnation_is_prompt(stagnation):
+    # Normal equations to rtol 1e-7 in float32 at cond 1e3: below the floor. The
+    # old rule took 6100 steps; the estimate of ||A^H r|| falling while the true
+    # one does not now stops it.
+    c = stagnation["lsmr_tall_f32_1000x200"]
+    assert c["code"] == _STAGNATION
+    assert c["rnorm"] <= (1 + 1e-4) * c["rnorm_lsq"]
+    assert c["steps"] < 2500

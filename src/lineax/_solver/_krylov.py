@@ -19,7 +19,9 @@ Every Krylov solver in lineax follows the same contract:
   method's inner iteration for a pass, verifies on a true residual, keeps the best
   iterate by true residual (returned whenever the solve does not succeed), adapts
   the inner threshold with one rule, and stops on stagnation (no new best true
-  residual in `patience` verifications) with `RESULTS.stagnation`. Each pass makes
+  residual in `patience` verifications; or, for MINRES and LSMR, which verify every
+  `CHECK_EVERY` steps, the method's estimate falling by `GAP` while the true
+  quantity it estimates did not even halve) with `RESULTS.stagnation`. Each pass makes
   at least one step, so every pass makes progress and the loop ends within
   `max_steps` steps plus one verification per pass.
 - The right-hand side is scaled by a power of two (exact in floating point) before
@@ -45,7 +47,7 @@ from equinox import AbstractVar
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
 from .._misc import describe, strip_weak_dtype, structure_of
-from .._norm import tree_dot
+from .._norm import tree_dot, two_norm
 from .._operator.base import AbstractLinearOperator, conj
 from .._solution import RESULTS
 from .base import AbstractLinearSolver
@@ -321,9 +323,11 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         if y0 is not None:
             y0 = tree_scale(1 / scale, y0)
         x0, r0 = initial_residual(mv, vector, y0, structure)
-        tol = self.atol / scale + self.rtol * self.norm(vector)
+        norm = self.scaled_norm()
+        tol = self.atol / scale + self.rtol * norm(vector)
         return Problem(
             mv=mv,
+            norm=norm,
             vector=vector,
             x0=x0,
             r0=r0,
@@ -335,6 +339,20 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
             rdtype=rdtype,
             initial_mv=0 if y0 is None else 1,
         )
+
+    def scaled_norm(self) -> Callable[[PyTree[Array]], Scalar]:
+        """The solver's `norm`, for vectors in the units of `Problem` (`b` divided by
+        a power of two so that `max|b|` is in `[0.5, 1)`).
+
+        In those units `two_norm`'s overflow guard (a max-reduction, then a sum of
+        rescaled squares: two passes and two kernels) is not needed, and
+        `sqrt(<x, x>)` is used: `<b, b>` is at most the size of the problem, and a
+        residual overflows only if the iteration diverged by 1e19 (float32), which
+        is then reported as a non-finite residual. Squares underflow only for
+        entries below 1e-19 (float32) of `max|b|`, far below any reachable
+        tolerance.
+        """
+        return norm2 if self.norm is two_norm else self.norm
 
     def transpose(self, state: KrylovState, options: dict[str, Any]):
         # A right preconditioner `N` of `A` (`A N` well conditioned) is a left
@@ -374,6 +392,7 @@ class Problem:
     `max_steps` steps, reported successful (a fixed-iteration inexact solve)."""
 
     mv: Callable[[PyTree[Array]], PyTree[Array]]
+    norm: Callable[[PyTree[Array]], Scalar]  # the solver's norm, in these units
     vector: PyTree[Array]
     x0: PyTree[Array]
     r0: PyTree[Array]
@@ -426,6 +445,14 @@ _Carry = TypeVar("_Carry")
 # Verifications in a row without a new best true residual after which the solve
 # stops with `stagnation` (GMRES: its `stagnation_iters`).
 PATIENCE = 20
+# Steps between true-residual checks of the methods whose passes otherwise end
+# only on their estimate (MINRES, LSMR): without them, a pass on a problem whose
+# tolerance is below the floor can run for thousands of steps before anything
+# notices. One verification per this many steps (2% more products).
+CHECK_EVERY = 50
+# The fall of a method's estimate, with no halving of the true measure it
+# estimates, that means stagnation (see `Iteration.progress`).
+GAP = 16.0
 # Default bound on the length of `stats["residual_history"]`.
 HISTORY_CAP = 10_000
 
@@ -455,6 +482,17 @@ class Iteration(Generic[_Carry]):
     - `verify_mv`: operator products per verification.
     - `patience`: verifications without a new best true residual before
         `stagnation`.
+    - `progress`, `progress_estimate`: for the second stagnation test (off when
+        `progress_estimate` is `None`): a true measure of progress, given the carry,
+        the iterate, its residual and `rnorm`, and the method's recursive estimate
+        of the same quantity in the same norm (equal in exact arithmetic: MINRES's
+        `phibar` and the residual's 2-norm; LSMR's `||A^H r||`). When the estimate
+        has fallen by `GAP` since the best true measure last halved, the recursion
+        is running on rounding errors (the true residual has reached the floor the
+        dtype allows) and the solve stops with `stagnation` at once, rather than
+        after `patience` verifications (which, for a method that verifies only when
+        its estimate passes a tightening threshold, can be thousands of steps).
+        `progress` defaults to `rnorm`.
     """
 
     step: Callable[[_Carry], _Carry]
@@ -471,6 +509,10 @@ class Iteration(Generic[_Carry]):
     verify_mv: int = 1
     pass_length: int | None = None
     patience: int = PATIENCE
+    progress: Callable[[_Carry, PyTree[Array], PyTree[Array], Array], Array] | None = (
+        None
+    )
+    progress_estimate: Callable[[_Carry], Array] | None = None
 
 
 class _Pass(eqx.Module):
@@ -491,12 +533,17 @@ class _Loop(eqx.Module):
     best_rnorm: Scalar
     factor: Scalar  # tightening of the adapted tolerance
     since_best: Array  # verifications since `best_rnorm` last decreased
+    # The true progress measure when it last halved, and its estimate then (`None`
+    # without the second stagnation test, so that it costs nothing).
+    ref_progress: Scalar | None
+    ref_estimate: Scalar | None
     verifications: Array
     converged: Array
 
 
 def _history_layout(max_steps: int, history_length: int | None) -> tuple[int, int]:
-    """`(length, every)`: step `s` is recorded at index `s // every - 1`."""
+    """`(length, every)`: step `s` is recorded at index `(s - 1) // every`, so entry
+    `i` ends up holding step `min(every (i + 1), last step)`."""
     if history_length is None:
         history_length = min(max_steps, HISTORY_CAP)
     if history_length == 0 or max_steps == 0:
@@ -506,14 +553,16 @@ def _history_layout(max_steps: int, history_length: int | None) -> tuple[int, in
 
 
 def _record(history: Array, steps: Array, value: Array, every: int) -> Array:
+    # Every step overwrites its entry (one dynamic-update-slice: no read-back and
+    # no select, which would be extra kernels in the loop body).
     if history.shape[0] == 0:
         return history
-    index = steps // every - 1
-    value = value.astype(history.dtype)
+    index = steps - 1
     if every > 1:
-        keep = lax.dynamic_index_in_dim(history, index, 0, keepdims=False)
-        value = jnp.where(steps % every == 0, value, keep)
-    return lax.dynamic_update_index_in_dim(history, value, index, 0)
+        index = lax.div(index, jnp.asarray(every, index.dtype))
+    return lax.dynamic_update_index_in_dim(
+        history, value.astype(history.dtype), index, 0
+    )
 
 
 def _print_progress(steps, estimate, tol, scale):
@@ -540,7 +589,7 @@ def iterate(
     `rnorm` is the norm of `problem.r0` if the caller already has it.
     """
     p = problem
-    norm = solver.norm
+    norm = p.norm
     tol = p.tol
     max_steps = p.max_steps
     length, every = _history_layout(max_steps, solver.history_length)
@@ -599,6 +648,20 @@ def iterate(
         best_x = tree_where(improved | converged, x, o.best_x)
         best_rnorm = jnp.where(improved, rnorm, o.best_rnorm)
         since_best = jnp.where(improved, 0, o.since_best + 1)
+        ref_progress, ref_estimate = o.ref_progress, o.ref_estimate
+        if method.progress_estimate is not None:
+            progress = (
+                rnorm if method.progress is None else method.progress(c, x, r, rnorm)
+            )
+            estimate = method.progress_estimate(c)
+            halved = progress <= 0.5 * ref_progress
+            ref_progress = jnp.where(halved, progress, ref_progress)
+            ref_estimate = jnp.where(halved, estimate, ref_estimate)
+            # The estimate fell by `GAP` and the true measure did not even halve.
+            stalled = ~converged & (estimate * GAP < ref_estimate)
+            since_best = jnp.where(stalled, method.patience, since_best)
+            ref_progress = ref_progress.astype(p.rdtype)
+            ref_estimate = ref_estimate.astype(p.rdtype)
         passed = method.estimate(c) <= inner_tol
         if method.settled is not None:
             passed = passed | method.settled(c, o.factor)
@@ -615,6 +678,8 @@ def iterate(
             best_rnorm,
             factor,
             since_best,
+            ref_progress,
+            ref_estimate,
             o.verifications + 1,
             converged,
         )
@@ -623,6 +688,11 @@ def iterate(
         rnorm = norm(p.r0)
     rnorm = rnorm.astype(p.rdtype)
     history = jnp.full((length,), jnp.nan, p.rdtype)
+    # The references of the second stagnation test start at infinity: the first
+    # verification sets them.
+    inf = None
+    if method.progress_estimate is not None:
+        inf = jnp.full((), jnp.inf, p.rdtype)
     zero = jnp.array(0, jnp.int32)
     loop = _Loop(
         _Pass(carry, zero, zero, history),
@@ -631,6 +701,8 @@ def iterate(
         rnorm,
         jnp.ones((), p.rdtype),
         zero,
+        inf,
+        inf,
         zero,
         rnorm <= tol,
     )

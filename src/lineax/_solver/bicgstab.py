@@ -131,7 +131,7 @@ class BiCGStab(AbstractKrylovSolver):
             alpha = jnp.where(bad_sigma, 0, safe_div(rho, sigma))
             s = tree_axpy(-alpha, v, c.r)
             s_norm2 = norm2(s)
-            half_done = (s_norm2 if two else self.norm(s)) <= tol
+            half_done = (s_norm2 if two else problem.norm(s)) <= tol
             shat = apply(precond, s)
             t = mv(shat)
             ts = tree_dot(t, s)
@@ -143,7 +143,7 @@ class BiCGStab(AbstractKrylovSolver):
             x = tree_axpy(omega, shat, tree_axpy(alpha, phat, c.x))
             r = tree_axpy(-omega, t, s)
             rr_new = jnp.real(tree_dot(r, r))
-            rnorm = jnp.sqrt(rr_new) if two else self.norm(r)
+            rnorm = jnp.sqrt(rr_new) if two else problem.norm(r)
             return _Carry(
                 x, r, shadow, shadow_norm, rr_new, p, v, rho, alpha, omega, rnorm,
                 bad_sigma | bad_omega, breakdown,
@@ -157,14 +157,14 @@ class BiCGStab(AbstractKrylovSolver):
             restarted = eqx.tree_at(
                 lambda c: (c.r, c.rr, c.rnorm, c.restart),
                 c,
-                (r, jnp.real(tree_dot(r, r)), self.norm(r), jnp.array(True)),
+                (r, jnp.real(tree_dot(r, r)), problem.norm(r), jnp.array(True)),
             )
             return tree_where(passed, restarted, c)
 
         r = problem.r0
         rr = jnp.real(tree_dot(r, r))
         zero = jnp.zeros((), tree_dot(r, r).dtype)
-        rnorm = self.norm(r)
+        rnorm = problem.norm(r)
         carry = _Carry(
             problem.x0, r, r, jnp.sqrt(rr), rr, r, r, zero, zero, zero, rnorm,
             jnp.array(True), jnp.array(False),

@@ -139,7 +139,7 @@ class CG(AbstractKrylovSolver):
             # Everything that depends on the residual alone: (P r, <r, P r>, norm).
             z = apply(precond, r)
             rho = jnp.real(tree_dot(r, z))
-            return z, rho, (jnp.sqrt(rho) if rho_is_norm else self.norm(r))
+            return z, rho, (jnp.sqrt(rho) if rho_is_norm else problem.norm(r))
 
         def step(c: _CGCarry) -> _CGCarry:
             ap = mv(c.p)
@@ -177,7 +177,7 @@ class CG(AbstractKrylovSolver):
             halted=lambda c: c.breakdown,
             pass_length=self.stabilise_every,
         )
-        return iterate(self, problem, method, carry, rnorm=self.norm(problem.r0))
+        return iterate(self, problem, method, carry, rnorm=rnorm)
 
 
 def NormalCG(

@@ -16,6 +16,7 @@ from .._solution import RESULTS
 from ._krylov import (
     AbstractKrylovSolver,
     apply,
+    CHECK_EVERY,
     iterate,
     Iteration,
     KrylovState,
@@ -113,8 +114,11 @@ class LSMR(AbstractKrylovSolver):
     Because the solution is a pseudoinverse solution of a possibly rank-deficient
     operator, `assume_full_rank()` is `False` (its derivative uses the general
     pseudoinverse JVP). The iterate with the smallest true residual is returned if
-    the solve does not succeed, and no new best in 20 verifications in a row stops
-    it with [`lineax.RESULTS.stagnation`][].
+    the solve does not succeed. The true residual is checked every 50 steps, and
+    the solve stops with [`lineax.RESULTS.stagnation`][] after 20 checks in a row
+    without a new best, or as soon as LSMR's estimate of `||A^H r||` has fallen
+    16-fold since the true `||A^H r||` last halved (the normal-equations tolerance
+    is then below what the dtype can reach).
 
     **Arguments:**
 
@@ -294,12 +298,17 @@ def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
     def solution(c: _Carry):
         return jtu.tree_map(lambda a, b: a + b, problem.x0, apply(right, c.x))
 
+    def normal_residual(r):
+        # ||(M A N)^H M r||_2, and ||M r||_2.
+        r = apply(left_precond, r)
+        return norm2(rmv(r)), norm2(r)
+
     def normal_solved(c: _Carry, x, r):
         # The normal-equations test on a true residual: ||(M A N)^H M r||_2 <=
         # rtol ||M A N|| ||M r||_2.
         del x
-        r = apply(left_precond, r)
-        return norm2(rmv(r)) <= rtol * c.norm_a * norm2(r)
+        normal, rnorm = normal_residual(r)
+        return normal <= rtol * c.norm_a * rnorm
 
     def settled(c: _Carry, factor):
         # The same test on LSMR's estimates, tightened with the outer loop.
@@ -334,5 +343,11 @@ def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
         accept=normal_solved,
         mv_per_step=2,
         verify_mv=2,
+        pass_length=CHECK_EVERY,
+        # Stagnation: LSMR's estimate of ||A^H r|| keeps falling while the true
+        # one does not (it is exact in exact arithmetic). The product is shared
+        # with `normal_solved`.
+        progress=lambda c, x, r, rnorm: normal_residual(r)[0],
+        progress_estimate=lambda c: c.normar,
     )
     return iterate(solver, problem, method, carry)

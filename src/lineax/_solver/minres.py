@@ -19,9 +19,11 @@ from .._solution import RESULTS
 from ._krylov import (
     AbstractKrylovSolver,
     apply,
+    CHECK_EVERY,
     iterate,
     Iteration,
     KrylovState,
+    norm2,
     safe_div,
     tree_axpy,
     tree_scale,
@@ -77,7 +79,11 @@ class MINRES(AbstractKrylovSolver):
     system, the iterate is then near a least-squares solution) or the estimate of
     `cond(A)` exceeds `0.1 / eps`; unless the true residual passes, these are
     reported as [`lineax.RESULTS.singular`][], never `successful`. The iterate with
-    the smallest true residual is returned if the solve does not succeed.
+    the smallest true residual is returned if the solve does not succeed. The true
+    residual is also checked every 50 steps; when `phibar` has fallen 16-fold
+    since the true residual last halved (rounding has taken over: the tolerance
+    is below what the dtype can reach), the solve stops with
+    [`lineax.RESULTS.stagnation`][].
 
     **Arguments:**
 
@@ -204,6 +210,13 @@ class MINRES(AbstractKrylovSolver):
             jnp.asarray(jnp.finfo(rdtype).max, rdtype), jnp.asarray(jnp.inf, rdtype),
             jnp.array(False), beta1_2 < 0,
         )  # fmt: skip
+
+        def progress(c, x, r, rnorm):
+            # The true residual in the norm `phibar` estimates: sqrt(<r, P r>).
+            if precond is None:
+                return norm2(r)
+            return jnp.sqrt(jnp.maximum(jnp.real(tree_dot(r, apply(precond, r))), 0))
+
         method = Iteration(
             step=step,
             estimate=lambda c: c.phibar,
@@ -213,5 +226,8 @@ class MINRES(AbstractKrylovSolver):
             halt_result=lambda c: RESULTS.where(
                 c.breakdown & ~c.exhausted, RESULTS.breakdown, RESULTS.singular
             ),
+            pass_length=CHECK_EVERY,
+            progress=progress,
+            progress_estimate=lambda c: c.phibar,
         )
         return iterate(self, problem, method, lanczos)
