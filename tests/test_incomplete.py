@@ -228,7 +228,7 @@ def test_bad_input_is_a_named_error():
             cls(_sparse(np.eye(3), lx.positive_semidefinite_tag), shift=-1.0)
     with pytest.raises(ValueError, match="symmetric"):
         lx.IncompleteCholeskyPreconditioner(_sparse(np.eye(3)))
-    traced = jax.jit(lambda op: lx.ILUPreconditioner(op).values)
+    traced = jax.jit(lambda op: lx.ILUPreconditioner(op).breakdown)
     with pytest.raises(ValueError, match="concrete"):
         traced(_sparse(np.eye(3)))
 

@@ -7,7 +7,7 @@ import jax
 import jax.core
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Inexact
+from jaxtyping import Array, Bool
 
 from .._misc import Static
 from .._operator.base import concrete_arrays, is_cacheable
@@ -21,8 +21,8 @@ from .incomplete import (
     solve_triangular,
     sparse_operator_of,
     stored_entries,
-    triangular_solve_schedule,
-    TriangularSolve,
+    triangular_factor,
+    TriangularFactor,
 )
 
 
@@ -89,11 +89,10 @@ class ILUPreconditioner(AbstractPreconditioner):
         not finite.
     """
 
-    values: Inexact[Array, " nnz"]
-    diagonal: Inexact[Array, " size"]
     breakdown: Bool[Array, ""]
-    solves: tuple[TriangularSolve, TriangularSolve]
-    transposed_solves: tuple[TriangularSolve, TriangularSolve]
+    # (L, U), and (Uᵀ, Lᵀ) for the transpose.
+    factors: tuple[TriangularFactor, TriangularFactor]
+    transposed_factors: tuple[TriangularFactor, TriangularFactor]
     input_structure: Static = eqx.field(static=True)
     output_structure: Static = eqx.field(static=True)
     tags: frozenset = eqx.field(static=True)
@@ -114,28 +113,28 @@ class ILUPreconditioner(AbstractPreconditioner):
         values = eliminate(elimination(pattern), values)
         diagonal = values[jnp.asarray(pattern.diagonal, jnp.int32)]
         breakdown = ~(jnp.all(jnp.isfinite(values)) & jnp.all(diagonal != 0))
-        self.values = jnp.where(breakdown, jnp.nan, values)
-        self.diagonal = jnp.where(breakdown, jnp.nan, diagonal)
+        values = jnp.where(breakdown, jnp.nan, values)
+        diagonal = jnp.where(breakdown, jnp.nan, diagonal)
         self.breakdown = breakdown
 
         prow, pcol = pattern.rows, pattern.columns
         lower = np.flatnonzero(pcol < prow)
         upper = np.flatnonzero(pcol > prow)
 
-        def schedule(rows, columns, slots, lower, unit):
-            return triangular_solve_schedule(
-                n, rows, columns, slots, nnz, lower=lower, unit_diagonal=unit
+        def factor(rows, columns, slots, diagonal, lower):
+            return triangular_factor(
+                n, rows, columns, slots, values, diagonal, lower=lower
             )
 
-        self.solves = (
-            schedule(prow[lower], pcol[lower], lower, True, True),
-            schedule(prow[upper], pcol[upper], upper, False, False),
+        self.factors = (
+            factor(prow[lower], pcol[lower], lower, None, True),
+            factor(prow[upper], pcol[upper], upper, diagonal, False),
         )
         # Uᵀ (lower, with U's diagonal), then Lᵀ (upper, unit): the same slots with
         # rows and columns swapped.
-        self.transposed_solves = (
-            schedule(pcol[upper], prow[upper], upper, True, False),
-            schedule(pcol[lower], prow[lower], lower, False, True),
+        self.transposed_factors = (
+            factor(pcol[upper], prow[upper], upper, diagonal, True),
+            factor(pcol[lower], prow[lower], lower, None, False),
         )
         self.input_structure = Static(sparse.out_structure())
         self.output_structure = Static(sparse.in_structure())
@@ -143,9 +142,8 @@ class ILUPreconditioner(AbstractPreconditioner):
 
     def mv(self, vector):
         def apply(x: Array) -> Array:
-            x = x.astype(self.values.dtype)
-            for solve in self.solves:
-                x = solve_triangular(solve, self.values, self.diagonal, x)
+            for factor in self.factors:
+                x = solve_triangular(factor, x.astype(factor.values.dtype))
             return x
 
         return apply_flat(apply, vector, self.out_structure())
@@ -153,8 +151,8 @@ class ILUPreconditioner(AbstractPreconditioner):
     def transpose(self):
         return replace_fields(
             self,
-            solves=self.transposed_solves,
-            transposed_solves=self.solves,
+            factors=self.transposed_factors,
+            transposed_factors=self.factors,
             input_structure=self.output_structure,
             output_structure=self.input_structure,
         )

@@ -27,8 +27,8 @@ from .incomplete import (
     solve_triangular,
     sparse_operator_of,
     stored_entries,
-    triangular_solve_schedule,
-    TriangularSolve,
+    triangular_factor,
+    TriangularFactor,
 )
 
 
@@ -73,11 +73,11 @@ class IncompleteCholeskyPreconditioner(AbstractPreconditioner):
         sign, or the factors are not finite.
     """
 
-    values: Inexact[Array, " nnz"]
     diagonal: Inexact[Array, " size"]
     breakdown: Bool[Array, ""]
-    lower_solve: TriangularSolve
-    upper_solve: TriangularSolve
+    # L, and Lᴴ (or Lᵀ).
+    lower: TriangularFactor
+    upper: TriangularFactor
     hermitian: bool = eqx.field(static=True)
     input_structure: Static = eqx.field(static=True)
     output_structure: Static = eqx.field(static=True)
@@ -126,25 +126,24 @@ class IncompleteCholeskyPreconditioner(AbstractPreconditioner):
         else:
             pivots_ok = diagonal != 0
         breakdown = ~(jnp.all(jnp.isfinite(values)) & jnp.all(pivots_ok))
-        self.values = jnp.where(breakdown, jnp.nan, values)
+        values = jnp.where(breakdown, jnp.nan, values)
         self.diagonal = jnp.where(breakdown, jnp.nan, diagonal)
         self.breakdown = breakdown
 
         prow, pcol = pattern.rows, pattern.columns
         below = np.flatnonzero(pcol < prow)
-        self.lower_solve = triangular_solve_schedule(
-            n, prow[below], pcol[below], below, nnz, lower=True, unit_diagonal=True
+        self.lower = triangular_factor(
+            n, prow[below], pcol[below], below, values, None, lower=True
         )
         # Lᴴ (or Lᵀ): the slots of L, rows and columns swapped.
-        self.upper_solve = triangular_solve_schedule(
+        self.upper = triangular_factor(
             n,
             pcol[below],
             prow[below],
             below,
-            nnz,
+            jnp.conj(values) if hermitian else values,
+            None,
             lower=False,
-            unit_diagonal=True,
-            conjugate=hermitian,
         )
         self.hermitian = hermitian
         self.input_structure = Static(sparse.out_structure())
@@ -153,20 +152,28 @@ class IncompleteCholeskyPreconditioner(AbstractPreconditioner):
 
     def mv(self, vector):
         def apply(x: Array) -> Array:
-            x = x.astype(self.values.dtype)
-            y = solve_triangular(self.lower_solve, self.values, self.diagonal, x)
-            y = y / self.diagonal
-            return solve_triangular(self.upper_solve, self.values, self.diagonal, y)
+            y = solve_triangular(self.lower, x.astype(self.diagonal.dtype))
+            return solve_triangular(self.upper, y / self.diagonal)
 
         return apply_flat(apply, vector, self.out_structure())
 
     def transpose(self):
         # (L⁻ᴴ D⁻¹ L⁻¹)ᵀ = conj(L)⁻ᴴ conj(D)⁻¹ conj(L)⁻¹; L⁻ᵀ D⁻¹ L⁻¹ is symmetric.
-        conj = jnp.conj if self.hermitian else lambda x: x
+        if not self.hermitian:
+            return replace_fields(
+                self,
+                input_structure=self.output_structure,
+                output_structure=self.input_structure,
+            )
+
+        def conj(factor):
+            return eqx.tree_at(lambda f: f.values, factor, jnp.conj(factor.values))
+
         return replace_fields(
             self,
-            values=conj(self.values),
-            diagonal=conj(self.diagonal),
+            lower=conj(self.lower),
+            upper=conj(self.upper),
+            diagonal=jnp.conj(self.diagonal),
             input_structure=self.output_structure,
             output_structure=self.input_structure,
         )
