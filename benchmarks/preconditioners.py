@@ -189,7 +189,8 @@ def make_sparse_solve(matrix: sp.csr_matrix, solver, which: str, tags):
     inside the jitted function, in the run time."""
     indices = jnp.asarray(matrix.indices)
     indptr = jnp.asarray(matrix.indptr)
-    shape = (matrix.shape[0], matrix.shape[0])
+    size = len(matrix.indptr) - 1
+    shape = (size, size)
 
     def solve(data, b):
         bcsr = jsparse.BCSR((data, indices, indptr), shape=shape)
