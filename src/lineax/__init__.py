@@ -92,6 +92,8 @@ from ._preconditioner import (
     AbstractPreconditioner as AbstractPreconditioner,
     BlockJacobiPreconditioner as BlockJacobiPreconditioner,
     ChebyshevPreconditioner as ChebyshevPreconditioner,
+    ILUPreconditioner as ILUPreconditioner,
+    IncompleteCholeskyPreconditioner as IncompleteCholeskyPreconditioner,
     JacobiPreconditioner as JacobiPreconditioner,
     MultigridPreconditioner as MultigridPreconditioner,
     NeumannPreconditioner as NeumannPreconditioner,
