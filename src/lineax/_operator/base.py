@@ -515,6 +515,23 @@ def check_leaf_arrays(tree: PyTree, name: str) -> None:
             )
 
 
+def check_not_number_sequence(x: Any, name: str) -> None:
+    """Raise a TypeError naming `name` if `x` is a Python list or tuple of Python
+    numbers only: where one array or a PyTree of arrays is expected, that is almost
+    surely meant as one array (whose dtype would be a guess), not as a PyTree of
+    scalars."""
+    if (
+        isinstance(x, (list, tuple))
+        and len(x) > 0
+        and all(isinstance(v, (bool, int, float, complex)) for v in x)
+    ):
+        raise TypeError(
+            f"`{name}` is a Python {type(x).__name__} of numbers, which is a PyTree "
+            "of scalars rather than an array: convert it first with "
+            f"`jnp.asarray({name})` (choosing its dtype)."
+        )
+
+
 def check_not_sequence(x: Any, name: str) -> None:
     """Raise a TypeError naming `name` if `x` is a Python list or tuple where one
     array is expected: lineax does not guess the dtype of nested sequences."""

@@ -11,6 +11,7 @@ from .._tags import diagonal_tag
 from .base import (
     AbstractLinearOperator,
     check_leaf_arrays,
+    check_not_number_sequence,
     concrete_arrays,
     conj,
     diagonal,
@@ -35,6 +36,7 @@ class DiagonalLinearOperator(AbstractLinearOperator):
     diagonal: PyTree[Array]
 
     def __init__(self, diagonal: PyTree[Any]):
+        check_not_number_sequence(diagonal, "diagonal")
         check_leaf_arrays(diagonal, "diagonal")
         if len(jtu.tree_leaves(diagonal)) == 0:
             raise ValueError("`diagonal` must have at least one array leaf.")
