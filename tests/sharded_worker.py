@@ -115,6 +115,7 @@ def solvers(dtype):
     tol = TOL[dtype]
     return {
         "CG": lx.CG(rtol=tol, atol=tol),
+        "PipelinedCG": lx.PipelinedCG(rtol=tol, atol=tol),
         "MINRES": lx.MINRES(rtol=tol, atol=tol),
         "GMRES": lx.GMRES(rtol=tol, atol=tol, restart=30),
         "BiCGStab": lx.BiCGStab(rtol=tol, atol=tol),

@@ -21,15 +21,15 @@ HERE = pathlib.Path(__file__).parent
 WORKER = HERE / "sharded_worker.py"
 TIMEOUT = 600
 
-# float64 CG, MINRES, GMRES and LSMR make the same iterations on 8 devices as on
-# one, to rounding. BiCGStab (whose short recurrences amplify rounding) and float32
+# float64 CG, PipelinedCG, MINRES, GMRES and LSMR make the same iterations on 8
+# devices as on one, to rounding. BiCGStab (whose short recurrences amplify rounding) and float32
 # runs may stop a few steps apart, with answers within the tolerance.
-EXACT = {"CG", "MINRES", "GMRES", "LSMR"}
+EXACT = {"CG", "PipelinedCG", "MINRES", "GMRES", "LSMR"}
 TOL = {"float64": 1e-9, "float32": 1e-3}
 KRYLOV = [
     (name, dtype, mv)
     for dtype in ("float64", "float32")
-    for name in ("CG", "MINRES", "GMRES", "BiCGStab", "LSMR")
+    for name in ("CG", "PipelinedCG", "MINRES", "GMRES", "BiCGStab", "LSMR")
     for mv in (("halo", "xla") if dtype == "float64" else ("halo",))
 ]
 SHARDED = "('x',)"
