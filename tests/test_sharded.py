@@ -22,8 +22,9 @@ WORKER = HERE / "sharded_worker.py"
 TIMEOUT = 600
 
 # float64 CG, PipelinedCG, MINRES, GMRES and LSMR make the same iterations on 8
-# devices as on one, to rounding. BiCGStab (whose short recurrences amplify rounding) and float32
-# runs may stop a few steps apart, with answers within the tolerance.
+# devices as on one, to rounding. BiCGStab (whose short recurrences amplify
+# rounding) and float32 runs may stop a few steps apart, with answers within the
+# tolerance.
 EXACT = {"CG", "PipelinedCG", "MINRES", "GMRES", "LSMR"}
 TOL = {"float64": 1e-9, "float32": 1e-3}
 KRYLOV = [
