@@ -190,9 +190,10 @@ def main():
         "tolerance 1e-8, simulated CPU devices "
         f"(`--xla_force_host_platform_device_count=8`, {os.cpu_count()} cores). "
         "Collectives counted in the compiled HLO of the innermost loop body (one "
-        "step; GMRES: one Arnoldi step). On 1 device the `collective-permute`s of the halo "
-        "exchange have no source-target pairs (no traffic). The machine was shared "
-        "by several processes: run times are noisy; the collective counts are exact.\n\n"
+        "step; GMRES: one Arnoldi step). On 1 device the `collective-permute`s "
+        "of the halo exchange have no source-target pairs (no traffic). The "
+        "machine was shared by several processes: run times are noisy; the "
+        "collective counts are exact.\n\n"
     )
     (OUT / "table.md").write_text(note + header + body)
     print(header + body)
