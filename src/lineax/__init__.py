@@ -62,6 +62,7 @@ from ._solver import (
     MINRES as MINRES,
     Normal as Normal,
     NormalCG as NormalCG,
+    PipelinedCG as PipelinedCG,
     QR as QR,
     Schur as Schur,
     SVD as SVD,

@@ -13,6 +13,7 @@ from .lsmr import LSMR as LSMR
 from .lu import LU as LU
 from .minres import MINRES as MINRES
 from .normal import Normal as Normal
+from .pipelined_cg import PipelinedCG as PipelinedCG
 from .qr import QR as QR
 from .schur import Schur as Schur
 from .svd import SVD as SVD

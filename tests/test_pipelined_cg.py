@@ -1,0 +1,71 @@
+"""`PipelinedCG` (Chronopoulos-Gear CG): the same iterates as `CG` in exact
+arithmetic, so the same step counts and answers to rounding; its failures are
+never reported `successful`. (Its one reduction per step is checked on 8 devices
+in `test_sharded.py`.)"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lineax as lx
+
+
+def _problem(n, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    m = rng.standard_normal((n, n))
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        m = m + 1j * rng.standard_normal((n, n))
+    a = m @ m.conj().T + n * np.eye(n)
+    return jnp.asarray(a, dtype), jnp.asarray(rng.standard_normal(n), dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32, jnp.complex128])
+@pytest.mark.parametrize("preconditioned", [False, True])
+def test_pipelined_cg_matches_cg(dtype, preconditioned):
+    a, b = _problem(30, dtype)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-10
+    op = lx.MatrixLinearOperator(a, lx.positive_semidefinite_tag)
+    options = None
+    if preconditioned:
+        jacobi = lx.DiagonalLinearOperator(1 / jnp.diagonal(a))
+        options = {
+            "preconditioner": lx.TaggedLinearOperator(
+                jacobi, lx.positive_semidefinite_tag
+            )
+        }
+    ref = lx.linear_solve(op, b, lx.CG(rtol=tol, atol=tol), options=options)
+    sol = lx.linear_solve(op, b, lx.PipelinedCG(rtol=tol, atol=tol), options=options)
+    assert sol.result == lx.RESULTS.successful
+    assert int(sol.stats["num_steps"]) == int(ref.stats["num_steps"])
+    exact = np.linalg.solve(np.asarray(a, np.complex128), np.asarray(b))
+    scale = np.abs(exact).max()
+    assert np.abs(np.asarray(sol.value) - exact).max() <= 100 * tol * scale
+
+
+def test_pipelined_cg_negative_definite_and_grad():
+    a, b = _problem(12, jnp.float64)
+    op = lx.MatrixLinearOperator(-a, lx.negative_semidefinite_tag)
+    solver = lx.PipelinedCG(rtol=1e-12, atol=1e-12)
+    sol = lx.linear_solve(op, b, solver)
+    np.testing.assert_allclose(sol.value, -np.linalg.solve(a, b), rtol=1e-9)
+    grad = jax.grad(lambda b: jnp.sum(lx.linear_solve(op, b, solver).value))(b)
+    expected = -np.linalg.solve(a.T, np.ones(12))
+    np.testing.assert_allclose(grad, expected, rtol=1e-9)
+
+
+def test_pipelined_cg_singular_is_not_successful():
+    op = lx.MatrixLinearOperator(
+        jnp.diag(jnp.array([1.0, 2.0, 0.0])), lx.positive_semidefinite_tag
+    )
+    sol = lx.linear_solve(
+        op, jnp.ones(3), lx.PipelinedCG(rtol=1e-8, atol=1e-8), throw=False
+    )
+    assert sol.result != lx.RESULTS.successful
+
+
+def test_pipelined_cg_needs_a_definiteness_tag():
+    with pytest.raises(ValueError, match="PipelinedCG"):
+        lx.linear_solve(
+            lx.MatrixLinearOperator(jnp.eye(3)), jnp.ones(3), lx.PipelinedCG(1e-6, 1e-6)
+        )
