@@ -639,3 +639,25 @@ def test_multigrid_bad_input():
         make(spacing=(0.1, 0.1, 0.1))
     with pytest.raises(TypeError, match="stencil"):
         make(stencil="laplacian")
+
+
+def test_cg_refuses_a_preconditioner_known_not_definite():
+    # ILU(0)-like nonsymmetric preconditioners, and Jacobi of an operator not tagged
+    # definite, carry no definiteness tag, and lineax's preconditioners' tags are
+    # complete: CG and MINRES say so at trace time instead of failing at run time.
+    matrix = jnp.asarray(np.diag(np.arange(1.0, 5.0)))
+    untagged = lx.MatrixLinearOperator(matrix)
+    psd = lx.MatrixLinearOperator(matrix, lx.positive_semidefinite_tag)
+    b = jnp.ones(4)
+    for solver in (lx.CG(1e-6, 1e-6), lx.MINRES(1e-6, 1e-6)):
+        with pytest.raises(ValueError, match="positive definite `preconditioner`"):
+            lx.linear_solve(
+                psd,
+                b,
+                solver,
+                options={"preconditioner": lx.JacobiPreconditioner(untagged)},
+            )
+        solution = lx.linear_solve(
+            psd, b, solver, options={"preconditioner": lx.JacobiPreconditioner(psd)}
+        )
+        np.testing.assert_allclose(solution.value, 1 / np.arange(1.0, 5.0))

@@ -22,7 +22,7 @@ The contract every preconditioner here keeps:
 import dataclasses
 import functools as ft
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -70,6 +70,12 @@ class AbstractPreconditioner(AbstractLinearOperator):
     input_structure: eqx.AbstractVar[Static]
     output_structure: eqx.AbstractVar[Static]
     tags: eqx.AbstractVar[frozenset]
+
+    # A preconditioner's tags are all that hold for it (it sets them from what it
+    # knows of `A`): a missing definiteness tag means "not definite", so CG and
+    # MINRES can refuse it at trace time. (An arbitrary user operator's missing tag
+    # only means "not known".)
+    complete_tags: ClassVar[bool] = True
 
     def in_structure(self):
         return self.input_structure.value

@@ -48,7 +48,7 @@ from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
 from .._misc import describe, strip_weak_dtype, structure_of
 from .._norm import tree_dot, two_norm
-from .._operator.base import AbstractLinearOperator, conj
+from .._operator.base import AbstractLinearOperator, conj, is_positive_semidefinite
 from .._solution import RESULTS
 from .base import AbstractLinearSolver
 
@@ -134,6 +134,32 @@ def check_structure(
     if strip_weak_dtype(struct) != strip_weak_dtype(expected):
         raise ValueError(
             f"{what}: expected {describe(expected)}, got {describe(struct)}."
+        )
+
+
+def check_definite_preconditioner(options: dict[str, Any], solver_name: str) -> None:
+    """Raise a ValueError if the `preconditioner` option is known not to be
+    positive (semi)definite: CG and MINRES rely on it (they work in the inner
+    product it defines), and an indefinite one makes them fail or, worse, stop at
+    a wrong answer.
+
+    Only tags can say so. A lineax preconditioner's tags are complete (see
+    `AbstractPreconditioner.complete_tags`), so one without a definiteness tag
+    (e.g. ILU, or Jacobi of an indefinite operator) is refused; an operator of the
+    user's own without tags is accepted, as its definiteness is just unknown."""
+    precond = options.get("preconditioner", None)
+    if (
+        isinstance(precond, AbstractLinearOperator)
+        and getattr(precond, "complete_tags", False)
+        and not is_positive_semidefinite(precond)
+    ):
+        raise ValueError(
+            f"`lx.{solver_name}` needs a positive definite `preconditioner` (for a "
+            "negative definite operator: one approximating the inverse of its "
+            f"negation), but the {type(precond).__name__} given is not tagged "
+            "positive semidefinite (it would be if the operator it was built from "
+            "were tagged so and it preserved that). Use `lx.GMRES` or "
+            "`lx.FlexibleCG`, which accept any preconditioner."
         )
 
 

@@ -17,6 +17,7 @@ from .._operator.base import (
 from ._krylov import (
     AbstractKrylovSolver,
     apply,
+    check_definite_preconditioner,
     iterate,
     Iteration,
     KrylovState,
@@ -116,6 +117,7 @@ class CG(AbstractKrylovSolver):
             "`lx.positive_semidefinite_tag` or `lx.negative_semidefinite_tag`",
         )
         self.checked_options(operator, options)
+        check_definite_preconditioner(options, "CG")
         return KrylovState(operator, negative)
 
     def compute(

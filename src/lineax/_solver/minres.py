@@ -19,6 +19,7 @@ from .._solution import RESULTS
 from ._krylov import (
     AbstractKrylovSolver,
     apply,
+    check_definite_preconditioner,
     CHECK_EVERY,
     iterate,
     Iteration,
@@ -133,6 +134,7 @@ class MINRES(AbstractKrylovSolver):
                 "`lx.symmetric_tag`",
             )
         self.checked_options(operator, options)
+        check_definite_preconditioner(options, "MINRES")
         return KrylovState(operator)
 
     def compute(

@@ -18,6 +18,7 @@ from .._operator.base import (
 from ._krylov import (
     AbstractKrylovSolver,
     apply,
+    check_definite_preconditioner,
     iterate,
     Iteration,
     KrylovState,
@@ -130,6 +131,7 @@ class PipelinedCG(AbstractKrylovSolver):
             "`lx.positive_semidefinite_tag` or `lx.negative_semidefinite_tag`",
         )
         self.checked_options(operator, options)
+        check_definite_preconditioner(options, "PipelinedCG")
         return KrylovState(operator, negative)
 
     def compute(
