@@ -131,3 +131,18 @@ def test_mkdocs_build_strict(tmp_path):
     for name in ("symmetric_tag", "unit_diagonal_tag"):
         doc = getattr(lx, name).__doc__
         assert doc.split("(")[0] in html.unescape(tags), name
+
+
+def test_every_example_has_a_page_with_its_source():
+    """`docs/examples/NAME.md` exists for every `examples/NAME.py`, shows its current
+    source, and is in the site's navigation. Regenerate the pages with
+    `PYTHONPATH=src python docs/_ext/render_examples.py [NAME ...]`."""
+    root = _DOCS.parent
+    nav = (root / "mkdocs.yml").read_text()
+    stale = []
+    for script in sorted((root / "examples").glob("*.py")):
+        page = _DOCS / "examples" / f"{script.stem}.md"
+        if not page.exists() or script.read_text().rstrip() not in page.read_text():
+            stale.append(script.stem)
+        assert f"examples/{script.stem}.md" in nav, script.stem
+    assert not stale, f"rerun docs/_ext/render_examples.py for: {stale}"

@@ -66,8 +66,8 @@ def render(script: pathlib.Path) -> str:
         "",
         body,
         "",
-        f"Run it with `python examples/{script.name}` (about {seconds:.0f} s on a "
-        "2-core CPU, compilation included).",
+        f"Run it with `python examples/{script.name}`. When this page was made it "
+        f"took {seconds:.0f} s, compilation included, on a shared 2-core CPU.",
         "",
         "```python",
         source.rstrip(),
