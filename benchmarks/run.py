@@ -15,7 +15,8 @@ For each case this measures, for lineax and for JAX in the same process:
 It prints a table (times, ratios lineax / JAX, a note per case) and which
 cases miss the targets of issue 6, and writes `results.json`, `table.md` and
 `ratios.png` (if matplotlib is installed) to `--out` (default
-`benchmarks/results/<scale>[-x64]/`). See docs/benchmarks.md.
+`benchmarks/results/<scale>[-x64]/`). OpenBLAS runs on one thread unless
+`OPENBLAS_NUM_THREADS` is set. See docs/benchmarks.md.
 """
 
 import argparse
@@ -29,15 +30,29 @@ import sys
 import time
 import traceback
 
-import _cases
-import _report
-import equinox as eqx
-import jax
-import jax.numpy as jnp
-from _report import ROUND_OFF
-from _timing import compare_compile, compare_python_calls, compare_run, jit_fresh
 
-import lineax as lx
+# JAX's CPU LAPACK kernels (LU, QR, triangular solves) call SciPy's OpenBLAS.
+# On a machine with more busy threads than cores, OpenBLAS's worker threads
+# make a 500x500 solve take 100-900 ms instead of 2-3 ms, at random, on either
+# side of a comparison; one BLAS thread removes that noise (a value set by the
+# caller is kept, and recorded in results.json). It must be set before NumPy,
+# SciPy or jaxlib load OpenBLAS, hence before the imports below.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import _cases  # noqa: E402
+import _report  # noqa: E402
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from _report import ROUND_OFF  # noqa: E402
+from _timing import (  # noqa: E402
+    compare_compile,
+    compare_python_calls,
+    compare_run,
+    jit_fresh,
+)
+
+import lineax as lx  # noqa: E402
 
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -385,6 +400,7 @@ def machine_info(args):
         "quick": args.quick,
         "cases_pattern": args.cases,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "openblas_num_threads": os.environ["OPENBLAS_NUM_THREADS"],
     }
 
 
@@ -394,6 +410,7 @@ def print_preamble(info, args):
         f"jax {info['jax']} on {info['platform']} ({info['device_kind']}); "
         f"cpu: {info['cpu']} x{info['cpu_count']}; dtype {info['dtype']}; "
         f"scale {args.scale}{' (quick)' if args.quick else ''}; "
+        f"OPENBLAS_NUM_THREADS={info['openblas_num_threads']}; "
         f"load average {' '.join(f'{x:.2f}' for x in info['load_average'])}"
     )
     if "src" not in pathlib.Path(info["lineax_file"]).parts:
