@@ -10,6 +10,10 @@ import pathlib
 # round-off in `b - A x` when it is recomputed).
 ROUND_OFF = 1.1
 
+# A median run-time ratio and the ratio of the fastest calls further apart than
+# this are both shown.
+BUSY = 1.25
+
 
 def fmt_time(s):
     if s is None:
@@ -64,6 +68,11 @@ def notes(rec) -> str:
         parts.append(f"answers differ from JAX's by {_sci(x['rel_diff'])} (relative)")
     if rec.get("note"):
         parts.append(rec["note"])
+    # On a busy machine the medians of short calls spread (thread wake-ups):
+    # say so where the ratio of the fastest calls tells another story.
+    median, fastest = rec.get("run_ratio"), rec.get("run_ratio_of_mins")
+    if median and fastest and max(median / fastest, fastest / median) > BUSY:
+        parts.append(f"fastest calls {fastest:.2f}x (busy machine: medians spread)")
     return "; ".join(parts)
 
 
