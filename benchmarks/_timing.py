@@ -105,11 +105,14 @@ def compare_run(
     timer's resolution does not matter) and blocks on the last result. The
     number of samples adapts so each side takes about `target_s` in total.
     """
-    # Warm-up call (first call may allocate buffers), then a rough estimate.
+    # Warm-up call (first call may allocate buffers), then an estimate: the
+    # fastest of a few calls, as one call stalled by a busy machine would give
+    # `inner = 1`, and a side whose calls are not pipelined back to back pays
+    # the dispatch latency in every sample (a 100x100 solve measured 4x slower).
     est = {}
     for name, c in compiled.items():
         _block(c(*args[name]))
-        est[name] = max(_one_sample(c, args[name], 1), 1e-7)
+        est[name] = max(min(_one_sample(c, args[name], 1) for _ in range(5)), 1e-7)
     inner = {name: max(1, int(1e-3 / t)) for name, t in est.items()}
     slowest_sample = max(est[n] * inner[n] for n in compiled)
     samples = int(target_s / slowest_sample)
