@@ -5,19 +5,12 @@ from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
-import jax.tree_util as jtu
 from jaxtyping import Array, PyTree, Scalar
 
 from .._norm import max_norm, tree_dot, two_norm
-from .._operator.base import (
-    AbstractLinearOperator,
-    is_negative_semidefinite,
-    is_positive_semidefinite,
-)
+from ._definite import AbstractDefiniteKrylovSolver
 from ._krylov import (
-    AbstractKrylovSolver,
     apply,
-    check_definite_preconditioner,
     iterate,
     Iteration,
     KrylovState,
@@ -27,7 +20,6 @@ from ._krylov import (
     tree_sub,
     tree_where,
 )
-from .base import check_square, check_tag
 from .normal import Normal
 
 
@@ -42,7 +34,7 @@ class _CGCarry(eqx.Module):
     breakdown: Array
 
 
-class CG(AbstractKrylovSolver):
+class CG(AbstractDefiniteKrylovSolver):
     """The conjugate gradient method, for positive or negative (semi)definite
     operators (Hestenes and Stiefel, 1952; the preconditioned form is Algorithm 9.1
     of Saad, *Iterative Methods for Sparse Linear Systems*, 2nd ed., 2003).
@@ -93,46 +85,10 @@ class CG(AbstractKrylovSolver):
     history_length: int | None = eqx.field(static=True, default=None)
     verbose: bool | int = eqx.field(static=True, default=False)
 
-    def __check_init__(self):
-        if self.stabilise_every is not None and (
-            isinstance(self.stabilise_every, bool)
-            or not isinstance(self.stabilise_every, int)
-            or self.stabilise_every < 1
-        ):
-            raise ValueError(
-                "`stabilise_every` must be None or a positive int, got "
-                f"{self.stabilise_every!r}."
-            )
-
-    def init(
-        self, operator: AbstractLinearOperator, options: dict[str, Any]
-    ) -> KrylovState:
-        check_square(operator, "CG")
-        positive = is_positive_semidefinite(operator)
-        negative = (not positive) and is_negative_semidefinite(operator)
-        check_tag(
-            positive or negative,
-            "CG",
-            "positive or negative (semi)definite",
-            "`lx.positive_semidefinite_tag` or `lx.negative_semidefinite_tag`",
-        )
-        self.checked_options(operator, options)
-        check_definite_preconditioner(options, "CG")
-        return KrylovState(operator, negative)
-
     def compute(
         self, state: KrylovState, vector: PyTree[Array], options: dict[str, Any]
     ):
-        operator = state.operator
-        precond, y0 = self.checked_options(operator, options)
-        if state.negative:
-            vector = jtu.tree_map(jnp.negative, vector)
-
-            def mv(v):
-                return jtu.tree_map(jnp.negative, operator.mv(v))
-        else:
-            mv = operator.mv  # pyright: ignore[reportAssignmentType]
-        problem = self.problem(operator, vector, y0, mv)
+        precond, problem, mv = self.definite_problem(state, vector, options)
         # Without a preconditioner rho = <r, r>, so a 2-norm of the residual is
         # sqrt(rho): one reduction per step instead of two (JAX's CG does the same).
         rho_is_norm = precond is None and self.norm is two_norm

@@ -11,13 +11,9 @@ import jax.tree_util as jtu
 from jaxtyping import Array, PyTree, Scalar
 
 from .._norm import max_norm, tree_dot
-from .._operator.base import (
-    AbstractLinearOperator,
-    is_negative_semidefinite,
-    is_positive_semidefinite,
-)
+from ._arnoldi import basis_combine, basis_dot, basis_set
+from ._definite import AbstractDefiniteKrylovSolver
 from ._krylov import (
-    AbstractKrylovSolver,
     apply,
     iterate,
     Iteration,
@@ -28,8 +24,6 @@ from ._krylov import (
     tree_sub,
     tree_where,
 )
-from .base import check_square, check_tag
-from .fgmres import basis_combine, basis_dot, basis_set
 
 
 class _FlexibleCGCarry(eqx.Module):
@@ -48,7 +42,7 @@ class _FlexibleCGCarry(eqx.Module):
     breakdown: Array
 
 
-class FlexibleCG(AbstractKrylovSolver):
+class FlexibleCG(AbstractDefiniteKrylovSolver):
     """The flexible conjugate gradient method, for positive or negative (semi)definite
     operators with a preconditioner that may change from step to step (Notay,
     "Flexible conjugate gradients", *SIAM J. Sci. Comput.* 22, 2000; Golub and Ye,
@@ -96,16 +90,9 @@ class FlexibleCG(AbstractKrylovSolver):
     verbose: bool | int = eqx.field(static=True, default=False)
     truncation: int = eqx.field(static=True, default=1)
 
+    definite_preconditioner = False
+
     def __check_init__(self):
-        if self.stabilise_every is not None and (
-            isinstance(self.stabilise_every, bool)
-            or not isinstance(self.stabilise_every, int)
-            or self.stabilise_every < 1
-        ):
-            raise ValueError(
-                "`stabilise_every` must be None or a positive int, got "
-                f"{self.stabilise_every!r}."
-            )
         if (
             isinstance(self.truncation, bool)
             or not isinstance(self.truncation, int)
@@ -115,34 +102,10 @@ class FlexibleCG(AbstractKrylovSolver):
                 f"`truncation` must be a positive int, got {self.truncation!r}."
             )
 
-    def init(
-        self, operator: AbstractLinearOperator, options: dict[str, Any]
-    ) -> KrylovState:
-        check_square(operator, "FlexibleCG")
-        positive = is_positive_semidefinite(operator)
-        negative = (not positive) and is_negative_semidefinite(operator)
-        check_tag(
-            positive or negative,
-            "FlexibleCG",
-            "positive or negative (semi)definite",
-            "`lx.positive_semidefinite_tag` or `lx.negative_semidefinite_tag`",
-        )
-        self.checked_options(operator, options)
-        return KrylovState(operator, negative)
-
     def compute(
         self, state: KrylovState, vector: PyTree[Array], options: dict[str, Any]
     ):
-        operator = state.operator
-        precond, y0 = self.checked_options(operator, options)
-        if state.negative:
-            vector = jtu.tree_map(jnp.negative, vector)
-
-            def mv(v):
-                return jtu.tree_map(jnp.negative, operator.mv(v))
-        else:
-            mv = operator.mv  # pyright: ignore[reportAssignmentType]
-        problem = self.problem(operator, vector, y0, mv)
+        precond, problem, mv = self.definite_problem(state, vector, options)
         size = self.truncation
 
         def conjugate(c: _FlexibleCGCarry, z, pap):
@@ -206,7 +169,7 @@ class FlexibleCG(AbstractKrylovSolver):
                 c.breakdown,
             )
 
-        structure = operator.in_structure()
+        structure = state.operator.in_structure()
         buffer = jtu.tree_map(
             lambda s: jnp.zeros((size,) + s.shape, s.dtype), structure
         )

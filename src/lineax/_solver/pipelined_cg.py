@@ -10,15 +10,9 @@ import jax.tree_util as jtu
 from jaxtyping import Array, PyTree, Scalar
 
 from .._norm import max_norm
-from .._operator.base import (
-    AbstractLinearOperator,
-    is_negative_semidefinite,
-    is_positive_semidefinite,
-)
+from ._definite import AbstractDefiniteKrylovSolver
 from ._krylov import (
-    AbstractKrylovSolver,
     apply,
-    check_definite_preconditioner,
     iterate,
     Iteration,
     KrylovState,
@@ -29,7 +23,6 @@ from ._krylov import (
     tree_sub,
     tree_where,
 )
-from .base import check_square, check_tag
 
 
 class _ChronopoulosGear(eqx.Module):
@@ -67,7 +60,7 @@ def _fused_dots(r, u, w) -> tuple[Scalar, Scalar, Scalar]:
     return total[0], total[1], total[2]
 
 
-class PipelinedCG(AbstractKrylovSolver):
+class PipelinedCG(AbstractDefiniteKrylovSolver):
     """The conjugate gradient method with one global reduction per step: the
     Chronopoulos-Gear variant (Chronopoulos and Gear, *s-step iterative methods for
     symmetric linear systems*, J. Comput. Appl. Math. 25, 1989; Algorithm 2 of
@@ -107,46 +100,10 @@ class PipelinedCG(AbstractKrylovSolver):
     history_length: int | None = eqx.field(static=True, default=None)
     verbose: bool | int = eqx.field(static=True, default=False)
 
-    def __check_init__(self):
-        if self.stabilise_every is not None and (
-            isinstance(self.stabilise_every, bool)
-            or not isinstance(self.stabilise_every, int)
-            or self.stabilise_every < 1
-        ):
-            raise ValueError(
-                "`stabilise_every` must be None or a positive int, got "
-                f"{self.stabilise_every!r}."
-            )
-
-    def init(
-        self, operator: AbstractLinearOperator, options: dict[str, Any]
-    ) -> KrylovState:
-        check_square(operator, "PipelinedCG")
-        positive = is_positive_semidefinite(operator)
-        negative = (not positive) and is_negative_semidefinite(operator)
-        check_tag(
-            positive or negative,
-            "PipelinedCG",
-            "positive or negative (semi)definite",
-            "`lx.positive_semidefinite_tag` or `lx.negative_semidefinite_tag`",
-        )
-        self.checked_options(operator, options)
-        check_definite_preconditioner(options, "PipelinedCG")
-        return KrylovState(operator, negative)
-
     def compute(
         self, state: KrylovState, vector: PyTree[Array], options: dict[str, Any]
     ):
-        operator = state.operator
-        precond, y0 = self.checked_options(operator, options)
-        if state.negative:
-            vector = jtu.tree_map(jnp.negative, vector)
-
-            def mv(v):
-                return jtu.tree_map(jnp.negative, operator.mv(v))
-        else:
-            mv = operator.mv  # pyright: ignore[reportAssignmentType]
-        problem = self.problem(operator, vector, y0, mv)
+        precond, problem, mv = self.definite_problem(state, vector, options)
 
         def residual_terms(r):
             u = apply(precond, r)

@@ -1,0 +1,263 @@
+"""What GMRES and FGMRES share: the basis arithmetic, the Arnoldi step with CGS2 and
+Givens rotations, the cycle's least-squares solution and its restart.
+
+The two differ only in where the update of a cycle lives. GMRES builds it as
+`P V y`, FGMRES stores the preconditioned vectors `Z = [P v_0, ...]` and builds
+`Z y` (Saad, Algorithm 9.6), so `AbstractArnoldiSolver.flexible` decides whether a
+cycle carries `Z`."""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+import jax.tree_util as jtu
+from equinox import AbstractVar
+from jaxtyping import Array, PyTree, Scalar
+
+from .._operator.base import AbstractLinearOperator
+from ._krylov import (
+    AbstractKrylovSolver,
+    apply,
+    iterate,
+    Iteration,
+    KrylovState,
+    norm2,
+    safe_div,
+    tree_scale,
+    tree_sub,
+    tree_where,
+)
+from .base import check_square
+
+
+_HIGHEST = lax.Precision.HIGHEST
+
+
+#
+# Vectors `V` stored as PyTree leaves with a leading axis.
+#
+
+
+def basis_dot(basis: PyTree[Array], w: PyTree[Array]) -> Array:
+    """`V^H w` for vectors `V` stored as leaves with a leading axis."""
+    terms = [
+        jnp.tensordot(jnp.conj(v), x, axes=x.ndim, precision=_HIGHEST)
+        for v, x in zip(jtu.tree_leaves(basis), jtu.tree_leaves(w))
+    ]
+    return sum(terms[1:], terms[0])
+
+
+def basis_combine(basis: PyTree[Array], h: Array) -> PyTree[Array]:
+    """`V h` for vectors `V` stored as leaves with a leading axis."""
+    return jtu.tree_map(
+        lambda v: jnp.tensordot(h.astype(v.dtype), v, axes=1, precision=_HIGHEST), basis
+    )
+
+
+def basis_set(basis: PyTree[Array], j: Array, x: PyTree[Array]) -> PyTree[Array]:
+    """`V` with its `j`-th vector replaced by `x`."""
+    return jtu.tree_map(
+        lambda v, xi: lax.dynamic_update_index_in_dim(v, xi.astype(v.dtype), j, 0),
+        basis,
+        x,
+    )
+
+
+def basis_get(basis: PyTree[Array], j: Array) -> PyTree[Array]:
+    """The `j`-th vector of `V`."""
+    return jtu.tree_map(lambda v: lax.dynamic_index_in_dim(v, j, 0, False), basis)
+
+
+#
+# One restarted cycle.
+#
+
+
+class _Cycle(eqx.Module):
+    """One cycle of (flexible) GMRES. The Arnoldi relation is `A P V_k = V_{k+1} H_k`
+    (GMRES), or `A Z_k = V_{k+1} H_k` with `z_j = P_j v_j` for whatever `P_j` the
+    preconditioner was at step `j` (FGMRES)."""
+
+    x: PyTree[Array]  # the iterate the cycle started from
+    beta: Scalar  # 2-norm of its residual
+    basis: PyTree[Array]  # V: leaves of shape (m + 1, *leaf_shape); unused rows 0
+    # Z: (m, *leaf_shape); None for GMRES, and for FGMRES without a preconditioner.
+    directions: PyTree[Array] | None
+    rotations: Array  # (m + 1, m + 1): the product Q of the Givens rotations so far
+    r_factor: Array  # (m, m): Q H, upper triangular
+    k: Array  # number of basis vectors (columns of H) in use
+    estimate: Array  # |last entry of Q beta e_1| = 2-norm of the residual
+    invariant: Array  # h_{k+1,k} = 0: the cycle can go no further
+    degenerate: Array  # the new column made the Hessenberg matrix singular
+    breakdown: Array  # a cycle could not make its first step: no progress possible
+
+
+def _givens(a, b, cdtype):
+    """The complex Givens rotation `[[cs, sn], [-conj(sn), cs]]` with real `cs` that
+    maps `(a, b)` to `(rho, 0)`: `(cs, sn, rho, |rho|)`."""
+    abs_a = jnp.abs(a)
+    denom = jnp.sqrt(abs_a**2 + jnp.abs(b) ** 2)
+    safe_denom = jnp.where(denom == 0, 1, denom).astype(cdtype)
+    phase = jnp.where(abs_a == 0, 1, a / jnp.where(abs_a == 0, 1, abs_a).astype(cdtype))
+    cs = abs_a.astype(cdtype) / safe_denom
+    sn = phase * jnp.conj(b) / safe_denom
+    return cs, sn, phase * denom.astype(cdtype), denom
+
+
+class AbstractArnoldiSolver(AbstractKrylovSolver):
+    """Restarted GMRES with a right preconditioner: `init`, the cycle and its
+    restart. A concrete solver sets `flexible` (store `Z`, so the preconditioner may
+    change from step to step) and the fields below."""
+
+    restart: AbstractVar[int]
+    stagnation_iters: AbstractVar[int]
+
+    # Whether a cycle stores the preconditioned vectors `Z` (FGMRES).
+    flexible = False
+
+    def __check_init__(self):
+        for name in ("restart", "stagnation_iters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+
+    def init(
+        self, operator: AbstractLinearOperator, options: dict[str, Any]
+    ) -> KrylovState:
+        check_square(operator, type(self).__name__)
+        self.checked_options(operator, options)
+        return KrylovState(operator)
+
+    def compute(
+        self, state: KrylovState, vector: PyTree[Array], options: dict[str, Any]
+    ):
+        operator = state.operator
+        precond, y0 = self.checked_options(operator, options)
+        problem = self.problem(operator, vector, y0)
+        structure = operator.in_structure()
+        m = min(self.restart, operator.in_size())
+        eps = problem.eps
+        cdtype = jnp.result_type(*[x.dtype for x in jtu.tree_leaves(structure)])
+        mv: Callable = problem.mv
+
+        def arnoldi_step(c: _Cycle) -> _Cycle:
+            j = c.k
+            z = apply(precond, basis_get(c.basis, j))
+            w = mv(z)
+            wnorm = norm2(w)
+            # CGS2: classical Gram-Schmidt twice against the whole (zero-padded)
+            # basis: as accurate as modified Gram-Schmidt in practice, and two matrix
+            # products instead of a sequential loop.
+            h = basis_dot(c.basis, w)
+            w = tree_sub(w, basis_combine(c.basis, h))
+            h2 = basis_dot(c.basis, w)
+            w = tree_sub(w, basis_combine(c.basis, h2))
+            h = h + h2
+            hnext = norm2(w)
+            # The new direction is numerically in the span of the basis. For GMRES
+            # the space is invariant and this cycle's solution is final; for FGMRES
+            # that holds only when H_k is nonsingular (Saad, Proposition 9.2): the
+            # `degenerate` test below catches the other case. The cycle ends either
+            # way.
+            invariant = hnext <= eps * wnorm
+            v_new = tree_scale(jnp.where(invariant, 0, safe_div(1, hnext)), w)
+            basis = basis_set(c.basis, j + 1, v_new)
+            directions = None if c.directions is None else basis_set(c.directions, j, z)
+            column = h.at[j + 1].set(hnext.astype(h.dtype))
+            rotated = c.rotations @ column
+            cs, sn, rho, denom = _givens(rotated[j], rotated[j + 1], cdtype)
+            degenerate = ~(denom > eps * norm2(column))
+            row_j = c.rotations[j]
+            row_j1 = c.rotations[j + 1]
+            rotations = c.rotations.at[j].set(cs * row_j + sn * row_j1)
+            rotations = rotations.at[j + 1].set(-jnp.conj(sn) * row_j + cs * row_j1)
+            r_factor = c.r_factor.at[:, j].set(rotated[:m].at[j].set(rho))
+            estimate = jnp.abs(rotations[j + 1, 0]) * c.beta
+            # A degenerate column is not used: the cycle ends with the basis so far.
+            keep = ~degenerate
+            return _Cycle(
+                c.x,
+                c.beta,
+                tree_where(keep, basis, c.basis),
+                tree_where(keep, directions, c.directions),  # (None: None)
+                jnp.where(keep, rotations, c.rotations),
+                jnp.where(keep, r_factor, c.r_factor),
+                jnp.where(keep, j + 1, j),
+                jnp.where(keep, estimate, c.estimate),
+                invariant,
+                degenerate,
+                c.breakdown,
+            )
+
+        def solution(c: _Cycle):
+            # Solve R y = Q beta e_1 on the k columns in use (the rest padded with an
+            # identity, so their coefficients are 0), then x + P V y or x + Z y.
+            idx = jnp.arange(m, dtype=jnp.int32)
+            used = idx < c.k
+            r_used = jnp.where(
+                used[:, None] & used[None, :], c.r_factor, jnp.eye(m, dtype=cdtype)
+            )
+            g = jnp.where(used, c.beta.astype(cdtype) * c.rotations[:m, 0], 0)
+            y = jsl.solve_triangular(r_used, g, lower=False)
+            if c.directions is None:
+                # GMRES, or FGMRES without a preconditioner (`apply` is then `V y`).
+                basis_m = jtu.tree_map(lambda v: v[:m], c.basis)
+                update = apply(precond, basis_combine(basis_m, y))
+            else:
+                update = basis_combine(c.directions, y)
+            return jtu.tree_map(lambda xi, d: xi + d, c.x, update)
+
+        def new_cycle(x, r, breakdown) -> _Cycle:
+            beta = norm2(r)
+            inv_beta = safe_div(1, beta)
+            basis = jtu.tree_map(
+                lambda r: (
+                    jnp.zeros((m + 1,) + r.shape, r.dtype)
+                    .at[0]
+                    .set(r * inv_beta.astype(r.dtype))
+                ),
+                r,
+            )
+            if self.flexible and precond is not None:
+                directions = jtu.tree_map(
+                    lambda s: jnp.zeros((m,) + s.shape, s.dtype),
+                    precond.out_structure(),
+                )
+            else:
+                directions = None
+            false = jnp.array(False)
+            return _Cycle(
+                x,
+                beta,
+                basis,
+                directions,
+                jnp.eye(m + 1, dtype=cdtype),
+                jnp.zeros((m, m), cdtype),
+                jnp.array(0, jnp.int32),
+                beta,
+                false,
+                false,
+                breakdown,
+            )
+
+        def restart(c: _Cycle, x, r, passed) -> _Cycle:
+            del passed
+            # No progress at all is possible from here: the first new direction was
+            # already degenerate (e.g. A P r = 0).
+            return new_cycle(x, r, c.degenerate & (c.k == 0))
+
+        method = Iteration(
+            step=arnoldi_step,
+            estimate=lambda c: c.estimate,
+            solution=solution,
+            restart=restart,
+            halted=lambda c: c.breakdown,
+            ends_pass=lambda c: c.invariant | c.degenerate,
+            pass_length=m,
+            patience=self.stagnation_iters,
+        )
+        cycle = new_cycle(problem.x0, problem.r0, jnp.array(False))
+        return iterate(self, problem, method, cycle)

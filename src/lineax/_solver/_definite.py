@@ -1,0 +1,82 @@
+"""What the conjugate gradient solvers (`CG`, `PipelinedCG`, `FlexibleCG`) share:
+the tag checks of a (semi)definite square operator, `stabilise_every`, and the
+solve of a negative definite operator as `(-A) x = -b`."""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from equinox import AbstractVar
+from jaxtyping import Array, PyTree
+
+from .._operator.base import (
+    AbstractLinearOperator,
+    is_negative_semidefinite,
+    is_positive_semidefinite,
+)
+from ._krylov import (
+    AbstractKrylovSolver,
+    check_definite_preconditioner,
+    KrylovState,
+    Problem,
+)
+from .base import check_square, check_tag
+
+
+class AbstractDefiniteKrylovSolver(AbstractKrylovSolver):
+    """A Krylov solver for positive or negative (semi)definite operators, with
+    residual replacement every `stabilise_every` steps. A negative definite operator
+    is solved as `(-A) x = -b` (`KrylovState.negative`), so the method itself only
+    sees positive definite ones."""
+
+    stabilise_every: AbstractVar[int | None]
+
+    # Whether the `preconditioner` must be one fixed positive definite map (CG's
+    # short recurrence needs it; FlexibleCG does not).
+    definite_preconditioner = True
+
+    def __check_init__(self):
+        if self.stabilise_every is not None and (
+            isinstance(self.stabilise_every, bool)
+            or not isinstance(self.stabilise_every, int)
+            or self.stabilise_every < 1
+        ):
+            raise ValueError(
+                "`stabilise_every` must be None or a positive int, got "
+                f"{self.stabilise_every!r}."
+            )
+
+    def init(
+        self, operator: AbstractLinearOperator, options: dict[str, Any]
+    ) -> KrylovState:
+        name = type(self).__name__
+        check_square(operator, name)
+        positive = is_positive_semidefinite(operator)
+        negative = (not positive) and is_negative_semidefinite(operator)
+        check_tag(
+            positive or negative,
+            name,
+            "positive or negative (semi)definite",
+            "`lx.positive_semidefinite_tag` or `lx.negative_semidefinite_tag`",
+        )
+        self.checked_options(operator, options)
+        if self.definite_preconditioner:
+            check_definite_preconditioner(options, name)
+        return KrylovState(operator, negative)
+
+    def definite_problem(
+        self, state: KrylovState, vector: PyTree[Array], options: dict[str, Any]
+    ) -> tuple[AbstractLinearOperator | None, Problem, Callable]:
+        """`(preconditioner, problem, mv)` of the positive definite problem: the
+        operator and `vector` negated where the operator is negative definite."""
+        operator = state.operator
+        precond, y0 = self.checked_options(operator, options)
+        if state.negative:
+            vector = jtu.tree_map(jnp.negative, vector)
+
+            def mv(v):
+                return jtu.tree_map(jnp.negative, operator.mv(v))
+        else:
+            mv = operator.mv  # pyright: ignore[reportAssignmentType]
+        return precond, self.problem(operator, vector, y0, mv), mv
