@@ -17,7 +17,7 @@ from ._packing import (
     transpose_packed_structures,
     unravel_solution,
 )
-from .base import AbstractLinearSolver, exactly_singular, norm1, rcond_estimate
+from .base import AbstractLinearSolver, nan_at_zero_pivots, norm1, rcond_estimate
 
 
 class QRState(eqx.Module):
@@ -70,11 +70,13 @@ class QR(AbstractLinearSolver[QRState]):
         if state.wide:
             # A = R^H Q^H, minimum norm solution x = Q R^{-H} b.
             y = jsl.solve_triangular(r, b, trans="C", lower=False)
+            y = nan_at_zero_pivots(y, jnp.diagonal(r))
             x = jnp.matmul(q, y, precision=hi)
         else:
             x = jsl.solve_triangular(
                 r, jnp.matmul(jnp.conj(q.T), b, precision=hi), lower=False
             )
+            x = nan_at_zero_pivots(x, jnp.diagonal(r))
 
         stats = {
             "rcond": rcond_estimate(
@@ -86,9 +88,7 @@ class QR(AbstractLinearSolver[QRState]):
                 dtype=r.dtype,
             )
         }
-        singular = exactly_singular(jnp.diagonal(r))
-        result = RESULTS.where(singular, RESULTS.singular, RESULTS.successful)
-        return unravel_solution(x, state.packed_structures), result, stats
+        return unravel_solution(x, state.packed_structures), RESULTS.successful, stats
 
     def transpose(self, state: QRState, options):
         # If A = QR then A^T = conj(A^H)... more precisely (A^T)^H = conj(A) =
