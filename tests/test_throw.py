@@ -140,3 +140,40 @@ def test_no_retracing():
         lx.MatrixLinearOperator(GOOD.astype(jnp.float32)), B.astype(jnp.float32), solver
     )
     assert len(traces) == 2
+
+
+def _throwing_lu(a, b):
+    return lx.linear_solve(lx.MatrixLinearOperator(a), b, lx.LU()).value
+
+
+# One jitted function per wrapper, shared by the cases (compile time).
+_THROWING_VMAPS = {
+    "jax.jit": jax.jit(jax.vmap(_throwing_lu, in_axes=(0, None))),
+    "eqx.filter_jit": eqx.filter_jit(jax.vmap(_throwing_lu, in_axes=(0, None))),
+    "un-jitted": jax.vmap(_throwing_lu, in_axes=(0, None)),
+}
+
+
+@pytest.mark.parametrize("wrapper", list(_THROWING_VMAPS))
+def test_throw_true_message_under_vmap_and_jit(wrapper):
+    """With `throw=True` whether the input was finite is decided on the host, in
+    the error branch, once per batch element: a batch with a singular element
+    says "singular", one with a NaN matrix says "NaN or inf", and a batch with
+    both reports the larger code (`nonfinite_input`), as `branched_error_if`
+    does for a batch."""
+    solve = _THROWING_VMAPS[wrapper]
+    nan = GOOD.at[1, 1].set(jnp.nan)
+    np.testing.assert_allclose(
+        solve(jnp.stack([GOOD, GOOD * 2]), B)[0], np.linalg.solve(GOOD, B)
+    )
+    singular_message = lx.RESULTS[lx.RESULTS.singular][:40]
+    nonfinite_message = lx.RESULTS[lx.RESULTS.nonfinite_input][:40]
+    for batch, message, not_message in (
+        ([GOOD, SINGULAR], singular_message, nonfinite_message),
+        ([nan, GOOD], nonfinite_message, singular_message),
+        ([SINGULAR, nan, GOOD], nonfinite_message, singular_message),
+    ):
+        with pytest.raises(Exception, match="`linear_solve` failed") as info:
+            jax.block_until_ready(solve(jnp.stack(batch), B))
+        assert message in str(info.value)
+        assert not_message not in str(info.value)

@@ -12,10 +12,10 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree
 
-from ._misc import describe, strip_weak_dtype
+from ._misc import describe, is_inexact_array
 from ._operator.base import AbstractLinearOperator, is_cacheable
 from ._operator.function import FunctionLinearOperator
-from ._primitive import bind, primal_failure_message
+from ._primitive import bind, host_result_code, primal_failure_message
 from ._solution import Solution
 from ._solver.auto import AutoLinearSolver
 from ._solver.base import AbstractLinearSolver, inverse_tags
@@ -122,32 +122,57 @@ def _check_options(options: Any, solver: AbstractLinearSolver) -> dict[str, Any]
 
 
 def _check_state(state, operator, options, solver):
-    try:
-        expected = eqx.filter_eval_shape(solver.init, operator, options)
-    except Exception:  # the solver cannot init this operator: let compute say so
+    want = _expected_state(operator, options, solver)
+    if want is None:  # the solver cannot init this operator: let compute say so
         return
-
-    def shape_struct(tree):
-        return jtu.tree_map(
-            lambda x: (
-                jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
-                if eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
-                else x
-            ),
-            tree,
-        )
-
-    is_leaf = lambda x: eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
-    got = strip_weak_dtype(shape_struct(eqx.filter(state, is_leaf)))
-    want = strip_weak_dtype(shape_struct(eqx.filter(expected, is_leaf)))
-    if jtu.tree_structure(got) != jtu.tree_structure(want) or jtu.tree_leaves(
-        got
-    ) != jtu.tree_leaves(want):
+    got = _state_signature(eqx.filter(state, _is_array_or_struct))
+    if got != want:
         raise ValueError(
             "`state` does not match `solver.init(operator, options)`: pass the state "
             "returned by `solver.init` (or `Solution.state`) for this same solver and "
             "an operator of the same structure, shapes and dtypes."
         )
+
+
+def _is_array_or_struct(x: Any) -> bool:
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
+def _state_signature(tree: PyTree) -> tuple:
+    """A state's PyTree structure and its leaves' shapes and dtypes (weak types
+    ignored), in a form that compares with `==`."""
+    leaves, treedef = jtu.tree_flatten(tree)
+    return treedef, tuple(
+        (jnp.shape(x), jnp.dtype(jnp.result_type(x))) if _is_array_or_struct(x) else x
+        for x in leaves
+    )
+
+
+# What `solver.init` returns depends only on the solver and on the structure,
+# shapes and dtypes of the operator and the options: traced once per such key
+# (with `filter_eval_shape`), not on every call that passes `state=`.
+_EXPECTED_STATES: dict = {}
+
+
+def _expected_state(operator, options, solver) -> tuple | None:
+    try:
+        key = (solver, _state_signature((operator, options)))
+        hash(key)
+    except TypeError:  # something unhashable: no caching
+        key = None
+    if key is not None and key in _EXPECTED_STATES:
+        return _EXPECTED_STATES[key]
+    try:
+        expected = eqx.filter_eval_shape(solver.init, operator, options)
+    except Exception:  # noqa: BLE001 - reported by `compute` instead
+        want = None
+    else:
+        want = _state_signature(eqx.filter(expected, _is_array_or_struct))
+    if key is not None:
+        if len(_EXPECTED_STATES) >= 256:
+            _EXPECTED_STATES.clear()
+        _EXPECTED_STATES[key] = want
+    return want
 
 
 def linear_solve(
@@ -198,11 +223,12 @@ def linear_solve(
 
     A [`lineax.Solution`][].
     """
+    if not isinstance(throw, bool):
+        raise TypeError(f"`throw` must be a bool, got {type(throw).__name__}.")
     if (
         state is _sentinel
         and _no_active_trace()
         and not options
-        and isinstance(throw, bool)
         and _fast_path_operator(operator)
         and _concrete_arrays(vector)
         and _hashable(solver)
@@ -216,14 +242,22 @@ def linear_solve(
 
 
 def _run_compiled(operator, vector, solver, throw) -> Solution:
-    # Compiled without the in-graph error check (which costs compile time); with
-    # `throw=True` the result code is checked here, on the host, instead.
-    solution = _compiled_linear_solve(operator, vector, solver, False)
+    # Compiled with no in-graph checks but the result code (`throw=None`), which
+    # is read here, on the host; so are the inputs, if the solve failed. (Every
+    # leaf of a cacheable operator is one its action reads: what the in-graph
+    # check examines, see `_primitive._operator_action`.)
+    solution = _compiled_linear_solve(operator, vector, solver)
+    code = int(solution.result._value)
+    if code == 0:
+        return solution
+    leaves = [x for x in jtu.tree_leaves((operator, vector)) if is_inexact_array(x)]
+    code = int(host_result_code(code, *leaves))
     if throw:
-        code = int(solution.result._value)
-        if code != 0:
-            raise eqx.EquinoxRuntimeError(primal_failure_message(code))
-    return solution
+        raise eqx.EquinoxRuntimeError(primal_failure_message(code))
+    value = solution.result._value
+    return eqx.tree_at(
+        lambda s: s.result._value, solution, jnp.asarray(code, value.dtype)
+    )
 
 
 def _linear_solve(operator, vector, solver, options, state, throw) -> Solution:
@@ -237,8 +271,6 @@ def _linear_solve(operator, vector, solver, options, state, throw) -> Solution:
             f"`solver` must be a `lineax.AbstractLinearSolver`, got "
             f"{type(solver).__name__}."
         )
-    if not isinstance(throw, bool):
-        raise TypeError(f"`throw` must be a bool, got {type(throw).__name__}.")
     vector = _check_vector(operator, vector)
     options = _check_options(options, solver)
     # Hook: a solver may pose its problem as a different linear solve, so that the
@@ -261,9 +293,9 @@ def _linear_solve(operator, vector, solver, options, state, throw) -> Solution:
     return Solution(value=solution, result=result, stats=stats, state=state)
 
 
-@ft.partial(jax.jit, static_argnums=(2, 3))
-def _compiled_linear_solve(operator, vector, solver, throw):
-    return _linear_solve(operator, vector, solver, None, _sentinel, throw)
+@ft.partial(jax.jit, static_argnums=2)
+def _compiled_linear_solve(operator, vector, solver):
+    return _linear_solve(operator, vector, solver, None, _sentinel, None)
 
 
 def _fast_path_operator(operator: Any) -> bool:

@@ -6,6 +6,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -103,12 +104,23 @@ def tree_zeros_like(structure: PyTree[jax.ShapeDtypeStruct]) -> PyTree[Array]:
 
 def tree_all_finite(tree: PyTree) -> Array:
     """One boolean: whether every inexact array leaf of `tree` is finite."""
-    leaves = [
-        jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(tree) if is_inexact_array(x)
+    finite = [
+        jnp.isfinite(_zero_if_finite(x))
+        for x in jtu.tree_leaves(tree)
+        if is_inexact_array(x)
     ]
-    if len(leaves) == 0:
+    if len(finite) == 0:
         return jnp.array(True)
-    return jnp.stack(leaves).all()
+    return functools.reduce(jnp.logical_and, finite)
+
+
+def _zero_if_finite(x: Array) -> Array:
+    """Zero if every entry of `x` is finite, else NaN: one reduction, with the
+    test inside the reducer (`acc + 0 * v`; `0 * inf` is NaN), in any order of
+    association. XLA compiles `all(isfinite(x))` to a kernel for the test and
+    another for the boolean reduction; this is the reduction alone."""
+    zero = jnp.zeros((), x.dtype)
+    return lax.reduce(x, zero, lambda acc, v: acc + 0 * v, tuple(range(x.ndim)))
 
 
 def tree_is_complex(structure: PyTree[jax.ShapeDtypeStruct]) -> bool:

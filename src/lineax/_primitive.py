@@ -8,19 +8,23 @@ factorisation, a `while_loop`), only this primitive, whose derivative is express
 through further solves with the same state.
 """
 
+import functools as ft
 from typing import Any
 
 import equinox as eqx
 import equinox.internal as eqxi
 import jax
 import jax.core
+import jax.extend.core as jex_core
 import jax.interpreters.ad as ad
+import jax.interpreters.partial_eval as pe
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import Array, PyTree
 
-from ._misc import tree_all_finite, tree_is_complex
+from ._misc import is_inexact_array, tree_all_finite, tree_is_complex
 from ._operator.base import AbstractLinearOperator, conj
 from ._operator.tangent import TangentLinearOperator
 from ._solution import RESULTS
@@ -57,8 +61,9 @@ def _is_inexact(x: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
-def _operator_acts_finitely(operator: AbstractLinearOperator) -> Array:
-    """Whether the operator's action is finite, tested on one positive probe.
+def _operator_action(operator: AbstractLinearOperator) -> PyTree[Array]:
+    """The operator applied to one positive probe, whose output is finite exactly
+    when the operator's action is.
 
     Only what the operator computes counts: a leaf it never reads (an unused
     `±inf` bound in a `JacobianLinearOperator`'s `args`) must not make the input
@@ -71,7 +76,12 @@ def _operator_acts_finitely(operator: AbstractLinearOperator) -> Array:
     probe = jtu.tree_map(
         lambda s: jnp.full(s.shape, probe_value, s.dtype), operator.in_structure()
     )
-    return tree_all_finite(operator.mv(probe))
+    return operator.mv(probe)
+
+
+def _operator_acts_finitely(operator: AbstractLinearOperator) -> Array:
+    """Whether the operator's action is finite (see `_operator_action`)."""
+    return tree_all_finite(_operator_action(operator))
 
 
 def _messages(kind: str) -> list[str]:
@@ -93,41 +103,115 @@ def _linear_solve_impl(
     vector: PyTree[Array],
     options: dict[str, Any],
     solver: AbstractLinearSolver,
-    throw: bool,
+    throw: bool | None,
     kind: str,
+    with_stats: bool,
 ) -> tuple[PyTree[Array], RESULTS, dict[str, Any]]:
-    solution, result, stats = solver.compute(state, vector, options)
-    finite_output = tree_all_finite(solution)
-    # Non-finite input makes a solver fail or return non-finite output, so the
-    # inputs are only examined when one of those happened: this saves a pass over
+    if with_stats:
+        solution, result, stats = solver.compute(state, vector, options)
+    else:
+        solution, result, stats = _compute_without_stats(solver, state, vector, options)
+    finite = tree_all_finite(solution)
+    if throw is None:
+        # The un-jitted entry point's compiled solve (`throw=None`): the caller
+        # reads the result code on the host and examines the inputs there, if
+        # the solve failed. Nothing else is compiled.
+        return solution, _with_singular(result, finite), stats
+    if throw:
+        # Non-finite input makes a solver fail or return non-finite output; with
+        # `throw=True` telling the two apart only chooses the error message, so
+        # it is done in the error branch, mostly on the host: nothing of it is
+        # compiled into the path of a successful solve. The branch receives the
+        # solver's `result` and `finite`, from which it derives the rest, so
+        # that nothing else is computed outside it.
+        solution = _error_if_failed(solution, operator, vector, result, finite, kind)
+        # What is returned if no error is raised (or `EQX_ON_ERROR` says not to).
+        return solution, _with_singular(result, finite), stats
+    # The inputs are only examined when the solve failed, which saves a pass over
     # the operator in the common case. (The predicate is made unbatched, so that
     # under `vmap` this stays a real branch rather than a `select`.)
-    suspicious = eqxi.unvmap_any((result != RESULTS.successful) | ~finite_output)
+    failed = _failed(result, finite)
     finite_input = lax.cond(
-        suspicious,
+        eqxi.unvmap_any(failed),
         lambda: tree_all_finite(vector) & _operator_acts_finitely(operator),
         lambda: jnp.array(True),
     )
-    result = RESULTS.where(finite_input, result, RESULTS.nonfinite_input)
-    # A solver reporting success with non-finite output hit a singular system.
     result = RESULTS.where(
-        (result == RESULTS.successful) & ~finite_output, RESULTS.singular, result
+        finite_input, _with_singular(result, finite), RESULTS.nonfinite_input
     )
-    failed = result != RESULTS.successful
-    if throw:
-        # Thread the check through the solution only: every extra leaf carried
-        # through the error's `cond` costs compile time.
-        solution = eqxi.branched_error_if(
-            solution, failed, result._value, _messages(kind)
-        )
-    elif kind != "primal":
+    if kind != "primal":
         # A failed derivative solve must not look like a valid derivative: its
-        # `result` cannot be reported (the primal outputs of a JVP must not depend
-        # on tangents), so it is made visible as NaN instead.
+        # `result` cannot be reported (the primal outputs of a JVP must not
+        # depend on tangents), so it is made visible as NaN instead.
         solution = jtu.tree_map(
             lambda x: jnp.where(failed, jnp.full_like(x, jnp.nan), x), solution
         )
     return solution, result, stats
+
+
+def _failed(result: RESULTS, finite: Array) -> Array:
+    return (result != RESULTS.successful) | ~finite
+
+
+def _with_singular(result: RESULTS, finite: Array) -> RESULTS:
+    """A solver reporting success with non-finite output hit a singular system.
+    (The direct solvers make their solution NaN at an exactly zero pivot, see
+    `nan_at_zero_pivots`: this one test covers both.)"""
+    return RESULTS.where(
+        (result == RESULTS.successful) & ~finite, RESULTS.singular, result
+    )
+
+
+def host_result_code(code: Any, *leaves: Any) -> np.ndarray:
+    """`code`, or `nonfinite_input` if the solve failed (`code` is not zero) and
+    some leaf is not finite; on the host, with NumPy."""
+    code = np.asarray(code)
+    if code != RESULTS.successful._value and not all(
+        np.all(np.isfinite(np.asarray(x))) for x in leaves
+    ):
+        return np.asarray(RESULTS.nonfinite_input._value, code.dtype)
+    return code
+
+
+# Under `filter_jit` so that, run eagerly (the primitive's implementation outside
+# of `jit`, e.g. under an un-jitted `jax.jvp`), the error is raised as an
+# `EquinoxRuntimeError`, as `branched_error_if` does on its own.
+@eqx.filter_jit
+def _error_if_failed(solution, operator, vector, result, finite, kind):
+    return lax.cond(
+        eqxi.unvmap_any(_failed(result, finite)),
+        ft.partial(_raise, operator, vector, result, finite, kind),
+        lambda x: x,
+        solution,
+    )
+
+
+def _raise(operator, vector, result, finite, kind, solution):
+    """The error branch of a solve with `throw=True`: raise with the message of
+    the failure, or of `nonfinite_input` if the operator or the vector is not
+    finite.
+
+    What the operator computes is examined in the graph (one product with a
+    probe, see `_operator_action`), its finiteness on the host: a callback costs
+    no compile time for the reductions. Under `vmap` it runs once per batch
+    element, and `branched_error_if` reports the largest code of the batch.
+    """
+    code = _with_singular(result, finite)._value
+    leaves = [
+        x
+        for x in jtu.tree_leaves((_operator_action(operator), vector))
+        if is_inexact_array(x)
+    ]
+    code = jax.pure_callback(
+        host_result_code,
+        jax.ShapeDtypeStruct(jnp.shape(code), jnp.result_type(code)),
+        code,
+        *leaves,
+        vmap_method="sequential",
+    )
+    return eqxi.branched_error_if(
+        solution, _failed(result, finite), code, _messages(kind)
+    )
 
 
 def _to_struct(x):
@@ -142,11 +226,18 @@ def _to_aval(x):
     return x
 
 
-def _linear_solve_abstract_eval(operator, state, vector, options, solver, throw, kind):
-    del throw
-    args = jtu.tree_map(_to_struct, (operator, state, vector, options))
-    out = eqx.filter_eval_shape(_linear_solve_impl, *args, solver, False, kind)
-    return jtu.tree_map(_to_aval, out)
+def _linear_solve_abstract_eval(
+    operator, state, vector, options, solver, throw, kind, with_stats
+):
+    # The checks of `_linear_solve_impl` change no shape: only `compute` is traced.
+    del operator, throw, kind, with_stats
+
+    def compute(state, vector, options):
+        solution, result, stats = solver.compute(state, vector, options)
+        return solution, _with_singular(result, jnp.array(True)), stats
+
+    args = jtu.tree_map(_to_struct, (state, vector, options))
+    return jtu.tree_map(_to_aval, eqx.filter_eval_shape(compute, *args))
 
 
 def bind(
@@ -158,8 +249,9 @@ def bind(
     throw: bool,
     kind: str,
 ) -> tuple[PyTree[Array], RESULTS, dict[str, Any]]:
+    # `with_stats` is always `True` here; `_dce_rule` sets it to `False`.
     return eqxi.filter_primitive_bind(
-        linear_solve_p, operator, state, vector, options, solver, throw, kind
+        linear_solve_p, operator, state, vector, options, solver, throw, kind, True
     )
 
 
@@ -248,8 +340,8 @@ def _arrays_where_differentiated(primal, tangent):
 
 
 def _linear_solve_jvp(primals, tangents):
-    operator, state, vector, options, solver, throw, kind = primals
-    t_operator, _, t_vector, t_options, _, _, _ = tangents
+    operator, state, vector, options, solver, throw, kind, _ = primals
+    t_operator, _, t_vector, t_options, _, _, _, _ = tangents
     # The tangents of `state` are ignored: the state is derived from the operator,
     # whose own tangent is used instead. Of `options`, only `y0` can change the
     # answer (see `_initial_guess`); the preconditioner never does.
@@ -345,7 +437,7 @@ def _linear_solve_jvp(primals, tangents):
 
 
 def _linear_solve_transpose(inputs, cts_out):
-    operator, state, vector, options, solver, throw, kind = inputs
+    operator, state, vector, options, solver, throw, kind, _ = inputs
     del kind
     for name, value in (("operator", operator), ("state", state), ("options", options)):
         if any(isinstance(x, ad.UndefinedPrimal) for x in jtu.tree_leaves(value)):
@@ -372,6 +464,7 @@ def _linear_solve_transpose(inputs, cts_out):
         ct_vector,
         _nones(options),
         _nones(solver),
+        None,
         None,
         None,
     )
@@ -431,3 +524,56 @@ def _stop_gradient_transpose(ct, x):
 
 if lax.stop_gradient_p not in ad.primitive_transposes:
     ad.primitive_transposes[lax.stop_gradient_p] = _stop_gradient_transpose
+
+
+# Dead-code elimination. A caller that uses only `Solution.value` leaves the
+# statistics unused (for the direct solvers, a condition estimate made of a
+# dozen triangular solves), and this primitive is opaque to JAX's dead-code
+# elimination: its implementation would be lowered whole, and only XLA would
+# remove the unused part, after lowering and parsing it. So when `jax.jit` (or
+# any other user of `pe.dce_jaxpr`) finds the statistics of a solve unused, it
+# keeps the primitive (JVP, transpose and batching still apply) but with
+# `with_stats=False`, whose implementation leaves them out.
+def _dce_rule(used_outputs: list[bool], eqn: Any) -> tuple[list[bool], Any]:
+    if not any(used_outputs):
+        return [False] * len(eqn.invars), None
+    used_inputs = [True] * len(eqn.invars)
+    static = eqn.params["static"]
+    treedef_out, _ = eqn.params["flatten"].get()
+    solution_def, result_def, _ = treedef_out.children()
+    n_kept = solution_def.num_leaves + result_def.num_leaves
+    # `with_stats` is the last argument of `bind`, so the last static leaf.
+    if static[-1] is not True or any(used_outputs[n_kept:]):
+        return used_inputs, eqn
+    params = dict(eqn.params, static=static[:-1] + (False,))
+    new_eqn = jex_core.new_jaxpr_eqn(
+        eqn.invars,
+        eqn.outvars,
+        eqn.primitive,
+        params,
+        eqn.effects,
+        eqn.source_info,
+        eqn.ctx,
+    )
+    return used_inputs, new_eqn
+
+
+def _compute_without_stats(solver, state, vector, options):
+    """`solver.compute`, with its statistics left out of the computation (and
+    returned as zeros): its jaxpr, less what only the statistics need."""
+    closed, out_struct, out_static = eqx.filter_make_jaxpr(solver.compute)(
+        state, vector, options
+    )
+    solution_struct, result_struct, stats_struct = out_struct
+    n_kept = len(jtu.tree_leaves((solution_struct, result_struct)))
+    n_out = len(closed.jaxpr.outvars)
+    used = [True] * n_kept + [False] * (n_out - n_kept)
+    jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, used, instantiate=True)
+    args = [x for x in jtu.tree_leaves((state, vector, options)) if eqx.is_array(x)]
+    kept = jax.core.eval_jaxpr(jaxpr, closed.consts, *args)
+    stats = [jnp.zeros(s.shape, s.dtype) for s in jtu.tree_leaves(stats_struct)]
+    out = jtu.tree_unflatten(jtu.tree_structure(out_struct), list(kept) + stats)
+    return eqx.combine(out, out_static)
+
+
+pe.dce_rules[linear_solve_p] = _dce_rule

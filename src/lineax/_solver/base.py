@@ -214,9 +214,18 @@ def check_tag(ok: bool, solver_name: str, what: str, tag_hint: str) -> None:
         )
 
 
-def exactly_singular(diagonal: Array) -> Array:
-    """Whether a triangular factor with this diagonal is singular: some pivot is
-    exactly zero (LAPACK's `info > 0` from `getrf`/`potrf`/`trtrs`).
+def nan_at_zero_pivots(x: Array, pivots: Array) -> Array:
+    """`x`, with NaN where a pivot is exactly zero: a solution computed from a
+    triangular factor with diagonal `pivots` (of `x`'s length), made visibly
+    singular.
+
+    A factor is singular when some pivot is exactly zero (LAPACK's `info > 0`
+    from `getrf`/`potrf`/`trtrs`). Rather than a reduction of its own, that test
+    joins the finiteness test of the solution which `linear_solve` makes anyway
+    (and which reports a non-finite solution as `RESULTS.singular`): one
+    elementwise `select`, fused with the solve's output, instead of a separately
+    compiled reduction. (Substitution alone does not always give a non-finite
+    answer: BLAS skips the division of a zero right-hand side.)
 
     Deliberately not a threshold on the pivots' ratio: that ratio changes under
     row and column scaling, which LU, QR, Cholesky and substitution handle
@@ -224,13 +233,15 @@ def exactly_singular(diagonal: Array) -> Array:
     badly scaled systems singular. Ill-conditioning is reported instead by the
     reciprocal condition estimate `stats["rcond"]`, which never changes `result`.
     """
-    return jnp.any(diagonal == 0)
+    return jnp.where(pivots == 0, jnp.array(jnp.nan, x.dtype), x)
 
 
 # Hager's iteration usually settles in two steps (Higham 1988, section 4), and
 # LAPACK's `xLACN2` in at most five. A fixed, unrolled count keeps the estimate a
 # straight line of triangular solves: no `while_loop` to compile.
 _HAGER_STEPS = 2
+# Up to this size the inverse is formed instead (see `rcond_estimate`).
+_EXACT_BELOW = 32
 
 
 def norm1(matrix: Array) -> Array:
@@ -288,6 +299,12 @@ def rcond_estimate(
     real = jnp.finfo(dtype).dtype
     if n == 0:
         return jnp.ones((), real)
+    if n <= _EXACT_BELOW:
+        # Small: the exact `|A^{-1}|_1` from the inverse, one solve of `n`
+        # right-hand sides, costs less than the estimate's sequence of solves.
+        inverse = solve(arrays, static, jnp.eye(n, dtype=dtype), False)
+        estimate = norm1(inverse)
+        return _rcond(norm, estimate, real)
     # Hager's start `ones / n`, and Higham's alternating vector
     # `(-1)^i (1 + i / (n - 1))`, which catches what the iteration misses.
     i = jnp.arange(n, dtype=real)
@@ -302,7 +319,14 @@ def rcond_estimate(
         j = jnp.argmax(jnp.abs(z[:, 0]))
         yk = solve(arrays, static, jnp.zeros((n, 1), dtype).at[j, 0].set(1), False)
         estimate = jnp.maximum(estimate, jnp.sum(jnp.abs(yk)))
+    return _rcond(norm, estimate, real)
+
+
+def _rcond(norm: Array, estimate: Array, real: Any) -> Array:
+    """`1 / (norm * estimate)`: zero for a singular factorisation, whose solves
+    (hence `estimate`) are not finite, NaN for a non-finite `norm`."""
     norm = norm.astype(real)
+    estimate = estimate.astype(real)
     rcond = (1 / jnp.where(norm == 0, 1, norm)) / estimate
     # An exactly singular factor makes the solves, hence `estimate`, inf or NaN.
     singular = (norm == 0) | ~jnp.isfinite(estimate)

@@ -24,7 +24,7 @@ from .base import (
     AbstractLinearSolver,
     check_square,
     check_tag,
-    exactly_singular,
+    nan_at_zero_pivots,
     norm1,
     rcond_estimate,
 )
@@ -79,6 +79,9 @@ class Cholesky(AbstractLinearSolver[CholeskyState]):
         x = jsl.cho_solve((state.factor, True), b, check_finite=False)
         if state.negative:
             x = -x
+        # A matrix that is not definite gives NaN factors, hence a NaN solution,
+        # which `linear_solve` reports as singular; so does a zero pivot.
+        x = nan_at_zero_pivots(x, jnp.diagonal(state.factor))
 
         stats = {
             "rcond": rcond_estimate(
@@ -90,11 +93,7 @@ class Cholesky(AbstractLinearSolver[CholeskyState]):
                 dtype=state.factor.dtype,
             )
         }
-        # A matrix that is not definite gives NaN factors, hence a NaN solution,
-        # which `linear_solve` reports as singular: no pass over the factor needed.
-        singular = exactly_singular(jnp.diagonal(state.factor))
-        result = RESULTS.where(singular, RESULTS.singular, RESULTS.successful)
-        return unravel_solution(x, state.packed_structures), result, stats
+        return unravel_solution(x, state.packed_structures), RESULTS.successful, stats
 
     def transpose(self, state: CholeskyState, options):
         # A is Hermitian, so A^T = conj(A), factorised by conj(L).

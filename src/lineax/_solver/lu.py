@@ -20,7 +20,7 @@ from ._packing import (
 from .base import (
     AbstractLinearSolver,
     check_square,
-    exactly_singular,
+    nan_at_zero_pivots,
     norm1,
     rcond_estimate,
 )
@@ -75,6 +75,7 @@ class LU(AbstractLinearSolver[LUState]):
         del options
         b = ravel_vector(vector, state.packed_structures)
         x = _lu_solve(state.lu, state.permutation, b, state.transposed)
+        x = nan_at_zero_pivots(x, jnp.diagonal(state.lu))
 
         stats = {
             "rcond": rcond_estimate(
@@ -86,9 +87,7 @@ class LU(AbstractLinearSolver[LUState]):
                 dtype=state.lu.dtype,
             )
         }
-        singular = exactly_singular(jnp.diagonal(state.lu))
-        result = RESULTS.where(singular, RESULTS.singular, RESULTS.successful)
-        return unravel_solution(x, state.packed_structures), result, stats
+        return unravel_solution(x, state.packed_structures), RESULTS.successful, stats
 
     def transpose(self, state: LUState, options):
         new = LUState(

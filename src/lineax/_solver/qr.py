@@ -3,7 +3,7 @@
 from typing import Any
 
 import equinox as eqx
-import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 from jaxtyping import Array
@@ -17,15 +17,17 @@ from ._packing import (
     transpose_packed_structures,
     unravel_solution,
 )
-from .base import AbstractLinearSolver, exactly_singular, norm1, rcond_estimate
+from .base import AbstractLinearSolver, nan_at_zero_pivots, norm1, rcond_estimate
 
 
 class QRState(eqx.Module):
-    """State of [`lineax.QR`][]. If `wide`, `q @ r` factorises the conjugate
-    transpose `A^H` of the operator; otherwise it factorises `A` itself."""
+    """State of [`lineax.QR`][]: a Householder QR factorisation `A = QR` as LAPACK's
+    `geqrf` leaves it (`R` in the upper triangle of `reflectors`, the reflectors
+    of `Q` below it, and their scalar factors `taus`). If `wide`, it factorises
+    the conjugate transpose `A^H` of the operator; otherwise `A` itself."""
 
-    q: Array
-    r: Array
+    reflectors: Array
+    taus: Array
     packed_structures: PackedStructures = eqx.field(static=True)
     wide: bool = eqx.field(static=True)
 
@@ -37,6 +39,12 @@ class QR(AbstractLinearSolver[QRState]):
         `argmin_x |Ax - b|`, as `R^{-1} Q^H b` from `A = QR`.
     - Wide operators of full row rank: the minimum-norm solution, as
         `Q R^{-H} b` from `A^H = QR`.
+
+    `Q` is kept as its Householder reflectors (LAPACK `geqrf`) and applied with
+    `ormqr`, never formed: forming it (`orgqr`) costs more than the
+    factorisation, and every solve of a gradient (the primal, the transposed
+    solve of reverse mode and the residual term of the least-squares JVP) needs
+    only its action on one vector.
 
     Rank-deficient operators are not supported (use [`lineax.SVD`][]): an exactly
     zero diagonal entry of `R`, or non-finite output, gives
@@ -59,22 +67,26 @@ class QR(AbstractLinearSolver[QRState]):
         wide = n > m
         if wide:
             matrix = jnp.conj(matrix.T)
-        q, r = jnp.linalg.qr(matrix, mode="reduced")
-        return QRState(q, r, pack_structures(operator), wide)
+        # `mode="raw"` is LAPACK's `geqrf` output, transposed.
+        reflectors, taus = jnp.linalg.qr(matrix, mode="raw")
+        return QRState(reflectors.mT, taus, pack_structures(operator), wide)
 
     def compute(self, state: QRState, vector, options):
         del options
         b = ravel_vector(vector, state.packed_structures)
-        q, r = state.q, state.r
-        hi = jax.lax.Precision.HIGHEST
+        a, taus = state.reflectors, state.taus
+        m, n = a.shape
+        r = a[:n]  # `R` is its upper triangle, which is all the solves read
         if state.wide:
             # A = R^H Q^H, minimum norm solution x = Q R^{-H} b.
             y = jsl.solve_triangular(r, b, trans="C", lower=False)
-            x = jnp.matmul(q, y, precision=hi)
+            y = nan_at_zero_pivots(y, jnp.diagonal(r))
+            y = jnp.concatenate([y, jnp.zeros((m - n,), y.dtype)])
+            x = lax.linalg.ormqr(a, taus, y[:, None])[:, 0]
         else:
-            x = jsl.solve_triangular(
-                r, jnp.matmul(jnp.conj(q.T), b, precision=hi), lower=False
-            )
+            qhb = lax.linalg.ormqr(a, taus, b[:, None].astype(a.dtype), transpose=True)
+            x = jsl.solve_triangular(r, qhb[:n, 0], lower=False)
+            x = nan_at_zero_pivots(x, jnp.diagonal(r))
 
         stats = {
             "rcond": rcond_estimate(
@@ -82,21 +94,20 @@ class QR(AbstractLinearSolver[QRState]):
                 r,
                 solve=_rcond_solve,
                 static=None,
-                n=r.shape[0],
+                n=n,
                 dtype=r.dtype,
             )
         }
-        singular = exactly_singular(jnp.diagonal(r))
-        result = RESULTS.where(singular, RESULTS.singular, RESULTS.successful)
-        return unravel_solution(x, state.packed_structures), result, stats
+        return unravel_solution(x, state.packed_structures), RESULTS.successful, stats
 
     def transpose(self, state: QRState, options):
         # If A = QR then A^T = conj(A^H)... more precisely (A^T)^H = conj(A) =
-        # conj(Q) conj(R): the transpose is factorised by the conjugated factors,
-        # with the roles of "tall" and "wide" swapped.
+        # conj(Q) conj(R): the transpose is factorised by the conjugated factors
+        # (a reflector `I - tau v v^H` conjugates to `I - conj(tau) conj(v)
+        # conj(v)^H`), with the roles of "tall" and "wide" swapped.
         new = QRState(
-            jnp.conj(state.q),
-            jnp.conj(state.r),
+            jnp.conj(state.reflectors),
+            jnp.conj(state.taus),
             transpose_packed_structures(state.packed_structures),
             not state.wide,
         )
@@ -104,7 +115,10 @@ class QR(AbstractLinearSolver[QRState]):
 
     def conj(self, state: QRState, options):
         new = QRState(
-            jnp.conj(state.q), jnp.conj(state.r), state.packed_structures, state.wide
+            jnp.conj(state.reflectors),
+            jnp.conj(state.taus),
+            state.packed_structures,
+            state.wide,
         )
         return new, options
 

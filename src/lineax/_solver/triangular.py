@@ -25,7 +25,7 @@ from .base import (
     AbstractLinearSolver,
     check_square,
     check_tag,
-    exactly_singular,
+    nan_at_zero_pivots,
     norm1,
     rcond_estimate,
 )
@@ -83,10 +83,8 @@ class Triangular(AbstractLinearSolver[TriangularState]):
         n = triangle.shape[0]
         if state.unit_diagonal:
             triangle = triangle.at[jnp.arange(n), jnp.arange(n)].set(1)
-            result = RESULTS.successful
         else:
-            singular = exactly_singular(jnp.diagonal(triangle))
-            result = RESULTS.where(singular, RESULTS.singular, RESULTS.successful)
+            x = nan_at_zero_pivots(x, jnp.diagonal(triangle))
         stats = {
             "rcond": rcond_estimate(
                 norm1(triangle.T if state.transposed else triangle),
@@ -97,7 +95,7 @@ class Triangular(AbstractLinearSolver[TriangularState]):
                 dtype=triangle.dtype,
             )
         }
-        return unravel_solution(x, state.packed_structures), result, stats
+        return unravel_solution(x, state.packed_structures), RESULTS.successful, stats
 
     def transpose(self, state: TriangularState, options):
         new = TriangularState(
