@@ -34,12 +34,6 @@ KRYLOV = [
     for mv in (("halo", "xla") if dtype == "float64" else ("halo",))
 ]
 SHARDED = "('x',)"
-THROW_FIX = (
-    "throw=True runs Equinox's error callback on device 0 only (a 'maximal' "
-    "sharding): the solution is gathered there, and a raised error leaves the other "
-    "devices waiting in a collective until XLA aborts the process. Fixed once "
-    "`_primitive._linear_solve_impl` uses `lineax._errors.error_if_everywhere`."
-)
 
 
 @pytest.fixture(scope="module")
@@ -112,12 +106,10 @@ def test_grad_through_sharded_cg_throw(results):
     assert r["rel_diff"] <= 1e-10
 
 
-@pytest.mark.xfail(strict=False, reason=THROW_FIX)
 def test_grad_through_sharded_cg_throw_keeps_sharding(results):
     assert get(results, "grad-CG-float64-throw")["spec"] == SHARDED
 
 
-@pytest.mark.xfail(strict=False, reason=THROW_FIX)
 @pytest.mark.parametrize("name", ["CG", "GMRES"])
 def test_throw_true_keeps_sharding(results, name):
     assert get(results, f"throw-true-sharding-{name}")["spec"] == SHARDED
@@ -157,7 +149,6 @@ def test_error_if_everywhere_raises_and_releases_devices(results):
     assert r["filter_jit_type"] == "EquinoxRuntimeError"
 
 
-@pytest.mark.xfail(strict=False, reason=THROW_FIX)
 def test_throw_true_failure_raises_and_process_stays_usable(results):
     r = get(results, "throw-true")
     assert r["raised"]

@@ -6,7 +6,6 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -115,12 +114,14 @@ def tree_all_finite(tree: PyTree) -> Array:
 
 
 def _zero_if_finite(x: Array) -> Array:
-    """Zero if every entry of `x` is finite, else NaN: one reduction, with the
-    test inside the reducer (`acc + 0 * v`; `0 * inf` is NaN), in any order of
-    association. XLA compiles `all(isfinite(x))` to a kernel for the test and
-    another for the boolean reduction; this is the reduction alone."""
-    zero = jnp.zeros((), x.dtype)
-    return lax.reduce(x, zero, lambda acc, v: acc + 0 * v, tuple(range(x.ndim)))
+    """Zero if every entry of `x` is finite, else NaN (`0 * inf` is NaN): one
+    sum, into which XLA fuses the product. XLA compiles `all(isfinite(x))` to a
+    kernel for the test and another for the boolean reduction; this is one.
+
+    (Not a `lax.reduce` with `acc + 0 * v` as its reducer: XLA's SPMD partitioner
+    cannot turn a non-standard reducer into an all-reduce, so that fails on
+    arrays sharded over several devices.)"""
+    return jnp.sum(x * jnp.zeros((), x.dtype))
 
 
 def tree_is_complex(structure: PyTree[jax.ShapeDtypeStruct]) -> bool:

@@ -24,6 +24,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, PyTree
 
+from ._errors import error_if_everywhere
 from ._misc import is_inexact_array, tree_all_finite, tree_is_complex
 from ._operator.base import AbstractLinearOperator, conj
 from ._operator.tangent import TangentLinearOperator
@@ -194,7 +195,7 @@ def _raise(operator, vector, result, finite, kind, solution):
     What the operator computes is examined in the graph (one product with a
     probe, see `_operator_action`), its finiteness on the host: a callback costs
     no compile time for the reductions. Under `vmap` it runs once per batch
-    element, and `branched_error_if` reports the largest code of the batch.
+    element, and `error_if_everywhere` reports the largest code of the batch.
     """
     code = _with_singular(result, finite)._value
     leaves = [
@@ -209,9 +210,9 @@ def _raise(operator, vector, result, finite, kind, solution):
         *leaves,
         vmap_method="sequential",
     )
-    return eqxi.branched_error_if(
-        solution, _failed(result, finite), code, _messages(kind)
-    )
+    # Raised on every device of a sharded program, not on device 0 alone (which
+    # would leave the others waiting in their next collective): see `_errors.py`.
+    return error_if_everywhere(solution, _failed(result, finite), code, _messages(kind))
 
 
 def _to_struct(x):
