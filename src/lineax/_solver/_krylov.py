@@ -680,6 +680,8 @@ def iterate(
                 rnorm if method.progress is None else method.progress(c, x, r, rnorm)
             )
             estimate = method.progress_estimate(c)
+            # Set whenever `progress_estimate` is (see the carry's initial value).
+            assert ref_progress is not None and ref_estimate is not None
             halved = progress <= 0.5 * ref_progress
             ref_progress = jnp.where(halved, progress, ref_progress)
             ref_estimate = jnp.where(halved, estimate, ref_estimate)
@@ -751,6 +753,7 @@ def iterate(
     halt_result = method.halt_result
     if callable(halt_result):
         halt_result = halt_result(loop.inner.carry)
+    assert isinstance(halt_result, RESULTS)  # a RESULTS, or a function giving one
     if p.fixed:
         # A fixed-iteration solve succeeds when it made its steps, or stopped early
         # because the method can go no further (an exhausted Krylov space), but not

@@ -160,5 +160,13 @@ def NormalCG(
     **Returns:** a [`lineax.Normal`][] solver.
     """
     return Normal(
-        CG(rtol, atol, norm, stabilise_every, max_steps, history_length, verbose)
+        CG(
+            rtol,
+            atol,
+            norm,
+            stabilise_every=stabilise_every,
+            max_steps=max_steps,
+            history_length=history_length,
+            verbose=verbose,
+        )
     )
