@@ -1,9 +1,11 @@
 """Test configuration: float64, strict dtype promotion, beartype-checked jaxtyping
 annotations in the library, and hypothesis profiles."""
 
+import gc
 import os
 
 import jax
+import pytest
 
 
 jax.config.update("jax_enable_x64", True)
@@ -34,9 +36,22 @@ hypothesis.settings.load_profile(
 )
 
 
-def pytest_collection_modifyitems(config, items):
-    import pytest
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_code():
+    """Drop JAX's compiled executables after each test module.
 
+    Each XLA:CPU executable keeps a few memory mappings for its JIT-compiled code,
+    and the suite compiles thousands of them in one process: past Linux's default
+    `vm.max_map_count` (65530) LLVM aborts the whole process in the middle of a
+    compile (seen as a "Fatal Python error: Aborted" at about 90% of the run).
+    Clearing the caches releases the mappings; a module's shared jitted
+    functions still serve all of its tests."""
+    yield
+    jax.clear_caches()
+    gc.collect()
+
+
+def pytest_collection_modifyitems(config, items):
     if os.environ.get("LINEAX_EXHAUSTIVE"):
         return
     skip = pytest.mark.skip(reason="exhaustive grid: set LINEAX_EXHAUSTIVE=1 to run")
