@@ -467,3 +467,13 @@ def test_nan_hidden_in_a_masked_diagonal_entry_is_reported():
     operator = lx.DiagonalLinearOperator(jnp.array([1.0, jnp.nan, 0.0]))
     solution = lx.linear_solve(operator, B, lx.Diagonal(), throw=False)
     assert solution.result == lx.RESULTS.nonfinite_input
+
+
+def test_missing_tag_message_has_no_nested_code_spans():
+    operator = lx.MatrixLinearOperator(jnp.eye(2))
+    with pytest.raises(ValueError) as info:
+        lx.linear_solve(operator, jnp.ones(2), lx.CG(rtol=1e-6, atol=1e-6))
+    message = str(info.value)
+    example = "`lx.TaggedLinearOperator(operator, lx.positive_semidefinite_tag)`"
+    assert example in message
+    assert "``" not in message and ", `lx." not in message

@@ -206,10 +206,13 @@ def check_square(operator: AbstractLinearOperator, solver_name: str) -> None:
 def check_tag(ok: bool, solver_name: str, what: str, tag_hint: str) -> None:
     """Raise a ValueError if the operator lacks the structure a solver needs."""
     if not ok:
+        # The example names the first tag without its backticks: it sits inside
+        # the example's own code span.
+        first_tag = tag_hint.split(" or ")[0].strip("`")
         raise ValueError(
             f"`lx.{solver_name}` requires the operator to be {what}, which is known "
             f"only from its tags; mark it with {tag_hint} (e.g. "
-            f"`lx.TaggedLinearOperator(operator, {tag_hint.split(' or ')[0]})`), or "
+            f"`lx.TaggedLinearOperator(operator, {first_tag})`), or "
             "use `lx.AutoLinearSolver`, which picks a solver from the tags."
         )
 
