@@ -123,12 +123,34 @@ def error_if_everywhere(
     """
     if EQX_ON_ERROR != "raise":
         return eqxi.branched_error_if(x, pred, index, messages)
+    pred, index = _unbatched(pred, index)
     messages = tuple(messages)
-    pred = eqxi.unvmap_any(jnp.asarray(pred))
-    index = eqxi.unvmap_max(jnp.where(pred, index, 0).astype(jnp.int32))
     checked = lax.cond(
         pred, lambda i: _raise_p.bind(i, messages=messages), lambda i: i, index
     )
+    return _tied(x, checked)
+
+
+def raise_everywhere(
+    x: PyTree[Array], pred: Array, index: Array, messages: Sequence[str]
+) -> PyTree[Array]:
+    """As `error_if_everywhere`, for use inside a branch that is only taken when
+    `pred` holds for some batch element: it raises unconditionally, with no
+    second conditional (which would cost compile time for nothing)."""
+    if EQX_ON_ERROR != "raise":
+        return eqxi.branched_error_if(x, pred, index, messages)
+    _, index = _unbatched(pred, index)
+    return _tied(x, _raise_p.bind(index, messages=tuple(messages)))
+
+
+def _unbatched(pred: Array, index: Array) -> tuple[Array, Array]:
+    """`pred` for the whole batch, and the largest failing index in it."""
+    pred = jnp.asarray(pred)
+    index = eqxi.unvmap_max(jnp.where(pred, index, 0).astype(jnp.int32))
+    return eqxi.unvmap_any(pred), index
+
+
+def _tied(x: PyTree[Array], checked: Array) -> PyTree[Array]:
     # `checked` is `index >= 0`, but XLA cannot know it: each leaf depends on the
     # check (an optimisation barrier does not keep the check alive, as XLA removes
     # the barrier and then the unused callback).

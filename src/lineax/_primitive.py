@@ -24,7 +24,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, PyTree
 
-from ._errors import error_if_everywhere
+from ._errors import raise_everywhere
 from ._misc import is_inexact_array, tree_all_finite, tree_is_complex
 from ._operator.base import AbstractLinearOperator, conj
 from ._operator.tangent import TangentLinearOperator
@@ -195,7 +195,7 @@ def _raise(operator, vector, result, finite, kind, solution):
     What the operator computes is examined in the graph (one product with a
     probe, see `_operator_action`), its finiteness on the host: a callback costs
     no compile time for the reductions. Under `vmap` it runs once per batch
-    element, and `error_if_everywhere` reports the largest code of the batch.
+    element, and `raise_everywhere` reports the largest code of the batch.
     """
     code = _with_singular(result, finite)._value
     leaves = [
@@ -212,7 +212,7 @@ def _raise(operator, vector, result, finite, kind, solution):
     )
     # Raised on every device of a sharded program, not on device 0 alone (which
     # would leave the others waiting in their next collective): see `_errors.py`.
-    return error_if_everywhere(solution, _failed(result, finite), code, _messages(kind))
+    return raise_everywhere(solution, _failed(result, finite), code, _messages(kind))
 
 
 def _to_struct(x):
