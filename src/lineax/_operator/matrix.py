@@ -13,8 +13,10 @@ from .base import (
     AbstractLinearOperator,
     bands_of_matrix,
     check_not_sequence,
+    concrete_arrays,
     conj,
     diagonal,
+    is_cacheable,
     register_tag_predicates,
     tridiagonal,
 )
@@ -83,11 +85,6 @@ def _(operator):
 @conj.register(MatrixLinearOperator)
 def _(operator):
     return MatrixLinearOperator(jnp.conj(operator.matrix), operator.tags)
-
-
-# Appended rather than imported at the top, to keep this change apart from others
-# in this file; move it up when convenient.
-from .base import concrete_arrays, is_cacheable
 
 
 is_cacheable.register(MatrixLinearOperator)(concrete_arrays)

@@ -14,8 +14,10 @@ from .._tags import as_tags, transpose_tags
 from .base import (
     AbstractLinearOperator,
     bands_of_matrix,
+    concrete_arrays,
     conj,
     diagonal,
+    is_cacheable,
     register_tag_predicates,
     tridiagonal,
 )
@@ -205,11 +207,6 @@ def _(operator):
 @tridiagonal.register(PyTreeLinearOperator)
 def _(operator):
     return bands_of_matrix(operator.as_matrix())
-
-
-# Appended rather than imported at the top, to keep this change apart from others
-# in this file; move it up when convenient.
-from .base import concrete_arrays, is_cacheable
 
 
 is_cacheable.register(PyTreeLinearOperator)(concrete_arrays)
