@@ -29,8 +29,7 @@ from ._misc import is_inexact_array, tree_all_finite, tree_is_complex
 from ._operator.base import AbstractLinearOperator, conj
 from ._operator.tangent import TangentLinearOperator
 from ._solution import RESULTS
-from ._solver._krylov import AbstractKrylovSolver
-from ._solver.base import AbstractLinearSolver, rank_flags
+from ._solver.base import AbstractLinearSolver, rank_flags, reads_option
 
 
 # Which solve failed, for the error raised under `throw=True`: the user's own
@@ -300,7 +299,8 @@ def _as_tangent(primal, tangent):
 def _initial_guess(solver, options, t_options, dependent_columns):
     """`(y0, dy0)` when the answer depends on the initial guess, else `None`s.
 
-    A solver that starts from `y0` and may meet dependent columns returns
+    A solver that reads `y0` (declares it in its `option_keys`) and may meet
+    dependent columns returns
     `x = y0 + A^+ (b - A y0)`: the pseudoinverse solution plus the part of `y0` in
     the null space of `A`. (This is lineax's Krylov solvers' contract; a Krylov
     method's correction lies in the Krylov space of `A^H`, i.e. the row space.)
@@ -309,8 +309,8 @@ def _initial_guess(solver, options, t_options, dependent_columns):
     y0 = options.get("y0", None)
     if y0 is None or not dependent_columns:
         return None, None
-    if not isinstance(solver, AbstractKrylovSolver):
-        return None, None  # solvers that do not read `y0`
+    if not reads_option(solver, "y0"):
+        return None, None
     t_y0 = t_options.get("y0", None) if isinstance(t_options, dict) else None
     if t_y0 is not None and len(jtu.tree_leaves(t_y0)) == 0:
         t_y0 = None

@@ -276,6 +276,7 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
     history_length: AbstractVar[int | None]
     verbose: AbstractVar[bool | int]
 
+    option_keys = frozenset({"preconditioner", "y0"})  # see `checked_options`
     # Whether the `preconditioner` option acts on the operator's input space (LSMR).
     right_preconditioned = False
 

@@ -77,10 +77,14 @@ class AutoLinearSolver(AbstractLinearSolver[AutoState]):
           pseudoinverse solution). Diagonal → `lineax.Diagonal(well_posed=False)`;
           otherwise [`lineax.SVD`][].
 
-    The chosen solver's `options` are accepted.
+    `options` are passed on to the chosen solver. (Any key some solver reads is
+    accepted, whichever solver is chosen: see
+    [`lineax.AbstractLinearSolver`][].)
     """
 
     well_posed: bool | None = eqx.field(static=True)
+
+    option_keys = frozenset()  # `options` are passed on to the chosen solver
 
     def __check_init__(self):
         if self.well_posed not in (True, False, None):

@@ -3,7 +3,7 @@
 import abc
 import functools as ft
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import equinox as eqx
 import jax
@@ -49,7 +49,22 @@ class AbstractLinearSolver(eqx.Module, Generic[_SolverState]):
     or (the form in the paper) with `allow_dependent_rows(operator)` and
     `allow_dependent_columns(operator)`. Differentiation then works with no further
     code: [`lineax.linear_solve`][] picks the cheapest valid JVP equation.
+
+    A solver says which keys of `options` it reads in `option_keys` (see there),
+    and may pose its problem as another linear solve with `reformulate`.
     """
+
+    # The keys of `options` that this solver reads (itself: a wrapper that passes
+    # `options` on to an inner solver need not list the inner solver's keys).
+    # `linear_solve` refuses a key that no solver declares (a typo), and accepts
+    # one that another solver reads, so that one `options` dict serves when
+    # switching solvers, as in the published lineax, which accepts any key. The
+    # primitive's JVP treats the `y0` option as an initial guess that the answer
+    # depends on exactly when `"y0"` is declared (such a solver returns
+    # `y0 + A^+ (b - A y0)`, see `_primitive._initial_guess`). `None` means
+    # undeclared: `linear_solve` then accepts every key, as a solver defined
+    # outside lineax may read keys of its own.
+    option_keys: ClassVar[frozenset[str] | None] = None
 
     @abc.abstractmethod
     def init(
@@ -101,6 +116,30 @@ class AbstractLinearSolver(eqx.Module, Generic[_SolverState]):
         """The state and options for solving with the elementwise conjugate of the
         operator."""
 
+    def reformulate(
+        self,
+        operator: AbstractLinearOperator,
+        vector: PyTree[Array],
+        options: dict[str, Any],
+    ) -> tuple[AbstractLinearOperator, PyTree[Array], dict[str, Any]]:
+        """Pose the solve as another linear solve, before `init`.
+
+        [`lineax.linear_solve`][] calls this first and solves (and differentiates)
+        the problem it returns, so that the primitive's generic derivative rules
+        apply to the problem the solver really solves: e.g. damped
+        [`lineax.LSMR`][] returns the least-squares problem `[A; damp I] x =
+        (b, 0)`. The default returns its arguments unchanged.
+
+        **Arguments:**
+
+        - `operator`, `vector`, `options`: as passed to `linear_solve` (checked).
+
+        **Returns:**
+
+        The 3-tuple `(operator, vector, options)` to solve instead.
+        """
+        return operator, vector, options
+
     def assume_full_rank(self) -> bool:
         """Whether this solver only handles operators of full rank (independent rows
         if wide, independent columns if tall, both if square).
@@ -132,6 +171,24 @@ class AbstractLinearSolver(eqx.Module, Generic[_SolverState]):
         columns (e.g. any wide matrix). If `False`, the JVP may assume independent
         columns."""
         return (not self.assume_full_rank()) or operator.in_size() > operator.out_size()
+
+
+def declared_option_keys() -> frozenset[str]:
+    """The `options` keys that some solver class declares reading (its
+    `option_keys`): those of lineax's solvers, and of any user solver that
+    declares them. Walked afresh on each call, as classes may be defined later."""
+    keys: set[str] = set()
+    classes = [AbstractLinearSolver]
+    while classes:
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        keys.update(cls.option_keys or ())
+    return frozenset(keys)
+
+
+def reads_option(solver: AbstractLinearSolver, key: str) -> bool:
+    """Whether `solver` declares reading the option `key`."""
+    return key in (solver.option_keys or ())
 
 
 def _overrides(solver: AbstractLinearSolver, name: str) -> bool:

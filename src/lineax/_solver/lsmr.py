@@ -151,6 +151,7 @@ class LSMR(AbstractKrylovSolver):
     history_length: int | None = eqx.field(static=True, default=None)
     verbose: bool | int = eqx.field(static=True, default=False)
 
+    option_keys = frozenset({"damp", "preconditioner", "y0"})
     right_preconditioned = True
 
     def __check_init__(self):

@@ -61,6 +61,8 @@ class Normal(AbstractLinearSolver[NormalState]):
 
     inner_solver: AbstractLinearSolver
 
+    option_keys = frozenset()  # `options` are passed on to the inner solver(s)
+
     def __check_init__(self):
         if not isinstance(self.inner_solver, AbstractLinearSolver):
             raise TypeError(
