@@ -25,7 +25,7 @@ import numpy as np
 from jaxtyping import Array, PyTree
 
 from ._errors import raise_everywhere
-from ._misc import is_inexact_array, tree_all_finite, tree_is_complex
+from ._misc import is_inexact_array, tree_all_finite, tree_conj, tree_is_complex
 from ._operator.base import AbstractLinearOperator, conj
 from ._operator.tangent import TangentLinearOperator
 from ._solution import RESULTS
@@ -277,10 +277,6 @@ def _tree_neg(tree):
     return jtu.tree_map(jnp.negative, tree)
 
 
-def _tree_conj(tree, complex_):
-    return jtu.tree_map(jnp.conj, tree) if complex_ else tree
-
-
 def _tree_sub(a, b):
     return jtu.tree_map(lambda x, y: x - y, a, b)
 
@@ -382,9 +378,7 @@ def _linear_solve_jvp(primals, tangents):
     # whose vector tangent is v' = v - V y0 - A dy0, gives dx = dx' + dy0; as
     # V y0 + V x' = V x and b' - A x' = b - A x, the only changes to (1) are
     # z = V^H (A^+)^H (x - y0) and the terms in dy0 (together (I - A^+ A) dy0).
-    complex_ = tree_is_complex(operator.in_structure()) or tree_is_complex(
-        operator.out_structure()
-    )
+    complex_ = tree_is_complex(operator.in_structure(), operator.out_structure())
     # The tangent solves start from zero: they solve for derivatives, not for the
     # answer `y0` approximates.
     options = {key: value for key, value in options.items() if key != "y0"}
@@ -407,7 +401,7 @@ def _linear_solve_jvp(primals, tangents):
         def tangent_op_h_mv(y):
             # V^H y = conj(V^T conj(y)).
             assert tangent_op_t is not None
-            return _tree_conj(tangent_op_t.mv(_tree_conj(y, complex_)), complex_)
+            return tree_conj(tangent_op_t.mv(tree_conj(y, complex_)), complex_)
 
         if dependent_rows:
             residual = _tree_sub(vector, operator.mv(solution))

@@ -34,6 +34,8 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 from .._misc import result_dtype, Static
 from .._operator.base import (
     AbstractLinearOperator,
+    check_operator,
+    check_square as check_square_operator,
     check_structures_equal,
     concrete_arrays,
     flatten_vector,
@@ -201,16 +203,8 @@ def definite_tags(operator: AbstractLinearOperator) -> frozenset:
 
 def check_square(operator: Any, who: str) -> AbstractLinearOperator:
     """Check that `operator` is a square linear operator; return it."""
-    if not isinstance(operator, AbstractLinearOperator):
-        raise TypeError(
-            f"`{who}` expects `operator` to be a `lineax.AbstractLinearOperator`, got "
-            f"{type(operator).__name__}."
-        )
-    if operator.in_size() != operator.out_size():
-        raise ValueError(
-            f"`{who}` needs a square `operator`, but it has input size "
-            f"{operator.in_size()} and output size {operator.out_size()}."
-        )
+    check_operator(operator, who=who)
+    check_square_operator(operator, who)
     return operator
 
 

@@ -12,6 +12,7 @@ from jaxtyping import Array, PyTree
 
 from .._operator.base import (
     AbstractLinearOperator,
+    check_square as check_square_operator,
     has_unit_diagonal,
     is_diagonal,
     is_lower_triangular,
@@ -251,13 +252,12 @@ def inverse_tags(
 
 def check_square(operator: AbstractLinearOperator, solver_name: str) -> None:
     """Raise a ValueError if `operator` is not square, suggesting what to use."""
-    if operator.in_size() != operator.out_size():
-        raise ValueError(
-            f"`lx.{solver_name}` can only solve square systems, but `operator` has "
-            f"input size {operator.in_size()} and output size {operator.out_size()}. "
-            "For least-squares or minimum-norm solutions use `lx.QR()` (full rank), "
-            "`lx.SVD()` (any rank) or `lx.AutoLinearSolver(well_posed=False)`."
-        )
+    check_square_operator(
+        operator,
+        f"lx.{solver_name}",
+        "For least-squares or minimum-norm solutions use `lx.QR()` (full rank), "
+        "`lx.SVD()` (any rank) or `lx.AutoLinearSolver(well_posed=False)`.",
+    )
 
 
 def check_tag(ok: bool, solver_name: str, what: str, tag_hint: str) -> None:
