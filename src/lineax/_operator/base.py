@@ -19,7 +19,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree, Shaped
 
-from .._misc import describe, result_dtype, strip_weak_dtype, tree_size
+from .._misc import describe, result_dtype, strip_weak_dtype, tree_conj, tree_size
 from .._tags import (
     diagonal_tag,
     lower_triangular_tag,
@@ -32,6 +32,12 @@ from .._tags import (
     unit_diagonal_tag,
     upper_triangular_tag,
 )
+
+
+# The one import cycle of the package: `arithmetic.py` and `function.py` define
+# subclasses of `AbstractLinearOperator`, so import this module, while the
+# operator arithmetic (`a + b`, `a @ b`, ...) and the default `conj` below build
+# their operators. Those import them when called.
 
 
 class AbstractLinearOperator(eqx.Module):
@@ -397,10 +403,10 @@ def conj(operator: AbstractLinearOperator) -> AbstractLinearOperator:
     A linear operator with the same structures and tags.
     """
     check_operator(operator)
-    from .function import FunctionLinearOperator
+    from .function import FunctionLinearOperator  # the import cycle: see the top
 
     def fn(x):
-        return jtu.tree_map(jnp.conj, operator.mv(jtu.tree_map(jnp.conj, x)))
+        return tree_conj(operator.mv(tree_conj(x)))
 
     return FunctionLinearOperator(fn, operator.in_structure(), tags_of(operator))
 

@@ -32,6 +32,19 @@ import numpy as np
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from .._misc import result_dtype, Static
+from .._operator import (
+    AddLinearOperator,
+    DiagonalLinearOperator,
+    DivLinearOperator,
+    IdentityLinearOperator,
+    MatrixLinearOperator,
+    MulLinearOperator,
+    NegLinearOperator,
+    PyTreeLinearOperator,
+    SparseLinearOperator,
+    TaggedLinearOperator,
+    TridiagonalLinearOperator,
+)
 from .._operator.base import (
     AbstractLinearOperator,
     check_operator,
@@ -259,19 +272,6 @@ def holds_values(operator: AbstractLinearOperator) -> bool:
 
 
 def _register_holds_values() -> None:
-    from .._operator import (
-        AddLinearOperator,
-        DiagonalLinearOperator,
-        DivLinearOperator,
-        IdentityLinearOperator,
-        MatrixLinearOperator,
-        MulLinearOperator,
-        NegLinearOperator,
-        PyTreeLinearOperator,
-        TaggedLinearOperator,
-        TridiagonalLinearOperator,
-    )
-
     for cls in (
         DiagonalLinearOperator,
         IdentityLinearOperator,
@@ -301,8 +301,6 @@ def has_cheap_diagonal(operator: AbstractLinearOperator) -> bool:
 
 
 def _register_cheap_diagonal() -> None:
-    from .._operator.sparse import SparseLinearOperator
-
     has_cheap_diagonal.register(SparseLinearOperator)(lambda operator: True)
 
 
