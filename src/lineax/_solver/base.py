@@ -55,17 +55,18 @@ class AbstractLinearSolver(eqx.Module, Generic[_SolverState]):
     and may pose its problem as another linear solve with `reformulate`.
     """
 
-    # The keys of `options` that this solver reads (itself: a wrapper that passes
-    # `options` on to an inner solver need not list the inner solver's keys).
-    # `linear_solve` refuses a key that no solver declares (a typo), and accepts
-    # one that another solver reads, so that one `options` dict serves when
-    # switching solvers, as in the published lineax, which accepts any key. The
-    # primitive's JVP treats the `y0` option as an initial guess that the answer
-    # depends on exactly when `"y0"` is declared (such a solver returns
-    # `y0 + A^+ (b - A y0)`, see `_primitive._initial_guess`). `None` means
-    # undeclared: `linear_solve` then accepts every key, as a solver defined
-    # outside lineax may read keys of its own.
     option_keys: ClassVar[frozenset[str] | None] = None
+    """The keys of `options` that this solver reads itself (a wrapper that passes
+    `options` on to an inner solver need not list the inner solver's keys), e.g.
+    `frozenset({"preconditioner", "y0"})` for the Krylov solvers.
+
+    [`lineax.linear_solve`][] refuses a key that no solver declares (a typo), and
+    accepts one that another solver reads, so that one `options` dict serves when
+    switching solvers (as in the published lineax, which accepts any key). A
+    solver that declares `"y0"` must return `y0 + A^+ (b - A y0)` from the initial
+    guess `y0` (the pseudoinverse solution plus the part of `y0` in the null space
+    of `A`): that is what the derivative of the solve assumes. `None` (the
+    default) means undeclared: `linear_solve` then accepts every key."""
 
     @abc.abstractmethod
     def init(
