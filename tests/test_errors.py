@@ -477,3 +477,56 @@ def test_missing_tag_message_has_no_nested_code_spans():
     example = "`lx.TaggedLinearOperator(operator, lx.positive_semidefinite_tag)`"
     assert example in message
     assert "``" not in message and ", `lx." not in message
+
+
+class _UndeclaredSolver(lx.AbstractLinearSolver):
+    """A user's solver that does not declare `option_keys`: it may read keys of
+    its own, so `linear_solve` accepts any."""
+
+    def init(self, operator, options):
+        return lx.LU().init(operator, {})
+
+    def compute(self, state, vector, options):
+        return lx.LU().compute(state, vector, {})
+
+    def transpose(self, state, options):
+        return lx.LU().transpose(state, options)
+
+    def conj(self, state, options):
+        return lx.LU().conj(state, options)
+
+    def assume_full_rank(self):
+        return True
+
+
+class _DeclaredSolver(_UndeclaredSolver):
+    option_keys = frozenset({"my_shift"})
+
+
+def _solve_shape(solver, options):
+    return jax.eval_shape(lambda: lx.linear_solve(OP, B, solver, options=options))
+
+
+def test_option_keys_unknown_key_names_the_solvers_keys():
+    with pytest.raises(ValueError, match=r"'yo'.*GMRES.*reads \['preconditioner'"):
+        _solve_shape(lx.GMRES(1e-5, 1e-5), {"yo": B})
+    with pytest.raises(ValueError, match="lx.LU` reads no options"):
+        _solve_shape(lx.LU(), {"preconditoner": OP})
+
+
+def test_option_keys_another_solvers_key_is_accepted():
+    # One `options` dict serves when switching solvers (the published lineax
+    # accepts any key): a key that some solver reads is no typo.
+    _solve_shape(lx.LU(), {"y0": B, "preconditioner": OP})
+    _solve_shape(lx.AutoLinearSolver(well_posed=True), {"damp": 1.0})
+
+
+def test_option_keys_undeclared_user_solver_accepts_its_own_keys():
+    _solve_shape(_UndeclaredSolver(), {"anything": 1.0})
+
+
+def test_option_keys_declared_by_a_user_solver_are_known():
+    _solve_shape(_DeclaredSolver(), {"my_shift": 1.0})
+    _solve_shape(lx.LU(), {"my_shift": 1.0})  # declared by a solver: not a typo
+    with pytest.raises(ValueError, match=r"my_shif'.*_DeclaredSolver.*my_shift"):
+        _solve_shape(_DeclaredSolver(), {"my_shif": 1.0})

@@ -2,6 +2,7 @@
 operator layer."""
 
 import inspect
+import pkgutil
 import types
 
 import equinox as eqx
@@ -198,11 +199,20 @@ _FUNCTION_NAMES = [
 
 @pytest.mark.parametrize("name", _FUNCTION_NAMES)
 def test_public_functions_are_functions(name):
-    # E.g. the submodule `lineax._operator.diagonal` must not shadow the function
-    # `lineax.diagonal` (import order in `_operator/__init__.py`).
+    # E.g. a submodule `lineax._operator.diagonal` would shadow the function
+    # `lineax.diagonal` if imported after it.
     value = getattr(lx, name)
     assert not isinstance(value, types.ModuleType)
     assert callable(value) or name == "transpose_tags_rules"
+
+
+def test_no_operator_module_is_named_like_a_public_function():
+    # The operator modules are named after their classes (`diagonal_operator.py`),
+    # so none shadows a function of the same name, whatever the import order.
+    import lineax._operator
+
+    modules = {m.name for m in pkgutil.iter_modules(lineax._operator.__path__)}
+    assert modules.isdisjoint(_FUNCTION_NAMES)
 
 
 @pytest.mark.parametrize("name", INTERNAL_NAMES)

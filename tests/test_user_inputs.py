@@ -379,3 +379,37 @@ def test_lsmr_y0_derivative_is_of_the_returned_value(kind):
         want = [jnp.sum(want[0] * tangents[0]), want[1] @ tangents[1], want[2]]
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-7, atol=1e-8)
+
+
+#
+# A Python or NumPy scalar (or 0-d array) as an operator's structure: a 0-d
+# structure, as in the published lineax (floats and integers in the default
+# floating dtype, complex numbers in the complex one).
+#
+
+
+@pytest.mark.parametrize(
+    "scalar",
+    [2.0, 2, np.float64(2.0), np.asarray(2.0), jnp.asarray(2.0), (2.0, np.zeros(2))],
+    ids=["float", "int", "numpy_scalar", "numpy_0d", "jax_0d", "tuple_with_float"],
+)
+def test_scalar_structure_identity_and_function_operators(scalar):
+    expected = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.float64), scalar
+    )
+    identity = lx.IdentityLinearOperator(scalar)
+    function = lx.FunctionLinearOperator(
+        lambda x: jax.tree.map(lambda y: 3 * y, x), scalar
+    )
+    for operator in (identity, function):
+        assert operator.in_structure() == expected
+        assert operator.out_structure() == expected
+    vector = jax.tree.map(lambda s: jnp.full(s.shape, 6.0, s.dtype), expected)
+    solution = lx.linear_solve(function, vector).value
+    for leaf in jax.tree.leaves(solution):
+        np.testing.assert_allclose(leaf, np.full(np.shape(leaf), 2.0))
+
+
+def test_complex_scalar_structure():
+    operator = lx.IdentityLinearOperator(1j)
+    assert operator.in_structure() == jax.ShapeDtypeStruct((), jnp.complex128)

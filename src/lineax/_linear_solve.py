@@ -18,7 +18,7 @@ from ._operator.function import FunctionLinearOperator
 from ._primitive import bind, host_result_code, primal_failure_message
 from ._solution import Solution
 from ._solver.auto import AutoLinearSolver
-from ._solver.base import AbstractLinearSolver, inverse_tags
+from ._solver.base import AbstractLinearSolver, declared_option_keys, inverse_tags
 
 
 try:
@@ -28,10 +28,6 @@ except ImportError:  # pragma: no cover - a future JAX; see `_no_active_trace`
 
 
 _sentinel: Any = eqx.internal.doc_repr(object(), "sentinel")
-
-# Option keys read by lineax's own solvers. Solvers defined outside lineax may read
-# others, so unknown keys are only an error for lineax's solvers.
-_KNOWN_OPTIONS = frozenset({"preconditioner", "y0", "damp"})
 
 
 def _stop_gradient_leaf(x: Any) -> Any:
@@ -110,14 +106,21 @@ def _check_options(options: Any, solver: AbstractLinearSolver) -> dict[str, Any]
         raise TypeError(
             f"`options` must be a dict or None, got {type(options).__name__}."
         )
-    if type(solver).__module__.startswith("lineax."):
-        unknown = set(options) - _KNOWN_OPTIONS
-        if unknown:
-            raise ValueError(
-                f"Unknown key(s) {sorted(unknown)} in `options`; lineax's solvers "
-                f"read only {sorted(_KNOWN_OPTIONS)} (see each solver's docs for "
-                "which it uses)."
-            )
+    # See `AbstractLinearSolver.option_keys`: a solver that declares its keys gets
+    # a key that no solver reads refused (a typo); one that does not, anything.
+    reads = solver.option_keys
+    if reads is None:
+        return options
+    known = declared_option_keys()
+    unknown = set(options) - known
+    if unknown:
+        name = type(solver).__name__
+        raise ValueError(
+            f"Unknown key(s) {sorted(unknown)} in `options`: no solver reads "
+            f"{'them' if len(unknown) > 1 else 'it'}. `lx.{name}` reads "
+            f"{sorted(reads) if reads else 'no options'}; the keys that solvers read "
+            f"are {sorted(known)} (see each solver's docs for which it uses)."
+        )
     return options
 
 
@@ -273,12 +276,7 @@ def _linear_solve(operator, vector, solver, options, state, throw) -> Solution:
         )
     vector = _check_vector(operator, vector)
     options = _check_options(options, solver)
-    # Hook: a solver may pose its problem as a different linear solve, so that the
-    # primitive's generic derivative rules apply to the problem it really solves
-    # (damped LSMR: the least-squares solve of [A; damp I] x = (b, 0)).
-    reformulate = getattr(solver, "reformulate", None)
-    if reformulate is not None:
-        operator, vector, options = reformulate(operator, vector, options)
+    operator, vector, options = solver.reformulate(operator, vector, options)
     if state is _sentinel:
         # The state is a function of the operator, but derivatives are taken by
         # the primitive's JVP rule with respect to `operator` directly; stopping

@@ -1,7 +1,6 @@
 """Small PyTree, structure and dtype helpers shared across the package."""
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -78,7 +77,14 @@ def structure_of(tree: PyTree, name: str = "structure") -> PyTree[jax.ShapeDtype
     def _leaf(x):
         if isinstance(x, jax.ShapeDtypeStruct):
             return jax.ShapeDtypeStruct(x.shape, x.dtype)
-        elif eqx.is_array_like(x) and not isinstance(x, (bool, int, float, complex)):
+        elif isinstance(x, (bool, int, float, complex)):
+            # A Python (or NumPy float64/complex128) scalar: a 0-d structure with
+            # the dtype `inexact_asarray` would give it, as the published lineax.
+            dtype = jnp.result_type(x)
+            if not jnp.issubdtype(dtype, jnp.inexact):
+                dtype = default_floating_dtype()
+            return jax.ShapeDtypeStruct((), dtype)
+        elif eqx.is_array_like(x):
             return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
         else:
             raise TypeError(
@@ -87,18 +93,6 @@ def structure_of(tree: PyTree, name: str = "structure") -> PyTree[jax.ShapeDtype
             )
 
     return jtu.tree_map(_leaf, tree)
-
-
-def tree_where(pred: Any, true: PyTree[Array], false: PyTree[Array]) -> PyTree[Array]:
-    return jtu.tree_map(lambda t, f: jnp.where(pred, t, f), true, false)
-
-
-def tree_full_like(tree: PyTree, fill_value: Any) -> PyTree[Array]:
-    return jtu.tree_map(lambda x: jnp.full(x.shape, fill_value, x.dtype), tree)
-
-
-def tree_zeros_like(structure: PyTree[jax.ShapeDtypeStruct]) -> PyTree[Array]:
-    return jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), structure)
 
 
 def tree_all_finite(tree: PyTree) -> Array:
@@ -124,10 +118,19 @@ def _zero_if_finite(x: Array) -> Array:
     return jnp.sum(x * jnp.zeros((), x.dtype))
 
 
-def tree_is_complex(structure: PyTree[jax.ShapeDtypeStruct]) -> bool:
+def tree_is_complex(*structures: PyTree[jax.ShapeDtypeStruct]) -> bool:
+    """Whether any leaf of the structures (or arrays) is complex: e.g.
+    `tree_is_complex(operator.in_structure(), operator.out_structure())`."""
     return any(
-        jnp.issubdtype(x.dtype, jnp.complexfloating) for x in jtu.tree_leaves(structure)
+        jnp.issubdtype(x.dtype, jnp.complexfloating)
+        for x in jtu.tree_leaves(structures)
     )
+
+
+def tree_conj(tree: PyTree[Array], complex_: bool = True) -> PyTree[Array]:
+    """The elementwise conjugate of `tree`; `tree` itself if not `complex_` (which
+    saves the no-op `conj` of real leaves in a traced program)."""
+    return jtu.tree_map(jnp.conj, tree) if complex_ else tree
 
 
 def result_dtype(*trees: PyTree) -> Any:
@@ -170,11 +173,3 @@ class Static(eqx.Module):
     @property
     def value(self) -> PyTree:
         return jtu.tree_unflatten(self._treedef, self._leaves)
-
-
-def jacobian(fn: Callable, in_size: int, out_size: int, holomorphic: bool, jac: Any):
-    """Pick forward or reverse mode for a Jacobian: forward mode when the input is
-    smaller, unless the caller forces one."""
-    if jac == "fwd" or (jac is None and in_size <= out_size):
-        return jax.jacfwd(fn, holomorphic=holomorphic)
-    return jax.jacrev(fn, holomorphic=holomorphic)

@@ -25,12 +25,11 @@ import numpy as np
 from jaxtyping import Array, PyTree
 
 from ._errors import raise_everywhere
-from ._misc import is_inexact_array, tree_all_finite, tree_is_complex
+from ._misc import is_inexact_array, tree_all_finite, tree_conj, tree_is_complex
 from ._operator.base import AbstractLinearOperator, conj
 from ._operator.tangent import TangentLinearOperator
 from ._solution import RESULTS
-from ._solver._krylov import AbstractKrylovSolver
-from ._solver.base import AbstractLinearSolver, rank_flags
+from ._solver.base import AbstractLinearSolver, rank_flags, reads_option
 
 
 # Which solve failed, for the error raised under `throw=True`: the user's own
@@ -278,10 +277,6 @@ def _tree_neg(tree):
     return jtu.tree_map(jnp.negative, tree)
 
 
-def _tree_conj(tree, complex_):
-    return jtu.tree_map(jnp.conj, tree) if complex_ else tree
-
-
 def _tree_sub(a, b):
     return jtu.tree_map(lambda x, y: x - y, a, b)
 
@@ -300,7 +295,8 @@ def _as_tangent(primal, tangent):
 def _initial_guess(solver, options, t_options, dependent_columns):
     """`(y0, dy0)` when the answer depends on the initial guess, else `None`s.
 
-    A solver that starts from `y0` and may meet dependent columns returns
+    A solver that reads `y0` (declares it in its `option_keys`) and may meet
+    dependent columns returns
     `x = y0 + A^+ (b - A y0)`: the pseudoinverse solution plus the part of `y0` in
     the null space of `A`. (This is lineax's Krylov solvers' contract; a Krylov
     method's correction lies in the Krylov space of `A^H`, i.e. the row space.)
@@ -309,8 +305,8 @@ def _initial_guess(solver, options, t_options, dependent_columns):
     y0 = options.get("y0", None)
     if y0 is None or not dependent_columns:
         return None, None
-    if not isinstance(solver, AbstractKrylovSolver):
-        return None, None  # solvers that do not read `y0`
+    if not reads_option(solver, "y0"):
+        return None, None
     t_y0 = t_options.get("y0", None) if isinstance(t_options, dict) else None
     if t_y0 is not None and len(jtu.tree_leaves(t_y0)) == 0:
         t_y0 = None
@@ -382,9 +378,7 @@ def _linear_solve_jvp(primals, tangents):
     # whose vector tangent is v' = v - V y0 - A dy0, gives dx = dx' + dy0; as
     # V y0 + V x' = V x and b' - A x' = b - A x, the only changes to (1) are
     # z = V^H (A^+)^H (x - y0) and the terms in dy0 (together (I - A^+ A) dy0).
-    complex_ = tree_is_complex(operator.in_structure()) or tree_is_complex(
-        operator.out_structure()
-    )
+    complex_ = tree_is_complex(operator.in_structure(), operator.out_structure())
     # The tangent solves start from zero: they solve for derivatives, not for the
     # answer `y0` approximates.
     options = {key: value for key, value in options.items() if key != "y0"}
@@ -407,7 +401,7 @@ def _linear_solve_jvp(primals, tangents):
         def tangent_op_h_mv(y):
             # V^H y = conj(V^T conj(y)).
             assert tangent_op_t is not None
-            return _tree_conj(tangent_op_t.mv(_tree_conj(y, complex_)), complex_)
+            return tree_conj(tangent_op_t.mv(tree_conj(y, complex_)), complex_)
 
         if dependent_rows:
             residual = _tree_sub(vector, operator.mv(solution))

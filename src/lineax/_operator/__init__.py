@@ -8,7 +8,7 @@ from .arithmetic import (
 from .base import AbstractLinearOperator as AbstractLinearOperator
 from .block import BlockLinearOperator as BlockLinearOperator
 from .block_diagonal import BlockDiagonalLinearOperator as BlockDiagonalLinearOperator
-from .diagonal import DiagonalLinearOperator as DiagonalLinearOperator
+from .diagonal_operator import DiagonalLinearOperator as DiagonalLinearOperator
 from .function import FunctionLinearOperator as FunctionLinearOperator
 from .identity import IdentityLinearOperator as IdentityLinearOperator
 from .jacobian import JacobianLinearOperator as JacobianLinearOperator
@@ -19,4 +19,4 @@ from .pytree import PyTreeLinearOperator as PyTreeLinearOperator
 from .sparse import SparseLinearOperator as SparseLinearOperator
 from .tagged import TaggedLinearOperator as TaggedLinearOperator
 from .tangent import TangentLinearOperator as TangentLinearOperator
-from .tridiagonal import TridiagonalLinearOperator as TridiagonalLinearOperator
+from .tridiagonal_operator import TridiagonalLinearOperator as TridiagonalLinearOperator

@@ -9,6 +9,7 @@ import numpy as np
 
 from .base import (
     AbstractLinearOperator,
+    check_operator,
     check_structures_equal,
     concrete_arrays,
     conj,
@@ -26,14 +27,6 @@ from .base import (
     materialise,
     tridiagonal,
 )
-
-
-def _check_operator(operator: Any, name: str) -> None:
-    if not isinstance(operator, AbstractLinearOperator):
-        raise TypeError(
-            f"`{name}` must be a `lineax.AbstractLinearOperator`, got "
-            f"{type(operator).__name__}."
-        )
 
 
 def _check_scalar(scalar: Any) -> None:
@@ -74,8 +67,8 @@ class AddLinearOperator(AbstractLinearOperator):
     operator2: AbstractLinearOperator
 
     def __check_init__(self):
-        _check_operator(self.operator1, "operator1")
-        _check_operator(self.operator2, "operator2")
+        check_operator(self.operator1, "operator1")
+        check_operator(self.operator2, "operator2")
         check_structures_equal(
             self.operator1.in_structure(),
             self.operator2.in_structure(),
@@ -119,7 +112,7 @@ class MulLinearOperator(AbstractLinearOperator):
     scalar: Any
 
     def __check_init__(self):
-        _check_operator(self.operator, "operator")
+        check_operator(self.operator, "operator")
         _check_scalar(self.scalar)
 
     def mv(self, vector):
@@ -152,7 +145,7 @@ class DivLinearOperator(AbstractLinearOperator):
     scalar: Any
 
     def __check_init__(self):
-        _check_operator(self.operator, "operator")
+        check_operator(self.operator, "operator")
         _check_scalar(self.scalar)
 
     def mv(self, vector):
@@ -182,7 +175,7 @@ class NegLinearOperator(AbstractLinearOperator):
     operator: AbstractLinearOperator
 
     def __check_init__(self):
-        _check_operator(self.operator, "operator")
+        check_operator(self.operator, "operator")
 
     def mv(self, vector):
         return jtu.tree_map(jnp.negative, self.operator.mv(vector))
@@ -214,8 +207,8 @@ class ComposedLinearOperator(AbstractLinearOperator):
     operator2: AbstractLinearOperator
 
     def __check_init__(self):
-        _check_operator(self.operator1, "operator1")
-        _check_operator(self.operator2, "operator2")
+        check_operator(self.operator1, "operator1")
+        check_operator(self.operator2, "operator2")
         check_structures_equal(
             self.operator1.in_structure(),
             self.operator2.out_structure(),

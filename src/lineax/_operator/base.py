@@ -19,7 +19,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree, Shaped
 
-from .._misc import describe, result_dtype, strip_weak_dtype, tree_size
+from .._misc import describe, result_dtype, strip_weak_dtype, tree_conj, tree_size
 from .._tags import (
     diagonal_tag,
     lower_triangular_tag,
@@ -32,6 +32,12 @@ from .._tags import (
     unit_diagonal_tag,
     upper_triangular_tag,
 )
+
+
+# The one import cycle of the package: `arithmetic.py` and `function.py` define
+# subclasses of `AbstractLinearOperator`, so import this module, while the
+# operator arithmetic (`a + b`, `a @ b`, ...) and the default `conj` below build
+# their operators. Those import them when called.
 
 
 class AbstractLinearOperator(eqx.Module):
@@ -143,10 +149,42 @@ def check_structures_equal(
     struct1: PyTree[jax.ShapeDtypeStruct],
     struct2: PyTree[jax.ShapeDtypeStruct],
     what: str,
+    *,
+    expected: bool = False,
 ) -> None:
-    """Raise a ValueError saying `what` if two structures differ."""
+    """Raise a ValueError saying `what` if two structures differ (weak types
+    ignored). With `expected`, `struct2` is the structure required of `struct1`,
+    and the message says so."""
     if strip_weak_dtype(struct1) != strip_weak_dtype(struct2):
-        raise ValueError(f"{what}: got {describe(struct1)} and {describe(struct2)}.")
+        if expected:
+            got = f"expected {describe(struct2)}, got {describe(struct1)}"
+        else:
+            got = f"got {describe(struct1)} and {describe(struct2)}"
+        raise ValueError(f"{what}: {got}.")
+
+
+def check_operator(
+    operator: Any, name: str = "operator", who: str | None = None
+) -> AbstractLinearOperator:
+    """Raise a TypeError naming the argument `name` (of the function or class
+    `who`) unless `operator` is a linear operator; return it."""
+    if not isinstance(operator, AbstractLinearOperator):
+        where = f"`{who}` expects `{name}` to be" if who else f"`{name}` must be"
+        raise TypeError(
+            f"{where} a `lineax.AbstractLinearOperator`, got {type(operator).__name__}."
+        )
+    return operator
+
+
+def check_square(operator: AbstractLinearOperator, who: str, advice: str = "") -> None:
+    """Raise a ValueError, saying that `who` needs it and then `advice`, unless
+    `operator` is square."""
+    if operator.in_size() != operator.out_size():
+        raise ValueError(
+            f"`{who}` needs a square operator, but the operator has input size "
+            f"{operator.in_size()} and output size {operator.out_size()}."
+            + (f" {advice}" if advice else "")
+        )
 
 
 def flatten_vector(vector: PyTree[Array], dtype: Any = None) -> Array:
@@ -208,14 +246,6 @@ def matrix_by_mv(operator: AbstractLinearOperator) -> Array:
 #
 
 
-def _check_operator(operator: Any) -> None:
-    if not isinstance(operator, AbstractLinearOperator):
-        raise TypeError(
-            "Expected a `lineax.AbstractLinearOperator`, got "
-            f"{type(operator).__name__}."
-        )
-
-
 _PREDICATE_DOC = """Whether an operator {holds}, decided at trace time from its type and
 tags (never from its values).
 
@@ -245,7 +275,7 @@ def _predicate(tag: Any):
         links = [f"with one of {', '.join(links[:-1])} or {links[-1]}"]
 
     def predicate(operator: AbstractLinearOperator) -> bool:
-        _check_operator(operator)
+        check_operator(operator)
         return False
 
     # Set on the function itself, before `singledispatch` copies them to its
@@ -285,7 +315,7 @@ def materialise(operator: AbstractLinearOperator) -> AbstractLinearOperator:
 
     A linear operator with the same structures, tags and action.
     """
-    _check_operator(operator)
+    check_operator(operator)
     return operator
 
 
@@ -305,7 +335,7 @@ def linearise(operator: AbstractLinearOperator) -> AbstractLinearOperator:
 
     An equivalent linear operator.
     """
-    _check_operator(operator)
+    check_operator(operator)
     return operator
 
 
@@ -323,7 +353,7 @@ def diagonal(operator: AbstractLinearOperator) -> Shaped[Array, " size"]:
 
     A 1-D array of length `min(out_size, in_size)`.
     """
-    _check_operator(operator)
+    check_operator(operator)
     if is_diagonal(operator):
         return probe_diagonal(operator)
     if is_tridiagonal(operator):
@@ -349,7 +379,7 @@ def tridiagonal(
     A 3-tuple `(diagonal, lower_diagonal, upper_diagonal)` of 1-D arrays of lengths
     `n`, `n - 1`, `n - 1`.
     """
-    _check_operator(operator)
+    check_operator(operator)
     if is_diagonal(operator):
         diag = probe_diagonal(operator)
         zeros = jnp.zeros(diag.shape[0] - 1, diag.dtype)
@@ -372,11 +402,11 @@ def conj(operator: AbstractLinearOperator) -> AbstractLinearOperator:
 
     A linear operator with the same structures and tags.
     """
-    _check_operator(operator)
-    from .function import FunctionLinearOperator
+    check_operator(operator)
+    from .function import FunctionLinearOperator  # the import cycle: see the top
 
     def fn(x):
-        return jtu.tree_map(jnp.conj, operator.mv(jtu.tree_map(jnp.conj, x)))
+        return tree_conj(operator.mv(tree_conj(x)))
 
     return FunctionLinearOperator(fn, operator.in_structure(), tags_of(operator))
 
@@ -421,17 +451,9 @@ def _ones_like_structure(structure: PyTree[jax.ShapeDtypeStruct]) -> PyTree[Arra
     return jtu.tree_map(lambda s: jnp.ones(s.shape, s.dtype), structure)
 
 
-def _check_square(operator: AbstractLinearOperator, what: str) -> None:
-    if operator.in_size() != operator.out_size():
-        raise ValueError(
-            f"`{what}` needs a square operator, but the operator has input size "
-            f"{operator.in_size()} and output size {operator.out_size()}."
-        )
-
-
 def probe_diagonal(operator: AbstractLinearOperator) -> Array:
     """The diagonal of an operator known to be diagonal, from one `mv` of ones."""
-    _check_square(operator, "diagonal")
+    check_square(operator, "diagonal")
     out = operator.mv(_ones_like_structure(operator.in_structure()))
     return flatten_vector(out)
 
@@ -443,7 +465,7 @@ def probe_tridiagonal(operator: AbstractLinearOperator) -> tuple[Array, Array, A
     column of a tridiagonal matrix with exactly one probe, and the three rows it
     touches are disjoint from those of the next probed column.
     """
-    _check_square(operator, "tridiagonal")
+    check_square(operator, "tridiagonal")
     n = operator.in_size()
     in_struct = operator.in_structure()
     in_dtype = result_dtype(in_struct)

@@ -17,6 +17,8 @@ from .base import (
     matrix_by_mv,
     register_tag_predicates,
 )
+from .matrix import MatrixLinearOperator
+from .pytree import PyTreeLinearOperator
 
 
 class FunctionLinearOperator(AbstractLinearOperator):
@@ -112,9 +114,6 @@ def jacobian_operator(
 ) -> AbstractLinearOperator:
     """The materialised Jacobian of `fn` at `x`, as a Matrix operator when input and
     output are single 1-D arrays, else as a PyTree operator."""
-    from .matrix import MatrixLinearOperator
-    from .pytree import PyTreeLinearOperator
-
     in_leaves = jtu.tree_leaves(in_struct)
     out_leaves = jtu.tree_leaves(out_struct)
     n_in = sum(x.size for x in in_leaves)

@@ -8,7 +8,13 @@ import jax
 import jax.tree_util as jtu
 from jaxtyping import PyTree
 
-from .._misc import inexact_asarray, Static, strip_weak_dtype, structure_of
+from .._misc import (
+    inexact_asarray,
+    Static,
+    strip_weak_dtype,
+    structure_of,
+    tree_is_complex,
+)
 from .._tags import as_tags, symmetric_tag, transpose_tags
 from .base import (
     AbstractLinearOperator,
@@ -94,7 +100,7 @@ class JacobianLinearOperator(AbstractLinearOperator):
         return matrix_by_mv(self)
 
     def transpose(self):
-        if symmetric_tag in self.tags and not _is_complex(self):
+        if symmetric_tag in self.tags and not tree_is_complex(self.in_structure()):
             return self
         tags = transpose_tags(self.tags)
         if self.jac == "fwd":
@@ -113,12 +119,6 @@ class JacobianLinearOperator(AbstractLinearOperator):
 
     def out_structure(self):
         return self.output_structure.value
-
-
-def _is_complex(op: AbstractLinearOperator) -> bool:
-    from .._misc import tree_is_complex
-
-    return tree_is_complex(op.in_structure())
 
 
 register_tag_predicates(JacobianLinearOperator)

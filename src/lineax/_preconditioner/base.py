@@ -32,8 +32,23 @@ import numpy as np
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from .._misc import result_dtype, Static
+from .._operator import (
+    AddLinearOperator,
+    DiagonalLinearOperator,
+    DivLinearOperator,
+    IdentityLinearOperator,
+    MatrixLinearOperator,
+    MulLinearOperator,
+    NegLinearOperator,
+    PyTreeLinearOperator,
+    SparseLinearOperator,
+    TaggedLinearOperator,
+    TridiagonalLinearOperator,
+)
 from .._operator.base import (
     AbstractLinearOperator,
+    check_operator,
+    check_square as check_square_operator,
     check_structures_equal,
     concrete_arrays,
     flatten_vector,
@@ -201,16 +216,8 @@ def definite_tags(operator: AbstractLinearOperator) -> frozenset:
 
 def check_square(operator: Any, who: str) -> AbstractLinearOperator:
     """Check that `operator` is a square linear operator; return it."""
-    if not isinstance(operator, AbstractLinearOperator):
-        raise TypeError(
-            f"`{who}` expects `operator` to be a `lineax.AbstractLinearOperator`, got "
-            f"{type(operator).__name__}."
-        )
-    if operator.in_size() != operator.out_size():
-        raise ValueError(
-            f"`{who}` needs a square `operator`, but it has input size "
-            f"{operator.in_size()} and output size {operator.out_size()}."
-        )
+    check_operator(operator, who=who)
+    check_square_operator(operator, who)
     return operator
 
 
@@ -265,19 +272,6 @@ def holds_values(operator: AbstractLinearOperator) -> bool:
 
 
 def _register_holds_values() -> None:
-    from .._operator import (
-        AddLinearOperator,
-        DiagonalLinearOperator,
-        DivLinearOperator,
-        IdentityLinearOperator,
-        MatrixLinearOperator,
-        MulLinearOperator,
-        NegLinearOperator,
-        PyTreeLinearOperator,
-        TaggedLinearOperator,
-        TridiagonalLinearOperator,
-    )
-
     for cls in (
         DiagonalLinearOperator,
         IdentityLinearOperator,
@@ -307,8 +301,6 @@ def has_cheap_diagonal(operator: AbstractLinearOperator) -> bool:
 
 
 def _register_cheap_diagonal() -> None:
-    from .._operator.sparse import SparseLinearOperator
-
     has_cheap_diagonal.register(SparseLinearOperator)(lambda operator: True)
 
 

@@ -46,9 +46,14 @@ import jax.tree_util as jtu
 from equinox import AbstractVar
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
-from .._misc import describe, strip_weak_dtype, structure_of
+from .._misc import structure_of
 from .._norm import tree_dot, two_norm
-from .._operator.base import AbstractLinearOperator, conj, is_positive_semidefinite
+from .._operator.base import (
+    AbstractLinearOperator,
+    check_structures_equal,
+    conj,
+    is_positive_semidefinite,
+)
 from .._solution import RESULTS
 from .base import AbstractLinearSolver
 
@@ -126,17 +131,6 @@ class KrylovState(eqx.Module):
     left: bool = eqx.field(static=True, default=False)
 
 
-def check_structure(
-    struct: PyTree[jax.ShapeDtypeStruct],
-    expected: PyTree[jax.ShapeDtypeStruct],
-    what: str,
-) -> None:
-    if strip_weak_dtype(struct) != strip_weak_dtype(expected):
-        raise ValueError(
-            f"{what}: expected {describe(expected)}, got {describe(struct)}."
-        )
-
-
 def check_definite_preconditioner(options: dict[str, Any], solver_name: str) -> None:
     """Raise a ValueError if the `preconditioner` option is known not to be
     positive (semi)definite: CG and MINRES rely on it (they work in the inner
@@ -195,17 +189,19 @@ def preconditioner_of(
     else:
         space, name = operator.in_structure(), "input"
         in_space, in_name = operator.out_structure(), "output"
-    check_structure(
+    check_structures_equal(
         precond.in_structure(),
         in_space,
         f"The `preconditioner`'s input structure must be the operator's {in_name} "
         "structure",
+        expected=True,
     )
-    check_structure(
+    check_structures_equal(
         precond.out_structure(),
         space,
         f"The `preconditioner`'s output structure must be the operator's {name} "
         "structure",
+        expected=True,
     )
     return precond
 
@@ -221,10 +217,11 @@ def y0_of(
     y0 = options.get("y0", None)
     if y0 is None:
         return None
-    check_structure(
+    check_structures_equal(
         structure_of(y0, "y0"),
         operator.in_structure(),
         "The `y0` option (initial guess) must have the operator's input structure",
+        expected=True,
     )
     return y0
 
@@ -276,6 +273,7 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
     history_length: AbstractVar[int | None]
     verbose: AbstractVar[bool | int]
 
+    option_keys = frozenset({"preconditioner", "y0"})  # see `checked_options`
     # Whether the `preconditioner` option acts on the operator's input space (LSMR).
     right_preconditioned = False
 

@@ -1,11 +1,7 @@
 """Ravel PyTree vectors to flat arrays for the matrix-based solvers, and back."""
 
-from typing import Any
-
 import equinox as eqx
 import jax
-import jax.numpy as jnp
-import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
 from .._misc import result_dtype, Static
@@ -61,12 +57,3 @@ def transpose_packed_structures(
     return PackedStructures(
         packed_structures.out_structure, packed_structures.in_structure
     )
-
-
-def matrix_and_packing(
-    operator: AbstractLinearOperator,
-) -> tuple[Array, PackedStructures]:
-    return operator.as_matrix(), pack_structures(operator)
-
-
-_ = (Any, jnp, jtu)

@@ -14,7 +14,8 @@ from .._operator.base import (
     is_tridiagonal,
     is_upper_triangular,
 )
-from .base import AbstractLinearSolver
+from ._structured import structured_solver
+from .base import AbstractLinearSolver, rank_flags
 from .cholesky import Cholesky
 from .diagonal import Diagonal
 from .lu import LU
@@ -37,8 +38,6 @@ def _square_solver(
     operator: AbstractLinearOperator, well_posed: bool
 ) -> AbstractLinearSolver:
     # Operator types with a structure-exploiting solve (see `_structured.py`).
-    from ._structured import structured_solver
-
     if (structured := structured_solver(operator)) is not None:
         return structured
     # Cheapest first: O(n), O(n), O(n^2), then the O(n^3) factorisations.
@@ -77,10 +76,14 @@ class AutoLinearSolver(AbstractLinearSolver[AutoState]):
           pseudoinverse solution). Diagonal → `lineax.Diagonal(well_posed=False)`;
           otherwise [`lineax.SVD`][].
 
-    The chosen solver's `options` are accepted.
+    `options` are passed on to the chosen solver. (Any key some solver reads is
+    accepted, whichever solver is chosen: see
+    [`lineax.AbstractLinearSolver`][].)
     """
 
     well_posed: bool | None = eqx.field(static=True)
+
+    option_keys = frozenset()  # `options` are passed on to the chosen solver
 
     def __check_init__(self):
         if self.well_posed not in (True, False, None):
@@ -139,11 +142,7 @@ class AutoLinearSolver(AbstractLinearSolver[AutoState]):
         return self.well_posed is not False
 
     def allow_dependent_rows(self, operator: AbstractLinearOperator) -> bool:
-        from .base import rank_flags
-
         return rank_flags(self.select_solver(operator), operator)[0]
 
     def allow_dependent_columns(self, operator: AbstractLinearOperator) -> bool:
-        from .base import rank_flags
-
         return rank_flags(self.select_solver(operator), operator)[1]

@@ -3,7 +3,7 @@
 import abc
 import functools as ft
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import equinox as eqx
 import jax
@@ -12,6 +12,7 @@ from jaxtyping import Array, PyTree
 
 from .._operator.base import (
     AbstractLinearOperator,
+    check_square as check_square_operator,
     has_unit_diagonal,
     is_diagonal,
     is_lower_triangular,
@@ -49,7 +50,23 @@ class AbstractLinearSolver(eqx.Module, Generic[_SolverState]):
     or (the form in the paper) with `allow_dependent_rows(operator)` and
     `allow_dependent_columns(operator)`. Differentiation then works with no further
     code: [`lineax.linear_solve`][] picks the cheapest valid JVP equation.
+
+    A solver says which keys of `options` it reads in `option_keys` (see there),
+    and may pose its problem as another linear solve with `reformulate`.
     """
+
+    option_keys: ClassVar[frozenset[str] | None] = None
+    """The keys of `options` that this solver reads itself (a wrapper that passes
+    `options` on to an inner solver need not list the inner solver's keys), e.g.
+    `frozenset({"preconditioner", "y0"})` for the Krylov solvers.
+
+    [`lineax.linear_solve`][] refuses a key that no solver declares (a typo), and
+    accepts one that another solver reads, so that one `options` dict serves when
+    switching solvers (as in the published lineax, which accepts any key). A
+    solver that declares `"y0"` must return `y0 + A^+ (b - A y0)` from the initial
+    guess `y0` (the pseudoinverse solution plus the part of `y0` in the null space
+    of `A`): that is what the derivative of the solve assumes. `None` (the
+    default) means undeclared: `linear_solve` then accepts every key."""
 
     @abc.abstractmethod
     def init(
@@ -101,6 +118,30 @@ class AbstractLinearSolver(eqx.Module, Generic[_SolverState]):
         """The state and options for solving with the elementwise conjugate of the
         operator."""
 
+    def reformulate(
+        self,
+        operator: AbstractLinearOperator,
+        vector: PyTree[Array],
+        options: dict[str, Any],
+    ) -> tuple[AbstractLinearOperator, PyTree[Array], dict[str, Any]]:
+        """Pose the solve as another linear solve, before `init`.
+
+        [`lineax.linear_solve`][] calls this first and solves (and differentiates)
+        the problem it returns, so that the primitive's generic derivative rules
+        apply to the problem the solver really solves: e.g. damped
+        [`lineax.LSMR`][] returns the least-squares problem `[A; damp I] x =
+        (b, 0)`. The default returns its arguments unchanged.
+
+        **Arguments:**
+
+        - `operator`, `vector`, `options`: as passed to `linear_solve` (checked).
+
+        **Returns:**
+
+        The 3-tuple `(operator, vector, options)` to solve instead.
+        """
+        return operator, vector, options
+
     def assume_full_rank(self) -> bool:
         """Whether this solver only handles operators of full rank (independent rows
         if wide, independent columns if tall, both if square).
@@ -132,6 +173,24 @@ class AbstractLinearSolver(eqx.Module, Generic[_SolverState]):
         columns (e.g. any wide matrix). If `False`, the JVP may assume independent
         columns."""
         return (not self.assume_full_rank()) or operator.in_size() > operator.out_size()
+
+
+def declared_option_keys() -> frozenset[str]:
+    """The `options` keys that some solver class declares reading (its
+    `option_keys`): those of lineax's solvers, and of any user solver that
+    declares them. Walked afresh on each call, as classes may be defined later."""
+    keys: set[str] = set()
+    classes = [AbstractLinearSolver]
+    while classes:
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        keys.update(cls.option_keys or ())
+    return frozenset(keys)
+
+
+def reads_option(solver: AbstractLinearSolver, key: str) -> bool:
+    """Whether `solver` declares reading the option `key`."""
+    return key in (solver.option_keys or ())
 
 
 def _overrides(solver: AbstractLinearSolver, name: str) -> bool:
@@ -194,13 +253,12 @@ def inverse_tags(
 
 def check_square(operator: AbstractLinearOperator, solver_name: str) -> None:
     """Raise a ValueError if `operator` is not square, suggesting what to use."""
-    if operator.in_size() != operator.out_size():
-        raise ValueError(
-            f"`lx.{solver_name}` can only solve square systems, but `operator` has "
-            f"input size {operator.in_size()} and output size {operator.out_size()}. "
-            "For least-squares or minimum-norm solutions use `lx.QR()` (full rank), "
-            "`lx.SVD()` (any rank) or `lx.AutoLinearSolver(well_posed=False)`."
-        )
+    check_square_operator(
+        operator,
+        f"lx.{solver_name}",
+        "For least-squares or minimum-norm solutions use `lx.QR()` (full rank), "
+        "`lx.SVD()` (any rank) or `lx.AutoLinearSolver(well_posed=False)`.",
+    )
 
 
 def check_tag(ok: bool, solver_name: str, what: str, tag_hint: str) -> None:

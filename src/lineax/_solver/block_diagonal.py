@@ -63,6 +63,8 @@ class BlockDiagonal(AbstractLinearSolver[BlockDiagonalState]):
         well_posed=True
     )
 
+    option_keys = frozenset()  # `options` are passed on to the inner solver(s)
+
     def _solvers(self, count: int) -> tuple[AbstractLinearSolver, ...]:
         if isinstance(self.solver, AbstractLinearSolver):
             return (self.solver,) * count

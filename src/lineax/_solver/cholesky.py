@@ -54,6 +54,8 @@ class Cholesky(AbstractLinearSolver[CholeskyState]):
     About twice as fast as [`lineax.LU`][]. This solver reads no `options`.
     """
 
+    option_keys = frozenset()
+
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> CholeskyState:

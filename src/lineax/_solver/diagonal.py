@@ -47,6 +47,8 @@ class Diagonal(AbstractLinearSolver[DiagonalState]):
     well_posed: bool = eqx.field(static=True, default=False)
     rcond: float | None = eqx.field(static=True, default=None)
 
+    option_keys = frozenset()
+
     def __check_init__(self):
         if self.rcond is not None and not self.rcond >= 0:
             raise ValueError(f"`rcond` must be nonnegative or None, got {self.rcond}.")

@@ -56,6 +56,8 @@ class Kronecker(AbstractLinearSolver[KroneckerState]):
 
     inner: AbstractLinearSolver = AutoLinearSolver(well_posed=True)
 
+    option_keys = frozenset()  # `options` are passed on to the inner solver(s)
+
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> KroneckerState:

@@ -151,6 +151,7 @@ class LSMR(AbstractKrylovSolver):
     history_length: int | None = eqx.field(static=True, default=None)
     verbose: bool | int = eqx.field(static=True, default=False)
 
+    option_keys = frozenset({"damp", "preconditioner", "y0"})
     right_preconditioned = True
 
     def __check_init__(self):
@@ -221,9 +222,7 @@ def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
     """The LSMR iteration on the correction `z` (`y = y0 + N z`; with a left
     preconditioner `M`, on `M A z = M r0`)."""
     in_structure = operator.in_structure()
-    complex_ = tree_is_complex(in_structure) or tree_is_complex(
-        operator.out_structure()
-    )
+    complex_ = tree_is_complex(in_structure, operator.out_structure())
     rdtype = problem.rdtype
     rtol = solver.rtol
     transposed = operator.transpose()

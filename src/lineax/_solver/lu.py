@@ -53,6 +53,8 @@ class LU(AbstractLinearSolver[LUState]):
     This solver reads no `options`.
     """
 
+    option_keys = frozenset()
+
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> LUState:

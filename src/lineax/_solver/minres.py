@@ -117,9 +117,7 @@ class MINRES(AbstractKrylovSolver):
         hermitian = is_positive_semidefinite(operator) or is_negative_semidefinite(
             operator
         )
-        if tree_is_complex(operator.in_structure()) or tree_is_complex(
-            operator.out_structure()
-        ):
+        if tree_is_complex(operator.in_structure(), operator.out_structure()):
             check_tag(
                 hermitian,
                 "MINRES",

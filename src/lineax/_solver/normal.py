@@ -4,10 +4,8 @@ systems."""
 from typing import Any
 
 import equinox as eqx
-import jax.numpy as jnp
-import jax.tree_util as jtu
 
-from .._misc import tree_is_complex
+from .._misc import tree_conj, tree_is_complex
 from .._operator.base import AbstractLinearOperator, conj
 from .._operator.tagged import TaggedLinearOperator
 from .._tags import positive_semidefinite_tag
@@ -23,13 +21,9 @@ class NormalState(eqx.Module):
     complex_: bool = eqx.field(static=True)
 
 
-def _conj_tree(tree, complex_):
-    return jtu.tree_map(jnp.conj, tree) if complex_ else tree
-
-
 def _adjoint_mv(operator: AbstractLinearOperator, vector, complex_: bool):
     """`A^H vector`, without materialising the conjugate operator."""
-    return _conj_tree(operator.transpose().mv(_conj_tree(vector, complex_)), complex_)
+    return tree_conj(operator.transpose().mv(tree_conj(vector, complex_)), complex_)
 
 
 def _normal_operator(operator: AbstractLinearOperator, tall: bool, complex_: bool):
@@ -61,6 +55,8 @@ class Normal(AbstractLinearSolver[NormalState]):
 
     inner_solver: AbstractLinearSolver
 
+    option_keys = frozenset()  # `options` are passed on to the inner solver(s)
+
     def __check_init__(self):
         if not isinstance(self.inner_solver, AbstractLinearSolver):
             raise TypeError(
@@ -72,9 +68,7 @@ class Normal(AbstractLinearSolver[NormalState]):
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> NormalState:
         tall = operator.out_size() >= operator.in_size()
-        complex_ = tree_is_complex(operator.in_structure()) or tree_is_complex(
-            operator.out_structure()
-        )
+        complex_ = tree_is_complex(operator.in_structure(), operator.out_structure())
         gram = _normal_operator(operator, tall, complex_)
         return NormalState(
             operator, self.inner_solver.init(gram, options), tall, complex_

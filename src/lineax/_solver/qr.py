@@ -58,6 +58,8 @@ class QR(AbstractLinearSolver[QRState]):
     This solver reads no `options`.
     """
 
+    option_keys = frozenset()
+
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> QRState:

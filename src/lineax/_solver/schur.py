@@ -75,6 +75,8 @@ class Schur(AbstractLinearSolver[SchurState]):
 
     inner: AbstractLinearSolver = AutoLinearSolver(well_posed=True)
 
+    option_keys = frozenset()  # `options` are passed on to the inner solver(s)
+
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> SchurState:

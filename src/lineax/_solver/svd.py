@@ -50,6 +50,8 @@ class SVD(AbstractLinearSolver[SVDState]):
 
     rcond: float | None = eqx.field(static=True, default=None)
 
+    option_keys = frozenset()
+
     def __check_init__(self):
         if self.rcond is not None and not self.rcond >= 0:
             raise ValueError(f"`rcond` must be nonnegative or None, got {self.rcond}.")

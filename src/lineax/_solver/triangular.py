@@ -54,6 +54,8 @@ class Triangular(AbstractLinearSolver[TriangularState]):
     This solver reads no `options`.
     """
 
+    option_keys = frozenset()
+
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> TriangularState:

@@ -43,6 +43,8 @@ class Tridiagonal(AbstractLinearSolver[TridiagonalState]):
     This solver reads no `options`.
     """
 
+    option_keys = frozenset()
+
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> TridiagonalState:

@@ -80,6 +80,8 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
 
     inner: AbstractLinearSolver = AutoLinearSolver(well_posed=True)
 
+    option_keys = frozenset()  # `options` are passed on to the inner solver(s)
+
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> WoodburyState:

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
-from .._misc import inexact_asarray, structure_of
+from .._misc import inexact_asarray, structure_of, tree_conj
 from .._tags import diagonal_tag
 from .base import (
     AbstractLinearOperator,
@@ -75,7 +75,7 @@ def _(operator):
 
 @conj.register(DiagonalLinearOperator)
 def _(operator):
-    return DiagonalLinearOperator(jtu.tree_map(jnp.conj, operator.diagonal))
+    return DiagonalLinearOperator(tree_conj(operator.diagonal))
 
 
 is_cacheable.register(DiagonalLinearOperator)(concrete_arrays)
