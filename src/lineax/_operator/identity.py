@@ -9,10 +9,12 @@ import jax.tree_util as jtu
 from .._misc import result_dtype, Static, structure_of
 from .base import (
     AbstractLinearOperator,
+    concrete_arrays,
     conj,
     diagonal,
     flatten_vector,
     has_unit_diagonal,
+    is_cacheable,
     is_diagonal,
     is_lower_triangular,
     is_negative_semidefinite,
@@ -129,11 +131,6 @@ def _(operator):
 @linearise.register(IdentityLinearOperator)
 def _(operator):
     return operator
-
-
-# Appended rather than imported at the top, to keep this change apart from others
-# in this file; move it up when convenient.
-from .base import concrete_arrays, is_cacheable
 
 
 is_cacheable.register(IdentityLinearOperator)(concrete_arrays)
