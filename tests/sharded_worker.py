@@ -311,11 +311,12 @@ def poisson_sparse():
     from jax.experimental import sparse as jsparse
 
     def second_difference(n):
-        return scipy.sparse.diags([-1.0, 2.0, -1.0], [-1, 0, 1], shape=(n, n))
+        return 2 * np.eye(n) - np.eye(n, k=1) - np.eye(n, k=-1)
 
-    matrix = scipy.sparse.kron(
-        second_difference(ROWS), scipy.sparse.eye(COLS)
-    ) + scipy.sparse.kron(scipy.sparse.eye(ROWS), second_difference(COLS))
+    kron = scipy.sparse.kron
+    matrix = kron(second_difference(ROWS), np.eye(COLS)) + kron(
+        np.eye(ROWS), second_difference(COLS)
+    )
     return jsparse.BCSR.from_scipy_sparse(matrix.tocsr())
 
 

@@ -247,10 +247,7 @@ def _diagonal_layout(
         index_arrays = (matrix.indptr, matrix.indices)
     else:
         index_arrays = (matrix.indices,)
-    if not all(
-        isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)
-        for x in index_arrays
-    ):
+    if not concrete_arrays(index_arrays):
         return None
     n_rows, n_columns = matrix.shape
     nse = matrix.nse
