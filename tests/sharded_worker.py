@@ -305,6 +305,63 @@ def make_matrix_check(mesh, name):
     return check
 
 
+def poisson_sparse():
+    """The matrix of `poisson_plain`, as a `jax.experimental.sparse.BCSR`."""
+    import scipy.sparse
+    from jax.experimental import sparse as jsparse
+
+    def second_difference(n):
+        return 2 * np.eye(n) - np.eye(n, k=1) - np.eye(n, k=-1)
+
+    kron = scipy.sparse.kron
+    matrix = kron(second_difference(ROWS), np.eye(COLS)) + kron(
+        np.eye(ROWS), second_difference(COLS)
+    )
+    return jsparse.BCSR.from_scipy_sparse(matrix.tocsr())
+
+
+def make_sparse_check(mesh):
+    """CG with a `SparseLinearOperator` on a sharded vector, built outside `jit`
+    (its diagonal layout) and under `jit` from the matrix (gather + segment sum),
+    against the first on one device."""
+
+    def check():
+        solver = lx.CG(rtol=1e-10, atol=1e-10)
+        tags = lx.positive_semidefinite_tag
+        matrix = poisson_sparse()
+        op = lx.SparseLinearOperator(matrix, tags)
+        assert op._offsets == (-COLS, -1, 0, 1, COLS), op._offsets
+
+        def solve(op, b):
+            sol = lx.linear_solve(op, b, solver, throw=False)
+            return sol.value, sol.result._value, sol.stats["num_steps"]
+
+        diagonals = jax.jit(solve)
+        segment_sum = jax.jit(lambda m, b: solve(lx.SparseLinearOperator(m, tags), b))
+        b = rhs(jnp.float64)
+        b_sharded = jax.device_put(b, NamedSharding(mesh, P("x")))
+        x1, r1, n1 = diagonals(op, on_one_device(b))
+        dense = np.asarray(matrix.todense())
+        out = {
+            "steps_single": int(n1),
+            "result_single": int(r1),
+            "rel_err_numpy": rel_diff(x1, np.linalg.solve(dense, np.asarray(b))),
+        }
+        for name, (xs, rs, ns) in (
+            ("diagonals", diagonals(op, b_sharded)),
+            ("segment-sum", segment_sum(matrix, b_sharded)),
+        ):
+            out[name] = {
+                "rel_diff": rel_diff(xs, x1),
+                "steps_sharded": int(ns),
+                "result_sharded": int(rs),
+                "spec": spec(xs),
+            }
+        return out
+
+    return check
+
+
 def failing_solve(mesh, throw):
     """CG with too few steps: `max_steps_reached`."""
     dtype = jnp.float64
@@ -412,6 +469,7 @@ def main():
         checks[f"batched-{name}"] = make_batched_direct_check(mesh, name)
     for name in ("CG", "GMRES"):
         checks[f"matrix-{name}"] = make_matrix_check(mesh, name)
+    checks["sparse-CG"] = make_sparse_check(mesh)
     checks["throw-false"] = make_throw_false_check(mesh)
     checks["error-helper"] = make_error_helper_check(mesh)
     # Last: before the fix proposed in `lineax._errors`, this one aborts the process.

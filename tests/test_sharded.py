@@ -133,6 +133,19 @@ def test_row_sharded_matrix(results, name):
     assert r["spec"] == SHARDED
 
 
+@pytest.mark.parametrize("layout", ["diagonals", "segment-sum"])
+def test_sharded_sparse_cg(results, layout):
+    """CG with a `SparseLinearOperator` (diagonal layout, or the segment sum of
+    one built under `jit`) on a sharded vector: the single-device answer, and the
+    solution keeps the right-hand side's sharding."""
+    r = get(results, "sparse-CG")
+    assert r["result_single"] == r[layout]["result_sharded"] == 0
+    assert r[layout]["steps_sharded"] == r["steps_single"]
+    assert r[layout]["rel_diff"] <= 1e-11
+    assert r["rel_err_numpy"] <= 1e-8
+    assert r[layout]["spec"] == SHARDED
+
+
 def test_throw_false_result_codes_are_consistent(results):
     r = get(results, "throw-false")
     assert r["code"] == r["code_single"] == r["expected"]

@@ -96,11 +96,20 @@ def structure_of(tree: PyTree, name: str = "structure") -> PyTree[jax.ShapeDtype
 
 
 def tree_all_finite(tree: PyTree) -> Array:
-    """One boolean: whether every inexact array leaf of `tree` is finite."""
+    """One boolean: whether every inexact array leaf of `tree` is finite.
+
+    Leaves of one shape and dtype are stacked and tested by one reduction: a
+    tuple of 100 vectors (the solution of a block-diagonal solve) costs one
+    reduction rather than 100, which took most of that solve's compile time.
+    (Stacking along a new axis keeps each leaf's sharding, which ravelling and
+    concatenating leaves of different shapes would not.)"""
+    groups: dict[tuple, list[Array]] = {}
+    for x in jtu.tree_leaves(tree):
+        if is_inexact_array(x):
+            groups.setdefault((jnp.shape(x), jnp.result_type(x)), []).append(x)
     finite = [
-        jnp.isfinite(_zero_if_finite(x))
-        for x in jtu.tree_leaves(tree)
-        if is_inexact_array(x)
+        jnp.isfinite(_zero_if_finite(xs[0] if len(xs) == 1 else jnp.stack(xs)))
+        for xs in groups.values()
     ]
     if len(finite) == 0:
         return jnp.array(True)

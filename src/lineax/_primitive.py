@@ -8,7 +8,6 @@ factorisation, a `while_loop`), only this primitive, whose derivative is express
 through further solves with the same state.
 """
 
-import functools as ft
 from typing import Any
 
 import equinox as eqx
@@ -178,12 +177,55 @@ def host_result_code(code: Any, *leaves: Any) -> np.ndarray:
 # `EquinoxRuntimeError`, as `branched_error_if` does on its own.
 @eqx.filter_jit
 def _error_if_failed(solution, operator, vector, result, finite, kind):
-    return lax.cond(
+    # The solution and the vector enter the conditional with their leaves of one
+    # shape and dtype stacked (see `_stack_alike_leaves`).
+    solution, unstack_solution = _stack_alike_leaves(solution)
+    vector, _ = _stack_alike_leaves(vector)
+
+    def fail(solution, vector):
+        # (Only the finiteness of the vector's leaves is examined: stacked will do.)
+        return _raise(operator, vector, result, finite, kind, solution)
+
+    solution = lax.cond(
         eqxi.unvmap_any(_failed(result, finite)),
-        ft.partial(_raise, operator, vector, result, finite, kind),
-        lambda x: x,
+        fail,
+        lambda solution, vector: solution,
         solution,
+        vector,
     )
+    return unstack_solution(solution)
+
+
+def _stack_alike_leaves(tree):
+    """The array leaves of `tree` as a list, those of one shape and dtype stacked
+    into one array, and the function that undoes it. The compile time of a
+    conditional and of a host callback grows with their number of operands: with
+    the tuples of 100 vectors of a 100-block block-diagonal solve (solution,
+    right-hand side, and the operator's action in the callback), the error
+    branch of `throw=True` made the solve compile about 3x slower (8 s against
+    2.8 s, measured side by side)."""
+    leaves, treedef = jtu.tree_flatten(tree)
+    groups: dict[Any, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        key = (jnp.shape(leaf), jnp.result_type(leaf)) if eqx.is_array(leaf) else i
+        groups.setdefault(key, []).append(i)
+    indices = list(groups.values())
+    packed = [
+        leaves[ix[0]] if len(ix) == 1 else jnp.stack([leaves[i] for i in ix])
+        for ix in indices
+    ]
+
+    def unstack(packed):
+        out = list(leaves)
+        for stacked, ix in zip(packed, indices):
+            if len(ix) == 1:
+                out[ix[0]] = stacked
+            else:
+                for k, i in enumerate(ix):
+                    out[i] = stacked[k]
+        return jtu.tree_unflatten(treedef, out)
+
+    return packed, unstack
 
 
 def _raise(operator, vector, result, finite, kind, solution):
@@ -197,11 +239,10 @@ def _raise(operator, vector, result, finite, kind, solution):
     element, and `raise_everywhere` reports the largest code of the batch.
     """
     code = _with_singular(result, finite)._value
-    leaves = [
-        x
-        for x in jtu.tree_leaves((_operator_action(operator), vector))
-        if is_inexact_array(x)
-    ]
+    leaves, _ = _stack_alike_leaves(
+        [x for x in jtu.tree_leaves((_operator_action(operator), vector))]
+    )
+    leaves = [x for x in leaves if is_inexact_array(x)]
     code = jax.pure_callback(
         host_result_code,
         jax.ShapeDtypeStruct(jnp.shape(code), jnp.result_type(code)),
