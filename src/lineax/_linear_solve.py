@@ -1,6 +1,5 @@
 """`linear_solve` and `invert`: argument checks, then a bind of the primitive."""
 
-import functools as ft
 from typing import Any
 
 import equinox as eqx
@@ -249,15 +248,18 @@ def _run_compiled(operator, vector, solver, throw) -> Solution:
     # is read here, on the host; so are the inputs, if the solve failed. (Every
     # leaf of a cacheable operator is one its action reads: what the in-graph
     # check examines, see `_primitive._operator_action`.)
-    solution = _compiled_linear_solve(operator, vector, solver)
-    code = int(solution.result._value)
+    operator_leaves, operator_treedef = jtu.tree_flatten(operator)
+    vector_leaves, vector_treedef = jtu.tree_flatten(vector)
+    compiled = _compiled_linear_solve(operator_treedef, vector_treedef, solver)
+    solution = compiled(operator_leaves, vector_leaves)
+    value = solution.result._value
+    code = np.asarray(value)
     if code == 0:
         return solution
-    leaves = [x for x in jtu.tree_leaves((operator, vector)) if is_inexact_array(x)]
-    code = int(host_result_code(code, *leaves))
+    leaves = [x for x in (*operator_leaves, *vector_leaves) if is_inexact_array(x)]
+    code = host_result_code(code, *leaves)
     if throw:
-        raise eqx.EquinoxRuntimeError(primal_failure_message(code))
-    value = solution.result._value
+        raise eqx.EquinoxRuntimeError(primal_failure_message(int(code)))
     return eqx.tree_at(
         lambda s: s.result._value, solution, jnp.asarray(code, value.dtype)
     )
@@ -291,9 +293,30 @@ def _linear_solve(operator, vector, solver, options, state, throw) -> Solution:
     return Solution(value=solution, result=result, stats=stats, state=state)
 
 
-@ft.partial(jax.jit, static_argnums=2)
-def _compiled_linear_solve(operator, vector, solver):
-    return _linear_solve(operator, vector, solver, None, _sentinel, None)
+# One `jax.jit`-ed function per operator structure (static data included),
+# vector structure and solver, called with the flat lists of arrays: JAX's C++
+# dispatch then sees only arrays (no Equinox modules to flatten in Python, no
+# solver to hash), and keeps its own cache of executables per shape and dtype.
+# Bounded, least recently used first out: each entry holds its executables.
+_COMPILED: dict = {}
+_COMPILED_MAX = 64
+
+
+def _compiled_linear_solve(operator_treedef, vector_treedef, solver):
+    key = (operator_treedef, vector_treedef, solver)
+    compiled = _COMPILED.pop(key, None)
+    if compiled is None:
+        while len(_COMPILED) >= _COMPILED_MAX:
+            del _COMPILED[next(iter(_COMPILED))]
+
+        @jax.jit
+        def compiled(operator_leaves, vector_leaves):
+            operator = jtu.tree_unflatten(operator_treedef, operator_leaves)
+            vector = jtu.tree_unflatten(vector_treedef, vector_leaves)
+            return _linear_solve(operator, vector, solver, None, _sentinel, None)
+
+    _COMPILED[key] = compiled
+    return compiled
 
 
 def _fast_path_operator(operator: Any) -> bool:

@@ -1,0 +1,119 @@
+"""`linear_solve` called from plain Python, outside every transformation: one
+cached compiled function per operator structure, vector structure and solver
+(`_linear_solve._COMPILED`), called with the flat lists of arrays. Its answers,
+failures and cache against NumPy and against the traced path."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lineax as lx
+import lineax._linear_solve as linear_solve_module
+
+
+_RNG = np.random.default_rng(0)
+
+
+def _system(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, n)) + n * np.eye(n), rng.standard_normal(n)
+
+
+def _eager(matrix, vector, solver=lx.AutoLinearSolver(well_posed=True), **kwargs):
+    return lx.linear_solve(
+        lx.MatrixLinearOperator(jnp.asarray(matrix)),
+        jnp.asarray(vector),
+        solver,
+        **kwargs,
+    )
+
+
+def test_eager_solve_sees_new_values_and_new_shapes():
+    # Same structure, new values: the cached function is reused and the answer
+    # is the new one; a new shape compiles anew under the same cache entry.
+    for n, seed in ((3, 1), (3, 2), (5, 3), (3, 4)):
+        matrix, vector = _system(n, seed)
+        solution = _eager(matrix, vector)
+        np.testing.assert_allclose(
+            solution.value, np.linalg.solve(matrix, vector), rtol=1e-12
+        )
+        assert solution.result == lx.RESULTS.successful
+
+
+def test_eager_solve_reuses_one_cache_entry_per_structure(monkeypatch):
+    monkeypatch.setattr(linear_solve_module, "_COMPILED", {})
+    matrix, vector = _system(3, 5)
+    _eager(matrix, vector)
+    size = len(linear_solve_module._COMPILED)
+    assert size == 1
+    for seed in range(3):
+        _eager(*_system(3, 6 + seed))
+    assert len(linear_solve_module._COMPILED) == size
+    # Static data (tags) and the solver are part of the key.
+    spd = matrix @ matrix.T + np.eye(3)
+    lx.linear_solve(
+        lx.MatrixLinearOperator(jnp.asarray(spd), lx.positive_semidefinite_tag),
+        jnp.asarray(vector),
+    )
+    _eager(matrix, vector, lx.QR())
+    assert len(linear_solve_module._COMPILED) == size + 2
+
+
+def test_eager_solve_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(linear_solve_module, "_COMPILED", {})
+    monkeypatch.setattr(linear_solve_module, "_COMPILED_MAX", 2)
+    matrix, vector = _system(3, 7)
+    solvers = (lx.LU(), lx.QR(), lx.SVD(), lx.LU())
+    for solver in solvers:
+        solution = _eager(matrix, vector, solver)
+        np.testing.assert_allclose(
+            solution.value, np.linalg.solve(matrix, vector), rtol=1e-10
+        )
+        assert len(linear_solve_module._COMPILED) <= 2
+
+
+def test_eager_solve_state_and_stats_match_the_traced_path():
+    matrix, vector = _system(4, 8)
+    operator = lx.MatrixLinearOperator(jnp.asarray(matrix))
+    eager = lx.linear_solve(operator, jnp.asarray(vector), lx.LU())
+    traced = eqx.filter_jit(lx.linear_solve)(operator, jnp.asarray(vector), lx.LU())
+    for got, want in zip(
+        jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(traced)
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert jax.tree_util.tree_structure(eager) == jax.tree_util.tree_structure(traced)
+    # The state is reusable, as from the traced path.
+    again = lx.linear_solve(
+        operator, jnp.asarray(2 * vector), lx.LU(), state=eager.state
+    )
+    np.testing.assert_allclose(again.value, 2 * eager.value, rtol=1e-12)
+
+
+def test_eager_solve_failure_codes_and_throw():
+    singular = np.zeros((2, 2))
+    nonfinite = np.array([[1.0, np.nan], [0.0, 1.0]])
+    vector = np.ones(2)
+    assert _eager(singular, vector, lx.LU(), throw=False).result == (
+        lx.RESULTS.singular
+    )
+    assert _eager(nonfinite, vector, lx.LU(), throw=False).result == (
+        lx.RESULTS.nonfinite_input
+    )
+    with pytest.raises(eqx.EquinoxRuntimeError, match="singular"):
+        _eager(singular, vector, lx.LU())
+    # A failure does not poison the cache: the next good solve succeeds.
+    matrix, good = _system(2, 9)
+    np.testing.assert_allclose(
+        _eager(matrix, good, lx.LU()).value, np.linalg.solve(matrix, good), rtol=1e-12
+    )
+
+
+def test_eager_solve_keeps_trace_time_checks():
+    matrix, vector = _system(3, 10)
+    _eager(matrix, vector)  # cached for this structure
+    with pytest.raises(ValueError, match="shape"):
+        _eager(matrix, np.ones(4))
+    with pytest.raises(ValueError, match="square"):
+        lx.linear_solve(lx.MatrixLinearOperator(jnp.ones((3, 2))), jnp.ones(3), lx.LU())
