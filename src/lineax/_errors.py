@@ -138,6 +138,15 @@ def _replicated_sharding(ctx):
     return _callback._callback_op_sharding(axis_context, None, ctx.avals_out)
 
 
+def _partitioned(ctx) -> bool:
+    """Whether the program is partitioned over several devices by XLA."""
+    axis_context = ctx.module_context.axis_context
+    return (
+        isinstance(axis_context, _sharding_impls.ShardingContext)
+        and axis_context.num_devices > 1
+    )
+
+
 def _raise_lowering(ctx, *operands, messages, index_fn, batch_ndim):
     def callback(*values):
         out = _host_check(
@@ -145,6 +154,11 @@ def _raise_lowering(ctx, *operands, messages, index_fn, batch_ndim):
         )
         return (out,)
 
+    # On one device the callback is declared side-effecting, so that XLA keeps it
+    # although nothing reads its output (`_tie_p` is then the identity). XLA
+    # refuses a side-effecting callback with a replicated sharding: in a
+    # partitioned program it is free of side effects and `_tie_p` reads it.
+    partitioned = _partitioned(ctx)
     result, _, _ = _callback.emit_python_callback(
         ctx,
         callback,
@@ -152,7 +166,7 @@ def _raise_lowering(ctx, *operands, messages, index_fn, batch_ndim):
         list(operands),
         ctx.avals_in,
         ctx.avals_out,
-        has_side_effect=False,
+        has_side_effect=not partitioned,
         returns_token=False,
         sharding=_replicated_sharding(ctx),
     )
@@ -221,8 +235,54 @@ def error_if_everywhere(
 
 
 def _tied(x: PyTree[Array], checked: Array) -> PyTree[Array]:
-    # `checked` is `index >= 0`, but XLA cannot know it: each leaf depends on the
-    # check (an optimisation barrier does not keep the check alive, as XLA removes
-    # the barrier and then the unused callback).
+    """`x`, made to depend on `checked` (the callback's output) where that is
+    needed to keep the callback: see `_tie_p`."""
+    leaves, treedef = jtu.tree_flatten(x)
+    return jtu.tree_unflatten(treedef, _tie_p.bind(checked, *leaves))
+
+
+# `_tie_p.bind(checked, *leaves)` is `leaves`. Lowered in a partitioned program as
+# `where(checked >= 0, leaf, 0)`: `checked` is zero, but XLA cannot know it, so
+# each leaf depends on the check (an optimisation barrier does not keep the check
+# alive, as XLA removes the barrier and then the unused callback). On one device
+# the callback is side-effecting (see `_raise_lowering`) and this is the
+# identity: no elementwise kernel to compile in the error branch.
+_tie_p = Primitive("lineax_tie")
+_tie_p.multiple_results = True
+
+
+def _tie_impl(checked, *leaves):
+    del checked
+    return list(leaves)
+
+
+def _tie_abstract_eval(checked, *leaves):
+    del checked
+    return list(leaves)
+
+
+def _tie_batch(operands, dims):
+    checked, *leaves = operands
+    if dims[0] is not _not_mapped:
+        checked = jnp.max(checked)
+    return _tie_p.bind(checked, *leaves), list(dims[1:])
+
+
+def _where_ok(checked, *leaves):
     ok = checked >= 0
-    return jtu.tree_map(lambda leaf: jnp.where(ok, leaf, jnp.zeros_like(leaf)), x)
+    return [jnp.where(ok, leaf, jnp.zeros_like(leaf)) for leaf in leaves]
+
+
+_where_ok_lowering = _mlir.lower_fun(_where_ok, multiple_results=True)
+
+
+def _tie_lowering(ctx, checked, *leaves):
+    if _partitioned(ctx):
+        return _where_ok_lowering(ctx, checked, *leaves)
+    return list(leaves)
+
+
+_tie_p.def_impl(_tie_impl)
+_tie_p.def_abstract_eval(_tie_abstract_eval)
+_batching.primitive_batchers[_tie_p] = _tie_batch
+_mlir.register_lowering(_tie_p, _tie_lowering)

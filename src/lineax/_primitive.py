@@ -229,8 +229,11 @@ def _raise(operator, checked, inputs, result, kind, solution):
     """
     solution_leaves = [x for x in jtu.tree_leaves(solution) if is_inexact_array(x)]
     checked = [] if checked is None else checked
-    operands = [result._value, *solution_leaves, *checked]
-    operands += inputs if checked else [*inputs, *_operator_inputs(operator)]
+    operands = [result._value, *solution_leaves, *checked, *inputs]
+    if kind == "primal" or _array_leaves(operator) is None:
+        # (A derivative solve's operator, if made of arrays, is the primal
+        # solve's, whose arrays the primal solve has tested.)
+        operands += [] if checked else _operator_inputs(operator)
     index_fn = ft.partial(
         _host_failure_code,
         n_solution=len(solution_leaves),
