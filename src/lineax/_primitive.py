@@ -81,7 +81,11 @@ def _operator_action(operator: AbstractLinearOperator) -> PyTree[Array]:
 
 
 def _concrete_leaf(x: Any) -> Any:
-    return np.zeros((), x.dtype) if eqx.is_array(x) else x
+    # A concrete stand-in of the same shape (indexed by e.g. `is_cacheable` of a
+    # block-diagonal operator), allocating one element.
+    if eqx.is_array(x):
+        return np.broadcast_to(np.zeros((), x.dtype), x.shape)
+    return x
 
 
 def _array_leaves(operator: AbstractLinearOperator) -> list[Array] | None:
@@ -90,7 +94,13 @@ def _array_leaves(operator: AbstractLinearOperator) -> list[Array] | None:
     cacheable operator, see `is_cacheable`); else `None` (a function or Jacobian
     operator may hold arrays it never reads, e.g. an unused `±inf` bound)."""
     # `is_cacheable` asks for concrete arrays too: ask it about the structure only.
-    if not is_cacheable(jtu.tree_map(_concrete_leaf, operator)):
+    # (Any failure of a user's registration on the stand-ins means "no": the probe
+    # is always correct.)
+    try:
+        reads_every_leaf = is_cacheable(jtu.tree_map(_concrete_leaf, operator))
+    except Exception:  # noqa: BLE001
+        reads_every_leaf = False
+    if not reads_every_leaf:
         return None
     return [x for x in jtu.tree_leaves(operator) if is_inexact_array(x)]
 
