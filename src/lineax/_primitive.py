@@ -262,9 +262,9 @@ def _host_failure_code(code: Any, *arrays: Any, n_solution: int, n_tested: int) 
     if code == RESULTS.successful._value:
         if all(finite[:n_tested]):
             return code
-        code = RESULTS.singular._value
+        code = int(RESULTS.singular._value)
     if not all(finite[n_solution:]):
-        return RESULTS.nonfinite_input._value
+        return int(RESULTS.nonfinite_input._value)
     return code
 
 
