@@ -161,6 +161,36 @@ def test_exactly_zero_pivot_is_singular():
         assert solution.stats["rcond"] == 0, solver
 
 
+def test_nonfinite_matrix_with_a_finite_solution_is_nonfinite_input():
+    # LU of [[inf, 2], [2, 4]] divides by the inf pivot: x = (1 / inf, 1 / 2), a
+    # finite solution of a non-finite input.
+    matrix = jnp.array([[jnp.inf, 2.0], [2.0, 4.0]])
+    vector = jnp.array([1.0, 2.0])
+    message = "contains NaN or inf"
+    operator = lx.MatrixLinearOperator(matrix)
+    solution = lx.linear_solve(operator, vector, lx.LU(), throw=False)
+    assert np.all(np.isfinite(solution.value))
+    assert solution.result == lx.RESULTS.nonfinite_input
+    with pytest.raises(Exception, match=message):
+        lx.linear_solve(operator, vector, lx.LU())
+    result = jax.jit(
+        lambda m, v: lx.linear_solve(lx.MatrixLinearOperator(m), v, throw=False).result
+    )(matrix, vector)
+    assert result == lx.RESULTS.nonfinite_input
+    with pytest.raises(Exception, match=message):
+        jax.block_until_ready(
+            jax.jit(
+                jax.vmap(
+                    lambda m: (
+                        lx.linear_solve(
+                            lx.MatrixLinearOperator(m), vector, lx.LU()
+                        ).value
+                    )
+                )
+            )(jnp.stack([jnp.eye(2), matrix]))
+        )
+
+
 #
 # AutoLinearSolver on diagonal operators.
 #

@@ -27,9 +27,11 @@ XLA refuses side-effecting custom calls with a replicated sharding, so the callb
 is declared free of side effects; its output is used, so it is never removed.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import equinox.internal as eqxi
+import jax
+import jax.core
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -45,10 +47,14 @@ from jax._src import (
     config as _config,
     sharding_impls as _sharding_impls,
 )
-from jax._src.interpreters import mlir as _mlir
+from jax._src.interpreters import batching as _batching, mlir as _mlir
 from jax._src.lib import xla_client as _xc  # pyright: ignore[reportPrivateImportUsage]
 from jax.extend.core import Primitive
 from jaxtyping import Array, PyTree
+
+
+# JAX marks an unbatched operand or output of a batching rule with `None`.
+_not_mapped = None
 
 
 def _raise(messages: Sequence[str], index) -> None:
@@ -59,21 +65,63 @@ def _raise(messages: Sequence[str], index) -> None:
     raise _EquinoxRuntimeError(message)
 
 
+def _host_index(operands, *, index_fn: Callable, batch_ndim: int) -> int:
+    """The largest `index_fn(*element)` over the batch elements of `operands`
+    (whose first `batch_ndim` dimensions are the batch), on the host."""
+    operands = [np.asarray(x) for x in operands]
+    if batch_ndim == 0:
+        return int(index_fn(*operands))
+    batch_shape = operands[0].shape[:batch_ndim]
+    return max(
+        (int(index_fn(*(x[i] for x in operands))) for i in np.ndindex(*batch_shape)),
+        default=0,
+    )
+
+
+def _host_check(*operands, messages, index_fn, batch_ndim) -> np.ndarray:
+    index = _host_index(operands, index_fn=index_fn, batch_ndim=batch_ndim)
+    if index != 0:
+        _raise(messages, index)
+    return np.zeros((), np.int32)
+
+
+# `_raise_p.bind(*operands, messages, index_fn, batch_ndim)`: raise
+# `messages[index]` for the largest nonzero `index = index_fn(*element)` over the
+# batch, on the host; returns a zero (int32 scalar) to tie the checked value to.
+# Under `vmap` the batch dimensions are moved to the front of every operand (see
+# `_raise_batch`), so that one host call examines the whole batch.
 _raise_p = Primitive("lineax_raise_everywhere")
 
 
-def _raise_impl(index, *, messages):
-    _raise(messages, index)
-    return index
+def _raise_impl(*operands, messages, index_fn, batch_ndim):
+    out = _host_check(
+        *operands, messages=messages, index_fn=index_fn, batch_ndim=batch_ndim
+    )
+    return jnp.asarray(out)
 
 
-def _raise_abstract_eval(index, *, messages):
-    del messages
-    return index
+def _raise_abstract_eval(*operands, messages, index_fn, batch_ndim):
+    del operands, messages, index_fn, batch_ndim
+    return jax.core.ShapedArray((), jnp.int32)
+
+
+def _raise_batch(operands, dims, *, messages, index_fn, batch_ndim):
+    size = next(x.shape[d] for x, d in zip(operands, dims) if d is not _not_mapped)
+    operands = [
+        _batching.broadcast(x, size, 0, None)
+        if d is _not_mapped
+        else jnp.moveaxis(x, d, 0)
+        for x, d in zip(operands, dims)
+    ]
+    out = _raise_p.bind(
+        *operands, messages=messages, index_fn=index_fn, batch_ndim=batch_ndim + 1
+    )
+    return out, _not_mapped
 
 
 _raise_p.def_impl(_raise_impl)
 _raise_p.def_abstract_eval(_raise_abstract_eval)
+_batching.primitive_batchers[_raise_p] = _raise_batch
 
 
 def _replicated_sharding(ctx):
@@ -90,19 +138,35 @@ def _replicated_sharding(ctx):
     return _callback._callback_op_sharding(axis_context, None, ctx.avals_out)
 
 
-def _raise_lowering(ctx, index, *, messages):
-    def callback(index_value):
-        _raise(messages, index_value)
-        return (index_value,)
+def _partitioned(ctx) -> bool:
+    """Whether the program is partitioned over several devices by XLA."""
+    axis_context = ctx.module_context.axis_context
+    return (
+        isinstance(axis_context, _sharding_impls.ShardingContext)
+        and axis_context.num_devices > 1
+    )
 
+
+def _raise_lowering(ctx, *operands, messages, index_fn, batch_ndim):
+    def callback(*values):
+        out = _host_check(
+            *values, messages=messages, index_fn=index_fn, batch_ndim=batch_ndim
+        )
+        return (out,)
+
+    # On one device the callback is declared side-effecting, so that XLA keeps it
+    # although nothing reads its output (`_tie_p` is then the identity). XLA
+    # refuses a side-effecting callback with a replicated sharding: in a
+    # partitioned program it is free of side effects and `_tie_p` reads it.
+    partitioned = _partitioned(ctx)
     result, _, _ = _callback.emit_python_callback(
         ctx,
         callback,
         None,
-        [index],
+        list(operands),
         ctx.avals_in,
         ctx.avals_out,
-        has_side_effect=False,
+        has_side_effect=not partitioned,
         returns_token=False,
         sharding=_replicated_sharding(ctx),
     )
@@ -110,6 +174,42 @@ def _raise_lowering(ctx, index, *, messages):
 
 
 _mlir.register_lowering(_raise_p, _raise_lowering, cacheable=False)
+
+
+def raise_everywhere(
+    x: PyTree[Array],
+    operands: Sequence[Array],
+    messages: Sequence[str],
+    index_fn: Callable[..., int],
+) -> PyTree[Array]:
+    """`x`, after raising `messages[index]` at run time if `index =
+    index_fn(*operands)`, evaluated on the host with NumPy, is not zero.
+
+    For use inside a branch that is taken only when there is an error (a solve
+    that failed): one host call (no conditional of its own) that both finds the
+    message and raises, on every device (see the module docstring). Under
+    `vmap`, `index_fn` is called for each batch element and the largest index is
+    raised. Nothing is computed in the graph: the operands are handed over as
+    they are.
+    """
+    operands = [jnp.asarray(x) for x in operands]
+    if EQX_ON_ERROR != "raise":
+        # Equinox's error modes (NaN, breakpoint, ...): the index in the graph.
+        index = jax.pure_callback(
+            lambda *xs: np.asarray(index_fn(*xs), np.int32),
+            jax.ShapeDtypeStruct((), jnp.int32),
+            *operands,
+            vmap_method="sequential",
+        )
+        return eqxi.branched_error_if(x, index != 0, index, messages)
+    checked = _raise_p.bind(
+        *operands, messages=tuple(messages), index_fn=index_fn, batch_ndim=0
+    )
+    return _tied(x, checked)
+
+
+def _same_index(index):
+    return index
 
 
 def error_if_everywhere(
@@ -123,36 +223,66 @@ def error_if_everywhere(
     """
     if EQX_ON_ERROR != "raise":
         return eqxi.branched_error_if(x, pred, index, messages)
-    pred, index = _unbatched(pred, index)
-    messages = tuple(messages)
-    checked = lax.cond(
-        pred, lambda i: _raise_p.bind(i, messages=messages), lambda i: i, index
-    )
-    return _tied(x, checked)
-
-
-def raise_everywhere(
-    x: PyTree[Array], pred: Array, index: Array, messages: Sequence[str]
-) -> PyTree[Array]:
-    """As `error_if_everywhere`, for use inside a branch that is only taken when
-    `pred` holds for some batch element: it raises unconditionally, with no
-    second conditional (which would cost compile time for nothing)."""
-    if EQX_ON_ERROR != "raise":
-        return eqxi.branched_error_if(x, pred, index, messages)
-    _, index = _unbatched(pred, index)
-    return _tied(x, _raise_p.bind(index, messages=tuple(messages)))
-
-
-def _unbatched(pred: Array, index: Array) -> tuple[Array, Array]:
-    """`pred` for the whole batch, and the largest failing index in it."""
     pred = jnp.asarray(pred)
-    index = eqxi.unvmap_max(jnp.where(pred, index, 0).astype(jnp.int32))
-    return eqxi.unvmap_any(pred), index
+    index = jnp.where(pred, index, 0).astype(jnp.int32)
+    return lax.cond(
+        eqxi.unvmap_any(pred),
+        lambda x, i: raise_everywhere(x, [i], messages, _same_index),
+        lambda x, i: x,
+        x,
+        index,
+    )
 
 
 def _tied(x: PyTree[Array], checked: Array) -> PyTree[Array]:
-    # `checked` is `index >= 0`, but XLA cannot know it: each leaf depends on the
-    # check (an optimisation barrier does not keep the check alive, as XLA removes
-    # the barrier and then the unused callback).
+    """`x`, made to depend on `checked` (the callback's output) where that is
+    needed to keep the callback: see `_tie_p`."""
+    leaves, treedef = jtu.tree_flatten(x)
+    return jtu.tree_unflatten(treedef, _tie_p.bind(checked, *leaves))
+
+
+# `_tie_p.bind(checked, *leaves)` is `leaves`. Lowered in a partitioned program as
+# `where(checked >= 0, leaf, 0)`: `checked` is zero, but XLA cannot know it, so
+# each leaf depends on the check (an optimisation barrier does not keep the check
+# alive, as XLA removes the barrier and then the unused callback). On one device
+# the callback is side-effecting (see `_raise_lowering`) and this is the
+# identity: no elementwise kernel to compile in the error branch.
+_tie_p = Primitive("lineax_tie")
+_tie_p.multiple_results = True
+
+
+def _tie_impl(checked, *leaves):
+    del checked
+    return list(leaves)
+
+
+def _tie_abstract_eval(checked, *leaves):
+    del checked
+    return list(leaves)
+
+
+def _tie_batch(operands, dims):
+    checked, *leaves = operands
+    if dims[0] is not _not_mapped:
+        checked = jnp.max(checked)
+    return _tie_p.bind(checked, *leaves), list(dims[1:])
+
+
+def _where_ok(checked, *leaves):
     ok = checked >= 0
-    return jtu.tree_map(lambda leaf: jnp.where(ok, leaf, jnp.zeros_like(leaf)), x)
+    return [jnp.where(ok, leaf, jnp.zeros_like(leaf)) for leaf in leaves]
+
+
+_where_ok_lowering = _mlir.lower_fun(_where_ok, multiple_results=True)
+
+
+def _tie_lowering(ctx, checked, *leaves):
+    if _partitioned(ctx):
+        return _where_ok_lowering(ctx, checked, *leaves)
+    return list(leaves)
+
+
+_tie_p.def_impl(_tie_impl)
+_tie_p.def_abstract_eval(_tie_abstract_eval)
+_batching.primitive_batchers[_tie_p] = _tie_batch
+_mlir.register_lowering(_tie_p, _tie_lowering)

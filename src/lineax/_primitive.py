@@ -8,6 +8,7 @@ factorisation, a `while_loop`), only this primitive, whose derivative is express
 through further solves with the same state.
 """
 
+import functools as ft
 from typing import Any
 
 import equinox as eqx
@@ -25,7 +26,7 @@ from jaxtyping import Array, PyTree
 
 from ._errors import raise_everywhere
 from ._misc import is_inexact_array, tree_all_finite, tree_conj, tree_is_complex
-from ._operator.base import AbstractLinearOperator, conj
+from ._operator.base import AbstractLinearOperator, conj, is_cacheable
 from ._operator.tangent import TangentLinearOperator
 from ._solution import RESULTS
 from ._solver.base import AbstractLinearSolver, rank_flags, reads_option
@@ -78,9 +79,38 @@ def _operator_action(operator: AbstractLinearOperator) -> PyTree[Array]:
     return operator.mv(probe)
 
 
-def _operator_acts_finitely(operator: AbstractLinearOperator) -> Array:
-    """Whether the operator's action is finite (see `_operator_action`)."""
-    return tree_all_finite(_operator_action(operator))
+def _concrete_leaf(x: Any) -> Any:
+    # A concrete stand-in of the same shape (indexed by e.g. `is_cacheable` of a
+    # block-diagonal operator), allocating one element.
+    if eqx.is_array(x):
+        return np.broadcast_to(np.zeros((), x.dtype), x.shape)
+    return x
+
+
+def _array_leaves(operator: AbstractLinearOperator) -> list[Array] | None:
+    """The inexact array leaves of `operator`, if its action reads every one of
+    them (a matrix, the diagonals of a tridiagonal operator, ... -- the data of a
+    cacheable operator, see `is_cacheable`); else `None` (a function or Jacobian
+    operator may hold arrays it never reads, e.g. an unused `±inf` bound)."""
+    # `is_cacheable` asks for concrete arrays too: ask it about the structure only.
+    # (Any failure of a user's registration on the stand-ins means "no": the probe
+    # is always correct.)
+    try:
+        reads_every_leaf = is_cacheable(jtu.tree_map(_concrete_leaf, operator))
+    except Exception:  # noqa: BLE001
+        reads_every_leaf = False
+    if not reads_every_leaf:
+        return None
+    return [x for x in jtu.tree_leaves(operator) if is_inexact_array(x)]
+
+
+def _operator_inputs(operator: AbstractLinearOperator) -> list[Array]:
+    """What tells whether the operator is finite: its arrays if it reads every one
+    of them, else its action on a probe (see `_operator_action`)."""
+    leaves = _array_leaves(operator)
+    if leaves is None:
+        leaves = jtu.tree_leaves(_operator_action(operator))
+    return [x for x in leaves if is_inexact_array(x)]
 
 
 def _messages(kind: str) -> list[str]:
@@ -110,7 +140,12 @@ def _linear_solve_impl(
         solution, result, stats = solver.compute(state, vector, options)
     else:
         solution, result, stats = _compute_without_stats(solver, state, vector, options)
-    finite = tree_all_finite(solution)
+    # A non-finite operator can give a finite solution (`x / inf = 0`, and BLAS
+    # skips the zero entries of a right-hand side): the primal solve tests the
+    # operator's arrays too, if they are its input (a matrix, not a closure). Its
+    # derivative solves use the same operator, already tested.
+    checked = _array_leaves(operator) if kind == "primal" else None
+    finite = tree_all_finite((solution, checked))
     if throw is None:
         # The un-jitted entry point's compiled solve (`throw=None`): the caller
         # reads the result code on the host and examines the inputs there, if
@@ -132,7 +167,7 @@ def _linear_solve_impl(
     failed = _failed(result, finite)
     finite_input = lax.cond(
         eqxi.unvmap_any(failed),
-        lambda: tree_all_finite(vector) & _operator_acts_finitely(operator),
+        lambda: tree_all_finite((vector, _operator_inputs(operator))),
         lambda: jnp.array(True),
     )
     result = RESULTS.where(
@@ -177,21 +212,23 @@ def host_result_code(code: Any, *leaves: Any) -> np.ndarray:
 # `EquinoxRuntimeError`, as `branched_error_if` does on its own.
 @eqx.filter_jit
 def _error_if_failed(solution, operator, vector, result, finite, kind):
-    # The solution and the vector enter the conditional with their leaves of one
+    # Only the predicate is computed outside the branch: the branch receives the
+    # arrays it examines, not `finite` (which XLA would compute as a kernel of its
+    # own, for the branch's use only).
+    # The arrays enter the conditional (and the callback) with their leaves of one
     # shape and dtype stacked (see `_stack_alike_leaves`).
+    checked = _array_leaves(operator) if kind == "primal" else None
+    if checked is not None:
+        checked, _ = _stack_alike_leaves(checked)
+    inputs, _ = _stack_alike_leaves(
+        [x for x in jtu.tree_leaves(vector) if is_inexact_array(x)]
+    )
     solution, unstack_solution = _stack_alike_leaves(solution)
-    vector, _ = _stack_alike_leaves(vector)
-
-    def fail(solution, vector):
-        # (Only the finiteness of the vector's leaves is examined: stacked will do.)
-        return _raise(operator, vector, result, finite, kind, solution)
-
     solution = lax.cond(
         eqxi.unvmap_any(_failed(result, finite)),
-        fail,
-        lambda solution, vector: solution,
+        ft.partial(_raise, operator, checked, inputs, result, kind),
+        lambda x: x,
         solution,
-        vector,
     )
     return unstack_solution(solution)
 
@@ -228,31 +265,48 @@ def _stack_alike_leaves(tree):
     return packed, unstack
 
 
-def _raise(operator, vector, result, finite, kind, solution):
+def _raise(operator, checked, inputs, result, kind, solution):
     """The error branch of a solve with `throw=True`: raise with the message of
     the failure, or of `nonfinite_input` if the operator or the vector is not
     finite.
 
-    What the operator computes is examined in the graph (one product with a
-    probe, see `_operator_action`), its finiteness on the host: a callback costs
-    no compile time for the reductions. Under `vmap` it runs once per batch
-    element, and `raise_everywhere` reports the largest code of the batch.
+    One host callback (`raise_everywhere`) finds the failure code and raises: it
+    receives the result code, the solution, the arrays whose finiteness the solve
+    tested (`checked`) and the inputs (the operator's arrays, or its action on a
+    probe, see `_operator_inputs`; the vector), and tests them with NumPy. Under
+    `vmap` it examines every batch element and raises the largest code.
     """
-    code = _with_singular(result, finite)._value
-    leaves, _ = _stack_alike_leaves(
-        [x for x in jtu.tree_leaves((_operator_action(operator), vector))]
+    solution_leaves = [x for x in jtu.tree_leaves(solution) if is_inexact_array(x)]
+    checked = [] if checked is None else checked
+    operands = [result._value, *solution_leaves, *checked, *inputs]
+    if kind == "primal" or _array_leaves(operator) is None:
+        # (A derivative solve's operator, if made of arrays, is the primal
+        # solve's, whose arrays the primal solve has tested.)
+        operands += (
+            [] if checked else _stack_alike_leaves(_operator_inputs(operator))[0]
+        )
+    index_fn = ft.partial(
+        _host_failure_code,
+        n_solution=len(solution_leaves),
+        n_tested=len(solution_leaves) + len(checked),
     )
-    leaves = [x for x in leaves if is_inexact_array(x)]
-    code = jax.pure_callback(
-        host_result_code,
-        jax.ShapeDtypeStruct(jnp.shape(code), jnp.result_type(code)),
-        code,
-        *leaves,
-        vmap_method="sequential",
-    )
-    # Raised on every device of a sharded program, not on device 0 alone (which
-    # would leave the others waiting in their next collective): see `_errors.py`.
-    return raise_everywhere(solution, _failed(result, finite), code, _messages(kind))
+    return raise_everywhere(solution, operands, _messages(kind), index_fn)
+
+
+def _host_failure_code(code: Any, *arrays: Any, n_solution: int, n_tested: int) -> int:
+    """On the host: zero if the solve succeeded (`code` is zero and the first
+    `n_tested` arrays, the solution and the inputs tested with it, are finite),
+    else its failure code: `nonfinite_input` if an input (every array after the
+    first `n_solution`) is not finite."""
+    code = int(code)
+    finite = [bool(np.all(np.isfinite(x))) for x in arrays]
+    if code == RESULTS.successful._value:
+        if all(finite[:n_tested]):
+            return code
+        code = int(RESULTS.singular._value)
+    if not all(finite[n_solution:]):
+        return int(RESULTS.nonfinite_input._value)
+    return code
 
 
 def _to_struct(x):

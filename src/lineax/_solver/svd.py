@@ -73,13 +73,18 @@ class SVD(AbstractLinearSolver[SVDState]):
         else:
             rcond = self.rcond
         hi = jax.lax.Precision.HIGHEST
-        smax = jnp.max(s, initial=0)
+        # LAPACK's `gesdd` returns the singular values in descending order: the
+        # largest is the first (as `jnp.linalg.lstsq` reads it), not a reduction,
+        # which XLA:CPU would compile as two kernels of their own.
+        if s.shape[-1] == 0:
+            smax = smin = jnp.zeros((), s.dtype)
+        else:
+            smax, smin = s[0], s[-1]
         keep = s > rcond * smax
         safe_s = jnp.where(keep, s, 1).astype(u.dtype)
         coeffs = jnp.matmul(jnp.conj(u.T), b.astype(u.dtype), precision=hi) / safe_s
         coeffs = jnp.where(keep, coeffs, 0)
         x = jnp.matmul(jnp.conj(vh.T), coeffs.astype(vh.dtype), precision=hi)
-        smin = jnp.min(s, initial=jnp.inf)
         rcond = jnp.where(smax == 0, jnp.zeros_like(smin), smin / smax)
         stats = {"rcond": rcond}
         return unravel_solution(x, state.packed_structures), RESULTS.successful, stats
