@@ -11,6 +11,7 @@ from .._norm import max_norm, tree_dot, two_norm
 from ._definite import AbstractDefiniteKrylovSolver
 from ._krylov import (
     apply,
+    FLOOR_GAP,
     iterate,
     Iteration,
     KrylovState,
@@ -51,7 +52,9 @@ class CG(AbstractDefiniteKrylovSolver):
     direction is restarted too, as keeping a direction built for the old residual
     makes the iteration diverge. The iterate with the smallest true residual is
     returned if the solve does not succeed; no new best residual in 20
-    replacements in a row stops the solve with `stagnation`.
+    replacements in a row, or three passes whose recursive residual ended 4x below
+    the true one without the true one halving (the tolerance is below the dtype's
+    floor), stop the solve with `stagnation`.
 
     **Arguments:**
 
@@ -134,6 +137,7 @@ class CG(AbstractDefiniteKrylovSolver):
             restart=replace_residual,
             halted=lambda c: c.breakdown,
             pass_length=self.stabilise_every,
+            below_floor=lambda c, rnorm: rnorm > FLOOR_GAP * c.rnorm,
         )
         return iterate(self, problem, method, carry, rnorm=rnorm)
 
