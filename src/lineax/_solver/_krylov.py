@@ -495,6 +495,9 @@ class Iteration(Generic[_Carry]):
     - `step`: one step (`mv_per_step` operator products).
     - `estimate`: the method's cheap residual estimate (recorded in
         `residual_history`, and compared with the adapted tolerance to end a pass).
+    - `squared`: `estimate` gives the square of the estimate (CG's `<r, r>`): the
+        loop compares it with the squared threshold and takes the square root of
+        the history once at the end, so that no step computes one.
     - `solution`: the current iterate.
     - `restart`: the carry to continue from after a verification that failed,
         given the iterate, its true residual and whether the pass ended on the
@@ -538,6 +541,7 @@ class Iteration(Generic[_Carry]):
     estimate: Callable[[_Carry], Array]
     solution: Callable[[_Carry], PyTree[Array]]
     restart: Callable[[_Carry, PyTree[Array], PyTree[Array], Array], _Carry]
+    squared: bool = False
     halted: Callable[[_Carry], Array] | None = None
     halt_result: Any = dataclasses.field(default_factory=lambda: RESULTS.breakdown)
     # (a `RESULTS` member, or a function of the carry giving one)
@@ -559,8 +563,7 @@ class _Pass(eqx.Module):
     """The carry of a pass: the method's own carry plus the step bookkeeping."""
 
     carry: Any
-    k: Array  # steps in this pass
-    steps: Array  # steps in total
+    steps: Array  # steps in total (a pass is told from its first step's number)
     history: Array
 
 
@@ -640,43 +643,50 @@ def iterate(
     def halted(c):
         return jnp.array(False) if method.halted is None else method.halted(c)
 
+    def estimate_of(c):
+        # The estimate itself (not its square): for the outer loop's decisions.
+        e = method.estimate(c)
+        return jnp.sqrt(e) if method.squared else e
+
     def inner_step(q: _Pass) -> _Pass:
+        # Only the method's step, the step count and the history write: anything
+        # else here would be paid on every step.
         c = method.step(q.carry)
         steps = q.steps + 1
         estimate = method.estimate(c)
         history = _record(q.history, steps, estimate, every)
         if verbose:
+            shown = jnp.sqrt(estimate) if method.squared else estimate
             lax.cond(
                 steps % verbose == 0,
-                lambda: jax.debug.callback(
-                    _print_progress, steps, estimate, tol, p.scale
-                ),
+                lambda: jax.debug.callback(_print_progress, steps, shown, tol, p.scale),
                 lambda: None,
             )
-        return _Pass(c, q.k + 1, steps, history)
+        return _Pass(c, steps, history)
 
     def outer_body(o: _Loop) -> _Loop:
         start = o.inner.carry
-        inner_tol = adapted_tolerance(method.estimate(start), o.rnorm, tol, o.factor)
+        first = o.inner.steps
+        inner_tol = adapted_tolerance(estimate_of(start), o.rnorm, tol, o.factor)
+        bound = inner_tol**2 if method.squared else inner_tol
+        # The step count at which the pass ends at the latest.
+        last = jnp.asarray(max_steps, jnp.int32)
+        if pass_length is not None:
+            last = jnp.minimum(last, first + pass_length)
 
         def inner_running(q: _Pass):
             c = q.carry
             # The first step of a pass is always made: every pass makes progress,
             # whatever the (possibly underflowed) estimate says.
-            go = (q.k == 0) | (method.estimate(c) > inner_tol)
+            is_first = q.steps == first
+            go = is_first | (method.estimate(c) > bound)
             if method.settled is not None:
-                go = go & ((q.k == 0) | ~method.settled(c, o.factor))
+                go = go & (is_first | ~method.settled(c, o.factor))
             if method.ends_pass is not None:
-                go = go & ((q.k == 0) | ~method.ends_pass(c))
-            if pass_length is not None:
-                go = go & (q.k < pass_length)
-            return go & ~halted(c) & (q.steps < max_steps)
+                go = go & (is_first | ~method.ends_pass(c))
+            return go & ~halted(c) & (q.steps < last)
 
-        q = lax.while_loop(
-            inner_running,
-            inner_step,
-            eqx.tree_at(lambda q: q.k, o.inner, jnp.array(0, jnp.int32)),
-        )
+        q = lax.while_loop(inner_running, inner_step, o.inner)
         c = q.carry
         x = method.solution(c)
         r = tree_sub(p.vector, p.mv(x))
@@ -713,7 +723,7 @@ def iterate(
             since_best = jnp.where(
                 floor_hits >= FLOOR_PATIENCE, method.patience, since_best
             )
-        passed = method.estimate(c) <= inner_tol
+        passed = method.estimate(c) <= bound
         if method.settled is not None:
             passed = passed | method.settled(c, o.factor)
         factor = jnp.where(
@@ -723,7 +733,7 @@ def iterate(
         ).astype(o.factor.dtype)
         c = method.restart(c, x, r, passed)
         return _Loop(
-            _Pass(c, q.k, q.steps, q.history),
+            _Pass(c, q.steps, q.history),
             rnorm,
             best_x,
             best_rnorm,
@@ -747,7 +757,7 @@ def iterate(
         inf = jnp.full((), jnp.inf, p.rdtype)
     zero = jnp.array(0, jnp.int32)
     loop = _Loop(
-        _Pass(carry, zero, zero, history),
+        _Pass(carry, zero, history),
         rnorm,
         p.x0,
         rnorm,
@@ -797,6 +807,9 @@ def iterate(
     result = RESULTS.where(stagnation & ~stop, RESULTS.stagnation, result)
     result = RESULTS.where(converged, RESULTS.successful, result)
     steps = loop.inner.steps
+    history = loop.inner.history
+    if method.squared:
+        history = jnp.sqrt(history)
     verify_mv = method.verify_mv * loop.verifications
     num_mv = p.initial_mv + method.mv_per_step * steps + verify_mv
     stats = {
@@ -804,6 +817,6 @@ def iterate(
         "max_steps": jnp.asarray(max_steps, jnp.int32),
         "num_mv": num_mv,
         "residual_norm": value_rnorm * p.scale,
-        "residual_history": loop.inner.history * p.scale,
+        "residual_history": history * p.scale,
     }
     return tree_scale(p.scale, value), result, stats

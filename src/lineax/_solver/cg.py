@@ -31,8 +31,11 @@ class _CGCarry(eqx.Module):
     r: PyTree[Array]  # recursively updated residual
     p: PyTree[Array]  # search direction
     rho: Scalar  # <r, P r>
-    rnorm: Scalar  # norm(r), with the solver's norm
-    breakdown: Array
+    # norm(r), with the solver's norm; `None` where that is sqrt(rho).
+    rnorm: Scalar | None
+    # <p, A p> of the last step: <= 0 (or NaN) is a breakdown. Tested in the loop
+    # condition, where it costs no kernel of its own.
+    pap: Scalar
 
 
 class CG(AbstractDefiniteKrylovSolver):
@@ -93,29 +96,40 @@ class CG(AbstractDefiniteKrylovSolver):
     ):
         precond, problem, mv = self.definite_problem(state, vector, options)
         # Without a preconditioner rho = <r, r>, so a 2-norm of the residual is
-        # sqrt(rho): one reduction per step instead of two (JAX's CG does the same).
+        # sqrt(rho): one reduction per step instead of two (JAX's CG does the same),
+        # and the loop works with rho itself (a squared estimate), so that no step
+        # takes a square root.
         rho_is_norm = precond is None and self.norm is two_norm
 
         def residual_terms(r):
             # Everything that depends on the residual alone: (P r, <r, P r>, norm).
             z = apply(precond, r)
             rho = jnp.real(tree_dot(r, z))
-            return z, rho, (jnp.sqrt(rho) if rho_is_norm else problem.norm(r))
+            return z, rho, (None if rho_is_norm else problem.norm(r))
+
+        def rnorm_of(c: _CGCarry):
+            return jnp.sqrt(c.rho) if c.rnorm is None else c.rnorm
+
+        def halted(c: _CGCarry):
+            # For a (semi)definite operator <p, A p> > 0 unless A p = 0: a sign test
+            # is scale-invariant, and catches NaN too.
+            breakdown = ~(c.pap > 0)
+            if precond is not None:
+                # A preconditioner that is not positive definite shows as
+                # <r, P r> <= 0.
+                breakdown = breakdown | ((rnorm_of(c) > problem.tol) & ~(c.rho > 0))
+            return breakdown
 
         def step(c: _CGCarry) -> _CGCarry:
             ap = mv(c.p)
             pap = jnp.real(tree_dot(c.p, ap))
-            # For a (semi)definite operator <p, A p> > 0 unless A p = 0: a sign test
-            # is scale-invariant, and catches NaN too.
-            breakdown = ~(pap > 0)
-            alpha = jnp.where(breakdown, 0, safe_div(c.rho, pap))
+            ok = pap > 0
+            alpha = jnp.where(ok, c.rho / jnp.where(ok, pap, 1), 0)
             x = tree_axpy(alpha, c.p, c.x)
             r = tree_axpy(-alpha, ap, c.r)
             z, rho, rnorm = residual_terms(r)
-            # A preconditioner that is not positive definite shows as <r, P r> <= 0.
-            breakdown = breakdown | ((rnorm > problem.tol) & ~(rho > 0))
             p = tree_axpy(safe_div(rho, c.rho), c.p, z)
-            return _CGCarry(x, r, p, rho, rnorm, breakdown)
+            return _CGCarry(x, r, p, rho, rnorm, pap)
 
         def replace_residual(c: _CGCarry, x, r, passed) -> _CGCarry:
             # Residual replacement. The direction is kept (so CG's convergence is
@@ -126,20 +140,22 @@ class CG(AbstractDefiniteKrylovSolver):
             z, rho, rnorm = residual_terms(r)
             drifted = norm2(tree_sub(r, c.r)) > 0.1 * norm2(r)
             p = tree_where(drifted, z, c.p)
-            return _CGCarry(c.x, r, p, rho, rnorm, c.breakdown)
+            return _CGCarry(c.x, r, p, rho, rnorm, c.pap)
 
         z, rho, rnorm = residual_terms(problem.r0)
-        carry = _CGCarry(problem.x0, problem.r0, z, rho, rnorm, jnp.array(False))
+        one = jnp.ones((), rho.dtype)
+        carry = _CGCarry(problem.x0, problem.r0, z, rho, rnorm, one)
         method = Iteration(
             step=step,
-            estimate=lambda c: c.rnorm,
+            estimate=(lambda c: c.rho) if rho_is_norm else (lambda c: c.rnorm),
+            squared=rho_is_norm,
             solution=lambda c: c.x,
             restart=replace_residual,
-            halted=lambda c: c.breakdown,
+            halted=halted,
             pass_length=self.stabilise_every,
-            below_floor=lambda c, rnorm: rnorm > FLOOR_GAP * c.rnorm,
+            below_floor=lambda c, rnorm: rnorm > FLOOR_GAP * rnorm_of(c),
         )
-        return iterate(self, problem, method, carry, rnorm=rnorm)
+        return iterate(self, problem, method, carry, rnorm=rnorm_of(carry))
 
 
 def NormalCG(
