@@ -19,18 +19,20 @@ from ._krylov import (
     safe_div,
     tree_axpy,
     tree_sub,
-    tree_where,
 )
 from .normal import Normal
 
 
 class _CGCarry(eqx.Module):
-    """The CG recurrences (Saad, Algorithm 9.1)."""
+    """The CG recurrences (Saad, Algorithm 9.1), with the direction update at the
+    start of a step rather than at the end: `p = z + (rho / rho_old) p_old`."""
 
     x: PyTree[Array]
     r: PyTree[Array]  # recursively updated residual
-    p: PyTree[Array]  # search direction
+    z: PyTree[Array] | None  # P r; `None` without a preconditioner (z = r)
+    p: PyTree[Array]  # the last search direction
     rho: Scalar  # <r, P r>
+    rho_old: Scalar  # rho when `p` was made; 0 restarts the direction
     # norm(r), with the solver's norm; `None` where that is sqrt(rho).
     rnorm: Scalar | None
     # <p, A p> of the last step: <= 0 (or NaN) is a breakdown. Tested in the loop
@@ -105,7 +107,11 @@ class CG(AbstractDefiniteKrylovSolver):
             # Everything that depends on the residual alone: (P r, <r, P r>, norm).
             z = apply(precond, r)
             rho = jnp.real(tree_dot(r, z))
-            return z, rho, (None if rho_is_norm else problem.norm(r))
+            return (
+                None if precond is None else z,
+                rho,
+                None if rho_is_norm else problem.norm(r),
+            )
 
         def rnorm_of(c: _CGCarry):
             return jnp.sqrt(c.rho) if c.rnorm is None else c.rnorm
@@ -121,30 +127,38 @@ class CG(AbstractDefiniteKrylovSolver):
             return breakdown
 
         def step(c: _CGCarry) -> _CGCarry:
-            ap = mv(c.p)
-            pap = jnp.real(tree_dot(c.p, ap))
+            # The old direction is read once, first: its buffer is then free for
+            # the new one (with the update at the end of the step, as in JAX's CG,
+            # XLA copies the direction on every step).
+            z = c.r if c.z is None else c.z
+            p = tree_axpy(safe_div(c.rho, c.rho_old), c.p, z)
+            ap = mv(p)
+            pap = jnp.real(tree_dot(p, ap))
             ok = pap > 0
             alpha = jnp.where(ok, c.rho / jnp.where(ok, pap, 1), 0)
-            x = tree_axpy(alpha, c.p, c.x)
+            x = tree_axpy(alpha, p, c.x)
             r = tree_axpy(-alpha, ap, c.r)
             z, rho, rnorm = residual_terms(r)
-            p = tree_axpy(safe_div(rho, c.rho), c.p, z)
-            return _CGCarry(x, r, p, rho, rnorm, pap)
+            return _CGCarry(x, r, z, p, rho, c.rho, rnorm, pap)
 
         def replace_residual(c: _CGCarry, x, r, passed) -> _CGCarry:
-            # Residual replacement. The direction is kept (so CG's convergence is
-            # unchanged) unless the true residual differs from the recursive one by
-            # more than 10%: then rounding dominates, and a direction conjugate to
-            # the old residual's history would make `alpha` jump.
+            # Residual replacement. The direction recurrence goes on from the true
+            # residual (so CG's convergence is unchanged) unless it differs from
+            # the recursive one by more than 10%: then rounding dominates, and a
+            # direction conjugate to the old residual's history would make `alpha`
+            # jump, so the direction restarts (rho_old = 0).
             del x, passed
             z, rho, rnorm = residual_terms(r)
             drifted = norm2(tree_sub(r, c.r)) > 0.1 * norm2(r)
-            p = tree_where(drifted, z, c.p)
-            return _CGCarry(c.x, r, p, rho, rnorm, c.pap)
+            rho_old = jnp.where(drifted, 0, c.rho_old)
+            return _CGCarry(c.x, r, z, c.p, rho, rho_old, rnorm, c.pap)
 
         z, rho, rnorm = residual_terms(problem.r0)
         one = jnp.ones((), rho.dtype)
-        carry = _CGCarry(problem.x0, problem.r0, z, rho, rnorm, one)
+        zero = jnp.zeros((), rho.dtype)
+        # rho_old = 0: the first direction is z itself (any vector will do as the
+        # "old" direction it is added to with weight 0).
+        carry = _CGCarry(problem.x0, problem.r0, z, problem.r0, rho, zero, rnorm, one)
         method = Iteration(
             step=step,
             estimate=(lambda c: c.rho) if rho_is_norm else (lambda c: c.rnorm),
