@@ -18,6 +18,7 @@ from ._krylov import (
     norm2,
     safe_div,
     tree_axpy,
+    tree_scale,
     tree_sub,
 )
 from .normal import Normal
@@ -25,7 +26,7 @@ from .normal import Normal
 
 class _CGCarry(eqx.Module):
     """The CG recurrences (Saad, Algorithm 9.1), with the direction update at the
-    start of a step rather than at the end: `p = z + (rho / rho_old) p_old`."""
+    start of a step rather than at the end: `p = w z + (rho / rho_old) p_old`."""
 
     x: PyTree[Array]
     r: PyTree[Array]  # recursively updated residual
@@ -33,6 +34,7 @@ class _CGCarry(eqx.Module):
     p: PyTree[Array]  # the last search direction
     rho: Scalar  # <r, P r>
     rho_old: Scalar  # rho when `p` was made; 0 restarts the direction
+    w: Scalar  # 1, or 0 after a replacement that kept the direction made in `p`
     # norm(r), with the solver's norm; `None` where that is sqrt(rho).
     rnorm: Scalar | None
     # <p, A p> of the last step: <= 0 (or NaN) is a breakdown. Tested in the loop
@@ -131,7 +133,7 @@ class CG(AbstractDefiniteKrylovSolver):
             # the new one (with the update at the end of the step, as in JAX's CG,
             # XLA copies the direction on every step).
             z = c.r if c.z is None else c.z
-            p = tree_axpy(safe_div(c.rho, c.rho_old), c.p, z)
+            p = tree_axpy(safe_div(c.rho, c.rho_old), c.p, tree_scale(c.w, z))
             ap = mv(p)
             pap = jnp.real(tree_dot(p, ap))
             ok = pap > 0
@@ -139,26 +141,32 @@ class CG(AbstractDefiniteKrylovSolver):
             x = tree_axpy(alpha, p, c.x)
             r = tree_axpy(-alpha, ap, c.r)
             z, rho, rnorm = residual_terms(r)
-            return _CGCarry(x, r, z, p, rho, c.rho, rnorm, pap)
+            return _CGCarry(x, r, z, p, rho, c.rho, one, rnorm, pap)
 
         def replace_residual(c: _CGCarry, x, r, passed) -> _CGCarry:
-            # Residual replacement. The direction recurrence goes on from the true
-            # residual (so CG's convergence is unchanged) unless it differs from
-            # the recursive one by more than 10%: then rounding dominates, and a
-            # direction conjugate to the old residual's history would make `alpha`
-            # jump, so the direction restarts (rho_old = 0).
+            # Residual replacement. The next direction is the one the recursive
+            # residual makes (so CG's convergence is unchanged; the next step uses
+            # it as it is: w = 0, rho_old = rho), unless the true residual differs
+            # from the recursive one by more than 10%: then rounding dominates, and
+            # a direction conjugate to the old residual's history would make
+            # `alpha` jump, so the direction restarts (rho_old = 0).
             del x, passed
             z, rho, rnorm = residual_terms(r)
             drifted = norm2(tree_sub(r, c.r)) > 0.1 * norm2(r)
-            rho_old = jnp.where(drifted, 0, c.rho_old)
-            return _CGCarry(c.x, r, z, c.p, rho, rho_old, rnorm, c.pap)
+            z_old = c.r if c.z is None else c.z
+            p = tree_axpy(safe_div(c.rho, c.rho_old), c.p, z_old)
+            rho_old = jnp.where(drifted, 0, rho)
+            w = jnp.where(drifted, 1, 0).astype(rho.dtype)
+            return _CGCarry(c.x, r, z, p, rho, rho_old, w, rnorm, c.pap)
 
         z, rho, rnorm = residual_terms(problem.r0)
         one = jnp.ones((), rho.dtype)
         zero = jnp.zeros((), rho.dtype)
         # rho_old = 0: the first direction is z itself (any vector will do as the
         # "old" direction it is added to with weight 0).
-        carry = _CGCarry(problem.x0, problem.r0, z, problem.r0, rho, zero, rnorm, one)
+        carry = _CGCarry(
+            problem.x0, problem.r0, z, problem.r0, rho, zero, one, rnorm, one
+        )
         method = Iteration(
             step=step,
             estimate=(lambda c: c.rho) if rho_is_norm else (lambda c: c.rnorm),
