@@ -718,7 +718,8 @@ def iterate(
             ref_estimate = ref_estimate.astype(p.rdtype)
         if method.below_floor is not None:
             assert floor_hits is not None
-            hit = ~converged & method.below_floor(c, rnorm)
+            # (A converged solve stops here whatever the count says.)
+            hit = method.below_floor(c, rnorm)
             floor_hits = jnp.where(halved, 0, floor_hits) + hit.astype(jnp.int32)
             since_best = jnp.where(
                 floor_hits >= FLOOR_PATIENCE, method.patience, since_best

@@ -15,7 +15,6 @@ from ._krylov import (
     iterate,
     Iteration,
     KrylovState,
-    norm2,
     safe_div,
     tree_axpy,
     tree_scale,
@@ -152,11 +151,15 @@ class CG(AbstractDefiniteKrylovSolver):
             # `alpha` jump, so the direction restarts (rho_old = 0).
             del x, passed
             z, rho, rnorm = residual_terms(r)
-            drifted = norm2(tree_sub(r, c.r)) > 0.1 * norm2(r)
+            # ||r - r_rec|| > 0.1 ||r||, in squares (rho is <r, r> without a
+            # preconditioner).
+            rr = rho if precond is None else jnp.real(tree_dot(r, r))
+            gap = tree_sub(r, c.r)
+            drifted = jnp.real(tree_dot(gap, gap)) > 0.01 * rr
             z_old = c.r if c.z is None else c.z
             p = tree_axpy(safe_div(c.rho, c.rho_old), c.p, z_old)
             rho_old = jnp.where(drifted, 0, rho)
-            w = jnp.where(drifted, 1, 0).astype(rho.dtype)
+            w = drifted.astype(rho.dtype)
             return _CGCarry(c.x, r, z, p, rho, rho_old, w, rnorm, c.pap)
 
         z, rho, rnorm = residual_terms(problem.r0)
