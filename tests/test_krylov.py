@@ -295,7 +295,9 @@ def test_lsmr_tall_dense_vs_scipy(dtype):
             maxiter=3000,
         )[2]
     ours = int(sol.stats["num_steps"])
-    assert abs(ours - theirs) <= max(1, 0.1 * theirs), (ours, theirs)
+    # Our normal-equations test uses a lower bound on ||A||_2, SciPy an estimate
+    # of ||A||_F that can pass too early (see `LSMR`): up to 30% more steps.
+    assert theirs - max(1, 0.1 * theirs) <= ours <= 1.3 * theirs, (ours, theirs)
 
 
 #

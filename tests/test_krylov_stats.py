@@ -173,3 +173,21 @@ def test_damped_lsmr_differentiable_in_damp():
     g = jax.jit(jax.grad(loss(_damped)))(jnp.asarray(0.7))
     g_ref = jax.grad(loss(_ridge))(jnp.asarray(0.7))
     np.testing.assert_allclose(g, g_ref, rtol=1e-8)
+
+
+def test_lsmr_success_means_normal_equations_test_on_true_residual():
+    # An inconsistent least-squares problem that takes several times n steps in
+    # float64: LSMR's old ||A|| estimate (the bidiagonal's Frobenius norm) had grown
+    # past ||A||_F by then, and `successful` came with ||A^T r|| = 4e-7 ||A||_F ||r||
+    # at rtol 1e-7. Success must mean the test holds with the true norm.
+    rng = np.random.default_rng(14)
+    m, n, rtol = 300, 60, 1e-7
+    left, _ = np.linalg.qr(rng.normal(size=(m, n)))
+    right, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    a = (left * np.logspace(0, -3, n)) @ right.T
+    b = rng.normal(size=m)
+    sol = _solve(a, (), b, lx.LSMR(rtol=rtol, atol=0.0))
+    assert sol.result == lx.RESULTS.successful
+    r = b - a @ np.asarray(sol.value)
+    ratio = np.linalg.norm(a.T @ r) / (np.linalg.norm(a, 2) * np.linalg.norm(r))
+    assert ratio <= rtol

@@ -29,13 +29,15 @@ class _Carry(eqx.Module):
     shadow: PyTree[Array]  # the shadow residual r̂_0
     shadow_norm: Scalar  # its 2-norm, fixed between restarts
     rr: Scalar  # <r, r>
+    rho: Scalar  # <r̂_0, r>, for the current r
+    rho_old: Scalar  # rho of the step before
     p: PyTree[Array]
     v: PyTree[Array]
-    rho: Scalar
-    alpha: Scalar
+    alpha: Scalar  # 0 right after a restart: the next direction is r itself
     omega: Scalar
     rnorm: Scalar
-    restart: Array  # start the next step afresh from the current residual
+    restart: Array  # restart before the next step (ends the pass: see `restart_from`)
+    fresh: Array  # no step since the last restart
     breakdown: Array
 
 
@@ -47,8 +49,9 @@ class BiCGStab(AbstractKrylovSolver):
     Each step costs two matrix-vector products. Where the textbook method would
     divide by a vanishing quantity (`<r̂, r>`, `<r̂, A p>` or `<A s, s>` small
     relative to the norms of the vectors involved: a cosine below machine
-    epsilon), it restarts from the current residual instead, with that residual as
-    the new shadow vector; only if a freshly restarted step breaks down again is
+    epsilon), it restarts instead, from the recomputed residual `b - A y` (one
+    extra matrix-vector product), with that residual as the new shadow vector;
+    only if a freshly restarted step breaks down again is
     [`lineax.RESULTS.breakdown`][] returned. When the recursively updated residual
     passes the tolerance, the true residual `b - A y` is recomputed, and the
     iteration is restarted from it if it fails. The true residual is also checked
@@ -106,29 +109,23 @@ class BiCGStab(AbstractKrylovSolver):
 
         # Each step needs several inner products; the norms in the breakdown
         # tests reuse them where possible (the shadow's norm changes only on a
-        # restart), as each reduction is a pass over memory.
+        # restart), as each reduction is a pass over memory. A restart ends the
+        # pass instead of being a branch of every step (which cost a select of the
+        # shadow vector per step): the outer loop verifies, and restarts from the
+        # true residual (see `restart_from`).
         def step(c: _Carry) -> _Carry:
-            rho = tree_dot(c.shadow, c.r)
-            rr = c.rr
-            r_norm2 = jnp.sqrt(rr)
-            restart = c.restart | small(rho, c.shadow_norm, r_norm2)
-            shadow = tree_where(restart, c.r, c.shadow)
-            shadow_norm = jnp.where(restart, r_norm2, c.shadow_norm)
-            rho = jnp.where(restart, rr.astype(rho.dtype), rho)
-            beta = safe_div(rho, c.rho) * safe_div(c.alpha, c.omega)
-            p = tree_where(
-                restart, c.r, tree_axpy(beta, tree_axpy(-c.omega, c.v, c.p), c.r)
-            )
+            beta = safe_div(c.rho, c.rho_old) * safe_div(c.alpha, c.omega)
+            p = tree_axpy(beta, tree_axpy(-c.omega, c.v, c.p), c.r)
             phat = apply(precond, p)
             v = mv(phat)
-            sigma = tree_dot(shadow, v)
-            bad_sigma = small(sigma, shadow_norm, norm2(v))
+            sigma = tree_dot(c.shadow, v)
+            bad_sigma = small(sigma, c.shadow_norm, norm2(v))
             # Right after a restart the shadow vector is the residual itself: a
             # vanishing <r, A P r> cannot be cured by restarting again. (Unless the
             # recursive residual is below rounding level: then its products may
             # underflow, and there is simply nothing left to do.)
-            breakdown = bad_sigma & restart & (r_norm2 > eps * b_norm2)
-            alpha = jnp.where(bad_sigma, 0, safe_div(rho, sigma))
+            breakdown = bad_sigma & c.fresh & (jnp.sqrt(c.rr) > eps * b_norm2)
+            alpha = jnp.where(bad_sigma, 0, safe_div(c.rho, sigma))
             s = tree_axpy(-alpha, v, c.r)
             s_norm2 = norm2(s)
             half_done = (s_norm2 if two else problem.norm(s)) <= tol
@@ -142,39 +139,65 @@ class BiCGStab(AbstractKrylovSolver):
             )
             x = tree_axpy(omega, shat, tree_axpy(alpha, phat, c.x))
             r = tree_axpy(-omega, t, s)
-            rr_new = jnp.real(tree_dot(r, r))
-            rnorm = jnp.sqrt(rr_new) if two else problem.norm(r)
+            rr = jnp.real(tree_dot(r, r))
+            rho = tree_dot(c.shadow, r)
+            r_norm2 = jnp.sqrt(rr)
+            rnorm = r_norm2 if two else problem.norm(r)
+            restart = bad_sigma | bad_omega | small(rho, c.shadow_norm, r_norm2)
             return _Carry(
-                x, r, shadow, shadow_norm, rr_new, p, v, rho, alpha, omega, rnorm,
-                bad_sigma | bad_omega, breakdown,
+                x, r, c.shadow, c.shadow_norm, rr, rho, c.rho, p, v, alpha, omega,
+                rnorm, restart, jnp.array(False), breakdown,
+            )  # fmt: skip
+
+        def restarted(c: _Carry, r) -> _Carry:
+            # From `r`, with `r` as the shadow vector; alpha = 0 makes the next
+            # direction `r`.
+            rr = jnp.real(tree_dot(r, r))
+            zero = jnp.zeros((), c.alpha.dtype)
+            return _Carry(
+                c.x, r, r, jnp.sqrt(rr), rr, rr.astype(c.rho.dtype), c.rho_old, c.p,
+                c.v, zero, c.omega, problem.norm(r), jnp.array(False),
+                jnp.array(True), c.breakdown,
             )  # fmt: skip
 
         def restart_from(c: _Carry, x, r, passed) -> _Carry:
             # The recursive residual drifts from the true one. When it passed the
-            # tolerance but the true one did not, restart from the true residual;
-            # a periodic check (`passed` false) leaves the iteration alone.
+            # tolerance but the true one did not, or the step asked for a restart,
+            # restart from the true residual; a periodic check leaves the iteration
+            # alone.
             del x
-            restarted = eqx.tree_at(
-                lambda c: (c.r, c.rr, c.rnorm, c.restart),
-                c,
-                (r, jnp.real(tree_dot(r, r)), problem.norm(r), jnp.array(True)),
-            )
-            return tree_where(passed, restarted, c)
+            return tree_where(passed | c.restart, restarted(c, r), c)
 
         r = problem.r0
-        rr = jnp.real(tree_dot(r, r))
-        zero = jnp.zeros((), tree_dot(r, r).dtype)
-        rnorm = problem.norm(r)
-        carry = _Carry(
-            problem.x0, r, r, jnp.sqrt(rr), rr, r, r, zero, zero, zero, rnorm,
-            jnp.array(True), jnp.array(False),
-        )  # fmt: skip
+        one = jnp.ones((), tree_dot(r, r).dtype)
+        carry = restarted(
+            _Carry(
+                problem.x0,
+                r,
+                r,
+                one.real,
+                one.real,
+                one,
+                one,
+                r,
+                r,
+                one,
+                one,
+                one.real,
+                jnp.array(False),
+                jnp.array(True),
+                jnp.array(False),
+            ),  # fmt: skip
+            r,
+        )
+        rnorm = carry.rnorm
         method = Iteration(
             step=step,
             estimate=lambda c: c.rnorm,
             solution=lambda c: c.x,
             restart=restart_from,
             halted=lambda c: c.breakdown,
+            ends_pass=lambda c: c.restart,
             mv_per_step=2,
             pass_length=_CHECK_EVERY,
         )

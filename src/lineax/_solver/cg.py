@@ -11,27 +11,34 @@ from .._norm import max_norm, tree_dot, two_norm
 from ._definite import AbstractDefiniteKrylovSolver
 from ._krylov import (
     apply,
+    FLOOR_GAP,
     iterate,
     Iteration,
     KrylovState,
-    norm2,
     safe_div,
     tree_axpy,
+    tree_scale,
     tree_sub,
-    tree_where,
 )
 from .normal import Normal
 
 
 class _CGCarry(eqx.Module):
-    """The CG recurrences (Saad, Algorithm 9.1)."""
+    """The CG recurrences (Saad, Algorithm 9.1), with the direction update at the
+    start of a step rather than at the end: `p = w z + (rho / rho_old) p_old`."""
 
     x: PyTree[Array]
     r: PyTree[Array]  # recursively updated residual
-    p: PyTree[Array]  # search direction
+    z: PyTree[Array] | None  # P r; `None` without a preconditioner (z = r)
+    p: PyTree[Array]  # the last search direction
     rho: Scalar  # <r, P r>
-    rnorm: Scalar  # norm(r), with the solver's norm
-    breakdown: Array
+    rho_old: Scalar  # rho when `p` was made; 0 restarts the direction
+    w: Scalar  # 1, or 0 after a replacement that kept the direction made in `p`
+    # norm(r), with the solver's norm; `None` where that is sqrt(rho).
+    rnorm: Scalar | None
+    # <p, A p> of the last step: <= 0 (or NaN) is a breakdown. Tested in the loop
+    # condition, where it costs no kernel of its own.
+    pap: Scalar
 
 
 class CG(AbstractDefiniteKrylovSolver):
@@ -51,7 +58,9 @@ class CG(AbstractDefiniteKrylovSolver):
     direction is restarted too, as keeping a direction built for the old residual
     makes the iteration diverge. The iterate with the smallest true residual is
     returned if the solve does not succeed; no new best residual in 20
-    replacements in a row stops the solve with `stagnation`.
+    replacements in a row, or three passes whose recursive residual ended 4x below
+    the true one without the true one halving (the tolerance is below the dtype's
+    floor), stop the solve with `stagnation`.
 
     **Arguments:**
 
@@ -90,52 +99,88 @@ class CG(AbstractDefiniteKrylovSolver):
     ):
         precond, problem, mv = self.definite_problem(state, vector, options)
         # Without a preconditioner rho = <r, r>, so a 2-norm of the residual is
-        # sqrt(rho): one reduction per step instead of two (JAX's CG does the same).
+        # sqrt(rho): one reduction per step instead of two (JAX's CG does the same),
+        # and the loop works with rho itself (a squared estimate), so that no step
+        # takes a square root.
         rho_is_norm = precond is None and self.norm is two_norm
 
         def residual_terms(r):
             # Everything that depends on the residual alone: (P r, <r, P r>, norm).
             z = apply(precond, r)
             rho = jnp.real(tree_dot(r, z))
-            return z, rho, (jnp.sqrt(rho) if rho_is_norm else problem.norm(r))
+            return (
+                None if precond is None else z,
+                rho,
+                None if rho_is_norm else problem.norm(r),
+            )
 
-        def step(c: _CGCarry) -> _CGCarry:
-            ap = mv(c.p)
-            pap = jnp.real(tree_dot(c.p, ap))
+        def rnorm_of(c: _CGCarry):
+            return jnp.sqrt(c.rho) if c.rnorm is None else c.rnorm
+
+        def halted(c: _CGCarry):
             # For a (semi)definite operator <p, A p> > 0 unless A p = 0: a sign test
             # is scale-invariant, and catches NaN too.
-            breakdown = ~(pap > 0)
-            alpha = jnp.where(breakdown, 0, safe_div(c.rho, pap))
-            x = tree_axpy(alpha, c.p, c.x)
+            breakdown = ~(c.pap > 0)
+            if precond is not None:
+                # A preconditioner that is not positive definite shows as
+                # <r, P r> <= 0.
+                breakdown = breakdown | ((rnorm_of(c) > problem.tol) & ~(c.rho > 0))
+            return breakdown
+
+        def step(c: _CGCarry) -> _CGCarry:
+            # The old direction is read once, first: its buffer is then free for
+            # the new one (with the update at the end of the step, as in JAX's CG,
+            # XLA copies the direction on every step).
+            z = c.r if c.z is None else c.z
+            p = tree_axpy(safe_div(c.rho, c.rho_old), c.p, tree_scale(c.w, z))
+            ap = mv(p)
+            pap = jnp.real(tree_dot(p, ap))
+            ok = pap > 0
+            alpha = jnp.where(ok, c.rho / jnp.where(ok, pap, 1), 0)
+            x = tree_axpy(alpha, p, c.x)
             r = tree_axpy(-alpha, ap, c.r)
             z, rho, rnorm = residual_terms(r)
-            # A preconditioner that is not positive definite shows as <r, P r> <= 0.
-            breakdown = breakdown | ((rnorm > problem.tol) & ~(rho > 0))
-            p = tree_axpy(safe_div(rho, c.rho), c.p, z)
-            return _CGCarry(x, r, p, rho, rnorm, breakdown)
+            return _CGCarry(x, r, z, p, rho, c.rho, one, rnorm, pap)
 
         def replace_residual(c: _CGCarry, x, r, passed) -> _CGCarry:
-            # Residual replacement. The direction is kept (so CG's convergence is
-            # unchanged) unless the true residual differs from the recursive one by
-            # more than 10%: then rounding dominates, and a direction conjugate to
-            # the old residual's history would make `alpha` jump.
+            # Residual replacement. The next direction is the one the recursive
+            # residual makes (so CG's convergence is unchanged; the next step uses
+            # it as it is: w = 0, rho_old = rho), unless the true residual differs
+            # from the recursive one by more than 10%: then rounding dominates, and
+            # a direction conjugate to the old residual's history would make
+            # `alpha` jump, so the direction restarts (rho_old = 0).
             del x, passed
             z, rho, rnorm = residual_terms(r)
-            drifted = norm2(tree_sub(r, c.r)) > 0.1 * norm2(r)
-            p = tree_where(drifted, z, c.p)
-            return _CGCarry(c.x, r, p, rho, rnorm, c.breakdown)
+            # ||r - r_rec|| > 0.1 ||r||, in squares (rho is <r, r> without a
+            # preconditioner).
+            rr = rho if precond is None else jnp.real(tree_dot(r, r))
+            gap = tree_sub(r, c.r)
+            drifted = jnp.real(tree_dot(gap, gap)) > 0.01 * rr
+            z_old = c.r if c.z is None else c.z
+            p = tree_axpy(safe_div(c.rho, c.rho_old), c.p, z_old)
+            rho_old = jnp.where(drifted, 0, rho)
+            w = drifted.astype(rho.dtype)
+            return _CGCarry(c.x, r, z, p, rho, rho_old, w, rnorm, c.pap)
 
         z, rho, rnorm = residual_terms(problem.r0)
-        carry = _CGCarry(problem.x0, problem.r0, z, rho, rnorm, jnp.array(False))
+        one = jnp.ones((), rho.dtype)
+        zero = jnp.zeros((), rho.dtype)
+        # rho_old = 0: the first direction is z itself (any vector will do as the
+        # "old" direction it is added to with weight 0).
+        carry = _CGCarry(
+            problem.x0, problem.r0, z, problem.r0, rho, zero, one, rnorm, one
+        )
         method = Iteration(
             step=step,
-            estimate=lambda c: c.rnorm,
+            estimate=(lambda c: c.rho) if rho_is_norm else (lambda c: c.rnorm),
+            squared=rho_is_norm,
             solution=lambda c: c.x,
             restart=replace_residual,
-            halted=lambda c: c.breakdown,
+            halted=halted,
             pass_length=self.stabilise_every,
+            below_floor=lambda c, rnorm: rnorm > FLOOR_GAP * rnorm_of(c),
         )
-        return iterate(self, problem, method, carry, rnorm=rnorm)
+        return iterate(self, problem, method, carry, rnorm=rnorm_of(carry))
 
 
 def NormalCG(
