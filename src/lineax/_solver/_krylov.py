@@ -699,6 +699,7 @@ def iterate(
         since_best = jnp.where(improved, 0, o.since_best + 1)
         ref_progress, ref_estimate = o.ref_progress, o.ref_estimate
         floor_hits = o.floor_hits
+        halved = jnp.zeros((), bool)  # (no reference progress: never "halved")
         if ref_progress is not None:
             progress = (
                 rnorm if method.progress is None else method.progress(c, x, r, rnorm)

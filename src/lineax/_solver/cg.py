@@ -23,6 +23,12 @@ from ._krylov import (
 from .normal import Normal
 
 
+def _rnorm(c: "_CGCarry") -> Scalar:
+    # (Set whenever the estimate is not `rho`, see `_CGCarry.rnorm`.)
+    assert c.rnorm is not None
+    return c.rnorm
+
+
 class _CGCarry(eqx.Module):
     """The CG recurrences (Saad, Algorithm 9.1), with the direction update at the
     start of a step rather than at the end: `p = w z + (rho / rho_old) p_old`."""
@@ -172,7 +178,7 @@ class CG(AbstractDefiniteKrylovSolver):
         )
         method = Iteration(
             step=step,
-            estimate=(lambda c: c.rho) if rho_is_norm else (lambda c: c.rnorm),
+            estimate=(lambda c: c.rho) if rho_is_norm else _rnorm,
             squared=rho_is_norm,
             solution=lambda c: c.x,
             restart=replace_residual,
