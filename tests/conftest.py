@@ -8,6 +8,10 @@ import jax
 import pytest
 
 
+# The one read of `LINEAX_EXHAUSTIVE` (`from conftest import EXHAUSTIVE`): the
+# large parameter grids and the long hypothesis profile.
+EXHAUSTIVE = bool(os.environ.get("LINEAX_EXHAUSTIVE"))
+
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -31,9 +35,7 @@ hypothesis.settings.register_profile(
     suppress_health_check=list(hypothesis.HealthCheck),
     print_blob=True,
 )
-hypothesis.settings.load_profile(
-    "exhaustive" if os.environ.get("LINEAX_EXHAUSTIVE") else "ci"
-)
+hypothesis.settings.load_profile("exhaustive" if EXHAUSTIVE else "ci")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -52,7 +54,7 @@ def _free_compiled_code():
 
 
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("LINEAX_EXHAUSTIVE"):
+    if EXHAUSTIVE:
         return
     skip = pytest.mark.skip(reason="exhaustive grid: set LINEAX_EXHAUSTIVE=1 to run")
     for item in items:
