@@ -1,5 +1,9 @@
-"""Test configuration: float64, strict dtype promotion, beartype-checked jaxtyping
-annotations in the library, and hypothesis profiles."""
+"""Test configuration: float64, strict dtype and rank promotion, hypothesis profiles,
+and the `LINEAX_EXHAUSTIVE` switch.
+
+Runtime type checking of the library's jaxtyping annotations with beartype is
+opt-in (`pytest --jaxtyping-packages=lineax,beartype.beartype`, see pyproject.toml):
+it also rejects the wrongly typed inputs whose own error messages the tests check."""
 
 import gc
 import os
