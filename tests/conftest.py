@@ -1,5 +1,9 @@
-"""Test configuration: float64, strict dtype promotion, beartype-checked jaxtyping
-annotations in the library, and hypothesis profiles."""
+"""Test configuration: float64, strict dtype and rank promotion, hypothesis profiles,
+and the `LINEAX_EXHAUSTIVE` switch.
+
+Runtime type checking of the library's jaxtyping annotations with beartype is
+opt-in (`pytest --jaxtyping-packages=lineax,beartype.beartype`, see pyproject.toml):
+it also rejects the wrongly typed inputs whose own error messages the tests check."""
 
 import gc
 import os
@@ -7,6 +11,10 @@ import os
 import jax
 import pytest
 
+
+# The one read of `LINEAX_EXHAUSTIVE` (`from conftest import EXHAUSTIVE`): the
+# large parameter grids and the long hypothesis profile.
+EXHAUSTIVE = bool(os.environ.get("LINEAX_EXHAUSTIVE"))
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -31,9 +39,7 @@ hypothesis.settings.register_profile(
     suppress_health_check=list(hypothesis.HealthCheck),
     print_blob=True,
 )
-hypothesis.settings.load_profile(
-    "exhaustive" if os.environ.get("LINEAX_EXHAUSTIVE") else "ci"
-)
+hypothesis.settings.load_profile("exhaustive" if EXHAUSTIVE else "ci")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -52,7 +58,7 @@ def _free_compiled_code():
 
 
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("LINEAX_EXHAUSTIVE"):
+    if EXHAUSTIVE:
         return
     skip = pytest.mark.skip(reason="exhaustive grid: set LINEAX_EXHAUSTIVE=1 to run")
     for item in items:

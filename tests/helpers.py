@@ -1,5 +1,6 @@
-"""Shared test helpers: one table of operator factories, random structures and
-vectors, flattening, and tolerances.
+"""The shared test table: tolerances, flattening, random structures and vectors, the
+operator factories, and the solver cases. Every test module takes its cases from
+here.
 
 Every factory turns a dense reference matrix into an operator of one kind, and
 returns it together with the dense float64/complex128 NumPy matrix that operator
@@ -12,9 +13,16 @@ structures). Tests then compare whatever the operator computes against NumPy.
     assert np.allclose(flatten(op.mv(vector)), ref @ flatten(vector))
 
 For most kinds `ref` is `matrix` rounded to `dtype`; `diagonal`, `tridiagonal`
-and `identity` can only represent part of it (see `PARTIAL_KINDS`).
+and `identity` can only represent part of it (see `PARTIAL_KINDS`). The factories
+also accept a JAX array (even a tracer, to differentiate through the operator's
+construction); `ref` is then `None`.
+
+The solver cases (`SOLVER_CASES` for the direct solvers, `KRYLOV_CASES` for the
+iterative ones) pair a solver with the kind of matrix it accepts (`make_matrix`),
+and `case_operator` represents such a matrix in one of `CASE_KINDS`.
 """
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +32,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 from beartype import beartype
+from conftest import EXHAUSTIVE
 from jaxtyping import Array, Inexact, jaxtyped, PyTree, Shaped
 
 import lineax as lx
@@ -248,16 +257,22 @@ def _blocks(
     return jtu.tree_unflatten(out_def, rows)
 
 
+def _reference(matrix: Any, dtype: Any) -> np.ndarray | None:
+    """`matrix` rounded to `dtype` (float64/complex128), or `None` for a JAX array
+    (possibly traced), of which the caller holds the reference."""
+    return None if isinstance(matrix, jax.Array) else round_to(matrix, dtype)
+
+
 def _pytree(matrix, dtype, tags, in_structure, out_structure):
     pytree = _blocks(matrix, in_structure, out_structure, dtype)
     op = lx.PyTreeLinearOperator(pytree, out_structure, tags)
-    return op, round_to(matrix, dtype)
+    return op, _reference(matrix, dtype)
 
 
 def _matrix(matrix, dtype, tags, in_structure, out_structure):
     del in_structure, out_structure
     op = lx.MatrixLinearOperator(jnp.asarray(matrix, dtype), tags)
-    return op, round_to(matrix, dtype)
+    return op, _reference(matrix, dtype)
 
 
 def _function(matrix, dtype, tags, in_structure, out_structure):
@@ -267,7 +282,7 @@ def _function(matrix, dtype, tags, in_structure, out_structure):
         return unflatten(m @ flatten_jax(x), out_structure)
 
     op = lx.FunctionLinearOperator(fn, in_structure, tags)
-    return op, round_to(matrix, dtype)
+    return op, _reference(matrix, dtype)
 
 
 def _jacobian_fn(x: Any, args: Any, out_structure: Structure) -> PyTree[Array]:
@@ -292,7 +307,7 @@ def _make_jacobian(jac):
             return _jacobian_fn(x, args, out_structure)
 
         op = lx.JacobianLinearOperator(fn, x0, args, tags, jac=jac)
-        return op, round_to(matrix, dtype)
+        return op, _reference(matrix, dtype)
 
     return factory
 
@@ -320,22 +335,23 @@ def _jacobian_custom_vjp(matrix, dtype, tags, in_structure, out_structure, rng):
 
     fn.defvjp(fn_fwd, fn_bwd)
     op = lx.JacobianLinearOperator(fn, x0, args, tags, jac="bwd")
-    return op, round_to(matrix, dtype)
+    return op, _reference(matrix, dtype)
 
 
 def _diagonal(matrix, dtype, tags, in_structure, out_structure):
     del tags, out_structure
-    diag = np.diag(matrix)
+    diag = jnp.diagonal(jnp.asarray(matrix))
     op = lx.DiagonalLinearOperator(unflatten(diag, in_structure))
-    return op, np.diag(round_to(diag, dtype))
+    ref = _reference(matrix, dtype)
+    return op, None if ref is None else np.diag(np.diag(ref))
 
 
 def _tridiagonal(matrix, dtype, tags, in_structure, out_structure):
     del tags, in_structure, out_structure
-    bands = [np.diagonal(matrix, k) for k in (0, -1, 1)]
+    bands = [jnp.diagonal(jnp.asarray(matrix), k) for k in (0, -1, 1)]
     op = lx.TridiagonalLinearOperator(*[jnp.asarray(b, dtype) for b in bands])
-    d, lo, up = [round_to(b, dtype) for b in bands]
-    return op, np.diag(d) + np.diag(lo, -1) + np.diag(up, 1)
+    ref = _reference(matrix, dtype)
+    return op, None if ref is None else np.triu(np.tril(ref, 1), -1)
 
 
 def _identity(matrix, dtype, tags, in_structure, out_structure):
@@ -607,3 +623,239 @@ def _pyt(tags=()):
 
 
 _S = flat_structure(3, f64)
+
+
+#
+# Solver cases: a solver, the kind of matrix it accepts, and the tags that matrix
+# needs. Operators are made from a dense reference matrix in several
+# representations (`CASE_KINDS`), so one float64 NumPy reference
+# (`pinv_solution`) checks them all.
+#
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverCase:
+    name: str
+    solver: lx.AbstractLinearSolver
+    matrix_kind: str  # see `make_matrix`
+    tags: tuple = ()
+    # Iterative solvers: the solver at a tolerance (`rtol = atol = tol`).
+    make: Callable[[float], lx.AbstractLinearSolver] | None = None
+
+    def with_tolerance(self, tol: float) -> lx.AbstractLinearSolver:
+        assert self.make is not None, "not an iterative solver"
+        return self.make(tol)
+
+
+# Sizes are small: these tests check correctness, and compile time is per shape.
+SHAPES = {
+    "square": (5, 5),
+    "tall": (7, 4),
+    "wide": (4, 7),
+    "rank_deficient": (6, 5),
+    "rank_deficient_square": (5, 5),
+    "spd": (5, 5),
+    "nsd": (5, 5),
+    "symmetric": (5, 5),
+    "diagonal": (5, 5),
+    "diagonal_singular": (5, 5),
+    "lower": (5, 5),
+    "upper": (5, 5),
+    "unit_lower": (5, 5),
+    "tridiagonal": (6, 6),
+}
+
+
+@jaxtyped(typechecker=beartype)
+def make_matrix(
+    kind: str, dtype: Any, seed: int = 0, size: int | None = None
+) -> Inexact[np.ndarray, "m n"]:
+    """A reference matrix (NumPy, float64 or complex128) of the given kind (a key of
+    `SHAPES`; `size` overrides a square kind's size), rounded to `dtype` so that
+    the reference solves the same problem as lineax."""
+    rng = np.random.default_rng(seed)
+    m, n = SHAPES[kind] if size is None else (size, size)
+
+    def randn_(*shape):
+        x = rng.standard_normal(shape)
+        if is_complex(dtype):
+            x = x + 1j * rng.standard_normal(shape)
+        return x
+
+    if kind in ("square", "tall", "wide"):
+        a = randn_(m, n)
+        k = min(m, n)
+        # Keep it well conditioned (the eigenvalues of `randn_(k, k)` fill a disc
+        # of radius about sqrt(k)).
+        a[:k, :k] += (3.0 if k <= 5 else 2 * np.sqrt(k)) * np.eye(k)
+    elif kind == "rank_deficient":
+        a = randn_(m, 2) @ randn_(2, n)
+    elif kind == "rank_deficient_square":
+        a = randn_(m, 3) @ randn_(3, n)
+    elif kind in ("spd", "nsd"):
+        b = randn_(n, n)
+        a = b @ b.conj().T + n * np.eye(n)
+        if kind == "nsd":
+            a = -a
+    elif kind == "symmetric":  # indefinite
+        b = randn_(n, n)
+        a = b + b.T + np.diag(np.where(np.arange(n) % 2, 3.0, -3.0))
+    elif kind == "diagonal":
+        a = np.diag(randn_(n) + 3 * np.sign(rng.standard_normal(n)))
+    elif kind == "diagonal_singular":
+        d = randn_(n) + 3
+        d[1] = 0
+        a = np.diag(d)
+    elif kind in ("lower", "upper", "unit_lower"):
+        a = np.tril(randn_(n, n)) + 4 * np.eye(n)
+        if kind == "unit_lower":
+            a = a - np.diag(np.diag(a)) + np.eye(n)
+        if kind == "upper":
+            a = a.T
+    elif kind == "tridiagonal":
+        a = (
+            np.diag(randn_(n) + 5)
+            + np.diag(randn_(n - 1), -1)
+            + np.diag(randn_(n - 1), 1)
+        )
+    else:
+        raise ValueError(kind)
+    return round_to(a, dtype)
+
+
+def split_structure(size: int, dtype: Any, variant: int) -> Structure:
+    """A PyTree structure of total size `size` (at least 4) with leaves of ranks 0
+    to 2."""
+    if variant == 0:
+        return {
+            "a": jax.ShapeDtypeStruct((), dtype),
+            "b": jax.ShapeDtypeStruct((size - 1,), dtype),
+        }
+    return (
+        jax.ShapeDtypeStruct((2, 1), dtype),
+        jax.ShapeDtypeStruct((size - 2,), dtype),
+    )
+
+
+# The representations `case_operator` makes of a solver case's matrix.
+CASE_KINDS = ("matrix", "pytree", "function", "jacobian", "native", "tagged_composed")
+
+
+def case_operator(
+    kind: str, matrix: Inexact[Array, "m n"], tags: tuple = ()
+) -> lx.AbstractLinearOperator:
+    """Represent the dense (JAX, possibly traced) `matrix` as an operator of one of
+    `CASE_KINDS`, declaring `tags`: the operator factories above, with the PyTree
+    kind on `split_structure`s, `native` the structured class for the tags (if
+    any), and `tagged_composed` `(M / 2) @ (2 I)` tagged on the outside."""
+    m, n = matrix.shape
+    dtype = matrix.dtype
+    flat_in, flat_out = flat_structure(n, dtype), flat_structure(m, dtype)
+    tags = _as_set(tags)
+    if kind == "pytree":
+        in_s, out_s = split_structure(n, dtype, 0), split_structure(m, dtype, 1)
+        return _pytree(matrix, dtype, tags, in_s, out_s)[0]
+    if kind == "native":
+        if lx.diagonal_tag in tags:
+            return _diagonal(matrix, dtype, tags, flat_in, flat_out)[0]
+        if lx.tridiagonal_tag in tags:
+            return _tridiagonal(matrix, dtype, tags, flat_in, flat_out)[0]
+        kind = "matrix"
+    if kind == "tagged_composed":
+        half = lx.MatrixLinearOperator(matrix) / 2.0
+        double = lx.IdentityLinearOperator(flat_in) * jnp.asarray(2.0, dtype)
+        return lx.TaggedLinearOperator(half @ double, tags)
+    factory = OPERATOR_FACTORIES[kind]
+    args = (matrix, dtype, tags, flat_in, flat_out)
+    if kind in _NEEDS_RNG:
+        return factory(*args, np.random.default_rng(0))[0]
+    return factory(*args)[0]
+
+
+def make_vector(operator: lx.AbstractLinearOperator, seed: int = 1) -> PyTree[Array]:
+    """A random right-hand side for `operator`."""
+    return random_vector(np.random.default_rng(seed), operator.out_structure())
+
+
+def pinv_solution(
+    matrix: np.ndarray, vector: np.ndarray, dtype: Any = jnp.float64
+) -> np.ndarray:
+    """The pseudoinverse solution in float64, treating as zero the singular values
+    that rounding to `dtype` may have created."""
+    rcond = 10 * max(matrix.shape) * float(jnp.finfo(dtype).eps)
+    return np.linalg.pinv(matrix, rcond=rcond) @ vector
+
+
+psd = lx.positive_semidefinite_tag
+nsd = lx.negative_semidefinite_tag
+
+# The direct solvers.
+SOLVER_CASES = [
+    SolverCase("lu", lx.LU(), "square"),
+    SolverCase("qr_square", lx.QR(), "square"),
+    SolverCase("qr_tall", lx.QR(), "tall"),
+    SolverCase("qr_wide", lx.QR(), "wide"),
+    SolverCase("svd_square", lx.SVD(), "square"),
+    SolverCase("svd_tall", lx.SVD(), "tall"),
+    SolverCase("svd_wide", lx.SVD(), "wide"),
+    SolverCase("svd_rank_deficient", lx.SVD(), "rank_deficient"),
+    SolverCase("svd_rank_deficient_square", lx.SVD(), "rank_deficient_square"),
+    SolverCase("cholesky_pos", lx.Cholesky(), "spd", (psd,)),
+    SolverCase("cholesky_neg", lx.Cholesky(), "nsd", (nsd,)),
+    SolverCase(
+        "diagonal", lx.Diagonal(well_posed=True), "diagonal", (lx.diagonal_tag,)
+    ),
+    SolverCase("diagonal_pinv", lx.Diagonal(), "diagonal_singular", (lx.diagonal_tag,)),
+    SolverCase(
+        "triangular_lower", lx.Triangular(), "lower", (lx.lower_triangular_tag,)
+    ),
+    SolverCase(
+        "triangular_upper", lx.Triangular(), "upper", (lx.upper_triangular_tag,)
+    ),
+    SolverCase(
+        "triangular_unit",
+        lx.Triangular(),
+        "unit_lower",
+        (lx.lower_triangular_tag, lx.unit_diagonal_tag),
+    ),
+    SolverCase("tridiagonal", lx.Tridiagonal(), "tridiagonal", (lx.tridiagonal_tag,)),
+    SolverCase("normal_cholesky_tall", lx.Normal(lx.Cholesky()), "tall"),
+    SolverCase("normal_cholesky_wide", lx.Normal(lx.Cholesky()), "wide"),
+    SolverCase("auto_true", lx.AutoLinearSolver(well_posed=True), "square"),
+    SolverCase("auto_true_spd", lx.AutoLinearSolver(well_posed=True), "spd", (psd,)),
+    SolverCase("auto_none_tall", lx.AutoLinearSolver(well_posed=None), "tall"),
+    SolverCase("auto_false", lx.AutoLinearSolver(well_posed=False), "rank_deficient"),
+]
+
+# The Krylov solvers, at float64 tolerances (`SolverCase.with_tolerance` for
+# others): CG on positive definite, MINRES on symmetric indefinite, GMRES and
+# BiCGStab on general square, LSMR on square and rectangular matrices.
+
+
+def _krylov(name: str, make: Callable, matrix_kind: str, tags: tuple = ()):
+    return SolverCase(name, make(1e-10), matrix_kind, tags, make)
+
+
+KRYLOV_CASES = [
+    _krylov("cg", lambda t: lx.CG(t, t), "spd", (psd,)),
+    _krylov("minres", lambda t: lx.MINRES(t, t), "symmetric", (lx.symmetric_tag,)),
+    _krylov("gmres", lambda t: lx.GMRES(t, t), "square"),
+    _krylov("bicgstab", lambda t: lx.BiCGStab(t, t), "square"),
+    _krylov("lsmr", lambda t: lx.LSMR(t, t), "square"),
+    _krylov("lsmr_tall", lambda t: lx.LSMR(t, t), "tall"),
+    _krylov("lsmr_wide", lambda t: lx.LSMR(t, t), "wide"),
+    _krylov("normal_cg", lambda t: lx.NormalCG(t, t), "square"),
+]
+
+CASES_BY_NAME = {case.name: case for case in SOLVER_CASES + KRYLOV_CASES}
+
+
+def krylov_sample(part: int, parts: int = 3) -> list:
+    """The `part`-th of `parts` slices of a fixed-seed shuffle of `KRYLOV_CASES`
+    (all of them with `LINEAX_EXHAUSTIVE=1`): a test that takes one slice compiles
+    few Krylov solves, and the tests taking the slices `0..parts-1` see every
+    case between them."""
+    if EXHAUSTIVE:
+        return list(KRYLOV_CASES)
+    order = np.random.default_rng(0).permutation(len(KRYLOV_CASES))
+    return [KRYLOV_CASES[i] for i in order[part::parts]]

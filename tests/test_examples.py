@@ -1,9 +1,20 @@
-"""Every script in examples/ runs to completion (exit code 0)."""
+"""Every script in examples/ runs to completion as `__main__` and prints something.
 
+The scripts run one after the other in one subprocess (this file, run as a script),
+so that JAX is imported once rather than once per example. That process simulates
+8 CPU devices for `sharded_poisson.py` (the device count is fixed when JAX starts);
+the scripts that leave float64 off run before those that turn it on.
+"""
+
+import contextlib
+import io
+import json
 import os
 import pathlib
+import runpy
 import subprocess
 import sys
+import traceback
 
 import pytest
 
@@ -12,12 +23,33 @@ _ROOT = pathlib.Path(__file__).resolve().parent.parent
 _EXAMPLES = sorted((_ROOT / "examples").glob("*.py"))
 
 
-def test_examples_found():
-    assert len(_EXAMPLES) >= 8, _EXAMPLES
+def _enables_x64(script: pathlib.Path) -> bool:
+    return '"jax_enable_x64", True' in script.read_text()
 
 
-@pytest.mark.parametrize("script", _EXAMPLES, ids=lambda p: p.stem)
-def test_example_runs(script, tmp_path):
+def _run_all(scripts: list[str]) -> None:
+    """Run each script as `__main__` in this process; print a JSON report."""
+    report = {}
+    for script in scripts:
+        out = io.StringIO()
+        argv = sys.argv
+        sys.argv = [script]
+        try:
+            with contextlib.redirect_stdout(out):
+                runpy.run_path(script, run_name="__main__")
+            error = None
+        except SystemExit as e:
+            error = None if e.code in (None, 0) else f"SystemExit({e.code!r})"
+        except BaseException:
+            error = traceback.format_exc()
+        finally:
+            sys.argv = argv
+        report[pathlib.Path(script).stem] = {"stdout": out.getvalue(), "error": error}
+    print(json.dumps(report))
+
+
+@pytest.fixture(scope="module")
+def example_reports(tmp_path_factory) -> dict:
     import lineax
 
     env = dict(os.environ)
@@ -28,19 +60,38 @@ def test_example_runs(script, tmp_path):
         [lineax_parent, *filter(None, [env.get("PYTHONPATH")])]
     )
     env.setdefault("JAX_PLATFORMS", "cpu")
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
     env["PYTHONWARNINGS"] = "default"
+    scripts = sorted(_EXAMPLES, key=_enables_x64)
     # The working directory is a temporary one so that files written by the
     # examples (e.g. a PNG) do not land in the repository.
     completed = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
+        [sys.executable, __file__, *map(str, scripts)],
+        cwd=tmp_path_factory.mktemp("examples"),
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
-    assert completed.returncode == 0, (
-        f"{script.name} failed with exit code {completed.returncode}\n"
-        f"--- stdout ---\n{completed.stdout}\n--- stderr ---\n{completed.stderr}"
+    assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def test_examples_found():
+    assert len(_EXAMPLES) >= 8, _EXAMPLES
+
+
+@pytest.mark.parametrize("script", _EXAMPLES, ids=lambda p: p.stem)
+def test_example_runs(script, example_reports):
+    report = example_reports[script.stem]
+    assert report["error"] is None, (
+        f"{script.name} failed\n--- stdout ---\n{report['stdout']}\n"
+        f"--- error ---\n{report['error']}"
     )
-    assert completed.stdout.strip(), f"{script.name} printed nothing"
+    assert report["stdout"].strip(), f"{script.name} printed nothing"
+
+
+if __name__ == "__main__":
+    _run_all(sys.argv[1:])

@@ -1,11 +1,12 @@
 """Forward-mode derivatives of `linear_solve`: each of the paper's equations (1)-(4)
-against central finite differences in float64, and higher order."""
+against central finite differences in float64, and higher order; the Krylov
+solvers' against the dense derivative."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from solve_cases import CASES_BY_NAME, make_matrix, make_operator
+from helpers import case_operator, CASES_BY_NAME, krylov_sample, make_matrix
 
 import lineax as lx
 
@@ -61,7 +62,7 @@ def test_jvp_matches_finite_differences(name, kind):
     vector_tangent = _random((m,), 6)
 
     def solve(a, b):
-        operator = make_operator(kind, a, case.tags)
+        operator = case_operator(kind, a, case.tags)
         return lx.linear_solve(operator, b, case.solver).value
 
     _, got = jax.jvp(solve, (matrix, vector), (matrix_tangent, vector_tangent))
@@ -97,19 +98,52 @@ def test_jvp_complex(name):
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize(
-    "name", ["lu", "qr_tall", "qr_wide", "svd_rank_deficient_square"]
-)
-def test_reverse_agrees_with_forward(name):
-    case = CASES_BY_NAME[name]
+@pytest.mark.parametrize("case", krylov_sample(0), ids=lambda c: c.name)
+def test_krylov_jvp_matches_dense(case):
+    """A matrix-free Krylov solve's JVP (a second Krylov solve) against the JVP of
+    `jnp.linalg.pinv(A) @ b`."""
+    matrix = jnp.asarray(make_matrix(case.matrix_kind, jnp.float64))
+    m, n = matrix.shape
+    vector = _random((m,), 1)
+    matrix_tangent = _random((m, n), 2)
+    if case.tags:  # keep the tagged structure (symmetric here)
+        matrix_tangent = matrix_tangent + matrix_tangent.T
+    vector_tangent = _random((m,), 3)
+    solver = case.with_tolerance(1e-13)
+
+    @jax.jit
+    def solve(a, b):
+        operator = case_operator("function", a, case.tags)
+        return lx.linear_solve(operator, b, solver).value
+
+    def reference(a, b):
+        return jnp.linalg.pinv(a) @ b
+
+    args, tangents = (matrix, vector), (matrix_tangent, vector_tangent)
+    got_primal, got = jax.jvp(solve, args, tangents)
+    want_primal, want = jax.jvp(reference, args, tangents)
+    np.testing.assert_allclose(got_primal, want_primal, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-9)
+
+
+_REVERSE_CASES = [
+    CASES_BY_NAME[name]
+    for name in ["lu", "qr_tall", "qr_wide", "svd_rank_deficient_square"]
+] + krylov_sample(1)
+
+
+@pytest.mark.parametrize("case", _REVERSE_CASES, ids=lambda c: c.name)
+def test_reverse_agrees_with_forward(case):
+    """Reverse mode (a solve with the transposed operator) against forward mode."""
     matrix = jnp.asarray(make_matrix(case.matrix_kind, jnp.float64))
     vector = _random((matrix.shape[0],), 1)
 
     def solve(a, b):
-        return lx.linear_solve(lx.MatrixLinearOperator(a), b, case.solver).value
+        operator = lx.MatrixLinearOperator(a, case.tags)
+        return lx.linear_solve(operator, b, case.solver).value
 
-    fwd = jax.jacfwd(solve, argnums=(0, 1))(matrix, vector)
-    rev = jax.jacrev(solve, argnums=(0, 1))(matrix, vector)
+    fwd = jax.jit(jax.jacfwd(solve, argnums=(0, 1)))(matrix, vector)
+    rev = jax.jit(jax.jacrev(solve, argnums=(0, 1)))(matrix, vector)
     for f, r in zip(fwd, rev):
         np.testing.assert_allclose(f, r, rtol=1e-9, atol=1e-10)
 
@@ -158,7 +192,7 @@ def test_least_squares_hessian():
 def test_pytree_operator_gradient():
     """Gradients flow to every leaf of a PyTree operator and of a PyTree vector."""
     matrix = jnp.asarray(make_matrix("square", jnp.float64))
-    operator = make_operator("pytree", matrix)
+    operator = case_operator("pytree", matrix)
     vector = jax.tree_util.tree_map(jnp.ones_like, operator.out_structure())
 
     def loss(op, vec):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
+from helpers import KRYLOV_CASES, make_matrix, pinv_solution, round_to, SHAPES
 
 import lineax as lx
 
@@ -35,31 +36,23 @@ def _problems(n=12, seed=0):
     }
 
 
-# solver factory, which matrix, tags
-_SQUARE_CASES = [
-    ("CG", lambda t: lx.CG(t, t), "spd", psd),
-    ("MINRES", lambda t: lx.MINRES(t, t), "sym", lx.symmetric_tag),
-    ("GMRES", lambda t: lx.GMRES(t, t), "nonsym", ()),
-    ("BiCGStab", lambda t: lx.BiCGStab(t, t), "nonsym", ()),
-    ("LSMR", lambda t: lx.LSMR(t, t), "nonsym", ()),
-    ("NormalCG", lambda t: lx.NormalCG(t, t), "nonsym", ()),
-]
+_SQUARE_CASES = [c for c in KRYLOV_CASES if len(set(SHAPES[c.matrix_kind])) == 1]
 
 
-@pytest.mark.parametrize(
-    "name,make,kind,tags", _SQUARE_CASES, ids=[c[0] for c in _SQUARE_CASES]
-)
+@pytest.mark.parametrize("case", _SQUARE_CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
-def test_small_square(name, make, kind, tags, dtype):
-    matrix = _problems()[kind]
-    b = _rng(1).normal(size=matrix.shape[0])
+def test_small_square(case, dtype):
+    """The square Krylov cases of the shared table, at n = 12, against NumPy
+    (LSMR on rectangular matrices: `test_lsmr_shapes_and_damp`)."""
+    matrix = make_matrix(case.matrix_kind, dtype, size=12)
+    b = round_to(_rng(1).normal(size=matrix.shape[0]), dtype)
     tol = 1e-10 if dtype == jnp.float64 else 1e-5
-    op = lx.MatrixLinearOperator(jnp.asarray(matrix, dtype), tags)
-    sol = lx.linear_solve(op, jnp.asarray(b, dtype), make(tol))
+    op = lx.MatrixLinearOperator(jnp.asarray(matrix, dtype), case.tags)
+    sol = lx.linear_solve(op, jnp.asarray(b, dtype), case.with_tolerance(tol))
     assert sol.result == lx.RESULTS.successful
     assert sol.value.dtype == dtype
-    expected = np.linalg.solve(matrix, b)
-    scale = np.linalg.cond(matrix) * (10 if name.startswith("Normal") else 1)
+    expected = pinv_solution(matrix, b, dtype)
+    scale = np.linalg.cond(matrix) * (10 if case.name.startswith("normal") else 1)
     np.testing.assert_allclose(sol.value, expected, rtol=0, atol=50 * tol * scale)
     assert set(sol.stats) == {
         "num_steps",

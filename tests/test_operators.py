@@ -8,7 +8,6 @@ kind, `LINEAX_EXHAUSTIVE=1` many more.
 """
 
 import functools as ft
-import os
 from typing import Any
 
 import equinox as eqx
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import pytest
+from conftest import EXHAUSTIVE
 from helpers import (
     _fun,
     _mat,
@@ -77,7 +77,7 @@ TAG_SETS = (
 def _examples(n: int) -> Any:
     """`n` examples in the default profile; the profile's count with
     `LINEAX_EXHAUSTIVE=1`."""
-    if os.environ.get("LINEAX_EXHAUSTIVE"):
+    if EXHAUSTIVE:
         return hypothesis.settings()
     return hypothesis.settings(max_examples=n)
 

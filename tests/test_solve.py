@@ -2,16 +2,18 @@
 case, operator representation and dtype."""
 
 import itertools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from solve_cases import (
-    flatten,
+from conftest import EXHAUSTIVE
+from helpers import (
+    CASE_KINDS,
+    case_operator,
+    DTYPES,
+    flatten_jax as flatten,
     make_matrix,
-    make_operator,
     make_vector,
     pinv_solution,
     SOLVER_CASES,
@@ -21,24 +23,17 @@ from solve_cases import (
 import lineax as lx
 
 
-DTYPES = (jnp.float32, jnp.float64, jnp.complex128)
-KINDS = ("matrix", "pytree", "function", "jacobian", "native", "composed")
-
-
 def _grid():
     """Every case with a matrix operator in every dtype; the other operator kinds
     in a rotating dtype (all combinations with LINEAX_EXHAUSTIVE=1)."""
-    everything = os.environ.get("LINEAX_EXHAUSTIVE")
     params = []
     for i, case in enumerate(SOLVER_CASES):
-        for j, (kind, dtype) in enumerate(itertools.product(KINDS, DTYPES)):
-            if kind not in case.kinds:
-                continue
+        for j, (kind, dtype) in enumerate(itertools.product(CASE_KINDS, DTYPES)):
             if kind == "native" and not {lx.diagonal_tag, lx.tridiagonal_tag} & set(
                 case.tags
             ):
                 continue  # the same as "matrix"
-            if everything or kind == "matrix" or (i + j) % len(DTYPES) == 0:
+            if EXHAUSTIVE or kind == "matrix" or (i + j) % len(DTYPES) == 0:
                 params.append(
                     pytest.param(
                         case,
@@ -53,7 +48,7 @@ def _grid():
 @pytest.mark.parametrize("case,kind,dtype", _grid())
 def test_solution_matches_pinv(case, kind, dtype):
     matrix = make_matrix(case.matrix_kind, dtype)
-    operator = make_operator(kind, jnp.asarray(matrix, dtype), case.tags)
+    operator = case_operator(kind, jnp.asarray(matrix, dtype), case.tags)
     vector = make_vector(operator)
     solution = lx.linear_solve(operator, vector, case.solver)
     assert solution.result == lx.RESULTS.successful
@@ -70,7 +65,7 @@ def test_solution_matches_pinv(case, kind, dtype):
 def test_state_reuse_and_jit(case):
     """`state=solver.init(...)` reused across right-hand sides, under `jit`."""
     matrix = make_matrix(case.matrix_kind, jnp.float64)
-    operator = make_operator("matrix", jnp.asarray(matrix), case.tags)
+    operator = case_operator("matrix", jnp.asarray(matrix), case.tags)
     state = case.solver.init(operator, {})
 
     @jax.jit
@@ -131,7 +126,7 @@ def test_pytree_vector_solve_matches_flat():
     """A PyTree operator solved with LU gives the flat solution, unflattened."""
     matrix = make_matrix("square", jnp.float64)
     flat_op = lx.MatrixLinearOperator(jnp.asarray(matrix))
-    tree_op = make_operator("pytree", jnp.asarray(matrix))
+    tree_op = case_operator("pytree", jnp.asarray(matrix))
     vector = make_vector(tree_op)
     tree_sol = lx.linear_solve(tree_op, vector, lx.LU()).value
     flat_sol = lx.linear_solve(flat_op, flatten(vector), lx.LU()).value

@@ -341,7 +341,7 @@ def bind(
     vector: PyTree[Array],
     options: dict[str, Any],
     solver: AbstractLinearSolver,
-    throw: bool,
+    throw: bool | None,
     kind: str,
 ) -> tuple[PyTree[Array], RESULTS, dict[str, Any]]:
     # `with_stats` is always `True` here; `_dce_rule` sets it to `False`.

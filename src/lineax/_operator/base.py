@@ -187,7 +187,7 @@ def check_square(operator: AbstractLinearOperator, who: str, advice: str = "") -
         )
 
 
-def flatten_vector(vector: PyTree[Array], dtype: Any = None) -> Array:
+def flatten_vector(vector: PyTree[ArrayLike], dtype: Any = None) -> Array | np.ndarray:
     """Ravel and concatenate all leaves (in PyTree order) to one 1-D array."""
     leaves = jtu.tree_leaves(vector)
     if dtype is None:
