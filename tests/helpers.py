@@ -859,3 +859,24 @@ def krylov_sample(part: int, parts: int = 3) -> list:
         return list(KRYLOV_CASES)
     order = np.random.default_rng(0).permutation(len(KRYLOV_CASES))
     return [KRYLOV_CASES[i] for i in order[part::parts]]
+
+
+class DelegatingLU(lx.AbstractLinearSolver):
+    """A user-defined solver that does what `lx.LU()` does, for tests of what
+    `linear_solve` does with solvers written outside lineax: subclasses override
+    the method under test."""
+
+    def init(self, operator, options):
+        return lx.LU().init(operator, options)
+
+    def compute(self, state, vector, options):
+        return lx.LU().compute(state, vector, options)
+
+    def transpose(self, state, options):
+        return lx.LU().transpose(state, options)
+
+    def conj(self, state, options):
+        return lx.LU().conj(state, options)
+
+    def assume_full_rank(self):
+        return True

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import DelegatingLU
 
 import lineax as lx
 
@@ -479,7 +480,7 @@ def test_missing_tag_message_has_no_nested_code_spans():
     assert "``" not in message and ", `lx." not in message
 
 
-class _UndeclaredSolver(lx.AbstractLinearSolver):
+class _UndeclaredSolver(DelegatingLU):
     """A user's solver that does not declare `option_keys`: it may read keys of
     its own, so `linear_solve` accepts any."""
 
@@ -488,15 +489,6 @@ class _UndeclaredSolver(lx.AbstractLinearSolver):
 
     def compute(self, state, vector, options):
         return lx.LU().compute(state, vector, {})
-
-    def transpose(self, state, options):
-        return lx.LU().transpose(state, options)
-
-    def conj(self, state, options):
-        return lx.LU().conj(state, options)
-
-    def assume_full_rank(self):
-        return True
 
 
 class _DeclaredSolver(_UndeclaredSolver):
