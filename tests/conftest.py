@@ -1,20 +1,48 @@
 """Test configuration: float64, strict dtype and rank promotion, hypothesis profiles,
-and the `LINEAX_EXHAUSTIVE` switch.
+the `LINEAX_EXHAUSTIVE` switch, and runtime type checking of the library.
 
-Runtime type checking of the library's jaxtyping annotations with beartype is
-opt-in (`pytest --jaxtyping-packages=lineax,beartype.beartype`, see pyproject.toml):
-it also rejects the wrongly typed inputs whose own error messages the tests check."""
+The library's annotations are checked at run time with beartype
+(`--jaxtyping-packages=lineax,beartype.beartype` in pyproject.toml's `addopts`,
+as Optimistix, Diffrax and Equinox do). A wrongly typed argument then fails the
+type check before the library's own message: `raises_message` accepts that in
+the tests of those messages, and `.ci/run` runs those tests once more without
+type checking, where the library's message itself is checked."""
 
+import contextlib
 import gc
 import os
+import re
 
 import jax
+import jaxtyping
 import pytest
 
 
 # The one read of `LINEAX_EXHAUSTIVE` (`from conftest import EXHAUSTIVE`): the
 # large parameter grids and the long hypothesis profile.
 EXHAUSTIVE = bool(os.environ.get("LINEAX_EXHAUSTIVE"))
+
+# Whether the library is type-checked at run time (set by `pytest_configure`).
+TYPECHECKED = False
+
+
+def pytest_configure(config):
+    global TYPECHECKED
+    TYPECHECKED = bool(config.getoption("jaxtyping_packages", None))
+
+
+@contextlib.contextmanager
+def raises_message(error, match):
+    """`pytest.raises(error, match=match)`, for the library's messages about bad
+    arguments; under runtime type checking a `jaxtyping.TypeCheckError` (a
+    `TypeError` naming the argument) may come first for a wrongly typed one."""
+    with pytest.raises(Exception) as info:
+        yield info
+    if TYPECHECKED and isinstance(info.value, jaxtyping.TypeCheckError):
+        return
+    assert isinstance(info.value, error), repr(info.value)
+    assert re.search(match, str(info.value)), (match, str(info.value))
+
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import raises_message
 from helpers import DelegatingLU
 
 import lineax as lx
@@ -19,7 +20,7 @@ SINGULAR = jnp.array([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [1.0, 0.0, 1.0]])
 
 
 def _raise(fn, error, match):
-    with pytest.raises(error, match=match):
+    with raises_message(error, match):
         fn()
 
 

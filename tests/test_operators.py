@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import pytest
-from conftest import EXHAUSTIVE
+from conftest import EXHAUSTIVE, raises_message
 from helpers import (
     _fun,
     _mat,
@@ -759,7 +759,7 @@ CONSTRUCTION_ERRORS = {
 @pytest.mark.parametrize("name", list(CONSTRUCTION_ERRORS))
 def test_construction_errors(name):
     thunk, error, match = CONSTRUCTION_ERRORS[name]
-    with pytest.raises(error, match=match):
+    with raises_message(error, match):
         thunk()
 
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import raises_message
 
 import lineax as lx
 
@@ -198,7 +199,7 @@ def test_block_jacobi_tags_and_bad_input():
     assert lx.is_positive_semidefinite(precond) and lx.is_symmetric(precond)
     assert not lx.is_diagonal(precond)
     for bad in (0, 2.0, True):
-        with pytest.raises(ValueError, match="block_size"):
+        with raises_message(ValueError, "block_size"):
             lx.BlockJacobiPreconditioner(_psd(a), bad)
     struct = jax.ShapeDtypeStruct((6,), jnp.float64)
     matrix_free = lx.FunctionLinearOperator(lambda x: jnp.asarray(a) @ x, struct)

@@ -187,13 +187,15 @@ def check_square(operator: AbstractLinearOperator, who: str, advice: str = "") -
         )
 
 
-def flatten_vector(vector: PyTree[ArrayLike], dtype: Any = None) -> Array | np.ndarray:
+def flatten_vector(vector: PyTree[ArrayLike], dtype: Any = None) -> Array:
     """Ravel and concatenate all leaves (in PyTree order) to one 1-D array."""
     leaves = jtu.tree_leaves(vector)
     if dtype is None:
         dtype = jnp.result_type(*leaves) if leaves else jnp.float32
     if len(leaves) == 1:
-        return jnp.reshape(leaves[0], -1).astype(dtype)
+        # (`jnp.reshape` of a NumPy array, e.g. a constant under `jax.grad`, may
+        # give a NumPy array: the result is always a JAX one.)
+        return jnp.asarray(jnp.reshape(leaves[0], -1).astype(dtype))
     return jnp.concatenate([jnp.reshape(x, -1).astype(dtype) for x in leaves])
 
 

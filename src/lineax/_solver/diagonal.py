@@ -5,6 +5,7 @@ from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array
 
 from .._operator.base import AbstractLinearOperator, diagonal, is_diagonal
@@ -22,7 +23,9 @@ from .base import AbstractLinearSolver, check_square, check_tag
 class DiagonalState(eqx.Module):
     """State of [`lineax.Diagonal`][]: the diagonal as a 1-D array."""
 
-    diagonal: Array
+    # (A NumPy array where JAX passes a constant, e.g. the primal of a Python
+    # float under `jax.grad`.)
+    diagonal: Array | np.ndarray
     packed_structures: PackedStructures = eqx.field(static=True)
 
 
