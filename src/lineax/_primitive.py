@@ -104,13 +104,16 @@ def _array_leaves(operator: AbstractLinearOperator) -> list[Array] | None:
     return [x for x in jtu.tree_leaves(operator) if is_inexact_array(x)]
 
 
-def _operator_inputs(operator: AbstractLinearOperator) -> list[Array]:
+def _operator_inputs(
+    operator: AbstractLinearOperator, arrays: list[Array] | None
+) -> list[Array]:
     """What tells whether the operator is finite: its arrays if it reads every one
-    of them, else its action on a probe (see `_operator_action`)."""
-    leaves = _array_leaves(operator)
-    if leaves is None:
-        leaves = jtu.tree_leaves(_operator_action(operator))
-    return [x for x in leaves if is_inexact_array(x)]
+    of them (`arrays`, from `_array_leaves`), else its action on a probe (see
+    `_operator_action`)."""
+    if arrays is not None:
+        return arrays
+    action = jtu.tree_leaves(_operator_action(operator))
+    return [x for x in action if is_inexact_array(x)]
 
 
 def _messages(kind: str) -> list[str]:
@@ -144,7 +147,8 @@ def _linear_solve_impl(
     # skips the zero entries of a right-hand side): the primal solve tests the
     # operator's arrays too, if they are its input (a matrix, not a closure). Its
     # derivative solves use the same operator, already tested.
-    checked = _array_leaves(operator) if kind == "primal" else None
+    arrays = _array_leaves(operator)
+    checked = arrays if kind == "primal" else None
     finite = tree_all_finite((solution, checked))
     if throw is None:
         # The un-jitted entry point's compiled solve (`throw=None`): the caller
@@ -158,7 +162,9 @@ def _linear_solve_impl(
         # compiled into the path of a successful solve. The branch receives the
         # solver's `result` and `finite`, from which it derives the rest, so
         # that nothing else is computed outside it.
-        solution = _error_if_failed(solution, operator, vector, result, finite, kind)
+        solution = _error_if_failed(
+            solution, operator, arrays, vector, result, finite, kind
+        )
         # What is returned if no error is raised (or `EQX_ON_ERROR` says not to).
         return solution, _with_singular(result, finite), stats
     # The inputs are only examined when the solve failed, which saves a pass over
@@ -167,7 +173,7 @@ def _linear_solve_impl(
     failed = _failed(result, finite)
     finite_input = lax.cond(
         eqxi.unvmap_any(failed),
-        lambda: tree_all_finite((vector, _operator_inputs(operator))),
+        lambda: tree_all_finite((vector, _operator_inputs(operator, arrays))),
         lambda: jnp.array(True),
     )
     result = RESULTS.where(
@@ -211,22 +217,22 @@ def host_result_code(code: Any, *leaves: Any) -> np.ndarray:
 # of `jit`, e.g. under an un-jitted `jax.jvp`), the error is raised as an
 # `EquinoxRuntimeError`, as `branched_error_if` does on its own.
 @eqx.filter_jit
-def _error_if_failed(solution, operator, vector, result, finite, kind):
+def _error_if_failed(solution, operator, arrays, vector, result, finite, kind):
     # Only the predicate is computed outside the branch: the branch receives the
     # arrays it examines, not `finite` (which XLA would compute as a kernel of its
-    # own, for the branch's use only).
-    # The arrays enter the conditional (and the callback) with their leaves of one
-    # shape and dtype stacked (see `_stack_alike_leaves`).
-    checked = _array_leaves(operator) if kind == "primal" else None
-    if checked is not None:
-        checked, _ = _stack_alike_leaves(checked)
+    # own, for the branch's use only). They enter the conditional (and the
+    # callback) with their leaves of one shape and dtype stacked (see
+    # `_stack_alike_leaves`). `arrays` is `_array_leaves(operator)`.
+    checked = []
+    if arrays is not None and kind == "primal":
+        checked, _ = _stack_alike_leaves(arrays)
     inputs, _ = _stack_alike_leaves(
         [x for x in jtu.tree_leaves(vector) if is_inexact_array(x)]
     )
     solution, unstack_solution = _stack_alike_leaves(solution)
     solution = lax.cond(
         eqxi.unvmap_any(_failed(result, finite)),
-        ft.partial(_raise, operator, checked, inputs, result, kind),
+        ft.partial(_raise, operator, arrays is None, checked, inputs, result, kind),
         lambda x: x,
         solution,
     )
@@ -265,26 +271,24 @@ def _stack_alike_leaves(tree):
     return packed, unstack
 
 
-def _raise(operator, checked, inputs, result, kind, solution):
+def _raise(operator, probe, checked, inputs, result, kind, solution):
     """The error branch of a solve with `throw=True`: raise with the message of
     the failure, or of `nonfinite_input` if the operator or the vector is not
     finite.
 
     One host callback (`raise_everywhere`) finds the failure code and raises: it
     receives the result code, the solution, the arrays whose finiteness the solve
-    tested (`checked`) and the inputs (the operator's arrays, or its action on a
-    probe, see `_operator_inputs`; the vector), and tests them with NumPy. Under
-    `vmap` it examines every batch element and raises the largest code.
+    tested (`checked`: the primal solve's operator arrays) and the inputs (the
+    vector, and the operator's action on a probe if `probe`: an operator whose
+    action may not read all of its arrays, see `_operator_inputs`), and tests them
+    with NumPy. Under `vmap` it examines every batch element and raises the
+    largest code. (A derivative solve's operator, if made of arrays, is the
+    primal solve's, whose arrays the primal solve has tested.)
     """
     solution_leaves = [x for x in jtu.tree_leaves(solution) if is_inexact_array(x)]
-    checked = [] if checked is None else checked
     operands = [result._value, *solution_leaves, *checked, *inputs]
-    if kind == "primal" or _array_leaves(operator) is None:
-        # (A derivative solve's operator, if made of arrays, is the primal
-        # solve's, whose arrays the primal solve has tested.)
-        operands += (
-            [] if checked else _stack_alike_leaves(_operator_inputs(operator))[0]
-        )
+    if probe:
+        operands += _stack_alike_leaves(_operator_inputs(operator, None))[0]
     index_fn = ft.partial(
         _host_failure_code,
         n_solution=len(solution_leaves),
