@@ -25,7 +25,14 @@ import numpy as np
 from jaxtyping import Array, PyTree
 
 from ._errors import raise_everywhere
-from ._misc import is_inexact_array, tree_all_finite, tree_conj, tree_is_complex
+from ._misc import (
+    is_inexact_array,
+    stack_alike_leaves,
+    tree_all_finite,
+    tree_conj,
+    tree_is_complex,
+    tree_sub,
+)
 from ._operator.base import AbstractLinearOperator, conj, is_cacheable
 from ._operator.tangent import TangentLinearOperator
 from ._solution import RESULTS
@@ -222,14 +229,14 @@ def _error_if_failed(solution, operator, arrays, vector, result, finite, kind):
     # arrays it examines, not `finite` (which XLA would compute as a kernel of its
     # own, for the branch's use only). They enter the conditional (and the
     # callback) with their leaves of one shape and dtype stacked (see
-    # `_stack_alike_leaves`). `arrays` is `_array_leaves(operator)`.
+    # `stack_alike_leaves`). `arrays` is `_array_leaves(operator)`.
     checked = []
     if arrays is not None and kind == "primal":
-        checked, _ = _stack_alike_leaves(arrays)
-    inputs, _ = _stack_alike_leaves(
+        checked, _ = stack_alike_leaves(arrays)
+    inputs, _ = stack_alike_leaves(
         [x for x in jtu.tree_leaves(vector) if is_inexact_array(x)]
     )
-    solution, unstack_solution = _stack_alike_leaves(solution)
+    solution, unstack_solution = stack_alike_leaves(solution)
     solution = lax.cond(
         eqxi.unvmap_any(_failed(result, finite)),
         ft.partial(_raise, operator, arrays is None, checked, inputs, result, kind),
@@ -237,38 +244,6 @@ def _error_if_failed(solution, operator, arrays, vector, result, finite, kind):
         solution,
     )
     return unstack_solution(solution)
-
-
-def _stack_alike_leaves(tree):
-    """The array leaves of `tree` as a list, those of one shape and dtype stacked
-    into one array, and the function that undoes it. The compile time of a
-    conditional and of a host callback grows with their number of operands: with
-    the tuples of 100 vectors of a 100-block block-diagonal solve (solution,
-    right-hand side, and the operator's action in the callback), the error
-    branch of `throw=True` made the solve compile about 3x slower (8 s against
-    2.8 s, measured side by side)."""
-    leaves, treedef = jtu.tree_flatten(tree)
-    groups: dict[Any, list[int]] = {}
-    for i, leaf in enumerate(leaves):
-        key = (jnp.shape(leaf), jnp.result_type(leaf)) if eqx.is_array(leaf) else i
-        groups.setdefault(key, []).append(i)
-    indices = list(groups.values())
-    packed = [
-        leaves[ix[0]] if len(ix) == 1 else jnp.stack([leaves[i] for i in ix])
-        for ix in indices
-    ]
-
-    def unstack(packed):
-        out = list(leaves)
-        for stacked, ix in zip(packed, indices):
-            if len(ix) == 1:
-                out[ix[0]] = stacked
-            else:
-                for k, i in enumerate(ix):
-                    out[i] = stacked[k]
-        return jtu.tree_unflatten(treedef, out)
-
-    return packed, unstack
 
 
 def _raise(operator, probe, checked, inputs, result, kind, solution):
@@ -288,7 +263,7 @@ def _raise(operator, probe, checked, inputs, result, kind, solution):
     solution_leaves = [x for x in jtu.tree_leaves(solution) if is_inexact_array(x)]
     operands = [result._value, *solution_leaves, *checked, *inputs]
     if probe:
-        operands += _stack_alike_leaves(_operator_inputs(operator, None))[0]
+        operands += stack_alike_leaves(_operator_inputs(operator, None))[0]
     index_fn = ft.partial(
         _host_failure_code,
         n_solution=len(solution_leaves),
@@ -374,10 +349,6 @@ def _tree_add(*trees):
 
 def _tree_neg(tree):
     return jtu.tree_map(jnp.negative, tree)
-
-
-def _tree_sub(a, b):
-    return jtu.tree_map(lambda x, y: x - y, a, b)
 
 
 def _as_tangent(primal, tangent):
@@ -503,7 +474,7 @@ def _linear_solve_jvp(primals, tangents):
             return tree_conj(tangent_op_t.mv(tree_conj(y, complex_)), complex_)
 
         if dependent_rows:
-            residual = _tree_sub(vector, operator.mv(solution))
+            residual = tree_sub(vector, operator.mv(solution))
             terms.append(
                 _conj_transpose_solve(
                     operator,
@@ -516,7 +487,7 @@ def _linear_solve_jvp(primals, tangents):
                 )
             )
         if dependent_columns:
-            row_part = solution if y0 is None else _tree_sub(solution, y0)
+            row_part = solution if y0 is None else tree_sub(solution, y0)
             y = _conj_transpose_solve(
                 operator, state, row_part, options, solver, throw, complex_
             )

@@ -46,7 +46,8 @@ import jax.tree_util as jtu
 from equinox import AbstractVar
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
-from .._misc import structure_of
+# (`tree_sub` is also imported from here by the solvers.)
+from .._misc import structure_of, tree_sub
 from .._norm import tree_dot, two_norm
 from .._operator.base import (
     AbstractLinearOperator,
@@ -79,10 +80,6 @@ def tree_axpy(a: Any, x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
 def tree_scale(a: Any, x: PyTree[Array]) -> PyTree[Array]:
     """`a * x` for a scalar `a`."""
     return jtu.tree_map(lambda xi: _cast(a, xi) * xi, x)
-
-
-def tree_sub(x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
-    return jtu.tree_map(lambda xi, yi: xi - yi, x, y)
 
 
 def tree_where(pred: Any, x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
