@@ -1,7 +1,7 @@
 """`linear_solve` called from plain Python, outside every transformation: one
-cached compiled function per operator structure, vector structure and solver
-(`_linear_solve._COMPILED`), called with the flat lists of arrays. Its answers,
-failures and cache against NumPy and against the traced path."""
+cached compiled function per structure of the operator and vector and per
+solver (`_linear_solve._COMPILED`), called with the flat list of arrays. Its
+answers, failures and cache against NumPy and against the traced path."""
 
 import equinox as eqx
 import jax
@@ -59,6 +59,40 @@ def test_eager_solve_reuses_one_cache_entry_per_structure(monkeypatch):
     )
     _eager(matrix, vector, lx.QR())
     assert len(linear_solve_module._COMPILED) == size + 2
+
+
+def test_eager_solve_solver_built_anew_reuses_its_entry(monkeypatch):
+    # The key holds the solver's structure and fields, not the solver object: a
+    # solver built on every call (`lx.CG(...)`) finds the same entry.
+    monkeypatch.setattr(linear_solve_module, "_COMPILED", {})
+    matrix, vector = _system(3, 11)
+    spd = jnp.asarray(matrix @ matrix.T)
+    for rtol in (1e-10, 1e-10, 1e-8):
+        solution = lx.linear_solve(
+            lx.MatrixLinearOperator(spd, lx.positive_semidefinite_tag),
+            jnp.asarray(vector),
+            lx.CG(rtol=rtol, atol=0.0),
+        )
+        np.testing.assert_allclose(
+            solution.value, np.linalg.solve(spd, vector), rtol=1e-6
+        )
+    assert len(linear_solve_module._COMPILED) == 2
+
+
+def test_eager_solve_makes_no_entry_for_what_it_cannot_cache(monkeypatch):
+    monkeypatch.setattr(linear_solve_module, "_COMPILED", {})
+    matrix, vector = _system(3, 12)
+    a, b = jnp.asarray(matrix), jnp.asarray(vector)
+    struct = jax.ShapeDtypeStruct((3,), a.dtype)
+    for _ in range(2):  # a closure compares by identity: a new key every call
+        operator = lx.FunctionLinearOperator(lambda x: a @ x, struct)
+        solution = lx.linear_solve(operator, b, lx.LU())
+        np.testing.assert_allclose(solution.value, np.linalg.solve(matrix, vector))
+    # A NumPy vector is concrete; a Python list is refused, as by the traced path.
+    _eager(matrix, np.asarray(vector))
+    with pytest.raises((TypeError, ValueError)):
+        lx.linear_solve(lx.MatrixLinearOperator(a), list(vector))
+    assert len(linear_solve_module._COMPILED) == 1
 
 
 def test_eager_solve_cache_is_bounded(monkeypatch):
