@@ -769,3 +769,41 @@ def test_operator_arithmetic_with_non_operators():
         op + jnp.eye(3)
     with pytest.raises(TypeError):
         op @ jnp.eye(3)
+
+
+def test_reads_every_leaf_and_holds_values_are_declared_per_operator():
+    # Declared beside each operator class: a stored operator's action reads every
+    # array it holds (so the finiteness test may examine those arrays), a closure
+    # may hold arrays it never reads; neither question looks at values.
+    from lineax._operator.base import (
+        has_cheap_diagonal,
+        holds_values,
+        reads_every_leaf as reads,
+    )
+
+    matrix = lx.MatrixLinearOperator(jnp.eye(3))
+    struct = jax.ShapeDtypeStruct((3,), matrix.matrix.dtype)
+    function = lx.FunctionLinearOperator(lambda x: 2 * x, struct)
+    stacked = lx.BlockDiagonalLinearOperator([matrix, matrix])
+    pair = lx.BlockDiagonalLinearOperator(
+        [matrix, lx.DiagonalLinearOperator(jnp.ones(2))]
+    )
+    for operator, expected in (
+        (matrix, True),
+        (lx.DiagonalLinearOperator(jnp.ones(3)), True),
+        (lx.TaggedLinearOperator(matrix, lx.symmetric_tag), True),
+        (2.0 * matrix + (-matrix), True),
+        (matrix @ matrix, True),
+        (stacked, True),
+        (pair, True),
+        (lx.ChebyshevPreconditioner(matrix, 2, (0.5, 2.0)), True),
+        (function, False),
+        (matrix + function, False),
+        (lx.BlockDiagonalLinearOperator([matrix, function]), False),
+        (lx.NeumannPreconditioner(function, 2, 0.5), False),
+    ):
+        assert reads(operator) is expected, operator
+    assert holds_values(matrix) and holds_values(-matrix)
+    assert not holds_values(function)
+    assert holds_values(lx.TaggedLinearOperator(function, lx.diagonal_tag))
+    assert not has_cheap_diagonal(function) and has_cheap_diagonal(matrix)

@@ -12,7 +12,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree
 
 from ._misc import describe, is_inexact_array
-from ._operator.base import AbstractLinearOperator, is_cacheable
+from ._operator.base import AbstractLinearOperator, is_cacheable, reads_every_leaf
 from ._operator.function import FunctionLinearOperator
 from ._primitive import bind, host_result_code, primal_failure_message
 from ._solution import Solution
@@ -248,14 +248,16 @@ def _run_compiled(operator, vector, solver, throw) -> Solution | None:
     if compiled is None:
         return None
     # Compiled with no in-graph checks but the result code (`throw=None`), which
-    # is read here, on the host; so are the inputs, if the solve failed. (Every
-    # leaf of a cacheable operator is one its action reads: what the in-graph
-    # check examines, see `_primitive._operator_action`.)
+    # is read here, on the host; so are the inputs, if the solve failed, where
+    # they are what the in-graph check examines: arrays that the operator's
+    # action reads (else the traced path says why the solve failed).
     solution = compiled(leaves)
     value = solution.result._value
     code = np.asarray(value)
     if code == 0:
         return solution
+    if not reads_every_leaf(operator):
+        return _linear_solve(operator, vector, solver, None, _sentinel, throw)
     code = host_result_code(code, *[x for x in leaves if is_inexact_array(x)])
     if throw:
         raise eqx.EquinoxRuntimeError(primal_failure_message(int(code)))

@@ -33,7 +33,7 @@ from ._misc import (
     tree_is_complex,
     tree_sub,
 )
-from ._operator.base import AbstractLinearOperator, conj, is_cacheable
+from ._operator.base import AbstractLinearOperator, conj, reads_every_leaf
 from ._operator.tangent import TangentLinearOperator
 from ._solution import RESULTS
 from ._solver.base import AbstractLinearSolver, rank_flags, reads_option
@@ -86,27 +86,18 @@ def _operator_action(operator: AbstractLinearOperator) -> PyTree[Array]:
     return operator.mv(probe)
 
 
-def _concrete_leaf(x: Any) -> Any:
-    # A concrete stand-in of the same shape (indexed by e.g. `is_cacheable` of a
-    # block-diagonal operator), allocating one element.
-    if eqx.is_array(x):
-        return np.broadcast_to(np.zeros((), x.dtype), x.shape)
-    return x
-
-
 def _array_leaves(operator: AbstractLinearOperator) -> list[Array] | None:
     """The inexact array leaves of `operator`, if its action reads every one of
-    them (a matrix, the diagonals of a tridiagonal operator, ... -- the data of a
-    cacheable operator, see `is_cacheable`); else `None` (a function or Jacobian
-    operator may hold arrays it never reads, e.g. an unused `±inf` bound)."""
-    # `is_cacheable` asks for concrete arrays too: ask it about the structure only.
-    # (Any failure of a user's registration on the stand-ins means "no": the probe
-    # is always correct.)
+    them (a matrix, the diagonals of a tridiagonal operator, ...: see
+    `reads_every_leaf`); else `None` (a function or Jacobian operator may hold
+    arrays it never reads, e.g. an unused `±inf` bound)."""
+    # (Any failure of a user's registration means "no": the probe is always
+    # correct.)
     try:
-        reads_every_leaf = is_cacheable(jtu.tree_map(_concrete_leaf, operator))
+        reads = reads_every_leaf(operator)
     except Exception:  # noqa: BLE001
-        reads_every_leaf = False
-    if not reads_every_leaf:
+        reads = False
+    if not reads:
         return None
     return [x for x in jtu.tree_leaves(operator) if is_inexact_array(x)]
 

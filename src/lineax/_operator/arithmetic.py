@@ -15,6 +15,7 @@ from .base import (
     conj,
     diagonal,
     has_unit_diagonal,
+    holds_values,
     is_cacheable,
     is_diagonal,
     is_lower_triangular,
@@ -25,6 +26,7 @@ from .base import (
     is_upper_triangular,
     linearise,
     materialise,
+    reads_every_leaf,
     tridiagonal,
 )
 
@@ -445,3 +447,10 @@ for _cls in (MulLinearOperator, DivLinearOperator):
     is_cacheable.register(_cls)(
         lambda op: concrete_arrays(op.scalar) and is_cacheable(op.operator)
     )
+reads_every_leaf.register(AddLinearOperator)(_both(reads_every_leaf))
+reads_every_leaf.register(ComposedLinearOperator)(_both(reads_every_leaf))
+holds_values.register(AddLinearOperator)(_both(holds_values))
+# (A scaled operator reads its scalar.)
+for _cls in (NegLinearOperator, MulLinearOperator, DivLinearOperator):
+    reads_every_leaf.register(_cls)(lambda op: reads_every_leaf(op.operator))
+    holds_values.register(_cls)(lambda op: holds_values(op.operator))

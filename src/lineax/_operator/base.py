@@ -427,6 +427,49 @@ def is_cacheable(operator: Any) -> bool:
     return False
 
 
+@ft.singledispatch
+def reads_every_leaf(operator: Any) -> bool:
+    """Whether the action of `operator` reads every one of its inexact array leaves
+    (a matrix, the diagonals of a tridiagonal operator, ...), so that they are
+    finite exactly when the operator is: the finiteness test of a solve then
+    examines them instead of the operator's action on a probe.
+
+    A question about the operator's structure, never its values. `False` for
+    anything that registers nothing: a Function or Jacobian operator may hold
+    arrays it never reads (an unused `±inf` bound in its `args`).
+    """
+    return False
+
+
+def _yes(operator: Any) -> bool:
+    return True
+
+
+@ft.singledispatch
+def holds_values(operator: AbstractLinearOperator) -> bool:
+    """Whether the diagonal (and matrix) of `operator` are read from stored arrays
+    or a few probes, rather than computed by materialising it. The default is
+    "no" (a Function or Jacobian operator, or an operator class lineax does not
+    know), except for operators tagged diagonal or tridiagonal, whose bands cost
+    one or three matrix-vector products."""
+    return is_diagonal(operator) or is_tridiagonal(operator)
+
+
+@ft.singledispatch
+def has_cheap_diagonal(operator: AbstractLinearOperator) -> bool:
+    """Whether `lx.diagonal(operator)` reads stored values (a sparse matrix's
+    diagonal does, though its dense matrix would be costly)."""
+    return holds_values(operator)
+
+
+def register_stored(cls: type) -> None:
+    """Declare that the operators of class `cls` store their values (a matrix,
+    diagonals, ...): their action reads every array leaf (`reads_every_leaf`),
+    and their diagonal and matrix are read, not computed (`holds_values`)."""
+    reads_every_leaf.register(cls)(_yes)
+    holds_values.register(cls)(_yes)
+
+
 def concrete_arrays(tree: PyTree) -> bool:
     """Whether every leaf of `tree` is a JAX or NumPy array that is not traced."""
     return all(

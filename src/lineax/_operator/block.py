@@ -16,6 +16,7 @@ from .base import (
     is_cacheable,
     linearise,
     materialise,
+    reads_every_leaf,
     register_tag_predicates,
 )
 
@@ -192,4 +193,9 @@ linearise.register(BlockLinearOperator)(_map(linearise))
 conj.register(BlockLinearOperator)(_map(conj))
 is_cacheable.register(BlockLinearOperator)(
     lambda op: all(is_cacheable(b) for row in op.blocks for b in row if b is not None)
+)
+reads_every_leaf.register(BlockLinearOperator)(
+    lambda op: all(
+        reads_every_leaf(b) for row in op.blocks for b in row if b is not None
+    )
 )

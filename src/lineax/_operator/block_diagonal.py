@@ -27,6 +27,7 @@ from .base import (
     is_upper_triangular,
     linearise,
     materialise,
+    reads_every_leaf,
     tridiagonal,
 )
 
@@ -272,4 +273,13 @@ linearise.register(BlockDiagonalLinearOperator)(lambda op: op.map_blocks(lineari
 conj.register(BlockDiagonalLinearOperator)(lambda op: op.map_blocks(conj))
 is_cacheable.register(BlockDiagonalLinearOperator)(
     lambda op: all(is_cacheable(b) for b in op.representatives())
+)
+# (Of the stacked operator itself, whose leaves are the blocks' leaves stacked: a
+# question of structure, asked without indexing them.)
+reads_every_leaf.register(BlockDiagonalLinearOperator)(
+    lambda op: (
+        all(reads_every_leaf(b) for b in op.blocks)
+        if op._stacked is None
+        else reads_every_leaf(op._stacked)
+    )
 )

@@ -17,6 +17,7 @@ from .base import (
     diagonal,
     flatten_vector,
     is_cacheable,
+    register_stored,
     register_structure,
     tridiagonal,
 )
@@ -79,3 +80,4 @@ def _(operator):
 
 
 is_cacheable.register(DiagonalLinearOperator)(concrete_arrays)
+register_stored(DiagonalLinearOperator)

@@ -24,6 +24,7 @@ from .base import (
     is_upper_triangular,
     linearise,
     materialise,
+    register_stored,
     tridiagonal,
     unflatten_vector,
 )
@@ -134,3 +135,4 @@ def _(operator):
 
 
 is_cacheable.register(IdentityLinearOperator)(concrete_arrays)
+register_stored(IdentityLinearOperator)

@@ -26,6 +26,7 @@ from .base import (
     is_upper_triangular,
     linearise,
     materialise,
+    reads_every_leaf,
     unflatten_vector,
 )
 
@@ -208,3 +209,4 @@ def _(operator):
 
 
 is_cacheable.register(KroneckerLinearOperator)(_all(is_cacheable))
+reads_every_leaf.register(KroneckerLinearOperator)(_all(reads_every_leaf))

@@ -17,6 +17,7 @@ from .base import (
     is_cacheable,
     linearise,
     materialise,
+    reads_every_leaf,
     register_tag_predicates,
 )
 from .matrix import MatrixLinearOperator
@@ -158,4 +159,7 @@ linearise.register(LowRankUpdateLinearOperator)(lambda op: _map(linearise, op))
 conj.register(LowRankUpdateLinearOperator)(lambda op: _map(conj, op))
 is_cacheable.register(LowRankUpdateLinearOperator)(
     lambda op: all(is_cacheable(x) for x in (op.operator, op.u, op.c, op.v))
+)
+reads_every_leaf.register(LowRankUpdateLinearOperator)(
+    lambda op: all(reads_every_leaf(x) for x in (op.operator, op.u, op.c, op.v))
 )

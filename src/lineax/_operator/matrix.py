@@ -17,6 +17,7 @@ from .base import (
     conj,
     diagonal,
     is_cacheable,
+    register_stored,
     register_tag_predicates,
     tridiagonal,
 )
@@ -88,3 +89,4 @@ def _(operator):
 
 
 is_cacheable.register(MatrixLinearOperator)(concrete_arrays)
+register_stored(MatrixLinearOperator)

@@ -18,6 +18,7 @@ from .base import (
     conj,
     diagonal,
     is_cacheable,
+    register_stored,
     register_tag_predicates,
     tridiagonal,
 )
@@ -210,3 +211,4 @@ def _(operator):
 
 
 is_cacheable.register(PyTreeLinearOperator)(concrete_arrays)
+register_stored(PyTreeLinearOperator)

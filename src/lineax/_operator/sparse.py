@@ -18,7 +18,9 @@ from .base import (
     concrete_arrays,
     conj,
     diagonal,
+    has_cheap_diagonal,
     is_cacheable,
+    reads_every_leaf,
     register_tag_predicates,
     tridiagonal,
 )
@@ -316,3 +318,5 @@ def _(operator):
 
 
 is_cacheable.register(SparseLinearOperator)(lambda op: concrete_arrays(op.matrix))
+reads_every_leaf.register(SparseLinearOperator)(lambda op: True)
+has_cheap_diagonal.register(SparseLinearOperator)(lambda op: True)

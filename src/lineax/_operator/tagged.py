@@ -10,6 +10,7 @@ from .base import (
     conj,
     diagonal,
     holds_by_tags,
+    holds_values,
     is_cacheable,
     is_diagonal,
     is_tridiagonal,
@@ -18,6 +19,7 @@ from .base import (
     PREDICATE_OF_TAG,
     probe_diagonal,
     probe_tridiagonal,
+    reads_every_leaf,
     tridiagonal,
 )
 
@@ -72,6 +74,12 @@ def _register(predicate, tag):
 for _tag, _predicate in PREDICATE_OF_TAG.items():
     _register(_predicate, _tag)
 is_cacheable.register(TaggedLinearOperator)(lambda op: is_cacheable(op.operator))
+reads_every_leaf.register(TaggedLinearOperator)(
+    lambda op: reads_every_leaf(op.operator)
+)
+holds_values.register(TaggedLinearOperator)(
+    lambda op: holds_values(op.operator) or holds_values.dispatch(object)(op)
+)
 
 
 @materialise.register(TaggedLinearOperator)

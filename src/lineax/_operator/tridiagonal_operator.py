@@ -15,6 +15,7 @@ from .base import (
     conj,
     diagonal,
     is_cacheable,
+    register_stored,
     register_structure,
     tridiagonal,
 )
@@ -118,3 +119,4 @@ def _(operator):
 
 
 is_cacheable.register(TridiagonalLinearOperator)(concrete_arrays)
+register_stored(TridiagonalLinearOperator)

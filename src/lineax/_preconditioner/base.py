@@ -20,7 +20,6 @@ The contract every preconditioner here keeps:
 """
 
 import dataclasses
-import functools as ft
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -32,19 +31,6 @@ import numpy as np
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from .._misc import result_dtype, Static
-from .._operator import (
-    AddLinearOperator,
-    DiagonalLinearOperator,
-    DivLinearOperator,
-    IdentityLinearOperator,
-    MatrixLinearOperator,
-    MulLinearOperator,
-    NegLinearOperator,
-    PyTreeLinearOperator,
-    SparseLinearOperator,
-    TaggedLinearOperator,
-    TridiagonalLinearOperator,
-)
 from .._operator.base import (
     AbstractLinearOperator,
     check_operator,
@@ -53,14 +39,13 @@ from .._operator.base import (
     concrete_arrays,
     flatten_vector,
     is_cacheable,
-    is_diagonal,
     is_negative_semidefinite,
     is_positive_semidefinite,
     is_symmetric,
-    is_tridiagonal,
     linearise,
     materialise,
     matrix_by_mv,
+    reads_every_leaf,
     register_tag_predicates,
     unflatten_vector,
 )
@@ -116,6 +101,7 @@ class AbstractPolynomialPreconditioner(AbstractPreconditioner):
     """
 
     operator: eqx.AbstractVar[AbstractLinearOperator]
+    degree: eqx.AbstractVar[int]
 
     def transpose(self):
         return replace_fields(
@@ -139,6 +125,28 @@ def _(preconditioner):
 is_cacheable.register(AbstractPolynomialPreconditioner)(
     lambda p: is_cacheable(p.operator) and concrete_arrays(p)
 )
+reads_every_leaf.register(AbstractPolynomialPreconditioner)(
+    lambda p: reads_every_leaf(p.operator)
+)
+
+
+def init_polynomial(
+    preconditioner: AbstractPolynomialPreconditioner,
+    operator: Any,
+    degree: Any,
+) -> Any:
+    """The start of a polynomial preconditioner's `__init__`: check that
+    `operator` is square with equal input and output structures, and `degree`;
+    set the fields every polynomial preconditioner has (`operator`, `degree` and
+    the structures). Returns the dtype of the operator's input."""
+    who = type(preconditioner).__name__
+    check_square(operator, who)
+    check_same_structures(operator, who)
+    preconditioner.degree = check_degree(degree)
+    preconditioner.operator = operator
+    preconditioner.input_structure = Static(operator.out_structure())
+    preconditioner.output_structure = Static(operator.in_structure())
+    return result_dtype(operator.in_structure())
 
 
 def check_degree(degree: Any) -> int:
@@ -250,61 +258,6 @@ def apply_flat(
     """Apply `fn`, a map of flat vectors, to a PyTree vector, giving a PyTree vector
     with structure `out_struct`."""
     return unflatten_vector(fn(flatten_vector(vector)), out_struct, keep_dtype=True)
-
-
-#
-# Which operators hold their values, so that `lx.diagonal` and `as_matrix` only
-# read them. The default is "no" (a Function or Jacobian operator, or an operator
-# class lineax does not know), except for operators tagged diagonal or tridiagonal,
-# whose bands cost one or three matrix-vector products.
-#
-# These registrations belong beside each operator class (one file per operator);
-# they live here only to keep the preconditioners a self-contained addition, and
-# should move to the operator files when they next change.
-#
-
-
-@ft.singledispatch
-def holds_values(operator: AbstractLinearOperator) -> bool:
-    """Whether the diagonal (and matrix) of `operator` are read from stored arrays
-    or a few probes, rather than computed by materialising it."""
-    return is_diagonal(operator) or is_tridiagonal(operator)
-
-
-def _register_holds_values() -> None:
-    for cls in (
-        DiagonalLinearOperator,
-        IdentityLinearOperator,
-        MatrixLinearOperator,
-        PyTreeLinearOperator,
-        TridiagonalLinearOperator,
-    ):
-        holds_values.register(cls)(lambda operator: True)
-    for cls in (DivLinearOperator, MulLinearOperator, NegLinearOperator):
-        holds_values.register(cls)(lambda op: holds_values(op.operator))
-    holds_values.register(TaggedLinearOperator)(
-        lambda op: holds_values(op.operator) or holds_values.dispatch(object)(op)
-    )
-    holds_values.register(AddLinearOperator)(
-        lambda op: holds_values(op.operator1) and holds_values(op.operator2)
-    )
-
-
-_register_holds_values()
-
-
-@ft.singledispatch
-def has_cheap_diagonal(operator: AbstractLinearOperator) -> bool:
-    """Whether `lx.diagonal(operator)` reads stored values (a sparse matrix's
-    diagonal does, though its dense matrix would be costly)."""
-    return holds_values(operator)
-
-
-def _register_cheap_diagonal() -> None:
-    has_cheap_diagonal.register(SparseLinearOperator)(lambda operator: True)
-
-
-_register_cheap_diagonal()
 
 
 #

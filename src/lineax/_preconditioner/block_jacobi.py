@@ -12,8 +12,10 @@ from jaxtyping import Array, Inexact, Int
 from .._misc import Static
 from .._operator.base import (
     concrete_arrays,
+    holds_values,
     is_cacheable,
     is_tridiagonal,
+    reads_every_leaf,
     tridiagonal,
 )
 from .base import (
@@ -21,7 +23,6 @@ from .base import (
     apply_flat,
     check_square,
     definite_tags,
-    holds_values,
     replace_fields,
 )
 
@@ -134,3 +135,4 @@ class BlockJacobiPreconditioner(AbstractPreconditioner):
 
 
 is_cacheable.register(BlockJacobiPreconditioner)(concrete_arrays)
+reads_every_leaf.register(BlockJacobiPreconditioner)(lambda p: True)

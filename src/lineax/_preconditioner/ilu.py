@@ -10,7 +10,7 @@ import numpy as np
 from jaxtyping import Array, Bool
 
 from .._misc import Static
-from .._operator.base import concrete_arrays, is_cacheable
+from .._operator.base import concrete_arrays, is_cacheable, reads_every_leaf
 from .base import AbstractPreconditioner, apply_flat, replace_fields
 from .incomplete import (
     eliminate,
@@ -159,3 +159,4 @@ class ILUPreconditioner(AbstractPreconditioner):
 
 
 is_cacheable.register(ILUPreconditioner)(concrete_arrays)
+reads_every_leaf.register(ILUPreconditioner)(lambda p: True)

@@ -15,6 +15,7 @@ from .._operator.base import (
     is_negative_semidefinite,
     is_positive_semidefinite,
     is_symmetric,
+    reads_every_leaf,
 )
 from .base import AbstractPreconditioner, apply_flat, definite_tags, replace_fields
 from .ilu import check_shift, shifted_diagonal
@@ -180,3 +181,4 @@ class IncompleteCholeskyPreconditioner(AbstractPreconditioner):
 
 
 is_cacheable.register(IncompleteCholeskyPreconditioner)(concrete_arrays)
+reads_every_leaf.register(IncompleteCholeskyPreconditioner)(lambda p: True)

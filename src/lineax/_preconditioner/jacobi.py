@@ -12,9 +12,11 @@ from .._misc import result_dtype, Static
 from .._operator.base import (
     concrete_arrays,
     diagonal,
+    has_cheap_diagonal,
     is_cacheable,
     is_negative_semidefinite,
     is_positive_semidefinite,
+    reads_every_leaf,
 )
 from .._tags import diagonal_tag
 from .base import (
@@ -23,7 +25,6 @@ from .base import (
     check_square,
     definite_tags,
     flat_mv,
-    has_cheap_diagonal,
     replace_fields,
 )
 
@@ -141,3 +142,4 @@ def _(operator):
 
 
 is_cacheable.register(JacobiPreconditioner)(concrete_arrays)
+reads_every_leaf.register(JacobiPreconditioner)(lambda p: True)

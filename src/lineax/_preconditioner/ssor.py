@@ -11,13 +11,17 @@ import jax.scipy.linalg as jsl
 from jaxtyping import Array, Inexact, Scalar
 
 from .._misc import result_dtype, Static
-from .._operator.base import concrete_arrays, is_cacheable
+from .._operator.base import (
+    concrete_arrays,
+    holds_values,
+    is_cacheable,
+    reads_every_leaf,
+)
 from .base import (
     AbstractPreconditioner,
     apply_flat,
     check_square,
     definite_tags,
-    holds_values,
     replace_fields,
 )
 
@@ -100,3 +104,4 @@ class SSORPreconditioner(AbstractPreconditioner):
 
 
 is_cacheable.register(SSORPreconditioner)(concrete_arrays)
+reads_every_leaf.register(SSORPreconditioner)(lambda p: True)
