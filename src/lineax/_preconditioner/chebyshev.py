@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, PRNGKeyArray, Scalar
 
-from .._misc import result_dtype, Static
+from .._misc import Static
 from .._operator.base import (
     AbstractLinearOperator,
     is_negative_semidefinite,
@@ -20,11 +20,9 @@ from .._tags import negative_semidefinite_tag, positive_semidefinite_tag
 from .base import (
     AbstractPolynomialPreconditioner,
     apply_flat,
-    check_degree,
-    check_same_structures,
-    check_square,
     definite_tags,
     flat_mv,
+    init_polynomial,
     spectrum_interval,
 )
 
@@ -103,10 +101,7 @@ class ChebyshevPreconditioner(AbstractPolynomialPreconditioner):
         lanczos_steps: int = 20,
         key: PRNGKeyArray | None = None,
     ):
-        check_square(operator, "ChebyshevPreconditioner")
-        check_same_structures(operator, "ChebyshevPreconditioner")
-        self.degree = check_degree(degree)
-        dtype = result_dtype(operator.in_structure())
+        dtype = init_polynomial(self, operator, degree)
         if interval is None:
             lo, hi = spectrum_interval(
                 operator,
@@ -126,11 +121,8 @@ class ChebyshevPreconditioner(AbstractPolynomialPreconditioner):
                 tags = tags - {positive_semidefinite_tag}
             if is_negative_semidefinite(operator) and float(np.real(hi)) > 0:
                 tags = tags - {negative_semidefinite_tag}
-        self.operator = operator
         self.lower = lo
         self.upper = hi
-        self.input_structure = Static(operator.out_structure())
-        self.output_structure = Static(operator.in_structure())
         self.tags = tags
 
     def mv(self, vector):

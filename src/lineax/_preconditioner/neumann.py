@@ -8,7 +8,7 @@ import jax.core
 import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray, Scalar
 
-from .._misc import result_dtype, Static
+from .._misc import Static
 from .._operator.base import (
     AbstractLinearOperator,
     is_negative_semidefinite,
@@ -17,11 +17,9 @@ from .._operator.base import (
 from .base import (
     AbstractPolynomialPreconditioner,
     apply_flat,
-    check_degree,
-    check_same_structures,
-    check_square,
     definite_tags,
     flat_mv,
+    init_polynomial,
     spectrum_interval,
 )
 
@@ -70,10 +68,7 @@ class NeumannPreconditioner(AbstractPolynomialPreconditioner):
         lanczos_steps: int = 20,
         key: PRNGKeyArray | None = None,
     ):
-        check_square(operator, "NeumannPreconditioner")
-        check_same_structures(operator, "NeumannPreconditioner")
-        self.degree = check_degree(degree)
-        dtype = result_dtype(operator.in_structure())
+        dtype = init_polynomial(self, operator, degree)
         positive = is_positive_semidefinite(operator)
         negative = (not positive) and is_negative_semidefinite(operator)
         if scale is None:
@@ -93,10 +88,7 @@ class NeumannPreconditioner(AbstractPolynomialPreconditioner):
                     "`scale` must be negative for a negative definite operator, got "
                     f"{scale!r}."
                 )
-        self.operator = operator
         self.scale = jnp.asarray(scale, dtype=dtype)
-        self.input_structure = Static(operator.out_structure())
-        self.output_structure = Static(operator.in_structure())
         self.tags = definite_tags(operator)
 
     def mv(self, vector):
