@@ -188,16 +188,26 @@ def _linear_solve_impl(
 
 
 def _failed(result: RESULTS, finite: Array) -> Array:
-    return (result != RESULTS.successful) | ~finite
+    return ~_is_successful(result) | ~finite
+
+
+def _is_successful(result: RESULTS) -> Array:
+    """`result == RESULTS.successful`, without Equinox's eager comparison: for a
+    concrete `result` (the direct solvers' constant) that dispatches a tiny JAX
+    program, compiled anew on every first call after `jax.clear_caches()` (about
+    30 ms of an un-jitted first call); NumPy compares a concrete code for free."""
+    value = result._value
+    success = RESULTS.successful._value
+    if isinstance(value, jax.core.Tracer):
+        return value == success
+    return jnp.asarray(np.asarray(value) == np.asarray(success))
 
 
 def _with_singular(result: RESULTS, finite: Array) -> RESULTS:
     """A solver reporting success with non-finite output hit a singular system.
     (The direct solvers make their solution NaN at an exactly zero pivot, see
     `nan_at_zero_pivots`: this one test covers both.)"""
-    return RESULTS.where(
-        (result == RESULTS.successful) & ~finite, RESULTS.singular, result
-    )
+    return RESULTS.where(_is_successful(result) & ~finite, RESULTS.singular, result)
 
 
 def host_result_code(code: Any, *leaves: Any) -> np.ndarray:
