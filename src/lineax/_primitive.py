@@ -152,10 +152,14 @@ def _linear_solve_impl(
         solution, result, stats = _compute_without_stats(solver, state, vector, options)
     # A non-finite operator can give a finite solution (`x / inf = 0`, and BLAS
     # skips the zero entries of a right-hand side): the primal solve tests the
-    # operator's arrays too, if they are its input (a matrix, not a closure). Its
+    # operator's arrays too, if they are its input (a matrix, not a closure),
+    # unless the solver's state already records it (the dense solvers, see
+    # `reports_nonfinite_operator`: no O(n^2) scan when a state is reused). Its
     # derivative solves use the same operator, already tested.
     arrays = _array_leaves(operator)
-    checked = arrays if kind == "primal" else None
+    checked = None
+    if kind == "primal" and not solver.reports_nonfinite_operator(state):
+        checked = arrays
     finite = tree_all_finite((solution, checked))
     if throw is None:
         # The un-jitted entry point's compiled solve (`throw=None`): the caller

@@ -138,6 +138,9 @@ class AutoLinearSolver(AbstractLinearSolver[AutoState]):
         inner, options = state.solver.conj(state.state, options)
         return AutoState(state.solver, inner), options
 
+    def reports_nonfinite_operator(self, state: AutoState) -> bool:
+        return state.solver.reports_nonfinite_operator(state.state)
+
     def assume_full_rank(self) -> bool:
         return self.well_posed is not False
 

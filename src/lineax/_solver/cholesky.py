@@ -12,7 +12,6 @@ from .._operator.base import (
     is_negative_semidefinite,
     is_positive_semidefinite,
 )
-from .._solution import RESULTS
 from ._packing import (
     pack_structures,
     PackedStructures,
@@ -25,17 +24,21 @@ from .base import (
     check_square,
     check_tag,
     nan_at_zero_pivots,
+    nonfinite_result,
     norm1,
+    operator_is_finite,
     rcond_estimate,
 )
 
 
 class CholeskyState(eqx.Module):
     """State of [`lineax.Cholesky`][]: the lower Cholesky factor of `A` (or of
-    `-A` if `negative`), and the 1-norm of `A` (for the condition estimate)."""
+    `-A` if `negative`), the 1-norm of `A` (for the condition estimate), and
+    whether every entry of `A` is finite."""
 
     factor: Array
     norm: Array
+    finite: Array
     packed_structures: PackedStructures = eqx.field(static=True)
     negative: bool = eqx.field(static=True)
 
@@ -73,7 +76,13 @@ class Cholesky(AbstractLinearSolver[CholeskyState]):
         if negative:
             matrix = -matrix
         factor = jnp.linalg.cholesky(matrix)
-        return CholeskyState(factor, norm1(matrix), pack_structures(operator), negative)
+        return CholeskyState(
+            factor,
+            norm1(matrix),
+            operator_is_finite(matrix),
+            pack_structures(operator),
+            negative,
+        )
 
     def compute(self, state: CholeskyState, vector, options):
         del options
@@ -95,13 +104,18 @@ class Cholesky(AbstractLinearSolver[CholeskyState]):
                 dtype=state.factor.dtype,
             )
         }
-        return unravel_solution(x, state.packed_structures), RESULTS.successful, stats
+        return (
+            unravel_solution(x, state.packed_structures),
+            nonfinite_result(state.finite),
+            stats,
+        )
 
     def transpose(self, state: CholeskyState, options):
         # A is Hermitian, so A^T = conj(A), factorised by conj(L).
         new = CholeskyState(
             jnp.conj(state.factor),
             state.norm,
+            state.finite,
             transpose_packed_structures(state.packed_structures),
             state.negative,
         )
@@ -109,9 +123,17 @@ class Cholesky(AbstractLinearSolver[CholeskyState]):
 
     def conj(self, state: CholeskyState, options):
         new = CholeskyState(
-            jnp.conj(state.factor), state.norm, state.packed_structures, state.negative
+            jnp.conj(state.factor),
+            state.norm,
+            state.finite,
+            state.packed_structures,
+            state.negative,
         )
         return new, options
+
+    def reports_nonfinite_operator(self, state: CholeskyState) -> bool:
+        del state
+        return True
 
     def assume_full_rank(self) -> bool:
         return True

@@ -9,7 +9,6 @@ import jax.scipy.linalg as jsl
 from jaxtyping import Array, Int
 
 from .._operator.base import AbstractLinearOperator
-from .._solution import RESULTS
 from ._packing import (
     pack_structures,
     PackedStructures,
@@ -21,21 +20,24 @@ from .base import (
     AbstractLinearSolver,
     check_square,
     nan_at_zero_pivots,
+    nonfinite_result,
     norm1,
+    operator_is_finite,
     rcond_estimate,
 )
 
 
 class LUState(eqx.Module):
     """State of [`lineax.LU`][]: the packed factors `L` (unit lower) and `U` (upper)
-    of `A[permutation] = L U`, whether to solve with the transpose, and the 1-norms
+    of `A[permutation] = L U`, whether to solve with the transpose, the 1-norms
     of the operator solved with and of its transpose (for the condition
-    estimate)."""
+    estimate), and whether every entry of `A` is finite."""
 
     lu: Array
     permutation: Int[Array, " n"]
     norm: Array
     norm_transpose: Array
+    finite: Array
     packed_structures: PackedStructures = eqx.field(static=True)
     transposed: bool = eqx.field(static=True)
 
@@ -69,6 +71,7 @@ class LU(AbstractLinearSolver[LUState]):
             permutation,
             norm1(matrix),
             norm1(matrix.T),
+            operator_is_finite(matrix),
             pack_structures(operator),
             False,
         )
@@ -89,7 +92,11 @@ class LU(AbstractLinearSolver[LUState]):
                 dtype=state.lu.dtype,
             )
         }
-        return unravel_solution(x, state.packed_structures), RESULTS.successful, stats
+        return (
+            unravel_solution(x, state.packed_structures),
+            nonfinite_result(state.finite),
+            stats,
+        )
 
     def transpose(self, state: LUState, options):
         new = LUState(
@@ -97,6 +104,7 @@ class LU(AbstractLinearSolver[LUState]):
             state.permutation,
             state.norm_transpose,
             state.norm,
+            state.finite,
             transpose_packed_structures(state.packed_structures),
             not state.transposed,
         )
@@ -108,10 +116,15 @@ class LU(AbstractLinearSolver[LUState]):
             state.permutation,
             state.norm,
             state.norm_transpose,
+            state.finite,
             state.packed_structures,
             state.transposed,
         )
         return new, options
+
+    def reports_nonfinite_operator(self, state: LUState) -> bool:
+        del state
+        return True
 
     def assume_full_rank(self) -> bool:
         return True

@@ -9,7 +9,6 @@ import jax.scipy.linalg as jsl
 from jaxtyping import Array
 
 from .._operator.base import AbstractLinearOperator
-from .._solution import RESULTS
 from ._packing import (
     pack_structures,
     PackedStructures,
@@ -17,17 +16,26 @@ from ._packing import (
     transpose_packed_structures,
     unravel_solution,
 )
-from .base import AbstractLinearSolver, nan_at_zero_pivots, norm1, rcond_estimate
+from .base import (
+    AbstractLinearSolver,
+    nan_at_zero_pivots,
+    nonfinite_result,
+    norm1,
+    operator_is_finite,
+    rcond_estimate,
+)
 
 
 class QRState(eqx.Module):
     """State of [`lineax.QR`][]: a Householder QR factorisation `A = QR` as LAPACK's
     `geqrf` leaves it (`R` in the upper triangle of `reflectors`, the reflectors
     of `Q` below it, and their scalar factors `taus`). If `wide`, it factorises
-    the conjugate transpose `A^H` of the operator; otherwise `A` itself."""
+    the conjugate transpose `A^H` of the operator; otherwise `A` itself. And
+    whether every entry of `A` is finite."""
 
     reflectors: Array
     taus: Array
+    finite: Array
     packed_structures: PackedStructures = eqx.field(static=True)
     wide: bool = eqx.field(static=True)
 
@@ -71,7 +79,13 @@ class QR(AbstractLinearSolver[QRState]):
             matrix = jnp.conj(matrix.T)
         # `mode="raw"` is LAPACK's `geqrf` output, transposed.
         reflectors, taus = jnp.linalg.qr(matrix, mode="raw")
-        return QRState(reflectors.mT, taus, pack_structures(operator), wide)
+        return QRState(
+            reflectors.mT,
+            taus,
+            operator_is_finite(matrix),
+            pack_structures(operator),
+            wide,
+        )
 
     def compute(self, state: QRState, vector, options):
         del options
@@ -100,7 +114,11 @@ class QR(AbstractLinearSolver[QRState]):
                 dtype=r.dtype,
             )
         }
-        return unravel_solution(x, state.packed_structures), RESULTS.successful, stats
+        return (
+            unravel_solution(x, state.packed_structures),
+            nonfinite_result(state.finite),
+            stats,
+        )
 
     def transpose(self, state: QRState, options):
         # If A = QR then A^T = conj(A^H)... more precisely (A^T)^H = conj(A) =
@@ -110,6 +128,7 @@ class QR(AbstractLinearSolver[QRState]):
         new = QRState(
             jnp.conj(state.reflectors),
             jnp.conj(state.taus),
+            state.finite,
             transpose_packed_structures(state.packed_structures),
             not state.wide,
         )
@@ -119,10 +138,15 @@ class QR(AbstractLinearSolver[QRState]):
         new = QRState(
             jnp.conj(state.reflectors),
             jnp.conj(state.taus),
+            state.finite,
             state.packed_structures,
             state.wide,
         )
         return new, options
+
+    def reports_nonfinite_operator(self, state: QRState) -> bool:
+        del state
+        return True
 
     def assume_full_rank(self) -> bool:
         return True

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from .._operator.base import AbstractLinearOperator
-from .._solution import RESULTS
 from ._packing import (
     pack_structures,
     PackedStructures,
@@ -17,15 +16,17 @@ from ._packing import (
     transpose_packed_structures,
     unravel_solution,
 )
-from .base import AbstractLinearSolver
+from .base import AbstractLinearSolver, nonfinite_result, operator_is_finite
 
 
 class SVDState(eqx.Module):
-    """State of [`lineax.SVD`][]: the thin SVD `A = U diag(s) Vh`."""
+    """State of [`lineax.SVD`][]: the thin SVD `A = U diag(s) Vh`, and whether
+    every entry of `A` is finite."""
 
     u: Array
     s: Array
     vh: Array
+    finite: Array
     packed_structures: PackedStructures = eqx.field(static=True)
 
 
@@ -60,8 +61,9 @@ class SVD(AbstractLinearSolver[SVDState]):
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> SVDState:
         del options
-        u, s, vh = jnp.linalg.svd(operator.as_matrix(), full_matrices=False)
-        return SVDState(u, s, vh, pack_structures(operator))
+        matrix = operator.as_matrix()
+        u, s, vh = jnp.linalg.svd(matrix, full_matrices=False)
+        return SVDState(u, s, vh, operator_is_finite(matrix), pack_structures(operator))
 
     def compute(self, state: SVDState, vector, options):
         del options
@@ -87,7 +89,11 @@ class SVD(AbstractLinearSolver[SVDState]):
         x = jnp.matmul(jnp.conj(vh.T), coeffs.astype(vh.dtype), precision=hi)
         rcond = jnp.where(smax == 0, jnp.zeros_like(smin), smin / smax)
         stats = {"rcond": rcond}
-        return unravel_solution(x, state.packed_structures), RESULTS.successful, stats
+        return (
+            unravel_solution(x, state.packed_structures),
+            nonfinite_result(state.finite),
+            stats,
+        )
 
     def transpose(self, state: SVDState, options):
         # A^T = Vh^T diag(s) U^T.
@@ -95,15 +101,24 @@ class SVD(AbstractLinearSolver[SVDState]):
             state.vh.T,
             state.s,
             state.u.T,
+            state.finite,
             transpose_packed_structures(state.packed_structures),
         )
         return new, options
 
     def conj(self, state: SVDState, options):
         new = SVDState(
-            jnp.conj(state.u), state.s, jnp.conj(state.vh), state.packed_structures
+            jnp.conj(state.u),
+            state.s,
+            jnp.conj(state.vh),
+            state.finite,
+            state.packed_structures,
         )
         return new, options
+
+    def reports_nonfinite_operator(self, state: SVDState) -> bool:
+        del state
+        return True
 
     def assume_full_rank(self) -> bool:
         return False
