@@ -153,14 +153,15 @@ def _linear_solve_impl(
     # A non-finite operator can give a finite solution (`x / inf = 0`, and BLAS
     # skips the zero entries of a right-hand side): the primal solve tests the
     # operator's arrays too, if they are its input (a matrix, not a closure),
-    # unless the solver's state already records it (the dense solvers, see
-    # `reports_nonfinite_operator`: no O(n^2) scan when a state is reused). Its
+    # or the boolean that the solver's `init` recorded (the dense solvers, see
+    # `recorded_operator_finite`: no O(n^2) scan when a state is reused). Its
     # derivative solves use the same operator, already tested.
     arrays = _array_leaves(operator)
-    checked = None
-    if kind == "primal" and not solver.reports_nonfinite_operator(state):
-        checked = arrays
+    recorded = solver.recorded_operator_finite(state) if kind == "primal" else None
+    checked = arrays if kind == "primal" and recorded is None else None
     finite = tree_all_finite((solution, checked))
+    if recorded is not None:
+        finite = finite & recorded
     if throw is None:
         # The un-jitted entry point's compiled solve (`throw=None`): the caller
         # reads the result code on the host and examines the inputs there, if

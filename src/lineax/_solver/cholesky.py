@@ -12,6 +12,7 @@ from .._operator.base import (
     is_negative_semidefinite,
     is_positive_semidefinite,
 )
+from .._solution import RESULTS
 from ._packing import (
     pack_structures,
     PackedStructures,
@@ -24,7 +25,6 @@ from .base import (
     check_square,
     check_tag,
     nan_at_zero_pivots,
-    nonfinite_result,
     norm1,
     operator_is_finite,
     rcond_estimate,
@@ -104,11 +104,7 @@ class Cholesky(AbstractLinearSolver[CholeskyState]):
                 dtype=state.factor.dtype,
             )
         }
-        return (
-            unravel_solution(x, state.packed_structures),
-            nonfinite_result(state.finite),
-            stats,
-        )
+        return unravel_solution(x, state.packed_structures), RESULTS.successful, stats
 
     def transpose(self, state: CholeskyState, options):
         # A is Hermitian, so A^T = conj(A), factorised by conj(L).
@@ -131,9 +127,8 @@ class Cholesky(AbstractLinearSolver[CholeskyState]):
         )
         return new, options
 
-    def reports_nonfinite_operator(self, state: CholeskyState) -> bool:
-        del state
-        return True
+    def recorded_operator_finite(self, state: CholeskyState) -> Array:
+        return state.finite
 
     def assume_full_rank(self) -> bool:
         return True

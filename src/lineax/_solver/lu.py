@@ -9,6 +9,7 @@ import jax.scipy.linalg as jsl
 from jaxtyping import Array, Int
 
 from .._operator.base import AbstractLinearOperator
+from .._solution import RESULTS
 from ._packing import (
     pack_structures,
     PackedStructures,
@@ -20,7 +21,6 @@ from .base import (
     AbstractLinearSolver,
     check_square,
     nan_at_zero_pivots,
-    nonfinite_result,
     norm1,
     operator_is_finite,
     rcond_estimate,
@@ -92,11 +92,7 @@ class LU(AbstractLinearSolver[LUState]):
                 dtype=state.lu.dtype,
             )
         }
-        return (
-            unravel_solution(x, state.packed_structures),
-            nonfinite_result(state.finite),
-            stats,
-        )
+        return unravel_solution(x, state.packed_structures), RESULTS.successful, stats
 
     def transpose(self, state: LUState, options):
         new = LUState(
@@ -122,9 +118,8 @@ class LU(AbstractLinearSolver[LUState]):
         )
         return new, options
 
-    def reports_nonfinite_operator(self, state: LUState) -> bool:
-        del state
-        return True
+    def recorded_operator_finite(self, state: LUState) -> Array:
+        return state.finite
 
     def assume_full_rank(self) -> bool:
         return True

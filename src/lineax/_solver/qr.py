@@ -9,6 +9,7 @@ import jax.scipy.linalg as jsl
 from jaxtyping import Array
 
 from .._operator.base import AbstractLinearOperator
+from .._solution import RESULTS
 from ._packing import (
     pack_structures,
     PackedStructures,
@@ -19,7 +20,6 @@ from ._packing import (
 from .base import (
     AbstractLinearSolver,
     nan_at_zero_pivots,
-    nonfinite_result,
     norm1,
     operator_is_finite,
     rcond_estimate,
@@ -114,11 +114,7 @@ class QR(AbstractLinearSolver[QRState]):
                 dtype=r.dtype,
             )
         }
-        return (
-            unravel_solution(x, state.packed_structures),
-            nonfinite_result(state.finite),
-            stats,
-        )
+        return unravel_solution(x, state.packed_structures), RESULTS.successful, stats
 
     def transpose(self, state: QRState, options):
         # If A = QR then A^T = conj(A^H)... more precisely (A^T)^H = conj(A) =
@@ -144,9 +140,8 @@ class QR(AbstractLinearSolver[QRState]):
         )
         return new, options
 
-    def reports_nonfinite_operator(self, state: QRState) -> bool:
-        del state
-        return True
+    def recorded_operator_finite(self, state: QRState) -> Array:
+        return state.finite
 
     def assume_full_rank(self) -> bool:
         return True

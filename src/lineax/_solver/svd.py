@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from .._operator.base import AbstractLinearOperator
+from .._solution import RESULTS
 from ._packing import (
     pack_structures,
     PackedStructures,
@@ -16,7 +17,7 @@ from ._packing import (
     transpose_packed_structures,
     unravel_solution,
 )
-from .base import AbstractLinearSolver, nonfinite_result, operator_is_finite
+from .base import AbstractLinearSolver, operator_is_finite
 
 
 class SVDState(eqx.Module):
@@ -89,11 +90,7 @@ class SVD(AbstractLinearSolver[SVDState]):
         x = jnp.matmul(jnp.conj(vh.T), coeffs.astype(vh.dtype), precision=hi)
         rcond = jnp.where(smax == 0, jnp.zeros_like(smin), smin / smax)
         stats = {"rcond": rcond}
-        return (
-            unravel_solution(x, state.packed_structures),
-            nonfinite_result(state.finite),
-            stats,
-        )
+        return unravel_solution(x, state.packed_structures), RESULTS.successful, stats
 
     def transpose(self, state: SVDState, options):
         # A^T = Vh^T diag(s) U^T.
@@ -116,9 +113,8 @@ class SVD(AbstractLinearSolver[SVDState]):
         )
         return new, options
 
-    def reports_nonfinite_operator(self, state: SVDState) -> bool:
-        del state
-        return True
+    def recorded_operator_finite(self, state: SVDState) -> Array:
+        return state.finite
 
     def assume_full_rank(self) -> bool:
         return False
