@@ -285,11 +285,13 @@ def _linear_solve(operator, vector, solver, options, state, throw) -> Solution:
         # the primitive's JVP rule with respect to `operator` directly; stopping
         # gradients here means the factorisation is never differentiated.
         state = solver.init(_stop_gradient(operator), options)
+        kind = "primal"
     else:
         _check_state(state, operator, options, solver)
         state = _stop_gradient(state)
+        kind = "primal-reused-state"
     solution, result, stats = bind(
-        operator, state, vector, options, solver, throw, "primal"
+        operator, state, vector, options, solver, throw, kind
     )
     return Solution(value=solution, result=result, stats=stats, state=state)
 

@@ -40,10 +40,12 @@ from ._solver.base import AbstractLinearSolver, rank_flags, reads_option
 
 
 # Which solve failed, for the error raised under `throw=True`: the user's own
-# ("primal") solve, one made by the JVP rule ("tangent"), or one made by the
-# transpose rule in reverse mode ("cotangent").
+# ("primal") solve, the same with a state passed by the user
+# ("primal-reused-state"), one made by the JVP rule ("tangent"), or one made by
+# the transpose rule in reverse mode ("cotangent").
 _KIND_PREFIX = {
     "primal": "`linear_solve` failed: ",
+    "primal-reused-state": "`linear_solve` failed: ",
     "tangent": (
         "A tangent linear solve failed (one made by the JVP of `linear_solve`, "
         "e.g. under `jax.jvp`/`jax.grad`), although the primal solve had no error: "
@@ -114,6 +116,10 @@ def _operator_inputs(
     return [x for x in action if is_inexact_array(x)]
 
 
+def _is_primal(kind: str) -> bool:
+    return kind in ("primal", "primal-reused-state")
+
+
 def _messages(kind: str) -> list[str]:
     prefix = _KIND_PREFIX[kind]
     return [
@@ -143,11 +149,21 @@ def _linear_solve_impl(
         solution, result, stats = _compute_without_stats(solver, state, vector, options)
     # A non-finite operator can give a finite solution (`x / inf = 0`, and BLAS
     # skips the zero entries of a right-hand side): the primal solve tests the
-    # operator's arrays too, if they are its input (a matrix, not a closure). Its
-    # derivative solves use the same operator, already tested.
+    # operator's arrays too, if they are its input (a matrix, not a closure), in
+    # one reduction with the solution (see `tree_all_finite`). With a state
+    # passed by the user, it tests the boolean that the solver's `init` recorded
+    # instead, where there is one (the dense solvers, see
+    # `recorded_operator_finite`): no O(n^2) scan next to an O(n^2) solve. (A
+    # state made by this solve is not asked: XLA then removes `init`'s test.)
+    # Its derivative solves use the same operator, already tested.
     arrays = _array_leaves(operator)
-    checked = arrays if kind == "primal" else None
+    recorded = None
+    if kind == "primal-reused-state":
+        recorded = solver.recorded_operator_finite(state)
+    checked = arrays if _is_primal(kind) and recorded is None else None
     finite = tree_all_finite((solution, checked))
+    if recorded is not None:
+        finite = finite & recorded
     if throw is None:
         # The un-jitted entry point's compiled solve (`throw=None`): the caller
         # reads the result code on the host and examines the inputs there, if
@@ -177,7 +193,7 @@ def _linear_solve_impl(
     result = RESULTS.where(
         finite_input, _with_singular(result, finite), RESULTS.nonfinite_input
     )
-    if kind != "primal":
+    if not _is_primal(kind):
         # A failed derivative solve must not look like a valid derivative: its
         # `result` cannot be reported (the primal outputs of a JVP must not
         # depend on tangents), so it is made visible as NaN instead.
@@ -232,7 +248,7 @@ def _error_if_failed(solution, operator, arrays, vector, result, finite, kind):
     # callback) with their leaves of one shape and dtype stacked (see
     # `stack_alike_leaves`). `arrays` is `_array_leaves(operator)`.
     checked = []
-    if arrays is not None and kind == "primal":
+    if arrays is not None and _is_primal(kind):
         checked, _ = stack_alike_leaves(arrays)
     inputs, _ = stack_alike_leaves(
         [x for x in jtu.tree_leaves(vector) if is_inexact_array(x)]

@@ -4,6 +4,7 @@ shape (figure 1 of the lineax paper)."""
 from typing import Any
 
 import equinox as eqx
+from jaxtyping import Array
 
 from .._operator.base import (
     AbstractLinearOperator,
@@ -137,6 +138,9 @@ class AutoLinearSolver(AbstractLinearSolver[AutoState]):
     def conj(self, state: AutoState, options):
         inner, options = state.solver.conj(state.state, options)
         return AutoState(state.solver, inner), options
+
+    def recorded_operator_finite(self, state: AutoState) -> Array | None:
+        return state.solver.recorded_operator_finite(state.state)
 
     def assume_full_rank(self) -> bool:
         return self.well_posed is not False

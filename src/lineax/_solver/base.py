@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
+from .._misc import tree_all_finite
 from .._operator.base import (
     AbstractLinearOperator,
     check_square as check_square_operator,
@@ -142,6 +143,23 @@ class AbstractLinearSolver(eqx.Module, Generic[_SolverState]):
         """
         return operator, vector, options
 
+    def recorded_operator_finite(self, state: _SolverState) -> Array | None:
+        """Whether every entry of the operator that `state` was made from is
+        finite (a boolean scalar), if `init` recorded it (see
+        `operator_is_finite`); else `None`.
+
+        If recorded, the primal solve tests this boolean with its solution,
+        instead of scanning the operator's entries again at every solve: with a
+        state reused across right-hand sides, that O(n^2) scan would be most of
+        an O(n^2) solve. A non-finite operator then fails the solve, which is
+        reported as `RESULTS.nonfinite_input` (the failure path examines the
+        operator), as if the operator had been scanned. The default is `None`:
+        the operator's arrays are tested with the solution, at every primal
+        solve.
+        """
+        del state
+        return None
+
     def assume_full_rank(self) -> bool:
         """Whether this solver only handles operators of full rank (independent rows
         if wide, independent columns if tall, both if square).
@@ -273,6 +291,17 @@ def check_tag(ok: bool, solver_name: str, what: str, tag_hint: str) -> None:
             f"`lx.TaggedLinearOperator(operator, {first_tag})`), or "
             "use `lx.AutoLinearSolver`, which picks a solver from the tags."
         )
+
+
+def operator_is_finite(matrix: Array) -> Array:
+    """Whether every entry of `matrix` is finite (a boolean scalar): recorded by
+    a direct solver's `init`, next to the O(n^3) factorisation, so that each
+    solve from the state tests one boolean (see
+    `AbstractLinearSolver.recorded_operator_finite`) instead of scanning the
+    matrix again. (A non-finite entry does not always
+    reach the solution: `[[inf, 2], [2, 4]]` factorises to `U = [[inf, 2], [0,
+    4]]`, from which substitution gives a finite `x`.)"""
+    return tree_all_finite(matrix)
 
 
 def nan_at_zero_pivots(x: Array, pivots: Array) -> Array:

@@ -26,16 +26,19 @@ from .base import (
     check_tag,
     nan_at_zero_pivots,
     norm1,
+    operator_is_finite,
     rcond_estimate,
 )
 
 
 class CholeskyState(eqx.Module):
     """State of [`lineax.Cholesky`][]: the lower Cholesky factor of `A` (or of
-    `-A` if `negative`), and the 1-norm of `A` (for the condition estimate)."""
+    `-A` if `negative`), the 1-norm of `A` (for the condition estimate), and
+    whether every entry of `A` is finite."""
 
     factor: Array
     norm: Array
+    finite: Array
     packed_structures: PackedStructures = eqx.field(static=True)
     negative: bool = eqx.field(static=True)
 
@@ -73,7 +76,13 @@ class Cholesky(AbstractLinearSolver[CholeskyState]):
         if negative:
             matrix = -matrix
         factor = jnp.linalg.cholesky(matrix)
-        return CholeskyState(factor, norm1(matrix), pack_structures(operator), negative)
+        return CholeskyState(
+            factor,
+            norm1(matrix),
+            operator_is_finite(matrix),
+            pack_structures(operator),
+            negative,
+        )
 
     def compute(self, state: CholeskyState, vector, options):
         del options
@@ -102,6 +111,7 @@ class Cholesky(AbstractLinearSolver[CholeskyState]):
         new = CholeskyState(
             jnp.conj(state.factor),
             state.norm,
+            state.finite,
             transpose_packed_structures(state.packed_structures),
             state.negative,
         )
@@ -109,9 +119,16 @@ class Cholesky(AbstractLinearSolver[CholeskyState]):
 
     def conj(self, state: CholeskyState, options):
         new = CholeskyState(
-            jnp.conj(state.factor), state.norm, state.packed_structures, state.negative
+            jnp.conj(state.factor),
+            state.norm,
+            state.finite,
+            state.packed_structures,
+            state.negative,
         )
         return new, options
+
+    def recorded_operator_finite(self, state: CholeskyState) -> Array:
+        return state.finite
 
     def assume_full_rank(self) -> bool:
         return True

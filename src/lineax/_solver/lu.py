@@ -22,20 +22,22 @@ from .base import (
     check_square,
     nan_at_zero_pivots,
     norm1,
+    operator_is_finite,
     rcond_estimate,
 )
 
 
 class LUState(eqx.Module):
     """State of [`lineax.LU`][]: the packed factors `L` (unit lower) and `U` (upper)
-    of `A[permutation] = L U`, whether to solve with the transpose, and the 1-norms
+    of `A[permutation] = L U`, whether to solve with the transpose, the 1-norms
     of the operator solved with and of its transpose (for the condition
-    estimate)."""
+    estimate), and whether every entry of `A` is finite."""
 
     lu: Array
     permutation: Int[Array, " n"]
     norm: Array
     norm_transpose: Array
+    finite: Array
     packed_structures: PackedStructures = eqx.field(static=True)
     transposed: bool = eqx.field(static=True)
 
@@ -69,6 +71,7 @@ class LU(AbstractLinearSolver[LUState]):
             permutation,
             norm1(matrix),
             norm1(matrix.T),
+            operator_is_finite(matrix),
             pack_structures(operator),
             False,
         )
@@ -97,6 +100,7 @@ class LU(AbstractLinearSolver[LUState]):
             state.permutation,
             state.norm_transpose,
             state.norm,
+            state.finite,
             transpose_packed_structures(state.packed_structures),
             not state.transposed,
         )
@@ -108,10 +112,14 @@ class LU(AbstractLinearSolver[LUState]):
             state.permutation,
             state.norm,
             state.norm_transpose,
+            state.finite,
             state.packed_structures,
             state.transposed,
         )
         return new, options
+
+    def recorded_operator_finite(self, state: LUState) -> Array:
+        return state.finite
 
     def assume_full_rank(self) -> bool:
         return True

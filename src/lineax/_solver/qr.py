@@ -17,17 +17,25 @@ from ._packing import (
     transpose_packed_structures,
     unravel_solution,
 )
-from .base import AbstractLinearSolver, nan_at_zero_pivots, norm1, rcond_estimate
+from .base import (
+    AbstractLinearSolver,
+    nan_at_zero_pivots,
+    norm1,
+    operator_is_finite,
+    rcond_estimate,
+)
 
 
 class QRState(eqx.Module):
     """State of [`lineax.QR`][]: a Householder QR factorisation `A = QR` as LAPACK's
     `geqrf` leaves it (`R` in the upper triangle of `reflectors`, the reflectors
     of `Q` below it, and their scalar factors `taus`). If `wide`, it factorises
-    the conjugate transpose `A^H` of the operator; otherwise `A` itself."""
+    the conjugate transpose `A^H` of the operator; otherwise `A` itself. And
+    whether every entry of `A` is finite."""
 
     reflectors: Array
     taus: Array
+    finite: Array
     packed_structures: PackedStructures = eqx.field(static=True)
     wide: bool = eqx.field(static=True)
 
@@ -71,7 +79,13 @@ class QR(AbstractLinearSolver[QRState]):
             matrix = jnp.conj(matrix.T)
         # `mode="raw"` is LAPACK's `geqrf` output, transposed.
         reflectors, taus = jnp.linalg.qr(matrix, mode="raw")
-        return QRState(reflectors.mT, taus, pack_structures(operator), wide)
+        return QRState(
+            reflectors.mT,
+            taus,
+            operator_is_finite(matrix),
+            pack_structures(operator),
+            wide,
+        )
 
     def compute(self, state: QRState, vector, options):
         del options
@@ -110,6 +124,7 @@ class QR(AbstractLinearSolver[QRState]):
         new = QRState(
             jnp.conj(state.reflectors),
             jnp.conj(state.taus),
+            state.finite,
             transpose_packed_structures(state.packed_structures),
             not state.wide,
         )
@@ -119,10 +134,14 @@ class QR(AbstractLinearSolver[QRState]):
         new = QRState(
             jnp.conj(state.reflectors),
             jnp.conj(state.taus),
+            state.finite,
             state.packed_structures,
             state.wide,
         )
         return new, options
+
+    def recorded_operator_finite(self, state: QRState) -> Array:
+        return state.finite
 
     def assume_full_rank(self) -> bool:
         return True

@@ -17,15 +17,17 @@ from ._packing import (
     transpose_packed_structures,
     unravel_solution,
 )
-from .base import AbstractLinearSolver
+from .base import AbstractLinearSolver, operator_is_finite
 
 
 class SVDState(eqx.Module):
-    """State of [`lineax.SVD`][]: the thin SVD `A = U diag(s) Vh`."""
+    """State of [`lineax.SVD`][]: the thin SVD `A = U diag(s) Vh`, and whether
+    every entry of `A` is finite."""
 
     u: Array
     s: Array
     vh: Array
+    finite: Array
     packed_structures: PackedStructures = eqx.field(static=True)
 
 
@@ -60,8 +62,9 @@ class SVD(AbstractLinearSolver[SVDState]):
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> SVDState:
         del options
-        u, s, vh = jnp.linalg.svd(operator.as_matrix(), full_matrices=False)
-        return SVDState(u, s, vh, pack_structures(operator))
+        matrix = operator.as_matrix()
+        u, s, vh = jnp.linalg.svd(matrix, full_matrices=False)
+        return SVDState(u, s, vh, operator_is_finite(matrix), pack_structures(operator))
 
     def compute(self, state: SVDState, vector, options):
         del options
@@ -95,15 +98,23 @@ class SVD(AbstractLinearSolver[SVDState]):
             state.vh.T,
             state.s,
             state.u.T,
+            state.finite,
             transpose_packed_structures(state.packed_structures),
         )
         return new, options
 
     def conj(self, state: SVDState, options):
         new = SVDState(
-            jnp.conj(state.u), state.s, jnp.conj(state.vh), state.packed_structures
+            jnp.conj(state.u),
+            state.s,
+            jnp.conj(state.vh),
+            state.finite,
+            state.packed_structures,
         )
         return new, options
+
+    def recorded_operator_finite(self, state: SVDState) -> Array:
+        return state.finite
 
     def assume_full_rank(self) -> bool:
         return False
