@@ -393,29 +393,26 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
 
 
 def _power_of_two_scale(vector: PyTree[Array], rdtype: Any) -> Array:
-    """`2^e` with `max|b| = m 2^e`, `0.5 <= m < 1`; 1 for a zero or non-finite `b`.
+    """`2^e` with `max|b| = m 2^e`, `0.5 <= m < 1`; 1 for a zero, subnormal or
+    non-finite `b`.
 
-    Read from the exponent bits of `max|b|` (as `frexp`/`ldexp` would, which expand
-    to some forty operations that XLA then copies into every kernel using the
-    scale): a subnormal `max|b|` is first brought into the normal range by an exact
-    power of two."""
+    Twice the largest power of two not above `max|b|`, read from its exponent bits:
+    the few operations that XLA copies into each kernel using the scale (`frexp`
+    and `ldexp` were some forty). This is done in at least single precision, where
+    the subnormals of half precision are normal numbers; a subnormal of single or
+    double precision gives 1, as it did with `frexp` on CPU, where XLA flushes
+    them to zero."""
     leaves = jtu.tree_leaves(vector)
     if len(leaves) == 0:
         return jnp.ones((), rdtype)
-    big = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(rdtype) for x in leaves]))
-    usable = (big > 0) & jnp.isfinite(big)
-    info = jnp.finfo(rdtype)
-    shift = jnp.asarray(2.0 ** (info.nmant + 1), rdtype)
-    subnormal = big < info.smallest_normal
-    big = jnp.where(subnormal, big * shift, big)
+    wide = jnp.promote_types(rdtype, jnp.float32)
+    big = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(wide) for x in leaves]))
+    info = jnp.finfo(wide)
     uint = jnp.dtype(f"uint{info.bits}")
-    exponent_bits = ((1 << info.nexp) - 1) << info.nmant
-    # The largest power of two not above `big` (its mantissa bits cleared), doubled.
-    floor = lax.bitcast_convert_type(
-        lax.bitcast_convert_type(big, uint) & jnp.asarray(exponent_bits, uint), rdtype
-    )
-    scale = jnp.where(subnormal, (2 * floor) / shift, 2 * floor)
-    return jnp.where(usable, scale, 1).astype(rdtype)
+    mask = jnp.asarray(((1 << info.nexp) - 1) << info.nmant, uint)
+    floor = lax.bitcast_convert_type(lax.bitcast_convert_type(big, uint) & mask, wide)
+    usable = (floor > 0) & jnp.isfinite(floor)
+    return jnp.where(usable, 2 * floor, 1).astype(rdtype)
 
 
 @dataclasses.dataclass(frozen=True)
