@@ -106,6 +106,14 @@ class _Cycle(eqx.Module):
 def _givens(a, b, cdtype):
     """The complex Givens rotation `[[cs, sn], [-conj(sn), cs]]` with real `cs` that
     maps `(a, b)` to `(rho, 0)`: `(cs, sn, rho, |rho|)`."""
+    if not jnp.issubdtype(cdtype, jnp.complexfloating):
+        # The real case without the phase of `a` (`cs` may be negative): the same
+        # rotation up to the sign of both its rows, which changes `Q` and `R` by
+        # the same signs and the least-squares solution not at all (exactly: a
+        # sign is exact), with fewer operations to compile into every step.
+        denom = jnp.sqrt(a**2 + b**2)
+        safe_denom = jnp.where(denom == 0, 1, denom)
+        return a / safe_denom, b / safe_denom, denom, denom
     abs_a = jnp.abs(a)
     denom = jnp.sqrt(abs_a**2 + jnp.abs(b) ** 2)
     safe_denom = jnp.where(denom == 0, 1, denom).astype(cdtype)
