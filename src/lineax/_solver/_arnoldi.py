@@ -95,7 +95,9 @@ class _Cycle(eqx.Module):
     # Z: (m, *leaf_shape); None for GMRES, and for FGMRES without a preconditioner.
     directions: PyTree[Array] | None
     rotations: Array  # (m + 1, m + 1): the product Q of the Givens rotations so far
-    r_factor: Array  # (m, m): Q H, upper triangular
+    # (m, m): Q H, upper triangular, in the columns in use (its triangle is read);
+    # the identity's columns in the others
+    r_factor: Array
     k: Array  # number of basis vectors (columns of H) in use
     estimate: Array  # |last entry of Q beta e_1| = 2-norm of the residual
     invariant: Array  # h_{k+1,k} = 0: the cycle can go no further
@@ -196,8 +198,9 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             cs, sn, rho, denom = _givens(pair[0], pair[1], cdtype)
             degenerate = ~(denom > eps * column_norm)
             # A degenerate column is not used: the cycle ends with the basis so far.
-            # The rows and columns written below are zero until written, so "not
-            # used" means writing zeros (and the Givens pair as it was).
+            # The rows written below are zero and R's column is the identity's until
+            # written, so "not used" means writing those (and the Givens pair as it
+            # was).
             keep = ~degenerate
             v_new = tree_scale(jnp.where(invariant, 0, safe_div(1, hnext)), w)
             basis = basis_set(c.basis, j + 1, _kept(keep, v_new))
@@ -212,8 +215,9 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             rotations = lax.dynamic_update_slice_in_dim(
                 c.rotations, rows, j, 0, **_IN_RANGE
             )
-            r_column = jnp.where(jnp.arange(m, dtype=j.dtype) == j, rho, rotated[:m])
-            r_column = jnp.where(keep, r_column, 0)
+            diagonal = jnp.arange(m, dtype=j.dtype) == j
+            r_column = jnp.where(diagonal, jnp.where(keep, rho, 1), rotated[:m])
+            r_column = jnp.where(keep | diagonal, r_column, 0)
             r_factor = lax.dynamic_update_slice_in_dim(
                 c.r_factor, r_column[:, None], j, 1, **_IN_RANGE
             )
@@ -233,15 +237,12 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             )
 
         def solution(c: _Cycle):
-            # Solve R y = Q beta e_1 on the k columns in use (the rest padded with an
-            # identity, so their coefficients are 0), then x + P V y or x + Z y.
-            idx = jnp.arange(m, dtype=jnp.int32)
-            used = idx < c.k
-            r_used = jnp.where(
-                used[:, None] & used[None, :], c.r_factor, jnp.eye(m, dtype=cdtype)
-            )
+            # Solve R y = Q beta e_1 on the k columns in use (R holds the identity's
+            # columns in the others, and their coefficients are 0), then x + P V y
+            # or x + Z y.
+            used = jnp.arange(m, dtype=c.k.dtype) < c.k
             g = jnp.where(used, c.beta.astype(cdtype) * c.rotations[:m, 0], 0)
-            y = jsl.solve_triangular(r_used, g, lower=False)
+            y = jsl.solve_triangular(c.r_factor, g, lower=False)
             if c.directions is None:
                 # GMRES, or FGMRES without a preconditioner (`apply` is then `V y`).
                 basis_m = jtu.tree_map(lambda v: v[:m], c.basis)
@@ -275,7 +276,7 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
                 basis,
                 directions,
                 jnp.eye(m + 1, dtype=cdtype),
-                jnp.zeros((m, m), cdtype),
+                jnp.eye(m, dtype=cdtype),
                 jnp.array(0, jnp.int32),
                 beta,
                 false,

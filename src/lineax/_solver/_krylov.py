@@ -405,7 +405,7 @@ def _power_of_two_scale(vector: PyTree[Array], rdtype: Any) -> Array:
     leaves = jtu.tree_leaves(vector)
     if len(leaves) == 0:
         return jnp.ones((), rdtype)
-    wide = jnp.promote_types(rdtype, jnp.float32)
+    wide = jnp.dtype(rdtype) if jnp.finfo(rdtype).bits >= 32 else jnp.dtype(jnp.float32)
     big = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(wide) for x in leaves]))
     info = jnp.finfo(wide)
     uint = jnp.dtype(f"uint{info.bits}")
@@ -603,14 +603,15 @@ def _history_layout(max_steps: int, history_length: int | None) -> tuple[int, in
 
 def _record(history: Array, steps: Array, value: Array, every: int) -> Array:
     # Every step overwrites its entry (one dynamic-update-slice: no read-back and
-    # no select, which would be extra kernels in the loop body).
+    # no select, which would be extra kernels in the loop body; the index is never
+    # negative, so without JAX's wrapping of negative indices, another select).
     if history.shape[0] == 0:
         return history
     index = steps - 1
     if every > 1:
         index = lax.div(index, jnp.asarray(every, index.dtype))
     return lax.dynamic_update_index_in_dim(
-        history, value.astype(history.dtype), index, 0
+        history, value.astype(history.dtype), index, 0, allow_negative_indices=False
     )
 
 
