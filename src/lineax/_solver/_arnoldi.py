@@ -28,12 +28,16 @@ from ._krylov import (
     safe_div,
     tree_scale,
     tree_sub,
-    tree_where,
 )
 from .base import check_square
 
 
 _HIGHEST = lax.Precision.HIGHEST
+# The step indices are in range by construction (`0 <= j < m`), so they are used
+# with `lax.dynamic_*` without the wrapping of negative indices (and not as
+# `x[j]`/`x.at[j].set`, which would add it and a scatter's bounds test): each is
+# a few kernels more per step to compile.
+_IN_RANGE = {"allow_negative_indices": False}
 
 
 #
@@ -60,7 +64,9 @@ def basis_combine(basis: PyTree[Array], h: Array) -> PyTree[Array]:
 def basis_set(basis: PyTree[Array], j: Array, x: PyTree[Array]) -> PyTree[Array]:
     """`V` with its `j`-th vector replaced by `x`."""
     return jtu.tree_map(
-        lambda v, xi: lax.dynamic_update_index_in_dim(v, xi.astype(v.dtype), j, 0),
+        lambda v, xi: lax.dynamic_update_index_in_dim(
+            v, xi.astype(v.dtype), j, 0, **_IN_RANGE
+        ),
         basis,
         x,
     )
@@ -68,7 +74,9 @@ def basis_set(basis: PyTree[Array], j: Array, x: PyTree[Array]) -> PyTree[Array]
 
 def basis_get(basis: PyTree[Array], j: Array) -> PyTree[Array]:
     """The `j`-th vector of `V`."""
-    return jtu.tree_map(lambda v: lax.dynamic_index_in_dim(v, j, 0, False), basis)
+    return jtu.tree_map(
+        lambda v: lax.dynamic_index_in_dim(v, j, 0, False, **_IN_RANGE), basis
+    )
 
 
 #
@@ -87,7 +95,9 @@ class _Cycle(eqx.Module):
     # Z: (m, *leaf_shape); None for GMRES, and for FGMRES without a preconditioner.
     directions: PyTree[Array] | None
     rotations: Array  # (m + 1, m + 1): the product Q of the Givens rotations so far
-    r_factor: Array  # (m, m): Q H, upper triangular
+    # (m, m): Q H, upper triangular, in the columns in use (its triangle is read);
+    # the identity's columns in the others
+    r_factor: Array
     k: Array  # number of basis vectors (columns of H) in use
     estimate: Array  # |last entry of Q beta e_1| = 2-norm of the residual
     invariant: Array  # h_{k+1,k} = 0: the cycle can go no further
@@ -98,6 +108,14 @@ class _Cycle(eqx.Module):
 def _givens(a, b, cdtype):
     """The complex Givens rotation `[[cs, sn], [-conj(sn), cs]]` with real `cs` that
     maps `(a, b)` to `(rho, 0)`: `(cs, sn, rho, |rho|)`."""
+    if not jnp.issubdtype(cdtype, jnp.complexfloating):
+        # The real case without the phase of `a` (`cs` may be negative): the same
+        # rotation up to the sign of both its rows, which changes `Q` and `R` by
+        # the same signs and the least-squares solution not at all (exactly: a
+        # sign is exact), with fewer operations to compile into every step.
+        denom = jnp.sqrt(a**2 + b**2)
+        safe_denom = jnp.where(denom == 0, 1, denom)
+        return a / safe_denom, b / safe_denom, denom, denom
     abs_a = jnp.abs(a)
     denom = jnp.sqrt(abs_a**2 + jnp.abs(b) ** 2)
     safe_denom = jnp.where(denom == 0, 1, denom).astype(cdtype)
@@ -105,6 +123,11 @@ def _givens(a, b, cdtype):
     cs = abs_a.astype(cdtype) / safe_denom
     sn = phase * jnp.conj(b) / safe_denom
     return cs, sn, phase * denom.astype(cdtype), denom
+
+
+def _kept(keep: Array, x: PyTree[Array]) -> PyTree[Array]:
+    """`x` where `keep`, else zeros (not `0 * x`, which is NaN where `x` is)."""
+    return jtu.tree_map(lambda xi: jnp.where(keep, xi, jnp.zeros_like(xi)), x)
 
 
 class AbstractArnoldiSolver(AbstractKrylovSolver):
@@ -147,7 +170,6 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             j = c.k
             z = apply(precond, basis_get(c.basis, j))
             w = mv(z)
-            wnorm = norm2(w)
             # CGS2: classical Gram-Schmidt twice against the whole (zero-padded)
             # basis: as accurate as modified Gram-Schmidt in practice, and two matrix
             # products instead of a sequential loop.
@@ -155,53 +177,72 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             w = tree_sub(w, basis_combine(c.basis, h))
             h2 = basis_dot(c.basis, w)
             w = tree_sub(w, basis_combine(c.basis, h2))
-            h = h + h2
             hnext = norm2(w)
+            # The new column of H. (Its entry `j + 1` is zero before: the basis rows
+            # from `j + 1` on are zero.)
+            column = lax.dynamic_update_index_in_dim(
+                h + h2, hnext.astype(h.dtype), j + 1, 0, **_IN_RANGE
+            )
+            # `norm2(column)` is the norm of `A P v_j` (Pythagoras: the column holds
+            # its components in the basis and orthogonal to it), without another
+            # pass over that vector.
+            column_norm = norm2(column)
             # The new direction is numerically in the span of the basis. For GMRES
             # the space is invariant and this cycle's solution is final; for FGMRES
             # that holds only when H_k is nonsingular (Saad, Proposition 9.2): the
             # `degenerate` test below catches the other case. The cycle ends either
             # way.
-            invariant = hnext <= eps * wnorm
-            v_new = tree_scale(jnp.where(invariant, 0, safe_div(1, hnext)), w)
-            basis = basis_set(c.basis, j + 1, v_new)
-            directions = None if c.directions is None else basis_set(c.directions, j, z)
-            column = h.at[j + 1].set(hnext.astype(h.dtype))
+            invariant = hnext <= eps * column_norm
             rotated = c.rotations @ column
-            cs, sn, rho, denom = _givens(rotated[j], rotated[j + 1], cdtype)
-            degenerate = ~(denom > eps * norm2(column))
-            row_j = c.rotations[j]
-            row_j1 = c.rotations[j + 1]
-            rotations = c.rotations.at[j].set(cs * row_j + sn * row_j1)
-            rotations = rotations.at[j + 1].set(-jnp.conj(sn) * row_j + cs * row_j1)
-            r_factor = c.r_factor.at[:, j].set(rotated[:m].at[j].set(rho))
-            estimate = jnp.abs(rotations[j + 1, 0]) * c.beta
+            pair = lax.dynamic_slice_in_dim(rotated, j, 2, **_IN_RANGE)
+            cs, sn, rho, denom = _givens(pair[0], pair[1], cdtype)
+            degenerate = ~(denom > eps * column_norm)
             # A degenerate column is not used: the cycle ends with the basis so far.
+            # The rows written below are zero and R's column is the identity's until
+            # written, so "not used" means writing those (and the Givens pair as it
+            # was).
             keep = ~degenerate
+            v_new = tree_scale(jnp.where(invariant, 0, safe_div(1, hnext)), w)
+            basis = basis_set(c.basis, j + 1, _kept(keep, v_new))
+            directions = c.directions
+            if directions is not None:
+                directions = basis_set(directions, j, _kept(keep, z))
+            rows = lax.dynamic_slice_in_dim(c.rotations, j, 2, **_IN_RANGE)
+            rotated_rows = jnp.stack(
+                [cs * rows[0] + sn * rows[1], -jnp.conj(sn) * rows[0] + cs * rows[1]]
+            )
+            rows = jnp.where(keep, rotated_rows, rows)
+            rotations = lax.dynamic_update_slice_in_dim(
+                c.rotations, rows, j, 0, **_IN_RANGE
+            )
+            diagonal = jnp.arange(m, dtype=j.dtype) == j
+            r_column = jnp.where(diagonal, jnp.where(keep, rho, 1), rotated[:m])
+            r_column = jnp.where(keep | diagonal, r_column, 0)
+            r_factor = lax.dynamic_update_slice_in_dim(
+                c.r_factor, r_column[:, None], j, 1, **_IN_RANGE
+            )
+            estimate = jnp.where(keep, jnp.abs(rows[1, 0]) * c.beta, c.estimate)
             return _Cycle(
                 c.x,
                 c.beta,
-                tree_where(keep, basis, c.basis),
-                tree_where(keep, directions, c.directions),  # (None: None)
-                jnp.where(keep, rotations, c.rotations),
-                jnp.where(keep, r_factor, c.r_factor),
+                basis,
+                directions,
+                rotations,
+                r_factor,
                 jnp.where(keep, j + 1, j),
-                jnp.where(keep, estimate, c.estimate),
+                estimate,
                 invariant,
                 degenerate,
                 c.breakdown,
             )
 
         def solution(c: _Cycle):
-            # Solve R y = Q beta e_1 on the k columns in use (the rest padded with an
-            # identity, so their coefficients are 0), then x + P V y or x + Z y.
-            idx = jnp.arange(m, dtype=jnp.int32)
-            used = idx < c.k
-            r_used = jnp.where(
-                used[:, None] & used[None, :], c.r_factor, jnp.eye(m, dtype=cdtype)
-            )
+            # Solve R y = Q beta e_1 on the k columns in use (R holds the identity's
+            # columns in the others, and their coefficients are 0), then x + P V y
+            # or x + Z y.
+            used = jnp.arange(m, dtype=c.k.dtype) < c.k
             g = jnp.where(used, c.beta.astype(cdtype) * c.rotations[:m, 0], 0)
-            y = jsl.solve_triangular(r_used, g, lower=False)
+            y = jsl.solve_triangular(c.r_factor, g, lower=False)
             if c.directions is None:
                 # GMRES, or FGMRES without a preconditioner (`apply` is then `V y`).
                 basis_m = jtu.tree_map(lambda v: v[:m], c.basis)
@@ -235,7 +276,7 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
                 basis,
                 directions,
                 jnp.eye(m + 1, dtype=cdtype),
-                jnp.zeros((m, m), cdtype),
+                jnp.eye(m, dtype=cdtype),
                 jnp.array(0, jnp.int32),
                 beta,
                 false,

@@ -393,16 +393,26 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
 
 
 def _power_of_two_scale(vector: PyTree[Array], rdtype: Any) -> Array:
-    """`2^e` with `max|b| = m 2^e`, `0.5 <= m < 1`; 1 for a zero or non-finite `b`."""
+    """`2^e` with `max|b| = m 2^e`, `0.5 <= m < 1`; 1 for a zero, subnormal or
+    non-finite `b`.
+
+    Twice the largest power of two not above `max|b|`, read from its exponent bits:
+    the few operations that XLA copies into each kernel using the scale (`frexp`
+    and `ldexp` were some forty). This is done in at least single precision, where
+    the subnormals of half precision are normal numbers; a subnormal of single or
+    double precision gives 1, as it did with `frexp` on CPU, where XLA flushes
+    them to zero."""
     leaves = jtu.tree_leaves(vector)
     if len(leaves) == 0:
         return jnp.ones((), rdtype)
-    big = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(rdtype) for x in leaves]))
-    usable = (big > 0) & jnp.isfinite(big)
-    _, exponent = jnp.frexp(jnp.where(usable, big, 1))
-    return jnp.where(usable, jnp.ldexp(jnp.ones((), rdtype), exponent), 1).astype(
-        rdtype
-    )
+    wide = jnp.dtype(rdtype) if jnp.finfo(rdtype).bits >= 32 else jnp.dtype(jnp.float32)
+    big = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(wide) for x in leaves]))
+    info = jnp.finfo(wide)
+    uint = jnp.dtype(f"uint{info.bits}")
+    mask = jnp.asarray(((1 << info.nexp) - 1) << info.nmant, uint)
+    floor = lax.bitcast_convert_type(lax.bitcast_convert_type(big, uint) & mask, wide)
+    usable = (floor > 0) & jnp.isfinite(floor)
+    return jnp.where(usable, 2 * floor, 1).astype(rdtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -593,14 +603,15 @@ def _history_layout(max_steps: int, history_length: int | None) -> tuple[int, in
 
 def _record(history: Array, steps: Array, value: Array, every: int) -> Array:
     # Every step overwrites its entry (one dynamic-update-slice: no read-back and
-    # no select, which would be extra kernels in the loop body).
+    # no select, which would be extra kernels in the loop body; the index is never
+    # negative, so without JAX's wrapping of negative indices, another select).
     if history.shape[0] == 0:
         return history
     index = steps - 1
     if every > 1:
         index = lax.div(index, jnp.asarray(every, index.dtype))
     return lax.dynamic_update_index_in_dim(
-        history, value.astype(history.dtype), index, 0
+        history, value.astype(history.dtype), index, 0, allow_negative_indices=False
     )
 
 

@@ -1,0 +1,48 @@
+"""The power-of-two scale of a Krylov solve's right-hand side, read from exponent
+bits (`_krylov._power_of_two_scale`), against NumPy's `frexp`/`ldexp`."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lineax._solver._krylov import _power_of_two_scale
+
+
+def _frexp_scale(values, dtype):
+    big = np.max(np.abs(np.asarray(values, np.float64)))
+    if not (big > 0 and np.isfinite(big)):
+        return 1.0
+    return float(np.ldexp(1.0, np.frexp(big)[1]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64])
+def test_power_of_two_scale_matches_frexp(dtype):
+    info = jnp.finfo(dtype)
+    magnitudes = [1.0, 0.5, 0.75, 1.5, 3.0, 1e-3, 7.0, float(info.smallest_normal)]
+    magnitudes += [float(info.max) / 3, 2.0 ** (info.maxexp - 2)]
+    if dtype == jnp.float16:
+        # Subnormal in half precision, normal in the single precision of the test.
+        magnitudes += [float(info.smallest_normal) / 3, 6e-8]
+    rng = np.random.default_rng(0)
+    exponents = rng.integers(info.minexp + 2, info.maxexp - 2, 20)
+    magnitudes += list(rng.uniform(0.5, 1.0, 20) * 2.0**exponents)
+    for m in magnitudes:
+        b = jnp.asarray([m, -m / 3, 0.0], dtype)
+        expected = _frexp_scale(b.astype(jnp.float64), dtype)
+        scale = _power_of_two_scale(b, dtype)
+        assert scale.dtype == dtype
+        assert float(scale) == expected, m
+
+
+@pytest.mark.parametrize("value", [0.0, np.inf, -np.inf, np.nan])
+def test_power_of_two_scale_is_one_for_zero_or_nonfinite(value):
+    for dtype in (jnp.float16, jnp.float32, jnp.float64):
+        b = jnp.asarray([value, 0.0], dtype)
+        assert float(_power_of_two_scale(b, dtype)) == 1.0
+
+
+def test_power_of_two_scale_of_a_pytree_with_complex_leaves():
+    b = (jnp.asarray([3.0 + 4.0j], jnp.complex64), jnp.asarray([2.0], jnp.float32))
+    # max |b| = 5 = 0.625 * 2^3
+    assert float(_power_of_two_scale(b, jnp.float32)) == 8.0
+    assert float(_power_of_two_scale([], jnp.float32)) == 1.0
