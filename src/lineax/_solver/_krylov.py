@@ -339,13 +339,13 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         mv = operator.mv if mv is None else mv
         structure = operator.in_structure()
         rdtype = real_dtype(structure)
-        scale = _power_of_two_scale(vector, rdtype)
-        vector = tree_scale(1 / scale, vector)
+        scale, inverse = _power_of_two_scale(vector, rdtype)
+        vector = tree_scale(inverse, vector)
         if y0 is not None:
-            y0 = tree_scale(1 / scale, y0)
+            y0 = tree_scale(inverse, y0)
         x0, r0 = initial_residual(mv, vector, y0, structure)
         norm = self.scaled_norm()
-        tol = self.atol / scale + self.rtol * norm(vector)
+        tol = self.atol * inverse + self.rtol * norm(vector)
         return Problem(
             mv=mv,
             norm=norm,
@@ -392,17 +392,30 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         return True
 
 
-def _power_of_two_scale(vector: PyTree[Array], rdtype: Any) -> Array:
-    """`2^e` with `max|b| = m 2^e`, `0.5 <= m < 1`; 1 for a zero or non-finite `b`."""
+def _power_of_two_scale(vector: PyTree[Array], rdtype: Any) -> tuple[Array, Array]:
+    """`(2^e, 2^-e)` with `max|b| = m 2^e`, `0.5 <= m < 1`; `(1, 1)` for a zero,
+    subnormal or non-finite `b`.
+
+    Both are made from the exponent field of `max|b|` with integer operations:
+    cheap elementwise operations, which XLA computes inside the kernels that use
+    them, where `frexp`, `ldexp` and a division are kernels of their own."""
+    one = jnp.ones((), rdtype)
     leaves = jtu.tree_leaves(vector)
     if len(leaves) == 0:
-        return jnp.ones((), rdtype)
+        return one, one
     big = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(rdtype) for x in leaves]))
-    usable = (big > 0) & jnp.isfinite(big)
-    _, exponent = jnp.frexp(jnp.where(usable, big, 1))
-    return jnp.where(usable, jnp.ldexp(jnp.ones((), rdtype), exponent), 1).astype(
-        rdtype
-    )
+    info = jnp.finfo(rdtype)
+    itype = jnp.int32 if info.bits == 32 else jnp.int64
+    bias = info.maxexp - 1
+    mask = jnp.asarray((2 * bias + 1) << info.nmant, itype)
+    # `2^(e - 1)`, the exponent field of `max|b|`, and its inverse's field.
+    field = lax.bitcast_convert_type(big, itype) & mask
+    inverse = jnp.asarray(2 * bias << info.nmant, itype) - field
+    usable = (field > 0) & (field < mask)  # a normal, finite number
+    half = lax.bitcast_convert_type(field, rdtype)
+    scale = jnp.where(usable, 2 * half, one)
+    inverse = jnp.where(usable, 0.5 * lax.bitcast_convert_type(inverse, rdtype), one)
+    return scale, inverse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -695,7 +708,10 @@ def iterate(
         # the inner loop's condition, and once after it) rather than once here:
         # as values of their own they would be separate kernels of this body.
         def bound_of():
-            inner_tol = adapted_tolerance(estimate_of(start), k.rnorm, tol, k.factor)
+            # (The scalars are read from `o.book` here, so that the inner loop
+            # takes the whole array rather than slices of it made by kernels.)
+            b = book_of(o)
+            inner_tol = adapted_tolerance(estimate_of(start), b.rnorm, tol, b.factor)
             return inner_tol**2 if method.squared else inner_tol
 
         def inner_running(q: _Pass):
@@ -705,7 +721,7 @@ def iterate(
             is_first = q.steps == first
             go = is_first | (method.estimate(c) > bound_of())
             if method.settled is not None:
-                go = go & (is_first | ~method.settled(c, k.factor))
+                go = go & (is_first | ~method.settled(c, book_of(o).factor))
             if method.ends_pass is not None:
                 go = go & (is_first | ~method.ends_pass(c))
             go = go & ~halted(c) & (q.steps < max_steps)
