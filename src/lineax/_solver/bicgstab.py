@@ -35,9 +35,10 @@ class _Carry(eqx.Module):
     alpha: Scalar  # 0 right after a restart: the next direction is r itself
     omega: Scalar
     rnorm: Scalar  # the residual's norm; squared if it is the 2-norm
-    restart: Array  # restart before the next step (ends the pass: see `restart_from`)
+    # 0; 1: restart before the next step (ends the pass: see `restart_from`); 2:
+    # breakdown. (One value rather than two flags: each is a kernel of the step.)
+    status: Array
     fresh: Array  # no step since the last restart
-    breakdown: Array
 
 
 class BiCGStab(AbstractKrylovSolver):
@@ -150,9 +151,11 @@ class BiCGStab(AbstractKrylovSolver):
             rr = jnp.real(tree_dot(r, r))
             rho = tree_dot(c.shadow, r)
             restart = bad_sigma | bad_omega | small(rho, c.shadow_nn, rr)
+            # (A breakdown is a bad sigma, so also a restart.)
+            status = jnp.where(breakdown, _BREAKDOWN, restart.astype(jnp.int32))
             return _Carry(
                 x, r, c.shadow, c.shadow_nn, rr, rho, c.rho, p, v, alpha, omega,
-                estimate_of(r, rr), restart, jnp.array(False), breakdown,
+                estimate_of(r, rr), status, jnp.array(False),
             )  # fmt: skip
 
         def restarted(c: _Carry, r) -> _Carry:
@@ -162,8 +165,8 @@ class BiCGStab(AbstractKrylovSolver):
             zero = jnp.zeros((), c.alpha.dtype)
             return _Carry(
                 c.x, r, r, rr, rr, rr.astype(c.rho.dtype), c.rho_old, c.p,
-                c.v, zero, c.omega, estimate_of(r, rr), jnp.array(False),
-                jnp.array(True), c.breakdown,
+                c.v, zero, c.omega, estimate_of(r, rr),
+                jnp.where(c.status == _BREAKDOWN, _BREAKDOWN, 0), jnp.array(True),
             )  # fmt: skip
 
         def restart_from(c: _Carry, x, r, passed) -> _Carry:
@@ -172,7 +175,7 @@ class BiCGStab(AbstractKrylovSolver):
             # restart from the true residual; a periodic check leaves the iteration
             # alone.
             del x
-            return tree_where(passed | c.restart, restarted(c, r), c)
+            return tree_where(passed | (c.status > 0), restarted(c, r), c)
 
         r = problem.r0
         one = jnp.ones((), tree_dot(r, r).dtype)
@@ -190,9 +193,8 @@ class BiCGStab(AbstractKrylovSolver):
                 one,
                 one,
                 one.real,
-                jnp.array(False),
+                jnp.array(0, jnp.int32),
                 jnp.array(True),
-                jnp.array(False),
             ),  # fmt: skip
             r,
         )
@@ -202,8 +204,8 @@ class BiCGStab(AbstractKrylovSolver):
             squared=two,
             solution=lambda c: c.x,
             restart=restart_from,
-            halted=lambda c: c.breakdown,
-            ends_pass=lambda c: c.restart,
+            halted=lambda c: c.status == _BREAKDOWN,
+            ends_pass=lambda c: c.status > 0,
             mv_per_step=2,
             pass_length=_CHECK_EVERY,
         )
@@ -211,5 +213,6 @@ class BiCGStab(AbstractKrylovSolver):
         return iterate(self, problem, method, carry, rnorm=rnorm)
 
 
+_BREAKDOWN = 2  # (`_Carry.status`)
 # Steps between true-residual checks (for the best iterate and stagnation).
 _CHECK_EVERY = 50
