@@ -606,10 +606,30 @@ class _Book(eqx.Module):
     def pack(self, dtype) -> Array:
         return jnp.stack([jnp.asarray(v).astype(dtype) for v in jtu.tree_leaves(self)])
 
-    def unpack(self, book: Array) -> "_Book":
-        # (`self` gives the structure: which of the optional fields are present.)
-        leaves, treedef = jtu.tree_flatten(self)
-        return jtu.tree_unflatten(treedef, [book[i] for i in range(len(leaves))])
+    def unpack(self, book: Array) -> Any:
+        # (`self` gives the layout: which of the optional fields are present.)
+        names = [
+            f.name
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        ]
+        return _BookView(book, names)
+
+
+class _BookView:
+    """The fields of a stacked `_Book`, each sliced from the array when read (so
+    that fields a computation does not read cost nothing in it)."""
+
+    def __init__(self, book: Array, names: list[str]):
+        self._book = book
+        self._names = names
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self._names:
+            return None  # an optional field that is not carried
+        return self._book[self._names.index(name)]
 
 
 def _history_layout(max_steps: int, history_length: int | None) -> tuple[int, int]:
@@ -808,7 +828,7 @@ def iterate(
         None if method.below_floor is None else zero,
     )
 
-    def book_of(o: _Loop) -> _Book:
+    def book_of(o: _Loop) -> Any:
         return book.unpack(o.book)
 
     loop = _Loop(_Pass(carry, zero, history), p.x0, book.pack(p.rdtype), zero)
