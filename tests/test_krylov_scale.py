@@ -29,20 +29,24 @@ def test_power_of_two_scale_matches_frexp(dtype):
     for m in magnitudes:
         b = jnp.asarray([m, -m / 3, 0.0], dtype)
         expected = _frexp_scale(b.astype(jnp.float64), dtype)
-        scale = _power_of_two_scale(b, dtype)
-        assert scale.dtype == dtype
+        scale, inverse = _power_of_two_scale(b, dtype)
+        assert scale.dtype == dtype and inverse.dtype == dtype
         assert float(scale) == expected, m
+        if float(info.smallest_normal) <= 1 / expected <= float(info.max):
+            # (Beyond that the inverse is flushed to zero or overflows, as
+            # `1 / scale` does.)
+            assert float(inverse) == 1 / expected, m
 
 
 @pytest.mark.parametrize("value", [0.0, np.inf, -np.inf, np.nan])
 def test_power_of_two_scale_is_one_for_zero_or_nonfinite(value):
     for dtype in (jnp.float16, jnp.float32, jnp.float64):
         b = jnp.asarray([value, 0.0], dtype)
-        assert float(_power_of_two_scale(b, dtype)) == 1.0
+        assert float(_power_of_two_scale(b, dtype)[0]) == 1.0
 
 
 def test_power_of_two_scale_of_a_pytree_with_complex_leaves():
     b = (jnp.asarray([3.0 + 4.0j], jnp.complex64), jnp.asarray([2.0], jnp.float32))
     # max |b| = 5 = 0.625 * 2^3
-    assert float(_power_of_two_scale(b, jnp.float32)) == 8.0
-    assert float(_power_of_two_scale([], jnp.float32)) == 1.0
+    assert float(_power_of_two_scale(b, jnp.float32)[0]) == 8.0
+    assert float(_power_of_two_scale([], jnp.float32)[1]) == 1.0

@@ -339,13 +339,13 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         mv = operator.mv if mv is None else mv
         structure = operator.in_structure()
         rdtype = real_dtype(structure)
-        scale = _power_of_two_scale(vector, rdtype)
-        vector = tree_scale(1 / scale, vector)
+        scale, inverse = _power_of_two_scale(vector, rdtype)
+        vector = tree_scale(inverse, vector)
         if y0 is not None:
-            y0 = tree_scale(1 / scale, y0)
+            y0 = tree_scale(inverse, y0)
         x0, r0 = initial_residual(mv, vector, y0, structure)
         norm = self.scaled_norm()
-        tol = self.atol / scale + self.rtol * norm(vector)
+        tol = self.atol * inverse + self.rtol * norm(vector)
         return Problem(
             mv=mv,
             norm=norm,
@@ -392,27 +392,35 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         return True
 
 
-def _power_of_two_scale(vector: PyTree[Array], rdtype: Any) -> Array:
-    """`2^e` with `max|b| = m 2^e`, `0.5 <= m < 1`; 1 for a zero, subnormal or
-    non-finite `b`.
+def _power_of_two_scale(vector: PyTree[Array], rdtype: Any) -> tuple[Array, Array]:
+    """`(2^e, 2^-e)` with `max|b| = m 2^e`, `0.5 <= m < 1`; `(1, 1)` for a zero,
+    subnormal or non-finite `b`.
 
-    Twice the largest power of two not above `max|b|`, read from its exponent bits:
-    the few operations that XLA copies into each kernel using the scale (`frexp`
-    and `ldexp` were some forty). This is done in at least single precision, where
-    the subnormals of half precision are normal numbers; a subnormal of single or
-    double precision gives 1, as it did with `frexp` on CPU, where XLA flushes
-    them to zero."""
+    Both are made from the exponent field of `max|b|` with integer operations:
+    cheap elementwise operations, which XLA computes inside the kernels that use
+    them, where `frexp`, `ldexp` and a division are kernels of their own (some
+    forty operations copied into each kernel using the scale). This is done in at
+    least single precision, where the subnormals of half precision are normal
+    numbers; a subnormal of single or double precision gives 1, as it did with
+    `frexp` on CPU, where XLA flushes them to zero."""
+    one = jnp.ones((), rdtype)
     leaves = jtu.tree_leaves(vector)
     if len(leaves) == 0:
-        return jnp.ones((), rdtype)
+        return one, one
     wide = jnp.dtype(rdtype) if jnp.finfo(rdtype).bits >= 32 else jnp.dtype(jnp.float32)
     big = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(wide) for x in leaves]))
     info = jnp.finfo(wide)
-    uint = jnp.dtype(f"uint{info.bits}")
-    mask = jnp.asarray(((1 << info.nexp) - 1) << info.nmant, uint)
-    floor = lax.bitcast_convert_type(lax.bitcast_convert_type(big, uint) & mask, wide)
-    usable = (floor > 0) & jnp.isfinite(floor)
-    return jnp.where(usable, 2 * floor, 1).astype(rdtype)
+    itype = jnp.int32 if info.bits == 32 else jnp.int64
+    bias = info.maxexp - 1
+    mask = jnp.asarray((2 * bias + 1) << info.nmant, itype)
+    # `2^(e - 1)`, the exponent field of `max|b|`, and its inverse's field.
+    field = lax.bitcast_convert_type(big, itype) & mask
+    inverse = jnp.asarray(2 * bias << info.nmant, itype) - field
+    usable = (field > 0) & (field < mask)  # a normal, finite number
+    half = lax.bitcast_convert_type(field, wide)
+    scale = jnp.where(usable, 2 * half, 1).astype(rdtype)
+    inverse = jnp.where(usable, 0.5 * lax.bitcast_convert_type(inverse, wide), 1)
+    return scale, inverse.astype(rdtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -573,21 +581,60 @@ class _Pass(eqx.Module):
 
 
 class _Loop(eqx.Module):
-    """The outer loop's carry."""
+    """The outer loop's carry. Its scalars are carried stacked in one array,
+    `book` (see `_Book`): carried one by one, each would be computed by a kernel
+    of its own in the loop body (XLA does not fuse computations that end in
+    different outputs of a loop body), and on XLA:CPU each kernel costs several
+    milliseconds of compile time."""
 
     inner: _Pass
-    rnorm: Scalar  # norm of the last true residual
     best_x: PyTree[Array]  # the iterate with the smallest true residual so far
+    book: Array
+    verifications: Array
+
+
+class _Book(eqx.Module):
+    """The outer loop's scalars (counts and flags as floats: they are small
+    integers, exact in any float dtype)."""
+
+    rnorm: Scalar  # norm of the last true residual
     best_rnorm: Scalar
     factor: Scalar  # tightening of the adapted tolerance
-    since_best: Array  # verifications since `best_rnorm` last decreased
+    since_best: Scalar  # verifications since `best_rnorm` last decreased
+    converged: Scalar  # 1 or 0
     # The true progress measure when it last halved, and its estimate then (`None`
     # without the second stagnation test, so that it costs nothing).
     ref_progress: Scalar | None
     ref_estimate: Scalar | None
-    floor_hits: Array | None  # passes below the floor since the last halving
-    verifications: Array
-    converged: Array
+    floor_hits: Scalar | None  # passes below the floor since the last halving
+
+    def pack(self, dtype) -> Array:
+        return jnp.stack([jnp.asarray(v).astype(dtype) for v in jtu.tree_leaves(self)])
+
+    def unpack(self, book: Array) -> Any:
+        # (`self` gives the layout: which of the optional fields are present.)
+        names = [
+            f.name
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        ]
+        return _BookView(book, names)
+
+
+class _BookView:
+    """The fields of a stacked `_Book`, each sliced from the array when read (so
+    that fields a computation does not read cost nothing in it)."""
+
+    def __init__(self, book: Array, names: list[str]):
+        self._book = book
+        self._names = names
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self._names:
+            return None  # an optional field that is not carried
+        return self._book[self._names.index(name)]
 
 
 def _history_layout(max_steps: int, history_length: int | None) -> tuple[int, int]:
@@ -609,7 +656,14 @@ def _record(history: Array, steps: Array, value: Array, every: int) -> Array:
         return history
     index = steps - 1
     if every > 1:
-        index = lax.div(index, jnp.asarray(every, index.dtype))
+        if history.shape[0] * every <= 2**21:
+            # `index // every` in float32: exact below 2^21 (the rounding error is
+            # below the margin `0.5 / every`), and, unlike an integer division,
+            # fused by XLA into the kernel of the update (one kernel less a step).
+            scaled = index.astype(jnp.float32) * (1 / every) + 0.5 / every
+            index = scaled.astype(index.dtype)
+        else:
+            index = lax.div(index, jnp.asarray(every, index.dtype))
     return lax.dynamic_update_index_in_dim(
         history, value.astype(history.dtype), index, 0, allow_negative_indices=False
     )
@@ -673,24 +727,33 @@ def iterate(
     def outer_body(o: _Loop) -> _Loop:
         start = o.inner.carry
         first = o.inner.steps
-        inner_tol = adapted_tolerance(estimate_of(start), o.rnorm, tol, o.factor)
-        bound = inner_tol**2 if method.squared else inner_tol
-        # The step count at which the pass ends at the latest.
-        last = jnp.asarray(max_steps, jnp.int32)
-        if pass_length is not None:
-            last = jnp.minimum(last, first + pass_length)
+        k = book_of(o)
+
+        # The threshold of the estimate that ends the pass, and the step count
+        # at which the pass ends at the latest. Computed where they are used (in
+        # the inner loop's condition, and once after it) rather than once here:
+        # as values of their own they would be separate kernels of this body.
+        def bound_of():
+            # (The scalars are read from `o.book` here, so that the inner loop
+            # takes the whole array rather than slices of it made by kernels.)
+            b = book_of(o)
+            inner_tol = adapted_tolerance(estimate_of(start), b.rnorm, tol, b.factor)
+            return inner_tol**2 if method.squared else inner_tol
 
         def inner_running(q: _Pass):
             c = q.carry
             # The first step of a pass is always made: every pass makes progress,
             # whatever the (possibly underflowed) estimate says.
             is_first = q.steps == first
-            go = is_first | (method.estimate(c) > bound)
+            go = is_first | (method.estimate(c) > bound_of())
             if method.settled is not None:
-                go = go & (is_first | ~method.settled(c, o.factor))
+                go = go & (is_first | ~method.settled(c, book_of(o).factor))
             if method.ends_pass is not None:
                 go = go & (is_first | ~method.ends_pass(c))
-            return go & ~halted(c) & (q.steps < last)
+            go = go & ~halted(c) & (q.steps < max_steps)
+            if pass_length is not None:
+                go = go & (q.steps - first < pass_length)
+            return go
 
         q = lax.while_loop(inner_running, inner_step, o.inner)
         c = q.carry
@@ -700,20 +763,20 @@ def iterate(
         converged = rnorm <= tol
         if method.accept is not None:
             converged = converged | method.accept(c, x, r)
-        improved = rnorm < o.best_rnorm
+        improved = rnorm < k.best_rnorm
         # A converged iterate is returned, so it is kept as the "best" one.
         best_x = tree_where(improved | converged, x, o.best_x)
-        best_rnorm = jnp.where(improved, rnorm, o.best_rnorm)
-        since_best = jnp.where(improved, 0, o.since_best + 1)
-        ref_progress, ref_estimate = o.ref_progress, o.ref_estimate
-        floor_hits = o.floor_hits
+        best_rnorm = jnp.where(improved, rnorm, k.best_rnorm)
+        since_best = jnp.where(improved, 0, k.since_best + 1)
+        ref_progress, ref_estimate = k.ref_progress, k.ref_estimate
+        floor_hits = k.floor_hits
         halved = jnp.zeros((), bool)  # (no reference progress: never "halved")
         if ref_progress is not None:
             progress = (
                 rnorm if method.progress is None else method.progress(c, x, r, rnorm)
             )
             halved = progress <= 0.5 * ref_progress
-            ref_progress = jnp.where(halved, progress, ref_progress).astype(p.rdtype)
+            ref_progress = jnp.where(halved, progress, ref_progress)
         if method.progress_estimate is not None:
             estimate = method.progress_estimate(c)
             # Set whenever `progress_estimate` is (see the carry's initial value).
@@ -722,36 +785,32 @@ def iterate(
             # The estimate fell by `GAP` and the true measure did not even halve.
             stalled = ~converged & (estimate * GAP < ref_estimate)
             since_best = jnp.where(stalled, method.patience, since_best)
-            ref_estimate = ref_estimate.astype(p.rdtype)
         if method.below_floor is not None:
             assert floor_hits is not None
             # (A converged solve stops here whatever the count says.)
             hit = method.below_floor(c, rnorm)
-            floor_hits = jnp.where(halved, 0, floor_hits) + hit.astype(jnp.int32)
+            floor_hits = jnp.where(halved, 0, floor_hits) + hit.astype(p.rdtype)
             since_best = jnp.where(
                 floor_hits >= FLOOR_PATIENCE, method.patience, since_best
             )
-        passed = method.estimate(c) <= bound
+        passed = method.estimate(c) <= bound_of()
         if method.settled is not None:
-            passed = passed | method.settled(c, o.factor)
+            passed = passed | method.settled(c, k.factor)
         factor = jnp.where(
             passed & ~converged,
-            jnp.maximum(p.eps, 0.5 * o.factor),
-            jnp.minimum(1, 1.5 * o.factor),
-        ).astype(o.factor.dtype)
+            jnp.maximum(p.eps, 0.5 * k.factor),
+            jnp.minimum(1, 1.5 * k.factor),
+        )
         c = method.restart(c, x, r, passed)
+        book = _Book(
+            rnorm, best_rnorm, factor, since_best, converged, ref_progress,
+            ref_estimate, floor_hits,
+        )  # fmt: skip
         return _Loop(
             _Pass(c, q.steps, q.history),
-            rnorm,
             best_x,
-            best_rnorm,
-            factor,
-            since_best,
-            ref_progress,
-            ref_estimate,
-            floor_hits,
+            book.pack(p.rdtype),
             o.verifications + 1,
-            converged,
         )
 
     if rnorm is None:
@@ -764,52 +823,57 @@ def iterate(
     if method.progress_estimate is not None or method.below_floor is not None:
         inf = jnp.full((), jnp.inf, p.rdtype)
     zero = jnp.array(0, jnp.int32)
-    loop = _Loop(
-        _Pass(carry, zero, history),
+    book = _Book(
         rnorm,
-        p.x0,
         rnorm,
         jnp.ones((), p.rdtype),
         zero,
+        rnorm <= tol,
         inf,
         None if method.progress_estimate is None else inf,
         None if method.below_floor is None else zero,
-        zero,
-        rnorm <= tol,
     )
 
+    def book_of(o: _Loop) -> Any:
+        return book.unpack(o.book)
+
+    loop = _Loop(_Pass(carry, zero, history), p.x0, book.pack(p.rdtype), zero)
+
     def running(o: _Loop):
+        k = book_of(o)
         go = (
-            ~o.converged
+            ~(k.converged > 0)
             & ~halted(o.inner.carry)
             & (o.inner.steps < max_steps)
-            & jnp.isfinite(o.rnorm)
+            & jnp.isfinite(k.rnorm)
         )
         if not p.fixed:
-            go = go & (o.since_best < method.patience)
+            go = go & (k.since_best < method.patience)
         return go
 
     loop = lax.while_loop(running, outer_body, loop)
+    k = book_of(loop)
     stop = halted(loop.inner.carry)
-    nonfinite = ~jnp.isfinite(loop.rnorm)
-    stagnation = loop.since_best >= method.patience
+    nonfinite = ~jnp.isfinite(k.rnorm)
+    stagnation = k.since_best >= method.patience
     halt_result = method.halt_result
     if callable(halt_result):
         halt_result = halt_result(loop.inner.carry)
     assert isinstance(halt_result, RESULTS)  # a RESULTS, or a function giving one
+    loop_converged = k.converged > 0
     if p.fixed:
         # A fixed-iteration solve succeeds when it made its steps, or stopped early
         # because the method can go no further (an exhausted Krylov space), but not
         # on a breakdown.
-        converged = loop.converged | ~(
+        converged = loop_converged | ~(
             nonfinite | (stop & (halt_result == RESULTS.breakdown))
         )
         stagnation = jnp.array(False)
     else:
-        converged = loop.converged
+        converged = loop_converged
     # Converged: the last iterate (it passed); otherwise the best one seen.
     value = loop.best_x
-    value_rnorm = jnp.where(loop.converged, loop.rnorm, loop.best_rnorm)
+    value_rnorm = jnp.where(loop_converged, k.rnorm, k.best_rnorm)
     result = RESULTS.where(stop, halt_result, RESULTS.max_steps_reached)
     result = RESULTS.where(nonfinite, RESULTS.breakdown, result)
     result = RESULTS.where(stagnation & ~stop, RESULTS.stagnation, result)

@@ -15,7 +15,6 @@ from ._krylov import (
     iterate,
     Iteration,
     KrylovState,
-    norm2,
     safe_div,
     tree_axpy,
     tree_where,
@@ -27,7 +26,7 @@ class _Carry(eqx.Module):
     x: PyTree[Array]
     r: PyTree[Array]
     shadow: PyTree[Array]  # the shadow residual r̂_0
-    shadow_norm: Scalar  # its 2-norm, fixed between restarts
+    shadow_nn: Scalar  # its squared 2-norm, fixed between restarts
     rr: Scalar  # <r, r>
     rho: Scalar  # <r̂_0, r>, for the current r
     rho_old: Scalar  # rho of the step before
@@ -35,10 +34,11 @@ class _Carry(eqx.Module):
     v: PyTree[Array]
     alpha: Scalar  # 0 right after a restart: the next direction is r itself
     omega: Scalar
-    rnorm: Scalar
-    restart: Array  # restart before the next step (ends the pass: see `restart_from`)
+    rnorm: Scalar  # the residual's norm; squared if it is the 2-norm
+    # 0; 1: restart before the next step (ends the pass: see `restart_from`); 2:
+    # breakdown. (One value rather than two flags: each is a kernel of the step.)
+    status: Array
     fresh: Array  # no step since the last restart
-    breakdown: Array
 
 
 class BiCGStab(AbstractKrylovSolver):
@@ -99,13 +99,20 @@ class BiCGStab(AbstractKrylovSolver):
         tol = problem.tol
         mv = problem.mv
         # With the 2-norm as the stopping norm, the residual norms come from inner
-        # products computed anyway.
+        # products computed anyway, and the loop works with the squared norm
+        # (`Iteration.squared`), so that no step takes a square root of its own.
         two = self.norm is two_norm
-        b_norm2 = norm2(problem.vector)
+        tiny = (eps * eps) * jnp.real(tree_dot(problem.vector, problem.vector))
 
-        def small(value, x_norm, y_norm):
-            # |<x, y>| <= eps |x| |y|: a scale-invariant "numerically zero".
-            return ~(jnp.abs(value) > eps * x_norm * y_norm)
+        def small(value, xx, yy):
+            # |<x, y>| <= eps |x| |y|, in squares (from the squared norms the step
+            # has anyway): a scale-invariant "numerically zero". No square root:
+            # each would be a kernel of its own in the loop body. (The squares
+            # overflow only where `<y, y>` itself does, in the units of `Problem`.)
+            return ~(jnp.real(value * jnp.conj(value)) > (eps * eps) * xx * yy)
+
+        def estimate_of(r, rr):
+            return rr if two else problem.norm(r)
 
         # Each step needs several inner products; the norms in the breakdown
         # tests reuse them where possible (the shadow's norm changes only on a
@@ -114,26 +121,28 @@ class BiCGStab(AbstractKrylovSolver):
         # shadow vector per step): the outer loop verifies, and restarts from the
         # true residual (see `restart_from`).
         def step(c: _Carry) -> _Carry:
-            beta = safe_div(c.rho, c.rho_old) * safe_div(c.alpha, c.omega)
+            # (rho / rho_old) (alpha / omega), one division: 0 when either
+            # denominator is (a restart: alpha = 0 already makes beta 0).
+            beta = safe_div(c.rho * c.alpha, c.rho_old * c.omega)
             p = tree_axpy(beta, tree_axpy(-c.omega, c.v, c.p), c.r)
             phat = apply(precond, p)
             v = mv(phat)
             sigma = tree_dot(c.shadow, v)
-            bad_sigma = small(sigma, c.shadow_norm, norm2(v))
+            bad_sigma = small(sigma, c.shadow_nn, jnp.real(tree_dot(v, v)))
             # Right after a restart the shadow vector is the residual itself: a
             # vanishing <r, A P r> cannot be cured by restarting again. (Unless the
             # recursive residual is below rounding level: then its products may
             # underflow, and there is simply nothing left to do.)
-            breakdown = bad_sigma & c.fresh & (jnp.sqrt(c.rr) > eps * b_norm2)
+            breakdown = bad_sigma & c.fresh & (c.rr > tiny)
             alpha = jnp.where(bad_sigma, 0, safe_div(c.rho, sigma))
             s = tree_axpy(-alpha, v, c.r)
-            s_norm2 = norm2(s)
-            half_done = (s_norm2 if two else problem.norm(s)) <= tol
+            ss = jnp.real(tree_dot(s, s))
+            half_done = (ss <= tol * tol) if two else (problem.norm(s) <= tol)
             shat = apply(precond, s)
             t = mv(shat)
             ts = tree_dot(t, s)
             tt = jnp.real(tree_dot(t, t))
-            bad_omega = small(ts, jnp.sqrt(tt), s_norm2)
+            bad_omega = small(ts, tt, ss)
             omega = jnp.where(
                 bad_omega | half_done, 0, safe_div(ts, tt.astype(ts.dtype))
             )
@@ -141,12 +150,12 @@ class BiCGStab(AbstractKrylovSolver):
             r = tree_axpy(-omega, t, s)
             rr = jnp.real(tree_dot(r, r))
             rho = tree_dot(c.shadow, r)
-            r_norm2 = jnp.sqrt(rr)
-            rnorm = r_norm2 if two else problem.norm(r)
-            restart = bad_sigma | bad_omega | small(rho, c.shadow_norm, r_norm2)
+            restart = bad_sigma | bad_omega | small(rho, c.shadow_nn, rr)
+            # (A breakdown is a bad sigma, so also a restart.)
+            status = jnp.where(breakdown, _BREAKDOWN, restart.astype(jnp.int32))
             return _Carry(
-                x, r, c.shadow, c.shadow_norm, rr, rho, c.rho, p, v, alpha, omega,
-                rnorm, restart, jnp.array(False), breakdown,
+                x, r, c.shadow, c.shadow_nn, rr, rho, c.rho, p, v, alpha, omega,
+                estimate_of(r, rr), status, jnp.array(False),
             )  # fmt: skip
 
         def restarted(c: _Carry, r) -> _Carry:
@@ -155,9 +164,9 @@ class BiCGStab(AbstractKrylovSolver):
             rr = jnp.real(tree_dot(r, r))
             zero = jnp.zeros((), c.alpha.dtype)
             return _Carry(
-                c.x, r, r, jnp.sqrt(rr), rr, rr.astype(c.rho.dtype), c.rho_old, c.p,
-                c.v, zero, c.omega, problem.norm(r), jnp.array(False),
-                jnp.array(True), c.breakdown,
+                c.x, r, r, rr, rr, rr.astype(c.rho.dtype), c.rho_old, c.p,
+                c.v, zero, c.omega, estimate_of(r, rr),
+                jnp.where(c.status == _BREAKDOWN, _BREAKDOWN, 0), jnp.array(True),
             )  # fmt: skip
 
         def restart_from(c: _Carry, x, r, passed) -> _Carry:
@@ -166,7 +175,7 @@ class BiCGStab(AbstractKrylovSolver):
             # restart from the true residual; a periodic check leaves the iteration
             # alone.
             del x
-            return tree_where(passed | c.restart, restarted(c, r), c)
+            return tree_where(passed | (c.status > 0), restarted(c, r), c)
 
         r = problem.r0
         one = jnp.ones((), tree_dot(r, r).dtype)
@@ -184,25 +193,26 @@ class BiCGStab(AbstractKrylovSolver):
                 one,
                 one,
                 one.real,
-                jnp.array(False),
+                jnp.array(0, jnp.int32),
                 jnp.array(True),
-                jnp.array(False),
             ),  # fmt: skip
             r,
         )
-        rnorm = carry.rnorm
         method = Iteration(
             step=step,
             estimate=lambda c: c.rnorm,
+            squared=two,
             solution=lambda c: c.x,
             restart=restart_from,
-            halted=lambda c: c.breakdown,
-            ends_pass=lambda c: c.restart,
+            halted=lambda c: c.status == _BREAKDOWN,
+            ends_pass=lambda c: c.status > 0,
             mv_per_step=2,
             pass_length=_CHECK_EVERY,
         )
+        rnorm = jnp.sqrt(carry.rnorm) if two else carry.rnorm
         return iterate(self, problem, method, carry, rnorm=rnorm)
 
 
+_BREAKDOWN = 2  # (`_Carry.status`)
 # Steps between true-residual checks (for the best iterate and stagnation).
 _CHECK_EVERY = 50

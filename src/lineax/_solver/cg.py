@@ -19,6 +19,7 @@ from ._krylov import (
     tree_axpy,
     tree_scale,
     tree_sub,
+    tree_where,
 )
 from .normal import Normal
 
@@ -36,10 +37,9 @@ class _CGCarry(eqx.Module):
     x: PyTree[Array]
     r: PyTree[Array]  # recursively updated residual
     z: PyTree[Array] | None  # P r; `None` without a preconditioner (z = r)
-    p: PyTree[Array]  # the last search direction
+    p: PyTree[Array]  # the last search direction (see `replace_residual`)
     rho: Scalar  # <r, P r>
     rho_old: Scalar  # rho when `p` was made; 0 restarts the direction
-    w: Scalar  # 1, or 0 after a replacement that kept the direction made in `p`
     # norm(r), with the solver's norm; `None` where that is sqrt(rho).
     rnorm: Scalar | None
     # <p, A p> of the last step: <= 0 (or NaN) is a breakdown. Tested in the loop
@@ -138,7 +138,7 @@ class CG(AbstractDefiniteKrylovSolver):
             # the new one (with the update at the end of the step, as in JAX's CG,
             # XLA copies the direction on every step).
             z = c.r if c.z is None else c.z
-            p = tree_axpy(safe_div(c.rho, c.rho_old), c.p, tree_scale(c.w, z))
+            p = tree_axpy(safe_div(c.rho, c.rho_old), c.p, z)
             ap = mv(p)
             pap = jnp.real(tree_dot(p, ap))
             ok = pap > 0
@@ -146,15 +146,17 @@ class CG(AbstractDefiniteKrylovSolver):
             x = tree_axpy(alpha, p, c.x)
             r = tree_axpy(-alpha, ap, c.r)
             z, rho, rnorm = residual_terms(r)
-            return _CGCarry(x, r, z, p, rho, c.rho, one, rnorm, pap)
+            return _CGCarry(x, r, z, p, rho, c.rho, rnorm, pap)
 
         def replace_residual(c: _CGCarry, x, r, passed) -> _CGCarry:
             # Residual replacement. The next direction is the one the recursive
-            # residual makes (so CG's convergence is unchanged; the next step uses
-            # it as it is: w = 0, rho_old = rho), unless the true residual differs
-            # from the recursive one by more than 10%: then rounding dominates, and
-            # a direction conjugate to the old residual's history would make
-            # `alpha` jump, so the direction restarts (rho_old = 0).
+            # residual makes (so CG's convergence is unchanged), unless the true
+            # residual differs from the recursive one by more than 10%: then
+            # rounding dominates, and a direction conjugate to the old residual's
+            # history would make `alpha` jump, so the direction restarts. The next
+            # step makes `z + (rho / rho_old) p` with `rho_old = rho`, so `p` is
+            # stored as that direction minus `z` (0 for a restart): this costs no
+            # flag in the carry, nor its kernel.
             del x, passed
             z, rho, rnorm = residual_terms(r)
             # ||r - r_rec|| > 0.1 ||r||, in squares (rho is <r, r> without a
@@ -163,19 +165,17 @@ class CG(AbstractDefiniteKrylovSolver):
             gap = tree_sub(r, c.r)
             drifted = jnp.real(tree_dot(gap, gap)) > 0.01 * rr
             z_old = c.r if c.z is None else c.z
-            p = tree_axpy(safe_div(c.rho, c.rho_old), c.p, z_old)
-            rho_old = jnp.where(drifted, 0, rho)
-            w = drifted.astype(rho.dtype)
-            return _CGCarry(c.x, r, z, p, rho, rho_old, w, rnorm, c.pap)
+            z_new = r if z is None else z
+            p = tree_axpy(safe_div(c.rho, c.rho_old), c.p, tree_sub(z_old, z_new))
+            p = tree_where(drifted, tree_scale(0, p), p)
+            return _CGCarry(c.x, r, z, p, rho, rho, rnorm, c.pap)
 
         z, rho, rnorm = residual_terms(problem.r0)
         one = jnp.ones((), rho.dtype)
         zero = jnp.zeros((), rho.dtype)
         # rho_old = 0: the first direction is z itself (any vector will do as the
         # "old" direction it is added to with weight 0).
-        carry = _CGCarry(
-            problem.x0, problem.r0, z, problem.r0, rho, zero, one, rnorm, one
-        )
+        carry = _CGCarry(problem.x0, problem.r0, z, problem.r0, rho, zero, rnorm, one)
         method = Iteration(
             step=step,
             estimate=(lambda c: c.rho) if rho_is_norm else _rnorm,
