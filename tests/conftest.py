@@ -12,6 +12,8 @@ import contextlib
 import gc
 import os
 import re
+import shutil
+import tempfile
 
 import jax
 import jaxtyping
@@ -26,9 +28,43 @@ EXHAUSTIVE = bool(os.environ.get("LINEAX_EXHAUSTIVE"))
 TYPECHECKED = False
 
 
+# The run's compilation cache (see `_use_compilation_cache`): made by the first
+# process (pytest itself, or the pytest-xdist controller) and passed to the worker
+# processes through this environment variable.
+_CACHE_ENV = "LINEAX_TEST_COMPILATION_CACHE"
+
+
 def pytest_configure(config):
     global TYPECHECKED
     TYPECHECKED = bool(config.getoption("jaxtyping_packages", None))
+    if _CACHE_ENV not in os.environ:
+        os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="lineax-tests-jax-cache-")
+        config._lineax_cache_dir = os.environ[_CACHE_ENV]
+    _use_compilation_cache(os.environ[_CACHE_ENV])
+
+
+def pytest_unconfigure(config):
+    cache_dir = getattr(config, "_lineax_cache_dir", None)
+    if cache_dir is not None:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        del os.environ[_CACHE_ENV]
+
+
+def _use_compilation_cache(cache_dir):
+    """JAX's persistent compilation cache, for this run only (a temporary folder,
+    removed at the end; shared by pytest-xdist's workers).
+
+    Many tests build the same program from new Python functions (a `lambda` per
+    case, the same solve in several modules), and `_free_compiled_code` drops the
+    in-memory caches after each module: the XLA compile of an identical program is
+    then loaded from disk instead of redone (about a third of the compiles; JAX
+    never stores programs with host callbacks). Tracing still happens every time,
+    so what a test checks is unchanged."""
+    if not cache_dir:  # `LINEAX_TEST_COMPILATION_CACHE=` turns it off
+        return
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 @contextlib.contextmanager
