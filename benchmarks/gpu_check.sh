@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One short, prepared pass on a lent GPU: the GPU-scale benchmarks that have a
+# GPU target, the 256^2 Kronecker case, and the test suite; every step has its
+# own time limit so that a slow one cannot take the others' time, and the
+# results end in one archive.
+#
+#   OUT=/some/folder bash benchmarks/gpu_check.sh            # on the GPU
+#   SCALE=cpu QUICK=--quick bash benchmarks/gpu_check.sh     # dry run here
+#
+# lineax is imported from this checkout's src/ (printed first); the image's
+# own copy of the published package is never used.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+SCALE=${SCALE:-gpu}
+QUICK=${QUICK:-}
+OUTDIR=${OUT:-/tmp/gpu_check}
+RES=/tmp/gpu_check_results
+rm -rf "$RES" && mkdir -p "$RES" "$OUTDIR"
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+LOG="$OUTDIR/log.txt"
+step() { echo "=== $(date +%T) $*" | tee -a "$LOG"; }
+
+step environment
+"$PY" - <<'PY' 2>&1 | tee -a "$LOG"
+import equinox, jax, jaxtyping, lineax
+print("lineax:", lineax.__file__)
+print("jax", jax.__version__, "equinox", equinox.__version__,
+      "jaxtyping", jaxtyping.__version__, jax.devices())
+PY
+
+step "float32 dense, gradient and batch benchmarks"
+timeout 150 "$PY" benchmarks/run.py --scale "$SCALE" $QUICK --out "$RES/bench-f32" \
+  --cases 'grad_lstsq|grad_lu|dense_(lu|cholesky|qr)|vmap|many|tridiag' 2>&1 | tee -a "$LOG"
+
+step "float32 Krylov benchmarks"
+timeout 130 "$PY" benchmarks/run.py --scale "$SCALE" $QUICK --out "$RES/bench-f32-krylov" \
+  --cases 'cg_poisson|bicgstab|gmres_convdiff_N256|gmres_convdiff_N64|lsmr' 2>&1 | tee -a "$LOG"
+
+step "Kronecker benchmark"
+timeout 80 "$PY" benchmarks/structured.py --cases kronecker \
+  --kron "$([ "$SCALE" = gpu ] && echo 256 || echo 32)" $QUICK \
+  --out "$RES/structured" 2>&1 | tee -a "$LOG"
+
+step "test suite"
+timeout "${TEST_TIMEOUT:-200}" "$PY" -m pytest -q -p no:cacheprovider \
+  -n "${TEST_WORKERS:-12}" --dist loadfile --junitxml="$RES/junit.xml" \
+  ${TESTS:-tests} 2>&1 | tail -n 80 | tee -a "$LOG"
+
+step done
+tar -czf "$OUTDIR/results.tgz" -C "$RES" . 2>&1 | tee -a "$LOG"
