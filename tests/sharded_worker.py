@@ -310,12 +310,17 @@ def poisson_sparse():
     import scipy.sparse
     from jax.experimental import sparse as jsparse
 
+    # (Sparse factors: with two NumPy arrays, newer SciPy warns about the type
+    # `kron` returns.)
     def second_difference(n):
-        return 2 * np.eye(n) - np.eye(n, k=1) - np.eye(n, k=-1)
+        return scipy.sparse.csr_array(2 * np.eye(n) - np.eye(n, k=1) - np.eye(n, k=-1))
+
+    def eye(n):
+        return scipy.sparse.csr_array(np.eye(n))
 
     kron = scipy.sparse.kron
-    matrix = kron(second_difference(ROWS), np.eye(COLS)) + kron(
-        np.eye(ROWS), second_difference(COLS)
+    matrix = kron(second_difference(ROWS), eye(COLS)) + kron(
+        eye(ROWS), second_difference(COLS)
     )
     return jsparse.BCSR.from_scipy_sparse(matrix.tocsr())
 

@@ -345,8 +345,10 @@ def test_run_time_result(make_operator, vector, solver, member):
     solution = lx.linear_solve(make_operator(), vector, solver, throw=False)
     assert solution.result == getattr(lx.RESULTS, member)
     # Failure is visible in the value too: never a finite "answer" for these,
-    # except that a numerically singular LU may give huge finite values.
-    if member == "nonfinite_input":
+    # except that a numerically singular LU may give huge finite values. (LAPACK
+    # propagates NaN through its LU; cuSOLVER's may not, so on a GPU only the
+    # result code says it, as the docs promise.)
+    if member == "nonfinite_input" and jax.default_backend() == "cpu":
         assert not np.all(np.isfinite(solution.value))
     # With throw=True the same solve raises, with the result's message.
     message = lx.RESULTS[getattr(lx.RESULTS, member)]

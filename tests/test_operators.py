@@ -237,8 +237,20 @@ class MvCounter:
 
     @property
     def products(self) -> int:
-        # A batched call traces the body once too.
-        return self.batched_products + self.body_calls - self.batched_calls
+        # Up to JAX 0.10 a batched call traces the body once too (for its output
+        # type); later versions may not. Which one is measured once, below.
+        traced = _BATCHED_CALL_TRACES_BODY * self.batched_calls
+        return self.batched_products + self.body_calls - traced
+
+
+def _batched_call_traces_body() -> int:
+    counter = MvCounter(np.eye(2), jax.ShapeDtypeStruct((2,), jnp.float64))
+    jax.eval_shape(jax.vmap(counter.fn), jnp.zeros((3, 2)))
+    assert counter.batched_calls == 1 and counter.body_calls in (0, 1)
+    return counter.body_calls
+
+
+_BATCHED_CALL_TRACES_BODY = _batched_call_traces_body()
 
 
 _PROBE_STRUCTURES = {

@@ -6,6 +6,7 @@ initial guesses for solvers whose answer depends on them.
 Each test compares with a NumPy/`jnp` float64 reference or finite differences.
 """
 
+import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -300,6 +301,24 @@ def test_used_infinity_is_nonfinite_input():
     inf_vector = jnp.array([1.0, jnp.inf])
     sol = lx.linear_solve(lx.MatrixLinearOperator(_SINGULAR), inf_vector, throw=False)
     assert sol.result == lx.RESULTS.nonfinite_input
+
+
+@pytest.mark.parametrize("solver", [lx.LU(), lx.QR(), lx.SVD()], ids=type)
+def test_infinity_in_a_materialised_operator_is_nonfinite_input(solver):
+    # `[[inf, 2], [2, 4]]` factorises to `U = [[inf, 2], [0, 4]]`, from which
+    # substitution gives the finite x = [0, 1/4]: a user's operator (whose arrays
+    # lineax does not read) was reported `successful` with it. (On a GPU,
+    # cuSOLVER's LU also gives finite solutions where LAPACK's give NaN, so
+    # that a Jacobian operator holding inf was "solved" there.)
+    matrix = jnp.array([[jnp.inf, 2.0], [2.0, 4.0]])
+    operator = _ShiftedOperator(matrix, 0.0)
+    vector = jnp.ones(2)
+    sol = lx.linear_solve(operator, vector, solver, throw=False)
+    assert sol.result == lx.RESULTS.nonfinite_input
+    jitted = eqx.filter_jit(lambda op, v: lx.linear_solve(op, v, solver, throw=False))
+    assert jitted(operator, vector).result == lx.RESULTS.nonfinite_input
+    with pytest.raises(eqx.EquinoxRuntimeError, match="NaN or inf"):
+        lx.linear_solve(operator, vector, solver)
 
 
 def test_huge_finite_operator_is_not_nonfinite_input():

@@ -154,11 +154,16 @@ def _linear_solve_impl(
     # passed by the user, it tests the boolean that the solver's `init` recorded
     # instead, where there is one (the dense solvers, see
     # `recorded_operator_finite`): no O(n^2) scan next to an O(n^2) solve. (A
-    # state made by this solve is not asked: XLA then removes `init`'s test.)
+    # state made by this solve is not asked if the operator's arrays are tested:
+    # XLA then removes `init`'s test.) An operator whose arrays are not its input
+    # (a function, a Jacobian) has only the recorded test of the matrix that
+    # `init` materialised: without it, `[[inf, 2], [2, 4]]` solves to a finite
+    # "success" (and cuSOLVER's LU gives finite solutions from matrices holding
+    # inf and NaN, where LAPACK's give NaN).
     # Its derivative solves use the same operator, already tested.
     arrays = _array_leaves(operator)
     recorded = None
-    if kind == "primal-reused-state":
+    if kind == "primal-reused-state" or (kind == "primal" and arrays is None):
         recorded = solver.recorded_operator_finite(state)
     checked = arrays if _is_primal(kind) and recorded is None else None
     finite = tree_all_finite((solution, checked))
@@ -177,7 +182,7 @@ def _linear_solve_impl(
         # solver's `result` and `finite`, from which it derives the rest, so
         # that nothing else is computed outside it.
         solution = _error_if_failed(
-            solution, operator, arrays, vector, result, finite, kind
+            solution, operator, arrays, vector, result, finite, recorded, kind
         )
         # What is returned if no error is raised (or `EQX_ON_ERROR` says not to).
         return solution, _with_singular(result, finite), stats
@@ -241,7 +246,9 @@ def host_result_code(code: Any, *leaves: Any) -> np.ndarray:
 # of `jit`, e.g. under an un-jitted `jax.jvp`), the error is raised as an
 # `EquinoxRuntimeError`, as `branched_error_if` does on its own.
 @eqx.filter_jit
-def _error_if_failed(solution, operator, arrays, vector, result, finite, kind):
+def _error_if_failed(
+    solution, operator, arrays, vector, result, finite, recorded, kind
+):
     # Only the predicate is computed outside the branch: the branch receives the
     # arrays it examines, not `finite` (which XLA would compute as a kernel of its
     # own, for the branch's use only). They enter the conditional (and the
@@ -250,6 +257,11 @@ def _error_if_failed(solution, operator, arrays, vector, result, finite, kind):
     checked = []
     if arrays is not None and _is_primal(kind):
         checked, _ = stack_alike_leaves(arrays)
+    if recorded is not None:
+        # `init`'s test of the matrix it materialised, as an input the host tests
+        # with the others (NaN if it failed): for a function operator it is the
+        # only test of that matrix, which the probe of its action may miss.
+        checked.append(jnp.where(recorded, 0.0, jnp.nan))
     inputs, _ = stack_alike_leaves(
         [x for x in jtu.tree_leaves(vector) if is_inexact_array(x)]
     )
@@ -270,7 +282,8 @@ def _raise(operator, probe, checked, inputs, result, kind, solution):
 
     One host callback (`raise_everywhere`) finds the failure code and raises: it
     receives the result code, the solution, the arrays whose finiteness the solve
-    tested (`checked`: the primal solve's operator arrays) and the inputs (the
+    tested (`checked`: the primal solve's operator arrays, and `init`'s recorded
+    test of the matrix it made, if any) and the inputs (the
     vector, and the operator's action on a probe if `probe`: an operator whose
     action may not read all of its arrays, see `_operator_inputs`), and tests them
     with NumPy. Under `vmap` it examines every batch element and raises the

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import equinox as eqx
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import jax.tree_util as jtu
@@ -175,7 +176,9 @@ class BlockDiagonalLinearOperator(AbstractLinearOperator):
         matrices = eqx.filter_vmap(lambda b: b.as_matrix())(self._stacked)
         count, rows, columns = matrices.shape
         eye = jnp.eye(count, dtype=dtype)
-        out = jnp.einsum("ij,iab->iajb", eye, matrices.astype(dtype))
+        out = jnp.einsum(
+            "ij,iab->iajb", eye, matrices.astype(dtype), precision=lax.Precision.HIGHEST
+        )
         return out.reshape(count * rows, count * columns)
 
     def transpose(self):

@@ -193,7 +193,8 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             # `degenerate` test below catches the other case. The cycle ends either
             # way.
             invariant = hnext <= eps * column_norm
-            rotated = c.rotations @ column
+            # (HIGHEST: on a GPU a float32 product defaults to TF32, 10 bits.)
+            rotated = jnp.matmul(c.rotations, column, precision=_HIGHEST)
             pair = lax.dynamic_slice_in_dim(rotated, j, 2, **_IN_RANGE)
             cs, sn, rho, denom = _givens(pair[0], pair[1], cdtype)
             degenerate = ~(denom > eps * column_norm)
