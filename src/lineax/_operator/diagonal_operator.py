@@ -8,10 +8,9 @@ from jaxtyping import Array, PyTree
 
 from .._misc import inexact_asarray, structure_of, tree_conj
 from .._tags import diagonal_tag
+from ._arguments import check_leaf_arrays, check_not_number_sequence
 from .base import (
     AbstractLinearOperator,
-    check_leaf_arrays,
-    check_not_number_sequence,
     concrete_arrays,
     conj,
     diagonal,

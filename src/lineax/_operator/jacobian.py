@@ -16,9 +16,9 @@ from .._misc import (
     tree_is_complex,
 )
 from .._tags import as_tags, symmetric_tag, transpose_tags
+from ._arguments import check_leaf_arrays
 from .base import (
     AbstractLinearOperator,
-    check_leaf_arrays,
     linearise,
     materialise,
     matrix_by_mv,

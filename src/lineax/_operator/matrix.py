@@ -9,10 +9,10 @@ from jaxtyping import Array, Inexact
 
 from .._misc import inexact_asarray
 from .._tags import as_tags, transpose_tags
+from ._arguments import check_not_sequence
 from .base import (
     AbstractLinearOperator,
     bands_of_matrix,
-    check_not_sequence,
     concrete_arrays,
     conj,
     diagonal,

@@ -8,9 +8,9 @@ from jaxtyping import Array, Inexact
 
 from .._misc import inexact_asarray
 from .._tags import tridiagonal_tag
+from ._arguments import check_not_sequence
 from .base import (
     AbstractLinearOperator,
-    check_not_sequence,
     concrete_arrays,
     conj,
     diagonal,
