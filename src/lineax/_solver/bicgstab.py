@@ -182,16 +182,14 @@ class BiCGStab(AbstractKrylovSolver):
         def stack(values) -> Array:
             return jnp.stack([jnp.asarray(a).astype(dtype) for a in values])
 
-        def restarted(c: _Carry, r) -> _Carry:
-            # From `r`, with `r` as the shadow vector; beta = 0 makes the next
-            # direction `r`.
+        def restarted(r, status) -> Array:
+            # The scalars of a (re)start from `r`, with `r` as the shadow vector;
+            # beta = 0 makes the next direction `r`.
             rr = jnp.real(tree_dot(r, r))
-            k = c.scalars
-            status = jnp.where(real(k, _STATUS) == _BREAKDOWN, _BREAKDOWN, 0)
-            scalars = [rr, rr, rr, 0, k[_OMEGA], status, 1]
+            scalars = [rr, rr, rr, 0, 0, status, 1]
             if not two:
                 scalars.append(problem.norm(r))
-            return _Carry(c.x, r, r, c.p, c.v, stack(scalars))
+            return stack(scalars)
 
         def restart_from(c: _Carry, x, r, passed) -> _Carry:
             # The recursive residual drifts from the true one. When it passed the
@@ -199,13 +197,22 @@ class BiCGStab(AbstractKrylovSolver):
             # restart from the true residual; a periodic check leaves the iteration
             # alone.
             del x
-            restart = passed | (real(c.scalars, _STATUS) > 0)
-            return tree_where(restart, restarted(c, r), c)
+            status = real(c.scalars, _STATUS)
+            # (A breakdown stays one: the outer loop stops on it.)
+            new = restarted(r, jnp.where(status == _BREAKDOWN, _BREAKDOWN, 0))
+            restart = passed | (status > 0)
+            return _Carry(
+                c.x,
+                tree_where(restart, r, c.r),
+                tree_where(restart, r, c.shadow),
+                c.p,
+                c.v,
+                jnp.where(restart, new, c.scalars),
+            )
 
         r = problem.r0
         dtype = tree_dot(r, r).dtype
-        size = 7 if two else 8
-        carry = restarted(_Carry(problem.x0, r, r, r, r, jnp.ones((size,), dtype)), r)
+        carry = _Carry(problem.x0, r, r, r, r, restarted(r, 0))
         method = Iteration(
             step=step,
             estimate=lambda c: real(c.scalars, _RR if two else _RNORM),
