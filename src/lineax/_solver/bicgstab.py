@@ -135,7 +135,8 @@ class BiCGStab(AbstractKrylovSolver):
             phat = apply(precond, p)
             v = mv(phat)
             sigma = tree_dot(c.shadow, v)
-            alpha = safe_div(rho, sigma)
+            zero = sigma == 0
+            alpha = jnp.where(zero, 0, rho / jnp.where(zero, 1, sigma))
             s = tree_axpy(-alpha, v, c.r)
             shat = apply(precond, s)
             t = mv(shat)
@@ -149,13 +150,13 @@ class BiCGStab(AbstractKrylovSolver):
             # of its own: `rho` is then numerically zero against `s` (also if `s`
             # is not finite). The step is then dropped (`x` and `r` kept) and the
             # iteration restarts. (A sigma of exactly 0 gives alpha = 0.)
-            bad_sigma = (sigma == 0) | small(rho, shadow_nn, ss)
+            bad_sigma = zero | small(rho, shadow_nn, ss)
             half_done = (ss <= tol * tol) if two else (problem.norm(s) <= tol)
             bad_omega = small(ts, tt, ss)
+            # (A `<t, t>` of 0 is a bad omega.)
+            no_omega = bad_omega | half_done | bad_sigma
             omega = jnp.where(
-                bad_omega | half_done | bad_sigma,
-                0,
-                safe_div(ts, tt.astype(ts.dtype)),
+                no_omega, 0, ts / jnp.where(no_omega, 1, tt).astype(ts.dtype)
             )
             x = tree_where(
                 bad_sigma, c.x, tree_axpy(omega, shat, tree_axpy(alpha, phat, c.x))
@@ -169,8 +170,8 @@ class BiCGStab(AbstractKrylovSolver):
             # underflow, and there is simply nothing left to do.)
             breakdown = bad_sigma & (real(k, _FRESH) > 0) & (rr > tiny)
             restart = bad_sigma | bad_omega | small(new_rho, shadow_nn, new_rr)
-            # (A breakdown is a bad sigma, so also a restart.)
-            status = jnp.where(breakdown, _BREAKDOWN, restart.astype(jnp.int32))
+            # 0, 1 or 2 (`_BREAKDOWN`): a breakdown is a bad sigma, so a restart too.
+            status = restart.astype(dtype) + breakdown.astype(dtype)
             # (rho / rho_old) (alpha / omega), one division: 0 when either
             # denominator is (after a bad sigma, omega is 0).
             beta = safe_div(new_rho * alpha, rho * omega)
@@ -199,7 +200,7 @@ class BiCGStab(AbstractKrylovSolver):
             del x
             status = real(c.scalars, _STATUS)
             # (A breakdown stays one: the outer loop stops on it.)
-            new = restarted(r, jnp.where(status == _BREAKDOWN, _BREAKDOWN, 0))
+            new = restarted(r, (status == _BREAKDOWN).astype(dtype) * _BREAKDOWN)
             restart = passed | (status > 0)
             return _Carry(
                 c.x,
