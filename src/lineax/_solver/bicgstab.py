@@ -57,8 +57,10 @@ class BiCGStab(AbstractKrylovSolver):
     Each step costs two matrix-vector products. Where the textbook method would
     divide by a vanishing quantity (`<r̂, r>`, `<r̂, A p>` or `<A s, s>` small
     relative to the norms of the vectors involved: a cosine below machine
-    epsilon), it restarts instead, from the recomputed residual `b - A y` (one
-    extra matrix-vector product), with that residual as the new shadow vector;
+    epsilon; a vanishing `<r̂, A p>` is told from the huge intermediate residual
+    it produces, and that step is discarded), it restarts instead, from the
+    recomputed residual `b - A y` (one extra matrix-vector product), with that
+    residual as the new shadow vector;
     only if a freshly restarted step breaks down again is
     [`lineax.RESULTS.breakdown`][] returned. When the recursively updated residual
     passes the tolerance, the true residual `b - A y` is recomputed, and the
