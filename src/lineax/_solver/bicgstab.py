@@ -26,19 +26,27 @@ class _Carry(eqx.Module):
     x: PyTree[Array]
     r: PyTree[Array]
     shadow: PyTree[Array]  # the shadow residual r̂_0
-    shadow_nn: Scalar  # its squared 2-norm, fixed between restarts
-    rr: Scalar  # <r, r>
-    rho: Scalar  # <r̂_0, r>, for the current r
-    rho_old: Scalar  # rho of the step before
     p: PyTree[Array]
     v: PyTree[Array]
-    alpha: Scalar  # 0 right after a restart: the next direction is r itself
-    omega: Scalar
-    rnorm: Scalar  # the residual's norm; squared if it is the 2-norm
-    # 0; 1: restart before the next step (ends the pass: see `restart_from`); 2:
-    # breakdown. (One value rather than two flags: each is a kernel of the step.)
-    status: Array
-    fresh: Array  # no step since the last restart
+    # The step's scalars, stacked in one array (indices below): carried one by
+    # one, each would be computed by a kernel of its own at the end of every step
+    # (XLA does not fuse computations that end in different outputs of a loop
+    # body), and those passed through or swapped (rho -> rho_old) cost a copy each.
+    # Stacked, they are one kernel, and each use slices what it reads.
+    scalars: Array
+
+
+# `_Carry.scalars`, in the dtype of the inner products (complex for a complex
+# problem; the real quantities and the flags are its real parts).
+_SHADOW_NN = 0  # <r̂_0, r̂_0>, fixed between restarts
+_RR = 1  # <r, r>
+_RHO = 2  # <r̂_0, r>
+_BETA = 3  # the next direction's coefficient: 0 right after a restart
+_OMEGA = 4
+_STATUS = 5  # 0; 1: restart before the next step (ends the pass); 2: breakdown
+_FRESH = 6  # 1 if no step since the last restart
+_RNORM = 7  # the residual's norm, if the stopping norm is not the 2-norm
+_BREAKDOWN = 2  # (`_STATUS`)
 
 
 class BiCGStab(AbstractKrylovSolver):
@@ -49,14 +57,16 @@ class BiCGStab(AbstractKrylovSolver):
     Each step costs two matrix-vector products. Where the textbook method would
     divide by a vanishing quantity (`<r̂, r>`, `<r̂, A p>` or `<A s, s>` small
     relative to the norms of the vectors involved: a cosine below machine
-    epsilon), it restarts instead, from the recomputed residual `b - A y` (one
-    extra matrix-vector product), with that residual as the new shadow vector;
+    epsilon; a vanishing `<r̂, A p>` is told from the huge intermediate residual
+    it produces, and that step is discarded), it restarts instead, from the
+    recomputed residual `b - A y` (one extra matrix-vector product), with that
+    residual as the new shadow vector;
     only if a freshly restarted step breaks down again is
     [`lineax.RESULTS.breakdown`][] returned. When the recursively updated residual
     passes the tolerance, the true residual `b - A y` is recomputed, and the
     iteration is restarted from it if it fails. The true residual is also checked
-    every 50 steps (without a restart); the iterate with the smallest one is
-    returned if the solve does not succeed, and no new best in 20 checks in a row
+    every 100 steps (without a restart); the iterate with the smallest one is
+    returned if the solve does not succeed, and no new best in 10 checks in a row
     stops the solve with [`lineax.RESULTS.stagnation`][].
 
     **Arguments:**
@@ -111,8 +121,8 @@ class BiCGStab(AbstractKrylovSolver):
             # overflow only where `<y, y>` itself does, in the units of `Problem`.)
             return ~(jnp.real(value * jnp.conj(value)) > (eps * eps) * xx * yy)
 
-        def estimate_of(r, rr):
-            return rr if two else problem.norm(r)
+        def real(k, i):
+            return jnp.real(k[i])
 
         # Each step needs several inner products; the norms in the breakdown
         # tests reuse them where possible (the shadow's norm changes only on a
@@ -121,53 +131,68 @@ class BiCGStab(AbstractKrylovSolver):
         # shadow vector per step): the outer loop verifies, and restarts from the
         # true residual (see `restart_from`).
         def step(c: _Carry) -> _Carry:
-            # (rho / rho_old) (alpha / omega), one division: 0 when either
-            # denominator is (a restart: alpha = 0 already makes beta 0).
-            beta = safe_div(c.rho * c.alpha, c.rho_old * c.omega)
-            p = tree_axpy(beta, tree_axpy(-c.omega, c.v, c.p), c.r)
+            k = c.scalars
+            shadow_nn, rr, rho = real(k, _SHADOW_NN), real(k, _RR), k[_RHO]
+            p = tree_axpy(k[_BETA], tree_axpy(-k[_OMEGA], c.v, c.p), c.r)
             phat = apply(precond, p)
             v = mv(phat)
             sigma = tree_dot(c.shadow, v)
-            bad_sigma = small(sigma, c.shadow_nn, jnp.real(tree_dot(v, v)))
-            # Right after a restart the shadow vector is the residual itself: a
-            # vanishing <r, A P r> cannot be cured by restarting again. (Unless the
-            # recursive residual is below rounding level: then its products may
-            # underflow, and there is simply nothing left to do.)
-            breakdown = bad_sigma & c.fresh & (c.rr > tiny)
-            alpha = jnp.where(bad_sigma, 0, safe_div(c.rho, sigma))
+            zero = sigma == 0
+            alpha = jnp.where(zero, 0, rho / jnp.where(zero, 1, sigma))
             s = tree_axpy(-alpha, v, c.r)
-            ss = jnp.real(tree_dot(s, s))
-            half_done = (ss <= tol * tol) if two else (problem.norm(s) <= tol)
             shat = apply(precond, s)
             t = mv(shat)
             ts = tree_dot(t, s)
             tt = jnp.real(tree_dot(t, t))
+            ss = jnp.real(tree_dot(s, s))
+            # A vanishing sigma (`<r̂_0, v>` below eps |r̂_0| |v|) makes alpha, and
+            # so `s`, huge: |alpha v| = |r| cos(r̂_0, r) / cos(r̂_0, v), and
+            # cos(r̂_0, r) >= eps, or the step before would have restarted. So it
+            # is told from `<s, s>`, computed anyway, rather than from a `<v, v>`
+            # of its own: `rho` is then numerically zero against `s` (also if `s`
+            # is not finite). The step is then dropped (`x` and `r` kept) and the
+            # iteration restarts. (A sigma of exactly 0 gives alpha = 0.)
+            bad_sigma = zero | small(rho, shadow_nn, ss)
+            half_done = (ss <= tol * tol) if two else (problem.norm(s) <= tol)
             bad_omega = small(ts, tt, ss)
+            # (A `<t, t>` of 0 is a bad omega.)
+            no_omega = bad_omega | half_done | bad_sigma
             omega = jnp.where(
-                bad_omega | half_done, 0, safe_div(ts, tt.astype(ts.dtype))
+                no_omega, 0, ts / jnp.where(no_omega, 1, tt).astype(ts.dtype)
             )
-            x = tree_axpy(omega, shat, tree_axpy(alpha, phat, c.x))
-            r = tree_axpy(-omega, t, s)
-            rr = jnp.real(tree_dot(r, r))
-            rho = tree_dot(c.shadow, r)
-            restart = bad_sigma | bad_omega | small(rho, c.shadow_nn, rr)
-            # (A breakdown is a bad sigma, so also a restart.)
-            status = jnp.where(breakdown, _BREAKDOWN, restart.astype(jnp.int32))
-            return _Carry(
-                x, r, c.shadow, c.shadow_nn, rr, rho, c.rho, p, v, alpha, omega,
-                estimate_of(r, rr), status, jnp.array(False),
-            )  # fmt: skip
+            x = tree_where(
+                bad_sigma, c.x, tree_axpy(omega, shat, tree_axpy(alpha, phat, c.x))
+            )
+            r = tree_where(bad_sigma, c.r, tree_axpy(-omega, t, s))
+            new_rr = jnp.real(tree_dot(r, r))
+            new_rho = tree_dot(c.shadow, r)
+            # Right after a restart the shadow vector is the residual itself: a
+            # vanishing <r, A P r> cannot be cured by restarting again. (Unless the
+            # recursive residual is below rounding level: then its products may
+            # underflow, and there is simply nothing left to do.)
+            breakdown = bad_sigma & (real(k, _FRESH) > 0) & (rr > tiny)
+            restart = bad_sigma | bad_omega | small(new_rho, shadow_nn, new_rr)
+            # 0, 1 or 2 (`_BREAKDOWN`): a breakdown is a bad sigma, so a restart too.
+            status = restart.astype(dtype) + breakdown.astype(dtype)
+            # (rho / rho_old) (alpha / omega), one division: 0 when either
+            # denominator is (after a bad sigma, omega is 0).
+            beta = safe_div(new_rho * alpha, rho * omega)
+            scalars = [shadow_nn, new_rr, new_rho, beta, omega, status, 0]
+            if not two:
+                scalars.append(problem.norm(r))
+            return _Carry(x, r, c.shadow, p, v, stack(scalars))
 
-        def restarted(c: _Carry, r) -> _Carry:
-            # From `r`, with `r` as the shadow vector; alpha = 0 makes the next
-            # direction `r`.
+        def stack(values) -> Array:
+            return jnp.stack([jnp.asarray(a).astype(dtype) for a in values])
+
+        def restarted(r, status) -> Array:
+            # The scalars of a (re)start from `r`, with `r` as the shadow vector;
+            # beta = 0 makes the next direction `r`.
             rr = jnp.real(tree_dot(r, r))
-            zero = jnp.zeros((), c.alpha.dtype)
-            return _Carry(
-                c.x, r, r, rr, rr, rr.astype(c.rho.dtype), c.rho_old, c.p,
-                c.v, zero, c.omega, estimate_of(r, rr),
-                jnp.where(c.status == _BREAKDOWN, _BREAKDOWN, 0), jnp.array(True),
-            )  # fmt: skip
+            scalars = [rr, rr, rr, 0, 0, status, 1]
+            if not two:
+                scalars.append(problem.norm(r))
+            return stack(scalars)
 
         def restart_from(c: _Carry, x, r, passed) -> _Carry:
             # The recursive residual drifts from the true one. When it passed the
@@ -175,44 +200,42 @@ class BiCGStab(AbstractKrylovSolver):
             # restart from the true residual; a periodic check leaves the iteration
             # alone.
             del x
-            return tree_where(passed | (c.status > 0), restarted(c, r), c)
+            status = real(c.scalars, _STATUS)
+            # (A breakdown stays one: the outer loop stops on it.)
+            new = restarted(r, (status == _BREAKDOWN).astype(dtype) * _BREAKDOWN)
+            restart = passed | (status > 0)
+            return _Carry(
+                c.x,
+                tree_where(restart, r, c.r),
+                tree_where(restart, r, c.shadow),
+                c.p,
+                c.v,
+                jnp.where(restart, new, c.scalars),
+            )
 
         r = problem.r0
-        one = jnp.ones((), tree_dot(r, r).dtype)
-        carry = restarted(
-            _Carry(
-                problem.x0,
-                r,
-                r,
-                one.real,
-                one.real,
-                one,
-                one,
-                r,
-                r,
-                one,
-                one,
-                one.real,
-                jnp.array(0, jnp.int32),
-                jnp.array(True),
-            ),  # fmt: skip
-            r,
-        )
+        dtype = tree_dot(r, r).dtype
+        carry = _Carry(problem.x0, r, r, r, r, restarted(r, 0))
         method = Iteration(
             step=step,
-            estimate=lambda c: c.rnorm,
+            estimate=lambda c: real(c.scalars, _RR if two else _RNORM),
             squared=two,
             solution=lambda c: c.x,
             restart=restart_from,
-            halted=lambda c: c.status == _BREAKDOWN,
-            ends_pass=lambda c: c.status > 0,
+            halted=lambda c: real(c.scalars, _STATUS) == _BREAKDOWN,
+            ends_pass=lambda c: real(c.scalars, _STATUS) > 0,
             mv_per_step=2,
             pass_length=_CHECK_EVERY,
+            patience=_PATIENCE,
         )
-        rnorm = jnp.sqrt(carry.rnorm) if two else carry.rnorm
+        rnorm = real(carry.scalars, _RR if two else _RNORM)
+        rnorm = jnp.sqrt(rnorm) if two else rnorm
         return iterate(self, problem, method, carry, rnorm=rnorm)
 
 
-_BREAKDOWN = 2  # (`_Carry.status`)
 # Steps between true-residual checks (for the best iterate and stagnation).
-_CHECK_EVERY = 50
+# (Each costs a product and a few passes over memory, a third of a step: at
+# 50 they added 1-2% to the run time of solves of 100-200 steps.) No new best
+# true residual in this many checks, 1000 steps, is stagnation.
+_CHECK_EVERY = 100
+_PATIENCE = 10
