@@ -121,7 +121,60 @@ def _free_compiled_code():
     gc.collect()
 
 
+# Each test file's CPU seconds in the default run (`-n 0`, one file per process, on
+# the 2-core machine; only the order matters). Two pytest-xdist workers take whole
+# files from a queue (`--dist loadfile --no-loadscope-reorder`): handing out the
+# longest files first lets both finish within about the shortest file of each other,
+# where an unlucky order leaves one core idle for the last long file. A file missing
+# here counts as `_DEFAULT_FILE_SECONDS`.
+_FILE_SECONDS = {
+    "test_preconditioners.py": 83,
+    "test_structured.py": 82,
+    "test_krylov.py": 83,
+    "test_operators.py": 79,
+    "test_examples.py": 77,
+    "test_sharded.py": 76,
+    "test_jvp.py": 66,
+    "test_incomplete.py": 66,
+    "test_solve.py": 58,
+    "test_krylov_stats.py": 49,
+    "test_krylov_termination.py": 49,
+    "test_user_inputs.py": 46,
+    "test_flexible.py": 43,
+    "test_clients.py": 39,
+    "test_vmap_transpose.py": 33,
+    "test_throw.py": 32,
+    "test_direct_results.py": 28,
+    "test_pipelined_cg.py": 23,
+    "test_properties.py": 20,
+    "test_compile_guard.py": 17,
+    "test_properties_user_inputs.py": 15,
+    "test_scaling.py": 14,
+    "test_predicates.py": 12,
+    "test_errors.py": 11,
+    "test_eager.py": 10,
+    "test_internal.py": 10,
+    "test_docs_names.py": 8,
+    "test_krylov_scale.py": 7,
+}
+_DEFAULT_FILE_SECONDS = 20
+
+
+def _longest_files_first(items):
+    """Reorder `items` file by file, longest file first (stable within a file)."""
+    order = {}
+    for item in items:
+        order.setdefault(item.path, len(order))
+
+    def key(item):
+        seconds = _FILE_SECONDS.get(item.path.name, _DEFAULT_FILE_SECONDS)
+        return -seconds, order[item.path]
+
+    items.sort(key=key)
+
+
 def pytest_collection_modifyitems(config, items):
+    _longest_files_first(items)
     if EXHAUSTIVE:
         return
     skip = pytest.mark.skip(reason="exhaustive grid: set LINEAX_EXHAUSTIVE=1 to run")
