@@ -99,14 +99,14 @@ def structure_of(tree: PyTree, name: str = "structure") -> PyTree[jax.ShapeDtype
 def tree_all_finite(tree: PyTree) -> Array:
     """One boolean: whether every inexact array leaf of `tree` is finite.
 
-    Each leaf becomes `x * 0` (zero where finite, NaN elsewhere), and as few
+    Each leaf becomes `x - x` (zero where finite, NaN elsewhere), and as few
     sums of them as possible are tested (see `_zero_if_finite`):
 
     - leaves of one shape and dtype are stacked: a tuple of 100 vectors (the
       solution of a block-diagonal solve) costs one reduction rather than 100,
       which took most of that solve's compile time;
     - an array whose shape ends another's of the same dtype (a solution `(n,)`
-      and a matrix `(m, n)`) is added to it by broadcasting: XLA:CPU compiles
+      and a matrix `(m, n)`) is folded into it by broadcasting: XLA:CPU compiles
       the sum of a small vector as three kernels of its own (about 30 ms of a
       dense n = 100 solve's compile time, measured), and folded into the
       matrix's it costs nothing more.
@@ -118,13 +118,18 @@ def tree_all_finite(tree: PyTree) -> Array:
     )
     zeros: list[Array] = []
     for x in sorted(packed, key=jnp.ndim, reverse=True):
-        x = x * jnp.zeros((), x.dtype)
         for i, z in enumerate(zeros):
             if z.dtype == x.dtype and z.shape[z.ndim - x.ndim :] == x.shape:
-                zeros[i] = z + jnp.broadcast_to(x, z.shape)
+                # `z` is zero or NaN, so `z * x` is zero where both are finite
+                # (`0 * inf` and `0 * nan` are NaN): one multiplication, which
+                # XLA:CPU fuses into the reduction, where `z + (x - x)` took a
+                # kernel of its own for the vector's `x - x` (measured).
+                zeros[i] = z * jnp.broadcast_to(x, z.shape)
                 break
         else:
-            zeros.append(x)
+            # Not `x * 0`: XLA:CPU materialises the broadcast zero of a
+            # matrix's `x * 0` as an array of its own, a kernel more (measured).
+            zeros.append(x - x)
     finite = [jnp.isfinite(_zero_if_finite(z)) for z in zeros]
     if len(finite) == 0:
         return jnp.array(True)
@@ -168,7 +173,7 @@ def tree_sub(x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
 
 
 def _zero_if_finite(zeros: Array) -> Array:
-    """Zero if every entry of `zeros` (an `x * 0`) is zero, else NaN (`0 * inf`
+    """Zero if every entry of `zeros` (an `x - x`) is zero, else NaN (`inf - inf`
     is NaN): one sum, into which XLA fuses the product. XLA compiles
     `all(isfinite(x))` to a kernel for the test and another for the boolean
     reduction; this is one.
