@@ -345,9 +345,35 @@ def _linear_solve_abstract_eval(
 # four times (primal, JVP, tangent and cotangent solves), each of which traced
 # `compute` in full only to learn its output shapes (about 4 ms each of a dense
 # n = 100 solve's trace time, measured).
-_ABSTRACT_EVALS: dict = {}
+class _TraceCache(dict):
+    """A dict that `jax.clear_caches()` empties, as it empties JAX's own caches
+    of traced functions (so that a first call after it pays the whole trace)."""
+
+    # JAX's registry is a weak-key dictionary: each cache is its own key.
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def cache_clear(self) -> None:
+        self.clear()
+
+    def cache_info(self) -> str:
+        return f"{len(self)} entries"
+
+    def cache_keys(self) -> list:
+        return list(self)
+
+
+_ABSTRACT_EVALS = _TraceCache()
 # The same for `_compute_without_stats`'s jaxpr, traced at lowering.
-_WITHOUT_STATS: dict = {}
+_WITHOUT_STATS = _TraceCache()
+
+try:  # JAX's registry of caches (not public API): else never emptied by JAX.
+    from jax._src.util import register_cache as _register_cache
+
+    _register_cache(_ABSTRACT_EVALS, "lineax abstract evaluation")
+    _register_cache(_WITHOUT_STATS, "lineax compute without statistics")
+except ImportError:  # pragma: no cover
+    pass
 
 
 def _abstract_eval_key(solver, args) -> tuple | None:
