@@ -191,3 +191,15 @@ def test_eager_solve_cache_keys_solver_leaves_by_type(monkeypatch):
             solution.value, np.linalg.solve(matrix, vector), rtol=1e-12
         )
     assert len(linear_solve_module._COMPILED) == 3
+    # Traced under `jit`, the primitive's abstract evaluation (cached per solver
+    # and input structure) tells them apart too.
+    for scale in (True, 1, 1.0):
+        stats = jax.jit(_solve_stats, static_argnums=2)(
+            jnp.asarray(matrix), jnp.asarray(vector), scale
+        )
+        assert stats["scale"].dtype == jnp.asarray(scale).dtype
+
+
+def _solve_stats(matrix, vector, scale):
+    operator = lx.MatrixLinearOperator(matrix)
+    return lx.linear_solve(operator, vector, _ScaledLU(scale)).stats

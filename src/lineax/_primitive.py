@@ -8,6 +8,7 @@ factorisation, a `while_loop`), only this primitive, whose derivative is express
 through further solves with the same state.
 """
 
+import dataclasses
 import functools as ft
 from typing import Any
 
@@ -377,9 +378,17 @@ except ImportError:  # pragma: no cover
 
 
 def _abstract_eval_key(solver, args) -> tuple | None:
+    # The solver by its structure, the type of each field (static ones
+    # included) and its leaves with their types: `True == 1 == 1.0`, but a
+    # solver holding one traces differently from one holding another.
+    solver_leaves, solver_treedef = jtu.tree_flatten(solver)
+    fields = dataclasses.fields(solver) if dataclasses.is_dataclass(solver) else ()
     leaves, treedef = jtu.tree_flatten(args)
     key = (
-        solver,
+        type(solver),
+        solver_treedef,
+        tuple(type(getattr(solver, f.name, None)) for f in fields),
+        tuple((type(x), x) for x in solver_leaves),
         treedef,
         bool(jax.config.jax_enable_x64),  # pyright: ignore[reportAttributeAccessIssue]
         *[
