@@ -392,7 +392,9 @@ def _abstract_eval_key(solver, args) -> tuple | None:
         treedef,
         bool(jax.config.jax_enable_x64),  # pyright: ignore[reportAttributeAccessIssue]
         *[
-            (x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else (type(x), x)
+            (x.shape, x.dtype, x.weak_type)
+            if isinstance(x, jax.ShapeDtypeStruct)
+            else (type(x), x)
             for x in leaves
         ],
     )
@@ -712,18 +714,21 @@ def _dce_rule(used_outputs: list[bool], eqn: Any) -> tuple[list[bool], Any]:
     return used_inputs, new_eqn
 
 
+def _weak_struct(x: Any) -> Any:
+    """An array's shape, dtype and weak type (which `compute` may promote
+    differently); anything else as it is."""
+    if not eqx.is_array(x):
+        return x
+    aval = jax.typeof(x)
+    weak = bool(getattr(aval, "weak_type", False))
+    return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), weak_type=weak)
+
+
 def _compute_without_stats(solver, state, vector, options):
     """`solver.compute`, with its statistics left out of the computation (and
     returned as zeros): its jaxpr, less what only the statistics need. (Traced
     once per solver and structure of the inputs, see `_abstract_eval_key`.)"""
-    structs = jtu.tree_map(
-        lambda x: (
-            jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
-            if eqx.is_array(x)
-            else x
-        ),
-        (state, vector, options),
-    )
+    structs = jtu.tree_map(_weak_struct, (state, vector, options))
     key = _abstract_eval_key(solver, structs)
     if key is not None and key in _WITHOUT_STATS:
         jaxpr, consts, out_struct, out_static = _WITHOUT_STATS[key]
