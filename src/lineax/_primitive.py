@@ -352,7 +352,7 @@ class _TraceCache(dict):
 
     # JAX's registry is a weak-key dictionary: each cache is its own key.
     __eq__ = object.__eq__
-    __hash__ = object.__hash__
+    __hash__ = object.__hash__  # pyright: ignore[reportAssignmentType]
 
     def cache_clear(self) -> None:
         self.clear()
