@@ -182,18 +182,21 @@ def _zero_if_finite(zeros: Array) -> Array:
     cannot turn a non-standard reducer into an all-reduce, so that fails on
     arrays sharded over several devices.)
 
-    An array of fewer than `_SMALL_SUM` entries is summed broadcast along a new
-    leading axis to at least that many: XLA:CPU sums a small array in two
-    kernels of its own (a windowed partial sum, then the sum of the partial
-    sums), about 35 ms of compile time for a vector of 100 (measured, jax
-    0.10.2), and a large one in one library call (its YNNPACK reduction),
-    compiled in a few ms. The broadcast adds at most `_SMALL_SUM` additions at
-    run time, and keeps the array's sharding. (A complex array is summed as
-    the sum of its real and imaginary parts, which XLA:CPU sums in the same
-    way; it has no YNNPACK reduction of complex numbers.)"""
+    An array of fewer than `_SMALL_SUM` entries, one of whose dimensions is
+    longer than `_WINDOW`, is summed broadcast along a new leading axis to at
+    least that many: XLA:CPU sums such an array in two kernels of its own (a
+    windowed partial sum, then the sum of the partial sums), about 35 ms of
+    compile time for a vector of 100 (measured, jax 0.10.2), and a large one in
+    one library call (its YNNPACK reduction), compiled in a few ms. (An array
+    with no dimension longer than the window is summed in one kernel, cheaper
+    to compile than the library call: 10 x 10, measured.) The broadcast adds at
+    most `_SMALL_SUM` additions at run time, and keeps the array's sharding.
+    (A complex array is summed as the sum of its real and imaginary parts,
+    which XLA:CPU sums in the same way; it has no YNNPACK reduction of complex
+    numbers.)"""
     if jnp.iscomplexobj(zeros):
         zeros = jnp.real(zeros) + jnp.imag(zeros)
-    if 1 < zeros.size < _SMALL_SUM:
+    if zeros.size < _SMALL_SUM and max(zeros.shape, default=0) > _WINDOW:
         copies = -(-_SMALL_SUM // zeros.size)
         zeros = jnp.broadcast_to(zeros, (copies, *zeros.shape))
     return jnp.sum(zeros)
@@ -202,6 +205,9 @@ def _zero_if_finite(zeros: Array) -> Array:
 # The size from which XLA:CPU (jax 0.10.2) sums an array in one YNNPACK call;
 # 2048 entries are still summed in three kernels (measured).
 _SMALL_SUM = 4096
+# The window of XLA:CPU's partial sums: a dimension up to this long is summed
+# in one kernel.
+_WINDOW = 32
 
 
 def tree_is_complex(*structures: PyTree[jax.ShapeDtypeStruct]) -> bool:
