@@ -151,3 +151,55 @@ def test_eager_solve_keeps_trace_time_checks():
         _eager(matrix, np.ones(4))
     with pytest.raises(ValueError, match="square"):
         lx.linear_solve(lx.MatrixLinearOperator(jnp.ones((3, 2))), jnp.ones(3), lx.LU())
+
+
+class _ScaledLU(lx.AbstractLinearSolver):
+    """`LU`, with a field that is a PyTree leaf (`scale`), returned in the
+    statistics: its type shows in their dtype."""
+
+    scale: bool | int | float
+
+    def init(self, operator, options):
+        return lx.LU().init(operator, options)
+
+    def compute(self, state, vector, options):
+        solution, result, _ = lx.LU().compute(state, vector, options)
+        stats = {"scale": jnp.asarray(self.scale)}
+        return solution, result, stats
+
+    def transpose(self, state, options):
+        return lx.LU().transpose(state, options)
+
+    def conj(self, state, options):
+        return lx.LU().conj(state, options)
+
+    def assume_full_rank(self):
+        return True
+
+
+def test_eager_solve_cache_keys_solver_leaves_by_type(monkeypatch):
+    # `True == 1 == 1.0`, and they hash alike: a key holding the solver's leaves
+    # by value only made these three solvers share one compiled function, the
+    # first one's (whose statistics then had its dtype).
+    monkeypatch.setattr(linear_solve_module, "_COMPILED", {})
+    matrix, vector = _system(3, 13)
+    for scale in (True, 1, 1.0):
+        solution = _eager(matrix, vector, _ScaledLU(scale))
+        want = jnp.asarray(scale).dtype
+        assert solution.stats["scale"].dtype == want
+        np.testing.assert_allclose(
+            solution.value, np.linalg.solve(matrix, vector), rtol=1e-12
+        )
+    assert len(linear_solve_module._COMPILED) == 3
+    # Traced under `jit`, the primitive's abstract evaluation (cached per solver
+    # and input structure) tells them apart too.
+    for scale in (True, 1, 1.0):
+        stats = jax.jit(_solve_stats, static_argnums=2)(
+            jnp.asarray(matrix), jnp.asarray(vector), scale
+        )
+        assert stats["scale"].dtype == jnp.asarray(scale).dtype
+
+
+def _solve_stats(matrix, vector, scale):
+    operator = lx.MatrixLinearOperator(matrix)
+    return lx.linear_solve(operator, vector, _ScaledLU(scale)).stats

@@ -263,3 +263,85 @@ def test_constructor_signatures():
         jnp.ones((2, 3)), jax.ShapeDtypeStruct((2,), f64)
     )
     assert pytree_op.pytree.shape == (2, 3)
+
+
+def test_tree_all_finite_small_complex_and_folded_arrays():
+    # Small arrays are summed broadcast to a larger shape, complex ones as their
+    # real plus imaginary parts, and a vector is folded into a matrix by
+    # multiplication: each must still see every non-finite entry, and no
+    # overflow of finite ones (the largest finite values of the dtype).
+    from lineax._misc import tree_all_finite
+
+    check = jax.jit(tree_all_finite)
+    for dtype in (jnp.float32, jnp.float64, jnp.complex64, jnp.complex128):
+        big = np.finfo(dtype).max
+        for n in (1, 3, 100, 5000):
+            x = np.full(n, big, dtype)
+            assert bool(check(x))
+            assert bool(check((np.full((n, 2), -big, dtype), x[:2])))
+            for bad in (np.inf, -np.inf, np.nan, 1j * np.inf, 1j * np.nan):
+                if np.iscomplexobj(bad) and not jnp.issubdtype(
+                    dtype, jnp.complexfloating
+                ):
+                    continue
+                y = x.copy()
+                y[n // 2] = bad
+                assert not bool(check(y)), (dtype, n, bad)
+                # Folded into a matrix, as the solution of a dense solve is.
+                matrix = np.full((n, n) if n < 200 else (2, n), big, dtype)
+                assert not bool(check((matrix, y)))
+                matrix[-1, 0] = bad
+                assert not bool(check((matrix, x)))
+
+
+class _CountingLU(lx.AbstractLinearSolver):
+    """`LU`, counting the traces of `compute`."""
+
+    def init(self, operator, options):
+        return lx.LU().init(operator, options)
+
+    def compute(self, state, vector, options):
+        _COMPUTE_TRACES.append(jnp.result_type(vector))
+        return lx.LU().compute(state, vector, options)
+
+    def transpose(self, state, options):
+        return lx.LU().transpose(state, options)
+
+    def conj(self, state, options):
+        return lx.LU().conj(state, options)
+
+    def assume_full_rank(self):
+        return True
+
+
+_COMPUTE_TRACES: list = []
+
+
+def test_solver_compute_traced_once_per_structure():
+    # The primitive's abstract evaluation and its statistics-free lowering trace
+    # `solver.compute` once per solver and structure, shapes and dtypes of its
+    # inputs: a new function of the same solve (a new closure, a new `jit`)
+    # traces it again only where the shapes or dtypes differ.
+    rng = np.random.default_rng(0)
+    matrix = rng.standard_normal((4, 4)) + 4 * np.eye(4)
+    vector = rng.standard_normal(4)
+
+    def solve(dtype):
+        def f(a, b):
+            return lx.linear_solve(lx.MatrixLinearOperator(a), b, _CountingLU()).value
+
+        a, b = jnp.asarray(matrix, dtype), jnp.asarray(vector, dtype)
+        return jax.jit(f)(a, b)
+
+    _COMPUTE_TRACES.clear()
+    first = solve(jnp.float64)
+    traced = len(_COMPUTE_TRACES)
+    again = solve(jnp.float64)
+    np.testing.assert_allclose(again, first)
+    np.testing.assert_allclose(first, np.linalg.solve(matrix, vector), rtol=1e-12)
+    # Only the implementation (with its checks) is traced again, once.
+    assert len(_COMPUTE_TRACES) <= traced + 1
+    single = solve(jnp.float32)
+    assert single.dtype == jnp.float32
+    assert jnp.dtype(jnp.float32) in _COMPUTE_TRACES
+    np.testing.assert_allclose(single, first, rtol=1e-4)

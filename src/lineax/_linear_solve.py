@@ -307,9 +307,9 @@ def _linear_solve(operator, vector, solver, options, state, throw) -> Solution:
 #   operator's structure and on its leaves being concrete arrays, which
 #   `_run_compiled` tests on every call;
 # - whether the solver is hashable. The key holds the solver's structure and
-#   leaves (Python scalars), not the solver: hashing and comparing an Equinox
-#   module takes 2-8 us, which a solver built anew on every call (`lx.LU()`)
-#   would pay on every lookup.
+#   leaves (Python scalars, each with its type), not the solver: hashing and
+#   comparing an Equinox module takes 2-8 us, which a solver built anew on
+#   every call (`lx.LU()`) would pay on every lookup.
 # Bounded, least recently used first out: each entry holds its executables.
 _COMPILED: dict = {}
 _COMPILED_MAX = 64
@@ -317,7 +317,10 @@ _COMPILED_MAX = 64
 
 def _compiled_linear_solve(operator, treedef, solver):
     solver_leaves, solver_treedef = jtu.tree_flatten(solver)
-    key = (treedef, solver_treedef, *solver_leaves)
+    # Each leaf with its type: `1 == 1.0 == True` (and they hash alike), but a
+    # solver holding one traces differently from one holding another (dtypes,
+    # `isinstance` tests), so they must not share a compiled function.
+    key = (treedef, solver_treedef, *[(type(x), x) for x in solver_leaves])
     try:
         compiled = _COMPILED.pop(key, None)
     except TypeError:  # a solver holding arrays (or unhashable static data)

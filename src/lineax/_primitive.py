@@ -8,6 +8,7 @@ factorisation, a `while_loop`), only this primitive, whose derivative is express
 through further solves with the same state.
 """
 
+import dataclasses
 import functools as ft
 from typing import Any
 
@@ -335,13 +336,86 @@ def _linear_solve_abstract_eval(
 ):
     # The checks of `_linear_solve_impl` change no shape: only `compute` is traced.
     del operator, throw, kind, with_stats
+    args = jtu.tree_map(_to_struct, (state, vector, options))
+    key = _abstract_eval_key(solver, args)
+    if key is not None and key in _ABSTRACT_EVALS:
+        return _ABSTRACT_EVALS[key]
 
     def compute(state, vector, options):
         solution, result, stats = solver.compute(state, vector, options)
         return solution, _with_singular(result, jnp.array(True)), stats
 
-    args = jtu.tree_map(_to_struct, (state, vector, options))
-    return jtu.tree_map(_to_aval, eqx.filter_eval_shape(compute, *args))
+    out = jtu.tree_map(_to_aval, eqx.filter_eval_shape(compute, *args))
+    if key is not None:
+        if len(_ABSTRACT_EVALS) >= 256:
+            _ABSTRACT_EVALS.clear()
+        _ABSTRACT_EVALS[key] = out
+    return out
+
+
+# The output shapes of `solver.compute` depend only on the solver and on the
+# structure, shapes and dtypes of its inputs (and on the x64 flag): traced once
+# per such key, not on every bind. A gradient of one solve binds the primitive
+# four times (primal, JVP, tangent and cotangent solves), each of which traced
+# `compute` in full only to learn its output shapes (about 4 ms each of a dense
+# n = 100 solve's trace time, measured).
+class _TraceCache(dict):
+    """A dict that `jax.clear_caches()` empties, as it empties JAX's own caches
+    of traced functions (so that a first call after it pays the whole trace)."""
+
+    # JAX's registry is a weak-key dictionary: each cache is its own key.
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__  # pyright: ignore[reportAssignmentType]
+
+    def cache_clear(self) -> None:
+        self.clear()
+
+    def cache_info(self) -> str:
+        return f"{len(self)} entries"
+
+    def cache_keys(self) -> list:
+        return list(self)
+
+
+_ABSTRACT_EVALS = _TraceCache()
+# The same for `_compute_without_stats`'s jaxpr, traced at lowering.
+_WITHOUT_STATS = _TraceCache()
+
+try:  # JAX's registry of caches (not public API): else never emptied by JAX.
+    from jax._src.util import register_cache as _register_cache
+
+    _register_cache(_ABSTRACT_EVALS, "lineax abstract evaluation")
+    _register_cache(_WITHOUT_STATS, "lineax compute without statistics")
+except ImportError:  # pragma: no cover
+    pass
+
+
+def _abstract_eval_key(solver, args) -> tuple | None:
+    # The solver by its structure, the type of each field (static ones
+    # included) and its leaves with their types: `True == 1 == 1.0`, but a
+    # solver holding one traces differently from one holding another.
+    solver_leaves, solver_treedef = jtu.tree_flatten(solver)
+    fields = dataclasses.fields(solver) if dataclasses.is_dataclass(solver) else ()
+    leaves, treedef = jtu.tree_flatten(args)
+    key = (
+        type(solver),
+        solver_treedef,
+        tuple(type(getattr(solver, f.name, None)) for f in fields),
+        tuple((type(x), x) for x in solver_leaves),
+        treedef,
+        bool(jax.config.jax_enable_x64),  # pyright: ignore[reportAttributeAccessIssue]
+        *[
+            (x.shape, x.dtype, x.weak_type)
+            if isinstance(x, jax.ShapeDtypeStruct)
+            else (type(x), x)
+            for x in leaves
+        ],
+    )
+    try:
+        hash(key)
+    except TypeError:  # a solver or option holding arrays, unhashable static data
+        return None
+    return key
 
 
 def bind(
@@ -653,19 +727,42 @@ def _dce_rule(used_outputs: list[bool], eqn: Any) -> tuple[list[bool], Any]:
     return used_inputs, new_eqn
 
 
+def _weak_struct(x: Any) -> Any:
+    """An array's shape, dtype and weak type (which `compute` may promote
+    differently); anything else as it is."""
+    if not eqx.is_array(x):
+        return x
+    aval = jax.typeof(x)
+    weak = bool(getattr(aval, "weak_type", False))
+    return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), weak_type=weak)
+
+
 def _compute_without_stats(solver, state, vector, options):
     """`solver.compute`, with its statistics left out of the computation (and
-    returned as zeros): its jaxpr, less what only the statistics need."""
-    closed, out_struct, out_static = eqx.filter_make_jaxpr(solver.compute)(
-        state, vector, options
-    )
-    solution_struct, result_struct, stats_struct = out_struct
-    n_kept = len(jtu.tree_leaves((solution_struct, result_struct)))
-    n_out = len(closed.jaxpr.outvars)
-    used = [True] * n_kept + [False] * (n_out - n_kept)
-    jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, used, instantiate=True)
+    returned as zeros): its jaxpr, less what only the statistics need. (Traced
+    once per solver and structure of the inputs, see `_abstract_eval_key`.)"""
+    structs = jtu.tree_map(_weak_struct, (state, vector, options))
+    key = _abstract_eval_key(solver, structs)
+    if key is not None and key in _WITHOUT_STATS:
+        jaxpr, consts, out_struct, out_static = _WITHOUT_STATS[key]
+    else:
+        closed, out_struct, out_static = eqx.filter_make_jaxpr(solver.compute)(
+            state, vector, options
+        )
+        n_kept = len(jtu.tree_leaves(out_struct[:2]))
+        n_out = len(closed.jaxpr.outvars)
+        used = [True] * n_kept + [False] * (n_out - n_kept)
+        jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, used, instantiate=True)
+        consts = closed.consts
+        # Only constants made by `compute` itself (never a tracer of the trace
+        # being built) may be kept beyond this trace.
+        if key is not None and not any(isinstance(c, jax.core.Tracer) for c in consts):
+            if len(_WITHOUT_STATS) >= 256:
+                _WITHOUT_STATS.clear()
+            _WITHOUT_STATS[key] = jaxpr, consts, out_struct, out_static
+    stats_struct = out_struct[2]
     args = [x for x in jtu.tree_leaves((state, vector, options)) if eqx.is_array(x)]
-    kept = jax.core.eval_jaxpr(jaxpr, closed.consts, *args)
+    kept = jax.core.eval_jaxpr(jaxpr, consts, *args)
     stats = [jnp.zeros(s.shape, s.dtype) for s in jtu.tree_leaves(stats_struct)]
     out = jtu.tree_unflatten(jtu.tree_structure(out_struct), list(kept) + stats)
     return eqx.combine(out, out_static)
