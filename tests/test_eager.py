@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import DelegatingLU
 
 import lineax as lx
 import lineax._linear_solve as linear_solve_module
@@ -153,28 +154,16 @@ def test_eager_solve_keeps_trace_time_checks():
         lx.linear_solve(lx.MatrixLinearOperator(jnp.ones((3, 2))), jnp.ones(3), lx.LU())
 
 
-class _ScaledLU(lx.AbstractLinearSolver):
+class _ScaledLU(DelegatingLU):
     """`LU`, with a field that is a PyTree leaf (`scale`), returned in the
     statistics: its type shows in their dtype."""
 
     scale: bool | int | float
 
-    def init(self, operator, options):
-        return lx.LU().init(operator, options)
-
     def compute(self, state, vector, options):
         solution, result, _ = lx.LU().compute(state, vector, options)
         stats = {"scale": jnp.asarray(self.scale)}
         return solution, result, stats
-
-    def transpose(self, state, options):
-        return lx.LU().transpose(state, options)
-
-    def conj(self, state, options):
-        return lx.LU().conj(state, options)
-
-    def assume_full_rank(self):
-        return True
 
 
 def test_eager_solve_cache_keys_solver_leaves_by_type(monkeypatch):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from helpers import (
     assert_close,
+    DelegatingLU,
     flatten,
     flatten_jax,
     randn_like,
@@ -294,24 +295,12 @@ def test_tree_all_finite_small_complex_and_folded_arrays():
                 assert not bool(check((matrix, x)))
 
 
-class _CountingLU(lx.AbstractLinearSolver):
+class _CountingLU(DelegatingLU):
     """`LU`, counting the traces of `compute`."""
-
-    def init(self, operator, options):
-        return lx.LU().init(operator, options)
 
     def compute(self, state, vector, options):
         _COMPUTE_TRACES.append(jnp.result_type(vector))
         return lx.LU().compute(state, vector, options)
-
-    def transpose(self, state, options):
-        return lx.LU().transpose(state, options)
-
-    def conj(self, state, options):
-        return lx.LU().conj(state, options)
-
-    def assume_full_rank(self):
-        return True
 
 
 _COMPUTE_TRACES: list = []
