@@ -14,7 +14,9 @@
 #
 # Measured on an H200 (2026-11-26): the benchmarks take about 4 minutes, the
 # tests 5 minutes with 14 workers, so they go in two calls of under 10 minutes:
-# `PARTS=bench` and then `PARTS=tests` (default: both).
+# `PARTS=bench` and then `PARTS=tests` (default: both). `X64=1` adds a float64
+# pass of the benchmarks (not yet run on a GPU: the first session with one ran
+# out of device time).
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -30,10 +32,16 @@ step() { echo "=== $(date +%T) $*" | tee -a "$LOG"; }
 
 step environment
 "$PY" - <<'PY' 2>&1 | tee -a "$LOG"
+import importlib.metadata as md
 import equinox, jax, jaxtyping, lineax
 print("lineax:", lineax.__file__)
 print("jax", jax.__version__, "equinox", equinox.__version__,
       "jaxtyping", jaxtyping.__version__, jax.devices())
+for name in ("optimistix", "diffrax", "scipy", "numpy", "beartype"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "not installed")
 PY
 
 PARTS=${PARTS:-bench tests}
@@ -45,6 +53,13 @@ timeout 150 "$PY" benchmarks/run.py --scale "$SCALE" $QUICK --out "$RES/bench-f3
 step "float32 Krylov benchmarks"
 timeout 130 "$PY" benchmarks/run.py --scale "$SCALE" $QUICK --out "$RES/bench-f32-krylov" \
   --cases 'cg_poisson|bicgstab|gmres_convdiff_N256|gmres_convdiff_N64|lsmr' 2>&1 | tee -a "$LOG"
+
+if [[ -n "${X64:-}" ]]; then
+step "float64 dense, gradient and Krylov benchmarks"
+timeout 200 "$PY" benchmarks/run.py --scale "$SCALE" $QUICK --x64 --out "$RES/bench-f64" \
+  --cases 'grad_lstsq|grad_lu|dense_(lu|cholesky)_n1000|cg_poisson_N|bicgstab|gmres_convdiff_N256' \
+  2>&1 | tee -a "$LOG"
+fi
 
 step "Kronecker benchmark"
 timeout 80 "$PY" benchmarks/structured.py --cases kronecker \
