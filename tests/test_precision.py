@@ -94,3 +94,26 @@ def test_every_product_of_a_structured_operator_asks_for_full_precision(name):
     text = jax.jit(both).lower(operator, vector).as_text()
     low = [p for p in _products(text) if "precision = [HIGHEST, HIGHEST]" not in p]
     assert not low, f"products not HIGHEST: {low}"
+
+
+def test_a_reused_trace_follows_the_configuration_in_context():
+    # lineax caches its traces of `solver.compute` per structure: a trace made
+    # outside `jax.default_matmul_precision("highest")` must not be reused inside
+    # it (the key holds JAX's trace context, as JAX's own caches do).
+    matrix = jnp.asarray(_SPD)
+    operator = lx.FunctionLinearOperator(
+        lambda x: matrix @ x,
+        jax.ShapeDtypeStruct((6,), jnp.float32),
+        lx.positive_semidefinite_tag,
+        closure_convert=False,  # (traced at each solve, not once when built)
+    )
+
+    def solve(b):
+        return lx.linear_solve(operator, b, lx.CG(1e-5, 1e-5), throw=False).value
+
+    b = jnp.asarray(_B6)
+    default = _products(jax.jit(solve).lower(b).as_text())
+    with jax.default_matmul_precision("highest"):
+        highest = _products(jax.jit(solve).lower(b).as_text())
+    assert any("HIGHEST, HIGHEST" not in p for p in default)  # the user's product
+    assert all("HIGHEST, HIGHEST" in p for p in highest)

@@ -381,6 +381,11 @@ _ABSTRACT_EVALS = _TraceCache()
 # The same for `_compute_without_stats`'s jaxpr, traced at lowering.
 _WITHOUT_STATS = _TraceCache()
 
+try:  # Not public API: else the x64 flag alone (see `_trace_context`).
+    from jax._src.config import trace_context as _jax_trace_context
+except ImportError:  # pragma: no cover
+    _jax_trace_context = None
+
 try:  # JAX's registry of caches (not public API): else never emptied by JAX.
     from jax._src.util import register_cache as _register_cache
 
@@ -388,6 +393,18 @@ try:  # JAX's registry of caches (not public API): else never emptied by JAX.
     _register_cache(_WITHOUT_STATS, "lineax compute without statistics")
 except ImportError:  # pragma: no cover
     pass
+
+
+def _trace_context() -> Any:
+    """The configuration that tracing depends on, as JAX's own caches of traced
+    functions key it (the x64 flag, the default matmul precision, the mesh in
+    context, ...): a cached trace is reused only where JAX would reuse its own.
+    (Like JAX's caches of `lax.cond`/`while_loop` bodies, the key holds a user's
+    functions by identity: one reading a global that changes is impure, and
+    JAX reuses its traces of such functions too.)"""
+    if _jax_trace_context is None:  # pragma: no cover - a future JAX
+        return bool(jax.config.jax_enable_x64)  # pyright: ignore[reportAttributeAccessIssue]
+    return _jax_trace_context()
 
 
 def _abstract_eval_key(solver, args) -> tuple | None:
@@ -403,7 +420,7 @@ def _abstract_eval_key(solver, args) -> tuple | None:
         tuple(type(getattr(solver, f.name, None)) for f in fields),
         tuple((type(x), x) for x in solver_leaves),
         treedef,
-        bool(jax.config.jax_enable_x64),  # pyright: ignore[reportAttributeAccessIssue]
+        _trace_context(),
         *[
             (x.shape, x.dtype, x.weak_type)
             if isinstance(x, jax.ShapeDtypeStruct)
