@@ -346,10 +346,7 @@ def _linear_solve_abstract_eval(
         return solution, _with_singular(result, jnp.array(True)), stats
 
     out = jtu.tree_map(_to_aval, eqx.filter_eval_shape(compute, *args))
-    if key is not None:
-        if len(_ABSTRACT_EVALS) >= 256:
-            _ABSTRACT_EVALS.clear()
-        _ABSTRACT_EVALS[key] = out
+    _ABSTRACT_EVALS.put(key, out)
     return out
 
 
@@ -366,6 +363,17 @@ class _TraceCache(dict):
     # JAX's registry is a weak-key dictionary: each cache is its own key.
     __eq__ = object.__eq__
     __hash__ = object.__hash__  # pyright: ignore[reportAssignmentType]
+
+    # Emptied when full: each entry may hold the constants of a trace.
+    max_size = 256
+
+    def put(self, key: Any, value: Any) -> None:
+        """Store `value` under `key`, unless `key` is `None` (not cacheable)."""
+        if key is None:
+            return
+        if len(self) >= self.max_size:
+            self.clear()
+        self[key] = value
 
     def cache_clear(self) -> None:
         self.clear()
@@ -773,10 +781,8 @@ def _compute_without_stats(solver, state, vector, options):
         consts = closed.consts
         # Only constants made by `compute` itself (never a tracer of the trace
         # being built) may be kept beyond this trace.
-        if key is not None and not any(isinstance(c, jax.core.Tracer) for c in consts):
-            if len(_WITHOUT_STATS) >= 256:
-                _WITHOUT_STATS.clear()
-            _WITHOUT_STATS[key] = jaxpr, consts, out_struct, out_static
+        if not any(isinstance(c, jax.core.Tracer) for c in consts):
+            _WITHOUT_STATS.put(key, (jaxpr, consts, out_struct, out_static))
     stats_struct = out_struct[2]
     args = [x for x in jtu.tree_leaves((state, vector, options)) if eqx.is_array(x)]
     kept = jax.core.eval_jaxpr(jaxpr, consts, *args)
