@@ -582,10 +582,7 @@ class _Pass(eqx.Module):
 
 class _Loop(eqx.Module):
     """The outer loop's carry. Its scalars are carried stacked in one array,
-    `book` (see `_Book`): carried one by one, each would be computed by a kernel
-    of its own in the loop body (XLA does not fuse computations that end in
-    different outputs of a loop body), and on XLA:CPU each kernel costs several
-    milliseconds of compile time."""
+    `book` (a packed `_Book`, see `AbstractStackedScalars`)."""
 
     inner: _Pass
     best_x: PyTree[Array]  # the iterate with the smallest true residual so far
@@ -593,7 +590,43 @@ class _Loop(eqx.Module):
     verifications: Array
 
 
-class _Book(eqx.Module):
+class AbstractStackedScalars(eqx.Module):
+    """Scalars a loop carries stacked in one array (`pack`), each read by slicing
+    it (`unpack`): carried one by one, each would be computed by a kernel of its
+    own at the end of the loop body (XLA does not fuse computations that end in
+    different outputs of a loop body), and on XLA:CPU each kernel costs several
+    milliseconds of compile time. Fields that are `None` are not carried."""
+
+    def pack(self, dtype) -> Array:
+        return jnp.stack([jnp.asarray(v).astype(dtype) for v in jtu.tree_leaves(self)])
+
+    def unpack(self, stacked: Array) -> Any:
+        # (`self` gives the layout: which of the optional fields are present.)
+        names = [
+            f.name
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        ]
+        return _StackedView(stacked, names)
+
+
+class _StackedView:
+    """The fields of packed `AbstractStackedScalars`, each sliced from the array
+    when read (so that fields a computation does not read cost nothing in it)."""
+
+    def __init__(self, stacked: Array, names: list[str]):
+        self._stacked = stacked
+        self._names = names
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self._names:
+            return None  # an optional field that is not carried
+        return self._stacked[self._names.index(name)]
+
+
+class _Book(AbstractStackedScalars):
     """The outer loop's scalars (counts and flags as floats: they are small
     integers, exact in any float dtype)."""
 
@@ -607,34 +640,6 @@ class _Book(eqx.Module):
     ref_progress: Scalar | None
     ref_estimate: Scalar | None
     floor_hits: Scalar | None  # passes below the floor since the last halving
-
-    def pack(self, dtype) -> Array:
-        return jnp.stack([jnp.asarray(v).astype(dtype) for v in jtu.tree_leaves(self)])
-
-    def unpack(self, book: Array) -> Any:
-        # (`self` gives the layout: which of the optional fields are present.)
-        names = [
-            f.name
-            for f in dataclasses.fields(self)
-            if getattr(self, f.name) is not None
-        ]
-        return _BookView(book, names)
-
-
-class _BookView:
-    """The fields of a stacked `_Book`, each sliced from the array when read (so
-    that fields a computation does not read cost nothing in it)."""
-
-    def __init__(self, book: Array, names: list[str]):
-        self._book = book
-        self._names = names
-
-    def __getattr__(self, name: str):
-        if name.startswith("_"):
-            raise AttributeError(name)
-        if name not in self._names:
-            return None  # an optional field that is not carried
-        return self._book[self._names.index(name)]
 
 
 def _history_layout(max_steps: int, history_length: int | None) -> tuple[int, int]:

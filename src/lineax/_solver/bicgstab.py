@@ -5,12 +5,13 @@ from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, PyTree, Scalar
+from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
 from .._norm import max_norm, tree_dot, two_norm
 from .._operator.base import AbstractLinearOperator
 from ._krylov import (
     AbstractKrylovSolver,
+    AbstractStackedScalars,
     apply,
     iterate,
     Iteration,
@@ -28,25 +29,28 @@ class _Carry(eqx.Module):
     shadow: PyTree[Array]  # the shadow residual r̂_0
     p: PyTree[Array]
     v: PyTree[Array]
-    # The step's scalars, stacked in one array (indices below): carried one by
-    # one, each would be computed by a kernel of its own at the end of every step
-    # (XLA does not fuse computations that end in different outputs of a loop
-    # body), and those passed through or swapped (rho -> rho_old) cost a copy each.
-    # Stacked, they are one kernel, and each use slices what it reads.
-    scalars: Array
+    scalars: Array  # a packed `_Scalars`: one kernel at the end of a step
 
 
-# `_Carry.scalars`, in the dtype of the inner products (complex for a complex
-# problem; the real quantities and the flags are its real parts).
-_SHADOW_NN = 0  # <r̂_0, r̂_0>, fixed between restarts
-_RR = 1  # <r, r>
-_RHO = 2  # <r̂_0, r>
-_BETA = 3  # the next direction's coefficient: 0 right after a restart
-_OMEGA = 4
-_STATUS = 5  # 0; 1: restart before the next step (ends the pass); 2: breakdown
-_FRESH = 6  # 1 if no step since the last restart
-_RNORM = 7  # the residual's norm, if the stopping norm is not the 2-norm
-_BREAKDOWN = 2  # (`_STATUS`)
+class _Scalars(AbstractStackedScalars):
+    """The step's scalars, in the dtype of the inner products (complex for a
+    complex problem; the real quantities and the flags are its real parts).
+    Stacked, they are one kernel at the end of a step, where carried one by one
+    those passed through or swapped (rho -> rho_old) would cost a copy each."""
+
+    shadow_nn: ArrayLike  # <r̂_0, r̂_0>, fixed between restarts
+    rr: ArrayLike  # <r, r>
+    rho: ArrayLike  # <r̂_0, r>
+    beta: ArrayLike  # the next direction's coefficient: 0 right after a restart
+    omega: ArrayLike
+    # 0; 1: restart before the next step (ends the pass); 2: breakdown.
+    status: ArrayLike
+    fresh: ArrayLike  # 1 if no step since the last restart
+    # The residual's norm if the stopping norm is not the 2-norm, else None.
+    rnorm: ArrayLike | None
+
+
+_BREAKDOWN = 2  # (`_Scalars.status`)
 
 
 class BiCGStab(AbstractKrylovSolver):
@@ -121,8 +125,8 @@ class BiCGStab(AbstractKrylovSolver):
             # overflow only where `<y, y>` itself does, in the units of `Problem`.)
             return ~(jnp.real(value * jnp.conj(value)) > (eps * eps) * xx * yy)
 
-        def real(k, i):
-            return jnp.real(k[i])
+        def scalars_of(c: _Carry) -> Any:
+            return layout.unpack(c.scalars)
 
         # Each step needs several inner products; the norms in the breakdown
         # tests reuse them where possible (the shadow's norm changes only on a
@@ -131,9 +135,9 @@ class BiCGStab(AbstractKrylovSolver):
         # shadow vector per step): the outer loop verifies, and restarts from the
         # true residual (see `restart_from`).
         def step(c: _Carry) -> _Carry:
-            k = c.scalars
-            shadow_nn, rr, rho = real(k, _SHADOW_NN), real(k, _RR), k[_RHO]
-            p = tree_axpy(k[_BETA], tree_axpy(-k[_OMEGA], c.v, c.p), c.r)
+            k = scalars_of(c)
+            shadow_nn, rr, rho = jnp.real(k.shadow_nn), jnp.real(k.rr), k.rho
+            p = tree_axpy(k.beta, tree_axpy(-k.omega, c.v, c.p), c.r)
             phat = apply(precond, p)
             v = mv(phat)
             sigma = tree_dot(c.shadow, v)
@@ -170,29 +174,26 @@ class BiCGStab(AbstractKrylovSolver):
             # vanishing <r, A P r> cannot be cured by restarting again. (Unless the
             # recursive residual is below rounding level: then its products may
             # underflow, and there is simply nothing left to do.)
-            breakdown = bad_sigma & (real(k, _FRESH) > 0) & (rr > tiny)
+            breakdown = bad_sigma & (jnp.real(k.fresh) > 0) & (rr > tiny)
             restart = bad_sigma | bad_omega | small(new_rho, shadow_nn, new_rr)
             # 0, 1 or 2 (`_BREAKDOWN`): a breakdown is a bad sigma, so a restart too.
             status = restart.astype(dtype) + breakdown.astype(dtype)
             # (rho / rho_old) (alpha / omega), one division: 0 when either
             # denominator is (after a bad sigma, omega is 0).
             beta = safe_div(new_rho * alpha, rho * omega)
-            scalars = [shadow_nn, new_rr, new_rho, beta, omega, status, 0]
-            if not two:
-                scalars.append(problem.norm(r))
-            return _Carry(x, r, c.shadow, p, v, stack(scalars))
+            rnorm = None if two else problem.norm(r)
+            scalars = _Scalars(
+                shadow_nn, new_rr, new_rho, beta, omega, status, 0, rnorm
+            )
+            return _Carry(x, r, c.shadow, p, v, scalars.pack(dtype))
 
-        def stack(values) -> Array:
-            return jnp.stack([jnp.asarray(a).astype(dtype) for a in values])
-
-        def restarted(r, status) -> Array:
+        def restarted(r, status) -> _Scalars:
             # The scalars of a (re)start from `r`, with `r` as the shadow vector;
             # beta = 0 makes the next direction `r`.
             rr = jnp.real(tree_dot(r, r))
-            scalars = [rr, rr, rr, 0, 0, status, 1]
-            if not two:
-                scalars.append(problem.norm(r))
-            return stack(scalars)
+            return _Scalars(
+                rr, rr, rr, 0, 0, status, 1, None if two else problem.norm(r)
+            )
 
         def restart_from(c: _Carry, x, r, passed) -> _Carry:
             # The recursive residual drifts from the true one. When it passed the
@@ -200,9 +201,10 @@ class BiCGStab(AbstractKrylovSolver):
             # restart from the true residual; a periodic check leaves the iteration
             # alone.
             del x
-            status = real(c.scalars, _STATUS)
+            status = status_of(c)
             # (A breakdown stays one: the outer loop stops on it.)
-            new = restarted(r, (status == _BREAKDOWN).astype(dtype) * _BREAKDOWN)
+            breakdown = (status == _BREAKDOWN).astype(dtype) * _BREAKDOWN
+            new = restarted(r, breakdown).pack(dtype)
             restart = passed | (status > 0)
             return _Carry(
                 c.x,
@@ -215,20 +217,29 @@ class BiCGStab(AbstractKrylovSolver):
 
         r = problem.r0
         dtype = tree_dot(r, r).dtype
-        carry = _Carry(problem.x0, r, r, r, r, restarted(r, 0))
+        layout = restarted(r, 0)
+        carry = _Carry(problem.x0, r, r, r, r, layout.pack(dtype))
+
+        def estimate(c: _Carry) -> Array:
+            k = scalars_of(c)
+            return jnp.real(k.rr if two else k.rnorm)
+
+        def status_of(c: _Carry) -> Array:
+            return jnp.real(scalars_of(c).status)
+
         method = Iteration(
             step=step,
-            estimate=lambda c: real(c.scalars, _RR if two else _RNORM),
+            estimate=estimate,
             squared=two,
             solution=lambda c: c.x,
             restart=restart_from,
-            halted=lambda c: real(c.scalars, _STATUS) == _BREAKDOWN,
-            ends_pass=lambda c: real(c.scalars, _STATUS) > 0,
+            halted=lambda c: status_of(c) == _BREAKDOWN,
+            ends_pass=lambda c: status_of(c) > 0,
             mv_per_step=2,
             pass_length=_CHECK_EVERY,
             patience=_PATIENCE,
         )
-        rnorm = real(carry.scalars, _RR if two else _RNORM)
+        rnorm = estimate(carry)
         rnorm = jnp.sqrt(rnorm) if two else rnorm
         return iterate(self, problem, method, carry, rnorm=rnorm)
 
