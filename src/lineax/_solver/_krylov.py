@@ -551,7 +551,8 @@ class Iteration(Generic[_Carry]):
         as a float that `counts_exactly` to `max_steps`: there the count costs no
         kernel of its own, where the loop's integer counter costs two per step
         (its increment, and a copy XLA makes of it for the history write). The
-        count starts at 0 and `step` adds 1; `None`: the loop counts.
+        count starts at 0, `step` adds 1 and `restart` keeps it; `None`: the loop
+        counts.
     - `below_floor`: for a method whose estimate restarts from the true residual
         after each verification (CG's residual replacement), so that the test above
         cannot see a fall across passes: whether this pass's estimate fell below

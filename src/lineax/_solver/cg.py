@@ -28,7 +28,8 @@ from .normal import Normal
 
 class _CGCarry(eqx.Module):
     """The CG recurrences (Saad, Algorithm 9.1), with the direction update at the
-    start of a step rather than at the end: `p = w z + (rho / rho_old) p_old`."""
+    start of a step rather than at the end: `p = z + beta p_old`, with
+    `beta = rho / rho_old`."""
 
     x: PyTree[Array]
     r: PyTree[Array]  # recursively updated residual
@@ -40,10 +41,13 @@ class _CGCarry(eqx.Module):
 class _CGScalars(AbstractStackedScalars):
     """The step's scalars, stacked: one kernel at the end of a step, where carried
     one by one the swap `rho -> rho_old` cost three copies and the step count a
-    kernel of its own."""
+    kernel of its own. `beta` is computed in that kernel too, rather than by a
+    kernel of its own at the start of the next step."""
 
     rho: ArrayLike  # <r, P r>
-    rho_old: ArrayLike  # rho when `p` was made; 0 restarts the direction
+    # The next direction's coefficient, rho / rho_old (0 where rho_old is 0: the
+    # first step, whose direction is z).
+    beta: ArrayLike
     # <p, A p> of the last step: <= 0 (or NaN) is a breakdown. Tested in the loop
     # condition, where it costs no kernel of its own.
     pap: ArrayLike
@@ -151,7 +155,7 @@ class CG(AbstractDefiniteKrylovSolver):
             # XLA copies the direction on every step).
             k = scalars_of(c)
             z = c.r if c.z is None else c.z
-            p = tree_axpy(safe_div(k.rho, k.rho_old), c.p, z)
+            p = tree_axpy(k.beta, c.p, z)
             ap = mv(p)
             pap = jnp.real(tree_dot(p, ap))
             ok = pap > 0
@@ -160,7 +164,7 @@ class CG(AbstractDefiniteKrylovSolver):
             r = tree_axpy(-alpha, ap, c.r)
             z, rho, rnorm = residual_terms(r)
             steps = None if k.steps is None else k.steps + 1
-            new = _CGScalars(rho, k.rho, pap, steps, rnorm)
+            new = _CGScalars(rho, safe_div(rho, k.rho), pap, steps, rnorm)
             return _CGCarry(x, r, z, p, new.pack(dtype))
 
         def replace_residual(c: _CGCarry, x, r, passed) -> _CGCarry:
@@ -169,7 +173,7 @@ class CG(AbstractDefiniteKrylovSolver):
             # residual differs from the recursive one by more than 10%: then
             # rounding dominates, and a direction conjugate to the old residual's
             # history would make `alpha` jump, so the direction restarts. The next
-            # step makes `z + (rho / rho_old) p` with `rho_old = rho`, so `p` is
+            # step makes `z + beta p` with `beta = rho / rho` (1), so `p` is
             # stored as that direction minus `z` (0 for a restart): this costs no
             # flag in the carry, nor its kernel.
             del x, passed
@@ -182,15 +186,15 @@ class CG(AbstractDefiniteKrylovSolver):
             drifted = jnp.real(tree_dot(gap, gap)) > 0.01 * rr
             z_old = c.r if c.z is None else c.z
             z_new = r if z is None else z
-            p = tree_axpy(safe_div(k.rho, k.rho_old), c.p, tree_sub(z_old, z_new))
+            p = tree_axpy(k.beta, c.p, tree_sub(z_old, z_new))
             p = tree_where(drifted, tree_scale(0, p), p)
-            new = _CGScalars(rho, rho, k.pap, k.steps, rnorm)
+            new = _CGScalars(rho, safe_div(rho, rho), k.pap, k.steps, rnorm)
             return _CGCarry(c.x, r, z, p, new.pack(dtype))
 
         z, rho, rnorm = residual_terms(problem.r0)
         dtype = rho.dtype
         counts = counts_exactly(dtype, problem.max_steps)
-        # rho_old = 0: the first direction is z itself (any vector will do as the
+        # beta = 0: the first direction is z itself (any vector will do as the
         # "old" direction it is added to with weight 0).
         layout = _CGScalars(rho, 0, 1, 0 if counts else None, rnorm)
         carry = _CGCarry(problem.x0, problem.r0, z, problem.r0, layout.pack(dtype))
