@@ -102,6 +102,12 @@ def safe_div(num: ArrayLike, den: Array) -> Array:
     return jnp.where(zero, 0, num / jnp.where(zero, 1, den))
 
 
+def counts_exactly(dtype: Any, max_steps: int) -> bool:
+    """Whether floats of `dtype` count steps up to `max_steps` exactly (a step
+    count carried among a method's stacked scalars, see `Iteration.steps`)."""
+    return max_steps < 2 ** (jnp.finfo(dtype).nmant + 1)
+
+
 def real_dtype(structure: PyTree[jax.ShapeDtypeStruct]) -> Any:
     dtypes = [x.dtype for x in jtu.tree_leaves(structure)]
     return jnp.finfo(jnp.result_type(*dtypes)).dtype
@@ -540,6 +546,13 @@ class Iteration(Generic[_Carry]):
         after `patience` verifications (which, for a method that verifies only when
         its estimate passes a tightening threshold, can be thousands of steps).
         `progress` defaults to `rnorm`.
+    - `steps`: the number of steps made, read from the carry, for a method that
+        counts them itself among its stacked scalars (`AbstractStackedScalars`),
+        as a float that `counts_exactly` to `max_steps`: there the count costs no
+        kernel of its own, where the loop's integer counter costs two per step
+        (its increment, and a copy XLA makes of it for the history write). The
+        count starts at 0, `step` adds 1 and `restart` keeps it; `None`: the loop
+        counts.
     - `below_floor`: for a method whose estimate restarts from the true residual
         after each verification (CG's residual replacement), so that the test above
         cannot see a fall across passes: whether this pass's estimate fell below
@@ -570,13 +583,16 @@ class Iteration(Generic[_Carry]):
     )
     progress_estimate: Callable[[_Carry], Array] | None = None
     below_floor: Callable[[_Carry, Array], Array] | None = None
+    steps: Callable[[_Carry], Array] | None = None
 
 
 class _Pass(eqx.Module):
     """The carry of a pass: the method's own carry plus the step bookkeeping."""
 
     carry: Any
-    steps: Array  # steps in total (a pass is told from its first step's number)
+    # Steps in total (a pass is told from its first step's number); `None` where
+    # the method counts them (`Iteration.steps`).
+    steps: Array | None
     history: Array
 
 
@@ -617,13 +633,17 @@ class _StackedView:
     def __init__(self, stacked: Array, names: list[str]):
         self._stacked = stacked
         self._names = names
+        self._read = {}
 
     def __getattr__(self, name: str):
         if name.startswith("_"):
             raise AttributeError(name)
         if name not in self._names:
             return None  # an optional field that is not carried
-        return self._stacked[self._names.index(name)]
+        # (Each field is sliced once per view: a smaller jaxpr to trace and lower.)
+        if name not in self._read:
+            self._read[name] = self._stacked[self._names.index(name)]
+        return self._read[name]
 
 
 class _Book(AbstractStackedScalars):
@@ -705,6 +725,12 @@ def iterate(
     verbose = int(solver.verbose)
     pass_length = method.pass_length
 
+    def steps_of(q: _Pass) -> Array:
+        if method.steps is None:
+            assert q.steps is not None
+            return q.steps
+        return method.steps(q.carry).astype(jnp.int32)
+
     def halted(c):
         return jnp.array(False) if method.halted is None else method.halted(c)
 
@@ -717,7 +743,8 @@ def iterate(
         # Only the method's step, the step count and the history write: anything
         # else here would be paid on every step.
         c = method.step(q.carry)
-        steps = q.steps + 1
+        counter = None if q.steps is None else q.steps + 1  # (the loop counts)
+        steps = steps_of(_Pass(c, counter, q.history))
         estimate = method.estimate(c)
         history = _record(q.history, steps, estimate, every)
         if verbose:
@@ -727,11 +754,10 @@ def iterate(
                 lambda: jax.debug.callback(_print_progress, steps, shown, tol, p.scale),
                 lambda: None,
             )
-        return _Pass(c, steps, history)
+        return _Pass(c, counter, history)
 
     def outer_body(o: _Loop) -> _Loop:
         start = o.inner.carry
-        first = o.inner.steps
         k = book_of(o)
 
         # The threshold of the estimate that ends the pass, and the step count
@@ -749,15 +775,19 @@ def iterate(
             c = q.carry
             # The first step of a pass is always made: every pass makes progress,
             # whatever the (possibly underflowed) estimate says.
-            is_first = q.steps == first
+            # (The pass's first step number, like the bound, is computed where it
+            # is used: from the carry the pass started from.)
+            first = steps_of(o.inner)
+            steps = steps_of(q)
+            is_first = steps == first
             go = is_first | (method.estimate(c) > bound_of())
             if method.settled is not None:
                 go = go & (is_first | ~method.settled(c, book_of(o).factor))
             if method.ends_pass is not None:
                 go = go & (is_first | ~method.ends_pass(c))
-            go = go & ~halted(c) & (q.steps < max_steps)
+            go = go & ~halted(c) & (steps < max_steps)
             if pass_length is not None:
-                go = go & (q.steps - first < pass_length)
+                go = go & (steps - first < pass_length)
             return go
 
         q = lax.while_loop(inner_running, inner_step, o.inner)
@@ -842,14 +872,15 @@ def iterate(
     def book_of(o: _Loop) -> Any:
         return book.unpack(o.book)
 
-    loop = _Loop(_Pass(carry, zero, history), p.x0, book.pack(p.rdtype), zero)
+    counter = zero if method.steps is None else None
+    loop = _Loop(_Pass(carry, counter, history), p.x0, book.pack(p.rdtype), zero)
 
     def running(o: _Loop):
         k = book_of(o)
         go = (
             ~(k.converged > 0)
             & ~halted(o.inner.carry)
-            & (o.inner.steps < max_steps)
+            & (steps_of(o.inner) < max_steps)
             & jnp.isfinite(k.rnorm)
         )
         if not p.fixed:
@@ -883,7 +914,7 @@ def iterate(
     result = RESULTS.where(nonfinite, RESULTS.breakdown, result)
     result = RESULTS.where(stagnation & ~stop, RESULTS.stagnation, result)
     result = RESULTS.where(converged, RESULTS.successful, result)
-    steps = loop.inner.steps
+    steps = steps_of(loop.inner)
     history = loop.inner.history
     if method.squared:
         history = jnp.sqrt(history)

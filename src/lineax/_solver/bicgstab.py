@@ -13,6 +13,7 @@ from ._krylov import (
     AbstractKrylovSolver,
     AbstractStackedScalars,
     apply,
+    counts_exactly,
     iterate,
     Iteration,
     KrylovState,
@@ -48,6 +49,9 @@ class _Scalars(AbstractStackedScalars):
     fresh: ArrayLike  # 1 if no step since the last restart
     # The residual's norm if the stopping norm is not the 2-norm, else None.
     rnorm: ArrayLike | None
+    # Steps made (see `Iteration.steps`); `None` where the dtype cannot count to
+    # `max_steps` exactly, and the outer loop counts them.
+    steps: ArrayLike | None
 
 
 _BREAKDOWN = 2  # (`_Scalars.status`)
@@ -183,16 +187,17 @@ class BiCGStab(AbstractKrylovSolver):
             beta = safe_div(new_rho * alpha, rho * omega)
             rnorm = None if two else problem.norm(r)
             scalars = _Scalars(
-                shadow_nn, new_rr, new_rho, beta, omega, status, 0, rnorm
-            )
+                shadow_nn, new_rr, new_rho, beta, omega, status, 0, rnorm,
+                None if k.steps is None else jnp.real(k.steps) + 1,
+            )  # fmt: skip
             return _Carry(x, r, c.shadow, p, v, scalars.pack(dtype))
 
-        def restarted(r, status) -> _Scalars:
+        def restarted(r, status, steps) -> _Scalars:
             # The scalars of a (re)start from `r`, with `r` as the shadow vector;
             # beta = 0 makes the next direction `r`.
             rr = jnp.real(tree_dot(r, r))
             return _Scalars(
-                rr, rr, rr, 0, 0, status, 1, None if two else problem.norm(r)
+                rr, rr, rr, 0, 0, status, 1, None if two else problem.norm(r), steps
             )
 
         def restart_from(c: _Carry, x, r, passed) -> _Carry:
@@ -204,7 +209,7 @@ class BiCGStab(AbstractKrylovSolver):
             status = status_of(c)
             # (A breakdown stays one: the outer loop stops on it.)
             breakdown = (status == _BREAKDOWN).astype(dtype) * _BREAKDOWN
-            new = restarted(r, breakdown).pack(dtype)
+            new = restarted(r, breakdown, scalars_of(c).steps).pack(dtype)
             restart = passed | (status > 0)
             return _Carry(
                 c.x,
@@ -217,7 +222,8 @@ class BiCGStab(AbstractKrylovSolver):
 
         r = problem.r0
         dtype = tree_dot(r, r).dtype
-        layout = restarted(r, 0)
+        counts = counts_exactly(dtype, problem.max_steps)
+        layout = restarted(r, 0, 0 if counts else None)
         carry = _Carry(problem.x0, r, r, r, r, layout.pack(dtype))
 
         def estimate(c: _Carry) -> Array:
@@ -238,6 +244,7 @@ class BiCGStab(AbstractKrylovSolver):
             mv_per_step=2,
             pass_length=_CHECK_EVERY,
             patience=_PATIENCE,
+            steps=(lambda c: jnp.real(scalars_of(c).steps)) if counts else None,
         )
         rnorm = estimate(carry)
         rnorm = jnp.sqrt(rnorm) if two else rnorm

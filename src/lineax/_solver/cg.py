@@ -5,12 +5,14 @@ from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, PyTree, Scalar
+from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
 from .._norm import max_norm, tree_dot, two_norm
 from ._definite import AbstractDefiniteKrylovSolver
 from ._krylov import (
+    AbstractStackedScalars,
     apply,
+    counts_exactly,
     FLOOR_GAP,
     iterate,
     Iteration,
@@ -24,27 +26,36 @@ from ._krylov import (
 from .normal import Normal
 
 
-def _rnorm(c: "_CGCarry") -> Scalar:
-    # (Set whenever the estimate is not `rho`, see `_CGCarry.rnorm`.)
-    assert c.rnorm is not None
-    return c.rnorm
-
-
 class _CGCarry(eqx.Module):
     """The CG recurrences (Saad, Algorithm 9.1), with the direction update at the
-    start of a step rather than at the end: `p = w z + (rho / rho_old) p_old`."""
+    start of a step rather than at the end: `p = z + beta p_old`, with
+    `beta = rho / rho_old`."""
 
     x: PyTree[Array]
     r: PyTree[Array]  # recursively updated residual
     z: PyTree[Array] | None  # P r; `None` without a preconditioner (z = r)
     p: PyTree[Array]  # the last search direction (see `replace_residual`)
-    rho: Scalar  # <r, P r>
-    rho_old: Scalar  # rho when `p` was made; 0 restarts the direction
-    # norm(r), with the solver's norm; `None` where that is sqrt(rho).
-    rnorm: Scalar | None
+    scalars: Array  # a packed `_CGScalars`
+
+
+class _CGScalars(AbstractStackedScalars):
+    """The step's scalars, stacked: one kernel at the end of a step, where carried
+    one by one the swap `rho -> rho_old` cost three copies and the step count a
+    kernel of its own. `beta` is computed in that kernel too, rather than by a
+    kernel of its own at the start of the next step."""
+
+    rho: ArrayLike  # <r, P r>
+    # The next direction's coefficient, rho / rho_old (0 where rho_old is 0: the
+    # first step, whose direction is z).
+    beta: ArrayLike
     # <p, A p> of the last step: <= 0 (or NaN) is a breakdown. Tested in the loop
     # condition, where it costs no kernel of its own.
-    pap: Scalar
+    pap: ArrayLike
+    # Steps made (see `Iteration.steps`); `None` where the dtype cannot count to
+    # `max_steps` exactly, and the outer loop counts them.
+    steps: ArrayLike | None
+    # norm(r), with the solver's norm; `None` where that is sqrt(rho).
+    rnorm: ArrayLike | None
 
 
 class CG(AbstractDefiniteKrylovSolver):
@@ -120,33 +131,41 @@ class CG(AbstractDefiniteKrylovSolver):
                 None if rho_is_norm else problem.norm(r),
             )
 
+        def scalars_of(c: _CGCarry) -> Any:
+            return layout.unpack(c.scalars)
+
         def rnorm_of(c: _CGCarry):
-            return jnp.sqrt(c.rho) if c.rnorm is None else c.rnorm
+            k = scalars_of(c)
+            return jnp.sqrt(k.rho) if k.rnorm is None else k.rnorm
 
         def halted(c: _CGCarry):
             # For a (semi)definite operator <p, A p> > 0 unless A p = 0: a sign test
             # is scale-invariant, and catches NaN too.
-            breakdown = ~(c.pap > 0)
+            k = scalars_of(c)
+            breakdown = ~(k.pap > 0)
             if precond is not None:
                 # A preconditioner that is not positive definite shows as
                 # <r, P r> <= 0.
-                breakdown = breakdown | ((rnorm_of(c) > problem.tol) & ~(c.rho > 0))
+                breakdown = breakdown | ((rnorm_of(c) > problem.tol) & ~(k.rho > 0))
             return breakdown
 
         def step(c: _CGCarry) -> _CGCarry:
             # The old direction is read once, first: its buffer is then free for
             # the new one (with the update at the end of the step, as in JAX's CG,
             # XLA copies the direction on every step).
+            k = scalars_of(c)
             z = c.r if c.z is None else c.z
-            p = tree_axpy(safe_div(c.rho, c.rho_old), c.p, z)
+            p = tree_axpy(k.beta, c.p, z)
             ap = mv(p)
             pap = jnp.real(tree_dot(p, ap))
             ok = pap > 0
-            alpha = jnp.where(ok, c.rho / jnp.where(ok, pap, 1), 0)
+            alpha = jnp.where(ok, k.rho / jnp.where(ok, pap, 1), 0)
             x = tree_axpy(alpha, p, c.x)
             r = tree_axpy(-alpha, ap, c.r)
             z, rho, rnorm = residual_terms(r)
-            return _CGCarry(x, r, z, p, rho, c.rho, rnorm, pap)
+            steps = None if k.steps is None else k.steps + 1
+            new = _CGScalars(rho, safe_div(rho, k.rho), pap, steps, rnorm)
+            return _CGCarry(x, r, z, p, new.pack(dtype))
 
         def replace_residual(c: _CGCarry, x, r, passed) -> _CGCarry:
             # Residual replacement. The next direction is the one the recursive
@@ -154,10 +173,11 @@ class CG(AbstractDefiniteKrylovSolver):
             # residual differs from the recursive one by more than 10%: then
             # rounding dominates, and a direction conjugate to the old residual's
             # history would make `alpha` jump, so the direction restarts. The next
-            # step makes `z + (rho / rho_old) p` with `rho_old = rho`, so `p` is
+            # step makes `z + beta p` with `beta = rho / rho` (1), so `p` is
             # stored as that direction minus `z` (0 for a restart): this costs no
             # flag in the carry, nor its kernel.
             del x, passed
+            k = scalars_of(c)
             z, rho, rnorm = residual_terms(r)
             # ||r - r_rec|| > 0.1 ||r||, in squares (rho is <r, r> without a
             # preconditioner).
@@ -166,25 +186,33 @@ class CG(AbstractDefiniteKrylovSolver):
             drifted = jnp.real(tree_dot(gap, gap)) > 0.01 * rr
             z_old = c.r if c.z is None else c.z
             z_new = r if z is None else z
-            p = tree_axpy(safe_div(c.rho, c.rho_old), c.p, tree_sub(z_old, z_new))
+            p = tree_axpy(k.beta, c.p, tree_sub(z_old, z_new))
             p = tree_where(drifted, tree_scale(0, p), p)
-            return _CGCarry(c.x, r, z, p, rho, rho, rnorm, c.pap)
+            new = _CGScalars(rho, safe_div(rho, rho), k.pap, k.steps, rnorm)
+            return _CGCarry(c.x, r, z, p, new.pack(dtype))
 
         z, rho, rnorm = residual_terms(problem.r0)
-        one = jnp.ones((), rho.dtype)
-        zero = jnp.zeros((), rho.dtype)
-        # rho_old = 0: the first direction is z itself (any vector will do as the
+        dtype = rho.dtype
+        counts = counts_exactly(dtype, problem.max_steps)
+        # beta = 0: the first direction is z itself (any vector will do as the
         # "old" direction it is added to with weight 0).
-        carry = _CGCarry(problem.x0, problem.r0, z, problem.r0, rho, zero, rnorm, one)
+        layout = _CGScalars(rho, 0, 1, 0 if counts else None, rnorm)
+        carry = _CGCarry(problem.x0, problem.r0, z, problem.r0, layout.pack(dtype))
+
+        def estimate(c: _CGCarry) -> Array:
+            k = scalars_of(c)
+            return k.rho if rho_is_norm else k.rnorm
+
         method = Iteration(
             step=step,
-            estimate=(lambda c: c.rho) if rho_is_norm else _rnorm,
+            estimate=estimate,
             squared=rho_is_norm,
             solution=lambda c: c.x,
             restart=replace_residual,
             halted=halted,
             pass_length=self.stabilise_every,
             below_floor=lambda c, rnorm: rnorm > FLOOR_GAP * rnorm_of(c),
+            steps=(lambda c: scalars_of(c).steps) if counts else None,
         )
         return iterate(self, problem, method, carry, rnorm=rnorm_of(carry))
 

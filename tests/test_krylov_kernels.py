@@ -1,0 +1,102 @@
+"""A step of CG and BiCGStab launches no more kernels than `jax.scipy`'s.
+
+On a GPU these solves, at the sizes of the benchmarks, cost kernel launches rather
+than arithmetic (an H200 took 1.3x jax.scipy's time while they launched more
+kernels per step; a CPU is not bound by them). What a step launches is read from
+the optimised program: the kernels (fusions, custom calls, copies and the other
+non-trivial instructions) of the innermost while loop's body and condition, which
+run once per step. Nothing is run, so no solve can hang here.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.sparse.linalg as jssl
+import pytest
+
+import lineax as lx
+
+
+# Instructions that are no kernel of their own.
+_FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast"}
+# (64 x 64 as in the benchmarks: below about 4096 entries XLA:CPU splits each
+# reduction into two kernels, on both sides.)
+N = 64
+
+
+def _computations(text: str) -> dict[str, list[str]]:
+    out, name = {}, None
+    for line in text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if header:
+            name = header.group(1)
+            out[name] = []
+        elif line.startswith("}"):
+            name = None
+        elif name is not None:
+            out[name].append(line)
+    return out
+
+
+def _opcode(line: str) -> str | None:
+    line = re.sub(r"/\*.*?\*/", "", line)
+    match = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = .*? ([\w\-]+)\(", line)
+    return None if match is None else match.group(1)
+
+
+def _kernels_per_step(fn, *args) -> int:
+    """Kernels of the innermost while loop (body and condition) of `fn`."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    comps = _computations(text)
+    loops = re.findall(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)", text)
+    counts = []
+    for cond, body in loops:
+        ops = [_opcode(line) for line in comps[cond] + comps[body]]
+        if "while" in ops:
+            continue  # an outer loop
+        counts.append(sum(1 for op in ops if op is not None and op not in _FREE))
+    assert len(counts) == 1, loops
+    return counts[0]
+
+
+def _stencil(x):
+    # The 2-D Laplacian plus 0.05 I (`_convection`: plus upwind convection).
+    u = x.reshape(N, N)
+    p = jnp.pad(u, 1)
+    lap = 4.05 * u - p[:-2, 1:-1] - p[2:, 1:-1] - p[1:-1, :-2] - p[1:-1, 2:]
+    return lap.reshape(-1)
+
+
+def _convection(x):
+    u = x.reshape(N, N)
+    return _stencil(x) + (u - jnp.pad(u, ((0, 0), (1, 0)))[:, :-1]).reshape(-1)
+
+
+@pytest.mark.skipif(
+    jax.default_backend() != "cpu",
+    reason="the counts are XLA:CPU's fusion decisions",
+)
+@pytest.mark.parametrize(
+    "solver, jax_solver, mv, tags",
+    [
+        (lx.CG, jssl.cg, _stencil, (lx.positive_semidefinite_tag,)),
+        (lx.BiCGStab, jssl.bicgstab, _convection, ()),
+    ],
+    ids=["cg", "bicgstab"],
+)
+def test_krylov_step_launches_no_more_kernels_than_jax_scipy(
+    solver, jax_solver, mv, tags
+):
+    b = jnp.ones(N * N, jnp.float32)
+    struct = jax.ShapeDtypeStruct(b.shape, b.dtype)
+    method = solver(rtol=1e-5, atol=0.0, norm=lx.internal.two_norm)
+
+    def ours(b):
+        op = lx.FunctionLinearOperator(mv, struct, tags)
+        return lx.linear_solve(op, b, method, throw=False).value
+
+    def theirs(b):
+        return jax_solver(mv, b, tol=1e-5, atol=0.0)[0]
+
+    assert _kernels_per_step(ours, b) <= _kernels_per_step(theirs, b)
