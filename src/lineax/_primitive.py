@@ -838,11 +838,13 @@ def _compute_traced(solver, state, vector, options, with_stats: bool):
         kept = jax.core.eval_jaxpr(jaxpr, consts, *args)
         stats = jtu.tree_leaves(traced.out_struct[2])
         out = list(kept) + [jnp.zeros(s.shape, s.dtype) for s in stats]
-    # An output that is a constant of the jaxpr comes back as the Python or NumPy
-    # scalar it holds: an array again, as `compute` returned it.
+    # An output that is a literal of the jaxpr comes back as the Python or NumPy
+    # scalar it holds: an array again, as `compute` returned it, and a concrete
+    # one, not a constant of the trace (a concrete result code is tested on the
+    # host, see `_is_successful`).
     structs = jtu.tree_leaves(traced.out_struct)
     out = [
-        x if isinstance(x, jax.Array) else jnp.asarray(x, s.dtype)
+        x if isinstance(x, jax.Array) else _concrete_array(np.asarray(x, s.dtype))
         for x, s in zip(out, structs)
     ]
     out = jtu.tree_unflatten(jtu.tree_structure(traced.out_struct), out)
