@@ -651,6 +651,9 @@ class _Book(AbstractStackedScalars):
     integers, exact in any float dtype)."""
 
     rnorm: Scalar  # norm of the last true residual
+    # The target, `Problem.tol`: carried here rather than closed over, where XLA
+    # makes the loop-invariant product that computes it a kernel of its own.
+    tol: Scalar
     best_rnorm: Scalar
     factor: Scalar  # tightening of the adapted tolerance
     since_best: Scalar  # verifications since `best_rnorm` last decreased
@@ -768,7 +771,7 @@ def iterate(
             # (The scalars are read from `o.book` here, so that the inner loop
             # takes the whole array rather than slices of it made by kernels.)
             b = book_of(o)
-            inner_tol = adapted_tolerance(estimate_of(start), b.rnorm, tol, b.factor)
+            inner_tol = adapted_tolerance(estimate_of(start), b.rnorm, b.tol, b.factor)
             return inner_tol**2 if method.squared else inner_tol
 
         def inner_running(q: _Pass):
@@ -795,7 +798,7 @@ def iterate(
         x = method.solution(c)
         r = tree_sub(p.vector, p.mv(x))
         rnorm = norm(r)
-        converged = rnorm <= tol
+        converged = rnorm <= k.tol
         if method.accept is not None:
             converged = converged | method.accept(c, x, r)
         improved = rnorm < k.best_rnorm
@@ -838,8 +841,8 @@ def iterate(
         )
         c = method.restart(c, x, r, passed)
         book = _Book(
-            rnorm, best_rnorm, factor, since_best, converged, ref_progress,
-            ref_estimate, floor_hits,
+            rnorm, k.tol, best_rnorm, factor, since_best, converged,
+            ref_progress, ref_estimate, floor_hits,
         )  # fmt: skip
         return _Loop(
             _Pass(c, q.steps, q.history),
@@ -860,6 +863,7 @@ def iterate(
     zero = jnp.array(0, jnp.int32)
     book = _Book(
         rnorm,
+        tol,
         rnorm,
         jnp.ones((), p.rdtype),
         zero,
