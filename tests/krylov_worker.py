@@ -3,7 +3,8 @@
 one JSON line per case: the result, steps, operator products and the true
 residual recomputed in float64 with NumPy.
 
-Usage: `python tests/krylov_worker.py GROUP` with GROUP one of `edge`, `table`.
+Usage: `python tests/krylov_worker.py GROUP...` with each GROUP one of `edge`,
+`table`, `stagnation`.
 """
 
 import json
@@ -346,4 +347,8 @@ def stagnation():
 
 
 if __name__ == "__main__":
-    {"edge": edge, "table": table, "stagnation": stagnation}[sys.argv[1]]()
+    # Several groups share one process (and its JAX import and compiled solves); a
+    # line naming each group comes before its cases.
+    for group in sys.argv[1:]:
+        print(json.dumps({"group": group}), flush=True)
+        {"edge": edge, "table": table, "stagnation": stagnation}[group]()

@@ -339,7 +339,7 @@ def test_gradients_through_preconditioned_solve(make_precond, solver, symmetric)
     def dense(data, b):
         return w @ jnp.linalg.solve(make(data).as_matrix(), b)
 
-    got = jax.grad(iterative, argnums=(0, 1))(data, b)
-    want = jax.grad(dense, argnums=(0, 1))(data, b)
+    got = jax.jit(jax.grad(iterative, argnums=(0, 1)))(data, b)
+    want = jax.jit(jax.grad(dense, argnums=(0, 1)))(data, b)
     for g, r in zip(got, want):
         np.testing.assert_allclose(g, r, rtol=1e-7, atol=1e-10)

@@ -2,6 +2,7 @@
 against central finite differences in float64, and higher order; the Krylov
 solvers' against the dense derivative."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -165,12 +166,22 @@ def test_higher_order():
         g = lambda a: jax.jvp(f, (a,), (tangent,))[1]
         return jax.jvp(g, (matrix,), (tangent,))[1]
 
-    np.testing.assert_allclose(jvp_jvp(ours), jvp_jvp(reference), rtol=1e-9)
-    grad_grad = lambda f: jax.grad(lambda a: jnp.sum(jax.grad(f)(a) ** 2))(matrix)
-    np.testing.assert_allclose(grad_grad(ours), grad_grad(reference), rtol=1e-8)
-    np.testing.assert_allclose(
-        jax.hessian(ours)(matrix), jax.hessian(reference)(matrix), rtol=1e-8, atol=1e-10
+    def grad_grad(f):
+        return jax.grad(lambda a: jnp.sum(jax.grad(f)(a) ** 2))(matrix)
+
+    # One compiled program for all of them, not one per operation run eagerly (the
+    # first-order tests above differentiate un-jitted solves).
+    derivatives = jax.jit(
+        lambda: (
+            [jvp_jvp(f) for f in (ours, reference)],
+            [grad_grad(f) for f in (ours, reference)],
+            [jax.hessian(f)(matrix) for f in (ours, reference)],
+        )
     )
+    (got, want), (got2, want2), (hess, hess_ref) = derivatives()
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    np.testing.assert_allclose(got2, want2, rtol=1e-8)
+    np.testing.assert_allclose(hess, hess_ref, rtol=1e-8, atol=1e-10)
 
 
 def test_least_squares_hessian():
@@ -184,8 +195,8 @@ def test_least_squares_hessian():
         return jnp.sum(jnp.sin(x))
 
     tangent = _random(matrix.shape, 2)
-    hvp = jax.jvp(jax.grad(loss), (matrix,), (tangent,))[1]
-    fd = _fd_jvp(jax.grad(loss), (matrix,), (tangent,), eps=1e-5)
+    hvp = jax.jit(lambda a, t: jax.jvp(jax.grad(loss), (a,), (t,))[1])(matrix, tangent)
+    fd = _fd_jvp(jax.jit(jax.grad(loss)), (matrix,), (tangent,), eps=1e-5)
     np.testing.assert_allclose(hvp, fd, rtol=1e-5, atol=1e-7)
 
 
@@ -199,7 +210,7 @@ def test_pytree_operator_gradient():
         sol = lx.linear_solve(op, vec).value
         return sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(sol))
 
-    grads = jax.grad(loss, argnums=(0, 1))(operator, vector)
+    grads = eqx.filter_jit(jax.grad(loss, argnums=(0, 1)))(operator, vector)
 
     def dense_loss(a, b):
         return jnp.sum(jnp.linalg.solve(a, b) ** 2)

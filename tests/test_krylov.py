@@ -6,6 +6,7 @@ and convection-diffusion operators and on dense least squares, preconditioning,
 differentiation, `vmap`, result codes and argument checks.
 """
 
+import functools as ft
 import json
 import os
 import subprocess
@@ -341,8 +342,8 @@ def test_grad_through_preconditioned_gmres():
         return jnp.dot(weights, jnp.linalg.solve(m, v))
 
     args = (jnp.asarray(matrix), jnp.asarray(b))
-    grads = jax.grad(loss, argnums=(0, 1))(*args)
-    expected = jax.grad(dense_loss, argnums=(0, 1))(*args)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(*args)
+    expected = jax.jit(jax.grad(dense_loss, argnums=(0, 1)))(*args)
     np.testing.assert_allclose(grads[0], expected[0], atol=1e-9)
     np.testing.assert_allclose(grads[1], expected[1], atol=1e-9)
     # Forward mode as well.
@@ -350,8 +351,8 @@ def test_grad_through_preconditioned_gmres():
         jnp.asarray(_rng(12).normal(size=(n, n))),
         jnp.asarray(_rng(13).normal(size=n)),
     )
-    _, jvp = jax.jvp(loss, args, tangents)
-    _, expected_jvp = jax.jvp(dense_loss, args, tangents)
+    _, jvp = jax.jit(ft.partial(jax.jvp, loss))(args, tangents)
+    _, expected_jvp = jax.jit(ft.partial(jax.jvp, dense_loss))(args, tangents)
     np.testing.assert_allclose(jvp, expected_jvp, rtol=1e-8)
 
 
@@ -375,7 +376,7 @@ def test_grad_with_preconditioner_and_y0(make, tags):
         options = {"preconditioner": precond, "y0": y0}
         return jnp.sum(lx.linear_solve(op, v, make(), options=options).value ** 2)
 
-    grad_b, grad_y0 = jax.grad(loss, argnums=(0, 1))(b, jnp.ones(n))
+    grad_b, grad_y0 = jax.jit(jax.grad(loss, argnums=(0, 1)))(b, jnp.ones(n))
     x = np.linalg.solve(matrix, np.asarray(b))
     np.testing.assert_allclose(grad_b, np.linalg.solve(matrix.T, 2 * x), atol=1e-8)
     np.testing.assert_array_equal(grad_y0, np.zeros(n))
@@ -401,8 +402,8 @@ def test_lsmr_jvp_rank_deficient():
     # Keep the tangent within rank-deficient matrices, where pinv is differentiable.
     tangent_m[:, 5] = tangent_m[:, 4]
     tangents = (jnp.asarray(tangent_m), jnp.asarray(tangent_b))
-    _, ours = jax.jvp(solve, args, tangents)
-    _, expected = jax.jvp(pinv_solve, args, tangents)
+    _, ours = jax.jit(ft.partial(jax.jvp, solve))(args, tangents)
+    _, expected = jax.jit(ft.partial(jax.jvp, pinv_solve))(args, tangents)
     np.testing.assert_allclose(ours, expected, atol=1e-6)
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ADDED_XLA_FLAGS
 
 
 HERE = pathlib.Path(__file__).parent
@@ -40,9 +41,12 @@ SHARDED = "('x',)"
 def results():
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = (
-        "--xla_force_host_platform_device_count=8 "
-        "--xla_cpu_collective_call_terminate_timeout_seconds=15"
+    env["XLA_FLAGS"] = " ".join(
+        [
+            *ADDED_XLA_FLAGS,  # the tests' LLVM optimisation level (conftest.py)
+            "--xla_force_host_platform_device_count=8",
+            "--xla_cpu_collective_call_terminate_timeout_seconds=15",
+        ]
     )
     src = str(HERE.parent / "src")
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")]).rstrip(
