@@ -9,10 +9,6 @@ a relative tolerance. Householder QR is normwise stable in each column only: it
 is checked under column scaling, where that is the same thing.
 """
 
-import os
-import pathlib
-import subprocess
-import sys
 import zlib
 
 import jax
@@ -160,30 +156,6 @@ def test_qr_result_invariant_under_row_scaling():
 def test_newton_and_gauss_newton_on_badly_scaled_float32_problems():
     # Optimistix's Newton and Gauss-Newton solve with LU / QR at every step: a
     # scale-dependent "singular" used to stop them after a step or two.
-    #
-    # Run in a subprocess at XLA's default optimisation: whether Gauss-Newton's
-    # float32 Cauchy test fires depends on rounding. Compiled at LLVM optimisation
-    # level 0 (the rest of the test run, see conftest.py) it stops on `max_steps`
-    # after 256 steps with the answer right to 5e-7 (7 steps at the default level
-    # and at level 1), as it did on a GPU (H200, JAX 0.11.2).
-    from conftest import ADDED_XLA_FLAGS
-
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if f not in ADDED_XLA_FLAGS]
-    env["XLA_FLAGS"] = " ".join(flags)
-    src = str(pathlib.Path(__file__).resolve().parent.parent / "src")
-    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
-    completed = subprocess.run(
-        [sys.executable, __file__],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-
-
-def _badly_scaled_float32_problems():
     import optimistix as optx
 
     def root(y, args):
@@ -203,16 +175,16 @@ def _badly_scaled_float32_problems():
         del args
         return p[0] + p[1] * t + p[2] * t**2 - data
 
+    # Gauss-Newton's Cauchy test also asks the residual vector to change by at
+    # most `atol + rtol |r_i|` between steps. This fit's residual at the optimum is
+    # float32 rounding noise (about 4e-6: `eps * |data|` mapped through the
+    # solve), so `atol` must be above that: with `atol=1e-9` the test passes only
+    # where the iterates happen to land on an exact fixed point (7 steps at XLA's
+    # default LLVM optimisation; a 3-cycle of iterates one ulp apart, so 256 steps
+    # and `max_steps`, at level 0 and on an H200 GPU; the same with the published
+    # lineax).
     p0 = jnp.zeros(3, jnp.float32)
-    solver = optx.GaussNewton(rtol=1e-6, atol=1e-9)
+    solver = optx.GaussNewton(rtol=1e-6, atol=1e-5)
     sol = optx.least_squares(residuals, solver, p0, throw=False)
     assert sol.result == optx.RESULTS.successful
-    np.testing.assert_allclose(sol.value, [1.0, 2e-3, 3e-8], rtol=1e-3)
-
-
-if __name__ == "__main__":
-    # The configuration of the test run (conftest.py), without its XLA flags.
-    jax.config.update("jax_enable_x64", True)
-    jax.config.update("jax_numpy_dtype_promotion", "strict")
-    jax.config.update("jax_numpy_rank_promotion", "raise")
-    _badly_scaled_float32_problems()
+    np.testing.assert_allclose(sol.value, [1.0, 2e-3, 3e-8], rtol=1e-5)
