@@ -319,10 +319,20 @@ def _host_failure_code(code: Any, *arrays: Any, n_solution: int, n_tested: int) 
     return code
 
 
-def _to_struct(x):
+def _to_struct(x: Any) -> Any:
+    """An array's or an abstract value's shape, dtype and weak type (which
+    `compute` may promote differently) as a `jax.ShapeDtypeStruct`; anything else
+    as it is. The abstract evaluation (given abstract values) and the
+    implementation (given arrays) both key their trace of `compute` by it, so that
+    the second finds the first's (see `_traced_compute`)."""
     if isinstance(x, jax.core.ShapedArray):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=x.weak_type)
-    return x
+        aval = x
+    elif eqx.is_array(x):
+        aval = jax.typeof(x)
+    else:
+        return x
+    weak = bool(getattr(aval, "weak_type", False))
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=weak)
 
 
 def _to_aval(x):
@@ -762,16 +772,6 @@ def _dce_rule(used_outputs: list[bool], eqn: Any) -> tuple[list[bool], Any]:
     return used_inputs, new_eqn
 
 
-def _weak_struct(x: Any) -> Any:
-    """An array's shape, dtype and weak type (which `compute` may promote
-    differently); anything else as it is."""
-    if not eqx.is_array(x):
-        return x
-    aval = jax.typeof(x)
-    weak = bool(getattr(aval, "weak_type", False))
-    return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), weak_type=weak)
-
-
 @dataclasses.dataclass
 class _Traced:
     """A trace of `solver.compute`: its jaxpr, and that jaxpr less what only the
@@ -828,7 +828,7 @@ def _compute_traced(solver, state, vector, options, with_stats: bool):
     """`solver.compute(state, vector, options)`, evaluated from its trace (see
     `_traced_compute`); without `with_stats`, with its statistics left out of the
     computation (and returned as zeros)."""
-    structs = jtu.tree_map(_weak_struct, (state, vector, options))
+    structs = jtu.tree_map(_to_struct, (state, vector, options))
     traced = _traced_compute(solver, structs, _abstract_eval_key(solver, structs))
     args = [x for x in jtu.tree_leaves((state, vector, options)) if eqx.is_array(x)]
     if with_stats:
