@@ -64,6 +64,18 @@ def pytest_configure(config):
         os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="lineax-tests-jax-cache-")
         config._lineax_cache_dir = os.environ[_CACHE_ENV]
     _use_compilation_cache(os.environ[_CACHE_ENV])
+    # JAX writes a cache entry in place (`write_bytes`, no lock unless the cache has
+    # a size limit and `filelock` is installed), so one pytest-xdist worker can read
+    # an entry that the other is still writing. JAX then warns and compiles the
+    # program itself, which is correct; under `filterwarnings = error` the warning
+    # would fail the test (or the collection of a module) instead. Only the cache's
+    # read and write warnings are let through: they concern this run's own
+    # temporary cache, never a result.
+    for message in (
+        "Error reading persistent compilation cache entry",
+        "Error writing persistent compilation cache entry",
+    ):
+        config.addinivalue_line("filterwarnings", f"ignore:{message}:UserWarning")
 
 
 def pytest_unconfigure(config):
