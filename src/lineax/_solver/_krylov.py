@@ -611,7 +611,14 @@ class AbstractStackedScalars(eqx.Module):
     it (`unpack`): carried one by one, each would be computed by a kernel of its
     own at the end of the loop body (XLA does not fuse computations that end in
     different outputs of a loop body), and on XLA:CPU each kernel costs several
-    milliseconds of compile time. Fields that are `None` are not carried."""
+    milliseconds of compile time. Fields that are `None` are not carried.
+
+    Keep to at most 8 fields: XLA:CPU fuses a concatenation of at most 8
+    operands into one kernel, and makes each operand of a larger one a kernel of
+    its own (9 computed scalars: 11 kernels, against 2 for 8). BiCGStab with a
+    `norm` other than `two_norm` carries 9 (its inner loop body is 28 kernels
+    against 21 with `two_norm`); stacking them as two rows of 8 took it to 25, but
+    compiled slower in an A/B run (XLA then made the two rows two kernels)."""
 
     def pack(self, dtype) -> Array:
         return jnp.stack([jnp.asarray(v).astype(dtype) for v in jtu.tree_leaves(self)])
