@@ -664,7 +664,11 @@ class _Book(AbstractStackedScalars):
     best_rnorm: Scalar
     factor: Scalar  # tightening of the adapted tolerance
     since_best: Scalar  # verifications since `best_rnorm` last decreased
-    converged: Scalar  # 1 or 0
+    # 2: the last verification passed (converged); 1: its iterate became
+    # `best_x` (a new best true residual); 0: neither. (The flag that selects
+    # `best_x` travels here, see `iterate`, in no field of its own: a ninth field
+    # would make each a kernel, see `AbstractStackedScalars`.)
+    converged: Scalar
     # The true progress measure when it last halved, and its estimate then (`None`
     # without the second stagnation test, so that it costs nothing).
     ref_progress: Scalar | None
@@ -809,8 +813,6 @@ def iterate(
         if method.accept is not None:
             converged = converged | method.accept(c, x, r)
         improved = rnorm < k.best_rnorm
-        # A converged iterate is returned, so it is kept as the "best" one.
-        best_x = tree_where(improved | converged, x, o.best_x)
         best_rnorm = jnp.where(improved, rnorm, k.best_rnorm)
         since_best = jnp.where(improved, 0, k.since_best + 1)
         ref_progress, ref_estimate = k.ref_progress, k.ref_estimate
@@ -847,16 +849,22 @@ def iterate(
             jnp.minimum(1, 1.5 * k.factor),
         )
         c = method.restart(c, x, r, passed)
-        book = _Book(
-            rnorm, k.tol, best_rnorm, factor, since_best, converged,
+        # A converged iterate is returned, so it is kept as the "best" one.
+        keep = improved | converged
+        flag = keep.astype(p.rdtype) + converged.astype(p.rdtype)
+        packed = _Book(
+            rnorm, k.tol, best_rnorm, factor, since_best, flag,
             ref_progress, ref_estimate, floor_hits,
-        )  # fmt: skip
-        return _Loop(
-            _Pass(c, q.steps, q.history),
-            best_x,
-            book.pack(p.rdtype),
-            o.verifications + 1,
-        )
+        ).pack(p.rdtype)  # fmt: skip
+        # The selection of `best_x` reads its flag back from the packed scalars
+        # (behind a barrier, so that XLA does not fold the slice into the
+        # concatenation): there `rnorm`, a square root for the 2-norm, has one
+        # user, the concatenation, where with two XLA made it a kernel of its
+        # own (it does not copy a square root into several kernels).
+        packed = lax.optimization_barrier(packed)
+        best_x = tree_where(unpack_book(packed).converged > 0, x, o.best_x)
+        inner = _Pass(c, q.steps, q.history)
+        return _Loop(inner, best_x, packed, o.verifications + 1)
 
     if rnorm is None:
         rnorm = norm(p.r0)
@@ -874,14 +882,17 @@ def iterate(
         rnorm,
         jnp.ones((), p.rdtype),
         zero,
-        rnorm <= tol,
+        jnp.where(rnorm <= tol, 2, 0),
         inf,
         None if method.progress_estimate is None else inf,
         None if method.below_floor is None else zero,
     )
 
+    def unpack_book(packed: Array) -> Any:
+        return book.unpack(packed)
+
     def book_of(o: _Loop) -> Any:
-        return book.unpack(o.book)
+        return unpack_book(o.book)
 
     counter = zero if method.steps is None else None
     loop = _Loop(_Pass(carry, counter, history), p.x0, book.pack(p.rdtype), zero)
@@ -889,7 +900,7 @@ def iterate(
     def running(o: _Loop):
         k = book_of(o)
         go = (
-            ~(k.converged > 0)
+            ~(k.converged > 1)
             & ~halted(o.inner.carry)
             & (steps_of(o.inner) < max_steps)
             & jnp.isfinite(k.rnorm)
@@ -907,7 +918,7 @@ def iterate(
     if callable(halt_result):
         halt_result = halt_result(loop.inner.carry)
     assert isinstance(halt_result, RESULTS)  # a RESULTS, or a function giving one
-    loop_converged = k.converged > 0
+    loop_converged = k.converged > 1
     if p.fixed:
         # A fixed-iteration solve succeeds when it made its steps, or stopped early
         # because the method can go no further (an exhausted Krylov space), but not
