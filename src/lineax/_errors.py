@@ -50,6 +50,15 @@ from jax._src import (
 from jax._src.interpreters import batching as _batching, mlir as _mlir
 from jax._src.lib import xla_client as _xc  # pyright: ignore[reportPrivateImportUsage]
 from jax.extend.core import Primitive
+
+
+try:
+    # `lax.switch` without its clamp of the index (see `branch_on_code`).
+    from jax._src.lax.control_flow.conditionals import (
+        _switch_internal,  # pyright: ignore[reportAttributeAccessIssue]
+    )
+except ImportError:  # pragma: no cover
+    _switch_internal = None
 from jaxtyping import Array, PyTree
 
 
@@ -231,6 +240,25 @@ def error_if_everywhere(
         lambda x, i: x,
         x,
         index,
+    )
+
+
+def branch_on_code(
+    code: Array, if_nonzero: Callable, if_zero: Callable, operand: PyTree[Array]
+) -> PyTree[Array]:
+    """`if_nonzero(operand)` if the nonnegative int32 scalar `code` is not zero
+    (under `vmap`: for any element), else `if_zero(operand)`.
+
+    The conditional branches on `code` itself, as an index: XLA runs the last
+    branch for an index past the end. (`lax.cond` branches on a boolean made
+    from it, and `lax.switch` on a clamped copy: either is a scalar kernel of its
+    own next to the one computing `code`, when `code` is also used elsewhere.)
+    """
+    index = eqxi.unvmap_max(jnp.asarray(code, jnp.int32))
+    if _switch_internal is None:  # (not in this version of JAX)
+        return lax.cond(index != 0, if_nonzero, if_zero, operand)
+    return _switch_internal(
+        index, (if_zero, if_nonzero), (operand,), branches_platforms=None
     )
 
 

@@ -26,7 +26,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, PyTree
 
-from ._errors import raise_everywhere
+from ._errors import branch_on_code, raise_everywhere
 from ._misc import (
     is_inexact_array,
     stack_alike_leaves,
@@ -267,16 +267,20 @@ def _error_if_failed(
         [x for x in jtu.tree_leaves(vector) if is_inexact_array(x)]
     )
     solution, unstack_solution = stack_alike_leaves(solution)
-    solution = lax.cond(
-        eqxi.unvmap_any(_failed(result, finite)),
-        ft.partial(_raise, operator, arrays is None, checked, inputs, result, kind),
+    # The branch is chosen by the failure code itself (nonzero: failed), which
+    # the error branch also hands to the host: one scalar kernel computes both,
+    # where a predicate of its own was a second one.
+    code = _with_singular(result, finite)._value
+    solution = branch_on_code(
+        code,
+        ft.partial(_raise, operator, arrays is None, checked, inputs, code, kind),
         lambda x: x,
         solution,
     )
     return unstack_solution(solution)
 
 
-def _raise(operator, probe, checked, inputs, result, kind, solution):
+def _raise(operator, probe, checked, inputs, code, kind, solution):
     """The error branch of a solve with `throw=True`: raise with the message of
     the failure, or of `nonfinite_input` if the operator or the vector is not
     finite.
@@ -292,7 +296,7 @@ def _raise(operator, probe, checked, inputs, result, kind, solution):
     primal solve's, whose arrays the primal solve has tested.)
     """
     solution_leaves = [x for x in jtu.tree_leaves(solution) if is_inexact_array(x)]
-    operands = [result._value, *solution_leaves, *checked, *inputs]
+    operands = [code, *solution_leaves, *checked, *inputs]
     if probe:
         operands += stack_alike_leaves(_operator_inputs(operator, None))[0]
     index_fn = ft.partial(
