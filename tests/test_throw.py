@@ -154,3 +154,24 @@ def test_throw_true_message_under_vmap_and_jit(wrapper):
             jax.block_until_ready(solve(jnp.stack(batch), B))
         assert message in str(info.value)
         assert not_message not in str(info.value)
+
+
+def test_branch_on_code_takes_the_failure_branch_for_every_nonzero_code():
+    # The error branch is chosen by the failure code itself, as an index past the
+    # end of two branches for codes above 1 (XLA runs the last branch). Also
+    # with a concrete code under `jax.disable_jit`, where JAX's switch would index
+    # its branches with the code directly (an IndexError for codes above 1).
+    from lineax._errors import branch_on_code
+
+    def branch(code):
+        return branch_on_code(code, lambda x: x + 1, lambda x: x, jnp.float32(0))
+
+    codes = jnp.array([0, 1, 2, 5], jnp.int32)
+    expected = np.array([0, 1, 1, 1], np.float32)
+    jitted = jax.jit(branch)
+    np.testing.assert_array_equal([jitted(c) for c in codes], expected)
+    with jax.disable_jit():
+        np.testing.assert_array_equal([branch(c) for c in codes], expected)
+    # Under vmap one failed element takes the whole batch into the branch.
+    np.testing.assert_array_equal(jax.vmap(branch)(codes), np.ones(4, np.float32))
+    np.testing.assert_array_equal(jax.vmap(branch)(codes[:1]), np.zeros(1))

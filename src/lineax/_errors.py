@@ -27,6 +27,7 @@ XLA refuses side-effecting custom calls with a replicated sharding, so the callb
 is declared free of side effects; its output is used, so it is never removed.
 """
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import equinox.internal as eqxi
@@ -50,16 +51,29 @@ from jax._src import (
 from jax._src.interpreters import batching as _batching, mlir as _mlir
 from jax._src.lib import xla_client as _xc  # pyright: ignore[reportPrivateImportUsage]
 from jax.extend.core import Primitive
+from jaxtyping import Array, ArrayLike, PyTree
 
 
-try:
-    # `lax.switch` without its clamp of the index (see `branch_on_code`).
-    from jax._src.lax.control_flow.conditionals import (
-        _switch_internal,  # pyright: ignore[reportAttributeAccessIssue]
-    )
-except ImportError:  # pragma: no cover
-    _switch_internal = None
-from jaxtyping import Array, PyTree
+def _find_switch_internal() -> Callable | None:
+    """JAX's `lax.switch` without its clamp of the index (see `branch_on_code`),
+    where this version of JAX has it with the signature used here; else `None`
+    (then `branch_on_code` uses `lax.cond`: the same result, one scalar kernel
+    more). Checked once, at import: a private function may change between JAX
+    versions, and a changed signature must not break every solve."""
+    try:
+        from jax._src.lax.control_flow.conditionals import (
+            _switch_internal,  # pyright: ignore[reportAttributeAccessIssue]
+        )
+
+        parameters = inspect.signature(_switch_internal).parameters
+    except (ImportError, TypeError, ValueError):  # pragma: no cover
+        return None
+    if list(parameters) != ["index", "branches", "operands", "branches_platforms"]:
+        return None  # pragma: no cover
+    return _switch_internal
+
+
+_switch_internal = _find_switch_internal()
 
 
 # JAX marks an unbatched operand or output of a batching rule with `None`.
@@ -244,7 +258,7 @@ def error_if_everywhere(
 
 
 def branch_on_code(
-    code: Array, if_nonzero: Callable, if_zero: Callable, operand: PyTree[Array]
+    code: ArrayLike, if_nonzero: Callable, if_zero: Callable, operand: PyTree[Array]
 ) -> PyTree[Array]:
     """`if_nonzero(operand)` if the nonnegative int32 scalar `code` is not zero
     (under `vmap`: for any element), else `if_zero(operand)`.
@@ -254,6 +268,10 @@ def branch_on_code(
     from it, and `lax.switch` on a clamped copy: either is a scalar kernel of its
     own next to the one computing `code`, when `code` is also used elsewhere.)
     """
+    if not isinstance(code, jax.core.Tracer):
+        # A concrete code (eagerly, or under `jax.disable_jit`, where JAX's switch
+        # would index its branches with it directly): branch in Python.
+        return (if_zero if int(np.max(code)) == 0 else if_nonzero)(operand)
     index = eqxi.unvmap_max(jnp.asarray(code, jnp.int32))
     if _switch_internal is None:  # (not in this version of JAX)
         return lax.cond(index != 0, if_nonzero, if_zero, operand)
