@@ -14,6 +14,8 @@ from .base import (
     AbstractLinearOperator,
     conj,
     diagonal,
+    has_cheap_diagonal,
+    holds_values,
     is_cacheable,
     linearise,
     materialise,
@@ -162,4 +164,14 @@ is_cacheable.register(LowRankUpdateLinearOperator)(
 )
 reads_every_leaf.register(LowRankUpdateLinearOperator)(
     lambda op: all(reads_every_leaf(x) for x in (op.operator, op.u, op.c, op.v))
+)
+holds_values.register(LowRankUpdateLinearOperator)(
+    lambda op: all(holds_values(x) for x in (op.operator, op.u, op.c, op.v))
+)
+# `diagonal` above reads `A`'s diagonal and the matrices of `U`, `C` and `V`.
+has_cheap_diagonal.register(LowRankUpdateLinearOperator)(
+    lambda op: (
+        has_cheap_diagonal(op.operator)
+        and all(holds_values(x) for x in (op.u, op.c, op.v))
+    )
 )
