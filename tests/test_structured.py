@@ -432,6 +432,20 @@ def test_low_rank_error_names_argument():
         )
 
 
+def test_low_rank_error_for_vector_or_scalar_factor():
+    # A rank-one update written with a 1-D `u` or a scalar `c`: the error names the
+    # shape expected and how to get it (it used to say "got ndarray" / "got float").
+    a = lx.DiagonalLinearOperator(jnp.arange(1.0, 5.0))
+    with pytest.raises(
+        ValueError, match=r"shape \(n, k\), got an array of shape \(4,\)"
+    ):
+        lx.LowRankUpdateLinearOperator(a, np.ones(4), np.eye(1), np.ones((1, 4)))
+    with pytest.raises(TypeError, match=r"\(k, k\), got float.*jnp.array\(\[\[c\]\]\)"):
+        lx.LowRankUpdateLinearOperator(a, np.ones((4, 1)), 2.0, np.ones((1, 4)))
+    with pytest.raises(TypeError, match="jnp.asarray"):
+        lx.LowRankUpdateLinearOperator(a, [[1.0]] * 4, np.eye(1), np.ones((1, 4)))
+
+
 def test_schur_needs_two_by_two():
     a = lx.MatrixLinearOperator(jnp.eye(2))
     op = lx.BlockLinearOperator([[a]])
