@@ -446,6 +446,44 @@ def test_low_rank_error_for_vector_or_scalar_factor():
         lx.LowRankUpdateLinearOperator(a, [[1.0]] * 4, np.eye(1), np.ones((1, 4)))
 
 
+def test_whole_operator_options_with_iterative_inner_solvers():
+    # `y0` and `preconditioner` are of the whole operator. Passed on unchanged to
+    # an iterative solver of each factor/block they failed its structure check
+    # ("expected float64[3], got float64[6]"); now `y0` is per block for
+    # BlockDiagonal, ignored by Kronecker/Schur, and a preconditioner is a named
+    # error.
+    psd = lx.positive_semidefinite_tag
+    a = np.array([[4.0, 1.0, 0.0], [1.0, 3.0, 1.0], [0.0, 1.0, 2.0]])
+    m = lx.MatrixLinearOperator(jnp.asarray(a), psd)
+    b = np.arange(1.0, 10.0)
+    # At most 4 steps: a 3×3 system takes 3.
+    cg = lx.CG(rtol=1e-12, atol=1e-12, max_steps=4)
+    kron = lx.KroneckerLinearOperator(m, m)
+    x = np.linalg.solve(np.kron(a, a), b)
+    solution = lx.linear_solve(kron, b, lx.Kronecker(cg), options={"y0": x})
+    np.testing.assert_allclose(solution.value, x, rtol=1e-10)
+    with pytest.raises(ValueError, match="cannot be used by their solvers"):
+        lx.linear_solve(
+            kron,
+            b,
+            lx.Kronecker(cg),
+            options={"preconditioner": lx.JacobiPreconditioner(kron)},
+        )
+    # A direct inner solver ignores both, as LU does for a dense operator.
+    options = {"y0": x, "preconditioner": lx.JacobiPreconditioner(kron)}
+    solution = lx.linear_solve(kron, b, options=options)
+    np.testing.assert_allclose(solution.value, x, rtol=1e-10)
+    # BlockDiagonal (alike blocks, stored stacked): each block's own guess is
+    # used; the exact guesses succeed with no steps.
+    blocks = lx.BlockDiagonalLinearOperator([m, m])
+    guess = (np.linalg.solve(a, b[:3]), np.linalg.solve(a, b[3:6]))
+    exact = lx.BlockDiagonal(lx.CG(rtol=1e-12, atol=1e-12, max_steps=0))
+    solution = lx.linear_solve(blocks, (b[:3], b[3:6]), exact, options={"y0": guess})
+    assert solution.result == lx.RESULTS.successful
+    with pytest.raises(ValueError, match="one initial guess per block"):
+        lx.linear_solve(blocks, (b[:3], b[3:6]), exact, options={"y0": b[:6]})
+
+
 def test_schur_needs_two_by_two():
     a = lx.MatrixLinearOperator(jnp.eye(2))
     op = lx.BlockLinearOperator([[a]])

@@ -17,7 +17,13 @@ from .._operator.base import (
 )
 from .._operator.block import BlockLinearOperator
 from .._operator.matrix import MatrixLinearOperator
-from ._structured import first_failure, solve_columns, solve_flat, unwrap_tagged
+from ._structured import (
+    first_failure,
+    part_options,
+    solve_columns,
+    solve_flat,
+    unwrap_tagged,
+)
 from .auto import AutoLinearSolver
 from .base import AbstractLinearSolver
 from .lu import LU, LUState
@@ -70,7 +76,10 @@ class Schur(AbstractLinearSolver[SchurState]):
     - `inner`: the solver for `A`. Defaults to
         `lx.AutoLinearSolver(well_posed=True)`.
 
-    The `options` are passed to the inner solver.
+    The `options` are passed to the inner solver, except `y0` and
+    `preconditioner` (of the whole operator, not of `A`): `y0` is ignored, and a
+    `preconditioner` is ignored by a direct inner solver and an error for an
+    iterative one.
     """
 
     inner: AbstractLinearSolver = AutoLinearSolver(well_posed=True)
@@ -105,6 +114,7 @@ class Schur(AbstractLinearSolver[SchurState]):
         in_structure = operator.in_structure()
         out_structure = operator.out_structure()
         dtype = result_dtype(in_structure, out_structure)
+        options = part_options((self.inner,), options, "Schur")
         top_left = self.inner.init(a, options)
         n2_in = tree_size(in_structure[1])
         n2_out = tree_size(out_structure[1])
@@ -133,6 +143,7 @@ class Schur(AbstractLinearSolver[SchurState]):
         )
 
     def compute(self, state: SchurState, vector, options):
+        options = part_options((self.inner,), options, "Schur")
         in_structure, out_structure = state.structures.value
         dtype = result_dtype(in_structure, out_structure)
         b1 = flatten_vector(vector[0], dtype)
@@ -160,7 +171,8 @@ class Schur(AbstractLinearSolver[SchurState]):
 
     def transpose(self, state: SchurState, options):
         # [[A, B], [C, D]]ᵀ = [[Aᵀ, Cᵀ], [Bᵀ, Dᵀ]], whose Schur complement is Sᵀ.
-        top_left, _ = self.inner.transpose(state.top_left, options)
+        inner_options = part_options((self.inner,), options, "Schur")
+        top_left, _ = self.inner.transpose(state.top_left, inner_options)
         complement, _ = LU().transpose(state.complement, {})
         in_structure, out_structure = state.structures.value
         new = SchurState(
@@ -173,7 +185,8 @@ class Schur(AbstractLinearSolver[SchurState]):
         return new, options
 
     def conj(self, state: SchurState, options):
-        top_left, _ = self.inner.conj(state.top_left, options)
+        inner_options = part_options((self.inner,), options, "Schur")
+        top_left, _ = self.inner.conj(state.top_left, inner_options)
         complement, _ = LU().conj(state.complement, {})
         new = SchurState(
             top_left,
