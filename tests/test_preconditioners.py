@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.sparse
 from conftest import raises_message
 
 import lineax as lx
@@ -140,6 +141,28 @@ def test_jacobi_and_block_jacobi_read_structured_operators():
         lx.JacobiPreconditioner(lx.KroneckerLinearOperator(m(a), free))
     with pytest.raises(ValueError, match="materialise"):
         lx.BlockJacobiPreconditioner(lx.BlockDiagonalLinearOperator([m(a), free]), 2)
+
+
+def test_jacobi_reads_sparse_diagonal_through_sums_scalings_and_tags():
+    # A sparse Laplacian plus a diagonal reaction term (the case Jacobi is for),
+    # scaled, negated or tagged: its diagonal is read from the parts. These were
+    # refused as matrix-free.
+    laplacian = scipy.sparse.diags([-1.0, 2.0, -1.0], [-1, 0, 1], shape=(5, 5))
+    sparse = lx.SparseLinearOperator(laplacian.tocsr(), lx.positive_semidefinite_tag)
+    reaction = lx.DiagonalLinearOperator(jnp.asarray(10.0 ** np.arange(5.0)))
+    operators = [
+        sparse + reaction,
+        2.0 * sparse,
+        sparse / 2.0,
+        -sparse,
+        lx.TaggedLinearOperator(sparse, lx.symmetric_tag),
+    ]
+    for operator in operators:
+        dense = np.asarray(operator.as_matrix())
+        precond = lx.JacobiPreconditioner(operator)
+        np.testing.assert_allclose(
+            precond.as_matrix(), np.diag(1 / np.diag(dense)), rtol=1e-14
+        )
 
 
 def test_jacobi_tags_follow_definiteness():
