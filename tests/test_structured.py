@@ -484,6 +484,31 @@ def test_whole_operator_options_with_iterative_inner_solvers():
         lx.linear_solve(blocks, (b[:3], b[3:6]), exact, options={"y0": b[:6]})
 
 
+def test_woodbury_reports_unconverged_column_solves():
+    # With an iterative solver for `A`, `A⁻¹ U` may not converge while the solve
+    # for the right-hand side does (here b = e₁, an eigenvector of a diagonal A:
+    # one CG step). The answer is then wrong (residual ~1e-2), and was reported
+    # as successful.
+    n = 8
+    a = lx.MatrixLinearOperator(
+        jnp.diag(jnp.arange(1.0, n + 1.0)), lx.positive_semidefinite_tag
+    )
+    u = np.random.default_rng(0).normal(size=(n, 2))
+    operator = lx.LowRankUpdateLinearOperator(
+        a, u, np.eye(2), u.T, lx.positive_semidefinite_tag
+    )
+    b = np.eye(n)[0]
+    solver = lx.Woodbury(lx.CG(rtol=1e-10, atol=1e-10, max_steps=2))
+    solution = lx.linear_solve(operator, b, solver, throw=False)
+    assert solution.result == lx.RESULTS.max_steps_reached
+    # Enough steps: successful and right.
+    solver = lx.Woodbury(lx.CG(rtol=1e-12, atol=1e-12, max_steps=n))
+    solution = lx.linear_solve(operator, b, solver, throw=False)
+    assert solution.result == lx.RESULTS.successful
+    expected = np.linalg.solve(np.asarray(operator.as_matrix()), b)
+    np.testing.assert_allclose(solution.value, expected, rtol=1e-9, atol=1e-12)
+
+
 def test_schur_needs_two_by_two():
     a = lx.MatrixLinearOperator(jnp.eye(2))
     op = lx.BlockLinearOperator([[a]])

@@ -17,6 +17,7 @@ from .._operator.base import (
 )
 from .._operator.block import BlockLinearOperator
 from .._operator.matrix import MatrixLinearOperator
+from .._solution import RESULTS
 from ._structured import (
     first_failure,
     part_options,
@@ -40,6 +41,9 @@ class SchurState(eqx.Module):
     complement: LUState
     upper: AbstractLinearOperator | None
     lower: AbstractLinearOperator | None
+    # The result of the solves for `A⁻¹ B` (reported by every solve with this
+    # state: a Schur complement built from unconverged columns is wrong).
+    columns_result: RESULTS
     structures: Static = eqx.field(static=True)
 
 
@@ -124,9 +128,10 @@ class Schur(AbstractLinearSolver[SchurState]):
                 f"complement is factorised), got {n2_out}×{n2_in}."
             )
         complement = jnp.zeros((n2_out, n2_in), dtype) if d is None else d.as_matrix()
+        columns_result = RESULTS.successful
         if b is not None and c is not None:
             # A⁻¹ B, one solve per column of B, then C A⁻¹ B column by column.
-            solved_b, _ = solve_columns(
+            solved_b, columns_result = solve_columns(
                 self.inner, top_left, b.as_matrix().T, out_structure[0], options
             )
             c_solved_b = jax.vmap(
@@ -139,6 +144,7 @@ class Schur(AbstractLinearSolver[SchurState]):
             complement_state,
             b,
             c,
+            columns_result,
             Static((in_structure, out_structure)),
         )
 
@@ -148,7 +154,7 @@ class Schur(AbstractLinearSolver[SchurState]):
         dtype = result_dtype(in_structure, out_structure)
         b1 = flatten_vector(vector[0], dtype)
         b2 = flatten_vector(vector[1], dtype)
-        results = []
+        results = [state.columns_result]
         if state.lower is not None:
             y1, result = solve_flat(
                 self.inner, state.top_left, b1, out_structure[0], options
@@ -180,6 +186,7 @@ class Schur(AbstractLinearSolver[SchurState]):
             complement,
             _transpose(state.lower),
             _transpose(state.upper),
+            state.columns_result,
             Static((out_structure, in_structure)),
         )
         return new, options
@@ -193,6 +200,7 @@ class Schur(AbstractLinearSolver[SchurState]):
             complement,
             _conj(state.upper),
             _conj(state.lower),
+            state.columns_result,
             state.structures,
         )
         return new, options
