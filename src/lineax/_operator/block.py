@@ -173,12 +173,10 @@ def _map(fn):
 
 
 def _square_diagonal_blocks(operator: BlockLinearOperator) -> bool:
-    n = min(len(operator.blocks), len(operator.blocks[0]))
-    return len(operator.blocks) == len(operator.blocks[0]) and all(
-        operator.blocks[i][i] is not None
-        and operator.blocks[i][i].in_size() == operator.blocks[i][i].out_size()
-        for i in range(n)
-    )
+    if len(operator.blocks) != len(operator.blocks[0]):
+        return False
+    diagonal_blocks = [row[i] for i, row in enumerate(operator.blocks)]
+    return all(b is not None and b.in_size() == b.out_size() for b in diagonal_blocks)
 
 
 @diagonal.register(BlockLinearOperator)

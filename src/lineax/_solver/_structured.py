@@ -90,14 +90,17 @@ def part_options(
     """
     options = {k: v for k, v in options.items() if k != "y0"}
     if "preconditioner" in options:
-        if any("preconditioner" in solver.option_keys for solver in solvers):
+        keys = [solver.option_keys for solver in solvers]
+        if any(k is not None and "preconditioner" in k for k in keys):
             raise ValueError(
                 f"`lx.{who}` solves with the parts of the operator (its factors or "
                 "blocks) separately, so the `preconditioner` option, an approximate "
                 "inverse of the whole operator, cannot be used by their solvers. "
                 "Drop it, or solve the whole operator with a Krylov solver instead."
             )
-        del options["preconditioner"]
+        if all(k is not None for k in keys):
+            # (A solver that does not declare its keys gets it, as it did.)
+            del options["preconditioner"]
     return options
 
 
