@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.sparse
 from conftest import raises_message
 
 import lineax as lx
@@ -106,6 +107,62 @@ def test_jacobi_is_inverse_diagonal_of_stored_operators():
         )
         np.testing.assert_allclose(lx.diagonal(precond), 1 / np.diag(dense))
         assert lx.is_diagonal(precond)
+
+
+def test_jacobi_and_block_jacobi_read_structured_operators():
+    # Kronecker, block-diagonal, low-rank and block operators of stored parts
+    # have a cheap diagonal and a matrix read from their parts: the
+    # preconditioners used to refuse them as matrix-free.
+    a, b = _spd(3), _spd(2, seed=1)
+    m = lx.MatrixLinearOperator
+    operators = [
+        lx.KroneckerLinearOperator(m(a), m(b)),
+        lx.BlockDiagonalLinearOperator([m(a), m(a + 1)]),
+        lx.BlockDiagonalLinearOperator([m(a), lx.DiagonalLinearOperator(np.ones(2))]),
+        lx.LowRankUpdateLinearOperator(
+            m(a), np.ones((3, 1)), np.eye(1), np.ones((1, 3))
+        ),
+        lx.BlockLinearOperator([[m(a), m(np.ones((3, 2)))], [None, m(b)]]),
+    ]
+    for operator in operators:
+        dense = np.asarray(operator.as_matrix())
+        precond = lx.JacobiPreconditioner(operator)
+        np.testing.assert_allclose(
+            precond.as_matrix(), np.diag(1 / np.diag(dense)), rtol=1e-14
+        )
+        precond = lx.BlockJacobiPreconditioner(operator, 2)
+        np.testing.assert_allclose(
+            precond.as_matrix(), _blocks_inverse(dense, 2), rtol=1e-12
+        )
+    # A matrix-free part still makes the whole matrix-free.
+    struct = jax.ShapeDtypeStruct((2,), jnp.float64)
+    free = lx.FunctionLinearOperator(lambda x: jnp.asarray(b) @ x, struct)
+    with pytest.raises(ValueError, match="probes"):
+        lx.JacobiPreconditioner(lx.KroneckerLinearOperator(m(a), free))
+    with pytest.raises(ValueError, match="materialise"):
+        lx.BlockJacobiPreconditioner(lx.BlockDiagonalLinearOperator([m(a), free]), 2)
+
+
+def test_jacobi_reads_sparse_diagonal_through_sums_scalings_and_tags():
+    # A sparse Laplacian plus a diagonal reaction term (the case Jacobi is for),
+    # scaled, negated or tagged: its diagonal is read from the parts. These were
+    # refused as matrix-free.
+    laplacian = scipy.sparse.diags([-1.0, 2.0, -1.0], [-1, 0, 1], shape=(5, 5))
+    sparse = lx.SparseLinearOperator(laplacian.tocsr(), lx.positive_semidefinite_tag)
+    reaction = lx.DiagonalLinearOperator(jnp.asarray(10.0 ** np.arange(5.0)))
+    operators = [
+        sparse + reaction,
+        2.0 * sparse,
+        sparse / 2.0,
+        -sparse,
+        lx.TaggedLinearOperator(sparse, lx.symmetric_tag),
+    ]
+    for operator in operators:
+        dense = np.asarray(operator.as_matrix())
+        precond = lx.JacobiPreconditioner(operator)
+        np.testing.assert_allclose(
+            precond.as_matrix(), np.diag(1 / np.diag(dense)), rtol=1e-14
+        )
 
 
 def test_jacobi_tags_follow_definiteness():

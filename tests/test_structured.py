@@ -432,6 +432,83 @@ def test_low_rank_error_names_argument():
         )
 
 
+def test_low_rank_error_for_vector_or_scalar_factor():
+    # A rank-one update written with a 1-D `u` or a scalar `c`: the error names the
+    # shape expected and how to get it (it used to say "got ndarray" / "got float").
+    a = lx.DiagonalLinearOperator(jnp.arange(1.0, 5.0))
+    with pytest.raises(
+        ValueError, match=r"shape \(n, k\), got an array of shape \(4,\)"
+    ):
+        lx.LowRankUpdateLinearOperator(a, np.ones(4), np.eye(1), np.ones((1, 4)))
+    with pytest.raises(TypeError, match=r"\(k, k\), got float.*jnp.array\(\[\[c\]\]\)"):
+        lx.LowRankUpdateLinearOperator(a, np.ones((4, 1)), 2.0, np.ones((1, 4)))
+    with pytest.raises(TypeError, match="jnp.asarray"):
+        lx.LowRankUpdateLinearOperator(a, [[1.0]] * 4, np.eye(1), np.ones((1, 4)))
+
+
+def test_whole_operator_options_with_iterative_inner_solvers():
+    # `y0` and `preconditioner` are of the whole operator. Passed on unchanged to
+    # an iterative solver of each factor/block they failed its structure check
+    # ("expected float64[3], got float64[6]"); now `y0` is per block for
+    # BlockDiagonal, ignored by Kronecker/Schur, and a preconditioner is a named
+    # error.
+    psd = lx.positive_semidefinite_tag
+    a = np.array([[4.0, 1.0, 0.0], [1.0, 3.0, 1.0], [0.0, 1.0, 2.0]])
+    m = lx.MatrixLinearOperator(jnp.asarray(a), psd)
+    b = np.arange(1.0, 10.0)
+    # At most 4 steps: a 3×3 system takes 3.
+    cg = lx.CG(rtol=1e-12, atol=1e-12, max_steps=4)
+    kron = lx.KroneckerLinearOperator(m, m)
+    x = np.linalg.solve(np.kron(a, a), b)
+    solution = lx.linear_solve(kron, b, lx.Kronecker(cg), options={"y0": x})
+    np.testing.assert_allclose(solution.value, x, rtol=1e-10)
+    with pytest.raises(ValueError, match="cannot be used by their solvers"):
+        lx.linear_solve(
+            kron,
+            b,
+            lx.Kronecker(cg),
+            options={"preconditioner": lx.JacobiPreconditioner(kron)},
+        )
+    # A direct inner solver ignores both, as LU does for a dense operator.
+    options = {"y0": x, "preconditioner": lx.JacobiPreconditioner(kron)}
+    solution = lx.linear_solve(kron, b, options=options)
+    np.testing.assert_allclose(solution.value, x, rtol=1e-10)
+    # BlockDiagonal (alike blocks, stored stacked): each block's own guess is
+    # used; the exact guesses succeed with no steps.
+    blocks = lx.BlockDiagonalLinearOperator([m, m])
+    guess = (np.linalg.solve(a, b[:3]), np.linalg.solve(a, b[3:6]))
+    exact = lx.BlockDiagonal(lx.CG(rtol=1e-12, atol=1e-12, max_steps=0))
+    solution = lx.linear_solve(blocks, (b[:3], b[3:6]), exact, options={"y0": guess})
+    assert solution.result == lx.RESULTS.successful
+    with pytest.raises(ValueError, match="one initial guess per block"):
+        lx.linear_solve(blocks, (b[:3], b[3:6]), exact, options={"y0": b[:6]})
+
+
+def test_woodbury_reports_unconverged_column_solves():
+    # With an iterative solver for `A`, `A⁻¹ U` may not converge while the solve
+    # for the right-hand side does (here b = e₁, an eigenvector of a diagonal A:
+    # one CG step). The answer is then wrong (residual ~1e-2), and was reported
+    # as successful.
+    n = 8
+    a = lx.MatrixLinearOperator(
+        jnp.diag(jnp.arange(1.0, n + 1.0)), lx.positive_semidefinite_tag
+    )
+    u = np.random.default_rng(0).normal(size=(n, 2))
+    operator = lx.LowRankUpdateLinearOperator(
+        a, u, np.eye(2), u.T, lx.positive_semidefinite_tag
+    )
+    b = np.eye(n)[0]
+    solver = lx.Woodbury(lx.CG(rtol=1e-10, atol=1e-10, max_steps=2))
+    solution = lx.linear_solve(operator, b, solver, throw=False)
+    assert solution.result == lx.RESULTS.max_steps_reached
+    # Enough steps: successful and right.
+    solver = lx.Woodbury(lx.CG(rtol=1e-12, atol=1e-12, max_steps=n))
+    solution = lx.linear_solve(operator, b, solver, throw=False)
+    assert solution.result == lx.RESULTS.successful
+    expected = np.linalg.solve(np.asarray(operator.as_matrix()), b)
+    np.testing.assert_allclose(solution.value, expected, rtol=1e-9, atol=1e-12)
+
+
 def test_schur_needs_two_by_two():
     a = lx.MatrixLinearOperator(jnp.eye(2))
     op = lx.BlockLinearOperator([[a]])

@@ -14,6 +14,7 @@ from .base import (
     concrete_arrays,
     conj,
     diagonal,
+    has_cheap_diagonal,
     has_unit_diagonal,
     holds_values,
     is_cacheable,
@@ -450,7 +451,11 @@ for _cls in (MulLinearOperator, DivLinearOperator):
 reads_every_leaf.register(AddLinearOperator)(_both(reads_every_leaf))
 reads_every_leaf.register(ComposedLinearOperator)(_both(reads_every_leaf))
 holds_values.register(AddLinearOperator)(_both(holds_values))
+# (`diagonal` of a sum or a scaled operator is read from its parts: cheap when
+# theirs are, e.g. a sparse Laplacian plus a diagonal reaction term.)
+has_cheap_diagonal.register(AddLinearOperator)(_both(has_cheap_diagonal))
 # (A scaled operator reads its scalar.)
 for _cls in (NegLinearOperator, MulLinearOperator, DivLinearOperator):
     reads_every_leaf.register(_cls)(lambda op: reads_every_leaf(op.operator))
     holds_values.register(_cls)(lambda op: holds_values(op.operator))
+    has_cheap_diagonal.register(_cls)(lambda op: has_cheap_diagonal(op.operator))

@@ -13,6 +13,8 @@ from .base import (
     AbstractLinearOperator,
     conj,
     diagonal,
+    has_cheap_diagonal,
+    holds_values,
     is_cacheable,
     linearise,
     materialise,
@@ -170,17 +172,19 @@ def _map(fn):
     return mapped
 
 
+def _square_diagonal_blocks(operator: BlockLinearOperator) -> bool:
+    if len(operator.blocks) != len(operator.blocks[0]):
+        return False
+    diagonal_blocks = [row[i] for i, row in enumerate(operator.blocks)]
+    return all(b is not None and b.in_size() == b.out_size() for b in diagonal_blocks)
+
+
 @diagonal.register(BlockLinearOperator)
 def _(operator):
     # With square diagonal blocks, the diagonal is theirs; the other blocks are
     # never read.
     n = min(len(operator.blocks), len(operator.blocks[0]))
-    square = len(operator.blocks) == len(operator.blocks[0]) and all(
-        operator.blocks[i][i] is not None
-        and operator.blocks[i][i].in_size() == operator.blocks[i][i].out_size()
-        for i in range(n)
-    )
-    if not square:
+    if not _square_diagonal_blocks(operator):
         return jnp.diagonal(operator.as_matrix())
     dtype = result_dtype(operator.in_structure(), operator.out_structure())
     return jnp.concatenate(
@@ -199,3 +203,17 @@ reads_every_leaf.register(BlockLinearOperator)(
         reads_every_leaf(b) for row in op.blocks for b in row if b is not None
     )
 )
+holds_values.register(BlockLinearOperator)(
+    lambda op: all(holds_values(b) for row in op.blocks for b in row if b is not None)
+)
+
+
+@has_cheap_diagonal.register(BlockLinearOperator)
+def _(operator):
+    # As `diagonal` above: the diagonal blocks' diagonals, or the matrix's.
+    if _square_diagonal_blocks(operator):
+        return all(
+            has_cheap_diagonal(operator.blocks[i][i])
+            for i in range(len(operator.blocks))
+        )
+    return holds_values(operator)

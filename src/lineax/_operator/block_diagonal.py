@@ -17,7 +17,9 @@ from .base import (
     AbstractLinearOperator,
     conj,
     diagonal,
+    has_cheap_diagonal,
     has_unit_diagonal,
+    holds_values,
     is_cacheable,
     is_diagonal,
     is_lower_triangular,
@@ -286,3 +288,14 @@ reads_every_leaf.register(BlockDiagonalLinearOperator)(
         else reads_every_leaf(op._stacked)
     )
 )
+holds_values.register(BlockDiagonalLinearOperator)(
+    lambda op: all(holds_values(b) for b in op.representatives())
+)
+
+
+@has_cheap_diagonal.register(BlockDiagonalLinearOperator)
+def _(operator):
+    # As `diagonal` above: the blocks' diagonals, or the matrix's.
+    if square_blocks(operator):
+        return all(has_cheap_diagonal(b) for b in operator.representatives())
+    return holds_values(operator)

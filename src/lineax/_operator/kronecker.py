@@ -15,7 +15,9 @@ from .base import (
     conj,
     diagonal,
     flatten_vector,
+    has_cheap_diagonal,
     has_unit_diagonal,
+    holds_values,
     is_cacheable,
     is_diagonal,
     is_lower_triangular,
@@ -210,3 +212,13 @@ def _(operator):
 
 is_cacheable.register(KroneckerLinearOperator)(_all(is_cacheable))
 reads_every_leaf.register(KroneckerLinearOperator)(_all(reads_every_leaf))
+holds_values.register(KroneckerLinearOperator)(_all(holds_values))
+
+
+@has_cheap_diagonal.register(KroneckerLinearOperator)
+def _(operator):
+    # The diagonal of square factors is the Kronecker product of theirs; otherwise
+    # it is read from the matrix.
+    if _square(operator):
+        return _all(has_cheap_diagonal)(operator)
+    return holds_values(operator)

@@ -10,10 +10,13 @@ import jax.tree_util as jtu
 
 from .._misc import describe, strip_weak_dtype
 from .._tags import as_tags, transpose_tags
+from ._arguments import check_not_sequence
 from .base import (
     AbstractLinearOperator,
     conj,
     diagonal,
+    has_cheap_diagonal,
+    holds_values,
     is_cacheable,
     linearise,
     materialise,
@@ -23,15 +26,36 @@ from .base import (
 from .matrix import MatrixLinearOperator
 
 
+# What a rank-k factor of each name maps (the shape its array takes).
+_FACTOR_SHAPES = {
+    "operator": "(n, n)",
+    "u": "(n, k)",
+    "c": "(k, k)",
+    "v": "(k, n)",
+}
+_RANK_ONE = {
+    "operator": "",
+    "u": " For a rank-one update pass `u[:, None]`.",
+    "c": " For a rank-one update with a scalar `c` pass `jnp.array([[c]])`.",
+    "v": " For a rank-one update pass `v[None, :]`.",
+}
+
+
 def _as_operator(x: Any, name: str) -> AbstractLinearOperator:
     if isinstance(x, AbstractLinearOperator):
         return x
-    if hasattr(x, "shape") and jnp.ndim(x) == 2:
-        return MatrixLinearOperator(x)
-    raise TypeError(
-        f"`{name}` must be a `lineax.AbstractLinearOperator` or a 2-D array, got "
-        f"{type(x).__name__}."
+    check_not_sequence(x, name)
+    expected = (
+        f"`{name}` must be a `lineax.AbstractLinearOperator` or a 2-D array of "
+        f"shape {_FACTOR_SHAPES[name]}"
     )
+    if hasattr(x, "shape"):
+        if jnp.ndim(x) == 2:
+            return MatrixLinearOperator(x)
+        raise ValueError(
+            f"{expected}, got an array of shape {tuple(x.shape)}.{_RANK_ONE[name]}"
+        )
+    raise TypeError(f"{expected}, got {type(x).__name__}.{_RANK_ONE[name]}")
 
 
 def _check_same(got: Any, want: Any, message: str) -> None:
@@ -162,4 +186,14 @@ is_cacheable.register(LowRankUpdateLinearOperator)(
 )
 reads_every_leaf.register(LowRankUpdateLinearOperator)(
     lambda op: all(reads_every_leaf(x) for x in (op.operator, op.u, op.c, op.v))
+)
+holds_values.register(LowRankUpdateLinearOperator)(
+    lambda op: all(holds_values(x) for x in (op.operator, op.u, op.c, op.v))
+)
+# `diagonal` above reads `A`'s diagonal and the matrices of `U`, `C` and `V`.
+has_cheap_diagonal.register(LowRankUpdateLinearOperator)(
+    lambda op: (
+        has_cheap_diagonal(op.operator)
+        and all(holds_values(x) for x in (op.u, op.c, op.v))
+    )
 )

@@ -9,6 +9,7 @@ from .base import (
     AbstractLinearOperator,
     conj,
     diagonal,
+    has_cheap_diagonal,
     holds_by_tags,
     holds_values,
     is_cacheable,
@@ -79,6 +80,9 @@ reads_every_leaf.register(TaggedLinearOperator)(
 )
 holds_values.register(TaggedLinearOperator)(
     lambda op: holds_values(op.operator) or holds_values.dispatch(object)(op)
+)
+has_cheap_diagonal.register(TaggedLinearOperator)(
+    lambda op: has_cheap_diagonal(op.operator) or holds_values(op)
 )
 
 

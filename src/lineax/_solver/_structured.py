@@ -74,6 +74,36 @@ def solve_columns(
     return solutions, worst_result(results)
 
 
+def part_options(
+    solvers: tuple[AbstractLinearSolver, ...], options: dict[str, Any], who: str
+) -> dict[str, Any]:
+    """The `options` passed on to the solvers of the parts (factors, blocks) of a
+    structured operator `who` solves with.
+
+    `y0` and `preconditioner` are of the whole operator, with its structure, not
+    a part's: passed on, they failed the part's check with a message about
+    structures the user never wrote. An initial guess is only a hint, which a
+    direct solver ignores too: `y0` is dropped (`lx.BlockDiagonal` passes each
+    block its own entry instead). A `preconditioner` is dropped too where the
+    parts' solvers would not read it (direct solvers), and is an error where they
+    would, rather than solving unpreconditioned behind the user's back.
+    """
+    options = {k: v for k, v in options.items() if k != "y0"}
+    if "preconditioner" in options:
+        keys = [solver.option_keys for solver in solvers]
+        if any(k is not None and "preconditioner" in k for k in keys):
+            raise ValueError(
+                f"`lx.{who}` solves with the parts of the operator (its factors or "
+                "blocks) separately, so the `preconditioner` option, an approximate "
+                "inverse of the whole operator, cannot be used by their solvers. "
+                "Drop it, or solve the whole operator with a Krylov solver instead."
+            )
+        if all(k is not None for k in keys):
+            # (A solver that does not declare its keys gets it, as it did.)
+            del options["preconditioner"]
+    return options
+
+
 @ft.singledispatch
 def structured_solver(operator: Any) -> AbstractLinearSolver | None:
     """The solver that exploits `operator`'s type (a Kronecker product, a low-rank

@@ -3,8 +3,12 @@
 from typing import Any
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
 from jaxtyping import PyTree
 
+from .._misc import describe
 from .._operator.base import AbstractLinearOperator
 from .._operator.block_diagonal import (
     BlockDiagonalLinearOperator,
@@ -15,12 +19,19 @@ from .._operator.block_diagonal import (
 from ._structured import (
     cheaper_by_tags,
     first_failure,
+    part_options,
     structured_solver,
     unwrap_tagged,
     worst_result,
 )
 from .auto import AutoLinearSolver
 from .base import AbstractLinearSolver, rank_flags
+
+
+def _structure_of(tree: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
+    return jtu.tree_map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree
+    )
 
 
 class BlockDiagonalState(eqx.Module):
@@ -56,7 +67,10 @@ class BlockDiagonal(AbstractLinearSolver[BlockDiagonalState]):
         even for alike blocks).
 
     The `options` are passed to every block's solver, so only options that make
-    sense for all blocks may be given.
+    sense for all blocks may be given; `y0` is a tuple with one initial guess per
+    block, each passed to its block's solver. A `preconditioner` (of the whole
+    operator, not of a block) is ignored by direct block solvers and an error for
+    iterative ones.
     """
 
     solver: AbstractLinearSolver | tuple[AbstractLinearSolver, ...] = AutoLinearSolver(
@@ -86,6 +100,12 @@ class BlockDiagonal(AbstractLinearSolver[BlockDiagonalState]):
                 f"got {type(operator).__name__}."
             )
         stacked = operator.stacked
+        solvers = (
+            (self.solver,)
+            if isinstance(self.solver, AbstractLinearSolver)
+            else self.solver
+        )
+        options = part_options(solvers, options, "BlockDiagonal")
         if stacked is not None and isinstance(self.solver, AbstractLinearSolver):
             solver = self.solver
             init = eqx.filter_vmap(lambda block: solver.init(block, options))
@@ -97,25 +117,48 @@ class BlockDiagonal(AbstractLinearSolver[BlockDiagonalState]):
 
     def compute(self, state: BlockDiagonalState, vector, options):
         count = len(vector)
+        # Each block gets its own entry of `y0` (a tuple, one per block).
+        y0 = options.get("y0", None)
+        if y0 is not None and not (isinstance(y0, tuple) and len(y0) == count):
+            raise ValueError(
+                "The `y0` option of `lx.BlockDiagonal` must be a tuple with one "
+                f"initial guess per block ({count}), as the solution is; got "
+                + (
+                    f"a tuple of length {len(y0)}."
+                    if isinstance(y0, tuple)
+                    else f"{describe(_structure_of(y0))}."
+                )
+            )
         if state.stacked:
             solver = self._solvers(1)[0]
+            options = part_options((solver,), options, "BlockDiagonal")
 
-            def compute_one(inner_state, b):
-                solution, result, _ = solver.compute(inner_state, b, options)
+            def compute_one(inner_state, b, guess):
+                inner = options if guess is None else {**options, "y0": guess}
+                solution, result, _ = solver.compute(inner_state, b, inner)
                 return solution, result
 
+            guesses = None if y0 is None else stack_vectors(y0)
             solution, result = eqx.filter_vmap(compute_one)(
-                state.states, stack_vectors(vector)
+                state.states, stack_vectors(vector), guesses
             )
             return unstack_vectors(solution, count), worst_result(result), {}
+        solvers = self._solvers(count)
+        options = part_options(solvers, options, "BlockDiagonal")
+        guesses = (None,) * count if y0 is None else y0
         solutions, results = [], []
-        for solver, inner_state, b in zip(self._solvers(count), state.states, vector):
-            solution, result, _ = solver.compute(inner_state, b, options)
+        for solver, inner_state, b, guess in zip(
+            solvers, state.states, vector, guesses
+        ):
+            inner = options if guess is None else {**options, "y0": guess}
+            solution, result, _ = solver.compute(inner_state, b, inner)
             solutions.append(solution)
             results.append(result)
         return tuple(solutions), first_failure(*results), {}
 
     def _map_states(self, state: BlockDiagonalState, method: str, options):
+        count = 1 if state.stacked else len(state.states)
+        options = part_options(self._solvers(count), options, "BlockDiagonal")
         if state.stacked:
             solver = self._solvers(1)[0]
             fn = lambda s: getattr(solver, method)(s, options)[0]
@@ -128,10 +171,13 @@ class BlockDiagonal(AbstractLinearSolver[BlockDiagonalState]):
         return BlockDiagonalState(states, False)
 
     def transpose(self, state: BlockDiagonalState, options):
-        return self._map_states(state, "transpose", options), options
+        # (`y0`, a guess for this solve, is not one for the transposed solve.)
+        new = {k: v for k, v in options.items() if k != "y0"}
+        return self._map_states(state, "transpose", options), new
 
     def conj(self, state: BlockDiagonalState, options):
-        return self._map_states(state, "conj", options), options
+        new = {k: v for k, v in options.items() if k != "y0"}
+        return self._map_states(state, "conj", options), new
 
     def allow_dependent_rows(self, operator: AbstractLinearOperator) -> bool:
         return self._rank_flag(operator, 0)

@@ -13,6 +13,7 @@ from .._operator.kronecker import apply_along_axis, KroneckerLinearOperator
 from ._structured import (
     cheaper_by_tags,
     first_failure,
+    part_options,
     solve_flat,
     structured_solver,
     unwrap_tagged,
@@ -51,7 +52,10 @@ class Kronecker(AbstractLinearSolver[KroneckerState]):
         `lx.AutoLinearSolver(well_posed=True)`, which picks per factor from its
         tags (Cholesky for positive definite factors, LU otherwise).
 
-    The `options` are passed to the inner solver.
+    The `options` are passed to the inner solver, except `y0` and
+    `preconditioner` (of the whole product, not of a factor): `y0` is ignored, and
+    a `preconditioner` is ignored by a direct inner solver and an error for an
+    iterative one.
     """
 
     inner: AbstractLinearSolver = AutoLinearSolver(well_posed=True)
@@ -75,6 +79,7 @@ class Kronecker(AbstractLinearSolver[KroneckerState]):
                     f"{factor.out_size()}. Solve the product with "
                     "`lx.AutoLinearSolver(well_posed=None)` (dense QR) instead."
                 )
+        options = part_options((self.inner,), options, "Kronecker")
         states = tuple(self.inner.init(f, options) for f in operator.operators)
         return KroneckerState(
             states,
@@ -85,6 +90,7 @@ class Kronecker(AbstractLinearSolver[KroneckerState]):
         )
 
     def compute(self, state: KroneckerState, vector, options):
+        options = part_options((self.inner,), options, "Kronecker")
         x = vector.reshape(state.sizes)
         results = []
         for axis, inner_state in enumerate(state.states):
@@ -101,16 +107,18 @@ class Kronecker(AbstractLinearSolver[KroneckerState]):
 
     def transpose(self, state: KroneckerState, options):
         # (A ⊗ B)ᵀ = Aᵀ ⊗ Bᵀ: transpose each factor's state, keep the axes.
+        inner_options = part_options((self.inner,), options, "Kronecker")
         states = []
         for inner_state in state.states:
-            inner_state, _ = self.inner.transpose(inner_state, options)
+            inner_state, _ = self.inner.transpose(inner_state, inner_options)
             states.append(inner_state)
         structures = Static(tuple((o, i) for i, o in state.structures.value))
         new = KroneckerState(tuple(states), structures, state.sizes)
         return new, options
 
     def conj(self, state: KroneckerState, options):
-        states = tuple(self.inner.conj(s, options)[0] for s in state.states)
+        inner_options = part_options((self.inner,), options, "Kronecker")
+        states = tuple(self.inner.conj(s, inner_options)[0] for s in state.states)
         return KroneckerState(states, state.structures, state.sizes), options
 
     def assume_full_rank(self) -> bool:

@@ -17,7 +17,14 @@ from .._operator.base import (
 )
 from .._operator.block import BlockLinearOperator
 from .._operator.matrix import MatrixLinearOperator
-from ._structured import first_failure, solve_columns, solve_flat, unwrap_tagged
+from .._solution import RESULTS
+from ._structured import (
+    first_failure,
+    part_options,
+    solve_columns,
+    solve_flat,
+    unwrap_tagged,
+)
 from .auto import AutoLinearSolver
 from .base import AbstractLinearSolver
 from .lu import LU, LUState
@@ -34,6 +41,9 @@ class SchurState(eqx.Module):
     complement: LUState
     upper: AbstractLinearOperator | None
     lower: AbstractLinearOperator | None
+    # The result of the solves for `A⁻¹ B` (reported by every solve with this
+    # state: a Schur complement built from unconverged columns is wrong).
+    columns_result: RESULTS
     structures: Static = eqx.field(static=True)
 
 
@@ -70,7 +80,10 @@ class Schur(AbstractLinearSolver[SchurState]):
     - `inner`: the solver for `A`. Defaults to
         `lx.AutoLinearSolver(well_posed=True)`.
 
-    The `options` are passed to the inner solver.
+    The `options` are passed to the inner solver, except `y0` and
+    `preconditioner` (of the whole operator, not of `A`): `y0` is ignored, and a
+    `preconditioner` is ignored by a direct inner solver and an error for an
+    iterative one.
     """
 
     inner: AbstractLinearSolver = AutoLinearSolver(well_posed=True)
@@ -105,6 +118,7 @@ class Schur(AbstractLinearSolver[SchurState]):
         in_structure = operator.in_structure()
         out_structure = operator.out_structure()
         dtype = result_dtype(in_structure, out_structure)
+        options = part_options((self.inner,), options, "Schur")
         top_left = self.inner.init(a, options)
         n2_in = tree_size(in_structure[1])
         n2_out = tree_size(out_structure[1])
@@ -114,9 +128,10 @@ class Schur(AbstractLinearSolver[SchurState]):
                 f"complement is factorised), got {n2_out}×{n2_in}."
             )
         complement = jnp.zeros((n2_out, n2_in), dtype) if d is None else d.as_matrix()
+        columns_result = RESULTS.successful
         if b is not None and c is not None:
             # A⁻¹ B, one solve per column of B, then C A⁻¹ B column by column.
-            solved_b, _ = solve_columns(
+            solved_b, columns_result = solve_columns(
                 self.inner, top_left, b.as_matrix().T, out_structure[0], options
             )
             c_solved_b = jax.vmap(
@@ -129,15 +144,17 @@ class Schur(AbstractLinearSolver[SchurState]):
             complement_state,
             b,
             c,
+            columns_result,
             Static((in_structure, out_structure)),
         )
 
     def compute(self, state: SchurState, vector, options):
+        options = part_options((self.inner,), options, "Schur")
         in_structure, out_structure = state.structures.value
         dtype = result_dtype(in_structure, out_structure)
         b1 = flatten_vector(vector[0], dtype)
         b2 = flatten_vector(vector[1], dtype)
-        results = []
+        results = [state.columns_result]
         if state.lower is not None:
             y1, result = solve_flat(
                 self.inner, state.top_left, b1, out_structure[0], options
@@ -160,7 +177,8 @@ class Schur(AbstractLinearSolver[SchurState]):
 
     def transpose(self, state: SchurState, options):
         # [[A, B], [C, D]]ᵀ = [[Aᵀ, Cᵀ], [Bᵀ, Dᵀ]], whose Schur complement is Sᵀ.
-        top_left, _ = self.inner.transpose(state.top_left, options)
+        inner_options = part_options((self.inner,), options, "Schur")
+        top_left, _ = self.inner.transpose(state.top_left, inner_options)
         complement, _ = LU().transpose(state.complement, {})
         in_structure, out_structure = state.structures.value
         new = SchurState(
@@ -168,18 +186,21 @@ class Schur(AbstractLinearSolver[SchurState]):
             complement,
             _transpose(state.lower),
             _transpose(state.upper),
+            state.columns_result,
             Static((out_structure, in_structure)),
         )
         return new, options
 
     def conj(self, state: SchurState, options):
-        top_left, _ = self.inner.conj(state.top_left, options)
+        inner_options = part_options((self.inner,), options, "Schur")
+        top_left, _ = self.inner.conj(state.top_left, inner_options)
         complement, _ = LU().conj(state.complement, {})
         new = SchurState(
             top_left,
             complement,
             _conj(state.upper),
             _conj(state.lower),
+            state.columns_result,
             state.structures,
         )
         return new, options

@@ -18,6 +18,7 @@ from .._operator.base import (
 )
 from .._operator.low_rank import LowRankUpdateLinearOperator
 from .._operator.matrix import MatrixLinearOperator
+from .._solution import RESULTS
 from ._structured import (
     cheaper_by_tags,
     first_failure,
@@ -42,12 +43,16 @@ class WoodburyState(eqx.Module):
     `solved_u` is `P = A⁻¹ U` (one column per rank, flattened, shape `(n, k)`),
     and `capacitance` is the LU factorisation of `K = I + C V A⁻¹ U` (`k×k`).
     With `transposed`, the states are those of `Aᵀ` and `Kᵀ`, and `M ᵀ` is solved.
+    `columns_result` is the result of the solves for `P` (every solve with this
+    state reports it: a `P` that an iterative inner solver did not converge to
+    makes every solution wrong).
     """
 
     operator_state: PyTree
     solved_u: Array
     capacitance: LUState
     cv: AbstractLinearOperator
+    columns_result: RESULTS
     structures: Static = eqx.field(static=True)
     transposed: bool = eqx.field(static=True)
 
@@ -95,7 +100,7 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
         operator_state = self.inner.init(a, options)
         # P = A⁻¹ U, one solve per column of U (batched).
         u_columns = operator.u.as_matrix().T
-        solved_u, _ = solve_columns(
+        solved_u, columns_result = solve_columns(
             self.inner, operator_state, u_columns, a.out_structure(), options
         )
         solved_u = solved_u.T
@@ -111,7 +116,13 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
         lu_state = LU().init(MatrixLinearOperator(capacitance), {})
         structures = Static((a.in_structure(), a.out_structure()))
         return WoodburyState(
-            operator_state, solved_u, lu_state, cv, structures, transposed=False
+            operator_state,
+            solved_u,
+            lu_state,
+            cv,
+            columns_result,
+            structures,
+            transposed=False,
         )
 
     def compute(self, state: WoodburyState, vector, options):
@@ -137,7 +148,7 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
             w = state.cv.mv(unflatten_vector(y, in_structure, keep_dtype=True))
             s, k_result, _ = LU().compute(state.capacitance, flatten_vector(w), {})
             x = unflatten_vector(y - _matmul(state.solved_u, s), in_structure)
-        return x, first_failure(a_result, k_result), {}
+        return x, first_failure(state.columns_result, a_result, k_result), {}
 
     def transpose(self, state: WoodburyState, options):
         operator_state, _ = self.inner.transpose(state.operator_state, options)
@@ -148,6 +159,7 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
             state.solved_u,
             capacitance,
             state.cv,
+            state.columns_result,
             Static((out_structure, in_structure)),
             not state.transposed,
         )
@@ -161,6 +173,7 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
             jnp.conj(state.solved_u),
             capacitance,
             conj(state.cv),
+            state.columns_result,
             state.structures,
             state.transposed,
         )
