@@ -81,7 +81,7 @@ _SOLVERS = {
 
 
 def edge():
-    """Each solver, float32/float64, on zero, tiny, huge and NaN right-hand sides,
+    """Each solver, float32/float64, on zero, tiny, huge, NaN and inf right-hand sides,
     an unreachable tolerance, and singular consistent and inconsistent systems."""
     n = 12
     rng = np.random.default_rng(1)
@@ -109,6 +109,7 @@ def edge():
                 ("tiny", matrix, 1e-30 * b, tol),
                 ("huge", matrix, 1e30 * b, tol),
                 ("nan", matrix, np.where(np.arange(n) == 3, np.nan, b), tol),
+                ("inf", matrix, np.where(np.arange(n) == 3, np.inf, b), tol),
                 ("unreachable", matrix, b, 1e-30),
                 ("singular_consistent", singular, consistent, tol),
                 ("singular_inconsistent", singular, inconsistent, tol),

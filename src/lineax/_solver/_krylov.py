@@ -351,7 +351,14 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
             y0 = tree_scale(inverse, y0)
         x0, r0 = initial_residual(mv, vector, y0, structure)
         norm = self.scaled_norm()
-        tol = self.atol * inverse + self.rtol * norm(vector)
+        bnorm = norm(vector)
+        # A `b` holding an infinity has an infinite norm, hence an infinite target,
+        # and `inf <= inf` would pass the first convergence test at `x = 0` (a zero
+        # solution, "successful"). A NaN target passes no test: the solve stops on
+        # its non-finite residual instead, reported as a failure.
+        tol = jnp.where(
+            jnp.isfinite(bnorm), self.atol * inverse + self.rtol * bnorm, jnp.nan
+        )
         return Problem(
             mv=mv,
             norm=norm,
