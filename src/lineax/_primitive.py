@@ -35,10 +35,22 @@ from ._misc import (
     tree_is_complex,
     tree_sub,
 )
-from ._operator.base import AbstractLinearOperator, conj, reads_every_leaf
+from ._operator.base import (
+    AbstractLinearOperator,
+    conj,
+    diagonal,
+    reads_every_leaf,
+    tridiagonal,
+)
+from ._operator.diagonal_operator import DiagonalLinearOperator
+from ._operator.identity import IdentityLinearOperator
 from ._operator.tangent import TangentLinearOperator
+from ._operator.tridiagonal_operator import TridiagonalLinearOperator
 from ._solution import RESULTS
+from ._solver.auto import AutoLinearSolver
 from ._solver.base import AbstractLinearSolver, rank_flags, reads_option
+from ._solver.diagonal import Diagonal
+from ._solver.tridiagonal import Tridiagonal
 
 
 # Which solve failed, for the error raised under `throw=True`: the user's own
@@ -555,6 +567,31 @@ def _arrays_where_differentiated(primal, tangent):
     )
 
 
+def _as_read_by(solver, operator, tangent_op):
+    """The part of `tangent_op` that `solver` reads of `operator`.
+
+    `lx.Diagonal` and `lx.Tridiagonal` read an operator through `diagonal` or
+    `tridiagonal` only, so the solution depends on its bands only, and so must its
+    derivative: a tangent off those bands (`jax.grad` with respect to a whole matrix
+    tagged diagonal, say) does not change the solution, and is dropped. Every other
+    solver reads the whole operator, and gets the whole tangent.
+    """
+    while isinstance(solver, AutoLinearSolver):
+        solver = solver.select_solver(operator)
+    if isinstance(solver, Diagonal):
+        bands = DiagonalLinearOperator(diagonal(tangent_op))
+    elif isinstance(solver, Tridiagonal):
+        bands = TridiagonalLinearOperator(*tridiagonal(tangent_op))
+    else:
+        return tangent_op
+    flat = bands.in_structure()
+    return (
+        IdentityLinearOperator(flat, operator.out_structure())
+        @ bands
+        @ IdentityLinearOperator(operator.in_structure(), flat)
+    )
+
+
 def _linear_solve_jvp(primals, tangents):
     operator, state, vector, options, solver, throw, kind, _ = primals
     t_operator, _, t_vector, t_options, _, _, _, _ = tangents
@@ -609,7 +646,9 @@ def _linear_solve_jvp(primals, tangents):
         terms.append(_tree_neg(operator.mv(t_y0)))
         after.append(t_y0)
     if has_operator_tangent:
-        tangent_op = TangentLinearOperator(operator, t_operator)
+        tangent_op = _as_read_by(
+            solver, operator, TangentLinearOperator(operator, t_operator)
+        )
         terms.append(_tree_neg(tangent_op.mv(solution)))
 
         # Transposed once, shared by equation (1)'s two uses.
