@@ -229,32 +229,44 @@ def test_pytree_operator_gradient():
     np.testing.assert_allclose(got_a, dense_grads[0], rtol=1e-9, atol=1e-12)
 
 
-# A matrix tagged diagonal or tridiagonal, differentiated with respect to all its
-# entries: `lx.Diagonal` and `lx.Tridiagonal` read only the bands, so the solution
-# (and its finite differences) ignores the other entries, and so must the derivative.
-# It used `V x` for the whole tangent `V`, off-band entries included. `LU` reads the
-# whole matrix, and gets the whole tangent.
+# A matrix tagged diagonal, tridiagonal or triangular, differentiated with respect to
+# all its entries: `lx.Diagonal`, `lx.Tridiagonal` and `lx.Triangular` read only
+# those entries (not the diagonal under `unit_diagonal_tag`), so the solution (and its
+# finite differences) ignores the others, and so must the derivative. It used `V x`
+# for the whole tangent `V`. `LU` reads the whole matrix, and gets the whole tangent.
+_BANDED_CASES = {
+    "diagonal": (lx.diagonal_tag, lambda a: np.diag(np.diag(a))),
+    "tridiagonal": (lx.tridiagonal_tag, lambda a: np.triu(np.tril(a, 1), -1)),
+    "lower": (lx.lower_triangular_tag, np.tril),
+    "upper_unit": (
+        (lx.upper_triangular_tag, lx.unit_diagonal_tag),
+        lambda a: np.triu(a, 1) + np.eye(4),
+    ),
+}
+
+
 @pytest.mark.parametrize(
-    "tag, solver",
+    "case, solver",
     [
-        (lx.diagonal_tag, lx.AutoLinearSolver(well_posed=True)),
-        (lx.diagonal_tag, lx.AutoLinearSolver(well_posed=False)),
-        (lx.tridiagonal_tag, lx.Tridiagonal()),
-        (lx.tridiagonal_tag, lx.LU()),
+        ("diagonal", lx.AutoLinearSolver(well_posed=True)),
+        ("diagonal", lx.AutoLinearSolver(well_posed=False)),
+        ("tridiagonal", lx.Tridiagonal()),
+        ("tridiagonal", lx.LU()),
+        ("lower", lx.AutoLinearSolver(well_posed=None)),
+        ("upper_unit", lx.Triangular()),
     ],
 )
-def test_jvp_of_banded_solve_ignores_off_band_tangent(tag, solver):
-    bands = 0 if tag is lx.diagonal_tag else 1
-    full = np.asarray(_random((4, 4), 20))
-    matrix = np.triu(np.tril(full, bands), -bands) + 4 * np.eye(4)
+def test_jvp_of_banded_solve_ignores_off_band_tangent(case, solver):
+    tag, keep = _BANDED_CASES[case]
+    matrix = jnp.asarray(keep(np.asarray(_random((4, 4), 20))) + 4 * np.eye(4))
     tangent = _random((4, 4), 21)
     vector = _random((4,), 22)
 
     def solve(a):
         return lx.linear_solve(lx.MatrixLinearOperator(a, tag), vector, solver).value
 
-    expected = _fd_jvp(solve, (jnp.asarray(matrix),), (tangent,))
-    _, got = jax.jvp(solve, (jnp.asarray(matrix),), (tangent,))
+    expected = _fd_jvp(solve, (matrix,), (tangent,))
+    _, got = jax.jvp(solve, (matrix,), (tangent,))
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-8)
-    grad = jax.grad(lambda a: jnp.sum(solve(a)))(jnp.asarray(matrix))
+    grad = jax.grad(lambda a: jnp.sum(solve(a)))(matrix)
     np.testing.assert_allclose(jnp.sum(grad * tangent), jnp.sum(expected), rtol=1e-6)

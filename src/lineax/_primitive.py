@@ -39,17 +39,21 @@ from ._operator.base import (
     AbstractLinearOperator,
     conj,
     diagonal,
+    has_unit_diagonal,
+    is_lower_triangular,
     reads_every_leaf,
     tridiagonal,
 )
 from ._operator.diagonal_operator import DiagonalLinearOperator
 from ._operator.identity import IdentityLinearOperator
+from ._operator.matrix import MatrixLinearOperator
 from ._operator.tangent import TangentLinearOperator
 from ._operator.tridiagonal_operator import TridiagonalLinearOperator
 from ._solution import RESULTS
 from ._solver.auto import AutoLinearSolver
 from ._solver.base import AbstractLinearSolver, rank_flags, reads_option
 from ._solver.diagonal import Diagonal
+from ._solver.triangular import Triangular
 from ._solver.tridiagonal import Tridiagonal
 
 
@@ -571,10 +575,12 @@ def _as_read_by(solver, operator, tangent_op):
     """The part of `tangent_op` that `solver` reads of `operator`.
 
     `lx.Diagonal` and `lx.Tridiagonal` read an operator through `diagonal` or
-    `tridiagonal` only, so the solution depends on its bands only, and so must its
-    derivative: a tangent off those bands (`jax.grad` with respect to a whole matrix
-    tagged diagonal, say) does not change the solution, and is dropped. Every other
-    solver reads the whole operator, and gets the whole tangent.
+    `tridiagonal` only, and `lx.Triangular` reads one triangle of its matrix (less
+    the diagonal under `unit_diagonal_tag`), so the solution depends on those
+    entries only, and so must its derivative: a tangent elsewhere (`jax.grad` with
+    respect to a whole matrix tagged diagonal, say) does not change the solution,
+    and is dropped. Every other solver reads the whole operator, and gets the whole
+    tangent.
     """
     while isinstance(solver, AutoLinearSolver):
         solver = solver.select_solver(operator)
@@ -582,6 +588,15 @@ def _as_read_by(solver, operator, tangent_op):
         bands = DiagonalLinearOperator(diagonal(tangent_op))
     elif isinstance(solver, Tridiagonal):
         bands = TridiagonalLinearOperator(*tridiagonal(tangent_op))
+    elif isinstance(solver, Triangular):
+        # The choices of `Triangular.init`: lower if tagged both.
+        offset = 1 if has_unit_diagonal(operator) else 0
+        matrix = tangent_op.as_matrix()
+        if is_lower_triangular(operator):
+            matrix = jnp.tril(matrix, -offset)
+        else:
+            matrix = jnp.triu(matrix, offset)
+        bands = MatrixLinearOperator(matrix)
     else:
         return tangent_op
     flat = bands.in_structure()
