@@ -33,7 +33,6 @@ from ._misc import (
     tree_all_finite,
     tree_conj,
     tree_is_complex,
-    tree_sub,
 )
 from ._operator.base import (
     AbstractLinearOperator,
@@ -508,8 +507,25 @@ def _nones(tree):
     return jtu.tree_map(lambda _: None, tree)
 
 
+def _promoted(*xs):
+    """`xs` cast to their common dtype, promoted explicitly: the leaves of a
+    mixed-dtype PyTree operator's vectors (`float32` with `float64`, say) may differ
+    between the user's `vector` and `operator.mv(...)`, and
+    `jax_numpy_dtype_promotion="strict"` forbids promoting them implicitly."""
+    dtype = ft.reduce(np.promote_types, [jnp.result_type(x) for x in xs])
+    return [jnp.asarray(x, dtype) for x in xs]
+
+
 def _tree_add(*trees):
-    return jtu.tree_map(lambda *xs: sum(xs[1:], xs[0]), *trees)
+    def add(*xs):
+        first, *rest = _promoted(*xs)
+        return sum(rest, first)
+
+    return jtu.tree_map(add, *trees)
+
+
+def _tree_sub(x, y):
+    return jtu.tree_map(lambda xi, yi: jnp.subtract(*_promoted(xi, yi)), x, y)
 
 
 def _tree_neg(tree):
@@ -677,7 +693,7 @@ def _linear_solve_jvp(primals, tangents):
             return tree_conj(tangent_op_t.mv(tree_conj(y, complex_)), complex_)
 
         if dependent_rows:
-            residual = tree_sub(vector, operator.mv(solution))
+            residual = _tree_sub(vector, operator.mv(solution))
             terms.append(
                 _conj_transpose_solve(
                     operator,
@@ -690,7 +706,7 @@ def _linear_solve_jvp(primals, tangents):
                 )
             )
         if dependent_columns:
-            row_part = solution if y0 is None else tree_sub(solution, y0)
+            row_part = solution if y0 is None else _tree_sub(solution, y0)
             y = _conj_transpose_solve(
                 operator, state, row_part, options, solver, throw, complex_
             )
