@@ -229,11 +229,12 @@ def test_pytree_operator_gradient():
     np.testing.assert_allclose(got_a, dense_grads[0], rtol=1e-9, atol=1e-12)
 
 
-# A matrix tagged diagonal, tridiagonal or triangular, differentiated with respect to
-# all its entries: `lx.Diagonal`, `lx.Tridiagonal` and `lx.Triangular` read only
-# those entries (not the diagonal under `unit_diagonal_tag`), so the solution (and its
-# finite differences) ignores the others, and so must the derivative. It used `V x`
-# for the whole tangent `V`. `LU` reads the whole matrix, and gets the whole tangent.
+# A matrix tagged diagonal, tridiagonal, triangular or definite, differentiated with
+# respect to all its entries: `lx.Diagonal`, `lx.Tridiagonal` and `lx.Triangular` read
+# only those entries (not the diagonal under `unit_diagonal_tag`), `lx.Cholesky` only
+# the symmetric part, so the solution (and its finite differences) ignores the rest,
+# and so must the derivative. It used `V x` for the whole tangent `V`. `LU` reads the
+# whole matrix, and gets the whole tangent.
 _BANDED_CASES = {
     "diagonal": (lx.diagonal_tag, lambda a: np.diag(np.diag(a))),
     "tridiagonal": (lx.tridiagonal_tag, lambda a: np.triu(np.tril(a, 1), -1)),
@@ -242,6 +243,7 @@ _BANDED_CASES = {
         (lx.upper_triangular_tag, lx.unit_diagonal_tag),
         lambda a: np.triu(a, 1) + np.eye(4),
     ),
+    "negative_definite": (lx.negative_semidefinite_tag, lambda a: -a @ a.T),
 }
 
 
@@ -254,11 +256,14 @@ _BANDED_CASES = {
         ("tridiagonal", lx.LU()),
         ("lower", lx.AutoLinearSolver(well_posed=None)),
         ("upper_unit", lx.Triangular()),
+        ("negative_definite", lx.AutoLinearSolver(well_posed=True)),
     ],
 )
 def test_jvp_of_banded_solve_ignores_off_band_tangent(case, solver):
     tag, keep = _BANDED_CASES[case]
-    matrix = jnp.asarray(keep(np.asarray(_random((4, 4), 20))) + 4 * np.eye(4))
+    matrix = keep(np.asarray(_random((4, 4), 20)))
+    shift = -4 if case == "negative_definite" else 4
+    matrix = jnp.asarray(matrix + shift * np.eye(4))
     tangent = _random((4, 4), 21)
     vector = _random((4,), 22)
 

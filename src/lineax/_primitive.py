@@ -51,6 +51,7 @@ from ._operator.tridiagonal_operator import TridiagonalLinearOperator
 from ._solution import RESULTS
 from ._solver.auto import AutoLinearSolver
 from ._solver.base import AbstractLinearSolver, rank_flags, reads_option
+from ._solver.cholesky import Cholesky
 from ._solver.diagonal import Diagonal
 from ._solver.triangular import Triangular
 from ._solver.tridiagonal import Tridiagonal
@@ -591,12 +592,12 @@ def _as_read_by(solver, operator, tangent_op):
     """The part of `tangent_op` that `solver` reads of `operator`.
 
     `lx.Diagonal` and `lx.Tridiagonal` read an operator through `diagonal` or
-    `tridiagonal` only, and `lx.Triangular` reads one triangle of its matrix (less
-    the diagonal under `unit_diagonal_tag`), so the solution depends on those
-    entries only, and so must its derivative: a tangent elsewhere (`jax.grad` with
-    respect to a whole matrix tagged diagonal, say) does not change the solution,
-    and is dropped. Every other solver reads the whole operator, and gets the whole
-    tangent.
+    `tridiagonal` only, `lx.Triangular` reads one triangle of its matrix (less the
+    diagonal under `unit_diagonal_tag`), and `lx.Cholesky` its Hermitian part, so
+    the solution depends on those only, and so must its derivative: the rest of a
+    tangent (`jax.grad` with respect to a whole matrix tagged diagonal, say) does not
+    change the solution, and is dropped. Every other solver reads the whole
+    operator, and gets the whole tangent.
     """
     while isinstance(solver, AutoLinearSolver):
         solver = solver.select_solver(operator)
@@ -613,6 +614,10 @@ def _as_read_by(solver, operator, tangent_op):
         else:
             matrix = jnp.triu(matrix, offset)
         bands = MatrixLinearOperator(matrix)
+    elif isinstance(solver, Cholesky):
+        # `jnp.linalg.cholesky` reads the Hermitian part `(A + A^H) / 2`.
+        matrix = tangent_op.as_matrix()
+        bands = MatrixLinearOperator((matrix + jnp.conj(matrix).T) / 2)
     else:
         return tangent_op
     flat = bands.in_structure()
