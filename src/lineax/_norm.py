@@ -6,6 +6,7 @@ argument (clients wrap them by signature).
 """
 
 import functools as ft
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,11 +15,19 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
 
+def _common_dtype(xs: list[Array]) -> Any:
+    """JAX's result dtype of `xs`; where `jax_numpy_dtype_promotion="strict"`
+    forbids that (the leaves of a mixed-dtype PyTree, `float32` with `float64` say),
+    NumPy's promotion of their dtypes."""
+    try:
+        return jnp.result_type(*xs)
+    except jax.dtypes.TypePromotionError:
+        return ft.reduce(np.promote_types, [x.dtype for x in xs])
+
+
 def _sum_promoted(terms: list[Array]) -> Array:
-    """The sum of scalars of possibly different dtypes (the leaves of a mixed-dtype
-    PyTree, `float32` with `float64` say), promoted explicitly as NumPy would, so
-    that it also works under `jax_numpy_dtype_promotion="strict"`."""
-    dtype = ft.reduce(np.promote_types, [jnp.result_type(t) for t in terms])
+    """The sum of scalars of possibly different dtypes, promoted explicitly."""
+    dtype = _common_dtype(terms)
     terms = [t.astype(dtype) for t in terms]
     return sum(terms[1:], terms[0])
 
@@ -109,5 +118,5 @@ def max_norm(x: PyTree[ArrayLike]) -> Scalar:
     maxes = [jnp.max(jnp.abs(leaf)) for leaf in leaves]
     if len(maxes) == 1:
         return maxes[0]
-    dtype = ft.reduce(np.promote_types, [m.dtype for m in maxes])
+    dtype = _common_dtype(maxes)
     return jnp.max(jnp.stack([m.astype(dtype) for m in maxes]))
