@@ -591,3 +591,29 @@ def test_mixed_real_complex_pytree_operator_solves_under_strict_promotion(
         np.concatenate([out["a"], out["b"]]), flat_vector, rtol=1e-10
     )
     op.T.mv(vector)
+
+
+# The JVP of a least-squares solve (SVD: equation (1)) forms the residual
+# `vector - operator.mv(solution)`, whose leaves have different dtypes for a
+# mixed-dtype PyTree operator: it promoted implicitly, a TypePromotionError under
+# strict promotion (as did summing the tangent terms), in forward and reverse mode.
+@pytest.mark.parametrize("solver", [lx.SVD(), lx.AutoLinearSolver(well_posed=False)])
+def test_mixed_real_complex_pytree_operator_jvp_under_strict_promotion(solver):
+    assert jax.config.jax_numpy_dtype_promotion == "strict"  # pyright: ignore
+    matrix = _mixed_matrices()[0][2]
+    op = _mixed_operator(matrix)
+    vector = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([1 + 1j, 2 - 1j])}
+    t_vector = {"a": jnp.array([0.5, -1.0]), "b": jnp.array([1j, 1.0 + 0j])}
+
+    def solve(o, v):
+        return lx.linear_solve(o, v, solver).value
+
+    # Along the operator itself and `t_vector`: d/dt (1 + t)^-1 A^-1 (b + t v).
+    _, t_out = jax.jvp(solve, (op, vector), (op, t_vector))
+    flat_vector = np.array([1.0, 2.0, 1 + 1j, 2 - 1j])
+    flat_t_vector = np.array([0.5, -1.0, 1j, 1.0])
+    expected = np.linalg.solve(matrix, flat_t_vector - flat_vector)
+    got = np.concatenate([t_out["a"], t_out["b"]])
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    grad = jax.grad(lambda o: jnp.real(solve(o, vector)["a"][0]))(op)
+    assert jnp.all(jnp.isfinite(jax.tree.leaves(grad)[0]))

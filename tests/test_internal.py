@@ -110,6 +110,24 @@ def test_tree_dot():
     assert float(lxi.tree_dot((real,), (2 * real,))) == 10.0
 
 
+# A mixed-dtype PyTree (the vector of a PyTree operator mixing float32 and float64
+# leaves): the norms and inner products promote as NumPy would, also under strict
+# dtype promotion (the suite's setting), where they raised a TypePromotionError.
+def test_norms_of_mixed_dtype_pytree():
+    assert jax.config.jax_numpy_dtype_promotion == "strict"  # pyright: ignore
+    x = (jnp.array([3.0], jnp.float32), jnp.array([-4.0, 0.0], jnp.float64))
+    for norm, expected in [
+        (lxi.max_norm, 4.0),
+        (lxi.two_norm, 5.0),
+        (lxi.rms_norm, 5.0 / np.sqrt(3)),
+        (lxi.sum_squares, 25.0),
+        (lambda y: lxi.tree_dot(y, y), 25.0),
+    ]:
+        out = norm(x)
+        assert out.dtype == jnp.float64
+        np.testing.assert_allclose(out, expected, rtol=1e-12)
+
+
 def test_internal_signatures():
     for name in ("max_norm", "two_norm", "rms_norm", "sum_squares"):
         assert list(inspect.signature(getattr(lxi, name)).parameters) == ["x"]

@@ -227,3 +227,51 @@ def test_pytree_operator_gradient():
         grads[0].pytree, operator.out_structure()
     ).as_matrix()
     np.testing.assert_allclose(got_a, dense_grads[0], rtol=1e-9, atol=1e-12)
+
+
+# A matrix tagged diagonal, tridiagonal, triangular or definite, differentiated with
+# respect to all its entries: `lx.Diagonal`, `lx.Tridiagonal` and `lx.Triangular` read
+# only those entries (not the diagonal under `unit_diagonal_tag`), `lx.Cholesky` only
+# the symmetric part, so the solution (and its finite differences) ignores the rest,
+# and so must the derivative. It used `V x` for the whole tangent `V`. `LU` reads the
+# whole matrix, and gets the whole tangent.
+_BANDED_CASES = {
+    "diagonal": (lx.diagonal_tag, lambda a: np.diag(np.diag(a))),
+    "tridiagonal": (lx.tridiagonal_tag, lambda a: np.triu(np.tril(a, 1), -1)),
+    "lower": (lx.lower_triangular_tag, np.tril),
+    "upper_unit": (
+        (lx.upper_triangular_tag, lx.unit_diagonal_tag),
+        lambda a: np.triu(a, 1) + np.eye(4),
+    ),
+    "negative_definite": (lx.negative_semidefinite_tag, lambda a: -a @ a.T),
+}
+
+
+@pytest.mark.parametrize(
+    "case, solver",
+    [
+        ("diagonal", lx.AutoLinearSolver(well_posed=True)),
+        ("diagonal", lx.AutoLinearSolver(well_posed=False)),
+        ("tridiagonal", lx.Tridiagonal()),
+        ("tridiagonal", lx.LU()),
+        ("lower", lx.AutoLinearSolver(well_posed=None)),
+        ("upper_unit", lx.Triangular()),
+        ("negative_definite", lx.AutoLinearSolver(well_posed=True)),
+    ],
+)
+def test_jvp_of_banded_solve_ignores_off_band_tangent(case, solver):
+    tag, keep = _BANDED_CASES[case]
+    matrix = keep(np.asarray(_random((4, 4), 20)))
+    shift = -4 if case == "negative_definite" else 4
+    matrix = jnp.asarray(matrix + shift * np.eye(4))
+    tangent = _random((4, 4), 21)
+    vector = _random((4,), 22)
+
+    def solve(a):
+        return lx.linear_solve(lx.MatrixLinearOperator(a, tag), vector, solver).value
+
+    expected = _fd_jvp(solve, (matrix,), (tangent,))
+    _, got = jax.jvp(solve, (matrix,), (tangent,))
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-8)
+    grad = jax.grad(lambda a: jnp.sum(solve(a)))(matrix)
+    np.testing.assert_allclose(jnp.sum(grad * tangent), jnp.sum(expected), rtol=1e-6)

@@ -5,10 +5,31 @@ through `lineax.internal` for client libraries. They are plain functions of one
 argument (clients wrap them by signature).
 """
 
+import functools as ft
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
+
+
+def _common_dtype(xs: list[Array]) -> Any:
+    """JAX's result dtype of `xs`; where `jax_numpy_dtype_promotion="strict"`
+    forbids that (the leaves of a mixed-dtype PyTree, `float32` with `float64` say),
+    NumPy's promotion of their dtypes."""
+    try:
+        return jnp.result_type(*xs)
+    except jax.dtypes.TypePromotionError:
+        return ft.reduce(np.promote_types, [x.dtype for x in xs])
+
+
+def _sum_promoted(terms: list[Array]) -> Array:
+    """The sum of scalars of possibly different dtypes, promoted explicitly."""
+    dtype = _common_dtype(terms)
+    terms = [t.astype(dtype) for t in terms]
+    return sum(terms[1:], terms[0])
 
 
 def tree_dot(tree1: PyTree[ArrayLike], tree2: PyTree[ArrayLike]) -> Array:
@@ -27,7 +48,7 @@ def tree_dot(tree1: PyTree[ArrayLike], tree2: PyTree[ArrayLike]) -> Array:
         jnp.vdot(jnp.asarray(a), jnp.asarray(b), precision=jax.lax.Precision.HIGHEST)
         for a, b in zip(leaves1, leaves2)
     ]
-    return sum(terms[1:], terms[0])
+    return _sum_promoted(terms)
 
 
 def sum_squares(x: PyTree[ArrayLike]) -> Scalar:
@@ -36,7 +57,7 @@ def sum_squares(x: PyTree[ArrayLike]) -> Scalar:
     if len(leaves) == 0:
         return jnp.array(0.0)
     terms = [jnp.sum(_abs_sq(jnp.asarray(leaf))) for leaf in leaves]
-    return sum(terms[1:], terms[0])
+    return _sum_promoted(terms)
 
 
 def _abs_sq(x: Array) -> Array:
@@ -97,5 +118,5 @@ def max_norm(x: PyTree[ArrayLike]) -> Scalar:
     maxes = [jnp.max(jnp.abs(leaf)) for leaf in leaves]
     if len(maxes) == 1:
         return maxes[0]
-    dtype = jnp.result_type(*maxes)
+    dtype = _common_dtype(maxes)
     return jnp.max(jnp.stack([m.astype(dtype) for m in maxes]))

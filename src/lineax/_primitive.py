@@ -33,12 +33,28 @@ from ._misc import (
     tree_all_finite,
     tree_conj,
     tree_is_complex,
-    tree_sub,
 )
-from ._operator.base import AbstractLinearOperator, conj, reads_every_leaf
+from ._operator.base import (
+    AbstractLinearOperator,
+    conj,
+    diagonal,
+    has_unit_diagonal,
+    is_lower_triangular,
+    reads_every_leaf,
+    tridiagonal,
+)
+from ._operator.diagonal_operator import DiagonalLinearOperator
+from ._operator.identity import IdentityLinearOperator
+from ._operator.matrix import MatrixLinearOperator
 from ._operator.tangent import TangentLinearOperator
+from ._operator.tridiagonal_operator import TridiagonalLinearOperator
 from ._solution import RESULTS
+from ._solver.auto import AutoLinearSolver
 from ._solver.base import AbstractLinearSolver, rank_flags, reads_option
+from ._solver.cholesky import Cholesky
+from ._solver.diagonal import Diagonal
+from ._solver.triangular import Triangular
+from ._solver.tridiagonal import Tridiagonal
 
 
 # Which solve failed, for the error raised under `throw=True`: the user's own
@@ -496,8 +512,25 @@ def _nones(tree):
     return jtu.tree_map(lambda _: None, tree)
 
 
+def _promoted(*xs):
+    """`xs` cast to their common dtype, promoted explicitly: the leaves of a
+    mixed-dtype PyTree operator's vectors (`float32` with `float64`, say) may differ
+    between the user's `vector` and `operator.mv(...)`, and
+    `jax_numpy_dtype_promotion="strict"` forbids promoting them implicitly."""
+    dtype = ft.reduce(np.promote_types, [jnp.result_type(x) for x in xs])
+    return [jnp.asarray(x, dtype) for x in xs]
+
+
 def _tree_add(*trees):
-    return jtu.tree_map(lambda *xs: sum(xs[1:], xs[0]), *trees)
+    def add(*xs):
+        first, *rest = _promoted(*xs)
+        return sum(rest, first)
+
+    return jtu.tree_map(add, *trees)
+
+
+def _tree_sub(x, y):
+    return jtu.tree_map(lambda xi, yi: jnp.subtract(*_promoted(xi, yi)), x, y)
 
 
 def _tree_neg(tree):
@@ -559,6 +592,46 @@ def _arrays_where_differentiated(primal, tangent):
     )
 
 
+def _as_read_by(solver, operator, tangent_op):
+    """The part of `tangent_op` that `solver` reads of `operator`.
+
+    `lx.Diagonal` and `lx.Tridiagonal` read an operator through `diagonal` or
+    `tridiagonal` only, `lx.Triangular` reads one triangle of its matrix (less the
+    diagonal under `unit_diagonal_tag`), and `lx.Cholesky` its Hermitian part, so
+    the solution depends on those only, and so must its derivative: the rest of a
+    tangent (`jax.grad` with respect to a whole matrix tagged diagonal, say) does not
+    change the solution, and is dropped. Every other solver reads the whole
+    operator, and gets the whole tangent.
+    """
+    while isinstance(solver, AutoLinearSolver):
+        solver = solver.select_solver(operator)
+    if isinstance(solver, Diagonal):
+        bands = DiagonalLinearOperator(diagonal(tangent_op))
+    elif isinstance(solver, Tridiagonal):
+        bands = TridiagonalLinearOperator(*tridiagonal(tangent_op))
+    elif isinstance(solver, Triangular):
+        # The choices of `Triangular.init`: lower if tagged both.
+        offset = 1 if has_unit_diagonal(operator) else 0
+        matrix = tangent_op.as_matrix()
+        if is_lower_triangular(operator):
+            matrix = jnp.tril(matrix, -offset)
+        else:
+            matrix = jnp.triu(matrix, offset)
+        bands = MatrixLinearOperator(matrix)
+    elif isinstance(solver, Cholesky):
+        # `jnp.linalg.cholesky` reads the Hermitian part `(A + A^H) / 2`.
+        matrix = tangent_op.as_matrix()
+        bands = MatrixLinearOperator((matrix + jnp.conj(matrix).T) / 2)
+    else:
+        return tangent_op
+    flat = bands.in_structure()
+    return (
+        IdentityLinearOperator(flat, operator.out_structure())
+        @ bands
+        @ IdentityLinearOperator(operator.in_structure(), flat)
+    )
+
+
 def _linear_solve_jvp(primals, tangents):
     operator, state, vector, options, solver, throw, kind, _ = primals
     t_operator, _, t_vector, t_options, _, _, _, _ = tangents
@@ -613,7 +686,9 @@ def _linear_solve_jvp(primals, tangents):
         terms.append(_tree_neg(operator.mv(t_y0)))
         after.append(t_y0)
     if has_operator_tangent:
-        tangent_op = TangentLinearOperator(operator, t_operator)
+        tangent_op = _as_read_by(
+            solver, operator, TangentLinearOperator(operator, t_operator)
+        )
         terms.append(_tree_neg(tangent_op.mv(solution)))
 
         # Transposed once, shared by equation (1)'s two uses.
@@ -627,7 +702,7 @@ def _linear_solve_jvp(primals, tangents):
             return tree_conj(tangent_op_t.mv(tree_conj(y, complex_)), complex_)
 
         if dependent_rows:
-            residual = tree_sub(vector, operator.mv(solution))
+            residual = _tree_sub(vector, operator.mv(solution))
             terms.append(
                 _conj_transpose_solve(
                     operator,
@@ -640,7 +715,7 @@ def _linear_solve_jvp(primals, tangents):
                 )
             )
         if dependent_columns:
-            row_part = solution if y0 is None else tree_sub(solution, y0)
+            row_part = solution if y0 is None else _tree_sub(solution, y0)
             y = _conj_transpose_solve(
                 operator, state, row_part, options, solver, throw, complex_
             )
