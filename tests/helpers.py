@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+import pytest
 from beartype import beartype
 from conftest import EXHAUSTIVE
 from jaxtyping import Array, Inexact, jaxtyped, PyTree, Shaped
@@ -832,6 +833,12 @@ SOLVER_CASES = [
 # BiCGStab on general square, LSMR on square and rectangular matrices.
 
 
+def _normal_cg(t: float) -> lx.Normal:
+    # The deprecated alias: it warns, as lineax 0.1.1's does.
+    with pytest.warns(DeprecationWarning, match="NormalCG"):
+        return lx.NormalCG(t, t)
+
+
 def _krylov(name: str, make: Callable, matrix_kind: str, tags: tuple = ()):
     return SolverCase(name, make(1e-10), matrix_kind, tags, make)
 
@@ -844,7 +851,7 @@ KRYLOV_CASES = [
     _krylov("lsmr", lambda t: lx.LSMR(t, t), "square"),
     _krylov("lsmr_tall", lambda t: lx.LSMR(t, t), "tall"),
     _krylov("lsmr_wide", lambda t: lx.LSMR(t, t), "wide"),
-    _krylov("normal_cg", lambda t: lx.NormalCG(t, t), "square"),
+    _krylov("normal_cg", lambda t: _normal_cg(t), "square"),
 ]
 
 CASES_BY_NAME = {case.name: case for case in SOLVER_CASES + KRYLOV_CASES}

@@ -509,6 +509,38 @@ def test_zero_rhs_and_exact_y0():
     assert int(sol.stats["num_steps"]) == 0
 
 
+def test_normal_cg_is_a_deprecated_alias():
+    # lineax 0.1.1 warns when `NormalCG` is constructed; so does this one.
+    with pytest.warns(DeprecationWarning, match="lx.Normal\\(lx.CG"):
+        solver = lx.NormalCG(1e-6, 1e-6, stabilise_every=5)
+    assert solver == lx.Normal(lx.CG(1e-6, 1e-6, stabilise_every=5))
+
+
+def test_mixed_dtype_pytree_operator_is_a_clear_error():
+    # A PyTree operator whose leaves mix float32 and float64 failed inside the
+    # Krylov loops with "while_loop body function carry input and carry output
+    # must have equal types" (GMRES: "dynamic_update_slice requires arguments to
+    # have the same dtypes").
+    a32 = jnp.asarray(np.diag([2.0, 3.0]), jnp.float32)
+    a64 = jnp.asarray(np.diag([4.0, 5.0, 6.0]), jnp.float64)
+    blocks = (
+        (a32, jnp.zeros((2, 3), jnp.float32)),
+        (jnp.zeros((3, 2), jnp.float64), a64),
+    )
+    structure = (
+        jax.ShapeDtypeStruct((2,), jnp.float32),
+        jax.ShapeDtypeStruct((3,), jnp.float64),
+    )
+    operator = lx.PyTreeLinearOperator(blocks, structure, lx.positive_semidefinite_tag)
+    b = (jnp.ones(2, jnp.float32), jnp.ones(3, jnp.float64))
+    for solver in (lx.CG(1e-6, 1e-6), lx.GMRES(1e-6, 1e-6), lx.LSMR(1e-6, 1e-6)):
+        with pytest.raises(ValueError, match="float32, float64"):
+            lx.linear_solve(operator, b, solver)
+    # A direct solver takes it.
+    x = lx.linear_solve(operator, b, lx.LU()).value
+    np.testing.assert_allclose(x[1], 1 / np.array([4.0, 5.0, 6.0]))
+
+
 def test_errors():
     with pytest.raises(ValueError, match="rtol"):
         lx.CG(-1.0, 0.0)

@@ -342,6 +342,7 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         mv: Callable | None = None,
     ) -> "Problem":
         """The scaled problem a method iterates on (see `Problem`)."""
+        _check_one_dtype(operator, type(self).__name__)
         mv = operator.mv if mv is None else mv
         structure = operator.in_structure()
         rdtype = real_dtype(structure)
@@ -403,6 +404,23 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
 
     def assume_full_rank(self) -> bool:
         return True
+
+
+def _check_one_dtype(operator: AbstractLinearOperator, name: str) -> None:
+    """A Krylov method combines the leaves of its vectors in one recurrence (their
+    inner products are sums over all leaves; its scalars multiply every leaf), so
+    they must share a dtype: with mixed ones the loops' carries change dtype from
+    one step to the next, which JAX rejects with a message about `while_loop`."""
+    leaves = jtu.tree_leaves((operator.in_structure(), operator.out_structure()))
+    dtypes = sorted({jnp.dtype(x.dtype).name for x in leaves})
+    if len(dtypes) > 1:
+        raise ValueError(
+            f"`lx.{name}` needs every leaf of the operator's input and output "
+            f"structures to have one dtype, got {', '.join(dtypes)}. Cast the "
+            "operator's arrays and the vector to one dtype (e.g. with "
+            "`jax.tree.map(lambda x: x.astype(jnp.float64), ...)`), or use a direct "
+            "solver (`lx.LU()`, `lx.QR()`, `lx.SVD()`), which accepts mixed dtypes."
+        )
 
 
 def _power_of_two_scale(vector: PyTree[Array], rdtype: Any) -> tuple[Array, Array]:

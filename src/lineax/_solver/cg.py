@@ -1,5 +1,6 @@
 """`CG`: the (preconditioned) conjugate gradient method, and `NormalCG`."""
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -238,6 +239,14 @@ def NormalCG(
 
     **Returns:** a [`lineax.Normal`][] solver.
     """
+    # A `DeprecationWarning` at construction, as lineax 0.1.1 gives (so that code
+    # moving between the two sees the same warnings).
+    warnings.warn(
+        "`lx.NormalCG(...)` is deprecated: use `lx.Normal(lx.CG(...))`, or "
+        "`lx.LSMR(...)`, which does not square the condition number.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return Normal(
         CG(
             rtol,
