@@ -34,27 +34,10 @@ from ._misc import (
     tree_conj,
     tree_is_complex,
 )
-from ._operator.base import (
-    AbstractLinearOperator,
-    conj,
-    diagonal,
-    has_unit_diagonal,
-    is_lower_triangular,
-    reads_every_leaf,
-    tridiagonal,
-)
-from ._operator.diagonal_operator import DiagonalLinearOperator
-from ._operator.identity import IdentityLinearOperator
-from ._operator.matrix import MatrixLinearOperator
+from ._operator.base import AbstractLinearOperator, conj, reads_every_leaf
 from ._operator.tangent import TangentLinearOperator
-from ._operator.tridiagonal_operator import TridiagonalLinearOperator
 from ._solution import RESULTS
-from ._solver.auto import AutoLinearSolver
 from ._solver.base import AbstractLinearSolver, rank_flags, reads_option
-from ._solver.cholesky import Cholesky
-from ._solver.diagonal import Diagonal
-from ._solver.triangular import Triangular
-from ._solver.tridiagonal import Tridiagonal
 
 
 # Which solve failed, for the error raised under `throw=True`: the user's own
@@ -592,46 +575,6 @@ def _arrays_where_differentiated(primal, tangent):
     )
 
 
-def _as_read_by(solver, operator, tangent_op):
-    """The part of `tangent_op` that `solver` reads of `operator`.
-
-    `lx.Diagonal` and `lx.Tridiagonal` read an operator through `diagonal` or
-    `tridiagonal` only, `lx.Triangular` reads one triangle of its matrix (less the
-    diagonal under `unit_diagonal_tag`), and `lx.Cholesky` its Hermitian part, so
-    the solution depends on those only, and so must its derivative: the rest of a
-    tangent (`jax.grad` with respect to a whole matrix tagged diagonal, say) does not
-    change the solution, and is dropped. Every other solver reads the whole
-    operator, and gets the whole tangent.
-    """
-    while isinstance(solver, AutoLinearSolver):
-        solver = solver.select_solver(operator)
-    if isinstance(solver, Diagonal):
-        bands = DiagonalLinearOperator(diagonal(tangent_op))
-    elif isinstance(solver, Tridiagonal):
-        bands = TridiagonalLinearOperator(*tridiagonal(tangent_op))
-    elif isinstance(solver, Triangular):
-        # The choices of `Triangular.init`: lower if tagged both.
-        offset = 1 if has_unit_diagonal(operator) else 0
-        matrix = tangent_op.as_matrix()
-        if is_lower_triangular(operator):
-            matrix = jnp.tril(matrix, -offset)
-        else:
-            matrix = jnp.triu(matrix, offset)
-        bands = MatrixLinearOperator(matrix)
-    elif isinstance(solver, Cholesky):
-        # `jnp.linalg.cholesky` reads the Hermitian part `(A + A^H) / 2`.
-        matrix = tangent_op.as_matrix()
-        bands = MatrixLinearOperator((matrix + jnp.conj(matrix).T) / 2)
-    else:
-        return tangent_op
-    flat = bands.in_structure()
-    return (
-        IdentityLinearOperator(flat, operator.out_structure())
-        @ bands
-        @ IdentityLinearOperator(operator.in_structure(), flat)
-    )
-
-
 def _linear_solve_jvp(primals, tangents):
     operator, state, vector, options, solver, throw, kind, _ = primals
     t_operator, _, t_vector, t_options, _, _, _, _ = tangents
@@ -686,8 +629,9 @@ def _linear_solve_jvp(primals, tangents):
         terms.append(_tree_neg(operator.mv(t_y0)))
         after.append(t_y0)
     if has_operator_tangent:
-        tangent_op = _as_read_by(
-            solver, operator, TangentLinearOperator(operator, t_operator)
+        # (Only the part of the tangent that the solver reads changes the solution.)
+        tangent_op = solver.part_read(
+            operator, TangentLinearOperator(operator, t_operator)
         )
         terms.append(_tree_neg(tangent_op.mv(solution)))
 

@@ -142,6 +142,9 @@ class AutoLinearSolver(AbstractLinearSolver[AutoState]):
     def recorded_operator_finite(self, state: AutoState) -> Array | None:
         return state.solver.recorded_operator_finite(state.state)
 
+    def part_read(self, operator, other):
+        return self.select_solver(operator).part_read(operator, other)
+
     def assume_full_rank(self) -> bool:
         return self.well_posed is not False
 

@@ -22,6 +22,7 @@ from .._operator.base import (
     is_symmetric,
     is_upper_triangular,
 )
+from .._operator.identity import IdentityLinearOperator
 from .._solution import RESULTS
 from .._tags import (
     diagonal_tag,
@@ -160,6 +161,22 @@ class AbstractLinearSolver(eqx.Module, Generic[_SolverState]):
         del state
         return None
 
+    def part_read(
+        self, operator: AbstractLinearOperator, other: AbstractLinearOperator
+    ) -> AbstractLinearOperator:
+        """`other`, an operator of `operator`'s structure (a tangent of it), cut
+        down to the part of `operator` that this solver reads.
+
+        The solution depends on that part only, and so must its derivative: the JVP
+        of `linear_solve` applies this to the operator's tangent. E.g.
+        [`lineax.Diagonal`][] reads only the diagonal, so the rest of a tangent
+        (`jax.grad` with respect to a whole matrix tagged diagonal) changes nothing
+        and is dropped. The default: the whole of `other` (a solver that reads the
+        whole operator).
+        """
+        del operator
+        return other
+
     def assume_full_rank(self) -> bool:
         """Whether this solver only handles operators of full rank (independent rows
         if wide, independent columns if tall, both if square).
@@ -267,6 +284,18 @@ def inverse_tags(
     if unit:
         tags.add(unit_diagonal_tag)
     return frozenset(tags)
+
+
+def embed_like(
+    operator: AbstractLinearOperator, flat: AbstractLinearOperator
+) -> AbstractLinearOperator:
+    """`flat`, an operator on flat vectors of `operator`'s sizes, given `operator`'s
+    input and output structures (for `part_read`)."""
+    return (
+        IdentityLinearOperator(flat.out_structure(), operator.out_structure())
+        @ flat
+        @ IdentityLinearOperator(operator.in_structure(), flat.in_structure())
+    )
 
 
 def check_square(operator: AbstractLinearOperator, solver_name: str) -> None:

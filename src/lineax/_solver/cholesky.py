@@ -12,6 +12,7 @@ from .._operator.base import (
     is_negative_semidefinite,
     is_positive_semidefinite,
 )
+from .._operator.matrix import MatrixLinearOperator
 from .._solution import RESULTS
 from ._packing import (
     pack_structures,
@@ -24,6 +25,7 @@ from .base import (
     AbstractLinearSolver,
     check_square,
     check_tag,
+    embed_like,
     nan_at_zero_pivots,
     norm1,
     operator_is_finite,
@@ -129,6 +131,14 @@ class Cholesky(AbstractLinearSolver[CholeskyState]):
 
     def recorded_operator_finite(self, state: CholeskyState) -> Array:
         return state.finite
+
+    def part_read(self, operator, other):
+        # The factorisation reads the Hermitian part `(A + A^H) / 2` (as
+        # `jnp.linalg.cholesky` does).
+        matrix = other.as_matrix()
+        return embed_like(
+            operator, MatrixLinearOperator((matrix + matrix.T.conj()) / 2)
+        )
 
     def assume_full_rank(self) -> bool:
         return True

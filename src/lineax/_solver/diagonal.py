@@ -9,6 +9,7 @@ import numpy as np
 from jaxtyping import Array
 
 from .._operator.base import AbstractLinearOperator, diagonal, is_diagonal
+from .._operator.diagonal_operator import DiagonalLinearOperator
 from .._solution import RESULTS
 from ._packing import (
     pack_structures,
@@ -17,7 +18,7 @@ from ._packing import (
     transpose_packed_structures,
     unravel_solution,
 )
-from .base import AbstractLinearSolver, check_square, check_tag
+from .base import AbstractLinearSolver, check_square, check_tag, embed_like
 
 
 class DiagonalState(eqx.Module):
@@ -96,6 +97,10 @@ class Diagonal(AbstractLinearSolver[DiagonalState]):
 
     def conj(self, state: DiagonalState, options):
         return DiagonalState(jnp.conj(state.diagonal), state.packed_structures), options
+
+    def part_read(self, operator, other):
+        # The solve reads the diagonal only.
+        return embed_like(operator, DiagonalLinearOperator(diagonal(other)))
 
     def assume_full_rank(self) -> bool:
         return self.well_posed

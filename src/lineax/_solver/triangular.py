@@ -13,6 +13,7 @@ from .._operator.base import (
     is_lower_triangular,
     is_upper_triangular,
 )
+from .._operator.matrix import MatrixLinearOperator
 from .._solution import RESULTS
 from ._packing import (
     pack_structures,
@@ -25,6 +26,7 @@ from .base import (
     AbstractLinearSolver,
     check_square,
     check_tag,
+    embed_like,
     nan_at_zero_pivots,
     norm1,
     rcond_estimate,
@@ -118,6 +120,17 @@ class Triangular(AbstractLinearSolver[TriangularState]):
             state.transposed,
         )
         return new, options
+
+    def part_read(self, operator, other):
+        # The solve reads one triangle (lower if tagged both, as `init` chooses),
+        # less the diagonal under `unit_diagonal_tag`.
+        offset = 1 if has_unit_diagonal(operator) else 0
+        matrix = other.as_matrix()
+        if is_lower_triangular(operator):
+            matrix = jnp.tril(matrix, -offset)
+        else:
+            matrix = jnp.triu(matrix, offset)
+        return embed_like(operator, MatrixLinearOperator(matrix))
 
     def assume_full_rank(self) -> bool:
         return True

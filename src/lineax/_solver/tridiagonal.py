@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from .._operator.base import AbstractLinearOperator, is_tridiagonal, tridiagonal
+from .._operator.tridiagonal_operator import TridiagonalLinearOperator
 from .._solution import RESULTS
 from ._packing import (
     pack_structures,
@@ -16,7 +17,13 @@ from ._packing import (
     transpose_packed_structures,
     unravel_solution,
 )
-from .base import AbstractLinearSolver, check_square, check_tag, rcond_estimate
+from .base import (
+    AbstractLinearSolver,
+    check_square,
+    check_tag,
+    embed_like,
+    rcond_estimate,
+)
 
 
 class TridiagonalState(eqx.Module):
@@ -103,6 +110,10 @@ class Tridiagonal(AbstractLinearSolver[TridiagonalState]):
             state.packed_structures,
         )
         return new, options
+
+    def part_read(self, operator, other):
+        # The solve reads the three bands only.
+        return embed_like(operator, TridiagonalLinearOperator(*tridiagonal(other)))
 
     def assume_full_rank(self) -> bool:
         return True
