@@ -50,7 +50,8 @@ def render(script: pathlib.Path) -> str:
     )
     start = time.perf_counter()
     completed = subprocess.run(
-        [sys.executable, str(script), str(png)],
+        # Relative to `cwd`, so that the page does not print this machine's path.
+        [sys.executable, str(script), png.name],
         cwd=OUT,
         env=env,
         capture_output=True,
