@@ -324,3 +324,40 @@ def test_optimistix_newton_with_gmres_looser_than_newton_converges():
         )
         assert sol.result == optx.RESULTS.successful
         assert float(jnp.max(jnp.abs(stage(sol.value, 1e-4)))) < 1e-8
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "Krylov files: GMRES and BiCGStab accept an operator whose input and output "
+        "structures differ but have equal sizes (the square check compares sizes), "
+        "then fail inside with JAX's 'Closure-converted function called with "
+        "different dynamic arguments'. lineax 0.1.1 refuses it with a ValueError "
+        "('may only be used for linear solves with square matrices'). Optimistix "
+        "Newton (residual PyTree != y PyTree) and Diffrax's ImplicitAdjoint for a "
+        "steady-state event with a Krylov solver reach it."
+    ),
+)
+def test_krylov_on_equal_size_different_structures_solves_or_says_so():
+    with _EnableX64():
+        matrix = 2 * jnp.eye(3) + 0.1
+        in_structure = {
+            "a": jax.ShapeDtypeStruct((2,), jnp.float64),
+            "b": jax.ShapeDtypeStruct((), jnp.float64),
+        }
+
+        def mv(x):
+            w = matrix @ jnp.concatenate([x["a"], x["b"][None]])
+            return (w[:1], w[1:])
+
+        operator = lx.FunctionLinearOperator(mv, in_structure)
+        vector = (jnp.ones(1), jnp.ones(2))
+        expected = np.linalg.solve(np.asarray(matrix), np.ones(3))
+        for solver in [lx.GMRES(1e-10, 1e-10), lx.BiCGStab(1e-10, 1e-10)]:
+            try:
+                value = lx.linear_solve(operator, vector, solver).value
+            except ValueError as error:
+                assert "structure" in str(error) or "square" in str(error), error
+            else:
+                flat = np.concatenate([value["a"], value["b"][None]])
+                np.testing.assert_allclose(flat, expected, rtol=1e-8)
