@@ -287,3 +287,77 @@ def test_diffrax_kvaerno5_stiff_grad():
         want_value, want_grad = jax.jit(jax.value_and_grad(exact))(p)
         np.testing.assert_allclose(value, want_value, rtol=1e-6)
         np.testing.assert_allclose(grad, want_grad, rtol=1e-5)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "Krylov stopping rule (owned by the Krylov files): a solve stops as soon as "
+        "|b - A y| <= atol + rtol |b|, after zero iterations when |b| <= atol. Newton "
+        "with a tighter atol than its Krylov solver then gets a zero or inexact update "
+        "forever and runs to max_steps; lineax 0.1.1 also requires the last update to "
+        "be small (|dy| <= atol + rtol |y|, at least one iteration) and converges in 3 "
+        "Newton steps. Diffrax's implicit solvers with such a root finder fail the "
+        "same way."
+    ),
+)
+def test_optimistix_newton_with_gmres_looser_than_newton_converges():
+    with _EnableX64():
+        # The first implicit-Euler stage of the Robertson problem (h = 1e-4), as
+        # `diffrax.ImplicitEuler(root_finder=optx.Newton(..., linear_solver=GMRES))`
+        # solves it.
+        def stage(k, h):
+            y1, y2, y3 = jnp.array([1.0, 0.0, 0.0]) + k
+            f = jnp.stack(
+                [
+                    -0.04 * y1 + 1e4 * y2 * y3,
+                    0.04 * y1 - 3e7 * y2**2 - 1e4 * y2 * y3,
+                    3e7 * y2**2,
+                ]
+            )
+            return k - h * f
+
+        gmres = lx.GMRES(rtol=1e-7, atol=1e-7, max_steps=200, restart=20)
+        solver = optx.Newton(rtol=1e-8, atol=1e-8, linear_solver=gmres)
+        sol = optx.root_find(
+            stage, solver, jnp.zeros(3), args=1e-4, throw=False, max_steps=10
+        )
+        assert sol.result == optx.RESULTS.successful
+        assert float(jnp.max(jnp.abs(stage(sol.value, 1e-4)))) < 1e-8
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "Krylov files: GMRES and BiCGStab accept an operator whose input and output "
+        "structures differ but have equal sizes (the square check compares sizes), "
+        "then fail inside with JAX's 'Closure-converted function called with "
+        "different dynamic arguments'. lineax 0.1.1 refuses it with a ValueError "
+        "('may only be used for linear solves with square matrices'). Optimistix "
+        "Newton (residual PyTree != y PyTree) and Diffrax's ImplicitAdjoint for a "
+        "steady-state event with a Krylov solver reach it."
+    ),
+)
+def test_krylov_on_equal_size_different_structures_solves_or_says_so():
+    with _EnableX64():
+        matrix = 2 * jnp.eye(3) + 0.1
+        in_structure = {
+            "a": jax.ShapeDtypeStruct((2,), jnp.float64),
+            "b": jax.ShapeDtypeStruct((), jnp.float64),
+        }
+
+        def mv(x):
+            w = matrix @ jnp.concatenate([x["a"], x["b"][None]])
+            return (w[:1], w[1:])
+
+        operator = lx.FunctionLinearOperator(mv, in_structure)
+        vector = (jnp.ones(1), jnp.ones(2))
+        expected = np.linalg.solve(np.asarray(matrix), np.ones(3))
+        for solver in [lx.GMRES(1e-10, 1e-10), lx.BiCGStab(1e-10, 1e-10)]:
+            try:
+                value = lx.linear_solve(operator, vector, solver).value
+            except ValueError as error:
+                assert "structure" in str(error) or "square" in str(error), error
+            else:
+                flat = np.concatenate([value["a"], value["b"][None]])
+                np.testing.assert_allclose(flat, expected, rtol=1e-8)
