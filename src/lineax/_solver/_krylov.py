@@ -907,7 +907,11 @@ def iterate(
         rnorm,
         jnp.ones((), p.rdtype),
         zero,
-        jnp.where(rnorm <= tol, 2, 0),
+        # Converged before any step only with an exact zero residual. An initial
+        # guess that merely meets the tolerance still gets at least one step (as
+        # lineax 0.1.1 does): a Newton method whose right-hand side fell below the
+        # solver's `atol` needs a step from it, not zero, or it stalls.
+        jnp.where(rnorm == 0, 2, 0),
         inf,
         None if method.progress_estimate is None else inf,
         None if method.below_floor is None else zero,
@@ -943,7 +947,9 @@ def iterate(
     if callable(halt_result):
         halt_result = halt_result(loop.inner.carry)
     assert isinstance(halt_result, RESULTS)  # a RESULTS, or a function giving one
-    loop_converged = k.converged > 1
+    # (The best iterate's residual is a verified true residual: the initial
+    # guess's, where it met the tolerance and no step improved on it.)
+    loop_converged = (k.converged > 1) | (k.best_rnorm <= tol)
     if p.fixed:
         # A fixed-iteration solve succeeds when it made its steps, or stopped early
         # because the method can go no further (an exhausted Krylov space), but not
@@ -956,7 +962,7 @@ def iterate(
         converged = loop_converged
     # Converged: the last iterate (it passed); otherwise the best one seen.
     value = loop.best_x
-    value_rnorm = jnp.where(loop_converged, k.rnorm, k.best_rnorm)
+    value_rnorm = jnp.where(k.converged > 1, k.rnorm, k.best_rnorm)
     result = RESULTS.where(stop, halt_result, RESULTS.max_steps_reached)
     result = RESULTS.where(nonfinite, RESULTS.breakdown, result)
     result = RESULTS.where(stagnation & ~stop, RESULTS.stagnation, result)
