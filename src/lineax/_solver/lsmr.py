@@ -1,5 +1,6 @@
 """`LSMR`: least squares and minimum norm solutions of any-shaped systems."""
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from ._krylov import (
     Iteration,
     KrylovState,
     norm2,
+    operator_scale,
     Problem,
     real_dtype,
     safe_div,
@@ -241,12 +243,30 @@ def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
             out = jtu.tree_map(jnp.conj, out)
         return out
 
-    def mv(x):
-        return apply(left_precond, operator.mv(apply(right, x)))
-
-    def rmv(y):
+    def raw_rmv(y):
         # (M A N)^H y = N^H A^H M^H y, with N, M Hermitian.
         return apply(right, adjoint(apply(left_precond, y)))
+
+    # LSMR runs on `M A N / 2^s`, with `2^s` a power-of-two estimate of the scale
+    # of `M A N` from the product it makes first (see `Problem.op_inverse`): its
+    # `alpha`, `beta` and the norms of `A v` and `A^H u` scale with the operator,
+    # and their squares overflowed (an operator of norm 1e20 in float32) or
+    # underflowed to a zero `alpha` (1e-20: "solved" after no step). Its iterate
+    # `z'` is then `2^s z`.
+    r0 = apply(left_precond, problem.r0)
+    beta = norm2(r0)
+    u = tree_scale(safe_div(1, beta), r0)
+    v = raw_rmv(u)
+    _, op_inverse = operator_scale(v, rdtype)
+    v = tree_scale(op_inverse, v)
+    # (That product is made before the first step: `stats["num_mv"]` counts it.)
+    problem = dataclasses.replace(problem, initial_mv=problem.initial_mv + 1)
+
+    def mv(x):
+        return apply(left_precond, operator.mv(apply(right, tree_scale(op_inverse, x))))
+
+    def rmv(y):
+        return raw_rmv(tree_scale(op_inverse, y))
 
     def step(c: _Carry) -> _Carry:
         # Golub-Kahan bidiagonalisation.
@@ -306,7 +326,8 @@ def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
         )  # fmt: skip
 
     def solution(c: _Carry):
-        return jtu.tree_map(lambda a, b: a + b, problem.x0, apply(right, c.x))
+        z = tree_scale(op_inverse, c.x)
+        return jtu.tree_map(lambda a, b: a + b, problem.x0, apply(right, z))
 
     def normal_residual(r):
         # ||(M A N)^H M r||_2, and ||M r||_2.
@@ -324,10 +345,6 @@ def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
         # The same test on LSMR's estimates, tightened with the outer loop.
         return c.normar <= factor * rtol * c.norm_a * c.normr
 
-    r0 = apply(left_precond, problem.r0)
-    beta = norm2(r0)
-    u = tree_scale(safe_div(1, beta), r0)
-    v = rmv(u)
     alpha = norm2(v)
     v = tree_scale(safe_div(1, alpha), v)
     zero = jnp.zeros((), rdtype)
