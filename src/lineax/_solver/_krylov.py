@@ -476,8 +476,8 @@ def operator_scale(product: PyTree[Array], rdtype: Any) -> tuple[Array, Array]:
     """`(2^s, 2^-s)` with `2^(s - 1) <= max|product| < 2^s` (over the real and
     imaginary parts), for `product` a product of the operator with a vector whose
     largest entry is in `[0.5, 1)`: a power-of-two estimate of the operator's
-    scale. `(1, 1)` where that is zero, subnormal, not finite, or its inverse is
-    not a normal number.
+    scale (`s` clamped to the range where `2^s` and `2^-s` are normal numbers of
+    `rdtype`). `(1, 1)` where that is zero, subnormal or not finite.
 
     The largest exponent is found as the largest exponent *field* (an integer
     max-reduction of the bits, which orders nonnegative floats as their values):
@@ -500,12 +500,17 @@ def operator_scale(product: PyTree[Array], rdtype: Any) -> tuple[Array, Array]:
         jnp.max(lax.bitcast_convert_type(x.astype(wide), itype) & mask) for x in parts
     ]
     field = fields[0] if len(fields) == 1 else jnp.max(jnp.stack(fields))
-    # `2^(s - 1)` and its inverse's field, as in `_power_of_two_scale`.
-    inverse = jnp.asarray(2 * bias << info.nmant, itype) - field
-    half = lax.bitcast_convert_type(field, wide)
-    inverse = 0.5 * lax.bitcast_convert_type(inverse, wide)
-    usable = (field > 0) & (field < mask) & (inverse >= info.smallest_normal)
-    scale = jnp.where(usable, 2 * half, 1).astype(rdtype)
+    # The exponent `s`, clamped so that `2^s` and `2^-s` are normal numbers of
+    # `rdtype` (half precision included: an operator of norm 2^20 in float16 is
+    # scaled by 2^14, as far as it goes, rather than not at all).
+    narrow = jnp.finfo(rdtype)
+    lo = max(narrow.minexp, 1 - narrow.maxexp)
+    hi = min(narrow.maxexp - 1, -narrow.minexp)
+    exponent = jnp.clip((field >> info.nmant) - (bias - 1), lo, hi)
+    usable = (field > 0) & (field < mask)  # a normal, finite number
+    scale = lax.bitcast_convert_type((exponent + bias) << info.nmant, wide)
+    inverse = lax.bitcast_convert_type((bias - exponent) << info.nmant, wide)
+    scale = jnp.where(usable, scale, 1).astype(rdtype)
     return scale, jnp.where(usable, inverse, 1).astype(rdtype)
 
 
