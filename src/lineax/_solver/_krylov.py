@@ -814,7 +814,11 @@ def _record(history: Array, steps: Array, value: Array, every: int) -> Array:
     )
 
 
-def _print_progress(steps, estimate, tol, scale):
+def _print_progress(show, steps, estimate, tol, scale):
+    # (`show` is tested here too: under `vmap` the `lax.cond` around the callback
+    # becomes a select that runs it at every step, once per batch element.)
+    if not show:
+        return
     print(
         f"lineax Krylov: step {int(steps)}, residual estimate "
         f"{float(estimate * scale):.3e}, target {float(tol * scale):.3e}"
@@ -869,9 +873,12 @@ def iterate(
         history = _record(q.history, steps, estimate, every)
         if verbose:
             shown = jnp.sqrt(estimate) if method.squared else estimate
+            show = steps % verbose == 0
             lax.cond(
-                steps % verbose == 0,
-                lambda: jax.debug.callback(_print_progress, steps, shown, tol, p.scale),
+                show,
+                lambda: jax.debug.callback(
+                    _print_progress, show, steps, shown, tol, p.scale
+                ),
                 lambda: None,
             )
         return _Pass(c, counter, history)
