@@ -676,3 +676,23 @@ def test_lsmr_preconditioner_that_is_not_hermitian(dtype):
     x = np.linalg.solve(matrix, b.real)
     expected_grad = 2 * np.linalg.solve(matrix.conj().T, x)
     np.testing.assert_allclose(np.asarray(grad), np.conj(expected_grad), rtol=1e-7)
+
+
+def test_y0_of_a_narrower_dtype_is_cast():
+    # A float32 initial guess (from a cheaper float32 solve, say) for a float64
+    # operator was a ValueError, while a float32 right-hand side is promoted.
+    matrix = _problems(6)["spd"]
+    b = _rng(6).normal(size=6)
+    op = lx.MatrixLinearOperator(jnp.asarray(matrix), psd)
+    guess = jnp.asarray(np.linalg.solve(matrix, b), jnp.float32)
+    for solver in (lx.CG(1e-10, 0.0), lx.GMRES(1e-10, 0.0)):
+        sol = lx.linear_solve(op, jnp.asarray(b), solver, options={"y0": guess})
+        assert sol.value.dtype == jnp.float64
+        np.testing.assert_allclose(sol.value, np.linalg.solve(matrix, b), rtol=1e-8)
+    with pytest.raises(ValueError, match="y0"):
+        lx.linear_solve(
+            op,
+            jnp.asarray(b),
+            lx.CG(1e-10, 0.0),
+            options={"y0": guess.astype(jnp.complex64)},
+        )

@@ -47,6 +47,7 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from equinox import AbstractVar
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
@@ -220,10 +221,27 @@ def apply(precond: AbstractLinearOperator | None, x: PyTree[Array]) -> PyTree[Ar
 def y0_of(
     options: dict[str, Any], operator: AbstractLinearOperator
 ) -> PyTree[Array] | None:
-    """The `y0` option (initial guess), checked; `None` if absent."""
+    """The `y0` option (initial guess), checked; `None` if absent.
+
+    Leaves of a dtype that the operator's input dtype holds exactly (a float32
+    guess, e.g. from a cheaper solve, for a float64 operator; integers) are cast to
+    it, as the right-hand side is; others (complex for a real operator) are an
+    error."""
     y0 = options.get("y0", None)
     if y0 is None:
         return None
+    in_structure = operator.in_structure()
+    if jtu.tree_structure(y0) == jtu.tree_structure(in_structure):
+
+        def cast(leaf, struct):
+            if not hasattr(leaf, "dtype") or jnp.shape(leaf) != struct.shape:
+                return leaf
+            target = jnp.dtype(struct.dtype)
+            if leaf.dtype != target and np.can_cast(leaf.dtype, target, "safe"):
+                return jnp.asarray(leaf).astype(target)
+            return leaf
+
+        y0 = jtu.tree_map(cast, y0, in_structure)
     check_structures_equal(
         structure_of(y0, "y0"),
         operator.in_structure(),
