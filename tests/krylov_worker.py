@@ -4,7 +4,7 @@ one JSON line per case: the result, steps, operator products and the true
 residual recomputed in float64 with NumPy.
 
 Usage: `python tests/krylov_worker.py GROUP...` with each GROUP one of `edge`,
-`table`, `stagnation`.
+`table`, `stagnation`, `scaled`.
 """
 
 import json
@@ -347,9 +347,50 @@ def stagnation():
     )
 
 
+def scaled():
+    """Each solver, float32/float64, on the edge group's operators multiplied by
+    large and small factors (powers of two and not): the solution scales inversely,
+    the steps stay the same."""
+    n = 12
+    b = np.random.default_rng(1).normal(size=n)
+    solvers = dict(_SOLVERS, FGMRES=lx.FGMRES, FlexibleCG=lx.FlexibleCG,
+                   PipelinedCG=lx.PipelinedCG)  # fmt: skip
+    matrices = _matrices(n)
+    factors = {
+        "float32": {"one": 1.0, "pow2": 2.0**60, "big": 1e20, "small": 1e-20},
+        "float64": {"one": 1.0, "pow2": 2.0**-600, "big": 1e200, "small": 1e-200},
+    }
+    for name, solver_class in solvers.items():
+        matrix, tags = matrices.get(name, matrices["CG"])
+        for dtype in (jnp.float32, jnp.float64):
+            dname = jnp.dtype(dtype).name
+            tol = 1e-5 if dtype == jnp.float32 else 1e-10
+            vec = jnp.asarray(b, dtype)
+            exact = np.linalg.solve(matrix, np.asarray(vec, np.float64))
+            for case, factor in factors[dname].items():
+                op = lx.MatrixLinearOperator(jnp.asarray(matrix * factor, dtype), tags)
+                sol = _jit_solve(op, vec, solver_class(tol, 0.0))
+                # The solution of the unscaled system (exact for a power of two).
+                x = np.asarray(sol.value, np.float64) * factor
+                record = {
+                    "name": f"{name}-{dname}-{case}",
+                    "code": int(sol.result._value),
+                    "steps": int(sol.stats["num_steps"]),
+                    "error": float(np.linalg.norm(x - exact) / np.linalg.norm(exact)),
+                    "x": [float(xi) for xi in x],
+                }
+                print(json.dumps(record), flush=True)
+
+
 if __name__ == "__main__":
     # Several groups share one process (and its JAX import and compiled solves); a
     # line naming each group comes before its cases.
     for group in sys.argv[1:]:
         print(json.dumps({"group": group}), flush=True)
-        {"edge": edge, "table": table, "stagnation": stagnation}[group]()
+        groups = {
+            "edge": edge,
+            "table": table,
+            "stagnation": stagnation,
+            "scaled": scaled,
+        }
+        groups[group]()

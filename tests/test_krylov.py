@@ -639,3 +639,60 @@ def test_bicgstab_vanishing_sigma_is_breakdown_never_divergence():
         assert case["steps"] == 1, case
         assert case["finite"], case
         assert case["rnorm"] <= case["bnorm"] * (1 + 1e-6), case
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.complex128])
+def test_lsmr_preconditioner_that_is_not_hermitian(dtype):
+    # LSMR applied `N` where `(A N)^H = N^H A^H` needs `N^H`: with SSOR of a
+    # nonsymmetric matrix (or any non-Hermitian `N`) it made no progress at all
+    # (100 steps, `max_steps_reached`, relative error 1.0; the gradient raised).
+    rng = _rng(3)
+    n = 10
+    matrix = rng.normal(size=(n, n)) + 4 * np.sqrt(n) * np.eye(n)
+    if dtype == jnp.complex128:
+        matrix = matrix + 1j * rng.normal(size=(n, n))
+    matrix = matrix * np.logspace(0, 3, n)[:, None]
+    b = rng.normal(size=n).astype(dtype)
+    op = lx.MatrixLinearOperator(jnp.asarray(matrix, dtype))
+    if dtype == jnp.float64:
+        precond = lx.SSORPreconditioner(op)
+    else:
+        # A rough inverse that is not Hermitian.
+        rough = np.linalg.inv(matrix) * (1 + 0.1 * rng.normal(size=(n, n)))
+        precond = lx.MatrixLinearOperator(jnp.asarray(rough, dtype))
+    solver = lx.LSMR(1e-10, 0.0)
+    options = {"preconditioner": precond}
+    sol = lx.linear_solve(op, jnp.asarray(b), solver, options=options, throw=False)
+    expected = np.linalg.solve(matrix, b)
+    assert sol.result == lx.RESULTS.successful
+    assert int(sol.stats["num_steps"]) < 40
+    np.testing.assert_allclose(np.asarray(sol.value), expected, rtol=1e-8)
+
+    def loss(v):
+        x = lx.linear_solve(op, v, solver, options=options).value
+        return jnp.sum(jnp.abs(x) ** 2)
+
+    grad = jax.grad(loss)(jnp.asarray(b.real, jnp.float64).astype(dtype))
+    x = np.linalg.solve(matrix, b.real)
+    expected_grad = 2 * np.linalg.solve(matrix.conj().T, x)
+    np.testing.assert_allclose(np.asarray(grad), np.conj(expected_grad), rtol=1e-7)
+
+
+def test_y0_of_a_narrower_dtype_is_cast():
+    # A float32 initial guess (from a cheaper float32 solve, say) for a float64
+    # operator was a ValueError, while a float32 right-hand side is promoted.
+    matrix = _problems(6)["spd"]
+    b = _rng(6).normal(size=6)
+    op = lx.MatrixLinearOperator(jnp.asarray(matrix), psd)
+    guess = jnp.asarray(np.linalg.solve(matrix, b), jnp.float32)
+    for solver in (lx.CG(1e-10, 0.0), lx.GMRES(1e-10, 0.0)):
+        sol = lx.linear_solve(op, jnp.asarray(b), solver, options={"y0": guess})
+        assert sol.value.dtype == jnp.float64
+        np.testing.assert_allclose(sol.value, np.linalg.solve(matrix, b), rtol=1e-8)
+    with pytest.raises(ValueError, match="y0"):
+        lx.linear_solve(
+            op,
+            jnp.asarray(b),
+            lx.CG(1e-10, 0.0),
+            options={"y0": guess.astype(jnp.complex64)},
+        )

@@ -50,3 +50,31 @@ def test_power_of_two_scale_of_a_pytree_with_complex_leaves():
     # max |b| = 5 = 0.625 * 2^3
     assert float(_power_of_two_scale(b, jnp.float32)[0]) == 8.0
     assert float(_power_of_two_scale([], jnp.float32)[1]) == 1.0
+
+
+def test_operator_scale_is_a_clamped_power_of_two():
+    # The operator's scale (`_krylov.operator_scale`, from a product with it):
+    # `2^s` above the largest entry, with `2^s` and `2^-s` both normal numbers of
+    # the dtype. In float16 an operator of norm 2e4 once got no scaling at all
+    # (2^16 is not a float16), and GMRES, MINRES and LSMR then failed.
+    from lineax._solver._krylov import operator_scale
+
+    for dtype, value, expected in [
+        (jnp.float32, 1.0, 2.0),
+        (jnp.float32, 0.3, 0.5),
+        (jnp.float32, 3e20, 2.0**69),
+        (jnp.float64, 1e-200, 2.0**-664),
+        (jnp.float16, 4e4, 2.0**14),
+        (jnp.float16, 3.0, 4.0),
+        (jnp.float32, 3e38, 2.0**126),
+    ]:
+        scale, inverse = operator_scale(jnp.asarray([value, -value / 3], dtype), dtype)
+        assert float(scale) == expected and float(inverse) == 1 / expected, value
+    for value in (0.0, np.inf, np.nan):
+        scale, inverse = operator_scale(
+            jnp.asarray([value, 0.0], jnp.float32), jnp.float32
+        )
+        assert float(scale) == float(inverse) == 1.0
+    # Complex leaves: the largest real or imaginary part (here 5).
+    tree = (jnp.asarray([3 + 4j], jnp.complex64), jnp.asarray([-5j], jnp.complex64))
+    assert float(operator_scale(tree, jnp.float32)[0]) == 8.0

@@ -109,6 +109,23 @@ def test_verbose_prints_progress(capfd):
     assert "target" in out
 
 
+def test_verbose_under_vmap_prints_every_nth_step(capfd):
+    # Under `vmap` the `lax.cond` around the print became a select that ran it at
+    # every step of every batch element, whatever `verbose` said.
+    matrix, tags, b = _case("CG")
+    solver = lx.CG(1e-10, 0.0, verbose=2)
+    op = lx.MatrixLinearOperator(jnp.asarray(matrix), tags)
+
+    def solve(v):
+        return lx.linear_solve(op, v, solver, throw=False).stats["num_steps"]
+
+    bs = jnp.stack([jnp.asarray(b), 3 * jnp.asarray(b)])
+    steps = jax.vmap(solve)(bs)
+    jax.effects_barrier()
+    out = capfd.readouterr().out
+    assert out.count("lineax Krylov: step") == sum(int(s) // 2 for s in steps)
+
+
 @pytest.mark.parametrize("name", _NAMES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_zero_tolerances_with_max_steps_is_a_fixed_iteration_solve(name, dtype):

@@ -159,7 +159,9 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
     ):
         operator = state.operator
         precond, y0 = self.checked_options(operator, options)
-        problem = self.problem(operator, vector, y0)
+        problem = self.problem(
+            operator, vector, y0, precond=precond, scale_operator=True
+        )
         structure = operator.in_structure()
         m = min(self.restart, operator.in_size())
         eps = problem.eps

@@ -27,6 +27,10 @@ Every Krylov solver in lineax follows the same contract:
 - The right-hand side is scaled by a power of two (exact in floating point) before
   the iteration, so `b` and `2^k b` give bit-identical iterations and `1e±20 b`
   the same iteration count, and in-loop norms neither overflow nor underflow.
+  GMRES, FGMRES, MINRES, BiCGStab and LSMR scale the operator too, by a power of
+  two estimated from one product made before the first step (see
+  `Problem.op_inverse`), so the same holds for `A` and `2^k A` or `1e±20 A`. (CG
+  and its variants need not: their in-loop quantities do not square `||A||`.)
 - Loops are `lax.while_loop`s. Under `vmap`, JAX runs a batched loop until every
   element is done and keeps the carry of finished elements unchanged (it selects
   between the old and new carry with the per-element predicate), so each element
@@ -43,6 +47,7 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from equinox import AbstractVar
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
@@ -216,10 +221,27 @@ def apply(precond: AbstractLinearOperator | None, x: PyTree[Array]) -> PyTree[Ar
 def y0_of(
     options: dict[str, Any], operator: AbstractLinearOperator
 ) -> PyTree[Array] | None:
-    """The `y0` option (initial guess), checked; `None` if absent."""
+    """The `y0` option (initial guess), checked; `None` if absent.
+
+    Leaves of a dtype that the operator's input dtype holds exactly (a float32
+    guess, e.g. from a cheaper solve, for a float64 operator; integers) are cast to
+    it, as the right-hand side is; others (complex for a real operator) are an
+    error."""
     y0 = options.get("y0", None)
     if y0 is None:
         return None
+    in_structure = operator.in_structure()
+    if jtu.tree_structure(y0) == jtu.tree_structure(in_structure):
+
+        def cast(leaf, struct):
+            if not hasattr(leaf, "dtype") or jnp.shape(leaf) != struct.shape:
+                return leaf
+            target = jnp.dtype(struct.dtype)
+            if leaf.dtype != target and np.can_cast(leaf.dtype, target, "safe"):
+                return jnp.asarray(leaf).astype(target)
+            return leaf
+
+        y0 = jtu.tree_map(cast, y0, in_structure)
     check_structures_equal(
         structure_of(y0, "y0"),
         operator.in_structure(),
@@ -340,16 +362,29 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         vector: PyTree[Array],
         y0: PyTree[Array] | None,
         mv: Callable | None = None,
+        precond: AbstractLinearOperator | None = None,
+        scale_operator: bool = False,
     ) -> "Problem":
-        """The scaled problem a method iterates on (see `Problem`)."""
+        """The scaled problem a method iterates on (see `Problem`).
+
+        With `scale_operator`, the operator is scaled too, by a power of two
+        estimated from one product with `A P` (`precond`'s `P`, on the right): see
+        `Problem.op_inverse`."""
         _check_one_dtype(operator, type(self).__name__)
         mv = operator.mv if mv is None else mv
         structure = operator.in_structure()
         rdtype = real_dtype(structure)
         scale, inverse = _power_of_two_scale(vector, rdtype)
         vector = tree_scale(inverse, vector)
+        initial_mv = 0 if y0 is None else 1
+        one = jnp.ones((), rdtype)
+        op_scale, op_inverse = one, None
+        if scale_operator:
+            op_scale, op_inverse = operator_scale(mv(apply(precond, vector)), rdtype)
+            mv = _input_scaled(mv, op_inverse)
+            initial_mv += 1
         if y0 is not None:
-            y0 = tree_scale(inverse, y0)
+            y0 = tree_scale(op_scale, tree_scale(inverse, y0))
         x0, r0 = initial_residual(mv, vector, y0, structure)
         norm = self.scaled_norm()
         bnorm = norm(vector)
@@ -372,7 +407,8 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
             fixed=self.rtol == 0 and self.atol == 0,
             eps=eps_of(structure),
             rdtype=rdtype,
-            initial_mv=0 if y0 is None else 1,
+            initial_mv=initial_mv,
+            op_inverse=op_inverse,
         )
 
     def scaled_norm(self) -> Callable[[PyTree[Array]], Scalar]:
@@ -454,6 +490,59 @@ def _power_of_two_scale(vector: PyTree[Array], rdtype: Any) -> tuple[Array, Arra
     return scale, inverse.astype(rdtype)
 
 
+def operator_scale(product: PyTree[Array], rdtype: Any) -> tuple[Array, Array]:
+    """`(2^s, 2^-s)` with `2^(s - 1) <= max|product| < 2^s` (over the real and
+    imaginary parts), for `product` a product of the operator with a vector whose
+    largest entry is in `[0.5, 1)`: a power-of-two estimate of the operator's
+    scale (`s` clamped to the range where `2^s` and `2^-s` are normal numbers of
+    `rdtype`). `(1, 1)` where that is zero, subnormal or not finite.
+
+    The largest exponent is found as the largest exponent *field* (an integer
+    max-reduction of the bits, which orders nonnegative floats as their values):
+    XLA fuses it with the operator's last elementwise operations, where a float
+    max-reduction (a kernel of XLA:CPU's library) took the terms of a stencil as
+    operands, each computed by a kernel of its own."""
+    one = jnp.ones((), rdtype)
+    leaves = jtu.tree_leaves(product)
+    if len(leaves) == 0:
+        return one, one
+    wide = jnp.dtype(rdtype) if jnp.finfo(rdtype).bits >= 32 else jnp.dtype(jnp.float32)
+    info = jnp.finfo(wide)
+    itype = jnp.int32 if info.bits == 32 else jnp.int64
+    bias = info.maxexp - 1
+    mask = jnp.asarray((2 * bias + 1) << info.nmant, itype)
+    parts = []
+    for x in leaves:
+        parts += [jnp.real(x), jnp.imag(x)] if jnp.iscomplexobj(x) else [x]
+    fields = [
+        jnp.max(lax.bitcast_convert_type(x.astype(wide), itype) & mask) for x in parts
+    ]
+    field = fields[0] if len(fields) == 1 else jnp.max(jnp.stack(fields))
+    # The exponent `s`, clamped so that `2^s` and `2^-s` are normal numbers of
+    # `rdtype` (half precision included: an operator of norm 2^20 in float16 is
+    # scaled by 2^14, as far as it goes, rather than not at all).
+    narrow = jnp.finfo(rdtype)
+    lo = max(narrow.minexp, 1 - narrow.maxexp)
+    hi = min(narrow.maxexp - 1, -narrow.minexp)
+    exponent = jnp.clip((field >> info.nmant) - (bias - 1), lo, hi)
+    usable = (field > 0) & (field < mask)  # a normal, finite number
+    scale = lax.bitcast_convert_type((exponent + bias) << info.nmant, wide)
+    inverse = lax.bitcast_convert_type((bias - exponent) << info.nmant, wide)
+    scale = jnp.where(usable, scale, 1).astype(rdtype)
+    return scale, jnp.where(usable, inverse, 1).astype(rdtype)
+
+
+def _input_scaled(mv: Callable, inverse: Array) -> Callable:
+    """`v -> A (2^-s v)`: the operator divided by its scale. (On the input side:
+    the multiplication fuses into the computation of `v`, and the products inside
+    `A` cannot overflow where `A (2^-s v)` does not.)"""
+
+    def scaled_mv(v):
+        return mv(tree_scale(inverse, v))
+
+    return scaled_mv
+
+
 @dataclasses.dataclass(frozen=True)
 class Problem:
     """A Krylov solve as a method iterates on it: the right-hand side divided by
@@ -473,6 +562,16 @@ class Problem:
     eps: float
     rdtype: Any
     initial_mv: int
+    # `2^-s` where the method iterates on the operator divided by `2^s`
+    # (`AbstractKrylovSolver.problem`'s `scale_operator`), else `None`: its iterate
+    # `x'` solves `(2^-s A) x' = b / scale`, so `x = scale 2^-s x'`. The residual
+    # is unchanged, so are the tolerance and the statistics. A method whose in-loop
+    # norms are of vectors that scale with the operator (`||A v||` for unit `v`:
+    # GMRES's Hessenberg entries, MINRES's Lanczos scalars) needs it: `sqrt(<w,
+    # w>)` overflows for an operator of norm 1e20 in float32 (1e155 in float64)
+    # and underflows for 1e-20; with it `A` and `2^k A` give bit-identical
+    # iterations, as `b` and `2^k b` do.
+    op_inverse: Array | None = None
 
 
 def result_of(
@@ -733,7 +832,11 @@ def _record(history: Array, steps: Array, value: Array, every: int) -> Array:
     )
 
 
-def _print_progress(steps, estimate, tol, scale):
+def _print_progress(show, steps, estimate, tol, scale):
+    # (`show` is tested here too: under `vmap` the `lax.cond` around the callback
+    # becomes a select that runs it at every step, once per batch element.)
+    if not show:
+        return
     print(
         f"lineax Krylov: step {int(steps)}, residual estimate "
         f"{float(estimate * scale):.3e}, target {float(tol * scale):.3e}"
@@ -788,9 +891,12 @@ def iterate(
         history = _record(q.history, steps, estimate, every)
         if verbose:
             shown = jnp.sqrt(estimate) if method.squared else estimate
+            show = steps % verbose == 0
             lax.cond(
-                steps % verbose == 0,
-                lambda: jax.debug.callback(_print_progress, steps, shown, tol, p.scale),
+                show,
+                lambda: jax.debug.callback(
+                    _print_progress, show, steps, shown, tol, p.scale
+                ),
                 lambda: None,
             )
         return _Pass(c, counter, history)
@@ -980,4 +1086,6 @@ def iterate(
         "residual_norm": value_rnorm * p.scale,
         "residual_history": history * p.scale,
     }
+    if p.op_inverse is not None:
+        value = tree_scale(p.op_inverse, value)
     return tree_scale(p.scale, value), result, stats

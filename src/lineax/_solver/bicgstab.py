@@ -112,7 +112,9 @@ class BiCGStab(AbstractKrylovSolver):
     ):
         operator = state.operator
         precond, y0 = self.checked_options(operator, options)
-        problem = self.problem(operator, vector, y0)
+        problem = self.problem(
+            operator, vector, y0, precond=precond, scale_operator=True
+        )
         eps = problem.eps
         tol = problem.tol
         mv = problem.mv

@@ -1,5 +1,6 @@
 """`LSMR`: least squares and minimum norm solutions of any-shaped systems."""
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +11,13 @@ from jaxtyping import Array, PyTree, Scalar
 
 from .._misc import tree_is_complex
 from .._norm import two_norm
-from .._operator.base import AbstractLinearOperator
+from .._operator.base import (
+    AbstractLinearOperator,
+    conj,
+    is_negative_semidefinite,
+    is_positive_semidefinite,
+    is_symmetric,
+)
 from .._operator.function import FunctionLinearOperator
 from .._solution import RESULTS
 from ._krylov import (
@@ -21,6 +28,7 @@ from ._krylov import (
     Iteration,
     KrylovState,
     norm2,
+    operator_scale,
     Problem,
     real_dtype,
     safe_div,
@@ -135,8 +143,10 @@ class LSMR(AbstractKrylovSolver):
     **Options:**
 
     - `damp`: a nonnegative scalar, for damped least squares (default 0).
-    - `preconditioner`: a positive definite operator `N` on the operator's input
-        space, used on the right: LSMR is run on `A N` and `y = N z` is returned.
+    - `preconditioner`: a nonsingular operator `N` on the operator's input space
+        (positive definite, or any other: its conjugate transpose is applied
+        where `(A N)^H` needs it, unless its tags say it is Hermitian), used on
+        the right: LSMR is run on `A N` and `y = N z` is returned.
         A good choice scales the columns of `A` to unit norm. For rank-deficient or
         underdetermined problems this changes which solution is found (the one
         minimising `||N^{-1/2} y||`-like quantities, not `||y||`). The transposed
@@ -203,6 +213,23 @@ class LSMR(AbstractKrylovSolver):
         return False
 
 
+def _adjoint_operator(
+    operator: AbstractLinearOperator | None, complex_: bool
+) -> AbstractLinearOperator | None:
+    """`N^H`: `N` itself where its tags say it is Hermitian (a semidefinite tag,
+    or a real symmetric one), else its conjugate transpose. (Applying `N` for
+    `N^H`, as once done, made LSMR with a preconditioner that is not Hermitian,
+    e.g. SSOR of a nonsymmetric matrix, make no progress at all.)"""
+    if operator is None:
+        return None
+    if is_positive_semidefinite(operator) or is_negative_semidefinite(operator):
+        return operator
+    if is_symmetric(operator) and not complex_:
+        return operator
+    transposed = operator.transpose()
+    return conj(transposed) if complex_ else transposed
+
+
 def _undamped(operator, options):
     """`([A; damp I], options without damp)` for a damped solve."""
     damp = options.get("damp", None)
@@ -241,12 +268,33 @@ def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
             out = jtu.tree_map(jnp.conj, out)
         return out
 
+    right_adjoint = _adjoint_operator(right, complex_)
+    left_adjoint = _adjoint_operator(left_precond, complex_)
+
+    def raw_rmv(y):
+        # (M A N)^H y = N^H A^H M^H y.
+        return apply(right_adjoint, adjoint(apply(left_adjoint, y)))
+
+    # LSMR runs on `M A N / 2^s`, with `2^s` a power-of-two estimate of the scale
+    # of `M A N` from the product it makes first (see `Problem.op_inverse`): its
+    # `alpha`, `beta` and the norms of `A v` and `A^H u` scale with the operator,
+    # and their squares overflowed (an operator of norm 1e20 in float32) or
+    # underflowed to a zero `alpha` (1e-20: "solved" after no step). Its iterate
+    # `z'` is then `2^s z`.
+    r0 = apply(left_precond, problem.r0)
+    beta = norm2(r0)
+    u = tree_scale(safe_div(1, beta), r0)
+    v = raw_rmv(u)
+    _, op_inverse = operator_scale(v, rdtype)
+    v = tree_scale(op_inverse, v)
+    # (That product is made before the first step: `stats["num_mv"]` counts it.)
+    problem = dataclasses.replace(problem, initial_mv=problem.initial_mv + 1)
+
     def mv(x):
-        return apply(left_precond, operator.mv(apply(right, x)))
+        return apply(left_precond, operator.mv(apply(right, tree_scale(op_inverse, x))))
 
     def rmv(y):
-        # (M A N)^H y = N^H A^H M^H y, with N, M Hermitian.
-        return apply(right, adjoint(apply(left_precond, y)))
+        return raw_rmv(tree_scale(op_inverse, y))
 
     def step(c: _Carry) -> _Carry:
         # Golub-Kahan bidiagonalisation.
@@ -306,7 +354,8 @@ def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
         )  # fmt: skip
 
     def solution(c: _Carry):
-        return jtu.tree_map(lambda a, b: a + b, problem.x0, apply(right, c.x))
+        z = tree_scale(op_inverse, c.x)
+        return jtu.tree_map(lambda a, b: a + b, problem.x0, apply(right, z))
 
     def normal_residual(r):
         # ||(M A N)^H M r||_2, and ||M r||_2.
@@ -324,10 +373,6 @@ def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
         # The same test on LSMR's estimates, tightened with the outer loop.
         return c.normar <= factor * rtol * c.norm_a * c.normr
 
-    r0 = apply(left_precond, problem.r0)
-    beta = norm2(r0)
-    u = tree_scale(safe_div(1, beta), r0)
-    v = rmv(u)
     alpha = norm2(v)
     v = tree_scale(safe_div(1, alpha), v)
     zero = jnp.zeros((), rdtype)

@@ -140,7 +140,9 @@ class MINRES(AbstractKrylovSolver):
     ):
         operator = state.operator
         precond, y0 = self.checked_options(operator, options)
-        problem = self.problem(operator, vector, y0)
+        problem = self.problem(
+            operator, vector, y0, precond=precond, scale_operator=True
+        )
         eps = problem.eps
         rdtype = problem.rdtype
         mv = problem.mv
