@@ -1016,7 +1016,10 @@ def iterate(
         # Converged before any step only with an exact zero residual. An initial
         # guess that merely meets the tolerance still gets at least one step (as
         # lineax 0.1.1 does): a Newton method whose right-hand side fell below the
-        # solver's `atol` needs a step from it, not zero, or it stalls.
+        # solver's `atol` needs a step from it, not zero, or it stalls. (Success is
+        # then decided at the verification after that step, as always; a step that
+        # made the residual worse is followed by more, and a failed solve returns
+        # the best iterate, which may be the initial guess.)
         jnp.where(rnorm == 0, 2, 0),
         inf,
         None if method.progress_estimate is None else inf,
@@ -1053,9 +1056,7 @@ def iterate(
     if callable(halt_result):
         halt_result = halt_result(loop.inner.carry)
     assert isinstance(halt_result, RESULTS)  # a RESULTS, or a function giving one
-    # (The best iterate's residual is a verified true residual: the initial
-    # guess's, where it met the tolerance and no step improved on it.)
-    loop_converged = (k.converged > 1) | (k.best_rnorm <= tol)
+    loop_converged = k.converged > 1
     if p.fixed:
         # A fixed-iteration solve succeeds when it made its steps, or stopped early
         # because the method can go no further (an exhausted Krylov space), but not
@@ -1068,7 +1069,7 @@ def iterate(
         converged = loop_converged
     # Converged: the last iterate (it passed); otherwise the best one seen.
     value = loop.best_x
-    value_rnorm = jnp.where(k.converged > 1, k.rnorm, k.best_rnorm)
+    value_rnorm = jnp.where(loop_converged, k.rnorm, k.best_rnorm)
     result = RESULTS.where(stop, halt_result, RESULTS.max_steps_reached)
     result = RESULTS.where(nonfinite, RESULTS.breakdown, result)
     result = RESULTS.where(stagnation & ~stop, RESULTS.stagnation, result)
