@@ -319,18 +319,12 @@ def test_optimistix_newton_with_gmres_looser_than_newton_converges():
         assert float(jnp.max(jnp.abs(stage(sol.value, 1e-4)))) < 1e-8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Krylov files: GMRES and BiCGStab accept an operator whose input and output "
-        "structures differ but have equal sizes (the square check compares sizes), "
-        "then fail inside with JAX's 'Closure-converted function called with "
-        "different dynamic arguments'. lineax 0.1.1 refuses it with a ValueError "
-        "('may only be used for linear solves with square matrices'). Optimistix "
-        "Newton (residual PyTree != y PyTree) and Diffrax's ImplicitAdjoint for a "
-        "steady-state event with a Krylov solver reach it."
-    ),
-)
+# GMRES and BiCGStab took an operator whose input and output structures differ
+# but have equal sizes (the square check compared sizes), then failed inside with
+# JAX's "Closure-converted function called with different dynamic arguments".
+# Optimistix Newton (a residual PyTree other than y's) and Diffrax's
+# ImplicitAdjoint with a Krylov solver reach it. Now a ValueError naming the
+# structures (lineax 0.1.1 refuses it too).
 def test_krylov_on_equal_size_different_structures_solves_or_says_so():
     with _EnableX64():
         matrix = 2 * jnp.eye(3) + 0.1

@@ -21,6 +21,7 @@ from .._operator.base import AbstractLinearOperator
 from ._krylov import (
     AbstractKrylovSolver,
     apply,
+    check_square_krylov,
     iterate,
     Iteration,
     KrylovState,
@@ -29,7 +30,6 @@ from ._krylov import (
     tree_scale,
     tree_sub,
 )
-from .base import check_square
 
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -150,7 +150,7 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> KrylovState:
-        check_square(operator, type(self).__name__)
+        check_square_krylov(operator, type(self).__name__)
         self.checked_options(operator, options)
         return KrylovState(operator)
 

@@ -18,10 +18,11 @@ from .._operator.base import (
 from ._krylov import (
     AbstractKrylovSolver,
     check_definite_preconditioner,
+    check_square_krylov,
     KrylovState,
     Problem,
 )
-from .base import check_square, check_tag
+from .base import check_tag
 
 
 class AbstractDefiniteKrylovSolver(AbstractKrylovSolver):
@@ -51,7 +52,7 @@ class AbstractDefiniteKrylovSolver(AbstractKrylovSolver):
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> KrylovState:
         name = type(self).__name__
-        check_square(operator, name)
+        check_square_krylov(operator, name)
         positive = is_positive_semidefinite(operator)
         negative = (not positive) and is_negative_semidefinite(operator)
         check_tag(

@@ -61,7 +61,7 @@ from .._operator.base import (
     is_positive_semidefinite,
 )
 from .._solution import RESULTS
-from .base import AbstractLinearSolver
+from .base import AbstractLinearSolver, check_square
 
 
 #
@@ -440,6 +440,24 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
 
     def assume_full_rank(self) -> bool:
         return True
+
+
+def check_square_krylov(operator: AbstractLinearOperator, name: str) -> None:
+    """`check_square`, and equal input and output structures: the solvers for
+    square operators add and combine vectors of the input (the iterate) with
+    vectors of the output (the residual), so a different PyTree of the same size
+    is not enough (it failed inside JAX's tracing, with a message about
+    closure-converted functions)."""
+    check_square(operator, name)
+    check_structures_equal(
+        operator.in_structure(),
+        operator.out_structure(),
+        f"`lx.{name}` needs an operator whose input and output structures are "
+        "the same (it combines iterates and residuals); wrap the operator to "
+        "map one to the other, or use a direct solver (`lx.LU()`), which "
+        "accepts different structures of the same size. The operator's input "
+        "and output structures",
+    )
 
 
 def _check_one_dtype(operator: AbstractLinearOperator, name: str) -> None:

@@ -13,6 +13,7 @@ from ._krylov import (
     AbstractKrylovSolver,
     AbstractStackedScalars,
     apply,
+    check_square_krylov,
     counts_exactly,
     iterate,
     Iteration,
@@ -21,7 +22,6 @@ from ._krylov import (
     tree_axpy,
     tree_where,
 )
-from .base import check_square
 
 
 class _Carry(eqx.Module):
@@ -103,7 +103,7 @@ class BiCGStab(AbstractKrylovSolver):
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> KrylovState:
-        check_square(operator, "BiCGStab")
+        check_square_krylov(operator, "BiCGStab")
         self.checked_options(operator, options)
         return KrylovState(operator)
 

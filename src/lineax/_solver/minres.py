@@ -21,6 +21,7 @@ from ._krylov import (
     apply,
     check_definite_preconditioner,
     CHECK_EVERY,
+    check_square_krylov,
     iterate,
     Iteration,
     KrylovState,
@@ -29,7 +30,7 @@ from ._krylov import (
     tree_axpy,
     tree_scale,
 )
-from .base import check_square, check_tag
+from .base import check_tag
 
 
 class _Lanczos(eqx.Module):
@@ -113,7 +114,7 @@ class MINRES(AbstractKrylovSolver):
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> KrylovState:
-        check_square(operator, "MINRES")
+        check_square_krylov(operator, "MINRES")
         hermitian = is_positive_semidefinite(operator) or is_negative_semidefinite(
             operator
         )
