@@ -1038,7 +1038,9 @@ def iterate(
         # then decided at the verification after that step, as always; a step that
         # made the residual worse is followed by more, and a failed solve returns
         # the best iterate, which may be the initial guess.)
-        jnp.where(rnorm == 0, 2, 0),
+        # (With `max_steps=0` no step can be made: the initial guess is judged by
+        # the tolerance itself.)
+        jnp.where((rnorm <= tol) if max_steps == 0 else (rnorm == 0), 2, 0),
         inf,
         None if method.progress_estimate is None else inf,
         None if method.below_floor is None else zero,
