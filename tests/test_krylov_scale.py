@@ -12,7 +12,10 @@ def _frexp_scale(values, dtype):
     big = np.max(np.abs(np.asarray(values, np.float64)))
     if not (big > 0 and np.isfinite(big)):
         return 1.0
-    return float(np.ldexp(1.0, np.frexp(big)[1]))
+    # Clamped to where the scale and its inverse are normal numbers of `dtype`.
+    info = jnp.finfo(dtype)
+    lo, hi = max(info.minexp, 1 - info.maxexp), min(info.maxexp - 1, -info.minexp)
+    return float(np.ldexp(1.0, np.clip(np.frexp(big)[1], lo, hi)))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64])
@@ -36,6 +39,17 @@ def test_power_of_two_scale_matches_frexp(dtype):
             # (Beyond that the inverse is flushed to zero or overflows, as
             # `1 / scale` does.)
             assert float(inverse) == 1 / expected, m
+
+
+def test_power_of_two_scale_of_a_vector_near_the_largest_float():
+    # Its largest entry at 2^127 or more in float32: the scale was 2^128 = inf
+    # (and its inverse zero), so every Krylov solve of it gave NaN and "singular".
+    for dtype in (jnp.float32, jnp.float64):
+        big = float(jnp.finfo(dtype).max) / 1.1
+        scale, inverse = _power_of_two_scale(jnp.asarray([big, 1.0], dtype), dtype)
+        assert np.isfinite(float(scale)) and float(inverse) > 0
+        assert float(scale) * float(inverse) == 1.0
+        assert big / float(scale) < 8
 
 
 @pytest.mark.parametrize("value", [0.0, np.inf, -np.inf, np.nan])

@@ -477,43 +477,69 @@ def _check_one_dtype(operator: AbstractLinearOperator, name: str) -> None:
         )
 
 
-def _power_of_two_scale(vector: PyTree[Array], rdtype: Any) -> tuple[Array, Array]:
-    """`(2^e, 2^-e)` with `max|b| = m 2^e`, `0.5 <= m < 1`; `(1, 1)` for a zero,
-    subnormal or non-finite `b`.
-
-    Both are made from the exponent field of `max|b|` with integer operations:
-    cheap elementwise operations, which XLA computes inside the kernels that use
-    them, where `frexp`, `ldexp` and a division are kernels of their own (some
-    forty operations copied into each kernel using the scale). This is done in at
+def _field_format(rdtype: Any) -> tuple[Any, Any, int, int]:
+    """`(wide, itype, bias, nmant)`: the float type the scale is computed in (at
     least single precision, where the subnormals of half precision are normal
-    numbers; a subnormal of single or double precision gives 1, as it did with
-    `frexp` on CPU, where XLA flushes them to zero."""
+    numbers), the integer type of its bits, its exponent bias and mantissa
+    bits."""
+    wide = jnp.dtype(rdtype) if jnp.finfo(rdtype).bits >= 32 else jnp.dtype(jnp.float32)
+    info = jnp.finfo(wide)
+    itype = jnp.int32 if info.bits == 32 else jnp.int64
+    return wide, itype, info.maxexp - 1, info.nmant
+
+
+def _exponent_field(x: Array, rdtype: Any) -> Array:
+    """The exponent field of `x` (its bits, the sign and mantissa masked off), in
+    the format of `_field_format(rdtype)`."""
+    wide, itype, bias, nmant = _field_format(rdtype)
+    mask = jnp.asarray((2 * bias + 1) << nmant, itype)
+    return lax.bitcast_convert_type(x.astype(wide), itype) & mask
+
+
+def _scale_of_field(field: Array, rdtype: Any) -> tuple[Array, Array]:
+    """`(2^s, 2^-s)` with `2^(s - 1) <= m < 2^s`, where `field` is the exponent
+    field of `m` (`_exponent_field`); `(1, 1)` where `m` is zero, subnormal or not
+    finite. Made with integer operations: cheap elementwise operations, which XLA
+    computes inside the kernels that use them, where `frexp`, `ldexp` and a
+    division are kernels of their own.
+
+    `s` is clamped to the range where `2^s` and `2^-s` are normal numbers of
+    `rdtype`: a vector whose largest entry is near the largest float (2^127 or more
+    in float32) is scaled by 2^125, where `2^s` would be infinite; an operator of
+    norm 2^20 in float16 by 2^14, as far as it goes, rather than not at all."""
+    wide, itype, bias, nmant = _field_format(rdtype)
+    mask = (2 * bias + 1) << nmant
+    narrow = jnp.finfo(rdtype)
+    lo = max(narrow.minexp, 1 - narrow.maxexp)
+    hi = min(narrow.maxexp - 1, -narrow.minexp)
+    exponent = jnp.clip((field >> nmant) - (bias - 1), lo, hi)
+    usable = (field > 0) & (field < mask)  # a normal, finite number
+    scale = lax.bitcast_convert_type((exponent + bias) << nmant, wide)
+    inverse = lax.bitcast_convert_type((bias - exponent) << nmant, wide)
+    scale = jnp.where(usable, scale, 1).astype(rdtype)
+    return scale, jnp.where(usable, inverse, 1).astype(rdtype)
+
+
+def _power_of_two_scale(vector: PyTree[Array], rdtype: Any) -> tuple[Array, Array]:
+    """`(2^e, 2^-e)` with `max|b| = m 2^e`, `0.5 <= m < 1` (clamped, see
+    `_scale_of_field`); `(1, 1)` for a zero, subnormal or non-finite `b`. (A
+    subnormal of single or double precision gives 1, as it did with `frexp` on
+    CPU, where XLA flushes them to zero.)"""
     one = jnp.ones((), rdtype)
     leaves = jtu.tree_leaves(vector)
     if len(leaves) == 0:
         return one, one
-    wide = jnp.dtype(rdtype) if jnp.finfo(rdtype).bits >= 32 else jnp.dtype(jnp.float32)
+    wide = _field_format(rdtype)[0]
     big = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(wide) for x in leaves]))
-    info = jnp.finfo(wide)
-    itype = jnp.int32 if info.bits == 32 else jnp.int64
-    bias = info.maxexp - 1
-    mask = jnp.asarray((2 * bias + 1) << info.nmant, itype)
-    # `2^(e - 1)`, the exponent field of `max|b|`, and its inverse's field.
-    field = lax.bitcast_convert_type(big, itype) & mask
-    inverse = jnp.asarray(2 * bias << info.nmant, itype) - field
-    usable = (field > 0) & (field < mask)  # a normal, finite number
-    half = lax.bitcast_convert_type(field, wide)
-    scale = jnp.where(usable, 2 * half, 1).astype(rdtype)
-    inverse = jnp.where(usable, 0.5 * lax.bitcast_convert_type(inverse, wide), 1)
-    return scale, inverse.astype(rdtype)
+    return _scale_of_field(_exponent_field(big, rdtype), rdtype)
 
 
 def operator_scale(product: PyTree[Array], rdtype: Any) -> tuple[Array, Array]:
     """`(2^s, 2^-s)` with `2^(s - 1) <= max|product| < 2^s` (over the real and
-    imaginary parts), for `product` a product of the operator with a vector whose
-    largest entry is in `[0.5, 1)`: a power-of-two estimate of the operator's
-    scale (`s` clamped to the range where `2^s` and `2^-s` are normal numbers of
-    `rdtype`). `(1, 1)` where that is zero, subnormal or not finite.
+    imaginary parts; clamped, see `_scale_of_field`), for `product` a product of
+    the operator with a vector whose largest entry is in `[0.5, 1)`: a
+    power-of-two estimate of the operator's scale. `(1, 1)` where that is zero,
+    subnormal or not finite.
 
     The largest exponent is found as the largest exponent *field* (an integer
     max-reduction of the bits, which orders nonnegative floats as their values):
@@ -524,30 +550,12 @@ def operator_scale(product: PyTree[Array], rdtype: Any) -> tuple[Array, Array]:
     leaves = jtu.tree_leaves(product)
     if len(leaves) == 0:
         return one, one
-    wide = jnp.dtype(rdtype) if jnp.finfo(rdtype).bits >= 32 else jnp.dtype(jnp.float32)
-    info = jnp.finfo(wide)
-    itype = jnp.int32 if info.bits == 32 else jnp.int64
-    bias = info.maxexp - 1
-    mask = jnp.asarray((2 * bias + 1) << info.nmant, itype)
     parts = []
     for x in leaves:
         parts += [jnp.real(x), jnp.imag(x)] if jnp.iscomplexobj(x) else [x]
-    fields = [
-        jnp.max(lax.bitcast_convert_type(x.astype(wide), itype) & mask) for x in parts
-    ]
+    fields = [jnp.max(_exponent_field(x, rdtype)) for x in parts]
     field = fields[0] if len(fields) == 1 else jnp.max(jnp.stack(fields))
-    # The exponent `s`, clamped so that `2^s` and `2^-s` are normal numbers of
-    # `rdtype` (half precision included: an operator of norm 2^20 in float16 is
-    # scaled by 2^14, as far as it goes, rather than not at all).
-    narrow = jnp.finfo(rdtype)
-    lo = max(narrow.minexp, 1 - narrow.maxexp)
-    hi = min(narrow.maxexp - 1, -narrow.minexp)
-    exponent = jnp.clip((field >> info.nmant) - (bias - 1), lo, hi)
-    usable = (field > 0) & (field < mask)  # a normal, finite number
-    scale = lax.bitcast_convert_type((exponent + bias) << info.nmant, wide)
-    inverse = lax.bitcast_convert_type((bias - exponent) << info.nmant, wide)
-    scale = jnp.where(usable, scale, 1).astype(rdtype)
-    return scale, jnp.where(usable, inverse, 1).astype(rdtype)
+    return _scale_of_field(field, rdtype)
 
 
 def _input_scaled(mv: Callable, inverse: Array) -> Callable:
