@@ -357,7 +357,10 @@ def _linear_solve_abstract_eval(
     traced = _traced_compute(solver, args, key)
     solution, result, stats = eqx.combine(traced.out_struct, traced.out_static)
     # (`result` as `_linear_solve_impl` returns it.)
-    result = eqx.filter_eval_shape(_with_singular, result, jnp.array(True))
+    # (A shape, not `jnp.array(True)`: that would compile a staging program on
+    # the first call in a process.)
+    finite = jax.ShapeDtypeStruct((), jnp.bool_)
+    result = eqx.filter_eval_shape(_with_singular, result, finite)
     out = jtu.tree_map(_to_aval, (solution, result, stats))
     _ABSTRACT_EVALS.put(key, out)
     return out
@@ -556,8 +559,12 @@ def _initial_guess(solver, options, t_options, dependent_columns):
 
 def _concrete_array(x: Any) -> Array:
     # Evaluated eagerly: inside a JVP rule `jnp.asarray` would bind to the trace
-    # being built and return a tracer, not the constant that `x` is.
+    # being built and return a tracer, not the constant that `x` is. (NumPy
+    # values are put on the device directly: `jnp.asarray` of one compiles a
+    # staging program per dtype, a cost of every first solve in a process.)
     with jax.core.eval_context():
+        if isinstance(x, (np.ndarray, np.generic)):
+            return jax.device_put(x)
         return jnp.asarray(x)
 
 
