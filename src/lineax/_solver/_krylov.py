@@ -615,7 +615,7 @@ def result_of(
 
 
 def adapted_tolerance(
-    estimate: Array, true_norm: Array, tol: Array, factor: Array
+    estimate: Array, true_norm: Array, tol: Array, factor: Array, rtol: float
 ) -> Array:
     """The threshold for a solver's cheap residual estimate that should mean
     `norm(r) <= tol`.
@@ -625,8 +625,19 @@ def adapted_tolerance(
     `norm` is the 2-norm and the estimate is exact). `factor` (at most 1) is
     halved each time an inner iteration stopped on this threshold but the true
     residual then failed, as SciPy's GMRES does with its `ptol`.
+
+    An iterate that already meets `tol` (only ever the initial one: a solve stops
+    at the first verification that passes) gets the relative target instead: the
+    pass runs until the estimate fell by `rtol`, or to its end (`pass_length`, an
+    invariant Krylov space). This is the Newton case: there the right-hand side is
+    the nonlinear residual, which falls below the linear solver's `atol` near the
+    root, and a single Krylov step from it (all that `tol` asks for) on a stiff
+    Jacobian hardly lowers the residual, so Newton stalls at the linear solver's
+    `atol` (Diffrax's implicit solvers on the Robertson problem then fail; see
+    `docs/iterative_solvers.md`). lineax 0.1.1 ran a whole GMRES cycle there.
     """
     ratio = jnp.minimum(factor, safe_div(tol, true_norm))
+    ratio = jnp.where(true_norm <= tol, jnp.minimum(ratio, min(rtol, 1.0)), ratio)
     return estimate * ratio
 
 
@@ -696,6 +707,11 @@ class Iteration(Generic[_Carry]):
         after `patience` verifications (which, for a method that verifies only when
         its estimate passes a tightening threshold, can be thousands of steps).
         `progress` defaults to `rnorm`.
+    - `accept_at_floor`: where a verification would stop the solve with
+        `stagnation`, whether its iterate is a success nonetheless (given the
+        carry, the iterate and its residual): the requested tolerance is below
+        what the dtype can reach and the iterate meets the level it can (LSMR's
+        normal-equations test at `eps cond(A)`). `None`: it never is.
     - `steps`: the number of steps made, read from the carry, for a method that
         counts them itself among its stacked scalars (`AbstractStackedScalars`),
         as a float that `counts_exactly` to `max_steps`: there the count costs no
@@ -734,6 +750,9 @@ class Iteration(Generic[_Carry]):
     progress_estimate: Callable[[_Carry], Array] | None = None
     below_floor: Callable[[_Carry, Array], Array] | None = None
     steps: Callable[[_Carry], Array] | None = None
+    accept_at_floor: Callable[[_Carry, PyTree[Array], PyTree[Array]], Array] | None = (
+        None
+    )
 
 
 class _Pass(eqx.Module):
@@ -939,7 +958,9 @@ def iterate(
             # (The scalars are read from `o.book` here, so that the inner loop
             # takes the whole array rather than slices of it made by kernels.)
             b = book_of(o)
-            inner_tol = adapted_tolerance(estimate_of(start), b.rnorm, b.tol, b.factor)
+            inner_tol = adapted_tolerance(
+                estimate_of(start), b.rnorm, b.tol, b.factor, solver.rtol
+            )
             return inner_tol**2 if method.squared else inner_tol
 
         def inner_running(q: _Pass):
@@ -997,6 +1018,10 @@ def iterate(
             since_best = jnp.where(
                 floor_hits >= FLOOR_PATIENCE, method.patience, since_best
             )
+        if method.accept_at_floor is not None:
+            # The solve would stop with `stagnation` here.
+            stuck = ~converged & (since_best >= method.patience)
+            converged = converged | (stuck & method.accept_at_floor(c, x, r))
         passed = method.estimate(c) <= bound_of()
         if method.settled is not None:
             passed = passed | method.settled(c, k.factor)
