@@ -615,7 +615,7 @@ def result_of(
 
 
 def adapted_tolerance(
-    estimate: Array, true_norm: Array, tol: Array, factor: Array, rtol: float
+    estimate: Array, true_norm: Array, tol: Array, factor: Array
 ) -> Array:
     """The threshold for a solver's cheap residual estimate that should mean
     `norm(r) <= tol`.
@@ -624,20 +624,10 @@ def adapted_tolerance(
     the estimate that corresponds to `tol` is `estimate * tol / norm(r)` (exact when
     `norm` is the 2-norm and the estimate is exact). `factor` (at most 1) is
     halved each time an inner iteration stopped on this threshold but the true
-    residual then failed, as SciPy's GMRES does with its `ptol`.
-
-    An iterate that already meets `tol` (only ever the initial one: a solve stops
-    at the first verification that passes) gets the relative target instead: the
-    pass runs until the estimate fell by `rtol`, or to its end (`pass_length`, an
-    invariant Krylov space). This is the Newton case: there the right-hand side is
-    the nonlinear residual, which falls below the linear solver's `atol` near the
-    root, and a single Krylov step from it (all that `tol` asks for) on a stiff
-    Jacobian hardly lowers the residual, so Newton stalls at the linear solver's
-    `atol` (Diffrax's implicit solvers on the Robertson problem then fail; see
-    `docs/iterative_solvers.md`). lineax 0.1.1 ran a whole GMRES cycle there.
+    residual then failed, as SciPy's GMRES does with its `ptol`. (It starts at
+    `rtol` where the initial residual already meets `tol`: see `iterate`.)
     """
     ratio = jnp.minimum(factor, safe_div(tol, true_norm))
-    ratio = jnp.where(true_norm <= tol, jnp.minimum(ratio, min(rtol, 1.0)), ratio)
     return estimate * ratio
 
 
@@ -958,9 +948,7 @@ def iterate(
             # (The scalars are read from `o.book` here, so that the inner loop
             # takes the whole array rather than slices of it made by kernels.)
             b = book_of(o)
-            inner_tol = adapted_tolerance(
-                estimate_of(start), b.rnorm, b.tol, b.factor, solver.rtol
-            )
+            inner_tol = adapted_tolerance(estimate_of(start), b.rnorm, b.tol, b.factor)
             return inner_tol**2 if method.squared else inner_tol
 
         def inner_running(q: _Pass):
@@ -1058,11 +1046,24 @@ def iterate(
     if method.progress_estimate is not None or method.below_floor is not None:
         inf = jnp.full((), jnp.inf, p.rdtype)
     zero = jnp.array(0, jnp.int32)
+    # An initial residual that already meets `tol` gets the relative target: the
+    # first pass runs until the estimate fell by `rtol` (`factor`, the ratio of
+    # `adapted_tolerance`, is then `rtol`), or to its end (`pass_length`, an
+    # invariant Krylov space). This is the Newton case: there the right-hand side is
+    # the nonlinear residual, which falls below the linear solver's `atol` near the
+    # root, and a single Krylov step from it (all that `tol` asks for) on a stiff
+    # Jacobian hardly lowers the residual, so Newton stalled at the linear solver's
+    # `atol` (Diffrax's implicit solvers on the Robertson problem then failed; see
+    # `docs/iterative.md`). lineax 0.1.1 ran a whole GMRES cycle there. (Success is
+    # still decided by `tol`; a pass that ends above it continues as any other,
+    # with `factor` recovering as usual.)
+    first_factor = max(min(solver.rtol, 1.0), p.eps)
+    factor = jnp.where(rnorm <= tol, first_factor, 1).astype(p.rdtype)
     book = _Book(
         rnorm,
         tol,
         rnorm,
-        jnp.ones((), p.rdtype),
+        factor,
         zero,
         # Converged before any step only with an exact zero residual. An initial
         # guess that merely meets the tolerance still gets at least one step (as

@@ -382,10 +382,20 @@ def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
         z = tree_scale(op_inverse, c.x)
         return jtu.tree_map(lambda a, b: a + b, problem.x0, apply(right, z))
 
+    # The last residual `normal_residual` was given, and its result.
+    last: list = []
+
     def normal_residual(r):
-        # ||(M A N)^H M r||_2, and ||M r||_2.
-        r = apply(left_precond, r)
-        return norm2(rmv(r)), norm2(r)
+        # ||(M A N)^H M r||_2, and ||M r||_2. Each verification asks for it up to
+        # three times, for the same residual object (`normal_solved`, `progress`,
+        # `at_floor`): made once, as each traced product would be lowered and
+        # compiled (XLA merges them only after that).
+        if last and last[0][0] is r:
+            return last[0][1]
+        left_r = apply(left_precond, r)
+        out = norm2(rmv(left_r)), norm2(left_r)
+        last[:] = [(r, out)]
+        return out
 
     def normal_solved(c: _Carry, x, r):
         # The normal-equations test on a true residual: ||(M A N)^H M r||_2 <=
