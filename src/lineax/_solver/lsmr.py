@@ -119,7 +119,7 @@ class LSMR(AbstractKrylovSolver):
         orthogonality. So success implies the test with the true `||A||_2`, and
         with `||A||_F`.
 
-    In finite precision the true `||A^H r|| / (||A|| ||r||)` levels off at about
+    In finite precision LSMR's true `||A^H r|| / (||A|| ||r||)` levels off at about
     `eps * cond(A)` (float32: 1e-3 at cond 1e4), so a smaller `rtol` cannot be met
     on a true residual. Once the iteration can go no further (LSMR's estimate of
     `||A^H r||` passes rule 2, as it would in exact arithmetic, or the solve
