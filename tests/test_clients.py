@@ -348,3 +348,71 @@ def test_krylov_on_equal_size_different_structures_solves_or_says_so():
             else:
                 flat = np.concatenate([value["a"], value["b"][None]])
                 np.testing.assert_allclose(flat, expected, rtol=1e-8)
+
+
+# Newton's right-hand side (the nonlinear residual) falls below the Krylov solver's
+# `atol` near the root. One GMRES step from there (all the tolerance asked for) on
+# the stiff Robertson Jacobian hardly lowered the residual, so Newton stalled at the
+# linear solver's `atol`, above its own: Diffrax's ImplicitEuler failed at t = 0.052
+# ("maximum number of steps in the nonlinear solver"; Kvaerno5 over [0, 0.1] took
+# 20 steps). Now such a solve aims at `rtol` relative to its initial residual, and
+# the step counts are those of lineax 0.1.1 (measured with it: 94 steps here).
+def test_diffrax_robertson_with_gmres_newton_takes_published_step_count():
+    dfx = pytest.importorskip("diffrax")
+    with _EnableX64():
+
+        def robertson(t, y, args):
+            y1, y2, y3 = y
+            return jnp.stack(
+                [
+                    -0.04 * y1 + 1e4 * y2 * y3,
+                    0.04 * y1 - 3e7 * y2**2 - 1e4 * y2 * y3,
+                    3e7 * y2**2,
+                ]
+            )
+
+        gmres = lx.GMRES(rtol=1e-7, atol=1e-7)
+        newton = optx.Newton(rtol=1e-8, atol=1e-8, linear_solver=gmres)
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(robertson),
+            dfx.ImplicitEuler(root_finder=newton),
+            0.0,
+            0.1,
+            1e-4,
+            jnp.array([1.0, 0.0, 0.0]),
+            stepsize_controller=dfx.PIDController(rtol=1e-4, atol=1e-8),
+            max_steps=400,
+            throw=False,
+        )
+        assert sol.result == dfx.RESULTS.successful
+        assert int(sol.stats["num_steps"]) <= 104  # lineax 0.1.1: 94
+        np.testing.assert_allclose(
+            sol.ys[-1], [0.9960818, 3.580511e-5, 3.882388e-3], rtol=1e-5
+        )
+
+
+# Least squares in float32 with cond ~1e5 (an exponential fit with badly scaled
+# parameters) and LSMR at rtol 1e-6: the true ||A^H r|| / (||A|| ||r||) cannot
+# get below ~eps cond(A) = 1e-3 there, so LSMR reported `stagnation` on an answer
+# right to 2e-5 and Gauss-Newton aborted at its first step. lineax 0.1.1 (which
+# tests LSMR's estimates) converges in 6 steps; so does this package now.
+def test_optimistix_gauss_newton_lsmr_float32_badly_scaled_fit():
+    t = jnp.linspace(0.0, 100.0, 60, dtype=jnp.float32)
+    rng = np.random.default_rng(0)
+    clean = 1000.0 * np.exp(-0.03 * np.asarray(t)) + 5.0
+    data = jnp.asarray(clean + rng.normal(0, 1.0, t.shape), jnp.float32)
+
+    def residual(p, args):
+        a, b, c = p
+        return a * jnp.exp(-b * t) + c - data
+
+    solver = optx.GaussNewton(
+        rtol=1e-5, atol=1e-5, linear_solver=lx.LSMR(rtol=1e-6, atol=1e-6)
+    )
+    p0 = jnp.array([800.0, 0.02, 1.0], jnp.float32)
+    sol = optx.least_squares(residual, solver, p0, throw=False, max_steps=50)
+    assert sol.result == optx.RESULTS.successful
+    assert int(sol.stats["num_steps"]) <= 8  # lineax 0.1.1: 6
+    # The float64 least-squares fit (lineax 0.1.1's float32 fit is 2.4e-3 from it,
+    # in the offset; so is this one).
+    np.testing.assert_allclose(sol.value, [999.3793, 0.03005575, 5.765056], rtol=5e-3)

@@ -153,7 +153,12 @@ def test_minres_float32_indefinite_terminates(table):
 
 def test_lsmr_float32_unreachable_tolerance_terminates(table):
     c = table["lsmr_tall_f32"]
-    assert c["code"] != _SUCCESS
+    # rtol 1e-7 is below what float32 reaches at cond 1e3: stagnation, or success
+    # at the level it does reach (`10 eps cond(A)` with LSMR's estimate of cond(A),
+    # at most the true cond(A) = 1e3; ||A||_2 = 1 here). Never success above it.
+    assert c["code"] in (_SUCCESS, _STAGNATION)
+    if c["code"] == _SUCCESS:
+        assert c["normal"] <= 10 * 1.2e-7 * 1e3
     assert c["rnorm"] <= (1 + 1e-4) * c["rnorm_lsq"]
 
 
@@ -220,7 +225,9 @@ def test_lsmr_float32_stagnation_is_prompt(stagnation):
     # old rule took 6100 steps; the estimate of ||A^H r|| falling while the true
     # one does not now stops it.
     c = stagnation["lsmr_tall_f32_1000x200"]
-    assert c["code"] == _STAGNATION
+    # (Or success: the true normal-equations test passes at the level float32 can
+    # reach, `10 eps cond(A)` with LSMR's estimate of cond(A); see `LSMR`.)
+    assert c["code"] in (_STAGNATION, _SUCCESS)
     assert c["rnorm"] <= (1 + 1e-4) * c["rnorm_lsq"]
     assert c["steps"] < 2500
 

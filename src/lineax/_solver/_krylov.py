@@ -624,7 +624,8 @@ def adapted_tolerance(
     the estimate that corresponds to `tol` is `estimate * tol / norm(r)` (exact when
     `norm` is the 2-norm and the estimate is exact). `factor` (at most 1) is
     halved each time an inner iteration stopped on this threshold but the true
-    residual then failed, as SciPy's GMRES does with its `ptol`.
+    residual then failed, as SciPy's GMRES does with its `ptol`. (It starts at
+    `rtol` where the initial residual already meets `tol`: see `iterate`.)
     """
     ratio = jnp.minimum(factor, safe_div(tol, true_norm))
     return estimate * ratio
@@ -696,6 +697,11 @@ class Iteration(Generic[_Carry]):
         after `patience` verifications (which, for a method that verifies only when
         its estimate passes a tightening threshold, can be thousands of steps).
         `progress` defaults to `rnorm`.
+    - `accept_at_floor`: where a verification would stop the solve with
+        `stagnation`, whether its iterate is a success nonetheless (given the
+        carry, the iterate and its residual): the requested tolerance is below
+        what the dtype can reach and the iterate meets the level it can (LSMR's
+        normal-equations test at `eps cond(A)`). `None`: it never is.
     - `steps`: the number of steps made, read from the carry, for a method that
         counts them itself among its stacked scalars (`AbstractStackedScalars`),
         as a float that `counts_exactly` to `max_steps`: there the count costs no
@@ -734,6 +740,9 @@ class Iteration(Generic[_Carry]):
     progress_estimate: Callable[[_Carry], Array] | None = None
     below_floor: Callable[[_Carry, Array], Array] | None = None
     steps: Callable[[_Carry], Array] | None = None
+    accept_at_floor: Callable[[_Carry, PyTree[Array], PyTree[Array]], Array] | None = (
+        None
+    )
 
 
 class _Pass(eqx.Module):
@@ -997,6 +1006,10 @@ def iterate(
             since_best = jnp.where(
                 floor_hits >= FLOOR_PATIENCE, method.patience, since_best
             )
+        if method.accept_at_floor is not None:
+            # The solve would stop with `stagnation` here.
+            stuck = ~converged & (since_best >= method.patience)
+            converged = converged | (stuck & method.accept_at_floor(c, x, r))
         passed = method.estimate(c) <= bound_of()
         if method.settled is not None:
             passed = passed | method.settled(c, k.factor)
@@ -1033,11 +1046,24 @@ def iterate(
     if method.progress_estimate is not None or method.below_floor is not None:
         inf = jnp.full((), jnp.inf, p.rdtype)
     zero = jnp.array(0, jnp.int32)
+    # An initial residual that already meets `tol` gets the relative target: the
+    # first pass runs until the estimate fell by `rtol` (`factor`, the ratio of
+    # `adapted_tolerance`, is then `rtol`), or to its end (`pass_length`, an
+    # invariant Krylov space). This is the Newton case: there the right-hand side is
+    # the nonlinear residual, which falls below the linear solver's `atol` near the
+    # root, and a single Krylov step from it (all that `tol` asks for) on a stiff
+    # Jacobian hardly lowers the residual, so Newton stalled at the linear solver's
+    # `atol` (Diffrax's implicit solvers on the Robertson problem then failed; see
+    # `docs/iterative.md`). lineax 0.1.1 ran a whole GMRES cycle there. (Success is
+    # still decided by `tol`; a pass that ends above it continues as any other,
+    # with `factor` recovering as usual.)
+    first_factor = max(min(solver.rtol, 1.0), p.eps)
+    factor = jnp.where(rnorm <= tol, first_factor, 1).astype(p.rdtype)
     book = _Book(
         rnorm,
         tol,
         rnorm,
-        jnp.ones((), p.rdtype),
+        factor,
         zero,
         # Converged before any step only with an exact zero residual. An initial
         # guess that merely meets the tolerance still gets at least one step (as
