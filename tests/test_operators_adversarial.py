@@ -120,3 +120,26 @@ def test_python_scalar_scaling_of_float32_operator_stays_float32_under_jit():
     assert (operator * jnp.asarray(2.0)).mv(vector).dtype == jnp.float32
     strong = jnp.asarray(2.0, jnp.float64)
     assert (operator * strong).mv(vector).dtype == jnp.float64
+
+
+def test_symmetric_tagged_map_between_two_structures_transposes_them():
+    # A Function or Jacobian operator tagged symmetric returned itself as its
+    # transpose, keeping its input and output structures unswapped: `.T.mv` of a
+    # vector of the output structure then failed inside JAX. (lineax 0.1.1 refuses
+    # the tag on such an operator at construction.)
+    def fn(x):
+        return x[:2], x[2]
+
+    structure = jax.ShapeDtypeStruct((3,), jnp.float64)
+    vector = (jnp.array([1.0, 2.0]), jnp.array(3.0))
+    operators = [
+        lx.FunctionLinearOperator(fn, structure, lx.symmetric_tag),
+        lx.JacobianLinearOperator(
+            lambda x, _: fn(x), jnp.ones(3), None, lx.symmetric_tag
+        ),
+    ]
+    for operator in operators:
+        transpose = operator.T
+        assert transpose.in_structure() == operator.out_structure()
+        assert transpose.out_structure() == operator.in_structure()
+        assert_close(transpose.mv(vector), np.array([1.0, 2.0, 3.0]))

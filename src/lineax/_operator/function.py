@@ -82,7 +82,7 @@ class FunctionLinearOperator(AbstractLinearOperator):
         return matrix_by_mv(self)
 
     def transpose(self):
-        if symmetric_tag in self.tags and not tree_is_complex(self.in_structure()):
+        if transpose_is_self(self):
             return self
         transpose_fn = jax.linear_transpose(self.fn, self.in_structure())
 
@@ -102,6 +102,19 @@ class FunctionLinearOperator(AbstractLinearOperator):
 
 
 register_tag_predicates(FunctionLinearOperator)
+
+
+def transpose_is_self(operator: Any) -> bool:
+    """Whether the transpose of an operator holding `tags` is the operator itself:
+    tagged symmetric, real, and mapping one structure to itself (a symmetric tag
+    on a map between two structures of one size says that its matrix is
+    symmetric, but its transpose still swaps the structures)."""
+    return (
+        symmetric_tag in operator.tags
+        and not tree_is_complex(operator.in_structure())
+        and strip_weak_dtype(operator.in_structure())
+        == strip_weak_dtype(operator.out_structure())
+    )
 
 
 def jacobian_operator(
