@@ -5,6 +5,7 @@ test suite) or from NumPy, in a way that breaks user code.
 Small sizes, one compiled function per test where possible.
 """
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,3 +144,32 @@ def test_symmetric_tagged_map_between_two_structures_transposes_them():
         assert transpose.in_structure() == operator.out_structure()
         assert transpose.out_structure() == operator.in_structure()
         assert_close(transpose.mv(vector), np.array([1.0, 2.0, 3.0]))
+
+
+_MATRIX = np.array([[3.0, 1.0, 0.5], [1.0, 4.0, 0.2], [0.5, 0.2, 5.0]])
+_VECTOR = np.array([1.0, -2.0, 0.5])
+
+
+@eqx.filter_jit
+def _solve_closing_over(matrix, solver):
+    # `closure_convert=False`, yet `fn` closes over `matrix`, traced here.
+    structure = jax.ShapeDtypeStruct((3,), jnp.float64)
+    psd = lx.positive_semidefinite_tag
+    function = lx.FunctionLinearOperator(
+        lambda x: matrix @ x, structure, psd, closure_convert=False
+    )
+    jacobian = lx.JacobianLinearOperator(
+        lambda x, _: matrix @ x, jnp.zeros(3), None, psd, closure_convert=False
+    )
+    vector = jnp.asarray(_VECTOR)
+    return [lx.linear_solve(op, vector, solver).value for op in (function, jacobian)]
+
+
+@pytest.mark.parametrize("solver", [lx.LU(), lx.CG(rtol=1e-10, atol=1e-10)])
+def test_closure_convert_false_with_a_traced_closure_still_solves(solver):
+    # The traced matrix escaped its trace when the solve called `fn` inside the
+    # `linear_solve` primitive: "No constant handler for type DynamicJaxprTracer"
+    # (lineax 0.1.1 fails so too with CG, and solves with LU).
+    expected = np.linalg.solve(_MATRIX, _VECTOR)
+    for solution in _solve_closing_over(jnp.asarray(_MATRIX), solver):
+        assert_close(solution, expected, rtol=1e-8)

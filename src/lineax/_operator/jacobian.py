@@ -23,7 +23,12 @@ from .base import (
     matrix_by_mv,
     register_tag_predicates,
 )
-from .function import FunctionLinearOperator, jacobian_operator, transpose_is_self
+from .function import (
+    closure_converted,
+    FunctionLinearOperator,
+    jacobian_operator,
+    transpose_is_self,
+)
 
 
 class JacobianLinearOperator(AbstractLinearOperator):
@@ -71,8 +76,7 @@ class JacobianLinearOperator(AbstractLinearOperator):
             raise TypeError(f"`fn` must be callable, got {type(fn).__name__}.")
         check_leaf_arrays(x, "x")
         x = jtu.tree_map(inexact_asarray, x)
-        if closure_convert:
-            fn = eqx.filter_closure_convert(fn, x, args)
+        fn = closure_converted(fn, closure_convert, x, args)
         out_struct = eqx.filter_eval_shape(fn, x, args)
         self.fn = fn
         self.x = x
