@@ -173,3 +173,19 @@ def test_closure_convert_false_with_a_traced_closure_still_solves(solver):
     expected = np.linalg.solve(_MATRIX, _VECTOR)
     for solution in _solve_closing_over(jnp.asarray(_MATRIX), solver):
         assert_close(solution, expected, rtol=1e-8)
+
+
+def test_numpy_and_complex_scalars_scale_under_strict_promotion():
+    # `np.float64(2.0)` is a Python float to `isinstance` but a strongly typed
+    # float64 to JAX, and `1j` promotes a real operator: both were multiplied
+    # implicitly, which strict dtype promotion refuses (lineax 0.1.1 too).
+    matrix = np.array([[2.0, 1.0], [0.0, 3.0]])
+    operator = lx.MatrixLinearOperator(jnp.asarray(matrix, jnp.float32))
+    vector = jnp.ones(2, jnp.float32)
+    product = (operator * np.float64(2.0)).mv(vector)
+    assert product.dtype == jnp.float64
+    assert_close(product, 2 * matrix @ np.ones(2))
+    for scaled in (operator * 1j, lx.conj(operator * 1j)):
+        assert scaled.as_matrix().dtype == jnp.complex64
+    assert_close(lx.diagonal(operator * 1j), 1j * np.diagonal(matrix))
+    assert_close(lx.tridiagonal(operator / 1j)[0], -1j * np.diagonal(matrix))

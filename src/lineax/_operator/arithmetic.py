@@ -48,9 +48,10 @@ def _scale(tree, scalar, op):
     strict dtype promotion is respected, and a complex scalar is never cast to a
     real dtype) and as JAX would: a weakly typed scalar keeps the leaf's precision
     (see `scaled_dtype`)."""
-    if isinstance(scalar, (int, float)) and not isinstance(scalar, bool):
-        # (A complex number promotes a real leaf, which strict promotion refuses
-        # implicitly: it is cast below.)
+    if type(scalar) in (int, float):
+        # (A complex number promotes a real leaf, and JAX types a NumPy scalar such
+        # as `np.float64(2.0)` strongly, which strict promotion refuses implicitly:
+        # those are cast below.)
         return jtu.tree_map(lambda x: op(x, scalar), tree)
 
     def leaf(x):
