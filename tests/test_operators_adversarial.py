@@ -189,3 +189,20 @@ def test_numpy_and_complex_scalars_scale_under_strict_promotion():
         assert scaled.as_matrix().dtype == jnp.complex64
     assert_close(lx.diagonal(operator * 1j), 1j * np.diagonal(matrix))
     assert_close(lx.tridiagonal(operator / 1j)[0], -1j * np.diagonal(matrix))
+
+
+def test_identity_from_complex_to_real_structure_keeps_the_real_part():
+    # The implicit complex-to-real cast is deprecated by JAX (a
+    # `DeprecationWarning`, an error under `filterwarnings = error`); lineax 0.1.1
+    # returned the real part.
+    complex_ = jax.ShapeDtypeStruct((2,), jnp.complex128)
+    real = jax.ShapeDtypeStruct((2,), jnp.float64)
+    vector = jnp.array([1.0 + 1.0j, 2.0 - 1.0j])
+    square = lx.IdentityLinearOperator(complex_, real)
+    assert_close(square.mv(vector), np.array([1.0, 2.0]))
+    widened = lx.IdentityLinearOperator(
+        complex_, (real, jax.ShapeDtypeStruct((), jnp.float64))
+    )
+    out = widened.mv(vector)
+    assert_close(out[0], np.array([1.0, 2.0]))
+    assert_close(out[1], np.array(0.0))
