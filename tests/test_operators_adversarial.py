@@ -206,3 +206,14 @@ def test_identity_from_complex_to_real_structure_keeps_the_real_part():
     out = widened.mv(vector)
     assert_close(out[0], np.array([1.0, 2.0]))
     assert_close(out[1], np.array(0.0))
+
+
+def test_sparse_matrix_given_to_matrix_operator_names_the_sparse_operator():
+    # `jnp.asarray` of a sparse matrix failed with "setting an array element with
+    # a sequence".
+    import scipy.sparse
+    from jax.experimental import sparse as jsparse
+
+    for matrix in (jsparse.BCOO.fromdense(jnp.eye(2)), scipy.sparse.eye(2).tocsr()):
+        with pytest.raises(TypeError, match="SparseLinearOperator"):
+            lx.MatrixLinearOperator(matrix)
