@@ -1,8 +1,9 @@
 """`AbstractLinearOperator`, and the functions that dispatch on operator type.
 
 Every operator-type-dispatching function (`materialise`, `linearise`, `diagonal`,
-`tridiagonal`, `conj` and the structure predicates) is declared here, once, with a
-default for operator classes that register nothing. Each operator's own file
+`tridiagonal`, `conj`, `scaled` (what `*`, `/` and unary `-` build) and the
+structure predicates) is declared here, once, with a default for operator classes
+that register nothing. Each operator's own file
 registers its implementations beside the class, so adding an operator touches one
 file.
 """
