@@ -217,3 +217,21 @@ def test_sparse_matrix_given_to_matrix_operator_names_the_sparse_operator():
     for matrix in (jsparse.BCOO.fromdense(jnp.eye(2)), scipy.sparse.eye(2).tocsr()):
         with pytest.raises(TypeError, match="SparseLinearOperator"):
             lx.MatrixLinearOperator(matrix)
+
+
+def test_schur_solves_scaled_and_negated_block_operators():
+    # `-block` and `2 * block` were a `NegLinearOperator` and a
+    # `MulLinearOperator`, which `lx.Schur` refused ("solves only a 2×2
+    # `lx.BlockLinearOperator`").
+    a = np.array([[3.0, 1.0], [0.5, 4.0]])
+    b, c, d = np.array([[1.0], [2.0]]), np.array([[0.5, 0.1]]), np.array([[5.0]])
+    blocks = [[a, b], [c, d]]
+    operator = lx.BlockLinearOperator(
+        [[lx.MatrixLinearOperator(jnp.asarray(x)) for x in row] for row in blocks]
+    )
+    dense = np.block(blocks)
+    vector = (jnp.ones(2), jnp.ones(1))
+    for scaled, factor in ((-operator, -1.0), (operator * jnp.array(2.0), 2.0)):
+        assert isinstance(scaled, lx.BlockLinearOperator)
+        solution = lx.linear_solve(scaled, vector, lx.Schur()).value
+        assert_close(_flat(solution), np.linalg.solve(factor * dense, np.ones(3)))
