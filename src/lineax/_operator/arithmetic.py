@@ -5,7 +5,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import numpy as np
 
 from .base import (
     AbstractLinearOperator,
@@ -28,6 +27,7 @@ from .base import (
     linearise,
     materialise,
     reads_every_leaf,
+    scaled_dtype,
     tridiagonal,
 )
 
@@ -46,12 +46,16 @@ def _check_scalar(scalar: Any) -> None:
 def _scale(tree, scalar, op):
     """Apply `op(leaf, scalar)` to each leaf, promoting dtypes explicitly (so that
     strict dtype promotion is respected, and a complex scalar is never cast to a
-    real dtype)."""
-    if isinstance(scalar, (int, float, complex)) and not isinstance(scalar, bool):
+    real dtype) and as JAX would: a weakly typed scalar keeps the leaf's precision
+    (see `scaled_dtype`)."""
+    if type(scalar) in (int, float):
+        # (A complex number promotes a real leaf, and JAX types a NumPy scalar such
+        # as `np.float64(2.0)` strongly, which strict promotion refuses implicitly:
+        # those are cast below.)
         return jtu.tree_map(lambda x: op(x, scalar), tree)
 
     def leaf(x):
-        dtype = np.promote_types(x.dtype, jnp.result_type(scalar))
+        dtype = scaled_dtype(x.dtype, scalar)
         return op(x.astype(dtype), jnp.asarray(scalar).astype(dtype))
 
     return jtu.tree_map(leaf, tree)

@@ -1,8 +1,9 @@
 """`AbstractLinearOperator`, and the functions that dispatch on operator type.
 
 Every operator-type-dispatching function (`materialise`, `linearise`, `diagonal`,
-`tridiagonal`, `conj` and the structure predicates) is declared here, once, with a
-default for operator classes that register nothing. Each operator's own file
+`tridiagonal`, `conj`, `scaled` (what `*`, `/` and unary `-` build) and the
+structure predicates) is declared here, once, with a default for operator classes
+that register nothing. Each operator's own file
 registers its implementations beside the class, so adding an operator touches one
 file.
 """
@@ -114,23 +115,19 @@ class AbstractLinearOperator(eqx.Module):
         return AddLinearOperator(self, NegLinearOperator(other))
 
     def __mul__(self, other: ArrayLike) -> "AbstractLinearOperator":
-        from .arithmetic import MulLinearOperator
-
         if isinstance(other, AbstractLinearOperator):
             raise TypeError(
                 "`*` multiplies an operator by a scalar; use `@` to compose operators."
             )
-        return MulLinearOperator(self, other)
+        return scaled(self, "mul", other)
 
     def __rmul__(self, other: ArrayLike) -> "AbstractLinearOperator":
         return self.__mul__(other)
 
     def __truediv__(self, other: ArrayLike) -> "AbstractLinearOperator":
-        from .arithmetic import DivLinearOperator
-
         if isinstance(other, AbstractLinearOperator):
             return NotImplemented
-        return DivLinearOperator(self, other)
+        return scaled(self, "div", other)
 
     def __matmul__(self, other: "AbstractLinearOperator") -> "AbstractLinearOperator":
         from .arithmetic import ComposedLinearOperator
@@ -140,9 +137,7 @@ class AbstractLinearOperator(eqx.Module):
         return ComposedLinearOperator(self, other)
 
     def __neg__(self) -> "AbstractLinearOperator":
-        from .arithmetic import NegLinearOperator
-
-        return NegLinearOperator(self)
+        return scaled(self, "neg")
 
 
 def check_structures_equal(
@@ -390,6 +385,48 @@ def tridiagonal(
         return probe_tridiagonal(operator)
     matrix = operator.as_matrix()
     return bands_of_matrix(matrix)
+
+
+@ft.singledispatch
+def scaled(
+    operator: AbstractLinearOperator, kind: str, scalar: Any = None
+) -> AbstractLinearOperator:
+    """`operator * scalar` (`kind="mul"`), `operator / scalar` (`"div"`) or
+    `-operator` (`"neg"`), as the arithmetic operators build them.
+
+    By default a [`lineax.MulLinearOperator`][], [`lineax.DivLinearOperator`][] or
+    [`lineax.NegLinearOperator`][]. An operator type whose solve exploits its
+    structure registers a result of its own type, so that scaling keeps that
+    solve (`2 * kron(A, B)` is `kron(2 * A, B)`, solved factor by factor rather
+    than densely).
+    """
+    from .arithmetic import DivLinearOperator, MulLinearOperator, NegLinearOperator
+
+    if kind == "mul":
+        return MulLinearOperator(operator, scalar)
+    if kind == "div":
+        return DivLinearOperator(operator, scalar)
+    return NegLinearOperator(operator)
+
+
+def scaled_dtype(dtype: Any, scalar: Any) -> np.dtype:
+    """The dtype of arrays of `dtype` multiplied by `scalar`, as JAX promotes it.
+
+    A Python number, or an array that was one (weakly typed, as the Python-number
+    scalar of a scaled operator becomes when the operator passes through `jax.jit`
+    or a loop carry), keeps the precision of `dtype` (`float32` times `2.0` is
+    `float32`, times `1j` is `complex64`); other arrays promote. Decided with
+    standard promotion: the callers cast explicitly, which strict promotion allows
+    (it refuses a complex number with a real array implicitly).
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        return np.dtype(jnp.result_type(dtype, scalar))
+
+
+def keeps_dtype(scalar: Any, dtype: Any) -> bool:
+    """Whether multiplying (or dividing) arrays of `dtype` by `scalar` keeps that
+    dtype (see `scaled_dtype`)."""
+    return scaled_dtype(dtype, scalar) == np.dtype(dtype)
 
 
 @ft.singledispatch

@@ -16,10 +16,13 @@ from .base import (
     has_cheap_diagonal,
     holds_values,
     is_cacheable,
+    keeps_dtype,
     linearise,
     materialise,
     reads_every_leaf,
     register_tag_predicates,
+    scaled,
+    tags_of,
 )
 
 
@@ -189,6 +192,24 @@ def _(operator):
     dtype = result_dtype(operator.in_structure(), operator.out_structure())
     return jnp.concatenate(
         [diagonal(operator.blocks[i][i]).astype(dtype) for i in range(n)]
+    )
+
+
+@scaled.register(BlockLinearOperator)
+def _(operator, kind, scalar=None):
+    # Each block scaled: a block operator still, which `lx.Schur` solves. Its tags
+    # are those the scaling keeps (the sign of the scalar decides definiteness).
+    # (Unless the scalar changes the dtype, which the structures record.)
+    default = scaled.dispatch(AbstractLinearOperator)(operator, kind, scalar)
+    dtype = result_dtype(operator.in_structure(), operator.out_structure())
+    if kind != "neg" and not keeps_dtype(scalar, dtype):
+        return default
+    return BlockLinearOperator(
+        [
+            [None if b is None else scaled(b, kind, scalar) for b in row]
+            for row in operator.blocks
+        ],
+        tags_of(default),
     )
 
 

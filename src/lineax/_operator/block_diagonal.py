@@ -28,9 +28,11 @@ from .base import (
     is_symmetric,
     is_tridiagonal,
     is_upper_triangular,
+    keeps_dtype,
     linearise,
     materialise,
     reads_every_leaf,
+    scaled,
     tridiagonal,
 )
 
@@ -271,6 +273,16 @@ def _(operator):
         jnp.concatenate(lowers),
         jnp.concatenate(uppers),
     )
+
+
+@scaled.register(BlockDiagonalLinearOperator)
+def _(operator, kind, scalar=None):
+    # Each block scaled: block diagonal still, solved block by block. (Unless the
+    # scalar changes the dtype, which the structures record.)
+    dtype = result_dtype(operator.in_structure(), operator.out_structure())
+    if kind != "neg" and not keeps_dtype(scalar, dtype):
+        return scaled.dispatch(AbstractLinearOperator)(operator, kind, scalar)
+    return operator.map_blocks(lambda block: scaled(block, kind, scalar))
 
 
 materialise.register(BlockDiagonalLinearOperator)(lambda op: op.map_blocks(materialise))

@@ -21,6 +21,27 @@ from .matrix import MatrixLinearOperator
 from .pytree import PyTreeLinearOperator
 
 
+def closure_converted(fn: Callable, closure_convert: bool, *example: Any) -> Callable:
+    """`fn` closure-converted for arguments like `example` (the arrays it closes
+    over become explicit inputs) if `closure_convert`, or if it closes over traced
+    arrays all the same.
+
+    A traced array left in a closure escapes its trace when a solve calls `fn`
+    inside the `linear_solve` primitive (the Krylov solvers, the finiteness check
+    of a failed solve), which JAX reports as "No constant handler for type
+    DynamicJaxprTracer". With `closure_convert=False` the user promises there are
+    none; converting where the promise does not hold makes it work rather than
+    fail. (lineax 0.1.1's direct solvers never called `fn` there.)
+    """
+    converted = eqx.filter_closure_convert(fn, *example)
+    if closure_convert:
+        return converted
+    consts = jtu.tree_leaves(getattr(converted, "consts", ()))
+    if any(isinstance(c, jax.core.Tracer) for c in consts):
+        return converted
+    return fn
+
+
 class FunctionLinearOperator(AbstractLinearOperator):
     """Wraps a *linear* function `fn` as a linear operator.
 
@@ -58,8 +79,7 @@ class FunctionLinearOperator(AbstractLinearOperator):
         if not callable(fn):
             raise TypeError(f"`fn` must be callable, got {type(fn).__name__}.")
         in_struct = structure_of(input_structure, "input_structure")
-        if closure_convert:
-            fn = eqx.filter_closure_convert(fn, in_struct)
+        fn = closure_converted(fn, closure_convert, in_struct)
         try:
             out_struct = eqx.filter_eval_shape(fn, in_struct)
         except Exception as e:
@@ -82,7 +102,7 @@ class FunctionLinearOperator(AbstractLinearOperator):
         return matrix_by_mv(self)
 
     def transpose(self):
-        if symmetric_tag in self.tags and not tree_is_complex(self.in_structure()):
+        if transpose_is_self(self):
             return self
         transpose_fn = jax.linear_transpose(self.fn, self.in_structure())
 
@@ -102,6 +122,19 @@ class FunctionLinearOperator(AbstractLinearOperator):
 
 
 register_tag_predicates(FunctionLinearOperator)
+
+
+def transpose_is_self(operator: Any) -> bool:
+    """Whether the transpose of an operator holding `tags` is the operator itself:
+    tagged symmetric, real, and mapping one structure to itself (a symmetric tag
+    on a map between two structures of one size says that its matrix is
+    symmetric, but its transpose still swaps the structures)."""
+    return (
+        symmetric_tag in operator.tags
+        and not tree_is_complex(operator.in_structure())
+        and strip_weak_dtype(operator.in_structure())
+        == strip_weak_dtype(operator.out_structure())
+    )
 
 
 def jacobian_operator(

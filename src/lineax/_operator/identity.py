@@ -67,14 +67,15 @@ class IdentityLinearOperator(AbstractLinearOperator):
             a.shape == b.shape
             for a, b in zip(jtu.tree_leaves(in_struct), jtu.tree_leaves(out_struct))
         ):
-            return jtu.tree_map(lambda x, s: x.astype(s.dtype), vector, out_struct)
+            return jtu.tree_map(lambda x, s: _cast(x, s.dtype), vector, out_struct)
         flat = flatten_vector(vector, result_dtype(vector))
         in_size, out_size = self.in_size(), self.out_size()
         if out_size < in_size:
             flat = flat[:out_size]
         elif out_size > in_size:
             flat = jnp.concatenate([flat, jnp.zeros(out_size - in_size, flat.dtype)])
-        return unflatten_vector(flat, out_struct, keep_dtype=True)
+        out = unflatten_vector(flat, out_struct)
+        return jtu.tree_map(lambda x, s: _cast(x, s.dtype), out, out_struct)
 
     def as_matrix(self):
         dtype = result_dtype(self.input_structure.value, self.output_structure.value)
@@ -90,6 +91,15 @@ class IdentityLinearOperator(AbstractLinearOperator):
 
     def out_structure(self):
         return self.output_structure.value
+
+
+def _cast(x: Any, dtype: Any) -> Any:
+    # From a complex to a real structure the identity keeps the real part (as
+    # lineax 0.1.1 did), taken explicitly: JAX deprecates the implicit cast (a
+    # `DeprecationWarning`, to become an error).
+    if jnp.iscomplexobj(x) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        x = jnp.real(x)
+    return x.astype(dtype)
 
 
 def _is_square(op: IdentityLinearOperator) -> bool:

@@ -13,9 +13,8 @@ from .._misc import (
     Static,
     strip_weak_dtype,
     structure_of,
-    tree_is_complex,
 )
-from .._tags import as_tags, symmetric_tag, transpose_tags
+from .._tags import as_tags, transpose_tags
 from ._arguments import check_leaf_arrays
 from .base import (
     AbstractLinearOperator,
@@ -24,7 +23,12 @@ from .base import (
     matrix_by_mv,
     register_tag_predicates,
 )
-from .function import FunctionLinearOperator, jacobian_operator
+from .function import (
+    closure_converted,
+    FunctionLinearOperator,
+    jacobian_operator,
+    transpose_is_self,
+)
 
 
 class JacobianLinearOperator(AbstractLinearOperator):
@@ -72,8 +76,7 @@ class JacobianLinearOperator(AbstractLinearOperator):
             raise TypeError(f"`fn` must be callable, got {type(fn).__name__}.")
         check_leaf_arrays(x, "x")
         x = jtu.tree_map(inexact_asarray, x)
-        if closure_convert:
-            fn = eqx.filter_closure_convert(fn, x, args)
+        fn = closure_converted(fn, closure_convert, x, args)
         out_struct = eqx.filter_eval_shape(fn, x, args)
         self.fn = fn
         self.x = x
@@ -100,7 +103,7 @@ class JacobianLinearOperator(AbstractLinearOperator):
         return matrix_by_mv(self)
 
     def transpose(self):
-        if symmetric_tag in self.tags and not tree_is_complex(self.in_structure()):
+        if transpose_is_self(self):
             return self
         tags = transpose_tags(self.tags)
         if self.jac == "fwd":

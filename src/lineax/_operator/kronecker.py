@@ -26,9 +26,11 @@ from .base import (
     is_symmetric,
     is_tridiagonal,
     is_upper_triangular,
+    keeps_dtype,
     linearise,
     materialise,
     reads_every_leaf,
+    scaled,
     unflatten_vector,
 )
 
@@ -193,6 +195,16 @@ def _(operator):
     for op in operator.operators[1:]:
         out = jnp.kron(out, diagonal(op))
     return out
+
+
+@scaled.register(KroneckerLinearOperator)
+def _(operator, kind, scalar=None):
+    # `s (A ⊗ B) = (s A) ⊗ B`: a Kronecker product still, solved factor by factor.
+    # (Unless the scalar changes the dtype, which the factors must share.)
+    if kind != "neg" and not keeps_dtype(scalar, operator._dtype()):
+        return scaled.dispatch(AbstractLinearOperator)(operator, kind, scalar)
+    first, *rest = operator.operators
+    return KroneckerLinearOperator(scaled(first, kind, scalar), *rest)
 
 
 @materialise.register(KroneckerLinearOperator)

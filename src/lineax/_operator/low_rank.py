@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from .._misc import describe, strip_weak_dtype
+from .._misc import describe, result_dtype, strip_weak_dtype
 from .._tags import as_tags, transpose_tags
 from ._arguments import check_not_sequence
 from .base import (
@@ -18,10 +18,13 @@ from .base import (
     has_cheap_diagonal,
     holds_values,
     is_cacheable,
+    keeps_dtype,
     linearise,
     materialise,
     reads_every_leaf,
     register_tag_predicates,
+    scaled,
+    tags_of,
 )
 from .matrix import MatrixLinearOperator
 
@@ -176,6 +179,25 @@ def _(operator):
     )
     update = jnp.sum(uc * operator.v.as_matrix().T, axis=1)
     return diagonal(operator.operator) + update
+
+
+@scaled.register(LowRankUpdateLinearOperator)
+def _(operator, kind, scalar=None):
+    # `s (A + U C V) = (s A) + U (s C) V`: a low-rank update still, solved by the
+    # Woodbury identity. Its tags are those the scaling keeps (the sign of the
+    # scalar decides definiteness). (Unless the scalar changes the dtype, which
+    # the four parts must share.)
+    default = scaled.dispatch(AbstractLinearOperator)(operator, kind, scalar)
+    dtype = result_dtype(operator.in_structure(), operator.out_structure())
+    if kind != "neg" and not keeps_dtype(scalar, dtype):
+        return default
+    return LowRankUpdateLinearOperator(
+        scaled(operator.operator, kind, scalar),
+        operator.u,
+        scaled(operator.c, kind, scalar),
+        operator.v,
+        tags_of(default),
+    )
 
 
 materialise.register(LowRankUpdateLinearOperator)(lambda op: _map(materialise, op))

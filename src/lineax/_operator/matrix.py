@@ -5,6 +5,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.experimental import sparse as jsparse
 from jaxtyping import Array, Inexact
 
 from .._misc import inexact_asarray
@@ -41,6 +42,12 @@ class MatrixLinearOperator(AbstractLinearOperator):
 
     def __init__(self, matrix: Any, tags: Any = ()):
         check_not_sequence(matrix, "matrix")
+        if _is_sparse(matrix):
+            raise TypeError(
+                f"`matrix` is a sparse matrix ({type(matrix).__name__}): wrap it in "
+                "`lx.SparseLinearOperator(matrix)`, or densify it first (e.g. "
+                "`matrix.todense()`)."
+            )
         if not hasattr(matrix, "shape"):
             raise TypeError(
                 f"`matrix` must be a 2-D array, got {type(matrix).__name__}."
@@ -68,6 +75,13 @@ class MatrixLinearOperator(AbstractLinearOperator):
 
     def out_structure(self):
         return jax.ShapeDtypeStruct((self.matrix.shape[0],), self.matrix.dtype)
+
+
+def _is_sparse(matrix: Any) -> bool:
+    # (`jnp.asarray` of one fails with "setting an array element with a sequence".)
+    if isinstance(matrix, jsparse.JAXSparse):
+        return True
+    return type(matrix).__module__.startswith("scipy.sparse")
 
 
 register_tag_predicates(MatrixLinearOperator)
