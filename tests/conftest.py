@@ -18,20 +18,29 @@ import tempfile
 
 # XLA:CPU's LLVM backend optimises each compiled kernel; at level 0 it skips most of
 # that work. The suite compiles thousands of small programs and runs each only a few
-# times: this cuts the large files' CPU time by 13-21% (XLA compiling dominates). It
-# changes only how LLVM turns kernels into machine code, not the HLO program (the
-# compile-size guard and the precision guard read that, and are unaffected). Set
-# here, before JAX starts its backend, so that the subprocesses the tests start
-# inherit it; a value the user set in `XLA_FLAGS` wins. `tests/test_examples.py`
-# removes it again: the examples run at XLA's default optimisation, as users' code
-# does.
+# times: this cuts the large files' CPU time by 13-21% (XLA compiling dominates).
+# XLA:CPU's MLIR fusion emitters (`xla_cpu_use_fusion_emitters`, the default) cost
+# about 2.5x the compile time of the older elemental emitters that the flag falls
+# back to: 33 -> 17 ms for a one-line program (each eager operation of a new shape
+# is one), 5.4 -> 2.2 s for the reverse-mode FGMRES, LSMR and LU solves of an 8x8
+# matrix, with bitwise-equal results there; the tests' CPU time (the same 770
+# tests, in the pytest processes) 714 -> 400 s. Both flags change only how XLA
+# turns the HLO program into machine code, not the program (the compile-size
+# guard and the precision guard read that, and are unaffected). Set here, before
+# JAX starts its backend, so that the subprocesses the tests start inherit them; a
+# value the user set in `XLA_FLAGS` wins. `tests/test_examples.py` removes them
+# again: the examples run at XLA's defaults, as users' code does (the one place in
+# the default run compiled with full LLVM optimisation and the fusion emitters).
 # The flags added here travel to pytest-xdist's workers in this environment variable.
 _ADDED_XLA_FLAGS_ENV = "LINEAX_TEST_ADDED_XLA_FLAGS"
 if _ADDED_XLA_FLAGS_ENV not in os.environ:
     _user_flags = os.environ.get("XLA_FLAGS", "")
     _added = [
         flag
-        for flag in ("--xla_backend_optimization_level=0",)
+        for flag in (
+            "--xla_backend_optimization_level=0",
+            "--xla_cpu_use_fusion_emitters=false",
+        )
         if flag.split("=")[0] not in _user_flags
     ]
     os.environ["XLA_FLAGS"] = " ".join([_user_flags, *_added]).strip()
@@ -156,45 +165,48 @@ def _free_compiled_code():
     gc.collect()
 
 
-# Each test file's CPU seconds in the default run (`-n 0`, one file per process, on
-# the 2-core machine; files not measured since the level-0 flag above are scaled by
-# the change measured on the others; only the order matters). Two pytest-xdist
-# workers take whole files from a queue (`--dist loadfile --no-loadscope-reorder`):
-# handing out the longest files first lets both finish within about the shortest
-# file of each other, where an unlucky order leaves one core idle for the last long
-# file. A file missing here counts as `_DEFAULT_FILE_SECONDS`.
+# Each test file's CPU seconds in the default run (on the 2-core machine, summed
+# over its tests by a timing plugin; for the files that run a subprocess, that
+# process's time, estimated from the wall time; only the order matters). Two
+# pytest-xdist workers take whole files from a queue (`--dist loadfile
+# --no-loadscope-reorder`): handing out the longest files first lets both finish
+# within about the shortest file of each other, where an unlucky order leaves one
+# core idle for the last long file. A file missing here counts as
+# `_DEFAULT_FILE_SECONDS`.
 _FILE_SECONDS = {
-    "test_examples.py": 67,
-    "test_structured.py": 62,
-    "test_krylov.py": 59,
-    "test_preconditioners.py": 58,
-    "test_operators.py": 58,
-    "test_sharded.py": 55,
-    "test_solve.py": 48,
-    "test_incomplete.py": 47,
-    "test_jvp.py": 46,
-    "test_flexible.py": 37,
-    "test_krylov_stats.py": 34,
-    "test_user_inputs.py": 32,
-    "test_clients.py": 31,
-    "test_krylov_termination.py": 29,
-    "test_vmap_transpose.py": 27,
-    "test_throw.py": 26,
-    "test_direct_results.py": 24,
-    "test_scaling.py": 19,
-    "test_properties.py": 17,
-    "test_pipelined_cg.py": 15,
-    "test_properties_user_inputs.py": 14,
-    "test_compile_guard.py": 12,
-    "test_internal.py": 12,
-    "test_eager.py": 11,
-    "test_predicates.py": 10,
-    "test_errors.py": 10,
-    "test_docs_names.py": 9,
-    "test_krylov_scale.py": 7,
-    "test_precision.py": 7,
+    "test_examples.py": 67,  # a subprocess at XLA's default flags
+    "test_operators.py": 59,
+    "test_structured.py": 54,
+    "test_preconditioners.py": 47,
+    "test_sharded.py": 40,  # a subprocess
+    "test_krylov.py": 39,
+    "test_incomplete.py": 33,
+    "test_jvp.py": 29,
+    "test_solve.py": 27,
+    "test_user_inputs.py": 23,
+    "test_krylov_stats.py": 23,
+    "test_flexible.py": 21,
+    "test_clients.py": 21,
+    "test_krylov_termination.py": 20,  # a subprocess
+    "test_docs_names.py": 15,  # a subprocess (mkdocs)
+    "test_direct_results.py": 14,
+    "test_vmap_transpose.py": 13,
+    "test_throw.py": 12,
+    "test_pipelined_cg.py": 8,
+    "test_docs_snippets.py": 8,  # a subprocess
+    "test_properties.py": 7,
+    "test_internal.py": 6,
+    "test_predicates.py": 5,
+    "test_compile_guard.py": 5,
+    "test_properties_user_inputs.py": 5,
+    "test_scaling.py": 4,
+    "test_eager.py": 4,
+    "test_errors.py": 3,
+    "test_precision.py": 3,
+    "test_krylov_scale.py": 2,
+    "test_krylov_kernels.py": 2,
 }
-_DEFAULT_FILE_SECONDS = 20
+_DEFAULT_FILE_SECONDS = 10
 
 
 def _longest_files_first(items):

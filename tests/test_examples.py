@@ -63,8 +63,9 @@ def example_reports(tmp_path_factory) -> dict:
         [lineax_parent, *filter(None, [env.get("PYTHONPATH")])]
     )
     env.setdefault("JAX_PLATFORMS", "cpu")
-    # At XLA's default optimisation, as users run them: the one place in the default
-    # run whose kernels LLVM optimises fully (see `ADDED_XLA_FLAGS` in conftest.py).
+    # At XLA's defaults, as users run them: the one place in the default run whose
+    # kernels LLVM optimises fully and XLA's fusion emitters generate (see
+    # `ADDED_XLA_FLAGS` in conftest.py).
     flags = [f for f in env.get("XLA_FLAGS", "").split() if f not in ADDED_XLA_FLAGS]
     env["XLA_FLAGS"] = " ".join([*flags, "--xla_force_host_platform_device_count=8"])
     env["PYTHONWARNINGS"] = "default"
