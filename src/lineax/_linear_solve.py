@@ -11,19 +11,13 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree
 
-from ._misc import describe, is_inexact_array
+from ._misc import describe, is_inexact_array, no_active_trace
 from ._operator.base import AbstractLinearOperator, is_cacheable, reads_every_leaf
 from ._operator.function import FunctionLinearOperator
 from ._primitive import bind, host_result_code, primal_failure_message
 from ._solution import Solution
 from ._solver.auto import AutoLinearSolver
 from ._solver.base import AbstractLinearSolver, declared_option_keys, inverse_tags
-
-
-try:
-    from jax._src.core import trace_state_clean as _trace_state_clean
-except ImportError:  # pragma: no cover - a future JAX; see `_no_active_trace`
-    _trace_state_clean = None
 
 
 _sentinel: Any = eqx.internal.doc_repr(object(), "sentinel")
@@ -227,7 +221,7 @@ def linear_solve(
     """
     if not isinstance(throw, bool):
         raise TypeError(f"`throw` must be a bool, got {type(throw).__name__}.")
-    if state is _sentinel and not options and _no_active_trace():
+    if state is _sentinel and not options and no_active_trace():
         # Called outside of every JAX transformation: run one cached compiled
         # function instead of dispatching every operation eagerly (about 100x
         # faster for small problems). Trace-time checks still run, on the first
@@ -338,21 +332,6 @@ def _compiled_linear_solve(operator, treedef, solver):
 
     _COMPILED[key] = compiled
     return compiled
-
-
-def _no_active_trace() -> bool:
-    """Whether this is plain eager Python, outside every JAX transformation.
-
-    Tracer-free inputs do not show that: a constant operator and vector closed
-    over inside `jax.jit`, `lax.scan`/`cond`/`while_loop`, `vmap`, `grad`,
-    `jax.checkpoint` or a `custom_jvp` rule are concrete arrays, but the solve is
-    being traced, so its result code cannot be read on the host. JAX (since its
-    "stackless" tracing, 0.4.36) keeps the current trace in a context variable;
-    `trace_state_clean()` is true exactly when that is the eval trace and no named
-    axis is bound -- the test `jax.jit` itself makes before its C++ fast path.
-    There is no public equivalent; without it, the always-correct traced path.
-    """
-    return _trace_state_clean is not None and bool(_trace_state_clean())
 
 
 # The types of leaf that are concrete arrays (JAX arrays that are not tracers,

@@ -12,6 +12,28 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree
 
 
+try:
+    from jax._src.core import trace_state_clean as _trace_state_clean
+except ImportError:  # pragma: no cover - a future JAX; see `no_active_trace`
+    _trace_state_clean = None
+
+
+def no_active_trace() -> bool:
+    """Whether this is plain eager Python, outside every JAX transformation.
+
+    Tracer-free inputs do not show that: a constant operator and vector closed
+    over inside `jax.jit`, `lax.scan`/`cond`/`while_loop`, `vmap`, `grad`,
+    `jax.checkpoint` or a `custom_jvp` rule are concrete arrays, but the solve is
+    being traced, so its result code cannot be read on the host. JAX (since its
+    "stackless" tracing, 0.4.36) keeps the current trace in a context variable;
+    `trace_state_clean()` is true exactly when that is the eval trace and no named
+    axis is bound -- the test `jax.jit` itself makes before its C++ fast path.
+    There is no public equivalent; without it, `False`: the answer that is always
+    safe (the traced path of a solve, a closure conversion of a function).
+    """
+    return _trace_state_clean is not None and bool(_trace_state_clean())
+
+
 def default_floating_dtype() -> Any:
     """The floating dtype JAX uses by default: float64 if x64 is enabled, else
     float32."""

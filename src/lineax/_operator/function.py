@@ -5,13 +5,18 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax._src.core as jax_core_internal  # (see `_under_a_transformation`)
 import jax.core
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import PyTree
 
-from .._misc import Static, strip_weak_dtype, structure_of, tree_is_complex
+from .._misc import (
+    no_active_trace,
+    Static,
+    strip_weak_dtype,
+    structure_of,
+    tree_is_complex,
+)
 from .._tags import as_tags, symmetric_tag, transpose_tags
 from .base import (
     AbstractLinearOperator,
@@ -21,14 +26,6 @@ from .base import (
 )
 from .matrix import MatrixLinearOperator
 from .pytree import PyTreeLinearOperator
-
-
-def _under_a_transformation() -> bool:
-    """Whether some JAX transformation (`jit`, `vmap`, `grad`, ...) is being
-    traced. JAX has no public test; where its private one is missing, assume so
-    (the safe answer: `fn` is traced once more)."""
-    clean = getattr(jax_core_internal, "trace_state_clean", None)
-    return True if clean is None else not clean()
 
 
 def closure_converted(fn: Callable, closure_convert: bool, *example: Any) -> Callable:
@@ -43,7 +40,7 @@ def closure_converted(fn: Callable, closure_convert: bool, *example: Any) -> Cal
     none; converting where the promise does not hold makes it work rather than
     fail. (lineax 0.1.1's direct solvers never called `fn` there.)
     """
-    if not closure_convert and not _under_a_transformation():
+    if not closure_convert and no_active_trace():
         # Outside every transformation there is no live tracer to close over: no
         # trace of `fn` (which the flag exists to avoid; about 0.7 ms a call).
         return fn
