@@ -614,6 +614,13 @@ def result_of(
     return RESULTS.where(converged, RESULTS.successful, result)
 
 
+def first_pass_factor(rtol: float, eps: float) -> float:
+    """The factor of the first pass's target (`adapted_tolerance`) where the initial
+    residual already meets the tolerance: the estimate is to fall by `rtol` (at
+    most 1, at least the dtype's `eps`). See `iterate`."""
+    return max(min(rtol, 1.0), eps)
+
+
 def adapted_tolerance(
     estimate: Array, true_norm: Array, tol: Array, factor: Array
 ) -> Array:
@@ -1057,8 +1064,8 @@ def iterate(
     # `docs/iterative.md`). lineax 0.1.1 ran a whole GMRES cycle there. (Success is
     # still decided by `tol`; a pass that ends above it continues as any other,
     # with `factor` recovering as usual.)
-    first_factor = max(min(solver.rtol, 1.0), p.eps)
-    factor = jnp.where(rnorm <= tol, first_factor, 1).astype(p.rdtype)
+    factor = jnp.where(rnorm <= tol, first_pass_factor(solver.rtol, p.eps), 1)
+    factor = factor.astype(p.rdtype)
     book = _Book(
         rnorm,
         tol,

@@ -15,6 +15,7 @@ from ._krylov import (
     apply,
     check_square_krylov,
     counts_exactly,
+    first_pass_factor,
     iterate,
     Iteration,
     KrylovState,
@@ -124,6 +125,17 @@ class BiCGStab(AbstractKrylovSolver):
         two = self.norm is two_norm
         tiny = (eps * eps) * jnp.real(tree_dot(problem.vector, problem.vector))
 
+        # The half-step test's threshold: `tol`, or, where the initial residual
+        # already meets it, the relative target of `iterate`'s first pass (see
+        # there). With `tol` the first half step met it, the step ended the pass and
+        # the solve after one step (Newton near its root, whose right-hand side is
+        # below the solver's `atol`, then stalled, as it did with GMRES).
+        r0_norm = jnp.sqrt(jnp.real(tree_dot(problem.r0, problem.r0)))
+        if not two:
+            r0_norm = problem.norm(problem.r0)
+        first = first_pass_factor(self.rtol, eps)
+        half_tol = jnp.where(r0_norm <= tol, first * r0_norm, tol)
+
         def small(value, xx, yy):
             # |<x, y>| <= eps |x| |y|, in squares (from the squared norms the step
             # has anyway): a scale-invariant "numerically zero". No square root:
@@ -163,7 +175,7 @@ class BiCGStab(AbstractKrylovSolver):
             # is not finite). The step is then dropped (`x` and `r` kept) and the
             # iteration restarts. (A sigma of exactly 0 gives alpha = 0.)
             bad_sigma = zero | small(rho, shadow_nn, ss)
-            half_done = (ss <= tol * tol) if two else (problem.norm(s) <= tol)
+            half_done = (ss <= half_tol**2) if two else (problem.norm(s) <= half_tol)
             bad_omega = small(ts, tt, ss)
             # (A `<t, t>` of 0 is a bad omega.)
             no_omega = bad_omega | half_done | bad_sigma
