@@ -10,6 +10,7 @@ file.
 
 import abc
 import functools as ft
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -427,6 +428,40 @@ def keeps_dtype(scalar: Any, dtype: Any) -> bool:
     """Whether multiplying (or dividing) arrays of `dtype` by `scalar` keeps that
     dtype (see `scaled_dtype`)."""
     return scaled_dtype(dtype, scalar) == np.dtype(dtype)
+
+
+def scaled_wrapper(
+    operator: AbstractLinearOperator, kind: str, scalar: Any = None
+) -> AbstractLinearOperator:
+    """What `scaled` builds by default: the scaling as a wrapper around `operator`."""
+    return scaled.dispatch(AbstractLinearOperator)(operator, kind, scalar)
+
+
+def scaled_tags(operator: AbstractLinearOperator, kind: str, scalar: Any = None):
+    """The tags of `operator` that the scaling keeps (the sign of the scalar
+    decides definiteness): those of the default wrapper."""
+    return tags_of(scaled_wrapper(operator, kind, scalar))
+
+
+def register_scaled(cls: type) -> Callable:
+    """Decorator: register `fn(operator, kind, scalar)` as `scaled` for the
+    structured operator class `cls`, where it builds an operator of that structure.
+    It is called only where the scalar keeps the operator's dtype; otherwise (a
+    complex scalar on a real operator) the result is the default wrapper, as the
+    parts of a structured operator record and share their dtype."""
+
+    def register(fn: Callable) -> Callable:
+        @scaled.register(cls)
+        def _(operator, kind, scalar=None):
+            if kind != "neg":
+                dtype = result_dtype(operator.in_structure(), operator.out_structure())
+                if not keeps_dtype(scalar, dtype):
+                    return scaled_wrapper(operator, kind, scalar)
+            return fn(operator, kind, scalar)
+
+        return fn
+
+    return register
 
 
 @ft.singledispatch

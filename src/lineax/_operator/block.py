@@ -16,13 +16,13 @@ from .base import (
     has_cheap_diagonal,
     holds_values,
     is_cacheable,
-    keeps_dtype,
     linearise,
     materialise,
     reads_every_leaf,
+    register_scaled,
     register_tag_predicates,
     scaled,
-    tags_of,
+    scaled_tags,
 )
 
 
@@ -195,21 +195,15 @@ def _(operator):
     )
 
 
-@scaled.register(BlockLinearOperator)
+@register_scaled(BlockLinearOperator)
 def _(operator, kind, scalar=None):
-    # Each block scaled: a block operator still, which `lx.Schur` solves. Its tags
-    # are those the scaling keeps (the sign of the scalar decides definiteness).
-    # (Unless the scalar changes the dtype, which the structures record.)
-    default = scaled.dispatch(AbstractLinearOperator)(operator, kind, scalar)
-    dtype = result_dtype(operator.in_structure(), operator.out_structure())
-    if kind != "neg" and not keeps_dtype(scalar, dtype):
-        return default
+    # Each block scaled: a block operator still, which `lx.Schur` solves.
     return BlockLinearOperator(
         [
             [None if b is None else scaled(b, kind, scalar) for b in row]
             for row in operator.blocks
         ],
-        tags_of(default),
+        scaled_tags(operator, kind, scalar),
     )
 
 

@@ -28,10 +28,10 @@ from .base import (
     is_symmetric,
     is_tridiagonal,
     is_upper_triangular,
-    keeps_dtype,
     linearise,
     materialise,
     reads_every_leaf,
+    register_scaled,
     scaled,
     tridiagonal,
 )
@@ -275,13 +275,9 @@ def _(operator):
     )
 
 
-@scaled.register(BlockDiagonalLinearOperator)
+@register_scaled(BlockDiagonalLinearOperator)
 def _(operator, kind, scalar=None):
-    # Each block scaled: block diagonal still, solved block by block. (Unless the
-    # scalar changes the dtype, which the structures record.)
-    dtype = result_dtype(operator.in_structure(), operator.out_structure())
-    if kind != "neg" and not keeps_dtype(scalar, dtype):
-        return scaled.dispatch(AbstractLinearOperator)(operator, kind, scalar)
+    # Each block scaled: block diagonal still, solved block by block.
     return operator.map_blocks(lambda block: scaled(block, kind, scalar))
 
 

@@ -26,10 +26,10 @@ from .base import (
     is_symmetric,
     is_tridiagonal,
     is_upper_triangular,
-    keeps_dtype,
     linearise,
     materialise,
     reads_every_leaf,
+    register_scaled,
     scaled,
     unflatten_vector,
 )
@@ -197,12 +197,9 @@ def _(operator):
     return out
 
 
-@scaled.register(KroneckerLinearOperator)
+@register_scaled(KroneckerLinearOperator)
 def _(operator, kind, scalar=None):
     # `s (A ⊗ B) = (s A) ⊗ B`: a Kronecker product still, solved factor by factor.
-    # (Unless the scalar changes the dtype, which the factors must share.)
-    if kind != "neg" and not keeps_dtype(scalar, operator._dtype()):
-        return scaled.dispatch(AbstractLinearOperator)(operator, kind, scalar)
     first, *rest = operator.operators
     return KroneckerLinearOperator(scaled(first, kind, scalar), *rest)
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from .._misc import describe, result_dtype, strip_weak_dtype
+from .._misc import describe, strip_weak_dtype
 from .._tags import as_tags, transpose_tags
 from ._arguments import check_not_sequence
 from .base import (
@@ -18,13 +18,13 @@ from .base import (
     has_cheap_diagonal,
     holds_values,
     is_cacheable,
-    keeps_dtype,
     linearise,
     materialise,
     reads_every_leaf,
+    register_scaled,
     register_tag_predicates,
     scaled,
-    tags_of,
+    scaled_tags,
 )
 from .matrix import MatrixLinearOperator
 
@@ -181,22 +181,16 @@ def _(operator):
     return diagonal(operator.operator) + update
 
 
-@scaled.register(LowRankUpdateLinearOperator)
+@register_scaled(LowRankUpdateLinearOperator)
 def _(operator, kind, scalar=None):
     # `s (A + U C V) = (s A) + U (s C) V`: a low-rank update still, solved by the
-    # Woodbury identity. Its tags are those the scaling keeps (the sign of the
-    # scalar decides definiteness). (Unless the scalar changes the dtype, which
-    # the four parts must share.)
-    default = scaled.dispatch(AbstractLinearOperator)(operator, kind, scalar)
-    dtype = result_dtype(operator.in_structure(), operator.out_structure())
-    if kind != "neg" and not keeps_dtype(scalar, dtype):
-        return default
+    # Woodbury identity.
     return LowRankUpdateLinearOperator(
         scaled(operator.operator, kind, scalar),
         operator.u,
         scaled(operator.c, kind, scalar),
         operator.v,
-        tags_of(default),
+        scaled_tags(operator, kind, scalar),
     )
 
 
