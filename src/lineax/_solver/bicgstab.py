@@ -125,17 +125,6 @@ class BiCGStab(AbstractKrylovSolver):
         two = self.norm is two_norm
         tiny = (eps * eps) * jnp.real(tree_dot(problem.vector, problem.vector))
 
-        # The half-step test's threshold: `tol`, or, where the initial residual
-        # already meets it, the relative target of `iterate`'s first pass (see
-        # there). With `tol` the first half step met it, the step ended the pass and
-        # the solve after one step (Newton near its root, whose right-hand side is
-        # below the solver's `atol`, then stalled, as it did with GMRES).
-        r0_norm = jnp.sqrt(jnp.real(tree_dot(problem.r0, problem.r0)))
-        if not two:
-            r0_norm = problem.norm(problem.r0)
-        first = first_pass_factor(self.rtol, eps)
-        half_tol = jnp.where(r0_norm <= tol, first * r0_norm, tol)
-
         def small(value, xx, yy):
             # |<x, y>| <= eps |x| |y|, in squares (from the squared norms the step
             # has anyway): a scale-invariant "numerically zero". No square root:
@@ -262,6 +251,14 @@ class BiCGStab(AbstractKrylovSolver):
         )
         rnorm = estimate(carry)
         rnorm = jnp.sqrt(rnorm) if two else rnorm
+        # The half-step test's threshold (read by `step`, traced by `iterate`):
+        # `tol`, or, where the initial residual already meets it, the relative
+        # target of `iterate`'s first pass (see there). With `tol` the first half
+        # step met it, the step ended the pass and the solve after one step (Newton
+        # near its root, whose right-hand side is below the solver's `atol`, then
+        # stalled, as it did with GMRES).
+        first = first_pass_factor(self.rtol, eps)
+        half_tol = jnp.where(rnorm <= tol, first * rnorm, tol)
         return iterate(self, problem, method, carry, rnorm=rnorm)
 
 
