@@ -6,6 +6,7 @@ import equinox as eqx
 import jax
 import jax.core
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, PRNGKeyArray, Scalar
 
 from .._misc import Static
@@ -77,7 +78,9 @@ class NeumannPreconditioner(AbstractPolynomialPreconditioner):
             )
             scale = 1 / (hi if positive else lo)
         elif not isinstance(scale, jax.core.Tracer):
-            value = complex(jnp.asarray(scale))
+            # NumPy, not `jnp`: under `jit` a `jnp` array of a Python float is
+            # traced, and `complex` of it fails.
+            value = complex(np.asarray(scale))
             if value == 0 or (positive and value.real <= 0):
                 raise ValueError(
                     "`scale` must be nonzero, and positive for a positive definite "

@@ -8,6 +8,7 @@ import jax
 import jax.core
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
+import numpy as np
 from jaxtyping import Array, Inexact, Scalar
 
 from .._misc import result_dtype, Static
@@ -68,7 +69,9 @@ class SSORPreconditioner(AbstractPreconditioner):
                 "use a polynomial preconditioner instead."
             )
         if not isinstance(omega, jax.core.Tracer):
-            value = float(jnp.real(jnp.asarray(omega)))
+            # NumPy, not `jnp`: under `jit` a `jnp` array of a Python float is
+            # traced, and `float` of it fails.
+            value = float(np.real(np.asarray(omega)))
             if not 0 < value < 2:
                 raise ValueError(f"`omega` must lie in (0, 2), got {omega!r}.")
         dtype = result_dtype(operator.in_structure(), operator.out_structure())
