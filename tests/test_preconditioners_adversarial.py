@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.sparse
+from jax.experimental import sparse as jsparse
 
 import lineax as lx
 
@@ -49,3 +51,47 @@ def test_bad_python_number_parameters_are_named_errors_inside_jit():
         jax.jit(lambda o: lx.SSORPreconditioner(o, 2.5).mv(jnp.ones(4)))(op)
     with pytest.raises(ValueError, match="scale"):
         jax.jit(lambda o: lx.NeumannPreconditioner(o, 2, -1.0).mv(jnp.ones(4)))(op)
+
+
+#
+# SciPy matrices and NumPy index arrays inside `jit`.
+#
+
+
+def _poisson_1d_scipy(n: int) -> scipy.sparse.csr_matrix:
+    return scipy.sparse.diags([-1.0, 2.5, -1.0], [-1, 0, 1], shape=(n, n)).tocsr()
+
+
+def test_scipy_matrix_inside_jit_keeps_its_pattern():
+    # `BCSR.from_scipy_sparse` inside `jit` gave traced index arrays: the
+    # incomplete factorisations refused the operator (ValueError, "index arrays
+    # must be concrete") and `mv` lost its banded layout.
+    matrix = _poisson_1d_scipy(6)
+    b = jnp.arange(1.0, 7.0)
+    solver = lx.CG(rtol=1e-12, atol=1e-12, max_steps=20)
+
+    def solve(b):
+        op = lx.SparseLinearOperator(matrix, lx.positive_semidefinite_tag)
+        assert op._diagonal_slots is not None
+        precond = lx.IncompleteCholeskyPreconditioner(op)
+        ilu = lx.ILUPreconditioner(op)
+        options = {"preconditioner": precond}
+        return lx.linear_solve(op, b, solver, options=options).value, ilu.mv(b)
+
+    x, y = jax.jit(solve)(b)
+    want = np.linalg.solve(matrix.toarray(), np.asarray(b))
+    np.testing.assert_allclose(x, want, rtol=1e-12)
+    # A tridiagonal matrix's ILU(0) is its exact LU.
+    np.testing.assert_allclose(y, want, rtol=1e-12)
+
+
+def test_numpy_indices_traced_inside_jit_is_a_named_error():
+    matrix = _poisson_1d_scipy(5).tocoo()
+    indices = np.stack([matrix.row, matrix.col], axis=1)
+
+    def build(data):
+        bcoo = jsparse.BCOO((data, indices), shape=matrix.shape)
+        return lx.ILUPreconditioner(lx.SparseLinearOperator(bcoo)).mv(jnp.ones(5))
+
+    with pytest.raises(ValueError, match="ensure_compile_time_eval"):
+        jax.jit(build)(matrix.data)

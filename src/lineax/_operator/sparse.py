@@ -41,7 +41,11 @@ def _to_jax_sparse(matrix: Any) -> jsparse.BCOO | jsparse.BCSR:
     except ImportError:  # pragma: no cover - scipy is a dependency of jax
         scipy = None
     if scipy is not None and scipy.sparse.issparse(matrix):
-        return jsparse.BCSR.from_scipy_sparse(matrix.tocsr())
+        # A SciPy matrix is concrete: keep it so inside `jit` too (where `jnp`
+        # arrays made from NumPy ones are traced), so that the banded layout of
+        # `mv` and the incomplete factorisations can read its pattern.
+        with jax.ensure_compile_time_eval():
+            return jsparse.BCSR.from_scipy_sparse(matrix.tocsr())
     raise TypeError(
         "`matrix` must be a `jax.experimental.sparse.BCOO` or `BCSR` matrix, or a "
         f"`scipy.sparse` matrix, got {type(matrix).__name__}. For a dense array use "

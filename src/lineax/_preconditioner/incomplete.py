@@ -92,7 +92,10 @@ def _concrete(array: Any, who: str) -> np.ndarray:
             "when it is built, so the sparse matrix's index arrays must be concrete "
             "(not traced). Build the `lx.SparseLinearOperator` from index arrays "
             "closed over by the jitted function (only its values traced), or build "
-            "the preconditioner outside `jit` and pass it in."
+            "the preconditioner outside `jit` and pass it in. (NumPy index arrays "
+            "given to `BCOO`/`BCSR` inside `jit` are traced too: convert them with "
+            "`jnp.asarray` outside `jit`, or build the matrix inside `with "
+            "jax.ensure_compile_time_eval():`.)"
         )
     return np.asarray(array)
 
