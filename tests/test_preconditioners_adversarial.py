@@ -95,3 +95,32 @@ def test_numpy_indices_traced_inside_jit_is_a_named_error():
 
     with pytest.raises(ValueError, match="ensure_compile_time_eval"):
         jax.jit(build)(matrix.data)
+
+
+#
+# NumPy vectors.
+#
+
+
+def test_preconditioners_apply_to_numpy_vectors():
+    # `mv` of a NumPy vector (what a user has at hand) failed the library's own
+    # type check (`apply_flat` annotated its vector as JAX arrays only), while
+    # every other operator's `mv` accepts it.
+    matrix = _spd(4)
+    op = lx.MatrixLinearOperator(jnp.asarray(matrix), lx.positive_semidefinite_tag)
+    sparse = lx.SparseLinearOperator(
+        scipy.sparse.csr_matrix(matrix), lx.positive_semidefinite_tag
+    )
+    vector = np.arange(1.0, 5.0)
+    for precond in [
+        lx.JacobiPreconditioner(op),
+        lx.BlockJacobiPreconditioner(op, 2),
+        lx.SSORPreconditioner(op),
+        lx.ChebyshevPreconditioner(op, 2),
+        lx.NeumannPreconditioner(op, 2),
+        lx.ILUPreconditioner(sparse),
+        lx.IncompleteCholeskyPreconditioner(sparse),
+    ]:
+        np.testing.assert_allclose(
+            precond.mv(vector), precond.mv(jnp.asarray(vector)), rtol=1e-15
+        )

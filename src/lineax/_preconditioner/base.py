@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jaxtyping import Array, PRNGKeyArray, PyTree
+from jaxtyping import Array, ArrayLike, PRNGKeyArray, PyTree
 
 from .._misc import result_dtype, Static
 from .._operator.base import (
@@ -252,7 +252,7 @@ def flat_mv(operator: AbstractLinearOperator) -> Callable[[Array], Array]:
 
 def apply_flat(
     fn: Callable[[Array], Array],
-    vector: PyTree[Array],
+    vector: PyTree[ArrayLike],
     out_struct: PyTree[jax.ShapeDtypeStruct],
 ) -> PyTree[Array]:
     """Apply `fn`, a map of flat vectors, to a PyTree vector, giving a PyTree vector
