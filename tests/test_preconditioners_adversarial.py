@@ -124,3 +124,102 @@ def test_preconditioners_apply_to_numpy_vectors():
         np.testing.assert_allclose(
             precond.mv(vector), precond.mv(jnp.asarray(vector)), rtol=1e-15
         )
+
+
+#
+# The transpose and conjugate of a sparse operator inside `jit`.
+#
+
+
+def _awkward_sparse(fmt: str):
+    """A 4×6 complex matrix stored with unsorted entries, a duplicate and padding
+    slots; its dense value."""
+    rows = np.array([2, 0, 3, 0, 1, 2, 0])
+    cols = np.array([5, 1, 0, 4, 1, 2, 1])
+    data = np.arange(1.0, 8.0) + 1j * np.arange(7.0, 0.0, -1.0)
+    dense = np.zeros((4, 6), complex)
+    np.add.at(dense, (rows, cols), data)
+    coo = jsparse.BCOO(
+        (jnp.asarray(data), jnp.asarray(np.stack([rows, cols], 1), jnp.int32)),
+        shape=(4, 6),
+    )
+    if fmt == "bcsr":
+        coo = coo.sort_indices()
+        matrix = jsparse.BCSR.from_bcoo(coo)
+        # Two padding slots past indptr[-1].
+        matrix = jsparse.BCSR(
+            (
+                jnp.concatenate([matrix.data, jnp.array([9.0j, 9.0j])]),
+                jnp.concatenate([matrix.indices, jnp.array([0, 0], jnp.int32)]),
+                matrix.indptr,
+            ),
+            shape=(4, 6),
+        )
+    else:
+        matrix = jsparse.BCOO(
+            (
+                jnp.concatenate([coo.data, jnp.array([9.0j, 9.0j])]),
+                jnp.concatenate([coo.indices, jnp.array([[4, 6], [4, 6]], jnp.int32)]),
+            ),
+            shape=(4, 6),
+        )
+    return matrix, dense
+
+
+@pytest.mark.parametrize("fmt", ["bcoo", "bcsr"])
+def test_sparse_transpose_and_conj_keep_concrete_indices_inside_jit(fmt):
+    # JAX's sparse transposes sort indices and values together, and the
+    # conjugate mapped `jnp.conj` over the index arrays too: inside `jit` (values
+    # traced) the result had traced indices, so `lx.ILUPreconditioner` of
+    # `op.transpose()` or `lx.conj(op)` built inside `jit` raised a ValueError
+    # and the transposed operator lost its banded layout.
+    matrix, dense = _awkward_sparse(fmt)
+    x6 = jnp.asarray(np.arange(1.0, 7.0) - 2j)
+    x4 = jnp.asarray(np.arange(1.0, 5.0) + 1j)
+
+    @jax.jit
+    def products(data):
+        if fmt == "bcsr":
+            m = jsparse.BCSR((data, matrix.indices, matrix.indptr), shape=(4, 6))
+        else:
+            m = jsparse.BCOO((data, matrix.indices), shape=(4, 6))
+        op = lx.SparseLinearOperator(m)
+        transposed, conjugated = op.transpose(), lx.conj(op)
+        # The pattern stayed concrete (the banded layout and ILU need it).
+        for m in (transposed.matrix, conjugated.matrix):
+            index_arrays = (m.indices, m.indptr) if fmt == "bcsr" else (m.indices,)
+            assert not any(isinstance(i, jax.core.Tracer) for i in index_arrays)
+        return (
+            transposed.mv(x4),
+            conjugated.mv(x6),
+            transposed.transpose().mv(x6),
+            transposed.as_matrix(),
+        )
+
+    t, c, tt, t_dense = products(matrix.data)
+    np.testing.assert_allclose(t, dense.T @ np.asarray(x4), rtol=1e-14)
+    np.testing.assert_allclose(c, dense.conj() @ np.asarray(x6), rtol=1e-14)
+    np.testing.assert_allclose(tt, dense @ np.asarray(x6), rtol=1e-14)
+    np.testing.assert_array_equal(t_dense, dense.T)
+
+
+def test_ilu_of_transposed_sparse_operator_builds_inside_jit():
+    a = scipy.sparse.random(6, 6, density=0.4, random_state=3) + 4 * scipy.sparse.eye(6)
+    a = a.tocsr()
+    indices, indptr = jnp.asarray(a.indices), jnp.asarray(a.indptr)
+    b = jnp.arange(1.0, 7.0)
+
+    def apply(data):
+        matrix = jsparse.BCSR((data, indices, indptr), shape=a.shape)
+        op = lx.SparseLinearOperator(matrix)
+        return lx.ILUPreconditioner(op.transpose()).mv(b)
+
+    want = lx.ILUPreconditioner(lx.SparseLinearOperator(a.T.tocsr())).mv(b)
+    np.testing.assert_allclose(jax.jit(apply)(a.data), want, rtol=1e-14)
+    # And gradients through the permuted values reach the original ones.
+    grad = jax.grad(lambda d: jnp.sum(apply(d)))(a.data)
+    eps = 1e-6
+    e = np.random.default_rng(0).normal(size=a.data.shape)
+    up, down = jnp.sum(apply(a.data + eps * e)), jnp.sum(apply(a.data - eps * e))
+    fd = (up - down) / (2 * eps)
+    np.testing.assert_allclose(grad @ e, fd, rtol=1e-7)

@@ -184,6 +184,11 @@ class SparseLinearOperator(AbstractLinearOperator):
         return self.matrix.todense()
 
     def transpose(self):
+        transposed = _transpose_on_host(self.matrix)
+        if transposed is not None:
+            return SparseLinearOperator(
+                transposed, transpose_tags(self.tags), self.max_dense_size
+            )
         if isinstance(self.matrix, jsparse.BCSR):
             # (BCSR has no transpose of its own: go through BCOO, sorted by row.)
             coo = self.matrix.to_bcoo().transpose().sort_indices()
@@ -231,6 +236,67 @@ def _product_indices(matrix: jsparse.BCOO | jsparse.BCSR) -> tuple[Array, Array,
         return rows, matrix.indices, True
     rows, columns = matrix.indices[:, 0], matrix.indices[:, 1]
     return rows, columns, bool(matrix.indices_sorted)
+
+
+def _transpose_on_host(
+    matrix: jsparse.BCOO | jsparse.BCSR,
+) -> jsparse.BCOO | jsparse.BCSR | None:
+    """The transpose of `matrix`, in its format with indices sorted by row, its
+    pattern computed with NumPy from concrete index arrays (`None` if they are
+    traced); only the values are permuted by JAX.
+
+    Why: JAX's transposes sort the indices together with the values, so under
+    `jit` (values traced) the transposed indices came out traced: the transposed
+    operator lost its banded layout and could not be factorised by
+    `lx.ILUPreconditioner`. Padding slots stay at the end, out of range.
+    """
+    is_csr = isinstance(matrix, jsparse.BCSR)
+    index_arrays = (matrix.indptr, matrix.indices) if is_csr else (matrix.indices,)
+    if not concrete_arrays(index_arrays):
+        return None
+    n_rows, n_columns = matrix.shape
+    if is_csr:
+        indptr = np.asarray(matrix.indptr, np.int64)
+        stored = int(indptr[-1])
+        rows = np.full(matrix.nse, n_rows, np.int64)
+        rows[:stored] = np.repeat(np.arange(n_rows), np.diff(indptr))
+        columns = np.asarray(matrix.indices, np.int64)
+    else:
+        indices = np.asarray(matrix.indices, np.int64)
+        rows, columns = indices[:, 0], indices[:, 1]
+    valid = (rows >= 0) & (rows < n_rows) & (columns >= 0) & (columns < n_columns)
+    slots = np.flatnonzero(valid)
+    # By the new row (old column), then the new column (old row).
+    slots = slots[np.lexsort((rows[slots], columns[slots]))]
+    padding = np.flatnonzero(~valid)
+    order = np.concatenate([slots, padding])
+    data = matrix.data[jnp.asarray(order, np.int32 if len(order) < 2**31 else None)]
+    new_rows, new_columns = columns[slots], rows[slots]
+    index_dtype = matrix.indices.dtype
+    with jax.ensure_compile_time_eval():
+        if is_csr:
+            new_indptr = np.searchsorted(new_rows, np.arange(n_columns + 1))
+            new_indices = np.concatenate([new_columns, np.zeros(len(padding))])
+            return jsparse.BCSR(
+                (
+                    data,
+                    jnp.asarray(new_indices, index_dtype),
+                    jnp.asarray(new_indptr, matrix.indptr.dtype),
+                ),
+                shape=(n_columns, n_rows),
+            )
+        new_indices = np.concatenate(
+            [
+                np.stack([new_rows, new_columns], axis=1),
+                np.broadcast_to([n_columns, n_rows], (len(padding), 2)),
+            ]
+        )
+        return jsparse.BCOO(
+            (data, jnp.asarray(new_indices, index_dtype)),
+            shape=(n_columns, n_rows),
+            indices_sorted=True,
+            unique_indices=bool(matrix.unique_indices),
+        )
 
 
 def _diagonal_layout(
@@ -316,9 +382,20 @@ def _(operator):
 
 @conj.register(SparseLinearOperator)
 def _(operator):
-    return SparseLinearOperator(
-        jtu.tree_map(jnp.conj, operator.matrix), operator.tags, operator.max_dense_size
-    )
+    # The values only: the index arrays stay as they are (concrete ones concrete
+    # under `jit`, where `jnp.conj` of them would be traced).
+    matrix = operator.matrix
+    data = jnp.conj(matrix.data)
+    if isinstance(matrix, jsparse.BCSR):
+        matrix = jsparse.BCSR((data, matrix.indices, matrix.indptr), shape=matrix.shape)
+    else:
+        matrix = jsparse.BCOO(
+            (data, matrix.indices),
+            shape=matrix.shape,
+            indices_sorted=matrix.indices_sorted,
+            unique_indices=matrix.unique_indices,
+        )
+    return SparseLinearOperator(matrix, operator.tags, operator.max_dense_size)
 
 
 is_cacheable.register(SparseLinearOperator)(lambda op: concrete_arrays(op.matrix))
