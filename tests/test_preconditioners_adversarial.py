@@ -223,3 +223,52 @@ def test_ilu_of_transposed_sparse_operator_builds_inside_jit():
     up, down = jnp.sum(apply(a.data + eps * e)), jnp.sum(apply(a.data - eps * e))
     fd = (up - down) / (2 * eps)
     np.testing.assert_allclose(grad @ e, fd, rtol=1e-7)
+
+
+#
+# Block Jacobi and SSOR of a sparse operator.
+#
+
+
+@pytest.mark.parametrize("fmt", ["bcoo", "bcsr"])
+def test_block_jacobi_of_sparse_operator_reads_its_stored_blocks(fmt):
+    # It refused a `SparseLinearOperator` as "matrix-free" and told the user to
+    # pass `lx.materialise(operator)`, which returns the same sparse operator.
+    rng = np.random.default_rng(4)
+    n = 7  # block size 3 does not divide it
+    dense = rng.normal(size=(n, n)) * (rng.uniform(size=(n, n)) < 0.5)
+    dense += 5 * np.eye(n)
+    rows, cols = np.nonzero(dense)
+    # Stored with a duplicate (split in halves) and padding.
+    rows, cols = np.concatenate([rows, rows[:1]]), np.concatenate([cols, cols[:1]])
+    data = dense[rows, cols].copy()
+    data[0] /= 2
+    data[-1] /= 2
+    coo = jsparse.BCOO(
+        (jnp.asarray(data), jnp.asarray(np.stack([rows, cols], 1), jnp.int32)),
+        shape=(n, n),
+    )
+    coo = jsparse.BCOO(
+        (
+            jnp.concatenate([coo.data, jnp.array([1.0, 1.0])]),
+            jnp.concatenate([coo.indices, jnp.full((2, 2), n, jnp.int32)]),
+        ),
+        shape=(n, n),
+    )
+    matrix = jsparse.BCSR.from_bcoo(coo.sort_indices()) if fmt == "bcsr" else coo
+    op = lx.SparseLinearOperator(matrix, max_dense_size=0)  # never densified
+    want = np.zeros((n, n))
+    for start in range(0, n, 3):
+        s = slice(start, min(start + 3, n))
+        want[s, s] = np.linalg.inv(dense[s, s])
+    precond = jax.jit(lambda o: lx.BlockJacobiPreconditioner(o, 3))(op)
+    got = jax.vmap(precond.mv)(jnp.eye(n)).T
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
+    got_t = jax.vmap(precond.transpose().mv)(jnp.eye(n)).T
+    np.testing.assert_allclose(got_t, want.T, rtol=1e-13, atol=1e-15)
+
+
+def test_ssor_of_sparse_operator_names_the_sparse_alternatives():
+    op = lx.SparseLinearOperator(scipy.sparse.eye(4, format="csr"))
+    with pytest.raises(ValueError, match="ILUPreconditioner"):
+        lx.SSORPreconditioner(op)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
+from jax.experimental import sparse as jsparse
 from jaxtyping import Array, Inexact, Int
 
 from .._misc import Static
@@ -18,6 +19,8 @@ from .._operator.base import (
     reads_every_leaf,
     tridiagonal,
 )
+from .._operator.sparse import SparseLinearOperator
+from .._operator.tagged import TaggedLinearOperator
 from .base import (
     AbstractPreconditioner,
     apply_flat,
@@ -27,12 +30,45 @@ from .base import (
 )
 
 
+def _stored_sparse(operator: Any) -> SparseLinearOperator | None:
+    """The `SparseLinearOperator` that `operator` is (or wraps in tags), if any."""
+    if isinstance(operator, TaggedLinearOperator):
+        operator = operator.operator
+    return operator if isinstance(operator, SparseLinearOperator) else None
+
+
+def _sparse_diagonal_blocks(
+    sparse: SparseLinearOperator, block_size: int, num_blocks: int
+) -> Array:
+    """The diagonal blocks of a sparse matrix, from its stored entries: one
+    scatter, `O(nnz + n b)`, never the dense matrix. Duplicates are summed."""
+    matrix = sparse.matrix
+    n = matrix.shape[0]
+    if isinstance(matrix, jsparse.BCSR):
+        matrix = matrix.to_bcoo()
+    rows, cols = matrix.indices[:, 0], matrix.indices[:, 1]
+    block = rows // block_size
+    inside = (rows < n) & (cols < n) & (block == cols // block_size)
+    block = jnp.where(inside, block, num_blocks)  # out of range: dropped
+    values = jnp.where(inside, matrix.data, 0)
+    padded = num_blocks * block_size
+    # The padding of the last block is the identity.
+    pad = (jnp.arange(padded) >= n).reshape(num_blocks, block_size)
+    blocks = jax.vmap(jnp.diag)(pad.astype(matrix.dtype))
+    return blocks.at[block, rows % block_size, cols % block_size].add(
+        values, mode="drop"
+    )
+
+
 def _diagonal_blocks(operator: Any, block_size: int) -> Array:
     """The diagonal blocks of `operator`'s matrix, shape `(blocks, b, b)`, the last
     one padded with the identity when `b` does not divide the size."""
     n = operator.in_size()
     num_blocks = -(-n // block_size)
     padded = num_blocks * block_size
+    sparse = _stored_sparse(operator)
+    if sparse is not None:
+        return _sparse_diagonal_blocks(sparse, block_size, num_blocks)
     index = np.arange(padded).reshape(num_blocks, block_size)
     rows, cols = index[:, :, None], index[:, None, :]
     if is_tridiagonal(operator):
@@ -63,10 +99,12 @@ class BlockJacobiPreconditioner(AbstractPreconditioner):
     batched pair of triangular solves. `block_size=1` is the Jacobi preconditioner.
     When `block_size` does not divide the size, the last block is smaller.
 
-    The operator must hold its matrix (a matrix or PyTree operator, or one tagged
-    diagonal or tridiagonal, whose blocks come from its bands): the blocks of a
-    matrix-free operator cannot be read without materialising it, which is left to
-    the user ([`lineax.materialise`][]).
+    The operator must hold its matrix (a matrix or PyTree operator, one tagged
+    diagonal or tridiagonal, whose blocks come from its bands, or a
+    [`lineax.SparseLinearOperator`][], whose blocks come from its stored entries
+    without densifying it): the blocks of a matrix-free operator cannot be read
+    without materialising it, which is left to the user
+    ([`lineax.materialise`][]).
 
     The result is tagged symmetric or positive (negative) semidefinite when the
     operator is (diagonal blocks of a definite matrix are definite).
@@ -94,7 +132,7 @@ class BlockJacobiPreconditioner(AbstractPreconditioner):
             raise ValueError(
                 f"`block_size` must be a positive int, got {block_size!r}."
             )
-        if not holds_values(operator):
+        if not (holds_values(operator) or _stored_sparse(operator) is not None):
             raise ValueError(
                 "`BlockJacobiPreconditioner` needs the matrix of the operator, but "
                 f"{type(operator).__name__} is matrix-free. Pass "

@@ -18,6 +18,8 @@ from .._operator.base import (
     is_cacheable,
     reads_every_leaf,
 )
+from .._operator.sparse import SparseLinearOperator
+from .._operator.tagged import TaggedLinearOperator
 from .base import (
     AbstractPreconditioner,
     apply_flat,
@@ -61,6 +63,19 @@ class SSORPreconditioner(AbstractPreconditioner):
 
     def __init__(self, operator: Any, omega: Any = 1.0):
         check_square(operator, "SSORPreconditioner")
+        if isinstance(operator, TaggedLinearOperator):
+            inner = operator.operator
+        else:
+            inner = operator
+        if isinstance(inner, SparseLinearOperator):
+            raise ValueError(
+                "`SSORPreconditioner` works with the dense matrix (its triangular "
+                "solves are dense), so it does not take a `SparseLinearOperator`. "
+                "Use `lx.ILUPreconditioner` or `lx.IncompleteCholeskyPreconditioner` "
+                "(the sparse factorisations), `lx.BlockJacobiPreconditioner`, or "
+                "pass `lx.MatrixLinearOperator(operator.as_matrix(), operator.tags)` "
+                "if it is small."
+            )
         if not holds_values(operator):
             raise ValueError(
                 "`SSORPreconditioner` needs the matrix of the operator, but "
