@@ -272,3 +272,31 @@ def test_ssor_of_sparse_operator_names_the_sparse_alternatives():
     op = lx.SparseLinearOperator(scipy.sparse.eye(4, format="csr"))
     with pytest.raises(ValueError, match="ILUPreconditioner"):
         lx.SSORPreconditioner(op)
+
+
+#
+# Parameters that are not finite, or complex where they must be real.
+#
+
+
+def test_non_finite_or_complex_parameters_are_named_errors():
+    # An infinite Chebyshev bound or Neumann scale gave a NaN preconditioner (the
+    # solve then reported a breakdown "of the operator"), a NaN scale was
+    # accepted, and a complex omega/interval/scale for a real operator raised
+    # Python's unnamed "float() argument must be ... not 'complex'".
+    op = lx.MatrixLinearOperator(jnp.asarray(_spd(4)), lx.positive_semidefinite_tag)
+    cases = [
+        ("interval", lambda: lx.ChebyshevPreconditioner(op, 2, (1.0, np.inf))),
+        ("interval", lambda: lx.ChebyshevPreconditioner(op, 2, (1.0 + 1j, 5.0))),
+        ("scale", lambda: lx.NeumannPreconditioner(op, 2, np.inf)),
+        ("scale", lambda: lx.NeumannPreconditioner(op, 2, np.nan)),
+        ("scale", lambda: lx.NeumannPreconditioner(op, 2, 0.1 + 0.01j)),
+        ("omega", lambda: lx.SSORPreconditioner(op, 1.0 + 0.5j)),
+    ]
+    for name, build in cases:
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            build()
+    # A complex scale for a complex operator is fine.
+    complex_op = lx.MatrixLinearOperator(jnp.asarray(_spd(4) + 0j))
+    precond = lx.NeumannPreconditioner(complex_op, 2, 0.1 + 0.01j)
+    assert precond.scale == 0.1 + 0.01j

@@ -36,7 +36,13 @@ def _checked_interval(interval: Any, dtype: Any) -> tuple[Array, Array]:
         ) from None
     concrete = not any(isinstance(x, jax.core.Tracer) for x in (lo, hi))
     if concrete:
-        lo_, hi_ = float(np.real(lo)), float(np.real(hi))
+        lo_, hi_ = complex(np.asarray(lo)), complex(np.asarray(hi))
+        if lo_.imag or hi_.imag or not (np.isfinite(lo_) and np.isfinite(hi_)):
+            raise ValueError(
+                "`interval` must be a pair of finite real numbers (bounds of the "
+                f"operator's real spectrum), got {interval!r}."
+            )
+        lo_, hi_ = lo_.real, hi_.real
         if not lo_ < hi_:
             raise ValueError(f"`interval` must have lo < hi, got {interval!r}.")
         if lo_ <= 0 <= hi_:

@@ -81,6 +81,13 @@ class NeumannPreconditioner(AbstractPolynomialPreconditioner):
             # NumPy, not `jnp`: under `jit` a `jnp` array of a Python float is
             # traced, and `complex` of it fails.
             value = complex(np.asarray(scale))
+            if not np.isfinite(value):
+                raise ValueError(f"`scale` must be finite, got {scale!r}.")
+            if value.imag and not jnp.issubdtype(dtype, jnp.complexfloating):
+                raise ValueError(
+                    f"`scale` {scale!r} is complex but the operator is real; the "
+                    "preconditioner keeps the operator's dtype."
+                )
             if value == 0 or (positive and value.real <= 0):
                 raise ValueError(
                     "`scale` must be nonzero, and positive for a positive definite "

@@ -86,9 +86,11 @@ class SSORPreconditioner(AbstractPreconditioner):
         if not isinstance(omega, jax.core.Tracer):
             # NumPy, not `jnp`: under `jit` a `jnp` array of a Python float is
             # traced, and `float` of it fails.
-            value = float(np.real(np.asarray(omega)))
-            if not 0 < value < 2:
-                raise ValueError(f"`omega` must lie in (0, 2), got {omega!r}.")
+            value = complex(np.asarray(omega))
+            if value.imag or not 0 < value.real < 2:
+                raise ValueError(
+                    f"`omega` must be a real number in (0, 2), got {omega!r}."
+                )
         dtype = result_dtype(operator.in_structure(), operator.out_structure())
         matrix = operator.as_matrix().astype(dtype)
         omega = jnp.asarray(omega, dtype)
