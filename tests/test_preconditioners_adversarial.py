@@ -300,3 +300,26 @@ def test_non_finite_or_complex_parameters_are_named_errors():
     complex_op = lx.MatrixLinearOperator(jnp.asarray(_spd(4) + 0j))
     precond = lx.NeumannPreconditioner(complex_op, 2, 0.1 + 0.01j)
     assert precond.scale == 0.1 + 0.01j
+
+
+#
+# `SparseLinearOperator.mv` of a vector of the wrong shape.
+#
+
+
+def test_sparse_mv_of_wrong_shape_is_a_named_error():
+    # The product gathers with out-of-range columns clipped (and the banded
+    # layout slices), so a vector too long or too short (general pattern), too
+    # long (banded), or of shape (n, 1) gave a wrong product without an error.
+    general = lx.SparseLinearOperator(
+        scipy.sparse.random(5, 6, density=0.6, random_state=2, format="csr")
+    )
+    banded = lx.SparseLinearOperator(_poisson_1d_scipy(5))
+    assert general._diagonal_slots is None and banded._diagonal_slots is not None
+    for op, n in [(general, 6), (banded, 5)]:
+        for shape in [(n - 1,), (n + 1,), (n, 1), ()]:
+            with pytest.raises(ValueError, match="`vector` has shape"):
+                op.mv(jnp.ones(shape))
+        np.testing.assert_allclose(
+            op.mv(np.arange(n, dtype=float)), op.as_matrix() @ np.arange(n, dtype=float)
+        )

@@ -131,14 +131,24 @@ class SparseLinearOperator(AbstractLinearOperator):
             self._diagonal_slots, self._offsets = layout
 
     def mv(self, vector):
+        vector = jnp.asarray(vector)
+        if vector.shape != (self.matrix.shape[1],):
+            # (Checked here: the gather below clips out-of-range columns, so a
+            # vector of the wrong length would give a wrong product silently.)
+            raise ValueError(
+                f"`vector` has shape {vector.shape}, but this "
+                f"{self.matrix.shape[0]}×{self.matrix.shape[1]} "
+                f"`SparseLinearOperator` takes vectors of shape "
+                f"{(self.matrix.shape[1],)}."
+            )
         if self._diagonal_slots is not None:
-            return self._diagonal_mv(jnp.asarray(vector))
+            return self._diagonal_mv(vector)
         # y[i] = sum over the entries (i, j, a) of a * x[j]: a gather and a sorted
         # segment sum, rather than JAX's BCSR/BCOO matmul (see `_product_indices`).
         # Padding entries have row index `n_rows`, which `segment_sum` drops.
         # (Padding entries may hold an out-of-range column too: clipped, as their
         # products are dropped anyway.)
-        columns = jnp.asarray(vector).at[self._columns].get(mode="clip")
+        columns = vector.at[self._columns].get(mode="clip")
         products = self.matrix.data * columns
         return jax.ops.segment_sum(
             products,
