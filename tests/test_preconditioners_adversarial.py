@@ -323,3 +323,22 @@ def test_sparse_mv_of_wrong_shape_is_a_named_error():
         np.testing.assert_allclose(
             op.mv(np.arange(n, dtype=float)), op.as_matrix() @ np.arange(n, dtype=float)
         )
+
+
+def test_preconditioner_mv_of_wrong_size_is_a_named_error():
+    # Jacobi and incomplete Cholesky apply elementwise products, which
+    # broadcast a vector of one element: `P.mv(jnp.ones(1))` returned a full
+    # vector without an error.
+    matrix = _spd(4)
+    op = lx.MatrixLinearOperator(jnp.asarray(matrix), lx.positive_semidefinite_tag)
+    sparse = lx.SparseLinearOperator(
+        scipy.sparse.csr_matrix(matrix), lx.positive_semidefinite_tag
+    )
+    for precond in [
+        lx.JacobiPreconditioner(op),
+        lx.IncompleteCholeskyPreconditioner(sparse),
+        lx.ILUPreconditioner(sparse),
+    ]:
+        for size in [1, 3, 5]:
+            with pytest.raises(ValueError, match="acts on vectors of 4 elements"):
+                precond.mv(jnp.ones(size))

@@ -27,6 +27,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, PyTree
 
@@ -256,8 +257,16 @@ def apply_flat(
     out_struct: PyTree[jax.ShapeDtypeStruct],
 ) -> PyTree[Array]:
     """Apply `fn`, a map of flat vectors, to a PyTree vector, giving a PyTree vector
-    with structure `out_struct`."""
-    return unflatten_vector(fn(flatten_vector(vector)), out_struct, keep_dtype=True)
+    with structure `out_struct` (of the same size: a preconditioner is square)."""
+    flat = flatten_vector(vector)
+    size = sum(int(np.prod(x.shape)) for x in jtu.tree_leaves(out_struct))
+    if flat.shape != (size,):
+        # (An elementwise `fn` would broadcast a vector of size one silently.)
+        raise ValueError(
+            f"The preconditioner acts on vectors of {size} elements, got a vector "
+            f"of {flat.size} ({jtu.tree_map(jnp.shape, vector)})."
+        )
+    return unflatten_vector(fn(flat), out_struct, keep_dtype=True)
 
 
 #
