@@ -69,7 +69,10 @@ class ILUPreconditioner(AbstractPreconditioner):
     M-matrix or diagonally dominant) makes the factors non-finite. The
     preconditioner then records `breakdown = True` and applies as NaN, which the
     Krylov solvers report as a failed solve; pass `shift > 0` to factorise
-    `A + shift·diag(A)` instead, which moves the pivots away from zero.
+    `A + shift·diag(A)` instead, which moves the pivots away from zero. (A zero
+    diagonal entry of `A` itself, stored or not, stays zero under the shift: the
+    first pivot of its row is then zero whatever the shift, unless eliminations
+    fill it; reorder the unknowns, or use another preconditioner.)
 
     The transpose is `L⁻ᵀ U⁻ᵀ`, the ILU(0) preconditioner of `Aᵀ` (used by the
     transposed solve of reverse-mode differentiation). No tags are claimed:
