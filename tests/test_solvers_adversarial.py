@@ -1,0 +1,127 @@
+"""Adversarial checks of the flexible and pipelined Krylov solvers (`FGMRES`,
+`FlexibleCG`, `PipelinedCG`) and of the structured solvers (`Kronecker`,
+`Woodbury`), as a demanding user would run them: right-hand sides scaled by
+1e-30 and 1e30, an inner solve as a preconditioner under `jax.grad`, and the
+advice of an error message followed to the letter. References are NumPy float64.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lineax as lx
+
+
+psd = lx.positive_semidefinite_tag
+
+
+@eqx.filter_jit
+def _solve(operator, vector, solver, options):
+    sol = lx.linear_solve(operator, vector, solver, options=options, throw=False)
+    return sol.value, sol.result
+
+
+def _matrices(n=10, seed=0):
+    """(nonsymmetric, symmetric positive definite), well conditioned."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(n, n)) / np.sqrt(n)
+    return a + 2 * np.eye(n), a @ a.T + 0.5 * np.eye(n), rng.normal(size=n)
+
+
+@pytest.mark.parametrize("name", ["FGMRES", "FlexibleCG", "PipelinedCG"])
+def test_flexible_solvers_scaled_right_hand_sides(name):
+    # The tolerance is relative: a right-hand side of 1e-30 or 1e30 (float64)
+    # solves as accurately as one of 1, and reports success. (One compile: the
+    # scale is a run-time value.)
+    nonsym, spd, b = _matrices()
+    matrix, tags = (nonsym, ()) if name == "FGMRES" else (spd, psd)
+    operator = lx.MatrixLinearOperator(jnp.asarray(matrix), tags)
+    solver = getattr(lx, name)(rtol=1e-10, atol=0.0)
+    expected = np.linalg.solve(matrix, b)
+    for scale in (1e-30, 1.0, 1e30):
+        value, result = _solve(operator, jnp.asarray(scale * b), solver, {})
+        assert result == lx.RESULTS.successful, (scale, result)
+        relative = np.max(np.abs(np.asarray(value) / scale - expected))
+        assert relative < 1e-8 * np.max(np.abs(expected)), (scale, relative)
+
+
+def test_fgmres_grad_with_fixed_step_inner_preconditioner():
+    # The FGMRES docstring's advice for reverse mode through an inner-solve
+    # preconditioner: `rtol=atol=0` and a `max_steps` (always successful), so its
+    # transposed solve never fails. The gradient then matches the dense one. A
+    # loose tolerance with a small `max_steps` instead fails some transposed inner
+    # solves, whose output is NaN (a failed derivative solve, even with
+    # `throw=False`), and the gradient is NaN: the documented trap.
+    nonsym, _, b = _matrices(n=30, seed=1)
+    approx = lx.MatrixLinearOperator(
+        jnp.asarray(nonsym + 0.1 * np.diag(np.diag(nonsym)))
+    )
+    x = np.linalg.solve(nonsym, b)
+    expected = np.linalg.solve(nonsym.T, 2 * x)
+
+    def grad_b(inner, throw):
+        preconditioner = lx.invert(approx, inner, throw=throw)
+
+        def loss(vector):
+            sol = lx.linear_solve(
+                lx.MatrixLinearOperator(jnp.asarray(nonsym)),
+                vector,
+                lx.FGMRES(rtol=1e-12, atol=1e-12),
+                options={"preconditioner": preconditioner},
+                throw=False,
+            )
+            return jnp.sum(sol.value**2)
+
+        return np.asarray(jax.grad(loss)(jnp.asarray(b)))
+
+    fixed = grad_b(lx.GMRES(rtol=0.0, atol=0.0, max_steps=3), True)
+    np.testing.assert_allclose(fixed, expected, rtol=1e-9, atol=1e-9)
+    loose = grad_b(lx.GMRES(rtol=1e-1, atol=0.0, max_steps=3), False)
+    assert not np.all(np.isfinite(loose))
+
+
+def test_kronecker_square_product_of_nonsquare_factors_advises_pseudoinverse():
+    # A square Kronecker product of non-square factors (2×3 ⊗ 3×2) is always
+    # singular: rank(A ⊗ B) = rank(A) rank(B) <= 2 · 2 < 6. The error message
+    # used to advise `AutoLinearSolver(well_posed=None)`, which for a square
+    # operator is LU: followed, it returned a solution of size 1e16 marked
+    # successful (or NaN). It now advises `well_posed=False`, whose answer is the
+    # pseudoinverse solution.
+    rng = np.random.default_rng(1)
+    left, right = rng.normal(size=(2, 3)), rng.normal(size=(3, 2))
+    b = rng.normal(size=6)
+    operator = lx.KroneckerLinearOperator(
+        lx.MatrixLinearOperator(jnp.asarray(left)),
+        lx.MatrixLinearOperator(jnp.asarray(right)),
+    )
+    with pytest.raises(ValueError, match="factor 0 has input size 3") as info:
+        lx.Kronecker().init(operator, {})
+    message = str(info.value)
+    assert "well_posed=False" in message and "well_posed=None" not in message
+    sol = lx.linear_solve(
+        operator, jnp.asarray(b), lx.AutoLinearSolver(well_posed=False), throw=False
+    )
+    assert sol.result == lx.RESULTS.successful
+    expected = np.linalg.pinv(np.kron(left, right)) @ b
+    np.testing.assert_allclose(sol.value, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_kronecker_rectangular_product_advice_still_names_least_squares():
+    # A tall product (3×2 ⊗ 2×2 = 6×4) has full column rank: `well_posed=None`
+    # (QR) is right there, and the message still says so.
+    rng = np.random.default_rng(2)
+    tall, square = rng.normal(size=(3, 2)), rng.normal(size=(2, 2)) + 2 * np.eye(2)
+    operator = lx.KroneckerLinearOperator(
+        lx.MatrixLinearOperator(jnp.asarray(tall)),
+        lx.MatrixLinearOperator(jnp.asarray(square)),
+    )
+    with pytest.raises(ValueError, match=r"well_posed=None\)` \(dense QR"):
+        lx.Kronecker().init(operator, {})
+    b = rng.normal(size=6)
+    sol = lx.linear_solve(
+        operator, jnp.asarray(b), lx.AutoLinearSolver(well_posed=None), throw=False
+    )
+    expected = np.linalg.lstsq(np.kron(tall, square), b, rcond=None)[0]
+    np.testing.assert_allclose(sol.value, expected, rtol=1e-10, atol=1e-10)
