@@ -53,6 +53,25 @@ def test_flexible_solvers_scaled_right_hand_sides(name):
         assert relative < 1e-8 * np.max(np.abs(expected)), (scale, relative)
 
 
+@pytest.mark.parametrize("name", ["CG", "FlexibleCG", "PipelinedCG"])
+def test_float32_floor_stops_with_stagnation(name):
+    # rtol = 1e-9 is below what float32 can reach (1-D Poisson, n = 50, cond 1e3):
+    # the solve must stop soon after the floor with `stagnation`, as CG does, not
+    # run its whole budget of 10 n steps. Before, FlexibleCG and PipelinedCG made
+    # all 500 steps and reported `max_steps_reached` (whose advice, raise
+    # `max_steps`, cannot help); now 80 and 100 steps, CG 80.
+    n = 50
+    matrix = 2 * np.eye(n) - np.eye(n, k=1) - np.eye(n, k=-1)
+    b = np.random.default_rng(0).normal(size=n)
+    operator = lx.MatrixLinearOperator(jnp.asarray(matrix, jnp.float32), psd)
+    solver = getattr(lx, name)(rtol=1e-9, atol=1e-9)
+    sol = lx.linear_solve(operator, jnp.asarray(b, jnp.float32), solver, throw=False)
+    assert sol.result == lx.RESULTS.stagnation, sol.result
+    assert int(sol.stats["num_steps"]) <= 150, sol.stats["num_steps"]
+    x = np.asarray(sol.value, np.float64)
+    assert np.linalg.norm(b - matrix @ x) < 1e-5 * np.linalg.norm(b)
+
+
 def test_fgmres_grad_with_fixed_step_inner_preconditioner():
     # The FGMRES docstring's advice for reverse mode through an inner-solve
     # preconditioner: `rtol=atol=0` and a `max_steps` (always successful), so its

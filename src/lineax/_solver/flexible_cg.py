@@ -15,6 +15,7 @@ from ._arnoldi import basis_combine, basis_dot, basis_set
 from ._definite import AbstractDefiniteKrylovSolver
 from ._krylov import (
     apply,
+    FLOOR_GAP,
     iterate,
     Iteration,
     KrylovState,
@@ -197,5 +198,11 @@ class FlexibleCG(AbstractDefiniteKrylovSolver):
             restart=replace_residual,
             halted=lambda c: c.breakdown,
             pass_length=self.stabilise_every,
+            # As for CG: the recursive residual restarts from the true one at each
+            # replacement, and a pass that ends far below it ran on rounding
+            # errors (the dtype's floor). Without this test a float32 solve past
+            # its floor ran the whole `max_steps` and reported
+            # `max_steps_reached` (1-D Poisson, n = 50: 500 steps, CG 80).
+            below_floor=lambda c, rnorm: rnorm > FLOOR_GAP * c.rnorm,
         )
         return iterate(self, problem, method, carry, rnorm=rnorm)

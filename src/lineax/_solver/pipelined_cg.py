@@ -13,6 +13,7 @@ from .._norm import max_norm
 from ._definite import AbstractDefiniteKrylovSolver
 from ._krylov import (
     apply,
+    FLOOR_GAP,
     iterate,
     Iteration,
     KrylovState,
@@ -207,5 +208,9 @@ class PipelinedCG(AbstractDefiniteKrylovSolver):
             halted=lambda c: c.breakdown,
             pass_length=self.stabilise_every,
             verify_mv=2,
+            # As for CG (see `FlexibleCG`): a pass whose recursive residual ends
+            # far below the true residual ran on rounding errors. (In the solver's
+            # norm, as `rnorm`: one more reduction per verification, none per step.)
+            below_floor=lambda c, rnorm: rnorm > FLOOR_GAP * problem.norm(c.r),
         )
         return iterate(self, problem, method, carry, rnorm=self.norm(problem.r0))
