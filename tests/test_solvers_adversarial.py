@@ -206,3 +206,43 @@ def test_sharded_throw_error_is_not_raised_again_by_effects_barrier():
     lines = proc.stdout.split()
     assert lines[:1] == ["RAISED"], (proc.stdout, proc.stderr[-2000:])
     assert lines[1:] == ["BARRIER-OK"], proc.stdout
+
+
+def test_woodbury_rank_zero_update_solves_as_its_operator():
+    # `A + U C V` with k = 0 (U: n×0, an update built from an empty selection):
+    # the batched solve for the columns of U is empty, and merging its result
+    # codes took `max` of an empty array, a ValueError at trace time ("zero-size
+    # array to reduction operation max"). An empty batch is `successful`.
+    d = jnp.array([2.0, 4.0, 8.0])
+
+    def solve(diagonal):
+        operator = lx.LowRankUpdateLinearOperator(
+            lx.DiagonalLinearOperator(diagonal),
+            jnp.zeros((3, 0)),
+            jnp.zeros((0, 0)),
+            jnp.zeros((0, 3)),
+        )
+        return lx.linear_solve(operator, jnp.ones(3), lx.Woodbury(), throw=False)
+
+    sol = solve(d)
+    assert sol.result == lx.RESULTS.successful
+    np.testing.assert_allclose(sol.value, 1 / np.asarray(d), rtol=1e-15)
+    grad = jax.grad(lambda diagonal: jnp.sum(solve(diagonal).value))(d)
+    np.testing.assert_allclose(grad, -1 / np.asarray(d) ** 2, rtol=1e-14)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="A Krylov solve of size 0 fails at trace time with NumPy's 'zero-size "
+    "array to reduction operation max' (in _krylov.py's right-hand-side scaling, "
+    "`_power_of_two_scale`, outside this task's files); lx.LU returns the empty "
+    "solution.",
+)
+@pytest.mark.parametrize("name", ["FGMRES", "FlexibleCG", "PipelinedCG"])
+def test_krylov_solve_of_size_zero(name):
+    tags = () if name == "FGMRES" else psd
+    operator = lx.MatrixLinearOperator(jnp.zeros((0, 0)), tags)
+    solver = getattr(lx, name)(rtol=1e-8, atol=1e-8)
+    sol = lx.linear_solve(operator, jnp.zeros(0), solver, throw=False)
+    assert sol.result == lx.RESULTS.successful
+    assert sol.value.shape == (0,)
