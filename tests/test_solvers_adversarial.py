@@ -246,3 +246,22 @@ def test_krylov_solve_of_size_zero(name):
     sol = lx.linear_solve(operator, jnp.zeros(0), solver, throw=False)
     assert sol.result == lx.RESULTS.successful
     assert sol.value.shape == (0,)
+
+
+@pytest.mark.parametrize("name", ["CG", "FlexibleCG", "PipelinedCG"])
+def test_normal_wide_accepts_a_guess_for_the_solution(name):
+    # `y0` is documented by `linear_solve` as a guess for the solution `x`. For a
+    # wide operator `lx.Normal` solves `A A^H y = b` for `y` and passed `y0` on
+    # unchanged, so a `y0` shaped like `x` failed with "must have the operator's
+    # input structure: expected float64[3], got float64[6]" (the operator's input
+    # structure *is* [6]). It is now ignored (using it would change the
+    # minimum-norm answer); a guess for `y` is still passed on.
+    rng = np.random.default_rng(3)
+    matrix, b = rng.normal(size=(3, 6)), rng.normal(size=3)
+    operator = lx.MatrixLinearOperator(jnp.asarray(matrix))
+    solver = lx.Normal(getattr(lx, name)(rtol=1e-12, atol=1e-12))
+    expected = np.linalg.pinv(matrix) @ b
+    for y0 in (jnp.asarray(rng.normal(size=6)), jnp.asarray(rng.normal(size=3))):
+        value, result = _solve(operator, jnp.asarray(b), solver, {"y0": y0})
+        assert result == lx.RESULTS.successful
+        np.testing.assert_allclose(value, expected, rtol=1e-9, atol=1e-9)
