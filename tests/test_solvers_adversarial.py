@@ -265,3 +265,28 @@ def test_normal_wide_accepts_a_guess_for_the_solution(name):
         value, result = _solve(operator, jnp.asarray(b), solver, {"y0": y0})
         assert result == lx.RESULTS.successful
         np.testing.assert_allclose(value, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_block_diagonal_stacked_blocks_accept_a_partial_y0():
+    # `y0` of `lx.BlockDiagonal` is a tuple with one guess per block; the solve of
+    # blocks kept apart accepted `None` for a block without a guess, but alike
+    # blocks (stored stacked, solved by one `vmap`) stacked the tuple as it was
+    # and failed with JAX's "pytree structure error: different types".
+    rng = np.random.default_rng(4)
+    blocks = []
+    for _ in range(2):
+        a = rng.normal(size=(4, 4))
+        blocks.append(a @ a.T + 4 * np.eye(4))
+    b = tuple(jnp.asarray(rng.normal(size=4)) for _ in blocks)
+    operator = lx.BlockDiagonalLinearOperator(
+        [lx.MatrixLinearOperator(jnp.asarray(m), psd) for m in blocks]
+    )
+    assert operator.stacked is not None
+    cg = lx.CG(rtol=1e-12, atol=1e-12)
+    guess = jnp.asarray(np.linalg.solve(blocks[1], b[1]) + 1e-3)
+    for solver in (lx.BlockDiagonal(cg), lx.BlockDiagonal((cg, cg))):  # stacked, apart
+        for y0 in ((None, guess), (None, None)):
+            value, result = _solve(operator, b, solver, {"y0": y0})
+            assert result == lx.RESULTS.successful
+            for x, m, v in zip(value, blocks, b):
+                np.testing.assert_allclose(x, np.linalg.solve(m, v), rtol=1e-9)
