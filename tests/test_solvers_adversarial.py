@@ -317,3 +317,28 @@ def test_pipelined_cg_rarely_reports_breakdown_on_positive_definite():
             residual = np.max(np.abs(b - matrix @ np.asarray(value)))
             assert residual <= 1e-11 * np.max(np.abs(b))
     assert breakdowns <= 5, breakdowns
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="PipelinedCG's residual replacement (every `stabilise_every` steps) "
+    "restarts the Chronopoulos-Gear recurrences from the true residual's u = M r "
+    "and w = A u, which perturbs the direction; at cond 1e8 (float64, rtol 3e-8) "
+    "it fails on 8 of 8 matrices (120 steps, max_steps_reached), where CG (33-61 "
+    "steps) and PipelinedCG with stabilise_every=None or 50 (36-38 steps) "
+    "converge on all. Keeping the recursive direction, as CG does, is the likely "
+    "fix; not done.",
+)
+def test_pipelined_cg_residual_replacement_keeps_convergence():
+    n = 12
+    successes = 0
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+        matrix = (q * np.geomspace(1, 1e-8, n)) @ q.T
+        matrix = (matrix + matrix.T) / 2
+        operator = lx.MatrixLinearOperator(jnp.asarray(matrix), psd)
+        b = jnp.asarray(rng.normal(size=n))
+        _, result = _solve(operator, b, lx.PipelinedCG(rtol=3e-8, atol=0.0), {})
+        successes += int(result == lx.RESULTS.successful)
+    assert successes >= 6, successes
