@@ -40,8 +40,9 @@ def first_failure(*results: RESULTS) -> RESULTS:
 
 def worst_result(result: RESULTS) -> RESULTS:
     """Reduce a batched result (from a `vmap` over right-hand sides) to one: the
-    largest code, so any failure survives."""
-    return jtu.tree_map(lambda code: jnp.max(code), result)
+    largest code, so any failure survives. An empty batch (a rank-0 update, a
+    factor of size 0) is `successful` (code 0)."""
+    return jtu.tree_map(lambda code: jnp.max(code, initial=0), result)
 
 
 def solve_flat(

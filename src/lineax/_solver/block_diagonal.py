@@ -68,9 +68,9 @@ class BlockDiagonal(AbstractLinearSolver[BlockDiagonalState]):
 
     The `options` are passed to every block's solver, so only options that make
     sense for all blocks may be given; `y0` is a tuple with one initial guess per
-    block, each passed to its block's solver. A `preconditioner` (of the whole
-    operator, not of a block) is ignored by direct block solvers and an error for
-    iterative ones.
+    block, each passed to its block's solver (`None` for a block without one). A
+    `preconditioner` (of the whole operator, not of a block) is ignored by direct
+    block solvers and an error for iterative ones.
     """
 
     solver: AbstractLinearSolver | tuple[AbstractLinearSolver, ...] = AutoLinearSolver(
@@ -138,6 +138,21 @@ class BlockDiagonal(AbstractLinearSolver[BlockDiagonalState]):
                 solution, result, _ = solver.compute(inner_state, b, inner)
                 return solution, result
 
+            if y0 is not None and any(guess is None for guess in y0):
+                # Blocks without a guess (`None`, as the unstacked path accepts)
+                # start from zero, as they would without `y0`; the blocks are
+                # alike, so any given guess has their structure.
+                given = [guess for guess in y0 if guess is not None]
+                y0 = (
+                    None
+                    if not given
+                    else tuple(
+                        jtu.tree_map(jnp.zeros_like, given[0])
+                        if guess is None
+                        else guess
+                        for guess in y0
+                    )
+                )
             guesses = None if y0 is None else stack_vectors(y0)
             solution, result = eqx.filter_vmap(compute_one)(
                 state.states, stack_vectors(vector), guesses

@@ -46,7 +46,12 @@ class FGMRES(AbstractArnoldiSolver):
 
     - `preconditioner`: an operator approximating the inverse of the operator,
         applied on the right; its `mv` may be inexact or nonlinear. In reverse
-        mode the transposed solve uses its transpose.
+        mode the transposed solve uses its transpose. For an inner solve
+        (`lx.invert(A_approx, inner)`) that transpose is another solve, and a
+        failed derivative solve is NaN (see [Failures](../failures.md)), even
+        with `throw=False`: under `jax.grad`, give the inner solver
+        `rtol=atol=0.0` and a `max_steps` (a fixed number of steps, which
+        always succeeds) rather than a loose tolerance with a small `max_steps`.
     - `y0`: an initial guess for the solution.
     """
 

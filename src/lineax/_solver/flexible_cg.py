@@ -15,6 +15,7 @@ from ._arnoldi import basis_combine, basis_dot, basis_set
 from ._definite import AbstractDefiniteKrylovSolver
 from ._krylov import (
     apply,
+    FLOOR_GAP,
     iterate,
     Iteration,
     KrylovState,
@@ -77,7 +78,12 @@ class FlexibleCG(AbstractDefiniteKrylovSolver):
     - `preconditioner`: an operator approximating the inverse of the operator
         (of `-A` for a negative definite `A`); its `mv` may be inexact or
         nonlinear, as long as it stays close to a positive definite map. In
-        reverse mode the transposed solve uses its transpose.
+        reverse mode the transposed solve uses its transpose. For an inner solve
+        (`lx.invert(A_approx, inner)`) that transpose is another solve, and a
+        failed derivative solve is NaN (see [Failures](../failures.md)), even
+        with `throw=False`: under `jax.grad`, give the inner solver
+        `rtol=atol=0.0` and a `max_steps` (a fixed number of steps, which
+        always succeeds) rather than a loose tolerance with a small `max_steps`.
     - `y0`: an initial guess for the solution.
     """
 
@@ -192,5 +198,11 @@ class FlexibleCG(AbstractDefiniteKrylovSolver):
             restart=replace_residual,
             halted=lambda c: c.breakdown,
             pass_length=self.stabilise_every,
+            # As for CG: the recursive residual restarts from the true one at each
+            # replacement, and a pass that ends far below it ran on rounding
+            # errors (the dtype's floor). Without this test a float32 solve past
+            # its floor ran the whole `max_steps` and reported
+            # `max_steps_reached` (1-D Poisson, n = 50: 500 steps, CG 80).
+            below_floor=lambda c, rnorm: rnorm > FLOOR_GAP * c.rnorm,
         )
         return iterate(self, problem, method, carry, rnorm=rnorm)

@@ -73,11 +73,27 @@ class Kronecker(AbstractLinearSolver[KroneckerState]):
             )
         for i, factor in enumerate(operator.operators):
             if factor.in_size() != factor.out_size():
+                # rank(A ⊗ B) = rank(A) rank(B) <= prod(min(m_i, n_i)), which is
+                # below min(prod(m_i), prod(n_i)) whenever a square product has a
+                # non-square factor: such a product is always singular, and a
+                # full-rank solver (LU, QR) returns garbage for it.
+                if operator.in_size() == operator.out_size():
+                    advice = (
+                        "The product is square but singular (the rank of a "
+                        "Kronecker product is the product of its factors' ranks): "
+                        "solve it with `lx.AutoLinearSolver(well_posed=False)` "
+                        "(the pseudoinverse) instead."
+                    )
+                else:
+                    advice = (
+                        "Solve the product with "
+                        "`lx.AutoLinearSolver(well_posed=None)` (dense QR, least "
+                        "squares) or `well_posed=False` (the pseudoinverse) instead."
+                    )
                 raise ValueError(
                     "`lx.Kronecker` needs every factor to be square, but factor "
                     f"{i} has input size {factor.in_size()} and output size "
-                    f"{factor.out_size()}. Solve the product with "
-                    "`lx.AutoLinearSolver(well_posed=None)` (dense QR) instead."
+                    f"{factor.out_size()}. " + advice
                 )
         options = part_options((self.inner,), options, "Kronecker")
         states = tuple(self.inner.init(f, options) for f in operator.operators)

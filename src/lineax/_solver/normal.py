@@ -4,6 +4,8 @@ systems."""
 from typing import Any
 
 import equinox as eqx
+import jax.numpy as jnp
+import jax.tree_util as jtu
 
 from .._misc import tree_conj, tree_is_complex
 from .._operator.base import AbstractLinearOperator, conj
@@ -34,6 +36,28 @@ def _normal_operator(operator: AbstractLinearOperator, tall: bool, complex_: boo
     return TaggedLinearOperator(gram, positive_semidefinite_tag)
 
 
+def _inner_options(
+    operator: AbstractLinearOperator, tall: bool, options: dict[str, Any]
+) -> dict[str, Any]:
+    """The `options` for the inner solver. For a wide operator its unknown is `y`
+    (`x = A^H y`), of the operator's output structure: a `y0` with the input
+    structure (a guess for `x`, as `linear_solve` documents `y0`) is dropped. It
+    cannot be turned into a guess for `y` without a solve with the Gram operator,
+    and solving for a correction from it would add its null-space component to
+    the minimum-norm answer. (Passed on, it failed the inner solver's check with a
+    message about an input structure that was not the user's operator's.)"""
+    y0 = options.get("y0", None)
+    if tall or y0 is None:
+        return options
+    structure = operator.in_structure()
+    if jtu.tree_structure(y0) == jtu.tree_structure(structure) and all(
+        jnp.shape(leaf) == s.shape
+        for leaf, s in zip(jtu.tree_leaves(y0), jtu.tree_leaves(structure))
+    ):
+        return {k: v for k, v in options.items() if k != "y0"}
+    return options
+
+
 class Normal(AbstractLinearSolver[NormalState]):
     """Solves the normal equations with an inner solver for positive definite
     systems.
@@ -50,7 +74,10 @@ class Normal(AbstractLinearSolver[NormalState]):
     - `inner_solver`: a solver for positive (semi)definite operators.
 
     `options` are passed on to `inner_solver` (e.g. a `preconditioner` for the
-    Gram operator, and `y0`).
+    Gram operator, and `y0`). For a wide operator the inner solver's unknown is
+    `y`, with `x = A^H y`: a `y0` for `x` (the operator's input structure) is
+    ignored there, since using it would change the minimum-norm answer; a `y0`
+    for `y` (the operator's output structure) is passed on.
     """
 
     inner_solver: AbstractLinearSolver
@@ -70,12 +97,14 @@ class Normal(AbstractLinearSolver[NormalState]):
         tall = operator.out_size() >= operator.in_size()
         complex_ = tree_is_complex(operator.in_structure(), operator.out_structure())
         gram = _normal_operator(operator, tall, complex_)
+        options = _inner_options(operator, tall, options)
         return NormalState(
             operator, self.inner_solver.init(gram, options), tall, complex_
         )
 
     def compute(self, state: NormalState, vector, options):
         operator = state.operator
+        options = _inner_options(operator, state.tall, options)
         if state.tall:
             rhs = _adjoint_mv(operator, vector, state.complex_)
             return self.inner_solver.compute(state.inner_state, rhs, options)

@@ -13,6 +13,7 @@ from .._norm import max_norm
 from ._definite import AbstractDefiniteKrylovSolver
 from ._krylov import (
     apply,
+    FLOOR_GAP,
     iterate,
     Iteration,
     KrylovState,
@@ -155,13 +156,22 @@ class PipelinedCG(AbstractDefiniteKrylovSolver):
             del x, passed
             u, w, gamma, delta, rnorm = residual_terms(r)
             drifted = norm2(tree_sub(r, c.r)) > 0.1 * rnorm
+            # A pass that ended on a breakdown restarts afresh too. The breakdown
+            # test reads `<p, A p>` from its recurrence, a difference of two
+            # nearly equal numbers once the residual nears the floor the dtype
+            # allows: on positive definite matrices (cond 2e4, rtol 3e-12 in
+            # float64) it turned nonpositive, and the solve stopped with
+            # `breakdown` ("not positive definite") where CG converged. From a
+            # fresh direction `<p, A p> = <A u, u>` is computed directly, and only
+            # a nonpositive one is a breakdown.
+            fresh = drifted | c.breakdown
             # The coefficients of the step after `p` are recomputed from the new
             # residual, with those of the step that made `p`.
             alpha, beta, breakdown = next_coefficients(
-                gamma, delta, rnorm, c.gamma_old, c.alpha_old, drifted
+                gamma, delta, rnorm, c.gamma_old, c.alpha_old, fresh
             )
-            p = tree_where(drifted, tree_scale(0, c.p), c.p)
-            s = tree_where(drifted, tree_scale(0, c.s), c.s)
+            p = tree_where(fresh, tree_scale(0, c.p), c.p)
+            s = tree_where(fresh, tree_scale(0, c.s), c.s)
             breakdown = breakdown & (rnorm > problem.tol)
             return _ChronopoulosGear(
                 c.x,
@@ -207,5 +217,9 @@ class PipelinedCG(AbstractDefiniteKrylovSolver):
             halted=lambda c: c.breakdown,
             pass_length=self.stabilise_every,
             verify_mv=2,
+            # As for CG (see `FlexibleCG`): a pass whose recursive residual ends
+            # far below the true residual ran on rounding errors. (In the solver's
+            # norm, as `rnorm`: one more reduction per verification, none per step.)
+            below_floor=lambda c, rnorm: rnorm > FLOOR_GAP * problem.norm(c.r),
         )
         return iterate(self, problem, method, carry, rnorm=self.norm(problem.r0))

@@ -71,8 +71,12 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
     `C` is invertible, `K = C (C⁻¹ + V A⁻¹ U)`, the textbook capacitance matrix.
 
     Since `det M = det A · det K`, `M` is singular exactly when `A` or `K` is: a
-    singular (or numerically singular) `K` gives [`lineax.RESULTS.singular`][],
-    not NaN. `A` itself must be nonsingular, even if `M` is not.
+    `K` with an exactly zero pivot gives [`lineax.RESULTS.singular`][], not NaN.
+    A `K` that is only numerically singular (a pivot of rounding size, as for a
+    rank-one update that cancels `A` up to rounding) is solved as [`lineax.LU`][]
+    solves a numerically singular matrix: the solution is as accurate as the
+    condition of `M` allows, i.e. huge and meaningless, and reported successful.
+    `A` itself must be nonsingular, even if `M` is not.
 
     **Arguments:**
 
