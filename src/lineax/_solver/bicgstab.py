@@ -123,7 +123,18 @@ class BiCGStab(AbstractKrylovSolver):
         # products computed anyway, and the loop works with the squared norm
         # (`Iteration.squared`), so that no step takes a square root of its own.
         two = self.norm is two_norm
-        tiny = (eps * eps) * jnp.real(tree_dot(problem.vector, problem.vector))
+        # "Above rounding level", `<r, r> > eps^2 <b, b>`, is tested as
+        # `<r, r> / eps^2 > <b, b>`: the same test (both are products by a power
+        # of two, exact short of overflow, which gives the same answer), where
+        # `eps^2 <b, b>`, invariant, was a kernel of its own before the loop.
+        # (Unless `1 / eps^2` overflows, as in float16.)
+        bb = jnp.real(tree_dot(problem.vector, problem.vector))
+        inv_eps2 = 1 / (eps * eps)
+        exact = inv_eps2 < float(jnp.finfo(bb.dtype).max)
+
+        def above_rounding(rr):
+            return rr * inv_eps2 > bb if exact else rr > (eps * eps) * bb
+
 
         def small(value, xx, yy):
             # |<x, y>| <= eps |x| |y|, in squares (from the squared norms the step
@@ -181,7 +192,7 @@ class BiCGStab(AbstractKrylovSolver):
             # vanishing <r, A P r> cannot be cured by restarting again. (Unless the
             # recursive residual is below rounding level: then its products may
             # underflow, and there is simply nothing left to do.)
-            breakdown = bad_sigma & (jnp.real(k.fresh) > 0) & (rr > tiny)
+            breakdown = bad_sigma & (jnp.real(k.fresh) > 0) & above_rounding(rr)
             restart = bad_sigma | bad_omega | small(new_rho, shadow_nn, new_rr)
             # 0, 1 or 2 (`_BREAKDOWN`): a breakdown is a bad sigma, so a restart too.
             status = restart.astype(dtype) + breakdown.astype(dtype)
