@@ -541,11 +541,14 @@ def operator_scale(product: PyTree[Array], rdtype: Any) -> tuple[Array, Array]:
     power-of-two estimate of the operator's scale. `(1, 1)` where that is zero,
     subnormal or not finite.
 
-    The largest exponent is found as the largest exponent *field* (an integer
-    max-reduction of the bits, which orders nonnegative floats as their values):
-    XLA fuses it with the operator's last elementwise operations, where a float
-    max-reduction (a kernel of XLA:CPU's library) took the terms of a stencil as
-    operands, each computed by a kernel of its own."""
+    The largest exponent is found as the largest exponent *field* (the bits with
+    sign and mantissa masked off), reduced as the floats those bits are (`2^e`,
+    0 or infinity: nonnegative, so ordered as the fields): XLA fuses the masking
+    with the operator's last elementwise operations, and the reduction is one
+    kernel of XLA:CPU's library. (An integer max-reduction of 4096 fields was
+    three kernels, from the tree-reduction rewrite; a float max-reduction of
+    `|product|` itself took the terms of a stencil as operands, each computed by
+    a kernel of its own.)"""
     one = jnp.ones((), rdtype)
     leaves = jtu.tree_leaves(product)
     if len(leaves) == 0:
@@ -553,9 +556,14 @@ def operator_scale(product: PyTree[Array], rdtype: Any) -> tuple[Array, Array]:
     parts = []
     for x in leaves:
         parts += [jnp.real(x), jnp.imag(x)] if jnp.iscomplexobj(x) else [x]
-    fields = [jnp.max(_exponent_field(x, rdtype)) for x in parts]
+    wide, itype = _field_format(rdtype)[:2]
+
+    def as_float(field):
+        return lax.bitcast_convert_type(field, wide)
+
+    fields = [jnp.max(as_float(_exponent_field(x, rdtype))) for x in parts]
     field = fields[0] if len(fields) == 1 else jnp.max(jnp.stack(fields))
-    return _scale_of_field(field, rdtype)
+    return _scale_of_field(lax.bitcast_convert_type(field, itype), rdtype)
 
 
 def _input_scaled(mv: Callable, inverse: Array) -> Callable:
