@@ -15,15 +15,13 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import jax.tree_util as jtu
 from equinox import AbstractVar
-from jaxtyping import Array, ArrayLike, PyTree
+from jaxtyping import Array, PyTree, Scalar
 
 from .._operator.base import AbstractLinearOperator
 from ._krylov import (
     AbstractKrylovSolver,
-    AbstractStackedScalars,
     apply,
     check_square_krylov,
-    counts_exactly,
     iterate,
     Iteration,
     KrylovState,
@@ -92,6 +90,7 @@ class _Cycle(eqx.Module):
     preconditioner was at step `j` (FGMRES)."""
 
     x: PyTree[Array]  # the iterate the cycle started from
+    beta: Scalar  # 2-norm of its residual
     basis: PyTree[Array]  # V: leaves of shape (m + 1, *leaf_shape); unused rows 0
     # Z: (m, *leaf_shape); None for GMRES, and for FGMRES without a preconditioner.
     directions: PyTree[Array] | None
@@ -99,23 +98,11 @@ class _Cycle(eqx.Module):
     # (m, m): Q H, upper triangular, in the columns in use (its triangle is read);
     # the identity's columns in the others
     r_factor: Array
-    scalars: Array  # a packed `_Scalars`: one kernel at the end of a step
-
-
-class _Scalars(AbstractStackedScalars):
-    """A cycle's scalars, stacked in the real dtype (the flags as 0 or 1, the
-    counts as floats, exact): carried one by one, each was a kernel of its own at
-    the end of every step."""
-
-    beta: ArrayLike  # 2-norm of the residual the cycle started from
-    k: ArrayLike  # number of basis vectors (columns of H) in use
-    estimate: ArrayLike  # |last entry of Q beta e_1| = 2-norm of the residual
-    invariant: ArrayLike  # h_{k+1,k} = 0: the cycle can go no further
-    degenerate: ArrayLike  # the new column made the Hessenberg matrix singular
-    breakdown: ArrayLike  # a cycle could not make its first step: no progress possible
-    # Steps made (see `Iteration.steps`); `None` where the dtype cannot count to
-    # `max_steps` exactly, and the outer loop counts them.
-    steps: ArrayLike | None
+    k: Array  # number of basis vectors (columns of H) in use
+    estimate: Array  # |last entry of Q beta e_1| = 2-norm of the residual
+    invariant: Array  # h_{k+1,k} = 0: the cycle can go no further
+    degenerate: Array  # the new column made the Hessenberg matrix singular
+    breakdown: Array  # a cycle could not make its first step: no progress possible
 
 
 def _givens(a, b, cdtype):
@@ -181,18 +168,8 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
         cdtype = jnp.result_type(*[x.dtype for x in jtu.tree_leaves(structure)])
         mv: Callable = problem.mv
 
-        rdtype = problem.rdtype
-        counts = counts_exactly(rdtype, problem.max_steps)
-
-        def scalars_of(c: _Cycle) -> Any:
-            return layout.unpack(c.scalars)
-
-        def k_of(s: Any) -> Array:
-            return s.k.astype(jnp.int32)
-
         def arnoldi_step(c: _Cycle) -> _Cycle:
-            s = scalars_of(c)
-            j = k_of(s)
+            j = c.k
             z = apply(precond, basis_get(c.basis, j))
             w = mv(z)
             # CGS2: classical Gram-Schmidt twice against the whole (zero-padded)
@@ -247,28 +224,27 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             r_factor = lax.dynamic_update_slice_in_dim(
                 c.r_factor, r_column[:, None], j, 1, **_IN_RANGE
             )
-            estimate = jnp.where(keep, jnp.abs(rows[1, 0]) * s.beta, s.estimate)
-            scalars = _Scalars(
-                s.beta,
+            estimate = jnp.where(keep, jnp.abs(rows[1, 0]) * c.beta, c.estimate)
+            return _Cycle(
+                c.x,
+                c.beta,
+                basis,
+                directions,
+                rotations,
+                r_factor,
                 jnp.where(keep, j + 1, j),
                 estimate,
                 invariant,
                 degenerate,
-                s.breakdown,
-                None if s.steps is None else s.steps + 1,
-            )
-            return _Cycle(
-                c.x, basis, directions, rotations, r_factor, scalars.pack(rdtype)
+                c.breakdown,
             )
 
         def solution(c: _Cycle):
             # Solve R y = Q beta e_1 on the k columns in use (R holds the identity's
             # columns in the others, and their coefficients are 0), then x + P V y
             # or x + Z y.
-            s = scalars_of(c)
-            k = k_of(s)
-            used = jnp.arange(m, dtype=k.dtype) < k
-            g = jnp.where(used, s.beta.astype(cdtype) * c.rotations[:m, 0], 0)
+            used = jnp.arange(m, dtype=c.k.dtype) < c.k
+            g = jnp.where(used, c.beta.astype(cdtype) * c.rotations[:m, 0], 0)
             y = jsl.solve_triangular(c.r_factor, g, lower=False)
             if c.directions is None:
                 # GMRES, or FGMRES without a preconditioner (`apply` is then `V y`).
@@ -278,7 +254,7 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
                 update = basis_combine(c.directions, y)
             return jtu.tree_map(lambda xi, d: xi + d, c.x, update)
 
-        def new_cycle(x, r, breakdown, steps) -> tuple[_Cycle, _Scalars]:
+        def new_cycle(x, r, breakdown) -> _Cycle:
             beta = norm2(r)
             inv_beta = safe_div(1, beta)
             basis = jtu.tree_map(
@@ -296,41 +272,36 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
                 )
             else:
                 directions = None
-            scalars = _Scalars(beta, 0, beta, 0, 0, breakdown, steps)
-            cycle = _Cycle(
+            false = jnp.array(False)
+            return _Cycle(
                 x,
+                beta,
                 basis,
                 directions,
                 jnp.eye(m + 1, dtype=cdtype),
                 jnp.eye(m, dtype=cdtype),
-                scalars.pack(rdtype),
+                jnp.array(0, jnp.int32),
+                beta,
+                false,
+                false,
+                breakdown,
             )
-            return cycle, scalars
 
         def restart(c: _Cycle, x, r, passed) -> _Cycle:
             del passed
             # No progress at all is possible from here: the first new direction was
             # already degenerate (e.g. A P r = 0).
-            s = scalars_of(c)
-            breakdown = (s.degenerate > 0) & (s.k == 0)
-            return new_cycle(x, r, breakdown, s.steps)[0]
-
-        def ends_pass(c: _Cycle) -> Array:
-            s = scalars_of(c)
-            return (s.invariant > 0) | (s.degenerate > 0)
+            return new_cycle(x, r, c.degenerate & (c.k == 0))
 
         method = Iteration(
             step=arnoldi_step,
-            estimate=lambda c: scalars_of(c).estimate,
+            estimate=lambda c: c.estimate,
             solution=solution,
             restart=restart,
-            halted=lambda c: scalars_of(c).breakdown > 0,
-            ends_pass=ends_pass,
+            halted=lambda c: c.breakdown,
+            ends_pass=lambda c: c.invariant | c.degenerate,
             pass_length=m,
             patience=self.stagnation_iters,
-            steps=(lambda c: scalars_of(c).steps) if counts else None,
         )
-        cycle, layout = new_cycle(
-            problem.x0, problem.r0, jnp.array(False), 0 if counts else None
-        )
+        cycle = new_cycle(problem.x0, problem.r0, jnp.array(False))
         return iterate(self, problem, method, cycle)
