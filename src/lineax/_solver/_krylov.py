@@ -541,11 +541,14 @@ def operator_scale(product: PyTree[Array], rdtype: Any) -> tuple[Array, Array]:
     power-of-two estimate of the operator's scale. `(1, 1)` where that is zero,
     subnormal or not finite.
 
-    The largest exponent is found as the largest exponent *field* (an integer
-    max-reduction of the bits, which orders nonnegative floats as their values):
-    XLA fuses it with the operator's last elementwise operations, where a float
-    max-reduction (a kernel of XLA:CPU's library) took the terms of a stencil as
-    operands, each computed by a kernel of its own."""
+    The largest exponent is found as the largest exponent *field* (the bits with
+    sign and mantissa masked off), reduced as the floats those bits are (`2^e`,
+    0 or infinity: nonnegative, so ordered as the fields): XLA fuses the masking
+    with the operator's last elementwise operations, and the reduction is one
+    kernel of XLA:CPU's library. (An integer max-reduction of 4096 fields was
+    three kernels, from the tree-reduction rewrite; a float max-reduction of
+    `|product|` itself took the terms of a stencil as operands, each computed by
+    a kernel of its own.)"""
     one = jnp.ones((), rdtype)
     leaves = jtu.tree_leaves(product)
     if len(leaves) == 0:
@@ -553,9 +556,14 @@ def operator_scale(product: PyTree[Array], rdtype: Any) -> tuple[Array, Array]:
     parts = []
     for x in leaves:
         parts += [jnp.real(x), jnp.imag(x)] if jnp.iscomplexobj(x) else [x]
-    fields = [jnp.max(_exponent_field(x, rdtype)) for x in parts]
+    wide, itype = _field_format(rdtype)[:2]
+
+    def as_float(field):
+        return lax.bitcast_convert_type(field, wide)
+
+    fields = [jnp.max(as_float(_exponent_field(x, rdtype))) for x in parts]
     field = fields[0] if len(fields) == 1 else jnp.max(jnp.stack(fields))
-    return _scale_of_field(field, rdtype)
+    return _scale_of_field(lax.bitcast_convert_type(field, itype), rdtype)
 
 
 def _input_scaled(mv: Callable, inverse: Array) -> Callable:
@@ -840,6 +848,10 @@ class _Book(AbstractStackedScalars):
     ref_progress: Scalar | None
     ref_estimate: Scalar | None
     floor_hits: Scalar | None  # passes below the floor since the last halving
+    # The threshold of the estimate that ends the current pass (squared where
+    # the estimate is, see `iterate`), where the book has room for it (`None`
+    # otherwise: then the inner loop's condition computes it).
+    bound: Scalar | None
 
 
 def _history_layout(max_steps: int, history_length: int | None) -> tuple[int, int]:
@@ -923,6 +935,11 @@ def iterate(
         e = method.estimate(c)
         return jnp.sqrt(e) if method.squared else e
 
+    def bound_for(start, rnorm, tol, factor):
+        # The threshold of the estimate that ends a pass started from `start`.
+        inner_tol = adapted_tolerance(estimate_of(start), rnorm, tol, factor)
+        return inner_tol**2 if method.squared else inner_tol
+
     def inner_step(q: _Pass) -> _Pass:
         # Only the method's step, the step count and the history write: anything
         # else here would be paid on every step.
@@ -947,16 +964,19 @@ def iterate(
         start = o.inner.carry
         k = book_of(o)
 
-        # The threshold of the estimate that ends the pass, and the step count
-        # at which the pass ends at the latest. Computed where they are used (in
-        # the inner loop's condition, and once after it) rather than once here:
-        # as values of their own they would be separate kernels of this body.
+        # The threshold of the estimate that ends the pass: computed by the
+        # previous pass's packing of the book where it has room (one kernel
+        # computes both), else where it is used (in the inner loop's condition,
+        # and once after it) rather than once here: as a value of its own it
+        # would be a separate kernel of this body. So is the step count at which
+        # the pass ends at the latest.
         def bound_of():
             # (The scalars are read from `o.book` here, so that the inner loop
             # takes the whole array rather than slices of it made by kernels.)
             b = book_of(o)
-            inner_tol = adapted_tolerance(estimate_of(start), b.rnorm, b.tol, b.factor)
-            return inner_tol**2 if method.squared else inner_tol
+            if carries_bound:
+                return b.bound
+            return bound_for(start, b.rnorm, b.tol, b.factor)
 
         def inner_running(q: _Pass):
             c = q.carry
@@ -1029,9 +1049,10 @@ def iterate(
         # A converged iterate is returned, so it is kept as the "best" one.
         keep = improved | converged
         flag = keep.astype(p.rdtype) + converged.astype(p.rdtype)
+        bound = bound_for(c, rnorm, k.tol, factor) if carries_bound else None
         packed = _Book(
             rnorm, k.tol, best_rnorm, factor, since_best, flag,
-            ref_progress, ref_estimate, floor_hits,
+            ref_progress, ref_estimate, floor_hits, bound,
         ).pack(p.rdtype)  # fmt: skip
         # The selection of `best_x` reads its flag back from the packed scalars
         # (behind a barrier, so that XLA does not fold the slice into the
@@ -1085,7 +1106,17 @@ def iterate(
         inf,
         None if method.progress_estimate is None else inf,
         None if method.below_floor is None else zero,
+        None,
     )
+    # The pass's threshold travels in the book where it has room (at most 8
+    # fields, see `AbstractStackedScalars`): XLA made the loop-invariant parts of
+    # its computation in the inner loop's condition two kernels of the outer
+    # loop's body, and the condition, which runs every step, bigger.
+    carries_bound = len(jtu.tree_leaves(book)) < 8
+    if carries_bound:
+        book = dataclasses.replace(
+            book, bound=bound_for(carry, rnorm, tol, factor).astype(p.rdtype)
+        )
 
     def unpack_book(packed: Array) -> Any:
         return book.unpack(packed)

@@ -45,9 +45,13 @@ class _Scalars(AbstractStackedScalars):
     rho: ArrayLike  # <r̂_0, r>
     beta: ArrayLike  # the next direction's coefficient: 0 right after a restart
     omega: ArrayLike
-    # 0; 1: restart before the next step (ends the pass); 2: breakdown.
+    # -1: no step since the last restart; 0; 1: restart before the next step
+    # (ends the pass); 2: breakdown.
     status: ArrayLike
-    fresh: ArrayLike  # 1 if no step since the last restart
+    # The half-step test's threshold (squared with the 2-norm), fixed for the
+    # solve: carried here rather than closed over, where XLA made it a kernel
+    # before the loop.
+    half: ArrayLike
     # The residual's norm if the stopping norm is not the 2-norm, else None.
     rnorm: ArrayLike | None
     # Steps made (see `Iteration.steps`); `None` where the dtype cannot count to
@@ -55,7 +59,7 @@ class _Scalars(AbstractStackedScalars):
     steps: ArrayLike | None
 
 
-_BREAKDOWN = 2  # (`_Scalars.status`)
+_FRESH, _BREAKDOWN = -1, 2  # (`_Scalars.status`)
 
 
 class BiCGStab(AbstractKrylovSolver):
@@ -123,7 +127,17 @@ class BiCGStab(AbstractKrylovSolver):
         # products computed anyway, and the loop works with the squared norm
         # (`Iteration.squared`), so that no step takes a square root of its own.
         two = self.norm is two_norm
-        tiny = (eps * eps) * jnp.real(tree_dot(problem.vector, problem.vector))
+        # "Above rounding level", `<r, r> > eps^2 <b, b>`, is tested as
+        # `<r, r> / eps^2 > <b, b>`: the same test (both are products by a power
+        # of two, exact short of overflow, which gives the same answer), where
+        # `eps^2 <b, b>`, invariant, was a kernel of its own before the loop.
+        # (Unless `1 / eps^2` overflows, as in float16.)
+        bb = jnp.real(tree_dot(problem.vector, problem.vector))
+        inv_eps2 = 1 / (eps * eps)
+        exact = inv_eps2 < float(jnp.finfo(bb.dtype).max)
+
+        def above_rounding(rr):
+            return rr * inv_eps2 > bb if exact else rr > (eps * eps) * bb
 
         def small(value, xx, yy):
             # |<x, y>| <= eps |x| |y|, in squares (from the squared norms the step
@@ -164,7 +178,8 @@ class BiCGStab(AbstractKrylovSolver):
             # is not finite). The step is then dropped (`x` and `r` kept) and the
             # iteration restarts. (A sigma of exactly 0 gives alpha = 0.)
             bad_sigma = zero | small(rho, shadow_nn, ss)
-            half_done = (ss <= half_tol**2) if two else (problem.norm(s) <= half_tol)
+            half = jnp.real(k.half)
+            half_done = (ss <= half) if two else (problem.norm(s) <= half)
             bad_omega = small(ts, tt, ss)
             # (A `<t, t>` of 0 is a bad omega.)
             no_omega = bad_omega | half_done | bad_sigma
@@ -181,7 +196,7 @@ class BiCGStab(AbstractKrylovSolver):
             # vanishing <r, A P r> cannot be cured by restarting again. (Unless the
             # recursive residual is below rounding level: then its products may
             # underflow, and there is simply nothing left to do.)
-            breakdown = bad_sigma & (jnp.real(k.fresh) > 0) & (rr > tiny)
+            breakdown = bad_sigma & (jnp.real(k.status) == _FRESH) & above_rounding(rr)
             restart = bad_sigma | bad_omega | small(new_rho, shadow_nn, new_rr)
             # 0, 1 or 2 (`_BREAKDOWN`): a breakdown is a bad sigma, so a restart too.
             status = restart.astype(dtype) + breakdown.astype(dtype)
@@ -190,17 +205,20 @@ class BiCGStab(AbstractKrylovSolver):
             beta = safe_div(new_rho * alpha, rho * omega)
             rnorm = None if two else problem.norm(r)
             scalars = _Scalars(
-                shadow_nn, new_rr, new_rho, beta, omega, status, 0, rnorm,
+                shadow_nn, new_rr, new_rho, beta, omega, status, k.half, rnorm,
                 None if k.steps is None else jnp.real(k.steps) + 1,
             )  # fmt: skip
             return _Carry(x, r, c.shadow, p, v, scalars.pack(dtype))
 
-        def restarted(r, status, steps) -> _Scalars:
+        def restarted(r, status, steps, half, rr=None, rnorm=None) -> _Scalars:
             # The scalars of a (re)start from `r`, with `r` as the shadow vector;
-            # beta = 0 makes the next direction `r`.
-            rr = jnp.real(tree_dot(r, r))
+            # beta = 0 makes the next direction `r`. (`rr` and `rnorm`: `<r, r>`
+            # and `norm(r)`, where known.)
+            rr = jnp.real(tree_dot(r, r)) if rr is None else rr
+            if not two and rnorm is None:
+                rnorm = problem.norm(r)
             return _Scalars(
-                rr, rr, rr, 0, 0, status, 1, None if two else problem.norm(r), steps
+                rr, rr, rr, 0, 0, status, half, None if two else rnorm, steps
             )
 
         def restart_from(c: _Carry, x, r, passed) -> _Carry:
@@ -211,8 +229,9 @@ class BiCGStab(AbstractKrylovSolver):
             del x
             status = status_of(c)
             # (A breakdown stays one: the outer loop stops on it.)
-            breakdown = (status == _BREAKDOWN).astype(dtype) * _BREAKDOWN
-            new = restarted(r, breakdown, scalars_of(c).steps).pack(dtype)
+            new_status = jnp.where(status == _BREAKDOWN, _BREAKDOWN, _FRESH)
+            k = scalars_of(c)
+            new = restarted(r, new_status, k.steps, k.half).pack(dtype)
             restart = passed | (status > 0)
             return _Carry(
                 c.x,
@@ -226,7 +245,18 @@ class BiCGStab(AbstractKrylovSolver):
         r = problem.r0
         dtype = tree_dot(r, r).dtype
         counts = counts_exactly(dtype, problem.max_steps)
-        layout = restarted(r, 0, 0 if counts else None)
+        rr = jnp.real(tree_dot(r, r))
+        rnorm = jnp.sqrt(rr) if two else problem.norm(r)
+        # The half-step test's threshold: `tol`, or, where the initial residual
+        # already meets it, the relative target of `iterate`'s first pass (see
+        # there). With `tol` the first half step met it, the step ended the pass
+        # and the solve after one step (Newton near its root, whose right-hand
+        # side is below the solver's `atol`, then stalled, as it did with GMRES).
+        first = first_pass_factor(self.rtol, eps)
+        half_tol = jnp.where(rnorm <= tol, first * rnorm, tol)
+        half = half_tol**2 if two else half_tol
+        steps = 0 if counts else None
+        layout = restarted(r, _FRESH, steps, half, rr, rnorm)
         carry = _Carry(problem.x0, r, r, r, r, layout.pack(dtype))
 
         def estimate(c: _Carry) -> Array:
@@ -249,16 +279,6 @@ class BiCGStab(AbstractKrylovSolver):
             patience=_PATIENCE,
             steps=(lambda c: jnp.real(scalars_of(c).steps)) if counts else None,
         )
-        rnorm = estimate(carry)
-        rnorm = jnp.sqrt(rnorm) if two else rnorm
-        # The half-step test's threshold (read by `step`, traced by `iterate`):
-        # `tol`, or, where the initial residual already meets it, the relative
-        # target of `iterate`'s first pass (see there). With `tol` the first half
-        # step met it, the step ended the pass and the solve after one step (Newton
-        # near its root, whose right-hand side is below the solver's `atol`, then
-        # stalled, as it did with GMRES).
-        first = first_pass_factor(self.rtol, eps)
-        half_tol = jnp.where(rnorm <= tol, first * rnorm, tol)
         return iterate(self, problem, method, carry, rnorm=rnorm)
 
 
