@@ -231,21 +231,101 @@ def test_woodbury_rank_zero_update_solves_as_its_operator():
     np.testing.assert_allclose(grad, -1 / np.asarray(d) ** 2, rtol=1e-14)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A Krylov solve of size 0 fails at trace time with NumPy's 'zero-size "
-    "array to reduction operation max' (in _krylov.py's right-hand-side scaling, "
-    "`_power_of_two_scale`, outside this task's files); lx.LU returns the empty "
-    "solution.",
-)
-@pytest.mark.parametrize("name", ["FGMRES", "FlexibleCG", "PipelinedCG"])
+_KRYLOV = [
+    "CG",
+    "GMRES",
+    "BiCGStab",
+    "MINRES",
+    "LSMR",
+    "FGMRES",
+    "FlexibleCG",
+    "PipelinedCG",
+]
+
+
+@pytest.mark.parametrize("name", _KRYLOV)
 def test_krylov_solve_of_size_zero(name):
-    tags = () if name == "FGMRES" else psd
+    # Every Krylov solver failed at trace time on a problem of size 0, with NumPy's
+    # "zero-size array to reduction operation max" (the power-of-two scaling of the
+    # right-hand side and of the operator), and GMRES/FGMRES then with a slice of
+    # a Hessenberg matrix of restart 0. lx.LU returns the empty solution.
+    tags = {"GMRES": (), "FGMRES": (), "BiCGStab": (), "LSMR": ()}.get(name, psd)
     operator = lx.MatrixLinearOperator(jnp.zeros((0, 0)), tags)
     solver = getattr(lx, name)(rtol=1e-8, atol=1e-8)
     sol = lx.linear_solve(operator, jnp.zeros(0), solver, throw=False)
     assert sol.result == lx.RESULTS.successful
     assert sol.value.shape == (0,)
+
+
+def test_lsmr_right_hand_side_orthogonal_to_the_range_is_solved_by_zero():
+    # A^H b = 0 exactly (a zero operator, a zero row, an input of size 0): x = 0 is
+    # the pseudoinverse solution, and LSMR's first estimate of ||A^H r||, alpha *
+    # beta, is 0. That halted the iteration before any step, and the halt was
+    # reported as a breakdown (lineax 0.1.1: successful).
+    cases = [
+        (np.zeros((3, 2)), np.array([1.0, 2.0, 3.0]), None),
+        (np.zeros((3, 0)), np.array([1.0, 2.0, 3.0]), None),
+        (np.diag([1.0, 0.0]), np.array([0.0, 1.0]), None),
+        # From `y0`, LSMR returns y0 + pinv(A) (b - A y0): here y0 itself.
+        (np.diag([1.0, 0.0]), np.array([0.0, 1.0]), np.array([0.0, 5.0])),
+    ]
+    for matrix, b, y0 in cases:
+        options = {} if y0 is None else {"y0": jnp.asarray(y0)}
+        value, result = _solve(
+            lx.MatrixLinearOperator(jnp.asarray(matrix)),
+            jnp.asarray(b),
+            lx.LSMR(rtol=1e-8, atol=1e-8),
+            options,
+        )
+        assert result == lx.RESULTS.successful, (matrix, b)
+        expected = np.linalg.pinv(matrix) @ b if y0 is None else y0
+        np.testing.assert_allclose(value, expected, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_minres_singular_inconsistent_stops_at_a_least_squares_solution(dtype):
+    # Symmetric, rank 4 of 6, b with a component in the null space: the Krylov
+    # space is exhausted after 5 steps, where the tridiagonal matrix is singular
+    # to working precision and its last pivot is rounding error. MINRES divided
+    # by it: |x| ~ 1e13 (float64) or 1e5 (float32), |A r| ~ 0.1, reported as
+    # `singular` (SciPy's minres does the same, and says it converged). The step is
+    # now not taken: x is a least-squares solution, |A r| at rounding level.
+    eps = np.finfo(dtype).eps
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+        matrix = q @ np.diag([1.0, 2.0, 3.0, -1.0, 0.0, 0.0]) @ q.T
+        matrix = ((matrix + matrix.T) / 2).astype(dtype)
+        b = rng.normal(size=6).astype(dtype)
+        value, result = _solve(
+            lx.MatrixLinearOperator(jnp.asarray(matrix), lx.symmetric_tag),
+            jnp.asarray(b),
+            lx.MINRES(rtol=1e-6, atol=1e-6),
+            {},
+        )
+        assert result == lx.RESULTS.singular
+        x = np.asarray(value, np.float64)
+        a = matrix.astype(np.float64)
+        residual = b - a @ x
+        assert np.linalg.norm(x) < 10 * np.linalg.norm(np.linalg.pinv(a) @ b)
+        assert np.linalg.norm(a @ residual) < 100 * eps * np.linalg.norm(b)
+
+
+def test_krylov_best_iterate_wins_ties_with_the_newer():
+    # diag(1, 2, 0) and b = (1, 1, 1): every iterate's residual has the entry 1 in
+    # the null direction, so in the (default) max norm all tie with x = 0, and
+    # the first iterate, x = 0, won every tie: MINRES returned x = 0. The newer
+    # iterate of a tie is kept: a least-squares solution.
+    matrix = np.diag([1.0, 2.0, 0.0])
+    b = np.ones(3)
+    value, result = _solve(
+        lx.MatrixLinearOperator(jnp.asarray(matrix), lx.symmetric_tag),
+        jnp.asarray(b),
+        lx.MINRES(rtol=1e-8, atol=1e-8),
+        {},
+    )
+    assert result == lx.RESULTS.singular
+    np.testing.assert_allclose(np.asarray(value)[:2], [1.0, 0.5], rtol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["CG", "FlexibleCG", "PipelinedCG"])

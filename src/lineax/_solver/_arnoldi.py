@@ -163,7 +163,8 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             operator, vector, y0, precond=precond, scale_operator=True
         )
         structure = operator.in_structure()
-        m = min(self.restart, operator.in_size())
+        # (At least 1: a problem of size 0 still runs, trivially, one cycle.)
+        m = max(min(self.restart, operator.in_size()), 1)
         eps = problem.eps
         cdtype = jnp.result_type(*[x.dtype for x in jtu.tree_leaves(structure)])
         mv: Callable = problem.mv

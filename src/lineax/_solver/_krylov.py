@@ -526,7 +526,8 @@ def _power_of_two_scale(vector: PyTree[Array], rdtype: Any) -> tuple[Array, Arra
     subnormal of single or double precision gives 1, as it did with `frexp` on
     CPU, where XLA flushes them to zero.)"""
     one = jnp.ones((), rdtype)
-    leaves = jtu.tree_leaves(vector)
+    # (Empty leaves have no largest entry: a problem of size 0 has scale 1.)
+    leaves = [x for x in jtu.tree_leaves(vector) if x.size]
     if len(leaves) == 0:
         return one, one
     wide = _field_format(rdtype)[0]
@@ -550,7 +551,7 @@ def operator_scale(product: PyTree[Array], rdtype: Any) -> tuple[Array, Array]:
     `|product|` itself took the terms of a stencil as operands, each computed by
     a kernel of its own.)"""
     one = jnp.ones((), rdtype)
-    leaves = jtu.tree_leaves(product)
+    leaves = [x for x in jtu.tree_leaves(product) if x.size]  # (as above)
     if len(leaves) == 0:
         return one, one
     parts = []
@@ -1046,8 +1047,12 @@ def iterate(
             jnp.minimum(1, 1.5 * k.factor),
         )
         c = method.restart(c, x, r, passed)
-        # A converged iterate is returned, so it is kept as the "best" one.
-        keep = improved | converged
+        # A converged iterate is returned, so it is kept as the "best" one. So is
+        # one that ties with the best (not an improvement for `since_best`): in
+        # the max norm the largest entry of the residual may be one that no
+        # iterate can reduce (a singular inconsistent system), and the first
+        # iterate, often `x = 0`, won every tie.
+        keep = (rnorm <= k.best_rnorm) | converged
         flag = keep.astype(p.rdtype) + converged.astype(p.rdtype)
         bound = bound_for(c, rnorm, k.tol, factor) if carries_bound else None
         packed = _Book(

@@ -434,10 +434,17 @@ def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
         estimate=lambda c: c.normr,
         solution=solution,
         restart=lambda c, x, r, passed: c,
-        # alpha * beta = 0: A^H b = 0, so x0 already solves the normal equations.
+        # alpha * beta = 0 before any step: A^H b = 0, so x0 already solves the
+        # normal equations (a zero operator, a right-hand side orthogonal to its
+        # range, an input of size 0): a success, with no step to make. Later, a
+        # vanishing (or NaN) estimate without a verified residual is a breakdown.
         halted=lambda c: (c.cond_a > solver.conlim) | ~(c.normar > 0),
         halt_result=lambda c: RESULTS.where(
-            c.cond_a > solver.conlim, RESULTS.conlim, RESULTS.breakdown
+            c.cond_a > solver.conlim,
+            RESULTS.conlim,
+            RESULTS.where(
+                ~c.started & (c.normar == 0), RESULTS.successful, RESULTS.breakdown
+            ),
         ),
         settled=settled,
         accept=normal_solved,

@@ -29,6 +29,7 @@ from ._krylov import (
     safe_div,
     tree_axpy,
     tree_scale,
+    tree_where,
 )
 from .base import check_tag
 
@@ -175,9 +176,13 @@ class MINRES(AbstractKrylovSolver):
             dbar = -c.cs * beta
             root = jnp.hypot(gbar, dbar)
             gamma = jnp.hypot(gbar, beta)
-            # gamma = 0 means the tridiagonal matrix is singular (an inconsistent
-            # singular system): no update can be made.
-            singular = ~(gamma > 0)
+            # gamma ~ 0 relative to the tridiagonal matrix's norm: it is singular to
+            # working precision (an inconsistent singular system, its Krylov space
+            # exhausted). The update would divide rounding errors by gamma, and
+            # put a huge multiple of a null vector into x (|x| ~ 1e13 from a unit
+            # b in float64): no update is made; the iterate is a least-squares
+            # solution over the Krylov space so far.
+            singular = ~(gamma > _SINGULAR * eps * jnp.sqrt(tnorm2))
             cs = safe_div(gbar, gamma)
             sn = safe_div(beta, gamma)
             phi = cs * c.phibar
@@ -186,14 +191,15 @@ class MINRES(AbstractKrylovSolver):
                 safe_div(1, gamma),
                 tree_axpy(-oldeps, c.w2, tree_axpy(-delta, c.w, v)),
             )
-            x = tree_axpy(phi, w, c.x)
+            x = tree_where(singular, c.x, tree_axpy(phi, w, c.x))
             # beta ~ 0 relative to the other entries of the tridiagonal column: the
             # Krylov space is invariant, and x is the final iterate.
-            exhausted = ~(beta > eps * (jnp.abs(alfa) + oldb))
+            # (So is it after a singular pivot: reported as `singular`.)
+            exhausted = ~(beta > eps * (jnp.abs(alfa) + oldb)) | singular
             return _Lanczos(
                 x, c.r2, r2, y, w, c.w, beta, oldb, dbar, epsln, phibar, cs, sn,
                 tnorm2, jnp.maximum(c.gmax, gamma), jnp.minimum(c.gmin, gamma),
-                safe_div(root, jnp.sqrt(tnorm2)), exhausted, bad_precond | singular,
+                safe_div(root, jnp.sqrt(tnorm2)), exhausted, bad_precond,
             )  # fmt: skip
 
         def halted(c: _Lanczos):
@@ -234,3 +240,7 @@ class MINRES(AbstractKrylovSolver):
             progress_estimate=lambda c: c.phibar,
         )
         return iterate(self, problem, method, lanczos)
+
+
+# A pivot `gamma` at most this many times eps ||T_k|| is zero (see `step`).
+_SINGULAR = 10
