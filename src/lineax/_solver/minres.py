@@ -80,7 +80,9 @@ class MINRES(AbstractKrylovSolver):
     iteration also stops when the estimate of `||A r|| / (||A|| ||r||)` falls
     below `rtol` (the normal equations are solved: for a singular, inconsistent
     system, the iterate is then near a least-squares solution) or the estimate of
-    `cond(A)` exceeds `0.1 / eps`; unless the true residual passes, these are
+    `cond(A)` exceeds `0.1 / eps`, or a pivot of the Lanczos tridiagonal matrix
+    vanishes to working precision (that step, which would add a huge multiple of a
+    null vector, is not taken); unless the true residual passes, these are
     reported as [`lineax.RESULTS.singular`][], never `successful`. The iterate with
     the smallest true residual is returned if the solve does not succeed. The true
     residual is also checked every 50 steps; when `phibar` has fallen 16-fold
