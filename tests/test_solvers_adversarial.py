@@ -372,6 +372,15 @@ def test_block_diagonal_stacked_blocks_accept_a_partial_y0():
                 np.testing.assert_allclose(x, np.linalg.solve(m, v), rtol=1e-9)
 
 
+def _spd_with_condition(seed, condition, n=12):
+    """A symmetric positive definite matrix with eigenvalues geomspace(1,
+    1 / condition), random eigenvectors, and a random right-hand side."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    matrix = (q * np.geomspace(1, 1 / condition, n)) @ q.T
+    return (matrix + matrix.T) / 2, rng.normal(size=n)
+
+
 def test_pipelined_cg_rarely_reports_breakdown_on_positive_definite():
     # Positive definite, cond 1e5, rtol 1e-11 (near the float64 floor), 20
     # matrices. The Chronopoulos-Gear recurrence for <p, A p> (a difference of
@@ -380,14 +389,9 @@ def test_pipelined_cg_rarely_reports_breakdown_on_positive_definite():
     # breakdown now restarts from a fresh direction, whose <p, A p> = <A u, u> is
     # computed directly, and only a nonpositive one is a breakdown. (Counted over
     # many matrices: near the floor single outcomes depend on rounding.)
-    n = 12
     breakdowns = 0
     for seed in range(20):
-        rng = np.random.default_rng(seed)
-        q, _ = np.linalg.qr(rng.normal(size=(n, n)))
-        matrix = (q * np.geomspace(1, 1e-5, n)) @ q.T
-        matrix = (matrix + matrix.T) / 2
-        b = rng.normal(size=n)
+        matrix, b = _spd_with_condition(seed, 1e5)
         operator = lx.MatrixLinearOperator(jnp.asarray(matrix), psd)
         value, result = _solve(
             operator, jnp.asarray(b), lx.PipelinedCG(rtol=1e-11, atol=0.0), {}
@@ -407,15 +411,11 @@ def test_pipelined_cg_residual_replacement_keeps_convergence():
     # recursive `s`. It now replaces only where the true and recursive residuals
     # differ by more than 1%, and then consistently (the recursive
     # direction, its product recomputed): 8 of 8 converge, in 31-37 steps.
-    n = 12
     successes = 0
     for seed in range(8):
-        rng = np.random.default_rng(seed)
-        q, _ = np.linalg.qr(rng.normal(size=(n, n)))
-        matrix = (q * np.geomspace(1, 1e-8, n)) @ q.T
-        matrix = (matrix + matrix.T) / 2
+        matrix, b = _spd_with_condition(seed, 1e8)
         operator = lx.MatrixLinearOperator(jnp.asarray(matrix), psd)
-        b = jnp.asarray(rng.normal(size=n))
+        b = jnp.asarray(b)
         _, result = _solve(operator, b, lx.PipelinedCG(rtol=3e-8, atol=0.0), {})
         successes += int(result == lx.RESULTS.successful)
     assert successes >= 6, successes
