@@ -47,6 +47,15 @@ if _ADDED_XLA_FLAGS_ENV not in os.environ:
     os.environ[_ADDED_XLA_FLAGS_ENV] = " ".join(_added)
 ADDED_XLA_FLAGS = os.environ[_ADDED_XLA_FLAGS_ENV].split()
 
+# One OpenBLAS thread (NumPy's and SciPy's, which JAX's CPU LAPACK calls use too),
+# unless the user chose: with two pytest-xdist workers on two cores its extra
+# threads only spin-wait for a core, e.g. 4.2 -> 0.4 s of CPU for the 512x512 SVD
+# solve of `test_svd_accuracy_ill_conditioned_float32`. Values are unchanged up to
+# the rounding of a blocked product (the tests' tolerances). Set before NumPy loads
+# OpenBLAS in this process (when it has not yet) and inherited by the workers and
+# subprocesses.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import jax  # noqa: E402
 import jaxtyping
 import pytest
