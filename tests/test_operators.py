@@ -366,17 +366,22 @@ def _operator_functions(op):
     def fn(params, x, w):
         op = eqx.combine(params, static)
         square = op.in_size() == op.out_size()
+        # Each derived operator is built once and both its matrix and its product
+        # are checked (building one twice only repeats the tracing: for the
+        # matrix-free kinds, `materialise` traces a Jacobian).
+        materialised = lx.materialise(op)
+        conjugated = lx.conj(op)
         return {
             "mv": flatten_jax(op.mv(x)),
             "matrix": op.as_matrix(),
             "transpose": op.transpose().as_matrix(),
             "transpose_mv": flatten_jax(op.T.mv(w)),
             "transpose_transpose": op.T.T.as_matrix(),
-            "materialise": lx.materialise(op).as_matrix(),
-            "materialise_mv": flatten_jax(lx.materialise(op).mv(x)),
+            "materialise": materialised.as_matrix(),
+            "materialise_mv": flatten_jax(materialised.mv(x)),
             "linearise": flatten_jax(lx.linearise(op).mv(x)),
-            "conj": lx.conj(op).as_matrix(),
-            "conj_mv": flatten_jax(lx.conj(op).mv(x)),
+            "conj": conjugated.as_matrix(),
+            "conj_mv": flatten_jax(conjugated.mv(x)),
             "diagonal": lx.diagonal(op),
             "tridiagonal": lx.tridiagonal(op) if square else (),
         }
