@@ -259,3 +259,20 @@ def test_schur_solves_scaled_and_negated_block_operators():
         assert isinstance(scaled, lx.BlockLinearOperator)
         solution = lx.linear_solve(scaled, vector, lx.Schur()).value
         assert_close(_flat(solution), np.linalg.solve(factor * dense, np.ones(3)))
+
+
+def test_kronecker_product_with_an_empty_factor():
+    # A factor of size 0 makes the product empty. Its `mv` reshaped the vector with
+    # a `-1` next to a 0 dimension: ZeroDivisionError inside jnp.reshape.
+    empty = lx.MatrixLinearOperator(jnp.zeros((0, 0)))
+    square = lx.MatrixLinearOperator(2 * jnp.eye(3))
+    for operator in (
+        lx.KroneckerLinearOperator(square, empty),
+        lx.KroneckerLinearOperator(empty, square),
+    ):
+        assert operator.mv(jnp.zeros(0)).shape == (0,)
+        assert operator.transpose().mv(jnp.zeros(0)).shape == (0,)
+        assert operator.as_matrix().shape == (0, 0)
+        sol = lx.linear_solve(operator, jnp.zeros(0), throw=False)
+        assert sol.result == lx.RESULTS.successful
+        assert sol.value.shape == (0,)

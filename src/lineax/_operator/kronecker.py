@@ -2,6 +2,7 @@
 applied by reshaping (the product is never formed)."""
 
 import functools as ft
+import math
 from typing import Any
 
 import jax
@@ -47,7 +48,8 @@ def apply_along_axis(
     """
     moved = jnp.moveaxis(x, axis, -1)
     batch_shape = moved.shape[:-1]
-    flat = moved.reshape(-1, moved.shape[-1])
+    # (The batch size written out: `-1` is ambiguous when a dimension is 0.)
+    flat = moved.reshape(math.prod(batch_shape), moved.shape[-1])
     out = jax.vmap(fn)(flat)
     out, aux = out if has_aux else (out, None)
     out = jnp.moveaxis(out.reshape(batch_shape + (out_size,)), -1, axis)
