@@ -105,7 +105,10 @@ class _Cycle(eqx.Module):
     estimate: Array  # |last entry of Q beta e_1| = 2-norm of the residual
     invariant: Array  # h_{k+1,k} = 0: the cycle can go no further
     degenerate: Array  # the new column made the Hessenberg matrix singular
-    breakdown: Array  # a cycle could not make its first step: no progress possible
+    # No further progress is possible: a cycle could not make its first step
+    # (a breakdown), or `FLOOR_PATIENCE` cycles ended below the floor (stagnation).
+    # (One flag: the inner loop tests it at every step.)
+    halt: Array
     # The float32 floor (see `restart` in `compute`): the 2-norm of the true
     # residual when it last halved, and the cycles since then that ended with the
     # estimate more than `FLOOR_GAP` below the true residual.
@@ -245,7 +248,7 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
                 estimate,
                 invariant,
                 degenerate,
-                c.breakdown,
+                c.halt,
                 c.floor_ref,
                 c.floor_hits,
             )
@@ -265,7 +268,7 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
                 update = basis_combine(c.directions, y)
             return jtu.tree_map(lambda xi, d: xi + d, c.x, update)
 
-        def new_cycle(x, r, breakdown, floor_ref, floor_hits, beta) -> _Cycle:
+        def new_cycle(x, r, halt, floor_ref, floor_hits, beta) -> _Cycle:
             inv_beta = safe_div(1, beta)
             basis = jtu.tree_map(
                 lambda r: (
@@ -294,7 +297,7 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
                 beta,
                 false,
                 false,
-                breakdown,
+                halt,
                 floor_ref,
                 floor_hits,
             )
@@ -321,21 +324,19 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
                 floor_hits = jnp.where(halved, 0, floor_hits) + hit.astype(jnp.int32)
             # No progress at all is possible from here: the first new direction was
             # already degenerate (e.g. A P r = 0).
-            breakdown = c.degenerate & (c.k == 0)
-            return new_cycle(x, r, breakdown, floor_ref, floor_hits, beta)
-
-        def halted(c: _Cycle) -> Array:
-            return c.breakdown | (c.floor_hits >= FLOOR_PATIENCE)
+            halt = (c.degenerate & (c.k == 0)) | (floor_hits >= FLOOR_PATIENCE)
+            return new_cycle(x, r, halt, floor_ref, floor_hits, beta)
 
         def halt_result(c: _Cycle) -> RESULTS:
-            return RESULTS.where(c.breakdown, RESULTS.breakdown, RESULTS.stagnation)
+            floor = c.floor_hits >= FLOOR_PATIENCE
+            return RESULTS.where(floor, RESULTS.stagnation, RESULTS.breakdown)
 
         method = Iteration(
             step=arnoldi_step,
             estimate=lambda c: c.estimate,
             solution=solution,
             restart=restart,
-            halted=halted,
+            halted=lambda c: c.halt,
             halt_result=halt_result,
             ends_pass=lambda c: c.invariant | c.degenerate,
             pass_length=m,
