@@ -253,3 +253,33 @@ def test_operator_scale_changes_nothing(_groups, name, dtype):
     # A power of two changes no bit of the iteration.
     assert cases[f"{name}-{dtype}-pow2"]["x"] == one["x"]
     assert cases[f"{name}-{dtype}-pow2"]["steps"] == one["steps"]
+
+
+@pytest.mark.parametrize("name", ["GMRES", "FGMRES"])
+def test_gmres_float32_below_floor_stagnates_promptly(name):
+    # rtol = atol = 1e-10 is below what float32 can reach (dense 50 x 50, cond 4:
+    # the floor eps cond(A) ~ 5e-7 relative is met after about 30 steps). The old
+    # rule alone (`stagnation_iters` = 20 restarts without a new best true
+    # residual) took 323 steps: the true residual at the floor sets a new best by
+    # chance now and then; with `max_steps` 300 it reported `max_steps_reached`.
+    # Now three cycles whose estimate ends 4x below the true residual, without the
+    # true residual halving, stop it: 48 steps, with the best iterate. (In process:
+    # `max_steps` bounds the solve.)
+    import jax.numpy as jnp
+
+    n = 50
+    rng = np.random.default_rng(0)
+    matrix = rng.normal(size=(n, n)) / np.sqrt(n) + 2 * np.eye(n)
+    b = rng.normal(size=n)
+    operator = lx.MatrixLinearOperator(jnp.asarray(matrix, jnp.float32))
+    vector = jnp.asarray(b, jnp.float32)
+    solver = getattr(lx, name)(rtol=1e-10, atol=1e-10, max_steps=300)
+    sol = lx.linear_solve(operator, vector, solver, throw=False)
+    assert sol.result == lx.RESULTS.stagnation, sol.result
+    assert int(sol.stats["num_steps"]) <= 100, sol.stats["num_steps"]
+    b64 = np.asarray(vector, np.float64)
+    residual = np.max(np.abs(b64 - matrix @ np.asarray(sol.value, np.float64)))
+    # At the floor, and the returned iterate is the one whose residual is reported
+    # (the best seen; up to the rounding of that float32 residual).
+    assert residual <= 1e-6 * np.max(np.abs(b64)), residual
+    assert residual <= 2 * float(sol.stats["residual_norm"]) + 1e-7, residual

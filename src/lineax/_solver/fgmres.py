@@ -39,7 +39,8 @@ class FGMRES(AbstractArnoldiSolver):
         preconditioner application each). `None` means 10 × the problem size.
     - `restart`: the size of the Krylov basis before restarting.
     - `stagnation_iters`: restarts without a decrease of the true residual after
-        which [`lineax.RESULTS.stagnation`][] is returned.
+        which [`lineax.RESULTS.stagnation`][] is returned (sooner below the floor
+        the dtype allows, as for [`lineax.GMRES`][]).
     - `history_length`, `verbose`: as for [`lineax.CG`][].
 
     **Options:**

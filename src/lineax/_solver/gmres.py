@@ -35,7 +35,10 @@ class GMRES(AbstractArnoldiSolver):
     - `restart`: the size of the Krylov basis before restarting.
     - `stagnation_iters`: the number of consecutive restarts without any decrease
         of the true residual after which [`lineax.RESULTS.stagnation`][] is
-        returned (with the iterate of the smallest true residual).
+        returned (with the iterate of the smallest true residual). Below the
+        floor the dtype allows, the solve stops sooner: after three cycles whose
+        residual estimate ended 4-fold below the true residual without the true
+        residual halving (see [Iterative solvers](../iterative.md)).
     - `history_length`, `verbose`: as for [`lineax.CG`][].
 
     **Options:**
