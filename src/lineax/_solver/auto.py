@@ -4,6 +4,7 @@ shape (figure 1 of the lineax paper)."""
 from typing import Any
 
 import equinox as eqx
+import numpy as np
 from jaxtyping import Array
 
 from .._operator.base import (
@@ -56,6 +57,12 @@ def _square_solver(
     return LU()
 
 
+def _to_well_posed(x: Any) -> Any:
+    # A NumPy bool (e.g. from `np.all(...)` or a config array) means the same as
+    # the Python bool; anything else is checked in `__check_init__`.
+    return bool(x) if isinstance(x, np.bool_) else x
+
+
 class AutoLinearSolver(AbstractLinearSolver[AutoState]):
     """Chooses a solver automatically, at trace time, from the operator's tags and
     shape. No run-time check of values is made, so tag your operators.
@@ -82,12 +89,14 @@ class AutoLinearSolver(AbstractLinearSolver[AutoState]):
     [`lineax.AbstractLinearSolver`][].)
     """
 
-    well_posed: bool | None = eqx.field(static=True)
+    well_posed: bool | None = eqx.field(static=True, converter=_to_well_posed)
 
     option_keys = frozenset()  # `options` are passed on to the chosen solver
 
     def __check_init__(self):
-        if self.well_posed not in (True, False, None):
+        # By identity: `1 == True` and `0 == False`, and `select_solver` tests
+        # `is True` / `is None`, so an int would silently pick SVD.
+        if not any(self.well_posed is x for x in (True, False, None)):
             raise ValueError(
                 f"`well_posed` must be True, False or None, got {self.well_posed!r}."
             )
