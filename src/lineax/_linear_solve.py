@@ -14,10 +14,20 @@ from jaxtyping import Array, ArrayLike, PyTree
 from ._misc import describe, is_inexact_array, no_active_trace
 from ._operator.base import AbstractLinearOperator, is_cacheable, reads_every_leaf
 from ._operator.function import FunctionLinearOperator
+from ._operator.tagged import TaggedLinearOperator
 from ._primitive import bind, host_result_code, primal_failure_message
 from ._solution import Solution
-from ._solver.auto import AutoLinearSolver
+from ._solver.auto import AutoLinearSolver, AutoState
 from ._solver.base import AbstractLinearSolver, declared_option_keys, inverse_tags
+from ._tags import (
+    diagonal_tag,
+    lower_triangular_tag,
+    negative_semidefinite_tag,
+    positive_semidefinite_tag,
+    tridiagonal_tag,
+    unit_diagonal_tag,
+    upper_triangular_tag,
+)
 
 
 _sentinel: Any = eqx.internal.doc_repr(object(), "sentinel")
@@ -118,16 +128,53 @@ def _check_options(options: Any, solver: AbstractLinearSolver) -> dict[str, Any]
 
 
 def _check_state(state, operator, options, solver):
+    if isinstance(solver, AutoLinearSolver) and isinstance(state, AutoState):
+        # The state's solver is used, as chosen when the state was made. Tags can
+        # differ without the operator changing (`2.0 * op` is positive definite
+        # when `op` is; `t * op` with `t` traced by `jax.grad` is not known to
+        # be), so the state is checked against the solver it holds, on the
+        # operator with any of the tags that solver may have been chosen for.
+        wants = [
+            _expected_state(
+                TaggedLinearOperator(operator, tags) if tags else operator,
+                options,
+                state.solver,
+            )
+            for tags in _STATE_TAGS
+        ]
+        wants = [want for want in wants if want is not None]
+        if not wants:  # that solver cannot init this operator: let compute say so
+            return
+        got = _state_signature(eqx.filter(state.state, _is_array_or_struct))
+        if got not in wants:
+            raise ValueError(_STATE_MISMATCH)
+        return
     want = _expected_state(operator, options, solver)
     if want is None:  # the solver cannot init this operator: let compute say so
         return
     got = _state_signature(eqx.filter(state, _is_array_or_struct))
     if got != want:
-        raise ValueError(
-            "`state` does not match `solver.init(operator, options)`: pass the state "
-            "returned by `solver.init` (or `Solution.state`) for this same solver and "
-            "an operator of the same structure, shapes and dtypes."
-        )
+        raise ValueError(_STATE_MISMATCH)
+
+
+_STATE_MISMATCH = (
+    "`state` does not match `solver.init(operator, options)`: pass the state "
+    "returned by `solver.init` (or `Solution.state`) for this same solver and "
+    "an operator of the same structure, shapes and dtypes."
+)
+
+# The tags for which `AutoLinearSolver` picks a structure-exploiting solver.
+_STATE_TAGS = (
+    frozenset(),
+    frozenset({positive_semidefinite_tag}),
+    frozenset({negative_semidefinite_tag}),
+    frozenset({diagonal_tag}),
+    frozenset({tridiagonal_tag}),
+    frozenset({lower_triangular_tag}),
+    frozenset({upper_triangular_tag}),
+    frozenset({lower_triangular_tag, unit_diagonal_tag}),
+    frozenset({upper_triangular_tag, unit_diagonal_tag}),
+)
 
 
 def _is_array_or_struct(x: Any) -> bool:
