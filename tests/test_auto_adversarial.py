@@ -35,7 +35,7 @@ _P = np.array([[4.0, 1.0, 0.5], [1.0, 3.0, 0.2], [0.5, 0.2, 2.0]])
 _B = np.array([1.0, -2.0, 0.5])
 
 
-def _scaled_psd(t):
+def _scaled_psd(t) -> lx.AbstractLinearOperator:
     return t * lx.MatrixLinearOperator(_P, lx.positive_semidefinite_tag)
 
 
