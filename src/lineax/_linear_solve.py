@@ -134,19 +134,18 @@ def _check_state(state, operator, options, solver):
         # when `op` is; `t * op` with `t` traced by `jax.grad` is not known to
         # be), so the state is checked against the solver it holds, on the
         # operator with any of the tags that solver may have been chosen for.
-        wants = [
-            _expected_state(
+        got = _state_signature(eqx.filter(state.state, _is_array_or_struct))
+        checked = False
+        for tags in _STATE_TAGS:  # the untagged operator first: usually a match
+            want = _expected_state(
                 TaggedLinearOperator(operator, tags) if tags else operator,
                 options,
                 state.solver,
             )
-            for tags in _STATE_TAGS
-        ]
-        wants = [want for want in wants if want is not None]
-        if not wants:  # that solver cannot init this operator: let compute say so
-            return
-        got = _state_signature(eqx.filter(state.state, _is_array_or_struct))
-        if got not in wants:
+            if want == got:
+                return
+            checked = checked or want is not None
+        if checked:  # else that solver cannot init this operator: compute says so
             raise ValueError(_STATE_MISMATCH)
         return
     want = _expected_state(operator, options, solver)
