@@ -416,3 +416,65 @@ def test_optimistix_gauss_newton_lsmr_float32_badly_scaled_fit():
     # The float64 least-squares fit (lineax 0.1.1's float32 fit is 2.4e-3 from it,
     # in the offset; so is this one).
     np.testing.assert_allclose(sol.value, [999.3793, 0.03005575, 5.765056], rtol=5e-3)
+
+
+# Optimistix differentiates a least-squares fit implicitly: a linear solve with
+# the Hessian-like operator of the fit (through lineax) at the solution. For a
+# linear model r(x) = A x - b the fit is pinv(A) b, so d x / d b = pinv(A), here
+# with columns scaled 1e3, 1, 1e-3 (cond ~ 1e6), in both modes.
+def test_optimistix_least_squares_implicit_jacobian_badly_scaled():
+    with _EnableX64():
+        rng = np.random.default_rng(0)
+        a = jnp.asarray(rng.normal(size=(8, 3)) * np.array([1e3, 1.0, 1e-3]))
+        b = jnp.asarray(rng.normal(size=8))
+        pinv = np.linalg.pinv(np.asarray(a))
+
+        def residual(x, b):
+            return a @ x - b
+
+        for linear_solver in [lx.QR(), lx.LSMR(rtol=1e-12, atol=1e-12)]:
+            solver = optx.LevenbergMarquardt(
+                rtol=1e-12, atol=1e-12, linear_solver=linear_solver
+            )
+
+            def fit(b, solver=solver):
+                sol = optx.least_squares(
+                    residual, solver, jnp.zeros(3), args=b, max_steps=100, throw=False
+                )
+                return sol.value
+
+            reverse = jax.jacrev(fit)(b)
+            forward = jax.jacfwd(fit)(b)
+            np.testing.assert_allclose(reverse, pinv, rtol=1e-8, atol=1e-12)
+            np.testing.assert_allclose(forward, pinv, rtol=1e-8, atol=1e-12)
+
+
+# `vmap` of `grad` through root finds whose unknowns are a dict, with a Krylov
+# solver in the Newton steps and in the implicit (transposed) solve: the gradient
+# matches central differences (lineax 0.1.1 gives the same values and steps).
+def test_optimistix_vmap_grad_root_find_pytree_gmres():
+    with _EnableX64():
+
+        def fn(y, a):
+            return {
+                "p": y["p"] ** 3 + y["q"] - a,
+                "q": jnp.sin(y["q"]) + 2 * y["q"] - a * y["p"],
+            }
+
+        gmres = lx.GMRES(rtol=1e-12, atol=1e-12)
+        solver = optx.Newton(rtol=1e-12, atol=1e-12, linear_solver=gmres)
+        y0 = {"p": jnp.array(1.0), "q": jnp.array(0.0)}
+
+        def root(a):
+            sol = optx.root_find(fn, solver, y0, args=a, max_steps=50, throw=False)
+            return sol.value["p"], sol.result == optx.RESULTS.successful
+
+        a = jnp.array([0.5, 1.0, 3.0])
+        _, ok = jax.vmap(root)(a)
+        assert bool(jnp.all(ok))
+        grads = jax.vmap(jax.grad(lambda a: root(a)[0]))(a)
+        eps = 1e-6
+        fd = (jax.vmap(root)(a + eps)[0] - jax.vmap(root)(a - eps)[0]) / (2 * eps)
+        np.testing.assert_allclose(grads, fd, rtol=1e-7)
+        want = [0.43597532, 0.25818964, 0.08461108]
+        np.testing.assert_allclose(grads, want, rtol=1e-7)
