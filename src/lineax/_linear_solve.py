@@ -17,17 +17,8 @@ from ._operator.function import FunctionLinearOperator
 from ._operator.tagged import TaggedLinearOperator
 from ._primitive import bind, host_result_code, primal_failure_message
 from ._solution import Solution
-from ._solver.auto import AutoLinearSolver, AutoState
+from ._solver.auto import AutoLinearSolver, AutoState, CHOICE_TAGS
 from ._solver.base import AbstractLinearSolver, declared_option_keys, inverse_tags
-from ._tags import (
-    diagonal_tag,
-    lower_triangular_tag,
-    negative_semidefinite_tag,
-    positive_semidefinite_tag,
-    tridiagonal_tag,
-    unit_diagonal_tag,
-    upper_triangular_tag,
-)
 
 
 _sentinel: Any = eqx.internal.doc_repr(object(), "sentinel")
@@ -136,7 +127,7 @@ def _check_state(state, operator, options, solver):
         # operator with any of the tags that solver may have been chosen for.
         got = _state_signature(eqx.filter(state.state, _is_array_or_struct))
         checked = False
-        for tags in _STATE_TAGS:  # the untagged operator first: usually a match
+        for tags in CHOICE_TAGS:  # the untagged operator first: usually a match
             want = _expected_state(
                 TaggedLinearOperator(operator, tags) if tags else operator,
                 options,
@@ -160,19 +151,6 @@ _STATE_MISMATCH = (
     "`state` does not match `solver.init(operator, options)`: pass the state "
     "returned by `solver.init` (or `Solution.state`) for this same solver and "
     "an operator of the same structure, shapes and dtypes."
-)
-
-# The tags for which `AutoLinearSolver` picks a structure-exploiting solver.
-_STATE_TAGS = (
-    frozenset(),
-    frozenset({positive_semidefinite_tag}),
-    frozenset({negative_semidefinite_tag}),
-    frozenset({diagonal_tag}),
-    frozenset({tridiagonal_tag}),
-    frozenset({lower_triangular_tag}),
-    frozenset({upper_triangular_tag}),
-    frozenset({lower_triangular_tag, unit_diagonal_tag}),
-    frozenset({upper_triangular_tag, unit_diagonal_tag}),
 )
 
 

@@ -16,6 +16,15 @@ from .._operator.base import (
     is_tridiagonal,
     is_upper_triangular,
 )
+from .._tags import (
+    diagonal_tag,
+    lower_triangular_tag,
+    negative_semidefinite_tag,
+    positive_semidefinite_tag,
+    tridiagonal_tag,
+    unit_diagonal_tag,
+    upper_triangular_tag,
+)
 from ._structured import structured_solver
 from .base import AbstractLinearSolver, rank_flags
 from .cholesky import Cholesky
@@ -55,6 +64,23 @@ def _square_solver(
     if is_positive_semidefinite(operator) or is_negative_semidefinite(operator):
         return Cholesky()
     return LU()
+
+
+# The tag sets for which `_square_solver` picks a structure-exploiting solver
+# (the empty set first: no tag). A reused state is checked against the operator
+# tagged with each (see `linear_solve`'s `_check_state`): the choice may have been
+# made from tags that the operator at hand no longer carries.
+CHOICE_TAGS = (
+    frozenset(),
+    frozenset({positive_semidefinite_tag}),
+    frozenset({negative_semidefinite_tag}),
+    frozenset({diagonal_tag}),
+    frozenset({tridiagonal_tag}),
+    frozenset({lower_triangular_tag}),
+    frozenset({upper_triangular_tag}),
+    frozenset({lower_triangular_tag, unit_diagonal_tag}),
+    frozenset({upper_triangular_tag, unit_diagonal_tag}),
+)
 
 
 def _to_well_posed(x: Any) -> Any:
