@@ -342,3 +342,16 @@ def test_preconditioner_mv_of_wrong_size_is_a_named_error():
         for size in [1, 3, 5]:
             with pytest.raises(ValueError, match="acts on vectors of 4 elements"):
                 precond.mv(jnp.ones(size))
+
+
+def test_breakdown_message_names_the_preconditioner():
+    # SSOR of a matrix with a zero diagonal entry divides by it: the preconditioner
+    # is infinite, GMRES breaks down, and the message blamed only the operator
+    # ("typically means the operator is singular"), though the operator is not.
+    operator = lx.MatrixLinearOperator(jnp.array([[0.0, 1.0], [1.0, 2.0]]))
+    options = {"preconditioner": lx.SSORPreconditioner(operator)}
+    solver = lx.GMRES(rtol=1e-6, atol=1e-6)
+    sol = lx.linear_solve(operator, jnp.ones(2), solver, options=options, throw=False)
+    assert sol.result == lx.RESULTS.breakdown
+    with pytest.raises(Exception, match="If you supplied one, it may be the cause"):
+        lx.linear_solve(operator, jnp.ones(2), solver, options=options)

@@ -33,7 +33,9 @@ class RESULTS(eqxi.Enumeration):
         "that vanished). This typically means the operator is singular, or is not of "
         "the class the solver supports (e.g. not positive definite for CG, not "
         "symmetric for MINRES). Try `lx.GMRES` or a direct solver such as `lx.LU()` "
-        "or `lx.SVD()`, or supply a preconditioner."
+        "or `lx.SVD()`, or supply a preconditioner. If you supplied one, it may be "
+        "the cause: it must be positive definite for CG and MINRES, and finite (a "
+        "zero on the diagonal used by Jacobi, SSOR or multigrid makes it infinite)."
     )
     stagnation = (
         "The iterative solver stagnated: its true residual stopped decreasing "
