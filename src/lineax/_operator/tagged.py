@@ -66,6 +66,16 @@ class TaggedLinearOperator(AbstractLinearOperator):
         return self.operator.out_structure()
 
 
+def unwrap_tagged(operator: Any) -> Any:
+    """The operator inside any `TaggedLinearOperator` wrappers. For code that reads
+    the structure of the wrapped operator, which the tags do not change: the
+    structured solvers (tagging a structured operator keeps its solve), and the
+    preconditioners that read a sparse matrix's stored entries."""
+    while isinstance(operator, TaggedLinearOperator):
+        operator = operator.operator
+    return operator
+
+
 def _register(predicate, tag):
     @predicate.register(TaggedLinearOperator)
     def _(operator):

@@ -20,7 +20,7 @@ from .._operator.base import (
     tridiagonal,
 )
 from .._operator.sparse import SparseLinearOperator
-from .._operator.tagged import TaggedLinearOperator
+from .._operator.tagged import unwrap_tagged
 from .base import (
     AbstractPreconditioner,
     apply_flat,
@@ -32,8 +32,7 @@ from .base import (
 
 def _stored_sparse(operator: Any) -> SparseLinearOperator | None:
     """The `SparseLinearOperator` that `operator` is (or wraps in tags), if any."""
-    if isinstance(operator, TaggedLinearOperator):
-        operator = operator.operator
+    operator = unwrap_tagged(operator)
     return operator if isinstance(operator, SparseLinearOperator) else None
 
 

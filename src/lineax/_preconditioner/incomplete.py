@@ -34,7 +34,7 @@ from jaxtyping import Array, Inexact, Int
 
 from .._operator.base import AbstractLinearOperator
 from .._operator.sparse import SparseLinearOperator
-from .._operator.tagged import TaggedLinearOperator
+from .._operator.tagged import unwrap_tagged
 
 
 #
@@ -61,9 +61,7 @@ class Pattern(NamedTuple):
 def sparse_operator_of(operator: Any, who: str) -> tuple[SparseLinearOperator, Any]:
     """The `SparseLinearOperator` inside `operator` (which may be tagged), and the
     operator whose tags count."""
-    inner = operator
-    if isinstance(inner, TaggedLinearOperator):
-        inner = inner.operator
+    inner = unwrap_tagged(operator)
     if not isinstance(inner, SparseLinearOperator):
         kind = (
             type(operator).__name__

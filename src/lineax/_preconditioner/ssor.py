@@ -19,7 +19,7 @@ from .._operator.base import (
     reads_every_leaf,
 )
 from .._operator.sparse import SparseLinearOperator
-from .._operator.tagged import TaggedLinearOperator
+from .._operator.tagged import unwrap_tagged
 from .base import (
     AbstractPreconditioner,
     apply_flat,
@@ -63,11 +63,7 @@ class SSORPreconditioner(AbstractPreconditioner):
 
     def __init__(self, operator: Any, omega: Any = 1.0):
         check_square(operator, "SSORPreconditioner")
-        if isinstance(operator, TaggedLinearOperator):
-            inner = operator.operator
-        else:
-            inner = operator
-        if isinstance(inner, SparseLinearOperator):
+        if isinstance(unwrap_tagged(operator), SparseLinearOperator):
             raise ValueError(
                 "`SSORPreconditioner` works with the dense matrix (its triangular "
                 "solves are dense), so it does not take a `SparseLinearOperator`. "

@@ -120,15 +120,6 @@ def cheaper_by_tags(operator: AbstractLinearOperator) -> bool:
     return is_diagonal(operator) or is_tridiagonal(operator)
 
 
-def unwrap_tagged(operator: AbstractLinearOperator) -> AbstractLinearOperator:
-    """The operator inside any `lx.TaggedLinearOperator` wrappers: a structured
-    solver reads the structure of the wrapped operator (the tags add nothing it
-    uses), so that tagging a structured operator keeps its solve."""
-    while isinstance(operator, TaggedLinearOperator):
-        operator = operator.operator
-    return operator
-
-
 @structured_solver.register(TaggedLinearOperator)
 def _(operator):
     # The tags may make a cheaper rule apply (e.g. a diagonal tag); otherwise the

@@ -16,12 +16,12 @@ from .._operator.block_diagonal import (
     stack_vectors,
     unstack_vectors,
 )
+from .._operator.tagged import unwrap_tagged
 from ._structured import (
     cheaper_by_tags,
     first_failure,
     part_options,
     structured_solver,
-    unwrap_tagged,
     worst_result,
 )
 from .auto import AutoLinearSolver

@@ -10,13 +10,13 @@ from jaxtyping import PyTree
 from .._misc import Static
 from .._operator.base import AbstractLinearOperator
 from .._operator.kronecker import apply_along_axis, KroneckerLinearOperator
+from .._operator.tagged import unwrap_tagged
 from ._structured import (
     cheaper_by_tags,
     first_failure,
     part_options,
     solve_flat,
     structured_solver,
-    unwrap_tagged,
     worst_result,
 )
 from .auto import AutoLinearSolver

@@ -17,13 +17,13 @@ from .._operator.base import (
 )
 from .._operator.block import BlockLinearOperator
 from .._operator.matrix import MatrixLinearOperator
+from .._operator.tagged import unwrap_tagged
 from .._solution import RESULTS
 from ._structured import (
     first_failure,
     part_options,
     solve_columns,
     solve_flat,
-    unwrap_tagged,
 )
 from .auto import AutoLinearSolver
 from .base import AbstractLinearSolver

@@ -18,6 +18,7 @@ from .._operator.base import (
 )
 from .._operator.low_rank import LowRankUpdateLinearOperator
 from .._operator.matrix import MatrixLinearOperator
+from .._operator.tagged import unwrap_tagged
 from .._solution import RESULTS
 from ._structured import (
     cheaper_by_tags,
@@ -25,7 +26,6 @@ from ._structured import (
     solve_columns,
     solve_flat,
     structured_solver,
-    unwrap_tagged,
 )
 from .auto import AutoLinearSolver
 from .base import AbstractLinearSolver
