@@ -46,14 +46,16 @@ class _ChronopoulosGear(eqx.Module):
 
 
 # The recursive residual is replaced by the true one where they differ by more than
-# this (relative to the true one); see `replace_residual`.
+# `_REPLACE_GAP` (relative to the true one), and the direction restarts where they
+# differ by more than `_RESTART_GAP`; see `replace_residual`.
 _REPLACE_GAP = 0.01
+_RESTART_GAP = 0.1
 
 
 def _fused_dots(*pairs) -> tuple[Scalar, ...]:
     """`Re <a, b>` for each pair `(a, b)`, as one reduction per leaf: the local
     sums are stacked before summing, so that a sharded vector needs one all-reduce
-    (of three numbers) per step, not three."""
+    (of one number per pair) per call, not one per pair."""
     total = None
     leaves = [tuple(map(jtu.tree_leaves, pair)) for pair in pairs]
     for i in range(len(leaves[0][0])):
@@ -191,7 +193,7 @@ class PipelinedCG(AbstractDefiniteKrylovSolver):
             # near the floor, and a fresh direction's is computed directly.
             del x, passed
             gg, rr = _fused_dots((tree_sub(r, c.r),) * 2, (r, r))
-            drifted = gg > 0.01 * rr
+            drifted = gg > _RESTART_GAP**2 * rr
             fresh = drifted | c.breakdown
             replace = fresh | (gg > _REPLACE_GAP**2 * rr)
             rnorm = jnp.sqrt(jnp.maximum(rr, 0))
