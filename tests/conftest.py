@@ -9,6 +9,7 @@ the tests of those messages, and `.ci/run` runs those tests once more without
 type checking, where the library's message itself is checked."""
 
 import contextlib
+import faulthandler
 import gc
 import os
 import re
@@ -178,6 +179,26 @@ def _free_compiled_code():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+# A watchdog per test: a solver loop that never ends inside `jit` holds the GIL in
+# XLA's code, where no Python-level timeout can interrupt it, and would stall the
+# whole run (CI's only bound is an hour). `faulthandler`'s watchdog is a C thread:
+# past the limit it prints every thread's stack and ends the process, which
+# pytest-xdist reports as a crashed worker naming the test. The tests that can
+# loop also run bounded by `max_steps`, and the edge-input grids in subprocesses
+# with their own timeouts; this covers every other test that runs a solver.
+# (`--max-worker-restart=2` in `addopts` bounds the run that a hang can cost:
+# pytest-xdist would otherwise hand the rest of the file to up to eight new
+# workers.) `LINEAX_TEST_TIMEOUT` sets the limit, in seconds.
+TEST_TIMEOUT = float(os.environ.get("LINEAX_TEST_TIMEOUT", "600"))
+
+
+@pytest.fixture(autouse=True)
+def _watchdog():
+    faulthandler.dump_traceback_later(TEST_TIMEOUT, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 # Each test file's CPU seconds in the default run (on the 2-core machine, summed
