@@ -51,6 +51,14 @@ TRACE_TIME_CASES = [
         "vector.*structure",
     ),
     (
+        # A Python list is a PyTree of scalars: the message says to make it an
+        # array, and describes the expected vector in words.
+        "vector_python_list",
+        lambda: lx.linear_solve(OP, [1.0, 2.0, 3.0]),
+        ValueError,
+        r"vector.*float\d+\[3\].*Python list.*jnp\.asarray",
+    ),
+    (
         "vector_not_array",
         lambda: lx.linear_solve(OP, "abc"),
         (TypeError, ValueError),

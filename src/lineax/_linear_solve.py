@@ -49,9 +49,19 @@ def _check_vector(operator: AbstractLinearOperator, vector: PyTree) -> PyTree[Ar
     out_leaves, out_treedef = jtu.tree_flatten(out_struct)
     vec_leaves, vec_treedef = jtu.tree_flatten(vector)
     if out_treedef != vec_treedef:
+        hint = ""
+        if jtu.treedef_is_leaf(out_treedef) and isinstance(vector, (list, tuple)):
+            # The everyday slip: a Python list of numbers for a vector. Its
+            # elements are leaves of a PyTree, not entries of an array.
+            hint = (
+                f" A Python {type(vector).__name__} is a PyTree of "
+                f"{vec_treedef.num_leaves} separate leaves, not an array: pass "
+                "`jnp.asarray(vector)`."
+            )
         raise ValueError(
-            "`vector` must have the PyTree structure of `operator.out_structure()`: "
-            f"expected {out_treedef}, got {vec_treedef}."
+            "`vector` must have the PyTree structure of `operator.out_structure()` "
+            f"({describe(out_struct)}): expected {out_treedef}, got "
+            f"{vec_treedef}.{hint}"
         )
     new_leaves = []
     for i, (leaf, struct) in enumerate(zip(vec_leaves, out_leaves)):
