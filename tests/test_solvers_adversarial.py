@@ -419,3 +419,17 @@ def test_pipelined_cg_residual_replacement_keeps_convergence():
         _, result = _solve(operator, b, lx.PipelinedCG(rtol=3e-8, atol=0.0), {})
         successes += int(result == lx.RESULTS.successful)
     assert successes >= 6, successes
+
+
+def test_lsmr_float16_casts_no_out_of_range_conlim():
+    # `conlim` (1e8) is beyond float16's range: it was cast to inf inside the
+    # loop (a RuntimeWarning, an error under this test suite's filters), which
+    # also switched the test off. It is now clamped to the dtype's largest value.
+    rng = np.random.default_rng(0)
+    m = rng.standard_normal((6, 6))
+    spd = m @ m.T + 6 * np.eye(6)
+    op = lx.MatrixLinearOperator(jnp.asarray(spd, jnp.float16))
+    sol = lx.linear_solve(op, jnp.ones(6, jnp.float16), lx.LSMR(1e-2, 1e-2))
+    expected = np.linalg.solve(spd, np.ones(6))
+    assert sol.value.dtype == jnp.float16
+    np.testing.assert_allclose(np.asarray(sol.value, np.float64), expected, atol=1e-2)

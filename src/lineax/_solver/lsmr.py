@@ -429,6 +429,9 @@ def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
         jnp.asarray(jnp.finfo(rdtype).max, rdtype), beta, alpha * beta,
         alpha, one, jnp.array(False),
     )  # fmt: skip
+    # A `conlim` beyond the dtype's range (1e8 in float16) would be cast to inf,
+    # and the test could never fire: an estimate that overflows is above it.
+    conlim = min(solver.conlim, float(jnp.finfo(rdtype).max))
     method = Iteration(
         step=step,
         estimate=lambda c: c.normr,
@@ -438,9 +441,9 @@ def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
         # normal equations (a zero operator, a right-hand side orthogonal to its
         # range, an input of size 0): a success, with no step to make. Later, a
         # vanishing (or NaN) estimate without a verified residual is a breakdown.
-        halted=lambda c: (c.cond_a > solver.conlim) | ~(c.normar > 0),
+        halted=lambda c: (c.cond_a > conlim) | ~(c.normar > 0),
         halt_result=lambda c: RESULTS.where(
-            c.cond_a > solver.conlim,
+            c.cond_a > conlim,
             RESULTS.conlim,
             RESULTS.where(
                 ~c.started & (c.normar == 0), RESULTS.successful, RESULTS.breakdown
