@@ -91,6 +91,25 @@ TRACE_TIME_CASES = [
         "operator.*MatrixLinearOperator",
     ),
     ("solver_not_solver", lambda: lx.linear_solve(OP, B, "lu"), TypeError, "solver"),
+    # A solver class where an instance belongs: the message says what was meant.
+    (
+        "solver_class",
+        lambda: lx.linear_solve(OP, B, lx.LU),
+        TypeError,
+        r"`solver`.*class `LU`.*lx\.LU\(\)",
+    ),
+    (
+        "invert_solver_class",
+        lambda: lx.invert(OP, lx.CG),
+        TypeError,
+        r"`solver`.*class `CG`.*lx\.CG\(\)",
+    ),
+    (
+        "normal_inner_solver_class",
+        lambda: lx.Normal(lx.Cholesky),
+        TypeError,
+        r"`inner_solver`.*class `Cholesky`.*lx\.Cholesky\(\)",
+    ),
     ("throw_not_bool", lambda: lx.linear_solve(OP, B, throw="yes"), TypeError, "throw"),
     (
         "options_not_dict",

@@ -18,7 +18,12 @@ from ._operator.tagged import TaggedLinearOperator
 from ._primitive import bind, host_result_code, primal_failure_message
 from ._solution import Solution
 from ._solver.auto import AutoLinearSolver, AutoState, CHOICE_TAGS
-from ._solver.base import AbstractLinearSolver, declared_option_keys, inverse_tags
+from ._solver.base import (
+    AbstractLinearSolver,
+    check_solver,
+    declared_option_keys,
+    inverse_tags,
+)
 
 
 _sentinel: Any = eqx.internal.doc_repr(object(), "sentinel")
@@ -300,11 +305,7 @@ def _linear_solve(operator, vector, solver, options, state, throw) -> Solution:
             "`operator` must be a `lineax.AbstractLinearOperator` (e.g. "
             f"`lx.MatrixLinearOperator(matrix)`), got {type(operator).__name__}."
         )
-    if not isinstance(solver, AbstractLinearSolver):
-        raise TypeError(
-            f"`solver` must be a `lineax.AbstractLinearSolver`, got "
-            f"{type(solver).__name__}."
-        )
+    check_solver(solver, "solver")
     vector = _check_vector(operator, vector)
     options = _check_options(options, solver)
     operator, vector, options = solver.reformulate(operator, vector, options)
@@ -415,6 +416,7 @@ def invert(
             f"`operator` must be a `lineax.AbstractLinearOperator`, got "
             f"{type(operator).__name__}."
         )
+    check_solver(solver, "solver")
     options = _check_options(options, solver)
     state = solver.init(_stop_gradient(operator), options)
 

@@ -298,6 +298,24 @@ def embed_like(
     )
 
 
+def check_solver(solver: Any, argument: str) -> None:
+    """Raise a TypeError naming `argument` unless `solver` is a solver instance;
+    for a solver class (`lx.LU` for `lx.LU()`), say so."""
+    if isinstance(solver, AbstractLinearSolver):
+        return
+    if isinstance(solver, type) and issubclass(solver, AbstractLinearSolver):
+        name = solver.__name__
+        raise TypeError(
+            f"`{argument}` must be a solver instance, got the class `{name}`: did "
+            f"you mean `lx.{name}()` (with its arguments, e.g. `rtol` and `atol` "
+            "for an iterative solver)?"
+        )
+    raise TypeError(
+        f"`{argument}` must be a `lineax.AbstractLinearSolver`, got "
+        f"{type(solver).__name__}."
+    )
+
+
 def check_square(operator: AbstractLinearOperator, solver_name: str) -> None:
     """Raise a ValueError if `operator` is not square, suggesting what to use."""
     check_square_operator(

@@ -11,7 +11,7 @@ from .._misc import tree_conj, tree_is_complex
 from .._operator.base import AbstractLinearOperator, conj
 from .._operator.tagged import TaggedLinearOperator
 from .._tags import positive_semidefinite_tag
-from .base import AbstractLinearSolver
+from .base import AbstractLinearSolver, check_solver
 
 
 class NormalState(eqx.Module):
@@ -85,11 +85,7 @@ class Normal(AbstractLinearSolver[NormalState]):
     option_keys = frozenset()  # `options` are passed on to the inner solver(s)
 
     def __check_init__(self):
-        if not isinstance(self.inner_solver, AbstractLinearSolver):
-            raise TypeError(
-                "`inner_solver` must be a `lineax.AbstractLinearSolver`, got "
-                f"{type(self.inner_solver).__name__}."
-            )
+        check_solver(self.inner_solver, "inner_solver")
 
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
