@@ -74,10 +74,13 @@ def test_tridiagonal_of_size_zero():
     for solver in (lx.Tridiagonal(), lx.AutoLinearSolver(well_posed=True)):
         solution = lx.linear_solve(operator, jnp.zeros(0), solver)
         assert solution.value.shape == (0,)
-    grad = jax.grad(
-        lambda b: jnp.sum(lx.linear_solve(operator, b, lx.Tridiagonal()).value)
-    )(jnp.zeros(0))
-    assert grad.shape == (0,)
+
+    def f(matrix, b):
+        operator = lx.MatrixLinearOperator(matrix, lx.tridiagonal_tag)
+        return jnp.sum(lx.linear_solve(operator, b, lx.Tridiagonal()).value)
+
+    grads = jax.grad(f, argnums=(0, 1))(jnp.zeros((0, 0)), jnp.zeros(0))
+    assert grads[0].shape == (0, 0) and grads[1].shape == (0,)
 
 
 def _thomas_without_pivoting(lower, diagonal, upper, b):
@@ -128,3 +131,34 @@ def test_svd_reports_the_rank_as_the_published_package():
         lx.MatrixLinearOperator(jnp.eye(3) * 1e-30), jnp.ones(3), lx.SVD()
     )
     assert int(full.stats["rank"]) == 3
+
+
+@pytest.mark.parametrize(
+    "inner", [lx.SVD(), lx.AutoLinearSolver(well_posed=False)], ids=["svd", "auto"]
+)
+def test_kronecker_pseudoinverse_of_a_singular_factor_has_the_pseudoinverse_jvp(
+    inner,
+):
+    # With a pseudoinverse inner solver, `lx.Kronecker` solves `(A ⊗ B)⁺ b` for a
+    # singular factor `A` correctly, but said "full rank": the JVP then used the
+    # full-rank formula, e.g. [0.036, -0.074, 0.073, -0.147] against the
+    # pseudoinverse's [0.018, -0.126, 0.150, -0.483] here.
+    rng = np.random.default_rng(0)
+    a = jnp.array([[1.0, 2.0], [2.0, 4.0]])  # rank 1
+    b_factor = jnp.asarray(rng.standard_normal((2, 2)))
+    vector = jnp.asarray(rng.standard_normal(4))
+    tangent = jnp.asarray(rng.standard_normal((2, 2)))
+
+    def solve(a):
+        operator = lx.KroneckerLinearOperator(
+            lx.MatrixLinearOperator(a), lx.MatrixLinearOperator(b_factor)
+        )
+        return lx.linear_solve(operator, vector, lx.Kronecker(inner)).value
+
+    def reference(a):
+        return jnp.linalg.pinv(jnp.kron(a, b_factor)) @ vector
+
+    value, jvp = jax.jvp(solve, (a,), (tangent,))
+    expected_value, expected_jvp = jax.jvp(reference, (a,), (tangent,))
+    np.testing.assert_allclose(value, expected_value, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(jvp, expected_jvp, rtol=1e-10, atol=1e-12)

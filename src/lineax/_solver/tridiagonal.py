@@ -117,7 +117,10 @@ class Tridiagonal(AbstractLinearSolver[TridiagonalState]):
         return new, options
 
     def part_read(self, operator, other):
-        # The solve reads the three bands only.
+        # The solve reads the three bands only. (An operator of size 0 has no
+        # part to drop, and no `TridiagonalLinearOperator`.)
+        if operator.in_size() == 0:
+            return other
         return embed_like(operator, TridiagonalLinearOperator(*tridiagonal(other)))
 
     def assume_full_rank(self) -> bool:
