@@ -1,6 +1,7 @@
 """Edge inputs of the direct solvers that broke them: operators with no rows or
-columns, the unpivoted tridiagonal solve that GPUs run for n <= 2, and the
-statistics the published package reports."""
+columns, the unpivoted tridiagonal solve that GPUs run for n <= 2, the
+statistics the published package reports, and the rank flags of a Kronecker
+product solved by a pseudoinverse solver."""
 
 import os
 import subprocess
