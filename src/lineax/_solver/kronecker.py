@@ -20,7 +20,7 @@ from ._structured import (
     worst_result,
 )
 from .auto import AutoLinearSolver
-from .base import AbstractLinearSolver
+from .base import AbstractLinearSolver, rank_flags
 
 
 class KroneckerState(eqx.Module):
@@ -44,7 +44,9 @@ class Kronecker(AbstractLinearSolver[KroneckerState]):
 
     Every factor must be square (a `ValueError` otherwise). A factor that is
     singular makes the product singular, reported as
-    [`lineax.RESULTS.singular`][] by the inner solver.
+    [`lineax.RESULTS.singular`][] by the inner solver; a pseudoinverse inner
+    solver (e.g. [`lineax.SVD`][]) gives the pseudoinverse solution instead,
+    `(A ⊗ B)⁺ = A⁺ ⊗ B⁺`, differentiated as such.
 
     **Arguments:**
 
@@ -137,8 +139,22 @@ class Kronecker(AbstractLinearSolver[KroneckerState]):
         states = tuple(self.inner.conj(s, inner_options)[0] for s in state.states)
         return KroneckerState(states, state.structures, state.sizes), options
 
-    def assume_full_rank(self) -> bool:
-        return True
+    def allow_dependent_rows(self, operator: AbstractLinearOperator) -> bool:
+        return self._rank_flag(operator, 0)
+
+    def allow_dependent_columns(self, operator: AbstractLinearOperator) -> bool:
+        return self._rank_flag(operator, 1)
+
+    def _rank_flag(self, operator: AbstractLinearOperator, which: int) -> bool:
+        # The inner solver's, for some factor: with a pseudoinverse solver (e.g.
+        # `lx.SVD()`) a singular factor is solved as `A⁺ ⊗ B⁺ = (A ⊗ B)⁺`, the
+        # pseudoinverse of a rank-deficient product, whose derivative needs the
+        # general JVP. (Always "full rank" gave the derivative of the full-rank
+        # formula there: wrong.)
+        operator = unwrap_tagged(operator)
+        if not isinstance(operator, KroneckerLinearOperator):
+            return True  # be safe: the general JVP is valid for any rank
+        return any(rank_flags(self.inner, f)[which] for f in operator.operators)
 
 
 @structured_solver.register(KroneckerLinearOperator)

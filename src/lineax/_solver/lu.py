@@ -79,7 +79,7 @@ class LU(AbstractLinearSolver[LUState]):
     def compute(self, state: LUState, vector, options):
         del options
         b = ravel_vector(vector, state.packed_structures)
-        x = _lu_solve(state.lu, state.permutation, b, state.transposed)
+        x = lu_solve(state.lu, state.permutation, b, state.transposed)
         x = nan_at_zero_pivots(x, jnp.diagonal(state.lu))
 
         stats = {
@@ -125,7 +125,7 @@ class LU(AbstractLinearSolver[LUState]):
         return True
 
 
-def _lu_solve(lu: Array, perm: Array, b: Array, transposed: bool) -> Array:
+def lu_solve(lu: Array, perm: Array, b: Array, transposed: bool) -> Array:
     """Solve `A x = b` (or `A^T x = b`) from `A[perm] = L U`; `b` is 1-D or 2-D."""
     if transposed:
         # A = P^T L U, so A^T = U^T L^T P: solve U^T y = b, L^T z = y, P x = z.
@@ -140,5 +140,5 @@ def _rcond_solve(arrays, transposed: bool, matrix: Array, adjoint: bool) -> Arra
     lu, perm = arrays
     if adjoint:
         # A^{-H} X = conj(A^{-T} conj(X)).
-        return jnp.conj(_lu_solve(lu, perm, jnp.conj(matrix), not transposed))
-    return _lu_solve(lu, perm, matrix, transposed)
+        return jnp.conj(lu_solve(lu, perm, jnp.conj(matrix), not transposed))
+    return lu_solve(lu, perm, matrix, transposed)

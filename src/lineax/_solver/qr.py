@@ -98,7 +98,16 @@ class QR(AbstractLinearSolver[QRState]):
             y = jsl.solve_triangular(r, b, trans="C", lower=False)
             y = nan_at_zero_pivots(y, jnp.diagonal(r))
             y = jnp.concatenate([y, jnp.zeros((m - n,), y.dtype)])
-            x = lax.linalg.ormqr(a, taus, y[:, None])[:, 0]
+            if n == 0:
+                # No reflectors: `Q` is the identity. (LAPACK's `ormqr` on the
+                # `(m, 0)` reflectors of an operator with no rows, e.g. the
+                # transpose of a tall one with no columns, killed the process
+                # with SIGFPE in XLA:CPU's compiled solve.)
+                x = y
+            else:
+                x = lax.linalg.ormqr(a, taus, y[:, None])[:, 0]
+        elif n == 0:
+            x = jnp.zeros((0,), a.dtype)
         else:
             qhb = lax.linalg.ormqr(a, taus, b[:, None].astype(a.dtype), transpose=True)
             x = jsl.solve_triangular(r, qhb[:n, 0], lower=False)

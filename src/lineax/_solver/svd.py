@@ -39,7 +39,8 @@ class SVD(AbstractLinearSolver[SVDState]):
     rank-deficient (both). The most robust and the most expensive dense solver.
     `stats["rcond"]` holds the reciprocal 2-norm condition number
     `min(s) / max(s)` (exact, over all `min(m, n)` singular values, including
-    those treated as zero).
+    those treated as zero), and `stats["rank"]` the numerical rank: the number
+    of singular values kept.
 
     **Arguments:**
 
@@ -89,7 +90,8 @@ class SVD(AbstractLinearSolver[SVDState]):
         coeffs = jnp.where(keep, coeffs, 0)
         x = jnp.matmul(jnp.conj(vh.T), coeffs.astype(vh.dtype), precision=hi)
         rcond = jnp.where(smax == 0, jnp.zeros_like(smin), smin / smax)
-        stats = {"rcond": rcond}
+        # `rank` as the published lineax reports it: the singular values kept.
+        stats = {"rcond": rcond, "rank": jnp.sum(keep)}
         return unravel_solution(x, state.packed_structures), RESULTS.successful, stats
 
     def transpose(self, state: SVDState, options):

@@ -24,6 +24,7 @@ from .base import (
     embed_like,
     rcond_estimate,
 )
+from .lu import lu_solve
 
 
 class TridiagonalState(eqx.Module):
@@ -41,11 +42,13 @@ class Tridiagonal(AbstractLinearSolver[TridiagonalState]):
     (`jax.lax.linalg.tridiagonal_solve`; LAPACK `gtsv` on CPU, cuSPARSE on GPU).
 
     The operator must be tagged [`lineax.tridiagonal_tag`][] (or be a
-    [`lineax.TridiagonalLinearOperator`][]). No pivoting is done on every
-    platform, so the operator should be e.g. diagonally dominant or definite;
-    non-finite output gives [`lineax.RESULTS.singular`][]. `stats["rcond"]` holds
-    an estimate of the reciprocal 1-norm condition number (as LAPACK's `gtcon`),
-    from O(n) solves.
+    [`lineax.TridiagonalLinearOperator`][]). Elimination pivots by rows on CPU
+    (`gtsv`) and GPU (`gtsv2`; up to n = 2 a dense LU), so a zero on the
+    diagonal is no obstacle there; other platforms (TPU) run JAX's Thomas
+    algorithm without pivoting, for which the operator should be e.g. diagonally
+    dominant or definite. Non-finite output gives [`lineax.RESULTS.singular`][].
+    `stats["rcond"]` holds an estimate of the reciprocal 1-norm condition number
+    (as LAPACK's `gtcon`), from O(n) solves.
 
     This solver reads no `options`.
     """
@@ -65,10 +68,12 @@ class Tridiagonal(AbstractLinearSolver[TridiagonalState]):
         )
         diag, lower, upper = tridiagonal(operator)
         zero = jnp.zeros((1,), diag.dtype)
+        n = diag.shape[0]
+        # (Cut to `n`: the bands of an operator of size 0 have size 0, not -1.)
         return TridiagonalState(
             diag,
-            jnp.concatenate([zero, lower.astype(diag.dtype)]),
-            jnp.concatenate([upper.astype(diag.dtype), zero]),
+            jnp.concatenate([zero, lower.astype(diag.dtype)])[:n],
+            jnp.concatenate([upper.astype(diag.dtype), zero])[:n],
             pack_structures(operator),
         )
 
@@ -79,7 +84,7 @@ class Tridiagonal(AbstractLinearSolver[TridiagonalState]):
         # Column j of A holds upper[j - 1], diagonal[j] and lower[j + 1].
         upper = jnp.abs(jnp.roll(state.upper, 1))
         lower = jnp.abs(jnp.roll(state.lower, -1))
-        norm = jnp.max(jnp.abs(state.diagonal) + upper + lower)
+        norm = jnp.max(jnp.abs(state.diagonal) + upper + lower, initial=0)
         stats = {
             "rcond": rcond_estimate(
                 norm,
@@ -112,7 +117,10 @@ class Tridiagonal(AbstractLinearSolver[TridiagonalState]):
         return new, options
 
     def part_read(self, operator, other):
-        # The solve reads the three bands only.
+        # The solve reads the three bands only. (An operator of size 0 has no
+        # part to drop, and no `TridiagonalLinearOperator`.)
+        if operator.in_size() == 0:
+            return other
         return embed_like(operator, TridiagonalLinearOperator(*tridiagonal(other)))
 
     def assume_full_rank(self) -> bool:
@@ -123,14 +131,30 @@ def _transpose_bands(lower: Array, upper: Array) -> tuple[Array, Array]:
     """The padded (lower, upper) bands of the transpose: the new lower band is the
     old upper one, shifted to the padding convention, and vice versa."""
     zero = jnp.zeros((1,), lower.dtype)
+    n = lower.shape[0]
     return (
-        jnp.concatenate([zero, upper[:-1]]),
-        jnp.concatenate([lower[1:], zero]),
+        jnp.concatenate([zero, upper[:-1]])[:n],
+        jnp.concatenate([lower[1:], zero])[:n],
     )
 
 
 def _solve(lower: Array, diagonal: Array, upper: Array, b: Array) -> Array:
     b = b.astype(diagonal.dtype)
+    n = diagonal.shape[0]
+    if n <= 2:
+        # On GPUs, `tridiagonal_solve` runs cuSPARSE's pivoting `gtsv2` only from
+        # n = 3: below, JAX lowers it to the Thomas algorithm without pivoting,
+        # which divides by `diagonal[0]`, so a well-conditioned `[[0, 1], [1, 0]]`
+        # gave NaN there (reported singular), where LAPACK's `gtsv` on the CPU
+        # pivots. A dense LU with partial pivoting of at most 2x2 is as cheap, and
+        # the same on every platform (and needs no case for n = 0).
+        matrix = jnp.diag(diagonal)
+        if n == 2:
+            matrix = matrix.at[0, 1].set(upper[0]).at[1, 0].set(lower[1])
+        # (Not `jnp.linalg.solve`, whose `custom_linear_solve` holds products of
+        # default precision.)
+        lu, _, permutation = lax.linalg.lu(matrix)
+        return lu_solve(lu, permutation, b, transposed=False)
     return lax.linalg.tridiagonal_solve(lower, diagonal, upper, b)
 
 
