@@ -105,6 +105,43 @@ TRACE_TIME_CASES = [
         r"`solver`.*class `CG`.*lx\.CG\(\)",
     ),
     (
+        "woodbury_inner_solver_class",
+        lambda: lx.Woodbury(lx.LU),
+        TypeError,
+        r"`inner`.*class `LU`.*lx\.LU\(\)",
+    ),
+    (
+        "block_diagonal_solver_class_in_tuple",
+        lambda: lx.BlockDiagonal((lx.LU(), lx.QR)),
+        TypeError,
+        r"`solver\[1\]`.*class `QR`",
+    ),
+    # No half-precision factorisations exist (LAPACK, cuSOLVER): a named
+    # TypeError with the remedies, not JAX's `KeyError` from inside its lowering.
+    (
+        "lu_float16",
+        lambda: lx.linear_solve(
+            lx.MatrixLinearOperator(jnp.eye(3, dtype=jnp.float16)),
+            jnp.ones(3, jnp.float16),
+        ),
+        TypeError,
+        r"`lx\.LU` cannot factorise a float16 operator.*float32.*iterative",
+    ),
+    (
+        "tridiagonal_bfloat16",
+        lambda: lx.linear_solve(
+            lx.TridiagonalLinearOperator(
+                jnp.ones(3, jnp.bfloat16),
+                jnp.zeros(2, jnp.bfloat16),
+                jnp.zeros(2, jnp.bfloat16),
+            ),
+            jnp.ones(3, jnp.bfloat16),
+            lx.Tridiagonal(),
+        ),
+        TypeError,
+        r"`lx\.Tridiagonal` cannot factorise a bfloat16 operator",
+    ),
+    (
         "normal_inner_solver_class",
         lambda: lx.Normal(lx.Cholesky),
         TypeError,

@@ -75,7 +75,8 @@ class LowRankUpdateLinearOperator(AbstractLinearOperator):
 
     **Arguments:**
 
-    - `operator`: `A`, a square linear operator.
+    - `operator`: `A`, a square linear operator; nonsingular, for
+        [`lineax.Woodbury`][] to solve the sum.
     - `u`: `U`, mapping the rank-`k` space into `A`'s output space (an operator,
         or a 2-D array of shape `(n, k)` when `A` acts on 1-D vectors).
     - `c`: `C`, the `k×k` middle factor (an operator or a 2-D array).

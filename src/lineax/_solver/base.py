@@ -316,6 +316,22 @@ def check_solver(solver: Any, argument: str) -> None:
     )
 
 
+def check_lapack_dtype(operator: AbstractLinearOperator, solver_name: str) -> None:
+    """Raise a TypeError if `operator` is in a half-precision dtype: LAPACK and
+    cuSOLVER have no half-precision factorisations, and JAX's would fail with a
+    `KeyError` deep inside its lowering."""
+    for struct in jax.tree_util.tree_leaves(operator.in_structure()):
+        dtype = jnp.dtype(struct.dtype)
+        if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+            raise TypeError(
+                f"`lx.{solver_name}` cannot factorise a {dtype.name} operator: "
+                "LAPACK and cuSOLVER (like NumPy's `linalg`) have no half-precision "
+                "factorisations. Convert the operator and the vector to float32, "
+                "or use an iterative solver (e.g. `lx.GMRES`, or `lx.CG` for a "
+                f"positive definite operator), which runs in {dtype.name}."
+            )
+
+
 def check_square(operator: AbstractLinearOperator, solver_name: str) -> None:
     """Raise a ValueError if `operator` is not square, suggesting what to use."""
     check_square_operator(

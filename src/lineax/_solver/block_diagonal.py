@@ -25,7 +25,7 @@ from ._structured import (
     worst_result,
 )
 from .auto import AutoLinearSolver
-from .base import AbstractLinearSolver, rank_flags
+from .base import AbstractLinearSolver, check_solver, rank_flags
 
 
 def _structure_of(tree: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
@@ -78,6 +78,13 @@ class BlockDiagonal(AbstractLinearSolver[BlockDiagonalState]):
     )
 
     option_keys = frozenset()  # `options` are passed on to the inner solver(s)
+
+    def __check_init__(self):
+        if isinstance(self.solver, (tuple, list)):
+            for i, solver in enumerate(self.solver):
+                check_solver(solver, f"solver[{i}]")
+        else:
+            check_solver(self.solver, "solver")
 
     def _solvers(self, count: int) -> tuple[AbstractLinearSolver, ...]:
         if isinstance(self.solver, AbstractLinearSolver):

@@ -23,6 +23,7 @@ from ._packing import (
 )
 from .base import (
     AbstractLinearSolver,
+    check_lapack_dtype,
     check_square,
     check_tag,
     embed_like,
@@ -64,6 +65,7 @@ class Cholesky(AbstractLinearSolver[CholeskyState]):
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> CholeskyState:
+        check_lapack_dtype(operator, "Cholesky")
         del options
         check_square(operator, "Cholesky")
         positive = is_positive_semidefinite(operator)

@@ -20,7 +20,7 @@ from ._structured import (
     worst_result,
 )
 from .auto import AutoLinearSolver
-from .base import AbstractLinearSolver, rank_flags
+from .base import AbstractLinearSolver, check_solver, rank_flags
 
 
 class KroneckerState(eqx.Module):
@@ -63,6 +63,9 @@ class Kronecker(AbstractLinearSolver[KroneckerState]):
     inner: AbstractLinearSolver = AutoLinearSolver(well_posed=True)
 
     option_keys = frozenset()  # `options` are passed on to the inner solver(s)
+
+    def __check_init__(self):
+        check_solver(self.inner, "inner")
 
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]

@@ -19,6 +19,7 @@ from ._packing import (
 )
 from .base import (
     AbstractLinearSolver,
+    check_lapack_dtype,
     check_square,
     nan_at_zero_pivots,
     norm1,
@@ -60,6 +61,7 @@ class LU(AbstractLinearSolver[LUState]):
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> LUState:
+        check_lapack_dtype(operator, "LU")
         del options
         check_square(operator, "LU")
         # Keep the permutation (not LAPACK's sequence of row swaps), so that each

@@ -19,6 +19,7 @@ from ._packing import (
 )
 from .base import (
     AbstractLinearSolver,
+    check_lapack_dtype,
     nan_at_zero_pivots,
     norm1,
     operator_is_finite,
@@ -71,6 +72,7 @@ class QR(AbstractLinearSolver[QRState]):
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> QRState:
+        check_lapack_dtype(operator, "QR")
         del options
         matrix = operator.as_matrix()
         m, n = matrix.shape

@@ -26,7 +26,7 @@ from ._structured import (
     solve_flat,
 )
 from .auto import AutoLinearSolver
-from .base import AbstractLinearSolver
+from .base import AbstractLinearSolver, check_solver
 from .lu import LU, LUState
 
 
@@ -89,6 +89,9 @@ class Schur(AbstractLinearSolver[SchurState]):
     inner: AbstractLinearSolver = AutoLinearSolver(well_posed=True)
 
     option_keys = frozenset()  # `options` are passed on to the inner solver(s)
+
+    def __check_init__(self):
+        check_solver(self.inner, "inner")
 
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]

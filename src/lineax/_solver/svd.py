@@ -17,7 +17,7 @@ from ._packing import (
     transpose_packed_structures,
     unravel_solution,
 )
-from .base import AbstractLinearSolver, operator_is_finite
+from .base import AbstractLinearSolver, check_lapack_dtype, operator_is_finite
 
 
 class SVDState(eqx.Module):
@@ -62,6 +62,7 @@ class SVD(AbstractLinearSolver[SVDState]):
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> SVDState:
+        check_lapack_dtype(operator, "SVD")
         del options
         matrix = operator.as_matrix()
         u, s, vh = jnp.linalg.svd(matrix, full_matrices=False)

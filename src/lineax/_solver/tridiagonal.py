@@ -19,6 +19,7 @@ from ._packing import (
 )
 from .base import (
     AbstractLinearSolver,
+    check_lapack_dtype,
     check_square,
     check_tag,
     embed_like,
@@ -58,6 +59,7 @@ class Tridiagonal(AbstractLinearSolver[TridiagonalState]):
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> TridiagonalState:
+        check_lapack_dtype(operator, "Tridiagonal")
         del options
         check_square(operator, "Tridiagonal")
         check_tag(

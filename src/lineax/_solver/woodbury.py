@@ -28,7 +28,7 @@ from ._structured import (
     structured_solver,
 )
 from .auto import AutoLinearSolver
-from .base import AbstractLinearSolver
+from .base import AbstractLinearSolver, check_solver
 from .lu import LU, LUState
 
 
@@ -70,13 +70,17 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
     (n = 4000, k = 10) this is about `O(nk²)` against `O(n³)` for dense LU. When
     `C` is invertible, `K = C (C⁻¹ + V A⁻¹ U)`, the textbook capacitance matrix.
 
-    Since `det M = det A · det K`, `M` is singular exactly when `A` or `K` is: a
-    `K` with an exactly zero pivot gives [`lineax.RESULTS.singular`][], not NaN.
+    For a nonsingular `A`, `det M = det A · det K`, so `M` is singular exactly
+    when `K` is: a `K` with an exactly zero pivot gives
+    [`lineax.RESULTS.singular`][], not NaN.
     A `K` that is only numerically singular (a pivot of rounding size, as for a
     rank-one update that cancels `A` up to rounding) is solved as [`lineax.LU`][]
     solves a numerically singular matrix: the solution is as accurate as the
     condition of `M` allows, i.e. huge and meaningless, and reported successful.
-    `A` itself must be nonsingular, even if `M` is not.
+    `A` itself must be nonsingular. A singular `A` (e.g. `diag(1, 2, 0) + e₃e₃ᵀ`)
+    gives `singular` from the solve with `A` even where `M` is nonsingular: solve
+    such an `M` with [`lineax.LU`][] (on `lx.materialise(M)`), as
+    [`lineax.AutoLinearSolver`][] picks `Woodbury` for every low-rank update.
 
     **Arguments:**
 
@@ -90,6 +94,9 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
     inner: AbstractLinearSolver = AutoLinearSolver(well_posed=True)
 
     option_keys = frozenset()  # `options` are passed on to the inner solver(s)
+
+    def __check_init__(self):
+        check_solver(self.inner, "inner")
 
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
