@@ -65,3 +65,26 @@ def test_finished_members_make_no_steps():
     assert np.asarray(result).tolist() == [stagnation, stagnation]
     ratio = calls[0] / 2 / int(np.max(num_mv))
     assert ratio < 1.3, (ratio, np.asarray(num_mv))
+
+
+def test_vmap_over_zero_members():
+    # Before: every solve with `throw=True` (the default) failed to trace under
+    # `vmap` over zero elements, with "zero-size array to reduction operation
+    # max" (the error branch took the largest failure code of no elements).
+    matrix = 2 * np.eye(3)
+    operator = lx.MatrixLinearOperator(matrix, lx.positive_semidefinite_tag)
+    for solver in (lx.CG(1e-8, 1e-8), lx.LU()):
+
+        def solve(vector, solver=solver):
+            return lx.linear_solve(operator, vector, solver).value
+
+        assert jax.jit(jax.vmap(solve))(np.zeros((0, 3))).shape == (0, 3)
+        matrices = np.zeros((0, 3, 3))
+        solutions = jax.vmap(
+            lambda m, v, solver=solver: (
+                lx.linear_solve(
+                    lx.MatrixLinearOperator(m, lx.positive_semidefinite_tag), v, solver
+                ).value
+            )
+        )(matrices, np.zeros((0, 3)))
+        assert solutions.shape == (0, 3)

@@ -272,12 +272,35 @@ def branch_on_code(
         # A concrete code (eagerly, or under `jax.disable_jit`, where JAX's switch
         # would index its branches with it directly): branch in Python.
         return (if_zero if int(np.max(code)) == 0 else if_nonzero)(operand)
-    index = eqxi.unvmap_max(jnp.asarray(code, jnp.int32))
+    index = _unvmap_max_p.bind(jnp.asarray(code, jnp.int32))
     if _switch_internal is None:  # (not in this version of JAX)
         return lax.cond(index != 0, if_nonzero, if_zero, operand)
     return _switch_internal(
         index, (if_zero, if_nonzero), (operand,), branches_platforms=None
     )
+
+
+# `eqxi.unvmap_max`, with 0 as the largest of no elements: under `vmap` over zero
+# elements that one took `jnp.max` of an empty array, and every solve with
+# `throw=True` failed to trace ("zero-size array to reduction operation max").
+_unvmap_max_p = Primitive("lineax_unvmap_max")
+
+
+def _unvmap_max_impl(x):
+    return jnp.max(x) if x.size else jnp.zeros((), x.dtype)
+
+
+def _unvmap_max_batch(args, dims):
+    del dims
+    return _unvmap_max_p.bind(*args), _not_mapped
+
+
+_unvmap_max_p.def_impl(_unvmap_max_impl)
+_unvmap_max_p.def_abstract_eval(lambda x: jax.core.ShapedArray((), x.dtype))
+_batching.primitive_batchers[_unvmap_max_p] = _unvmap_max_batch
+_mlir.register_lowering(
+    _unvmap_max_p, _mlir.lower_fun(_unvmap_max_impl, multiple_results=False)
+)
 
 
 def _tied(x: PyTree[Array], checked: Array) -> PyTree[Array]:
