@@ -9,6 +9,7 @@ so it must be small."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import lineax as lx
 
@@ -88,3 +89,30 @@ def test_vmap_over_zero_members():
             )
         )(matrices, np.zeros((0, 3)))
         assert solutions.shape == (0, 3)
+
+
+def test_vmap_error_names_the_failed_elements():
+    # Before: with `throw=True` one failed element of a batch of many raised the
+    # failure's message alone, with no way to tell which element failed short of
+    # solving again with `throw=False`.
+    good = 2 * np.eye(3)
+    singular = np.diag([2.0, 0.0, 2.0])
+    nan = np.diag([2.0, np.nan, 2.0])
+
+    def solve(matrix):
+        return lx.linear_solve(lx.MatrixLinearOperator(matrix), np.ones(3)).value
+
+    batched = jax.jit(jax.vmap(solve))
+    pattern = r"2 of 5 batch elements failed, at index 1, 3\.\)"
+    with pytest.raises(Exception, match=pattern) as info:
+        jax.block_until_ready(batched(np.stack([good, singular, good, singular, good])))
+    assert "failed differently" not in str(info.value)
+    with pytest.raises(Exception, match="failed, at index 0, 2") as info:
+        jax.block_until_ready(batched(np.stack([nan, good, singular])))
+    assert "failed differently" in str(info.value)
+    # Nested `vmap`: (outer, inner) indices.
+    nested = jax.jit(jax.vmap(jax.vmap(solve)))
+    batch = np.stack([np.stack([good, good]), np.stack([good, singular])])
+    pattern = r"1 of 4 batch elements failed, at index \(1, 1\)"
+    with pytest.raises(Exception, match=pattern):
+        jax.block_until_ready(nested(batch))

@@ -80,31 +80,50 @@ _switch_internal = _find_switch_internal()
 _not_mapped = None
 
 
-def _raise(messages: Sequence[str], index) -> None:
-    message = messages[int(np.asarray(index))]
+def _raise(messages: Sequence[str], index, where: str = "") -> None:
+    message = messages[int(np.asarray(index))] + where
     # What `equinox.filter_jit` reads to re-raise an `EquinoxRuntimeError` with the
     # message alone (as for `equinox.error_if`).
     _eqx_jit.last_error_info = (message, [])
     raise _EquinoxRuntimeError(message)
 
 
-def _host_index(operands, *, index_fn: Callable, batch_ndim: int) -> int:
+def _host_index(operands, *, index_fn: Callable, batch_ndim: int) -> tuple[int, str]:
     """The largest `index_fn(*element)` over the batch elements of `operands`
-    (whose first `batch_ndim` dimensions are the batch), on the host."""
+    (whose first `batch_ndim` dimensions are the batch), on the host; and, under
+    `vmap`, a sentence saying which elements failed (nonzero), for the message."""
     operands = [np.asarray(x) for x in operands]
     if batch_ndim == 0:
-        return int(index_fn(*operands))
+        return int(index_fn(*operands)), ""
     batch_shape = operands[0].shape[:batch_ndim]
-    return max(
-        (int(index_fn(*(x[i] for x in operands))) for i in np.ndindex(*batch_shape)),
-        default=0,
+    codes = {
+        i: int(index_fn(*(x[i] for x in operands))) for i in np.ndindex(*batch_shape)
+    }
+    failed = [i[0] if batch_ndim == 1 else i for i, code in codes.items() if code]
+    if not failed:
+        return 0, ""
+    shown = ", ".join(str(i) for i in failed[:_SHOWN])
+    more = ", ..." if len(failed) > _SHOWN else ""
+    where = (
+        f" (Under `vmap`: {len(failed)} of {len(codes)} batch elements failed, at "
+        f"index {shown}{more}.)"
     )
+    if len({code for code in codes.values() if code}) > 1:
+        where += (
+            " Some failed differently, and this message is for one of them: solve "
+            "with `throw=False` to read each element's `result`."
+        )
+    return max(codes.values()), where
+
+
+# How many failed batch elements a message lists.
+_SHOWN = 5
 
 
 def _host_check(*operands, messages, index_fn, batch_ndim) -> np.ndarray:
-    index = _host_index(operands, index_fn=index_fn, batch_ndim=batch_ndim)
+    index, where = _host_index(operands, index_fn=index_fn, batch_ndim=batch_ndim)
     if index != 0:
-        _raise(messages, index)
+        _raise(messages, index, where)
     return np.zeros((), np.int32)
 
 
