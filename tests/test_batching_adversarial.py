@@ -116,3 +116,27 @@ def test_vmap_error_names_the_failed_elements():
     pattern = r"1 of 4 batch elements failed, at index \(1, 1\)"
     with pytest.raises(Exception, match=pattern):
         jax.block_until_ready(nested(batch))
+
+
+def test_qr_vmap_over_vectors_keeps_one_factorisation():
+    # `vmap` over the right-hand side only: one QR factorisation, applied to all of
+    # them at once. Before: JAX's batching rule of `ormqr` copied the reflectors
+    # once per right-hand side (a batch x n x n array, and one `ormqr` each): for
+    # 400 right-hand sides of a 400x400 matrix, 330 ms of CPU and 512 MB; now 6 ms.
+    rng = np.random.default_rng(0)
+    batch = 7
+    for shape in ((5, 5), (4, 6)):  # (the wide case applies Q, not Q^H)
+        matrix = rng.standard_normal(shape)
+        vectors = rng.standard_normal((batch, shape[0]))
+
+        def solve(vector, matrix=matrix):
+            operator = lx.MatrixLinearOperator(matrix)
+            return lx.linear_solve(operator, vector, lx.QR()).value
+
+        solutions = jax.jit(jax.vmap(solve))(vectors)
+        expected = np.linalg.lstsq(matrix, vectors.T, rcond=None)[0].T
+        np.testing.assert_allclose(solutions, expected, rtol=1e-10, atol=1e-12)
+        text = jax.jit(jax.vmap(solve)).lower(vectors).as_text()
+        ormqr = [line for line in text.splitlines() if "ormqr" in line]
+        assert ormqr
+        assert not any(f"tensor<{batch}x" in line for line in ormqr), ormqr
