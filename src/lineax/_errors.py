@@ -80,31 +80,50 @@ _switch_internal = _find_switch_internal()
 _not_mapped = None
 
 
-def _raise(messages: Sequence[str], index) -> None:
-    message = messages[int(np.asarray(index))]
+def _raise(messages: Sequence[str], index, where: str = "") -> None:
+    message = messages[int(np.asarray(index))] + where
     # What `equinox.filter_jit` reads to re-raise an `EquinoxRuntimeError` with the
     # message alone (as for `equinox.error_if`).
     _eqx_jit.last_error_info = (message, [])
     raise _EquinoxRuntimeError(message)
 
 
-def _host_index(operands, *, index_fn: Callable, batch_ndim: int) -> int:
+def _host_index(operands, *, index_fn: Callable, batch_ndim: int) -> tuple[int, str]:
     """The largest `index_fn(*element)` over the batch elements of `operands`
-    (whose first `batch_ndim` dimensions are the batch), on the host."""
+    (whose first `batch_ndim` dimensions are the batch), on the host; and, under
+    `vmap`, a sentence saying which elements failed (nonzero), for the message."""
     operands = [np.asarray(x) for x in operands]
     if batch_ndim == 0:
-        return int(index_fn(*operands))
+        return int(index_fn(*operands)), ""
     batch_shape = operands[0].shape[:batch_ndim]
-    return max(
-        (int(index_fn(*(x[i] for x in operands))) for i in np.ndindex(*batch_shape)),
-        default=0,
+    codes = {
+        i: int(index_fn(*(x[i] for x in operands))) for i in np.ndindex(*batch_shape)
+    }
+    failed = [i[0] if batch_ndim == 1 else i for i, code in codes.items() if code]
+    if not failed:
+        return 0, ""
+    shown = ", ".join(str(i) for i in failed[:_SHOWN])
+    more = ", ..." if len(failed) > _SHOWN else ""
+    where = (
+        f" (Under `vmap`: {len(failed)} of {len(codes)} batch elements failed, at "
+        f"index {shown}{more}.)"
     )
+    if len({code for code in codes.values() if code}) > 1:
+        where += (
+            " Some failed differently, and this message is for one of them: solve "
+            "with `throw=False` to read each element's `result`."
+        )
+    return max(codes.values()), where
+
+
+# How many failed batch elements a message lists.
+_SHOWN = 5
 
 
 def _host_check(*operands, messages, index_fn, batch_ndim) -> np.ndarray:
-    index = _host_index(operands, index_fn=index_fn, batch_ndim=batch_ndim)
+    index, where = _host_index(operands, index_fn=index_fn, batch_ndim=batch_ndim)
     if index != 0:
-        _raise(messages, index)
+        _raise(messages, index, where)
     return np.zeros((), np.int32)
 
 
@@ -272,12 +291,35 @@ def branch_on_code(
         # A concrete code (eagerly, or under `jax.disable_jit`, where JAX's switch
         # would index its branches with it directly): branch in Python.
         return (if_zero if int(np.max(code)) == 0 else if_nonzero)(operand)
-    index = eqxi.unvmap_max(jnp.asarray(code, jnp.int32))
+    index = _unvmap_max_p.bind(jnp.asarray(code, jnp.int32))
     if _switch_internal is None:  # (not in this version of JAX)
         return lax.cond(index != 0, if_nonzero, if_zero, operand)
     return _switch_internal(
         index, (if_zero, if_nonzero), (operand,), branches_platforms=None
     )
+
+
+# `eqxi.unvmap_max`, with 0 as the largest of no elements: under `vmap` over zero
+# elements that one took `jnp.max` of an empty array, and every solve with
+# `throw=True` failed to trace ("zero-size array to reduction operation max").
+_unvmap_max_p = Primitive("lineax_unvmap_max")
+
+
+def _unvmap_max_impl(x):
+    return jnp.max(x) if x.size else jnp.zeros((), x.dtype)
+
+
+def _unvmap_max_batch(args, dims):
+    del dims
+    return _unvmap_max_p.bind(*args), _not_mapped
+
+
+_unvmap_max_p.def_impl(_unvmap_max_impl)
+_unvmap_max_p.def_abstract_eval(lambda x: jax.core.ShapedArray((), x.dtype))
+_batching.primitive_batchers[_unvmap_max_p] = _unvmap_max_batch
+_mlir.register_lowering(
+    _unvmap_max_p, _mlir.lower_fun(_unvmap_max_impl, multiple_results=False)
+)
 
 
 def _tied(x: PyTree[Array], checked: Array) -> PyTree[Array]:

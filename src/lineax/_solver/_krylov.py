@@ -35,6 +35,8 @@ Every Krylov solver in lineax follows the same contract:
   element is done and keeps the carry of finished elements unchanged (it selects
   between the old and new carry with the per-element predicate), so each element
   stops on its own; the bodies avoid producing NaN for finished elements anyway.
+  The outer loop's body still runs for finished elements (its result discarded):
+  their passes make no steps, so that they do not hold up the others.
 """
 
 import dataclasses
@@ -961,6 +963,13 @@ def iterate(
             )
         return _Pass(c, counter, history)
 
+    def done(k: Any) -> Array:
+        # Whether the book `k` ends the solve (as do a halt and `max_steps`).
+        stop = (k.converged > 1) | ~jnp.isfinite(k.rnorm)
+        if not p.fixed:
+            stop = stop | (k.since_best >= method.patience)
+        return stop
+
     def outer_body(o: _Loop) -> _Loop:
         start = o.inner.carry
         k = book_of(o)
@@ -996,7 +1005,13 @@ def iterate(
             go = go & ~halted(c) & (steps < max_steps)
             if pass_length is not None:
                 go = go & (steps - first < pass_length)
-            return go
+            # Under `vmap` the outer body runs for every element while any runs,
+            # its result discarded for those already done; their passes must make
+            # no steps, or each outer iteration of the others waits for a whole
+            # pass of theirs (BiCGStab's 100 steps after a stagnation), and the
+            # batch made up to twice the steps of its slowest element. (Without
+            # `vmap` this is always true here.)
+            return go & ~done(book_of(o))
 
         q = lax.while_loop(inner_running, inner_step, o.inner)
         c = q.carry
@@ -1133,16 +1148,9 @@ def iterate(
     loop = _Loop(_Pass(carry, counter, history), p.x0, book.pack(p.rdtype), zero)
 
     def running(o: _Loop):
-        k = book_of(o)
-        go = (
-            ~(k.converged > 1)
-            & ~halted(o.inner.carry)
-            & (steps_of(o.inner) < max_steps)
-            & jnp.isfinite(k.rnorm)
+        return (
+            ~done(book_of(o)) & ~halted(o.inner.carry) & (steps_of(o.inner) < max_steps)
         )
-        if not p.fixed:
-            go = go & (k.since_best < method.patience)
-        return go
 
     loop = lax.while_loop(running, outer_body, loop)
     k = book_of(loop)

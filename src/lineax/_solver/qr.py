@@ -3,6 +3,7 @@
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
@@ -107,11 +108,11 @@ class QR(AbstractLinearSolver[QRState]):
                 # with SIGFPE in XLA:CPU's compiled solve.)
                 x = y
             else:
-                x = lax.linalg.ormqr(a, taus, y[:, None])[:, 0]
+                x = _ormqr(a, taus, y[:, None])[:, 0]
         elif n == 0:
             x = jnp.zeros((0,), a.dtype)
         else:
-            qhb = lax.linalg.ormqr(a, taus, b[:, None].astype(a.dtype), transpose=True)
+            qhb = _ormqr_transposed(a, taus, b[:, None].astype(a.dtype))
             x = jsl.solve_triangular(r, qhb[:n, 0], lower=False)
             x = nan_at_zero_pivots(x, jnp.diagonal(r))
 
@@ -156,6 +157,45 @@ class QR(AbstractLinearSolver[QRState]):
 
     def assume_full_rank(self) -> bool:
         return True
+
+
+def _ormqr_of(transpose: bool):
+    """`lax.linalg.ormqr(a, taus, c, transpose=transpose)` (`Q c` or `Q^H c`),
+    with a batching rule that keeps one `Q` for many right-hand sides: under
+    `vmap` over the vector only (one factorisation, many solves) the batch
+    becomes columns of `c`. JAX's own rule broadcasts the reflectors to the batch
+    (a copy of the whole factorisation per right-hand side, and one `ormqr` per
+    element): for 400 right-hand sides of a 400x400 QR, 330 -> 6.4 ms of CPU and
+    a 512 MB copy less. (No reverse mode through it: the solve's derivatives are
+    solves themselves, never derivatives of `compute`.)"""
+
+    @jax.custom_batching.custom_vmap
+    def apply(a, taus, c):
+        return lax.linalg.ormqr(a, taus, c, transpose=transpose)
+
+    @apply.def_vmap
+    def rule(axis_size, in_batched, a, taus, c):
+        a_batched, taus_batched, c_batched = in_batched
+        if a_batched or taus_batched:
+            # (Many factorisations: JAX's rule, one `ormqr` per element.)
+            axes = [0 if batched else None for batched in in_batched]
+            batched_ormqr = jax.vmap(
+                lambda a, taus, c: lax.linalg.ormqr(a, taus, c, transpose=transpose),
+                in_axes=axes,
+            )
+            return batched_ormqr(a, taus, c), True
+        # (The batch is moved into the columns by `apply` itself, so that an
+        # enclosing `vmap` meets this rule again.)
+        _, m, k = c.shape
+        columns = jnp.moveaxis(c, 0, 1).reshape(m, axis_size * k)
+        out = apply(a, taus, columns).reshape(m, axis_size, k)
+        return jnp.moveaxis(out, 1, 0), True
+
+    return apply
+
+
+_ormqr = _ormqr_of(False)
+_ormqr_transposed = _ormqr_of(True)
 
 
 def _rcond_solve(r: Array, static: None, matrix: Array, adjoint: bool) -> Array:
