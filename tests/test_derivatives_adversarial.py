@@ -142,3 +142,20 @@ def test_schur_gradient_ignores_entries_its_solver_never_reads():
 
     _check_gradient(loss, np.diag([2.0, 3.0, 4.0]))
 
+
+def test_gradient_with_numpy_operands():
+    # NumPy matrix and right-hand side, differentiated with respect to the matrix
+    # (eagerly and under `jit`): JAX hands back NumPy constants (`TypedNdArray`)
+    # for the stopped-gradient operator that `init` factorises and for the
+    # right-hand side in the JVP rule; the type checks refused both.
+    matrix = np.array([[3.0, 1.0], [0.5, 2.0]])
+    b = np.array([1.0, -2.0])
+
+    def loss(m):
+        return jnp.sum(lx.linear_solve(lx.MatrixLinearOperator(m), b).value)
+
+    expected = -np.outer(
+        np.linalg.solve(matrix.T, np.ones(2)), np.linalg.solve(matrix, b)
+    )
+    np.testing.assert_allclose(jax.grad(loss)(matrix), expected, rtol=1e-12)
+    np.testing.assert_allclose(jax.grad(jax.jit(loss))(matrix), expected, rtol=1e-12)

@@ -596,6 +596,12 @@ def _linear_solve_jvp(primals, tangents):
         is_leaf=_is_none,
     )
     operator = _arrays_where_differentiated(operator, t_operator)
+    # JAX hands a JVP rule a constant primal (a NumPy right-hand side, when only
+    # the operator is differentiated) as the NumPy array: an array again, as it
+    # was bound (and as `bind`'s annotation says).
+    vector = jtu.tree_map(
+        lambda x: _concrete_array(x) if isinstance(x, np.ndarray) else x, vector
+    )
     solution, result, stats = bind(
         operator, state, vector, options, solver, throw, kind
     )
