@@ -159,3 +159,38 @@ def test_gradient_with_numpy_operands():
     )
     np.testing.assert_allclose(jax.grad(loss)(matrix), expected, rtol=1e-12)
     np.testing.assert_allclose(jax.grad(jax.jit(loss))(matrix), expected, rtol=1e-12)
+
+
+def test_block_diagonal_jvp_with_initial_guess_per_block():
+    # Wide blocks: LSMR from a guess g returns g + pinv(A) (b - A g), SVD ignores
+    # it. BlockDiagonal passes each block its guess, so the solution's derivative
+    # (with respect to the blocks and the guesses) follows that, block by block;
+    # the JVP took the whole solution for the pseudoinverse one (an error of 1.25).
+    rng = np.random.default_rng(12)
+    w1, w2 = rng.normal(size=(2, 4)), rng.normal(size=(2, 4))
+    t_w1, t_w2 = rng.normal(size=(2, 4)), rng.normal(size=(2, 4))
+    b = (rng.normal(size=2), rng.normal(size=2))
+    g1, g2 = rng.normal(size=4), rng.normal(size=4)
+    t_g1, t_g2 = rng.normal(size=4), rng.normal(size=4)
+    solver = lx.BlockDiagonal((lx.LSMR(rtol=1e-12, atol=1e-12), lx.SVD()))
+
+    def solve(w1, w2, g1, g2):
+        op = lx.BlockDiagonalLinearOperator(
+            [lx.MatrixLinearOperator(w1), lx.MatrixLinearOperator(w2)]
+        )
+        return lx.linear_solve(op, b, solver, options={"y0": (g1, g2)}).value
+
+    primals = (w1, w2, g1, g2)
+    tangents = (t_w1, t_w2, t_g1, t_g2)
+    out, t_out = jax.jvp(solve, primals, tangents)
+
+    def expected(eps):
+        w1, w2, g1, _ = (p + eps * t for p, t in zip(primals, tangents))
+        x1 = g1 + np.linalg.pinv(w1) @ (b[0] - w1 @ g1)
+        return x1, np.linalg.pinv(w2) @ b[1]
+
+    for x, t_x, e, e_plus, e_minus in zip(
+        out, t_out, expected(0.0), expected(1e-6), expected(-1e-6)
+    ):
+        np.testing.assert_allclose(x, e, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(t_x, (e_plus - e_minus) / 2e-6, rtol=1e-6, atol=1e-7)

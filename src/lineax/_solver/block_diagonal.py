@@ -220,6 +220,28 @@ class BlockDiagonal(AbstractLinearSolver[BlockDiagonalState]):
             ]
         )
 
+    def initial_guess(self, operator, y0):
+        # Each block's solver uses its entry of `y0` as it says; a block without
+        # a guess (`None`, or one its solver ignores) starts from zero.
+        primal = unwrap_tagged(operator)
+        if not isinstance(primal, BlockDiagonalLinearOperator) or not (
+            isinstance(y0, tuple) and len(y0) == len(primal.in_structure())
+        ):
+            return None
+        blocks = primal.blocks
+        guesses = [
+            None if guess is None else solver.initial_guess(block, guess)
+            for solver, block, guess in zip(self._solvers(len(blocks)), blocks, y0)
+        ]
+        if all(guess is None for guess in guesses):
+            return None
+        return tuple(
+            jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), block.in_structure())
+            if guess is None
+            else guess
+            for block, guess in zip(blocks, guesses)
+        )
+
     def allow_dependent_rows(self, operator: AbstractLinearOperator) -> bool:
         return self._rank_flag(operator, 0)
 
