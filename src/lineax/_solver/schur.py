@@ -219,14 +219,16 @@ class Schur(AbstractLinearSolver[SchurState]):
         a = primal.blocks[0][0]
         if a is None or reads_whole(self.inner, a):
             return other
-        rows = [
+        rows: list[list[AbstractLinearOperator | None]] = [
             [
                 None if block is None else TangentLinearOperator(block, t_block)
                 for block, t_block in zip(row, t_row)
             ]
             for row, t_row in zip(primal.blocks, tangent.blocks)
         ]
-        rows[0][0] = self.inner.part_read(a, rows[0][0])
+        rows[0][0] = self.inner.part_read(
+            a, TangentLinearOperator(a, tangent.blocks[0][0])
+        )
         return BlockLinearOperator(rows)
 
     def assume_full_rank(self) -> bool:
