@@ -194,3 +194,24 @@ def test_block_diagonal_jvp_with_initial_guess_per_block():
     ):
         np.testing.assert_allclose(x, e, rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(t_x, (e_plus - e_minus) / 2e-6, rtol=1e-6, atol=1e-7)
+
+
+def test_block_diagonal_gradient_with_a_closure_block():
+    # A block that is a function of the differentiated value (closure-converted:
+    # its PyTree holds a jaxpr), tagged diagonal, so solved by its diagonal only.
+    structure = jax.ShapeDtypeStruct((_N,), jnp.float64)
+    b = (_rhs(_N, 13), _rhs(_N, 14))
+
+    def loss(t):
+        scale = jnp.array([1.0, 2.0, 3.0]) * t
+        block = lx.FunctionLinearOperator(
+            lambda x: scale * x, structure, lx.diagonal_tag
+        )
+        op = lx.BlockDiagonalLinearOperator(
+            [block, lx.MatrixLinearOperator(_lower(0), lx.lower_triangular_tag)]
+        )
+        return _sum_sin(lx.linear_solve(op, b).value)
+
+    x = _rhs(_N, 13) / (np.array([1.0, 2.0, 3.0]) * 2.0)
+    expected = np.sum(np.cos(x) * -x / 2.0)
+    np.testing.assert_allclose(jax.grad(loss)(2.0), expected, rtol=1e-10)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
+from .._misc import is_inexact_array
 from .._operator.base import (
     AbstractLinearOperator,
     flatten_vector,
@@ -84,7 +85,10 @@ def reads_whole(solver: AbstractLinearSolver, operator: Any) -> bool:
     computation being traced."""
 
     def test(operator):
-        tangent = TangentLinearOperator(operator, operator)
+        # (As a JVP's tangent: arrays where the operator has inexact arrays, `None`
+        # elsewhere, e.g. for a closure-converted function's jaxpr.)
+        tangent = jtu.tree_map(lambda x: x if is_inexact_array(x) else None, operator)
+        tangent = TangentLinearOperator(operator, tangent)
         return solver.part_read(operator, tangent) is tangent
 
     return eqx.filter_eval_shape(test, operator)
