@@ -33,13 +33,16 @@ def _stop_gradient_leaf(x: Any) -> Any:
     if not eqx.is_array(x):
         return x
     out = lax.stop_gradient(x)
-    if isinstance(out, (jax.Array, np.ndarray)):
+    if isinstance(out, jax.Array):
         return out
     # Under `jax.grad` of a function of a Python float, `stop_gradient` returns the
     # primal, a constant, as a `float` subclass (`TypedFloat`) rather than an
-    # array; keep it an array, as an operator's leaves must be. (Made eagerly, not
-    # as a new value of the trace being built.)
+    # array; of a NumPy array, as a NumPy array (`TypedNdArray`), which `init`'s
+    # annotations refuse. Keep it a JAX array, as it was. (Made eagerly, not as a
+    # new value of the trace being built.)
     with jax.core.eval_context():
+        if isinstance(out, np.ndarray):
+            return jax.device_put(out)
         return jnp.asarray(out)
 
 

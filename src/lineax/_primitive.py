@@ -37,7 +37,7 @@ from ._misc import (
 from ._operator.base import AbstractLinearOperator, conj, reads_every_leaf
 from ._operator.tangent import TangentLinearOperator
 from ._solution import RESULTS
-from ._solver.base import AbstractLinearSolver, rank_flags, reads_option
+from ._solver.base import AbstractLinearSolver, rank_flags
 
 
 # Which solve failed, for the error raised under `throw=True`: the user's own
@@ -534,11 +534,12 @@ def _as_tangent(primal, tangent):
     )
 
 
-def _initial_guess(solver, options, t_options, dependent_columns):
-    """`(y0, dy0)` when the answer depends on the initial guess, else `None`s.
+def _initial_guess(solver, operator, options, t_options, dependent_columns):
+    """`(y0, dy0)` when the answer depends on the initial guess, else `None`s:
+    the guess as the solver uses it (see `AbstractLinearSolver.initial_guess`).
 
-    A solver that reads `y0` (declares it in its `option_keys`) and may meet
-    dependent columns returns
+    A solver that uses an initial guess `y0` and may meet dependent columns
+    returns
     `x = y0 + A^+ (b - A y0)`: the pseudoinverse solution plus the part of `y0` in
     the null space of `A`. (This is lineax's Krylov solvers' contract; a Krylov
     method's correction lies in the Krylov space of `A^H`, i.e. the row space.)
@@ -547,14 +548,16 @@ def _initial_guess(solver, options, t_options, dependent_columns):
     y0 = options.get("y0", None)
     if y0 is None or not dependent_columns:
         return None, None
-    if not reads_option(solver, "y0"):
+    guess = solver.initial_guess(operator, y0)
+    if guess is None:
         return None, None
     t_y0 = t_options.get("y0", None) if isinstance(t_options, dict) else None
     if t_y0 is not None and len(jtu.tree_leaves(t_y0)) == 0:
         t_y0 = None
     if t_y0 is not None:
-        t_y0 = _as_tangent(y0, t_y0)
-    return y0, t_y0
+        # (`initial_guess` is linear in `y0`: it maps the tangent alike.)
+        t_y0 = solver.initial_guess(operator, _as_tangent(y0, t_y0))
+    return guess, t_y0
 
 
 def _concrete_array(x: Any) -> Array:
@@ -596,11 +599,17 @@ def _linear_solve_jvp(primals, tangents):
         is_leaf=_is_none,
     )
     operator = _arrays_where_differentiated(operator, t_operator)
+    # JAX hands a JVP rule a constant primal (a NumPy right-hand side, when only
+    # the operator is differentiated) as the NumPy array: an array again, as it
+    # was bound (and as `bind`'s annotation says).
+    vector = jtu.tree_map(
+        lambda x: _concrete_array(x) if isinstance(x, np.ndarray) else x, vector
+    )
     solution, result, stats = bind(
         operator, state, vector, options, solver, throw, kind
     )
     dependent_rows, dependent_columns = rank_flags(solver, operator)
-    y0, t_y0 = _initial_guess(solver, options, t_options, dependent_columns)
+    y0, t_y0 = _initial_guess(solver, operator, options, t_options, dependent_columns)
     has_vector_tangent = len(jtu.tree_leaves(t_vector)) > 0
     has_operator_tangent = len(jtu.tree_leaves(t_operator)) > 0
     if not (has_vector_tangent or has_operator_tangent or t_y0 is not None):

@@ -12,11 +12,13 @@ as through any other solver.
 import functools as ft
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
+from .._misc import is_inexact_array
 from .._operator.base import (
     AbstractLinearOperator,
     flatten_vector,
@@ -24,7 +26,8 @@ from .._operator.base import (
     is_tridiagonal,
     unflatten_vector,
 )
-from .._operator.tagged import TaggedLinearOperator
+from .._operator.tagged import TaggedLinearOperator, unwrap_tagged
+from .._operator.tangent import TangentLinearOperator
 from .._solution import RESULTS
 from .base import AbstractLinearSolver
 
@@ -73,6 +76,37 @@ def solve_columns(
     )
     solutions, results = jax.vmap(solve)(columns)
     return solutions, worst_result(results)
+
+
+def reads_whole(solver: AbstractLinearSolver, operator: Any) -> bool:
+    """Whether `solver` reads the whole of `operator`: whether its `part_read` of
+    a tangent of `operator` is that tangent unchanged. Traced abstractly (with
+    `operator`'s own arrays as the tangent), so that nothing of it enters the
+    computation being traced."""
+
+    def test(operator):
+        # (As a JVP's tangent: arrays where the operator has inexact arrays, `None`
+        # elsewhere, e.g. for a closure-converted function's jaxpr.)
+        tangent = jtu.tree_map(lambda x: x if is_inexact_array(x) else None, operator)
+        tangent = TangentLinearOperator(operator, tangent)
+        return solver.part_read(operator, tangent) is tangent
+
+    return eqx.filter_eval_shape(test, operator)
+
+
+def tangent_parts(
+    operator: AbstractLinearOperator, other: AbstractLinearOperator, kind: type
+) -> tuple[Any, Any] | None:
+    """`(primal, tangent)` of a structured solver's `part_read`: `operator`, and the
+    tangent PyTree that `other` differentiates it along, both without their tags,
+    if `other` is a [`lineax.TangentLinearOperator`][] of an operator of type
+    `kind`; else `None` (the tangent is then taken whole)."""
+    if not isinstance(other, TangentLinearOperator):
+        return None
+    primal = unwrap_tagged(other.primal)
+    if not isinstance(primal, kind):
+        return None
+    return primal, unwrap_tagged(other.tangent)
 
 
 def part_options(

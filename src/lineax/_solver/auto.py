@@ -180,6 +180,9 @@ class AutoLinearSolver(AbstractLinearSolver[AutoState]):
     def part_read(self, operator, other):
         return self.select_solver(operator).part_read(operator, other)
 
+    def initial_guess(self, operator, y0):
+        return self.select_solver(operator).initial_guess(operator, y0)
+
     def assume_full_rank(self) -> bool:
         return self.well_posed is not False
 

@@ -177,6 +177,22 @@ class AbstractLinearSolver(eqx.Module, Generic[_SolverState]):
         del operator
         return other
 
+    def initial_guess(self, operator: AbstractLinearOperator, y0: PyTree) -> Any:
+        """The initial guess `g` that the solution depends on, given the `y0`
+        option: a solver whose answer is `g + A^+ (b - A g)` (the pseudoinverse
+        solution plus the part of `g` in the null space of `A`) returns `g`, a
+        linear function of `y0`; one whose answer does not depend on `y0` returns
+        `None`. The JVP of `linear_solve` differentiates the solution as such
+        (with respect to `y0` too), where `A` may have dependent columns.
+
+        The default: `y0` if this solver declares reading it (see
+        `option_keys`), as lineax's Krylov solvers do, else `None`. A solver
+        passing `y0` on to inner solvers says what they make of it (e.g.
+        [`lineax.BlockDiagonal`][], one guess per block).
+        """
+        del operator
+        return y0 if reads_option(self, "y0") else None
+
     def assume_full_rank(self) -> bool:
         """Whether this solver only handles operators of full rank (independent rows
         if wide, independent columns if tall, both if square).

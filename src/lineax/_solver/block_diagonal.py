@@ -17,11 +17,14 @@ from .._operator.block_diagonal import (
     unstack_vectors,
 )
 from .._operator.tagged import unwrap_tagged
+from .._operator.tangent import TangentLinearOperator
 from ._structured import (
     cheaper_by_tags,
     first_failure,
     part_options,
+    reads_whole,
     structured_solver,
+    tangent_parts,
     worst_result,
 )
 from .auto import AutoLinearSolver
@@ -200,6 +203,51 @@ class BlockDiagonal(AbstractLinearSolver[BlockDiagonalState]):
     def conj(self, state: BlockDiagonalState, options):
         new = {k: v for k, v in options.items() if k != "y0"}
         return self._map_states(state, "conj", options), new
+
+    def part_read(self, operator, other):
+        # Each block's solver reads its part of the block (e.g. the diagonal for
+        # `lx.Diagonal`): the tangent of each block is cut down by that solver.
+        parts = tangent_parts(operator, other, BlockDiagonalLinearOperator)
+        if parts is None:
+            return other
+        primal, tangent = parts
+        if isinstance(self.solver, AbstractLinearSolver):
+            pairs = [(self.solver, b) for b in primal.representatives()]
+        else:
+            pairs = zip(self._solvers(len(primal.blocks)), primal.blocks)
+        if all(reads_whole(solver, block) for solver, block in pairs):
+            return other
+        blocks = primal.blocks
+        return BlockDiagonalLinearOperator(
+            [
+                solver.part_read(block, TangentLinearOperator(block, t_block))
+                for solver, block, t_block in zip(
+                    self._solvers(len(blocks)), blocks, tangent.blocks
+                )
+            ]
+        )
+
+    def initial_guess(self, operator, y0):
+        # Each block's solver uses its entry of `y0` as it says; a block without
+        # a guess (`None`, or one its solver ignores) starts from zero.
+        primal = unwrap_tagged(operator)
+        if not isinstance(primal, BlockDiagonalLinearOperator) or not (
+            isinstance(y0, tuple) and len(y0) == len(primal.in_structure())
+        ):
+            return None
+        blocks = primal.blocks
+        guesses = [
+            None if guess is None else solver.initial_guess(block, guess)
+            for solver, block, guess in zip(self._solvers(len(blocks)), blocks, y0)
+        ]
+        if all(guess is None for guess in guesses):
+            return None
+        return tuple(
+            jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), block.in_structure())
+            if guess is None
+            else guess
+            for block, guess in zip(blocks, guesses)
+        )
 
     def allow_dependent_rows(self, operator: AbstractLinearOperator) -> bool:
         return self._rank_flag(operator, 0)

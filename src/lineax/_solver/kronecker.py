@@ -5,18 +5,22 @@ import functools as ft
 from typing import Any
 
 import equinox as eqx
+import jax.tree_util as jtu
 from jaxtyping import PyTree
 
 from .._misc import Static
 from .._operator.base import AbstractLinearOperator
 from .._operator.kronecker import apply_along_axis, KroneckerLinearOperator
 from .._operator.tagged import unwrap_tagged
+from .._operator.tangent import TangentLinearOperator
 from ._structured import (
     cheaper_by_tags,
     first_failure,
     part_options,
+    reads_whole,
     solve_flat,
     structured_solver,
+    tangent_parts,
     worst_result,
 )
 from .auto import AutoLinearSolver
@@ -141,6 +145,31 @@ class Kronecker(AbstractLinearSolver[KroneckerState]):
         inner_options = part_options((self.inner,), options, "Kronecker")
         states = tuple(self.inner.conj(s, inner_options)[0] for s in state.states)
         return KroneckerState(states, state.structures, state.sizes), options
+
+    def part_read(self, operator, other):
+        # The inner solver reads its part of each factor (e.g. one triangle for
+        # `lx.Triangular`). By the product rule the tangent of A₁ ⊗ ... ⊗ Aₖ is
+        # the sum over i of the product with Aᵢ replaced by its tangent; each of
+        # those is cut down to the part that the inner solver reads.
+        parts = tangent_parts(operator, other, KroneckerLinearOperator)
+        if parts is None:
+            return other
+        primal, tangent = parts
+        factors = primal.operators
+        if all(reads_whole(self.inner, f) for f in factors):
+            return other
+        terms = [
+            KroneckerLinearOperator(
+                *factors[:i],
+                self.inner.part_read(f, TangentLinearOperator(f, t_f)),
+                *factors[i + 1 :],
+            )
+            for i, (f, t_f) in enumerate(zip(factors, tangent.operators))
+            if jtu.tree_leaves(t_f)
+        ]
+        if not terms:
+            return other
+        return ft.reduce(lambda a, b: a + b, terms)
 
     def allow_dependent_rows(self, operator: AbstractLinearOperator) -> bool:
         return self._rank_flag(operator, 0)

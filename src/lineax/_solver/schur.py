@@ -18,12 +18,15 @@ from .._operator.base import (
 from .._operator.block import BlockLinearOperator
 from .._operator.matrix import MatrixLinearOperator
 from .._operator.tagged import unwrap_tagged
+from .._operator.tangent import TangentLinearOperator
 from .._solution import RESULTS
 from ._structured import (
     first_failure,
     part_options,
+    reads_whole,
     solve_columns,
     solve_flat,
+    tangent_parts,
 )
 from .auto import AutoLinearSolver
 from .base import AbstractLinearSolver, check_solver
@@ -207,6 +210,29 @@ class Schur(AbstractLinearSolver[SchurState]):
             state.structures,
         )
         return new, options
+
+    def part_read(self, operator, other):
+        # The inner solver reads its part of `A` (e.g. the diagonal for
+        # `lx.Diagonal`); the other blocks are read whole. The tangent is taken
+        # block by block, with `A`'s cut down by the inner solver.
+        parts = tangent_parts(operator, other, BlockLinearOperator)
+        if parts is None or len(parts[0].blocks) != 2:
+            return other
+        primal, tangent = parts
+        a = primal.blocks[0][0]
+        if a is None or reads_whole(self.inner, a):
+            return other
+        rows: list[list[AbstractLinearOperator | None]] = [
+            [
+                None if block is None else TangentLinearOperator(block, t_block)
+                for block, t_block in zip(row, t_row)
+            ]
+            for row, t_row in zip(primal.blocks, tangent.blocks)
+        ]
+        rows[0][0] = self.inner.part_read(
+            a, TangentLinearOperator(a, tangent.blocks[0][0])
+        )
+        return BlockLinearOperator(rows)
 
     def assume_full_rank(self) -> bool:
         return True

@@ -6,6 +6,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
 from .._misc import Static
@@ -19,13 +20,16 @@ from .._operator.base import (
 from .._operator.low_rank import LowRankUpdateLinearOperator
 from .._operator.matrix import MatrixLinearOperator
 from .._operator.tagged import unwrap_tagged
+from .._operator.tangent import TangentLinearOperator
 from .._solution import RESULTS
 from ._structured import (
     cheaper_by_tags,
     first_failure,
+    reads_whole,
     solve_columns,
     solve_flat,
     structured_solver,
+    tangent_parts,
 )
 from .auto import AutoLinearSolver
 from .base import AbstractLinearSolver, check_solver
@@ -189,6 +193,23 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
             state.transposed,
         )
         return new, options
+
+    def part_read(self, operator, other):
+        # The inner solver reads its part of `A` (e.g. the diagonal for
+        # `lx.Diagonal`); `U`, `C` and `V` are read whole. The tangent of
+        # `A + U C V` is that of `A` plus that of the update with `A` held fixed.
+        parts = tangent_parts(operator, other, LowRankUpdateLinearOperator)
+        if parts is None:
+            return other
+        primal, tangent = parts
+        a, t_a = primal.operator, tangent.operator
+        if not jtu.tree_leaves(t_a) or reads_whole(self.inner, a):
+            return other
+        no_t_a = jtu.tree_map(lambda _: None, t_a)
+        update = TangentLinearOperator(
+            primal, eqx.tree_at(lambda t: t.operator, tangent, no_t_a)
+        )
+        return self.inner.part_read(a, TangentLinearOperator(a, t_a)) + update
 
     def assume_full_rank(self) -> bool:
         return True
