@@ -88,14 +88,29 @@ def _raise(messages: Sequence[str], index, where: str = "") -> None:
     raise _EquinoxRuntimeError(message)
 
 
-def _host_index(operands, *, index_fn: Callable, batch_ndim: int) -> tuple[int, str]:
-    """The largest `index_fn(*element)` over the batch elements of `operands`
-    (whose first `batch_ndim` dimensions are the batch), on the host; and, under
-    `vmap`, a sentence saying which elements failed (nonzero), for the message."""
+def _host_index(operands, *, index_fn: Callable, batch: tuple) -> tuple[int, str]:
+    """The largest `index_fn(*element)` over the batch elements of `operands`, on
+    the host; and, under `vmap`, a sentence saying which elements failed
+    (nonzero), for the message.
+
+    `batch` is `(batch_shape, present)`: the sizes of the enclosing `vmap`s,
+    outermost first, and for each operand which of them it has, as leading
+    dimensions in that order. An operand without one is broadcast along it
+    here, as a NumPy view, not copied on the device: an unbatched operator's
+    matrix is not made into a batch of matrices to raise an error."""
+    batch_shape, present = batch
     operands = [np.asarray(x) for x in operands]
-    if batch_ndim == 0:
+    if not batch_shape:
         return int(index_fn(*operands)), ""
-    batch_shape = operands[0].shape[:batch_ndim]
+    batch_ndim = len(batch_shape)
+    expanded = []
+    for x, has in zip(operands, present):
+        core = x.shape[sum(has) :]
+        sizes = [size if h else 1 for size, h in zip(batch_shape, has)]
+        expanded.append(
+            np.broadcast_to(x.reshape(*sizes, *core), (*batch_shape, *core))
+        )
+    operands = expanded
     codes = {
         i: int(index_fn(*(x[i] for x in operands))) for i in np.ndindex(*batch_shape)
     }
@@ -120,43 +135,45 @@ def _host_index(operands, *, index_fn: Callable, batch_ndim: int) -> tuple[int, 
 _SHOWN = 5
 
 
-def _host_check(*operands, messages, index_fn, batch_ndim) -> np.ndarray:
-    index, where = _host_index(operands, index_fn=index_fn, batch_ndim=batch_ndim)
+def _host_check(*operands, messages, index_fn, batch) -> np.ndarray:
+    index, where = _host_index(operands, index_fn=index_fn, batch=batch)
     if index != 0:
         _raise(messages, index, where)
     return np.zeros((), np.int32)
 
 
-# `_raise_p.bind(*operands, messages, index_fn, batch_ndim)`: raise
+# `_raise_p.bind(*operands, messages, index_fn, batch)`: raise
 # `messages[index]` for the largest nonzero `index = index_fn(*element)` over the
 # batch, on the host; returns a zero (int32 scalar) to tie the checked value to.
-# Under `vmap` the batch dimensions are moved to the front of every operand (see
-# `_raise_batch`), so that one host call examines the whole batch.
+# Under `vmap` the batch dimensions are moved to the front of every batched
+# operand (see `_raise_batch`; `batch` records which operand has which), so that
+# one host call examines the whole batch.
 _raise_p = Primitive("lineax_raise_everywhere")
 
 
-def _raise_impl(*operands, messages, index_fn, batch_ndim):
-    out = _host_check(
-        *operands, messages=messages, index_fn=index_fn, batch_ndim=batch_ndim
-    )
+def _raise_impl(*operands, messages, index_fn, batch):
+    out = _host_check(*operands, messages=messages, index_fn=index_fn, batch=batch)
     return jnp.asarray(out)
 
 
-def _raise_abstract_eval(*operands, messages, index_fn, batch_ndim):
-    del operands, messages, index_fn, batch_ndim
+def _raise_abstract_eval(*operands, messages, index_fn, batch):
+    del operands, messages, index_fn, batch
     return jax.core.ShapedArray((), jnp.int32)
 
 
-def _raise_batch(operands, dims, *, messages, index_fn, batch_ndim):
+def _raise_batch(operands, dims, *, messages, index_fn, batch):
     size = next(x.shape[d] for x, d in zip(operands, dims) if d is not _not_mapped)
+    batch_shape, present = batch
+    # (An unbatched operand is left as it is, and broadcast on the host.)
     operands = [
-        _batching.broadcast(x, size, 0, None)
-        if d is _not_mapped
-        else jnp.moveaxis(x, d, 0)
-        for x, d in zip(operands, dims)
+        x if d is _not_mapped else jnp.moveaxis(x, d, 0) for x, d in zip(operands, dims)
     ]
+    present = tuple((d is not _not_mapped, *has) for d, has in zip(dims, present))
     out = _raise_p.bind(
-        *operands, messages=messages, index_fn=index_fn, batch_ndim=batch_ndim + 1
+        *operands,
+        messages=messages,
+        index_fn=index_fn,
+        batch=((size, *batch_shape), present),
     )
     return out, _not_mapped
 
@@ -189,11 +206,9 @@ def _partitioned(ctx) -> bool:
     )
 
 
-def _raise_lowering(ctx, *operands, messages, index_fn, batch_ndim):
+def _raise_lowering(ctx, *operands, messages, index_fn, batch):
     def callback(*values):
-        out = _host_check(
-            *values, messages=messages, index_fn=index_fn, batch_ndim=batch_ndim
-        )
+        out = _host_check(*values, messages=messages, index_fn=index_fn, batch=batch)
         return (out,)
 
     # On one device the callback is declared side-effecting, so that XLA keeps it
@@ -245,7 +260,10 @@ def raise_everywhere(
         )
         return eqxi.branched_error_if(x, index != 0, index, messages)
     checked = _raise_p.bind(
-        *operands, messages=tuple(messages), index_fn=index_fn, batch_ndim=0
+        *operands,
+        messages=tuple(messages),
+        index_fn=index_fn,
+        batch=((), ((),) * len(operands)),
     )
     return _tied(x, checked)
 
