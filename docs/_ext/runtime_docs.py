@@ -46,6 +46,8 @@ class RuntimeDocs(griffe.Extension):
                 function = inspected[name]
                 function.lineno, function.endlineno = static.lineno, static.endlineno
                 mod.set_member(name, function)
-            elif "__doc__" in getattr(obj, "__dict__", {}):
+            elif isinstance(getattr(obj, "__dict__", {}).get("__doc__"), str):
+                # (A wrapper such as `jax.custom_batching.custom_vmap` may hold
+                # `__doc__ = None` of its own.)
                 doc = inspect.cleandoc(obj.__dict__["__doc__"])
                 static.docstring = griffe.Docstring(doc, parent=static)
