@@ -37,7 +37,7 @@ from ._misc import (
 from ._operator.base import AbstractLinearOperator, conj, reads_every_leaf
 from ._operator.tangent import TangentLinearOperator
 from ._solution import RESULTS
-from ._solver.base import AbstractLinearSolver, rank_flags
+from ._solver.base import AbstractLinearSolver, rank_flags, statistics_unused
 
 
 # Which solve failed, for the error raised under `throw=True`: the user's own
@@ -411,6 +411,16 @@ try:  # Not public API: else the x64 flag alone (see `_trace_context`).
 except ImportError:  # pragma: no cover
     _jax_trace_context = None
     _empty_abstract_mesh = None
+
+try:  # Not public API: a solve traced under `vmap` (see `_compute_traced`).
+    from jax._src.interpreters.batching import BatchTracer as _BatchTracer
+except ImportError:  # pragma: no cover
+    _BatchTracer = ()
+
+try:  # Equinox's batched primitive (not public API): see `_dce_rule`.
+    from equinox.internal._primitive import _vprim_p
+except ImportError:  # pragma: no cover
+    _vprim_p = None
 
 try:  # JAX's registry of caches (not public API): else never emptied by JAX.
     from jax._src.util import register_cache as _register_cache
@@ -787,28 +797,57 @@ if lax.stop_gradient_p not in ad.primitive_transposes:
 # any other user of `pe.dce_jaxpr`) finds the statistics of a solve unused, it
 # keeps the primitive (JVP, transpose and batching still apply) but with
 # `with_stats=False`, whose implementation leaves them out.
+#
+# Under `vmap` the solve is Equinox's batched primitive (`vprim`, holding this
+# one's parameters), which needs the same rule: without it every batched solve
+# (the tangent and cotangent solves of `vmap(jax.grad(...))` included, whose
+# statistics nothing can read) computed its statistics, and XLA did not remove
+# them all. A batched Krylov solve carried a batch x max_steps residual history
+# through its loops, every member's history selected whole at every step.
 def _dce_rule(used_outputs: list[bool], eqn: Any) -> tuple[list[bool], Any]:
+    params = _solve_params(eqn.primitive, eqn.params)
+    if params is None:
+        # Another Equinox `vprim`: JAX's default rule.
+        if not any(used_outputs) and not eqn.effects:
+            return [False] * len(eqn.invars), None
+        return [True] * len(eqn.invars), eqn
     if not any(used_outputs):
         return [False] * len(eqn.invars), None
     used_inputs = [True] * len(eqn.invars)
-    static = eqn.params["static"]
-    treedef_out, _ = eqn.params["flatten"].get()
+    static = params["static"]
+    treedef_out, _ = params["flatten"].get()
     solution_def, result_def, _ = treedef_out.children()
     n_kept = solution_def.num_leaves + result_def.num_leaves
     # `with_stats` is the last argument of `bind`, so the last static leaf.
     if static[-1] is not True or any(used_outputs[n_kept:]):
         return used_inputs, eqn
-    params = dict(eqn.params, static=static[:-1] + (False,))
     new_eqn = jex_core.new_jaxpr_eqn(
         eqn.invars,
         eqn.outvars,
         eqn.primitive,
-        params,
+        _stats_free_params(eqn.primitive, eqn.params),
         eqn.effects,
         eqn.source_info,
         eqn.ctx,
     )
     return used_inputs, new_eqn
+
+
+def _solve_params(primitive: Any, params: dict) -> dict | None:
+    """The parameters of the `linear_solve_p` that `primitive` binds, itself or
+    batched (a `vprim`, under each `vmap`); `None` for any other primitive."""
+    if primitive is linear_solve_p:
+        return params
+    if primitive is _vprim_p:
+        return _solve_params(params["prim"], dict(params["params"]))
+    return None
+
+
+def _stats_free_params(primitive: Any, params: dict) -> dict:
+    if primitive is linear_solve_p:
+        return dict(params, static=params["static"][:-1] + (False,))
+    inner = _stats_free_params(params["prim"], dict(params["params"]))
+    return dict(params, params=tuple(inner.items()))
 
 
 @dataclasses.dataclass
@@ -868,12 +907,28 @@ def _compute_traced(solver, state, vector, options, with_stats: bool):
     `_traced_compute`); without `with_stats`, with its statistics left out of the
     computation (and returned as zeros)."""
     structs = jtu.tree_map(_to_struct, (state, vector, options))
-    traced = _traced_compute(solver, structs, _abstract_eval_key(solver, structs))
+    key = _abstract_eval_key(solver, structs)
+    traced = _traced_compute(solver, structs, key)
     args = [x for x in jtu.tree_leaves((state, vector, options)) if eqx.is_array(x)]
     if with_stats:
         out = jax.core.eval_jaxpr(traced.jaxpr.jaxpr, traced.jaxpr.consts, *args)
     else:
-        jaxpr, consts = traced.stats_free()
+        computed = traced
+        if any(isinstance(x, _BatchTracer) for x in args):
+            # Under `vmap` (this is the batched primitive's implementation), a
+            # statistic carried through a loop costs every step a select over
+            # the whole batch of it, and neither JAX's dead-code elimination (of
+            # a `while_loop`'s carry) nor XLA's removes it: CG's residual
+            # history (batch x up to 10^4 entries) made `vmap(jax.grad(...))` of
+            # 300 CG solves with a tridiagonal operator, n = 1000, 5.6x slower.
+            # So `compute` is traced once more without such statistics (see
+            # `statistics_unused`); those it returns are zeros, as here.
+            # (Unbatched, a loop writes its history in place: not retraced.)
+            with statistics_unused():
+                computed = _traced_compute(
+                    solver, structs, None if key is None else (*key, "stats-free")
+                )
+        jaxpr, consts = computed.stats_free()
         kept = jax.core.eval_jaxpr(jaxpr, consts, *args)
         stats = jtu.tree_leaves(traced.out_struct[2])
         out = list(kept) + [jnp.zeros(s.shape, s.dtype) for s in stats]
@@ -891,3 +946,5 @@ def _compute_traced(solver, state, vector, options, with_stats: bool):
 
 
 pe.dce_rules[linear_solve_p] = _dce_rule
+if _vprim_p is not None and _vprim_p not in pe.dce_rules:
+    pe.dce_rules[_vprim_p] = _dce_rule

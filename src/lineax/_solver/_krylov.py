@@ -63,7 +63,7 @@ from .._operator.base import (
     is_positive_semidefinite,
 )
 from .._solution import RESULTS
-from .base import AbstractLinearSolver, check_square
+from .base import AbstractLinearSolver, check_square, statistics_wanted
 
 
 #
@@ -862,7 +862,9 @@ def _history_layout(max_steps: int, history_length: int | None) -> tuple[int, in
     `i` ends up holding step `min(every (i + 1), last step)`."""
     if history_length is None:
         history_length = min(max_steps, HISTORY_CAP)
-    if history_length == 0 or max_steps == 0:
+    # (A solve whose statistics are unused keeps no history: see
+    # `statistics_unused`.)
+    if history_length == 0 or max_steps == 0 or not statistics_wanted():
         return 0, 1
     every = max(1, math.ceil(max_steps / history_length))
     return math.ceil(max_steps / every), every

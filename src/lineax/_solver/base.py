@@ -1,6 +1,7 @@
 """`AbstractLinearSolver`, and the rank flags that pick the JVP equation."""
 
 import abc
+import contextlib
 import functools as ft
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
@@ -224,6 +225,29 @@ class AbstractLinearSolver(eqx.Module, Generic[_SolverState]):
         columns (e.g. any wide matrix). If `False`, the JVP may assume independent
         columns."""
         return (not self.assume_full_rank()) or operator.in_size() > operator.out_size()
+
+
+_statistics_unused = False
+
+
+@contextlib.contextmanager
+def statistics_unused():
+    """Within it, `compute` is traced for a solve whose statistics nothing reads
+    (see `_primitive._compute_traced`): a solver may then leave out statistics
+    that dead-code elimination cannot remove (a Krylov solver's residual
+    history, a carry of its loops)."""
+    global _statistics_unused
+    saved, _statistics_unused = _statistics_unused, True
+    try:
+        yield
+    finally:
+        _statistics_unused = saved
+
+
+def statistics_wanted() -> bool:
+    """`False` while `compute` is traced for a solve whose statistics are unused
+    (see `statistics_unused`)."""
+    return not _statistics_unused
 
 
 def declared_option_keys() -> frozenset[str]:
