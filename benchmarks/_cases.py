@@ -245,6 +245,27 @@ def _many_rhs_case(n: int, k: int, dtype) -> Case:
     )
 
 
+def _many_rhs_diagonal_case(n: int, k: int, dtype) -> Case:
+    d = 1.0 + P.rng(14).uniform(size=n)
+    B = P.vector(n, 15, batch=(k,))
+
+    def lib_fn(d, B):
+        op = lx.DiagonalLinearOperator(d)
+        return jax.vmap(lambda b: lx.linear_solve(op, b, lx.Diagonal()).value)(B)
+
+    return _direct_case(
+        f"many_rhs_diagonal_n{n}_k{k}",
+        "batch",
+        "B / d",
+        lib_fn,
+        lambda d, B: B / d,
+        (d, B),
+        dtype,
+        note="vmap over the right-hand sides; the finiteness test stacked the "
+        "diagonal to the batch before 9c9959d (3.5x)",
+    )
+
+
 def _tridiag_case(n: int, dtype) -> Case:
     d, lo, up = P.tridiagonal(n, 9)
     b = P.vector(n, 10)
@@ -283,6 +304,35 @@ def _unjitted_case(n: int, dtype) -> Case:
         unjitted=True,
         run_target=1.3,
         note="called from Python, the operator built at each call",
+    )
+
+
+def _unjitted_inverse_case(n: int, dtype) -> Case:
+    # One factorisation per matrix (kept by its id, with the matrix), as a loop
+    # of solves with `lx.invert(...)` or `lu_factor` makes it.
+    inverses, factors = {}, {}
+
+    def lib_fn(A, b):
+        if id(A) not in inverses:
+            inverses[id(A)] = (A, lx.invert(lx.MatrixLinearOperator(A), lx.LU()))
+        return inverses[id(A)][1].mv(b)
+
+    def jax_fn(A, b):
+        if id(A) not in factors:
+            factors[id(A)] = (A, jax.scipy.linalg.lu_factor(A))
+        return jax.scipy.linalg.lu_solve(factors[id(A)][1], b)
+
+    return _direct_case(
+        f"unjitted_inverse_n{n}",
+        "unjitted",
+        "un-jitted lu_solve(lu_factor(A), b)",
+        lib_fn,
+        jax_fn,
+        (P.dense_matrix(n, 16), P.vector(n, 17)),
+        dtype,
+        unjitted=True,
+        note="lx.invert(op).mv(b) called from Python; op by op before 6e81f63 "
+        "(5x, n = 300)",
     )
 
 
@@ -439,11 +489,13 @@ SIZES = {
         lstsq=((200, 100),),
         vmap=((200, 50),),
         many_rhs=((500, 100),),
+        many_rhs_diagonal=((1000, 3000),),
         tridiag=(10_000,),
         krylov=(64, 256),
         krylov_floor=(256, 512),
         lsmr=(2000, 400),
         unjitted=10,
+        unjitted_inverse=300,
     ),
     "gpu": dict(
         dense=(1000, 4096),
@@ -451,11 +503,13 @@ SIZES = {
         lstsq=((200, 100), (2000, 1000)),
         vmap=((200, 50), (20_000, 50)),
         many_rhs=((4096, 100),),
+        many_rhs_diagonal=((100_000, 1000),),
         tridiag=(1_000_000,),
         krylov=(256, 1024),
         krylov_floor=(256, 512, 1024),
         lsmr=(2000, 400),
         unjitted=10,
+        unjitted_inverse=300,
     ),
 }
 
@@ -491,6 +545,7 @@ def all_cases(scale: str, x64: bool) -> list[Case]:
         )
     cases += [_vmap_case(bt, n, dtype) for bt, n in s["vmap"]]
     cases += [_many_rhs_case(n, k, dtype) for n, k in s["many_rhs"]]
+    cases += [_many_rhs_diagonal_case(n, k, dtype) for n, k in s["many_rhs_diagonal"]]
     cases += [_tridiag_case(n, dtype) for n in s["tridiag"]]
     for N in s["krylov"]:
         cases += [_krylov_case(method, N, dtype, rtol) for method in _KRYLOV]
@@ -524,4 +579,5 @@ def all_cases(scale: str, x64: bool) -> list[Case]:
         )
     )
     cases.append(_unjitted_case(s["unjitted"], dtype))
+    cases.append(_unjitted_inverse_case(s["unjitted_inverse"], dtype))
     return cases

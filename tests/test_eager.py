@@ -225,3 +225,65 @@ def test_first_eager_solve_in_a_process_compiles_only_the_solve():
         solution, np.linalg.solve(np.asarray(matrix), np.asarray(vector)), rtol=1e-12
     )
     assert compiled == ["Compiling jit(compiled)"], compiled
+
+
+def test_eager_solve_with_state_options_or_inverse_uses_the_cache(monkeypatch):
+    # A reused `state=`, `options` and `lx.invert(operator).mv` ran operation by
+    # operation outside of `jit`: 4x (state), 5x (invert) and 18x (CG with
+    # `y0`) the time of the compiled solve, n = 300, and of lineax 0.1.1 (whose
+    # `linear_solve` is jitted). They now take the cached compiled solve.
+    monkeypatch.setattr(linear_solve_module, "_COMPILED", {})
+    matrix, vector = _system(4, 13)
+    spd = matrix @ matrix.T + np.eye(4)
+    operator = lx.MatrixLinearOperator(jnp.asarray(matrix))
+    spd_operator = lx.MatrixLinearOperator(
+        jnp.asarray(spd), lx.positive_semidefinite_tag
+    )
+    state = lx.LU().init(operator, {})
+    inverse = lx.invert(operator, lx.LU())
+    cg = lx.CG(rtol=1e-12, atol=1e-12)
+    jacobi = lx.TaggedLinearOperator(
+        lx.DiagonalLinearOperator(jnp.asarray(1 / np.diag(spd))),
+        lx.positive_semidefinite_tag,
+    )
+    for k in (1.0, 2.0, 3.0):
+        b = jnp.asarray(k * vector)
+        want = np.linalg.solve(matrix, k * vector)
+        got = lx.linear_solve(operator, b, lx.LU(), state=state).value
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+        np.testing.assert_allclose(inverse.mv(b), want, rtol=1e-12)
+        got = lx.linear_solve(spd_operator, b, cg, options={"y0": b}).value
+        np.testing.assert_allclose(got, np.linalg.solve(spd, k * vector), rtol=1e-9)
+        got = lx.linear_solve(
+            spd_operator, b, cg, options={"preconditioner": jacobi}
+        ).value
+        np.testing.assert_allclose(got, np.linalg.solve(spd, k * vector), rtol=1e-9)
+    # One entry each: state, inverse (the same solve with its own state and
+    # options), y0, preconditioner.
+    assert len(linear_solve_module._COMPILED) == 4
+    # A preconditioner holding a closure compares by identity: no entry.
+    closure = lx.FunctionLinearOperator(jacobi.mv, jacobi.in_structure(), jacobi.tags)
+    got = lx.linear_solve(
+        spd_operator, jnp.asarray(vector), cg, options={"preconditioner": closure}
+    ).value
+    np.testing.assert_allclose(got, np.linalg.solve(spd, vector), rtol=1e-9)
+    assert len(linear_solve_module._COMPILED) == 4
+    # The inverse still traces, and differentiates with respect to the vector.
+    b = jnp.asarray(vector)
+    np.testing.assert_allclose(
+        jax.jit(lambda op, b: op.mv(b))(inverse, b), np.linalg.solve(matrix, vector)
+    )
+    grad = jax.grad(lambda b: jnp.sum(inverse.mv(b)))(b)
+    np.testing.assert_allclose(grad, np.linalg.solve(matrix.T, np.ones(4)), rtol=1e-12)
+    # Failures with a state: the code and the message of the traced path.
+    singular = lx.MatrixLinearOperator(jnp.asarray([[1.0, 2.0], [2.0, 4.0]]))
+    singular_state = lx.LU().init(singular, {})
+    two = jnp.asarray([1.0, 1.0])
+    solution = lx.linear_solve(
+        singular, two, lx.LU(), state=singular_state, throw=False
+    )
+    assert solution.result == lx.RESULTS.singular
+    with pytest.raises(eqx.EquinoxRuntimeError, match="singular"):
+        lx.linear_solve(singular, two, lx.LU(), state=singular_state)
+    with pytest.raises(eqx.EquinoxRuntimeError, match="singular"):
+        lx.invert(singular, lx.LU()).mv(two)
