@@ -9,8 +9,10 @@ so reverse mode and the pseudoinverse JVP of `linear_solve_p` work through it
 as through any other solver.
 """
 
+import abc
 import functools as ft
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
@@ -29,7 +31,7 @@ from .._operator.base import (
 from .._operator.tagged import TaggedLinearOperator, unwrap_tagged
 from .._operator.tangent import TangentLinearOperator
 from .._solution import RESULTS
-from .base import AbstractLinearSolver
+from .base import AbstractLinearSolver, rank_flags
 
 
 def first_failure(*results: RESULTS) -> RESULTS:
@@ -107,6 +109,37 @@ def tangent_parts(
     if not isinstance(primal, kind):
         return None
     return primal, unwrap_tagged(other.tangent)
+
+
+_State = TypeVar("_State")
+
+
+class AbstractPartwiseSolver(AbstractLinearSolver[_State]):
+    """A solver of a structured operator that solves it part by part (blocks,
+    factors), each part with an inner solver. Its rank flags are those of some
+    part: with a pseudoinverse inner solver (e.g. `lx.SVD()`) a singular part
+    makes the whole a pseudoinverse of a rank-deficient operator, whose
+    derivative needs the general JVP."""
+
+    @abc.abstractmethod
+    def rank_parts(
+        self, operator: AbstractLinearOperator
+    ) -> Iterable[tuple[AbstractLinearSolver, Any]] | None:
+        """Each (inner solver, part) of `operator` (tags looked through), or
+        `None` for an operator of another kind: it then gets `True`, as the
+        general JVP is valid for any rank."""
+
+    def allow_dependent_rows(self, operator: AbstractLinearOperator) -> bool:
+        return self._rank_flag(operator, 0)
+
+    def allow_dependent_columns(self, operator: AbstractLinearOperator) -> bool:
+        return self._rank_flag(operator, 1)
+
+    def _rank_flag(self, operator: AbstractLinearOperator, which: int) -> bool:
+        parts = self.rank_parts(unwrap_tagged(operator))
+        if parts is None:
+            return True
+        return any(rank_flags(solver, part)[which] for solver, part in parts)
 
 
 def part_options(

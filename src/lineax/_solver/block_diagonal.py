@@ -19,6 +19,7 @@ from .._operator.block_diagonal import (
 from .._operator.tagged import unwrap_tagged
 from .._operator.tangent import TangentLinearOperator
 from ._structured import (
+    AbstractPartwiseSolver,
     cheaper_by_tags,
     first_failure,
     part_options,
@@ -28,7 +29,7 @@ from ._structured import (
     worst_result,
 )
 from .auto import AutoLinearSolver
-from .base import AbstractLinearSolver, check_solver, rank_flags
+from .base import AbstractLinearSolver, check_solver
 
 
 def _structure_of(tree: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
@@ -47,7 +48,7 @@ class BlockDiagonalState(eqx.Module):
     stacked: bool = eqx.field(static=True)
 
 
-class BlockDiagonal(AbstractLinearSolver[BlockDiagonalState]):
+class BlockDiagonal(AbstractPartwiseSolver[BlockDiagonalState]):
     """Solves with a [`lineax.BlockDiagonalLinearOperator`][] by solving with each
     block separately: the cost is the sum of the blocks' costs.
 
@@ -249,22 +250,13 @@ class BlockDiagonal(AbstractLinearSolver[BlockDiagonalState]):
             for block, guess in zip(blocks, guesses)
         )
 
-    def allow_dependent_rows(self, operator: AbstractLinearOperator) -> bool:
-        return self._rank_flag(operator, 0)
-
-    def allow_dependent_columns(self, operator: AbstractLinearOperator) -> bool:
-        return self._rank_flag(operator, 1)
-
-    def _rank_flag(self, operator: AbstractLinearOperator, which: int) -> bool:
-        operator = unwrap_tagged(operator)
+    def rank_parts(self, operator: AbstractLinearOperator):
         if not isinstance(operator, BlockDiagonalLinearOperator):
-            return True  # be safe: the general JVP is valid for any rank
+            return None
         if isinstance(self.solver, AbstractLinearSolver):
             # One solver for all: alike blocks need asking only once.
-            pairs = [(self.solver, b) for b in operator.representatives()]
-        else:
-            pairs = zip(self._solvers(len(operator.blocks)), operator.blocks)
-        return any(rank_flags(solver, block)[which] for solver, block in pairs)
+            return [(self.solver, b) for b in operator.representatives()]
+        return zip(self._solvers(len(operator.blocks)), operator.blocks)
 
 
 @structured_solver.register(BlockDiagonalLinearOperator)

@@ -14,6 +14,7 @@ from .._operator.kronecker import apply_along_axis, KroneckerLinearOperator
 from .._operator.tagged import unwrap_tagged
 from .._operator.tangent import TangentLinearOperator
 from ._structured import (
+    AbstractPartwiseSolver,
     cheaper_by_tags,
     first_failure,
     part_options,
@@ -24,7 +25,7 @@ from ._structured import (
     worst_result,
 )
 from .auto import AutoLinearSolver
-from .base import AbstractLinearSolver, check_solver, rank_flags
+from .base import AbstractLinearSolver, check_solver
 
 
 class KroneckerState(eqx.Module):
@@ -37,7 +38,7 @@ class KroneckerState(eqx.Module):
     sizes: tuple[int, ...] = eqx.field(static=True)
 
 
-class Kronecker(AbstractLinearSolver[KroneckerState]):
+class Kronecker(AbstractPartwiseSolver[KroneckerState]):
     """Solves with a [`lineax.KroneckerLinearOperator`][] `A ⊗ B ⊗ ...` by solving
     with each factor along its own axis: `(A ⊗ B)⁻¹ = A⁻¹ ⊗ B⁻¹` (Van Loan, "The
     ubiquitous Kronecker product", J. Comput. Appl. Math. 123, 2000).
@@ -171,22 +172,13 @@ class Kronecker(AbstractLinearSolver[KroneckerState]):
             return other
         return ft.reduce(lambda a, b: a + b, terms)
 
-    def allow_dependent_rows(self, operator: AbstractLinearOperator) -> bool:
-        return self._rank_flag(operator, 0)
-
-    def allow_dependent_columns(self, operator: AbstractLinearOperator) -> bool:
-        return self._rank_flag(operator, 1)
-
-    def _rank_flag(self, operator: AbstractLinearOperator, which: int) -> bool:
-        # The inner solver's, for some factor: with a pseudoinverse solver (e.g.
-        # `lx.SVD()`) a singular factor is solved as `A⁺ ⊗ B⁺ = (A ⊗ B)⁺`, the
-        # pseudoinverse of a rank-deficient product, whose derivative needs the
-        # general JVP. (Always "full rank" gave the derivative of the full-rank
-        # formula there: wrong.)
-        operator = unwrap_tagged(operator)
+    def rank_parts(self, operator: AbstractLinearOperator):
+        # A singular factor is solved as `A⁺ ⊗ B⁺ = (A ⊗ B)⁺` by a pseudoinverse
+        # inner solver. (Always "full rank" gave the derivative of the
+        # full-rank formula there: wrong.)
         if not isinstance(operator, KroneckerLinearOperator):
-            return True  # be safe: the general JVP is valid for any rank
-        return any(rank_flags(self.inner, f)[which] for f in operator.operators)
+            return None
+        return [(self.inner, f) for f in operator.operators]
 
 
 @structured_solver.register(KroneckerLinearOperator)
