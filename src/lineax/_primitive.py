@@ -190,10 +190,21 @@ def _linear_solve_impl(
     # the operator in the common case. (The predicate is made unbatched, so that
     # under `vmap` this stays a real branch rather than a `select`.)
     failed = _failed(result, finite)
+    if arrays is None and recorded is not None:
+        # A function or Jacobian operator whose matrix `init` materialised and
+        # tested: that test, not the probe of its action, which compiled a
+        # second copy of the user's (linearised) function into the branch, in
+        # every Newton step of Optimistix and Diffrax (`throw=False`).
+        def test_inputs():
+            return tree_all_finite(vector) & recorded
+
+    else:
+
+        def test_inputs():
+            return tree_all_finite((vector, _operator_inputs(operator, arrays)))
+
     finite_input = lax.cond(
-        eqxi.unvmap_any(failed),
-        lambda: tree_all_finite((vector, _operator_inputs(operator, arrays))),
-        lambda: jnp.array(True),
+        eqxi.unvmap_any(failed), test_inputs, lambda: jnp.array(True)
     )
     result = RESULTS.where(
         finite_input, _with_singular(result, finite), RESULTS.nonfinite_input
