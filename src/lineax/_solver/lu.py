@@ -68,12 +68,18 @@ class LU(AbstractLinearSolver[LUState]):
         # solve is one gather instead of a loop over the pivots.
         matrix = operator.as_matrix()
         lu, _, permutation = lax.linalg.lu(matrix)
+        # The finiteness test reads the factors, not the matrix: each entry of
+        # `lu` is its entry of `P A` updated (`a - l u`, divided by a pivot), so
+        # a NaN or inf in `A` stays non-finite there (divided by an infinite
+        # pivot: NaN). Reading `matrix` made XLA recompute a function
+        # operator's matrix for the test (Diffrax's ImplicitEuler, n = 100:
+        # 196 -> 172 ms for 1978 steps; 0.1.1: 159 ms).
         return LUState(
             lu,
             permutation,
             norm1(matrix),
             norm1(matrix.T),
-            operator_is_finite(matrix),
+            operator_is_finite(lu),
             pack_structures(operator),
             False,
         )
