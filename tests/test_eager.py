@@ -287,3 +287,27 @@ def test_eager_solve_with_state_options_or_inverse_uses_the_cache(monkeypatch):
         lx.linear_solve(singular, two, lx.LU(), state=singular_state)
     with pytest.raises(eqx.EquinoxRuntimeError, match="singular"):
         lx.invert(singular, lx.LU()).mv(two)
+
+
+def test_eager_solve_whose_solution_holds_non_arrays_runs_eagerly(monkeypatch):
+    # LSMR's `damp` option reformulates the operator as a closure-converted
+    # function, which the returned state keeps: not a valid output of a compiled
+    # function. The cached path raised a TypeError (JAX: "not a valid JAX type")
+    # from `lx.linear_solve(op, b, lx.LSMR(...), options={"damp": d})` called
+    # un-jitted; the solve now runs eagerly, and the key is remembered as such.
+    monkeypatch.setattr(linear_solve_module, "_COMPILED", {})
+    rng = np.random.default_rng(5)
+    tall = rng.normal(size=(12, 4))
+    b = rng.normal(size=12)
+    damp = 0.7
+    expected = np.linalg.solve(tall.T @ tall + damp**2 * np.eye(4), tall.T @ b)
+    op = lx.MatrixLinearOperator(jnp.asarray(tall))
+    solver = lx.LSMR(1e-10, 1e-10)
+    for _ in range(2):
+        sol = lx.linear_solve(
+            op, jnp.asarray(b), solver, options={"damp": jnp.asarray(damp)}
+        )
+        assert sol.result == lx.RESULTS.successful
+        np.testing.assert_allclose(sol.value, expected, atol=1e-8)
+    entries = list(linear_solve_module._COMPILED.values())
+    assert entries == [linear_solve_module._EAGER]

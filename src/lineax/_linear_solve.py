@@ -287,14 +287,25 @@ def _run_compiled(operator, vector, solver, options, state, throw) -> Solution |
     )
     if not _concrete(leaves):
         return None
-    compiled = _compiled_linear_solve(operator, options, state, treedef, solver)
+    key, compiled = _compiled_linear_solve(operator, options, state, treedef, solver)
     if compiled is None:
         return None
     # Compiled with no in-graph checks but the result code (`throw=None`), which
     # is read here, on the host; so are the inputs, if the solve failed, where
     # they are what the in-graph check examines: arrays that the operator's
     # action reads (else the traced path says why the solve failed).
-    solution = compiled(leaves)
+    try:
+        solution = compiled(leaves)
+    except TypeError as error:
+        # A solution that is not all arrays cannot be the output of a compiled
+        # function: e.g. LSMR's `damp` option reformulates the operator as a
+        # closure-converted function, which the state keeps. Such a solve runs
+        # eagerly, now and for this key from now on. (Any other error at trace
+        # time is raised again by the eager path.)
+        if "not a valid JAX type" not in str(error):
+            raise
+        _COMPILED[key] = _EAGER
+        return None
     value = solution.result._value
     code = np.asarray(value)
     if code == 0:
@@ -353,6 +364,8 @@ def _linear_solve(operator, vector, solver, options, state, throw) -> Solution:
 # Bounded, least recently used first out: each entry holds its executables.
 _COMPILED: dict = {}
 _COMPILED_MAX = 64
+# The entry of a key whose solve cannot be compiled (see `_run_compiled`).
+_EAGER = object()
 
 
 def _compiled_linear_solve(operator, options, state, treedef, solver):
@@ -364,14 +377,17 @@ def _compiled_linear_solve(operator, options, state, treedef, solver):
     try:
         compiled = _COMPILED.pop(key, None)
     except TypeError:  # a solver holding arrays (or unhashable static data)
-        return None
+        return None, None
+    if compiled is _EAGER:
+        _COMPILED[key] = compiled
+        return key, None
     if compiled is None:
         if not (
             isinstance(solver, AbstractLinearSolver)
             and is_cacheable(operator)
             and _cacheable_operators((options, state))
         ):
-            return None
+            return None, None
         while len(_COMPILED) >= _COMPILED_MAX:
             del _COMPILED[next(iter(_COMPILED))]
 
@@ -382,7 +398,7 @@ def _compiled_linear_solve(operator, options, state, treedef, solver):
             return _linear_solve(operator, vector, solver, options, state, None)
 
     _COMPILED[key] = compiled
-    return compiled
+    return key, compiled
 
 
 def _cacheable_operators(tree: PyTree) -> bool:
