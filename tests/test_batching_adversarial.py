@@ -6,6 +6,8 @@ Under `vmap` a `lax.while_loop` runs until every member is done, and JAX discard
 the updates of the members already done; the work made for those members is wasted,
 so it must be small."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -227,3 +229,64 @@ def test_finiteness_test_does_not_stack_the_operator_to_the_batch(kind, throw):
             _, results = batched(*args)
             codes = np.asarray(results._value)
             assert list(np.flatnonzero(codes)) == failed
+
+
+def _inner_loop_root(text: str) -> tuple[list[str], dict[str, str]]:
+    """The operands of the ROOT tuple of the inner `while` body of a compiled
+    batched Krylov solve (the loop nested in the outer one), and the shapes of
+    the values of that body."""
+    whiles = [
+        line
+        for line in text.splitlines()
+        if " while(" in line and '/while/body/while"' in line
+    ]
+    assert len(whiles) == 1, whiles
+    body = re.search(r"body=(%[\w.\-]+)", whiles[0]).group(1)
+    lines = text.split(f"\n{body} ", 1)[1].split("\n}", 1)[0].splitlines()
+    shapes = {}
+    for line in lines:
+        match = re.match(r"\s*(?:ROOT )?(%[\w.\-]+) = (\w+\[[\d,]*\])", line)
+        if match:
+            shapes[match.group(1)] = match.group(2)
+    root = next(line for line in lines if line.lstrip().startswith("ROOT"))
+    operands = re.findall(r"%[\w.\-]+", root.split(" tuple(", 1)[1])
+    return operands, shapes
+
+
+@pytest.mark.parametrize(
+    "solver, updated",
+    [(lx.CG(1e-8, 1e-8), 3), (lx.BiCGStab(1e-8, 1e-8), 4)],
+    ids=["CG", "BiCGStab"],
+)
+def test_batched_inner_krylov_loop_selects_only_the_vectors_it_updates(solver, updated):
+    # Under `vmap` every array of a batched while loop's carry is selected between
+    # its old and new value at every step. The inner loop of a batched Krylov
+    # solve carries the method's vectors (CG: x, r, p; BiCGStab: x, r, p, v; as
+    # JAX's own CG and BiCGStab) and one stacked array of scalars; what it only
+    # reads (the outer loop's best iterate, book and right-hand side, BiCGStab's
+    # shadow residual) is passed through the loop unchanged (no select), and a
+    # solve whose statistics are unused keeps no residual history there (with
+    # one, the select of the `batch x max_steps` history at every step cost 22%
+    # of a batched CG solve, n = 300, 200 right-hand sides, float32).
+    n, batch = 8, 3
+    rng = np.random.default_rng(0)
+    matrix = jnp.asarray(_spd(rng, n, 10.0))
+    vectors = jnp.asarray(rng.standard_normal((batch, n)))
+    operator = lx.MatrixLinearOperator(matrix, lx.positive_semidefinite_tag)
+
+    def solve(vector):
+        return lx.linear_solve(operator, vector, solver, throw=False).value
+
+    text = jax.jit(jax.vmap(solve)).lower(vectors).compile().as_text()
+    operands, shapes = _inner_loop_root(text)
+    computed = [
+        op
+        for op in operands
+        if shapes.get(op) == f"f64[{batch},{n}]" and "get-tuple-element" not in op
+    ]
+    assert len(computed) == updated, computed
+    # (No array of the history's shape, `batch x max_steps`, in the loop.)
+    max_steps = 10 * n
+    assert not any(
+        re.match(rf"\w+\[{batch},{max_steps}\]", shape) for shape in shapes.values()
+    )
