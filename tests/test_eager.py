@@ -311,3 +311,46 @@ def test_eager_solve_whose_solution_holds_non_arrays_runs_eagerly(monkeypatch):
         np.testing.assert_allclose(sol.value, expected, atol=1e-8)
     entries = list(linear_solve_module._COMPILED.values())
     assert entries == [linear_solve_module._EAGER]
+
+
+_ON_ERROR_NAN_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_enable_x64", True)
+import lineax as lx
+op = lx.MatrixLinearOperator(jnp.asarray([[1.0, 2.0], [2.0, 4.0]]))
+b = jnp.asarray([1.0, 1.0])
+state = lx.LU().init(op, {})
+for solve in (
+    lambda: lx.linear_solve(op, b, lx.LU()),
+    lambda: lx.linear_solve(op, b, lx.LU(), state=state),
+    jax.jit(lambda: lx.linear_solve(op, b, lx.LU())),
+):
+    solution = solve()
+    assert np.all(np.isnan(solution.value)), solution.value
+    assert solution.result == lx.RESULTS.singular
+assert np.all(np.isnan(lx.invert(op, lx.LU()).mv(b)))
+print("OK")
+"""
+
+
+def test_eager_solve_honours_eqx_on_error_nan():
+    # With `EQX_ON_ERROR=nan` (Equinox's switch: NaN instead of an error), a
+    # failed `throw=True` solve returns NaN under `jit`; un-jitted, the cached
+    # compiled path raised `EquinoxRuntimeError` from the host (also via
+    # `lx.invert(operator).mv`). The flag is read at import: a subprocess.
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    src = str(pathlib.Path(lx.__file__).parent.parent)
+    path = os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, EQX_ON_ERROR="nan", PYTHONPATH=path)
+    proc = subprocess.run(
+        [sys.executable, "-c", _ON_ERROR_NAN_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

@@ -11,6 +11,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree
 
+from ._errors import EQX_ON_ERROR
 from ._misc import describe, is_inexact_array, no_active_trace
 from ._operator.base import AbstractLinearOperator, is_cacheable, reads_every_leaf
 from ._operator.function import FunctionLinearOperator
@@ -310,7 +311,9 @@ def _run_compiled(operator, vector, solver, options, state, throw) -> Solution |
     code = np.asarray(value)
     if code == 0:
         return solution
-    if not reads_every_leaf(operator):
+    if not reads_every_leaf(operator) or (throw and EQX_ON_ERROR != "raise"):
+        # The traced path says why the solve failed; and does what Equinox's
+        # error mode says (`EQX_ON_ERROR=nan`: NaN, not an error).
         return _linear_solve(operator, vector, solver, options, state, throw)
     inputs = jtu.tree_leaves((operator, vector))
     code = host_result_code(code, *[x for x in inputs if is_inexact_array(x)])
