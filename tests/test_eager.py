@@ -289,28 +289,49 @@ def test_eager_solve_with_state_options_or_inverse_uses_the_cache(monkeypatch):
         lx.invert(singular, lx.LU()).mv(two)
 
 
-def test_eager_solve_whose_solution_holds_non_arrays_runs_eagerly(monkeypatch):
+def test_eager_solve_whose_solution_holds_non_arrays_compiles_once(monkeypatch):
     # LSMR's `damp` option reformulates the operator as a closure-converted
     # function, which the returned state keeps: not a valid output of a compiled
     # function. The cached path raised a TypeError (JAX: "not a valid JAX type")
     # from `lx.linear_solve(op, b, lx.LSMR(...), options={"damp": d})` called
-    # un-jitted; the solve now runs eagerly, and the key is remembered as such.
+    # un-jitted; then ran eagerly, compiling LSMR's loop anew on every call
+    # (0.56 s a call, against 0.2 ms compiled). The non-arrays are now static
+    # data of the compiled output: one compile, new values seen, state reusable.
+    import logging
+
     monkeypatch.setattr(linear_solve_module, "_COMPILED", {})
     rng = np.random.default_rng(5)
     tall = rng.normal(size=(12, 4))
     b = rng.normal(size=12)
-    damp = 0.7
-    expected = np.linalg.solve(tall.T @ tall + damp**2 * np.eye(4), tall.T @ b)
     op = lx.MatrixLinearOperator(jnp.asarray(tall))
     solver = lx.LSMR(1e-10, 1e-10)
-    for _ in range(2):
-        sol = lx.linear_solve(
-            op, jnp.asarray(b), solver, options={"damp": jnp.asarray(damp)}
-        )
+    compiled = []
+
+    class _Record(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("Compiling "):
+                compiled.append(record.getMessage())
+
+    handler = _Record(level=logging.DEBUG)
+    logger = logging.getLogger("jax")
+    for i, damp in enumerate((0.7, 0.3, 2.0)):
+        expected = np.linalg.solve(tall.T @ tall + damp**2 * np.eye(4), tall.T @ b)
+        options = {"damp": jnp.asarray(damp)}
+        logger.addHandler(handler)
+        try:
+            with jax.log_compiles(i > 0):
+                sol = lx.linear_solve(op, jnp.asarray(b), solver, options=options)
+        finally:
+            logger.removeHandler(handler)
         assert sol.result == lx.RESULTS.successful
         np.testing.assert_allclose(sol.value, expected, atol=1e-8)
+        again = lx.linear_solve(
+            op, jnp.asarray(2 * b), solver, options=options, state=sol.state
+        )
+        np.testing.assert_allclose(again.value, 2 * expected, atol=1e-8)
+    assert compiled == []
     entries = list(linear_solve_module._COMPILED.values())
-    assert entries == [linear_solve_module._EAGER]
+    assert linear_solve_module._EAGER not in entries
 
 
 _ON_ERROR_NAN_SCRIPT = """
