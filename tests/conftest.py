@@ -222,12 +222,13 @@ _FILE_SECONDS = {
     "test_user_inputs.py": 23,
     "test_krylov_stats.py": 23,
     "test_flexible.py": 21,
-    "test_clients.py": 21,
+    "test_clients.py": 21,  # + a Diffrax subprocess at default flags (15-25 s)
     "test_krylov_termination.py": 20,  # a subprocess
     "test_docs_names.py": 15,  # a subprocess (mkdocs)
     "test_direct_results.py": 14,
     "test_vmap_transpose.py": 13,
     "test_throw.py": 12,
+    "test_eager.py": 9,  # a subprocess (EQX_ON_ERROR)
     "test_pipelined_cg.py": 8,
     "test_docs_snippets.py": 8,  # a subprocess
     "test_properties.py": 7,
@@ -236,7 +237,6 @@ _FILE_SECONDS = {
     "test_compile_guard.py": 5,
     "test_properties_user_inputs.py": 5,
     "test_scaling.py": 4,
-    "test_eager.py": 4,
     "test_errors.py": 3,
     "test_precision.py": 3,
     "test_krylov_scale.py": 2,
