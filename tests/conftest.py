@@ -140,6 +140,31 @@ def raises_message(error, match):
     assert re.search(match, str(info.value)), (match, str(info.value))
 
 
+def run_at_default_flags(code: str, timeout: float = 300):
+    """Run the Python `code` in a fresh process with this test run's lineax (the
+    source tree or an installed wheel) and XLA's default flags, as users' code
+    runs (the flags this file adds removed): some defects show only there."""
+    import subprocess
+    import sys
+
+    import lineax
+
+    env = os.environ.copy()
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(lineax.__file__)))
+    paths = [parent, *filter(None, [env.get("PYTHONPATH")])]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    flags = env.get("XLA_FLAGS", "").split()
+    env["XLA_FLAGS"] = " ".join(f for f in flags if f not in ADDED_XLA_FLAGS)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -10,10 +10,7 @@ published `lineax` from PyPI (it would shadow this one):
 """
 
 import contextlib
-import os
 import pathlib
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -575,22 +572,9 @@ def test_diffrax_vmap_kvaerno5_robertson_float32_step_counts():
         print(bool(ok.all()), int(steps.max()), int(steps.sum()))
         """
     )
-    from conftest import ADDED_XLA_FLAGS
+    from conftest import run_at_default_flags
 
-    env = os.environ.copy()
-    parent = os.path.dirname(os.path.dirname(os.path.abspath(lx.__file__)))
-    paths = [parent, *filter(None, [env.get("PYTHONPATH")])]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    flags = env.get("XLA_FLAGS", "").split()
-    env["XLA_FLAGS"] = " ".join(f for f in flags if f not in ADDED_XLA_FLAGS)
-    completed = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
-    )
+    completed = run_at_default_flags(code)
     assert completed.returncode == 0, completed.stderr[-3000:]
     ok, most, total = completed.stdout.split()[-3:]
     assert ok == "True" and int(most) <= 200 and int(total) <= 3200, (ok, most, total)

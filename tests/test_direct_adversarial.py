@@ -3,9 +3,6 @@ columns, the unpivoted tridiagonal solve that GPUs run for n <= 2, the
 statistics the published package reports, and the rank flags of a Kronecker
 product solved by a pseudoinverse solver."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -47,23 +44,9 @@ def test_qr_of_an_operator_with_no_rows_solves_to_zero():
     )
     # At XLA's default flags, as users run: the crash needs XLA:CPU's fusion
     # emitters, which the test run turns off (see conftest.py).
-    from conftest import ADDED_XLA_FLAGS
+    from conftest import run_at_default_flags
 
-    env = os.environ.copy()
-    # The same lineax as this test run (the source tree or an installed wheel).
-    parent = os.path.dirname(os.path.dirname(os.path.abspath(lx.__file__)))
-    paths = [parent, *filter(None, [env.get("PYTHONPATH")])]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    flags = env.get("XLA_FLAGS", "").split()
-    env["XLA_FLAGS"] = " ".join(f for f in flags if f not in ADDED_XLA_FLAGS)
-    completed = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
-    )
+    completed = run_at_default_flags(code)
     assert completed.returncode == 0, (completed.returncode, completed.stderr[-3000:])
     assert completed.stdout.strip().endswith("ok")
 
