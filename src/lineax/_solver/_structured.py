@@ -12,7 +12,7 @@ as through any other solver.
 import abc
 import functools as ft
 from collections.abc import Iterable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import equinox as eqx
 import jax
@@ -116,18 +116,21 @@ _State = TypeVar("_State")
 
 class AbstractPartwiseSolver(AbstractLinearSolver[_State]):
     """A solver of a structured operator that solves it part by part (blocks,
-    factors), each part with an inner solver. Its rank flags are those of some
-    part: with a pseudoinverse inner solver (e.g. `lx.SVD()`) a singular part
-    makes the whole a pseudoinverse of a rank-deficient operator, whose
-    derivative needs the general JVP."""
+    factors), each part with an inner solver (`solver_parts`). Its rank flags are
+    those of some part: with a pseudoinverse inner solver (e.g. `lx.SVD()`) a
+    singular part makes the whole a pseudoinverse of a rank-deficient operator,
+    whose derivative needs the general JVP. (Its `part_read` asks the same
+    parts' solvers what they read.)"""
+
+    # The class of operator it solves.
+    kind: ClassVar[type]
 
     @abc.abstractmethod
-    def rank_parts(
-        self, operator: AbstractLinearOperator
-    ) -> Iterable[tuple[AbstractLinearSolver, Any]] | None:
-        """Each (inner solver, part) of `operator` (tags looked through), or
-        `None` for an operator of another kind: it then gets `True`, as the
-        general JVP is valid for any rank."""
+    def solver_parts(
+        self, operator: Any
+    ) -> Iterable[tuple[AbstractLinearSolver, AbstractLinearOperator]]:
+        """Each (inner solver, part) of `operator`, an operator of class
+        `kind`."""
 
     def allow_dependent_rows(self, operator: AbstractLinearOperator) -> bool:
         return self._rank_flag(operator, 0)
@@ -136,9 +139,10 @@ class AbstractPartwiseSolver(AbstractLinearSolver[_State]):
         return self._rank_flag(operator, 1)
 
     def _rank_flag(self, operator: AbstractLinearOperator, which: int) -> bool:
-        parts = self.rank_parts(unwrap_tagged(operator))
-        if parts is None:
-            return True
+        operator = unwrap_tagged(operator)
+        if not isinstance(operator, self.kind):
+            return True  # be safe: the general JVP is valid for any rank
+        parts = self.solver_parts(operator)
         return any(rank_flags(solver, part)[which] for solver, part in parts)
 
 

@@ -1,6 +1,6 @@
 """`BlockDiagonal`: solves with a block-diagonal operator block by block."""
 
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -82,6 +82,7 @@ class BlockDiagonal(AbstractPartwiseSolver[BlockDiagonalState]):
     )
 
     option_keys = frozenset()  # `options` are passed on to the inner solver(s)
+    kind: ClassVar[type] = BlockDiagonalLinearOperator
 
     def __check_init__(self):
         if isinstance(self.solver, (tuple, list)):
@@ -208,14 +209,11 @@ class BlockDiagonal(AbstractPartwiseSolver[BlockDiagonalState]):
     def part_read(self, operator, other):
         # Each block's solver reads its part of the block (e.g. the diagonal for
         # `lx.Diagonal`): the tangent of each block is cut down by that solver.
-        parts = tangent_parts(operator, other, BlockDiagonalLinearOperator)
+        parts = tangent_parts(operator, other, self.kind)
         if parts is None:
             return other
         primal, tangent = parts
-        if isinstance(self.solver, AbstractLinearSolver):
-            pairs = [(self.solver, b) for b in primal.representatives()]
-        else:
-            pairs = zip(self._solvers(len(primal.blocks)), primal.blocks)
+        pairs = self.solver_parts(primal)
         if all(reads_whole(solver, block) for solver, block in pairs):
             return other
         blocks = primal.blocks
@@ -250,9 +248,7 @@ class BlockDiagonal(AbstractPartwiseSolver[BlockDiagonalState]):
             for block, guess in zip(blocks, guesses)
         )
 
-    def rank_parts(self, operator: AbstractLinearOperator):
-        if not isinstance(operator, BlockDiagonalLinearOperator):
-            return None
+    def solver_parts(self, operator: BlockDiagonalLinearOperator):
         if isinstance(self.solver, AbstractLinearSolver):
             # One solver for all: alike blocks need asking only once.
             return [(self.solver, b) for b in operator.representatives()]

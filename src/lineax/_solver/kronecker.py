@@ -2,7 +2,7 @@
 `(A ⊗ B)⁻¹ = A⁻¹ ⊗ B⁻¹`."""
 
 import functools as ft
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax.tree_util as jtu
@@ -68,6 +68,7 @@ class Kronecker(AbstractPartwiseSolver[KroneckerState]):
     inner: AbstractLinearSolver = AutoLinearSolver(well_posed=True)
 
     option_keys = frozenset()  # `options` are passed on to the inner solver(s)
+    kind: ClassVar[type] = KroneckerLinearOperator
 
     def __check_init__(self):
         check_solver(self.inner, "inner")
@@ -152,12 +153,12 @@ class Kronecker(AbstractPartwiseSolver[KroneckerState]):
         # `lx.Triangular`). By the product rule the tangent of A₁ ⊗ ... ⊗ Aₖ is
         # the sum over i of the product with Aᵢ replaced by its tangent; each of
         # those is cut down to the part that the inner solver reads.
-        parts = tangent_parts(operator, other, KroneckerLinearOperator)
+        parts = tangent_parts(operator, other, self.kind)
         if parts is None:
             return other
         primal, tangent = parts
         factors = primal.operators
-        if all(reads_whole(self.inner, f) for f in factors):
+        if all(reads_whole(solver, f) for solver, f in self.solver_parts(primal)):
             return other
         terms = [
             KroneckerLinearOperator(
@@ -172,12 +173,10 @@ class Kronecker(AbstractPartwiseSolver[KroneckerState]):
             return other
         return ft.reduce(lambda a, b: a + b, terms)
 
-    def rank_parts(self, operator: AbstractLinearOperator):
-        # A singular factor is solved as `A⁺ ⊗ B⁺ = (A ⊗ B)⁺` by a pseudoinverse
-        # inner solver. (Always "full rank" gave the derivative of the
-        # full-rank formula there: wrong.)
-        if not isinstance(operator, KroneckerLinearOperator):
-            return None
+    def solver_parts(self, operator: KroneckerLinearOperator):
+        # (For the rank flags: a singular factor is solved as `A⁺ ⊗ B⁺ =
+        # (A ⊗ B)⁺` by a pseudoinverse inner solver. Always "full rank" gave the
+        # derivative of the full-rank formula there: wrong.)
         return [(self.inner, f) for f in operator.operators]
 
 
