@@ -2,6 +2,7 @@
 
 import abc
 import contextlib
+import contextvars
 import functools as ft
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
@@ -227,7 +228,9 @@ class AbstractLinearSolver(eqx.Module, Generic[_SolverState]):
         return (not self.assume_full_rank()) or operator.in_size() > operator.out_size()
 
 
-_statistics_unused = False
+# (A context variable, not a global: tracing in several threads at once must not
+# see each other's setting.)
+_statistics_unused = contextvars.ContextVar("lineax_statistics_unused", default=False)
 
 
 @contextlib.contextmanager
@@ -236,18 +239,17 @@ def statistics_unused():
     (see `_primitive._compute_traced`): a solver may then leave out statistics
     that dead-code elimination cannot remove (a Krylov solver's residual
     history, a carry of its loops)."""
-    global _statistics_unused
-    saved, _statistics_unused = _statistics_unused, True
+    token = _statistics_unused.set(True)
     try:
         yield
     finally:
-        _statistics_unused = saved
+        _statistics_unused.reset(token)
 
 
 def statistics_wanted() -> bool:
     """`False` while `compute` is traced for a solve whose statistics are unused
     (see `statistics_unused`)."""
-    return not _statistics_unused
+    return not _statistics_unused.get()
 
 
 def declared_option_keys() -> frozenset[str]:
