@@ -289,14 +289,28 @@ def test_eager_solve_with_state_options_or_inverse_uses_the_cache(monkeypatch):
         lx.invert(singular, lx.LU()).mv(two)
 
 
+class _NegatingLU(DelegatingLU):
+    """Solves for `-x`, through a function kept in its state."""
+
+    def init(self, operator, options):
+        return super().init(operator, options), jnp.negative
+
+    def compute(self, state, vector, options):
+        state, negate = state
+        solution, result, stats = super().compute(state, vector, options)
+        return negate(solution), result, stats
+
+
 def test_eager_solve_whose_solution_holds_non_arrays_compiles_once(monkeypatch):
-    # LSMR's `damp` option reformulates the operator as a closure-converted
-    # function, which the returned state keeps: not a valid output of a compiled
+    # LSMR's `damp` option reformulated the operator as a closure-converted
+    # function, which the returned state kept: not a valid output of a compiled
     # function. The cached path raised a TypeError (JAX: "not a valid JAX type")
     # from `lx.linear_solve(op, b, lx.LSMR(...), options={"damp": d})` called
     # un-jitted; then ran eagerly, compiling LSMR's loop anew on every call
     # (0.56 s a call, against 0.2 ms compiled). The non-arrays are now static
     # data of the compiled output: one compile, new values seen, state reusable.
+    # (The damped operator is now all arrays; the user-defined solver's state,
+    # below, still holds a function.)
     import logging
 
     monkeypatch.setattr(linear_solve_module, "_COMPILED", {})
@@ -329,6 +343,18 @@ def test_eager_solve_whose_solution_holds_non_arrays_compiles_once(monkeypatch):
             op, jnp.asarray(2 * b), solver, options=options, state=sol.state
         )
         np.testing.assert_allclose(again.value, 2 * expected, atol=1e-8)
+    # A user-defined solver whose state holds a Python function.
+    square = lx.MatrixLinearOperator(jnp.asarray(tall.T @ tall + np.eye(4)))
+    for i, scale in enumerate((1.0, 3.0)):
+        logger.addHandler(handler)
+        try:
+            with jax.log_compiles(i > 0):
+                sol = lx.linear_solve(square, jnp.asarray(scale * b[:4]), _NegatingLU())
+        finally:
+            logger.removeHandler(handler)
+        np.testing.assert_allclose(
+            sol.value, -np.linalg.solve(square.as_matrix(), scale * b[:4]), atol=1e-8
+        )
     assert compiled == []
     entries = list(linear_solve_module._COMPILED.values())
     assert linear_solve_module._EAGER not in entries

@@ -162,6 +162,39 @@ def test_lsmr_shapes_and_damp():
     np.testing.assert_allclose(sol.value, expected, atol=1e-8)
 
 
+def test_damped_lsmr_solution_is_a_valid_jit_output():
+    # The damped operator `[A; damp I]` was a closure-converted function, whose
+    # jaxpr LSMR's state kept: `jax.jit` of a function returning the `Solution`
+    # raised JAX's "not a valid JAX type" (the published package, which ignores
+    # `damp`, returns it). A Python-float `damp` and the returned state reused.
+    rng = _rng(6)
+    tall = jnp.asarray(rng.normal(size=(12, 4)))
+    b = jnp.asarray(rng.normal(size=12))
+    solver = lx.LSMR(1e-10, 1e-10)
+
+    @jax.jit
+    def solve(matrix, vector):
+        operator = lx.MatrixLinearOperator(matrix)
+        return lx.linear_solve(operator, vector, solver, options={"damp": 0.5})
+
+    sol = solve(tall, b)
+    expected = np.linalg.solve(tall.T @ tall + 0.25 * np.eye(4), tall.T @ b)
+    assert sol.result == lx.RESULTS.successful
+    np.testing.assert_allclose(sol.value, expected, atol=1e-8)
+    again = jax.jit(
+        lambda state, vector: (
+            lx.linear_solve(
+                lx.MatrixLinearOperator(tall),
+                vector,
+                solver,
+                state=state,
+                options={"damp": 0.5},
+            ).value
+        )
+    )(sol.state, 2 * b)
+    np.testing.assert_allclose(again, 2 * expected, atol=1e-8)
+
+
 #
 # Large problems: convergence, the true residual, and iteration counts vs SciPy.
 #

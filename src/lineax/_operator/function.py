@@ -48,7 +48,10 @@ def closure_converted(fn: Callable, closure_convert: bool, *example: Any) -> Cal
     if closure_convert:
         return converted
     consts = jtu.tree_leaves(getattr(converted, "consts", ()))
-    if any(isinstance(c, jax.core.Tracer) for c in consts):
+    # A callable Module's own arrays are PyTree leaves of the operator, which every
+    # transformation sees: only other traced values need converting.
+    own = {id(leaf) for leaf in jtu.tree_leaves(fn)}
+    if any(isinstance(c, jax.core.Tracer) and id(c) not in own for c in consts):
         return converted
     return fn
 

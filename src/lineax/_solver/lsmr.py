@@ -262,11 +262,24 @@ def _undamped(operator, options):
         return operator, options
     options = {k: v for k, v in options.items() if k != "damp"}
     damp = jnp.asarray(damp, real_dtype(operator.in_structure()))
+    # A Module, not a closure: its arrays are PyTree leaves of the operator (and of
+    # LSMR's state), so a `Solution` of a damped solve can be returned from
+    # `jax.jit` (a closure-converted function holds a jaxpr, not a valid output).
+    stacked = _Stacked(operator, damp)
+    return (
+        FunctionLinearOperator(stacked, operator.in_structure(), closure_convert=False),
+        options,
+    )
 
-    def stacked(x):
-        return operator.mv(x), tree_scale(damp, x)
 
-    return FunctionLinearOperator(stacked, operator.in_structure()), options
+class _Stacked(eqx.Module):
+    """`x -> (A x, damp x)`, the action of `[A; damp I]`."""
+
+    operator: AbstractLinearOperator
+    damp: Array
+
+    def __call__(self, x: PyTree[Array]) -> tuple[PyTree[Array], PyTree[Array]]:
+        return self.operator.mv(x), tree_scale(self.damp, x)
 
 
 def _stacked_vector(operator, vector):
