@@ -22,7 +22,12 @@ def _system(n: int, seed: int):
     return rng.standard_normal((n, n)) + n * np.eye(n), rng.standard_normal(n)
 
 
-def _eager(matrix, vector, solver=lx.AutoLinearSolver(well_posed=True), **kwargs):
+def _eager(
+    matrix,
+    vector,
+    solver: lx.AbstractLinearSolver = lx.AutoLinearSolver(well_posed=True),
+    **kwargs,
+):
     return lx.linear_solve(
         lx.MatrixLinearOperator(jnp.asarray(matrix)),
         jnp.asarray(vector),

@@ -4,6 +4,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jax.experimental import sparse as jsparse
@@ -36,7 +37,7 @@ class _MatrixOperatorMeta(type(AbstractLinearOperator)):
     or by the cache key; anything else takes the usual path, which fills the
     cache."""
 
-    def __call__(cls, *args, **kwargs):
+    def __call__(cls, *args: Any, **kwargs: Any):
         if cls is not MatrixLinearOperator:
             return super().__call__(*args, **kwargs)
         if len(args) == 1 and not kwargs.keys() - {"tags"}:
