@@ -53,6 +53,8 @@ from jax._src.lib import xla_client as _xc  # pyright: ignore[reportPrivateImpor
 from jax.extend.core import Primitive
 from jaxtyping import Array, ArrayLike, PyTree
 
+from ._misc import select
+
 
 def _find_switch_internal() -> Callable | None:
     """JAX's `lax.switch` without its clamp of the index (see `branch_on_code`),
@@ -284,7 +286,7 @@ def error_if_everywhere(
     if EQX_ON_ERROR != "raise":
         return eqxi.branched_error_if(x, pred, index, messages)
     pred = jnp.asarray(pred)
-    index = jnp.where(pred, index, 0).astype(jnp.int32)
+    index = select(pred, jnp.asarray(index, jnp.int32), 0)
     return lax.cond(
         eqxi.unvmap_any(pred),
         lambda x, i: raise_everywhere(x, [i], messages, _same_index),

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 from jaxtyping import Array, Int
 
+from .._misc import diagonal
 from .._operator.base import AbstractLinearOperator
 from .._solution import RESULTS
 from ._packing import (
@@ -88,7 +89,7 @@ class LU(AbstractLinearSolver[LUState]):
         del options
         b = ravel_vector(vector, state.packed_structures)
         x = lu_solve(state.lu, state.permutation, b, state.transposed)
-        x = nan_at_zero_pivots(x, jnp.diagonal(state.lu))
+        x = nan_at_zero_pivots(x, diagonal(state.lu))
 
         stats = {
             "rcond": rcond_estimate(
