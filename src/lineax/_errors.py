@@ -337,9 +337,18 @@ def _unvmap_max_batch(args, dims):
 _unvmap_max_p.def_impl(_unvmap_max_impl)
 _unvmap_max_p.def_abstract_eval(lambda x: jax.core.ShapedArray((), x.dtype))
 _batching.primitive_batchers[_unvmap_max_p] = _unvmap_max_batch
-_mlir.register_lowering(
-    _unvmap_max_p, _mlir.lower_fun(_unvmap_max_impl, multiple_results=False)
-)
+_unvmap_max_lowering = _mlir.lower_fun(_unvmap_max_impl, multiple_results=False)
+
+
+def _unvmap_max_lower(ctx, x):
+    # Unbatched (a scalar), the largest of one element is itself: no reduction
+    # to trace and lower.
+    if ctx.avals_in[0].ndim == 0:
+        return [x]
+    return _unvmap_max_lowering(ctx, x)
+
+
+_mlir.register_lowering(_unvmap_max_p, _unvmap_max_lower)
 
 
 def _tied(x: PyTree[Array], checked: Array) -> PyTree[Array]:
