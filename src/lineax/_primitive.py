@@ -187,11 +187,12 @@ def _linear_solve_impl(
         # compiled into the path of a successful solve. The branch receives the
         # solver's `result` and `finite`, from which it derives the rest, so
         # that nothing else is computed outside it.
-        solution = _error_if_failed(
+        # What is returned if no error is raised (or `EQX_ON_ERROR` says not to);
+        # the branch's code, not computed a second time.
+        solution, result = _error_if_failed(
             solution, operator, arrays, vector, result, finite, recorded, kind
         )
-        # What is returned if no error is raised (or `EQX_ON_ERROR` says not to).
-        return solution, _with_singular(result, finite), stats
+        return solution, result, stats
     # The inputs are only examined when the solve failed, which saves a pass over
     # the operator in the common case. (The predicate is made unbatched, so that
     # under `vmap` this stays a real branch rather than a `select`.)
@@ -303,14 +304,15 @@ def _error_if_failed_inline(
     # The branch is chosen by the failure code itself (nonzero: failed), which
     # the error branch also hands to the host: one scalar kernel computes both,
     # where a predicate of its own was a second one.
-    code = _with_singular(result, finite)._value
+    result = _with_singular(result, finite)
+    code = result._value
     solution = branch_on_code(
         code,
         ft.partial(_raise, operator, arrays is None, checked, inputs, code, kind),
         lambda x: x,
         solution,
     )
-    return unstack_solution(solution)
+    return unstack_solution(solution), result
 
 
 _error_if_failed_jit = eqx.filter_jit(_error_if_failed_inline)
