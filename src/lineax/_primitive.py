@@ -247,6 +247,12 @@ def _with_singular(result: RESULTS, finite: Array) -> RESULTS:
     """A solver reporting success with non-finite output hit a singular system.
     (The direct solvers make their solution NaN at an exactly zero pivot, see
     `nan_at_zero_pivots`: this one test covers both.)"""
+    value = result._value
+    if not isinstance(value, jax.core.Tracer):
+        # A concrete code (the direct solvers' success): one select of it.
+        if np.asarray(value) != np.asarray(RESULTS.successful._value):
+            return result
+        return _results_where(finite, result, RESULTS.singular)
     return _results_where(_is_successful(result) & ~finite, RESULTS.singular, result)
 
 
