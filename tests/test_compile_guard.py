@@ -227,3 +227,49 @@ def test_compile_size(name):
         + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in grown.items())
         + f". If intended, regenerate {TABLE.name} with `{REGENERATE}` and commit it."
     )
+
+
+def test_solve_implementation_traced_once_per_lowering_key():
+    # The lowering of a solve keeps its trace of the implementation (the checks,
+    # the error branch, the replay of `compute`) per parameters and input shapes:
+    # a new function of the same solve lowers it again without tracing it again,
+    # and the kept trace still raises with its message, as a fresh one does.
+    from lineax import _primitive
+
+    matrix = jnp.asarray(np.diag([2.0, 3.0, 4.0]))
+    vector = jnp.asarray([1.0, 2.0, 3.0])
+
+    def new_solve(throw=True):
+        def f(a, b):
+            op = lx.MatrixLinearOperator(a)
+            return lx.linear_solve(op, b, lx.LU(), throw=throw).value
+
+        return jax.jit(f)
+
+    jax.clear_caches()
+    assert len(_primitive._IMPL_TRACES) == 0
+    calls = []
+    rule = _primitive._impl_rule
+
+    def counting_rule(*args, **kwargs):
+        calls.append(None)
+        return rule(*args, **kwargs)
+
+    _primitive._impl_rule = counting_rule
+    try:
+        first = new_solve()(matrix, vector)
+        assert len(calls) == 1
+        second = new_solve()(matrix, vector)
+        assert len(calls) == 1  # a cache hit: not traced again
+        # A different parameter (`throw`) is another key.
+        third = new_solve(throw=False)(matrix, vector)
+        assert len(calls) == 2
+    finally:
+        _primitive._impl_rule = rule
+    np.testing.assert_allclose(first, [0.5, 2 / 3, 0.75])
+    np.testing.assert_allclose(second, first)
+    np.testing.assert_allclose(third, first)
+    singular = matrix.at[1, 1].set(0.0)
+    with pytest.raises(Exception, match="`linear_solve` failed"):
+        jax.block_until_ready(new_solve()(singular, vector))
+    assert len(calls) == 2

@@ -53,6 +53,8 @@ from jax._src.lib import xla_client as _xc  # pyright: ignore[reportPrivateImpor
 from jax.extend.core import Primitive
 from jaxtyping import Array, ArrayLike, PyTree
 
+from ._misc import select
+
 
 def _find_switch_internal() -> Callable | None:
     """JAX's `lax.switch` without its clamp of the index (see `branch_on_code`),
@@ -284,7 +286,7 @@ def error_if_everywhere(
     if EQX_ON_ERROR != "raise":
         return eqxi.branched_error_if(x, pred, index, messages)
     pred = jnp.asarray(pred)
-    index = jnp.where(pred, index, 0).astype(jnp.int32)
+    index = select(pred, jnp.asarray(index, jnp.int32), 0)
     return lax.cond(
         eqxi.unvmap_any(pred),
         lambda x, i: raise_everywhere(x, [i], messages, _same_index),
@@ -335,9 +337,18 @@ def _unvmap_max_batch(args, dims):
 _unvmap_max_p.def_impl(_unvmap_max_impl)
 _unvmap_max_p.def_abstract_eval(lambda x: jax.core.ShapedArray((), x.dtype))
 _batching.primitive_batchers[_unvmap_max_p] = _unvmap_max_batch
-_mlir.register_lowering(
-    _unvmap_max_p, _mlir.lower_fun(_unvmap_max_impl, multiple_results=False)
-)
+_unvmap_max_lowering = _mlir.lower_fun(_unvmap_max_impl, multiple_results=False)
+
+
+def _unvmap_max_lower(ctx, x):
+    # Unbatched (a scalar), the largest of one element is itself: no reduction
+    # to trace and lower.
+    if ctx.avals_in[0].ndim == 0:
+        return [x]
+    return _unvmap_max_lowering(ctx, x)
+
+
+_mlir.register_lowering(_unvmap_max_p, _unvmap_max_lower)
 
 
 def _tied(x: PyTree[Array], checked: Array) -> PyTree[Array]:

@@ -119,6 +119,46 @@ def structure_of(tree: PyTree, name: str = "structure") -> PyTree[jax.ShapeDtype
     return jtu.tree_map(_leaf, tree)
 
 
+def select(pred: ArrayLike, x: ArrayLike, y: ArrayLike) -> Array:
+    """`jnp.where(pred, x, y)` for a boolean `pred`, as one `select`.
+
+    `jnp.where` is a `jax.jit` of its own, lowered as a nested function (and
+    traced and lowered anew in every solve's lowering); a few of them in a
+    dense solve cost about a millisecond of Python lowering each time. Same
+    broadcasting and, for a Python scalar next to an array, the array's dtype.
+    """
+    x_arr, y_arr = eqx.is_array(x), eqx.is_array(y)
+    if x_arr and not y_arr:
+        y = jnp.asarray(y, jnp.result_type(x))
+    elif y_arr and not x_arr:
+        x = jnp.asarray(x, jnp.result_type(y))
+    else:
+        dtype = jnp.result_type(x, y)
+        x, y = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
+    pred = jnp.asarray(pred)
+    shape = jnp.broadcast_shapes(pred.shape, x.shape, y.shape)
+
+    def bcast(a):
+        if a.shape == shape:
+            return a
+        dims = tuple(range(len(shape) - a.ndim, len(shape)))
+        return lax.broadcast_in_dim(a, shape, dims)
+
+    return lax.select(bcast(pred), bcast(x), bcast(y))
+
+
+def diagonal(matrix: Array) -> Array:
+    """The main diagonal of a 2-d array, as a strided slice of its entries.
+    (`jnp.diagonal` lowers as a nested function holding a platform-dependent
+    conditional and a gather.)"""
+    m, n = matrix.shape
+    k = min(m, n)
+    if k == 0:
+        return jnp.zeros((0,), matrix.dtype)
+    flat = matrix.reshape(m * n)
+    return lax.slice(flat, (0,), ((k - 1) * (n + 1) + 1,), (n + 1,))
+
+
 def tree_all_finite(tree: PyTree) -> Array:
     """One boolean: whether every inexact array leaf of `tree` is finite.
 

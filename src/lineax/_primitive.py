@@ -29,6 +29,7 @@ from jaxtyping import Array, PyTree
 from ._errors import branch_on_code, raise_everywhere
 from ._misc import (
     is_inexact_array,
+    select,
     stack_alike_leaves,
     tree_all_finite,
     tree_conj,
@@ -37,7 +38,12 @@ from ._misc import (
 from ._operator.base import AbstractLinearOperator, conj, reads_every_leaf
 from ._operator.tangent import TangentLinearOperator
 from ._solution import RESULTS
-from ._solver.base import AbstractLinearSolver, rank_flags, statistics_unused
+from ._solver.base import (
+    AbstractLinearSolver,
+    rank_flags,
+    statistics_unused,
+    statistics_wanted,
+)
 
 
 # Which solve failed, for the error raised under `throw=True`: the user's own
@@ -181,11 +187,12 @@ def _linear_solve_impl(
         # compiled into the path of a successful solve. The branch receives the
         # solver's `result` and `finite`, from which it derives the rest, so
         # that nothing else is computed outside it.
-        solution = _error_if_failed(
+        # What is returned if no error is raised (or `EQX_ON_ERROR` says not to);
+        # the branch's code, not computed a second time.
+        solution, result = _error_if_failed(
             solution, operator, arrays, vector, result, finite, recorded, kind
         )
-        # What is returned if no error is raised (or `EQX_ON_ERROR` says not to).
-        return solution, _with_singular(result, finite), stats
+        return solution, result, stats
     # The inputs are only examined when the solve failed, which saves a pass over
     # the operator in the common case. (The predicate is made unbatched, so that
     # under `vmap` this stays a real branch rather than a `select`.)
@@ -207,7 +214,7 @@ def _linear_solve_impl(
             lambda: tree_all_finite((vector, _operator_inputs(operator, arrays))),
             lambda: jnp.array(True),
         )
-    result = RESULTS.where(
+    result = _results_where(
         finite_input, _with_singular(result, finite), RESULTS.nonfinite_input
     )
     if not _is_primal(kind):
@@ -240,7 +247,22 @@ def _with_singular(result: RESULTS, finite: Array) -> RESULTS:
     """A solver reporting success with non-finite output hit a singular system.
     (The direct solvers make their solution NaN at an exactly zero pivot, see
     `nan_at_zero_pivots`: this one test covers both.)"""
-    return RESULTS.where(_is_successful(result) & ~finite, RESULTS.singular, result)
+    value = result._value
+    if not isinstance(value, jax.core.Tracer):
+        # A concrete code (the direct solvers' success): one select of it.
+        if np.asarray(value) != np.asarray(RESULTS.successful._value):
+            return result
+        return _results_where(finite, result, RESULTS.singular)
+    return _results_where(_is_successful(result) & ~finite, RESULTS.singular, result)
+
+
+def _results_where(pred: Array, a: RESULTS, b: RESULTS) -> RESULTS:
+    """`RESULTS.where(pred, a, b)`; traced, as one `select` rather than
+    `jnp.where`'s nested `jit` (see `select`)."""
+    values = (pred, a._value, b._value)
+    if not any(isinstance(x, jax.core.Tracer) for x in values):
+        return RESULTS.where(pred, a, b)
+    return jtu.tree_unflatten(jtu.tree_structure(a), [select(*values)])
 
 
 def host_result_code(code: Any, *leaves: Any) -> np.ndarray:
@@ -254,11 +276,18 @@ def host_result_code(code: Any, *leaves: Any) -> np.ndarray:
     return code
 
 
-# Under `filter_jit` so that, run eagerly (the primitive's implementation outside
-# of `jit`, e.g. under an un-jitted `jax.jvp`), the error is raised as an
-# `EquinoxRuntimeError`, as `branched_error_if` does on its own.
-@eqx.filter_jit
-def _error_if_failed(
+def _error_if_failed(*args):
+    # Under `filter_jit` when run eagerly (the primitive's implementation outside
+    # of `jit`, e.g. under an un-jitted `jax.jvp`), so that the error is raised as
+    # an `EquinoxRuntimeError`, as `branched_error_if` does on its own. Traced,
+    # inline: a nested `jit` is lowered as a function of its own, traced again at
+    # every lowering.
+    if any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(args)):
+        return _error_if_failed_inline(*args)
+    return _error_if_failed_jit(*args)
+
+
+def _error_if_failed_inline(
     solution, operator, arrays, vector, result, finite, recorded, kind
 ):
     # Only the predicate is computed outside the branch: the branch receives the
@@ -281,14 +310,18 @@ def _error_if_failed(
     # The branch is chosen by the failure code itself (nonzero: failed), which
     # the error branch also hands to the host: one scalar kernel computes both,
     # where a predicate of its own was a second one.
-    code = _with_singular(result, finite)._value
+    result = _with_singular(result, finite)
+    code = result._value
     solution = branch_on_code(
         code,
         ft.partial(_raise, operator, arrays is None, checked, inputs, code, kind),
         lambda x: x,
         solution,
     )
-    return unstack_solution(solution)
+    return unstack_solution(solution), result
+
+
+_error_if_failed_jit = eqx.filter_jit(_error_if_failed_inline)
 
 
 def _raise(operator, probe, checked, inputs, code, kind, solution):
@@ -960,3 +993,88 @@ def _compute_traced(solver, state, vector, options, with_stats: bool):
 pe.dce_rules[linear_solve_p] = _dce_rule
 if _vprim_p is not None and _vprim_p not in pe.dce_rules:
     pe.dce_rules[_vprim_p] = _dce_rule
+
+
+# Lowering. JAX lowers a primitive by tracing its implementation anew in every
+# lowering (`mlir.lower_fun`): for a dense solve, the checks, the error branch and
+# the replay of `compute`, about a quarter of the lowering's Python time, every
+# time a new function containing the solve is compiled. The implementation's
+# trace depends only on the parameters (the inputs' structure and static data),
+# the input avals and the trace context, so it is kept under those, as the
+# abstract evaluation is (`_ABSTRACT_EVALS`), and only its lowering to StableHLO
+# is done each time.
+_IMPL_TRACES = _TraceCache()
+_impl_rule = eqxi.filter_primitive_def(_linear_solve_impl)
+
+try:  # Not public API: else JAX's `lower_fun`, as Equinox registers it.
+    from jax._src import api_util as _api_util, linear_util as _lu
+    from jax._src.core import InternalMutableArrayEffect as _MutableEffect
+    from jax._src.interpreters import mlir as _mlir, partial_eval as _pe
+    from jax._src.lib import xla_client as _xc
+except ImportError:  # pragma: no cover
+    _mlir = None
+
+
+def _impl_trace_key(avals_in, params) -> tuple | None:
+    key = (
+        params["treedef"],
+        tuple((type(x), x) for x in params["static"]),
+        tuple(avals_in),
+        _trace_context(),
+        statistics_wanted(),
+    )
+    try:
+        hash(key)
+    except TypeError:  # unhashable static data
+        return None
+    return key
+
+
+def _linear_solve_lowering(ctx, *args, **params):
+    key = _impl_trace_key(ctx.avals_in, params)
+    try:
+        traced = None if key is None else _IMPL_TRACES.get(key)
+    except Exception:  # noqa: BLE001 - static data whose `==` is not a bool
+        key = traced = None
+    if traced is None:
+        wrapped = _lu.wrap_init(
+            _impl_rule,
+            params,
+            debug_info=_api_util.debug_info("linear_solve", _impl_rule, args, {}),
+        )
+        jaxpr, _, consts = _pe.trace_to_jaxpr_dynamic(wrapped, ctx.avals_in, lower=True)
+        if any(isinstance(e, _MutableEffect) for e in jaxpr.effects):
+            # (Not made by any solver here: JAX's own rule, uncached.)
+            lowering = _mlir.lower_fun(_impl_rule, multiple_results=True)
+            return lowering(ctx, *args, **params)
+        traced = (jaxpr, consts)
+        # Only constants made by the implementation (never a tracer of an
+        # enclosing trace) may be kept beyond this lowering.
+        if not any(isinstance(c, jax.core.Tracer) for c in consts):
+            _IMPL_TRACES.put(key, traced)
+    jaxpr, consts = traced
+    if ctx.platforms is not None:
+        module_context = ctx.module_context.replace(platforms=ctx.platforms)
+    else:
+        module_context = ctx.module_context
+    out, tokens = _mlir.jaxpr_subcomp(
+        module_context,
+        jaxpr,
+        ctx.name_stack,
+        ctx.tokens_in,
+        _mlir.ir_consts(consts, [v.aval for v in jaxpr.constvars]),
+        *args,
+        dim_var_values=ctx.dim_var_values,
+        const_lowering=ctx.const_lowering,
+        outer_traceback=_xc.Traceback(),
+    )
+    ctx.set_tokens_out(tokens)
+    return out
+
+
+if _mlir is not None:
+    _mlir.register_lowering(linear_solve_p, _linear_solve_lowering)
+    try:
+        _register_cache(_IMPL_TRACES, "lineax traces of the implementation")
+    except NameError:  # pragma: no cover
+        pass

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
-from .._misc import tree_all_finite
+from .._misc import select, tree_all_finite
 from .._operator.base import (
     AbstractLinearOperator,
     check_square as check_square_operator,
@@ -428,7 +428,7 @@ def nan_at_zero_pivots(x: Array, pivots: Array) -> Array:
     badly scaled systems singular. Ill-conditioning is reported instead by the
     reciprocal condition estimate `stats["rcond"]`, which never changes `result`.
     """
-    return jnp.where(pivots == 0, jnp.array(jnp.nan, x.dtype), x)
+    return select(pivots == 0, jnp.array(jnp.nan, x.dtype), x)
 
 
 # Hager's iteration usually settles in two steps (Higham 1988, section 4), and

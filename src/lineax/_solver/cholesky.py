@@ -27,7 +27,6 @@ from .base import (
     check_square,
     check_tag,
     embed_like,
-    nan_at_zero_pivots,
     norm1,
     operator_is_finite,
     rcond_estimate,
@@ -94,9 +93,12 @@ class Cholesky(AbstractLinearSolver[CholeskyState]):
         x = jsl.cho_solve((state.factor, True), b, check_finite=False)
         if state.negative:
             x = -x
-        # A matrix that is not definite gives NaN factors, hence a NaN solution,
-        # which `linear_solve` reports as singular; so does a zero pivot.
-        x = nan_at_zero_pivots(x, jnp.diagonal(state.factor))
+        # A matrix that is not definite gives NaN factors (JAX's `cholesky`
+        # replaces the factor by NaN where `potrf` reports failure, and `potrf`
+        # fails at any pivot that is not positive, so no pivot of a factor it
+        # returns is zero), hence a NaN solution, which `linear_solve` reports
+        # as singular. (No `nan_at_zero_pivots`: a kernel that XLA compiles for
+        # nothing.)
 
         stats = {
             "rcond": rcond_estimate(

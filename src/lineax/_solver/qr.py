@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 from jaxtyping import Array
 
+from .._misc import diagonal
 from .._operator.base import AbstractLinearOperator
 from .._solution import RESULTS
 from ._packing import (
@@ -99,7 +100,7 @@ class QR(AbstractLinearSolver[QRState]):
         if state.wide:
             # A = R^H Q^H, minimum norm solution x = Q R^{-H} b.
             y = jsl.solve_triangular(r, b, trans="C", lower=False)
-            y = nan_at_zero_pivots(y, jnp.diagonal(r))
+            y = nan_at_zero_pivots(y, diagonal(r))
             y = jnp.concatenate([y, jnp.zeros((m - n,), y.dtype)])
             if n == 0:
                 # No reflectors: `Q` is the identity. (LAPACK's `ormqr` on the
@@ -114,7 +115,7 @@ class QR(AbstractLinearSolver[QRState]):
         else:
             qhb = _ormqr_transposed(a, taus, b[:, None].astype(a.dtype))
             x = jsl.solve_triangular(r, qhb[:n, 0], lower=False)
-            x = nan_at_zero_pivots(x, jnp.diagonal(r))
+            x = nan_at_zero_pivots(x, diagonal(r))
 
         stats = {
             "rcond": rcond_estimate(

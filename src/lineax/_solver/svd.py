@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
+from .._misc import select
 from .._operator.base import AbstractLinearOperator
 from .._solution import RESULTS
 from ._packing import (
@@ -86,9 +87,9 @@ class SVD(AbstractLinearSolver[SVDState]):
         else:
             smax, smin = s[0], s[-1]
         keep = s > rcond * smax
-        safe_s = jnp.where(keep, s, 1).astype(u.dtype)
+        safe_s = select(keep, s, 1).astype(u.dtype)
         coeffs = jnp.matmul(jnp.conj(u.T), b.astype(u.dtype), precision=hi) / safe_s
-        coeffs = jnp.where(keep, coeffs, 0)
+        coeffs = select(keep, coeffs, 0)
         x = jnp.matmul(jnp.conj(vh.T), coeffs.astype(vh.dtype), precision=hi)
         rcond = jnp.where(smax == 0, jnp.zeros_like(smin), smin / smax)
         # `rank` as the published lineax reports it: the singular values kept.
