@@ -11,6 +11,8 @@ through further solves with the same state.
 import contextlib
 import dataclasses
 import functools as ft
+import importlib
+import inspect
 from typing import Any
 
 import equinox as eqx
@@ -467,13 +469,24 @@ try:  # Equinox's batched primitive (not public API): see `_dce_rule`.
 except ImportError:  # pragma: no cover
     _vprim_p = None
 
-try:  # JAX's registry of caches (not public API): else never emptied by JAX.
-    from jax._src.util import register_cache as _register_cache
 
-    _register_cache(_ABSTRACT_EVALS, "lineax abstract evaluation")
-    _register_cache(_TRACES, "lineax traces of compute")
-except ImportError:  # pragma: no cover
-    pass
+def _private_module(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def _register_private_cache(cache: Any, name: str) -> None:
+    # JAX's registry of caches (not public API), which `jax.clear_caches()`
+    # empties: without it, never emptied by JAX.
+    register = getattr(_private_module("jax._src.util"), "register_cache", None)
+    if register is not None:
+        register(cache, name)
+
+
+_register_private_cache(_ABSTRACT_EVALS, "lineax abstract evaluation")
+_register_private_cache(_TRACES, "lineax traces of compute")
 
 
 def _trace_context() -> Any:
@@ -1006,13 +1019,17 @@ if _vprim_p is not None and _vprim_p not in pe.dce_rules:
 _IMPL_TRACES = _TraceCache()
 _impl_rule = eqxi.filter_primitive_def(_linear_solve_impl)
 
-try:  # Not public API: else JAX's `lower_fun`, as Equinox registers it.
-    from jax._src import api_util as _api_util, linear_util as _lu
-    from jax._src.core import InternalMutableArrayEffect as _MutableEffect
-    from jax._src.interpreters import mlir as _mlir, partial_eval as _pe
-    from jax._src.lib import xla_client as _xc
-except ImportError:  # pragma: no cover
-    _mlir = None
+
+# Not public API (see `_private_lowering_usable`): else JAX's `lower_fun`, as
+# Equinox registers it.
+_api_util: Any = _private_module("jax._src.api_util")
+_lu: Any = _private_module("jax._src.linear_util")
+_mlir: Any = _private_module("jax._src.interpreters.mlir")
+_pe: Any = _private_module("jax._src.interpreters.partial_eval")
+_xc: Any = getattr(_private_module("jax._src.lib"), "xla_client", None)
+_MutableEffect: Any = getattr(
+    _private_module("jax._src.core"), "InternalMutableArrayEffect", ()
+)
 
 
 def _impl_trace_key(avals_in, params) -> tuple | None:
@@ -1072,9 +1089,43 @@ def _linear_solve_lowering(ctx, *args, **params):
     return out
 
 
-if _mlir is not None:
-    _mlir.register_lowering(linear_solve_p, _linear_solve_lowering)
+def _private_lowering_usable() -> bool:
+    """Whether the private JAX functions and fields that `_linear_solve_lowering`
+    uses have the signatures it was written against (jax 0.10). Checked once, at
+    import: with another JAX the primitive keeps Equinox's lowering (JAX's
+    `lower_fun`: slower to lower, never broken), rather than every solve failing
+    to lower. `test_solve_implementation_traced_once_per_lowering_key` fails
+    where the check does, so that the fallback is seen."""
+    if any(m is None for m in (_api_util, _lu, _mlir, _pe, _xc)):
+        return False
     try:
-        _register_cache(_IMPL_TRACES, "lineax traces of the implementation")
-    except NameError:  # pragma: no cover
-        pass
+        subcomp = inspect.signature(_mlir.jaxpr_subcomp).parameters
+        trace = inspect.signature(_pe.trace_to_jaxpr_dynamic).parameters
+        wrap = inspect.signature(_lu.wrap_init).parameters
+        fields = {f.name for f in dataclasses.fields(_mlir.LoweringRuleContext)}
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return (
+        list(subcomp)[:5]
+        == ["ctx", "jaxpr", "name_stack", "tokens", "consts_for_constvars"]
+        and {"dim_var_values", "const_lowering", "outer_traceback"} <= set(subcomp)
+        and "lower" in trace
+        and "debug_info" in wrap
+        and callable(getattr(_mlir, "ir_consts", None))
+        and callable(getattr(_api_util, "debug_info", None))
+        and {
+            "module_context",
+            "name_stack",
+            "avals_in",
+            "tokens_in",
+            "const_lowering",
+            "dim_var_values",
+            "platforms",
+        }
+        <= fields
+    )
+
+
+if _private_lowering_usable():
+    _mlir.register_lowering(linear_solve_p, _linear_solve_lowering)
+    _register_private_cache(_IMPL_TRACES, "lineax traces of the implementation")
