@@ -129,22 +129,21 @@ def select(pred: ArrayLike, x: ArrayLike, y: ArrayLike) -> Array:
     """
     x_arr, y_arr = eqx.is_array(x), eqx.is_array(y)
     if x_arr and not y_arr:
-        y = jnp.asarray(y, jnp.result_type(x))
+        dtype = jnp.result_type(x)
     elif y_arr and not x_arr:
-        x = jnp.asarray(x, jnp.result_type(y))
+        dtype = jnp.result_type(y)
     else:
         dtype = jnp.result_type(x, y)
-        x, y = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
-    pred = jnp.asarray(pred)
-    shape = jnp.broadcast_shapes(pred.shape, x.shape, y.shape)
+    xs, ys, ps = jnp.asarray(x, dtype), jnp.asarray(y, dtype), jnp.asarray(pred)
+    shape = jnp.broadcast_shapes(ps.shape, xs.shape, ys.shape)
 
-    def bcast(a):
+    def bcast(a: Array) -> Array:
         if a.shape == shape:
             return a
         dims = tuple(range(len(shape) - a.ndim, len(shape)))
         return lax.broadcast_in_dim(a, shape, dims)
 
-    return lax.select(bcast(pred), bcast(x), bcast(y))
+    return lax.select(bcast(ps), bcast(xs), bcast(ys))
 
 
 def diagonal(matrix: Array) -> Array:
