@@ -571,12 +571,16 @@ def operator_scale(product: PyTree[Array], rdtype: Any) -> tuple[Array, Array]:
 
 
 def _input_scaled(mv: Callable, inverse: Array) -> Callable:
-    """`v -> A (2^-s v)`: the operator divided by its scale. (On the input side:
-    the multiplication fuses into the computation of `v`, and the products inside
-    `A` cannot overflow where `A (2^-s v)` does not.)"""
+    """`v -> 2^-s A v`: the operator divided by its scale (exactly, a power of
+    two, so `A (2^-s v)` would round the same). On the output side: there the
+    multiplication fuses into the product's consumers (the inner products and
+    updates that read it), where on the input side XLA made it a pass over memory
+    of its own before every product that is a library call (a matrix-vector
+    product; under `vmap`, any `dot`): BiCGStab on 200 right-hand sides, n = 300,
+    made two extra passes per step."""
 
     def scaled_mv(v):
-        return mv(tree_scale(inverse, v))
+        return tree_scale(inverse, mv(v))
 
     return scaled_mv
 
