@@ -895,11 +895,15 @@ def _history_buffer(length: int, every: int, pass_length: int | None) -> int:
     200 right-hand sides of size 300 (with `stats` read). Carried by the outer
     loop and written once per pass, it costs that once per pass; the inner loop
     carries batch x `pass_length`. (Without `vmap`, both write one entry in
-    place per step.) Where passes have no bound, or a long one, or where every
-    `k`-th step is recorded, the steps are recorded directly."""
-    if length == 0 or every != 1 or pass_length is None:
+    place per step.) Passes with no bound (CG with `stabilise_every=None`) or a
+    long one run in chunks of `HISTORY_BUFFER_CAP` steps, each copied into the
+    history after it (see `iterate`). Where every `k`-th step is recorded, the
+    steps are recorded directly."""
+    if length == 0 or every != 1 or HISTORY_BUFFER_CAP == 0:
         return 0
-    return pass_length if pass_length <= HISTORY_BUFFER_CAP else 0
+    if pass_length is None:
+        return HISTORY_BUFFER_CAP
+    return min(pass_length, HISTORY_BUFFER_CAP)
 
 
 def _record(history: Array, steps: Array, value: Array, every: int) -> Array:
@@ -958,6 +962,10 @@ def iterate(
     verbose = int(solver.verbose)
     pass_length = method.pass_length
     buffer_length = _history_buffer(length, every, pass_length)
+    # (Passes longer than the buffer record it in chunks.)
+    chunked = bool(buffer_length) and (
+        pass_length is None or pass_length > buffer_length
+    )
 
     def steps_of(q: _Pass) -> Array:
         if method.steps is None:
@@ -1053,7 +1061,30 @@ def iterate(
             return go & ~done(book_of(o))
 
         first = steps_of(o.inner)
-        q = lax.while_loop(inner_running, functools.partial(inner_step, first), o.inner)
+        if chunked:
+            # A pass longer than the buffer: a loop of chunks, each recorded into
+            # the buffer and copied into the history after it.
+            def chunk_running(m):
+                return inner_running(m[0])
+
+            def chunk(m):
+                q, history = m
+                start = steps_of(q)
+
+                def running(q):
+                    return inner_running(q) & (steps_of(q) - start < buffer_length)
+
+                q = lax.while_loop(running, functools.partial(inner_step, start), q)
+                history = lax.dynamic_update_slice_in_dim(history, q.history, start, 0)
+                nan = jnp.full_like(q.history, jnp.nan)
+                return _Pass(q.carry, q.steps, nan), history
+
+            q, chunked_history = lax.while_loop(
+                chunk_running, chunk, (o.inner, o.history)
+            )
+        else:
+            step = functools.partial(inner_step, first)
+            q = lax.while_loop(inner_running, step, o.inner)
         c = q.carry
         x = method.solution(c)
         r = tree_sub(p.vector, p.mv(x))
@@ -1122,7 +1153,9 @@ def iterate(
         packed = lax.optimization_barrier(packed)
         best_x = tree_where(unpack_book(packed).converged > 0, x, o.best_x)
         history, buffer = o.history, q.history
-        if buffer_length:
+        if chunked:
+            history = chunked_history  # (and the buffer is NaN)
+        elif buffer_length:
             # The pass's entries (NaN after its last step; the history has
             # `buffer_length` entries more than it returns, so that the write
             # never moves back to fit).
