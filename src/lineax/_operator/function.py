@@ -44,16 +44,20 @@ def closure_converted(fn: Callable, closure_convert: bool, *example: Any) -> Cal
         # Outside every transformation there is no live tracer to close over: no
         # trace of `fn` (which the flag exists to avoid; about 0.7 ms a call).
         return fn
-    converted = eqx.filter_closure_convert(fn, *example)
-    if closure_convert:
-        return converted
-    consts = jtu.tree_leaves(getattr(converted, "consts", ()))
-    # A callable Module's own arrays are PyTree leaves of the operator, which every
-    # transformation sees: only other traced values need converting.
-    own = {id(leaf) for leaf in jtu.tree_leaves(fn)}
-    if any(isinstance(c, jax.core.Tracer) and id(c) not in own for c in consts):
-        return converted
-    return fn
+    if not closure_convert:
+        # A callable Module's own arrays are PyTree leaves of the operator, which
+        # every transformation sees: only other traced values need converting.
+        # Traced with its arrays as inputs, those are the traced constants left
+        # (one also reached through a closure included: telling them apart by
+        # identity let that reference escape the solve).
+        dynamic, static = eqx.partition(fn, eqx.is_array)
+        own_inputs = eqx.filter_closure_convert(
+            lambda d, *args: eqx.combine(d, static)(*args), dynamic, *example
+        )
+        consts = jtu.tree_leaves(getattr(own_inputs, "consts", ()))
+        if not any(isinstance(c, jax.core.Tracer) for c in consts):
+            return fn
+    return eqx.filter_closure_convert(fn, *example)
 
 
 class FunctionLinearOperator(AbstractLinearOperator):
