@@ -53,3 +53,32 @@ def test_module_closing_over_a_tracer_that_is_also_its_leaf_is_converted():
     np.testing.assert_allclose(
         jax.grad(loss)(tall), jax.grad(reference)(tall), rtol=1e-7, atol=1e-10
     )
+
+
+def test_krylov_solves_an_operator_of_tiny_float32_entries():
+    # Krylov operator scaling on the output side only (`2^-s (A v)`): for an
+    # operator whose entries are ~1e-34 (float32, normal numbers), the products
+    # `A v` of the small vectors late in a solve are subnormal, which XLA:CPU
+    # flushes to zero: BiCGStab and MINRES stopped on stagnation at 1e-5..1e-2
+    # relative error, where scaling the input (`A (2^-s v)`, as before) solved it.
+    n = 30
+    rng = np.random.default_rng(1)
+    base = 4 * np.eye(n) + 0.3 * rng.standard_normal((n, n))
+    symmetric = (base + base.T) / 2
+    b = rng.standard_normal(n)
+    for solver, matrix, tags in [
+        (lx.BiCGStab(rtol=1e-5, atol=0.0), base, ()),
+        (lx.GMRES(rtol=1e-5, atol=0.0), base, ()),
+        (lx.MINRES(rtol=1e-5, atol=0.0), symmetric, lx.symmetric_tag),
+    ]:
+        for scale in [1e-34, 1e34]:
+            operator = lx.MatrixLinearOperator(
+                jnp.asarray(scale * matrix, jnp.float32), tags
+            )
+            sol = lx.linear_solve(
+                operator, jnp.asarray(b, jnp.float32), solver, throw=False
+            )
+            expected = np.linalg.solve(scale * matrix, b)
+            error = np.linalg.norm(np.asarray(sol.value, np.float64) - expected)
+            assert sol.result == lx.RESULTS.successful, (solver, scale)
+            assert error <= 1e-4 * np.linalg.norm(expected), (solver, scale)
