@@ -7,6 +7,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import lineax as lx
 
@@ -82,3 +83,20 @@ def test_krylov_solves_an_operator_of_tiny_float32_entries():
             error = np.linalg.norm(np.asarray(sol.value, np.float64) - expected)
             assert sol.result == lx.RESULTS.successful, (solver, scale)
             assert error <= 1e-4 * np.linalg.norm(expected), (solver, scale)
+
+
+def test_unjitted_vmap_of_a_failing_solve_raises_the_equinox_error():
+    # The error branch of `throw=True` ran inline whenever its inputs were
+    # tracers, to keep nested `jit`s out of the lowering; under an un-jitted
+    # `vmap` they are batch tracers of an eager computation, and the failure came
+    # out as XLA's `JaxRuntimeError` ("INTERNAL: CpuCallback error ...", a
+    # traceback, then the message) instead of Equinox's error with the message.
+    singular = jnp.array([[1.0, 2.0], [2.0, 4.0]])
+    matrices = jnp.stack([jnp.eye(2), singular])
+    vectors = jnp.ones((2, 2))
+
+    def solve(matrix, vector):
+        return lx.linear_solve(lx.MatrixLinearOperator(matrix), vector, lx.LU()).value
+
+    with pytest.raises(eqx.EquinoxRuntimeError, match="1 of 2 batch elements"):
+        jax.vmap(solve)(matrices, vectors)

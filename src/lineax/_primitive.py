@@ -283,10 +283,24 @@ def _error_if_failed(*args):
     # of `jit`, e.g. under an un-jitted `jax.jvp`), so that the error is raised as
     # an `EquinoxRuntimeError`, as `branched_error_if` does on its own. Traced,
     # inline: a nested `jit` is lowered as a function of its own, traced again at
-    # every lowering.
-    if any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(args)):
+    # every lowering. (Staged, not merely traced: under an un-jitted `vmap` the
+    # inputs are tracers of an eager computation, and inline the failure came out
+    # as XLA's runtime error, the message after a traceback.)
+    if _staging():
         return _error_if_failed_inline(*args)
     return _error_if_failed_jit(*args)
+
+
+def _staging() -> bool:
+    """Whether a trace being staged out to a jaxpr (`jit`, a lowering) is active."""
+    if _trace_ctx is None or _JaxprTrace is None:  # pragma: no cover - a future JAX
+        return True
+    trace = _trace_ctx.trace
+    while trace is not None:
+        if isinstance(trace, _JaxprTrace):
+            return True
+        trace = getattr(trace, "parent_trace", None)
+    return False
 
 
 def _error_if_failed_inline(
@@ -485,6 +499,11 @@ def _register_private_cache(cache: Any, name: str) -> None:
         register(cache, name)
 
 
+# Not public API (see `_staging`).
+_trace_ctx: Any = getattr(_private_module("jax._src.core"), "trace_ctx", None)
+_JaxprTrace: Any = getattr(
+    _private_module("jax._src.interpreters.partial_eval"), "DynamicJaxprTrace", None
+)
 _register_private_cache(_ABSTRACT_EVALS, "lineax abstract evaluation")
 _register_private_cache(_TRACES, "lineax traces of compute")
 
