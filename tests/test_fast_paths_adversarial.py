@@ -1,7 +1,11 @@
 """Adversarial checks of the performance changes of 2026-11-27 (fast operator
 construction, cached lowering, closure conversion of callable Modules, Krylov
-output-side operator scaling): each test a case where one of them gave a wrong
-answer or an error that the code before it did not."""
+output-side operator scaling, the inline error branch), each a case where one of
+them gave a wrong answer or a worse error than the code before it; and one older
+defect met on the way (pickled operators lost their tags)."""
+
+import copy
+import pickle
 
 import equinox as eqx
 import jax
@@ -100,3 +104,20 @@ def test_unjitted_vmap_of_a_failing_solve_raises_the_equinox_error():
 
     with pytest.raises(eqx.EquinoxRuntimeError, match="1 of 2 batch elements"):
         jax.vmap(solve)(matrices, vectors)
+
+
+def test_pickled_and_deep_copied_operators_keep_their_tags():
+    # Tags are singletons compared by identity; pickling or `copy.deepcopy` of an
+    # operator (either way it was built) made new tag objects, so the copy was no
+    # longer symmetric/positive definite (`lx.Cholesky` then refused it).
+    matrix = jnp.asarray([[2.0, 1.0], [1.0, 2.0]])
+    tags = (lx.symmetric_tag, lx.positive_semidefinite_tag)
+    for operator in [
+        lx.MatrixLinearOperator(matrix, tags),
+        lx.MatrixLinearOperator(matrix, tags),  # (the cached construction)
+    ]:
+        for copied in [pickle.loads(pickle.dumps(operator)), copy.deepcopy(operator)]:
+            assert copied == operator
+            assert lx.is_symmetric(copied) and lx.is_positive_semidefinite(copied)
+            value = lx.linear_solve(copied, jnp.ones(2), lx.Cholesky()).value
+            np.testing.assert_allclose(value, [1 / 3, 1 / 3], rtol=1e-12)

@@ -25,6 +25,11 @@ class _Tag:
     def __repr__(self) -> str:
         return self._name
 
+    def __reduce__(self) -> str:
+        # Pickled (and deep-copied) as the module's global of that name: the
+        # singleton itself, which tag tests compare by identity.
+        return self._name
+
 
 symmetric_tag = _Tag("symmetric_tag")
 diagonal_tag = _Tag("diagonal_tag")
