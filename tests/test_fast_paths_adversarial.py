@@ -66,6 +66,8 @@ def test_krylov_solves_an_operator_of_tiny_float32_entries():
     # `A v` of the small vectors late in a solve are subnormal, which XLA:CPU
     # flushes to zero: BiCGStab and MINRES stopped on stagnation at 1e-5..1e-2
     # relative error, where scaling the input (`A (2^-s v)`, as before) solved it.
+    # (Now the right-hand side is made larger for such an operator, see
+    # `_krylov._lift`; MINRES scales the input as well as the output.)
     n = 30
     rng = np.random.default_rng(1)
     base = 4 * np.eye(n) + 0.3 * rng.standard_normal((n, n))

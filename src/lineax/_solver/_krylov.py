@@ -367,12 +367,15 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         mv: Callable | None = None,
         precond: AbstractLinearOperator | None = None,
         scale_operator: bool = False,
+        lift: bool = True,
     ) -> "Problem":
         """The scaled problem a method iterates on (see `Problem`).
 
         With `scale_operator`, the operator is scaled too, by a power of two
         estimated from one product with `A P` (`precond`'s `P`, on the right): see
-        `Problem.op_inverse`."""
+        `Problem.op_inverse`. `lift=False` for a method whose tests depend on the
+        size of `b` (MINRES: its estimate of `|A|` holds `|b|`): an operator
+        smaller than 1 is then scaled on the input side instead."""
         _check_one_dtype(operator, type(self).__name__)
         mv = operator.mv if mv is None else mv
         structure = operator.in_structure()
@@ -384,8 +387,21 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         op_scale, op_inverse = one, None
         if scale_operator:
             op_scale, op_inverse = operator_scale(mv(apply(precond, vector)), rdtype)
-            mv = _input_scaled(mv, op_inverse)
+            mv = _input_scaled(mv, op_inverse, both_sides=not lift)
             initial_mv += 1
+            # An operator smaller than 1 (`2^-s > 1`, scaled up on the output
+            # side) would make its products with the small vectors late in a
+            # solve subnormal, flushed to zero on CPU: float32 entries ~1e-34
+            # stagnated. The right-hand side (so every vector, and the iterate)
+            # is made larger instead (by up to the square root of `2^-s`, see
+            # `_lift`), which keeps both the products and the iterate in range;
+            # exact (a power of two) and without a multiplication per product.
+            # (Scaling the product's input instead was a pass over memory before
+            # each product under `vmap`, see `_input_scaled`.)
+            if lift:
+                up, down = _lift(op_inverse, rdtype)
+                vector = tree_scale(up, vector)
+                scale, inverse = scale * down, inverse * up
         if y0 is not None:
             y0 = tree_scale(op_scale, tree_scale(inverse, y0))
         x0, r0 = initial_residual(mv, vector, y0, structure)
@@ -570,7 +586,23 @@ def operator_scale(product: PyTree[Array], rdtype: Any) -> tuple[Array, Array]:
     return _scale_of_field(lax.bitcast_convert_type(field, itype), rdtype)
 
 
-def _input_scaled(mv: Callable, inverse: Array) -> Callable:
+def _lift(inverse: Array, rdtype: Any) -> tuple[Array, Array]:
+    """`(2^h, 2^-h)`, `h = min(floor(k / 2), m)` for `inverse = 2^k` with `k > 0`,
+    else `(1, 1)`, where `2^(8 m)` is about the largest float of `rdtype` (m = 16
+    in single precision, 128 in double, 2 in half): the vectors stay small enough
+    that the methods' squared norms, divided by `eps^2` in their rounding-level
+    tests, stay finite. With integer operations on the exponent field (see
+    `_scale_of_field`)."""
+    wide, itype, bias, nmant = _field_format(rdtype)
+    k = (_exponent_field(inverse, rdtype) >> nmant) - bias
+    cap = jnp.finfo(rdtype).maxexp // 8
+    half = lax.clamp(0, lax.shift_right_arithmetic(k, 1), cap)
+    up = lax.bitcast_convert_type((half + bias) << nmant, wide).astype(rdtype)
+    down = lax.bitcast_convert_type((bias - half) << nmant, wide).astype(rdtype)
+    return up, down
+
+
+def _input_scaled(mv: Callable, inverse: Array, both_sides: bool) -> Callable:
     """`v -> 2^-s A v`: the operator divided by its scale (exactly, a power of
     two, so `A (2^-s v)` would round the same). On the output side: there the
     multiplication fuses into the product's consumers (the inner products and
@@ -579,15 +611,22 @@ def _input_scaled(mv: Callable, inverse: Array) -> Callable:
     product; under `vmap`, any `dot`): BiCGStab on 200 right-hand sides, n = 300,
     made two extra passes per step."""
 
-    # ... except for an operator smaller than 1 (`2^-s > 1`), whose products of
-    # the small vectors late in a solve would be subnormal (flushed to zero on
-    # CPU: float32 entries ~1e-34 stagnated): its input is scaled up instead.
-    # (Input-side only, an operator larger than 1 underflows its scaled inputs
-    # the same way: so each side takes the part of `2^-s` that shrinks nothing.)
-    up, down = jnp.maximum(inverse, 1), jnp.minimum(inverse, 1)
+    # An operator smaller than 1, whose products of small vectors would be
+    # subnormal (flushed to zero on CPU: float32 entries ~1e-34 stagnated), is
+    # met by a larger right-hand side (see `problem`), or with `both_sides` by
+    # scaling its input up: each side then takes the part of `2^-s` that shrinks
+    # nothing. (Input-side scaling alone failed the other way: an operator of
+    # float32 entries ~1e34 underflowed its scaled inputs.)
+    if both_sides:
+        up, down = jnp.maximum(inverse, 1), jnp.minimum(inverse, 1)
+
+        def scaled_both_sides(v):
+            return tree_scale(down, mv(tree_scale(up, v)))
+
+        return scaled_both_sides
 
     def scaled_mv(v):
-        return tree_scale(down, mv(tree_scale(up, v)))
+        return tree_scale(inverse, mv(v))
 
     return scaled_mv
 

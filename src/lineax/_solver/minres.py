@@ -145,7 +145,7 @@ class MINRES(AbstractKrylovSolver):
         operator = state.operator
         precond, y0 = self.checked_options(operator, options)
         problem = self.problem(
-            operator, vector, y0, precond=precond, scale_operator=True
+            operator, vector, y0, precond=precond, scale_operator=True, lift=False
         )
         eps = problem.eps
         rdtype = problem.rdtype
