@@ -127,13 +127,9 @@ def select(pred: ArrayLike, x: ArrayLike, y: ArrayLike) -> Array:
     dense solve cost about a millisecond of Python lowering each time. Same
     broadcasting and, for a Python scalar next to an array, the array's dtype.
     """
-    x_arr, y_arr = eqx.is_array(x), eqx.is_array(y)
-    if x_arr and not y_arr:
-        dtype = jnp.result_type(x)
-    elif y_arr and not x_arr:
-        dtype = jnp.result_type(y)
-    else:
-        dtype = jnp.result_type(x, y)
+    # (JAX's promotion: a Python scalar is weakly typed, so next to an array of
+    # its kind it takes the array's dtype.)
+    dtype = jnp.result_type(x, y)
     xs, ys, ps = jnp.asarray(x, dtype), jnp.asarray(y, dtype), jnp.asarray(pred)
     shape = jnp.broadcast_shapes(ps.shape, xs.shape, ys.shape)
 
