@@ -743,6 +743,12 @@ class Iteration(Generic[_Carry]):
         stop the solve with `stagnation`. (On a problem that converges the two
         agree within a few per cent, at the float32 floor they differ 5-20-fold:
         2-D Poisson 40 x 40 stopped after 60 steps past the floor, not 400.)
+    - `tighten`: whether a pass that ended on the estimate, followed by a
+        verification that failed, halves the `factor` of the next pass's target
+        (`adapted_tolerance`). A method whose `restart` resets its estimate to the
+        true residual (CG's residual replacement) sets `False`: its next pass
+        starts from the truth, so the target `tol` itself is right, and a halved
+        one costs steps (the factor still recovers from `first_pass_factor`).
     """
 
     step: Callable[[_Carry], _Carry]
@@ -769,6 +775,7 @@ class Iteration(Generic[_Carry]):
     accept_at_floor: Callable[[_Carry, PyTree[Array], PyTree[Array]], Array] | None = (
         None
     )
+    tighten: bool = True
 
 
 class _Pass(eqx.Module):
@@ -1129,7 +1136,7 @@ def iterate(
             passed = passed | method.settled(c, k.factor)
         factor = jnp.where(
             passed & ~converged,
-            jnp.maximum(p.eps, 0.5 * k.factor),
+            jnp.maximum(p.eps, 0.5 * k.factor) if method.tighten else k.factor,
             jnp.minimum(1, 1.5 * k.factor),
         )
         c = method.restart(c, x, r, passed)
