@@ -187,13 +187,16 @@ def test_cg_pass_after_failed_verification_targets_the_tolerance():
     # ran to half the tolerance, 3-5 steps where 1-2 do. Under `vmap` the batch
     # runs to its slowest element: 200 right-hand sides (n = 300, condition 100,
     # rtol 1e-5, the 2-norm) made 73 products to `jax.scipy`'s 60, now 68. Here:
-    # the estimates recorded at or below the tolerance, one per pass that ended
-    # on it (a failed verification, then the one that passed); were 5-7.
+    # the estimates recorded at or below the tolerance: one per pass that ended
+    # on it (here a failed verification, then the one that passed: 2; 3 allows
+    # for a second failure where the arithmetic rounds differently); were 5-7.
     n = 300
     rng = np.random.default_rng(0)
     q = np.linalg.qr(rng.standard_normal((n, n)))[0]
     matrix = jnp.asarray((q * np.logspace(0, 2, n)) @ q.T, jnp.float32)
-    vectors = jnp.asarray(rng.standard_normal((200, n))[[1, 3, 6, 11]], jnp.float32)
+    vectors = jnp.asarray(
+        rng.standard_normal((200, n))[[1, 3, 6, 11, 26, 60, 67, 81]], jnp.float32
+    )
     operator = lx.MatrixLinearOperator(matrix, lx.positive_semidefinite_tag)
     solver = lx.CG(1e-5, 0.0, lx.internal.two_norm)
 
@@ -209,4 +212,4 @@ def test_cg_pass_after_failed_verification_targets_the_tolerance():
     true = b - np.asarray(values, np.float64) @ np.asarray(matrix, np.float64).T
     assert np.all(np.linalg.norm(true, axis=1) <= 1.001 * tol)
     below = (np.asarray(histories) <= tol[:, None]).sum(axis=1)
-    assert np.all(below <= 2), below
+    assert np.all(below <= 3), below
