@@ -647,8 +647,9 @@ def adapted_tolerance(
     the estimate that corresponds to `tol` is `estimate * tol / norm(r)` (exact when
     `norm` is the 2-norm and the estimate is exact). `factor` (at most 1) is
     halved each time an inner iteration stopped on this threshold but the true
-    residual then failed, as SciPy's GMRES does with its `ptol`. (It starts at
-    `rtol` where the initial residual already meets `tol`: see `iterate`.)
+    residual then failed, as SciPy's GMRES does with its `ptol` (after the
+    method's `Iteration.free_misses` in a row). (It starts at `rtol` where the
+    initial residual already meets `tol`: see `iterate`.)
     """
     ratio = jnp.minimum(factor, safe_div(tol, true_norm))
     return estimate * ratio
