@@ -1073,6 +1073,7 @@ def iterate(
             return go & ~done(book_of(o))
 
         first = steps_of(o.inner)
+        chunked_history = None
         if chunked:
             # A pass longer than the buffer: a loop of chunks, each recorded into
             # the buffer and copied into the history after it.
@@ -1174,6 +1175,7 @@ def iterate(
         if chunked:
             history = chunked_history  # (and the buffer is NaN)
         elif buffer_length:
+            assert history is not None  # (carried wherever there is a buffer)
             # The pass's entries (NaN after its last step; the history has
             # `buffer_length` entries more than it returns, so that the write
             # never moves back to fit).
