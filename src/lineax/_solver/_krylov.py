@@ -595,8 +595,9 @@ def _lift(inverse: Array, rdtype: Any) -> tuple[Array, Array]:
     `_scale_of_field`)."""
     wide, itype, bias, nmant = _field_format(rdtype)
     k = (_exponent_field(inverse, rdtype) >> nmant) - bias
-    cap = jnp.finfo(rdtype).maxexp // 8
-    half = lax.clamp(0, lax.shift_right_arithmetic(k, 1), cap)
+    cap = jnp.asarray(jnp.finfo(rdtype).maxexp // 8, k.dtype)
+    one, zero = jnp.ones((), k.dtype), jnp.zeros((), k.dtype)
+    half = lax.clamp(zero, lax.shift_right_arithmetic(k, one), cap)
     up = lax.bitcast_convert_type((half + bias) << nmant, wide).astype(rdtype)
     down = lax.bitcast_convert_type((bias - half) << nmant, wide).astype(rdtype)
     return up, down
