@@ -204,5 +204,8 @@ class FlexibleCG(AbstractDefiniteKrylovSolver):
             # its floor ran the whole `max_steps` and reported
             # `max_steps_reached` (1-D Poisson, n = 50: 500 steps, CG 80).
             below_floor=lambda c, rnorm: rnorm > FLOOR_GAP * c.rnorm,
+            # As for CG: each verification replaces the residual, so the next
+            # pass's estimate starts from the true residual.
+            free_misses=2,
         )
         return iterate(self, problem, method, carry, rnorm=rnorm)

@@ -258,5 +258,8 @@ class PipelinedCG(AbstractDefiniteKrylovSolver):
             # far below the true residual ran on rounding errors. (In the solver's
             # norm, as `rnorm`: one more reduction per verification, none per step.)
             below_floor=lambda c, rnorm: rnorm > FLOOR_GAP * problem.norm(c.r),
+            # As for CG: each verification replaces the residual, so the next
+            # pass's estimate starts from the true residual.
+            free_misses=2,
         )
         return iterate(self, problem, method, carry, rnorm=self.norm(problem.r0))
