@@ -17,6 +17,11 @@ try:
     from jax._src.core import trace_state_clean as _trace_state_clean
 except ImportError:  # pragma: no cover - a future JAX; see `no_active_trace`
     _trace_state_clean = None
+try:  # Not public API (see `staging`).
+    from jax._src.core import trace_ctx as _trace_ctx
+    from jax._src.interpreters.partial_eval import DynamicJaxprTrace as _JaxprTrace
+except ImportError:  # pragma: no cover - a future JAX
+    _trace_ctx = _JaxprTrace = None
 
 
 def no_active_trace() -> bool:
@@ -33,6 +38,38 @@ def no_active_trace() -> bool:
     safe (the traced path of a solve, a closure conversion of a function).
     """
     return _trace_state_clean is not None and bool(_trace_state_clean())
+
+
+def staging() -> bool:
+    """Whether a trace being staged out to a jaxpr (`jit`, a lowering) is active.
+    (Without JAX's private trace context, `True`.)"""
+    if _trace_ctx is None or _JaxprTrace is None:  # pragma: no cover - a future JAX
+        return True
+    trace: Any = _trace_ctx.trace
+    while trace is not None:
+        if isinstance(trace, _JaxprTrace):
+            return True
+        trace = getattr(trace, "parent_trace", None)
+    return False
+
+
+def jit_when_eager(fn: Callable) -> Callable:
+    """`fn`, compiled (`eqx.filter_jit`, once per structure) where it runs eagerly,
+    inline where a trace is being staged out.
+
+    Run eagerly (un-jitted, also under an un-jitted `vmap` or `grad`), a function
+    holding a loop was traced and compiled again at every call, its body a new
+    closure each time; staged, a nested `jit` is lowered as a function of its own,
+    traced again at every lowering, for nothing."""
+    jitted = eqx.filter_jit(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if staging():
+            return fn(*args, **kwargs)
+        return jitted(*args, **kwargs)
+
+    return wrapper
 
 
 def default_floating_dtype() -> Any:

@@ -31,6 +31,7 @@ from jaxtyping import Array, PyTree
 from ._errors import branch_on_code, raise_everywhere
 from ._misc import (
     is_inexact_array,
+    jit_when_eager,
     select,
     stack_alike_leaves,
     tree_all_finite,
@@ -278,32 +279,14 @@ def host_result_code(code: Any, *leaves: Any) -> np.ndarray:
     return code
 
 
-def _error_if_failed(*args):
-    # Under `filter_jit` when run eagerly (the primitive's implementation outside
-    # of `jit`, e.g. under an un-jitted `jax.jvp`), so that the error is raised as
-    # an `EquinoxRuntimeError`, as `branched_error_if` does on its own. Traced,
-    # inline: a nested `jit` is lowered as a function of its own, traced again at
-    # every lowering. (Staged, not merely traced: under an un-jitted `vmap` the
-    # inputs are tracers of an eager computation, and inline the failure came out
-    # as XLA's runtime error, the message after a traceback.)
-    if _staging():
-        return _error_if_failed_inline(*args)
-    return _error_if_failed_jit(*args)
-
-
-def _staging() -> bool:
-    """Whether a trace being staged out to a jaxpr (`jit`, a lowering) is active."""
-    if _trace_ctx is None or _JaxprTrace is None:  # pragma: no cover - a future JAX
-        return True
-    trace = _trace_ctx.trace
-    while trace is not None:
-        if isinstance(trace, _JaxprTrace):
-            return True
-        trace = getattr(trace, "parent_trace", None)
-    return False
-
-
-def _error_if_failed_inline(
+# Compiled when run eagerly (the primitive's implementation outside of `jit`, e.g.
+# under an un-jitted `jax.jvp`), so that the error is raised as an
+# `EquinoxRuntimeError`, as `branched_error_if` does on its own; inline when staged.
+# (Staged, not merely traced: under an un-jitted `vmap` the inputs are tracers of
+# an eager computation, and inline the failure came out as XLA's runtime error,
+# the message after a traceback.)
+@jit_when_eager
+def _error_if_failed(
     solution, operator, arrays, vector, result, finite, recorded, kind
 ):
     # Only the predicate is computed outside the branch: the branch receives the
@@ -335,9 +318,6 @@ def _error_if_failed_inline(
         solution,
     )
     return unstack_solution(solution), result
-
-
-_error_if_failed_jit = eqx.filter_jit(_error_if_failed_inline)
 
 
 def _raise(operator, probe, checked, inputs, code, kind, solution):
@@ -499,11 +479,6 @@ def _register_private_cache(cache: Any, name: str) -> None:
         register(cache, name)
 
 
-# Not public API (see `_staging`).
-_trace_ctx: Any = getattr(_private_module("jax._src.core"), "trace_ctx", None)
-_JaxprTrace: Any = getattr(
-    _private_module("jax._src.interpreters.partial_eval"), "DynamicJaxprTrace", None
-)
 _register_private_cache(_ABSTRACT_EVALS, "lineax abstract evaluation")
 _register_private_cache(_TRACES, "lineax traces of compute")
 

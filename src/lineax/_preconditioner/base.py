@@ -31,7 +31,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, PyTree
 
-from .._misc import result_dtype, Static
+from .._misc import jit_when_eager, result_dtype, Static
 from .._operator.base import (
     AbstractLinearOperator,
     check_operator,
@@ -192,11 +192,10 @@ def spectrum_interval(
     return lo * (1 + margin), hi
 
 
-# Compiled once per operator structure (and `steps`): called un-jitted, as a
-# constructor usually is, the Lanczos loop was traced and compiled anew for every
-# preconditioner built (0.5-1 s each, CPU), since `flat_mv` makes a new closure each
-# time. Under an outer `jit` this is an inlined nested call.
-@eqx.filter_jit
+# Called un-jitted, as a constructor usually is, the Lanczos loop was traced and
+# compiled anew for every preconditioner built (0.5-1 s each, CPU), since `flat_mv`
+# makes a new closure each time: see `jit_when_eager`.
+@jit_when_eager
 def _operator_extremes(
     operator: AbstractLinearOperator, steps: int, key: PRNGKeyArray
 ) -> tuple[Array, Array]:

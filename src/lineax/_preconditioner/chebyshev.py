@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, PRNGKeyArray, Scalar
 
-from .._misc import Static
+from .._misc import jit_when_eager, Static
 from .._operator.base import (
     AbstractLinearOperator,
     is_negative_semidefinite,
@@ -131,9 +131,9 @@ class ChebyshevPreconditioner(AbstractPolynomialPreconditioner):
         self.upper = hi
         self.tags = tags
 
-    # Compiled (once per structure): un-jitted, the loop was traced and compiled
-    # again at every call (0.1-0.2 s), its body being a new closure each time.
-    @eqx.filter_jit
+    # Un-jitted, the loop was traced and compiled again at every call (0.1-0.2 s):
+    # see `jit_when_eager`.
+    @jit_when_eager
     def mv(self, vector):
         mv = flat_mv(self.operator)
         theta = (self.upper + self.lower) / 2

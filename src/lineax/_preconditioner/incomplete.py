@@ -32,6 +32,7 @@ import numpy as np
 from jax.experimental import sparse as jsparse
 from jaxtyping import Array, Inexact, Int
 
+from .._misc import jit_when_eager
 from .._operator.base import AbstractLinearOperator
 from .._operator.sparse import SparseLinearOperator
 from .._operator.tagged import unwrap_tagged
@@ -242,11 +243,10 @@ def elimination(pattern: Pattern) -> Elimination:
     )
 
 
-# `jax.jit`: built or applied un-jitted, the loop would otherwise be traced and
-# compiled again at every call (a new closure each time): 0.1-0.3 s per
-# preconditioner built and per `mv` at n = 900 (CPU). Under an outer `jit` these are
-# inlined nested calls.
-@jax.jit
+# Built or applied un-jitted, the loop was traced and compiled again at every call
+# (a new closure each time): 0.1-0.3 s per preconditioner built and per `mv` at
+# n = 900 (CPU). See `jit_when_eager`.
+@jit_when_eager
 def eliminate(schedule: Elimination, values: Array) -> Array:
     """The ILU(0) factors on the pattern: `L` (unit diagonal, not stored) in the
     strictly lower slots, `U` in the others."""
@@ -344,7 +344,7 @@ def triangular_factor(
     )
 
 
-@jax.jit
+@jit_when_eager
 def solve_triangular(
     factor: TriangularFactor, vector: Inexact[Array, " size"]
 ) -> Array:
