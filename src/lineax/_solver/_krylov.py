@@ -387,7 +387,7 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         op_scale, op_inverse = one, None
         if scale_operator:
             op_scale, op_inverse = operator_scale(mv(apply(precond, vector)), rdtype)
-            mv = _input_scaled(mv, op_inverse, both_sides=not lift)
+            mv = _scaled_operator(mv, op_inverse, both_sides=not lift)
             initial_mv += 1
             # An operator smaller than 1 (`2^-s > 1`, scaled up on the output
             # side) would make its products with the small vectors late in a
@@ -397,7 +397,7 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
             # `_lift`), which keeps both the products and the iterate in range;
             # exact (a power of two) and without a multiplication per product.
             # (Scaling the product's input instead was a pass over memory before
-            # each product under `vmap`, see `_input_scaled`.)
+            # each product under `vmap`, see `_scaled_operator`.)
             if lift:
                 up, down = _lift(op_inverse, rdtype)
                 vector = tree_scale(up, vector)
@@ -603,7 +603,7 @@ def _lift(inverse: Array, rdtype: Any) -> tuple[Array, Array]:
     return up, down
 
 
-def _input_scaled(mv: Callable, inverse: Array, both_sides: bool) -> Callable:
+def _scaled_operator(mv: Callable, inverse: Array, both_sides: bool) -> Callable:
     """`v -> 2^-s A v`: the operator divided by its scale (exactly, a power of
     two, so `A (2^-s v)` would round the same). On the output side: there the
     multiplication fuses into the product's consumers (the inner products and
