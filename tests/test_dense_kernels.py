@@ -88,3 +88,22 @@ def test_svd_hands_lapack_the_matrix_without_transposing_it():
     np.testing.assert_allclose(
         solve(matrix, vector), np.linalg.solve(matrix, vector), rtol=1e-8
     )
+
+
+def test_small_lu_condition_estimate_needs_no_permutation():
+    # For n <= 32 the estimate is exact, from the inverse; its 1-norm is that of
+    # `U^{-1} L^{-1}` (the permutation only reorders columns), so the identity
+    # is solved as a constant, not gathered by the permutation: one kernel
+    # fewer in every solve that returns `stats` (an un-jitted solve compiles
+    # them all). Here the estimate alone needs no permutation, whose
+    # computation from LAPACK's pivots (a loop) XLA then removes.
+    matrix = jnp.asarray(np.random.default_rng(1).standard_normal((10, 10)))
+
+    def rcond(matrix, vector):
+        operator = lx.MatrixLinearOperator(matrix)
+        return lx.linear_solve(operator, vector, lx.LU(), throw=False).stats["rcond"]
+
+    text = jax.jit(rcond).lower(matrix, jnp.ones(10)).compile().as_text()
+    assert " while(" not in text
+    want = 1 / (np.linalg.norm(matrix, 1) * np.linalg.norm(np.linalg.inv(matrix), 1))
+    np.testing.assert_allclose(rcond(matrix, jnp.ones(10)), want, rtol=1e-10)

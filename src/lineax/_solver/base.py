@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, PyTree
 
 from .._misc import select, tree_all_finite
@@ -447,8 +448,8 @@ def norm1(matrix: Array) -> Array:
 def _sign(y: Array) -> Array:
     # The "sign" of Hager's method, `y / |y|`, with 1 for zero; also for complex.
     absy = jnp.abs(y)
-    safe = jnp.where(absy == 0, 1, absy).astype(y.dtype)
-    return jnp.where(absy == 0, jnp.ones_like(y), y / safe)
+    safe = select(absy == 0, 1, absy).astype(y.dtype)
+    return select(absy == 0, jnp.ones_like(y), y / safe)
 
 
 # Jitted so that its trace is cached (keyed on shapes, dtypes and the static
@@ -456,7 +457,7 @@ def _sign(y: Array) -> Array:
 # lowering, each derivative rule), and the estimate is a long straight line of
 # small operations. Under an outer `jit` whose caller ignores `stats`, XLA removes
 # it altogether.
-@ft.partial(jax.jit, static_argnames=("solve", "static", "n", "dtype"))
+@ft.partial(jax.jit, static_argnames=("solve", "static", "n", "dtype", "inverse"))
 def rcond_estimate(
     norm: Array,
     arrays: PyTree[Array],
@@ -465,6 +466,7 @@ def rcond_estimate(
     static: Any,
     n: int,
     dtype: Any,
+    inverse: Callable[[Any, Any, Array], Array] | None = None,
 ) -> Array:
     """Estimate the reciprocal 1-norm condition number `1 / (|A|_1 |A^{-1}|_1)`
     in O(n^2) from a factorisation, as LAPACK's `xGECON`/`xPOCON`/`xTRCON` do.
@@ -486,6 +488,11 @@ def rcond_estimate(
     - `static`: hashable data passed to `solve` (e.g. whether to transpose).
     - `n`: the size of `A`.
     - `dtype`: the dtype of the factors.
+    - `inverse`: optionally, a module-level function: `inverse(arrays, static,
+        I)`, given the identity `I`, returns `A^{-1}` up to a permutation of its
+        rows or columns (which leaves `|A^{-1}|_1` unchanged), used for a small
+        `A` instead of `solve(arrays, static, I, False)` (e.g. without the
+        pivoting's permutation of `I`, a kernel of its own).
 
     **Returns:**
 
@@ -497,22 +504,31 @@ def rcond_estimate(
     if n <= _EXACT_BELOW:
         # Small: the exact `|A^{-1}|_1` from the inverse, one solve of `n`
         # right-hand sides, costs less than the estimate's sequence of solves.
-        inverse = solve(arrays, static, jnp.eye(n, dtype=dtype), False)
-        estimate = norm1(inverse)
+        # (The identity as a constant: made with `jnp.eye`, XLA:CPU computed it
+        # in a kernel of its own.)
+        identity = jnp.asarray(np.eye(n, dtype=dtype))
+        if inverse is None:
+            estimate = norm1(solve(arrays, static, identity, False))
+        else:
+            estimate = norm1(inverse(arrays, static, identity))
         return _rcond(norm, estimate, real)
     # Hager's start `ones / n`, and Higham's alternating vector
-    # `(-1)^i (1 + i / (n - 1))`, which catches what the iteration misses.
-    i = jnp.arange(n, dtype=real)
-    alt = jnp.where(i % 2 == 0, 1, -1).astype(real) * (1 + i / max(n - 1, 1))
-    start = jnp.stack([jnp.full((n,), 1 / n, real), alt], axis=1).astype(dtype)
-    y = solve(arrays, static, start, False)
+    # `(-1)^i (1 + i / (n - 1))`, which catches what the iteration misses. (With
+    # NumPy: constants of the program, not computed in it.)
+    i = np.arange(n, dtype=real)
+    alt = np.where(i % 2 == 0, 1, -1).astype(real) * (1 + i / max(n - 1, 1))
+    start = np.stack([np.full((n,), 1 / n, real), alt], axis=1).astype(dtype)
+    y = solve(arrays, static, jnp.asarray(start), False)
     absy = jnp.sum(jnp.abs(y), axis=0)
     estimate = jnp.maximum(absy[0], 2 * absy[1] / (3 * n))
     yk = y[:, :1]
     for _ in range(_HAGER_STEPS):
         z = solve(arrays, static, _sign(yk), True)
         j = jnp.argmax(jnp.abs(z[:, 0]))
-        yk = solve(arrays, static, jnp.zeros((n, 1), dtype).at[j, 0].set(1), False)
+        # The unit vector `e_j`, elementwise (a scatter compiles to larger
+        # kernels on XLA:CPU).
+        e_j = (jnp.arange(n) == j)[:, None].astype(dtype)
+        yk = solve(arrays, static, e_j, False)
         estimate = jnp.maximum(estimate, jnp.sum(jnp.abs(yk)))
     return _rcond(norm, estimate, real)
 
@@ -522,8 +538,8 @@ def _rcond(norm: Array, estimate: Array, real: Any) -> Array:
     (hence `estimate`) are not finite, NaN for a non-finite `norm`."""
     norm = norm.astype(real)
     estimate = estimate.astype(real)
-    rcond = (1 / jnp.where(norm == 0, 1, norm)) / estimate
+    rcond = (1 / select(norm == 0, 1, norm)) / estimate
     # An exactly singular factor makes the solves, hence `estimate`, inf or NaN.
     singular = (norm == 0) | ~jnp.isfinite(estimate)
-    rcond = jnp.where(singular, jnp.zeros((), real), rcond)
-    return jnp.where(jnp.isfinite(norm), rcond, jnp.full((), jnp.nan, real))
+    rcond = select(singular, jnp.zeros((), real), rcond)
+    return select(jnp.isfinite(norm), rcond, jnp.full((), jnp.nan, real))

@@ -99,6 +99,7 @@ class LU(AbstractLinearSolver[LUState]):
                 static=state.transposed,
                 n=state.lu.shape[0],
                 dtype=state.lu.dtype,
+                inverse=_rcond_inverse,
             )
         }
         return unravel_solution(x, state.packed_structures), RESULTS.successful, stats
@@ -138,8 +139,7 @@ def lu_solve(lu: Array, perm: Array, b: Array, transposed: bool) -> Array:
     """Solve `A x = b` (or `A^T x = b`) from `A[perm] = L U`; `b` is 1-D or 2-D."""
     if transposed:
         # A = P^T L U, so A^T = U^T L^T P: solve U^T y = b, L^T z = y, P x = z.
-        y = jsl.solve_triangular(lu, b, trans=1, lower=False)
-        z = jsl.solve_triangular(lu, y, trans=1, lower=True, unit_diagonal=True)
+        z = _factors_solve(lu, b, transposed)
         if z.ndim == 1:
             # `x[perm] = z`, as the values of a sort keyed by `perm` (as JAX's
             # `lu_solve` inverts the permutation): XLA:CPU compiles the scatter
@@ -147,8 +147,24 @@ def lu_solve(lu: Array, perm: Array, b: Array, transposed: bool) -> Array:
             # kernels, compile time -12%.)
             return lax.sort_key_val(perm, z)[1]
         return jnp.zeros_like(z).at[perm].set(z)
-    y = jsl.solve_triangular(lu, b[perm], lower=True, unit_diagonal=True)
+    return _factors_solve(lu, b[perm], transposed)
+
+
+def _factors_solve(lu: Array, b: Array, transposed: bool) -> Array:
+    """`(L U)^{-1} b`, or `(L U)^{-T} b`: the triangular solves of `lu_solve`."""
+    if transposed:
+        y = jsl.solve_triangular(lu, b, trans=1, lower=False)
+        return jsl.solve_triangular(lu, y, trans=1, lower=True, unit_diagonal=True)
+    y = jsl.solve_triangular(lu, b, lower=True, unit_diagonal=True)
     return jsl.solve_triangular(lu, y, lower=False)
+
+
+def _rcond_inverse(arrays, transposed: bool, identity: Array) -> Array:
+    # `A^{-1} = U^{-1} L^{-1} P` and `A^{-T} = P^T L^{-T} U^{-T}`, whose 1-norms
+    # are those of `U^{-1} L^{-1}` and `L^{-T} U^{-T}`: a permutation of the
+    # columns (rows) changes no maximum column sum.
+    lu, _ = arrays
+    return _factors_solve(lu, identity, transposed)
 
 
 def _rcond_solve(arrays, transposed: bool, matrix: Array, adjoint: bool) -> Array:

@@ -101,7 +101,7 @@ class SVD(AbstractLinearSolver[SVDState]):
         coeffs = jnp.matmul(b.astype(u.dtype), jnp.conj(u), precision=hi) / safe_s
         coeffs = select(keep, coeffs, 0)
         x = jnp.matmul(coeffs.astype(vh.dtype), jnp.conj(vh), precision=hi)
-        rcond = jnp.where(smax == 0, jnp.zeros_like(smin), smin / smax)
+        rcond = select(smax == 0, jnp.zeros_like(smin), smin / smax)
         # `rank` as the published lineax reports it: the singular values kept.
         stats = {"rcond": rcond, "rank": jnp.sum(keep)}
         return unravel_solution(x, state.packed_structures), RESULTS.successful, stats
