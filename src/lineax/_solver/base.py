@@ -442,7 +442,13 @@ _EXACT_BELOW = 32
 
 def norm1(matrix: Array) -> Array:
     """The 1-norm (maximum absolute column sum) of a 2-D array."""
-    return jnp.max(jnp.sum(jnp.abs(matrix), axis=0), initial=0)
+    column_sums = jnp.sum(jnp.abs(matrix), axis=0)
+    if column_sums.size == 0:
+        return jnp.zeros((), column_sums.dtype)
+    # (Not `jnp.max(..., initial=0)`: where the norm has two consumers (LU's
+    # state and its condition estimate), XLA:CPU compiled that maximum with 0
+    # as a kernel of its own.)
+    return jnp.max(column_sums)
 
 
 def _sign(y: Array) -> Array:
@@ -538,8 +544,11 @@ def _rcond(norm: Array, estimate: Array, real: Any) -> Array:
     (hence `estimate`) are not finite, NaN for a non-finite `norm`."""
     norm = norm.astype(real)
     estimate = estimate.astype(real)
+    # `estimate` is read once: XLA:CPU fuses a reduction (the estimate) into
+    # its consumer only where it has one.
     rcond = (1 / select(norm == 0, 1, norm)) / estimate
-    # An exactly singular factor makes the solves, hence `estimate`, inf or NaN.
-    singular = (norm == 0) | ~jnp.isfinite(estimate)
+    # An exactly singular factor makes the solves, hence `estimate`, inf (then
+    # `rcond` is zero) or NaN.
+    singular = (norm == 0) | jnp.isnan(rcond)
     rcond = select(singular, jnp.zeros((), real), rcond)
     return select(jnp.isfinite(norm), rcond, jnp.full((), jnp.nan, real))
