@@ -40,3 +40,13 @@ def test_real_operator_times_complex_scalar_is_a_complex_operator(solver):
         for b in (np.array([1.0, 2.0]), np.array([1.0 - 1j, 2.0])):
             solution = lx.linear_solve(op, jnp.asarray(b), solver)
             assert_close(solution.value, np.linalg.solve(dense, b))
+
+
+def test_an_array_as_preconditioner_is_named_as_an_array():
+    # The options reach the check traced, so the message said "got
+    # DynamicJaxprTracer" for a plain matrix.
+    operator = lx.MatrixLinearOperator(jnp.asarray(_A))
+    with pytest.raises(ValueError, match=r"an array of shape \(2, 2\).*MatrixLinear"):
+        lx.linear_solve(
+            operator, jnp.ones(2), lx.GMRES(**_TOL), options={"preconditioner": _A}
+        )
