@@ -5,6 +5,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 
 from .base import (
     AbstractLinearOperator,
@@ -59,6 +60,46 @@ def _scale(tree, scalar, op):
         return op(x.astype(dtype), jnp.asarray(scalar).astype(dtype))
 
     return jtu.tree_map(leaf, tree)
+
+
+def _scaled_structure(structure, scalar):
+    """The structure of an operator scaled by `scalar`: each leaf's dtype as the
+    scaling promotes it (see `scaled_dtype`). A complex scalar makes a real operator
+    complex on both sides: its `mv` returns complex values, and a solver reads from
+    the structures whether to conjugate (`lx.Normal`'s `Aᴴ A`) and of what dtype its
+    iterates are."""
+    return jtu.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, scaled_dtype(s.dtype, scalar)),
+        structure,
+    )
+
+
+def _scaled_mv(operator: AbstractLinearOperator, vector):
+    """`operator.mv(vector)` for a vector of the scaled structure, whose dtypes may be
+    wider than the operator's own: a complex vector for a real operator is applied
+    by parts (`A (x + iy) = A x + i A y`), and a wider real one cast down."""
+    structure = operator.in_structure()
+
+    def cast(tree):
+        return jtu.tree_map(
+            lambda x, s: x if x.dtype == s.dtype else x.astype(s.dtype), tree, structure
+        )
+
+    by_parts = any(
+        jnp.iscomplexobj(x) and not jnp.issubdtype(s.dtype, jnp.complexfloating)
+        for x, s in zip(jtu.tree_leaves(vector), jtu.tree_leaves(structure))
+    )
+    if not by_parts:
+        return operator.mv(cast(vector))
+    real = operator.mv(cast(jtu.tree_map(jnp.real, vector)))
+    imag = operator.mv(cast(jtu.tree_map(jnp.imag, vector)))
+
+    def combine(a, b):
+        # (A leaf of a mixed-dtype operator may be complex already.)
+        dtype = np.promote_types(a.dtype, np.complex64)
+        return a.astype(dtype) + 1j * b.astype(dtype)
+
+    return jtu.tree_map(combine, real, imag)
 
 
 class AddLinearOperator(AbstractLinearOperator):
@@ -123,7 +164,8 @@ class MulLinearOperator(AbstractLinearOperator):
         _check_scalar(self.scalar)
 
     def mv(self, vector):
-        return _scale(self.operator.mv(vector), self.scalar, lambda x, s: x * s)
+        out = _scaled_mv(self.operator, vector)
+        return _scale(out, self.scalar, lambda x, s: x * s)
 
     def as_matrix(self):
         matrix = self.operator.as_matrix()
@@ -133,10 +175,10 @@ class MulLinearOperator(AbstractLinearOperator):
         return MulLinearOperator(self.operator.transpose(), self.scalar)
 
     def in_structure(self):
-        return self.operator.in_structure()
+        return _scaled_structure(self.operator.in_structure(), self.scalar)
 
     def out_structure(self):
-        return self.operator.out_structure()
+        return _scaled_structure(self.operator.out_structure(), self.scalar)
 
 
 class DivLinearOperator(AbstractLinearOperator):
@@ -156,7 +198,8 @@ class DivLinearOperator(AbstractLinearOperator):
         _check_scalar(self.scalar)
 
     def mv(self, vector):
-        return _scale(self.operator.mv(vector), self.scalar, lambda x, s: x / s)
+        out = _scaled_mv(self.operator, vector)
+        return _scale(out, self.scalar, lambda x, s: x / s)
 
     def as_matrix(self):
         return _scale(self.operator.as_matrix(), self.scalar, lambda x, s: x / s)
@@ -165,10 +208,10 @@ class DivLinearOperator(AbstractLinearOperator):
         return DivLinearOperator(self.operator.transpose(), self.scalar)
 
     def in_structure(self):
-        return self.operator.in_structure()
+        return _scaled_structure(self.operator.in_structure(), self.scalar)
 
     def out_structure(self):
-        return self.operator.out_structure()
+        return _scaled_structure(self.operator.out_structure(), self.scalar)
 
 
 class NegLinearOperator(AbstractLinearOperator):

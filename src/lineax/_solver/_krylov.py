@@ -186,10 +186,16 @@ def preconditioner_of(
     if precond is None:
         return None
     if not isinstance(precond, AbstractLinearOperator):
+        # (Options reach here traced: an array shows as a tracer, so say "array".)
+        got = (
+            f"an array of shape {tuple(precond.shape)}; wrap a matrix as "
+            "`lx.MatrixLinearOperator(matrix)`"
+            if eqx.is_array(precond)
+            else type(precond).__name__
+        )
         raise ValueError(
             "The `preconditioner` option must be a `lineax.AbstractLinearOperator` "
-            "(approximating the inverse of the operator), got "
-            f"{type(precond).__name__}."
+            f"(approximating the inverse of the operator), got {got}."
         )
     if right and left:
         space, name = operator.out_structure(), "output"
