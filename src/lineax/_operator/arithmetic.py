@@ -102,6 +102,30 @@ def _scaled_mv(operator: AbstractLinearOperator, vector):
     return jtu.tree_map(combine, real, imag)
 
 
+def _shapes(structure):
+    """`structure` with every dtype replaced by one, to compare trees and shapes."""
+    return jtu.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, np.float32), structure)
+
+
+def _promoted_structure(structure1, structure2):
+    """The structure of the sum of operators of these (equally shaped) structures:
+    each leaf's dtype promoted, as adding their outputs promotes it."""
+    if structure1 == structure2:
+        return structure1
+    return jtu.tree_map(
+        lambda s1, s2: jax.ShapeDtypeStruct(s1.shape, _promote(s1.dtype, s2.dtype)),
+        structure1,
+        structure2,
+    )
+
+
+def _promote(dtype1, dtype2) -> np.dtype:
+    # Standard promotion, decided here and cast to explicitly, which strict
+    # promotion allows (it refuses real with complex implicitly).
+    with jax.numpy_dtype_promotion("standard"):
+        return np.dtype(jnp.promote_types(dtype1, dtype2))
+
+
 class AddLinearOperator(AbstractLinearOperator):
     """The sum of two operators with the same input and output structures; made by
     `operator1 + operator2`.
@@ -117,33 +141,46 @@ class AddLinearOperator(AbstractLinearOperator):
     def __check_init__(self):
         check_operator(self.operator1, "operator1")
         check_operator(self.operator2, "operator2")
+        # Dtypes may differ (a real operator plus `operator * 1j`): the sum has
+        # the promoted ones.
         check_structures_equal(
-            self.operator1.in_structure(),
-            self.operator2.in_structure(),
+            _shapes(self.operator1.in_structure()),
+            _shapes(self.operator2.in_structure()),
             "Cannot add operators with different input structures",
         )
         check_structures_equal(
-            self.operator1.out_structure(),
-            self.operator2.out_structure(),
+            _shapes(self.operator1.out_structure()),
+            _shapes(self.operator2.out_structure()),
             "Cannot add operators with different output structures",
         )
 
     def mv(self, vector):
+        # Cast explicitly: strict dtype promotion refuses real + complex.
         return jtu.tree_map(
-            lambda a, b: a + b, self.operator1.mv(vector), self.operator2.mv(vector)
+            lambda a, b, s: a.astype(s.dtype) + b.astype(s.dtype),
+            _scaled_mv(self.operator1, vector),
+            _scaled_mv(self.operator2, vector),
+            self.out_structure(),
         )
 
     def as_matrix(self):
-        return self.operator1.as_matrix() + self.operator2.as_matrix()
+        matrix1 = self.operator1.as_matrix()
+        matrix2 = self.operator2.as_matrix()
+        dtype = _promote(matrix1.dtype, matrix2.dtype)
+        return matrix1.astype(dtype) + matrix2.astype(dtype)
 
     def transpose(self):
         return AddLinearOperator(self.operator1.transpose(), self.operator2.transpose())
 
     def in_structure(self):
-        return self.operator1.in_structure()
+        return _promoted_structure(
+            self.operator1.in_structure(), self.operator2.in_structure()
+        )
 
     def out_structure(self):
-        return self.operator1.out_structure()
+        return _promoted_structure(
+            self.operator1.out_structure(), self.operator2.out_structure()
+        )
 
 
 class MulLinearOperator(AbstractLinearOperator):
