@@ -4,7 +4,12 @@ from typing import Any
 
 import equinox as eqx
 import equinox.internal as eqxi
-from jaxtyping import Array, PyTree
+import jax
+import jax.core
+import jax.tree_util as jtu
+from jaxtyping import Array, ArrayLike, PyTree
+
+from ._misc import select
 
 
 class RESULTS(eqxi.Enumeration):
@@ -56,6 +61,15 @@ class RESULTS(eqxi.Enumeration):
         "is meaningless. Check the inputs of `linear_solve` (e.g. with "
         "`jnp.isfinite`) and whatever computed them."
     )
+
+
+def results_where(pred: ArrayLike, a: RESULTS, b: RESULTS) -> RESULTS:
+    """`RESULTS.where(pred, a, b)`; traced, as one `select` rather than
+    `jnp.where`'s nested `jit` (see `select`)."""
+    values = (pred, a._value, b._value)
+    if not any(isinstance(x, jax.core.Tracer) for x in values):
+        return RESULTS.where(pred, a, b)
+    return jtu.tree_unflatten(jtu.tree_structure(a), [select(*values)])
 
 
 class Solution(eqx.Module):

@@ -17,8 +17,9 @@ import jax.tree_util as jtu
 from equinox import AbstractVar
 from jaxtyping import Array, PyTree, Scalar
 
+from .._misc import select
 from .._operator.base import AbstractLinearOperator
-from .._solution import RESULTS
+from .._solution import RESULTS, results_where
 from ._krylov import (
     AbstractKrylovSolver,
     apply,
@@ -39,7 +40,9 @@ _HIGHEST = lax.Precision.HIGHEST
 # The step indices are in range by construction (`0 <= j < m`), so they are used
 # with `lax.dynamic_*` without the wrapping of negative indices (and not as
 # `x[j]`/`x.at[j].set`, which would add it and a scatter's bounds test): each is
-# a few kernels more per step to compile.
+# a few kernels more per step to compile. (Rows are read and written with
+# `dynamic_slice_in_dim` and `dynamic_update_slice_in_dim`: the `_index_in_dim`
+# versions are nested `jit`s.)
 _IN_RANGE = {"allow_negative_indices": False}
 
 
@@ -67,8 +70,8 @@ def basis_combine(basis: PyTree[Array], h: Array) -> PyTree[Array]:
 def basis_set(basis: PyTree[Array], j: Array, x: PyTree[Array]) -> PyTree[Array]:
     """`V` with its `j`-th vector replaced by `x`."""
     return jtu.tree_map(
-        lambda v, xi: lax.dynamic_update_index_in_dim(
-            v, xi.astype(v.dtype), j, 0, **_IN_RANGE
+        lambda v, xi: lax.dynamic_update_slice_in_dim(
+            v, lax.expand_dims(xi.astype(v.dtype), (0,)), j, 0, **_IN_RANGE
         ),
         basis,
         x,
@@ -78,7 +81,8 @@ def basis_set(basis: PyTree[Array], j: Array, x: PyTree[Array]) -> PyTree[Array]
 def basis_get(basis: PyTree[Array], j: Array) -> PyTree[Array]:
     """The `j`-th vector of `V`."""
     return jtu.tree_map(
-        lambda v: lax.dynamic_index_in_dim(v, j, 0, False, **_IN_RANGE), basis
+        lambda v: lax.squeeze(lax.dynamic_slice_in_dim(v, j, 1, 0, **_IN_RANGE), (0,)),
+        basis,
     )
 
 
@@ -125,12 +129,12 @@ def _givens(a, b, cdtype):
         # the same signs and the least-squares solution not at all (exactly: a
         # sign is exact), with fewer operations to compile into every step.
         denom = jnp.sqrt(a**2 + b**2)
-        safe_denom = jnp.where(denom == 0, 1, denom)
+        safe_denom = select(denom == 0, 1, denom)
         return a / safe_denom, b / safe_denom, denom, denom
     abs_a = jnp.abs(a)
     denom = jnp.sqrt(abs_a**2 + jnp.abs(b) ** 2)
-    safe_denom = jnp.where(denom == 0, 1, denom).astype(cdtype)
-    phase = jnp.where(abs_a == 0, 1, a / jnp.where(abs_a == 0, 1, abs_a).astype(cdtype))
+    safe_denom = select(denom == 0, 1, denom).astype(cdtype)
+    phase = select(abs_a == 0, 1, a / select(abs_a == 0, 1, abs_a).astype(cdtype))
     cs = abs_a.astype(cdtype) / safe_denom
     sn = phase * jnp.conj(b) / safe_denom
     return cs, sn, phase * denom.astype(cdtype), denom
@@ -138,7 +142,7 @@ def _givens(a, b, cdtype):
 
 def _kept(keep: Array, x: PyTree[Array]) -> PyTree[Array]:
     """`x` where `keep`, else zeros (not `0 * x`, which is NaN where `x` is)."""
-    return jtu.tree_map(lambda xi: jnp.where(keep, xi, jnp.zeros_like(xi)), x)
+    return jtu.tree_map(lambda xi: select(keep, xi, jnp.zeros_like(xi)), x)
 
 
 class AbstractArnoldiSolver(AbstractKrylovSolver):
@@ -194,8 +198,12 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             hnext = norm2(w)
             # The new column of H. (Its entry `j + 1` is zero before: the basis rows
             # from `j + 1` on are zero.)
-            column = lax.dynamic_update_index_in_dim(
-                h + h2, hnext.astype(h.dtype), j + 1, 0, **_IN_RANGE
+            column = lax.dynamic_update_slice_in_dim(
+                h + h2,
+                lax.expand_dims(hnext.astype(h.dtype), (0,)),
+                j + 1,
+                0,
+                **_IN_RANGE,
             )
             # `norm2(column)` is the norm of `A P v_j` (Pythagoras: the column holds
             # its components in the basis and orthogonal to it), without another
@@ -217,7 +225,7 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             # written, so "not used" means writing those (and the Givens pair as it
             # was).
             keep = ~degenerate
-            v_new = tree_scale(jnp.where(invariant, 0, safe_div(1, hnext)), w)
+            v_new = tree_scale(select(invariant, 0, safe_div(1, hnext)), w)
             basis = basis_set(c.basis, j + 1, _kept(keep, v_new))
             directions = c.directions
             if directions is not None:
@@ -226,17 +234,17 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             rotated_rows = jnp.stack(
                 [cs * rows[0] + sn * rows[1], -jnp.conj(sn) * rows[0] + cs * rows[1]]
             )
-            rows = jnp.where(keep, rotated_rows, rows)
+            rows = select(keep, rotated_rows, rows)
             rotations = lax.dynamic_update_slice_in_dim(
                 c.rotations, rows, j, 0, **_IN_RANGE
             )
             diagonal = jnp.arange(m, dtype=j.dtype) == j
-            r_column = jnp.where(diagonal, jnp.where(keep, rho, 1), rotated[:m])
-            r_column = jnp.where(keep | diagonal, r_column, 0)
+            r_column = select(diagonal, select(keep, rho, 1), rotated[:m])
+            r_column = select(keep | diagonal, r_column, 0)
             r_factor = lax.dynamic_update_slice_in_dim(
                 c.r_factor, r_column[:, None], j, 1, **_IN_RANGE
             )
-            estimate = jnp.where(keep, jnp.abs(rows[1, 0]) * c.beta, c.estimate)
+            estimate = select(keep, jnp.abs(rows[1, 0]) * c.beta, c.estimate)
             return _Cycle(
                 c.x,
                 c.beta,
@@ -244,7 +252,7 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
                 directions,
                 rotations,
                 r_factor,
-                jnp.where(keep, j + 1, j),
+                select(keep, j + 1, j),
                 estimate,
                 invariant,
                 degenerate,
@@ -258,7 +266,7 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             # columns in the others, and their coefficients are 0), then x + P V y
             # or x + Z y.
             used = jnp.arange(m, dtype=c.k.dtype) < c.k
-            g = jnp.where(used, c.beta.astype(cdtype) * c.rotations[:m, 0], 0)
+            g = select(used, c.beta.astype(cdtype) * c.rotations[:m, 0], 0)
             y = jsl.solve_triangular(c.r_factor, g, lower=False)
             if c.directions is None:
                 # GMRES, or FGMRES without a preconditioner (`apply` is then `V y`).
@@ -319,9 +327,9 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
                 # problem of size 300 or less. (The test compares 2-norms, whatever
                 # the solver's norm; a fixed-iteration solve makes all its steps.)
                 halved = beta <= 0.5 * floor_ref
-                floor_ref = jnp.where(halved, beta, floor_ref)
+                floor_ref = select(halved, beta, floor_ref)
                 hit = beta > FLOOR_GAP * c.estimate
-                floor_hits = jnp.where(halved, 0, floor_hits) + hit.astype(jnp.int32)
+                floor_hits = select(halved, 0, floor_hits) + hit.astype(jnp.int32)
             # No progress at all is possible from here: the first new direction was
             # already degenerate (e.g. A P r = 0).
             halt = (c.degenerate & (c.k == 0)) | (floor_hits >= FLOOR_PATIENCE)
@@ -329,7 +337,7 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
 
         def halt_result(c: _Cycle) -> RESULTS:
             floor = c.floor_hits >= FLOOR_PATIENCE
-            return RESULTS.where(floor, RESULTS.stagnation, RESULTS.breakdown)
+            return results_where(floor, RESULTS.stagnation, RESULTS.breakdown)
 
         method = Iteration(
             step=arnoldi_step,

@@ -55,7 +55,7 @@ from equinox import AbstractVar
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
 # (`tree_sub` is also imported from here by the solvers.)
-from .._misc import structure_of, tree_sub
+from .._misc import select, structure_of, tree_sub
 from .._norm import tree_dot, two_norm
 from .._operator.base import (
     AbstractLinearOperator,
@@ -63,7 +63,7 @@ from .._operator.base import (
     conj,
     is_positive_semidefinite,
 )
-from .._solution import RESULTS
+from .._solution import RESULTS, results_where
 from .base import AbstractLinearSolver, check_square, statistics_wanted
 
 
@@ -91,7 +91,7 @@ def tree_scale(a: Any, x: PyTree[Array]) -> PyTree[Array]:
 
 
 def tree_where(pred: Any, x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
-    return jtu.tree_map(lambda xi, yi: jnp.where(pred, xi, yi), x, y)
+    return jtu.tree_map(lambda xi, yi: select(pred, xi, yi), x, y)
 
 
 def tree_zeros(structure: PyTree[jax.ShapeDtypeStruct]) -> PyTree[Array]:
@@ -107,7 +107,7 @@ def norm2(x: PyTree[Array]) -> Scalar:
 def safe_div(num: ArrayLike, den: Array) -> Array:
     """`num / den`, and 0 where `den == 0` (never NaN from a finished element)."""
     zero = den == 0
-    return jnp.where(zero, 0, num / jnp.where(zero, 1, den))
+    return select(zero, 0, num / select(zero, 1, den))
 
 
 def counts_exactly(dtype: Any, max_steps: int) -> bool:
@@ -417,7 +417,7 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         # and `inf <= inf` would pass the first convergence test at `x = 0` (a zero
         # solution, "successful"). A NaN target passes no test: the solve stops on
         # its non-finite residual instead, reported as a failure.
-        tol = jnp.where(
+        tol = select(
             jnp.isfinite(bnorm), self.atol * inverse + self.rtol * bnorm, jnp.nan
         )
         return Problem(
@@ -537,12 +537,16 @@ def _scale_of_field(field: Array, rdtype: Any) -> tuple[Array, Array]:
     narrow = jnp.finfo(rdtype)
     lo = max(narrow.minexp, 1 - narrow.maxexp)
     hi = min(narrow.maxexp - 1, -narrow.minexp)
-    exponent = jnp.clip((field >> nmant) - (bias - 1), lo, hi)
+    exponent = (field >> nmant) - (bias - 1)
+    # (`lax.clamp`: `jnp.clip` is a nested `jit`, see `_misc.select`.)
+    exponent = lax.clamp(
+        jnp.asarray(lo, exponent.dtype), exponent, jnp.asarray(hi, exponent.dtype)
+    )
     usable = (field > 0) & (field < mask)  # a normal, finite number
     scale = lax.bitcast_convert_type((exponent + bias) << nmant, wide)
     inverse = lax.bitcast_convert_type((bias - exponent) << nmant, wide)
-    scale = jnp.where(usable, scale, 1).astype(rdtype)
-    return scale, jnp.where(usable, inverse, 1).astype(rdtype)
+    scale = select(usable, scale, 1).astype(rdtype)
+    return scale, select(usable, inverse, 1).astype(rdtype)
 
 
 def _power_of_two_scale(vector: PyTree[Array], rdtype: Any) -> tuple[Array, Array]:
@@ -677,10 +681,10 @@ def result_of(
 ) -> RESULTS:
     """The result code: success (verified on a true residual) first, then the
     reason the iteration stopped; otherwise the step budget ran out."""
-    result = RESULTS.where(conlim, RESULTS.conlim, RESULTS.max_steps_reached)
-    result = RESULTS.where(stagnation, RESULTS.stagnation, result)
-    result = RESULTS.where(breakdown, RESULTS.breakdown, result)
-    return RESULTS.where(converged, RESULTS.successful, result)
+    result = results_where(conlim, RESULTS.conlim, RESULTS.max_steps_reached)
+    result = results_where(stagnation, RESULTS.stagnation, result)
+    result = results_where(breakdown, RESULTS.breakdown, result)
+    return results_where(converged, RESULTS.successful, result)
 
 
 def first_pass_factor(rtol: float, eps: float) -> float:
@@ -951,7 +955,9 @@ def _history_layout(max_steps: int, history_length: int | None) -> tuple[int, in
 def _history_buffer(length: int, every: int, pass_length: int | None) -> int:
     """The length of the buffer a pass records its steps into, which the outer
     loop copies into the history once per pass; 0: the steps are recorded into
-    the history itself.
+    the history itself. Where every `k`-th step is recorded, the buffer holds
+    the entries a pass can reach (`_group` of its steps), the first of which it
+    always writes (every pass makes a step).
 
     Under `vmap` a `while_loop` selects, on every iteration, between the old and
     the new value of each carried array for the whole batch (each element stops
@@ -960,35 +966,50 @@ def _history_buffer(length: int, every: int, pass_length: int | None) -> int:
     200 right-hand sides of size 300 (with `stats` read). Carried by the outer
     loop and written once per pass, it costs that once per pass; the inner loop
     carries batch x `pass_length`. (Without `vmap`, both write one entry in
-    place per step.) Passes with no bound (CG with `stabilise_every=None`) or a
-    long one run in chunks of `HISTORY_BUFFER_CAP` steps, each copied into the
-    history after it (see `iterate`). Where every `k`-th step is recorded, the
-    steps are recorded directly."""
-    if length == 0 or every != 1 or HISTORY_BUFFER_CAP == 0:
+    place per step.) And where the statistics are not read, XLA removes a
+    buffered history (a loop value that only feeds itself), but not one carried
+    through both loops: CG's on a 64 x 64 stencil, with `every = 5`, was 26 HLO
+    instructions and 3 kernels of every compile. Passes with no bound (CG with
+    `stabilise_every=None`) or a long one run in chunks of `HISTORY_BUFFER_CAP`
+    steps, each copied into the history after it (see `iterate`); where every
+    `k`-th step is recorded, those steps are recorded directly."""
+    if length == 0 or HISTORY_BUFFER_CAP == 0:
         return 0
+    if every == 1:
+        if pass_length is None:
+            return HISTORY_BUFFER_CAP
+        return min(pass_length, HISTORY_BUFFER_CAP)
     if pass_length is None:
-        return HISTORY_BUFFER_CAP
-    return min(pass_length, HISTORY_BUFFER_CAP)
+        return 0
+    # Steps `first + 1 ... first + pass_length` reach this many entries at most.
+    entries = (pass_length + every - 2) // every + 1
+    return entries if entries <= HISTORY_BUFFER_CAP else 0
 
 
-def _record(history: Array, steps: Array, value: Array, every: int) -> Array:
+def _group(index: Array, every: int, bound: int) -> Array:
+    """`index // every`, for `0 <= index < bound`: the history entry of step
+    `index + 1`."""
+    if every == 1:
+        return index
+    if bound <= 2**21:
+        # In float32: exact below 2^21 (the rounding error is below the margin
+        # `0.5 / every`), and, unlike an integer division, fused by XLA into the
+        # kernel of the update (one kernel less a step).
+        scaled = index.astype(jnp.float32) * (1 / every) + 0.5 / every
+        return scaled.astype(index.dtype)
+    return lax.div(index, jnp.asarray(every, index.dtype))
+
+
+def _record(history: Array, index: Array, value: Array) -> Array:
     # Every step overwrites its entry (one dynamic-update-slice: no read-back and
     # no select, which would be extra kernels in the loop body; the index is never
     # negative, so without JAX's wrapping of negative indices, another select).
     if history.shape[0] == 0:
         return history
-    index = steps - 1
-    if every > 1:
-        if history.shape[0] * every <= 2**21:
-            # `index // every` in float32: exact below 2^21 (the rounding error is
-            # below the margin `0.5 / every`), and, unlike an integer division,
-            # fused by XLA into the kernel of the update (one kernel less a step).
-            scaled = index.astype(jnp.float32) * (1 / every) + 0.5 / every
-            index = scaled.astype(index.dtype)
-        else:
-            index = lax.div(index, jnp.asarray(every, index.dtype))
-    return lax.dynamic_update_index_in_dim(
-        history, value.astype(history.dtype), index, 0, allow_negative_indices=False
+    # (Not `lax.dynamic_update_index_in_dim`, a nested `jit`, see `_misc.select`.)
+    value = lax.expand_dims(value.astype(history.dtype), (0,))
+    return lax.dynamic_update_slice_in_dim(
+        history, value, index, 0, allow_negative_indices=False
     )
 
 
@@ -1028,9 +1049,14 @@ def iterate(
     pass_length = method.pass_length
     buffer_length = _history_buffer(length, every, pass_length)
     # (Passes longer than the buffer record it in chunks.)
-    chunked = bool(buffer_length) and (
-        pass_length is None or pass_length > buffer_length
+    chunked = (
+        bool(buffer_length)
+        and every == 1
+        and (pass_length is None or pass_length > buffer_length)
     )
+
+    def group(index: Array) -> Array:
+        return _group(index, every, length * every)
 
     def steps_of(q: _Pass) -> Array:
         if method.steps is None:
@@ -1059,10 +1085,10 @@ def iterate(
         counter = None if q.steps is None else q.steps + 1  # (the loop counts)
         steps = steps_of(_Pass(c, counter, q.history))
         estimate = method.estimate(c)
+        index = group(steps - 1)
         if buffer_length:
-            history = _record(q.history, steps - first, estimate, 1)
-        else:
-            history = _record(q.history, steps, estimate, every)
+            index = index - group(first)
+        history = _record(q.history, index, estimate)
         if verbose:
             shown = jnp.sqrt(estimate) if method.squared else estimate
             show = steps % verbose == 0
@@ -1159,8 +1185,8 @@ def iterate(
         if method.accept is not None:
             converged = converged | method.accept(c, x, r)
         improved = rnorm < k.best_rnorm
-        best_rnorm = jnp.where(improved, rnorm, k.best_rnorm)
-        since_best = jnp.where(improved, 0, k.since_best + 1)
+        best_rnorm = select(improved, rnorm, k.best_rnorm)
+        since_best = select(improved, 0, k.since_best + 1)
         ref_progress, ref_estimate = k.ref_progress, k.ref_estimate
         floor_hits = k.floor_hits
         halved = jnp.zeros((), bool)  # (no reference progress: never "halved")
@@ -1169,21 +1195,21 @@ def iterate(
                 rnorm if method.progress is None else method.progress(c, x, r, rnorm)
             )
             halved = progress <= 0.5 * ref_progress
-            ref_progress = jnp.where(halved, progress, ref_progress)
+            ref_progress = select(halved, progress, ref_progress)
         if method.progress_estimate is not None:
             estimate = method.progress_estimate(c)
             # Set whenever `progress_estimate` is (see the carry's initial value).
             assert ref_estimate is not None
-            ref_estimate = jnp.where(halved, estimate, ref_estimate)
+            ref_estimate = select(halved, estimate, ref_estimate)
             # The estimate fell by `GAP` and the true measure did not even halve.
             stalled = ~converged & (estimate * GAP < ref_estimate)
-            since_best = jnp.where(stalled, method.patience, since_best)
+            since_best = select(stalled, method.patience, since_best)
         if method.below_floor is not None:
             assert floor_hits is not None
             # (A converged solve stops here whatever the count says.)
             hit = method.below_floor(c, rnorm)
-            floor_hits = jnp.where(halved, 0, floor_hits) + hit.astype(p.rdtype)
-            since_best = jnp.where(
+            floor_hits = select(halved, 0, floor_hits) + hit.astype(p.rdtype)
+            since_best = select(
                 floor_hits >= FLOOR_PATIENCE, method.patience, since_best
             )
         if method.accept_at_floor is not None:
@@ -1200,10 +1226,8 @@ def iterate(
             # effect: the target is `min(factor rnorm, tol)`); it recovers to 1
             # after a pass that did not end on the estimate.
             free = k.factor > 1 - (method.free_misses - 0.5) * p.eps
-            tightened = jnp.where(free, k.factor - p.eps, tightened)
-        factor = jnp.where(
-            passed & ~converged, tightened, jnp.minimum(1, 1.5 * k.factor)
-        )
+            tightened = select(free, k.factor - p.eps, tightened)
+        factor = select(passed & ~converged, tightened, jnp.minimum(1, 1.5 * k.factor))
         c = method.restart(c, x, r, passed)
         # A converged iterate is returned, so it is kept as the "best" one. So is
         # one that ties with the best (not an improvement for `since_best`): in
@@ -1232,7 +1256,7 @@ def iterate(
             # The pass's entries (NaN after its last step; the history has
             # `buffer_length` entries more than it returns, so that the write
             # never moves back to fit).
-            history = lax.dynamic_update_slice_in_dim(history, buffer, first, 0)
+            history = lax.dynamic_update_slice_in_dim(history, buffer, group(first), 0)
             buffer = jnp.full_like(buffer, jnp.nan)
         inner = _Pass(c, q.steps, buffer)
         return _Loop(inner, best_x, packed, o.verifications + 1, history)
@@ -1259,7 +1283,7 @@ def iterate(
     # `docs/iterative.md`). lineax 0.1.1 ran a whole GMRES cycle there. (Success is
     # still decided by `tol`; a pass that ends above it continues as any other,
     # with `factor` recovering as usual.)
-    factor = jnp.where(rnorm <= tol, first_pass_factor(solver.rtol, p.eps), 1)
+    factor = select(rnorm <= tol, first_pass_factor(solver.rtol, p.eps), 1)
     factor = factor.astype(p.rdtype)
     book = _Book(
         rnorm,
@@ -1276,7 +1300,7 @@ def iterate(
         # the best iterate, which may be the initial guess.)
         # (With `max_steps=0` no step can be made: the initial guess is judged by
         # the tolerance itself.)
-        jnp.where((rnorm <= tol) if max_steps == 0 else (rnorm == 0), 2, 0),
+        select((rnorm <= tol) if max_steps == 0 else (rnorm == 0), 2, 0),
         inf,
         None if method.progress_estimate is None else inf,
         None if method.below_floor is None else zero,
@@ -1332,11 +1356,11 @@ def iterate(
         converged = loop_converged
     # Converged: the last iterate (it passed); otherwise the best one seen.
     value = loop.best_x
-    value_rnorm = jnp.where(loop_converged, k.rnorm, k.best_rnorm)
-    result = RESULTS.where(stop, halt_result, RESULTS.max_steps_reached)
-    result = RESULTS.where(nonfinite, RESULTS.breakdown, result)
-    result = RESULTS.where(stagnation & ~stop, RESULTS.stagnation, result)
-    result = RESULTS.where(converged, RESULTS.successful, result)
+    value_rnorm = select(loop_converged, k.rnorm, k.best_rnorm)
+    result = results_where(stop, halt_result, RESULTS.max_steps_reached)
+    result = results_where(nonfinite, RESULTS.breakdown, result)
+    result = results_where(stagnation & ~stop, RESULTS.stagnation, result)
+    result = results_where(converged, RESULTS.successful, result)
     steps = steps_of(loop.inner)
     if loop.history is None:
         history = loop.inner.history

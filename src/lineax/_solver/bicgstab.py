@@ -7,6 +7,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
+from .._misc import select
 from .._norm import max_norm, tree_dot, two_norm
 from .._operator.base import AbstractLinearOperator
 from ._krylov import (
@@ -163,7 +164,7 @@ class BiCGStab(AbstractKrylovSolver):
             v = mv(phat)
             sigma = tree_dot(c.shadow, v)
             zero = sigma == 0
-            alpha = jnp.where(zero, 0, rho / jnp.where(zero, 1, sigma))
+            alpha = select(zero, 0, rho / select(zero, 1, sigma))
             s = tree_axpy(-alpha, v, c.r)
             shat = apply(precond, s)
             t = mv(shat)
@@ -183,9 +184,7 @@ class BiCGStab(AbstractKrylovSolver):
             bad_omega = small(ts, tt, ss)
             # (A `<t, t>` of 0 is a bad omega.)
             no_omega = bad_omega | half_done | bad_sigma
-            omega = jnp.where(
-                no_omega, 0, ts / jnp.where(no_omega, 1, tt).astype(ts.dtype)
-            )
+            omega = select(no_omega, 0, ts / select(no_omega, 1, tt).astype(ts.dtype))
             x = tree_where(
                 bad_sigma, c.x, tree_axpy(omega, shat, tree_axpy(alpha, phat, c.x))
             )
@@ -229,7 +228,7 @@ class BiCGStab(AbstractKrylovSolver):
             del x
             status = status_of(c)
             # (A breakdown stays one: the outer loop stops on it.)
-            new_status = jnp.where(status == _BREAKDOWN, _BREAKDOWN, _FRESH)
+            new_status = select(status == _BREAKDOWN, _BREAKDOWN, _FRESH)
             k = scalars_of(c)
             new = restarted(r, new_status, k.steps, k.half).pack(dtype)
             restart = passed | (status > 0)
@@ -239,7 +238,7 @@ class BiCGStab(AbstractKrylovSolver):
                 tree_where(restart, r, c.shadow),
                 c.p,
                 c.v,
-                jnp.where(restart, new, c.scalars),
+                select(restart, new, c.scalars),
             )
 
         r = problem.r0
@@ -253,7 +252,7 @@ class BiCGStab(AbstractKrylovSolver):
         # and the solve after one step (Newton near its root, whose right-hand
         # side is below the solver's `atol`, then stalled, as it did with GMRES).
         first = first_pass_factor(self.rtol, eps)
-        half_tol = jnp.where(rnorm <= tol, first * rnorm, tol)
+        half_tol = select(rnorm <= tol, first * rnorm, tol)
         half = half_tol**2 if two else half_tol
         steps = 0 if counts else None
         layout = restarted(r, _FRESH, steps, half, rr, rnorm)

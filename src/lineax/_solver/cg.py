@@ -8,6 +8,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
+from .._misc import select
 from .._norm import max_norm, tree_dot, two_norm
 from ._definite import AbstractDefiniteKrylovSolver
 from ._krylov import (
@@ -160,7 +161,7 @@ class CG(AbstractDefiniteKrylovSolver):
             ap = mv(p)
             pap = jnp.real(tree_dot(p, ap))
             ok = pap > 0
-            alpha = jnp.where(ok, k.rho / jnp.where(ok, pap, 1), 0)
+            alpha = select(ok, k.rho / select(ok, pap, 1), 0)
             x = tree_axpy(alpha, p, c.x)
             r = tree_axpy(-alpha, ap, c.r)
             z, rho, rnorm = residual_terms(r)
