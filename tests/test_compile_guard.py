@@ -289,7 +289,7 @@ def _nested_jits(jaxpr) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("name", ["cg", "gmres", "bicgstab"])
+@pytest.mark.parametrize("name", ["cg", "gmres", "bicgstab", "minres", "lsmr"])
 def test_krylov_solve_has_no_nested_where(name):
     # `jnp.where` is a `jax.jit` of its own: each one a nested function to trace
     # and lower in every solve (CG on a 64 x 64 stencil had 29 of them, 41 of

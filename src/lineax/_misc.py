@@ -179,6 +179,19 @@ def select(pred: ArrayLike, x: ArrayLike, y: ArrayLike) -> Array:
     return lax.select(bcast(ps), bcast(xs), bcast(ys))
 
 
+def hypot(x: ArrayLike, y: ArrayLike) -> Array:
+    """`jnp.hypot(x, y)` for real `x`, `y`, the same operations without its three
+    nested `jnp.where`s (see `select`): `sqrt(x^2 + y^2)` without overflow, inf
+    if either is infinite."""
+    x, y = jnp.abs(jnp.asarray(x)), jnp.abs(jnp.asarray(y))
+    infinite = jnp.isposinf(x) | jnp.isposinf(y)
+    big, small = jnp.maximum(x, y), jnp.minimum(x, y)
+    zero = big == 0
+    ratio = small / select(zero, 1, big)
+    out = select(zero, big, big * jnp.sqrt(1 + ratio * ratio))
+    return select(infinite, jnp.inf, out)
+
+
 def diagonal(matrix: Array) -> Array:
     """The main diagonal of a 2-d array, as a strided slice of its entries.
     (`jnp.diagonal` lowers as a nested function holding a platform-dependent

@@ -14,6 +14,8 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
+from ._misc import select
+
 
 def _common_dtype(xs: list[Array]) -> Any:
     """JAX's result dtype of `xs`; where `jax_numpy_dtype_promotion="strict"`
@@ -79,8 +81,8 @@ def _sqrt_jvp(primals, tangents):
     (x,) = primals
     (tx,) = tangents
     out = jnp.sqrt(x)
-    safe = jnp.where(x == 0, 1, out)
-    return out, jnp.where(x == 0, 0, tx / (2 * safe))
+    safe = select(x == 0, 1, out)
+    return out, select(x == 0, 0, tx / (2 * safe))
 
 
 def two_norm(x: PyTree[ArrayLike]) -> Scalar:
@@ -94,7 +96,7 @@ def two_norm(x: PyTree[ArrayLike]) -> Scalar:
     # Scale by the largest magnitude to avoid overflow/underflow in the squares
     # (as LAPACK's `nrm2` does): float32 residuals of 1e20 must not become inf.
     scale = jax.lax.stop_gradient(max_norm(x))
-    safe_scale = jnp.where((scale == 0) | ~jnp.isfinite(scale), 1, scale)
+    safe_scale = select((scale == 0) | ~jnp.isfinite(scale), 1, scale)
     scaled = jtu.tree_map(
         lambda leaf: jnp.asarray(leaf) / safe_scale.astype(jnp.result_type(leaf)), x
     )

@@ -40,7 +40,7 @@ from ._misc import (
 )
 from ._operator.base import AbstractLinearOperator, conj, reads_every_leaf
 from ._operator.tangent import TangentLinearOperator
-from ._solution import RESULTS
+from ._solution import RESULTS, results_where
 from ._solver.base import (
     AbstractLinearSolver,
     rank_flags,
@@ -217,7 +217,7 @@ def _linear_solve_impl(
             lambda: tree_all_finite((vector, _operator_inputs(operator, arrays))),
             lambda: jnp.array(True),
         )
-    result = _results_where(
+    result = results_where(
         finite_input, _with_singular(result, finite), RESULTS.nonfinite_input
     )
     if not _is_primal(kind):
@@ -225,7 +225,7 @@ def _linear_solve_impl(
         # `result` cannot be reported (the primal outputs of a JVP must not
         # depend on tangents), so it is made visible as NaN instead.
         solution = jtu.tree_map(
-            lambda x: jnp.where(failed, jnp.full_like(x, jnp.nan), x), solution
+            lambda x: select(failed, jnp.full_like(x, jnp.nan), x), solution
         )
     return solution, result, stats
 
@@ -255,17 +255,8 @@ def _with_singular(result: RESULTS, finite: Array) -> RESULTS:
         # A concrete code (the direct solvers' success): one select of it.
         if np.asarray(value) != np.asarray(RESULTS.successful._value):
             return result
-        return _results_where(finite, result, RESULTS.singular)
-    return _results_where(_is_successful(result) & ~finite, RESULTS.singular, result)
-
-
-def _results_where(pred: Array, a: RESULTS, b: RESULTS) -> RESULTS:
-    """`RESULTS.where(pred, a, b)`; traced, as one `select` rather than
-    `jnp.where`'s nested `jit` (see `select`)."""
-    values = (pred, a._value, b._value)
-    if not any(isinstance(x, jax.core.Tracer) for x in values):
-        return RESULTS.where(pred, a, b)
-    return jtu.tree_unflatten(jtu.tree_structure(a), [select(*values)])
+        return results_where(finite, result, RESULTS.singular)
+    return results_where(_is_successful(result) & ~finite, RESULTS.singular, result)
 
 
 def host_result_code(code: Any, *leaves: Any) -> np.ndarray:
@@ -301,7 +292,7 @@ def _error_if_failed(
         # `init`'s test of the matrix it materialised, as an input the host tests
         # with the others (NaN if it failed): for a function operator it is the
         # only test of that matrix, which the probe of its action may miss.
-        checked.append(jnp.where(recorded, 0.0, jnp.nan))
+        checked.append(select(recorded, 0.0, jnp.nan))
     inputs, _ = stack_alike_leaves(
         [x for x in jtu.tree_leaves(vector) if is_inexact_array(x)]
     )

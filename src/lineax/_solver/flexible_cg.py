@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree, Scalar
 
+from .._misc import select
 from .._norm import max_norm, tree_dot
 from ._arnoldi import basis_combine, basis_dot, basis_set
 from ._definite import AbstractDefiniteKrylovSolver
@@ -132,7 +133,7 @@ class FlexibleCG(AbstractDefiniteKrylovSolver):
             # varying preconditioner, r is no longer orthogonal to the older
             # directions, so <p, r> != <z, r>.
             pr = tree_dot(c.p, c.r)
-            alpha = jnp.where(ok, safe_div(pr, pap.astype(pr.dtype)), 0)
+            alpha = select(ok, safe_div(pr, pap.astype(pr.dtype)), 0)
             x = tree_axpy(alpha, c.p, c.x)
             r = tree_axpy(-alpha, ap, c.r)
             slot = c.count % size
@@ -141,8 +142,8 @@ class FlexibleCG(AbstractDefiniteKrylovSolver):
             paps = c.pap.at[slot].set(pap.astype(c.pap.dtype))
             directions = tree_where(ok, directions, c.directions)
             images = tree_where(ok, images, c.images)
-            paps = jnp.where(ok, paps, c.pap)
-            count = jnp.where(ok, c.count + 1, c.count)
+            paps = select(ok, paps, c.pap)
+            count = select(ok, c.count + 1, c.count)
             z = apply(precond, r)
             new = _FlexibleCGCarry(
                 x, r, c.p, self.norm(r), directions, images, paps, count, breakdown
@@ -161,8 +162,8 @@ class FlexibleCG(AbstractDefiniteKrylovSolver):
             # A `cond`, not a `where`: the preconditioner may be an expensive
             # inner solve (under `vmap` JAX turns it into a `select` anyway).
             p = lax.cond(drifted, lambda: apply(precond, r), lambda: c.p)
-            pap = jnp.where(drifted, 0, c.pap).astype(c.pap.dtype)
-            count = jnp.where(drifted, 0, c.count)
+            pap = select(drifted, 0, c.pap).astype(c.pap.dtype)
+            count = select(drifted, 0, c.count)
             return _FlexibleCGCarry(
                 c.x,
                 r,

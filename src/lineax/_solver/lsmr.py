@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree, Scalar
 
-from .._misc import tree_is_complex
+from .._misc import hypot, select, tree_is_complex
 from .._norm import two_norm
 from .._operator.base import (
     AbstractLinearOperator,
@@ -19,7 +19,7 @@ from .._operator.base import (
     is_symmetric,
 )
 from .._operator.function import FunctionLinearOperator
-from .._solution import RESULTS
+from .._solution import RESULTS, results_where
 from ._krylov import (
     AbstractKrylovSolver,
     apply,
@@ -55,10 +55,10 @@ _FLOOR_CAP = 1e-2
 def _sym_ortho(a: Array, b: Array) -> tuple[Array, Array, Array]:
     """A stable real Givens rotation: `(c, s, r)` with `[c s; -s c] [a; b] = [r; 0]`
     (Choi, Paige and Saunders 2011, Table 2.9). `(1, 0, 0)` for `a = b = 0`."""
-    r = jnp.hypot(a, b)
-    safe = jnp.where(r == 0, 1, r)
-    c = jnp.where(r == 0, 1, a / safe)
-    s = jnp.where(r == 0, 0, b / safe)
+    r = hypot(a, b)
+    safe = select(r == 0, 1, r)
+    c = select(r == 0, 1, a / safe)
+    s = select(r == 0, 0, b / safe)
     return c, s, r
 
 
@@ -379,10 +379,10 @@ def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
         # cond 1e3, float64). A lower bound on ||A||_2 (<= ||A||_F) makes success
         # imply the test with the true ||A||_2, and so with ||A||_F.
         norm_a = jnp.maximum(
-            c.norm_a, jnp.maximum(jnp.hypot(c.alpha, beta), jnp.hypot(beta, alpha))
+            c.norm_a, jnp.maximum(hypot(c.alpha, beta), hypot(beta, alpha))
         )
         maxrbar = jnp.maximum(c.maxrbar, rhobarold)
-        minrbar = jnp.where(c.started, jnp.minimum(c.minrbar, rhobarold), c.minrbar)
+        minrbar = select(c.started, jnp.minimum(c.minrbar, rhobarold), c.minrbar)
         cond_a = safe_div(jnp.maximum(maxrbar, rhotemp), jnp.minimum(minrbar, rhotemp))
         return _Carry(
             x, u, v, h, hbar, alpha, beta, alphabar, zeta, zetabar, rho, rhobar,
@@ -455,10 +455,10 @@ def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
         # range, an input of size 0): a success, with no step to make. Later, a
         # vanishing (or NaN) estimate without a verified residual is a breakdown.
         halted=lambda c: (c.cond_a > conlim) | ~(c.normar > 0),
-        halt_result=lambda c: RESULTS.where(
+        halt_result=lambda c: results_where(
             c.cond_a > conlim,
             RESULTS.conlim,
-            RESULTS.where(
+            results_where(
                 ~c.started & (c.normar == 0), RESULTS.successful, RESULTS.breakdown
             ),
         ),

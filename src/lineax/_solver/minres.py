@@ -7,7 +7,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree, Scalar
 
-from .._misc import tree_is_complex
+from .._misc import hypot, tree_is_complex
 from .._norm import max_norm, tree_dot
 from .._operator.base import (
     AbstractLinearOperator,
@@ -15,7 +15,7 @@ from .._operator.base import (
     is_positive_semidefinite,
     is_symmetric,
 )
-from .._solution import RESULTS
+from .._solution import RESULTS, results_where
 from ._krylov import (
     AbstractKrylovSolver,
     apply,
@@ -176,8 +176,8 @@ class MINRES(AbstractKrylovSolver):
             gbar = c.sn * c.dbar - c.cs * alfa
             epsln = c.sn * beta
             dbar = -c.cs * beta
-            root = jnp.hypot(gbar, dbar)
-            gamma = jnp.hypot(gbar, beta)
+            root = hypot(gbar, dbar)
+            gamma = hypot(gbar, beta)
             # gamma ~ 0 relative to the tridiagonal matrix's norm: it is singular to
             # working precision (an inconsistent singular system, its Krylov space
             # exhausted). The update would divide rounding errors by gamma, and
@@ -234,7 +234,7 @@ class MINRES(AbstractKrylovSolver):
             solution=lambda c: c.x,
             restart=lambda c, x, r, passed: c,
             halted=halted,
-            halt_result=lambda c: RESULTS.where(
+            halt_result=lambda c: results_where(
                 c.breakdown & ~c.exhausted, RESULTS.breakdown, RESULTS.singular
             ),
             pass_length=CHECK_EVERY,

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree, Scalar
 
+from .._misc import select
 from .._norm import max_norm
 from ._definite import AbstractDefiniteKrylovSolver
 from ._krylov import (
@@ -133,17 +134,17 @@ class PipelinedCG(AbstractDefiniteKrylovSolver):
             # (the direction is the recursive residual's, the residual the true
             # one), and `cross` is known exactly instead.
             cross = -safe_div(gamma, c_alpha)
-            beta = jnp.where(fresh, 0, safe_div(gamma, c_gamma))
+            beta = select(fresh, 0, safe_div(gamma, c_gamma))
             if c is not None:
                 # <p, A p> = gamma_old / alpha_old.
                 replaced_beta = -c.cross * safe_div(c_alpha, c_gamma)
-                beta = jnp.where(c.replaced, replaced_beta, beta)
-                cross = jnp.where(c.replaced, c.cross, cross)
+                beta = select(c.replaced, replaced_beta, beta)
+                cross = select(c.replaced, c.cross, cross)
             pap = delta + beta * cross
             # As in CG: <p, A p> > 0 for a definite operator unless A p = 0, and a
             # preconditioner that is not positive definite shows as gamma <= 0.
             breakdown = ~(pap > 0) | ((rnorm > 0) & ~(gamma > 0))
-            alpha = jnp.where(breakdown, 0, safe_div(gamma, pap))
+            alpha = select(breakdown, 0, safe_div(gamma, pap))
             return alpha, beta, breakdown
 
         def step(c: _ChronopoulosGear) -> _ChronopoulosGear:
