@@ -23,6 +23,7 @@ and `case_operator` represents such a matrix in one of `CASE_KINDS`.
 """
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -887,3 +888,19 @@ class DelegatingLU(lx.AbstractLinearSolver):
 
     def assume_full_rank(self):
         return True
+
+
+def hlo_computations(text: str) -> dict[str, list[str]]:
+    """The instruction lines of each computation of an optimised HLO module's text
+    (`jax.jit(f).lower(...).compile().as_text()`), by computation name."""
+    out, name = {}, None
+    for line in text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if header:
+            name = header.group(1)
+            out[name] = []
+        elif line.startswith("}"):
+            name = None
+        elif name is not None:
+            out[name].append(line)
+    return out

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import hlo_computations
 
 import lineax as lx
 
@@ -17,20 +18,6 @@ pytestmark = pytest.mark.skipif(
     jax.default_backend() != "cpu",
     reason="the counts are XLA:CPU's layout and fusion decisions",
 )
-
-
-def _computations(text: str) -> dict[str, list[str]]:
-    out, name = {}, None
-    for line in text.splitlines():
-        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
-        if header:
-            name = header.group(1)
-            out[name] = []
-        elif line.startswith("}"):
-            name = None
-        elif name is not None:
-            out[name].append(line)
-    return out
 
 
 # `%name = f32[3,4]{1,0} opcode(%operand, ...)`
@@ -57,7 +44,7 @@ def _layout_changing_copies(lines: list[str]) -> int:
 def _feeding_custom_call(text: str, target: str) -> list[str]:
     """The fused computation whose fusion is the operand of the custom call to
     `target`."""
-    comps = _computations(text)
+    comps = hlo_computations(text)
     marker = f'custom_call_target="{target}'
     lines = next(lines for lines in comps.values() if marker in str(lines))
     fusions = {}

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.sparse.linalg as jssl
 import pytest
+from helpers import hlo_computations
 
 import lineax as lx
 
@@ -25,20 +26,6 @@ _FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast"}
 N = 64
 
 
-def _computations(text: str) -> dict[str, list[str]]:
-    out, name = {}, None
-    for line in text.splitlines():
-        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
-        if header:
-            name = header.group(1)
-            out[name] = []
-        elif line.startswith("}"):
-            name = None
-        elif name is not None:
-            out[name].append(line)
-    return out
-
-
 def _opcode(line: str) -> str | None:
     line = re.sub(r"/\*.*?\*/", "", line)
     match = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = .*? ([\w\-]+)\(", line)
@@ -48,7 +35,7 @@ def _opcode(line: str) -> str | None:
 def _kernels_per_step(fn, *args) -> int:
     """Kernels of the innermost while loop (body and condition) of `fn`."""
     text = jax.jit(fn).lower(*args).compile().as_text()
-    comps = _computations(text)
+    comps = hlo_computations(text)
     loops = re.findall(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)", text)
     counts = []
     for cond, body in loops:
@@ -107,7 +94,7 @@ def _kernels_outside_step(fn, *args) -> int:
     the outer loop's body and condition, and the branches of conditionals (each
     compiled, whether it runs or not)."""
     text = jax.jit(fn).lower(*args).compile().as_text()
-    comps = _computations(text)
+    comps = hlo_computations(text)
     loops = re.findall(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)", text)
     names = [re.search(r"^ENTRY %?([\w.\-]+) ", text, re.M).group(1)]
     for cond, body in loops:
