@@ -102,14 +102,31 @@ def _scaled_mv(operator: AbstractLinearOperator, vector):
     return jtu.tree_map(combine, real, imag)
 
 
-def _shapes(structure):
-    """`structure` with every dtype replaced by one, to compare trees and shapes."""
-    return jtu.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, np.float32), structure)
+def _check_addable(structure1, structure2, what: str) -> None:
+    """Raise a ValueError saying `what` unless the structures are equal up to
+    real versus complex dtypes of one precision (a real operator plus
+    `operator * 1j`, which lineax 0.1.1 solved as complex); other dtype
+    mismatches stay errors, as there."""
+
+    def real_parts(structure):
+        return jtu.tree_map(
+            lambda s: jax.ShapeDtypeStruct(
+                s.shape,
+                jnp.finfo(s.dtype).dtype
+                if jnp.issubdtype(s.dtype, jnp.inexact)
+                else s.dtype,
+            ),
+            structure,
+        )
+
+    if real_parts(structure1) != real_parts(structure2):
+        check_structures_equal(structure1, structure2, what)  # (raises)
 
 
 def _promoted_structure(structure1, structure2):
-    """The structure of the sum of operators of these (equally shaped) structures:
-    each leaf's dtype promoted, as adding their outputs promotes it."""
+    """The structure of the sum of operators of these structures (equal up to real
+    versus complex, see `_check_addable`): each leaf's dtype promoted, as adding
+    their outputs promotes it."""
     if structure1 == structure2:
         return structure1
     return jtu.tree_map(
@@ -141,16 +158,16 @@ class AddLinearOperator(AbstractLinearOperator):
     def __check_init__(self):
         check_operator(self.operator1, "operator1")
         check_operator(self.operator2, "operator2")
-        # Dtypes may differ (a real operator plus `operator * 1j`): the sum has
-        # the promoted ones.
-        check_structures_equal(
-            _shapes(self.operator1.in_structure()),
-            _shapes(self.operator2.in_structure()),
+        # A real and a complex dtype of one precision may meet (a real operator
+        # plus `operator * 1j`): the sum is complex.
+        _check_addable(
+            self.operator1.in_structure(),
+            self.operator2.in_structure(),
             "Cannot add operators with different input structures",
         )
-        check_structures_equal(
-            _shapes(self.operator1.out_structure()),
-            _shapes(self.operator2.out_structure()),
+        _check_addable(
+            self.operator1.out_structure(),
+            self.operator2.out_structure(),
             "Cannot add operators with different output structures",
         )
 
