@@ -93,6 +93,19 @@ def test_contract_names_exist():
     assert not missing, missing
 
 
+def test_no_stray_module_in_the_public_namespace():
+    # `import importlib.metadata` in `__init__.py` made `lx.importlib` public.
+    # (In a fresh process: the tests' type-checking import hook adds `jaxtyping`.)
+    code = (
+        "import types, lineax as lx; print(sorted(n for n in dir(lx) if not "
+        "n.startswith('_') and isinstance(getattr(lx, n), types.ModuleType)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "['internal']"
+
+
 def test_documented_names_exist():
     documented = _documented()
     stale = [f"lineax.{n}" for n in documented["lineax"] if not hasattr(lx, n)]

@@ -1,6 +1,6 @@
 """Linear solves and linear least squares in JAX and Equinox."""
 
-import importlib.metadata
+from importlib import metadata as _metadata
 
 from . import internal as internal
 from ._linear_solve import invert as invert, linear_solve as linear_solve
@@ -85,8 +85,8 @@ from ._tags import (
 
 
 try:
-    __version__ = importlib.metadata.version("lineax")
-except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = _metadata.version("lineax")
+except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.2.0"
 
 from ._preconditioner import (
