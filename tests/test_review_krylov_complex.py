@@ -71,6 +71,36 @@ def test_complex_krylov_solve_matches_numpy(name, dtype):
     assert _relative_error(solution.value, expected) < _ACCURACY[dtype]
 
 
+def test_minres_on_a_complex_hermitian_indefinite_operator():
+    # lineax has no Hermitian tag: MINRES's documented way in for a complex
+    # Hermitian indefinite operator is a semidefinite tag, which MINRES does not
+    # rely on. Solve, gradient in b (A^{-T} conj(w)) and JVP in A, against NumPy.
+    m = _complex(_N, _N)
+    matrix = (m + m.conj().T) / 2 + np.diag(np.linspace(-3, 3, _N))
+    assert np.linalg.eigvalsh(matrix).min() < 0 < np.linalg.eigvalsh(matrix).max()
+    h1 = (lambda k: (k + k.conj().T) / 2)(_complex(_N, _N))
+    weights = _complex(_N)
+    solver = lx.MINRES(**_DTOL)
+
+    def solve(t, b):
+        operator = lx.MatrixLinearOperator(jnp.asarray(matrix) + t * h1, _PSD)
+        return lx.linear_solve(operator, b, solver).value
+
+    @jax.jit
+    def everything(b):
+        value, tangent = jax.jvp(lambda t: solve(t, b), (0.0,), (1.0,))
+        grad = jax.grad(
+            lambda v: jnp.real(jnp.vdot(jnp.asarray(weights), solve(0.0, v)))
+        )(b)
+        return value, tangent, grad
+
+    value, tangent, grad = everything(jnp.asarray(_B))
+    x = np.linalg.solve(matrix, _B)
+    assert _relative_error(value, x) < 1e-10
+    assert _relative_error(tangent, -np.linalg.solve(matrix, h1 @ x)) < 1e-9
+    assert _relative_error(grad, np.linalg.solve(matrix.T, weights.conj())) < 1e-9
+
+
 @pytest.mark.parametrize("name", ["CG", "MINRES", "GMRES", "BiCGStab", "Normal"])
 def test_complex_preconditioned_gradient_matches_numpy(name):
     # The cotangent solve is a solve with A^T (not A^H) and the transposed
