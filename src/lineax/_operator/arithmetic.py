@@ -145,7 +145,8 @@ def _promote(dtype1, dtype2) -> np.dtype:
 
 class AddLinearOperator(AbstractLinearOperator):
     """The sum of two operators with the same input and output structures; made by
-    `operator1 + operator2`.
+    `operator1 + operator2`. A real and a complex dtype of one precision may meet
+    (`A + B * 1j`, with `A`, `B` real): the sum is complex.
 
     **Arguments:**
 
