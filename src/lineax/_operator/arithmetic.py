@@ -143,6 +143,15 @@ def _promote(dtype1, dtype2) -> np.dtype:
         return np.dtype(jnp.promote_types(dtype1, dtype2))
 
 
+def _add(a: Any, b: Any) -> Any:
+    # Promoted explicitly where the dtypes differ: strict dtype promotion refuses
+    # real + complex.
+    if a.dtype != b.dtype:
+        dtype = _promote(a.dtype, b.dtype)
+        a, b = a.astype(dtype), b.astype(dtype)
+    return a + b
+
+
 class AddLinearOperator(AbstractLinearOperator):
     """The sum of two operators with the same input and output structures; made by
     `operator1 + operator2`. A real and a complex dtype of one precision may meet
@@ -173,19 +182,12 @@ class AddLinearOperator(AbstractLinearOperator):
         )
 
     def mv(self, vector):
-        # Cast explicitly: strict dtype promotion refuses real + complex.
         return jtu.tree_map(
-            lambda a, b, s: a.astype(s.dtype) + b.astype(s.dtype),
-            _scaled_mv(self.operator1, vector),
-            _scaled_mv(self.operator2, vector),
-            self.out_structure(),
+            _add, _scaled_mv(self.operator1, vector), _scaled_mv(self.operator2, vector)
         )
 
     def as_matrix(self):
-        matrix1 = self.operator1.as_matrix()
-        matrix2 = self.operator2.as_matrix()
-        dtype = _promote(matrix1.dtype, matrix2.dtype)
-        return matrix1.astype(dtype) + matrix2.astype(dtype)
+        return _add(self.operator1.as_matrix(), self.operator2.as_matrix())
 
     def transpose(self):
         return AddLinearOperator(self.operator1.transpose(), self.operator2.transpose())
