@@ -112,3 +112,32 @@ def test_multigrid_stencil_with_a_traced_coefficient():
     np.testing.assert_allclose(grad, -np.sum(x) / 4, rtol=1e-8)
     batched = jax.vmap(_multigrid_solve)(jnp.array([1.0, 4.0]))
     np.testing.assert_allclose(batched, np.stack([x, x / 4]), rtol=1e-9)
+
+
+#
+# Jacobian operators of functions from real to complex arrays.
+#
+
+
+_W_WIDE = _RNG.standard_normal((2, 3))
+_X_REAL = _RNG.standard_normal(3)
+
+
+def _phase(x: Float[Array, " n"], args: None) -> Array:
+    del args
+    return jnp.exp(jax.lax.complex(jnp.zeros(2), _W_WIDE @ x))
+
+
+@pytest.mark.parametrize("jac", [None, "bwd"])
+def test_reverse_mode_jacobian_of_real_to_complex_function_keeps_imaginary_part(jac):
+    # Reverse mode (jac="bwd", or jac=None for a wide Jacobian) built the matrix
+    # from VJPs, which JAX projects onto the real input space: `as_matrix` and
+    # `diagonal` silently returned only the real part of the Jacobian, while `mv`
+    # was right; `materialise` raised jacrev's "requires real-valued outputs ...
+    # pass holomorphic=True" (lineax 0.1.1 raised it from all three).
+    y = _W_WIDE @ _X_REAL
+    expected = (1j * np.exp(1j * y))[:, None] * _W_WIDE
+    operator = lx.JacobianLinearOperator(_phase, _X_REAL, jac=jac)
+    np.testing.assert_allclose(operator.as_matrix(), expected, rtol=1e-13)
+    np.testing.assert_allclose(lx.materialise(operator).as_matrix(), expected)
+    np.testing.assert_allclose(lx.diagonal(operator), np.diagonal(expected))
