@@ -155,6 +155,14 @@ def transpose_is_self(operator: Any) -> bool:
     )
 
 
+def real_to_complex(
+    in_struct: PyTree[jax.ShapeDtypeStruct], out_struct: PyTree[jax.ShapeDtypeStruct]
+) -> bool:
+    """Whether a function maps real arrays only to some complex ones, so that its
+    VJPs (projected onto the real inputs) lose the imaginary part of its Jacobian."""
+    return not tree_is_complex(in_struct) and tree_is_complex(out_struct)
+
+
 def jacobian_operator(
     fn: Callable,
     x: PyTree,
@@ -172,6 +180,24 @@ def jacobian_operator(
     holomorphic = tree_is_complex(in_struct)
     if jac == "fwd" or (jac is None and n_in <= n_out):
         jac_tree = jax.jacfwd(fn, holomorphic=holomorphic)(x)
+    elif real_to_complex(in_struct, out_struct):
+        # A VJP into real inputs keeps only the real part of the pairing with a
+        # complex cotangent, so `jacrev` refuses complex outputs (and its
+        # `holomorphic=True` needs complex inputs): differentiate the real and
+        # imaginary parts of the output, each a real function.
+        re, im = (
+            jax.jacrev(lambda y, part=part: jtu.tree_map(part, fn(y)))(x)
+            for part in (jnp.real, jnp.imag)
+        )
+        # (`out_struct` is a prefix of the Jacobian's tree: one subtree per output.)
+        jac_tree = jtu.tree_map(
+            lambda s, r, i: (
+                jtu.tree_map(jax.lax.complex, r, i) if tree_is_complex(s) else r
+            ),
+            out_struct,
+            re,
+            im,
+        )
     else:
         jac_tree = jax.jacrev(fn, holomorphic=holomorphic)(x)
     single = (

@@ -27,6 +27,7 @@ from .function import (
     closure_converted,
     FunctionLinearOperator,
     jacobian_operator,
+    real_to_complex,
     transpose_is_self,
 )
 
@@ -98,6 +99,9 @@ class JacobianLinearOperator(AbstractLinearOperator):
 
     def as_matrix(self):
         if self.jac == "bwd" or (self.jac is None and self.in_size() > self.out_size()):
+            if real_to_complex(self.in_structure(), self.out_structure()):
+                # The VJPs below would give only the real part of each row.
+                return materialise(self).as_matrix()
             # Reverse mode: rows of the Jacobian from VJPs.
             return matrix_by_mv(self.transpose()).T
         return matrix_by_mv(self)

@@ -41,7 +41,11 @@ def shifted_diagonal(values: Array, diagonal_slots: np.ndarray, shift: Any) -> A
     a worse approximation."""
     slots = jnp.asarray(diagonal_slots, jnp.int32)
     scale = (1 + jnp.asarray(shift)).astype(values.dtype)
-    return values.at[slots].multiply(scale)
+    # The diagonal's slots are distinct, and saying so matters: JAX differentiates
+    # a `scatter_mul` in its multiplier only for unique indices, so a traced shift
+    # (e.g. scaled to the values being differentiated) raised NotImplementedError
+    # under `jax.grad`.
+    return values.at[slots].multiply(scale, unique_indices=True)
 
 
 class ILUPreconditioner(AbstractPreconditioner):

@@ -28,6 +28,7 @@ import numpy as np
 from jaxtyping import Array
 
 from .._misc import default_floating_dtype, Static
+from .._operator.function import closure_converted
 from .._tags import (
     as_tags,
     negative_semidefinite_tag,
@@ -130,7 +131,8 @@ class MultigridPreconditioner(AbstractPreconditioner):
     - `stencil`: a function `stencil(u, h) -> Au`, linear in `u` (an array of
         shape `grid_shape` at the finest level, and of the coarse shapes below),
         with `h` the grid spacing: a float, or a tuple of floats (one per axis)
-        if `spacing` is a tuple. It must not close over traced arrays.
+        if `spacing` is a tuple. It may close over arrays, traced ones included
+        (a variable coefficient under `jax.jit`, `jax.grad` or `jax.vmap`).
     - `grid_shape`: the shape of the grid of unknowns at the finest level.
     - `spacing`: the finest grid spacing `h`, a float or a tuple of floats.
     - `dtype`: the dtype of the grid. Defaults to JAX's default float dtype.
@@ -154,6 +156,9 @@ class MultigridPreconditioner(AbstractPreconditioner):
     """
 
     stencil: Callable = eqx.field(static=True)
+    # The stencil at each level, closure-converted, if it closes over traced
+    # arrays (else `None`): see `__init__`.
+    level_stencils: tuple[Callable, ...] | None
     shapes: tuple[tuple[int, ...], ...] = eqx.field(static=True)
     spacings: tuple[Any, ...] = eqx.field(static=True)
     inverse_diagonals: tuple[Array, ...]
@@ -258,6 +263,20 @@ class MultigridPreconditioner(AbstractPreconditioner):
         self.stencil = stencil
         self.shapes = tuple(shapes)
         self.spacings = tuple(spacings)
+        # A stencil closing over a traced array (a coefficient under `jit`, `grad`
+        # or `vmap`) leaked it when the V-cycle was traced inside the solve ("No
+        # constant handler for type DynamicJaxprTracer"). Such a stencil is
+        # closure-converted at each level's shape, so that the arrays become leaves
+        # of the preconditioner; any other is kept as is (a static field, so that
+        # preconditioners of one stencil compare equal and share compilations).
+        self.level_stencils = None
+        raw = [self._stencil_at(level) for level in range(len(shapes))]
+        converted = tuple(
+            closure_converted(fn, False, jax.ShapeDtypeStruct(shape, dtype))
+            for fn, shape in zip(raw, shapes)
+        )
+        if any(c is not r for c, r in zip(converted, raw)):
+            self.level_stencils = converted
         self.smoother = smoother
         self.smoothing_steps = smoothing_steps
         self.omega = float(omega)
@@ -289,6 +308,8 @@ class MultigridPreconditioner(AbstractPreconditioner):
         self.coarse_lu, self.coarse_pivots = jsl.lu_factor(columns.T)
 
     def _stencil_at(self, level: int) -> Callable[[Array], Array]:
+        if self.level_stencils is not None:
+            return self.level_stencils[level]
         h = self.spacings[level]
         stencil = self.stencil
         return lambda u: stencil(u, h)
