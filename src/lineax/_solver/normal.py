@@ -69,6 +69,16 @@ class Normal(AbstractLinearSolver[NormalState]):
     [`lineax.CG`][] (matrix-free). Squaring the condition number is the price:
     prefer [`lineax.QR`][] or [`lineax.LSMR`][] for ill-conditioned problems.
 
+    What it assumes about the rank is `inner_solver`'s (`assume_full_rank()`).
+    With [`lineax.Cholesky`][] or [`lineax.CG`][] (full rank) a rank-deficient `A`
+    may still be solved, CG from a zero guess even to the pseudoinverse
+    solution, but derivatives then use the full-rank formula and are wrong: for
+    rank-deficient problems use [`lineax.SVD`][] or [`lineax.LSMR`][]. Success is
+    judged by `inner_solver` on the normal equations (the residual
+    `A^H (b - A x)` for a tall `A`), whose condition number is that of `A`
+    squared: in float32 with badly scaled columns a `successful` solve can leave
+    `||b - A x||` well above `rtol ||b||` even where `A x = b` has a solution.
+
     **Arguments:**
 
     - `inner_solver`: a solver for positive (semi)definite operators.
