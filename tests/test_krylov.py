@@ -478,6 +478,8 @@ def test_vmap_mixed_convergence():
     b = jnp.asarray(_rng(19).normal(size=(2, n)))
     solver = lx.CG(1e-9, 0.0)
 
+    # (Compiled once, not op by op; under `vmap` the library traces the same path.)
+    @jax.jit
     @jax.vmap
     def solve(m, v):
         sol = lx.linear_solve(lx.MatrixLinearOperator(m, psd), v, solver, throw=False)
@@ -497,6 +499,7 @@ def test_vmap_mixed_convergence():
     matrices = jnp.asarray(np.stack([easy, hard]))
     gmres = lx.GMRES(1e-9, 0.0)
 
+    @jax.jit
     @jax.vmap
     def solve_gmres(m, v):
         sol = lx.linear_solve(lx.MatrixLinearOperator(m), v, gmres, throw=False)
@@ -706,7 +709,8 @@ def test_lsmr_preconditioner_that_is_not_hermitian(dtype):
         x = lx.linear_solve(op, v, solver, options=options).value
         return jnp.sum(jnp.abs(x) ** 2)
 
-    grad = jax.grad(loss)(jnp.asarray(b.real, jnp.float64).astype(dtype))
+    # (Compiled once, not op by op: the same traced path.)
+    grad = jax.jit(jax.grad(loss))(jnp.asarray(b.real, jnp.float64).astype(dtype))
     x = np.linalg.solve(matrix, b.real)
     expected_grad = 2 * np.linalg.solve(matrix.conj().T, x)
     np.testing.assert_allclose(np.asarray(grad), np.conj(expected_grad), rtol=1e-7)

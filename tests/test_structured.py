@@ -269,14 +269,18 @@ def test_vmap_over_operator_and_vector(name):
     stacked = jtu.tree_map(lambda *xs: jnp.stack(xs), *ops)
     bs = [random_vector(rng, ops[0].out_structure()) for _ in ops]
     stacked_b = jtu.tree_map(lambda *xs: jnp.stack(xs), *bs)
-    out = eqx.filter_vmap(lambda op, b: lx.linear_solve(op, b, solver).value)(
-        stacked, stacked_b
-    )
+    # (Compiled once, not op by op: under `vmap` the library takes its traced path
+    # either way, and `jit` compiles one program instead of each operation.)
+    out = eqx.filter_jit(
+        eqx.filter_vmap(lambda op, b: lx.linear_solve(op, b, solver).value)
+    )(stacked, stacked_b)
     for i, (op, b) in enumerate(zip(ops, bs)):
         want = np.linalg.solve(_dense(op), flatten(b))
         assert_close(flatten(jtu.tree_map(lambda x, i=i: x[i], out)), want, jnp.float64)
     # Over the vector only: one state, many right-hand sides.
-    out = jax.vmap(lambda b: lx.linear_solve(ops[0], b, solver).value)(stacked_b)
+    out = jax.jit(jax.vmap(lambda b: lx.linear_solve(ops[0], b, solver).value))(
+        stacked_b
+    )
     for i, b in enumerate(bs):
         want = np.linalg.solve(_dense(ops[0]), flatten(b))
         assert_close(flatten(jtu.tree_map(lambda x, i=i: x[i], out)), want, jnp.float64)
@@ -350,11 +354,14 @@ def test_sparse_krylov_is_matrix_free():
     lap = scipy.sparse.diags([-1.0, 2.0, -1.0], [-1, 0, 1], shape=(n, n))
     op = lx.SparseLinearOperator(lap, lx.positive_semidefinite_tag, max_dense_size=0)
     b = jnp.ones(n)
-    sol = lx.linear_solve(op, b, lx.CG(rtol=1e-10, atol=1e-10))
-    np.testing.assert_allclose(sol.value, np.linalg.solve(lap.toarray(), b), rtol=1e-8)
-    # Reverse mode through the matrix-free solve.
     solver = lx.CG(rtol=1e-10, atol=1e-10)
-    grad = eqx.filter_grad(lambda op: lx.linear_solve(op, b, solver).value.sum())(op)
+    sol = lx.linear_solve(op, b, solver)
+    np.testing.assert_allclose(sol.value, np.linalg.solve(lap.toarray(), b), rtol=1e-8)
+    # Reverse mode through the matrix-free solve (compiled once: run op by op, it
+    # compiled each of its ~80 operations, and the library traces the same path).
+    grad = eqx.filter_jit(
+        eqx.filter_grad(lambda op: lx.linear_solve(op, b, solver).value.sum())
+    )(op)
     assert np.all(np.isfinite(grad.matrix.data))
 
 
