@@ -37,6 +37,14 @@ def _iterative_note(rec) -> list[str]:
     x, rtol = rec["extra"], rec["rtol"]
     if x["lib_successful"] and x["lib_residual"] <= ROUND_OFF * rtol:
         notes = [f"{x['lib_steps']} iterations to rtol {rtol:g}"]
+    elif x["lib_successful"] and x["lib_residual"] <= ROUND_OFF * (
+        rec.get("success_floor") or 0
+    ):
+        notes = [
+            f"rtol {rtol:g} is below what the dtype can reach: lineax stops after "
+            f"{x['lib_steps']} iterations, successful at the level it documents "
+            f"for that (max(rtol, 10 eps cond) = {rec['success_floor']:.1e})"
+        ]
     elif x["lib_successful"]:
         notes = [
             f"lineax reports rtol {rtol:g} reached after {x['lib_steps']} "
