@@ -4,7 +4,6 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
-import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
@@ -62,16 +61,6 @@ class _Scalars(AbstractStackedScalars):
 
 
 _FRESH, _BREAKDOWN = -1, 2  # (`_Scalars.status`)
-
-
-class _Verdict(AbstractStackedScalars):
-    """What a step decides from `<t, s>`, `<t, t>` and `<s, s>`, stacked and
-    computed once (behind a barrier, see `step`). The flags are 0 or 1."""
-
-    omega: ArrayLike
-    bad_sigma: ArrayLike  # the step is dropped (`x` and `r` kept)
-    bad: ArrayLike  # a bad sigma or a bad omega: restart before the next step
-    breakdown: ArrayLike
 
 
 class BiCGStab(AbstractKrylovSolver):
@@ -196,29 +185,20 @@ class BiCGStab(AbstractKrylovSolver):
             # (A `<t, t>` of 0 is a bad omega.)
             no_omega = bad_omega | half_done | bad_sigma
             omega = select(no_omega, 0, ts / select(no_omega, 1, tt).astype(ts.dtype))
-            # Right after a restart the shadow vector is the residual itself: a
-            # vanishing <r, A P r> cannot be cured by restarting again. (Unless the
-            # recursive residual is below rounding level: then its products may
-            # underflow, and there is simply nothing left to do.)
-            breakdown = bad_sigma & (jnp.real(k.status) == _FRESH) & above_rounding(rr)
-            # The verdict is read by the updates of `x` and `r` and by the packing
-            # of the scalars: XLA copied its computation (the breakdown tests, 20-30
-            # scalar operations) into each of those kernels, and into the one of
-            # the division; behind a barrier it is computed once, in that one.
-            # Operations in the step's kernels: 262 -> 222.
-            decided = _Verdict(omega, bad_sigma, bad_sigma | bad_omega, breakdown)
-            verdict = decided.unpack(lax.optimization_barrier(decided.pack(ts.dtype)))
-            omega = verdict.omega
-            bad_sigma = jnp.real(verdict.bad_sigma) > 0
             x = tree_where(
                 bad_sigma, c.x, tree_axpy(omega, shat, tree_axpy(alpha, phat, c.x))
             )
             r = tree_where(bad_sigma, c.r, tree_axpy(-omega, t, s))
             new_rr = jnp.real(tree_dot(r, r))
             new_rho = tree_dot(c.shadow, r)
-            restart = (jnp.real(verdict.bad) > 0) | small(new_rho, shadow_nn, new_rr)
+            # Right after a restart the shadow vector is the residual itself: a
+            # vanishing <r, A P r> cannot be cured by restarting again. (Unless the
+            # recursive residual is below rounding level: then its products may
+            # underflow, and there is simply nothing left to do.)
+            breakdown = bad_sigma & (jnp.real(k.status) == _FRESH) & above_rounding(rr)
+            restart = bad_sigma | bad_omega | small(new_rho, shadow_nn, new_rr)
             # 0, 1 or 2 (`_BREAKDOWN`): a breakdown is a bad sigma, so a restart too.
-            status = restart.astype(dtype) + jnp.real(verdict.breakdown).astype(dtype)
+            status = restart.astype(dtype) + breakdown.astype(dtype)
             # (rho / rho_old) (alpha / omega), one division: 0 when either
             # denominator is (after a bad sigma, omega is 0).
             beta = safe_div(new_rho * alpha, rho * omega)
