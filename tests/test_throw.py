@@ -43,19 +43,17 @@ def test_throw_false_never_raises_under_autodiff(solve, matrix, member):
     assert solution.result == expected
     # JVP: no error; the primal result still reports the failure, and the failed
     # tangent solve gives NaN tangents rather than a plausible-looking derivative.
-    # (Each derivative compiled once, not op by op: the library traces the same
-    # path, and a failure raised at run time raises from the compiled code too.)
-    (primal_sol, tangent_sol) = jax.jit(
-        lambda m: jax.jvp(lambda a: solve(a, B), (m,), (jnp.ones_like(m),))
-    )(matrix)
+    # Un-jitted, as in a notebook: where lineax 0.1.1 ignored `throw=False`.
+    (primal_sol, tangent_sol) = jax.jvp(
+        lambda a: solve(a, B), (matrix,), (jnp.ones_like(matrix),)
+    )
     assert primal_sol.result == expected
     assert np.all(np.isnan(tangent_sol.value))
     # Reverse mode: no error; the cotangents of a failed cotangent solve are NaN.
-    grad = jax.jit(jax.grad(lambda a, b: jnp.sum(value(a, b)), argnums=(0, 1)))(
-        matrix, B
-    )
+    grad = jax.grad(lambda a, b: jnp.sum(value(a, b)), argnums=(0, 1))(matrix, B)
     assert np.all(np.isnan(grad[0])) and np.all(np.isnan(grad[1]))
-    # Jacobians, and vmap of them (one failing and one succeeding element).
+    # Jacobians, and vmap of them (one failing and one succeeding element); each
+    # compiled once rather than op by op (the library traces the same path).
     assert np.all(np.isnan(jax.jit(jax.jacfwd(value))(matrix, B)))
     assert np.all(np.isnan(jax.jit(jax.jacrev(value))(matrix, B)))
     batch = jnp.stack([matrix, GOOD * 10 if solve is _lu else matrix])
