@@ -18,6 +18,7 @@ from ._operator.function import FunctionLinearOperator
 from ._operator.realified import (
     joined,
     mixes_real_and_complex,
+    real_where_real,
     realified,
     realified_options,
     realified_vector,
@@ -243,8 +244,16 @@ def linear_solve(
 
     The solution has the dtypes of `operator.in_structure()`. An operator that
     mixes real and complex leaves (e.g. real inputs to complex outputs) is not
-    complex-linear: it is solved, and differentiated, as the real problem of its
-    real and imaginary parts (see the FAQ), a least-squares problem.
+    complex-linear. A least-squares solver (one that accepts non-square
+    operators: QR, SVD, LSMR, `Normal`, `AutoLinearSolver(well_posed=None or
+    False)`) solves, and differentiates, the real problem of its real and
+    imaginary parts (see the FAQ). A solver for square operators (`LU`, the
+    default `AutoLinearSolver(well_posed=True)`, `Cholesky`, `Diagonal`, ...)
+    solves the promoted complex system, as NumPy would, and returns the real
+    part at real leaves (as lineax 0.1.1 does): that is the solution when one
+    with real leaves exists (the imaginary part dropped is then rounding), and
+    not a solution of any kind when none does; for such a problem use a
+    least-squares solver. No run-time check tells the two apart.
 
     It is differentiable in forward and reverse mode, to any order, with respect to
     the operator's arrays and the vector, and may be `jit`ted and `vmap`ped. The
@@ -268,8 +277,8 @@ def linear_solve(
         (see "How it works").
     - `state`: the output of `solver.init(operator, options)`, to reuse e.g. a
         factorisation across right-hand sides (for an operator mixing real and
-        complex leaves, the `Solution.state` of an earlier solve). Computed if not
-        passed.
+        complex leaves solved by a least-squares solver, the `Solution.state` of
+        an earlier solve). Computed if not passed.
     - `throw`: if `True` (default), a failed solve raises a runtime error (also
         under `jit`), saying which solve failed (the primal, a tangent or a
         cotangent one). If `False`, never raises: check `Solution.result`. Under
@@ -361,50 +370,70 @@ def _linear_solve(operator, vector, solver, options, state, throw) -> Solution:
     out_structure = operator.out_structure()
     vector = _check_vector(operator, out_structure, vector)
     options = _check_options(options, solver)
-    problem = None
     # A test of dtypes, no trace: what an ordinary solve pays for the realified
     # problem (4 us measured). `in_structure` is called on the class: an Equinox
     # module's bound method is a new Module at each access (the test took 63 us
     # through `operator.in_structure()` and `operator.out_structure()`).
     in_structure = type(operator).in_structure(operator)
-    if mixes_real_and_complex(in_structure, out_structure):
-        # Posed here, before `reformulate`, so that the primitive solves and
+    mixed = mixes_real_and_complex(in_structure, out_structure)
+    posed = None
+    if mixed:
+        # Posed here, before `init`, so that the primitive solves and
         # differentiates (JVP, transpose, vmap) a real problem, with no rule of
         # its own: see `_operator/realified.py`.
         problem = realified(operator)
-        vector = realified_vector(operator, problem, vector)
-        options = realified_options(operator, options)
-        operator = problem
-    operator, vector, options = solver.reformulate(operator, vector, options)
+        posed = solver.reformulate(
+            problem,
+            realified_vector(operator, problem, vector),
+            realified_options(operator, options),
+        )
+        if not _solves(solver, posed[0], posed[2]):
+            posed = None
+    realify = posed is not None
+    if posed is None:
+        posed = solver.reformulate(operator, vector, options)
+    operator, vector, options = posed
     if state is _sentinel:
         # The state is a function of the operator, but derivatives are taken by
         # the primitive's JVP rule with respect to `operator` directly; stopping
         # gradients here means the factorisation is never differentiated.
-        state = _init(solver, _stop_gradient(operator), options, problem)
+        state = solver.init(_stop_gradient(operator), options)
         kind = "primal"
     else:
-        mismatch = _STATE_MISMATCH if problem is None else _realified_mismatch(problem)
+        mismatch = _realified_mismatch(operator) if realify else _STATE_MISMATCH
         _check_state(state, operator, options, solver, mismatch)
         state = _stop_gradient(state)
         kind = "primal-reused-state"
     solution, result, stats = bind(
         operator, state, vector, options, solver, throw, kind
     )
-    if problem is not None:
+    if realify:
         solution = joined(in_structure, solution)
+    elif mixed:
+        solution = real_where_real(in_structure, solution)
     return Solution(value=solution, result=result, stats=stats, state=state)
 
 
-def _init(solver, operator, options, problem):
-    """`solver.init(operator, options)`; where `linear_solve` poses the realified
-    `problem`, an error says that the operator solved is not the one passed, and
-    why."""
-    if problem is None:
-        return solver.init(operator, options)
-    try:
-        return solver.init(operator, options)
-    except ValueError as error:
-        raise ValueError(f"{error} {_realified_note(problem)}") from error
+def _solves(
+    solver: AbstractLinearSolver,
+    problem: AbstractLinearOperator,
+    options: dict[str, Any],
+) -> bool:
+    """Whether `solver` solves the realified `problem` of an operator mixing real
+    and complex leaves: whether its `init` accepts it.
+
+    The realified problem has another shape than the operator (e.g. 8 real
+    equations in 6 unknowns for 2 real and 2 complex unknowns with complex
+    outputs) and no tags, so only a solver for non-square operators (least
+    squares, minimum norm: QR, SVD, LSMR, `Normal`, `AutoLinearSolver(
+    well_posed=None or False)`) accepts it. `init` is where every solver says
+    which operators it accepts (`check_square`, tag checks); the rank flags do
+    not tell them apart (`LU` and `QR` both assume full rank, and for a tall
+    operator both say "dependent rows"). A solver for square operators solves
+    the promoted complex system instead, as lineax 0.1.1 and NumPy do (see
+    `linear_solve`). Traced abstractly, once per solver and structure (cached
+    with the states that `_check_state` expects)."""
+    return _expected_state(problem, options, solver) is not None
 
 
 def _realified_mismatch(problem: AbstractLinearOperator) -> str:
@@ -412,23 +441,15 @@ def _realified_mismatch(problem: AbstractLinearOperator) -> str:
     # implementation detail): `Solution.state` and `lx.invert` are the ways to
     # reuse its state.
     return (
-        "`state` does not match the problem solved. "
-        + _realified_note(problem)
-        + " So `solver.init(operator)`, which factorises the complex operator, "
-        "does not fit: pass the `Solution.state` of an earlier solve with this "
+        "`state` does not match the problem solved. (The operator mixes real "
+        "and complex leaves, e.g. it maps real inputs to complex outputs, so it "
+        "is not complex-linear: with a least-squares solver, `linear_solve` "
+        "solves the real problem of its real and imaginary parts, of input size "
+        f"{problem.in_size()} and output size {problem.out_size()}.) So "
+        "`solver.init(operator)`, which factorises the complex operator, does "
+        "not fit: pass the `Solution.state` of an earlier solve with this "
         "operator and solver, or use `lx.invert(operator, solver)` to solve for "
         "many right-hand sides."
-    )
-
-
-def _realified_note(problem: AbstractLinearOperator) -> str:
-    return (
-        "(The operator mixes real and complex leaves, e.g. it maps real inputs "
-        "to complex outputs, so it is not complex-linear: `linear_solve` solves "
-        "the real least-squares problem of its real and imaginary parts, an "
-        f"operator with no tags, of input size {problem.in_size()} and output "
-        f"size {problem.out_size()}. Use `lx.QR()`, `lx.SVD()`, `lx.LSMR(...)` "
-        "or `lx.AutoLinearSolver(well_posed=None)`.)"
     )
 
 
@@ -586,8 +607,8 @@ def invert(
     lower (upper) triangular if `operator` is and `solver` assumes full rank; and
     the unit diagonal of a unit triangular operator. Solvers picked from tags
     (e.g. by [`lineax.AutoLinearSolver`][]) then stay as cheap for the inverse.
-    None for an operator mixing real and complex leaves, solved as its realified
-    problem (see [`lineax.linear_solve`][]).
+    None where an operator mixing real and complex leaves is solved as its
+    realified problem, by a least-squares solver (see [`lineax.linear_solve`][]).
     """
     if not isinstance(operator, AbstractLinearOperator):
         raise TypeError(
@@ -597,15 +618,15 @@ def invert(
     check_solver(solver, "solver")
     options = _check_options(options, solver)
     # The state of the problem that `linear_solve` solves (see there): of the
-    # realified operator where it mixes real and complex leaves, which carries
-    # no tags, so neither does its inverse.
-    structures = (operator.in_structure(), operator.out_structure())
-    problem = realified(operator) if mixes_real_and_complex(*structures) else None
-    solved = operator if problem is None else problem
-    solved_options = (
-        options if problem is None else realified_options(operator, options)
-    )
-    state = _init(solver, _stop_gradient(solved), solved_options, problem)
+    # realified operator where it mixes real and complex leaves and `solver`
+    # solves that, which carries no tags, so neither does its inverse.
+    solved, solved_options = operator, options
+    if mixes_real_and_complex(operator.in_structure(), operator.out_structure()):
+        problem = realified(operator)
+        problem_options = realified_options(operator, options)
+        if _solves(solver, problem, problem_options):
+            solved, solved_options = problem, problem_options
+    state = solver.init(_stop_gradient(solved), solved_options)
     solve = _InverseSolve(operator, solver, options, state, throw)
     tags = inverse_tags(solver, solved)
     # Not closure-converted where nothing traced is closed over: `solve` holds
