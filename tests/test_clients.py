@@ -96,6 +96,39 @@ def test_optimistix_levenberg_marquardt_curve_fit():
         np.testing.assert_allclose(sol.value["c"], 0.3, rtol=1e-7, atol=1e-8)
 
 
+def test_optimistix_gauss_newton_complex_residuals_in_real_parameters():
+    # An impedance spectrum R0 + R1 / (1 + i w R1 C) fitted in real (R0, R1, C):
+    # the Jacobian maps real parameters to complex residuals, and each step is
+    # the real least-squares solution (of [Re J; Im J]). The complex solution
+    # made the step complex (a `lax.cond` type error in Optimistix's loop);
+    # lineax 0.1.1's real part of it fitted (0.49790, 2.00777, 0.09880).
+    # (Standard promotion, as users have: `1j * w` promotes float64 to complex.)
+    with _EnableX64(), jax.numpy_dtype_promotion("standard"):
+        w = jnp.logspace(-1, 3, 12)
+
+        def model(p, w):
+            r0, r1, c = p
+            return r0 + r1 / (1 + 1j * w * r1 * c)
+
+        rng = np.random.default_rng(0)
+        noise = rng.standard_normal(12) + 1j * rng.standard_normal(12)
+        data = model(jnp.array([0.5, 2.0, 0.1]), w) + 0.01 * noise
+
+        def residuals(p, args):
+            return model(p, w) - data
+
+        solver = optx.GaussNewton(rtol=1e-10, atol=1e-10)
+        with pytest.warns(UserWarning, match="Complex support in Optimistix"):
+            sol = optx.least_squares(residuals, solver, jnp.array([1.0, 1.0, 0.05]))
+        assert sol.result == optx.RESULTS.successful
+        assert sol.value.dtype == jnp.float64
+        # The minimiser of the stacked real residuals (SciPy's `least_squares`,
+        # and NumPy Gauss-Newton with `lstsq` on [Re J; Im J], agree).
+        np.testing.assert_allclose(
+            sol.value, [0.49972303, 2.00346826, 0.10032755], rtol=1e-7
+        )
+
+
 def test_diffrax_kvaerno5_stiff_linear():
     diffrax = pytest.importorskip("diffrax")
     with _EnableX64():

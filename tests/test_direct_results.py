@@ -534,16 +534,37 @@ def test_array_operators_accept_python_scalars_numpy_and_lists():
 
 
 def _mixed_operator(matrix, tags=()):
-    f64, c128 = jnp.float64, jnp.complex128
+    # Input {"a": real, "b": complex} (an input leaf takes the dtype of its block
+    # in the first output leaf), output complex: not complex-linear.
+    c128 = jnp.complex128
     blocks = {
         "a": {"a": np.real(matrix[:2, :2]).copy(), "b": matrix[:2, 2:]},
         "b": {"a": matrix[2:, :2], "b": matrix[2:, 2:]},
     }
     structure = {
-        "a": jax.ShapeDtypeStruct((2,), f64),
+        "a": jax.ShapeDtypeStruct((2,), c128),
         "b": jax.ShapeDtypeStruct((2,), c128),
     }
-    return lx.PyTreeLinearOperator(blocks, structure, tags)
+    op = lx.PyTreeLinearOperator(blocks, structure, tags)
+    assert op.in_structure()["a"].dtype == jnp.float64
+    return op
+
+
+def _realified_solution(matrix, flat_vector):
+    """The pseudoinverse solution over `(x_a real, x_b complex)`: NumPy's, of the
+    stacked real matrix."""
+    stacked = np.block(
+        [[matrix.real, -matrix.imag[:, 2:]], [matrix.imag, matrix.real[:, 2:]]]
+    )
+    y = np.linalg.pinv(stacked) @ np.concatenate([flat_vector.real, flat_vector.imag])
+    return y[:4] + 1j * np.concatenate([np.zeros(2), y[4:]])
+
+
+def _promoted_solution(matrix, flat_vector):
+    """NumPy's solve of the promoted complex matrix, cast to the input dtypes: the
+    real part at the real leaf "a"."""
+    x = np.linalg.solve(matrix, flat_vector)
+    return np.concatenate([x[:2].real, x[2:]])
 
 
 def _mixed_matrices():
@@ -561,7 +582,8 @@ def _mixed_matrices():
         ("cholesky", lx.Cholesky(), h, lx.positive_semidefinite_tag),
         ("diagonal", lx.Diagonal(), d, lx.diagonal_tag),
         ("diagonal_well_posed", lx.Diagonal(well_posed=True), d, lx.diagonal_tag),
-        ("triangular", lx.Triangular(), np.tril(a), lx.lower_triangular_tag),
+        # (Upper: the real rows "a" then couple to the complex unknowns "b".)
+        ("triangular", lx.Triangular(), np.triu(a), lx.upper_triangular_tag),
         (
             "tridiagonal",
             lx.Tridiagonal(),
@@ -569,7 +591,17 @@ def _mixed_matrices():
             lx.tridiagonal_tag,
         ),
         ("auto", lx.AutoLinearSolver(well_posed=None), a, ()),
+        ("auto_well_posed", lx.AutoLinearSolver(well_posed=True), a, ()),
     ]
+
+
+# The least-squares solvers solve the realified problem (6 real unknowns, 8 real
+# equations, no tags); the solvers for square operators cannot, and solve the
+# promoted complex system, returning the real part at the real leaf "a".
+# Differential: lineax 0.1.1 (the published package) returns that real part with
+# every solver here, the least-squares ones included (from a solution that is
+# complex at "a" where the right-hand side has no solution with a real "a").
+_LEAST_SQUARES = ("qr", "svd", "auto")
 
 
 @pytest.mark.parametrize(
@@ -580,43 +612,80 @@ def test_mixed_real_complex_pytree_operator_solves_under_strict_promotion(
 ):
     assert jax.config.jax_numpy_dtype_promotion == "strict"  # pyright: ignore
     op = _mixed_operator(matrix, tags)
-    vector = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([1 + 1j, 2 - 1j])}
-    flat_vector = np.array([1.0, 2.0, 1 + 1j, 2 - 1j])
+    # A right-hand side in the range over a real "a": every solver returns that
+    # solution (to rounding; for a square solver, the imaginary part it drops).
+    x_true = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([1 + 1j, 2 - 1j])}
+    vector = op.mv(x_true)
     solution = lx.linear_solve(op, vector, solver)
+    assert solution.value["a"].dtype == jnp.float64
+    assert solution.value["b"].dtype == jnp.complex128
     flat = np.concatenate([solution.value["a"], solution.value["b"]])
-    np.testing.assert_allclose(flat, np.linalg.solve(matrix, flat_vector), rtol=1e-10)
+    np.testing.assert_allclose(flat, [1.0, 2.0, 1 + 1j, 2 - 1j], rtol=1e-10)
     # Products with the operator and its transpose promote explicitly too.
     out = op.mv(solution.value)
     np.testing.assert_allclose(
-        np.concatenate([out["a"], out["b"]]), flat_vector, rtol=1e-10
+        np.concatenate([out["a"], out["b"]]),
+        np.concatenate([vector["a"], vector["b"]]),
+        rtol=1e-10,
     )
     op.T.mv(vector)
+
+    # A right-hand side with no solution over a real "a": the least-squares
+    # solvers give the real least-squares one, the square solvers (as 0.1.1) the
+    # real part of the promoted solution, which is another vector.
+    vector = {"a": jnp.array([1.0 + 0j, 2.0]), "b": jnp.array([1 + 1j, 2 - 1j])}
+    flat_vector = np.array([1.0, 2.0, 1 + 1j, 2 - 1j])
+    solution = lx.linear_solve(op, vector, solver)
+    assert solution.value["a"].dtype == jnp.float64
+    flat = np.concatenate([solution.value["a"], solution.value["b"]])
+    realified = _realified_solution(matrix, flat_vector)
+    promoted = _promoted_solution(matrix, flat_vector)
+    expected = realified if name in _LEAST_SQUARES else promoted
+    np.testing.assert_allclose(flat, expected, rtol=1e-10, atol=1e-12)
+    if not name.startswith("diagonal"):  # (diagonal: real "a" rows on "a" alone)
+        assert not np.allclose(realified, promoted, rtol=1e-3)
 
 
 # The JVP of a least-squares solve (SVD: equation (1)) forms the residual
 # `vector - operator.mv(solution)`, whose leaves have different dtypes for a
 # mixed-dtype PyTree operator: it promoted implicitly, a TypePromotionError under
 # strict promotion (as did summing the tangent terms), in forward and reverse mode.
-@pytest.mark.parametrize("solver", [lx.SVD(), lx.AutoLinearSolver(well_posed=False)])
+# The square solvers differentiate the promoted complex solve, whose real part
+# at "a" they return (as lineax 0.1.1 does).
+@pytest.mark.parametrize(
+    "solver",
+    [
+        lx.SVD(),
+        lx.AutoLinearSolver(well_posed=False),
+        lx.LU(),
+        lx.AutoLinearSolver(well_posed=True),
+    ],
+    ids=["svd", "auto_ill_posed", "lu", "auto_well_posed"],
+)
 def test_mixed_real_complex_pytree_operator_jvp_under_strict_promotion(solver):
     assert jax.config.jax_numpy_dtype_promotion == "strict"  # pyright: ignore
     matrix = _mixed_matrices()[0][2]
     op = _mixed_operator(matrix)
-    vector = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([1 + 1j, 2 - 1j])}
-    t_vector = {"a": jnp.array([0.5, -1.0]), "b": jnp.array([1j, 1.0 + 0j])}
+    vector = {"a": jnp.array([1.0 + 0j, 2.0]), "b": jnp.array([1 + 1j, 2 - 1j])}
+    t_vector = {"a": jnp.array([0.5 + 0j, -1.0]), "b": jnp.array([1j, 1.0 + 0j])}
 
     def solve(o, v):
         return lx.linear_solve(o, v, solver).value
 
-    # Along the operator itself and `t_vector`: d/dt (1 + t)^-1 A^-1 (b + t v).
+    # Along the operator itself and `t_vector`: d/dt (1 + t)^-1 A^+ (b + t v),
+    # `A^+` the (linear) pseudoinverse of the realified operator, or the inverse
+    # of the promoted one (real part at "a").
     # (Compiled once, not op by op: the library traces the same path, and
     # promotes, or refuses to, at trace time either way.)
     jvp = jax.jit(lambda p, t: jax.jvp(solve, p, t))
     _, t_out = jvp((op, vector), (op, t_vector))
     flat_vector = np.array([1.0, 2.0, 1 + 1j, 2 - 1j])
     flat_t_vector = np.array([0.5, -1.0, 1j, 1.0])
-    expected = np.linalg.solve(matrix, flat_t_vector - flat_vector)
+    square = isinstance(solver, lx.LU) or solver == lx.AutoLinearSolver(well_posed=True)
+    reference = _promoted_solution if square else _realified_solution
+    expected = reference(matrix, flat_t_vector - flat_vector)
+    assert t_out["a"].dtype == jnp.float64
     got = np.concatenate([t_out["a"], t_out["b"]])
-    np.testing.assert_allclose(got, expected, rtol=1e-10)
-    grad = jax.jit(jax.grad(lambda o: jnp.real(solve(o, vector)["a"][0])))(op)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+    grad = jax.jit(jax.grad(lambda o: solve(o, vector)["a"][0]))(op)
     assert jnp.all(jnp.isfinite(jax.tree.leaves(grad)[0]))

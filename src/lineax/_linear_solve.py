@@ -15,6 +15,14 @@ from ._errors import EQX_ON_ERROR
 from ._misc import describe, is_inexact_array, no_active_trace
 from ._operator.base import AbstractLinearOperator, is_cacheable, reads_every_leaf
 from ._operator.function import FunctionLinearOperator
+from ._operator.realified import (
+    joined,
+    mixes_real_and_complex,
+    real_where_real,
+    realified,
+    realified_options,
+    realified_vector,
+)
 from ._operator.tagged import TaggedLinearOperator
 from ._primitive import bind, host_result_code, primal_failure_message
 from ._solution import Solution
@@ -51,10 +59,14 @@ def _stop_gradient(tree: PyTree) -> PyTree:
     return jtu.tree_map(_stop_gradient_leaf, tree)
 
 
-def _check_vector(operator: AbstractLinearOperator, vector: PyTree) -> PyTree[Array]:
-    """Check `vector` against the operator's output structure, converting integer
-    arrays and safely promotable dtypes to the operator's dtypes."""
-    out_struct = operator.out_structure()
+def _check_vector(
+    operator: AbstractLinearOperator,
+    out_struct: PyTree[jax.ShapeDtypeStruct],
+    vector: PyTree,
+) -> PyTree[Array]:
+    """Check `vector` against the operator's output structure `out_struct`,
+    converting integer arrays and safely promotable dtypes to the operator's
+    dtypes."""
     out_leaves, out_treedef = jtu.tree_flatten(out_struct)
     vec_leaves, vec_treedef = jtu.tree_flatten(vector)
     if out_treedef != vec_treedef:
@@ -137,7 +149,14 @@ def _check_options(options: Any, solver: AbstractLinearSolver) -> dict[str, Any]
     return options
 
 
-def _check_state(state, operator, options, solver):
+_STATE_MISMATCH = (
+    "`state` does not match `solver.init(operator, options)`: pass the state "
+    "returned by `solver.init` (or `Solution.state`) for this same solver and "
+    "an operator of the same structure, shapes and dtypes."
+)
+
+
+def _check_state(state, operator, options, solver, mismatch=_STATE_MISMATCH):
     if isinstance(solver, AutoLinearSolver) and isinstance(state, AutoState):
         # The state's solver is used, as chosen when the state was made. Tags can
         # differ without the operator changing (`2.0 * op` is positive definite
@@ -156,21 +175,14 @@ def _check_state(state, operator, options, solver):
                 return
             checked = checked or want is not None
         if checked:  # else that solver cannot init this operator: compute says so
-            raise ValueError(_STATE_MISMATCH)
+            raise ValueError(mismatch)
         return
     want = _expected_state(operator, options, solver)
     if want is None:  # the solver cannot init this operator: let compute say so
         return
     got = _state_signature(eqx.filter(state, _is_array_or_struct))
     if got != want:
-        raise ValueError(_STATE_MISMATCH)
-
-
-_STATE_MISMATCH = (
-    "`state` does not match `solver.init(operator, options)`: pass the state "
-    "returned by `solver.init` (or `Solution.state`) for this same solver and "
-    "an operator of the same structure, shapes and dtypes."
-)
+        raise ValueError(mismatch)
 
 
 def _is_array_or_struct(x: Any) -> bool:
@@ -230,6 +242,19 @@ def linear_solve(
     underdetermined one, and the minimum-norm least-squares solution in general,
     provided the solver supports the case (see [`lineax.AutoLinearSolver`][]).
 
+    The solution has the dtypes of `operator.in_structure()`. An operator that
+    mixes real and complex leaves (e.g. real inputs to complex outputs) is not
+    complex-linear. A least-squares solver (one that accepts non-square
+    operators: QR, SVD, LSMR, `Normal`, `AutoLinearSolver(well_posed=None or
+    False)`) solves, and differentiates, the real problem of its real and
+    imaginary parts (see the FAQ). A solver for square operators (`LU`, the
+    default `AutoLinearSolver(well_posed=True)`, `Cholesky`, `Diagonal`, ...)
+    solves the promoted complex system, as NumPy would, and returns the real
+    part at real leaves (as lineax 0.1.1 does): that is the solution when one
+    with real leaves exists (the imaginary part dropped is then rounding), and
+    not a solution of any kind when none does; for such a problem use a
+    least-squares solver. No run-time check tells the two apart.
+
     It is differentiable in forward and reverse mode, to any order, with respect to
     the operator's arrays and the vector, and may be `jit`ted and `vmap`ped. The
     derivative is the pseudoinverse JVP (equations (1)-(4) of the lineax paper),
@@ -251,7 +276,9 @@ def linear_solve(
         `y0 + pinv(A) (b - A y0)`, and is differentiated as such, `y0` included
         (see "How it works").
     - `state`: the output of `solver.init(operator, options)`, to reuse e.g. a
-        factorisation across right-hand sides. Computed if not passed.
+        factorisation across right-hand sides (for an operator mixing real and
+        complex leaves solved by a least-squares solver, the `Solution.state` of
+        an earlier solve). Computed if not passed.
     - `throw`: if `True` (default), a failed solve raises a runtime error (also
         under `jit`), saying which solve failed (the primal, a tangent or a
         cotangent one). If `False`, never raises: check `Solution.result`. Under
@@ -340,9 +367,32 @@ def _linear_solve(operator, vector, solver, options, state, throw) -> Solution:
             f"`lx.MatrixLinearOperator(matrix)`), got {type(operator).__name__}."
         )
     check_solver(solver, "solver")
-    vector = _check_vector(operator, vector)
+    out_structure = operator.out_structure()
+    vector = _check_vector(operator, out_structure, vector)
     options = _check_options(options, solver)
-    operator, vector, options = solver.reformulate(operator, vector, options)
+    # A test of dtypes, no trace: what an ordinary solve pays for the realified
+    # problem (4 us measured). `in_structure` is called on the class: an Equinox
+    # module's bound method is a new Module at each access (the test took 63 us
+    # through `operator.in_structure()` and `operator.out_structure()`).
+    in_structure = type(operator).in_structure(operator)
+    mixed = mixes_real_and_complex(in_structure, out_structure)
+    posed = None
+    if mixed:
+        # Posed here, before `init`, so that the primitive solves and
+        # differentiates (JVP, transpose, vmap) a real problem, with no rule of
+        # its own: see `_operator/realified.py`.
+        problem = realified(operator)
+        posed = solver.reformulate(
+            problem,
+            realified_vector(operator, problem, vector),
+            realified_options(operator, options),
+        )
+        if not _solves(solver, posed[0], posed[2]):
+            posed = None
+    realify = posed is not None
+    if posed is None:
+        posed = solver.reformulate(operator, vector, options)
+    operator, vector, options = posed
     if state is _sentinel:
         # The state is a function of the operator, but derivatives are taken by
         # the primitive's JVP rule with respect to `operator` directly; stopping
@@ -350,13 +400,57 @@ def _linear_solve(operator, vector, solver, options, state, throw) -> Solution:
         state = solver.init(_stop_gradient(operator), options)
         kind = "primal"
     else:
-        _check_state(state, operator, options, solver)
+        mismatch = _realified_mismatch(operator) if realify else _STATE_MISMATCH
+        _check_state(state, operator, options, solver, mismatch)
         state = _stop_gradient(state)
         kind = "primal-reused-state"
     solution, result, stats = bind(
         operator, state, vector, options, solver, throw, kind
     )
+    if realify:
+        solution = joined(in_structure, solution)
+    elif mixed:
+        solution = real_where_real(in_structure, solution)
     return Solution(value=solution, result=result, stats=stats, state=state)
+
+
+def _solves(
+    solver: AbstractLinearSolver,
+    problem: AbstractLinearOperator,
+    options: dict[str, Any],
+) -> bool:
+    """Whether `solver` solves the realified `problem` of an operator mixing real
+    and complex leaves: whether its `init` accepts it.
+
+    The realified problem has another shape than the operator (e.g. 8 real
+    equations in 6 unknowns for 2 real and 2 complex unknowns with complex
+    outputs) and no tags, so only a solver for non-square operators (least
+    squares, minimum norm: QR, SVD, LSMR, `Normal`, `AutoLinearSolver(
+    well_posed=None or False)`) accepts it. `init` is where every solver says
+    which operators it accepts (`check_square`, tag checks); the rank flags do
+    not tell them apart (`LU` and `QR` both assume full rank, and for a tall
+    operator both say "dependent rows"). A solver for square operators solves
+    the promoted complex system instead, as lineax 0.1.1 and NumPy do (see
+    `linear_solve`). Traced abstractly, once per solver and structure (cached
+    with the states that `_check_state` expects)."""
+    return _expected_state(problem, options, solver) is not None
+
+
+def _realified_mismatch(problem: AbstractLinearOperator) -> str:
+    # The realified operator is not public (the problem solved is an
+    # implementation detail): `Solution.state` and `lx.invert` are the ways to
+    # reuse its state.
+    return (
+        "`state` does not match the problem solved. (The operator mixes real "
+        "and complex leaves, e.g. it maps real inputs to complex outputs, so it "
+        "is not complex-linear: with a least-squares solver, `linear_solve` "
+        "solves the real problem of its real and imaginary parts, of input size "
+        f"{problem.in_size()} and output size {problem.out_size()}.) So "
+        "`solver.init(operator)`, which factorises the complex operator, does "
+        "not fit: pass the `Solution.state` of an earlier solve with this "
+        "operator and solver, or use `lx.invert(operator, solver)` to solve for "
+        "many right-hand sides."
+    )
 
 
 # One `jax.jit`-ed function per structure of `(operator, vector)` (static data
@@ -513,6 +607,8 @@ def invert(
     lower (upper) triangular if `operator` is and `solver` assumes full rank; and
     the unit diagonal of a unit triangular operator. Solvers picked from tags
     (e.g. by [`lineax.AutoLinearSolver`][]) then stay as cheap for the inverse.
+    None where an operator mixing real and complex leaves is solved as its
+    realified problem, by a least-squares solver (see [`lineax.linear_solve`][]).
     """
     if not isinstance(operator, AbstractLinearOperator):
         raise TypeError(
@@ -521,9 +617,18 @@ def invert(
         )
     check_solver(solver, "solver")
     options = _check_options(options, solver)
-    state = solver.init(_stop_gradient(operator), options)
+    # The state of the problem that `linear_solve` solves (see there): of the
+    # realified operator where it mixes real and complex leaves and `solver`
+    # solves that, which carries no tags, so neither does its inverse.
+    solved, solved_options = operator, options
+    if mixes_real_and_complex(operator.in_structure(), operator.out_structure()):
+        problem = realified(operator)
+        problem_options = realified_options(operator, options)
+        if _solves(solver, problem, problem_options):
+            solved, solved_options = problem, problem_options
+    state = solver.init(_stop_gradient(solved), solved_options)
     solve = _InverseSolve(operator, solver, options, state, throw)
-    tags = inverse_tags(solver, operator)
+    tags = inverse_tags(solver, solved)
     # Not closure-converted where nothing traced is closed over: `solve` holds
     # its arrays as PyTree leaves (of the returned operator), and its `mv`,
     # called outside of every transformation, runs the cached compiled solve.

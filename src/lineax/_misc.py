@@ -400,6 +400,44 @@ def tree_is_complex(*structures: PyTree[jax.ShapeDtypeStruct]) -> bool:
     )
 
 
+def promoting_call(
+    fn: Callable[[PyTree[Array]], PyTree[Array]],
+    structure: PyTree[jax.ShapeDtypeStruct],
+    vector: PyTree[Array],
+) -> PyTree[Array]:
+    """`fn(vector)`, for a linear `fn` on inputs of `structure` (an operator's
+    `mv`), also where `vector` is complex at leaves that `structure` says are
+    real: then `fn(Re v) + i fn(Im v)`, the complex leaves of `vector` in the
+    first term only. That is the action of the operator's (promoted, complex)
+    matrix, as NumPy multiplies a real-to-complex matrix by a complex vector and
+    as a PyTree operator's blocks promote; a solver for square operators solves
+    with that matrix, and the derivative of its solve applies the operator's
+    tangent to the complex solution. An ordinary call is `fn(vector)` (a test
+    of dtypes at trace time, nothing traced)."""
+    structs, treedef = jtu.tree_flatten(structure)
+    leaves = jtu.tree_leaves(vector)
+    if jtu.tree_structure(vector) != treedef or not any(
+        jnp.iscomplexobj(x) and not jnp.issubdtype(s.dtype, jnp.complexfloating)
+        for s, x in zip(structs, leaves)
+    ):
+        return fn(vector)
+    re, im = [], []
+    for s, x in zip(structs, leaves):
+        if jnp.issubdtype(s.dtype, jnp.complexfloating):
+            re.append(x)
+            im.append(jnp.zeros(s.shape, s.dtype))
+        else:
+            re.append(jnp.real(x).astype(s.dtype))
+            im.append(jnp.imag(x).astype(s.dtype))
+    out_re = fn(jtu.tree_unflatten(treedef, re))
+    out_im = fn(jtu.tree_unflatten(treedef, im))
+
+    def combine(r, i):
+        return r + 1j * i if jnp.iscomplexobj(r) else lax.complex(r, i)
+
+    return jtu.tree_map(combine, out_re, out_im)
+
+
 def tree_conj(tree: PyTree[Array], complex_: bool = True) -> PyTree[Array]:
     """The elementwise conjugate of `tree`; `tree` itself if not `complex_` (which
     saves the no-op `conj` of real leaves in a traced program)."""

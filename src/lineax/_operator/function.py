@@ -12,6 +12,7 @@ from jaxtyping import PyTree
 
 from .._misc import (
     no_active_trace,
+    promoting_call,
     Static,
     strip_weak_dtype,
     structure_of,
@@ -114,7 +115,7 @@ class FunctionLinearOperator(AbstractLinearOperator):
         self.tags = as_tags(tags)
 
     def mv(self, vector):
-        return self.fn(vector)
+        return promoting_call(self.fn, self.in_structure(), vector)
 
     def as_matrix(self):
         return matrix_by_mv(self)

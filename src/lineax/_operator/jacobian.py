@@ -10,6 +10,7 @@ from jaxtyping import PyTree
 
 from .._misc import (
     inexact_asarray,
+    promoting_call,
     Static,
     strip_weak_dtype,
     structure_of,
@@ -90,6 +91,9 @@ class JacobianLinearOperator(AbstractLinearOperator):
         return self.fn(x, self.args)
 
     def mv(self, vector):
+        return promoting_call(self._mv, self.in_structure(), vector)
+
+    def _mv(self, vector):
         if self.jac == "bwd":
             _, vjp_fn = jax.vjp(self._fn_of_x, self.x)
             (out,) = jax.linear_transpose(vjp_fn, self.out_structure())((vector,))
