@@ -174,7 +174,7 @@ import hypothesis  # noqa: E402
 
 hypothesis.settings.register_profile(
     "ci",
-    max_examples=25,
+    max_examples=12,
     deadline=None,
     derandomize=True,
     suppress_health_check=list(hypothesis.HealthCheck),
