@@ -24,7 +24,7 @@ and `case_operator` represents such a matrix in one of `CASE_KINDS`.
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hypothesis.strategies as st
@@ -858,15 +858,21 @@ KRYLOV_CASES = [
 CASES_BY_NAME = {case.name: case for case in SOLVER_CASES + KRYLOV_CASES}
 
 
-def krylov_sample(part: int, parts: int = 3) -> list:
-    """The `part`-th of `parts` slices of a fixed-seed shuffle of `KRYLOV_CASES`
-    (all of them with `LINEAX_EXHAUSTIVE=1`): a test that takes one slice compiles
-    few Krylov solves, and the tests taking the slices `0..parts-1` see every
-    case between them."""
+def sample(items: Sequence, part: int = 0, parts: int = 2) -> list:
+    """The `part`-th of `parts` slices of a fixed-seed shuffle of `items` (all of
+    them with `LINEAX_EXHAUSTIVE=1`): tests that take the slices `0..parts-1` see
+    every item between them, and each compiles only its slice. (Order kept.)"""
+    items = list(items)
     if EXHAUSTIVE:
-        return list(KRYLOV_CASES)
-    order = np.random.default_rng(0).permutation(len(KRYLOV_CASES))
-    return [KRYLOV_CASES[i] for i in order[part::parts]]
+        return items
+    order = np.random.default_rng(0).permutation(len(items))
+    return [items[i] for i in sorted(order[part::parts])]
+
+
+def krylov_sample(part: int, parts: int = 3) -> list:
+    """`sample` of `KRYLOV_CASES`: a test that takes one slice compiles few Krylov
+    solves."""
+    return sample(KRYLOV_CASES, part, parts)
 
 
 class DelegatingLU(lx.AbstractLinearSolver):

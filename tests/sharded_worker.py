@@ -456,13 +456,19 @@ def make_throw_true_check(mesh):
 def main():
     assert jax.device_count() == DEVICES, jax.devices()
     mesh = Mesh(np.array(jax.devices()), ("x",))
+    # Arguments: key prefixes of the checks to run (all if none), and
+    # `--krylov=KEY,...`, the Krylov checks among them (all if not given).
+    only = [arg for arg in sys.argv[1:] if not arg.startswith("--krylov=")]
+    krylov = [arg for arg in sys.argv[1:] if arg.startswith("--krylov=")]
+    krylov = set(krylov[-1].split("=", 1)[1].split(",")) if krylov else None
     checks = {}
     for dtype in (jnp.float64, jnp.float32):
         for name in solvers(dtype):
             # The XLA-partitioned `mv` does not depend on the dtype: float64 only.
             for mv_kind in ("halo", "xla") if dtype == jnp.float64 else ("halo",):
                 key = f"krylov-{name}-{np.dtype(dtype).name}-{mv_kind}"
-                checks[key] = make_krylov_check(mesh, name, dtype, mv_kind)
+                if krylov is None or key in krylov:
+                    checks[key] = make_krylov_check(mesh, name, dtype, mv_kind)
     for dtype in (jnp.float64, jnp.float32):
         checks[f"grad-CG-{np.dtype(dtype).name}"] = make_grad_check(mesh, dtype, False)
     checks["grad-CG-float64-throw"] = make_grad_check(mesh, jnp.float64, True)
@@ -479,7 +485,6 @@ def main():
     checks["error-helper"] = make_error_helper_check(mesh)
     # Last: before the fix proposed in `lineax._errors`, this one aborts the process.
     checks["throw-true"] = make_throw_true_check(mesh)
-    only = sys.argv[1:]
     for key, check in checks.items():
         if not only or any(key.startswith(prefix) for prefix in only):
             run(key, check)

@@ -1,9 +1,11 @@
 """Every script in examples/ runs to completion as `__main__` and prints something.
 
-The scripts run one after the other in one subprocess (this file, run as a script),
-so that JAX is imported once rather than once per example. That process simulates
-8 CPU devices for `sharded_poisson.py` (the device count is fixed when JAX starts);
-the scripts that leave float64 off run before those that turn it on.
+The scripts run one after the other in a subprocess (this file, run as a script),
+so that JAX is imported once rather than once per example: half of them at XLA's
+default flags, the other half at the tests' (see `example_reports`), in two
+processes. Each simulates 8 CPU devices for `sharded_poisson.py` (the device count
+is fixed when JAX starts); the scripts that leave float64 off run before those that
+turn it on.
 """
 
 import contextlib
@@ -51,6 +53,25 @@ def _run_all(scripts: list[str]) -> None:
 @pytest.fixture(scope="module")
 def example_reports(tmp_path_factory) -> dict:
     # Imported here: this file also runs as the examples' script, without conftest.
+    from helpers import sample
+
+    # Half of the examples (a fixed-seed slice; all with LINEAX_EXHAUSTIVE=1) run
+    # at XLA's defaults, as users run them: the one place in the default run whose
+    # kernels LLVM optimises fully and XLA's fusion emitters generate (see
+    # `ADDED_XLA_FLAGS` in conftest.py), at about twice the compile time of the
+    # tests' flags, at which the other half runs.
+    at_default_flags = sample(_EXAMPLES)
+    reports = {}
+    for default_flags in (True, False):
+        scripts = [s for s in _EXAMPLES if (s in at_default_flags) == default_flags]
+        if scripts:
+            reports.update(_run(scripts, default_flags, tmp_path_factory))
+    return reports
+
+
+def _run(scripts: list, default_flags: bool, tmp_path_factory) -> dict:
+    """Run `scripts` in one subprocess (at XLA's default flags, or at the tests'
+    flags); their reports."""
     from conftest import ADDED_XLA_FLAGS
 
     import lineax
@@ -63,17 +84,15 @@ def example_reports(tmp_path_factory) -> dict:
         [lineax_parent, *filter(None, [env.get("PYTHONPATH")])]
     )
     env.setdefault("JAX_PLATFORMS", "cpu")
-    # At XLA's defaults, as users run them: the one place in the default run whose
-    # kernels LLVM optimises fully and XLA's fusion emitters generate (see
-    # `ADDED_XLA_FLAGS` in conftest.py).
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if f not in ADDED_XLA_FLAGS]
+    flags = env.get("XLA_FLAGS", "").split()
+    if default_flags:
+        flags = [f for f in flags if f not in ADDED_XLA_FLAGS]
     env["XLA_FLAGS"] = " ".join([*flags, "--xla_force_host_platform_device_count=8"])
     env["PYTHONWARNINGS"] = "default"
-    scripts = sorted(_EXAMPLES, key=_enables_x64)
     # The working directory is a temporary one so that files written by the
     # examples (e.g. a PNG) do not land in the repository.
     completed = subprocess.run(
-        [sys.executable, __file__, *map(str, scripts)],
+        [sys.executable, __file__, *map(str, sorted(scripts, key=_enables_x64))],
         cwd=tmp_path_factory.mktemp("examples"),
         env=env,
         capture_output=True,

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from helpers import sample
 from jax.experimental import sparse as jsparse
 
 import lineax as lx
@@ -104,7 +105,9 @@ def _inverse_agrees_on_pattern(precond, matrix):
 #
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+# One of the two random patterns (a fixed-seed slice; both with
+# LINEAX_EXHAUSTIVE=1): each compiles the factorisation of its own pattern.
+@pytest.mark.parametrize("seed", sample([0, 1]))
 def test_ilu_equals_numpy_ilu0_and_transposes(seed):
     a = _random_sparse(14, seed, symmetric=False)
     lower, upper = _ilu0(a)

@@ -19,7 +19,14 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
-from helpers import KRYLOV_CASES, make_matrix, pinv_solution, round_to, SHAPES
+from helpers import (
+    KRYLOV_CASES,
+    make_matrix,
+    pinv_solution,
+    round_to,
+    sample,
+    SHAPES,
+)
 
 import lineax as lx
 
@@ -45,8 +52,16 @@ def _problems(n=12, seed=0):
 _SQUARE_CASES = [c for c in KRYLOV_CASES if len(set(SHAPES[c.matrix_kind])) == 1]
 
 
-@pytest.mark.parametrize("case", _SQUARE_CASES, ids=lambda c: c.name)
-@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+# Each case in one of the two dtypes, alternating (a fixed-seed slice of the two;
+# both with LINEAX_EXHAUSTIVE=1): each compiles a solve of its own.
+@pytest.mark.parametrize(
+    "case, dtype",
+    [
+        pytest.param(case, dtype, id=f"{jnp.dtype(dtype).name}-{case.name}")
+        for i, case in enumerate(_SQUARE_CASES)
+        for dtype in sample([jnp.float64, jnp.float32], i % 2)
+    ],
+)
 def test_small_square(case, dtype):
     """The square Krylov cases of the shared table, at n = 12, against NumPy
     (LSMR on rectangular matrices: `test_lsmr_shapes_and_damp`)."""

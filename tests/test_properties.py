@@ -1,7 +1,7 @@
 """Property-based tests: operator kind x PyTree structure x dtype x solver x
 transformation, against NumPy/JAX float64 references.
 
-The default ("ci") hypothesis profile runs a few dozen examples; the exhaustive
+The default ("ci") hypothesis profile runs a dozen examples; the exhaustive
 profile runs thousands:
 
     LINEAX_EXHAUSTIVE=1 LINEAX_EXAMPLES=10000 python -m pytest tests/test_properties.py

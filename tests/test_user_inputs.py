@@ -12,6 +12,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import sample
 
 import lineax as lx
 
@@ -103,13 +104,29 @@ def _central_difference(fn, x, h=1e-6):
     return (fn(jnp.asarray(x + h)) - fn(jnp.asarray(x - h))) / (2 * h)
 
 
-@pytest.mark.parametrize("case", sorted(_SCALAR_CASES))
-def test_python_scalar_in_operator_is_differentiated(case):
+# The gradient at a Python float in every case, and at one of a NumPy scalar, a
+# NumPy 0-d array and a JAX array rotating with the case (fixed-seed slices; all
+# three with LINEAX_EXHAUSTIVE=1): each differentiates un-jitted solves.
+_PRIMALS = {
+    "numpy_scalar": np.float64,
+    "numpy_0d": np.asarray,
+    "jax_0d": jnp.asarray,
+}
+
+
+@pytest.mark.parametrize(
+    "case, primals",
+    [
+        pytest.param(case, sample(_PRIMALS, i % 3, 3), id=case)
+        for i, case in enumerate(sorted(_SCALAR_CASES))
+    ],
+)
+def test_python_scalar_in_operator_is_differentiated(case, primals):
     lam = 0.7
     want = _central_difference(lambda x: _loss(case, x), lam)
     assert abs(float(want)) > 1e-3  # a zero gradient would be visible
     grad = jax.grad(lambda x: _loss(case, x))
-    for primal in (lam, np.float64(lam), np.asarray(lam), jnp.asarray(lam)):
+    for primal in (lam, *[_PRIMALS[name](lam) for name in primals]):
         np.testing.assert_allclose(grad(primal), want, rtol=1e-6)
     _, tangent = jax.jvp(lambda x: _loss(case, x), (lam,), (1.0,))
     np.testing.assert_allclose(tangent, want, rtol=1e-6)
