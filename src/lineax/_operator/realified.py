@@ -127,12 +127,16 @@ def realified_vector(
 ) -> PyTree[Array]:
     """`vector`, a right-hand side for `operator`, as one for its realified
     operator `problem`: split where `problem`'s output has a pair (a real leaf
-    where the operator computes a complex one gets a zero imaginary part)."""
+    where the operator computes a complex one gets a zero imaginary part), in
+    the dtypes that `problem` computes (a PyTree operator's float32 row with a
+    complex128 block computes complex128 there: Krylov solvers need the vector
+    in those dtypes)."""
 
     def split(_, realified_struct, leaf):
         if isinstance(realified_struct, tuple):
-            return (jnp.real(leaf), jnp.imag(leaf))
-        return leaf
+            dtype = realified_struct[0].dtype
+            return (jnp.real(leaf).astype(dtype), jnp.imag(leaf).astype(dtype))
+        return leaf.astype(realified_struct.dtype)
 
     return jtu.tree_map(
         split, operator.out_structure(), problem.out_structure(), vector
