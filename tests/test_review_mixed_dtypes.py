@@ -6,6 +6,7 @@ NumPy's float64 pseudoinverse of the stacked real matrix."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import lineax as lx
 
@@ -44,3 +45,18 @@ def test_krylov_on_a_row_declared_float32_computing_complex128():
         x = lx.linear_solve(operator, b, solver).value
         got = np.concatenate([x["a"], x["c"]])
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-10)
+
+
+def test_an_initial_guess_of_another_structure_is_the_solvers_error():
+    # A list for a complex array input of an operator with real outputs
+    # (complex -> real, only real-linear): the realified options split it
+    # with `jnp.real`, a `TypeError` ("real requires ndarray or scalar
+    # arguments"); an operator of one dtype says that `y0` has the wrong
+    # structure, and so does this one now.
+    matrix = jnp.asarray(np.array([[1.0, 2.0], [0.5, -1.0], [3.0, 1.0]]) * (1 + 0.5j))
+    operator = lx.FunctionLinearOperator(
+        lambda z: jnp.real(matrix @ z), jax.ShapeDtypeStruct((2,), jnp.complex128)
+    )
+    solver = lx.LSMR(rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="`y0` option"):
+        lx.linear_solve(operator, jnp.ones(3), solver, options={"y0": [1.0, 2j]})

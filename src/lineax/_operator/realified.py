@@ -153,7 +153,14 @@ def realified_options(
     in_struct = operator.in_structure()
     options = dict(options)
     y0 = options.get("y0", None)
-    if y0 is not None and _any_complex(in_struct):
+    # A guess of another structure (a list for an array) is left whole, for the
+    # solver's check of `y0` to say so: split, it was a `TypeError` from
+    # `jnp.real` (of a list) or from `tree_map`.
+    if (
+        y0 is not None
+        and _any_complex(in_struct)
+        and jtu.tree_structure(y0) == jtu.tree_structure(in_struct)
+    ):
         options["y0"] = jtu.tree_map(
             lambda s, y: (jnp.real(y), jnp.imag(y)) if _is_complex(s) else y,
             in_struct,
