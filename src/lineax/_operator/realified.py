@@ -127,12 +127,16 @@ def realified_vector(
 ) -> PyTree[Array]:
     """`vector`, a right-hand side for `operator`, as one for its realified
     operator `problem`: split where `problem`'s output has a pair (a real leaf
-    where the operator computes a complex one gets a zero imaginary part)."""
+    where the operator computes a complex one gets a zero imaginary part), in
+    the dtypes that `problem` computes (a PyTree operator's float32 row with a
+    complex128 block computes complex128 there: Krylov solvers need the vector
+    in those dtypes)."""
 
     def split(_, realified_struct, leaf):
         if isinstance(realified_struct, tuple):
-            return (jnp.real(leaf), jnp.imag(leaf))
-        return leaf
+            dtype = realified_struct[0].dtype
+            return (jnp.real(leaf).astype(dtype), jnp.imag(leaf).astype(dtype))
+        return leaf.astype(realified_struct.dtype)
 
     return jtu.tree_map(
         split, operator.out_structure(), problem.out_structure(), vector
@@ -149,7 +153,14 @@ def realified_options(
     in_struct = operator.in_structure()
     options = dict(options)
     y0 = options.get("y0", None)
-    if y0 is not None and _any_complex(in_struct):
+    # A guess of another structure (a list for an array) is left whole, for the
+    # solver's check of `y0` to say so: split, it was a `TypeError` from
+    # `jnp.real` (of a list) or from `tree_map`.
+    if (
+        y0 is not None
+        and _any_complex(in_struct)
+        and jtu.tree_structure(y0) == jtu.tree_structure(in_struct)
+    ):
         options["y0"] = jtu.tree_map(
             lambda s, y: (jnp.real(y), jnp.imag(y)) if _is_complex(s) else y,
             in_struct,
