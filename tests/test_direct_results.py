@@ -689,3 +689,58 @@ def test_mixed_real_complex_pytree_operator_jvp_under_strict_promotion(solver):
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
     grad = jax.jit(jax.grad(lambda o: solve(o, vector)["a"][0]))(op)
     assert jnp.all(jnp.isfinite(jax.tree.leaves(grad)[0]))
+
+
+def _float32_float64_operator():
+    rng = np.random.default_rng(3)
+    matrix = rng.standard_normal((4, 4)) + 4 * np.eye(4)
+    matrix = matrix @ matrix.T
+    blocks = {
+        row: {
+            "a": matrix[i : i + 2, :2].astype(np.float32),
+            "b": matrix[i : i + 2, 2:],
+        }
+        for row, i in (("a", 0), ("b", 2))
+    }
+    structure = {
+        "a": jax.ShapeDtypeStruct((2,), jnp.float32),
+        "b": jax.ShapeDtypeStruct((2,), jnp.float64),
+    }
+    op = lx.PyTreeLinearOperator(blocks, structure, lx.positive_semidefinite_tag)
+    return op, matrix
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [lx.AutoLinearSolver(well_posed=True), lx.QR(), lx.SVD(), lx.Cholesky()],
+    ids=["auto", "qr", "svd", "cholesky"],
+)
+def test_float32_float64_pytree_operator_solution_keeps_the_input_dtypes(solver):
+    # The matrix solvers compute in the promoted dtype (float64) of a PyTree
+    # operator mixing float32 and float64 leaves, and returned the float32 leaf of
+    # the solution as float64: as the carry of a `lax.scan` (an Optimistix iterate
+    # updated by the solution) that was a type error. lineax 0.1.1 returns the
+    # input structure's dtypes (checked against it in a subprocess).
+    op, matrix = _float32_float64_operator()
+    vector = {"a": jnp.ones(2, jnp.float32), "b": jnp.ones(2)}
+    expected = np.linalg.solve(matrix, np.ones(4))
+
+    def step(x, _):
+        delta = lx.linear_solve(op, vector, solver).value
+        return jax.tree.map(lambda xi, di: xi + di, x, delta), None
+
+    x0 = jax.tree.map(jnp.zeros_like, vector)
+    x, _ = jax.lax.scan(step, x0, length=2)
+    assert x["a"].dtype == jnp.float32 and x["b"].dtype == jnp.float64
+    got = np.concatenate([x["a"], x["b"]]) / 2
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    # Un-jitted (the cached compiled path) and the tangent, likewise.
+    value = lx.linear_solve(op, vector, solver).value
+    assert value["a"].dtype == jnp.float32 and value["b"].dtype == jnp.float64
+    _, tangent = jax.jvp(
+        lambda v: lx.linear_solve(op, v, solver).value, (vector,), (vector,)
+    )
+    assert tangent["a"].dtype == jnp.float32 and tangent["b"].dtype == jnp.float64
+    np.testing.assert_allclose(
+        np.concatenate([tangent["a"], tangent["b"]]), expected, rtol=1e-6
+    )

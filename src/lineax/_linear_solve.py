@@ -18,7 +18,6 @@ from ._operator.function import FunctionLinearOperator
 from ._operator.realified import (
     joined,
     mixes_real_and_complex,
-    real_where_real,
     realified,
     realified_options,
     realified_vector,
@@ -375,9 +374,8 @@ def _linear_solve(operator, vector, solver, options, state, throw) -> Solution:
     # module's bound method is a new Module at each access (the test took 63 us
     # through `operator.in_structure()` and `operator.out_structure()`).
     in_structure = type(operator).in_structure(operator)
-    mixed = mixes_real_and_complex(in_structure, out_structure)
     posed = None
-    if mixed:
+    if mixes_real_and_complex(in_structure, out_structure):
         # Posed here, before `init`, so that the primitive solves and
         # differentiates (JVP, transpose, vmap) a real problem, with no rule of
         # its own: see `_operator/realified.py`.
@@ -409,9 +407,38 @@ def _linear_solve(operator, vector, solver, options, state, throw) -> Solution:
     )
     if realify:
         solution = joined(in_structure, solution)
-    elif mixed:
-        solution = real_where_real(in_structure, solution)
+    else:
+        solution = _in_dtypes(in_structure, solution)
     return Solution(value=solution, result=result, stats=stats, state=state)
+
+
+def _in_dtypes(
+    structure: PyTree[jax.ShapeDtypeStruct], x: PyTree[Array]
+) -> PyTree[Array]:
+    """The solution `x` in the dtypes of the operator's input `structure`, as
+    lineax 0.1.1 returns it. The matrix solvers compute in the promoted dtype of
+    a PyTree operator whose leaves mix dtypes (NumPy's promotion): a float32 leaf
+    came back float64, which changes the carry of a user's `lax.scan` or
+    `while_loop` (an Optimistix iterate). At a real leaf of an operator mixing
+    real and complex leaves, solved as the promoted complex system (by a solver
+    for square operators, see `_solves`), this is the real part: where a
+    solution with real leaves exists (and the operator is nonsingular) it is
+    that solution, and the imaginary part dropped is rounding; where none
+    exists, it is not a least-squares solution of any kind, which is why a
+    least-squares solver solves the realified problem instead. Leaves already
+    in their dtype are returned as they are: no operation for an ordinary
+    solve."""
+
+    def cast(struct, leaf):
+        if leaf.dtype == struct.dtype:
+            return leaf
+        if jnp.iscomplexobj(leaf) and not jnp.issubdtype(
+            struct.dtype, jnp.complexfloating
+        ):
+            leaf = jnp.real(leaf)
+        return leaf.astype(struct.dtype)
+
+    return jtu.tree_map(cast, structure, x)
 
 
 def _solves(

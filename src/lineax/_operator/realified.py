@@ -13,8 +13,8 @@ splitting the complex leaves of a mixed input too is consistent.
 solver accepts it, a least-squares one (another shape, no tags): the primitive
 then sees only real operators, vectors and solutions. A solver for square
 operators solves the promoted complex system instead, as lineax 0.1.1 and NumPy
-do, and the real leaves of its solution get their real part
-(`real_where_real`).
+do, and the real leaves of its solution get their real part (`_in_dtypes` in
+`_linear_solve.py`).
 """
 
 from typing import Any
@@ -72,26 +72,6 @@ def joined(structure: PyTree[jax.ShapeDtypeStruct], x: PyTree[Array]) -> PyTree[
 
     # (`structure` is a prefix of `x`: a pair is one subtree of `x`.)
     return jtu.tree_map(join, structure, x)
-
-
-def real_where_real(
-    structure: PyTree[jax.ShapeDtypeStruct], x: PyTree[Array]
-) -> PyTree[Array]:
-    """`x`, the solution of an operator's promoted complex system, in the dtypes
-    of its input `structure`: the real part at a real leaf (as lineax 0.1.1
-    returns it, and NumPy's solve cast to the input dtypes).
-
-    Where a solution with real leaves exists (and the operator is nonsingular)
-    it is that solution, and the imaginary part dropped is rounding; where none
-    exists, the real part is not a least-squares solution of any kind, which is
-    why a least-squares solver solves the realified problem instead."""
-
-    def cast(struct, leaf):
-        if not _is_complex(struct) and jnp.iscomplexobj(leaf):
-            leaf = jnp.real(leaf)
-        return leaf.astype(struct.dtype)
-
-    return jtu.tree_map(cast, structure, x)
 
 
 class _RealifiedAction(eqx.Module):
