@@ -288,7 +288,7 @@ def test_jit_and_vmap_over_values():
 def test_eager_construction_is_one_compiled_function(precond, tags):
     # Built un-jitted (a script, a notebook), the construction ran operation by
     # operation: 47 (ILU) and 43 (IC) small XLA programs compiled for each new
-    # size of pattern, 1-3 s (CPU). It is now one program per shape, which a new
+    # size of pattern, 1-1.5 s (CPU). It is now one program per shape, which a new
     # matrix of that shape (or a new shift) only dispatches, and its factors are
     # those of a construction inside `jit`, bit for bit.
     make, data = _from_values(_poisson_2d(4), *tags)
