@@ -277,6 +277,50 @@ def test_jit_and_vmap_over_values():
     np.testing.assert_allclose(batched, eager[None] / scales[:, None], rtol=1e-13)
 
 
+@pytest.mark.parametrize(
+    "precond, tags",
+    [
+        (lx.ILUPreconditioner, ()),
+        (lx.IncompleteCholeskyPreconditioner, (lx.positive_semidefinite_tag,)),
+    ],
+    ids=["ilu", "ic"],
+)
+def test_eager_construction_is_one_compiled_function(precond, tags):
+    # Built un-jitted (a script, a notebook), the construction ran operation by
+    # operation: 47 (ILU) and 43 (IC) small XLA programs compiled for each new
+    # size of pattern, 1-1.5 s (CPU). It is now one program per shape, which a new
+    # matrix of that shape (or a new shift) only dispatches, and its factors are
+    # those of a construction inside `jit`, bit for bit.
+    make, data = _from_values(_poisson_2d(4), *tags)
+    operators = [make(data), make(2 * data + 1)]
+    jax.clear_caches()
+    compiles = []
+
+    # Counted as programs lowered, not XLA compiles: the run's persistent
+    # compilation cache (conftest) serves a program another test compiled without
+    # a compile event.
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        first = precond(operators[0])
+        first_compiles = len(compiles)
+        second = precond(operators[1], shift=0.25)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert first_compiles == 1
+    assert len(compiles) == first_compiles
+    jitted = jax.jit(lambda data, shift: precond(make(data), shift=shift))
+    for eager, values, shift in ((first, data, 0.0), (second, 2 * data + 1, 0.25)):
+        for got, want in zip(
+            jax.tree_util.tree_leaves(eager),
+            jax.tree_util.tree_leaves(jitted(values, shift)),
+        ):
+            np.testing.assert_array_equal(got, want)
+
+
 #
 # Iteration counts and gradients.
 #

@@ -7,14 +7,16 @@ import jax
 import jax.core
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool
+from jaxtyping import Array, Bool, Int
 
-from .._misc import Static
+from .._misc import jit_when_eager, Static
 from .._operator.base import concrete_arrays, is_cacheable, reads_every_leaf
 from .base import AbstractPreconditioner, apply_flat, replace_fields
 from .incomplete import (
     eliminate,
+    Elimination,
     elimination,
+    index_array,
     make_pattern,
     scatter_values,
     slots_of,
@@ -22,30 +24,37 @@ from .incomplete import (
     sparse_operator_of,
     stored_entries,
     triangular_factor,
+    triangular_layout,
     TriangularFactor,
+    TriangularLayout,
 )
 
 
 def check_shift(shift: Any) -> Any:
+    """`shift`, checked, as a JAX array: a Python number would be a static argument
+    of the jitted factorisation, compiled again for each value when built eagerly.
+    (`jax.device_put` keeps a Python number weakly typed and, unlike
+    `jnp.asarray`, compiles nothing.)"""
     if not isinstance(shift, jax.core.Tracer):
         value = float(np.real(np.asarray(shift)))
         if not value >= 0:
             raise ValueError(f"`shift` must be a non-negative number, got {shift!r}.")
-    return shift
+    return shift if isinstance(shift, jax.Array) else jax.device_put(shift)
 
 
-def shifted_diagonal(values: Array, diagonal_slots: np.ndarray, shift: Any) -> Array:
+def shifted_diagonal(
+    values: Array, diagonal_slots: Int[Array, " size"], shift: Any
+) -> Array:
     """The values with the diagonal scaled by `1 + shift` (Manteuffel's shift,
     "An incomplete factorization technique for positive definite linear systems",
     Math. Comp. 34, 1980): a larger shift makes the factorisation more stable and
     a worse approximation."""
-    slots = jnp.asarray(diagonal_slots, jnp.int32)
     scale = (1 + jnp.asarray(shift)).astype(values.dtype)
     # The diagonal's slots are distinct, and saying so matters: JAX differentiates
     # a `scatter_mul` in its multiplier only for unique indices, so a traced shift
     # (e.g. scaled to the values being differentiated) raised NotImplementedError
     # under `jax.grad`.
-    return values.at[slots].multiply(scale, unique_indices=True)
+    return values.at[diagonal_slots].multiply(scale, unique_indices=True)
 
 
 class ILUPreconditioner(AbstractPreconditioner):
@@ -107,41 +116,33 @@ class ILUPreconditioner(AbstractPreconditioner):
     def __init__(self, operator: Any, shift: Any = 0.0):
         who = "ILUPreconditioner"
         sparse, operator = sparse_operator_of(operator, who)
-        check_shift(shift)
+        shift = check_shift(shift)
         n = sparse.matrix.shape[0]
         rows, columns = stored_entries(sparse.matrix, who)
         valid = rows < n
         pattern = make_pattern(rows[valid] * n + columns[valid], n)
-        nnz = pattern.nnz
-        values = scatter_values(
-            sparse.matrix.data, slots_of(pattern, rows, columns), nnz
-        )
-        values = shifted_diagonal(values, pattern.diagonal, shift)
-        values = eliminate(elimination(pattern), values)
-        diagonal = values[jnp.asarray(pattern.diagonal, jnp.int32)]
-        breakdown = ~(jnp.all(jnp.isfinite(values)) & jnp.all(diagonal != 0))
-        values = jnp.where(breakdown, jnp.nan, values)
-        diagonal = jnp.where(breakdown, jnp.nan, diagonal)
-        self.breakdown = breakdown
-
         prow, pcol = pattern.rows, pattern.columns
         lower = np.flatnonzero(pcol < prow)
         upper = np.flatnonzero(pcol > prow)
 
-        def factor(rows, columns, slots, diagonal, lower):
-            return triangular_factor(
-                n, rows, columns, slots, values, diagonal, lower=lower
-            )
+        def layout(rows, columns, slots, lower):
+            return triangular_layout(n, rows, columns, slots, pattern.nnz, lower=lower)
 
-        self.factors = (
-            factor(prow[lower], pcol[lower], lower, None, True),
-            factor(prow[upper], pcol[upper], upper, diagonal, False),
-        )
-        # Uᵀ (lower, with U's diagonal), then Lᵀ (upper, unit): the same slots with
-        # rows and columns swapped.
-        self.transposed_factors = (
-            factor(pcol[upper], prow[upper], upper, diagonal, True),
-            factor(pcol[lower], prow[lower], lower, None, False),
+        self.breakdown, self.factors, self.transposed_factors = _factorise(
+            sparse.matrix.data,
+            shift,
+            index_array(slots_of(pattern, rows, columns)),
+            index_array(pattern.diagonal),
+            elimination(pattern),
+            (
+                layout(prow[lower], pcol[lower], lower, True),
+                layout(prow[upper], pcol[upper], upper, False),
+                # Uᵀ (lower, with U's diagonal), then Lᵀ (upper, unit): the same
+                # slots with rows and columns swapped.
+                layout(pcol[upper], prow[upper], upper, True),
+                layout(pcol[lower], prow[lower], lower, False),
+            ),
+            pattern.nnz,
         )
         self.input_structure = Static(sparse.out_structure())
         self.output_structure = Static(sparse.in_structure())
@@ -163,6 +164,43 @@ class ILUPreconditioner(AbstractPreconditioner):
             input_structure=self.output_structure,
             output_structure=self.input_structure,
         )
+
+
+# The value-dependent part of the construction; see `incomplete.py`. `layouts` are
+# those of L, U, Uᵀ and Lᵀ.
+@jit_when_eager
+def _factorise(
+    data: Array,
+    shift: Any,
+    slots: Int[Array, " entries"],
+    diagonal_slots: Int[Array, " size"],
+    schedule: Elimination,
+    layouts: tuple[TriangularLayout, ...],
+    nnz: int,
+) -> tuple[
+    Bool[Array, ""],
+    tuple[TriangularFactor, TriangularFactor],
+    tuple[TriangularFactor, TriangularFactor],
+]:
+    values = scatter_values(data, slots, nnz)
+    values = shifted_diagonal(values, diagonal_slots, shift)
+    values = eliminate(schedule, values)
+    diagonal = values[diagonal_slots]
+    breakdown = ~(jnp.all(jnp.isfinite(values)) & jnp.all(diagonal != 0))
+    values = jnp.where(breakdown, jnp.nan, values)
+    diagonal = jnp.where(breakdown, jnp.nan, diagonal)
+    lower, upper, upper_t, lower_t = layouts
+    return (
+        breakdown,
+        (
+            triangular_factor(lower, values, None),
+            triangular_factor(upper, values, diagonal),
+        ),
+        (
+            triangular_factor(upper_t, values, diagonal),
+            triangular_factor(lower_t, values, None),
+        ),
+    )
 
 
 is_cacheable.register(ILUPreconditioner)(concrete_arrays)

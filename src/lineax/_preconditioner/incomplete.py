@@ -19,6 +19,13 @@ The split between host and device is the contract of this module:
   This is the level scheduling of Anderson and Saad ("Solving sparse triangular
   linear systems on parallel computers", 1989; Saad, "Iterative Methods for Sparse
   Linear Systems", 2nd ed., §11.6).
+- Everything a construction computes from the values (scattering them onto the
+  pattern, the elimination, the breakdown test, gathering the factors into the
+  level layout) is one function of the values and of the integer arrays, which
+  each preconditioner compiles with `jit_when_eager`. Built un-jitted, as a
+  constructor usually is, it ran operation by operation: 30-40 small XLA programs
+  compiled for each new size of pattern (1-1.5 s, CPU), where one is now compiled
+  per shape (0.3-0.4 s) and reused by every matrix of that shape.
 """
 
 from typing import Any, NamedTuple
@@ -137,9 +144,9 @@ def slots_of(pattern: Pattern, rows: np.ndarray, columns: np.ndarray) -> np.ndar
     return np.where(found, slot, pattern.nnz)
 
 
-def scatter_values(data: Array, slots: np.ndarray, nnz: int) -> Array:
+def scatter_values(data: Array, slots: Int[Array, " entries"], nnz: int) -> Array:
     """The values on the pattern: stored duplicates summed, padding dropped."""
-    return jax.ops.segment_sum(data, jnp.asarray(slots, jnp.int32), num_segments=nnz)
+    return jax.ops.segment_sum(data, slots, num_segments=nnz)
 
 
 #
@@ -166,8 +173,10 @@ def _padded_groups(
     return out
 
 
-def _int32(array: np.ndarray) -> Array:
-    return jnp.asarray(array, jnp.int32)
+def index_array(array: np.ndarray) -> Int[Array, "..."]:
+    """A host index array as a JAX `int32` array. (Cast on the host and
+    `device_put`: `jnp.asarray` compiles a copy for each new shape, when eager.)"""
+    return jax.device_put(np.asarray(array, np.int32))
 
 
 #
@@ -235,18 +244,16 @@ def elimination(pattern: Pattern) -> Elimination:
         stage[owner], num_stages, [target, lower[owner], source], [nnz, nnz, nnz]
     )
     return Elimination(
-        _int32(lower_slots),
-        _int32(pivot_slots),
-        _int32(targets),
-        _int32(factors),
-        _int32(sources),
+        index_array(lower_slots),
+        index_array(pivot_slots),
+        index_array(targets),
+        index_array(factors),
+        index_array(sources),
     )
 
 
-# Built or applied un-jitted, the loop was traced and compiled again at every call
-# (a new closure each time): 0.1-0.3 s per preconditioner built and per `mv` at
-# n = 900 (CPU). See `jit_when_eager`.
-@jit_when_eager
+# (Called within each preconditioner's jitted factorisation, so it is compiled once
+# per shape, not traced again at every construction.)
 def eliminate(schedule: Elimination, values: Array) -> Array:
     """The ILU(0) factors on the pattern: `L` (unit diagonal, not stored) in the
     strictly lower slots, `U` in the others."""
@@ -301,19 +308,29 @@ class TriangularFactor(eqx.Module):
     diagonal: Inexact[Array, "levels width"] | None
 
 
-def triangular_factor(
+class TriangularLayout(eqx.Module):
+    """The integer arrays of a `TriangularFactor`, computed on the host from the
+    pattern, and the pattern slot of each of its entries (padded with `nnz`), from
+    which `triangular_factor` gathers the values."""
+
+    rows: Int[Array, "levels width"]
+    columns: Int[Array, "levels entries"]
+    segments: Int[Array, "levels entries"]
+    slots: Int[Array, "levels entries"]
+
+
+def triangular_layout(
     n: int,
     rows: np.ndarray,
     columns: np.ndarray,
     slots: np.ndarray,
-    values: Inexact[Array, " nnz"],
-    diagonal: Inexact[Array, " size"] | None,
+    nnz: int,
     *,
     lower: bool,
-) -> TriangularFactor:
-    """The triangular matrix with off-diagonal entries `(rows, columns)` (strictly
-    lower if `lower`, else strictly upper) holding `values[slots]`, and diagonal
-    `diagonal` (`None`: unit)."""
+) -> TriangularLayout:
+    """The layout of the triangular matrix with off-diagonal entries `(rows,
+    columns)` (strictly lower if `lower`, else strictly upper) holding the values of
+    the pattern slots `slots` (of `nnz`)."""
     level = [0] * n
     order = np.argsort(rows if lower else -rows, kind="stable")
     for i, k in zip(rows[order].tolist(), columns[order].tolist()):
@@ -328,18 +345,31 @@ def triangular_factor(
     for row in level_rows:
         real = row[row < n]
         position[real] = np.arange(len(real))
-    nnz = values.shape[0]
     entry_slots, entry_columns, segments = _padded_groups(
         level[rows], num_levels, [slots, columns, position[rows]], [nnz, 0, width]
     )
-    level_rows = _int32(level_rows)
+    return TriangularLayout(
+        index_array(level_rows),
+        index_array(entry_columns),
+        index_array(segments),
+        index_array(entry_slots),
+    )
+
+
+def triangular_factor(
+    layout: TriangularLayout,
+    values: Inexact[Array, " nnz"],
+    diagonal: Inexact[Array, " size"] | None,
+) -> TriangularFactor:
+    """The triangular matrix of `layout` holding `values` (on the pattern), with
+    diagonal `diagonal` (`None`: unit)."""
     if diagonal is not None:
-        diagonal = diagonal.at[level_rows].get(mode="fill", fill_value=1)
+        diagonal = diagonal.at[layout.rows].get(mode="fill", fill_value=1)
     return TriangularFactor(
-        level_rows,
-        _int32(entry_columns),
-        _int32(segments),
-        values.at[_int32(entry_slots)].get(mode="fill", fill_value=0),
+        layout.rows,
+        layout.columns,
+        layout.segments,
+        values.at[layout.slots].get(mode="fill", fill_value=0),
         diagonal,
     )
 

@@ -6,9 +6,9 @@ from typing import Any
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Inexact
+from jaxtyping import Array, Bool, Inexact, Int
 
-from .._misc import Static
+from .._misc import jit_when_eager, Static
 from .._operator.base import (
     concrete_arrays,
     is_cacheable,
@@ -21,7 +21,9 @@ from .base import AbstractPreconditioner, apply_flat, definite_tags, replace_fie
 from .ilu import check_shift, shifted_diagonal
 from .incomplete import (
     eliminate,
+    Elimination,
     elimination,
+    index_array,
     make_pattern,
     scatter_values,
     slots_of,
@@ -29,7 +31,9 @@ from .incomplete import (
     sparse_operator_of,
     stored_entries,
     triangular_factor,
+    triangular_layout,
     TriangularFactor,
+    TriangularLayout,
 )
 
 
@@ -93,7 +97,7 @@ class IncompleteCholeskyPreconditioner(AbstractPreconditioner):
                 "or `lx.positive_semidefinite_tag` if it is. For a nonsymmetric "
                 "sparse matrix use `lx.ILUPreconditioner`."
             )
-        check_shift(shift)
+        shift = check_shift(shift)
         positive = is_positive_semidefinite(operator)
         negative = (not positive) and is_negative_semidefinite(operator)
         hermitian = positive or negative
@@ -109,42 +113,20 @@ class IncompleteCholeskyPreconditioner(AbstractPreconditioner):
         nnz = pattern.nnz
         slots = np.where(lower, slots_of(pattern, rows, columns), nnz)
         mirror = np.where(strict, slots_of(pattern, columns, rows), nnz)
-        data = sparse.matrix.data
-        mirrored = jnp.conj(data) if hermitian else data
-        values = scatter_values(
-            jnp.concatenate([data, mirrored]), np.concatenate([slots, mirror]), nnz
-        )
-        values = shifted_diagonal(values, pattern.diagonal, shift)
-        # ILU(0) of a symmetric matrix on a symmetric pattern is `L (D Lᴴ)`: its
-        # lower factor and pivots are those of IC(0); its upper factor is unused.
-        # (Twice the work of an IC-only elimination, once, for one schedule.)
-        values = eliminate(elimination(pattern), values)
-        diagonal = values[jnp.asarray(pattern.diagonal, jnp.int32)]
-        if positive:
-            pivots_ok = jnp.real(diagonal) > 0
-        elif negative:
-            pivots_ok = jnp.real(diagonal) < 0
-        else:
-            pivots_ok = diagonal != 0
-        breakdown = ~(jnp.all(jnp.isfinite(values)) & jnp.all(pivots_ok))
-        values = jnp.where(breakdown, jnp.nan, values)
-        self.diagonal = jnp.where(breakdown, jnp.nan, diagonal)
-        self.breakdown = breakdown
-
         prow, pcol = pattern.rows, pattern.columns
         below = np.flatnonzero(pcol < prow)
-        self.lower = triangular_factor(
-            n, prow[below], pcol[below], below, values, None, lower=True
-        )
-        # Lᴴ (or Lᵀ): the slots of L, rows and columns swapped.
-        self.upper = triangular_factor(
-            n,
-            pcol[below],
-            prow[below],
-            below,
-            jnp.conj(values) if hermitian else values,
-            None,
-            lower=False,
+        self.diagonal, self.breakdown, self.lower, self.upper = _factorise(
+            sparse.matrix.data,
+            shift,
+            index_array(np.concatenate([slots, mirror])),
+            index_array(pattern.diagonal),
+            elimination(pattern),
+            triangular_layout(n, prow[below], pcol[below], below, nnz, lower=True),
+            # Lᴴ (or Lᵀ): the slots of L, rows and columns swapped.
+            triangular_layout(n, pcol[below], prow[below], below, nnz, lower=False),
+            nnz,
+            positive,
+            negative,
         )
         self.hermitian = hermitian
         self.input_structure = Static(sparse.out_structure())
@@ -178,6 +160,47 @@ class IncompleteCholeskyPreconditioner(AbstractPreconditioner):
             input_structure=self.output_structure,
             output_structure=self.input_structure,
         )
+
+
+# The value-dependent part of the construction; see `incomplete.py`.
+@jit_when_eager
+def _factorise(
+    data: Array,
+    shift: Any,
+    slots: Int[Array, " twice_entries"],
+    diagonal_slots: Int[Array, " size"],
+    schedule: Elimination,
+    lower: TriangularLayout,
+    upper: TriangularLayout,
+    nnz: int,
+    positive: bool,
+    negative: bool,
+) -> tuple[
+    Inexact[Array, " size"], Bool[Array, ""], TriangularFactor, TriangularFactor
+]:
+    hermitian = positive or negative
+    mirrored = jnp.conj(data) if hermitian else data
+    values = scatter_values(jnp.concatenate([data, mirrored]), slots, nnz)
+    values = shifted_diagonal(values, diagonal_slots, shift)
+    # ILU(0) of a symmetric matrix on a symmetric pattern is `L (D Lᴴ)`: its
+    # lower factor and pivots are those of IC(0); its upper factor is unused.
+    # (Twice the work of an IC-only elimination, once, for one schedule.)
+    values = eliminate(schedule, values)
+    diagonal = values[diagonal_slots]
+    if positive:
+        pivots_ok = jnp.real(diagonal) > 0
+    elif negative:
+        pivots_ok = jnp.real(diagonal) < 0
+    else:
+        pivots_ok = diagonal != 0
+    breakdown = ~(jnp.all(jnp.isfinite(values)) & jnp.all(pivots_ok))
+    values = jnp.where(breakdown, jnp.nan, values)
+    return (
+        jnp.where(breakdown, jnp.nan, diagonal),
+        breakdown,
+        triangular_factor(lower, values, None),
+        triangular_factor(upper, jnp.conj(values) if hermitian else values, None),
+    )
 
 
 is_cacheable.register(IncompleteCholeskyPreconditioner)(concrete_arrays)
