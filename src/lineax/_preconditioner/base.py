@@ -232,6 +232,17 @@ def definite_tags(operator: AbstractLinearOperator) -> frozenset:
     return frozenset(tags)
 
 
+def usable_pivots(diagonal: Array, positive: bool, negative: bool) -> Array:
+    """Where the pivots (or diagonal entries) of an approximate inverse can be
+    divided by: of the sign the operator's definiteness tag promises (real part
+    positive, or negative), else nonzero."""
+    if positive:
+        return jnp.real(diagonal) > 0
+    if negative:
+        return jnp.real(diagonal) < 0
+    return diagonal != 0
+
+
 def check_square(operator: Any, who: str) -> AbstractLinearOperator:
     """Check that `operator` is a square linear operator; return it."""
     check_operator(operator, who=who)

@@ -17,7 +17,13 @@ from .._operator.base import (
     is_symmetric,
     reads_every_leaf,
 )
-from .base import AbstractPreconditioner, apply_flat, definite_tags, replace_fields
+from .base import (
+    AbstractPreconditioner,
+    apply_flat,
+    definite_tags,
+    replace_fields,
+    usable_pivots,
+)
 from .ilu import check_shift, shifted_diagonal
 from .incomplete import (
     eliminate,
@@ -187,12 +193,7 @@ def _factorise(
     # (Twice the work of an IC-only elimination, once, for one schedule.)
     values = eliminate(schedule, values)
     diagonal = values[diagonal_slots]
-    if positive:
-        pivots_ok = jnp.real(diagonal) > 0
-    elif negative:
-        pivots_ok = jnp.real(diagonal) < 0
-    else:
-        pivots_ok = diagonal != 0
+    pivots_ok = usable_pivots(diagonal, positive, negative)
     breakdown = ~(jnp.all(jnp.isfinite(values)) & jnp.all(pivots_ok))
     values = jnp.where(breakdown, jnp.nan, values)
     return (

@@ -26,6 +26,7 @@ from .base import (
     definite_tags,
     flat_mv,
     replace_fields,
+    usable_pivots,
 )
 
 
@@ -108,12 +109,7 @@ class JacobiPreconditioner(AbstractPreconditioner):
             diag = probe_diagonal_estimate(operator, probes, key)
         positive = is_positive_semidefinite(operator)
         negative = (not positive) and is_negative_semidefinite(operator)
-        if positive:
-            invertible = jnp.real(diag) > 0
-        elif negative:
-            invertible = jnp.real(diag) < 0
-        else:
-            invertible = diag != 0
+        invertible = usable_pivots(diag, positive, negative)
         largest = jnp.max(jnp.abs(diag))
         fallback = jnp.where(largest > 0, largest, 1).astype(diag.dtype)
         fallback = -fallback if negative else fallback
