@@ -374,23 +374,15 @@ def _linear_solve(operator, vector, solver, options, state, throw) -> Solution:
     # module's bound method is a new Module at each access (the test took 63 us
     # through `operator.in_structure()` and `operator.out_structure()`).
     in_structure = type(operator).in_structure(operator)
-    posed = None
-    if mixes_real_and_complex(in_structure, out_structure):
-        # Posed here, before `init`, so that the primitive solves and
-        # differentiates (JVP, transpose, vmap) a real problem, with no rule of
-        # its own: see `_operator/realified.py`.
-        problem = realified(operator)
-        posed = solver.reformulate(
-            problem,
-            realified_vector(operator, problem, vector),
-            realified_options(operator, options),
-        )
-        if not _solves(solver, posed[0], posed[2]):
-            posed = None
+    # Posed here, before `init`, so that the primitive solves and differentiates
+    # (JVP, transpose, vmap) a real problem, with no rule of its own: see
+    # `_operator/realified.py`.
+    posed = _realified_problem(operator, in_structure, out_structure, options, solver)
     realify = posed is not None
-    if posed is None:
-        posed = solver.reformulate(operator, vector, options)
-    operator, vector, options = posed
+    if posed is not None:
+        vector = realified_vector(operator, posed[0], vector)
+        operator, options = posed
+    operator, vector, options = solver.reformulate(operator, vector, options)
     if state is _sentinel:
         # The state is a function of the operator, but derivatives are taken by
         # the primitive's JVP rule with respect to `operator` directly; stopping
@@ -439,6 +431,25 @@ def _in_dtypes(
         return leaf.astype(struct.dtype)
 
     return jtu.tree_map(cast, structure, x)
+
+
+def _realified_problem(
+    operator: AbstractLinearOperator,
+    in_structure: PyTree[jax.ShapeDtypeStruct],
+    out_structure: PyTree[jax.ShapeDtypeStruct],
+    options: dict[str, Any],
+    solver: AbstractLinearSolver,
+) -> tuple[AbstractLinearOperator, dict[str, Any]] | None:
+    """The realified operator and options that `linear_solve` (and `invert`)
+    solve where `operator` mixes real and complex leaves and `solver` solves that
+    problem (see `_solves`); else `None`: the operator is solved as it is."""
+    if not mixes_real_and_complex(in_structure, out_structure):
+        return None
+    problem = realified(operator)
+    problem_options = realified_options(operator, options)
+    if not _solves(solver, problem, problem_options):
+        return None
+    return problem, problem_options
 
 
 def _solves(
@@ -647,12 +658,10 @@ def invert(
     # The state of the problem that `linear_solve` solves (see there): of the
     # realified operator where it mixes real and complex leaves and `solver`
     # solves that, which carries no tags, so neither does its inverse.
-    solved, solved_options = operator, options
-    if mixes_real_and_complex(operator.in_structure(), operator.out_structure()):
-        problem = realified(operator)
-        problem_options = realified_options(operator, options)
-        if _solves(solver, problem, problem_options):
-            solved, solved_options = problem, problem_options
+    posed = _realified_problem(
+        operator, operator.in_structure(), operator.out_structure(), options, solver
+    )
+    solved, solved_options = (operator, options) if posed is None else posed
     state = solver.init(_stop_gradient(solved), solved_options)
     solve = _InverseSolve(operator, solver, options, state, throw)
     tags = inverse_tags(solver, solved)

@@ -26,13 +26,9 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
-from .._misc import complex_to_real_dtype
+from .._misc import complex_to_real_dtype, tree_is_complex
 from .base import AbstractLinearOperator
 from .function import FunctionLinearOperator
-
-
-def _is_complex(struct: Any) -> bool:
-    return jnp.issubdtype(struct.dtype, jnp.complexfloating)
 
 
 def mixes_real_and_complex(
@@ -42,17 +38,19 @@ def mixes_real_and_complex(
     """Whether the leaves of an operator's input and output structures are
     neither all real nor all complex: then `linear_solve` solves its realified
     problem. A question about dtypes only (no trace)."""
-    complex_ = [_is_complex(x) for x in jtu.tree_leaves((in_structure, out_structure))]
+    complex_ = [
+        tree_is_complex(x) for x in jtu.tree_leaves((in_structure, out_structure))
+    ]
     return any(complex_) and not all(complex_)
 
 
 def _split(x: Array) -> Array | tuple[Array, Array]:
     """A complex array as the pair `(re, im)`; a real one as it is."""
-    return (jnp.real(x), jnp.imag(x)) if _is_complex(x) else x
+    return (jnp.real(x), jnp.imag(x)) if jnp.iscomplexobj(x) else x
 
 
 def _split_structure(struct: jax.ShapeDtypeStruct) -> Any:
-    if not _is_complex(struct):
+    if not tree_is_complex(struct):
         return struct
     part = jax.ShapeDtypeStruct(struct.shape, complex_to_real_dtype(struct.dtype))
     return (part, part)
@@ -64,7 +62,7 @@ def joined(structure: PyTree[jax.ShapeDtypeStruct], x: PyTree[Array]) -> PyTree[
     structure's dtypes)."""
 
     def join(struct, leaf):
-        if not _is_complex(struct):
+        if not tree_is_complex(struct):
             return jnp.asarray(leaf).astype(struct.dtype)
         re, im = leaf
         real_dtype = complex_to_real_dtype(struct.dtype)
@@ -138,21 +136,17 @@ def realified_options(
     # `jnp.real` (of a list) or from `tree_map`.
     if (
         y0 is not None
-        and _any_complex(in_struct)
+        and tree_is_complex(in_struct)
         and jtu.tree_structure(y0) == jtu.tree_structure(in_struct)
     ):
         options["y0"] = jtu.tree_map(
-            lambda s, y: (jnp.real(y), jnp.imag(y)) if _is_complex(s) else y,
+            lambda s, y: (jnp.real(y), jnp.imag(y)) if tree_is_complex(s) else y,
             in_struct,
             y0,
         )
     precond = options.get("preconditioner", None)
-    if isinstance(precond, AbstractLinearOperator) and _any_complex(
+    if isinstance(precond, AbstractLinearOperator) and tree_is_complex(
         (precond.in_structure(), precond.out_structure())
     ):
         options["preconditioner"] = realified(precond)
     return options
-
-
-def _any_complex(structure: PyTree[jax.ShapeDtypeStruct]) -> bool:
-    return any(_is_complex(x) for x in jtu.tree_leaves(structure))
