@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .._misc import tree_conj, tree_is_complex
-from .._operator.base import AbstractLinearOperator, conj
+from .._operator.base import AbstractLinearOperator, conj, materialise
 from .._operator.tagged import TaggedLinearOperator
 from .._tags import positive_semidefinite_tag
+from ._krylov import AbstractKrylovSolver
 from .base import AbstractLinearSolver, check_solver
 
 
@@ -102,6 +103,14 @@ class Normal(AbstractLinearSolver[NormalState]):
     ) -> NormalState:
         tall = operator.out_size() >= operator.in_size()
         complex_ = tree_is_complex(operator.in_structure(), operator.out_structure())
+        if not isinstance(self.inner_solver, AbstractKrylovSolver):
+            # A direct inner solver reads the Gram matrix: `A` is materialised
+            # once here, not for each factor of `A^H A` and again for each
+            # `A^H b`, and the state then holds arrays only (as in lineax 0.1.1).
+            # Optimistix's Chord and Diffrax's VeryChord keep the state across
+            # steps through `lax.stop_gradient`, which refused the function
+            # operator (its closure-converted jaxpr) that `linearise` gives them.
+            operator = materialise(operator)
         gram = _normal_operator(operator, tall, complex_)
         options = _inner_options(operator, tall, options)
         return NormalState(
