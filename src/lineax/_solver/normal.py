@@ -66,9 +66,11 @@ class Normal(AbstractLinearSolver[NormalState]):
     For a tall (or square) operator, solves `A^H A x = A^H b` (least squares); for a
     wide one, solves `A A^H y = b` and returns `x = A^H y` (minimum norm). The
     Gram operator is passed to `inner_solver` tagged positive semidefinite, so
-    `inner_solver` may be e.g. [`lineax.Cholesky`][] (materialised) or
-    [`lineax.CG`][] (matrix-free). Squaring the condition number is the price:
-    prefer [`lineax.QR`][] or [`lineax.LSMR`][] for ill-conditioned problems.
+    `inner_solver` may be e.g. [`lineax.Cholesky`][] or [`lineax.CG`][]
+    (matrix-free). With any inner solver but a Krylov one, `A` is materialised
+    once, in `init`, and the state holds arrays only. Squaring the condition
+    number is the price: prefer [`lineax.QR`][] or [`lineax.LSMR`][] for
+    ill-conditioned problems.
 
     What it assumes about the rank is `inner_solver`'s (`assume_full_rank()`).
     With [`lineax.Cholesky`][] or [`lineax.CG`][] (full rank) a rank-deficient `A`
