@@ -656,3 +656,45 @@ def test_lu_init_tests_finiteness_of_the_factors_not_the_matrix():
             for j in range(3):
                 result = solve(base.at[i, j].set(bad))
                 assert result == lx.RESULTS.nonfinite_input, (bad, i, j)
+
+
+# Chord-type root finders factorise the Jacobian once and keep the linear
+# solver's state across steps through `lax.stop_gradient` (Optimistix's Chord;
+# Diffrax's VeryChord, the default root finder of its implicit solvers). With
+# `lx.Normal(lx.Cholesky())` that state held the linearised Jacobian, a function
+# operator with a jaxpr inside, which `stop_gradient` refused ("not a valid JAX
+# type") at trace time; lineax 0.1.1 runs both (Kvaerno5: 28 steps here, as now).
+def test_chord_root_finders_with_normal_cholesky():
+    dfx = pytest.importorskip("diffrax")
+    with _EnableX64():
+        normal = lx.Normal(lx.Cholesky())
+
+        def fn(y, a):
+            return jnp.stack(
+                [y[0] ** 3 + y[1] - a, jnp.sin(y[1]) + 2 * y[1] - a * y[0]]
+            )
+
+        chord = optx.Chord(rtol=1e-10, atol=1e-10, linear_solver=normal)
+        sol = optx.root_find(fn, chord, jnp.array([1.0, 0.0]), args=2.0)
+        assert sol.result == optx.RESULTS.successful
+        assert float(jnp.max(jnp.abs(fn(sol.value, 2.0)))) < 1e-10
+
+        def vector_field(t, y, args):
+            return jnp.stack([-1000.0 * (y[0] - jnp.cos(t)), y[0] - y[1]])
+
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(vector_field),
+            dfx.Kvaerno5(
+                root_finder=dfx.VeryChord(rtol=1e-8, atol=1e-8, linear_solver=normal)
+            ),
+            0.0,
+            1.0,
+            1e-3,
+            jnp.array([0.0, 0.0]),
+            stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-8),
+        )
+        assert sol.result == dfx.RESULTS.successful
+        assert int(sol.stats["num_steps"]) <= 32
+        # y0 = (1e6 cos t + 1e3 sin t - 1e6 exp(-1000 t)) / (1e6 + 1) exactly.
+        want = (1e6 * np.cos(1.0) + 1e3 * np.sin(1.0)) / (1e6 + 1)
+        np.testing.assert_allclose(sol.ys[-1][0], want, rtol=1e-5)

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .._misc import tree_conj, tree_is_complex
-from .._operator.base import AbstractLinearOperator, conj
+from .._operator.base import AbstractLinearOperator, conj, materialise
 from .._operator.tagged import TaggedLinearOperator
 from .._tags import positive_semidefinite_tag
+from ._krylov import AbstractKrylovSolver
 from .base import AbstractLinearSolver, check_solver
 
 
@@ -65,9 +66,11 @@ class Normal(AbstractLinearSolver[NormalState]):
     For a tall (or square) operator, solves `A^H A x = A^H b` (least squares); for a
     wide one, solves `A A^H y = b` and returns `x = A^H y` (minimum norm). The
     Gram operator is passed to `inner_solver` tagged positive semidefinite, so
-    `inner_solver` may be e.g. [`lineax.Cholesky`][] (materialised) or
-    [`lineax.CG`][] (matrix-free). Squaring the condition number is the price:
-    prefer [`lineax.QR`][] or [`lineax.LSMR`][] for ill-conditioned problems.
+    `inner_solver` may be e.g. [`lineax.Cholesky`][] or [`lineax.CG`][]
+    (matrix-free). With any inner solver but a Krylov one, `A` is materialised
+    once, in `init`, and the state holds arrays only. Squaring the condition
+    number is the price: prefer [`lineax.QR`][] or [`lineax.LSMR`][] for
+    ill-conditioned problems.
 
     What it assumes about the rank is `inner_solver`'s (`assume_full_rank()`).
     With [`lineax.Cholesky`][] or [`lineax.CG`][] (full rank) a rank-deficient `A`
@@ -102,6 +105,14 @@ class Normal(AbstractLinearSolver[NormalState]):
     ) -> NormalState:
         tall = operator.out_size() >= operator.in_size()
         complex_ = tree_is_complex(operator.in_structure(), operator.out_structure())
+        if not isinstance(self.inner_solver, AbstractKrylovSolver):
+            # A direct inner solver reads the Gram matrix: `A` is materialised
+            # once here, not for each factor of `A^H A` and again for each
+            # `A^H b`, and the state then holds arrays only (as in lineax 0.1.1).
+            # Optimistix's Chord and Diffrax's VeryChord keep the state across
+            # steps through `lax.stop_gradient`, which refused the function
+            # operator (its closure-converted jaxpr) that `linearise` gives them.
+            operator = materialise(operator)
         gram = _normal_operator(operator, tall, complex_)
         options = _inner_options(operator, tall, options)
         return NormalState(
