@@ -46,3 +46,29 @@ def test_debug_nans_accepts_a_successful_direct_solve_under_grad_and_vmap(solver
         )
     np.testing.assert_allclose(grad, np.linalg.solve(_A.T, np.ones(_N)), rtol=1e-12)
     np.testing.assert_allclose(batched, np.stack([x, 2 * x]), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [lx.CG(rtol=1e-12, atol=1e-12), lx.GMRES(rtol=1e-12, atol=1e-12)],
+    ids=["CG", "GMRES"],
+)
+def test_debug_nans_accepts_a_successful_krylov_solve(solver):
+    # Every Krylov solve returned `stats["residual_history"]` padded with NaN
+    # after its last step, so under `jax_debug_nans` an un-jitted `linear_solve`
+    # (whose compiled function returns the statistics) raised
+    # `FloatingPointError` on success, as did an un-jitted `jax.grad` (where the
+    # padding is computed op by op). lineax 0.1.1 raised nothing.
+    spd = _A @ _A.T
+    operator = lx.MatrixLinearOperator(jnp.asarray(spd), lx.positive_semidefinite_tag)
+    b = jnp.asarray(_B)
+    with jax.debug_nans(True):
+        solution = lx.linear_solve(operator, b, solver)
+        grad = jax.grad(lambda b: jnp.sum(lx.linear_solve(operator, b, solver).value))(
+            b
+        )
+    np.testing.assert_allclose(solution.value, np.linalg.solve(spd, _B), rtol=1e-10)
+    np.testing.assert_allclose(grad, np.linalg.solve(spd, np.ones(_N)), rtol=1e-10)
+    steps = int(solution.stats["num_steps"])
+    history = np.asarray(solution.stats["residual_history"])
+    assert np.all(history[steps:] == 0) and np.all(np.isfinite(history))

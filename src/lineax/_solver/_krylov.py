@@ -1168,8 +1168,7 @@ def iterate(
 
                 q = lax.while_loop(running, functools.partial(inner_step, start), q)
                 history = lax.dynamic_update_slice_in_dim(history, q.history, start, 0)
-                nan = jnp.full_like(q.history, jnp.nan)
-                return _Pass(q.carry, q.steps, nan), history
+                return _Pass(q.carry, q.steps, jnp.zeros_like(q.history)), history
 
             q, chunked_history = lax.while_loop(
                 chunk_running, chunk, (o.inner, o.history)
@@ -1250,22 +1249,26 @@ def iterate(
         best_x = tree_where(unpack_book(packed).converged > 0, x, o.best_x)
         history, buffer = o.history, q.history
         if chunked:
-            history = chunked_history  # (and the buffer is NaN)
+            history = chunked_history  # (and the buffer is zero)
         elif buffer_length:
             assert history is not None  # (carried wherever there is a buffer)
-            # The pass's entries (NaN after its last step; the history has
+            # The pass's entries (zero after its last step; the history has
             # `buffer_length` entries more than it returns, so that the write
             # never moves back to fit).
             history = lax.dynamic_update_slice_in_dim(history, buffer, group(first), 0)
-            buffer = jnp.full_like(buffer, jnp.nan)
+            buffer = jnp.zeros_like(buffer)
         inner = _Pass(c, q.steps, buffer)
         return _Loop(inner, best_x, packed, o.verifications + 1, history)
 
     if rnorm is None:
         rnorm = norm(p.r0)
     rnorm = rnorm.astype(p.rdtype)
-    history = jnp.full((length + buffer_length,), jnp.nan, p.rdtype)
-    buffer = jnp.full((buffer_length,), jnp.nan, p.rdtype)
+    # The entries after the last step are zero, not NaN (as they were): a NaN
+    # that a solve returns, or computes outside `jit` (under an un-jitted
+    # `jax.grad`), is an error under `jax_debug_nans`, and so is an infinity
+    # under `jax_debug_infs`; lineax 0.1.1 raised neither.
+    history = jnp.zeros((length + buffer_length,), p.rdtype)
+    buffer = jnp.zeros((buffer_length,), p.rdtype)
     # The references of the second stagnation test start at infinity: the first
     # verification sets them.
     inf = None
