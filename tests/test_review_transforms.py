@@ -72,3 +72,24 @@ def test_debug_nans_accepts_a_successful_krylov_solve(solver):
     steps = int(solution.stats["num_steps"])
     history = np.asarray(solution.stats["residual_history"])
     assert np.all(history[steps:] == 0) and np.all(np.isfinite(history))
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [lx.CG(rtol=1e-12, atol=1e-12), lx.LSMR(rtol=1e-12, atol=1e-12)],
+    ids=["CG", "LSMR"],
+)
+def test_debug_infs_accepts_a_successful_krylov_solve_under_grad(solver):
+    # CG and LSMR started the references of their second stagnation test at
+    # infinity, in the loop's carry: under `jax_debug_infs` an un-jitted
+    # `jax.grad` or `jax.vmap` (which evaluates the solve op by op) raised
+    # `FloatingPointError: invalid value (inf) encountered in stack` on success.
+    # lineax 0.1.1 raised nothing.
+    spd = _A @ _A.T
+    operator = lx.MatrixLinearOperator(jnp.asarray(spd), lx.positive_semidefinite_tag)
+    b = jnp.asarray(_B)
+    with jax.debug_infs(True):
+        grad = jax.grad(lambda b: jnp.sum(lx.linear_solve(operator, b, solver).value))(
+            b
+        )
+    np.testing.assert_allclose(grad, np.linalg.solve(spd, np.ones(_N)), rtol=1e-10)

@@ -1193,7 +1193,10 @@ def iterate(
             progress = (
                 rnorm if method.progress is None else method.progress(c, x, r, rnorm)
             )
-            halved = progress <= 0.5 * ref_progress
+            # (An unset reference acts as infinity: `x <= inf` is `x == x`.)
+            halved = select(
+                ref_progress < 0, progress == progress, progress <= 0.5 * ref_progress
+            )
             ref_progress = select(halved, progress, ref_progress)
         if method.progress_estimate is not None:
             estimate = method.progress_estimate(c)
@@ -1201,7 +1204,11 @@ def iterate(
             assert ref_estimate is not None
             ref_estimate = select(halved, estimate, ref_estimate)
             # The estimate fell by `GAP` and the true measure did not even halve.
-            stalled = ~converged & (estimate * GAP < ref_estimate)
+            # (`x < inf`, for an unset reference, is `x <= max`.)
+            fallen = estimate * GAP
+            limit = jnp.finfo(p.rdtype).max
+            fallen = select(ref_estimate < 0, fallen <= limit, fallen < ref_estimate)
+            stalled = ~converged & fallen
             since_best = select(stalled, method.patience, since_best)
         if method.below_floor is not None:
             assert floor_hits is not None
@@ -1269,11 +1276,13 @@ def iterate(
     # under `jax_debug_infs`; lineax 0.1.1 raised neither.
     history = jnp.zeros((length + buffer_length,), p.rdtype)
     buffer = jnp.zeros((buffer_length,), p.rdtype)
-    # The references of the second stagnation test start at infinity: the first
-    # verification sets them.
-    inf = None
+    # The references of the second stagnation test start unset, which their tests
+    # read as infinity, and the first verification sets them. Unset is -1 (they
+    # are never negative), not infinity itself: an infinite carry, computed outside
+    # `jit` (under an un-jitted `jax.grad`), is an error under `jax_debug_infs`.
+    unset = None
     if method.progress_estimate is not None or method.below_floor is not None:
-        inf = jnp.full((), jnp.inf, p.rdtype)
+        unset = jnp.full((), -1, p.rdtype)
     zero = jnp.array(0, jnp.int32)
     # An initial residual that already meets `tol` gets the relative target: the
     # first pass runs until the estimate fell by `rtol` (`factor`, the ratio of
@@ -1304,8 +1313,8 @@ def iterate(
         # (With `max_steps=0` no step can be made: the initial guess is judged by
         # the tolerance itself.)
         select((rnorm <= tol) if max_steps == 0 else (rnorm == 0), 2, 0),
-        inf,
-        None if method.progress_estimate is None else inf,
+        unset,
+        None if method.progress_estimate is None else unset,
         None if method.below_floor is None else zero,
         None,
     )
