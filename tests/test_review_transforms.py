@@ -1,11 +1,14 @@
 """An adversarial review, as a user, of JAX's transformations and debugging modes
-around `linear_solve` (higher-order derivatives, `checkpoint`, `linearize` and
-`linear_transpose`, `eval_shape`, `export`, `shard_map`/`pmap`, `scan`/`cond`/
-`while_loop` bodies, `vmap` over either argument, pickling) and of user-defined
-operators and solvers; each test here failed before the fix it protects.
+around `linear_solve`, and of user-defined operators and solvers, against NumPy
+and lineax 0.1.1 (run as an oracle outside the test suite). Higher-order
+derivatives, `checkpoint`, `linearize` with `linear_transpose`, `eval_shape`,
+`export`, `pmap`, `scan`/`cond`/`while_loop` bodies, `vmap` over either argument
+and pickling agreed; what broke were `jax_debug_nans` and `jax_debug_infs`, which
+report every NaN or infinity a successful solve computed for its own use. Each
+test here failed before the fix it protects.
 
 Every expected value comes from NumPy in float64, never from lineax itself.
-Small sizes, one compiled function per test where possible.
+Small sizes.
 """
 
 import jax
