@@ -9,7 +9,7 @@ If matplotlib is installed, the residual against the iteration count is saved
 as a PNG (path: the first command-line argument, default
 `preconditioned_krylov.png` in a temporary folder, never the working
 directory). The curves come from `solution.stats["residual_history"]` of the one
-solve each: CG's residual estimate after every step (NaN after the last).
+solve each: CG's residual estimate after every step (zero after the last).
 """
 
 import os
@@ -80,7 +80,7 @@ else:
     fig, ax = plt.subplots(figsize=(6, 4))
     for label in runs:
         # The history is the residual estimate in the solver's norm (here the
-        # max norm), after each step; NaN after the last step.
+        # max norm), after each step; zero after the last step.
         history = histories[label][: steps[label]]
         ks = np.arange(1, steps[label] + 1)
         relative = history / float(jnp.max(jnp.abs(b)))

@@ -49,7 +49,7 @@ def _report(name, sol, matrix, b, extra=None):
             if np.all(np.isfinite(x))
             else None,
             "bmax": float(np.max(np.abs(b64))),
-            "history_finite": int(np.sum(np.isfinite(sol.stats["residual_history"]))),
+            "history_recorded": int(np.sum(sol.stats["residual_history"] != 0)),
             "xnorm": float(np.linalg.norm(x)) if np.all(np.isfinite(x)) else None,
             "finite": bool(np.all(np.isfinite(x))),
             "reported": float(sol.stats["residual_norm"]),

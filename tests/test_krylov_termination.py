@@ -117,8 +117,8 @@ def test_edge_inputs_terminate_and_never_diverge(edge, name, dtype):
     if name != "LSMR":
         # An inconsistent system has no solution: never `successful`.
         assert cases["singular_inconsistent"]["code"] != _SUCCESS
-    # The residual history has one finite entry per step.
-    assert cases["plain"]["history_finite"] == cases["plain"]["steps"]
+    # The residual history has one entry per step (zero after the last).
+    assert cases["plain"]["history_recorded"] == cases["plain"]["steps"]
 
 
 def test_cg_float32_poisson_below_floor_stagnates(table):

@@ -179,6 +179,27 @@ def select(pred: ArrayLike, x: ArrayLike, y: ArrayLike) -> Array:
     return lax.select(bcast(ps), bcast(xs), bcast(ys))
 
 
+def nan_where(pred: ArrayLike, x: Array) -> Array:
+    """`x`, NaN where `pred` (broadcast against `x`): `jnp.where(pred, nan, x)`,
+    computing no NaN where `pred` is false.
+
+    A `select` from an array of NaNs computes that array whatever `pred` says, and
+    `jax_debug_nans` reports every operation that outputs a NaN when evaluated
+    outside `jit` (a solve under an un-jitted `jax.grad` or `jax.vmap`): every
+    such successful solve raised `FloatingPointError`, where lineax 0.1.1 raised
+    none. Here `sqrt(-pred)` is NaN where `pred` and `-0.0` elsewhere, and adding
+    `-0.0` changes no value (not even the sign of a zero).
+    """
+    real = complex_to_real_dtype(x.dtype)
+    marker = lax.sqrt(lax.neg(jnp.asarray(pred).astype(real)))
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        marker = lax.complex(marker, marker)
+    if marker.shape != x.shape:
+        dims = tuple(range(x.ndim - marker.ndim, x.ndim))
+        marker = lax.broadcast_in_dim(marker, x.shape, dims)
+    return lax.add(x, marker)
+
+
 def hypot(x: ArrayLike, y: ArrayLike) -> Array:
     """`jnp.hypot(x, y)` for real `x`, `y`, the same operations without its three
     nested `jnp.where`s (see `select`): `sqrt(x^2 + y^2)` without overflow, inf

@@ -32,6 +32,7 @@ from ._errors import branch_on_code, raise_everywhere
 from ._misc import (
     is_inexact_array,
     jit_when_eager,
+    nan_where,
     select,
     stack_alike_leaves,
     tree_all_finite,
@@ -224,9 +225,7 @@ def _linear_solve_impl(
         # A failed derivative solve must not look like a valid derivative: its
         # `result` cannot be reported (the primal outputs of a JVP must not
         # depend on tangents), so it is made visible as NaN instead.
-        solution = jtu.tree_map(
-            lambda x: select(failed, jnp.full_like(x, jnp.nan), x), solution
-        )
+        solution = jtu.tree_map(lambda x: nan_where(failed, x), solution)
     return solution, result, stats
 
 

@@ -82,7 +82,7 @@ class Solution(eqx.Module):
     - `stats`: a dictionary of statistics. Iterative solvers give `num_steps`,
         `max_steps`, `num_mv` (operator applications), `residual_norm` (the true
         residual of `value`, in the solver's norm) and `residual_history` (the
-        residual estimate after each step, NaN after the last; see "Iterative
+        residual estimate after each step, zero after the last; see "Iterative
         solvers" in the docs).
     - `state`: the solver state that was used (from `solver.init`), which may be
         passed back to `linear_solve(..., state=...)` to reuse a factorisation.

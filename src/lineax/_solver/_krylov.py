@@ -1168,8 +1168,7 @@ def iterate(
 
                 q = lax.while_loop(running, functools.partial(inner_step, start), q)
                 history = lax.dynamic_update_slice_in_dim(history, q.history, start, 0)
-                nan = jnp.full_like(q.history, jnp.nan)
-                return _Pass(q.carry, q.steps, nan), history
+                return _Pass(q.carry, q.steps, jnp.zeros_like(q.history)), history
 
             q, chunked_history = lax.while_loop(
                 chunk_running, chunk, (o.inner, o.history)
@@ -1194,7 +1193,10 @@ def iterate(
             progress = (
                 rnorm if method.progress is None else method.progress(c, x, r, rnorm)
             )
-            halved = progress <= 0.5 * ref_progress
+            # (An unset reference acts as infinity: `x <= inf` is `x == x`.)
+            halved = select(
+                ref_progress < 0, progress == progress, progress <= 0.5 * ref_progress
+            )
             ref_progress = select(halved, progress, ref_progress)
         if method.progress_estimate is not None:
             estimate = method.progress_estimate(c)
@@ -1202,7 +1204,11 @@ def iterate(
             assert ref_estimate is not None
             ref_estimate = select(halved, estimate, ref_estimate)
             # The estimate fell by `GAP` and the true measure did not even halve.
-            stalled = ~converged & (estimate * GAP < ref_estimate)
+            # (`x < inf`, for an unset reference, is `x <= max`.)
+            fallen = estimate * GAP
+            limit = jnp.finfo(p.rdtype).max
+            fallen = select(ref_estimate < 0, fallen <= limit, fallen < ref_estimate)
+            stalled = ~converged & fallen
             since_best = select(stalled, method.patience, since_best)
         if method.below_floor is not None:
             assert floor_hits is not None
@@ -1250,27 +1256,33 @@ def iterate(
         best_x = tree_where(unpack_book(packed).converged > 0, x, o.best_x)
         history, buffer = o.history, q.history
         if chunked:
-            history = chunked_history  # (and the buffer is NaN)
+            history = chunked_history  # (and the buffer is zero)
         elif buffer_length:
             assert history is not None  # (carried wherever there is a buffer)
-            # The pass's entries (NaN after its last step; the history has
+            # The pass's entries (zero after its last step; the history has
             # `buffer_length` entries more than it returns, so that the write
             # never moves back to fit).
             history = lax.dynamic_update_slice_in_dim(history, buffer, group(first), 0)
-            buffer = jnp.full_like(buffer, jnp.nan)
+            buffer = jnp.zeros_like(buffer)
         inner = _Pass(c, q.steps, buffer)
         return _Loop(inner, best_x, packed, o.verifications + 1, history)
 
     if rnorm is None:
         rnorm = norm(p.r0)
     rnorm = rnorm.astype(p.rdtype)
-    history = jnp.full((length + buffer_length,), jnp.nan, p.rdtype)
-    buffer = jnp.full((buffer_length,), jnp.nan, p.rdtype)
-    # The references of the second stagnation test start at infinity: the first
-    # verification sets them.
-    inf = None
+    # The entries after the last step are zero, not NaN (as they were): a NaN
+    # that a solve returns, or computes outside `jit` (under an un-jitted
+    # `jax.grad`), is an error under `jax_debug_nans`, and so is an infinity
+    # under `jax_debug_infs`; lineax 0.1.1 raised neither.
+    history = jnp.zeros((length + buffer_length,), p.rdtype)
+    buffer = jnp.zeros((buffer_length,), p.rdtype)
+    # The references of the second stagnation test start unset, which their tests
+    # read as infinity, and the first verification sets them. Unset is -1 (they
+    # are never negative), not infinity itself: an infinite carry, computed outside
+    # `jit` (under an un-jitted `jax.grad`), is an error under `jax_debug_infs`.
+    unset = None
     if method.progress_estimate is not None or method.below_floor is not None:
-        inf = jnp.full((), jnp.inf, p.rdtype)
+        unset = jnp.full((), -1, p.rdtype)
     zero = jnp.array(0, jnp.int32)
     # An initial residual that already meets `tol` gets the relative target: the
     # first pass runs until the estimate fell by `rtol` (`factor`, the ratio of
@@ -1301,8 +1313,8 @@ def iterate(
         # (With `max_steps=0` no step can be made: the initial guess is judged by
         # the tolerance itself.)
         select((rnorm <= tol) if max_steps == 0 else (rnorm == 0), 2, 0),
-        inf,
-        None if method.progress_estimate is None else inf,
+        unset,
+        None if method.progress_estimate is None else unset,
         None if method.below_floor is None else zero,
         None,
     )

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, PyTree
 
-from .._misc import select, tree_all_finite
+from .._misc import nan_where, select, tree_all_finite
 from .._operator.base import (
     AbstractLinearOperator,
     check_square as check_square_operator,
@@ -429,7 +429,7 @@ def nan_at_zero_pivots(x: Array, pivots: Array) -> Array:
     badly scaled systems singular. Ill-conditioning is reported instead by the
     reciprocal condition estimate `stats["rcond"]`, which never changes `result`.
     """
-    return select(pivots == 0, jnp.array(jnp.nan, x.dtype), x)
+    return nan_where(pivots == 0, x)
 
 
 # Hager's iteration usually settles in two steps (Higham 1988, section 4), and
