@@ -30,9 +30,10 @@ import tempfile
 # guard and the precision guard read that, and are unaffected). Set here, before
 # JAX starts its backend, so that the subprocesses the tests start inherit them; a
 # value the user set in `XLA_FLAGS` wins. `tests/test_examples.py` removes them
-# again for six of the eleven examples (all with LINEAX_EXHAUSTIVE=1), which run
-# at XLA's defaults, as users' code does (the one place in the default run
-# compiled with full LLVM optimisation and the fusion emitters).
+# again for one of the eleven examples (all with LINEAX_EXHAUSTIVE=1), which runs
+# at XLA's defaults, as users' code does (with the scripts of
+# `run_at_default_flags`, the places in the default run compiled with full LLVM
+# optimisation and the fusion emitters).
 # `xla_cpu_multi_thread_eigen=false` runs XLA:CPU's Eigen kernels (dot products,
 # convolutions) on one thread: the tests' arrays are tiny, and with two workers on
 # two cores the pool's threads only compete for them (the default run of
