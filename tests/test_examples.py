@@ -1,11 +1,11 @@
 """Every script in examples/ runs to completion as `__main__` and prints something.
 
 The scripts run one after the other in a subprocess (this file, run as a script),
-so that JAX is imported once rather than once per example: half of them at XLA's
-default flags, the other half at the tests' (see `example_reports`), in two
-processes. Each simulates 8 CPU devices for `sharded_poisson.py` (the device count
-is fixed when JAX starts); the scripts that leave float64 off run before those that
-turn it on.
+so that JAX is imported once rather than once per example: `classical_solve.py` at
+XLA's default flags (all of them with LINEAX_EXHAUSTIVE=1), the others at the
+tests' (see `example_reports`), in two processes. Each simulates 8 CPU devices
+for `sharded_poisson.py` (the device count is fixed when JAX starts); the scripts
+that leave float64 off run before those that turn it on.
 """
 
 import contextlib
@@ -53,14 +53,18 @@ def _run_all(scripts: list[str]) -> None:
 @pytest.fixture(scope="module")
 def example_reports(tmp_path_factory) -> dict:
     # Imported here: this file also runs as the examples' script, without conftest.
-    from helpers import sample
+    from conftest import EXHAUSTIVE
 
-    # Half of the examples (a fixed-seed slice; all with LINEAX_EXHAUSTIVE=1) run
-    # at XLA's defaults, as users run them: the one place in the default run whose
-    # kernels LLVM optimises fully and XLA's fusion emitters generate (see
-    # `ADDED_XLA_FLAGS` in conftest.py), at about twice the compile time of the
-    # tests' flags, at which the other half runs.
-    at_default_flags = sample(_EXAMPLES)
+    # One example (all with LINEAX_EXHAUSTIVE=1) runs at XLA's defaults, as users
+    # run it: with `run_at_default_flags`'s tests, the place in the default run
+    # whose kernels LLVM optimises fully and XLA's fusion emitters generate (see
+    # `ADDED_XLA_FLAGS` in conftest.py). An example costs about twice the CPU
+    # time there (6-16 s against 3-9 s, each in its own process); this one
+    # solves with LU, QR, SVD, GMRES and BiCGStab, under `vmap`, `invert` and
+    # `throw=False`. The others run at the tests' flags.
+    at_default_flags = [
+        s for s in _EXAMPLES if EXHAUSTIVE or s.stem == "classical_solve"
+    ]
     reports = {}
     for default_flags in (True, False):
         scripts = [s for s in _EXAMPLES if (s in at_default_flags) == default_flags]
