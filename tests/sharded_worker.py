@@ -273,6 +273,77 @@ def make_batched_direct_check(mesh, name):
     return check
 
 
+def make_shard_map_check(mesh):
+    """Batched solves inside `jax.shard_map` with `check_vma=True` (its
+    default), which types each value by the mesh axes it varies over: the operator
+    sharded or closed over, `throw=True` and `throw=False` (with one singular
+    matrix, so that the inputs are examined). Compared with the same program on
+    one device: the values to rounding, the result codes exactly."""
+
+    def check():
+        rng = np.random.default_rng(1)
+        m = rng.standard_normal((BATCH, N_SMALL, N_SMALL))
+        a = m @ m.transpose(0, 2, 1) + N_SMALL * np.eye(N_SMALL)
+        singular = a.copy()
+        singular[3] = 0
+        a, singular = jnp.asarray(a), jnp.asarray(singular)
+        closed = a[0]
+        b = jnp.asarray(rng.standard_normal((BATCH, N_SMALL)))
+
+        def solve(a, b, solver, throw):
+            op = lx.MatrixLinearOperator(a, lx.positive_semidefinite_tag)
+            sol = lx.linear_solve(op, b, solver, throw=throw)
+            return sol.value, sol.result._value
+
+        def cases(a, singular, b):
+            # One program for all, compiled once on one device and once sharded.
+            # Every case for LU; one or two with `throw=False` (whose inputs are
+            # examined in a `lax.cond`) for each other solver, to keep the compile
+            # short. The Krylov solvers (whose loops start from constants) on
+            # regular matrices: at a singular one they stop where rounding makes
+            # them.
+            on_closed = jax.vmap(
+                lambda b, s, t: solve(closed, b, s, t), (0, None, None)
+            )
+            on_sharded = jax.vmap(solve, (0, 0, None, None))
+            tol = dict(rtol=1e-12, atol=1e-12)
+            return {
+                "LU-sharded": on_sharded(a, b, lx.LU(), True),
+                "LU-closed": on_closed(b, lx.LU(), True),
+                "LU-sharded-throw-false": on_sharded(singular, b, lx.LU(), False),
+                "LU-closed-throw-false": on_closed(b, lx.LU(), False),
+                "QR-sharded-throw-false": on_sharded(singular, b, lx.QR(), False),
+                "Cholesky-sharded-throw-false": on_sharded(
+                    singular, b, lx.Cholesky(), False
+                ),
+                "SVD-sharded-throw-false": on_sharded(singular, b, lx.SVD(), False),
+                "Auto-closed-throw-false": on_closed(
+                    b, lx.AutoLinearSolver(well_posed=True), False
+                ),
+                "CG-sharded-throw-false": on_sharded(a, b, lx.CG(**tol), False),
+                "GMRES-closed-throw-false": on_closed(b, lx.GMRES(**tol), False),
+            }
+
+        expected = jax.jit(cases)(a, singular, b)
+        sharded = jax.shard_map(cases, mesh=mesh, in_specs=P("x"), out_specs=P("x"))
+        got = jax.jit(sharded)(a, singular, b)
+        return {
+            case: {
+                "rel_diff": rel_diff(
+                    np.nan_to_num(got[case][0]), np.nan_to_num(expected[case][0])
+                ),
+                "nan_equal": bool(
+                    np.array_equal(np.isnan(got[case][0]), np.isnan(expected[case][0]))
+                ),
+                "codes": np.asarray(got[case][1]).tolist(),
+                "codes_equal": bool(np.array_equal(got[case][1], expected[case][1])),
+            }
+            for case in expected
+        }
+
+    return check
+
+
 def make_matrix_check(mesh, name):
     def check():
         n = 64
@@ -480,6 +551,7 @@ def main():
         checks[f"batched-{name}"] = make_batched_direct_check(mesh, name)
     for name in ("CG", "GMRES"):
         checks[f"matrix-{name}"] = make_matrix_check(mesh, name)
+    checks["shard-map"] = make_shard_map_check(mesh)
     checks["sparse-CG"] = make_sparse_check(mesh)
     checks["throw-false"] = make_throw_false_check(mesh)
     checks["error-helper"] = make_error_helper_check(mesh)

@@ -1,7 +1,8 @@
 """lineax on 8 simulated CPU devices: Krylov solves of a 2-D Poisson problem sharded
 over a 1-D mesh (halo exchange by `shard_map` + `ppermute`, and left to XLA's
 partitioner), `jax.grad` through a sharded solve, batched direct solves over a
-sharded batch, a row-sharded matrix, and errors under `throw`.
+sharded batch, a row-sharded matrix, errors under `throw`, and per-device solves
+inside `shard_map` (with its type check of the mesh axes each value varies over).
 
 The device count is fixed when JAX starts, so every check runs in one subprocess
 (`tests/sharded_worker.py`, started once per test session) that reports its results
@@ -179,3 +180,21 @@ def test_throw_true_failure_raises_and_process_stays_usable(results):
     assert r["raised"]
     assert "max" in r["message"].lower()
     assert r["after_residual"] <= 1e-6
+
+
+def test_solves_inside_shard_map(results):
+    """`linear_solve` inside `jax.shard_map` with `check_vma=True`: LU, QR,
+    Cholesky, SVD, Auto, CG and GMRES with a sharded or a closed-over operator
+    give the one-device values (SVD, CG and GMRES to rounding: their batches
+    differ) and result codes. (lineax 0.1.1 fails to trace every one of them.)"""
+    r = get(results, "shard-map")
+    for case, c in r.items():
+        if case == "seconds":
+            continue
+        krylov = case.startswith(("CG", "GMRES"))
+        assert c["rel_diff"] <= (1e-13 if krylov else 1e-15), case
+        assert c["nan_equal"] and c["codes_equal"], case
+        # The singular member (of the direct solves): singular for every solver
+        # but SVD (a least-squares solution).
+        if case.endswith("sharded-throw-false") and not krylov:
+            assert c["codes"][3] == (0 if case.startswith("SVD") else 2), case

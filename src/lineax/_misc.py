@@ -306,6 +306,41 @@ def stack_alike_leaves(tree: PyTree) -> tuple[list[Any], Callable[[list[Any]], P
     return packed, unstack
 
 
+def varying_axes(tree: PyTree) -> frozenset:
+    """The manual mesh axes that any array (or `jax.ShapeDtypeStruct`) of `tree`
+    varies over: inside a `jax.shard_map` with `check_vma=True` (its default),
+    which types each value by them; else none."""
+    axes = set()
+    for leaf in jtu.tree_leaves(tree):
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            mat = leaf.manual_axis_type
+        elif eqx.is_array(leaf):
+            mat = getattr(jax.typeof(leaf), "manual_axis_type", None)
+        else:
+            continue
+        axes.update(() if mat is None else mat.varying)
+    return frozenset(axes)
+
+
+def varying_like(x: PyTree, tree: PyTree) -> PyTree:
+    """`x` with each array typed as varying over the manual mesh axes that `tree`
+    varies over (see `varying_axes`); `x` itself outside `jax.shard_map`. Inside
+    it, the branches of a `lax.cond` and the carry of a loop must keep one type: a
+    constant varies over no axis, a value computed from a sharded input over the
+    input's."""
+    axes = varying_axes(tree)
+
+    def cast(leaf):
+        if not eqx.is_array(leaf):
+            return leaf
+        missing = axes - varying_axes(leaf)
+        if not missing:
+            return leaf
+        return lax.pcast(leaf, tuple(sorted(missing)), to="varying")
+
+    return jtu.tree_map(cast, x) if axes else x
+
+
 def tree_sub(x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
     return jtu.tree_map(lambda xi, yi: xi - yi, x, y)
 

@@ -38,6 +38,7 @@ from ._misc import (
     tree_all_finite,
     tree_conj,
     tree_is_complex,
+    varying_like,
 )
 from ._operator.base import AbstractLinearOperator, conj, reads_every_leaf
 from ._operator.tangent import TangentLinearOperator
@@ -216,7 +217,8 @@ def _linear_solve_impl(
         finite_input = lax.cond(
             eqxi.unvmap_any(failed),
             lambda: tree_all_finite((vector, _operator_inputs(operator, arrays))),
-            lambda: jnp.array(True),
+            # (The branches must agree on the mesh axes they vary over.)
+            lambda: varying_like(jnp.array(True), (vector, operator)),
         )
     result = results_where(
         finite_input, _with_singular(result, finite), RESULTS.nonfinite_input
@@ -354,11 +356,12 @@ def _host_failure_code(code: Any, *arrays: Any, n_solution: int, n_tested: int) 
 
 
 def _to_struct(x: Any) -> Any:
-    """An array's or an abstract value's shape, dtype and weak type (which
-    `compute` may promote differently) as a `jax.ShapeDtypeStruct`; anything else
-    as it is. The abstract evaluation (given abstract values) and the
-    implementation (given arrays) both key their trace of `compute` by it, so that
-    the second finds the first's (see `_traced_compute`)."""
+    """An array's or an abstract value's shape, dtype, weak type (which `compute`
+    may promote differently) and, inside `jax.shard_map`, the mesh axes it varies
+    over, as a `jax.ShapeDtypeStruct`; anything else as it is. The abstract
+    evaluation (given abstract values) and the implementation (given arrays) both
+    key their trace of `compute` by it, so that the second finds the first's (see
+    `_traced_compute`)."""
     if isinstance(x, jax.core.ShapedArray):
         aval = x
     elif eqx.is_array(x):
@@ -366,12 +369,31 @@ def _to_struct(x: Any) -> Any:
     else:
         return x
     weak = bool(getattr(aval, "weak_type", False))
-    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=weak)
+    # With `check_vma=True` (the default), `shard_map` types each value by the
+    # manual axes it varies over, and a primitive mixing a varying value with an
+    # unvarying one is an error: a trace of `compute` at unvarying inputs (what a
+    # shape and dtype alone give) compares a pivot with a constant, or carries a
+    # loop state, of another type than the inputs it is evaluated at. (`None`
+    # outside `shard_map`, as a struct made from a shape and dtype has.)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is None or not mat.varying:
+        return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=weak)
+    return jax.ShapeDtypeStruct(
+        aval.shape,
+        aval.dtype,
+        weak_type=weak,
+        sharding=aval.sharding,
+        manual_axis_type=mat,
+    )
 
 
 def _to_aval(x):
     if isinstance(x, jax.ShapeDtypeStruct):
-        return jax.core.ShapedArray(x.shape, x.dtype)
+        if x.manual_axis_type is None:
+            return jax.core.ShapedArray(x.shape, x.dtype)
+        return jax.core.ShapedArray(
+            x.shape, x.dtype, sharding=x.sharding, manual_axis_type=x.manual_axis_type
+        )
     return x
 
 
@@ -508,7 +530,7 @@ def _abstract_eval_key(solver, args) -> tuple | None:
         treedef,
         _trace_context(),
         *[
-            (x.shape, x.dtype, x.weak_type)
+            (x.shape, x.dtype, x.weak_type, x.manual_axis_type)
             if isinstance(x, jax.ShapeDtypeStruct)
             else (type(x), x)
             for x in leaves

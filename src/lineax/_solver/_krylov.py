@@ -55,7 +55,7 @@ from equinox import AbstractVar
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
 # (`tree_sub` is also imported from here by the solvers.)
-from .._misc import select, structure_of, tree_sub
+from .._misc import select, structure_of, tree_sub, varying_like
 from .._norm import tree_dot, two_norm
 from .._operator.base import (
     AbstractLinearOperator,
@@ -1077,6 +1077,24 @@ def iterate(
         inner_tol = adapted_tolerance(estimate_of(start), rnorm, tol, factor)
         return inner_tol**2 if method.squared else inner_tol
 
+    if jax.sharding.get_abstract_mesh().manual_axes:
+        # Inside `jax.shard_map`: the loops start from constants, which vary over
+        # no mesh axis, and after one step hold values computed from the inputs
+        # (the operator's action included), which vary over theirs; a step or a
+        # restart may set parts of them to constants again (LSMR's `started`,
+        # GMRES's rotations). A loop's carry must keep one type: it is as varying
+        # as the inputs, on entry and after every step and pass. (Outside
+        # `shard_map`, nothing is done.)
+        inputs = (p.vector, p.x0, p.r0, p.tol, p.scale, jax.eval_shape(p.mv, p.x0))
+
+        def as_varying(tree: Any) -> Any:
+            return varying_like(tree, inputs)
+
+    else:
+
+        def as_varying(tree: Any) -> Any:
+            return tree
+
     def inner_step(first: Array, q: _Pass) -> _Pass:
         # Only the method's step, the step count and the history write: anything
         # else here would be paid on every step. (`first`: the step count at the
@@ -1099,7 +1117,7 @@ def iterate(
                 ),
                 lambda: None,
             )
-        return _Pass(c, counter, history)
+        return as_varying(_Pass(c, counter, history))
 
     def done(k: Any) -> Array:
         # Whether the book `k` ends the solve (as do a halt and `max_steps`).
@@ -1168,7 +1186,8 @@ def iterate(
 
                 q = lax.while_loop(running, functools.partial(inner_step, start), q)
                 history = lax.dynamic_update_slice_in_dim(history, q.history, start, 0)
-                return _Pass(q.carry, q.steps, jnp.zeros_like(q.history)), history
+                q = _Pass(q.carry, q.steps, jnp.zeros_like(q.history))
+                return as_varying((q, history))
 
             q, chunked_history = lax.while_loop(
                 chunk_running, chunk, (o.inner, o.history)
@@ -1265,7 +1284,7 @@ def iterate(
             history = lax.dynamic_update_slice_in_dim(history, buffer, group(first), 0)
             buffer = jnp.zeros_like(buffer)
         inner = _Pass(c, q.steps, buffer)
-        return _Loop(inner, best_x, packed, o.verifications + 1, history)
+        return as_varying(_Loop(inner, best_x, packed, o.verifications + 1, history))
 
     if rnorm is None:
         rnorm = norm(p.r0)
@@ -1346,7 +1365,7 @@ def iterate(
             ~done(book_of(o)) & ~halted(o.inner.carry) & (steps_of(o.inner) < max_steps)
         )
 
-    loop = lax.while_loop(running, outer_body, loop)
+    loop = lax.while_loop(running, outer_body, as_varying(loop))
     k = book_of(loop)
     stop = halted(loop.inner.carry)
     nonfinite = ~jnp.isfinite(k.rnorm)
