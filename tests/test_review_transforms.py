@@ -51,6 +51,12 @@ def test_debug_nans_accepts_a_successful_direct_solve_under_grad_and_vmap(solver
     np.testing.assert_allclose(batched, np.stack([x, 2 * x]), rtol=1e-12)
 
 
+def _spd_operator() -> tuple[np.ndarray, lx.MatrixLinearOperator]:
+    spd = _A @ _A.T
+    operator = lx.MatrixLinearOperator(jnp.asarray(spd), lx.positive_semidefinite_tag)
+    return spd, operator
+
+
 @pytest.mark.parametrize(
     "solver",
     [lx.CG(rtol=1e-12, atol=1e-12), lx.GMRES(rtol=1e-12, atol=1e-12)],
@@ -62,8 +68,7 @@ def test_debug_nans_accepts_a_successful_krylov_solve(solver):
     # (whose compiled function returns the statistics) raised
     # `FloatingPointError` on success, as did an un-jitted `jax.grad` (where the
     # padding is computed op by op). lineax 0.1.1 raised nothing.
-    spd = _A @ _A.T
-    operator = lx.MatrixLinearOperator(jnp.asarray(spd), lx.positive_semidefinite_tag)
+    spd, operator = _spd_operator()
     b = jnp.asarray(_B)
     with jax.debug_nans(True):
         solution = lx.linear_solve(operator, b, solver)
@@ -88,8 +93,7 @@ def test_debug_infs_accepts_a_successful_krylov_solve_under_grad(solver):
     # `jax.grad` or `jax.vmap` (which evaluates the solve op by op) raised
     # `FloatingPointError: invalid value (inf) encountered in stack` on success.
     # lineax 0.1.1 raised nothing.
-    spd = _A @ _A.T
-    operator = lx.MatrixLinearOperator(jnp.asarray(spd), lx.positive_semidefinite_tag)
+    spd, operator = _spd_operator()
     b = jnp.asarray(_B)
     with jax.debug_infs(True):
         grad = jax.grad(lambda b: jnp.sum(lx.linear_solve(operator, b, solver).value))(
