@@ -3,6 +3,9 @@ cached compiled function per structure of the operator and vector and per
 solver (`_linear_solve._COMPILED`), called with the flat list of arrays. Its
 answers, failures and cache against NumPy and against the traced path."""
 
+import contextlib
+import logging
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -199,17 +202,10 @@ def _solve_stats(matrix, vector, scale):
     return lx.linear_solve(operator, vector, _ScaledLU(scale)).stats
 
 
-def test_first_eager_solve_in_a_process_compiles_only_the_solve():
-    # The first solve after `jax.clear_caches()` (as the first in a fresh process)
-    # compiles one program. `jnp.asarray` of a NumPy scalar, or `jnp.array(True)`,
-    # anywhere on the way, compiled a staging program of its own per dtype: two
-    # more compiles, about 15 ms on a 2-core CPU, in every first solve.
-    import logging
-
-    matrix, vector = _system(7, 11)
-    matrix, vector = jax.device_put(matrix), jax.device_put(vector)
-    operator = lx.MatrixLinearOperator(matrix)
-    compiled = []
+@contextlib.contextmanager
+def _recorded_compiles(compiled: list, on: bool = True):
+    """Append to `compiled` the name of each program JAX compiles in the block
+    (none recorded when not `on`)."""
 
     class _Record(logging.Handler):
         def emit(self, record):
@@ -221,11 +217,24 @@ def test_first_eager_solve_in_a_process_compiles_only_the_solve():
     logger = logging.getLogger("jax")
     logger.addHandler(handler)
     try:
-        jax.clear_caches()
-        with jax.log_compiles(True):
-            solution = lx.linear_solve(operator, vector).value
+        with jax.log_compiles(on):
+            yield
     finally:
         logger.removeHandler(handler)
+
+
+def test_first_eager_solve_in_a_process_compiles_only_the_solve():
+    # The first solve after `jax.clear_caches()` (as the first in a fresh process)
+    # compiles one program. `jnp.asarray` of a NumPy scalar, or `jnp.array(True)`,
+    # anywhere on the way, compiled a staging program of its own per dtype: two
+    # more compiles, about 15 ms on a 2-core CPU, in every first solve.
+    matrix, vector = _system(7, 11)
+    matrix, vector = jax.device_put(matrix), jax.device_put(vector)
+    operator = lx.MatrixLinearOperator(matrix)
+    compiled = []
+    jax.clear_caches()
+    with _recorded_compiles(compiled):
+        solution = lx.linear_solve(operator, vector).value
     np.testing.assert_allclose(
         solution, np.linalg.solve(np.asarray(matrix), np.asarray(vector)), rtol=1e-12
     )
@@ -316,8 +325,6 @@ def test_eager_solve_whose_solution_holds_non_arrays_compiles_once(monkeypatch):
     # data of the compiled output: one compile, new values seen, state reusable.
     # (The damped operator is now all arrays; the user-defined solver's state,
     # below, still holds a function.)
-    import logging
-
     monkeypatch.setattr(linear_solve_module, "_COMPILED", {})
     rng = np.random.default_rng(5)
     tall = rng.normal(size=(12, 4))
@@ -325,23 +332,11 @@ def test_eager_solve_whose_solution_holds_non_arrays_compiles_once(monkeypatch):
     op = lx.MatrixLinearOperator(jnp.asarray(tall))
     solver = lx.LSMR(1e-10, 1e-10)
     compiled = []
-
-    class _Record(logging.Handler):
-        def emit(self, record):
-            if record.getMessage().startswith("Compiling "):
-                compiled.append(record.getMessage())
-
-    handler = _Record(level=logging.DEBUG)
-    logger = logging.getLogger("jax")
     for i, damp in enumerate((0.7, 0.3, 2.0)):
         expected = np.linalg.solve(tall.T @ tall + damp**2 * np.eye(4), tall.T @ b)
         options = {"damp": jnp.asarray(damp)}
-        logger.addHandler(handler)
-        try:
-            with jax.log_compiles(i > 0):
-                sol = lx.linear_solve(op, jnp.asarray(b), solver, options=options)
-        finally:
-            logger.removeHandler(handler)
+        with _recorded_compiles(compiled, on=i > 0):
+            sol = lx.linear_solve(op, jnp.asarray(b), solver, options=options)
         assert sol.result == lx.RESULTS.successful
         np.testing.assert_allclose(sol.value, expected, atol=1e-8)
         again = lx.linear_solve(
@@ -351,18 +346,33 @@ def test_eager_solve_whose_solution_holds_non_arrays_compiles_once(monkeypatch):
     # A user-defined solver whose state holds a Python function.
     square = lx.MatrixLinearOperator(jnp.asarray(tall.T @ tall + np.eye(4)))
     for i, scale in enumerate((1.0, 3.0)):
-        logger.addHandler(handler)
-        try:
-            with jax.log_compiles(i > 0):
-                sol = lx.linear_solve(square, jnp.asarray(scale * b[:4]), _NegatingLU())
-        finally:
-            logger.removeHandler(handler)
+        with _recorded_compiles(compiled, on=i > 0):
+            sol = lx.linear_solve(square, jnp.asarray(scale * b[:4]), _NegatingLU())
         np.testing.assert_allclose(
             sol.value, -np.linalg.solve(square.as_matrix(), scale * b[:4]), atol=1e-8
         )
     assert compiled == []
     entries = list(linear_solve_module._COMPILED.values())
     assert linear_solve_module._EAGER not in entries
+
+
+def test_eager_normal_krylov_solve_of_a_function_operator_compiles_once():
+    # `Normal(CG())` transposes a function operator in `init`: a new jaxpr on
+    # every call, and the trace of `compute` was cached by the state's structure,
+    # that jaxpr included (by identity), so every un-jitted solve traced and
+    # compiled the solve again: 570-880 ms a call, 10 ms now (n = 5, 2-core CPU).
+    # The state holds the function in its structure, compared by its text.
+    matrix = jnp.asarray(_system(5, 3)[0])
+    struct = jax.ShapeDtypeStruct((5,), matrix.dtype)
+    operator = lx.FunctionLinearOperator(lambda v: jnp.tanh(matrix) @ v, struct)
+    want = np.linalg.solve(np.tanh(np.asarray(matrix)), np.arange(5.0))
+    solver = lx.Normal(lx.CG(1e-10, 1e-10))
+    compiled = []
+    for i in range(3):
+        with _recorded_compiles(compiled, on=i > 0):
+            sol = lx.linear_solve(operator, jnp.arange(5.0), solver)
+        np.testing.assert_allclose(sol.value, want, rtol=1e-7)
+    assert compiled == [], compiled
 
 
 _ON_ERROR_NAN_SCRIPT = """

@@ -63,3 +63,32 @@ def test_normal_cholesky_evaluates_a_function_operator_once():
     matrix = np.asarray(jax.vmap(fn, out_axes=1)(jnp.eye(4, dtype=jnp.float32)))
     want = np.linalg.lstsq(matrix, np.asarray(b), rcond=None)[0]
     np.testing.assert_allclose(jax.jit(solve)(b), want, rtol=1e-4)
+
+
+# The same crash with every Krylov solver, in lineax 0.1.1 too: a Krylov state
+# is the operator itself, and a linearised function's operator holds a jaxpr
+# leaf, so Chord and VeryChord could not keep it. The state now holds the
+# operator's arrays as its leaves and the rest in its PyTree structure
+# (`HeldArrays`); a state passed back is still accepted where `init` builds new
+# functions each time it runs (`Normal(CG())` transposes `A`).
+def _square_residual(y, a):
+    return jnp.stack([y[0] ** 3 + y[1] - a, jnp.sin(y[1]) + a * y[2], y[2] - y[0]])
+
+
+def test_krylov_state_of_a_function_operator_is_arrays_only():
+    y = jnp.array([1.0, 0.3, -0.4])
+    jacobian = lx.JacobianLinearOperator(_square_residual, y, jnp.array(2.0))
+    operator = lx.linearise(jacobian)
+    matrix = np.asarray(jacobian.as_matrix())
+    b = np.array([1.0, -2.0, 0.5])
+    for solver in (
+        lx.GMRES(1e-12, 1e-12),
+        lx.BiCGStab(1e-12, 1e-12),
+        lx.LSMR(1e-12, 1e-12),
+        lx.Normal(lx.CG(1e-12, 1e-12)),
+    ):
+        state = jax.lax.stop_gradient(solver.init(operator, {}))
+        for leaf in jax.tree_util.tree_leaves(state):
+            assert isinstance(leaf, jax.Array), (solver, type(leaf))
+        sol = lx.linear_solve(operator, jnp.asarray(b), solver, state=state)
+        np.testing.assert_allclose(sol.value, np.linalg.solve(matrix, b), rtol=1e-8)

@@ -12,7 +12,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree
 
 from ._errors import EQX_ON_ERROR
-from ._misc import describe, is_inexact_array, no_active_trace
+from ._misc import describe, HeldArrays, is_inexact_array, no_active_trace
 from ._operator.base import AbstractLinearOperator, is_cacheable, reads_every_leaf
 from ._operator.function import FunctionLinearOperator
 from ._operator.realified import (
@@ -190,7 +190,17 @@ def _is_array_or_struct(x: Any) -> bool:
 
 def _state_signature(tree: PyTree) -> tuple:
     """A state's PyTree structure and its leaves' shapes and dtypes (weak types
-    ignored), in a form that compares with `==`."""
+    ignored), in a form that compares with `==`.
+
+    An operator held in a state (`HeldArrays`) counts by its arrays alone: its
+    other leaves, such as the jaxpr of a function operator, are new objects each
+    time `init` runs (`Normal(CG())` transposes the function), and compare by
+    identity, as they must for `jit`'s caches."""
+    tree = jtu.tree_map(
+        lambda x: x.arrays if isinstance(x, HeldArrays) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, HeldArrays),
+    )
     leaves, treedef = jtu.tree_flatten(tree)
     return treedef, tuple(
         (jnp.shape(x), jnp.dtype(jnp.result_type(x))) if _is_array_or_struct(x) else x

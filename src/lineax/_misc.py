@@ -6,6 +6,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.extend.core
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -540,3 +541,65 @@ class Static(eqx.Module):
     @property
     def value(self) -> PyTree:
         return jtu.tree_unflatten(self._treedef, self._leaves)
+
+
+class _Opaque:
+    """A non-array leaf of a held operator, in a static field: compared by what it
+    computes where that can be read (a jaxpr by its text), else as itself.
+
+    Diffrax's implicit Runge-Kutta solvers re-linearise the vector field and
+    `init` the root finder again at a later stage, and assert that the new state's
+    static parts equal the old one's: each linearisation is a new jaxpr object,
+    with the same text. Equal text is the same computation (the arrays it closes
+    over are the held arrays, outside this leaf), so `jit`'s caches may share a
+    compilation between the two."""
+
+    __slots__ = ("obj", "_key")
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+        self._key = None
+
+    def key(self) -> Any:
+        if self._key is None:  # printing a large jaxpr takes milliseconds: once
+            if isinstance(
+                self.obj, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)
+            ):
+                self._key = ("jaxpr", str(self.obj))
+            else:
+                self._key = ("object", self.obj)
+        return self._key
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is _Opaque and (
+            self.obj is other.obj or self.key() == other.key()
+        )
+
+    def __hash__(self) -> int:
+        return hash(self.key())
+
+
+class HeldArrays(eqx.Module):
+    """Holds a PyTree (an operator, in a solver state) with only its arrays as
+    leaves: every other leaf (the jaxpr of a closure-converted function, a Python
+    callable) is kept in a static field (see `_Opaque`).
+
+    A solver state is a PyTree of arrays by the API contract, and clients rely on
+    it: Optimistix's `Chord` and Diffrax's `VeryChord` keep the state of the
+    first solve and pass it through `lax.stop_gradient`, which accepts arrays
+    only. A Krylov solver's state is its operator, and the operator of a
+    linearised function holds a jaxpr leaf."""
+
+    arrays: PyTree
+    rest: PyTree = eqx.field(static=True)
+
+    def __init__(self, tree: PyTree):
+        self.arrays, rest = eqx.partition(tree, eqx.is_array)
+        self.rest = jtu.tree_map(_Opaque, rest)
+
+    @property
+    def value(self) -> PyTree:
+        rest = jtu.tree_map(
+            lambda x: x.obj, self.rest, is_leaf=lambda x: isinstance(x, _Opaque)
+        )
+        return eqx.combine(self.arrays, rest)

@@ -55,7 +55,7 @@ from equinox import AbstractVar
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
 # (`tree_sub` is also imported from here by the solvers.)
-from .._misc import select, structure_of, tree_sub, varying_like
+from .._misc import HeldArrays, select, structure_of, tree_sub, varying_like
 from .._norm import tree_dot, two_norm
 from .._operator.base import (
     AbstractLinearOperator,
@@ -137,9 +137,23 @@ class KrylovState(eqx.Module):
     definite operator), and whether the `preconditioner` option applies on the left
     (LSMR's transposed solve: see `AbstractKrylovSolver.transpose`)."""
 
-    operator: AbstractLinearOperator
-    negative: bool = eqx.field(static=True, default=False)
-    left: bool = eqx.field(static=True, default=False)
+    held: HeldArrays  # the operator, with arrays as its only leaves
+    negative: bool = eqx.field(static=True)
+    left: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        operator: AbstractLinearOperator,
+        negative: bool = False,
+        left: bool = False,
+    ):
+        self.held = HeldArrays(operator)
+        self.negative = negative
+        self.left = left
+
+    @property
+    def operator(self) -> AbstractLinearOperator:
+        return self.held.value
 
 
 def check_definite_preconditioner(options: dict[str, Any], solver_name: str) -> None:

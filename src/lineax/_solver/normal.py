@@ -7,7 +7,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from .._misc import tree_conj, tree_is_complex
+from .._misc import HeldArrays, tree_conj, tree_is_complex
 from .._operator.base import AbstractLinearOperator, conj, materialise
 from .._operator.tagged import TaggedLinearOperator
 from .._tags import positive_semidefinite_tag
@@ -18,10 +18,26 @@ from .base import AbstractLinearSolver, check_solver
 class NormalState(eqx.Module):
     """State of [`lineax.Normal`][]."""
 
-    operator: AbstractLinearOperator
+    held: HeldArrays  # the operator, with arrays as its only leaves
     inner_state: Any
     tall: bool = eqx.field(static=True)
     complex_: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        operator: AbstractLinearOperator,
+        inner_state: Any,
+        tall: bool,
+        complex_: bool,
+    ):
+        self.held = HeldArrays(operator)
+        self.inner_state = inner_state
+        self.tall = tall
+        self.complex_ = complex_
+
+    @property
+    def operator(self) -> AbstractLinearOperator:
+        return self.held.value
 
 
 def _adjoint_mv(operator: AbstractLinearOperator, vector, complex_: bool):
