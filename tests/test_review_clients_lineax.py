@@ -92,3 +92,43 @@ def test_krylov_state_of_a_function_operator_is_arrays_only():
             assert isinstance(leaf, jax.Array), (solver, type(leaf))
         sol = lx.linear_solve(operator, jnp.asarray(b), solver, state=state)
         np.testing.assert_allclose(sol.value, np.linalg.solve(matrix, b), rtol=1e-8)
+
+
+def _every_solver_with_an_operator():
+    """(solver, operator) for every solver of lineax, on a linearised function
+    (wrapped to fit what the solver accepts)."""
+    function = lx.linearise(
+        lx.JacobianLinearOperator(_square_residual, jnp.array([1.0, 0.3, -0.4]), 2.0)
+    )
+    spd = lx.TaggedLinearOperator(function.T @ function, lx.positive_semidefinite_tag)
+    diagonal = lx.MatrixLinearOperator(jnp.eye(3) * 5.0)
+    block = lx.BlockLinearOperator([[diagonal, function], [function, diagonal]])
+    tol = (1e-10, 1e-10)
+    return {
+        "LU": (lx.LU(), function),
+        "QR": (lx.QR(), function),
+        "SVD": (lx.SVD(), function),
+        "Auto": (lx.AutoLinearSolver(well_posed=None), function),
+        "Cholesky": (lx.Cholesky(), spd),
+        "Normal(LU)": (lx.Normal(lx.LU()), function),
+        "GMRES": (lx.GMRES(*tol), function),
+        "FGMRES": (lx.FGMRES(*tol), function),
+        "BiCGStab": (lx.BiCGStab(*tol), function),
+        "LSMR": (lx.LSMR(*tol), function),
+        "Normal(CG)": (lx.Normal(lx.CG(*tol)), function),
+        "CG": (lx.CG(*tol), spd),
+        "FlexibleCG": (lx.FlexibleCG(*tol), spd),
+        "PipelinedCG": (lx.PipelinedCG(*tol), spd),
+        "MINRES": (lx.MINRES(*tol), spd),
+        "Schur": (lx.Schur(), block),
+    }
+
+
+def test_every_solver_state_of_a_function_operator_passes_stop_gradient():
+    # As above, for every solver of lineax (Schur's state kept its off-diagonal
+    # blocks as operators, with the same crash).
+    for name, (solver, operator) in _every_solver_with_an_operator().items():
+        state = solver.init(operator, {})
+        for leaf in jax.tree_util.tree_leaves(state):
+            assert isinstance(leaf, jax.Array), (name, type(leaf))
+        jax.lax.stop_gradient(state)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from .._misc import result_dtype, Static, tree_size
+from .._misc import HeldArrays, result_dtype, Static, tree_size
 from .._operator.base import (
     AbstractLinearOperator,
     conj,
@@ -42,12 +42,36 @@ class SchurState(eqx.Module):
 
     top_left: PyTree
     complement: LUState
-    upper: AbstractLinearOperator | None
-    lower: AbstractLinearOperator | None
+    held_upper: HeldArrays  # `B` (arrays as its only leaves: see `HeldArrays`)
+    held_lower: HeldArrays  # `C`
     # The result of the solves for `A⁻¹ B` (reported by every solve with this
     # state: a Schur complement built from unconverged columns is wrong).
     columns_result: RESULTS
     structures: Static = eqx.field(static=True)
+
+    def __init__(
+        self,
+        top_left: PyTree,
+        complement: LUState,
+        upper: AbstractLinearOperator | None,
+        lower: AbstractLinearOperator | None,
+        columns_result: RESULTS,
+        structures: Static,
+    ):
+        self.top_left = top_left
+        self.complement = complement
+        self.held_upper = HeldArrays(upper)
+        self.held_lower = HeldArrays(lower)
+        self.columns_result = columns_result
+        self.structures = structures
+
+    @property
+    def upper(self) -> AbstractLinearOperator | None:
+        return self.held_upper.value
+
+    @property
+    def lower(self) -> AbstractLinearOperator | None:
+        return self.held_lower.value
 
 
 def _mv_flat(operator, x, in_structure, dtype):
