@@ -61,8 +61,8 @@ class Diagonal(AbstractLinearSolver[DiagonalState]):
     option_keys = frozenset()
 
     def __check_init__(self):
-        # (None, which `lx.AutoLinearSolver(well_posed=None)` passes on, reads as
-        # False, as in the published lineax.)
+        # (None, by analogy with `lx.AutoLinearSolver(well_posed=None)`, reads as
+        # False, as the published lineax accepts it.)
         if not (self.well_posed is None or isinstance(self.well_posed, bool)):
             raise TypeError(
                 f"`well_posed` must be True or False, got {self.well_posed!r}."
