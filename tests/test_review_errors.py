@@ -20,6 +20,7 @@ from conftest import raises_message
 from jax.experimental import sparse as jsparse
 
 import lineax as lx
+import lineax.internal as lxi
 
 
 A = jnp.array([[3.0, 1.0, 0.0], [1.0, 4.0, 1.0], [0.0, 1.0, 5.0]])
@@ -133,6 +134,12 @@ TRACE_TIME_CASES = [
         ValueError,
         "at least one array.*nothing to solve for",
     ),
+    (
+        "select_solver_of_array",
+        lambda: lx.AutoLinearSolver(well_posed=True).select_solver(A),
+        TypeError,
+        "select_solver.*`operator`.*ArrayImpl",
+    ),
     ("invert_throw_str", lambda: lx.invert(OP, throw="yes"), TypeError, "`throw`"),
     (
         "preconditioner_class",
@@ -144,6 +151,19 @@ TRACE_TIME_CASES = [
         ),
         ValueError,
         r"class `JacobiPreconditioner`.*lx\.JacobiPreconditioner\(operator\)",
+    ),
+    # `lineax.internal`, for solvers written outside lineax.
+    (
+        "ravel_vector_wrong_shape",
+        lambda: lxi.ravel_vector(jnp.ones(4), lxi.pack_structures(OP)),
+        ValueError,
+        r"output structure.*float64\[3\]; got float64\[4\]",
+    ),
+    (
+        "unravel_solution_wrong_size",
+        lambda: lxi.unravel_solution(jnp.ones(4), lxi.pack_structures(OP)),
+        ValueError,
+        r"input size 3.*\(4,\)",
     ),
     # Preconditioner parameters: a string or a vector for a number, an int seed.
     ("ssor_omega_str", lambda: lx.SSORPreconditioner(OP, "a"), TypeError, "`omega`"),

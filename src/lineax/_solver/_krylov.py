@@ -322,7 +322,7 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(
-                    f"`{name}` must be a Python float (it is static data), got "
+                    f"`{name}` must be a number, not traced (it is static data), got "
                     f"{type(value).__name__}."
                 )
             if not value >= 0:

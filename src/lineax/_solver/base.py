@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, PyTree
@@ -375,7 +376,7 @@ def check_rcond(rcond: Any) -> None:
         return
     if isinstance(rcond, bool) or not isinstance(rcond, (int, float)):
         raise TypeError(
-            "`rcond` must be None or a Python float (it is static data), got "
+            "`rcond` must be None or a number, not traced (it is static data), got "
             f"{type(rcond).__name__}."
         )
     if not rcond >= 0:

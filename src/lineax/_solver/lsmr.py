@@ -195,7 +195,7 @@ class LSMR(AbstractKrylovSolver):
 
     def __check_init__(self):
         if isinstance(self.conlim, bool) or not isinstance(self.conlim, (int, float)):
-            raise TypeError(f"`conlim` must be a Python float, got {self.conlim!r}.")
+            raise TypeError(f"`conlim` must be a number, got {self.conlim!r}.")
         if not self.conlim > 0:
             raise ValueError(f"`conlim` must be positive, got {self.conlim}.")
 
