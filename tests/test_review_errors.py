@@ -65,6 +65,7 @@ TRACE_TIME_CASES = [
     ("matmul_vector", lambda: OP @ B, TypeError, r"`@`.*operator\.mv\(vector\)"),
     ("rmatmul_vector", lambda: B @ OP, TypeError, r"`@`.*operator\.mv\(vector\)"),
     ("div_by_operator", lambda: OP / OP, TypeError, r"lx\.invert"),
+    ("scalar_by_operator", lambda: 2.0 / OP, TypeError, r"s \* lx\.invert"),
     # An operator where a PyTree of arrays belongs (it is one, of its own arrays).
     (
         "diagonal_of_operator",

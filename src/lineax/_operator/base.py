@@ -154,6 +154,12 @@ class AbstractLinearOperator(eqx.Module):
     def __rmatmul__(self, other: Any):
         _not_an_operator("@", other)
 
+    def __rtruediv__(self, other: Any):
+        raise TypeError(
+            "`s / operator` is not defined: for `s` times the inverse of an operator "
+            "use `s * lx.invert(operator)`, or `lx.linear_solve` to solve with it."
+        )
+
 
 def _not_an_operator(op: str, other: Any) -> NoReturn:
     """Raise the TypeError for `operator {op} other` where `other` is not an
