@@ -67,6 +67,12 @@ def _check_vector(
     converting integer arrays and safely promotable dtypes to the operator's
     dtypes."""
     out_leaves, out_treedef = jtu.tree_flatten(out_struct)
+    if not out_leaves or not jtu.tree_leaves(operator.in_structure()):
+        raise ValueError(
+            "The operator's input and output structures must each have at least "
+            f"one array, but it maps {describe(operator.in_structure())} to "
+            f"{describe(out_struct)}: there is nothing to solve for."
+        )
     vec_leaves, vec_treedef = jtu.tree_flatten(vector)
     if out_treedef != vec_treedef:
         hint = ""
@@ -121,6 +127,11 @@ def _check_vector(
             leaf = jnp.asarray(leaf)
         new_leaves.append(leaf)
     return jtu.tree_unflatten(vec_treedef, new_leaves)
+
+
+def _check_throw(throw: Any) -> None:
+    if not isinstance(throw, bool):
+        raise TypeError(f"`throw` must be a bool, got {type(throw).__name__}.")
 
 
 def _check_options(options: Any, solver: AbstractLinearSolver) -> dict[str, Any]:
@@ -298,8 +309,7 @@ def linear_solve(
 
     A [`lineax.Solution`][].
     """
-    if not isinstance(throw, bool):
-        raise TypeError(f"`throw` must be a bool, got {type(throw).__name__}.")
+    _check_throw(throw)
     if no_active_trace():
         # Called outside of every JAX transformation: run one cached compiled
         # function instead of dispatching every operation eagerly (about 100x
@@ -665,6 +675,7 @@ def invert(
         )
     check_solver(solver, "solver")
     options = _check_options(options, solver)
+    _check_throw(throw)
     # The state of the problem that `linear_solve` solves (see there): of the
     # realified operator where it mixes real and complex leaves and `solver`
     # solves that, which carries no tags, so neither does its inverse.

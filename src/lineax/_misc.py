@@ -133,21 +133,28 @@ def structure_of(tree: PyTree, name: str = "structure") -> PyTree[jax.ShapeDtype
     """The structure (PyTree of `jax.ShapeDtypeStruct`) of a PyTree of arrays or of
     `jax.ShapeDtypeStruct`s.
 
+    An integer or boolean dtype becomes the default floating dtype, as
+    `inexact_asarray` converts such an array: a linear operator acts on a vector
+    space, and a solution in an integer dtype was truncated (`[0, 0, 0]` for the
+    `[0.5, 0.5, 0.5]` that the published lineax returns).
+
     Raises a `TypeError` naming `name` for any other kind of leaf.
     """
 
+    def _struct(shape, dtype):
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            dtype = default_floating_dtype()
+        return jax.ShapeDtypeStruct(shape, dtype)
+
     def _leaf(x):
         if isinstance(x, jax.ShapeDtypeStruct):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype)
+            return _struct(x.shape, x.dtype)
         elif isinstance(x, (bool, int, float, complex)):
             # A Python (or NumPy float64/complex128) scalar: a 0-d structure with
             # the dtype `inexact_asarray` would give it, as the published lineax.
-            dtype = jnp.result_type(x)
-            if not jnp.issubdtype(dtype, jnp.inexact):
-                dtype = default_floating_dtype()
-            return jax.ShapeDtypeStruct((), dtype)
+            return _struct((), jnp.result_type(x))
         elif eqx.is_array_like(x):
-            return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+            return _struct(jnp.shape(x), jnp.result_type(x))
         else:
             raise TypeError(
                 f"`{name}` must be a PyTree of arrays or `jax.ShapeDtypeStruct`s, but "

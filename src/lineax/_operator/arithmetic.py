@@ -2,6 +2,7 @@
 
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -38,6 +39,11 @@ def _check_scalar(scalar: Any) -> None:
         raise TypeError("`scalar` must be a scalar, not an operator.")
     if isinstance(scalar, (bool, int, float, complex)):
         return
+    if not eqx.is_array_like(scalar) or isinstance(scalar, (str, bytes)):
+        raise TypeError(
+            "`scalar` must be a number or a 0-d array, got "
+            f"{type(scalar).__name__}: {scalar!r}."
+        )
     if jnp.ndim(scalar) != 0:
         raise ValueError(
             f"`scalar` must be a scalar (0-d array), but has shape {jnp.shape(scalar)}."

@@ -11,7 +11,7 @@ file.
 import abc
 import functools as ft
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import equinox as eqx
 import jax
@@ -105,14 +105,14 @@ class AbstractLinearOperator(eqx.Module):
         from .arithmetic import AddLinearOperator
 
         if not isinstance(other, AbstractLinearOperator):
-            return NotImplemented
+            _not_an_operator("+", other)
         return AddLinearOperator(self, other)
 
     def __sub__(self, other: "AbstractLinearOperator") -> "AbstractLinearOperator":
         from .arithmetic import AddLinearOperator, NegLinearOperator
 
         if not isinstance(other, AbstractLinearOperator):
-            return NotImplemented
+            _not_an_operator("-", other)
         return AddLinearOperator(self, NegLinearOperator(other))
 
     def __mul__(self, other: ArrayLike) -> "AbstractLinearOperator":
@@ -127,18 +127,59 @@ class AbstractLinearOperator(eqx.Module):
 
     def __truediv__(self, other: ArrayLike) -> "AbstractLinearOperator":
         if isinstance(other, AbstractLinearOperator):
-            return NotImplemented
+            raise TypeError(
+                "`/` divides an operator by a scalar. For the inverse of an operator "
+                "use `lx.invert(operator)`, or `lx.linear_solve` to solve with it."
+            )
         return scaled(self, "div", other)
 
     def __matmul__(self, other: "AbstractLinearOperator") -> "AbstractLinearOperator":
         from .arithmetic import ComposedLinearOperator
 
         if not isinstance(other, AbstractLinearOperator):
-            return NotImplemented
+            _not_an_operator("@", other)
         return ComposedLinearOperator(self, other)
 
     def __neg__(self) -> "AbstractLinearOperator":
         return scaled(self, "neg")
+
+    # Reached only when the left operand is not an operator (else its `__add__`
+    # or `__matmul__` runs): say what was meant, as those do.
+    def __radd__(self, other: Any):
+        _not_an_operator("+", other)
+
+    def __rsub__(self, other: Any):
+        _not_an_operator("-", other)
+
+    def __rmatmul__(self, other: Any):
+        _not_an_operator("@", other)
+
+    def __rtruediv__(self, other: Any):
+        raise TypeError(
+            "`s / operator` is not defined: for `s` times the inverse of an operator "
+            "use `s * lx.invert(operator)`, or `lx.linear_solve` to solve with it."
+        )
+
+
+def _not_an_operator(op: str, other: Any) -> NoReturn:
+    """Raise the TypeError for `operator {op} other` where `other` is not an
+    operator, saying what was probably meant. (Raised here rather than returning
+    `NotImplemented`, after which Python's message names only the types.)"""
+    if op == "@":
+        hint = (
+            "to apply the operator to a vector use `operator.mv(vector)`; to "
+            "compose with a matrix wrap it first, `lx.MatrixLinearOperator(matrix)`"
+        )
+    else:
+        hint = (
+            "to add a multiple of the identity use `operator "
+            f"{op} s * lx.IdentityLinearOperator(operator.in_structure())`; a "
+            "matrix, wrap it first: `lx.MatrixLinearOperator(matrix)`"
+        )
+    raise TypeError(
+        f"`{op}` joins two linear operators, but one operand is of type "
+        f"{type(other).__name__}: {hint}."
+    )
 
 
 def check_structures_equal(

@@ -19,6 +19,7 @@ from .._misc import (
     tree_is_complex,
 )
 from .._tags import as_tags, symmetric_tag, transpose_tags
+from ._arguments import check_not_operator, output_structure_of
 from .base import (
     AbstractLinearOperator,
     materialise,
@@ -97,18 +98,15 @@ class FunctionLinearOperator(AbstractLinearOperator):
     ):
         if not callable(fn):
             raise TypeError(f"`fn` must be callable, got {type(fn).__name__}.")
+        check_not_operator(input_structure, "input_structure")
         in_struct = structure_of(input_structure, "input_structure")
         fn = closure_converted(fn, closure_convert, in_struct)
-        try:
-            out_struct = eqx.filter_eval_shape(fn, in_struct)
-        except Exception as e:
-            raise ValueError(
-                "Calling `fn` on an input of structure `input_structure` failed; check "
-                "that `input_structure` describes the input that `fn` expects."
-            ) from e
-        for leaf in jtu.tree_leaves(out_struct):
-            if not isinstance(leaf, jax.ShapeDtypeStruct):
-                raise TypeError("`fn` must return a PyTree of arrays.")
+        out_struct = output_structure_of(
+            fn,
+            (in_struct,),
+            "Calling `fn` on an input of structure `input_structure` failed; check "
+            "that `input_structure` describes the input that `fn` expects.",
+        )
         self.fn = fn
         self.input_structure = Static(in_struct)
         self.output_structure = Static(strip_weak_dtype(out_struct))

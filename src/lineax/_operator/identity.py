@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .._misc import result_dtype, Static, structure_of
+from ._arguments import check_not_operator
 from .base import (
     AbstractLinearOperator,
     concrete_arrays,
@@ -52,10 +53,12 @@ class IdentityLinearOperator(AbstractLinearOperator):
     output_structure: Static = eqx.field(static=True)
 
     def __init__(self, input_structure: Any, output_structure: Any = _sentinel):
+        check_not_operator(input_structure, "input_structure")
         in_struct = structure_of(input_structure, "input_structure")
         if output_structure is _sentinel:
             out_struct = in_struct
         else:
+            check_not_operator(output_structure, "output_structure")
             out_struct = structure_of(output_structure, "output_structure")
         self.input_structure = Static(in_struct)
         self.output_structure = Static(out_struct)

@@ -16,7 +16,7 @@ from .._misc import (
     structure_of,
 )
 from .._tags import as_tags, transpose_tags
-from ._arguments import check_leaf_arrays
+from ._arguments import check_leaf_arrays, output_structure_of
 from .base import (
     AbstractLinearOperator,
     linearise,
@@ -79,7 +79,14 @@ class JacobianLinearOperator(AbstractLinearOperator):
         check_leaf_arrays(x, "x")
         x = jtu.tree_map(inexact_asarray, x)
         fn = closure_converted(fn, closure_convert, x, args)
-        out_struct = eqx.filter_eval_shape(fn, x, args)
+        out_struct = output_structure_of(
+            fn,
+            (x, args),
+            "Calling `fn(x, args)` failed; check that `fn` takes two arguments, the "
+            "point `x` and `args` (pass `args=None` if it needs none: `lambda x, "
+            "args: ...`), and that `x` is the input it expects.",
+            inexact=True,
+        )
         self.fn = fn
         self.x = x
         self.args = args

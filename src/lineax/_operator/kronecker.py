@@ -85,6 +85,12 @@ class KroneckerLinearOperator(AbstractLinearOperator):
     operators: tuple[AbstractLinearOperator, ...]
 
     def __init__(self, *operators: AbstractLinearOperator):
+        if len(operators) == 1 and isinstance(operators[0], (list, tuple)):
+            raise TypeError(
+                "`KroneckerLinearOperator` takes its factors as separate arguments, "
+                f"got one {type(operators[0]).__name__}: write "
+                "`lx.KroneckerLinearOperator(*operators)`."
+            )
         if len(operators) < 2:
             raise ValueError(
                 "`KroneckerLinearOperator` needs at least two operators, got "

@@ -11,6 +11,7 @@ from jaxtyping import Array, PyTree
 
 from .._misc import inexact_asarray, result_dtype, Static, structure_of
 from .._tags import as_tags, transpose_tags
+from ._arguments import check_not_operator
 from .base import (
     AbstractLinearOperator,
     bands_of_matrix,
@@ -56,6 +57,8 @@ class PyTreeLinearOperator(AbstractLinearOperator):
     tags: frozenset = eqx.field(static=True)
 
     def __init__(self, pytree: PyTree, output_structure: PyTree, tags: Any = ()):
+        check_not_operator(pytree, "pytree")
+        check_not_operator(output_structure, "output_structure")
         out_struct = structure_of(output_structure, "output_structure")
         out_leaves, out_treedef = jtu.tree_flatten(out_struct)
         if len(out_leaves) == 0:

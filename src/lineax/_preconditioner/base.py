@@ -57,6 +57,29 @@ from .._tags import (
 )
 
 
+def concrete_number(value: Any, name: str) -> complex:
+    """`value`, a Python or NumPy number or a 0-d array that is not traced, as a
+    Python complex; a TypeError naming `name` for anything else (a string, a
+    vector), instead of NumPy's message about converting it."""
+    array = np.asarray(value) if not isinstance(value, (str, bytes)) else None
+    if array is None or array.ndim != 0 or not np.issubdtype(array.dtype, np.number):
+        raise TypeError(f"`{name}` must be a number or a 0-d array, got {value!r}.")
+    return complex(array)
+
+
+def checked_key(key: Any) -> PRNGKeyArray:
+    """The random key `key`, `jax.random.key(0)` for None; a TypeError for anything
+    but a JAX array (an int seed fails deep inside `jax.random` otherwise)."""
+    if key is None:
+        return jr.key(0)
+    if not isinstance(key, jax.Array):
+        raise TypeError(
+            f"`key` must be a JAX random key such as `jax.random.key(0)`, got "
+            f"{type(key).__name__}: {key!r}."
+        )
+    return key
+
+
 class AbstractPreconditioner(AbstractLinearOperator):
     """The base class of the preconditioners: linear operators approximating the
     inverse of an operator `A`, built from `A`.
@@ -184,8 +207,7 @@ def spectrum_interval(
         )
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"`lanczos_steps` must be a positive int, got {steps!r}.")
-    if key is None:
-        key = jr.key(0)
+    key = checked_key(key)
     lo, hi = jax.lax.stop_gradient(_operator_extremes(operator, steps, key))
     if positive:
         return lo, hi * (1 + margin)

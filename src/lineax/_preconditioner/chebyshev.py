@@ -20,6 +20,7 @@ from .._tags import negative_semidefinite_tag, positive_semidefinite_tag
 from .base import (
     AbstractPolynomialPreconditioner,
     apply_flat,
+    concrete_number,
     definite_tags,
     flat_mv,
     init_polynomial,
@@ -36,7 +37,7 @@ def _checked_interval(interval: Any, dtype: Any) -> tuple[Array, Array]:
         ) from None
     concrete = not any(isinstance(x, jax.core.Tracer) for x in (lo, hi))
     if concrete:
-        lo_, hi_ = complex(np.asarray(lo)), complex(np.asarray(hi))
+        lo_, hi_ = concrete_number(lo, "interval"), concrete_number(hi, "interval")
         if lo_.imag or hi_.imag or not (np.isfinite(lo_) and np.isfinite(hi_)):
             raise ValueError(
                 "`interval` must be a pair of finite real numbers (bounds of the "

@@ -11,7 +11,12 @@ from jaxtyping import Array, Bool, Int
 
 from .._misc import jit_when_eager, Static
 from .._operator.base import concrete_arrays, is_cacheable, reads_every_leaf
-from .base import AbstractPreconditioner, apply_flat, replace_fields
+from .base import (
+    AbstractPreconditioner,
+    apply_flat,
+    concrete_number,
+    replace_fields,
+)
 from .incomplete import (
     eliminate,
     Elimination,
@@ -36,7 +41,7 @@ def check_shift(shift: Any) -> Any:
     (`jax.device_put` keeps a Python number weakly typed and, unlike
     `jnp.asarray`, compiles nothing.)"""
     if not isinstance(shift, jax.core.Tracer):
-        value = float(np.real(np.asarray(shift)))
+        value = concrete_number(shift, "shift").real
         if not value >= 0:
             raise ValueError(f"`shift` must be a non-negative number, got {shift!r}.")
     return shift if isinstance(shift, jax.Array) else jax.device_put(shift)

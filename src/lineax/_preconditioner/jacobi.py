@@ -23,6 +23,7 @@ from .base import (
     AbstractPreconditioner,
     apply_flat,
     check_square,
+    checked_key,
     definite_tags,
     flat_mv,
     replace_fields,
@@ -104,9 +105,7 @@ class JacobiPreconditioner(AbstractPreconditioner):
                 raise ValueError(
                     f"`probes` must be None or a positive int, got {probes!r}."
                 )
-            if key is None:
-                key = jr.key(0)
-            diag = probe_diagonal_estimate(operator, probes, key)
+            diag = probe_diagonal_estimate(operator, probes, checked_key(key))
         positive = is_positive_semidefinite(operator)
         negative = (not positive) and is_negative_semidefinite(operator)
         invertible = usable_pivots(diag, positive, negative)

@@ -35,7 +35,12 @@ from .._tags import (
     positive_semidefinite_tag,
     symmetric_tag,
 )
-from .base import AbstractPreconditioner, lanczos_extremes, replace_fields
+from .base import (
+    AbstractPreconditioner,
+    concrete_number,
+    lanczos_extremes,
+    replace_fields,
+)
 
 
 _SMOOTHERS = ("jacobi", "chebyshev")
@@ -92,6 +97,13 @@ def _probe_stencil_diagonal(
     ).astype(np.dtype(dtype))
     probes = jnp.asarray(probes)
     return jnp.sum(probes * jax.vmap(apply)(probes), axis=0)
+
+
+def _checked_spacing(h: Any) -> float:
+    value = concrete_number(h, "spacing")
+    if value.imag or not value.real > 0:
+        raise ValueError(f"`spacing` must be a positive real number, got {h!r}.")
+    return value.real
 
 
 class MultigridPreconditioner(AbstractPreconditioner):
@@ -210,9 +222,9 @@ class MultigridPreconditioner(AbstractPreconditioner):
                     f"`spacing` has {len(spacing)} entries but `grid_shape` has "
                     f"{ndim} axes."
                 )
-            spacing = tuple(float(h) for h in spacing)
+            spacing = tuple(_checked_spacing(h) for h in spacing)
         else:
-            spacing = float(spacing)
+            spacing = _checked_spacing(spacing)
         if smoother not in _SMOOTHERS:
             raise ValueError(
                 f"`smoother` must be one of {_SMOOTHERS}, got {smoother!r}."

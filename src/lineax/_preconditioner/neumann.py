@@ -18,6 +18,7 @@ from .._operator.base import (
 from .base import (
     AbstractPolynomialPreconditioner,
     apply_flat,
+    concrete_number,
     definite_tags,
     flat_mv,
     init_polynomial,
@@ -80,7 +81,7 @@ class NeumannPreconditioner(AbstractPolynomialPreconditioner):
         elif not isinstance(scale, jax.core.Tracer):
             # NumPy, not `jnp`: under `jit` a `jnp` array of a Python float is
             # traced, and `complex` of it fails.
-            value = complex(np.asarray(scale))
+            value = concrete_number(scale, "scale")
             if not np.isfinite(value):
                 raise ValueError(f"`scale` must be finite, got {scale!r}.")
             if value.imag and not jnp.issubdtype(dtype, jnp.complexfloating):

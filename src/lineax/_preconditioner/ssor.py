@@ -8,7 +8,6 @@ import jax
 import jax.core
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
-import numpy as np
 from jaxtyping import Array, Inexact, Scalar
 
 from .._misc import result_dtype, Static
@@ -24,6 +23,7 @@ from .base import (
     AbstractPreconditioner,
     apply_flat,
     check_square,
+    concrete_number,
     definite_tags,
     replace_fields,
 )
@@ -82,7 +82,7 @@ class SSORPreconditioner(AbstractPreconditioner):
         if not isinstance(omega, jax.core.Tracer):
             # NumPy, not `jnp`: under `jit` a `jnp` array of a Python float is
             # traced, and `float` of it fails.
-            value = complex(np.asarray(omega))
+            value = concrete_number(omega, "omega")
             if value.imag or not 0 < value.real < 2:
                 raise ValueError(
                     f"`omega` must be a real number in (0, 2), got {omega!r}."

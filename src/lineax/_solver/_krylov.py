@@ -201,12 +201,18 @@ def preconditioner_of(
         return None
     if not isinstance(precond, AbstractLinearOperator):
         # (Options reach here traced: an array shows as a tracer, so say "array".)
-        got = (
-            f"an array of shape {tuple(precond.shape)}; wrap a matrix as "
-            "`lx.MatrixLinearOperator(matrix)`"
-            if eqx.is_array(precond)
-            else type(precond).__name__
-        )
+        if eqx.is_array(precond):
+            got = (
+                f"an array of shape {tuple(precond.shape)}; wrap a matrix as "
+                "`lx.MatrixLinearOperator(matrix)`"
+            )
+        elif isinstance(precond, type):
+            got = (
+                f"the class `{precond.__name__}`; build one from the operator, e.g. "
+                f"`lx.{precond.__name__}(operator)`"
+            )
+        else:
+            got = type(precond).__name__
         raise ValueError(
             "The `preconditioner` option must be a `lineax.AbstractLinearOperator` "
             f"(approximating the inverse of the operator), got {got}."
@@ -330,7 +336,7 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(
-                    f"`{name}` must be a Python float (it is static data), got "
+                    f"`{name}` must be a number, not traced (it is static data), got "
                     f"{type(value).__name__}."
                 )
             if not value >= 0:

@@ -1,10 +1,15 @@
 """Ravel PyTree vectors to flat arrays for the matrix-based solvers, and back."""
 
+import math
+from typing import Any
+
 import equinox as eqx
 import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
-from .._misc import result_dtype, Static
+from .._misc import describe, result_dtype, Static
 from .._operator.base import AbstractLinearOperator, flatten_vector, unflatten_vector
 
 
@@ -38,16 +43,40 @@ def pack_structures(operator: AbstractLinearOperator) -> PackedStructures:
 
 def ravel_vector(pytree: PyTree[Array], packed_structures: PackedStructures) -> Array:
     """Flatten a right-hand side (with the operator's output structure) to a 1-D
-    array, in PyTree-leaf order, as matches `operator.as_matrix()`'s rows."""
-    del packed_structures
+    array, in PyTree-leaf order, as matches `operator.as_matrix()`'s rows.
+
+    Raises a ValueError if `pytree` has another PyTree structure or other shapes
+    than that output structure (its dtypes may differ: the result has theirs)."""
+    expected = packed_structures.out_structure
+    leaves, treedef = jtu.tree_flatten(pytree)
+    if treedef != jtu.tree_structure(expected) or any(
+        jnp.shape(x) != s.shape for x, s in zip(leaves, jtu.tree_leaves(expected))
+    ):
+        raise ValueError(
+            "The vector to ravel must have the output structure of the operator "
+            f"whose structures were packed, {describe(expected)}; got "
+            f"{describe(jtu.tree_map(_shape_struct, pytree))}."
+        )
     return flatten_vector(pytree, result_dtype(pytree))
+
+
+def _shape_struct(x: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
 
 
 def unravel_solution(
     solution: Array, packed_structures: PackedStructures
 ) -> PyTree[Array]:
     """Split a 1-D solution into a PyTree with the operator's input structure."""
-    return unflatten_vector(solution, packed_structures.in_structure)
+    structure = packed_structures.in_structure
+    size = sum(math.prod(s.shape) for s in jtu.tree_leaves(structure))
+    if jnp.shape(solution) != (size,):
+        raise ValueError(
+            f"The solution to unravel must be a 1-D array of the operator's input "
+            f"size {size} (its input structure is {describe(structure)}); got shape "
+            f"{jnp.shape(solution)}."
+        )
+    return unflatten_vector(solution, structure)
 
 
 def transpose_packed_structures(

@@ -9,6 +9,7 @@ from jaxtyping import Array
 
 from .._operator.base import (
     AbstractLinearOperator,
+    check_operator,
     is_diagonal,
     is_lower_triangular,
     is_negative_semidefinite,
@@ -139,6 +140,7 @@ class AutoLinearSolver(AbstractLinearSolver[AutoState]):
 
         A linear solver instance.
         """
+        check_operator(operator, who="AutoLinearSolver.select_solver")
         square = operator.in_size() == operator.out_size()
         if self.well_posed is True:
             if not square:

@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, PyTree
@@ -339,6 +340,47 @@ def embed_like(
         @ flat
         @ IdentityLinearOperator(operator.in_structure(), flat.in_structure())
     )
+
+
+def _python_number(value: Any) -> Any:
+    """A NumPy scalar or a concrete 0-d array, as the Python number it holds;
+    anything else as it is, for the solver's `__check_init__` to judge."""
+    if isinstance(value, np.generic) or (
+        isinstance(value, (jax.Array, np.ndarray))
+        and not isinstance(value, jax.core.Tracer)
+        and value.ndim == 0
+    ):
+        return value.item()
+    return value
+
+
+def static_number(kind: Any, **kwargs: Any) -> Any:
+    """`eqx.field(static=True, ...)` for a solver's numeric parameter of type
+    `kind` (a tolerance, a step count): a NumPy scalar such as
+    `np.finfo(np.float32).eps` or `np.int64(100)`, or a concrete 0-d JAX array, is
+    stored as a Python number. Static data is hashed and compared by the
+    compilation cache, and the published lineax accepts these."""
+
+    def convert(value: Any) -> Any:
+        return _python_number(value)
+
+    # The constructor's signature shows the converter's parameter type.
+    convert.__annotations__ = {"value": kind, "return": kind}
+    return eqx.field(static=True, converter=convert, **kwargs)
+
+
+def check_rcond(rcond: Any) -> None:
+    """Raise a TypeError or ValueError unless `rcond` (a relative cutoff of
+    singular values) is None or a nonnegative real number."""
+    if rcond is None:
+        return
+    if isinstance(rcond, bool) or not isinstance(rcond, (int, float)):
+        raise TypeError(
+            "`rcond` must be None or a number, not traced (it is static data), got "
+            f"{type(rcond).__name__}."
+        )
+    if not rcond >= 0:
+        raise ValueError(f"`rcond` must be nonnegative or None, got {rcond}.")
 
 
 def check_solver(solver: Any, argument: str) -> None:

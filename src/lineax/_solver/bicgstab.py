@@ -24,6 +24,7 @@ from ._krylov import (
     tree_axpy,
     tree_where,
 )
+from .base import static_number
 
 
 class _Carry(eqx.Module):
@@ -99,11 +100,11 @@ class BiCGStab(AbstractKrylovSolver):
     - `y0`: an initial guess for the solution.
     """
 
-    rtol: float = eqx.field(static=True)
-    atol: float = eqx.field(static=True)
+    rtol: float = static_number(float)
+    atol: float = static_number(float)
     norm: Callable[[PyTree[Array]], Scalar] = eqx.field(static=True, default=max_norm)
-    max_steps: int | None = eqx.field(static=True, default=None)
-    history_length: int | None = eqx.field(static=True, default=None)
+    max_steps: int | None = static_number(int | None, default=None)
+    history_length: int | None = static_number(int | None, default=None)
     verbose: bool | int = eqx.field(static=True, default=False)
 
     def init(

@@ -25,6 +25,7 @@ from ._krylov import (
     tree_sub,
     tree_where,
 )
+from .base import static_number
 from .normal import Normal
 
 
@@ -105,12 +106,12 @@ class CG(AbstractDefiniteKrylovSolver):
     - `y0`: an initial guess for the solution.
     """
 
-    rtol: float = eqx.field(static=True)
-    atol: float = eqx.field(static=True)
+    rtol: float = static_number(float)
+    atol: float = static_number(float)
     norm: Callable[[PyTree[Array]], Scalar] = eqx.field(static=True, default=max_norm)
-    stabilise_every: int | None = eqx.field(static=True, default=10)
-    max_steps: int | None = eqx.field(static=True, default=None)
-    history_length: int | None = eqx.field(static=True, default=None)
+    stabilise_every: int | None = static_number(int | None, default=10)
+    max_steps: int | None = static_number(int | None, default=None)
+    history_length: int | None = static_number(int | None, default=None)
     verbose: bool | int = eqx.field(static=True, default=False)
 
     def compute(

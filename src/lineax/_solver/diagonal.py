@@ -18,7 +18,14 @@ from ._packing import (
     transpose_packed_structures,
     unravel_solution,
 )
-from .base import AbstractLinearSolver, check_square, check_tag, embed_like
+from .base import (
+    AbstractLinearSolver,
+    check_rcond,
+    check_square,
+    check_tag,
+    embed_like,
+    static_number,
+)
 
 
 class DiagonalState(eqx.Module):
@@ -49,13 +56,18 @@ class Diagonal(AbstractLinearSolver[DiagonalState]):
     """
 
     well_posed: bool = eqx.field(static=True, default=False)
-    rcond: float | None = eqx.field(static=True, default=None)
+    rcond: float | None = static_number(float | None, default=None)
 
     option_keys = frozenset()
 
     def __check_init__(self):
-        if self.rcond is not None and not self.rcond >= 0:
-            raise ValueError(f"`rcond` must be nonnegative or None, got {self.rcond}.")
+        # (None, by analogy with `lx.AutoLinearSolver(well_posed=None)`, reads as
+        # False, as the published lineax accepts it.)
+        if not (self.well_posed is None or isinstance(self.well_posed, bool)):
+            raise TypeError(
+                f"`well_posed` must be True or False, got {self.well_posed!r}."
+            )
+        check_rcond(self.rcond)
 
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]

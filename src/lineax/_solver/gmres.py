@@ -7,6 +7,7 @@ from jaxtyping import Array, PyTree, Scalar
 
 from .._norm import max_norm
 from ._arnoldi import AbstractArnoldiSolver
+from .base import static_number
 
 
 class GMRES(AbstractArnoldiSolver):
@@ -48,11 +49,11 @@ class GMRES(AbstractArnoldiSolver):
     - `y0`: an initial guess for the solution.
     """
 
-    rtol: float = eqx.field(static=True)
-    atol: float = eqx.field(static=True)
+    rtol: float = static_number(float)
+    atol: float = static_number(float)
     norm: Callable[[PyTree[Array]], Scalar] = eqx.field(static=True, default=max_norm)
-    max_steps: int | None = eqx.field(static=True, default=None)
-    restart: int = eqx.field(static=True, default=20)
-    stagnation_iters: int = eqx.field(static=True, default=20)
-    history_length: int | None = eqx.field(static=True, default=None)
+    max_steps: int | None = static_number(int | None, default=None)
+    restart: int = static_number(int, default=20)
+    stagnation_iters: int = static_number(int, default=20)
+    history_length: int | None = static_number(int | None, default=None)
     verbose: bool | int = eqx.field(static=True, default=False)

@@ -36,6 +36,7 @@ from ._krylov import (
     tree_scale,
     tree_zeros,
 )
+from .base import static_number
 
 
 # The relative normal-equations residual `||A^H r|| / (||A|| ||r||)` that finite
@@ -181,12 +182,12 @@ class LSMR(AbstractKrylovSolver):
     - `y0`: an initial guess for the solution.
     """
 
-    rtol: float = eqx.field(static=True)
-    atol: float = eqx.field(static=True)
+    rtol: float = static_number(float)
+    atol: float = static_number(float)
     norm: Callable[[PyTree[Array]], Scalar] = eqx.field(static=True, default=two_norm)
-    max_steps: int | None = eqx.field(static=True, default=None)
-    conlim: float = eqx.field(static=True, default=1e8)
-    history_length: int | None = eqx.field(static=True, default=None)
+    max_steps: int | None = static_number(int | None, default=None)
+    conlim: float = static_number(float, default=1e8)
+    history_length: int | None = static_number(int | None, default=None)
     verbose: bool | int = eqx.field(static=True, default=False)
 
     option_keys = frozenset({"damp", "preconditioner", "y0"})
@@ -194,7 +195,7 @@ class LSMR(AbstractKrylovSolver):
 
     def __check_init__(self):
         if isinstance(self.conlim, bool) or not isinstance(self.conlim, (int, float)):
-            raise TypeError(f"`conlim` must be a Python float, got {self.conlim!r}.")
+            raise TypeError(f"`conlim` must be a number, got {self.conlim!r}.")
         if not self.conlim > 0:
             raise ValueError(f"`conlim` must be positive, got {self.conlim}.")
 

@@ -31,7 +31,7 @@ from ._krylov import (
     tree_scale,
     tree_where,
 )
-from .base import check_tag
+from .base import check_tag, static_number
 
 
 class _Lanczos(eqx.Module):
@@ -107,11 +107,11 @@ class MINRES(AbstractKrylovSolver):
     - `y0`: an initial guess for the solution.
     """
 
-    rtol: float = eqx.field(static=True)
-    atol: float = eqx.field(static=True)
+    rtol: float = static_number(float)
+    atol: float = static_number(float)
     norm: Callable[[PyTree[Array]], Scalar] = eqx.field(static=True, default=max_norm)
-    max_steps: int | None = eqx.field(static=True, default=None)
-    history_length: int | None = eqx.field(static=True, default=None)
+    max_steps: int | None = static_number(int | None, default=None)
+    history_length: int | None = static_number(int | None, default=None)
     verbose: bool | int = eqx.field(static=True, default=False)
 
     def init(

@@ -18,7 +18,13 @@ from ._packing import (
     transpose_packed_structures,
     unravel_solution,
 )
-from .base import AbstractLinearSolver, check_lapack_dtype, operator_is_finite
+from .base import (
+    AbstractLinearSolver,
+    check_lapack_dtype,
+    check_rcond,
+    operator_is_finite,
+    static_number,
+)
 
 
 class SVDState(eqx.Module):
@@ -52,13 +58,12 @@ class SVD(AbstractLinearSolver[SVDState]):
     This solver reads no `options`.
     """
 
-    rcond: float | None = eqx.field(static=True, default=None)
+    rcond: float | None = static_number(float | None, default=None)
 
     option_keys = frozenset()
 
     def __check_init__(self):
-        if self.rcond is not None and not self.rcond >= 0:
-            raise ValueError(f"`rcond` must be nonnegative or None, got {self.rcond}.")
+        check_rcond(self.rcond)
 
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
