@@ -137,7 +137,13 @@ def structure_of(tree: PyTree, name: str = "structure") -> PyTree[jax.ShapeDtype
 
     def _leaf(x):
         if isinstance(x, jax.ShapeDtypeStruct):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype)
+            # Canonicalised as an array's dtype is: a structure written as
+            # `ShapeDtypeStruct(x.shape, x.dtype)` for a NumPy float64 `x` declares
+            # float64 that, with x64 disabled, no computation produces (`fn` and
+            # the solvers return float32), so the Krylov solvers found the input
+            # and output structures different, as the published lineax (which
+            # traced them with `jax.eval_shape`) did not.
+            return jax.ShapeDtypeStruct(x.shape, jax.dtypes.canonicalize_dtype(x.dtype))
         elif isinstance(x, (bool, int, float, complex)):
             # A Python (or NumPy float64/complex128) scalar: a 0-d structure with
             # the dtype `inexact_asarray` would give it, as the published lineax.
