@@ -12,6 +12,7 @@ import contextlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import lineax as lx
 
@@ -46,3 +47,50 @@ def test_a_structure_declared_with_a_numpy_float64_dtype_is_float32():
         shifted = lx.MatrixLinearOperator(matrix) + lx.IdentityLinearOperator(struct)
         x = lx.linear_solve(shifted, b).value
         np.testing.assert_allclose(x, np.linalg.solve(matrix + np.eye(3), b), rtol=1e-5)
+
+
+_KRYLOV = (
+    lx.CG,
+    lx.MINRES,
+    lx.GMRES,
+    lx.FGMRES,
+    lx.BiCGStab,
+    lx.LSMR,
+    lx.FlexibleCG,
+    lx.PipelinedCG,
+)
+
+
+def test_numpy_and_jax_scalars_as_tolerances_and_step_counts():
+    # `rtol=10 * jnp.finfo(jnp.float32).eps` is a NumPy float32, `jnp.float32(...)`
+    # a 0-d JAX array, `np.prod(shape)` a NumPy int64: every Krylov solver raised
+    # a TypeError/ValueError ("must be a Python float", "must be None or a
+    # nonnegative int"), SVD and Diagonal kept the array as static data; the
+    # published lineax accepts them.
+    with _float32_user():
+        eps = jnp.finfo(jnp.float32).eps
+        for cls in _KRYLOV:
+            solver = cls(rtol=10 * eps, atol=jnp.float32(1e-6), max_steps=np.int64(7))
+            assert type(solver.rtol) is float and type(solver.atol) is float
+            assert type(solver.max_steps) is int
+        assert type(lx.LSMR(1e-5, 1e-5, conlim=np.float32(1e6)).conlim) is float
+        for solver in (lx.SVD(rcond=jnp.float32(1e-3)), lx.Diagonal(rcond=eps)):
+            assert type(solver.rcond) is float
+        matrix = np.array([[4.0, 1.0], [1.0, 3.0]])
+        b = np.array([1.0, 2.0])
+        solver = lx.GMRES(rtol=10 * eps, atol=10 * eps, max_steps=np.int64(10))
+        x = lx.linear_solve(lx.MatrixLinearOperator(matrix), b, solver).value
+        np.testing.assert_allclose(x, np.linalg.solve(matrix, b), rtol=1e-6)
+
+
+# (Equinox warns before the check runs.)
+@pytest.mark.filterwarnings("ignore:A JAX array is being set as static")
+def test_a_traced_rcond_is_a_clear_error():
+    # `SVD(rcond=r)` inside `jit` (a traced `r`, which the published lineax
+    # accepted) failed deep in JAX with a TracerBoolConversionError from the
+    # `rcond >= 0` check; the tolerances of this lineax are static: a TypeError
+    # naming the argument.
+    with _float32_user():
+        for cls in (lx.SVD, lx.Diagonal):
+            with pytest.raises(TypeError, match="`rcond` must be a Python float"):
+                jax.jit(lambda r, cls=cls: cls(rcond=r).rcond)(jnp.float32(1e-3))

@@ -128,6 +128,37 @@ def strip_weak_dtype(tree: PyTree) -> PyTree:
     )
 
 
+def static_number(x: Any) -> Any:
+    """The converter of a solver's static numeric parameters (tolerances, `rcond`,
+    `conlim`, step counts): a NumPy scalar or a concrete 0-d array becomes the
+    Python number it holds; anything else is returned for the solver's checks.
+
+    They are static (compared and hashed, read at trace time), so only Python
+    numbers are kept; but `rtol=10 * jnp.finfo(jnp.float32).eps` (a NumPy
+    float32), `jnp.float32(1e-5)` or `max_steps=np.prod(shape)` (a NumPy int64)
+    are what users pass, and the published lineax accepted them.
+    """
+    if isinstance(x, np.generic) or (
+        isinstance(x, (np.ndarray, jax.Array)) and np.ndim(x) == 0
+    ):
+        try:
+            return x.item()
+        except jax.errors.ConcretizationTypeError:  # a tracer: the checks reject it
+            return x
+    return x
+
+
+def check_static_float(value: Any, name: str) -> None:
+    """Raise a TypeError naming `name` unless `value` is a Python float or int (a
+    static parameter; see `static_number`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"`{name}` must be a Python float (it is static data: a traced value, "
+            "inside `jit` or `vmap`, cannot be one; build the solver outside the "
+            f"transformation), got {type(value).__name__}."
+        )
+
+
 def structure_of(tree: PyTree, name: str = "structure") -> PyTree[jax.ShapeDtypeStruct]:
     """The structure (PyTree of `jax.ShapeDtypeStruct`) of a PyTree of arrays or of
     `jax.ShapeDtypeStruct`s.

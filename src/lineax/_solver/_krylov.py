@@ -55,7 +55,7 @@ from equinox import AbstractVar
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
 # (`tree_sub` is also imported from here by the solvers.)
-from .._misc import select, structure_of, tree_sub, varying_like
+from .._misc import check_static_float, select, structure_of, tree_sub, varying_like
 from .._norm import tree_dot, two_norm
 from .._operator.base import (
     AbstractLinearOperator,
@@ -314,11 +314,7 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
     def __check_init__(self):
         for name in ("rtol", "atol"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(
-                    f"`{name}` must be a Python float (it is static data), got "
-                    f"{type(value).__name__}."
-                )
+            check_static_float(value, name)
             if not value >= 0:
                 raise ValueError(f"`{name}` must be nonnegative, got {value}.")
         for name in ("max_steps", "history_length"):

@@ -7,7 +7,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
-from .._misc import select
+from .._misc import select, static_number
 from .._norm import max_norm, tree_dot, two_norm
 from .._operator.base import AbstractLinearOperator
 from ._krylov import (
@@ -99,11 +99,15 @@ class BiCGStab(AbstractKrylovSolver):
     - `y0`: an initial guess for the solution.
     """
 
-    rtol: float = eqx.field(static=True)
-    atol: float = eqx.field(static=True)
+    rtol: float = eqx.field(static=True, converter=static_number)
+    atol: float = eqx.field(static=True, converter=static_number)
     norm: Callable[[PyTree[Array]], Scalar] = eqx.field(static=True, default=max_norm)
-    max_steps: int | None = eqx.field(static=True, default=None)
-    history_length: int | None = eqx.field(static=True, default=None)
+    max_steps: int | None = eqx.field(
+        static=True, default=None, converter=static_number
+    )
+    history_length: int | None = eqx.field(
+        static=True, default=None, converter=static_number
+    )
     verbose: bool | int = eqx.field(static=True, default=False)
 
     def init(

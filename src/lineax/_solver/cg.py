@@ -8,7 +8,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
-from .._misc import select
+from .._misc import select, static_number
 from .._norm import max_norm, tree_dot, two_norm
 from ._definite import AbstractDefiniteKrylovSolver
 from ._krylov import (
@@ -105,12 +105,18 @@ class CG(AbstractDefiniteKrylovSolver):
     - `y0`: an initial guess for the solution.
     """
 
-    rtol: float = eqx.field(static=True)
-    atol: float = eqx.field(static=True)
+    rtol: float = eqx.field(static=True, converter=static_number)
+    atol: float = eqx.field(static=True, converter=static_number)
     norm: Callable[[PyTree[Array]], Scalar] = eqx.field(static=True, default=max_norm)
-    stabilise_every: int | None = eqx.field(static=True, default=10)
-    max_steps: int | None = eqx.field(static=True, default=None)
-    history_length: int | None = eqx.field(static=True, default=None)
+    stabilise_every: int | None = eqx.field(
+        static=True, default=10, converter=static_number
+    )
+    max_steps: int | None = eqx.field(
+        static=True, default=None, converter=static_number
+    )
+    history_length: int | None = eqx.field(
+        static=True, default=None, converter=static_number
+    )
     verbose: bool | int = eqx.field(static=True, default=False)
 
     def compute(

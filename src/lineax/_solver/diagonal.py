@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
+from .._misc import check_static_float, static_number
 from .._operator.base import AbstractLinearOperator, diagonal, is_diagonal
 from .._operator.diagonal_operator import DiagonalLinearOperator
 from .._solution import RESULTS
@@ -49,11 +50,15 @@ class Diagonal(AbstractLinearSolver[DiagonalState]):
     """
 
     well_posed: bool = eqx.field(static=True, default=False)
-    rcond: float | None = eqx.field(static=True, default=None)
+    rcond: float | None = eqx.field(static=True, default=None, converter=static_number)
 
     option_keys = frozenset()
 
     def __check_init__(self):
+        if self.rcond is not None:
+            # (A traced `rcond` failed in `rcond >= 0` with JAX's
+            # TracerBoolConversionError.)
+            check_static_float(self.rcond, "rcond")
         if self.rcond is not None and not self.rcond >= 0:
             raise ValueError(f"`rcond` must be nonnegative or None, got {self.rcond}.")
 

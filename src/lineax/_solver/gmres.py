@@ -5,6 +5,7 @@ from collections.abc import Callable
 import equinox as eqx
 from jaxtyping import Array, PyTree, Scalar
 
+from .._misc import static_number
 from .._norm import max_norm
 from ._arnoldi import AbstractArnoldiSolver
 
@@ -48,11 +49,15 @@ class GMRES(AbstractArnoldiSolver):
     - `y0`: an initial guess for the solution.
     """
 
-    rtol: float = eqx.field(static=True)
-    atol: float = eqx.field(static=True)
+    rtol: float = eqx.field(static=True, converter=static_number)
+    atol: float = eqx.field(static=True, converter=static_number)
     norm: Callable[[PyTree[Array]], Scalar] = eqx.field(static=True, default=max_norm)
-    max_steps: int | None = eqx.field(static=True, default=None)
-    restart: int = eqx.field(static=True, default=20)
-    stagnation_iters: int = eqx.field(static=True, default=20)
-    history_length: int | None = eqx.field(static=True, default=None)
+    max_steps: int | None = eqx.field(
+        static=True, default=None, converter=static_number
+    )
+    restart: int = eqx.field(static=True, default=20, converter=static_number)
+    stagnation_iters: int = eqx.field(static=True, default=20, converter=static_number)
+    history_length: int | None = eqx.field(
+        static=True, default=None, converter=static_number
+    )
     verbose: bool | int = eqx.field(static=True, default=False)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree, Scalar
 
-from .._misc import hypot, select, tree_is_complex
+from .._misc import check_static_float, hypot, select, static_number, tree_is_complex
 from .._norm import two_norm
 from .._operator.base import (
     AbstractLinearOperator,
@@ -181,20 +181,23 @@ class LSMR(AbstractKrylovSolver):
     - `y0`: an initial guess for the solution.
     """
 
-    rtol: float = eqx.field(static=True)
-    atol: float = eqx.field(static=True)
+    rtol: float = eqx.field(static=True, converter=static_number)
+    atol: float = eqx.field(static=True, converter=static_number)
     norm: Callable[[PyTree[Array]], Scalar] = eqx.field(static=True, default=two_norm)
-    max_steps: int | None = eqx.field(static=True, default=None)
-    conlim: float = eqx.field(static=True, default=1e8)
-    history_length: int | None = eqx.field(static=True, default=None)
+    max_steps: int | None = eqx.field(
+        static=True, default=None, converter=static_number
+    )
+    conlim: float = eqx.field(static=True, default=1e8, converter=static_number)
+    history_length: int | None = eqx.field(
+        static=True, default=None, converter=static_number
+    )
     verbose: bool | int = eqx.field(static=True, default=False)
 
     option_keys = frozenset({"damp", "preconditioner", "y0"})
     right_preconditioned = True
 
     def __check_init__(self):
-        if isinstance(self.conlim, bool) or not isinstance(self.conlim, (int, float)):
-            raise TypeError(f"`conlim` must be a Python float, got {self.conlim!r}.")
+        check_static_float(self.conlim, "conlim")
         if not self.conlim > 0:
             raise ValueError(f"`conlim` must be positive, got {self.conlim}.")
 

@@ -7,7 +7,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree, Scalar
 
-from .._misc import hypot, tree_is_complex
+from .._misc import hypot, static_number, tree_is_complex
 from .._norm import max_norm, tree_dot
 from .._operator.base import (
     AbstractLinearOperator,
@@ -107,11 +107,15 @@ class MINRES(AbstractKrylovSolver):
     - `y0`: an initial guess for the solution.
     """
 
-    rtol: float = eqx.field(static=True)
-    atol: float = eqx.field(static=True)
+    rtol: float = eqx.field(static=True, converter=static_number)
+    atol: float = eqx.field(static=True, converter=static_number)
     norm: Callable[[PyTree[Array]], Scalar] = eqx.field(static=True, default=max_norm)
-    max_steps: int | None = eqx.field(static=True, default=None)
-    history_length: int | None = eqx.field(static=True, default=None)
+    max_steps: int | None = eqx.field(
+        static=True, default=None, converter=static_number
+    )
+    history_length: int | None = eqx.field(
+        static=True, default=None, converter=static_number
+    )
     verbose: bool | int = eqx.field(static=True, default=False)
 
     def init(

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from .._misc import select
+from .._misc import check_static_float, select, static_number
 from .._operator.base import AbstractLinearOperator
 from .._solution import RESULTS
 from ._packing import (
@@ -52,11 +52,15 @@ class SVD(AbstractLinearSolver[SVDState]):
     This solver reads no `options`.
     """
 
-    rcond: float | None = eqx.field(static=True, default=None)
+    rcond: float | None = eqx.field(static=True, default=None, converter=static_number)
 
     option_keys = frozenset()
 
     def __check_init__(self):
+        if self.rcond is not None:
+            # (A traced `rcond` failed in `rcond >= 0` with JAX's
+            # TracerBoolConversionError.)
+            check_static_float(self.rcond, "rcond")
         if self.rcond is not None and not self.rcond >= 0:
             raise ValueError(f"`rcond` must be nonnegative or None, got {self.rcond}.")
 
