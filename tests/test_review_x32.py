@@ -94,3 +94,17 @@ def test_a_traced_rcond_is_a_clear_error():
         for cls in (lx.SVD, lx.Diagonal):
             with pytest.raises(TypeError, match="`rcond` must be a Python float"):
                 jax.jit(lambda r, cls=cls: cls(rcond=r).rcond)(jnp.float32(1e-3))
+
+
+def test_complex_to_real_dtype_of_numpy_scalar_types():
+    # `np.complex128` (a scalar type, as `jnp.complex128` is) raised a TypeError:
+    # its `dtype` attribute is a descriptor, not a dtype. The published lineax
+    # returns float64, as for the dtype.
+    with _float32_user():
+        for dtype, real in (
+            (np.complex128, np.float64),
+            (np.complex64, np.float32),
+            (np.float64, np.float64),
+            (jnp.complex64, np.float32),
+        ):
+            assert lx.internal.complex_to_real_dtype(dtype) == real

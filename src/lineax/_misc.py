@@ -93,7 +93,9 @@ def complex_to_real_dtype(dtype: Any) -> Any:
     `float32` for `complex64`, `float64` for `complex128`, and `dtype` itself for
     real dtypes.
     """
-    if hasattr(dtype, "dtype"):
+    # A NumPy scalar type (`np.complex128`) has a `dtype` attribute too, a
+    # descriptor rather than a dtype: it is itself the dtype-like argument.
+    if not isinstance(dtype, type) and hasattr(dtype, "dtype"):
         dtype = dtype.dtype
     return jnp.finfo(dtype).dtype
 
