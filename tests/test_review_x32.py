@@ -108,3 +108,19 @@ def test_complex_to_real_dtype_of_numpy_scalar_types():
             (jnp.complex64, np.float32),
         ):
             assert lx.internal.complex_to_real_dtype(dtype) == real
+
+
+def test_definiteness_of_a_numpy_scalar_multiple():
+    # `lx.is_positive_semidefinite(op * np.float64(2.0))` (a `float` subclass)
+    # raised a TypeError (NumPy bools subtracted). A NumPy scalar is an array
+    # leaf, traced inside the solve, so its sign is not static: False, as for a
+    # JAX scalar (and for every scalar in the published lineax); a Python number
+    # keeps the tag.
+    with _float32_user():
+        matrix = np.array([[2.0, 1.0], [1.0, 3.0]])
+        operator = lx.MatrixLinearOperator(matrix, lx.positive_semidefinite_tag)
+        for scale in (np.float64(2.0), np.float32(2.0), jnp.float32(2.0)):
+            assert not lx.is_positive_semidefinite(operator * scale)
+            assert not lx.is_positive_semidefinite(operator / scale)
+        assert lx.is_positive_semidefinite(operator * 2.0)
+        assert lx.is_negative_semidefinite(operator / -2)
