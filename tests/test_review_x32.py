@@ -124,3 +124,14 @@ def test_definiteness_of_a_numpy_scalar_multiple():
             assert not lx.is_positive_semidefinite(operator / scale)
         assert lx.is_positive_semidefinite(operator * 2.0)
         assert lx.is_negative_semidefinite(operator / -2)
+
+
+def test_max_steps_beyond_int32_is_a_clear_error():
+    # `max_steps=10**10` ("no limit"): an OverflowError from deep inside JAX at the
+    # solve ("while parsing an argument to a jitted computation"), as in the
+    # published lineax; steps are counted in int32.
+    with _float32_user():
+        for cls in _KRYLOV:
+            with pytest.raises(ValueError, match="`max_steps` must be at most"):
+                cls(rtol=1e-5, atol=1e-5, max_steps=10**10)
+        assert lx.CG(rtol=1e-5, atol=1e-5, max_steps=2**31 - 1).max_steps == 2**31 - 1

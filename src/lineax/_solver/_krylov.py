@@ -294,6 +294,9 @@ def conj_options(options: dict[str, Any]):
 #
 
 
+_MAX_INT32 = 2**31 - 1
+
+
 class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
     """Shared behaviour of the Krylov solvers: checked tolerances (`rtol`, `atol`),
     the `norm` of the stopping rule, `max_steps` (`None`: 10 × the problem size),
@@ -325,6 +328,14 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
                 raise ValueError(
                     f"`{name}` must be None or a nonnegative int, got {value!r}."
                 )
+        # Steps are counted in int32 (also with x64); a larger budget
+        # (`max_steps=10**10` for "no limit") failed deep in JAX with an
+        # OverflowError ("while parsing an argument to a jitted computation").
+        if self.max_steps is not None and self.max_steps > _MAX_INT32:
+            raise ValueError(
+                f"`max_steps` must be at most 2**31 - 1 = {_MAX_INT32} (steps are "
+                f"counted in int32), got {self.max_steps}."
+            )
         if self.rtol == 0 and self.atol == 0 and self.max_steps is None:
             raise ValueError(
                 "`rtol` and `atol` are both zero and `max_steps` is None: the solver "
