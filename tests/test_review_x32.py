@@ -135,3 +135,19 @@ def test_max_steps_beyond_int32_is_a_clear_error():
             with pytest.raises(ValueError, match="`max_steps` must be at most"):
                 cls(rtol=1e-5, atol=1e-5, max_steps=10**10)
         assert lx.CG(rtol=1e-5, atol=1e-5, max_steps=2**31 - 1).max_steps == 2**31 - 1
+
+
+def test_an_integer_structure_is_the_default_floating_dtype():
+    # `FunctionLinearOperator(fn, ShapeDtypeStruct(shape, np.int64))` (a structure
+    # copied from an integer array) kept int32, and every solve failed with "converting
+    # would lose precision ... `vector.astype(jnp.int32)`"; the published lineax
+    # promotes it to float32, as operators' integer arrays are.
+    with _float32_user():
+        for dtype in (np.int64, jnp.int32, bool):
+            struct = jax.ShapeDtypeStruct((3,), dtype)
+            operator = lx.FunctionLinearOperator(lambda x: 2 * x, struct)
+            assert operator.in_structure().dtype == jnp.float32
+            x = lx.linear_solve(operator, np.ones(3)).value
+            np.testing.assert_allclose(x, 0.5 * np.ones(3))
+            identity = lx.IdentityLinearOperator(struct)
+            assert lx.linear_solve(identity, np.ones(3)).value.dtype == jnp.float32

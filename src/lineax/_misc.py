@@ -176,21 +176,24 @@ def structure_of(tree: PyTree, name: str = "structure") -> PyTree[jax.ShapeDtype
             # the solvers return float32), so the Krylov solvers found the input
             # and output structures different, as the published lineax (which
             # traced them with `jax.eval_shape`) did not.
-            return jax.ShapeDtypeStruct(x.shape, jax.dtypes.canonicalize_dtype(x.dtype))
-        elif isinstance(x, (bool, int, float, complex)):
-            # A Python (or NumPy float64/complex128) scalar: a 0-d structure with
-            # the dtype `inexact_asarray` would give it, as the published lineax.
-            dtype = jnp.result_type(x)
-            if not jnp.issubdtype(dtype, jnp.inexact):
-                dtype = default_floating_dtype()
-            return jax.ShapeDtypeStruct((), dtype)
+            shape, dtype = x.shape, jax.dtypes.canonicalize_dtype(x.dtype)
         elif eqx.is_array_like(x):
-            return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+            # (`result_type` canonicalises too.)
+            shape, dtype = jnp.shape(x), jnp.result_type(x)
         else:
             raise TypeError(
                 f"`{name}` must be a PyTree of arrays or `jax.ShapeDtypeStruct`s, but "
                 f"it has a leaf {x!r} of type {type(x).__name__}."
             )
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            # Integer and boolean structures (and Python ints) are the default
+            # floating dtype, as `inexact_asarray` makes an operator's arrays and
+            # as in the published lineax: a linear solve has no meaning over the
+            # integers. (An integer `ShapeDtypeStruct` for a `FunctionLinearOperator`
+            # or `IdentityLinearOperator` was kept, and every solve then failed,
+            # advising to cast the vector to an integer dtype.)
+            dtype = default_floating_dtype()
+        return jax.ShapeDtypeStruct(shape, dtype)
 
     return jtu.tree_map(_leaf, tree)
 
