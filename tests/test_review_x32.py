@@ -151,3 +151,25 @@ def test_an_integer_structure_is_the_default_floating_dtype():
             np.testing.assert_allclose(x, 0.5 * np.ones(3))
             identity = lx.IdentityLinearOperator(struct)
             assert lx.linear_solve(identity, np.ones(3)).value.dtype == jnp.float32
+
+
+def test_numpy_integers_as_preconditioner_and_sparse_counts():
+    # `np.int64` counts (from `np.prod(shape)`, `x.shape[0] // k` on NumPy
+    # values): "`block_size` must be a positive int, got np.int64(2)", and so
+    # for `degree`, `lanczos_steps`, `probes` and `max_dense_size`, where the
+    # solvers' step counts accept them.
+    import scipy.sparse as sps
+
+    with _float32_user():
+        matrix = np.diag([4.0, 5.0, 6.0, 7.0]) + 0.5
+        operator = lx.MatrixLinearOperator(matrix, lx.positive_semidefinite_tag)
+        two, three = np.int64(2), np.int64(3)
+        lx.BlockJacobiPreconditioner(operator, two)
+        lx.ChebyshevPreconditioner(operator, three, lanczos_steps=np.int64(4))
+        lx.NeumannPreconditioner(operator, three)
+        matrix_free = lx.FunctionLinearOperator(
+            lambda x: jnp.asarray(matrix, jnp.float32) @ x,
+            jax.ShapeDtypeStruct((4,), jnp.float32),
+        )
+        lx.JacobiPreconditioner(matrix_free, three)
+        lx.SparseLinearOperator(sps.csr_matrix(matrix), max_dense_size=np.int64(99))

@@ -21,7 +21,7 @@ The contract every preconditioner here keeps:
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, SupportsIndex
 
 import equinox as eqx
 import jax
@@ -31,7 +31,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, PyTree
 
-from .._misc import jit_when_eager, result_dtype, Static
+from .._misc import jit_when_eager, result_dtype, Static, static_number
 from .._operator.base import (
     AbstractLinearOperator,
     check_operator,
@@ -151,6 +151,7 @@ def init_polynomial(
 
 
 def check_degree(degree: Any) -> int:
+    degree = static_number(degree)
     if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
         raise ValueError(f"`degree` must be a non-negative int, got {degree!r}.")
     return degree
@@ -158,7 +159,7 @@ def check_degree(degree: Any) -> int:
 
 def spectrum_interval(
     operator: AbstractLinearOperator,
-    steps: int,
+    steps: SupportsIndex,
     key: PRNGKeyArray | None,
     margin: float,
     who: str,
@@ -182,6 +183,7 @@ def spectrum_interval(
             "`lx.positive_semidefinite_tag` or `lx.negative_semidefinite_tag`); for "
             f"any other operator pass `{argument}` explicitly."
         )
+    steps = static_number(steps)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"`lanczos_steps` must be a positive int, got {steps!r}.")
     if key is None:
