@@ -94,7 +94,9 @@ def complex_to_real_dtype(dtype: Any) -> Any:
     `float32` for `complex64`, `float64` for `complex128`, and `dtype` itself for
     real dtypes.
     """
-    if hasattr(dtype, "dtype"):
+    # A NumPy scalar type (`np.complex128`) has a `dtype` attribute too, a
+    # descriptor rather than a dtype: it is itself the dtype-like argument.
+    if not isinstance(dtype, type) and hasattr(dtype, "dtype"):
         dtype = dtype.dtype
     return jnp.finfo(dtype).dtype
 
@@ -129,6 +131,38 @@ def strip_weak_dtype(tree: PyTree) -> PyTree:
     )
 
 
+def python_number(x: Any) -> Any:
+    """The converter of static numeric parameters (a solver's tolerances, `rcond`,
+    `conlim` and step counts, through `static_number`; a preconditioner's
+    counts): a NumPy scalar or a concrete 0-d array becomes the Python number it
+    holds; anything else is returned for the caller's checks.
+
+    They are static (compared and hashed, read at trace time), so only Python
+    numbers are kept; but `rtol=10 * jnp.finfo(jnp.float32).eps` (a NumPy
+    float32), `jnp.float32(1e-5)` or `max_steps=np.prod(shape)` (a NumPy int64)
+    are what users pass, and the published lineax accepted them.
+    """
+    if isinstance(x, np.generic) or (
+        isinstance(x, (np.ndarray, jax.Array)) and np.ndim(x) == 0
+    ):
+        try:
+            return x.item()
+        except jax.errors.ConcretizationTypeError:  # a tracer: the checks reject it
+            return x
+    return x
+
+
+def check_static_float(value: Any, name: str) -> None:
+    """Raise a TypeError naming `name` unless `value` is a Python float or int (a
+    static parameter, after `python_number`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"`{name}` must be a number (it is static data: a traced value, inside "
+            "`jit` or `vmap`, cannot be one; build the solver outside the "
+            f"transformation), got {type(value).__name__}."
+        )
+
+
 def structure_of(tree: PyTree, name: str = "structure") -> PyTree[jax.ShapeDtypeStruct]:
     """The structure (PyTree of `jax.ShapeDtypeStruct`) of a PyTree of arrays or of
     `jax.ShapeDtypeStruct`s.
@@ -148,12 +182,19 @@ def structure_of(tree: PyTree, name: str = "structure") -> PyTree[jax.ShapeDtype
 
     def _leaf(x):
         if isinstance(x, jax.ShapeDtypeStruct):
-            return _struct(x.shape, x.dtype)
+            # Canonicalised as an array's dtype is: a structure written as
+            # `ShapeDtypeStruct(x.shape, x.dtype)` for a NumPy float64 `x` declares
+            # float64 that, with x64 disabled, no computation produces (`fn` and
+            # the solvers return float32), so the Krylov solvers found the input
+            # and output structures different, as the published lineax (which
+            # traced them with `jax.eval_shape`) did not.
+            return _struct(x.shape, jax.dtypes.canonicalize_dtype(x.dtype))
         elif isinstance(x, (bool, int, float, complex)):
             # A Python (or NumPy float64/complex128) scalar: a 0-d structure with
             # the dtype `inexact_asarray` would give it, as the published lineax.
             return _struct((), jnp.result_type(x))
         elif eqx.is_array_like(x):
+            # (`result_type` canonicalises too.)
             return _struct(jnp.shape(x), jnp.result_type(x))
         else:
             raise TypeError(

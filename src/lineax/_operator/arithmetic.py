@@ -387,7 +387,10 @@ for _cls in (MulLinearOperator, DivLinearOperator):
 
 
 def _static_sign(scalar: Any) -> int:
-    if isinstance(scalar, (int, float)) and not isinstance(scalar, bool):
+    # Only a Python number is static (a NumPy scalar is an array leaf, traced in
+    # the solve, as in `_scale`). `np.float64`, a `float` subclass, passed an
+    # `isinstance` test here and gave NumPy bools, whose `-` raised a TypeError.
+    if type(scalar) in (int, float):
         return (scalar > 0) - (scalar < 0)
     return 0
 

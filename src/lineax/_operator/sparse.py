@@ -1,7 +1,7 @@
 """`SparseLinearOperator`: a sparse matrix in one of JAX's formats
 (`jax.experimental.sparse` BCOO or BCSR)."""
 
-from typing import Any
+from typing import Any, SupportsIndex
 
 import equinox as eqx
 import jax
@@ -11,7 +11,7 @@ import numpy as np
 from jax.experimental import sparse as jsparse
 from jaxtyping import Array, Int
 
-from .._misc import default_floating_dtype
+from .._misc import default_floating_dtype, python_number
 from .._tags import as_tags, transpose_tags
 from .base import (
     AbstractLinearOperator,
@@ -100,7 +100,7 @@ class SparseLinearOperator(AbstractLinearOperator):
         self,
         matrix: Any,
         tags: Any = (),
-        max_dense_size: int = DEFAULT_MAX_DENSE_SIZE,
+        max_dense_size: SupportsIndex = DEFAULT_MAX_DENSE_SIZE,
     ):
         matrix = _to_jax_sparse(matrix)
         if matrix.n_batch != 0 or matrix.n_dense != 0 or matrix.ndim != 2:
@@ -116,6 +116,7 @@ class SparseLinearOperator(AbstractLinearOperator):
             leaves, treedef = jtu.tree_flatten(matrix)
             data = leaves[0].astype(default_floating_dtype())
             matrix = jtu.tree_unflatten(treedef, [data, *leaves[1:]])
+        max_dense_size = python_number(max_dense_size)
         if not isinstance(max_dense_size, int) or max_dense_size < 0:
             raise ValueError(
                 f"`max_dense_size` must be a nonnegative int, got {max_dense_size!r}."

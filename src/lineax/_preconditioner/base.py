@@ -21,7 +21,7 @@ The contract every preconditioner here keeps:
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, SupportsIndex
 
 import equinox as eqx
 import jax
@@ -31,7 +31,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, PyTree
 
-from .._misc import jit_when_eager, result_dtype, Static
+from .._misc import jit_when_eager, python_number, result_dtype, Static
 from .._operator.base import (
     AbstractLinearOperator,
     check_operator,
@@ -174,6 +174,7 @@ def init_polynomial(
 
 
 def check_degree(degree: Any) -> int:
+    degree = python_number(degree)
     if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
         raise ValueError(f"`degree` must be a non-negative int, got {degree!r}.")
     return degree
@@ -181,7 +182,7 @@ def check_degree(degree: Any) -> int:
 
 def spectrum_interval(
     operator: AbstractLinearOperator,
-    steps: int,
+    steps: SupportsIndex,
     key: PRNGKeyArray | None,
     margin: float,
     who: str,
@@ -205,6 +206,7 @@ def spectrum_interval(
             "`lx.positive_semidefinite_tag` or `lx.negative_semidefinite_tag`); for "
             f"any other operator pass `{argument}` explicitly."
         )
+    steps = python_number(steps)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"`lanczos_steps` must be a positive int, got {steps!r}.")
     key = checked_key(key)

@@ -1,6 +1,6 @@
 """`BlockJacobiPreconditioner`: the inverses of an operator's diagonal blocks."""
 
-from typing import Any
+from typing import Any, SupportsIndex
 
 import equinox as eqx
 import jax
@@ -10,7 +10,7 @@ import numpy as np
 from jax.experimental import sparse as jsparse
 from jaxtyping import Array, Inexact, Int
 
-from .._misc import Static
+from .._misc import python_number, Static
 from .._operator.base import (
     concrete_arrays,
     holds_values,
@@ -121,8 +121,9 @@ class BlockJacobiPreconditioner(AbstractPreconditioner):
     output_structure: Static = eqx.field(static=True)
     tags: frozenset = eqx.field(static=True)
 
-    def __init__(self, operator: Any, block_size: int):
+    def __init__(self, operator: Any, block_size: SupportsIndex):
         check_square(operator, "BlockJacobiPreconditioner")
+        block_size = python_number(block_size)
         if (
             isinstance(block_size, bool)
             or not isinstance(block_size, int)

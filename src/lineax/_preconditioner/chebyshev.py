@@ -1,7 +1,7 @@
 """`ChebyshevPreconditioner`: the Chebyshev polynomial approximation of `A⁻¹` on an
 interval holding the spectrum."""
 
-from typing import Any
+from typing import Any, SupportsIndex
 
 import equinox as eqx
 import jax
@@ -102,10 +102,10 @@ class ChebyshevPreconditioner(AbstractPolynomialPreconditioner):
     def __init__(
         self,
         operator: Any,
-        degree: int,
+        degree: SupportsIndex,
         interval: Any = None,
         *,
-        lanczos_steps: int = 20,
+        lanczos_steps: SupportsIndex = 20,
         key: PRNGKeyArray | None = None,
     ):
         dtype = init_polynomial(self, operator, degree)

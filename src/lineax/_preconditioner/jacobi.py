@@ -1,6 +1,6 @@
 """`JacobiPreconditioner`: the inverse of an operator's diagonal."""
 
-from typing import Any
+from typing import Any, SupportsIndex
 
 import equinox as eqx
 import jax
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Inexact, PRNGKeyArray
 
-from .._misc import result_dtype, Static
+from .._misc import python_number, result_dtype, Static
 from .._operator.base import (
     concrete_arrays,
     diagonal,
@@ -84,7 +84,7 @@ class JacobiPreconditioner(AbstractPreconditioner):
     def __init__(
         self,
         operator: Any,
-        probes: int | None = None,
+        probes: SupportsIndex | None = None,
         *,
         key: PRNGKeyArray | None = None,
     ):
@@ -101,6 +101,7 @@ class JacobiPreconditioner(AbstractPreconditioner):
                 )
             diag = diagonal(operator)
         else:
+            probes = python_number(probes)
             if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
                 raise ValueError(
                     f"`probes` must be None or a positive int, got {probes!r}."

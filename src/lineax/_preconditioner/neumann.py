@@ -1,6 +1,6 @@
 """`NeumannPreconditioner`: a truncated, scaled Neumann series for `A⁻¹`."""
 
-from typing import Any
+from typing import Any, SupportsIndex
 
 import equinox as eqx
 import jax
@@ -64,10 +64,10 @@ class NeumannPreconditioner(AbstractPolynomialPreconditioner):
     def __init__(
         self,
         operator: Any,
-        degree: int,
+        degree: SupportsIndex,
         scale: Any = None,
         *,
-        lanczos_steps: int = 20,
+        lanczos_steps: SupportsIndex = 20,
         key: PRNGKeyArray | None = None,
     ):
         dtype = init_polynomial(self, operator, degree)

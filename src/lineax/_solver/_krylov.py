@@ -55,7 +55,14 @@ from equinox import AbstractVar
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
 # (`tree_sub` is also imported from here by the solvers.)
-from .._misc import HeldArrays, select, structure_of, tree_sub, varying_like
+from .._misc import (
+    check_static_float,
+    HeldArrays,
+    select,
+    structure_of,
+    tree_sub,
+    varying_like,
+)
 from .._norm import tree_dot, two_norm
 from .._operator.base import (
     AbstractLinearOperator,
@@ -314,6 +321,9 @@ def conj_options(options: dict[str, Any]):
 #
 
 
+_MAX_INT32 = 2**31 - 1
+
+
 class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
     """Shared behaviour of the Krylov solvers: checked tolerances (`rtol`, `atol`),
     the `norm` of the stopping rule, `max_steps` (`None`: 10 × the problem size),
@@ -334,11 +344,7 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
     def __check_init__(self):
         for name in ("rtol", "atol"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(
-                    f"`{name}` must be a number, not traced (it is static data), got "
-                    f"{type(value).__name__}."
-                )
+            check_static_float(value, name)
             if not value >= 0:
                 raise ValueError(f"`{name}` must be nonnegative, got {value}.")
         for name in ("max_steps", "history_length"):
@@ -349,6 +355,14 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
                 raise ValueError(
                     f"`{name}` must be None or a nonnegative int, got {value!r}."
                 )
+        # Steps are counted in int32 (also with x64); a larger budget
+        # (`max_steps=10**10` for "no limit") failed deep in JAX with an
+        # OverflowError ("while parsing an argument to a jitted computation").
+        if self.max_steps is not None and self.max_steps > _MAX_INT32:
+            raise ValueError(
+                f"`max_steps` must be at most 2**31 - 1 = {_MAX_INT32} (steps are "
+                f"counted in int32), got {self.max_steps}."
+            )
         if self.rtol == 0 and self.atol == 0 and self.max_steps is None:
             raise ValueError(
                 "`rtol` and `atol` are both zero and `max_steps` is None: the solver "

@@ -14,7 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, PyTree
 
-from .._misc import nan_where, select, tree_all_finite
+from .._misc import (
+    check_static_float,
+    nan_where,
+    python_number,
+    select,
+    tree_all_finite,
+)
 from .._operator.base import (
     AbstractLinearOperator,
     check_square as check_square_operator,
@@ -342,18 +348,6 @@ def embed_like(
     )
 
 
-def _python_number(value: Any) -> Any:
-    """A NumPy scalar or a concrete 0-d array, as the Python number it holds;
-    anything else as it is, for the solver's `__check_init__` to judge."""
-    if isinstance(value, np.generic) or (
-        isinstance(value, (jax.Array, np.ndarray))
-        and not isinstance(value, jax.core.Tracer)
-        and value.ndim == 0
-    ):
-        return value.item()
-    return value
-
-
 def static_number(kind: Any, **kwargs: Any) -> Any:
     """`eqx.field(static=True, ...)` for a solver's numeric parameter of type
     `kind` (a tolerance, a step count): a NumPy scalar such as
@@ -362,7 +356,7 @@ def static_number(kind: Any, **kwargs: Any) -> Any:
     compilation cache, and the published lineax accepts these."""
 
     def convert(value: Any) -> Any:
-        return _python_number(value)
+        return python_number(value)
 
     # The constructor's signature shows the converter's parameter type.
     convert.__annotations__ = {"value": kind, "return": kind}
@@ -374,11 +368,8 @@ def check_rcond(rcond: Any) -> None:
     singular values) is None or a nonnegative real number."""
     if rcond is None:
         return
-    if isinstance(rcond, bool) or not isinstance(rcond, (int, float)):
-        raise TypeError(
-            "`rcond` must be None or a number, not traced (it is static data), got "
-            f"{type(rcond).__name__}."
-        )
+    # (A traced `rcond` failed in `rcond >= 0` with JAX's TracerBoolConversionError.)
+    check_static_float(rcond, "rcond")
     if not rcond >= 0:
         raise ValueError(f"`rcond` must be nonnegative or None, got {rcond}.")
 

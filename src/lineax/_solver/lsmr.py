@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree, Scalar
 
-from .._misc import hypot, select, tree_is_complex
+from .._misc import check_static_float, hypot, select, tree_is_complex
 from .._norm import two_norm
 from .._operator.base import (
     AbstractLinearOperator,
@@ -194,8 +194,7 @@ class LSMR(AbstractKrylovSolver):
     right_preconditioned = True
 
     def __check_init__(self):
-        if isinstance(self.conlim, bool) or not isinstance(self.conlim, (int, float)):
-            raise TypeError(f"`conlim` must be a number, got {self.conlim!r}.")
+        check_static_float(self.conlim, "conlim")
         if not self.conlim > 0:
             raise ValueError(f"`conlim` must be positive, got {self.conlim}.")
 
