@@ -1,5 +1,6 @@
 """`MINRES`: the minimal residual method for symmetric (Hermitian) operators."""
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -78,8 +79,10 @@ class MINRES(AbstractKrylovSolver):
     (if it fails, the iteration carries on with a tighter estimate threshold, at
     least one step per pass). As in Paige and Saunders' reference code, the
     iteration also stops when the estimate of `||A r|| / (||A|| ||r||)` falls
-    below `rtol` (the normal equations are solved: for a singular, inconsistent
-    system, the iterate is then near a least-squares solution) or the estimate of
+    below `min(rtol, sqrt(eps))` (the normal equations are solved: for a singular,
+    inconsistent system, the iterate is then near a least-squares solution; on a
+    nonsingular one this ratio can be as small as `1 / cond(A)` far from the
+    solution, so a loose `rtol` alone would stop there) or the estimate of
     `cond(A)` exceeds `0.1 / eps`, or a pivot of the Lanczos tridiagonal matrix
     vanishes to working precision (that step, which would add a huge multiple of a
     null vector, is not taken); unless the true residual passes, these are
@@ -206,7 +209,10 @@ class MINRES(AbstractKrylovSolver):
 
         def halted(c: _Lanczos):
             ill_conditioned = c.gmax > (0.1 / eps) * c.gmin
-            normal_solved = c.test2 <= self.rtol
+            # (At most sqrt(eps): `rtol` alone stopped loose solves of
+            # nonsingular systems as `singular`, where ||A r|| / (||A|| ||r||)
+            # >= 1 / cond(A) came below it with a residual far above the target.)
+            normal_solved = c.test2 <= min(self.rtol, math.sqrt(eps))
             return c.breakdown | c.exhausted | ill_conditioned | normal_solved
 
         x, r = problem.x0, problem.r0
