@@ -22,6 +22,7 @@ iterative ones) pair a solver with the kind of matrix it accepts (`make_matrix`)
 and `case_operator` represents such a matrix in one of `CASE_KINDS`.
 """
 
+import contextlib
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
@@ -910,3 +911,12 @@ def hlo_computations(text: str) -> dict[str, list[str]]:
         elif name is not None:
             out[name].append(line)
     return out
+
+
+def float32_user() -> contextlib.ExitStack:
+    """A default JAX user: float32 (x64 disabled) and standard dtype promotion;
+    the test session runs in float64 with strict promotion."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.enable_x64(False))
+    stack.enter_context(jax.numpy_dtype_promotion("standard"))
+    return stack

@@ -9,7 +9,6 @@ published `lineax` from PyPI (it would shadow this one):
 (see requirements-clients.txt). The tests skip when they are not installed.
 """
 
-import contextlib
 import pathlib
 import textwrap
 
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 import pytest
+from helpers import float32_user
 
 import lineax as lx
 
@@ -158,19 +158,10 @@ def test_diffrax_kvaerno5_stiff_linear():
         assert int(sol.stats["num_accepted_steps"]) < 500
 
 
-def _float32_user():
-    """A default JAX user: float32, standard dtype promotion (the test session
-    runs in float64 with strict promotion)."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.enable_x64(False))
-    stack.enter_context(jax.numpy_dtype_promotion("standard"))
-    return stack
-
-
 def test_optimistix_newton_badly_scaled_float32():
     # Unknowns of sizes 1e4 and 1e-4 (e.g. metres and megametres): the Jacobian's
     # columns differ by 1e8, which LU handles exactly.
-    with _float32_user():
+    with float32_user():
         scale = jnp.array([1e4, 1e-4], jnp.float32)
 
         def fn(x, args):
@@ -187,7 +178,7 @@ def test_optimistix_newton_badly_scaled_float32():
 def test_optimistix_gauss_newton_polynomial_fit_float32():
     # A quadratic fitted on t in [0, 1e4]: the Jacobian's columns 1, t, t² span
     # eight orders of magnitude.
-    with _float32_user():
+    with float32_user():
         t = jnp.linspace(0.0, 1e4, 50, dtype=jnp.float32)
         coeffs = np.array([1.0, 2e-3, 3e-7])
         data = jnp.asarray(coeffs[0] + coeffs[1] * t + coeffs[2] * t**2, jnp.float32)
@@ -205,7 +196,7 @@ def test_optimistix_gauss_newton_polynomial_fit_float32():
 def test_optimistix_bfgs_badly_scaled_float32():
     # BFGS with a Hessian approximation (`use_inverse=False`) solves a
     # positive-definite system each step; the unknowns differ in scale by 1e4.
-    with _float32_user():
+    with float32_user():
         scale = jnp.array([1e2, 1e-2], jnp.float32)
 
         def fn(x, args):

@@ -7,22 +7,13 @@ to 1e30; unreachable tolerances and tiny `max_steps`; the dtypes of values,
 stats, states and gradients. Only the defects found have tests here; values are
 compared with NumPy in float64."""
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import float32_user
 
 import lineax as lx
-
-
-def _float32_user():
-    """A default JAX user: x64 disabled, standard dtype promotion."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.enable_x64(False))
-    stack.enter_context(jax.numpy_dtype_promotion("standard"))
-    return stack
 
 
 def test_a_structure_declared_with_a_numpy_float64_dtype_is_float32():
@@ -31,7 +22,7 @@ def test_a_structure_declared_with_a_numpy_float64_dtype_is_float32():
     # Krylov solver rejected a `FunctionLinearOperator` built with it ("input and
     # output structures ... the same"), and `M + IdentityLinearOperator(struct)`
     # failed; the published lineax solves it.
-    with _float32_user():
+    with float32_user():
         matrix = np.array([[3.0, 1.0, 0.0], [1.0, 4.0, 1.0], [0.0, 1.0, 5.0]])
         b = np.array([1.0, -2.0, 0.5])
         struct = jax.ShapeDtypeStruct(b.shape, b.dtype)
@@ -67,7 +58,7 @@ def test_numpy_and_jax_scalars_as_tolerances_and_step_counts():
     # a TypeError/ValueError ("must be a Python float", "must be None or a
     # nonnegative int"), SVD and Diagonal kept the array as static data; the
     # published lineax accepts them.
-    with _float32_user():
+    with float32_user():
         eps = jnp.finfo(jnp.float32).eps
         for cls in _KRYLOV:
             solver = cls(rtol=10 * eps, atol=jnp.float32(1e-6), max_steps=np.int64(7))
@@ -90,7 +81,7 @@ def test_a_traced_rcond_is_a_clear_error():
     # accepted) failed deep in JAX with a TracerBoolConversionError from the
     # `rcond >= 0` check; the tolerances of this lineax are static: a TypeError
     # naming the argument.
-    with _float32_user():
+    with float32_user():
         for cls in (lx.SVD, lx.Diagonal):
             with pytest.raises(TypeError, match="`rcond` must be a number"):
                 jax.jit(lambda r, cls=cls: cls(rcond=r).rcond)(jnp.float32(1e-3))
@@ -100,7 +91,7 @@ def test_complex_to_real_dtype_of_numpy_scalar_types():
     # `np.complex128` (a scalar type, as `jnp.complex128` is) raised a TypeError:
     # its `dtype` attribute is a descriptor, not a dtype. The published lineax
     # returns float64, as for the dtype.
-    with _float32_user():
+    with float32_user():
         for dtype, real in (
             (np.complex128, np.float64),
             (np.complex64, np.float32),
@@ -116,7 +107,7 @@ def test_definiteness_of_a_numpy_scalar_multiple():
     # leaf, traced inside the solve, so its sign is not static: False, as for a
     # JAX scalar (and for every scalar in the published lineax); a Python number
     # keeps the tag.
-    with _float32_user():
+    with float32_user():
         matrix = np.array([[2.0, 1.0], [1.0, 3.0]])
         operator = lx.MatrixLinearOperator(matrix, lx.positive_semidefinite_tag)
         for scale in (np.float64(2.0), np.float32(2.0), jnp.float32(2.0)):
@@ -130,7 +121,7 @@ def test_max_steps_beyond_int32_is_a_clear_error():
     # `max_steps=10**10` ("no limit"): an OverflowError from deep inside JAX at the
     # solve ("while parsing an argument to a jitted computation"), as in the
     # published lineax; steps are counted in int32.
-    with _float32_user():
+    with float32_user():
         for cls in _KRYLOV:
             with pytest.raises(ValueError, match="`max_steps` must be at most"):
                 cls(rtol=1e-5, atol=1e-5, max_steps=10**10)
@@ -142,7 +133,7 @@ def test_an_integer_structure_is_the_default_floating_dtype():
     # copied from an integer array) kept int32, and every solve failed with "converting
     # would lose precision ... `vector.astype(jnp.int32)`"; the published lineax
     # promotes it to float32, as operators' integer arrays are.
-    with _float32_user():
+    with float32_user():
         for dtype in (np.int64, jnp.int32, bool):
             struct = jax.ShapeDtypeStruct((3,), dtype)
             operator = lx.FunctionLinearOperator(lambda x: 2 * x, struct)
@@ -160,7 +151,7 @@ def test_numpy_integers_as_preconditioner_and_sparse_counts():
     # solvers' step counts accept them.
     import scipy.sparse as sps
 
-    with _float32_user():
+    with float32_user():
         matrix = np.diag([4.0, 5.0, 6.0, 7.0]) + 0.5
         operator = lx.MatrixLinearOperator(matrix, lx.positive_semidefinite_tag)
         two, three = np.int64(2), np.int64(3)
