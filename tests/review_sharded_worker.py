@@ -1,0 +1,128 @@
+"""Checks of sharded solves found wanting by a review (see
+`tests/test_review_sharded.py`), on 8 simulated CPU devices, in one subprocess
+(the device count is fixed when JAX starts). Each check prints one line
+`RESULT {json}` when it is done; those that may abort the process (a device left
+waiting in a collective) run last.
+
+Run it by hand with `PYTHONPATH=src python tests/review_sharded_worker.py [NAME...]`.
+"""
+
+import os
+import sys
+
+
+if "jax" not in sys.modules:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        flags += " --xla_force_host_platform_device_count=8"
+    # A device left waiting in a collective aborts the process after this long
+    # (40 s by default).
+    if "collective_call_terminate_timeout" not in flags:
+        flags += " --xla_cpu_collective_call_terminate_timeout_seconds=10"
+    os.environ["XLA_FLAGS"] = flags.strip()
+
+import json  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+
+jax.config.update("jax_enable_x64", True)
+
+import lineax as lx  # noqa: E402
+
+
+DEVICES = 8
+
+
+def emit(name, **fields):
+    print("RESULT " + json.dumps({"name": name, **fields}), flush=True)
+
+
+def run(name, check):
+    start = time.perf_counter()
+    try:
+        fields = check()
+    except Exception as e:
+        fields = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        traceback.print_exc()
+    fields["seconds"] = round(time.perf_counter() - start, 2)
+    emit(name, **fields)
+
+
+def raised(f, *args):
+    """`(True, message)` if `f(*args)` raises, else `(False, "")`."""
+    try:
+        jax.block_until_ready(f(*args))
+    except Exception as e:
+        return True, f"{type(e).__name__}: {e}"[-3000:]
+    return False, ""
+
+
+def check_shard_map_throw(mesh):
+    """`throw=True` inside `jax.shard_map`, a batch of solves per device of which
+    one member (on one device) fails, followed by a collective. Before the fix the
+    failing device raised alone and the others waited in the `psum` until XLA
+    aborted the process."""
+    n, batch = 6, 16
+    a = np.stack([2 * np.eye(n)] * batch)
+    a[5] = 0  # on the third device
+    b = np.ones((batch, n))
+    sharding = NamedSharding(mesh, P("x"))
+    a, b = jax.device_put(a, sharding), jax.device_put(b, sharding)
+    out = {}
+    for vma in (True, False):
+        for name, solver, tags in (
+            ("LU", lx.LU(), ()),
+            ("CG", lx.CG(rtol=1e-12, atol=1e-12), lx.positive_semidefinite_tag),
+        ):
+
+            def one(a, b, solver=solver, tags=tags):
+                op = lx.MatrixLinearOperator(a, tags)
+                return lx.linear_solve(op, b, solver).value
+
+            def local(a, b, one=one):
+                x = jax.vmap(one)(a, b)
+                return x, jax.lax.psum(jnp.sum(x), "x")
+
+            f = jax.jit(
+                jax.shard_map(
+                    local,
+                    mesh=mesh,
+                    in_specs=P("x"),
+                    out_specs=(P("x"), P()),
+                    check_vma=vma,
+                )
+            )
+            did_raise, message = raised(f, a, b)
+            # The same solves succeed without the failing member.
+            x, _ = f(a.at[5].set(2 * np.eye(n)), b)
+            out[f"{name}-vma={vma}"] = {
+                "raised": did_raise,
+                "message": message,
+                "ok_after": bool(np.allclose(np.asarray(x), 0.5)),
+            }
+    return out
+
+
+def main():
+    assert jax.device_count() == DEVICES, jax.devices()
+    mesh = Mesh(np.array(jax.devices()), ("x",))
+    checks = {
+        # Last: before its fix, it aborts the process.
+        "shard-map-throw": lambda: check_shard_map_throw(mesh),
+    }
+    only = sys.argv[1:]
+    for key, check in checks.items():
+        if not only or key in only:
+            run(key, check)
+    emit("done")
+
+
+if __name__ == "__main__":
+    main()
