@@ -110,10 +110,56 @@ def check_shard_map_throw(mesh):
     return out
 
 
+def check_explicit_axes():
+    """Arrays sharded over explicit mesh axes (`jax.make_mesh`'s default): JAX
+    refuses the solvers' operations (a `ShardingTypeError` from inside lineax);
+    lineax adds a note saying what to do, once. The advice works: the solve inside
+    `jax.sharding.auto_axes` gives the single-device answer, sharded as asked."""
+    n = 16
+    a = 2.5 * np.eye(n) - np.eye(n, k=1) - np.eye(n, k=-1)
+    b = np.linspace(1.0, 2.0, n)
+    expected = np.linalg.solve(a, b)
+    tags = lx.positive_semidefinite_tag
+    solvers = {
+        "LU": lx.LU(),
+        "CG": lx.CG(rtol=1e-10, atol=1e-10),
+        "GMRES": lx.GMRES(rtol=1e-10, atol=1e-10),
+    }
+    axis_type = jax.sharding.AxisType.Explicit
+    mesh = jax.make_mesh((DEVICES,), ("x",), axis_types=(axis_type,))
+    out = {}
+    with jax.set_mesh(mesh):
+        a = jax.device_put(a, P("x", None))
+        b = jax.device_put(b, P("x"))
+        for name, solver in solvers.items():
+
+            def solve(a, b, solver=solver):
+                op = lx.MatrixLinearOperator(a, tags)
+                return lx.linear_solve(op, b, solver).value
+
+            for mode, f in (("jit", jax.jit(solve)), ("eager", solve)):
+                try:
+                    f(a, b)
+                    notes, kind = [], "none"
+                except Exception as e:
+                    notes, kind = getattr(e, "__notes__", []), type(e).__name__
+                out[f"{name}-{mode}"] = {
+                    "error": kind,
+                    "notes": sum("auto_axes" in note for note in notes),
+                }
+            x = jax.jit(jax.sharding.auto_axes(solve, out_sharding=P("x")))(a, b)
+            out[f"{name}-auto_axes"] = {
+                "rel_err": float(np.max(np.abs(np.asarray(x) - expected))),
+                "spec": str(tuple(x.sharding.spec)),
+            }
+    return out
+
+
 def main():
     assert jax.device_count() == DEVICES, jax.devices()
     mesh = Mesh(np.array(jax.devices()), ("x",))
     checks = {
+        "explicit-axes": check_explicit_axes,
         # Last: before its fix, it aborts the process.
         "shard-map-throw": lambda: check_shard_map_throw(mesh),
     }

@@ -74,3 +74,22 @@ def test_shard_map_throw_raises_on_every_device(results, solver, vma):
     assert c["raised"]
     assert "`linear_solve` failed" in c["message"]
     assert c["ok_after"]
+
+
+@pytest.mark.parametrize("solver", ["LU", "CG", "GMRES"])
+@pytest.mark.parametrize("mode", ["jit", "eager"])
+def test_explicit_axes_error_says_what_to_do(results, solver, mode):
+    """A solve of arrays sharded over explicit mesh axes fails in JAX's sharding
+    type check, deep inside the solver; the error carries one note naming the
+    remedy (`jax.sharding.auto_axes`, or auto axes). Before, it had none (and
+    the docs said explicit shardings on every array would do)."""
+    c = get(results, "explicit-axes")[f"{solver}-{mode}"]
+    assert c["error"] == "ShardingTypeError"
+    assert c["notes"] == 1
+
+
+@pytest.mark.parametrize("solver", ["LU", "CG", "GMRES"])
+def test_explicit_axes_remedy_works(results, solver):
+    c = get(results, "explicit-axes")[f"{solver}-auto_axes"]
+    assert c["rel_err"] <= 1e-9
+    assert c["spec"] == "('x',)"

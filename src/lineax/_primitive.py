@@ -33,7 +33,9 @@ from ._misc import (
     is_inexact_array,
     jit_when_eager,
     nan_where,
+    note_explicit_axes,
     select,
+    ShardingTypeError,
     stack_alike_leaves,
     tree_all_finite,
     tree_conj,
@@ -1065,7 +1067,15 @@ def _linear_solve_lowering(ctx, *args, **params):
             params,
             debug_info=_api_util.debug_info("linear_solve", _impl_rule, args, {}),
         )
-        jaxpr, _, consts = _pe.trace_to_jaxpr_dynamic(wrapped, ctx.avals_in, lower=True)
+        try:
+            jaxpr, _, consts = _pe.trace_to_jaxpr_dynamic(
+                wrapped, ctx.avals_in, lower=True
+            )
+        except ShardingTypeError as error:
+            # (An iterative solver's loop is first traced here, at the
+            # abstract values' shardings.)
+            note_explicit_axes(error, ctx.avals_in)
+            raise
         if any(isinstance(e, _MutableEffect) for e in jaxpr.effects):
             # (Not made by any solver here: JAX's own rule, uncached.)
             lowering = _mlir.lower_fun(_impl_rule, multiple_results=True)
