@@ -155,11 +155,65 @@ def check_explicit_axes():
     return out
 
 
+def check_partial_shard_map():
+    """Solves inside a `jax.shard_map` over one axis of a 2-D mesh
+    (`axis_names={"a"}`, the other axis left to XLA). Before the fix every solve
+    there failed to trace with a bare `AssertionError` from JAX (a struct typed as
+    varying over "a" but with no sharding); now `throw=False` solves give the
+    one-device values and codes (a singular member included) and `throw=True`,
+    which needs a host callback that JAX refuses there, is a `ValueError` saying
+    what to do."""
+    mesh = jax.make_mesh(
+        (4, 2), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2
+    )
+    batch, n = 8, 6
+    a = np.stack([2 * np.eye(n) + 0.1 * i for i in range(batch)])
+    a[5] = 0
+    b = np.ones((batch, n))
+    tags = lx.positive_semidefinite_tag
+    sharding = NamedSharding(mesh, P("a"))
+    a_sharded, b_sharded = jax.device_put(a, sharding), jax.device_put(b, sharding)
+    out = {}
+    for name, solver in (("LU", lx.LU()), ("CG", lx.CG(rtol=1e-10, atol=1e-10))):
+        for throw in (False, True):
+
+            def one(a, b, solver=solver, throw=throw):
+                op = lx.MatrixLinearOperator(a, tags)
+                sol = lx.linear_solve(op, b, solver, throw=throw)
+                return sol.value, sol.result._value
+
+            f = jax.shard_map(
+                jax.vmap(one),
+                mesh=mesh,
+                in_specs=P("a"),
+                out_specs=P("a"),
+                axis_names={"a"},
+            )
+            try:
+                x, codes = jax.jit(f)(a_sharded, b_sharded)
+            except Exception as e:
+                out[f"{name}-throw={throw}"] = {
+                    "error": type(e).__name__,
+                    "message": str(e)[:500],
+                }
+                continue
+            x1, codes1 = jax.jit(jax.vmap(one))(a, b)
+            x, x1 = np.nan_to_num(np.asarray(x)), np.nan_to_num(np.asarray(x1))
+            out[f"{name}-throw={throw}"] = {
+                "error": "none",
+                "max_diff": float(np.max(np.abs(x - x1))),
+                "codes": np.asarray(codes).tolist(),
+                "codes_single": np.asarray(codes1).tolist(),
+            }
+    return out
+
+
 def main():
     assert jax.device_count() == DEVICES, jax.devices()
     mesh = Mesh(np.array(jax.devices()), ("x",))
     checks = {
         "explicit-axes": check_explicit_axes,
+        "partial-shard-map": check_partial_shard_map,
         # Last: before its fix, it aborts the process.
         "shard-map-throw": lambda: check_shard_map_throw(mesh),
     }

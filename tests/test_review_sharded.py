@@ -93,3 +93,23 @@ def test_explicit_axes_remedy_works(results, solver):
     c = get(results, "explicit-axes")[f"{solver}-auto_axes"]
     assert c["rel_err"] <= 1e-9
     assert c["spec"] == "('x',)"
+
+
+@pytest.mark.parametrize("solver", ["LU", "CG"])
+def test_solves_inside_shard_map_over_some_axes(results, solver):
+    """`throw=False` solves inside `jax.shard_map(..., axis_names={"a"})` on a
+    2-D mesh: the one-device values and result codes (the singular member:
+    `singular` for LU, a breakdown for CG). Before the fix: an `AssertionError`
+    from JAX at trace time, for every solve."""
+    c = get(results, "partial-shard-map")[f"{solver}-throw=False"]
+    assert c["error"] == "none", c
+    assert c["max_diff"] <= 1e-12
+    assert c["codes"] == c["codes_single"]
+    assert c["codes"][5] != 0 and sum(c["codes"]) == c["codes"][5]
+
+
+@pytest.mark.parametrize("solver", ["LU", "CG"])
+def test_throw_inside_shard_map_over_some_axes_says_what_to_do(results, solver):
+    c = get(results, "partial-shard-map")[f"{solver}-throw=True"]
+    assert c["error"] == "ValueError", c
+    assert "throw=False" in c["message"]

@@ -259,6 +259,17 @@ def raise_everywhere(
     raised. Nothing is computed in the graph: the operands are handed over as
     they are.
     """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.manual_axes and set(mesh.manual_axes) != set(mesh.axis_names):
+        # JAX refuses it at lowering, with a message that names no solve.
+        raise ValueError(
+            "`linear_solve(..., throw=True)` (the default) inside a "
+            "`jax.shard_map` over some of the mesh's axes (`axis_names=`) is not "
+            "supported: raising the error needs a host callback, which JAX "
+            "supports there only when every mesh axis is manual. Pass "
+            "`throw=False` and check `Solution.result`, or make every axis of "
+            "the mesh manual."
+        )
     operands = [jnp.asarray(x) for x in operands]
     if EQX_ON_ERROR != "raise":
         # Equinox's error modes (NaN, breakpoint, ...): the index in the graph.

@@ -389,8 +389,28 @@ def _to_struct(x: Any) -> Any:
     )
 
 
+def _with_mesh_sharding(struct: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    """`struct` with a sharding where it varies over manual mesh axes but has
+    none: so `jax.make_jaxpr` and `jax.eval_shape` return the outputs of a trace
+    inside a `jax.shard_map` over some of the mesh's axes (`axis_names=`), and
+    JAX cannot make an abstract value of such a struct (an `AssertionError` in
+    `get_mat`, raised by every solve there). The sharding given is that of every
+    value there: unsharded over the abstract mesh in context."""
+    mat = struct.manual_axis_type
+    if mat is None or mat.empty or struct.sharding is not None:
+        return struct
+    return jax.ShapeDtypeStruct(
+        struct.shape,
+        struct.dtype,
+        weak_type=struct.weak_type,
+        sharding=jax.sharding.NamedSharding(jax.sharding.get_abstract_mesh(), jax.P()),
+        manual_axis_type=mat,
+    )
+
+
 def _to_aval(x):
     if isinstance(x, jax.ShapeDtypeStruct):
+        x = _with_mesh_sharding(x)
         if x.manual_axis_type is None:
             return jax.core.ShapedArray(x.shape, x.dtype)
         return jax.core.ShapedArray(
@@ -960,6 +980,7 @@ def _traced_compute(solver, args, key) -> _Traced:
         return _TRACES[key]
     with _lowering_mesh():
         closed, out_struct, out_static = eqx.filter_make_jaxpr(solver.compute)(*args)
+    out_struct = jtu.tree_map(_with_mesh_sharding, out_struct)
     traced = _Traced(closed, out_struct, out_static)
     # Only constants made by `compute` itself (never a tracer of the trace being
     # built) may be kept beyond this trace.
