@@ -208,12 +208,75 @@ def check_partial_shard_map():
     return out
 
 
+def check_shard_map_function_operator(mesh):
+    """A `FunctionLinearOperator` made inside `jax.shard_map` (a matrix-free
+    operator per batch member, or one closed over per device), `check_vma` either
+    way: the values and gradients of the same program on one device. Before the
+    fix every such solve failed to trace ("Closure-converted function called with
+    different dynamic arguments"; with `check_vma=True` and a Krylov solver, "pvary
+    is a invariant->variant collective")."""
+    batch, n = 16, 6
+    rng = np.random.default_rng(0)
+    m = rng.standard_normal((batch, n, n))
+    a = m @ m.transpose(0, 2, 1) + n * np.eye(n)
+    b = rng.standard_normal((batch, n))
+    sharding = NamedSharding(mesh, P("x"))
+    a_sharded, b_sharded = jax.device_put(a, sharding), jax.device_put(b, sharding)
+    tags = lx.positive_semidefinite_tag
+    solvers = {
+        "LU": lx.LU(),
+        "CG": lx.CG(rtol=1e-12, atol=1e-12),
+        "GMRES": lx.GMRES(rtol=1e-12, atol=1e-12),
+    }
+    out = {}
+    for vma in (True, False):
+        for name, solver in solvers.items():
+
+            def loss(a, b, solver=solver):
+                struct = jax.ShapeDtypeStruct((n,), b.dtype)
+                op = lx.FunctionLinearOperator(lambda v: a @ v, struct, tags)
+                x = lx.linear_solve(op, b, solver).value
+                return jnp.sum(x**2), x
+
+            def local(a, b, loss=loss):
+                (_, x), grads = jax.vmap(
+                    jax.value_and_grad(loss, (0, 1), has_aux=True)
+                )(a, b)
+                return x, grads
+
+            try:
+                got = jax.jit(
+                    jax.shard_map(
+                        local,
+                        mesh=mesh,
+                        in_specs=P("x"),
+                        out_specs=P("x"),
+                        check_vma=vma,
+                    )
+                )(a_sharded, b_sharded)
+            except Exception as e:
+                out[f"{name}-vma={vma}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                continue
+            expected = jax.jit(local)(a, b)
+            diffs = jax.tree_util.tree_map(
+                lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))),
+                got,
+                expected,
+            )
+            out[f"{name}-vma={vma}"] = {
+                "error": "none",
+                "max_diff": max(jax.tree_util.tree_leaves(diffs)),
+            }
+    return out
+
+
 def main():
     assert jax.device_count() == DEVICES, jax.devices()
     mesh = Mesh(np.array(jax.devices()), ("x",))
     checks = {
         "explicit-axes": check_explicit_axes,
         "partial-shard-map": check_partial_shard_map,
+        "shard-map-function": lambda: check_shard_map_function_operator(mesh),
         # Last: before its fix, it aborts the process.
         "shard-map-throw": lambda: check_shard_map_throw(mesh),
     }

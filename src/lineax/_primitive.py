@@ -390,29 +390,37 @@ def _to_struct(x: Any) -> Any:
 
 
 def _with_mesh_sharding(struct: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
-    """`struct` with a sharding where it varies over manual mesh axes but has
-    none: so `jax.make_jaxpr` and `jax.eval_shape` return the outputs of a trace
-    inside a `jax.shard_map` over some of the mesh's axes (`axis_names=`), and
-    JAX cannot make an abstract value of such a struct (an `AssertionError` in
-    `get_mat`, raised by every solve there). The sharding given is that of every
-    value there: unsharded over the abstract mesh in context."""
-    mat = struct.manual_axis_type
-    if mat is None or mat.empty or struct.sharding is not None:
+    """`struct`, inside a `jax.shard_map`, with the sharding that every value
+    there has (unsharded over the abstract mesh in context) where it has none;
+    `struct` itself elsewhere.
+
+    `jax.make_jaxpr` and `jax.eval_shape` return the outputs of a trace there
+    without one, and a shape and dtype alone make an abstract value over no
+    mesh: a solution of another sharding than the vectors computed there, which
+    a closure-converted `FunctionLinearOperator` refuses (a JVP's tangent
+    product); and, in a `shard_map` over some of the mesh's axes
+    (`axis_names=`), a struct varying over manual axes with no sharding is one
+    JAX cannot make an abstract value of at all (an `AssertionError` in
+    `get_mat`, raised by every solve there)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if struct.sharding is not None or not mesh.manual_axes:
         return struct
     return jax.ShapeDtypeStruct(
         struct.shape,
         struct.dtype,
         weak_type=struct.weak_type,
-        sharding=jax.sharding.NamedSharding(jax.sharding.get_abstract_mesh(), jax.P()),
-        manual_axis_type=mat,
+        sharding=jax.sharding.NamedSharding(mesh, jax.P(*[None] * len(struct.shape))),
+        manual_axis_type=struct.manual_axis_type,
     )
 
 
 def _to_aval(x):
     if isinstance(x, jax.ShapeDtypeStruct):
         x = _with_mesh_sharding(x)
-        if x.manual_axis_type is None:
+        if x.sharding is None:
             return jax.core.ShapedArray(x.shape, x.dtype)
+        if x.manual_axis_type is None:
+            return jax.core.ShapedArray(x.shape, x.dtype, sharding=x.sharding)
         return jax.core.ShapedArray(
             x.shape, x.dtype, sharding=x.sharding, manual_axis_type=x.manual_axis_type
         )
