@@ -124,3 +124,15 @@ def test_function_operator_inside_shard_map(results, solver, vma):
     c = get(results, "shard-map-function")[f"{solver}-vma={vma}"]
     assert c["error"] == "none", c
     assert c["max_diff"] <= 1e-10
+
+
+@pytest.mark.parametrize("jac", ["fwd", "bwd"])
+@pytest.mark.parametrize("solver", ["CG", "GMRES"])
+def test_jacobian_operator_inside_shard_map(results, solver, jac):
+    """A `JacobianLinearOperator` built inside `jax.shard_map(...,
+    check_vma=False)`, solved by a Krylov solver and differentiated: the
+    one-device values and gradients. Before the fix: a trace-time error from the
+    closure conversion."""
+    c = get(results, "shard-map-jacobian")[f"{solver}-{jac}"]
+    assert c["error"] == "none", c
+    assert c["max_diff"] <= 1e-10

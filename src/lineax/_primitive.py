@@ -379,7 +379,12 @@ def _to_struct(x: Any) -> Any:
     # outside `shard_map`, as a struct made from a shape and dtype has.)
     mat = getattr(aval, "manual_axis_type", None)
     if mat is None or not mat.varying:
-        return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=weak)
+        # (Inside `jax.shard_map`, with the sharding of every value there: a
+        # closure-converted function of the operator's, e.g. a
+        # `JacobianLinearOperator`'s, accepts no other.)
+        return _with_mesh_sharding(
+            jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=weak)
+        )
     return jax.ShapeDtypeStruct(
         aval.shape,
         aval.dtype,
