@@ -271,12 +271,14 @@ def check_shard_map_function_operator(mesh):
 
 
 def check_shard_map_jacobian_operator(mesh):
-    """A `JacobianLinearOperator` made inside `jax.shard_map` with
-    `check_vma=False` (per batch member, linearised at a constant point), solved
-    by Krylov solvers and differentiated: the one-device values and gradients.
-    Before the fix: "Closure-converted function called with different dynamic
-    arguments" (the operator's arrays entered the solve as values over no mesh,
-    its function was converted at values over the manual one)."""
+    """A `JacobianLinearOperator` made inside `jax.shard_map` (per batch member,
+    linearised at a constant point), `check_vma` either way, solved by Krylov
+    solvers and differentiated: the one-device values and gradients. Before the
+    fix: "Closure-converted function called with different dynamic arguments"
+    (the operator's arrays entered the solve as values over no mesh, its function
+    was converted at values over the manual one); with `check_vma=True`, "pvary
+    is a invariant->variant collective" (the converted function replayed a cast
+    recorded at the unvarying point), or JAX's VJP type check with `jac="bwd"`."""
     batch, n = 16, 6
     rng = np.random.default_rng(1)
     m = rng.standard_normal((batch, n, n))
@@ -286,47 +288,52 @@ def check_shard_map_jacobian_operator(mesh):
     a_sharded, b_sharded = jax.device_put(a, sharding), jax.device_put(b, sharding)
     tags = lx.positive_semidefinite_tag
     out = {}
-    for jac in ("fwd", "bwd"):
+    cases = [
+        (vma, jac, name, solver)
+        for vma in (True, False)
+        for jac in ("fwd", "bwd")
         for name, solver in (
             ("CG", lx.CG(rtol=1e-12, atol=1e-12)),
             ("GMRES", lx.GMRES(rtol=1e-12, atol=1e-12)),
-        ):
+        )
+    ]
+    for vma, jac, name, solver in cases:
 
-            def loss(a, b, solver=solver, jac=jac):
-                op = lx.JacobianLinearOperator(
-                    lambda x, args: args @ x + 0.1 * x**2, jnp.ones(n), a, tags, jac
-                )
-                x = lx.linear_solve(op, b, solver).value
-                return jnp.sum(x**2), x
-
-            def local(a, b, loss=loss):
-                (_, x), grads = jax.vmap(
-                    jax.value_and_grad(loss, (0, 1), has_aux=True)
-                )(a, b)
-                return x, grads
-
-            key = f"{name}-{jac}"
-            try:
-                got = jax.jit(
-                    jax.shard_map(
-                        local,
-                        mesh=mesh,
-                        in_specs=P("x"),
-                        out_specs=P("x"),
-                        check_vma=False,
-                    )
-                )(a_sharded, b_sharded)
-            except Exception as e:
-                out[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
-                continue
-            expected = jax.jit(local)(a, b)
-            diffs = jax.tree_util.tree_map(
-                lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))),
-                got,
-                expected,
+        def loss(a, b, solver=solver, jac=jac):
+            op = lx.JacobianLinearOperator(
+                lambda x, args: args @ x + 0.1 * x**2, jnp.ones(n), a, tags, jac
             )
-            max_diff = max(jax.tree_util.tree_leaves(diffs))
-            out[key] = {"error": "none", "max_diff": max_diff}
+            x = lx.linear_solve(op, b, solver).value
+            return jnp.sum(x**2), x
+
+        def local(a, b, loss=loss):
+            (_, x), grads = jax.vmap(jax.value_and_grad(loss, (0, 1), has_aux=True))(
+                a, b
+            )
+            return x, grads
+
+        key = f"{name}-{jac}-vma={vma}"
+        try:
+            got = jax.jit(
+                jax.shard_map(
+                    local,
+                    mesh=mesh,
+                    in_specs=P("x"),
+                    out_specs=P("x"),
+                    check_vma=vma,
+                )
+            )(a_sharded, b_sharded)
+        except Exception as e:
+            out[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            continue
+        expected = jax.jit(local)(a, b)
+        diffs = jax.tree_util.tree_map(
+            lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))),
+            got,
+            expected,
+        )
+        max_diff = max(jax.tree_util.tree_leaves(diffs))
+        out[key] = {"error": "none", "max_diff": max_diff}
     return out
 
 

@@ -126,13 +126,14 @@ def test_function_operator_inside_shard_map(results, solver, vma):
     assert c["max_diff"] <= 1e-10
 
 
+@pytest.mark.parametrize("vma", [True, False])
 @pytest.mark.parametrize("jac", ["fwd", "bwd"])
 @pytest.mark.parametrize("solver", ["CG", "GMRES"])
-def test_jacobian_operator_inside_shard_map(results, solver, jac):
-    """A `JacobianLinearOperator` built inside `jax.shard_map(...,
-    check_vma=False)`, solved by a Krylov solver and differentiated: the
-    one-device values and gradients. Before the fix: a trace-time error from the
-    closure conversion."""
-    c = get(results, "shard-map-jacobian")[f"{solver}-{jac}"]
+def test_jacobian_operator_inside_shard_map(results, solver, jac, vma):
+    """A `JacobianLinearOperator` built inside `jax.shard_map` (`check_vma` either
+    way), solved by a Krylov solver and differentiated: the one-device values and
+    gradients. Before the fix: a trace-time error from the closure conversion
+    (or, with `check_vma=True`, from a replayed cast to varying)."""
+    c = get(results, "shard-map-jacobian")[f"{solver}-{jac}-vma={vma}"]
     assert c["error"] == "none", c
     assert c["max_diff"] <= 1e-10
