@@ -112,6 +112,9 @@ struct = jax.ShapeDtypeStruct(grid_shape, jnp.float32)
 b = jr.normal(jr.key(3), grid_shape)
 """,
     ("docs/sharding.md", "import jax, numpy as np"): "b = jnp.arange(8.0)",
+    ("docs/sharding.md", "from jax.sharding import PartitionSpec as P"): (
+        _MATRIX + "b = jnp.ones(4)"
+    ),
     ("docs/structured.md", "import jax.numpy as jnp"): (
         _MATRIX + "a_matrix = A; b_matrix = A[:3, :3]; vector = jnp.ones(12)"
     ),
@@ -168,6 +171,9 @@ _CHECKS = {
     ),
     ("docs/structured.md", "import scipy.sparse"): (
         "i = jnp.arange(1, n + 1); assert jnp.allclose(x, i * (n + 1 - i) / 2, rtol=1e-5)"
+    ),
+    ("docs/sharding.md", "from jax.sharding import PartitionSpec as P"): (
+        "assert np.allclose(x, np.linalg.solve(np.asarray(A), np.asarray(b)), rtol=1e-4)"
     ),
 }
 

@@ -53,7 +53,7 @@ from jax._src.lib import xla_client as _xc  # pyright: ignore[reportPrivateImpor
 from jax.extend.core import Primitive
 from jaxtyping import Array, ArrayLike, PyTree
 
-from ._misc import select
+from ._misc import select, varying_axes
 
 
 def _find_switch_internal() -> Callable | None:
@@ -137,33 +137,38 @@ def _host_index(operands, *, index_fn: Callable, batch: tuple) -> tuple[int, str
 _SHOWN = 5
 
 
-def _host_check(*operands, messages, index_fn, batch) -> np.ndarray:
+def _host_check(*operands, messages, index_fn, batch, raises) -> np.ndarray:
     index, where = _host_index(operands, index_fn=index_fn, batch=batch)
+    if not raises:
+        return np.asarray(index, np.int32)
     if index != 0:
         _raise(messages, index, where)
     return np.zeros((), np.int32)
 
 
-# `_raise_p.bind(*operands, messages, index_fn, batch)`: raise
+# `_raise_p.bind(*operands, messages, index_fn, batch, raises)`: raise
 # `messages[index]` for the largest nonzero `index = index_fn(*element)` over the
 # batch, on the host; returns a zero (int32 scalar) to tie the checked value to.
+# With `raises=False`, returns that index instead (see `raise_everywhere`).
 # Under `vmap` the batch dimensions are moved to the front of every batched
 # operand (see `_raise_batch`; `batch` records which operand has which), so that
 # one host call examines the whole batch.
 _raise_p = Primitive("lineax_raise_everywhere")
 
 
-def _raise_impl(*operands, messages, index_fn, batch):
-    out = _host_check(*operands, messages=messages, index_fn=index_fn, batch=batch)
+def _raise_impl(*operands, messages, index_fn, batch, raises):
+    out = _host_check(
+        *operands, messages=messages, index_fn=index_fn, batch=batch, raises=raises
+    )
     return jnp.asarray(out)
 
 
-def _raise_abstract_eval(*operands, messages, index_fn, batch):
-    del operands, messages, index_fn, batch
+def _raise_abstract_eval(*operands, messages, index_fn, batch, raises):
+    del operands, messages, index_fn, batch, raises
     return jax.core.ShapedArray((), jnp.int32)
 
 
-def _raise_batch(operands, dims, *, messages, index_fn, batch):
+def _raise_batch(operands, dims, *, messages, index_fn, batch, raises):
     size = next(x.shape[d] for x, d in zip(operands, dims) if d is not _not_mapped)
     batch_shape, present = batch
     # (An unbatched operand is left as it is, and broadcast on the host.)
@@ -176,6 +181,7 @@ def _raise_batch(operands, dims, *, messages, index_fn, batch):
         messages=messages,
         index_fn=index_fn,
         batch=((size, *batch_shape), present),
+        raises=raises,
     )
     return out, _not_mapped
 
@@ -208,9 +214,11 @@ def _partitioned(ctx) -> bool:
     )
 
 
-def _raise_lowering(ctx, *operands, messages, index_fn, batch):
+def _raise_lowering(ctx, *operands, messages, index_fn, batch, raises):
     def callback(*values):
-        out = _host_check(*values, messages=messages, index_fn=index_fn, batch=batch)
+        out = _host_check(
+            *values, messages=messages, index_fn=index_fn, batch=batch, raises=raises
+        )
         return (out,)
 
     # On one device the callback is declared side-effecting, so that XLA keeps it
@@ -251,6 +259,17 @@ def raise_everywhere(
     raised. Nothing is computed in the graph: the operands are handed over as
     they are.
     """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.manual_axes and set(mesh.manual_axes) != set(mesh.axis_names):
+        # JAX refuses it at lowering, with a message that names no solve.
+        raise ValueError(
+            "`linear_solve(..., throw=True)` (the default) inside a "
+            "`jax.shard_map` over some of the mesh's axes (`axis_names=`) is not "
+            "supported: raising the error needs a host callback, which JAX "
+            "supports there only when every mesh axis is manual. Pass "
+            "`throw=False` and check `Solution.result`, or make every axis of "
+            "the mesh manual."
+        )
     operands = [jnp.asarray(x) for x in operands]
     if EQX_ON_ERROR != "raise":
         # Equinox's error modes (NaN, breakpoint, ...): the index in the graph.
@@ -261,17 +280,60 @@ def raise_everywhere(
             vmap_method="sequential",
         )
         return eqxi.branched_error_if(x, index != 0, index, messages)
+    messages = tuple(messages)
+    batch = ((), ((),) * len(operands))
+    axes = _manual_axes()
+    if axes:
+        # Inside `jax.shard_map` each device's callback examines its own part of
+        # the inputs, and a device whose part succeeded would not raise: it
+        # would go on to the program's next collective and wait there for the
+        # device that raised, until XLA aborts the process (on GPU: a hang). So
+        # each device finds its own index on the host, the largest over the
+        # devices is taken (one all-reduce, in the error branch only), and every
+        # device raises its message. (Per device, `vmap`'s element indices
+        # would be local to the device: the message names none.)
+        local = _raise_p.bind(
+            *operands, messages=messages, index_fn=index_fn, batch=batch, raises=False
+        )
+        operands = [_max_over_devices(local, axes)]
+        index_fn, batch = _same_index, ((), ((),))
     checked = _raise_p.bind(
-        *operands,
-        messages=tuple(messages),
-        index_fn=index_fn,
-        batch=((), ((),) * len(operands)),
+        *operands, messages=messages, index_fn=index_fn, batch=batch, raises=True
     )
     return _tied(x, checked)
 
 
+def _manual_axes() -> tuple:
+    """The manual mesh axes of the enclosing `jax.shard_map`s (none outside)."""
+    return tuple(jax.sharding.get_abstract_mesh().manual_axes)
+
+
+def _max_over_devices(index: Array, axes: tuple) -> Array:
+    """The largest of the int32 scalar `index` over the devices of the manual
+    mesh `axes`, the same on every device.
+
+    With `check_vma=True` a value typed as invariant over an axis is reduced as
+    a constant (no communication): `index` is cast to varying over every axis
+    first, as a value computed by a callback on each device is. (With
+    `check_vma=False` the cast does nothing, and the types say nothing, so that
+    every axis is reduced over.)"""
+    missing = tuple(a for a in axes if a not in varying_axes(index))
+    if missing:
+        index = lax.pcast(index, missing, to="varying")
+    return lax.pmax(index, axes)
+
+
 def _same_index(index):
     return index
+
+
+def _on_any_device(pred: Array) -> Array:
+    """The boolean scalar `pred` made true on every device of the enclosing
+    `jax.shard_map`s if it is true on any (see `branch_on_code`)."""
+    axes = _manual_axes()
+    if not axes:
+        return pred
+    return _max_over_devices(pred.astype(jnp.int32), axes) != 0
 
 
 def error_if_everywhere(
@@ -288,7 +350,7 @@ def error_if_everywhere(
     pred = jnp.asarray(pred)
     index = select(pred, jnp.asarray(index, jnp.int32), 0)
     return lax.cond(
-        eqxi.unvmap_any(pred),
+        _on_any_device(eqxi.unvmap_any(pred)),
         lambda x, i: raise_everywhere(x, [i], messages, _same_index),
         lambda x, i: x,
         x,
@@ -312,6 +374,12 @@ def branch_on_code(
         # would index its branches with it directly): branch in Python.
         return (if_zero if int(np.max(code)) == 0 else if_nonzero)(operand)
     index = _unvmap_max_p.bind(jnp.asarray(code, jnp.int32))
+    axes = _manual_axes()
+    if axes:
+        # Inside `jax.shard_map`: every device takes the branch if any device
+        # failed, so that all of them reach its host callback (see
+        # `raise_everywhere`). One all-reduce of a scalar per solve.
+        index = _max_over_devices(index, axes)
     if _switch_internal is None:  # (not in this version of JAX)
         return lax.cond(index != 0, if_nonzero, if_zero, operand)
     return _switch_internal(

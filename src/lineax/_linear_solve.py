@@ -12,7 +12,14 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree
 
 from ._errors import EQX_ON_ERROR
-from ._misc import describe, HeldArrays, is_inexact_array, no_active_trace
+from ._misc import (
+    describe,
+    HeldArrays,
+    is_inexact_array,
+    no_active_trace,
+    note_explicit_axes,
+    ShardingTypeError,
+)
 from ._operator.base import AbstractLinearOperator, is_cacheable, reads_every_leaf
 from ._operator.function import FunctionLinearOperator
 from ._operator.realified import (
@@ -310,6 +317,16 @@ def linear_solve(
     A [`lineax.Solution`][].
     """
     _check_throw(throw)
+    try:
+        return _linear_solve_entry(operator, vector, solver, options, state, throw)
+    except ShardingTypeError as error:
+        # (A direct solver's `init` fails here, at trace time; an iterative
+        # solver's loop is traced at lowering, see `_linear_solve_lowering`.)
+        note_explicit_axes(error, (operator, vector))
+        raise
+
+
+def _linear_solve_entry(operator, vector, solver, options, state, throw) -> Solution:
     if no_active_trace():
         # Called outside of every JAX transformation: run one cached compiled
         # function instead of dispatching every operation eagerly (about 100x

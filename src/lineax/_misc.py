@@ -6,11 +6,13 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.extend.core
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jax._src.core import ShardingTypeError as ShardingTypeError  # (not exported)
 from jaxtyping import Array, ArrayLike, PyTree
 
 
@@ -651,3 +653,54 @@ class HeldArrays(eqx.Module):
             lambda x: x.obj, self.rest, is_leaf=lambda x: isinstance(x, _Opaque)
         )
         return eqx.combine(self.arrays, rest)
+
+
+_EXPLICIT_AXES_NOTE = (
+    "`linear_solve` was given arrays sharded over explicit mesh axes "
+    "(`jax.sharding.AxisType.Explicit`, the default of `jax.make_mesh`), which "
+    "its solvers do not support. Call it inside "
+    "`jax.sharding.auto_axes(solve, out_sharding=...)`, or make the mesh with "
+    "`axis_types=(jax.sharding.AxisType.Auto, ...)` (see the documentation, "
+    '"Running on many devices").'
+)
+
+
+def note_explicit_axes(error: Exception, tree: PyTree) -> None:
+    """Add a note saying what to do to JAX's `error` (a `ShardingTypeError`
+    raised in a solve), if an array or abstract value of `tree` is sharded over
+    an explicit mesh axis.
+
+    On such axes (`jax.make_mesh`'s default) JAX types every operation by its
+    sharding, and refuses an inner product of two sharded vectors, a
+    factorisation of a sharded matrix, or a write of a sharded vector into a
+    buffer, unless its output sharding is given: the solvers do all of these,
+    and JAX's message points inside lineax."""
+    # (Once: an eager solve passes through both places that add it.)
+    notes = getattr(error, "__notes__", [])
+    if _EXPLICIT_AXES_NOTE not in notes and _on_explicit_axes(tree):
+        error.add_note(_EXPLICIT_AXES_NOTE)
+
+
+def _on_explicit_axes(tree: PyTree) -> bool:
+    for leaf in jtu.tree_leaves(tree):
+        if isinstance(leaf, jax.core.ShapedArray):
+            aval = leaf
+        elif eqx.is_array(leaf):
+            aval = jax.typeof(leaf)
+        else:
+            continue
+        sharding = getattr(aval, "sharding", None)
+        spec = getattr(sharding, "spec", None)
+        if sharding is None or spec is None:
+            continue
+        mesh = sharding.mesh
+        explicit = {
+            name
+            for name, kind in zip(mesh.axis_names, mesh.axis_types)
+            if kind == jax.sharding.AxisType.Explicit
+        }
+        for entry in spec:
+            names = entry if isinstance(entry, tuple) else (entry,)
+            if explicit.intersection(names):
+                return True
+    return False

@@ -33,7 +33,9 @@ from ._misc import (
     is_inexact_array,
     jit_when_eager,
     nan_where,
+    note_explicit_axes,
     select,
+    ShardingTypeError,
     stack_alike_leaves,
     tree_all_finite,
     tree_conj,
@@ -377,7 +379,12 @@ def _to_struct(x: Any) -> Any:
     # outside `shard_map`, as a struct made from a shape and dtype has.)
     mat = getattr(aval, "manual_axis_type", None)
     if mat is None or not mat.varying:
-        return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=weak)
+        # (Inside `jax.shard_map`, with the sharding of every value there: a
+        # closure-converted function of the operator's, e.g. a
+        # `JacobianLinearOperator`'s, accepts no other.)
+        return _with_mesh_sharding(
+            jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=weak)
+        )
     return jax.ShapeDtypeStruct(
         aval.shape,
         aval.dtype,
@@ -387,10 +394,38 @@ def _to_struct(x: Any) -> Any:
     )
 
 
+def _with_mesh_sharding(struct: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    """`struct`, inside a `jax.shard_map`, with the sharding that every value
+    there has (unsharded over the abstract mesh in context) where it has none;
+    `struct` itself elsewhere.
+
+    `jax.make_jaxpr` and `jax.eval_shape` return the outputs of a trace there
+    without one, and a shape and dtype alone make an abstract value over no
+    mesh: a solution of another sharding than the vectors computed there, which
+    a closure-converted `FunctionLinearOperator` refuses (a JVP's tangent
+    product); and, in a `shard_map` over some of the mesh's axes
+    (`axis_names=`), a struct varying over manual axes with no sharding is one
+    JAX cannot make an abstract value of at all (an `AssertionError` in
+    `get_mat`, raised by every solve there)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if struct.sharding is not None or not mesh.manual_axes:
+        return struct
+    return jax.ShapeDtypeStruct(
+        struct.shape,
+        struct.dtype,
+        weak_type=struct.weak_type,
+        sharding=jax.sharding.NamedSharding(mesh, jax.P(*[None] * len(struct.shape))),
+        manual_axis_type=struct.manual_axis_type,
+    )
+
+
 def _to_aval(x):
     if isinstance(x, jax.ShapeDtypeStruct):
-        if x.manual_axis_type is None:
+        x = _with_mesh_sharding(x)
+        if x.sharding is None:
             return jax.core.ShapedArray(x.shape, x.dtype)
+        if x.manual_axis_type is None:
+            return jax.core.ShapedArray(x.shape, x.dtype, sharding=x.sharding)
         return jax.core.ShapedArray(
             x.shape, x.dtype, sharding=x.sharding, manual_axis_type=x.manual_axis_type
         )
@@ -958,6 +993,7 @@ def _traced_compute(solver, args, key) -> _Traced:
         return _TRACES[key]
     with _lowering_mesh():
         closed, out_struct, out_static = eqx.filter_make_jaxpr(solver.compute)(*args)
+    out_struct = jtu.tree_map(_with_mesh_sharding, out_struct)
     traced = _Traced(closed, out_struct, out_static)
     # Only constants made by `compute` itself (never a tracer of the trace being
     # built) may be kept beyond this trace.
@@ -1065,7 +1101,15 @@ def _linear_solve_lowering(ctx, *args, **params):
             params,
             debug_info=_api_util.debug_info("linear_solve", _impl_rule, args, {}),
         )
-        jaxpr, _, consts = _pe.trace_to_jaxpr_dynamic(wrapped, ctx.avals_in, lower=True)
+        try:
+            jaxpr, _, consts = _pe.trace_to_jaxpr_dynamic(
+                wrapped, ctx.avals_in, lower=True
+            )
+        except ShardingTypeError as error:
+            # (An iterative solver's loop is first traced here, at the
+            # abstract values' shardings.)
+            note_explicit_axes(error, ctx.avals_in)
+            raise
         if any(isinstance(e, _MutableEffect) for e in jaxpr.effects):
             # (Not made by any solver here: JAX's own rule, uncached.)
             lowering = _mlir.lower_fun(_impl_rule, multiple_results=True)

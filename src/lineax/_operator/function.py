@@ -6,6 +6,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.core
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import PyTree
@@ -17,6 +18,7 @@ from .._misc import (
     strip_weak_dtype,
     structure_of,
     tree_is_complex,
+    varying_like,
 )
 from .._tags import as_tags, symmetric_tag, transpose_tags
 from ._arguments import check_not_operator, output_structure_of
@@ -62,6 +64,34 @@ def closure_converted(fn: Callable, closure_convert: bool, *example: Any) -> Cal
     return eqx.filter_closure_convert(fn, *example)
 
 
+def in_context(structure: PyTree[jax.ShapeDtypeStruct]) -> PyTree[jax.ShapeDtypeStruct]:
+    """`structure` as `fn` is closure-converted at and called with inside a
+    `jax.shard_map`: unsharded over the manual mesh in context (as every traced
+    value there is), and varying over all of its axes (with `check_vma=True`);
+    `structure` itself elsewhere.
+
+    A closure-converted `fn` accepts only inputs of the sharding it was converted
+    at, and replays the casts to varying it recorded: converted at a struct of
+    no sharding, or at one varying over fewer axes than the vectors of a solve,
+    every solve with a `FunctionLinearOperator` made inside `shard_map` failed
+    ("Closure-converted function called with different dynamic arguments", or
+    "pvary is a invariant->variant collective"). Varying over every axis, the
+    input is as varying as any vector can be; `mv` casts each vector to it (a
+    cast of the type only)."""
+    axes = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+    if not axes:
+        return structure
+
+    def leaf(s):
+        # (Made by tracing, so that it has what a traced value there has; with
+        # `check_vma=False` the cast does nothing.)
+        return jax.eval_shape(
+            lambda: lax.pcast(jnp.zeros(s.shape, s.dtype), axes, to="varying")
+        )
+
+    return jtu.tree_map(leaf, structure)
+
+
 class FunctionLinearOperator(AbstractLinearOperator):
     """Wraps a *linear* function `fn` as a linear operator.
 
@@ -99,7 +129,7 @@ class FunctionLinearOperator(AbstractLinearOperator):
         if not callable(fn):
             raise TypeError(f"`fn` must be callable, got {type(fn).__name__}.")
         check_not_operator(input_structure, "input_structure")
-        in_struct = structure_of(input_structure, "input_structure")
+        in_struct = in_context(structure_of(input_structure, "input_structure"))
         fn = closure_converted(fn, closure_convert, in_struct)
         out_struct = output_structure_of(
             fn,
@@ -113,7 +143,10 @@ class FunctionLinearOperator(AbstractLinearOperator):
         self.tags = as_tags(tags)
 
     def mv(self, vector):
-        return promoting_call(self.fn, self.in_structure(), vector)
+        structure = self.in_structure()
+        # (Inside `jax.shard_map`: see `in_context`. Elsewhere `vector` itself.)
+        vector = varying_like(vector, structure)
+        return promoting_call(self.fn, structure, vector)
 
     def as_matrix(self):
         return matrix_by_mv(self)

@@ -14,6 +14,7 @@ from .._misc import (
     Static,
     strip_weak_dtype,
     structure_of,
+    varying_like,
 )
 from .._tags import as_tags, transpose_tags
 from ._arguments import check_leaf_arrays, output_structure_of
@@ -27,6 +28,7 @@ from .base import (
 from .function import (
     closure_converted,
     FunctionLinearOperator,
+    in_context,
     jacobian_operator,
     real_to_complex,
     transpose_is_self,
@@ -78,6 +80,10 @@ class JacobianLinearOperator(AbstractLinearOperator):
             raise TypeError(f"`fn` must be callable, got {type(fn).__name__}.")
         check_leaf_arrays(x, "x")
         x = jtu.tree_map(inexact_asarray, x)
+        # Inside `jax.shard_map`, typed as varying over every manual axis, as the
+        # vectors it is applied to are cast to (see `in_context`): the converted
+        # function replays the casts it recorded at `x`.
+        x = varying_like(x, in_context(structure_of(x)))
         fn = closure_converted(fn, closure_convert, x, args)
         out_struct = output_structure_of(
             fn,
@@ -103,8 +109,11 @@ class JacobianLinearOperator(AbstractLinearOperator):
     def _mv(self, vector):
         if self.jac == "bwd":
             _, vjp_fn = jax.vjp(self._fn_of_x, self.x)
-            (out,) = jax.linear_transpose(vjp_fn, self.out_structure())((vector,))
+            out_structure = in_context(self.out_structure())
+            vector = varying_like(vector, out_structure)
+            (out,) = jax.linear_transpose(vjp_fn, out_structure)((vector,))
             return out
+        vector = varying_like(vector, self.x)
         _, out = jax.jvp(self._fn_of_x, (self.x,), (vector,))
         return out
 
@@ -123,7 +132,7 @@ class JacobianLinearOperator(AbstractLinearOperator):
         tags = transpose_tags(self.tags)
         if self.jac == "fwd":
             jvp_fn = lambda v: jax.jvp(self._fn_of_x, (self.x,), (v,))[1]
-            transpose_fn = jax.linear_transpose(jvp_fn, self.in_structure())
+            transpose_fn = jax.linear_transpose(jvp_fn, in_context(self.in_structure()))
             return FunctionLinearOperator(
                 lambda w: transpose_fn(w)[0], self.out_structure(), tags
             )
@@ -158,7 +167,7 @@ def _(operator):
 def _(operator):
     if operator.jac == "bwd":
         _, vjp_fn = jax.vjp(operator._fn_of_x, operator.x)
-        mv = jax.linear_transpose(vjp_fn, operator.out_structure())
+        mv = jax.linear_transpose(vjp_fn, in_context(operator.out_structure()))
         fn = lambda v: mv((v,))[0]
     else:
         _, fn = jax.linearize(operator._fn_of_x, operator.x)

@@ -1,0 +1,359 @@
+"""Checks of sharded solves found wanting by a review (see
+`tests/test_review_sharded.py`), on 8 simulated CPU devices, in one subprocess
+(the device count is fixed when JAX starts). Each check prints one line
+`RESULT {json}` when it is done; those that may abort the process (a device left
+waiting in a collective) run last.
+
+Run it by hand with `PYTHONPATH=src python tests/review_sharded_worker.py [NAME...]`.
+"""
+
+import os
+import sys
+
+
+if "jax" not in sys.modules:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        flags += " --xla_force_host_platform_device_count=8"
+    # A device left waiting in a collective aborts the process after this long
+    # (40 s by default).
+    if "collective_call_terminate_timeout" not in flags:
+        flags += " --xla_cpu_collective_call_terminate_timeout_seconds=10"
+    os.environ["XLA_FLAGS"] = flags.strip()
+
+import json  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+
+jax.config.update("jax_enable_x64", True)
+
+import lineax as lx  # noqa: E402
+
+
+DEVICES = 8
+
+
+def emit(name, **fields):
+    print("RESULT " + json.dumps({"name": name, **fields}), flush=True)
+
+
+def run(name, check):
+    start = time.perf_counter()
+    try:
+        fields = check()
+    except Exception as e:
+        fields = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        traceback.print_exc()
+    fields["seconds"] = round(time.perf_counter() - start, 2)
+    emit(name, **fields)
+
+
+def raised(f, *args):
+    """`(True, message)` if `f(*args)` raises, else `(False, "")`."""
+    try:
+        jax.block_until_ready(f(*args))
+    except Exception as e:
+        return True, f"{type(e).__name__}: {e}"[-3000:]
+    return False, ""
+
+
+def check_shard_map_throw(mesh):
+    """`throw=True` inside `jax.shard_map`, a batch of solves per device of which
+    one member (on one device) fails, followed by a collective. Before the fix the
+    failing device raised alone and the others waited in the `psum` until XLA
+    aborted the process."""
+    n, batch = 6, 16
+    a = np.stack([2 * np.eye(n)] * batch)
+    a[5] = 0  # on the third device
+    b = np.ones((batch, n))
+    sharding = NamedSharding(mesh, P("x"))
+    a, b = jax.device_put(a, sharding), jax.device_put(b, sharding)
+    out = {}
+    for vma in (True, False):
+        for name, solver, tags in (
+            ("LU", lx.LU(), ()),
+            ("CG", lx.CG(rtol=1e-12, atol=1e-12), lx.positive_semidefinite_tag),
+        ):
+
+            def one(a, b, solver=solver, tags=tags):
+                op = lx.MatrixLinearOperator(a, tags)
+                return lx.linear_solve(op, b, solver).value
+
+            def local(a, b, one=one):
+                x = jax.vmap(one)(a, b)
+                return x, jax.lax.psum(jnp.sum(x), "x")
+
+            f = jax.jit(
+                jax.shard_map(
+                    local,
+                    mesh=mesh,
+                    in_specs=P("x"),
+                    out_specs=(P("x"), P()),
+                    check_vma=vma,
+                )
+            )
+            did_raise, message = raised(f, a, b)
+            # The same solves succeed without the failing member.
+            x, _ = f(a.at[5].set(2 * np.eye(n)), b)
+            out[f"{name}-vma={vma}"] = {
+                "raised": did_raise,
+                "message": message,
+                "ok_after": bool(np.allclose(np.asarray(x), 0.5)),
+            }
+    return out
+
+
+def check_explicit_axes():
+    """Arrays sharded over explicit mesh axes (`jax.make_mesh`'s default): JAX
+    refuses the solvers' operations (a `ShardingTypeError` from inside lineax);
+    lineax adds a note saying what to do, once. The advice works: the solve inside
+    `jax.sharding.auto_axes` gives the single-device answer, sharded as asked."""
+    n = 16
+    a = 2.5 * np.eye(n) - np.eye(n, k=1) - np.eye(n, k=-1)
+    b = np.linspace(1.0, 2.0, n)
+    expected = np.linalg.solve(a, b)
+    tags = lx.positive_semidefinite_tag
+    solvers = {
+        "LU": lx.LU(),
+        "CG": lx.CG(rtol=1e-10, atol=1e-10),
+        "GMRES": lx.GMRES(rtol=1e-10, atol=1e-10),
+    }
+    axis_type = jax.sharding.AxisType.Explicit
+    mesh = jax.make_mesh((DEVICES,), ("x",), axis_types=(axis_type,))
+    out = {}
+    with jax.set_mesh(mesh):
+        a = jax.device_put(a, P("x", None))
+        b = jax.device_put(b, P("x"))
+        for name, solver in solvers.items():
+
+            def solve(a, b, solver=solver):
+                op = lx.MatrixLinearOperator(a, tags)
+                return lx.linear_solve(op, b, solver).value
+
+            for mode, f in (("jit", jax.jit(solve)), ("eager", solve)):
+                try:
+                    f(a, b)
+                    notes, kind = [], "none"
+                except Exception as e:
+                    notes, kind = getattr(e, "__notes__", []), type(e).__name__
+                out[f"{name}-{mode}"] = {
+                    "error": kind,
+                    "notes": sum("auto_axes" in note for note in notes),
+                }
+            x = jax.jit(jax.sharding.auto_axes(solve, out_sharding=P("x")))(a, b)
+            out[f"{name}-auto_axes"] = {
+                "rel_err": float(np.max(np.abs(np.asarray(x) - expected))),
+                "spec": str(tuple(x.sharding.spec)),
+            }
+    return out
+
+
+def check_partial_shard_map():
+    """Solves inside a `jax.shard_map` over one axis of a 2-D mesh
+    (`axis_names={"a"}`, the other axis left to XLA). Before the fix every solve
+    there failed to trace with a bare `AssertionError` from JAX (a struct typed as
+    varying over "a" but with no sharding); now `throw=False` solves give the
+    one-device values and codes (a singular member included) and `throw=True`,
+    which needs a host callback that JAX refuses there, is a `ValueError` saying
+    what to do."""
+    mesh = jax.make_mesh(
+        (4, 2), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2
+    )
+    batch, n = 8, 6
+    a = np.stack([2 * np.eye(n) + 0.1 * i for i in range(batch)])
+    a[5] = 0
+    b = np.ones((batch, n))
+    tags = lx.positive_semidefinite_tag
+    sharding = NamedSharding(mesh, P("a"))
+    a_sharded, b_sharded = jax.device_put(a, sharding), jax.device_put(b, sharding)
+    out = {}
+    for name, solver in (("LU", lx.LU()), ("CG", lx.CG(rtol=1e-10, atol=1e-10))):
+        for throw in (False, True):
+
+            def one(a, b, solver=solver, throw=throw):
+                op = lx.MatrixLinearOperator(a, tags)
+                sol = lx.linear_solve(op, b, solver, throw=throw)
+                return sol.value, sol.result._value
+
+            f = jax.shard_map(
+                jax.vmap(one),
+                mesh=mesh,
+                in_specs=P("a"),
+                out_specs=P("a"),
+                axis_names={"a"},
+            )
+            try:
+                x, codes = jax.jit(f)(a_sharded, b_sharded)
+            except Exception as e:
+                out[f"{name}-throw={throw}"] = {
+                    "error": type(e).__name__,
+                    "message": str(e)[:500],
+                }
+                continue
+            x1, codes1 = jax.jit(jax.vmap(one))(a, b)
+            x, x1 = np.nan_to_num(np.asarray(x)), np.nan_to_num(np.asarray(x1))
+            out[f"{name}-throw={throw}"] = {
+                "error": "none",
+                "max_diff": float(np.max(np.abs(x - x1))),
+                "codes": np.asarray(codes).tolist(),
+                "codes_single": np.asarray(codes1).tolist(),
+            }
+    return out
+
+
+def check_shard_map_function_operator(mesh):
+    """A `FunctionLinearOperator` made inside `jax.shard_map` (a matrix-free
+    operator per batch member, or one closed over per device), `check_vma` either
+    way: the values and gradients of the same program on one device. Before the
+    fix every such solve failed to trace ("Closure-converted function called with
+    different dynamic arguments"; with `check_vma=True` and a Krylov solver, "pvary
+    is a invariant->variant collective")."""
+    batch, n = 16, 6
+    rng = np.random.default_rng(0)
+    m = rng.standard_normal((batch, n, n))
+    a = m @ m.transpose(0, 2, 1) + n * np.eye(n)
+    b = rng.standard_normal((batch, n))
+    sharding = NamedSharding(mesh, P("x"))
+    a_sharded, b_sharded = jax.device_put(a, sharding), jax.device_put(b, sharding)
+    tags = lx.positive_semidefinite_tag
+    solvers = {
+        "LU": lx.LU(),
+        "CG": lx.CG(rtol=1e-12, atol=1e-12),
+        "GMRES": lx.GMRES(rtol=1e-12, atol=1e-12),
+    }
+    out = {}
+    for vma in (True, False):
+        for name, solver in solvers.items():
+
+            def loss(a, b, solver=solver):
+                struct = jax.ShapeDtypeStruct((n,), b.dtype)
+                op = lx.FunctionLinearOperator(lambda v: a @ v, struct, tags)
+                x = lx.linear_solve(op, b, solver).value
+                return jnp.sum(x**2), x
+
+            def local(a, b, loss=loss):
+                (_, x), grads = jax.vmap(
+                    jax.value_and_grad(loss, (0, 1), has_aux=True)
+                )(a, b)
+                return x, grads
+
+            try:
+                got = jax.jit(
+                    jax.shard_map(
+                        local,
+                        mesh=mesh,
+                        in_specs=P("x"),
+                        out_specs=P("x"),
+                        check_vma=vma,
+                    )
+                )(a_sharded, b_sharded)
+            except Exception as e:
+                out[f"{name}-vma={vma}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                continue
+            expected = jax.jit(local)(a, b)
+            diffs = jax.tree_util.tree_map(
+                lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))),
+                got,
+                expected,
+            )
+            out[f"{name}-vma={vma}"] = {
+                "error": "none",
+                "max_diff": max(jax.tree_util.tree_leaves(diffs)),
+            }
+    return out
+
+
+def check_shard_map_jacobian_operator(mesh):
+    """A `JacobianLinearOperator` made inside `jax.shard_map` (per batch member,
+    linearised at a constant point), `check_vma` either way, solved by Krylov
+    solvers and differentiated: the one-device values and gradients. Before the
+    fix: "Closure-converted function called with different dynamic arguments"
+    (the operator's arrays entered the solve as values over no mesh, its function
+    was converted at values over the manual one); with `check_vma=True`, "pvary
+    is a invariant->variant collective" (the converted function replayed a cast
+    recorded at the unvarying point), or JAX's VJP type check with `jac="bwd"`."""
+    batch, n = 16, 6
+    rng = np.random.default_rng(1)
+    m = rng.standard_normal((batch, n, n))
+    a = m @ m.transpose(0, 2, 1) + n * np.eye(n)
+    b = rng.standard_normal((batch, n))
+    sharding = NamedSharding(mesh, P("x"))
+    a_sharded, b_sharded = jax.device_put(a, sharding), jax.device_put(b, sharding)
+    tags = lx.positive_semidefinite_tag
+    out = {}
+    cases = [
+        (vma, jac, name, solver)
+        for vma in (True, False)
+        for jac in ("fwd", "bwd")
+        for name, solver in (
+            ("CG", lx.CG(rtol=1e-12, atol=1e-12)),
+            ("GMRES", lx.GMRES(rtol=1e-12, atol=1e-12)),
+        )
+    ]
+    for vma, jac, name, solver in cases:
+
+        def loss(a, b, solver=solver, jac=jac):
+            op = lx.JacobianLinearOperator(
+                lambda x, args: args @ x + 0.1 * x**2, jnp.ones(n), a, tags, jac
+            )
+            x = lx.linear_solve(op, b, solver).value
+            return jnp.sum(x**2), x
+
+        def local(a, b, loss=loss):
+            (_, x), grads = jax.vmap(jax.value_and_grad(loss, (0, 1), has_aux=True))(
+                a, b
+            )
+            return x, grads
+
+        key = f"{name}-{jac}-vma={vma}"
+        try:
+            got = jax.jit(
+                jax.shard_map(
+                    local,
+                    mesh=mesh,
+                    in_specs=P("x"),
+                    out_specs=P("x"),
+                    check_vma=vma,
+                )
+            )(a_sharded, b_sharded)
+        except Exception as e:
+            out[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            continue
+        expected = jax.jit(local)(a, b)
+        diffs = jax.tree_util.tree_map(
+            lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))),
+            got,
+            expected,
+        )
+        max_diff = max(jax.tree_util.tree_leaves(diffs))
+        out[key] = {"error": "none", "max_diff": max_diff}
+    return out
+
+
+def main():
+    assert jax.device_count() == DEVICES, jax.devices()
+    mesh = Mesh(np.array(jax.devices()), ("x",))
+    checks = {
+        "explicit-axes": check_explicit_axes,
+        "partial-shard-map": check_partial_shard_map,
+        "shard-map-function": lambda: check_shard_map_function_operator(mesh),
+        "shard-map-jacobian": lambda: check_shard_map_jacobian_operator(mesh),
+        # Last: before its fix, it aborts the process.
+        "shard-map-throw": lambda: check_shard_map_throw(mesh),
+    }
+    only = sys.argv[1:]
+    for key, check in checks.items():
+        if not only or key in only:
+            run(key, check)
+    emit("done")
+
+
+if __name__ == "__main__":
+    main()
