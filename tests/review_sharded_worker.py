@@ -7,24 +7,15 @@ waiting in a collective) run last.
 Run it by hand with `PYTHONPATH=src python tests/review_sharded_worker.py [NAME...]`.
 """
 
-import os
 import sys
 
+from device_worker import configure_devices, DEVICES, emit, run
 
-if "jax" not in sys.modules:
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        flags += " --xla_force_host_platform_device_count=8"
-    # A device left waiting in a collective aborts the process after this long
-    # (40 s by default).
-    if "collective_call_terminate_timeout" not in flags:
-        flags += " --xla_cpu_collective_call_terminate_timeout_seconds=10"
-    os.environ["XLA_FLAGS"] = flags.strip()
 
-import json  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
+# (A device left waiting in a collective aborts the process after 10 s: see
+# `configure_devices`.)
+configure_devices(collective_timeout=10)
+
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -35,24 +26,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 import lineax as lx  # noqa: E402
-
-
-DEVICES = 8
-
-
-def emit(name, **fields):
-    print("RESULT " + json.dumps({"name": name, **fields}), flush=True)
-
-
-def run(name, check):
-    start = time.perf_counter()
-    try:
-        fields = check()
-    except Exception as e:
-        fields = {"error": f"{type(e).__name__}: {e}"[:2000]}
-        traceback.print_exc()
-    fields["seconds"] = round(time.perf_counter() - start, 2)
-    emit(name, **fields)
 
 
 def raised(f, *args):

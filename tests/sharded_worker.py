@@ -6,24 +6,15 @@ so that the results before a crash still reach the test.
 Run it by hand with `PYTHONPATH=src python tests/sharded_worker.py`.
 """
 
-import os
 import sys
 
+from device_worker import configure_devices, DEVICES, emit, run
 
-if "jax" not in sys.modules:
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        flags += " --xla_force_host_platform_device_count=8"
-    # A device left waiting in a collective aborts the process after this long
-    # (40 s by default): see `check_throw_true_sharded`.
-    if "collective_call_terminate_timeout" not in flags:
-        flags += " --xla_cpu_collective_call_terminate_timeout_seconds=15"
-    os.environ["XLA_FLAGS"] = flags.strip()
 
-import json  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
+# (A device left waiting in a collective aborts the process after 15 s: see
+# `configure_devices`.)
+configure_devices(collective_timeout=15)
+
 
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
@@ -38,27 +29,11 @@ import lineax as lx  # noqa: E402
 from lineax._errors import error_if_everywhere  # noqa: E402
 
 
-DEVICES = 8
 ROWS_PER_DEVICE = 4
 COLS = 32
 ROWS = DEVICES * ROWS_PER_DEVICE  # a 32 x 32 grid, 4 rows per device
 SIZE = ROWS * COLS
 COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "all-to-all")
-
-
-def emit(name, **fields):
-    print("RESULT " + json.dumps({"name": name, **fields}), flush=True)
-
-
-def run(name, check):
-    start = time.perf_counter()
-    try:
-        fields = check()
-    except Exception as e:
-        fields = {"error": f"{type(e).__name__}: {e}"[:2000]}
-        traceback.print_exc()
-    fields["seconds"] = round(time.perf_counter() - start, 2)
-    emit(name, **fields)
 
 
 #

@@ -2,14 +2,11 @@
 8 simulated CPU devices in one subprocess (`tests/review_sharded_worker.py`,
 started once per module), which reports its results as JSON."""
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 from conftest import ADDED_XLA_FLAGS
+from device_worker import run_worker, worker_result
 
 
 HERE = pathlib.Path(__file__).parent
@@ -19,47 +16,7 @@ TIMEOUT = 600
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = " ".join(
-        [
-            *ADDED_XLA_FLAGS,
-            "--xla_force_host_platform_device_count=8",
-            "--xla_cpu_collective_call_terminate_timeout_seconds=10",
-        ]
-    )
-    src = str(HERE.parent / "src")
-    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")]).rstrip(
-        os.pathsep
-    )
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(WORKER)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-        )
-        stdout, stderr = proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as e:
-        stdout = e.stdout or ""
-        stdout = stdout if isinstance(stdout, str) else stdout.decode()
-        stderr = f"worker timed out after {TIMEOUT} s"
-    out = {}
-    for line in stdout.splitlines():
-        if line.startswith("RESULT "):
-            record = json.loads(line[len("RESULT ") :])
-            out[record.pop("name")] = record
-    out["_stderr"] = stderr[-3000:]
-    return out
-
-
-def get(results, name):
-    if name not in results:
-        pytest.fail(f"no result for {name!r}; worker stderr:\n{results['_stderr']}")
-    record = results[name]
-    assert "error" not in record, record["error"]
-    return record
+    return run_worker(WORKER, [], ADDED_XLA_FLAGS, 10, timeout=TIMEOUT)
 
 
 @pytest.mark.parametrize("vma", [True, False])
@@ -70,7 +27,7 @@ def test_shard_map_throw_raises_on_every_device(results, solver, vma):
     device raises it, so none is left waiting in the `psum`), the process stays
     usable. Before the fix the process was aborted by XLA ("only 7 of 8
     arrived")."""
-    c = get(results, "shard-map-throw")[f"{solver}-vma={vma}"]
+    c = worker_result(results, "shard-map-throw")[f"{solver}-vma={vma}"]
     assert c["raised"]
     assert "`linear_solve` failed" in c["message"]
     assert c["ok_after"]
@@ -83,14 +40,14 @@ def test_explicit_axes_error_says_what_to_do(results, solver, mode):
     type check, deep inside the solver; the error carries one note naming the
     remedy (`jax.sharding.auto_axes`, or auto axes). Before, it had none (and
     the docs said explicit shardings on every array would do)."""
-    c = get(results, "explicit-axes")[f"{solver}-{mode}"]
+    c = worker_result(results, "explicit-axes")[f"{solver}-{mode}"]
     assert c["error"] == "ShardingTypeError"
     assert c["notes"] == 1
 
 
 @pytest.mark.parametrize("solver", ["LU", "CG", "GMRES"])
 def test_explicit_axes_remedy_works(results, solver):
-    c = get(results, "explicit-axes")[f"{solver}-auto_axes"]
+    c = worker_result(results, "explicit-axes")[f"{solver}-auto_axes"]
     assert c["rel_err"] <= 1e-9
     assert c["spec"] == "('x',)"
 
@@ -101,7 +58,7 @@ def test_solves_inside_shard_map_over_some_axes(results, solver):
     2-D mesh: the one-device values and result codes (the singular member:
     `singular` for LU, a breakdown for CG). Before the fix: an `AssertionError`
     from JAX at trace time, for every solve."""
-    c = get(results, "partial-shard-map")[f"{solver}-throw=False"]
+    c = worker_result(results, "partial-shard-map")[f"{solver}-throw=False"]
     assert c["error"] == "none", c
     assert c["max_diff"] <= 1e-12
     assert c["codes"] == c["codes_single"]
@@ -110,7 +67,7 @@ def test_solves_inside_shard_map_over_some_axes(results, solver):
 
 @pytest.mark.parametrize("solver", ["LU", "CG"])
 def test_throw_inside_shard_map_over_some_axes_says_what_to_do(results, solver):
-    c = get(results, "partial-shard-map")[f"{solver}-throw=True"]
+    c = worker_result(results, "partial-shard-map")[f"{solver}-throw=True"]
     assert c["error"] == "ValueError", c
     assert "throw=False" in c["message"]
 
@@ -121,7 +78,7 @@ def test_function_operator_inside_shard_map(results, solver, vma):
     """A `FunctionLinearOperator` built inside `jax.shard_map` (closing over each
     batch member's matrix), solved and differentiated: the one-device values and
     gradients. Before the fix: a trace-time error from the closure conversion."""
-    c = get(results, "shard-map-function")[f"{solver}-vma={vma}"]
+    c = worker_result(results, "shard-map-function")[f"{solver}-vma={vma}"]
     assert c["error"] == "none", c
     assert c["max_diff"] <= 1e-10
 
@@ -134,6 +91,6 @@ def test_jacobian_operator_inside_shard_map(results, solver, jac, vma):
     way), solved by a Krylov solver and differentiated: the one-device values and
     gradients. Before the fix: a trace-time error from the closure conversion
     (or, with `check_vma=True`, from a replayed cast to varying)."""
-    c = get(results, "shard-map-jacobian")[f"{solver}-{jac}-vma={vma}"]
+    c = worker_result(results, "shard-map-jacobian")[f"{solver}-{jac}-vma={vma}"]
     assert c["error"] == "none", c
     assert c["max_diff"] <= 1e-10

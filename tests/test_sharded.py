@@ -9,14 +9,11 @@ The device count is fixed when JAX starts, so every check runs in one subprocess
 as JSON; the tests here assert on them.
 """
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 from conftest import ADDED_XLA_FLAGS
+from device_worker import run_worker, worker_result
 from helpers import sample
 
 
@@ -47,53 +44,15 @@ SHARDED = "('x',)"
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = " ".join(
-        [
-            *ADDED_XLA_FLAGS,  # the tests' LLVM optimisation level (conftest.py)
-            "--xla_force_host_platform_device_count=8",
-            "--xla_cpu_collective_call_terminate_timeout_seconds=15",
-        ]
+    krylov = ",".join(f"krylov-{name}-{dtype}-{mv}" for name, dtype, mv in KRYLOV)
+    return run_worker(
+        WORKER, [f"--krylov={krylov}"], ADDED_XLA_FLAGS, 15, timeout=TIMEOUT
     )
-    src = str(HERE.parent / "src")
-    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")]).rstrip(
-        os.pathsep
-    )
-    try:
-        krylov = ",".join(f"krylov-{name}-{dtype}-{mv}" for name, dtype, mv in KRYLOV)
-        proc = subprocess.run(
-            [sys.executable, str(WORKER), f"--krylov={krylov}"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-        )
-        stdout, stderr = proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as e:
-        stdout = e.stdout or ""
-        stderr = f"worker timed out after {TIMEOUT} s"
-        stdout = stdout if isinstance(stdout, str) else stdout.decode()
-    out = {}
-    for line in stdout.splitlines():
-        if line.startswith("RESULT "):
-            record = json.loads(line[len("RESULT ") :])
-            out[record.pop("name")] = record
-    out["_stderr"] = stderr[-3000:]
-    return out
-
-
-def get(results, name):
-    if name not in results:
-        pytest.fail(f"no result for {name!r}; worker stderr:\n{results['_stderr']}")
-    record = results[name]
-    assert "error" not in record, record["error"]
-    return record
 
 
 @pytest.mark.parametrize("name,dtype,mv", KRYLOV)
 def test_sharded_krylov_matches_one_device(results, name, dtype, mv):
-    r = get(results, f"krylov-{name}-{dtype}-{mv}")
+    r = worker_result(results, f"krylov-{name}-{dtype}-{mv}")
     assert r["result_sharded"] == r["result_single"] == 0
     assert r["spec"] == SHARDED  # the solution keeps the right-hand side's sharding
     if dtype == "float64" and name in EXACT:
@@ -107,30 +66,30 @@ def test_sharded_krylov_matches_one_device(results, name, dtype, mv):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_grad_through_sharded_cg(results, dtype):
-    r = get(results, f"grad-CG-{dtype}")
+    r = worker_result(results, f"grad-CG-{dtype}")
     assert r["finite"]
     assert r["rel_diff"] <= (1e-10 if dtype == "float64" else 1e-2)
     assert r["spec"] == SHARDED
 
 
 def test_grad_through_sharded_cg_throw(results):
-    r = get(results, "grad-CG-float64-throw")
+    r = worker_result(results, "grad-CG-float64-throw")
     assert r["finite"]
     assert r["rel_diff"] <= 1e-10
 
 
 def test_grad_through_sharded_cg_throw_keeps_sharding(results):
-    assert get(results, "grad-CG-float64-throw")["spec"] == SHARDED
+    assert worker_result(results, "grad-CG-float64-throw")["spec"] == SHARDED
 
 
 @pytest.mark.parametrize("name", ["CG", "GMRES"])
 def test_throw_true_keeps_sharding(results, name):
-    assert get(results, f"throw-true-sharding-{name}")["spec"] == SHARDED
+    assert worker_result(results, f"throw-true-sharding-{name}")["spec"] == SHARDED
 
 
 @pytest.mark.parametrize("name", ["LU", "Cholesky", "QR"])
 def test_batched_direct_solve_has_no_cross_device_traffic(results, name):
-    r = get(results, f"batched-{name}")
+    r = worker_result(results, f"batched-{name}")
     assert r["collectives"] == []
     assert r["rel_diff"] <= 1e-14
     assert r["rel_err_numpy"] <= 1e-12
@@ -139,7 +98,7 @@ def test_batched_direct_solve_has_no_cross_device_traffic(results, name):
 
 @pytest.mark.parametrize("name", ["CG", "GMRES"])
 def test_row_sharded_matrix(results, name):
-    r = get(results, f"matrix-{name}")
+    r = worker_result(results, f"matrix-{name}")
     assert r["rel_diff"] <= 1e-12
     assert r["rel_err_numpy"] <= 1e-8
     assert r["steps_sharded"] == r["steps_single"]
@@ -151,7 +110,7 @@ def test_sharded_sparse_cg(results, layout):
     """CG with a `SparseLinearOperator` (diagonal layout, or the segment sum of
     one built under `jit`) on a sharded vector: the single-device answer, and the
     solution keeps the right-hand side's sharding."""
-    r = get(results, "sparse-CG")
+    r = worker_result(results, "sparse-CG")
     assert r["result_single"] == r[layout]["result_sharded"] == 0
     assert r[layout]["steps_sharded"] == r["steps_single"]
     assert r[layout]["rel_diff"] <= 1e-11
@@ -160,14 +119,14 @@ def test_sharded_sparse_cg(results, layout):
 
 
 def test_throw_false_result_codes_are_consistent(results):
-    r = get(results, "throw-false")
+    r = worker_result(results, "throw-false")
     assert r["code"] == r["code_single"] == r["expected"]
     assert r["code_replicated"]
     assert r["spec"] == SHARDED
 
 
 def test_error_if_everywhere_raises_and_releases_devices(results):
-    r = get(results, "error-helper")
+    r = worker_result(results, "error-helper")
     assert r["raised"], r
     assert "boom everywhere" in r["message"]
     assert r["after_residual"] <= 1e-6
@@ -176,7 +135,7 @@ def test_error_if_everywhere_raises_and_releases_devices(results):
 
 
 def test_throw_true_failure_raises_and_process_stays_usable(results):
-    r = get(results, "throw-true")
+    r = worker_result(results, "throw-true")
     assert r["raised"]
     assert "max" in r["message"].lower()
     assert r["after_residual"] <= 1e-6
@@ -187,7 +146,7 @@ def test_solves_inside_shard_map(results):
     Cholesky, SVD, Auto, CG and GMRES with a sharded or a closed-over operator
     give the one-device values (SVD, CG and GMRES to rounding: their batches
     differ) and result codes. (lineax 0.1.1 fails to trace every one of them.)"""
-    r = get(results, "shard-map")
+    r = worker_result(results, "shard-map")
     for case, c in r.items():
         if case == "seconds":
             continue
