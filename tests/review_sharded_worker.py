@@ -188,13 +188,8 @@ def check_shard_map_function_operator(mesh):
     fix every such solve failed to trace ("Closure-converted function called with
     different dynamic arguments"; with `check_vma=True` and a Krylov solver, "pvary
     is a invariant->variant collective")."""
-    batch, n = 16, 6
-    rng = np.random.default_rng(0)
-    m = rng.standard_normal((batch, n, n))
-    a = m @ m.transpose(0, 2, 1) + n * np.eye(n)
-    b = rng.standard_normal((batch, n))
-    sharding = NamedSharding(mesh, P("x"))
-    a_sharded, b_sharded = jax.device_put(a, sharding), jax.device_put(b, sharding)
+    n = 6
+    a, b, a_sharded, b_sharded = _batch_of_spd_systems(mesh, n, seed=0)
     tags = lx.positive_semidefinite_tag
     solvers = {
         "LU": lx.LU(),
@@ -217,30 +212,42 @@ def check_shard_map_function_operator(mesh):
                 )(a, b)
                 return x, grads
 
-            try:
-                got = jax.jit(
-                    jax.shard_map(
-                        local,
-                        mesh=mesh,
-                        in_specs=P("x"),
-                        out_specs=P("x"),
-                        check_vma=vma,
-                    )
-                )(a_sharded, b_sharded)
-            except Exception as e:
-                out[f"{name}-vma={vma}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-                continue
-            expected = jax.jit(local)(a, b)
-            diffs = jax.tree_util.tree_map(
-                lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))),
-                got,
-                expected,
+            out[f"{name}-vma={vma}"] = _against_one_device(
+                local, mesh, vma, (a_sharded, b_sharded), (a, b)
             )
-            out[f"{name}-vma={vma}"] = {
-                "error": "none",
-                "max_diff": max(jax.tree_util.tree_leaves(diffs)),
-            }
     return out
+
+
+def _batch_of_spd_systems(mesh, n, seed):
+    """16 SPD systems of size `n` (matrices and right-hand sides), in NumPy and
+    split over `mesh`'s axis `x`."""
+    rng = np.random.default_rng(seed)
+    m = rng.standard_normal((16, n, n))
+    a = m @ m.transpose(0, 2, 1) + n * np.eye(n)
+    b = rng.standard_normal((16, n))
+    sharding = NamedSharding(mesh, P("x"))
+    return a, b, jax.device_put(a, sharding), jax.device_put(b, sharding)
+
+
+def _against_one_device(local, mesh, vma, sharded_args, args):
+    """`local` run per device inside `jax.shard_map` (batch axis split over
+    `mesh`'s axis `x`) against the same function on one device: the largest
+    difference of their outputs, or the error."""
+    try:
+        got = jax.jit(
+            jax.shard_map(
+                local, mesh=mesh, in_specs=P("x"), out_specs=P("x"), check_vma=vma
+            )
+        )(*sharded_args)
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+    expected = jax.jit(local)(*args)
+    diffs = jax.tree_util.tree_map(
+        lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))),
+        got,
+        expected,
+    )
+    return {"error": "none", "max_diff": max(jax.tree_util.tree_leaves(diffs))}
 
 
 def check_shard_map_jacobian_operator(mesh):
@@ -252,13 +259,8 @@ def check_shard_map_jacobian_operator(mesh):
     was converted at values over the manual one); with `check_vma=True`, "pvary
     is a invariant->variant collective" (the converted function replayed a cast
     recorded at the unvarying point), or JAX's VJP type check with `jac="bwd"`."""
-    batch, n = 16, 6
-    rng = np.random.default_rng(1)
-    m = rng.standard_normal((batch, n, n))
-    a = m @ m.transpose(0, 2, 1) + n * np.eye(n)
-    b = rng.standard_normal((batch, n))
-    sharding = NamedSharding(mesh, P("x"))
-    a_sharded, b_sharded = jax.device_put(a, sharding), jax.device_put(b, sharding)
+    n = 6
+    a, b, a_sharded, b_sharded = _batch_of_spd_systems(mesh, n, seed=1)
     tags = lx.positive_semidefinite_tag
     out = {}
     cases = [
@@ -285,28 +287,9 @@ def check_shard_map_jacobian_operator(mesh):
             )
             return x, grads
 
-        key = f"{name}-{jac}-vma={vma}"
-        try:
-            got = jax.jit(
-                jax.shard_map(
-                    local,
-                    mesh=mesh,
-                    in_specs=P("x"),
-                    out_specs=P("x"),
-                    check_vma=vma,
-                )
-            )(a_sharded, b_sharded)
-        except Exception as e:
-            out[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
-            continue
-        expected = jax.jit(local)(a, b)
-        diffs = jax.tree_util.tree_map(
-            lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))),
-            got,
-            expected,
+        out[f"{name}-{jac}-vma={vma}"] = _against_one_device(
+            local, mesh, vma, (a_sharded, b_sharded), (a, b)
         )
-        max_diff = max(jax.tree_util.tree_leaves(diffs))
-        out[key] = {"error": "none", "max_diff": max_diff}
     return out
 
 
