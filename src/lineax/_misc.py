@@ -154,6 +154,18 @@ def python_number(x: Any) -> Any:
     return x
 
 
+def checked_count(value: Any, name: str, minimum: int, or_none: bool = False) -> int:
+    """`value` (a Python or NumPy integer: see `python_number`) as a Python int; a
+    ValueError naming `name` unless it is an int of at least `minimum` (0 or 1).
+    `or_none` only says, in the message, that None was accepted too."""
+    value = python_number(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "positive" if minimum > 0 else "nonnegative"
+        none = "None or " if or_none else ""
+        raise ValueError(f"`{name}` must be {none}a {kind} int, got {value!r}.")
+    return value
+
+
 def check_static_float(value: Any, name: str) -> None:
     """Raise a TypeError naming `name` unless `value` is a Python float or int (a
     static parameter, after `python_number`)."""

@@ -11,7 +11,7 @@ import numpy as np
 from jax.experimental import sparse as jsparse
 from jaxtyping import Array, Int
 
-from .._misc import default_floating_dtype, python_number
+from .._misc import checked_count, default_floating_dtype
 from .._tags import as_tags, transpose_tags
 from .base import (
     AbstractLinearOperator,
@@ -116,11 +116,7 @@ class SparseLinearOperator(AbstractLinearOperator):
             leaves, treedef = jtu.tree_flatten(matrix)
             data = leaves[0].astype(default_floating_dtype())
             matrix = jtu.tree_unflatten(treedef, [data, *leaves[1:]])
-        max_dense_size = python_number(max_dense_size)
-        if not isinstance(max_dense_size, int) or max_dense_size < 0:
-            raise ValueError(
-                f"`max_dense_size` must be a nonnegative int, got {max_dense_size!r}."
-            )
+        max_dense_size = checked_count(max_dense_size, "max_dense_size", 0)
         self.matrix = matrix
         self.tags = as_tags(tags)
         self.max_dense_size = max_dense_size

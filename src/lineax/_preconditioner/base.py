@@ -31,7 +31,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, PyTree
 
-from .._misc import jit_when_eager, python_number, result_dtype, Static
+from .._misc import checked_count, jit_when_eager, result_dtype, Static
 from .._operator.base import (
     AbstractLinearOperator,
     check_operator,
@@ -166,18 +166,11 @@ def init_polynomial(
     who = type(preconditioner).__name__
     check_square(operator, who)
     check_same_structures(operator, who)
-    preconditioner.degree = check_degree(degree)
+    preconditioner.degree = checked_count(degree, "degree", 0)
     preconditioner.operator = operator
     preconditioner.input_structure = Static(operator.out_structure())
     preconditioner.output_structure = Static(operator.in_structure())
     return result_dtype(operator.in_structure())
-
-
-def check_degree(degree: Any) -> int:
-    degree = python_number(degree)
-    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
-        raise ValueError(f"`degree` must be a non-negative int, got {degree!r}.")
-    return degree
 
 
 def spectrum_interval(
@@ -206,9 +199,7 @@ def spectrum_interval(
             "`lx.positive_semidefinite_tag` or `lx.negative_semidefinite_tag`); for "
             f"any other operator pass `{argument}` explicitly."
         )
-    steps = python_number(steps)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"`lanczos_steps` must be a positive int, got {steps!r}.")
+    steps = checked_count(steps, "lanczos_steps", 1)
     key = checked_key(key)
     lo, hi = jax.lax.stop_gradient(_operator_extremes(operator, steps, key))
     if positive:

@@ -10,7 +10,7 @@ import numpy as np
 from jax.experimental import sparse as jsparse
 from jaxtyping import Array, Inexact, Int
 
-from .._misc import python_number, Static
+from .._misc import checked_count, Static
 from .._operator.base import (
     concrete_arrays,
     holds_values,
@@ -123,15 +123,7 @@ class BlockJacobiPreconditioner(AbstractPreconditioner):
 
     def __init__(self, operator: Any, block_size: SupportsIndex):
         check_square(operator, "BlockJacobiPreconditioner")
-        block_size = python_number(block_size)
-        if (
-            isinstance(block_size, bool)
-            or not isinstance(block_size, int)
-            or block_size < 1
-        ):
-            raise ValueError(
-                f"`block_size` must be a positive int, got {block_size!r}."
-            )
+        block_size = checked_count(block_size, "block_size", 1)
         if not (holds_values(operator) or _stored_sparse(operator) is not None):
             raise ValueError(
                 "`BlockJacobiPreconditioner` needs the matrix of the operator, but "

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Inexact, PRNGKeyArray
 
-from .._misc import python_number, result_dtype, Static
+from .._misc import checked_count, result_dtype, Static
 from .._operator.base import (
     concrete_arrays,
     diagonal,
@@ -101,11 +101,7 @@ class JacobiPreconditioner(AbstractPreconditioner):
                 )
             diag = diagonal(operator)
         else:
-            probes = python_number(probes)
-            if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-                raise ValueError(
-                    f"`probes` must be None or a positive int, got {probes!r}."
-                )
+            probes = checked_count(probes, "probes", 1, or_none=True)
             diag = probe_diagonal_estimate(operator, probes, checked_key(key))
         positive = is_positive_semidefinite(operator)
         negative = (not positive) and is_negative_semidefinite(operator)
