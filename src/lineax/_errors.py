@@ -53,7 +53,7 @@ from jax._src.lib import xla_client as _xc  # pyright: ignore[reportPrivateImpor
 from jax.extend.core import Primitive
 from jaxtyping import Array, ArrayLike, PyTree
 
-from ._misc import select, varying_axes
+from ._misc import manual_axes, select, varying_axes
 
 
 def _find_switch_internal() -> Callable | None:
@@ -282,7 +282,7 @@ def raise_everywhere(
         return eqxi.branched_error_if(x, index != 0, index, messages)
     messages = tuple(messages)
     batch = ((), ((),) * len(operands))
-    axes = _manual_axes()
+    axes = manual_axes()
     if axes:
         # Inside `jax.shard_map` each device's callback examines its own part of
         # the inputs, and a device whose part succeeded would not raise: it
@@ -301,11 +301,6 @@ def raise_everywhere(
         *operands, messages=messages, index_fn=index_fn, batch=batch, raises=True
     )
     return _tied(x, checked)
-
-
-def _manual_axes() -> tuple:
-    """The manual mesh axes of the enclosing `jax.shard_map`s (none outside)."""
-    return tuple(jax.sharding.get_abstract_mesh().manual_axes)
 
 
 def _max_over_devices(index: Array, axes: tuple) -> Array:
@@ -330,7 +325,7 @@ def _same_index(index):
 def _on_any_device(pred: Array) -> Array:
     """The boolean scalar `pred` made true on every device of the enclosing
     `jax.shard_map`s if it is true on any (see `branch_on_code`)."""
-    axes = _manual_axes()
+    axes = manual_axes()
     if not axes:
         return pred
     return _max_over_devices(pred.astype(jnp.int32), axes) != 0
@@ -374,7 +369,7 @@ def branch_on_code(
         # would index its branches with it directly): branch in Python.
         return (if_zero if int(np.max(code)) == 0 else if_nonzero)(operand)
     index = _unvmap_max_p.bind(jnp.asarray(code, jnp.int32))
-    axes = _manual_axes()
+    axes = manual_axes()
     if axes:
         # Inside `jax.shard_map`: every device takes the branch if any device
         # failed, so that all of them reach its host callback (see

@@ -369,6 +369,11 @@ def stack_alike_leaves(tree: PyTree) -> tuple[list[Any], Callable[[list[Any]], P
     return packed, unstack
 
 
+def manual_axes() -> tuple:
+    """The manual mesh axes of the enclosing `jax.shard_map`s (none outside)."""
+    return tuple(jax.sharding.get_abstract_mesh().manual_axes)
+
+
 def varying_axes(tree: PyTree) -> frozenset:
     """The manual mesh axes that any array (or `jax.ShapeDtypeStruct`) of `tree`
     varies over: inside a `jax.shard_map` with `check_vma=True` (its default),

@@ -12,6 +12,7 @@ import jax.tree_util as jtu
 from jaxtyping import PyTree
 
 from .._misc import (
+    manual_axes,
     no_active_trace,
     promoting_call,
     Static,
@@ -78,7 +79,7 @@ def in_context(structure: PyTree[jax.ShapeDtypeStruct]) -> PyTree[jax.ShapeDtype
     "pvary is a invariant->variant collective"). Varying over every axis, the
     input is as varying as any vector can be; `mv` casts each vector to it (a
     cast of the type only)."""
-    axes = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+    axes = manual_axes()
     if not axes:
         return structure
 

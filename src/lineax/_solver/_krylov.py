@@ -58,6 +58,7 @@ from jaxtyping import Array, ArrayLike, PyTree, Scalar
 from .._misc import (
     check_static_float,
     HeldArrays,
+    manual_axes,
     select,
     structure_of,
     tree_sub,
@@ -1111,7 +1112,7 @@ def iterate(
         inner_tol = adapted_tolerance(estimate_of(start), rnorm, tol, factor)
         return inner_tol**2 if method.squared else inner_tol
 
-    if jax.sharding.get_abstract_mesh().manual_axes:
+    if manual_axes():
         # Inside `jax.shard_map`: the loops start from constants, which vary over
         # no mesh axis, and after one step hold values computed from the inputs
         # (the operator's action included), which vary over theirs; a step or a
