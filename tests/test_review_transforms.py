@@ -57,6 +57,11 @@ def _spd_operator() -> tuple[np.ndarray, lx.MatrixLinearOperator]:
     return spd, operator
 
 
+def _grad_of_sum(operator, solver, b):
+    """The gradient of `sum(A^-1 b)` in `b`, un-jitted (op by op)."""
+    return jax.grad(lambda b: jnp.sum(lx.linear_solve(operator, b, solver).value))(b)
+
+
 @pytest.mark.parametrize(
     "solver",
     [lx.CG(rtol=1e-12, atol=1e-12), lx.GMRES(rtol=1e-12, atol=1e-12)],
@@ -72,9 +77,7 @@ def test_debug_nans_accepts_a_successful_krylov_solve(solver):
     b = jnp.asarray(_B)
     with jax.debug_nans(True):
         solution = lx.linear_solve(operator, b, solver)
-        grad = jax.grad(lambda b: jnp.sum(lx.linear_solve(operator, b, solver).value))(
-            b
-        )
+        grad = _grad_of_sum(operator, solver, b)
     np.testing.assert_allclose(solution.value, np.linalg.solve(spd, _B), rtol=1e-10)
     np.testing.assert_allclose(grad, np.linalg.solve(spd, np.ones(_N)), rtol=1e-10)
     steps = int(solution.stats["num_steps"])
@@ -96,7 +99,5 @@ def test_debug_infs_accepts_a_successful_krylov_solve_under_grad(solver):
     spd, operator = _spd_operator()
     b = jnp.asarray(_B)
     with jax.debug_infs(True):
-        grad = jax.grad(lambda b: jnp.sum(lx.linear_solve(operator, b, solver).value))(
-            b
-        )
+        grad = _grad_of_sum(operator, solver, b)
     np.testing.assert_allclose(grad, np.linalg.solve(spd, np.ones(_N)), rtol=1e-10)
