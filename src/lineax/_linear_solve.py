@@ -457,17 +457,16 @@ def _in_dtypes(
     least-squares solver solves the realified problem instead. Leaves already
     in their dtype are returned as they are: no operation for an ordinary
     solve."""
+    return jtu.tree_map(_in_dtype, structure, x)
 
-    def cast(struct, leaf):
-        if leaf.dtype == struct.dtype:
-            return leaf
-        if jnp.iscomplexobj(leaf) and not jnp.issubdtype(
-            struct.dtype, jnp.complexfloating
-        ):
-            leaf = jnp.real(leaf)
-        return leaf.astype(struct.dtype)
 
-    return jtu.tree_map(cast, structure, x)
+def _in_dtype(struct: jax.ShapeDtypeStruct, leaf: Array) -> Array:
+    """One leaf of `_in_dtypes`. (Not a closure: see `_misc._floating_struct`.)"""
+    if leaf.dtype == struct.dtype:
+        return leaf
+    if jnp.iscomplexobj(leaf) and not jnp.issubdtype(struct.dtype, jnp.complexfloating):
+        leaf = jnp.real(leaf)
+    return leaf.astype(struct.dtype)
 
 
 def _realified_problem(
