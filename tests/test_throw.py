@@ -177,3 +177,55 @@ def test_branch_on_code_takes_the_failure_branch_for_every_nonzero_code():
     # Under vmap one failed element takes the whole batch into the branch.
     np.testing.assert_array_equal(jax.vmap(branch)(codes), np.ones(4, np.float32))
     np.testing.assert_array_equal(jax.vmap(branch)(codes[:1]), np.zeros(1))
+
+
+def test_nonfinite_initial_guess_is_nonfinite_input():
+    # A NaN in `y0` was reported as a `breakdown` ("the operator is singular, or
+    # not positive definite"), by every Krylov solver: the inputs examined after
+    # a failure were the operator and the vector only.
+    operator = lx.MatrixLinearOperator(GOOD, lx.positive_semidefinite_tag)
+    y0 = jnp.array([1.0, jnp.nan, 0.0])
+    nonfinite = lx.RESULTS.nonfinite_input
+    solvers = [lx.CG, lx.GMRES, lx.BiCGStab, lx.MINRES, lx.LSMR]
+    for solver in solvers:  # un-jitted (the entry point's host check)
+        solution = lx.linear_solve(
+            operator, B, solver(1e-8, 1e-8), options={"y0": y0}, throw=False
+        )
+        assert solution.result == nonfinite, solver
+
+    @jax.jit
+    def batched(y0s):
+        # (Under `vmap`, one member with a NaN guess, one without.)
+        solve = lambda y0: (
+            lx.linear_solve(
+                operator, B, lx.CG(1e-8, 1e-8), options={"y0": y0}, throw=False
+            ).result._value
+        )
+        return jax.vmap(solve)(y0s)
+
+    codes = batched(jnp.stack([y0, jnp.zeros(3)]))
+    assert codes[0] == nonfinite._value and codes[1] == 0
+
+    @jax.jit
+    def thrown(y0):
+        return lx.linear_solve(
+            operator, B, lx.GMRES(1e-8, 1e-8), options={"y0": y0}
+        ).value
+
+    # (Under `jit`, XLA's runtime error carries the message.)
+    with pytest.raises(Exception, match="`linear_solve` failed") as info:
+        jax.block_until_ready(thrown(y0))
+    assert "initial guess `y0` contains NaN" in str(info.value)
+    # A function operator (whose arrays the solve cannot read, so it tests the
+    # action on a probe instead), with throw=False under jit.
+    function = lx.FunctionLinearOperator(
+        lambda x: GOOD @ x, jax.ShapeDtypeStruct((3,), GOOD.dtype)
+    )
+    code = jax.jit(
+        lambda y0: (
+            lx.linear_solve(
+                function, B, lx.GMRES(1e-8, 1e-8), options={"y0": y0}, throw=False
+            ).result._value
+        )
+    )(y0)
+    assert code == nonfinite._value

@@ -387,7 +387,7 @@ def _run_compiled(operator, vector, solver, options, state, throw) -> Solution |
         # The traced path says why the solve failed; and does what Equinox's
         # error mode says (`EQX_ON_ERROR=nan`: NaN, not an error).
         return _linear_solve(operator, vector, solver, options, state, throw)
-    inputs = jtu.tree_leaves((operator, vector))
+    inputs = jtu.tree_leaves((operator, vector, (options or {}).get("y0")))
     code = host_result_code(code, *[x for x in inputs if is_inexact_array(x)])
     if throw:
         raise eqx.EquinoxRuntimeError(primal_failure_message(int(code)))

@@ -182,6 +182,9 @@ def _linear_solve_impl(
     finite = tree_all_finite((solution, checked))
     if recorded is not None:
         finite = finite & recorded
+    # The inputs besides the operator: the vector, and an initial guess, whose NaN
+    # a Krylov solver reported as a `breakdown` ("the operator is singular").
+    inputs = (vector, options.get("y0"))
     if throw is None:
         # The un-jitted entry point's compiled solve (`throw=None`): the caller
         # reads the result code on the host and examines the inputs there, if
@@ -197,7 +200,7 @@ def _linear_solve_impl(
         # What is returned if no error is raised (or `EQX_ON_ERROR` says not to);
         # the branch's code, not computed a second time.
         solution, result = _error_if_failed(
-            solution, operator, arrays, vector, result, finite, recorded, kind
+            solution, operator, arrays, inputs, result, finite, recorded, kind
         )
         return solution, result, stats
     # The inputs are only examined when the solve failed, which saves a pass over
@@ -214,11 +217,11 @@ def _linear_solve_impl(
         # 18453 steps over 200 initial values (at most 404 for one) where 0.1.1
         # takes 16607 (160), and a batch of 40 ran one member to `max_steps`.
         # Unbatched, the step counts were equal. (Measured, not explained.)
-        finite_input = tree_all_finite(vector) & recorded
+        finite_input = tree_all_finite(inputs) & recorded
     else:
         finite_input = lax.cond(
             eqxi.unvmap_any(failed),
-            lambda: tree_all_finite((vector, _operator_inputs(operator, arrays))),
+            lambda: tree_all_finite((inputs, _operator_inputs(operator, arrays))),
             # (The branches must agree on the mesh axes they vary over.)
             lambda: varying_like(jnp.array(True), (vector, operator)),
         )
@@ -283,6 +286,7 @@ def host_result_code(code: Any, *leaves: Any) -> np.ndarray:
 def _error_if_failed(
     solution, operator, arrays, vector, result, finite, recorded, kind
 ):
+    # (`vector`: the inputs besides the operator, a PyTree.)
     # Only the predicate is computed outside the branch: the branch receives the
     # arrays it examines, not `finite` (which XLA would compute as a kernel of its
     # own, for the branch's use only). They enter the conditional (and the

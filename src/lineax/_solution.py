@@ -57,9 +57,9 @@ class RESULTS(eqxi.Enumeration):
         "the problem (the `damp` option), or use `lx.SVD()`."
     )
     nonfinite_input = (
-        "The operator or the right-hand side contains NaN or inf, so the solution "
-        "is meaningless. Check the inputs of `linear_solve` (e.g. with "
-        "`jnp.isfinite`) and whatever computed them."
+        "The operator, the right-hand side or the initial guess `y0` contains NaN "
+        "or inf, so the solution is meaningless. Check the inputs of "
+        "`linear_solve` (e.g. with `jnp.isfinite`) and whatever computed them."
     )
 
 
