@@ -45,3 +45,20 @@ def test_num_mv_counts_every_product(solver, y0):
     jax.effects_barrier()
     assert int(sol.stats["num_steps"]) > 0
     assert int(sol.stats["num_mv"]) == calls[0]
+
+
+def test_max_norm_has_zero_derivative_at_zero():
+    # `two_norm` and `rms_norm` document (and lineax 0.1.1's three norms, which
+    # Optimistix re-exports as `optx.max_norm` etc., have) a zero derivative at
+    # zero. `max_norm`'s was JAX's `abs`'s, 1 at 0: a gradient of `1/size` on every
+    # element, and the tangent `max(t)` (so `-1` along `-1`, for a nonnegative
+    # function).
+    zero = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+    grad = jax.grad(lx.internal.max_norm)(zero)
+    assert all(np.all(np.asarray(g) == 0) for g in jax.tree_util.tree_leaves(grad))
+    direction = jax.tree_util.tree_map(lambda z: -jnp.ones_like(z), zero)
+    _, tangent = jax.jvp(lx.internal.max_norm, (zero,), (direction,))
+    assert float(tangent) == 0
+    # Elsewhere unchanged: the sign of the largest entry.
+    x = jnp.array([1.0, -2.0, 0.0])
+    np.testing.assert_array_equal(jax.grad(lx.internal.max_norm)(x), [0, -1, 0])
