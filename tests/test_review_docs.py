@@ -62,3 +62,44 @@ def test_max_norm_has_zero_derivative_at_zero():
     # Elsewhere unchanged: the sign of the largest entry.
     x = jnp.array([1.0, -2.0, 0.0])
     np.testing.assert_array_equal(jax.grad(lx.internal.max_norm)(x), [0, -1, 0])
+
+
+@pytest.mark.parametrize(
+    "max_steps, history_length, length",
+    [(100, 30, 30), (25_000, None, 10_000), (50, 7, 7), (20, None, 20)],
+)
+def test_residual_history_has_the_documented_length(max_steps, history_length, length):
+    # `history_length`: "the length of `stats["residual_history"]` (default:
+    # `max_steps`, at most 10,000)". With every `k = ceil(max_steps /
+    # history_length)`-th step recorded, the history had `ceil(max_steps / k)`
+    # entries: 25 for `history_length=30, max_steps=100`, 8334 for the default at
+    # `max_steps=25_000`, so histories of one `history_length` did not stack.
+    operator = lx.MatrixLinearOperator(jnp.asarray(_SPD), _PSD)
+    solver = lx.CG(1e-8, 1e-8, max_steps=max_steps, history_length=history_length)
+    history = jax.eval_shape(
+        lambda b: lx.linear_solve(operator, b, solver).stats["residual_history"],
+        jnp.asarray(_B),
+    )
+    assert history.shape == (length,)
+
+
+def test_residual_history_records_every_kth_step_and_the_last():
+    # Entry `i` is step `k (i + 1)`, or the last step made if that came first;
+    # entries after it are zero.
+    operator = lx.MatrixLinearOperator(jnp.asarray(_SPD), _PSD)
+    full = lx.linear_solve(
+        operator, jnp.asarray(_B), lx.CG(1e-12, 0.0, max_steps=30, history_length=30)
+    )
+    sparse = lx.linear_solve(
+        operator, jnp.asarray(_B), lx.CG(1e-12, 0.0, max_steps=30, history_length=12)
+    )
+    steps = int(full.stats["num_steps"])
+    assert steps == int(sparse.stats["num_steps"])
+    every = 3  # ceil(30 / 12)
+    expected = np.zeros(12)
+    recorded = np.asarray(full.stats["residual_history"])
+    for i in range(12):
+        step = min(every * (i + 1), steps)
+        if every * i < steps:
+            expected[i] = recorded[step - 1]
+    np.testing.assert_allclose(sparse.stats["residual_history"], expected, rtol=1e-12)
