@@ -113,12 +113,36 @@ def rms_norm(x: PyTree[ArrayLike]) -> Scalar:
 
 
 def max_norm(x: PyTree[ArrayLike]) -> Scalar:
-    """The largest absolute value of any element of `x` (the infinity norm)."""
+    """The largest absolute value of any element of `x` (the infinity norm).
+
+    Its derivative at zero is taken to be zero.
+    """
     leaves = [jnp.asarray(leaf) for leaf in jtu.tree_leaves(x) if jnp.size(leaf) > 0]
     if len(leaves) == 0:
         return jnp.array(0.0)
     maxes = [jnp.max(jnp.abs(leaf)) for leaf in leaves]
     if len(maxes) == 1:
-        return maxes[0]
-    dtype = _common_dtype(maxes)
-    return jnp.max(jnp.stack([m.astype(dtype) for m in maxes]))
+        out = maxes[0]
+    else:
+        dtype = _common_dtype(maxes)
+        out = jnp.max(jnp.stack([m.astype(dtype) for m in maxes]))
+    return _zero_derivative_at_zero(out)
+
+
+@jax.custom_jvp
+def _zero_derivative_at_zero(norm: Scalar) -> Scalar:
+    return norm
+
+
+@_zero_derivative_at_zero.defjvp
+def _zero_derivative_at_zero_jvp(primals, tangents):
+    # The max norm is not differentiable at zero, where JAX's `abs` has derivative
+    # 1: the gradient at `x = 0` would be `1/size` on every element, and a tangent
+    # `t` would give `max(t)`, not `max|t|`. As for `two_norm`, and as in lineax
+    # 0.1.1 (whose norms Optimistix re-exports), the derivative is zero there.
+    # (A `custom_jvp`, not a `select` in the primal: the Krylov solvers call the
+    # norm every pass and never differentiate it, and this adds nothing to what
+    # they lower.)
+    (norm,) = primals
+    (t_norm,) = tangents
+    return norm, select(norm == 0, 0, t_norm)

@@ -30,8 +30,9 @@ class TridiagonalLinearOperator(AbstractLinearOperator):
     - `lower_diagonal`: the band below the diagonal, `A[i + 1, i]`, length `n - 1`.
     - `upper_diagonal`: the band above the diagonal, `A[i, i + 1]`, length `n - 1`.
 
-    Each band may be a JAX or NumPy array or a list, converted as by
-    `jnp.asarray` (integers in the default floating dtype).
+    Each band may be a JAX or NumPy array, converted as by `jnp.asarray`
+    (integers in the default floating dtype). (A Python list is refused: its
+    dtype would be a guess; convert it with `jnp.asarray`.)
     """
 
     diagonal: Inexact[Array, " size"]

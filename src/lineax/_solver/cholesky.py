@@ -56,7 +56,9 @@ class Cholesky(AbstractLinearSolver[CholeskyState]):
     operators "definite" means Hermitian definite. `stats["rcond"]` holds an
     estimate of the reciprocal 1-norm condition number (as LAPACK's `pocon`).
 
-    About twice as fast as [`lineax.LU`][]. This solver reads no `options`.
+    Half the arithmetic of [`lineax.LU`][] (1.2-1.7x faster on a CPU at n = 200
+    to 1500, as `cho_solve` is against `jnp.linalg.solve`). This solver reads no
+    `options`.
     """
 
     option_keys = frozenset()

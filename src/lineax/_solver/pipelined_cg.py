@@ -1,6 +1,7 @@
 """`PipelinedCG`: conjugate gradients with one global reduction per step
 (Chronopoulos and Gear, 1989), for solves sharded over many devices."""
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -230,6 +231,9 @@ class PipelinedCG(AbstractDefiniteKrylovSolver):
 
         zero = tree_scale(0, problem.r0)
         u, w, gamma, delta, rnorm = residual_terms(problem.r0)
+        # (`w = A M r0` is a product made before the first step, which
+        # `stats["num_mv"]` counts.)
+        problem = dataclasses.replace(problem, initial_mv=problem.initial_mv + 1)
         alpha, beta, breakdown = next_coefficients(
             gamma, delta, rnorm, gamma, jnp.ones_like(gamma), True
         )
