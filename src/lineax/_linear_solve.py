@@ -1,5 +1,6 @@
 """`linear_solve` and `invert`: argument checks, then a bind of the primitive."""
 
+import threading
 from typing import Any
 
 import equinox as eqx
@@ -544,6 +545,7 @@ def _realified_mismatch(problem: AbstractLinearOperator) -> str:
 # Bounded, least recently used first out: each entry holds its executables.
 _COMPILED: dict = {}
 _COMPILED_MAX = 64
+_COMPILED_LOCK = threading.Lock()
 # The entry of a key whose solve cannot be compiled (see `_run_compiled`).
 _EAGER = object()
 
@@ -576,26 +578,31 @@ _SOLVER_KEYS: dict[int, tuple[Any, tuple]] = {}
 
 def _compiled_linear_solve(operator, options, state, treedef, solver):
     key = (treedef, _solver_key(solver))
-    try:
-        compiled = _COMPILED.pop(key, None)
-    except TypeError:  # a solver holding arrays (or unhashable static data)
-        return None, None
-    if compiled is _EAGER:
-        _COMPILED[key] = compiled
-        return key, None
-    if compiled is None:
-        if not (
-            isinstance(solver, AbstractLinearSolver)
-            and is_cacheable(operator)
-            and _cacheable_operators((options, state))
-        ):
+    # Under the lock: solves run from several Python threads reorder and evict
+    # entries concurrently, and an eviction iterating over `_COMPILED` while
+    # another thread changes it raised `RuntimeError: dictionary changed size
+    # during iteration`, or `KeyError` where two threads evicted the same entry.
+    with _COMPILED_LOCK:
+        try:
+            compiled = _COMPILED.pop(key, None)
+        except TypeError:  # a solver holding arrays (or unhashable static data)
             return None, None
-        while len(_COMPILED) >= _COMPILED_MAX:
-            del _COMPILED[next(iter(_COMPILED))]
+        if compiled is _EAGER:
+            _COMPILED[key] = compiled
+            return key, None
+        if compiled is None:
+            if not (
+                isinstance(solver, AbstractLinearSolver)
+                and is_cacheable(operator)
+                and _cacheable_operators((options, state))
+            ):
+                return None, None
+            while len(_COMPILED) >= _COMPILED_MAX:
+                del _COMPILED[next(iter(_COMPILED))]
 
-        compiled = jax.jit(_solve_of_leaves(treedef, solver))
+            compiled = jax.jit(_solve_of_leaves(treedef, solver))
 
-    _COMPILED[key] = compiled
+        _COMPILED[key] = compiled
     return key, compiled
 
 
