@@ -85,9 +85,18 @@ def refined(
     product with `M`. The result stays linear in `b` (`2W − W M W` for the solve
     `W`), so the transposed solve is the same step with `Mᵀ`."""
     x, result = solve(b)
-    mx = operator.mv(unflatten_vector(x, operator.in_structure(), keep_dtype=True))
-    correction, refine_result = solve(b - flatten_vector(mx, b.dtype))
+    mx = mv_flat(operator, x, operator.in_structure(), b.dtype)
+    correction, refine_result = solve(b - mx)
     return x + correction, first_failure(result, refine_result)
+
+
+def mv_flat(
+    operator: AbstractLinearOperator, x: Array, in_structure: PyTree, dtype: Any
+) -> Array:
+    """`operator.mv` of the flat vector `x` (of `in_structure`), flattened in
+    `dtype` (`None`: the output's own)."""
+    out = operator.mv(unflatten_vector(x, in_structure, keep_dtype=True))
+    return flatten_vector(out, dtype)
 
 
 def solve_columns(

@@ -23,6 +23,7 @@ from .._operator.tangent import TangentLinearOperator
 from .._solution import RESULTS
 from ._structured import (
     first_failure,
+    mv_flat,
     part_options,
     reads_whole,
     refined,
@@ -84,11 +85,6 @@ class SchurState(eqx.Module):
         return self.held_operator.value
 
 
-def _mv_flat(operator, x, in_structure, dtype):
-    out = operator.mv(unflatten_vector(x, in_structure, keep_dtype=True))
-    return flatten_vector(out, dtype)
-
-
 def _transpose(operator):
     return None if operator is None else operator.transpose()
 
@@ -108,11 +104,11 @@ def _eliminate(
     if state.lower is not None:
         y1, result = solve_flat(inner, state.top_left, b1, out_structure[0], options)
         results.append(result)
-        b2 = b2 - _mv_flat(state.lower, y1, in_structure[0], dtype)
+        b2 = b2 - mv_flat(state.lower, y1, in_structure[0], dtype)
     x2, result, _ = LU().compute(state.complement, b2, {})
     results.append(result)
     if state.upper is not None:
-        b1 = b1 - _mv_flat(state.upper, x2, in_structure[1], dtype)
+        b1 = b1 - mv_flat(state.upper, x2, in_structure[1], dtype)
     x1, result = solve_flat(inner, state.top_left, b1, out_structure[0], options)
     results.append(result)
     return jnp.concatenate([x1, x2]), first_failure(*results)
@@ -199,7 +195,7 @@ class Schur(AbstractLinearSolver[SchurState]):
                 self.inner, top_left, b.as_matrix().T, out_structure[0], options
             )
             c_solved_b = jax.vmap(
-                lambda x: _mv_flat(c, x, in_structure[0], dtype), out_axes=1
+                lambda x: mv_flat(c, x, in_structure[0], dtype), out_axes=1
             )(solved_b)
             complement = complement.astype(dtype) - c_solved_b
         complement_state = LU().init(MatrixLinearOperator(complement), {})

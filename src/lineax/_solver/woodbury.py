@@ -26,6 +26,7 @@ from .._solution import RESULTS
 from ._structured import (
     cheaper_by_tags,
     first_failure,
+    mv_flat,
     reads_whole,
     refined,
     solve_columns,
@@ -235,16 +236,15 @@ def _identity_solve(
             state.capacitance, _matmul(state.solved_u.T, b), {}
         )
         k_space = state.cv.out_structure()
-        t = state.cv.transpose().mv(unflatten_vector(s, k_space, keep_dtype=True))
-        rhs = b - flatten_vector(t, b.dtype)
+        rhs = b - mv_flat(state.cv.transpose(), s, k_space, b.dtype)
         # Aᵀ maps A's output space (`in_structure` here) to its input space.
         x, a_result = solve_flat(
             inner, state.operator_state, rhs, out_structure, options
         )
     else:
         y, a_result = solve_flat(inner, state.operator_state, b, out_structure, options)
-        w = state.cv.mv(unflatten_vector(y, in_structure, keep_dtype=True))
-        s, k_result, _ = LU().compute(state.capacitance, flatten_vector(w), {})
+        w = mv_flat(state.cv, y, in_structure, None)
+        s, k_result, _ = LU().compute(state.capacitance, w, {})
         x = y - _matmul(state.solved_u, s)
     return x, first_failure(state.columns_result, a_result, k_result)
 
