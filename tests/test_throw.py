@@ -187,9 +187,9 @@ def test_nonfinite_initial_guess_is_nonfinite_input():
     y0 = jnp.array([1.0, jnp.nan, 0.0])
     nonfinite = lx.RESULTS.nonfinite_input
     solvers = [lx.CG, lx.GMRES, lx.BiCGStab, lx.MINRES, lx.LSMR]
-    for solver in solvers:  # un-jitted (the entry point's host check)
+    for solver in solvers:  # un-jitted (the entry point's host check), NumPy y0
         solution = lx.linear_solve(
-            operator, B, solver(1e-8, 1e-8), options={"y0": y0}, throw=False
+            operator, B, solver(1e-8, 1e-8), options={"y0": np.asarray(y0)}, throw=False
         )
         assert solution.result == nonfinite, solver
 
