@@ -46,6 +46,7 @@ def test_inverse_mv_compiles_the_solve_without_the_condition_estimate(monkeypatc
     )
     (compiled,) = linear_solve_module._COMPILED.values()
     solve = inverse.fn
+    assert isinstance(solve, linear_solve_module._InverseSolve)
     leaves = jtu.tree_leaves((solve.operator, b, solve.options, solve.state))
     text = compiled.lower(leaves).compile().as_text()
     assert _triangular_solves(text) == 2, _custom_calls(text)
@@ -147,5 +148,6 @@ def test_vmapped_diagonal_solve_reads_the_batch_twice():
         # (`throw=False` with `result` unused: no test, the one pass of JAX.)
         fn = jax.jit(solve, static_argnums=2)
         text = fn.lower(d, B, throw).compile().as_text()
+        assert text is not None
         kernels = _kernels_reading(text, f"f64[{k},{n}]")
         assert len(kernels) == passes, kernels
