@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
-import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
@@ -34,6 +33,7 @@ from ._krylov import (
     safe_div,
     tree_scale,
     tree_sub,
+    update_rows,
 )
 
 
@@ -70,40 +70,11 @@ def basis_combine(basis: PyTree[Array], h: Array) -> PyTree[Array]:
 
 def basis_set(basis: PyTree[Array], j: Array, x: PyTree[Array]) -> PyTree[Array]:
     """`V` with its `j`-th vector replaced by `x`."""
-    return jtu.tree_map(lambda v, xi: _set_row(v, j, xi), basis, x)
-
-
-def _set_row_of(v: Array, j: Array, x: Array) -> Array:
-    return lax.dynamic_update_slice_in_dim(
-        v, lax.expand_dims(x.astype(v.dtype), (0,)), j, 0, **_IN_RANGE
+    return jtu.tree_map(
+        lambda v, xi: update_rows(v, lax.expand_dims(xi.astype(v.dtype), (0,)), j),
+        basis,
+        x,
     )
-
-
-_set_row = jax.custom_batching.custom_vmap(_set_row_of)
-
-
-@_set_row.def_vmap
-def _set_row_vmap(axis_size, in_batched, v, j, x):
-    # Under `vmap` the step index `j` is batched (each element's cycle is at its
-    # own step), and the write a scatter; the batched `while_loop` then selects
-    # between the old basis and the scattered one for each element. The old basis
-    # is read after the scatter, so XLA copied the whole basis before it, on every
-    # step: a second batch x (restart + 1) x n buffer (GMRES, restart 30 on a 2-D
-    # stencil, batch 50: 1.4x the memory per element of the unbatched solve,
-    # measured). Written as an elementwise `where`, the write and the loop's
-    # `select` are one fusion, done in place.
-    v_batched, j_batched, x_batched = in_batched
-    if not v_batched:
-        v = jnp.broadcast_to(v, (axis_size,) + v.shape)
-    if not x_batched:
-        x = jnp.broadcast_to(x, (axis_size,) + x.shape)
-    if not j_batched:
-        return lax.dynamic_update_slice_in_dim(
-            v, lax.expand_dims(x.astype(v.dtype), (1,)), j, 1, **_IN_RANGE
-        ), True
-    row = jnp.arange(v.shape[1], dtype=j.dtype)[None, :] == j[:, None]
-    row = lax.expand_dims(row, tuple(range(2, v.ndim)))
-    return jnp.where(row, lax.expand_dims(x.astype(v.dtype), (1,)), v), True
 
 
 def basis_get(basis: PyTree[Array], j: Array) -> PyTree[Array]:
