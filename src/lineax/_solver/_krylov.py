@@ -1038,6 +1038,58 @@ def _group(index: Array, every: int, bound: int) -> Array:
     return lax.div(index, jnp.asarray(every, index.dtype))
 
 
+def update_rows(array: Array, rows: Array, start: Array) -> Array:
+    """`array` with its rows from `start` on replaced by `rows` (which fit:
+    `0 <= start <= len(array) - len(rows)`), written in place, under `vmap` too.
+
+    Under `vmap` the start is batched (each element of a batched loop is at its
+    own step) and a dynamic-update-slice a scatter, which the batched
+    `while_loop` follows with a `select` between the old and the new array for
+    each element. The old array is then read after the scatter, so XLA copied
+    the whole array before it, on every iteration: a second batch x (restart +
+    1) x n Krylov basis (GMRES, restart 30 on a 2-D stencil, batch 50: 1.4x the
+    memory per element of the unbatched solve, measured), or residual history
+    (CG, `max_steps=10000`, the history read: 2.08 histories per element
+    against 1.05 unbatched). Written as an elementwise `where` (of a gather, for
+    more than one row), the write and the loop's `select` are one fusion, done
+    in place. (Unbatched, it is the dynamic-update-slice.)"""
+    return _update_rows(array, rows, start)
+
+
+def _update_rows_of(array: Array, rows: Array, start: Array) -> Array:
+    return lax.dynamic_update_slice_in_dim(
+        array, rows, start, 0, allow_negative_indices=False
+    )
+
+
+_update_rows = jax.custom_batching.custom_vmap(_update_rows_of)
+
+
+@_update_rows.def_vmap
+def _update_rows_vmap(axis_size, in_batched, array, rows, start):
+    array_batched, rows_batched, start_batched = in_batched
+    if not array_batched:
+        array = jnp.broadcast_to(array, (axis_size,) + array.shape)
+    if not rows_batched:
+        rows = jnp.broadcast_to(rows, (axis_size,) + rows.shape)
+    if not start_batched:
+        return lax.dynamic_update_slice_in_dim(
+            array, rows, start, 1, allow_negative_indices=False
+        ), True
+    # `offset[b, i]`: the row of `rows[b]` that row `i` of `array[b]` receives.
+    offset = jnp.arange(array.shape[1], dtype=start.dtype)[None, :] - start[:, None]
+    inside = (offset >= 0) & (offset < rows.shape[1])
+    if rows.shape[1] == 1:
+        new = rows
+    else:
+        index = jnp.clip(offset, 0, rows.shape[1] - 1)
+        new = jnp.take_along_axis(
+            rows, lax.expand_dims(index, tuple(range(2, rows.ndim))), axis=1
+        )
+    inside = lax.expand_dims(inside, tuple(range(2, array.ndim)))
+    return jnp.where(inside, new, array), True
+
+
 def _record(history: Array, index: Array, value: Array) -> Array:
     # Every step overwrites its entry (one dynamic-update-slice: no read-back and
     # no select, which would be extra kernels in the loop body; the index is never
@@ -1045,9 +1097,8 @@ def _record(history: Array, index: Array, value: Array) -> Array:
     if history.shape[0] == 0:
         return history
     # (Not `lax.dynamic_update_index_in_dim`, a nested `jit`, see `_misc.select`.)
-    value = lax.expand_dims(value.astype(history.dtype), (0,))
-    return lax.dynamic_update_slice_in_dim(
-        history, value, index, 0, allow_negative_indices=False
+    return update_rows(
+        history, lax.expand_dims(value.astype(history.dtype), (0,)), index
     )
 
 
@@ -1223,7 +1274,7 @@ def iterate(
                     return inner_running(q) & (steps_of(q) - start < buffer_length)
 
                 q = lax.while_loop(running, functools.partial(inner_step, start), q)
-                history = lax.dynamic_update_slice_in_dim(history, q.history, start, 0)
+                history = update_rows(history, q.history, start)
                 q = _Pass(q.carry, q.steps, jnp.zeros_like(q.history))
                 return as_varying((q, history))
 
@@ -1319,7 +1370,7 @@ def iterate(
             # The pass's entries (zero after its last step; the history has
             # `buffer_length` entries more than it returns, so that the write
             # never moves back to fit).
-            history = lax.dynamic_update_slice_in_dim(history, buffer, group(first), 0)
+            history = update_rows(history, buffer, group(first))
             buffer = jnp.zeros_like(buffer)
         inner = _Pass(c, q.steps, buffer)
         return as_varying(_Loop(inner, best_x, packed, o.verifications + 1, history))
