@@ -17,6 +17,7 @@ guarantee costs is in the review's report.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import lineax as lx
 
@@ -77,3 +78,23 @@ def test_batched_krylov_holds_one_residual_history():
         jax.vmap(history), jax.ShapeDtypeStruct((batch, n), jnp.float64)
     )
     assert batched / batch < 1.5 * length * 8
+
+
+def test_forward_mode_through_a_batched_krylov_loop():
+    # The in-place batched write (`_krylov.update_rows`, a `custom_vmap`) broke
+    # `vmap` of `jvp` through a solver's `compute`, as a user-defined solver
+    # wrapping GMRES runs it: JAX's JVP of a `custom_vmap` under `vmap` raised
+    # "dot_general requires contracting dimensions to have the same shape". The
+    # solve is linear in `b`, so its JVP in `b` is the solve of the tangent.
+    n = 12
+    rng = np.random.default_rng(0)
+    matrix = rng.standard_normal((n, n)) + 6 * np.eye(n)
+    b, t = rng.standard_normal((2, 3, n))
+    solver = lx.GMRES(rtol=1e-12, atol=1e-12, restart=5)
+
+    def compute(b):
+        operator = lx.MatrixLinearOperator(matrix)
+        return solver.compute(solver.init(operator, {}), b, {})[0]
+
+    tangents = jax.vmap(lambda b, t: jax.jvp(compute, (b,), (t,))[1])(b, t)
+    np.testing.assert_allclose(tangents, np.linalg.solve(matrix, t.T).T, atol=1e-9)

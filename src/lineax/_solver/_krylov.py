@@ -1062,10 +1062,30 @@ def _update_rows_of(array: Array, rows: Array, start: Array) -> Array:
     )
 
 
-_update_rows = jax.custom_batching.custom_vmap(_update_rows_of)
+_batched_update_rows = jax.custom_batching.custom_vmap(_update_rows_of)
 
 
-@_update_rows.def_vmap
+# The write is linear in `array` and `rows` (and `start` is an integer): its
+# JVP is the same write of the tangents. Given as a rule, so that forward mode
+# through a Krylov loop (e.g. `jax.jvp` of a solver's `compute`, as a
+# user-defined solver that wraps one does, under `vmap`) never differentiates
+# the `custom_vmap`: JAX's JVP of a `custom_vmap` under `vmap` gave the batch
+# axis to the wrong operand ("dot_general requires contracting dimensions to
+# have the same shape", GMRES, measured).
+@jax.custom_jvp
+def _update_rows(array: Array, rows: Array, start: Array) -> Array:
+    return _batched_update_rows(array, rows, start)
+
+
+@_update_rows.defjvp
+def _update_rows_jvp(primals, tangents):
+    array, rows, start = primals
+    array_dot, rows_dot, _ = tangents
+    # (Through `_update_rows` itself: the same holds for derivatives of any order.)
+    return _update_rows(array, rows, start), _update_rows(array_dot, rows_dot, start)
+
+
+@_batched_update_rows.def_vmap
 def _update_rows_vmap(axis_size, in_batched, array, rows, start):
     array_batched, rows_batched, start_batched = in_batched
     if not array_batched:
