@@ -243,8 +243,8 @@ def _watchdog():
 
 
 # Each test file's CPU seconds in the default run (on the 2-core machine, summed
-# over its tests by pytest's `--durations=0`, of the run of 2026-11-27 and scaled by
-# the files' own runs before and after sampling their grids; for the files that run
+# over its tests by pytest's `--durations=0`, of the run of 2026-11-28 and scaled by
+# the files' own runs before and after the changes since; for the files that run
 # a subprocess, that process's wall time; only the order matters). Two
 # pytest-xdist workers take whole files from a queue (`--dist loadfile
 # --no-loadscope-reorder`): handing out the longest files first lets both finish
@@ -252,52 +252,61 @@ def _watchdog():
 # core idle for the last long file. A file missing here counts as
 # `_DEFAULT_FILE_SECONDS`.
 _FILE_SECONDS = {
-    "test_structured.py": 53,
-    "test_krylov.py": 49,
-    "test_operators.py": 46,
-    "test_clients.py": 46,  # with a Diffrax subprocess at default flags
-    "test_examples.py": 45,  # two subprocesses, one at XLA's default flags
-    "test_preconditioners.py": 44,
-    "test_review_krylov_complex.py": 42,
-    "test_solvers_adversarial.py": 33,
-    "test_user_inputs.py": 29,
+    "test_krylov.py": 55,
+    "test_structured.py": 55,
+    "test_clients.py": 48,  # with a Diffrax subprocess at default flags
+    "test_examples.py": 46,  # two subprocesses, one at XLA's default flags
+    "test_operators.py": 43,
+    "test_preconditioners.py": 40,
+    "test_review_krylov_complex.py": 39,
+    "test_review_sharded.py": 35,  # a subprocess
+    "test_sharded.py": 34,  # a subprocess
+    "test_solvers_adversarial.py": 32,
+    "test_jvp.py": 31,
+    "test_krylov_termination.py": 30,  # a subprocess
     "test_solve.py": 28,
-    "test_jvp.py": 27,
     "test_incomplete.py": 27,
-    "test_flexible.py": 27,
-    "test_review_structured.py": 26,
-    "test_sharded.py": 25,  # a subprocess
-    "test_krylov_stats.py": 24,
-    "test_krylov_termination.py": 22,  # a subprocess
+    "test_flexible.py": 26,
+    "test_real_to_complex.py": 26,
+    "test_user_inputs.py": 26,
     "test_direct_results.py": 25,  # with the mixed real/complex operators
-    "test_real_to_complex.py": 22,
-    "test_preconditioners_adversarial.py": 18,
-    "test_docs_snippets.py": 14,  # a subprocess
-    "test_vmap_transpose.py": 14,
-    "test_throw.py": 13,
-    "test_eager.py": 13,  # a subprocess (EQX_ON_ERROR)
+    "test_review_structured.py": 25,
+    "test_krylov_stats.py": 24,
+    "test_docs_snippets.py": 16,  # a subprocess
+    "test_preconditioners_adversarial.py": 16,
+    "test_eager.py": 15,  # a subprocess (EQX_ON_ERROR)
+    "test_vmap_transpose.py": 13,
     "test_compile_guard.py": 11,
     "test_derivatives_adversarial.py": 11,
-    "test_batching_adversarial.py": 10,
-    "test_fast_paths_adversarial.py": 8,
+    "test_review_eager.py": 11,
+    "test_throw.py": 11,
+    "test_krylov_runtime.py": 10,
+    "test_operators_adversarial.py": 10,
+    "test_docs_names.py": 9,  # a subprocess (mkdocs)
+    "test_pipelined_cg.py": 9,
     "test_derivative_runtime.py": 8,
-    "test_operators_adversarial.py": 8,
-    "test_internal.py": 8,
     "test_direct_adversarial.py": 8,
-    "test_pipelined_cg.py": 7,
-    "test_krylov_runtime.py": 7,
-    "test_docs_names.py": 7,  # a subprocess (mkdocs)
+    "test_internal.py": 8,
+    "test_batching_adversarial.py": 7,
+    "test_fast_paths_adversarial.py": 7,
     "test_predicates.py": 7,
+    "test_properties_user_inputs.py": 7,
+    "test_review_clients_lineax.py": 7,
     "test_review_external.py": 7,
-    "test_watchdog.py": 6,  # a subprocess
+    "test_review_x32.py": 7,
+    "test_scaling.py": 6,
     "test_krylov_kernels.py": 5,
-    "test_scaling.py": 5,
-    "test_properties_user_inputs.py": 5,
     "test_properties.py": 5,
-    "test_precision.py": 4,
+    "test_review_docs.py": 5,
+    "test_review_transforms.py": 5,
+    "test_watchdog.py": 5,  # a subprocess
     "test_errors.py": 4,
+    "test_precision.py": 4,
+    "test_review_errors.py": 4,
     "test_krylov_scale.py": 3,
-    "test_auto_adversarial.py": 2,
+    "test_review_mixed_dtypes.py": 2,
+    "test_review_numerics.py": 2,
+    "test_auto_adversarial.py": 1,
     "test_dense_kernels.py": 1,
 }
 _DEFAULT_FILE_SECONDS = 10

@@ -4,7 +4,7 @@ one JSON line per case: the result, steps, operator products and the true
 residual recomputed in float64 with NumPy.
 
 Usage: `python tests/krylov_worker.py GROUP...` with each GROUP one of `edge`,
-`table`, `stagnation`, `scaled`.
+`table`, `stagnation`, `scaled`, `breakdown`.
 """
 
 import json
@@ -382,6 +382,33 @@ def scaled():
                 print(json.dumps(record), flush=True)
 
 
+def breakdown():
+    """BiCGStab on a skew-symmetric operator, whose `<r, A r>` vanishes right
+    after every (re)start: exactly (an integer operator and right-hand side, in
+    any precision), or far below `eps |b| |A b|` (shifted by 1e-20 I, float64)."""
+    n = 6
+    upper = np.triu(np.arange(1.0, n * n + 1).reshape(n, n) % 7 - 3, 1)
+    skew = upper - upper.T
+    b = np.arange(1.0, n + 1)
+    for dtype, shift in ((jnp.float32, 0.0), (jnp.float64, 0.0), (jnp.float64, 1e-20)):
+        matrix = skew + shift * np.eye(n)
+        for norm in (lx.internal.max_norm, two_norm):
+            op = lx.MatrixLinearOperator(jnp.asarray(matrix, dtype))
+            solver = lx.BiCGStab(1e-5, 1e-5, norm=norm)
+            sol = _jit_solve(op, jnp.asarray(b, dtype), solver)
+            x = np.asarray(sol.value, np.float64)
+            name = f"{jnp.dtype(dtype).name}-shift={shift}-{norm.__name__}"
+            record = {
+                "name": name,
+                "breakdown": bool(sol.result == lx.RESULTS.breakdown),
+                "steps": int(sol.stats["num_steps"]),
+                "finite": bool(np.all(np.isfinite(x))),
+                "rnorm": float(np.linalg.norm(b - matrix @ x)),
+                "bnorm": float(np.linalg.norm(b)),
+            }
+            print(json.dumps(record), flush=True)
+
+
 if __name__ == "__main__":
     # Several groups share one process (and its JAX import and compiled solves); a
     # line naming each group comes before its cases.
@@ -392,5 +419,6 @@ if __name__ == "__main__":
             "table": table,
             "stagnation": stagnation,
             "scaled": scaled,
+            "breakdown": breakdown,
         }
         groups[group]()

@@ -58,9 +58,9 @@ def _run(*groups: str) -> dict[str, dict[str, dict]]:
 
 @pytest.fixture(scope="module")
 def _groups():
-    # One worker process for the file (a JAX import each, not three); the three
+    # One worker process for the file (a JAX import each, not five); the five
     # groups take under a minute together, well within the 600 s timeout.
-    return _run("edge", "table", "stagnation", "scaled")
+    return _run("edge", "table", "stagnation", "scaled", "breakdown")
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +253,21 @@ def test_operator_scale_changes_nothing(_groups, name, dtype):
     # A power of two changes no bit of the iteration.
     assert cases[f"{name}-{dtype}-pow2"]["x"] == one["x"]
     assert cases[f"{name}-{dtype}-pow2"]["steps"] == one["steps"]
+
+
+def test_bicgstab_vanishing_sigma_is_breakdown_never_divergence(_groups):
+    # Right after a (re)start the shadow vector is the residual; for a skew operator
+    # `<r, A r>` vanishes (exactly, or relative to the norms), which no restart can
+    # cure: `breakdown` after that one step, with a finite iterate no worse than the
+    # start, never a step with a huge alpha. Exact 0 and a tiny nonzero sigma take
+    # different paths in the step (see `BiCGStab.compute`).
+    cases = _groups["breakdown"]
+    assert len(cases) == 6
+    for case in cases.values():
+        assert case["breakdown"], case
+        assert case["steps"] == 1, case
+        assert case["finite"], case
+        assert case["rnorm"] <= case["bnorm"] * (1 + 1e-6), case
 
 
 @pytest.mark.parametrize("name", ["GMRES", "FGMRES"])

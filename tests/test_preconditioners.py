@@ -560,8 +560,13 @@ def _convection_diffusion(u, h):
 
 
 def _stencil_matrix(stencil, n, h):
-    eye = jnp.eye(n * n).reshape(n * n, n, n)
-    return np.asarray(jax.vmap(lambda e: stencil(e, h).reshape(-1))(eye)).T
+    eye = np.eye(n * n).reshape(n * n, n, n)
+    return np.asarray(jax.jit(jax.vmap(lambda e: stencil(e, h).reshape(-1)))(eye)).T
+
+
+# A preconditioner's matrix in one compiled program: eagerly, each operation of a
+# multigrid cycle compiles a program of its own (about 80-110 per grid).
+_as_matrix = eqx.filter_jit(lambda operator: operator.as_matrix())
 
 
 def _interpolation_1d(n):
@@ -592,7 +597,7 @@ def test_multigrid_two_grid_is_the_dense_two_grid_cycle(n):
     correct = np.eye(n * n) - p @ np.linalg.solve(coarse, r @ a)
     cycle = step @ step @ correct @ (np.eye(n * n) - pre @ a)
     reference = (np.eye(n * n) - cycle) @ np.linalg.inv(a)
-    np.testing.assert_allclose(precond.as_matrix(), reference, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(_as_matrix(precond), reference, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("smoother", ["jacobi", "chebyshev"])
@@ -610,7 +615,7 @@ def test_multigrid_symmetric_positive_definite_for_poisson(smoother):
     assert precond.shapes == ((15, 15), (7, 7), (3, 3))
     assert lx.is_positive_semidefinite(precond) and lx.is_symmetric(precond)
     assert precond.T is precond
-    b = np.asarray(precond.as_matrix())
+    b = np.asarray(_as_matrix(precond))
     np.testing.assert_allclose(b, b.T, atol=1e-12 * np.abs(b).max())
     # The V-cycle is a good approximate inverse: BA has spectrum close to 1.
     spectrum = np.linalg.eigvals(b @ _stencil_matrix(_laplacian, n, h)).real
@@ -655,8 +660,8 @@ def test_multigrid_gmres_convection_diffusion_and_transpose():
         _convection_diffusion, (n, n), h, dtype=jnp.float64
     )
     assert not lx.is_symmetric(precond)
-    dense = np.asarray(precond.as_matrix())
-    np.testing.assert_allclose(precond.T.as_matrix(), dense.T, rtol=1e-9, atol=1e-12)
+    dense = np.asarray(_as_matrix(precond))
+    np.testing.assert_allclose(_as_matrix(precond.T), dense.T, rtol=1e-9, atol=1e-12)
     b = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)))
     solver = lx.GMRES(rtol=1e-8, atol=0.0, restart=20)
     sol = lx.linear_solve(operator, b, solver, options={"preconditioner": precond})
