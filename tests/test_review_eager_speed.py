@@ -4,13 +4,10 @@ on each call, never by a clock.
 Measured (10x10 float32, CPU, interleaved in one process, medians over 1500
 rounds; see docs/performance.md): of `lx.linear_solve(lx.MatrixLinearOperator(A),
 b)`, the Python around the compiled call is about 15 us (flatten, cache key,
-unflatten of the `Solution`); the compiled call is the rest. Its cost is set by
-XLA:CPU, which runs a program of fewer than 1000 flops (its own cost analysis)
-on the calling thread and any other on its thread pool: a do-nothing program
-returning two arrays took 13.5 us at 426 flops and 53.7 us at 1252 flops
-(`jnp.linalg.solve`: 17.6 us in the same run); six more outputs added about
-11 us. The full solve's program (the solution, result code, `rcond` and LU's
-state) is 1501 flops; the value and result code alone, 596.
+unflatten of the `Solution`); the compiled call is the rest, set by XLA:CPU:
+its hand-over of programs it estimates at 1000 flops or more to its thread pool
+(a small jitted function: 0.70x `jnp.linalg.solve` at 426 flops, 2.49x at
+1252), and a few us per output array (the `Solution` has eight).
 This test guards what is already cheap: it passes on the code it was written
 against."""
 
