@@ -1,13 +1,24 @@
 """Regression tests from a review of how often the direct solves read n x n data
-(issue 15), as XLA compiles them: the optimised HLO's passes over n x n arrays
-and copies of them, and `compiled.memory_analysis()` (deterministic), against
-the closest JAX-native call.
+(issue 15), as XLA:CPU compiles them: the optimised HLO's passes over n x n
+arrays and copies of them, and `compiled.memory_analysis()` (deterministic),
+against the closest JAX-native call.
 
 Reviewed, and found in line with JAX (no test here), float32 and float64, n =
-100: the primal LU, Cholesky, QR and SVD solves (one pass more than JAX's: the
-test of the operator's finiteness, a guarantee: `[[inf, 2], [2, 4]]` solves to
-a finite `x`), and a solve from a reused `state=` (the recorded boolean, no scan
-of the operator, the same temporaries as `lu_solve`).
+100: the primal LU, Cholesky, QR and SVD solves under `jit` (the same
+temporaries as `jnp.linalg.solve`, `cho_solve` and `lstsq`, or fewer; one pass
+more, the test of the operator's finiteness, which is a guarantee:
+`[[inf, 2], [2, 4]]` solves to a finite `x`), and a solve from a `state=`
+passed into `jit` (the recorded boolean, no scan of the operator: the same
+temporaries as `lu_solve`).
+
+Found and left (what a guarantee costs, or no fix found): a solve with a
+transposed `MatrixLinearOperator` tests `A.T` folded with the solution, for
+which XLA:CPU transposes `A` into an n x n copy (3.04 against 2.02 n^2); the
+gradient of an LU solve with respect to the matrix holds 1.06 n^2 temporaries
+against 0.07 for `jnp.linalg.solve`: the zero-pivot test reads the diagonal of
+the raw factor after JAX's NaN `select` (fused into it), so that `select`
+cannot run in place, and `lax.optimization_barrier` does not survive to XLA's
+fusion.
 """
 
 import jax
