@@ -473,9 +473,15 @@ _HAGER_STEPS = 2
 _EXACT_BELOW = 32
 
 
-def norm1(matrix: Array) -> Array:
-    """The 1-norm (maximum absolute column sum) of a 2-D array."""
-    column_sums = jnp.sum(jnp.abs(matrix), axis=0)
+def norm1(matrix: Array, axis: int = 0) -> Array:
+    """The 1-norm (maximum absolute column sum) of a 2-D array; with `axis=1`,
+    that of its transpose (the maximum absolute row sum).
+
+    (`norm1(matrix, axis=1)` rather than `norm1(matrix.T)`: next to
+    `norm1(matrix)`, XLA then computes `abs(matrix)` once for both sums, where
+    `abs(matrix.T)` was a transposed n x n copy of its own. LU's `init`, n = 100:
+    2.03 -> 1.04 n^2 temporaries; `lu_factor`: 1.0.)"""
+    column_sums = jnp.sum(jnp.abs(matrix), axis=axis)
     if column_sums.size == 0:
         return jnp.zeros((), column_sums.dtype)
     # (Not `jnp.max(..., initial=0)`: where the norm has two consumers (LU's

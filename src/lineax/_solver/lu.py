@@ -6,6 +6,7 @@ import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
+import jax.tree_util as jtu
 from jaxtyping import Array, Int
 
 from .._misc import diagonal
@@ -69,18 +70,24 @@ class LU(AbstractLinearSolver[LUState]):
         # solve is one gather instead of a loop over the pivots.
         matrix = operator.as_matrix()
         lu, _, permutation = lax.linalg.lu(matrix)
-        # The finiteness test reads the factors, not the matrix: each entry of
-        # `lu` is its entry of `P A` updated (`a - l u`, divided by a pivot), so
-        # a NaN or inf in `A` stays non-finite there (divided by an infinite
-        # pivot: NaN). Reading `matrix` made XLA recompute a function
-        # operator's matrix for the test (Diffrax's ImplicitEuler, n = 100:
-        # 196 -> 172 ms for 1978 steps; 0.1.1: 159 ms).
+        # The finiteness test reads the factors, not the matrix, unless the
+        # matrix is one of the operator's own arrays (a `MatrixLinearOperator`'s).
+        # Each entry of `lu` is its entry of `P A` updated (`a - l u`, divided by
+        # a pivot), so a NaN or inf in `A` stays non-finite there (divided by an
+        # infinite pivot: NaN). Reading a matrix that is computed (a function
+        # operator's) made XLA recompute it for the test (Diffrax's
+        # ImplicitEuler, n = 100: 196 -> 172 ms for 1978 steps; 0.1.1: 159 ms).
+        # Reading LAPACK's column-major factor made XLA:CPU transpose it into an
+        # n x n copy of its own before its (row-major) library reduction: one n^2
+        # temporary more than the matrix's test (`lx.invert(op).mv` under `jit`,
+        # n = 100: 3.02 -> 2.04 n^2; `lu_solve(lu_factor(A), b)`: 2.02).
+        own = any(matrix is leaf for leaf in jtu.tree_leaves(operator))
         return LUState(
             lu,
             permutation,
             norm1(matrix),
-            norm1(matrix.T),
-            operator_is_finite(lu),
+            norm1(matrix, axis=1),
+            operator_is_finite(matrix if own else lu),
             pack_structures(operator),
             False,
         )
