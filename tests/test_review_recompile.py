@@ -98,3 +98,32 @@ def test_krylov_solve_of_jacobian_operator_is_unchanged():
     # d/dM sum(J^-1 b) with J = M + 0.1 I: -(J^-T 1) (J^-1 b)^T.
     expected_grad = -np.outer(np.linalg.solve(jac.T, np.ones(4)), expected)
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-8)
+
+
+def test_eager_solve_of_operator_scaled_by_python_numbers_compiles_once():
+    # `A * s` keeps a Python number `s` static (its sign gives the tags); an
+    # un-jitted solve of it runs the error check compiled (`_error_if_failed`),
+    # which was compiled again for each new `s`, although it never reads the
+    # operator of a matrix (about 80 ms each). Before: one backend compile per
+    # new `s`; lineax 0.1.1 (`s` made an array): none.
+    rng = np.random.RandomState(0)
+    matrix = jnp.asarray(rng.randn(4, 4) + 4 * np.eye(4))
+    vector = jnp.asarray(rng.randn(4))
+    operator = lx.MatrixLinearOperator(matrix)
+    lx.linear_solve(operator * 0.5, vector)  # compiles what the solve needs
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if "backend_compile" in event:
+            compiles.append(event)
+
+    scales = (0.25, 2.0, 3.0)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        values = [lx.linear_solve(operator * s, vector).value for s in scales]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    for s, value in zip(scales, values):
+        expected = np.linalg.solve(s * np.asarray(matrix), np.asarray(vector))
+        np.testing.assert_allclose(value, expected, rtol=1e-12)

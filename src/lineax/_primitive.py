@@ -199,8 +199,13 @@ def _linear_solve_impl(
         # that nothing else is computed outside it.
         # What is returned if no error is raised (or `EQX_ON_ERROR` says not to);
         # the branch's code, not computed a second time.
+        # The operator is passed only where the error branch probes its action:
+        # run eagerly, `_error_if_failed` is compiled once per static data of
+        # its arguments, and an operator's holds its Python scalars (`A * 0.5`
+        # keeps `0.5` static): each new scalar compiled it again (about 80 ms).
+        probed = operator if arrays is None else None
         solution, result = _error_if_failed(
-            solution, operator, arrays, inputs, result, finite, recorded, kind
+            solution, probed, arrays, inputs, result, finite, recorded, kind
         )
         return solution, result, stats
     # The inputs are only examined when the solve failed, which saves a pass over
