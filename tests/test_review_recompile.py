@@ -10,13 +10,18 @@ diagonal, tridiagonal, identity, tagged, added, scaled, composed, negated)
 and solvers built anew on every call: one compile, then none; `throw`
 toggled, `state=` from `solver.init`, `lx.invert` reused, tags given as a
 tag, a tuple, a list or a frozenset; the un-jitted `linear_solve` with
-solvers, operators and options built anew, NumPy or JAX arrays: one compile.
-Function operators traced once per construction; their solves trace the
-(closure-converted) function once, under `grad`, `jvp` and `vmap` too.
+solvers, operators, preconditioners (Jacobi, SSOR, block Jacobi) and options
+built anew, NumPy or JAX arrays: one compile; a solve in a `lax.scan` body:
+one. A function operator closing over arrays is traced once (to a jaxpr), also
+under `grad`, `jvp` and `vmap`; one of a function closing over nothing, at
+most as often as by 0.1.1 in Krylov solves.
 
 What was found: a `JacobianLinearOperator` of a function that closes over
 nothing (Equinox converts it trivially, keeping the Python function) had its
-function traced again at every place a Krylov solve applies the operator.
+function traced again at every place a Krylov solve applies the operator; a
+direct solve of a function or Jacobian operator traced it once more for the
+error branch of `throw=True`; and an un-jitted solve of `A * s` compiled its
+error check again for each new Python number `s`.
 """
 
 import equinox as eqx
@@ -127,3 +132,25 @@ def test_eager_solve_of_operator_scaled_by_python_numbers_compiles_once():
     for s, value in zip(scales, values):
         expected = np.linalg.solve(s * np.asarray(matrix), np.asarray(vector))
         np.testing.assert_allclose(value, expected, rtol=1e-12)
+
+
+def test_direct_solve_of_jacobian_operator_traces_its_function_twice():
+    # Constructed (its output structure), then materialised by `LU.init`, which
+    # records the finiteness of that matrix: the error branch of `throw=True`
+    # no longer probes the operator's action as well, which traced the function
+    # a third time and compiled a copy of it into the branch. lineax 0.1.1: 2.
+    f = _function()
+    matrix = jnp.asarray(np.diag([4.0, 5.0, 6.0, 7.0]))
+    _TRACES[0] = 0
+    jax.jit(lambda m, v: _solve(f, m, v, lx.LU())).lower(matrix, jnp.ones(4))
+    assert _TRACES[0] == 2
+
+
+def test_direct_solve_of_nonfinite_jacobian_operator_still_says_so():
+    # What the probe was for: a non-finite operator is reported as such, from
+    # `init`'s record of the matrix.
+    f = _function()
+    matrix = jnp.asarray(np.diag([4.0, np.inf, 6.0, 7.0]))
+    solve = jax.jit(lambda m, v: _solve(f, m, v, lx.LU()))
+    with pytest.raises(Exception, match="contains NaN or inf"):
+        solve(matrix, jnp.ones(4)).block_until_ready()

@@ -203,7 +203,14 @@ def _linear_solve_impl(
         # run eagerly, `_error_if_failed` is compiled once per static data of
         # its arguments, and an operator's holds its Python scalars (`A * 0.5`
         # keeps `0.5` static): each new scalar compiled it again (about 80 ms).
-        probed = operator if arrays is None else None
+        # Nor where this solve's `init` recorded the test of the matrix it
+        # materialised from the operator, which tests its whole action: the
+        # probe traced the user's function once more, and compiled a copy of it
+        # into the branch (an LU solve of a function operator: 3 traces of the
+        # function, 0.1.1 2). (A state passed by the user may be another
+        # operator's.)
+        tested = kind == "primal" and recorded is not None
+        probed = operator if arrays is None and not tested else None
         solution, result = _error_if_failed(
             solution, probed, arrays, inputs, result, finite, recorded, kind
         )
@@ -316,7 +323,7 @@ def _error_if_failed(
     code = result._value
     solution = branch_on_code(
         code,
-        ft.partial(_raise, operator, arrays is None, checked, inputs, code, kind),
+        ft.partial(_raise, operator, operator is not None, checked, inputs, code, kind),
         lambda x: x,
         solution,
     )
