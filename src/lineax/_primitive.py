@@ -199,8 +199,20 @@ def _linear_solve_impl(
         # that nothing else is computed outside it.
         # What is returned if no error is raised (or `EQX_ON_ERROR` says not to);
         # the branch's code, not computed a second time.
+        # The operator is passed only where the error branch probes its action:
+        # run eagerly, `_error_if_failed` is compiled once per static data of
+        # its arguments, and an operator's holds its Python scalars (`A * 0.5`
+        # keeps `0.5` static): each new scalar compiled it again (about 80 ms).
+        # Nor where this solve's `init` recorded the test of the matrix it
+        # materialised from the operator, which tests its whole action: the
+        # probe traced the user's function once more, and compiled a copy of it
+        # into the branch (an LU solve of a function operator: 3 traces of the
+        # function, 0.1.1 2). (A state passed by the user may be another
+        # operator's.)
+        tested = kind == "primal" and recorded is not None
+        probed = operator if arrays is None and not tested else None
         solution, result = _error_if_failed(
-            solution, operator, arrays, inputs, result, finite, recorded, kind
+            solution, probed, arrays, inputs, result, finite, recorded, kind
         )
         return solution, result, stats
     # The inputs are only examined when the solve failed, which saves a pass over
@@ -311,7 +323,7 @@ def _error_if_failed(
     code = result._value
     solution = branch_on_code(
         code,
-        ft.partial(_raise, operator, arrays is None, checked, inputs, code, kind),
+        ft.partial(_raise, operator, operator is not None, checked, inputs, code, kind),
         lambda x: x,
         solution,
     )

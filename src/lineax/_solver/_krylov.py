@@ -70,6 +70,7 @@ from .._operator.base import (
     check_structures_equal,
     conj,
     is_positive_semidefinite,
+    linearise,
 )
 from .._solution import RESULTS, results_where
 from .base import AbstractLinearSolver, check_square, statistics_wanted
@@ -155,7 +156,14 @@ class KrylovState(eqx.Module):
         negative: bool = False,
         left: bool = False,
     ):
-        self.held = HeldArrays(operator)
+        # Linearised (as lineax 0.1.1's Krylov solvers did): a Krylov solve applies
+        # the operator at several places (the loop body, the verified true
+        # residual, the solves of a JVP and of a transpose), and a Jacobian
+        # operator's `mv` traced the user's function again at each of them (a
+        # GMRES solve of `JacobianLinearOperator(f, x)`: `f` traced 5 times, 8
+        # under `jax.grad`). Linearised, `f` is traced once, here, and computed
+        # once per solve rather than on every product.
+        self.held = HeldArrays(linearise(operator))
         self.negative = negative
         self.left = left
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .._misc import HeldArrays, tree_conj, tree_is_complex
-from .._operator.base import AbstractLinearOperator, conj, materialise
+from .._operator.base import AbstractLinearOperator, conj, linearise, materialise
 from .._operator.tagged import TaggedLinearOperator
 from .._tags import positive_semidefinite_tag
 from ._krylov import AbstractKrylovSolver
@@ -129,6 +129,11 @@ class Normal(AbstractLinearSolver[NormalState]):
             # steps through `lax.stop_gradient`, which refused the function
             # operator (its closure-converted jaxpr) that `linearise` gives them.
             operator = materialise(operator)
+        else:
+            # As a Krylov solver linearises its operator (see `KrylovState`): here,
+            # before `A` is transposed for `A^H A` and kept for `A^H b`, so that a
+            # Jacobian operator's function is traced once, not by each of them.
+            operator = linearise(operator)
         gram = _normal_operator(operator, tall, complex_)
         options = _inner_options(operator, tall, options)
         return NormalState(
