@@ -205,14 +205,8 @@ def check_shard_map_function_operator(mesh):
             x = lx.linear_solve(op, b, solver).value
             return jnp.sum(x**2), x
 
-        def local(a, b, loss=loss):
-            (_, x), grads = jax.vmap(jax.value_and_grad(loss, (0, 1), has_aux=True))(
-                a, b
-            )
-            return x, grads
-
         for vma, record in _against_one_device(
-            local, mesh, (a_sharded, b_sharded), (a, b)
+            _batched_value_and_grad(loss), mesh, (a_sharded, b_sharded), (a, b)
         ).items():
             out[f"{name}-vma={vma}"] = record
     return out
@@ -227,6 +221,17 @@ def _batch_of_spd_systems(mesh, n, seed):
     b = rng.standard_normal((16, n))
     sharding = NamedSharding(mesh, P("x"))
     return a, b, jax.device_put(a, sharding), jax.device_put(b, sharding)
+
+
+def _batched_value_and_grad(loss):
+    """Each shard's solutions and gradients of `loss(a, b) -> (value, x)`, over
+    its batch of `(a, b)`."""
+
+    def local(a, b):
+        (_, x), grads = jax.vmap(jax.value_and_grad(loss, (0, 1), has_aux=True))(a, b)
+        return x, grads
+
+    return local
 
 
 def _against_one_device(local, mesh, sharded_args, args):
@@ -285,14 +290,8 @@ def check_shard_map_jacobian_operator(mesh):
             x = lx.linear_solve(op, b, solver).value
             return jnp.sum(x**2), x
 
-        def local(a, b, loss=loss):
-            (_, x), grads = jax.vmap(jax.value_and_grad(loss, (0, 1), has_aux=True))(
-                a, b
-            )
-            return x, grads
-
         for vma, record in _against_one_device(
-            local, mesh, (a_sharded, b_sharded), (a, b)
+            _batched_value_and_grad(loss), mesh, (a_sharded, b_sharded), (a, b)
         ).items():
             out[f"{name}-{jac}-vma={vma}"] = record
     return out
