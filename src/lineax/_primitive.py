@@ -296,9 +296,10 @@ def host_result_code(code: Any, *leaves: Any) -> np.ndarray:
 # the message after a traceback.)
 @jit_when_eager
 def _error_if_failed(
-    solution, operator, arrays, vector, result, finite, recorded, kind
+    solution, operator, arrays, others, result, finite, recorded, kind
 ):
-    # (`vector`: the inputs besides the operator, a PyTree.)
+    # `others`: the inputs besides the operator (a PyTree). `operator`: the
+    # operator whose action the error branch probes, or `None` for no probe.
     # Only the predicate is computed outside the branch: the branch receives the
     # arrays it examines, not `finite` (which XLA would compute as a kernel of its
     # own, for the branch's use only). They enter the conditional (and the
@@ -313,7 +314,7 @@ def _error_if_failed(
         # only test of that matrix, which the probe of its action may miss.
         checked.append(select(recorded, 0.0, jnp.nan))
     inputs, _ = stack_alike_leaves(
-        [x for x in jtu.tree_leaves(vector) if is_inexact_array(x)]
+        [x for x in jtu.tree_leaves(others) if is_inexact_array(x)]
     )
     solution, unstack_solution = stack_alike_leaves(solution)
     # The branch is chosen by the failure code itself (nonzero: failed), which
@@ -323,14 +324,14 @@ def _error_if_failed(
     code = result._value
     solution = branch_on_code(
         code,
-        ft.partial(_raise, operator, operator is not None, checked, inputs, code, kind),
+        ft.partial(_raise, operator, checked, inputs, code, kind),
         lambda x: x,
         solution,
     )
     return unstack_solution(solution), result
 
 
-def _raise(operator, probe, checked, inputs, code, kind, solution):
+def _raise(operator, checked, inputs, code, kind, solution):
     """The error branch of a solve with `throw=True`: raise with the message of
     the failure, or of `nonfinite_input` if the operator or the vector is not
     finite.
@@ -339,7 +340,7 @@ def _raise(operator, probe, checked, inputs, code, kind, solution):
     receives the result code, the solution, the arrays whose finiteness the solve
     tested (`checked`: the primal solve's operator arrays, and `init`'s recorded
     test of the matrix it made, if any) and the inputs (the
-    vector, and the operator's action on a probe if `probe`: an operator whose
+    vector, and the action of `operator`, if given, on a probe: an operator whose
     action may not read all of its arrays, see `_operator_inputs`), and tests them
     with NumPy. Under `vmap` it examines every batch element and raises the
     largest code. (A derivative solve's operator, if made of arrays, is the
@@ -347,7 +348,7 @@ def _raise(operator, probe, checked, inputs, code, kind, solution):
     """
     solution_leaves = [x for x in jtu.tree_leaves(solution) if is_inexact_array(x)]
     operands = [code, *solution_leaves, *checked, *inputs]
-    if probe:
+    if operator is not None:
         operands += stack_alike_leaves(_operator_inputs(operator, None))[0]
     index_fn = ft.partial(
         _host_failure_code,

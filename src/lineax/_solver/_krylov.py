@@ -1046,6 +1046,23 @@ def _group(index: Array, every: int, bound: int) -> Array:
     return lax.div(index, jnp.asarray(every, index.dtype))
 
 
+@jax.custom_batching.custom_vmap
+def _write_rows(array: Array, rows: Array, start: Array) -> Array:
+    """`update_rows` without its JVP rule; batched by `_write_rows_vmap`."""
+    return lax.dynamic_update_slice_in_dim(
+        array, rows, start, 0, allow_negative_indices=False
+    )
+
+
+# A `custom_jvp` around the `custom_vmap`: the write is linear in `array` and
+# `rows` (and `start` is an integer), so its JVP is the same write of the
+# tangents. Given as a rule, so that forward mode through a Krylov loop (e.g.
+# `jax.jvp` of a solver's `compute`, as a user-defined solver that wraps one
+# does, under `vmap`) never differentiates the `custom_vmap`: JAX's JVP of a
+# `custom_vmap` under `vmap` gave the batch axis to the wrong operand
+# ("dot_general requires contracting dimensions to have the same shape", GMRES,
+# measured).
+@jax.custom_jvp
 def update_rows(array: Array, rows: Array, start: Array) -> Array:
     """`array` with its rows from `start` on replaced by `rows` (which fit:
     `0 <= start <= len(array) - len(rows)`), written in place, under `vmap` too.
@@ -1061,40 +1078,19 @@ def update_rows(array: Array, rows: Array, start: Array) -> Array:
     against 1.05 unbatched). Written as an elementwise `where` (of a gather, for
     more than one row), the write and the loop's `select` are one fusion, done
     in place. (Unbatched, it is the dynamic-update-slice.)"""
-    return _update_rows(array, rows, start)
+    return _write_rows(array, rows, start)
 
 
-def _update_rows_of(array: Array, rows: Array, start: Array) -> Array:
-    return lax.dynamic_update_slice_in_dim(
-        array, rows, start, 0, allow_negative_indices=False
-    )
-
-
-_batched_update_rows = jax.custom_batching.custom_vmap(_update_rows_of)
-
-
-# The write is linear in `array` and `rows` (and `start` is an integer): its
-# JVP is the same write of the tangents. Given as a rule, so that forward mode
-# through a Krylov loop (e.g. `jax.jvp` of a solver's `compute`, as a
-# user-defined solver that wraps one does, under `vmap`) never differentiates
-# the `custom_vmap`: JAX's JVP of a `custom_vmap` under `vmap` gave the batch
-# axis to the wrong operand ("dot_general requires contracting dimensions to
-# have the same shape", GMRES, measured).
-@jax.custom_jvp
-def _update_rows(array: Array, rows: Array, start: Array) -> Array:
-    return _batched_update_rows(array, rows, start)
-
-
-@_update_rows.defjvp
+@update_rows.defjvp
 def _update_rows_jvp(primals, tangents):
     array, rows, start = primals
     array_dot, rows_dot, _ = tangents
-    # (Through `_update_rows` itself: the same holds for derivatives of any order.)
-    return _update_rows(array, rows, start), _update_rows(array_dot, rows_dot, start)
+    # (Through `update_rows` itself: the same holds for derivatives of any order.)
+    return update_rows(array, rows, start), update_rows(array_dot, rows_dot, start)
 
 
-@_batched_update_rows.def_vmap
-def _update_rows_vmap(axis_size, in_batched, array, rows, start):
+@_write_rows.def_vmap
+def _write_rows_vmap(axis_size, in_batched, array, rows, start):
     array_batched, rows_batched, start_batched = in_batched
     if not array_batched:
         array = jnp.broadcast_to(array, (axis_size,) + array.shape)
