@@ -179,7 +179,25 @@ def _linear_solve_impl(
     if kind == "primal-reused-state" or (kind == "primal" and arrays is None):
         recorded = solver.recorded_operator_finite(state)
     checked = arrays if _is_primal(kind) and recorded is None else None
-    finite = tree_all_finite((solution, checked))
+    if (
+        throw is None
+        and checked is not None
+        and solver.recorded_operator_finite(state) is not None
+    ):
+        # The un-jitted entry point's compiled solve returns the state, and with
+        # it `init`'s test of the matrix (`operator_is_finite`, the dense
+        # solvers): tested apart from the solution, the operator's test is that
+        # one, merged by XLA, where folded into the solution's it was a second
+        # pass over the matrix (the same boolean either way). That pass decided
+        # where the program runs: XLA:CPU runs a program that its cost analysis
+        # puts under 1000 flops on the calling thread, and hands any other to
+        # its thread pool and back (about 15 us, as much as all of an un-jitted
+        # `jnp.linalg.solve` at n = 10). Cost-analysis flops of the program at
+        # n = 10: LU 1407 -> 1129, QR 1154 -> 876; LU, Cholesky and SVD now run
+        # on the calling thread up to n = 9, QR up to n = 10 (before: n = 8).
+        finite = tree_all_finite(solution) & tree_all_finite(checked)
+    else:
+        finite = tree_all_finite((solution, checked))
     if recorded is not None:
         finite = finite & recorded
     # The inputs besides the operator: the vector, and an initial guess, whose NaN
