@@ -18,15 +18,22 @@ complex128 value appears, and the error callbacks of `throw=True` sit only in a
 What was found: a float64 select in every Krylov solve (the first pass's
 tolerance factor, from two Python numbers) and on the success path of a direct
 solve of a function or Jacobian operator (the recorded finiteness of its
-matrix); Lanczos products of default precision in the spectrum estimates of
-`ChebyshevPreconditioner`, `NeumannPreconditioner` and the multigrid Chebyshev
-smoother; float64 draws in `JacobiPreconditioner(probes=...)` (JAX's
-`rademacher` draws float64 uniforms under x64 whatever the dtype).
+matrix); a float64 `shift` (and its add) in `ILUPreconditioner` and
+`IncompleteCholeskyPreconditioner`; float64 draws in
+`JacobiPreconditioner(probes=...)` (JAX's `rademacher` draws float64 uniforms
+under x64 whatever the dtype); Lanczos products of default precision in the
+spectrum estimates of `ChebyshevPreconditioner`, `NeumannPreconditioner` and the
+multigrid Chebyshev smoother.
 
-Reviewed and found right (no test here): committed arrays on a second device
-(eager solves land on the input's device, as do their states and stats), the
-eager path's one host read (the result code), and the benchmarks that a lent
-GPU runs (`benchmarks/gpu_check.sh`, dry-run here at CPU scale).
+Reviewed and found right (no test here): the same properties of the lowered
+StableHLO of each solver's gradient, of a `vmap` over the operator, and of
+`materialise`, `linearise`, `diagonal`, `tridiagonal`, `conj` and `invert` of
+each operator; eager solves of arrays committed to a second device (values,
+states and stats land there; only trace constants and a failed solve's result
+code are uncommitted, on the default device, which JAX moves as needed); and the
+benchmarks that a lent GPU runs (`benchmarks/gpu_check.sh`, dry-run here at CPU
+scale). Only the user's own function, in a `FunctionLinearOperator` or
+`JacobianLinearOperator`, and its transpose, keep the user's precision.
 """
 
 import functools as ft
