@@ -330,7 +330,10 @@ def _error_if_failed(
         # `init`'s test of the matrix it materialised, as an input the host tests
         # with the others (NaN if it failed): for a function operator it is the
         # only test of that matrix, which the probe of its action may miss.
-        checked.append(select(recorded, 0.0, jnp.nan))
+        # (float32 whatever the solve's dtype: Python numbers would make it a
+        # float64 select on the success path, slow on a GPU and an error on a
+        # TPU; it only carries the NaN.)
+        checked.append(select(recorded, np.float32(0), np.float32(np.nan)))
     inputs, _ = stack_alike_leaves(
         [x for x in jtu.tree_leaves(others) if is_inexact_array(x)]
     )

@@ -331,16 +331,23 @@ def lanczos_extremes(
     q0 = q0 / jnp.linalg.norm(q0)
     eps = jnp.finfo(dtype).eps
 
+    # (HIGHEST: on a GPU a float32 product defaults to TF32, 10 bits, which loses
+    # the orthogonality the reorthogonalisation is there to keep.)
+    highest = jax.lax.Precision.HIGHEST
+
+    def orthogonalised(w, basis):
+        coefficients = jnp.matmul(jnp.conj(basis), w, precision=highest)
+        return w - jnp.matmul(basis.T, coefficients, precision=highest)
+
     def step(carry, j):
         basis, q, q_prev, beta_prev, alive = carry
         basis = basis.at[j].set(q)
         w = mv(q)
-        alpha = jnp.real(jnp.vdot(q, w))
+        alpha = jnp.real(jnp.vdot(q, w, precision=highest))
         w = w - alpha * q - beta_prev * q_prev
         # Full reorthogonalisation, twice ("twice is enough", Parlett): cheap at
         # this size, and it keeps ghost copies of converged Ritz values away.
-        w = w - basis.T @ (jnp.conj(basis) @ w)
-        w = w - basis.T @ (jnp.conj(basis) @ w)
+        w = orthogonalised(orthogonalised(w, basis), basis)
         beta = jnp.linalg.norm(w)
         alive_next = alive & (beta > 100 * eps * (jnp.abs(alpha) + beta_prev))
         q_next = jnp.where(alive_next, w / jnp.where(beta > 0, beta, 1), 0)

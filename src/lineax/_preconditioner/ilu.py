@@ -35,16 +35,21 @@ from .incomplete import (
 )
 
 
-def check_shift(shift: Any) -> Any:
+def check_shift(shift: Any, dtype: Any) -> Any:
     """`shift`, checked, as a JAX array: a Python number would be a static argument
     of the jitted factorisation, compiled again for each value when built eagerly.
-    (`jax.device_put` keeps a Python number weakly typed and, unlike
+    A number becomes an array of the real dtype of `dtype` (the matrix's): with
+    x64 enabled, a float64 one would be a float64 input of a float32
+    factorisation, slow on a GPU and an error on a TPU. (`jax.device_put`, unlike
     `jnp.asarray`, compiles nothing.)"""
-    if not isinstance(shift, jax.core.Tracer):
-        value = concrete_number(shift, "shift").real
-        if not value >= 0:
-            raise ValueError(f"`shift` must be a non-negative number, got {shift!r}.")
-    return shift if isinstance(shift, jax.Array) else jax.device_put(shift)
+    if isinstance(shift, jax.core.Tracer):
+        return shift
+    value = concrete_number(shift, "shift").real
+    if not value >= 0:
+        raise ValueError(f"`shift` must be a non-negative number, got {shift!r}.")
+    if isinstance(shift, jax.Array):
+        return shift
+    return jax.device_put(np.asarray(value, jnp.finfo(dtype).dtype))
 
 
 def shifted_diagonal(
@@ -54,7 +59,8 @@ def shifted_diagonal(
     "An incomplete factorization technique for positive definite linear systems",
     Math. Comp. 34, 1980): a larger shift makes the factorisation more stable and
     a worse approximation."""
-    scale = (1 + jnp.asarray(shift)).astype(values.dtype)
+    # (In the values' dtype: a float64 shift, given as an array, is not promoted.)
+    scale = 1 + jnp.asarray(shift).astype(values.dtype)
     # The diagonal's slots are distinct, and saying so matters: JAX differentiates
     # a `scatter_mul` in its multiplier only for unique indices, so a traced shift
     # (e.g. scaled to the values being differentiated) raised NotImplementedError
@@ -121,7 +127,7 @@ class ILUPreconditioner(AbstractPreconditioner):
     def __init__(self, operator: Any, shift: Any = 0.0):
         who = "ILUPreconditioner"
         sparse, operator = sparse_operator_of(operator, who)
-        shift = check_shift(shift)
+        shift = check_shift(shift, sparse.matrix.dtype)
         n = sparse.matrix.shape[0]
         rows, columns = stored_entries(sparse.matrix, who)
         valid = rows < n

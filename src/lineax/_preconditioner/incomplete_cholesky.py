@@ -103,7 +103,7 @@ class IncompleteCholeskyPreconditioner(AbstractPreconditioner):
                 "or `lx.positive_semidefinite_tag` if it is. For a nonsymmetric "
                 "sparse matrix use `lx.ILUPreconditioner`."
             )
-        shift = check_shift(shift)
+        shift = check_shift(shift, sparse.matrix.dtype)
         positive = is_positive_semidefinite(operator)
         negative = (not positive) and is_negative_semidefinite(operator)
         hermitian = positive or negative

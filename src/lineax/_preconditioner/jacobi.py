@@ -6,9 +6,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jaxtyping import Array, Inexact, PRNGKeyArray
 
-from .._misc import checked_count, result_dtype, Static
+from .._misc import checked_count, result_dtype, select, Static
 from .._operator.base import (
     concrete_arrays,
     diagonal,
@@ -41,7 +42,12 @@ def probe_diagonal_estimate(operator: Any, probes: int, key: PRNGKeyArray) -> Ar
     """
     size = operator.in_size()
     dtype = result_dtype(operator.in_structure(), operator.out_structure())
-    signs = jr.rademacher(key, (probes, size), jnp.finfo(dtype).dtype).astype(dtype)
+    # (Not `jr.rademacher`: with x64 enabled it draws float64 uniforms, whatever
+    # the dtype asked for, slow on a GPU and an error on a TPU. The top bit of the
+    # raw bits is its sign without x64, where it draws float32 uniforms `< 0.5`.)
+    heads = jr.bits(key, (probes, size), jnp.uint32) < np.uint32(2**31)
+    one = jnp.ones((), dtype)
+    signs = select(heads, one, -one)
     products = jax.vmap(flat_mv(operator))(signs)
     # Rademacher entries square to one, so the denominator is `probes`.
     return jnp.mean(signs * products, axis=0)

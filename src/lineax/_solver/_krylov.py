@@ -1427,8 +1427,10 @@ def iterate(
     # `docs/iterative.md`). lineax 0.1.1 ran a whole GMRES cycle there. (Success is
     # still decided by `tol`; a pass that ends above it continues as any other,
     # with `factor` recovering as usual.)
-    factor = select(rnorm <= tol, first_pass_factor(solver.rtol, p.eps), 1)
-    factor = factor.astype(p.rdtype)
+    # (Both in the working dtype: two Python numbers would make a float64 select,
+    # slow on a GPU and an error on a TPU, in every float32 solve.)
+    first = jnp.asarray(first_pass_factor(solver.rtol, p.eps), p.rdtype)
+    factor = select(rnorm <= tol, first, jnp.ones((), p.rdtype))
     book = _Book(
         rnorm,
         tol,
