@@ -145,3 +145,47 @@ def test_symbolic_size_with_default_max_steps_is_a_clear_error(solver):
             jax.ShapeDtypeStruct((n, n), _SPD.dtype),
             jax.ShapeDtypeStruct((n,), _B.dtype),
         )
+
+
+def _host_operator(matrix, tags):
+    """A matrix-free operator computed in NumPy on the host, which JAX cannot
+    transpose."""
+
+    def mv(x):
+        return jax.pure_callback(
+            lambda x: np.asarray(matrix @ np.asarray(x)),
+            jax.ShapeDtypeStruct(x.shape, x.dtype),
+            x,
+            vmap_method="sequential",
+        )
+
+    return lx.FunctionLinearOperator(mv, jax.ShapeDtypeStruct((_N,), _B.dtype), tags)
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [lx.LSMR(rtol=1e-12, atol=1e-12), lx.Normal(lx.CG(rtol=1e-12, atol=1e-12))],
+    ids=["LSMR", "Normal"],
+)
+def test_solve_of_a_host_callback_operator_tagged_definite(solver):
+    # Tagged positive semidefinite (so symmetric), its transpose is itself; only
+    # `symmetric_tag` was read, so LSMR and `Normal`, which apply the transpose,
+    # called `jax.linear_transpose` on the callback: "Pure callbacks do not
+    # support transpose". lineax 0.1.1 solves it.
+    operator = _host_operator(_SPD, _PSD)
+    expected = np.linalg.solve(_SPD, _B)
+    np.testing.assert_allclose(lx.linear_solve(operator, _B, solver).value, expected)
+    vectors = np.stack([_B, -2 * _B])
+    batched = jax.vmap(lambda b: lx.linear_solve(operator, b, solver).value)(vectors)
+    np.testing.assert_allclose(batched, np.linalg.solve(_SPD, vectors.T).T)
+
+
+@pytest.mark.parametrize(
+    "solver", [lx.CG(rtol=1e-12, atol=1e-12), lx.LU()], ids=["CG", "LU"]
+)
+def test_gradient_of_a_solve_of_a_host_callback_operator_tagged_definite(solver):
+    # The reverse-mode solve transposes the operator: the same failure.
+    operator = _host_operator(_SPD, _PSD)
+    weights = np.arange(1.0, _N + 1)
+    grad = jax.grad(lambda b: lx.linear_solve(operator, b, solver).value @ weights)
+    np.testing.assert_allclose(grad(_B), np.linalg.solve(_SPD, weights), atol=1e-13)
