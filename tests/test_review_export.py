@@ -120,6 +120,38 @@ def test_export_with_a_symbolic_size(name):
             np.testing.assert_allclose(out, solve(m, b), atol=1e-13)
 
 
+def _tridiagonal_solve(diagonal, vector):
+    operator = lx.TridiagonalLinearOperator(diagonal + 3, diagonal[1:], diagonal[:-1])
+    return lx.linear_solve(operator, vector, throw=False).value
+
+
+def _pytree_solve(matrix, vector):
+    structure = {"a": jax.ShapeDtypeStruct(vector.shape, vector.dtype)}
+    operator = lx.PyTreeLinearOperator({"a": {"a": matrix}}, structure)
+    return lx.linear_solve(operator, {"a": vector}, lx.LU(), throw=False).value["a"]
+
+
+def test_export_with_a_symbolic_size_of_tridiagonal_and_pytree_operators():
+    # The tridiagonal solve chose a dense LU by `n <= 2`, and the PyTree
+    # operator's matrix was reshaped to `int(np.prod(shape))`: both inconclusive
+    # for a symbolic `n` (lineax 0.1.1 exports the tridiagonal one).
+    (n,) = export.symbolic_shape("n")
+    struct = jax.ShapeDtypeStruct
+    diagonal = np.arange(1.0, _N + 1)
+    tridiagonal = export.export(jax.jit(_tridiagonal_solve))(
+        struct((n,), diagonal.dtype), struct((n,), _B.dtype)
+    )
+    dense = (
+        np.diag(diagonal + 3) + np.diag(diagonal[1:], -1) + np.diag(diagonal[:-1], 1)
+    )
+    expected = np.linalg.solve(dense, _B)
+    np.testing.assert_allclose(tridiagonal.call(diagonal, _B), expected)
+    pytree = export.export(jax.jit(_pytree_solve))(
+        struct((n, n), _A.dtype), struct((n,), _B.dtype)
+    )
+    np.testing.assert_allclose(pytree.call(_A, _B), np.linalg.solve(_A, _B))
+
+
 def test_stats_of_a_symbolic_size_solve_estimate_the_condition_number():
     # The estimate for a size known only at run time (Hager's, whatever the size).
     (n,) = export.symbolic_shape("n")
