@@ -1,15 +1,27 @@
 """An adversarial review of solves under JAX's program-level machinery and Python's
-object machinery, as research code and libraries use them: `jax.export` (with
-symbolic shapes and symbolic batch dimensions, primal and gradients of the
-exported function), AOT lowering (`jit(...).lower(...).compile()`,
-`eqx.filter_jit(...).lower`), abstract evaluation (`jax.eval_shape`,
-`eqx.filter_eval_shape`, of solves and of `lx.invert(op).mv`), `jax.checkpoint`
-with policies (under `grad`, `grad` of `grad`, in a checkpointed `lax.scan`
-body), `pickle`/`copy`/`eqx.tree_serialise_leaves` of operators, solvers,
-solutions and states, `repr`, host callbacks in operators, and `lax.cond`/
-`lax.switch`/`lax.map`/`vmap` around solves. Each test here failed before the
-fix it protects; values against NumPy in float64 or the same solve under
-`jax.jit`.
+object machinery, as research code and libraries use them, against the same solve
+under `jax.jit`, NumPy in float64 and lineax 0.1.1 (run as an oracle outside the
+test suite).
+
+Reviewed, and found to agree (no test here): `jax.export` with `throw=False`
+of LU, Cholesky, SVD, Diagonal, Tridiagonal, Auto, CG, GMRES, BiCGStab and
+LSMR (bitwise against `jit`), serialised and deserialised, their gradients
+(`vjp_order=1`), for several platforms at once, and over a symbolic batch
+dimension of `vmap`; AOT `jit(...).lower(...).compile()` and
+`eqx.filter_jit(...).lower`; `jax.eval_shape`/`eqx.filter_eval_shape` of
+solves and of `lx.invert(op).mv` (no product of the operator made, no error
+raised for a singular one); `jax.checkpoint`/`eqx.filter_checkpoint` with
+`nothing_saveable`, `dots_saveable` and `everything_saveable`, under `grad`,
+`hessian`, second derivatives through a checkpointed `lax.scan` body (one
+factorisation per solve in the compiled program); `pickle`, `copy`, `deepcopy`
+and `eqx.tree_serialise_leaves` of operators, preconditioners, solvers,
+`Solution`s and states (a deserialised LU state reused with `state=`, also
+under `jit` and in an exported function); `hash`/`eqx.tree_equal` of solvers;
+`repr` (bounded, no array printed); `named_scope`, `ensure_compile_time_eval`,
+`jax.debug.callback` and `jax.checkpoint` in a function operator;
+`lax.switch`/`lax.cond` between solvers and operators, `lax.map`,
+`fori_loop`, `vmap` with `axis_name`/`spmd_axis_name` and over `y0`,
+preconditioners and states. Each test here failed before the fix it protects.
 """
 
 import jax
