@@ -215,6 +215,16 @@ def _partitioned(ctx) -> bool:
 
 
 def _raise_lowering(ctx, *operands, messages, index_fn, batch, raises):
+    if ctx.module_context.lowering_parameters.for_export:
+        # JAX's own error ("serialization of host_callbacks is not yet
+        # implemented") names neither the solve nor what to do.
+        raise ValueError(
+            "`linear_solve(..., throw=True)` (the default, also of `lineax.invert`) "
+            "cannot be exported with `jax.export`: raising its error at run time "
+            "needs a host callback, which an exported program cannot hold. Pass "
+            "`throw=False` and check `Solution.result` instead."
+        )
+
     def callback(*values):
         out = _host_check(
             *values, messages=messages, index_fn=index_fn, batch=batch, raises=raises

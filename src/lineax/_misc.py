@@ -1,6 +1,7 @@
 """Small PyTree, structure and dtype helpers shared across the package."""
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -227,6 +228,12 @@ def _structure_leaf(name: str, x: Any) -> jax.ShapeDtypeStruct:
         )
 
 
+# A size or a dimension: an int, or a symbolic dimension of a program exported
+# with `jax.export.symbolic_shape` (which has no public type: JAX's own `DimSize`
+# is `int | Any`).
+Size = int | Any
+
+
 def select(pred: ArrayLike, x: ArrayLike, y: ArrayLike) -> Array:
     """`jnp.where(pred, x, y)` for a boolean `pred`, as one `select`.
 
@@ -245,7 +252,7 @@ def select(pred: ArrayLike, x: ArrayLike, y: ArrayLike) -> Array:
     )
 
 
-def _broadcast(a: Array, shape: tuple[int, ...]) -> Array:
+def _broadcast(a: Array, shape: tuple[Size, ...]) -> Array:
     """`a` broadcast to `shape` by NumPy's rules (leading dimensions added). (Not a
     closure: see `_floating_struct`.)"""
     if a.shape == shape:
@@ -495,7 +502,11 @@ def _zero_if_finite(zeros: Array) -> Array:
     numbers.)"""
     if jnp.iscomplexobj(zeros):
         zeros = jnp.real(zeros) + jnp.imag(zeros)
-    if zeros.size < _SMALL_SUM and max(zeros.shape, default=0) > _WINDOW:
+    if (
+        isinstance(zeros.size, int)
+        and zeros.size < _SMALL_SUM
+        and max(zeros.shape, default=0) > _WINDOW
+    ):
         # (Under `stop_gradient`: a `custom_vmap` cannot be linearised, and a
         # direct solver's `init`, which tests the matrix, may be differentiated.)
         return _broadcast_sum(lax.stop_gradient(zeros))
@@ -597,8 +608,8 @@ def result_dtype(*trees: PyTree) -> Any:
     return dtype
 
 
-def tree_size(structure: PyTree[jax.ShapeDtypeStruct]) -> int:
-    return sum(int(np.prod(x.shape)) for x in jtu.tree_leaves(structure))
+def tree_size(structure: PyTree[jax.ShapeDtypeStruct]) -> Size:
+    return sum(math.prod(x.shape) for x in jtu.tree_leaves(structure))
 
 
 def describe(structure: PyTree[jax.ShapeDtypeStruct]) -> str:

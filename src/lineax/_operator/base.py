@@ -10,6 +10,7 @@ file.
 
 import abc
 import functools as ft
+import math
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -21,7 +22,14 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree, Shaped
 
-from .._misc import describe, result_dtype, strip_weak_dtype, tree_conj, tree_size
+from .._misc import (
+    describe,
+    result_dtype,
+    Size,
+    strip_weak_dtype,
+    tree_conj,
+    tree_size,
+)
 from .._tags import (
     diagonal_tag,
     lower_triangular_tag,
@@ -88,11 +96,11 @@ class AbstractLinearOperator(eqx.Module):
     def out_structure(self) -> PyTree[jax.ShapeDtypeStruct]:
         """The structure (PyTree of `jax.ShapeDtypeStruct`) of an output vector."""
 
-    def in_size(self) -> int:
+    def in_size(self) -> Size:
         """The total number of elements of an input vector."""
         return tree_size(self.in_structure())
 
-    def out_size(self) -> int:
+    def out_size(self) -> Size:
         """The total number of elements of an output vector."""
         return tree_size(self.out_structure())
 
@@ -245,7 +253,7 @@ def unflatten_vector(
     cast to the structure's dtypes.
     """
     leaves, treedef = jtu.tree_flatten(structure)
-    sizes = [int(np.prod(x.shape)) for x in leaves]
+    sizes = [math.prod(x.shape) for x in leaves]
     if len(leaves) == 1:
         pieces = [flat]
     else:

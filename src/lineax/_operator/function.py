@@ -21,7 +21,7 @@ from .._misc import (
     tree_is_complex,
     varying_like,
 )
-from .._tags import as_tags, symmetric_tag, transpose_tags
+from .._tags import as_tags, symmetric_tag, tags_implying, transpose_tags
 from ._arguments import check_not_operator, output_structure_of
 from .base import (
     AbstractLinearOperator,
@@ -181,11 +181,17 @@ register_tag_predicates(FunctionLinearOperator)
 
 def transpose_is_self(operator: Any) -> bool:
     """Whether the transpose of an operator holding `tags` is the operator itself:
-    tagged symmetric, real, and mapping one structure to itself (a symmetric tag
-    on a map between two structures of one size says that its matrix is
-    symmetric, but its transpose still swaps the structures)."""
+    tagged symmetric (or with a tag implying it: positive or negative
+    semidefinite, diagonal), real, and mapping one structure to itself (a
+    symmetric tag on a map between two structures of one size says that its
+    matrix is symmetric, but its transpose still swaps the structures).
+
+    (With only `positive_semidefinite_tag`, the transpose of a function built on
+    `jax.pure_callback`, which `jax.linear_transpose` cannot transpose, failed:
+    every LSMR and `Normal` solve of it and every gradient of its solves, which
+    lineax 0.1.1 made.)"""
     return (
-        symmetric_tag in operator.tags
+        any(tag in operator.tags for tag in tags_implying(symmetric_tag))
         and not tree_is_complex(operator.in_structure())
         and strip_weak_dtype(operator.in_structure())
         == strip_weak_dtype(operator.out_structure())

@@ -1,12 +1,12 @@
 """`PyTreeLinearOperator`: a "PyTree of matrices" acting on PyTrees of arrays."""
 
+import math
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import numpy as np
 from jaxtyping import Array, PyTree
 
 from .._misc import inexact_asarray, result_dtype, Static, structure_of
@@ -143,9 +143,9 @@ class PyTreeLinearOperator(AbstractLinearOperator):
         dtype = result_dtype(self.pytree)
         rows = []
         for out_leaf, block in zip(out_leaves, blocks):
-            out_size = int(np.prod(out_leaf.shape))
+            out_size = math.prod(out_leaf.shape)
             row = [
-                jnp.reshape(b, (out_size, int(np.prod(i.shape)))).astype(dtype)
+                jnp.reshape(b, (out_size, math.prod(i.shape))).astype(dtype)
                 for b, i in zip(jtu.tree_leaves(block), in_leaves)
             ]
             rows.append(row[0] if len(row) == 1 else jnp.concatenate(row, axis=1))

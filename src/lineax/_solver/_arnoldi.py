@@ -178,7 +178,10 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
         )
         structure = operator.in_structure()
         # (At least 1: a problem of size 0 still runs, trivially, one cycle.)
-        m = max(min(self.restart, operator.in_size()), 1)
+        size = operator.in_size()
+        # (A symbolic size, from `jax.export.symbolic_shape`, is at least 1; a
+        # basis longer than it ends its cycle at the Arnoldi breakdown.)
+        m = max(min(self.restart, size), 1) if isinstance(size, int) else self.restart
         eps = problem.eps
         cdtype = jnp.result_type(*[x.dtype for x in jtu.tree_leaves(structure)])
         mv: Callable = problem.mv

@@ -401,7 +401,16 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
 
     def resolve_max_steps(self, operator: AbstractLinearOperator) -> int:
         if self.max_steps is None:
-            return 10 * max(operator.in_size(), operator.out_size())
+            sizes = (operator.in_size(), operator.out_size())
+            if not all(isinstance(size, int) for size in sizes):
+                # The loop's bounds and its residual history are laid out at
+                # trace time, from the step budget.
+                raise ValueError(
+                    "`max_steps=None` means 10 times the size of the operator, "
+                    "which is symbolic here (`jax.export.symbolic_shape`): pass an "
+                    "explicit `max_steps`."
+                )
+            return 10 * max(sizes)
         return self.max_steps
 
     def tolerance(self, vector: PyTree[Array]) -> Scalar:

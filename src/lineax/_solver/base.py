@@ -19,6 +19,7 @@ from .._misc import (
     nan_where,
     python_number,
     select,
+    Size,
     tree_all_finite,
 )
 from .._operator.base import (
@@ -509,7 +510,7 @@ def rcond_estimate(
     *,
     solve: Callable[[Any, Any, Array, bool], Array],
     static: Any,
-    n: int,
+    n: Size,
     dtype: Any,
     inverse: Callable[[Any, Any, Array], Array] | None = None,
 ) -> Array:
@@ -546,7 +547,9 @@ def rcond_estimate(
     real = jnp.finfo(dtype).dtype
     if n == 0:
         return jnp.ones((), real)
-    if n <= _EXACT_BELOW:
+    # (A symbolic size, from `jax.export.symbolic_shape`, may be small or not: the
+    # estimate, which holds for any size.)
+    if isinstance(n, int) and n <= _EXACT_BELOW:
         # Small: the exact `|A^{-1}|_1` from the inverse, one solve of `n`
         # right-hand sides, costs less than the estimate's sequence of solves.
         # (The identity as a constant: made with `jnp.eye`, XLA:CPU computed it
@@ -559,10 +562,12 @@ def rcond_estimate(
         return _rcond(norm, estimate, real)
     # Hager's start `ones / n`, and Higham's alternating vector
     # `(-1)^i (1 + i / (n - 1))`, which catches what the iteration misses. (With
-    # NumPy: constants of the program, not computed in it.)
-    i = np.arange(n, dtype=real)
-    alt = np.where(i % 2 == 0, 1, -1).astype(real) * (1 + i / max(n - 1, 1))
-    start = np.stack([np.full((n,), 1 / n, real), alt], axis=1).astype(dtype)
+    # NumPy: constants of the program, not computed in it; computed in it only
+    # for a symbolic size, which no NumPy array has.)
+    xp = np if isinstance(n, int) else jnp
+    i = xp.arange(n, dtype=real)
+    alt = xp.where(i % 2 == 0, 1, -1).astype(real) * (1 + i / xp.maximum(n - 1, 1))
+    start = xp.stack([xp.full((n,), 1, real) / n, alt], axis=1).astype(dtype)
     y = solve(arrays, static, jnp.asarray(start), False)
     absy = jnp.sum(jnp.abs(y), axis=0)
     estimate = jnp.maximum(absy[0], 2 * absy[1] / (3 * n))

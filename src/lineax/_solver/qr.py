@@ -1,12 +1,16 @@
 """`QR`: least squares (tall) and minimum norm (wide) by a thin QR decomposition."""
 
+import functools as ft
 from typing import Any
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir
 from jaxtyping import Array
 
 from .._misc import diagonal
@@ -160,6 +164,70 @@ class QR(AbstractLinearSolver[QRState]):
         return True
 
 
+# `_ormqr_p.bind(a, taus, c, transpose)` is `lax.linalg.ormqr(a, taus, c,
+# transpose=transpose)` (leading batch dimensions allowed), lowered to LAPACK's
+# `ormqr`, except in a program lowered for `jax.export`: that custom call has no
+# compatibility guarantee, so `jax.export` refuses it ("Cannot serialize code with
+# custom calls whose targets have no compatibility guarantees"), and every QR
+# solve, hence `AutoLinearSolver` on every non-square operator, could not be
+# exported. There the reflectors are applied one by one in a loop of plain
+# StableHLO (the same products, in a few kernels per reflector).
+_ormqr_p = Primitive("lineax_ormqr")
+
+
+def _ormqr_impl(a, taus, c, *, transpose):
+    return lax.linalg.ormqr(a, taus, c, transpose=transpose)
+
+
+def _ormqr_abstract_eval(a, taus, c, *, transpose):
+    del a, taus, transpose
+    return jax.core.ShapedArray(c.shape, c.dtype)
+
+
+def _ormqr_batch(operands, dims, *, transpose):
+    size = next(x.shape[d] for x, d in zip(operands, dims) if d is not None)
+    operands = [
+        jnp.broadcast_to(x, (size, *x.shape)) if d is None else jnp.moveaxis(x, d, 0)
+        for x, d in zip(operands, dims)
+    ]
+    return _ormqr_p.bind(*operands, transpose=transpose), 0
+
+
+def _ormqr_by_reflectors(a, taus, c, *, transpose):
+    """`Q c` (or `Q^H c`) for `Q = H_1 ... H_k`, `H_i = I - tau_i v_i v_i^H`, with
+    `v_i` below the diagonal of column `i` of `a` and 1 on it (LAPACK's layout)."""
+    k = taus.shape[-1]
+    rows = jnp.arange(a.shape[-2])
+    if transpose:
+        taus = jnp.conj(taus)
+
+    def reflect(step, c):
+        # `Q^H c` applies `H_1^H` first, `Q c` applies `H_k` first.
+        i = step if transpose else k - 1 - step
+        column = lax.dynamic_index_in_dim(a, i, axis=-1, keepdims=False)
+        v = jnp.where(rows == i, 1, jnp.where(rows > i, column, 0)).astype(c.dtype)
+        tau = lax.dynamic_index_in_dim(taus, i, axis=-1, keepdims=True)
+        vhc = jnp.einsum("...m,...mp->...p", jnp.conj(v), c)
+        return c - tau[..., None] * v[..., :, None] * vhc[..., None, :]
+
+    return lax.fori_loop(0, k, reflect, c)
+
+
+def _ormqr_lowering(ctx, a, taus, c, *, transpose):
+    if ctx.module_context.lowering_parameters.for_export:
+        fun = _ormqr_by_reflectors
+    else:
+        fun = _ormqr_impl
+    lowering = mlir.lower_fun(ft.partial(fun, transpose=transpose), False)
+    return lowering(ctx, a, taus, c)
+
+
+_ormqr_p.def_impl(_ormqr_impl)
+_ormqr_p.def_abstract_eval(_ormqr_abstract_eval)
+batching.primitive_batchers[_ormqr_p] = _ormqr_batch
+mlir.register_lowering(_ormqr_p, _ormqr_lowering)
+
+
 def _ormqr_of(transpose: bool):
     """`lax.linalg.ormqr(a, taus, c, transpose=transpose)` (`Q c` or `Q^H c`),
     with a batching rule that keeps one `Q` for many right-hand sides: under
@@ -172,16 +240,16 @@ def _ormqr_of(transpose: bool):
 
     @jax.custom_batching.custom_vmap
     def apply(a, taus, c):
-        return lax.linalg.ormqr(a, taus, c, transpose=transpose)
+        return _ormqr_p.bind(a, taus, c, transpose=transpose)
 
     @apply.def_vmap
     def rule(axis_size, in_batched, a, taus, c):
         a_batched, taus_batched, c_batched = in_batched
         if a_batched or taus_batched:
-            # (Many factorisations: JAX's rule, one `ormqr` per element.)
+            # (Many factorisations: one `ormqr` per element.)
             axes = [0 if batched else None for batched in in_batched]
             batched_ormqr = jax.vmap(
-                lambda a, taus, c: lax.linalg.ormqr(a, taus, c, transpose=transpose),
+                lambda a, taus, c: _ormqr_p.bind(a, taus, c, transpose=transpose),
                 in_axes=axes,
             )
             return batched_ormqr(a, taus, c), True

@@ -143,7 +143,9 @@ def _transpose_bands(lower: Array, upper: Array) -> tuple[Array, Array]:
 def _solve(lower: Array, diagonal: Array, upper: Array, b: Array) -> Array:
     b = b.astype(diagonal.dtype)
     n = diagonal.shape[0]
-    if n <= 2:
+    # (A symbolic size, from `jax.export.symbolic_shape`, is solved as a large one:
+    # on a GPU, one that is 1 or 2 at run time meets the unpivoted case below.)
+    if isinstance(n, int) and n <= 2:
         # On GPUs, `tridiagonal_solve` runs cuSPARSE's pivoting `gtsv2` only from
         # n = 3: below, JAX lowers it to the Thomas algorithm without pivoting,
         # which divides by `diagonal[0]`, so a well-conditioned `[[0, 1], [1, 0]]`
