@@ -53,7 +53,7 @@ from jax._src.lib import xla_client as _xc  # pyright: ignore[reportPrivateImpor
 from jax.extend.core import Primitive
 from jaxtyping import Array, ArrayLike, PyTree
 
-from ._misc import manual_axes, select, varying_axes
+from ._misc import lowering_for_export, manual_axes, select, varying_axes
 
 
 def _find_switch_internal() -> Callable | None:
@@ -215,7 +215,7 @@ def _partitioned(ctx) -> bool:
 
 
 def _raise_lowering(ctx, *operands, messages, index_fn, batch, raises):
-    if ctx.module_context.lowering_parameters.for_export:
+    if lowering_for_export(ctx):
         # JAX's own error ("serialization of host_callbacks is not yet
         # implemented") names neither the solve nor what to do.
         raise ValueError(

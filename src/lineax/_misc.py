@@ -234,6 +234,15 @@ def _structure_leaf(name: str, x: Any) -> jax.ShapeDtypeStruct:
 Size = int | Any
 
 
+def lowering_for_export(ctx: Any) -> bool:
+    """Whether a lowering rule's context `ctx` lowers a program for `jax.export`.
+
+    (JAX's lowering parameters are internal: where a later JAX no longer has the
+    attribute, the lowering is the `jit` one, and `jax.export` refuses the program
+    with its own message, as it did before lineax looked.)"""
+    return bool(getattr(ctx.module_context.lowering_parameters, "for_export", False))
+
+
 def select(pred: ArrayLike, x: ArrayLike, y: ArrayLike) -> Array:
     """`jnp.where(pred, x, y)` for a boolean `pred`, as one `select`.
 

@@ -13,7 +13,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 from jaxtyping import Array
 
-from .._misc import diagonal
+from .._misc import diagonal, lowering_for_export
 from .._operator.base import AbstractLinearOperator
 from .._solution import RESULTS
 from ._packing import (
@@ -214,7 +214,7 @@ def _ormqr_by_reflectors(a, taus, c, *, transpose):
 
 
 def _ormqr_lowering(ctx, a, taus, c, *, transpose):
-    if ctx.module_context.lowering_parameters.for_export:
+    if lowering_for_export(ctx):
         fun = _ormqr_by_reflectors
     else:
         fun = _ormqr_impl
