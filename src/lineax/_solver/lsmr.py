@@ -175,7 +175,11 @@ class LSMR(AbstractKrylovSolver):
         the right: LSMR is run on `A N` and `y = N z` is returned.
         A good choice scales the columns of `A` to unit norm. For rank-deficient or
         underdetermined problems this changes which solution is found (the one
-        minimising `||N^{-1/2} y||`-like quantities, not `||y||`). The transposed
+        minimising `||N^{-1/2} y||`-like quantities, not `||y||`), and
+        derivatives with respect to the operator are then not this solution's:
+        they apply the pseudoinverse formula, whose null-space term for `N (A
+        N)^+ b` would need `N^{-1}` (those with respect to the vector, and all
+        of them for operators of full column rank, are right). The transposed
         solve made in reverse mode uses `N^T` as a left preconditioner of `A^T`
         (`N^T A^T` is as well conditioned as `A N`), which keeps the minimum-norm
         solution of the consistent transposed system.
