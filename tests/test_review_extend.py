@@ -10,8 +10,14 @@ result codes, `throw`, `state=` reuse, `lx.invert` and every transformation;
 subclasses of concrete classes; `lineax.internal` called by signature; `RESULTS`
 subclassed, promoted and compared under `jit`/`vmap`; `Solution`'s fields.
 
-All of that agreed with NumPy and 0.1.1 (or improved on it), except the case
-below. Small sizes, trace-time checks where possible.
+All of that agreed with NumPy and 0.1.1 (or improved on it), and so did
+complex and PyTree-structured user operators, matrix-free ones (`as_matrix`
+raising) with every Krylov solver, and the paper's form of the rank flags
+(`allow_dependent_rows`/`allow_dependent_columns`) in every combination, except
+the cases below: a user operator whose `mv` breaks its own structure under a
+Krylov solver, a user solver's constant failure code under `jax.jit`, and a user
+solver's `compute` returning the wrong thing. Small sizes, trace-time checks
+where possible.
 """
 
 from collections.abc import Callable
