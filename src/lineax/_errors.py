@@ -376,8 +376,12 @@ def branch_on_code(
     """
     if not isinstance(code, jax.core.Tracer):
         # A concrete code (eagerly, or under `jax.disable_jit`, where JAX's switch
-        # would index its branches with it directly): branch in Python.
-        return (if_zero if int(np.max(code)) == 0 else if_nonzero)(operand)
+        # would index its branches with it directly): branch in Python. Read on
+        # the host: `np.max` of a JAX array calls its `.max()`, a traced
+        # operation when this runs while a solve is being lowered, so that a
+        # user's solver returning a constant failure (`RESULTS.singular`) raised
+        # a ConcretizationTypeError under `jax.jit` instead of its message.
+        return (if_zero if int(np.max(np.asarray(code))) == 0 else if_nonzero)(operand)
     index = _unvmap_max_p.bind(jnp.asarray(code, jnp.int32))
     axes = manual_axes()
     if axes:

@@ -451,8 +451,32 @@ def _linear_solve(operator, vector, solver, options, state, throw) -> Solution:
     if realify:
         solution = joined(in_structure, solution)
     else:
+        _check_solution_shapes(solver, in_structure, solution)
         solution = _in_dtypes(in_structure, solution)
     return Solution(value=solution, result=result, stats=stats, state=state)
+
+
+def _check_solution_shapes(
+    solver: AbstractLinearSolver,
+    structure: PyTree[jax.ShapeDtypeStruct],
+    solution: PyTree[Array],
+) -> None:
+    """Raise a ValueError naming a user's solver class unless the solution its
+    `compute` returned has the PyTree structure and shapes of the operator's
+    input. (Dtypes may differ: see `_in_dtypes`.) A solution of the wrong shape
+    was returned as it was, and failed only under differentiation, in `lax`; one
+    of the wrong PyTree failed here with "'tuple' object has no attribute
+    'dtype'"."""
+    shapes = jtu.tree_map(jnp.shape, solution)
+    if jtu.tree_structure(solution) == jtu.tree_structure(structure) and shapes == (
+        jtu.tree_map(lambda s: s.shape, structure)
+    ):
+        return
+    raise ValueError(
+        f"`{type(solver).__name__}.compute` must return a solution with the "
+        f"structure of the operator's input, {describe(structure)}; got "
+        f"{describe(jax.eval_shape(lambda: solution))}."
+    )
 
 
 def _in_dtypes(

@@ -1031,6 +1031,7 @@ def _traced_compute(solver, args, key) -> _Traced:
         return _TRACES[key]
     with _lowering_mesh():
         closed, out_struct, out_static = eqx.filter_make_jaxpr(solver.compute)(*args)
+    _check_compute_output(solver, eqx.combine(out_struct, out_static))
     out_struct = jtu.tree_map(_with_mesh_sharding, out_struct)
     traced = _Traced(closed, out_struct, out_static)
     # Only constants made by `compute` itself (never a tracer of the trace being
@@ -1038,6 +1039,29 @@ def _traced_compute(solver, args, key) -> _Traced:
     if not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
         _TRACES.put(key, traced)
     return traced
+
+
+def _check_compute_output(solver, out: Any) -> None:
+    """Raise a TypeError naming a user's solver class unless its `compute`
+    returned `(solution, result, stats)` with `result` a `lx.RESULTS` item. (A
+    bare boolean or integer code failed inside the solve, with "'bool' object has
+    no attribute '_value'".)"""
+    if isinstance(out, tuple) and len(out) == 3 and isinstance(out[1], RESULTS):
+        return
+    name = type(solver).__name__
+    got = f"a {type(out).__name__}" if not isinstance(out, tuple) else None
+    if got is None:
+        got = f"a tuple of {len(out)}"
+        if len(out) == 3:
+            array = isinstance(out[1], jax.ShapeDtypeStruct)  # (as traced)
+            kind = "an array" if array else f"a {type(out[1]).__name__}"
+            got += f" whose `result` is {kind}"
+    raise TypeError(
+        f"`{name}.compute` must return `(solution, result, stats)`, with `result` "
+        "an item of `lx.RESULTS` (e.g. `lx.RESULTS.successful`, or "
+        f"`lx.RESULTS.where(ok, lx.RESULTS.successful, lx.RESULTS.singular)`); got "
+        f"{got}."
+    )
 
 
 def _compute_traced(solver, state, vector, options, with_stats: bool):

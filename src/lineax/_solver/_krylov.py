@@ -435,6 +435,7 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         size of `b` (MINRES: its estimate of `|A|` holds `|b|`): an operator
         smaller than 1 is then scaled on the input side instead."""
         _check_one_dtype(operator, type(self).__name__)
+        check_product_structure(operator, type(self).__name__)
         mv = operator.mv if mv is None else mv
         structure = operator.in_structure()
         rdtype = real_dtype(structure)
@@ -534,6 +535,24 @@ def check_square_krylov(operator: AbstractLinearOperator, name: str) -> None:
         "map one to the other, or use a direct solver (`lx.LU()`), which "
         "accepts different structures of the same size. The operator's input "
         "and output structures",
+    )
+
+
+def check_product_structure(operator: AbstractLinearOperator, name: str) -> None:
+    """Raise a ValueError naming the operator's class unless its `mv` returns its
+    `out_structure()`. A direct solver reads `as_matrix()` only, but a Krylov
+    method carries the products in its loops: a user's operator whose `mv`
+    disagreed with its structures (a wrong shape, dtype or PyTree) failed deep in
+    `lax` ("dot_general requires contracting dimensions to have the same shape",
+    "dynamic_update_slice requires arguments to have the same dtypes")."""
+    product = jax.eval_shape(operator.mv, operator.in_structure())
+    check_structures_equal(
+        product,
+        operator.out_structure(),
+        f"`lx.{name}` applies the operator with its `mv`, but "
+        f"`{type(operator).__name__}.mv` returns a different structure from the "
+        "operator's `out_structure()`; make them agree",
+        expected=True,
     )
 
 

@@ -24,6 +24,7 @@ from ._krylov import (
     AbstractKrylovSolver,
     apply,
     CHECK_EVERY,
+    check_product_structure,
     iterate,
     Iteration,
     KrylovState,
@@ -298,6 +299,7 @@ def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
     rdtype = problem.rdtype
     rtol = solver.rtol
     transposed = operator.transpose()
+    check_product_structure(transposed, "LSMR")
     right = None if left else precond
     left_precond = precond if left else None
 

@@ -11,7 +11,7 @@ from .._misc import HeldArrays, tree_conj, tree_is_complex
 from .._operator.base import AbstractLinearOperator, conj, linearise, materialise
 from .._operator.tagged import TaggedLinearOperator
 from .._tags import positive_semidefinite_tag
-from ._krylov import AbstractKrylovSolver
+from ._krylov import AbstractKrylovSolver, check_product_structure
 from .base import AbstractLinearSolver, check_solver
 
 
@@ -134,6 +134,11 @@ class Normal(AbstractLinearSolver[NormalState]):
             # before `A` is transposed for `A^H A` and kept for `A^H b`, so that a
             # Jacobian operator's function is traced once, not by each of them.
             operator = linearise(operator)
+            # `A^H A` feeds `A`'s products to `A^H`: a user's `mv` returning the
+            # wrong structure failed inside the composition, before the inner
+            # solver could check its operator.
+            for factor in (operator, operator.transpose()):
+                check_product_structure(factor, "Normal")
         gram = _normal_operator(operator, tall, complex_)
         options = _inner_options(operator, tall, options)
         return NormalState(
