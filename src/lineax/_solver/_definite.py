@@ -80,4 +80,6 @@ class AbstractDefiniteKrylovSolver(AbstractKrylovSolver):
                 return jtu.tree_map(jnp.negative, operator.mv(v))
         else:
             mv = operator.mv  # pyright: ignore[reportAssignmentType]
-        return precond, self.problem(operator, vector, y0, mv), mv
+        problem = self.problem(operator, vector, y0, mv)
+        # (`problem.mv` is `mv`, with its products' structures checked.)
+        return precond, problem, problem.mv

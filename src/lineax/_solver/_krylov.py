@@ -435,8 +435,7 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         size of `b` (MINRES: its estimate of `|A|` holds `|b|`): an operator
         smaller than 1 is then scaled on the input side instead."""
         _check_one_dtype(operator, type(self).__name__)
-        check_product_structure(operator, type(self).__name__)
-        mv = operator.mv if mv is None else mv
+        mv = checked_mv(operator, type(self).__name__, mv)
         structure = operator.in_structure()
         rdtype = real_dtype(structure)
         scale, inverse = _power_of_two_scale(vector, rdtype)
@@ -540,14 +539,37 @@ def check_square_krylov(operator: AbstractLinearOperator, name: str) -> None:
 
 def check_product_structure(operator: AbstractLinearOperator, name: str) -> None:
     """Raise a ValueError naming the operator's class unless its `mv` returns its
+    `out_structure()` (see `checked_mv`), tested by tracing one product: for a
+    composition that feeds the product to another operator before a Krylov
+    method sees it (`Normal`'s `A^H A`)."""
+    _check_product(jax.eval_shape(operator.mv, operator.in_structure()), operator, name)
+
+
+def checked_mv(
+    operator: AbstractLinearOperator, name: str, mv: Callable | None = None
+) -> Callable:
+    """`mv` (default `operator.mv`), raising a ValueError naming the operator's
+    class, at trace time, where a product does not have the operator's
     `out_structure()`. A direct solver reads `as_matrix()` only, but a Krylov
     method carries the products in its loops: a user's operator whose `mv`
     disagreed with its structures (a wrong shape, dtype or PyTree) failed deep in
     `lax` ("dot_general requires contracting dimensions to have the same shape",
-    "dynamic_update_slice requires arguments to have the same dtypes")."""
-    product = jax.eval_shape(operator.mv, operator.in_structure())
+    "dynamic_update_slice requires arguments to have the same dtypes"). (Checked
+    on the products the method makes, not by tracing one more: that would trace
+    a user's function once more in every solve.)"""
+    mv = operator.mv if mv is None else mv
+
+    def checked(vector):
+        product = mv(vector)
+        _check_product(product, operator, name)
+        return product
+
+    return checked
+
+
+def _check_product(product: Any, operator: AbstractLinearOperator, name: str) -> None:
     check_structures_equal(
-        product,
+        jtu.tree_map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), product),
         operator.out_structure(),
         f"`lx.{name}` applies the operator with its `mv`, but "
         f"`{type(operator).__name__}.mv` returns a different structure from the "

@@ -24,7 +24,7 @@ from ._krylov import (
     AbstractKrylovSolver,
     apply,
     CHECK_EVERY,
-    check_product_structure,
+    checked_mv,
     iterate,
     Iteration,
     KrylovState,
@@ -298,8 +298,7 @@ def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
     complex_ = tree_is_complex(in_structure, operator.out_structure())
     rdtype = problem.rdtype
     rtol = solver.rtol
-    transposed = operator.transpose()
-    check_product_structure(transposed, "LSMR")
+    transposed_mv = checked_mv(operator.transpose(), "LSMR")
     right = None if left else precond
     left_precond = precond if left else None
 
@@ -307,7 +306,7 @@ def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
         # A^H y = conj(A^T conj(y)).
         if complex_:
             y = jtu.tree_map(jnp.conj, y)
-        out = transposed.mv(y)
+        out = transposed_mv(y)
         if complex_:
             out = jtu.tree_map(jnp.conj, out)
         return out
@@ -334,8 +333,10 @@ def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
     # (That product is made before the first step: `stats["num_mv"]` counts it.)
     problem = dataclasses.replace(problem, initial_mv=problem.initial_mv + 1)
 
+    forward_mv = checked_mv(operator, "LSMR")
+
     def mv(x):
-        return apply(left_precond, operator.mv(apply(right, tree_scale(op_inverse, x))))
+        return apply(left_precond, forward_mv(apply(right, tree_scale(op_inverse, x))))
 
     def rmv(y):
         return raw_rmv(tree_scale(op_inverse, y))
