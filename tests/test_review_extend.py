@@ -94,24 +94,10 @@ def test_krylov_names_a_user_operator_whose_mv_breaks_its_structure(kind, solver
         jax.eval_shape(lambda: lx.linear_solve(operator, _B, solver))
 
 
-class _AlwaysSingular(lx.AbstractLinearSolver):
-    """A user solver that reports a constant failure (as one does for a case it
-    does not handle), not a traced one."""
-
-    def init(self, operator, options):
-        return operator.as_matrix()
-
-    def compute(self, state, vector, options):
-        return jnp.linalg.solve(state, vector), lx.RESULTS.singular, {}
-
-    def transpose(self, state, options):
-        return state.T, options
-
-    def conj(self, state, options):
-        return state.conj(), options
-
-    def assume_full_rank(self):
-        return True
+def _always_singular(solution):
+    """A user solver's output reporting a constant failure (as one does for a case
+    it does not handle), not a traced one."""
+    return solution, lx.RESULTS.singular, {}
 
 
 # `throw=True` under `jax.jit` with a constant failure code: the error branch is
@@ -122,7 +108,9 @@ class _AlwaysSingular(lx.AbstractLinearSolver):
 def test_user_solver_constant_failure_raises_its_message_under_jit():
     operator = lx.MatrixLinearOperator(_A)
     solve = jax.jit(
-        lambda b, throw: lx.linear_solve(operator, b, _AlwaysSingular(), throw=throw),
+        lambda b, throw: lx.linear_solve(
+            operator, b, _UserSolver(_always_singular), throw=throw
+        ),
         static_argnums=1,
     )
     assert solve(_B, False).result == lx.RESULTS.singular
