@@ -175,15 +175,12 @@ def _linear_solve_impl(
     # inf and NaN, where LAPACK's give NaN).
     # Its derivative solves use the same operator, already tested.
     arrays = _array_leaves(operator)
+    record = solver.recorded_operator_finite(state)
     recorded = None
     if kind == "primal-reused-state" or (kind == "primal" and arrays is None):
-        recorded = solver.recorded_operator_finite(state)
+        recorded = record
     checked = arrays if _is_primal(kind) and recorded is None else None
-    if (
-        throw is None
-        and checked is not None
-        and solver.recorded_operator_finite(state) is not None
-    ):
+    if throw is None and checked is not None and record is not None:
         # The un-jitted entry point's compiled solve returns the state, and with
         # it `init`'s test of the matrix (`operator_is_finite`, the dense
         # solvers): tested apart from the solution, the operator's test is that
