@@ -201,3 +201,42 @@ _TRACES = [0]
 def _counted(v):
     _TRACES[0] += 1
     return 3 * v + jnp.cumsum(v)
+
+
+class _BadTranspose(lx.AbstractLinearOperator):
+    """A rectangular user operator whose `mv` (`bad`) or whose transpose's `mv`
+    (`not bad`) returns one element too many."""
+
+    matrix: jax.Array
+    bad: bool = False
+
+    def mv(self, vector):
+        product = self.matrix @ vector
+        return jnp.concatenate([product, jnp.zeros(1)]) if self.bad else product
+
+    def as_matrix(self):
+        return self.matrix
+
+    def transpose(self):
+        return _BadTranspose(self.matrix.T, not self.bad)
+
+    def in_structure(self):
+        return jax.ShapeDtypeStruct((self.matrix.shape[1],), self.matrix.dtype)
+
+    def out_structure(self):
+        return jax.ShapeDtypeStruct((self.matrix.shape[0],), self.matrix.dtype)
+
+
+# `Normal` with a Krylov inner solver applies both `A` and `A^H` outside the
+# inner solver's products too (`A^H b`, `x = A^H y`, and inside the Gram
+# composition): either factor's bad product, tall or wide, is named.
+@pytest.mark.parametrize("shape", [(3, 2), (2, 3)], ids=["tall", "wide"])
+@pytest.mark.parametrize("bad", [True, False], ids=["A", "A^T"])
+def test_normal_names_either_factor_whose_mv_breaks_its_structure(shape, bad):
+    operator = _BadTranspose(jnp.ones(shape) + jnp.eye(*shape), bad)
+    vector = jnp.ones(shape[0])
+    name = r"`_BadTranspose\.mv` returns a different structure"
+    with raises_message(ValueError, name):
+        jax.eval_shape(
+            lambda: lx.linear_solve(operator, vector, lx.Normal(lx.CG(**_TOL)))
+        )
