@@ -24,6 +24,8 @@ under `jit` and in an exported function); `hash`/`eqx.tree_equal` of solvers;
 preconditioners and states. Each test here failed before the fix it protects.
 """
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -233,3 +235,17 @@ def test_gradient_of_a_solve_of_a_host_callback_operator_tagged_definite(solver)
     weights = np.arange(1.0, _N + 1)
     grad = jax.grad(lambda b: lx.linear_solve(operator, b, solver).value @ weights)
     np.testing.assert_allclose(grad(_B), np.linalg.solve(_SPD, weights), atol=1e-13)
+
+
+def test_exported_qr_products_ask_for_full_precision():
+    # The reflector loop that replaces `ormqr` in an exported program is lowered
+    # only for export, out of reach of the jaxpr walk of `test_review_gpu.py`:
+    # its products asked for default precision, TF32 on a GPU (a 10-bit
+    # mantissa) for a float32 solve.
+    matrix = _RNG.normal(size=(6, 4)).astype(np.float32)
+    vector = _RNG.normal(size=6).astype(np.float32)
+    text = export.export(_solve_fn(lx.QR()))(matrix, vector).mlir_module()
+    products = re.findall(r"stablehlo\.dot_general.*", text)
+    assert products
+    for product in products:
+        assert "precision = [HIGHEST, HIGHEST]" in product, product

@@ -207,7 +207,9 @@ def _ormqr_by_reflectors(a, taus, c, *, transpose):
         column = lax.dynamic_index_in_dim(a, i, axis=-1, keepdims=False)
         v = jnp.where(rows == i, 1, jnp.where(rows > i, column, 0)).astype(c.dtype)
         tau = lax.dynamic_index_in_dim(taus, i, axis=-1, keepdims=True)
-        vhc = jnp.einsum("...m,...mp->...p", jnp.conj(v), c)
+        vhc = jnp.einsum(
+            "...m,...mp->...p", jnp.conj(v), c, precision=lax.Precision.HIGHEST
+        )
         return c - tau[..., None] * v[..., :, None] * vhc[..., None, :]
 
     return lax.fori_loop(0, k, reflect, c)
