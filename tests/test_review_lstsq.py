@@ -26,61 +26,200 @@ NaN with `throw=False`.
 What is documented and left: `Normal(CG)`/`Normal(Cholesky)` derivatives on
 rank-deficient operators; a user solver that passes `y0` to an inner Krylov
 solver without declaring it in `option_keys` gets no `y0` term in its derivative.
-The test marked `xfail` is a defect found and not fixed.
+
+One defect was found: LSMR with a right preconditioner `N` returns
+`y0 + N (A N)^+ (b - A y0)`, which is not the pseudoinverse solution where `A`
+is wide or rank-deficient, but its JVP applied the pseudoinverse formula (1) to
+it as a solution of `A y = b` (relative error 0.88 on a 3 x 6 operator), and
+ignored `N`'s own tangent. LSMR now poses the solve of `(A N) z = b - A y0`
+(`reformulate`), whose derivatives the generic rules give, and maps `z` to `y`
+outside the primitive.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import lineax as lx
 
 
-@jax.jit
-def _preconditioned_lsmr_jvp(matrix, vector, t_matrix, scales):
-    solver = lx.LSMR(rtol=1e-13, atol=1e-13)
-    options = {"preconditioner": lx.DiagonalLinearOperator(scales)}
+_PRECONDITIONED = lx.LSMR(rtol=1e-13, atol=1e-13)
 
+
+def _column_scales(matrix):
+    # A preconditioner built from the operator, as users build one (not under
+    # `stop_gradient`): the solution depends on it where `A` is wide or
+    # rank-deficient, so its derivative does too.
+    # (In the operator's dtype: a real preconditioner of a complex operator is
+    # refused, as its structure is not the operator's input structure.)
+    return (1 / jnp.sqrt(jnp.sum(jnp.abs(matrix) ** 2, axis=0))).astype(matrix.dtype)
+
+
+def _preconditioned_options(matrix, scales, y0, damp):
+    if scales is None:
+        scales = _column_scales(matrix)
+    options = {"preconditioner": lx.DiagonalLinearOperator(scales)}
+    if y0 is not None:
+        options["y0"] = y0
+    if damp is not None:
+        options["damp"] = damp
+    return options
+
+
+@jax.jit
+def _preconditioned_lsmr_jvp(matrix, vector, t_matrix, scales, y0, damp):
     def solve(matrix):
         operator = lx.MatrixLinearOperator(matrix)
-        return lx.linear_solve(operator, vector, solver, options=options).value
+        options = _preconditioned_options(matrix, scales, y0, damp)
+        return lx.linear_solve(operator, vector, _PRECONDITIONED, options=options).value
 
     return jax.jvp(solve, (matrix,), (t_matrix,))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="With a right preconditioner N, LSMR returns N (A N)^+ b, which for a "
-    "wide or rank-deficient A is not A^+ b (documented); the JVP applies the "
-    "pseudoinverse formula (1) to it, whose null-space term for this solution "
-    "needs N^{-1}, which lineax does not have for a general preconditioner. "
-    "Derivatives in the vector are right; in the operator, right only for full "
-    "column rank. Not fixed.",
-)
-@pytest.mark.parametrize("shape", ["wide", "rank_deficient"])
-def test_preconditioned_lsmr_derivative_in_the_operator(shape):
-    rng = np.random.default_rng(11)
+def _expected_preconditioned(matrix, vector, scales, y0, damp):
+    """What LSMR documents it returns, in NumPy: `y0 + N z` with `z` the
+    minimum-norm least-squares solution of `[A N; damp N] z = (b - A y0, -damp
+    y0)`."""
+    m, n = matrix.shape
+    if scales is None:
+        scales = 1 / np.sqrt(np.sum(np.abs(matrix) ** 2, axis=0))
+    y0 = np.zeros(n, matrix.dtype) if y0 is None else y0
+    damp = 0.0 if damp is None else damp
+    stacked = np.concatenate([matrix, damp * np.eye(n)]) * scales
+    residual = np.concatenate([vector - matrix @ y0, -damp * y0])
+    return y0 + scales * (np.linalg.pinv(stacked) @ residual)
+
+
+def _problem(shape, dtype, rng):
+    def draw(*size):
+        if dtype == np.complex128:
+            return rng.standard_normal(size) + 1j * rng.standard_normal(size)
+        return rng.standard_normal(size)
+
     if shape == "wide":
-        matrix = rng.standard_normal((3, 6))
-        t_matrix = rng.standard_normal((3, 6))
+        matrix, t_matrix = draw(3, 6), draw(3, 6)
     else:
         # (A tangent that keeps the duplicated column: the derivative exists.)
-        matrix = rng.standard_normal((6, 4))
-        matrix[:, 3] = matrix[:, 0]
-        t_matrix = rng.standard_normal((6, 4))
-        t_matrix[:, 3] = t_matrix[:, 0]
+        matrix, t_matrix = draw(6, 4), draw(6, 4)
+        if shape == "rank_deficient":
+            matrix[:, 3] = matrix[:, 0]
+            t_matrix[:, 3] = t_matrix[:, 0]
     m, n = matrix.shape
-    vector = rng.standard_normal(m)
-    scales = np.linspace(0.5, 3, n)
+    return matrix, t_matrix, draw(m), draw(n)
+
+
+# (shape, dtype, fixed scales, y0, damp): a sample of the combinations, one
+# compile each.
+_PRECONDITIONED_CASES = [
+    ("wide", np.float64, True, False, None),
+    ("rank_deficient", np.float64, True, False, None),
+    ("wide", np.float64, False, True, None),
+    ("rank_deficient", np.float64, False, True, None),
+    ("tall", np.float64, False, True, None),
+    ("wide", np.float64, True, True, 0.5),
+    ("wide", np.complex128, False, True, None),
+]
+
+
+# LSMR returns `y0 + N (A N)^+ (b - A y0)`, not the pseudoinverse solution where
+# `A` is wide or rank-deficient, and its JVP applied the pseudoinverse formula (1)
+# to it as the solution of `A y = b`: the null-space term for `N (A N)^+` needs
+# `N^{-1}`. Relative error 0.88 (wide 3 x 6) and 0.46 (6 x 4 with a duplicated
+# column), with no error raised; the tangent of a preconditioner built from the
+# operator was ignored (the preconditioner "never changes the answer"), and `y0`
+# was the initial guess of the pseudoinverse formula, not of this solution.
+@pytest.mark.parametrize("shape,dtype,fixed,with_y0,damp", _PRECONDITIONED_CASES)
+def test_preconditioned_lsmr_derivative_in_the_operator(
+    shape, dtype, fixed, with_y0, damp
+):
+    rng = np.random.default_rng(11)
+    matrix, t_matrix, vector, y0 = _problem(shape, dtype, rng)
+    y0 = y0 if with_y0 else None
+    scales = np.linspace(0.5, 3, matrix.shape[1]) if fixed else None
 
     def expected(matrix):
-        # What LSMR documents it returns: y = N z with z = (A N)^+ b.
-        return scales * (np.linalg.pinv(matrix * scales) @ vector)
+        return _expected_preconditioned(matrix, vector, scales, y0, damp)
 
-    value, tangent = _preconditioned_lsmr_jvp(matrix, vector, t_matrix, scales)
+    value, tangent = _preconditioned_lsmr_jvp(
+        matrix, vector, t_matrix, scales, y0, damp
+    )
     h = 1e-6
     t_expected = (expected(matrix + h * t_matrix) - expected(matrix - h * t_matrix)) / (
         2 * h
     )
     np.testing.assert_allclose(value, expected(matrix), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(tangent, t_expected, rtol=1e-6, atol=1e-8)
+
+
+@jax.jit
+def _preconditioned_lsmr_vjp(matrix, vector, y0, cotangent):
+    def solve(matrix, vector, y0):
+        operator = lx.MatrixLinearOperator(matrix)
+        options = _preconditioned_options(matrix, None, y0, None)
+        return lx.linear_solve(operator, vector, _PRECONDITIONED, options=options).value
+
+    value, vjp = jax.vjp(solve, matrix, vector, y0)
+    return value, vjp(cotangent)
+
+
+def test_preconditioned_lsmr_reverse_mode_in_every_input():
+    # Reverse mode (the transposed solve of `(A N)^T = N^T A^T`) against central
+    # differences of NumPy's answer, in the operator, the vector and `y0`.
+    rng = np.random.default_rng(3)
+    matrix, _, vector, y0 = _problem("wide", np.float64, rng)
+    cotangent = rng.standard_normal(matrix.shape[1])
+    value, (g_matrix, g_vector, g_y0) = _preconditioned_lsmr_vjp(
+        matrix, vector, y0, cotangent
+    )
+
+    def loss(matrix, vector, y0):
+        return cotangent @ _expected_preconditioned(matrix, vector, None, y0, None)
+
+    h = 1e-6
+    for i, primal in enumerate((matrix, vector, y0)):
+        grad = np.zeros_like(primal)
+        for index in np.ndindex(primal.shape):
+            step = np.zeros_like(primal)
+            step[index] = h
+            args = [matrix, vector, y0]
+            args[i] = primal + step
+            up = loss(*args)
+            args[i] = primal - step
+            grad[index] = (up - loss(*args)) / (2 * h)
+        got = (g_matrix, g_vector, g_y0)[i]
+        np.testing.assert_allclose(got, grad, rtol=1e-6, atol=1e-8)
+
+
+def test_preconditioned_lsmr_called_directly():
+    # `init`, `compute` and `transpose` called directly, with the options given to
+    # `linear_solve`, as a library wrapping LSMR calls them: the same answers as
+    # `linear_solve`, and a state made by `init` accepted as `state=`.
+    rng = np.random.default_rng(5)
+    matrix, _, vector, y0 = _problem("wide", np.float64, rng)
+    scales = np.linspace(0.5, 3, matrix.shape[1])
+    # (Arrays: `linear_solve` converts NumPy inputs, the solver API does not.)
+    matrix, vector, y0 = jnp.asarray(matrix), jnp.asarray(vector), jnp.asarray(y0)
+    options = _preconditioned_options(matrix, scales, y0, None)
+    operator = lx.MatrixLinearOperator(matrix)
+    state = _PRECONDITIONED.init(operator, options)
+    direct, result, _ = _PRECONDITIONED.compute(state, vector, options)
+    assert result == lx.RESULTS.successful
+    want = _expected_preconditioned(matrix, vector, scales, y0, None)
+    np.testing.assert_allclose(direct, want, rtol=1e-10, atol=1e-12)
+    reused = lx.linear_solve(
+        operator, vector, _PRECONDITIONED, options=options, state=state
+    )
+    np.testing.assert_allclose(reused.value, want, rtol=1e-10, atol=1e-12)
+    # The transposed solve: the transpose of `b -> N (A N)^+ b` (`y0` is a guess
+    # for the primal problem, and is dropped).
+    state_t, options_t = _PRECONDITIONED.transpose(state, options)
+    cotangent = jnp.asarray(rng.standard_normal(matrix.shape[1]))
+    transposed, result, _ = _PRECONDITIONED.compute(state_t, cotangent, options_t)
+    assert result == lx.RESULTS.successful
+    map_ = np.diag(scales) @ np.linalg.pinv(np.asarray(matrix) * scales)
+    np.testing.assert_allclose(transposed, map_.T @ cotangent, rtol=1e-10, atol=1e-12)
+    # A state made without the preconditioner is refused, not solved with `A`.
+    plain = _PRECONDITIONED.init(operator, {})
+    with pytest.raises(ValueError, match="without it"):
+        _PRECONDITIONED.compute(plain, vector, options)

@@ -433,7 +433,8 @@ def _linear_solve(operator, vector, solver, options, state, throw) -> Solution:
     if posed is not None:
         vector = realified_vector(operator, posed[0], vector)
         operator, options = posed
-    operator, vector, options = solver.reformulate(operator, vector, options)
+    posed_problem = solver.reformulate(operator, vector, options)
+    operator, vector, options = posed_problem[:3]
     if state is _sentinel:
         # The state is a function of the operator, but derivatives are taken by
         # the primitive's JVP rule with respect to `operator` directly; stopping
@@ -448,6 +449,9 @@ def _linear_solve(operator, vector, solver, options, state, throw) -> Solution:
     solution, result, stats = bind(
         operator, state, vector, options, solver, throw, kind
     )
+    if len(posed_problem) == 4:
+        # Outside the primitive: differentiated by JAX (see `reformulate`).
+        solution = posed_problem[3](solution)
     if realify:
         solution = joined(in_structure, solution)
     else:

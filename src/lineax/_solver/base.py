@@ -136,7 +136,15 @@ class AbstractLinearSolver(eqx.Module, Generic[_SolverState]):
         operator: AbstractLinearOperator,
         vector: PyTree[Array],
         options: dict[str, Any],
-    ) -> tuple[AbstractLinearOperator, PyTree[Array], dict[str, Any]]:
+    ) -> (
+        tuple[AbstractLinearOperator, PyTree[Array], dict[str, Any]]
+        | tuple[
+            AbstractLinearOperator,
+            PyTree[Array],
+            dict[str, Any],
+            Callable[[PyTree[Array]], PyTree[Array]],
+        ]
+    ):
         """Pose the solve as another linear solve, before `init`.
 
         [`lineax.linear_solve`][] calls this first and solves (and differentiates)
@@ -151,7 +159,15 @@ class AbstractLinearSolver(eqx.Module, Generic[_SolverState]):
 
         **Returns:**
 
-        The 3-tuple `(operator, vector, options)` to solve instead.
+        The 3-tuple `(operator, vector, options)` to solve instead; or a 4-tuple
+        whose last element maps that problem's solution to the solution returned,
+        where they differ (a JAX-differentiable function, applied outside the
+        primitive). E.g. [`lineax.LSMR`][] with a right preconditioner `N` solves
+        `(A N) z = b` and returns `N z`: the pseudoinverse derivative rules hold
+        for `z = (A N)^+ b`, not for `N z` as a solution of `A y = b` (unless `A`
+        has independent columns). `init` should return the state of the posed
+        problem, so that a `state=` made by `init` is the one `linear_solve`
+        expects.
         """
         return operator, vector, options
 

@@ -11,18 +11,12 @@ from jaxtyping import Array, PyTree, Scalar
 
 from .._misc import check_static_float, hypot, select, tree_is_complex
 from .._norm import two_norm
-from .._operator.base import (
-    AbstractLinearOperator,
-    conj,
-    is_negative_semidefinite,
-    is_positive_semidefinite,
-    is_symmetric,
-)
+from .._operator.arithmetic import ComposedLinearOperator
+from .._operator.base import AbstractLinearOperator
 from .._operator.function import FunctionLinearOperator
 from .._solution import RESULTS, results_where
 from ._krylov import (
     AbstractKrylovSolver,
-    apply,
     CHECK_EVERY,
     checked_mv,
     iterate,
@@ -170,20 +164,16 @@ class LSMR(AbstractKrylovSolver):
     **Options:**
 
     - `damp`: a nonnegative scalar, for damped least squares (default 0).
-    - `preconditioner`: a nonsingular operator `N` on the operator's input space
-        (positive definite, or any other: its conjugate transpose is applied
-        where `(A N)^H` needs it, unless its tags say it is Hermitian), used on
-        the right: LSMR is run on `A N` and `y = N z` is returned.
-        A good choice scales the columns of `A` to unit norm. For rank-deficient or
-        underdetermined problems this changes which solution is found (the one
-        minimising `||N^{-1/2} y||`-like quantities, not `||y||`), and
-        derivatives with respect to the operator are then not this solution's:
-        they apply the pseudoinverse formula, whose null-space term for `N (A
-        N)^+ b` would need `N^{-1}` (those with respect to the vector, and all
-        of them for operators of full column rank, are right). The transposed
-        solve made in reverse mode uses `N^T` as a left preconditioner of `A^T`
-        (`N^T A^T` is as well conditioned as `A N`), which keeps the minimum-norm
-        solution of the consistent transposed system.
+    - `preconditioner`: a nonsingular operator `N` on the operator's input space,
+        used on the right: LSMR is run on `A N` from `b - A y0`, and
+        `y = y0 + N z` is returned. A good choice scales the columns of `A` to
+        unit norm. For rank-deficient or underdetermined problems this changes
+        which solution is found (`N (A N)^+ b`, the one minimising
+        `||N^{-1} y||`, not `||y||`), and derivatives are those of that solution
+        (in `N` too, where it depends on what is differentiated). With `y0`, the
+        first rule's `rtol` is relative to `norm(b - A y0)`. The transposed solve
+        made in reverse mode is that of `(A N)^T = N^T A^T`, as well conditioned
+        as `A N`.
     - `y0`: an initial guess for the solution.
     """
 
@@ -206,58 +196,132 @@ class LSMR(AbstractKrylovSolver):
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> KrylovState:
-        operator, options = _undamped(operator, options)
         # A right preconditioner: it maps the operator's input space to itself.
         self.checked_options(operator, options)
-        return KrylovState(operator)
+        # The state of the problem `reformulate` poses, so that a state made here
+        # is the one `linear_solve` makes (and checks a `state=` against).
+        return KrylovState(_posed_operator(operator, options)[0])
 
     def reformulate(
         self,
         operator: AbstractLinearOperator,
         vector: PyTree[Array],
         options: dict[str, Any],
-    ) -> tuple[AbstractLinearOperator, PyTree[Array], dict[str, Any]]:
-        """The solve `linear_solve` binds: a damped solve becomes the undamped
-        least-squares solve of `[A; damp I] x = (b, 0)` (a full-column-rank problem
-        for `damp > 0`), so that the generic pseudoinverse derivative rules are the
-        derivative of the damped solution."""
-        if options.get("damp", None) is None:
+    ) -> (
+        tuple[AbstractLinearOperator, PyTree[Array], dict[str, Any]]
+        | tuple[
+            AbstractLinearOperator,
+            PyTree[Array],
+            dict[str, Any],
+            Callable[[PyTree[Array]], PyTree[Array]],
+        ]
+    ):
+        """The solve `linear_solve` binds, so that the generic derivative rules
+        (the pseudoinverse JVP, the transposed solve) are those of the solution
+        LSMR returns:
+
+        - a damped solve becomes the undamped least-squares solve of
+            `[A; damp I] x = (b, 0)` (a full-column-rank problem for `damp > 0`);
+        - a solve with a right preconditioner `N` becomes the solve of
+            `(A N) z = b - A y0`, whose minimum-norm least-squares solution `z` is
+            mapped to `y = y0 + N z` outside the solve. `N z` is not `A^+ b` where
+            `A` is wide or rank-deficient, and the pseudoinverse JVP applied to `y`
+            as the solution of `A y = b` was wrong there in the operator (relative
+            error 0.88 on a 3 x 6 operator): its null-space term for `N (A N)^+`
+            needs `N^{-1}`. Posed so, it is the derivative of `(A N)^+`, and `N`'s
+            own derivative (a preconditioner built from the operator) is counted.
+        """
+        # (Checked before `A N` is made, which would refuse a bad one less clearly.)
+        self.checked_options(operator, options)
+        posed, rest = _posed_operator(operator, options)
+        if posed is operator:
             return operator, vector, options
-        operator, options = _undamped(operator, options)
-        return operator, _stacked_vector(operator, vector), options
+        if options.get("damp", None) is not None:
+            vector = _stacked_vector(operator, vector)
+        precond = options.get("preconditioner", None)
+        if precond is None:
+            return posed, vector, rest
+        vector, recover = _right_preconditioned(posed, precond, vector, rest)
+        return posed, vector, _without(rest, "y0"), recover
 
     def compute(
         self, state: KrylovState, vector: PyTree[Array], options: dict[str, Any]
     ):
         operator = state.operator
+        recover = None
         if options.get("damp", None) is not None:
             # Called directly rather than through `linear_solve`: `init` stacked
             # the operator already.
-            options = {k: v for k, v in options.items() if k != "damp"}
+            options = _without(options, "damp")
             vector = _stacked_vector(operator, vector)
         precond, y0 = self.checked_options(operator, options, left=state.left)
+        if precond is not None:
+            # Called directly too (see `reformulate`): `init` made `N` part of the
+            # operator, `A N`; after `transpose`, `(A N)^T = N^T A^T`, whose
+            # solve, transposing `b -> y0 + N (A N)^+ (b - A y0)` in `b`, is
+            # `g -> ((A N)^+)^T N^T g`. (With `state.left` the option holds
+            # `N^T`.)
+            if not isinstance(operator, ComposedLinearOperator):
+                raise ValueError(
+                    "`LSMR.compute` was given a `preconditioner` option, but "
+                    "`state` was made by `LSMR.init` without it: pass the same "
+                    "options to both."
+                )
+            if state.left:
+                vector = precond.mv(vector)
+            else:
+                vector, recover = _right_preconditioned(
+                    operator, precond, vector, options
+                )
+            y0 = None
         problem = self.problem(operator, vector, y0)
-        return _lsmr(self, operator, problem, precond, state.left)
+        solution, result, stats = _lsmr(self, operator, problem)
+        if recover is not None:
+            solution = recover(solution)
+        return solution, result, stats
 
     def assume_full_rank(self) -> bool:
         return False
 
 
-def _adjoint_operator(
-    operator: AbstractLinearOperator | None, complex_: bool
-) -> AbstractLinearOperator | None:
-    """`N^H`: `N` itself where its tags say it is Hermitian (a semidefinite tag,
-    or a real symmetric one), else its conjugate transpose. (Applying `N` for
-    `N^H`, as once done, made LSMR with a preconditioner that is not Hermitian,
-    e.g. SSOR of a nonsymmetric matrix, make no progress at all.)"""
-    if operator is None:
-        return None
-    if is_positive_semidefinite(operator) or is_negative_semidefinite(operator):
-        return operator
-    if is_symmetric(operator) and not complex_:
-        return operator
-    transposed = operator.transpose()
-    return conj(transposed) if complex_ else transposed
+def _without(options: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k not in keys}
+
+
+def _posed_operator(
+    operator: AbstractLinearOperator, options: dict[str, Any]
+) -> tuple[AbstractLinearOperator, dict[str, Any]]:
+    """The operator LSMR iterates on (`[A; damp I]` for a damped solve, times `N`
+    on the right for a preconditioned one), and the options left; `operator`
+    itself if neither."""
+    operator, options = _undamped(operator, options)
+    precond = options.get("preconditioner", None)
+    if precond is None:
+        return operator, options
+    return ComposedLinearOperator(operator, precond), _without(
+        options, "preconditioner"
+    )
+
+
+def _right_preconditioned(
+    posed: AbstractLinearOperator,
+    precond: AbstractLinearOperator,
+    vector: PyTree[Array],
+    options: dict[str, Any],
+) -> tuple[PyTree[Array], Callable[[PyTree[Array]], PyTree[Array]]]:
+    """For the posed operator `A N`: the right-hand side `b - A y0` of the
+    correction `z`, and the map `z -> y0 + N z` to the solution. (`rtol` is then
+    relative to `norm(b - A y0)`, as the posed problem does not see `b`.)"""
+    y0 = options.get("y0", None)
+    if y0 is None:
+        return vector, precond.mv
+    assert isinstance(posed, ComposedLinearOperator)
+    vector = jtu.tree_map(lambda b, a: b - a, vector, posed.operator1.mv(y0))
+
+    def recover(z: PyTree[Array]) -> PyTree[Array]:
+        return jtu.tree_map(lambda a, b: a + b, y0, precond.mv(z))
+
+    return vector, recover
 
 
 def _undamped(operator, options):
@@ -265,7 +329,7 @@ def _undamped(operator, options):
     damp = options.get("damp", None)
     if damp is None:
         return operator, options
-    options = {k: v for k, v in options.items() if k != "damp"}
+    options = _without(options, "damp")
     damp = jnp.asarray(damp, real_dtype(operator.in_structure()))
     # A Module, not a closure: its arrays are PyTree leaves of the operator (and of
     # LSMR's state), so a `Solution` of a damped solve can be returned from
@@ -291,18 +355,15 @@ def _stacked_vector(operator, vector):
     return (vector, tree_zeros(operator.in_structure()))
 
 
-def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
-    """The LSMR iteration on the correction `z` (`y = y0 + N z`; with a left
-    preconditioner `M`, on `M A z = M r0`)."""
+def _lsmr(solver: LSMR, operator, problem: Problem):
+    """The LSMR iteration on the correction `z` (`y = y0 + z`)."""
     in_structure = operator.in_structure()
     complex_ = tree_is_complex(in_structure, operator.out_structure())
     rdtype = problem.rdtype
     rtol = solver.rtol
     transposed_mv = checked_mv(operator.transpose(), "LSMR")
-    right = None if left else precond
-    left_precond = precond if left else None
 
-    def adjoint(y):
+    def raw_rmv(y):
         # A^H y = conj(A^T conj(y)).
         if complex_:
             y = jtu.tree_map(jnp.conj, y)
@@ -311,20 +372,13 @@ def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
             out = jtu.tree_map(jnp.conj, out)
         return out
 
-    right_adjoint = _adjoint_operator(right, complex_)
-    left_adjoint = _adjoint_operator(left_precond, complex_)
-
-    def raw_rmv(y):
-        # (M A N)^H y = N^H A^H M^H y.
-        return apply(right_adjoint, adjoint(apply(left_adjoint, y)))
-
-    # LSMR runs on `M A N / 2^s`, with `2^s` a power-of-two estimate of the scale
-    # of `M A N` from the product it makes first (see `Problem.op_inverse`): its
+    # LSMR runs on `A / 2^s`, with `2^s` a power-of-two estimate of the scale
+    # of `A` from the product it makes first (see `Problem.op_inverse`): its
     # `alpha`, `beta` and the norms of `A v` and `A^H u` scale with the operator,
     # and their squares overflowed (an operator of norm 1e20 in float32) or
     # underflowed to a zero `alpha` (1e-20: "solved" after no step). Its iterate
     # `z'` is then `2^s z`.
-    r0 = apply(left_precond, problem.r0)
+    r0 = problem.r0
     beta = norm2(r0)
     u = tree_scale(safe_div(1, beta), r0)
     v = raw_rmv(u)
@@ -336,7 +390,7 @@ def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
     forward_mv = checked_mv(operator, "LSMR")
 
     def mv(x):
-        return apply(left_precond, forward_mv(apply(right, tree_scale(op_inverse, x))))
+        return forward_mv(tree_scale(op_inverse, x))
 
     def rmv(y):
         return raw_rmv(tree_scale(op_inverse, y))
@@ -400,26 +454,25 @@ def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
 
     def solution(c: _Carry):
         z = tree_scale(op_inverse, c.x)
-        return jtu.tree_map(lambda a, b: a + b, problem.x0, apply(right, z))
+        return jtu.tree_map(lambda a, b: a + b, problem.x0, z)
 
     # The last residual `normal_residual` was given, and its result.
     last: list = []
 
     def normal_residual(r):
-        # ||(M A N)^H M r||_2, and ||M r||_2. Each verification asks for it up to
+        # ||A^H r||_2, and ||r||_2. Each verification asks for it up to
         # three times, for the same residual object (`normal_solved`, `progress`,
         # `at_floor`): made once, as each traced product would be lowered and
         # compiled (XLA merges them only after that).
         if last and last[0][0] is r:
             return last[0][1]
-        left_r = apply(left_precond, r)
-        out = norm2(rmv(left_r)), norm2(left_r)
+        out = norm2(rmv(r)), norm2(r)
         last[:] = [(r, out)]
         return out
 
     def normal_solved(c: _Carry, x, r):
-        # The normal-equations test on a true residual: ||(M A N)^H M r||_2 <=
-        # rtol ||M A N|| ||M r||_2; or, once LSMR's own estimate passes it (the
+        # The normal-equations test on a true residual: ||A^H r||_2 <=
+        # rtol ||A|| ||r||_2; or, once LSMR's own estimate passes it (the
         # iteration has gone as far as it would in exact arithmetic), the same test
         # at the level finite precision can reach (`at_floor`).
         normal, rnorm = normal_residual(r)
@@ -427,7 +480,7 @@ def _lsmr(solver: LSMR, operator, problem: Problem, precond, left: bool):
         return (normal <= rtol * c.norm_a * rnorm) | (estimated & at_floor(c, x, r))
 
     def at_floor(c: _Carry, x, r):
-        # ||(M A N)^H M r||_2 <= max(rtol, 10 eps cond) ||M A N|| ||M r||_2: see
+        # ||A^H r||_2 <= max(rtol, 10 eps cond) ||A|| ||r||_2: see
         # `_FLOOR_FACTOR`. (Also the test made when the iteration stagnates.)
         del x
         normal, rnorm = normal_residual(r)
