@@ -169,7 +169,10 @@ class LSMR(AbstractKrylovSolver):
 
     **Options:**
 
-    - `damp`: a nonnegative scalar, for damped least squares (default 0).
+    - `damp`: a nonnegative scalar, for damped least squares (default 0). A
+        solver that passes `options` on to an inner LSMR (`lx.BlockDiagonal`,
+        `lx.Kronecker`, `lx.Normal`, `lx.Woodbury`, `lx.Schur`) refuses it with
+        a `ValueError`: only the problem given to `linear_solve` is damped.
     - `preconditioner`: a nonsingular operator `N` on the operator's input space
         (positive definite, or any other: its conjugate transpose is applied
         where `(A N)^H` needs it, unless its tags say it is Hermitian), used on
@@ -196,6 +199,7 @@ class LSMR(AbstractKrylovSolver):
     verbose: bool | int = eqx.field(static=True, default=False)
 
     option_keys = frozenset({"damp", "preconditioner", "y0"})
+    reformulating_keys = frozenset({"damp"})
     right_preconditioned = True
 
     def __check_init__(self):

@@ -31,11 +31,12 @@ from ._structured import (
     refined,
     solve_columns,
     solve_flat,
+    solved_parts,
     structured_solver,
     tangent_parts,
 )
 from .auto import AutoLinearSolver
-from .base import AbstractLinearSolver, check_solver
+from .base import AbstractLinearSolver, check_passed_on, check_solver
 from .lu import LU, LUState
 
 
@@ -126,6 +127,7 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
                 "`lx.Woodbury` solves only a `lx.LowRankUpdateLinearOperator`, got "
                 f"{type(operator).__name__}."
             )
+        check_passed_on((self.inner,), options, "Woodbury")
         a = operator.operator
         operator_state = self.inner.init(a, options)
         # P = A⁻¹ U, one solve per column of U (batched).
@@ -148,9 +150,7 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
         # of `A` that the inner solver reads (e.g. the diagonal, for a matrix
         # tagged diagonal), on which alone the solution and its derivative
         # depend.
-        solved = LowRankUpdateLinearOperator(
-            self.inner.part_read(a, a), operator.u, operator.c, operator.v
-        )
+        solved = self.part_read(operator, operator)
         structures = Static((a.in_structure(), a.out_structure()))
         return WoodburyState(
             operator_state,
@@ -208,6 +208,14 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
         # The inner solver reads its part of `A` (e.g. the diagonal for
         # `lx.Diagonal`); `U`, `C` and `V` are read whole. The tangent of
         # `A + U C V` is that of `A` plus that of the update with `A` held fixed.
+        solved = solved_parts(operator, other, LowRankUpdateLinearOperator)
+        if solved is not None:
+            a = solved.operator
+            if reads_whole(self.inner, a):
+                return other
+            return LowRankUpdateLinearOperator(
+                self.inner.part_read(a, a), solved.u, solved.c, solved.v
+            )
         parts = tangent_parts(operator, other, LowRankUpdateLinearOperator)
         if parts is None:
             return other
