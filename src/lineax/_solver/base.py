@@ -305,11 +305,12 @@ def check_passed_on(
         keys = sorted(solver.reformulating_keys & set(options))
         if keys:
             name = type(solver).__name__
+            given = ", ".join(f"`{key}`" for key in keys)
             raise ValueError(
                 f"`lx.{who}` passes `options` on to its inner solver `lx.{name}`, "
-                f"for which {keys} pose(s) another problem (e.g. a damped "
-                "least-squares problem) that only `linear_solve` can pose, and "
-                "only for the solver it is given. Solve the whole operator with "
+                f"which would pose another problem from {given} (e.g. a damped "
+                "least-squares problem): only `linear_solve` can pose it, for the "
+                "solver it is given. Solve the whole operator with "
                 f"`lx.{name}` and these options instead (for a block-diagonal "
                 "operator, that is the damped solve of each block)."
             )
