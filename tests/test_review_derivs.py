@@ -124,6 +124,10 @@ def test_damp_is_refused_by_solvers_that_pass_options_on_to_lsmr(kind):
         jax.eval_shape(
             lambda: lx.linear_solve(operator, vector, solver, options={"damp": 0.5})
         )
+    # (`damp=None`, the default, poses nothing else: accepted as before.)
+    jax.eval_shape(
+        lambda: lx.linear_solve(operator, vector, solver, options={"damp": None})
+    )
 
 
 @jax.jit

@@ -302,7 +302,10 @@ def check_passed_on(
     `damp` and were those of the undamped solution, or failed inside JAX's
     closure conversion (`BlockDiagonal`, whose value alone was right)."""
     for solver in solvers:
-        keys = sorted(solver.reformulating_keys & set(options))
+        # (`None` is the default of an option: no other problem.)
+        keys = sorted(
+            k for k in solver.reformulating_keys if options.get(k) is not None
+        )
         if keys:
             name = type(solver).__name__
             given = ", ".join(f"`{key}`" for key in keys)
