@@ -13,7 +13,11 @@ singular factors and blocks (rank-preserving tangents); `Woodbury`, `Schur`,
 `Normal` with SVD, LSMR, Cholesky, CG, QR, LU and `Auto` inner solvers on tall,
 wide and rank-deficient operators; preconditioners built from the
 differentiated operator (Jacobi, or a diagonal operator) and a `y0` depending
-on it, in CG, MINRES, GMRES, BiCGStab, FGMRES, FlexibleCG and PipelinedCG;
+on it, in CG, MINRES, GMRES, BiCGStab, FGMRES, FlexibleCG and PipelinedCG
+(and Chebyshev, Neumann, SSOR, block Jacobi, ILU, IC and probing Jacobi
+preconditioners built from it, under `jax.grad`); Krylov solvers for full rank
+on a singular consistent system (the tangent solve fails loudly, or is NaN
+with `throw=False`);
 `state=` from `solver.init` or `Solution.state` inside the differentiated
 function, and one made outside it, for LU, Cholesky, SVD, GMRES, CG and LSMR;
 `lx.invert(op)` through `mv`, `transpose().mv`, `as_matrix`, `materialise`,
@@ -337,3 +341,38 @@ def test_svd_derivative_with_a_cutoff_above_nonzero_singular_values():
     _, tangent = jax.jvp(solve, (matrix,), (t_matrix,))
     np.testing.assert_allclose(expected(0.0), solve(matrix), rtol=1e-10)
     np.testing.assert_allclose(tangent, _fd(expected), rtol=1e-6)
+
+
+def test_woodbury_transposes_its_inner_solvers_preconditioner():
+    # `Woodbury` passes `options` on to its inner solver, and kept them as they
+    # were for the transposed solve: the cotangent solve of reverse mode, with
+    # `Aᵀ`, was preconditioned by the approximate inverse of `A` given for the
+    # solve with `A`. With a preconditioner that makes GMRES converge at once
+    # (the exact inverse) and a budget of two steps, the solve succeeded and
+    # its gradient failed ("A cotangent linear solve failed ... maximum number
+    # of solver steps"); GMRES on `A` alone had the right gradient.
+    n = 6
+    a = np.triu(_RNG.normal(size=(n, n)), 1) * 2 + np.diag(_RNG.uniform(1, 2, n))
+    u, v = 0.1 * _RNG.normal(size=(n, 1)), 0.1 * _RNG.normal(size=(1, n))
+    b = _RNG.normal(size=n)
+    a_op = lx.MatrixLinearOperator(a)
+    operator = lx.LowRankUpdateLinearOperator(
+        a_op,
+        lx.MatrixLinearOperator(u),
+        lx.MatrixLinearOperator(np.eye(1)),
+        lx.MatrixLinearOperator(v),
+    )
+    gmres = lx.GMRES(rtol=1e-10, atol=1e-10, max_steps=2, restart=2)
+    options = {"preconditioner": lx.invert(a_op, lx.LU())}
+
+    @jax.jit
+    def grad(b):
+        def loss(b):
+            x = lx.linear_solve(operator, b, lx.Woodbury(gmres), options=options).value
+            return jnp.sum(x * b)
+
+        return jax.grad(loss)(b)
+
+    m = a + u @ v
+    expected = np.linalg.solve(m, b) + np.linalg.solve(m.T, b)
+    np.testing.assert_allclose(grad(b), expected, rtol=1e-10)

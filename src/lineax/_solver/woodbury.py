@@ -174,7 +174,13 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
         return unflatten_vector(x, in_structure), result, {}
 
     def transpose(self, state: WoodburyState, options):
-        operator_state, _ = self.inner.transpose(state.operator_state, options)
+        # `options` are the inner solver's (see `compute`): transposed by it, a
+        # preconditioner of `A` becomes one of `Aᵀ`. (Kept as they were, the
+        # transposed solves of reverse mode ran preconditioned by an
+        # approximate inverse of `A`, not of `Aᵀ`: `Woodbury(GMRES(max_steps=2,
+        # restart=2))` with `lx.invert(A)` as the preconditioner solved, but
+        # its gradient failed with `max_steps_reached`.)
+        operator_state, options = self.inner.transpose(state.operator_state, options)
         capacitance, _ = LU().transpose(state.capacitance, {})
         in_structure, out_structure = state.structures.value
         new = WoodburyState(
@@ -190,7 +196,7 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
         return new, options
 
     def conj(self, state: WoodburyState, options):
-        operator_state, _ = self.inner.conj(state.operator_state, options)
+        operator_state, options = self.inner.conj(state.operator_state, options)
         capacitance, _ = LU().conj(state.capacitance, {})
         new = WoodburyState(
             operator_state,
