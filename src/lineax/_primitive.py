@@ -778,6 +778,16 @@ def _linear_solve_jvp(primals, tangents):
     # V y0 + V x' = V x and b' - A x' = b - A x, the only changes to (1) are
     # z = V^H (A^+)^H (x - y0) and the terms in dy0 (together (I - A^+ A) dy0).
     complex_ = tree_is_complex(operator.in_structure(), operator.out_structure())
+    # `A` in (1) is the operator as the solver solves it (see `part_read`), as `V`
+    # is the part of the tangent it reads: `Diagonal(well_posed=False)` of a
+    # matrix tagged diagonal reads its diagonal alone, and with the whole matrix
+    # here its JVP was wrong along every tangent where the matrix had entries
+    # off the diagonal.
+    solved = (
+        solver.part_read(operator, operator)
+        if dependent_rows or dependent_columns
+        else operator
+    )
     # The tangent solves start from zero: they solve for derivatives, not for the
     # answer `y0` approximates.
     options = {key: value for key, value in options.items() if key != "y0"}
@@ -786,7 +796,7 @@ def _linear_solve_jvp(primals, tangents):
     if has_vector_tangent:
         terms.append(_as_tangent(vector, t_vector))
     if t_y0 is not None:
-        terms.append(_tree_neg(operator.mv(t_y0)))
+        terms.append(_tree_neg(solved.mv(t_y0)))
         after.append(t_y0)
     if has_operator_tangent:
         # (Only the part of the tangent that the solver reads changes the solution.)
@@ -806,7 +816,7 @@ def _linear_solve_jvp(primals, tangents):
             return tree_conj(tangent_op_t.mv(tree_conj(y, complex_)), complex_)
 
         if dependent_rows:
-            residual = _tree_sub(vector, operator.mv(solution))
+            residual = _tree_sub(vector, solved.mv(solution))
             terms.append(
                 _conj_transpose_solve(
                     operator,
@@ -824,7 +834,7 @@ def _linear_solve_jvp(primals, tangents):
                 operator, state, row_part, options, solver, throw, complex_
             )
             z = tangent_op_h_mv(y)
-            terms.append(_tree_neg(operator.mv(z)))
+            terms.append(_tree_neg(solved.mv(z)))
             after.append(z)
     total = _tree_add(*terms) if len(terms) > 1 else terms[0]
     t_solution = bind(operator, state, total, options, solver, throw, "tangent")[0]

@@ -32,7 +32,7 @@ from .._operator.base import (
 from .._operator.tagged import TaggedLinearOperator, unwrap_tagged
 from .._operator.tangent import TangentLinearOperator
 from .._solution import RESULTS
-from .base import AbstractLinearSolver, rank_flags
+from .base import AbstractLinearSolver, check_passed_on, rank_flags
 
 
 def first_failure(*results: RESULTS) -> RESULTS:
@@ -146,6 +146,21 @@ def tangent_parts(
     return primal, unwrap_tagged(other.tangent)
 
 
+def solved_parts(
+    operator: AbstractLinearOperator, other: AbstractLinearOperator, kind: type
+) -> Any:
+    """For a structured solver's `part_read`: `operator` without its tags if
+    `other` is `operator` itself (asked for the operator as solved, see
+    `AbstractLinearSolver.part_read`) and of type `kind`; else `None`. The
+    operator as solved is then made of its parts as their solvers solve them
+    (`inner.part_read(part, part)`): a unit triangular block, say, with the unit
+    diagonal that its tangents lack."""
+    if other is not operator:
+        return None
+    primal = unwrap_tagged(operator)
+    return primal if isinstance(primal, kind) else None
+
+
 _State = TypeVar("_State")
 
 
@@ -195,6 +210,7 @@ def part_options(
     parts' solvers would not read it (direct solvers), and is an error where they
     would, rather than solving unpreconditioned behind the user's back.
     """
+    check_passed_on(solvers, options, who)
     options = {k: v for k, v in options.items() if k != "y0"}
     if "preconditioner" in options:
         keys = [solver.option_keys for solver in solvers]

@@ -81,6 +81,12 @@ class AbstractLinearSolver(eqx.Module, Generic[_SolverState]):
     of `A`): that is what the derivative of the solve assumes. `None` (the
     default) means undeclared: `linear_solve` then accepts every key."""
 
+    reformulating_keys: ClassVar[frozenset[str]] = frozenset()
+    """The keys of `options` with which `reformulate` poses another problem (e.g.
+    `damp` for [`lineax.LSMR`][]). Only `linear_solve` poses it, for the solver
+    it is given: a solver that passes `options` on to this one as an inner solver
+    refuses these keys (see `check_passed_on`)."""
+
     @abc.abstractmethod
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
@@ -200,6 +206,13 @@ class AbstractLinearSolver(eqx.Module, Generic[_SolverState]):
         (`jax.grad` with respect to a whole matrix tagged diagonal) changes nothing
         and is dropped. The default: the whole of `other` (a solver that reads the
         whole operator).
+
+        `part_read(operator, operator)` (`other` the operator itself) is the
+        operator as this solver solves it: what the residuals of a solve with it
+        (`lx.Woodbury`'s refinement step) and the products with it in the JVP
+        of a least-squares solve need. It differs from the cut-down tangent
+        where the solver supplies a constant part: [`lineax.Triangular`][] under
+        `unit_diagonal_tag` adds the unit diagonal.
         """
         del operator
         return other
@@ -288,6 +301,38 @@ def declared_option_keys() -> frozenset[str]:
         classes.extend(cls.__subclasses__())
         keys.update(cls.option_keys or ())
     return frozenset(keys)
+
+
+def check_passed_on(
+    solvers: tuple[AbstractLinearSolver, ...], options: dict[str, Any], who: str
+) -> None:
+    """Raise a ValueError if `options`, which the solver `who` passes on to its
+    inner `solvers`, holds a key with which one of them would pose another problem
+    (its `reformulating_keys`).
+
+    `linear_solve` poses that problem (e.g. LSMR's damped solve as the
+    least-squares solve of `[A; damp I]`) before `init`, and differentiates it,
+    for the solver it is given only. An inner solver handed the key solves a
+    damped problem for each part of the operator: not the damped problem of the
+    whole (`Normal`, `Woodbury`, `Kronecker`), with derivatives that ignored
+    `damp` and were those of the undamped solution, or failed inside JAX's
+    closure conversion (`BlockDiagonal`, whose value alone was right)."""
+    for solver in solvers:
+        # (`None` is the default of an option: no other problem.)
+        keys = sorted(
+            k for k in solver.reformulating_keys if options.get(k) is not None
+        )
+        if keys:
+            name = type(solver).__name__
+            given = ", ".join(f"`{key}`" for key in keys)
+            raise ValueError(
+                f"`lx.{who}` passes `options` on to its inner solver `lx.{name}`, "
+                f"which would pose another problem from {given} (e.g. a damped "
+                "least-squares problem): only `linear_solve` can pose it, for the "
+                "solver it is given. Solve the whole operator with "
+                f"`lx.{name}` and these options instead (for a block-diagonal "
+                "operator, that is the damped solve of each block)."
+            )
 
 
 def reads_option(solver: AbstractLinearSolver, key: str) -> bool:

@@ -24,6 +24,7 @@ from ._structured import (
     first_failure,
     part_options,
     reads_whole,
+    solved_parts,
     structured_solver,
     tangent_parts,
     worst_result,
@@ -209,6 +210,14 @@ class BlockDiagonal(AbstractPartwiseSolver[BlockDiagonalState]):
     def part_read(self, operator, other):
         # Each block's solver reads its part of the block (e.g. the diagonal for
         # `lx.Diagonal`): the tangent of each block is cut down by that solver.
+        solved = solved_parts(operator, other, self.kind)
+        if solved is not None:
+            pairs = list(zip(self._solvers(len(solved.blocks)), solved.blocks))
+            if all(reads_whole(solver, block) for solver, block in pairs):
+                return other
+            return BlockDiagonalLinearOperator(
+                [solver.part_read(block, block) for solver, block in pairs]
+            )
         parts = tangent_parts(operator, other, self.kind)
         if parts is None:
             return other

@@ -20,6 +20,7 @@ from ._structured import (
     part_options,
     reads_whole,
     solve_flat,
+    solved_parts,
     structured_solver,
     tangent_parts,
     worst_result,
@@ -150,23 +151,30 @@ class Kronecker(AbstractPartwiseSolver[KroneckerState]):
 
     def part_read(self, operator, other):
         # The inner solver reads its part of each factor (e.g. one triangle for
-        # `lx.Triangular`). By the product rule the tangent of A₁ ⊗ ... ⊗ Aₖ is
-        # the sum over i of the product with Aᵢ replaced by its tangent; each of
-        # those is cut down to the part that the inner solver reads.
+        # `lx.Triangular`): the product solved is that of the factors as solved
+        # (`part_read(f, f)`), P(A₁) ⊗ ... ⊗ P(Aₖ). By the product rule its
+        # tangent is the sum over i of that product with P(Aᵢ) replaced by the
+        # part of Aᵢ's tangent that the inner solver reads. (With the whole
+        # factors Aⱼ, j ≠ i, there, the tangent of a product of factors tagged
+        # unit triangular and stored with another diagonal, or tagged diagonal
+        # with entries off it, was wrong.)
         parts = tangent_parts(operator, other, self.kind)
-        if parts is None:
+        primal = solved_parts(operator, other, self.kind) if parts is None else parts[0]
+        if primal is None:
             return other
-        primal, tangent = parts
         factors = primal.operators
         if all(reads_whole(solver, f) for solver, f in self.solver_parts(primal)):
             return other
+        factors = [self.inner.part_read(f, f) for f in factors]
+        if parts is None:
+            return KroneckerLinearOperator(*factors)
         terms = [
             KroneckerLinearOperator(
                 *factors[:i],
                 self.inner.part_read(f, TangentLinearOperator(f, t_f)),
                 *factors[i + 1 :],
             )
-            for i, (f, t_f) in enumerate(zip(factors, tangent.operators))
+            for i, (f, t_f) in enumerate(zip(primal.operators, parts[1].operators))
             if jtu.tree_leaves(t_f)
         ]
         if not terms:

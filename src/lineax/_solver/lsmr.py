@@ -163,7 +163,10 @@ class LSMR(AbstractKrylovSolver):
 
     **Options:**
 
-    - `damp`: a nonnegative scalar, for damped least squares (default 0).
+    - `damp`: a nonnegative scalar, for damped least squares (default 0). A
+        solver that passes `options` on to an inner LSMR (`lx.BlockDiagonal`,
+        `lx.Kronecker`, `lx.Normal`, `lx.Woodbury`, `lx.Schur`) refuses it with
+        a `ValueError`: only the problem given to `linear_solve` is damped.
     - `preconditioner`: a nonsingular operator `N` on the operator's input space,
         used on the right: LSMR is run on `A N` from `b - A y0`, and
         `y = y0 + N z` is returned. A good choice scales the columns of `A` to
@@ -186,6 +189,11 @@ class LSMR(AbstractKrylovSolver):
     verbose: bool | int = eqx.field(static=True, default=False)
 
     option_keys = frozenset({"damp", "preconditioner", "y0"})
+    # (`preconditioner` poses `A N` too, but an inner solver's `compute` called
+    # directly keeps its meaning, and the solution it gives differs from the
+    # pseudoinverse one only where the inner operator is singular, where the
+    # wrappers do not promise derivatives: see `compute`.)
+    reformulating_keys = frozenset({"damp"})
     right_preconditioned = True
 
     def __check_init__(self):

@@ -12,7 +12,7 @@ from .._operator.base import AbstractLinearOperator, conj, linearise, materialis
 from .._operator.tagged import TaggedLinearOperator
 from .._tags import positive_semidefinite_tag
 from ._krylov import AbstractKrylovSolver, check_product_structure
-from .base import AbstractLinearSolver, check_solver
+from .base import AbstractLinearSolver, check_passed_on, check_solver
 
 
 class NormalState(eqx.Module):
@@ -119,6 +119,7 @@ class Normal(AbstractLinearSolver[NormalState]):
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> NormalState:
+        check_passed_on((self.inner_solver,), options, "Normal")
         tall = operator.out_size() >= operator.in_size()
         complex_ = tree_is_complex(operator.in_structure(), operator.out_structure())
         if not isinstance(self.inner_solver, AbstractKrylovSolver):
@@ -167,6 +168,20 @@ class Normal(AbstractLinearSolver[NormalState]):
         inner_state, options = self.inner_solver.conj(state.inner_state, options)
         new = NormalState(conj(state.operator), inner_state, state.tall, state.complex_)
         return new, options
+
+    def initial_guess(self, operator, y0):
+        # For a tall `A` the inner solver's unknown is `x`: from `y0` it returns
+        # `y0 + G^+ (A^H b - G y0)` for the Gram `G = A^H A` (if it uses `y0` at
+        # all), and `G^+ A^H = A^+`, `G^+ G = A^+ A`, so this is `y0 + A^+ (b -
+        # A y0)` with the inner solver's guess. (Without this, `Normal(LSMR())`
+        # with a `y0` on a rank-deficient `A` was differentiated as if it
+        # returned `A^+ b`.) For a wide `A` the unknown is `y` with `x = A^H y`,
+        # and `A^H (y0 + G^+ (b - G y0)) = A^+ b` for `G = A A^H`: no `y0` left.
+        if operator.out_size() < operator.in_size():
+            return None
+        complex_ = tree_is_complex(operator.in_structure(), operator.out_structure())
+        gram = _normal_operator(operator, True, complex_)
+        return self.inner_solver.initial_guess(gram, y0)
 
     def assume_full_rank(self) -> bool:
         # The normal equations are singular exactly when A is rank deficient.

@@ -85,8 +85,14 @@ class QR(AbstractLinearSolver[QRState]):
         wide = n > m
         if wide:
             matrix = jnp.conj(matrix.T)
-        # `mode="raw"` is LAPACK's `geqrf` output, transposed.
-        reflectors, taus = jnp.linalg.qr(matrix, mode="raw")
+        # `mode="raw"` is LAPACK's `geqrf` output, transposed. (With gradients
+        # stopped: JAX has no JVP rule for `geqrf`, and the state's derivative
+        # is never used, as `linear_solve` differentiates with respect to the
+        # operator and ignores the tangent of a state passed to it. A state made
+        # by the user's own `init` under `jax.jvp` or `jax.grad`, to reuse with
+        # `state=`, failed with "Differentiation rule for 'geqrf' not
+        # implemented", as in lineax 0.1.1.)
+        reflectors, taus = jnp.linalg.qr(lax.stop_gradient(matrix), mode="raw")
         return QRState(
             reflectors.mT,
             taus,

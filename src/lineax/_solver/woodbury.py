@@ -31,11 +31,12 @@ from ._structured import (
     refined,
     solve_columns,
     solve_flat,
+    solved_parts,
     structured_solver,
     tangent_parts,
 )
 from .auto import AutoLinearSolver
-from .base import AbstractLinearSolver, check_solver
+from .base import AbstractLinearSolver, check_passed_on, check_solver
 from .lu import LU, LUState
 
 
@@ -126,6 +127,7 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
                 "`lx.Woodbury` solves only a `lx.LowRankUpdateLinearOperator`, got "
                 f"{type(operator).__name__}."
             )
+        check_passed_on((self.inner,), options, "Woodbury")
         a = operator.operator
         operator_state = self.inner.init(a, options)
         # P = A⁻¹ U, one solve per column of U (batched).
@@ -148,9 +150,7 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
         # of `A` that the inner solver reads (e.g. the diagonal, for a matrix
         # tagged diagonal), on which alone the solution and its derivative
         # depend.
-        solved = LowRankUpdateLinearOperator(
-            self.inner.part_read(a, a), operator.u, operator.c, operator.v
-        )
+        solved = self.part_read(operator, operator)
         structures = Static((a.in_structure(), a.out_structure()))
         return WoodburyState(
             operator_state,
@@ -174,7 +174,13 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
         return unflatten_vector(x, in_structure), result, {}
 
     def transpose(self, state: WoodburyState, options):
-        operator_state, _ = self.inner.transpose(state.operator_state, options)
+        # `options` are the inner solver's (see `compute`): transposed by it, a
+        # preconditioner of `A` becomes one of `Aᵀ`. (Kept as they were, the
+        # transposed solves of reverse mode ran preconditioned by an
+        # approximate inverse of `A`, not of `Aᵀ`: `Woodbury(GMRES(max_steps=2,
+        # restart=2))` with `lx.invert(A)` as the preconditioner solved, but
+        # its gradient failed with `max_steps_reached`.)
+        operator_state, options = self.inner.transpose(state.operator_state, options)
         capacitance, _ = LU().transpose(state.capacitance, {})
         in_structure, out_structure = state.structures.value
         new = WoodburyState(
@@ -190,7 +196,7 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
         return new, options
 
     def conj(self, state: WoodburyState, options):
-        operator_state, _ = self.inner.conj(state.operator_state, options)
+        operator_state, options = self.inner.conj(state.operator_state, options)
         capacitance, _ = LU().conj(state.capacitance, {})
         new = WoodburyState(
             operator_state,
@@ -208,6 +214,14 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
         # The inner solver reads its part of `A` (e.g. the diagonal for
         # `lx.Diagonal`); `U`, `C` and `V` are read whole. The tangent of
         # `A + U C V` is that of `A` plus that of the update with `A` held fixed.
+        solved = solved_parts(operator, other, LowRankUpdateLinearOperator)
+        if solved is not None:
+            a = solved.operator
+            if reads_whole(self.inner, a):
+                return other
+            return LowRankUpdateLinearOperator(
+                self.inner.part_read(a, a), solved.u, solved.c, solved.v
+            )
         parts = tangent_parts(operator, other, LowRankUpdateLinearOperator)
         if parts is None:
             return other
