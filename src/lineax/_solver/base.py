@@ -49,6 +49,19 @@ from .._tags import (
 _SolverState = TypeVar("_SolverState")
 
 
+# What `AbstractLinearSolver.reformulate` returns: the problem to solve instead,
+# and optionally the map from its solution to the one returned.
+Reformulated = (
+    tuple[AbstractLinearOperator, PyTree[Array], dict[str, Any]]
+    | tuple[
+        AbstractLinearOperator,
+        PyTree[Array],
+        dict[str, Any],
+        Callable[[PyTree[Array]], PyTree[Array]],
+    ]
+)
+
+
 class AbstractLinearSolver(eqx.Module, Generic[_SolverState]):
     """The base class for linear solvers (and least-squares solvers).
 
@@ -142,15 +155,7 @@ class AbstractLinearSolver(eqx.Module, Generic[_SolverState]):
         operator: AbstractLinearOperator,
         vector: PyTree[Array],
         options: dict[str, Any],
-    ) -> (
-        tuple[AbstractLinearOperator, PyTree[Array], dict[str, Any]]
-        | tuple[
-            AbstractLinearOperator,
-            PyTree[Array],
-            dict[str, Any],
-            Callable[[PyTree[Array]], PyTree[Array]],
-        ]
-    ):
+    ) -> Reformulated:
         """Pose the solve as another linear solve, before `init`.
 
         [`lineax.linear_solve`][] calls this first and solves (and differentiates)

@@ -31,7 +31,7 @@ from ._krylov import (
     tree_scale,
     tree_zeros,
 )
-from .base import static_number
+from .base import Reformulated, static_number
 
 
 # The relative normal-equations residual `||A^H r|| / (||A|| ||r||)` that finite
@@ -215,15 +215,7 @@ class LSMR(AbstractKrylovSolver):
         operator: AbstractLinearOperator,
         vector: PyTree[Array],
         options: dict[str, Any],
-    ) -> (
-        tuple[AbstractLinearOperator, PyTree[Array], dict[str, Any]]
-        | tuple[
-            AbstractLinearOperator,
-            PyTree[Array],
-            dict[str, Any],
-            Callable[[PyTree[Array]], PyTree[Array]],
-        ]
-    ):
+    ) -> Reformulated:
         """The solve `linear_solve` binds, so that the generic derivative rules
         (the pseudoinverse JVP, the transposed solve) are those of the solution
         LSMR returns:
