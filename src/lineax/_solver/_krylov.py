@@ -27,6 +27,7 @@ Every Krylov solver in lineax follows the same contract:
 - The right-hand side is scaled by a power of two (exact in floating point) before
   the iteration, so `b` and `2^k b` give bit-identical iterations and `1e±20 b`
   the same iteration count, and in-loop norms neither overflow nor underflow.
+  (With an initial guess, by the larger of `b` and the residual `b - A y0`.)
   GMRES, FGMRES, MINRES, BiCGStab and LSMR scale the operator too, by a power of
   two estimated from one product made before the first step (see
   `Problem.op_inverse`), so the same holds for `A` and `2^k A` or `1e±20 A`. (CG
@@ -463,6 +464,16 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         if y0 is not None:
             y0 = tree_scale(op_scale, tree_scale(inverse, y0))
         x0, r0 = initial_residual(mv, vector, y0, structure)
+        if y0 is not None:
+            # An initial guess far larger than the solution it corrects (a warm
+            # start near a root: `b` of 1e-20 and `y0` of 1 in float32, or `b = 0`
+            # and `y0` of 1e30) leaves a residual far larger than `b`, and in the
+            # units of `b` its squared norms overflowed: every method reported a
+            # breakdown at its first step and returned `y0`. The units are then
+            # those of the residual.
+            up, down = _excess_scale(r0, vector, rdtype)
+            vector, x0, r0 = (tree_scale(down, v) for v in (vector, x0, r0))
+            scale, inverse = scale * up, inverse * down
         norm = self.scaled_norm()
         bnorm = norm(vector)
         # A `b` holding an infinity has an infinite norm, hence an infinite target,
@@ -655,6 +666,20 @@ def _power_of_two_scale(vector: PyTree[Array], rdtype: Any) -> tuple[Array, Arra
     wide = _field_format(rdtype)[0]
     big = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(wide) for x in leaves]))
     return _scale_of_field(_exponent_field(big, rdtype), rdtype)
+
+
+def _excess_scale(
+    r0: PyTree[Array], vector: PyTree[Array], rdtype: Any
+) -> tuple[Array, Array]:
+    """`(2^k, 2^-k)` where the largest entry of `r0` is `2^k` times that of `vector`
+    (rounded to powers of two, see `_power_of_two_scale`; a zero `vector` counts
+    as 1), or `(1, 1)` where it is not larger."""
+    r_scale, r_inverse = _power_of_two_scale(r0, rdtype)
+    b_scale, b_inverse = _power_of_two_scale(vector, rdtype)
+    larger = r_scale > b_scale
+    return select(larger, r_scale * b_inverse, 1), select(
+        larger, r_inverse * b_scale, 1
+    )
 
 
 def operator_scale(product: PyTree[Array], rdtype: Any) -> tuple[Array, Array]:
