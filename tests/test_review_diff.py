@@ -66,3 +66,28 @@ def test_initial_guess_far_larger_than_the_right_hand_side(name, bscale, y0scale
     x64 = np.asarray(x, np.float64)
     residual = b.astype(np.float64) - matrix.astype(np.float64) @ x64
     assert np.max(np.abs(residual)) <= 2 * atol
+
+
+# Restarted GMRES's default budget was 10 n *steps*, a twentieth of lineax 0.1.1's
+# (10 n restart cycles, as SciPy's `gmres` counts `maxiter`): GMRES(20) on a
+# symmetric indefinite 25 x 25 of condition 316 needs 420-720 steps, and failed
+# with `max_steps_reached` at 250, where 0.1.1 succeeded (residual 2e-7).
+@pytest.mark.parametrize("solver", [lx.GMRES, lx.FGMRES])
+def test_restarted_gmres_default_budget_counts_cycles(solver):
+    n = 25
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    spectrum = np.logspace(-2.5, 0, n - n // 2)
+    eigenvalues = np.concatenate([-spectrum[: n // 2], spectrum])
+    matrix = (q * eigenvalues) @ q.T
+    vector = rng.standard_normal(n)
+    sol = lx.linear_solve(
+        lx.MatrixLinearOperator(matrix),
+        vector,
+        solver(rtol=1e-6, atol=1e-6),
+        throw=False,
+    )
+    assert sol.result == lx.RESULTS.successful
+    assert int(sol.stats["max_steps"]) == 10 * n * 20
+    assert 250 < int(sol.stats["num_steps"]) < 5000
+    np.testing.assert_array_less(np.abs(matrix @ sol.value - vector), 1e-5)

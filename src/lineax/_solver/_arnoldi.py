@@ -29,6 +29,7 @@ from ._krylov import (
     iterate,
     Iteration,
     KrylovState,
+    MAX_INT32,
     norm2,
     safe_div,
     tree_scale,
@@ -160,6 +161,20 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+
+    def resolve_max_steps(self, operator: AbstractLinearOperator) -> int:
+        # `None`: 10 × the size *cycles* (of `min(restart, size)` steps), the
+        # budget of lineax 0.1.1's GMRES and of SciPy's `gmres`, whose `maxiter`
+        # counts restarts. (10 × the size steps, as for the other solvers, was a
+        # twentieth of it: restarted GMRES on a symmetric indefinite 25 x 25 of
+        # condition 316, which needs 420-720 steps, failed with
+        # `max_steps_reached` where 0.1.1 succeeded.) Capped at int32, in
+        # which steps are counted.
+        steps = super().resolve_max_steps(operator)
+        if self.max_steps is not None:
+            return steps
+        cycle = max(min(self.restart, operator.in_size()), 1)
+        return min(steps * cycle, MAX_INT32)
 
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]

@@ -331,12 +331,13 @@ def conj_options(options: dict[str, Any]):
 #
 
 
-_MAX_INT32 = 2**31 - 1
+MAX_INT32 = 2**31 - 1
 
 
 class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
     """Shared behaviour of the Krylov solvers: checked tolerances (`rtol`, `atol`),
-    the `norm` of the stopping rule, `max_steps` (`None`: 10 × the problem size),
+    the `norm` of the stopping rule, `max_steps` (`None`: 10 × the problem size;
+    that many restart cycles for GMRES and FGMRES),
     the residual history (`history_length`), the progress print (`verbose`), and
     `transpose`/`conj` of the state."""
 
@@ -368,9 +369,9 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         # Steps are counted in int32 (also with x64); a larger budget
         # (`max_steps=10**10` for "no limit") failed deep in JAX with an
         # OverflowError ("while parsing an argument to a jitted computation").
-        if self.max_steps is not None and self.max_steps > _MAX_INT32:
+        if self.max_steps is not None and self.max_steps > MAX_INT32:
             raise ValueError(
-                f"`max_steps` must be at most 2**31 - 1 = {_MAX_INT32} (steps are "
+                f"`max_steps` must be at most 2**31 - 1 = {MAX_INT32} (steps are "
                 f"counted in int32), got {self.max_steps}."
             )
         if self.rtol == 0 and self.atol == 0 and self.max_steps is None:

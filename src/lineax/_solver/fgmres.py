@@ -37,7 +37,8 @@ class FGMRES(AbstractArnoldiSolver):
         checked on a recomputed residual.
     - `norm`: the norm of that test. Defaults to the max norm.
     - `max_steps`: the maximum number of inner iterations (one operator and one
-        preconditioner application each). `None` means 10 × the problem size.
+        preconditioner application each). `None` means 10 × the problem size
+        restart cycles, as for [`lineax.GMRES`][].
     - `restart`: the size of the Krylov basis before restarting.
     - `stagnation_iters`: restarts without a decrease of the true residual after
         which [`lineax.RESULTS.stagnation`][] is returned (sooner below the floor

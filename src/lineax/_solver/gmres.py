@@ -31,7 +31,9 @@ class GMRES(AbstractArnoldiSolver):
     - `norm`: the norm of that test. Defaults to the max norm.
     - `max_steps`: the maximum number of *inner* iterations (matrix-vector
         products with the operator, summed over all cycles; recomputing the residual
-        at a restart is not counted). `None` means 10 × the problem size.
+        at a restart is not counted). `None` means 10 × the problem size
+        restart cycles, `10 n min(restart, n)` steps: the budget of lineax 0.1.1
+        and of SciPy's `gmres`, whose limits count cycles.
         `stats["num_steps"]` counts the same.
     - `restart`: the size of the Krylov basis before restarting.
     - `stagnation_iters`: the number of consecutive restarts without any decrease
