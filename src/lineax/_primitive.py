@@ -778,13 +778,13 @@ def _linear_solve_jvp(primals, tangents):
     # V y0 + V x' = V x and b' - A x' = b - A x, the only changes to (1) are
     # z = V^H (A^+)^H (x - y0) and the terms in dy0 (together (I - A^+ A) dy0).
     complex_ = tree_is_complex(operator.in_structure(), operator.out_structure())
-    # `A` in (1) is the operator as the solver solves it (see `part_read`), as `V`
+    # `A` in (1) is the operator as the solver solves it (`solved_operator`), as `V`
     # is the part of the tangent it reads: `Diagonal(well_posed=False)` of a
     # matrix tagged diagonal reads its diagonal alone, and with the whole matrix
     # here its JVP was wrong along every tangent where the matrix had entries
     # off the diagonal.
     solved = (
-        solver.part_read(operator, operator)
+        solver.solved_operator(operator)
         if dependent_rows or dependent_columns
         else operator
     )

@@ -146,17 +146,11 @@ def tangent_parts(
     return primal, unwrap_tagged(other.tangent)
 
 
-def solved_parts(
-    operator: AbstractLinearOperator, other: AbstractLinearOperator, kind: type
-) -> Any:
-    """For a structured solver's `part_read`: `operator` without its tags if
-    `other` is `operator` itself (asked for the operator as solved, see
-    `AbstractLinearSolver.part_read`) and of type `kind`; else `None`. The
-    operator as solved is then made of its parts as their solvers solve them
-    (`inner.part_read(part, part)`): a unit triangular block, say, with the unit
-    diagonal that its tangents lack."""
-    if other is not operator:
-        return None
+def solved_parts(operator: AbstractLinearOperator, kind: type) -> Any:
+    """For a structured solver's `solved_operator`: `operator` without its tags
+    if of type `kind`, else `None`. The operator as solved is then made of its
+    parts as their solvers solve them (`inner.solved_operator(part)`): a unit
+    triangular block, say, with the unit diagonal that its tangents lack."""
     primal = unwrap_tagged(operator)
     return primal if isinstance(primal, kind) else None
 

@@ -182,6 +182,9 @@ class AutoLinearSolver(AbstractLinearSolver[AutoState]):
     def part_read(self, operator, other):
         return self.select_solver(operator).part_read(operator, other)
 
+    def solved_operator(self, operator):
+        return self.select_solver(operator).solved_operator(operator)
+
     def initial_guess(self, operator, y0):
         return self.select_solver(operator).initial_guess(operator, y0)
 

@@ -211,16 +211,24 @@ class AbstractLinearSolver(eqx.Module, Generic[_SolverState]):
         (`jax.grad` with respect to a whole matrix tagged diagonal) changes nothing
         and is dropped. The default: the whole of `other` (a solver that reads the
         whole operator).
-
-        `part_read(operator, operator)` (`other` the operator itself) is the
-        operator as this solver solves it: what the residuals of a solve with it
-        (`lx.Woodbury`'s refinement step) and the products with it in the JVP
-        of a least-squares solve need. It differs from the cut-down tangent
-        where the solver supplies a constant part: [`lineax.Triangular`][] under
-        `unit_diagonal_tag` adds the unit diagonal.
         """
         del operator
         return other
+
+    def solved_operator(
+        self, operator: AbstractLinearOperator
+    ) -> AbstractLinearOperator:
+        """The operator as this solver solves it: what the residuals of a solve
+        with it (`lx.Woodbury`'s refinement step) and the products with it in the
+        JVP of a least-squares solve need.
+
+        The default: the part of `operator` that this solver reads,
+        `part_read(operator, operator)`. A solver that supplies a constant part of
+        its own overrides it: [`lineax.Triangular`][] under `unit_diagonal_tag`
+        adds the unit diagonal, which tangents lack; a structured solver builds it
+        from its parts as their solvers solve them.
+        """
+        return self.part_read(operator, operator)
 
     def initial_guess(self, operator: AbstractLinearOperator, y0: PyTree) -> Any:
         """The initial guess `g` that the solution depends on, given the `y0`

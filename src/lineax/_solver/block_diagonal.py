@@ -210,14 +210,6 @@ class BlockDiagonal(AbstractPartwiseSolver[BlockDiagonalState]):
     def part_read(self, operator, other):
         # Each block's solver reads its part of the block (e.g. the diagonal for
         # `lx.Diagonal`): the tangent of each block is cut down by that solver.
-        solved = solved_parts(operator, other, self.kind)
-        if solved is not None:
-            pairs = list(zip(self._solvers(len(solved.blocks)), solved.blocks))
-            if all(reads_whole(solver, block) for solver, block in pairs):
-                return other
-            return BlockDiagonalLinearOperator(
-                [solver.part_read(block, block) for solver, block in pairs]
-            )
         parts = tangent_parts(operator, other, self.kind)
         if parts is None:
             return other
@@ -233,6 +225,17 @@ class BlockDiagonal(AbstractPartwiseSolver[BlockDiagonalState]):
                     self._solvers(len(blocks)), blocks, tangent.blocks
                 )
             ]
+        )
+
+    def solved_operator(self, operator):
+        solved = solved_parts(operator, self.kind)
+        if solved is None:
+            return operator
+        pairs = list(zip(self._solvers(len(solved.blocks)), solved.blocks))
+        if all(reads_whole(solver, block) for solver, block in pairs):
+            return operator
+        return BlockDiagonalLinearOperator(
+            [solver.solved_operator(block) for solver, block in pairs]
         )
 
     def initial_guess(self, operator, y0):

@@ -152,34 +152,41 @@ class Kronecker(AbstractPartwiseSolver[KroneckerState]):
     def part_read(self, operator, other):
         # The inner solver reads its part of each factor (e.g. one triangle for
         # `lx.Triangular`): the product solved is that of the factors as solved
-        # (`part_read(f, f)`), P(A₁) ⊗ ... ⊗ P(Aₖ). By the product rule its
+        # (`solved_operator(f)`), P(A₁) ⊗ ... ⊗ P(Aₖ). By the product rule its
         # tangent is the sum over i of that product with P(Aᵢ) replaced by the
         # part of Aᵢ's tangent that the inner solver reads. (With the whole
         # factors Aⱼ, j ≠ i, there, the tangent of a product of factors tagged
         # unit triangular and stored with another diagonal, or tagged diagonal
         # with entries off it, was wrong.)
         parts = tangent_parts(operator, other, self.kind)
-        primal = solved_parts(operator, other, self.kind) if parts is None else parts[0]
-        if primal is None:
+        if parts is None:
             return other
-        factors = primal.operators
+        primal, tangent = parts
         if all(reads_whole(solver, f) for solver, f in self.solver_parts(primal)):
             return other
-        factors = [self.inner.part_read(f, f) for f in factors]
-        if parts is None:
-            return KroneckerLinearOperator(*factors)
+        factors = [self.inner.solved_operator(f) for f in primal.operators]
         terms = [
             KroneckerLinearOperator(
                 *factors[:i],
                 self.inner.part_read(f, TangentLinearOperator(f, t_f)),
                 *factors[i + 1 :],
             )
-            for i, (f, t_f) in enumerate(zip(primal.operators, parts[1].operators))
+            for i, (f, t_f) in enumerate(zip(primal.operators, tangent.operators))
             if jtu.tree_leaves(t_f)
         ]
         if not terms:
             return other
         return ft.reduce(lambda a, b: a + b, terms)
+
+    def solved_operator(self, operator):
+        solved = solved_parts(operator, self.kind)
+        if solved is None or all(
+            reads_whole(solver, f) for solver, f in self.solver_parts(solved)
+        ):
+            return operator
+        return KroneckerLinearOperator(
+            *[self.inner.solved_operator(f) for f in solved.operators]
+        )
 
     def solver_parts(self, operator: KroneckerLinearOperator):
         # (For the rank flags: a singular factor is solved as `A⁺ ⊗ B⁺ =

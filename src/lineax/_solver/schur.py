@@ -204,7 +204,7 @@ class Schur(AbstractLinearSolver[SchurState]):
         # the part of `A` that the inner solver reads (e.g. the diagonal, for a
         # matrix tagged diagonal), on which alone the solution and its
         # derivative depend.
-        solved = self.part_read(operator, operator)
+        solved = self.solved_operator(operator)
         return SchurState(
             top_left,
             complement_state,
@@ -261,14 +261,6 @@ class Schur(AbstractLinearSolver[SchurState]):
         # The inner solver reads its part of `A` (e.g. the diagonal for
         # `lx.Diagonal`); the other blocks are read whole. The tangent is taken
         # block by block, with `A`'s cut down by the inner solver.
-        solved = solved_parts(operator, other, BlockLinearOperator)
-        if solved is not None and len(solved.blocks) == 2:
-            a = solved.blocks[0][0]
-            if a is None or reads_whole(self.inner, a):
-                return other
-            rows = [list(row) for row in solved.blocks]
-            rows[0][0] = self.inner.part_read(a, a)
-            return BlockLinearOperator(rows)
         parts = tangent_parts(operator, other, BlockLinearOperator)
         if parts is None or len(parts[0].blocks) != 2:
             return other
@@ -286,6 +278,17 @@ class Schur(AbstractLinearSolver[SchurState]):
         rows[0][0] = self.inner.part_read(
             a, TangentLinearOperator(a, tangent.blocks[0][0])
         )
+        return BlockLinearOperator(rows)
+
+    def solved_operator(self, operator):
+        solved = solved_parts(operator, BlockLinearOperator)
+        if solved is None or len(solved.blocks) != 2:
+            return operator
+        a = solved.blocks[0][0]
+        if a is None or reads_whole(self.inner, a):
+            return operator
+        rows = [list(row) for row in solved.blocks]
+        rows[0][0] = self.inner.solved_operator(a)
         return BlockLinearOperator(rows)
 
     def assume_full_rank(self) -> bool:

@@ -122,22 +122,15 @@ class Triangular(AbstractLinearSolver[TriangularState]):
         return new, options
 
     def part_read(self, operator, other):
-        # The solve reads one triangle (lower if tagged both, as `init` chooses),
-        # less the diagonal under `unit_diagonal_tag`.
+        return _triangle(operator, other, with_unit_diagonal=False)
+
+    def solved_operator(self, operator):
+        # The operator as solved has the unit diagonal, which its tangents do not
+        # have. (Without it `lx.Woodbury` and `lx.Schur`, whose refinement step
+        # takes its residual with this, solved `I + L + u vᵀ` as if it were
+        # `L + u vᵀ`: a relative error of 3 for n = 4.)
         unit = has_unit_diagonal(operator)
-        offset = 1 if unit else 0
-        matrix = other.as_matrix()
-        if is_lower_triangular(operator):
-            matrix = jnp.tril(matrix, -offset)
-        else:
-            matrix = jnp.triu(matrix, offset)
-        if unit and other is operator:
-            # The operator as solved has the unit diagonal, which its tangents do
-            # not have. (Without it `lx.Woodbury` and `lx.Schur`, whose refinement
-            # step takes its residual with this, solved `I + L + u vᵀ` as if it
-            # were `L + u vᵀ`: a relative error of 3 for n = 4.)
-            matrix = matrix + jnp.eye(matrix.shape[0], dtype=matrix.dtype)
-        return embed_like(operator, MatrixLinearOperator(matrix))
+        return _triangle(operator, operator, with_unit_diagonal=unit)
 
     def assume_full_rank(self) -> bool:
         return True
@@ -167,3 +160,18 @@ def _rcond_solve(matrix: Array, static, b: Array, adjoint: bool) -> Array:
         # T^{-H} X = conj(T^{-T} conj(X)).
         return jnp.conj(_triangular_solve(matrix, flags, jnp.conj(b), not transposed))
     return _triangular_solve(matrix, flags, b, transposed)
+
+
+def _triangle(operator, other, with_unit_diagonal: bool) -> AbstractLinearOperator:
+    """`other` cut down to what `Triangular` reads of `operator`: one triangle
+    (lower if tagged both, as `init` chooses), less the diagonal under
+    `unit_diagonal_tag`; plus the identity if `with_unit_diagonal`."""
+    offset = 1 if has_unit_diagonal(operator) else 0
+    matrix = other.as_matrix()
+    if is_lower_triangular(operator):
+        matrix = jnp.tril(matrix, -offset)
+    else:
+        matrix = jnp.triu(matrix, offset)
+    if with_unit_diagonal:
+        matrix = matrix + jnp.eye(matrix.shape[0], dtype=matrix.dtype)
+    return embed_like(operator, MatrixLinearOperator(matrix))

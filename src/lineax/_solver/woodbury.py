@@ -150,7 +150,7 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
         # of `A` that the inner solver reads (e.g. the diagonal, for a matrix
         # tagged diagonal), on which alone the solution and its derivative
         # depend.
-        solved = self.part_read(operator, operator)
+        solved = self.solved_operator(operator)
         structures = Static((a.in_structure(), a.out_structure()))
         return WoodburyState(
             operator_state,
@@ -214,14 +214,6 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
         # The inner solver reads its part of `A` (e.g. the diagonal for
         # `lx.Diagonal`); `U`, `C` and `V` are read whole. The tangent of
         # `A + U C V` is that of `A` plus that of the update with `A` held fixed.
-        solved = solved_parts(operator, other, LowRankUpdateLinearOperator)
-        if solved is not None:
-            a = solved.operator
-            if reads_whole(self.inner, a):
-                return other
-            return LowRankUpdateLinearOperator(
-                self.inner.part_read(a, a), solved.u, solved.c, solved.v
-            )
         parts = tangent_parts(operator, other, LowRankUpdateLinearOperator)
         if parts is None:
             return other
@@ -234,6 +226,14 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
             primal, eqx.tree_at(lambda t: t.operator, tangent, no_t_a)
         )
         return self.inner.part_read(a, TangentLinearOperator(a, t_a)) + update
+
+    def solved_operator(self, operator):
+        solved = solved_parts(operator, LowRankUpdateLinearOperator)
+        if solved is None or reads_whole(self.inner, solved.operator):
+            return operator
+        return LowRankUpdateLinearOperator(
+            self.inner.solved_operator(solved.operator), solved.u, solved.c, solved.v
+        )
 
     def assume_full_rank(self) -> bool:
         return True
