@@ -231,8 +231,10 @@ class LSMR(AbstractKrylovSolver):
             needs `N^{-1}`. Posed so, it is the derivative of `(A N)^+`, and `N`'s
             own derivative (a preconditioner built from the operator) is counted.
         """
-        # (Checked before `A N` is made, which would refuse a bad one less clearly.)
-        self.checked_options(operator, options)
+        if options.get("preconditioner", None) is not None:
+            # (Checked before `A N` is made, which would refuse a bad one less
+            # clearly; else `init` checks them.)
+            self.checked_options(operator, options)
         posed, rest = _posed_operator(operator, options)
         if posed is operator:
             return operator, vector, options
