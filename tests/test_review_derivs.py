@@ -23,13 +23,12 @@ function, and one made outside it, for LU, Cholesky, SVD, GMRES, CG and LSMR;
 `lx.invert(op)` through `mv`, `transpose().mv`, `as_matrix`, `materialise`,
 `diagonal` and as the operator of a solve (LU, SVD, Auto; wide SVD).
 
-Found and left: SVD with an `rcond` that cuts off nonzero singular values
-(documented in `lx.SVD`, as `jnp.linalg.pinv`; the test marked `xfail`); a
-symmetric-tagged `FunctionLinearOperator` differentiated along a tangent that is
-not symmetric (its transpose is taken to be itself, as in lineax 0.1.1: tags are
-promises about the tangents too); `lx.invert(A, lx.LSMR(), options={"y0": y0})`
-of a rank-deficient `A`, whose `mv` is affine (`mv(0) = y0 - A^+ A y0`), as in
-0.1.1. Each other test here failed before the fix it protects. Small sizes.
+Found and left: a symmetric-tagged `FunctionLinearOperator` differentiated
+along a tangent that is not symmetric (its transpose is taken to be itself, as in
+lineax 0.1.1: tags are promises about the tangents too);
+`lx.invert(A, lx.LSMR(), options={"y0": y0})` of a rank-deficient `A`, whose
+`mv` is affine (`mv(0) = y0 - A^+ A y0`), as in 0.1.1.
+Each test here failed before the fix it protects. Small sizes.
 """
 
 import jax
@@ -314,33 +313,66 @@ def test_structured_solvers_of_unit_triangular_parts_stored_with_another_diagona
     np.testing.assert_allclose(tangent, _fd(kronecker), rtol=1e-7, atol=1e-9)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SVD with an `rcond` that cuts off nonzero singular values computes "
-    "the truncated pseudoinverse solution, but differentiates it by equation (1) "
-    "(exact only where the cut-off singular values are zero), as "
-    "`jnp.linalg.pinv` does: a relative error of the order of s_cut / s_kept "
-    "(documented in `lx.SVD`). Not fixed: the exact derivative couples kept and "
-    "cut-off singular vectors, which no solve with the truncated pseudoinverse "
-    "gives.",
-)
-def test_svd_derivative_with_a_cutoff_above_nonzero_singular_values():
-    u, _ = np.linalg.qr(_RNG.normal(size=(4, 4)))
-    v, _ = np.linalg.qr(_RNG.normal(size=(4, 4)))
-    matrix = u @ np.diag([1.0, 0.5, 0.3, 0.05]) @ v.T
-    t_matrix, vector = _RNG.normal(size=(4, 4)), _RNG.normal(size=4)
+def _with_singular_values(m, n, values, complex_):
+    def orthonormal(k):
+        x = _RNG.normal(size=(k, k))
+        if complex_:
+            x = x + 1j * _RNG.normal(size=(k, k))
+        return np.linalg.qr(x)[0]
 
-    def solve(matrix):
+    r = min(m, n)
+    return orthonormal(m)[:, :r] @ np.diag(values) @ orthonormal(n)[:, :r].conj().T
+
+
+def _normal(shape, complex_):
+    x = _RNG.normal(size=shape)
+    return x + 1j * _RNG.normal(size=shape) if complex_ else x
+
+
+@pytest.mark.parametrize(
+    "m, n, values, complex_",
+    [
+        (4, 4, [1.0, 0.5, 0.3, 0.05], False),
+        (6, 4, [1.0, 0.5, 0.5, 0.05], True),  # a repeated kept value
+        (3, 5, [1.0, 0.4, 0.05], True),
+        (5, 5, [1.0, 0.9, 0.3, 0.05, 0.0], False),
+    ],
+)
+def test_svd_derivative_with_a_cutoff_above_nonzero_singular_values(
+    m, n, values, complex_
+):
+    # SVD with an `rcond` that cuts off nonzero singular values (a truncated SVD,
+    # as regularisation) solves with `A_k`, the best approximation of rank k, and
+    # was differentiated by equation (1) for `A` itself, as `jnp.linalg.pinv`
+    # does: exact only where the values cut off are zero. Relative errors
+    # 0.02-0.18 of the JVP and 0.001-0.13 of reverse mode, real and complex,
+    # square, tall and wide (singular values cut off 0.05 against 0.3-0.5 kept,
+    # `rcond=0.1`); now 1e-9.
+    matrix = _with_singular_values(m, n, values, complex_)
+    t_matrix, t_vector = _normal((m, n), complex_), _normal(m, complex_)
+    vector = _normal(m, complex_)
+
+    def solve(matrix, vector):
         operator = lx.MatrixLinearOperator(matrix)
         return lx.linear_solve(operator, vector, lx.SVD(rcond=0.1)).value
 
-    def expected(e):
-        uu, s, vh = np.linalg.svd(matrix + e * t_matrix)
-        return vh[:3].T @ ((uu[:, :3].T @ vector) / s[:3])
+    def truncated(matrix, vector):
+        u, s, vh = np.linalg.svd(matrix)
+        k = np.sum(s > 0.1 * s[0])
+        return vh[:k].conj().T @ ((u[:, :k].conj().T @ vector) / s[:k])
 
-    _, tangent = jax.jvp(solve, (matrix,), (t_matrix,))
-    np.testing.assert_allclose(expected(0.0), solve(matrix), rtol=1e-10)
-    np.testing.assert_allclose(tangent, _fd(expected), rtol=1e-6)
+    def expected(e):
+        return truncated(matrix + e * t_matrix, vector + e * t_vector)
+
+    value, tangent = jax.jvp(solve, (matrix, vector), (t_matrix, t_vector))
+    np.testing.assert_allclose(value, expected(0.0), rtol=1e-10)
+    np.testing.assert_allclose(tangent, _fd(expected), rtol=1e-7, atol=1e-9)
+
+    # Reverse mode, along the same direction: `jax.grad` of a real loss of a
+    # complex input `z` is `conj` of its derivative in `z`, so `Re(sum(g dA))`.
+    grad = jax.grad(lambda m: jnp.sum(jnp.abs(solve(m, vector)) ** 2))(matrix)
+    loss = _fd(lambda e: np.sum(np.abs(truncated(matrix + e * t_matrix, vector)) ** 2))
+    np.testing.assert_allclose(np.real(np.sum(grad * t_matrix)), loss, rtol=1e-7)
 
 
 def test_woodbury_transposes_its_inner_solvers_preconditioner():
