@@ -375,6 +375,32 @@ def test_svd_derivative_with_a_cutoff_above_nonzero_singular_values(
     np.testing.assert_allclose(np.real(np.sum(grad * t_matrix)), loss, rtol=1e-7)
 
 
+@pytest.mark.parametrize(
+    "m, n, values, complex_",
+    [(6, 4, [1.0, 0.5, 0.3, 0.2], False), (3, 5, [1.0, 0.5, 0.2], True)],
+)
+def test_normal_svd_derivative_with_a_cutoff(m, n, values, complex_):
+    # `Normal(SVD(rcond=r))` keeps the Gram operator's eigenvalues `s²` above
+    # `r max(s²)`: it returns the solution of `A` truncated at `sqrt(r) max(s)`,
+    # and was differentiated as if it returned `A^+ b` (relative error 1.0 for
+    # the tall case here).
+    matrix = _with_singular_values(m, n, values, complex_)
+    t_matrix, vector = _normal((m, n), complex_), _normal(m, complex_)
+
+    def solve(matrix):
+        operator = lx.MatrixLinearOperator(matrix)
+        return lx.linear_solve(operator, vector, lx.Normal(lx.SVD(rcond=0.1))).value
+
+    def expected(e):
+        u, s, vh = np.linalg.svd(matrix + e * t_matrix, full_matrices=False)
+        k = np.sum(s > np.sqrt(0.1) * s[0])
+        return vh[:k].conj().T @ ((u[:, :k].conj().T @ vector) / s[:k])
+
+    value, tangent = jax.jvp(solve, (matrix,), (t_matrix,))
+    np.testing.assert_allclose(value, expected(0.0), rtol=1e-10)
+    np.testing.assert_allclose(tangent, _fd(expected), rtol=1e-7, atol=1e-9)
+
+
 def test_woodbury_transposes_its_inner_solvers_preconditioner():
     # `Woodbury` passes `options` on to its inner solver, and kept them as they
     # were for the transposed solve: the cotangent solve of reverse mode, with
