@@ -84,3 +84,23 @@ def test_bands_of_a_real_plus_complex_sum():
     b = jnp.array([1.0 + 0j, 2.0])
     x = jax.jit(lambda op, b: lx.linear_solve(op, b).value)(total, b)
     np.testing.assert_allclose(x, np.asarray(b) / (d + 1j * d))
+
+
+def test_scaled_stacked_block_diagonal_through_jit():
+    # Alike blocks are stored stacked, and `2.0 * blockdiag` scales the stack,
+    # holding the Python number 2.0 as a PyTree leaf of it. `jax.jit` traced that
+    # leaf as a 0-d array, with none of the stack's leading axis: solving,
+    # `mv` and `as_matrix` of the jitted operator failed with an `IndexError`
+    # (or a `vmap` rank error) from inside JAX.
+    a = np.array([[2.0, 1.0], [0.5, 3.0]])
+    blocks = [lx.MatrixLinearOperator(jnp.asarray(m)) for m in (a, a.T)]
+    blockdiag = lx.BlockDiagonalLinearOperator(blocks)
+    assert blockdiag.stacked is not None
+    b = (jnp.array([1.0, 2.0]), jnp.array([3.0, 4.0]))
+    solve = jax.jit(lambda op, b: lx.linear_solve(op, b).value)
+    for op, scale in ((2.0 * blockdiag, 2.0), (blockdiag / 4.0, 0.25)):
+        x = solve(op, b)
+        np.testing.assert_allclose(x[0], np.linalg.solve(scale * a, b[0]))
+        np.testing.assert_allclose(x[1], np.linalg.solve(scale * a.T, b[1]))
+        matrix = jax.jit(lambda op: op.as_matrix())(op)
+        np.testing.assert_allclose(matrix[2:, 2:], scale * a.T)
