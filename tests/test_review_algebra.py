@@ -104,3 +104,26 @@ def test_scaled_stacked_block_diagonal_through_jit():
         np.testing.assert_allclose(x[1], np.linalg.solve(scale * a.T, b[1]))
         matrix = jax.jit(lambda op: op.as_matrix())(op)
         np.testing.assert_allclose(matrix[2:, 2:], scale * a.T)
+
+
+def test_diagonal_of_rectangular_tagged_matrix_free_operators():
+    # `lx.diagonal` is documented for any operator (length `min(out, in)`), and
+    # the rectangular identity is diagonal; a matrix-free operator tagged
+    # diagonal or tridiagonal that is rectangular raised "`diagonal` needs a
+    # square operator" (probing, which assumed a square operator).
+    diag = np.eye(5, 3) * np.arange(1.0, 4.0)
+    bands = diag + np.eye(5, 3, k=-1) + 2 * np.eye(5, 3, k=1)
+    for matrix, tag in ((diag, lx.diagonal_tag), (bands, lx.tridiagonal_tag)):
+        for m in (matrix, matrix.T):
+            op = lx.FunctionLinearOperator(
+                lambda x, m=jnp.asarray(m): m @ x,
+                jax.ShapeDtypeStruct((m.shape[1],), jnp.float64),
+                tag,
+            )
+            for operator, scale in (
+                (op, 1.0),
+                (lx.TaggedLinearOperator(op, tag), 1.0),
+                (2.0 * op, 2.0),
+            ):
+                expected = scale * np.diagonal(m)
+                np.testing.assert_allclose(lx.diagonal(operator), expected)
