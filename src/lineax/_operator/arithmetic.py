@@ -429,11 +429,16 @@ has_unit_diagonal.register(NegLinearOperator)(lambda op: False)
 for _pred in (is_diagonal, is_lower_triangular, is_upper_triangular):
     _pred.register(ComposedLinearOperator)(_both(_pred))
 # A product of unit-diagonal matrices has a unit diagonal only if both are
-# triangular of the same kind (or diagonal).
+# triangular of the same kind (or diagonal), and only where the inner dimension
+# reaches: entry `i` of the diagonal of the `m×k` times `k×n` product is
+# `L₁[i, i] L₂[i, i]` for `i < k`, and zero beyond. (`eye(5, 3) @ eye(3, 5)` is
+# `diag(1, 1, 1, 0, 0)`: claimed unit diagonal, a singular product was solved
+# by `lx.Triangular` as if its diagonal were ones.)
 has_unit_diagonal.register(ComposedLinearOperator)(
     lambda op: (
         _both(has_unit_diagonal)(op)
         and (_both(is_lower_triangular)(op) or _both(is_upper_triangular)(op))
+        and op.operator1.in_size() >= min(op.out_size(), op.in_size())
     )
 )
 is_tridiagonal.register(ComposedLinearOperator)(
@@ -505,9 +510,11 @@ def _(operator):
     return NegLinearOperator(conj(operator.operator))
 
 
+# (With `_add`: the parts of `A + B * 1j` are real and complex, which strict
+# dtype promotion refuses to add implicitly.)
 @diagonal.register(AddLinearOperator)
 def _(operator):
-    return diagonal(operator.operator1) + diagonal(operator.operator2)
+    return _add(diagonal(operator.operator1), diagonal(operator.operator2))
 
 
 @diagonal.register(MulLinearOperator)
@@ -529,7 +536,7 @@ def _(operator):
 def _(operator):
     (d1, l1, u1) = tridiagonal(operator.operator1)
     (d2, l2, u2) = tridiagonal(operator.operator2)
-    return d1 + d2, l1 + l2, u1 + u2
+    return _add(d1, d2), _add(l1, l2), _add(u1, u2)
 
 
 @tridiagonal.register(MulLinearOperator)

@@ -403,7 +403,7 @@ def diagonal(operator: AbstractLinearOperator) -> Shaped[Array, " size"]:
     check_operator(operator)
     if is_diagonal(operator):
         return probe_diagonal(operator)
-    if is_tridiagonal(operator):
+    if is_tridiagonal(operator) and operator.in_size() == operator.out_size():
         return probe_tridiagonal(operator)[0]
     return jnp.diagonal(operator.as_matrix())
 
@@ -428,6 +428,7 @@ def tridiagonal(
     """
     check_operator(operator)
     if is_diagonal(operator):
+        check_square(operator, "tridiagonal")
         diag = probe_diagonal(operator)
         zeros = jnp.zeros(diag.shape[0] - 1, diag.dtype)
         return diag, zeros, zeros
@@ -618,10 +619,15 @@ def _ones_like_structure(structure: PyTree[jax.ShapeDtypeStruct]) -> PyTree[Arra
 
 
 def probe_diagonal(operator: AbstractLinearOperator) -> Array:
-    """The diagonal of an operator known to be diagonal, from one `mv` of ones."""
-    check_square(operator, "diagonal")
-    out = operator.mv(_ones_like_structure(operator.in_structure()))
-    return flatten_vector(out)
+    """The diagonal of an operator known to be diagonal, from one `mv` of ones.
+
+    A rectangular one (a matrix-free operator tagged diagonal, as the rectangular
+    identity is) has its diagonal in the first `min(out_size, in_size)` entries,
+    and zeros beyond: `lx.diagonal` of one raised a `ValueError` ("needs a square
+    operator") that its documentation does not allow."""
+    out = flatten_vector(operator.mv(_ones_like_structure(operator.in_structure())))
+    n = min(operator.in_size(), operator.out_size())
+    return out if out.shape[0] == n else out[:n]
 
 
 def probe_tridiagonal(operator: AbstractLinearOperator) -> tuple[Array, Array, Array]:

@@ -86,9 +86,14 @@ class BlockDiagonalLinearOperator(AbstractLinearOperator):
     """
 
     # Exactly one of `_blocks` (the blocks as given) and `_stacked` (alike blocks,
-    # stacked by `stack_alike`) is set.
+    # stacked by `stack_alike`) is set. The stack is held split: its arrays, which
+    # have the leading axis, and the rest in a static field. (The rest may hold a
+    # Python number, the scalar of `2.0 * block`: a PyTree leaf, `jax.jit` traced
+    # it as a 0-d array, with no leading axis to index or map, and every method of
+    # `jax.jit(f)(2.0 * blockdiag, b)` failed with an `IndexError`.)
     _blocks: tuple[AbstractLinearOperator, ...] | None
-    _stacked: AbstractLinearOperator | None
+    _stacked_arrays: AbstractLinearOperator | None
+    _stacked_rest: AbstractLinearOperator | None = eqx.field(static=True)
     _count: int = eqx.field(static=True)
     _structures: Static = eqx.field(static=True)
 
@@ -111,7 +116,7 @@ class BlockDiagonalLinearOperator(AbstractLinearOperator):
         blocks = tuple(blocks)
         stacked = stack_alike(blocks) if len(blocks) > 1 else None
         self._blocks = blocks if stacked is None else None
-        self._stacked = stacked
+        self._stacked_arrays, self._stacked_rest = _split(stacked)
         self._count = len(blocks)
         self._structures = Static(
             (
@@ -126,10 +131,18 @@ class BlockDiagonalLinearOperator(AbstractLinearOperator):
     ) -> "BlockDiagonalLinearOperator":
         out = object.__new__(cls)
         object.__setattr__(out, "_blocks", None)
-        object.__setattr__(out, "_stacked", stacked)
+        arrays, rest = _split(stacked)
+        object.__setattr__(out, "_stacked_arrays", arrays)
+        object.__setattr__(out, "_stacked_rest", rest)
         object.__setattr__(out, "_count", count)
         object.__setattr__(out, "_structures", structures)
         return out
+
+    @property
+    def _stacked(self) -> AbstractLinearOperator | None:
+        if self._stacked_arrays is None:
+            return None
+        return eqx.combine(self._stacked_arrays, self._stacked_rest)
 
     @property
     def blocks(self) -> tuple[AbstractLinearOperator, ...]:
@@ -193,6 +206,13 @@ class BlockDiagonalLinearOperator(AbstractLinearOperator):
 
     def out_structure(self):
         return self._structures.value[1]
+
+
+def _split(stacked: AbstractLinearOperator | None) -> tuple[Any, Any]:
+    """A stack of blocks as (its arrays, the rest); `(None, None)` for none."""
+    if stacked is None:
+        return None, None
+    return eqx.partition(stacked, eqx.is_array)
 
 
 def stack_vectors(vectors: tuple) -> PyTree:

@@ -115,7 +115,11 @@ def _(operator):
 def _(operator):
     if is_diagonal(operator) and not is_diagonal(operator.operator):
         return probe_diagonal(operator)
-    if is_tridiagonal(operator) and not is_tridiagonal(operator.operator):
+    if (
+        is_tridiagonal(operator)
+        and not is_tridiagonal(operator.operator)
+        and operator.in_size() == operator.out_size()
+    ):
         return probe_tridiagonal(operator)[0]
     return diagonal(operator.operator)
 
