@@ -223,3 +223,36 @@ def test_preconditioned_lsmr_called_directly():
     plain = _PRECONDITIONED.init(operator, {})
     with pytest.raises(ValueError, match="without it"):
         _PRECONDITIONED.compute(plain, vector, options)
+
+
+@pytest.mark.parametrize("damp", [None, 0.1])
+def test_float32_least_squares_with_a_small_residual_is_successful(damp):
+    # A well-conditioned float32 fit whose residual is small next to `b` (0.1% of
+    # it), or a ridge fit (`damp=0.1`), with `rtol=1e-5`: LSMR stagnated, with
+    # answers accurate to 1e-7 (`throw=True` raised), because the normal-equations
+    # test `||A^H r|| <= rtol ||A|| ||r||` on a computed residual cannot go below
+    # the residual's own rounding, about `eps ||b|| / ||r||` of it (1e-4 here).
+    rng = np.random.default_rng(0)
+    if damp is None:
+        m, n = 30, 10
+        u = np.linalg.qr(rng.normal(size=(m, m)))[0]
+        matrix = u[:, :n] @ np.linalg.qr(rng.normal(size=(n, n)))[0]
+        vector = matrix @ rng.normal(size=n)
+        noise = u[:, n:] @ rng.normal(size=m - n)
+        vector = vector + 1e-3 * np.linalg.norm(vector) * noise / np.linalg.norm(noise)
+    else:
+        n = 10
+        matrix = rng.normal(size=(n, n)) + n * np.eye(n)
+        vector = rng.normal(size=n)
+    options = {} if damp is None else {"damp": damp}
+    solution = lx.linear_solve(
+        lx.MatrixLinearOperator(matrix.astype(np.float32)),
+        vector.astype(np.float32),
+        lx.LSMR(rtol=1e-5, atol=1e-5),
+        options=options,
+        throw=False,
+    )
+    gram = matrix.T @ matrix + (damp or 0.0) ** 2 * np.eye(n)
+    expected = np.linalg.solve(gram, matrix.T @ vector)
+    assert solution.result == lx.RESULTS.successful
+    np.testing.assert_allclose(solution.value, expected, rtol=1e-5, atol=1e-6)
