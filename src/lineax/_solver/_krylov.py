@@ -481,14 +481,9 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         # and `inf <= inf` would pass the first convergence test at `x = 0` (a zero
         # solution, "successful"). A NaN target passes no test: the solve stops on
         # its non-finite residual instead, reported as a failure.
-        # (With `atol = 0` its term, exactly 0 as `inverse` is finite, is left
-        # out: every kernel that reads the target computed the scale's integer
-        # arithmetic again for it, as XLA copies cheap scalar operations into
-        # each consumer.)
-        target = self.rtol * bnorm
-        if self.atol != 0:
-            target = self.atol * inverse + target
-        tol = select(jnp.isfinite(bnorm), target, jnp.nan)
+        tol = select(
+            jnp.isfinite(bnorm), self.atol * inverse + self.rtol * bnorm, jnp.nan
+        )
         return Problem(
             mv=mv,
             norm=norm,
