@@ -642,14 +642,22 @@ def _scale_of_field(field: Array, rdtype: Any) -> tuple[Array, Array]:
     narrow = jnp.finfo(rdtype)
     lo = max(narrow.minexp, 1 - narrow.maxexp)
     hi = min(narrow.maxexp - 1, -narrow.minexp)
-    exponent = (field >> nmant) - (bias - 1)
+    # `m = 2^(e - bias) (1 + f)` has the field `e << nmant`, and `2^s`, `s = e -
+    # bias + 1`, the bits `(e + 1) << nmant`: the field plus one unit, clamped in
+    # that form (the bits of positive floats are ordered as the floats), and
+    # `2^-s` the bits `(2 bias << nmant)` minus those. (Written on the bits
+    # rather than on `s`: fewer operations, in each kernel XLA copies them into.
+    # A non-finite `m`, whose field plus one overflows, is not usable.)
+    unit = 1 << nmant
     # (`lax.clamp`: `jnp.clip` is a nested `jit`, see `_misc.select`.)
-    exponent = lax.clamp(
-        jnp.asarray(lo, exponent.dtype), exponent, jnp.asarray(hi, exponent.dtype)
+    bits = lax.clamp(
+        jnp.asarray((lo + bias) * unit, field.dtype),
+        field + unit,
+        jnp.asarray((hi + bias) * unit, field.dtype),
     )
     usable = (field > 0) & (field < mask)  # a normal, finite number
-    scale = lax.bitcast_convert_type((exponent + bias) << nmant, wide)
-    inverse = lax.bitcast_convert_type((bias - exponent) << nmant, wide)
+    scale = lax.bitcast_convert_type(bits, wide)
+    inverse = lax.bitcast_convert_type(2 * bias * unit - bits, wide)
     scale = select(usable, scale, 1).astype(rdtype)
     return scale, select(usable, inverse, 1).astype(rdtype)
 
@@ -720,16 +728,19 @@ def _lift(inverse: Array, rdtype: Any) -> tuple[Array, Array]:
     else `(1, 1)`, where `2^(8 m)` is about the largest float of `rdtype` (m = 16
     in single precision, 128 in double, 2 in half): the vectors stay small enough
     that the methods' squared norms, divided by `eps^2` in their rounding-level
-    tests, stay finite. With integer operations on the exponent field (see
-    `_scale_of_field`)."""
+    tests, stay finite. With integer operations on the bits of `inverse`, a
+    positive normal power of two, `(k + bias) << nmant` (see `_scale_of_field`)."""
     wide, itype, bias, nmant = _field_format(rdtype)
-    k = (_exponent_field(inverse, rdtype) >> nmant) - bias
-    cap = jnp.asarray(jnp.finfo(rdtype).maxexp // 8, k.dtype)
-    one, zero = jnp.ones((), k.dtype), jnp.zeros((), k.dtype)
-    half = lax.clamp(zero, lax.shift_right_arithmetic(k, one), cap)
-    up = lax.bitcast_convert_type((half + bias) << nmant, wide).astype(rdtype)
-    down = lax.bitcast_convert_type((bias - half) << nmant, wide).astype(rdtype)
-    return up, down
+    bits = lax.bitcast_convert_type(inverse.astype(wide), itype)
+    # `(k << nmant) >> (nmant + 1)` is `floor(k / 2)`.
+    shift = jnp.asarray(nmant + 1, itype)
+    floor_half = lax.shift_right_arithmetic(bits - (bias << nmant), shift)
+    cap = jnp.asarray(jnp.finfo(rdtype).maxexp // 8, itype)
+    half = lax.clamp(jnp.zeros((), itype), floor_half, cap)
+    up_bits = (half + bias) << nmant
+    up = lax.bitcast_convert_type(up_bits, wide).astype(rdtype)
+    down = lax.bitcast_convert_type((2 * bias << nmant) - up_bits, wide)
+    return up, down.astype(rdtype)
 
 
 def _scaled_operator(mv: Callable, inverse: Array, both_sides: bool) -> Callable:
@@ -1308,12 +1319,15 @@ def iterate(
             )
         return as_varying(_Pass(c, counter, history))
 
-    def done(k: Any) -> Array:
-        # Whether the book `k` ends the solve (as do a halt and `max_steps`).
-        stop = (k.converged > 1) | ~jnp.isfinite(k.rnorm)
+    def going(k: Any) -> Array:
+        # Whether the book `k` lets the solve go on (a halt and `max_steps` may
+        # still end it). Written as the conditions to go on, not as the negation
+        # of those to stop: the loop conditions read it, and each `not` is an
+        # operation of their kernels. (The flag and the count are never NaN.)
+        go = (k.converged <= 1) & jnp.isfinite(k.rnorm)
         if not p.fixed:
-            stop = stop | (k.since_best >= method.patience)
-        return stop
+            go = go & (k.since_best < method.patience)
+        return go
 
     def outer_body(o: _Loop) -> _Loop:
         start = o.inner.carry
@@ -1356,7 +1370,7 @@ def iterate(
             # pass of theirs (BiCGStab's 100 steps after a stagnation), and the
             # batch made up to twice the steps of its slowest element. (Without
             # `vmap` this is always true here.)
-            return go & ~done(book_of(o))
+            return go & going(book_of(o))
 
         first = steps_of(o.inner)
         chunked_history = None
@@ -1448,8 +1462,9 @@ def iterate(
         # the max norm the largest entry of the residual may be one that no
         # iterate can reduce (a singular inconsistent system), and the first
         # iterate, often `x = 0`, won every tie.
-        keep = (rnorm <= k.best_rnorm) | converged
-        flag = keep.astype(p.rdtype) + converged.astype(p.rdtype)
+        # (2 if converged, else 1 if kept: one select, where the sum of the two
+        # flags as numbers was four operations of the packing kernel.)
+        flag = select(converged, 2, (rnorm <= k.best_rnorm).astype(p.rdtype))
         bound = bound_for(c, rnorm, k.tol, factor) if carries_bound else None
         packed = _Book(
             rnorm, k.tol, best_rnorm, factor, since_best, flag,
@@ -1553,7 +1568,7 @@ def iterate(
 
     def running(o: _Loop):
         return (
-            ~done(book_of(o)) & ~halted(o.inner.carry) & (steps_of(o.inner) < max_steps)
+            going(book_of(o)) & ~halted(o.inner.carry) & (steps_of(o.inner) < max_steps)
         )
 
     loop = lax.while_loop(running, outer_body, as_varying(loop))

@@ -42,7 +42,10 @@ class _Scalars(AbstractStackedScalars):
     Stacked, they are one kernel at the end of a step, where carried one by one
     those passed through or swapped (rho -> rho_old) would cost a copy each."""
 
-    shadow_nn: ArrayLike  # <r̂_0, r̂_0>, fixed between restarts
+    # eps^2 <r̂_0, r̂_0>, fixed between restarts: the first factor of the
+    # breakdown tests against the shadow vector (see `large`), multiplied once
+    # per restart rather than in every kernel that makes the test.
+    shadow_nn: ArrayLike
     rr: ArrayLike  # <r, r>
     rho: ArrayLike  # <r̂_0, r>
     beta: ArrayLike  # the next direction's coefficient: 0 right after a restart
@@ -141,12 +144,16 @@ class BiCGStab(AbstractKrylovSolver):
         def above_rounding(rr):
             return rr * inv_eps2 > bb if exact else rr > (eps * eps) * bb
 
-        def small(value, xx, yy):
-            # |<x, y>| <= eps |x| |y|, in squares (from the squared norms the step
-            # has anyway): a scale-invariant "numerically zero". No square root:
-            # each would be a kernel of its own in the loop body. (The squares
-            # overflow only where `<y, y>` itself does, in the units of `Problem`.)
-            return ~(jnp.real(value * jnp.conj(value)) > (eps * eps) * xx * yy)
+        def large(value, eps2_xx, yy):
+            # |<x, y>| > eps |x| |y|, in squares (from the squared norms the step
+            # has anyway), given `eps^2 <x, x>`: a scale-invariant "numerically
+            # not zero" (false for NaN). No square root: each would be a kernel
+            # of its own in the loop body. (The squares overflow only where
+            # `<y, y>` itself does, in the units of `Problem`.) The step's
+            # decisions are written with it rather than with its negation: XLA
+            # copies them into each kernel that reads them (the updates of `x`
+            # and `r` and the packing of the scalars), each `not` with them.
+            return jnp.real(value * jnp.conj(value)) > eps2_xx * yy
 
         def scalars_of(c: _Carry) -> Any:
             return layout.unpack(c.scalars)
@@ -179,27 +186,35 @@ class BiCGStab(AbstractKrylovSolver):
             # of its own: `rho` is then numerically zero against `s` (also if `s`
             # is not finite). The step is then dropped (`x` and `r` kept) and the
             # iteration restarts. (A sigma of exactly 0 gives alpha = 0.)
-            bad_sigma = zero | small(rho, shadow_nn, ss)
+            good_sigma = (sigma != 0) & large(rho, shadow_nn, ss)
             half = jnp.real(k.half)
             half_done = (ss <= half) if two else (problem.norm(s) <= half)
-            bad_omega = small(ts, tt, ss)
             # (A `<t, t>` of 0 is a bad omega.)
-            no_omega = bad_omega | half_done | bad_sigma
-            omega = select(no_omega, 0, ts / select(no_omega, 1, tt).astype(ts.dtype))
+            good_omega = large(ts, (eps * eps) * tt, ss)
+            use_omega = good_omega & ~half_done & good_sigma
+            # 0 where not used, as the quotient of the selected terms: XLA copies
+            # cheap scalar operations into every kernel that reads them, but not a
+            # division, so the decision is made once, in the division's kernel,
+            # rather than again in the updates of `x` and `r` and in the packing.
+            omega = select(use_omega, ts, 0) / select(use_omega, tt, 1).astype(ts.dtype)
             x = tree_where(
-                bad_sigma, c.x, tree_axpy(omega, shat, tree_axpy(alpha, phat, c.x))
+                good_sigma, tree_axpy(omega, shat, tree_axpy(alpha, phat, c.x)), c.x
             )
-            r = tree_where(bad_sigma, c.r, tree_axpy(-omega, t, s))
+            r = tree_where(good_sigma, tree_axpy(-omega, t, s), c.r)
             new_rr = jnp.real(tree_dot(r, r))
             new_rho = tree_dot(c.shadow, r)
             # Right after a restart the shadow vector is the residual itself: a
             # vanishing <r, A P r> cannot be cured by restarting again. (Unless the
             # recursive residual is below rounding level: then its products may
             # underflow, and there is simply nothing left to do.)
-            breakdown = bad_sigma & (jnp.real(k.status) == _FRESH) & above_rounding(rr)
-            restart = bad_sigma | bad_omega | small(new_rho, shadow_nn, new_rr)
-            # 0, 1 or 2 (`_BREAKDOWN`): a breakdown is a bad sigma, so a restart too.
-            status = restart.astype(dtype) + breakdown.astype(dtype)
+            fresh = jnp.real(k.status) == _FRESH
+            breakdown = ~good_sigma & fresh & above_rounding(rr)
+            keep = good_sigma & good_omega & large(new_rho, shadow_nn, new_rr)
+            # 0, 1 (restart) or 2 (`_BREAKDOWN`): a breakdown is a bad sigma, so a
+            # restart too. (Two selects: a `not`, two conversions and a sum were
+            # four operations in the packing kernel.)
+            one = jnp.ones((), ss.dtype)
+            status = select(keep, 0, select(breakdown, _BREAKDOWN, one))
             # (rho / rho_old) (alpha / omega), one division: 0 when either
             # denominator is (after a bad sigma, omega is 0).
             beta = safe_div(new_rho * alpha, rho * omega)
@@ -218,8 +233,9 @@ class BiCGStab(AbstractKrylovSolver):
             if not two and rnorm is None:
                 rnorm = problem.norm(r)
             return _Scalars(
-                rr, rr, rr, 0, 0, status, half, None if two else rnorm, steps
-            )
+                (eps * eps) * rr, rr, rr, 0, 0, status, half,
+                None if two else rnorm, steps,
+            )  # fmt: skip
 
         def restart_from(c: _Carry, x, r, passed) -> _Carry:
             # The recursive residual drifts from the true one. When it passed the
