@@ -1,0 +1,131 @@
+"""Regression tests from a review of research workflows written as their users
+write them (outside the repo first), against the same computation in plain
+JAX/NumPy in float64 (values; gradients against JAX's autodiff of the dense
+expression) and lineax 0.1.1 run as an oracle outside the test suite, timed
+against the plain-JAX version (compile and run apart, interleaved, medians) and
+then pinned by counts (compiles, factorisations), never by a clock.
+
+Reviewed, and found to agree (no test here), float64 and float32 with x64 off:
+Gaussian-process marginal likelihood with `Cholesky` (n = 50-300: its gradient
+in the kernel hyperparameters, `hessian`, `vmap` of the gradient; one `potrf`
+as `cho_factor`); ridge regression by LSMR's `damp`, `Normal(Cholesky)` and QR of
+the augmented matrix (gradient in the regularisation, `vmap` over it); Newton's
+method in `lax.while_loop` with `JacobianLinearOperator` and LU or GMRES (also
+under `vmap`); implicit differentiation of a fixed point (`custom_vjp`, GMRES
+on the transposed `JacobianLinearOperator`, `jac=None` and `"bwd"`); 1000 small
+tall least-squares fits under `vmap` (QR, SVD, Auto, `Normal(Cholesky)`) and
+their gradients; Kronecker deconvolution (gradient in the blur width, `vmap`);
+`Woodbury` solves (gradient in `U`, the diagonal and `C`, PSD-tagged, CG);
+`lx.invert` of a tridiagonal operator as the preconditioner of CG and GMRES;
+a Kalman filter (`scan` over time, `vmap` over sequences, `Cholesky` with
+`state=` reuse); implicit Euler in `lax.scan` with a `state=` (also under
+`stop_gradient`) or `lx.invert` made once (one factorisation in the compiled
+gradient, as `jnp.linalg.solve`); heat and convection-diffusion PDEs with
+`FunctionLinearOperator`/`SparseLinearOperator`, CG, GMRES, FGMRES and
+BiCGStab, Jacobi (also by probes), IC, ILU, block-Jacobi and multigrid
+preconditioners, differentiated in the coefficient field.
+
+Found and not fixed (strict `xfail` below, for whoever fixes it): an un-jitted
+`jax.grad` through a transposed solve of a function operator compiles the
+eager error check of the transposed solves (`_error_if_failed`, keyed by the
+operator's static data) again on every call, because
+`FunctionLinearOperator.transpose` makes a new closure each time. Tried: the
+transpose as an `eqx.Module` holding `fn` (both tests pass, 0 compiles), but it
+traces `fn` at every transposed product instead of once, which doubles the
+traces of a user's plain function in an LSMR solve (4 -> 8,
+`test_review_extend.py::test_product_structure_check_traces_no_extra_product`).
+A fix that keeps both: a transpose traced once per structure of `fn` (a cached
+closure-converted `(leaves of fn, vector) -> transpose`), applied to the leaves.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lineax as lx
+
+
+def _backend_compiles(fn):
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if "backend_compile" in event:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        out = jax.block_until_ready(fn())
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return out, compiles
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="FunctionLinearOperator.transpose is a new closure on every call",
+)
+def test_eager_gradient_of_damped_lsmr_compiles_once():
+    # Ridge regression tuned by an un-jitted `jax.grad` (a hyperparameter loop,
+    # `scipy.optimize.minimize` calling it): LSMR's `damp` poses the solve of
+    # `[A; damp I]`, a function operator, whose transpose was a new closure on
+    # every call, so the error check of the two transposed solves
+    # (`_error_if_failed`, compiled when run eagerly, keyed by the operator's
+    # static data) compiled again on every call: 3 compiles, 0.64 s a gradient,
+    # against 0.07 s for the undamped one (no compile); the oracle has no `damp`.
+    rng = np.random.default_rng(0)
+    matrix = jnp.asarray(rng.normal(size=(12, 4)))
+    vector = jnp.asarray(rng.normal(size=12))
+    solver = lx.LSMR(rtol=1e-10, atol=1e-10)
+
+    def loss(damp):
+        operator = lx.MatrixLinearOperator(matrix)
+        solution = lx.linear_solve(operator, vector, solver, options={"damp": damp})
+        return jnp.sum(solution.value**2)
+
+    def expected(damp):
+        gram = matrix.T @ matrix + damp**2 * jnp.eye(4)
+        return jnp.sum(jnp.linalg.solve(gram, matrix.T @ vector) ** 2)
+
+    grad = jax.grad(loss)
+    grad(jnp.asarray(0.5))  # compiles what the gradient needs
+    for damp in (0.7, 1.3):
+        value, compiles = _backend_compiles(lambda d=damp: grad(jnp.asarray(d)))
+        assert compiles == []
+        np.testing.assert_allclose(value, jax.grad(expected)(damp), rtol=1e-8)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="FunctionLinearOperator.transpose is a new closure on every call",
+)
+def test_eager_gradient_through_transposed_function_operator_compiles_once():
+    # The same with a user's operator: a `FunctionLinearOperator` of a
+    # `jax.tree_util.Partial` (its parameter a leaf, `closure_convert=False`),
+    # solved by LSMR under an un-jitted `jax.grad`: 3 compiles on every call
+    # (about 0.7 s a gradient), now none after the first call.
+    rng = np.random.default_rng(1)
+    matrix = jnp.asarray(rng.normal(size=(6, 6)) + 6 * np.eye(6))
+    vector = jnp.asarray(rng.normal(size=6))
+    structure = jax.ShapeDtypeStruct((6,), jnp.float64)
+    solver = lx.LSMR(rtol=1e-10, atol=1e-10)
+
+    def mv(scale, x):
+        return scale * (matrix @ x)
+
+    def loss(scale):
+        fn = jax.tree_util.Partial(mv, scale)
+        operator = lx.FunctionLinearOperator(fn, structure, closure_convert=False)
+        return jnp.sum(lx.linear_solve(operator, vector, solver).value ** 2)
+
+    def expected(scale):
+        return jnp.sum(jnp.linalg.solve(scale * matrix, vector) ** 2)
+
+    grad = jax.grad(loss)
+    grad(jnp.asarray(1.0))
+    for scale in (1.1, 1.3):
+        value, compiles = _backend_compiles(lambda s=scale: grad(jnp.asarray(s)))
+        assert compiles == []
+        np.testing.assert_allclose(value, jax.grad(expected)(scale), rtol=1e-8)
