@@ -40,7 +40,13 @@ def test_eager_cache_survives_concurrent_evictions(monkeypatch):
             for i in range(1500):
                 solver = solvers[(i + offset) % len(solvers)]
                 linear_solve_module._compiled_linear_solve(
-                    operator, {}, linear_solve_module._sentinel, treedef, solver
+                    operator,
+                    {},
+                    linear_solve_module._sentinel,
+                    treedef,
+                    solver,
+                    False,
+                    None,
                 )
         except Exception as error:  # noqa: BLE001 - reported below
             errors.append(repr(error))

@@ -87,9 +87,12 @@ def test_throw_true_names_the_failed_solve():
     solve(B)  # primal fine
     with pytest.raises(eqx.EquinoxRuntimeError, match="`linear_solve` failed"):
         solve(B * 1000)
-    with pytest.raises(eqx.EquinoxRuntimeError, match="tangent linear solve failed"):
+    # (Un-jitted `jax.jvp` and `jax.grad` run the solve as one `jax.jit`, whose
+    # failure surfaces as under a user's `jax.jit`: a `JaxRuntimeError` holding
+    # the message.)
+    with pytest.raises(RuntimeError, match="tangent linear solve failed"):
         jax.jvp(solve, (B,), (B * 1000,))
-    with pytest.raises(eqx.EquinoxRuntimeError, match="cotangent linear solve failed"):
+    with pytest.raises(RuntimeError, match="cotangent linear solve failed"):
         jax.grad(lambda b: 1000 * jnp.sum(solve(b)))(B)
 
 

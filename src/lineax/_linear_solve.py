@@ -435,8 +435,9 @@ def _run_jitted(
     )
     # (`is_cacheable` asks that the static data compare by value, and that the
     # arrays be concrete, which these are not: it is asked of stand-ins.)
+    stand_ins = _stand_ins((operator, options, state))
     key, jitted = _compiled_linear_solve(
-        *_stand_ins((operator, options, state)), treedef, solver, value_only, throw
+        stand_ins[0], stand_ins[1], stand_ins[2], treedef, solver, value_only, throw
     )
     if jitted is None:
         return None
