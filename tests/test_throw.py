@@ -87,11 +87,12 @@ def test_throw_true_names_the_failed_solve():
     solve(B)  # primal fine
     with pytest.raises(eqx.EquinoxRuntimeError, match="`linear_solve` failed"):
         solve(B * 1000)
-    # (Un-jitted `jax.jvp` and `jax.grad` run the solve as one `jax.jit`, whose
-    # failure surfaces as under a user's `jax.jit`: a `JaxRuntimeError` holding
-    # the message.)
-    with pytest.raises(RuntimeError, match="tangent linear solve failed"):
+    with pytest.raises(eqx.EquinoxRuntimeError, match="tangent linear solve failed"):
         jax.jvp(solve, (B,), (B * 1000,))
+    # (The cotangent solve runs in JAX's backward pass, after `linear_solve`
+    # returned, as part of the one `jax.jit` that an un-jitted `jax.grad` runs
+    # the solve as: its failure surfaces as under a user's `jax.jit`, a
+    # `JaxRuntimeError` holding the message.)
     with pytest.raises(RuntimeError, match="cotangent linear solve failed"):
         jax.grad(lambda b: 1000 * jnp.sum(solve(b)))(B)
 

@@ -443,6 +443,17 @@ def _run_jitted(
         return None
     try:
         return jitted(leaves)
+    except jax.errors.JaxRuntimeError as error:
+        # A failure of the solve (or of its tangent solve, under `jax.jvp`), raised
+        # as the un-jitted entry raises it: as Equinox's error with the message,
+        # not XLA's error around it ("INTERNAL: CpuCallback error", a traceback,
+        # then the message). (The cotangent solves of `jax.grad` run after this
+        # returns, in JAX's backward pass: their failures surface as under
+        # `jax.jit`.)
+        _, marker, message = str(error).partition("_EquinoxRuntimeError: ")
+        if not marker:
+            raise
+        raise eqx.EquinoxRuntimeError(message.strip()) from None
     except TypeError as error:
         # A solution holding non-arrays: as in `_run_compiled`.
         if "not a valid JAX type" not in str(error):
@@ -459,10 +470,15 @@ def _run_jitted(
 
 
 def _stand_ins(tree: PyTree) -> PyTree:
-    """`tree` with a concrete stand-in for each traced leaf."""
-    return jtu.tree_map(
-        lambda x: np.zeros((), x.dtype) if isinstance(x, jax.core.Tracer) else x, tree
-    )
+    """`tree` with a concrete stand-in of the same shape (a broadcast view, no
+    memory) for each traced leaf."""
+
+    def stand_in(x):
+        if isinstance(x, jax.core.Tracer):
+            return np.broadcast_to(np.zeros((), x.dtype), x.shape)
+        return x
+
+    return jtu.tree_map(stand_in, tree)
 
 
 def _linear_solve(operator, vector, solver, options, state, throw) -> Solution:
