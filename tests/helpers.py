@@ -920,3 +920,20 @@ def float32_user() -> contextlib.ExitStack:
     stack.enter_context(jax.enable_x64(False))
     stack.enter_context(jax.numpy_dtype_promotion("standard"))
     return stack
+
+
+def backend_compiles(fn):
+    """`fn()` (blocked until ready), and the XLA compiles it made (JAX's
+    `backend_compile` events): a count, never a clock."""
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if "backend_compile" in event:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        out = jax.block_until_ready(fn())
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return out, compiles

@@ -60,10 +60,26 @@ def _convection(x):
     return _stencil(x) + (u - jnp.pad(u, ((0, 0), (1, 0)))[:, :-1]).reshape(-1)
 
 
-@pytest.mark.skipif(
+def _stencil_solve(solver, mv, tags):
+    """The float32 solve of the N x N stencil `mv` by `solver`, and its vector."""
+    b = jnp.ones(N * N, jnp.float32)
+    struct = jax.ShapeDtypeStruct(b.shape, b.dtype)
+    method = solver(rtol=1e-5, atol=0.0, norm=lx.internal.two_norm)
+
+    def solve(b):
+        op = lx.FunctionLinearOperator(mv, struct, tags)
+        return lx.linear_solve(op, b, method).value
+
+    return solve, b
+
+
+_XLA_CPU_ONLY = pytest.mark.skipif(
     jax.default_backend() != "cpu",
     reason="the counts are XLA:CPU's fusion decisions",
 )
+
+
+@_XLA_CPU_ONLY
 @pytest.mark.parametrize(
     "solver, jax_solver, mv, tags",
     [
@@ -107,10 +123,7 @@ def _kernels_outside_step(fn, *args) -> int:
     return sum(1 for op in ops if op is not None and op not in _FREE)
 
 
-@pytest.mark.skipif(
-    jax.default_backend() != "cpu",
-    reason="the counts are XLA:CPU's fusion decisions",
-)
+@_XLA_CPU_ONLY
 @pytest.mark.parametrize(
     "solver, mv, tags, bound",
     [
@@ -129,14 +142,7 @@ def test_krylov_solve_kernels_outside_the_step(solver, mv, tags, bound):
     # and the selection of the scale), without which an operator of norm 1e20 in
     # float32 took 1.3-4x the steps (its `<t, t>` overflowed). 32 and 38 ->
     # 31 and 37 with the unread history compiled away (its NaN initialisation).
-    b = jnp.ones(N * N, jnp.float32)
-    struct = jax.ShapeDtypeStruct(b.shape, b.dtype)
-    method = solver(rtol=1e-5, atol=0.0, norm=lx.internal.two_norm)
-
-    def solve(b):
-        op = lx.FunctionLinearOperator(mv, struct, tags)
-        return lx.linear_solve(op, b, method).value
-
+    solve, b = _stencil_solve(solver, mv, tags)
     assert _kernels_outside_step(solve, b) <= bound
 
 
@@ -206,10 +212,7 @@ def _fused_operations(fn, *args, step_only: bool = False) -> int:
     return sum(1 for op in ops if op is not None and op not in _FREE_IN_FUSION)
 
 
-@pytest.mark.skipif(
-    jax.default_backend() != "cpu",
-    reason="the counts are XLA:CPU's fusion decisions",
-)
+@_XLA_CPU_ONLY
 @pytest.mark.parametrize(
     "solver, mv, tags, step_bound, bound",
     [
@@ -231,14 +234,7 @@ def test_krylov_solve_operations_in_kernels(solver, mv, tags, step_bound, bound)
     # before -> after: CG 236 -> 223, BiCGStab 436 -> 387 (its step's kernels
     # 197 -> 164), GMRES 393 -> 373. (The published lineax 0.1.1: CG 100,
     # BiCGStab 145, GMRES 213.)
-    b = jnp.ones(N * N, jnp.float32)
-    struct = jax.ShapeDtypeStruct(b.shape, b.dtype)
-    method = solver(rtol=1e-5, atol=0.0, norm=lx.internal.two_norm)
-
-    def solve(b):
-        op = lx.FunctionLinearOperator(mv, struct, tags)
-        return lx.linear_solve(op, b, method).value
-
+    solve, b = _stencil_solve(solver, mv, tags)
     assert _fused_operations(solve, b) <= bound
     if step_bound is not None:
         assert _fused_operations(solve, b, step_only=True) <= step_bound

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.sparse
+from helpers import backend_compiles
 from jax.experimental import sparse as jsparse
 
 import lineax as lx
@@ -395,19 +396,12 @@ def test_unjitted_preconditioner_compiles_once_per_structure(make):
     vector = jnp.arange(1.0, 37.0)
     doubled = 2 * vector
     expected = make(dense, sparse).mv(vector)
-    compiles = []
 
-    def listener(event, duration, **kwargs):
-        if "backend_compile" in event:
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    def build_and_apply():
         preconditioner = make(dense, sparse)
-        first = preconditioner.mv(vector)
-        second = preconditioner.mv(doubled)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+        return preconditioner.mv(vector), preconditioner.mv(doubled)
+
+    (first, second), compiles = backend_compiles(build_and_apply)
     assert compiles == []
     np.testing.assert_allclose(first, expected, rtol=1e-14)
     np.testing.assert_allclose(second, 2 * expected, rtol=1e-14)

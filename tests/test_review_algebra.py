@@ -38,6 +38,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from helpers import PREDICATES
 
 import lineax as lx
 
@@ -148,16 +149,6 @@ def test_diagonal_of_rectangular_tagged_matrix_free_operators():
 
 _N = 4
 _STRUCT = jax.ShapeDtypeStruct((_N,), jnp.float64)
-_PREDICATES = {
-    "symmetric": lx.is_symmetric,
-    "diagonal": lx.is_diagonal,
-    "tridiagonal": lx.is_tridiagonal,
-    "lower": lx.is_lower_triangular,
-    "upper": lx.is_upper_triangular,
-    "psd": lx.is_positive_semidefinite,
-    "nsd": lx.is_negative_semidefinite,
-    "unit": lx.has_unit_diagonal,
-}
 _TAGS = {
     "symmetric": lx.symmetric_tag,
     "diagonal": lx.diagonal_tag,
@@ -274,7 +265,7 @@ def test_random_trees():
     for _ in range(12):
         operator, m = _random_tree(rng, 3)
         properties = _properties(m)
-        for name, predicate in _PREDICATES.items():
+        for name, predicate in PREDICATES.items():
             # (A complex Hermitian operator tagged definite is symmetric by the
             # tag's documented meaning.)
             if predicate(operator) and not properties[name]:

@@ -49,23 +49,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import backend_compiles
 
 import lineax as lx
-
-
-def _backend_compiles(fn):
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if "backend_compile" in event:
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        out = jax.block_until_ready(fn())
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    return out, compiles
 
 
 def test_eager_gradient_of_damped_lsmr_compiles_once():
@@ -94,7 +80,7 @@ def test_eager_gradient_of_damped_lsmr_compiles_once():
     grad = jax.grad(loss)
     grad(jnp.asarray(0.5))  # compiles what the gradient needs
     for damp in (0.7, 1.3):
-        value, compiles = _backend_compiles(lambda d=damp: grad(jnp.asarray(d)))
+        value, compiles = backend_compiles(lambda d=damp: grad(jnp.asarray(d)))
         assert compiles == []
         np.testing.assert_allclose(value, jax.grad(expected)(damp), rtol=1e-8)
 
@@ -129,6 +115,6 @@ def test_eager_gradient_through_transposed_function_operator_compiles_once():
     grad = jax.grad(loss)
     grad(jnp.asarray(1.0))
     for scale in (1.1, 1.3):
-        value, compiles = _backend_compiles(lambda s=scale: grad(jnp.asarray(s)))
+        value, compiles = backend_compiles(lambda s=scale: grad(jnp.asarray(s)))
         assert compiles == []
         np.testing.assert_allclose(value, jax.grad(expected)(scale), rtol=1e-8)
