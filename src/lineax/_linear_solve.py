@@ -385,7 +385,10 @@ def _run_compiled(
     # is read here, on the host; so are the inputs, if the solve failed, where
     # they are what the in-graph check examines: arrays that the operator's
     # action reads (else the traced path says why the solve failed).
-    solution = _call_cached(key, compiled, leaves, treedef, solver, value_only, None)
+    try:
+        solution = compiled(leaves)
+    except TypeError as error:
+        solution = _static_output(error, key, leaves, treedef, solver, value_only, None)
     if solution is None:
         return None
     value = solution.result._value
@@ -424,7 +427,12 @@ def _run_jitted(
     if jitted is None:
         return None
     try:
-        return _call_cached(key, jitted, leaves, treedef, solver, value_only, throw)
+        try:
+            return jitted(leaves)
+        except TypeError as error:
+            return _static_output(
+                error, key, leaves, treedef, solver, value_only, throw
+            )
     except jax.errors.JaxRuntimeError as error:
         # A failure of the solve (or of its tangent solve, under `jax.jvp`), raised
         # as the un-jitted entry raises it: as Equinox's error with the message,
@@ -438,30 +446,28 @@ def _run_jitted(
         raise eqx.EquinoxRuntimeError(message.strip()) from None
 
 
-def _call_cached(key, compiled, leaves, treedef, solver, value_only, throw):
-    """`compiled(leaves)`, the cached solve under `key`; or `None` where its
-    solution cannot be the output of a compiled function."""
+def _static_output(error, key, leaves, treedef, solver, value_only, throw):
+    """After the cached solve under `key` raised `error` (a `TypeError`): the
+    solve compiled to return its non-array parts as static data, cached under
+    `key` and called; or `None` where that fails too."""
+    # A solution that is not all arrays cannot be the output of a compiled
+    # function: e.g. LSMR's `damp` option reformulates the operator as a
+    # closure-converted function, which the state keeps. Such a solve returns
+    # its non-array parts as static data of its output instead (from the trace,
+    # as `eqx.filter_jit` does): run eagerly, it compiled LSMR's loop anew on
+    # every call (0.56 s, against 0.2 ms compiled). (Any other error at trace
+    # time is raised again by the eager path.)
+    if "not a valid JAX type" not in str(error):
+        raise error
+    solve = _solve_of_leaves(treedef, solver, value_only, throw)
+    compiled = _COMPILED[key] = _with_static_output(solve)
     try:
         return compiled(leaves)
-    except TypeError as error:
-        # A solution that is not all arrays cannot be the output of a compiled
-        # function: e.g. LSMR's `damp` option reformulates the operator as a
-        # closure-converted function, which the state keeps. Such a solve
-        # returns its non-array parts as static data of its output instead
-        # (from the trace, as `eqx.filter_jit` does): run eagerly, it compiled
-        # LSMR's loop anew on every call (0.56 s, against 0.2 ms compiled).
-        # (Any other error at trace time is raised again by the eager path.)
-        if "not a valid JAX type" not in str(error):
+    except TypeError as again:
+        if "not a valid JAX type" not in str(again):
             raise
-        solve = _solve_of_leaves(treedef, solver, value_only, throw)
-        compiled = _COMPILED[key] = _with_static_output(solve)
-        try:
-            return compiled(leaves)
-        except TypeError as error:
-            if "not a valid JAX type" not in str(error):
-                raise
-            _COMPILED[key] = _EAGER
-            return None
+        _COMPILED[key] = _EAGER
+        return None
 
 
 def _stand_ins(tree: PyTree) -> PyTree:
