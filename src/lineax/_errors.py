@@ -30,6 +30,7 @@ is declared free of side effects; its output is used, so it is never removed.
 import inspect
 from collections.abc import Callable, Sequence
 
+import equinox as eqx
 import equinox.internal as eqxi
 import jax
 import jax.core
@@ -157,9 +158,15 @@ _raise_p = Primitive("lineax_raise_everywhere")
 
 
 def _raise_impl(*operands, messages, index_fn, batch, raises):
-    out = _host_check(
-        *operands, messages=messages, index_fn=index_fn, batch=batch, raises=raises
-    )
+    try:
+        out = _host_check(
+            *operands, messages=messages, index_fn=index_fn, batch=batch, raises=raises
+        )
+    except _EquinoxRuntimeError as error:
+        # Run eagerly, not in a compiled program's callback (whose error
+        # `equinox.filter_jit` raises again as its public one): raised as that
+        # public error, which users catch, with the message alone.
+        raise eqx.EquinoxRuntimeError(str(error)) from None
     return jnp.asarray(out)
 
 

@@ -31,7 +31,7 @@ from jaxtyping import Array, PyTree
 from ._errors import branch_on_code, raise_everywhere
 from ._misc import (
     is_inexact_array,
-    jit_when_eager,
+    jit_when_eagerly_transformed,
     nan_where,
     note_explicit_axes,
     select,
@@ -303,13 +303,19 @@ def host_result_code(code: Any, *leaves: Any) -> np.ndarray:
     return code
 
 
-# Compiled when run eagerly (the primitive's implementation outside of `jit`, e.g.
-# under an un-jitted `jax.jvp`), so that the error is raised as an
+# Compiled when run under a transformation applied eagerly (the primitive's
+# implementation under an un-jitted `vmap`), so that the error is raised as an
 # `EquinoxRuntimeError`, as `branched_error_if` does on its own; inline when staged.
 # (Staged, not merely traced: under an un-jitted `vmap` the inputs are tracers of
 # an eager computation, and inline the failure came out as XLA's runtime error,
-# the message after a traceback.)
-@jit_when_eager
+# the message after a traceback.) Inline, too, with concrete arrays (the
+# implementation run eagerly: an un-jitted solve of an operator that is not
+# cacheable, the tangent and cotangent solves of an un-jitted `jax.jvp` or
+# `jax.grad`): `branch_on_code` then branches in Python, and the error is raised
+# by the host check itself. Compiled there, it was compiled again for every
+# operator whose static data was a new object: the transpose of a
+# `FunctionLinearOperator` is a new closure at every call.
+@jit_when_eagerly_transformed
 def _error_if_failed(
     solution, operator, arrays, others, result, finite, recorded, kind
 ):
