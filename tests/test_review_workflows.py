@@ -152,6 +152,40 @@ def test_eager_failures_of_function_operator_solves_raise_equinox_errors(where):
         run()
 
 
+def test_function_operator_sees_the_array_its_function_reads_now():
+    # A function reading an array from Python state (a global, a dict, an
+    # attribute) that changes between un-jitted solves: each solve uses the
+    # array as it is at that call, as `operator.mv` does. (lineax 0.1.1 returns
+    # the first solve's answer again for the same function object: its jitted
+    # `linear_solve` found its cached program, with the old array baked in.)
+    # Why function operators are not cached by their function's identity.
+    params = {"matrix": 2.0 * jnp.eye(3)}
+
+    def mv(x):
+        return params["matrix"] @ x
+
+    structure = jax.ShapeDtypeStruct((3,), jnp.float64)
+    vector = jnp.ones(3)
+
+    def solve(solver):
+        operator = lx.FunctionLinearOperator(mv, structure)
+        return lx.linear_solve(operator, vector, solver).value
+
+    def gradient():
+        return jax.grad(
+            lambda v: jnp.sum(
+                lx.linear_solve(lx.FunctionLinearOperator(mv, structure), v).value
+            )
+        )(vector)
+
+    solvers = (lx.LU(), lx.GMRES(rtol=1e-10, atol=1e-10, max_steps=50))
+    for scale in (2.0, 4.0):
+        params["matrix"] = scale * jnp.eye(3)
+        for solver in solvers:
+            np.testing.assert_allclose(solve(solver), vector / scale, rtol=1e-10)
+        np.testing.assert_allclose(gradient(), vector / scale, rtol=1e-10)
+
+
 def test_unjitted_transformations_run_the_solve_compiled(monkeypatch):
     # Under an un-jitted `jax.grad`, `jax.jvp` or `jax.vmap`, the solve
     # (`_linear_solve`: its checks, `init`, the primitive's rules) ran as Python
