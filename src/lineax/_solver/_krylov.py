@@ -475,7 +475,13 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
             up, down = _excess_scale(r0, vector, rdtype)
             vector, x0, r0 = (tree_scale(down, v) for v in (vector, x0, r0))
             scale, inverse = scale * up, inverse * down
-        norm = self.scaled_norm()
+        # (With an initial guess, `b` and the residuals late in the solve may be
+        # far below the units of the initial residual: 1e-30 of it for `y0` of
+        # 1e15 and `b` of 1e-15, whose squares underflow to zero in float32.
+        # `sqrt(<r, r>)` then made both `norm(b)`, hence the target, and the
+        # verified residual 0, and a solve with a relative error of 3e10 passed as
+        # `successful`. The solver's own norm is guarded against that.)
+        norm = self.scaled_norm() if y0 is None else self.norm
         bnorm = norm(vector)
         # A `b` holding an infinity has an infinite norm, hence an infinite target,
         # and `inf <= inf` would pass the first convergence test at `x = 0` (a zero
@@ -498,6 +504,7 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
             rdtype=rdtype,
             initial_mv=initial_mv,
             op_inverse=op_inverse,
+            warm=y0 is not None,
         )
 
     def scaled_norm(self) -> Callable[[PyTree[Array]], Scalar]:
@@ -801,6 +808,8 @@ class Problem:
     # and underflows for 1e-20; with it `A` and `2^k A` give bit-identical
     # iterations, as `b` and `2^k b` do.
     op_inverse: Array | None = None
+    # Whether the iteration starts from an initial guess (`y0`).
+    warm: bool = False
 
 
 def result_of(
@@ -815,6 +824,20 @@ def result_of(
     result = results_where(stagnation, RESULTS.stagnation, result)
     result = results_where(breakdown, RESULTS.breakdown, result)
     return results_where(converged, RESULTS.successful, result)
+
+
+# A recurrence is started afresh (`Iteration.rescue`) only if the residual it
+# started from was this many times that of `b`, and the true residual fell this many
+# times below it since: so a solve at the floor of the dtype stops as before, and
+# each fresh start is paid for by a 16-fold fall of the true residual.
+RESCUE_GAP = 16.0
+
+
+def rescue_allowed(start: Array, rnorm: Array, bnorm: Array) -> Array:
+    """Whether a recurrence started from a residual of 2-norm `start` is started
+    afresh from one of 2-norm `rnorm`, in a problem whose `b` has 2-norm `bnorm`
+    (see `Iteration.rescue`)."""
+    return (start > RESCUE_GAP * bnorm) & (RESCUE_GAP * rnorm <= start)
 
 
 def first_pass_factor(rtol: float, eps: float) -> float:
@@ -941,6 +964,18 @@ class Iteration(Generic[_Carry]):
         1-2. At the floor of the dtype (the recursive residual keeps passing,
         the true one does not) the halving then starts two passes later: never
         halving took up to 1.6x the products there before `stagnation`.
+    - `rescue`: for a method with the second stagnation test whose recurrence
+        never restarts (MINRES, LSMR), given the carry, the iterate and its true
+        residual: `(carry, can)`, the carry of a recurrence started afresh from
+        that iterate and residual, and whether to use it (see `rescue_allowed`).
+        Where the second stagnation test fires or the method halts, and the
+        verification failed, the solve goes on from it rather than stopping. A
+        recurrence reaches a true residual of about `eps` times the residual it
+        started from: from a far initial guess (`y0` of 1e3, `b` of 1e-3) that
+        is far above `eps ||b||`, and the solve stopped with `stagnation`
+        (relative error 0.2 in float32) where CG and GMRES, which restart from
+        the true residual, converge. `None` (the default, and without `y0`, where
+        the recurrence starts from `b`): never.
     """
 
     step: Callable[[_Carry], _Carry]
@@ -968,6 +1003,9 @@ class Iteration(Generic[_Carry]):
         None
     )
     free_misses: int = 0
+    rescue: (
+        Callable[[_Carry, PyTree[Array], PyTree[Array]], tuple[_Carry, Array]] | None
+    ) = None
 
 
 class _Pass(eqx.Module):
@@ -1411,6 +1449,7 @@ def iterate(
         ref_progress, ref_estimate = k.ref_progress, k.ref_estimate
         floor_hits = k.floor_hits
         halved = jnp.zeros((), bool)  # (no reference progress: never "halved")
+        rescue = None
         if ref_progress is not None:
             progress = (
                 rnorm if method.progress is None else method.progress(c, x, r, rnorm)
@@ -1431,6 +1470,19 @@ def iterate(
             limit = jnp.finfo(p.rdtype).max
             fallen = select(ref_estimate < 0, fallen <= limit, fallen < ref_estimate)
             stalled = ~converged & fallen
+            if method.rescue is not None:
+                # A recurrence started from a residual far above `b` (a far
+                # initial guess) stalls at rounding errors of *that* residual;
+                # started again from the true residual of its iterate, it goes on
+                # (see `Iteration.rescue`). It is then the new reference.
+                rescued, can = method.rescue(c, x, r)
+                rescue = ~converged & (stalled | halted(c)) & can
+                stalled = stalled & ~rescue
+                ref_estimate = select(
+                    rescue, method.progress_estimate(rescued), ref_estimate
+                )
+                assert ref_progress is not None
+                ref_progress = select(rescue, progress, ref_progress)
             since_best = select(stalled, method.patience, since_best)
         if method.below_floor is not None:
             assert floor_hits is not None
@@ -1457,6 +1509,8 @@ def iterate(
             tightened = select(free, k.factor - p.eps, tightened)
         factor = select(passed & ~converged, tightened, jnp.minimum(1, 1.5 * k.factor))
         c = method.restart(c, x, r, passed)
+        if rescue is not None:
+            c = tree_where(rescue, rescued, c)
         # A converged iterate is returned, so it is kept as the "best" one. So is
         # one that ties with the best (not an improvement for `since_best`): in
         # the max norm the largest entry of the residual may be one that no

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, PyTree, Scalar
 
 from .._misc import hypot, tree_is_complex
-from .._norm import max_norm, tree_dot
+from .._norm import max_norm, tree_dot, two_norm
 from .._operator.base import (
     AbstractLinearOperator,
     is_negative_semidefinite,
@@ -27,6 +27,7 @@ from ._krylov import (
     Iteration,
     KrylovState,
     norm2,
+    rescue_allowed,
     safe_div,
     tree_axpy,
     tree_scale,
@@ -59,6 +60,9 @@ class _Lanczos(eqx.Module):
     test2: Scalar  # ||A r|| / (||A|| ||r||)
     exhausted: Array  # the Krylov space is invariant: no further progress
     breakdown: Array
+    # With `y0`: the 2-norm of the residual the recurrence started from (see
+    # `Iteration.rescue`); `None` without.
+    start: Scalar | None = None
 
 
 class MINRES(AbstractKrylovSolver):
@@ -204,7 +208,7 @@ class MINRES(AbstractKrylovSolver):
             return _Lanczos(
                 x, c.r2, r2, y, w, c.w, beta, oldb, dbar, epsln, phibar, cs, sn,
                 tnorm2, jnp.maximum(c.gmax, gamma), jnp.minimum(c.gmin, gamma),
-                safe_div(root, jnp.sqrt(tnorm2)), exhausted, bad_precond,
+                safe_div(root, jnp.sqrt(tnorm2)), exhausted, bad_precond, c.start,
             )  # fmt: skip
 
         def halted(c: _Lanczos):
@@ -215,18 +219,32 @@ class MINRES(AbstractKrylovSolver):
             normal_solved = c.test2 <= min(self.rtol, math.sqrt(eps))
             return c.breakdown | c.exhausted | ill_conditioned | normal_solved
 
-        x, r = problem.x0, problem.r0
-        y = apply(precond, r)
-        beta1_2 = jnp.real(tree_dot(r, y))
-        beta1 = jnp.sqrt(jnp.maximum(beta1_2, 0))
-        zero_vec = tree_scale(0, x)
-        zero = jnp.zeros((), rdtype)
-        lanczos = _Lanczos(
-            x, r, r, y, zero_vec, zero_vec, beta1, zero, zero, zero, beta1,
-            -jnp.ones((), rdtype), zero, zero, zero,
-            jnp.asarray(jnp.finfo(rdtype).max, rdtype), jnp.asarray(jnp.inf, rdtype),
-            jnp.array(False), beta1_2 < 0,
-        )  # fmt: skip
+        warm = problem.warm
+
+        def started(x, r) -> _Lanczos:
+            y = apply(precond, r)
+            beta1_2 = jnp.real(tree_dot(r, y))
+            beta1 = jnp.sqrt(jnp.maximum(beta1_2, 0))
+            zero_vec = tree_scale(0, x)
+            zero = jnp.zeros((), rdtype)
+            return _Lanczos(
+                x, r, r, y, zero_vec, zero_vec, beta1, zero, zero, zero, beta1,
+                -jnp.ones((), rdtype), zero, zero, zero,
+                jnp.asarray(jnp.finfo(rdtype).max, rdtype),
+                jnp.asarray(jnp.inf, rdtype), jnp.array(False), beta1_2 < 0,
+                two_norm(r) if warm else None,
+            )  # fmt: skip
+
+        lanczos = started(problem.x0, problem.r0)
+        rescue = None
+        if warm:
+            bnorm = two_norm(problem.vector)
+
+            def rescue(c, x, r):
+                # (See `Iteration.rescue`.)
+                assert c.start is not None
+                fresh = started(x, r)
+                return fresh, rescue_allowed(c.start, fresh.start, bnorm)
 
         def progress(c, x, r, rnorm):
             # The true residual in the norm `phibar` estimates: sqrt(<r, P r>).
@@ -246,6 +264,7 @@ class MINRES(AbstractKrylovSolver):
             pass_length=CHECK_EVERY,
             progress=progress,
             progress_estimate=lambda c: c.phibar,
+            rescue=rescue,
         )
         return iterate(self, problem, method, lanczos)
 
