@@ -23,10 +23,10 @@ from ._krylov import (
     Iteration,
     KrylovState,
     norm2,
-    rescue_allowed,
     operator_scale,
     Problem,
     real_dtype,
+    rescue_allowed,
     safe_div,
     tree_axpy,
     tree_scale,
@@ -559,10 +559,9 @@ def _lsmr(solver: LSMR, operator, problem: Problem):
             assert c.start is not None
             _, rnorm, product = normal_product(r)
             scale = safe_div(1, rnorm)
-            fresh = started(
-                tree_scale(scale, r), rnorm, tree_scale(scale, product), x
-            )
+            fresh = started(tree_scale(scale, r), rnorm, tree_scale(scale, product), x)
             return fresh, rescue_allowed(c.start, rnorm, bnorm)
+
     # A `conlim` beyond the dtype's range (1e8 in float16) would be cast to inf,
     # and the test could never fire: an estimate that overflows is above it.
     conlim = min(solver.conlim, float(jnp.finfo(rdtype).max))
