@@ -1449,7 +1449,7 @@ def iterate(
         ref_progress, ref_estimate = k.ref_progress, k.ref_estimate
         floor_hits = k.floor_hits
         halved = jnp.zeros((), bool)  # (no reference progress: never "halved")
-        rescue = None
+        rescue = rescued = progress = None
         if ref_progress is not None:
             progress = (
                 rnorm if method.progress is None else method.progress(c, x, r, rnorm)
@@ -1476,12 +1476,15 @@ def iterate(
                 # started again from the true residual of its iterate, it goes on
                 # (see `Iteration.rescue`). It is then the new reference.
                 rescued, can = method.rescue(c, x, r)
-                rescue = ~converged & (stalled | halted(c)) & can
+                # (An estimate of 0, a residual below the range of the dtype in
+                # the units of `Problem`, cannot be seen to fall.)
+                ended = stalled | halted(c) | (estimate == 0)
+                rescue = ~converged & ended & can
                 stalled = stalled & ~rescue
                 ref_estimate = select(
                     rescue, method.progress_estimate(rescued), ref_estimate
                 )
-                assert ref_progress is not None
+                assert ref_progress is not None and progress is not None
                 ref_progress = select(rescue, progress, ref_progress)
             since_best = select(stalled, method.patience, since_best)
         if method.below_floor is not None:

@@ -550,17 +550,19 @@ def _lsmr(solver: LSMR, operator, problem: Problem):
         )  # fmt: skip
 
     carry = started(u, beta, v, problem.x0 if problem.warm else None)
-    rescue = None
+    rescue: Callable | None = None
     if problem.warm:
         bnorm = two_norm(problem.vector)
 
-        def rescue(c: _Carry, x, r):
+        def rescue_from(c: _Carry, x, r):
             # (See `Iteration.rescue`; `A^H r` is that of the verification.)
             assert c.start is not None
             _, rnorm, product = normal_product(r)
             scale = safe_div(1, rnorm)
             fresh = started(tree_scale(scale, r), rnorm, tree_scale(scale, product), x)
             return fresh, rescue_allowed(c.start, rnorm, bnorm)
+
+        rescue = rescue_from
 
     # A `conlim` beyond the dtype's range (1e8 in float16) would be cast to inf,
     # and the test could never fire: an estimate that overflows is above it.

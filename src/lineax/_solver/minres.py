@@ -18,6 +18,7 @@ from .._operator.base import (
 )
 from .._solution import RESULTS, results_where
 from ._krylov import (
+    _power_of_two_scale,
     AbstractKrylovSolver,
     apply,
     check_definite_preconditioner,
@@ -63,6 +64,9 @@ class _Lanczos(eqx.Module):
     # With `y0`: the 2-norm of the residual the recurrence started from (see
     # `Iteration.rescue`); `None` without.
     start: Scalar | None = None
+    # With `y0`: the units of the recurrence (a power of two: its vectors but `x`,
+    # and `phibar`, are those of the problem divided by it); `None` without.
+    unit: Scalar | None = None
 
 
 class MINRES(AbstractKrylovSolver):
@@ -200,7 +204,10 @@ class MINRES(AbstractKrylovSolver):
                 safe_div(1, gamma),
                 tree_axpy(-oldeps, c.w2, tree_axpy(-delta, c.w, v)),
             )
-            x = tree_where(singular, c.x, tree_axpy(phi, w, c.x))
+            # (`x` is in the units of the problem, `w` and `phi` in the
+            # recurrence's.)
+            step_size = phi if c.unit is None else phi * c.unit
+            x = tree_where(singular, c.x, tree_axpy(step_size, w, c.x))
             # beta ~ 0 relative to the other entries of the tridiagonal column: the
             # Krylov space is invariant, and x is the final iterate.
             # (So is it after a singular pivot: reported as `singular`.)
@@ -208,7 +215,8 @@ class MINRES(AbstractKrylovSolver):
             return _Lanczos(
                 x, c.r2, r2, y, w, c.w, beta, oldb, dbar, epsln, phibar, cs, sn,
                 tnorm2, jnp.maximum(c.gmax, gamma), jnp.minimum(c.gmin, gamma),
-                safe_div(root, jnp.sqrt(tnorm2)), exhausted, bad_precond, c.start,
+                safe_div(root, jnp.sqrt(tnorm2)), exhausted, bad_precond,
+                c.start, c.unit,
             )  # fmt: skip
 
         def halted(c: _Lanczos):
@@ -222,6 +230,15 @@ class MINRES(AbstractKrylovSolver):
         warm = problem.warm
 
         def started(x, r) -> _Lanczos:
+            start = unit = None
+            if warm:
+                # In the units of `r` (exactly: a power of two): a fresh start
+                # (`rescue`) is from a residual far below those of the problem
+                # (1e-20 of them in float32 for a `y0` 1e20 times the solution),
+                # whose squares underflowed to zero.
+                start = two_norm(r)
+                unit, down = _power_of_two_scale(r, rdtype)
+                r = tree_scale(down, r)
             y = apply(precond, r)
             beta1_2 = jnp.real(tree_dot(r, y))
             beta1 = jnp.sqrt(jnp.maximum(beta1_2, 0))
@@ -232,19 +249,25 @@ class MINRES(AbstractKrylovSolver):
                 -jnp.ones((), rdtype), zero, zero, zero,
                 jnp.asarray(jnp.finfo(rdtype).max, rdtype),
                 jnp.asarray(jnp.inf, rdtype), jnp.array(False), beta1_2 < 0,
-                two_norm(r) if warm else None,
+                start, unit,
             )  # fmt: skip
 
         lanczos = started(problem.x0, problem.r0)
-        rescue = None
+        rescue: Callable | None = None
         if warm:
             bnorm = two_norm(problem.vector)
 
-            def rescue(c, x, r):
+            def rescue_from(c, x, r):
                 # (See `Iteration.rescue`.)
                 assert c.start is not None
                 fresh = started(x, r)
+                assert fresh.start is not None
                 return fresh, rescue_allowed(c.start, fresh.start, bnorm)
+
+            rescue = rescue_from
+
+        def estimate(c: _Lanczos):
+            return c.phibar if c.unit is None else c.phibar * c.unit
 
         def progress(c, x, r, rnorm):
             # The true residual in the norm `phibar` estimates: sqrt(<r, P r>).
@@ -254,7 +277,7 @@ class MINRES(AbstractKrylovSolver):
 
         method = Iteration(
             step=step,
-            estimate=lambda c: c.phibar,
+            estimate=estimate,
             solution=lambda c: c.x,
             restart=lambda c, x, r, passed: c,
             halted=halted,
@@ -263,7 +286,7 @@ class MINRES(AbstractKrylovSolver):
             ),
             pass_length=CHECK_EVERY,
             progress=progress,
-            progress_estimate=lambda c: c.phibar,
+            progress_estimate=estimate,
             rescue=rescue,
         )
         return iterate(self, problem, method, lanczos)
