@@ -289,6 +289,13 @@ class BiCGStab(AbstractKrylovSolver):
             )
 
         r = problem.r0
+        warm = problem.warm
+        unit = down = None
+        if warm:
+            # (In the units of `r0`, which may be up to 2^64 in float32 in those of
+            # `Problem`, see `_excess_scale`: fourth powers of that overflow.)
+            unit, down = _power_of_two_scale(r, problem.rdtype)
+            r = tree_scale(down, r)
         dtype = tree_dot(r, r).dtype
         counts = counts_exactly(dtype, problem.max_steps)
         rr = jnp.real(tree_dot(r, r))
@@ -298,12 +305,16 @@ class BiCGStab(AbstractKrylovSolver):
         # there). With `tol` the first half step met it, the step ended the pass
         # and the solve after one step (Newton near its root, whose right-hand
         # side is below the solver's `atol`, then stalled, as it did with GMRES).
+        # (`rnorm` and `half` in the recurrence's units, `tol` in `Problem`'s.)
         first = first_pass_factor(self.rtol, eps)
+        if unit is not None:
+            rnorm = rnorm * unit
         half_tol = select(rnorm <= tol, first * rnorm, tol)
+        if down is not None:
+            half_tol = half_tol * down
+            rnorm = rnorm * down  # (exact: powers of two)
         half = half_tol**2 if two else half_tol
         steps = 0 if counts else None
-        warm = problem.warm
-        unit = jnp.ones((), problem.rdtype) if warm else None
         layout = restarted(r, _FRESH, steps, half, rr, rnorm, unit)
         carry = _Carry(problem.x0, r, r, r, r, layout.pack(dtype))
 
@@ -331,7 +342,9 @@ class BiCGStab(AbstractKrylovSolver):
             patience=_PATIENCE,
             steps=(lambda c: jnp.real(scalars_of(c).steps)) if counts else None,
         )
-        return iterate(self, problem, method, carry, rnorm=rnorm)
+        return iterate(
+            self, problem, method, carry, rnorm=rnorm if unit is None else rnorm * unit
+        )
 
 
 # Steps between true-residual checks (for the best iterate and stagnation).
