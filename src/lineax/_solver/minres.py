@@ -271,9 +271,18 @@ class MINRES(AbstractKrylovSolver):
 
         def progress(c, x, r, rnorm):
             # The true residual in the norm `phibar` estimates: sqrt(<r, P r>).
+            unit = None
+            if warm:
+                # (In the units of `r`: with `y0` it falls far below those of the
+                # problem, where its squares underflowed to 0, and the solve,
+                # seeing no progress, stopped with `stagnation`.)
+                unit, down = _power_of_two_scale(r, rdtype)
+                r = tree_scale(down, r)
             if precond is None:
-                return norm2(r)
-            return jnp.sqrt(jnp.maximum(jnp.real(tree_dot(r, apply(precond, r))), 0))
+                out = norm2(r)
+            else:
+                out = jnp.sqrt(jnp.maximum(jnp.real(tree_dot(r, apply(precond, r))), 0))
+            return out if unit is None else out * unit
 
         method = Iteration(
             step=step,
