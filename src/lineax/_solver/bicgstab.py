@@ -224,7 +224,11 @@ class BiCGStab(AbstractKrylovSolver):
             # recursive residual is below rounding level: then its products may
             # underflow, and there is simply nothing left to do.)
             fresh = jnp.real(k.status) == _FRESH
-            breakdown = ~good_sigma & fresh & above_rounding(rr, k.unit)
+            breakdown = (
+                ~good_sigma
+                & fresh
+                & above_rounding(rr, None if k.unit is None else jnp.real(k.unit))
+            )
             keep = good_sigma & good_omega & large(new_rho, shadow_nn, new_rr)
             # 0, 1 (restart) or 2 (`_BREAKDOWN`): a breakdown is a bad sigma, so a
             # restart too. (Two selects: a `not`, two conversions and a sum were
@@ -275,7 +279,7 @@ class BiCGStab(AbstractKrylovSolver):
                 # units of its residual instead (exactly: a power of two).
                 unit, down = _power_of_two_scale(r, problem.rdtype)
                 ratio = jnp.real(k.unit) * down  # (old units / new units)
-                half = k.half * (ratio * ratio if two else ratio)
+                half = jnp.real(k.half) * (ratio * ratio if two else ratio)
                 r = tree_scale(down, r)
             new = restarted(r, new_status, k.steps, half, unit=unit).pack(dtype)
             restart = passed | (status > 0)
