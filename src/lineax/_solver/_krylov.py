@@ -27,7 +27,10 @@ Every Krylov solver in lineax follows the same contract:
 - The right-hand side is scaled by a power of two (exact in floating point) before
   the iteration, so `b` and `2^k b` give bit-identical iterations and `1e±20 b`
   the same iteration count, and in-loop norms neither overflow nor underflow.
-  (With an initial guess, by the larger of `b` and the residual `b - A y0`.)
+  (With an initial guess, by the larger of `b` and the residual `b - A y0`, the
+  latter at most `2^64` times `b` in float32, see `_excess_scale`; the
+  verification then uses the solver's own, guarded, norm. BiCGStab and MINRES
+  make each fresh start in the units of its residual, see `Iteration.rescue`.)
   GMRES, FGMRES, MINRES, BiCGStab and LSMR scale the operator too, by a power of
   two estimated from one product made before the first step (see
   `Problem.op_inverse`), so the same holds for `A` and `2^k A` or `1e±20 A`. (CG
