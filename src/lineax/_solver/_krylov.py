@@ -27,7 +27,10 @@ Every Krylov solver in lineax follows the same contract:
 - The right-hand side is scaled by a power of two (exact in floating point) before
   the iteration, so `b` and `2^k b` give bit-identical iterations and `1e±20 b`
   the same iteration count, and in-loop norms neither overflow nor underflow.
-  (With an initial guess, by the larger of `b` and the residual `b - A y0`.)
+  (With an initial guess, by the larger of `b` and the residual `b - A y0`, the
+  latter at most `2^64` times `b` in float32, see `_excess_scale`; the
+  verification then uses the solver's own, guarded, norm. BiCGStab and MINRES
+  make each fresh start in the units of its residual, see `Iteration.rescue`.)
   GMRES, FGMRES, MINRES, BiCGStab and LSMR scale the operator too, by a power of
   two estimated from one product made before the first step (see
   `Problem.op_inverse`), so the same holds for `A` and `2^k A` or `1e±20 A`. (CG
@@ -475,7 +478,13 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
             up, down = _excess_scale(r0, vector, rdtype)
             vector, x0, r0 = (tree_scale(down, v) for v in (vector, x0, r0))
             scale, inverse = scale * up, inverse * down
-        norm = self.scaled_norm()
+        # (With an initial guess, `b` and the residuals late in the solve may be
+        # far below the units of the initial residual: 1e-30 of it for `y0` of
+        # 1e15 and `b` of 1e-15, whose squares underflow to zero in float32.
+        # `sqrt(<r, r>)` then made both `norm(b)`, hence the target, and the
+        # verified residual 0, and a solve with a relative error of 3e10 passed as
+        # `successful`. The solver's own norm is guarded against that.)
+        norm = self.scaled_norm() if y0 is None else self.norm
         bnorm = norm(vector)
         # A `b` holding an infinity has an infinite norm, hence an infinite target,
         # and `inf <= inf` would pass the first convergence test at `x = 0` (a zero
@@ -498,6 +507,7 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
             rdtype=rdtype,
             initial_mv=initial_mv,
             op_inverse=op_inverse,
+            warm=y0 is not None,
         )
 
     def scaled_norm(self) -> Callable[[PyTree[Array]], Scalar]:
@@ -682,13 +692,22 @@ def _excess_scale(
 ) -> tuple[Array, Array]:
     """`(2^k, 2^-k)` where the largest entry of `r0` is `2^k` times that of `vector`
     (rounded to powers of two, see `_power_of_two_scale`; a zero `vector` counts
-    as 1), or `(1, 1)` where it is not larger."""
+    as 1), or `(1, 1)` where it is not larger; `k` at most half the largest
+    exponent of `rdtype` (64 in single precision).
+
+    (Uncapped, `b` of 1e-25 and `y0` of 1e10 in float32 put `b` at 1e-36 of the
+    units, the residuals at the target at 1e-41, subnormal and flushed to zero on
+    CPU: the verification saw a zero residual, and MINRES, LSMR and BiCGStab
+    passed answers with a relative error of 4e-3 as `successful`. Capped, the
+    initial residual is up to `2^k` in the units, whose squares the methods'
+    loops and the verification's guarded norm still hold.)"""
     r_scale, r_inverse = _power_of_two_scale(r0, rdtype)
     b_scale, b_inverse = _power_of_two_scale(vector, rdtype)
     larger = r_scale > b_scale
-    return select(larger, r_scale * b_inverse, 1), select(
-        larger, r_inverse * b_scale, 1
-    )
+    cap = 2.0 ** (jnp.finfo(rdtype).maxexp // 2)
+    up = jnp.minimum(r_scale * b_inverse, jnp.asarray(cap, rdtype))
+    down = jnp.maximum(r_inverse * b_scale, jnp.asarray(1 / cap, rdtype))
+    return select(larger, up, 1), select(larger, down, 1)
 
 
 def operator_scale(product: PyTree[Array], rdtype: Any) -> tuple[Array, Array]:
@@ -801,6 +820,8 @@ class Problem:
     # and underflows for 1e-20; with it `A` and `2^k A` give bit-identical
     # iterations, as `b` and `2^k b` do.
     op_inverse: Array | None = None
+    # Whether the iteration starts from an initial guess (`y0`).
+    warm: bool = False
 
 
 def result_of(
@@ -815,6 +836,20 @@ def result_of(
     result = results_where(stagnation, RESULTS.stagnation, result)
     result = results_where(breakdown, RESULTS.breakdown, result)
     return results_where(converged, RESULTS.successful, result)
+
+
+# A recurrence is started afresh (`Iteration.rescue`) only if the residual it
+# started from was this many times that of `b`, and the true residual fell this many
+# times below it since: so a solve at the floor of the dtype stops as before, and
+# each fresh start is paid for by a 16-fold fall of the true residual.
+RESCUE_GAP = 16.0
+
+
+def rescue_allowed(start: Array, rnorm: Array, bnorm: Array) -> Array:
+    """Whether a recurrence started from a residual of 2-norm `start` is started
+    afresh from one of 2-norm `rnorm`, in a problem whose `b` has 2-norm `bnorm`
+    (see `Iteration.rescue`)."""
+    return (start > RESCUE_GAP * bnorm) & (RESCUE_GAP * rnorm <= start)
 
 
 def first_pass_factor(rtol: float, eps: float) -> float:
@@ -941,6 +976,18 @@ class Iteration(Generic[_Carry]):
         1-2. At the floor of the dtype (the recursive residual keeps passing,
         the true one does not) the halving then starts two passes later: never
         halving took up to 1.6x the products there before `stagnation`.
+    - `rescue`: for a method with the second stagnation test whose recurrence
+        never restarts (MINRES, LSMR), given the carry, the iterate and its true
+        residual: `(carry, can)`, the carry of a recurrence started afresh from
+        that iterate and residual, and whether to use it (see `rescue_allowed`).
+        Where the second stagnation test fires or the method halts, and the
+        verification failed, the solve goes on from it rather than stopping. A
+        recurrence reaches a true residual of about `eps` times the residual it
+        started from: from a far initial guess (`y0` of 1e3, `b` of 1e-3) that
+        is far above `eps ||b||`, and the solve stopped with `stagnation`
+        (relative error 0.2 in float32) where CG and GMRES, which restart from
+        the true residual, converge. `None` (the default, and without `y0`, where
+        the recurrence starts from `b`): never.
     """
 
     step: Callable[[_Carry], _Carry]
@@ -968,6 +1015,9 @@ class Iteration(Generic[_Carry]):
         None
     )
     free_misses: int = 0
+    rescue: (
+        Callable[[_Carry, PyTree[Array], PyTree[Array]], tuple[_Carry, Array]] | None
+    ) = None
 
 
 class _Pass(eqx.Module):
@@ -1411,6 +1461,7 @@ def iterate(
         ref_progress, ref_estimate = k.ref_progress, k.ref_estimate
         floor_hits = k.floor_hits
         halved = jnp.zeros((), bool)  # (no reference progress: never "halved")
+        rescue = rescued = progress = None
         if ref_progress is not None:
             progress = (
                 rnorm if method.progress is None else method.progress(c, x, r, rnorm)
@@ -1431,6 +1482,26 @@ def iterate(
             limit = jnp.finfo(p.rdtype).max
             fallen = select(ref_estimate < 0, fallen <= limit, fallen < ref_estimate)
             stalled = ~converged & fallen
+            if method.rescue is not None:
+                # A recurrence started from a residual far above `b` (a far
+                # initial guess) stalls at rounding errors of *that* residual;
+                # started again from the true residual of its iterate, it goes on
+                # (see `Iteration.rescue`). It is then the new reference.
+                rescued, can = method.rescue(c, x, r)
+                # Also where the estimate is already `GAP` below the true measure:
+                # the recurrence runs on rounding errors, and would run on until
+                # its estimate fell `GAP` below its reference (or underflowed to
+                # 0, where it cannot be seen to fall): MINRES took 200 steps,
+                # not 120, from `y0` of 1e10 for `b` of 1e-25 in float32.
+                assert progress is not None
+                ended = stalled | halted(c) | (estimate * GAP < progress)
+                rescue = ~converged & ended & can
+                stalled = stalled & ~rescue
+                ref_estimate = select(
+                    rescue, method.progress_estimate(rescued), ref_estimate
+                )
+                assert ref_progress is not None
+                ref_progress = select(rescue, progress, ref_progress)
             since_best = select(stalled, method.patience, since_best)
         if method.below_floor is not None:
             assert floor_hits is not None
@@ -1457,6 +1528,8 @@ def iterate(
             tightened = select(free, k.factor - p.eps, tightened)
         factor = select(passed & ~converged, tightened, jnp.minimum(1, 1.5 * k.factor))
         c = method.restart(c, x, r, passed)
+        if rescue is not None:
+            c = tree_where(rescue, rescued, c)
         # A converged iterate is returned, so it is kept as the "best" one. So is
         # one that ties with the best (not an improvement for `since_best`): in
         # the max norm the largest entry of the residual may be one that no

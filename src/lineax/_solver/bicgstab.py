@@ -11,6 +11,7 @@ from .._misc import select
 from .._norm import max_norm, tree_dot, two_norm
 from .._operator.base import AbstractLinearOperator
 from ._krylov import (
+    _power_of_two_scale,
     AbstractKrylovSolver,
     AbstractStackedScalars,
     apply,
@@ -22,6 +23,7 @@ from ._krylov import (
     KrylovState,
     safe_div,
     tree_axpy,
+    tree_scale,
     tree_where,
 )
 from .base import static_number
@@ -62,6 +64,10 @@ class _Scalars(AbstractStackedScalars):
     # Steps made (see `Iteration.steps`); `None` where the dtype cannot count to
     # `max_steps` exactly, and the outer loop counts them.
     steps: ArrayLike | None
+    # With `y0`: the units of the recurrence (a power of two: its vectors but `x`,
+    # and its scalars, `half` included, are those of `Problem` divided by it,
+    # see `restart_from`); `None` without (the units of `Problem`).
+    unit: ArrayLike | None = None
 
 
 _FRESH, _BREAKDOWN = -1, 2  # (`_Scalars.status`)
@@ -141,7 +147,12 @@ class BiCGStab(AbstractKrylovSolver):
         inv_eps2 = 1 / (eps * eps)
         exact = inv_eps2 < float(jnp.finfo(bb.dtype).max)
 
-        def above_rounding(rr):
+        def above_rounding(rr, unit):
+            if unit is not None:
+                # (In the units of `Problem`; `rr * inv_eps2` first, which does not
+                # underflow where `rr` is of the order of 1, as after a restart.)
+                rr = rr * inv_eps2 * unit * unit if exact else rr * unit * unit
+                return rr > bb if exact else rr > (eps * eps) * bb
             return rr * inv_eps2 > bb if exact else rr > (eps * eps) * bb
 
         def large(value, eps2_xx, yy):
@@ -197,8 +208,13 @@ class BiCGStab(AbstractKrylovSolver):
             # division, so the decision is made once, in the division's kernel,
             # rather than again in the updates of `x` and `r` and in the packing.
             omega = select(use_omega, ts, 0) / select(use_omega, tt, 1).astype(ts.dtype)
+            # (`x` is in the units of `Problem`, the directions in the
+            # recurrence's.)
+            ax, ox = (
+                (alpha, omega) if k.unit is None else (alpha * k.unit, omega * k.unit)
+            )
             x = tree_where(
-                good_sigma, tree_axpy(omega, shat, tree_axpy(alpha, phat, c.x)), c.x
+                good_sigma, tree_axpy(ox, shat, tree_axpy(ax, phat, c.x)), c.x
             )
             r = tree_where(good_sigma, tree_axpy(-omega, t, s), c.r)
             new_rr = jnp.real(tree_dot(r, r))
@@ -208,7 +224,11 @@ class BiCGStab(AbstractKrylovSolver):
             # recursive residual is below rounding level: then its products may
             # underflow, and there is simply nothing left to do.)
             fresh = jnp.real(k.status) == _FRESH
-            breakdown = ~good_sigma & fresh & above_rounding(rr)
+            breakdown = (
+                ~good_sigma
+                & fresh
+                & above_rounding(rr, None if k.unit is None else jnp.real(k.unit))
+            )
             keep = good_sigma & good_omega & large(new_rho, shadow_nn, new_rr)
             # 0, 1 (restart) or 2 (`_BREAKDOWN`): a breakdown is a bad sigma, so a
             # restart too. (Two selects: a `not`, two conversions and a sum were
@@ -221,11 +241,13 @@ class BiCGStab(AbstractKrylovSolver):
             rnorm = None if two else problem.norm(r)
             scalars = _Scalars(
                 shadow_nn, new_rr, new_rho, beta, omega, status, k.half, rnorm,
-                None if k.steps is None else jnp.real(k.steps) + 1,
+                None if k.steps is None else jnp.real(k.steps) + 1, k.unit,
             )  # fmt: skip
             return _Carry(x, r, c.shadow, p, v, scalars.pack(dtype))
 
-        def restarted(r, status, steps, half, rr=None, rnorm=None) -> _Scalars:
+        def restarted(
+            r, status, steps, half, rr=None, rnorm=None, unit=None
+        ) -> _Scalars:
             # The scalars of a (re)start from `r`, with `r` as the shadow vector;
             # beta = 0 makes the next direction `r`. (`rr` and `rnorm`: `<r, r>`
             # and `norm(r)`, where known.)
@@ -234,7 +256,7 @@ class BiCGStab(AbstractKrylovSolver):
                 rnorm = problem.norm(r)
             return _Scalars(
                 (eps * eps) * rr, rr, rr, 0, 0, status, half,
-                None if two else rnorm, steps,
+                None if two else rnorm, steps, unit,
             )  # fmt: skip
 
         def restart_from(c: _Carry, x, r, passed) -> _Carry:
@@ -247,7 +269,19 @@ class BiCGStab(AbstractKrylovSolver):
             # (A breakdown stays one: the outer loop stops on it.)
             new_status = select(status == _BREAKDOWN, _BREAKDOWN, _FRESH)
             k = scalars_of(c)
-            new = restarted(r, new_status, k.steps, k.half).pack(dtype)
+            half, unit = k.half, None
+            if warm:
+                # A warm start's residual falls far below the units of `Problem`
+                # (those of `b - A y0`): 1e-10 of them after a pass from `y0` of
+                # 1e3 for `b` of 1e-3 in float32, where the fourth powers of the
+                # breakdown tests (`large`) underflowed to zero, and a freshly
+                # restarted step was a `breakdown`. Each restart is made in the
+                # units of its residual instead (exactly: a power of two).
+                unit, down = _power_of_two_scale(r, problem.rdtype)
+                ratio = jnp.real(k.unit) * down  # (old units / new units)
+                half = jnp.real(k.half) * (ratio * ratio if two else ratio)
+                r = tree_scale(down, r)
+            new = restarted(r, new_status, k.steps, half, unit=unit).pack(dtype)
             restart = passed | (status > 0)
             return _Carry(
                 c.x,
@@ -259,6 +293,13 @@ class BiCGStab(AbstractKrylovSolver):
             )
 
         r = problem.r0
+        warm = problem.warm
+        unit = down = None
+        if warm:
+            # (In the units of `r0`, which may be up to 2^64 in float32 in those of
+            # `Problem`, see `_excess_scale`: fourth powers of that overflow.)
+            unit, down = _power_of_two_scale(r, problem.rdtype)
+            r = tree_scale(down, r)
         dtype = tree_dot(r, r).dtype
         counts = counts_exactly(dtype, problem.max_steps)
         rr = jnp.real(tree_dot(r, r))
@@ -268,16 +309,26 @@ class BiCGStab(AbstractKrylovSolver):
         # there). With `tol` the first half step met it, the step ended the pass
         # and the solve after one step (Newton near its root, whose right-hand
         # side is below the solver's `atol`, then stalled, as it did with GMRES).
+        # (`rnorm` and `half` in the recurrence's units, `tol` in `Problem`'s.)
         first = first_pass_factor(self.rtol, eps)
+        if unit is not None:
+            rnorm = rnorm * unit
         half_tol = select(rnorm <= tol, first * rnorm, tol)
+        if down is not None:
+            half_tol = half_tol * down
+            rnorm = rnorm * down  # (exact: powers of two)
         half = half_tol**2 if two else half_tol
         steps = 0 if counts else None
-        layout = restarted(r, _FRESH, steps, half, rr, rnorm)
+        layout = restarted(r, _FRESH, steps, half, rr, rnorm, unit)
         carry = _Carry(problem.x0, r, r, r, r, layout.pack(dtype))
 
         def estimate(c: _Carry) -> Array:
             k = scalars_of(c)
-            return jnp.real(k.rr if two else k.rnorm)
+            e = jnp.real(k.rr if two else k.rnorm)
+            if k.unit is None:
+                return e
+            unit = jnp.real(k.unit)
+            return e * unit * unit if two else e * unit
 
         def status_of(c: _Carry) -> Array:
             return jnp.real(scalars_of(c).status)
@@ -295,7 +346,9 @@ class BiCGStab(AbstractKrylovSolver):
             patience=_PATIENCE,
             steps=(lambda c: jnp.real(scalars_of(c).steps)) if counts else None,
         )
-        return iterate(self, problem, method, carry, rnorm=rnorm)
+        return iterate(
+            self, problem, method, carry, rnorm=rnorm if unit is None else rnorm * unit
+        )
 
 
 # Steps between true-residual checks (for the best iterate and stagnation).

@@ -26,6 +26,7 @@ from ._krylov import (
     operator_scale,
     Problem,
     real_dtype,
+    rescue_allowed,
     safe_div,
     tree_axpy,
     tree_scale,
@@ -90,6 +91,11 @@ class _Carry(eqx.Module):
     norm_a: Scalar
     cond_a: Scalar
     started: Array  # a step has been made (the cond(A) estimate is meaningful)
+    # With `y0`: the iterate the recurrence's correction `x` is added to, and the
+    # 2-norm of its residual, which the recurrence started from (see
+    # `Iteration.rescue`); `None` without (the correction is from `y0`).
+    base: PyTree[Array] | None = None
+    start: Scalar | None = None
 
 
 class LSMR(AbstractKrylovSolver):
@@ -456,12 +462,13 @@ def _lsmr(solver: LSMR, operator, problem: Problem):
             x, u, v, h, hbar, alpha, beta, alphabar, zeta, zetabar, rho, rhobar,
             cbar, sbar, betadd, betad, rhodold, tautildeold, thetatilde, c.d,
             maxrbar, minrbar, normr, jnp.abs(zetabar), norm_a, cond_a,
-            jnp.array(True),
+            jnp.array(True), c.base, c.start,
         )  # fmt: skip
 
     def solution(c: _Carry):
         z = tree_scale(op_inverse, c.x)
-        return jtu.tree_map(lambda a, b: a + b, problem.x0, z)
+        base = problem.x0 if c.base is None else c.base
+        return jtu.tree_map(lambda a, b: a + b, base, z)
 
     # The last residual `normal_residual` was given, and its result.
     last: list = []
@@ -471,9 +478,17 @@ def _lsmr(solver: LSMR, operator, problem: Problem):
         # three times, for the same residual object (`normal_solved`, `progress`,
         # `at_floor`): made once, as each traced product would be lowered and
         # compiled (XLA merges them only after that).
+        return normal_product(r)[:2]
+
+    def normal_product(r):
+        # `normal_residual`, and the product `A^H r` itself (for `rescue`).
         if last and last[0][0] is r:
             return last[0][1]
-        out = norm2(rmv(r)), norm2(r)
+        product = rmv(r)
+        # (With `y0`, guarded against underflow, see `AbstractKrylovSolver.problem`:
+        # two 2-norms of 0 passed the test `0 <= rtol ||A|| 0`.)
+        norm = two_norm if problem.warm else norm2
+        out = norm(product), norm(r), product
         last[:] = [(r, out)]
         return out
 
@@ -510,7 +525,8 @@ def _lsmr(solver: LSMR, operator, problem: Problem):
         # iteration has stopped improving: at the first pass of LSMR's estimate
         # the solve goes on, which gained up to two digits at cond 1e4.)
         _, rnorm = normal_residual(r)
-        noise = 2 * beta / select(rnorm == 0, 1, rnorm)
+        start = beta if c.start is None else c.start
+        noise = 2 * start / select(rnorm == 0, 1, rnorm)
         level = problem.eps * jnp.maximum(_FLOOR_FACTOR * c.cond_a, noise)
         return at_floor(c, x, r, level)
 
@@ -518,17 +534,36 @@ def _lsmr(solver: LSMR, operator, problem: Problem):
         # The same test on LSMR's estimates, tightened with the outer loop.
         return c.normar <= factor * rtol * c.norm_a * c.normr
 
-    alpha = norm2(v)
-    v = tree_scale(safe_div(1, alpha), v)
-    zero = jnp.zeros((), rdtype)
-    one = jnp.ones((), rdtype)
-    z0 = tree_scale(0, v)
-    carry = _Carry(
-        z0, u, v, v, z0, alpha, beta, alpha, zero, alpha * beta, one, one, one,
-        zero, beta, zero, one, zero, zero, zero, zero,
-        jnp.asarray(jnp.finfo(rdtype).max, rdtype), beta, alpha * beta,
-        alpha, one, jnp.array(False),
-    )  # fmt: skip
+    def started(u, beta, v, base) -> _Carry:
+        # The carry of a recurrence from the residual `beta u` (`|u| = 1`), `v`
+        # being `A^H u` (of the scaled operator).
+        alpha = norm2(v)
+        v = tree_scale(safe_div(1, alpha), v)
+        zero = jnp.zeros((), rdtype)
+        one = jnp.ones((), rdtype)
+        z0 = tree_scale(0, v)
+        return _Carry(
+            z0, u, v, v, z0, alpha, beta, alpha, zero, alpha * beta, one, one, one,
+            zero, beta, zero, one, zero, zero, zero, zero,
+            jnp.asarray(jnp.finfo(rdtype).max, rdtype), beta, alpha * beta,
+            alpha, one, jnp.array(False), base, None if base is None else beta,
+        )  # fmt: skip
+
+    carry = started(u, beta, v, problem.x0 if problem.warm else None)
+    rescue: Callable | None = None
+    if problem.warm:
+        bnorm = two_norm(problem.vector)
+
+        def rescue_from(c: _Carry, x, r):
+            # (See `Iteration.rescue`; `A^H r` is that of the verification.)
+            assert c.start is not None
+            _, rnorm, product = normal_product(r)
+            scale = safe_div(1, rnorm)
+            fresh = started(tree_scale(scale, r), rnorm, tree_scale(scale, product), x)
+            return fresh, rescue_allowed(c.start, rnorm, bnorm)
+
+        rescue = rescue_from
+
     # A `conlim` beyond the dtype's range (1e8 in float16) would be cast to inf,
     # and the test could never fire: an estimate that overflows is above it.
     conlim = min(solver.conlim, float(jnp.finfo(rdtype).max))
@@ -560,5 +595,6 @@ def _lsmr(solver: LSMR, operator, problem: Problem):
         progress=lambda c, x, r, rnorm: normal_residual(r)[0],
         progress_estimate=lambda c: c.normar,
         accept_at_floor=at_floor_stagnated,
+        rescue=rescue,
     )
     return iterate(solver, problem, method, carry)

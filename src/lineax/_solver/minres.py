@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, PyTree, Scalar
 
 from .._misc import hypot, tree_is_complex
-from .._norm import max_norm, tree_dot
+from .._norm import max_norm, tree_dot, two_norm
 from .._operator.base import (
     AbstractLinearOperator,
     is_negative_semidefinite,
@@ -18,6 +18,7 @@ from .._operator.base import (
 )
 from .._solution import RESULTS, results_where
 from ._krylov import (
+    _power_of_two_scale,
     AbstractKrylovSolver,
     apply,
     check_definite_preconditioner,
@@ -27,6 +28,7 @@ from ._krylov import (
     Iteration,
     KrylovState,
     norm2,
+    rescue_allowed,
     safe_div,
     tree_axpy,
     tree_scale,
@@ -59,6 +61,12 @@ class _Lanczos(eqx.Module):
     test2: Scalar  # ||A r|| / (||A|| ||r||)
     exhausted: Array  # the Krylov space is invariant: no further progress
     breakdown: Array
+    # With `y0`: the 2-norm of the residual the recurrence started from (see
+    # `Iteration.rescue`); `None` without.
+    start: Scalar | None = None
+    # With `y0`: the units of the recurrence (a power of two: its vectors but `x`,
+    # and `phibar`, are those of the problem divided by it); `None` without.
+    unit: Scalar | None = None
 
 
 class MINRES(AbstractKrylovSolver):
@@ -196,7 +204,10 @@ class MINRES(AbstractKrylovSolver):
                 safe_div(1, gamma),
                 tree_axpy(-oldeps, c.w2, tree_axpy(-delta, c.w, v)),
             )
-            x = tree_where(singular, c.x, tree_axpy(phi, w, c.x))
+            # (`x` is in the units of the problem, `w` and `phi` in the
+            # recurrence's.)
+            step_size = phi if c.unit is None else phi * c.unit
+            x = tree_where(singular, c.x, tree_axpy(step_size, w, c.x))
             # beta ~ 0 relative to the other entries of the tridiagonal column: the
             # Krylov space is invariant, and x is the final iterate.
             # (So is it after a singular pivot: reported as `singular`.)
@@ -205,6 +216,7 @@ class MINRES(AbstractKrylovSolver):
                 x, c.r2, r2, y, w, c.w, beta, oldb, dbar, epsln, phibar, cs, sn,
                 tnorm2, jnp.maximum(c.gmax, gamma), jnp.minimum(c.gmin, gamma),
                 safe_div(root, jnp.sqrt(tnorm2)), exhausted, bad_precond,
+                c.start, c.unit,
             )  # fmt: skip
 
         def halted(c: _Lanczos):
@@ -215,28 +227,66 @@ class MINRES(AbstractKrylovSolver):
             normal_solved = c.test2 <= min(self.rtol, math.sqrt(eps))
             return c.breakdown | c.exhausted | ill_conditioned | normal_solved
 
-        x, r = problem.x0, problem.r0
-        y = apply(precond, r)
-        beta1_2 = jnp.real(tree_dot(r, y))
-        beta1 = jnp.sqrt(jnp.maximum(beta1_2, 0))
-        zero_vec = tree_scale(0, x)
-        zero = jnp.zeros((), rdtype)
-        lanczos = _Lanczos(
-            x, r, r, y, zero_vec, zero_vec, beta1, zero, zero, zero, beta1,
-            -jnp.ones((), rdtype), zero, zero, zero,
-            jnp.asarray(jnp.finfo(rdtype).max, rdtype), jnp.asarray(jnp.inf, rdtype),
-            jnp.array(False), beta1_2 < 0,
-        )  # fmt: skip
+        warm = problem.warm
+
+        def started(x, r) -> _Lanczos:
+            start = unit = None
+            if warm:
+                # In the units of `r` (exactly: a power of two): a fresh start
+                # (`rescue`) is from a residual far below those of the problem
+                # (1e-20 of them in float32 for a `y0` 1e20 times the solution),
+                # whose squares underflowed to zero.
+                start = two_norm(r)
+                unit, down = _power_of_two_scale(r, rdtype)
+                r = tree_scale(down, r)
+            y = apply(precond, r)
+            beta1_2 = jnp.real(tree_dot(r, y))
+            beta1 = jnp.sqrt(jnp.maximum(beta1_2, 0))
+            zero_vec = tree_scale(0, x)
+            zero = jnp.zeros((), rdtype)
+            return _Lanczos(
+                x, r, r, y, zero_vec, zero_vec, beta1, zero, zero, zero, beta1,
+                -jnp.ones((), rdtype), zero, zero, zero,
+                jnp.asarray(jnp.finfo(rdtype).max, rdtype),
+                jnp.asarray(jnp.inf, rdtype), jnp.array(False), beta1_2 < 0,
+                start, unit,
+            )  # fmt: skip
+
+        lanczos = started(problem.x0, problem.r0)
+        rescue: Callable | None = None
+        if warm:
+            bnorm = two_norm(problem.vector)
+
+            def rescue_from(c, x, r):
+                # (See `Iteration.rescue`.)
+                assert c.start is not None
+                fresh = started(x, r)
+                assert fresh.start is not None
+                return fresh, rescue_allowed(c.start, fresh.start, bnorm)
+
+            rescue = rescue_from
+
+        def estimate(c: _Lanczos):
+            return c.phibar if c.unit is None else c.phibar * c.unit
 
         def progress(c, x, r, rnorm):
             # The true residual in the norm `phibar` estimates: sqrt(<r, P r>).
+            unit = None
+            if warm:
+                # (In the units of `r`: with `y0` it falls far below those of the
+                # problem, where its squares underflowed to 0, and the solve,
+                # seeing no progress, stopped with `stagnation`.)
+                unit, down = _power_of_two_scale(r, rdtype)
+                r = tree_scale(down, r)
             if precond is None:
-                return norm2(r)
-            return jnp.sqrt(jnp.maximum(jnp.real(tree_dot(r, apply(precond, r))), 0))
+                out = norm2(r)
+            else:
+                out = jnp.sqrt(jnp.maximum(jnp.real(tree_dot(r, apply(precond, r))), 0))
+            return out if unit is None else out * unit
 
         method = Iteration(
             step=step,
-            estimate=lambda c: c.phibar,
+            estimate=estimate,
             solution=lambda c: c.x,
             restart=lambda c, x, r, passed: c,
             halted=halted,
@@ -245,7 +295,8 @@ class MINRES(AbstractKrylovSolver):
             ),
             pass_length=CHECK_EVERY,
             progress=progress,
-            progress_estimate=lambda c: c.phibar,
+            progress_estimate=estimate,
+            rescue=rescue,
         )
         return iterate(self, problem, method, lanczos)
 
