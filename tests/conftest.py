@@ -244,7 +244,8 @@ def _watchdog():
 
 # Each test file's CPU seconds in the default run (on the 2-core machine, summed
 # over its tests by pytest's `--durations=0`, of the run of 2026-11-28 and scaled by
-# the files' own runs before and after the changes since; for the files that run
+# the files' own runs before and after the changes since; the test_review_* files
+# added late that day from that day's last run, scaled alike; for the files that run
 # a subprocess, that process's wall time; only the order matters). Two
 # pytest-xdist workers take whole files from a queue (`--dist loadfile
 # --no-loadscope-reorder`): handing out the longest files first lets both finish
@@ -258,13 +259,16 @@ _FILE_SECONDS = {
     "test_examples.py": 46,  # two subprocesses, one at XLA's default flags
     "test_operators.py": 43,
     "test_preconditioners.py": 40,
-    "test_review_krylov_complex.py": 39,
+    "test_review_export.py": 37,
+    "test_review_gpu.py": 37,
     "test_review_sharded.py": 35,  # a subprocess
     "test_sharded.py": 34,  # a subprocess
     "test_solvers_adversarial.py": 32,
     "test_jvp.py": 31,
+    "test_review_krylov_complex.py": 30,
     "test_krylov_termination.py": 30,  # a subprocess
     "test_solve.py": 28,
+    "test_review_derivs.py": 28,
     "test_incomplete.py": 27,
     "test_flexible.py": 26,
     "test_real_to_complex.py": 26,
@@ -272,6 +276,7 @@ _FILE_SECONDS = {
     "test_direct_results.py": 25,  # with the mixed real/complex operators
     "test_review_structured.py": 25,
     "test_krylov_stats.py": 24,
+    "test_review_lstsq.py": 24,
     "test_docs_snippets.py": 16,  # a subprocess
     "test_preconditioners_adversarial.py": 16,
     "test_eager.py": 15,  # a subprocess (EQX_ON_ERROR)
@@ -280,13 +285,17 @@ _FILE_SECONDS = {
     "test_derivatives_adversarial.py": 11,
     "test_review_eager.py": 11,
     "test_throw.py": 11,
+    "test_review_algebra.py": 11,
     "test_krylov_runtime.py": 10,
     "test_operators_adversarial.py": 10,
     "test_docs_names.py": 9,  # a subprocess (mkdocs)
     "test_pipelined_cg.py": 9,
+    "test_review_diff.py": 9,
     "test_derivative_runtime.py": 8,
     "test_direct_adversarial.py": 8,
     "test_internal.py": 8,
+    "test_review_workflows.py": 8,
+    "test_review_memory.py": 8,
     "test_batching_adversarial.py": 7,
     "test_fast_paths_adversarial.py": 7,
     "test_predicates.py": 7,
@@ -294,7 +303,9 @@ _FILE_SECONDS = {
     "test_review_clients_lineax.py": 7,
     "test_review_external.py": 7,
     "test_review_x32.py": 7,
+    "test_review_extend.py": 7,
     "test_scaling.py": 6,
+    "test_review_eager_speed.py": 6,
     "test_krylov_kernels.py": 5,
     "test_properties.py": 5,
     "test_review_docs.py": 5,
@@ -303,9 +314,12 @@ _FILE_SECONDS = {
     "test_errors.py": 4,
     "test_precision.py": 4,
     "test_review_errors.py": 4,
+    "test_review_recompile.py": 4,
     "test_krylov_scale.py": 3,
+    "test_review_direct_passes.py": 3,
     "test_review_mixed_dtypes.py": 2,
     "test_review_numerics.py": 2,
+    "test_review_runtime.py": 2,
     "test_auto_adversarial.py": 1,
     "test_dense_kernels.py": 1,
 }

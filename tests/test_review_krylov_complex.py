@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import sample
+from helpers import krylov_sample, sample
 
 import lineax as lx
 
@@ -196,7 +196,35 @@ def _pinv_derivatives(a0, a1, b0, b1, t):
 _HIGHER = sample(["CG", "MINRES-indefinite"], 0) + sample(["GMRES", "BiCGStab"], 1)
 
 
-@pytest.mark.parametrize("name", list(_DERIVATIVE_CASES))
+# The cases whose float64 JVP against the pseudoinverse's the default run checks
+# in `test_jvp.py::test_krylov_jvp_matches_dense` (its sample, `krylov_sample(0)`:
+# MINRES, GMRES and LSMR on a wide matrix) run with LINEAX_EXHAUSTIVE=1 only: each
+# case here compiles a JVP and a gradient of its own (LSMR's slowly).
+_IN_TEST_JVP = {
+    "cg": "CG",
+    "gmres": "GMRES",
+    "bicgstab": "BiCGStab",
+    "minres": "MINRES-indefinite",
+    "lsmr_tall": "LSMR-least-squares",
+    "lsmr_wide": "LSMR-minimum-norm",
+}
+_DERIVATIVES_ALSO_IN_TEST_JVP = {
+    _IN_TEST_JVP[case.name] for case in krylov_sample(0) if case.name in _IN_TEST_JVP
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            name,
+            marks=[pytest.mark.exhaustive]
+            if name in _DERIVATIVES_ALSO_IN_TEST_JVP and name not in _HIGHER
+            else [],
+        )
+        for name in _DERIVATIVE_CASES
+    ],
+)
 def test_krylov_derivatives_match_pseudoinverse(name):
     solver, a0, a1, b0, b1, tags = _DERIVATIVE_CASES[name]
     higher = name in _HIGHER
