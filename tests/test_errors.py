@@ -99,6 +99,39 @@ TRACE_TIME_CASES = [
         r"`solver`.*class `LU`.*lx\.LU\(\)",
     ),
     (
+        # A solver named by a string (as SciPy's `method="..."`): the message names
+        # the solver object it meant, with `...` where that needs arguments.
+        "solver_string",
+        lambda: lx.linear_solve(OP, B, "gmres"),  # pyright: ignore
+        TypeError,
+        r"`solver`.*str 'gmres'.*lx\.GMRES\(\.\.\.\)",
+    ),
+    (
+        "solver_string_without_arguments",
+        lambda: lx.linear_solve(OP, B, "qr"),  # pyright: ignore
+        TypeError,
+        r"`solver`.*str 'qr'.*lx\.QR\(\)`",
+    ),
+    (
+        "solver_string_unknown",
+        lambda: lx.linear_solve(OP, B, "fastest"),  # pyright: ignore
+        TypeError,
+        r"`solver`.*str 'fastest'.*solvers are objects, e\.g\. `lx\.LU\(\)`",
+    ),
+    (
+        # A preconditioner by its name: the class to build it with.
+        "preconditioner_string",
+        lambda: lx.linear_solve(
+            lx.TaggedLinearOperator(OP, lx.positive_semidefinite_tag),
+            B,
+            lx.CG(rtol=1e-6, atol=1e-6),
+            options={"preconditioner": "incomplete-cholesky"},
+        ),
+        ValueError,
+        r"`preconditioner`.*string 'incomplete-cholesky'.*"
+        r"lx\.IncompleteCholeskyPreconditioner\(operator\)",
+    ),
+    (
         "invert_solver_class",
         lambda: lx.invert(OP, lx.CG),
         TypeError,

@@ -2,6 +2,7 @@
 
 import functools
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +58,20 @@ def staging() -> bool:
     return False
 
 
+def _compiled_unless(fn: Callable, inline: Callable[[], bool]) -> Callable:
+    """`fn`, compiled by `eqx.filter_jit` (once per structure), or called as it is
+    where `inline()` says so."""
+    jitted = eqx.filter_jit(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if inline():
+            return fn(*args, **kwargs)
+        return jitted(*args, **kwargs)
+
+    return wrapper
+
+
 def jit_when_eager(fn: Callable) -> Callable:
     """`fn`, compiled (`eqx.filter_jit`, once per structure) where it runs eagerly,
     inline where a trace is being staged out.
@@ -65,15 +80,7 @@ def jit_when_eager(fn: Callable) -> Callable:
     holding a loop was traced and compiled again at every call, its body a new
     closure each time; staged, a nested `jit` is lowered as a function of its own,
     traced again at every lowering, for nothing."""
-    jitted = eqx.filter_jit(fn)
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if staging():
-            return fn(*args, **kwargs)
-        return jitted(*args, **kwargs)
-
-    return wrapper
+    return _compiled_unless(fn, staging)
 
 
 def jit_when_eagerly_transformed(fn: Callable) -> Callable:
@@ -88,15 +95,7 @@ def jit_when_eagerly_transformed(fn: Callable) -> Callable:
     `jax.grad` through a `FunctionLinearOperator` transposes it into a new closure
     on every call: three compiles of a solve's error check, about 0.4 s, each
     time)."""
-    jitted = eqx.filter_jit(fn)
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if staging() or no_active_trace():
-            return fn(*args, **kwargs)
-        return jitted(*args, **kwargs)
-
-    return wrapper
+    return _compiled_unless(fn, lambda: staging() or no_active_trace())
 
 
 def default_floating_dtype() -> Any:
@@ -199,6 +198,34 @@ def check_static_float(value: Any, name: str) -> None:
             "`jit` or `vmap`, cannot be one; build the solver outside the "
             f"transformation), got {type(value).__name__}."
         )
+
+
+def lineax_class_named(text: str, base: type, suffix: str = "") -> type | None:
+    """The public lineax subclass of `base` that a string names (`"lu"` for `LU`,
+    `"jacobi"` for `JacobiPreconditioner` with `suffix="Preconditioner"`), ignoring
+    case, `_`, `-` and spaces; `None` if none does. For the messages of a string
+    passed where an object was expected."""
+
+    def key(name: str) -> str:
+        return "".join(c for c in name.lower() if c not in "_- ")
+
+    wanted = key(text)
+    seen, todo = set(), [base]
+    while todo:
+        cls = todo.pop()
+        for sub in cls.__subclasses__():
+            if sub not in seen:
+                seen.add(sub)
+                todo.append(sub)
+    public = sys.modules.get("lineax")
+    for cls in sorted(seen, key=lambda c: c.__name__):
+        name = cls.__name__
+        # (Only what `lx.` exports: not a user's subclass, nor an internal one.)
+        if getattr(public, name, None) is not cls or name.startswith("Abstract"):
+            continue
+        if wanted in (key(name), key(name.removesuffix(suffix)) if suffix else None):
+            return cls
+    return None
 
 
 def structure_of(tree: PyTree, name: str = "structure") -> PyTree[jax.ShapeDtypeStruct]:

@@ -62,6 +62,7 @@ from jaxtyping import Array, ArrayLike, PyTree, Scalar
 from .._misc import (
     check_static_float,
     HeldArrays,
+    lineax_class_named,
     manual_axes,
     select,
     structure_of,
@@ -230,6 +231,15 @@ def preconditioner_of(
             got = (
                 f"the class `{precond.__name__}`; build one from the operator, e.g. "
                 f"`lx.{precond.__name__}(operator)`"
+            )
+        elif isinstance(precond, str):
+            named = lineax_class_named(
+                precond, AbstractLinearOperator, suffix="Preconditioner"
+            )
+            example = "JacobiPreconditioner" if named is None else named.__name__
+            got = (
+                f"the string {precond!r}; preconditioners are operators built from "
+                f"the operator, e.g. `lx.{example}(operator)`"
             )
         else:
             got = type(precond).__name__

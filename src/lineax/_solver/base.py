@@ -4,6 +4,7 @@ import abc
 import contextlib
 import contextvars
 import functools as ft
+import inspect
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -16,6 +17,7 @@ from jaxtyping import Array, PyTree
 
 from .._misc import (
     check_static_float,
+    lineax_class_named,
     nan_where,
     python_number,
     select,
@@ -461,10 +463,21 @@ def check_solver(solver: Any, argument: str) -> None:
             f"you mean `lx.{name}()` (with its arguments, e.g. `rtol` and `atol` "
             "for an iterative solver)?"
         )
+    hint = ""
+    if isinstance(solver, str):
+        named = lineax_class_named(solver, AbstractLinearSolver, "LinearSolver")
+        example = "LU()" if named is None else f"{named.__name__}({_args(named)})"
+        hint = f" {solver!r}: solvers are objects, e.g. `lx.{example}`"
     raise TypeError(
         f"`{argument}` must be a `lineax.AbstractLinearSolver`, got "
-        f"{type(solver).__name__}."
+        f"{type(solver).__name__}{hint}."
     )
+
+
+def _args(cls: type) -> str:
+    """`...` where building `cls` needs arguments, else nothing (for messages)."""
+    parameters = inspect.signature(cls).parameters.values()
+    return "..." if any(p.default is p.empty for p in parameters) else ""
 
 
 def check_lapack_dtype(operator: AbstractLinearOperator, solver_name: str) -> None:
