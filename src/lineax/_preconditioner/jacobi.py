@@ -106,11 +106,19 @@ class JacobiPreconditioner(AbstractPreconditioner):
                     "structure, or pass `lx.materialise(operator)` if it is small."
                 )
             diag = diagonal(operator)
-        else:
-            probes = checked_count(probes, "probes", 1, or_none=True)
-            diag = probe_diagonal_estimate(operator, probes, checked_key(key))
         positive = is_positive_semidefinite(operator)
         negative = (not positive) and is_negative_semidefinite(operator)
+        if probes is not None:
+            probes = checked_count(probes, "probes", 1, or_none=True)
+            diag = probe_diagonal_estimate(operator, probes, checked_key(key))
+            if (positive or negative) and jnp.iscomplexobj(diag):
+                # A Hermitian operator's diagonal is real, and so is the estimate
+                # of it (the real part, itself unbiased): the complex one, off by
+                # the imaginary parts of the off-diagonal entries it averages,
+                # made a preconditioner that is not Hermitian, tagged positive
+                # definite, with which CG ran to `max_steps` (300 steps where it
+                # needs 60 unpreconditioned).
+                diag = jnp.real(diag).astype(diag.dtype)
         invertible = usable_pivots(diag, positive, negative)
         largest = jnp.max(jnp.abs(diag))
         fallback = jnp.where(largest > 0, largest, 1).astype(diag.dtype)
