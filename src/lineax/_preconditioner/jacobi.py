@@ -95,6 +95,8 @@ class JacobiPreconditioner(AbstractPreconditioner):
         key: PRNGKeyArray | None = None,
     ):
         check_square(operator, "JacobiPreconditioner")
+        positive = is_positive_semidefinite(operator)
+        negative = (not positive) and is_negative_semidefinite(operator)
         if probes is None:
             if not has_cheap_diagonal(operator):
                 raise ValueError(
@@ -106,9 +108,7 @@ class JacobiPreconditioner(AbstractPreconditioner):
                     "structure, or pass `lx.materialise(operator)` if it is small."
                 )
             diag = diagonal(operator)
-        positive = is_positive_semidefinite(operator)
-        negative = (not positive) and is_negative_semidefinite(operator)
-        if probes is not None:
+        else:
             probes = checked_count(probes, "probes", 1, or_none=True)
             diag = probe_diagonal_estimate(operator, probes, checked_key(key))
             if (positive or negative) and jnp.iscomplexobj(diag):
