@@ -289,3 +289,46 @@ def test_probed_jacobi_of_hermitian_operator_is_hermitian():
         operator, jnp.asarray(b), solver, options={"preconditioner": precond}
     )
     np.testing.assert_allclose(solution.value, np.linalg.solve(matrix, b), rtol=1e-8)
+
+
+#
+# Polynomial preconditioners of float32 operators far from unit scale.
+#
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda op: lx.ChebyshevPreconditioner(op, 4),
+        lambda op: lx.NeumannPreconditioner(op, 4),
+    ],
+    ids=["chebyshev", "neumann"],
+)
+def test_polynomial_preconditioner_of_float32_operator_at_any_scale(make):
+    # Their Lanczos estimate of the spectrum took `sqrt(<w, w>)` of vectors of
+    # the operator's size: infinite for a norm of 2e19 (so the preconditioner
+    # was NaN and CG broke down at once), and zero below 1e-19 (a wrong
+    # interval, one more CG step). The preconditioned CG solves of `c T` are
+    # those of `T` for any `c` that float32 holds.
+    n = 12
+    matrix = _poisson_1d(n) + np.diag(np.linspace(0.0, 1.0, n))
+    b = np.cos(np.arange(n))
+    solver = lx.CG(rtol=1e-5, atol=0.0, max_steps=50)
+    steps = []
+    for scale in [1.0, 1e25, 1e-25]:
+        operator = lx.MatrixLinearOperator(
+            jnp.asarray(scale * matrix, jnp.float32), _PSD
+        )
+        solution = lx.linear_solve(
+            operator,
+            jnp.asarray(b, jnp.float32),
+            solver,
+            options={"preconditioner": make(operator)},
+            throw=False,
+        )
+        expected = np.linalg.solve(matrix, b) / scale
+        error = np.abs(np.asarray(solution.value, np.float64) - expected).max()
+        assert solution.result == lx.RESULTS.successful, scale
+        assert error <= 1e-4 * np.abs(expected).max(), scale
+        steps.append(int(solution.stats["num_steps"]))
+    assert steps[1:] == steps[:1] * 2
