@@ -64,7 +64,9 @@ class JacobiPreconditioner(AbstractPreconditioner):
     estimator of Bekas, Kokiopoulou and Saad, 2007, exact for diagonal operators and
     with an error falling as `1/√probes` otherwise), or materialise the operator
     yourself with [`lineax.materialise`][]. It is never materialised silently: that
-    would cost `n` matrix-vector products and `n²` memory.
+    would cost `n` matrix-vector products and `n²` memory. (For a complex operator
+    tagged positive or negative semidefinite, hence Hermitian, the estimate's real
+    part is used: a Hermitian diagonal is real.)
 
     Diagonal entries that are zero (or, when estimated for a positive or negative
     definite operator, of the wrong sign) cannot be inverted; they are replaced by
