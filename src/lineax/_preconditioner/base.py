@@ -32,6 +32,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, PyTree
 
 from .._misc import checked_count, jit_when_eager, result_dtype, Static
+from .._norm import two_norm
 from .._operator.base import (
     AbstractLinearOperator,
     check_operator,
@@ -348,7 +349,9 @@ def lanczos_extremes(
         # Full reorthogonalisation, twice ("twice is enough", Parlett): cheap at
         # this size, and it keeps ghost copies of converged Ritz values away.
         w = orthogonalised(orthogonalised(w, basis), basis)
-        beta = jnp.linalg.norm(w)
+        # (Overflow-safe: `sqrt(<w, w>)` was infinite for a float32 operator of
+        # norm 2e19, and the polynomial preconditioners built on it NaN.)
+        beta = two_norm(w)
         alive_next = alive & (beta > 100 * eps * (jnp.abs(alpha) + beta_prev))
         q_next = jnp.where(alive_next, w / jnp.where(beta > 0, beta, 1), 0)
         return (basis, q_next, q, jnp.where(alive_next, beta, 0), alive_next), (
@@ -370,5 +373,8 @@ def lanczos_extremes(
     alphas = jnp.where(alive, alphas, alphas[0])
     off = jnp.where(alive[1:], betas[:-1], 0)
     tridiag = jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
-    ritz = jnp.linalg.eigvalsh(tridiag)
+    # (In units of its largest entry, as for `beta`.)
+    scale = jnp.max(jnp.abs(tridiag))
+    scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1)
+    ritz = jnp.linalg.eigvalsh(tridiag / scale) * scale
     return ritz[0], ritz[-1]

@@ -295,7 +295,8 @@ class TriangularFactor(eqx.Module):
     segment sum and one scatter; gathering them per solve made it ~3x slower.
     """
 
-    # (levels, width): the rows of each level, padded with n (dropped).
+    # (levels, width): the rows of each level, padded with n, n + 1, ... (out of
+    # range: dropped).
     rows: Int[Array, "levels width"]
     # (levels, entries): per off-diagonal entry of the level's rows, its column,
     # the position of its row within the level (padded with width, dropped by the
@@ -340,8 +341,12 @@ def triangular_layout(
     level = np.asarray(level, dtype=np.int64)
     num_levels = int(level.max(initial=0)) + 1
     (level_rows,) = _padded_groups(level, num_levels, [np.arange(n)], [n])
-    position = np.empty(n, dtype=np.int64)
     width = level_rows.shape[1]
+    # Padding rows distinct too (`n`, `n + 1`, ..., all out of range, so dropped),
+    # so that the solve's scatter may declare its indices unique (see
+    # `solve_triangular`).
+    level_rows = np.where(level_rows < n, level_rows, n + np.arange(width))
+    position = np.empty(n, dtype=np.int64)
     for row in level_rows:
         real = row[row < n]
         position[real] = np.arange(len(real))
@@ -388,7 +393,11 @@ def solve_triangular(
         new = rhs - sums
         if diagonal is not None:
             new = new / diagonal
-        return x.at[rows].set(new, mode="drop"), None
+        # (`unique_indices`, true of a level's rows, padding included: without
+        # it JAX cannot transpose the scatter, and reverse mode through LSMR with
+        # this preconditioner, which transposes the solve, raised
+        # NotImplementedError.)
+        return x.at[rows].set(new, mode="drop", unique_indices=True), None
 
     inputs = (
         factor.rows,

@@ -74,6 +74,7 @@ from .._operator.base import (
     AbstractLinearOperator,
     check_structures_equal,
     conj,
+    is_negative_semidefinite,
     is_positive_semidefinite,
     linearise,
 )
@@ -193,6 +194,18 @@ def check_definite_preconditioner(options: dict[str, Any], solver_name: str) -> 
         and getattr(precond, "complete_tags", False)
         and not is_positive_semidefinite(precond)
     ):
+        if is_negative_semidefinite(precond):
+            # (Every lineax preconditioner of a negative definite operator is
+            # negative definite, as an approximate inverse of it is: the message
+            # below, about building it from a definite operator, misled there.)
+            raise ValueError(
+                f"`lx.{solver_name}` needs a positive definite `preconditioner`: "
+                "for a negative definite operator `A` it solves `(-A) x = -b`, so "
+                f"the preconditioner must approximate `(-A)⁻¹`, but the "
+                f"{type(precond).__name__} given is negative definite (an "
+                "approximation of `A⁻¹`). Pass its negation, `-preconditioner`, "
+                "or build it from `-operator`."
+            )
         raise ValueError(
             f"`lx.{solver_name}` needs a positive definite `preconditioner` (for a "
             "negative definite operator: one approximating the inverse of its "

@@ -8,7 +8,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree, Scalar
 
-from .._misc import hypot, tree_is_complex
+from .._misc import hypot, select, tree_is_complex
 from .._norm import max_norm, tree_dot, two_norm
 from .._operator.base import (
     AbstractLinearOperator,
@@ -180,7 +180,17 @@ class MINRES(AbstractKrylovSolver):
             # <r, P r> < 0: the preconditioner is not positive definite.
             bad_precond = beta2 < 0
             beta = jnp.sqrt(jnp.maximum(beta2, 0))
-            tnorm2 = c.tnorm2 + alfa**2 + oldb**2 + beta**2
+            # The entry above `alfa` in the Lanczos tridiagonal matrix T: the
+            # previous beta, but none at the first step (`c.oldb` is zero only
+            # then), where `c.beta` is `sqrt(<b, P b>)`, the size of the
+            # right-hand side in the preconditioner's norm. Paige and Saunders'
+            # code (and SciPy's) counts it in `||T||` all the same; in other units
+            # than `T`'s (a Jacobi preconditioner of a matrix whose diagonal spans
+            # 1e8), it made `||T||` 1e11 times too large, so the test of
+            # `||A r|| / (||A|| ||r||)` passed at the first step, which stopped
+            # the solve there, returning 0 as `singular`.
+            above = select(c.oldb == 0, 0, oldb)
+            tnorm2 = c.tnorm2 + alfa**2 + above**2 + beta**2
             # Apply the previous rotation, then make a new one to annihilate beta.
             oldeps = c.epsln
             delta = c.cs * c.dbar + c.sn * alfa
@@ -211,7 +221,7 @@ class MINRES(AbstractKrylovSolver):
             # beta ~ 0 relative to the other entries of the tridiagonal column: the
             # Krylov space is invariant, and x is the final iterate.
             # (So is it after a singular pivot: reported as `singular`.)
-            exhausted = ~(beta > eps * (jnp.abs(alfa) + oldb)) | singular
+            exhausted = ~(beta > eps * (jnp.abs(alfa) + above)) | singular
             return _Lanczos(
                 x, c.r2, r2, y, w, c.w, beta, oldb, dbar, epsln, phibar, cs, sn,
                 tnorm2, jnp.maximum(c.gmax, gamma), jnp.minimum(c.gmin, gamma),
