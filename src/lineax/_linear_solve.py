@@ -182,50 +182,104 @@ def _check_state(state, operator, options, solver, mismatch=_STATE_MISMATCH):
         # when `op` is; `t * op` with `t` traced by `jax.grad` is not known to
         # be), so the state is checked against the solver it holds, on the
         # operator with any of the tags that solver may have been chosen for.
-        got = _state_signature(eqx.filter(state.state, _is_array_or_struct))
+        got = _state_signature(eqx.filter(state.state, _is_signature_leaf))
         checked = False
+        chosen = False
         for tags in CHOICE_TAGS:  # the untagged operator first: usually a match
-            want = _expected_state(
-                TaggedLinearOperator(operator, tags) if tags else operator,
-                options,
-                state.solver,
-            )
+            tagged = TaggedLinearOperator(operator, tags) if tags else operator
+            # The state's solver must be one that `solver` chooses, for some tags:
+            # the JVP takes its rank assumptions (which of the paper's equations
+            # (1)-(4)) from `solver`'s choice, so the SVD state of
+            # `AutoLinearSolver(well_posed=False)` solved by `well_posed=True`
+            # (LU: full rank) gave a silently wrong derivative at a
+            # rank-deficient operator, from a pseudoinverse primal that raised
+            # nothing.
+            if not _chooses(solver, tagged, state.solver):
+                continue
+            chosen = True
+            want = _expected_state(tagged, options, state.solver)
             if want == got:
                 return
             checked = checked or want is not None
+        if not chosen:
+            raise ValueError(
+                f"`state` was made by `lx.{state.solver!r}` (the choice of "
+                "an `lx.AutoLinearSolver`), which "
+                f"`lx.AutoLinearSolver(well_posed={solver.well_posed})` does not "
+                "choose for this operator: pass the state of `solver.init("
+                "operator, options)` with the same `well_posed` as the solve."
+            )
         if checked:  # else that solver cannot init this operator: compute says so
             raise ValueError(mismatch)
         return
     want = _expected_state(operator, options, solver)
     if want is None:  # the solver cannot init this operator: let compute say so
         return
-    got = _state_signature(eqx.filter(state, _is_array_or_struct))
+    got = _state_signature(eqx.filter(state, _is_signature_leaf))
     if got != want:
         raise ValueError(mismatch)
+
+
+def _chooses(
+    solver: AutoLinearSolver,
+    operator: AbstractLinearOperator,
+    chosen: AbstractLinearSolver,
+) -> bool:
+    """Whether `solver` picks `chosen` for `operator` (or cannot tell)."""
+    try:
+        pick = solver.select_solver(operator)
+    except Exception:  # noqa: BLE001 - e.g. non-square for well_posed=True
+        return False
+    same = eqx.tree_equal(pick, chosen)
+    # (`tree_equal` returns an array where the solvers hold arrays: no
+    # conclusion then, and the state is not refused for it.)
+    return same is not False
 
 
 def _is_array_or_struct(x: Any) -> bool:
     return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
 
 
-def _state_signature(tree: PyTree) -> tuple:
+def _is_signature_leaf(x: Any) -> bool:
+    """A leaf that a state's signature counts by shape and dtype: an array, or a
+    Python number, which `jit` traces as a (weakly typed) array. A Krylov
+    solver's state holds its operator: that of `op * 2.0` holds the Python float
+    where `init` of `op * t`, with `t` traced by `jit` or `jax.grad`, holds an
+    array, and the state of one was refused for the other as "does not match"
+    (lineax 0.1.1 solves with it)."""
+    return _is_array_or_struct(x) or isinstance(x, (bool, int, float, complex))
+
+
+def _state_signature(tree: PyTree, numbers_by_value: bool = False) -> tuple:
     """A state's PyTree structure and its leaves' shapes and dtypes (weak types
     ignored), in a form that compares with `==`.
 
-    An operator held in a state (`HeldArrays`) counts by its arrays alone: its
-    other leaves, such as the jaxpr of a function operator, are new objects each
-    time `init` runs (`Normal(CG())` transposes the function), and compare by
-    identity, as they must for `jit`'s caches."""
+    An operator held in a state (`HeldArrays`) counts by its arrays and Python
+    numbers alone (see `_is_signature_leaf`): its other leaves, such as the
+    jaxpr of a function operator, are new objects each time `init` runs
+    (`Normal(CG())` transposes the function), and compare by identity, as they
+    must for `jit`'s caches. With `numbers_by_value`, Python numbers outside of
+    a `HeldArrays` count by value (the key of `_EXPECTED_STATES`: what `init`
+    makes of an operator may depend on them)."""
     tree = jtu.tree_map(
-        lambda x: x.arrays if isinstance(x, HeldArrays) else x,
+        lambda x: (
+            eqx.filter(x.value, _is_signature_leaf) if isinstance(x, HeldArrays) else x
+        ),
         tree,
         is_leaf=lambda x: isinstance(x, HeldArrays),
     )
     leaves, treedef = jtu.tree_flatten(tree)
-    return treedef, tuple(
-        (jnp.shape(x), jnp.dtype(jnp.result_type(x))) if _is_array_or_struct(x) else x
-        for x in leaves
-    )
+    return treedef, tuple(_signature_of_leaf(x, numbers_by_value) for x in leaves)
+
+
+def _signature_of_leaf(x: Any, numbers_by_value: bool) -> Any:
+    if _is_array_or_struct(x) or (_is_signature_leaf(x) and not numbers_by_value):
+        return jnp.shape(x), jnp.dtype(jnp.result_type(x))
+    if _is_signature_leaf(x):
+        # With its type: `2 == 2.0` and they hash alike, but `init` of `op * 2`
+        # and of `op * 2.0` hold numbers of different dtypes.
+        return type(x), x
+    return x
 
 
 # What `solver.init` returns depends only on the solver and on the structure,
@@ -236,7 +290,7 @@ _EXPECTED_STATES: dict = {}
 
 def _expected_state(operator, options, solver) -> tuple | None:
     try:
-        key = (solver, _state_signature((operator, options)))
+        key = (solver, _state_signature((operator, options), numbers_by_value=True))
         hash(key)
     except TypeError:  # something unhashable: no caching
         key = None
@@ -247,7 +301,7 @@ def _expected_state(operator, options, solver) -> tuple | None:
     except Exception:  # noqa: BLE001 - reported by `compute` instead
         want = None
     else:
-        want = _state_signature(eqx.filter(expected, _is_array_or_struct))
+        want = _state_signature(eqx.filter(expected, _is_signature_leaf))
     if key is not None:
         if len(_EXPECTED_STATES) >= 256:
             _EXPECTED_STATES.clear()
