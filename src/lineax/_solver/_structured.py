@@ -17,6 +17,7 @@ from typing import Any, ClassVar, TypeVar
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
