@@ -189,3 +189,36 @@ def test_jitted_structured_solve_under_transfer_guard(solver):
     # concrete `RESULTS` items, which Equinox does eagerly (a host-to-device
     # transfer of a Python bool): "Disallowed host-to-device transfer".
     _solved(f"guard {solver}")
+
+
+_BREAKPOINT_SCRIPT = r"""
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_enable_x64", True)
+import lineax as lx
+a = np.array([[4.0, 1.0], [2.0, 3.0]])
+b = np.array([1.0, 2.0])
+x = lx.linear_solve(lx.MatrixLinearOperator(jnp.asarray(a)), jnp.asarray(b)).value
+print(float(np.max(np.abs(np.asarray(x) - np.linalg.solve(a, b)))))
+"""
+
+
+def test_import_and_solve_under_eqx_on_error_breakpoint():
+    # `EQX_ON_ERROR=breakpoint`, Equinox's debugging mode, replaces `jax.jit` by
+    # a wrapper that takes the function first; `jax.experimental.sparse`, which
+    # lineax imported after Equinox, decorates with `@jax.jit(static_argnames=
+    # ...)`: `import lineax` failed with `TypeError: jit() missing 1 required
+    # positional argument: 'fun'`. lineax 0.1.1 imported. (The flag is read at
+    # import: a subprocess. A successful solve, so no debugger opens.)
+    env = dict(_child_env(), EQX_ON_ERROR="breakpoint")
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", _BREAKPOINT_SCRIPT],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    error: Float[np.ndarray, ""] = np.asarray(float(proc.stdout.split()[-1]))
+    assert error < 1e-12
