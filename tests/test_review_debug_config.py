@@ -2,7 +2,8 @@
 debugging modes, as research users and client libraries turn them on:
 `jax_debug_nans`, `jax_debug_infs`, `jax.disable_jit()`, `jax.transfer_guard`,
 `jax_numpy_rank_promotion="raise"`, `jax_numpy_dtype_promotion="strict"`,
-`jax_enable_checks`, `jax_default_matmul_precision` and x64 off.
+`jax_enable_checks`, `jax_check_tracer_leaks`, `jax_default_matmul_precision`,
+x64 off, and Equinox's `EQX_ON_ERROR=nan` / `breakpoint`.
 
 Reviewed, and found to agree with NumPy (every exported solver and the main
 operators, primal, `jax.grad`, `jax.jvp`, `jax.vmap` and `jax.jit`): each flag on
