@@ -314,6 +314,7 @@ _FILE_SECONDS = {
     "test_properties.py": 5,
     "test_review_docs.py": 5,
     "test_review_transforms.py": 5,
+    "test_review_debug_config.py": 28,  # two subprocesses
     "test_watchdog.py": 5,  # a subprocess
     "test_errors.py": 4,
     "test_precision.py": 4,

@@ -7,9 +7,9 @@ import jax
 import jax.core
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jax.experimental import sparse as jsparse
 from jaxtyping import Array, Inexact
 
+from .._jax_sparse import jsparse
 from .._misc import inexact_asarray
 from .._tags import as_tags, transpose_tags
 from ._arguments import check_not_sequence

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-from jax.experimental import sparse as jsparse
 from jaxtyping import Array, Int
 
+from .._jax_sparse import jsparse
 from .._misc import checked_count, default_floating_dtype
 from .._tags import as_tags, transpose_tags
 from .base import (

@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
-from jax.experimental import sparse as jsparse
 from jaxtyping import Array, Inexact, Int
 
+from .._jax_sparse import jsparse
 from .._misc import checked_count, Static
 from .._operator.base import (
     concrete_arrays,

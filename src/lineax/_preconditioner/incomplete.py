@@ -36,9 +36,9 @@ import jax.core
 import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import sparse as jsparse
 from jaxtyping import Array, Inexact, Int
 
+from .._jax_sparse import jsparse
 from .._misc import jit_when_eager
 from .._operator.base import AbstractLinearOperator
 from .._operator.sparse import SparseLinearOperator

@@ -17,8 +17,10 @@ from typing import Any, ClassVar, TypeVar
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import Array, PyTree
 
 from .._misc import is_inexact_array
@@ -31,7 +33,7 @@ from .._operator.base import (
 )
 from .._operator.tagged import TaggedLinearOperator, unwrap_tagged
 from .._operator.tangent import TangentLinearOperator
-from .._solution import RESULTS
+from .._solution import RESULTS, results_where
 from .base import AbstractLinearSolver, check_passed_on, rank_flags
 
 
@@ -40,7 +42,19 @@ def first_failure(*results: RESULTS) -> RESULTS:
     order), else `successful`."""
     out = RESULTS.successful
     for result in reversed(results):
-        out = RESULTS.where(result == RESULTS.successful, out, result)
+        code = result._value
+        if not isinstance(code, jax.core.Tracer):
+            # A concrete code (a direct solver's constant success) is decided
+            # here, in NumPy. Equinox's `==` and `RESULTS.where` of concrete
+            # items run eagerly (`ensure_compile_time_eval`), moving a Python
+            # scalar to the device while the solve is traced: a `jax.jit` of a
+            # Woodbury, Schur or block-diagonal solve failed under
+            # `jax.transfer_guard("disallow")` ("Disallowed host-to-device
+            # transfer"), and each first call paid for a tiny eager program.
+            if np.any(np.asarray(code) != np.asarray(RESULTS.successful._value)):
+                out = result
+            continue
+        out = results_where(code == RESULTS.successful._value, out, result)
     return out
 
 
@@ -48,7 +62,15 @@ def worst_result(result: RESULTS) -> RESULTS:
     """Reduce a batched result (from a `vmap` over right-hand sides) to one: the
     largest code, so any failure survives. An empty batch (a rank-0 update, a
     factor of size 0) is `successful` (code 0)."""
-    return jtu.tree_map(lambda code: jnp.max(code, initial=0), result)
+    # (A concrete code in NumPy: see `first_failure`.)
+    return jtu.tree_map(
+        lambda code: (
+            jnp.max(code, initial=0)
+            if isinstance(code, jax.core.Tracer)
+            else np.asarray(np.max(np.asarray(code), initial=0))
+        ),
+        result,
+    )
 
 
 def solve_flat(

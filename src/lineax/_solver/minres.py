@@ -230,7 +230,11 @@ class MINRES(AbstractKrylovSolver):
             )  # fmt: skip
 
         def halted(c: _Lanczos):
-            ill_conditioned = c.gmax > (0.1 / eps) * c.gmin
+            # (`gmax * 10 eps > gmin`, not `gmax > gmin / (10 eps)`: `gmin`
+            # starts at the largest float, which that product overflowed to
+            # infinity before the first step, and `jax_debug_infs` under
+            # `jax.disable_jit` reported it on every successful solve.)
+            ill_conditioned = c.gmax * (10 * eps) > c.gmin
             # (At most sqrt(eps): `rtol` alone stopped loose solves of
             # nonsingular systems as `singular`, where ||A r|| / (||A|| ||r||)
             # >= 1 / cond(A) came below it with a residual far above the target.)
