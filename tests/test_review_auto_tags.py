@@ -31,7 +31,8 @@ Defects found and fixed (the tests below fail before the fix):
   entry as singular (0.1.1 and the API contract: the pseudoinverse, 0).
 - Symmetric / positive / negative semidefinite tags on a tall or wide operator
   were accepted silently (0.1.1 raised a ValueError), and a rectangular operator
-  tagged diagonal was reported symmetric.
+  tagged diagonal, or a rectangular identity composed with a diagonal, was
+  reported symmetric.
 """
 
 import equinox as eqx
@@ -170,6 +171,30 @@ def test_rectangular_diagonal_tag_is_accepted_but_not_symmetric(kind):
     assert not lx.is_symmetric(operator.T)
     assert _solver_name(operator, None) == "QR"
     assert _solver_name(operator, False) == "SVD"
+
+
+_S2 = jax.ShapeDtypeStruct((2,), f64)
+_RECTANGULAR_DIAGONALS = {
+    "identity": lambda: lx.IdentityLinearOperator(_S2, jax.ShapeDtypeStruct((3,), f64)),
+    "tagged matrix": lambda: lx.MatrixLinearOperator(jnp.eye(3, 2, dtype=f64), diag),
+    "tagged function": lambda: lx.FunctionLinearOperator(
+        lambda x: jnp.concatenate([x, jnp.zeros(1, f64)]), _S2, diag
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(_RECTANGULAR_DIAGONALS))
+def test_rectangular_diagonal_composed_with_diagonal_is_not_symmetric(kind):
+    # `I @ D` with `I` the 3x2 identity is 3x2 and diagonal; it was reported
+    # symmetric (as were its scalings, sums, negation and transpose).
+    composed = _RECTANGULAR_DIAGONALS[kind]() @ lx.DiagonalLinearOperator(
+        jnp.array([1.0, 2.0], f64)
+    )
+    for operator in (composed, composed.T, 2.0 * composed, -composed, composed / 2):
+        assert lx.is_diagonal(operator)
+        assert not lx.is_symmetric(operator)
+        assert not lx.is_symmetric(lx.conj(operator))
+    np.testing.assert_array_equal(np.asarray(lx.diagonal(composed)), [1.0, 2.0])
 
 
 def test_square_only_tags_on_equal_sizes_of_different_shapes_are_accepted():

@@ -447,8 +447,14 @@ is_tridiagonal.register(ComposedLinearOperator)(
         or (is_tridiagonal(op.operator1) and is_diagonal(op.operator2))
     )
 )
+# (Square only: a rectangular identity or diagonal composed with a diagonal is
+# diagonal, not symmetric.)
 is_symmetric.register(ComposedLinearOperator)(
-    lambda op: is_diagonal(op.operator1) and is_diagonal(op.operator2)
+    lambda op: (
+        is_diagonal(op.operator1)
+        and is_diagonal(op.operator2)
+        and op.in_size() == op.out_size()
+    )
 )
 for _pred in (is_positive_semidefinite, is_negative_semidefinite):
     _pred.register(ComposedLinearOperator)(lambda op: False)
