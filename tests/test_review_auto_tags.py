@@ -26,9 +26,11 @@ documented to do better):
 
 Defects found and fixed (the tests below fail before the fix):
 
-- A 1x1 `TridiagonalLinearOperator` was not diagonal, so
-  `AutoLinearSolver(well_posed=None)` picked `Tridiagonal` and reported a zero
-  entry as singular (0.1.1 and the API contract: the pseudoinverse, 0).
+- A 1x1 `TridiagonalLinearOperator`, a `(1, k) @ (k, 1)` composition and a 1x1
+  user operator registering no predicates were not diagonal, so
+  `AutoLinearSolver(well_posed=None)` picked `Tridiagonal` or `LU` and reported
+  a zero entry as singular (the API contract: the pseudoinverse, 0; 0.1.1 too,
+  for the tridiagonal one).
 - Symmetric / positive / negative semidefinite tags on a tall or wide operator
   were accepted silently (0.1.1 raised a ValueError), and a rectangular operator
   tagged diagonal, or a rectangular identity composed with a diagonal, was
@@ -75,19 +77,47 @@ def _tridiagonal_1x1(value: float) -> lx.TridiagonalLinearOperator:
 #
 
 
+class _UserOperator(lx.AbstractLinearOperator):
+    """A user's operator class that registers none of the predicates."""
+
+    matrix: Float[Array, "m n"]
+
+    def mv(self, vector):
+        return self.matrix @ vector
+
+    def as_matrix(self):
+        return self.matrix
+
+    def transpose(self):
+        return _UserOperator(self.matrix.T)
+
+    def in_structure(self):
+        return jax.ShapeDtypeStruct((self.matrix.shape[1],), self.matrix.dtype)
+
+    def out_structure(self):
+        return jax.ShapeDtypeStruct((self.matrix.shape[0],), self.matrix.dtype)
+
+
 @pytest.mark.parametrize(
     "make",
     [
         lambda v: _tridiagonal_1x1(v),
         lambda v: _tridiagonal_1x1(v) @ _tridiagonal_1x1(1.0),
         lambda v: 2.0 * _tridiagonal_1x1(v),
+        lambda v: (
+            lx.MatrixLinearOperator(jnp.array([[v, 1.0]], f64))
+            @ lx.MatrixLinearOperator(jnp.array([[1.0], [0.0]], f64))
+        ),
+        lambda v: _UserOperator(jnp.array([[v]], f64)),
     ],
-    ids=["tridiagonal", "composed", "scaled"],
+    ids=["tridiagonal", "composed", "scaled", "wide @ tall", "user operator"],
 )
-def test_one_by_one_tridiagonal_operator_gets_the_pseudoinverse(make):
-    # 0.1.1: Diagonal(True) / Diagonal(False) / Diagonal(False), and 0 for the zero
-    # entry under `well_posed=None`; this library picked Tridiagonal (LU for the
-    # composition) and returned inf with `singular`.
+def test_one_by_one_operator_gets_the_pseudoinverse(make):
+    # The API contract: `AutoLinearSolver(well_posed=None)` gives every 1x1
+    # operator the pseudoinverse, 0 for a zero entry. 0.1.1 did for the first
+    # three (Diagonal(True) / Diagonal(False) / Diagonal(False)); this library
+    # picked Tridiagonal or LU and returned inf or NaN with `singular` for all
+    # five (0.1.1 also fails the last two: LU, and NotImplementedError).
     operator = make(0.0)
     assert lx.is_diagonal(operator)
     assert _solver_name(operator, True) == "Diagonal(True)"

@@ -343,7 +343,10 @@ def _predicate(tag: Any):
 
     def predicate(operator: AbstractLinearOperator) -> bool:
         check_operator(operator)
-        return False
+        # Known from the shape alone: a 1x1 operator is diagonal (so that
+        # `AutoLinearSolver(well_posed=None)` gives it the pseudoinverse, as
+        # documented for every 1x1 operator).
+        return tag is diagonal_tag and is_one_by_one(operator)
 
     # Set on the function itself, before `singledispatch` copies them to its
     # wrapper: the docs site reads them through `__wrapped__`.
@@ -714,7 +717,7 @@ def register_structure(cls: type, *tags: Any) -> None:
             # `AutoLinearSolver(well_posed=None)` gives it the pseudoinverse (zero
             # for a zero entry) as for every 1x1 operator, and as lineax 0.1.1 did;
             # `Tridiagonal` reported a zero entry as singular.
-            predicate.register(cls)(_is_one_by_one)
+            predicate.register(cls)(is_one_by_one)
         else:
             predicate.register(cls)(lambda operator, holds=holds: holds)
 
@@ -722,9 +725,10 @@ def register_structure(cls: type, *tags: Any) -> None:
 def _by_tags_or_size(operator: AbstractLinearOperator, tag: Any) -> bool:
     # A 1x1 operator is diagonal whatever its tags.
     return holds_by_tags(operator, tag) or (
-        tag is diagonal_tag and _is_one_by_one(operator)
+        tag is diagonal_tag and is_one_by_one(operator)
     )
 
 
-def _is_one_by_one(operator: AbstractLinearOperator) -> bool:
+def is_one_by_one(operator: AbstractLinearOperator) -> bool:
+    """Whether `operator` maps one number to one number (and so is diagonal)."""
     return operator.in_size() == 1 and operator.out_size() == 1
