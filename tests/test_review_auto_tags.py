@@ -22,7 +22,8 @@ documented to do better):
   problem, as `docs/failures.md` documents.
 - Tags given as one tag, a list, a tuple, a set, a frozenset or with duplicates
   mean the same; strings are refused naming the real tags (0.1.1 accepted and
-  ignored them).
+  ignored them). `tags=None` and unknown objects are kept as (user) tags, as in
+  0.1.1.
 
 Defects found and fixed (the tests below fail before the fix):
 
@@ -35,6 +36,10 @@ Defects found and fixed (the tests below fail before the fix):
   were accepted silently (0.1.1 raised a ValueError), and a rectangular operator
   tagged diagonal, or a rectangular identity composed with a diagonal, was
   reported symmetric.
+- A nested collection of tags (`[(lower, unit)]`) was kept as one unknown tag,
+  silently leaving the operator without structure (0.1.1 too); a nested list or
+  set failed with Python's bare "unhashable type". Both are now TypeErrors
+  naming `tags`.
 """
 
 import equinox as eqx
@@ -265,6 +270,45 @@ def test_tags_in_any_iterable_form(tags):
 def test_string_tags_are_refused(tags):
     with pytest.raises(TypeError, match="`tags` must hold tag objects"):
         lx.MatrixLinearOperator(jnp.eye(3, dtype=f64), tags)
+
+
+@pytest.mark.parametrize(
+    "tags",
+    [
+        [(lower, unit)],
+        ((lower,), unit),
+        [frozenset({sym})],
+        frozenset({(psd, sym)}),
+    ],
+    ids=["tuple in list", "tuple in tuple", "frozenset in list", "in frozenset"],
+)
+def test_nested_tags_are_refused(tags):
+    # 0.1.1 and this library kept the inner collection as one unknown tag: the
+    # operator silently had no structure (LU instead of Triangular, and CG refused
+    # it as untagged).
+    with pytest.raises(TypeError, match="`tags` must be a flat iterable of tags"):
+        lx.MatrixLinearOperator(jnp.eye(3, dtype=f64), tags)
+    with pytest.raises(TypeError, match="`tags` must be a flat iterable of tags"):
+        lx.TaggedLinearOperator(lx.MatrixLinearOperator(jnp.eye(3, dtype=f64)), tags)
+
+
+@pytest.mark.parametrize(
+    "tags",
+    [[[lower, unit]], [{sym}], jnp.ones(2)],
+    ids=["list in list", "set in list", "array"],
+)
+def test_unhashable_tags_name_the_argument(tags):
+    # Was Python's bare "unhashable type: 'list'".
+    with pytest.raises(TypeError, match="`tags` must be one tag or a flat iterable"):
+        lx.MatrixLinearOperator(jnp.eye(3, dtype=f64), tags)
+
+
+def test_user_tags_may_be_tuples():
+    # A user's own tag may be any hashable object, a tuple of other things too.
+    mine = ("my", "tag")
+    operator = lx.MatrixLinearOperator(jnp.eye(3, dtype=f64), [mine, lower])
+    assert operator.tags == frozenset({mine, lower})
+    assert _solver_name(operator, True) == "Triangular"
 
 
 #
