@@ -290,6 +290,7 @@ _FILE_SECONDS = {
     "test_review_warm_start.py": 15,
     "test_review_precond.py": 24,
     "test_review_state.py": 25,
+    "test_review_auto_tags.py": 18,
     "test_krylov_runtime.py": 10,
     "test_operators_adversarial.py": 10,
     "test_docs_names.py": 9,  # a subprocess (mkdocs)

@@ -222,11 +222,17 @@ def test_bad_input_is_a_named_error():
             cls(dense)
         with pytest.raises(TypeError, match="SparseLinearOperator"):
             cls(np.eye(3))
-        rectangular = lx.SparseLinearOperator(
-            sp.csr_matrix(np.ones((2, 3))), lx.symmetric_tag
-        )
+        # (A symmetric tag on a rectangular operator is refused when it is built.)
         with pytest.raises(ValueError, match="square"):
-            cls(rectangular)
+            cls(
+                lx.SparseLinearOperator(
+                    sp.csr_matrix(np.ones((2, 3))), lx.symmetric_tag
+                )
+            )
+        with pytest.raises(ValueError, match="square"):
+            lx.ILUPreconditioner(
+                lx.SparseLinearOperator(sp.csr_matrix(np.ones((2, 3))))
+            )
         with pytest.raises(ValueError, match="shift"):
             cls(_sparse(np.eye(3), lx.positive_semidefinite_tag), shift=-1.0)
     with pytest.raises(ValueError, match="symmetric"):

@@ -174,13 +174,43 @@ def as_tags(tags: Any) -> frozenset:
     if isinstance(tags, frozenset):
         out = tags
     elif isinstance(tags, Iterable) and not isinstance(tags, (str, bytes)):
-        out = frozenset(tags)
+        tags = list(tags)
+        try:
+            out = frozenset(tags)
+        except TypeError:
+            # Python's own "unhashable type: 'list'" names neither the argument nor
+            # the usual cause, a nested list or set of tags.
+            bad = next(tag for tag in tags if not _is_hashable(tag))
+            raise TypeError(
+                "`tags` must be one tag or a flat iterable of tags (hashable "
+                f"objects), but it holds the unhashable {type(bad).__name__} "
+                f"{bad!r}. To combine collections of tags, unpack them: "
+                "`(*tags1, *tags2)`."
+            ) from None
     else:
         out = frozenset([tags])
     for tag in out:
         if isinstance(tag, (str, bytes)):
             raise TypeError(_string_tag_message(tag))
+        # A tuple or frozenset holding lineax's tags, inside the iterable, would be
+        # kept as one unknown tag: the operator would silently have no structure.
+        if isinstance(tag, (tuple, frozenset)) and any(
+            _is_hashable(t) and t in TAG_MEANINGS for t in tag
+        ):
+            raise TypeError(
+                f"`tags` must be a flat iterable of tags, but it holds the nested "
+                f"{type(tag).__name__} {tag!r}, which would be one unknown tag "
+                "rather than the tags in it. Unpack it: `(*tags1, *tags2)`."
+            )
     return out
+
+
+def _is_hashable(x: Any) -> bool:
+    try:
+        hash(x)
+    except TypeError:
+        return False
+    return True
 
 
 def _string_tag_message(tag: str | bytes) -> str:

@@ -22,6 +22,7 @@ from .base import (
     is_diagonal,
     is_lower_triangular,
     is_negative_semidefinite,
+    is_one_by_one,
     is_positive_semidefinite,
     is_symmetric,
     is_tridiagonal,
@@ -426,8 +427,12 @@ is_negative_semidefinite.register(NegLinearOperator)(
 has_unit_diagonal.register(NegLinearOperator)(lambda op: False)
 
 # Products of diagonal/triangular matrices of the same kind keep that kind.
-for _pred in (is_diagonal, is_lower_triangular, is_upper_triangular):
+for _pred in (is_lower_triangular, is_upper_triangular):
     _pred.register(ComposedLinearOperator)(_both(_pred))
+# A 1x1 product (`(1, k) @ (k, 1)`) is diagonal whatever its factors.
+is_diagonal.register(ComposedLinearOperator)(
+    lambda op: _both(is_diagonal)(op) or is_one_by_one(op)
+)
 # A product of unit-diagonal matrices has a unit diagonal only if both are
 # triangular of the same kind (or diagonal), and only where the inner dimension
 # reaches: entry `i` of the diagonal of the `m×k` times `k×n` product is
@@ -447,8 +452,14 @@ is_tridiagonal.register(ComposedLinearOperator)(
         or (is_tridiagonal(op.operator1) and is_diagonal(op.operator2))
     )
 )
+# (Square only: a rectangular identity or diagonal composed with a diagonal is
+# diagonal, not symmetric.)
 is_symmetric.register(ComposedLinearOperator)(
-    lambda op: is_diagonal(op.operator1) and is_diagonal(op.operator2)
+    lambda op: (
+        is_diagonal(op.operator1)
+        and is_diagonal(op.operator2)
+        and op.in_size() == op.out_size()
+    )
 )
 for _pred in (is_positive_semidefinite, is_negative_semidefinite):
     _pred.register(ComposedLinearOperator)(lambda op: False)

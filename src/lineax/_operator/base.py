@@ -44,6 +44,11 @@ from .._tags import (
 )
 
 
+# The tags that only a square operator can carry (see
+# `AbstractLinearOperator.__check_init__`).
+SQUARE_ONLY_TAGS = (symmetric_tag, positive_semidefinite_tag, negative_semidefinite_tag)
+
+
 # The one import cycle of the package: `arithmetic.py` and `function.py` define
 # subclasses of `AbstractLinearOperator`, so import this module, while the
 # operator arithmetic (`a + b`, `a @ b`, ...) and the default `conj` below build
@@ -65,6 +70,21 @@ class AbstractLinearOperator(eqx.Module):
         tags = getattr(self, "tags", frozenset())
         if not isinstance(tags, frozenset):
             raise TypeError("`tags` must be stored as a frozenset.")
+        # Symmetry and definiteness are properties of square matrices only: such a
+        # tag on a tall or wide operator is a mistake (a swapped shape, or a tag
+        # meant for `A^T A`), which lineax 0.1.1 refused at construction too. (A
+        # diagonal tag may mark a rectangular diagonal, as the rectangular identity
+        # is one; two structures of one size, e.g. (2, 2) -> (4,), are square.)
+        if not tags.isdisjoint(SQUARE_ONLY_TAGS) and self.in_size() != self.out_size():
+            named = ", ".join(
+                f"`lx.{tag!r}`" for tag in SQUARE_ONLY_TAGS if tag in tags
+            )
+            raise ValueError(
+                f"`tags` holds {named}, which only a square operator can have, but "
+                f"this {type(self).__name__} has input size {self.in_size()} and "
+                f"output size {self.out_size()}. Remove the tag, or check the "
+                "operator's shape (the matrix is (output size, input size))."
+            )
 
     @abc.abstractmethod
     def mv(self, vector: PyTree[Array]) -> PyTree[Array]:
@@ -323,7 +343,10 @@ def _predicate(tag: Any):
 
     def predicate(operator: AbstractLinearOperator) -> bool:
         check_operator(operator)
-        return False
+        # Known from the shape alone: a 1x1 operator is diagonal (so that
+        # `AutoLinearSolver(well_posed=None)` gives it the pseudoinverse, as
+        # documented for every 1x1 operator).
+        return tag is diagonal_tag and is_one_by_one(operator)
 
     # Set on the function itself, before `singledispatch` copies them to its
     # wrapper: the docs site reads them through `__wrapped__`.
@@ -669,7 +692,11 @@ def has_tags(operator: Any, *tags: Any) -> bool:
 def holds_by_tags(operator: Any, tag: Any) -> bool:
     """Whether `operator.tags` makes the predicate of `tag` true (by holding `tag`
     or a tag implying it, as `TAG_MEANINGS` says)."""
-    return has_tags(operator, *tags_implying(tag))
+    if not has_tags(operator, *tags_implying(tag)):
+        return False
+    # A rectangular operator tagged diagonal is not symmetric, although
+    # `diagonal_tag` implies `symmetric_tag` (as the rectangular identity is not).
+    return tag not in SQUARE_ONLY_TAGS or operator.in_size() == operator.out_size()
 
 
 def register_tag_predicates(cls: type) -> None:
@@ -681,18 +708,27 @@ def register_tag_predicates(cls: type) -> None:
 
 def register_structure(cls: type, *tags: Any) -> None:
     """Register the predicates of an operator class that has, by its type, the
-    structure of `tags` (and whatever they imply), and no other."""
+    structure of `tags` (and whatever they imply), and no other (except that a 1x1
+    one is diagonal)."""
     for tag, predicate in PREDICATE_OF_TAG.items():
         holds = any(t in tags for t in tags_implying(tag))
-        predicate.register(cls)(lambda operator, holds=holds: holds)
+        if tag is diagonal_tag and not holds:
+            # A 1x1 `TridiagonalLinearOperator` is diagonal, so that
+            # `AutoLinearSolver(well_posed=None)` gives it the pseudoinverse (zero
+            # for a zero entry) as for every 1x1 operator, and as lineax 0.1.1 did;
+            # `Tridiagonal` reported a zero entry as singular.
+            predicate.register(cls)(is_one_by_one)
+        else:
+            predicate.register(cls)(lambda operator, holds=holds: holds)
 
 
 def _by_tags_or_size(operator: AbstractLinearOperator, tag: Any) -> bool:
     # A 1x1 operator is diagonal whatever its tags.
     return holds_by_tags(operator, tag) or (
-        tag is diagonal_tag and _is_one_by_one(operator)
+        tag is diagonal_tag and is_one_by_one(operator)
     )
 
 
-def _is_one_by_one(operator: AbstractLinearOperator) -> bool:
+def is_one_by_one(operator: AbstractLinearOperator) -> bool:
+    """Whether `operator` maps one number to one number (and so is diagonal)."""
     return operator.in_size() == 1 and operator.out_size() == 1
