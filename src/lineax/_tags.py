@@ -58,8 +58,11 @@ class TagMeaning(NamedTuple):
 
 
 # Symmetric means `A = Aᵀ`, also for complex operators; the definite tags mean
-# Hermitian, and imply `symmetric_tag` as they always have (as in the published
-# lineax), which is exact for real operators.
+# Hermitian, and imply `symmetric_tag`, which is exact for real operators. (For a
+# complex operator with a definite tag `is_symmetric` is then true, where lineax
+# 0.1.1 says false: what reads it for a complex operator, the transposition
+# (`transpose_is_self`, real only), the Lanczos spectrum estimates and incomplete
+# Cholesky, takes it as "symmetric or Hermitian".)
 TAG_MEANINGS: dict[_Tag, TagMeaning] = {
     symmetric_tag: TagMeaning(
         predicate="is_symmetric",
