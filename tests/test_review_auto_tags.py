@@ -192,6 +192,19 @@ def test_square_only_tag_on_rectangular_operator_is_refused(kind, tag):
         _tall_operators(tags)[kind]()
 
 
+@pytest.mark.parametrize("tag", ["symmetric", "psd"])
+def test_square_only_tag_refused_after_a_square_matrix_with_the_tag(tag):
+    # `MatrixLinearOperator(A, tags)` of a concrete array is built from a PyTree
+    # structure cached per `tags` argument, skipping `__init__`'s checks: a square
+    # matrix with the tag built first let a rectangular one with the same tags
+    # through (found in the full test run, where other tests had built one).
+    tags, name = _SQUARE_ONLY[tag]
+    for _ in range(2):  # the first fills the cache
+        lx.MatrixLinearOperator(jnp.eye(3), tags)
+    with pytest.raises(ValueError, match=f"`tags` holds `lx.{name}`.*square"):
+        lx.MatrixLinearOperator(jnp.ones((3, 2)), tags)
+
+
 @pytest.mark.parametrize("kind", list(_tall_operators(())))
 def test_rectangular_diagonal_tag_is_accepted_but_not_symmetric(kind):
     # A rectangular diagonal (as the rectangular identity is) is allowed, and

@@ -385,30 +385,29 @@ def _linear_solve_entry(
     With `value_only`, the caller reads `value` alone (and `result` through
     `throw`): see `_solve_of_leaves`."""
     try:
-        if no_active_trace() and throw and _checking_floats():
-            # Under `jax_debug_nans`/`jax_debug_infs`, a failed solve's output
-            # (NaN from a singular LU) is reported by JAX when the compiled
-            # function returns, before its result code is read on the host: an
-            # un-jitted singular `LU` solve raised JAX's
-            # `InternalFloatingPointError: ('jit(_solve_triangular)', 'nan')`
-            # instead of the "operator is singular" message (lineax 0.1.1, whose
-            # check is in the program, raised its message). The program with
-            # its check inside raises first.
-            solution = _run_jitted(
-                operator, vector, solver, options, state, throw, value_only
-            )
-            if solution is not None:
-                return solution
-        elif no_active_trace():
+        if no_active_trace():
             # Called outside of every JAX transformation: run one cached compiled
             # function instead of dispatching every operation eagerly (about 100x
             # faster for small problems; 4x for a reused `state=` of an n = 300 LU,
             # as `lx.invert(operator).mv` does, and 18x for a CG solve with `y0`,
             # measured). Trace-time checks still run, on the first call for each
             # combination of shapes, dtypes and static data.
-            solution = _run_compiled(
-                operator, vector, solver, options, state, throw, value_only
+            # Under `jax_debug_nans`/`jax_debug_infs`, though, a failed solve's
+            # output (NaN from a singular LU) is reported by JAX when the compiled
+            # function returns, before its result code is read on the host: an
+            # un-jitted singular `LU` solve raised JAX's
+            # `InternalFloatingPointError: ('jit(_solve_triangular)', 'nan')`
+            # instead of the "operator is singular" message (lineax 0.1.1, whose
+            # check is in the program, raised its message). The program with its
+            # check inside raises first. (The flags are read inline: every
+            # function called here is a per-call cost of the warm solve.)
+            config: Any = jax.config
+            run = (
+                _run_jitted
+                if throw and (config.jax_debug_nans or config.jax_debug_infs)
+                else _run_compiled
             )
+            solution = run(operator, vector, solver, options, state, throw, value_only)
             if solution is not None:
                 return solution
         elif not staging():
@@ -431,12 +430,6 @@ def _linear_solve_entry(
         # solver's loop is traced at lowering, see `_linear_solve_lowering`.)
         note_explicit_axes(error, (operator, vector))
         raise
-
-
-def _checking_floats() -> bool:
-    """Whether JAX checks the outputs of operations for NaN or infinity."""
-    config: Any = jax.config
-    return bool(config.jax_debug_nans or config.jax_debug_infs)
 
 
 def _run_compiled(

@@ -22,6 +22,7 @@ from .base import (
     is_cacheable,
     register_stored,
     register_tag_predicates,
+    SQUARE_ONLY_TAGS,
     tridiagonal,
 )
 
@@ -34,8 +35,9 @@ class _MatrixOperatorMeta(type(AbstractLinearOperator)):
     field, static-array and `__check_init__` checks) took 8 of the 11 us that
     building one took (10x10, CPU). Every check that `__init__` makes is a
     property of the matrix's type, rank and dtype and of `tags`, each tested here
-    or by the cache key; anything else takes the usual path, which fills the
-    cache."""
+    or by the cache key, and, for tags that only a square operator may carry
+    (`SQUARE_ONLY_TAGS`), of its shape, tested here too; anything else takes the
+    usual path, which fills the cache."""
 
     def __call__(cls, *args: Any, **kwargs: Any):
         if cls is not MatrixLinearOperator:
@@ -47,7 +49,7 @@ class _MatrixOperatorMeta(type(AbstractLinearOperator)):
         else:
             return super().__call__(*args, **kwargs)
         try:
-            treedef = _TREEDEF_OF_TAGS.get(tags)
+            treedef, square_only = _TREEDEF_OF_TAGS.get(tags, (None, False))
         except TypeError:  # unhashable tags (a list): the usual path, uncached
             return super().__call__(*args, **kwargs)
         if (
@@ -55,6 +57,7 @@ class _MatrixOperatorMeta(type(AbstractLinearOperator)):
             and type(matrix) in _ARRAY_TYPES
             and len(matrix.shape) == 2
             and matrix.dtype.kind in "fc"
+            and (not square_only or matrix.shape[0] == matrix.shape[1])
         ):
             return jtu.tree_unflatten(treedef, (matrix,))
         operator = super().__call__(*args, **kwargs)
@@ -64,12 +67,16 @@ class _MatrixOperatorMeta(type(AbstractLinearOperator)):
             _ARRAY_TYPES.add(type(matrix))
             if len(_TREEDEF_OF_TAGS) >= 64:
                 _TREEDEF_OF_TAGS.clear()
-            _TREEDEF_OF_TAGS[tags] = jtu.tree_structure(operator)
+            _TREEDEF_OF_TAGS[tags] = (
+                jtu.tree_structure(operator),
+                not operator.tags.isdisjoint(SQUARE_ONLY_TAGS),
+            )
         return operator
 
 
 # The types of concrete JAX array (not tracers) that `__init__` stores unchanged,
-# and the PyTree structure of an operator built with each `tags` argument.
+# and the PyTree structure of an operator built with each `tags` argument (with
+# whether those tags need a square matrix).
 _ARRAY_TYPES: set[type] = set()
 _TREEDEF_OF_TAGS: dict = {}
 

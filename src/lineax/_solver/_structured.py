@@ -23,7 +23,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, PyTree
 
-from .._misc import is_inexact_array
+from .._misc import is_inexact_array, no_active_trace
 from .._operator.base import (
     AbstractLinearOperator,
     flatten_vector,
@@ -62,15 +62,18 @@ def worst_result(result: RESULTS) -> RESULTS:
     """Reduce a batched result (from a `vmap` over right-hand sides) to one: the
     largest code, so any failure survives. An empty batch (a rank-0 update, a
     factor of size 0) is `successful` (code 0)."""
-    # (A concrete code in NumPy: see `first_failure`.)
-    return jtu.tree_map(
-        lambda code: (
-            jnp.max(code, initial=0)
-            if isinstance(code, jax.core.Tracer)
-            else np.asarray(np.max(np.asarray(code), initial=0))
-        ),
-        result,
-    )
+    return jtu.tree_map(_worst_code, result)
+
+
+def _worst_code(code: Any) -> Any:
+    if isinstance(code, jax.core.Tracer):
+        return jnp.max(code, initial=0)
+    # A concrete code is reduced in NumPy (see `first_failure`), and stays a NumPy
+    # array while a solve is traced (a constant of the program). Outside of every
+    # trace (`solver.init` called eagerly) it becomes a JAX array, as the other
+    # leaves of the state that holds it are (Schur's `columns_result`).
+    worst = np.asarray(np.max(np.asarray(code), initial=0))
+    return jnp.asarray(worst) if no_active_trace() else worst
 
 
 def solve_flat(
