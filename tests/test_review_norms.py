@@ -2,15 +2,15 @@
 arguments of the Krylov solvers, as users pass them.
 
 Reviewed and found right (no test here): `lx.internal.max_norm`/`two_norm`/
-`rms_norm` and user lambdas (`jnp.linalg.norm`, `jnp.max(jnp.abs(x))`) agree with
-`numpy.linalg.solve` for CG, BiCGStab, GMRES, MINRES and LSMR; a complex-valued
-norm with zero imaginary part; `rtol`/`atol` negative or NaN (ValueError), a
-string, None or a tracer under `jit` (TypeError naming the argument), NumPy and
-0-d JAX scalars (accepted), `inf` (success after a step); `max_steps` float,
-bool, negative (ValueError), above 2**31 - 1 (ValueError), a NumPy int
-(accepted), 0 and 1 (`max_steps_reached`, or `successful` with
-`rtol = atol = 0`); GMRES `restart`/`stagnation_iters` 0, negative or float
-(ValueError), 1 and larger than n (converges).
+`rms_norm` and user lambdas (`jnp.linalg.norm`, `jnp.max(jnp.abs(x))`; also on
+PyTree vectors, under `vmap` and `grad`) agree with `numpy.linalg.solve` for CG,
+BiCGStab, GMRES, MINRES and LSMR; a complex-valued norm with zero imaginary part;
+`rtol`/`atol` negative or NaN (ValueError), a string, None or a tracer under
+`jit` (TypeError naming the argument), NumPy and 0-d JAX scalars (accepted), `inf`
+(success after a step); `max_steps` float, bool, negative (ValueError), above
+2**31 - 1 (ValueError), a NumPy int (accepted), 0 and 1 (`max_steps_reached`,
+or `successful` with `rtol = atol = 0`); GMRES `restart`/`stagnation_iters` 0,
+negative or float (ValueError), 1 and larger than n (converges).
 
 Each test here failed before the fix it protects. Small sizes, float64.
 """
@@ -40,6 +40,10 @@ _SOLVERS: dict[str, Callable[[Callable], lx.AbstractLinearSolver]] = {
     "GMRES": lambda norm: lx.GMRES(rtol=1e-8, atol=1e-8, norm=norm, max_steps=20),
     "MINRES": lambda norm: lx.MINRES(rtol=1e-8, atol=1e-8, norm=norm, max_steps=20),
     "LSMR": lambda norm: lx.LSMR(rtol=1e-8, atol=1e-8, norm=norm, max_steps=20),
+    "FGMRES": lambda norm: lx.FGMRES(rtol=1e-8, atol=1e-8, norm=norm, max_steps=20),
+    "PipelinedCG": lambda norm: lx.PipelinedCG(
+        rtol=1e-8, atol=1e-8, norm=norm, max_steps=20
+    ),
 }
 
 
