@@ -95,3 +95,19 @@ def test_user_norm_matches_numpy() -> None:
     np.testing.assert_allclose(
         np.asarray(sol.value), np.linalg.solve(a, b), rtol=1e-7, atol=1e-9
     )
+
+
+@pytest.mark.parametrize("name", ["CG", "GMRES"])
+def test_squared_norm_meets_atol_in_the_users_units(name: str) -> None:
+    # `lx.internal.sum_squares` is not homogeneous; before, with `b` of 1e3 the
+    # solve reported `successful` at `sum_squares(r)` of 10 for `atol=1e-2`.
+    rng = np.random.default_rng(0)
+    m = rng.standard_normal((30, 30))
+    a = m @ m.T / 30 + 0.05 * np.eye(30)
+    b = 1e3 * rng.standard_normal(30)
+    op = lx.MatrixLinearOperator(jnp.asarray(a), lx.positive_semidefinite_tag)
+    cls = {"CG": lx.CG, "GMRES": lx.GMRES}[name]
+    solver = cls(rtol=0.0, atol=1e-2, norm=lx.internal.sum_squares, max_steps=300)
+    sol = lx.linear_solve(op, jnp.asarray(b), solver, throw=False)
+    assert sol.result == lx.RESULTS.successful
+    assert np.sum((b - a @ np.asarray(sol.value)) ** 2) <= 1e-2

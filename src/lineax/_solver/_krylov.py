@@ -512,13 +512,23 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         # verified residual 0, and a solve with a relative error of 3e10 passed as
         # `successful`. The solver's own norm is guarded against that.)
         norm = _checked_norm(self.scaled_norm() if y0 is None else self.norm)
+        user_norm = self.norm not in (two_norm, max_norm, rms_norm)
+        if user_norm:
+            # A user's norm need not be homogeneous (`lx.internal.sum_squares`, a
+            # squared norm): evaluated in these units, with `atol` scaled as for
+            # a norm, its `atol` test passed 1000 times above `atol` for `b` of
+            # 1e3, reported `successful`. It is evaluated in the user's units,
+            # then scaled as a norm (the identity for a homogeneous norm), so that
+            # `norm(r) <= tol` here is the user's `norm(r) <= atol + rtol norm(b)`.
+            raw_norm = norm
+            norm = lambda x: raw_norm(tree_scale(scale, x)) * inverse  # noqa: E731
         bnorm = norm(vector)
         # A `b` holding an infinity has an infinite norm, hence an infinite target,
         # and `inf <= inf` would pass the first convergence test at `x = 0` (a zero
         # solution, "successful"). A NaN target passes no test: the solve stops on
         # its non-finite residual instead, reported as a failure.
         usable = jnp.isfinite(bnorm)
-        if self.norm not in (two_norm, max_norm, rms_norm):
+        if user_norm:
             # A user's `norm` that is zero on a nonzero `b` (`lambda x: 0.0`, or a
             # seminorm blind to `b`) made `x = 0` pass the first convergence test:
             # the zero vector returned as `successful` by every method. It is not
