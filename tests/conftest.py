@@ -325,6 +325,7 @@ _FILE_SECONDS = {
     "test_review_direct_passes.py": 3,
     "test_review_mixed_dtypes.py": 2,
     "test_review_numerics.py": 2,
+    "test_review_norms.py": 16,
     "test_review_runtime.py": 2,
     "test_auto_adversarial.py": 1,
     "test_dense_kernels.py": 1,

@@ -69,7 +69,7 @@ from .._misc import (
     tree_sub,
     varying_like,
 )
-from .._norm import tree_dot, two_norm
+from .._norm import max_norm, rms_norm, tree_dot, two_norm
 from .._operator.base import (
     AbstractLinearOperator,
     check_structures_equal,
@@ -441,9 +441,13 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
             return 10 * max(sizes)
         return self.max_steps
 
+    def checked_norm(self, x: PyTree[Array]) -> Scalar:
+        """`norm(x)`, with the solver's `norm`, checked to be a scalar."""
+        return _checked_norm(self.norm)(x)
+
     def tolerance(self, vector: PyTree[Array]) -> Scalar:
         """`atol + rtol * norm(b)`: the bound on `norm(b - A y)` that is success."""
-        return self.atol + self.rtol * self.norm(vector)
+        return self.atol + self.rtol * self.checked_norm(vector)
 
     def problem(
         self,
@@ -507,15 +511,33 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         # `sqrt(<r, r>)` then made both `norm(b)`, hence the target, and the
         # verified residual 0, and a solve with a relative error of 3e10 passed as
         # `successful`. The solver's own norm is guarded against that.)
-        norm = self.scaled_norm() if y0 is None else self.norm
+        norm = _checked_norm(self.scaled_norm() if y0 is None else self.norm)
+        user_norm = self.norm not in (two_norm, max_norm, rms_norm)
+        if user_norm:
+            # A user's norm need not be homogeneous (`lx.internal.sum_squares`, a
+            # squared norm): evaluated in these units, with `atol` scaled as for
+            # a norm, its `atol` test passed 1000 times above `atol` for `b` of
+            # 1e3, reported `successful`. It is evaluated in the user's units,
+            # then scaled as a norm (the identity for a homogeneous norm), so that
+            # `norm(r) <= tol` here is the user's `norm(r) <= atol + rtol norm(b)`.
+            raw_norm = norm
+            norm = lambda x: raw_norm(tree_scale(scale, x)) * inverse  # noqa: E731
         bnorm = norm(vector)
         # A `b` holding an infinity has an infinite norm, hence an infinite target,
         # and `inf <= inf` would pass the first convergence test at `x = 0` (a zero
         # solution, "successful"). A NaN target passes no test: the solve stops on
         # its non-finite residual instead, reported as a failure.
-        tol = select(
-            jnp.isfinite(bnorm), self.atol * inverse + self.rtol * bnorm, jnp.nan
-        )
+        usable = jnp.isfinite(bnorm)
+        if user_norm:
+            # A user's `norm` that is zero on a nonzero `b` (`lambda x: 0.0`, or a
+            # seminorm blind to `b`) made `x = 0` pass the first convergence test:
+            # the zero vector returned as `successful` by every method. It is not
+            # a norm of this problem, so the solve fails instead (a NaN target).
+            nonzero = jtu.tree_reduce(
+                jnp.logical_or, [jnp.any(leaf != 0) for leaf in jtu.tree_leaves(vector)]
+            )
+            usable = usable & ((bnorm != 0) | ~nonzero)
+        tol = select(usable, self.atol * inverse + self.rtol * bnorm, jnp.nan)
         return Problem(
             mv=mv,
             norm=norm,
@@ -562,6 +584,32 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
 
     def assume_full_rank(self) -> bool:
         return True
+
+
+def _checked_norm(
+    norm: Callable[[PyTree[Array]], Any],
+) -> Callable[[PyTree[Array]], Scalar]:
+    """`norm`, its value made an array and checked to be a scalar at trace time.
+
+    A user's norm returning a Python float (`lambda x: 1.0`) failed deep in the
+    loops with "'float' object has no attribute 'astype'", and one returning a
+    1-element array (`jnp.linalg.norm(x, keepdims=True)`, `norm(x)[None]`) with
+    "Cannot stack arrays with different numbers of dimensions": neither named the
+    `norm`."""
+    if norm is norm2 or norm is two_norm:
+        return norm
+
+    def checked(x: PyTree[Array]) -> Scalar:
+        value = jnp.asarray(norm(x))
+        if value.shape != ():
+            raise ValueError(
+                "The solver's `norm` must return a scalar (an array of shape ()), "
+                f"got an array of shape {value.shape}. Reduce over every element "
+                "of the vector, e.g. `lambda x: jnp.max(jnp.abs(x))`."
+            )
+        return value
+
+    return checked
 
 
 def check_square_krylov(operator: AbstractLinearOperator, name: str) -> None:
@@ -1640,7 +1688,11 @@ def iterate(
         # the best iterate, which may be the initial guess.)
         # (With `max_steps=0` no step can be made: the initial guess is judged by
         # the tolerance itself.)
-        select((rnorm <= tol) if max_steps == 0 else (rnorm == 0), 2, 0),
+        # (Not with a NaN target: a user's `norm` that vanishes on a nonzero `b`,
+        # see `problem`, has an exact zero "residual" at `x = 0`.)
+        select(
+            (rnorm <= tol) if max_steps == 0 else ((rnorm == 0) & (tol == tol)), 2, 0
+        ),
         unset,
         None if method.progress_estimate is None else unset,
         None if method.below_floor is None else zero,

@@ -147,7 +147,15 @@ class FlexibleCG(AbstractDefiniteKrylovSolver):
             count = select(ok, c.count + 1, c.count)
             z = apply(precond, r)
             new = _FlexibleCGCarry(
-                x, r, c.p, self.norm(r), directions, images, paps, count, breakdown
+                x,
+                r,
+                c.p,
+                self.checked_norm(r),
+                directions,
+                images,
+                paps,
+                count,
+                breakdown,
             )
             p = conjugate(new, z, paps)
             return eqx.tree_at(lambda c: c.p, new, p)
@@ -169,7 +177,7 @@ class FlexibleCG(AbstractDefiniteKrylovSolver):
                 c.x,
                 r,
                 p,
-                self.norm(r),
+                self.checked_norm(r),
                 c.directions,
                 c.images,
                 pap,
@@ -181,7 +189,7 @@ class FlexibleCG(AbstractDefiniteKrylovSolver):
         buffer = jtu.tree_map(
             lambda s: jnp.zeros((size,) + s.shape, s.dtype), structure
         )
-        rnorm = self.norm(problem.r0)
+        rnorm = self.checked_norm(problem.r0)
         carry = _FlexibleCGCarry(
             problem.x0,
             problem.r0,

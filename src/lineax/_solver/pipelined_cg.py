@@ -268,4 +268,6 @@ class PipelinedCG(AbstractDefiniteKrylovSolver):
             # pass's estimate starts from the true residual.
             free_misses=2,
         )
-        return iterate(self, problem, method, carry, rnorm=self.norm(problem.r0))
+        return iterate(
+            self, problem, method, carry, rnorm=self.checked_norm(problem.r0)
+        )
