@@ -553,6 +553,7 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
             initial_mv=initial_mv,
             op_inverse=op_inverse,
             warm=y0 is not None,
+            user_norm=user_norm,
         )
 
     def scaled_norm(self) -> Callable[[PyTree[Array]], Scalar]:
@@ -900,6 +901,10 @@ class Problem:
     op_inverse: Array | None = None
     # Whether the iteration starts from an initial guess (`y0`).
     warm: bool = False
+    # Whether `norm` is the user's (not `two_norm`, `max_norm` or `rms_norm`): its
+    # target may be NaN at a zero norm of a nonzero `b` (see
+    # `AbstractKrylovSolver.problem`), which the initial test must not pass.
+    user_norm: bool = False
 
 
 def result_of(
@@ -1689,9 +1694,16 @@ def iterate(
         # (With `max_steps=0` no step can be made: the initial guess is judged by
         # the tolerance itself.)
         # (Not with a NaN target: a user's `norm` that vanishes on a nonzero `b`,
-        # see `problem`, has an exact zero "residual" at `x = 0`.)
+        # see `problem`, has an exact zero "residual" at `x = 0`. Tested for a
+        # user's norm only: two operations in every kernel that reads it.)
         select(
-            (rnorm <= tol) if max_steps == 0 else ((rnorm == 0) & (tol == tol)), 2, 0
+            (rnorm <= tol)
+            if max_steps == 0
+            else ((rnorm == 0) & (tol == tol))
+            if problem.user_norm
+            else (rnorm == 0),
+            2,
+            0,
         ),
         unset,
         None if method.progress_estimate is None else unset,
