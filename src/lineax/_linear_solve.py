@@ -21,6 +21,7 @@ from ._misc import (
     note_explicit_axes,
     ShardingTypeError,
     staging,
+    strip_weak_dtype,
 )
 from ._operator.base import AbstractLinearOperator, is_cacheable, reads_every_leaf
 from ._operator.function import FunctionLinearOperator
@@ -932,3 +933,13 @@ class _InverseSolve(eqx.Module):
             self.throw,
             value_only=True,
         ).value
+
+    def __lineax_output_structure__(self) -> PyTree[jax.ShapeDtypeStruct] | None:
+        # The solution's structure: the operator's input structure, as
+        # `linear_solve` returns it (the realified problem's solution is mapped
+        # back to it). Only outside every trace, where the operator's structure
+        # is the final one; inside `jax.shard_map` a traced structure carries
+        # the varying axes, which the trace of the solve finds.
+        if not no_active_trace():
+            return None
+        return strip_weak_dtype(self.operator.in_structure())

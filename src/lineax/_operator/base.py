@@ -116,13 +116,16 @@ class AbstractLinearOperator(eqx.Module):
     def out_structure(self) -> PyTree[jax.ShapeDtypeStruct]:
         """The structure (PyTree of `jax.ShapeDtypeStruct`) of an output vector."""
 
+    # (`type(self).in_structure(self)`, not `self.in_structure()`: an Equinox
+    # module binds each method it hands out as a new module, 45-60 us; these are
+    # asked many times by the predicates and solver choice of every solve.)
     def in_size(self) -> Size:
         """The total number of elements of an input vector."""
-        return tree_size(self.in_structure())
+        return tree_size(type(self).in_structure(self))
 
     def out_size(self) -> Size:
         """The total number of elements of an output vector."""
-        return tree_size(self.out_structure())
+        return tree_size(type(self).out_structure(self))
 
     @property
     def T(self) -> "AbstractLinearOperator":
@@ -244,11 +247,11 @@ def check_operator(
 def check_square(operator: AbstractLinearOperator, who: str, advice: str = "") -> None:
     """Raise a ValueError, saying that `who` needs it and then `advice`, unless
     `operator` is square."""
-    if operator.in_size() != operator.out_size():
+    in_size, out_size = sizes(operator)
+    if in_size != out_size:
         raise ValueError(
             f"`{who}` needs a square operator, but the operator has input size "
-            f"{operator.in_size()} and output size {operator.out_size()}."
-            + (f" {advice}" if advice else "")
+            f"{in_size} and output size {out_size}." + (f" {advice}" if advice else "")
         )
 
 
@@ -729,6 +732,14 @@ def _by_tags_or_size(operator: AbstractLinearOperator, tag: Any) -> bool:
     )
 
 
+def sizes(operator: AbstractLinearOperator) -> tuple[Size, Size]:
+    """`(operator.in_size(), operator.out_size())`, without binding either method
+    (see `AbstractLinearOperator.in_size`): for the solver choice and the checks
+    that every solve makes, outside of `jit` on every call."""
+    cls = type(operator)
+    return cls.in_size(operator), cls.out_size(operator)
+
+
 def is_one_by_one(operator: AbstractLinearOperator) -> bool:
     """Whether `operator` maps one number to one number (and so is diagonal)."""
-    return operator.in_size() == 1 and operator.out_size() == 1
+    return sizes(operator) == (1, 1)

@@ -16,6 +16,7 @@ from .._operator.base import (
     is_positive_semidefinite,
     is_tridiagonal,
     is_upper_triangular,
+    sizes,
 )
 from .._tags import (
     diagonal_tag,
@@ -141,7 +142,8 @@ class AutoLinearSolver(AbstractLinearSolver[AutoState]):
         A linear solver instance.
         """
         check_operator(operator, who="AutoLinearSolver.select_solver")
-        square = operator.in_size() == operator.out_size()
+        in_size, out_size = sizes(operator)
+        square = in_size == out_size
         if self.well_posed is True:
             if not square:
                 raise ValueError(

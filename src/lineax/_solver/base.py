@@ -34,6 +34,7 @@ from .._operator.base import (
     is_positive_semidefinite,
     is_symmetric,
     is_upper_triangular,
+    sizes,
 )
 from .._operator.identity import IdentityLinearOperator
 from .._solution import RESULTS
@@ -372,8 +373,9 @@ def rank_flags(
             bool(solver.allow_dependent_columns(operator)),
         )
     full_rank = bool(solver.assume_full_rank())
-    rows = (not full_rank) or operator.out_size() > operator.in_size()
-    columns = (not full_rank) or operator.in_size() > operator.out_size()
+    in_size, out_size = sizes(operator)
+    rows = (not full_rank) or out_size > in_size
+    columns = (not full_rank) or in_size > out_size
     return rows, columns
 
 
@@ -389,7 +391,8 @@ def inverse_tags(
     has a unit diagonal (then it is nonsingular, and so is its unit diagonal
     inverse). Tridiagonal operators have dense inverses: that tag is dropped.
     """
-    if operator.in_size() != operator.out_size():
+    in_size, out_size = sizes(operator)
+    if in_size != out_size:
         return frozenset()
     tags = set()
     for predicate, tag in (
