@@ -512,7 +512,7 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         # verified residual 0, and a solve with a relative error of 3e10 passed as
         # `successful`. The solver's own norm is guarded against that.)
         norm = _checked_norm(self.scaled_norm() if y0 is None else self.norm)
-        user_norm = self.norm not in (two_norm, max_norm, rms_norm)
+        user_norm = not is_builtin_norm(self.norm)
         if user_norm:
             # A user's norm need not be homogeneous (`lx.internal.sum_squares`, a
             # squared norm): evaluated in these units, with `atol` scaled as for
@@ -587,6 +587,22 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         return True
 
 
+# The norms lineax defines (`norm2` is `two_norm` in the loops' units, see
+# `scaled_norm`). Each returns a scalar array and is homogeneous, so what a user's
+# norm needs does not apply to them: the check of its value (`_checked_norm`), its
+# evaluation in the user's units and the NaN target where it vanishes on a nonzero
+# `b` (`AbstractKrylovSolver.problem`, `Problem.user_norm`). One list for both, so
+# that a norm added to lineax is exempted from all of them or from none.
+_BUILTIN_NORMS = (norm2, two_norm, max_norm, rms_norm)
+
+
+def is_builtin_norm(norm: Callable) -> bool:
+    """Whether `norm` is one of lineax's own norms (see `_BUILTIN_NORMS`).
+    (Identity, not `in`: a user's norm may be an object whose `==` is not a
+    bool, or that cannot be hashed.)"""
+    return any(norm is builtin for builtin in _BUILTIN_NORMS)
+
+
 def _checked_norm(
     norm: Callable[[PyTree[Array]], Any],
 ) -> Callable[[PyTree[Array]], Scalar]:
@@ -597,7 +613,7 @@ def _checked_norm(
     1-element array (`jnp.linalg.norm(x, keepdims=True)`, `norm(x)[None]`) with
     "Cannot stack arrays with different numbers of dimensions": neither named the
     `norm`."""
-    if norm is norm2 or norm is two_norm:
+    if is_builtin_norm(norm):
         return norm
 
     def checked(x: PyTree[Array]) -> Scalar:
@@ -901,7 +917,7 @@ class Problem:
     op_inverse: Array | None = None
     # Whether the iteration starts from an initial guess (`y0`).
     warm: bool = False
-    # Whether `norm` is the user's (not `two_norm`, `max_norm` or `rms_norm`): its
+    # Whether `norm` is the user's (not one of `_BUILTIN_NORMS`): its
     # target may be NaN at a zero norm of a nonzero `b` (see
     # `AbstractKrylovSolver.problem`), which the initial test must not pass.
     user_norm: bool = False
