@@ -332,23 +332,17 @@ def initial_residual(
     return y0, tree_sub(vector, mv(y0))
 
 
-def transpose_options(options: dict[str, Any]):
-    """Options for the transposed solve: the preconditioner transposed, `y0` dropped
-    (it is an initial guess for a different problem, of a different structure)."""
+def _options_for(
+    options: dict[str, Any],
+    mapped: Callable[[AbstractLinearOperator], AbstractLinearOperator],
+) -> dict[str, Any]:
+    """Options for the solve with `mapped(operator)` (its transpose or its
+    conjugate): the preconditioner mapped alike, `y0` dropped (it is an initial
+    guess for a different problem, of a different structure for a transpose)."""
     new = {k: v for k, v in options.items() if k not in ("y0", "preconditioner")}
     precond = options.get("preconditioner", None)
     if precond is not None:
-        new["preconditioner"] = precond.transpose()
-    return new
-
-
-def conj_options(options: dict[str, Any]):
-    """Options for the solve with the conjugated operator: the preconditioner
-    conjugated, `y0` dropped."""
-    new = {k: v for k, v in options.items() if k not in ("y0", "preconditioner")}
-    precond = options.get("preconditioner", None)
-    if precond is not None:
-        new["preconditioner"] = conj(precond)
+        new["preconditioner"] = mapped(precond)
     return new
 
 
@@ -426,6 +420,31 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
             options, operator, right=self.right_preconditioned, left=left
         )
         return precond, y0_of(options, operator)
+
+    def square_state(
+        self, operator: AbstractLinearOperator, options: dict[str, Any]
+    ) -> KrylovState:
+        """`init` of a method for any square operator (GMRES, FGMRES, BiCGStab):
+        the operator and the options checked, nothing computed."""
+        check_square_krylov(operator, type(self).__name__)
+        self.checked_options(operator, options)
+        return KrylovState(operator)
+
+    def scaled_problem(
+        self,
+        state: KrylovState,
+        vector: PyTree[Array],
+        options: dict[str, Any],
+        lift: bool = True,
+    ) -> tuple[AbstractLinearOperator | None, "Problem"]:
+        """`(preconditioner, problem)` for the methods that scale the operator
+        too (GMRES, FGMRES, BiCGStab, MINRES; see `problem`)."""
+        operator = state.operator
+        precond, y0 = self.checked_options(operator, options)
+        problem = self.problem(
+            operator, vector, y0, precond=precond, scale_operator=True, lift=lift
+        )
+        return precond, problem
 
     def resolve_max_steps(self, operator: AbstractLinearOperator) -> int:
         if self.max_steps is None:
@@ -577,11 +596,11 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         # preconditioning keeps the minimum-norm solution.
         left = (not state.left) if self.right_preconditioned else state.left
         new = KrylovState(state.operator.transpose(), state.negative, left)
-        return new, transpose_options(options)
+        return new, _options_for(options, lambda op: op.transpose())
 
     def conj(self, state: KrylovState, options: dict[str, Any]):
         new = KrylovState(conj(state.operator), state.negative, state.left)
-        return new, conj_options(options)
+        return new, _options_for(options, conj)
 
     def assume_full_rank(self) -> bool:
         return True
@@ -921,20 +940,6 @@ class Problem:
     # target may be NaN at a zero norm of a nonzero `b` (see
     # `AbstractKrylovSolver.problem`), which the initial test must not pass.
     user_norm: bool = False
-
-
-def result_of(
-    converged: Array,
-    breakdown: Array | bool = False,
-    stagnation: Array | bool = False,
-    conlim: Array | bool = False,
-) -> RESULTS:
-    """The result code: success (verified on a true residual) first, then the
-    reason the iteration stopped; otherwise the step budget ran out."""
-    result = results_where(conlim, RESULTS.conlim, RESULTS.max_steps_reached)
-    result = results_where(stagnation, RESULTS.stagnation, result)
-    result = results_where(breakdown, RESULTS.breakdown, result)
-    return results_where(converged, RESULTS.successful, result)
 
 
 # A recurrence is started afresh (`Iteration.rescue`) only if the residual it
