@@ -146,25 +146,11 @@ def run_at_default_flags(code: str, timeout: float = 300):
     """Run the Python `code` in a fresh process with this test run's lineax (the
     source tree or an installed wheel) and XLA's default flags, as users' code
     runs (the flags this file adds removed): some defects show only there."""
-    import subprocess
-    import sys
+    from helpers import run_python  # (not at import: `helpers` imports this file)
 
-    import lineax
-
-    env = os.environ.copy()
-    parent = os.path.dirname(os.path.dirname(os.path.abspath(lineax.__file__)))
-    paths = [parent, *filter(None, [env.get("PYTHONPATH")])]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    flags = env.get("XLA_FLAGS", "").split()
-    env["XLA_FLAGS"] = " ".join(f for f in flags if f not in ADDED_XLA_FLAGS)
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    default = " ".join(f for f in flags if f not in ADDED_XLA_FLAGS)
+    return run_python(code, env={"XLA_FLAGS": default}, timeout=timeout)
 
 
 jax.config.update("jax_enable_x64", True)

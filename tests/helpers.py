@@ -24,7 +24,11 @@ and `case_operator` represents such a matrix in one of `CASE_KINDS`.
 
 import contextlib
 import dataclasses
+import os
+import pathlib
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,6 +49,49 @@ Structure = PyTree[jax.ShapeDtypeStruct]
 NumpyMatrix = Inexact[np.ndarray, "m n"]
 
 DTYPES = (jnp.float32, jnp.float64, jnp.complex128)
+
+# Short names for the tags, for the tables of tag combinations.
+sym = lx.symmetric_tag
+diag = lx.diagonal_tag
+tri = lx.tridiagonal_tag
+lower = lx.lower_triangular_tag
+upper = lx.upper_triangular_tag
+unit = lx.unit_diagonal_tag
+psd = lx.positive_semidefinite_tag
+nsd = lx.negative_semidefinite_tag
+
+#
+# A fresh process.
+#
+
+
+def run_python(
+    code: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    python_args: Sequence[str] = (),
+) -> subprocess.CompletedProcess:
+    """Run the Python `code` in a fresh process (`python [python_args] -c code`),
+    with this test run's lineax (the source tree or an installed wheel) first on
+    `PYTHONPATH` and `env` added to the environment; its output captured as text,
+    its stdin empty (a debugger it opens does not wait), and killed after
+    `timeout` seconds.
+
+    For what a process reads once: configuration and environment flags read at
+    import (`EQX_ON_ERROR`, `XLA_FLAGS`), process-global JAX flags, hangs."""
+    full = dict(os.environ, **(env or {}))
+    src = str(pathlib.Path(lx.__file__).parent.parent)
+    full["PYTHONPATH"] = os.pathsep.join(filter(None, [src, full.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, *python_args, "-c", code],
+        env=full,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
 
 #
 # Tolerances.
@@ -371,8 +418,7 @@ def _tagged(matrix, dtype, tags, in_structure, out_structure):
     return lx.TaggedLinearOperator(inner, tags), ref
 
 
-_UNIT = frozenset([lx.unit_diagonal_tag])
-_PSD, _NSD = lx.positive_semidefinite_tag, lx.negative_semidefinite_tag
+_UNIT = frozenset([unit])
 
 
 def _add(matrix, dtype, tags, in_structure, out_structure):
@@ -406,7 +452,7 @@ def _div(matrix, dtype, tags, in_structure, out_structure):
 
 def _neg(matrix, dtype, tags, in_structure, out_structure):
     tags = _as_set(tags) - _UNIT
-    swapped = {_PSD: _NSD, _NSD: _PSD}
+    swapped = {psd: nsd, nsd: psd}
     tags = frozenset(swapped.get(t, t) for t in tags)
     inner, ref = _pytree(-matrix, dtype, tags, in_structure, out_structure)
     return -inner, -ref
@@ -788,9 +834,6 @@ def pinv_solution(
     rcond = 10 * max(matrix.shape) * float(jnp.finfo(dtype).eps)
     return np.linalg.pinv(matrix, rcond=rcond) @ vector
 
-
-psd = lx.positive_semidefinite_tag
-nsd = lx.negative_semidefinite_tag
 
 # The direct solvers.
 SOLVER_CASES = [

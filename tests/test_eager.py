@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import DelegatingLU
+from helpers import DelegatingLU, run_python
 
 import lineax as lx
 import lineax._linear_solve as linear_solve_module
@@ -400,21 +400,7 @@ def test_eager_solve_honours_eqx_on_error_nan():
     # failed `throw=True` solve returns NaN under `jit`; un-jitted, the cached
     # compiled path raised `EquinoxRuntimeError` from the host (also via
     # `lx.invert(operator).mv`). The flag is read at import: a subprocess.
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    src = str(pathlib.Path(lx.__file__).parent.parent)
-    path = os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, EQX_ON_ERROR="nan", PYTHONPATH=path)
-    proc = subprocess.run(
-        [sys.executable, "-c", _ON_ERROR_NAN_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_python(_ON_ERROR_NAN_SCRIPT, env={"EQX_ON_ERROR": "nan"})
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 
 

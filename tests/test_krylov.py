@@ -19,6 +19,7 @@ from helpers import (
     KRYLOV_CASES,
     make_matrix,
     pinv_solution,
+    psd,
     round_to,
     sample,
     SHAPES,
@@ -28,7 +29,6 @@ import lineax as lx
 
 
 two_norm = lx.internal.two_norm
-psd = lx.positive_semidefinite_tag
 
 
 def _rng(seed=0):

@@ -7,12 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import sample
+from helpers import psd, sample
 
 import lineax as lx
 
 
-psd = lx.positive_semidefinite_tag
 _N = 12
 
 

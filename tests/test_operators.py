@@ -25,13 +25,17 @@ from helpers import (
     _pyt,
     _S,
     assert_close,
+    diag,
     DTYPES,
     flat_structure,
     flatten,
     flatten_jax,
     KINDS,
+    lower,
     MATRIX_FREE_KINDS,
     NO_JVP_KINDS,
+    nsd,
+    psd,
     randn_like,
     random_matrix,
     random_operator,
@@ -41,22 +45,18 @@ from helpers import (
     sample,
     SQUARE_KINDS,
     structures,
+    sym,
+    tri,
     true_predicates,
     unflatten,
+    unit,
+    upper,
 )
 
 import lineax as lx
 
 
 f32, f64, c128 = jnp.float32, jnp.float64, jnp.complex128
-sym = lx.symmetric_tag
-diag = lx.diagonal_tag
-tri = lx.tridiagonal_tag
-lower = lx.lower_triangular_tag
-upper = lx.upper_triangular_tag
-unit = lx.unit_diagonal_tag
-psd = lx.positive_semidefinite_tag
-nsd = lx.negative_semidefinite_tag
 
 
 # Consistent tag sets (each describes a square matrix that `random_matrix` makes).

@@ -7,12 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import sample
+from helpers import psd, sample
 
 import lineax as lx
-
-
-psd = lx.positive_semidefinite_tag
 
 
 def _problem(n, dtype, seed=0):

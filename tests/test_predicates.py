@@ -12,23 +12,23 @@ from helpers import (
     _pyt,
     _S,
     assert_close,
+    diag,
+    lower,
+    nsd,
     PREDICATES,
+    psd,
     random_matrix,
+    sym,
+    tri,
     true_predicates,
+    unit,
+    upper,
 )
 
 import lineax as lx
 
 
 f32, f64, c128 = jnp.float32, jnp.float64, jnp.complex128
-sym = lx.symmetric_tag
-diag = lx.diagonal_tag
-tri = lx.tridiagonal_tag
-lower = lx.lower_triangular_tag
-upper = lx.upper_triangular_tag
-unit = lx.unit_diagonal_tag
-psd = lx.positive_semidefinite_tag
-nsd = lx.negative_semidefinite_tag
 
 
 #

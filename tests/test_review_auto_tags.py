@@ -47,20 +47,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import diag, lower, nsd, psd, sym, tri, unit, upper
 from jaxtyping import Array, Float
 
 import lineax as lx
 
 
 f64 = jnp.float64
-sym = lx.symmetric_tag
-diag = lx.diagonal_tag
-tri = lx.tridiagonal_tag
-lower = lx.lower_triangular_tag
-upper = lx.upper_triangular_tag
-unit = lx.unit_diagonal_tag
-psd = lx.positive_semidefinite_tag
-nsd = lx.negative_semidefinite_tag
 
 
 def _solver_name(operator: lx.AbstractLinearOperator, well_posed) -> str:

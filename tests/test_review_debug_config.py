@@ -16,16 +16,11 @@ its lines read by the tests). Every expected value comes from NumPy in float64.
 """
 
 import functools
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from helpers import run_python
 from jaxtyping import Float
-
-import lineax as lx
 
 
 _SCRIPT = r"""
@@ -121,22 +116,9 @@ for name, op, solver, m, rhs_, split in [
 """
 
 
-def _child_env() -> dict[str, str]:
-    src = str(pathlib.Path(lx.__file__).parent.parent)
-    path = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
-    return dict(os.environ, PYTHONPATH=path)
-
-
 @functools.cache
 def _lines() -> dict[str, str]:
-    proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT],
-        env=_child_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    proc = run_python(_SCRIPT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = {}
     for line in proc.stdout.splitlines():
@@ -210,16 +192,36 @@ def test_import_and_solve_under_eqx_on_error_breakpoint():
     # ...)`: `import lineax` failed with `TypeError: jit() missing 1 required
     # positional argument: 'fun'`. lineax 0.1.1 imported. (The flag is read at
     # import: a subprocess. A successful solve, so no debugger opens.)
-    env = dict(_child_env(), EQX_ON_ERROR="breakpoint")
-    proc = subprocess.run(
-        [sys.executable, "-W", "ignore", "-c", _BREAKPOINT_SCRIPT],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
+    proc = run_python(
+        _BREAKPOINT_SCRIPT,
+        env={"EQX_ON_ERROR": "breakpoint"},
         timeout=120,
-        check=False,
+        python_args=("-W", "ignore"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     error: Float[np.ndarray, ""] = np.asarray(float(proc.stdout.split()[-1]))
     assert error < 1e-12
+
+
+def test_concrete_result_codes_are_decided_without_a_transfer():
+    # `results_where` of concrete codes and predicate (a flag known at trace
+    # time) ran Equinox's `RESULTS.where`, an eager `jnp.where` while the solve is
+    # traced: under `jax.transfer_guard("disallow")` the `jit` failed to trace
+    # ("Disallowed host-to-device transfer"). (`first_failure` had its own NumPy
+    # path for that; both now use `results_where`'s.)
+    import jax
+    import jax.numpy as jnp
+
+    from lineax._solution import RESULTS, results_where
+
+    @jax.jit
+    def codes(x):
+        picked = results_where(False, RESULTS.conlim, RESULTS.max_steps_reached)
+        kept = results_where(x > 0, picked, RESULTS.breakdown)
+        return picked._value, kept._value
+
+    x = jnp.asarray(1.0)
+    with jax.transfer_guard("disallow"):
+        picked, kept = codes(x)
+    want = RESULTS.max_steps_reached._value
+    assert int(picked) == int(want) and int(kept) == int(want)

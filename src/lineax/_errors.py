@@ -55,6 +55,7 @@ from jax.extend.core import Primitive
 from jaxtyping import Array, ArrayLike, PyTree
 
 from ._misc import lowering_for_export, manual_axes, select, varying_axes
+from ._solution import concrete_value
 
 
 def _find_switch_internal() -> Callable | None:
@@ -381,14 +382,15 @@ def branch_on_code(
     from it, and `lax.switch` on a clamped copy: either is a scalar kernel of its
     own next to the one computing `code`, when `code` is also used elsewhere.)
     """
-    if not isinstance(code, jax.core.Tracer):
+    concrete = concrete_value(code)
+    if concrete is not None:
         # A concrete code (eagerly, or under `jax.disable_jit`, where JAX's switch
         # would index its branches with it directly): branch in Python. Read on
         # the host: `np.max` of a JAX array calls its `.max()`, a traced
         # operation when this runs while a solve is being lowered, so that a
         # user's solver returning a constant failure (`RESULTS.singular`) raised
         # a ConcretizationTypeError under `jax.jit` instead of its message.
-        return (if_zero if int(np.max(np.asarray(code))) == 0 else if_nonzero)(operand)
+        return (if_zero if int(np.max(concrete)) == 0 else if_nonzero)(operand)
     index = _unvmap_max_p.bind(jnp.asarray(code, jnp.int32))
     axes = manual_axes()
     if axes:

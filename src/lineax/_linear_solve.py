@@ -32,10 +32,9 @@ from ._operator.realified import (
     realified_options,
     realified_vector,
 )
-from ._operator.tagged import TaggedLinearOperator
 from ._primitive import bind, host_result_code, primal_failure_message
 from ._solution import Solution
-from ._solver.auto import AutoLinearSolver, AutoState, CHOICE_TAGS
+from ._solver.auto import AutoLinearSolver, AutoState, tagged_choices
 from ._solver.base import (
     AbstractLinearSolver,
     check_solver,
@@ -186,16 +185,17 @@ def _check_state(state, operator, options, solver, mismatch=_STATE_MISMATCH):
         got = _state_signature(eqx.filter(state.state, _is_signature_leaf))
         checked = False
         chosen = False
-        for tags in CHOICE_TAGS:  # the untagged operator first: usually a match
-            tagged = TaggedLinearOperator(operator, tags) if tags else operator
-            # The state's solver must be one that `solver` chooses, for some tags:
-            # the JVP takes its rank assumptions (which of the paper's equations
-            # (1)-(4)) from `solver`'s choice, so the SVD state of
-            # `AutoLinearSolver(well_posed=False)` solved by `well_posed=True`
-            # (LU: full rank) gave a silently wrong derivative at a
-            # rank-deficient operator, from a pseudoinverse primal that raised
-            # nothing.
-            if not _chooses(solver, tagged, state.solver):
+        # The state's solver must be one that `solver` chooses, for some tags:
+        # the JVP takes its rank assumptions (which of the paper's equations
+        # (1)-(4)) from `solver`'s choice, so the SVD state of
+        # `AutoLinearSolver(well_posed=False)` solved by `well_posed=True`
+        # (LU: full rank) gave a silently wrong derivative at a rank-deficient
+        # operator, from a pseudoinverse primal that raised nothing. (Lazily,
+        # the untagged operator first: usually a match, after one choice.)
+        for tagged, choice in tagged_choices(solver, operator):
+            # (`tree_equal` returns an array where the solvers hold arrays: no
+            # conclusion then, and the state is not refused for it.)
+            if eqx.tree_equal(choice, state.solver) is False:
                 continue
             chosen = True
             want = _expected_state(tagged, options, state.solver)
@@ -219,22 +219,6 @@ def _check_state(state, operator, options, solver, mismatch=_STATE_MISMATCH):
     got = _state_signature(eqx.filter(state, _is_signature_leaf))
     if got != want:
         raise ValueError(mismatch)
-
-
-def _chooses(
-    solver: AutoLinearSolver,
-    operator: AbstractLinearOperator,
-    chosen: AbstractLinearSolver,
-) -> bool:
-    """Whether `solver` picks `chosen` for `operator` (or cannot tell)."""
-    try:
-        pick = solver.select_solver(operator)
-    except Exception:  # noqa: BLE001 - e.g. non-square for well_posed=True
-        return False
-    same = eqx.tree_equal(pick, chosen)
-    # (`tree_equal` returns an array where the solvers hold arrays: no
-    # conclusion then, and the state is not refused for it.)
-    return same is not False
 
 
 def _is_array_or_struct(x: Any) -> bool:

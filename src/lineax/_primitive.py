@@ -44,7 +44,7 @@ from ._misc import (
 )
 from ._operator.base import AbstractLinearOperator, conj, reads_every_leaf
 from ._operator.tangent import TangentLinearOperator
-from ._solution import RESULTS, results_where
+from ._solution import concrete_value, is_successful, RESULTS, results_where
 from ._solver.base import (
     AbstractLinearSolver,
     rank_flags,
@@ -271,22 +271,18 @@ def _is_successful(result: RESULTS) -> Array:
     """`result == RESULTS.successful`, without Equinox's eager comparison: for a
     concrete `result` (the direct solvers' constant) that dispatches a tiny JAX
     program, compiled anew on every first call after `jax.clear_caches()` (about
-    30 ms of an un-jitted first call); NumPy compares a concrete code for free."""
-    value = result._value
-    success = RESULTS.successful._value
-    if isinstance(value, jax.core.Tracer):
-        return value == success
-    return jnp.asarray(np.asarray(value) == np.asarray(success))
+    30 ms of an un-jitted first call); NumPy compares a concrete code for free
+    (see `concrete_value`)."""
+    return jnp.asarray(is_successful(result))
 
 
 def _with_singular(result: RESULTS, finite: Array) -> RESULTS:
     """A solver reporting success with non-finite output hit a singular system.
     (The direct solvers make their solution NaN at an exactly zero pivot, see
     `nan_at_zero_pivots`: this one test covers both.)"""
-    value = result._value
-    if not isinstance(value, jax.core.Tracer):
+    if concrete_value(result._value) is not None:
         # A concrete code (the direct solvers' success): one select of it.
-        if np.asarray(value) != np.asarray(RESULTS.successful._value):
+        if not is_successful(result):
             return result
         return results_where(finite, result, RESULTS.singular)
     return results_where(_is_successful(result) & ~finite, RESULTS.singular, result)

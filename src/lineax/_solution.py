@@ -7,6 +7,7 @@ import equinox.internal as eqxi
 import jax
 import jax.core
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree
 
 from ._misc import select
@@ -63,13 +64,36 @@ class RESULTS(eqxi.Enumeration):
     )
 
 
+def concrete_value(x: Any) -> np.ndarray | None:
+    """`x` as a NumPy array where it is concrete (not traced), else `None`.
+
+    Result codes and their predicates are decided on the host where they are
+    concrete (a direct solver's constant success, a flag known at trace time).
+    Equinox compares and selects concrete `RESULTS` items eagerly
+    (`ensure_compile_time_eval`), moving a Python scalar to the device while the
+    solve is traced: a `jax.jit` of a Woodbury, Schur or block-diagonal solve
+    failed under `jax.transfer_guard("disallow")` ("Disallowed host-to-device
+    transfer"), and each first call paid for a tiny eager program. Every such
+    decision reads its code or predicate through here."""
+    return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
+
+
+def is_successful(result: RESULTS) -> Any:
+    """`result == RESULTS.successful`, as a boolean array: a NumPy one where the
+    code is concrete (see `concrete_value`), else traced."""
+    success = RESULTS.successful._value
+    code = concrete_value(result._value)
+    return result._value == success if code is None else code == success
+
+
 def results_where(pred: ArrayLike, a: RESULTS, b: RESULTS) -> RESULTS:
-    """`RESULTS.where(pred, a, b)`; traced, as one `select` rather than
-    `jnp.where`'s nested `jit` (see `select`)."""
-    values = (pred, a._value, b._value)
-    if not any(isinstance(x, jax.core.Tracer) for x in values):
-        return RESULTS.where(pred, a, b)
-    return jtu.tree_unflatten(jtu.tree_structure(a), [select(*values)])
+    """`RESULTS.where(pred, a, b)`. A concrete scalar `pred` is decided here (see
+    `concrete_value`), giving `a` or `b` itself; otherwise one `select` rather
+    than `jnp.where`'s nested `jit` (see `select`)."""
+    decided = concrete_value(pred)
+    if decided is not None and decided.ndim == 0:
+        return a if decided else b
+    return jtu.tree_unflatten(jtu.tree_structure(a), [select(pred, a._value, b._value)])
 
 
 class Solution(eqx.Module):

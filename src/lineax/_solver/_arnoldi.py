@@ -23,7 +23,6 @@ from .._solution import RESULTS, results_where
 from ._krylov import (
     AbstractKrylovSolver,
     apply,
-    check_square_krylov,
     FLOOR_GAP,
     FLOOR_PATIENCE,
     iterate,
@@ -179,18 +178,13 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> KrylovState:
-        check_square_krylov(operator, type(self).__name__)
-        self.checked_options(operator, options)
-        return KrylovState(operator)
+        return self.square_state(operator, options)
 
     def compute(
         self, state: KrylovState, vector: PyTree[Array], options: dict[str, Any]
     ):
         operator = state.operator
-        precond, y0 = self.checked_options(operator, options)
-        problem = self.problem(
-            operator, vector, y0, precond=precond, scale_operator=True
-        )
+        precond, problem = self.scaled_problem(state, vector, options)
         structure = operator.in_structure()
         # (At least 1: a problem of size 0 still runs, trivially, one cycle.)
         size = operator.in_size()

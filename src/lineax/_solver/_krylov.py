@@ -332,23 +332,17 @@ def initial_residual(
     return y0, tree_sub(vector, mv(y0))
 
 
-def transpose_options(options: dict[str, Any]):
-    """Options for the transposed solve: the preconditioner transposed, `y0` dropped
-    (it is an initial guess for a different problem, of a different structure)."""
+def _options_for(
+    options: dict[str, Any],
+    mapped: Callable[[AbstractLinearOperator], AbstractLinearOperator],
+) -> dict[str, Any]:
+    """Options for the solve with `mapped(operator)` (its transpose or its
+    conjugate): the preconditioner mapped alike, `y0` dropped (it is an initial
+    guess for a different problem, of a different structure for a transpose)."""
     new = {k: v for k, v in options.items() if k not in ("y0", "preconditioner")}
     precond = options.get("preconditioner", None)
     if precond is not None:
-        new["preconditioner"] = precond.transpose()
-    return new
-
-
-def conj_options(options: dict[str, Any]):
-    """Options for the solve with the conjugated operator: the preconditioner
-    conjugated, `y0` dropped."""
-    new = {k: v for k, v in options.items() if k not in ("y0", "preconditioner")}
-    precond = options.get("preconditioner", None)
-    if precond is not None:
-        new["preconditioner"] = conj(precond)
+        new["preconditioner"] = mapped(precond)
     return new
 
 
@@ -426,6 +420,31 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
             options, operator, right=self.right_preconditioned, left=left
         )
         return precond, y0_of(options, operator)
+
+    def square_state(
+        self, operator: AbstractLinearOperator, options: dict[str, Any]
+    ) -> KrylovState:
+        """`init` of a method for any square operator (GMRES, FGMRES, BiCGStab):
+        the operator and the options checked, nothing computed."""
+        check_square_krylov(operator, type(self).__name__)
+        self.checked_options(operator, options)
+        return KrylovState(operator)
+
+    def scaled_problem(
+        self,
+        state: KrylovState,
+        vector: PyTree[Array],
+        options: dict[str, Any],
+        lift: bool = True,
+    ) -> tuple[AbstractLinearOperator | None, "Problem"]:
+        """`(preconditioner, problem)` for the methods that scale the operator
+        too (GMRES, FGMRES, BiCGStab, MINRES; see `problem`)."""
+        operator = state.operator
+        precond, y0 = self.checked_options(operator, options)
+        problem = self.problem(
+            operator, vector, y0, precond=precond, scale_operator=True, lift=lift
+        )
+        return precond, problem
 
     def resolve_max_steps(self, operator: AbstractLinearOperator) -> int:
         if self.max_steps is None:
@@ -512,7 +531,7 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         # verified residual 0, and a solve with a relative error of 3e10 passed as
         # `successful`. The solver's own norm is guarded against that.)
         norm = _checked_norm(self.scaled_norm() if y0 is None else self.norm)
-        user_norm = self.norm not in (two_norm, max_norm, rms_norm)
+        user_norm = not is_builtin_norm(self.norm)
         if user_norm:
             # A user's norm need not be homogeneous (`lx.internal.sum_squares`, a
             # squared norm): evaluated in these units, with `atol` scaled as for
@@ -577,14 +596,30 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
         # preconditioning keeps the minimum-norm solution.
         left = (not state.left) if self.right_preconditioned else state.left
         new = KrylovState(state.operator.transpose(), state.negative, left)
-        return new, transpose_options(options)
+        return new, _options_for(options, lambda op: op.transpose())
 
     def conj(self, state: KrylovState, options: dict[str, Any]):
         new = KrylovState(conj(state.operator), state.negative, state.left)
-        return new, conj_options(options)
+        return new, _options_for(options, conj)
 
     def assume_full_rank(self) -> bool:
         return True
+
+
+# The norms lineax defines (`norm2` is `two_norm` in the loops' units, see
+# `scaled_norm`). Each returns a scalar array and is homogeneous, so what a user's
+# norm needs does not apply to them: the check of its value (`_checked_norm`), its
+# evaluation in the user's units and the NaN target where it vanishes on a nonzero
+# `b` (`AbstractKrylovSolver.problem`, `Problem.user_norm`). One list for both, so
+# that a norm added to lineax is exempted from all of them or from none.
+_BUILTIN_NORMS = (norm2, two_norm, max_norm, rms_norm)
+
+
+def is_builtin_norm(norm: Callable) -> bool:
+    """Whether `norm` is one of lineax's own norms (see `_BUILTIN_NORMS`).
+    (Identity, not `in`: a user's norm may be an object whose `==` is not a
+    bool, or that cannot be hashed.)"""
+    return any(norm is builtin for builtin in _BUILTIN_NORMS)
 
 
 def _checked_norm(
@@ -597,7 +632,7 @@ def _checked_norm(
     1-element array (`jnp.linalg.norm(x, keepdims=True)`, `norm(x)[None]`) with
     "Cannot stack arrays with different numbers of dimensions": neither named the
     `norm`."""
-    if norm is norm2 or norm is two_norm:
+    if is_builtin_norm(norm):
         return norm
 
     def checked(x: PyTree[Array]) -> Scalar:
@@ -901,24 +936,10 @@ class Problem:
     op_inverse: Array | None = None
     # Whether the iteration starts from an initial guess (`y0`).
     warm: bool = False
-    # Whether `norm` is the user's (not `two_norm`, `max_norm` or `rms_norm`): its
+    # Whether `norm` is the user's (not one of `_BUILTIN_NORMS`): its
     # target may be NaN at a zero norm of a nonzero `b` (see
     # `AbstractKrylovSolver.problem`), which the initial test must not pass.
     user_norm: bool = False
-
-
-def result_of(
-    converged: Array,
-    breakdown: Array | bool = False,
-    stagnation: Array | bool = False,
-    conlim: Array | bool = False,
-) -> RESULTS:
-    """The result code: success (verified on a true residual) first, then the
-    reason the iteration stopped; otherwise the step budget ran out."""
-    result = results_where(conlim, RESULTS.conlim, RESULTS.max_steps_reached)
-    result = results_where(stagnation, RESULTS.stagnation, result)
-    result = results_where(breakdown, RESULTS.breakdown, result)
-    return results_where(converged, RESULTS.successful, result)
 
 
 # A recurrence is started afresh (`Iteration.rescue`) only if the residual it

@@ -17,7 +17,6 @@ from typing import Any, ClassVar, TypeVar
 
 import equinox as eqx
 import jax
-import jax.core
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -33,28 +32,17 @@ from .._operator.base import (
 )
 from .._operator.tagged import TaggedLinearOperator, unwrap_tagged
 from .._operator.tangent import TangentLinearOperator
-from .._solution import RESULTS, results_where
+from .._solution import concrete_value, is_successful, RESULTS, results_where
 from .base import AbstractLinearSolver, check_passed_on, rank_flags
 
 
 def first_failure(*results: RESULTS) -> RESULTS:
     """One result from several: the first that is not `successful` (in argument
-    order), else `successful`."""
+    order), else `successful`. (A concrete code, such as a direct solver's
+    constant success, is decided at trace time: see `results_where`.)"""
     out = RESULTS.successful
     for result in reversed(results):
-        code = result._value
-        if not isinstance(code, jax.core.Tracer):
-            # A concrete code (a direct solver's constant success) is decided
-            # here, in NumPy. Equinox's `==` and `RESULTS.where` of concrete
-            # items run eagerly (`ensure_compile_time_eval`), moving a Python
-            # scalar to the device while the solve is traced: a `jax.jit` of a
-            # Woodbury, Schur or block-diagonal solve failed under
-            # `jax.transfer_guard("disallow")` ("Disallowed host-to-device
-            # transfer"), and each first call paid for a tiny eager program.
-            if np.any(np.asarray(code) != np.asarray(RESULTS.successful._value)):
-                out = result
-            continue
-        out = results_where(code == RESULTS.successful._value, out, result)
+        out = results_where(is_successful(result), out, result)
     return out
 
 
@@ -66,13 +54,14 @@ def worst_result(result: RESULTS) -> RESULTS:
 
 
 def _worst_code(code: Any) -> Any:
-    if isinstance(code, jax.core.Tracer):
+    concrete = concrete_value(code)
+    if concrete is None:
         return jnp.max(code, initial=0)
-    # A concrete code is reduced in NumPy (see `first_failure`), and stays a NumPy
-    # array while a solve is traced (a constant of the program). Outside of every
-    # trace (`solver.init` called eagerly) it becomes a JAX array, as the other
-    # leaves of the state that holds it are (Schur's `columns_result`).
-    worst = np.asarray(np.max(np.asarray(code), initial=0))
+    # A concrete code is reduced in NumPy (see `concrete_value`), and stays a
+    # NumPy array while a solve is traced (a constant of the program). Outside of
+    # every trace (`solver.init` called eagerly) it becomes a JAX array, as the
+    # other leaves of the state that holds it are (Schur's `columns_result`).
+    worst = np.asarray(np.max(concrete, initial=0))
     return jnp.asarray(worst) if no_active_trace() else worst
 
 

@@ -1,6 +1,7 @@
 """`AutoLinearSolver`: picks a solver at trace time from the operator's tags and
 shape (figure 1 of the lineax paper)."""
 
+from collections.abc import Iterator
 from typing import Any
 
 import equinox as eqx
@@ -18,6 +19,7 @@ from .._operator.base import (
     is_upper_triangular,
     sizes,
 )
+from .._operator.tagged import TaggedLinearOperator
 from .._tags import (
     diagonal_tag,
     lower_triangular_tag,
@@ -143,23 +145,7 @@ class AutoLinearSolver(AbstractLinearSolver[AutoState]):
         """
         check_operator(operator, who="AutoLinearSolver.select_solver")
         in_size, out_size = sizes(operator)
-        square = in_size == out_size
-        if self.well_posed is True:
-            if not square:
-                raise ValueError(
-                    "`AutoLinearSolver(well_posed=True)` needs a square operator, but "
-                    f"the operator has input size {operator.in_size()} and output "
-                    f"size {operator.out_size()}. For a least-squares "
-                    "(overdetermined) or minimum-norm (underdetermined) solution use "
-                    "`lx.AutoLinearSolver(well_posed=None)` (full rank, via QR) or "
-                    "`lx.AutoLinearSolver(well_posed=False)` (any rank, via SVD)."
-                )
-            return _square_solver(operator, well_posed=True)
-        if self.well_posed is None:
-            return _square_solver(operator, well_posed=False) if square else QR()
-        if square and is_diagonal(operator):
-            return Diagonal(well_posed=False)
-        return SVD()
+        return _choice(self.well_posed, operator, in_size == out_size)
 
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
@@ -198,3 +184,52 @@ class AutoLinearSolver(AbstractLinearSolver[AutoState]):
 
     def allow_dependent_columns(self, operator: AbstractLinearOperator) -> bool:
         return rank_flags(self.select_solver(operator), operator)[1]
+
+
+def _choice(
+    well_posed: bool | None, operator: AbstractLinearOperator, square: bool
+) -> AbstractLinearSolver:
+    """`AutoLinearSolver(well_posed).select_solver(operator)`, for a checked
+    operator that is `square` or not."""
+    if well_posed is True:
+        if not square:
+            raise ValueError(
+                "`AutoLinearSolver(well_posed=True)` needs a square operator, but "
+                f"the operator has input size {operator.in_size()} and output "
+                f"size {operator.out_size()}. For a least-squares "
+                "(overdetermined) or minimum-norm (underdetermined) solution use "
+                "`lx.AutoLinearSolver(well_posed=None)` (full rank, via QR) or "
+                "`lx.AutoLinearSolver(well_posed=False)` (any rank, via SVD)."
+            )
+        return _square_solver(operator, well_posed=True)
+    if well_posed is None:
+        return _square_solver(operator, well_posed=False) if square else QR()
+    if square and is_diagonal(operator):
+        return Diagonal(well_posed=False)
+    return SVD()
+
+
+def tagged_choices(
+    solver: "AutoLinearSolver", operator: AbstractLinearOperator
+) -> Iterator[tuple[AbstractLinearOperator, AbstractLinearSolver]]:
+    """`(tagged, solver.select_solver(tagged))` for `operator` with each tag set
+    of `CHOICE_TAGS` added, lazily and in that order (the untagged operator
+    first), skipping those it chooses nothing for (a non-square operator for
+    `well_posed=True`). For a reused state (`linear_solve`'s `_check_state`): the
+    choice it holds may have been made for tags that the operator at hand no
+    longer carries.
+
+    Tags change neither the operator's type nor its sizes, so it is checked and
+    its sizes read once, not for each tag set."""
+    try:
+        check_operator(operator)
+        in_size, out_size = sizes(operator)
+    except Exception:  # noqa: BLE001 - then it is chosen for no tags
+        return
+    for tags in CHOICE_TAGS:
+        tagged = TaggedLinearOperator(operator, tags) if tags else operator
+        try:
+            choice = _choice(solver.well_posed, tagged, in_size == out_size)
+        except Exception:  # noqa: BLE001 - e.g. non-square for well_posed=True
+            continue
+        yield tagged, choice

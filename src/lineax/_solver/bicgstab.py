@@ -15,7 +15,6 @@ from ._krylov import (
     AbstractKrylovSolver,
     AbstractStackedScalars,
     apply,
-    check_square_krylov,
     counts_exactly,
     first_pass_factor,
     iterate,
@@ -119,18 +118,12 @@ class BiCGStab(AbstractKrylovSolver):
     def init(
         self, operator: AbstractLinearOperator, options: dict[str, Any]
     ) -> KrylovState:
-        check_square_krylov(operator, "BiCGStab")
-        self.checked_options(operator, options)
-        return KrylovState(operator)
+        return self.square_state(operator, options)
 
     def compute(
         self, state: KrylovState, vector: PyTree[Array], options: dict[str, Any]
     ):
-        operator = state.operator
-        precond, y0 = self.checked_options(operator, options)
-        problem = self.problem(
-            operator, vector, y0, precond=precond, scale_operator=True
-        )
+        precond, problem = self.scaled_problem(state, vector, options)
         eps = problem.eps
         tol = problem.tol
         mv = problem.mv

@@ -153,11 +153,7 @@ class MINRES(AbstractKrylovSolver):
     def compute(
         self, state: KrylovState, vector: PyTree[Array], options: dict[str, Any]
     ):
-        operator = state.operator
-        precond, y0 = self.checked_options(operator, options)
-        problem = self.problem(
-            operator, vector, y0, precond=precond, scale_operator=True, lift=False
-        )
+        precond, problem = self.scaled_problem(state, vector, options, lift=False)
         eps = problem.eps
         rdtype = problem.rdtype
         mv = problem.mv
