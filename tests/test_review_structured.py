@@ -198,7 +198,12 @@ def test_normal_cg_with_a_gram_preconditioner_under_grad(shape):
         operator = lx.MatrixLinearOperator(a)
         return lx.linear_solve(operator, rhs, solver, options=options).value
 
-    np.testing.assert_allclose(solve(matrix), np.linalg.pinv(matrix) @ rhs, rtol=1e-9)
-    grad = jax.grad(lambda a: jnp.sum(jnp.sin(solve(a))))(matrix)
-    dense = jax.grad(lambda a: jnp.sum(jnp.sin(jnp.linalg.pinv(a) @ rhs)))(matrix)
+    # (Compiled: op by op, the preconditioner's construction and the pseudoinverse
+    # under `grad` cost several seconds of CPU each.)
+    value = jax.jit(solve)(matrix)
+    np.testing.assert_allclose(value, np.linalg.pinv(matrix) @ rhs, rtol=1e-9)
+    grad = jax.jit(jax.grad(lambda a: jnp.sum(jnp.sin(solve(a)))))(matrix)
+    dense = jax.jit(jax.grad(lambda a: jnp.sum(jnp.sin(jnp.linalg.pinv(a) @ rhs))))(
+        matrix
+    )
     np.testing.assert_allclose(grad, dense, rtol=1e-8, atol=1e-12)
