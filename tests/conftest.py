@@ -242,13 +242,13 @@ _FILE_SECONDS = {
     "test_krylov.py": 55,
     "test_structured.py": 55,
     "test_clients.py": 48,  # with a Diffrax subprocess at default flags
-    "test_examples.py": 46,  # two subprocesses, one at XLA's default flags
+    "test_examples.py": 39,  # two subprocesses, one at XLA's default flags
     "test_operators.py": 43,
     "test_preconditioners.py": 40,
     "test_review_export.py": 37,
     "test_review_gpu.py": 37,
-    "test_review_sharded.py": 35,  # a subprocess
-    "test_sharded.py": 34,  # a subprocess
+    "test_review_sharded.py": 25,  # a subprocess
+    "test_sharded.py": 28,  # a subprocess
     "test_solvers_adversarial.py": 32,
     "test_jvp.py": 31,
     "test_review_krylov_complex.py": 30,

@@ -181,7 +181,7 @@ def check_partial_shard_map():
     return out
 
 
-def check_shard_map_function_operator(mesh):
+def check_shard_map_function_operator(mesh, names):
     """A `FunctionLinearOperator` made inside `jax.shard_map` (a matrix-free
     operator per batch member, or one closed over per device), `check_vma` either
     way: the values and gradients of the same program on one device. Before the
@@ -198,6 +198,8 @@ def check_shard_map_function_operator(mesh):
     }
     out = {}
     for name, solver in solvers.items():
+        if names is not None and name not in names:
+            continue
 
         def loss(a, b, solver=solver):
             struct = jax.ShapeDtypeStruct((n,), b.dtype)
@@ -260,7 +262,7 @@ def _against_one_device(local, mesh, sharded_args, args):
     return out
 
 
-def check_shard_map_jacobian_operator(mesh):
+def check_shard_map_jacobian_operator(mesh, names):
     """A `JacobianLinearOperator` made inside `jax.shard_map` (per batch member,
     linearised at a constant point), `check_vma` either way, solved by Krylov
     solvers and differentiated: the one-device values and gradients. Before the
@@ -282,6 +284,8 @@ def check_shard_map_jacobian_operator(mesh):
         )
     ]
     for jac, name, solver in cases:
+        if names is not None and f"{name}-{jac}" not in names:
+            continue
 
         def loss(a, b, solver=solver, jac=jac):
             op = lx.JacobianLinearOperator(
@@ -300,15 +304,26 @@ def check_shard_map_jacobian_operator(mesh):
 def main():
     assert jax.device_count() == DEVICES, jax.devices()
     mesh = Mesh(np.array(jax.devices()), ("x",))
+    # Arguments: the checks to run (all if none), and `--function=SOLVER,...` and
+    # `--jacobian=SOLVER-JAC,...`, the cases of those two checks (all if not
+    # given): each case compiles three solves under `vmap` of `grad`.
+    options = {"--function": None, "--jacobian": None}
+    only = []
+    for arg in sys.argv[1:]:
+        key, _, value = arg.partition("=")
+        if key in options:
+            options[key] = set(value.split(","))
+        else:
+            only.append(arg)
+    function, jacobian = options["--function"], options["--jacobian"]
     checks = {
         "explicit-axes": check_explicit_axes,
         "partial-shard-map": check_partial_shard_map,
-        "shard-map-function": lambda: check_shard_map_function_operator(mesh),
-        "shard-map-jacobian": lambda: check_shard_map_jacobian_operator(mesh),
+        "shard-map-function": lambda: check_shard_map_function_operator(mesh, function),
+        "shard-map-jacobian": lambda: check_shard_map_jacobian_operator(mesh, jacobian),
         # Last: before its fix, it aborts the process.
         "shard-map-throw": lambda: check_shard_map_throw(mesh),
     }
-    only = sys.argv[1:]
     for key, check in checks.items():
         if not only or key in only:
             run(key, check)

@@ -502,11 +502,15 @@ def make_throw_true_check(mesh):
 def main():
     assert jax.device_count() == DEVICES, jax.devices()
     mesh = Mesh(np.array(jax.devices()), ("x",))
-    # Arguments: key prefixes of the checks to run (all if none), and
-    # `--krylov=KEY,...`, the Krylov checks among them (all if not given).
-    only = [arg for arg in sys.argv[1:] if not arg.startswith("--krylov=")]
+    # Arguments: key prefixes of the checks to run (all if none),
+    # `--krylov=KEY,...`, the Krylov checks among them (all if not given), and
+    # `--skip=KEY,...`, checks not to run.
+    options = ("--krylov=", "--skip=")
+    only = [arg for arg in sys.argv[1:] if not arg.startswith(options)]
     krylov = [arg for arg in sys.argv[1:] if arg.startswith("--krylov=")]
     krylov = set(krylov[-1].split("=", 1)[1].split(",")) if krylov else None
+    skip = [arg for arg in sys.argv[1:] if arg.startswith("--skip=")]
+    skip = set(skip[-1].split("=", 1)[1].split(",")) if skip else set()
     checks = {}
     for dtype in (jnp.float64, jnp.float32):
         for name in solvers(dtype):
@@ -533,6 +537,8 @@ def main():
     # Last: before the fix proposed in `lineax._errors`, this one aborts the process.
     checks["throw-true"] = make_throw_true_check(mesh)
     for key, check in checks.items():
+        if key in skip:
+            continue
         if not only or any(key.startswith(prefix) for prefix in only):
             run(key, check)
     emit("done")

@@ -5,7 +5,7 @@ started once per module), which reports its results as JSON."""
 import pathlib
 
 import pytest
-from conftest import ADDED_XLA_FLAGS
+from conftest import ADDED_XLA_FLAGS, EXHAUSTIVE
 from device_worker import run_worker, worker_result
 
 
@@ -13,10 +13,30 @@ HERE = pathlib.Path(__file__).parent
 WORKER = HERE / "review_sharded_worker.py"
 TIMEOUT = 600
 
+# The operators built inside `shard_map` and differentiated: each case compiles
+# `vmap` of `value_and_grad` three times (on one device, and sharded with
+# `check_vma` True and False), about two thirds of the worker's time. The default
+# run takes each solver and each `jac` once (the fix was in the closure
+# conversion that every solver shares); the rest with LINEAX_EXHAUSTIVE=1.
+FUNCTION_SOLVERS = ["LU", "CG", "GMRES"]
+FUNCTION_DEFAULT = {"LU", "GMRES"}
+JACOBIAN_CASES = [(s, j) for s in ("CG", "GMRES") for j in ("fwd", "bwd")]
+JACOBIAN_DEFAULT = {("CG", "fwd"), ("GMRES", "bwd")}
+
+
+def _exhaustive_unless(default: bool):
+    return () if default else pytest.mark.exhaustive
+
 
 @pytest.fixture(scope="module")
 def results():
-    return run_worker(WORKER, [], ADDED_XLA_FLAGS, 10, timeout=TIMEOUT)
+    args = []
+    if not EXHAUSTIVE:
+        args = [
+            "--function=" + ",".join(sorted(FUNCTION_DEFAULT)),
+            "--jacobian=" + ",".join(f"{s}-{j}" for s, j in sorted(JACOBIAN_DEFAULT)),
+        ]
+    return run_worker(WORKER, args, ADDED_XLA_FLAGS, 10, timeout=TIMEOUT)
 
 
 @pytest.mark.parametrize("vma", [True, False])
@@ -73,7 +93,13 @@ def test_throw_inside_shard_map_over_some_axes_says_what_to_do(results, solver):
 
 
 @pytest.mark.parametrize("vma", [True, False])
-@pytest.mark.parametrize("solver", ["LU", "CG", "GMRES"])
+@pytest.mark.parametrize(
+    "solver",
+    [
+        pytest.param(s, marks=_exhaustive_unless(s in FUNCTION_DEFAULT))
+        for s in FUNCTION_SOLVERS
+    ],
+)
 def test_function_operator_inside_shard_map(results, solver, vma):
     """A `FunctionLinearOperator` built inside `jax.shard_map` (closing over each
     batch member's matrix), solved and differentiated: the one-device values and
@@ -84,8 +110,13 @@ def test_function_operator_inside_shard_map(results, solver, vma):
 
 
 @pytest.mark.parametrize("vma", [True, False])
-@pytest.mark.parametrize("jac", ["fwd", "bwd"])
-@pytest.mark.parametrize("solver", ["CG", "GMRES"])
+@pytest.mark.parametrize(
+    "solver,jac",
+    [
+        pytest.param(s, j, marks=_exhaustive_unless((s, j) in JACOBIAN_DEFAULT))
+        for s, j in JACOBIAN_CASES
+    ],
+)
 def test_jacobian_operator_inside_shard_map(results, solver, jac, vma):
     """A `JacobianLinearOperator` built inside `jax.shard_map` (`check_vma` either
     way), solved by a Krylov solver and differentiated: the one-device values and

@@ -108,9 +108,11 @@ def test_multigrid_stencil_with_a_traced_coefficient():
     x = np.linalg.solve(matrix, _GRID_RHS.reshape(-1)).reshape(_GRID, _GRID)
     np.testing.assert_allclose(jax.jit(_multigrid_solve)(2.0), x / 2, rtol=1e-9)
     # d/dc bᵀA⁻¹b / c = -bᵀA⁻¹b / c² (a definite form: no cancellation in the sum).
-    grad = jax.grad(lambda c: jnp.sum(_GRID_RHS * _multigrid_solve(c)))(2.0)
+    # (`grad` and `vmap` compiled too: op by op they took about 10 s of CPU; they
+    # fail the same way there without the fix.)
+    grad = jax.jit(jax.grad(lambda c: jnp.sum(_GRID_RHS * _multigrid_solve(c))))(2.0)
     np.testing.assert_allclose(grad, -np.sum(_GRID_RHS * x) / 4, rtol=1e-9)
-    batched = jax.vmap(_multigrid_solve)(jnp.array([1.0, 4.0]))
+    batched = jax.jit(jax.vmap(_multigrid_solve))(jnp.array([1.0, 4.0]))
     np.testing.assert_allclose(batched, np.stack([x, x / 4]), rtol=1e-9)
 
 
@@ -196,7 +198,12 @@ def test_normal_cg_with_a_gram_preconditioner_under_grad(shape):
         operator = lx.MatrixLinearOperator(a)
         return lx.linear_solve(operator, rhs, solver, options=options).value
 
-    np.testing.assert_allclose(solve(matrix), np.linalg.pinv(matrix) @ rhs, rtol=1e-9)
-    grad = jax.grad(lambda a: jnp.sum(jnp.sin(solve(a))))(matrix)
-    dense = jax.grad(lambda a: jnp.sum(jnp.sin(jnp.linalg.pinv(a) @ rhs)))(matrix)
+    # (Compiled: op by op, the preconditioner's construction and the pseudoinverse
+    # under `grad` cost several seconds of CPU each.)
+    value = jax.jit(solve)(matrix)
+    np.testing.assert_allclose(value, np.linalg.pinv(matrix) @ rhs, rtol=1e-9)
+    grad = jax.jit(jax.grad(lambda a: jnp.sum(jnp.sin(solve(a)))))(matrix)
+    dense = jax.jit(jax.grad(lambda a: jnp.sum(jnp.sin(jnp.linalg.pinv(a) @ rhs))))(
+        matrix
+    )
     np.testing.assert_allclose(grad, dense, rtol=1e-8, atol=1e-12)

@@ -99,7 +99,7 @@ def test_fgmres_grad_with_fixed_step_inner_preconditioner():
             )
             return jnp.sum(sol.value**2)
 
-        return np.asarray(jax.grad(loss)(jnp.asarray(b)))
+        return np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(b)))
 
     fixed = grad_b(lx.GMRES(rtol=0.0, atol=0.0, max_steps=3), True)
     np.testing.assert_allclose(fixed, expected, rtol=1e-9, atol=1e-9)
