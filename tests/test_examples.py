@@ -1,5 +1,4 @@
-"""Every script in examples/ runs to completion as `__main__` and prints something
-(the two slowest, `_EXHAUSTIVE_ONLY`, with LINEAX_EXHAUSTIVE=1 only).
+"""Every script in examples/ runs to completion as `__main__` and prints something.
 
 The scripts run one after the other in a subprocess (this file, run as a script),
 so that JAX is imported once rather than once per example: `classical_solve.py` at
@@ -24,13 +23,6 @@ import pytest
 
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
 _EXAMPLES = sorted((_ROOT / "examples").glob("*.py"))
-# The slowest examples (CPU seconds in the examples' process, at the tests' flags),
-# run with LINEAX_EXHAUSTIVE=1 only: each uses only APIs that other tests cover
-# (test_structured.py, test_operators.py, test_solve.py, test_jvp.py).
-_EXHAUSTIVE_ONLY = {
-    "structured_solves",  # 9.8 s: structured operators at n = 576 and 800
-    "matrix_free",  # 5.1 s: function and Jacobian operators, CG and GMRES
-}
 
 
 def _enables_x64(script: pathlib.Path) -> bool:
@@ -73,10 +65,9 @@ def example_reports(tmp_path_factory) -> dict:
     at_default_flags = [
         s for s in _EXAMPLES if EXHAUSTIVE or s.stem == "classical_solve"
     ]
-    examples = [s for s in _EXAMPLES if EXHAUSTIVE or s.stem not in _EXHAUSTIVE_ONLY]
     reports = {}
     for default_flags in (True, False):
-        scripts = [s for s in examples if (s in at_default_flags) == default_flags]
+        scripts = [s for s in _EXAMPLES if (s in at_default_flags) == default_flags]
         if scripts:
             reports.update(_run(scripts, default_flags, tmp_path_factory))
     return reports
@@ -120,17 +111,7 @@ def test_examples_found():
     assert len(_EXAMPLES) >= 8, _EXAMPLES
 
 
-@pytest.mark.parametrize(
-    "script",
-    [
-        pytest.param(
-            s,
-            id=s.stem,
-            marks=pytest.mark.exhaustive if s.stem in _EXHAUSTIVE_ONLY else (),
-        )
-        for s in _EXAMPLES
-    ],
-)
+@pytest.mark.parametrize("script", _EXAMPLES, ids=lambda p: p.stem)
 def test_example_runs(script, example_reports):
     report = example_reports[script.stem]
     assert report["error"] is None, (
