@@ -529,14 +529,28 @@ def _static_output(error, key, leaves, treedef, solver, value_only, throw):
     if "not a valid JAX type" not in str(error):
         raise error
     solve = _solve_of_leaves(treedef, solver, value_only, throw)
-    compiled = _COMPILED[key] = _with_static_output(solve)
+    compiled = _with_static_output(solve)
+    _replace_compiled(key, compiled)
     try:
         return compiled(leaves)
     except TypeError as again:
         if "not a valid JAX type" not in str(again):
             raise
-        _COMPILED[key] = _EAGER
+        _replace_compiled(key, _EAGER)
         return None
+
+
+def _replace_compiled(key, entry) -> None:
+    """Store `entry` under `key` of `_COMPILED`, under its lock and within its
+    bound. Written without the lock, an entry added while another thread evicts
+    (`del _COMPILED[next(iter(_COMPILED))]`) makes that thread's `next` raise
+    `RuntimeError: dictionary changed size during iteration` out of a user's
+    solve; and an entry evicted meanwhile came back above `_COMPILED_MAX`."""
+    with _COMPILED_LOCK:
+        if key not in _COMPILED:
+            while len(_COMPILED) >= _COMPILED_MAX:
+                del _COMPILED[next(iter(_COMPILED))]
+        _COMPILED[key] = entry
 
 
 def _stand_ins(tree: PyTree) -> PyTree:
