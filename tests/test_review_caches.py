@@ -11,8 +11,11 @@ checked by hand: `default_device` with two CPU devices, committed and not,
 the same structure with other vector dtypes, `throw`, `y0` and singular
 matrices, in either order (336 cases, identical); a function operator closing
 over a NumPy array mutated in place; threads making and evicting entries
-concurrently. Defect fixed: the compiled cache was written without its lock
-on the static-output path (see `test_every_write_to_the_compiled_cache_holds_its_lock`).
+concurrently. Defects fixed: the compiled cache was written without its lock
+on the static-output path (`test_every_write_to_the_compiled_cache_holds_its_lock`);
+three caches were read as `key in cache` then `cache[key]`, a `KeyError` where
+another thread emptied them in between
+(`test_cache_lookups_survive_a_concurrent_clear`).
 """
 
 import threading
@@ -310,3 +313,38 @@ def test_threads_share_one_entry_per_structure(monkeypatch):
     for got in results:
         np.testing.assert_allclose(got, expected, rtol=1e-12)
     assert len(linear_solve_module._COMPILED) == 1
+
+
+class _EmptiedWhenTested(primitive_module._TraceCache):
+    """A cache that another thread empties right after each membership test
+    (its `put` of a full cache, or `jax.clear_caches()`): the race, made
+    deterministic."""
+
+    def __contains__(self, key: object) -> bool:
+        found = super().__contains__(key)
+        self.clear()
+        return found
+
+
+def test_cache_lookups_survive_a_concurrent_clear(monkeypatch):
+    # The abstract evaluation, the trace of `compute` and the state expected of
+    # `state=` were looked up as `key in cache` then `cache[key]`: emptied in
+    # between by another thread (a full cache's `put` clears it; so does
+    # `jax.clear_caches()`), the lookup raised `KeyError` out of the solve. Now
+    # one `get`.
+    for name in ("_ABSTRACT_EVALS", "_TRACES"):
+        monkeypatch.setattr(primitive_module, name, _EmptiedWhenTested())
+    monkeypatch.setattr(linear_solve_module, "_EXPECTED_STATES", _EmptiedWhenTested())
+    rng = np.random.default_rng(4)
+    matrix = rng.standard_normal((3, 3)) + 3 * np.eye(3)
+    b = rng.standard_normal(3)
+    # (`* 1.0`: a Python number in the operator, so not the compiled path: the
+    # primitive is bound, and abstractly evaluated, on every call.)
+    op = lx.MatrixLinearOperator(jnp.asarray(matrix)) * 1.0
+    state = lx.LU().init(op, {})
+    for _ in range(2):
+        for kwargs in ({}, {"state": state}):
+            solution = lx.linear_solve(op, jnp.asarray(b), lx.LU(), **kwargs)
+            np.testing.assert_allclose(
+                solution.value, np.linalg.solve(matrix, b), rtol=1e-12
+            )

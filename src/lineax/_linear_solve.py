@@ -286,6 +286,7 @@ def _signature_of_leaf(x: Any, numbers_by_value: bool) -> Any:
 # shapes and dtypes of the operator and the options: traced once per such key
 # (with `filter_eval_shape`), not on every call that passes `state=`.
 _EXPECTED_STATES: dict = {}
+_NOT_CACHED: Any = object()
 
 
 def _expected_state(operator, options, solver) -> tuple | None:
@@ -294,8 +295,11 @@ def _expected_state(operator, options, solver) -> tuple | None:
         hash(key)
     except TypeError:  # something unhashable: no caching
         key = None
-    if key is not None and key in _EXPECTED_STATES:
-        return _EXPECTED_STATES[key]
+    # One `get` (`None` is a value here: no state): `key in` then `[key]` raised
+    # `KeyError` where another thread emptied the full cache between the two.
+    cached = _NOT_CACHED if key is None else _EXPECTED_STATES.get(key, _NOT_CACHED)
+    if cached is not _NOT_CACHED:
+        return cached
     try:
         expected = eqx.filter_eval_shape(solver.init, operator, options)
     except Exception:  # noqa: BLE001 - reported by `compute` instead
