@@ -271,6 +271,7 @@ def _signature_of_leaf(x: Any, numbers_by_value: bool) -> Any:
 # shapes and dtypes of the operator and the options: traced once per such key
 # (with `filter_eval_shape`), not on every call that passes `state=`.
 _EXPECTED_STATES: dict = {}
+_NOT_CACHED: Any = object()
 
 
 def _expected_state(operator, options, solver) -> tuple | None:
@@ -279,8 +280,11 @@ def _expected_state(operator, options, solver) -> tuple | None:
         hash(key)
     except TypeError:  # something unhashable: no caching
         key = None
-    if key is not None and key in _EXPECTED_STATES:
-        return _EXPECTED_STATES[key]
+    # One `get` (`None` is a value here: no state): `key in` then `[key]` raised
+    # `KeyError` where another thread emptied the full cache between the two.
+    cached = _NOT_CACHED if key is None else _EXPECTED_STATES.get(key, _NOT_CACHED)
+    if cached is not _NOT_CACHED:
+        return cached
     try:
         expected = eqx.filter_eval_shape(solver.init, operator, options)
     except Exception:  # noqa: BLE001 - reported by `compute` instead
@@ -514,14 +518,28 @@ def _static_output(error, key, leaves, treedef, solver, value_only, throw):
     if "not a valid JAX type" not in str(error):
         raise error
     solve = _solve_of_leaves(treedef, solver, value_only, throw)
-    compiled = _COMPILED[key] = _with_static_output(solve)
+    compiled = _with_static_output(solve)
+    _replace_compiled(key, compiled)
     try:
         return compiled(leaves)
     except TypeError as again:
         if "not a valid JAX type" not in str(again):
             raise
-        _COMPILED[key] = _EAGER
+        _replace_compiled(key, _EAGER)
         return None
+
+
+def _replace_compiled(key, entry) -> None:
+    """Store `entry` under `key` of `_COMPILED`, under its lock and within its
+    bound. Written without the lock, an entry added while another thread evicts
+    (`del _COMPILED[next(iter(_COMPILED))]`) makes that thread's `next` raise
+    `RuntimeError: dictionary changed size during iteration` out of a user's
+    solve; and an entry evicted meanwhile came back above `_COMPILED_MAX`."""
+    with _COMPILED_LOCK:
+        if key not in _COMPILED:
+            while len(_COMPILED) >= _COMPILED_MAX:
+                del _COMPILED[next(iter(_COMPILED))]
+        _COMPILED[key] = entry
 
 
 def _stand_ins(tree: PyTree) -> PyTree:

@@ -477,8 +477,11 @@ def _linear_solve_abstract_eval(
     del operator, throw, kind, with_stats
     args = jtu.tree_map(_to_struct, (state, vector, options))
     key = _abstract_eval_key(solver, args)
-    if key is not None and key in _ABSTRACT_EVALS:
-        return _ABSTRACT_EVALS[key]
+    # One `get`, not `key in` then `[key]`: another thread's `put` (emptying a
+    # full cache) or `jax.clear_caches()` between the two raised `KeyError`.
+    cached = None if key is None else _ABSTRACT_EVALS.get(key)
+    if cached is not None:
+        return cached
     traced = _traced_compute(solver, args, key)
     solution, result, stats = eqx.combine(traced.out_struct, traced.out_static)
     # (`result` as `_linear_solve_impl` returns it.)
@@ -1036,8 +1039,9 @@ def _traced_compute(solver, args, key) -> _Traced:
     abstract evaluation's trace is the one the lowering evaluates, so that a new
     function of a solve (a new closure, a new `jit`) traces the solver once, not
     twice (CG on a 64 x 64 stencil: lowering 39 -> 24 ms)."""
-    if key is not None and key in _TRACES:
-        return _TRACES[key]
+    cached = None if key is None else _TRACES.get(key)  # (see the abstract eval)
+    if cached is not None:
+        return cached
     with _lowering_mesh():
         closed, out_struct, out_static = eqx.filter_make_jaxpr(solver.compute)(*args)
     _check_compute_output(solver, eqx.combine(out_struct, out_static))
