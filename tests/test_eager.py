@@ -483,3 +483,19 @@ def test_eager_solve_cache_hit_makes_no_trace_and_no_solver_flatten(monkeypatch)
     _eager(matrix, vector, lx.LU())
     assert len(linear_solve_module._COMPILED) == 1
     assert traces == []
+
+
+def test_unjitted_failed_solve_of_a_function_operator_has_a_jax_result_code():
+    # Outside every trace a result code is a JAX array, as every other array of
+    # the solution is. A singular LU solve of a function operator (solved op by
+    # op, not by the cached compiled solve) returned `RESULTS.singular`'s own
+    # NumPy value, and its `throw=True` error check (typed for JAX arrays)
+    # failed on it under runtime type checking.
+    matrix = jnp.array([[1.0, 0.0], [0.0, 0.0]], jnp.float32)
+    operator = lx.FunctionLinearOperator(
+        lambda x: matrix @ x, jax.ShapeDtypeStruct((2,), jnp.float32)
+    )
+    vector = jnp.ones(2, jnp.float32)
+    solution = lx.linear_solve(operator, vector, lx.LU(), throw=False)
+    assert solution.result == lx.RESULTS.singular
+    assert isinstance(solution.result._value, jax.Array)

@@ -6,11 +6,12 @@ import equinox as eqx
 import equinox.internal as eqxi
 import jax
 import jax.core
+import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree
 
-from ._misc import select
+from ._misc import no_active_trace, select
 
 
 class RESULTS(eqxi.Enumeration):
@@ -92,7 +93,16 @@ def results_where(pred: ArrayLike, a: RESULTS, b: RESULTS) -> RESULTS:
     than `jnp.where`'s nested `jit` (see `select`)."""
     decided = concrete_value(pred)
     if decided is not None and decided.ndim == 0:
-        return a if decided else b
+        chosen = a if decided else b
+        if no_active_trace():
+            # Outside every trace a code is a JAX array, as `RESULTS.where` made
+            # it and every other code of a solution is: `RESULTS.singular`'s own
+            # value is a NumPy one, which an un-jitted singular solve of a
+            # function operator returned as its `result`, and handed on to its
+            # error check typed for JAX arrays.
+            value = jnp.asarray(chosen._value)
+            return jtu.tree_unflatten(jtu.tree_structure(chosen), [value])
+        return chosen
     return jtu.tree_unflatten(jtu.tree_structure(a), [select(pred, a._value, b._value)])
 
 
