@@ -940,6 +940,33 @@ class DelegatingLU(lx.AbstractLinearSolver):
         return True
 
 
+class NegatingLU(DelegatingLU):
+    """Solves for `-x`, through a function kept in its state: its solution is not
+    all arrays, so an un-jitted solve takes the static-output path
+    (`_linear_solve._static_output`)."""
+
+    def init(self, operator, options):
+        return super().init(operator, options), jnp.negative
+
+    def compute(self, state, vector, options):
+        state, negate = state
+        solution, result, stats = super().compute(state, vector, options)
+        return negate(solution), result, stats
+
+
+def central_differences(
+    f: Callable[[np.ndarray], Any], x: np.ndarray, eps: float = 1e-6
+) -> np.ndarray:
+    """Central finite differences of the scalar `f` at `x`, entry by entry (the
+    gradient of `f` in float64, as a reference)."""
+    out = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        step = np.zeros_like(x)
+        step[index] = eps
+        out[index] = (f(x + step) - f(x - step)) / (2 * eps)
+    return out
+
+
 def hlo_computations(text: str) -> dict[str, list[str]]:
     """The instruction lines of each computation of an optimised HLO module's text
     (`jax.jit(f).lower(...).compile().as_text()`), by computation name."""

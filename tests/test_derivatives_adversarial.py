@@ -4,6 +4,7 @@ central finite differences, where a solver reads only part of an operator."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+from helpers import central_differences
 
 import lineax as lx
 
@@ -11,20 +12,10 @@ import lineax as lx
 _N = 3
 
 
-def _fd_gradient(loss, matrix, eps=1e-6):
-    """Central finite differences of `loss` with respect to each entry."""
-    grad = np.zeros_like(matrix)
-    for index in np.ndindex(matrix.shape):
-        step = np.zeros_like(matrix)
-        step[index] = eps
-        grad[index] = (loss(matrix + step) - loss(matrix - step)) / (2 * eps)
-    return grad
-
-
 def _check_gradient(loss, matrix):
     loss = jax.jit(loss)
     grad = jax.grad(loss)(matrix)
-    expected = _fd_gradient(loss, matrix)
+    expected = central_differences(loss, matrix)
     np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-8)
 
 

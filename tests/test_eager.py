@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import DelegatingLU, run_python
+from helpers import DelegatingLU, NegatingLU, run_python
 
 import lineax as lx
 import lineax._linear_solve as linear_solve_module
@@ -303,18 +303,6 @@ def test_eager_solve_with_state_options_or_inverse_uses_the_cache(monkeypatch):
         lx.invert(singular, lx.LU()).mv(two)
 
 
-class _NegatingLU(DelegatingLU):
-    """Solves for `-x`, through a function kept in its state."""
-
-    def init(self, operator, options):
-        return super().init(operator, options), jnp.negative
-
-    def compute(self, state, vector, options):
-        state, negate = state
-        solution, result, stats = super().compute(state, vector, options)
-        return negate(solution), result, stats
-
-
 def test_eager_solve_whose_solution_holds_non_arrays_compiles_once(monkeypatch):
     # LSMR's `damp` option reformulated the operator as a closure-converted
     # function, which the returned state kept: not a valid output of a compiled
@@ -347,7 +335,7 @@ def test_eager_solve_whose_solution_holds_non_arrays_compiles_once(monkeypatch):
     square = lx.MatrixLinearOperator(jnp.asarray(tall.T @ tall + np.eye(4)))
     for i, scale in enumerate((1.0, 3.0)):
         with _recorded_compiles(compiled, on=i > 0):
-            sol = lx.linear_solve(square, jnp.asarray(scale * b[:4]), _NegatingLU())
+            sol = lx.linear_solve(square, jnp.asarray(scale * b[:4]), NegatingLU())
         np.testing.assert_allclose(
             sol.value, -np.linalg.solve(square.as_matrix(), scale * b[:4]), atol=1e-8
         )

@@ -25,26 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import run_at_default_flags
-from helpers import DelegatingLU
+from helpers import NegatingLU
 from jaxtyping import Array, Float
 
 import lineax as lx
 import lineax._linear_solve as linear_solve_module
 import lineax._primitive as primitive_module
-
-
-class _NegatingLU(DelegatingLU):
-    """Solves for `-x` through a function kept in its state: its solution is not
-    all arrays, so the un-jitted solve takes the static-output path
-    (`_linear_solve._static_output`)."""
-
-    def init(self, operator, options):
-        return super().init(operator, options), jnp.negative
-
-    def compute(self, state, vector, options):
-        state, negate = state
-        solution, result, stats = super().compute(state, vector, options)
-        return negate(solution), result, stats
 
 
 class _LockCheckedDict(dict):
@@ -76,7 +62,7 @@ def test_every_write_to_the_compiled_cache_holds_its_lock(monkeypatch):
         solution = lx.linear_solve(
             lx.MatrixLinearOperator(jnp.asarray(matrix)),
             jnp.asarray(scale * b),
-            _NegatingLU(),
+            NegatingLU(),
         )
         np.testing.assert_allclose(
             solution.value, -np.linalg.solve(matrix, scale * b), rtol=1e-10
@@ -95,7 +81,7 @@ def test_static_output_entries_respect_the_bound(monkeypatch):
     op = lx.MatrixLinearOperator(jnp.asarray(matrix))
     b = jnp.asarray(rng.standard_normal(3))
     expected = np.linalg.solve(matrix, b)
-    for solver, sign in ((_NegatingLU(), -1), (lx.LU(), 1)) * 2:
+    for solver, sign in ((NegatingLU(), -1), (lx.LU(), 1)) * 2:
         np.testing.assert_allclose(
             lx.linear_solve(op, b, solver).value, sign * expected, rtol=1e-10
         )

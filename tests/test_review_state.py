@@ -36,6 +36,7 @@ import numpy as np
 import pytest
 from beartype import beartype
 from conftest import EXHAUSTIVE
+from helpers import central_differences
 from jaxtyping import Array, Float, jaxtyped
 
 import lineax as lx
@@ -76,16 +77,6 @@ DEFAULT = ["LU", "SVD", "Cholesky", "AutoPSD"]
 NAMES = list(CASES) if EXHAUSTIVE else DEFAULT
 
 
-def _fd(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """Central finite differences of the scalar `f` at `x`, entry by entry."""
-    out = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        e = np.zeros_like(x)
-        e[i] = eps
-        out[i] = (f(x + e) - f(x - e)) / (2 * eps)
-    return out
-
-
 def _loss(name: str, where: str):
     """`w . x(M, b)`, solved with a state made `where`: "outside" (from the
     concrete operator), "inside" (from the traced one) or "none"."""
@@ -110,8 +101,10 @@ def test_derivatives_with_a_reused_state_match_finite_differences(name, where):
     _, matrix, _ = CASES[name]
     loss = _loss(name, where)
     reference = jax.jit(_loss(name, "none"))
-    fd_m = _fd(lambda m: float(reference(jnp.asarray(m), _B)), matrix)
-    fd_b = _fd(lambda b: float(reference(jnp.asarray(matrix), jnp.asarray(b))), _B)
+    fd_m = central_differences(lambda m: float(reference(jnp.asarray(m), _B)), matrix)
+    fd_b = central_differences(
+        lambda b: float(reference(jnp.asarray(matrix), jnp.asarray(b))), _B
+    )
     grad_m, grad_b = jax.jit(jax.grad(loss, argnums=(0, 1)))(
         jnp.asarray(matrix), jnp.asarray(_B)
     )
@@ -241,7 +234,7 @@ def test_krylov_state_of_an_operator_scaled_by_a_python_float(solver):
         _scaled_solve_jit(jnp.asarray(2.0), solver, state), expected, atol=1e-10
     )
     grad = jax.grad(lambda t: jnp.dot(_W, _scaled_solve(t, solver, state)))
-    fd = _fd(lambda t: _W @ np.linalg.solve(t * _A, _B), np.array(2.0))
+    fd = central_differences(lambda t: _W @ np.linalg.solve(t * _A, _B), np.array(2.0))
     np.testing.assert_allclose(grad(jnp.asarray(2.0)), fd, atol=1e-8)
     # And a state made under `jit` (the scale an array) for the eager operator.
     traced = eqx.filter_jit(lambda t: solver.init(_scaled(t), {}))(jnp.asarray(2.0))
