@@ -944,4 +944,5 @@ class _InverseSolve(eqx.Module):
         # the varying axes, which the trace of the solve finds.
         if not no_active_trace():
             return None
-        return strip_weak_dtype(self.operator.in_structure())
+        # (Through the class: an Equinox module's bound method is a new module.)
+        return strip_weak_dtype(type(self.operator).in_structure(self.operator))

@@ -195,8 +195,8 @@ def _choice(
         if not square:
             raise ValueError(
                 "`AutoLinearSolver(well_posed=True)` needs a square operator, but "
-                f"the operator has input size {operator.in_size()} and output "
-                f"size {operator.out_size()}. For a least-squares "
+                f"the operator has input size {sizes(operator)[0]} and output "
+                f"size {sizes(operator)[1]}. For a least-squares "
                 "(overdetermined) or minimum-norm (underdetermined) solution use "
                 "`lx.AutoLinearSolver(well_posed=None)` (full rank, via QR) or "
                 "`lx.AutoLinearSolver(well_posed=False)` (any rank, via SVD)."
@@ -226,6 +226,8 @@ def tagged_choices(
         in_size, out_size = sizes(operator)
     except Exception:  # noqa: BLE001 - then it is chosen for no tags
         return
+    if solver.well_posed is True and in_size != out_size:
+        return  # (no tags make it square: `_choice` would raise for each)
     for tags in CHOICE_TAGS:
         tagged = TaggedLinearOperator(operator, tags) if tags else operator
         try:
