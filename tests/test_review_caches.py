@@ -157,6 +157,8 @@ _THREADS = """
 import threading, numpy as np, jax, jax.numpy as jnp, lineax as lx
 import lineax._linear_solve as ls
 ls._COMPILED_MAX = 2  # evictions while other threads insert
+# (`helpers.NegatingLU`, written out: importing `helpers` imports `conftest`, which
+# would turn on x64 and strict promotion in this process, run at the defaults.)
 class NegatingLU(lx.AbstractLinearSolver):
     def init(self, operator, options):
         return lx.LU().init(operator, options), jnp.negative

@@ -79,6 +79,16 @@ def concrete_value(x: Any) -> np.ndarray | None:
     return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
 
 
+def concrete_code(value: Any) -> Any:
+    """A code (or a reduction of codes) decided on the host, as a solve holds it:
+    a JAX array outside of every trace, as every other code and state leaf of an
+    eager solve is, else the NumPy value itself (a constant of the program being
+    traced). `RESULTS.singular`'s own value is a NumPy one: an un-jitted singular
+    solve of a function operator returned it as its `result`, and handed it on to
+    its error check, typed for JAX arrays."""
+    return jnp.asarray(value) if no_active_trace() else value
+
+
 def is_successful(result: RESULTS) -> Any:
     """`result == RESULTS.successful`, as a boolean array: a NumPy one where the
     code is concrete (see `concrete_value`), else traced."""
@@ -94,15 +104,8 @@ def results_where(pred: ArrayLike, a: RESULTS, b: RESULTS) -> RESULTS:
     decided = concrete_value(pred)
     if decided is not None and decided.ndim == 0:
         chosen = a if decided else b
-        if no_active_trace():
-            # Outside every trace a code is a JAX array, as `RESULTS.where` made
-            # it and every other code of a solution is: `RESULTS.singular`'s own
-            # value is a NumPy one, which an un-jitted singular solve of a
-            # function operator returned as its `result`, and handed on to its
-            # error check typed for JAX arrays.
-            value = jnp.asarray(chosen._value)
-            return jtu.tree_unflatten(jtu.tree_structure(chosen), [value])
-        return chosen
+        value = concrete_code(chosen._value)
+        return jtu.tree_unflatten(jtu.tree_structure(chosen), [value])
     return jtu.tree_unflatten(jtu.tree_structure(a), [select(pred, a._value, b._value)])
 
 

@@ -22,7 +22,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, PyTree
 
-from .._misc import is_inexact_array, no_active_trace
+from .._misc import is_inexact_array
 from .._operator.base import (
     AbstractLinearOperator,
     flatten_vector,
@@ -32,7 +32,13 @@ from .._operator.base import (
 )
 from .._operator.tagged import TaggedLinearOperator, unwrap_tagged
 from .._operator.tangent import TangentLinearOperator
-from .._solution import concrete_value, is_successful, RESULTS, results_where
+from .._solution import (
+    concrete_code,
+    concrete_value,
+    is_successful,
+    RESULTS,
+    results_where,
+)
 from .base import AbstractLinearSolver, check_passed_on, rank_flags
 
 
@@ -57,12 +63,9 @@ def _worst_code(code: Any) -> Any:
     concrete = concrete_value(code)
     if concrete is None:
         return jnp.max(code, initial=0)
-    # A concrete code is reduced in NumPy (see `concrete_value`), and stays a
-    # NumPy array while a solve is traced (a constant of the program). Outside of
-    # every trace (`solver.init` called eagerly) it becomes a JAX array, as the
-    # other leaves of the state that holds it are (Schur's `columns_result`).
-    worst = np.asarray(np.max(concrete, initial=0))
-    return jnp.asarray(worst) if no_active_trace() else worst
+    # Reduced in NumPy (see `concrete_value`); Schur's `columns_result` in a
+    # state made by an eager `init`.
+    return concrete_code(np.asarray(np.max(concrete, initial=0)))
 
 
 def solve_flat(
