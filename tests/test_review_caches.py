@@ -240,6 +240,27 @@ for x64 in (False, True, False):
         f = lambda v: lx.linear_solve(op, v).value.sum()
         g = jax.grad(f)(jnp.asarray(b, dtype))
         assert g.dtype == dtype
+# Arrays made with x64 on, solved after it is turned off: a clear error naming the
+# flag (was an internal `TypeError` from `lax.eq`, or an MLIR verifier error).
+jax.config.update("jax_enable_x64", True)
+a64, b64 = jnp.asarray(a), jnp.asarray(b)
+jax.config.update("jax_enable_x64", False)
+a32, b32 = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+for solver in solvers:
+    for matrix, vector in ((a64, b64), (a64, b32), (a32, b64)):
+        op = lx.MatrixLinearOperator(matrix, lx.positive_semidefinite_tag)
+        calls = (
+            lambda: lx.linear_solve(op, vector, solver),
+            lambda: jax.jit(lambda v: lx.linear_solve(op, v, solver).value)(vector),
+        )
+        for call in calls:
+            try:
+                call()
+            except ValueError as error:
+                assert "jax_enable_x64" in str(error), error
+                assert "float64" in str(error), error
+            else:
+                raise AssertionError((solver, matrix.dtype, vector.dtype))
 print("OK")
 """
 
@@ -248,7 +269,8 @@ def test_x64_toggled_between_cached_calls():
     # The compiled solves, the traces and the states expected of `state=` are
     # cached per structure and shapes; toggling `jax_enable_x64` between calls
     # (a float32 operator solved in both modes, float64 in between) must give
-    # the dtype and the answer of a fresh process each time.
+    # the dtype and the answer of a fresh process each time; and 64-bit arrays
+    # kept from x64 mode a clear error after it is turned off.
     proc = run_at_default_flags(_X64_TOGGLE, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK" in proc.stdout

@@ -83,6 +83,7 @@ def _check_vector(
             f"{describe(out_struct)}: there is nothing to solve for."
         )
     vec_leaves, vec_treedef = jtu.tree_flatten(vector)
+    _check_enabled_dtypes(operator.in_structure(), out_leaves, vec_leaves)
     if out_treedef != vec_treedef:
         hint = ""
         if jtu.treedef_is_leaf(out_treedef) and isinstance(vector, (list, tuple)):
@@ -136,6 +137,28 @@ def _check_vector(
             leaf = jnp.asarray(leaf)
         new_leaves.append(leaf)
     return jtu.tree_unflatten(vec_treedef, new_leaves)
+
+
+def _check_enabled_dtypes(*trees: PyTree) -> None:
+    """Raise a ValueError where an array or structure has a dtype that JAX's
+    configuration no longer allows: 64-bit arrays made with `jax_enable_x64` on,
+    solved after it was turned off. (The solve failed inside, with an internal
+    `TypeError` or an MLIR verifier error; JAX's own functions still take such
+    arrays, so they are not refused before.)"""
+    for leaf in jtu.tree_leaves(trees):
+        # (Not NumPy arrays or Python numbers: those are converted, as in JAX.)
+        if not isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
+            continue
+        dtype = leaf.dtype
+        if jax.dtypes.canonicalize_dtype(dtype) != dtype:
+            raise ValueError(
+                f"The solve holds an array of dtype {jnp.dtype(dtype).name}, which "
+                "JAX does not allow while `jax_enable_x64` is off (it was made "
+                "with x64 on). Turn it on again "
+                '(`jax.config.update("jax_enable_x64", True)`) or convert the '
+                f"operator and the vector to "
+                f"{jnp.dtype(jax.dtypes.canonicalize_dtype(dtype)).name}."
+            )
 
 
 def _check_throw(throw: Any) -> None:
