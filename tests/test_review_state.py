@@ -245,6 +245,18 @@ def test_krylov_state_of_an_operator_scaled_by_a_python_float(solver):
     )
 
 
+def test_krylov_state_of_an_operator_scaled_by_a_python_int():
+    # Fails before the fix: "`state` does not match" for a state of `op * 2`
+    # given with `op * 2.0` (and the other way round), where both scale a float
+    # operator alike.
+    expected = np.linalg.solve(2.0 * _A, _B)
+    solver = _HOLDING[0]
+    for made, used in ((2, 2.0), (2.0, 2), (2, 2)):
+        state = solver.init(_scaled(made), {})
+        solution = lx.linear_solve(_scaled(used), jnp.asarray(_B), solver, state=state)
+        np.testing.assert_allclose(solution.value, expected, atol=1e-10)
+
+
 def test_auto_state_of_another_well_posed_is_refused():
     # Fails before the fix: accepted, and at a rank-deficient matrix the JVP
     # of `well_posed=True` (full rank assumed) from the SVD state was off by

@@ -282,6 +282,11 @@ def _state_signature(tree: PyTree, numbers_by_value: bool = False) -> tuple:
 
 def _signature_of_leaf(x: Any, numbers_by_value: bool) -> Any:
     if _is_array_or_struct(x) or (_is_signature_leaf(x) and not numbers_by_value):
+        if isinstance(x, (bool, int)):
+            # As the float it acts as: a state of `op * 2` was refused for
+            # `op * 2.0` ("does not match"), where each scales a float operator
+            # alike. (A state's operator is never an integer one.)
+            x = float(x)
         return jnp.shape(x), jnp.dtype(jnp.result_type(x))
     if _is_signature_leaf(x):
         # With its type: `2 == 2.0` and they hash alike, but `init` of `op * 2`
