@@ -828,17 +828,17 @@ def _renting(key: tuple) -> bool:
     call): never more than about twice what the better of the two would have
     cost, had the number of solves been known. (Timed, not counted: the time
     op by op ranges over 10x across solvers and sizes.)"""
-    spent = _EAGER_SPENT.get(key[-1][0][1])
-    return spent is None or spent.get(_rent_key(key), -1.0) < _EAGER_BUDGET
+    return _EAGER_SPENT.get(_rent_key(key), -1.0) < _EAGER_BUDGET
 
 
-def _rent_key(key: tuple) -> int:
-    """`key` in `_EAGER_SPENT`, under its first jaxpr: a hash, the jaxprs by
-    `id`, so that it holds no reference to them, which would keep its weak key
-    alive. (Two keys of one hash share their time: only when to compile
-    changes.)"""
+def _rent_key(key: tuple) -> tuple:
+    """`key` in `_EAGER_SPENT`: its jaxprs by weak references, which keep no
+    operator alive, and of which one to a jaxpr since freed equals none but
+    itself (a new jaxpr at the freed one's `id`, as a preconditioner made anew
+    for each solve of one operator has, would otherwise inherit its time, and
+    be compiled, for nothing)."""
     *rest, jaxprs = key
-    return hash((*rest, tuple((i, id(jaxpr)) for i, jaxpr in jaxprs)))
+    return (*rest, tuple((i, weakref.ref(jaxpr)) for i, jaxpr in jaxprs))
 
 
 def _solved_op_by_op(key, operator, vector, solver, options, state, throw):
@@ -846,25 +846,21 @@ def _solved_op_by_op(key, operator, vector, solver, options, state, throw):
     start = time.perf_counter()
     solution = _linear_solve(operator, vector, solver, options, state, throw)
     spent = time.perf_counter() - start
-    first = key[-1][0][1]
     rent_key = _rent_key(key)
     with _COMPILED_LOCK:
-        times = _EAGER_SPENT.get(first)
-        if times is None:
-            # (Bounded: a key may hold the jaxpr after all, in the static data
-            # of an operator in a `state=` passed, and keep it alive.)
-            if len(_EAGER_SPENT) >= 256:
-                _EAGER_SPENT.clear()
-            times = _EAGER_SPENT[first] = {}
-        times[rent_key] = times.get(rent_key, 0.0) + spent
+        if rent_key not in _EAGER_SPENT and len(_EAGER_SPENT) >= _EAGER_SPENT_MAX:
+            # (Emptied when full: the keys of operators made anew, long gone,
+            # fill it. One solved all along was compiled long before.)
+            _EAGER_SPENT.clear()
+        _EAGER_SPENT[rent_key] = _EAGER_SPENT.get(rent_key, 0.0) + spent
     return solution
 
 
 # Seconds of solves op by op, per key of `_COMPILED`, before the solve is
-# compiled; held under the key's first jaxpr, weakly, so that the operators no
-# longer in use are forgotten.
+# compiled.
 _EAGER_BUDGET = 0.5
-_EAGER_SPENT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_EAGER_SPENT: dict = {}
+_EAGER_SPENT_MAX = 256
 # What `_compiled_linear_solve` returns for a solve that `_renting` keeps op by op.
 _RENT: Any = object()
 
