@@ -824,10 +824,11 @@ def _renting(key: tuple) -> bool:
     GMRES 3 s, against 8-20 ms a solve; n = 10 and 100, measured). So, as in
     renting skis before buying them, the solves of a function operator (with
     one solver, options and vector structure) run op by op until they have
-    taken about what a compile takes, and compiled from then on (0.15-0.4 ms a
-    call): never more than about twice what the better of the two would have
-    cost, had the number of solves been known. (Timed, not counted: the time
-    op by op ranges over 10x across solvers and sizes.)"""
+    taken `_EAGER_BUDGET` seconds, a fraction of a compile, and compiled from
+    then on (0.15-0.4 ms a call): never more than one compile slower than
+    solving op by op throughout, nor more than about `_EAGER_BUDGET` slower than
+    compiling at the first solve, whatever the number of solves. (Timed, not
+    counted: the time op by op ranges over 10x across solvers and sizes.)"""
     return _EAGER_SPENT.get(_rent_key(key), -1.0) < _EAGER_BUDGET
 
 
