@@ -344,12 +344,17 @@ def test_eager_solve_whose_solution_holds_non_arrays_compiles_once(monkeypatch):
     assert linear_solve_module._EAGER not in entries
 
 
-def test_eager_normal_krylov_solve_of_a_function_operator_compiles_once():
+def test_eager_normal_krylov_solve_of_a_function_operator_compiles_once(
+    monkeypatch,
+):
     # `Normal(CG())` transposes a function operator in `init`: a new jaxpr on
     # every call, and the trace of `compute` was cached by the state's structure,
     # that jaxpr included (by identity), so every un-jitted solve traced and
     # compiled the solve again: 570-880 ms a call, 10 ms now (n = 5, 2-core CPU).
     # The state holds the function in its structure, compared by its text.
+    # (Op by op throughout: the solve compiled whole, after `_EAGER_BUDGET`
+    # seconds of these, is tests/test_review_fnop.py's.)
+    monkeypatch.setattr(linear_solve_module, "_EAGER_BUDGET", float("inf"))
     matrix = jnp.asarray(_system(5, 3)[0])
     struct = jax.ShapeDtypeStruct((5,), matrix.dtype)
     operator = lx.FunctionLinearOperator(lambda v: jnp.tanh(matrix) @ v, struct)

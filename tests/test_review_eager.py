@@ -44,6 +44,7 @@ def test_eager_cache_survives_concurrent_evictions(monkeypatch):
                     {},
                     linear_solve_module._sentinel,
                     treedef,
+                    (),
                     solver,
                     False,
                     None,

@@ -1,11 +1,14 @@
 """`linear_solve` and `invert`: argument checks, then a bind of the primitive."""
 
 import threading
+import time
+import weakref
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.core
+import jax.extend.core
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -460,11 +463,17 @@ def _run_compiled(
     leaves, treedef = jtu.tree_flatten(
         inputs if state is _sentinel else (*inputs, state)
     )
+    jaxprs = ()
     if not _concrete(leaves):
-        return None
+        # (Tested only here: a matrix operator's call pays nothing for it.)
+        leaves, jaxprs = _without_jaxprs(leaves)
+        if not jaxprs or not _concrete(leaves):
+            return None
     key, compiled = _compiled_linear_solve(
-        operator, options, state, treedef, solver, value_only, None
+        operator, options, state, treedef, jaxprs, solver, value_only, None
     )
+    if compiled is _RENT:
+        return _solved_op_by_op(key, operator, vector, solver, options, state, throw)
     if compiled is None:
         return None
     # Compiled with no in-graph checks but the result code (`throw=None`), which
@@ -474,7 +483,9 @@ def _run_compiled(
     try:
         solution = compiled(leaves)
     except TypeError as error:
-        solution = _static_output(error, key, leaves, treedef, solver, value_only, None)
+        solution = _static_output(
+            error, key, leaves, treedef, jaxprs, solver, value_only, None
+        )
     if solution is None:
         return None
     value = solution.result._value
@@ -504,12 +515,22 @@ def _run_jitted(
     leaves, treedef = jtu.tree_flatten(
         inputs if state is _sentinel else (*inputs, state)
     )
+    leaves, jaxprs = _without_jaxprs(leaves)
     # (`is_cacheable` asks that the static data compare by value, and that the
     # arrays be concrete, which these are not: it is asked of stand-ins.)
     stand_ins = _stand_ins((operator, options, state))
     key, jitted = _compiled_linear_solve(
-        stand_ins[0], stand_ins[1], stand_ins[2], treedef, solver, value_only, throw
+        stand_ins[0],
+        stand_ins[1],
+        stand_ins[2],
+        treedef,
+        jaxprs,
+        solver,
+        value_only,
+        throw,
     )
+    if jitted is _RENT:
+        return _solved_op_by_op(key, operator, vector, solver, options, state, throw)
     if jitted is None:
         return None
     try:
@@ -517,7 +538,7 @@ def _run_jitted(
             return jitted(leaves)
         except TypeError as error:
             return _static_output(
-                error, key, leaves, treedef, solver, value_only, throw
+                error, key, leaves, treedef, jaxprs, solver, value_only, throw
             )
     except jax.errors.JaxRuntimeError as error:
         # A failure of the solve (or of its tangent solve, under `jax.jvp`), raised
@@ -532,7 +553,7 @@ def _run_jitted(
         raise eqx.EquinoxRuntimeError(message.strip()) from None
 
 
-def _static_output(error, key, leaves, treedef, solver, value_only, throw):
+def _static_output(error, key, leaves, treedef, jaxprs, solver, value_only, throw):
     """After the cached solve under `key` raised `error` (a `TypeError`): the
     solve compiled to return its non-array parts as static data, cached under
     `key` and called; or `None` where that fails too."""
@@ -545,7 +566,7 @@ def _static_output(error, key, leaves, treedef, solver, value_only, throw):
     # time is raised again by the eager path.)
     if "not a valid JAX type" not in str(error):
         raise error
-    solve = _solve_of_leaves(treedef, solver, value_only, throw)
+    solve = _solve_of_leaves(treedef, jaxprs, solver, value_only, throw)
     compiled = _with_static_output(solve)
     _replace_compiled(key, compiled)
     try:
@@ -565,9 +586,15 @@ def _replace_compiled(key, entry) -> None:
     solve; and an entry evicted meanwhile came back above `_COMPILED_MAX`."""
     with _COMPILED_LOCK:
         if key not in _COMPILED:
-            while len(_COMPILED) >= _COMPILED_MAX:
-                del _COMPILED[next(iter(_COMPILED))]
+            _make_room()
         _COMPILED[key] = entry
+
+
+def _make_room() -> None:
+    """Evict the least recently used entries of `_COMPILED` (its lock held) until
+    one more fits within `_COMPILED_MAX`."""
+    while len(_COMPILED) >= _COMPILED_MAX:
+        del _COMPILED[next(iter(_COMPILED))]
 
 
 def _stand_ins(tree: PyTree) -> PyTree:
@@ -789,10 +816,99 @@ def _solver_key(solver) -> tuple:
 _SOLVER_KEYS: dict[int, tuple[Any, tuple]] = {}
 
 
+def _without_jaxprs(leaves: list) -> tuple[list, tuple]:
+    """`leaves` without the jaxprs of closure-converted functions (see
+    `function.holds_its_jaxpr`), and those jaxprs with their positions: static
+    data of the compiled solve, compared by identity in its key."""
+    jaxprs = tuple(
+        (i, leaf) for i, leaf in enumerate(leaves) if isinstance(leaf, _Jaxpr)
+    )
+    if not jaxprs:
+        return leaves, ()
+    return [x for x in leaves if not isinstance(x, _Jaxpr)], jaxprs
+
+
+def _with_jaxprs(leaves: list, jaxprs: tuple) -> list:
+    """The inverse of `_without_jaxprs`."""
+    leaves = list(leaves)
+    for i, jaxpr in jaxprs:
+        leaves.insert(i, jaxpr)
+    return leaves
+
+
+_Jaxpr: Any = jax.extend.core.Jaxpr
+
+
+def _renting(key: tuple) -> bool:
+    """Whether the solve under `key`, with jaxprs (its last element), is still
+    to be dispatched op by op (called with `_COMPILED_LOCK` held): one not
+    sighted before, or whose solves op by op have not yet taken `_EAGER_BUDGET`
+    seconds in all.
+
+    A jaxpr compares by identity: an operator made anew, with a new function (a
+    `lambda` in a loop, or one made inside `jax.grad`), has a new one, and a
+    solve compiled for it would never be found again. Compiling an un-jitted
+    solve costs about as much as 50-150 solves op by op (LU 0.4-1 s, CG 1.5 s,
+    GMRES 3 s, against 8-20 ms a solve; n = 10 and 100, measured). So, as in
+    renting skis before buying them, the solves of a function operator (with
+    one solver, options and vector structure) run op by op until they have
+    taken `_EAGER_BUDGET` seconds, a fraction of a compile, and compiled from
+    then on (0.15-0.4 ms a call): never more than one compile slower than
+    solving op by op throughout, nor more than about `_EAGER_BUDGET` slower than
+    compiling at the first solve, whatever the number of solves. (Timed, not
+    counted: the time op by op ranges over 10x across solvers and sizes.)"""
+    return _EAGER_SPENT.get(_rent_key(key), -1.0) < _EAGER_BUDGET
+
+
+def _rent_key(key: tuple) -> tuple:
+    """`key` in `_EAGER_SPENT`: its jaxprs by weak references, which keep no
+    operator alive, and of which one to a jaxpr since freed equals none but
+    itself (a new jaxpr at the freed one's `id`, as a preconditioner made anew
+    for each solve of one operator has, would otherwise inherit its time, and
+    be compiled, for nothing)."""
+    *rest, jaxprs = key
+    return (*rest, tuple((i, weakref.ref(jaxpr)) for i, jaxpr in jaxprs))
+
+
+def _solved_op_by_op(key, operator, vector, solver, options, state, throw):
+    """`_linear_solve`, its time counted for `key` (see `_renting`)."""
+    start = time.perf_counter()
+    solution = _linear_solve(operator, vector, solver, options, state, throw)
+    spent = time.perf_counter() - start
+    rent_key = _rent_key(key)
+    with _COMPILED_LOCK:
+        if rent_key not in _EAGER_SPENT and len(_EAGER_SPENT) >= _EAGER_SPENT_MAX:
+            # (Emptied when full: the keys of operators made anew, long gone,
+            # fill it. One solved all along was compiled long before.)
+            _EAGER_SPENT.clear()
+        _EAGER_SPENT[rent_key] = _EAGER_SPENT.get(rent_key, 0.0) + spent
+    return solution
+
+
+# Seconds of solves op by op, per key of `_COMPILED`, before the solve is
+# compiled.
+_EAGER_BUDGET = 0.5
+_EAGER_SPENT: dict = {}
+_EAGER_SPENT_MAX = 256
+# What `_compiled_linear_solve` returns for a solve that `_renting` keeps op by op.
+_RENT: Any = object()
+
+
 def _compiled_linear_solve(
-    operator, options, state, treedef, solver, value_only: bool, throw: bool | None
+    operator,
+    options,
+    state,
+    treedef,
+    jaxprs: tuple,
+    solver,
+    value_only: bool,
+    throw: bool | None,
 ):
     key = (treedef, value_only, throw, _solver_key(solver))
+    if jaxprs:
+        # (The key holds the jaxprs: none is freed, and its `id` reused, while
+        # its entry lives.)
+        key = (*key, jaxprs)
     # Under the lock: solves run from several Python threads reorder and evict
     # entries concurrently, and an eviction iterating over `_COMPILED` while
     # another thread changes it raised `RuntimeError: dictionary changed size
@@ -812,17 +928,23 @@ def _compiled_linear_solve(
                 and _cacheable_operators((options, state))
             ):
                 return None, None
-            while len(_COMPILED) >= _COMPILED_MAX:
-                del _COMPILED[next(iter(_COMPILED))]
-
-            compiled = jax.jit(_solve_of_leaves(treedef, solver, value_only, throw))
+            if jaxprs and _renting(key):
+                return key, _RENT
+            _make_room()
+            compiled = jax.jit(
+                _solve_of_leaves(treedef, jaxprs, solver, value_only, throw)
+            )
 
         _COMPILED[key] = compiled
     return key, compiled
 
 
-def _solve_of_leaves(treedef, solver, value_only: bool, throw: bool | None):
+def _solve_of_leaves(
+    treedef, jaxprs: tuple, solver, value_only: bool, throw: bool | None
+):
     def compiled(leaves):
+        if jaxprs:
+            leaves = _with_jaxprs(leaves, jaxprs)
         operator, vector, options, *state = jtu.tree_unflatten(treedef, leaves)
         state = state[0] if state else _sentinel
         solution = _linear_solve(operator, vector, solver, options, state, throw)

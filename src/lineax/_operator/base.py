@@ -568,9 +568,14 @@ def is_cacheable(operator: Any) -> bool:
     (not traced) array, and the static data compares by value, so that an equal
     operator built anew finds the same compiled function.
 
-    `False` for anything that registers nothing, including non-operators: a
-    Function or Jacobian operator holds a closure that compares by identity, and
-    would compile anew on every call, which is slower than dispatching eagerly.
+    `False` for anything that registers nothing, including non-operators. A
+    Function or Jacobian operator is cacheable only where its function is
+    closure-converted (`function.holds_its_jaxpr`): its jaxpr, the one leaf
+    that is not an array, is then part of the cache's key, compared by
+    identity, so that only that same operator finds the compiled function
+    (`_compiled_linear_solve` compiles it from its second solve on: a new
+    function per call would compile anew each time, slower than dispatching
+    eagerly).
     """
     return False
 

@@ -25,12 +25,38 @@ from .._tags import as_tags, symmetric_tag, tags_implying, transpose_tags
 from ._arguments import check_not_operator, output_structure_of
 from .base import (
     AbstractLinearOperator,
+    concrete_arrays,
+    is_cacheable,
     materialise,
     matrix_by_mv,
     register_tag_predicates,
 )
 from .matrix import MatrixLinearOperator
 from .pytree import PyTreeLinearOperator
+
+
+try:  # Equinox's closure-converted function (not public API): see `holds_its_jaxpr`.
+    from equinox._ad import _ClosureConvert
+except ImportError:  # pragma: no cover - a future Equinox: solved op by op
+    _ClosureConvert = None
+
+
+def holds_its_jaxpr(fn: Any) -> bool:
+    """Whether `fn` is a closure-converted function whose computation is its jaxpr
+    (a leaf compared by identity) applied to its `consts` (leaves: the arrays it
+    closed over, a NumPy array by a view of its memory), all concrete: so that a
+    solve compiled for this jaxpr, with the consts as inputs, computes what `fn`
+    computes on every call, reading the closed-over arrays afresh.
+
+    Not a function that `eqx.filter_closure_convert` kept as it was because it
+    closes over nothing (its `_TrivialClosureConvert`): it reads globals, which
+    a compiled solve would read once, at its trace. Nor a raw function
+    (`closure_convert=False`), whose closure a compiled solve would bake in."""
+    return (
+        _ClosureConvert is not None
+        and type(fn) is _ClosureConvert
+        and concrete_arrays(fn.consts)
+    )
 
 
 def closure_converted(fn: Callable, closure_convert: bool, *example: Any) -> Callable:
@@ -193,6 +219,10 @@ class FunctionLinearOperator(AbstractLinearOperator):
 
 
 register_tag_predicates(FunctionLinearOperator)
+# A solve of an operator built once and solved many times un-jitted runs compiled
+# (lineax 0.1.1's `eqx.filter_jit` did so too), keyed on the identity of its
+# jaxpr; see `_compiled_linear_solve` for when that starts.
+is_cacheable.register(FunctionLinearOperator)(lambda op: holds_its_jaxpr(op.fn))
 
 
 def transpose_is_self(operator: Any) -> bool:

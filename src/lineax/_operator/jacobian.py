@@ -20,6 +20,8 @@ from .._tags import as_tags, transpose_tags
 from ._arguments import check_leaf_arrays, output_structure_of
 from .base import (
     AbstractLinearOperator,
+    concrete_arrays,
+    is_cacheable,
     linearise,
     materialise,
     matrix_by_mv,
@@ -28,6 +30,7 @@ from .base import (
 from .function import (
     closure_converted,
     FunctionLinearOperator,
+    holds_its_jaxpr,
     in_context,
     jacobian_operator,
     real_to_complex,
@@ -149,6 +152,10 @@ class JacobianLinearOperator(AbstractLinearOperator):
 
 
 register_tag_predicates(JacobianLinearOperator)
+# (As a function operator: see there. `args` may hold anything; only arrays here.)
+is_cacheable.register(JacobianLinearOperator)(
+    lambda op: holds_its_jaxpr(op.fn) and concrete_arrays((op.x, op.args))
+)
 
 
 @materialise.register(JacobianLinearOperator)
