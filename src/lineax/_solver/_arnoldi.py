@@ -126,7 +126,10 @@ class _CycleScalars(AbstractStackedScalars):
     halt: ArrayLike
     # The float32 floor (see `restart` in `compute`): the 2-norm of the true
     # residual when it last halved, and the cycles since then that ended with the
-    # estimate more than `FLOOR_GAP` below the true residual.
+    # estimate more than `FLOOR_GAP` below the true residual. The reference is
+    # -1 until the first restart sets it (it is never negative), and reads as
+    # infinity: stacked, an infinite reference was an error under
+    # `jax_debug_infs` outside `jit` (as in `iterate`).
     floor_ref: ArrayLike
     floor_hits: ArrayLike
 
@@ -374,7 +377,8 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
                 # chance now and then), more than the default step budget of a
                 # problem of size 300 or less. (The test compares 2-norms, whatever
                 # the solver's norm; a fixed-iteration solve makes all its steps.)
-                halved = beta <= 0.5 * floor_ref
+                # (`beta <= inf` for an unset reference: `beta == beta`.)
+                halved = select(floor_ref < 0, beta == beta, beta <= 0.5 * floor_ref)
                 floor_ref = select(halved, beta, floor_ref)
                 hit = beta > FLOOR_GAP * s.estimate.astype(beta.dtype)
                 hits = hit.astype(floor_hits.dtype)
@@ -404,6 +408,6 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             patience=self.stagnation_iters,
         )
         r0 = problem.r0
-        inf = jnp.full((), jnp.inf, problem.rdtype)
-        cycle = new_cycle(problem.x0, r0, False, inf, 0, norm2(r0))
+        unset = jnp.full((), -1, problem.rdtype)
+        cycle = new_cycle(problem.x0, r0, False, unset, 0, norm2(r0))
         return iterate(self, problem, method, cycle)
