@@ -84,9 +84,31 @@ def _is_inexact(x: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
-def _operator_action(operator: AbstractLinearOperator) -> PyTree[Array]:
-    """The operator applied to one positive probe, whose output is finite exactly
-    when the operator's action is.
+def _probe(
+    operator: AbstractLinearOperator, code: Array | None = None
+) -> PyTree[Array]:
+    """The probe of `_operator_action`.
+
+    With the (traced, nonnegative) failure `code` of `_error_if_failed`, written
+    as a function of it: XLA then makes the probe where it is written, outside
+    the error branch, rather than moving the constant into the branch (it folds
+    the `select` later, once the broadcast is placed)."""
+    value = 1.0 / max(operator.in_size(), 1)
+
+    def leaf(s):
+        entry = jnp.full((), value, s.dtype)
+        if code is not None:
+            entry = select(code < 0, jnp.zeros((), s.dtype), entry)
+        return jnp.broadcast_to(entry, s.shape)
+
+    return jtu.tree_map(leaf, operator.in_structure())
+
+
+def _operator_action(
+    operator: AbstractLinearOperator, probe: PyTree[Array] | None = None
+) -> PyTree[Array]:
+    """The operator applied to one positive probe (`_probe(operator)`, made here
+    if not given), whose output is finite exactly when the operator's action is.
 
     Only what the operator computes counts: a leaf it never reads (an unused
     `±inf` bound in a `JacobianLinearOperator`'s `args`) must not make the input
@@ -95,10 +117,8 @@ def _operator_action(operator: AbstractLinearOperator) -> PyTree[Array]:
     NaN). The probe is `1 / in_size` rather than `1`, so that no sum of finite
     products can overflow; it is not zero, which BLAS-style kernels may skip.
     """
-    probe_value = 1.0 / max(operator.in_size(), 1)
-    probe = jtu.tree_map(
-        lambda s: jnp.full(s.shape, probe_value, s.dtype), operator.in_structure()
-    )
+    if probe is None:
+        probe = _probe(operator)
     return operator.mv(probe)
 
 
@@ -119,14 +139,16 @@ def _array_leaves(operator: AbstractLinearOperator) -> list[Array] | None:
 
 
 def _operator_inputs(
-    operator: AbstractLinearOperator, arrays: list[Array] | None
+    operator: AbstractLinearOperator,
+    arrays: list[Array] | None,
+    probe: PyTree[Array] | None = None,
 ) -> list[Array]:
     """What tells whether the operator is finite: its arrays if it reads every one
     of them (`arrays`, from `_array_leaves`), else its action on a probe (see
     `_operator_action`)."""
     if arrays is not None:
         return arrays
-    action = jtu.tree_leaves(_operator_action(operator))
+    action = jtu.tree_leaves(_operator_action(operator, probe))
     return [x for x in action if is_inexact_array(x)]
 
 
@@ -342,16 +364,31 @@ def _error_if_failed(
     # where a predicate of its own was a second one.
     result = _with_singular(result, finite)
     code = result._value
+    # The probe of the operator's action enters the branch as an operand, made
+    # outside it. Made inside, XLA folded the constant probe into the product,
+    # and compiled a copy of the operator's action (of the user's function) for
+    # the branch alone; applied to an array, the product reads like the solve's
+    # own products, and XLA:CPU compiles a kernel once for the fusions that read
+    # alike (CG on a 64 x 64 stencil: the branch's pad and stencil kernels are
+    # the step's; the probe, a broadcast, is the kernel of the zero initial
+    # guess with the default flags, a kernel of its own without the fusion
+    # emitters: 22 -> 20 kernels compiled, and 28 -> 27, see
+    # tests/test_krylov_kernels.py).
+    # (A concrete code is branched on in Python, see `branch_on_code`: the error
+    # branch then makes its probe, only where it is taken.)
+    probe = None
+    if operator is not None and concrete_value(code) is None:
+        probe = _probe(operator, jnp.asarray(code))
     solution = branch_on_code(
         code,
         ft.partial(_raise, operator, checked, inputs, code, kind),
-        lambda x: x,
-        solution,
+        lambda x: x[0],
+        (solution, probe),
     )
     return unstack_solution(solution), result
 
 
-def _raise(operator, checked, inputs, code, kind, solution):
+def _raise(operator, checked, inputs, code, kind, operand):
     """The error branch of a solve with `throw=True`: raise with the message of
     the failure, or of `nonfinite_input` if the operator or the vector is not
     finite.
@@ -366,10 +403,11 @@ def _raise(operator, checked, inputs, code, kind, solution):
     largest code. (A derivative solve's operator, if made of arrays, is the
     primal solve's, whose arrays the primal solve has tested.)
     """
+    solution, probe = operand  # (`probe`: see `_error_if_failed`)
     solution_leaves = [x for x in jtu.tree_leaves(solution) if is_inexact_array(x)]
     operands = [code, *solution_leaves, *checked, *inputs]
     if operator is not None:
-        operands += stack_alike_leaves(_operator_inputs(operator, None))[0]
+        operands += stack_alike_leaves(_operator_inputs(operator, None, probe))[0]
     index_fn = ft.partial(
         _host_failure_code,
         n_solution=len(solution_leaves),

@@ -14,14 +14,16 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import jax.tree_util as jtu
+import numpy as np
 from equinox import AbstractVar
-from jaxtyping import Array, PyTree, Scalar
+from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
 from .._misc import select
 from .._operator.base import AbstractLinearOperator
 from .._solution import RESULTS, results_where
 from ._krylov import (
     AbstractKrylovSolver,
+    AbstractStackedScalars,
     apply,
     FLOOR_GAP,
     FLOOR_PATIENCE,
@@ -104,19 +106,47 @@ class _Cycle(eqx.Module):
     # (m, m): Q H, upper triangular, in the columns in use (its triangle is read);
     # the identity's columns in the others
     r_factor: Array
-    k: Array  # number of basis vectors (columns of H) in use
-    estimate: Array  # |last entry of Q beta e_1| = 2-norm of the residual
-    invariant: Array  # h_{k+1,k} = 0: the cycle can go no further
-    degenerate: Array  # the new column made the Hessenberg matrix singular
+    # The cycle's scalars, a packed `_CycleScalars` (read with `_scalars_of`).
+    scalars: Array
+
+
+class _CycleScalars(AbstractStackedScalars):
+    """A cycle's scalars, stacked (see `AbstractStackedScalars`), as floats: the
+    counts and flags are small integers, exact in them. Carried one by one, the
+    four a step changes were four kernels at the end of every step (XLA:CPU
+    compiles each, about 40 ms), and the three a restart sets three more."""
+
+    k: ArrayLike  # number of basis vectors (columns of H) in use
+    estimate: ArrayLike  # |last entry of Q beta e_1| = 2-norm of the residual
+    invariant: ArrayLike  # h_{k+1,k} = 0: the cycle can go no further
+    degenerate: ArrayLike  # the new column made the Hessenberg matrix singular
     # No further progress is possible: a cycle could not make its first step
     # (a breakdown), or `FLOOR_PATIENCE` cycles ended below the floor (stagnation).
     # (One flag: the inner loop tests it at every step.)
-    halt: Array
+    halt: ArrayLike
     # The float32 floor (see `restart` in `compute`): the 2-norm of the true
     # residual when it last halved, and the cycles since then that ended with the
-    # estimate more than `FLOOR_GAP` below the true residual.
-    floor_ref: Array
-    floor_hits: Array
+    # estimate more than `FLOOR_GAP` below the true residual. The reference is
+    # -1 until the first restart sets it (it is never negative), and reads as
+    # infinity: stacked, an infinite reference was an error under
+    # `jax_debug_infs` outside `jit` (as in `iterate`).
+    floor_ref: ArrayLike
+    floor_hits: ArrayLike
+
+    def pack(self, dtype) -> Array:
+        # At least single precision: `k` counts to the restart length exactly.
+        wide = dtype if jnp.finfo(dtype).bits >= 32 else jnp.float32
+        return super().pack(wide)
+
+
+# (The layout: every field is carried.)
+_LAYOUT = _CycleScalars(0, 0, 0, 0, 0, 0, 0)
+
+
+def _scalars_of(c: _Cycle) -> Any:
+    """The fields of `c.scalars`, each sliced once when first read; floats of the
+    packed dtype (the flags are 0 or 1)."""
+    return _LAYOUT.unpack(c.scalars)
 
 
 def _givens(a, b, cdtype):
@@ -137,6 +167,20 @@ def _givens(a, b, cdtype):
     cs = abs_a.astype(cdtype) / safe_denom
     sn = phase * jnp.conj(b) / safe_denom
     return cs, sn, phase * denom.astype(cdtype), denom
+
+
+# The largest identity matrix (entries) written into the program as a constant.
+_CONSTANT_IDENTITY = 128 * 128
+
+
+def _identity(n: int, dtype: Any) -> Array:
+    """The `n x n` identity: a constant of the program up to `_CONSTANT_IDENTITY`
+    entries (no kernel: XLA:CPU made `jnp.eye` one for each of the two identities
+    of a cycle, about 40 ms of compile time each), else `jnp.eye` (a constant
+    that large would make the program itself large)."""
+    if n * n <= _CONSTANT_IDENTITY:
+        return jnp.asarray(np.eye(n, dtype=dtype))
+    return jnp.eye(n, dtype=dtype)
 
 
 def _kept(keep: Array, x: PyTree[Array]) -> PyTree[Array]:
@@ -196,7 +240,8 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
         mv: Callable = problem.mv
 
         def arnoldi_step(c: _Cycle) -> _Cycle:
-            j = c.k
+            s = _scalars_of(c)
+            j = s.k.astype(jnp.int32)
             z = apply(precond, basis_get(c.basis, j))
             w = mv(z)
             # CGS2: classical Gram-Schmidt twice against the whole (zero-padded)
@@ -255,28 +300,21 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             r_factor = lax.dynamic_update_slice_in_dim(
                 c.r_factor, r_column[:, None], j, 1, **_IN_RANGE
             )
-            estimate = select(keep, jnp.abs(rows[1, 0]) * c.beta, c.estimate)
-            return _Cycle(
-                c.x,
-                c.beta,
-                basis,
-                directions,
-                rotations,
-                r_factor,
-                select(keep, j + 1, j),
-                estimate,
-                invariant,
-                degenerate,
-                c.halt,
-                c.floor_ref,
-                c.floor_hits,
+            estimate = select(
+                keep, jnp.abs(rows[1, 0]) * c.beta, s.estimate.astype(c.beta.dtype)
             )
+            scalars = _CycleScalars(
+                select(keep, s.k + 1, s.k), estimate, invariant, degenerate,
+                s.halt, s.floor_ref, s.floor_hits,
+            ).pack(c.beta.dtype)  # fmt: skip
+            return _Cycle(c.x, c.beta, basis, directions, rotations, r_factor, scalars)
 
         def solution(c: _Cycle):
             # Solve R y = Q beta e_1 on the k columns in use (R holds the identity's
             # columns in the others, and their coefficients are 0), then x + P V y
             # or x + Z y.
-            used = jnp.arange(m, dtype=c.k.dtype) < c.k
+            k = _scalars_of(c).k
+            used = jnp.arange(m, dtype=k.dtype) < k
             g = select(used, c.beta.astype(cdtype) * c.rotations[:m, 0], 0)
             y = jsl.solve_triangular(c.r_factor, g, lower=False)
             if c.directions is None:
@@ -309,27 +347,24 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
                 )
             else:
                 directions = None
-            false = jnp.array(False)
+            scalars = _CycleScalars(
+                0, beta, False, False, halt, floor_ref, floor_hits
+            ).pack(beta.dtype)
             return _Cycle(
                 x,
                 beta,
                 basis,
                 directions,
-                jnp.eye(m + 1, dtype=cdtype),
-                jnp.eye(m, dtype=cdtype),
-                jnp.array(0, jnp.int32),
-                beta,
-                false,
-                false,
-                halt,
-                floor_ref,
-                floor_hits,
+                _identity(m + 1, cdtype),
+                _identity(m, cdtype),
+                scalars,
             )
 
         def restart(c: _Cycle, x, r, passed) -> _Cycle:
             del passed
             beta = norm2(r)
-            floor_ref, floor_hits = c.floor_ref, c.floor_hits
+            s = _scalars_of(c)
+            floor_ref, floor_hits = s.floor_ref.astype(beta.dtype), s.floor_hits
             if not problem.fixed:
                 # The estimate is the 2-norm of the residual, exact but for
                 # rounding: a cycle that ends with it more than `FLOOR_GAP` below
@@ -342,32 +377,37 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
                 # chance now and then), more than the default step budget of a
                 # problem of size 300 or less. (The test compares 2-norms, whatever
                 # the solver's norm; a fixed-iteration solve makes all its steps.)
-                halved = beta <= 0.5 * floor_ref
+                # (`beta <= inf` for an unset reference: `beta == beta`.)
+                halved = select(floor_ref < 0, beta == beta, beta <= 0.5 * floor_ref)
                 floor_ref = select(halved, beta, floor_ref)
-                hit = beta > FLOOR_GAP * c.estimate
-                floor_hits = select(halved, 0, floor_hits) + hit.astype(jnp.int32)
+                hit = beta > FLOOR_GAP * s.estimate.astype(beta.dtype)
+                hits = hit.astype(floor_hits.dtype)
+                floor_hits = select(halved, 0, floor_hits) + hits
             # No progress at all is possible from here: the first new direction was
             # already degenerate (e.g. A P r = 0).
-            halt = (c.degenerate & (c.k == 0)) | (floor_hits >= FLOOR_PATIENCE)
+            halt = ((s.degenerate > 0) & (s.k == 0)) | (floor_hits >= FLOOR_PATIENCE)
             return new_cycle(x, r, halt, floor_ref, floor_hits, beta)
 
         def halt_result(c: _Cycle) -> RESULTS:
-            floor = c.floor_hits >= FLOOR_PATIENCE
+            floor = _scalars_of(c).floor_hits >= FLOOR_PATIENCE
             return results_where(floor, RESULTS.stagnation, RESULTS.breakdown)
+
+        def ends_pass(c: _Cycle) -> Array:
+            s = _scalars_of(c)
+            return (s.invariant > 0) | (s.degenerate > 0)
 
         method = Iteration(
             step=arnoldi_step,
-            estimate=lambda c: c.estimate,
+            estimate=lambda c: _scalars_of(c).estimate.astype(problem.rdtype),
             solution=solution,
             restart=restart,
-            halted=lambda c: c.halt,
+            halted=lambda c: _scalars_of(c).halt > 0,
             halt_result=halt_result,
-            ends_pass=lambda c: c.invariant | c.degenerate,
+            ends_pass=ends_pass,
             pass_length=m,
             patience=self.stagnation_iters,
         )
         r0 = problem.r0
-        inf = jnp.full((), jnp.inf, problem.rdtype)
-        zero = jnp.array(0, jnp.int32)
-        cycle = new_cycle(problem.x0, r0, jnp.array(False), inf, zero, norm2(r0))
+        unset = jnp.full((), -1, problem.rdtype)
+        cycle = new_cycle(problem.x0, r0, False, unset, 0, norm2(r0))
         return iterate(self, problem, method, cycle)
