@@ -39,6 +39,15 @@ import tempfile
 # two cores the pool's threads only compete for them (the default run of
 # test_solve/test_jvp/test_direct_results: 63.3 -> 61.3 s CPU, 57 -> 45 s wall);
 # it changes how the program runs, not the program.
+# `xla_cpu_parallel_codegen_split_count=1` hands LLVM each program's module in one
+# piece: by default XLA:CPU splits it into parts, compiled on a thread pool and
+# linked, which for the tests' small programs costs more than it saves, and with
+# two workers on two cores no thread is free to run a part. The reverse-mode CG,
+# GMRES, BiCGStab, LSMR and MINRES solves of an 8x8 matrix: 5.9-6.3 -> 4.7-5.2 s
+# of CPU (three runs each, bitwise-equal results); test_krylov.py and
+# test_preconditioners.py (`-n 0`): 142.8 -> 120.9 s of CPU; test_jvp.py and
+# test_throw.py, alternated: 71.0, 68.2 -> 64.3, 64.0 s. Like the others, it
+# changes how XLA makes machine code, not the program.
 # The flags added here travel to pytest-xdist's workers in this environment variable.
 _ADDED_XLA_FLAGS_ENV = "LINEAX_TEST_ADDED_XLA_FLAGS"
 if _ADDED_XLA_FLAGS_ENV not in os.environ:
@@ -49,6 +58,7 @@ if _ADDED_XLA_FLAGS_ENV not in os.environ:
             "--xla_backend_optimization_level=0",
             "--xla_cpu_use_fusion_emitters=false",
             "--xla_cpu_multi_thread_eigen=false",
+            "--xla_cpu_parallel_codegen_split_count=1",
         )
         if flag.split("=")[0] not in _user_flags
     ]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from helpers import (
     assert_close,
+    backend_compiles,
     DelegatingLU,
     flatten,
     flatten_jax,
@@ -377,6 +378,39 @@ def test_truncated_compilation_cache_entry_is_compiled_again():
             file.write(data[: len(data) // 2])
     jax.clear_caches()
     np.testing.assert_array_equal(jax.jit(f)(x), expected)
+
+
+def test_programs_served_by_the_compilation_cache_count_as_compiles():
+    # The tests that count XLA compiles (`helpers.backend_compiles`, and the
+    # `backend_compile` listeners of test_review_recompile.py) run under the run's
+    # persistent compilation cache (tests/conftest.py), which serves a program
+    # compiled again, identical to one compiled before (a new closure of the same
+    # function: the recompiles those tests look for), from disk. JAX records its
+    # `backend_compile` event around the cache lookup too, so that such a
+    # recompile is still counted; were it recorded only for a compile made, those
+    # tests could no longer fail.
+    if not os.environ.get("LINEAX_TEST_COMPILATION_CACHE"):
+        pytest.skip("the run's compilation cache is off")
+
+    def new_function():
+        return jax.jit(lambda x: x * 2.75 - 11.0)
+
+    x = jnp.arange(5.0)
+    expected = new_function()(x)  # compiled, and written to the cache
+    hits = []
+
+    def listener(event, **kwargs):
+        if event == "/jax/compilation_cache/cache_hits":
+            hits.append(event)
+
+    jax.monitoring.register_event_listener(listener)
+    try:
+        value, compiles = backend_compiles(lambda: new_function()(x))
+    finally:
+        jax.monitoring.unregister_event_listener(listener)
+    assert len(hits) == 1, "not served by the cache: this test checks nothing"
+    assert len(compiles) == 1
+    np.testing.assert_array_equal(value, expected)
 
 
 def test_hypot_is_jnp_hypot_without_nested_wheres():
