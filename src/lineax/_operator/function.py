@@ -2,6 +2,7 @@
 
 import functools
 import types
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +45,7 @@ try:  # Equinox's closure-converted function (not public API): see `holds_its_ja
     from jax._src import linear_util as _lu
     from jax._src.interpreters import partial_eval as _pe
 except ImportError:  # pragma: no cover - a future Equinox or JAX: solved op by op
-    _ClosureConvert = _TrivialClosureConvert = None
+    _ClosureConvert = _TrivialClosureConvert = _lu = _pe = None
 
 
 def holds_its_jaxpr(fn: Any) -> bool:
@@ -99,9 +100,15 @@ def retraced(fn: Any) -> Any:
 
     avals = [jax.core.ShapedArray(s.shape, s.dtype) for s in in_leaves]
     try:
-        debug = jax.api_util.debug_info("lineax", fn.fn, (), {})  # pyright: ignore
-        jaxpr, out_avals, consts = _pe.trace_to_jaxpr_dynamic(
-            _lu.wrap_init(flat, debug_info=debug), avals
+        debug = _DEBUG_INFO.get(fn.fn)
+        if debug is None:
+            # (Cached: it inspects `fn`'s signature, about 50 us a call.)
+            debug = _DEBUG_INFO[fn.fn] = jax.api_util.debug_info(  # pyright: ignore
+                "lineax", fn.fn, (), {}
+            )
+        jaxpr, out_avals, consts = _pe.trace_to_jaxpr_dynamic(  # pyright: ignore
+            _lu.wrap_init(flat, debug_info=debug),  # pyright: ignore
+            avals,
         )
     except Exception:  # (Raised again, as it was, by the solve op by op.)
         return None
@@ -129,20 +136,27 @@ def retraced(fn: Any) -> Any:
     if canonical is None:
         if len(_CANONICAL) >= 256:
             _CANONICAL.clear()
-        canonical = _CANONICAL[key] = jaxpr
-    return _ClosureConvert(  # pyright: ignore
-        canonical,
-        consts,
-        fn.in_dynamic_struct,
-        (out_struct, out_treedef),
-        fn.in_static,
-        out_static,
-    )
+        converted = _ClosureConvert(  # pyright: ignore
+            jaxpr,
+            consts,
+            fn.in_dynamic_struct,
+            (out_struct, out_treedef),
+            fn.in_static,
+            out_static,
+        )
+        _CANONICAL[key] = (jaxpr, jtu.tree_structure(converted))
+        return converted
+    # (Rebuilt from its structure: `_ClosureConvert`'s `__init__`, with its
+    # checks, is a tenth of the time of this function.)
+    jaxpr, treedef = canonical
+    return jtu.tree_unflatten(treedef, [jaxpr, *consts])
 
 
-# The first jaxpr traced for each computation (see `retraced`); a plain dict,
-# emptied when full: the compiled solves in use hold their own in their keys.
+# The first jaxpr traced for each computation (see `retraced`), with the
+# structure of its `_ClosureConvert`; a plain dict, emptied when full: the
+# compiled solves in use hold their own jaxprs in their keys.
 _CANONICAL: dict = {}
+_DEBUG_INFO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _computation_key(jaxpr: Any) -> tuple | None:
@@ -223,7 +237,7 @@ _FUNCTIONS = (
     types.MethodType,
     types.BuiltinFunctionType,
     functools.partial,
-    *(() if _TrivialClosureConvert is None else (_lu.WrappedFun,)),
+    *(() if _lu is None else (_lu.WrappedFun,)),
 )
 
 
