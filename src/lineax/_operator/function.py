@@ -57,8 +57,9 @@ def holds_its_jaxpr(fn: Any) -> bool:
 
     Not a function that `eqx.filter_closure_convert` kept as it was because it
     closes over nothing (its `_TrivialClosureConvert`): it reads globals, which
-    a compiled solve would read once, at its trace. Nor a raw function
-    (`closure_convert=False`), whose closure a compiled solve would bake in."""
+    a compiled solve would read once, at its trace (`retraced` makes one of it
+    on each solve). Nor a raw function (`closure_convert=False`), whose closure
+    a compiled solve would bake in."""
     return (
         _ClosureConvert is not None
         and type(fn) is _ClosureConvert
