@@ -2,6 +2,7 @@
 
 import threading
 import time
+import types
 import weakref
 from typing import Any
 
@@ -27,7 +28,7 @@ from ._misc import (
     strip_weak_dtype,
 )
 from ._operator.base import AbstractLinearOperator, is_cacheable, reads_every_leaf
-from ._operator.function import FunctionLinearOperator
+from ._operator.function import FunctionLinearOperator, reads_globals, retraced
 from ._operator.realified import (
     joined,
     mixes_real_and_complex,
@@ -466,6 +467,17 @@ def _run_compiled(
     jaxprs = ()
     if not _concrete(leaves):
         # (Tested only here: a matrix operator's call pays nothing for it.)
+        if any(type(leaf) is types.FunctionType for leaf in leaves):
+            # A function operator's function that reads globals: traced afresh,
+            # its globals' current values as inputs (see `function.retraced`).
+            converted = _retraced((operator, options, state))
+            if converted is None:
+                return None
+            operator, options, state = converted
+            inputs = (operator, vector, options)
+            leaves, treedef = jtu.tree_flatten(
+                inputs if state is _sentinel else (*inputs, state)
+            )
         leaves, jaxprs = _without_jaxprs(leaves)
         if not jaxprs or not _concrete(leaves):
             return None
@@ -814,6 +826,23 @@ def _solver_key(solver) -> tuple:
 
 
 _SOLVER_KEYS: dict[int, tuple[Any, tuple]] = {}
+
+
+def _retraced(tree: PyTree) -> PyTree | None:
+    """`tree` with each function that reads globals (`function.reads_globals`)
+    replaced by its trace now (`function.retraced`); `None` if one cannot be."""
+    failed = []
+
+    def retrace(leaf):
+        if not reads_globals(leaf):
+            return leaf
+        converted = retraced(leaf)
+        if converted is None:
+            failed.append(leaf)
+        return converted
+
+    tree = jtu.tree_map(retrace, tree, is_leaf=reads_globals)
+    return None if failed else tree
 
 
 def _without_jaxprs(leaves: list) -> tuple[list, tuple]:
