@@ -88,7 +88,7 @@ class MyOperator(lx.AbstractLinearOperator):
     + "matrix = A; right_hand_sides = [jnp.ones(4)]",
     (
         "docs/performance.md",
-        "# Slow: a new lambda per iteration, so a new compilation each time.",
+        "# Slow: a new lambda per iteration, so a new operator each time.",
     ): (
         _MATRIX + "params = [1.0, 2.0]; apply = lambda p, v: p * (A @ A.T @ v)\n"
         "structure = jax.ShapeDtypeStruct((4,), jnp.float32); b = jnp.ones(4)"
