@@ -214,7 +214,11 @@ def test_cg_pass_after_failed_verification_targets_the_tolerance(make):
     b = np.asarray(vectors, np.float64)
     tol = 1e-5 * np.linalg.norm(b, axis=1)
     true = b - np.asarray(values, np.float64) @ np.asarray(matrix, np.float64).T
-    assert np.all(np.linalg.norm(true, axis=1) <= 1.001 * tol)
+    # The solver verifies its residual as float32 computes `b - A x`, which is
+    # off by about `eps |b|`: relative to the tolerance, `eps / rtol`, 1.2%
+    # (0.65% over was seen where XLA:CPU generates the code in one piece).
+    slack = 1 + 2 * np.finfo(np.float32).eps / 1e-5
+    assert np.all(np.linalg.norm(true, axis=1) <= slack * tol)
     # (The entries of steps made: those after the last are zero.)
     made = np.arange(histories.shape[1]) < np.asarray(steps)[:, None]
     below = ((np.asarray(histories) <= tol[:, None]) & made).sum(axis=1)

@@ -398,6 +398,10 @@ def test_python_list_as_array_says_use_asarray():
 #
 
 
+def _negate(x):
+    return -x
+
+
 def test_is_cacheable():
     from lineax._operator.base import is_cacheable
 
@@ -414,16 +418,24 @@ def test_is_cacheable():
         m @ m,
         m * jnp.array(2.0),
         m / jnp.array(-2.0),
-    ]
-    for op in cacheable:
-        assert is_cacheable(op) is True, op
-    not_cacheable = [
+        # A function closing over arrays is closure-converted: its jaxpr, the one
+        # leaf not an array, is compared by identity in the cache's key (see
+        # `function.holds_its_jaxpr`).
         _fun(),
         _jac(),
         lx.TaggedLinearOperator(_fun(), psd),
         m + _fun(),
         _fun() @ m,
         -_fun(),
+    ]
+    for op in cacheable:
+        assert is_cacheable(op) is True, op
+    not_cacheable = [
+        # Its closure would be baked in.
+        lx.FunctionLinearOperator(lambda x: m.mv(x), _S, closure_convert=False),
+        # No closure: it reads globals (`linear_solve` traces it anew per solve).
+        lx.FunctionLinearOperator(_negate, _S),
+        m + lx.FunctionLinearOperator(_negate, _S),
         # The sign of a Python number is read at trace time.
         m * 2.0,
         m / -2.0,

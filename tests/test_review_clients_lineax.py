@@ -53,12 +53,15 @@ def test_normal_cholesky_evaluates_a_function_operator_once():
     def fn(v):  # `cumsum`: its mark in the program (one `reduce-window`)
         return jnp.concatenate([3.0 * v + jnp.cumsum(v), v[:2]])
 
-    def solve(b):
+    def solve(b, throw=True):
         operator = lx.FunctionLinearOperator(fn, struct)
-        return lx.linear_solve(operator, b, lx.Normal(lx.Cholesky())).value
+        solver = lx.Normal(lx.Cholesky())
+        return lx.linear_solve(operator, b, solver, throw=throw).value
 
     b = jnp.arange(1.0, 7.0, dtype=jnp.float32)
-    compiled = jax.jit(solve).lower(b).compile().as_text()
+    # (`throw=False`: with `throw=True` the error branch, run only where the
+    # solve failed, applies the operator to a probe to say why.)
+    compiled = jax.jit(solve, static_argnums=1).lower(b, False).compile().as_text()
     assert compiled.count("reduce-window(") == 1
     matrix = np.asarray(jax.vmap(fn, out_axes=1)(jnp.eye(4, dtype=jnp.float32)))
     want = np.linalg.lstsq(matrix, np.asarray(b), rcond=None)[0]
