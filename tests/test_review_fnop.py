@@ -487,3 +487,36 @@ def test_compiled_solve_after_clear_caches(monkeypatch):
     value = lx.linear_solve(operator, b, _LU).value
     np.testing.assert_allclose(value, np.linalg.solve(matrix, b), rtol=1e-10)
     assert (counts.op_by_op, counts.traces, counts.entries) == (1, 2, 1)
+
+
+_ANGLE_Y = 0.0
+
+
+def _angle_scaled(v: Float[Array, " n"]) -> Float[Array, " n"]:
+    # `_ANGLE_Y` is a literal of the trace: atan2(+0.0, -1) = pi, but
+    # atan2(-0.0, -1) = -pi, though -0.0 == 0.0 in Python; NaN is read as 1.
+    y = jnp.nan_to_num(_ANGLE_Y, nan=1.0)
+    return jnp.arctan2(y, -1.0) * (_STENCIL_MATRIX @ v)
+
+
+def test_literals_told_apart_by_their_bits(monkeypatch):
+    # A global rebound from 0.0 to -0.0 is a new computation (it was keyed as
+    # the same one and answered with the opposite sign); a NaN literal is the
+    # same computation on every solve (it was keyed anew on each, and never
+    # compiled). Op by op was right throughout.
+    global _ANGLE_Y
+    counts = _Counts(monkeypatch, budget=0.0)
+    operator = lx.FunctionLinearOperator(_angle_scaled, _STRUCT)
+    b = np.arange(1.0, _N + 1)
+    try:
+        for y in (0.0, -0.0, float("nan")):
+            _ANGLE_Y = y
+            matrix = np.arctan2(np.nan_to_num(y, nan=1.0), -1.0) * _STENCIL_MATRIX
+            for _ in range(3):
+                value = lx.linear_solve(operator, b, _LU).value
+                expected = np.linalg.solve(matrix, b)
+                np.testing.assert_allclose(value, expected, rtol=1e-10)
+    finally:
+        _ANGLE_Y = 0.0
+    # Three computations, each solved op by op once, then compiled once.
+    assert (counts.op_by_op, counts.traces, counts.entries) == (3, 3, 3)

@@ -178,7 +178,11 @@ def _computation_key(jaxpr: Any) -> tuple | None:
             value = np.asarray(v.val)
             if value.size != 1:
                 raise _Unsound
-            return ("literal", value.dtype, value.item(), v.aval)
+            # By its bytes, not `==`: -0.0 == 0.0 (and hash alike), yet
+            # `atan2(-0.0, -1.0)` is -pi; and NaN != NaN, which would key a
+            # function holding a NaN literal anew on every solve (never found
+            # again, never compiled).
+            return ("literal", value.dtype, value.tobytes(), v.aval)
         return numbers[v]
 
     def define(v):
