@@ -520,3 +520,24 @@ def test_literals_told_apart_by_their_bits(monkeypatch):
         _ANGLE_Y = 0.0
     # Three computations, each solved op by op once, then compiled once.
     assert (counts.op_by_op, counts.traces, counts.entries) == (3, 3, 3)
+
+
+def _solves_inside(v: Float[Array, " n"]) -> Float[Array, " n"]:
+    # `custom_linear_solve` without a transpose solve: `None` among the jaxprs
+    # of its parameters.
+    inner = jax.lax.custom_linear_solve(lambda x: 2.0 * x, v, lambda _, w: w / 2.0)
+    return _STENCIL_MATRIX @ v + inner
+
+
+def test_custom_linear_solve_without_transpose_inside_the_function(monkeypatch):
+    # The key of its trace raised AttributeError ('NoneType' object has no
+    # attribute 'constvars') out of every un-jitted solve, the first included,
+    # whatever the budget; op by op it was right.
+    counts = _Counts(monkeypatch, budget=0.0)
+    operator = lx.FunctionLinearOperator(_solves_inside, _STRUCT)
+    b = np.arange(1.0, _N + 1)
+    expected = np.linalg.solve(_STENCIL_MATRIX + 0.5 * np.eye(_N), b)
+    for _ in range(3):
+        value = lx.linear_solve(operator, b, _LU).value
+        np.testing.assert_allclose(value, expected, rtol=1e-10)
+    assert (counts.op_by_op, counts.traces, counts.entries) == (1, 1, 1)
