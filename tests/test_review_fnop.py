@@ -351,8 +351,10 @@ def test_changed_computation_is_traced_anew(monkeypatch):
 
 
 def test_gradients_of_a_closure_free_operator(monkeypatch):
-    # Un-jitted `jax.grad` and `jax.jvp` with respect to the vector: as before
-    # (the jitted path does not retrace; the function is kept as it is).
+    # Un-jitted `jax.grad` and `jax.jvp` with respect to the vector: the
+    # function traced afresh (as un-transformed), its solve jitted once per
+    # solver (kept as it was, a global rebound was read stale: see
+    # `test_transformed_krylov_solves_read_a_rebound_global`).
     counts = _Counts(monkeypatch, budget=0.0)
     operator = lx.FunctionLinearOperator(_stencil, _STRUCT, _SPD_TAGS)
     inverse = np.linalg.inv(_STENCIL_MATRIX)
@@ -372,7 +374,7 @@ def test_gradients_of_a_closure_free_operator(monkeypatch):
             primal, tangent = jax.jvp(solve, (jnp.asarray(b),), (jnp.asarray(w),))
             np.testing.assert_allclose(primal, inverse @ b, rtol=1e-10)
             np.testing.assert_allclose(tangent, inverse @ w, rtol=1e-10)
-    assert counts.traces == 0
+    assert counts.traces == 2
 
 
 def test_gradients_and_jvps_of_a_compiled_solve(monkeypatch):
@@ -541,3 +543,40 @@ def test_custom_linear_solve_without_transpose_inside_the_function(monkeypatch):
         value = lx.linear_solve(operator, b, _LU).value
         np.testing.assert_allclose(value, expected, rtol=1e-10)
     assert (counts.op_by_op, counts.traces, counts.entries) == (1, 1, 1)
+
+
+_H = _spd(13)
+
+
+def _reads_h(v: Float[Array, " n"]) -> Float[Array, " n"]:
+    return _H @ v
+
+
+@pytest.mark.parametrize("budget", [0.0, float("inf")], ids=["compiled", "op-by-op"])
+def test_transformed_krylov_solves_read_a_rebound_global(monkeypatch, budget):
+    # Un-jitted `jax.vmap`, `jax.grad` and `jax.jvp` of a CG solve of a function
+    # reading a global: the global rebound between them was read stale (the
+    # values of the first solve's trace), whatever the budget; `LU` was right.
+    global _H
+    _Counts(monkeypatch, budget=budget)
+    operator = lx.FunctionLinearOperator(_reads_h, _STRUCT, _SPD_TAGS)
+    b = np.arange(1.0, _N + 1)
+    w = np.linspace(-1.0, 1.0, _N)
+
+    def solve(vector: Float[Array, " n"]) -> Float[Array, " n"]:
+        return lx.linear_solve(operator, vector, _CG).value
+
+    original = _H
+    try:
+        for seed in (13, 14):
+            _H = _spd(seed)
+            inverse = np.linalg.inv(_H)
+            batched = jax.vmap(solve)(jnp.stack([b, w]))
+            np.testing.assert_allclose(batched[1], inverse @ w, rtol=1e-8)
+            gradient = jax.grad(lambda v: solve(v) @ w)(b)
+            np.testing.assert_allclose(gradient, inverse.T @ w, rtol=1e-8)
+            value, tangent = jax.jvp(solve, (b,), (w,))
+            np.testing.assert_allclose(value, inverse @ b, rtol=1e-8)
+            np.testing.assert_allclose(tangent, inverse @ w, rtol=1e-8)
+    finally:
+        _H = original
