@@ -351,8 +351,10 @@ def test_changed_computation_is_traced_anew(monkeypatch):
 
 
 def test_gradients_of_a_closure_free_operator(monkeypatch):
-    # Un-jitted `jax.grad` and `jax.jvp` with respect to the vector: as before
-    # (the jitted path does not retrace; the function is kept as it is).
+    # Un-jitted `jax.grad` and `jax.jvp` with respect to the vector: the
+    # function traced afresh (as un-transformed), its solve jitted once per
+    # solver (kept as it was, a global rebound was read stale: see
+    # `test_transformed_krylov_solves_read_a_rebound_global`).
     counts = _Counts(monkeypatch, budget=0.0)
     operator = lx.FunctionLinearOperator(_stencil, _STRUCT, _SPD_TAGS)
     inverse = np.linalg.inv(_STENCIL_MATRIX)
@@ -372,7 +374,7 @@ def test_gradients_of_a_closure_free_operator(monkeypatch):
             primal, tangent = jax.jvp(solve, (jnp.asarray(b),), (jnp.asarray(w),))
             np.testing.assert_allclose(primal, inverse @ b, rtol=1e-10)
             np.testing.assert_allclose(tangent, inverse @ w, rtol=1e-10)
-    assert counts.traces == 0
+    assert counts.traces == 2
 
 
 def test_gradients_and_jvps_of_a_compiled_solve(monkeypatch):
@@ -487,3 +489,94 @@ def test_compiled_solve_after_clear_caches(monkeypatch):
     value = lx.linear_solve(operator, b, _LU).value
     np.testing.assert_allclose(value, np.linalg.solve(matrix, b), rtol=1e-10)
     assert (counts.op_by_op, counts.traces, counts.entries) == (1, 2, 1)
+
+
+_ANGLE_Y = 0.0
+
+
+def _angle_scaled(v: Float[Array, " n"]) -> Float[Array, " n"]:
+    # `_ANGLE_Y` is a literal of the trace: atan2(+0.0, -1) = pi, but
+    # atan2(-0.0, -1) = -pi, though -0.0 == 0.0 in Python; NaN is read as 1.
+    y = jnp.nan_to_num(_ANGLE_Y, nan=1.0)
+    return jnp.arctan2(y, -1.0) * (_STENCIL_MATRIX @ v)
+
+
+def test_literals_told_apart_by_their_bits(monkeypatch):
+    # A global rebound from 0.0 to -0.0 is a new computation (it was keyed as
+    # the same one and answered with the opposite sign); a NaN literal is the
+    # same computation on every solve (it was keyed anew on each, and never
+    # compiled). Op by op was right throughout.
+    global _ANGLE_Y
+    counts = _Counts(monkeypatch, budget=0.0)
+    operator = lx.FunctionLinearOperator(_angle_scaled, _STRUCT)
+    b = np.arange(1.0, _N + 1)
+    try:
+        for y in (0.0, -0.0, float("nan")):
+            _ANGLE_Y = y
+            matrix = np.arctan2(np.nan_to_num(y, nan=1.0), -1.0) * _STENCIL_MATRIX
+            for _ in range(3):
+                value = lx.linear_solve(operator, b, _LU).value
+                expected = np.linalg.solve(matrix, b)
+                np.testing.assert_allclose(value, expected, rtol=1e-10)
+    finally:
+        _ANGLE_Y = 0.0
+    # Three computations, each solved op by op once, then compiled once.
+    assert (counts.op_by_op, counts.traces, counts.entries) == (3, 3, 3)
+
+
+def _solves_inside(v: Float[Array, " n"]) -> Float[Array, " n"]:
+    # `custom_linear_solve` without a transpose solve: `None` among the jaxprs
+    # of its parameters.
+    inner = jax.lax.custom_linear_solve(lambda x: 2.0 * x, v, lambda _, w: w / 2.0)
+    return _STENCIL_MATRIX @ v + inner
+
+
+def test_custom_linear_solve_without_transpose_inside_the_function(monkeypatch):
+    # The key of its trace raised AttributeError ('NoneType' object has no
+    # attribute 'constvars') out of every un-jitted solve, the first included,
+    # whatever the budget; op by op it was right.
+    counts = _Counts(monkeypatch, budget=0.0)
+    operator = lx.FunctionLinearOperator(_solves_inside, _STRUCT)
+    b = np.arange(1.0, _N + 1)
+    expected = np.linalg.solve(_STENCIL_MATRIX + 0.5 * np.eye(_N), b)
+    for _ in range(3):
+        value = lx.linear_solve(operator, b, _LU).value
+        np.testing.assert_allclose(value, expected, rtol=1e-10)
+    assert (counts.op_by_op, counts.traces, counts.entries) == (1, 1, 1)
+
+
+_H = _spd(13)
+
+
+def _reads_h(v: Float[Array, " n"]) -> Float[Array, " n"]:
+    return _H @ v
+
+
+@pytest.mark.parametrize("budget", [0.0, float("inf")], ids=["compiled", "op-by-op"])
+def test_transformed_krylov_solves_read_a_rebound_global(monkeypatch, budget):
+    # Un-jitted `jax.vmap`, `jax.grad` and `jax.jvp` of a CG solve of a function
+    # reading a global: the global rebound between them was read stale (the
+    # values of the first solve's trace), whatever the budget; `LU` was right.
+    global _H
+    _Counts(monkeypatch, budget=budget)
+    operator = lx.FunctionLinearOperator(_reads_h, _STRUCT, _SPD_TAGS)
+    b = np.arange(1.0, _N + 1)
+    w = np.linspace(-1.0, 1.0, _N)
+
+    def solve(vector: Float[Array, " n"]) -> Float[Array, " n"]:
+        return lx.linear_solve(operator, vector, _CG).value
+
+    original = _H
+    try:
+        for seed in (13, 14):
+            _H = _spd(seed)
+            inverse = np.linalg.inv(_H)
+            batched = jax.vmap(solve)(jnp.stack([b, w]))
+            np.testing.assert_allclose(batched[1], inverse @ w, rtol=1e-8)
+            gradient = jax.grad(lambda v: solve(v) @ w)(b)
+            np.testing.assert_allclose(gradient, inverse.T @ w, rtol=1e-8)
+            value, tangent = jax.jvp(solve, (b,), (w,))
+            np.testing.assert_allclose(value, inverse @ b, rtol=1e-8)
+            np.testing.assert_allclose(tangent, inverse @ w, rtol=1e-8)
+    finally:
+        _H = original

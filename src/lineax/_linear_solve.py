@@ -432,6 +432,17 @@ def _linear_solve_entry(
             if solution is not None:
                 return solution
         elif not staging():
+            # A function that reads globals, traced afresh (`function.retraced`):
+            # its globals' current values become inputs of the solve. Kept as
+            # it is, it is static data of the solve's primitive, whose trace
+            # JAX and lineax cache on it: an un-jitted `jax.vmap`, `jax.grad`
+            # or `jax.jvp` of a CG or GMRES solve read a global rebound since
+            # stale (where `retraced` cannot, it still may: see its docstring).
+            leaves = jtu.tree_leaves((operator, options, state))
+            if any(type(leaf) is types.FunctionType for leaf in leaves):
+                converted = _retraced((operator, options, state))
+                if converted is not None:
+                    operator, options, state = converted
             # Under a transformation applied un-jitted (`jax.grad`, `jax.jvp` or
             # `jax.vmap` of a Python function): the solve as one cached `jax.jit`,
             # which JAX transforms as a whole and runs compiled, instead of its

@@ -178,7 +178,11 @@ def _computation_key(jaxpr: Any) -> tuple | None:
             value = np.asarray(v.val)
             if value.size != 1:
                 raise _Unsound
-            return ("literal", value.dtype, value.item(), v.aval)
+            # By its bytes, not `==`: -0.0 == 0.0 (and hash alike), yet
+            # `atan2(-0.0, -1.0)` is -pi; and NaN != NaN, which would key a
+            # function holding a NaN literal anew on every solve (never found
+            # again, never compiled).
+            return ("literal", value.dtype, value.tobytes(), v.aval)
         return numbers[v]
 
     def define(v):
@@ -204,7 +208,16 @@ def _computation_key(jaxpr: Any) -> tuple | None:
                     isinstance(x, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr))
                     for x in value
                 ):
-                    value = tuple(describe(x) for x in value)
+                    # (`custom_linear_solve`'s jaxprs hold `None` for a
+                    # transpose solve not given: kept as it is.)
+                    value = tuple(
+                        describe(x)
+                        if isinstance(
+                            x, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)
+                        )
+                        else x
+                        for x in value
+                    )
                 elif isinstance(value, _FUNCTIONS):
                     raise _Unsound
                 params.append((name, value))
@@ -226,7 +239,8 @@ def _computation_key(jaxpr: Any) -> tuple | None:
     try:
         key = describe(jaxpr)
         hash(key)
-    except (_Unsound, TypeError):
+    except Exception:  # (`_Unsound`, unhashable, or a parameter not foreseen)
+        # Op by op, as before: a function's solve is never failed by its key.
         return None
     return key
 
