@@ -350,14 +350,13 @@ def test_changed_computation_is_traced_anew(monkeypatch):
     assert (counts.op_by_op, counts.traces, counts.entries) == (8, 8, 8)
 
 
-def test_gradients_of_a_closure_free_operator(monkeypatch):
-    # Un-jitted `jax.grad` and `jax.jvp` with respect to the vector: the
-    # function traced afresh (as un-transformed), its solve jitted once per
-    # solver (kept as it was, a global rebound was read stale: see
-    # `test_transformed_krylov_solves_read_a_rebound_global`).
-    counts = _Counts(monkeypatch, budget=0.0)
-    operator = lx.FunctionLinearOperator(_stencil, _STRUCT, _SPD_TAGS)
-    inverse = np.linalg.inv(_STENCIL_MATRIX)
+def _check_vector_derivatives(
+    operator: lx.AbstractLinearOperator,
+    inverse: Float[np.ndarray, "n n"],
+    repeats: int,
+) -> None:
+    """Un-jitted `jax.grad` and `jax.jvp` of LU and CG solves of `operator` with
+    respect to the vector, `repeats` times each, against its `inverse`."""
     b = np.arange(1.0, _N + 1)
     w = np.linspace(-1.0, 1.0, _N)
     for solver in (_LU, _CG):
@@ -368,12 +367,22 @@ def test_gradients_of_a_closure_free_operator(monkeypatch):
         def solve(v: Float[Array, " n"], solver=solver) -> Float[Array, " n"]:
             return lx.linear_solve(operator, v, solver).value
 
-        for _ in range(2):
+        for _ in range(repeats):
             grad = jax.grad(weighted)(jnp.asarray(b))
             np.testing.assert_allclose(grad, inverse.T @ w, rtol=1e-10)
             primal, tangent = jax.jvp(solve, (jnp.asarray(b),), (jnp.asarray(w),))
             np.testing.assert_allclose(primal, inverse @ b, rtol=1e-10)
             np.testing.assert_allclose(tangent, inverse @ w, rtol=1e-10)
+
+
+def test_gradients_of_a_closure_free_operator(monkeypatch):
+    # Un-jitted `jax.grad` and `jax.jvp` with respect to the vector: the
+    # function traced afresh (as un-transformed), its solve jitted once per
+    # solver (kept as it was, a global rebound was read stale: see
+    # `test_transformed_krylov_solves_read_a_rebound_global`).
+    counts = _Counts(monkeypatch, budget=0.0)
+    operator = lx.FunctionLinearOperator(_stencil, _STRUCT, _SPD_TAGS)
+    _check_vector_derivatives(operator, np.linalg.inv(_STENCIL_MATRIX), repeats=2)
     assert counts.traces == 2
 
 
@@ -388,20 +397,7 @@ def test_gradients_and_jvps_of_a_compiled_solve(monkeypatch):
     b = np.arange(1.0, _N + 1)
     w = np.linspace(-1.0, 1.0, _N)
     inverse = np.linalg.inv(matrix)
-    for solver in (_LU, _CG):
-
-        def weighted(v: Float[Array, " n"], solver=solver) -> Float[Array, ""]:
-            return lx.linear_solve(operator, v, solver).value @ w
-
-        def solve(v: Float[Array, " n"], solver=solver) -> Float[Array, " n"]:
-            return lx.linear_solve(operator, v, solver).value
-
-        for _ in range(3):
-            grad = jax.grad(weighted)(jnp.asarray(b))
-            np.testing.assert_allclose(grad, inverse.T @ w, rtol=1e-10)
-            primal, tangent = jax.jvp(solve, (jnp.asarray(b),), (jnp.asarray(w),))
-            np.testing.assert_allclose(primal, inverse @ b, rtol=1e-10)
-            np.testing.assert_allclose(tangent, inverse @ w, rtol=1e-10)
+    _check_vector_derivatives(operator, inverse, repeats=3)
     # Per solver: the first `grad` op by op, then one jitted solve, traced once
     # (JAX differentiates the trace, under `grad` and `jvp` alike).
     assert (counts.op_by_op, counts.traces) == (2, 2)
