@@ -80,14 +80,16 @@ def _check_vector(
     converting integer arrays and safely promotable dtypes to the operator's
     dtypes."""
     out_leaves, out_treedef = jtu.tree_flatten(out_struct)
-    if not out_leaves or not jtu.tree_leaves(operator.in_structure()):
+    # (Through the class: a bound method of a module is a new module each time.)
+    in_struct = type(operator).in_structure(operator)
+    if not out_leaves or not jtu.tree_leaves(in_struct):
         raise ValueError(
             "The operator's input and output structures must each have at least "
-            f"one array, but it maps {describe(operator.in_structure())} to "
+            f"one array, but it maps {describe(in_struct)} to "
             f"{describe(out_struct)}: there is nothing to solve for."
         )
     vec_leaves, vec_treedef = jtu.tree_flatten(vector)
-    _check_enabled_dtypes(operator.in_structure(), out_leaves, vec_leaves)
+    _check_enabled_dtypes(in_struct, out_leaves, vec_leaves)
     if out_treedef != vec_treedef:
         hint = ""
         if jtu.treedef_is_leaf(out_treedef) and isinstance(vector, (list, tuple)):
@@ -112,7 +114,7 @@ def _check_vector(
         if shape != struct.shape:
             raise ValueError(
                 f"{where} has shape {shape}, but the operator's output has shape "
-                f"{struct.shape} (the operator maps {describe(operator.in_structure())}"
+                f"{struct.shape} (the operator maps {describe(in_struct)}"
                 f" to {describe(out_struct)})."
             )
         dtype = jnp.result_type(leaf)
