@@ -440,11 +440,10 @@ def _linear_solve_entry(
             # JAX and lineax cache on it: an un-jitted `jax.vmap`, `jax.grad`
             # or `jax.jvp` of a CG or GMRES solve read a global rebound since
             # stale (where `retraced` cannot, it still may: see its docstring).
-            leaves = jtu.tree_leaves((operator, options, state))
-            if any(type(leaf) is types.FunctionType for leaf in leaves):
-                converted = _retraced((operator, options, state))
-                if converted is not None:
-                    operator, options, state = converted
+            tree = (operator, options, state)
+            converted = _retraced(tree, jtu.tree_leaves(tree))
+            if converted is not None:
+                operator, options, state = converted
             # Under a transformation applied un-jitted (`jax.grad`, `jax.jvp` or
             # `jax.vmap` of a Python function): the solve as one cached `jax.jit`,
             # which JAX transforms as a whole and runs compiled, instead of its
@@ -480,12 +479,11 @@ def _run_compiled(
     jaxprs = ()
     if not _concrete(leaves):
         # (Tested only here: a matrix operator's call pays nothing for it.)
-        if any(type(leaf) is types.FunctionType for leaf in leaves):
-            # A function operator's function that reads globals: traced afresh,
-            # its globals' current values as inputs (see `function.retraced`).
-            converted = _retraced((operator, options, state))
-            if converted is None:
-                return None
+        tree = (operator, options, state)
+        converted = _retraced(tree, leaves)
+        if converted is None:
+            return None
+        if converted is not tree:
             operator, options, state = converted
             inputs = (operator, vector, options)
             leaves, treedef = jtu.tree_flatten(
@@ -841,9 +839,14 @@ def _solver_key(solver) -> tuple:
 _SOLVER_KEYS: dict[int, tuple[Any, tuple]] = {}
 
 
-def _retraced(tree: PyTree) -> PyTree | None:
+def _retraced(tree: PyTree, leaves: list) -> PyTree | None:
     """`tree` with each function that reads globals (`function.reads_globals`)
-    replaced by its trace now (`function.retraced`); `None` if one cannot be."""
+    replaced by its trace now (`function.retraced`), so that its globals' current
+    values become inputs of the solve; `None` if one cannot be. `leaves` are
+    `tree`'s leaves or a superset: where none is a plain function, `tree` itself
+    is returned (the common case, tested without a `tree_map`)."""
+    if not any(type(leaf) is types.FunctionType for leaf in leaves):
+        return tree
     failed = []
 
     def retrace(leaf):
