@@ -15,8 +15,14 @@ _N = 40  # above XLA:CPU's 32-entry window, below the 4096-entry sum (`_misc`)
 _BATCH = 7
 
 
+def _compile(fn, *args) -> jax.stages.Compiled:
+    # (The values are checked by running this same executable: evaluated op by
+    # op, or jitted anew, each check compiled the program again.)
+    return jax.jit(fn).lower(*args).compile()
+
+
 def _compiled(fn, *args) -> str:
-    return jax.jit(fn).lower(*args).compile().as_text()
+    return _compile(fn, *args).as_text()
 
 
 def _largest_array(hlo: str) -> int:
@@ -54,13 +60,14 @@ def test_vmap_of_gradient_over_vectors_tests_each_solution_once():
         return lx.linear_solve(lx.MatrixLinearOperator(m), b, lx.LU()).value
 
     grad_b = jax.vmap(jax.grad(lambda m, b: _loss(solve(m, b)), 1), (None, 0))
-    hlo = _compiled(grad_b, matrix, vectors)
+    compiled = _compile(grad_b, matrix, vectors)
+    hlo = compiled.as_text()
     assert _factorisations(hlo)["getrf"] == 1
     assert _largest_array(hlo) < _BATCH * _N * _N
-    expected = jax.vmap(
-        jax.grad(lambda m, b: _loss(jnp.linalg.solve(m, b)), 1), (None, 0)
+    expected = jax.jit(
+        jax.vmap(jax.grad(lambda m, b: _loss(jnp.linalg.solve(m, b)), 1), (None, 0))
     )(matrix, vectors)
-    np.testing.assert_allclose(grad_b(matrix, vectors), expected, rtol=1e-10)
+    np.testing.assert_allclose(compiled(matrix, vectors), expected, rtol=1e-10)
 
     jacobian = jax.jacfwd(lambda m, b: solve(m, b)[:3], 1)
     hlo = _compiled(jacobian, matrix, vectors[0])
@@ -108,12 +115,16 @@ def test_batched_krylov_derivative_solves_carry_no_residual_history():
     def loss(d, b):
         return _loss(_cg_solve(d, b, max_steps).value)
 
-    for fn in (
-        jax.vmap(jax.grad(loss, 1), (None, 0)),
-        jax.grad(lambda d, bs: jnp.sum(jax.vmap(lambda b: loss(d, b))(bs))),
-        jax.vmap(lambda d, b: _cg_solve(d, b, max_steps).value, (None, 0)),
-    ):
-        hlo = _compiled(fn, diagonal, vectors)
+    compiled = [
+        _compile(fn, diagonal, vectors)
+        for fn in (
+            jax.vmap(jax.grad(loss, 1), (None, 0)),
+            jax.grad(lambda d, bs: jnp.sum(jax.vmap(lambda b: loss(d, b))(bs))),
+            jax.vmap(lambda d, b: _cg_solve(d, b, max_steps).value, (None, 0)),
+        )
+    ]
+    for program in compiled:
+        hlo = program.as_text()
         assert re.search(rf"f64\[{batch},{max_steps}\]", hlo) is None
         assert re.search(rf"f64\[{max_steps}\]", hlo) is None
 
@@ -128,9 +139,11 @@ def test_batched_krylov_derivative_solves_carry_no_residual_history():
     floor = 64 * np.finfo(np.float64).eps * float(single[0])
     np.testing.assert_allclose(batched[1], single, rtol=1e-12, atol=floor)
     assert np.isfinite(single[0])
-    grads = jax.jit(jax.vmap(jax.grad(loss, 1), (None, 0)))(diagonal, vectors)
+    grads = compiled[0](diagonal, vectors)
     matrix = np.diag(diagonal) - np.eye(n, k=1) - np.eye(n, k=-1)
-    expected = jax.vmap(jax.grad(lambda b: _loss(jnp.linalg.solve(matrix, b))))(vectors)
+    expected = jax.jit(
+        jax.vmap(jax.grad(lambda b: _loss(jnp.linalg.solve(matrix, b))))
+    )(vectors)
     np.testing.assert_allclose(grads, expected, rtol=1e-7)
 
 
@@ -147,10 +160,14 @@ def test_batched_diagonal_solve_does_not_copy_the_diagonal_to_the_batch():
         solution = lx.linear_solve(lx.DiagonalLinearOperator(d), b, lx.Diagonal())
         return _loss(solution.value)
 
-    for fn in (
-        jax.vmap(jax.grad(loss, 1), (None, 0)),
-        jax.grad(lambda d, bs: jnp.sum(jax.vmap(lambda b: loss(d, b))(bs))),
-    ):
-        assert _largest_array(_compiled(fn, diagonal, vectors)) == batch * n
-    grads = jax.jit(jax.vmap(jax.grad(loss, 1), (None, 0)))(diagonal, vectors)
+    compiled = [
+        _compile(fn, diagonal, vectors)
+        for fn in (
+            jax.vmap(jax.grad(loss, 1), (None, 0)),
+            jax.grad(lambda d, bs: jnp.sum(jax.vmap(lambda b: loss(d, b))(bs))),
+        )
+    ]
+    for program in compiled:
+        assert _largest_array(program.as_text()) == batch * n
+    grads = compiled[0](diagonal, vectors)
     np.testing.assert_allclose(grads, np.cos(vectors / diagonal) / diagonal)

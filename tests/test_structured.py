@@ -74,7 +74,10 @@ def _block_schur(rng, dtype):
 def _sparse(rng, dtype):
     dense = randn(rng, (6, 6), dtype) * (rng.uniform(size=(6, 6)) < 0.4)
     dense = dense + 4 * np.eye(6)
-    op = lx.SparseLinearOperator(jsparse.BCSR.fromdense(jnp.asarray(dense, dtype)))
+    # (From SciPy, the same stored entries as `BCSR.fromdense`: that runs about
+    # thirty operations op by op, each compiled on its own.)
+    csr = scipy.sparse.csr_matrix(np.asarray(dense, dtype))
+    op = lx.SparseLinearOperator(jsparse.BCSR.from_scipy_sparse(csr))
     return op, lx.AutoLinearSolver(well_posed=True), lx.LU
 
 
@@ -116,12 +119,17 @@ def _make(name, dtype, seed=0):
 
 
 def _dense(op):
-    return np.asarray(op.as_matrix())
+    return np.asarray(_as_matrix(op))
 
 
 #
 # Shared jitted functions (one trace per operator type and dtype).
 #
+
+
+# (The dense reference compiled once per operator type: run op by op, each of the
+# operations of a structured operator's `as_matrix` compiled on its own.)
+_as_matrix = eqx.filter_jit(lambda op: op.as_matrix())
 
 
 @eqx.filter_jit
@@ -141,6 +149,15 @@ def _operator_methods(op, x, y):
 def _solve(op, b, solver):
     sol = lx.linear_solve(op, b, solver)
     return sol.value, sol.result
+
+
+@eqx.filter_jit
+def _transposed_solve(op, y, solver):
+    # The solve through the transposed state (what reverse mode uses), compiled
+    # once rather than op by op.
+    state_t, _ = solver.transpose(solver.init(op, {}), {})
+    x_t, result_t, _ = solver.compute(state_t, y, {})
+    return x_t, result_t
 
 
 def _dense_solve(op, b):
@@ -187,10 +204,8 @@ def test_solve_matches_dense(name, dtype):
     assert_close(flatten(value), want, dtype, scale=10)
     # And through the transposed state (what reverse mode uses).
     if not isinstance(solver, lx.AutoLinearSolver):
-        state = solver.init(op, {})
-        state_t, _ = solver.transpose(state, {})
         y = random_vector(rng, op.in_structure())
-        x_t, result_t, _ = solver.compute(state_t, y, {})
+        x_t, result_t = _transposed_solve(op, y, solver)
         assert result_t == lx.RESULTS.successful
         want_t = np.linalg.solve(_dense(op).T, flatten(y))
         assert_close(flatten(x_t), want_t, dtype, scale=10)
@@ -411,7 +426,15 @@ def test_error_kronecker_factor_not_square_for_solve():
 
 
 def test_error_sparse_batch_dimensions():
-    batched = jsparse.BCOO.fromdense(jnp.ones((2, 3, 3)), n_batch=1)
+    # Two batches of the 3x3 matrix of ones, with one batch dimension (what
+    # `BCOO.fromdense(jnp.ones((2, 3, 3)), n_batch=1)` makes, which runs about fifty
+    # operations op by op).
+    indices = np.stack(np.meshgrid(np.arange(3), np.arange(3), indexing="ij"), -1)
+    indices = np.broadcast_to(indices.reshape(1, 9, 2), (2, 9, 2))
+    batched = jsparse.BCOO(
+        (jnp.ones((2, 9)), jnp.asarray(indices, jnp.int32)), shape=(2, 3, 3)
+    )
+    assert (batched.n_batch, batched.n_dense) == (1, 0)
     with pytest.raises(ValueError, match="no batch or dense dimensions"):
         lx.SparseLinearOperator(batched)
     with pytest.raises(TypeError, match="MatrixLinearOperator"):
@@ -711,15 +734,25 @@ def test_sparse_product_without_jax_sparse_matmul(fmt):
     assert not any(name.startswith(("bcsr", "bcoo")) for name in counts)
     np.testing.assert_allclose(jax.jit(product)(matrix, x), dense @ x, rtol=1e-12)
     op = lx.SparseLinearOperator(matrix)
-    np.testing.assert_allclose(op.T.mv(y), dense.T @ y, rtol=1e-12)
+    mv_t, grad = _transpose_mv_and_grad(op, op.T, x, y)
+    np.testing.assert_allclose(mv_t, dense.T @ y, rtol=1e-12)
     # Gradients land on the stored values (nothing derived holds values).
-    _assert_gradient_lands_on_stored_values(op, dense, x)
+    _assert_gradient_lands_on_stored_values(op, grad, dense, x)
 
 
-def _assert_gradient_lands_on_stored_values(op, dense, x):
+@eqx.filter_jit
+def _transpose_mv_and_grad(op, transposed, x, y):
+    # `A^T y` and the gradient of |A x|^2 in the operator, compiled once per case
+    # (op by op, each of the operations of a sparse product and of its gradient
+    # compiled on its own). The transpose is taken outside, as a user's eager
+    # `op.T` is: of concrete indices, on the host (under `jit` they are traced).
+    grad = eqx.filter_grad(lambda op: jnp.sum(op.mv(x) ** 2))(op)
+    return transposed.mv(y), grad
+
+
+def _assert_gradient_lands_on_stored_values(op, grad, dense, x):
     # The gradient of |A x|^2 with respect to the stored values is 2 (A x) x^T at
     # the stored positions (nothing derived from the values may hold them).
-    grad = eqx.filter_grad(lambda op: jnp.sum(op.mv(x) ** 2))(op)
     got = scipy.sparse.coo_matrix(
         (np.asarray(grad.matrix.data), np.asarray(_stored_indices(op)).T),
         shape=dense.shape,
@@ -766,17 +799,24 @@ def test_sparse_banded_product_by_diagonals(fmt):
     counts = _count_primitives(mv, op, x)
     assert not any("scatter" in name for name in counts), counts
     np.testing.assert_allclose(mv(op, x), dense @ x, rtol=1e-12)
-    np.testing.assert_allclose(op.T.mv(y), dense.T @ y, rtol=1e-12)
+    mv_t, grad = _transpose_mv_and_grad(op, op.T, x, y)
+    np.testing.assert_allclose(mv_t, dense.T @ y, rtol=1e-12)
     np.testing.assert_allclose(
-        jax.vmap(op.mv)(jnp.stack([x, 2 * x])), np.stack([dense @ x, 2 * dense @ x])
+        _vmap_mv(op, jnp.stack([x, 2 * x])), np.stack([dense @ x, 2 * dense @ x])
     )
-    _assert_gradient_lands_on_stored_values(op, dense, x)
+    _assert_gradient_lands_on_stored_values(op, grad, dense, x)
     if fmt == "bcsr":
-        np.testing.assert_allclose(lx.diagonal(op), np.diagonal(dense))
+        np.testing.assert_allclose(_diagonal(op), np.diagonal(dense))
         solve = jax.jit(lambda op, b: lx.linear_solve(op, b, lx.CG(1e-12, 1e-12)))
         np.testing.assert_allclose(
             solve(op, y).value, np.linalg.solve(dense, y), rtol=1e-10
         )
+
+
+# (Compiled once, not op by op; the operator's diagonal layout is a static field,
+# which `jit` keeps.)
+_vmap_mv = eqx.filter_jit(lambda op, xs: jax.vmap(op.mv)(xs))
+_diagonal = eqx.filter_jit(lx.diagonal)
 
 
 def test_sparse_diagonal_layout_falls_back():
