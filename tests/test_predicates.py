@@ -418,6 +418,11 @@ def test_is_cacheable():
         m @ m,
         m * jnp.array(2.0),
         m / jnp.array(-2.0),
+        # The sign of a Python number is read at trace time: the cache keys the
+        # number by its value (`_linear_solve._without_jaxprs`).
+        m * 2.0,
+        m / -2.0,
+        1j * m,
         # A function closing over arrays is closure-converted: its jaxpr, the one
         # leaf not an array, is compared by identity in the cache's key (see
         # `function.holds_its_jaxpr`).
@@ -436,9 +441,8 @@ def test_is_cacheable():
         # No closure: it reads globals (`linear_solve` traces it anew per solve).
         lx.FunctionLinearOperator(_negate, _S),
         m + lx.FunctionLinearOperator(_negate, _S),
-        # The sign of a Python number is read at trace time.
-        m * 2.0,
-        m / -2.0,
+        # (`True` is no scale: a `bool` leaf is never keyed.)
+        lx.MulLinearOperator(m, True),
         lx.TangentLinearOperator(m, m),
         jnp.eye(3),
         "not an operator",

@@ -577,7 +577,12 @@ is_cacheable.register(ComposedLinearOperator)(_both(is_cacheable))
 is_cacheable.register(NegLinearOperator)(lambda op: is_cacheable(op.operator))
 for _cls in (MulLinearOperator, DivLinearOperator):
     is_cacheable.register(_cls)(
-        lambda op: concrete_arrays(op.scalar) and is_cacheable(op.operator)
+        # (A Python number too: the cache keys it by value, see
+        # `_linear_solve._without_jaxprs`.)
+        lambda op: (
+            (type(op.scalar) in (int, float, complex) or concrete_arrays(op.scalar))
+            and is_cacheable(op.operator)
+        )
     )
 reads_every_leaf.register(AddLinearOperator)(_both(reads_every_leaf))
 reads_every_leaf.register(ComposedLinearOperator)(_both(reads_every_leaf))
