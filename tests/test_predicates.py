@@ -419,7 +419,7 @@ def test_is_cacheable():
         m * jnp.array(2.0),
         m / jnp.array(-2.0),
         # The sign of a Python number is read at trace time: the cache keys the
-        # number by its value (`_linear_solve._without_jaxprs`).
+        # number by its value (`_linear_solve._without_statics`).
         m * 2.0,
         m / -2.0,
         1j * m,

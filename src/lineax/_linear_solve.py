@@ -27,7 +27,12 @@ from ._misc import (
     staging,
     strip_weak_dtype,
 )
-from ._operator.base import AbstractLinearOperator, is_cacheable, reads_every_leaf
+from ._operator.base import (
+    AbstractLinearOperator,
+    is_cacheable,
+    PYTHON_NUMBERS,
+    reads_every_leaf,
+)
 from ._operator.function import FunctionLinearOperator, reads_globals, retraced
 from ._operator.realified import (
     joined,
@@ -476,7 +481,7 @@ def _run_compiled(
     leaves, treedef = jtu.tree_flatten(
         inputs if state is _sentinel else (*inputs, state)
     )
-    jaxprs = ()
+    statics = ()
     if not _concrete(leaves):
         # (Tested only here: a matrix operator's call pays nothing for it.)
         tree = (operator, options, state)
@@ -489,11 +494,11 @@ def _run_compiled(
             leaves, treedef = jtu.tree_flatten(
                 inputs if state is _sentinel else (*inputs, state)
             )
-        leaves, jaxprs = _without_jaxprs(leaves)
-        if not jaxprs or not _concrete(leaves):
+        leaves, statics = _without_statics(leaves)
+        if not statics or not _concrete(leaves):
             return None
     key, compiled = _compiled_linear_solve(
-        operator, options, state, treedef, jaxprs, solver, value_only, None
+        operator, options, state, treedef, statics, solver, value_only, None
     )
     if compiled is _RENT:
         return _solved_op_by_op(key, operator, vector, solver, options, state, throw)
@@ -507,7 +512,7 @@ def _run_compiled(
         solution = compiled(leaves)
     except TypeError as error:
         solution = _static_output(
-            error, key, leaves, treedef, jaxprs, solver, value_only, None
+            error, key, leaves, treedef, statics, solver, value_only, None
         )
     if solution is None:
         return None
@@ -538,7 +543,7 @@ def _run_jitted(
     leaves, treedef = jtu.tree_flatten(
         inputs if state is _sentinel else (*inputs, state)
     )
-    leaves, jaxprs = _without_jaxprs(leaves)
+    leaves, statics = _without_statics(leaves)
     # (`is_cacheable` asks that the static data compare by value, and that the
     # arrays be concrete, which these are not: it is asked of stand-ins.)
     stand_ins = _stand_ins((operator, options, state))
@@ -547,7 +552,7 @@ def _run_jitted(
         stand_ins[1],
         stand_ins[2],
         treedef,
-        jaxprs,
+        statics,
         solver,
         value_only,
         throw,
@@ -561,7 +566,7 @@ def _run_jitted(
             return jitted(leaves)
         except TypeError as error:
             return _static_output(
-                error, key, leaves, treedef, jaxprs, solver, value_only, throw
+                error, key, leaves, treedef, statics, solver, value_only, throw
             )
     except jax.errors.JaxRuntimeError as error:
         # A failure of the solve (or of its tangent solve, under `jax.jvp`), raised
@@ -576,7 +581,7 @@ def _run_jitted(
         raise eqx.EquinoxRuntimeError(message.strip()) from None
 
 
-def _static_output(error, key, leaves, treedef, jaxprs, solver, value_only, throw):
+def _static_output(error, key, leaves, treedef, statics, solver, value_only, throw):
     """After the cached solve under `key` raised `error` (a `TypeError`): the
     solve compiled to return its non-array parts as static data, cached under
     `key` and called; or `None` where that fails too."""
@@ -589,7 +594,7 @@ def _static_output(error, key, leaves, treedef, jaxprs, solver, value_only, thro
     # time is raised again by the eager path.)
     if "not a valid JAX type" not in str(error):
         raise error
-    solve = _solve_of_leaves(treedef, jaxprs, solver, value_only, throw)
+    solve = _solve_of_leaves(treedef, statics, solver, value_only, throw)
     compiled = _with_static_output(solve)
     _replace_compiled(key, compiled)
     try:
@@ -861,7 +866,7 @@ def _retraced(tree: PyTree, leaves: list) -> PyTree | None:
     return None if failed else tree
 
 
-def _without_jaxprs(leaves: list) -> tuple[list, tuple]:
+def _without_statics(leaves: list) -> tuple[list, tuple]:
     """`leaves` without the jaxprs of closure-converted functions (see
     `function.holds_its_jaxpr`) and the Python numbers, and those with their
     positions: static data of the compiled solve, in its key (see `_static_key`).
@@ -874,36 +879,31 @@ def _without_jaxprs(leaves: list) -> tuple[list, tuple]:
     n = 10; lineax 0.1.1 0.22 ms); now it is compiled per value, after the
     rental (`_renting`), so that a scale changed on every solve stays op by op.
     """
-    jaxprs = tuple(
+    statics = tuple(
         (i, leaf)
         for i, leaf in enumerate(leaves)
-        if isinstance(leaf, _Jaxpr) or type(leaf) in _NUMBERS
+        if isinstance(leaf, _Jaxpr) or type(leaf) in PYTHON_NUMBERS
     )
-    if not jaxprs:
+    if not statics:
         return leaves, ()
-    return [
-        x for x in leaves if not (isinstance(x, _Jaxpr) or type(x) in _NUMBERS)
-    ], jaxprs
+    positions = {i for i, _ in statics}
+    return [x for i, x in enumerate(leaves) if i not in positions], statics
 
 
-# (Not `bool`: a flag is never a scale.)
-_NUMBERS = (int, float, complex)
-
-
-def _static_key(jaxprs: tuple) -> tuple:
+def _static_key(statics: tuple) -> tuple:
     """The static leaves in a key: a jaxpr by identity, a Python number by its
     type and `repr` (`1 == 1.0 == True` and `-0.0 == 0.0`, but each scales
     differently; a NaN compares unequal to itself)."""
     return tuple(
-        (i, x) if isinstance(x, _Jaxpr) else (i, type(x), repr(x)) for i, x in jaxprs
+        (i, x) if isinstance(x, _Jaxpr) else (i, type(x), repr(x)) for i, x in statics
     )
 
 
-def _with_jaxprs(leaves: list, jaxprs: tuple) -> list:
-    """The inverse of `_without_jaxprs`."""
+def _with_statics(leaves: list, statics: tuple) -> list:
+    """The inverse of `_without_statics`."""
     leaves = list(leaves)
-    for i, jaxpr in jaxprs:
-        leaves.insert(i, jaxpr)
+    for i, static in statics:
+        leaves.insert(i, static)
     return leaves
 
 
@@ -911,7 +911,7 @@ _Jaxpr: Any = jax.extend.core.Jaxpr
 
 
 def _renting(key: tuple) -> bool:
-    """Whether the solve under `key`, with jaxprs (its last element), is still
+    """Whether the solve under `key`, with static leaves (its last element), is still
     to be dispatched op by op (called with `_COMPILED_LOCK` held): one not
     sighted before, or whose solves op by op have not yet taken `_EAGER_BUDGET`
     seconds in all.
@@ -932,16 +932,19 @@ def _renting(key: tuple) -> bool:
 
 
 def _rent_key(key: tuple) -> tuple:
-    """`key` in `_EAGER_SPENT`: its jaxprs by weak references, which keep no
+    """`key` in `_EAGER_SPENT`: its jaxprs by weak references (its numbers as they
+    are), which keep no
     operator alive, and of which one to a jaxpr since freed equals none but
     itself (a new jaxpr at the freed one's `id`, as a preconditioner made anew
     for each solve of one operator has, would otherwise inherit its time, and
     be compiled, for nothing)."""
-    *rest, jaxprs = key
-    # (A number's entry, `(i, type, repr)`, is kept as it is.)
+    *rest, statics = key
     return (
         *rest,
-        tuple((x[0], weakref.ref(x[1])) if len(x) == 2 else x for x in jaxprs),
+        tuple(
+            (x[0], weakref.ref(x[1])) if isinstance(x[1], _Jaxpr) else x
+            for x in statics
+        ),
     )
 
 
@@ -974,16 +977,16 @@ def _compiled_linear_solve(
     options,
     state,
     treedef,
-    jaxprs: tuple,
+    statics: tuple,
     solver,
     value_only: bool,
     throw: bool | None,
 ):
     key = (treedef, value_only, throw, _solver_key(solver))
-    if jaxprs:
+    if statics:
         # (The key holds the jaxprs: none is freed, and its `id` reused, while
-        # its entry lives.)
-        key = (*key, _static_key(jaxprs))
+        # its entry lives. See `_static_key`.)
+        key = (*key, _static_key(statics))
     # Under the lock: solves run from several Python threads reorder and evict
     # entries concurrently, and an eviction iterating over `_COMPILED` while
     # another thread changes it raised `RuntimeError: dictionary changed size
@@ -1003,11 +1006,11 @@ def _compiled_linear_solve(
                 and _cacheable_operators((options, state))
             ):
                 return None, None
-            if jaxprs and _renting(key):
+            if statics and _renting(key):
                 return key, _RENT
             _make_room()
             compiled = jax.jit(
-                _solve_of_leaves(treedef, jaxprs, solver, value_only, throw)
+                _solve_of_leaves(treedef, statics, solver, value_only, throw)
             )
 
         _COMPILED[key] = compiled
@@ -1015,11 +1018,11 @@ def _compiled_linear_solve(
 
 
 def _solve_of_leaves(
-    treedef, jaxprs: tuple, solver, value_only: bool, throw: bool | None
+    treedef, statics: tuple, solver, value_only: bool, throw: bool | None
 ):
     def compiled(leaves):
-        if jaxprs:
-            leaves = _with_jaxprs(leaves, jaxprs)
+        if statics:
+            leaves = _with_statics(leaves, statics)
         operator, vector, options, *state = jtu.tree_unflatten(treedef, leaves)
         state = state[0] if state else _sentinel
         solution = _linear_solve(operator, vector, solver, options, state, throw)

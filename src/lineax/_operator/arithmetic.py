@@ -29,6 +29,7 @@ from .base import (
     is_upper_triangular,
     linearise,
     materialise,
+    PYTHON_NUMBERS,
     reads_every_leaf,
     scaled_dtype,
     tridiagonal,
@@ -578,9 +579,9 @@ is_cacheable.register(NegLinearOperator)(lambda op: is_cacheable(op.operator))
 for _cls in (MulLinearOperator, DivLinearOperator):
     is_cacheable.register(_cls)(
         # (A Python number too: the cache keys it by value, see
-        # `_linear_solve._without_jaxprs`.)
+        # `_linear_solve._without_statics`.)
         lambda op: (
-            (type(op.scalar) in (int, float, complex) or concrete_arrays(op.scalar))
+            (type(op.scalar) in PYTHON_NUMBERS or concrete_arrays(op.scalar))
             and is_cacheable(op.operator)
         )
     )

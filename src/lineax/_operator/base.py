@@ -623,6 +623,11 @@ def register_stored(cls: type) -> None:
     holds_values.register(cls)(_yes)
 
 
+# The Python numbers that scale an operator as static data (`2.0 * operator`):
+# their sign decides its definiteness tags. (Not `bool`: a flag is no scale.)
+PYTHON_NUMBERS = (int, float, complex)
+
+
 def concrete_arrays(tree: PyTree) -> bool:
     """Whether every leaf of `tree` is a JAX or NumPy array that is not traced."""
     return all(
