@@ -121,6 +121,15 @@ class LSMR(AbstractKrylovSolver):
         orthogonality. So success implies the test with the true `||A||_2`, and
         with `||A||_F`.
 
+    Rule 2 does not tell a consistent system from an inconsistent one: where
+    `cond(A) > 1 / rtol`, a residual along the operator's smallest singular
+    directions passes it however large it is. On a square nonsingular system
+    that badly conditioned (float32, rows scaled by 10^±3: cond 2e5-9e5, rtol
+    1e-5), LSMR can stop successful with `||r||` at 40-70% of `||b||`, as
+    SciPy's `lsmr` (`istop = 2`) and the published lineax do on the same
+    inputs. To solve such a system, not fit it, use GMRES, BiCGStab or a
+    direct solver, or check `||r||` yourself.
+
     In finite precision LSMR's true `||A^H r|| / (||A|| ||r||)` levels off at about
     `eps * cond(A)` (float32: 1e-3 at cond 1e4), so a smaller `rtol` cannot be met
     on a true residual. Once the iteration can go no further (LSMR's estimate of
