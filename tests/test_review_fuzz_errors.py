@@ -49,3 +49,53 @@ def test_state_for_a_solver_that_cannot_solve_the_operator(solver, match, state)
     # (Not `raises_message`: runtime type checking passes these arguments.)
     with pytest.raises(ValueError, match=match):
         jax.eval_shape(lambda: lx.linear_solve(OP, B, solver, state=given))
+
+
+def _m(a):
+    return lx.MatrixLinearOperator(jnp.asarray(a))
+
+
+_BLOCK = lx.BlockLinearOperator([[_m(A[:2, :2]), _m(A[:2, 2:])], [_m(A[2:, :2]), None]])
+_BLOCK_DIAGONAL = lx.BlockDiagonalLinearOperator([_m(A[:2, :2]), _m(A[2:, 2:])])
+# Equal blocks: `mv` runs them as one, under `vmap`.
+_STACKED = lx.BlockDiagonalLinearOperator([_m(A[:2, :2]), _m(A[1:, 1:])])
+
+
+# `mv` of a block operator paired blocks with parts of the vector by `zip`: a
+# missing part gave the product of the blocks it had, an extra part was ignored
+# (both a wrong answer, no error), and a single array was split into scalars.
+@pytest.mark.parametrize(
+    "operator", [_BLOCK, _BLOCK_DIAGONAL, _STACKED], ids=["block", "diag", "stacked"]
+)
+@pytest.mark.parametrize(
+    "vector,match",
+    [
+        ((jnp.ones(2),), "tuple of 2 parts.*got a tuple of 1"),
+        ((jnp.ones(2), jnp.ones(1), jnp.ones(1)), "tuple of 2 parts.*got a tuple of 3"),
+        (jnp.ones(3), "tuple of 2 parts.*got ArrayImpl"),
+        ((jnp.ones(2), jnp.ones(4)), r"`vector\[1\]`.*shapes"),
+    ],
+    ids=["missing", "extra", "array", "wrong_shape"],
+)
+def test_block_mv_checks_the_parts(operator, vector, match):
+    with pytest.raises(ValueError, match=match):
+        operator.mv(vector)
+
+
+def test_block_mv_of_right_parts():
+    x = (jnp.array([1.0, -2.0]), jnp.array([0.5]))
+    y = _BLOCK.mv(list(x))  # (a list of the parts is a vector too)
+    dense = A.at[2, 2].set(0.0)
+    assert jnp.allclose(jnp.concatenate(y), dense @ jnp.concatenate(x), rtol=1e-14)
+    y = _BLOCK_DIAGONAL.mv(x)
+    assert jnp.allclose(y[0], A[:2, :2] @ x[0]) and jnp.allclose(y[1], A[2:, 2:] @ x[1])
+
+
+def test_kronecker_mv_checks_the_shape():
+    kron = lx.KroneckerLinearOperator(_m(A), _m(A.T))
+    x = jnp.arange(9.0)
+    assert jnp.allclose(kron.mv(x), jnp.kron(A, A.T) @ x, rtol=1e-14)
+    # A `(3, 3)` matrix was reshaped to the `(9,)` vector silently.
+    for wrong in [x.reshape(3, 3), jnp.ones(7)]:
+        with pytest.raises(ValueError, match=r"`vector` has shape .*shape \(9,\)"):
+            kron.mv(wrong)
