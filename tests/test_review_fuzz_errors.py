@@ -99,3 +99,15 @@ def test_kronecker_mv_checks_the_shape():
     for wrong in [x.reshape(3, 3), jnp.ones(7)]:
         with pytest.raises(ValueError, match=r"`vector` has shape .*shape \(9,\)"):
             kron.mv(wrong)
+
+
+def test_solver_function_for_a_solver():
+    # `lx.NormalCG` is a function that builds a solver (as in lineax 0.1.1): passed
+    # unbuilt, the message said only "got function". (Called directly, as runtime
+    # type checking of `linear_solve` reports it first in the test suite.)
+    from lineax._solver.base import check_solver
+
+    with pytest.raises(TypeError, match=r"function `NormalCG`.*lx\.NormalCG\(\.\.\.\)"):
+        check_solver(lx.NormalCG, "solver")
+    with pytest.raises(TypeError, match=r"got function\.$"):
+        check_solver(lx.linear_solve, "solver")
