@@ -111,3 +111,21 @@ def test_solver_function_for_a_solver():
         check_solver(lx.NormalCG, "solver")
     with pytest.raises(TypeError, match=r"got function\.$"):
         check_solver(lx.linear_solve, "solver")
+
+
+# `IdentityLinearOperator.mv` returned a vector of another shape as it was (square
+# identity), or cut or padded it to the output's size (rectangular): a wrong
+# product, no error, where lineax 0.1.1 raises. Other dtypes are still cast.
+_S3 = jax.ShapeDtypeStruct((3,), jnp.float64)
+_S2 = jax.ShapeDtypeStruct((2,), jnp.float64)
+
+
+@pytest.mark.parametrize("out", [_S3, _S2], ids=["square", "rectangular"])
+def test_identity_mv_checks_the_shape(out):
+    identity = lx.IdentityLinearOperator(_S3, out)
+    for wrong in [jnp.ones(7), jnp.ones((3, 1)), (jnp.ones(3),)]:
+        with pytest.raises(ValueError, match=r"`vector` must have the input structure"):
+            identity.mv(wrong)
+    y = identity.mv(jnp.array([1, 2, 3]))  # an integer vector, cast
+    assert y.dtype == jnp.float64
+    assert jnp.array_equal(y, jnp.array([1.0, 2.0, 3.0])[: out.shape[0]])
