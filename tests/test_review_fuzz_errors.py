@@ -1,8 +1,10 @@
 """Regression tests from a randomised robustness fuzzer over the public API (a
 valid call, then one or two mutations of its arguments), run outside the
 repository: each case here had given an internal exception (AttributeError, ...)
-where a clear error naming the argument was due, or a wrong answer reported as
-successful. Checks are at trace time (`jax.eval_shape`) where the defect was.
+or an unhelpful message where a clear error naming the argument was due, or a wrong
+answer without an error (an operator's `mv` ignoring, cutting or reshaping a
+vector of the wrong structure). All checks are at trace time: nothing here
+compiles more than a small eager solve.
 """
 
 import jax
