@@ -248,11 +248,28 @@ def _check_state(state, operator, options, solver, mismatch=_STATE_MISMATCH):
             raise ValueError(mismatch)
         return
     want = _expected_state(operator, options, solver)
-    if want is None:  # the solver cannot init this operator: let compute say so
+    if want is None:
+        _raise_init_error(operator, options, solver)
         return
     got = _state_signature(eqx.filter(state, _is_signature_leaf))
     if got != want:
         raise ValueError(mismatch)
+
+
+def _raise_init_error(operator, options, solver) -> None:
+    """Raise the error of `solver.init(operator, options)`, where it fails with a
+    `ValueError` or `TypeError`: the solver cannot solve this operator at all
+    (`lx.CG` without a definiteness tag, `lx.Diagonal` without a diagonal one),
+    with any state. `compute` read the given state as its own and failed on a
+    missing attribute instead (`'LUState' object has no attribute 'operator'`).
+    Other failures (of `init` under `eval_shape` only, say) are left to
+    `compute`, with the state given."""
+    try:
+        eqx.filter_eval_shape(solver.init, operator, options)
+    except jax.errors.JAXTypeError:
+        pass
+    except (ValueError, TypeError):
+        raise
 
 
 def _is_array_or_struct(x: Any) -> bool:

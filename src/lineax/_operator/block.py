@@ -26,6 +26,35 @@ from .base import (
 )
 
 
+def check_parts(vector: Any, structure: tuple, who: str) -> None:
+    """Raise a ValueError unless `vector` is a tuple (or list) of parts with the
+    PyTree structures and shapes of the parts of `structure`, an operator's input
+    structure (one part per block column). `mv` pairs blocks with parts by `zip`,
+    which silently dropped a missing or extra part (a wrong product, no error)
+    and split a single array into its scalars (an error from deep in JAX)."""
+    if not isinstance(vector, (tuple, list)) or len(vector) != len(structure):
+        got = (
+            f"a {type(vector).__name__} of {len(vector)} parts"
+            if isinstance(vector, (tuple, list))
+            else type(vector).__name__
+        )
+        raise ValueError(
+            f"`vector` of this `{who}` must be a tuple of {len(structure)} parts, "
+            f"one per block column (its `in_structure()`: {describe(structure)}), "
+            f"got {got}."
+        )
+    for i, (part, want) in enumerate(zip(vector, structure)):
+        shapes = jtu.tree_map(jnp.shape, part)
+        if jtu.tree_structure(part) != jtu.tree_structure(want) or shapes != (
+            jtu.tree_map(lambda s: s.shape, want)
+        ):
+            raise ValueError(
+                f"`vector[{i}]` of this `{who}` must have the structure and shapes "
+                f"of {describe(want)}, got "
+                f"{jtu.tree_structure(part)} with shapes {jtu.tree_leaves(shapes)}."
+            )
+
+
 class BlockLinearOperator(AbstractLinearOperator):
     """A block operator: a 2-D grid of operators, with `None` for a zero block.
 
@@ -105,6 +134,7 @@ class BlockLinearOperator(AbstractLinearOperator):
         return tuple(out)
 
     def mv(self, vector):
+        check_parts(vector, self.in_structure(), "BlockLinearOperator")
         out = []
         for row in self.blocks:
             parts = [b.mv(x) for b, x in zip(row, vector) if b is not None]

@@ -35,6 +35,7 @@ from .base import (
     scaled,
     tridiagonal,
 )
+from .block import check_parts
 
 
 def stack_alike(blocks: Sequence[Any]) -> Any | None:
@@ -180,6 +181,7 @@ class BlockDiagonalLinearOperator(AbstractLinearOperator):
         )
 
     def mv(self, vector):
+        check_parts(vector, self.in_structure(), "BlockDiagonalLinearOperator")
         if self._stacked is None:
             return tuple(block.mv(x) for block, x in zip(self.blocks, vector))
         xs = stack_vectors(vector)

@@ -6,7 +6,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from .._misc import result_dtype, Static, structure_of
+from .._misc import describe, result_dtype, Static, structure_of
 from ._arguments import check_not_operator
 from .base import (
     AbstractLinearOperator,
@@ -66,6 +66,19 @@ class IdentityLinearOperator(AbstractLinearOperator):
     def mv(self, vector):
         in_struct = self.input_structure.value
         out_struct = self.output_structure.value
+        leaves, treedef = jtu.tree_flatten(vector)
+        if treedef != jtu.tree_structure(in_struct) or any(
+            jnp.shape(x) != s.shape for x, s in zip(leaves, jtu.tree_leaves(in_struct))
+        ):
+            # (As lineax 0.1.1 does. Without it a vector of another shape was
+            # returned as it was, or flattened and cut or padded to the output's
+            # size: a wrong product, no error. Dtypes are cast, not checked.)
+            got = ", ".join(str(list(jnp.shape(x))) for x in leaves)
+            raise ValueError(
+                "`vector` must have the input structure of this "
+                f"`IdentityLinearOperator`, {describe(in_struct)}; got {treedef} "
+                f"with shapes [{got}]."
+            )
         if jtu.tree_structure(in_struct) == jtu.tree_structure(out_struct) and all(
             a.shape == b.shape
             for a, b in zip(jtu.tree_leaves(in_struct), jtu.tree_leaves(out_struct))

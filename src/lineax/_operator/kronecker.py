@@ -119,7 +119,16 @@ class KroneckerLinearOperator(AbstractLinearOperator):
         return result_dtype(op.in_structure(), op.out_structure())
 
     def mv(self, vector):
-        x = vector.reshape(tuple(op.in_size() for op in self.operators))
+        sizes = tuple(op.in_size() for op in self.operators)
+        if jnp.shape(vector) != (math.prod(sizes),):
+            # (A vector of the wrong shape but the right size, such as a matrix
+            # `(n₁, n₂)`, was reshaped and multiplied silently.)
+            raise ValueError(
+                f"`vector` has shape {jnp.shape(vector)}, but this "
+                "`KroneckerLinearOperator` takes vectors of shape "
+                f"{(math.prod(sizes),)}."
+            )
+        x = jnp.asarray(vector).reshape(sizes)
         for axis, op in enumerate(self.operators):
             x = apply_along_axis(ft.partial(flat_mv, op), x, axis, op.out_size())
         return x.reshape(-1)

@@ -5,6 +5,7 @@ import contextlib
 import contextvars
 import functools as ft
 import inspect
+import sys
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -467,7 +468,10 @@ def check_solver(solver: Any, argument: str) -> None:
             "for an iterative solver)?"
         )
     hint = ""
-    if isinstance(solver, str):
+    if _builds_solver(solver):
+        # `lx.NormalCG`, a function that builds a solver (as in lineax 0.1.1).
+        hint = f" `{solver.__name__}`: did you mean `lx.{solver.__name__}(...)`"
+    elif isinstance(solver, str):
         named = lineax_class_named(solver, AbstractLinearSolver, "LinearSolver")
         example = "LU()" if named is None else f"{named.__name__}({_args(named)})"
         hint = f" {solver!r}: solvers are objects, e.g. `lx.{example}`"
@@ -475,6 +479,17 @@ def check_solver(solver: Any, argument: str) -> None:
         f"`{argument}` must be a `lineax.AbstractLinearSolver`, got "
         f"{type(solver).__name__}{hint}."
     )
+
+
+def _builds_solver(function: Any) -> bool:
+    """Whether `function` is a public lineax function that returns a solver."""
+    name = getattr(function, "__name__", "")
+    if not inspect.isfunction(function) or (
+        getattr(sys.modules.get("lineax"), name, None) is not function
+    ):
+        return False
+    returns = inspect.signature(function).return_annotation
+    return isinstance(returns, type) and issubclass(returns, AbstractLinearSolver)
 
 
 def _args(cls: type) -> str:
