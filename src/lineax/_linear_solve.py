@@ -1,6 +1,5 @@
 """`linear_solve` and `invert`: argument checks, then a bind of the primitive."""
 
-import dataclasses
 import threading
 import time
 import types
@@ -33,6 +32,7 @@ from ._operator.base import (
     is_cacheable,
     PYTHON_NUMBERS,
     reads_every_leaf,
+    STATE_SIGNATURES,
 )
 from ._operator.function import FunctionLinearOperator, reads_globals, retraced
 from ._operator.realified import (
@@ -42,7 +42,6 @@ from ._operator.realified import (
     realified_options,
     realified_vector,
 )
-from ._operator.sparse import SparseLinearOperator
 from ._primitive import bind, host_result_code, primal_failure_message
 from ._solution import Solution
 from ._solver.auto import AutoLinearSolver, AutoState, tagged_choices
@@ -307,46 +306,19 @@ def _state_signature(tree: PyTree, numbers_by_value: bool = False) -> tuple:
         is_leaf=lambda x: isinstance(x, HeldArrays),
     )
     if not numbers_by_value:
+        # (An operator whose structure holds host-derived data counts by what
+        # its class registered: see `STATE_SIGNATURES`.)
         tree = jtu.tree_map(
-            _sparse_signature,
+            lambda x: STATE_SIGNATURES.get(type(x), _unchanged)(x),
             tree,
-            is_leaf=lambda x: isinstance(x, SparseLinearOperator),
+            is_leaf=lambda x: type(x) in STATE_SIGNATURES,
         )
     leaves, treedef = jtu.tree_flatten(tree)
     return treedef, tuple(_signature_of_leaf(x, numbers_by_value) for x in leaves)
 
 
-@dataclasses.dataclass(frozen=True)
-class _SparseSignature:
-    format: type
-    shape: tuple
-    dtype: Any
-    nse: int
-    tags: frozenset
-    max_dense_size: int
-
-
-def _sparse_signature(x: Any) -> Any:
-    """A `SparseLinearOperator` in a state counts by its format, shape, dtype,
-    number of stored entries and tags, not by its static layout (diagonal
-    offsets, sortedness), which is computed on the host from concrete indices
-    (see `_transpose_on_host`, `_diagonal_layout`): the transpose that
-    `Normal(CG())`'s `init` makes of an operator with concrete indices has one,
-    and the same transpose in the `filter_eval_shape` of `_expected_state`, or in
-    the compiled solve, with the indices traced, has none. The state of
-    `solver.init(sparse_op, {})` was refused as "does not match" by
-    `linear_solve(sparse_op, b, solver, state=state)`. Either layout solves alike."""
-    if not isinstance(x, SparseLinearOperator):
-        return x
-    matrix = x.matrix
-    return _SparseSignature(
-        type(matrix),
-        tuple(matrix.shape),
-        jnp.dtype(matrix.data.dtype),
-        int(matrix.data.shape[0]),
-        x.tags,
-        x.max_dense_size,
-    )
+def _unchanged(x: Any) -> Any:
+    return x
 
 
 def _signature_of_leaf(x: Any, numbers_by_value: bool) -> Any:

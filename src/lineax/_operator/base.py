@@ -623,6 +623,15 @@ def register_stored(cls: type) -> None:
     holds_values.register(cls)(_yes)
 
 
+# The operator classes whose PyTree structure holds data that is derived on the
+# host from concrete arrays, and that a copy made under tracing lacks (a sparse
+# operator's layout, from its indices), each with the function that stands for
+# such an operator in the signature of a solver's state (see `_check_state` in
+# `_linear_solve.py`): the state that `init` made eagerly is checked against
+# `init` traced.
+STATE_SIGNATURES: dict[type, Callable[[Any], Any]] = {}
+
+
 # The Python numbers that scale an operator as static data (`2.0 * operator`):
 # their sign decides its definiteness tags. (Not `bool`: a flag is no scale.)
 PYTHON_NUMBERS = (int, float, complex)

@@ -1,6 +1,7 @@
 """`SparseLinearOperator`: a sparse matrix in one of JAX's formats
 (`jax.experimental.sparse` BCOO or BCSR)."""
 
+import dataclasses
 from typing import Any, SupportsIndex
 
 import equinox as eqx
@@ -22,6 +23,7 @@ from .base import (
     is_cacheable,
     reads_every_leaf,
     register_tag_predicates,
+    STATE_SIGNATURES,
     tridiagonal,
 )
 
@@ -408,3 +410,37 @@ def _(operator):
 is_cacheable.register(SparseLinearOperator)(lambda op: concrete_arrays(op.matrix))
 reads_every_leaf.register(SparseLinearOperator)(lambda op: True)
 has_cheap_diagonal.register(SparseLinearOperator)(lambda op: True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StateSignature:
+    format: type
+    shape: tuple
+    dtype: Any
+    nse: int
+    tags: frozenset
+    max_dense_size: int
+
+
+def _state_signature(operator: SparseLinearOperator) -> _StateSignature:
+    """A sparse operator in a solver's state counts by its format, shape, dtype,
+    number of stored entries and tags, not by its static layout (diagonal
+    offsets, sortedness), which is computed on the host from concrete indices
+    (see `_transpose_on_host`, `_diagonal_layout`): the transpose that
+    `Normal(CG())`'s `init` makes of an operator with concrete indices has one,
+    and the same transpose in `init` traced (the state check, the compiled
+    solve) has none. The state of `solver.init(sparse_op, {})` was refused as
+    "does not match" by `linear_solve(sparse_op, b, solver, state=state)`.
+    Either layout solves alike."""
+    matrix = operator.matrix
+    return _StateSignature(
+        type(matrix),
+        tuple(matrix.shape),
+        jnp.dtype(matrix.data.dtype),
+        int(matrix.data.shape[0]),
+        operator.tags,
+        operator.max_dense_size,
+    )
+
+
+STATE_SIGNATURES[SparseLinearOperator] = _state_signature
