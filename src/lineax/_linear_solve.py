@@ -268,9 +268,11 @@ def _raise_init_error(operator, options, solver) -> None:
     try:
         eqx.filter_eval_shape(solver.init, operator, options)
     except jax.errors.JAXTypeError:
-        pass
+        pass  # tracing itself failed (a concrete value needed): left to `compute`
     except (ValueError, TypeError):
         raise
+    except Exception:  # noqa: BLE001 - left to `compute`, as the docstring says
+        pass
 
 
 def _is_array_or_struct(x: Any) -> bool:
