@@ -231,6 +231,18 @@ def check_structures_equal(
         raise ValueError(f"{what}: {got}.")
 
 
+def shape_mismatch(vector: Any, structure: PyTree[jax.ShapeDtypeStruct]) -> str | None:
+    """`None` if `vector` has the PyTree structure and leaf shapes of `structure`,
+    else what it has instead, for an error message (dtypes are not compared: an
+    operator's `mv` casts them)."""
+    leaves, treedef = jtu.tree_flatten(vector)
+    if treedef == jtu.tree_structure(structure) and all(
+        jnp.shape(x) == s.shape for x, s in zip(leaves, jtu.tree_leaves(structure))
+    ):
+        return None
+    return f"{treedef} with shapes {[jnp.shape(x) for x in leaves]}"
+
+
 def check_operator(
     operator: Any, name: str = "operator", who: str | None = None
 ) -> AbstractLinearOperator:

@@ -23,6 +23,7 @@ from .base import (
     register_tag_predicates,
     scaled,
     scaled_tags,
+    shape_mismatch,
 )
 
 
@@ -44,14 +45,11 @@ def check_parts(vector: Any, structure: tuple, who: str) -> None:
             f"got {got}."
         )
     for i, (part, want) in enumerate(zip(vector, structure)):
-        shapes = jtu.tree_map(jnp.shape, part)
-        if jtu.tree_structure(part) != jtu.tree_structure(want) or shapes != (
-            jtu.tree_map(lambda s: s.shape, want)
-        ):
+        mismatch = shape_mismatch(part, want)
+        if mismatch is not None:
             raise ValueError(
                 f"`vector[{i}]` of this `{who}` must have the structure and shapes "
-                f"of {describe(want)}, got "
-                f"{jtu.tree_structure(part)} with shapes {jtu.tree_leaves(shapes)}."
+                f"of {describe(want)}, got {mismatch}."
             )
 
 

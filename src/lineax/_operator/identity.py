@@ -26,6 +26,7 @@ from .base import (
     linearise,
     materialise,
     register_stored,
+    shape_mismatch,
     tridiagonal,
     unflatten_vector,
 )
@@ -66,18 +67,14 @@ class IdentityLinearOperator(AbstractLinearOperator):
     def mv(self, vector):
         in_struct = self.input_structure.value
         out_struct = self.output_structure.value
-        leaves, treedef = jtu.tree_flatten(vector)
-        if treedef != jtu.tree_structure(in_struct) or any(
-            jnp.shape(x) != s.shape for x, s in zip(leaves, jtu.tree_leaves(in_struct))
-        ):
+        mismatch = shape_mismatch(vector, in_struct)
+        if mismatch is not None:
             # (As lineax 0.1.1 does. Without it a vector of another shape was
             # returned as it was, or flattened and cut or padded to the output's
             # size: a wrong product, no error. Dtypes are cast, not checked.)
-            got = ", ".join(str(list(jnp.shape(x))) for x in leaves)
             raise ValueError(
                 "`vector` must have the input structure of this "
-                f"`IdentityLinearOperator`, {describe(in_struct)}; got {treedef} "
-                f"with shapes [{got}]."
+                f"`IdentityLinearOperator`, {describe(in_struct)}; got {mismatch}."
             )
         if jtu.tree_structure(in_struct) == jtu.tree_structure(out_struct) and all(
             a.shape == b.shape
