@@ -886,6 +886,24 @@ def _linear_solve_jvp(primals, tangents):
     return (solution, result, stats), (t_solution, _nones(result), _nones(stats))
 
 
+def _is_undefined(x: Any) -> bool:
+    return isinstance(x, ad.UndefinedPrimal)
+
+
+def _cotangent_like(ct: Any, primal: Any) -> Any:
+    """`ct` in the dtype of the (undefined) primal leaf it is the cotangent of; a
+    real leaf's cotangent is the real part (the transpose of a real input's
+    inclusion into the complex numbers)."""
+    if ct is None:
+        return None
+    dtype = primal.aval.dtype if _is_undefined(primal) else jnp.result_type(primal)
+    if ct.dtype == dtype:
+        return ct
+    if jnp.iscomplexobj(ct) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        ct = jnp.real(ct)
+    return ct.astype(dtype)
+
+
 def _linear_solve_transpose(inputs, cts_out):
     operator, state, vector, options, solver, throw, kind, _ = inputs
     del kind
@@ -908,6 +926,10 @@ def _linear_solve_transpose(inputs, cts_out):
         throw,
         "cotangent",
     )[0]
+    # The solve computes in the operator's common dtype, so a vector leaf of
+    # another dtype (a float32 row of a PyTree operator with float64 blocks) gets a
+    # cotangent of that dtype: give each leaf its own (JAX does not check).
+    ct_vector = jtu.tree_map(_cotangent_like, ct_vector, vector, is_leaf=_is_undefined)
     return (
         _nones(operator),
         _nones(state),

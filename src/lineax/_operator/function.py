@@ -37,7 +37,7 @@ from .base import (
     register_tag_predicates,
 )
 from .matrix import MatrixLinearOperator
-from .pytree import PyTreeLinearOperator
+from .pytree import PyTreeLinearOperator, with_input_structure
 
 
 try:  # Equinox's closure-converted function (not public API): see `holds_its_jaxpr`.
@@ -453,6 +453,33 @@ def real_to_complex(
     return not tree_is_complex(in_struct) and tree_is_complex(out_struct)
 
 
+def _jacobian_tree(fn, x, in_struct, out_struct, jac):
+    n_in = sum(leaf.size for leaf in jtu.tree_leaves(in_struct))
+    n_out = sum(leaf.size for leaf in jtu.tree_leaves(out_struct))
+    holomorphic = tree_is_complex(in_struct)
+    if jac == "fwd" or (jac is None and n_in <= n_out):
+        return jax.jacfwd(fn, holomorphic=holomorphic)(x)
+    if real_to_complex(in_struct, out_struct):
+        # A VJP into real inputs keeps only the real part of the pairing with a
+        # complex cotangent, so `jacrev` refuses complex outputs (and its
+        # `holomorphic=True` needs complex inputs): differentiate the real and
+        # imaginary parts of the output, each a real function.
+        re, im = (
+            jax.jacrev(lambda y, part=part: jtu.tree_map(part, fn(y)))(x)
+            for part in (jnp.real, jnp.imag)
+        )
+        # (`out_struct` is a prefix of the Jacobian's tree: one subtree per output.)
+        return jtu.tree_map(
+            lambda s, r, i: (
+                jtu.tree_map(jax.lax.complex, r, i) if tree_is_complex(s) else r
+            ),
+            out_struct,
+            re,
+            im,
+        )
+    return jax.jacrev(fn, holomorphic=holomorphic)(x)
+
+
 def jacobian_operator(
     fn: Callable,
     x: PyTree,
@@ -465,31 +492,14 @@ def jacobian_operator(
     output are single 1-D arrays, else as a PyTree operator."""
     in_leaves = jtu.tree_leaves(in_struct)
     out_leaves = jtu.tree_leaves(out_struct)
-    n_in = sum(x.size for x in in_leaves)
-    n_out = sum(x.size for x in out_leaves)
-    holomorphic = tree_is_complex(in_struct)
-    if jac == "fwd" or (jac is None and n_in <= n_out):
-        jac_tree = jax.jacfwd(fn, holomorphic=holomorphic)(x)
-    elif real_to_complex(in_struct, out_struct):
-        # A VJP into real inputs keeps only the real part of the pairing with a
-        # complex cotangent, so `jacrev` refuses complex outputs (and its
-        # `holomorphic=True` needs complex inputs): differentiate the real and
-        # imaginary parts of the output, each a real function.
-        re, im = (
-            jax.jacrev(lambda y, part=part: jtu.tree_map(part, fn(y)))(x)
-            for part in (jnp.real, jnp.imag)
-        )
-        # (`out_struct` is a prefix of the Jacobian's tree: one subtree per output.)
-        jac_tree = jtu.tree_map(
-            lambda s, r, i: (
-                jtu.tree_map(jax.lax.complex, r, i) if tree_is_complex(s) else r
-            ),
-            out_struct,
-            re,
-            im,
-        )
+    if len({jnp.dtype(leaf.dtype) for leaf in in_leaves + out_leaves}) > 1:
+        # `jax.jacfwd` (`jax.jacrev`) builds its basis in the common dtype of the
+        # inputs (outputs), which strict dtype promotion refuses for a mix such as
+        # float32 and float64 (each leaf's block keeps its own dtype regardless).
+        with jax.numpy_dtype_promotion("standard"):
+            jac_tree = _jacobian_tree(fn, x, in_struct, out_struct, jac)
     else:
-        jac_tree = jax.jacrev(fn, holomorphic=holomorphic)(x)
+        jac_tree = _jacobian_tree(fn, x, in_struct, out_struct, jac)
     single = (
         len(in_leaves) == 1
         and len(out_leaves) == 1
@@ -498,7 +508,12 @@ def jacobian_operator(
     )
     if single and in_leaves[0].ndim == 1 and out_leaves[0].ndim == 1:
         return MatrixLinearOperator(jac_tree, tags)
-    return PyTreeLinearOperator(jac_tree, out_struct, tags)
+    # The Jacobian's blocks have the dtypes of the outputs they map into: an input
+    # leaf of another dtype (a float32 input of a float64 function) would be
+    # inferred with the wrong one.
+    return with_input_structure(
+        PyTreeLinearOperator(jac_tree, out_struct, tags), in_struct
+    )
 
 
 @materialise.register(FunctionLinearOperator)

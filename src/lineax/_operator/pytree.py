@@ -166,15 +166,41 @@ class PyTreeLinearOperator(AbstractLinearOperator):
                 row.append(jnp.transpose(block, perm))
             new_blocks.append(jtu.tree_unflatten(out_treedef, row))
         pytree = jtu.tree_unflatten(in_treedef, new_blocks)
-        return PyTreeLinearOperator(
+        transposed = PyTreeLinearOperator(
             pytree, self.input_structure.value, transpose_tags(self.tags)
         )
+        # The transpose maps this operator's outputs, so it takes exactly their
+        # structure. Inferring it from the transposed blocks' first row would give
+        # another dtype where blocks mix dtypes (a real block in a complex row: the
+        # transpose would declare a real input), and `A^T @ A` (e.g. `lx.Normal`)
+        # would then refuse to compose.
+        return with_input_structure(transposed, self.output_structure.value)
 
     def in_structure(self):
         return self.input_structure.value
 
     def out_structure(self):
         return self.output_structure.value
+
+
+def with_input_structure(
+    operator: PyTreeLinearOperator, structure: PyTree[jax.ShapeDtypeStruct]
+) -> PyTreeLinearOperator:
+    """`operator` with the input structure `structure` (of the same shapes) in place
+    of the one inferred from its blocks' dtypes. For operators derived from another
+    (its transpose, its conjugate, a materialised function): where blocks mix
+    dtypes, the inferred structure can differ from the original's, and the derived
+    operator must keep the structures it stands for."""
+    inferred = operator.input_structure.value
+    assert jtu.tree_structure(inferred) == jtu.tree_structure(structure)
+    assert all(
+        a.shape == b.shape
+        for a, b in zip(jtu.tree_leaves(inferred), jtu.tree_leaves(structure))
+    )
+    # Set on the freshly built (unshared) operator: the constructor's signature is
+    # public and has no place for an input structure.
+    object.__setattr__(operator, "input_structure", Static(structure))
+    return operator
 
 
 def _input_leaf(block: Any, out_leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
@@ -194,11 +220,12 @@ register_tag_predicates(PyTreeLinearOperator)
 
 @conj.register(PyTreeLinearOperator)
 def _(operator):
-    return PyTreeLinearOperator(
+    conjugated = PyTreeLinearOperator(
         jtu.tree_map(jnp.conj, operator.pytree),
         operator.output_structure.value,
         operator.tags,
     )
+    return with_input_structure(conjugated, operator.input_structure.value)
 
 
 # The blocks are dense: read the bands off them, rather than probing `mv` (which

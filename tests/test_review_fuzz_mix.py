@@ -1,0 +1,109 @@
+"""Defects found by fuzzing what an earlier fuzzer left out: PyTree operators
+whose leaves mix dtypes, half precision, derivatives at rank-deficient points and
+FlexibleCG. Each test here failed before the fix it protects; references are
+NumPy float64. Small sizes, direct solvers or Krylov solves with few steps.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from beartype import beartype
+from jaxtyping import Array, Float, jaxtyped
+
+import lineax as lx
+
+
+_RNG = np.random.default_rng(20261129)
+
+
+def _complex(*shape: int) -> np.ndarray:
+    return _RNG.normal(size=shape) + 1j * _RNG.normal(size=shape)
+
+
+# A tall operator from one complex input: a complex block above a real one (a real
+# matrix acting on a complex vector: its output is complex).
+_TOP = _complex(2, 2)
+_BOTTOM = _RNG.normal(size=(3, 2))
+_MIXED_ROWS = lx.PyTreeLinearOperator(
+    ((jnp.asarray(_TOP),), (jnp.asarray(_BOTTOM),)),
+    (
+        jax.ShapeDtypeStruct((2,), jnp.complex128),
+        jax.ShapeDtypeStruct((3,), jnp.complex128),
+    ),
+)
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [lx.Normal(lx.Cholesky()), lx.Normal(lx.CG(rtol=1e-12, atol=1e-12, max_steps=8))],
+    ids=["Normal(Cholesky)", "Normal(CG)"],
+)
+@jaxtyped(typechecker=beartype)
+def test_normal_of_a_pytree_operator_with_a_real_block_in_a_complex_row(
+    solver: lx.AbstractLinearSolver,
+) -> None:
+    # The transpose inferred its input structure from its first row of blocks:
+    # a float64 leaf where this operator outputs complex128. `Normal` builds
+    # `A^H A` and raised "Cannot compose `operator1 @ operator2`" for a valid
+    # operator that SVD, QR and LSMR solve.
+    op = _MIXED_ROWS
+    assert op.T.in_structure() == op.out_structure()
+    assert lx.conj(op.T).in_structure() == op.out_structure()
+    b = (jnp.asarray(_complex(2)), jnp.asarray(_complex(3)))
+    x = lx.linear_solve(op, b, solver).value
+    expected = np.linalg.lstsq(
+        np.vstack([_TOP, _BOTTOM]), np.concatenate(b), rcond=None
+    )[0]
+    np.testing.assert_allclose(np.asarray(x[0]), expected, rtol=0, atol=1e-10)
+
+
+def test_materialise_keeps_a_function_operators_input_dtypes() -> None:
+    # A float64 function of a float32 and a float64 input: its Jacobian's blocks
+    # are float64, and `materialise` inferred a float64 input from them (lineax
+    # 0.1.1 keeps float32). Solves through it then returned a float64 leaf.
+    m1 = jnp.asarray(_RNG.normal(size=(4, 2)))
+    m2 = jnp.asarray(_RNG.normal(size=(4, 2)))
+    structure = (
+        jax.ShapeDtypeStruct((2,), jnp.float32),
+        jax.ShapeDtypeStruct((2,), jnp.float64),
+    )
+    op = lx.FunctionLinearOperator(
+        lambda x: m1 @ x[0].astype(jnp.float64) + m2 @ x[1], structure
+    )
+    materialised = lx.materialise(op)
+    assert materialised.in_structure() == structure
+    b: Float[Array, " 4"] = jnp.asarray(_RNG.normal(size=4))
+    x = lx.linear_solve(materialised, b, lx.SVD()).value
+    assert [leaf.dtype for leaf in x] == [jnp.float32, jnp.float64]
+    expected = np.linalg.lstsq(np.hstack([m1, m2]), np.asarray(b), rcond=None)[0]
+    np.testing.assert_allclose(np.concatenate(x), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("solver", [lx.SVD(), lx.QR()], ids=["SVD", "QR"])
+def test_gradient_of_a_float32_vector_leaf_is_float32(
+    solver: lx.AbstractLinearSolver,
+) -> None:
+    # A float32 row and a float64 row: the solve computes in float64, and the
+    # cotangent of the float32 vector leaf came back float64 from `jax.grad`.
+    top = _RNG.normal(size=(2, 2))
+    bottom = _RNG.normal(size=(1, 2))
+    op = lx.PyTreeLinearOperator(
+        ((jnp.asarray(top, jnp.float32),), (jnp.asarray(bottom),)),
+        (
+            jax.ShapeDtypeStruct((2,), jnp.float32),
+            jax.ShapeDtypeStruct((1,), jnp.float64),
+        ),
+    )
+    b = (jnp.asarray([1.0, -2.0], jnp.float32), jnp.asarray([0.5]))
+    w = _RNG.normal(size=2)
+
+    def loss(vector):
+        x = lx.linear_solve(op, vector, solver).value[0]
+        return jnp.sum(jnp.asarray(w, jnp.float32) * x).astype(jnp.float64)
+
+    grad = jax.grad(loss)(b)
+    assert [g.dtype for g in grad] == [jnp.float32, jnp.float64]
+    matrix = np.vstack([np.asarray(top, np.float32), bottom])
+    expected = np.linalg.pinv(matrix).T @ w
+    np.testing.assert_allclose(np.concatenate(grad), expected, rtol=1e-5, atol=1e-6)
