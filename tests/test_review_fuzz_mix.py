@@ -107,3 +107,59 @@ def test_gradient_of_a_float32_vector_leaf_is_float32(
     matrix = np.vstack([np.asarray(top, np.float32), bottom])
     expected = np.linalg.pinv(matrix).T @ w
     np.testing.assert_allclose(np.concatenate(grad), expected, rtol=1e-5, atol=1e-6)
+
+
+def _textbook_cg(a: np.ndarray, b: np.ndarray, steps: int) -> np.ndarray:
+    x = np.zeros_like(b)
+    r = b.copy()
+    p = r.copy()
+    for _ in range(steps):
+        ap = a @ p
+        alpha = (r @ r) / (p @ ap)
+        x = x + alpha * p
+        r_new = r - alpha * ap
+        p = r_new + (r_new @ r_new) / (r @ r) * p
+        r = r_new
+    return x
+
+
+# (Its own generator: a draw where CG's first three iterates all have residuals
+# above `b`'s.)
+_CG_RNG = np.random.default_rng(0)
+_Q = np.linalg.qr(_CG_RNG.normal(size=(4, 4)))[0]
+_SPD = (_Q * np.linspace(1.0, 100.0, 4)) @ _Q.T
+_SPD_B = _CG_RNG.normal(size=4)
+
+
+@jaxtyped(typechecker=beartype)
+def test_a_fixed_iteration_cg_returns_its_last_iterate() -> None:
+    # `rtol = atol = 0` with `max_steps`: a fixed number of steps, reported
+    # successful. The solve returned the iterate with the smallest residual, and
+    # CG's first iterates have residuals above `b`'s: 1, 2 or 3 steps returned
+    # the initial guess, zero, as "successful" (lineax 0.1.1: the last iterate).
+    op = lx.MatrixLinearOperator(jnp.asarray(_SPD), lx.positive_semidefinite_tag)
+    b: Float[Array, " 4"] = jnp.asarray(_SPD_B)
+    sol = lx.linear_solve(op, b, lx.CG(rtol=0.0, atol=0.0, max_steps=3))
+    expected = _textbook_cg(_SPD, _SPD_B, 3)
+    np.testing.assert_allclose(np.asarray(sol.value), expected, rtol=1e-10, atol=1e-12)
+    residual = np.linalg.norm(_SPD_B - _SPD @ expected, np.inf)
+    np.testing.assert_allclose(float(sol.stats["residual_norm"]), residual, rtol=1e-8)
+
+
+@jaxtyped(typechecker=beartype)
+def test_flexible_cg_with_a_few_inner_cg_steps_as_preconditioner() -> None:
+    # The pattern FlexibleCG's docstring recommends (an inner solve with
+    # `rtol = atol = 0` and a `max_steps`) made a zero preconditioner through the
+    # defect above, and FlexibleCG reported a breakdown.
+    op = lx.MatrixLinearOperator(jnp.asarray(_SPD), lx.positive_semidefinite_tag)
+    inner = lx.invert(op, lx.CG(rtol=0.0, atol=0.0, max_steps=3))
+    preconditioner = lx.TaggedLinearOperator(inner, lx.positive_semidefinite_tag)
+    b: Float[Array, " 4"] = jnp.asarray(_SPD_B)
+    sol = lx.linear_solve(
+        op,
+        b,
+        lx.FlexibleCG(rtol=1e-10, atol=1e-10, max_steps=30),
+        options={"preconditioner": preconditioner},
+    )
+    expected = np.linalg.solve(_SPD, _SPD_B)
+    np.testing.assert_allclose(np.asarray(sol.value), expected, rtol=1e-8, atol=1e-10)

@@ -1641,7 +1641,17 @@ def iterate(
         # iterate, often `x = 0`, won every tie.
         # (2 if converged, else 1 if kept: one select, where the sum of the two
         # flags as numbers was four operations of the packing kernel.)
-        flag = select(converged, 2, (rnorm <= k.best_rnorm).astype(p.rdtype))
+        # A fixed-iteration solve returns its last iterate, whatever its residual:
+        # it is the result of `max_steps` steps that the user asked for (an inner
+        # solve used as a preconditioner). The best one could be the initial guess:
+        # CG's first iterates often have residuals above `b`'s, and a few steps
+        # of it from zero gave zero, a singular preconditioner.
+        kept = (
+            jnp.ones((), p.rdtype)
+            if p.fixed
+            else (rnorm <= k.best_rnorm).astype(p.rdtype)
+        )
+        flag = select(converged, 2, kept)
         bound = bound_for(c, rnorm, k.tol, factor) if carries_bound else None
         packed = _Book(
             rnorm, k.tol, best_rnorm, factor, since_best, flag,
@@ -1779,9 +1789,10 @@ def iterate(
         stagnation = jnp.array(False)
     else:
         converged = loop_converged
-    # Converged: the last iterate (it passed); otherwise the best one seen.
+    # Converged (or a fixed-iteration solve): the last iterate; otherwise the best
+    # one seen.
     value = loop.best_x
-    value_rnorm = select(loop_converged, k.rnorm, k.best_rnorm)
+    value_rnorm = k.rnorm if p.fixed else select(loop_converged, k.rnorm, k.best_rnorm)
     result = results_where(stop, halt_result, RESULTS.max_steps_reached)
     result = results_where(nonfinite, RESULTS.breakdown, result)
     result = results_where(stagnation & ~stop, RESULTS.stagnation, result)
