@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from beartype import beartype
-from jaxtyping import Array, Float, jaxtyped
+from jaxtyping import Array, Complex, Float, jaxtyped
 
 import lineax as lx
 
@@ -163,3 +163,26 @@ def test_flexible_cg_with_a_few_inner_cg_steps_as_preconditioner() -> None:
     )
     expected = np.linalg.solve(_SPD, _SPD_B)
     np.testing.assert_allclose(np.asarray(sol.value), expected, rtol=1e-8, atol=1e-10)
+
+
+@jaxtyped(typechecker=beartype)
+def test_reverse_mode_through_a_nonlinear_preconditioner_is_a_clear_error() -> None:
+    # FlexibleCG accepts a preconditioner that varies with its input; reverse mode
+    # transposes it, and for a complex one `jax.linear_transpose` failed with a
+    # bare `AssertionError: (ValAccum(complex128[4]), ValAccum(complex128[]))`.
+    matrix = jnp.asarray(_SPD, jnp.complex128)
+    op = lx.MatrixLinearOperator(matrix, lx.positive_semidefinite_tag)
+    inverse_diagonal = jnp.asarray(1 / np.diag(_SPD), jnp.complex128)
+    preconditioner = lx.FunctionLinearOperator(
+        lambda r: inverse_diagonal * r * (1.0 + 0.1 * jnp.tanh(jnp.vdot(r, r))),
+        jax.ShapeDtypeStruct((4,), jnp.complex128),
+        lx.positive_semidefinite_tag,
+    )
+    solver = lx.FlexibleCG(rtol=1e-8, atol=1e-8, max_steps=20)
+    options = {"preconditioner": preconditioner}
+
+    def loss(b: Complex[Array, " 4"]) -> Float[Array, ""]:
+        return jnp.real(jnp.sum(lx.linear_solve(op, b, solver, options=options).value))
+
+    with pytest.raises(ValueError, match="not linear"):
+        jax.grad(loss)(jnp.asarray(_SPD_B, jnp.complex128))

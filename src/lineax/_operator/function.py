@@ -408,9 +408,21 @@ class FunctionLinearOperator(AbstractLinearOperator):
             (out,) = transpose_fn(vector)
             return out
 
-        return FunctionLinearOperator(
-            _transpose, self.out_structure(), transpose_tags(self.tags)
-        )
+        try:
+            return FunctionLinearOperator(
+                _transpose, self.out_structure(), transpose_tags(self.tags)
+            )
+        except Exception as e:
+            # `jax.linear_transpose` of a nonlinear `fn` fails deep inside JAX (an
+            # `AssertionError` about accumulators, say), e.g. in reverse mode
+            # through a solve whose preconditioner varies with its input.
+            raise ValueError(
+                "Cannot transpose this `FunctionLinearOperator`: "
+                "`jax.linear_transpose` of its `fn` failed, which happens when "
+                "`fn` is not linear in its input. Reverse-mode differentiation "
+                "needs the transpose (also of a `preconditioner`): use a linear "
+                "`fn`, or `lx.materialise` a linear operator first."
+            ) from e
 
     def in_structure(self):
         return self.input_structure.value
