@@ -286,3 +286,32 @@ def test_failed_unjitted_solve_reports_and_raises_as_before():
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
         with pytest.raises(eqx.EquinoxRuntimeError, match=message):
             lx.linear_solve(operator, vector, lx.LU())
+
+
+def test_failed_solve_of_an_entry_running_the_complete_program(monkeypatch):
+    # An entry switched to the complete program (its callers read the
+    # statistics) reports a failure as the lean path does: the code and the
+    # message, and, where the operator's action does not read all of its
+    # arrays, the traced path's answer (which was handed the program's output
+    # state in place of the caller's `state` argument).
+    singular = lx.MatrixLinearOperator(jnp.asarray([[1.0, 2.0], [2.0, 4.0]]))
+    vector = jnp.ones(2)
+    lx.linear_solve(singular, vector, lx.LU(), throw=False)
+    programs = [
+        entry
+        for entry in linear_solve_module._COMPILED.values()
+        if isinstance(entry, linear_solve_module._Programs)
+    ]
+    for entry in programs:
+        monkeypatch.setattr(entry, "fields_read", True)
+    want = _jitted_solve(singular, vector, lx.LU(), throw=False)
+    for reads_every_leaf in (True, False):
+        monkeypatch.setattr(
+            linear_solve_module, "reads_every_leaf", lambda _, r=reads_every_leaf: r
+        )
+        solution = lx.linear_solve(singular, vector, lx.LU(), throw=False)
+        assert not _pending(solution)
+        assert solution.result == want.result == lx.RESULTS.singular
+        assert sorted(solution.stats) == sorted(want.stats)
+        with pytest.raises(eqx.EquinoxRuntimeError, match="singular"):
+            lx.linear_solve(singular, vector, lx.LU())

@@ -581,7 +581,7 @@ def _run_complete(
     programs, leaves, operator, vector, solver, options, state, throw
 ) -> Solution:
     """`_run_compiled` by `programs.complete`: the whole solution at once."""
-    value, (code_array,), state, stats, layout = programs.complete(leaves)
+    value, (code_array,), state_out, stats, layout = programs.complete(leaves)
     code = np.asarray(code_array)
     if code:
         # (A failure: as `_run_compiled` reports it, the lean program's code
@@ -597,7 +597,7 @@ def _run_complete(
         _joined(value, layout.value),
         jtu.tree_unflatten(layout.result, [code_array]),
         _joined(stats, layout.stats),
-        _joined(state, layout.state),
+        _joined(state_out, layout.state),
     )
 
 
