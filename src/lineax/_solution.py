@@ -1,6 +1,7 @@
 """The result codes of a solve, and the `Solution` it returns."""
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TYPE_CHECKING
 
 import equinox as eqx
 import equinox.internal as eqxi
@@ -129,3 +130,95 @@ class Solution(eqx.Module):
     result: RESULTS
     stats: dict[str, PyTree[Array]]
     state: PyTree[Any]
+
+    # A solve called un-jitted returns its `result`, `stats` and `state`
+    # pending (see `pending_solution`): computed, or built from the compiled
+    # program's outputs, when first read. Every way to read a field gets them:
+    # an attribute (`__getattr__`, called when the instance has no such
+    # attribute yet), Equinox's flatten (which reads `obj.__dict__` itself:
+    # `jax.tree_util`, `jit`, `==`, `repr`, `eqx.tree_at`), `vars`, `copy` and
+    # `pickle` (`__getstate__`). The instance stays a `Solution` with the
+    # usual four fields, so its PyTree structure is that of any other.
+    if not TYPE_CHECKING:
+
+        @property
+        def __dict__(self) -> dict[str, Any]:
+            fields = _instance_dict(self)
+            if _PENDING in fields:
+                _fill(fields, _PENDING_FIELDS)
+            return fields
+
+        def __getattr__(self, name: str) -> Any:
+            fields = _instance_dict(self)
+            if name in _PENDING_FIELDS and _PENDING in fields:
+                _fill(fields, (name,))
+                return fields[name]
+            raise AttributeError(
+                f"'{type(self).__name__}' object has no attribute '{name}'"
+            )
+
+        def __getstate__(self) -> dict[str, Any]:
+            return dict(self.__dict__)
+
+
+# The instance dictionary itself, past the `__dict__` property above.
+_instance_dict: Callable[[Any], dict[str, Any]] = eqx.Module.__dict__[
+    "__dict__"
+].__get__
+_PENDING = "_lineax_pending"
+# (In the order of the fields: a filled instance dictionary has the order of
+# any other.)
+_PENDING_FIELDS = ("result", "stats", "state")
+
+
+def _fill(fields: dict[str, Any], names: tuple[str, ...]) -> None:
+    """Compute the fields `names` of a `Solution` (its instance dictionary
+    `fields`) that are still pending. (Two threads reading one at once may both
+    compute it, alike: each is set whole, and the marker removed after the last.)"""
+    pending = fields.get(_PENDING)
+    if pending is None:  # filled by another thread meanwhile
+        return
+    for name in names:
+        if name not in fields:
+            try:
+                fields[name] = pending(name)
+            except AttributeError as error:
+                # (Raised from `__getattr__`, it would read as a missing field.)
+                raise RuntimeError(
+                    f"Computing `Solution.{name}` failed: {error}"
+                ) from error
+    if all(name in fields for name in _PENDING_FIELDS):
+        fields.pop(_PENDING, None)
+
+
+def pending_solution(value: PyTree[Array], pending: Callable[[str], Any]) -> Solution:
+    """A `Solution` whose `result`, `stats` and `state` are `pending("result")`,
+    `pending("stats")` and `pending("state")`, each called when its field is first
+    read.
+
+    An un-jitted small solve is as fast as its program's outputs are few and
+    the Python objects made on each call: the condition estimate of a direct
+    solver's `stats["rcond"]` (Hager's method: several triangular solves) and
+    the Equinox modules of the result and the state cost as much as the solve
+    itself at n = 10, for what most callers never read.
+    """
+    solution = object.__new__(Solution)
+    fields = _instance_dict(solution)
+    fields["value"] = value
+    fields[_PENDING] = pending
+    return solution
+
+
+def solution_of(
+    value: PyTree[Array], result: RESULTS, stats: dict[str, Any], state: PyTree[Any]
+) -> Solution:
+    """`Solution(value, result, stats, state)`, built as Equinox's unflatten
+    builds one (`Solution` checks nothing at construction): 1-2 us less than
+    its `__init__` on an un-jitted solve."""
+    solution = object.__new__(Solution)
+    fields = _instance_dict(solution)
+    fields["value"] = value
+    fields["result"] = result
+    fields["stats"] = stats
+    fields["state"] = state
+    return solution
