@@ -349,11 +349,52 @@ def _longest_files_first(items):
     items.sort(key=key)
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--full",
+        action="store_true",
+        help="lineax: run every test, those of the slow tier (tests/slow_tests.txt) "
+        "too, as CI does",
+    )
+
+
+# The slow tier: the test functions (every case of each) listed in
+# `tests/slow_tests.txt`, run with `--full` (as CI does) or LINEAX_EXHAUSTIVE=1 and
+# left out of the default run, which they would make more than twice as long. They
+# are chosen by time, not by kind, by `tests/select_slow_tests.py` from a whole
+# run's `--durations=0` (see its docstring): the most expensive functions, until the
+# rest of the run fits its budget, except in the files of the core tests it keeps.
+# Every file keeps its cheaper tests in the default run.
+SLOW_TESTS_FILE = os.path.join(os.path.dirname(__file__), "slow_tests.txt")
+
+
+def read_slow_tests(path: str = SLOW_TESTS_FILE) -> set[str]:
+    """The slow tier's entries, `file.py::function` (comments and blanks skipped)."""
+    with open(path) as file:
+        lines = (line.split("#")[0].strip() for line in file)
+        return {line for line in lines if line}
+
+
+def _function_id(item) -> str:
+    """`file.py::function` (or `file.py::Class::function`) of a collected test."""
+    name = item.originalname if hasattr(item, "originalname") else item.name
+    parts = item.nodeid.split("::")
+    return "::".join([item.path.name, *parts[1:-1], name])
+
+
 def pytest_collection_modifyitems(config, items):
     _longest_files_first(items)
     if EXHAUSTIVE:
         return
+    full = config.getoption("full")
+    slow = read_slow_tests()
+    skip_slow = pytest.mark.skip(reason="slow tier: run with --full (as CI does)")
     skip = pytest.mark.skip(reason="exhaustive grid: set LINEAX_EXHAUSTIVE=1 to run")
     for item in items:
+        function = _function_id(item)
+        if function in slow:
+            item.add_marker(pytest.mark.slow)
+            if not full:
+                item.add_marker(skip_slow)
         if "exhaustive" in item.keywords:
             item.add_marker(skip)

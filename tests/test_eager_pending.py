@@ -124,6 +124,30 @@ def test_pending_state_is_reusable(name):
     np.testing.assert_allclose(third.value, 1.5 * want, rtol=1e-9)
 
 
+@pytest.mark.parametrize("name", ["LU", "CG"])
+def test_pending_fields_are_those_of_a_numpy_buffer_as_solved(name):
+    # A loop that refills one NumPy matrix in place and keeps each solve's state
+    # or statistics: they are computed when read, and were computed from the
+    # buffer as it was then (the state of the next matrix, and its rcond,
+    # silently), not as it was solved.
+    _forget_stats_reads()
+    solver, matrix, tags = CASES[name]
+    buffer = np.array(matrix)
+    first = lx.linear_solve(lx.MatrixLinearOperator(buffer, tags), _B, solver)
+    assert _pending(first)
+    buffer[:] = 2 * np.eye(N)
+    again = lx.linear_solve(
+        lx.MatrixLinearOperator(jnp.asarray(matrix), tags),
+        jnp.asarray(_B),
+        solver,
+        state=first.state,
+    )
+    np.testing.assert_allclose(again.value, np.linalg.solve(matrix, _B), rtol=1e-9)
+    if name == "LU":
+        rcond = 1 / np.linalg.cond(matrix, 1)
+        assert 0.1 * rcond <= float(first.stats["rcond"]) <= 10 * rcond
+
+
 def _forget_stats_reads() -> None:
     """Make each cached entry return pending solutions again: reading the
     fields of many switches an entry to the complete program."""

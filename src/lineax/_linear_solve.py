@@ -547,6 +547,12 @@ def _run_compiled(
     # `jax_debug_infs`, where JAX checks each output of a program as it returns
     # (not later, when they are read). (With `throw`, the flags are off here:
     # `_linear_solve_entry` read them.)
+    if programs.complete is not None and any(isinstance(x, np.ndarray) for x in leaves):
+        # A NumPy array on the device now, as the compiled call would put it:
+        # the pending state and statistics are computed from `leaves` when read,
+        # perhaps after the caller has overwritten a NumPy buffer in place (a
+        # loop refilling one matrix), and must be those of the array solved.
+        leaves = [jnp.asarray(x) if isinstance(x, np.ndarray) else x for x in leaves]
     config: Any = jax.config
     if programs.fields_read or (
         not throw
