@@ -132,7 +132,13 @@ def test_pending_fields_are_those_of_a_numpy_buffer_as_solved(name):
     # silently), not as it was solved.
     _forget_stats_reads()
     solver, matrix, tags = CASES[name]
-    buffer = np.array(matrix)
+    # (Aligned as XLA:CPU wants it for zero-copy: `jnp.asarray(buffer,
+    # dtype=buffer.dtype)` then aliases it; with NumPy's own allocation it did,
+    # or not, by chance.)
+    raw = np.empty(N * N + 16)
+    offset = (-raw.ctypes.data % 64) // raw.itemsize
+    buffer = raw[offset : offset + N * N].reshape(N, N)
+    buffer[:] = matrix
     first = lx.linear_solve(lx.MatrixLinearOperator(buffer, tags), _B, solver)
     assert _pending(first)
     buffer[:] = 2 * np.eye(N)

@@ -547,12 +547,10 @@ def _run_compiled(
     # `jax_debug_infs`, where JAX checks each output of a program as it returns
     # (not later, when they are read). (With `throw`, the flags are off here:
     # `_linear_solve_entry` read them.)
-    if programs.complete is not None and any(isinstance(x, np.ndarray) for x in leaves):
-        # A NumPy array on the device now, as the compiled call would put it:
-        # the pending state and statistics are computed from `leaves` when read,
-        # perhaps after the caller has overwritten a NumPy buffer in place (a
-        # loop refilling one matrix), and must be those of the array solved.
-        leaves = [jnp.asarray(x) if isinstance(x, np.ndarray) else x for x in leaves]
+    if programs.complete is not None and not _JAX_ARRAY_TYPES.issuperset(
+        map(type, leaves)
+    ):
+        leaves = _on_device(leaves)
     config: Any = jax.config
     if programs.fields_read or (
         not throw
@@ -581,6 +579,28 @@ def _run_compiled(
     return _pending_solution(
         value, jnp.asarray(code, code_array.dtype), programs, leaves
     )
+
+
+# The types of leaf that are JAX arrays (see `_on_device`).
+_JAX_ARRAY_TYPES: set[type] = set()
+
+
+def _on_device(leaves: list) -> list:
+    """`leaves` (concrete arrays) with their NumPy arrays put on the device now,
+    as the compiled call would put them: the pending state and statistics of an
+    un-jitted solve are computed from its leaves when read, perhaps after the
+    caller has overwritten a NumPy buffer in place (a loop refilling one
+    matrix), and must be those of the arrays solved. (Copied on the host first:
+    on the CPU, JAX may alias a NumPy array's memory instead of copying it, when
+    it is aligned, and the array put on the device then changed with the
+    buffer. Whether it did depended on where NumPy allocated the buffer.)"""
+    for leaf in leaves:
+        if isinstance(leaf, jax.Array):
+            _JAX_ARRAY_TYPES.add(type(leaf))
+    return [
+        jnp.asarray(np.array(x, copy=True)) if isinstance(x, np.ndarray) else x
+        for x in leaves
+    ]
 
 
 def _run_complete(

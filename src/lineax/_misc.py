@@ -136,7 +136,13 @@ def inexact_asarray(x: ArrayLike) -> Array:
     dtype = jnp.result_type(x)
     if not jnp.issubdtype(dtype, jnp.inexact):
         dtype = default_floating_dtype()
-    return jnp.asarray(x, dtype=dtype)
+    if isinstance(x, jax.Array):
+        return jnp.asarray(x, dtype=dtype)
+    # Copied: on the CPU, `jnp.asarray(x, dtype=x.dtype)` of an aligned NumPy
+    # array may alias its memory, and the operator's "immutable" array then
+    # changed with the caller's buffer (a loop refilling one matrix), under a
+    # solution's state or statistics computed when first read.
+    return jnp.array(x, dtype=dtype, copy=True)
 
 
 def is_inexact_array(x: Any) -> bool:
