@@ -8,7 +8,8 @@ teardown times (a module's fixtures, e.g. a subprocess, count for the first test
 that uses them). The most expensive functions go to the slow tier, one by one,
 until the rest takes at most `--budget` of the whole; the files of the core tests
 (`CORE`: solves against NumPy, derivatives, batching and transposition, the
-errors, the compile-size guard) stay whole in the default run, however long. A
+errors, the compile-size guard) stay whole in the default run, however long, and
+so do the functions of `KEEP` (each kind of solver and operator against NumPy). A
 function whose cases compile what its file's other functions reuse costs them
 that compile when it leaves, so the default run is measured again after a change
 of the list, not predicted.
@@ -29,6 +30,16 @@ CORE = {
     "test_errors.py",
     "test_compile_guard.py",
     "test_throw.py",
+}
+
+# Functions kept in the default run wherever they are: every Krylov solver, every
+# operator and every structured solver against dense NumPy, and the random
+# property test of the solve.
+KEEP = {
+    "test_krylov.py::test_small_square",
+    "test_operators.py::test_operator_matches_matrix",
+    "test_structured.py::test_solve_matches_dense",
+    "test_properties.py::test_solve_property",
 }
 
 _LINE = re.compile(r"^\s*([\d.]+)s (?:setup|call|teardown)\s+tests/(\S+)$")
@@ -55,7 +66,7 @@ def select(times: dict[str, float], budget: float) -> list[str]:
     for function, seconds in sorted(times.items(), key=lambda item: -item[1]):
         if rest <= budget * total:
             break
-        if function.split("::")[0] in CORE:
+        if function.split("::")[0] in CORE or function in KEEP:
             continue
         chosen.append(function)
         rest -= seconds
