@@ -565,20 +565,31 @@ def _run_compiled(
     if programs.solves >= _READS_WINDOW:
         programs.solves //= 2
         programs.reads //= 2
+    if np.asarray(code_array):
+        code_array = _failed(
+            code_array, operator, vector, solver, options, state, throw
+        )
+        if isinstance(code_array, Solution):
+            return code_array
+    return _pending_solution(value, code_array, programs, leaves)
+
+
+def _failed(
+    code_array: Array, operator, vector, solver, options, state, throw
+) -> Solution | Array:
+    """After a compiled solve (`throw=None`) failed with the result code
+    `code_array` (read on the host): the traced path's solution, where it says
+    why (and does what Equinox's error mode says: `EQX_ON_ERROR=nan`, NaN, not
+    an error); else the code classified from the inputs on the host, raised as
+    an error under `throw` or returned."""
     code = np.asarray(code_array)
-    if not code:
-        return _pending_solution(value, code_array, programs, leaves)
     if not reads_every_leaf(operator) or (throw and EQX_ON_ERROR != "raise"):
-        # The traced path says why the solve failed; and does what Equinox's
-        # error mode says (`EQX_ON_ERROR=nan`: NaN, not an error).
         return _linear_solve(operator, vector, solver, options, state, throw)
     inputs = jtu.tree_leaves((operator, vector, (options or {}).get("y0")))
     code = host_result_code(code, *[x for x in inputs if is_inexact_array(x)])
     if throw:
         raise eqx.EquinoxRuntimeError(primal_failure_message(int(code)))
-    return _pending_solution(
-        value, jnp.asarray(code, code_array.dtype), programs, leaves
-    )
+    return jnp.asarray(code, code_array.dtype)
 
 
 # The types of leaf that are JAX arrays (see `_on_device`).
@@ -608,17 +619,12 @@ def _run_complete(
 ) -> Solution:
     """`_run_compiled` by `programs.complete`: the whole solution at once."""
     value, (code_array,), state_out, stats, layout = programs.complete(leaves)
-    code = np.asarray(code_array)
-    if code:
-        # (A failure: as `_run_compiled` reports it, the lean program's code
-        # being this one.)
-        if not reads_every_leaf(operator) or (throw and EQX_ON_ERROR != "raise"):
-            return _linear_solve(operator, vector, solver, options, state, throw)
-        inputs = jtu.tree_leaves((operator, vector, (options or {}).get("y0")))
-        code = host_result_code(code, *[x for x in inputs if is_inexact_array(x)])
-        if throw:
-            raise eqx.EquinoxRuntimeError(primal_failure_message(int(code)))
-        code_array = jnp.asarray(code, code_array.dtype)
+    if np.asarray(code_array):
+        code_array = _failed(
+            code_array, operator, vector, solver, options, state, throw
+        )
+        if isinstance(code_array, Solution):
+            return code_array
     return solution_of(
         _joined(value, layout.value),
         jtu.tree_unflatten(layout.result, [code_array]),
