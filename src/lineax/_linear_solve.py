@@ -4,6 +4,7 @@ import threading
 import time
 import types
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -1009,11 +1010,15 @@ def _without_statics(leaves: list) -> tuple[list, tuple]:
     n = 10; lineax 0.1.1 0.22 ms); now it is compiled per value, after the
     rental (`_renting`), so that a scale changed on every solve stays op by op.
     """
-    statics = tuple(
-        (i, leaf)
-        for i, leaf in enumerate(leaves)
-        if isinstance(leaf, _Jaxpr) or type(leaf) in PYTHON_NUMBERS
+    return _set_apart(
+        leaves, lambda leaf: isinstance(leaf, _Jaxpr) or type(leaf) in PYTHON_NUMBERS
     )
+
+
+def _set_apart(leaves: list, is_static: Callable[[Any], bool]) -> tuple[list, tuple]:
+    """`leaves` without those that `is_static`, and those with their positions
+    (`_with_statics` puts them back)."""
+    statics = tuple((i, leaf) for i, leaf in enumerate(leaves) if is_static(leaf))
     if not statics:
         return leaves, ()
     positions = {i for i, _ in statics}
@@ -1276,11 +1281,8 @@ def _split(tree: PyTree) -> tuple[list, tuple]:
     """The arrays of `tree`, and its structure with its other leaves (static data
     of a compiled output) and their positions: see `_joined`."""
     leaves, treedef = jtu.tree_flatten(tree)
-    statics = tuple((i, x) for i, x in enumerate(leaves) if not eqx.is_array(x))
-    if statics:
-        positions = {i for i, _ in statics}
-        leaves = [x for i, x in enumerate(leaves) if i not in positions]
-    return leaves, (treedef, statics)
+    arrays, statics = _set_apart(leaves, lambda x: not eqx.is_array(x))
+    return arrays, (treedef, statics)
 
 
 def _joined(arrays: list, layout: tuple) -> PyTree:
