@@ -241,6 +241,32 @@ def test_first_eager_solve_in_a_process_compiles_only_the_solve():
     assert compiled == ["Compiling jit(compiled)"], compiled
 
 
+@pytest.mark.parametrize("convert", [False, True])
+def test_first_eager_solve_of_numpy_arrays_compiles_only_the_solve(convert):
+    # The same with the NumPy arrays a user passes (issue 16: the un-jitted
+    # first call). Their copies were made by JAX: the operator's matrix by
+    # `jnp.array(x, dtype, copy=True)` (in `inexact_asarray`), the vector by
+    # `jnp.asarray` (in `_on_device`), each a program compiled once per shape
+    # and dtype, and again after every `jax.clear_caches()`: three compiles.
+    # With `convert`, float64 arrays for a float32 solve (a default user's).
+    matrix, vector = _system(7, 11)
+    with contextlib.ExitStack() as stack:
+        if convert:
+            stack.enter_context(jax.enable_x64(False))
+        buffers = (np.array(matrix), np.array(vector))
+        compiled = []
+        jax.clear_caches()
+        with _recorded_compiles(compiled):
+            solution = lx.linear_solve(lx.MatrixLinearOperator(buffers[0]), buffers[1])
+            value = np.asarray(solution.value)
+            result = solution.result
+        assert result == lx.RESULTS.successful
+    want = np.linalg.solve(matrix, vector)
+    assert value.dtype == (np.float32 if convert else np.float64)
+    np.testing.assert_allclose(value, want, rtol=1e-4 if convert else 1e-12)
+    assert compiled == ["Compiling jit(compiled)"], compiled
+
+
 def test_eager_solve_with_state_options_or_inverse_uses_the_cache(monkeypatch):
     # A reused `state=`, `options` and `lx.invert(operator).mv` ran operation by
     # operation outside of `jit`: 4x (state), 5x (invert) and 18x (CG with

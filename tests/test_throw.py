@@ -233,3 +233,52 @@ def test_nonfinite_initial_guess_is_nonfinite_input():
         )
     )(y0)
     assert code == nonfinite._value
+
+
+@pytest.mark.parametrize("solver", [lx.LU(), lx.Cholesky(), lx.QR(), lx.SVD()])
+def test_dense_error_branch_is_taken_only_when_the_solve_failed(solver, monkeypatch):
+    # A float32 dense solve chooses its error branch by the bits of its
+    # finiteness test (`tree_finite_index`): the host is called only where the
+    # solve failed, and then raises its message. A negative solution (whose
+    # products with the matrix's zeros are -0.0) must not take the branch: a
+    # host call at every solve. Also under `vmap`, where one failing member
+    # makes the batch take it.
+    import lineax._primitive as primitive
+
+    calls = []
+    host = primitive._host_failure_code
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return host(*args, **kwargs)
+
+    monkeypatch.setattr(primitive, "_host_failure_code", counted)
+    tags = lx.positive_semidefinite_tag if isinstance(solver, lx.Cholesky) else ()
+    rng = np.random.default_rng(0)
+    root = rng.standard_normal((6, 6))
+    matrix = (root @ root.T + 6 * np.eye(6)).astype(np.float32)
+
+    def solve(a, b):
+        return lx.linear_solve(lx.MatrixLinearOperator(a, tags), b, solver).value
+
+    b = -(matrix @ np.ones(6, np.float32))  # the solution is -1 everywhere
+    with jax.enable_x64(False):
+        x = jax.jit(solve)(matrix, b)
+        np.testing.assert_allclose(x, -np.ones(6), rtol=1e-4)
+        xs = jax.jit(jax.vmap(solve, in_axes=(None, 0)))(matrix, np.stack([b, b]))
+        np.testing.assert_allclose(xs, -np.ones((2, 6)), rtol=1e-4)
+        assert calls == []
+        bad = np.stack([b, b])
+        bad[1, 2] = np.nan
+        with pytest.raises(Exception, match="contains NaN"):
+            jax.block_until_ready(
+                jax.jit(jax.vmap(solve, in_axes=(None, 0)))(matrix, bad)
+            )
+        assert calls
+        calls.clear()
+        if isinstance(solver, (lx.LU, lx.Cholesky)):
+            singular = np.zeros((6, 6), np.float32)
+            singular[0, 0] = 1
+            with pytest.raises(Exception, match="singular"):
+                jax.block_until_ready(jax.jit(solve)(singular, b))
+            assert calls

@@ -605,12 +605,15 @@ def _on_device(leaves: list) -> list:
     matrix), and must be those of the arrays solved. (Copied on the host first:
     on the CPU, JAX may alias a NumPy array's memory instead of copying it, when
     it is aligned, and the array put on the device then changed with the
-    buffer. Whether it did depended on where NumPy allocated the buffer.)"""
+    buffer. Whether it did depended on where NumPy allocated the buffer.)
+    (Put by `jax.device_put`: `jnp.asarray` of a NumPy array is JAX's `stage`,
+    a program compiled once per shape and dtype, and again after every
+    `jax.clear_caches()`.)"""
     for leaf in leaves:
         if isinstance(leaf, jax.Array):
             _JAX_ARRAY_TYPES.add(type(leaf))
     return [
-        jnp.asarray(np.array(x, copy=True)) if isinstance(x, np.ndarray) else x
+        jax.device_put(np.array(x, copy=True)) if isinstance(x, np.ndarray) else x
         for x in leaves
     ]
 

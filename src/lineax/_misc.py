@@ -142,6 +142,13 @@ def inexact_asarray(x: ArrayLike) -> Array:
     # array may alias its memory, and the operator's "immutable" array then
     # changed with the caller's buffer (a loop refilling one matrix), under a
     # solution's state or statistics computed when first read.
+    if isinstance(x, np.ndarray):
+        # Copied (and converted) by NumPy, then put on the device as it is:
+        # `jnp.array(x, dtype, copy=True)` compiled a program of its own for the
+        # copy (`convert_element_type`), once per shape and dtype, and again
+        # after every `jax.clear_caches()`: a compile of an un-jitted first
+        # solve (3 -> 1 compiles with NumPy inputs, with `_on_device`).
+        return jax.device_put(np.array(x, dtype=dtype, copy=True))
     return jnp.array(x, dtype=dtype, copy=True)
 
 
@@ -396,13 +403,52 @@ def tree_all_finite(tree: PyTree) -> Array:
     batched solution copied it to the batch (a batch x 2 x n array, whose sum
     took 6x the time of the diagonal solve itself, measured on the CPU); the
     fold (`_folded_zero`) tests the unbatched part once."""
+    finite = [
+        jnp.isfinite(
+            _zero_if_finite(big - big) if not folded else _folded_zero(big, *folded)
+        )
+        for big, folded in _finiteness_groups(tree)
+    ]
+    if len(finite) == 0:
+        return jnp.array(True)
+    return functools.reduce(jnp.logical_and, finite)
+
+
+def tree_finite_index(tree: PyTree) -> Array | None:
+    """`tree_all_finite(tree)` as an int32 scalar, zero if every inexact array
+    leaf of `tree` is finite and positive otherwise; or `None` where `tree`'s
+    leaves are not one float32 (or complex64) group of `tree_all_finite` (one
+    reduction).
+
+    It is the bits of the reduction's sum of absolute values (`+0.0` if finite,
+    else `+inf` or a NaN whose sign the absolute values cleared): a bitcast, where
+    `isfinite` and a select of a code made a kernel of its own (XLA:CPU makes the
+    bitcast a one-operation kernel, cheaper to compile: Cholesky, n = 100, XLA
+    compile time -3%). An index of a conditional (see `branch_on_code`), whose
+    error branch takes anything but zero; nonnegative, so that the largest over
+    a batch or over devices is zero only if every one is."""
+    groups = _finiteness_groups(tree)
+    if len(groups) != 1:
+        return None
+    big, folded = groups[0]
+    if big.dtype not in (jnp.float32, jnp.complex64):
+        return None
+    if folded:
+        zero = _folded_abs_zero(big, *folded)
+    else:
+        zero = _zero_if_finite(big - big, absolute=True)
+    return lax.bitcast_convert_type(zero, jnp.int32)
+
+
+def _finiteness_groups(tree: PyTree) -> list[tuple[Any, list[Any]]]:
+    """The groups of `tree_all_finite`: a largest array, and the smaller arrays
+    folded into it."""
     parts = tree if isinstance(tree, tuple) else (tree,)
     packed = []
     for part in parts:
         leaves = [x for x in jtu.tree_leaves(part) if is_inexact_array(x)]
         packed += stack_alike_leaves(leaves)[0]
-    # Each group: a largest array, and the smaller ones folded into it.
-    groups: list[tuple[Array, list[Array]]] = []
+    groups: list[tuple[Any, list[Any]]] = []
     for x in sorted(packed, key=jnp.ndim, reverse=True):
         for big, folded in groups:
             if big.dtype == x.dtype and big.shape[big.ndim - x.ndim :] == x.shape:
@@ -410,15 +456,7 @@ def tree_all_finite(tree: PyTree) -> Array:
                 break
         else:
             groups.append((x, []))
-    finite = [
-        jnp.isfinite(
-            _zero_if_finite(big - big) if not folded else _folded_zero(big, *folded)
-        )
-        for big, folded in groups
-    ]
-    if len(finite) == 0:
-        return jnp.array(True)
-    return functools.reduce(jnp.logical_and, finite)
+    return groups
 
 
 def stack_alike_leaves(tree: PyTree) -> tuple[list[Any], Callable[[list[Any]], PyTree]]:
@@ -502,7 +540,7 @@ def tree_sub(x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
     return jtu.tree_map(lambda xi, yi: xi - yi, x, y)
 
 
-def _folded_zero_of(big: Array, *small: Array) -> Array:
+def _folded_zero_of(big: Array, *small: Array, absolute: bool = False) -> Array:
     """`_zero_if_finite` of `big - big` with each of `small` folded in: zero if
     every entry of all of them is finite, else NaN.
 
@@ -514,14 +552,23 @@ def _folded_zero_of(big: Array, *small: Array) -> Array:
     zeros = big - big
     for x in small:
         zeros = zeros * jnp.broadcast_to(x, zeros.shape)
-    return _zero_if_finite(zeros)
+    return _zero_if_finite(zeros, absolute)
 
 
-_folded_zero = jax.custom_batching.custom_vmap(_folded_zero_of)
+def _folded_zero_rule(absolute: bool):
+    """`_folded_zero_of` as a `custom_vmap` (see its batching rule)."""
+    folded_zero = jax.custom_batching.custom_vmap(
+        functools.partial(_folded_zero_of, absolute=absolute)
+    )
+    folded_zero.def_vmap(
+        functools.partial(_folded_zero_vmap, folded_zero, absolute=absolute)
+    )
+    return folded_zero
 
 
-@_folded_zero.def_vmap
-def _folded_zero_vmap(axis_size, in_batched, big, *small):
+def _folded_zero_vmap(
+    folded_zero, axis_size, in_batched, big, *small, absolute: bool = False
+):
     # Folding a batch of vectors (the solutions of `vmap` over right-hand sides)
     # into one matrix (the operator) would broadcast the matrix to the batch:
     # batch x n x n multiplications for an n x n solve of batch x n^2 work (3.7x
@@ -531,19 +578,27 @@ def _folded_zero_vmap(axis_size, in_batched, big, *small):
         axes = [0 if b else None for b in in_batched]
         # (The batch of matrices is the caller's: each is tested with its own
         # vectors, as unbatched.)
-        return jax.vmap(_folded_zero_of, in_axes=axes)(big, *small), True
+        unbatched_rule = functools.partial(_folded_zero_of, absolute=absolute)
+        return jax.vmap(unbatched_rule, in_axes=axes)(big, *small), True
     unbatched = [x for x, b in zip(small, in_batched[1:]) if not b]
-    total = _folded_zero(big, *unbatched)
+    total = folded_zero(big, *unbatched)
     for x, b in zip(small, in_batched[1:]):
         if b:
             zero = x - x
             if jnp.iscomplexobj(zero):
                 zero = jnp.real(zero) + jnp.imag(zero)
+            if absolute:
+                zero = jnp.abs(zero)
             total = total + jnp.sum(zero, axis=tuple(range(1, zero.ndim)))
     return jnp.broadcast_to(total, (axis_size,)), True
 
 
-def _zero_if_finite(zeros: Array) -> Array:
+_folded_zero = _folded_zero_rule(absolute=False)
+# (Its sum of absolute values: see `tree_finite_index`.)
+_folded_abs_zero = _folded_zero_rule(absolute=True)
+
+
+def _zero_if_finite(zeros: Array, absolute: bool = False) -> Array:
     """Zero if every entry of `zeros` (an `x - x`) is zero, else NaN (`inf - inf`
     is NaN): one sum, into which XLA fuses the product. XLA compiles
     `all(isfinite(x))` to a kernel for the test and another for the boolean
@@ -564,9 +619,15 @@ def _zero_if_finite(zeros: Array) -> Array:
     most `_SMALL_SUM` additions at run time, and keeps the array's sharding.
     (A complex array is summed as the sum of its real and imaginary parts,
     which XLA:CPU sums in the same way; it has no YNNPACK reduction of complex
-    numbers.)"""
+    numbers.)
+
+    With `absolute`, the sum of the absolute values: `+0.0` or `+inf` or a NaN
+    of sign bit zero (see `tree_finite_index`; XLA fuses the absolute value
+    into the reduction)."""
     if jnp.iscomplexobj(zeros):
         zeros = jnp.real(zeros) + jnp.imag(zeros)
+    if absolute:
+        zeros = jnp.abs(zeros)
     if (
         isinstance(zeros.size, int)
         and zeros.size < _SMALL_SUM

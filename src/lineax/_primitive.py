@@ -39,6 +39,7 @@ from ._misc import (
     stack_alike_leaves,
     tree_all_finite,
     tree_conj,
+    tree_finite_index,
     tree_is_complex,
     varying_like,
 )
@@ -202,7 +203,15 @@ def _linear_solve_impl(
     if kind == "primal-reused-state" or (kind == "primal" and arrays is None):
         recorded = record
     checked = arrays if _is_primal(kind) and recorded is None else None
-    if throw is None and checked is not None and record is not None:
+    index = None
+    if throw and recorded is None and concrete_value(result._value) is not None:
+        # A direct solver's concrete code: the error branch is chosen by the
+        # finiteness test's own bits (see `tree_finite_index`), and the code
+        # computed from them only if the caller reads `result`.
+        index = tree_finite_index((solution, checked))
+    if index is not None:
+        finite = index == 0
+    elif throw is None and checked is not None and record is not None:
         # The un-jitted entry point's compiled solve returns the state, and with
         # it `init`'s test of the matrix (`operator_is_finite`, the dense
         # solvers): tested apart from the solution, the operator's test is that
@@ -249,7 +258,7 @@ def _linear_solve_impl(
         tested = kind == "primal" and recorded is not None
         probed = operator if arrays is None and not tested else None
         solution, result = _error_if_failed(
-            solution, probed, arrays, inputs, result, finite, recorded, kind
+            solution, probed, arrays, inputs, result, finite, recorded, kind, index
         )
         return solution, result, stats
     # The inputs are only examined when the solve failed, which saves a pass over
@@ -335,7 +344,7 @@ def host_result_code(code: Any, *leaves: Any) -> np.ndarray:
 # `FunctionLinearOperator` is a new closure at every call.
 @jit_when_eagerly_transformed
 def _error_if_failed(
-    solution, operator, arrays, others, result, finite, recorded, kind
+    solution, operator, arrays, others, result, finite, recorded, kind, index=None
 ):
     # `others`: the inputs besides the operator (a PyTree). `operator`: the
     # operator whose action the error branch probes, or `None` for no probe.
@@ -361,9 +370,16 @@ def _error_if_failed(
     solution, unstack_solution = stack_alike_leaves(solution)
     # The branch is chosen by the failure code itself (nonzero: failed), which
     # the error branch also hands to the host: one scalar kernel computes both,
-    # where a predicate of its own was a second one.
+    # where a predicate of its own was a second one. Or, given the `index` of
+    # the finiteness test (a concrete code, see `_linear_solve_impl`), by that
+    # index, and the host is handed the solver's code (success, whose host test
+    # of the solution tells `singular`): the failure code is then computed only
+    # where the caller reads `result`.
+    solver_code = result._value
     result = _with_singular(result, finite)
     code = result._value
+    if index is not None:
+        code = index
     # The probe of the operator's action enters the branch as an operand, made
     # outside it. Made inside, XLA folded the constant probe into the product,
     # and compiled a copy of the operator's action (of the user's function) for
@@ -379,9 +395,10 @@ def _error_if_failed(
     probe = None
     if operator is not None and concrete_value(code) is None:
         probe = _probe(operator, jnp.asarray(code))
+    host_code = code if index is None else jnp.asarray(solver_code, jnp.int32)
     solution = branch_on_code(
         code,
-        ft.partial(_raise, operator, checked, inputs, code, kind),
+        ft.partial(_raise, operator, checked, inputs, host_code, kind),
         lambda x: x[0],
         (solution, probe),
     )

@@ -95,8 +95,9 @@ class LU(AbstractLinearSolver[LUState]):
     def compute(self, state: LUState, vector, options):
         del options
         b = ravel_vector(vector, state.packed_structures)
-        x = lu_solve(state.lu, state.permutation, b, state.transposed)
-        x = nan_at_zero_pivots(x, diagonal(state.lu))
+        x = lu_solve(
+            state.lu, state.permutation, b, state.transposed, diagonal(state.lu)
+        )
 
         # The condition number of `A` also for a solve with its transpose: no
         # second norm of `A` in every factorisation for it (the 1-norm of `Aᵀ`,
@@ -146,11 +147,21 @@ class LU(AbstractLinearSolver[LUState]):
         return True
 
 
-def lu_solve(lu: Array, perm: Array, b: Array, transposed: bool) -> Array:
-    """Solve `A x = b` (or `A^T x = b`) from `A[perm] = L U`; `b` is 1-D or 2-D."""
+def lu_solve(
+    lu: Array, perm: Array, b: Array, transposed: bool, pivots: Array | None = None
+) -> Array:
+    """Solve `A x = b` (or `A^T x = b`) from `A[perm] = L U`; `b` is 1-D or 2-D.
+    With `pivots` (the diagonal of `U`), NaN where a pivot is zero (see
+    `nan_at_zero_pivots`)."""
     if transposed:
         # A = P^T L U, so A^T = U^T L^T P: solve U^T y = b, L^T z = y, P x = z.
         z = _factors_solve(lu, b, transposed)
+        if pivots is not None:
+            # Before the permutation, not after: the NaN only has to be somewhere
+            # in `x`, and here XLA fuses it into the kernel that reads the
+            # triangular solve's output, where after the permutation's sort it
+            # was a kernel of its own (`jax.grad` of an LU solve, n = 100).
+            z = nan_at_zero_pivots(z, pivots)
         if z.ndim == 1:
             # `x[perm] = z`, as the values of a sort keyed by `perm` (as JAX's
             # `lu_solve` inverts the permutation): XLA:CPU compiles the scatter
@@ -158,7 +169,8 @@ def lu_solve(lu: Array, perm: Array, b: Array, transposed: bool) -> Array:
             # kernels, compile time -12%.)
             return lax.sort_key_val(perm, z)[1]
         return jnp.zeros_like(z).at[perm].set(z)
-    return _factors_solve(lu, b[perm], transposed)
+    x = _factors_solve(lu, b[perm], transposed)
+    return x if pivots is None else nan_at_zero_pivots(x, pivots)
 
 
 def _factors_solve(lu: Array, b: Array, transposed: bool) -> Array:
