@@ -314,33 +314,39 @@ def test_tree_finite_index_is_zero_exactly_when_finite_and_never_negative():
     # -0.0, whose bits are not zero); positive for any non-finite entry (a NaN
     # made by `inf - inf` has its sign bit set on x86, which would be a negative
     # index, and lose to zero in the largest over a batch).
-    from lineax._misc import tree_all_finite, tree_finite_index
+    from lineax._misc import tree_finite_test
 
-    index = jax.jit(tree_finite_index)
+    def index(tree):
+        finite, index = tree_finite_test(tree, index=True)
+        assert index is not None
+        return finite, index
+
+    check = jax.jit(index)
     for dtype in (jnp.float32, jnp.complex64):
         big = np.finfo(dtype).max
         for n in (3, 100, 5000):
             x = np.full(n, -big, dtype)
             matrix = np.full((n, n) if n < 200 else (2, n), -big, dtype)
-            assert int(index(x)) == 0
-            assert int(index((matrix, x))) == 0
+            for tree in (x, (matrix, x)):
+                finite, bits = check(tree)
+                assert bool(finite) and int(bits) == 0
             for bad in (np.inf, -np.inf, np.nan, -np.nan):
                 y = x.copy()
                 y[n // 2] = bad
-                for tree in (y, (matrix, y)):
-                    assert int(index(tree)) > 0, (dtype, n, bad)
-                    assert not bool(jax.jit(tree_all_finite)(tree))
                 bad_matrix = matrix.copy()
                 bad_matrix[-1, 0] = bad
-                assert int(index((bad_matrix, x))) > 0
+                for tree in (y, (matrix, y), (bad_matrix, x)):
+                    finite, bits = check(tree)
+                    assert not bool(finite) and int(bits) > 0, (dtype, n, bad)
             # Under `vmap` over the vectors, folded into one matrix.
             ys = np.stack([x, x, x])
             ys[1, 0] = np.nan
-            batched = jax.vmap(tree_finite_index, in_axes=((None, 0),))
-            assert list(np.asarray(batched((matrix, ys))) > 0) == [False, True, False]
-    # Not one float32 reduction: none (the code is then made as before).
-    assert tree_finite_index(np.ones(3)) is None  # float64
-    assert tree_finite_index((np.ones(3, np.float32), np.ones(2, np.float32))) is None
+            _, bits = jax.vmap(index, in_axes=((None, 0),))((matrix, ys))
+            assert list(np.asarray(bits) > 0) == [False, True, False]
+    # Not one float32 reduction: no index (the code is then made as before).
+    assert tree_finite_test(jnp.ones(3, jnp.float64), index=True)[1] is None
+    two = (jnp.ones(3, jnp.float32), jnp.ones(2, jnp.float32))
+    assert tree_finite_test(two, index=True)[1] is None
 
 
 class _CountingLU(DelegatingLU):

@@ -403,22 +403,15 @@ def tree_all_finite(tree: PyTree) -> Array:
     batched solution copied it to the batch (a batch x 2 x n array, whose sum
     took 6x the time of the diagonal solve itself, measured on the CPU); the
     fold (`_folded_zero`) tests the unbatched part once."""
-    finite = [
-        jnp.isfinite(
-            _zero_if_finite(big - big) if not folded else _folded_zero(big, *folded)
-        )
-        for big, folded in _finiteness_groups(tree)
-    ]
-    if len(finite) == 0:
-        return jnp.array(True)
-    return functools.reduce(jnp.logical_and, finite)
+    return tree_finite_test(tree)[0]
 
 
-def tree_finite_index(tree: PyTree) -> Array | None:
-    """`tree_all_finite(tree)` as an int32 scalar, zero if every inexact array
-    leaf of `tree` is finite and positive otherwise; or `None` where `tree`'s
-    leaves are not one float32 (or complex64) group of `tree_all_finite` (one
-    reduction).
+def tree_finite_test(tree: PyTree, index: bool = False) -> tuple[Array, Array | None]:
+    """`(tree_all_finite(tree), None)`; with `index`, where `tree`'s leaves make
+    one float32 (or complex64) group of `tree_all_finite` (one reduction),
+    `(finite, index)`: the test also as an int32 scalar, zero if every inexact
+    array leaf of `tree` is finite and positive otherwise (`finite` is then
+    `index == 0`).
 
     It is the bits of the reduction's sum of absolute values (`+0.0` if finite,
     else `+inf` or a NaN whose sign the absolute values cleared): a bitcast, where
@@ -428,16 +421,28 @@ def tree_finite_index(tree: PyTree) -> Array | None:
     error branch takes anything but zero; nonnegative, so that the largest over
     a batch or over devices is zero only if every one is."""
     groups = _finiteness_groups(tree)
-    if len(groups) != 1:
-        return None
-    big, folded = groups[0]
-    if big.dtype not in (jnp.float32, jnp.complex64):
-        return None
-    if folded:
-        zero = _folded_abs_zero(big, *folded)
-    else:
-        zero = _zero_if_finite(big - big, absolute=True)
-    return lax.bitcast_convert_type(zero, jnp.int32)
+    if index and len(groups) == 1 and groups[0][0].dtype in _INDEXED:
+        big, folded = groups[0]
+        if folded:
+            zero = _folded_abs_zero(big, *folded)
+        else:
+            zero = _zero_if_finite(big - big, absolute=True)
+        bits = lax.bitcast_convert_type(zero, jnp.int32)
+        return bits == 0, bits
+    finite = [
+        jnp.isfinite(
+            _zero_if_finite(big - big) if not folded else _folded_zero(big, *folded)
+        )
+        for big, folded in groups
+    ]
+    if len(finite) == 0:
+        return jnp.array(True), None
+    return functools.reduce(jnp.logical_and, finite), None
+
+
+# The dtypes whose finiteness test's sum is a 32-bit float (see
+# `tree_finite_test`).
+_INDEXED = (jnp.dtype(jnp.float32), jnp.dtype(jnp.complex64))
 
 
 def _finiteness_groups(tree: PyTree) -> list[tuple[Any, list[Any]]]:

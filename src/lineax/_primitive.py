@@ -39,7 +39,7 @@ from ._misc import (
     stack_alike_leaves,
     tree_all_finite,
     tree_conj,
-    tree_finite_index,
+    tree_finite_test,
     tree_is_complex,
     varying_like,
 )
@@ -206,11 +206,9 @@ def _linear_solve_impl(
     index = None
     if throw and recorded is None and concrete_value(result._value) is not None:
         # A direct solver's concrete code: the error branch is chosen by the
-        # finiteness test's own bits (see `tree_finite_index`), and the code
-        # computed from them only if the caller reads `result`.
-        index = tree_finite_index((solution, checked))
-    if index is not None:
-        finite = index == 0
+        # finiteness test's own bits (`index`, see `tree_finite_test`), and the
+        # code computed from them only if the caller reads `result`.
+        finite, index = tree_finite_test((solution, checked), index=True)
     elif throw is None and checked is not None and record is not None:
         # The un-jitted entry point's compiled solve returns the state, and with
         # it `init`'s test of the matrix (`operator_is_finite`, the dense
