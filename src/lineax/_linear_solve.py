@@ -562,7 +562,10 @@ def _run_compiled(
         return _run_complete(
             programs, leaves, operator, vector, solver, options, state, throw
         )
-    if programs.lean._cache_size() or not _own_solver(solver):
+    # (`_cache_size` is JAX's compiled function's; under `EQX_ON_ERROR=breakpoint`
+    # `jax.jit` is not JAX's.)
+    cache_size = getattr(programs.lean, "_cache_size", None)
+    if cache_size is None or cache_size() or not _own_solver(solver):
         value, code_array = programs.lean(leaves)
     else:
         # Traced now (a first call, or the first after `jax.clear_caches()`):
