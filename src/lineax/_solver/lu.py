@@ -161,7 +161,7 @@ def lu_solve(
             # in `x`, and here XLA fuses it into the kernel that reads the
             # triangular solve's output, where after the permutation's sort it
             # was a kernel of its own (`jax.grad` of an LU solve, n = 100).
-            z = nan_at_zero_pivots(z, pivots)
+            z = nan_at_zero_pivots(z, pivots if z.ndim == 1 else pivots[:, None])
         if z.ndim == 1:
             # `x[perm] = z`, as the values of a sort keyed by `perm` (as JAX's
             # `lu_solve` inverts the permutation): XLA:CPU compiles the scatter
@@ -170,7 +170,9 @@ def lu_solve(
             return lax.sort_key_val(perm, z)[1]
         return jnp.zeros_like(z).at[perm].set(z)
     x = _factors_solve(lu, b[perm], transposed)
-    return x if pivots is None else nan_at_zero_pivots(x, pivots)
+    if pivots is None:
+        return x
+    return nan_at_zero_pivots(x, pivots if x.ndim == 1 else pivots[:, None])
 
 
 def _factors_solve(lu: Array, b: Array, transposed: bool) -> Array:
