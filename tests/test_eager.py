@@ -267,46 +267,6 @@ def test_first_eager_solve_of_numpy_arrays_compiles_only_the_solve(convert):
     assert compiled == ["Compiling jit(compiled)"], compiled
 
 
-def test_first_eager_solve_traces_no_condition_estimate_and_still_returns_it(
-    monkeypatch,
-):
-    # The first un-jitted call (after `jax.clear_caches()`) traces its lean
-    # program (value and result code) without the condition estimate, which
-    # that program drops (`estimates_unused`); the statistics, computed when
-    # read, still hold the estimate, as under `jit`.
-    from lineax._solver import base
-
-    traced = []
-    estimate = base._rcond_estimate
-
-    def counted(*args, **kwargs):
-        traced.append(1)
-        return estimate(*args, **kwargs)
-
-    monkeypatch.setattr(base, "_rcond_estimate", counted)
-    matrix, vector = _system(7, 12)
-    matrix, vector = jnp.asarray(matrix), jnp.asarray(vector)
-    operator = lx.MatrixLinearOperator(matrix)
-    jax.clear_caches()
-    solution = lx.linear_solve(operator, vector, lx.LU())
-    np.testing.assert_allclose(
-        solution.value, np.linalg.solve(matrix, vector), rtol=1e-12
-    )
-    assert traced == []
-    want = jax.jit(
-        lambda a, b: lx.linear_solve(lx.MatrixLinearOperator(a), b, lx.LU()).stats
-    )(matrix, vector)
-    assert traced
-    rcond = solution.stats["rcond"]
-    assert 0 < float(rcond) < 1
-    np.testing.assert_allclose(rcond, want["rcond"], rtol=1e-12)
-    # A later solve of another structure traced under `jit` has its estimate.
-    jitted = jax.jit(
-        lambda a, b: lx.linear_solve(lx.MatrixLinearOperator(a), b, lx.LU()).stats
-    )(matrix[:5, :5], vector[:5])
-    assert 0 < float(jitted["rcond"]) < 1
-
-
 def test_eager_solve_with_state_options_or_inverse_uses_the_cache(monkeypatch):
     # A reused `state=`, `options` and `lx.invert(operator).mv` ran operation by
     # operation outside of `jit`: 4x (state), 5x (invert) and 18x (CG with

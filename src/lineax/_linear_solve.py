@@ -50,7 +50,6 @@ from ._solver.base import (
     AbstractLinearSolver,
     check_solver,
     declared_option_keys,
-    estimates_unused,
     inverse_tags,
 )
 
@@ -562,18 +561,7 @@ def _run_compiled(
         return _run_complete(
             programs, leaves, operator, vector, solver, options, state, throw
         )
-    # (`_cache_size` is JAX's compiled function's; under `EQX_ON_ERROR=breakpoint`
-    # `jax.jit` is not JAX's.)
-    cache_size = getattr(programs.lean, "_cache_size", None)
-    if cache_size is None or cache_size() or not _own_solver(solver):
-        value, code_array = programs.lean(leaves)
-    else:
-        # Traced now (a first call, or the first after `jax.clear_caches()`):
-        # without the condition estimate, which its program does not return.
-        # (Lineax's own solvers only: a user's solver may read the estimate of
-        # the solver it wraps in its `compute`, to make its result.)
-        with estimates_unused():
-            value, code_array = programs.lean(leaves)
+    value, code_array = programs.lean(leaves)
     programs.solves += 1
     if programs.solves >= _READS_WINDOW:
         programs.solves //= 2
@@ -585,12 +573,6 @@ def _run_compiled(
         if isinstance(code_array, Solution):
             return code_array
     return _pending_solution(value, code_array, programs, leaves)
-
-
-def _own_solver(solver: Any) -> bool:
-    """Whether `solver` is one of lineax's own (whose `compute` reads no
-    statistics of the solvers it holds)."""
-    return type(solver).__module__.startswith("lineax.")
 
 
 def _failed(

@@ -48,7 +48,6 @@ from ._operator.tangent import TangentLinearOperator
 from ._solution import concrete_value, is_successful, RESULTS, results_where
 from ._solver.base import (
     AbstractLinearSolver,
-    estimates_wanted,
     rank_flags,
     statistics_unused,
     statistics_wanted,
@@ -658,8 +657,6 @@ def _abstract_eval_key(solver, args) -> tuple | None:
         tuple((type(x), x) for x in solver_leaves),
         treedef,
         _trace_context(),
-        # (A trace without the condition estimate, see `estimates_unused`.)
-        estimates_wanted(),
         *[
             (x.shape, x.dtype, x.weak_type, x.manual_axis_type)
             if isinstance(x, jax.ShapeDtypeStruct)
@@ -1234,7 +1231,6 @@ def _impl_trace_key(avals_in, params) -> tuple | None:
         tuple(avals_in),
         _trace_context(),
         statistics_wanted(),
-        estimates_wanted(),
     )
     try:
         hash(key)

@@ -307,29 +307,6 @@ def statistics_wanted() -> bool:
     return not _statistics_unused.get()
 
 
-_estimates_unused = contextvars.ContextVar("lineax_estimates_unused", default=False)
-
-
-@contextlib.contextmanager
-def estimates_unused():
-    """Within it, `rcond_estimate` is not traced (it returns zeros): for a program
-    that returns no statistics, which its dead-code elimination removes anyway
-    (the un-jitted entry point's, see `_linear_solve._run_compiled`). Narrower
-    than `statistics_unused`: nothing else of `compute` changes, so neither does
-    the program compiled. (The traces made within are cached apart, see
-    `_primitive._abstract_eval_key`.)"""
-    token = _estimates_unused.set(True)
-    try:
-        yield
-    finally:
-        _estimates_unused.reset(token)
-
-
-def estimates_wanted() -> bool:
-    """`False` within `estimates_unused`."""
-    return not _estimates_unused.get()
-
-
 def declared_option_keys() -> frozenset[str]:
     """The `options` keys that some solver class declares reading (its
     `option_keys`): those of lineax's solvers, and of any user solver that
@@ -631,29 +608,8 @@ def _sign(y: Array) -> Array:
 # lowering, each derivative rule), and the estimate is a long straight line of
 # small operations. Under an outer `jit` whose caller ignores `stats`, XLA removes
 # it altogether.
-def rcond_estimate(
-    norm: Array,
-    arrays: PyTree[Array],
-    *,
-    solve: Callable[[Any, Any, Array, bool], Array],
-    static: Any,
-    n: Size,
-    dtype: Any,
-    inverse: Callable[[Any, Any, Array], Array] | None = None,
-) -> Array:
-    """See `_rcond_estimate`; zero within `estimates_unused` (not traced: after
-    `jax.clear_caches()`, the first un-jitted solve traced the estimate's long
-    straight line for a program that drops it, about 3% of its CPU time, LU
-    n = 10)."""
-    if not estimates_wanted():
-        return jnp.zeros((), jnp.finfo(dtype).dtype)
-    return _rcond_estimate(
-        norm, arrays, solve=solve, static=static, n=n, dtype=dtype, inverse=inverse
-    )
-
-
 @ft.partial(jax.jit, static_argnames=("solve", "static", "n", "dtype", "inverse"))
-def _rcond_estimate(
+def rcond_estimate(
     norm: Array,
     arrays: PyTree[Array],
     *,
