@@ -47,27 +47,54 @@ def test_finished_members_make_no_steps():
     # Two members that stagnate (a singular inconsistent system and one with
     # cond 1e6 and an unreachable tolerance), at different times. BiCGStab's
     # passes run up to 100 steps: the first member's passes, made after it stopped
-    # (and discarded), held up every later outer iteration of the other. Before:
-    # 1.57 products per product of the slowest member; now 1.16 (the rest is
-    # members' passes ending at different steps, which a batched loop pays).
-    # (Measured with the tests' XLA flags; the stagnation points, and so the
-    # ratios, depend on rounding: 2.50 -> 1.40 at XLA's defaults.)
-    rng = np.random.default_rng(1)
-    n = 30
-    singular = _spd(rng, n, 10)
-    w, v = np.linalg.eigh(singular)
-    w[:3] = 0
-    singular = (v * w) @ v.T
-    hard = _spd(rng, n, 1e6)
-    b = rng.standard_normal(n)
-    calls = [0]
-    solve = _counted_solve(lx.BiCGStab(1e-12, 1e-12, max_steps=3000), n, calls)
-    result, num_mv = solve(np.stack([singular, hard]), np.stack([b, b]))
-    jax.block_until_ready(num_mv)
+    # (and discarded), held up every later outer iteration of the other.
+    # Products per product of the slowest member, at XLA's default flags (as
+    # users run): before 2.50 (Intel) and 2.77 (AMD EPYC), now 1.40 and 1.30 (the
+    # rest is members' passes ending at different steps, which a batched loop
+    # pays). The stagnation points, and so the ratios, depend on rounding, which
+    # depends on the flags and the machine: with the tests' flags the two were
+    # 1.57 and 1.16 on one machine, 1.57 and 1.39 on another (a bound of 1.3
+    # there failed on the second machine). Measured in a fresh process at the
+    # default flags, where the fix's margin is widest.
+    code = """
+import jax, jax.numpy as jnp, numpy as np
+import lineax as lx
+jax.config.update("jax_enable_x64", True)
+rng = np.random.default_rng(1)
+n = 30
+def spd(cond):
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    return (q * np.geomspace(1, cond, n)) @ q.T
+singular = spd(10)
+w, v = np.linalg.eigh(singular)
+w[:3] = 0
+singular = (v * w) @ v.T
+hard = spd(1e6)
+b = rng.standard_normal(n)
+calls = [0]
+def count(_):
+    calls[0] += 1
+def solve(matrix, vector):
+    def mv(x):
+        jax.debug.callback(count, x[0])
+        return matrix @ x
+    structure = jax.ShapeDtypeStruct((n,), jnp.float64)
+    operator = lx.FunctionLinearOperator(mv, structure, lx.positive_semidefinite_tag)
+    solver = lx.BiCGStab(1e-12, 1e-12, max_steps=3000)
+    sol = lx.linear_solve(operator, vector, solver, throw=False)
+    return sol.result._value, sol.stats["num_mv"]
+result, num_mv = jax.jit(jax.vmap(solve))(np.stack([singular, hard]), np.stack([b, b]))
+jax.block_until_ready(num_mv)
+print(np.asarray(result).tolist(), calls[0] / 2 / int(np.max(num_mv)))
+"""
+    from conftest import run_at_default_flags
+
+    completed = run_at_default_flags(code)
+    assert completed.returncode == 0, completed.stderr
+    result, ratio = completed.stdout.strip().splitlines()[-1].rsplit(" ", 1)
     stagnation = lx.RESULTS.stagnation._value
-    assert np.asarray(result).tolist() == [stagnation, stagnation]
-    ratio = calls[0] / 2 / int(np.max(num_mv))
-    assert ratio < 1.3, (ratio, np.asarray(num_mv))
+    assert result == f"[{stagnation}, {stagnation}]", completed.stdout
+    assert float(ratio) < 2.0, completed.stdout
 
 
 def test_vmap_over_zero_members():
