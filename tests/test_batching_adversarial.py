@@ -6,6 +6,7 @@ Under `vmap` a `lax.while_loop` runs until every member is done, and JAX discard
 the updates of the members already done; the work made for those members is wasted,
 so it must be small."""
 
+import pathlib
 import re
 
 import jax
@@ -56,34 +57,24 @@ def test_finished_members_make_no_steps():
     # 1.57 and 1.16 on one machine, 1.57 and 1.39 on another (a bound of 1.3
     # there failed on the second machine). Measured in a fresh process at the
     # default flags, where the fix's margin is widest.
-    code = """
-import jax, jax.numpy as jnp, numpy as np
+    code = f"""
+import sys
+sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
+import jax, numpy as np
 import lineax as lx
+from test_batching_adversarial import _counted_solve, _spd
 jax.config.update("jax_enable_x64", True)
 rng = np.random.default_rng(1)
 n = 30
-def spd(cond):
-    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    return (q * np.geomspace(1, cond, n)) @ q.T
-singular = spd(10)
+singular = _spd(rng, n, 10)
 w, v = np.linalg.eigh(singular)
 w[:3] = 0
 singular = (v * w) @ v.T
-hard = spd(1e6)
+hard = _spd(rng, n, 1e6)
 b = rng.standard_normal(n)
 calls = [0]
-def count(_):
-    calls[0] += 1
-def solve(matrix, vector):
-    def mv(x):
-        jax.debug.callback(count, x[0])
-        return matrix @ x
-    structure = jax.ShapeDtypeStruct((n,), jnp.float64)
-    operator = lx.FunctionLinearOperator(mv, structure, lx.positive_semidefinite_tag)
-    solver = lx.BiCGStab(1e-12, 1e-12, max_steps=3000)
-    sol = lx.linear_solve(operator, vector, solver, throw=False)
-    return sol.result._value, sol.stats["num_mv"]
-result, num_mv = jax.jit(jax.vmap(solve))(np.stack([singular, hard]), np.stack([b, b]))
+solve = _counted_solve(lx.BiCGStab(1e-12, 1e-12, max_steps=3000), n, calls)
+result, num_mv = solve(np.stack([singular, hard]), np.stack([b, b]))
 jax.block_until_ready(num_mv)
 print(np.asarray(result).tolist(), calls[0] / 2 / int(np.max(num_mv)))
 """
