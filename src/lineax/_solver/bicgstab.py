@@ -304,7 +304,15 @@ class BiCGStab(AbstractKrylovSolver):
         # side is below the solver's `atol`, then stalled, as it did with GMRES).
         # (`rnorm` and `half` in the recurrence's units, `tol` in `Problem`'s.)
         first = first_pass_factor(self.rtol, eps)
-        if two and not warm and self.atol == 0:
+        info = jnp.finfo(problem.rdtype)
+        if (
+            two
+            and not warm
+            and self.atol == 0
+            # (`rtol^2` a normal number of the dtype, or 0: one that underflows
+            # would be flushed to 0 as an input, where `tol^2` is not.)
+            and (self.rtol == 0 or info.tiny <= self.rtol**2 <= info.max)
+        ):
             # In squares, from `<b, b>` (`tol` is `rtol sqrt(<b, b>)` here, and the
             # initial residual is `b`), with no square root: the packing of the
             # step's scalars then reads none, and `sqrt(<b, b>)` (the initial norm
