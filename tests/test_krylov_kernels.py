@@ -172,8 +172,8 @@ def _kernels_outside_step(fn, *args) -> int:
     "solver, mv, tags, bound",
     [
         (lx.CG, _stencil, (lx.positive_semidefinite_tag,), 27),
-        (lx.BiCGStab, _convection, (), 33),
-        (lx.GMRES, _convection, (), 43),
+        (lx.BiCGStab, _convection, (), 31),
+        (lx.GMRES, _convection, (), 42),
     ],
     ids=["cg", "bicgstab", "gmres"],
 )
@@ -194,6 +194,11 @@ def test_krylov_solve_kernels_outside_the_step(solver, mv, tags, bound):
     # step's, compiled once: a pad and a stencil less, a broadcast more).
     # GMRES 55 -> 43 with its cycle's scalars stacked (a step's four, a
     # restart's three: one kernel each) and its identity matrices constants.
+    # BiCGStab 33 -> 31 and GMRES 43 -> 42 (sixteenth round): the target without
+    # `atol`'s term when `atol` is 0 (the scale of `b`, read by the initial
+    # packings through it, was then a kernel of its own), and BiCGStab's
+    # half-step threshold in squares (`sqrt(<b, b>)`, read by two packings, was
+    # a kernel of its own).
     solve, b = _stencil_solve(solver, mv, tags)
     assert _kernels_outside_step(solve, b) <= bound
 
@@ -268,9 +273,9 @@ def _fused_operations(fn, *args, step_only: bool = False) -> int:
 @pytest.mark.parametrize(
     "solver, mv, tags, step_bound, bound",
     [
-        (lx.CG, _stencil, (lx.positive_semidefinite_tag,), None, 223),
+        (lx.CG, _stencil, (lx.positive_semidefinite_tag,), None, 211),
         (lx.BiCGStab, _convection, (), 164, 386),
-        (lx.GMRES, _convection, (), None, 389),
+        (lx.GMRES, _convection, (), None, 409),
     ],
     ids=["cg", "bicgstab", "gmres"],
 )
@@ -288,6 +293,11 @@ def test_krylov_solve_operations_in_kernels(solver, mv, tags, step_bound, bound)
     # BiCGStab 145, GMRES 213.) GMRES 372 -> 389 with its cycle's scalars
     # stacked: their conversions and tests inside the kernels that read them,
     # where each carried scalar was a kernel of its own (4 kernels less).
+    # Sixteenth round: the target without `atol`'s term when `atol` is 0, CG 223
+    # -> 211; GMRES 389 -> 409, as the scale of `b` is no longer a kernel of its
+    # own (43 -> 42 kernels) but its integer arithmetic is copied into the
+    # kernels that read it (the operator-scale product, the lifted `b`, the final
+    # scaling): one kernel less measured faster to compile (A/B, 0.95).
     solve, b = _stencil_solve(solver, mv, tags)
     assert _fused_operations(solve, b) <= bound
     if step_bound is not None:

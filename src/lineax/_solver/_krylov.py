@@ -556,7 +556,16 @@ class AbstractKrylovSolver(AbstractLinearSolver[KrylovState]):
                 jnp.logical_or, [jnp.any(leaf != 0) for leaf in jtu.tree_leaves(vector)]
             )
             usable = usable & ((bnorm != 0) | ~nonzero)
-        tol = select(usable, self.atol * inverse + self.rtol * bnorm, jnp.nan)
+        # Without `atol` (a static 0, the default) its term is left out: `0 *
+        # inverse` is exactly 0 (`inverse` is a finite power of two), but it made
+        # every kernel that reads the target (the initial packings of the book and
+        # of a method's scalars) read the scale of `b` too, and with the operator's
+        # scale (BiCGStab, GMRES) that scale was then a kernel of its own before
+        # the loops. The target is the same bit for bit.
+        target = self.rtol * bnorm
+        if self.atol != 0:
+            target = self.atol * inverse + target
+        tol = select(usable, target, jnp.nan)
         return Problem(
             mv=mv,
             norm=norm,

@@ -304,13 +304,33 @@ class BiCGStab(AbstractKrylovSolver):
         # side is below the solver's `atol`, then stalled, as it did with GMRES).
         # (`rnorm` and `half` in the recurrence's units, `tol` in `Problem`'s.)
         first = first_pass_factor(self.rtol, eps)
-        if unit is not None:
-            rnorm = rnorm * unit
-        half_tol = select(rnorm <= tol, first * rnorm, tol)
-        if down is not None:
-            half_tol = half_tol * down
-            rnorm = rnorm * down  # (exact: powers of two)
-        half = half_tol**2 if two else half_tol
+        info = jnp.finfo(problem.rdtype)
+        if (
+            two
+            and not warm
+            and self.atol == 0
+            # (`rtol^2` a normal number of the dtype, or 0: one that underflows
+            # would be flushed to 0 as an input, where `tol^2` is not.)
+            and (self.rtol == 0 or info.tiny <= self.rtol**2 <= info.max)
+        ):
+            # In squares, from `<b, b>` (`tol` is `rtol sqrt(<b, b>)` here, and the
+            # initial residual is `b`), with no square root: the packing of the
+            # step's scalars then reads none, and `sqrt(<b, b>)` (the initial norm
+            # and the target) is computed in the kernel that packs the outer loop's
+            # book alone, where it was a kernel of its own, read by both packings
+            # (XLA does not copy a square root into each kernel that reads it).
+            # The same threshold as `half_tol**2` below but for the rounding of
+            # the squares (a few units in the last place).
+            tol2 = select(jnp.isfinite(bb), (self.rtol * self.rtol) * bb, jnp.nan)
+            half = select(rr <= tol2, (first * first) * rr, tol2).astype(rr.dtype)
+        else:
+            if unit is not None:
+                rnorm = rnorm * unit
+            half_tol = select(rnorm <= tol, first * rnorm, tol)
+            if down is not None:
+                half_tol = half_tol * down
+                rnorm = rnorm * down  # (exact: powers of two)
+            half = half_tol**2 if two else half_tol
         steps = 0 if counts else None
         layout = restarted(r, _FRESH, steps, half, rr, rnorm, unit)
         carry = _Carry(problem.x0, r, r, r, r, layout.pack(dtype))
