@@ -47,6 +47,7 @@ def emit(name: str, **fields: Any) -> None:
 def run(name: str, check: Callable[[], dict]) -> None:
     """Worker side: run one check and emit its fields (or its error)."""
     start = time.perf_counter()
+    fields: dict[str, Any]
     try:
         fields = check()
     except Exception as e:

@@ -29,7 +29,7 @@ import pathlib
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import hypothesis.strategies as st
@@ -427,6 +427,7 @@ def _add(matrix, dtype, tags, in_structure, out_structure):
     tags = _as_set(tags) - _UNIT
     a, ref_a = _pytree(0.75 * matrix, dtype, tags, in_structure, out_structure)
     b, ref_b = _function(0.25 * matrix, dtype, tags, in_structure, out_structure)
+    assert ref_a is not None and ref_b is not None  # a NumPy `matrix`
     return a + b, ref_a + ref_b
 
 
@@ -455,6 +456,7 @@ def _neg(matrix, dtype, tags, in_structure, out_structure):
     swapped = {psd: nsd, nsd: psd}
     tags = frozenset(swapped.get(t, t) for t in tags)
     inner, ref = _pytree(-matrix, dtype, tags, in_structure, out_structure)
+    assert ref is not None  # a NumPy `matrix`
     return -inner, -ref
 
 
@@ -476,7 +478,8 @@ def _composed(matrix, dtype, tags, in_structure, out_structure, rng):
 
 def _tangent(matrix, dtype, tags, in_structure, out_structure, rng):
     # The primal is unrelated to `matrix`; `mv` is linear in the tangent.
-    primal_matrix = random_matrix(rng, *matrix.shape, dtype, tags)
+    m, n = matrix.shape
+    primal_matrix = random_matrix(rng, m, n, dtype, tags)
     primal, _ = _pytree(primal_matrix, dtype, tags, in_structure, out_structure)
     tangent, ref = _pytree(matrix, dtype, tags, in_structure, out_structure)
     return lx.TangentLinearOperator(primal, tangent), ref
@@ -800,22 +803,22 @@ def case_operator(
     m, n = matrix.shape
     dtype = matrix.dtype
     flat_in, flat_out = flat_structure(n, dtype), flat_structure(m, dtype)
-    tags = _as_set(tags)
+    tag_set = _as_set(tags)
     if kind == "pytree":
         in_s, out_s = split_structure(n, dtype, 0), split_structure(m, dtype, 1)
-        return _pytree(matrix, dtype, tags, in_s, out_s)[0]
+        return _pytree(matrix, dtype, tag_set, in_s, out_s)[0]
     if kind == "native":
-        if lx.diagonal_tag in tags:
-            return _diagonal(matrix, dtype, tags, flat_in, flat_out)[0]
-        if lx.tridiagonal_tag in tags:
-            return _tridiagonal(matrix, dtype, tags, flat_in, flat_out)[0]
+        if lx.diagonal_tag in tag_set:
+            return _diagonal(matrix, dtype, tag_set, flat_in, flat_out)[0]
+        if lx.tridiagonal_tag in tag_set:
+            return _tridiagonal(matrix, dtype, tag_set, flat_in, flat_out)[0]
         kind = "matrix"
     if kind == "tagged_composed":
         half = lx.MatrixLinearOperator(matrix) / 2.0
         double = lx.IdentityLinearOperator(flat_in) * jnp.asarray(2.0, dtype)
-        return lx.TaggedLinearOperator(half @ double, tags)
+        return lx.TaggedLinearOperator(half @ double, tag_set)
     factory = OPERATOR_FACTORIES[kind]
-    args = (matrix, dtype, tags, flat_in, flat_out)
+    args = (matrix, dtype, tag_set, flat_in, flat_out)
     if kind in _NEEDS_RNG:
         return factory(*args, np.random.default_rng(0))[0]
     return factory(*args)[0]
@@ -902,7 +905,7 @@ KRYLOV_CASES = [
 CASES_BY_NAME = {case.name: case for case in SOLVER_CASES + KRYLOV_CASES}
 
 
-def sample(items: Sequence, part: int = 0, parts: int = 2) -> list:
+def sample(items: Iterable, part: int = 0, parts: int = 2) -> list:
     """The `part`-th of `parts` slices of a fixed-seed shuffle of `items` (all of
     them with `LINEAX_EXHAUSTIVE=1`): tests that take the slices `0..parts-1` see
     every item between them, and each compiles only its slice. (Order kept.)"""
@@ -924,10 +927,11 @@ class DelegatingLU(lx.AbstractLinearSolver):
     `linear_solve` does with solvers written outside lineax: subclasses override
     the method under test."""
 
-    def init(self, operator, options):
+    # `Any` state: subclasses keep more than an `LUState` in it.
+    def init(self, operator, options) -> Any:
         return lx.LU().init(operator, options)
 
-    def compute(self, state, vector, options):
+    def compute(self, state: Any, vector, options) -> Any:
         return lx.LU().compute(state, vector, options)
 
     def transpose(self, state, options):
@@ -997,7 +1001,7 @@ def backend_compiles(fn):
     `backend_compile` events): a count, never a clock."""
     compiles = []
 
-    def listener(event, duration, **kwargs):
+    def listener(event: str, duration_secs: float, **kwargs: str | int) -> None:
         if "backend_compile" in event:
             compiles.append(event)
 

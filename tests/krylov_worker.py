@@ -131,7 +131,8 @@ def edge():
 def _laplacian_2d(k, shift, neumann=False):
     import scipy.sparse as sp
 
-    lap = sp.diags([-1, 2, -1], [-1, 0, 1], shape=(k, k), dtype=float).tolil()
+    # SciPy leaves `offsets` unannotated: pyright types it by its default `0`.
+    lap = sp.diags([-1, 2, -1], [-1, 0, 1], shape=(k, k), dtype=float).tolil()  # pyright: ignore[reportArgumentType]
     if neumann:
         lap[0, 0] = 1
         lap[k - 1, k - 1] = 1
@@ -279,7 +280,8 @@ def table():
 
     k = 32
     eye = sp.identity(k)
-    conv = sp.kron(sp.diags([-1, 1], [-1, 0], shape=(k, k), dtype=float), eye)
+    # SciPy leaves `offsets` unannotated: pyright types it by its default `0`.
+    conv = sp.kron(sp.diags([-1, 1], [-1, 0], shape=(k, k), dtype=float), eye)  # pyright: ignore[reportArgumentType]
     mat = (_laplacian_2d(k, 0.05) + conv).tocsr()
     b = rng.normal(size=(k, k))
     op = _stencil_op(mat, k, f32, ())

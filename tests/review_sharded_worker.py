@@ -8,6 +8,7 @@ Run it by hand with `PYTHONPATH=src python tests/review_sharded_worker.py [NAME.
 """
 
 import sys
+from typing import Literal
 
 from device_worker import configure_devices, DEVICES, emit, run
 
@@ -275,9 +276,10 @@ def check_shard_map_jacobian_operator(mesh, names):
     a, b, a_sharded, b_sharded = _batch_of_spd_systems(mesh, n, seed=1)
     tags = lx.positive_semidefinite_tag
     out = {}
-    cases = [
+    jacs: tuple[Literal["fwd", "bwd"], ...] = ("fwd", "bwd")
+    cases: list[tuple[Literal["fwd", "bwd"], str, lx.AbstractLinearSolver]] = [
         (jac, name, solver)
-        for jac in ("fwd", "bwd")
+        for jac in jacs
         for name, solver in (
             ("CG", lx.CG(rtol=1e-12, atol=1e-12)),
             ("GMRES", lx.GMRES(rtol=1e-12, atol=1e-12)),
@@ -287,7 +289,7 @@ def check_shard_map_jacobian_operator(mesh, names):
         if names is not None and f"{name}-{jac}" not in names:
             continue
 
-        def loss(a, b, solver=solver, jac=jac):
+        def loss(a, b, solver=solver, jac: Literal["fwd", "bwd"] = jac):
             op = lx.JacobianLinearOperator(
                 lambda x, args: args @ x + 0.1 * x**2, jnp.ones(n), a, tags, jac
             )
@@ -307,7 +309,7 @@ def main():
     # Arguments: the checks to run (all if none), and `--function=SOLVER,...` and
     # `--jacobian=SOLVER-JAC,...`, the cases of those two checks (all if not
     # given): each case compiles three solves under `vmap` of `grad`.
-    options = {"--function": None, "--jacobian": None}
+    options: dict[str, set[str] | None] = {"--function": None, "--jacobian": None}
     only = []
     for arg in sys.argv[1:]:
         key, _, value = arg.partition("=")

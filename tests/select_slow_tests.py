@@ -47,7 +47,7 @@ _LINE = re.compile(r"^\s*([\d.]+)s (?:setup|call|teardown)\s+tests/(\S+)$")
 
 def function_times(lines) -> dict[str, float]:
     """`file.py::function` -> seconds, from `--durations=0` output lines."""
-    times: dict[str, float] = collections.Counter()
+    times: dict[str, float] = collections.defaultdict(float)
     for line in lines:
         match = _LINE.match(line)
         if match:
@@ -74,7 +74,7 @@ def select(times: dict[str, float], budget: float) -> list[str]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("log", help="output of a whole run with --durations=0")
     parser.add_argument(
         "--budget",

@@ -7,6 +7,7 @@ Run it by hand with `PYTHONPATH=src python tests/sharded_worker.py`.
 """
 
 import sys
+from typing import Any
 
 from device_worker import configure_devices, DEVICES, emit, run
 
@@ -281,7 +282,7 @@ def make_shard_map_check(mesh):
                 lambda b, s, t: solve(closed, b, s, t), (0, None, None)
             )
             on_sharded = jax.vmap(solve, (0, 0, None, None))
-            tol = dict(rtol=1e-12, atol=1e-12)
+            tol: dict[str, Any] = dict(rtol=1e-12, atol=1e-12)
             return {
                 "LU-sharded": on_sharded(a, b, lx.LU(), True),
                 "LU-closed": on_closed(b, lx.LU(), True),
@@ -475,7 +476,8 @@ def make_error_helper_check(mesh):
     def check():
         @jax.jit
         def f(x):
-            y = error_if_everywhere(x, jnp.sum(x) > 0, 1, ["", "boom everywhere"])
+            index = jnp.asarray(1)
+            y = error_if_everywhere(x, jnp.sum(x) > 0, index, ["", "boom everywhere"])
             return 2 * y
 
         x = jax.device_put(jnp.arange(64.0), NamedSharding(mesh, P("x")))

@@ -225,6 +225,7 @@ def test_finiteness_test_does_not_stack_the_operator_to_the_batch(kind, throw):
     batched = jax.jit(jax.vmap(solve, in_axes=(None, None, 0)))
     lowered = batched.lower(diag, bands, vectors)
     for text in (lowered.as_text(), lowered.compile().as_text()):
+        assert text is not None
         assert f"{batch}x2x{n}x" not in text and f"[{batch},2,{n}]" not in text
     values, results = batched(diag, bands, vectors)
     matrix = np.diag(np.asarray(diag))
@@ -259,7 +260,9 @@ def _inner_loop_root(text: str) -> tuple[list[str], dict[str, str]]:
         if " while(" in line and '/while/body/while"' in line
     ]
     assert len(whiles) == 1, whiles
-    body = re.search(r"body=(%[\w.\-]+)", whiles[0]).group(1)
+    match = re.search(r"body=(%[\w.\-]+)", whiles[0])
+    assert match is not None
+    body = match.group(1)
     lines = text.split(f"\n{body} ", 1)[1].split("\n}", 1)[0].splitlines()
     shapes = {}
     for line in lines:
@@ -296,6 +299,7 @@ def test_batched_inner_krylov_loop_selects_only_the_vectors_it_updates(solver, u
         return lx.linear_solve(operator, vector, solver, throw=False).value
 
     text = jax.jit(jax.vmap(solve)).lower(vectors).compile().as_text()
+    assert text is not None
     operands, shapes = _inner_loop_root(text)
     computed = [
         op

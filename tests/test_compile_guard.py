@@ -28,6 +28,7 @@ import json
 import os
 import pathlib
 import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -104,7 +105,9 @@ def measure(fn, args, compile_: bool) -> dict[str, int]:
         "stablehlo_ops": count_stablehlo_ops(lowered.as_text()),
     }
     if compile_:
-        out["hlo_instructions"] = count_hlo_instructions(lowered.compile().as_text())
+        hlo = lowered.compile().as_text()
+        assert hlo is not None
+        out["hlo_instructions"] = count_hlo_instructions(hlo)
     return out
 
 
@@ -126,7 +129,7 @@ _OFF = jnp.asarray(_rng(5).uniform(-0.5, 0.5, size=N - 1))
 
 _PSD = (lx.positive_semidefinite_tag,)
 _SYM = (lx.symmetric_tag,)
-_TOL = dict(rtol=1e-8, atol=1e-8)
+_TOL: dict[str, Any] = dict(rtol=1e-8, atol=1e-8)
 
 
 def _matrix(tags=()):

@@ -53,7 +53,9 @@ def _feeding_custom_call(text: str, target: str) -> list[str]:
         if match:
             fusions[match.group(1)] = match.group(2)
     call = next(line for line in lines if marker in line)
-    operand = re.search(r"custom-call\(%?([\w.\-]+)", call).group(1)
+    match = re.search(r"custom-call\(%?([\w.\-]+)", call)
+    assert match is not None
+    operand = match.group(1)
     return comps[fusions[operand]]
 
 
@@ -71,6 +73,7 @@ def test_svd_hands_lapack_the_matrix_without_transposing_it():
         return lx.linear_solve(operator, vector, lx.SVD()).value
 
     text = jax.jit(solve).lower(matrix, vector).compile().as_text()
+    assert text is not None
     assert _layout_changing_copies(_feeding_custom_call(text, "lapack_dgesdd")) == 0
     np.testing.assert_allclose(
         solve(matrix, vector), np.linalg.solve(matrix, vector), rtol=1e-8
@@ -91,6 +94,7 @@ def test_small_lu_condition_estimate_needs_no_permutation():
         return lx.linear_solve(operator, vector, lx.LU(), throw=False).stats["rcond"]
 
     text = jax.jit(rcond).lower(matrix, jnp.ones(10)).compile().as_text()
+    assert text is not None
     assert " while(" not in text
     want = 1 / (np.linalg.norm(matrix, 1) * np.linalg.norm(np.linalg.inv(matrix), 1))
     np.testing.assert_allclose(rcond(matrix, jnp.ones(10)), want, rtol=1e-10)
@@ -111,6 +115,7 @@ def test_solve_returning_state_and_statistics_kernels():
 
     def kernels(fn):
         text = jax.jit(fn).lower(matrix, vector).compile().as_text()
+        assert text is not None
         return text.count(" fusion(")
 
     assert kernels(ours) - kernels(jnp.linalg.solve) <= 5

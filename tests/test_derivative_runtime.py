@@ -22,7 +22,9 @@ def _compile(fn, *args) -> jax.stages.Compiled:
 
 
 def _compiled(fn, *args) -> str:
-    return _compile(fn, *args).as_text()
+    text = _compile(fn, *args).as_text()
+    assert text is not None
+    return text
 
 
 def _largest_array(hlo: str) -> int:
@@ -62,6 +64,7 @@ def test_vmap_of_gradient_over_vectors_tests_each_solution_once():
     grad_b = jax.vmap(jax.grad(lambda m, b: _loss(solve(m, b)), 1), (None, 0))
     compiled = _compile(grad_b, matrix, vectors)
     hlo = compiled.as_text()
+    assert hlo is not None
     assert _factorisations(hlo)["getrf"] == 1
     assert _largest_array(hlo) < _BATCH * _N * _N
     expected = jax.jit(
@@ -125,6 +128,7 @@ def test_batched_krylov_derivative_solves_carry_no_residual_history():
     ]
     for program in compiled:
         hlo = program.as_text()
+        assert hlo is not None
         assert re.search(rf"f64\[{batch},{max_steps}\]", hlo) is None
         assert re.search(rf"f64\[{max_steps}\]", hlo) is None
 
@@ -168,6 +172,8 @@ def test_batched_diagonal_solve_does_not_copy_the_diagonal_to_the_batch():
         )
     ]
     for program in compiled:
-        assert _largest_array(program.as_text()) == batch * n
+        hlo = program.as_text()
+        assert hlo is not None
+        assert _largest_array(hlo) == batch * n
     grads = compiled[0](diagonal, vectors)
     np.testing.assert_allclose(grads, np.cos(vectors / diagonal) / diagonal)

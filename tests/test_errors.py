@@ -2,6 +2,9 @@
 time naming the argument, a `RESULTS` code at run time, or a documented and tested
 behaviour. Never a crash, never a silently wrong answer reported as success."""
 
+# Adversarial throughout: the cases pass wrong-typed arguments on purpose.
+# pyright: reportArgumentType=false, reportOperatorIssue=false
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp

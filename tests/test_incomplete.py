@@ -305,7 +305,7 @@ def test_eager_construction_is_one_compiled_function(precond, tags):
     # Counted as programs lowered, not XLA compiles: the run's persistent
     # compilation cache (conftest) serves a program another test compiled without
     # a compile event.
-    def listener(event, duration, **kwargs):
+    def listener(event: str, duration_secs: float, **kwargs: str | int) -> None:
         if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
             compiles.append(event)
 

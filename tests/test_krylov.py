@@ -240,18 +240,21 @@ def _stencil(u, conv):
 
 def _sparse(k, conv):
     eye = sp.identity(k)
-    lap = sp.diags([-1, 2, -1], [-1, 0, 1], shape=(k, k), dtype=float)
+    # SciPy leaves `offsets` unannotated: pyright types it by its default `0`.
+    lap = sp.diags([-1, 2, -1], [-1, 0, 1], shape=(k, k), dtype=float)  # pyright: ignore[reportArgumentType]
     out = sp.kron(lap, eye) + sp.kron(eye, lap) + 0.05 * sp.identity(k * k)
     if conv:
         out = out + conv * sp.kron(
-            sp.diags([-1, 1], [-1, 0], shape=(k, k), dtype=float), eye
+            # (`offsets`: as above.)
+            sp.diags([-1, 1], [-1, 0], shape=(k, k), dtype=float),  # pyright: ignore[reportArgumentType]
+            eye,
         )
     return out.tocsr()
 
 
 def _scipy_count(name, matrix, b, rtol):
     count = [0]
-    hit = [None]
+    hit: list[int | None] = [None]
 
     def callback(*args):
         count[0] += 1
@@ -278,6 +281,7 @@ def _scipy_count(name, matrix, b, rtol):
                 hit[0] = count[0]
 
         spla.minres(matrix, b, rtol=1e-15, maxiter=maxiter, callback=minres_callback)
+        assert hit[0] is not None, "SciPy's MINRES never met our stopping rule"
         return hit[0]
     return count[0]
 
@@ -711,8 +715,8 @@ def test_lsmr_preconditioner_that_is_not_hermitian(dtype):
         return jnp.sum(jnp.abs(x) ** 2)
 
     # (Compiled once, not op by op: the same traced path.)
-    grad = jax.jit(jax.grad(loss))(jnp.asarray(b.real, jnp.float64).astype(dtype))
-    x = np.linalg.solve(matrix, b.real)
+    grad = jax.jit(jax.grad(loss))(jnp.asarray(np.real(b), jnp.float64).astype(dtype))
+    x = np.linalg.solve(matrix, np.real(b))
     expected_grad = 2 * np.linalg.solve(matrix.conj().T, x)
     np.testing.assert_allclose(np.asarray(grad), np.conj(expected_grad), rtol=1e-7)
 

@@ -63,7 +63,9 @@ def _while_shapes(text: str) -> tuple[str, str]:
     ]
 
     def depth(line):
-        return re.search(r'op_name="([^"]*)"', line).group(1).count("/while")
+        match = re.search(r'op_name="([^"]*)"', line)
+        assert match is not None
+        return match.group(1).count("/while")
 
     deepest = max(depth(line) for line in whiles)
     inner = [line for line in whiles if depth(line) == deepest]
@@ -86,6 +88,7 @@ def test_batched_inner_krylov_loop_carries_no_residual_history(name):
     # history once per pass.
     solve, vectors = _stats_solve(name)
     text = jax.jit(jax.vmap(solve)).lower(vectors).compile().as_text()
+    assert text is not None
     every, inner = _while_shapes(text)
     max_steps = 10 * _N
     history = re.compile(rf"f64\[{_BATCH},(\d+)\]")
@@ -133,7 +136,9 @@ def _inner_body_kernels(text: str) -> list[tuple[str, set[str]]]:
         if " while(" in line and '/while/body/while"' in line
     ]
     assert len(inner) == 1
-    body = re.search(r"body=(%[\w.\-]+)", inner[0]).group(1)
+    match = re.search(r"body=(%[\w.\-]+)", inner[0])
+    assert match is not None
+    body = match.group(1)
     lines = text.split(f"\n{body} ", 1)[1].split("\n}", 1)[0].splitlines()
     kernels = []
     for line in lines:
@@ -167,6 +172,7 @@ def test_batched_krylov_products_are_not_preceded_by_a_scaling_pass():
         return lx.linear_solve(operator, vector, solver, throw=False).value
 
     text = jax.jit(jax.vmap(solve)).lower(vectors).compile().as_text()
+    assert text is not None
     kernels = _inner_body_kernels(text)
     assert kernels
     scaling = {"parameter", "broadcast", "multiply", "bitcast"}

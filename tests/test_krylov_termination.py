@@ -46,11 +46,13 @@ def _run(*groups: str) -> dict[str, dict[str, dict]]:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = {}
+    records = None
     for line in proc.stdout.splitlines():
         record = json.loads(line)
         if "group" in record:
             records = out[record["group"]] = {}
         else:
+            assert records is not None, line  # a record before its group
             records[record["name"]] = record
     assert list(out) == list(groups), (list(out), proc.stderr[-3000:])
     return out

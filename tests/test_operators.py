@@ -594,6 +594,7 @@ def test_arithmetic_matches_matrices(kinds, dtype, seed, data):
 def test_python_scalar_stays_static():
     op = lx.MatrixLinearOperator(jnp.eye(2), psd)
     for scaled in (op * 2.0, 2.0 * op, op / 2.0):
+        assert isinstance(scaled, (lx.MulLinearOperator, lx.DivLinearOperator))
         assert type(scaled.scalar) is float
         assert lx.is_positive_semidefinite(scaled)
     assert_close((op * 2.0).as_matrix(), 2 * np.eye(2), f64)
@@ -656,18 +657,19 @@ def _jac_fn(x, args):
     return x
 
 
+# Wrong-typed arguments on purpose (each `pyright: ignore` marks one).
 CONSTRUCTION_ERRORS = {
     "add_in_structure": (lambda: _mat(n=3) + _mat(n=2), ValueError, "structure"),
     "add_dtype": (lambda: _mat(dtype=f64) + _mat(dtype=f32), ValueError, "structure"),
     "add_function_structure": (lambda: _fun() + _pyt(), ValueError, "structure"),
     "add_not_operator": (
-        lambda: lx.AddLinearOperator(_mat(), jnp.eye(3)),
+        lambda: lx.AddLinearOperator(_mat(), jnp.eye(3)),  # pyright: ignore[reportArgumentType]
         TypeError,
         "operator2",
     ),
     "compose_structure": (lambda: _mat(n=3) @ _mat(n=2), ValueError, "operator1"),
     "compose_not_operator": (
-        lambda: lx.ComposedLinearOperator(jnp.eye(3), _mat()),
+        lambda: lx.ComposedLinearOperator(jnp.eye(3), _mat()),  # pyright: ignore[reportArgumentType]
         TypeError,
         "operator1",
     ),
@@ -696,7 +698,7 @@ CONSTRUCTION_ERRORS = {
         "diagonal",
     ),
     "jac_unknown": (
-        lambda: lx.JacobianLinearOperator(_jac_fn, jnp.ones(2), jac="rev"),
+        lambda: lx.JacobianLinearOperator(_jac_fn, jnp.ones(2), jac="rev"),  # pyright: ignore[reportArgumentType]
         ValueError,
         "jac",
     ),
@@ -733,7 +735,7 @@ CONSTRUCTION_ERRORS = {
         "diagonal",
     ),
     "function_not_callable": (
-        lambda: lx.FunctionLinearOperator(jnp.ones(2), _S),
+        lambda: lx.FunctionLinearOperator(jnp.ones(2), _S),  # pyright: ignore[reportArgumentType]
         TypeError,
         "fn",
     ),
@@ -753,15 +755,15 @@ CONSTRUCTION_ERRORS = {
         "input_structure",
     ),
     "tagged_not_operator": (
-        lambda: lx.TaggedLinearOperator(jnp.eye(2), sym),
+        lambda: lx.TaggedLinearOperator(jnp.eye(2), sym),  # pyright: ignore[reportArgumentType]
         TypeError,
         "operator",
     ),
     "mul_not_scalar": (lambda: _mat() * jnp.ones(3), ValueError, "scalar"),
-    "mul_operator": (lambda: _mat() * _mat(), TypeError, "@"),
+    "mul_operator": (lambda: _mat() * _mat(), TypeError, "@"),  # pyright: ignore[reportOperatorIssue]
     "div_not_scalar": (lambda: _mat() / jnp.ones((1, 1)), ValueError, "scalar"),
     "neg_not_operator": (
-        lambda: lx.NegLinearOperator(jnp.eye(2)),
+        lambda: lx.NegLinearOperator(jnp.eye(2)),  # pyright: ignore[reportArgumentType]
         TypeError,
         "operator",
     ),
@@ -771,7 +773,7 @@ CONSTRUCTION_ERRORS = {
         "tangent",
     ),
     "tangent_not_operator": (
-        lambda: lx.TangentLinearOperator(jnp.eye(2), _mat()),
+        lambda: lx.TangentLinearOperator(jnp.eye(2), _mat()),  # pyright: ignore[reportArgumentType]
         TypeError,
         "primal",
     ),
@@ -788,9 +790,9 @@ def test_construction_errors(name):
 def test_operator_arithmetic_with_non_operators():
     op = _mat()
     with pytest.raises(TypeError):
-        op + jnp.eye(3)
+        op + jnp.eye(3)  # pyright: ignore[reportOperatorIssue, reportUnusedExpression]
     with pytest.raises(TypeError):
-        op @ jnp.eye(3)
+        op @ jnp.eye(3)  # pyright: ignore[reportOperatorIssue, reportUnusedExpression]
 
 
 def test_reads_every_leaf_and_holds_values_are_declared_per_operator():

@@ -4,6 +4,7 @@ Poisson problem, and leaves gradients through a preconditioned solve equal to th
 dense ones."""
 
 import functools as ft
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -148,7 +149,8 @@ def test_jacobi_reads_sparse_diagonal_through_sums_scalings_and_tags():
     # A sparse Laplacian plus a diagonal reaction term (the case Jacobi is for),
     # scaled, negated or tagged: its diagonal is read from the parts. These were
     # refused as matrix-free.
-    laplacian = scipy.sparse.diags([-1.0, 2.0, -1.0], [-1, 0, 1], shape=(5, 5))
+    # SciPy leaves `offsets` unannotated: pyright types it by its default `0`.
+    laplacian = scipy.sparse.diags([-1.0, 2.0, -1.0], [-1, 0, 1], shape=(5, 5))  # pyright: ignore[reportArgumentType]
     sparse = lx.SparseLinearOperator(laplacian.tocsr(), lx.positive_semidefinite_tag)
     reaction = lx.DiagonalLinearOperator(jnp.asarray(10.0 ** np.arange(5.0)))
     operators = [
@@ -258,7 +260,7 @@ def test_block_jacobi_tags_and_bad_input():
     assert not lx.is_diagonal(precond)
     for bad in (0, 2.0, True):
         with raises_message(ValueError, "block_size"):
-            lx.BlockJacobiPreconditioner(_psd(a), bad)
+            lx.BlockJacobiPreconditioner(_psd(a), bad)  # pyright: ignore[reportArgumentType]
     struct = jax.ShapeDtypeStruct((6,), jnp.float64)
     matrix_free = lx.FunctionLinearOperator(lambda x: jnp.asarray(a) @ x, struct)
     with pytest.raises(ValueError, match="materialise"):
@@ -452,6 +454,7 @@ def test_polynomial_preconditioners_transpose_and_materialise():
         dense = np.asarray(precond.as_matrix())
         np.testing.assert_allclose(precond.T.as_matrix(), dense.T, rtol=1e-12)
         materialised = lx.materialise(precond)
+        assert isinstance(materialised, type(precond))
         assert isinstance(materialised.operator, lx.MatrixLinearOperator)
         np.testing.assert_allclose(materialised.as_matrix(), dense, rtol=1e-12)
         assert not lx.is_symmetric(precond)
@@ -701,7 +704,7 @@ def test_multigrid_gradients_through_preconditioned_cg():
 
 def test_multigrid_bad_input():
     def make(**kwargs):
-        args = dict(stencil=_laplacian, grid_shape=(8, 8), spacing=0.1)
+        args: dict[str, Any] = dict(stencil=_laplacian, grid_shape=(8, 8), spacing=0.1)
         return lx.MultigridPreconditioner(**(args | kwargs))
 
     with pytest.raises(ValueError, match="smoother"):

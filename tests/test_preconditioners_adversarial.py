@@ -3,6 +3,7 @@ build them: inside `jax.jit`, from SciPy matrices, with Python-number parameters
 Each test here failed before the fix it protects."""
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -60,7 +61,10 @@ def test_bad_python_number_parameters_are_named_errors_inside_jit():
 
 
 def _poisson_1d_scipy(n: int) -> scipy.sparse.csr_matrix:
-    return scipy.sparse.diags([-1.0, 2.5, -1.0], [-1, 0, 1], shape=(n, n)).tocsr()
+    return scipy.sparse.csr_matrix(
+        # SciPy leaves `offsets` unannotated: pyright types it by its default `0`.
+        scipy.sparse.diags([-1.0, 2.5, -1.0], [-1, 0, 1], shape=(n, n))  # pyright: ignore[reportArgumentType]
+    )
 
 
 def test_scipy_matrix_inside_jit_keeps_its_pattern():
@@ -91,7 +95,8 @@ def test_numpy_indices_traced_inside_jit_is_a_named_error():
     indices = np.stack([matrix.row, matrix.col], axis=1)
 
     def build(data):
-        bcoo = jsparse.BCOO((data, indices), shape=matrix.shape)
+        # NumPy `indices` on purpose (JAX types them as arrays).
+        bcoo = jsparse.BCOO((data, indices), shape=(5, 5))  # pyright: ignore[reportArgumentType]
         return lx.ILUPreconditioner(lx.SparseLinearOperator(bcoo)).mv(jnp.ones(5))
 
     with pytest.raises(ValueError, match="ensure_compile_time_eval"):
@@ -181,14 +186,21 @@ def test_sparse_transpose_and_conj_keep_concrete_indices_inside_jit(fmt):
     @jax.jit
     def products(data):
         if fmt == "bcsr":
+            assert isinstance(matrix, jsparse.BCSR)
             m = jsparse.BCSR((data, matrix.indices, matrix.indptr), shape=(4, 6))
         else:
             m = jsparse.BCOO((data, matrix.indices), shape=(4, 6))
         op = lx.SparseLinearOperator(m)
         transposed, conjugated = op.transpose(), lx.conj(op)
+        assert isinstance(transposed, lx.SparseLinearOperator)
+        assert isinstance(conjugated, lx.SparseLinearOperator)
         # The pattern stayed concrete (the banded layout and ILU need it).
         for m in (transposed.matrix, conjugated.matrix):
-            index_arrays = (m.indices, m.indptr) if fmt == "bcsr" else (m.indices,)
+            if fmt == "bcsr":
+                assert isinstance(m, jsparse.BCSR)
+                index_arrays = (m.indices, m.indptr)
+            else:
+                index_arrays = (m.indices,)
             assert not any(isinstance(i, jax.core.Tracer) for i in index_arrays)
         return (
             transposed.mv(x4),
@@ -205,7 +217,9 @@ def test_sparse_transpose_and_conj_keep_concrete_indices_inside_jit(fmt):
 
 
 def test_ilu_of_transposed_sparse_operator_builds_inside_jit():
-    a = scipy.sparse.random(6, 6, density=0.4, random_state=3) + 4 * scipy.sparse.eye(6)
+    # SciPy still takes the legacy `random_state` (untyped); `rng=3` draws another
+    # matrix.
+    a = scipy.sparse.random(6, 6, density=0.4, random_state=3) + 4 * scipy.sparse.eye(6)  # pyright: ignore[reportCallIssue]
     a = a.tocsr()
     indices, indptr = jnp.asarray(a.indices), jnp.asarray(a.indptr)
     b = jnp.arange(1.0, 7.0)
@@ -313,7 +327,8 @@ def test_sparse_mv_of_wrong_shape_is_a_named_error():
     # layout slices), so a vector too long or too short (general pattern), too
     # long (banded), or of shape (n, 1) gave a wrong product without an error.
     general = lx.SparseLinearOperator(
-        scipy.sparse.random(5, 6, density=0.6, random_state=2, format="csr")
+        # Legacy `random_state`: as above.
+        scipy.sparse.random(5, 6, density=0.6, random_state=2, format="csr")  # pyright: ignore[reportCallIssue]
     )
     banded = lx.SparseLinearOperator(_poisson_1d_scipy(5))
     assert general._diagonal_slots is None and banded._diagonal_slots is not None
@@ -363,10 +378,13 @@ def test_breakdown_message_names_the_preconditioner():
 #
 
 
-def _poisson_2d_sparse(n: int) -> scipy.sparse.csr_matrix:
+def _poisson_2d_sparse(n: int) -> scipy.sparse.csr_array:
     size = n * n
     return scipy.sparse.diags_array(
-        [-1.0, -1.0, 4.0, -1.0, -1.0], offsets=[-n, -1, 0, 1, n], shape=(size, size)
+        [-1.0, -1.0, 4.0, -1.0, -1.0],
+        # SciPy leaves `offsets` unannotated: pyright types it by its default `0`.
+        offsets=[-n, -1, 0, 1, n],  # pyright: ignore[reportArgumentType]
+        shape=(size, size),
     ).tocsr()
 
 

@@ -211,8 +211,12 @@ def test_transpose_tags_rules_user_appendable():
         assert my_transposed_tag in lx.transpose_tags([my_tag, lower])
         assert upper in lx.transpose_tags([my_tag, lower])
         assert psd in lx.transpose_tags([my_transposed_tag])
-        assert my_transposed_tag in _mat([my_tag]).T.tags
-        assert my_transposed_tag in lx.TaggedLinearOperator(_fun(), my_tag).T.tags
+        matrix_t = _mat([my_tag]).T
+        tagged_t = lx.TaggedLinearOperator(_fun(), my_tag).T
+        assert isinstance(matrix_t, lx.MatrixLinearOperator)
+        assert isinstance(tagged_t, lx.TaggedLinearOperator)
+        assert my_transposed_tag in matrix_t.tags
+        assert my_transposed_tag in tagged_t.tags
     finally:
         rules[:] = original
     assert lx.transpose_tags_rules == original

@@ -8,6 +8,8 @@ profile runs thousands:
 """
 
 import functools as ft
+from collections.abc import Callable
+from typing import Any
 
 import hypothesis.strategies as st
 import jax
@@ -66,7 +68,7 @@ def _real(x):
 
 
 @ft.cache
-def _compiled(case_index: int, kind: str, transform: str):
+def _compiled(case_index: int, kind: str, transform: str) -> Callable[..., Any]:
     """One jitted function per combination, reused across examples (hypothesis
     varies values, not shapes, so nothing is recompiled)."""
     case = SOLVER_CASES[case_index]

@@ -104,7 +104,7 @@ _EXPONENTS = st.lists(st.floats(-6.0, 6.0), min_size=4, max_size=4)
 @pytest.mark.parametrize("transform", _TRANSFORMS)
 @hypothesis.settings(
     # Each transformation gets a share of the profile's examples.
-    max_examples=max(4, hypothesis.settings.default.max_examples // len(_TRANSFORMS))
+    max_examples=max(4, hypothesis.settings().max_examples // len(_TRANSFORMS))
 )
 @given(
     kind=st.sampled_from(sorted(_SOLVERS)),

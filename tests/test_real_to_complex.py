@@ -46,7 +46,7 @@ def _function(a: Array) -> lx.AbstractLinearOperator:
 _P0 = np.array([1.0, 0.5, 0.3, 2.0, 0.7])
 
 
-def _jacobian(a: Array) -> lx.AbstractLinearOperator:
+def _jacobian(a: Array) -> lx.JacobianLinearOperator:
     # The residuals `a (p^2 + p)`, whose Jacobian at `p0` is `a diag(2 p0 + 1)`.
     n = a.shape[1]
     p0 = jnp.asarray(_P0[:n], jnp.real(a).dtype)
@@ -111,8 +111,8 @@ def _stacked(
 ) -> Float[np.ndarray, "2*m k"]:
     """The real matrix acting on `(x[real], Re x[complex], Im x[complex])`."""
     complex_ = ~real_columns
-    top = np.concatenate([a.real, -a.imag[:, complex_]], axis=1)
-    bottom = np.concatenate([a.imag, a.real[:, complex_]], axis=1)
+    top = np.concatenate([np.real(a), -np.imag(a)[:, complex_]], axis=1)
+    bottom = np.concatenate([np.imag(a), np.real(a)[:, complex_]], axis=1)
     return np.concatenate([top, bottom])
 
 
@@ -126,8 +126,10 @@ def _reference(
         a = a * (2 * _P0[: a.shape[1]] + 1)
     if name == "pytree":
         a = a.copy()
-        a[:3, :2] = a[:3, :2].real
-    y = np.linalg.pinv(_stacked(a, real_columns)) @ np.concatenate([b.real, b.imag])
+        a[:3, :2] = np.real(a[:3, :2])
+    y = np.linalg.pinv(_stacked(a, real_columns)) @ np.concatenate(
+        [np.real(b), np.imag(b)]
+    )
     n = a.shape[1]
     x = y[:n].astype(np.complex128)
     x[~real_columns] += 1j * y[n:]
@@ -217,7 +219,7 @@ def test_jvp_and_grad_against_finite_differences(name, solver):
 
     def loss_ref(a, b):
         x = reference(a, b)
-        return np.sum(weights * (x.real**2 + x.imag))
+        return np.sum(weights * (np.real(x) ** 2 + np.imag(x)))
 
     directional = np.real(np.sum(ga * ta) + np.sum(gb * tb))
     fd = (loss_ref(a_ + 1e-6 * ta, b_ + 1e-6 * tb)) - loss_ref(
@@ -274,7 +276,7 @@ def test_float32():
         x = _solve(name, solver_, a, b)
         assert x.dtype == jnp.float32
         expected = _reference(name, np.asarray(a, np.complex128), np.asarray(b))
-        np.testing.assert_allclose(x, expected.real, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(x, np.real(expected), rtol=1e-3, atol=1e-4)
 
 
 def test_un_jitted_state_reuse_invert_and_throw_false():
@@ -317,7 +319,7 @@ SQUARE_SOLVERS = {
 def _promoted(a: Any, b: Any) -> np.ndarray:
     """The solution for real inputs from the promoted complex system: the real
     part of NumPy's solve."""
-    return np.linalg.solve(np.asarray(a), np.asarray(b)).real
+    return np.real(np.linalg.solve(np.asarray(a), np.asarray(b)))
 
 
 @pytest.mark.parametrize("solver", SQUARE_SOLVERS)
@@ -328,7 +330,9 @@ def test_square_solvers_solve_the_promoted_system(solver):
     # No real solution exists here: the real part (not a least-squares solution;
     # the realified one differs).
     np.testing.assert_allclose(x, _promoted(a, b), rtol=1e-10)
-    assert not np.allclose(x, _reference("square", np.asarray(a), np.asarray(b)).real)
+    assert not np.allclose(
+        x, np.real(_reference("square", np.asarray(a), np.asarray(b)))
+    )
     # A right-hand side with a real solution: that solution (to rounding).
     x_true = jnp.array([1.0, -2.0, 0.5])
     x = _solve("square", SQUARE_SOLVERS[solver], a, a @ x_true.astype(c128))
@@ -409,7 +413,7 @@ def test_initial_guess_on_a_mixed_input_is_split_too():
     name = "pytree"
     a, b = _data(name)
     expected = _reference(name, np.asarray(a), np.asarray(b))
-    y0 = {"r": jnp.asarray(expected[:2].real), "c": jnp.asarray(expected[2:])}
+    y0 = {"r": jnp.asarray(np.real(expected[:2])), "c": jnp.asarray(expected[2:])}
 
     @jax.jit
     def solve(a, b, y0):

@@ -42,6 +42,8 @@ Defects found and fixed (the tests below fail before the fix):
   naming `tags`.
 """
 
+from collections.abc import Callable
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -145,7 +147,7 @@ def test_larger_tridiagonal_operator_is_not_diagonal():
 #
 
 
-def _tall_operators(tags) -> dict[str, lx.AbstractLinearOperator]:
+def _tall_operators(tags) -> dict[str, Callable[[], lx.AbstractLinearOperator]]:
     matrix = jnp.arange(6.0, dtype=f64).reshape(3, 2)
     s2 = jax.ShapeDtypeStruct((2,), f64)
     return {
@@ -269,7 +271,9 @@ def test_tags_in_any_iterable_form(tags):
     operator = lx.MatrixLinearOperator(jnp.eye(3, dtype=f64), tags)
     assert operator.tags == frozenset({lower, unit})
     assert _solver_name(operator, True) == "Triangular"
-    assert operator.T.tags == frozenset({upper, unit})
+    transposed = operator.T
+    assert isinstance(transposed, lx.MatrixLinearOperator)
+    assert transposed.tags == frozenset({upper, unit})
 
 
 @pytest.mark.parametrize("tags", ["symmetric", ["lower_triangular", unit], b"psd"])

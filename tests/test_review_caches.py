@@ -19,6 +19,7 @@ another thread emptied them in between
 """
 
 import threading
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -134,7 +135,7 @@ def test_function_operator_sees_a_mutated_numpy_closure_in_every_solver():
     struct = jax.ShapeDtypeStruct((n,), jnp.float64)
 
     def fn(x: Float[Array, " n"]) -> Float[Array, " n"]:
-        return matrix @ x
+        return jnp.matmul(matrix, x)  # what `matrix @ x` dispatches to
 
     tags = (lx.positive_semidefinite_tag, lx.diagonal_tag)
     solvers = (
@@ -353,7 +354,8 @@ def test_cache_lookups_survive_a_concurrent_clear(monkeypatch):
     op = lx.MatrixLinearOperator(jnp.asarray(matrix)) * 1.0
     state = lx.LU().init(op, {})
     for _ in range(2):
-        for kwargs in ({}, {"state": state}):
+        cases: tuple[dict[str, Any], ...] = ({}, {"state": state})
+        for kwargs in cases:
             solution = lx.linear_solve(op, jnp.asarray(b), lx.LU(), **kwargs)
             np.testing.assert_allclose(
                 solution.value, np.linalg.solve(matrix, b), rtol=1e-12

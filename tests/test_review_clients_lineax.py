@@ -62,6 +62,7 @@ def test_normal_cholesky_evaluates_a_function_operator_once():
     # (`throw=False`: with `throw=True` the error branch, run only where the
     # solve failed, applies the operator to a probe to say why.)
     compiled = jax.jit(solve, static_argnums=1).lower(b, False).compile().as_text()
+    assert compiled is not None
     assert compiled.count("reduce-window(") == 1
     matrix = np.asarray(jax.vmap(fn, out_axes=1)(jnp.eye(4, dtype=jnp.float32)))
     want = np.linalg.lstsq(matrix, np.asarray(b), rcond=None)[0]

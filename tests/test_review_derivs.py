@@ -31,6 +31,8 @@ lineax 0.1.1: tags are promises about the tangents too);
 Each test here failed before the fix it protects. Small sizes.
 """
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +42,7 @@ import lineax as lx
 
 
 _RNG = np.random.default_rng(20261128)
-_TOL = dict(rtol=1e-13, atol=1e-13)
+_TOL: dict[str, Any] = dict(rtol=1e-13, atol=1e-13)
 
 
 def _fd(fn, eps=1e-6):

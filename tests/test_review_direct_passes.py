@@ -32,7 +32,9 @@ _N = 100
 
 
 def _temp_bytes(fn, *args) -> int:
-    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+    analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+    assert analysis is not None
+    return analysis.temp_size_in_bytes
 
 
 def _matrix(dtype):

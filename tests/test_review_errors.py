@@ -11,6 +11,9 @@ refused what lineax 0.1.1 accepts. The cases that already behaved are in
 or use `jax.eval_shape`, and compile nothing.
 """
 
+# Adversarial throughout: the cases pass wrong-typed arguments on purpose.
+# pyright: reportArgumentType=false, reportOperatorIssue=false
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -30,7 +33,12 @@ SPD = lx.MatrixLinearOperator(A, lx.positive_semidefinite_tag)
 S3 = jax.ShapeDtypeStruct((3,), jnp.float64)
 
 
-def _solve_shape(operator, vector, solver=lx.AutoLinearSolver(well_posed=True), **kw):
+def _solve_shape(
+    operator,
+    vector,
+    solver: lx.AbstractLinearSolver = lx.AutoLinearSolver(well_posed=True),
+    **kw,
+):
     return jax.eval_shape(lambda: lx.linear_solve(operator, vector, solver, **kw))
 
 

@@ -21,6 +21,7 @@ where possible.
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -63,7 +64,7 @@ class _BadProduct(lx.AbstractLinearOperator):
         return jax.ShapeDtypeStruct((3,), self.matrix.dtype)
 
 
-_TOL = dict(rtol=1e-10, atol=1e-10)
+_TOL: dict[str, Any] = dict(rtol=1e-10, atol=1e-10)
 
 
 # A Krylov solver carries the operator's products in its loops: a user operator

@@ -5,6 +5,8 @@ where this package gave a silently wrong result, or a crash deep inside JAX.
 Small sizes, one compiled function per test where possible.
 """
 
+from typing import Any
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ def assert_close(actual, desired, rtol=1e-10):
 
 _A = np.array([[2.0, 1.0], [0.5, 3.0]])
 _B = np.array([[1.0, 0.0], [0.3, 1.0]])
-_TOL = dict(rtol=1e-12, atol=1e-12)
+_TOL: dict[str, Any] = dict(rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(

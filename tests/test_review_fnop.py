@@ -22,6 +22,10 @@ Counted, never timed: traces of the compiled solve, solves op by op, entries of
 or to infinity, to make the counts deterministic; its default is a time.
 """
 
+# The operators' functions close over NumPy arrays on purpose: `ndarray @ Array`
+# is an `Array` at run time (JAX's `__rmatmul__`), an ndarray to pyright (hence
+# its `reportReturnType` ignores).
+
 import gc
 import threading
 
@@ -55,7 +59,7 @@ def _function_operator(
     """A new function closing over `matrix` (a NumPy array, not copied)."""
 
     def fn(v: Float[Array, " n"]) -> Float[Array, " n"]:
-        return matrix @ v
+        return matrix @ v  # pyright: ignore[reportReturnType]
 
     return lx.FunctionLinearOperator(fn, _STRUCT, _SPD_TAGS, **kwargs)
 
@@ -63,7 +67,7 @@ def _function_operator(
 def _jacobian_operator(matrix: Float[np.ndarray, "n n"]) -> lx.JacobianLinearOperator:
     def fn(x: Float[Array, " n"], args: None) -> Float[Array, " n"]:
         del args
-        return matrix @ x + 0.5 * x
+        return matrix @ x + 0.5 * x  # pyright: ignore[reportReturnType]
 
     return lx.JacobianLinearOperator(fn, jnp.zeros(_N), None, _SPD_TAGS)
 
@@ -73,7 +77,7 @@ _GLOBAL_MATRIX = _spd(7)
 
 def _closure_free(v: Float[Array, " n"]) -> Float[Array, " n"]:
     # Reads a global: Equinox keeps a function without a closure as it is.
-    return _GLOBAL_MATRIX @ v
+    return _GLOBAL_MATRIX @ v  # pyright: ignore[reportReturnType]
 
 
 class _Counts:
@@ -163,7 +167,7 @@ def test_operators_made_anew_are_never_compiled(monkeypatch):
 
 def _scaling(scale: Float[np.ndarray, " n"]) -> lx.FunctionLinearOperator:
     def fn(v: Float[Array, " n"]) -> Float[Array, " n"]:
-        return scale * v
+        return scale * v  # pyright: ignore[reportReturnType]
 
     return lx.FunctionLinearOperator(fn, _STRUCT, _SPD_TAGS)
 
@@ -270,7 +274,7 @@ _G = _spd(10)
 
 
 def _reads_g(v: Float[Array, " n"]) -> Float[Array, " n"]:
-    return _G @ v
+    return _G @ v  # pyright: ignore[reportReturnType]
 
 
 def test_global_mutated_or_rebound_is_read_afresh_when_compiled(monkeypatch):
@@ -312,7 +316,7 @@ _SCALE = 3.0
 
 def _changing(v: Float[Array, " n"]) -> Float[Array, " n"]:
     if _MODE == "diagonal":
-        return _D * v
+        return _D * v  # pyright: ignore[reportReturnType]
     return _SCALE * v + _STENCIL_MATRIX @ v
 
 
@@ -545,7 +549,7 @@ _H = _spd(13)
 
 
 def _reads_h(v: Float[Array, " n"]) -> Float[Array, " n"]:
-    return _H @ v
+    return _H @ v  # pyright: ignore[reportReturnType]
 
 
 @pytest.mark.parametrize("budget", [0.0, float("inf")], ids=["compiled", "op-by-op"])

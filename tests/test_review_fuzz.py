@@ -4,6 +4,8 @@ NumPy float64 and central finite differences). Each test here failed before the
 fix it protects. Small sizes.
 """
 
+from typing import Any
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ import lineax as lx
 
 
 _RNG = np.random.default_rng(20261129)
-_TOL = dict(rtol=1e-12, atol=1e-12)
+_TOL: dict[str, Any] = dict(rtol=1e-12, atol=1e-12)
 
 
 def _banded(n: int) -> np.ndarray:

@@ -7,6 +7,8 @@ vector of the wrong structure). All checks are at trace time: nothing here
 compiles more than a small eager solve.
 """
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -17,7 +19,7 @@ import lineax as lx
 A = jnp.array([[4.0, 1.0, 0.0], [1.0, 3.0, 1.0], [0.0, 1.0, 2.0]])
 B = jnp.array([1.0, -2.0, 0.5])
 OP = lx.MatrixLinearOperator(A)  # untagged: no structured solver may take it
-_KW = dict(rtol=1e-6, atol=1e-6, max_steps=20)
+_KW: dict[str, Any] = dict(rtol=1e-6, atol=1e-6, max_steps=20)
 
 
 # A solver that cannot solve the operator at all, given a `state` (here LU's, or

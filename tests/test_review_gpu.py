@@ -68,7 +68,7 @@ class _Findings(eqx.Module):
 
 def _is_wide(aval: Any) -> bool:
     dtype = getattr(aval, "dtype", None)
-    if dtype is None or jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+    if dtype is None or jnp.issubdtype(dtype, jax.dtypes.extended):
         return False  # (a PRNG key)
     return np.dtype(dtype) in _WIDE
 

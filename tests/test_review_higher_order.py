@@ -47,6 +47,7 @@ times of a Hessian (XLA's default flags, 4 x 4, this machine, loaded): LU
 
 import functools as ft
 from collections.abc import Callable
+from typing import Any, Literal
 
 import jax
 import jax.lax as lax
@@ -61,7 +62,7 @@ import lineax as lx
 
 
 _RNG = np.random.default_rng(20261128)
-_KRYLOV = dict(rtol=1e-12, atol=1e-12, max_steps=300)
+_KRYLOV: dict[str, Any] = dict(rtol=1e-12, atol=1e-12, max_steps=300)
 _PSD = lx.positive_semidefinite_tag
 _EPS = 1e-5  # central differences of the gradient, float64
 
@@ -360,7 +361,8 @@ def _sparse(solver):
     indices = np.stack([rows, cols], 1)
 
     def loss(p):
-        matrix = jsparse.BCOO((values0 + 0.1 * p[:k], indices), shape=(n, n))
+        # NumPy `indices` (a concrete pattern): JAX types them as arrays.
+        matrix = jsparse.BCOO((values0 + 0.1 * p[:k], indices), shape=(n, n))  # pyright: ignore[reportArgumentType]
         op = lx.SparseLinearOperator(matrix)
         return _nl(lx.linear_solve(op, b0 + p[k:], solver).value)
 
@@ -574,7 +576,7 @@ _B = _r(_N)
 
 
 def _matrix_of(theta: Float[Array, " 2"]) -> Float[Array, "4 4"]:
-    return _M + jnp.sin(theta[0]) * _NN + theta[1] ** 2 * jnp.eye(_N)
+    return jnp.asarray(_M) + jnp.sin(theta[0]) * _NN + theta[1] ** 2 * jnp.eye(_N)
 
 
 def _function_loss(p: Float[Array, " 6"], throw: bool = True) -> Array:
@@ -654,7 +656,7 @@ def test_every_mode_of_second_and_third_order():
         assert _rel(value, hess) < 1e-12, key
 
 
-def _jacobian_case(jac: str):
+def _jacobian_case(jac: Literal["fwd", "bwd"]):
     w = _r(_N, _N)
 
     def fn(x, args):
@@ -676,7 +678,9 @@ def _jacobian_case(jac: str):
 @pytest.mark.parametrize(
     "jac", ["fwd", pytest.param("bwd", marks=pytest.mark.exhaustive)]
 )
-def test_jacobian_operator_hessian_at_its_linearisation_point(jac: str):
+def test_jacobian_operator_hessian_at_its_linearisation_point(
+    jac: Literal["fwd", "bwd"],
+):
     loss, ref = _jacobian_case(jac)
     p = jnp.asarray(np.concatenate([0.3 * _r(_N), [1.2, 0.4], 0.1 * _r(_N)]))
     d = jnp.asarray(_r(2 * _N + 2))

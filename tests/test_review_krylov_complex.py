@@ -6,6 +6,8 @@ their analytic derivatives), never from lineax itself. Small sizes; the solves
 converge well within their step limits (no subprocess needed).
 """
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,7 +116,7 @@ def test_minres_on_a_complex_hermitian_indefinite_operator():
 def test_complex_preconditioned_gradient_matches_numpy(name):
     # The cotangent solve is a solve with A^T (not A^H) and the transposed
     # preconditioner; for complex operators the two differ.
-    tol = dict(rtol=1e-12, atol=1e-12)
+    tol: dict[str, Any] = dict(rtol=1e-12, atol=1e-12)
     solver, matrix, tags = {
         "CG": (lx.CG(**tol), _HPD, _PSD),
         "MINRES": (lx.MINRES(**tol), _HPD, _PSD),
@@ -155,7 +157,7 @@ _G1 = _R((_N, _N))
 _I0 = (lambda m: (m + m.T) / 2 + np.diag(np.linspace(-3, 3, _N)))(_R((_N, _N)))
 _T0, _T1 = _R((9, 4)), _R((9, 4))
 _V0, _V1, _VT0, _VT1, _VW0, _VW1 = (_R(k) for k in (_N, _N, 9, 9, 4, 4))
-_DTOL = dict(rtol=1e-13, atol=1e-13)
+_DTOL: dict[str, Any] = dict(rtol=1e-13, atol=1e-13)
 
 _DERIVATIVE_CASES = {
     "CG": (lx.CG(**_DTOL), _S0, _S1, _V0, _V1, _PSD),
@@ -292,7 +294,7 @@ def test_failed_tangent_solve_is_reported_as_nan():
     b = np.zeros((2, 8))
     b[0, :3] = 1.0
     b[1] = 1.0
-    tol = dict(rtol=1e-10, atol=1e-10, max_steps=3)
+    tol: dict[str, Any] = dict(rtol=1e-10, atol=1e-10, max_steps=3)
     for solver in (lx.CG(**tol), lx.GMRES(restart=3, **tol)):
 
         def solve(t, v, solver=solver):

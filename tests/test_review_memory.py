@@ -23,7 +23,9 @@ import lineax as lx
 
 
 def _temp_bytes(fn, *args) -> int:
-    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+    analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+    assert analysis is not None
+    return analysis.temp_size_in_bytes
 
 
 def test_gmres_holds_no_extra_copy_of_its_basis():

@@ -284,7 +284,7 @@ def test_probed_jacobi_of_hermitian_operator_is_hermitian():
     )
     precond = lx.JacobiPreconditioner(operator, probes=4)
     inverse = np.asarray(lx.diagonal(precond))
-    assert np.all(inverse.imag == 0) and np.all(inverse.real > 0)
+    assert np.all(np.imag(inverse) == 0) and np.all(np.real(inverse) > 0)
     solver = lx.CG(rtol=1e-10, atol=0.0, max_steps=100)
     solution = lx.linear_solve(
         operator, jnp.asarray(b), solver, options={"preconditioner": precond}

@@ -118,7 +118,7 @@ def test_eager_solve_of_operator_scaled_by_python_numbers_compiles_once():
     lx.linear_solve(operator * 0.5, vector)  # compiles what the solve needs
     compiles = []
 
-    def listener(event, duration, **kwargs):
+    def listener(event: str, duration_secs: float, **kwargs: str | int) -> None:
         if "backend_compile" in event:
             compiles.append(event)
 

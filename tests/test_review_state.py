@@ -27,6 +27,7 @@ The defects found (each test says which fails before its fix):
 """
 
 import io
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -49,7 +50,7 @@ _S = _A @ _A.T + np.eye(N)
 _B = _RNG.normal(size=N)
 _W = _RNG.normal(size=N)
 _PSD = (lx.positive_semidefinite_tag,)
-_KRYLOV = dict(rtol=1e-12, atol=1e-12, max_steps=100)
+_KRYLOV: dict[str, Any] = dict(rtol=1e-12, atol=1e-12, max_steps=100)
 
 # (solver, the matrix it solves, its tags).
 CASES = {

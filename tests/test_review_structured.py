@@ -28,7 +28,7 @@ _SPARSE = (
 )
 _SPARSE[0, 4] = _SPARSE[4, 0] = 0.7
 _B = _RNG.standard_normal(_N)
-_PATTERN = jsparse.BCOO.fromdense(_SPARSE)
+_PATTERN = jsparse.BCOO.fromdense(jnp.asarray(_SPARSE))
 
 
 def _dense_grad(matrix: np.ndarray, rhs: np.ndarray) -> Float[Array, " nse"]:

@@ -58,18 +58,19 @@ def test_numpy_and_jax_scalars_as_tolerances_and_step_counts():
     # a TypeError/ValueError ("must be a Python float", "must be None or a
     # nonnegative int"), SVD and Diagonal kept the array as static data; the
     # published lineax accepts them.
+    # (Hence the `pyright: ignore`s: Python scalars are typed.)
     with float32_user():
         eps = jnp.finfo(jnp.float32).eps
         for cls in _KRYLOV:
-            solver = cls(rtol=10 * eps, atol=jnp.float32(1e-6), max_steps=np.int64(7))
+            solver = cls(rtol=10 * eps, atol=jnp.float32(1e-6), max_steps=np.int64(7))  # pyright: ignore[reportArgumentType]
             assert type(solver.rtol) is float and type(solver.atol) is float
             assert type(solver.max_steps) is int
-        assert type(lx.LSMR(1e-5, 1e-5, conlim=np.float32(1e6)).conlim) is float
-        for solver in (lx.SVD(rcond=jnp.float32(1e-3)), lx.Diagonal(rcond=eps)):
+        assert type(lx.LSMR(1e-5, 1e-5, conlim=np.float32(1e6)).conlim) is float  # pyright: ignore[reportArgumentType]
+        for solver in (lx.SVD(rcond=jnp.float32(1e-3)), lx.Diagonal(rcond=eps)):  # pyright: ignore[reportArgumentType]
             assert type(solver.rcond) is float
         matrix = np.array([[4.0, 1.0], [1.0, 3.0]])
         b = np.array([1.0, 2.0])
-        solver = lx.GMRES(rtol=10 * eps, atol=10 * eps, max_steps=np.int64(10))
+        solver = lx.GMRES(rtol=10 * eps, atol=10 * eps, max_steps=np.int64(10))  # pyright: ignore[reportArgumentType]
         x = lx.linear_solve(lx.MatrixLinearOperator(matrix), b, solver).value
         np.testing.assert_allclose(x, np.linalg.solve(matrix, b), rtol=1e-6)
 

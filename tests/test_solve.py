@@ -123,6 +123,7 @@ def test_auto_select_solver(well_posed, tags, shape, expected):
     solver = lx.AutoLinearSolver(well_posed=well_posed).select_solver(operator)
     assert type(solver) is expected
     if expected is lx.Diagonal:
+        assert isinstance(solver, lx.Diagonal)
         assert solver.well_posed is (well_posed is not False)
 
 
