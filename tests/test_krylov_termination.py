@@ -297,6 +297,13 @@ def test_gmres_float32_below_floor_stagnates_promptly(name):
     b64 = np.asarray(vector, np.float64)
     residual = np.max(np.abs(b64 - matrix @ np.asarray(sol.value, np.float64)))
     # At the floor, and the returned iterate is the one whose residual is reported
-    # (the best seen; up to the rounding of that float32 residual).
+    # (the best seen; up to the rounding of that float32 residual). The reported
+    # residual is computed in float32, where at the floor its entries are a few
+    # units in the last place of O(|b|) values (here it was exactly one, eps): the
+    # float64 residual of the same iterate is up to a few such units larger. With
+    # XLA's default flags on an AMD EPYC: 3.8e-7 against a reported 1.19e-7 (a
+    # slack of 1e-7 failed there; it passed with the tests' flags).
     assert residual <= 1e-6 * np.max(np.abs(b64)), residual
-    assert residual <= 2 * float(sol.stats["residual_norm"]) + 1e-7, residual
+    eps = float(np.finfo(np.float32).eps)
+    slack = 4 * eps * np.max(np.abs(b64))
+    assert residual <= 2 * float(sol.stats["residual_norm"]) + slack, residual
