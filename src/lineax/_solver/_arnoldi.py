@@ -255,15 +255,13 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             h2 = basis_dot(c.basis, w)
             w = tree_sub(w, basis_combine(c.basis, h2))
             hnext = norm2(w)
-            # The new column of H. (Its entry `j + 1` is zero before: the basis rows
-            # from `j + 1` on are zero.)
-            column = lax.dynamic_update_slice_in_dim(
-                h + h2,
-                lax.expand_dims(hnext.astype(h.dtype), (0,)),
-                j + 1,
-                0,
-                **_IN_RANGE,
-            )
+            # The new column of H: `h + h2` with `hnext` in entry `j + 1` (zero
+            # before: the basis rows from `j + 1` on are zero). As a select, not a
+            # `dynamic_update_slice`: that updated a copy of `h + h2` in place for
+            # the rotation's product and was computed again for the norm below
+            # (two kernels and a copy); elementwise, it is fused into its readers.
+            below = jnp.arange(m + 1, dtype=j.dtype) == j + 1
+            column = select(below, hnext.astype(h.dtype), h + h2)
             # `norm2(column)` is the norm of `A P v_j` (Pythagoras: the column holds
             # its components in the basis and orthogonal to it), without another
             # pass over that vector.
