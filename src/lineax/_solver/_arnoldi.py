@@ -6,6 +6,7 @@ The two differ only in where the update of a cycle lives. GMRES builds it as
 `Z y` (Saad, Algorithm 9.6), so `AbstractArnoldiSolver.flexible` decides whether a
 cycle carries `Z`."""
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from ._krylov import (
     AbstractKrylovSolver,
     AbstractStackedScalars,
     apply,
+    counts_exactly,
     FLOOR_GAP,
     FLOOR_PATIENCE,
     iterate,
@@ -135,6 +137,10 @@ class _CycleScalars(AbstractStackedScalars):
     # `jax_debug_infs` outside `jit` (as in `iterate`).
     floor_ref: ArrayLike
     floor_hits: ArrayLike
+    # Steps made, over all cycles (see `Iteration.steps`); `None` where the
+    # packed dtype cannot count to `max_steps` exactly, and the outer loop counts
+    # them (its integer counter was a kernel of every step).
+    steps: ArrayLike | None = None
 
     def pack(self, dtype) -> Array:
         # At least single precision: `k` counts to the restart length exactly.
@@ -142,14 +148,16 @@ class _CycleScalars(AbstractStackedScalars):
         return super().pack(wide)
 
 
-# (The layout: every field is carried.)
+# (The layouts: every field is carried, the step count where the dtype counts.)
 _LAYOUT = _CycleScalars(0, 0, 0, 0, 0, 0, 0)
+_COUNTING_LAYOUT = _CycleScalars(0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def _scalars_of(c: _Cycle) -> Any:
     """The fields of `c.scalars`, each sliced once when first read; floats of the
     packed dtype (the flags are 0 or 1)."""
-    return _LAYOUT.unpack(c.scalars)
+    counting = c.scalars.shape[-1] == len(dataclasses.fields(_CycleScalars))
+    return (_COUNTING_LAYOUT if counting else _LAYOUT).unpack(c.scalars)
 
 
 def _givens(a, b, cdtype):
@@ -241,6 +249,10 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
         eps = problem.eps
         cdtype = jnp.result_type(*[x.dtype for x in jtu.tree_leaves(structure)])
         mv: Callable = problem.mv
+        # The step count among the cycle's scalars (0 to start), where their
+        # packed dtype counts to `max_steps` exactly; else `None`.
+        wide = jnp.promote_types(problem.rdtype, jnp.float32)
+        counts = 0 if counts_exactly(wide, problem.max_steps) else None
 
         def arnoldi_step(c: _Cycle) -> _Cycle:
             s = _scalars_of(c)
@@ -307,6 +319,7 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             scalars = _CycleScalars(
                 select(keep, s.k + 1, s.k), estimate, invariant, degenerate,
                 s.halt, s.floor_ref, s.floor_hits,
+                None if counts is None else s.steps + 1,
             ).pack(c.beta.dtype)  # fmt: skip
             return _Cycle(c.x, c.beta, basis, directions, rotations, r_factor, scalars)
 
@@ -333,7 +346,7 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
                 update = basis_combine(c.directions, y)
             return jtu.tree_map(lambda xi, d: xi + d, c.x, update)
 
-        def new_cycle(x, r, halt, floor_ref, floor_hits, beta) -> _Cycle:
+        def new_cycle(x, r, halt, floor_ref, floor_hits, beta, steps) -> _Cycle:
             inv_beta = safe_div(1, beta)
             basis = jtu.tree_map(
                 lambda r: (
@@ -351,7 +364,7 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             else:
                 directions = None
             scalars = _CycleScalars(
-                0, beta, False, False, halt, floor_ref, floor_hits
+                0, beta, False, False, halt, floor_ref, floor_hits, steps
             ).pack(beta.dtype)
             return _Cycle(
                 x,
@@ -389,7 +402,8 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             # No progress at all is possible from here: the first new direction was
             # already degenerate (e.g. A P r = 0).
             halt = ((s.degenerate > 0) & (s.k == 0)) | (floor_hits >= FLOOR_PATIENCE)
-            return new_cycle(x, r, halt, floor_ref, floor_hits, beta)
+            steps = None if counts is None else s.steps
+            return new_cycle(x, r, halt, floor_ref, floor_hits, beta, steps)
 
         def halt_result(c: _Cycle) -> RESULTS:
             floor = _scalars_of(c).floor_hits >= FLOOR_PATIENCE
@@ -409,8 +423,9 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             ends_pass=ends_pass,
             pass_length=m,
             patience=self.stagnation_iters,
+            steps=None if counts is None else (lambda c: _scalars_of(c).steps),
         )
         r0 = problem.r0
         unset = jnp.full((), -1, problem.rdtype)
-        cycle = new_cycle(problem.x0, r0, False, unset, 0, norm2(r0))
+        cycle = new_cycle(problem.x0, r0, False, unset, 0, norm2(r0), counts)
         return iterate(self, problem, method, cycle)
