@@ -151,12 +151,13 @@ class _CycleScalars(AbstractStackedScalars):
 # (The layouts: every field is carried, the step count where the dtype counts.)
 _LAYOUT = _CycleScalars(0, 0, 0, 0, 0, 0, 0)
 _COUNTING_LAYOUT = _CycleScalars(0, 0, 0, 0, 0, 0, 0, 0)
+_COUNTING_SIZE = len(dataclasses.fields(_CycleScalars))
 
 
 def _scalars_of(c: _Cycle) -> Any:
     """The fields of `c.scalars`, each sliced once when first read; floats of the
     packed dtype (the flags are 0 or 1)."""
-    counting = c.scalars.shape[-1] == len(dataclasses.fields(_CycleScalars))
+    counting = c.scalars.shape[-1] == _COUNTING_SIZE
     return (_COUNTING_LAYOUT if counting else _LAYOUT).unpack(c.scalars)
 
 
