@@ -252,7 +252,7 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
         mv: Callable = problem.mv
         # The step count among the cycle's scalars (0 to start), where their
         # packed dtype counts to `max_steps` exactly; else `None`.
-        wide = jnp.promote_types(problem.rdtype, jnp.float32)
+        wide = problem.rdtype if jnp.finfo(problem.rdtype).bits >= 32 else jnp.float32
         counts = 0 if counts_exactly(wide, problem.max_steps) else None
 
         def arnoldi_step(c: _Cycle) -> _Cycle:
