@@ -6,7 +6,6 @@ The two differ only in where the update of a cycle lives. GMRES builds it as
 `Z y` (Saad, Algorithm 9.6), so `AbstractArnoldiSolver.flexible` decides whether a
 cycle carries `Z`."""
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +25,6 @@ from ._krylov import (
     AbstractKrylovSolver,
     AbstractStackedScalars,
     apply,
-    counts_exactly,
     FLOOR_GAP,
     FLOOR_PATIENCE,
     iterate,
@@ -137,10 +135,6 @@ class _CycleScalars(AbstractStackedScalars):
     # `jax_debug_infs` outside `jit` (as in `iterate`).
     floor_ref: ArrayLike
     floor_hits: ArrayLike
-    # Steps made, over all cycles (see `Iteration.steps`); `None` where the
-    # packed dtype cannot count to `max_steps` exactly, and the outer loop counts
-    # them (its integer counter was a kernel of every step).
-    steps: ArrayLike | None = None
 
     def pack(self, dtype) -> Array:
         # At least single precision: `k` counts to the restart length exactly.
@@ -148,17 +142,14 @@ class _CycleScalars(AbstractStackedScalars):
         return super().pack(wide)
 
 
-# (The layouts: every field is carried, the step count where the dtype counts.)
+# (The layout: every field is carried.)
 _LAYOUT = _CycleScalars(0, 0, 0, 0, 0, 0, 0)
-_COUNTING_LAYOUT = _CycleScalars(0, 0, 0, 0, 0, 0, 0, 0)
-_COUNTING_SIZE = len(dataclasses.fields(_CycleScalars))
 
 
 def _scalars_of(c: _Cycle) -> Any:
     """The fields of `c.scalars`, each sliced once when first read; floats of the
     packed dtype (the flags are 0 or 1)."""
-    counting = c.scalars.shape[-1] == _COUNTING_SIZE
-    return (_COUNTING_LAYOUT if counting else _LAYOUT).unpack(c.scalars)
+    return _LAYOUT.unpack(c.scalars)
 
 
 def _givens(a, b, cdtype):
@@ -250,10 +241,6 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
         eps = problem.eps
         cdtype = jnp.result_type(*[x.dtype for x in jtu.tree_leaves(structure)])
         mv: Callable = problem.mv
-        # The step count among the cycle's scalars (0 to start), where their
-        # packed dtype counts to `max_steps` exactly; else `None`.
-        wide = problem.rdtype if jnp.finfo(problem.rdtype).bits >= 32 else jnp.float32
-        counts = 0 if counts_exactly(wide, problem.max_steps) else None
 
         def arnoldi_step(c: _Cycle) -> _Cycle:
             s = _scalars_of(c)
@@ -320,7 +307,6 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             scalars = _CycleScalars(
                 select(keep, s.k + 1, s.k), estimate, invariant, degenerate,
                 s.halt, s.floor_ref, s.floor_hits,
-                None if counts is None else s.steps + 1,
             ).pack(c.beta.dtype)  # fmt: skip
             return _Cycle(c.x, c.beta, basis, directions, rotations, r_factor, scalars)
 
@@ -347,7 +333,7 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
                 update = basis_combine(c.directions, y)
             return jtu.tree_map(lambda xi, d: xi + d, c.x, update)
 
-        def new_cycle(x, r, halt, floor_ref, floor_hits, beta, steps) -> _Cycle:
+        def new_cycle(x, r, halt, floor_ref, floor_hits, beta) -> _Cycle:
             inv_beta = safe_div(1, beta)
             basis = jtu.tree_map(
                 lambda r: (
@@ -365,7 +351,7 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             else:
                 directions = None
             scalars = _CycleScalars(
-                0, beta, False, False, halt, floor_ref, floor_hits, steps
+                0, beta, False, False, halt, floor_ref, floor_hits
             ).pack(beta.dtype)
             return _Cycle(
                 x,
@@ -403,8 +389,7 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             # No progress at all is possible from here: the first new direction was
             # already degenerate (e.g. A P r = 0).
             halt = ((s.degenerate > 0) & (s.k == 0)) | (floor_hits >= FLOOR_PATIENCE)
-            steps = None if counts is None else s.steps
-            return new_cycle(x, r, halt, floor_ref, floor_hits, beta, steps)
+            return new_cycle(x, r, halt, floor_ref, floor_hits, beta)
 
         def halt_result(c: _Cycle) -> RESULTS:
             floor = _scalars_of(c).floor_hits >= FLOOR_PATIENCE
@@ -424,9 +409,8 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             ends_pass=ends_pass,
             pass_length=m,
             patience=self.stagnation_iters,
-            steps=None if counts is None else (lambda c: _scalars_of(c).steps),
         )
         r0 = problem.r0
         unset = jnp.full((), -1, problem.rdtype)
-        cycle = new_cycle(problem.x0, r0, False, unset, 0, norm2(r0), counts)
+        cycle = new_cycle(problem.x0, r0, False, unset, 0, norm2(r0))
         return iterate(self, problem, method, cycle)
