@@ -162,10 +162,7 @@ def _givens(a, b, cdtype):
         # sign is exact), with fewer operations to compile into every step.
         denom = jnp.sqrt(a**2 + b**2)
         safe_denom = select(denom == 0, 1, denom)
-        # (The two quotients as one of a pair: XLA does not copy a division into
-        # its readers, so each was a kernel of its own. The same quotients.)
-        pair = jnp.stack([a, b]) / safe_denom
-        return pair[0], pair[1], denom, denom
+        return a / safe_denom, b / safe_denom, denom, denom
     abs_a = jnp.abs(a)
     denom = jnp.sqrt(abs_a**2 + jnp.abs(b) ** 2)
     safe_denom = select(denom == 0, 1, denom).astype(cdtype)
