@@ -103,8 +103,11 @@ class _Cycle(eqx.Module):
     # Z: (m, *leaf_shape); None for GMRES, and for FGMRES without a preconditioner.
     directions: PyTree[Array] | None
     rotations: Array  # (m + 1, m + 1): the product Q of the Givens rotations so far
-    # (m, m): Q H, upper triangular, in the columns in use (its triangle is read);
-    # the identity's columns in the others
+    # (m, m): the transpose of R = Q H (upper triangular; its triangle is read),
+    # column `j` of R in row `j`, for the columns in use; the identity's rows in
+    # the others. Transposed because LAPACK's triangular solve reads R in
+    # column-major order, which is R^T in XLA's row-major one: carried as R, XLA
+    # made a transposing copy of it before every solve, a kernel of its own.
     r_factor: Array
     # The cycle's scalars, a packed `_CycleScalars` (read with `_scalars_of`).
     scalars: Array
@@ -252,15 +255,13 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             h2 = basis_dot(c.basis, w)
             w = tree_sub(w, basis_combine(c.basis, h2))
             hnext = norm2(w)
-            # The new column of H. (Its entry `j + 1` is zero before: the basis rows
-            # from `j + 1` on are zero.)
-            column = lax.dynamic_update_slice_in_dim(
-                h + h2,
-                lax.expand_dims(hnext.astype(h.dtype), (0,)),
-                j + 1,
-                0,
-                **_IN_RANGE,
-            )
+            # The new column of H: `h + h2` with `hnext` in entry `j + 1` (zero
+            # before: the basis rows from `j + 1` on are zero). As a select, not a
+            # `dynamic_update_slice`: that updated a copy of `h + h2` in place for
+            # the rotation's product and was computed again for the norm below
+            # (two kernels and a copy); elementwise, it is fused into its readers.
+            below = jnp.arange(m + 1, dtype=j.dtype) == j + 1
+            column = select(below, hnext.astype(h.dtype), h + h2)
             # `norm2(column)` is the norm of `A P v_j` (Pythagoras: the column holds
             # its components in the basis and orthogonal to it), without another
             # pass over that vector.
@@ -298,7 +299,7 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             r_column = select(diagonal, select(keep, rho, 1), rotated[:m])
             r_column = select(keep | diagonal, r_column, 0)
             r_factor = lax.dynamic_update_slice_in_dim(
-                c.r_factor, r_column[:, None], j, 1, **_IN_RANGE
+                c.r_factor, r_column[None, :], j, 0, **_IN_RANGE
             )
             estimate = select(
                 keep, jnp.abs(rows[1, 0]) * c.beta, s.estimate.astype(c.beta.dtype)
@@ -316,7 +317,9 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
             k = _scalars_of(c).k
             used = jnp.arange(m, dtype=k.dtype) < k
             g = select(used, c.beta.astype(cdtype) * c.rotations[:m, 0], 0)
-            y = jsl.solve_triangular(c.r_factor, g, lower=False)
+            # (`r_factor.T` is R: a transpose that XLA makes a change of layout,
+            # no copy, the column-major R that LAPACK reads.)
+            y = jsl.solve_triangular(c.r_factor.T, g, lower=False)
             if c.directions is None:
                 # GMRES, or FGMRES without a preconditioner (`apply` is then `V y`).
                 # `V y` from the whole basis, with a zero coefficient for its
