@@ -35,6 +35,7 @@ def _opcode(line: str) -> str | None:
 def _kernels_per_step(fn, *args) -> int:
     """Kernels of the innermost while loop (body and condition) of `fn`."""
     text = jax.jit(fn).lower(*args).compile().as_text()
+    assert text is not None
     comps = hlo_computations(text)
     loops = re.findall(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)", text)
     counts = []
@@ -137,9 +138,12 @@ def _kernels_outside_step(fn, *args) -> int:
     that reads like one compiled before (in the step, or outside it) is no kernel
     to compile (see `_canonical`)."""
     text = jax.jit(fn).lower(*args).compile().as_text()
+    assert text is not None
     comps = hlo_computations(text)
     loops = re.findall(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)", text)
-    names = [re.search(r"^ENTRY %?([\w.\-]+) ", text, re.M).group(1)]
+    entry = re.search(r"^ENTRY %?([\w.\-]+) ", text, re.M)
+    assert entry is not None
+    names = [entry.group(1)]
     step = []
     for cond, body in loops:
         ops = [_opcode(line) for line in comps[cond] + comps[body]]
@@ -242,6 +246,7 @@ def test_unread_residual_history_is_compiled_away(solver, mv, tags):
             return lx.linear_solve(op, b, method).value
 
         text = jax.jit(solve).lower(b).compile().as_text()
+        assert text is not None
         return [_opcode(line) for line in text.splitlines() if _opcode(line)]
 
     assert len(hlo()) == len(hlo(history_length=0))
@@ -262,6 +267,7 @@ def _fused_operations(fn, *args, step_only: bool = False) -> int:
     while loop (body and condition). XLA copies a cheap scalar computation into
     every kernel that reads it, so each copy counts."""
     text = jax.jit(fn).lower(*args).compile().as_text()
+    assert text is not None
     comps = hlo_computations(text)
     callers = list(comps)
     if step_only:
