@@ -420,29 +420,16 @@ def tree_finite_test(tree: PyTree, index: bool = False) -> tuple[Array, Array | 
     compile time -3%). An index of a conditional (see `branch_on_code`), whose
     error branch takes anything but zero; nonnegative, so that the largest over
     a batch or over devices is zero only if every one is."""
-    groups = _finiteness_groups(tree)
-    if index and len(groups) == 1 and groups[0][0].dtype in _INDEXED:
-        big, folded = groups[0]
-        if folded:
-            zero = _folded_abs_zero(big, *folded)
-        else:
-            zero = _zero_if_finite(big - big, absolute=True)
-        bits = lax.bitcast_convert_type(zero, jnp.int32)
-        return bits == 0, bits
-    finite = [
-        jnp.isfinite(
-            _zero_if_finite(big - big) if not folded else _folded_zero(big, *folded)
-        )
-        for big, folded in groups
+    zeros = [
+        _zero_if_finite(big - big) if not folded else _folded_zero(big, *folded)
+        for big, folded in _finiteness_groups(tree)
     ]
-    if len(finite) == 0:
+    if index and len(zeros) == 1 and zeros[0].dtype == jnp.float32:
+        bits = lax.bitcast_convert_type(zeros[0], jnp.int32)
+        return bits == 0, bits
+    if not zeros:
         return jnp.array(True), None
-    return functools.reduce(jnp.logical_and, finite), None
-
-
-# The dtypes whose finiteness test's sum is a 32-bit float (see
-# `tree_finite_test`).
-_INDEXED = (jnp.dtype(jnp.float32), jnp.dtype(jnp.complex64))
+    return functools.reduce(jnp.logical_and, [jnp.isfinite(z) for z in zeros]), None
 
 
 def _finiteness_groups(tree: PyTree) -> list[tuple[Any, list[Any]]]:
@@ -545,7 +532,7 @@ def tree_sub(x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
     return jtu.tree_map(lambda xi, yi: xi - yi, x, y)
 
 
-def _folded_zero_of(big: Array, *small: Array, absolute: bool = False) -> Array:
+def _folded_zero_of(big: Array, *small: Array) -> Array:
     """`_zero_if_finite` of `big - big` with each of `small` folded in: zero if
     every entry of all of them is finite, else NaN.
 
@@ -557,23 +544,14 @@ def _folded_zero_of(big: Array, *small: Array, absolute: bool = False) -> Array:
     zeros = big - big
     for x in small:
         zeros = zeros * jnp.broadcast_to(x, zeros.shape)
-    return _zero_if_finite(zeros, absolute)
+    return _zero_if_finite(zeros)
 
 
-def _folded_zero_rule(absolute: bool):
-    """`_folded_zero_of` as a `custom_vmap` (see its batching rule)."""
-    folded_zero = jax.custom_batching.custom_vmap(
-        functools.partial(_folded_zero_of, absolute=absolute)
-    )
-    folded_zero.def_vmap(
-        functools.partial(_folded_zero_vmap, folded_zero, absolute=absolute)
-    )
-    return folded_zero
+_folded_zero = jax.custom_batching.custom_vmap(_folded_zero_of)
 
 
-def _folded_zero_vmap(
-    folded_zero, axis_size, in_batched, big, *small, absolute: bool = False
-):
+@_folded_zero.def_vmap
+def _folded_zero_vmap(axis_size, in_batched, big, *small):
     # Folding a batch of vectors (the solutions of `vmap` over right-hand sides)
     # into one matrix (the operator) would broadcast the matrix to the batch:
     # batch x n x n multiplications for an n x n solve of batch x n^2 work (3.7x
@@ -583,27 +561,19 @@ def _folded_zero_vmap(
         axes = [0 if b else None for b in in_batched]
         # (The batch of matrices is the caller's: each is tested with its own
         # vectors, as unbatched.)
-        unbatched_rule = functools.partial(_folded_zero_of, absolute=absolute)
-        return jax.vmap(unbatched_rule, in_axes=axes)(big, *small), True
+        return jax.vmap(_folded_zero_of, in_axes=axes)(big, *small), True
     unbatched = [x for x, b in zip(small, in_batched[1:]) if not b]
-    total = folded_zero(big, *unbatched)
+    total = _folded_zero(big, *unbatched)
     for x, b in zip(small, in_batched[1:]):
         if b:
             zero = x - x
             if jnp.iscomplexobj(zero):
                 zero = jnp.real(zero) + jnp.imag(zero)
-            if absolute:
-                zero = jnp.abs(zero)
-            total = total + jnp.sum(zero, axis=tuple(range(1, zero.ndim)))
+            total = total + jnp.sum(jnp.abs(zero), axis=tuple(range(1, zero.ndim)))
     return jnp.broadcast_to(total, (axis_size,)), True
 
 
-_folded_zero = _folded_zero_rule(absolute=False)
-# (Its sum of absolute values: see `tree_finite_index`.)
-_folded_abs_zero = _folded_zero_rule(absolute=True)
-
-
-def _zero_if_finite(zeros: Array, absolute: bool = False) -> Array:
+def _zero_if_finite(zeros: Array) -> Array:
     """Zero if every entry of `zeros` (an `x - x`) is zero, else NaN (`inf - inf`
     is NaN): one sum, into which XLA fuses the product. XLA compiles
     `all(isfinite(x))` to a kernel for the test and another for the boolean
@@ -626,13 +596,13 @@ def _zero_if_finite(zeros: Array, absolute: bool = False) -> Array:
     which XLA:CPU sums in the same way; it has no YNNPACK reduction of complex
     numbers.)
 
-    With `absolute`, the sum of the absolute values: `+0.0` or `+inf` or a NaN
-    of sign bit zero (see `tree_finite_index`; XLA fuses the absolute value
-    into the reduction)."""
+    It sums the absolute values: `+0.0`, or a NaN of sign bit zero (on x86 the
+    NaN of `inf - inf` has its sign bit set), so that its bits are a
+    nonnegative index (see `tree_finite_test`); XLA fuses the absolute value
+    into the reduction."""
     if jnp.iscomplexobj(zeros):
         zeros = jnp.real(zeros) + jnp.imag(zeros)
-    if absolute:
-        zeros = jnp.abs(zeros)
+    zeros = jnp.abs(zeros)
     if (
         isinstance(zeros.size, int)
         and zeros.size < _SMALL_SUM

@@ -161,7 +161,7 @@ def lu_solve(
             # in `x`, and here XLA fuses it into the kernel that reads the
             # triangular solve's output, where after the permutation's sort it
             # was a kernel of its own (`jax.grad` of an LU solve, n = 100).
-            z = nan_at_zero_pivots(z, pivots if z.ndim == 1 else pivots[:, None])
+            z = _nan_at_zero(z, pivots)
         if z.ndim == 1:
             # `x[perm] = z`, as the values of a sort keyed by `perm` (as JAX's
             # `lu_solve` inverts the permutation): XLA:CPU compiles the scatter
@@ -172,6 +172,12 @@ def lu_solve(
     x = _factors_solve(lu, b[perm], transposed)
     if pivots is None:
         return x
+    return _nan_at_zero(x, pivots)
+
+
+def _nan_at_zero(x: Array, pivots: Array) -> Array:
+    """`nan_at_zero_pivots` of a solution `x` of `lu_solve`, 1-D or 2-D (the
+    pivots along its rows)."""
     return nan_at_zero_pivots(x, pivots if x.ndim == 1 else pivots[:, None])
 
 
