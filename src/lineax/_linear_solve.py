@@ -20,6 +20,7 @@ from jaxtyping import Array, ArrayLike, PyTree
 from ._errors import EQX_ON_ERROR
 from ._misc import (
     describe,
+    device_copy,
     HeldArrays,
     is_inexact_array,
     no_active_trace,
@@ -602,20 +603,11 @@ def _on_device(leaves: list) -> list:
     as the compiled call would put them: the pending state and statistics of an
     un-jitted solve are computed from its leaves when read, perhaps after the
     caller has overwritten a NumPy buffer in place (a loop refilling one
-    matrix), and must be those of the arrays solved. (Copied on the host first:
-    on the CPU, JAX may alias a NumPy array's memory instead of copying it, when
-    it is aligned, and the array put on the device then changed with the
-    buffer. Whether it did depended on where NumPy allocated the buffer.)
-    (Put by `jax.device_put`: `jnp.asarray` of a NumPy array is JAX's `stage`,
-    a program compiled once per shape and dtype, and again after every
-    `jax.clear_caches()`.)"""
+    matrix), and must be those of the arrays solved (see `device_copy`)."""
     for leaf in leaves:
         if isinstance(leaf, jax.Array):
             _JAX_ARRAY_TYPES.add(type(leaf))
-    return [
-        jax.device_put(np.array(x, copy=True)) if isinstance(x, np.ndarray) else x
-        for x in leaves
-    ]
+    return [device_copy(x) if isinstance(x, np.ndarray) else x for x in leaves]
 
 
 def _run_complete(

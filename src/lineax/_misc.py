@@ -138,18 +138,24 @@ def inexact_asarray(x: ArrayLike) -> Array:
         dtype = default_floating_dtype()
     if isinstance(x, jax.Array):
         return jnp.asarray(x, dtype=dtype)
-    # Copied: on the CPU, `jnp.asarray(x, dtype=x.dtype)` of an aligned NumPy
-    # array may alias its memory, and the operator's "immutable" array then
-    # changed with the caller's buffer (a loop refilling one matrix), under a
-    # solution's state or statistics computed when first read.
     if isinstance(x, np.ndarray):
-        # Copied (and converted) by NumPy, then put on the device as it is:
-        # `jnp.array(x, dtype, copy=True)` compiled a program of its own for the
-        # copy (`convert_element_type`), once per shape and dtype, and again
-        # after every `jax.clear_caches()`: a compile of an un-jitted first
-        # solve (3 -> 1 compiles with NumPy inputs, with `_on_device`).
-        return jax.device_put(np.array(x, dtype=dtype, copy=True))
+        return device_copy(x, dtype)
     return jnp.array(x, dtype=dtype, copy=True)
+
+
+def device_copy(x: np.ndarray, dtype: Any = None) -> Array:
+    """A JAX array of a copy of the NumPy array `x` (converted to `dtype`).
+
+    Copied: on the CPU, `jnp.asarray(x)` of an aligned NumPy array may alias its
+    memory, and an operator's "immutable" array, or the input a pending state
+    or statistic of an un-jitted solve is computed from when read, then changed
+    with the caller's buffer (a loop refilling one matrix). Copied and converted
+    by NumPy, then put on the device as it is: `jnp.array(x, dtype, copy=True)`
+    and `jnp.asarray` compile programs of their own (`convert_element_type`,
+    `stage`), once per shape and dtype and again after every
+    `jax.clear_caches()` (an un-jitted first solve of NumPy inputs: 3 -> 1
+    compiles)."""
+    return jax.device_put(np.array(x, dtype=dtype, copy=True))
 
 
 def is_inexact_array(x: Any) -> bool:
@@ -414,7 +420,7 @@ def tree_finite_test(tree: PyTree, index: bool = False) -> tuple[Array, Array | 
     `index == 0`).
 
     It is the bits of the reduction's sum of absolute values (`+0.0` if finite,
-    else `+inf` or a NaN whose sign the absolute values cleared): a bitcast, where
+    else a NaN whose sign the absolute values cleared): a bitcast, where
     `isfinite` and a select of a code made a kernel of its own (XLA:CPU makes the
     bitcast a one-operation kernel, cheaper to compile: Cholesky, n = 100, XLA
     compile time -3%). An index of a conditional (see `branch_on_code`), whose
