@@ -12,9 +12,12 @@ Krylov solver, primal, JVP and VJP, and `vmap` -- this records
 - `hlo_instructions`: instructions of the optimised HLO (`compiled.as_text()`),
   for a few cases only, since it needs an XLA compile (most of the cost);
 
-and fails when one grows by more than 10% over the checked-in table
-`tests/compile_guard.json`, so that every growth is a visible, reviewed decision.
-Shrinking passes (regenerate the table to lock the gain in).
+and fails when one grows over the checked-in table `tests/compile_guard.json`,
+so that every growth is a visible, reviewed decision: the jaxpr and StableHLO
+counts by any amount (they are exact and machine-independent; a margin let
+small growths pass unnoticed, and the table fell behind the code), the optimised
+HLO by more than 10% (XLA's CPU passes may differ between machines). Shrinking
+passes (regenerate the table to lock the gain in).
 
 To regenerate the table after an intended change (and commit it with the change):
 
@@ -41,7 +44,9 @@ import lineax as lx
 
 TABLE = pathlib.Path(__file__).with_name("compile_guard.json")
 UPDATE = bool(os.environ.get("LINEAX_UPDATE_COMPILE_GUARD"))
-GROWTH = 1.10
+# The growth each count may show before the test fails: none for the counts of
+# what this library hands to XLA, 10% for XLA's optimised HLO.
+GROWTH = {"jaxpr_eqns": 1.0, "stablehlo_ops": 1.0, "hlo_instructions": 1.10}
 REGENERATE = (
     "LINEAX_UPDATE_COMPILE_GUARD=1 python -m pytest tests/test_compile_guard.py"
 )
@@ -223,11 +228,14 @@ def test_compile_size(name):
     grown = {
         key: (recorded[key], new)
         for key, new in counts.items()
-        if key in recorded and new > GROWTH * recorded[key]
+        if key in recorded and new > GROWTH[key] * recorded[key]
     }
     assert not grown, (
-        f"Compiled size of `{name}` grew by more than {GROWTH - 1:.0%}: "
-        + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in grown.items())
+        f"Compiled size of `{name}` grew: "
+        + ", ".join(
+            f"{k} {old} -> {new} (allowed {GROWTH[k] - 1:.0%})"
+            for k, (old, new) in grown.items()
+        )
         + f". If intended, regenerate {TABLE.name} with `{REGENERATE}` and commit it."
     )
 
