@@ -3,10 +3,13 @@ columns, the unpivoted tridiagonal solve that GPUs run for n <= 2, the
 statistics the published package reports, and the rank flags of a Kronecker
 product solved by a pseudoinverse solver."""
 
+import functools as ft
 import textwrap
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
 import pytest
 
@@ -146,3 +149,72 @@ def test_kronecker_pseudoinverse_of_a_singular_factor_has_the_pseudoinverse_jvp(
     expected_value, expected_jvp = jax.jvp(reference, (a,), (tangent,))
     np.testing.assert_allclose(value, expected_value, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(jvp, expected_jvp, rtol=1e-10, atol=1e-12)
+
+
+# A matrix computed from finite operators can overflow: `linear_solve` tests the
+# operators' arrays (finite), and the solvers divided by the infinite entries to a
+# finite, wrong solution reported successful (as lineax 0.1.1 does). Each case:
+# the operator, the solvers, and whether it overflows (the controls, whose matrix
+# is stored or whose arithmetic stays finite, must still succeed).
+def _overflowing_cases():
+    big = lx.MatrixLinearOperator(jnp.array([[1e200, 1e200], [0.0, 1.0]]))
+    diag = lx.MatrixLinearOperator(jnp.diag(jnp.array([1e200, 1.0])))
+    lower = lx.MatrixLinearOperator(
+        jnp.array([[1e300, 0.0], [1.0, 1.0]]), lx.lower_triangular_tag
+    )
+    psd = lx.MatrixLinearOperator(jnp.array([[1e300, 0.0], [0.0, 1.0]]))
+    bands = lx.TridiagonalLinearOperator(
+        jnp.array([1e300, 1.0]), jnp.array([0.5]), jnp.array([0.5])
+    )
+    # Well conditioned, with large entries.
+    well = lx.MatrixLinearOperator(jnp.array([[2e150, 1e150], [1e150, 3e150]]))
+    dense = (lx.LU(), lx.QR(), lx.SVD(), lx.AutoLinearSolver(well_posed=True))
+    return [
+        ("composed", big @ diag, dense, True),
+        ("scaled", big * 1e200, dense, True),
+        ("sum", big * 1e108 + big * 1e108, dense, True),
+        ("triangular", lower * 1e10, (lx.Triangular(), dense[-1]), True),
+        (
+            "cholesky",
+            lx.TaggedLinearOperator(psd * 1e10, lx.positive_semidefinite_tag),
+            (lx.Cholesky(), dense[-1]),
+            True,
+        ),
+        (
+            "diagonal",
+            lx.DiagonalLinearOperator(jnp.array([1e300, 1.0])) * 1e10,
+            (lx.Diagonal(well_posed=True), dense[-1]),
+            True,
+        ),
+        ("tridiagonal", bands * 1e10, (lx.Tridiagonal(), dense[-1]), True),
+        # Controls: stored matrices (negated, tagged, in blocks), and arithmetic
+        # that stays finite.
+        ("negated", -well, dense, False),
+        ("tagged", lx.TaggedLinearOperator(well, lx.symmetric_tag), dense, False),
+        ("blocks", lx.BlockDiagonalLinearOperator([well, -well]), dense, False),
+        ("composed finite", well @ (well * 1e-150), dense, False),
+        ("scaled finite", well * 1e100, dense, False),
+    ]
+
+
+@pytest.mark.parametrize(
+    "case", _overflowing_cases(), ids=[c[0] for c in _overflowing_cases()]
+)
+def test_a_computed_matrix_that_overflows_is_not_a_successful_solve(case):
+    _, operator, solvers, overflows = case
+    vector = jtu.tree_map(lambda s: jnp.ones(s.shape), operator.out_structure())
+    solve = jax.jit(ft.partial(lx.linear_solve, throw=False), static_argnums=2)
+    for solver in solvers:
+        solution = solve(operator, vector, solver)
+        assert (solution.result == lx.RESULTS.successful) != overflows, solver
+        if overflows:
+            assert solution.result == lx.RESULTS.singular, solver
+            with pytest.raises(eqx.EquinoxRuntimeError, match="overflowed"):
+                lx.linear_solve(operator, vector, solver)
+        else:
+            expected = np.linalg.solve(
+                np.asarray(operator.as_matrix()), np.ones(operator.out_size())
+            )
+            value = jnp.concatenate(jtu.tree_leaves(solution.value))
+            scale = np.max(np.abs(expected))
+            np.testing.assert_allclose(value, expected, rtol=1e-12, atol=1e-12 * scale)

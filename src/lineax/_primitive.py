@@ -43,7 +43,12 @@ from ._misc import (
     tree_is_complex,
     varying_like,
 )
-from ._operator.base import AbstractLinearOperator, conj, reads_every_leaf
+from ._operator.base import (
+    AbstractLinearOperator,
+    conj,
+    matrix_is_stored,
+    reads_every_leaf,
+)
 from ._operator.tangent import TangentLinearOperator
 from ._solution import concrete_value, is_successful, RESULTS, results_where
 from ._solver.base import (
@@ -199,6 +204,20 @@ def _linear_solve_impl(
     # Its derivative solves use the same operator, already tested.
     arrays = _array_leaves(operator)
     record = solver.recorded_operator_finite(state)
+    if (
+        kind == "primal"
+        and arrays is not None
+        and record is not None
+        and not matrix_is_stored(operator)
+    ):
+        # Finite arrays, but a matrix computed from them (a product, a sum, a
+        # scaling) that overflowed: `[[1e200, 1e200], [0, 1]] @ diag(1e200, 1)`
+        # solved to a finite, wrong `(-0, 1)` with LU, QR and SVD, reported
+        # successful (as in lineax 0.1.1). `init`'s test of the matrix it
+        # factorised tells; the solve is `singular` (the inputs are finite, so
+        # not `nonfinite_input`). A stored matrix is its arrays, tested below,
+        # so this costs nothing there.
+        result = RESULTS.where(record, result, RESULTS.singular)
     recorded = None
     if kind == "primal-reused-state" or (kind == "primal" and arrays is None):
         recorded = record

@@ -30,7 +30,10 @@ class RESULTS(eqxi.Enumeration):
     )
     singular = (
         "The operator is singular (a pivot of the factorisation is exactly zero), "
-        "or the solver returned non-finite output. For the pseudoinverse "
+        "or the solver returned non-finite output. A matrix computed from finite "
+        "operators (a product, a sum, a scaling, the Gram matrix of `lx.Normal`) "
+        "that overflowed the dtype's range is reported so too: rescale the "
+        "problem. For the pseudoinverse "
         "(least-squares / minimum-norm) solution of a singular system use "
         "`lx.AutoLinearSolver(well_posed=False)` or `lx.SVD()`. "
         "If you used `lx.Cholesky()` or `lx.CG()`, check that the operator really "

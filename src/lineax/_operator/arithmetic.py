@@ -29,6 +29,7 @@ from .base import (
     is_upper_triangular,
     linearise,
     materialise,
+    matrix_is_stored,
     PYTHON_NUMBERS,
     reads_every_leaf,
     scaled_dtype,
@@ -596,3 +597,6 @@ for _cls in (NegLinearOperator, MulLinearOperator, DivLinearOperator):
     reads_every_leaf.register(_cls)(lambda op: reads_every_leaf(op.operator))
     holds_values.register(_cls)(lambda op: holds_values(op.operator))
     has_cheap_diagonal.register(_cls)(lambda op: has_cheap_diagonal(op.operator))
+# (Negation is exact; a product with a scalar, a sum and a composition compute
+# their matrix, which may overflow: `matrix_is_stored` stays `False` for them.)
+matrix_is_stored.register(NegLinearOperator)(lambda op: matrix_is_stored(op.operator))

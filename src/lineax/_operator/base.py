@@ -606,6 +606,21 @@ def reads_every_leaf(operator: Any) -> bool:
     return False
 
 
+@ft.singledispatch
+def matrix_is_stored(operator: Any) -> bool:
+    """Whether the matrix of `operator` is its stored values put in place (a
+    matrix, the bands of a diagonal or tridiagonal operator, blocks of such),
+    with no arithmetic, so that it is finite exactly when they are.
+
+    A question about the operator's structure, never its values. `False` for
+    anything that registers nothing: a sum, a product, a scaling or a Kronecker
+    product computes its matrix, which can overflow to inf from finite parts
+    (`[[1e200, 1e200], [0, 1]] @ diag(1e200, 1)`), and a direct solver's
+    factorisation of a matrix holding inf gives a finite, wrong solution.
+    """
+    return False
+
+
 def _yes(operator: Any) -> bool:
     return True
 
@@ -630,9 +645,11 @@ def has_cheap_diagonal(operator: AbstractLinearOperator) -> bool:
 def register_stored(cls: type) -> None:
     """Declare that the operators of class `cls` store their values (a matrix,
     diagonals, ...): their action reads every array leaf (`reads_every_leaf`),
-    and their diagonal and matrix are read, not computed (`holds_values`)."""
+    their diagonal and matrix are read, not computed (`holds_values`), and their
+    matrix is those values put in place (`matrix_is_stored`)."""
     reads_every_leaf.register(cls)(_yes)
     holds_values.register(cls)(_yes)
+    matrix_is_stored.register(cls)(_yes)
 
 
 # The operator classes whose PyTree structure holds data that is derived on the

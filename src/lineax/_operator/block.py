@@ -18,6 +18,7 @@ from .base import (
     is_cacheable,
     linearise,
     materialise,
+    matrix_is_stored,
     reads_every_leaf,
     register_scaled,
     register_tag_predicates,
@@ -244,6 +245,12 @@ is_cacheable.register(BlockLinearOperator)(
 reads_every_leaf.register(BlockLinearOperator)(
     lambda op: all(
         reads_every_leaf(b) for row in op.blocks for b in row if b is not None
+    )
+)
+# (Its matrix places the blocks' matrices, and zeros for the missing blocks.)
+matrix_is_stored.register(BlockLinearOperator)(
+    lambda op: all(
+        matrix_is_stored(b) for row in op.blocks for b in row if b is not None
     )
 )
 holds_values.register(BlockLinearOperator)(

@@ -30,6 +30,7 @@ from .base import (
     is_upper_triangular,
     linearise,
     materialise,
+    matrix_is_stored,
     reads_every_leaf,
     register_scaled,
     scaled,
@@ -317,6 +318,9 @@ reads_every_leaf.register(BlockDiagonalLinearOperator)(
         if op._stacked is None
         else reads_every_leaf(op._stacked)
     )
+)
+matrix_is_stored.register(BlockDiagonalLinearOperator)(
+    lambda op: all(matrix_is_stored(b) for b in op.representatives())
 )
 holds_values.register(BlockDiagonalLinearOperator)(
     lambda op: all(holds_values(b) for b in op.representatives())

@@ -17,6 +17,7 @@ from .base import (
     is_tridiagonal,
     linearise,
     materialise,
+    matrix_is_stored,
     PREDICATE_OF_TAG,
     probe_diagonal,
     probe_tridiagonal,
@@ -87,6 +88,9 @@ for _tag, _predicate in PREDICATE_OF_TAG.items():
 is_cacheable.register(TaggedLinearOperator)(lambda op: is_cacheable(op.operator))
 reads_every_leaf.register(TaggedLinearOperator)(
     lambda op: reads_every_leaf(op.operator)
+)
+matrix_is_stored.register(TaggedLinearOperator)(
+    lambda op: matrix_is_stored(op.operator)
 )
 holds_values.register(TaggedLinearOperator)(
     lambda op: holds_values(op.operator) or holds_values.dispatch(object)(op)

@@ -29,14 +29,17 @@ from .base import (
     embed_like,
     nan_at_zero_pivots,
     norm1,
+    operator_is_finite,
     rcond_estimate,
 )
 
 
 class TriangularState(eqx.Module):
-    """State of [`lineax.Triangular`][]: the matrix and how to read it."""
+    """State of [`lineax.Triangular`][]: the matrix, whether every entry of it is
+    finite, and how to read it."""
 
     matrix: Array
+    finite: Array
     packed_structures: PackedStructures = eqx.field(static=True)
     lower: bool = eqx.field(static=True)
     unit_diagonal: bool = eqx.field(static=True)
@@ -71,8 +74,15 @@ class Triangular(AbstractLinearSolver[TriangularState]):
             "triangular",
             "`lx.lower_triangular_tag` or `lx.upper_triangular_tag`",
         )
+        matrix = operator.as_matrix()
+        # The test of a matrix computed from finite parts, which can overflow:
+        # substitution divides by an infinite pivot to a finite 0. (XLA removes
+        # it where `linear_solve` tests the operator's own arrays instead. The
+        # whole matrix, as the probe of a function operator's action, which this
+        # replaces, read it.)
         return TriangularState(
-            operator.as_matrix(),
+            matrix,
+            operator_is_finite(matrix),
             pack_structures(operator),
             lower,
             has_unit_diagonal(operator),
@@ -104,6 +114,7 @@ class Triangular(AbstractLinearSolver[TriangularState]):
     def transpose(self, state: TriangularState, options):
         new = TriangularState(
             state.matrix,
+            state.finite,
             transpose_packed_structures(state.packed_structures),
             state.lower,
             state.unit_diagonal,
@@ -114,6 +125,7 @@ class Triangular(AbstractLinearSolver[TriangularState]):
     def conj(self, state: TriangularState, options):
         new = TriangularState(
             jnp.conj(state.matrix),
+            state.finite,
             state.packed_structures,
             state.lower,
             state.unit_diagonal,
@@ -123,6 +135,9 @@ class Triangular(AbstractLinearSolver[TriangularState]):
 
     def part_read(self, operator, other):
         return _triangle(operator, other, with_unit_diagonal=False)
+
+    def recorded_operator_finite(self, state: TriangularState) -> Array:
+        return state.finite
 
     def solved_operator(self, operator):
         # The operator as solved has the unit diagonal, which its tangents do not

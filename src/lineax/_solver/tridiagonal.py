@@ -7,6 +7,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array
 
+from .._misc import tree_all_finite
 from .._operator.base import AbstractLinearOperator, is_tridiagonal, tridiagonal
 from .._operator.tridiagonal_operator import TridiagonalLinearOperator
 from .._solution import RESULTS
@@ -30,11 +31,12 @@ from .lu import lu_solve
 
 class TridiagonalState(eqx.Module):
     """State of [`lineax.Tridiagonal`][]: the three bands, padded to length `n` as
-    `jax.lax.linalg.tridiagonal_solve` expects."""
+    `jax.lax.linalg.tridiagonal_solve` expects, and whether they are finite."""
 
     diagonal: Array
     lower: Array  # lower[0] = 0, lower[i] = A[i, i - 1]
     upper: Array  # upper[n - 1] = 0, upper[i] = A[i, i + 1]
+    finite: Array
     packed_structures: PackedStructures = eqx.field(static=True)
 
 
@@ -72,10 +74,15 @@ class Tridiagonal(AbstractLinearSolver[TridiagonalState]):
         zero = jnp.zeros((1,), diag.dtype)
         n = diag.shape[0]
         # (Cut to `n`: the bands of an operator of size 0 have size 0, not -1.)
+        # The test of the bands, for those of an operator computed from finite
+        # parts, which can overflow: elimination divides by an infinite entry to
+        # a finite 0. (XLA removes it where `linear_solve` tests the operator's
+        # own arrays instead.)
         return TridiagonalState(
             diag,
             jnp.concatenate([zero, lower.astype(diag.dtype)])[:n],
             jnp.concatenate([upper.astype(diag.dtype), zero])[:n],
+            tree_all_finite((diag, lower, upper)),
             pack_structures(operator),
         )
 
@@ -105,6 +112,7 @@ class Tridiagonal(AbstractLinearSolver[TridiagonalState]):
             state.diagonal,
             lower,
             upper,
+            state.finite,
             transpose_packed_structures(state.packed_structures),
         )
         return new, options
@@ -114,9 +122,13 @@ class Tridiagonal(AbstractLinearSolver[TridiagonalState]):
             jnp.conj(state.diagonal),
             jnp.conj(state.lower),
             jnp.conj(state.upper),
+            state.finite,
             state.packed_structures,
         )
         return new, options
+
+    def recorded_operator_finite(self, state: TridiagonalState) -> Array:
+        return state.finite
 
     def part_read(self, operator, other):
         # The solve reads the three bands only. (An operator of size 0 has no
