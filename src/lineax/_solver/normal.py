@@ -89,7 +89,10 @@ class Normal(AbstractLinearSolver[NormalState]):
     (matrix-free). With any inner solver but a Krylov one, `A` is materialised
     once, in `init`, and the state holds arrays only. Squaring the condition
     number is the price: prefer [`lineax.QR`][] or [`lineax.LSMR`][] for
-    ill-conditioned problems.
+    ill-conditioned problems. So is the range: the Gram matrix squares `A`'s
+    entries, and one that overflows (entries of `A` above about 1e154 in float64,
+    2e19 in float32) makes a direct inner solver report
+    [`lineax.RESULTS.singular`][].
 
     What it assumes about the rank is `inner_solver`'s (`assume_full_rank()`).
     With [`lineax.Cholesky`][] or [`lineax.CG`][] (full rank) a rank-deficient `A`
