@@ -362,6 +362,11 @@ def scaled():
         "float32": {"one": 1.0, "pow2": 2.0**60, "big": 1e20, "small": 1e-20},
         "float64": {"one": 1.0, "pow2": 2.0**-600, "big": 1e200, "small": 1e-200},
     }
+    # Near the smallest normal floats, with a solution near the largest: the
+    # scaled-up operator's iterate overflowed on the way back to the user's units
+    # (inf, "singular") where the solution itself is a float.
+    factors["float32"]["tiny"] = 2.0**-118
+    factors["float64"]["tiny"] = 1e-300
     for name, solver_class in solvers.items():
         matrix, tags = matrices.get(name, matrices["CG"])
         for dtype in (jnp.float32, jnp.float64):

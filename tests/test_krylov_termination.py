@@ -257,6 +257,22 @@ def test_operator_scale_changes_nothing(_groups, name, dtype):
     assert cases[f"{name}-{dtype}-pow2"]["steps"] == one["steps"]
 
 
+@pytest.mark.parametrize("name", ["MINRES", "GMRES", "BiCGStab", "LSMR", "FGMRES"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_tiny_operator_with_a_huge_solution(_groups, name, dtype):
+    # f = 2^-118 (float32), 1e-300 (float64): the solution is near the largest
+    # float. The methods that scale the operator scale such a one up, and lift
+    # the right-hand side with it; the iterate, multiplied back by the operator's
+    # scale before the right-hand side's, overflowed: GMRES, FGMRES and BiCGStab
+    # returned inf, reported singular. (CG and its variants do not scale the
+    # operator: their products fall below the smallest normal float, flushed to
+    # zero on CPU, and they report a breakdown.)
+    c = _groups["scaled"][f"{name}-{dtype}-tiny"]
+    tol = 1e-5 if dtype == "float32" else 1e-10
+    assert c["code"] == _SUCCESS, c
+    assert c["error"] <= 100 * tol, c
+
+
 def test_bicgstab_vanishing_sigma_is_breakdown_never_divergence(_groups):
     # Right after a (re)start the shadow vector is the residual; for a skew operator
     # `<r, A r>` vanishes (exactly, or relative to the norms), which no restart can

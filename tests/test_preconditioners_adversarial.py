@@ -423,3 +423,34 @@ def test_unjitted_preconditioner_compiles_once_per_structure(make):
     assert compiles == []
     np.testing.assert_allclose(first, expected, rtol=1e-14)
     np.testing.assert_allclose(second, 2 * expected, rtol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda op: lx.JacobiPreconditioner(op),
+        lambda op: lx.JacobiPreconditioner(
+            lx.FunctionLinearOperator(op.mv, op.in_structure(), op.tags),
+            probes=2,
+            key=jax.random.key(0),
+        ),
+        lambda op: lx.BlockJacobiPreconditioner(op, 2),
+        lambda op: lx.ChebyshevPreconditioner(op, 3, key=jax.random.key(0)),
+        lambda op: lx.NeumannPreconditioner(op, 3, key=jax.random.key(0)),
+    ],
+    ids=["jacobi", "jacobi-probes", "block-jacobi", "chebyshev", "neumann"],
+)
+def test_preconditioner_of_an_operator_of_size_zero(make):
+    # The solvers solve a system of size 0; its preconditioners failed to build:
+    # Jacobi took the largest of no entries, block-Jacobi divided by a block size
+    # cut to 0, and Lanczos (Chebyshev, Neumann) indexed an empty start vector.
+    op = lx.MatrixLinearOperator(jnp.zeros((0, 0)), lx.positive_semidefinite_tag)
+    precond = make(op)
+    assert precond.mv(jnp.zeros(0)).shape == (0,)
+    solution = lx.linear_solve(
+        op,
+        jnp.zeros(0),
+        lx.CG(rtol=1e-6, atol=1e-6, max_steps=5),
+        options={"preconditioner": precond},
+    )
+    assert solution.value.shape == (0,)

@@ -256,3 +256,21 @@ def test_float32_least_squares_with_a_small_residual_is_successful(damp):
     expected = np.linalg.solve(gram, matrix.T @ vector)
     assert solution.result == lx.RESULTS.successful
     np.testing.assert_allclose(solution.value, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("inner", [lx.Cholesky(), lx.LU(), lx.SVD()])
+@pytest.mark.parametrize("wide", [False, True])
+def test_normal_equations_whose_gram_matrix_overflows_are_not_successful(inner, wide):
+    # `A` is finite, its Gram matrix `A^H A` is not (1e300 squared). From the
+    # factorisation of a matrix holding inf, Cholesky, LU and SVD each gave a
+    # finite solution of `diag(1e300, 1) x = (1, 1)` with `x[0] = 0` (exact:
+    # 1e-300), reported successful (Cholesky in lineax 0.1.1 too).
+    matrix = jnp.array([[1e300, 0.0], [0.0, 1.0]])
+    if wide:
+        matrix = jnp.concatenate([matrix, jnp.zeros((2, 1))], axis=1)
+    solution = lx.linear_solve(
+        lx.MatrixLinearOperator(matrix), jnp.ones(2), lx.Normal(inner), throw=False
+    )
+    assert solution.result != lx.RESULTS.successful
+    with pytest.raises(Exception, match="singular"):
+        lx.linear_solve(lx.MatrixLinearOperator(matrix), jnp.ones(2), lx.Normal(inner))

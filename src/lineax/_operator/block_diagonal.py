@@ -42,11 +42,16 @@ from .block import check_parts
 def stack_alike(blocks: Sequence[Any]) -> Any | None:
     """The blocks as one PyTree whose array leaves gain a leading axis, if they
     differ only in the values of their arrays (one PyTree structure, equal
-    non-array data, equal array shapes and dtypes); else `None`."""
+    non-array data, equal array shapes and dtypes); else `None`. Also `None` for
+    blocks without arrays (identities, or scaled by a Python scalar): a `vmap`
+    over a stack of no arrays has no axis to map, and failed ("Cannot resolve
+    batch dimension") in every method but `mv`."""
     parts = [eqx.partition(block, eqx.is_array) for block in blocks]
     dynamic0, static0 = parts[0]
     treedef0 = jtu.tree_structure(dynamic0)
     shapes0 = [(x.shape, x.dtype) for x in jtu.tree_leaves(dynamic0)]
+    if not shapes0:
+        return None
     for dynamic, static in parts[1:]:
         if jtu.tree_structure(dynamic) != treedef0:
             return None

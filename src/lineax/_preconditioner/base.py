@@ -216,6 +216,10 @@ def _operator_extremes(
     operator: AbstractLinearOperator, steps: int, key: PRNGKeyArray
 ) -> tuple[Array, Array]:
     dtype = result_dtype(operator.in_structure())
+    if operator.in_size() == 0:
+        # No spectrum, and no vector to start Lanczos from: any interval will do.
+        one = jnp.ones((), jnp.finfo(dtype).dtype)
+        return one, one
     return lanczos_extremes(flat_mv(operator), operator.in_size(), dtype, steps, key)
 
 

@@ -132,7 +132,8 @@ class BlockJacobiPreconditioner(AbstractPreconditioner):
                 "use `lx.JacobiPreconditioner(operator, probes=k)` or a polynomial "
                 "preconditioner instead."
             )
-        block_size = min(block_size, operator.in_size())
+        # (At least 1: an operator of size 0 has no blocks, of any size.)
+        block_size = max(min(block_size, operator.in_size()), 1)
         blocks = _diagonal_blocks(operator, block_size)
         self.lu, self.pivots = jax.vmap(jsl.lu_factor)(blocks)
         self.transposed = False

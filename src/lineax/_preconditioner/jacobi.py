@@ -122,7 +122,8 @@ class JacobiPreconditioner(AbstractPreconditioner):
                 # needs 60 unpreconditioned).
                 diag = jnp.real(diag).astype(diag.dtype)
         invertible = usable_pivots(diag, positive, negative)
-        largest = jnp.max(jnp.abs(diag))
+        # (`initial`: an operator of size 0 has no largest entry.)
+        largest = jnp.max(jnp.abs(diag), initial=0)
         fallback = jnp.where(largest > 0, largest, 1).astype(diag.dtype)
         fallback = -fallback if negative else fallback
         diag = jnp.where(invertible, diag, fallback)

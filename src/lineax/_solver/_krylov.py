@@ -1823,5 +1823,12 @@ def iterate(
         "residual_history": history * p.scale,
     }
     if p.op_inverse is not None:
-        value = tree_scale(p.op_inverse, value)
+        # One factor, `2^-s` and the right-hand side's scale multiplied first: the
+        # iterate of an operator scaled up (a small `A`, whose solution is large)
+        # is also lifted (`_lift`), and multiplied by `2^-s` alone it overflowed
+        # before the right-hand side's scale brought it back. (`P (1e-300 I)`
+        # with `b` of 1: a solution of 1e300 came back as inf from GMRES and
+        # BiCGStab, reported singular; float32 overflowed for solutions above
+        # 2^112, about 5e33.)
+        return tree_scale(p.scale * p.op_inverse, value), result, stats
     return tree_scale(p.scale, value), result, stats

@@ -11,6 +11,7 @@ import jax.tree_util as jtu
 from .._misc import HeldArrays, tree_conj, tree_is_complex
 from .._operator.base import AbstractLinearOperator, conj, linearise, materialise
 from .._operator.tagged import TaggedLinearOperator
+from .._solution import RESULTS
 from .._tags import positive_semidefinite_tag
 from ._krylov import AbstractKrylovSolver, check_product_structure
 from .base import AbstractLinearSolver, check_passed_on, check_solver
@@ -88,7 +89,10 @@ class Normal(AbstractLinearSolver[NormalState]):
     (matrix-free). With any inner solver but a Krylov one, `A` is materialised
     once, in `init`, and the state holds arrays only. Squaring the condition
     number is the price: prefer [`lineax.QR`][] or [`lineax.LSMR`][] for
-    ill-conditioned problems.
+    ill-conditioned problems. So is the range: the Gram matrix squares `A`'s
+    entries, and one that overflows (entries of `A` above about 1e154 in float64,
+    2e19 in float32) makes a direct inner solver report
+    [`lineax.RESULTS.singular`][].
 
     What it assumes about the rank is `inner_solver`'s (`assume_full_rank()`).
     With [`lineax.Cholesky`][] or [`lineax.CG`][] (full rank) a rank-deficient `A`
@@ -156,9 +160,24 @@ class Normal(AbstractLinearSolver[NormalState]):
         options = _inner_options(operator, state.tall, options)
         if state.tall:
             rhs = _adjoint_mv(operator, vector, state.complex_)
-            return self.inner_solver.compute(state.inner_state, rhs, options)
-        y, result, stats = self.inner_solver.compute(state.inner_state, vector, options)
-        return _adjoint_mv(operator, y, state.complex_), result, stats
+            x, result, stats = self.inner_solver.compute(
+                state.inner_state, rhs, options
+            )
+        else:
+            y, result, stats = self.inner_solver.compute(
+                state.inner_state, vector, options
+            )
+            x = _adjoint_mv(operator, y, state.complex_)
+        # The Gram matrix squares `A`'s entries, and overflows where `A` does not
+        # (entries above ~1e154 in float64, ~2e19 in float32). `linear_solve`
+        # tests `A`, not the Gram matrix; and from the factorisation of a matrix
+        # holding inf, Cholesky, LU and SVD give a finite, wrong solution:
+        # `diag(1e300, 1)` solved to `(0, 1)`, reported successful. The direct
+        # inner solvers record the test of the matrix they factorised.
+        finite = self.inner_solver.recorded_operator_finite(state.inner_state)
+        if finite is not None:
+            result = RESULTS.where(finite, result, RESULTS.singular)
+        return x, result, stats
 
     def transpose(self, state: NormalState, options):
         # If A is tall with Gram matrix N = A^H A, then A^T is wide with Gram
