@@ -475,6 +475,36 @@ def test_optimistix_gauss_newton_lsmr_float32_badly_scaled_fit():
     np.testing.assert_allclose(sol.value, [999.3793, 0.03005575, 5.765056], rtol=5e-3)
 
 
+def test_lsmr_condition_estimate_of_a_gauss_newton_jacobian():
+    # Gauss-Newton on this fit (float64, from (1, 1, 0)) reaches, at its fourth
+    # step, a Jacobian of condition number 9.1e7: below LSMR's `conlim` of 1e8.
+    # LSMR's estimate of cond(A) let the initial `rhobar = 1` into its maximum;
+    # with the operator scaled to a norm near 1 that made the estimate 1.0007e8
+    # (SciPy's: 9.09e7), and the solve stopped with `conlim` (Optimistix's
+    # `GaussNewton` with this LSMR then failed; lineax 0.1.1: successful).
+    with _EnableX64():
+        t = np.linspace(0.0, 1e4, 30)
+        data = 3e4 * np.exp(-2e-4 * t) + 0.7
+
+        def residual_and_jacobian(p):
+            a, k, c = p
+            e = np.exp(-k * 1e-4 * t)
+            jac = np.stack([e, -a * t * 1e-4 * e, 1e-4 * np.ones_like(t)], axis=1)
+            return (a * 1e4 * e + c - data) * 1e-4, jac
+
+        p = np.array([1.0, 1.0, 0.0])
+        for _ in range(3):
+            r, jac = residual_and_jacobian(p)
+            p = p - np.linalg.lstsq(jac, r)[0]
+        r, jac = residual_and_jacobian(p)
+        assert 8e7 < np.linalg.cond(jac) < 1e8
+        solver = lx.LSMR(rtol=1e-10, atol=1e-10, max_steps=50)
+        operator = lx.MatrixLinearOperator(jnp.asarray(jac))
+        sol = lx.linear_solve(operator, jnp.asarray(r), solver, throw=False)
+        assert sol.result == lx.RESULTS.successful
+        np.testing.assert_allclose(sol.value, np.linalg.lstsq(jac, r)[0], rtol=1e-6)
+
+
 # Optimistix differentiates a least-squares fit implicitly: a linear solve with
 # the Hessian-like operator of the fit (through lineax) at the solution. For a
 # linear model r(x) = A x - b the fit is pinv(A) b, so d x / d b = pinv(A), here
