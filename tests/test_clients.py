@@ -210,6 +210,38 @@ def test_optimistix_bfgs_badly_scaled_float32():
         np.testing.assert_allclose(sol.value / scale, [1.0, 2.0], rtol=1e-3)
 
 
+def test_optimistix_indirect_levenberg_marquardt_badly_scaled_float32():
+    # Unknowns in units of 1e3 and 1e-3, residuals scaled by 1e4: the Jacobian is
+    # 4x2 with columns of norms 17 and 1.1e7. Its Newton step is the SVD's
+    # least-squares solution (`AutoLinearSolver(well_posed=False)`); the SVD of
+    # the transposed (wide) Jacobian got it 0.23% wrong, and the solver ended 14
+    # steps later 2.5e-5 away from the minimum (lineax 0.1.1: 8 steps, 2e-8).
+    with float32_user():
+
+        def residuals(p, args):
+            x, y = p["big"] / 1e3, p["small"] * 1e3
+            r = jnp.stack([x - 1.0, y - 2.0, x * y - 2.0, jnp.sin(x) + y / 1e3])
+            return 1e4 * r
+
+        p0 = {"big": jnp.array(500.0), "small": jnp.array(1e-3)}
+        operator = lx.JacobianLinearOperator(residuals, p0)
+        matrix = np.asarray(operator.as_matrix(), np.float64)
+        vector = residuals(p0, None)
+        solver = lx.AutoLinearSolver(well_posed=False)
+        newton = lx.linear_solve(operator, vector, solver)
+        expected = np.linalg.lstsq(matrix, np.asarray(vector, np.float64))[0]
+        got = [newton.value["big"], newton.value["small"]]
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+        solver = optx.IndirectLevenbergMarquardt(rtol=1e-5, atol=1e-5)
+        sol = optx.least_squares(residuals, solver, p0, max_steps=20, throw=False)
+        assert sol.result == optx.RESULTS.successful
+        assert sol.stats["num_steps"] <= 10
+        # The minimum (float64): big = 857.13987667, small = 0.0021407423091.
+        got = [sol.value["big"], sol.value["small"]]
+        np.testing.assert_allclose(got, [857.13987667, 2.1407423091e-3], rtol=2e-6)
+
+
 def test_optimistix_indirect_levenberg_marquardt_fits_mlp():
     # Optimistix's "simple_nn" least-squares problem: the unknowns are an Equinox
     # MLP's parameters, a PyTree with `None` where the non-array fields were
@@ -441,6 +473,36 @@ def test_optimistix_gauss_newton_lsmr_float32_badly_scaled_fit():
     # The float64 least-squares fit (lineax 0.1.1's float32 fit is 2.4e-3 from it,
     # in the offset; so is this one).
     np.testing.assert_allclose(sol.value, [999.3793, 0.03005575, 5.765056], rtol=5e-3)
+
+
+def test_lsmr_condition_estimate_of_a_gauss_newton_jacobian():
+    # Gauss-Newton on this fit (float64, from (1, 1, 0)) reaches, at its fourth
+    # step, a Jacobian of condition number 9.1e7: below LSMR's `conlim` of 1e8.
+    # LSMR's estimate of cond(A) let the initial `rhobar = 1` into its maximum;
+    # with the operator scaled to a norm near 1 that made the estimate 1.0007e8
+    # (SciPy's: 9.09e7), and the solve stopped with `conlim` (Optimistix's
+    # `GaussNewton` with this LSMR then failed; lineax 0.1.1: successful).
+    with _EnableX64():
+        t = np.linspace(0.0, 1e4, 30)
+        data = 3e4 * np.exp(-2e-4 * t) + 0.7
+
+        def residual_and_jacobian(p):
+            a, k, c = p
+            e = np.exp(-k * 1e-4 * t)
+            jac = np.stack([e, -a * t * 1e-4 * e, 1e-4 * np.ones_like(t)], axis=1)
+            return (a * 1e4 * e + c - data) * 1e-4, jac
+
+        p = np.array([1.0, 1.0, 0.0])
+        for _ in range(3):
+            r, jac = residual_and_jacobian(p)
+            p = p - np.linalg.lstsq(jac, r)[0]
+        r, jac = residual_and_jacobian(p)
+        assert 8e7 < np.linalg.cond(jac) < 1e8
+        solver = lx.LSMR(rtol=1e-10, atol=1e-10, max_steps=50)
+        operator = lx.MatrixLinearOperator(jnp.asarray(jac))
+        sol = lx.linear_solve(operator, jnp.asarray(r), solver, throw=False)
+        assert sol.result == lx.RESULTS.successful
+        np.testing.assert_allclose(sol.value, np.linalg.lstsq(jac, r)[0], rtol=1e-6)
 
 
 # Optimistix differentiates a least-squares fit implicitly: a linear solve with

@@ -464,7 +464,12 @@ def _lsmr(solver: LSMR, operator, problem: Problem):
         norm_a = jnp.maximum(
             c.norm_a, jnp.maximum(hypot(c.alpha, beta), hypot(beta, alpha))
         )
-        maxrbar = jnp.maximum(c.maxrbar, rhobarold)
+        # Before the first step `rhobar` is its initial 1, not a value of the
+        # operator: SciPy's `lsmr` lets it into `maxrbar` (harmless where ||A||
+        # is far from 1), but the operator here is scaled to a norm near 1, so
+        # the estimate of cond(A) came out up to 2x too large: `conlim` (1e8)
+        # fired on a Gauss-Newton Jacobian of condition number 9.1e7.
+        maxrbar = select(c.started, jnp.maximum(c.maxrbar, rhobarold), c.maxrbar)
         minrbar = select(c.started, jnp.minimum(c.minrbar, rhobarold), c.minrbar)
         cond_a = safe_div(jnp.maximum(maxrbar, rhotemp), jnp.minimum(minrbar, rhotemp))
         return _Carry(
