@@ -211,6 +211,14 @@ def test_a_computed_matrix_that_overflows_is_not_a_successful_solve(case):
             assert solution.result == lx.RESULTS.singular, solver
             with pytest.raises(eqx.EquinoxRuntimeError, match="overflowed"):
                 lx.linear_solve(operator, vector, solver)
+            # With the state reused (the record was then tested among the inputs:
+            # "contains NaN or inf", of finite inputs).
+            # (Raised inside `jax.jit`: XLA's `JaxRuntimeError`, holding the
+            # message.)
+            state = solver.init(operator, {})
+            reused = jax.jit(ft.partial(lx.linear_solve, solver=solver))
+            with pytest.raises(RuntimeError, match="overflowed"):
+                reused(operator, vector, state=state)
         else:
             expected = np.linalg.solve(
                 np.asarray(operator.as_matrix()), np.ones(operator.out_size())
