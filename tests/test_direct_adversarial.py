@@ -120,6 +120,27 @@ def test_svd_reports_the_rank_as_the_published_package():
     assert int(full.stats["rank"]) == 3
 
 
+def test_default_cutoff_is_the_published_packages():
+    # lineax 0.1.1 cuts singular values (and diagonal entries) at or below
+    # `2 eps max(m, n)` of the largest; this library cut at half that (NumPy's),
+    # and kept one in between: Optimistix's IndirectLevenbergMarquardt then ran to
+    # its step limit on a float32 fit that 0.1.1 solves in 10 steps. A value at
+    # 1.5 eps max(m, n) is now cut, one at 2.5 eps max(m, n) kept.
+    eps = float(jnp.finfo(jnp.float64).eps)
+    rng = np.random.default_rng(1)
+    u, _ = np.linalg.qr(rng.standard_normal((5, 3)))
+    v, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+    vector = jnp.asarray(rng.standard_normal(5))
+    for factor, rank in ((1.5, 2), (2.5, 3)):
+        s = np.array([1.0, 0.5, factor * eps * 5])
+        matrix = lx.MatrixLinearOperator(jnp.asarray(u * s @ v.T))
+        solution = lx.linear_solve(matrix, vector, lx.SVD())
+        assert int(solution.stats["rank"]) == rank, factor
+        d = lx.DiagonalLinearOperator(jnp.asarray([1.0, 0.5, factor * eps * 3]))
+        x = lx.linear_solve(d, jnp.ones(3), lx.Diagonal()).value
+        assert (x[2] != 0) == (rank == 3), factor
+
+
 @pytest.mark.parametrize(
     "inner", [lx.SVD(), lx.AutoLinearSolver(well_posed=False)], ids=["svd", "auto"]
 )

@@ -48,8 +48,8 @@ class Diagonal(AbstractLinearSolver[DiagonalState]):
         the pseudoinverse solution. If `True`, every entry is divided by, and a zero
         entry gives [`lineax.RESULTS.singular`][].
     - `rcond`: the relative cutoff when `well_posed=False`. `None` means
-        `eps * n` for the dtype's machine epsilon (as for [`lineax.SVD`][], whose
-        singular values here are `|d|`).
+        `2 * eps * n` for the dtype's machine epsilon (as for [`lineax.SVD`][],
+        whose singular values here are `|d|`, and in the published lineax 0.1.1).
 
     `stats["rcond"]` holds the reciprocal condition number `min|d| / max|d|`
     (exact). This solver reads no `options`.
@@ -96,7 +96,7 @@ class Diagonal(AbstractLinearSolver[DiagonalState]):
         else:
             rcond = self.rcond
             if rcond is None:
-                rcond = jnp.finfo(d.dtype).eps * d.shape[0]
+                rcond = 2 * jnp.finfo(d.dtype).eps * d.shape[0]
             keep = absd > rcond * dmax
             x = jnp.where(keep, b / jnp.where(keep, d, 1), 0)
             # A NaN could hide in an entry treated as zero: it must not. `0 * d`
