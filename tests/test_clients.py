@@ -505,6 +505,45 @@ def test_lsmr_condition_estimate_of_a_gauss_newton_jacobian():
         np.testing.assert_allclose(sol.value, np.linalg.lstsq(jac, r)[0], rtol=1e-6)
 
 
+# The same fit with JAX's Jacobian, as Optimistix makes it: at its fourth
+# Gauss-Newton step (cond 9.1e7) LSMR at rtol 1e-8 to 1e-12 stopped with
+# `stagnation` under the tests' XLA flags, with an answer right to 2e-11 (SciPy's
+# `lsmr`: 1e-11), and `GaussNewton` failed at that step. Its ||A^H r|| / (||A||
+# ||r||) stayed at 1.2e-6: the iterate's own rounding, eps ||y|| in every
+# direction, times ||A||^2, with ||A|| ||y|| = 8e9 ||r|| (the least-squares
+# solution perturbed at random by eps ||y|| reads 1e-6 too), not below
+# `10 eps cond(A)` = 2e-7. (lineax 0.1.1 converges in 14 steps at rtol 1e-12.)
+def test_optimistix_gauss_newton_lsmr_at_the_rounding_of_the_iterate():
+    with _EnableX64():
+        t = jnp.linspace(0.0, 1e4, 30)
+        data = 3e4 * jnp.exp(-2e-4 * t) + 0.7
+
+        def residual(p, args):
+            a, k, c = p
+            return (a * 1e4 * jnp.exp(-k * 1e-4 * t) + c - data) * 1e-4
+
+        linear_solver = lx.LSMR(rtol=1e-12, atol=1e-12, max_steps=50)
+        solver = optx.GaussNewton(rtol=1e-10, atol=1e-10, linear_solver=linear_solver)
+        p0 = jnp.array([1.0, 1.0, 0.0])
+        sol = optx.least_squares(residual, solver, p0, max_steps=30, throw=False)
+        assert sol.result == optx.RESULTS.successful
+        np.testing.assert_allclose(sol.value, [3.0, 2.0, 0.7], rtol=1e-8)
+
+        p = p0
+        for _ in range(3):
+            jac = np.asarray(jax.jacfwd(residual)(p, None))
+            p = p - np.linalg.lstsq(jac, np.asarray(residual(p, None)))[0]
+        r, jac = residual(p, None), jax.jacfwd(residual)(p, None)
+        assert 8e7 < np.linalg.cond(jac) < 1e8
+        operator = lx.MatrixLinearOperator(jac)
+        sol = lx.linear_solve(operator, r, linear_solver, throw=False)
+        assert sol.result == lx.RESULTS.successful
+        expected = np.linalg.lstsq(np.asarray(jac), np.asarray(r))[0]
+        # (Normwise: eps cond(A) = 2e-8. The small component `k` is right to 3e-7.)
+        error = np.linalg.norm(np.asarray(sol.value) - expected)
+        assert error <= 1e-8 * np.linalg.norm(expected)
+
+
 # Optimistix differentiates a least-squares fit implicitly: a linear solve with
 # the Hessian-like operator of the fit (through lineax) at the solution. For a
 # linear model r(x) = A x - b the fit is pinv(A) b, so d x / d b = pinv(A), here

@@ -139,11 +139,12 @@ class LSMR(AbstractKrylovSolver):
     more than `1e-2`: the answer is then as good as the dtype allows, and is
     reported successful, as the published lineax and SciPy's `lsmr` (which test
     the estimates only) report it. Above `1e-2` it is a failure (`stagnation`).
-    Where the iteration has stagnated, the level is at least `2 eps ||b|| /
-    ||r||` too: the rounding of the computed residual itself, which dominates
-    where the least-squares residual is small next to `b` (a float32 fit with a
-    residual of 0.1% of `b` cannot show `||A^H r|| / (||A|| ||r||)` below about
-    1e-4).
+    Where the iteration has stagnated, the level is at least `2 eps (||b|| +
+    ||A|| ||y||) / ||r||` too: the rounding of the computed residual and of the
+    iterate itself, which dominates where the least-squares residual is small
+    next to `b` or to `A y` (a float32 fit with a residual of 0.1% of `b` cannot
+    show `||A^H r|| / (||A|| ||r||)` below about 1e-4; a float64 Gauss-Newton
+    step with `||A|| ||y||` 8e9 times `||r||`, below about 1e-6).
 
     The iteration stops when LSMR's estimates of these quantities pass them, then
     verifies them on the true residual (continuing with tighter thresholds if that
@@ -538,9 +539,20 @@ def _lsmr(solver: LSMR, operator, problem: Problem):
         # residual 1% of `b`, accurate to 1.2e-7). (Only here, where the
         # iteration has stopped improving: at the first pass of LSMR's estimate
         # the solve goes on, which gained up to two digits at cond 1e4.)
+        # The iterate itself is computed to within about eps ||y|| in every
+        # direction (it is a sum of vectors of its own size), and `A^H A`
+        # carries that error along the largest singular directions into
+        # `||A^H r||` as up to `eps ||A||^2 ||y||`: the bound of the residual's
+        # rounding, `eps (||b|| + ||A|| ||y||)`, in full. Where `||A|| ||y||`
+        # is far above `||r||` it dominates: a float64 Gauss-Newton Jacobian
+        # (cond 9e7, ||A|| ||y|| = 8e9 ||r||) stagnated at 1.2e-6, an answer
+        # right to 2e-11 (SciPy's `lsmr`: 6e-7, 1e-11), where `x` perturbed at
+        # random by eps ||x|| reads 1e-6 too. (`||A|| ||y||` in units of the
+        # scaled operator, whose iterate is `y / op_inverse`.)
         _, rnorm = normal_residual(r)
         start = beta if c.start is None else c.start
-        noise = 2 * start / select(rnorm == 0, 1, rnorm)
+        rounding = start + c.norm_a * norm2(x) / op_inverse
+        noise = 2 * rounding / select(rnorm == 0, 1, rnorm)
         level = problem.eps * jnp.maximum(_FLOOR_FACTOR * c.cond_a, noise)
         return at_floor(c, x, r, level)
 
