@@ -54,6 +54,90 @@ def test_flexible_solvers_scaled_right_hand_sides(name):
 
 
 @pytest.mark.parametrize("name", ["CG", "FlexibleCG", "PipelinedCG"])
+def test_definite_solvers_operators_at_the_edges_of_the_range(name):
+    # CG and its variants do not scale the operator, as BiCGStab, GMRES, MINRES
+    # and LSMR do (`Problem.op_inverse`; it cost 21% of CG's compile time): in the
+    # units of `b`, the products of a float32 operator of entries ~1e-33 with the
+    # small vectors late in a solve, and `<p, A p>`, go subnormal and are flushed
+    # to zero (`breakdown`, a relative error of 1e-3), and `<p, A p>` of one of
+    # 1e36 overflows (`stagnation`, 8e-2); in float64 the same at 1e-305 and
+    # 1e306. Such a solve may fail, reported; it must not return a wrong answer
+    # as a success. (One compile per dtype.)
+    _, spd, b = _matrices()
+    expected = np.linalg.solve(spd, b)
+    solver = getattr(lx, name)(rtol=1e-5, atol=0.0, max_steps=100)
+    cases = [(jnp.float32, (1e-33, 1e36)), (jnp.float64, (1e-305, 1e306))]
+    for dtype, scales in cases:
+        for scale in scales:
+            matrix = jnp.asarray(spd, dtype) * jnp.asarray(scale, dtype)
+            operator = lx.MatrixLinearOperator(matrix, psd)
+            value, result = _solve(operator, jnp.asarray(b, dtype), solver, {})
+            if result == lx.RESULTS.successful:
+                error = np.asarray(value, np.float64) * scale - expected
+                assert np.linalg.norm(error) < 1e-4 * np.linalg.norm(expected)
+            else:
+                assert result in (
+                    lx.RESULTS.breakdown,
+                    lx.RESULTS.stagnation,
+                ), (dtype, scale, result)
+
+
+def test_definite_solver_batched_at_the_edge_of_the_range():
+    # A float32 operator of entries ~1e-30, `vmap`ped over three scales: the
+    # batched products round otherwise than the unbatched ones, and a member may
+    # need a step more, at which `<p, A p>` goes subnormal (CG does not scale the
+    # operator, see above): it may then break down, reported; the others, and
+    # any member that succeeds, must be right.
+    _, spd, b = _matrices()
+    solver = lx.CG(rtol=1e-5, atol=0.0, max_steps=100)
+
+    def solve(scale):
+        matrix = jnp.asarray(spd, jnp.float32) * scale
+        operator = lx.MatrixLinearOperator(matrix, psd)
+        sol = lx.linear_solve(
+            operator, jnp.asarray(b, jnp.float32), solver, throw=False
+        )
+        return sol.value, sol.result._value
+
+    scales = jnp.asarray([1.0, 1e-30, 1e30], jnp.float32)
+    values, results = jax.jit(jax.vmap(solve))(scales)
+    results = np.asarray(results)
+    assert results[0] == results[2] == lx.RESULTS.successful._value, results
+    assert results[1] in (
+        lx.RESULTS.successful._value,
+        lx.RESULTS.breakdown._value,
+    ), results
+    expected = np.linalg.solve(spd, b)
+    for value, scale, code in zip(
+        np.asarray(values, np.float64), [1.0, 1e-30, 1e30], results
+    ):
+        if code == lx.RESULTS.successful._value:
+            error = value * scale - expected
+            assert np.linalg.norm(error) < 1e-4 * np.linalg.norm(expected)
+
+
+def test_normal_cg_damped_by_the_largest_float():
+    # Optimistix's Levenberg-Marquardt sets its damping `lam` to the largest float
+    # once its step size falls below eps. `Normal(CG)` of `[J; sqrt(lam) I]` then
+    # works with the Gram matrix `J^T J + lam I`: in the units of `b` the solution
+    # (about `J^T r / lam`) is subnormal and `<p, A p>` overflowed, and it
+    # returned 0 with `breakdown` (lineax 0.1.1: successful), which failed a
+    # converged Optimistix run.
+    rng = np.random.default_rng(0)
+    jac = jnp.asarray(rng.normal(size=(4, 2)) * np.array([1e4, 1e-2]))
+    r = jnp.asarray(rng.normal(size=4) * 1e4)
+    lam = jnp.asarray(np.finfo(np.float64).max)
+    damped = lx.FunctionLinearOperator(
+        lambda y: (jac @ y, jnp.sqrt(lam) * y), jax.ShapeDtypeStruct((2,), jnp.float64)
+    )
+    solver = lx.Normal(lx.CG(rtol=1e-12, atol=1e-12, max_steps=50))
+    sol = lx.linear_solve(damped, (r, jnp.zeros(2)), solver, throw=False)
+    assert sol.result == lx.RESULTS.successful, sol.result
+    expected = np.asarray(jac.T @ r)  # lam times the solution (J^T J is 1e-300 of lam)
+    np.testing.assert_allclose(np.asarray(sol.value) * float(lam), expected, rtol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["CG", "FlexibleCG", "PipelinedCG"])
 def test_float32_floor_stops_with_stagnation(name):
     # rtol = 1e-9 is below what float32 can reach (1-D Poisson, n = 50, cond 1e3):
     # the solve must stop soon after the floor with `stagnation`, as CG does, not

@@ -21,6 +21,7 @@ from ._krylov import (
     check_square_krylov,
     KrylovState,
     Problem,
+    SCALE_OPERATOR,
 )
 from .base import check_tag
 
@@ -80,6 +81,21 @@ class AbstractDefiniteKrylovSolver(AbstractKrylovSolver):
                 return jtu.tree_map(jnp.negative, operator.mv(v))
         else:
             mv = operator.mv  # pyright: ignore[reportAssignmentType]
-        problem = self.problem(operator, vector, y0, mv)
+        if options.get(SCALE_OPERATOR, False):
+            # The Gram operator of `Normal` squares `A`'s scale: the operator is
+            # scaled too (see `Problem.op_inverse`), at the cost of one product
+            # before the loop and nothing in the step. Unscaled, `Normal(CG)` of
+            # Optimistix's Levenberg-Marquardt damped by the largest float (its
+            # setting at convergence) had a solution of 5e-309 in the units of
+            # `b`, and `<p, A p>` overflowed: 0 with `breakdown` (lineax 0.1.1:
+            # successful). CG itself does not: the product and the kernels it
+            # compiles cost 21% of CG's compile time (issue 16), for operators of
+            # 1e-33 or 1e36 in float32 (1e-305, 1e306 in float64), which break
+            # down or stagnate, reported.
+            problem = self.problem(
+                operator, vector, y0, mv, precond=precond, scale_operator=True
+            )
+        else:
+            problem = self.problem(operator, vector, y0, mv)
         # (`problem.mv` is `mv`, with its products' structures checked.)
         return precond, problem, problem.mv

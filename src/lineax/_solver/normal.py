@@ -13,7 +13,7 @@ from .._operator.base import AbstractLinearOperator, conj, linearise, materialis
 from .._operator.tagged import TaggedLinearOperator
 from .._solution import RESULTS
 from .._tags import positive_semidefinite_tag
-from ._krylov import AbstractKrylovSolver, check_product_structure
+from ._krylov import AbstractKrylovSolver, check_product_structure, SCALE_OPERATOR
 from .base import AbstractLinearSolver, check_passed_on, check_solver
 from .svd import SVD
 
@@ -158,6 +158,10 @@ class Normal(AbstractLinearSolver[NormalState]):
     def compute(self, state: NormalState, vector, options):
         operator = state.operator
         options = _inner_options(operator, state.tall, options)
+        if isinstance(self.inner_solver, AbstractKrylovSolver):
+            # The Gram operator squares `A`'s scale: a Krylov solver scales it
+            # (see `SCALE_OPERATOR`).
+            options = {**options, SCALE_OPERATOR: True}
         if state.tall:
             rhs = _adjoint_mv(operator, vector, state.complex_)
             x, result, stats = self.inner_solver.compute(
