@@ -204,22 +204,23 @@ def _linear_solve_impl(
     # Its derivative solves use the same operator, already tested.
     arrays = _array_leaves(operator)
     record = solver.recorded_operator_finite(state)
-    computed = (
-        _is_primal(kind)
+    computed = False
+    if (
+        record is not None
+        and _is_primal(kind)
         and arrays is not None
-        and record is not None
         and not matrix_is_stored(operator)
-    )
-    if computed:
+    ):
+        computed = True
         # Finite arrays, but a matrix computed from them (a product, a sum, a
         # scaling) that overflowed: `[[1e200, 1e200], [0, 1]] @ diag(1e200, 1)`
         # solved to a finite, wrong `(-0, 1)` with LU, QR and SVD, reported
         # successful (as in lineax 0.1.1). `init`'s test of the matrix it
-        # factorised tells: the solve is `singular`. The arrays are tested as
-        # those of a stored matrix are (below), so that non-finite ones are
-        # still `nonfinite_input`, which the record alone (among the inputs of
-        # the error branch) would also have made of an overflow. A stored
-        # matrix is its arrays: this costs nothing there.
+        # factorised tells: the solve is `singular`. The arrays are tested as a
+        # stored matrix's are (below), so that non-finite ones are still
+        # `nonfinite_input`; the record is kept out of the error branch's
+        # inputs, where an overflow would have read as `nonfinite_input` too. A
+        # stored matrix is its arrays: this costs nothing there.
         result = RESULTS.where(record, result, RESULTS.singular)
     recorded = None
     if not computed and (
