@@ -616,7 +616,7 @@ def matrix_is_stored(operator: Any) -> bool:
     anything that registers nothing: a sum, a product, a scaling or a Kronecker
     product computes its matrix, which can overflow to inf from finite parts
     (`[[1e200, 1e200], [0, 1]] @ diag(1e200, 1)`), and a direct solver's
-    factorisation of a matrix holding inf gives a finite, wrong solution.
+    factorisation of a matrix holding inf can give a finite, wrong solution.
     """
     return False
 
