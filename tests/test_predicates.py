@@ -1,5 +1,7 @@
 """Structure predicates, tags and their transposition, and user operator classes."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -286,6 +288,61 @@ def test_user_operator_unregistered():
     assert_close((op @ op.T).as_matrix(), matrix @ matrix.T, f64)
     assert_close(jax.jit(lambda op: (2.0 * op).as_matrix())(op), 2 * matrix, f64)
     assert true_predicates(lx.TaggedLinearOperator(op, sym)) == {"symmetric"}
+
+
+class _ValueSymmetricOperator(_UserOperator):
+    pass
+
+
+class _ValuePsdOperator(_UserOperator):
+    pass
+
+
+class _ValueDiagonalOperator(_UserOperator):
+    pass
+
+
+# Predicates that look at the operator's values: fine eagerly, traced under `jit`.
+# All three forms of `register`. (They return arrays, not the `bool` the
+# predicates are typed with: the mistake under test.)
+def _value_symmetric(op) -> Any:
+    return jnp.allclose(op.matrix, op.matrix.T)
+
+
+def _value_psd(op) -> Any:
+    return jnp.all(jnp.linalg.eigvalsh(op.matrix) > 0)
+
+
+lx.is_symmetric.register(_ValueSymmetricOperator)(_value_symmetric)
+lx.is_positive_semidefinite.register(_ValuePsdOperator, _value_psd)
+
+
+@lx.is_diagonal.register
+def _(op: _ValueDiagonalOperator) -> Any:
+    return jnp.all(jnp.isfinite(op.matrix))  # (not a real test of diagonality)
+
+
+# Such a predicate failed under `jax.jit` with JAX's `TracerBoolConversionError`
+# raised from an `if` inside lineax, naming neither the predicate nor the class.
+@pytest.mark.parametrize(
+    "cls, name",
+    [
+        (_ValueSymmetricOperator, "is_symmetric"),
+        (_ValuePsdOperator, "is_positive_semidefinite"),
+        (_ValueDiagonalOperator, "is_diagonal"),
+    ],
+)
+def test_user_predicate_returning_a_traced_array_is_named(cls, name):
+    matrix = jnp.asarray(random_matrix(np.random.default_rng(0), 3, 3, f64, psd))
+    vector = jnp.ones(3)
+    # Eagerly the value is concrete, and used as it was.
+    assert bool(getattr(lx, name)(cls(matrix)))
+    message = rf"`lineax\.{name}` registered for {cls.__name__} returned a traced"
+    with pytest.raises(TypeError, match=message):
+        jax.jit(lambda m: getattr(lx, name)(cls(m)))(matrix)
+    if name != "is_symmetric":  # (`AutoLinearSolver` consults the other two)
+        with pytest.raises(TypeError, match=message):
+            jax.jit(lambda m: lx.linear_solve(cls(m), vector).value)(matrix)
 
 
 def test_user_operator_registered():

@@ -241,3 +241,40 @@ def test_normal_names_either_factor_whose_mv_breaks_its_structure(shape, bad):
         jax.eval_shape(
             lambda: lx.linear_solve(operator, vector, lx.Normal(lx.CG(**_TOL)))
         )
+
+
+class _WrongTranspose(lx.AbstractLinearOperator):
+    """A square user operator whose `transpose()` drops a row of the matrix (a bug
+    in the user's class): its structures are not the operator's swapped."""
+
+    matrix: jax.Array
+
+    def mv(self, vector):
+        return self.matrix @ vector
+
+    def as_matrix(self):
+        return self.matrix
+
+    def transpose(self):
+        return lx.MatrixLinearOperator(self.matrix[:-1].T)
+
+    def in_structure(self):
+        return jax.ShapeDtypeStruct((self.matrix.shape[1],), self.matrix.dtype)
+
+    def out_structure(self):
+        return jax.ShapeDtypeStruct((self.matrix.shape[0],), self.matrix.dtype)
+
+
+# Reverse mode solves with `operator.transpose()`. A user operator whose
+# `transpose()` had the wrong structures failed deep in `lax` under a Krylov
+# solver ("dot_general requires contracting dimensions to have the same shape")
+# and went unnoticed under a direct one (which transposes its factorisation, not
+# the operator). Now a ValueError naming the class and the structures.
+@pytest.mark.parametrize("solver", [lx.GMRES(**_TOL), lx.LU()], ids=["GMRES", "LU"])
+def test_grad_names_a_user_operator_whose_transpose_breaks_its_structure(solver):
+    def loss(matrix):
+        return lx.linear_solve(_WrongTranspose(matrix), _B, solver).value.sum()
+
+    name = r"`_WrongTranspose\.transpose\(\)` must return an operator from"
+    with raises_message(ValueError, name):
+        jax.eval_shape(jax.grad(loss), _A)

@@ -45,6 +45,7 @@ from ._misc import (
 )
 from ._operator.base import (
     AbstractLinearOperator,
+    check_structures_equal,
     conj,
     matrix_is_stored,
     reads_every_leaf,
@@ -714,11 +715,39 @@ def bind(
 def _conj_transpose_solve(operator, state, vector, options, solver, throw, complex_):
     """Solve with `A^H` (= `A^T` for real operators), reusing `state`."""
     state_t, options_t = solver.transpose(state, options)
-    operator_t = operator.transpose()
+    operator_t = _transposed(operator)
     if complex_:
         state_t, options_t = solver.conj(state_t, options_t)
         operator_t = conj(operator_t)
     return bind(operator_t, state_t, vector, options_t, solver, throw, "tangent")[0]
+
+
+def _transposed(operator: AbstractLinearOperator) -> AbstractLinearOperator:
+    """`operator.transpose()`, raising a ValueError naming the operator's class,
+    at trace time, where its structures are not the operator's swapped. Reverse
+    mode (and the JVP of a least-squares solve) solves with it; a user's operator
+    whose `transpose` got a shape wrong failed deep in `lax` ("dot_general
+    requires contracting dimensions to have the same shape") or, for a direct
+    solver, silently returned the cotangent of another problem."""
+    operator_t = operator.transpose()
+    what = (
+        f"`{type(operator).__name__}.transpose()` must return an operator from "
+        "the operator's output structure to its input structure (reverse-mode "
+        "differentiation solves with it); its {} structure is wrong"
+    )
+    check_structures_equal(
+        operator_t.in_structure(),
+        operator.out_structure(),
+        what.format("input"),
+        expected=True,
+    )
+    check_structures_equal(
+        operator_t.out_structure(),
+        operator.in_structure(),
+        what.format("output"),
+        expected=True,
+    )
+    return operator_t
 
 
 def _nones(tree):
@@ -958,7 +987,7 @@ def _linear_solve_transpose(inputs, cts_out):
     # (A^T)^+ x_bar, a solve with the transposed operator from the same state.
     state_t, options_t = solver.transpose(state, options)
     ct_vector = bind(
-        operator.transpose(),
+        _transposed(operator),
         state_t,
         ct_solution,
         options_t,

@@ -370,7 +370,46 @@ def _predicate(tag: Any):
         holds=meaning.holds, tags=links[0], name=meaning.predicate
     )
     PREDICATE_OF_TAG[tag] = dispatching = ft.singledispatch(predicate)
+    dispatching.register = _checked_register(dispatching.register, meaning.predicate)
     return dispatching
+
+
+def _checked_register(register: Callable, name: str) -> Callable:
+    """`singledispatch`'s `register`, whose implementations from outside lineax
+    raise a TypeError naming the predicate and the class when they return a traced
+    array. A user's predicate that looked at the operator's values (`jnp.allclose(
+    op.matrix, op.matrix.T)`) worked eagerly and failed under `jit` with JAX's
+    `TracerBoolConversionError`, raised from lineax's `if`, naming neither.
+    (lineax's own implementations are not wrapped: no extra call in a solve.)"""
+
+    def checked(func: Callable) -> Callable:
+        if getattr(func, "__module__", "").startswith("lineax."):
+            return func
+
+        @ft.wraps(func)
+        def wrapper(operator):
+            out = func(operator)
+            if isinstance(out, jax.core.Tracer):
+                raise TypeError(
+                    f"`lineax.{name}` registered for {type(operator).__name__} "
+                    "returned a traced JAX array. Predicates are decided at trace "
+                    "time, from an operator's class and static fields, never from "
+                    "its values (unknown under `jax.jit`): return a Python bool, "
+                    "or tag the operator."
+                )
+            return out
+
+        return wrapper
+
+    def checked_register(cls: Any, func: Callable | None = None) -> Callable:
+        if func is not None:
+            return register(cls, checked(func))
+        if isinstance(cls, type):
+            return lambda f: register(cls, checked(f))
+        # `@register` on a function annotated with the operator class.
+        return register(checked(cls))
+
+    return checked_register
 
 
 # Their docstrings are generated, so the docs site reads them from the running
