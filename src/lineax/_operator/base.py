@@ -11,6 +11,7 @@ file.
 import abc
 import functools as ft
 import math
+import types
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -404,7 +405,7 @@ def _checked_register(register: Callable, name: str) -> Callable:
     def checked_register(cls: Any, func: Callable | None = None) -> Callable:
         if func is not None:
             return register(cls, checked(func))
-        if isinstance(cls, type):
+        if isinstance(cls, (type, types.UnionType)):
             return lambda f: register(cls, checked(f))
         # `@register` on a function annotated with the operator class.
         return register(checked(cls))
