@@ -302,6 +302,20 @@ class _ValueDiagonalOperator(_UserOperator):
     pass
 
 
+class _UnionA(_UserOperator):
+    pass
+
+
+class _UnionB(_UserOperator):
+    pass
+
+
+# `register` of a union of classes, as `functools.singledispatch` allows: the
+# check of the registered function must keep it a class argument (a first
+# version took it for an annotated function, and raised).
+lx.is_symmetric.register(_UnionA | _UnionB)(lambda op: True)
+
+
 # Predicates that look at the operator's values: fine eagerly, traced under `jit`.
 # All three forms of `register`. (They return arrays, not the `bool` the
 # predicates are typed with: the mistake under test.)
@@ -343,6 +357,13 @@ def test_user_predicate_returning_a_traced_array_is_named(cls, name):
     if name != "is_symmetric":  # (`AutoLinearSolver` consults the other two)
         with pytest.raises(TypeError, match=message):
             jax.jit(lambda m: lx.linear_solve(cls(m), vector).value)(matrix)
+
+
+def test_user_predicate_registered_for_a_union_of_classes():
+    matrix = jnp.eye(3)
+    for cls in (_UnionA, _UnionB):
+        assert lx.is_symmetric(cls(matrix))
+        assert jax.jit(lambda m, cls=cls: lx.is_symmetric(cls(m)))(matrix)
 
 
 def test_user_operator_registered():

@@ -384,7 +384,9 @@ def _checked_register(register: Callable, name: str) -> Callable:
     (lineax's own implementations are not wrapped: no extra call in a solve.)"""
 
     def checked(func: Callable) -> Callable:
-        if getattr(func, "__module__", "").startswith("lineax."):
+        # (`__module__` is None for a function made by `exec`, as in a notebook
+        # or the docs' snippets.)
+        if (getattr(func, "__module__", None) or "").startswith("lineax."):
             return func
 
         @ft.wraps(func)
