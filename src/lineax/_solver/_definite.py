@@ -81,21 +81,23 @@ class AbstractDefiniteKrylovSolver(AbstractKrylovSolver):
                 return jtu.tree_map(jnp.negative, operator.mv(v))
         else:
             mv = operator.mv  # pyright: ignore[reportAssignmentType]
-        if options.get(SCALE_OPERATOR, False):
-            # The Gram operator of `Normal` squares `A`'s scale: the operator is
-            # scaled too (see `Problem.op_inverse`), at the cost of one product
-            # before the loop and nothing in the step. Unscaled, `Normal(CG)` of
-            # Optimistix's Levenberg-Marquardt damped by the largest float (its
-            # setting at convergence) had a solution of 5e-309 in the units of
-            # `b`, and `<p, A p>` overflowed: 0 with `breakdown` (lineax 0.1.1:
-            # successful). CG itself does not: the product and the kernels it
-            # compiles cost 21% of CG's compile time (issue 16), for operators of
-            # 1e-33 or 1e36 in float32 (1e-305, 1e306 in float64), which break
-            # down or stagnate, reported.
-            problem = self.problem(
-                operator, vector, y0, mv, precond=precond, scale_operator=True
-            )
-        else:
-            problem = self.problem(operator, vector, y0, mv)
+        # The Gram operator of `Normal` squares `A`'s scale: there the operator is
+        # scaled too (see `Problem.op_inverse`, and `SCALE_OPERATOR`), at the cost
+        # of one product before the loop and nothing in the step. Unscaled,
+        # `Normal(CG)` of Optimistix's Levenberg-Marquardt damped by the largest
+        # float (its setting at convergence) had a solution of 5e-309 in the
+        # units of `b`, and `<p, A p>` overflowed: 0 with `breakdown` (lineax
+        # 0.1.1: successful). CG itself does not: the product and the kernels it
+        # compiles cost 21% of CG's compile time (issue 16), for operators of
+        # 1e-33 or 1e36 in float32 (1e-305, 1e306 in float64), which break down
+        # or stagnate, reported. (`precond` is read only where it scales.)
+        problem = self.problem(
+            operator,
+            vector,
+            y0,
+            mv,
+            precond=precond,
+            scale_operator=bool(options.get(SCALE_OPERATOR, False)),
+        )
         # (`problem.mv` is `mv`, with its products' structures checked.)
         return precond, problem, problem.mv
