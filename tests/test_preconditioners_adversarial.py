@@ -454,3 +454,43 @@ def test_preconditioner_of_an_operator_of_size_zero(make):
         options={"preconditioner": precond},
     )
     assert solution.value.shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lx.ILUPreconditioner, lx.IncompleteCholeskyPreconditioner],
+    ids=["ilu", "ic"],
+)
+@pytest.mark.parametrize("sparse_format", [jsparse.BCOO, jsparse.BCSR])
+def test_incomplete_factorisation_of_an_operator_of_size_zero(make, sparse_format):
+    # Their factorisation and triangular solves gathered from the empty values
+    # and vector, which JAX rejects even in fill mode: a TypeError at
+    # construction, then at application.
+    matrix = sparse_format.fromdense(jnp.zeros((0, 0)))
+    op = lx.SparseLinearOperator(matrix, lx.positive_semidefinite_tag)
+    precond = make(op)
+    assert precond.mv(jnp.zeros(0)).shape == (0,)
+    assert not precond.breakdown
+    solution = lx.linear_solve(
+        op,
+        jnp.zeros(0),
+        lx.GMRES(rtol=1e-6, atol=1e-6, max_steps=5),
+        options={"preconditioner": precond},
+    )
+    assert solution.value.shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lx.ILUPreconditioner, lx.IncompleteCholeskyPreconditioner],
+    ids=["ilu", "ic"],
+)
+def test_incomplete_factorisation_of_a_matrix_storing_no_entry(make):
+    # The control of the test above: a matrix of size 3 storing no entry has its
+    # diagonal in the pattern (entries not stored count as zeros), so nothing
+    # is gathered from an empty array; all pivots are zero: a breakdown, applied
+    # as NaN.
+    matrix = jsparse.BCOO((jnp.zeros(0), jnp.zeros((0, 2), jnp.int32)), shape=(3, 3))
+    precond = make(lx.SparseLinearOperator(matrix, lx.positive_semidefinite_tag))
+    assert precond.breakdown
+    assert np.all(np.isnan(np.asarray(precond.mv(jnp.ones(3)))))

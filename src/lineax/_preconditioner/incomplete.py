@@ -252,6 +252,15 @@ def elimination(pattern: Pattern) -> Elimination:
     )
 
 
+def gathered(array: Array, index: Int[Array, "..."], fill: int) -> Array:
+    """`array[index]`, `fill` where `index` is out of range (the padding slots).
+    An empty `array` (a matrix of size 0, or one storing no entry) gathers only
+    `fill`: JAX rejects a gather from an empty array, even in fill mode."""
+    if array.shape[0] == 0:
+        return jnp.full(index.shape, fill, array.dtype)
+    return array.at[index].get(mode="fill", fill_value=fill)
+
+
 # (Called within each preconditioner's jitted factorisation, so it is compiled once
 # per shape, not traced again at every construction.)
 def eliminate(schedule: Elimination, values: Array) -> Array:
@@ -260,15 +269,15 @@ def eliminate(schedule: Elimination, values: Array) -> Array:
 
     def stage(values, slots):
         lower, pivot, target, factor, source = slots
-        divided = values.at[lower].get(mode="fill", fill_value=0) / values.at[
-            pivot
-        ].get(mode="fill", fill_value=1)
+        divided = gathered(values, lower, 0) / gathered(values, pivot, 1)
         values = values.at[lower].set(divided, mode="drop")
-        update = values.at[factor].get(mode="fill", fill_value=0) * values.at[
-            source
-        ].get(mode="fill", fill_value=0)
+        update = gathered(values, factor, 0) * gathered(values, source, 0)
         return values.at[target].add(-update, mode="drop"), None
 
+    if schedule.lower.shape[0] == 0:
+        # No eliminations (a diagonal pattern, or an empty matrix, whose values
+        # have no entry that the stage's gathers could read: JAX rejects them).
+        return values
     slots = (
         schedule.lower,
         schedule.pivot,
@@ -369,12 +378,12 @@ def triangular_factor(
     """The triangular matrix of `layout` holding `values` (on the pattern), with
     diagonal `diagonal` (`None`: unit)."""
     if diagonal is not None:
-        diagonal = diagonal.at[layout.rows].get(mode="fill", fill_value=1)
+        diagonal = gathered(diagonal, layout.rows, 1)
     return TriangularFactor(
         layout.rows,
         layout.columns,
         layout.segments,
-        values.at[layout.slots].get(mode="fill", fill_value=0),
+        gathered(values, layout.slots, 0),
         diagonal,
     )
 
@@ -384,8 +393,11 @@ def solve_triangular(
     factor: TriangularFactor, vector: Inexact[Array, " size"]
 ) -> Array:
     """Solve `T x = vector`, one level at a time."""
+    if vector.shape[0] == 0:
+        # (Its levels would gather from the empty `x`, which JAX rejects.)
+        return vector
     width = factor.rows.shape[1]
-    level_vector = vector.at[factor.rows].get(mode="fill", fill_value=0)
+    level_vector = gathered(vector, factor.rows, 0)
 
     def level(x, inputs):
         rows, columns, segments, values, rhs, diagonal = inputs
