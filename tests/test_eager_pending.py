@@ -349,3 +349,30 @@ def test_failed_solve_of_an_entry_running_the_complete_program(monkeypatch):
         assert sorted(solution.stats) == sorted(want.stats)
         with pytest.raises(eqx.EquinoxRuntimeError, match="singular"):
             lx.linear_solve(singular, vector, lx.LU())
+
+
+@pytest.mark.parametrize("how", ["delete", "donate"])
+def test_pending_fields_of_a_deleted_input_say_why(how):
+    # The pending fields are computed from the solve's inputs when read. A JAX
+    # array deleted since (`x.delete()`, or donated to a jitted function) made
+    # reading `sol.state` raise JAX's "Array has been deleted with
+    # shape=float64[5,5]", which named nothing the caller did to the solution.
+    _forget_stats_reads()
+    matrix = jnp.asarray(_A)
+    solution = lx.linear_solve(
+        lx.MatrixLinearOperator(matrix), jnp.asarray(_B), lx.LU()
+    )
+    assert _pending(solution)
+    if how == "delete":
+        matrix.delete()
+    else:
+        jax.jit(lambda x: 2 * x, donate_argnums=0)(matrix)
+    assert matrix.is_deleted()
+    message = r"`Solution.{}` of a `linear_solve` called un-jitted .*float64\[5, 5\]"
+    with pytest.raises(RuntimeError, match=message.format("state")):
+        _ = solution.state
+    with pytest.raises(RuntimeError, match=message.format("stats")):
+        jtu.tree_leaves(solution)
+    # What was computed with the solve is still there.
+    np.testing.assert_allclose(solution.value, np.linalg.solve(_A, _B), rtol=1e-12)
+    assert solution.result == lx.RESULTS.successful

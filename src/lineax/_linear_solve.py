@@ -643,6 +643,7 @@ def _pending_solution(
         if programs.complete is None:  # `value_only`: none, as before
             return {} if name == "stats" else None
         if not completed:
+            _check_not_deleted(name, leaves)
             programs.counted_read()
             # (Concretely, also where a field is first read inside a trace, as
             # a constant closed over by a jitted function: they are the
@@ -657,6 +658,29 @@ def _pending_solution(
     if programs.value_is_leaf:
         return pending_solution(value[0], pending)
     return pending_solution(_joined(value, programs.value_layout), pending)
+
+
+def _check_not_deleted(name: str, leaves: list) -> None:
+    """Raise a RuntimeError saying why, where a JAX array among the `leaves` of
+    a pending solution (the solve's inputs: see `_pending_solution`) has been
+    deleted since the solve, by `x.delete()` or by donating it to a jitted
+    function (`donate_argnums`). The field cannot be computed any more; JAX's
+    own error, "Array has been deleted with shape=float64[4,4]", raised from
+    reading `sol.stats`, named none of the caller's steps. (The NumPy arrays
+    among them are the solve's own device copies, see `_on_device`.)"""
+    deleted = [x for x in leaves if isinstance(x, jax.Array) and x.is_deleted()]
+    if not deleted:
+        return
+    arrays = ", ".join(f"{x.dtype}{list(x.shape)}" for x in deleted)
+    raise RuntimeError(
+        f"`Solution.{name}` of a `linear_solve` called un-jitted is computed when "
+        "first read, from the arrays that the solve was given, and some of them "
+        f"({arrays}) have been deleted since (by `.delete()`, or by donating them "
+        "to a jitted function with `donate_argnums`). Read the state and "
+        "statistics you need before deleting or donating the operator's arrays, "
+        "the vector or the options, or call `linear_solve` inside `jax.jit` "
+        "(which returns them computed)."
+    )
 
 
 def _run_jitted(
