@@ -196,8 +196,11 @@ def _check_options(options: Any, solver: AbstractLinearSolver) -> dict[str, Any]
     unknown = set(options) - known
     if unknown:
         name = type(solver).__name__
+        # (By `repr`: keys of mixed types, `{"precond": p, 1: q}`, do not sort,
+        # and raised "'<' not supported between instances of 'int' and 'str'".)
+        keys = ", ".join(sorted(map(repr, unknown)))
         raise ValueError(
-            f"Unknown key(s) {sorted(unknown)} in `options`: no solver reads "
+            f"Unknown key(s) [{keys}] in `options`: no solver reads "
             f"{'them' if len(unknown) > 1 else 'it'}. `lx.{name}` reads "
             f"{sorted(reads) if reads else 'no options'}; the keys that solvers read "
             f"are {sorted(known)} (see each solver's docs for which it uses)."
