@@ -376,3 +376,30 @@ def test_pending_fields_of_a_deleted_input_say_why(how):
     # What was computed with the solve is still there.
     np.testing.assert_allclose(solution.value, np.linalg.solve(_A, _B), rtol=1e-12)
     assert solution.result == lx.RESULTS.successful
+
+
+def test_pending_fields_of_a_failed_solve_read_under_debug_nans():
+    # A failed solve (`throw=False`) made with `jax_debug_nans` and
+    # `jax_debug_infs` off returns pending fields, which were computed (when
+    # read) under the flags of the read: its statistics, read under
+    # `jax.debug_nans(True)`, raised JAX's "invalid value (nan) encountered in
+    # sqrt" from recomputing its NaN value. They are what the solve computed.
+    _forget_stats_reads()
+    vector = jnp.ones(2)
+    for operator, solver in (
+        (lx.MatrixLinearOperator(jnp.asarray([[1.0, 2.0], [2.0, 4.0]])), lx.LU()),
+        (
+            lx.DiagonalLinearOperator(jnp.asarray([1.0, 0.0])),
+            lx.Diagonal(well_posed=True),
+        ),
+    ):
+        want = _jitted_solve(operator, vector, solver, throw=False)
+        assert want.result == lx.RESULTS.singular
+        # (Two solutions: each field is the first read of its own.)
+        stats = lx.linear_solve(operator, vector, solver, throw=False)
+        state = lx.linear_solve(operator, vector, solver, throw=False)
+        assert _pending(stats) and _pending(state)
+        with jax.debug_nans(True), jax.debug_infs(True):
+            _assert_trees_close(stats.stats, want.stats)
+            _assert_trees_close(state.state, want.state)
+        assert stats.result == state.result == lx.RESULTS.singular

@@ -650,8 +650,17 @@ def _pending_solution(
             programs.counted_read()
             # (Concretely, also where a field is first read inside a trace, as
             # a constant closed over by a jitted function: they are the
-            # un-jitted solve's arrays, not values of that trace.)
-            with jax.core.eval_context():
+            # un-jitted solve's arrays, not values of that trace.) With
+            # `jax_debug_nans` and `jax_debug_infs` off, as they were when the
+            # solve ran (else it would have run `complete` then, see
+            # `_run_compiled`): the statistics of a failed solve (`throw=False`),
+            # read under `jax.debug_nans(True)`, raised JAX's "invalid value
+            # (nan) encountered in sqrt" from recomputing its NaN value.
+            with (
+                jax.core.eval_context(),
+                jax.debug_nans(False),
+                jax.debug_infs(False),
+            ):
                 completed.append(programs.complete(leaves))
         *_, state, stats, layout = completed[0]
         if name == "state":
