@@ -457,3 +457,67 @@ def test_scalar_structure_identity_and_function_operators(scalar):
 def test_complex_scalar_structure():
     operator = lx.IdentityLinearOperator(1j)
     assert operator.in_structure() == jax.ShapeDtypeStruct((), jnp.complex128)
+
+
+#
+# Integer arrays put into an operator after it was built.
+#
+
+
+class _IntegerOperator(lx.AbstractLinearOperator):
+    """A user's operator declaring integer structures."""
+
+    matrix: jax.Array
+
+    def mv(self, vector):
+        return self.matrix @ vector
+
+    def as_matrix(self):
+        return self.matrix
+
+    def transpose(self):
+        return _IntegerOperator(self.matrix.T)
+
+    def in_structure(self):
+        return jax.ShapeDtypeStruct((2,), self.matrix.dtype)
+
+    def out_structure(self):
+        return jax.ShapeDtypeStruct((2,), self.matrix.dtype)
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [
+        lx.QR(),
+        lx.SVD(),
+        lx.Cholesky(),
+        lx.LU(),
+        lx.CG(rtol=1e-8, atol=1e-8, max_steps=4),
+    ],
+    ids=lambda s: type(s).__name__,
+)
+def test_integer_operator_is_refused_not_truncated(solver):
+    # Operators convert integer arrays when built, but `eqx.tree_at` (or
+    # `jax.tree.map`, unflattening) puts them in afterwards. QR, SVD and
+    # Cholesky then solved in the integer dtype, and returned [0, 0] for the
+    # solution [0.2, 0.4]; LU and CG failed deep in JAX ("lu does not accept
+    # dtype int64", "data type ... not inexact").
+    integers = jnp.asarray([[3, 1], [1, 2]])
+    built = lx.MatrixLinearOperator(jnp.eye(2), lx.positive_semidefinite_tag)
+    replaced = eqx.tree_at(lambda op: op.matrix, built, integers)
+    np.testing.assert_allclose(
+        lx.linear_solve(
+            lx.MatrixLinearOperator(integers, lx.positive_semidefinite_tag),
+            jnp.asarray([1, 1]),
+            solver,
+        ).value,
+        [0.2, 0.4],
+        rtol=1e-6,
+    )
+    message = r"floating or complex dtypes.*maps int(64|32)\[2\] to int(64|32)\[2\]"
+    for operator in (replaced, _IntegerOperator(integers)):
+        for vector in (jnp.asarray([1, 1]), jnp.asarray([1.0, 1.0])):
+            with pytest.raises(TypeError, match=message):
+                lx.linear_solve(operator, vector, solver)
+            with pytest.raises(TypeError, match=message):
+                eqx.filter_jit(lx.linear_solve)(operator, vector, solver)

@@ -19,6 +19,7 @@ from jaxtyping import Array, ArrayLike, PyTree
 
 from ._errors import EQX_ON_ERROR
 from ._misc import (
+    default_floating_dtype,
     describe,
     device_copy,
     HeldArrays,
@@ -98,6 +99,7 @@ def _check_vector(
         )
     vec_leaves, vec_treedef = jtu.tree_flatten(vector)
     _check_enabled_dtypes(in_struct, out_leaves, vec_leaves)
+    _check_inexact(in_struct, out_struct)
     if out_treedef != vec_treedef:
         hint = ""
         if jtu.treedef_is_leaf(out_treedef) and isinstance(vector, (list, tuple)):
@@ -151,6 +153,34 @@ def _check_vector(
             leaf = jnp.asarray(leaf)
         new_leaves.append(leaf)
     return jtu.tree_unflatten(vec_treedef, new_leaves)
+
+
+def _check_inexact(
+    in_struct: PyTree[jax.ShapeDtypeStruct], out_struct: PyTree[jax.ShapeDtypeStruct]
+) -> None:
+    """Raise a TypeError naming the operator where its input or output structure
+    has an integer or boolean dtype. The operators convert integer arrays to the
+    default floating dtype when they are built, but not arrays put in later (by
+    `eqx.tree_at`, `jax.tree.map`, unflattening), nor a user's operator class
+    declaring integer structures: `lx.QR()`, `lx.SVD()` and `lx.Cholesky()`
+    solved such a matrix in its integer dtype, silently truncated (`[0, 0]` for
+    the solution `[0.2, 0.4]`), and the other solvers failed deep in JAX ("lu
+    does not accept dtype int64", "data type <class 'numpy.int64'> not
+    inexact"); the vector's check asked for a float vector to be cast to the
+    integer dtype."""
+    for leaf in jtu.tree_leaves((in_struct, out_struct)):
+        # (`kind`: bfloat16 is not a NumPy floating type, but it is not "biu".)
+        if jnp.dtype(leaf.dtype).kind in "biu":
+            floating = jnp.dtype(default_floating_dtype()).name
+            raise TypeError(
+                "A linear solve needs floating or complex dtypes, but the "
+                f"operator maps {describe(in_struct)} to {describe(out_struct)}. "
+                "Operators convert integer and boolean arrays when they are "
+                "built (`lx.MatrixLinearOperator(matrix)`); this one's were put "
+                "in afterwards (e.g. by `eqx.tree_at` or `jax.tree.map`), or its "
+                "class declares such structures: give it floating arrays (e.g. "
+                f"`matrix.astype(jnp.{floating})`)."
+            )
 
 
 def _check_enabled_dtypes(*trees: PyTree) -> None:
