@@ -459,6 +459,33 @@ def test_complex_scalar_structure():
     assert operator.in_structure() == jax.ShapeDtypeStruct((), jnp.complex128)
 
 
+def test_python_number_vector_takes_the_operators_precision():
+    # A Python number (or an array that was one: weakly typed) has no precision
+    # of its own, and takes the operator's, as in JAX. It was refused for a
+    # float32 operator: "converting would lose precision".
+    operator = lx.DiagonalLinearOperator(jnp.float32(2.0))
+    for vector in (1.0, 1, jnp.asarray(1.0)):
+        value = lx.linear_solve(operator, vector).value
+        assert value.dtype == jnp.float32
+        np.testing.assert_allclose(value, 0.5)
+    value = jax.jit(lambda v: lx.linear_solve(operator, v).value)(1.0)
+    assert value.dtype == jnp.float32
+    np.testing.assert_allclose(value, 0.5)
+    # A PyTree operator with a float32 and a float64 leaf, and Python numbers.
+    mixed = lx.PyTreeLinearOperator(
+        ((jnp.float32(2.0), jnp.float64(1.0)), (jnp.float32(1.0), jnp.float64(3.0))),
+        (jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.float64)),
+    )
+    first, second = lx.linear_solve(mixed, (1.0, 1.0), lx.LU()).value
+    assert (first.dtype, second.dtype) == (np.float32, np.float64)
+    np.testing.assert_allclose([first, second], [0.4, 0.2], rtol=1e-6)
+    # A float64 array is not converted down.
+    with pytest.raises(ValueError, match="would lose precision"):
+        lx.linear_solve(operator, jnp.float64(1.0))
+    with pytest.raises(ValueError, match="is complex"):
+        lx.linear_solve(operator, 1j)
+
+
 #
 # Integer arrays put into an operator after it was built.
 #

@@ -142,7 +142,12 @@ def _check_vector(
                     "jnp.complex128))`) or solve for the real and imaginary parts "
                     "separately."
                 )
-            if not np.can_cast(dtype, target, casting="safe"):
+            # A Python number, or an array that was one (weakly typed), has no
+            # precision of its own: it takes the operator's, as it would in JAX
+            # (`jnp.float32(2.0) * 1.0` is float32). "Converting would lose
+            # precision" refused `1.0` for a float32 scalar operator.
+            weak = type(leaf) in PYTHON_NUMBERS or getattr(leaf, "weak_type", False)
+            if not weak and not np.can_cast(dtype, target, casting="safe"):
                 raise ValueError(
                     f"{where} has dtype {dtype} but the operator has dtype {target}; "
                     "converting would lose precision. Cast one of them explicitly "
@@ -443,9 +448,10 @@ def linear_solve(
 
     - `operator`: a [`lineax.AbstractLinearOperator`][].
     - `vector`: the right-hand side, a PyTree with the structure of
-        `operator.out_structure()`. Integer arrays and lower-precision floats are
-        converted to the operator's dtype; anything that would lose information is
-        a `ValueError`.
+        `operator.out_structure()`. Integer arrays, lower-precision floats and
+        Python numbers (which have no precision of their own, as in JAX) are
+        converted to the operator's dtype; anything else that would lose
+        information is a `ValueError`.
     - `solver`: a [`lineax.AbstractLinearSolver`][]. Defaults to
         `lx.AutoLinearSolver(well_posed=True)`.
     - `options`: a dictionary of solver options, e.g. `"preconditioner"` and `"y0"`
