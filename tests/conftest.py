@@ -11,6 +11,7 @@ type checking, where the library's message itself is checked."""
 import contextlib
 import faulthandler
 import gc
+import importlib.metadata
 import os
 import re
 import shutil
@@ -49,14 +50,22 @@ import tempfile
 # test_throw.py, alternated: 71.0, 68.2 -> 64.3, 64.0 s. Like the others, it
 # changes how XLA makes machine code, not the program.
 # The flags added here travel to pytest-xdist's workers in this environment variable.
+# XLA aborts the process on a flag it does not know: jaxlib 0.11 (installed on
+# Python 3.12 by `jax>=0.10.2`) has no `xla_cpu_use_fusion_emitters` ("F...
+# parse_flags_from_env.cc:234] Unknown flag in XLA_FLAGS"), and every test
+# worker crashed; it is added for the jaxlib versions that have it. (The version
+# read from the installed package's metadata, without starting XLA.)
 _ADDED_XLA_FLAGS_ENV = "LINEAX_TEST_ADDED_XLA_FLAGS"
 if _ADDED_XLA_FLAGS_ENV not in os.environ:
     _user_flags = os.environ.get("XLA_FLAGS", "")
+    _jaxlib = tuple(
+        int(part) for part in importlib.metadata.version("jaxlib").split(".")[:2]
+    )
     _added = [
         flag
         for flag in (
             "--xla_backend_optimization_level=0",
-            "--xla_cpu_use_fusion_emitters=false",
+            *(("--xla_cpu_use_fusion_emitters=false",) if _jaxlib < (0, 11) else ()),
             "--xla_cpu_multi_thread_eigen=false",
             "--xla_cpu_parallel_codegen_split_count=1",
         )

@@ -286,6 +286,44 @@ def test_solve_implementation_traced_once_per_lowering_key():
     assert len(calls) == 2
 
 
+def test_lowering_falls_back_where_the_trace_constants_are_not_its_constvars(
+    monkeypatch,
+):
+    # jax 0.11 (which `jax>=0.10.2` installs on Python 3.12) keeps the private
+    # signatures that the lowering checks, but returns a trace's constants
+    # otherwise than as the values of `jaxpr.constvars`: every solve, jitted or
+    # not, on CPU and GPU, failed to lower ("safe_zip() argument 1 has length 0
+    # but argument 0 has length 1"; seen on jax 0.11.2). Such a trace is
+    # lowered by JAX's own rule. (Simulated here: one constant more than the
+    # constvars.)
+    from lineax import _primitive
+
+    real = _primitive._pe
+
+    class Newer:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def trace_to_jaxpr_dynamic(self, *args, **kwargs):
+            jaxpr, avals, consts = real.trace_to_jaxpr_dynamic(*args, **kwargs)
+            return jaxpr, avals, [*consts, np.float32(0.0)]
+
+    monkeypatch.setattr(_primitive, "_pe", Newer())
+    jax.clear_caches()
+    matrix = jnp.asarray(np.diag([2.0, 3.0, 4.0]) + 0.5)
+    vector = jnp.asarray([1.0, 2.0, 3.0])
+    want = np.linalg.solve(np.asarray(matrix), np.asarray(vector))
+    op = lx.MatrixLinearOperator(matrix)
+    for solver in (lx.LU(), lx.GMRES(rtol=1e-10, atol=1e-10, max_steps=20)):
+        solve = jax.jit(lambda b, s=solver: lx.linear_solve(op, b, s).value)
+        np.testing.assert_allclose(solve(vector), want, rtol=1e-8)
+        # (Un-jitted: the cached compiled solve.)
+        np.testing.assert_allclose(
+            lx.linear_solve(op, vector, solver).value, want, rtol=1e-8
+        )
+    jax.clear_caches()
+
+
 def _nested_jits(jaxpr) -> list[str]:
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     names = []

@@ -349,3 +349,57 @@ def test_failed_solve_of_an_entry_running_the_complete_program(monkeypatch):
         assert sorted(solution.stats) == sorted(want.stats)
         with pytest.raises(eqx.EquinoxRuntimeError, match="singular"):
             lx.linear_solve(singular, vector, lx.LU())
+
+
+@pytest.mark.parametrize("how", ["delete", "donate"])
+def test_pending_fields_of_a_deleted_input_say_why(how):
+    # The pending fields are computed from the solve's inputs when read. A JAX
+    # array deleted since (`x.delete()`, or donated to a jitted function) made
+    # reading `sol.state` raise JAX's "Array has been deleted with
+    # shape=float64[5,5]", which named nothing the caller did to the solution.
+    _forget_stats_reads()
+    matrix = jnp.asarray(_A)
+    solution = lx.linear_solve(
+        lx.MatrixLinearOperator(matrix), jnp.asarray(_B), lx.LU()
+    )
+    assert _pending(solution)
+    if how == "delete":
+        matrix.delete()
+    else:
+        jax.jit(lambda x: 2 * x, donate_argnums=0)(matrix)
+    assert matrix.is_deleted()
+    message = r"`Solution.{}` of a `linear_solve` called un-jitted .*float64\[5, 5\]"
+    with pytest.raises(RuntimeError, match=message.format("state")):
+        _ = solution.state
+    with pytest.raises(RuntimeError, match=message.format("stats")):
+        jtu.tree_leaves(solution)
+    # What was computed with the solve is still there.
+    np.testing.assert_allclose(solution.value, np.linalg.solve(_A, _B), rtol=1e-12)
+    assert solution.result == lx.RESULTS.successful
+
+
+def test_pending_fields_of_a_failed_solve_read_under_debug_nans():
+    # A failed solve (`throw=False`) made with `jax_debug_nans` and
+    # `jax_debug_infs` off returns pending fields, which were computed (when
+    # read) under the flags of the read: its statistics, read under
+    # `jax.debug_nans(True)`, raised JAX's "invalid value (nan) encountered in
+    # sqrt" from recomputing its NaN value. They are what the solve computed.
+    _forget_stats_reads()
+    vector = jnp.ones(2)
+    for operator, solver in (
+        (lx.MatrixLinearOperator(jnp.asarray([[1.0, 2.0], [2.0, 4.0]])), lx.LU()),
+        (
+            lx.DiagonalLinearOperator(jnp.asarray([1.0, 0.0])),
+            lx.Diagonal(well_posed=True),
+        ),
+    ):
+        want = _jitted_solve(operator, vector, solver, throw=False)
+        assert want.result == lx.RESULTS.singular
+        # (Two solutions: each field is the first read of its own.)
+        stats = lx.linear_solve(operator, vector, solver, throw=False)
+        state = lx.linear_solve(operator, vector, solver, throw=False)
+        assert _pending(stats) and _pending(state)
+        with jax.debug_nans(True), jax.debug_infs(True):
+            _assert_trees_close(stats.stats, want.stats)
+            _assert_trees_close(state.state, want.state)
+        assert stats.result == state.result == lx.RESULTS.singular

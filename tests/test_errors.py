@@ -197,6 +197,14 @@ TRACE_TIME_CASES = [
         "Unknown key.*precondition",
     ),
     (
+        # (Keys of mixed types do not sort: the message sorted them, and raised
+        # "'<' not supported between instances of 'int' and 'str'".)
+        "options_unknown_keys_of_mixed_types",
+        lambda: lx.invert(OP, options={"precondition": 1, 2: 3}),
+        ValueError,
+        r"Unknown key\(s\) \['precondition', 2\] in `options`",
+    ),
+    (
         "non_square_well_posed",
         lambda: lx.linear_solve(lx.MatrixLinearOperator(jnp.ones((4, 3))), jnp.ones(4)),
         ValueError,

@@ -741,6 +741,40 @@ def test_y0_of_a_narrower_dtype_is_cast():
         )
 
 
+def test_y0_of_integers_or_python_numbers_is_cast_for_a_float32_operator():
+    # An integer guess was cast only where NumPy casts it safely (int64 to
+    # float64), as the right-hand side is always: for a float32 operator it was
+    # refused as "expected float32[3], got float64[3]" (the dtype it would be
+    # converted to, not the one passed); so was a Python number for a scalar one.
+    matrix = np.asarray([[4.0, 1, 0], [1, 3, 1], [0, 1, 2]])
+    op = lx.MatrixLinearOperator(jnp.asarray(matrix, jnp.float32), psd)
+    b = jnp.ones(3, jnp.float32)
+    want = np.linalg.solve(matrix, np.ones(3))
+    solvers = (
+        lx.CG(rtol=1e-6, atol=1e-6, max_steps=20),
+        lx.GMRES(rtol=1e-6, atol=1e-6, max_steps=20),
+        lx.LSMR(rtol=1e-6, atol=1e-6, max_steps=20),
+    )
+    for solver in solvers:
+        for guess in (
+            jnp.zeros(3, jnp.int64),
+            jnp.zeros(3, jnp.int32),
+            np.ones(3, int),
+        ):
+            solution = lx.linear_solve(op, b, solver, options={"y0": guess})
+            assert solution.value.dtype == jnp.float32
+            np.testing.assert_allclose(solution.value, want, rtol=1e-5)
+        with pytest.raises(ValueError, match=r"`y0`.*got float64\[3\]"):
+            lx.linear_solve(op, b, solver, options={"y0": jnp.zeros(3)})
+    scalar = lx.TaggedLinearOperator(
+        lx.DiagonalLinearOperator(jnp.float32(2.0)), lx.positive_semidefinite_tag
+    )
+    solver = lx.CG(rtol=1e-6, atol=1e-6, max_steps=5)
+    value = lx.linear_solve(scalar, 1.0, solver, options={"y0": 1.0}).value
+    assert value.dtype == jnp.float32
+    np.testing.assert_allclose(value, 0.5)
+
+
 @pytest.mark.parametrize(
     "solver",
     [

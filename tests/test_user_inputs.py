@@ -457,3 +457,94 @@ def test_scalar_structure_identity_and_function_operators(scalar):
 def test_complex_scalar_structure():
     operator = lx.IdentityLinearOperator(1j)
     assert operator.in_structure() == jax.ShapeDtypeStruct((), jnp.complex128)
+
+
+def test_python_number_vector_takes_the_operators_precision():
+    # A Python number (or an array that was one: weakly typed) has no precision
+    # of its own, and takes the operator's, as in JAX. It was refused for a
+    # float32 operator: "converting would lose precision".
+    operator = lx.DiagonalLinearOperator(jnp.float32(2.0))
+    for vector in (1.0, 1, jnp.asarray(1.0)):
+        value = lx.linear_solve(operator, vector).value
+        assert value.dtype == jnp.float32
+        np.testing.assert_allclose(value, 0.5)
+    value = jax.jit(lambda v: lx.linear_solve(operator, v).value)(1.0)
+    assert value.dtype == jnp.float32
+    np.testing.assert_allclose(value, 0.5)
+    # A PyTree operator with a float32 and a float64 leaf, and Python numbers.
+    mixed = lx.PyTreeLinearOperator(
+        ((jnp.float32(2.0), jnp.float64(1.0)), (jnp.float32(1.0), jnp.float64(3.0))),
+        (jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.float64)),
+    )
+    first, second = lx.linear_solve(mixed, (1.0, 1.0), lx.LU()).value
+    assert (first.dtype, second.dtype) == (np.float32, np.float64)
+    np.testing.assert_allclose([first, second], [0.4, 0.2], rtol=1e-6)
+    # A float64 array is not converted down.
+    with pytest.raises(ValueError, match="would lose precision"):
+        lx.linear_solve(operator, jnp.float64(1.0))
+    with pytest.raises(ValueError, match="is complex"):
+        lx.linear_solve(operator, 1j)
+
+
+#
+# Integer arrays put into an operator after it was built.
+#
+
+
+class _IntegerOperator(lx.AbstractLinearOperator):
+    """A user's operator declaring integer structures."""
+
+    matrix: jax.Array
+
+    def mv(self, vector):
+        return self.matrix @ vector
+
+    def as_matrix(self):
+        return self.matrix
+
+    def transpose(self):
+        return _IntegerOperator(self.matrix.T)
+
+    def in_structure(self):
+        return jax.ShapeDtypeStruct((2,), self.matrix.dtype)
+
+    def out_structure(self):
+        return jax.ShapeDtypeStruct((2,), self.matrix.dtype)
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [
+        lx.QR(),
+        lx.SVD(),
+        lx.Cholesky(),
+        lx.LU(),
+        lx.CG(rtol=1e-8, atol=1e-8, max_steps=4),
+    ],
+    ids=lambda s: type(s).__name__,
+)
+def test_integer_operator_is_refused_not_truncated(solver):
+    # Operators convert integer arrays when built, but `eqx.tree_at` (or
+    # `jax.tree.map`, unflattening) puts them in afterwards. QR, SVD and
+    # Cholesky then solved in the integer dtype, and returned [0, 0] for the
+    # solution [0.2, 0.4]; LU and CG failed deep in JAX ("lu does not accept
+    # dtype int64", "data type ... not inexact").
+    integers = jnp.asarray([[3, 1], [1, 2]])
+    built = lx.MatrixLinearOperator(jnp.eye(2), lx.positive_semidefinite_tag)
+    replaced = eqx.tree_at(lambda op: op.matrix, built, integers)
+    np.testing.assert_allclose(
+        lx.linear_solve(
+            lx.MatrixLinearOperator(integers, lx.positive_semidefinite_tag),
+            jnp.asarray([1, 1]),
+            solver,
+        ).value,
+        [0.2, 0.4],
+        rtol=1e-6,
+    )
+    message = r"floating or complex dtypes.*maps int(64|32)\[2\] to int(64|32)\[2\]"
+    for operator in (replaced, _IntegerOperator(integers)):
+        for vector in (jnp.asarray([1, 1]), jnp.asarray([1.0, 1.0])):
+            with pytest.raises(TypeError, match=message):
+                lx.linear_solve(operator, vector, solver)
+            with pytest.raises(TypeError, match=message):
+                eqx.filter_jit(lx.linear_solve)(operator, vector, solver)

@@ -19,6 +19,7 @@ from jaxtyping import Array, ArrayLike, PyTree
 
 from ._errors import EQX_ON_ERROR
 from ._misc import (
+    default_floating_dtype,
     describe,
     device_copy,
     HeldArrays,
@@ -98,6 +99,7 @@ def _check_vector(
         )
     vec_leaves, vec_treedef = jtu.tree_flatten(vector)
     _check_enabled_dtypes(in_struct, out_leaves, vec_leaves)
+    _check_inexact(in_struct, out_struct)
     if out_treedef != vec_treedef:
         hint = ""
         if jtu.treedef_is_leaf(out_treedef) and isinstance(vector, (list, tuple)):
@@ -140,7 +142,12 @@ def _check_vector(
                     "jnp.complex128))`) or solve for the real and imaginary parts "
                     "separately."
                 )
-            if not np.can_cast(dtype, target, casting="safe"):
+            # A Python number, or an array that was one (weakly typed), has no
+            # precision of its own: it takes the operator's, as it would in JAX
+            # (`jnp.float32(2.0) * 1.0` is float32). "Converting would lose
+            # precision" refused `1.0` for a float32 scalar operator.
+            weak = type(leaf) in PYTHON_NUMBERS or getattr(leaf, "weak_type", False)
+            if not weak and not np.can_cast(dtype, target, casting="safe"):
                 raise ValueError(
                     f"{where} has dtype {dtype} but the operator has dtype {target}; "
                     "converting would lose precision. Cast one of them explicitly "
@@ -151,6 +158,34 @@ def _check_vector(
             leaf = jnp.asarray(leaf)
         new_leaves.append(leaf)
     return jtu.tree_unflatten(vec_treedef, new_leaves)
+
+
+def _check_inexact(
+    in_struct: PyTree[jax.ShapeDtypeStruct], out_struct: PyTree[jax.ShapeDtypeStruct]
+) -> None:
+    """Raise a TypeError naming the operator where its input or output structure
+    has an integer or boolean dtype. The operators convert integer arrays to the
+    default floating dtype when they are built, but not arrays put in later (by
+    `eqx.tree_at`, `jax.tree.map`, unflattening), nor a user's operator class
+    declaring integer structures: `lx.QR()`, `lx.SVD()` and `lx.Cholesky()`
+    solved such a matrix in its integer dtype, silently truncated (`[0, 0]` for
+    the solution `[0.2, 0.4]`), and the other solvers failed deep in JAX ("lu
+    does not accept dtype int64", "data type <class 'numpy.int64'> not
+    inexact"); the vector's check asked for a float vector to be cast to the
+    integer dtype."""
+    for leaf in jtu.tree_leaves((in_struct, out_struct)):
+        # (`kind`: bfloat16 is not a NumPy floating type, but it is not "biu".)
+        if jnp.dtype(leaf.dtype).kind in "biu":
+            floating = jnp.dtype(default_floating_dtype()).name
+            raise TypeError(
+                "A linear solve needs floating or complex dtypes, but the "
+                f"operator maps {describe(in_struct)} to {describe(out_struct)}. "
+                "Operators convert integer and boolean arrays when they are "
+                "built (`lx.MatrixLinearOperator(matrix)`); this one's were put "
+                "in afterwards (e.g. by `eqx.tree_at` or `jax.tree.map`), or its "
+                "class declares such structures: give it floating arrays (e.g. "
+                f"`matrix.astype(jnp.{floating})`)."
+            )
 
 
 def _check_enabled_dtypes(*trees: PyTree) -> None:
@@ -196,8 +231,11 @@ def _check_options(options: Any, solver: AbstractLinearSolver) -> dict[str, Any]
     unknown = set(options) - known
     if unknown:
         name = type(solver).__name__
+        # (By `repr`: keys of mixed types, `{"precond": p, 1: q}`, do not sort,
+        # and raised "'<' not supported between instances of 'int' and 'str'".)
+        keys = ", ".join(sorted(map(repr, unknown)))
         raise ValueError(
-            f"Unknown key(s) {sorted(unknown)} in `options`: no solver reads "
+            f"Unknown key(s) [{keys}] in `options`: no solver reads "
             f"{'them' if len(unknown) > 1 else 'it'}. `lx.{name}` reads "
             f"{sorted(reads) if reads else 'no options'}; the keys that solvers read "
             f"are {sorted(known)} (see each solver's docs for which it uses)."
@@ -410,9 +448,10 @@ def linear_solve(
 
     - `operator`: a [`lineax.AbstractLinearOperator`][].
     - `vector`: the right-hand side, a PyTree with the structure of
-        `operator.out_structure()`. Integer arrays and lower-precision floats are
-        converted to the operator's dtype; anything that would lose information is
-        a `ValueError`.
+        `operator.out_structure()`. Integer arrays, lower-precision floats and
+        Python numbers (which have no precision of their own, as in JAX) are
+        converted to the operator's dtype; anything else that would lose
+        information is a `ValueError`.
     - `solver`: a [`lineax.AbstractLinearSolver`][]. Defaults to
         `lx.AutoLinearSolver(well_posed=True)`.
     - `options`: a dictionary of solver options, e.g. `"preconditioner"` and `"y0"`
@@ -643,11 +682,21 @@ def _pending_solution(
         if programs.complete is None:  # `value_only`: none, as before
             return {} if name == "stats" else None
         if not completed:
+            _check_not_deleted(name, leaves)
             programs.counted_read()
             # (Concretely, also where a field is first read inside a trace, as
             # a constant closed over by a jitted function: they are the
-            # un-jitted solve's arrays, not values of that trace.)
-            with jax.core.eval_context():
+            # un-jitted solve's arrays, not values of that trace.) With
+            # `jax_debug_nans` and `jax_debug_infs` off, as they were when the
+            # solve ran (else it would have run `complete` then, see
+            # `_run_compiled`): the statistics of a failed solve (`throw=False`),
+            # read under `jax.debug_nans(True)`, raised JAX's "invalid value
+            # (nan) encountered in sqrt" from recomputing its NaN value.
+            with (
+                jax.core.eval_context(),
+                jax.debug_nans(False),
+                jax.debug_infs(False),
+            ):
                 completed.append(programs.complete(leaves))
         *_, state, stats, layout = completed[0]
         if name == "state":
@@ -657,6 +706,29 @@ def _pending_solution(
     if programs.value_is_leaf:
         return pending_solution(value[0], pending)
     return pending_solution(_joined(value, programs.value_layout), pending)
+
+
+def _check_not_deleted(name: str, leaves: list) -> None:
+    """Raise a RuntimeError saying why, where a JAX array among the `leaves` of
+    a pending solution (the solve's inputs: see `_pending_solution`) has been
+    deleted since the solve, by `x.delete()` or by donating it to a jitted
+    function (`donate_argnums`). The field cannot be computed any more; JAX's
+    own error, "Array has been deleted with shape=float64[4,4]", raised from
+    reading `sol.stats`, named none of the caller's steps. (The NumPy arrays
+    among them are the solve's own device copies, see `_on_device`.)"""
+    deleted = [x for x in leaves if isinstance(x, jax.Array) and x.is_deleted()]
+    if not deleted:
+        return
+    arrays = ", ".join(f"{x.dtype}{list(x.shape)}" for x in deleted)
+    raise RuntimeError(
+        f"`Solution.{name}` of a `linear_solve` called un-jitted is computed when "
+        "first read, from the arrays that the solve was given, and some of them "
+        f"({arrays}) have been deleted since (by `.delete()`, or by donating them "
+        "to a jitted function with `donate_argnums`). Read the state and "
+        "statistics you need before deleting or donating the operator's arrays, "
+        "the vector or the options, or call `linear_solve` inside `jax.jit` "
+        "(which returns them computed)."
+    )
 
 
 def _run_jitted(

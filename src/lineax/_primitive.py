@@ -1314,8 +1314,16 @@ def _linear_solve_lowering(ctx, *args, **params):
             # abstract values' shardings.)
             note_explicit_axes(error, ctx.avals_in)
             raise
-        if any(isinstance(e, _MutableEffect) for e in jaxpr.effects):
-            # (Not made by any solver here: JAX's own rule, uncached.)
+        if len(consts) != len(jaxpr.constvars) or any(
+            isinstance(e, _MutableEffect) for e in jaxpr.effects
+        ):
+            # JAX's own rule, uncached: for an effect that no solver here makes;
+            # and where the trace's constants are not the values of
+            # `jaxpr.constvars`, as they are in jax 0.10. jax 0.11 keeps the
+            # signatures that `_private_lowering_usable` checks but not that:
+            # every solve, jitted or not, failed to lower there ("safe_zip()
+            # argument 1 has length 0 but argument 0 has length 1", jax 0.11.2,
+            # which `jax>=0.10.2` installs on Python 3.12).
             lowering = _mlir.lower_fun(_impl_rule, multiple_results=True)
             return lowering(ctx, *args, **params)
         traced = (jaxpr, consts)

@@ -81,6 +81,7 @@ from .._operator.base import (
     is_negative_semidefinite,
     is_positive_semidefinite,
     linearise,
+    PYTHON_NUMBERS,
 )
 from .._solution import RESULTS, results_where
 from .base import AbstractLinearSolver, check_square, statistics_wanted
@@ -307,9 +308,11 @@ def y0_of(
     """The `y0` option (initial guess), checked; `None` if absent.
 
     Leaves of a dtype that the operator's input dtype holds exactly (a float32
-    guess, e.g. from a cheaper solve, for a float64 operator; integers) are cast to
-    it, as the right-hand side is; others (complex for a real operator) are an
-    error."""
+    guess, e.g. from a cheaper solve, for a float64 operator), integers and Python
+    numbers are cast to it, as the right-hand side is (see `linear_solve`);
+    others (complex for a real operator) are an error. (Integers were cast only
+    where NumPy casts them safely: an int64 guess for a float32 operator was
+    refused as "got float64[3]", the dtype it would have been converted to.)"""
     y0 = options.get("y0", None)
     if y0 is None:
         return None
@@ -317,10 +320,21 @@ def y0_of(
     if jtu.tree_structure(y0) == jtu.tree_structure(in_structure):
 
         def cast(leaf, struct):
-            if not hasattr(leaf, "dtype") or jnp.shape(leaf) != struct.shape:
+            if not eqx.is_array_like(leaf) or jnp.shape(leaf) != struct.shape:
                 return leaf
+            dtype = jnp.result_type(leaf)
             target = jnp.dtype(struct.dtype)
-            if leaf.dtype != target and np.can_cast(leaf.dtype, target, "safe"):
+            if dtype == target:
+                return leaf
+            weak = type(leaf) in PYTHON_NUMBERS or getattr(leaf, "weak_type", False)
+            complex_to_real = jnp.issubdtype(
+                dtype, jnp.complexfloating
+            ) and not jnp.issubdtype(target, jnp.complexfloating)
+            if (
+                not jnp.issubdtype(dtype, jnp.inexact)
+                or np.can_cast(dtype, target, "safe")
+                or (weak and not complex_to_real)
+            ):
                 return jnp.asarray(leaf).astype(target)
             return leaf
 
