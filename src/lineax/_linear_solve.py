@@ -713,9 +713,12 @@ def _check_not_deleted(name: str, leaves: list) -> None:
     a pending solution (the solve's inputs: see `_pending_solution`) has been
     deleted since the solve, by `x.delete()` or by donating it to a jitted
     function (`donate_argnums`). The field cannot be computed any more; JAX's
-    own error, "Array has been deleted with shape=float64[4,4]", raised from
-    reading `sol.stats`, named none of the caller's steps. (The NumPy arrays
-    among them are the solve's own device copies, see `_on_device`.)"""
+    own error, raised from reading `sol.stats`, named none of the caller's
+    steps: "Array has been deleted with shape=float64[4,4]" (a RuntimeError),
+    or for a 64x64 matrix "INVALID_ARGUMENT: Invalid buffer passed to
+    Execute() ... Buffer has been deleted or donated" (a ValueError). (The
+    NumPy arrays among them are the solve's own device copies, see
+    `_on_device`.)"""
     deleted = [x for x in leaves if isinstance(x, jax.Array) and x.is_deleted()]
     if not deleted:
         return
