@@ -405,3 +405,20 @@ def test_pending_fields_of_a_failed_solve_read_under_debug_nans():
             _assert_trees_close(stats.stats, want.stats)
             _assert_trees_close(state.state, want.state)
         assert stats.result == state.result == lx.RESULTS.singular
+
+
+def test_pending_fields_read_after_x64_was_turned_off():
+    # A float64 solve made with `jax_enable_x64` on, its state and statistics
+    # read after it was turned off: they were computed then, and the solve's
+    # own check refused its float64 arrays ("The solve holds an array of dtype
+    # float64 ... convert the operator and the vector"), for a solve that had
+    # run. They are what the solve computed.
+    _forget_stats_reads()
+    vector = jnp.asarray(_B)
+    want = _jitted_solve(_operator("LU"), vector, lx.LU())
+    solution = _eager("LU", vector)
+    assert _pending(solution)
+    with jax.enable_x64(False):
+        _assert_trees_close(solution.stats, want.stats)
+        _assert_trees_close(solution.state, want.state)
+    assert solution.stats["rcond"].dtype == jnp.float64

@@ -692,10 +692,19 @@ def _pending_solution(
             # `_run_compiled`): the statistics of a failed solve (`throw=False`),
             # read under `jax.debug_nans(True)`, raised JAX's "invalid value
             # (nan) encountered in sqrt" from recomputing its NaN value.
+            # And with `jax_enable_x64` on where the solve's arrays say it was
+            # (a 64-bit one): turned off since, reading `sol.stats` raised "The
+            # solve holds an array of dtype float64, which JAX does not allow
+            # while `jax_enable_x64` is off", for a solve that had run.
+            config: Any = jax.config
+            x64 = config.jax_enable_x64 or any(
+                jax.dtypes.canonicalize_dtype(x.dtype) != x.dtype for x in leaves
+            )
             with (
                 jax.core.eval_context(),
                 jax.debug_nans(False),
                 jax.debug_infs(False),
+                jax.enable_x64(x64),
             ):
                 completed.append(programs.complete(leaves))
         *_, state, stats, layout = completed[0]
