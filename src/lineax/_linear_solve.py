@@ -692,10 +692,19 @@ def _pending_solution(
             # `_run_compiled`): the statistics of a failed solve (`throw=False`),
             # read under `jax.debug_nans(True)`, raised JAX's "invalid value
             # (nan) encountered in sqrt" from recomputing its NaN value.
+            # And with `jax_enable_x64` on where the solve's arrays say it was
+            # (a 64-bit one): turned off since, reading `sol.stats` raised "The
+            # solve holds an array of dtype float64, which JAX does not allow
+            # while `jax_enable_x64` is off", for a solve that had run.
+            config: Any = jax.config
+            x64 = config.jax_enable_x64 or any(
+                jax.dtypes.canonicalize_dtype(x.dtype) != x.dtype for x in leaves
+            )
             with (
                 jax.core.eval_context(),
                 jax.debug_nans(False),
                 jax.debug_infs(False),
+                jax.enable_x64(x64),
             ):
                 completed.append(programs.complete(leaves))
         *_, state, stats, layout = completed[0]
@@ -713,9 +722,12 @@ def _check_not_deleted(name: str, leaves: list) -> None:
     a pending solution (the solve's inputs: see `_pending_solution`) has been
     deleted since the solve, by `x.delete()` or by donating it to a jitted
     function (`donate_argnums`). The field cannot be computed any more; JAX's
-    own error, "Array has been deleted with shape=float64[4,4]", raised from
-    reading `sol.stats`, named none of the caller's steps. (The NumPy arrays
-    among them are the solve's own device copies, see `_on_device`.)"""
+    own error, raised from reading `sol.stats`, named none of the caller's
+    steps: "Array has been deleted with shape=float64[4,4]" (a RuntimeError),
+    or for a 64x64 matrix "INVALID_ARGUMENT: Invalid buffer passed to
+    Execute() ... Buffer has been deleted or donated" (a ValueError). (The
+    NumPy arrays among them are the solve's own device copies, see
+    `_on_device`.)"""
     deleted = [x for x in leaves if isinstance(x, jax.Array) and x.is_deleted()]
     if not deleted:
         return
