@@ -34,6 +34,7 @@ import re
 from typing import Any
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -347,3 +348,32 @@ def test_krylov_solve_has_no_nested_where(name):
     fn, args = _case(f"{name}/primal")
     names = _nested_jits(jax.make_jaxpr(fn)(*args))
     assert "_where" not in names, names
+
+
+def test_dead_code_rule_takes_the_live_inputs_of_newer_jax():
+    # jax 0.12 (which `jax>=0.10.2` installs on Python 3.12 and later) calls a
+    # dead-code rule as `rule(used_outputs, live_ins, eqn)`, jax 0.10 and 0.11 as
+    # `rule(used_outputs, eqn)`: with the latter signature alone every solve,
+    # jitted or not, failed there ("_dce_rule() takes 2 positional arguments
+    # but 3 were given"; seen on jax 0.12.0.1). Both give the same answer.
+    from lineax import _primitive
+
+    op = lx.MatrixLinearOperator(jnp.eye(3) * 2.0)
+    jaxpr = jax.make_jaxpr(lambda b: lx.linear_solve(op, b, lx.LU()).value)(jnp.ones(3))
+
+    def solves(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive is _primitive.linear_solve_p:
+                yield eqn
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from solves(sub)
+
+    (eqn,) = solves(jaxpr.jaxpr)
+    live = [True] * len(eqn.invars)
+    for used in ([True] * len(eqn.outvars), [True] + [False] * (len(eqn.outvars) - 1)):
+        old_inputs, old_eqn = _primitive._dce_rule(used, eqn)
+        new_inputs, new_eqn = _primitive._dce_rule(used, live, eqn)
+        assert old_inputs == new_inputs
+        assert (old_eqn is None) == (new_eqn is None)
+        if old_eqn is not None and new_eqn is not None:
+            assert old_eqn.params == new_eqn.params

@@ -1082,11 +1082,16 @@ if lax.stop_gradient_p not in ad.primitive_transposes:
 # statistics nothing can read) computed its statistics, and XLA did not remove
 # them all. A batched Krylov solve carried a batch x max_steps residual history
 # through its loops, every member's history selected whole at every step.
-def _dce_rule(used_outputs: list[bool], eqn: Any) -> tuple[list[bool], Any]:
+def _dce_rule(used_outputs: list[bool], *args: Any) -> tuple[list[bool], Any]:
+    # (JAX calls a rule with `(used_outputs, eqn)` up to 0.11 and with
+    # `(used_outputs, live_ins, eqn)` from 0.12, which `jax>=0.10.2` installs on
+    # Python 3.12 and later: there every solve failed, "_dce_rule() takes 2
+    # positional arguments but 3 were given".)
+    eqn = args[-1]
     params = _solve_params(eqn.primitive, eqn.params)
     if params is None:
         # Another Equinox `vprim`: JAX's default rule.
-        if not any(used_outputs) and not eqn.effects:
+        if not any(used_outputs) and not _has_effects(eqn, *args[:-1]):
             return [False] * len(eqn.invars), None
         return [True] * len(eqn.invars), eqn
     if not any(used_outputs):
@@ -1109,6 +1114,15 @@ def _dce_rule(used_outputs: list[bool], eqn: Any) -> tuple[list[bool], Any]:
         eqn.ctx,
     )
     return used_inputs, new_eqn
+
+
+def _has_effects(eqn: Any, live_ins: Any = None) -> bool:
+    """Whether `eqn` has effects that keep it (JAX's own test where it has one:
+    from 0.12, a reference whose input is not live does not count)."""
+    test = getattr(pe, "has_effects", None)
+    if test is None:
+        return bool(eqn.effects)
+    return test(eqn, live_ins)
 
 
 def _solve_params(primitive: Any, params: dict) -> dict | None:
