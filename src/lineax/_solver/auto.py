@@ -173,6 +173,12 @@ class AutoLinearSolver(AbstractLinearSolver[AutoState]):
     def solved_operator(self, operator):
         return self.select_solver(operator).solved_operator(operator)
 
+    def range_residual(self, state: AutoState, vector):
+        return state.solver.range_residual(state.state, vector)
+
+    def null_space_part(self, state: AutoState, vector):
+        return state.solver.null_space_part(state.state, vector)
+
     def initial_guess(self, operator, y0):
         return self.select_solver(operator).initial_guess(operator, y0)
 

@@ -234,6 +234,43 @@ class AbstractLinearSolver(eqx.Module, Generic[_SolverState]):
         """
         return self.part_read(operator, operator)
 
+    def range_residual(
+        self, state: _SolverState, vector: PyTree
+    ) -> tuple[PyTree, Array] | None:
+        """For the JVP of `linear_solve`: `(r, valid)`, where `valid` (a boolean
+        scalar array) says that the operator has full row rank, and then `r` is
+        the residual `vector - A x` of the solution `x` of `vector`, computed from
+        the factorisation in `state` as `(I - A A^+) vector`. Or `None`, the
+        default: the JVP computes `vector - A x` itself.
+
+        That residual is zero for every operator of full row rank, but `vector -
+        A x` rounded is of the order of `eps |A| |x|`, which the JVP multiplies
+        by `|A^+|^2`; a factorisation that knows the range gives `eps |vector|`.
+        `r` is differentiated as a function of `vector` alone (the factors held
+        constant), which is exact where `valid`: the projection `I - A A^+` is
+        then constant near the operator. Elsewhere the JVP uses its own
+        `vector - A x`, differentiable in the operator. [`lineax.SVD`][]
+        overrides this for wide operators.
+        """
+        del state, vector
+        return None
+
+    def null_space_part(
+        self, state: _SolverState, vector: PyTree
+    ) -> tuple[PyTree, Array] | None:
+        """For the JVP of `linear_solve`: `(p, valid)`, where `valid` (a boolean
+        scalar array) says that the operator has full column rank, and then `p` is
+        `(I - A^+ A) vector` (`vector` of the operator's input structure),
+        computed from the factorisation in `state`. Or `None`, the default: the
+        JVP computes it as `vector - A^+ (A vector)`, with a solve shared with
+        its other terms. As for `range_residual`: zero up to `eps |vector|`
+        rather than `eps |A^+| |A| |vector|`, and differentiated with the
+        factors held constant, which is exact where `valid`.
+        [`lineax.SVD`][] overrides this for tall operators.
+        """
+        del state, vector
+        return None
+
     def initial_guess(self, operator: AbstractLinearOperator, y0: PyTree) -> Any:
         """The initial guess `g` that the solution depends on, given the `y0`
         option: a solver whose answer is `g + A^+ (b - A g)` (the pseudoinverse
