@@ -771,10 +771,6 @@ def _tree_add(*trees):
     return jtu.tree_map(add, *trees)
 
 
-def _tree_select(pred, x, y):
-    return jtu.tree_map(lambda a, b: select(pred, a, b), x, y)
-
-
 def _tree_sub(x, y):
     return jtu.tree_map(lambda xi, yi: jnp.subtract(*_promoted(xi, yi)), x, y)
 
@@ -931,14 +927,14 @@ def _linear_solve_jvp(primals, tangents):
             assert tangent_op_t is not None
             return tree_conj(tangent_op_t.mv(tree_conj(y, complex_)), complex_)
 
+        # (Where the solver's factorisation says the operator has full rank: see
+        # `has_full_rank`.)
+        full_rank = solver.has_full_rank(state)
         if dependent_rows:
-            # `b - A x = (I - A A^+) b`, zero where `A` has full row rank but
-            # rounded to `eps |A| |x|`: there from the factorisation, if the
-            # solver can (`range_residual`; SVD of a wide `A`).
             residual = _tree_sub(vector, solved.mv(solution))
-            found = solver.range_residual(state, vector)
-            if found is not None:
-                residual = _tree_select(found[1], found[0], residual)
+            if full_rank is not None and operator.out_size() < operator.in_size():
+                # Wide, of full row rank: every `b` is in the range, `b - A x = 0`.
+                residual = _tree_zero_where(full_rank, residual)
             terms.append(
                 _conj_transpose_solve(
                     operator,
@@ -956,24 +952,20 @@ def _linear_solve_jvp(primals, tangents):
                 operator, state, row_part, options, solver, throw, complex_
             )
             z = tangent_op_h_mv(y)
-            # `(I - A^+ A) z`, as `z - A^+ (A z)` with the solve shared with the
-            # other terms; zero where `A` has full column rank but rounded to
-            # `eps |A^+| |A| |z|`: there from the factorisation, if the solver
-            # can (`null_space_part`; SVD of a tall `A`).
-            found = solver.null_space_part(state, z)
-            if found is not None:
-                part, valid = found
-                rest = jtu.tree_map(lambda x: select(valid, 0, x), z)
-                terms.append(_tree_neg(solved.mv(rest)))
-                after.append(_tree_select(valid, part, rest))
-            else:
-                terms.append(_tree_neg(solved.mv(z)))
-                after.append(z)
+            if full_rank is not None and operator.in_size() < operator.out_size():
+                # Tall, of full column rank: no null space, `(I - A^+ A) z = 0`.
+                z = _tree_zero_where(full_rank, z)
+            terms.append(_tree_neg(solved.mv(z)))
+            after.append(z)
     total = _tree_add(*terms) if len(terms) > 1 else terms[0]
     t_solution = bind(operator, state, total, options, solver, throw, "tangent")[0]
     if after:
         t_solution = _tree_add(t_solution, *after)
     return (solution, result, stats), (t_solution, _nones(result), _nones(stats))
+
+
+def _tree_zero_where(pred: Array, tree: Any) -> Any:
+    return jtu.tree_map(lambda x: select(pred, 0, x), tree)
 
 
 def _is_undefined(x: Any) -> bool:

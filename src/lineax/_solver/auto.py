@@ -173,11 +173,8 @@ class AutoLinearSolver(AbstractLinearSolver[AutoState]):
     def solved_operator(self, operator):
         return self.select_solver(operator).solved_operator(operator)
 
-    def range_residual(self, state: AutoState, vector):
-        return state.solver.range_residual(state.state, vector)
-
-    def null_space_part(self, state: AutoState, vector):
-        return state.solver.null_space_part(state.state, vector)
+    def has_full_rank(self, state: AutoState):
+        return state.solver.has_full_rank(state.state)
 
     def initial_guess(self, operator, y0):
         return self.select_solver(operator).initial_guess(operator, y0)

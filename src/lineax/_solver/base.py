@@ -234,41 +234,20 @@ class AbstractLinearSolver(eqx.Module, Generic[_SolverState]):
         """
         return self.part_read(operator, operator)
 
-    def range_residual(
-        self, state: _SolverState, vector: PyTree
-    ) -> tuple[PyTree, Array] | None:
-        """For the JVP of `linear_solve`: `(r, valid)`, where `valid` (a boolean
-        scalar array) says that the operator has full row rank, and then `r` is
-        the residual `vector - A x` of the solution `x` of `vector`, computed from
-        the factorisation in `state` as `(I - A A^+) vector`. Or `None`, the
-        default: the JVP computes `vector - A x` itself.
+    def has_full_rank(self, state: _SolverState) -> Array | None:
+        """For the JVP of `linear_solve`: a boolean scalar array saying that the
+        operator as solved has full rank (`min(m, n)`), tested by the
+        factorisation in `state`; or `None`, the default: not known.
 
-        That residual is zero for every operator of full row rank, but `vector -
-        A x` rounded is of the order of `eps |A| |x|`, which the JVP multiplies
-        by `|A^+|^2`; a factorisation that knows the range gives `eps |vector|`.
-        `r` is differentiated as a function of `vector` alone (the factors held
-        constant), which is exact where `valid`: the projection `I - A A^+` is
-        then constant near the operator. Elsewhere the JVP uses its own
-        `vector - A x`, differentiable in the operator. [`lineax.SVD`][]
-        overrides this for wide operators.
+        Where it is true, the JVP drops the terms of the pseudoinverse derivative
+        that then vanish, instead of computing them as rounding: for a wide
+        operator the residual `b - A x` (rounded to `eps |A| |x|`, which the JVP
+        multiplies by `|A^+|^2`), for a tall one `(I - A^+ A) z` (rounded to
+        `eps |A^+| |A| |z|`). Both vanish near such an operator too, so higher
+        derivatives are exact. [`lineax.SVD`][] overrides this for non-square
+        operators; solvers whose `assume_full_rank()` is true have no such terms.
         """
-        del state, vector
-        return None
-
-    def null_space_part(
-        self, state: _SolverState, vector: PyTree
-    ) -> tuple[PyTree, Array] | None:
-        """For the JVP of `linear_solve`: `(p, valid)`, where `valid` (a boolean
-        scalar array) says that the operator has full column rank, and then `p` is
-        `(I - A^+ A) vector` (`vector` of the operator's input structure),
-        computed from the factorisation in `state`. Or `None`, the default: the
-        JVP computes it as `vector - A^+ (A vector)`, with a solve shared with
-        its other terms. As for `range_residual`: zero up to `eps |vector|`
-        rather than `eps |A^+| |A| |vector|`, and differentiated with the
-        factors held constant, which is exact where `valid`.
-        [`lineax.SVD`][] overrides this for tall operators.
-        """
-        del state, vector
+        del state
         return None
 
     def initial_guess(self, operator: AbstractLinearOperator, y0: PyTree) -> Any:

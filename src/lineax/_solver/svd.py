@@ -5,12 +5,11 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array
 
 from .._misc import select
-from .._operator.base import AbstractLinearOperator, unflatten_vector
+from .._operator.base import AbstractLinearOperator
 from .._operator.matrix import MatrixLinearOperator
 from .._solution import RESULTS
 from ._packing import (
@@ -108,17 +107,6 @@ class SVD(AbstractLinearSolver[SVDState]):
 
     def _kept(self, u: Array, s: Array, vh: Array) -> tuple[Array, Array, Array]:
         """Which singular values are kept; the largest and smallest."""
-        # LAPACK's `gesdd` returns the singular values in descending order: the
-        # largest is the first (as `jnp.linalg.lstsq` reads it), not a reduction,
-        # which XLA:CPU would compile as two kernels of their own.
-        if s.shape[-1] == 0:
-            smax = smin = jnp.zeros((), s.dtype)
-        else:
-            smax, smin = s[0], s[-1]
-        return self._keep(u, s, vh, smax), smax, smin
-
-    def _keep(self, u: Array, s: Array, vh: Array, smax: Array | None = None) -> Array:
-        """Which singular values are kept (those above the cutoff)."""
         m, n = u.shape[0], vh.shape[1]
         if self.rcond is None:
             # (The published lineax's default, which Optimistix's solvers were
@@ -129,13 +117,14 @@ class SVD(AbstractLinearSolver[SVDState]):
             rcond = 2 * jnp.finfo(s.dtype).eps * max(m, n)
         else:
             rcond = self.rcond
-        if smax is not None:
-            largest = smax
-        elif s.shape[-1] == 0:
-            largest = jnp.zeros((), s.dtype)
+        # LAPACK's `gesdd` returns the singular values in descending order: the
+        # largest is the first (as `jnp.linalg.lstsq` reads it), not a reduction,
+        # which XLA:CPU would compile as two kernels of their own.
+        if s.shape[-1] == 0:
+            smax = smin = jnp.zeros((), s.dtype)
         else:
-            largest = s[0]
-        return s > rcond * largest
+            smax, smin = s[0], s[-1]
+        return s > rcond * smax, smax, smin
 
     def solved_operator(self, operator):
         # With the default cutoff the singular values cut off are zero to working
@@ -151,38 +140,15 @@ class SVD(AbstractLinearSolver[SVDState]):
         truncated = jnp.matmul(u * kept_s[None, :], vh, precision=_HI)
         return embed_like(operator, MatrixLinearOperator(truncated))
 
-    def range_residual(self, state: SVDState, vector):
-        # A wide operator of full row rank (all `m` singular values kept): `(I -
-        # U U^H) b`, zero up to `eps |b|`, where `b - A x` is of the order of
-        # `eps |A| |x|`. Float32, 6 x 20 with rows and columns graded by 10^-4:
-        # the error of `jax.grad` with respect to `A`, 2.1e-4 -> 4.0e-6
-        # (`jnp.linalg.lstsq`'s 5.6e-7). (For a tall or square operator the
-        # residual is that of least squares, differentiable only through `A`.)
-        if state.u.shape[0] >= state.vh.shape[1]:
+    def has_full_rank(self, state: SVDState):
+        # (Float32, rows and columns graded by 10^-4, the error of `jax.grad` of
+        # a solve with respect to `A`: tall 20 x 6 1.2e-4 -> 1.4e-6, wide 6 x 20
+        # 7.3e-5 -> 2.1e-6; `jnp.linalg.lstsq`'s 4.7e-7 and 7.1e-7. A square
+        # operator's gradient was as accurate as `jnp.linalg.pinv`'s already,
+        # float32 8 x 8 5.8e-6 against 6.2e-6: left as it was.)
+        if state.u.shape[0] == state.vh.shape[1]:
             return None
-        u, s, vh = (lax.stop_gradient(x) for x in (state.u, state.s, state.vh))
-        b = ravel_vector(vector, state.packed_structures)
-        coeffs = jnp.matmul(b.astype(u.dtype), jnp.conj(u), precision=_HI)
-        residual = b - jnp.matmul(coeffs, u.T, precision=_HI)
-        residual = unflatten_vector(residual, state.packed_structures.out_structure)
-        return residual, jnp.all(self._keep(u, s, vh))
-
-    def null_space_part(self, state: SVDState, vector):
-        # A tall operator of full column rank (all `n` singular values kept):
-        # `(I - V V^H) z`, zero up to `eps |z|`, where `z - A^+ (A z)` is of the
-        # order of `eps |A^+| |A| |z|`. Float32, 20 x 6 graded as above: the
-        # error of `jax.grad` with respect to `A`, 3.7e-5 -> 1.1e-6
-        # (`jnp.linalg.lstsq`'s 4.4e-7). (Square operators keep the generic
-        # formula: as accurate as `jnp.linalg.pinv` there, float32 8 x 8: 5.8e-6
-        # against 6.2e-6.)
-        if state.u.shape[0] <= state.vh.shape[1]:
-            return None
-        u, s, vh = (lax.stop_gradient(x) for x in (state.u, state.s, state.vh))
-        z = ravel_vector(vector, transpose_packed_structures(state.packed_structures))
-        coeffs = jnp.matmul(vh, z.astype(vh.dtype), precision=_HI)
-        part = z - jnp.matmul(coeffs, jnp.conj(vh), precision=_HI)
-        part = unravel_solution(part, state.packed_structures)
-        return part, jnp.all(self._keep(u, s, vh))
+        return jnp.all(self._kept(state.u, state.s, state.vh)[0])
 
     def part_read(self, operator, other):
         # With a larger `rcond`, the tangent of `A_k` (see `solved_operator`) along
