@@ -927,8 +927,14 @@ def _linear_solve_jvp(primals, tangents):
             assert tangent_op_t is not None
             return tree_conj(tangent_op_t.mv(tree_conj(y, complex_)), complex_)
 
+        # (Where the solver's factorisation says the operator has full rank: see
+        # `has_full_rank`.)
+        full_rank = solver.has_full_rank(state)
         if dependent_rows:
             residual = _tree_sub(vector, solved.mv(solution))
+            if full_rank is not None and operator.out_size() < operator.in_size():
+                # Wide, of full row rank: every `b` is in the range, `b - A x = 0`.
+                residual = _tree_zero_where(full_rank, residual)
             terms.append(
                 _conj_transpose_solve(
                     operator,
@@ -946,6 +952,9 @@ def _linear_solve_jvp(primals, tangents):
                 operator, state, row_part, options, solver, throw, complex_
             )
             z = tangent_op_h_mv(y)
+            if full_rank is not None and operator.in_size() < operator.out_size():
+                # Tall, of full column rank: no null space, `(I - A^+ A) z = 0`.
+                z = _tree_zero_where(full_rank, z)
             terms.append(_tree_neg(solved.mv(z)))
             after.append(z)
     total = _tree_add(*terms) if len(terms) > 1 else terms[0]
@@ -953,6 +962,10 @@ def _linear_solve_jvp(primals, tangents):
     if after:
         t_solution = _tree_add(t_solution, *after)
     return (solution, result, stats), (t_solution, _nones(result), _nones(stats))
+
+
+def _tree_zero_where(pred: Array, tree: Any) -> Any:
+    return jtu.tree_map(lambda x: select(pred, 0, x), tree)
 
 
 def _is_undefined(x: Any) -> bool:

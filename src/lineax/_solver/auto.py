@@ -173,6 +173,9 @@ class AutoLinearSolver(AbstractLinearSolver[AutoState]):
     def solved_operator(self, operator):
         return self.select_solver(operator).solved_operator(operator)
 
+    def has_full_rank(self, state: AutoState):
+        return state.solver.has_full_rank(state.state)
+
     def initial_guess(self, operator, y0):
         return self.select_solver(operator).initial_guess(operator, y0)
 

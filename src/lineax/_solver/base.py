@@ -234,6 +234,22 @@ class AbstractLinearSolver(eqx.Module, Generic[_SolverState]):
         """
         return self.part_read(operator, operator)
 
+    def has_full_rank(self, state: _SolverState) -> Array | None:
+        """For the JVP of `linear_solve`: a boolean scalar array saying that the
+        operator as solved has full rank (`min(m, n)`), tested by the
+        factorisation in `state`; or `None`, the default: not known.
+
+        Where it is true, the JVP drops the terms of the pseudoinverse derivative
+        that then vanish, instead of computing them as rounding: for a wide
+        operator the residual `b - A x` (rounded to `eps |A| |x|`, which the JVP
+        multiplies by `|A^+|^2`), for a tall one `(I - A^+ A) z` (rounded to
+        `eps |A^+| |A| |z|`). Both vanish near such an operator too, so higher
+        derivatives are exact. [`lineax.SVD`][] overrides this for non-square
+        operators; solvers whose `assume_full_rank()` is true have no such terms.
+        """
+        del state
+        return None
+
     def initial_guess(self, operator: AbstractLinearOperator, y0: PyTree) -> Any:
         """The initial guess `g` that the solution depends on, given the `y0`
         option: a solver whose answer is `g + A^+ (b - A g)` (the pseudoinverse
