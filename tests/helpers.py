@@ -24,6 +24,7 @@ and `case_operator` represents such a matrix in one of `CASE_KINDS`.
 
 import contextlib
 import dataclasses
+import json
 import os
 import pathlib
 import re
@@ -47,6 +48,18 @@ import lineax as lx
 
 Structure = PyTree[jax.ShapeDtypeStruct]
 NumpyMatrix = Inexact[np.ndarray, "m n"]
+
+# The JAX version whose program sizes, trace counts and bits some tests pin (the
+# compile guard's, `compile_guard.json`): they are JAX's implementation, not
+# lineax's behaviour, and are skipped with another JAX (the CI job on the newest
+# supported JAX runs the rest).
+RECORDED_JAX = json.loads(
+    pathlib.Path(__file__).with_name("compile_guard.json").read_text()
+)["jax_version"]
+recorded_jax_only = pytest.mark.skipif(
+    jax.__version__ != RECORDED_JAX,
+    reason=f"pins JAX {RECORDED_JAX}'s programs or traces (JAX {jax.__version__})",
+)
 
 DTYPES = (jnp.float32, jnp.float64, jnp.complex128)
 

@@ -38,6 +38,7 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import recorded_jax_only
 from jax.extend import core as jex_core
 
 import lineax as lx
@@ -241,6 +242,7 @@ def test_compile_size(name):
     )
 
 
+@recorded_jax_only
 def test_solve_implementation_traced_once_per_lowering_key():
     # The lowering of a solve keeps its trace of the implementation (the checks,
     # the error branch, the replay of `compute`) per parameters and input shapes:

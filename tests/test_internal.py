@@ -21,6 +21,7 @@ from helpers import (
     randn_like,
     random_operator,
     random_vector,
+    recorded_jax_only,
     same_structure,
     tolerance,
 )
@@ -455,6 +456,7 @@ def test_programs_served_by_the_compilation_cache_count_as_compiles():
     np.testing.assert_array_equal(value, expected)
 
 
+@recorded_jax_only
 def test_hypot_is_jnp_hypot_without_nested_wheres():
     # `_misc.hypot` replaces `jnp.hypot` in MINRES and LSMR (whose three nested
     # `jnp.where`s are functions of their own to lower): the same values under

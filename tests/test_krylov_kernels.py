@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.sparse.linalg as jssl
 import pytest
-from helpers import hlo_computations
+from helpers import hlo_computations, recorded_jax_only
 
 import lineax as lx
 
@@ -288,6 +288,7 @@ def _fused_operations(fn, *args, step_only: bool = False) -> int:
     return sum(1 for op in ops if op is not None and op not in _FREE_IN_FUSION)
 
 
+@recorded_jax_only
 @_XLA_CPU_ONLY
 @pytest.mark.parametrize(
     "solver, mv, tags, step_bound, bound",

@@ -40,6 +40,7 @@ from helpers import (
     random_matrix,
     random_operator,
     random_vector,
+    recorded_jax_only,
     round_to,
     same_structure,
     sample,
@@ -304,6 +305,7 @@ def test_probing_products(tags, fn_name, max_products, structure, wrap):
     assert_close(out_jit, out, f64)
 
 
+@recorded_jax_only
 def test_probing_untagged_materialises():
     # The counter itself is sound: an untagged operator needs all 8 columns.
     op, matrix, counter = _counted_operator((), _PROBE_STRUCTURES["flat"], False)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from conftest import raises_message
+from helpers import recorded_jax_only
 
 import lineax as lx
 
@@ -174,6 +175,7 @@ def test_user_solver_compute_returning_the_wrong_thing_is_named(output, error, m
 # written) traced a function operator's function once more in every solve
 # (by the solve: GMRES 4 -> 5 traces, LSMR 4 -> 5, CG 3 -> 4), compile time for a
 # large user function such as Diffrax's vector field.
+@recorded_jax_only
 @pytest.mark.parametrize(
     "solver, traces",
     [
