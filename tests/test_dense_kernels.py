@@ -119,3 +119,34 @@ def test_solve_returning_state_and_statistics_kernels():
         return text.count(" fusion(")
 
     assert kernels(ours) - kernels(jnp.linalg.solve) <= 5
+
+
+def test_lu_of_a_jacobian_computes_it_once():
+    # Diffrax's implicit solvers and Optimistix's Newton factorise a Jacobian
+    # (`lx.linearise(lx.JacobianLinearOperator(...))`, a matrix the operator
+    # computes) and carry the state through their loops, reading no `stats`.
+    # The 1-norm of `A` that the condition estimate needs was read from the
+    # matrix in `init`: `getrf` overwrites its own copy, so XLA computed the
+    # Jacobian a second time for it (two `cosine`s here). For a small matrix it
+    # comes from the factors, with the estimate, and XLA removes it.
+    def field(y, args):
+        return jnp.sin(y) * args + jnp.roll(y, 1) ** 2
+
+    def init(y):
+        jacobian = lx.JacobianLinearOperator(field, y, jnp.array(2.0))
+        return lx.AutoLinearSolver(well_posed=None).init(lx.linearise(jacobian), {})
+
+    y = jnp.linspace(0.1, 1.0, 5)
+    text = jax.jit(init).lower(y).compile().as_text()
+    assert text is not None
+    assert len(re.findall(r" cosine\(", text)) == 1
+
+    # The condition estimate from the factors' norm: as from the matrix's.
+    operator = lx.linearise(lx.JacobianLinearOperator(field, y, jnp.array(2.0)))
+    matrix = operator.as_matrix()
+    for solver in (lx.LU(), lx.AutoLinearSolver(well_posed=None)):
+        ours = lx.linear_solve(operator, y, solver).stats["rcond"]
+        want = lx.linear_solve(lx.MatrixLinearOperator(matrix), y, solver).stats[
+            "rcond"
+        ]
+        np.testing.assert_allclose(ours, want, rtol=1e-5)

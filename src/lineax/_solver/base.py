@@ -595,6 +595,12 @@ _HAGER_STEPS = 2
 _EXACT_BELOW = 32
 
 
+def rcond_is_exact(n: Size) -> bool:
+    """Whether `rcond_estimate` forms the inverse for a size `n` (an O(n^3)
+    solve of `n` right-hand sides) rather than estimating its norm in O(n^2)."""
+    return isinstance(n, int) and n <= _EXACT_BELOW
+
+
 def norm1(matrix: Array, axis: int = 0) -> Array:
     """The 1-norm (maximum absolute column sum) of a 2-D array; with `axis=1`,
     that of its transpose (the maximum absolute row sum).
@@ -670,7 +676,7 @@ def rcond_estimate(
         return jnp.ones((), real)
     # (A symbolic size, from `jax.export.symbolic_shape`, may be small or not: the
     # estimate, which holds for any size.)
-    if isinstance(n, int) and n <= _EXACT_BELOW:
+    if rcond_is_exact(n):
         # Small: the exact `|A^{-1}|_1` from the inverse, one solve of `n`
         # right-hand sides, costs less than the estimate's sequence of solves.
         # (The identity as a constant: made with `jnp.eye`, XLA:CPU computed it

@@ -9,7 +9,7 @@ import jax.scipy.linalg as jsl
 import jax.tree_util as jtu
 from jaxtyping import Array, Int
 
-from .._misc import diagonal
+from .._misc import diagonal, select
 from .._operator.base import AbstractLinearOperator
 from .._solution import RESULTS
 from ._packing import (
@@ -27,18 +27,20 @@ from .base import (
     norm1,
     operator_is_finite,
     rcond_estimate,
+    rcond_is_exact,
 )
 
 
 class LUState(eqx.Module):
     """State of [`lineax.LU`][]: the packed factors `L` (unit lower) and `U` (upper)
     of `A[permutation] = L U`, whether to solve with the transpose, the 1-norm
-    of `A` (for the condition estimate), and whether every entry of `A` is
+    of `A` (for the condition estimate; `None` where it is computed from the
+    factors instead, see `LU.init`), and whether every entry of `A` is
     finite."""
 
     lu: Array
     permutation: Int[Array, " n"]
-    norm: Array
+    norm: Array | None
     finite: Array
     packed_structures: PackedStructures = eqx.field(static=True)
     transposed: bool = eqx.field(static=True)
@@ -83,10 +85,21 @@ class LU(AbstractLinearSolver[LUState]):
         # temporary more than the matrix's test (`lx.invert(op).mv` under `jit`,
         # n = 100: 3.02 -> 2.04 n^2; `lu_solve(lu_factor(A), b)`: 2.02).
         own = any(matrix is leaf for leaf in jtu.tree_leaves(operator))
+        # The 1-norm of `A`, which only the condition estimate reads, from `A`
+        # where reading it is free: the operator's own matrix, or a large one
+        # (whose estimate is O(n^2): the norm of `L U` would be O(n^3)). Of a
+        # small computed matrix (a Jacobian's: Optimistix's Newton, Diffrax's
+        # implicit solvers) it is `|L U|_1`, computed by `compute`, so that
+        # XLA removes it with the estimate wherever `stats` is not read. Read
+        # here, it made XLA compute the matrix a second time for it (`getrf`
+        # overwrites its own copy), kept with the state in the caller's loops
+        # whether read or not: Diffrax's Kvaerno5 on Robertson's problem,
+        # 82 -> 78 kernels compiled, the Jacobian twice in every `init`.
+        norm = norm1(matrix) if own or not rcond_is_exact(lu.shape[0]) else None
         return LUState(
             lu,
             permutation,
-            norm1(matrix),
+            norm,
             operator_is_finite(matrix if own else lu),
             pack_structures(operator),
             False,
@@ -105,9 +118,10 @@ class LU(AbstractLinearSolver[LUState]):
         # is made inside reverse mode only). The un-jitted 10 x 10 solve: 1122 ->
         # 9xx flops by XLA's estimate, under the 1000 above which XLA:CPU hands
         # a program to its thread pool and back (about 15 us).
+        norm = _factors_norm(state.lu) if state.norm is None else state.norm
         stats = {
             "rcond": rcond_estimate(
-                state.norm,
+                norm,
                 (state.lu, state.permutation),
                 solve=_rcond_solve,
                 static=False,
@@ -188,6 +202,22 @@ def _factors_solve(lu: Array, b: Array, transposed: bool) -> Array:
         return jsl.solve_triangular(lu, y, trans=1, lower=True, unit_diagonal=True)
     y = jsl.solve_triangular(lu, b, lower=True, unit_diagonal=True)
     return jsl.solve_triangular(lu, y, lower=False)
+
+
+def _factors_norm(lu: Array) -> Array:
+    """`|A|_1` from the factors of `A[permutation] = L U`: `|L U|_1`, as a
+    permutation of the rows changes no column sum. (Equal to the norm of `A` up
+    to the rounding of the product: `L U` is `A[permutation]` up to the
+    backward error of the factorisation.) Of a state's own conjugate or
+    transpose alike (`conj` conjugates `L` and `U`; a transposed state reports
+    the condition number of the matrix factored, see `LU`)."""
+    # (One pair of iotas for both masks: `jnp.tril`, `jnp.triu` and `jnp.eye`
+    # make theirs each, traced and lowered with every solve.)
+    row = lax.broadcasted_iota(jnp.int32, lu.shape, 0)
+    column = lax.broadcasted_iota(jnp.int32, lu.shape, 1)
+    lower = select(row > column, lu, (row == column).astype(lu.dtype))
+    upper = select(row <= column, lu, jnp.zeros((), lu.dtype))
+    return norm1(jnp.matmul(lower, upper, precision=lax.Precision.HIGHEST))
 
 
 def _rcond_inverse(arrays, transposed: bool, identity: Array) -> Array:
