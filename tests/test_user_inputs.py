@@ -548,3 +548,28 @@ def test_integer_operator_is_refused_not_truncated(solver):
                 lx.linear_solve(operator, vector, solver)
             with pytest.raises(TypeError, match=message):
                 eqx.filter_jit(lx.linear_solve)(operator, vector, solver)
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [
+        lx.Diagonal(),
+        lx.Diagonal(well_posed=True),
+        lx.LU(),
+        lx.Tridiagonal(),
+        lx.AutoLinearSolver(well_posed=True),
+    ],
+    ids=["Diagonal", "Diagonal-well-posed", "LU", "Tridiagonal", "Auto"],
+)
+def test_integer_diagonal_put_in_afterwards_is_solved(solver):
+    # A diagonal operator's structure is its diagonal's in the floating dtype
+    # that the constructor converts integers to, so an integer diagonal put in
+    # by `eqx.tree_at` passes the check above; `lx.Diagonal()` then failed deep
+    # in JAX ("data type int32 not inexact"), and so did `lx.LU()` ("lu does
+    # not accept dtype int32"). Its matrix, diagonal and tridiagonal are now
+    # in the structure's dtype.
+    built = lx.DiagonalLinearOperator(jnp.ones(2))
+    operator = eqx.tree_at(lambda op: op.diagonal, built, jnp.asarray([2, 4]))
+    value = lx.linear_solve(operator, jnp.asarray([1.0, 1.0]), solver).value
+    assert value.dtype == built.in_structure().dtype
+    np.testing.assert_allclose(value, [0.5, 0.25], rtol=1e-6)

@@ -46,7 +46,7 @@ class DiagonalLinearOperator(AbstractLinearOperator):
         return jtu.tree_map(lambda d, v: d * v, self.diagonal, vector)
 
     def as_matrix(self):
-        return jnp.diag(flatten_vector(self.diagonal))
+        return jnp.diag(_flat_diagonal(self))
 
     def transpose(self):
         return self
@@ -63,12 +63,24 @@ register_structure(DiagonalLinearOperator, diagonal_tag)
 
 @diagonal.register(DiagonalLinearOperator)
 def _(operator):
-    return flatten_vector(operator.diagonal)
+    return _flat_diagonal(operator)
+
+
+def _flat_diagonal(operator: DiagonalLinearOperator) -> Array:
+    """The diagonal as one array, in the dtype of the operator's structure: an
+    integer diagonal put in after construction (`eqx.tree_at`), which the
+    structure reports as the default floating dtype as the constructor would
+    have converted it, failed deep in JAX in `lx.Diagonal()` ("data type int32
+    not inexact") and `lx.LU()` ("lu does not accept dtype int32")."""
+    dtype = jnp.result_type(
+        *(s.dtype for s in jtu.tree_leaves(operator.in_structure()))
+    )
+    return flatten_vector(operator.diagonal, dtype)
 
 
 @tridiagonal.register(DiagonalLinearOperator)
 def _(operator):
-    diag = flatten_vector(operator.diagonal)
+    diag = _flat_diagonal(operator)
     zeros = jnp.zeros(diag.shape[0] - 1, diag.dtype)
     return diag, zeros, zeros
 
