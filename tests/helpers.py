@@ -78,6 +78,30 @@ nsd = lx.negative_semidefinite_tag
 #
 
 
+class UserMatrixOperator(lx.AbstractLinearOperator):
+    """A user's operator class around a matrix, as users write one (`mv`,
+    `as_matrix`, `transpose` and the structures, from the matrix's shape and
+    dtype), registering none of the predicates. Tests subclass it to register
+    predicates for the subclass, or to break one of its methods."""
+
+    matrix: Shaped[Array, "m n"]
+
+    def mv(self, vector):
+        return self.matrix @ vector
+
+    def as_matrix(self):
+        return self.matrix
+
+    def transpose(self) -> lx.AbstractLinearOperator:
+        return type(self)(self.matrix.T)
+
+    def in_structure(self):
+        return jax.ShapeDtypeStruct(self.matrix.shape[1:], self.matrix.dtype)
+
+    def out_structure(self):
+        return jax.ShapeDtypeStruct(self.matrix.shape[:1], self.matrix.dtype)
+
+
 def run_python(
     code: str,
     env: dict[str, str] | None = None,

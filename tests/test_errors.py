@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import raises_message
-from helpers import DelegatingLU
+from helpers import DelegatingLU, UserMatrixOperator
 
 import lineax as lx
 
@@ -547,25 +547,7 @@ def test_no_crash_on_empty_tags_user_operator():
     """An operator class that registers no predicates still solves (as 'no
     structure')."""
 
-    class Plain(lx.AbstractLinearOperator):
-        matrix: jax.Array
-
-        def mv(self, vector):
-            return self.matrix @ vector
-
-        def as_matrix(self):
-            return self.matrix
-
-        def transpose(self):
-            return Plain(self.matrix.T)
-
-        def in_structure(self):
-            return jax.ShapeDtypeStruct((3,), self.matrix.dtype)
-
-        def out_structure(self):
-            return jax.ShapeDtypeStruct((3,), self.matrix.dtype)
-
-    operator = Plain(A)
+    operator = UserMatrixOperator(A)
     assert lx.AutoLinearSolver(well_posed=True).select_solver(operator) == lx.LU()
     np.testing.assert_allclose(
         lx.linear_solve(operator, B).value, np.linalg.solve(A, B)

@@ -25,6 +25,7 @@ from helpers import (
     true_predicates,
     unit,
     upper,
+    UserMatrixOperator,
 )
 
 import lineax as lx
@@ -241,23 +242,7 @@ def test_transpose_tags_rules_user_swap():
 #
 
 
-class _UserOperator(lx.AbstractLinearOperator):
-    matrix: jax.Array
-
-    def mv(self, vector):
-        return self.matrix @ vector
-
-    def as_matrix(self):
-        return self.matrix
-
-    def transpose(self):
-        return type(self)(self.matrix.T)
-
-    def in_structure(self):
-        return jax.ShapeDtypeStruct(self.matrix.shape[1:], self.matrix.dtype)
-
-    def out_structure(self):
-        return jax.ShapeDtypeStruct(self.matrix.shape[:1], self.matrix.dtype)
+_UserOperator = UserMatrixOperator
 
 
 class _UnregisteredOperator(_UserOperator):

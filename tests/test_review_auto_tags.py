@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import diag, lower, nsd, psd, sym, tri, unit, upper
+from helpers import diag, lower, nsd, psd, sym, tri, unit, upper, UserMatrixOperator
 from jaxtyping import Array, Float
 
 import lineax as lx
@@ -77,25 +77,8 @@ def _tridiagonal_1x1(value: float) -> lx.TridiagonalLinearOperator:
 #
 
 
-class _UserOperator(lx.AbstractLinearOperator):
-    """A user's operator class that registers none of the predicates."""
-
-    matrix: Float[Array, "m n"]
-
-    def mv(self, vector):
-        return self.matrix @ vector
-
-    def as_matrix(self):
-        return self.matrix
-
-    def transpose(self):
-        return _UserOperator(self.matrix.T)
-
-    def in_structure(self):
-        return jax.ShapeDtypeStruct((self.matrix.shape[1],), self.matrix.dtype)
-
-    def out_structure(self):
-        return jax.ShapeDtypeStruct((self.matrix.shape[0],), self.matrix.dtype)
+# (A user's operator class that registers none of the predicates.)
+_UserOperator = UserMatrixOperator
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from conftest import raises_message
-from helpers import recorded_jax_only
+from helpers import recorded_jax_only, UserMatrixOperator
 
 import lineax as lx
 
@@ -245,26 +245,12 @@ def test_normal_names_either_factor_whose_mv_breaks_its_structure(shape, bad):
         )
 
 
-class _WrongTranspose(lx.AbstractLinearOperator):
+class _WrongTranspose(UserMatrixOperator):
     """A square user operator whose `transpose()` drops a row of the matrix (a bug
     in the user's class): its structures are not the operator's swapped."""
 
-    matrix: jax.Array
-
-    def mv(self, vector):
-        return self.matrix @ vector
-
-    def as_matrix(self):
-        return self.matrix
-
     def transpose(self):
         return lx.MatrixLinearOperator(self.matrix[:-1].T)
-
-    def in_structure(self):
-        return jax.ShapeDtypeStruct((self.matrix.shape[1],), self.matrix.dtype)
-
-    def out_structure(self):
-        return jax.ShapeDtypeStruct((self.matrix.shape[0],), self.matrix.dtype)
 
 
 # Reverse mode solves with `operator.transpose()`. A user operator whose

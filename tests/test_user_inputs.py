@@ -12,7 +12,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import sample
+from helpers import sample, UserMatrixOperator
 
 import lineax as lx
 
@@ -491,27 +491,6 @@ def test_python_number_vector_takes_the_operators_precision():
 #
 
 
-class _IntegerOperator(lx.AbstractLinearOperator):
-    """A user's operator declaring integer structures."""
-
-    matrix: jax.Array
-
-    def mv(self, vector):
-        return self.matrix @ vector
-
-    def as_matrix(self):
-        return self.matrix
-
-    def transpose(self):
-        return _IntegerOperator(self.matrix.T)
-
-    def in_structure(self):
-        return jax.ShapeDtypeStruct((2,), self.matrix.dtype)
-
-    def out_structure(self):
-        return jax.ShapeDtypeStruct((2,), self.matrix.dtype)
-
-
 @pytest.mark.parametrize(
     "solver",
     [
@@ -542,7 +521,7 @@ def test_integer_operator_is_refused_not_truncated(solver):
         rtol=1e-6,
     )
     message = r"floating or complex dtypes.*maps int(64|32)\[2\] to int(64|32)\[2\]"
-    for operator in (replaced, _IntegerOperator(integers)):
+    for operator in (replaced, UserMatrixOperator(integers)):
         for vector in (jnp.asarray([1, 1]), jnp.asarray([1.0, 1.0])):
             with pytest.raises(TypeError, match=message):
                 lx.linear_solve(operator, vector, solver)
