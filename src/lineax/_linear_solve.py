@@ -32,6 +32,7 @@ from ._misc import (
 )
 from ._operator.base import (
     AbstractLinearOperator,
+    has_no_precision,
     is_cacheable,
     PYTHON_NUMBERS,
     reads_every_leaf,
@@ -142,12 +143,11 @@ def _check_vector(
                     "jnp.complex128))`) or solve for the real and imaginary parts "
                     "separately."
                 )
-            # A Python number, or an array that was one (weakly typed), has no
-            # precision of its own: it takes the operator's, as it would in JAX
-            # (`jnp.float32(2.0) * 1.0` is float32). "Converting would lose
-            # precision" refused `1.0` for a float32 scalar operator.
-            weak = type(leaf) in PYTHON_NUMBERS or getattr(leaf, "weak_type", False)
-            if not weak and not np.can_cast(dtype, target, casting="safe"):
+            # ("Converting would lose precision" refused `1.0` for a float32
+            # scalar operator.)
+            if not has_no_precision(leaf) and not np.can_cast(
+                dtype, target, casting="safe"
+            ):
                 raise ValueError(
                     f"{where} has dtype {dtype} but the operator has dtype {target}; "
                     "converting would lose precision. Cast one of them explicitly "

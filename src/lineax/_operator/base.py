@@ -708,6 +708,13 @@ STATE_SIGNATURES: dict[type, Callable[[Any], Any]] = {}
 PYTHON_NUMBERS = (int, float, complex)
 
 
+def has_no_precision(leaf: Any) -> bool:
+    """Whether `leaf` is a Python number, or an array that was one (weakly typed):
+    it has no precision of its own and takes the operator's, as in JAX
+    (`jnp.float32(2.0) * 1.0` is float32), wherever a vector or guess is cast."""
+    return type(leaf) in PYTHON_NUMBERS or getattr(leaf, "weak_type", False)
+
+
 def concrete_arrays(tree: PyTree) -> bool:
     """Whether every leaf of `tree` is a JAX or NumPy array that is not traced."""
     return all(

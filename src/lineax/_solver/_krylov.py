@@ -78,10 +78,10 @@ from .._operator.base import (
     AbstractLinearOperator,
     check_structures_equal,
     conj,
+    has_no_precision,
     is_negative_semidefinite,
     is_positive_semidefinite,
     linearise,
-    PYTHON_NUMBERS,
 )
 from .._solution import RESULTS, results_where
 from .base import AbstractLinearSolver, check_square, statistics_wanted
@@ -326,14 +326,13 @@ def y0_of(
             target = jnp.dtype(struct.dtype)
             if dtype == target:
                 return leaf
-            weak = type(leaf) in PYTHON_NUMBERS or getattr(leaf, "weak_type", False)
             complex_to_real = jnp.issubdtype(
                 dtype, jnp.complexfloating
             ) and not jnp.issubdtype(target, jnp.complexfloating)
             if (
                 not jnp.issubdtype(dtype, jnp.inexact)
                 or np.can_cast(dtype, target, "safe")
-                or (weak and not complex_to_real)
+                or (has_no_precision(leaf) and not complex_to_real)
             ):
                 return jnp.asarray(leaf).astype(target)
             return leaf
