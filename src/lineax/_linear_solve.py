@@ -1,5 +1,6 @@
 """`linear_solve` and `invert`: argument checks, then a bind of the primitive."""
 
+import dataclasses
 import threading
 import time
 import types
@@ -1034,16 +1035,19 @@ def _solver_key(solver) -> tuple:
     one traces differently from one holding another: dtypes, `isinstance` tests,
     so they must not share a compiled function). Remembered for the last solvers
     seen, by identity (a module is immutable): the default solver, or one a user
-    keeps, is flattened once, not on every call (1.3 of the 2.2 us a lookup took)."""
+    keeps, is flattened once, not on every call (1.3 of the 2.2 us a lookup took).
+    A solver of scalar fields is not flattened at all (`_fields_key`)."""
     entry = _SOLVER_KEYS.get(id(solver))
     if entry is not None and entry[0] is solver:
         return entry[1]
-    solver_leaves, solver_treedef = jtu.tree_flatten(solver)
-    key = (solver_treedef, *[(type(x), x) for x in solver_leaves])
-    try:
-        hash(key)
-    except TypeError:  # a solver holding arrays: `_compiled_linear_solve` says so
-        return key
+    key = _fields_key(solver)
+    if key is None:
+        solver_leaves, solver_treedef = jtu.tree_flatten(solver)
+        key = (solver_treedef, *[(type(x), x) for x in solver_leaves])
+        try:
+            hash(key)
+        except TypeError:  # a solver holding arrays: `_compiled_linear_solve` says so
+            return key
     if len(_SOLVER_KEYS) >= 16:
         _SOLVER_KEYS.clear()
     # (The entry holds the solver, so that its `id` is not reused meanwhile.)
@@ -1052,6 +1056,49 @@ def _solver_key(solver) -> tuple:
 
 
 _SOLVER_KEYS: dict[int, tuple[Any, tuple]] = {}
+
+
+def _fields_key(module) -> tuple | None:
+    """A `_solver_key` read from the fields of `module` (an Equinox module whose
+    fields are all Python scalars, strings, `None`, functions or such modules):
+    its type and each field's value with its type, without flattening it. A
+    solver built anew on every call (`lx.linear_solve(op, b, lx.LU())`, the
+    common way to write it) took 15 us longer to solve than one kept (10x10,
+    25 -> 40 us), most of it in `jtu.tree_flatten` and in hashing its treedef;
+    `lx.AutoLinearSolver(well_posed=True)`, 30 us. `None` for any other field
+    (an array, a container), where the treedef and leaves are the key. Two
+    solvers with equal keys have equal treedefs and leaves (the same type, the
+    same field values, even of the same types), so they may share a compiled
+    solve; and a key never equals one made from a treedef (its first element is
+    a type, not a treedef)."""
+    names = _FIELD_NAMES.get(type(module))
+    if names is None:
+        if not isinstance(module, eqx.Module):
+            return None
+        names = tuple(f.name for f in dataclasses.fields(module))
+        _FIELD_NAMES[type(module)] = names
+    values = module.__dict__
+    key: list = [type(module)]
+    for name in names:
+        value = values.get(name, _sentinel)
+        if type(value) in _KEYED_BY_VALUE:
+            key.append((type(value), value))
+        elif isinstance(value, eqx.Module):
+            inner = _fields_key(value)
+            if inner is None:
+                return None
+            key.append(inner)
+        else:
+            return None
+    return tuple(key)
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+# The field values `_fields_key` keys by themselves (and their type): hashable,
+# compared by value or (functions) by identity, as a treedef compares them.
+_KEYED_BY_VALUE = frozenset(
+    {bool, int, float, complex, str, type(None), types.FunctionType}
+)
 
 
 def _retraced(tree: PyTree, leaves: list) -> PyTree | None:
