@@ -38,7 +38,6 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import recorded_jax_only
 from jax.extend import core as jex_core
 
 import lineax as lx
@@ -245,12 +244,15 @@ def test_compile_size(name):
     )
 
 
-@recorded_jax_only
 def test_solve_implementation_traced_once_per_lowering_key():
     # The lowering of a solve keeps its trace of the implementation (the checks,
     # the error branch, the replay of `compute`) per parameters and input shapes:
     # a new function of the same solve lowers it again without tracing it again,
-    # and the kept trace still raises with its message, as a fresh one does.
+    # and the kept trace still raises with its message, as a fresh one does. On
+    # every JAX this library supports: on jax 0.11 and 0.12 the lowering traced
+    # the implementation twice per lowering, its own trace (whose constants
+    # JAX returned apart from the jaxpr's `constvars`) then `lower_fun`'s, and
+    # kept neither (`_trace_with_consts`).
     from lineax import _primitive
 
     matrix = jnp.asarray(np.diag([2.0, 3.0, 4.0]))
@@ -295,34 +297,45 @@ def test_solve_implementation_traced_once_per_lowering_key():
 def test_lowering_falls_back_where_the_trace_constants_are_not_its_constvars(
     monkeypatch,
 ):
-    # jax 0.11 (which `jax>=0.10.2` installs on Python 3.12) keeps the private
-    # signatures that the lowering checks, but returns a trace's constants
-    # otherwise than as the values of `jaxpr.constvars`: every solve, jitted or
-    # not, on CPU and GPU, failed to lower ("safe_zip() argument 1 has length 0
-    # but argument 0 has length 1"; seen on jax 0.11.2). Such a trace is
+    # jax 0.11 (which `jax>=0.10.2` installs on Python 3.12) kept the private
+    # signatures that the lowering of jax 0.10 checks, but returned a trace's
+    # constants otherwise than as the values of `jaxpr.constvars`: every solve,
+    # jitted or not, on CPU and GPU, failed to lower ("safe_zip() argument 1 has
+    # length 0 but argument 0 has length 1"; seen on jax 0.11.2). Such a trace is
     # lowered by JAX's own rule. (Simulated here: one constant more than the
-    # constvars.)
+    # constvars.) The cached lowering lowers what JAX's own rule does: the
+    # same StableHLO, but that the error branches of a solve's derivative
+    # solves share one host callback (its index) where the trace is reused.
     from lineax import _primitive
 
-    real = _primitive._pe
+    def lowered(solve, vector):
+        jax.clear_caches()
+        text = solve.lower(vector).as_text()
+        return re.sub(r"index = \d+ : ui64", "index = N", text)
 
-    class Newer:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def trace_to_jaxpr_dynamic(self, *args, **kwargs):
-            jaxpr, avals, consts = real.trace_to_jaxpr_dynamic(*args, **kwargs)
-            return jaxpr, avals, [*consts, np.float32(0.0)]
-
-    monkeypatch.setattr(_primitive, "_pe", Newer())
-    jax.clear_caches()
     matrix = jnp.asarray(np.diag([2.0, 3.0, 4.0]) + 0.5)
     vector = jnp.asarray([1.0, 2.0, 3.0])
     want = np.linalg.solve(np.asarray(matrix), np.asarray(vector))
     op = lx.MatrixLinearOperator(matrix)
-    for solver in (lx.LU(), lx.GMRES(rtol=1e-10, atol=1e-10, max_steps=20)):
+    solvers = (lx.LU(), lx.GMRES(rtol=1e-10, atol=1e-10, max_steps=20))
+    cached = [
+        lowered(jax.jit(lambda b, s=s: lx.linear_solve(op, b, s).value), vector)
+        for s in solvers
+    ]
+    real = _primitive._trace_impl
+    assert real is not None
+
+    def newer(*args):
+        jaxpr, consts = real(*args)
+        return jaxpr, [*consts, np.float32(0.0)]
+
+    monkeypatch.setattr(_primitive, "_trace_impl", newer)
+    jax.clear_caches()
+    for solver, text in zip(solvers, cached):
         solve = jax.jit(lambda b, s=solver: lx.linear_solve(op, b, s).value)
         np.testing.assert_allclose(solve(vector), want, rtol=1e-8)
+        assert lowered(solve, vector) == text
+        assert len(_primitive._IMPL_TRACES) == 0
         # (Un-jitted: the cached compiled solve.)
         np.testing.assert_allclose(
             lx.linear_solve(op, vector, solver).value, want, rtol=1e-8
@@ -382,3 +395,26 @@ def test_dead_code_rule_takes_the_live_inputs_of_newer_jax():
         assert (old_eqn is None) == (new_eqn is None)
         if old_eqn is not None and new_eqn is not None:
             assert old_eqn.params == new_eqn.params
+
+
+def test_dead_code_rule_drops_an_unused_batched_primitive_with_droppable_effects():
+    # Another Equinox batched primitive (a `vprim` not of a solve) gets JAX's own
+    # default rule: removed when no output is used and its effects are ones that
+    # JAX's dead-code elimination drops (a named axis). The test of effects was
+    # looked up in the public `jax.interpreters.partial_eval`, which has none:
+    # every effect kept the equation, on every JAX.
+    import types
+
+    from jax._src import callback as jax_callback, core as jax_core
+
+    from lineax import _primitive
+
+    droppable = types.SimpleNamespace(
+        effects={jax_core.NamedAxisEffect("i")}, invars=[]
+    )
+    assert not _primitive._has_effects(droppable)
+    if jax.__version_info__ >= (0, 12):  # (called with the live inputs there)
+        assert not _primitive._has_effects(droppable, [])
+    io = jax_callback.OrderedIOEffect()
+    kept = types.SimpleNamespace(effects={io}, invars=[])
+    assert _primitive._has_effects(kept)

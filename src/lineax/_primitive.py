@@ -1129,13 +1129,24 @@ def _dce_rule(used_outputs: list[bool], *args: Any) -> tuple[list[bool], Any]:
     return used_inputs, new_eqn
 
 
-def _has_effects(eqn: Any, live_ins: Any = None) -> bool:
-    """Whether `eqn` has effects that keep it (JAX's own test where it has one:
-    from 0.12, a reference whose input is not live does not count)."""
-    test = getattr(pe, "has_effects", None)
-    if test is None:
-        return bool(eqn.effects)
-    return test(eqn, live_ins)
+def _has_effects(eqn: Any, *live_ins: Any) -> bool:
+    """Whether `eqn` has effects that keep it: JAX's own test where it has one
+    (an effect that JAX's dead-code elimination may drop, a named axis or a
+    read, does not count; from 0.12, nor does a reference whose input is not
+    live), else any effect. (JAX's is not public API: looked up in the public
+    `jax.interpreters.partial_eval`, which has never exported it, every
+    effect kept the equation, on every version.)"""
+    if _jax_has_effects is not None:
+        try:
+            return bool(_jax_has_effects(eqn, *live_ins))
+        except TypeError:  # pragma: no cover - another signature
+            pass
+    return bool(eqn.effects)
+
+
+_jax_has_effects: Any = getattr(
+    _private_module("jax._src.interpreters.partial_eval"), "has_effects", None
+)
 
 
 def _solve_params(primitive: Any, params: dict) -> dict | None:
@@ -1293,9 +1304,10 @@ _IMPL_TRACES = _TraceCache()
 _impl_rule = eqxi.filter_primitive_def(_linear_solve_impl)
 
 
-# Not public API (see `_private_lowering_usable`): else JAX's `lower_fun`, as
-# Equinox registers it.
+# Not public API (see `_private_tracer`): else JAX's `lower_fun`, as Equinox
+# registers it.
 _api_util: Any = _private_module("jax._src.api_util")
+_flattree: Any = _private_module("jax._src.flattree")
 _lu: Any = _private_module("jax._src.linear_util")
 _mlir: Any = _private_module("jax._src.interpreters.mlir")
 _pe: Any = _private_module("jax._src.interpreters.partial_eval")
@@ -1320,6 +1332,38 @@ def _impl_trace_key(avals_in, params) -> tuple | None:
     return key
 
 
+# The implementation traced as this JAX's own `mlir.lower_fun` traces a rule, into
+# a jaxpr and the values of its `constvars` (see `_private_tracer`). JAX 0.10's
+# `trace_to_jaxpr_dynamic` returns the two apart. JAX 0.11 made a jaxpr carry
+# its constants (`Jaxpr.consts`; `ClosedJaxpr` became an alias of `Jaxpr`), and
+# a jaxpr's `constvars` are the inputs with a constant attached: that function
+# still returns the constants apart, with none attached, so the jaxpr had no
+# `constvars` for them, and every solve fell back to `lower_fun` (see
+# `_linear_solve_lowering`), which traces with `trace_to_jaxpr(...,
+# requires_low=True)` and reads `jaxpr.consts`, as `_trace_with_consts` does.
+# Its StableHLO is `lower_fun`'s (`test_lowering_falls_back_where_...`).
+# (Uncached there, `trace_to_jaxpr_nocache`: `trace_to_jaxpr` is cached on the
+# function, a new `partial` of the implementation at every lowering.)
+def _trace_dynamic(args, avals_in, params) -> tuple[Any, Any]:
+    wrapped = _lu.wrap_init(
+        _impl_rule,
+        params,
+        debug_info=_api_util.debug_info("linear_solve", _impl_rule, args, {}),
+    )
+    jaxpr, _, consts = _pe.trace_to_jaxpr_dynamic(wrapped, avals_in, lower=True)
+    return jaxpr, consts
+
+
+def _trace_with_consts(args, avals_in, params) -> tuple[Any, Any]:
+    jaxpr, _ = _pe.trace_to_jaxpr_nocache(
+        ft.partial(_impl_rule, **params),
+        _flattree.flatten_args(*avals_in),
+        _api_util.debug_info("linear_solve", _impl_rule, args, {}),
+        requires_low=True,
+    )
+    return jaxpr, jaxpr.consts
+
+
 def _linear_solve_lowering(ctx, *args, **params):
     key = _impl_trace_key(ctx.avals_in, params)
     try:
@@ -1327,15 +1371,8 @@ def _linear_solve_lowering(ctx, *args, **params):
     except Exception:  # noqa: BLE001 - static data whose `==` is not a bool
         key = traced = None
     if traced is None:
-        wrapped = _lu.wrap_init(
-            _impl_rule,
-            params,
-            debug_info=_api_util.debug_info("linear_solve", _impl_rule, args, {}),
-        )
         try:
-            jaxpr, _, consts = _pe.trace_to_jaxpr_dynamic(
-                wrapped, ctx.avals_in, lower=True
-            )
+            jaxpr, consts = _trace_impl(args, ctx.avals_in, params)
         except ShardingTypeError as error:
             # (An iterative solver's loop is first traced here, at the
             # abstract values' shardings.)
@@ -1346,11 +1383,12 @@ def _linear_solve_lowering(ctx, *args, **params):
         ):
             # JAX's own rule, uncached: for an effect that no solver here makes;
             # and where the trace's constants are not the values of
-            # `jaxpr.constvars`, as they are in jax 0.10. jax 0.11 keeps the
-            # signatures that `_private_lowering_usable` checks but not that:
-            # every solve, jitted or not, failed to lower there ("safe_zip()
-            # argument 1 has length 0 but argument 0 has length 1", jax 0.11.2,
-            # which `jax>=0.10.2` installs on Python 3.12).
+            # `jaxpr.constvars`, as with `_trace_dynamic` on jax 0.11 and 0.12,
+            # where every solve, jitted or not, failed to lower ("safe_zip()
+            # argument 1 has length 0 but argument 0 has length 1", jax 0.11.2)
+            # before `_trace_with_consts` was used there: a JAX changing this
+            # again is lowered, slower (the implementation traced twice), rather
+            # than failed.
             lowering = _mlir.lower_fun(_impl_rule, multiple_results=True)
             return lowering(ctx, *args, **params)
         traced = (jaxpr, consts)
@@ -1378,28 +1416,26 @@ def _linear_solve_lowering(ctx, *args, **params):
     return out
 
 
-def _private_lowering_usable() -> bool:
-    """Whether the private JAX functions and fields that `_linear_solve_lowering`
-    uses have the signatures it was written against (jax 0.10). Checked once, at
-    import: with another JAX the primitive keeps Equinox's lowering (JAX's
-    `lower_fun`: slower to lower, never broken), rather than every solve failing
-    to lower. `test_solve_implementation_traced_once_per_lowering_key` fails
-    where the check does, so that the fallback is seen."""
+def _private_tracer() -> Any:
+    """How `_linear_solve_lowering` traces the implementation with this JAX:
+    `_trace_with_consts` (jax 0.11, 0.12) or `_trace_dynamic` (jax 0.10), where
+    the private functions and fields it uses have the signatures it was written
+    against; else `None`. Checked once, at import: with another JAX the primitive
+    keeps Equinox's lowering (JAX's `lower_fun`: slower to lower, never broken),
+    rather than every solve failing to lower.
+    `test_solve_implementation_traced_once_per_lowering_key` fails where the
+    check does, so that the fallback is seen."""
     if any(m is None for m in (_api_util, _lu, _mlir, _pe, _xc)):
-        return False
+        return None
     try:
         subcomp = inspect.signature(_mlir.jaxpr_subcomp).parameters
-        trace = inspect.signature(_pe.trace_to_jaxpr_dynamic).parameters
-        wrap = inspect.signature(_lu.wrap_init).parameters
         fields = {f.name for f in dataclasses.fields(_mlir.LoweringRuleContext)}
     except (AttributeError, TypeError, ValueError):
-        return False
-    return (
+        return None
+    lowers = (
         list(subcomp)[:5]
         == ["ctx", "jaxpr", "name_stack", "tokens", "consts_for_constvars"]
         and {"dim_var_values", "const_lowering", "outer_traceback"} <= set(subcomp)
-        and "lower" in trace
-        and "debug_info" in wrap
         and callable(getattr(_mlir, "ir_consts", None))
         and callable(getattr(_api_util, "debug_info", None))
         and {
@@ -1413,8 +1449,34 @@ def _private_lowering_usable() -> bool:
         }
         <= fields
     )
+    if not lowers:
+        return None
+    # (jax 0.11 and later: a jaxpr carrying its constants.)
+    jaxpr_type = getattr(_private_module("jax._src.core"), "Jaxpr", None)
+    try:
+        trace = inspect.signature(_pe.trace_to_jaxpr_nocache).parameters
+    except (AttributeError, TypeError, ValueError):
+        trace = {}
+    if (
+        list(trace)[:3] == ["fun", "in_avals", "debug_info"]
+        and "requires_low" in trace
+        and callable(getattr(_flattree, "flatten_args", None))
+        and isinstance(getattr(jaxpr_type, "consts", None), property)
+        and isinstance(getattr(jaxpr_type, "constvars", None), property)
+    ):
+        return _trace_with_consts
+    # (jax 0.10: the jaxpr and its constants apart.)
+    try:
+        trace = inspect.signature(_pe.trace_to_jaxpr_dynamic).parameters
+        wrap = inspect.signature(_lu.wrap_init).parameters
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if "lower" in trace and "debug_info" in wrap:
+        return _trace_dynamic
+    return None
 
 
-if _private_lowering_usable():
+_trace_impl: Any = _private_tracer()
+if _trace_impl is not None:
     _mlir.register_lowering(linear_solve_p, _linear_solve_lowering)
     _register_private_cache(_IMPL_TRACES, "lineax traces of the implementation")
