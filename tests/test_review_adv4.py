@@ -59,3 +59,19 @@ def test_lsmr_damp_real_scalars_are_accepted():
 def _damped_solve_value(damp):
     operator = lx.MatrixLinearOperator(_TALL)
     return lx.linear_solve(operator, _B6, _LSMR, options={"damp": damp}).value
+
+
+@pytest.mark.parametrize(
+    "cls", [lx.ILUPreconditioner, lx.IncompleteCholeskyPreconditioner]
+)
+@pytest.mark.parametrize("shift", [1j, 0.1 + 0.5j, np.complex64(2j)])
+def test_incomplete_factorisation_complex_shift_is_refused(cls, shift):
+    # The shift multiplies the diagonal by `1 + shift`; a complex one was taken as
+    # its real part (`1j` as 0, no shift) without a word.
+    import scipy.sparse as sp
+
+    operator = lx.SparseLinearOperator(
+        sp.csr_matrix(np.eye(3) * 2.0), lx.positive_semidefinite_tag
+    )
+    with pytest.raises(ValueError, match="`shift` must be a real, non-negative"):
+        cls(operator, shift=shift)
