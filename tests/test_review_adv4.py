@@ -75,3 +75,27 @@ def test_incomplete_factorisation_complex_shift_is_refused(cls, shift):
     )
     with pytest.raises(ValueError, match="`shift` must be a real, non-negative"):
         cls(operator, shift=shift)
+
+
+def _laplacian_1d(u, h):
+    padded = jnp.pad(u, 1)
+    return (2 * u - padded[:-2] - padded[2:]) / h**2
+
+
+@pytest.mark.parametrize(
+    "stencil",
+    [
+        # Only the interior points it reaches: "cannot reshape array of shape
+        # (15, 13) (size 195) into shape (15, 15)" from deep in JAX.
+        lambda u, h: (2 * u[1:-1] - u[:-2] - u[2:]) / h**2,
+        # The padded grid.
+        lambda u, h: jnp.pad(_laplacian_1d(u, h), 1),
+        # Not an array.
+        lambda u, h: (_laplacian_1d(u, h),),
+    ],
+)
+def test_multigrid_stencil_changing_the_grid_shape_is_refused_by_name(stencil):
+    with pytest.raises(ValueError, match=r"`stencil\(u, h\)` must return an array"):
+        lx.MultigridPreconditioner(stencil, (15,), 1 / 16, dtype=jnp.float64)
+    # A right one is accepted.
+    lx.MultigridPreconditioner(_laplacian_1d, (15,), 1 / 16, dtype=jnp.float64)
