@@ -5,6 +5,30 @@ scaled by 10^±6, zero, tiny and huge right-hand sides, singular and inconsisten
 systems), under `jit`, `vmap`, `jvp`, `grad` and their compositions, against
 NumPy/SciPy in float64 and central finite differences.
 
+Reviewed and found right (no test here): Kronecker, Woodbury, Schur,
+BlockDiagonal, Tridiagonal and Triangular solves against NumPy (also complex,
+transposed, PyTree factors and blocks, mixed float32/float64 and real/complex
+blocks, nested structures such as a Woodbury update of a Kronecker product inside
+a block diagonal), singular parts (RESULTS.singular, pseudoinverse inner solvers),
+`jvp`, `grad`, `vmap` over one factor or block, `vmap` of `jvp` and `jvp` of
+`jvp` against finite differences, scaled structured operators (Python, NumPy,
+traced, negative and complex scalars, under `jit`, `scan` and `cond`), `state=`
+reuse and `lx.invert`; sparse operators (padded BCOO/BCSR, duplicates, built
+under `jit`, rectangular, complex, empty) and their diagonal, bands, transpose
+and gradients; ILU(0) and IC(0) against dense reference factorisations (also
+complex, unsorted with duplicates, under `jit`/`vmap`/`grad`, breakdown), Jacobi,
+block Jacobi, SSOR, Chebyshev, Neumann and multigrid (1-, 2-, 3-D, anisotropic,
+convection, transposed); MINRES, FGMRES, FlexibleCG, PipelinedCG and LSMR on
+zero, 1e±300 and float32 1e±30 right-hand sides, unreachable tolerances, NaN
+and inf inputs (RESULTS codes, no hang), `y0`, negative definite and Hermitian
+operators, preconditioned gradients, LSMR's `damp` and right preconditioner.
+
+Found and left: `options={"damp": ...}` given to a solver that does not read it
+(LU, `AutoLinearSolver`, CG, ...) is accepted and ignored, so the undamped
+solution comes back (`test_option_keys_another_solvers_key_is_accepted` asks
+for that); a traced `omega` outside (0, 2) for SSOR, or a traced non-positive
+`scale` for Neumann, is not checked (the solve then reports a breakdown).
+
 Each test here failed before the fix it protects. Small sizes; solves shared.
 """
 
