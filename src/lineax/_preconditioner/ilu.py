@@ -44,9 +44,12 @@ def check_shift(shift: Any, dtype: Any) -> Any:
     `jnp.asarray`, compiles nothing.)"""
     if isinstance(shift, jax.core.Tracer):
         return shift
-    value = concrete_number(shift, "shift").real
-    if not value >= 0:
-        raise ValueError(f"`shift` must be a non-negative number, got {shift!r}.")
+    number = concrete_number(shift, "shift")
+    # (A complex shift, `1j`, was taken as its real part, 0, and its imaginary
+    # part dropped without a word.)
+    value = number.real
+    if number.imag or not value >= 0:
+        raise ValueError(f"`shift` must be a real, non-negative number, got {shift!r}.")
     if isinstance(shift, jax.Array):
         return shift
     return jax.device_put(np.asarray(value, jnp.finfo(dtype).dtype))

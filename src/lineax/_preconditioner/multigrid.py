@@ -283,6 +283,20 @@ class MultigridPreconditioner(AbstractPreconditioner):
         # preconditioners of one stencil compare equal and share compilations).
         self.level_stencils = None
         raw = [self._stencil_at(level) for level in range(len(shapes))]
+        for fn, shape, h in zip(raw, shapes, spacings):
+            # (A stencil that changes the grid's shape, e.g. one returning only
+            # the points it can reach, failed deep in JAX with "cannot reshape
+            # array of shape (225, 14, 15) ... into shape (225, 225)".)
+            out = jax.eval_shape(fn, jax.ShapeDtypeStruct(shape, dtype))
+            if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != shape:
+                got = out.shape if isinstance(out, jax.ShapeDtypeStruct) else out
+                raise ValueError(
+                    f"`stencil(u, h)` must return an array of the shape of `u`, "
+                    f"but for `u` of shape {shape} (spacing {h}) it returned "
+                    f"{got}: the stencil maps the grid of unknowns to itself, with "
+                    "zero boundary values understood outside it (pad `u`, e.g. "
+                    "with `jnp.pad(u, 1)`, to reach them)."
+                )
         converted = tuple(
             closure_converted(fn, False, jax.ShapeDtypeStruct(shape, dtype))
             for fn, shape in zip(raw, shapes)

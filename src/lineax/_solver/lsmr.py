@@ -7,6 +7,7 @@ from typing import Any
 import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import Array, PyTree, Scalar
 
 from .._misc import check_static_float, hypot, select, tree_is_complex
@@ -353,7 +354,7 @@ def _undamped(operator, options):
     if damp is None:
         return operator, options
     options = _without(options, "damp")
-    damp = jnp.asarray(damp, real_dtype(operator.in_structure()))
+    damp = jnp.asarray(_checked_damp(damp), real_dtype(operator.in_structure()))
     # A Module, not a closure: its arrays are PyTree leaves of the operator (and of
     # LSMR's state), so a `Solution` of a damped solve can be returned from
     # `jax.jit` (a closure-converted function holds a jaxpr, not a valid output).
@@ -362,6 +363,32 @@ def _undamped(operator, options):
         FunctionLinearOperator(stacked, operator.in_structure(), closure_convert=False),
         options,
     )
+
+
+def _checked_damp(damp: Any) -> Any:
+    """`damp`, if it is a real scalar (a Python or NumPy number, or a 0-d array,
+    traced or not); a TypeError or ValueError naming it otherwise. (A complex
+    `damp` raised "float() argument must be a string or a real number" from the
+    cast, a string JAX's message about its dtype, and a vector, which broadcast
+    against the unknowns, "mul got incompatible shapes" from inside `mv`.)"""
+    if isinstance(damp, (str, bytes)) or not (
+        isinstance(damp, (int, float, complex, np.number)) or hasattr(damp, "dtype")
+    ):
+        raise TypeError(
+            "The `damp` option of `lx.LSMR` must be a real scalar (a number or a "
+            f"0-d array), got {type(damp).__name__}."
+        )
+    if jnp.ndim(damp) != 0:
+        raise ValueError(
+            "The `damp` option of `lx.LSMR` must be a real scalar, got an array of "
+            f"shape {jnp.shape(damp)}."
+        )
+    if jnp.iscomplexobj(damp):
+        raise TypeError(
+            "The `damp` option of `lx.LSMR` must be real (it enters as "
+            f"`damp² ||x||²`), got {damp!r}."
+        )
+    return damp
 
 
 class _Stacked(eqx.Module):
