@@ -26,7 +26,7 @@ from ._packing import (
 from .base import (
     AbstractLinearSolver,
     check_lapack_dtype,
-    nan_at_zero_pivots,
+    inf_at_zero_pivots,
     norm1,
     operator_is_finite,
     rcond_estimate,
@@ -110,7 +110,7 @@ class QR(AbstractLinearSolver[QRState]):
         if state.wide:
             # A = R^H Q^H, minimum norm solution x = Q R^{-H} b.
             y = jsl.solve_triangular(r, b, trans="C", lower=False)
-            y = nan_at_zero_pivots(y, diagonal(r))
+            y = inf_at_zero_pivots(y, diagonal(r))
             y = jnp.concatenate([y, jnp.zeros((m - n,), y.dtype)])
             if n == 0:
                 # No reflectors: `Q` is the identity. (LAPACK's `ormqr` on the
@@ -125,7 +125,7 @@ class QR(AbstractLinearSolver[QRState]):
         else:
             qhb = _ormqr_transposed(a, taus, b[:, None].astype(a.dtype))
             x = jsl.solve_triangular(r, qhb[:n, 0], lower=False)
-            x = nan_at_zero_pivots(x, diagonal(r))
+            x = inf_at_zero_pivots(x, diagonal(r))
 
         stats = {
             "rcond": rcond_estimate(
