@@ -312,9 +312,10 @@ def _rows_by_decreasing_size(matrix: Array) -> Array:
     problems", who prove it with column pivoting as well). Measured against a
     long-double reference, relative error of the solution, geometric means
     over random matrices with rows scaled by `10^U(-6, 6)`: square 30x30
-    float64 6.0e-7 -> 9.3e-15, float32 1.2 -> 5.2e-6; least squares 200x100 float64 1.8e-11 -> 9.3e-15, float32
-    6.2e-3 -> 5.9e-6; minimum norm 6x20 with columns scaled, float32 2.6e-5 ->
-    3.5e-7. Unscaled and column-scaled tall problems are as accurate either way.
+    float64 6.0e-7 -> 9.3e-15, float32 1.2 -> 5.2e-6; least squares 200x100
+    float64 1.8e-11 -> 9.3e-15, float32 6.2e-3 -> 5.9e-6; minimum norm 6x20
+    with columns scaled, float32 2.6e-5 -> 3.5e-7. Unscaled and column-scaled
+    tall problems are as accurate either way.
     The cost is a sort of the row sizes and a gather of the matrix in `init`,
     and a gather (tall) or a sort (wide) of the vector in each solve."""
     size = jnp.max(jnp.abs(matrix), axis=1, initial=0)
