@@ -92,6 +92,31 @@ with jax.debug_nans(True):
     ]:
         print(f"nans-singular {name}: {message(fn)}")
 
+# A singular solve with `throw=False` and NaN checks on: returned, `singular`.
+# (The right-hand side is not in the range: `b / 0`, not `0 / 0`, at the pivot.)
+upper = matrix(np.array([[1.0, 1.0], [0.0, 0.0]]))
+rank1 = matrix(np.array([[1.0, 2.0], [3.0, 6.0]]))
+rhs2 = jnp.asarray([1.0, 1.0])
+with jax.debug_nans(True):
+    for name, fn in [
+        ("LU", lambda: lx.linear_solve(rank1, rhs2, lx.LU(), throw=False)),
+        ("LU-transposed", lambda: lx.linear_solve(
+            rank1.T, rhs2, lx.LU(), throw=False)),
+        ("LU-jit", lambda: eqx.filter_jit(lx.linear_solve)(
+            rank1, rhs2, lx.LU(), throw=False)),
+        ("Auto", lambda: lx.linear_solve(rank1, rhs2, throw=False)),
+        ("Triangular", lambda: lx.linear_solve(
+            lx.TaggedLinearOperator(upper, lx.upper_triangular_tag), rhs2,
+            lx.Triangular(), throw=False)),
+    ]:
+        try:
+            sol = fn()
+            print(f"nans-nothrow {name}: {sol.result == lx.RESULTS.singular} "
+                  f"{np.asarray(sol.value).tolist()}")
+        except Exception as e:
+            print(f"nans-nothrow {name}: EXC {type(e).__name__}: "
+                  + " ".join(str(e).split())[:200])
+
 # Jitted structured solves with implicit host-to-device transfers disallowed.
 blocks = [[matrix(a[i:i + 2, j:j + 2]) for j in (0, 2)] for i in (0, 2)]
 u, v = rng.normal(size=(n, 1)), rng.normal(size=(1, n))
@@ -163,6 +188,23 @@ def test_failed_unjitted_solve_under_debug_nans_says_why(case):
     line = _lines()[f"nans-singular {case}"]
     assert line.startswith("EquinoxRuntimeError"), line
     assert "singular" in line, line
+
+
+@pytest.mark.parametrize(
+    "case", ["LU", "LU-transposed", "LU-jit", "Auto", "Triangular"]
+)
+def test_singular_solve_without_throw_under_debug_nans(case):
+    # With `throw=False`, a singular LU (or triangular) solve is returned with
+    # `RESULTS.singular`. Under `jax_debug_nans` it raised JAX's
+    # `FloatingPointError: invalid value (nan) encountered in sqrt`: the solution
+    # was made NaN at the zero pivot (`[-inf, nan]`), which JAX checks as the
+    # program returns. lineax 0.1.1 returned `[-inf, inf]` and `singular`; so
+    # does this (infinity at the zero pivot, as substitution's `b / 0`).
+    line = _lines()[f"nans-nothrow {case}"]
+    assert line.startswith("True "), line
+    value = np.asarray(eval(line[len("True ") :], {"inf": np.inf, "nan": np.nan}))
+    assert not np.isnan(value).any(), line
+    assert np.isinf(value).any(), line
 
 
 @pytest.mark.parametrize("solver", ["Woodbury", "Schur", "BlockDiagonal"])

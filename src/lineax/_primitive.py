@@ -333,8 +333,8 @@ def _is_successful(result: RESULTS) -> Array:
 
 def _with_singular(result: RESULTS, finite: Array) -> RESULTS:
     """A solver reporting success with non-finite output hit a singular system.
-    (The direct solvers make their solution NaN at an exactly zero pivot, see
-    `nan_at_zero_pivots`: this one test covers both.)"""
+    (The direct solvers make their solution infinite at an exactly zero pivot, see
+    `inf_at_zero_pivots`: this one test covers both.)"""
     if concrete_value(result._value) is not None:
         # A concrete code (the direct solvers' success): one select of it.
         if not is_successful(result):

@@ -18,8 +18,8 @@ from jaxtyping import Array, PyTree
 
 from .._misc import (
     check_static_float,
+    complex_to_real_dtype,
     lineax_class_named,
-    nan_where,
     python_number,
     select,
     Size,
@@ -565,18 +565,30 @@ def operator_is_finite(matrix: Array) -> Array:
     return tree_all_finite(matrix)
 
 
-def nan_at_zero_pivots(x: Array, pivots: Array) -> Array:
-    """`x`, with NaN where a pivot is exactly zero: a solution computed from a
-    triangular factor with diagonal `pivots` (of `x`'s length), made visibly
-    singular.
+def inf_at_zero_pivots(x: Array, pivots: Array) -> Array:
+    """`x`, with infinity where a pivot is exactly zero: a solution computed from
+    a triangular factor with diagonal `pivots` (of `x`'s length, or broadcasting
+    against `x`'s rows), made visibly singular.
 
     A factor is singular when some pivot is exactly zero (LAPACK's `info > 0`
     from `getrf`/`potrf`/`trtrs`). Rather than a reduction of its own, that test
     joins the finiteness test of the solution which `linear_solve` makes anyway
     (and which reports a non-finite solution as `RESULTS.singular`): one
-    elementwise `select`, fused with the solve's output, instead of a separately
+    elementwise division, fused with the solve's output, instead of a separately
     compiled reduction. (Substitution alone does not always give a non-finite
     answer: BLAS skips the division of a zero right-hand side.)
+
+    Infinity, not NaN, wherever substitution made `b / 0` (infinite) there: a
+    NaN in the output is an error under `jax_debug_nans` even with `throw=False`
+    (JAX checks a program's outputs before the result code is read), and a
+    singular LU solve returned `[-inf, nan]` and raised `FloatingPointError`,
+    where lineax 0.1.1 returned `[-inf, inf]` and `singular`. A real `x` is
+    divided by `1` (exactly `x`) or, at a zero pivot, by `0`: `b / 0` stays
+    `+-inf` and a finite value skipped by BLAS becomes infinite, or NaN if it
+    is `0` (as XLA's own substitution gives `0 / 0`). No infinity or NaN is
+    computed in a nonsingular solve (`jax_debug_infs`), and it is one operation
+    fewer than adding a NaN marker. (A complex `x` selects `inf` instead:
+    complex division by `1 + 0j` is not exact for infinite parts.)
 
     Deliberately not a threshold on the pivots' ratio: that ratio changes under
     row and column scaling, which LU, QR, Cholesky and substitution handle
@@ -584,7 +596,14 @@ def nan_at_zero_pivots(x: Array, pivots: Array) -> Array:
     badly scaled systems singular. Ill-conditioning is reported instead by the
     reciprocal condition estimate `stats["rcond"]`, which never changes `result`.
     """
-    return nan_where(pivots == 0, x)
+    nonzero = pivots != 0
+    real = complex_to_real_dtype(x.dtype)
+    divisor = jnp.broadcast_to(nonzero.astype(real), x.shape)
+    if real == x.dtype:
+        return jax.lax.div(x, divisor)
+    marker = jax.lax.div(jnp.ones((), real), divisor)
+    nonzero = jnp.broadcast_to(nonzero, x.shape)
+    return jax.lax.select(nonzero, x, marker.astype(x.dtype))
 
 
 # Hager's iteration usually settles in two steps (Higham 1988, section 4), and

@@ -23,7 +23,7 @@ from .base import (
     AbstractLinearSolver,
     check_lapack_dtype,
     check_square,
-    nan_at_zero_pivots,
+    inf_at_zero_pivots,
     norm1,
     operator_is_finite,
     rcond_estimate,
@@ -165,17 +165,17 @@ def lu_solve(
     lu: Array, perm: Array, b: Array, transposed: bool, pivots: Array | None = None
 ) -> Array:
     """Solve `A x = b` (or `A^T x = b`) from `A[perm] = L U`; `b` is 1-D or 2-D.
-    With `pivots` (the diagonal of `U`), NaN where a pivot is zero (see
-    `nan_at_zero_pivots`)."""
+    With `pivots` (the diagonal of `U`), infinity where a pivot is zero (see
+    `inf_at_zero_pivots`)."""
     if transposed:
         # A = P^T L U, so A^T = U^T L^T P: solve U^T y = b, L^T z = y, P x = z.
         z = _factors_solve(lu, b, transposed)
         if pivots is not None:
-            # Before the permutation, not after: the NaN only has to be somewhere
-            # in `x`, and here XLA fuses it into the kernel that reads the
-            # triangular solve's output, where after the permutation's sort it
+            # Before the permutation, not after: the infinity only has to be
+            # somewhere in `x`, and here XLA fuses it into the kernel that reads
+            # the triangular solve's output, where after the permutation's sort it
             # was a kernel of its own (`jax.grad` of an LU solve, n = 100).
-            z = _nan_at_zero(z, pivots)
+            z = _inf_at_zero(z, pivots)
         if z.ndim == 1:
             # `x[perm] = z`, as the values of a sort keyed by `perm` (as JAX's
             # `lu_solve` inverts the permutation): XLA:CPU compiles the scatter
@@ -186,13 +186,13 @@ def lu_solve(
     x = _factors_solve(lu, b[perm], transposed)
     if pivots is None:
         return x
-    return _nan_at_zero(x, pivots)
+    return _inf_at_zero(x, pivots)
 
 
-def _nan_at_zero(x: Array, pivots: Array) -> Array:
-    """`nan_at_zero_pivots` of a solution `x` of `lu_solve`, 1-D or 2-D (the
+def _inf_at_zero(x: Array, pivots: Array) -> Array:
+    """`inf_at_zero_pivots` of a solution `x` of `lu_solve`, 1-D or 2-D (the
     pivots along its rows)."""
-    return nan_at_zero_pivots(x, pivots if x.ndim == 1 else pivots[:, None])
+    return inf_at_zero_pivots(x, pivots if x.ndim == 1 else pivots[:, None])
 
 
 def _factors_solve(lu: Array, b: Array, transposed: bool) -> Array:

@@ -92,7 +92,10 @@ class Normal(AbstractLinearSolver[NormalState]):
     ill-conditioned problems. So is the range: the Gram matrix squares `A`'s
     entries, and one that overflows (entries of `A` above about 1e154 in float64,
     2e19 in float32) makes a direct inner solver report
-    [`lineax.RESULTS.singular`][].
+    [`lineax.RESULTS.singular`][]; one that underflows (entries all below about
+    1e-154 in float64, 1e-19 in float32) too, and `CG` reports
+    [`lineax.RESULTS.breakdown`][]. Rescale `A` (and `b`) by a power of two
+    into that range, or use `QR`.
 
     What it assumes about the rank is `inner_solver`'s (`assume_full_rank()`).
     With [`lineax.Cholesky`][] or [`lineax.CG`][] (full rank) a rank-deficient `A`

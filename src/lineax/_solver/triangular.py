@@ -27,7 +27,7 @@ from .base import (
     check_square,
     check_tag,
     embed_like,
-    nan_at_zero_pivots,
+    inf_at_zero_pivots,
     norm1,
     operator_is_finite,
     rcond_estimate,
@@ -98,7 +98,7 @@ class Triangular(AbstractLinearSolver[TriangularState]):
         if state.unit_diagonal:
             triangle = triangle.at[jnp.arange(n), jnp.arange(n)].set(1)
         else:
-            x = nan_at_zero_pivots(x, jnp.diagonal(triangle))
+            x = inf_at_zero_pivots(x, jnp.diagonal(triangle))
         stats = {
             "rcond": rcond_estimate(
                 norm1(triangle.T if state.transposed else triangle),
