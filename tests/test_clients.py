@@ -760,6 +760,94 @@ def test_lu_init_tests_finiteness_of_the_factors_not_the_matrix():
                 assert result == lx.RESULTS.nonfinite_input, (bad, i, j)
 
 
+# Optimistix's GaussNewton and LevenbergMarquardt factorise a Jacobian (a
+# function operator's matrix) with QR. Its `init` tested the finiteness of the
+# matrix rather than of the Householder factors: a second reader of the matrix,
+# for which XLA recomputed the Jacobian in the test's kernel (GaussNewton, 4
+# parameters and 30 residuals: 363 -> 327 optimised HLO instructions, the
+# Jacobian's `sin` and `cos` once, as in lineax 0.1.1). A non-finite entry of
+# `A` stays non-finite in the factors, wherever it is, tall, wide or square, and
+# through LAPACK's blocked `geqrf` (128 columns and more).
+@pytest.mark.parametrize("shape", [(5, 3), (3, 5), (4, 4)], ids=str)
+def test_qr_init_tests_finiteness_of_the_factors_not_the_matrix(shape):
+    m, n = shape
+    struct = jax.ShapeDtypeStruct((n,), jnp.float32)
+
+    def finite(matrix):
+        operator = lx.FunctionLinearOperator(lambda v: matrix @ v, struct)
+        return lx.QR().init(operator, {}).finite
+
+    jaxpr = jax.make_jaxpr(finite)(jnp.ones(shape, jnp.float32)).jaxpr
+    # The function operator's matrix (of a wide one, its conjugate transpose),
+    # with its gradient stopped: what the factorisation reads.
+    ((materialised,),) = [
+        e.invars for e in jaxpr.eqns if e.primitive.name == "stop_gradient"
+    ]
+
+    def variables(atoms):  # (not the literals)
+        return [v for v in atoms if type(v).__name__ != "Literal"]
+
+    needed = set(variables(jaxpr.outvars))
+    readers = []
+    for eqn in reversed(jaxpr.eqns):
+        if any(v in needed for v in eqn.outvars):
+            inputs = variables(eqn.invars)
+            needed.update(inputs)
+            if materialised in inputs:
+                readers.append(eqn.primitive.name)
+    assert readers == ["stop_gradient"], readers
+
+    # Every position of a NaN or an inf is still reported, through a function
+    # operator (whose only test is `init`'s): the record, and the solve.
+    rng = np.random.default_rng(0)
+    base = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    b = jnp.ones(m, jnp.float32)
+
+    @jax.jit
+    def solve(a):
+        operator = lx.FunctionLinearOperator(lambda v: a @ v, struct)
+        return lx.linear_solve(operator, b, lx.QR(), throw=False).result
+
+    bad = jnp.stack(
+        [
+            base.at[i, j].set(value)
+            for value in (jnp.nan, jnp.inf, -jnp.inf)
+            for i in range(m)
+            for j in range(n)
+        ]
+    )
+    assert not jax.jit(jax.vmap(finite))(bad).any()
+    assert jax.jit(jax.vmap(finite))(base[None]).all()
+    for a in bad:
+        assert solve(a) == lx.RESULTS.nonfinite_input
+
+
+def test_qr_init_tests_finiteness_of_blocked_factors():
+    # LAPACK's `geqrf` factorises panels and updates the trailing columns with
+    # block reflectors (matrix products) from 128 columns on.
+    m, n = 160, 130
+    struct = jax.ShapeDtypeStruct((n,), jnp.float32)
+
+    @jax.jit
+    @jax.vmap
+    def finite(matrix):
+        operator = lx.FunctionLinearOperator(lambda v: matrix @ v, struct)
+        return lx.QR().init(operator, {}).finite
+
+    base = jnp.asarray(np.random.default_rng(1).standard_normal((m, n)), jnp.float32)
+    places = [(0, 0), (5, 0), (0, 40), (100, 40), (31, 31), (40, 33), (159, 129)]
+    places += [(129, 129), (0, 129), (70, 100), (150, 65)]
+    bad = jnp.stack(
+        [
+            base.at[i, j].set(value)
+            for value in (jnp.nan, jnp.inf, -jnp.inf)
+            for i, j in places
+        ]
+    )
+    assert not finite(bad).any()
+    assert finite(base[None]).all()
+
+
 # Chord-type root finders factorise the Jacobian once and keep the linear
 # solver's state across steps through `lax.stop_gradient` (Optimistix's Chord;
 # Diffrax's VeryChord, the default root finder of its implicit solvers). With

@@ -121,6 +121,25 @@ def test_solve_returning_state_and_statistics_kernels():
     assert kernels(ours) - kernels(jnp.linalg.solve) <= 5
 
 
+def test_qr_of_a_jacobian_computes_it_once():
+    # Optimistix's GaussNewton and LevenbergMarquardt factorise a Jacobian with
+    # QR (their default, `AutoLinearSolver(well_posed=None)`). `init`'s
+    # finiteness test read the matrix: `geqrf` overwrites its own copy, so XLA
+    # computed the Jacobian a second time, in the test's kernel (two `sine`s
+    # here). It reads the factors, as LU's does.
+    def residuals(p, args):
+        return p[0] * jnp.sin(p[1] * args) - args
+
+    def init(p):
+        jacobian = lx.JacobianLinearOperator(residuals, p, jnp.linspace(0, 3, 7))
+        return lx.AutoLinearSolver(well_posed=None).init(lx.linearise(jacobian), {})
+
+    p = jnp.array([1.0, 0.5])
+    text = jax.jit(init).lower(p).compile().as_text()
+    assert text is not None
+    assert len(re.findall(r" sine\(", text)) == 1
+
+
 def test_lu_of_a_jacobian_computes_it_once():
     # Diffrax's implicit solvers and Optimistix's Newton factorise a Jacobian
     # (`lx.linearise(lx.JacobianLinearOperator(...))`, a matrix the operator

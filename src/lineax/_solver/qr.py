@@ -9,6 +9,7 @@ import jax.core
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
+import jax.tree_util as jtu
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 from jaxtyping import Array
@@ -91,6 +92,9 @@ class QR(AbstractLinearSolver[QRState]):
         check_lapack_dtype(operator, "QR")
         del options
         matrix = operator.as_matrix()
+        # Whether the matrix is one of the operator's own arrays (a
+        # `MatrixLinearOperator`'s), whose finiteness test reads it (see below).
+        own = any(matrix is leaf for leaf in jtu.tree_leaves(operator))
         m, n = matrix.shape
         wide = n > m
         if wide:
@@ -105,11 +109,21 @@ class QR(AbstractLinearSolver[QRState]):
         matrix = lax.stop_gradient(matrix)
         perm = _rows_by_decreasing_size(matrix)
         reflectors, taus = jnp.linalg.qr(matrix[perm], mode="raw")
+        # The finiteness test reads the factors, not the matrix, unless the
+        # matrix is the operator's own array (as `LU.init`'s). Householder QR
+        # never turns a non-finite entry finite: the updates of the trailing
+        # columns add to each entry (`a - tau v w`: inf or NaN plus anything is
+        # inf or NaN), a reflector's column is scaled by a finite nonzero or by
+        # zero (inf * 0 is NaN) and a non-finite diagonal entry makes a
+        # non-finite norm, hence `R`'s entry. Reading a matrix that is computed
+        # (Optimistix's Gauss-Newton and Levenberg-Marquardt Jacobians) made XLA
+        # compute it a second time, in the test's kernel: `geqrf` overwrites
+        # its own copy.
         return QRState(
             reflectors.mT,
             taus,
             perm,
-            operator_is_finite(matrix),
+            operator_is_finite(matrix if own else reflectors),
             pack_structures(operator),
             wide,
         )
