@@ -551,6 +551,44 @@ def test_woodbury_reports_unconverged_column_solves():
     np.testing.assert_allclose(solution.value, expected, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype, small", [(jnp.float32, 1e-10), (jnp.float64, 1e-20)])
+def test_woodbury_reports_an_update_of_an_operator_too_ill_conditioned(dtype, small):
+    # `diag(small, 1, 1) + e₁e₁ᵀ` (cond 2) with eps·cond(A) ≫ 1: the identity
+    # cancels `A⁻¹b`'s 1/small to nothing and refinement cannot recover, so the
+    # solution was `[0, 2, 3]` (answer `[1, 2, 3]`), reported successful. Now
+    # `singular`, transposed too; Auto picks Woodbury for such an operator.
+    u = jnp.eye(3, 1, dtype=dtype)
+    diagonal = lx.DiagonalLinearOperator(jnp.array([small, 1.0, 1.0], dtype))
+    operator = lx.LowRankUpdateLinearOperator(diagonal, u, jnp.eye(1, dtype=dtype), u.T)
+    b = jnp.array([1.0, 2.0, 3.0], dtype)
+    for op in (operator, operator.transpose()):
+        for solver in (lx.Woodbury(), lx.AutoLinearSolver(well_posed=True)):
+            solution = lx.linear_solve(op, b, solver, throw=False)
+            assert solution.result == lx.RESULTS.singular, (solver, solution.value)
+    with pytest.raises(eqx.EquinoxRuntimeError, match="lx.materialise"):
+        lx.linear_solve(operator, b, lx.Woodbury())
+    # A well-conditioned `A` (1e-3 in float32), and a numerically singular `M`
+    # of a well-conditioned `A` (its solution huge, as LU's), are successful.
+    ok = lx.LowRankUpdateLinearOperator(
+        lx.DiagonalLinearOperator(jnp.array([1e-3, 1.0, 1.0], dtype)),
+        u,
+        jnp.eye(1, dtype=dtype),
+        u.T,
+    )
+    solution = lx.linear_solve(ok, b, lx.Woodbury())
+    expected = np.linalg.solve(np.asarray(ok.as_matrix(), np.float64), b)
+    np.testing.assert_allclose(solution.value, expected, rtol=1e-5)
+    nearly = lx.LowRankUpdateLinearOperator(
+        lx.DiagonalLinearOperator(jnp.ones(3, dtype)),
+        u,
+        jnp.array([[-1.0 + 1e3 * float(jnp.finfo(dtype).eps)]], dtype),
+        u.T,
+    )
+    solution = lx.linear_solve(nearly, b, lx.Woodbury(), throw=False)
+    assert solution.result == lx.RESULTS.successful
+    assert abs(float(solution.value[0])) > 1e2
+
+
 def test_schur_needs_two_by_two():
     a = lx.MatrixLinearOperator(jnp.eye(2))
     op = lx.BlockLinearOperator([[a]])

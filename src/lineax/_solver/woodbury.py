@@ -101,6 +101,11 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
     gives `singular` from the solve with `A` even where `M` is nonsingular: solve
     such an `M` with [`lineax.LU`][] (on `lx.materialise(M)`), as
     [`lineax.AutoLinearSolver`][] picks `Woodbury` for every low-rank update.
+    So does an `A` too ill-conditioned for the dtype (`eps·cond(A) ≳ 1`, e.g.
+    `diag(1e-10, 1, 1) + e₁e₁ᵀ` in float32), where the refined solution still
+    has no correct digits: its backward error (`|b − M x|` against `|A x| +
+    |U C V x| + |b|`) above `eps^(1/4)` is reported as `singular`, not as a
+    wrong answer.
 
     **Arguments:**
 
@@ -171,6 +176,10 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
         # `diag(1e-2, 1, ...)`, cond(M) = 5: 4e-6 -> 3e-8, LU: 4e-8.)
         solve = ft.partial(_identity_solve, self.inner, state, options=options)
         x, result = refined(solve, state.operator, b)
+        no_digits = _no_digits(state.operator, x, b)
+        result = first_failure(
+            result, RESULTS.where(no_digits, RESULTS.singular, RESULTS.successful)
+        )
         return unflatten_vector(x, in_structure), result, {}
 
     def transpose(self, state: WoodburyState, options):
@@ -237,6 +246,30 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
 
     def assume_full_rank(self) -> bool:
         return True
+
+
+def _no_digits(operator: LowRankUpdateLinearOperator, x: Array, b: Array) -> Array:
+    """Whether the refined solution `x` of `M x = b` (flat) has a backward error
+    too large for it to have any correct digits: `|b − A x − U C V x|` above
+    `eps^(1/4)` (float32 2%, float64 1e-4) of `|A x| + |U C V x| + |b|` (max
+    norms), the sizes whose rounding a solution's residual is made of. Where
+    `eps·cond(A) ≥ 1`, refinement cannot recover what the identity cancelled:
+    `diag(1e-10, 1, 1) + e₁e₁ᵀ` in float32 (cond(M) = 2) was solved as
+    `[0, 1, 1]` (answer `[1, 1, 1]`), reported successful, with backward error
+    0.5. A numerically singular `M` with a well-conditioned `A` (the solution
+    huge and meaningless, as LU's) still passes: its terms are huge too. Costs
+    one product with `M`, `O(nk)` beyond `A`'s."""
+    structure = operator.in_structure()
+    y = unflatten_vector(x, structure, keep_dtype=True)
+    ax = flatten_vector(operator.operator.mv(y), b.dtype)
+    update = operator.u.mv(operator.c.mv(operator.v.mv(y)))
+    ucvx = flatten_vector(update, b.dtype)
+    if b.size == 0:
+        return jnp.array(False)
+    residual = jnp.max(jnp.abs(b - ax - ucvx))
+    scale = jnp.max(jnp.abs(ax)) + jnp.max(jnp.abs(ucvx)) + jnp.max(jnp.abs(b))
+    # (Compared, not divided: a zero scale is a zero solution of a zero `b`.)
+    return residual > jnp.finfo(b.dtype).eps ** 0.25 * scale
 
 
 def _identity_solve(
