@@ -711,6 +711,24 @@ def test_diffrax_vmap_kvaerno5_robertson_float32_step_counts():
     assert ok == "True" and int(most) <= 200 and int(total) <= 3200, (ok, most, total)
 
 
+def _readers(jaxpr, variable) -> list[str]:
+    """The primitives of `jaxpr` that read `variable` and whose outputs its
+    outputs need, last first."""
+
+    def variables(atoms):  # (not the literals)
+        return [v for v in atoms if type(v).__name__ != "Literal"]
+
+    needed = set(variables(jaxpr.outvars))
+    readers = []
+    for eqn in reversed(jaxpr.eqns):
+        if any(v in needed for v in eqn.outvars):
+            inputs = variables(eqn.invars)
+            needed.update(inputs)
+            if variable in inputs:
+                readers.append(eqn.primitive.name)
+    return readers
+
+
 # Diffrax's ImplicitEuler refactorises a function operator (the linearised
 # vector field) every step. LU's `init` tested the finiteness of the matrix
 # rather than of its factors: a second reader of the matrix, for which XLA
@@ -728,18 +746,7 @@ def test_lu_init_tests_finiteness_of_the_factors_not_the_matrix():
     jaxpr = jax.make_jaxpr(finite)(jnp.eye(3, dtype=jnp.float32)).jaxpr
     # The function operator's matrix: what the factorisation reads.
     ((materialised, *_),) = [e.invars for e in jaxpr.eqns if e.primitive.name == "lu"]
-
-    def variables(atoms):  # (not the literals)
-        return [v for v in atoms if type(v).__name__ != "Literal"]
-
-    needed = set(variables(jaxpr.outvars))
-    readers = []
-    for eqn in reversed(jaxpr.eqns):
-        if any(v in needed for v in eqn.outvars):
-            inputs = variables(eqn.invars)
-            needed.update(inputs)
-            if materialised in inputs:
-                readers.append(eqn.primitive.name)
+    readers = _readers(jaxpr, materialised)
     assert readers == ["lu"], readers
 
     # Every position of a NaN or an inf is still reported, through a function
@@ -783,18 +790,7 @@ def test_qr_init_tests_finiteness_of_the_factors_not_the_matrix(shape):
     ((materialised,),) = [
         e.invars for e in jaxpr.eqns if e.primitive.name == "stop_gradient"
     ]
-
-    def variables(atoms):  # (not the literals)
-        return [v for v in atoms if type(v).__name__ != "Literal"]
-
-    needed = set(variables(jaxpr.outvars))
-    readers = []
-    for eqn in reversed(jaxpr.eqns):
-        if any(v in needed for v in eqn.outvars):
-            inputs = variables(eqn.invars)
-            needed.update(inputs)
-            if materialised in inputs:
-                readers.append(eqn.primitive.name)
+    readers = _readers(jaxpr, materialised)
     assert readers == ["stop_gradient"], readers
 
     # Every position of a NaN or an inf is still reported, through a function
