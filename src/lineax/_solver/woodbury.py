@@ -248,7 +248,7 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
         return True
 
 
-def _no_digits(operator: LowRankUpdateLinearOperator, x: Array, b: Array) -> Array:
+def _no_digits(operator: AbstractLinearOperator, x: Array, b: Array) -> Array:
     """Whether the refined solution `x` of `M x = b` (flat) has a backward error
     too large for it to have any correct digits: `|b − A x − U C V x|` above
     `eps^(1/4)` (float32 2%, float64 1e-4) of `|A x| + |U C V x| + |b|` (max
@@ -259,13 +259,13 @@ def _no_digits(operator: LowRankUpdateLinearOperator, x: Array, b: Array) -> Arr
     0.5. A numerically singular `M` with a well-conditioned `A` (the solution
     huge and meaningless, as LU's) still passes: its terms are huge too. Costs
     one product with `M`, `O(nk)` beyond `A`'s."""
+    if b.size == 0 or not isinstance(operator, LowRankUpdateLinearOperator):
+        return jnp.array(False)  # (`init` holds the update it was given)
     structure = operator.in_structure()
     y = unflatten_vector(x, structure, keep_dtype=True)
     ax = flatten_vector(operator.operator.mv(y), b.dtype)
     update = operator.u.mv(operator.c.mv(operator.v.mv(y)))
     ucvx = flatten_vector(update, b.dtype)
-    if b.size == 0:
-        return jnp.array(False)
     residual = jnp.max(jnp.abs(b - ax - ucvx))
     scale = jnp.max(jnp.abs(ax)) + jnp.max(jnp.abs(ucvx)) + jnp.max(jnp.abs(b))
     # (Compared, not divided: a zero scale is a zero solution of a zero `b`.)
