@@ -1,6 +1,7 @@
 """`Woodbury`: solves with `A + U C V` through a solve with `A` and a `k×k`
 factorisation (the Sherman-Morrison-Woodbury identity)."""
 
+import dataclasses
 import functools as ft
 from typing import Any
 
@@ -104,8 +105,10 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
     So does an `A` too ill-conditioned for the dtype (`eps·cond(A) ≳ 1`, e.g.
     `diag(1e-10, 1, 1) + e₁e₁ᵀ` in float32), where the refined solution still
     has no correct digits: its backward error (`|b − M x|` against `|A x| +
-    |U C V x| + |b|`) above `eps^(1/4)` is reported as `singular`, not as a
-    wrong answer.
+    |A z| + |U C V x| + |b|`, `z` being `x` with pseudo-random signs) above
+    `eps^(1/4)` is reported as `singular`, not as a
+    wrong answer. (Not with an iterative inner solver, whose solution has the
+    backward error its tolerance allows.)
 
     **Arguments:**
 
@@ -176,10 +179,13 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
         # `diag(1e-2, 1, ...)`, cond(M) = 5: 4e-6 -> 3e-8, LU: 4e-8.)
         solve = ft.partial(_identity_solve, self.inner, state, options=options)
         x, result = refined(solve, state.operator, b)
-        no_digits = _no_digits(state.operator, x, b)
-        result = first_failure(
-            result, RESULTS.where(no_digits, RESULTS.singular, RESULTS.successful)
-        )
+        # (Not for an inner solver that stops at a tolerance: its solution is
+        # as accurate as asked, and its own result reports a failure to be.)
+        if not _solves_to_a_tolerance(self.inner):
+            no_digits = _no_digits(state.operator, x, b)
+            result = first_failure(
+                result, RESULTS.where(no_digits, RESULTS.singular, RESULTS.successful)
+            )
         return unflatten_vector(x, in_structure), result, {}
 
     def transpose(self, state: WoodburyState, options):
@@ -251,14 +257,15 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
 def _no_digits(operator: AbstractLinearOperator, x: Array, b: Array) -> Array:
     """Whether the refined solution `x` of `M x = b` (flat) has a backward error
     too large for it to have any correct digits: `|b − A x − U C V x|` above
-    `eps^(1/4)` (float32 2%, float64 1e-4) of `|A x| + |U C V x| + |b|` (max
-    norms), the sizes whose rounding a solution's residual is made of. Where
+    `eps^(1/4)` (float32 2%, float64 1e-4) of `|A x| + |A z| + |U C V x| + |b|`
+    (max norms; `z` estimates `|A| |x|`, see below), the sizes whose rounding a
+    solution's residual is made of. Where
     `eps·cond(A) ≥ 1`, refinement cannot recover what the identity cancelled:
     `diag(1e-10, 1, 1) + e₁e₁ᵀ` in float32 (cond(M) = 2) was solved as
     `[0, 1, 1]` (answer `[1, 1, 1]`), reported successful, with backward error
     0.5. A numerically singular `M` with a well-conditioned `A` (the solution
     huge and meaningless, as LU's) still passes: its terms are huge too. Costs
-    one product with `M`, `O(nk)` beyond `A`'s."""
+    one product with `M`, `O(nk)` beyond `A`'s, and one more with `A`."""
     if b.size == 0 or not isinstance(operator, LowRankUpdateLinearOperator):
         return jnp.array(False)  # (`init` holds the update it was given)
     structure = operator.in_structure()
@@ -267,9 +274,54 @@ def _no_digits(operator: AbstractLinearOperator, x: Array, b: Array) -> Array:
     update = operator.u.mv(operator.c.mv(operator.v.mv(y)))
     ucvx = flatten_vector(update, b.dtype)
     residual = jnp.max(jnp.abs(b - ax - ucvx))
-    scale = jnp.max(jnp.abs(ax)) + jnp.max(jnp.abs(ucvx)) + jnp.max(jnp.abs(b))
+    # With `|A z|` for `z = x` with pseudo-random signs: an estimate of
+    # `|A| |x|`, which `|A x|` is not for an `x` along `A`'s small singular
+    # vectors (an ill-conditioned `M`, whose solution is large there). Without
+    # it, a float32 `M` of cond 1.3e6 (`A` 3e7) solved to 7e-4 (LU: 4e-3), or a
+    # complex128 one of cond 3e11 (`A` 1e14) to 6e-6, was called singular.
+    # (Signs, not `|x|`: `x` along a positive null vector of `A`, as a
+    # constant is of a graph Laplacian, gives `A |x| = A x`.)
+    z = x * _pseudo_random_signs(x.shape[0], x.dtype)
+    az = flatten_vector(
+        operator.operator.mv(unflatten_vector(z, structure, keep_dtype=True)),
+        b.dtype,
+    )
+    scale = (
+        jnp.max(jnp.abs(ax))
+        + jnp.max(jnp.abs(az))
+        + jnp.max(jnp.abs(ucvx))
+        + jnp.max(jnp.abs(b))
+    )
     # (Compared, not divided: a zero scale is a zero solution of a zero `b`.)
     return residual > jnp.finfo(b.dtype).eps ** 0.25 * scale
+
+
+def _pseudo_random_signs(n: int, dtype: Any) -> Array:
+    """`n` signs `±1` (of `dtype`), from a multiplicative hash of the index (the
+    golden ratio's, Knuth's): fixed, without a key, and with no pattern that a
+    smooth or alternating vector shares."""
+    hashed = jax.lax.iota(jnp.uint32, n) * jnp.uint32(0x9E3779B1)
+    return (1 - 2 * (hashed >> 31).astype(jnp.int32)).astype(dtype)
+
+
+def _solves_to_a_tolerance(solver: Any) -> bool:
+    """Whether `solver`, or one inside it (`Normal`'s, `BlockDiagonal`'s, another
+    `Woodbury`'s), is iterative: stops at a tolerance `rtol`. Its refined solution
+    has the backward error it was asked for, not rounding's: `CG(rtol=1e-3,
+    atol=1e-3)` as the inner solver of a well-conditioned float64 `M` (30x30,
+    rank 3) solved it to 4e-4, above `_no_digits`' 1e-4, and was called
+    singular."""
+    if hasattr(solver, "rtol"):
+        return True
+    if isinstance(solver, eqx.Module):
+        parts = [
+            getattr(solver, field.name, None) for field in dataclasses.fields(solver)
+        ]
+    elif isinstance(solver, (tuple, list)):
+        parts = solver
+    else:
+        return False
+    return any(_solves_to_a_tolerance(part) for part in parts)
 
 
 def _identity_solve(
