@@ -129,8 +129,7 @@ def test_qr_of_a_jacobian_computes_it_once():
     # factors, as LU's does. (The row sizes that order the rows before `geqrf`
     # are a second reader, into whose reduction XLA fuses the Jacobian: two
     # `sine`s here, three before the finiteness test read the factors. An
-    # `optimization_barrier` does not stop it: XLA:CPU expands barriers before
-    # fusing.)
+    # `optimization_barrier` on the matrix, tried, left it two.)
     def residuals(p, args):
         return p[0] * jnp.sin(p[1] * args) - args
 
