@@ -99,6 +99,32 @@ def _probe_stencil_diagonal(
     return jnp.sum(probes * jax.vmap(apply)(probes), axis=0)
 
 
+def _shape_checked(
+    apply: Callable[[Array], Array], shape: tuple[int, ...], h: Any
+) -> Callable[[Array], Array]:
+    """`apply` (a level's stencil, `u -> stencil(u, h)`), raising a ValueError that
+    says what is wrong where it returns anything but an array of `u`'s shape
+    `shape` (tested on the shapes, as traced under `vmap` too). A stencil that
+    changes the grid's shape, e.g. one returning only the points it can reach,
+    failed deep in JAX with "cannot reshape array of shape (225, 14, 15) ...
+    into shape (225, 225)"."""
+
+    def checked(u: Array) -> Array:
+        out = apply(u)
+        if not isinstance(out, jax.Array) or out.shape != shape:
+            got = out.shape if isinstance(out, jax.Array) else type(out).__name__
+            raise ValueError(
+                f"`stencil(u, h)` must return an array of the shape of `u`, "
+                f"but for `u` of shape {shape} (spacing {h}) it returned "
+                f"{got}: the stencil maps the grid of unknowns to itself, with "
+                "zero boundary values understood outside it (pad `u`, e.g. "
+                "with `jnp.pad(u, 1)`, to reach them)."
+            )
+        return out
+
+    return checked
+
+
 def _checked_spacing(h: Any) -> float:
     value = concrete_number(h, "spacing")
     if value.imag or not value.real > 0:
@@ -283,20 +309,6 @@ class MultigridPreconditioner(AbstractPreconditioner):
         # preconditioners of one stencil compare equal and share compilations).
         self.level_stencils = None
         raw = [self._stencil_at(level) for level in range(len(shapes))]
-        for fn, shape, h in zip(raw, shapes, spacings):
-            # (A stencil that changes the grid's shape, e.g. one returning only
-            # the points it can reach, failed deep in JAX with "cannot reshape
-            # array of shape (225, 14, 15) ... into shape (225, 225)".)
-            out = jax.eval_shape(fn, jax.ShapeDtypeStruct(shape, dtype))
-            if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != shape:
-                got = out.shape if isinstance(out, jax.ShapeDtypeStruct) else out
-                raise ValueError(
-                    f"`stencil(u, h)` must return an array of the shape of `u`, "
-                    f"but for `u` of shape {shape} (spacing {h}) it returned "
-                    f"{got}: the stencil maps the grid of unknowns to itself, with "
-                    "zero boundary values understood outside it (pad `u`, e.g. "
-                    "with `jnp.pad(u, 1)`, to reach them)."
-                )
         converted = tuple(
             closure_converted(fn, False, jax.ShapeDtypeStruct(shape, dtype))
             for fn, shape in zip(raw, shapes)
@@ -316,8 +328,9 @@ class MultigridPreconditioner(AbstractPreconditioner):
 
         inverse_diagonals = []
         bounds = []
+        # (Every level's stencil is applied here, each through `_shape_checked`.)
         for level, shape in enumerate(shapes[:-1]):
-            apply = self._stencil_at(level)
+            apply = _shape_checked(self._stencil_at(level), shape, spacings[level])
             diag = _probe_stencil_diagonal(apply, shape, stencil_radius, dtype)
             inverse_diagonals.append(1 / diag)
             if smoother == "chebyshev":
@@ -328,7 +341,9 @@ class MultigridPreconditioner(AbstractPreconditioner):
         # The coarsest operator, materialised column by column and factorised once.
         coarse_shape = shapes[-1]
         size = int(np.prod(coarse_shape))
-        apply = self._stencil_at(len(shapes) - 1)
+        apply = _shape_checked(
+            self._stencil_at(len(shapes) - 1), coarse_shape, spacings[-1]
+        )
         basis = jnp.eye(size, dtype=dtype).reshape((size,) + coarse_shape)
         columns = jax.vmap(apply)(basis).reshape(size, size)
         self.coarse_lu, self.coarse_pivots = jsl.lu_factor(columns.T)
