@@ -554,6 +554,16 @@ def check_tag(ok: bool, solver_name: str, what: str, tag_hint: str) -> None:
         )
 
 
+def is_own_array(matrix: Array, operator: AbstractLinearOperator) -> bool:
+    """Whether `matrix`, `operator.as_matrix()`, is one of the operator's own
+    arrays (a `MatrixLinearOperator`'s), which an `init` may read besides
+    factorising it at no cost. A computed matrix (a function operator's, a
+    Jacobian: Diffrax's implicit solvers, Optimistix's Newton and Gauss-Newton)
+    read again is computed a second time by XLA (LAPACK's `getrf` and `geqrf`
+    overwrite their own copy), so LU and QR read their factors instead."""
+    return any(matrix is leaf for leaf in jax.tree_util.tree_leaves(operator))
+
+
 def operator_is_finite(matrix: Array) -> Array:
     """Whether every entry of `matrix` is finite (a boolean scalar): recorded by
     a direct solver's `init`, next to the O(n^3) factorisation, so that each

@@ -6,7 +6,6 @@ import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
-import jax.tree_util as jtu
 from jaxtyping import Array, Int
 
 from .._misc import diagonal, select
@@ -24,6 +23,7 @@ from .base import (
     check_lapack_dtype,
     check_square,
     inf_at_zero_pivots,
+    is_own_array,
     norm1,
     operator_is_finite,
     rcond_estimate,
@@ -74,17 +74,17 @@ class LU(AbstractLinearSolver[LUState]):
         matrix = operator.as_matrix()
         lu, _, permutation = lax.linalg.lu(matrix)
         # The finiteness test reads the factors, not the matrix, unless the
-        # matrix is one of the operator's own arrays (a `MatrixLinearOperator`'s).
+        # matrix is one of the operator's own arrays (see `is_own_array`).
         # Each entry of `lu` is its entry of `P A` updated (`a - l u`, divided by
         # a pivot), so a NaN or inf in `A` stays non-finite there (divided by an
-        # infinite pivot: NaN). Reading a matrix that is computed (a function
-        # operator's) made XLA recompute it for the test (Diffrax's
-        # ImplicitEuler, n = 100: 196 -> 172 ms for 1978 steps; 0.1.1: 159 ms).
+        # infinite pivot: NaN). Reading a matrix that is computed made XLA
+        # recompute it for the test (Diffrax's ImplicitEuler, n = 100: 196 ->
+        # 172 ms for 1978 steps; 0.1.1: 159 ms).
         # Reading LAPACK's column-major factor made XLA:CPU transpose it into an
         # n x n copy of its own before its (row-major) library reduction: one n^2
         # temporary more than the matrix's test (`lx.invert(op).mv` under `jit`,
         # n = 100: 3.02 -> 2.04 n^2; `lu_solve(lu_factor(A), b)`: 2.02).
-        own = any(matrix is leaf for leaf in jtu.tree_leaves(operator))
+        own = is_own_array(matrix, operator)
         # The 1-norm of `A`, which only the condition estimate reads, from `A`
         # where reading it is free: the operator's own matrix, or a large one
         # (whose estimate is O(n^2): the norm of `L U` would be O(n^3)). Of a

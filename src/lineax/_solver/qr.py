@@ -9,7 +9,6 @@ import jax.core
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
-import jax.tree_util as jtu
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 from jaxtyping import Array
@@ -28,6 +27,7 @@ from .base import (
     AbstractLinearSolver,
     check_lapack_dtype,
     inf_at_zero_pivots,
+    is_own_array,
     norm1,
     operator_is_finite,
     rcond_estimate,
@@ -92,9 +92,7 @@ class QR(AbstractLinearSolver[QRState]):
         check_lapack_dtype(operator, "QR")
         del options
         matrix = operator.as_matrix()
-        # Whether the matrix is one of the operator's own arrays (a
-        # `MatrixLinearOperator`'s), whose finiteness test reads it (see below).
-        own = any(matrix is leaf for leaf in jtu.tree_leaves(operator))
+        own = is_own_array(matrix, operator)  # (see the finiteness test below)
         m, n = matrix.shape
         wide = n > m
         if wide:
@@ -110,15 +108,12 @@ class QR(AbstractLinearSolver[QRState]):
         perm = _rows_by_decreasing_size(matrix)
         reflectors, taus = jnp.linalg.qr(matrix[perm], mode="raw")
         # The finiteness test reads the factors, not the matrix, unless the
-        # matrix is the operator's own array (as `LU.init`'s). Householder QR
-        # never turns a non-finite entry finite: the updates of the trailing
+        # matrix is the operator's own array (see `is_own_array`). Householder
+        # QR never turns a non-finite entry finite: the updates of the trailing
         # columns add to each entry (`a - tau v w`: inf or NaN plus anything is
         # inf or NaN), a reflector's column is scaled by a finite nonzero or by
         # zero (inf * 0 is NaN) and a non-finite diagonal entry makes a
-        # non-finite norm, hence `R`'s entry. Reading a matrix that is computed
-        # (Optimistix's Gauss-Newton and Levenberg-Marquardt Jacobians) made XLA
-        # compute it a second time, in the test's kernel: `geqrf` overwrites
-        # its own copy.
+        # non-finite norm, hence `R`'s entry.
         return QRState(
             reflectors.mT,
             taus,
