@@ -172,7 +172,7 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     import compile_time
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--cases", default="cg_poisson|bicgstab", help="case filter")
     parser.add_argument("--impl", default="lineax", choices=["lineax", "jax"])
     parser.add_argument("--x64", action="store_true", help="float64")
