@@ -1414,7 +1414,10 @@ def _split(tree: PyTree) -> tuple[list, tuple]:
 def _joined(arrays: list, layout: tuple) -> PyTree:
     """The inverse of `_split`: the tree of the arrays and its layout."""
     treedef, statics = layout
-    if not statics and jtu.treedef_is_leaf(treedef):
+    # (A leaf, not an empty container: `treedef_is_leaf` is true of `{}` too,
+    # and the empty statistics of `lx.Schur` and `lx.Woodbury` failed every
+    # un-jitted solve with `throw=False` with an `IndexError`.)
+    if not statics and treedef.num_leaves == 1 and jtu.treedef_is_leaf(treedef):
         return arrays[0]
     return jtu.tree_unflatten(treedef, _with_statics(arrays, statics))
 

@@ -162,6 +162,28 @@ def is_inexact_array(x: Any) -> bool:
     return eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.inexact)
 
 
+def power_of_two_normaliser(largest: Array) -> Array:
+    """Elementwise, the power of two `s` with `s · largest` in `[1, 2)`, for the
+    largest magnitude `largest` (real, `>= 0`) of some entries: multiplying those
+    entries by it is exact (no rounding, barring underflow of entries far below
+    the largest), so a solve of the rescaled problem, scaled back, is the solve of
+    the original one, bitwise, wherever neither over- nor underflows. It is `1`
+    where `largest` is in `[1, 2)`. It is kept normal (XLA flushes subnormals to
+    zero): the reciprocal of the smallest normal number where `largest` is zero
+    or subnormal, the smallest normal number where it is at least that
+    reciprocal (float32's `2^127` and above, scaled into `[2, 4)`) or not finite
+    (inf stays inf, NaN stays NaN).
+
+    The exponent is read from the float's bits (`largest` with its mantissa
+    masked off), not from `log2`/`exp2`, which round."""
+    info = jnp.finfo(largest.dtype)
+    bits = np.dtype(f"uint{info.bits}")
+    mask = ((1 << (info.bits - 1 - info.nmant)) - 1) << info.nmant
+    exponent = lax.bitcast_convert_type(largest, bits) & np.asarray(mask, bits)
+    power = lax.bitcast_convert_type(exponent, largest.dtype)
+    return 1 / jnp.clip(power, info.tiny, 1 / info.tiny)
+
+
 def strip_weak_dtype(tree: PyTree) -> PyTree:
     """Replace every `jax.ShapeDtypeStruct` in `tree` by one without `weak_type`, so
     that structures compare equal irrespective of how they were made."""
