@@ -169,19 +169,24 @@ def power_of_two_normaliser(largest: Array) -> Array:
     the largest), so a solve of the rescaled problem, scaled back, is the solve of
     the original one, bitwise, wherever neither over- nor underflows. It is `1`
     where `largest` is in `[1, 2)`. It is kept normal (XLA flushes subnormals to
-    zero): the reciprocal of the smallest normal number where `largest` is zero
-    or subnormal, the smallest normal number where it is at least that
-    reciprocal (float32's `2^127` and above, scaled into `[2, 4)`) or not finite
-    (inf stays inf, NaN stays NaN).
+    zero): the largest power of two of the dtype, `2^(2 bias)` (float32: `2^127`),
+    where `largest` is zero or subnormal, and the smallest normal number where
+    `largest` is at least `2^(2 bias - 1)` (float32: `2^126`; scaled into `[1,
+    4)`) or not finite (inf stays inf, NaN stays NaN).
 
-    The exponent is read from the float's bits (`largest` with its mantissa
-    masked off), not from `log2`/`exp2`, which round."""
+    Computed on the float's bits, in four operations: the exponent field `e` of
+    `largest` (its mantissa masked off) is that of `2^(e - bias)`, and `2 bias -
+    e` that of its reciprocal. (`log2`/`exp2` round, and a division and a clip
+    cost more operations, in every solve's program.)"""
     info = jnp.finfo(largest.dtype)
     bits = np.dtype(f"uint{info.bits}")
+    bias = (1 << (info.bits - 2 - info.nmant)) - 1
     mask = ((1 << (info.bits - 1 - info.nmant)) - 1) << info.nmant
     exponent = lax.bitcast_convert_type(largest, bits) & np.asarray(mask, bits)
-    power = lax.bitcast_convert_type(exponent, largest.dtype)
-    return 1 / jnp.clip(power, info.tiny, 1 / info.tiny)
+    # (At most `2 bias - 1`: the reciprocal's exponent field at least 1, normal.)
+    exponent = jnp.minimum(exponent, np.asarray((2 * bias - 1) << info.nmant, bits))
+    reciprocal = np.asarray(2 * bias << info.nmant, bits) - exponent
+    return lax.bitcast_convert_type(reciprocal, largest.dtype)
 
 
 def strip_weak_dtype(tree: PyTree) -> PyTree:

@@ -218,7 +218,7 @@ class Schur(AbstractLinearSolver[SchurState]):
                 lambda x: mv_flat(c, x, in_structure[0], dtype), out_axes=1
             )(solved_b)
             if scale is not None:
-                c_solved_b = c_solved_b * (1 / scale).astype(c_solved_b.dtype)[None, :]
+                c_solved_b = c_solved_b / scale.astype(c_solved_b.dtype)[None, :]
             complement = complement.astype(dtype) - c_solved_b
         complement_state = LU().init(MatrixLinearOperator(complement), {})
         # The refinement step's residual is that of the operator as solved: with

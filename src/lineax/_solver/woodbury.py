@@ -180,7 +180,8 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
         if scale is None:
             capacitance = jnp.eye(cv_p.shape[0], dtype=cv_p.dtype) + cv_p
         else:
-            capacitance = jnp.diag(scale.astype(cv_p.dtype)) + cv_p  # `K S`
+            identity = jnp.eye(cv_p.shape[0], dtype=cv_p.dtype)
+            capacitance = identity * scale.astype(cv_p.dtype)[None, :] + cv_p  # K S
             row_scale = power_of_two_normaliser(jnp.max(jnp.abs(capacitance), 1))
             capacitance = capacitance * row_scale.astype(cv_p.dtype)[:, None]
         lu_state = LU().init(MatrixLinearOperator(capacitance), {})
