@@ -147,13 +147,16 @@ class Normal(AbstractLinearSolver[NormalState]):
     (matrix-free). With any inner solver but a Krylov one, `A` is materialised
     once, in `init`, and the state holds arrays only. Squaring the condition
     number is the price: prefer [`lineax.QR`][] or [`lineax.LSMR`][] for
-    ill-conditioned problems. So is the range: the Gram matrix squares `A`'s
-    entries, and one that overflows (entries of `A` above about 1e154 in float64,
-    2e19 in float32) makes a direct inner solver report
-    [`lineax.RESULTS.singular`][]; one that underflows (entries all below about
-    1e-154 in float64, 1e-19 in float32) too, and `CG` reports
-    [`lineax.RESULTS.breakdown`][]. Rescale `A` (and `b`) by a power of two
-    into that range, or use `QR`.
+    ill-conditioned problems. The Gram matrix squares `A`'s entries too: with a
+    direct inner solver, `A` (materialised as a matrix, PyTree, diagonal or
+    tridiagonal operator) is first multiplied by the power of two that brings
+    its largest entry into `[1, 2)`, and the solution by the same, which is
+    exact, so that entries near the dtype's limits (float32: `1e±20`) do not
+    over- or underflow the Gram matrix. (In range, the solution is bitwise that
+    of the unscaled solve.) A Krylov inner solver is not rescaled: there, entries
+    of `A` above about 1e154 in float64, 2e19 in float32, or all below about
+    1e-154, 1e-19, make it report [`lineax.RESULTS.breakdown`][] or stop at
+    its `atol`; rescale `A` (and `b`) by a power of two, or use `QR`.
 
     What it assumes about the rank is `inner_solver`'s (`assume_full_rank()`).
     With [`lineax.Cholesky`][] or [`lineax.CG`][] (full rank) a rank-deficient `A`

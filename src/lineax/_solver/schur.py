@@ -138,7 +138,10 @@ class Schur(AbstractLinearSolver[SchurState]):
     ill-conditioned `A` even where the whole operator is well-conditioned.
 
     `A` must be square and nonsingular; a singular Schur complement (the whole
-    operator singular) gives [`lineax.RESULTS.singular`][].
+    operator singular) gives [`lineax.RESULTS.singular`][]. With a direct inner
+    solver, each column of `B` is first rescaled by a power of two (its largest
+    entry into `[1, 2)`, undone after `C` is applied), which is exact: `A⁻¹B` of
+    a large `B` against a small `C` does not overflow.
 
     **Arguments:**
 
