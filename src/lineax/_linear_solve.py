@@ -481,7 +481,14 @@ def linear_solve(
         for iterative solvers. An initial guess `"y0"` changes the answer only
         where the solution is not unique: [`lineax.LSMR`][] from `y0` returns
         `y0 + pinv(A) (b - A y0)`, and is differentiated as such, `y0` included
-        (see "How it works").
+        (see "How it works"). A key that no solver reads raises a `ValueError`
+        (a typo); a key that some solver reads but `solver` does not is
+        accepted and ignored, as lineax 0.1.1 accepts any key, so that one
+        `options` dict serves when switching solvers. So `"damp"`, read by
+        [`lineax.LSMR`][] alone, changes nothing with [`lineax.LU`][],
+        [`lineax.SVD`][], [`lineax.CG`][], [`lineax.AutoLinearSolver`][] or
+        `lx.Normal(lx.Cholesky())`: for damped least squares with another
+        solver, solve with the operator `[A; damp I]` (or `AᴴA + damp² I`).
     - `state`: the output of `solver.init(operator, options)`, to reuse e.g. a
         factorisation across right-hand sides (for an operator mixing real and
         complex leaves solved by a least-squares solver, the `Solution.state` of
