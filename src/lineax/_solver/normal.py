@@ -103,9 +103,12 @@ def _rescaled(
     if not isinstance(unwrap_tagged(operator), _LINEAR_IN_ARRAYS):
         return operator, None
     arrays = [x for x in jtu.tree_leaves(operator) if is_inexact_array(x) and x.size]
-    if not arrays:
+    reals = {complex_to_real_dtype(x.dtype) for x in arrays}
+    if len(reals) != 1:
+        # (None, or arrays of several precisions: a power of two for float64
+        # entries may not be one of float32's.)
         return operator, None
-    real = jnp.result_type(*(complex_to_real_dtype(x.dtype) for x in arrays))
+    (real,) = reals
     largest = ft.reduce(jnp.maximum, [jnp.max(jnp.abs(x)).astype(real) for x in arrays])
     scale = power_of_two_normaliser(largest)
     scaled = jtu.tree_map(
