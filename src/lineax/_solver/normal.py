@@ -95,11 +95,14 @@ def _rescaled(
     The Gram matrix squares `A`'s entries: in float32 those above about `2e19`
     overflow it and those all below about `1e-19` underflow it, and its
     factorisation reported `singular` (or, by SVD, returned `0` as a success) for
-    a well-conditioned `A`. The solution for `s A` is `x / s` (tall: `(s A)^+ =
-    A^+ / s`; wide alike), so `compute` multiplies by `s`. Both multiplications
-    are exact: the solution is that of the unscaled solve, bitwise, wherever that
-    one neither over- nor underflowed (the whole factorisation scales by `s²`
-    exactly, its square roots by `s`)."""
+    a well-conditioned `A`. The solution for `s A` and `s b` is `x` (`(s A)^+ =
+    A^+ / s`), so `compute` multiplies `b` by `s`. (`b` rather than the
+    solution: XLA fuses that multiplication into the product `(s A)^H b`, one
+    kernel fewer; `s b` overflows only where `x` is within a factor
+    `sqrt(m n)` of overflowing, as `|x| >= |b| / (sqrt(m n) max |A|)`.) Both
+    multiplications are exact: the solution is that of the unscaled solve,
+    bitwise, wherever that one neither over- nor underflowed (the whole
+    factorisation scales by `s²` exactly, its square roots by `s`)."""
     if not isinstance(unwrap_tagged(operator), _LINEAR_IN_ARRAYS):
         return operator, None
     arrays = [x for x in jtu.tree_leaves(operator) if is_inexact_array(x) and x.size]
@@ -230,6 +233,10 @@ class Normal(AbstractLinearSolver[NormalState]):
             # The Gram operator squares `A`'s scale: a Krylov solver scales it
             # (see `SCALE_OPERATOR`).
             options = {**options, SCALE_OPERATOR: True}
+        if state.scale is not None:
+            # (`s A` is solved for `s b`: see `_rescaled`.)
+            scale = state.scale
+            vector = jtu.tree_map(lambda leaf: leaf * scale.astype(leaf.dtype), vector)
         if state.tall:
             rhs = _adjoint_mv(operator, vector, state.complex_)
             x, result, stats = self.inner_solver.compute(
@@ -249,9 +256,6 @@ class Normal(AbstractLinearSolver[NormalState]):
         finite = self.inner_solver.recorded_operator_finite(state.inner_state)
         if finite is not None:
             result = RESULTS.where(finite, result, RESULTS.singular)
-        if state.scale is not None:
-            scale = state.scale
-            x = jtu.tree_map(lambda leaf: leaf * scale.astype(leaf.dtype), x)
         return x, result, stats
 
     def transpose(self, state: NormalState, options):
