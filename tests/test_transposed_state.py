@@ -70,8 +70,9 @@ def test_transposed_state_of_woodbury():
 
 def test_a_state_of_another_shape_is_still_refused():
     op = lx.MatrixLinearOperator(jnp.asarray(_matrix((4, 4))))
-    for solver in (lx.LU(), lx.QR()):
-        other = lx.MatrixLinearOperator(jnp.eye(3))
+    other = lx.MatrixLinearOperator(jnp.eye(3))
+    solvers: list[lx.AbstractLinearSolver] = [lx.LU(), lx.QR()]
+    for solver in solvers:
         state, _ = solver.transpose(solver.init(other, {}), {})
         with pytest.raises(ValueError, match="does not match"):
             lx.linear_solve(op.T, jnp.ones(4), solver, state=state)

@@ -304,7 +304,7 @@ def _without_attached_consts(converted: Any) -> Any:
     the leak under `jit` and `grad` of a solve with a `FunctionLinearOperator`
     closing over a traced array. (`eval_jaxpr` pairs the consts given with the
     jaxpr's leading inputs either way; JAX 0.10's jaxpr holds none.)"""
-    jaxpr = getattr(converted, "jaxpr", None)
+    jaxpr: Any = getattr(converted, "jaxpr", None)
     if not getattr(jaxpr, "consts", None) or not hasattr(jaxpr, "with_consts"):
         return converted
     return eqx.tree_at(lambda c: c.jaxpr, converted, jaxpr.with_consts([]))
