@@ -264,13 +264,24 @@ def test_normal_equations_whose_gram_matrix_overflows_are_not_successful(inner, 
     # `A` is finite, its Gram matrix `A^H A` is not (1e300 squared). From the
     # factorisation of a matrix holding inf, Cholesky, LU and SVD each gave a
     # finite solution of `diag(1e300, 1) x = (1, 1)` with `x[0] = 0` (exact:
-    # 1e-300), reported successful (Cholesky in lineax 0.1.1 too).
+    # 1e-300), reported successful (Cholesky in lineax 0.1.1 too). `Normal`
+    # now rescales `A` by a power of two (largest entry in [1, 2)), so this is
+    # the solve of `diag(1, 1e-300)` (cond(A^H A) = 1e600), scaled: Cholesky and
+    # LU meet a zero pivot (`singular`), and SVD, whose `rcond` cuts off the
+    # Gram matrix's eigenvalue 1e-600, returns the truncated pseudoinverse
+    # solution `(1e-300, 0)`, as it does for `diag(1, 1e-300)` (and for
+    # `diag(1, 1e-10)`: SVD's rank decision on the squared condition number).
     matrix = jnp.array([[1e300, 0.0], [0.0, 1.0]])
     if wide:
         matrix = jnp.concatenate([matrix, jnp.zeros((2, 1))], axis=1)
     solution = lx.linear_solve(
         lx.MatrixLinearOperator(matrix), jnp.ones(2), lx.Normal(inner), throw=False
     )
+    if isinstance(inner, lx.SVD):
+        assert solution.result == lx.RESULTS.successful
+        want = [1e-300, 0.0, 0.0] if wide else [1e-300, 0.0]
+        np.testing.assert_allclose(solution.value, want, rtol=1e-15, atol=0)
+        return
     assert solution.result != lx.RESULTS.successful
     with pytest.raises(Exception, match="singular"):
         lx.linear_solve(lx.MatrixLinearOperator(matrix), jnp.ones(2), lx.Normal(inner))

@@ -275,7 +275,7 @@ def _check_state(state, operator, options, solver, mismatch=_STATE_MISMATCH):
                 continue
             chosen = True
             want = _expected_state(tagged, options, state.solver)
-            if want == got:
+            if want == got or _is_transposed_state(got, tagged, options, state.solver):
                 return
             checked = checked or want is not None
         if not chosen:
@@ -294,8 +294,18 @@ def _check_state(state, operator, options, solver, mismatch=_STATE_MISMATCH):
         _raise_init_error(operator, options, solver)
         return
     got = _state_signature(eqx.filter(state, _is_signature_leaf))
-    if got != want:
+    if got != want and not _is_transposed_state(got, operator, options, solver):
         raise ValueError(mismatch)
+
+
+def _is_transposed_state(got: tuple, operator, options, solver) -> bool:
+    """Whether the state signature `got` is that of `solver.transpose` of a state
+    of `operator`'s transpose: a state transposed by the solver itself is one of
+    the transposed operator (lineax 0.1.1 solves with it), but its static flags
+    may differ from those of `init` (`LU`'s `transposed`, `QR`'s `wide` and
+    `Normal`'s `tall` for a square operator), and it was refused as "does not
+    match". (Traced only where the state does not match `init`'s.)"""
+    return got == _expected_state(operator, options, solver, transposed=True)
 
 
 def _raise_init_error(operator, options, solver) -> None:
@@ -386,9 +396,12 @@ _EXPECTED_STATES: dict = {}
 _NOT_CACHED: Any = object()
 
 
-def _expected_state(operator, options, solver) -> tuple | None:
+def _expected_state(operator, options, solver, transposed=False) -> tuple | None:
+    """The signature of `solver.init(operator, options)`; with `transposed`, of
+    `solver.transpose` of the state of `operator`'s transpose."""
     try:
-        key = (solver, _state_signature((operator, options), numbers_by_value=True))
+        signature = _state_signature((operator, options), numbers_by_value=True)
+        key = (solver, signature, transposed)
         hash(key)
     except TypeError:  # something unhashable: no caching
         key = None
@@ -397,8 +410,9 @@ def _expected_state(operator, options, solver) -> tuple | None:
     cached = _NOT_CACHED if key is None else _EXPECTED_STATES.get(key, _NOT_CACHED)
     if cached is not _NOT_CACHED:
         return cached
+    init = _transposed_init(solver) if transposed else solver.init
     try:
-        expected = eqx.filter_eval_shape(solver.init, operator, options)
+        expected = eqx.filter_eval_shape(init, operator, options)
     except Exception:  # noqa: BLE001 - reported by `compute` instead
         want = None
     else:
@@ -408,6 +422,14 @@ def _expected_state(operator, options, solver) -> tuple | None:
             _EXPECTED_STATES.clear()
         _EXPECTED_STATES[key] = want
     return want
+
+
+def _transposed_init(solver: AbstractLinearSolver):
+    def init(operator, options):
+        state = solver.init(operator.transpose(), options)
+        return solver.transpose(state, options)[0]
+
+    return init
 
 
 def linear_solve(
@@ -459,7 +481,14 @@ def linear_solve(
         for iterative solvers. An initial guess `"y0"` changes the answer only
         where the solution is not unique: [`lineax.LSMR`][] from `y0` returns
         `y0 + pinv(A) (b - A y0)`, and is differentiated as such, `y0` included
-        (see "How it works").
+        (see "How it works"). A key that no solver reads raises a `ValueError`
+        (a typo); a key that some solver reads but `solver` does not is
+        accepted and ignored, as lineax 0.1.1 accepts any key, so that one
+        `options` dict serves when switching solvers. So `"damp"`, read by
+        [`lineax.LSMR`][] alone, changes nothing with [`lineax.LU`][],
+        [`lineax.SVD`][], [`lineax.CG`][], [`lineax.AutoLinearSolver`][] or
+        `lx.Normal(lx.Cholesky())`: for damped least squares with another
+        solver, solve with the operator `[A; damp I]` (or `AᴴA + damp² I`).
     - `state`: the output of `solver.init(operator, options)`, to reuse e.g. a
         factorisation across right-hand sides (for an operator mixing real and
         complex leaves solved by a least-squares solver, the `Solution.state` of
@@ -1414,7 +1443,10 @@ def _split(tree: PyTree) -> tuple[list, tuple]:
 def _joined(arrays: list, layout: tuple) -> PyTree:
     """The inverse of `_split`: the tree of the arrays and its layout."""
     treedef, statics = layout
-    if not statics and jtu.treedef_is_leaf(treedef):
+    # (A leaf, not an empty container: `treedef_is_leaf` is true of `{}` too,
+    # and the empty statistics of `lx.Schur` and `lx.Woodbury` failed every
+    # un-jitted solve with `throw=False` with an `IndexError`.)
+    if not statics and treedef.num_leaves == 1 and jtu.treedef_is_leaf(treedef):
         return arrays[0]
     return jtu.tree_unflatten(treedef, _with_statics(arrays, statics))
 

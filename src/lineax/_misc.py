@@ -162,6 +162,33 @@ def is_inexact_array(x: Any) -> bool:
     return eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.inexact)
 
 
+def power_of_two_normaliser(largest: Array) -> Array:
+    """Elementwise, the power of two `s` with `s · largest` in `[1, 2)`, for the
+    largest magnitude `largest` (real, `>= 0`) of some entries: multiplying those
+    entries by it is exact (no rounding, barring underflow of entries far below
+    the largest), so a solve of the rescaled problem, scaled back, is the solve of
+    the original one, bitwise, wherever neither over- nor underflows. It is `1`
+    where `largest` is in `[1, 2)`. It is kept normal (XLA flushes subnormals to
+    zero): the largest power of two of the dtype, `2^(2 bias)` (float32: `2^127`),
+    where `largest` is zero or subnormal, and the smallest normal number where
+    `largest` is at least `2^(2 bias - 1)` (float32: `2^126`; scaled into `[1,
+    4)`) or not finite (inf stays inf, NaN stays NaN).
+
+    Computed on the float's bits, in four operations: the exponent field `e` of
+    `largest` (its mantissa masked off) is that of `2^(e - bias)`, and `2 bias -
+    e` that of its reciprocal. (`log2`/`exp2` round, and a division and a clip
+    cost more operations, in every solve's program.)"""
+    info = jnp.finfo(largest.dtype)
+    bits = np.dtype(f"uint{info.bits}")
+    bias = (1 << (info.bits - 2 - info.nmant)) - 1
+    mask = ((1 << (info.bits - 1 - info.nmant)) - 1) << info.nmant
+    exponent = lax.bitcast_convert_type(largest, bits) & np.asarray(mask, bits)
+    # (At most `2 bias - 1`: the reciprocal's exponent field at least 1, normal.)
+    exponent = jnp.minimum(exponent, np.asarray((2 * bias - 1) << info.nmant, bits))
+    reciprocal = np.asarray(2 * bias << info.nmant, bits) - exponent
+    return lax.bitcast_convert_type(reciprocal, largest.dtype)
+
+
 def strip_weak_dtype(tree: PyTree) -> PyTree:
     """Replace every `jax.ShapeDtypeStruct` in `tree` by one without `weak_type`, so
     that structures compare equal irrespective of how they were made."""

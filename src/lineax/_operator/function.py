@@ -289,7 +289,25 @@ def closure_converted(fn: Callable, closure_convert: bool, *example: Any) -> Cal
         consts = jtu.tree_leaves(getattr(own_inputs, "consts", ()))
         if not any(isinstance(c, jax.core.Tracer) for c in consts):
             return fn
-    return eqx.filter_closure_convert(fn, *example)
+    return _without_attached_consts(eqx.filter_closure_convert(fn, *example))
+
+
+def _without_attached_consts(converted: Any) -> Any:
+    """`converted` (a closure-converted function) with a jaxpr that holds no
+    values of its own: its consts are only in its `consts` leaves.
+
+    From JAX 0.12 a jaxpr carries its constants (`ClosedJaxpr` is `Jaxpr`, and
+    `closed.jaxpr` is `closed` itself), so the jaxpr that `eqx.filter_closure_
+    convert` keeps as a leaf holds the arrays it closed over too. That jaxpr is
+    static data of the `linear_solve` primitive (a parameter of its equation), and
+    a traced array it held outlived its trace: `jax.checking_leaks()` reported
+    the leak under `jit` and `grad` of a solve with a `FunctionLinearOperator`
+    closing over a traced array. (`eval_jaxpr` pairs the consts given with the
+    jaxpr's leading inputs either way; JAX 0.10's jaxpr holds none.)"""
+    jaxpr: Any = getattr(converted, "jaxpr", None)
+    if not getattr(jaxpr, "consts", None) or not hasattr(jaxpr, "with_consts"):
+        return converted
+    return eqx.tree_at(lambda c: c.jaxpr, converted, jaxpr.with_consts([]))
 
 
 def in_context(structure: PyTree[jax.ShapeDtypeStruct]) -> PyTree[jax.ShapeDtypeStruct]:

@@ -49,6 +49,9 @@ class NeumannPreconditioner(AbstractPolynomialPreconditioner):
         `ω = 1/λmax`, with `λmax` estimated by a few steps of Lanczos (its
         magnitude enlarged by 5%), so that `ωA` has spectrum in `(0, 1)`. For any
         other operator give `ω`, such that `|1 - ωλ| < 1` over the spectrum.
+        Checked (finite, nonzero, of the operator's definite sign) where it is
+        concrete; a traced one (under `jit`, `grad`, `vmap`) is not, and a wrong
+        one shows as [`lineax.RESULTS.breakdown`][] of the solve.
     - `lanczos_steps`: the number of Lanczos steps for the estimate of `λmax`.
     - `key`: the random key of Lanczos' starting vector. Defaults to
         `jax.random.key(0)`.

@@ -50,7 +50,10 @@ class SSORPreconditioner(AbstractPreconditioner):
     **Arguments:**
 
     - `operator`: a square linear operator.
-    - `omega`: the relaxation parameter, `0 < omega < 2`.
+    - `omega`: the relaxation parameter, `0 < omega < 2`. Checked where it is
+        concrete; a traced one (under `jit`, `grad`, `vmap`) is not, and outside
+        `(0, 2)` shows as [`lineax.RESULTS.breakdown`][] of the solve (see
+        "Failures" in the documentation).
     """
 
     lower: Inexact[Array, "size size"]

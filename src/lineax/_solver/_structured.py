@@ -11,6 +11,7 @@ as through any other solver.
 """
 
 import abc
+import dataclasses
 import functools as ft
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, TypeVar
@@ -260,3 +261,23 @@ def _(operator):
     if cheaper_by_tags(operator):
         return None
     return structured_solver(operator.operator)
+
+
+def solves_to_a_tolerance(solver: Any) -> bool:
+    """Whether `solver`, or one inside it (`Normal`'s, `BlockDiagonal`'s, another
+    `Woodbury`'s), is iterative: stops at a tolerance `rtol`. Its refined solution
+    has the backward error it was asked for, not rounding's: `CG(rtol=1e-3,
+    atol=1e-3)` as the inner solver of a well-conditioned float64 `M` (30x30,
+    rank 3) solved it to 4e-4, above `_no_digits`' 1e-4, and was called
+    singular."""
+    if hasattr(solver, "rtol"):
+        return True
+    if isinstance(solver, eqx.Module):
+        parts = [
+            getattr(solver, field.name, None) for field in dataclasses.fields(solver)
+        ]
+    elif isinstance(solver, (tuple, list)):
+        parts = solver
+    else:
+        return False
+    return any(solves_to_a_tolerance(part) for part in parts)

@@ -189,6 +189,8 @@ class LSMR(AbstractKrylovSolver):
         solver that passes `options` on to an inner LSMR (`lx.BlockDiagonal`,
         `lx.Kronecker`, `lx.Normal`, `lx.Woodbury`, `lx.Schur`) refuses it with
         a `ValueError`: only the problem given to `linear_solve` is damped.
+        Every other solver ignores it (a key some solver reads is accepted by
+        all, as in lineax 0.1.1: see [`lineax.linear_solve`][]'s `options`).
     - `preconditioner`: a nonsingular operator `N` on the operator's input space,
         used on the right: LSMR is run on `A N` from `b - A y0`, and
         `y = y0 + N z` is returned. A good choice scales the columns of `A` to

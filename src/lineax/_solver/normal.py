@@ -1,16 +1,29 @@
 """`Normal`: solve the normal equations with a solver for positive definite
 systems."""
 
+import functools as ft
 import math
 from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
+from jaxtyping import Array
 
-from .._misc import HeldArrays, tree_conj, tree_is_complex
+from .._misc import (
+    complex_to_real_dtype,
+    HeldArrays,
+    is_inexact_array,
+    power_of_two_normaliser,
+    tree_conj,
+    tree_is_complex,
+)
 from .._operator.base import AbstractLinearOperator, conj, linearise, materialise
-from .._operator.tagged import TaggedLinearOperator
+from .._operator.diagonal_operator import DiagonalLinearOperator
+from .._operator.matrix import MatrixLinearOperator
+from .._operator.pytree import PyTreeLinearOperator
+from .._operator.tagged import TaggedLinearOperator, unwrap_tagged
+from .._operator.tridiagonal_operator import TridiagonalLinearOperator
 from .._solution import RESULTS
 from .._tags import positive_semidefinite_tag
 from ._krylov import AbstractKrylovSolver, check_product_structure, SCALE_OPERATOR
@@ -23,6 +36,9 @@ class NormalState(eqx.Module):
 
     held: HeldArrays  # the operator, with arrays as its only leaves
     inner_state: Any
+    # The power of two that the held operator is `A` multiplied by (see
+    # `_rescaled`), or `None` where it is `A` itself.
+    scale: Array | None
     tall: bool = eqx.field(static=True)
     complex_: bool = eqx.field(static=True)
 
@@ -30,11 +46,13 @@ class NormalState(eqx.Module):
         self,
         operator: AbstractLinearOperator,
         inner_state: Any,
+        scale: Array | None,
         tall: bool,
         complex_: bool,
     ):
         self.held = HeldArrays(operator)
         self.inner_state = inner_state
+        self.scale = scale
         self.tall = tall
         self.complex_ = complex_
 
@@ -54,6 +72,52 @@ def _normal_operator(operator: AbstractLinearOperator, tall: bool, complex_: boo
         adjoint = conj(adjoint)
     gram = adjoint @ operator if tall else operator @ adjoint
     return TaggedLinearOperator(gram, positive_semidefinite_tag)
+
+
+# Materialised operators whose action is linear in each of their arrays: scaling
+# every array scales the operator by the same factor. (Not so a Kronecker
+# product or a low-rank update, which `materialise` keeps structured.)
+_LINEAR_IN_ARRAYS = (
+    MatrixLinearOperator,
+    PyTreeLinearOperator,
+    DiagonalLinearOperator,
+    TridiagonalLinearOperator,
+)
+
+
+def _rescaled(
+    operator: AbstractLinearOperator,
+) -> tuple[AbstractLinearOperator, Array | None]:
+    """`s A` and `s`, for the power of two `s` that brings `A`'s largest entry
+    into `[1, 2)` (see `power_of_two_normaliser`), where `A` holds its entries as
+    arrays; else `A` and `None`.
+
+    The Gram matrix squares `A`'s entries: in float32 those above about `2e19`
+    overflow it and those all below about `1e-19` underflow it, and its
+    factorisation reported `singular` (or, by SVD, returned `0` as a success) for
+    a well-conditioned `A`. The solution for `s A` and `s b` is `x` (`(s A)^+ =
+    A^+ / s`), so `compute` multiplies `b` by `s`. (`b` rather than the
+    solution: XLA fuses that multiplication into the product `(s A)^H b`, one
+    kernel fewer; `s b` overflows only where `x` is within a factor
+    `sqrt(m n)` of overflowing, as `|x| >= |b| / (sqrt(m n) max |A|)`.) Both
+    multiplications are exact: the solution is that of the unscaled solve,
+    bitwise, wherever that one neither over- nor underflowed (the whole
+    factorisation scales by `s²` exactly, its square roots by `s`)."""
+    if not isinstance(unwrap_tagged(operator), _LINEAR_IN_ARRAYS):
+        return operator, None
+    arrays = [x for x in jtu.tree_leaves(operator) if is_inexact_array(x) and x.size]
+    reals = {complex_to_real_dtype(x.dtype) for x in arrays}
+    if len(reals) != 1:
+        # (None, or arrays of several precisions: a power of two for float64
+        # entries may not be one of float32's.)
+        return operator, None
+    (real,) = reals
+    largest = ft.reduce(jnp.maximum, [jnp.max(jnp.abs(x)).astype(real) for x in arrays])
+    scale = power_of_two_normaliser(largest)
+    scaled = jtu.tree_map(
+        lambda x: x * scale.astype(x.dtype) if is_inexact_array(x) else x, operator
+    )
+    return scaled, scale
 
 
 def _inner_options(
@@ -89,13 +153,16 @@ class Normal(AbstractLinearSolver[NormalState]):
     (matrix-free). With any inner solver but a Krylov one, `A` is materialised
     once, in `init`, and the state holds arrays only. Squaring the condition
     number is the price: prefer [`lineax.QR`][] or [`lineax.LSMR`][] for
-    ill-conditioned problems. So is the range: the Gram matrix squares `A`'s
-    entries, and one that overflows (entries of `A` above about 1e154 in float64,
-    2e19 in float32) makes a direct inner solver report
-    [`lineax.RESULTS.singular`][]; one that underflows (entries all below about
-    1e-154 in float64, 1e-19 in float32) too, and `CG` reports
-    [`lineax.RESULTS.breakdown`][]. Rescale `A` (and `b`) by a power of two
-    into that range, or use `QR`.
+    ill-conditioned problems. The Gram matrix squares `A`'s entries too: with a
+    direct inner solver, `A` (materialised as a matrix, PyTree, diagonal or
+    tridiagonal operator) is first multiplied by the power of two that brings
+    its largest entry into `[1, 2)`, and the solution by the same, which is
+    exact, so that entries near the dtype's limits (float32: `1e±20`) do not
+    over- or underflow the Gram matrix. (In range, the solution is bitwise that
+    of the unscaled solve.) A Krylov inner solver is not rescaled: there, entries
+    of `A` above about 1e154 in float64, 2e19 in float32, or all below about
+    1e-154, 1e-19, make it report [`lineax.RESULTS.breakdown`][] or stop at
+    its `atol`; rescale `A` (and `b`) by a power of two, or use `QR`.
 
     What it assumes about the rank is `inner_solver`'s (`assume_full_rank()`).
     With [`lineax.Cholesky`][] or [`lineax.CG`][] (full rank) a rank-deficient `A`
@@ -141,8 +208,9 @@ class Normal(AbstractLinearSolver[NormalState]):
             # Optimistix's Chord and Diffrax's VeryChord keep the state across
             # steps through `lax.stop_gradient`, which refused the function
             # operator (its closure-converted jaxpr) that `linearise` gives them.
-            operator = materialise(operator)
+            operator, scale = _rescaled(materialise(operator))
         else:
+            scale = None
             # As a Krylov solver linearises its operator (see `KrylovState`): here,
             # before `A` is transposed for `A^H A` and kept for `A^H b`, so that a
             # Jacobian operator's function is traced once, not by each of them.
@@ -155,7 +223,7 @@ class Normal(AbstractLinearSolver[NormalState]):
         gram = _normal_operator(operator, tall, complex_)
         options = _inner_options(operator, tall, options)
         return NormalState(
-            operator, self.inner_solver.init(gram, options), tall, complex_
+            operator, self.inner_solver.init(gram, options), scale, tall, complex_
         )
 
     def compute(self, state: NormalState, vector, options):
@@ -165,6 +233,10 @@ class Normal(AbstractLinearSolver[NormalState]):
             # The Gram operator squares `A`'s scale: a Krylov solver scales it
             # (see `SCALE_OPERATOR`).
             options = {**options, SCALE_OPERATOR: True}
+        if state.scale is not None:
+            # (`s A` is solved for `s b`: see `_rescaled`.)
+            scale = state.scale
+            vector = jtu.tree_map(lambda leaf: leaf * scale.astype(leaf.dtype), vector)
         if state.tall:
             rhs = _adjoint_mv(operator, vector, state.complex_)
             x, result, stats = self.inner_solver.compute(
@@ -191,13 +263,19 @@ class Normal(AbstractLinearSolver[NormalState]):
         # matrix A^T (A^T)^H = conj(N) (and vice versa): conjugate the inner state.
         inner_state, options = self.inner_solver.conj(state.inner_state, options)
         new = NormalState(
-            state.operator.transpose(), inner_state, not state.tall, state.complex_
+            state.operator.transpose(),
+            inner_state,
+            state.scale,
+            not state.tall,
+            state.complex_,
         )
         return new, options
 
     def conj(self, state: NormalState, options):
         inner_state, options = self.inner_solver.conj(state.inner_state, options)
-        new = NormalState(conj(state.operator), inner_state, state.tall, state.complex_)
+        new = NormalState(
+            conj(state.operator), inner_state, state.scale, state.tall, state.complex_
+        )
         return new, options
 
     def initial_guess(self, operator, y0):

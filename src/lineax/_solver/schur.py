@@ -9,7 +9,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
-from .._misc import HeldArrays, result_dtype, Static, tree_size
+from .._misc import (
+    HeldArrays,
+    power_of_two_normaliser,
+    result_dtype,
+    Static,
+    tree_size,
+)
 from .._operator.base import (
     AbstractLinearOperator,
     conj,
@@ -30,6 +36,7 @@ from ._structured import (
     solve_columns,
     solve_flat,
     solved_parts,
+    solves_to_a_tolerance,
     tangent_parts,
 )
 from .auto import AutoLinearSolver
@@ -131,7 +138,10 @@ class Schur(AbstractLinearSolver[SchurState]):
     ill-conditioned `A` even where the whole operator is well-conditioned.
 
     `A` must be square and nonsingular; a singular Schur complement (the whole
-    operator singular) gives [`lineax.RESULTS.singular`][].
+    operator singular) gives [`lineax.RESULTS.singular`][]. With a direct inner
+    solver, each column of `B` is first rescaled by a power of two (its largest
+    entry into `[1, 2)`, undone after `C` is applied), which is exact: `A⁻¹B` of
+    a large `B` against a small `C` does not overflow.
 
     **Arguments:**
 
@@ -191,13 +201,27 @@ class Schur(AbstractLinearSolver[SchurState]):
         complement = jnp.zeros((n2_out, n2_in), dtype) if d is None else d.as_matrix()
         columns_result = RESULTS.successful
         if b is not None and c is not None:
-            # A⁻¹ B, one solve per column of B, then C A⁻¹ B column by column.
+            # A⁻¹ B, one solve per column of B, then C A⁻¹ B column by column,
+            # for `B` with each column rescaled by the power of two that brings
+            # its largest entry into `[1, 2)` (`B S`, `S` diagonal), and `C A⁻¹ B
+            # S` by `S⁻¹`: `A⁻¹ B` of a well-scaled operator overflowed where `B`
+            # is large and `C` small, and the solve was `singular`. Powers of two
+            # scale exactly: in range, this is the unscaled complement, bitwise.
+            # (Not for an iterative inner solver: its `atol` would then stop the
+            # solves for the columns elsewhere.)
+            b_matrix = b.as_matrix()
+            scale = None
+            if b_matrix.size and not solves_to_a_tolerance(self.inner):
+                scale = power_of_two_normaliser(jnp.max(jnp.abs(b_matrix), axis=0))
+                b_matrix = b_matrix * scale.astype(b_matrix.dtype)[None, :]
             solved_b, columns_result = solve_columns(
-                self.inner, top_left, b.as_matrix().T, out_structure[0], options
+                self.inner, top_left, b_matrix.T, out_structure[0], options
             )
             c_solved_b = jax.vmap(
                 lambda x: mv_flat(c, x, in_structure[0], dtype), out_axes=1
             )(solved_b)
+            if scale is not None:
+                c_solved_b = c_solved_b / scale.astype(c_solved_b.dtype)[None, :]
             complement = complement.astype(dtype) - c_solved_b
         complement_state = LU().init(MatrixLinearOperator(complement), {})
         # The refinement step's residual is that of the operator as solved: with

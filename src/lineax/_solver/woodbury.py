@@ -1,7 +1,6 @@
 """`Woodbury`: solves with `A + U C V` through a solve with `A` and a `k×k`
 factorisation (the Sherman-Morrison-Woodbury identity)."""
 
-import dataclasses
 import functools as ft
 from typing import Any
 
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
-from .._misc import HeldArrays, Static
+from .._misc import HeldArrays, power_of_two_normaliser, Static
 from .._operator.arithmetic import ComposedLinearOperator
 from .._operator.base import (
     AbstractLinearOperator,
@@ -33,6 +32,7 @@ from ._structured import (
     solve_columns,
     solve_flat,
     solved_parts,
+    solves_to_a_tolerance,
     structured_solver,
     tangent_parts,
 )
@@ -51,6 +51,9 @@ class WoodburyState(eqx.Module):
     Named as in Hager, "Updating the inverse of a matrix", SIAM Review 31 (1989):
     `solved_u` is `P = A⁻¹ U` (one column per rank, flattened, shape `(n, k)`),
     and `capacitance` is the LU factorisation of `K = I + C V A⁻¹ U` (`k×k`).
+    Both are rescaled by powers of two (see `init`): `solved_u` is `P S` and
+    `capacitance` that of `R K S` for diagonal `S` and `R`, with `R`'s diagonal
+    in `row_scale` (`None` where nothing is rescaled).
     With `transposed`, the states are those of `Aᵀ` and `Kᵀ`, and `M ᵀ` is solved.
     `columns_result` is the result of the solves for `P` (every solve with this
     state reports it: a `P` that an iterative inner solver did not converge to
@@ -62,6 +65,7 @@ class WoodburyState(eqx.Module):
     operator_state: PyTree
     solved_u: Array
     capacitance: LUState
+    row_scale: Array | None
     cv: AbstractLinearOperator
     held_operator: HeldArrays
     columns_result: RESULTS
@@ -90,6 +94,11 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
     diagonal (n = 4000, k = 10) this is about `O(nk²)` against `O(n³)` for dense
     LU. When
     `C` is invertible, `K = C (C⁻¹ + V A⁻¹ U)`, the textbook capacitance matrix.
+    With a direct inner solver, each column of `U` is first rescaled by a power
+    of two (its largest entry into `[1, 2)`), and the rows of `K` alike, which
+    is exact: `A⁻¹U` of a large `U` against a small `V` does not overflow
+    (`0.01 I + (3e37 e₁)(3.3e-38 e₁)ᵀ` in float32 is solved), and in range the
+    solution is bitwise that of the unscaled identity.
 
     For a nonsingular `A`, `det M = det A · det K`, so `M` is singular exactly
     when `K` is: a `K` with an exactly zero pivot gives
@@ -138,10 +147,30 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
         check_passed_on((self.inner,), options, "Woodbury")
         a = operator.operator
         operator_state = self.inner.init(a, options)
-        # P = A⁻¹ U, one solve per column of U (batched).
-        u_columns = operator.u.as_matrix().T
+        # P = A⁻¹ U, one solve per column of U (batched), for `U` with each
+        # column rescaled by the power of two that brings its largest entry into
+        # `[1, 2)` (`U S`, `S` diagonal): `P` of a well-conditioned `M`
+        # overflowed where `U` is large and `V` small, `0.01 I + (3e37
+        # e₁)(3.3e-38 e₁)ᵀ` in float32 (cond(M) = 101), and the solve was
+        # `singular`. With `P S` and `K S = S + C V P S` in place of `P` and `K`,
+        # `P K⁻¹` (all that `compute` reads of them) is unchanged. Powers of two
+        # scale exactly (and LU's pivots do not depend on a column scaling), so
+        # in range this is the unscaled solve, bitwise. Column by column, as the
+        # columns of `U` may differ in size: one scale for all flushed a column
+        # of 0.1 next to one of 3e37 to zero. (Not for an iterative inner solver:
+        # its `atol` would then stop the solves for the columns elsewhere.)
+        # The rows of `K S` are then rescaled alike (`R K S`, `R` diagonal, and
+        # `compute` multiplies `C V A⁻¹ b` by `R`): a row of `C V` far below
+        # the others (here `3.3e-38`) made that row of `K S` so small that LU's
+        # products with it fell below float32's normal range, and a complex64
+        # solve lost 30% to XLA's flushing them to zero.
+        u_matrix = operator.u.as_matrix()
+        scale = None
+        if u_matrix.size and not solves_to_a_tolerance(self.inner):
+            scale = power_of_two_normaliser(jnp.max(jnp.abs(u_matrix), axis=0))
+            u_matrix = u_matrix * scale.astype(u_matrix.dtype)[None, :]
         solved_u, columns_result = solve_columns(
-            self.inner, operator_state, u_columns, a.out_structure(), options
+            self.inner, operator_state, u_matrix.T, a.out_structure(), options
         )
         solved_u = solved_u.T
         cv = ComposedLinearOperator(operator.c, operator.v)
@@ -152,7 +181,14 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
             return flatten_vector(cv.mv(x), column.dtype)
 
         cv_p = jax.vmap(apply_cv, out_axes=1)(solved_u.T)
-        capacitance = jnp.eye(cv_p.shape[0], dtype=cv_p.dtype) + cv_p
+        row_scale = None
+        if scale is None:
+            capacitance = jnp.eye(cv_p.shape[0], dtype=cv_p.dtype) + cv_p
+        else:
+            identity = jnp.eye(cv_p.shape[0], dtype=cv_p.dtype)
+            capacitance = identity * scale.astype(cv_p.dtype)[None, :] + cv_p  # K S
+            row_scale = power_of_two_normaliser(jnp.max(jnp.abs(capacitance), 1))
+            capacitance = capacitance * row_scale.astype(cv_p.dtype)[:, None]
         lu_state = LU().init(MatrixLinearOperator(capacitance), {})
         # The refinement step's residual is that of `M` as solved: with the part
         # of `A` that the inner solver reads (e.g. the diagonal, for a matrix
@@ -164,6 +200,7 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
             operator_state,
             solved_u,
             lu_state,
+            row_scale,
             cv,
             HeldArrays(solved),
             columns_result,
@@ -181,7 +218,7 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
         x, result = refined(solve, state.operator, b)
         # (Not for an inner solver that stops at a tolerance: its solution is
         # as accurate as asked, and its own result reports a failure to be.)
-        if not _solves_to_a_tolerance(self.inner):
+        if not solves_to_a_tolerance(self.inner):
             no_digits = _no_digits(state.operator, x, b)
             result = first_failure(
                 result, RESULTS.where(no_digits, RESULTS.singular, RESULTS.successful)
@@ -202,6 +239,7 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
             operator_state,
             state.solved_u,
             capacitance,
+            state.row_scale,
             state.cv,
             HeldArrays(state.operator.transpose()),
             state.columns_result,
@@ -217,6 +255,7 @@ class Woodbury(AbstractLinearSolver[WoodburyState]):
             operator_state,
             jnp.conj(state.solved_u),
             capacitance,
+            state.row_scale,
             conj(state.cv),
             HeldArrays(conj(state.operator)),
             state.columns_result,
@@ -304,24 +343,12 @@ def _pseudo_random_signs(n: int, dtype: Any) -> Array:
     return (1 - 2 * (hashed >> 31).astype(jnp.int32)).astype(dtype)
 
 
-def _solves_to_a_tolerance(solver: Any) -> bool:
-    """Whether `solver`, or one inside it (`Normal`'s, `BlockDiagonal`'s, another
-    `Woodbury`'s), is iterative: stops at a tolerance `rtol`. Its refined solution
-    has the backward error it was asked for, not rounding's: `CG(rtol=1e-3,
-    atol=1e-3)` as the inner solver of a well-conditioned float64 `M` (30x30,
-    rank 3) solved it to 4e-4, above `_no_digits`' 1e-4, and was called
-    singular."""
-    if hasattr(solver, "rtol"):
-        return True
-    if isinstance(solver, eqx.Module):
-        parts = [
-            getattr(solver, field.name, None) for field in dataclasses.fields(solver)
-        ]
-    elif isinstance(solver, (tuple, list)):
-        parts = solver
-    else:
-        return False
-    return any(_solves_to_a_tolerance(part) for part in parts)
+def _rows_scaled(state: WoodburyState, vector: Array) -> Array:
+    """`R vector`, for the row scaling `R` of the capacitance matrix (see
+    `init`)."""
+    if state.row_scale is None:
+        return vector
+    return vector * state.row_scale.astype(vector.dtype)
 
 
 def _identity_solve(
@@ -334,6 +361,7 @@ def _identity_solve(
         s, k_result, _ = LU().compute(
             state.capacitance, _matmul(state.solved_u.T, b), {}
         )
+        s = _rows_scaled(state, s)
         k_space = state.cv.out_structure()
         rhs = b - mv_flat(state.cv.transpose(), s, k_space, b.dtype)
         # Aᵀ maps A's output space (`in_structure` here) to its input space.
@@ -343,7 +371,7 @@ def _identity_solve(
     else:
         y, a_result = solve_flat(inner, state.operator_state, b, out_structure, options)
         w = mv_flat(state.cv, y, in_structure, None)
-        s, k_result, _ = LU().compute(state.capacitance, w, {})
+        s, k_result, _ = LU().compute(state.capacitance, _rows_scaled(state, w), {})
         x = y - _matmul(state.solved_u, s)
     return x, first_failure(state.columns_result, a_result, k_result)
 
