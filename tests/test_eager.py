@@ -805,3 +805,98 @@ def test_cache_eviction_keeps_an_entry_the_flat_path_used(monkeypatch):
         _flat_key(operator, svd),
         _flat_key(operator, qr),
     ]
+
+
+def test_solver_built_again_skips_equinox_construction(monkeypatch):
+    # `lx.linear_solve(op, b, lx.LU())` builds a solver on every call: Equinox's
+    # construction took 10 us of an un-jitted 10x10 solve (`LU()`), 20 for
+    # `AutoLinearSolver(well_posed=True)`. A lineax solver built again with the
+    # same scalar arguments is copied from the first (`_SolverMeta`): the same
+    # solver, a new object, without running `__init__` or `__check_init__`.
+    import lineax._solver.base as solver_base
+
+    monkeypatch.setattr(solver_base, "_BUILT", {})
+    makes = [
+        lambda: lx.LU(),
+        lambda: lx.AutoLinearSolver(well_posed=True),
+        lambda: lx.AutoLinearSolver(None),
+        lambda: lx.CG(rtol=1e-3, atol=1e-6, max_steps=10),
+        lambda: lx.GMRES(1e-3, 1e-6, restart=5),
+    ]
+    firsts = [make() for make in makes]
+    checks = []
+    for cls in (lx.AutoLinearSolver, lx.CG, lx.GMRES):
+        for parent in cls.__mro__:
+            check = parent.__dict__.get("__check_init__")
+            if check is not None:
+                monkeypatch.setattr(
+                    parent,
+                    "__check_init__",
+                    lambda self, check=check: checks.append(self) or check(self),
+                )
+    for make, first in zip(makes, firsts):
+        again = make()
+        assert type(again) is type(first) and again is not first
+        assert vars(again) == vars(first)
+        assert [type(x) for x in vars(again).values()] == [
+            type(x) for x in vars(first).values()
+        ]
+        assert jax.tree_util.tree_structure(again) == (
+            jax.tree_util.tree_structure(first)
+        )
+        assert again == first and hash(again) == hash(first)
+    assert checks == []
+    monkeypatch.undo()
+    matrix, vector = _system(3, 36)
+    np.testing.assert_allclose(
+        _eager(matrix, vector, lx.LU()).value, np.linalg.solve(matrix, vector)
+    )
+
+
+def test_solver_built_again_keeps_its_checks_and_its_arguments_apart(monkeypatch):
+    # Arguments never seen, or not scalars, are built by Equinox (and checked);
+    # arguments equal by `==` (and hash) but not alike (`1`, `True`, `1.0`;
+    # `0.0`, `-0.0`) are keyed apart: `max_steps=True` after `max_steps=1` is
+    # still refused, and `rtol=-0.0` kept as given. A solver holding a module,
+    # or of a class defined outside lineax, is built by Equinox every time.
+    import lineax._solver.base as solver_base
+
+    monkeypatch.setattr(solver_base, "_BUILT", {})
+    equinox_call = solver_base._SolverMeta.__mro__[1].__call__
+
+    def outcome(build, cls, args, kwargs):
+        try:
+            solver = build(cls, *args, **kwargs)
+        except (TypeError, ValueError) as error:
+            return type(error), str(error)
+        return [(type(x), repr(x)) for x in vars(solver).values()]
+
+    cases = [
+        (lx.AutoLinearSolver, (), {"well_posed": value})
+        for value in (True, 1, 1.0, 2, None)
+    ] + [
+        (lx.GMRES, (value, 1e-6), {"max_steps": steps})
+        for value in (1, 1.0, True, 0.0, -0.0, 0.5)
+        for steps in (1, True, 1.0, None)
+    ]
+    for _ in range(2):
+        for cls, args, kwargs in cases:
+            case = (cls, args, kwargs)
+            assert outcome(type(cls).__call__, *case) == outcome(equinox_call, *case)
+    assert isinstance(lx.GMRES(-0.0, 1e-6).rtol, float)
+    assert str(lx.GMRES(-0.0, 1e-6).rtol) == "-0.0"
+    with pytest.raises(ValueError, match="max_steps"):
+        lx.GMRES(1e-3, 1e-6, max_steps=True)
+    for _ in range(2):
+        inner = lx.Cholesky()
+        assert lx.Normal(inner).inner_solver is inner
+    built = []
+
+    class Counted(DelegatingLU):
+        def __check_init__(self):
+            built.append(self)
+
+    for _ in range(3):
+        Counted()
+    assert len(built) == 3
+    assert Counted not in solver_base._BUILT
