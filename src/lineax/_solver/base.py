@@ -8,7 +8,7 @@ import inspect
 import sys
 import types
 from collections.abc import Callable
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TYPE_CHECKING, TypeVar
 
 import equinox as eqx
 import jax
@@ -68,45 +68,51 @@ Reformulated = (
 )
 
 
-class _SolverMeta(type(eqx.Module)):
-    """Builds a lineax solver called with arguments seen before, each a Python
-    scalar, a string or `None` (`lx.LU()`, `lx.AutoLinearSolver(well_posed=True)`),
-    as Equinox's unflatten builds one: `object.__new__` and its fields set, copied
-    from the first solver built with them (by Equinox's construction, which
-    converted and checked them: `__init__`, converters, `__check_init__`).
-    `lx.linear_solve(op, b, lx.LU())`, the usual way to write a solve, builds one
-    on every call: 5 us for `LU()` and 15 us for `AutoLinearSolver(well_posed=True)`
-    in a loop of their own, 10 and 20 us of an un-jitted 10x10 solve (whose
-    compiled call empties the processor's caches), against 0.3. Only where every
-    field of that first solver is such a value (a field holding an array or a
-    module is built anew each time), and only for lineax's own solver classes
-    (a subclass elsewhere may build its fields otherwise). The arguments are
-    keyed with their types (`True`, `1` and `1.0` apart) and a float by its
-    `repr` (`-0.0` apart from `0.0`, a NaN equal to a NaN)."""
+if TYPE_CHECKING:
+    # (Hidden from type checkers: a metaclass `__call__` taking `*args, **kwargs`
+    # would stand for the signature of every solver class.)
+    _SolverMeta = type
+else:
 
-    def __call__(cls, *args: Any, **kwargs: Any):
-        if not args and not kwargs:  # (the usual call, keyed by its class alone)
-            key: Any = cls
-        else:
-            try:
-                keyed = map(_keyword_key, kwargs.items())
-                key = (cls, *map(_argument_key, args), *keyed)
-            except _NotKeyed:
-                return super().__call__(*args, **kwargs)
-        fields = _BUILT.get(key)
-        if fields is not None:
-            solver = object.__new__(cls)
-            instance_dict(solver).update(fields)
+    class _SolverMeta(type(eqx.Module)):
+        """Builds a lineax solver called with arguments seen before, each a Python
+        scalar, a string or `None` (`lx.LU()`, `lx.AutoLinearSolver(well_posed=True)`),
+        as Equinox's unflatten builds one: `object.__new__` and its fields set, copied
+        from the first solver built with them (by Equinox's construction, which
+        converted and checked them: `__init__`, converters, `__check_init__`).
+        `lx.linear_solve(op, b, lx.LU())`, the usual way to write a solve, builds one
+        on every call: 5 us for `LU()` and 15 us for `AutoLinearSolver(well_posed=True)`
+        in a loop of their own, 10 and 20 us of an un-jitted 10x10 solve (whose
+        compiled call empties the processor's caches), against 0.3. Only where every
+        field of that first solver is such a value (a field holding an array or a
+        module is built anew each time), and only for lineax's own solver classes
+        (a subclass elsewhere may build its fields otherwise). The arguments are
+        keyed with their types (`True`, `1` and `1.0` apart) and a float by its
+        `repr` (`-0.0` apart from `0.0`, a NaN equal to a NaN)."""
+
+        def __call__(cls, *args: Any, **kwargs: Any):
+            if not args and not kwargs:  # (the usual call, keyed by its class alone)
+                key: Any = cls
+            else:
+                try:
+                    keyed = map(_keyword_key, kwargs.items())
+                    key = (cls, *map(_argument_key, args), *keyed)
+                except _NotKeyed:
+                    return super().__call__(*args, **kwargs)
+            fields = _BUILT.get(key)
+            if fields is not None:
+                solver = object.__new__(cls)
+                instance_dict(solver).update(fields)
+                return solver
+            solver = super().__call__(*args, **kwargs)
+            fields = instance_dict(solver)
+            if cls.__module__.startswith("lineax.") and all(
+                type(value) in _FIELD_VALUES for value in fields.values()
+            ):
+                if len(_BUILT) >= 256:
+                    _BUILT.clear()
+                _BUILT[key] = dict(fields)
             return solver
-        solver = super().__call__(*args, **kwargs)
-        fields = instance_dict(solver)
-        if cls.__module__.startswith("lineax.") and all(
-            type(value) in _FIELD_VALUES for value in fields.values()
-        ):
-            if len(_BUILT) >= 256:
-                _BUILT.clear()
-            _BUILT[key] = dict(fields)
-        return solver
 
 
 class _NotKeyed(Exception):
