@@ -486,7 +486,11 @@ def linear_solve(
     if options is None and state is _sentinel:
         flat = FLAT_FIELDS.get(type(operator))
         if flat is not None:
-            solution = _run_flat(operator, vector, solver, throw, flat)
+            try:
+                solution = _run_flat(operator, vector, solver, throw, flat)
+            except ShardingTypeError as error:  # (as `_linear_solve_entry`)
+                note_explicit_axes(error, (operator, vector))
+                raise
             if solution is not None:
                 return solution
     return _linear_solve_entry(
@@ -817,8 +821,8 @@ def _pending_solution(
     """The `Solution` of `programs.lean`'s outputs, `value` and the result
     `code`: its result built, and its state and statistics computed by
     `programs.complete` (once for both), when first read."""
-    # (A `partial` of a function, not a closure: 1 us less around the compiled
-    # call, see `_run_flat`.)
+    # (A `partial` of a function, not a closure, whose cells and function were
+    # made on every call: see `_run_flat`.)
     pending = functools.partial(_pending_field, programs, code, leaves, [])
     if programs.value_is_leaf:
         return pending_solution(value[0], pending)
