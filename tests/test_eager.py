@@ -466,6 +466,26 @@ def test_matrix_operator_built_again_skips_equinox_construction(monkeypatch):
     np.testing.assert_allclose(traced(matrix), matrix @ matrix[0], rtol=1e-12)
 
 
+def _record_calls(monkeypatch, owner, name: str, calls: list, keep=None) -> None:
+    """Replace `owner.name`, for the test, by the function that appends its
+    positional arguments to `calls` (those that `keep` accepts) and calls it."""
+    original = getattr(owner, name)
+
+    def recorded(*args, **kwargs):
+        if keep is None or keep(*args):
+            calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recorded)
+
+
+def _holds_an_operator(tree, *args) -> bool:
+    """Whether a flattened `tree` is an operator or a tuple holding one (the
+    solve's inputs; `jnp.asarray` and others flatten their own arguments)."""
+    parts = tree if isinstance(tree, tuple) else (tree,)
+    return any(isinstance(x, lx.AbstractLinearOperator) for x in parts)
+
+
 def test_eager_solve_cache_hit_makes_no_trace_and_no_solver_flatten(monkeypatch):
     # On a hit (same structure, new operator object, the same solver object) the
     # un-jitted solve runs the cached compiled function: no trace, no compile, no
@@ -477,19 +497,8 @@ def test_eager_solve_cache_hit_makes_no_trace_and_no_solver_flatten(monkeypatch)
     solver = lx.LU()
     _eager(matrix, vector, solver)
     traces, flattened = [], []
-    original_solve = linear_solve_module._linear_solve
-    original_flatten = jax.tree_util.tree_flatten
-
-    def solve(*args):
-        traces.append(args)
-        return original_solve(*args)
-
-    def flatten(tree, *args, **kwargs):
-        flattened.append(tree)
-        return original_flatten(tree, *args, **kwargs)
-
-    monkeypatch.setattr(linear_solve_module, "_linear_solve", solve)
-    monkeypatch.setattr(jax.tree_util, "tree_flatten", flatten)
+    _record_calls(monkeypatch, linear_solve_module, "_linear_solve", traces)
+    _record_calls(monkeypatch, jax.tree_util, "tree_flatten", flattened)
     for seed in (16, 17):
         matrix, vector = _system(4, seed)
         solution = _eager(matrix, vector, solver)
@@ -497,7 +506,7 @@ def test_eager_solve_cache_hit_makes_no_trace_and_no_solver_flatten(monkeypatch)
             solution.value, np.linalg.solve(matrix, vector), rtol=1e-12
         )
     assert traces == []
-    assert not any(tree is solver for tree in flattened)
+    assert not any(args[0] is solver for args in flattened)
     assert len(linear_solve_module._COMPILED) == 1
     # A solver built anew is keyed by its fields (see below) and finds the same entry.
     _eager(matrix, vector, lx.LU())
@@ -522,20 +531,14 @@ def test_eager_solve_keys_a_new_solver_by_its_fields(monkeypatch):
         _eager(matrix, vector, make())
     assert len(linear_solve_module._COMPILED) == 4
     flattened = []
-    original_flatten = jax.tree_util.tree_flatten
-
-    def flatten(tree, *args, **kwargs):
-        flattened.append(tree)
-        return original_flatten(tree, *args, **kwargs)
-
-    monkeypatch.setattr(jax.tree_util, "tree_flatten", flatten)
+    _record_calls(monkeypatch, jax.tree_util, "tree_flatten", flattened)
     for make in solvers:
         solver = make()
         solution = _eager(matrix, vector, solver)
         np.testing.assert_allclose(
             solution.value, np.linalg.solve(matrix, vector), rtol=1e-10
         )
-        assert not any(tree is solver for tree in flattened), type(solver)
+        assert not any(args[0] is solver for args in flattened), type(solver)
     assert len(linear_solve_module._COMPILED) == 4
 
 
@@ -577,23 +580,10 @@ def test_warm_matrix_solve_takes_the_flat_path(monkeypatch):
     (key,) = linear_solve_module._COMPILED
     assert key == _flat_key(operator, solver)
     entries, flattened = [], []
-    original_entry = linear_solve_module._linear_solve_entry
-    original_flatten = jax.tree_util.tree_flatten
-
-    def entry(*args, **kwargs):
-        entries.append(args)
-        return original_entry(*args, **kwargs)
-
-    def flatten(tree, *args, **kwargs):
-        # (The operator, or the tuple of the solve's inputs: `jnp.asarray` and
-        # others flatten their arguments.)
-        parts = tree if isinstance(tree, tuple) else (tree,)
-        if any(isinstance(x, lx.AbstractLinearOperator) for x in parts):
-            flattened.append(tree)
-        return original_flatten(tree, *args, **kwargs)
-
-    monkeypatch.setattr(linear_solve_module, "_linear_solve_entry", entry)
-    monkeypatch.setattr(jax.tree_util, "tree_flatten", flatten)
+    _record_calls(monkeypatch, linear_solve_module, "_linear_solve_entry", entries)
+    _record_calls(
+        monkeypatch, jax.tree_util, "tree_flatten", flattened, _holds_an_operator
+    )
     for seed in (31, 32):
         matrix, vector = _system(4, seed)
         solution = _eager(matrix, vector, solver)

@@ -545,22 +545,9 @@ def _run_flat(operator, vector, solver, throw, flat: tuple) -> Solution | None:
     if type(programs) is not _Programs or programs.fields_read:
         return None
     programs.used = True
-    value, code_array = programs.lean(leaves)
-    programs.solves += 1
-    if programs.solves >= _READS_WINDOW:
-        programs.solves //= 2
-        programs.reads //= 2
-    if np.asarray(code_array):
-        code_array = _failed(
-            code_array, operator, vector, solver, None, _sentinel, throw
-        )
-        if isinstance(code_array, Solution):
-            return code_array
-    # (`_pending_solution`, inlined.)
-    pending = functools.partial(_pending_field, programs, code_array, leaves, [])
-    if programs.value_is_leaf:
-        return pending_solution(value[0], pending)
-    return pending_solution(_joined(value, programs.value_layout), pending)
+    return _lean_solution(
+        programs, leaves, operator, vector, solver, None, _sentinel, throw
+    )
 
 
 def _flat_structure(operator, vector, leaves: list) -> tuple | None:
@@ -748,6 +735,18 @@ def _run_compiled(
         return _run_complete(
             programs, leaves, operator, vector, solver, options, state, throw
         )
+    return _lean_solution(
+        programs, leaves, operator, vector, solver, options, state, throw
+    )
+
+
+def _lean_solution(
+    programs: "_Programs", leaves, operator, vector, solver, options, state, throw
+) -> Solution:
+    """The solve by `programs.lean`, its result code read on the host (see
+    `_run_compiled`): the `Solution` of its outputs, the value and the result
+    code, its result built, and its state and statistics computed by
+    `programs.complete` (once for both), when first read."""
     value, code_array = programs.lean(leaves)
     programs.solves += 1
     if programs.solves >= _READS_WINDOW:
@@ -759,7 +758,12 @@ def _run_compiled(
         )
         if isinstance(code_array, Solution):
             return code_array
-    return _pending_solution(value, code_array, programs, leaves)
+    # (A `partial` of a function, not a closure, whose cells and function were
+    # made on every call: see `_run_flat`.)
+    pending = functools.partial(_pending_field, programs, code_array, leaves, [])
+    if programs.value_is_leaf:
+        return pending_solution(value[0], pending)
+    return pending_solution(_joined(value, programs.value_layout), pending)
 
 
 def _failed(
@@ -815,24 +819,10 @@ def _run_complete(
     )
 
 
-def _pending_solution(
-    value: list, code: Array, programs: "_Programs", leaves: list
-) -> Solution:
-    """The `Solution` of `programs.lean`'s outputs, `value` and the result
-    `code`: its result built, and its state and statistics computed by
-    `programs.complete` (once for both), when first read."""
-    # (A `partial` of a function, not a closure, whose cells and function were
-    # made on every call: see `_run_flat`.)
-    pending = functools.partial(_pending_field, programs, code, leaves, [])
-    if programs.value_is_leaf:
-        return pending_solution(value[0], pending)
-    return pending_solution(_joined(value, programs.value_layout), pending)
-
-
 def _pending_field(
     programs: "_Programs", code: Array, leaves: list, completed: list, name: str
 ) -> Any:
-    """The field `name` of a pending solution (see `_pending_solution`), computed
+    """The field `name` of a pending solution (see `_lean_solution`), computed
     from the solve's `leaves` (once for the state and statistics, kept in
     `completed`)."""
     if name == "result":
@@ -873,7 +863,7 @@ def _pending_field(
 
 def _check_not_deleted(name: str, leaves: list) -> None:
     """Raise a RuntimeError saying why, where a JAX array among the `leaves` of
-    a pending solution (the solve's inputs: see `_pending_solution`) has been
+    a pending solution (the solve's inputs: see `_lean_solution`) has been
     deleted since the solve, by `x.delete()` or by donating it to a jitted
     function (`donate_argnums`). The field cannot be computed any more; JAX's
     own error, raised from reading `sol.stats`, named none of the caller's
