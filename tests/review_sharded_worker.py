@@ -111,7 +111,10 @@ def check_explicit_axes():
                 op = lx.MatrixLinearOperator(a, tags)
                 return lx.linear_solve(op, b, solver).value
 
-            for mode, f in (("jit", jax.jit(solve)), ("eager", solve)):
+            # ("eager-again": the second call, by the flat path of
+            # `linear_solve`, whose cached entry the first call made.)
+            modes = (("jit", jax.jit(solve)), ("eager", solve), ("eager-again", solve))
+            for mode, f in modes:
                 try:
                     f(a, b)
                     notes, kind = [], "none"

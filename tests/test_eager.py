@@ -5,6 +5,7 @@ answers, failures and cache against NumPy and against the traced path."""
 
 import contextlib
 import logging
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -465,6 +466,26 @@ def test_matrix_operator_built_again_skips_equinox_construction(monkeypatch):
     np.testing.assert_allclose(traced(matrix), matrix @ matrix[0], rtol=1e-12)
 
 
+def _record_calls(monkeypatch, owner, name: str, calls: list, keep=None) -> None:
+    """Replace `owner.name`, for the test, by the function that appends its
+    positional arguments to `calls` (those that `keep` accepts) and calls it."""
+    original = getattr(owner, name)
+
+    def recorded(*args, **kwargs):
+        if keep is None or keep(*args):
+            calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recorded)
+
+
+def _holds_an_operator(tree, *args) -> bool:
+    """Whether a flattened `tree` is an operator or a tuple holding one (the
+    solve's inputs; `jnp.asarray` and others flatten their own arguments)."""
+    parts = tree if isinstance(tree, tuple) else (tree,)
+    return any(isinstance(x, lx.AbstractLinearOperator) for x in parts)
+
+
 def test_eager_solve_cache_hit_makes_no_trace_and_no_solver_flatten(monkeypatch):
     # On a hit (same structure, new operator object, the same solver object) the
     # un-jitted solve runs the cached compiled function: no trace, no compile, no
@@ -476,19 +497,8 @@ def test_eager_solve_cache_hit_makes_no_trace_and_no_solver_flatten(monkeypatch)
     solver = lx.LU()
     _eager(matrix, vector, solver)
     traces, flattened = [], []
-    original_solve = linear_solve_module._linear_solve
-    original_flatten = jax.tree_util.tree_flatten
-
-    def solve(*args):
-        traces.append(args)
-        return original_solve(*args)
-
-    def flatten(tree, *args, **kwargs):
-        flattened.append(tree)
-        return original_flatten(tree, *args, **kwargs)
-
-    monkeypatch.setattr(linear_solve_module, "_linear_solve", solve)
-    monkeypatch.setattr(jax.tree_util, "tree_flatten", flatten)
+    _record_calls(monkeypatch, linear_solve_module, "_linear_solve", traces)
+    _record_calls(monkeypatch, jax.tree_util, "tree_flatten", flattened)
     for seed in (16, 17):
         matrix, vector = _system(4, seed)
         solution = _eager(matrix, vector, solver)
@@ -496,7 +506,7 @@ def test_eager_solve_cache_hit_makes_no_trace_and_no_solver_flatten(monkeypatch)
             solution.value, np.linalg.solve(matrix, vector), rtol=1e-12
         )
     assert traces == []
-    assert not any(tree is solver for tree in flattened)
+    assert not any(args[0] is solver for args in flattened)
     assert len(linear_solve_module._COMPILED) == 1
     # A solver built anew is keyed by its fields (see below) and finds the same entry.
     _eager(matrix, vector, lx.LU())
@@ -521,20 +531,14 @@ def test_eager_solve_keys_a_new_solver_by_its_fields(monkeypatch):
         _eager(matrix, vector, make())
     assert len(linear_solve_module._COMPILED) == 4
     flattened = []
-    original_flatten = jax.tree_util.tree_flatten
-
-    def flatten(tree, *args, **kwargs):
-        flattened.append(tree)
-        return original_flatten(tree, *args, **kwargs)
-
-    monkeypatch.setattr(jax.tree_util, "tree_flatten", flatten)
+    _record_calls(monkeypatch, jax.tree_util, "tree_flatten", flattened)
     for make in solvers:
         solver = make()
         solution = _eager(matrix, vector, solver)
         np.testing.assert_allclose(
             solution.value, np.linalg.solve(matrix, vector), rtol=1e-10
         )
-        assert not any(tree is solver for tree in flattened), type(solver)
+        assert not any(args[0] is solver for args in flattened), type(solver)
     assert len(linear_solve_module._COMPILED) == 4
 
 
@@ -552,3 +556,337 @@ def test_unjitted_failed_solve_of_a_function_operator_has_a_jax_result_code():
     solution = lx.linear_solve(operator, vector, lx.LU(), throw=False)
     assert solution.result == lx.RESULTS.singular
     assert isinstance(solution.result._value, jax.Array)
+
+
+def _flat_key(operator, solver, value_only: bool = False) -> tuple:
+    """The `_COMPILED` key under which `_linear_solve._run_flat` finds the
+    solve of a `register_flat` operator (see `_flat_structure`)."""
+    structure = (type(operator), operator.tags)
+    return (structure, value_only, None, linear_solve_module._solver_key(solver))
+
+
+def test_warm_matrix_solve_takes_the_flat_path(monkeypatch):
+    # The hot path of `lx.linear_solve(lx.MatrixLinearOperator(A), b, solver)`:
+    # the operator's fields read from its `__dict__` and the entry found by its
+    # class and tags, with no PyTree flatten and no call of the general path
+    # (`_linear_solve_entry`, whose flatten and structure took 3 of the 11 us
+    # around a 10x10 solve's compiled call). Its answers, results and errors
+    # are the general path's.
+    monkeypatch.setattr(linear_solve_module, "_COMPILED", {})
+    solver = lx.LU()
+    matrix, vector = _system(4, 30)
+    first = _eager(matrix, vector, solver)
+    operator = lx.MatrixLinearOperator(jnp.asarray(matrix))
+    (key,) = linear_solve_module._COMPILED
+    assert key == _flat_key(operator, solver)
+    entries, flattened = [], []
+    _record_calls(monkeypatch, linear_solve_module, "_linear_solve_entry", entries)
+    _record_calls(
+        monkeypatch, jax.tree_util, "tree_flatten", flattened, _holds_an_operator
+    )
+    for seed in (31, 32):
+        matrix, vector = _system(4, seed)
+        solution = _eager(matrix, vector, solver)
+        np.testing.assert_allclose(
+            solution.value, np.linalg.solve(matrix, vector), rtol=1e-12
+        )
+        assert solution.result == lx.RESULTS.successful
+    singular = np.zeros((4, 4))
+    assert _eager(singular, vector, solver, throw=False).result == (lx.RESULTS.singular)
+    nonfinite = np.eye(4)
+    nonfinite[0, 1] = np.nan
+    assert _eager(nonfinite, vector, solver, throw=False).result == (
+        lx.RESULTS.nonfinite_input
+    )
+    with pytest.raises(eqx.EquinoxRuntimeError, match="singular"):
+        _eager(singular, vector, solver)
+    assert entries == [] and flattened == []
+    monkeypatch.undo()
+    # The state and statistics, pending, are those of the general path's solve.
+    eager = _eager(*_system(4, 30), solver)
+    for got, want in zip(
+        jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(first)
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert jax.tree_util.tree_structure(eager) == jax.tree_util.tree_structure(first)
+
+
+class _MatrixWithScale(lx.MatrixLinearOperator):
+    """A subclass with a field of its own: its PyTree structure differs, and so
+    does its action."""
+
+    scale: float = eqx.field(static=True)
+
+    def __init__(self, matrix, scale):
+        super().__init__(matrix)
+        self.scale = scale
+
+    def mv(self, vector):
+        return self.scale * super().mv(vector)
+
+    def as_matrix(self):
+        return self.scale * self.matrix
+
+
+class _PlainSubclass(lx.MatrixLinearOperator):
+    """A subclass with no field of its own (the same fields, another class)."""
+
+
+def test_flat_path_keys_apart_what_flattens_apart(monkeypatch):
+    # The flat key (class and static values) is taken only for an operator of
+    # exactly a `register_flat` class with JAX arrays; anything else keeps its
+    # PyTree structure as its key. A subclass of `MatrixLinearOperator` with a
+    # field of its own, or none, another tag, a NumPy vector, an operator with
+    # an attribute beyond its fields: each has an entry of its own, and its own
+    # answer (a shared entry would solve the scaled operator as the plain one).
+    monkeypatch.setattr(linear_solve_module, "_COMPILED", {})
+    matrix, vector = _system(3, 33)
+    a, b = jnp.asarray(matrix), jnp.asarray(vector)
+    solver = lx.AutoLinearSolver(well_posed=True)
+    plain = lx.MatrixLinearOperator(a)
+    extra = lx.MatrixLinearOperator(a)
+    object.__setattr__(extra, "__doc__", "an attribute beyond the fields")
+    spd = jnp.asarray(matrix @ matrix.T + np.eye(3))
+    cases = [
+        (plain, b, np.linalg.solve(matrix, vector)),
+        (_MatrixWithScale(a, 2.0), b, np.linalg.solve(2 * matrix, vector)),
+        (_MatrixWithScale(a, 4.0), b, np.linalg.solve(4 * matrix, vector)),
+        (_PlainSubclass(a), b, np.linalg.solve(matrix, vector)),
+        (extra, b, np.linalg.solve(matrix, vector)),
+        (
+            lx.MatrixLinearOperator(spd, lx.positive_semidefinite_tag),
+            b,
+            np.linalg.solve(spd, vector),
+        ),
+        (plain, np.asarray(vector), np.linalg.solve(matrix, vector)),
+    ]
+    for _ in range(2):  # (the second round through the caches)
+        for operator, rhs, want in cases:
+            solution = lx.linear_solve(operator, rhs, solver)
+            np.testing.assert_allclose(solution.value, want, rtol=1e-10)
+    keys = list(linear_solve_module._COMPILED)
+    assert len(keys) == len(cases)
+    flat = [key for key in keys if not isinstance(key[0], jax.tree_util.PyTreeDef)]
+    assert flat == [
+        _flat_key(plain, solver),
+        _flat_key(cases[5][0], solver),
+    ]
+    # Another dtype, shape or weak type of the same class and tags shares the
+    # entry (JAX's own cache of the `jit` tells them apart), each solved in its
+    # own dtype.
+    for x, y in (
+        (a.astype(jnp.float32), b.astype(jnp.float32)),
+        (a[:2, :2], b[:2]),
+        (a, jnp.broadcast_to(jnp.asarray(2.0), (3,))),  # weakly typed
+        (jnp.diag(jnp.broadcast_to(jnp.asarray(2.0), (3,))), b),
+        (a, jnp.asarray([1, 2, 3])),
+    ):
+        solution = lx.linear_solve(lx.MatrixLinearOperator(x), y, solver)
+        want = np.linalg.solve(np.asarray(x, np.float64), np.asarray(y, np.float64))
+        assert solution.value.dtype == x.dtype
+        np.testing.assert_allclose(solution.value, want, rtol=1e-5)
+    assert len(linear_solve_module._COMPILED) == len(cases)
+    # A vector in a container has the leaves of the vector itself, not its
+    # structure: refused as by the traced path, not solved by the plain entry.
+    for wrapped in ((b,), [b], {"b": b}):
+        with pytest.raises(ValueError, match="structure"):
+            lx.linear_solve(plain, wrapped, solver)
+
+
+def test_flat_path_is_not_taken_inside_a_trace(monkeypatch):
+    # A warm entry, then the same call inside `jit`, `vmap`, `grad`, a named
+    # axis and `jax.checkpoint`, with the operator and vector closed over
+    # (concrete arrays, but traced solves): the flat path must leave them to the
+    # traced path (it would read a traced result code on the host), and so must
+    # the debug flags (see `_linear_solve_entry`).
+    matrix, vector = _system(3, 34)
+    a, b = jnp.asarray(matrix), jnp.asarray(vector)
+    want = np.linalg.solve(matrix, vector)
+    solver = lx.LU()
+
+    def solve(scale: Any = 1.0):
+        return lx.linear_solve(lx.MatrixLinearOperator(a), scale * b, solver).value
+
+    np.testing.assert_allclose(solve(), want, rtol=1e-12)
+    runs = []
+    original = linear_solve_module._Programs.__init__
+
+    def record(self, *args):
+        runs.append(args)
+        return original(self, *args)
+
+    monkeypatch.setattr(linear_solve_module._Programs, "__init__", record)
+    np.testing.assert_allclose(jax.jit(solve)(), want, rtol=1e-12)
+    np.testing.assert_allclose(
+        jax.vmap(solve)(jnp.ones(2)), np.stack([want, want]), rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        jax.vmap(solve, axis_name="i")(jnp.ones(2)), np.stack([want, want]), rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        jax.grad(lambda s: solve(s).sum())(1.0), want.sum(), rtol=1e-12
+    )
+    np.testing.assert_allclose(jax.checkpoint(solve)(1.0), want, rtol=1e-12)
+    with jax.debug_nans(True):
+        np.testing.assert_allclose(solve(), want, rtol=1e-12)
+    assert runs == []
+
+
+def test_inline_trace_test_agrees_with_jax():
+    # `_run_flat` reads JAX's trace state inline (`_misc.TRACE` and
+    # `TRACE_AXES`): it must say "no trace" where `no_active_trace` does, and
+    # nowhere else.
+    from lineax._misc import EVAL_TRACE, no_active_trace, TOP_AXES, TRACE, TRACE_AXES
+
+    seen = []
+
+    def record(x: Any = None) -> Any:
+        inline = TRACE.value is EVAL_TRACE and TRACE_AXES.value is TOP_AXES
+        seen.append((inline, no_active_trace()))
+        return x
+
+    record()
+    jax.jit(record)(1.0)
+    jax.vmap(record)(jnp.ones(2))
+    jax.vmap(record, axis_name="i")(jnp.ones(2))
+    jax.grad(lambda x: record(x) ** 2)(1.0)
+    jax.jvp(record, (1.0,), (1.0,))
+    jax.eval_shape(record, 1.0)
+
+    @jax.jit
+    def compile_time_eval(x):
+        with jax.ensure_compile_time_eval():
+            record()
+        return x
+
+    compile_time_eval(1.0)
+    assert [inline for inline, _ in seen] == [clean for _, clean in seen]
+    assert seen[0] == (True, True)
+    assert all(inline is False for inline, _ in seen[1:-1])
+
+
+def test_cache_eviction_keeps_an_entry_the_flat_path_used(monkeypatch):
+    # `_run_flat` finds its entry without the lock, so without moving it to the
+    # end of `_COMPILED` (least recently used first out): it marks it `used`,
+    # and eviction moves such an entry to the end once, instead of dropping it
+    # (a solve repeated in a loop is not compiled again because others were
+    # solved in between).
+    monkeypatch.setattr(linear_solve_module, "_COMPILED", {})
+    monkeypatch.setattr(linear_solve_module, "_COMPILED_MAX", 2)
+    matrix, vector = _system(3, 35)
+    lu, qr, svd = lx.LU(), lx.QR(), lx.SVD()
+    _eager(matrix, vector, lu)
+    _eager(matrix, vector, qr)
+    operator = lx.MatrixLinearOperator(jnp.asarray(matrix))
+    assert list(linear_solve_module._COMPILED) == [
+        _flat_key(operator, lu),
+        _flat_key(operator, qr),
+    ]
+    _eager(matrix, vector, lu)  # by `_run_flat`: no move
+    assert list(linear_solve_module._COMPILED)[0] == _flat_key(operator, lu)
+    _eager(matrix, vector, svd)  # evicts QR's, not LU's
+    assert list(linear_solve_module._COMPILED) == [
+        _flat_key(operator, lu),
+        _flat_key(operator, svd),
+    ]
+    assert not linear_solve_module._COMPILED[_flat_key(operator, lu)].used
+    _eager(matrix, vector, qr)  # now LU's, unused since
+    assert list(linear_solve_module._COMPILED) == [
+        _flat_key(operator, svd),
+        _flat_key(operator, qr),
+    ]
+
+
+def test_solver_built_again_skips_equinox_construction(monkeypatch):
+    # `lx.linear_solve(op, b, lx.LU())` builds a solver on every call: Equinox's
+    # construction took 10 us of an un-jitted 10x10 solve (`LU()`), 20 for
+    # `AutoLinearSolver(well_posed=True)`. A lineax solver built again with the
+    # same scalar arguments is copied from the first (`_SolverMeta`): the same
+    # solver, a new object, without running `__init__` or `__check_init__`.
+    import lineax._solver.base as solver_base
+
+    monkeypatch.setattr(solver_base, "_BUILT", {})
+    makes = [
+        lambda: lx.LU(),
+        lambda: lx.AutoLinearSolver(well_posed=True),
+        lambda: lx.AutoLinearSolver(None),
+        lambda: lx.CG(rtol=1e-3, atol=1e-6, max_steps=10),
+        lambda: lx.GMRES(1e-3, 1e-6, restart=5),
+    ]
+    firsts = [make() for make in makes]
+    checks = []
+    for cls in (lx.AutoLinearSolver, lx.CG, lx.GMRES):
+        for parent in cls.__mro__:
+            check = parent.__dict__.get("__check_init__")
+            if check is not None:
+                monkeypatch.setattr(
+                    parent,
+                    "__check_init__",
+                    lambda self, check=check: checks.append(self) or check(self),
+                )
+    for make, first in zip(makes, firsts):
+        again = make()
+        assert type(again) is type(first) and again is not first
+        assert vars(again) == vars(first)
+        assert [type(x) for x in vars(again).values()] == [
+            type(x) for x in vars(first).values()
+        ]
+        assert jax.tree_util.tree_structure(again) == (
+            jax.tree_util.tree_structure(first)
+        )
+        assert again == first and hash(again) == hash(first)
+    assert checks == []
+    monkeypatch.undo()
+    matrix, vector = _system(3, 36)
+    np.testing.assert_allclose(
+        _eager(matrix, vector, lx.LU()).value, np.linalg.solve(matrix, vector)
+    )
+
+
+def test_solver_built_again_keeps_its_checks_and_its_arguments_apart(monkeypatch):
+    # Arguments never seen, or not scalars, are built by Equinox (and checked);
+    # arguments equal by `==` (and hash) but not alike (`1`, `True`, `1.0`;
+    # `0.0`, `-0.0`) are keyed apart: `max_steps=True` after `max_steps=1` is
+    # still refused, and `rtol=-0.0` kept as given. A solver holding a module,
+    # or of a class defined outside lineax, is built by Equinox every time.
+    import lineax._solver.base as solver_base
+
+    monkeypatch.setattr(solver_base, "_BUILT", {})
+    equinox_call = type(eqx.Module).__call__
+
+    def outcome(build, cls, args, kwargs):
+        try:
+            solver = build(cls, *args, **kwargs)
+        except (TypeError, ValueError) as error:
+            return type(error), str(error)
+        return [(type(x), repr(x)) for x in vars(solver).values()]
+
+    cases = [
+        (lx.AutoLinearSolver, (), {"well_posed": value})
+        for value in (True, 1, 1.0, 2, None)
+    ] + [
+        (lx.GMRES, (value, 1e-6), {"max_steps": steps})
+        for value in (1, 1.0, True, 0.0, -0.0, 0.5)
+        for steps in (1, True, 1.0, None)
+    ]
+    for _ in range(2):
+        for cls, args, kwargs in cases:
+            case = (cls, args, kwargs)
+            assert outcome(type(cls).__call__, *case) == outcome(equinox_call, *case)
+    assert isinstance(lx.GMRES(-0.0, 1e-6).rtol, float)
+    assert str(lx.GMRES(-0.0, 1e-6).rtol) == "-0.0"
+    with pytest.raises(ValueError, match="max_steps"):
+        lx.GMRES(1e-3, 1e-6, max_steps=True)
+    for _ in range(2):
+        inner = lx.Cholesky()
+        assert lx.Normal(inner).inner_solver is inner
+    built = []
+
+    class Counted(DelegatingLU):
+        def __check_init__(self):
+            built.append(self)
+
+    for _ in range(3):
+        Counted()
+    assert len(built) == 3
+    assert Counted not in solver_base._BUILT

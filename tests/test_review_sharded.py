@@ -54,7 +54,7 @@ def test_shard_map_throw_raises_on_every_device(results, solver, vma):
 
 
 @pytest.mark.parametrize("solver", ["LU", "CG", "GMRES"])
-@pytest.mark.parametrize("mode", ["jit", "eager"])
+@pytest.mark.parametrize("mode", ["jit", "eager", "eager-again"])
 def test_explicit_axes_error_says_what_to_do(results, solver, mode):
     """A solve of arrays sharded over explicit mesh axes fails in JAX's sharding
     type check, deep inside the solver; the error carries one note naming the

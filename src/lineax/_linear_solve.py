@@ -1,6 +1,7 @@
 """`linear_solve` and `invert`: argument checks, then a bind of the primitive."""
 
 import dataclasses
+import functools
 import threading
 import time
 import types
@@ -23,16 +24,22 @@ from ._misc import (
     default_floating_dtype,
     describe,
     device_copy,
+    EVAL_TRACE,
     HeldArrays,
+    instance_dict,
     is_inexact_array,
     no_active_trace,
     note_explicit_axes,
     ShardingTypeError,
     staging,
     strip_weak_dtype,
+    TOP_AXES,
+    TRACE,
+    TRACE_AXES,
 )
 from ._operator.base import (
     AbstractLinearOperator,
+    FLAT_FIELDS,
     has_no_precision,
     is_cacheable,
     PYTHON_NUMBERS,
@@ -505,9 +512,124 @@ def linear_solve(
     """
     if throw is not True and throw is not False:  # (no call where it is a bool)
         _check_throw(throw)
+    if options is None and state is _sentinel:
+        flat = FLAT_FIELDS.get(type(operator))
+        if flat is not None:
+            try:
+                solution = _run_flat(operator, vector, solver, throw, flat)
+            except ShardingTypeError as error:  # (as `_linear_solve_entry`)
+                note_explicit_axes(error, (operator, vector))
+                raise
+            if solution is not None:
+                return solution
     return _linear_solve_entry(
         operator, vector, solver, options, state, throw, value_only=False
     )
+
+
+def _run_flat(operator, vector, solver, throw, flat: tuple) -> Solution | None:
+    """`_run_compiled` for an operator of a class declared by `register_flat`
+    (a `MatrixLinearOperator`) and a JAX array for the vector, with no options
+    or state, called outside of every trace: the hot path of an un-jitted small
+    solve. Its cached programs are found under `_flat_structure`'s key, as
+    `_run_compiled` stores them, from the operator's fields read from its
+    `__dict__`: no PyTree flatten, no structure built or hashed (Equinox's
+    flatten of the operator and the vector took 3 of the 11 us around a 10x10
+    solve's compiled call). `None` where anything else holds (a miss, a leaf
+    of another type, a trace, JAX's debug flags, a caller reading the state
+    or statistics: see `_run_compiled`), which `_linear_solve_entry` solves.
+    (Written for the cost of each line: around a compiled call, which empties
+    the processor's caches, every Python call and object counts 2-3x its cost
+    in a loop of its own.)"""
+    arrays_of, statics_of, size, count = flat
+    fields = instance_dict(operator)
+    if len(fields) != size:
+        return None
+    try:
+        leaves = (
+            [arrays_of(fields), vector] if count == 1 else [*arrays_of(fields), vector]
+        )
+        structure = (type(operator), statics_of(fields))
+    except KeyError:  # a field missing (and some other attribute in its place)
+        return None
+    if (
+        not _JAX_ARRAY_TYPES.issuperset(map(type, leaves))
+        or TRACE.value is not EVAL_TRACE  # (`no_active_trace()`, inline)
+        or TRACE_AXES.value is not TOP_AXES
+        or _DEBUG_NANS.value
+        or _DEBUG_INFS.value
+    ):
+        return None
+    solver_key = _SOLVER_KEYS.get(id(solver))
+    if solver_key is None or solver_key[0] is not solver:
+        solver_key = (None, _solver_key(solver))
+    key = (structure, False, None, solver_key[1])
+    # Without the lock (a lookup in a dict changes nothing: no thread evicting
+    # meanwhile sees the dict change), nor moving the entry to the end of
+    # `_COMPILED` (1 us of 16 with the lock): `used` tells `_make_room` instead.
+    try:
+        programs = _COMPILED.get(key)
+    except TypeError:  # unhashable static data or solver leaves
+        return None
+    if type(programs) is not _Programs or programs.fields_read:
+        return None
+    programs.used = True
+    return _lean_solution(
+        programs, leaves, operator, vector, solver, None, _sentinel, throw
+    )
+
+
+def _flat_structure(operator, vector, leaves: list) -> tuple | None:
+    """The part of a `_COMPILED` key that stands for the PyTree structure of
+    `(operator, vector, None)` (whose leaves are `leaves`: no state) where
+    `_run_flat` finds it: the operator's class and static values, where its
+    class is declared by `register_flat` and the leaves are its array fields
+    and the vector itself, each a concrete JAX array; else `None`. (Tested
+    against the flatten's leaves, one by one: a class whose fields Equinox
+    flattens otherwise keeps its PyTree structure as its key; so does a vector
+    that is a container of one array, `(b,)`, whose leaves are those of `b`.)
+    Two operators with the same class and static values, each holding a JAX
+    array in each of its array fields, have the same PyTree structure; and
+    this key never equals a PyTree structure (it is a tuple)."""
+    flat = FLAT_FIELDS.get(type(operator))
+    if flat is None:
+        return None
+    arrays_of, statics_of, size, count = flat
+    fields = instance_dict(operator)
+    if len(fields) != size or len(leaves) != count + 1:
+        return None
+    try:
+        arrays = (arrays_of(fields),) if count == 1 else arrays_of(fields)
+        structure = (type(operator), statics_of(fields))
+    except KeyError:
+        return None
+    if leaves[-1] is not vector or any(
+        x is not leaf for x, leaf in zip(arrays, leaves)
+    ):
+        return None
+    for leaf in leaves:
+        if not isinstance(leaf, jax.Array) or isinstance(leaf, jax.core.Tracer):
+            return None
+        _JAX_ARRAY_TYPES.add(type(leaf))
+    return structure
+
+
+try:  # JAX's own holders of its flags: 4x cheaper to read than `jax.config`'s.
+    from jax._src.config import (
+        debug_infs as _DEBUG_INFS,
+        debug_nans as _DEBUG_NANS,
+    )
+except ImportError:  # pragma: no cover - a future JAX
+
+    class _Flag:
+        def __init__(self, name: str):
+            self.name = name
+
+        @property
+        def value(self) -> bool:
+            return getattr(jax.config, self.name)
+
+    _DEBUG_INFS, _DEBUG_NANS = _Flag("jax_debug_infs"), _Flag("jax_debug_nans")
 
 
 def _linear_solve_entry(
@@ -602,8 +724,19 @@ def _run_compiled(
         leaves, statics = _without_statics(leaves)
         if not statics or not _concrete(leaves):
             return None
+    structure = None
+    if options is None and state is _sentinel and not statics:
+        structure = _flat_structure(operator, vector, leaves)
     key, programs = _compiled_linear_solve(
-        operator, options, state, treedef, statics, solver, value_only, None
+        operator,
+        options,
+        state,
+        treedef,
+        statics,
+        solver,
+        value_only,
+        None,
+        structure,
     )
     if programs is _RENT:
         return _solved_op_by_op(key, operator, vector, solver, options, state, throw)
@@ -631,6 +764,18 @@ def _run_compiled(
         return _run_complete(
             programs, leaves, operator, vector, solver, options, state, throw
         )
+    return _lean_solution(
+        programs, leaves, operator, vector, solver, options, state, throw
+    )
+
+
+def _lean_solution(
+    programs: "_Programs", leaves, operator, vector, solver, options, state, throw
+) -> Solution:
+    """The solve by `programs.lean`, its result code read on the host (see
+    `_run_compiled`): the `Solution` of its outputs, the value and the result
+    code, its result built, and its state and statistics computed by
+    `programs.complete` (once for both), when first read."""
     value, code_array = programs.lean(leaves)
     programs.solves += 1
     if programs.solves >= _READS_WINDOW:
@@ -642,7 +787,12 @@ def _run_compiled(
         )
         if isinstance(code_array, Solution):
             return code_array
-    return _pending_solution(value, code_array, programs, leaves)
+    # (A `partial` of a function, not a closure, whose cells and function were
+    # made on every call: see `_run_flat`.)
+    pending = functools.partial(_pending_field, programs, code_array, leaves, [])
+    if programs.value_is_leaf:
+        return pending_solution(value[0], pending)
+    return pending_solution(_joined(value, programs.value_layout), pending)
 
 
 def _failed(
@@ -698,58 +848,51 @@ def _run_complete(
     )
 
 
-def _pending_solution(
-    value: list, code: Array, programs: "_Programs", leaves: list
-) -> Solution:
-    """The `Solution` of `programs.lean`'s outputs, `value` and the result
-    `code`: its result built, and its state and statistics computed by
-    `programs.complete` (once for both), when first read."""
-    completed = []
-
-    def pending(name: str) -> Any:
-        if name == "result":
-            return jtu.tree_unflatten(programs.result_def, [code])
-        if programs.complete is None:  # `value_only`: none, as before
-            return {} if name == "stats" else None
-        if not completed:
-            _check_not_deleted(name, leaves)
-            programs.counted_read()
-            # (Concretely, also where a field is first read inside a trace, as
-            # a constant closed over by a jitted function: they are the
-            # un-jitted solve's arrays, not values of that trace.) With
-            # `jax_debug_nans` and `jax_debug_infs` off, as they were when the
-            # solve ran (else it would have run `complete` then, see
-            # `_run_compiled`): the statistics of a failed solve (`throw=False`),
-            # read under `jax.debug_nans(True)`, raised JAX's "invalid value
-            # (nan) encountered in sqrt" from recomputing its NaN value.
-            # And with `jax_enable_x64` on where the solve's arrays say it was
-            # (a 64-bit one): turned off since, reading `sol.stats` raised "The
-            # solve holds an array of dtype float64, which JAX does not allow
-            # while `jax_enable_x64` is off", for a solve that had run.
-            config: Any = jax.config
-            x64 = config.jax_enable_x64 or any(
-                jax.dtypes.canonicalize_dtype(x.dtype) != x.dtype for x in leaves
-            )
-            with (
-                jax.core.eval_context(),
-                jax.debug_nans(False),
-                jax.debug_infs(False),
-                jax.enable_x64(x64),
-            ):
-                completed.append(programs.complete(leaves))
-        *_, state, stats, layout = completed[0]
-        if name == "state":
-            return _joined(state, layout.state)
-        return _joined(stats, layout.stats)
-
-    if programs.value_is_leaf:
-        return pending_solution(value[0], pending)
-    return pending_solution(_joined(value, programs.value_layout), pending)
+def _pending_field(
+    programs: "_Programs", code: Array, leaves: list, completed: list, name: str
+) -> Any:
+    """The field `name` of a pending solution (see `_lean_solution`), computed
+    from the solve's `leaves` (once for the state and statistics, kept in
+    `completed`)."""
+    if name == "result":
+        return jtu.tree_unflatten(programs.result_def, [code])
+    if programs.complete is None:  # `value_only`: none, as before
+        return {} if name == "stats" else None
+    if not completed:
+        _check_not_deleted(name, leaves)
+        programs.counted_read()
+        # (Concretely, also where a field is first read inside a trace, as
+        # a constant closed over by a jitted function: they are the
+        # un-jitted solve's arrays, not values of that trace.) With
+        # `jax_debug_nans` and `jax_debug_infs` off, as they were when the
+        # solve ran (else it would have run `complete` then, see
+        # `_run_compiled`): the statistics of a failed solve (`throw=False`),
+        # read under `jax.debug_nans(True)`, raised JAX's "invalid value
+        # (nan) encountered in sqrt" from recomputing its NaN value.
+        # And with `jax_enable_x64` on where the solve's arrays say it was
+        # (a 64-bit one): turned off since, reading `sol.stats` raised "The
+        # solve holds an array of dtype float64, which JAX does not allow
+        # while `jax_enable_x64` is off", for a solve that had run.
+        config: Any = jax.config
+        x64 = config.jax_enable_x64 or any(
+            jax.dtypes.canonicalize_dtype(x.dtype) != x.dtype for x in leaves
+        )
+        with (
+            jax.core.eval_context(),
+            jax.debug_nans(False),
+            jax.debug_infs(False),
+            jax.enable_x64(x64),
+        ):
+            completed.append(programs.complete(leaves))
+    *_, state, stats, layout = completed[0]
+    if name == "state":
+        return _joined(state, layout.state)
+    return _joined(stats, layout.stats)
 
 
 def _check_not_deleted(name: str, leaves: list) -> None:
     """Raise a RuntimeError saying why, where a JAX array among the `leaves` of
-    a pending solution (the solve's inputs: see `_pending_solution`) has been
+    a pending solution (the solve's inputs: see `_lean_solution`) has been
     deleted since the solve, by `x.delete()` or by donating it to a jitted
     function (`donate_argnums`). The field cannot be computed any more; JAX's
     own error, raised from reading `sol.stats`, named none of the caller's
@@ -860,9 +1003,16 @@ def _replace_compiled(key, entry) -> None:
 
 def _make_room() -> None:
     """Evict the least recently used entries of `_COMPILED` (its lock held) until
-    one more fits within `_COMPILED_MAX`."""
+    one more fits within `_COMPILED_MAX`. An entry found by `_run_flat` since it
+    last came round (which, not holding the lock, does not move it to the end)
+    is moved to the end instead, once: the "second chance" of the clock
+    algorithm, an approximation of least recently used."""
     while len(_COMPILED) >= _COMPILED_MAX:
-        del _COMPILED[next(iter(_COMPILED))]
+        key = next(iter(_COMPILED))
+        entry = _COMPILED.pop(key)
+        if type(entry) is _Programs and entry.used:
+            entry.used = False
+            _COMPILED[key] = entry
 
 
 def _stand_ins(tree: PyTree) -> PyTree:
@@ -1271,8 +1421,11 @@ def _compiled_linear_solve(
     solver,
     value_only: bool,
     throw: bool | None,
+    structure: tuple | None = None,
 ) -> tuple[Any, Any]:
-    key = (treedef, value_only, throw, _solver_key(solver))
+    # (Keyed by `structure` in place of the treedef where `_run_flat` finds it.)
+    structure = treedef if structure is None else structure
+    key = (structure, value_only, throw, _solver_key(solver))
     if statics:
         # (The key holds the jaxprs: none is freed, and its `id` reused, while
         # its entry lives. See `_static_key`.)
@@ -1371,6 +1524,7 @@ class _Programs:
         "fields_read",
         "solves",
         "reads",
+        "used",
     )
 
     def __init__(self, treedef, statics: tuple, solver, value_only: bool):
@@ -1395,6 +1549,8 @@ class _Programs:
         self.fields_read = False
         self.solves = 0
         self.reads = 0
+        # Found by `_run_flat` since `_make_room` last came to it.
+        self.used = False
 
     def counted_read(self) -> None:
         """Count a solve whose pending state or statistics were read; switch to

@@ -18,6 +18,12 @@ from jax._src.core import ShardingTypeError as ShardingTypeError  # (not exporte
 from jaxtyping import Array, ArrayLike, PyTree
 
 
+# The instance dictionary of an Equinox module, read past `Module.__getattribute__`
+# (a Python function: 0.3 us an attribute) and past a `__dict__` property (see
+# `Solution`): where the hot path of an un-jitted solve reads or writes fields.
+instance_dict: Callable[[Any], dict[str, Any]] = eqx.Module.__dict__["__dict__"].__get__
+
+
 try:
     from jax._src.core import trace_state_clean as _trace_state_clean
 except ImportError:  # pragma: no cover - a future JAX; see `no_active_trace`
@@ -43,6 +49,28 @@ def no_active_trace() -> bool:
     safe (the traced path of a solve, a closure conversion of a function).
     """
     return _trace_state_clean is not None and bool(_trace_state_clean())
+
+
+class _Unknown:
+    value = None
+
+
+try:
+    # What `trace_state_clean` reads (`trace_ctx.is_top_level()`): the current
+    # trace and axis environment, in JAX's thread-local holders, against the eval
+    # trace and the empty environment. Read inline by the hot path of an
+    # un-jitted solve (`_linear_solve._run_flat`): `trace_state_clean()` is four
+    # Python calls, 0.4 us of its 16 around a 10x10 solve.
+    # `test_eager.test_inline_trace_test_agrees_with_jax` tests both agree.
+    from jax._src.core import (
+        axis_env_state as TRACE_AXES,
+        eval_trace as EVAL_TRACE,
+        top_axis_env as TOP_AXES,
+        trace_state_strong_ref as TRACE,
+    )
+except ImportError:  # pragma: no cover - a future JAX: never "no trace"
+    TRACE = TRACE_AXES = _Unknown()
+    EVAL_TRACE = TOP_AXES = object()
 
 
 def staging() -> bool:

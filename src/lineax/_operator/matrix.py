@@ -6,11 +6,10 @@ import equinox as eqx
 import jax
 import jax.core
 import jax.numpy as jnp
-import jax.tree_util as jtu
 from jaxtyping import Array, Inexact
 
 from .._jax_sparse import jsparse
-from .._misc import inexact_asarray
+from .._misc import inexact_asarray, instance_dict
 from .._tags import as_tags, transpose_tags
 from ._arguments import check_not_sequence
 from .base import (
@@ -20,6 +19,7 @@ from .base import (
     conj,
     diagonal,
     is_cacheable,
+    register_flat,
     register_stored,
     register_tag_predicates,
     SQUARE_ONLY_TAGS,
@@ -29,56 +29,67 @@ from .base import (
 
 class _MatrixOperatorMeta(type(AbstractLinearOperator)):
     """Builds a `MatrixLinearOperator` of a concrete JAX array, with tags seen
-    before, the way JAX's `tree_unflatten` does, from a PyTree structure cached
-    per `tags` argument: `lx.linear_solve(lx.MatrixLinearOperator(A), b)` called
-    un-jitted builds one on every call, and Equinox's generic construction (its
-    field, static-array and `__check_init__` checks) took 8 of the 11 us that
-    building one took (10x10, CPU). Every check that `__init__` makes is a
-    property of the matrix's type, rank and dtype and of `tags`, each tested here
-    or by the cache key, and, for tags that only a square operator may carry
-    (`SQUARE_ONLY_TAGS`), of its shape, tested here too; anything else takes the
-    usual path, which fills the cache."""
+    before, as Equinox's unflatten builds one (`object.__new__` and its fields
+    set), with the tags as `__init__` stored them, cached per `tags` argument:
+    `lx.linear_solve(lx.MatrixLinearOperator(A), b)` called un-jitted builds one
+    on every call, and Equinox's generic construction (its field, static-array
+    and `__check_init__` checks) took 8 of the 11 us that building one took
+    (10x10, CPU); `jtu.tree_unflatten` of a cached structure, 1.5 of the 3 us
+    left. Every check that `__init__` makes is a property of the matrix's type,
+    rank and dtype and of `tags`, each tested here or by the cache key, and, for
+    tags that only a square operator may carry (`SQUARE_ONLY_TAGS`), of its
+    shape, tested here too; anything else takes the usual path, which fills the
+    cache."""
 
     def __call__(cls, *args: Any, **kwargs: Any):
         if cls is not MatrixLinearOperator:
             return super().__call__(*args, **kwargs)
-        if len(args) == 1 and not kwargs.keys() - {"tags"}:
+        if len(args) == 1 and not kwargs:  # (the usual call, tested first)
+            matrix, tags = args[0], ()
+        elif len(args) == 1 and not kwargs.keys() - {"tags"}:
             matrix, tags = args[0], kwargs.get("tags", ())
         elif len(args) == 2 and not kwargs:
             matrix, tags = args
         else:
             return super().__call__(*args, **kwargs)
         try:
-            treedef, square_only = _TREEDEF_OF_TAGS.get(tags, (None, False))
+            known = _TAGS.get(tags)
         except TypeError:  # unhashable tags (a list): the usual path, uncached
             return super().__call__(*args, **kwargs)
-        if (
-            treedef is not None
-            and type(matrix) in _ARRAY_TYPES
-            and len(matrix.shape) == 2
-            and matrix.dtype.kind in "fc"
-            and (not square_only or matrix.shape[0] == matrix.shape[1])
-        ):
-            return jtu.tree_unflatten(treedef, (matrix,))
+        if known is not None and type(matrix) in _ARRAY_TYPES:
+            # (Through the abstract value: `Array.shape` and `.dtype` are Python
+            # properties that read it.)
+            aval = matrix.aval
+            shape = aval.shape
+            if (
+                len(shape) == 2
+                and aval.dtype.kind in "fc"
+                and (not known[1] or shape[0] == shape[1])
+            ):
+                operator = object.__new__(MatrixLinearOperator)
+                fields = instance_dict(operator)
+                fields["matrix"] = matrix
+                fields["tags"] = known[0]
+                return operator
         operator = super().__call__(*args, **kwargs)
         # Cached where `__init__` stored the matrix as given: a concrete JAX
         # array of an inexact dtype.
         if operator.matrix is matrix and not isinstance(matrix, jax.core.Tracer):
             _ARRAY_TYPES.add(type(matrix))
-            if len(_TREEDEF_OF_TAGS) >= 64:
-                _TREEDEF_OF_TAGS.clear()
-            _TREEDEF_OF_TAGS[tags] = (
-                jtu.tree_structure(operator),
+            if len(_TAGS) >= 64:
+                _TAGS.clear()
+            _TAGS[tags] = (
+                operator.tags,
                 not operator.tags.isdisjoint(SQUARE_ONLY_TAGS),
             )
         return operator
 
 
 # The types of concrete JAX array (not tracers) that `__init__` stores unchanged,
-# and the PyTree structure of an operator built with each `tags` argument (with
-# whether those tags need a square matrix).
+# and the tags that `__init__` stores for each `tags` argument (with whether
+# they need a square matrix).
 _ARRAY_TYPES: set[type] = set()
-_TREEDEF_OF_TAGS: dict = {}
+_TAGS: dict = {}
 
 
 class MatrixLinearOperator(AbstractLinearOperator, metaclass=_MatrixOperatorMeta):
@@ -161,3 +172,4 @@ def _(operator):
 
 is_cacheable.register(MatrixLinearOperator)(concrete_arrays)
 register_stored(MatrixLinearOperator)
+register_flat(MatrixLinearOperator)
