@@ -131,3 +131,28 @@ def _very_chord_with_qr(dfx):
         results[name] = (int(sol.stats["num_steps"]), np.asarray(sol.ys[-1] / d))
     assert results["qr"][0] <= results["lu"][0] + 5
     np.testing.assert_allclose(results["qr"][1], results["lu"][1], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_qr_of_a_similarity_scaled_triangular_system(seed):
+    """`D T D^-1`, float32, `T` unit upper triangular (30x30), `D` of
+    `10^U(-6, 6)`: every solution component to 1e-5, as lineax 0.1.1's QR and LU
+    give (at most 1.1e-6). Before the fix: relative errors 0.03 to 10 with rows
+    sorted by their largest entry, in `A` or with the columns equilibrated
+    (seed 6: reported `singular`, an `R` with an exactly zero diagonal entry)."""
+    n = 30
+    rng = np.random.default_rng(seed)
+    upper = np.triu(rng.standard_normal((n, n)), 1)
+    x = rng.standard_normal(n)
+    d = 10.0 ** rng.uniform(-6, 6, n)
+    matrix = (d[:, None] * (np.eye(n) + 0.3 * upper / np.sqrt(n)) / d).astype(
+        np.float32
+    )
+    x = x * d
+    b = (matrix.astype(np.float64) @ x).astype(np.float32)
+    expected = np.linalg.solve(matrix.astype(np.float64), b.astype(np.float64))
+    operator = lx.MatrixLinearOperator(jnp.asarray(matrix))
+    sol = lx.linear_solve(operator, jnp.asarray(b), lx.QR(), throw=False)
+    assert sol.result == lx.RESULTS.successful
+    error = np.abs(np.asarray(sol.value, np.float64) - expected) / np.abs(expected)
+    assert error.max() < 1e-5, error.max()
