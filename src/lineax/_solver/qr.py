@@ -358,13 +358,10 @@ def _row_order(matrix: Array) -> Array:
         row = jnp.argmax(jnp.where(chosen, -1, column))
         return chosen.at[row].set(True), position.at[row].set(j)
 
-    chosen, position = lax.fori_loop(
-        0,
-        k,
-        choose,
-        (jnp.zeros((m,), bool), jnp.full((m,), k, jnp.int32)),
-        unroll=False,
-    )
+    start = (jnp.zeros((m,), bool), jnp.full((m,), k, jnp.int32))
+    # No loop without rows or columns: a column of an `(m, 0)` matrix cannot
+    # be sliced, even in a loop of no steps.
+    chosen, position = start if k == 0 else lax.fori_loop(0, k, choose, start)
     # The rows not chosen (a tall matrix's last `m - n`) follow, by decreasing
     # largest entry.
     size = jnp.where(chosen, 0, jnp.max(magnitude, axis=1, initial=0))
