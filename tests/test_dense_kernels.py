@@ -254,13 +254,11 @@ def test_rms_norm_is_one_reduction():
     assert len(re.findall(r" reduce\(", text)) == 1
 
 
-def test_qr_row_order_sorts_one_array_and_records_finiteness():
+def test_qr_row_order_sorts_one_array():
     # QR orders the rows by decreasing size (`_rows_by_decreasing_size`).
     # Sorted with the row numbers as a second array, those were a kernel of
     # their own (an iota) in every Gauss-Newton step; now they are the keys'
-    # low bits, made in the kernel that computes the sizes. And `init`'s
-    # finiteness record is the largest size's, from the sorted keys: no pass of
-    # its own over the matrix (or, for a computed one, over the factors).
+    # low bits, made in the kernel that computes the sizes.
     def init(a):
         return lx.QR().init(lx.MatrixLinearOperator(a), {})
 
@@ -268,12 +266,8 @@ def test_qr_row_order_sorts_one_array_and_records_finiteness():
     text = jax.jit(init).lower(a).compile().as_text()
     assert text is not None
     sorts = [line for line in text.splitlines() if " sort(" in line]
-    assert len(sorts) == 1 and re.search(r"= u32\[9\]\{0\} sort\(%[\w.\-]+\)", sorts[0])
+    assert len(sorts) == 1
+    assert re.search(r"= u32\[9\]\{0\} sort\(%[\w.\-]+\)", sorts[0])
     assert "iota" not in "".join(
         line for line in text.splitlines() if "fusion()" in line
     )
-    assert "is-finite" not in text
-    for value in (jnp.nan, jnp.inf, -jnp.inf):
-        for i, j in [(0, 0), (8, 3), (4, 1)]:
-            assert not jax.jit(init)(a.at[i, j].set(value)).finite
-    assert jax.jit(init)(a).finite

@@ -9,7 +9,6 @@ import jax.core
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
-import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 from jaxtyping import Array
@@ -28,7 +27,9 @@ from .base import (
     AbstractLinearSolver,
     check_lapack_dtype,
     inf_at_zero_pivots,
+    is_own_array,
     norm1,
+    operator_is_finite,
     rcond_estimate,
 )
 
@@ -91,6 +92,7 @@ class QR(AbstractLinearSolver[QRState]):
         check_lapack_dtype(operator, "QR")
         del options
         matrix = operator.as_matrix()
+        own = is_own_array(matrix, operator)  # (see the finiteness test below)
         m, n = matrix.shape
         wide = n > m
         if wide:
@@ -103,17 +105,22 @@ class QR(AbstractLinearSolver[QRState]):
         # `state=`, failed with "Differentiation rule for 'geqrf' not
         # implemented", as in lineax 0.1.1.)
         matrix = lax.stop_gradient(matrix)
-        # The finiteness record comes with the order of the rows: the largest
-        # row size is not finite exactly when some entry is not (see
-        # `_rows_by_decreasing_size`). Read from the matrix (the operator's own
-        # array), it was a pass of its own; from the factors (a computed
-        # matrix, which XLA computed a second time for a second reader, see
-        # `is_own_array`), LevenbergMarquardt's damped Jacobian was copied
-        # transposed for it, a kernel in each step.
-        perm, finite = _rows_by_decreasing_size(matrix)
+        perm = _rows_by_decreasing_size(matrix)
         reflectors, taus = jnp.linalg.qr(matrix[perm], mode="raw")
+        # The finiteness test reads the factors, not the matrix, unless the
+        # matrix is the operator's own array (see `is_own_array`). Householder
+        # QR never turns a non-finite entry finite: the updates of the trailing
+        # columns add to each entry (`a - tau v w`: inf or NaN plus anything is
+        # inf or NaN), a reflector's column is scaled by a finite nonzero or by
+        # zero (inf * 0 is NaN) and a non-finite diagonal entry makes a
+        # non-finite norm, hence `R`'s entry.
         return QRState(
-            reflectors.mT, taus, perm, finite, pack_structures(operator), wide
+            reflectors.mT,
+            taus,
+            perm,
+            operator_is_finite(matrix if own else reflectors),
+            pack_structures(operator),
+            wide,
         )
 
     def compute(self, state: QRState, vector, options):
@@ -299,10 +306,9 @@ _ormqr = _ormqr_of(False)
 _ormqr_transposed = _ormqr_of(True)
 
 
-def _rows_by_decreasing_size(matrix: Array) -> tuple[Array, Array]:
+def _rows_by_decreasing_size(matrix: Array) -> Array:
     """The order of `matrix`'s rows by decreasing largest absolute entry (stable:
-    rows of equal size keep their order), and whether every entry of `matrix`
-    is finite.
+    rows of equal size keep their order).
 
     Householder QR is normwise backward stable, but not row-wise: a row much
     smaller than the others, factorised after larger rows, is perturbed
@@ -320,26 +326,14 @@ def _rows_by_decreasing_size(matrix: Array) -> tuple[Array, Array]:
     with columns scaled, float32 2.6e-5 -> 3.5e-7. Unscaled and column-scaled
     tall problems are as accurate either way.
     The cost is a sort of the row sizes and a gather of the matrix in `init`,
-    and a gather (tall) or a sort (wide) of the vector in each solve.
-
-    A row's size is finite exactly when its entries are, so the first of the
-    sorted sizes, the largest, tells whether the matrix is: the finiteness
-    record of `QR.init`, with no pass of its own."""
-    # The sizes as integers: the bits of a non-negative float order as it does,
-    # NaN's above infinity's above every finite one's. Their maximum (where
-    # XLA:CPU's vectorised floating-point maximum did not always propagate NaN,
-    # e.g. from a float32 row of 130 entries) and their sort (an integer
-    # sort's comparator is one comparison, where a float's, `jnp.argsort`,
-    # handles NaN and signed zeros: 26 -> 11 StableHLO operations) are exact.
-    # Unsigned: the gathers by the order skip the wrapping of negative indices
-    # (9 -> 3 operations each).
-    magnitude = jnp.abs(matrix)
-    unsigned = _UNSIGNED_OF_SIZE[magnitude.dtype.itemsize]
-    bits = lax.bitcast_convert_type(magnitude, unsigned)
-    # (Zero, an unsigned maximum's identity, only where a row has no entries.)
-    empty = not (isinstance(matrix.shape[1], int) and matrix.shape[1] > 0)
-    size = jnp.max(bits, axis=1, initial=0 if empty else None)
-    inf = int(np.asarray(np.inf, magnitude.dtype).view(unsigned))
+    and a gather (tall) or a sort (wide) of the vector in each solve."""
+    size = jnp.max(jnp.abs(matrix), axis=1, initial=0)
+    # Sorted as integers: the bits of a non-negative float (NaN included) order
+    # as it does, and an integer sort's comparator is one comparison where a
+    # float's (`jnp.argsort`) handles NaN and signed zeros (26 -> 11 StableHLO
+    # operations). The order is unsigned, whose gathers skip the wrapping of
+    # negative indices (9 -> 3 operations each).
+    size = lax.bitcast_convert_type(size, _UNSIGNED_OF_SIZE[size.dtype.itemsize])
     m = matrix.shape[0]
     rows = lax.iota(jnp.uint32, m)
     if isinstance(m, int) and m <= _PACKED_ROWS:
@@ -355,16 +349,8 @@ def _rows_by_decreasing_size(matrix: Array) -> tuple[Array, Array]:
         lead = lax.shift_right_logical(size, size.dtype.type(shift))
         lead = lax.convert_element_type(lead, jnp.uint32)
         keys = lax.sort(lax.shift_left(0xFFFF - lead, jnp.uint32(16)) | rows)
-        perm = keys & jnp.uint32(0xFFFF)
-        # (The largest lead, `0xFFFF - (keys[0] >> 16)`, below infinity's.)
-        top = lax.shift_right_logical(keys[0], jnp.uint32(16)) if m else None
-        bound = 0xFFFF - (inf >> shift)
-    else:
-        keys, perm = lax.sort((~size, rows), num_keys=1, is_stable=True)
-        top = keys[0] if m else None
-        bound = ~np.asarray(inf, size.dtype)
-    finite = jnp.array(True) if top is None else top > bound
-    return perm, finite
+        return keys & jnp.uint32(0xFFFF)
+    return lax.sort((~size, rows), num_keys=1, is_stable=True)[1]
 
 
 _UNSIGNED_OF_SIZE = {4: jnp.uint32, 8: jnp.uint64}
