@@ -172,3 +172,83 @@ def test_lu_of_a_jacobian_computes_it_once():
             "rcond"
         ]
         np.testing.assert_allclose(ours, want, rtol=1e-5)
+
+
+def _hoisted_fusions(text: str, ops: str) -> list[str]:
+    """The fusions of an optimised module that compute an operation traced in a
+    `while` loop's body (`ops`, a regex of the last part of its name) outside
+    that body: hoisted out of the loop by XLA, each a kernel of its own."""
+    computations = hlo_computations(text)
+    bodies = set(re.findall(r"body=%([\w.\-]+)", text))
+    return [
+        line.split("=")[0].strip()
+        for name, lines in computations.items()
+        if name not in bodies
+        for line in lines
+        if " fusion(" in line
+        and re.search(r'op_name="[^"]*while/body/(' + ops + r')"', line)
+    ]
+
+
+def test_zero_pivot_marker_of_a_kept_factorisation_is_not_a_kernel_of_its_own():
+    # Diffrax's implicit solvers factorise the Jacobian once per step and solve
+    # with the state in their Newton loop. The zero-pivot marker (infinity at
+    # an exactly zero pivot, `inf_at_zero_pivots`) was a function of the
+    # factor alone, `x / (pivots != 0)`: XLA hoisted `pivots != 0` out of the
+    # loop, into kernels of their own that test the diagonal (Kvaerno5 on
+    # Robertson's problem: 2, and the division one more in the loop). It is
+    # computed with the solution now, which XLA fuses into its readers.
+    def field(y, args):
+        return jnp.sin(y) * args + jnp.roll(y, 1) ** 2 - 1
+
+    def newton(y):
+        jacobian = lx.JacobianLinearOperator(field, y, jnp.array(2.0))
+        operator = lx.linearise(jacobian)
+        solver = lx.AutoLinearSolver(well_posed=None)
+        state = solver.init(operator, {})
+
+        def step(carry):
+            i, y, _ = carry
+            sol = lx.linear_solve(
+                operator, field(y, 2.0), solver, state=state, throw=False
+            )
+            return i + 1, y - sol.value, sol.result._value
+
+        def again(carry):
+            return carry[0] < 5
+
+        return jax.lax.while_loop(again, step, (0, y, jnp.array(0, jnp.int32)))
+
+    y = jnp.linspace(0.1, 1.0, 5)
+    text = jax.jit(newton).lower(y).compile().as_text()
+    assert text is not None
+    assert _hoisted_fusions(text, "ne|convert_element_type|div") == []
+    # Still infinite at the zero pivot (not NaN: see `inf_at_zero_pivots`), in
+    # a loop as in a single solve.
+    singular = lx.MatrixLinearOperator(jnp.array([[1.0, 2.0], [3.0, 6.0]]))
+    state = lx.LU().init(singular, {})
+
+    def loop(b):
+        def step(i, x):
+            del i
+            return lx.linear_solve(singular, b, lx.LU(), state=state, throw=False).value
+
+        return jax.lax.fori_loop(0, 2, step, b)
+
+    value = jax.jit(loop)(jnp.array([1.0, 1.0]))
+    assert np.isinf(value).any() and not np.isnan(value).any()
+
+
+def test_rms_norm_is_one_reduction():
+    # Optimistix and Diffrax call `rms_norm` once per step. Scaled by the
+    # largest entry (against overflow), it was a maximum and then a sum: two
+    # reductions, each a kernel, and the input a kernel more where both read a
+    # computed vector (Diffrax's error estimate). One pass with Blue's
+    # thresholds (`_one_pass_two_norm`) is one reduction, as safe.
+    def norm(y, scale):
+        return lx.internal.rms_norm(jnp.where(scale > 0, y / scale, jnp.inf))
+
+    y, scale = jnp.linspace(-1.0, 2.0, 7), jnp.linspace(0.5, 1.5, 7)
+    text = jax.jit(norm).lower(y, scale).compile().as_text()
+    assert text is not None
+    assert len(re.findall(r" reduce\(", text)) == 1

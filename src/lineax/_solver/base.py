@@ -19,7 +19,6 @@ from jaxtyping import Array, PyTree
 
 from .._misc import (
     check_static_float,
-    complex_to_real_dtype,
     instance_dict,
     lineax_class_named,
     python_number,
@@ -660,21 +659,27 @@ def inf_at_zero_pivots(x: Array, pivots: Array) -> Array:
     from `getrf`/`potrf`/`trtrs`). Rather than a reduction of its own, that test
     joins the finiteness test of the solution which `linear_solve` makes anyway
     (and which reports a non-finite solution as `RESULTS.singular`): one
-    elementwise division, fused with the solve's output, instead of a separately
+    elementwise `select`, fused with the solve's output, instead of a separately
     compiled reduction. (Substitution alone does not always give a non-finite
     answer: BLAS skips the division of a zero right-hand side.)
 
-    Infinity, not NaN, wherever substitution made `b / 0` (infinite) there: a
-    NaN in the output is an error under `jax_debug_nans` even with `throw=False`
-    (JAX checks a program's outputs before the result code is read), and a
-    singular LU solve returned `[-inf, nan]` and raised `FloatingPointError`,
-    where lineax 0.1.1 returned `[-inf, inf]` and `singular`. A real `x` is
-    divided by `1` (exactly `x`) or, at a zero pivot, by `0`: `b / 0` stays
-    `+-inf` and a finite value skipped by BLAS becomes infinite, or NaN if it
-    is `0` (as XLA's own substitution gives `0 / 0`). No infinity or NaN is
-    computed in a nonsingular solve (`jax_debug_infs`), and it is one operation
-    fewer than adding a NaN marker. (A complex `x` selects `inf` instead:
-    complex division by `1 + 0j` is not exact for infinite parts.)
+    Infinity, not NaN: a NaN in the output is an error under `jax_debug_nans`
+    even with `throw=False` (JAX checks a program's outputs before the result
+    code is read), and a singular LU solve returned `[-inf, nan]` and raised
+    `FloatingPointError`, where lineax 0.1.1 returned `[-inf, inf]` and
+    `singular`. The infinity is a constant selected, so no infinity or NaN is
+    computed in a nonsingular solve (`jax_debug_infs`), not even without `jit`.
+
+    The test reads `x` as well as the pivots (`pivots + min(|x|, 0)`, which is
+    `pivots` wherever `x` is finite; where it is not, the entry is not finite
+    either way), for XLA: a test of the pivots alone is loop-invariant where a
+    factorisation is kept across a loop of solves (Diffrax's implicit solvers:
+    the Jacobian's LU in the Newton loop), and XLA hoisted it out of the loop
+    into kernels of its own (Kvaerno5 on Robertson's problem: 2 kernels, and
+    the division, `x / (pivots != 0)` as it was, one more in the loop). And a
+    `select` of a constant is cheap enough for XLA to fuse into each reader of
+    the solution, where a division was a kernel of its own (Optimistix's
+    Newton and GaussNewton: one per step).
 
     Deliberately not a threshold on the pivots' ratio: that ratio changes under
     row and column scaling, which LU, QR, Cholesky and substitution handle
@@ -682,14 +687,13 @@ def inf_at_zero_pivots(x: Array, pivots: Array) -> Array:
     badly scaled systems singular. Ill-conditioning is reported instead by the
     reciprocal condition estimate `stats["rcond"]`, which never changes `result`.
     """
-    nonzero = pivots != 0
-    real = complex_to_real_dtype(x.dtype)
-    divisor = jnp.broadcast_to(nonzero.astype(real), x.shape)
-    if real == x.dtype:
-        return jax.lax.div(x, divisor)
-    marker = jax.lax.div(jnp.ones((), real), divisor)
-    nonzero = jnp.broadcast_to(nonzero, x.shape)
-    return jax.lax.select(nonzero, x, marker.astype(x.dtype))
+    zero = jnp.minimum(jnp.abs(x), 0).astype(x.dtype)
+    nonzero = (jnp.broadcast_to(pivots, x.shape) + zero) != 0
+    if all(isinstance(d, int) for d in x.shape):
+        inf = np.full(x.shape, np.inf, x.dtype)
+    else:
+        inf = jnp.full(x.shape, np.inf, x.dtype)
+    return jax.lax.select(nonzero, x, inf)
 
 
 # Hager's iteration usually settles in two steps (Higham 1988, section 4), and
