@@ -20,6 +20,7 @@ from jaxtyping import Array, ArrayLike, PyTree
 
 from ._errors import EQX_ON_ERROR
 from ._misc import (
+    cast_keeping_real,
     default_floating_dtype,
     describe,
     device_copy,
@@ -944,9 +945,7 @@ def _in_dtype(struct: jax.ShapeDtypeStruct, leaf: Array) -> Array:
     """One leaf of `_in_dtypes`. (Not a closure: see `_misc._floating_struct`.)"""
     if leaf.dtype == struct.dtype:
         return leaf
-    if jnp.iscomplexobj(leaf) and not jnp.issubdtype(struct.dtype, jnp.complexfloating):
-        leaf = jnp.real(leaf)
-    return leaf.astype(struct.dtype)
+    return cast_keeping_real(leaf, struct.dtype)
 
 
 def _realified_problem(
