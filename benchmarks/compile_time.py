@@ -50,11 +50,8 @@ import jax.scipy as jsp  # noqa: E402
 import jax.scipy.sparse.linalg as jssl  # noqa: E402
 import numpy as np  # noqa: E402
 
+import lineax as lx  # noqa: E402
 
-try:
-    import lineax as lx
-except ImportError:  # the JAX side can still be measured
-    lx = None
 
 DEFAULT_PUBLISHED = "/work/oracle-venv/bin/python"
 
@@ -129,83 +126,66 @@ def _put(x, dtype):
     return jnp.asarray(x, dtype=dtype)
 
 
-def _dense(solver_name):
+def _jnp_lstsq(A, b):
+    return jnp.linalg.lstsq(A, b)[0]
+
+
+def _cho_solve(A, b):
+    return jsp.linalg.cho_solve(jsp.linalg.cho_factor(A), b)
+
+
+def _lineax_solve(solver, tags=()):
+    def solve(A, b):
+        return lx.linear_solve(lx.MatrixLinearOperator(A, tags), b, solver).value
+
+    return solve
+
+
+def _dense(solver_class, jax_solve):
+    """A dense solve of an n x n matrix (symmetric positive definite for
+    `lx.Cholesky`, which is then given the tag it needs)."""
+
     def build(impl, dtype, n=100):
-        spd = solver_name == "Cholesky"
+        spd = solver_class is lx.Cholesky
         A = _put(P.spd_matrix(n, 0) if spd else P.dense_matrix(n, 0), dtype)
         b = _put(P.vector(n, 1), dtype)
         if impl == "jax":
-            if solver_name == "SVD":
-
-                def make():
-                    return lambda A, b: jnp.linalg.lstsq(A, b)[0]
-            elif spd:
-
-                def make():
-                    return lambda A, b: jsp.linalg.cho_solve(
-                        jsp.linalg.cho_factor(A), b
-                    )
-            else:
-
-                def make():
-                    return lambda A, b: jnp.linalg.solve(A, b)
-
-            return make, (A, b)
-        tags = (lx.positive_semidefinite_tag,) if spd else ()
-        solver = getattr(lx, solver_name)()
+            solve = jax_solve
+        else:
+            tags = (lx.positive_semidefinite_tag,) if spd else ()
+            solve = _lineax_solve(solver_class(), tags)
 
         def make():
-            return lambda A, b: (
-                lx.linear_solve(lx.MatrixLinearOperator(A, tags), b, solver).value
-            )
+            return lambda A, b: solve(A, b)
 
         return make, (A, b)
 
     return build
 
 
-def _grad_lu(impl, dtype, n=100):
-    A, b = _put(P.dense_matrix(n, 2), dtype), _put(P.vector(n, 3), dtype)
-    if impl == "jax":
-        solve = jnp.linalg.solve
-    else:
+def _grad(solver_class, jax_solve, shape, seed):
+    """`jax.grad` of `sum(x ** 2)` for the solution `x`, with respect to the
+    matrix (of `shape`) and the vector."""
 
-        def solve(A, b):
-            return lx.linear_solve(lx.MatrixLinearOperator(A), b, lx.LU()).value
+    def build(impl, dtype):
+        m, n = shape
+        A = P.dense_matrix(n, seed) if m == n else P.tall_matrix(m, n, seed)
+        A, b = _put(A, dtype), _put(P.vector(m, seed + 1), dtype)
+        solve = jax_solve if impl == "jax" else _lineax_solve(solver_class())
 
-    def make():
-        return jax.grad(lambda A, b: jnp.sum(solve(A, b) ** 2), argnums=(0, 1))
+        def make():
+            return jax.grad(lambda A, b: jnp.sum(solve(A, b) ** 2), argnums=(0, 1))
 
-    return make, (A, b)
+        return make, (A, b)
 
-
-def _grad_lstsq(impl, dtype, m=200, n=100):
-    A, b = _put(P.tall_matrix(m, n, 4), dtype), _put(P.vector(m, 5), dtype)
-    if impl == "jax":
-
-        def solve(A, b):
-            return jnp.linalg.lstsq(A, b)[0]
-    else:
-
-        def solve(A, b):
-            return lx.linear_solve(lx.MatrixLinearOperator(A), b, lx.QR()).value
-
-    def make():
-        return jax.grad(lambda A, b: jnp.sum(solve(A, b) ** 2), argnums=(0, 1))
-
-    return make, (A, b)
+    return build
 
 
 def _vmap_lu(impl, dtype, batch=200, n=50):
     r = P.rng(6)
     A = _put(r.standard_normal((batch, n, n)) / np.sqrt(n) + 2.0 * np.eye(n), dtype)
     b = _put(r.standard_normal((batch, n)), dtype)
-    if impl == "jax":
-        solve = jnp.linalg.solve
-    else:
-
-        def solve(A, b):
-            return lx.linear_solve(lx.MatrixLinearOperator(A), b, lx.LU()).value
+    solve = jnp.linalg.solve if impl == "jax" else _lineax_solve(lx.LU())
 
     def make():
         return jax.vmap(lambda A, b: solve(A, b))
@@ -213,22 +193,24 @@ def _vmap_lu(impl, dtype, batch=200, n=50):
     return make, (A, b)
 
 
-def _krylov(method):
+def _krylov(solver_class, jax_solver):
+    """A Krylov solve of the N x N stencil problem (the Poisson one, positive
+    definite, for `lx.CG`; convection-diffusion otherwise), matrix-free."""
+
     def build(impl, dtype, N=64):
         rtol = 1e-10 if dtype == jnp.float64 else 1e-5
-        convection = 0.0 if method == "CG" else P.CONVECTION
+        definite = solver_class is lx.CG
+        convection = 0.0 if definite else P.CONVECTION
         b = _put(P.vector(N * N, 11), dtype)
         if impl == "jax":
-            jax_solver = {"CG": jssl.cg, "GMRES": jssl.gmres, "BiCGStab": jssl.bicgstab}
-            fn = jax_solver[method]
 
             def make():
                 mv = P.stencil_mv(jnp, N, convection)
-                return lambda b: fn(mv, b, tol=rtol, atol=0.0)[0]
+                return lambda b: jax_solver(mv, b, tol=rtol, atol=0.0)[0]
 
             return make, (b,)
-        tags = (lx.positive_semidefinite_tag,) if method == "CG" else ()
-        solver = getattr(lx, method)(rtol=rtol, atol=0.0, norm=lx.internal.two_norm)
+        tags = (lx.positive_semidefinite_tag,) if definite else ()
+        solver = solver_class(rtol=rtol, atol=0.0, norm=lx.internal.two_norm)
         struct = jax.ShapeDtypeStruct((N * N,), dtype)
 
         def make():
@@ -260,19 +242,35 @@ def _unjitted(impl, dtype, n=10):
 
 # name -> (builder, JAX-native baseline, budget as a ratio to JAX)
 CASES = {
-    "grad_lu_n100": (_grad_lu, "grad of jnp.linalg.solve", 1.5),
-    "grad_lstsq_qr_200x100": (_grad_lstsq, "grad of jnp.linalg.lstsq", 1.5),
+    "grad_lu_n100": (
+        _grad(lx.LU, jnp.linalg.solve, (100, 100), 2),
+        "grad of jnp.linalg.solve",
+        1.5,
+    ),
+    "grad_lstsq_qr_200x100": (
+        _grad(lx.QR, _jnp_lstsq, (200, 100), 4),
+        "grad of jnp.linalg.lstsq",
+        1.5,
+    ),
     "vmap_lu_200x50": (_vmap_lu, "vmap(jnp.linalg.solve)", 1.5),
-    "cg_poisson_N64": (_krylov("CG"), "jax.scipy.sparse.linalg.cg", 1.5),
-    "gmres_convdiff_N64": (_krylov("GMRES"), "jax.scipy.sparse.linalg.gmres", 1.5),
+    "cg_poisson_N64": (_krylov(lx.CG, jssl.cg), "jax.scipy.sparse.linalg.cg", 1.5),
+    "gmres_convdiff_N64": (
+        _krylov(lx.GMRES, jssl.gmres),
+        "jax.scipy.sparse.linalg.gmres",
+        1.5,
+    ),
     "bicgstab_convdiff_N64": (
-        _krylov("BiCGStab"),
+        _krylov(lx.BiCGStab, jssl.bicgstab),
         "jax.scipy.sparse.linalg.bicgstab",
         1.5,
     ),
-    "dense_lu_n100": (_dense("LU"), "jnp.linalg.solve", 1.2),
-    "dense_cholesky_n100": (_dense("Cholesky"), "jsp.linalg.cho_solve", 1.2),
-    "dense_svd_n100": (_dense("SVD"), "jnp.linalg.lstsq", 1.2),
+    "dense_lu_n100": (_dense(lx.LU, jnp.linalg.solve), "jnp.linalg.solve", 1.2),
+    "dense_cholesky_n100": (
+        _dense(lx.Cholesky, _cho_solve),
+        "jsp.linalg.cho_solve",
+        1.2,
+    ),
+    "dense_svd_n100": (_dense(lx.SVD, _jnp_lstsq), "jnp.linalg.lstsq", 1.2),
     "unjitted_first_call_n10": (_unjitted, "first jnp.linalg.solve call", 1.2),
 }
 
@@ -498,7 +496,7 @@ def main(argv=None):
         return worker(dtype)
 
     names = [n for n in CASES if args.cases is None or re.search(args.cases, n)]
-    print(f"lineax (lib): {None if lx is None else lx.__file__}")
+    print(f"lineax (lib): {lx.__file__}")
     published = None
     if args.published and os.path.exists(args.published):
         published = Published(args.published, args.x64)
@@ -523,7 +521,7 @@ def main(argv=None):
         "jax": jax.__version__,
         "dtype": jnp.dtype(dtype).name,
         "reps": args.reps,
-        "lineax_lib": None if lx is None else lx.__file__,
+        "lineax_lib": lx.__file__,
         "lineax_published": None if published is None else published.info["lineax"],
     }
     (out / "results.json").write_text(

@@ -41,6 +41,7 @@ import numpy as np
 import pytest
 from beartype import beartype
 from conftest import EXHAUSTIVE
+from jax.experimental import sparse as jsparse
 from jaxtyping import Array, Inexact, jaxtyped, PyTree, Shaped
 
 import lineax as lx
@@ -828,15 +829,19 @@ def split_structure(size: int, dtype: Any, variant: int) -> Structure:
 
 # The representations `case_operator` makes of a solver case's matrix.
 CASE_KINDS = ("matrix", "pytree", "function", "jacobian", "native", "tagged_composed")
+# The structured operators (issue 12) that `case_operator` also makes, each holding
+# the whole matrix so that any case applies: drawn where the "matrix" kind is.
+STRUCTURED_KINDS = ("sparse", "kronecker", "block_diagonal")
 
 
 def case_operator(
     kind: str, matrix: Inexact[Array, "m n"], tags: tuple = ()
 ) -> lx.AbstractLinearOperator:
     """Represent the dense (JAX, possibly traced) `matrix` as an operator of one of
-    `CASE_KINDS`, declaring `tags`: the operator factories above, with the PyTree
-    kind on `split_structure`s, `native` the structured class for the tags (if
-    any), and `tagged_composed` `(M / 2) @ (2 I)` tagged on the outside."""
+    `CASE_KINDS` or `STRUCTURED_KINDS`, declaring `tags`: the operator factories
+    above, with the PyTree kind on `split_structure`s, `native` the structured
+    class for the tags (if any), `tagged_composed` `(M / 2) @ (2 I)` tagged on
+    the outside, and the structured operators holding the whole matrix."""
     m, n = matrix.shape
     dtype = matrix.dtype
     flat_in, flat_out = flat_structure(n, dtype), flat_structure(m, dtype)
@@ -850,6 +855,17 @@ def case_operator(
         if lx.tridiagonal_tag in tag_set:
             return _tridiagonal(matrix, dtype, tag_set, flat_in, flat_out)[0]
         kind = "matrix"
+    if kind == "sparse":
+        nse = m * n  # static under `jit`
+        return lx.SparseLinearOperator(jsparse.BCOO.fromdense(matrix, nse=nse), tags)
+    if kind == "kronecker":
+        # `M ⊗ [1]` is `M`; tagged on the outside, which the structured solve
+        # must see through.
+        one = lx.MatrixLinearOperator(jnp.ones((1, 1), dtype))
+        product = lx.KroneckerLinearOperator(lx.MatrixLinearOperator(matrix), one)
+        return lx.TaggedLinearOperator(product, tags) if tags else product
+    if kind == "block_diagonal":
+        return lx.BlockDiagonalLinearOperator([lx.MatrixLinearOperator(matrix, tags)])
     if kind == "tagged_composed":
         half = lx.MatrixLinearOperator(matrix) / 2.0
         double = lx.IdentityLinearOperator(flat_in) * jnp.asarray(2.0, dtype)

@@ -21,6 +21,7 @@ from jaxtyping import Array, ArrayLike, PyTree
 
 from ._errors import EQX_ON_ERROR
 from ._misc import (
+    cast_keeping_real,
     default_floating_dtype,
     describe,
     device_copy,
@@ -89,6 +90,20 @@ def _stop_gradient(tree: PyTree) -> PyTree:
     return jtu.tree_map(_stop_gradient_leaf, tree)
 
 
+def _structure_in_words(tree: PyTree, treedef: Any) -> str:
+    """What a vector or a structure is, for an error message: "one array,
+    float32[3]", "a list of 3 leaves (PyTreeDef([*, *, *]))"."""
+    if jtu.treedef_is_leaf(treedef):
+        if isinstance(tree, (jax.Array, jax.ShapeDtypeStruct, np.ndarray)):
+            return f"one array, {describe(tree)}"
+        return f"one {type(tree).__name__}"
+    n = treedef.num_leaves
+    leaves = "leaf" if n == 1 else "leaves"
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in jtu.tree_leaves(tree)):
+        return f"a {type(tree).__name__} of {n} {leaves}, {describe(tree)}"
+    return f"a {type(tree).__name__} of {n} {leaves} ({treedef})"
+
+
 def _check_vector(
     operator: AbstractLinearOperator,
     out_struct: PyTree[jax.ShapeDtypeStruct],
@@ -115,14 +130,13 @@ def _check_vector(
             # The everyday slip: a Python list of numbers for a vector. Its
             # elements are leaves of a PyTree, not entries of an array.
             hint = (
-                f" A Python {type(vector).__name__} is a PyTree of "
-                f"{vec_treedef.num_leaves} separate leaves, not an array: pass "
-                "`jnp.asarray(vector)`."
+                f" A Python {type(vector).__name__} is a PyTree of separate "
+                "leaves, not an array: pass `jnp.asarray(vector)`."
             )
         raise ValueError(
-            "`vector` must have the PyTree structure of `operator.out_structure()` "
-            f"({describe(out_struct)}): expected {out_treedef}, got "
-            f"{vec_treedef}.{hint}"
+            "`vector` must have the PyTree structure of `operator.out_structure()`: "
+            f"expected {_structure_in_words(out_struct, out_treedef)}, got "
+            f"{_structure_in_words(vector, vec_treedef)}.{hint}"
         )
     new_leaves = []
     for i, (leaf, struct) in enumerate(zip(vec_leaves, out_leaves)):
@@ -1123,9 +1137,7 @@ def _in_dtype(struct: jax.ShapeDtypeStruct, leaf: Array) -> Array:
     """One leaf of `_in_dtypes`. (Not a closure: see `_misc._floating_struct`.)"""
     if leaf.dtype == struct.dtype:
         return leaf
-    if jnp.iscomplexobj(leaf) and not jnp.issubdtype(struct.dtype, jnp.complexfloating):
-        leaf = jnp.real(leaf)
-    return leaf.astype(struct.dtype)
+    return cast_keeping_real(leaf, struct.dtype)
 
 
 def _realified_problem(

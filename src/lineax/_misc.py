@@ -714,6 +714,21 @@ def tree_is_complex(*structures: PyTree[jax.ShapeDtypeStruct]) -> bool:
     )
 
 
+def complex_into_real(x: Any, dtype: Any) -> bool:
+    """Whether `x` (an array or a `ShapeDtypeStruct`) is complex and `dtype` real:
+    the leaves that a cast to `dtype` would lose the imaginary part of."""
+    return jnp.iscomplexobj(x) and not jnp.issubdtype(dtype, jnp.complexfloating)
+
+
+def cast_keeping_real(x: Any, dtype: Any) -> Any:
+    """`x.astype(dtype)`, taking the real part explicitly where a complex `x` goes
+    to a real `dtype`: JAX's implicit cast does the same, but with a
+    `DeprecationWarning` (to become an error)."""
+    if complex_into_real(x, dtype):
+        x = jnp.real(x)
+    return x.astype(dtype)
+
+
 def promoting_call(
     fn: Callable[[PyTree[Array]], PyTree[Array]],
     structure: PyTree[jax.ShapeDtypeStruct],
@@ -731,8 +746,7 @@ def promoting_call(
     structs, treedef = jtu.tree_flatten(structure)
     leaves = jtu.tree_leaves(vector)
     if jtu.tree_structure(vector) != treedef or not any(
-        jnp.iscomplexobj(x) and not jnp.issubdtype(s.dtype, jnp.complexfloating)
-        for s, x in zip(structs, leaves)
+        complex_into_real(x, s.dtype) for s, x in zip(structs, leaves)
     ):
         return fn(vector)
     re, im = [], []

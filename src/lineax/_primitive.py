@@ -30,6 +30,7 @@ from jaxtyping import Array, PyTree
 
 from ._errors import branch_on_code, raise_everywhere
 from ._misc import (
+    cast_keeping_real,
     is_inexact_array,
     jit_when_eagerly_transformed,
     nan_where,
@@ -981,9 +982,7 @@ def _cotangent_like(ct: Any, primal: Any) -> Any:
     dtype = primal.aval.dtype if _is_undefined(primal) else jnp.result_type(primal)
     if ct.dtype == dtype:
         return ct
-    if jnp.iscomplexobj(ct) and not jnp.issubdtype(dtype, jnp.complexfloating):
-        ct = jnp.real(ct)
-    return ct.astype(dtype)
+    return cast_keeping_real(ct, dtype)
 
 
 def _linear_solve_transpose(inputs, cts_out):

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from .._misc import complex_into_real
 from .base import (
     AbstractLinearOperator,
     check_operator,
@@ -95,7 +96,7 @@ def _scaled_mv(operator: AbstractLinearOperator, vector):
         )
 
     by_parts = any(
-        jnp.iscomplexobj(x) and not jnp.issubdtype(s.dtype, jnp.complexfloating)
+        complex_into_real(x, s.dtype)
         for x, s in zip(jtu.tree_leaves(vector), jtu.tree_leaves(structure))
     )
     if not by_parts:

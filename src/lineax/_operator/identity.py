@@ -6,7 +6,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from .._misc import describe, result_dtype, Static, structure_of
+from .._misc import cast_keeping_real, describe, result_dtype, Static, structure_of
 from ._arguments import check_not_operator
 from .base import (
     AbstractLinearOperator,
@@ -80,7 +80,7 @@ class IdentityLinearOperator(AbstractLinearOperator):
             a.shape == b.shape
             for a, b in zip(jtu.tree_leaves(in_struct), jtu.tree_leaves(out_struct))
         ):
-            return jtu.tree_map(lambda x, s: _cast(x, s.dtype), vector, out_struct)
+            return jtu.tree_map(_cast, vector, out_struct)
         flat = flatten_vector(vector, result_dtype(vector))
         in_size, out_size = self.in_size(), self.out_size()
         if out_size < in_size:
@@ -88,7 +88,7 @@ class IdentityLinearOperator(AbstractLinearOperator):
         elif out_size > in_size:
             flat = jnp.concatenate([flat, jnp.zeros(out_size - in_size, flat.dtype)])
         out = unflatten_vector(flat, out_struct)
-        return jtu.tree_map(lambda x, s: _cast(x, s.dtype), out, out_struct)
+        return jtu.tree_map(_cast, out, out_struct)
 
     def as_matrix(self):
         dtype = result_dtype(self.input_structure.value, self.output_structure.value)
@@ -106,13 +106,10 @@ class IdentityLinearOperator(AbstractLinearOperator):
         return self.output_structure.value
 
 
-def _cast(x: Any, dtype: Any) -> Any:
+def _cast(x: Any, s: Any) -> Any:
     # From a complex to a real structure the identity keeps the real part (as
-    # lineax 0.1.1 did), taken explicitly: JAX deprecates the implicit cast (a
-    # `DeprecationWarning`, to become an error).
-    if jnp.iscomplexobj(x) and not jnp.issubdtype(dtype, jnp.complexfloating):
-        x = jnp.real(x)
-    return x.astype(dtype)
+    # lineax 0.1.1 did).
+    return cast_keeping_real(x, s.dtype)
 
 
 def _is_square(op: IdentityLinearOperator) -> bool:

@@ -7,6 +7,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+from jaxtyping import ArrayLike
 
 from .._misc import describe, strip_weak_dtype
 from .._tags import as_tags, transpose_tags
@@ -96,7 +97,14 @@ class LowRankUpdateLinearOperator(AbstractLinearOperator):
     v: AbstractLinearOperator
     tags: frozenset = eqx.field(static=True)
 
-    def __init__(self, operator: Any, u: Any, c: Any, v: Any, tags: Any = ()):
+    def __init__(
+        self,
+        operator: AbstractLinearOperator | ArrayLike,
+        u: AbstractLinearOperator | ArrayLike,
+        c: AbstractLinearOperator | ArrayLike,
+        v: AbstractLinearOperator | ArrayLike,
+        tags: Any = (),
+    ):
         self.operator = _as_operator(operator, "operator")
         self.u = _as_operator(u, "u")
         self.c = _as_operator(c, "c")

@@ -25,10 +25,6 @@ from .base import (
 )
 
 
-def _is_struct(x: Any) -> bool:
-    return isinstance(x, jax.ShapeDtypeStruct)
-
-
 class PyTreeLinearOperator(AbstractLinearOperator):
     """A linear operator between PyTrees, given as a PyTree of matrices.
 

@@ -1,10 +1,8 @@
 """`TridiagonalLinearOperator`: a square matrix with three nonzero bands."""
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Inexact
+from jaxtyping import Array, ArrayLike, Inexact
 
 from .._misc import inexact_asarray
 from .._tags import tridiagonal_tag
@@ -39,7 +37,12 @@ class TridiagonalLinearOperator(AbstractLinearOperator):
     lower_diagonal: Inexact[Array, " size-1"]
     upper_diagonal: Inexact[Array, " size-1"]
 
-    def __init__(self, diagonal: Any, lower_diagonal: Any, upper_diagonal: Any):
+    def __init__(
+        self,
+        diagonal: ArrayLike,
+        lower_diagonal: ArrayLike,
+        upper_diagonal: ArrayLike,
+    ):
         check_not_sequence(diagonal, "diagonal")
         check_not_sequence(lower_diagonal, "lower_diagonal")
         check_not_sequence(upper_diagonal, "upper_diagonal")

@@ -12,6 +12,7 @@ from jaxtyping import Array, Inexact, Int
 from .._jax_sparse import jsparse
 from .._misc import checked_count, Static
 from .._operator.base import (
+    AbstractLinearOperator,
     concrete_arrays,
     holds_values,
     is_cacheable,
@@ -121,7 +122,7 @@ class BlockJacobiPreconditioner(AbstractPreconditioner):
     output_structure: Static = eqx.field(static=True)
     tags: frozenset = eqx.field(static=True)
 
-    def __init__(self, operator: Any, block_size: SupportsIndex):
+    def __init__(self, operator: AbstractLinearOperator, block_size: SupportsIndex):
         check_square(operator, "BlockJacobiPreconditioner")
         block_size = checked_count(block_size, "block_size", 1)
         if not (holds_values(operator) or _stored_sparse(operator) is not None):

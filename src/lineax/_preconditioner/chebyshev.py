@@ -101,7 +101,7 @@ class ChebyshevPreconditioner(AbstractPolynomialPreconditioner):
 
     def __init__(
         self,
-        operator: Any,
+        operator: AbstractLinearOperator,
         degree: SupportsIndex,
         interval: Any = None,
         *,

@@ -10,7 +10,12 @@ import numpy as np
 from jaxtyping import Array, Bool, Int
 
 from .._misc import jit_when_eager, Static
-from .._operator.base import concrete_arrays, is_cacheable, reads_every_leaf
+from .._operator.base import (
+    AbstractLinearOperator,
+    concrete_arrays,
+    is_cacheable,
+    reads_every_leaf,
+)
 from .base import (
     AbstractPreconditioner,
     apply_flat,
@@ -127,7 +132,7 @@ class ILUPreconditioner(AbstractPreconditioner):
     output_structure: Static = eqx.field(static=True)
     tags: frozenset = eqx.field(static=True)
 
-    def __init__(self, operator: Any, shift: Any = 0.0):
+    def __init__(self, operator: AbstractLinearOperator, shift: Any = 0.0):
         who = "ILUPreconditioner"
         sparse, operator = sparse_operator_of(operator, who)
         shift = check_shift(shift, sparse.matrix.dtype)

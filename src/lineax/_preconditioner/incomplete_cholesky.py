@@ -10,6 +10,7 @@ from jaxtyping import Array, Bool, Inexact, Int
 
 from .._misc import jit_when_eager, Static
 from .._operator.base import (
+    AbstractLinearOperator,
     concrete_arrays,
     is_cacheable,
     is_negative_semidefinite,
@@ -94,7 +95,7 @@ class IncompleteCholeskyPreconditioner(AbstractPreconditioner):
     output_structure: Static = eqx.field(static=True)
     tags: frozenset = eqx.field(static=True)
 
-    def __init__(self, operator: Any, shift: Any = 0.0):
+    def __init__(self, operator: AbstractLinearOperator, shift: Any = 0.0):
         who = "IncompleteCholeskyPreconditioner"
         sparse, operator = sparse_operator_of(operator, who)
         if not is_symmetric(operator):

@@ -11,6 +11,7 @@ from jaxtyping import Array, Inexact, PRNGKeyArray
 
 from .._misc import checked_count, result_dtype, select, Static
 from .._operator.base import (
+    AbstractLinearOperator,
     concrete_arrays,
     diagonal,
     has_cheap_diagonal,
@@ -91,7 +92,7 @@ class JacobiPreconditioner(AbstractPreconditioner):
 
     def __init__(
         self,
-        operator: Any,
+        operator: AbstractLinearOperator,
         probes: SupportsIndex | None = None,
         *,
         key: PRNGKeyArray | None = None,

@@ -66,7 +66,7 @@ class NeumannPreconditioner(AbstractPolynomialPreconditioner):
 
     def __init__(
         self,
-        operator: Any,
+        operator: AbstractLinearOperator,
         degree: SupportsIndex,
         scale: Any = None,
         *,

@@ -12,6 +12,7 @@ from jaxtyping import Array, Inexact, Scalar
 
 from .._misc import result_dtype, Static
 from .._operator.base import (
+    AbstractLinearOperator,
     concrete_arrays,
     holds_values,
     is_cacheable,
@@ -64,7 +65,7 @@ class SSORPreconditioner(AbstractPreconditioner):
     output_structure: Static = eqx.field(static=True)
     tags: frozenset = eqx.field(static=True)
 
-    def __init__(self, operator: Any, omega: Any = 1.0):
+    def __init__(self, operator: AbstractLinearOperator, omega: Any = 1.0):
         check_square(operator, "SSORPreconditioner")
         if isinstance(unwrap_tagged(operator), SparseLinearOperator):
             raise ValueError(

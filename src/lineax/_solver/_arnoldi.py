@@ -6,6 +6,7 @@ The two differ only in where the update of a cycle lives. GMRES builds it as
 `Z y` (Saad, Algorithm 9.6), so `AbstractArnoldiSolver.flexible` decides whether a
 cycle carries `Z`."""
 
+import functools as ft
 from collections.abc import Callable
 from typing import Any
 
@@ -238,175 +239,24 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
         # (A symbolic size, from `jax.export.symbolic_shape`, is at least 1; a
         # basis longer than it ends its cycle at the Arnoldi breakdown.)
         m = max(min(self.restart, size), 1) if isinstance(size, int) else self.restart
-        eps = problem.eps
         cdtype = jnp.result_type(*[x.dtype for x in jtu.tree_leaves(structure)])
-        mv: Callable = problem.mv
-
-        def arnoldi_step(c: _Cycle) -> _Cycle:
-            s = _scalars_of(c)
-            j = s.k.astype(jnp.int32)
-            z = apply(precond, basis_get(c.basis, j))
-            w = mv(z)
-            # CGS2: classical Gram-Schmidt twice against the whole (zero-padded)
-            # basis: as accurate as modified Gram-Schmidt in practice, and two matrix
-            # products instead of a sequential loop.
-            h = basis_dot(c.basis, w)
-            w = tree_sub(w, basis_combine(c.basis, h))
-            h2 = basis_dot(c.basis, w)
-            w = tree_sub(w, basis_combine(c.basis, h2))
-            hnext = norm2(w)
-            # The new column of H: `h + h2` with `hnext` in entry `j + 1` (zero
-            # before: the basis rows from `j + 1` on are zero). As a select, not a
-            # `dynamic_update_slice`: that updated a copy of `h + h2` in place for
-            # the rotation's product and was computed again for the norm below
-            # (two kernels and a copy); elementwise, it is fused into its readers.
-            below = jnp.arange(m + 1, dtype=j.dtype) == j + 1
-            column = select(below, hnext.astype(h.dtype), h + h2)
-            # `norm2(column)` is the norm of `A P v_j` (Pythagoras: the column holds
-            # its components in the basis and orthogonal to it), without another
-            # pass over that vector.
-            column_norm = norm2(column)
-            # The new direction is numerically in the span of the basis. For GMRES
-            # the space is invariant and this cycle's solution is final; for FGMRES
-            # that holds only when H_k is nonsingular (Saad, Proposition 9.2): the
-            # `degenerate` test below catches the other case. The cycle ends either
-            # way.
-            invariant = hnext <= eps * column_norm
-            # (HIGHEST: on a GPU a float32 product defaults to TF32, 10 bits.)
-            rotated = jnp.matmul(c.rotations, column, precision=_HIGHEST)
-            pair = lax.dynamic_slice_in_dim(rotated, j, 2, **_IN_RANGE)
-            cs, sn, rho, denom = _givens(pair[0], pair[1], cdtype)
-            degenerate = ~(denom > eps * column_norm)
-            # A degenerate column is not used: the cycle ends with the basis so far.
-            # The rows written below are zero and R's column is the identity's until
-            # written, so "not used" means writing those (and the Givens pair as it
-            # was).
-            keep = ~degenerate
-            v_new = tree_scale(select(invariant, 0, safe_div(1, hnext)), w)
-            basis = basis_set(c.basis, j + 1, _kept(keep, v_new))
-            directions = c.directions
-            if directions is not None:
-                directions = basis_set(directions, j, _kept(keep, z))
-            rows = lax.dynamic_slice_in_dim(c.rotations, j, 2, **_IN_RANGE)
-            rotated_rows = jnp.stack(
-                [cs * rows[0] + sn * rows[1], -jnp.conj(sn) * rows[0] + cs * rows[1]]
-            )
-            rows = select(keep, rotated_rows, rows)
-            rotations = lax.dynamic_update_slice_in_dim(
-                c.rotations, rows, j, 0, **_IN_RANGE
-            )
-            diagonal = jnp.arange(m, dtype=j.dtype) == j
-            r_column = select(diagonal, select(keep, rho, 1), rotated[:m])
-            r_column = select(keep | diagonal, r_column, 0)
-            r_factor = lax.dynamic_update_slice_in_dim(
-                c.r_factor, r_column[None, :], j, 0, **_IN_RANGE
-            )
-            estimate = select(
-                keep, jnp.abs(rows[1, 0]) * c.beta, s.estimate.astype(c.beta.dtype)
-            )
-            scalars = _CycleScalars(
-                select(keep, s.k + 1, s.k), estimate, invariant, degenerate,
-                s.halt, s.floor_ref, s.floor_hits,
-            ).pack(c.beta.dtype)  # fmt: skip
-            return _Cycle(c.x, c.beta, basis, directions, rotations, r_factor, scalars)
-
-        def solution(c: _Cycle):
-            # Solve R y = Q beta e_1 on the k columns in use (R holds the identity's
-            # columns in the others, and their coefficients are 0), then x + P V y
-            # or x + Z y.
-            k = _scalars_of(c).k
-            used = jnp.arange(m, dtype=k.dtype) < k
-            g = select(used, c.beta.astype(cdtype) * c.rotations[:m, 0], 0)
-            # (`r_factor.T` is R: a transpose that XLA makes a change of layout,
-            # no copy, the column-major R that LAPACK reads.)
-            y = jsl.solve_triangular(c.r_factor.T, g, lower=False)
-            if c.directions is None:
-                # GMRES, or FGMRES without a preconditioner (`apply` is then `V y`).
-                # `V y` from the whole basis, with a zero coefficient for its
-                # last vector: the first `m` rows of a batch of bases (under
-                # `vmap`) are not contiguous, and as `V[:m]` XLA copied them
-                # (GMRES, restart 30, unbatched: 73 -> 48 vectors of temporary
-                # memory, measured).
-                y_padded = jnp.concatenate([y, jnp.zeros((1,), y.dtype)])
-                update = apply(precond, basis_combine(c.basis, y_padded))
-            else:
-                update = basis_combine(c.directions, y)
-            return jtu.tree_map(lambda xi, d: xi + d, c.x, update)
-
-        def new_cycle(x, r, halt, floor_ref, floor_hits, beta) -> _Cycle:
-            inv_beta = safe_div(1, beta)
-            basis = jtu.tree_map(
-                lambda r: (
-                    jnp.zeros((m + 1,) + r.shape, r.dtype)
-                    .at[0]
-                    .set(r * inv_beta.astype(r.dtype))
-                ),
-                r,
-            )
-            if self.flexible and precond is not None:
-                directions = jtu.tree_map(
-                    lambda s: jnp.zeros((m,) + s.shape, s.dtype),
-                    precond.out_structure(),
-                )
-            else:
-                directions = None
-            scalars = _CycleScalars(
-                0, beta, False, False, halt, floor_ref, floor_hits
-            ).pack(beta.dtype)
-            return _Cycle(
-                x,
-                beta,
-                basis,
-                directions,
-                _identity(m + 1, cdtype),
-                _identity(m, cdtype),
-                scalars,
-            )
-
-        def restart(c: _Cycle, x, r, passed) -> _Cycle:
-            del passed
-            beta = norm2(r)
-            s = _scalars_of(c)
-            floor_ref, floor_hits = s.floor_ref.astype(beta.dtype), s.floor_hits
-            if not problem.fixed:
-                # The estimate is the 2-norm of the residual, exact but for
-                # rounding: a cycle that ends with it more than `FLOOR_GAP` below
-                # the true residual ran on rounding errors (the tolerance is below
-                # what the dtype can reach, about eps cond(A)). `FLOOR_PATIENCE`
-                # such cycles without the true residual halving stop the solve with
-                # `stagnation`, as CG's residual replacements do. The rule of
-                # `stagnation_iters` restarts without a new best alone took 15-40
-                # cycles past the floor (the true residual there sets a new best by
-                # chance now and then), more than the default step budget of a
-                # problem of size 300 or less. (The test compares 2-norms, whatever
-                # the solver's norm; a fixed-iteration solve makes all its steps.)
-                # (`beta <= inf` for an unset reference: `beta == beta`.)
-                halved = select(floor_ref < 0, beta == beta, beta <= 0.5 * floor_ref)
-                floor_ref = select(halved, beta, floor_ref)
-                hit = beta > FLOOR_GAP * s.estimate.astype(beta.dtype)
-                hits = hit.astype(floor_hits.dtype)
-                floor_hits = select(halved, 0, floor_hits) + hits
-            # No progress at all is possible from here: the first new direction was
-            # already degenerate (e.g. A P r = 0).
-            halt = ((s.degenerate > 0) & (s.k == 0)) | (floor_hits >= FLOOR_PATIENCE)
-            return new_cycle(x, r, halt, floor_ref, floor_hits, beta)
-
-        def halt_result(c: _Cycle) -> RESULTS:
-            floor = _scalars_of(c).floor_hits >= FLOOR_PATIENCE
-            return results_where(floor, RESULTS.stagnation, RESULTS.breakdown)
-
-        def ends_pass(c: _Cycle) -> Array:
-            s = _scalars_of(c)
-            return (s.invariant > 0) | (s.degenerate > 0)
-
+        stored = precond if self.flexible and precond is not None else None
+        new_cycle = ft.partial(_new_cycle, m=m, cdtype=cdtype, stored=stored)
         method = Iteration(
-            step=arnoldi_step,
-            estimate=lambda c: _scalars_of(c).estimate.astype(problem.rdtype),
-            solution=solution,
-            restart=restart,
-            halted=lambda c: _scalars_of(c).halt > 0,
-            halt_result=halt_result,
-            ends_pass=ends_pass,
+            step=ft.partial(
+                _arnoldi_step,
+                m=m,
+                precond=precond,
+                mv=problem.mv,
+                eps=problem.eps,
+                cdtype=cdtype,
+            ),
+            estimate=ft.partial(_estimate, rdtype=problem.rdtype),
+            solution=ft.partial(_solution, m=m, precond=precond, cdtype=cdtype),
+            restart=ft.partial(_restart, new_cycle=new_cycle, fixed=problem.fixed),
+            halted=_halted,
+            halt_result=_halt_result,
+            ends_pass=_ends_pass,
             pass_length=m,
             patience=self.stagnation_iters,
         )
@@ -414,3 +264,186 @@ class AbstractArnoldiSolver(AbstractKrylovSolver):
         unset = jnp.full((), -1, problem.rdtype)
         cycle = new_cycle(problem.x0, r0, False, unset, 0, norm2(r0))
         return iterate(self, problem, method, cycle)
+
+
+# The steps of `AbstractArnoldiSolver.compute`, as `Iteration` takes them: `m` is
+# the cycle's length, `mv` and `precond` the scaled problem's (see
+# `AbstractKrylovSolver.scaled_problem`), `cdtype` the dtype of the basis.
+
+
+def _arnoldi_step(
+    c: _Cycle,
+    m: int,
+    precond: AbstractLinearOperator | None,
+    mv: Callable,
+    eps: float,
+    cdtype: Any,
+) -> _Cycle:
+    s = _scalars_of(c)
+    j = s.k.astype(jnp.int32)
+    z = apply(precond, basis_get(c.basis, j))
+    w = mv(z)
+    # CGS2: classical Gram-Schmidt twice against the whole (zero-padded) basis: as
+    # accurate as modified Gram-Schmidt in practice, and two matrix products
+    # instead of a sequential loop.
+    h = basis_dot(c.basis, w)
+    w = tree_sub(w, basis_combine(c.basis, h))
+    h2 = basis_dot(c.basis, w)
+    w = tree_sub(w, basis_combine(c.basis, h2))
+    hnext = norm2(w)
+    # The new column of H: `h + h2` with `hnext` in entry `j + 1` (zero before: the
+    # basis rows from `j + 1` on are zero). As a select, not a
+    # `dynamic_update_slice`: that updated a copy of `h + h2` in place for the
+    # rotation's product and was computed again for the norm below (two kernels
+    # and a copy); elementwise, it is fused into its readers.
+    below = jnp.arange(m + 1, dtype=j.dtype) == j + 1
+    column = select(below, hnext.astype(h.dtype), h + h2)
+    # `norm2(column)` is the norm of `A P v_j` (Pythagoras: the column holds its
+    # components in the basis and orthogonal to it), without another pass over
+    # that vector.
+    column_norm = norm2(column)
+    # The new direction is numerically in the span of the basis. For GMRES the
+    # space is invariant and this cycle's solution is final; for FGMRES that holds
+    # only when H_k is nonsingular (Saad, Proposition 9.2): the `degenerate` test
+    # below catches the other case. The cycle ends either way.
+    invariant = hnext <= eps * column_norm
+    # (HIGHEST: on a GPU a float32 product defaults to TF32, 10 bits.)
+    rotated = jnp.matmul(c.rotations, column, precision=_HIGHEST)
+    pair = lax.dynamic_slice_in_dim(rotated, j, 2, **_IN_RANGE)
+    cs, sn, rho, denom = _givens(pair[0], pair[1], cdtype)
+    degenerate = ~(denom > eps * column_norm)
+    # A degenerate column is not used: the cycle ends with the basis so far. The
+    # rows written below are zero and R's column is the identity's until written,
+    # so "not used" means writing those (and the Givens pair as it was).
+    keep = ~degenerate
+    v_new = tree_scale(select(invariant, 0, safe_div(1, hnext)), w)
+    basis = basis_set(c.basis, j + 1, _kept(keep, v_new))
+    directions = c.directions
+    if directions is not None:
+        directions = basis_set(directions, j, _kept(keep, z))
+    rows = lax.dynamic_slice_in_dim(c.rotations, j, 2, **_IN_RANGE)
+    rotated_rows = jnp.stack(
+        [cs * rows[0] + sn * rows[1], -jnp.conj(sn) * rows[0] + cs * rows[1]]
+    )
+    rows = select(keep, rotated_rows, rows)
+    rotations = lax.dynamic_update_slice_in_dim(c.rotations, rows, j, 0, **_IN_RANGE)
+    diagonal = jnp.arange(m, dtype=j.dtype) == j
+    r_column = select(diagonal, select(keep, rho, 1), rotated[:m])
+    r_column = select(keep | diagonal, r_column, 0)
+    r_factor = lax.dynamic_update_slice_in_dim(
+        c.r_factor, r_column[None, :], j, 0, **_IN_RANGE
+    )
+    estimate = select(
+        keep, jnp.abs(rows[1, 0]) * c.beta, s.estimate.astype(c.beta.dtype)
+    )
+    scalars = _CycleScalars(
+        select(keep, s.k + 1, s.k), estimate, invariant, degenerate,
+        s.halt, s.floor_ref, s.floor_hits,
+    ).pack(c.beta.dtype)  # fmt: skip
+    return _Cycle(c.x, c.beta, basis, directions, rotations, r_factor, scalars)
+
+
+def _solution(
+    c: _Cycle, m: int, precond: AbstractLinearOperator | None, cdtype: Any
+) -> PyTree[Array]:
+    # Solve R y = Q beta e_1 on the k columns in use (R holds the identity's
+    # columns in the others, and their coefficients are 0), then x + P V y or
+    # x + Z y.
+    k = _scalars_of(c).k
+    used = jnp.arange(m, dtype=k.dtype) < k
+    g = select(used, c.beta.astype(cdtype) * c.rotations[:m, 0], 0)
+    # (`r_factor.T` is R: a transpose that XLA makes a change of layout, no copy,
+    # the column-major R that LAPACK reads.)
+    y = jsl.solve_triangular(c.r_factor.T, g, lower=False)
+    if c.directions is None:
+        # GMRES, or FGMRES without a preconditioner (`apply` is then `V y`). `V y`
+        # from the whole basis, with a zero coefficient for its last vector: the
+        # first `m` rows of a batch of bases (under `vmap`) are not contiguous, and
+        # as `V[:m]` XLA copied them (GMRES, restart 30, unbatched: 73 -> 48
+        # vectors of temporary memory, measured).
+        y_padded = jnp.concatenate([y, jnp.zeros((1,), y.dtype)])
+        update = apply(precond, basis_combine(c.basis, y_padded))
+    else:
+        update = basis_combine(c.directions, y)
+    return jtu.tree_map(lambda xi, d: xi + d, c.x, update)
+
+
+def _new_cycle(
+    x, r, halt, floor_ref, floor_hits, beta, m: int, cdtype: Any, stored: Any
+) -> _Cycle:
+    """A cycle from the iterate `x` and its residual `r` (of 2-norm `beta`);
+    `stored` is the preconditioner whose outputs the cycle stores (FGMRES), or
+    `None`."""
+    inv_beta = safe_div(1, beta)
+    basis = jtu.tree_map(
+        lambda r: (
+            jnp.zeros((m + 1,) + r.shape, r.dtype)
+            .at[0]
+            .set(r * inv_beta.astype(r.dtype))
+        ),
+        r,
+    )
+    if stored is not None:
+        directions = jtu.tree_map(
+            lambda s: jnp.zeros((m,) + s.shape, s.dtype), stored.out_structure()
+        )
+    else:
+        directions = None
+    scalars = _CycleScalars(0, beta, False, False, halt, floor_ref, floor_hits).pack(
+        beta.dtype
+    )
+    return _Cycle(
+        x,
+        beta,
+        basis,
+        directions,
+        _identity(m + 1, cdtype),
+        _identity(m, cdtype),
+        scalars,
+    )
+
+
+def _restart(c: _Cycle, x, r, passed, new_cycle: Callable, fixed: bool) -> _Cycle:
+    del passed
+    beta = norm2(r)
+    s = _scalars_of(c)
+    floor_ref, floor_hits = s.floor_ref.astype(beta.dtype), s.floor_hits
+    if not fixed:
+        # The estimate is the 2-norm of the residual, exact but for rounding: a
+        # cycle that ends with it more than `FLOOR_GAP` below the true residual ran
+        # on rounding errors (the tolerance is below what the dtype can reach,
+        # about eps cond(A)). `FLOOR_PATIENCE` such cycles without the true
+        # residual halving stop the solve with `stagnation`, as CG's residual
+        # replacements do. The rule of `stagnation_iters` restarts without a new
+        # best alone took 15-40 cycles past the floor (the true residual there sets
+        # a new best by chance now and then), more than the default step budget of
+        # a problem of size 300 or less. (The test compares 2-norms, whatever the
+        # solver's norm; a fixed-iteration solve makes all its steps.)
+        # (`beta <= inf` for an unset reference: `beta == beta`.)
+        halved = select(floor_ref < 0, beta == beta, beta <= 0.5 * floor_ref)
+        floor_ref = select(halved, beta, floor_ref)
+        hit = beta > FLOOR_GAP * s.estimate.astype(beta.dtype)
+        hits = hit.astype(floor_hits.dtype)
+        floor_hits = select(halved, 0, floor_hits) + hits
+    # No progress at all is possible from here: the first new direction was already
+    # degenerate (e.g. A P r = 0).
+    halt = ((s.degenerate > 0) & (s.k == 0)) | (floor_hits >= FLOOR_PATIENCE)
+    return new_cycle(x, r, halt, floor_ref, floor_hits, beta)
+
+
+def _estimate(c: _Cycle, rdtype: Any) -> Array:
+    return _scalars_of(c).estimate.astype(rdtype)
+
+
+def _halted(c: _Cycle) -> Array:
+    return _scalars_of(c).halt > 0
+
+
+def _halt_result(c: _Cycle) -> RESULTS:
+    floor = _scalars_of(c).floor_hits >= FLOOR_PATIENCE
+    return results_where(floor, RESULTS.stagnation, RESULTS.breakdown)
+
+
+def _ends_pass(c: _Cycle) -> Array:
+    s = _scalars_of(c)
+    return (s.invariant > 0) | (s.degenerate > 0)

@@ -1,6 +1,7 @@
 """`LSMR`: least squares and minimum norm solutions of any-shaped systems."""
 
 import dataclasses
+import functools as ft
 from collections.abc import Callable
 from typing import Any
 
@@ -447,68 +448,6 @@ def _lsmr(solver: LSMR, operator, problem: Problem):
     def rmv(y):
         return raw_rmv(tree_scale(op_inverse, y))
 
-    def step(c: _Carry) -> _Carry:
-        # Golub-Kahan bidiagonalisation.
-        u = tree_axpy(-c.alpha, c.u, mv(c.v))
-        beta = norm2(u)
-        u = tree_scale(safe_div(1, beta), u)
-        v = tree_axpy(-beta, c.v, rmv(u))
-        alpha = norm2(v)
-        v = tree_scale(safe_div(1, alpha), v)
-        # Rotation Q turning B into R (the damping is in the stacked operator).
-        rhoold = c.rho
-        cc, s, rho = _sym_ortho(c.alphabar, beta)
-        thetanew = s * alpha
-        alphabar = cc * alpha
-        # Rotation Qbar turning R^T into Rbar.
-        rhobarold = c.rhobar
-        zetaold = c.zeta
-        thetabar = c.sbar * rho
-        rhotemp = c.cbar * rho
-        cbar, sbar, rhobar = _sym_ortho(c.cbar * rho, thetanew)
-        zeta = cbar * c.zetabar
-        zetabar = -sbar * c.zetabar
-        # Update h, hbar, x.
-        hbar = tree_axpy(-safe_div(thetabar * rho, rhoold * rhobarold), c.hbar, c.h)
-        x = tree_axpy(safe_div(zeta, rho * rhobar), hbar, c.x)
-        h = tree_axpy(-safe_div(thetanew, rho), c.h, v)
-        # Estimate of ||r||.
-        betahat = cc * c.betadd
-        betadd = -s * c.betadd
-        thetatildeold = c.thetatilde
-        ctildeold, stildeold, rhotildeold = _sym_ortho(c.rhodold, thetabar)
-        thetatilde = stildeold * rhobar
-        rhodold = ctildeold * rhobar
-        betad = -stildeold * c.betad + ctildeold * betahat
-        tautildeold = safe_div(zetaold - thetatildeold * c.tautildeold, rhotildeold)
-        taud = safe_div(zeta - thetatilde * tautildeold, rhodold)
-        normr = jnp.sqrt(c.d + (betad - taud) ** 2 + betadd**2)
-        # ||A||, estimated from below by the norms of the columns and rows of the
-        # bidiagonal B = U^H A V: each is at most ||A||_2, up to rounding, however
-        # much orthogonality U and V have lost. The paper's estimate, ||B||_F, is
-        # ||A||_F in exact arithmetic but keeps growing once orthogonality is lost
-        # (ghost singular values), so that after many steps its normal-equations
-        # test passed with ||A^H r|| 5x above `rtol ||A||_F ||r||` (2000 x 400,
-        # cond 1e3, float64). A lower bound on ||A||_2 (<= ||A||_F) makes success
-        # imply the test with the true ||A||_2, and so with ||A||_F.
-        norm_a = jnp.maximum(
-            c.norm_a, jnp.maximum(hypot(c.alpha, beta), hypot(beta, alpha))
-        )
-        # Before the first step `rhobar` is its initial 1, not a value of the
-        # operator: SciPy's `lsmr` lets it into `maxrbar` (harmless where ||A||
-        # is far from 1), but the operator here is scaled to a norm near 1, so
-        # the estimate of cond(A) came out up to 2x too large: `conlim` (1e8)
-        # fired on a Gauss-Newton Jacobian of condition number 9.1e7.
-        maxrbar = select(c.started, jnp.maximum(c.maxrbar, rhobarold), c.maxrbar)
-        minrbar = select(c.started, jnp.minimum(c.minrbar, rhobarold), c.minrbar)
-        cond_a = safe_div(jnp.maximum(maxrbar, rhotemp), jnp.minimum(minrbar, rhotemp))
-        return _Carry(
-            x, u, v, h, hbar, alpha, beta, alphabar, zeta, zetabar, rho, rhobar,
-            cbar, sbar, betadd, betad, rhodold, tautildeold, thetatilde, c.d,
-            maxrbar, minrbar, normr, jnp.abs(zetabar), norm_a, cond_a,
-            jnp.array(True), c.base, c.start,
-        )  # fmt: skip
-
     def solution(c: _Carry):
         z = tree_scale(op_inverse, c.x)
         base = problem.x0 if c.base is None else c.base
@@ -589,21 +528,7 @@ def _lsmr(solver: LSMR, operator, problem: Problem):
         # The same test on LSMR's estimates, tightened with the outer loop.
         return c.normar <= factor * rtol * c.norm_a * c.normr
 
-    def started(u, beta, v, base) -> _Carry:
-        # The carry of a recurrence from the residual `beta u` (`|u| = 1`), `v`
-        # being `A^H u` (of the scaled operator).
-        alpha = norm2(v)
-        v = tree_scale(safe_div(1, alpha), v)
-        zero = jnp.zeros((), rdtype)
-        one = jnp.ones((), rdtype)
-        z0 = tree_scale(0, v)
-        return _Carry(
-            z0, u, v, v, z0, alpha, beta, alpha, zero, alpha * beta, one, one, one,
-            zero, beta, zero, one, zero, zero, zero, zero,
-            jnp.asarray(jnp.finfo(rdtype).max, rdtype), beta, alpha * beta,
-            alpha, one, jnp.array(False), base, None if base is None else beta,
-        )  # fmt: skip
-
+    started = ft.partial(_started, rdtype=rdtype)
     carry = started(u, beta, v, problem.x0 if problem.warm else None)
     rescue: Callable | None = None
     if problem.warm:
@@ -623,7 +548,7 @@ def _lsmr(solver: LSMR, operator, problem: Problem):
     # and the test could never fire: an estimate that overflows is above it.
     conlim = min(solver.conlim, float(jnp.finfo(rdtype).max))
     method = Iteration(
-        step=step,
+        step=ft.partial(_step, mv=mv, rmv=rmv),
         estimate=lambda c: c.normr,
         solution=solution,
         restart=lambda c, x, r, passed: c,
@@ -653,3 +578,86 @@ def _lsmr(solver: LSMR, operator, problem: Problem):
         rescue=rescue,
     )
     return iterate(solver, problem, method, carry)
+
+
+# The steps of `_lsmr` that need none of its closures.
+
+
+def _step(c: _Carry, mv: Callable, rmv: Callable) -> _Carry:
+    """One LSMR step: `mv` and `rmv` apply the scaled operator and its adjoint."""
+    # Golub-Kahan bidiagonalisation.
+    u = tree_axpy(-c.alpha, c.u, mv(c.v))
+    beta = norm2(u)
+    u = tree_scale(safe_div(1, beta), u)
+    v = tree_axpy(-beta, c.v, rmv(u))
+    alpha = norm2(v)
+    v = tree_scale(safe_div(1, alpha), v)
+    # Rotation Q turning B into R (the damping is in the stacked operator).
+    rhoold = c.rho
+    cc, s, rho = _sym_ortho(c.alphabar, beta)
+    thetanew = s * alpha
+    alphabar = cc * alpha
+    # Rotation Qbar turning R^T into Rbar.
+    rhobarold = c.rhobar
+    zetaold = c.zeta
+    thetabar = c.sbar * rho
+    rhotemp = c.cbar * rho
+    cbar, sbar, rhobar = _sym_ortho(c.cbar * rho, thetanew)
+    zeta = cbar * c.zetabar
+    zetabar = -sbar * c.zetabar
+    # Update h, hbar, x.
+    hbar = tree_axpy(-safe_div(thetabar * rho, rhoold * rhobarold), c.hbar, c.h)
+    x = tree_axpy(safe_div(zeta, rho * rhobar), hbar, c.x)
+    h = tree_axpy(-safe_div(thetanew, rho), c.h, v)
+    # Estimate of ||r||.
+    betahat = cc * c.betadd
+    betadd = -s * c.betadd
+    thetatildeold = c.thetatilde
+    ctildeold, stildeold, rhotildeold = _sym_ortho(c.rhodold, thetabar)
+    thetatilde = stildeold * rhobar
+    rhodold = ctildeold * rhobar
+    betad = -stildeold * c.betad + ctildeold * betahat
+    tautildeold = safe_div(zetaold - thetatildeold * c.tautildeold, rhotildeold)
+    taud = safe_div(zeta - thetatilde * tautildeold, rhodold)
+    normr = jnp.sqrt(c.d + (betad - taud) ** 2 + betadd**2)
+    # ||A||, estimated from below by the norms of the columns and rows of the
+    # bidiagonal B = U^H A V: each is at most ||A||_2, up to rounding, however
+    # much orthogonality U and V have lost. The paper's estimate, ||B||_F, is
+    # ||A||_F in exact arithmetic but keeps growing once orthogonality is lost
+    # (ghost singular values), so that after many steps its normal-equations
+    # test passed with ||A^H r|| 5x above `rtol ||A||_F ||r||` (2000 x 400,
+    # cond 1e3, float64). A lower bound on ||A||_2 (<= ||A||_F) makes success
+    # imply the test with the true ||A||_2, and so with ||A||_F.
+    norm_a = jnp.maximum(
+        c.norm_a, jnp.maximum(hypot(c.alpha, beta), hypot(beta, alpha))
+    )
+    # Before the first step `rhobar` is its initial 1, not a value of the
+    # operator: SciPy's `lsmr` lets it into `maxrbar` (harmless where ||A||
+    # is far from 1), but the operator here is scaled to a norm near 1, so
+    # the estimate of cond(A) came out up to 2x too large: `conlim` (1e8)
+    # fired on a Gauss-Newton Jacobian of condition number 9.1e7.
+    maxrbar = select(c.started, jnp.maximum(c.maxrbar, rhobarold), c.maxrbar)
+    minrbar = select(c.started, jnp.minimum(c.minrbar, rhobarold), c.minrbar)
+    cond_a = safe_div(jnp.maximum(maxrbar, rhotemp), jnp.minimum(minrbar, rhotemp))
+    return _Carry(
+        x, u, v, h, hbar, alpha, beta, alphabar, zeta, zetabar, rho, rhobar,
+        cbar, sbar, betadd, betad, rhodold, tautildeold, thetatilde, c.d,
+        maxrbar, minrbar, normr, jnp.abs(zetabar), norm_a, cond_a,
+        jnp.array(True), c.base, c.start,
+    )  # fmt: skip
+
+
+def _started(u, beta, v, base, rdtype: Any) -> _Carry:
+    """The carry of a recurrence from the residual `beta u` (`|u| = 1`), `v` being
+    `A^H u` (of the scaled operator)."""
+    alpha = norm2(v)
+    v = tree_scale(safe_div(1, alpha), v)
+    zero = jnp.zeros((), rdtype)
+    one = jnp.ones((), rdtype)
+    z0 = tree_scale(0, v)
+    return _Carry(
+        z0, u, v, v, z0, alpha, beta, alpha, zero, alpha * beta, one, one, one,
+        zero, beta, zero, one, zero, zero, zero, zero,
+        jnp.asarray(jnp.finfo(rdtype).max, rdtype), beta, alpha * beta,
+        alpha, one, jnp.array(False), base, None if base is None else beta,
+    )  # fmt: skip

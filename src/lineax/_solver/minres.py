@@ -1,5 +1,6 @@
 """`MINRES`: the minimal residual method for symmetric (Hermitian) operators."""
 
+import functools as ft
 import math
 from collections.abc import Callable
 from typing import Any
@@ -154,162 +155,180 @@ class MINRES(AbstractKrylovSolver):
         self, state: KrylovState, vector: PyTree[Array], options: dict[str, Any]
     ):
         precond, problem = self.scaled_problem(state, vector, options, lift=False)
-        eps = problem.eps
-        rdtype = problem.rdtype
-        mv = problem.mv
-
-        def lanczos_step(c: _Lanczos):
-            # Lanczos step in the preconditioned inner product.
-            v = tree_scale(safe_div(1, c.beta), c.y)
-            y = mv(v)
-            y = tree_axpy(-safe_div(c.beta, c.oldb), c.r1, y)
-            alfa = jnp.real(tree_dot(v, y))
-            y = tree_axpy(-safe_div(alfa, c.beta), c.r2, y)
-            r2 = y
-            y = apply(precond, r2)
-            beta2 = jnp.real(tree_dot(r2, y))
-            return v, r2, y, alfa, beta2
-
-        def step(c: _Lanczos) -> _Lanczos:
-            v, r2, y, alfa, beta2 = lanczos_step(c)
-            oldb = c.beta
-            # <r, P r> < 0: the preconditioner is not positive definite.
-            bad_precond = beta2 < 0
-            beta = jnp.sqrt(jnp.maximum(beta2, 0))
-            # The entry above `alfa` in the Lanczos tridiagonal matrix T: the
-            # previous beta, but none at the first step (`c.oldb` is zero only
-            # then), where `c.beta` is `sqrt(<b, P b>)`, the size of the
-            # right-hand side in the preconditioner's norm. Paige and Saunders'
-            # code (and SciPy's) counts it in `||T||` all the same; in other units
-            # than `T`'s (a Jacobi preconditioner of a matrix whose diagonal spans
-            # 1e8), it made `||T||` 1e11 times too large, so the test of
-            # `||A r|| / (||A|| ||r||)` passed at the first step, which stopped
-            # the solve there, returning 0 as `singular`.
-            above = select(c.oldb == 0, 0, oldb)
-            tnorm2 = c.tnorm2 + alfa**2 + above**2 + beta**2
-            # Apply the previous rotation, then make a new one to annihilate beta.
-            oldeps = c.epsln
-            delta = c.cs * c.dbar + c.sn * alfa
-            gbar = c.sn * c.dbar - c.cs * alfa
-            epsln = c.sn * beta
-            dbar = -c.cs * beta
-            root = hypot(gbar, dbar)
-            gamma = hypot(gbar, beta)
-            # gamma ~ 0 relative to the tridiagonal matrix's norm: it is singular to
-            # working precision (an inconsistent singular system, its Krylov space
-            # exhausted). The update would divide rounding errors by gamma, and
-            # put a huge multiple of a null vector into x (|x| ~ 1e13 from a unit
-            # b in float64): no update is made; the iterate is a least-squares
-            # solution over the Krylov space so far.
-            singular = ~(gamma > _SINGULAR * eps * jnp.sqrt(tnorm2))
-            cs = safe_div(gbar, gamma)
-            sn = safe_div(beta, gamma)
-            phi = cs * c.phibar
-            phibar = sn * c.phibar
-            w = tree_scale(
-                safe_div(1, gamma),
-                tree_axpy(-oldeps, c.w2, tree_axpy(-delta, c.w, v)),
-            )
-            # (`x` is in the units of the problem, `w` and `phi` in the
-            # recurrence's.)
-            step_size = phi if c.unit is None else phi * c.unit
-            x = tree_where(singular, c.x, tree_axpy(step_size, w, c.x))
-            # beta ~ 0 relative to the other entries of the tridiagonal column: the
-            # Krylov space is invariant, and x is the final iterate.
-            # (So is it after a singular pivot: reported as `singular`.)
-            exhausted = ~(beta > eps * (jnp.abs(alfa) + above)) | singular
-            return _Lanczos(
-                x, c.r2, r2, y, w, c.w, beta, oldb, dbar, epsln, phibar, cs, sn,
-                tnorm2, jnp.maximum(c.gmax, gamma), jnp.minimum(c.gmin, gamma),
-                safe_div(root, jnp.sqrt(tnorm2)), exhausted, bad_precond,
-                c.start, c.unit,
-            )  # fmt: skip
-
-        def halted(c: _Lanczos):
-            # (`gmax * 10 eps > gmin`, not `gmax > gmin / (10 eps)`: `gmin`
-            # starts at the largest float, which that product overflowed to
-            # infinity before the first step, and `jax_debug_infs` under
-            # `jax.disable_jit` reported it on every successful solve.)
-            ill_conditioned = c.gmax * (10 * eps) > c.gmin
-            # (At most sqrt(eps): `rtol` alone stopped loose solves of
-            # nonsingular systems as `singular`, where ||A r|| / (||A|| ||r||)
-            # >= 1 / cond(A) came below it with a residual far above the target.)
-            normal_solved = c.test2 <= min(self.rtol, math.sqrt(eps))
-            return c.breakdown | c.exhausted | ill_conditioned | normal_solved
-
-        warm = problem.warm
-
-        def started(x, r) -> _Lanczos:
-            start = unit = None
-            if warm:
-                # In the units of `r` (exactly: a power of two): a fresh start
-                # (`rescue`) is from a residual far below those of the problem
-                # (1e-20 of them in float32 for a `y0` 1e20 times the solution),
-                # whose squares underflowed to zero.
-                start = two_norm(r)
-                unit, down = _power_of_two_scale(r, rdtype)
-                r = tree_scale(down, r)
-            y = apply(precond, r)
-            beta1_2 = jnp.real(tree_dot(r, y))
-            beta1 = jnp.sqrt(jnp.maximum(beta1_2, 0))
-            zero_vec = tree_scale(0, x)
-            zero = jnp.zeros((), rdtype)
-            return _Lanczos(
-                x, r, r, y, zero_vec, zero_vec, beta1, zero, zero, zero, beta1,
-                -jnp.ones((), rdtype), zero, zero, zero,
-                jnp.asarray(jnp.finfo(rdtype).max, rdtype),
-                jnp.asarray(jnp.inf, rdtype), jnp.array(False), beta1_2 < 0,
-                start, unit,
-            )  # fmt: skip
-
+        warm, rdtype = problem.warm, problem.rdtype
+        started = ft.partial(_started, precond=precond, warm=warm, rdtype=rdtype)
         lanczos = started(problem.x0, problem.r0)
         rescue: Callable | None = None
         if warm:
-            bnorm = two_norm(problem.vector)
-
-            def rescue_from(c, x, r):
-                # (See `Iteration.rescue`.)
-                assert c.start is not None
-                fresh = started(x, r)
-                assert fresh.start is not None
-                return fresh, rescue_allowed(c.start, fresh.start, bnorm)
-
-            rescue = rescue_from
-
-        def estimate(c: _Lanczos):
-            return c.phibar if c.unit is None else c.phibar * c.unit
-
-        def progress(c, x, r, rnorm):
-            # The true residual in the norm `phibar` estimates: sqrt(<r, P r>).
-            unit = None
-            if warm:
-                # (In the units of `r`: with `y0` it falls far below those of the
-                # problem, where its squares underflowed to 0, and the solve,
-                # seeing no progress, stopped with `stagnation`.)
-                unit, down = _power_of_two_scale(r, rdtype)
-                r = tree_scale(down, r)
-            if precond is None:
-                out = norm2(r)
-            else:
-                out = jnp.sqrt(jnp.maximum(jnp.real(tree_dot(r, apply(precond, r))), 0))
-            return out if unit is None else out * unit
-
+            rescue = ft.partial(
+                _rescue, started=started, bnorm=two_norm(problem.vector)
+            )
         method = Iteration(
-            step=step,
-            estimate=estimate,
-            solution=lambda c: c.x,
-            restart=lambda c, x, r, passed: c,
-            halted=halted,
-            halt_result=lambda c: results_where(
-                c.breakdown & ~c.exhausted, RESULTS.breakdown, RESULTS.singular
-            ),
+            step=ft.partial(_step, mv=problem.mv, precond=precond, eps=problem.eps),
+            estimate=_estimate,
+            solution=_solution,
+            restart=_keep,
+            halted=ft.partial(_halted, eps=problem.eps, rtol=self.rtol),
+            halt_result=_halt_result,
             pass_length=CHECK_EVERY,
-            progress=progress,
-            progress_estimate=estimate,
+            progress=ft.partial(_progress, precond=precond, warm=warm, rdtype=rdtype),
+            progress_estimate=_estimate,
             rescue=rescue,
         )
         return iterate(self, problem, method, lanczos)
 
 
-# A pivot `gamma` at most this many times eps ||T_k|| is zero (see `step`).
+# A pivot `gamma` at most this many times eps ||T_k|| is zero (see `_step`).
 _SINGULAR = 10
+
+
+# The steps of `MINRES.compute`, as `Iteration` takes them. `mv` and `precond` are
+# the scaled problem's (see `AbstractKrylovSolver.scaled_problem`), `eps` its
+# dtype's.
+
+
+def _lanczos_step(c: _Lanczos, mv: Callable, precond: Any):
+    # Lanczos step in the preconditioned inner product.
+    v = tree_scale(safe_div(1, c.beta), c.y)
+    y = mv(v)
+    y = tree_axpy(-safe_div(c.beta, c.oldb), c.r1, y)
+    alfa = jnp.real(tree_dot(v, y))
+    y = tree_axpy(-safe_div(alfa, c.beta), c.r2, y)
+    r2 = y
+    y = apply(precond, r2)
+    beta2 = jnp.real(tree_dot(r2, y))
+    return v, r2, y, alfa, beta2
+
+
+def _step(c: _Lanczos, mv: Callable, precond: Any, eps: float) -> _Lanczos:
+    v, r2, y, alfa, beta2 = _lanczos_step(c, mv, precond)
+    oldb = c.beta
+    # <r, P r> < 0: the preconditioner is not positive definite.
+    bad_precond = beta2 < 0
+    beta = jnp.sqrt(jnp.maximum(beta2, 0))
+    # The entry above `alfa` in the Lanczos tridiagonal matrix T: the previous
+    # beta, but none at the first step (`c.oldb` is zero only then), where
+    # `c.beta` is `sqrt(<b, P b>)`, the size of the right-hand side in the
+    # preconditioner's norm. Paige and Saunders' code (and SciPy's) counts it in
+    # `||T||` all the same; in other units than `T`'s (a Jacobi preconditioner of
+    # a matrix whose diagonal spans 1e8), it made `||T||` 1e11 times too large, so
+    # the test of `||A r|| / (||A|| ||r||)` passed at the first step, which
+    # stopped the solve there, returning 0 as `singular`.
+    above = select(c.oldb == 0, 0, oldb)
+    tnorm2 = c.tnorm2 + alfa**2 + above**2 + beta**2
+    # Apply the previous rotation, then make a new one to annihilate beta.
+    oldeps = c.epsln
+    delta = c.cs * c.dbar + c.sn * alfa
+    gbar = c.sn * c.dbar - c.cs * alfa
+    epsln = c.sn * beta
+    dbar = -c.cs * beta
+    root = hypot(gbar, dbar)
+    gamma = hypot(gbar, beta)
+    # gamma ~ 0 relative to the tridiagonal matrix's norm: it is singular to
+    # working precision (an inconsistent singular system, its Krylov space
+    # exhausted). The update would divide rounding errors by gamma, and put a huge
+    # multiple of a null vector into x (|x| ~ 1e13 from a unit b in float64): no
+    # update is made; the iterate is a least-squares solution over the Krylov
+    # space so far.
+    singular = ~(gamma > _SINGULAR * eps * jnp.sqrt(tnorm2))
+    cs = safe_div(gbar, gamma)
+    sn = safe_div(beta, gamma)
+    phi = cs * c.phibar
+    phibar = sn * c.phibar
+    w = tree_scale(
+        safe_div(1, gamma),
+        tree_axpy(-oldeps, c.w2, tree_axpy(-delta, c.w, v)),
+    )
+    # (`x` is in the units of the problem, `w` and `phi` in the recurrence's.)
+    step_size = phi if c.unit is None else phi * c.unit
+    x = tree_where(singular, c.x, tree_axpy(step_size, w, c.x))
+    # beta ~ 0 relative to the other entries of the tridiagonal column: the Krylov
+    # space is invariant, and x is the final iterate. (So is it after a singular
+    # pivot: reported as `singular`.)
+    exhausted = ~(beta > eps * (jnp.abs(alfa) + above)) | singular
+    return _Lanczos(
+        x, c.r2, r2, y, w, c.w, beta, oldb, dbar, epsln, phibar, cs, sn,
+        tnorm2, jnp.maximum(c.gmax, gamma), jnp.minimum(c.gmin, gamma),
+        safe_div(root, jnp.sqrt(tnorm2)), exhausted, bad_precond,
+        c.start, c.unit,
+    )  # fmt: skip
+
+
+def _halted(c: _Lanczos, eps: float, rtol: float):
+    # (`gmax * 10 eps > gmin`, not `gmax > gmin / (10 eps)`: `gmin` starts at the
+    # largest float, which that product overflowed to infinity before the first
+    # step, and `jax_debug_infs` under `jax.disable_jit` reported it on every
+    # successful solve.)
+    ill_conditioned = c.gmax * (10 * eps) > c.gmin
+    # (At most sqrt(eps): `rtol` alone stopped loose solves of nonsingular systems
+    # as `singular`, where ||A r|| / (||A|| ||r||) >= 1 / cond(A) came below it
+    # with a residual far above the target.)
+    normal_solved = c.test2 <= min(rtol, math.sqrt(eps))
+    return c.breakdown | c.exhausted | ill_conditioned | normal_solved
+
+
+def _halt_result(c: _Lanczos):
+    return results_where(
+        c.breakdown & ~c.exhausted, RESULTS.breakdown, RESULTS.singular
+    )
+
+
+def _started(x, r, precond: Any, warm: bool, rdtype: Any) -> _Lanczos:
+    """The recurrence started from the iterate `x` and its residual `r`."""
+    start = unit = None
+    if warm:
+        # In the units of `r` (exactly: a power of two): a fresh start (`rescue`)
+        # is from a residual far below those of the problem (1e-20 of them in
+        # float32 for a `y0` 1e20 times the solution), whose squares underflowed
+        # to zero.
+        start = two_norm(r)
+        unit, down = _power_of_two_scale(r, rdtype)
+        r = tree_scale(down, r)
+    y = apply(precond, r)
+    beta1_2 = jnp.real(tree_dot(r, y))
+    beta1 = jnp.sqrt(jnp.maximum(beta1_2, 0))
+    zero_vec = tree_scale(0, x)
+    zero = jnp.zeros((), rdtype)
+    return _Lanczos(
+        x, r, r, y, zero_vec, zero_vec, beta1, zero, zero, zero, beta1,
+        -jnp.ones((), rdtype), zero, zero, zero,
+        jnp.asarray(jnp.finfo(rdtype).max, rdtype),
+        jnp.asarray(jnp.inf, rdtype), jnp.array(False), beta1_2 < 0,
+        start, unit,
+    )  # fmt: skip
+
+
+def _rescue(c: _Lanczos, x, r, started: Callable, bnorm: Array):
+    # (See `Iteration.rescue`.)
+    assert c.start is not None
+    fresh = started(x, r)
+    assert fresh.start is not None
+    return fresh, rescue_allowed(c.start, fresh.start, bnorm)
+
+
+def _estimate(c: _Lanczos):
+    return c.phibar if c.unit is None else c.phibar * c.unit
+
+
+def _solution(c: _Lanczos):
+    return c.x
+
+
+def _keep(c: _Lanczos, x, r, passed):
+    return c
+
+
+def _progress(c: _Lanczos, x, r, rnorm, precond: Any, warm: bool, rdtype: Any):
+    # The true residual in the norm `phibar` estimates: sqrt(<r, P r>).
+    unit = None
+    if warm:
+        # (In the units of `r`: with `y0` it falls far below those of the problem,
+        # where its squares underflowed to 0, and the solve, seeing no progress,
+        # stopped with `stagnation`.)
+        unit, down = _power_of_two_scale(r, rdtype)
+        r = tree_scale(down, r)
+    if precond is None:
+        out = norm2(r)
+    else:
+        out = jnp.sqrt(jnp.maximum(jnp.real(tree_dot(r, apply(precond, r))), 0))
+    return out if unit is None else out * unit
