@@ -358,10 +358,19 @@ def _row_order(matrix: Array) -> Array:
         row = jnp.argmax(jnp.where(chosen, -1, column))
         return chosen.at[row].set(True), position.at[row].set(j)
 
-    start = (jnp.zeros((m,), bool), jnp.full((m,), k, jnp.int32))
-    # No loop without rows or columns: a column of an `(m, 0)` matrix cannot
-    # be sliced, even in a loop of no steps.
-    chosen, position = start if k == 0 else lax.fori_loop(0, k, choose, start)
+    if k == 0:
+        # No loop without rows or columns: a column of an `(m, 0)` matrix
+        # cannot be sliced, even in a loop of no steps.
+        chosen, position = jnp.zeros((m,), bool), jnp.full((m,), k, jnp.int32)
+    else:
+        # The start made from the matrix (`|a| < 0` is false, NaN included),
+        # not as constants: inside `jax.shard_map` with `check_vma=True` a
+        # constant start is invariant over the mesh axes where the loop's
+        # output, made from the matrix, varies, and the loop failed to trace
+        # ("carry input and carry output must have equal types").
+        none = magnitude[:, 0] < 0
+        start = (none, jnp.where(none, 0, k).astype(jnp.int32))
+        chosen, position = lax.fori_loop(0, k, choose, start)
     # The rows not chosen (a tall matrix's last `m - n`) follow, by decreasing
     # largest entry.
     size = jnp.where(chosen, 0, jnp.max(magnitude, axis=1, initial=0))
