@@ -224,7 +224,7 @@ def test_bad_input_is_a_named_error():
         # (An array is not an operator: under the test run's type checking the
         # signature's check comes first; `.ci/run` checks the message without it.)
         with raises_message(TypeError, "SparseLinearOperator"):
-            cls(np.eye(3))
+            cls(np.eye(3))  # pyright: ignore[reportArgumentType]
         # (A symmetric tag on a rectangular operator is refused when it is built.)
         with pytest.raises(ValueError, match="square"):
             cls(

@@ -457,7 +457,7 @@ def test_python_list_as_array_says_use_asarray():
     # (A list is not `ArrayLike`: under the test run's type checking the
     # signature's check comes first; `.ci/run` checks the message without it.)
     with raises_message(TypeError, r"`lower_diagonal`.*jnp\.asarray"):
-        lx.TridiagonalLinearOperator(jnp.ones(2), [1.0], jnp.ones(1))
+        lx.TridiagonalLinearOperator(jnp.ones(2), [1.0], jnp.ones(1))  # pyright: ignore[reportArgumentType]
     # A list of arrays is a PyTree diagonal, as before.
     op = lx.DiagonalLinearOperator([jnp.ones(2), jnp.ones(1)])
     assert op.in_size() == 3

@@ -488,7 +488,7 @@ def test_low_rank_error_for_vector_or_scalar_factor():
     # (A list is not `ArrayLike`: under the test run's type checking the
     # signature's check comes first; `.ci/run` checks the message without it.)
     with raises_message(TypeError, "jnp.asarray"):
-        lx.LowRankUpdateLinearOperator(a, [[1.0]] * 4, np.eye(1), np.ones((1, 4)))
+        lx.LowRankUpdateLinearOperator(a, [[1.0]] * 4, np.eye(1), np.ones((1, 4)))  # pyright: ignore[reportArgumentType]
 
 
 def test_whole_operator_options_with_iterative_inner_solvers():
