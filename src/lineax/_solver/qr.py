@@ -13,7 +13,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 from jaxtyping import Array
 
-from .._misc import diagonal, lowering_for_export
+from .._misc import diagonal, lowering_for_export, power_of_two_normaliser
 from .._operator.base import AbstractLinearOperator
 from .._solution import RESULTS
 from ._packing import (
@@ -38,14 +38,17 @@ class QRState(eqx.Module):
     """State of [`lineax.QR`][]: a Householder QR factorisation `A = QR` as LAPACK's
     `geqrf` leaves it (`R` in the upper triangle of `reflectors`, the reflectors
     of `Q` below it, and their scalar factors `taus`). If `wide`, it factorises
-    the conjugate transpose `A^H` of the operator; otherwise `A` itself, in
-    both cases with its rows in the order `perm` (each column's largest
-    entry first, see `_row_order`): `M[perm] = QR` for `M = A` or `A^H`. And
+    the conjugate transpose `A^H` of the operator; otherwise `A` itself. A
+    non-square `M` (`A` or `A^H`) is factorised with its rows in the order
+    `perm` (each column's largest entry first, see `_row_order`), `M[perm] =
+    QR`, and `scale` is `None`; a square one with its rows scaled by powers of
+    two (see `_row_scale`), `diag(scale) M = QR`, and `perm` is `None`. And
     whether every entry of `A` is finite."""
 
     reflectors: Array
     taus: Array
-    perm: Array
+    perm: Array | None
+    scale: Array | None
     finite: Array
     packed_structures: PackedStructures = eqx.field(static=True)
     wide: bool = eqx.field(static=True)
@@ -65,14 +68,15 @@ class QR(AbstractLinearSolver[QRState]):
     solve of reverse mode and the residual term of the least-squares JVP) needs
     only its action on one vector.
 
-    The rows of `A` (of `A^H` for a wide operator) are reordered before the
-    factorisation, row `j` the one with the largest entry in column `j` (Powell
-    and Reid's row pivoting, read in `A`), so that rows scaled over many orders
-    of magnitude, as in a weighted least-squares problem, lose no accuracy:
-    Householder QR alone is normwise but not row-wise stable, and lost up to
-    six digits to LU on rows scaled by `10^±6`; a triangular matrix keeps its
-    order (sorted by size, a badly scaled one lost every digit of its small
-    solution components).
+    Householder QR alone is normwise but not row-wise stable: rows scaled over
+    many orders of magnitude, as in a weighted least-squares problem or a
+    system whose equations have different units, lost up to six digits to LU
+    at `10^±6`. So a square operator's rows are first scaled by powers of two
+    (exactly) to a largest entry in `[1, 2)`, which changes no solution; the
+    rows of a non-square `A` (of `A^H` for a wide operator), whose weights
+    define its least-squares (minimum-norm) solution, are reordered instead,
+    row `j` the one with the largest entry in column `j` (Powell and Reid's
+    row pivoting, read in `A`).
 
     Rank-deficient operators are not supported (use [`lineax.SVD`][]): an exactly
     zero diagonal entry of `R`, or non-finite output, gives
@@ -107,8 +111,13 @@ class QR(AbstractLinearSolver[QRState]):
         # `state=`, failed with "Differentiation rule for 'geqrf' not
         # implemented", as in lineax 0.1.1.)
         matrix = lax.stop_gradient(matrix)
-        perm = _row_order(matrix)
-        reflectors, taus = jnp.linalg.qr(matrix[perm], mode="raw")
+        if m == n:
+            perm, scale = None, _row_scale(matrix)
+            scaled = matrix * scale.astype(matrix.dtype)[:, None]
+        else:
+            perm, scale = _row_order(matrix), None
+            scaled = matrix[perm]
+        reflectors, taus = jnp.linalg.qr(scaled, mode="raw")
         # The finiteness test reads the factors, not the matrix, unless the
         # matrix is the operator's own array (see `is_own_array`). Householder
         # QR never turns a non-finite entry finite: the updates of the trailing
@@ -120,6 +129,7 @@ class QR(AbstractLinearSolver[QRState]):
             reflectors.mT,
             taus,
             perm,
+            scale,
             operator_is_finite(matrix if own else reflectors),
             pack_structures(operator),
             wide,
@@ -128,12 +138,13 @@ class QR(AbstractLinearSolver[QRState]):
     def compute(self, state: QRState, vector, options):
         del options
         b = ravel_vector(vector, state.packed_structures)
-        a, taus, perm = state.reflectors, state.taus, state.perm
+        a, taus, perm, scale = state.reflectors, state.taus, state.perm, state.scale
         m, n = a.shape
         r = a[:n]  # `R` is its upper triangle, which is all the solves read
         if state.wide:
             # A^H = P^T Q R, so A = R^H Q^H P: the minimum norm solution is
-            # x = P^T Q R^{-H} b (`x[perm] = Q R^{-H} b`).
+            # x = P^T Q R^{-H} b (`x[perm] = Q R^{-H} b`). For a square one,
+            # A^H = S^{-1} Q R, so A = R^H Q^H S^{-1} and x = S Q R^{-H} b.
             y = jsl.solve_triangular(r, b, trans="C", lower=False)
             y = inf_at_zero_pivots(y, diagonal(r))
             y = jnp.concatenate([y, jnp.zeros((m - n,), y.dtype)])
@@ -145,14 +156,23 @@ class QR(AbstractLinearSolver[QRState]):
                 x = y
             else:
                 x = _ormqr(a, taus, y[:, None])[:, 0]
-            # (`x[perm] = z` as the values of a sort keyed by `perm`, as in
-            # `lu_solve`: XLA:CPU compiles a scatter into larger kernels.)
-            x = lax.sort_key_val(perm, x)[1]
+            if perm is not None:
+                # (`x[perm] = z` as the values of a sort keyed by `perm`, as
+                # in `lu_solve`: XLA:CPU compiles a scatter into larger
+                # kernels.)
+                x = lax.sort_key_val(perm, x)[1]
+            if scale is not None:
+                x = x * scale.astype(x.dtype)
         elif n == 0:
             x = jnp.zeros((0,), a.dtype)
         else:
-            # P A = Q R: the least-squares solution is x = R^{-1} Q^H P b.
-            qhb = _ormqr_transposed(a, taus, b[perm, None].astype(a.dtype))
+            # P A = Q R: the least-squares solution is x = R^{-1} Q^H P b; for
+            # a square one, S A = Q R and x = R^{-1} Q^H S b.
+            if perm is not None:
+                b = b[perm]
+            if scale is not None:
+                b = b * scale.astype(b.dtype)
+            qhb = _ormqr_transposed(a, taus, b[:, None].astype(a.dtype))
             x = jsl.solve_triangular(r, qhb[:n, 0], lower=False)
             x = inf_at_zero_pivots(x, diagonal(r))
 
@@ -174,11 +194,12 @@ class QR(AbstractLinearSolver[QRState]):
         # (a reflector `I - tau v v^H` conjugates to `I - conj(tau) conj(v)
         # conj(v)^H`), with the roles of "tall" and "wide" swapped.
         # (The rows of `A` are the columns of `A^T`, i.e. the rows of `(A^T)^H`:
-        # the same order `perm`.)
+        # the same order `perm`, or the same real `scale`.)
         new = QRState(
             jnp.conj(state.reflectors),
             jnp.conj(state.taus),
             state.perm,
+            state.scale,
             state.finite,
             transpose_packed_structures(state.packed_structures),
             not state.wide,
@@ -190,6 +211,7 @@ class QR(AbstractLinearSolver[QRState]):
             jnp.conj(state.reflectors),
             jnp.conj(state.taus),
             state.perm,
+            state.scale,
             state.finite,
             state.packed_structures,
             state.wide,
@@ -308,12 +330,38 @@ _ormqr = _ormqr_of(False)
 _ormqr_transposed = _ormqr_of(True)
 
 
+def _row_scale(matrix: Array) -> Array:
+    """For a square `matrix`, the powers of two `s` (real) that bring each row's
+    largest entry into `[1, 2)` (see `power_of_two_normaliser`): `diag(s) A x =
+    diag(s) b` has the solution of `A x = b`, and both products are exact.
+
+    Householder QR of the rows so equilibrated is backward stable row by row
+    (its normwise backward error is small against each row, each of size about
+    one), and, as Householder QR is invariant under a scaling of the columns,
+    the rows and columns of `D1 B D2` with `B` well-conditioned are as good as
+    undone. Measured, float32, 30x30, largest relative error of a solution
+    component, geometric mean over 8 seeds, rows scaled / sorted by size (the
+    order of the earlier `_rows_by_decreasing_size`) / chosen per column
+    (`_row_order`): rows scaled by `10^U(-6, 6)` 1.5e-4 / 3.8e-4 / 3.6e-4;
+    with a unit upper triangular `T` in place of a dense matrix, 4.4e-7 / 390 /
+    4.4e-7; `D T D^-1`, `D` of `10^U(-6, 6)`, 4.1e-7 / 1.8 / 4.1e-7; its
+    transpose 6.4e-5 / 2.5e-4 / 1.1e-2; `D B D^-1`, `B` dense, 2.8e-4 / 6.3e-4 /
+    6.5e-4. Cheaper too: a reduction and a product, where an order costs a
+    loop, a sort and gathers. (Not for a non-square operator: there a row
+    scaling is a weighting, which changes the least-squares or minimum-norm
+    solution.)"""
+    size = jnp.max(jnp.abs(matrix), axis=1, initial=0)
+    return power_of_two_normaliser(size)
+
+
 def _row_order(matrix: Array) -> Array:
     """The order of `matrix`'s rows for the factorisation: row `j` (of the first
     `min(m, n)`) is the row not yet chosen with the largest entry in column `j`
     of `matrix` (as partial pivoting chooses, but read in `matrix` itself, not
     updated); the rows left (a tall matrix's last `m - n`) follow by decreasing
-    largest entry.
+    largest entry. For a non-square matrix: a square one has its rows scaled
+    instead (`_row_scale`), more accurate and cheaper; the measurements below
+    were made on square ones, with this order.
 
     Householder QR is normwise backward stable, but not row-wise: a row much
     smaller than the others, factorised after larger rows, is perturbed
@@ -358,22 +406,27 @@ def _row_order(matrix: Array) -> Array:
         row = jnp.argmax(jnp.where(chosen, -1, column))
         return chosen.at[row].set(True), position.at[row].set(j)
 
+    # Each row's largest entry, for the rows left.
+    largest = jnp.max(magnitude, axis=1, initial=0)
     if k == 0:
         # No loop without rows or columns: a column of an `(m, 0)` matrix
         # cannot be sliced, even in a loop of no steps.
         chosen, position = jnp.zeros((m,), bool), jnp.full((m,), k, jnp.int32)
     else:
-        # The start made from the matrix (`|a| < 0` is false, NaN included),
-        # not as constants: inside `jax.shard_map` with `check_vma=True` a
-        # constant start is invariant over the mesh axes where the loop's
-        # output, made from the matrix, varies, and the loop failed to trace
-        # ("carry input and carry output must have equal types").
-        none = magnitude[:, 0] < 0
+        # The start made from the matrix (`largest < 0` is false, NaN
+        # included), not as constants: inside `jax.shard_map` with
+        # `check_vma=True` a constant start is invariant over the mesh axes
+        # where the loop's output, made from the matrix, varies, and the loop
+        # failed to trace ("carry input and carry output must have equal
+        # types"). (From `largest`, which is computed anyway: from a column of
+        # the matrix, XLA computed a Jacobian given as the matrix once more,
+        # for that column.)
+        none = largest < 0
         start = (none, jnp.where(none, 0, k).astype(jnp.int32))
         chosen, position = lax.fori_loop(0, k, choose, start)
     # The rows not chosen (a tall matrix's last `m - n`) follow, by decreasing
     # largest entry.
-    size = jnp.where(chosen, 0, jnp.max(magnitude, axis=1, initial=0))
+    size = jnp.where(chosen, 0, largest)
     # Sorted as integers: the bits of a non-negative float (NaN included) order
     # as it does, and an integer sort's comparator is one comparison where a
     # float's (`jnp.argsort`) handles NaN and signed zeros (26 -> 11 StableHLO
