@@ -141,22 +141,7 @@ def test_qr_of_a_similarity_scaled_triangular_system(seed):
     give (at most 1.1e-6). Before the fix: relative errors 0.03 to 10 with rows
     sorted by their largest entry, in `A` or with the columns equilibrated
     (seed 6: reported `singular`, an `R` with an exactly zero diagonal entry)."""
-    n = 30
-    rng = np.random.default_rng(seed)
-    upper = np.triu(rng.standard_normal((n, n)), 1)
-    x = rng.standard_normal(n)
-    d = 10.0 ** rng.uniform(-6, 6, n)
-    matrix = (d[:, None] * (np.eye(n) + 0.3 * upper / np.sqrt(n)) / d).astype(
-        np.float32
-    )
-    x = x * d
-    b = (matrix.astype(np.float64) @ x).astype(np.float32)
-    expected = np.linalg.solve(matrix.astype(np.float64), b.astype(np.float64))
-    operator = lx.MatrixLinearOperator(jnp.asarray(matrix))
-    sol = lx.linear_solve(operator, jnp.asarray(b), lx.QR(), throw=False)
-    assert sol.result == lx.RESULTS.successful
-    error = np.abs(np.asarray(sol.value, np.float64) - expected) / np.abs(expected)
-    assert error.max() < 1e-5, error.max()
+    assert _similarity_triangular_error(seed, transposed=False) < 1e-5
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -168,18 +153,28 @@ def test_qr_of_a_similarity_scaled_lower_triangular_system(seed):
     fail (errors up to 0.15 on these seeds in a NumPy replay of that order;
     sorted by size up to 1.7e-3). A square operator's rows are now scaled by
     powers of two instead, in their own order."""
+    assert _similarity_triangular_error(seed, transposed=True) < 1e-3
+
+
+def _similarity_triangular_error(seed: int, transposed: bool) -> float:
+    """QR's largest relative error of a solution component for `D T D^-1`
+    (float32, 30x30, `T` unit upper triangular, `D` of `10^U(-6, 6)`), or for
+    its transpose; the solve must report success."""
     n = 30
     rng = np.random.default_rng(seed)
     upper = np.triu(rng.standard_normal((n, n)), 1)
     x = rng.standard_normal(n)
     d = 10.0 ** rng.uniform(-6, 6, n)
-    matrix = (d[:, None] * (np.eye(n) + 0.3 * upper / np.sqrt(n)) / d).T
+    matrix = d[:, None] * (np.eye(n) + 0.3 * upper / np.sqrt(n)) / d
+    if transposed:
+        matrix, x = matrix.T, x / d
+    else:
+        x = x * d
     matrix = matrix.astype(np.float32)
-    x = x / d
     b = (matrix.astype(np.float64) @ x).astype(np.float32)
     expected = np.linalg.solve(matrix.astype(np.float64), b.astype(np.float64))
     operator = lx.MatrixLinearOperator(jnp.asarray(matrix))
     sol = lx.linear_solve(operator, jnp.asarray(b), lx.QR(), throw=False)
     assert sol.result == lx.RESULTS.successful
     error = np.abs(np.asarray(sol.value, np.float64) - expected) / np.abs(expected)
-    assert error.max() < 1e-3, error.max()
+    return float(error.max())
